@@ -1,0 +1,1 @@
+// gemm: to be written.

@@ -1,0 +1,151 @@
+//! Shader modules, layouts and compute pipelines, each created once and cached.
+//!
+//! Binding convention for every kernel: `@group(0) @binding(0)` is the kernel's uniform params
+//! struct; bindings 1.. are the storage buffers listed in `KernelSpec::bindings`, in order.
+
+use super::{Gpu, PipelineKey, Shader};
+use crate::error::{Error, Result};
+
+/// How a storage binding is accessed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Binding {
+    /// `var<storage, read>`
+    Read,
+    /// `var<storage, read_write>`
+    ReadWrite,
+}
+
+/// One entry point of one shader file, with its storage bindings (after the params uniform).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelSpec {
+    pub shader: Shader,
+    pub entry: &'static str,
+    pub bindings: &'static [Binding],
+}
+
+impl KernelSpec {
+    /// "file.entry", the name used in labels, errors and profiles.
+    pub fn name(&self) -> String {
+        format!(
+            "{}.{}",
+            self.shader.file_name().trim_end_matches(".wgsl"),
+            self.entry
+        )
+    }
+}
+
+impl Gpu {
+    fn module(&self, shader: Shader) -> Result<wgpu::ShaderModule> {
+        if let Some(m) = self.modules.lock().unwrap().get(&shader) {
+            return Ok(m.clone());
+        }
+        let (file, source) = self.shaders.load(shader)?;
+        // naga first: its errors carry the file, line and column.
+        super::shaders::validate_wgsl(&file, &source)?;
+        let module = self.scoped(&file, 0, || {
+            self.device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(shader.file_name()),
+                    source: wgpu::ShaderSource::Wgsl(source.clone()),
+                })
+        })?;
+        self.modules.lock().unwrap().insert(shader, module.clone());
+        Ok(module)
+    }
+
+    pub(crate) fn layout(
+        &self,
+        bindings: &[Binding],
+    ) -> (wgpu::BindGroupLayout, wgpu::PipelineLayout) {
+        let mut cache = self.layouts.lock().unwrap();
+        if let Some(l) = cache.get(bindings) {
+            return l.clone();
+        }
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        for (i, b) in bindings.iter().enumerate() {
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding: i as u32 + 1,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage {
+                        read_only: *b == Binding::Read,
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            });
+        }
+        let bgl = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: None,
+                entries: &entries,
+            });
+        let pl = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: None,
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
+        cache.insert(bindings.to_vec(), (bgl.clone(), pl.clone()));
+        (bgl, pl)
+    }
+
+    /// The compute pipeline for `spec` specialized with `constants` (WGSL `override` values),
+    /// created once per distinct key.
+    pub fn pipeline(
+        &self,
+        spec: &KernelSpec,
+        constants: &[(&str, f64)],
+    ) -> Result<wgpu::ComputePipeline> {
+        let key: PipelineKey = (
+            spec.shader,
+            spec.entry,
+            constants
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_bits()))
+                .collect(),
+        );
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let module = self.module(spec.shader)?;
+        let (_, layout) = self.layout(spec.bindings);
+        let name = spec.name();
+        let pipeline = self
+            .scoped(&name, 0, || {
+                self.device
+                    .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                        label: Some(&name),
+                        layout: Some(&layout),
+                        module: &module,
+                        entry_point: Some(spec.entry),
+                        compilation_options: wgpu::PipelineCompilationOptions {
+                            constants,
+                            zero_initialize_workgroup_memory: false,
+                        },
+                        cache: None,
+                    })
+            })
+            .map_err(|e| match e {
+                Error::Validation { message, .. } => Error::Pipeline {
+                    kernel: name.clone(),
+                    message,
+                },
+                other => other,
+            })?;
+        self.pipelines.lock().unwrap().insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}

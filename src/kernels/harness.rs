@@ -1,0 +1,219 @@
+//! The kernel harness behind `shaderformer kernels list|check|bench`: every kernel family registers
+//! a `Family` with a check (GPU against the CPU reference, forward and backward) and a bench
+//! (GPU time per call, throughput, variant), in the spirit of llm.c's dev/cuda.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Cost, Dispatch, Gpu, TimingMethod};
+use crate::reference::{Comparison, Real, compare};
+
+/// One kernel family, i.e. one shader file, as the harness sees it.
+pub struct Family {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// How `--shape` is written for this family, e.g. "MxKxN".
+    pub shape_help: &'static str,
+    /// The awkward shapes `check` runs when no shape is given.
+    pub default_shapes: &'static [&'static [usize]],
+    /// The shape `bench` runs when no shape is given.
+    pub bench_shape: &'static [usize],
+    pub check: fn(&Gpu, &[usize]) -> Result<Vec<CheckReport>>,
+    pub bench: fn(&Gpu, &[usize], &BenchOptions) -> Result<Vec<BenchReport>>,
+}
+
+/// Every family, in the order `kernels list` prints them.
+pub fn families() -> Vec<&'static Family> {
+    use super::*;
+    vec![
+        &gemm::FAMILY,
+        &layernorm::FAMILY,
+        &gelu::FAMILY,
+        &embedding::FAMILY,
+        &cross_entropy::FAMILY,
+        &residual::FAMILY,
+        &dropout::FAMILY,
+        &adamw::FAMILY,
+        &reduce::FAMILY,
+        &attention::FAMILY,
+    ]
+}
+
+pub fn find(name: &str) -> Result<&'static Family> {
+    families()
+        .into_iter()
+        .find(|f| f.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = families().iter().map(|f| f.name).collect();
+            Error::invalid(
+                "kernel",
+                format!("unknown kernel '{name}' (known: {})", names.join(", ")),
+            )
+        })
+}
+
+/// Parses "1024x1024x1024" or "4,12,256,64" into dimensions.
+pub fn parse_shape(s: &str) -> Result<Vec<usize>> {
+    s.split(['x', 'X', ',', '*'])
+        .map(|d| {
+            d.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&v| v > 0)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "--shape",
+                        format!("'{s}' is not a list of positive integers like 64x128x256"),
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Checks that a shape has exactly N dimensions.
+pub fn dims<const N: usize>(family: &str, shape: &[usize]) -> Result<[usize; N]> {
+    shape.try_into().map_err(|_| {
+        let help = find(family).map(|f| f.shape_help).unwrap_or("?");
+        Error::invalid(
+            "--shape",
+            format!(
+                "{family} takes {N} dimensions ({help}), got {}",
+                shape.len()
+            ),
+        )
+    })
+}
+
+/// One tensor compared against its reference.
+#[derive(Clone, Debug)]
+pub struct CheckReport {
+    pub shape: String,
+    pub comparison: Comparison,
+}
+
+impl CheckReport {
+    /// Compares `got` with the reference `want`; `what` names the kernel direction and tensor,
+    /// e.g. "backward dweight".
+    pub fn new<A: Real, B: Real>(
+        shape: &str,
+        what: &str,
+        got: &[A],
+        want: &[B],
+        atol: f64,
+        rtol: f64,
+    ) -> CheckReport {
+        CheckReport {
+            shape: shape.to_string(),
+            comparison: compare(what, got, want, atol, rtol),
+        }
+    }
+
+    pub fn ok(&self) -> bool {
+        self.comparison.ok()
+    }
+}
+
+/// How many times to run a benchmark.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub warmup: usize,
+    pub runs: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            warmup: 2,
+            runs: 10,
+        }
+    }
+}
+
+/// Median, min and max over runs, in seconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TimeStats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub runs: usize,
+}
+
+impl TimeStats {
+    pub fn from_samples(samples: &[f64]) -> TimeStats {
+        let mut s = samples.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        let n = s.len();
+        if n == 0 {
+            return TimeStats::default();
+        }
+        let median = if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            0.5 * (s[n / 2 - 1] + s[n / 2])
+        };
+        TimeStats {
+            median,
+            min: s[0],
+            max: s[n - 1],
+            runs: n,
+        }
+    }
+}
+
+/// One timed variant.
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    /// Which kernel and variant, e.g. "forward tiled".
+    pub variant: String,
+    pub shape: String,
+    pub time: TimeStats,
+    pub cost: Cost,
+    pub method: TimingMethod,
+    /// Scratch memory the variant needs beyond its inputs and outputs, where that is the point.
+    pub extra_bytes: Option<u64>,
+}
+
+impl BenchReport {
+    pub fn gflops(&self) -> f64 {
+        self.cost.flops as f64 / self.time.median / 1e9
+    }
+
+    pub fn gbps(&self) -> f64 {
+        self.cost.bytes as f64 / self.time.median / 1e9
+    }
+}
+
+/// Times `dispatches` as one unit: `opts.warmup` unrecorded runs, then `opts.runs` runs whose
+/// per-dispatch GPU times are summed per run.
+pub fn time(gpu: &Gpu, dispatches: &[Dispatch], opts: &BenchOptions) -> Result<TimeStats> {
+    for _ in 0..opts.warmup {
+        gpu.run(dispatches)?;
+    }
+    let mut samples = Vec::with_capacity(opts.runs);
+    for _ in 0..opts.runs.max(1) {
+        let t = gpu.profile(dispatches)?;
+        samples.push(t.iter().sum());
+    }
+    Ok(TimeStats::from_samples(&samples))
+}
+
+/// Times one variant and wraps it in a report; the cost is the sum over its dispatches.
+pub fn bench_one(
+    gpu: &Gpu,
+    opts: &BenchOptions,
+    variant: &str,
+    shape: &str,
+    dispatches: &[Dispatch],
+) -> Result<BenchReport> {
+    let time = time(gpu, dispatches, opts)?;
+    let cost = dispatches.iter().fold(Cost::default(), |c, d| Cost {
+        flops: c.flops + d.cost.flops,
+        bytes: c.bytes + d.cost.bytes,
+    });
+    Ok(BenchReport {
+        variant: variant.to_string(),
+        shape: shape.to_string(),
+        time,
+        cost,
+        method: gpu.timing_method(),
+        extra_bytes: None,
+    })
+}

@@ -1,0 +1,12 @@
+//! shaderformer: a GPT engine whose every tensor operation is a hand-written WGSL compute shader.
+//!
+//! Layers, from the bottom: `gpu` (device, buffers, pipelines, profiler), `kernels` (one launcher
+//! module per shader file), `reference` (the plain-Rust specification of every kernel).
+
+pub mod error;
+pub mod gpu;
+pub mod kernels;
+pub mod reference;
+pub mod rng;
+
+pub use error::{Error, Result};

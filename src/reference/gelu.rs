@@ -1,0 +1,1 @@
+//! gelu: to be written.

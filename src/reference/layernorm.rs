@@ -1,0 +1,1 @@
+//! layernorm: to be written.

@@ -1,0 +1,1 @@
+//! embedding: to be written.
