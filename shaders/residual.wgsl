@@ -3,13 +3,16 @@
 // residual_forward:  out (N) = a (N) + b (N)                 overwrites out
 // residual_backward: da (N) += dout (N); db (N) += dout (N)   accumulates into da and db
 //                    (the gradient of a sum reaches both inputs unchanged)
-// accumulate:        dst (N) += src (N)                       accumulates into dst
-//                    (sums the gradients of a tensor used twice)
+// accumulate:        dst (N) = src (N), or dst += src when p.accumulate != 0
+//                    (routes a gradient through a sum: overwrite for the first contribution,
+//                    add for the later ones)
 //
 // One thread per element; the 1-D grid may be folded into 2-D for large N (see gpu::grid).
 
 struct Params {
     n: u32,
+    // accumulate only: 0 overwrites dst, 1 adds to it.
+    accumulate: u32,
 }
 
 override WG: u32 = 256u;
@@ -58,6 +61,10 @@ fn accumulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
               @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = index(wid, nwg, lid);
     if (i < p.n) {
-        acc_dst[i] += acc_src[i];
+        if (p.accumulate != 0u) {
+            acc_dst[i] += acc_src[i];
+        } else {
+            acc_dst[i] = acc_src[i];
+        }
     }
 }

@@ -5,7 +5,10 @@
 
 pub mod error;
 pub mod gpu;
+pub mod graph;
+pub mod io;
 pub mod kernels;
+pub mod model;
 pub mod reference;
 pub mod rng;
 

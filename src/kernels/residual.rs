@@ -1,4 +1,5 @@
-//! residual.wgsl launchers: out = a + b, its backward (da += dout, db += dout), and dst += src.
+//! residual.wgsl launchers: out = a + b, its backward (da += dout, db += dout), and
+//! dst (=|+=) src.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -33,9 +34,17 @@ pub const ACCUMULATE: KernelSpec = KernelSpec {
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
     n: u32,
+    accumulate: u32,
 }
 
-fn launch(gpu: &Gpu, spec: &KernelSpec, n: usize, args: &[&View], cost: Cost) -> Result<Dispatch> {
+fn launch(
+    gpu: &Gpu,
+    spec: &KernelSpec,
+    n: usize,
+    accumulate: bool,
+    args: &[&View],
+    cost: Cost,
+) -> Result<Dispatch> {
     let name = spec.name();
     expect_dims(&name, &[("N", n)])?;
     for a in args {
@@ -45,7 +54,17 @@ fn launch(gpu: &Gpu, spec: &KernelSpec, n: usize, args: &[&View], cost: Cost) ->
         (n as u32).div_ceil(WG),
         gpu.limits.max_compute_workgroups_per_dimension,
     );
-    gpu.dispatch(spec, &[], bytes_of(&Params { n: n as u32 }), args, wg, cost)
+    gpu.dispatch(
+        spec,
+        &[],
+        bytes_of(&Params {
+            n: n as u32,
+            accumulate: accumulate as u32,
+        }),
+        args,
+        wg,
+        cost,
+    )
 }
 
 /// out (N) = a (N) + b (N). Overwrites `out`.
@@ -55,7 +74,7 @@ pub fn forward(gpu: &Gpu, out: &View, a: &View, b: &View) -> Result<Dispatch> {
         flops: n as u64,
         bytes: 12 * n as u64,
     };
-    launch(gpu, &FORWARD, n, &[a, b, out], cost)
+    launch(gpu, &FORWARD, n, false, &[a, b, out], cost)
 }
 
 /// da (N) += dout (N); db (N) += dout (N). Accumulates.
@@ -65,22 +84,22 @@ pub fn backward(gpu: &Gpu, da: &View, db: &View, dout: &View) -> Result<Dispatch
         flops: 2 * n as u64,
         bytes: 20 * n as u64,
     };
-    launch(gpu, &BACKWARD, n, &[dout, da, db], cost)
+    launch(gpu, &BACKWARD, n, true, &[dout, da, db], cost)
 }
 
-/// dst (N) += src (N). Accumulates.
-pub fn accumulate(gpu: &Gpu, dst: &View, src: &View) -> Result<Dispatch> {
+/// dst (N) = src (N), or dst += src when `accumulate`.
+pub fn accumulate(gpu: &Gpu, dst: &View, src: &View, accumulate: bool) -> Result<Dispatch> {
     let n = dst.len;
     let cost = Cost {
         flops: n as u64,
         bytes: 12 * n as u64,
     };
-    launch(gpu, &ACCUMULATE, n, &[src, dst], cost)
+    launch(gpu, &ACCUMULATE, n, accumulate, &[src, dst], cost)
 }
 
 pub const FAMILY: Family = Family {
     name: "residual",
-    about: "out = a + b; backward da += dout, db += dout; accumulate dst += src",
+    about: "out = a + b; backward da += dout, db += dout; accumulate dst (=|+=) src",
     shape_help: "N",
     default_shapes: &[&[1], &[3], &[45], &[127], &[129], &[1000], &[65537]],
     bench_shape: &[1 << 24],
@@ -103,17 +122,21 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let gdout = gpu.upload_f32("dout", &dout)?;
     let gda = gpu.upload_f32("da", &da0)?;
     let gdb = gpu.upload_f32("db", &db0)?;
+    let gcopy = gpu.upload_f32("copy", &da0)?;
     gpu.run(&[
         forward(gpu, &gout, &ga, &gb)?,
         backward(gpu, &gda, &gdb, &gdout)?,
-        accumulate(gpu, &gda, &gdout)?,
+        accumulate(gpu, &gda, &gdout, true)?,
+        accumulate(gpu, &gcopy, &gdout, false)?,
     ])?;
 
     let mut out = vec![0.0; n];
     reference::residual::forward(&mut out, &a, &b);
     let (mut da, mut db) = (da0, db0);
     reference::residual::backward(&mut da, &mut db, &dout);
-    reference::residual::accumulate(&mut da, &dout);
+    reference::residual::accumulate(&mut da, &dout, true);
+    let mut copy = db.clone();
+    reference::residual::accumulate(&mut copy, &dout, false);
 
     let s = format!("N={n}");
     Ok(vec![
@@ -127,6 +150,14 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             1e-6,
         ),
         CheckReport::new(&s, "backward db", &gpu.read_f32(&gdb)?, &db, 0.0, 0.0),
+        CheckReport::new(
+            &s,
+            "accumulate (overwrite)",
+            &gpu.read_f32(&gcopy)?,
+            &copy,
+            0.0,
+            0.0,
+        ),
     ])
 }
 

@@ -17,9 +17,9 @@ pub fn backward<T: Real>(da: &mut [T], db: &mut [T], dout: &[T]) {
     }
 }
 
-/// dst (N) += src (N)
-pub fn accumulate<T: Real>(dst: &mut [T], src: &[T]) {
+/// dst (N) = src (N), or dst += src when `accumulate`
+pub fn accumulate<T: Real>(dst: &mut [T], src: &[T], accumulate: bool) {
     for i in 0..dst.len() {
-        dst[i] += src[i];
+        dst[i] = if accumulate { dst[i] + src[i] } else { src[i] };
     }
 }

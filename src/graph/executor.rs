@@ -1,0 +1,728 @@
+//! The executor: binds every node of a graph to GPU memory once, creates all its dispatches once,
+//! then records a whole training step (zeroing, every micro-step's forward and backward, gradient
+//! norm, AdamW) into one command buffer, submitted once per step. Step results (losses, gradient
+//! norm) come back through a ring of mapped buffers, so the CPU never waits inside a step.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::ir::{Graph, Node, Op, Phase, TensorId, TensorKind};
+use super::planner::{self, Plan};
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Dispatch, Gpu, View};
+use crate::kernels::{
+    adamw, attention, cross_entropy, dropout, embedding, gelu, gemm, layernorm, reduce, residual,
+};
+
+/// The GPU tensors that outlive any one graph: parameters and, for training, their gradients and
+/// AdamW moments. Indexed by parameter number.
+pub struct ParamStore {
+    pub params: Vec<View>,
+    pub grads: Vec<View>,
+    pub m: Vec<View>,
+    pub v: Vec<View>,
+}
+
+impl ParamStore {
+    /// Uploads `values` as parameters named by `names`; with `train`, also zeroed gradients and
+    /// moments.
+    pub fn new(gpu: &Gpu, names: &[String], values: &[Vec<f32>], train: bool) -> Result<Self> {
+        let mut s = ParamStore {
+            params: Vec::new(),
+            grads: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+        };
+        for (name, v) in names.iter().zip(values) {
+            s.params.push(gpu.upload_f32(name, v)?);
+            if train {
+                s.grads
+                    .push(gpu.zeros(&format!("d.{name}"), DType::F32, v.len())?);
+                s.m.push(gpu.zeros(&format!("m.{name}"), DType::F32, v.len())?);
+                s.v.push(gpu.zeros(&format!("v.{name}"), DType::F32, v.len())?);
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn read_params(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>> {
+        self.params.iter().map(|p| gpu.read_f32(p)).collect()
+    }
+
+    pub fn write_params(&self, gpu: &Gpu, values: &[Vec<f32>]) -> Result<()> {
+        for (p, v) in self.params.iter().zip(values) {
+            gpu.write(p, v)?;
+        }
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> u64 {
+        [&self.params, &self.grads, &self.m, &self.v]
+            .iter()
+            .flat_map(|l| l.iter())
+            .map(|v| v.bytes())
+            .sum()
+    }
+}
+
+/// Debug switches and training constants.
+#[derive(Clone, Debug)]
+pub struct ExecOptions {
+    /// Pack activations into reused buffers (off: one buffer per tensor, to rule out aliasing).
+    pub reuse: bool,
+    /// Micro-steps per optimizer step (gradient accumulation).
+    pub grad_accum: usize,
+    pub adamw: adamw::Hyper,
+    /// Base seed of the dropout streams.
+    pub seed: u32,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            reuse: true,
+            grad_accum: 1,
+            adamw: adamw::Hyper {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                grad_clip: 1.0,
+            },
+            seed: 1337,
+        }
+    }
+}
+
+/// The token batch of one micro-step: B·T inputs and B·T targets.
+#[derive(Clone, Debug, Default)]
+pub struct MicroBatch {
+    pub tokens: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+/// What one training step produced, read back asynchronously.
+#[derive(Clone, Debug)]
+pub struct StepResult {
+    pub step: u64,
+    /// Mean loss of each micro-step's forward (before the update).
+    pub losses: Vec<f32>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+}
+
+impl StepResult {
+    pub fn loss(&self) -> f32 {
+        self.losses.iter().sum::<f32>() / self.losses.len() as f32
+    }
+}
+
+/// A range of dispatches created for one node.
+#[derive(Clone, Debug)]
+pub struct NodeDispatches {
+    pub node: usize,
+    pub range: std::ops::Range<usize>,
+}
+
+struct Readback {
+    buffer: wgpu::Buffer,
+    step: Option<u64>,
+    ready: Arc<Mutex<Option<bool>>>,
+}
+
+/// A graph bound to memory with all its dispatches created.
+pub struct Executor<'a> {
+    gpu: &'a Gpu,
+    pub graph: Graph,
+    pub plan: Plan,
+    views: Vec<Option<View>>,
+    pool: Vec<wgpu::Buffer>,
+    /// Dispatches by phase, in schedule order, with the node each came from.
+    pub dispatches: HashMap<Phase, Vec<Dispatch>>,
+    pub node_dispatches: HashMap<Phase, Vec<NodeDispatches>>,
+    /// Input tensors with their staging buffers holding every micro-step's values.
+    inputs: Vec<(TensorId, wgpu::Buffer)>,
+    /// Dropout dispatches (phase, index, site) whose step counter changes every micro-step.
+    dropouts: Vec<(Phase, usize, u32)>,
+    /// Step counters of every dropout dispatch for every micro-step, copied into the dispatches'
+    /// params between micro-steps.
+    dropout_steps: Option<wgpu::Buffer>,
+    adamw_dispatches: Vec<usize>,
+    loss: Option<TensorId>,
+    norm: Option<TensorId>,
+    /// Every micro-step's loss, then the gradient norm.
+    results: Option<View>,
+    ring: Vec<Readback>,
+    next_ring: usize,
+    /// Results collected while reserving a ring slot, not yet returned by `poll`.
+    pending: Vec<StepResult>,
+    pub opts: ExecOptions,
+}
+
+/// Readbacks kept in flight: the CPU runs at most this many steps ahead of the GPU.
+const RING: usize = 2;
+
+impl<'a> Executor<'a> {
+    /// Plans memory, allocates the pool, and creates every dispatch of `graph`.
+    pub fn new(gpu: &'a Gpu, graph: Graph, store: &ParamStore, opts: ExecOptions) -> Result<Self> {
+        let plan = planner::plan(&graph, opts.reuse, gpu.max_binding())?;
+        let mut pool = Vec::new();
+        for (i, &bytes) in plan.slots.iter().enumerate() {
+            pool.push(gpu.create_storage(&format!("pool.{i}"), bytes)?);
+        }
+        let accum = opts.grad_accum.max(1);
+        let mut views = vec![None; graph.tensors.len()];
+        let mut inputs = Vec::new();
+        let mut loss = None;
+        let mut norm = None;
+        for (id, t) in graph.tensors.iter().enumerate() {
+            let own = |name: &str| gpu.zeros(name, t.dtype, t.numel());
+            let view = match t.kind {
+                TensorKind::Param(i) => store.params[i].clone(),
+                TensorKind::ParamGrad(i) => store.grads[i].clone(),
+                TensorKind::AdamM(i) => store.m[i].clone(),
+                TensorKind::AdamV(i) => store.v[i].clone(),
+                TensorKind::Input => {
+                    let v = own(&t.name)?;
+                    let staging = gpu
+                        .create_storage(&format!("{}.staging", t.name), v.bytes() * accum as u64)?;
+                    inputs.push((id, staging));
+                    v
+                }
+                TensorKind::Constant(bits) => {
+                    let v = own(&t.name)?;
+                    gpu.write(&v, &vec![f32::from_bits(bits); t.numel()])?;
+                    v
+                }
+                TensorKind::Result => {
+                    if t.name == "loss" {
+                        loss = Some(id);
+                    } else if t.name == "grad_norm" {
+                        norm = Some(id);
+                    }
+                    own(&t.name)?
+                }
+                TensorKind::Activation | TensorKind::Gradient => match plan.slot_of[id] {
+                    Some(slot) => View {
+                        buffer: pool[slot].clone(),
+                        offset: 0,
+                        len: t.numel(),
+                        dtype: t.dtype,
+                        name: t.name.as_str().into(),
+                    },
+                    None => continue, // never used by a micro-step node
+                },
+            };
+            views[id] = Some(view);
+        }
+        let results = match loss {
+            Some(_) => Some(gpu.zeros("step_results", DType::F32, accum + 1)?),
+            None => None,
+        };
+        let mut ex = Executor {
+            gpu,
+            graph,
+            plan,
+            views,
+            pool,
+            dispatches: HashMap::new(),
+            node_dispatches: HashMap::new(),
+            inputs,
+            dropouts: Vec::new(),
+            dropout_steps: None,
+            adamw_dispatches: Vec::new(),
+            loss,
+            norm,
+            results,
+            ring: Vec::new(),
+            next_ring: 0,
+            pending: Vec::new(),
+            opts,
+        };
+        ex.create_dispatches()?;
+        if !ex.dropouts.is_empty() {
+            let bytes = (ex.dropouts.len() * accum * 4) as u64;
+            ex.dropout_steps = Some(gpu.create_storage("dropout_steps", bytes)?);
+        }
+        if let Some(r) = &ex.results {
+            for i in 0..RING {
+                let buffer = gpu.scoped("readback", r.bytes(), || {
+                    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(&format!("step_results.readback.{i}")),
+                        size: r.bytes(),
+                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    })
+                })?;
+                ex.ring.push(Readback {
+                    buffer,
+                    step: None,
+                    ready: Arc::new(Mutex::new(None)),
+                });
+            }
+        }
+        Ok(ex)
+    }
+
+    /// The GPU view of a tensor.
+    pub fn view(&self, t: TensorId) -> &View {
+        self.views[t]
+            .as_ref()
+            .unwrap_or_else(|| panic!("tensor {} has no storage", self.graph.tensors[t].name))
+    }
+
+    /// Bytes of GPU memory the executor allocated (pool, inputs, results; not the parameters).
+    pub fn pool_bytes(&self) -> u64 {
+        self.pool.iter().map(|b| b.size()).sum()
+    }
+
+    fn create_dispatches(&mut self) -> Result<()> {
+        for ni in 0..self.graph.nodes.len() {
+            let node = self.graph.nodes[ni].clone();
+            let ds = self.node(&node).map_err(|e| match e {
+                Error::Invalid { what, message } => Error::Invalid {
+                    what: format!("{} ({})", node.label, what),
+                    message,
+                },
+                other => other,
+            })?;
+            let list = self.dispatches.entry(node.phase).or_default();
+            let start = list.len();
+            if let Op::Dropout { site, .. } | Op::DropoutBackward { site, .. } = node.op {
+                self.dropouts.push((node.phase, start, site));
+            }
+            if let Op::AdamW { .. } = node.op {
+                self.adamw_dispatches.push(start);
+            }
+            list.extend(ds);
+            let end = list.len();
+            self.node_dispatches
+                .entry(node.phase)
+                .or_default()
+                .push(NodeDispatches {
+                    node: ni,
+                    range: start..end,
+                });
+        }
+        Ok(())
+    }
+
+    /// The dispatches of one node.
+    fn node(&self, node: &Node) -> Result<Vec<Dispatch>> {
+        let gpu = self.gpu;
+        let i = |k: usize| self.view(node.inputs[k]);
+        let o = |k: usize| self.view(node.outputs[k]);
+        let one = |d: Result<Dispatch>| d.map(|d| vec![d]);
+        let seed = self.opts.seed;
+        match node.op {
+            Op::Embedding { b, t, c } => {
+                one(embedding::forward(gpu, o(0), i(0), i(1), 0, i(2), b, t, c))
+            }
+            Op::LayerNorm { n, c } => one(layernorm::forward(
+                gpu,
+                o(0),
+                o(1),
+                o(2),
+                i(0),
+                i(1),
+                i(2),
+                n,
+                c,
+            )),
+            Op::Linear { m, k, n, bias } => one(gemm::linear_forward(
+                gpu,
+                o(0),
+                i(0),
+                i(1),
+                bias.then(|| i(2)),
+                m,
+                k,
+                n,
+            )),
+            Op::Attention { b, t, nh, hs } => one(attention::forward(
+                gpu,
+                o(0),
+                o(1),
+                i(0),
+                b,
+                t,
+                nh,
+                hs,
+                true,
+            )),
+            Op::Gelu { n } => one(gelu::forward(gpu, o(0), i(0), n)),
+            Op::Add { .. } => one(residual::forward(gpu, o(0), i(0), i(1))),
+            Op::Dropout { n, p, site } => one(dropout::forward(
+                gpu,
+                o(0),
+                i(0),
+                n,
+                p,
+                dropout_seed(seed, site),
+                0,
+            )),
+            Op::CrossEntropy { n, v, vp } => one(cross_entropy::forward(
+                gpu,
+                o(0),
+                o(1),
+                i(0),
+                i(1),
+                n,
+                v,
+                vp,
+            )),
+            Op::Mean { n } => reduce::sum(gpu, o(0), i(0), n, 1.0 / n as f32),
+            Op::EmbeddingBackward { b, t, c } => {
+                embedding::backward(gpu, o(0), 0, Some(o(1)), i(0), i(1), i(2), b, t, c)
+            }
+            Op::LayerNormBackward { n, c, acc, bias } => {
+                let scratch;
+                let dbias = if bias {
+                    o(2)
+                } else {
+                    scratch = gpu.zeros("unused dbias", DType::F32, c)?;
+                    &scratch
+                };
+                layernorm::backward(
+                    gpu,
+                    o(0),
+                    o(1),
+                    dbias,
+                    i(0),
+                    i(1),
+                    i(2),
+                    i(3),
+                    i(4),
+                    n,
+                    c,
+                    acc,
+                )
+            }
+            Op::LinearBackward {
+                m,
+                k,
+                n,
+                acc,
+                dx,
+                bias,
+            } => gemm::linear_backward(
+                gpu,
+                dx.then(|| o(0)),
+                o(1),
+                bias.then(|| o(2)),
+                i(0),
+                i(1),
+                i(2),
+                m,
+                k,
+                n,
+                acc,
+            ),
+            Op::AttentionBackward { b, t, nh, hs } => {
+                attention::backward(gpu, o(0), i(0), i(1), i(2), i(3), b, t, nh, hs, true)
+            }
+            Op::GeluBackward { n, acc } => one(gelu::backward(gpu, o(0), i(1), i(0), n, acc)),
+            Op::Accumulate { acc, .. } => one(residual::accumulate(gpu, o(0), i(0), acc)),
+            Op::DropoutBackward { n, p, site, acc } => one(dropout::backward(
+                gpu,
+                o(0),
+                i(0),
+                n,
+                p,
+                dropout_seed(seed, site),
+                0,
+                acc,
+            )),
+            Op::CrossEntropyBackward { n, v, vp } => {
+                let dloss = 1.0 / (n * self.opts.grad_accum.max(1)) as f32;
+                one(cross_entropy::backward(
+                    gpu,
+                    i(0),
+                    i(1),
+                    i(2),
+                    n,
+                    v,
+                    vp,
+                    dloss,
+                ))
+            }
+            Op::Fill { value } => one(reduce::fill(gpu, o(0), value)),
+            Op::GlobalNorm => {
+                let grads: Vec<&View> = (0..node.inputs.len()).map(i).collect();
+                let lens: Vec<usize> = grads.iter().map(|g| g.len).collect();
+                let partials = gpu.zeros(
+                    "grad_norm.partials",
+                    DType::F32,
+                    reduce::partials_len(gpu, &lens),
+                )?;
+                reduce::global_norm(gpu, o(0), &partials, &grads)
+            }
+            Op::AdamW { decay } => one(adamw::step(
+                gpu,
+                o(0),
+                i(0),
+                o(1),
+                o(2),
+                i(1),
+                o(0).len,
+                &self.opts.adamw,
+                decay,
+                0.0,
+                1,
+            )),
+        }
+    }
+
+    /// Queues one training step: `micro` holds `grad_accum` batches; `lr` and the AdamW step
+    /// number `t` (1-based) apply to this step. Returns without waiting for the GPU; the step's
+    /// losses arrive through `poll` or `wait_results`.
+    pub fn step(&mut self, micro: &[MicroBatch], lr: f32, t: u32) -> Result<()> {
+        let accum = self.opts.grad_accum.max(1);
+        if micro.len() != accum {
+            return Err(Error::invalid(
+                "step",
+                format!("{} micro-batches given, grad_accum is {accum}", micro.len()),
+            ));
+        }
+        self.write_inputs(micro)?;
+        for &d in &self.adamw_dispatches {
+            adamw::set_step(self.gpu, &self.dispatches[&Phase::Optimizer][d], lr, t);
+        }
+        if let Some(buf) = &self.dropout_steps {
+            // Every micro-step of every step draws fresh masks: counter = t · accum + k.
+            let mut steps = Vec::with_capacity(accum * self.dropouts.len());
+            for k in 0..accum {
+                for _ in &self.dropouts {
+                    steps.push(t * accum as u32 + k as u32);
+                }
+            }
+            self.gpu
+                .queue
+                .write_buffer(buf, 0, bytemuck::cast_slice(&steps));
+        }
+        let slot = self.reserve_readback()?;
+        let gpu = self.gpu;
+        let results = self.results.clone();
+        gpu.scoped("training step", 0, || {
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("training step"),
+                });
+            gpu.record(&mut enc, self.phase(Phase::Zero));
+            for k in 0..accum {
+                self.record_micro_inputs(&mut enc, k);
+                gpu.record(&mut enc, self.phase(Phase::Forward));
+                gpu.record(&mut enc, self.phase(Phase::Backward));
+                if let (Some(loss), Some(r)) = (self.loss, &results) {
+                    let l = self.view(loss);
+                    enc.copy_buffer_to_buffer(
+                        &l.buffer,
+                        l.offset,
+                        &r.buffer,
+                        r.offset + 4 * k as u64,
+                        4,
+                    );
+                }
+            }
+            gpu.record(&mut enc, self.phase(Phase::Optimizer));
+            if let (Some(norm), Some(r)) = (self.norm, &results) {
+                let nv = self.view(norm);
+                enc.copy_buffer_to_buffer(
+                    &nv.buffer,
+                    nv.offset,
+                    &r.buffer,
+                    r.offset + 4 * accum as u64,
+                    4,
+                );
+            }
+            if let (Some(slot), Some(r)) = (slot, &results) {
+                enc.copy_buffer_to_buffer(
+                    &r.buffer,
+                    r.offset,
+                    &self.ring[slot].buffer,
+                    0,
+                    r.bytes(),
+                );
+            }
+            gpu.queue.submit([enc.finish()]);
+        })?;
+        if let Some(slot) = slot {
+            let rb = &mut self.ring[slot];
+            rb.step = Some(t as u64);
+            let ready = rb.ready.clone();
+            *ready.lock().unwrap() = None;
+            rb.buffer
+                .slice(..)
+                .map_async(wgpu::MapMode::Read, move |r| {
+                    *ready.lock().unwrap() = Some(r.is_ok())
+                });
+        }
+        Ok(())
+    }
+
+    fn phase(&self, p: Phase) -> &[Dispatch] {
+        self.dispatches.get(&p).map_or(&[], Vec::as_slice)
+    }
+
+    fn write_inputs(&self, micro: &[MicroBatch]) -> Result<()> {
+        for (id, staging) in &self.inputs {
+            let t = &self.graph.tensors[*id];
+            let mut all: Vec<u32> = Vec::with_capacity(t.numel() * micro.len());
+            for mb in micro {
+                let part: Vec<u32> = match t.name.as_str() {
+                    "tokens" => mb.tokens.clone(),
+                    "targets" => mb.targets.clone(),
+                    "embedding_index" => embedding::backward_index(&mb.tokens),
+                    other => panic!("unknown input {other}"),
+                };
+                if part.len() != t.numel() {
+                    return Err(Error::Shape {
+                        kernel: "step".into(),
+                        tensor: t.name.clone(),
+                        expected: format!("{} values", t.numel()),
+                        got: format!("{} values", part.len()),
+                    });
+                }
+                all.extend(part);
+            }
+            self.gpu
+                .queue
+                .write_buffer(staging, 0, bytemuck::cast_slice(&all));
+        }
+        Ok(())
+    }
+
+    /// Copies micro-step k's inputs and dropout counters into place (between compute passes).
+    fn record_micro_inputs(&self, enc: &mut wgpu::CommandEncoder, k: usize) {
+        for (id, staging) in &self.inputs {
+            let v = self.view(*id);
+            enc.copy_buffer_to_buffer(
+                staging,
+                v.bytes() * k as u64,
+                &v.buffer,
+                v.offset,
+                v.bytes(),
+            );
+        }
+        if let Some(buf) = &self.dropout_steps {
+            for (j, &(phase, d, _)) in self.dropouts.iter().enumerate() {
+                let src = ((k * self.dropouts.len() + j) * 4) as u64;
+                enc.copy_buffer_to_buffer(
+                    buf,
+                    src,
+                    &self.dispatches[&phase][d].params,
+                    dropout::STEP_OFFSET,
+                    4,
+                );
+            }
+        }
+    }
+
+    /// Picks the ring slot for the next step's results, first collecting the step that used it.
+    fn reserve_readback(&mut self) -> Result<Option<usize>> {
+        if self.ring.is_empty() {
+            return Ok(None);
+        }
+        let slot = self.next_ring;
+        self.next_ring = (self.next_ring + 1) % self.ring.len();
+        if self.ring[slot].step.is_some() {
+            let done = self.collect(slot, true)?;
+            self.pending.extend(done);
+        }
+        Ok(Some(slot))
+    }
+
+    fn collect(&mut self, slot: usize, block: bool) -> Result<Option<StepResult>> {
+        let Some(step) = self.ring[slot].step else {
+            return Ok(None);
+        };
+        if block {
+            self.gpu.wait()?;
+        } else {
+            let _ = self.gpu.device.poll(wgpu::PollType::Poll);
+        }
+        let state = *self.ring[slot].ready.lock().unwrap();
+        match state {
+            None => Ok(None),
+            Some(false) => Err(Error::DeviceLost {
+                reason: "reading back step results failed".into(),
+            }),
+            Some(true) => {
+                let rb = &mut self.ring[slot];
+                let data: Vec<f32> =
+                    {
+                        let view = rb.buffer.slice(..).get_mapped_range().map_err(|e| {
+                            Error::Validation {
+                                context: "step results".into(),
+                                message: e.to_string(),
+                            }
+                        })?;
+                        bytemuck::pod_collect_to_vec(&view)
+                    };
+                rb.buffer.unmap();
+                rb.step = None;
+                let accum = self.opts.grad_accum.max(1);
+                Ok(Some(StepResult {
+                    step,
+                    losses: data[..accum].to_vec(),
+                    grad_norm: data[accum],
+                }))
+            }
+        }
+    }
+
+    /// Step results that have arrived, oldest first (never blocks).
+    pub fn poll(&mut self) -> Result<Vec<StepResult>> {
+        let mut out = std::mem::take(&mut self.pending);
+        for k in 0..self.ring.len() {
+            let slot = (self.next_ring + k) % self.ring.len();
+            out.extend(self.collect(slot, false)?);
+        }
+        out.sort_by_key(|r| r.step);
+        Ok(out)
+    }
+
+    /// Waits for every queued step and returns the results not yet returned.
+    pub fn wait_results(&mut self) -> Result<Vec<StepResult>> {
+        let mut out = std::mem::take(&mut self.pending);
+        for k in 0..self.ring.len() {
+            let slot = (self.next_ring + k) % self.ring.len();
+            out.extend(self.collect(slot, true)?);
+        }
+        out.sort_by_key(|r| r.step);
+        Ok(out)
+    }
+
+    /// Runs the forward pass on one batch and returns the mean loss (blocking; for evaluation).
+    pub fn forward_loss(&mut self, batch: &MicroBatch) -> Result<f32> {
+        self.forward(batch)?;
+        let loss = self
+            .loss
+            .ok_or_else(|| Error::invalid("forward_loss", "graph has no loss"))?;
+        Ok(self.gpu.read_f32(self.view(loss))?[0])
+    }
+
+    /// Runs the forward pass on one batch (targets may be empty for a logits-only graph) and
+    /// waits for it.
+    pub fn forward(&mut self, batch: &MicroBatch) -> Result<()> {
+        self.write_inputs(std::slice::from_ref(batch))?;
+        let gpu = self.gpu;
+        gpu.scoped("forward", 0, || {
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("forward"),
+                });
+            self.record_micro_inputs(&mut enc, 0);
+            gpu.record(&mut enc, self.phase(Phase::Forward));
+            gpu.queue.submit([enc.finish()]);
+        })?;
+        gpu.wait()
+    }
+}
+
+/// The seed of one dropout site's random stream.
+fn dropout_seed(seed: u32, site: u32) -> u32 {
+    seed ^ site.wrapping_mul(0x9E37_79B9)
+}

@@ -1,0 +1,269 @@
+//! The graph IR: tensors with static shapes and typed ops over them, in schedule order.
+//!
+//! Output conventions of backward ops follow the kernels: gradients of parameters always
+//! accumulate (`+=`, zeroed at the start of a step); gradients of activations overwrite the
+//! first time they are written and accumulate after (`acc`).
+
+use std::fmt;
+
+use crate::gpu::DType;
+
+pub type TensorId = usize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorKind {
+    /// A model parameter (index into the parameter table); lives outside the graph.
+    Param(usize),
+    /// The gradient of parameter i; lives outside the graph.
+    ParamGrad(usize),
+    /// AdamW's first and second moments of parameter i.
+    AdamM(usize),
+    AdamV(usize),
+    /// Written by the CPU before each micro-step (tokens, targets, the embedding-backward index).
+    Input,
+    /// A constant filled once (e.g. the zero bias of a bias-free LayerNorm).
+    Constant(u32),
+    /// Forward values and gradients of activations: packed by the memory planner.
+    Activation,
+    Gradient,
+    /// Step results kept across micro-steps (the loss, the gradient norm).
+    Result,
+}
+
+impl TensorKind {
+    /// Whether the memory planner may place this tensor in a shared, reused buffer.
+    pub fn planned(self) -> bool {
+        matches!(self, TensorKind::Activation | TensorKind::Gradient)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub kind: TensorKind,
+}
+
+impl Tensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.numel() as u64 * self.dtype.size()
+    }
+}
+
+/// Which part of a training step a node belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    /// Once per step, before the first micro-step (zeroing parameter gradients).
+    Zero,
+    /// Once per micro-step.
+    Forward,
+    Backward,
+    /// Once per step, after the last micro-step (gradient norm, AdamW).
+    Optimizer,
+}
+
+/// Typed ops. Inputs and outputs are listed in `Node` in the order given for each op.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// in [tokens (B,T) u32, wte (Vp,C), wpe (maxT,C)] → out [x (B,T,C)]
+    Embedding { b: usize, t: usize, c: usize },
+    /// in [x (N,C), weight (C), bias (C)] → out [y (N,C), mean (N), rstd (N)]
+    LayerNorm { n: usize, c: usize },
+    /// in [x (M,K), w (N,K), bias (N)?] → out [y (M,N)]
+    Linear {
+        m: usize,
+        k: usize,
+        n: usize,
+        bias: bool,
+    },
+    /// in [qkv (B,T,3C)] → out [y (B,T,C), lse (B,NH,T)]
+    Attention {
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    },
+    /// in [x (N)] → out [y (N)]
+    Gelu { n: usize },
+    /// in [a (N), b (N)] → out [y (N)]
+    Add { n: usize },
+    /// in [x (N)] → out [y (N)]; `site` separates the random streams of different dropouts.
+    Dropout { n: usize, p: f32, site: u32 },
+    /// in [logits (N,Vp), targets (N) u32] → out [losses (N), lse (N)]
+    CrossEntropy { n: usize, v: usize, vp: usize },
+    /// in [losses (N)] → out [loss (1)] = mean
+    Mean { n: usize },
+
+    /// in [dx (B,T,C), tokens, index] → out [dwte +=, dwpe +=]
+    EmbeddingBackward { b: usize, t: usize, c: usize },
+    /// in [dy, x, weight, mean, rstd] → out [dx (acc), dweight +=, dbias +=?]
+    LayerNormBackward {
+        n: usize,
+        c: usize,
+        acc: bool,
+        bias: bool,
+    },
+    /// in [dy (M,N), x (M,K), w (N,K)] → out [dx (acc)?, dw +=, dbias +=?]
+    LinearBackward {
+        m: usize,
+        k: usize,
+        n: usize,
+        acc: bool,
+        dx: bool,
+        bias: bool,
+    },
+    /// in [dy (B,T,C), qkv, y, lse] → out [dqkv] (overwrites)
+    AttentionBackward {
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    },
+    /// in [dy, x] → out [dx (acc)]
+    GeluBackward { n: usize, acc: bool },
+    /// in [src] → out [dst (acc)]: routes a gradient through a sum.
+    Accumulate { n: usize, acc: bool },
+    /// in [dy] → out [dx (acc)]
+    DropoutBackward {
+        n: usize,
+        p: f32,
+        site: u32,
+        acc: bool,
+    },
+    /// in [logits, lse, targets] → out [logits] overwritten in place with dloss·(softmax − onehot)
+    CrossEntropyBackward { n: usize, v: usize, vp: usize },
+
+    /// in [] → out [x] = value
+    Fill { value: f32 },
+    /// in [grads...] → out [norm (1)] = global L2 norm
+    GlobalNorm,
+    /// in [grad, norm] → out [param, m, v], updated in place
+    AdamW { decay: bool },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Embedding { .. } => "embedding",
+            Op::LayerNorm { .. } => "layernorm",
+            Op::Linear { .. } => "linear",
+            Op::Attention { .. } => "attention",
+            Op::Gelu { .. } => "gelu",
+            Op::Add { .. } => "add",
+            Op::Dropout { .. } => "dropout",
+            Op::CrossEntropy { .. } => "cross_entropy",
+            Op::Mean { .. } => "mean",
+            Op::EmbeddingBackward { .. } => "embedding_backward",
+            Op::LayerNormBackward { .. } => "layernorm_backward",
+            Op::LinearBackward { .. } => "linear_backward",
+            Op::AttentionBackward { .. } => "attention_backward",
+            Op::GeluBackward { .. } => "gelu_backward",
+            Op::Accumulate { .. } => "accumulate",
+            Op::DropoutBackward { .. } => "dropout_backward",
+            Op::CrossEntropyBackward { .. } => "cross_entropy_backward",
+            Op::Fill { .. } => "fill",
+            Op::GlobalNorm => "global_norm",
+            Op::AdamW { .. } => "adamw",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub op: Op,
+    pub inputs: Vec<TensorId>,
+    pub outputs: Vec<TensorId>,
+    pub phase: Phase,
+    /// A readable label, e.g. "h.3.attn.c_proj".
+    pub label: String,
+}
+
+/// Tensors and nodes; nodes are stored in schedule order.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub tensors: Vec<Tensor>,
+    pub nodes: Vec<Node>,
+}
+
+impl Graph {
+    pub fn tensor(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        dtype: DType,
+        kind: TensorKind,
+    ) -> TensorId {
+        self.tensors.push(Tensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype,
+            kind,
+        });
+        self.tensors.len() - 1
+    }
+
+    /// A planned f32 activation.
+    pub fn activation(&mut self, name: impl Into<String>, shape: &[usize]) -> TensorId {
+        self.tensor(name, shape, DType::F32, TensorKind::Activation)
+    }
+
+    pub fn push(
+        &mut self,
+        phase: Phase,
+        label: impl Into<String>,
+        op: Op,
+        inputs: Vec<TensorId>,
+        outputs: Vec<TensorId>,
+    ) {
+        self.nodes.push(Node {
+            op,
+            inputs,
+            outputs,
+            phase,
+            label: label.into(),
+        });
+    }
+
+    /// Finds a tensor by kind.
+    pub fn find(&self, kind: TensorKind) -> Option<TensorId> {
+        self.tensors.iter().position(|t| t.kind == kind)
+    }
+
+    pub fn nodes_in(&self, phase: Phase) -> impl Iterator<Item = (usize, &Node)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(move |(_, n)| n.phase == phase)
+    }
+}
+
+impl fmt::Display for Graph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, n) in self.nodes.iter().enumerate() {
+            let names = |ids: &[TensorId]| {
+                ids.iter()
+                    .map(|&t| {
+                        let t = &self.tensors[t];
+                        format!("{}{:?}", t.name, t.shape)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            writeln!(
+                f,
+                "{i:4} {:?} {:<22} {:<24} ({}) -> ({})",
+                n.phase,
+                n.op.name(),
+                n.label,
+                names(&n.inputs),
+                names(&n.outputs)
+            )?;
+        }
+        Ok(())
+    }
+}

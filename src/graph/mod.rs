@@ -1,0 +1,10 @@
+//! The graph: IR of typed ops over statically shaped tensors, automatic differentiation, the
+//! memory planner and the executor that records whole training steps.
+
+pub mod autodiff;
+pub mod executor;
+pub mod ir;
+pub mod planner;
+
+pub use executor::{ExecOptions, Executor, MicroBatch, ParamStore, StepResult};
+pub use ir::{Graph, Op, Phase, TensorId, TensorKind};

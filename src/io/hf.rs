@@ -1,0 +1,290 @@
+//! Hugging Face GPT-2 checkpoints: `config.json` and `model.safetensors` in the layout of
+//! `GPT2LMHeadModel` (Conv1D weights stored (in, out); names with or without `transformer.`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::model::config::GptConfig;
+use crate::model::params::ParamTable;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+fn ckpt_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::invalid(path.display().to_string(), msg)
+}
+
+/// Reads and checks `DIR/config.json`. Only the GPT-2 architecture is supported.
+pub fn read_config(dir: &Path) -> Result<GptConfig> {
+    let path = dir.join(CONFIG_FILE);
+    if !dir.is_dir() {
+        return Err(ckpt_err(dir, "checkpoint directory does not exist"));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| ckpt_err(&path, format!("not valid JSON: {e}")))?;
+    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+    let archs: Vec<&str> = v
+        .get("architectures")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if model_type != "gpt2" && !archs.iter().any(|a| a.starts_with("GPT2")) {
+        return Err(ckpt_err(
+            &path,
+            format!(
+                "unsupported architecture (model_type '{model_type}', architectures {archs:?}); \
+                 only GPT-2 (model_type \"gpt2\") is supported"
+            ),
+        ));
+    }
+    let get = |k: &str| -> Result<usize> {
+        v.get(k)
+            .and_then(Value::as_u64)
+            .map(|x| x as usize)
+            .ok_or_else(|| ckpt_err(&path, format!("missing or non-integer field '{k}'")))
+    };
+    let n_embd = get("n_embd")?;
+    if let Some(act) = v.get("activation_function").and_then(Value::as_str)
+        && act != "gelu_new"
+        && act != "gelu_pytorch_tanh"
+    {
+        return Err(ckpt_err(
+            &path,
+            format!("activation_function '{act}' is not supported (only gelu_new)"),
+        ));
+    }
+    if let Some(inner) = v.get("n_inner").and_then(Value::as_u64)
+        && inner as usize != 4 * n_embd
+    {
+        return Err(ckpt_err(
+            &path,
+            format!(
+                "n_inner {inner} is not supported (only 4 * n_embd = {})",
+                4 * n_embd
+            ),
+        ));
+    }
+    if let Some(eps) = v.get("layer_norm_epsilon").and_then(Value::as_f64)
+        && (eps - 1e-5).abs() > 1e-12
+    {
+        return Err(ckpt_err(
+            &path,
+            format!("layer_norm_epsilon {eps} is not supported (only 1e-5)"),
+        ));
+    }
+    for flag in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"] {
+        if v.get(flag).and_then(Value::as_bool) == Some(true) {
+            return Err(ckpt_err(&path, format!("{flag} = true is not supported")));
+        }
+    }
+    if v.get("scale_attn_weights").and_then(Value::as_bool) == Some(false) {
+        return Err(ckpt_err(
+            &path,
+            "scale_attn_weights = false is not supported",
+        ));
+    }
+    let dropout = v.get("resid_pdrop").and_then(Value::as_f64).unwrap_or(0.0) as f32;
+    let cfg = GptConfig {
+        n_layer: get("n_layer")?,
+        n_head: get("n_head")?,
+        n_embd,
+        block_size: get("n_positions")?,
+        vocab_size: get("vocab_size")?,
+        dropout,
+        bias: v.get("bias").and_then(Value::as_bool).unwrap_or(true),
+    };
+    cfg.validate().map_err(|e| ckpt_err(&path, e.to_string()))?;
+    Ok(cfg)
+}
+
+/// The config.json that `transformers` needs to load the model as `GPT2LMHeadModel`.
+pub fn config_json(cfg: &GptConfig) -> Value {
+    json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_embd": cfg.n_embd,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_inner": null,
+        "vocab_size": cfg.vocab_size,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "scale_attn_weights": true,
+        "scale_attn_by_inverse_layer_idx": false,
+        "reorder_and_upcast_attn": false,
+        "tie_word_embeddings": true,
+        "use_cache": true,
+        "bos_token_id": cfg.vocab_size.saturating_sub(1),
+        "eos_token_id": cfg.vocab_size.saturating_sub(1),
+        "torch_dtype": "float32",
+    })
+}
+
+pub fn write_config(dir: &Path, cfg: &GptConfig) -> Result<()> {
+    let path = dir.join(CONFIG_FILE);
+    let text = serde_json::to_string_pretty(&config_json(cfg)).expect("JSON of a config");
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+}
+
+/// Converts a safetensors tensor of f32, f16 or bf16 to f32.
+pub fn to_f32(path: &Path, name: &str, t: &safetensors::tensor::TensorView) -> Result<Vec<f32>> {
+    use safetensors::Dtype;
+    let d = t.data();
+    Ok(match t.dtype() {
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(ckpt_err(
+                path,
+                format!("tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported"),
+            ));
+        }
+    })
+}
+
+/// Transposes a row-major (rows, cols) matrix.
+pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = x[r * cols + c];
+        }
+    }
+    out
+}
+
+/// The shape a parameter has in a Hugging Face checkpoint.
+fn hf_shape(table: &ParamTable, cfg: &GptConfig, i: usize) -> Vec<usize> {
+    let s = &table.specs[i];
+    if i == table.wte {
+        vec![cfg.vocab_size, cfg.n_embd]
+    } else if s.hf_transposed {
+        vec![s.shape[1], s.shape[0]]
+    } else {
+        s.shape.clone()
+    }
+}
+
+/// Loads every parameter of `table` from `DIR/model.safetensors`, in our layout (transposing
+/// Conv1D weights and padding the vocabulary). Errors name the file, the tensor and both shapes.
+pub fn load_weights(dir: &Path, cfg: &GptConfig, table: &ParamTable) -> Result<Vec<Vec<f32>>> {
+    let path = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| ckpt_err(&path, format!("not a valid safetensors file: {e}")))?;
+    let names: HashMap<String, String> = st
+        .names()
+        .into_iter()
+        .map(|n| {
+            let key = n.strip_prefix("transformer.").unwrap_or(n).to_string();
+            (key, n.to_string())
+        })
+        .collect();
+    let mut out = Vec::with_capacity(table.specs.len());
+    for (i, spec) in table.specs.iter().enumerate() {
+        let key = spec.name.strip_prefix("transformer.").unwrap_or(&spec.name);
+        let Some(stored) = names.get(key) else {
+            return Err(ckpt_err(&path, format!("tensor {} is missing", spec.name)));
+        };
+        let t = st
+            .tensor(stored)
+            .map_err(|e| ckpt_err(&path, format!("tensor {stored}: {e}")))?;
+        let want = hf_shape(table, cfg, i);
+        if t.shape() != want.as_slice() {
+            return Err(ckpt_err(
+                &path,
+                format!(
+                    "tensor {stored} has shape {:?}, expected {want:?} for this config",
+                    t.shape()
+                ),
+            ));
+        }
+        let mut data = to_f32(&path, stored, &t)?;
+        if let Some((k, v)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(ckpt_err(
+                &path,
+                format!("tensor {stored} holds a non-finite value ({v}) at element {k}"),
+            ));
+        }
+        if spec.hf_transposed {
+            data = transpose(&data, want[0], want[1]);
+        }
+        data.resize(spec.numel(), 0.0);
+        out.push(data);
+    }
+    Ok(out)
+}
+
+/// Writes `params` (our layout) as `DIR/model.safetensors` in the Hugging Face layout, f32.
+pub fn save_weights(
+    dir: &Path,
+    cfg: &GptConfig,
+    table: &ParamTable,
+    params: &[Vec<f32>],
+) -> Result<()> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (i, spec) in table.specs.iter().enumerate() {
+        let shape = hf_shape(table, cfg, i);
+        let data: Vec<f32> = if spec.hf_transposed {
+            transpose(&params[i], spec.shape[0], spec.shape[1])
+        } else {
+            params[i][..shape.iter().product()].to_vec()
+        };
+        tensors.push((
+            spec.name.clone(),
+            shape,
+            bytemuck::cast_slice(&data).to_vec(),
+        ));
+    }
+    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)
+}
+
+/// Writes named f32 tensors `(name, shape, little-endian bytes)` with the `{"format": "pt"}`
+/// metadata that `transformers` requires.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<()> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| ckpt_err(path, format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| ckpt_err(path, format!("cannot serialize: {e}")))?;
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+/// Reads every tensor of a safetensors file as f32, by name, with its shape.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| ckpt_err(path, format!("not a valid safetensors file: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, t) in st.tensors() {
+        let data = to_f32(path, &name, &t)?;
+        out.insert(name, (t.shape().to_vec(), data));
+    }
+    Ok(out)
+}

@@ -1,0 +1,4 @@
+//! Files: Hugging Face GPT-2 checkpoints (config.json + model.safetensors) and token files.
+
+pub mod hf;
+pub mod tokens;

@@ -1,0 +1,253 @@
+//! The GPT-2 forward graph, readable in one sitting, and its training extension.
+
+use super::config::GptConfig;
+use super::params::ParamTable;
+use crate::gpu::DType;
+use crate::graph::autodiff::{self, Backward};
+use crate::graph::ir::{Graph, Op, Phase, TensorId, TensorKind};
+
+/// What the graph computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward, backward and AdamW, with dropout.
+    Train,
+    /// Forward to the mean loss, no dropout.
+    Eval,
+    /// Forward to the logits only (generation).
+    Logits,
+}
+
+/// A built graph and the tensors callers need by role.
+#[derive(Clone, Debug)]
+pub struct GptGraph {
+    pub graph: Graph,
+    pub b: usize,
+    pub t: usize,
+    pub tokens: TensorId,
+    pub targets: Option<TensorId>,
+    pub logits: TensorId,
+    pub loss: Option<TensorId>,
+    pub backward: Option<Backward>,
+    pub grad_norm: Option<TensorId>,
+    /// The graph tensor of parameter i.
+    pub params: Vec<TensorId>,
+}
+
+/// Builds GPT-2 for batches of `b` sequences of `t` tokens.
+pub fn build(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode) -> GptGraph {
+    let mut g = Graph::default();
+    let (c, nh, hs) = (cfg.n_embd, cfg.n_head, cfg.head_size());
+    let (v, vp, bt) = (cfg.vocab_size, cfg.padded_vocab(), b * t);
+    let p = if mode == Mode::Train {
+        cfg.dropout
+    } else {
+        0.0
+    };
+    let params: Vec<TensorId> = table
+        .specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| g.tensor(s.name.clone(), &s.shape, DType::F32, TensorKind::Param(i)))
+        .collect();
+    let zero_bias =
+        (!cfg.bias).then(|| g.tensor("zero_bias", &[c], DType::F32, TensorKind::Constant(0)));
+    let bias_or_zero = |i: Option<usize>| i.map(|i| params[i]).or(zero_bias).unwrap();
+    let fwd = Phase::Forward;
+
+    let tokens = g.tensor("tokens", &[b, t], DType::U32, TensorKind::Input);
+    let mut x = g.activation("embed", &[b, t, c]);
+    g.push(
+        fwd,
+        "embed",
+        Op::Embedding { b, t, c },
+        vec![tokens, params[table.wte], params[table.wpe]],
+        vec![x],
+    );
+    let mut site = 0u32;
+    let mut dropout = |g: &mut Graph, x: TensorId, label: String| -> TensorId {
+        if p == 0.0 {
+            return x;
+        }
+        site += 1;
+        let (shape, n) = (g.tensors[x].shape.clone(), g.tensors[x].numel());
+        let y = g.activation(format!("{label}.drop"), &shape);
+        g.push(fwd, label, Op::Dropout { n, p, site }, vec![x], vec![y]);
+        y
+    };
+    let layernorm = |g: &mut Graph, x: TensorId, w: TensorId, bias: TensorId, name: String| {
+        let y = g.activation(name.clone(), &[bt, c]);
+        let mean = g.activation(format!("{name}.mean"), &[bt]);
+        let rstd = g.activation(format!("{name}.rstd"), &[bt]);
+        g.push(
+            fwd,
+            name,
+            Op::LayerNorm { n: bt, c },
+            vec![x, w, bias],
+            vec![y, mean, rstd],
+        );
+        y
+    };
+    let linear = |g: &mut Graph,
+                  x: TensorId,
+                  w: TensorId,
+                  bias: Option<TensorId>,
+                  n: usize,
+                  name: String| {
+        let y = g.activation(name.clone(), &[bt, n]);
+        let k = g.tensors[x].numel() / bt;
+        let mut ins = vec![x, w];
+        ins.extend(bias);
+        g.push(
+            fwd,
+            name,
+            Op::Linear {
+                m: bt,
+                k,
+                n,
+                bias: bias.is_some(),
+            },
+            ins,
+            vec![y],
+        );
+        y
+    };
+
+    x = dropout(&mut g, x, "embed".into());
+    for (l, bp) in table.blocks.iter().enumerate() {
+        let h = format!("h.{l}");
+        let ln1 = layernorm(
+            &mut g,
+            x,
+            params[bp.ln_1_w],
+            bias_or_zero(bp.ln_1_b),
+            format!("{h}.ln_1"),
+        );
+        let qkv = linear(
+            &mut g,
+            ln1,
+            params[bp.c_attn_w],
+            bp.c_attn_b.map(|i| params[i]),
+            3 * c,
+            format!("{h}.attn.c_attn"),
+        );
+        let att = g.activation(format!("{h}.attn"), &[b, t, c]);
+        let lse = g.activation(format!("{h}.attn.lse"), &[b, nh, t]);
+        g.push(
+            fwd,
+            format!("{h}.attn"),
+            Op::Attention { b, t, nh, hs },
+            vec![qkv],
+            vec![att, lse],
+        );
+        let y = linear(
+            &mut g,
+            att,
+            params[bp.attn_proj_w],
+            bp.attn_proj_b.map(|i| params[i]),
+            c,
+            format!("{h}.attn.c_proj"),
+        );
+        let y = dropout(&mut g, y, format!("{h}.attn.c_proj"));
+        let x1 = g.activation(format!("{h}.res_1"), &[b, t, c]);
+        g.push(
+            fwd,
+            format!("{h}.res_1"),
+            Op::Add { n: bt * c },
+            vec![x, y],
+            vec![x1],
+        );
+        let ln2 = layernorm(
+            &mut g,
+            x1,
+            params[bp.ln_2_w],
+            bias_or_zero(bp.ln_2_b),
+            format!("{h}.ln_2"),
+        );
+        let fc = linear(
+            &mut g,
+            ln2,
+            params[bp.c_fc_w],
+            bp.c_fc_b.map(|i| params[i]),
+            4 * c,
+            format!("{h}.mlp.c_fc"),
+        );
+        let gelu = g.activation(format!("{h}.mlp.gelu"), &[bt, 4 * c]);
+        g.push(
+            fwd,
+            format!("{h}.mlp.gelu"),
+            Op::Gelu { n: bt * 4 * c },
+            vec![fc],
+            vec![gelu],
+        );
+        let y = linear(
+            &mut g,
+            gelu,
+            params[bp.mlp_proj_w],
+            bp.mlp_proj_b.map(|i| params[i]),
+            c,
+            format!("{h}.mlp.c_proj"),
+        );
+        let y = dropout(&mut g, y, format!("{h}.mlp.c_proj"));
+        let x2 = g.activation(format!("{h}.res_2"), &[b, t, c]);
+        g.push(
+            fwd,
+            format!("{h}.res_2"),
+            Op::Add { n: bt * c },
+            vec![x1, y],
+            vec![x2],
+        );
+        x = x2;
+    }
+    let lnf = layernorm(
+        &mut g,
+        x,
+        params[table.ln_f_w],
+        bias_or_zero(table.ln_f_b),
+        "ln_f".into(),
+    );
+    // The lm head shares the token embedding (tied weights).
+    let logits = linear(&mut g, lnf, params[table.wte], None, vp, "lm_head".into());
+
+    let mut out = GptGraph {
+        graph: Graph::default(),
+        b,
+        t,
+        tokens,
+        targets: None,
+        logits,
+        loss: None,
+        backward: None,
+        grad_norm: None,
+        params,
+    };
+    if mode != Mode::Logits {
+        let targets = g.tensor("targets", &[b, t], DType::U32, TensorKind::Input);
+        let losses = g.activation("losses", &[bt]);
+        let lse = g.activation("logits.lse", &[bt]);
+        g.push(
+            fwd,
+            "loss",
+            Op::CrossEntropy { n: bt, v, vp },
+            vec![logits, targets],
+            vec![losses, lse],
+        );
+        let loss = g.tensor("loss", &[1], DType::F32, TensorKind::Result);
+        g.push(
+            fwd,
+            "loss.mean",
+            Op::Mean { n: bt },
+            vec![losses],
+            vec![loss],
+        );
+        out.targets = Some(targets);
+        out.loss = Some(loss);
+    }
+    if mode == Mode::Train {
+        let bw = autodiff::append_backward(&mut g);
+        let norm = autodiff::append_optimizer(&mut g, &bw, |i| table.specs[i].decay);
+        out.backward = Some(bw);
+        out.grad_norm = Some(norm);
+    }
+    out.graph = g;
+    out
+}

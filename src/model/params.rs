@@ -1,0 +1,193 @@
+//! The parameter table of GPT-2: names in the Hugging Face `GPT2LMHeadModel` layout, shapes in
+//! ours, initialization, and which tensors take weight decay.
+//!
+//! Linear weights are stored (out, in) here, the transpose of Hugging Face's Conv1D (in, out);
+//! the token embedding is stored with the padded vocabulary (Vp, C), its extra rows zero.
+
+use super::config::GptConfig;
+use crate::rng::Rng;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Normal(f32),
+    Zeros,
+    Ones,
+}
+
+#[derive(Clone, Debug)]
+pub struct ParamSpec {
+    /// Hugging Face name, e.g. `transformer.h.0.attn.c_attn.weight`.
+    pub name: String,
+    /// Our shape: linear weights (out, in); wte (Vp, C).
+    pub shape: Vec<usize>,
+    pub init: Init,
+    /// nanoGPT's rule: tensors of two or more dimensions decay, the rest does not.
+    pub decay: bool,
+    /// Stored transposed (Conv1D orientation) in Hugging Face checkpoints.
+    pub hf_transposed: bool,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Indices into the parameter table for one transformer block.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockParams {
+    pub ln_1_w: usize,
+    pub ln_1_b: Option<usize>,
+    pub c_attn_w: usize,
+    pub c_attn_b: Option<usize>,
+    pub attn_proj_w: usize,
+    pub attn_proj_b: Option<usize>,
+    pub ln_2_w: usize,
+    pub ln_2_b: Option<usize>,
+    pub c_fc_w: usize,
+    pub c_fc_b: Option<usize>,
+    pub mlp_proj_w: usize,
+    pub mlp_proj_b: Option<usize>,
+}
+
+/// The whole table, with the index of every tensor by role.
+#[derive(Clone, Debug)]
+pub struct ParamTable {
+    pub specs: Vec<ParamSpec>,
+    pub wte: usize,
+    pub wpe: usize,
+    pub blocks: Vec<BlockParams>,
+    pub ln_f_w: usize,
+    pub ln_f_b: Option<usize>,
+}
+
+impl ParamTable {
+    pub fn new(cfg: &GptConfig) -> ParamTable {
+        let c = cfg.n_embd;
+        let std = 0.02;
+        // GPT-2 scales the residual projections by 1/sqrt(2 · n_layer).
+        let proj_std = 0.02 / (2.0 * cfg.n_layer as f32).sqrt();
+        let mut specs = Vec::new();
+        let mut add = |name: String, shape: Vec<usize>, init: Init, transposed: bool| {
+            let decay = shape.len() >= 2;
+            specs.push(ParamSpec {
+                name,
+                shape,
+                init,
+                decay,
+                hf_transposed: transposed,
+            });
+            specs.len() - 1
+        };
+        let wte = add(
+            "transformer.wte.weight".into(),
+            vec![cfg.padded_vocab(), c],
+            Init::Normal(std),
+            false,
+        );
+        let wpe = add(
+            "transformer.wpe.weight".into(),
+            vec![cfg.block_size, c],
+            Init::Normal(std),
+            false,
+        );
+        let mut blocks = Vec::new();
+        for l in 0..cfg.n_layer {
+            let p = format!("transformer.h.{l}.");
+            let bias = |add: &mut dyn FnMut(String, Vec<usize>, Init, bool) -> usize,
+                        name: &str,
+                        n: usize| {
+                cfg.bias
+                    .then(|| add(format!("{p}{name}"), vec![n], Init::Zeros, false))
+            };
+            let ln_1_w = add(format!("{p}ln_1.weight"), vec![c], Init::Ones, false);
+            let ln_1_b = bias(&mut add, "ln_1.bias", c);
+            let c_attn_w = add(
+                format!("{p}attn.c_attn.weight"),
+                vec![3 * c, c],
+                Init::Normal(std),
+                true,
+            );
+            let c_attn_b = bias(&mut add, "attn.c_attn.bias", 3 * c);
+            let attn_proj_w = add(
+                format!("{p}attn.c_proj.weight"),
+                vec![c, c],
+                Init::Normal(proj_std),
+                true,
+            );
+            let attn_proj_b = bias(&mut add, "attn.c_proj.bias", c);
+            let ln_2_w = add(format!("{p}ln_2.weight"), vec![c], Init::Ones, false);
+            let ln_2_b = bias(&mut add, "ln_2.bias", c);
+            let c_fc_w = add(
+                format!("{p}mlp.c_fc.weight"),
+                vec![4 * c, c],
+                Init::Normal(std),
+                true,
+            );
+            let c_fc_b = bias(&mut add, "mlp.c_fc.bias", 4 * c);
+            let mlp_proj_w = add(
+                format!("{p}mlp.c_proj.weight"),
+                vec![c, 4 * c],
+                Init::Normal(proj_std),
+                true,
+            );
+            let mlp_proj_b = bias(&mut add, "mlp.c_proj.bias", c);
+            blocks.push(BlockParams {
+                ln_1_w,
+                ln_1_b,
+                c_attn_w,
+                c_attn_b,
+                attn_proj_w,
+                attn_proj_b,
+                ln_2_w,
+                ln_2_b,
+                c_fc_w,
+                c_fc_b,
+                mlp_proj_w,
+                mlp_proj_b,
+            });
+        }
+        let ln_f_w = add("transformer.ln_f.weight".into(), vec![c], Init::Ones, false);
+        let ln_f_b = cfg
+            .bias
+            .then(|| add("transformer.ln_f.bias".into(), vec![c], Init::Zeros, false));
+        ParamTable {
+            specs,
+            wte,
+            wpe,
+            blocks,
+            ln_f_w,
+            ln_f_b,
+        }
+    }
+
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.specs.iter().position(|s| s.name == name)
+    }
+
+    /// Fresh GPT-2 initialization, reproducible from `seed`. The padded rows of wte stay zero.
+    pub fn init(&self, cfg: &GptConfig, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = Rng::new(seed);
+        self.specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let n = s.numel();
+                match s.init {
+                    Init::Zeros => vec![0.0; n],
+                    Init::Ones => vec![1.0; n],
+                    Init::Normal(std) => {
+                        let real = if i == self.wte {
+                            cfg.vocab_size * cfg.n_embd
+                        } else {
+                            n
+                        };
+                        let mut v = rng.vec_normal(real, std);
+                        v.resize(n, 0.0);
+                        v
+                    }
+                }
+            })
+            .collect()
+    }
+}
