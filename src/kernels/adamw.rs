@@ -1,23 +1,349 @@
-//! adamw.wgsl launchers: to be written.
+//! adamw.wgsl launcher: one AdamW step on one tensor, in place, with PyTorch's semantics
+//! (torch.optim.AdamW, single-tensor formula) and clipping by a global norm computed on the GPU
+//! (torch.nn.utils.clip_grad_norm_, see `reduce::global_norm`).
+//!
+//! Precision: hyperparameters arrive as f32, but PyTorch holds them as f64 (0.9, not
+//! 0.89999998), so 1 - β and ln β are computed on the CPU from the shortest decimal that rounds to
+//! the f32 value, in f64, then rounded to f32. The bias corrections 1 - β^t are computed on the GPU
+//! from t and ln β without cancellation (see the shader), so that `set_step` rewrites only lr and
+//! t. The result matches PyTorch's float32 AdamW to a few ulp per step.
 
-use super::harness::{BenchOptions, BenchReport, CheckReport, Family};
+use bytemuck::{Pod, Zeroable};
+
+use super::harness::{self, BenchReport, CheckReport, Family};
+use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::reference;
+use crate::rng::Rng;
+
+use Binding::{Read, ReadWrite};
+
+/// Invocations per workgroup (the shader's `WG`).
+const WG: u32 = 256;
+/// Elements per invocation (the shader's `ELEMS`).
+const ELEMS: u32 = 4;
+
+pub const STEP: KernelSpec = KernelSpec {
+    shader: Shader::Adamw,
+    entry: "adamw_step",
+    bindings: &[ReadWrite, Read, ReadWrite, ReadWrite, Read],
+};
+
+/// AdamW hyperparameters shared by every tensor (lr and the step number change per step).
+#[derive(Clone, Copy, Debug)]
+pub struct Hyper {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Max global gradient norm; 0 = no clipping.
+    pub grad_clip: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    n: u32,
+    t: u32,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+    log_beta1: f32,
+    log_beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    grad_clip: f32,
+}
+
+/// Byte offset of `t` (followed by `lr`) in `Params`, for `set_step`.
+const STEP_FIELDS_OFFSET: u64 = 4;
+
+/// The f64 a user meant by an f32 hyperparameter: its shortest round-tripping decimal (0.9f32 is
+/// 0.9, as in PyTorch, not 0.89999997615814).
+pub fn widen(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+fn check_hyper(name: &str, h: &Hyper, lr: f32, t: u32) -> Result<()> {
+    let bad = |what: &str, v: f32, rule: &str| {
+        Err(Error::invalid(
+            name,
+            format!("{what} = {v} must be {rule} (as in torch.optim.AdamW)"),
+        ))
+    };
+    for (what, b) in [("beta1", h.beta1), ("beta2", h.beta2)] {
+        if !(0.0..1.0).contains(&b) {
+            return bad(what, b, "in [0, 1)");
+        }
+    }
+    for (what, x) in [
+        ("eps", h.eps),
+        ("weight_decay", h.weight_decay),
+        ("grad_clip", h.grad_clip),
+        ("lr", lr),
+    ] {
+        if !(x >= 0.0 && x.is_finite()) {
+            return bad(what, x, "finite and >= 0");
+        }
+    }
+    if t == 0 {
+        return Err(Error::invalid(name, "step number t counts from 1"));
+    }
+    Ok(())
+}
+
+/// One AdamW step on one tensor, in place: param (N), m (N), v (N) are read and overwritten;
+/// grad (N) is read and scaled by clip = min(1, grad_clip / (norm[0] + 1e-6)) when grad_clip > 0
+/// (norm (1) is the `reduce::global_norm` output, read on the GPU, so no CPU round trip; it is
+/// bound but unused when grad_clip = 0). `decay` switches weight decay for this tensor (2-D
+/// weights decay; biases, LayerNorm and 1-D tensors do not). `t` counts from 1.
+///
+/// PyTorch order: p *= 1 - lr·wd (if decay); m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²;
+/// denom = sqrt(v)/sqrt(1-β2^t) + eps; p -= (lr/(1-β1^t)) · m / denom.
+#[allow(clippy::too_many_arguments)]
+pub fn step(
+    gpu: &Gpu,
+    param: &View,
+    grad: &View,
+    m: &View,
+    v: &View,
+    norm: &View,
+    n: usize,
+    hyper: &Hyper,
+    decay: bool,
+    lr: f32,
+    t: u32,
+) -> Result<Dispatch> {
+    let name = STEP.name();
+    expect_dims(&name, &[("N", n)])?;
+    for x in [param, grad, m, v] {
+        expect(&name, x, DType::F32, n)?;
+    }
+    expect(&name, norm, DType::F32, 1)?;
+    check_hyper(&name, hyper, lr, t)?;
+    let (b1, b2) = (widen(hyper.beta1), widen(hyper.beta2));
+    let params = Params {
+        n: n as u32,
+        t,
+        lr,
+        beta1: hyper.beta1,
+        beta2: hyper.beta2,
+        one_minus_beta1: (1.0 - b1) as f32,
+        one_minus_beta2: (1.0 - b2) as f32,
+        log_beta1: b1.ln() as f32,
+        log_beta2: b2.ln() as f32,
+        eps: hyper.eps,
+        weight_decay: if decay { hyper.weight_decay } else { 0.0 },
+        grad_clip: hyper.grad_clip,
+    };
+    let wg = grid(
+        (n as u32).div_ceil(WG * ELEMS),
+        gpu.limits.max_compute_workgroups_per_dimension,
+    );
+    let cost = Cost {
+        flops: 16 * n as u64,
+        // read param, grad, m, v; write param, m, v
+        bytes: 28 * n as u64,
+    };
+    gpu.dispatch(
+        &STEP,
+        &[("WG", WG as f64), ("ELEMS", ELEMS as f64)],
+        bytes_of(&params),
+        &[param, grad, m, v, norm],
+        wg,
+        cost,
+    )
+}
+
+/// Rewrites lr and the step number t (hence the bias corrections) of a `step` dispatch between
+/// training steps, without rebuilding it. Queued: takes effect at the next submission. `t` counts
+/// from 1 (0 is taken as 1).
+pub fn set_step(gpu: &Gpu, dispatch: &Dispatch, lr: f32, t: u32) {
+    debug_assert_eq!(dispatch.name, STEP.name(), "set_step on another kernel");
+    let fields: [u32; 2] = [t.max(1), lr.to_bits()];
+    gpu.queue.write_buffer(
+        &dispatch.params,
+        STEP_FIELDS_OFFSET,
+        bytemuck::bytes_of(&fields),
+    );
+}
 
 pub const FAMILY: Family = Family {
     name: "adamw",
-    about: "not yet written",
+    about: "AdamW step in place (PyTorch semantics), clipping by a GPU global norm",
     shape_help: "N",
-    default_shapes: &[],
-    bench_shape: &[1],
+    default_shapes: &[&[1], &[3], &[45], &[127], &[129], &[1000], &[65537]],
+    bench_shape: &[124_000_000 / 4],
     check,
     bench,
 };
 
-fn check(_gpu: &Gpu, _shape: &[usize]) -> Result<Vec<CheckReport>> {
-    Err(Error::invalid("adamw", "not yet written"))
+/// One check scenario: three steps with per-step gradient scales, so that clipping switches
+/// between active and inactive.
+struct Scenario {
+    what: &'static str,
+    hyper: Hyper,
+    decay: bool,
+    /// grad_clip as a multiple of the first step's gradient norm (0 = no clipping).
+    clip_ratio: f32,
 }
 
-fn bench(_gpu: &Gpu, _shape: &[usize], _opts: &BenchOptions) -> Result<Vec<BenchReport>> {
-    Err(Error::invalid("adamw", "not yet written"))
+const SCENARIOS: [Scenario; 3] = [
+    Scenario {
+        what: "decay, clip at t=2 only",
+        hyper: Hyper {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 0.0,
+        },
+        decay: true,
+        clip_ratio: 1.5,
+    },
+    Scenario {
+        what: "no decay, clip always",
+        hyper: Hyper {
+            beta1: 0.8,
+            beta2: 0.95,
+            eps: 1e-6,
+            weight_decay: 0.1,
+            grad_clip: 0.0,
+        },
+        decay: false,
+        clip_ratio: 0.25,
+    },
+    Scenario {
+        what: "decay, grad_clip 0",
+        hyper: Hyper {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            grad_clip: 0.0,
+        },
+        decay: true,
+        clip_ratio: 0.0,
+    },
+];
+
+/// Gradient scale of steps t = 1, 2, 3 and the learning rates given through `set_step`.
+const GRAD_SCALES: [f32; 3] = [1.0, 3.0, 0.3];
+const LRS: [f32; 3] = [1e-2, 5e-3, 2e-3];
+
+fn norm_of(g: &[f32]) -> f32 {
+    let mut out = [0.0f64];
+    reference::reduce::global_norm(&mut out, &[&reference::convert::<f32, f64>(g)]);
+    out[0] as f32
+}
+
+fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
+    let [n] = harness::dims::<1>("adamw", shape)?;
+    let s = format!("N={n}");
+    let mut reports = Vec::new();
+    for (k, sc) in SCENARIOS.iter().enumerate() {
+        let mut rng = Rng::new(1000 * n as u64 + k as u64);
+        let p0 = rng.vec_uniform(n, -1.0, 1.0);
+        let grads: Vec<Vec<f32>> = GRAD_SCALES
+            .iter()
+            .map(|&sc| rng.vec_uniform(n, -sc, sc))
+            .collect();
+        let mut hyper = sc.hyper;
+        hyper.grad_clip = sc.clip_ratio * norm_of(&grads[0]);
+
+        let param = gpu.upload_f32("param", &p0)?;
+        let grad = gpu.zeros("grad", DType::F32, n)?;
+        let m = gpu.zeros("m", DType::F32, n)?;
+        let v = gpu.zeros("v", DType::F32, n)?;
+        let norm = gpu.zeros("norm", DType::F32, 1)?;
+        let d = step(
+            gpu, &param, &grad, &m, &v, &norm, n, &hyper, sc.decay, LRS[0], 1,
+        )?;
+
+        let mut rp: Vec<f64> = reference::convert(&p0);
+        let (mut rm, mut rv) = (vec![0.0f64; n], vec![0.0f64; n]);
+        let wd = if sc.decay {
+            widen(hyper.weight_decay)
+        } else {
+            0.0
+        };
+        for t in 1..=3u32 {
+            let g = &grads[t as usize - 1];
+            let g_norm = norm_of(g);
+            let lr = LRS[t as usize - 1];
+            gpu.write(&grad, g)?;
+            gpu.write(&norm, &[g_norm])?;
+            if t > 1 {
+                set_step(gpu, &d, lr, t);
+            }
+            gpu.run(std::slice::from_ref(&d))?;
+
+            let clip = reference::adamw::clip_scale(g_norm as f64, widen(hyper.grad_clip));
+            reference::adamw::step(
+                &mut rp,
+                &mut rm,
+                &mut rv,
+                &reference::convert::<f32, f64>(g),
+                clip,
+                widen(lr),
+                widen(hyper.beta1),
+                widen(hyper.beta2),
+                widen(hyper.eps),
+                wd,
+                t,
+            );
+            if t == 1 || t == 3 {
+                let what = format!("{}: t={t} param", sc.what);
+                reports.push(CheckReport::new(
+                    &s,
+                    &what,
+                    &gpu.read_f32(&param)?,
+                    &rp,
+                    1e-7,
+                    1e-6,
+                ));
+            }
+        }
+        let what = format!("{}: t=3 m", sc.what);
+        reports.push(CheckReport::new(
+            &s,
+            &what,
+            &gpu.read_f32(&m)?,
+            &rm,
+            1e-6,
+            1e-5,
+        ));
+        let what = format!("{}: t=3 v", sc.what);
+        reports.push(CheckReport::new(
+            &s,
+            &what,
+            &gpu.read_f32(&v)?,
+            &rv,
+            1e-10,
+            1e-5,
+        ));
+    }
+    Ok(reports)
+}
+
+fn bench(gpu: &Gpu, shape: &[usize], opts: &harness::BenchOptions) -> Result<Vec<BenchReport>> {
+    let [n] = harness::dims::<1>("adamw", shape)?;
+    let param = gpu.zeros("param", DType::F32, n)?;
+    let grad = gpu.zeros("grad", DType::F32, n)?;
+    let m = gpu.zeros("m", DType::F32, n)?;
+    let v = gpu.zeros("v", DType::F32, n)?;
+    let norm = gpu.upload_f32("norm", &[2.0])?;
+    let hyper = Hyper {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        grad_clip: 1.0,
+    };
+    let d = step(gpu, &param, &grad, &m, &v, &norm, n, &hyper, true, 6e-4, 1)?;
+    let s = format!("N={n}");
+    Ok(vec![harness::bench_one(gpu, opts, "step", &s, &[d])?])
 }

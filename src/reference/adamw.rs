@@ -1,1 +1,59 @@
-//! adamw: to be written.
+//! AdamW with PyTorch's semantics (torch.optim.AdamW, single-tensor formula) and the clipping
+//! factor of torch.nn.utils.clip_grad_norm_.
+
+use super::Real;
+
+/// The factor clip_grad_norm_ multiplies every gradient by: min(1, grad_clip / (norm + 1e-6)),
+/// or 1 when `grad_clip` is 0 (clipping off). `norm` is the global norm of all gradients.
+pub fn clip_scale<T: Real>(norm: T, grad_clip: T) -> T {
+    if grad_clip > T::zero() {
+        (grad_clip / (norm + T::from_f64(1e-6))).min(T::one())
+    } else {
+        T::one()
+    }
+}
+
+/// One AdamW step t (t = 1, 2, ...) on one tensor, in place:
+/// param (N), m (N), v (N) updated; grad (N) read and multiplied by `clip` (see `clip_scale`).
+/// `weight_decay` is 0 for tensors that do not decay (biases, LayerNorm, other 1-D tensors).
+///
+///   g = clip · grad
+///   p = p · (1 - lr · weight_decay)
+///   m = β1 · m + (1 - β1) · g
+///   v = β2 · v + (1 - β2) · g²
+///   denom = sqrt(v) / sqrt(1 - β2^t) + eps
+///   p = p - lr / (1 - β1^t) · m / denom
+#[allow(clippy::too_many_arguments)]
+pub fn step<T: Real>(
+    param: &mut [T],
+    m: &mut [T],
+    v: &mut [T],
+    grad: &[T],
+    clip: T,
+    lr: T,
+    beta1: T,
+    beta2: T,
+    eps: T,
+    weight_decay: T,
+    t: u32,
+) {
+    let one = T::one();
+    let mut beta1_t = one;
+    let mut beta2_t = one;
+    for _ in 0..t {
+        beta1_t *= beta1;
+        beta2_t *= beta2;
+    }
+    let bias_correction1 = one - beta1_t;
+    let bias_correction2 = one - beta2_t;
+    let step_size = lr / bias_correction1;
+    let bias_correction2_sqrt = bias_correction2.sqrt();
+    for i in 0..param.len() {
+        let g = clip * grad[i];
+        param[i] *= one - lr * weight_decay;
+        m[i] = beta1 * m[i] + (one - beta1) * g;
+        v[i] = beta2 * v[i] + (one - beta2) * g * g;
+        let denom = v[i].sqrt() / bias_correction2_sqrt + eps;
+        param[i] -= step_size * m[i] / denom;
+    }
+}
