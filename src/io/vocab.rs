@@ -1,0 +1,180 @@
+//! Vocabularies: characters (built from a text file, nanoGPT's shakespeare_char style), GPT-2
+//! byte-level BPE read from a checkpoint's tokenizer.json (through the `tokenizers` crate), or
+//! bare token ids (token files without a tokenizer).
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+
+pub const CHAR_VOCAB_FILE: &str = "vocab.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+pub enum Vocab {
+    /// Token i is the i-th character of the sorted list.
+    Chars(Vec<char>),
+    /// Byte-level BPE.
+    Bpe(Box<tokenizers::Tokenizer>),
+    /// Ids 0..n with no text form.
+    Ids(usize),
+}
+
+impl std::fmt::Debug for Vocab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Vocab::Chars(c) => write!(f, "Chars({})", c.len()),
+            Vocab::Bpe(t) => write!(f, "Bpe({})", t.get_vocab_size(true)),
+            Vocab::Ids(n) => write!(f, "Ids({n})"),
+        }
+    }
+}
+
+impl Clone for Vocab {
+    fn clone(&self) -> Self {
+        match self {
+            Vocab::Chars(c) => Vocab::Chars(c.clone()),
+            Vocab::Bpe(t) => Vocab::Bpe(t.clone()),
+            Vocab::Ids(n) => Vocab::Ids(*n),
+        }
+    }
+}
+
+impl Vocab {
+    /// The sorted set of characters of `text`.
+    pub fn chars_of(text: &str) -> Vocab {
+        let mut chars: Vec<char> = text.chars().collect();
+        chars.sort_unstable();
+        chars.dedup();
+        Vocab::Chars(chars)
+    }
+
+    pub fn size(&self) -> usize {
+        match self {
+            Vocab::Chars(c) => c.len(),
+            Vocab::Bpe(t) => t.get_vocab_size(true),
+            Vocab::Ids(n) => *n,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Vocab::Chars(_) => "characters",
+            Vocab::Bpe(_) => "byte-level BPE",
+            Vocab::Ids(_) => "token ids",
+        }
+    }
+
+    /// Encodes text; `source` names the text in errors (a file, "--prompt").
+    pub fn encode(&self, text: &str, source: &str) -> Result<Vec<u32>> {
+        match self {
+            Vocab::Chars(chars) => text
+                .chars()
+                .enumerate()
+                .map(|(i, ch)| {
+                    chars
+                        .binary_search(&ch)
+                        .map(|k| k as u32)
+                        .map_err(|_| {
+                            Error::invalid(
+                                source,
+                                format!(
+                                    "character {ch:?} at position {i} is not in the model's \
+                                     {}-character vocabulary",
+                                    chars.len()
+                                ),
+                            )
+                        })
+                })
+                .collect(),
+            Vocab::Bpe(tok) => tok
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| Error::invalid(source, format!("tokenizer failed: {e}"))),
+            Vocab::Ids(_) => Err(Error::invalid(
+                source,
+                "this model has no tokenizer (it was trained on token ids); give a checkpoint \
+                 with a tokenizer.json or vocab.json",
+            )),
+        }
+    }
+
+    /// Decodes ids to text (ids outside the vocabulary decode to U+FFFD).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        match self {
+            Vocab::Chars(chars) => ids
+                .iter()
+                .map(|&i| chars.get(i as usize).copied().unwrap_or('\u{FFFD}'))
+                .collect(),
+            Vocab::Bpe(tok) => tok.decode(ids, false).unwrap_or_default(),
+            Vocab::Ids(_) => ids
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+
+    /// Writes the vocabulary into a checkpoint directory.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        match self {
+            Vocab::Chars(chars) => {
+                let path = dir.join(CHAR_VOCAB_FILE);
+                let s: String = chars.iter().collect();
+                let text = serde_json::to_string(&json!({"type": "chars", "chars": s}))
+                    .expect("JSON of a vocabulary");
+                std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+            }
+            Vocab::Bpe(tok) => {
+                let path = dir.join(TOKENIZER_FILE);
+                tok.save(&path, false)
+                    .map_err(|e| Error::invalid(path.display().to_string(), e.to_string()))
+            }
+            Vocab::Ids(n) => {
+                let path = dir.join(CHAR_VOCAB_FILE);
+                let text = serde_json::to_string(&json!({"type": "ids", "size": n}))
+                    .expect("JSON of a vocabulary");
+                std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+            }
+        }
+    }
+
+    /// Reads a checkpoint directory's vocabulary: tokenizer.json if present, else vocab.json,
+    /// else `None`.
+    pub fn load(dir: &Path) -> Result<Option<Vocab>> {
+        let tok_path = dir.join(TOKENIZER_FILE);
+        if tok_path.exists() {
+            let tok = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| {
+                Error::invalid(
+                    tok_path.display().to_string(),
+                    format!("not a valid tokenizer: {e}"),
+                )
+            })?;
+            return Ok(Some(Vocab::Bpe(Box::new(tok))));
+        }
+        let path = dir.join(CHAR_VOCAB_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let bad = |m: &str| Error::invalid(path.display().to_string(), m.to_string());
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| bad(&format!("not JSON: {e}")))?;
+        match v.get("type").and_then(Value::as_str) {
+            Some("chars") => {
+                let s = v
+                    .get("chars")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("missing 'chars'"))?;
+                Ok(Some(Vocab::Chars(s.chars().collect())))
+            }
+            Some("ids") => {
+                let n = v
+                    .get("size")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| bad("missing 'size'"))?;
+                Ok(Some(Vocab::Ids(n as usize)))
+            }
+            _ => Err(bad("unknown vocabulary type")),
+        }
+    }
+}

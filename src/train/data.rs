@@ -1,0 +1,201 @@
+//! Training data: a UTF-8 text file (a character vocabulary built from it, or the checkpoint's
+//! tokenizer), an llm.c token file, or a nanoGPT headerless u16 `.bin`; a 90/10 train/val split;
+//! and the batch loaders.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::graph::MicroBatch;
+use crate::io::tokens;
+use crate::io::vocab::Vocab;
+use crate::rng::Rng;
+
+/// Tokens split for training and validation, with their vocabulary.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub train: Vec<u32>,
+    pub val: Vec<u32>,
+    pub vocab: Vocab,
+    /// e.g. "tinyshakespeare.txt: 1115394 characters, 65-character vocabulary".
+    pub description: String,
+}
+
+impl Dataset {
+    /// Loads a file. `vocab` is the vocabulary of the model being continued (`--init`,
+    /// `--resume`), if any: text is encoded with it instead of building a new one.
+    pub fn load(path: &Path, vocab: Option<&Vocab>) -> Result<Dataset> {
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if bytes.is_empty() {
+            return Err(Error::invalid(&name, "the data file is empty"));
+        }
+        let is_bin = path.extension().is_some_and(|e| e == "bin");
+        if tokens::is_llmc(&bytes) || is_bin {
+            let ids = tokens::parse(path, &bytes)?;
+            let vocab = vocab.cloned().unwrap_or_else(|| {
+                let max = ids.iter().copied().max().unwrap_or(0) as usize;
+                // Token files carry no vocabulary; assume GPT-2's when ids fit it.
+                Vocab::Ids(if max < 50257 { 50257 } else { max + 1 })
+            });
+            let desc = format!("{name}: {} tokens", ids.len());
+            return Dataset::from_ids(&name, ids, vocab, desc);
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            Error::invalid(
+                &name,
+                format!(
+                    "not UTF-8 text (byte {}); token files need llm.c's header or a .bin name",
+                    e.utf8_error().valid_up_to()
+                ),
+            )
+        })?;
+        Dataset::from_text(&name, &text, vocab)
+    }
+
+    /// Encodes `text` (with `vocab`, or a character vocabulary built from it).
+    pub fn from_text(name: &str, text: &str, vocab: Option<&Vocab>) -> Result<Dataset> {
+        let vocab = match vocab {
+            Some(v) => v.clone(),
+            None => Vocab::chars_of(text),
+        };
+        let ids = vocab.encode(text, name)?;
+        let desc = format!(
+            "{name}: {} characters, {} tokens, {} vocabulary of {}",
+            text.chars().count(),
+            ids.len(),
+            vocab.kind(),
+            vocab.size()
+        );
+        Dataset::from_ids(name, ids, vocab, desc)
+    }
+
+    fn from_ids(name: &str, ids: Vec<u32>, vocab: Vocab, description: String) -> Result<Dataset> {
+        if ids.len() < 2 {
+            return Err(Error::invalid(name, "the data holds fewer than 2 tokens"));
+        }
+        if let Some((pos, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id as usize >= vocab.size())
+        {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "token id {id} at position {pos} is outside the vocabulary of {}",
+                    vocab.size()
+                ),
+            ));
+        }
+        let split = ids.len() - ids.len() / 10;
+        Ok(Dataset {
+            val: ids[split..].to_vec(),
+            train: ids[..split].to_vec(),
+            vocab,
+            description,
+        })
+    }
+
+    /// Checks both splits can hold one sequence of `t` tokens plus its target.
+    pub fn check_fits(&self, name: &str, t: usize) -> Result<()> {
+        for (split, d) in [("train", &self.train), ("val", &self.val)] {
+            if d.len() < t + 1 {
+                return Err(Error::invalid(
+                    name,
+                    format!(
+                        "the {split} split has {} tokens, fewer than block size {t} + 1",
+                        d.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How batches are drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoaderKind {
+    /// B random offsets per batch from a seeded generator (nanoGPT).
+    Random,
+    /// Batch i reads B·T+1 consecutive tokens from offset (i·B·T) mod (N − B·T − 1).
+    Sequential,
+}
+
+/// Draws micro-batches; its state is saved in checkpoints so a resumed run sees the same data.
+#[derive(Clone, Debug)]
+pub struct Loader {
+    pub kind: LoaderKind,
+    pub b: usize,
+    pub t: usize,
+    rng: Rng,
+    /// Batches drawn so far.
+    pub position: u64,
+}
+
+impl Loader {
+    pub fn new(kind: LoaderKind, b: usize, t: usize, seed: u64) -> Loader {
+        Loader {
+            kind,
+            b,
+            t,
+            rng: Rng::new(seed),
+            position: 0,
+        }
+    }
+
+    pub fn next(&mut self, data: &[u32]) -> MicroBatch {
+        let (b, t) = (self.b, self.t);
+        let mut mb = MicroBatch {
+            tokens: Vec::with_capacity(b * t),
+            targets: Vec::with_capacity(b * t),
+        };
+        match self.kind {
+            LoaderKind::Random => {
+                for _ in 0..b {
+                    let i = self.rng.below((data.len() - t) as u64) as usize;
+                    mb.tokens.extend_from_slice(&data[i..i + t]);
+                    mb.targets.extend_from_slice(&data[i + 1..i + 1 + t]);
+                }
+            }
+            LoaderKind::Sequential => {
+                let span = b * t;
+                let start = if data.len() > span + 1 {
+                    ((self.position as u128 * span as u128) % (data.len() - span - 1) as u128)
+                        as usize
+                } else {
+                    0
+                };
+                // With less than one batch of data, wrap around the (short) split.
+                let at = |k: usize| data[(start + k) % data.len()];
+                mb.tokens.extend((0..span).map(at));
+                mb.targets.extend((0..span).map(|k| at(k + 1)));
+            }
+        }
+        self.position += 1;
+        mb
+    }
+
+    pub fn state(&self) -> Value {
+        json!({
+            "kind": match self.kind { LoaderKind::Random => "random", LoaderKind::Sequential => "sequential" },
+            "position": self.position,
+            "rng": self.rng.state().iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        })
+    }
+
+    pub fn restore(&mut self, v: &Value) -> Result<()> {
+        let bad = || Error::invalid("trainer_state.json", "malformed loader state");
+        self.position = v.get("position").and_then(Value::as_u64).ok_or_else(bad)?;
+        let rng: Vec<u64> = v
+            .get("rng")
+            .and_then(Value::as_array)
+            .ok_or_else(bad)?
+            .iter()
+            .map(|s| s.as_str().and_then(|s| s.parse().ok()).ok_or_else(bad))
+            .collect::<Result<_>>()?;
+        self.rng = Rng::from_state(rng.try_into().map_err(|_| bad())?);
+        Ok(())
+    }
+}
