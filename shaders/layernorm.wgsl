@@ -1,12 +1,17 @@
 // LayerNorm over the channels of each row, and its backward. eps = p.eps (1e-5); the variance is
 // biased (divided by C), like PyTorch.
 //
-// layernorm_forward: one workgroup per row; rows fold over x and y (see gpu::grid).
+// Row reductions use a group of TPR consecutive threads per row (WG / TPR rows side by side in a
+// workgroup): the group walks its row with stride TPR, so consecutive threads read consecutive
+// channels, then meets in a tree in workgroup memory. The barriers are shared by all rows of the
+// workgroup, and the tree is only log2(TPR) deep.
+//
+// layernorm_forward: WG / TPR rows per workgroup; workgroups fold over x and y (see gpu::grid).
 //   inp (N, C), weight (C), bias (C)
 //   out (N, C) = (inp - mean) · rstd · weight + bias                    overwrites out
 //   mean (N) = Σ inp / C; rstd (N) = 1 / sqrt(Σ (inp - mean)² / C + eps)  overwrites mean, rstd
-//   Two passes over the row (mean, then centred squares), each a tree reduction in workgroup
-//   memory; consecutive threads read consecutive channels.
+//   Two passes over the row (mean, then centred squares), so rows far from zero keep their
+//   precision.
 //
 // layernorm_backward_rows: one workgroup per block of p.rows_per_block consecutive rows;
 //   P = p.blocks blocks, folded over x and y.
@@ -16,9 +21,9 @@
 //     overwrites dinp when p.accumulate = 0, adds to it (+=) when p.accumulate = 1
 //   partials (2, P, C): [0, b, c] = Σ_{rows of block b} dout · xhat,
 //                       [1, b, c] = Σ_{rows of block b} dout                overwrites partials
-//   First the two row means of every row of the block (tree reductions), then each thread walks
-//   its channels down the block's rows, writing dinp and summing the block's column partials in
-//   registers. The second walk re-reads the block just read, from cache.
+//   First the two row means of every row of the block (WG / TPR rows at a time), then each
+//   thread walks its channels down the block's rows, writing dinp and summing the block's column
+//   partials in registers. The second walk re-reads the block just read, from cache.
 //
 // layernorm_backward_params: COLS channels per workgroup, WG / COLS lanes per channel.
 //   partials (2, P, C)
@@ -37,6 +42,8 @@ struct Params {
 
 // Threads per workgroup: a power of two, at most MAX_WG.
 override WG: u32 = 256u;
+// Threads per row in the row reductions: a power of two, at most WG.
+override TPR: u32 = 32u;
 // layernorm_backward_params: channels per workgroup; WG / COLS must be a power of two.
 override COLS: u32 = 32u;
 
@@ -49,18 +56,20 @@ var<workgroup> red: array<vec2<f32>, MAX_WG>;
 // Per row of a backward block: (mean, rstd, mean_c(dnorm), mean_c(dnorm · xhat)).
 var<workgroup> row_stats: array<vec4<f32>, MAX_ROWS>;
 
-// The sum of `v` over the workgroup, returned to every thread. Must be reached by all threads.
-fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
+// The sum of `v` over the TPR threads of this thread's row group, returned to each of them.
+// Must be reached by every thread of the workgroup.
+fn row_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    let lane = lid % TPR;
     red[lid] = v;
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        if (lid < s) {
+    for (var s = TPR / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
             red[lid] += red[lid + s];
         }
         workgroupBarrier();
     }
-    let total = red[0];
-    // Everyone has read the total before red is written again.
+    let total = red[lid - lane];
+    // Everyone has read its total before red is written again.
     workgroupBarrier();
     return total;
 }
@@ -77,32 +86,38 @@ fn workgroup_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
 @compute @workgroup_size(WG)
 fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = wid.x + wid.y * nwg.x;
-    if (row >= p.n) {
-        return; // the whole workgroup: past the last row of a folded grid
-    }
+    // No early return: every thread takes part in the reductions, rows past N compute nothing.
+    let row = (wid.x + wid.y * nwg.x) * (WG / TPR) + lid.x / TPR;
+    let lane = lid.x % TPR;
+    let in_range = row < p.n;
     let base = row * p.c;
     let cf = f32(p.c);
 
     var sum = 0.0;
-    for (var i = lid.x; i < p.c; i += WG) {
-        sum += fw_inp[base + i];
+    if (in_range) {
+        for (var i = lane; i < p.c; i += TPR) {
+            sum += fw_inp[base + i];
+        }
     }
-    let m = workgroup_sum(lid.x, vec2(sum, 0.0)).x / cf;
+    let m = row_sum(lid.x, vec2(sum, 0.0)).x / cf;
 
     var sq = 0.0;
-    for (var i = lid.x; i < p.c; i += WG) {
-        let d = fw_inp[base + i] - m;
-        sq += d * d;
+    if (in_range) {
+        for (var i = lane; i < p.c; i += TPR) {
+            let d = fw_inp[base + i] - m;
+            sq += d * d;
+        }
     }
-    let s = 1.0 / sqrt(workgroup_sum(lid.x, vec2(sq, 0.0)).x / cf + p.eps);
+    let s = 1.0 / sqrt(row_sum(lid.x, vec2(sq, 0.0)).x / cf + p.eps);
 
-    for (var i = lid.x; i < p.c; i += WG) {
-        fw_out[base + i] = (fw_inp[base + i] - m) * s * fw_weight[i] + fw_bias[i];
-    }
-    if (lid.x == 0u) {
-        fw_mean[row] = m;
-        fw_rstd[row] = s;
+    if (in_range) {
+        for (var i = lane; i < p.c; i += TPR) {
+            fw_out[base + i] = (fw_inp[base + i] - m) * s * fw_weight[i] + fw_bias[i];
+        }
+        if (lane == 0u) {
+            fw_mean[row] = m;
+            fw_rstd[row] = s;
+        }
     }
 }
 
@@ -128,20 +143,26 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
     let rows = min(p.rows_per_block, p.n - row0);
     let inv_c = 1.0 / f32(p.c);
 
-    // The two row means of every row of the block.
-    for (var r = 0u; r < rows; r++) {
-        let row = row0 + r;
-        let base = row * p.c;
-        let m = bw_mean[row];
-        let s = bw_rstd[row];
+    // The two row means of every row of the block, WG / TPR rows at a time.
+    let lane = lid.x % TPR;
+    for (var r0 = 0u; r0 < rows; r0 += WG / TPR) {
+        let r = r0 + lid.x / TPR;
+        var m = 0.0;
+        var s = 0.0;
         var acc = vec2(0.0);
-        for (var i = lid.x; i < p.c; i += WG) {
-            let dnorm = bw_weight[i] * bw_dout[base + i];
-            let xhat = (bw_inp[base + i] - m) * s;
-            acc += vec2(dnorm, dnorm * xhat);
+        if (r < rows) {
+            let row = row0 + r;
+            let base = row * p.c;
+            m = bw_mean[row];
+            s = bw_rstd[row];
+            for (var i = lane; i < p.c; i += TPR) {
+                let dnorm = bw_weight[i] * bw_dout[base + i];
+                let xhat = (bw_inp[base + i] - m) * s;
+                acc += vec2(dnorm, dnorm * xhat);
+            }
         }
-        let means = workgroup_sum(lid.x, acc) * inv_c;
-        if (lid.x == 0u) {
+        let means = row_sum(lid.x, acc) * inv_c;
+        if (r < rows && lane == 0u) {
             row_stats[r] = vec4(m, s, means.x, means.y);
         }
     }

@@ -27,9 +27,8 @@ const MAX_ROWS: usize = 256;
 const TARGET_BLOCKS: usize = 512;
 /// Fewest rows per backward block, so the partials are at most 1/4 of the size of dout.
 const MIN_ROWS: usize = 8;
-/// Channels per workgroup of the final dweight/dbias reduction, and its workgroup size.
+/// Channels per workgroup of the final dweight/dbias reduction.
 const PARAMS_COLS: u32 = 32;
-const PARAMS_WG: u32 = 256;
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::LayerNorm,
@@ -58,9 +57,16 @@ struct Params {
     eps: f32,
 }
 
-/// Threads per row: a power of two giving each thread about four channels, from 32 to 256.
-fn row_threads(c: usize) -> u32 {
-    (c.div_ceil(4).next_power_of_two()).clamp(32, 256) as u32
+/// Threads per workgroup of every layernorm kernel.
+const WG: u32 = 256;
+
+/// Threads per row in the row reductions: a power of two giving each thread about
+/// `CHANNELS_PER_THREAD` channels, from 1 to WG.
+fn threads_per_row(c: usize) -> u32 {
+    const CHANNELS_PER_THREAD: usize = 32;
+    c.div_ceil(CHANNELS_PER_THREAD)
+        .next_power_of_two()
+        .min(WG as usize) as u32
 }
 
 /// (rows per block, blocks) of the backward for N rows.
@@ -126,10 +132,14 @@ pub fn forward(
         flops: 8 * n64 * c64,
         bytes: 4 * (2 * n64 * c64 + 2 * c64 + 2 * n64),
     };
-    let wg = grid(n as u32, gpu.limits.max_compute_workgroups_per_dimension);
+    let tpr = threads_per_row(c);
+    let wg = grid(
+        (n as u32).div_ceil(WG / tpr),
+        gpu.limits.max_compute_workgroups_per_dimension,
+    );
     gpu.dispatch(
         &FORWARD,
-        &[("WG", row_threads(c) as f64)],
+        &[("WG", WG as f64), ("TPR", tpr as f64)],
         bytes_of(&params),
         &[inp, weight, bias, out, mean, rstd],
         wg,
@@ -182,7 +192,7 @@ pub fn backward(
     let max = gpu.limits.max_compute_workgroups_per_dimension;
     let rows_dispatch = gpu.dispatch(
         &BACKWARD_ROWS,
-        &[("WG", row_threads(c) as f64)],
+        &[("WG", WG as f64), ("TPR", threads_per_row(c) as f64)],
         bytes_of(&params),
         &[dout, inp, weight, mean, rstd, dinp, &partials],
         grid(blocks as u32, max),
@@ -193,7 +203,7 @@ pub fn backward(
     )?;
     let params_dispatch = gpu.dispatch(
         &BACKWARD_PARAMS,
-        &[("WG", PARAMS_WG as f64), ("COLS", PARAMS_COLS as f64)],
+        &[("WG", WG as f64), ("COLS", PARAMS_COLS as f64)],
         bytes_of(&params),
         &[&partials, dweight, dbias],
         grid((c as u32).div_ceil(PARAMS_COLS), max),
@@ -226,6 +236,8 @@ pub const FAMILY: Family = Family {
         &[129, 768],
         &[4099, 3],
         &[77, 1000],
+        &[67, 2053],
+        &[3, 4099],
     ],
     bench_shape: &[4096, 768],
     check,

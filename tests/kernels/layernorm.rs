@@ -87,18 +87,17 @@ fn backward_is_bit_identical_run_to_run() {
     assert!(run() == run(), "two runs differ");
 }
 
+/// With C = 1 a forward workgroup covers 256 rows, so this many rows need a folded grid; every
+/// row's mean must be its own input.
 #[test]
 fn a_grid_of_more_rows_than_one_dimension_allows_folds() {
     let Some(gpu) = test_gpu() else { return };
-    let c = 3;
-    let n = gpu.limits.max_compute_workgroups_per_dimension as usize + 2;
-    let mut rng = Rng::new(5);
-    let inp: Vec<f32> = rng.vec_uniform(n * c, -1.0, 1.0);
-    let weight = rng.vec_uniform(c, -1.0, 1.0);
-    let bias = rng.vec_uniform(c, -1.0, 1.0);
+    let c = 1;
+    let n = gpu.limits.max_compute_workgroups_per_dimension as usize * 256 + 1;
+    let inp: Vec<f32> = (0..n).map(|i| i as f32).collect();
     let g_inp = gpu.upload_f32("inp", &inp).unwrap();
-    let g_weight = gpu.upload_f32("weight", &weight).unwrap();
-    let g_bias = gpu.upload_f32("bias", &bias).unwrap();
+    let g_weight = gpu.upload_f32("weight", &[2.0]).unwrap();
+    let g_bias = gpu.upload_f32("bias", &[0.5]).unwrap();
     let g_out = gpu.zeros("out", DType::F32, n * c).unwrap();
     let g_mean = gpu.zeros("mean", DType::F32, n).unwrap();
     let g_rstd = gpu.zeros("rstd", DType::F32, n).unwrap();
@@ -112,10 +111,9 @@ fn a_grid_of_more_rows_than_one_dimension_allows_folds() {
         d.workgroups
     );
     gpu.run(&[d]).unwrap();
-    let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-    reference::layernorm::forward(&mut out, &mut mean, &mut rstd, &inp, &weight, &bias, n, c);
-    reference::compare("out", &gpu.read_f32(&g_out).unwrap(), &out, 1e-5, 1e-5).assert();
-    reference::compare("rstd", &gpu.read_f32(&g_rstd).unwrap(), &rstd, 1e-6, 1e-5).assert();
+    reference::compare("mean", &gpu.read_f32(&g_mean).unwrap(), &inp, 0.0, 0.0).assert();
+    let bias = vec![0.5f32; n];
+    reference::compare("out", &gpu.read_f32(&g_out).unwrap(), &bias, 0.0, 0.0).assert();
 }
 
 #[test]
