@@ -10,8 +10,9 @@
 //   inp (N, C), weight (C), bias (C)
 //   out (N, C) = (inp - mean) · rstd · weight + bias                    overwrites out
 //   mean (N) = Σ inp / C; rstd (N) = 1 / sqrt(Σ (inp - mean)² / C + eps)  overwrites mean, rstd
-//   Two passes over the row (mean, then centred squares), so rows far from zero keep their
-//   precision.
+//   Each thread takes two passes over its own channels (their mean, then their centred squares),
+//   and one tree merges the threads' (count, mean, M2) with Chan's parallel-variance formula:
+//   sound for rows far from zero, with a single reduction per row.
 //
 // layernorm_backward_rows: one workgroup per block of p.rows_per_block consecutive rows;
 //   P = p.blocks blocks, folded over x and y.
@@ -53,6 +54,8 @@ const MAX_ROWS: u32 = 256u;
 @group(0) @binding(0) var<uniform> p: Params;
 
 var<workgroup> red: array<vec2<f32>, MAX_WG>;
+// Forward: per thread, then per row group, (count, mean, M2 = Σ (x - mean)²).
+var<workgroup> moments: array<vec3<f32>, MAX_WG>;
 // Per row of a backward block: (mean, rstd, mean_c(dnorm), mean_c(dnorm · xhat)).
 var<workgroup> row_stats: array<vec4<f32>, MAX_ROWS>;
 
@@ -74,6 +77,35 @@ fn row_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
     return total;
 }
 
+// Chan et al.'s merge of the (count, mean, M2) of two disjoint sets into that of their union.
+fn merge(a: vec3<f32>, b: vec3<f32>) -> vec3<f32> {
+    if (b.x == 0.0) {
+        return a;
+    }
+    if (a.x == 0.0) {
+        return b;
+    }
+    let n = a.x + b.x;
+    let d = b.y - a.y;
+    let fb = b.x / n;
+    return vec3(n, a.y + d * fb, a.z + b.z + d * d * a.x * fb);
+}
+
+// The (count, mean, M2) of this thread's row, from each thread's own, to every thread of the row
+// group. Must be reached by every thread of the workgroup; moments is not reused afterwards.
+fn row_moments(lid: u32, v: vec3<f32>) -> vec3<f32> {
+    let lane = lid % TPR;
+    moments[lid] = v;
+    workgroupBarrier();
+    for (var s = TPR / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            moments[lid] = merge(moments[lid], moments[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    return moments[lid - lane];
+}
+
 // Bindings for layernorm_forward: 1 = inp, 2 = weight, 3 = bias (read);
 // 4 = out, 5 = mean, 6 = rstd (read_write).
 @group(0) @binding(1) var<storage, read> fw_inp: array<f32>;
@@ -91,24 +123,26 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let lane = lid.x % TPR;
     let in_range = row < p.n;
     let base = row * p.c;
-    let cf = f32(p.c);
 
-    var sum = 0.0;
-    if (in_range) {
+    // This thread's channels lane, lane + TPR, ...: their count, mean and M2.
+    var own = vec3(0.0);
+    if (in_range && lane < p.c) {
+        let count = f32((p.c - 1u - lane) / TPR + 1u);
+        var sum = 0.0;
         for (var i = lane; i < p.c; i += TPR) {
             sum += fw_inp[base + i];
         }
-    }
-    let m = row_sum(lid.x, vec2(sum, 0.0)).x / cf;
-
-    var sq = 0.0;
-    if (in_range) {
+        let own_mean = sum / count;
+        var m2 = 0.0;
         for (var i = lane; i < p.c; i += TPR) {
-            let d = fw_inp[base + i] - m;
-            sq += d * d;
+            let d = fw_inp[base + i] - own_mean;
+            m2 += d * d;
         }
+        own = vec3(count, own_mean, m2);
     }
-    let s = 1.0 / sqrt(row_sum(lid.x, vec2(sq, 0.0)).x / cf + p.eps);
+    let total = row_moments(lid.x, own);
+    let m = total.y;
+    let s = 1.0 / sqrt(total.z / f32(p.c) + p.eps);
 
     if (in_range) {
         for (var i = lane; i < p.c; i += TPR) {
