@@ -1,1 +1,75 @@
-// gelu: to be written.
+// GELU, GPT-2's tanh approximation (gelu_new), and its backward.
+//
+// gelu_forward:  out (N) = 0.5 · x · (1 + tanh(u)), u = sqrt(2/π) · (x + 0.044715 · x³), x = inp (N)
+//                overwrites out
+// gelu_backward: dinp (N) = dout (N) · gelu'(inp (N)), the exact derivative of the tanh form:
+//                gelu'(x) = 0.5 · (1 + tanh u) + 0.5 · x · (1 - tanh² u) · du/dx,
+//                du/dx = sqrt(2/π) · (1 + 3 · 0.044715 · x²)
+//                overwrites dinp when p.accumulate = 0, adds to it (+=) when p.accumulate = 1
+//
+// Both use 0.5 · (1 + tanh u) = σ(2u) and 0.25 · (1 - tanh² u) = σ(2u) · σ(-2u), with σ
+// evaluated from exp(-2|u|) ≤ 1: the same function, but with no overflow for large |u| and no
+// cancellation in 1 + tanh u for large negative x.
+//
+// One thread per element; the 1-D grid may be folded into 2-D for large N (see gpu::grid).
+
+struct Params {
+    n: u32,
+    accumulate: u32, // backward: 0 overwrites dinp, 1 adds to it
+}
+
+override WG: u32 = 256u;
+
+const SQRT_2_OVER_PI: f32 = 0.7978845608028654;
+const CUBIC: f32 = 0.044715;
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
+    return (wid.x + wid.y * nwg.x) * WG + lid.x;
+}
+
+// (σ(2u), σ(-2u)) for u = sqrt(2/π) · (x + 0.044715 · x³).
+fn sigmoids(x: f32) -> vec2<f32> {
+    let u = SQRT_2_OVER_PI * (x + CUBIC * x * x * x);
+    let e = exp(-2.0 * abs(u));
+    let big = 1.0 / (1.0 + e); // σ(2|u|)
+    let small = e * big;       // σ(-2|u|)
+    return select(vec2(small, big), vec2(big, small), u >= 0.0);
+}
+
+// Bindings for gelu_forward: 1 = inp (read), 2 = out (read_write).
+@group(0) @binding(1) var<storage, read> fw_inp: array<f32>;
+@group(0) @binding(2) var<storage, read_write> fw_out: array<f32>;
+
+@compute @workgroup_size(WG)
+fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        let x = fw_inp[i];
+        fw_out[i] = x * sigmoids(x).x;
+    }
+}
+
+// Bindings for gelu_backward: 1 = inp, 2 = dout (read), 3 = dinp (read_write).
+@group(0) @binding(1) var<storage, read> bw_inp: array<f32>;
+@group(0) @binding(2) var<storage, read> bw_dout: array<f32>;
+@group(0) @binding(3) var<storage, read_write> bw_dinp: array<f32>;
+
+@compute @workgroup_size(WG)
+fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        let x = bw_inp[i];
+        let s = sigmoids(x);
+        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * x * x);
+        let grad = s.x + 2.0 * x * s.x * s.y * du;
+        var d = bw_dout[i] * grad;
+        if (p.accumulate != 0u) {
+            d += bw_dinp[i];
+        }
+        bw_dinp[i] = d;
+    }
+}

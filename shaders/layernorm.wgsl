@@ -1,1 +1,260 @@
-// layernorm: to be written.
+// LayerNorm over the channels of each row, and its backward. eps = p.eps (1e-5); the variance is
+// biased (divided by C), like PyTorch.
+//
+// Row reductions use a group of TPR consecutive threads per row (WG / TPR rows side by side in a
+// workgroup): the group walks its row with stride TPR, so consecutive threads read consecutive
+// channels, then meets in a tree in workgroup memory. The barriers are shared by all rows of the
+// workgroup, and the tree is only log2(TPR) deep.
+//
+// layernorm_forward: WG / TPR rows per workgroup; workgroups fold over x and y (see gpu::grid).
+//   inp (N, C), weight (C), bias (C)
+//   out (N, C) = (inp - mean) · rstd · weight + bias                    overwrites out
+//   mean (N) = Σ inp / C; rstd (N) = 1 / sqrt(Σ (inp - mean)² / C + eps)  overwrites mean, rstd
+//   Each thread takes two passes over its own channels (their mean, then their centred squares),
+//   and one tree merges the threads' (count, mean, M2) with Chan's parallel-variance formula:
+//   sound for rows far from zero, with a single reduction per row.
+//
+// layernorm_backward_rows: one workgroup per block of p.rows_per_block consecutive rows;
+//   P = p.blocks blocks, folded over x and y.
+//   dout (N, C), inp (N, C), weight (C), mean (N), rstd (N)
+//   dinp (N, C) = rstd · (dnorm - mean_c(dnorm) - xhat · mean_c(dnorm · xhat))
+//     with xhat = (inp - mean) · rstd, dnorm = weight · dout;
+//     overwrites dinp when p.accumulate = 0, adds to it (+=) when p.accumulate = 1
+//   partials (2, P, C): [0, b, c] = Σ_{rows of block b} dout · xhat,
+//                       [1, b, c] = Σ_{rows of block b} dout                overwrites partials
+//   First the two row means of every row of the block (WG / TPR rows at a time), then each
+//   thread walks its channels down the block's rows, writing dinp and summing the block's column
+//   partials in registers. The second walk re-reads the block just read, from cache.
+//
+// layernorm_backward_params: COLS channels per workgroup, WG / COLS lanes per channel.
+//   partials (2, P, C)
+//   dweight (C) += Σ_b partials[0, b, c]; dbias (C) += Σ_b partials[1, b, c]   accumulates (+=)
+//   Lane l sums blocks l, l + lanes, ... in order, then the lanes meet in a fixed tree: the same
+//   inputs give the same bits.
+
+struct Params {
+    n: u32,              // rows N
+    c: u32,              // channels C
+    rows_per_block: u32, // backward: rows per workgroup, at most MAX_ROWS
+    blocks: u32,         // backward: P = ceil(N / rows_per_block)
+    accumulate: u32,     // backward: 0 overwrites dinp, 1 adds to it
+    eps: f32,
+}
+
+// Threads per workgroup: a power of two, at most MAX_WG.
+override WG: u32 = 256u;
+// Threads per row in the row reductions: a power of two, at most WG.
+override TPR: u32 = 32u;
+// layernorm_backward_params: channels per workgroup; WG / COLS must be a power of two.
+override COLS: u32 = 32u;
+
+const MAX_WG: u32 = 256u;
+const MAX_ROWS: u32 = 256u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+var<workgroup> red: array<vec2<f32>, MAX_WG>;
+// Forward: per thread, then per row group, (count, mean, M2 = Σ (x - mean)²).
+var<workgroup> moments: array<vec3<f32>, MAX_WG>;
+// Per row of a backward block: (mean, rstd, mean_c(dnorm), mean_c(dnorm · xhat)).
+var<workgroup> row_stats: array<vec4<f32>, MAX_ROWS>;
+
+// The sum of `v` over the TPR threads of this thread's row group, returned to each of them.
+// Must be reached by every thread of the workgroup.
+fn row_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    let lane = lid % TPR;
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = TPR / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = red[lid - lane];
+    // Everyone has read its total before red is written again.
+    workgroupBarrier();
+    return total;
+}
+
+// Chan et al.'s merge of the (count, mean, M2) of two disjoint sets into that of their union.
+fn merge(a: vec3<f32>, b: vec3<f32>) -> vec3<f32> {
+    if (b.x == 0.0) {
+        return a;
+    }
+    if (a.x == 0.0) {
+        return b;
+    }
+    let n = a.x + b.x;
+    let d = b.y - a.y;
+    let fb = b.x / n;
+    return vec3(n, a.y + d * fb, a.z + b.z + d * d * a.x * fb);
+}
+
+// The (count, mean, M2) of this thread's row, from each thread's own, to every thread of the row
+// group. Must be reached by every thread of the workgroup; moments is not reused afterwards.
+fn row_moments(lid: u32, v: vec3<f32>) -> vec3<f32> {
+    let lane = lid % TPR;
+    moments[lid] = v;
+    workgroupBarrier();
+    for (var s = TPR / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            moments[lid] = merge(moments[lid], moments[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    return moments[lid - lane];
+}
+
+// Bindings for layernorm_forward: 1 = inp, 2 = weight, 3 = bias (read);
+// 4 = out, 5 = mean, 6 = rstd (read_write).
+@group(0) @binding(1) var<storage, read> fw_inp: array<f32>;
+@group(0) @binding(2) var<storage, read> fw_weight: array<f32>;
+@group(0) @binding(3) var<storage, read> fw_bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> fw_out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> fw_mean: array<f32>;
+@group(0) @binding(6) var<storage, read_write> fw_rstd: array<f32>;
+
+@compute @workgroup_size(WG)
+fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>) {
+    // No early return: every thread takes part in the reductions, rows past N compute nothing.
+    let row = (wid.x + wid.y * nwg.x) * (WG / TPR) + lid.x / TPR;
+    let lane = lid.x % TPR;
+    let in_range = row < p.n;
+    let base = row * p.c;
+
+    // This thread's channels lane, lane + TPR, ...: their count, mean and M2.
+    var own = vec3(0.0);
+    if (in_range && lane < p.c) {
+        let count = f32((p.c - 1u - lane) / TPR + 1u);
+        var sum = 0.0;
+        for (var i = lane; i < p.c; i += TPR) {
+            sum += fw_inp[base + i];
+        }
+        let own_mean = sum / count;
+        var m2 = 0.0;
+        for (var i = lane; i < p.c; i += TPR) {
+            let d = fw_inp[base + i] - own_mean;
+            m2 += d * d;
+        }
+        own = vec3(count, own_mean, m2);
+    }
+    let total = row_moments(lid.x, own);
+    let m = total.y;
+    let s = 1.0 / sqrt(total.z / f32(p.c) + p.eps);
+
+    if (in_range) {
+        for (var i = lane; i < p.c; i += TPR) {
+            fw_out[base + i] = (fw_inp[base + i] - m) * s * fw_weight[i] + fw_bias[i];
+        }
+        if (lane == 0u) {
+            fw_mean[row] = m;
+            fw_rstd[row] = s;
+        }
+    }
+}
+
+// Bindings for layernorm_backward_rows: 1 = dout, 2 = inp, 3 = weight, 4 = mean, 5 = rstd (read);
+// 6 = dinp, 7 = partials (read_write).
+@group(0) @binding(1) var<storage, read> bw_dout: array<f32>;
+@group(0) @binding(2) var<storage, read> bw_inp: array<f32>;
+@group(0) @binding(3) var<storage, read> bw_weight: array<f32>;
+@group(0) @binding(4) var<storage, read> bw_mean: array<f32>;
+@group(0) @binding(5) var<storage, read> bw_rstd: array<f32>;
+@group(0) @binding(6) var<storage, read_write> bw_dinp: array<f32>;
+@group(0) @binding(7) var<storage, read_write> bw_partials: array<f32>;
+
+@compute @workgroup_size(WG)
+fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
+                           @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_id) lid: vec3<u32>) {
+    let blk = wid.x + wid.y * nwg.x;
+    if (blk >= p.blocks) {
+        return; // the whole workgroup: past the last block of a folded grid
+    }
+    let row0 = blk * p.rows_per_block;
+    let rows = min(p.rows_per_block, p.n - row0);
+    let inv_c = 1.0 / f32(p.c);
+
+    // The two row means of every row of the block, WG / TPR rows at a time.
+    let lane = lid.x % TPR;
+    for (var r0 = 0u; r0 < rows; r0 += WG / TPR) {
+        let r = r0 + lid.x / TPR;
+        var m = 0.0;
+        var s = 0.0;
+        var acc = vec2(0.0);
+        if (r < rows) {
+            let row = row0 + r;
+            let base = row * p.c;
+            m = bw_mean[row];
+            s = bw_rstd[row];
+            for (var i = lane; i < p.c; i += TPR) {
+                let dnorm = bw_weight[i] * bw_dout[base + i];
+                let xhat = (bw_inp[base + i] - m) * s;
+                acc += vec2(dnorm, dnorm * xhat);
+            }
+        }
+        let means = row_sum(lid.x, acc) * inv_c;
+        if (r < rows && lane == 0u) {
+            row_stats[r] = vec4(m, s, means.x, means.y);
+        }
+    }
+    workgroupBarrier();
+
+    // Each thread owns channels lid, lid + WG, ...: dinp down the block, and the column partials.
+    for (var i = lid.x; i < p.c; i += WG) {
+        let w = bw_weight[i];
+        var dw = 0.0;
+        var db = 0.0;
+        for (var r = 0u; r < rows; r++) {
+            let st = row_stats[r];
+            let idx = (row0 + r) * p.c + i;
+            let g = bw_dout[idx];
+            let xhat = (bw_inp[idx] - st.x) * st.y;
+            dw += g * xhat;
+            db += g;
+            var d = st.y * (w * g - st.z - xhat * st.w);
+            if (p.accumulate != 0u) {
+                d += bw_dinp[idx];
+            }
+            bw_dinp[idx] = d;
+        }
+        bw_partials[blk * p.c + i] = dw;
+        bw_partials[(p.blocks + blk) * p.c + i] = db;
+    }
+}
+
+// Bindings for layernorm_backward_params: 1 = partials (read); 2 = dweight, 3 = dbias (read_write).
+@group(0) @binding(1) var<storage, read> pr_partials: array<f32>;
+@group(0) @binding(2) var<storage, read_write> pr_dweight: array<f32>;
+@group(0) @binding(3) var<storage, read_write> pr_dbias: array<f32>;
+
+@compute @workgroup_size(WG)
+fn layernorm_backward_params(@builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>,
+                             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let lanes = WG / COLS;
+    let col = lid.x % COLS;
+    let lane = lid.x / COLS;
+    let ch = (wid.x + wid.y * nwg.x) * COLS + col;
+    var acc = vec2(0.0);
+    if (ch < p.c) {
+        for (var b = lane; b < p.blocks; b += lanes) {
+            acc += vec2(pr_partials[b * p.c + ch], pr_partials[(p.blocks + b) * p.c + ch]);
+        }
+    }
+    red[lid.x] = acc;
+    workgroupBarrier();
+    for (var s = lanes / 2u; s > 0u; s = s / 2u) {
+        if (lane < s) {
+            red[lid.x] += red[lid.x + s * COLS];
+        }
+        workgroupBarrier();
+    }
+    if (lane == 0u && ch < p.c) {
+        let total = red[col];
+        pr_dweight[ch] += total.x;
+        pr_dbias[ch] += total.y;
+    }
+}

@@ -1,23 +1,267 @@
-//! dropout.wgsl launchers: to be written.
+//! dropout.wgsl launchers: inverted dropout with a counter-based mask.
+//!
+//! Element i is kept iff `hash(seed, step, i) >= threshold(p)` and kept values are scaled by
+//! 1 / (1 - p); nothing is stored, the backward regenerates the mask from (seed, step, i).
+//! p = 0 is the identity; p must be in [0, 1).
+//! out (N) = keep(i) ? inp (N) / (1 - p) : 0; overwrites out.
+//! dinp (N) = keep(i) ? dout (N) / (1 - p) : 0; overwritten, or added to (`+=`) when `accumulate`.
 
-use super::harness::{BenchOptions, BenchReport, CheckReport, Family};
+use std::mem::offset_of;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
+use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::reference;
+use crate::rng::Rng;
+
+use Binding::{Read, ReadWrite};
+
+const WG: u32 = 256;
+
+pub const FORWARD: KernelSpec = KernelSpec {
+    shader: Shader::Dropout,
+    entry: "dropout_forward",
+    bindings: &[Read, ReadWrite],
+};
+pub const BACKWARD: KernelSpec = KernelSpec {
+    shader: Shader::Dropout,
+    entry: "dropout_backward",
+    bindings: &[Read, ReadWrite],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    seed: u32,
+    step: u32,
+    n: u32,
+    threshold: u32,
+    scale: f32,
+    accumulate: u32,
+}
+
+/// PCG-RXS-M-XS output permutation of one LCG step: a bijective 32-bit hash (the shader's `pcg`).
+fn pcg(v: u32) -> u32 {
+    let state = v.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+    let word = ((state >> ((state >> 28) + 4)) ^ state).wrapping_mul(277_803_737);
+    (word >> 22) ^ word
+}
+
+/// The mask's hash of element `i` at (`seed`, `step`), bit for bit the shader's.
+pub fn hash(seed: u32, step: u32, i: u32) -> u32 {
+    let key = pcg(seed ^ pcg(step));
+    pcg(key ^ pcg(i))
+}
+
+/// Elements whose hash is below this are dropped: round-down of p · 2³², 0 for p = 0.
+pub fn threshold(p: f32) -> u32 {
+    (p as f64 * 4_294_967_296.0).clamp(0.0, u32::MAX as f64) as u32
+}
+
+/// The factor kept values are scaled by, 1 / (1 - p), rounded once to f32.
+pub fn scale(p: f32) -> f32 {
+    (1.0 / (1.0 - p as f64)) as f32
+}
+
+/// Whether element `i` is kept at (`seed`, `step`) with drop probability `p` in [0, 1): the CPU
+/// twin of the shader's mask.
+pub fn keep(seed: u32, step: u32, i: u32, p: f32) -> bool {
+    hash(seed, step, i) >= threshold(p)
+}
+
+fn check_p(kernel: &str, p: f32) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(
+            kernel,
+            format!("dropout probability p = {p} must be in [0, 1)"),
+        ));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    gpu: &Gpu,
+    spec: &KernelSpec,
+    src: &View,
+    dst: &View,
+    n: usize,
+    p: f32,
+    seed: u32,
+    step: u32,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    let name = spec.name();
+    expect_dims(&name, &[("N", n)])?;
+    check_p(&name, p)?;
+    expect(&name, src, DType::F32, n)?;
+    expect(&name, dst, DType::F32, n)?;
+    let params = Params {
+        seed,
+        step,
+        n: n as u32,
+        threshold: threshold(p),
+        scale: scale(p),
+        accumulate: accumulate as u32,
+    };
+    let cost = Cost {
+        flops: n as u64,
+        bytes: (8 + 4 * accumulate as u64) * n as u64,
+    };
+    let wg = grid(
+        (n as u32).div_ceil(WG),
+        gpu.limits.max_compute_workgroups_per_dimension,
+    );
+    gpu.dispatch(
+        spec,
+        &[("WG", WG as f64)],
+        bytes_of(&params),
+        &[src, dst],
+        wg,
+        cost,
+    )
+}
+
+/// out (N) = keep(seed, step, i, p) ? inp (N) / (1 - p) : 0. Overwrites `out`.
+pub fn forward(
+    gpu: &Gpu,
+    out: &View,
+    inp: &View,
+    n: usize,
+    p: f32,
+    seed: u32,
+    step: u32,
+) -> Result<Dispatch> {
+    launch(gpu, &FORWARD, inp, out, n, p, seed, step, false)
+}
+
+/// dinp (N) = keep(seed, step, i, p) ? dout (N) / (1 - p) : 0, the forward's mask for the same
+/// (seed, step). Overwrites `dinp`, or adds to it (`+=`) when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    gpu: &Gpu,
+    dinp: &View,
+    dout: &View,
+    n: usize,
+    p: f32,
+    seed: u32,
+    step: u32,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    launch(gpu, &BACKWARD, dout, dinp, n, p, seed, step, accumulate)
+}
+
+/// Rewrites the seed and step counter of a dropout forward or backward dispatch between training
+/// steps, without rebuilding it (queued; takes effect at the next submission).
+pub fn set_step(gpu: &Gpu, dispatch: &Dispatch, seed: u32, step: u32) {
+    debug_assert!(
+        dispatch.name == FORWARD.name() || dispatch.name == BACKWARD.name(),
+        "set_step on {}, not a dropout dispatch",
+        dispatch.name
+    );
+    const _: () = assert!(offset_of!(Params, step) == offset_of!(Params, seed) + 4);
+    gpu.queue.write_buffer(
+        &dispatch.params,
+        offset_of!(Params, seed) as u64,
+        bytemuck::cast_slice(&[seed, step]),
+    );
+}
 
 pub const FAMILY: Family = Family {
     name: "dropout",
-    about: "not yet written",
+    about: "inverted dropout, counter-based mask: forward out; backward dinp (= or +=)",
     shape_help: "N",
-    default_shapes: &[],
-    bench_shape: &[1],
+    default_shapes: &[&[1], &[3], &[45], &[65], &[127], &[129], &[1000], &[65537]],
+    bench_shape: &[4096 * 3072],
     check,
     bench,
 };
 
-fn check(_gpu: &Gpu, _shape: &[usize]) -> Result<Vec<CheckReport>> {
-    Err(Error::invalid("dropout", "not yet written"))
+fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
+    let [n] = harness::dims::<1>("dropout", shape)?;
+    let mut rng = Rng::new(n as u64);
+    let inp = rng.vec_normal(n, 1.0);
+    let dout = rng.vec_uniform(n, -1.0, 1.0);
+    let dinp0 = rng.vec_uniform(n, -1.0, 1.0);
+    let (seed, step) = (0x5eed_u32.wrapping_add(n as u32), 3 + n as u32);
+    let s = format!("N={n}");
+    let mut reports = Vec::new();
+    for p in [0.0, 0.1, 0.5, 0.9] {
+        let g_inp = gpu.upload_f32("inp", &inp)?;
+        let g_out = gpu.zeros("out", DType::F32, n)?;
+        let g_dout = gpu.upload_f32("dout", &dout)?;
+        let g_dinp_over = gpu.upload_f32("dinp", &dinp0)?;
+        let g_dinp_acc = gpu.upload_f32("dinp", &dinp0)?;
+        gpu.run(&[
+            forward(gpu, &g_out, &g_inp, n, p, seed, step)?,
+            backward(gpu, &g_dinp_over, &g_dout, n, p, seed, step, false)?,
+            backward(gpu, &g_dinp_acc, &g_dout, n, p, seed, step, true)?,
+        ])?;
+        let mut out = vec![0.0f32; n];
+        reference::dropout::forward(&mut out, &inp, p, seed, step);
+        let mut dinp_over = vec![0.0f32; n];
+        reference::dropout::backward(&mut dinp_over, &dout, p, seed, step);
+        let mut dinp_acc = dinp0.clone();
+        reference::dropout::backward(&mut dinp_acc, &dout, p, seed, step);
+        // Same mask, same f32 products: bit-exact.
+        reports.push(CheckReport::new(
+            &s,
+            &format!("forward out p={p}"),
+            &gpu.read_f32(&g_out)?,
+            &out,
+            0.0,
+            0.0,
+        ));
+        reports.push(CheckReport::new(
+            &s,
+            &format!("backward dinp p={p}"),
+            &gpu.read_f32(&g_dinp_over)?,
+            &dinp_over,
+            0.0,
+            0.0,
+        ));
+        reports.push(CheckReport::new(
+            &s,
+            &format!("backward dinp += p={p}"),
+            &gpu.read_f32(&g_dinp_acc)?,
+            &dinp_acc,
+            0.0,
+            0.0,
+        ));
+    }
+    Ok(reports)
 }
 
-fn bench(_gpu: &Gpu, _shape: &[usize], _opts: &BenchOptions) -> Result<Vec<BenchReport>> {
-    Err(Error::invalid("dropout", "not yet written"))
+fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
+    let [n] = harness::dims::<1>("dropout", shape)?;
+    let inp = gpu.upload_f32("inp", &Rng::new(1).vec_normal(n, 1.0))?;
+    let out = gpu.zeros("out", DType::F32, n)?;
+    let dinp = gpu.zeros("dinp", DType::F32, n)?;
+    let s = format!("N={n} p=0.1");
+    Ok(vec![
+        harness::bench_one(
+            gpu,
+            opts,
+            "forward",
+            &s,
+            &[forward(gpu, &out, &inp, n, 0.1, 1, 0)?],
+        )?,
+        harness::bench_one(
+            gpu,
+            opts,
+            "backward",
+            &s,
+            &[backward(gpu, &dinp, &out, n, 0.1, 1, 0, false)?],
+        )?,
+        harness::bench_one(
+            gpu,
+            opts,
+            "backward +=",
+            &s,
+            &[backward(gpu, &dinp, &out, n, 0.1, 1, 0, true)?],
+        )?,
+    ])
 }

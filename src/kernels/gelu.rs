@@ -1,23 +1,194 @@
-//! gelu.wgsl launchers: to be written.
+//! gelu.wgsl launchers: GELU, GPT-2's tanh approximation (gelu_new), and its backward.
+//!
+//! out (N) = 0.5 · x · (1 + tanh(sqrt(2/π) · (x + 0.044715 · x³))), x = inp (N); overwrites out.
+//! dinp (N) = dout (N) · gelu'(inp), the exact derivative of the tanh form; overwritten, or added
+//! to (`+=`) when `accumulate`.
 
-use super::harness::{BenchOptions, BenchReport, CheckReport, Family};
-use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use bytemuck::{Pod, Zeroable};
+
+use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
+use super::{bytes_of, expect, expect_dims};
+use crate::error::Result;
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::reference;
+use crate::rng::Rng;
+
+use Binding::{Read, ReadWrite};
+
+const WG: u32 = 256;
+
+pub const FORWARD: KernelSpec = KernelSpec {
+    shader: Shader::Gelu,
+    entry: "gelu_forward",
+    bindings: &[Read, ReadWrite],
+};
+pub const BACKWARD: KernelSpec = KernelSpec {
+    shader: Shader::Gelu,
+    entry: "gelu_backward",
+    bindings: &[Read, Read, ReadWrite],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    n: u32,
+    accumulate: u32,
+}
+
+fn launch(
+    gpu: &Gpu,
+    spec: &KernelSpec,
+    params: Params,
+    args: &[&View],
+    cost: Cost,
+) -> Result<Dispatch> {
+    let name = spec.name();
+    let n = params.n as usize;
+    for a in args {
+        expect(&name, a, DType::F32, n)?;
+    }
+    let wg = grid(
+        params.n.div_ceil(WG),
+        gpu.limits.max_compute_workgroups_per_dimension,
+    );
+    gpu.dispatch(
+        spec,
+        &[("WG", WG as f64)],
+        bytes_of(&params),
+        args,
+        wg,
+        cost,
+    )
+}
+
+/// out (N) = gelu(inp (N)). Overwrites `out`.
+pub fn forward(gpu: &Gpu, out: &View, inp: &View, n: usize) -> Result<Dispatch> {
+    expect_dims(&FORWARD.name(), &[("N", n)])?;
+    let cost = Cost {
+        flops: 14 * n as u64,
+        bytes: 8 * n as u64,
+    };
+    let params = Params {
+        n: n as u32,
+        accumulate: 0,
+    };
+    launch(gpu, &FORWARD, params, &[inp, out], cost)
+}
+
+/// dinp (N) = dout (N) · gelu'(inp (N)); overwrites `dinp`, or adds to it (`+=`) when
+/// `accumulate`.
+pub fn backward(
+    gpu: &Gpu,
+    dinp: &View,
+    inp: &View,
+    dout: &View,
+    n: usize,
+    accumulate: bool,
+) -> Result<Dispatch> {
+    expect_dims(&BACKWARD.name(), &[("N", n)])?;
+    let cost = Cost {
+        flops: 22 * n as u64,
+        bytes: (12 + 4 * accumulate as u64) * n as u64,
+    };
+    let params = Params {
+        n: n as u32,
+        accumulate: accumulate as u32,
+    };
+    launch(gpu, &BACKWARD, params, &[inp, dout, dinp], cost)
+}
 
 pub const FAMILY: Family = Family {
     name: "gelu",
-    about: "not yet written",
+    about: "GELU, tanh approximation: forward out; backward dinp (= or +=)",
     shape_help: "N",
-    default_shapes: &[],
-    bench_shape: &[1],
+    default_shapes: &[&[1], &[3], &[45], &[65], &[127], &[129], &[1000], &[65537]],
+    bench_shape: &[4096 * 3072],
     check,
     bench,
 };
 
-fn check(_gpu: &Gpu, _shape: &[usize]) -> Result<Vec<CheckReport>> {
-    Err(Error::invalid("gelu", "not yet written"))
+/// Inputs for the check: mostly N(0, 2²), with the far tails and zero at the front.
+fn inputs(rng: &mut Rng, n: usize) -> Vec<f32> {
+    const TAILS: [f32; 10] = [0.0, -1e4, 1e4, -40.0, 40.0, -9.0, 9.0, -5.5, 5.5, -0.75];
+    let mut x = rng.vec_normal(n, 2.0);
+    for (v, t) in x.iter_mut().zip(TAILS) {
+        *v = t;
+    }
+    x
 }
 
-fn bench(_gpu: &Gpu, _shape: &[usize], _opts: &BenchOptions) -> Result<Vec<BenchReport>> {
-    Err(Error::invalid("gelu", "not yet written"))
+fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
+    let [n] = harness::dims::<1>("gelu", shape)?;
+    let mut rng = Rng::new(n as u64);
+    let inp = inputs(&mut rng, n);
+    let dout = rng.vec_uniform(n, -1.0, 1.0);
+    let dinp0 = rng.vec_uniform(n, -1.0, 1.0);
+
+    let g_inp = gpu.upload_f32("inp", &inp)?;
+    let g_out = gpu.zeros("out", DType::F32, n)?;
+    let g_dout = gpu.upload_f32("dout", &dout)?;
+    // Starts as garbage when overwritten and as dinp0 when accumulated into.
+    let g_dinp_over = gpu.upload_f32("dinp", &dinp0)?;
+    let g_dinp_acc = gpu.upload_f32("dinp", &dinp0)?;
+    gpu.run(&[
+        forward(gpu, &g_out, &g_inp, n)?,
+        backward(gpu, &g_dinp_over, &g_inp, &g_dout, n, false)?,
+        backward(gpu, &g_dinp_acc, &g_inp, &g_dout, n, true)?,
+    ])?;
+
+    // The reference in f64, so that the tolerances measure the GPU's rounding alone.
+    let f = reference::convert::<f32, f64>;
+    let (inp, dout) = (f(&inp), f(&dout));
+    let mut out = vec![0.0; n];
+    reference::gelu::forward(&mut out, &inp);
+    let mut dinp_over = vec![0.0; n];
+    reference::gelu::backward(&mut dinp_over, &inp, &dout);
+    let mut dinp_acc = f(&dinp0);
+    reference::gelu::backward(&mut dinp_acc, &inp, &dout);
+
+    let s = format!("N={n}");
+    Ok(vec![
+        CheckReport::new(&s, "forward out", &gpu.read_f32(&g_out)?, &out, 5e-7, 5e-6),
+        CheckReport::new(
+            &s,
+            "backward dinp",
+            &gpu.read_f32(&g_dinp_over)?,
+            &dinp_over,
+            5e-7,
+            5e-6,
+        ),
+        CheckReport::new(
+            &s,
+            "backward dinp +=",
+            &gpu.read_f32(&g_dinp_acc)?,
+            &dinp_acc,
+            5e-7,
+            5e-6,
+        ),
+    ])
+}
+
+fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
+    let [n] = harness::dims::<1>("gelu", shape)?;
+    let inp = gpu.upload_f32("inp", &Rng::new(1).vec_normal(n, 2.0))?;
+    let out = gpu.zeros("out", DType::F32, n)?;
+    let dinp = gpu.zeros("dinp", DType::F32, n)?;
+    let s = format!("N={n}");
+    Ok(vec![
+        harness::bench_one(gpu, opts, "forward", &s, &[forward(gpu, &out, &inp, n)?])?,
+        harness::bench_one(
+            gpu,
+            opts,
+            "backward",
+            &s,
+            &[backward(gpu, &dinp, &inp, &out, n, false)?],
+        )?,
+        harness::bench_one(
+            gpu,
+            opts,
+            "backward +=",
+            &s,
+            &[backward(gpu, &dinp, &inp, &out, n, true)?],
+        )?,
+    ])
 }

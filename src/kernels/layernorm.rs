@@ -1,23 +1,404 @@
-//! layernorm.wgsl launchers: to be written.
+//! layernorm.wgsl launchers: LayerNorm over the channels of each row, forward and backward.
+//!
+//! inp, out, dout, dinp (N, C); weight, bias, dweight, dbias (C); mean, rstd (N).
+//! The forward overwrites out, mean and rstd. The backward overwrites dinp or adds to it
+//! (`accumulate_dinp`), and always accumulates (`+=`) into dweight and dbias. It sums dweight and
+//! dbias over rows in a fixed order (per-block partials in a private scratch buffer, then a
+//! fixed tree), so the same inputs give the same bits.
 
-use super::harness::{BenchOptions, BenchReport, CheckReport, Family};
+use bytemuck::{Pod, Zeroable};
+
+use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
+use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::reference;
+use crate::rng::Rng;
+
+use Binding::{Read, ReadWrite};
+
+/// The epsilon added to the variance.
+pub const EPS: f32 = reference::layernorm::EPS as f32;
+
+/// Most rows one backward workgroup handles (the shader's MAX_ROWS).
+const MAX_ROWS: usize = 256;
+/// Backward blocks to aim for: enough workgroups to fill a big GPU, few enough partials that
+/// their scratch and final reduction stay small next to the (N, C) tensors.
+const TARGET_BLOCKS: usize = 512;
+/// Fewest rows per backward block, so the partials are at most 1/4 of the size of dout.
+const MIN_ROWS: usize = 8;
+/// Channels per workgroup of the final dweight/dbias reduction.
+const PARAMS_COLS: u32 = 32;
+
+pub const FORWARD: KernelSpec = KernelSpec {
+    shader: Shader::LayerNorm,
+    entry: "layernorm_forward",
+    bindings: &[Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
+};
+pub const BACKWARD_ROWS: KernelSpec = KernelSpec {
+    shader: Shader::LayerNorm,
+    entry: "layernorm_backward_rows",
+    bindings: &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+};
+pub const BACKWARD_PARAMS: KernelSpec = KernelSpec {
+    shader: Shader::LayerNorm,
+    entry: "layernorm_backward_params",
+    bindings: &[Read, ReadWrite, ReadWrite],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    n: u32,
+    c: u32,
+    rows_per_block: u32,
+    blocks: u32,
+    accumulate: u32,
+    eps: f32,
+}
+
+/// Threads per workgroup of every layernorm kernel.
+const WG: u32 = 256;
+
+/// Threads per row in the row reductions: a power of two giving each thread about
+/// `CHANNELS_PER_THREAD` channels, from 1 to WG.
+fn threads_per_row(c: usize) -> u32 {
+    const CHANNELS_PER_THREAD: usize = 32;
+    c.div_ceil(CHANNELS_PER_THREAD)
+        .next_power_of_two()
+        .min(WG as usize) as u32
+}
+
+/// (rows per block, blocks) of the backward for N rows.
+fn blocking(n: usize) -> (usize, usize) {
+    let rows = n.div_ceil(TARGET_BLOCKS).clamp(MIN_ROWS, MAX_ROWS);
+    (rows, n.div_ceil(rows))
+}
+
+fn check_shapes(
+    kernel: &str,
+    n: usize,
+    c: usize,
+    nc: &[&View],
+    per_c: &[&View],
+    per_n: &[&View],
+) -> Result<()> {
+    expect_dims(kernel, &[("N", n), ("C", c)])?;
+    let Some(len) = n.checked_mul(c).filter(|&l| l <= u32::MAX as usize) else {
+        return Err(Error::invalid(
+            kernel,
+            format!("N·C = {n}·{c} does not fit in 32 bits"),
+        ));
+    };
+    for v in nc {
+        expect(kernel, v, DType::F32, len)?;
+    }
+    for v in per_c {
+        expect(kernel, v, DType::F32, c)?;
+    }
+    for v in per_n {
+        expect(kernel, v, DType::F32, n)?;
+    }
+    Ok(())
+}
+
+/// out (N, C), mean (N), rstd (N) from inp (N, C), weight (C), bias (C):
+/// out = (inp - mean) · rstd · weight + bias, rstd = 1 / sqrt(var + EPS), biased variance.
+/// Overwrites out, mean and rstd.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    gpu: &Gpu,
+    out: &View,
+    mean: &View,
+    rstd: &View,
+    inp: &View,
+    weight: &View,
+    bias: &View,
+    n: usize,
+    c: usize,
+) -> Result<Dispatch> {
+    let name = FORWARD.name();
+    check_shapes(&name, n, c, &[out, inp], &[weight, bias], &[mean, rstd])?;
+    let params = Params {
+        n: n as u32,
+        c: c as u32,
+        rows_per_block: 1,
+        blocks: n as u32,
+        accumulate: 0,
+        eps: EPS,
+    };
+    let (n64, c64) = (n as u64, c as u64);
+    let cost = Cost {
+        flops: 8 * n64 * c64,
+        bytes: 4 * (2 * n64 * c64 + 2 * c64 + 2 * n64),
+    };
+    let tpr = threads_per_row(c);
+    let wg = grid(
+        (n as u32).div_ceil(WG / tpr),
+        gpu.limits.max_compute_workgroups_per_dimension,
+    );
+    gpu.dispatch(
+        &FORWARD,
+        &[("WG", WG as f64), ("TPR", tpr as f64)],
+        bytes_of(&params),
+        &[inp, weight, bias, out, mean, rstd],
+        wg,
+        cost,
+    )
+}
+
+/// Backward of `forward`, given dout (N, C) and the forward's inp (N, C), weight (C), mean (N)
+/// and rstd (N):
+/// dinp (N, C) = rstd · (dnorm - mean_c(dnorm) - xhat · mean_c(dnorm · xhat)), xhat = (inp -
+/// mean) · rstd, dnorm = weight · dout; overwritten, or added to (`+=`) when `accumulate_dinp`.
+/// dweight (C) += Σ_rows dout · xhat; dbias (C) += Σ_rows dout (always accumulate).
+/// Two dispatches: rows (dinp and per-block partials into a private scratch buffer of 2·P·C
+/// floats, P ≤ max(512, N/256) blocks), then a fixed-order reduction of the partials.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    gpu: &Gpu,
+    dinp: &View,
+    dweight: &View,
+    dbias: &View,
+    dout: &View,
+    inp: &View,
+    weight: &View,
+    mean: &View,
+    rstd: &View,
+    n: usize,
+    c: usize,
+    accumulate_dinp: bool,
+) -> Result<Vec<Dispatch>> {
+    let name = BACKWARD_ROWS.name();
+    check_shapes(
+        &name,
+        n,
+        c,
+        &[dinp, dout, inp],
+        &[dweight, dbias, weight],
+        &[mean, rstd],
+    )?;
+    let (rows, blocks) = blocking(n);
+    let partials = gpu.zeros("layernorm.partials", DType::F32, 2 * blocks * c)?;
+    let params = Params {
+        n: n as u32,
+        c: c as u32,
+        rows_per_block: rows as u32,
+        blocks: blocks as u32,
+        accumulate: accumulate_dinp as u32,
+        eps: EPS,
+    };
+    let (n64, c64) = (n as u64, c as u64);
+    let max = gpu.limits.max_compute_workgroups_per_dimension;
+    let rows_dispatch = gpu.dispatch(
+        &BACKWARD_ROWS,
+        &[("WG", WG as f64), ("TPR", threads_per_row(c) as f64)],
+        bytes_of(&params),
+        &[dout, inp, weight, mean, rstd, dinp, &partials],
+        grid(blocks as u32, max),
+        Cost {
+            flops: 14 * n64 * c64,
+            bytes: 4 * ((3 + accumulate_dinp as u64) * n64 * c64 + c64 + 2 * n64),
+        },
+    )?;
+    let params_dispatch = gpu.dispatch(
+        &BACKWARD_PARAMS,
+        &[("WG", WG as f64), ("COLS", PARAMS_COLS as f64)],
+        bytes_of(&params),
+        &[&partials, dweight, dbias],
+        grid((c as u32).div_ceil(PARAMS_COLS), max),
+        Cost {
+            flops: 2 * blocks as u64 * c64,
+            bytes: 4 * 4 * c64,
+        },
+    )?;
+    Ok(vec![rows_dispatch, params_dispatch])
+}
 
 pub const FAMILY: Family = Family {
     name: "layernorm",
-    about: "not yet written",
-    shape_help: "N",
-    default_shapes: &[],
-    bench_shape: &[1],
+    about: "LayerNorm over C (eps 1e-5): forward out, mean, rstd; backward dinp, dweight +=, dbias +=",
+    shape_help: "NxC",
+    default_shapes: &[
+        &[1, 1],
+        &[3, 1],
+        &[1, 3],
+        &[3, 3],
+        &[65, 45],
+        &[129, 45],
+        &[1, 127],
+        &[65, 127],
+        &[3, 129],
+        &[129, 129],
+        &[1, 768],
+        &[3, 768],
+        &[65, 768],
+        &[129, 768],
+        &[4099, 3],
+        &[77, 1000],
+        &[67, 2053],
+        &[3, 4099],
+    ],
+    bench_shape: &[4096, 768],
     check,
     bench,
 };
 
-fn check(_gpu: &Gpu, _shape: &[usize]) -> Result<Vec<CheckReport>> {
-    Err(Error::invalid("layernorm", "not yet written"))
+fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
+    let [n, c] = harness::dims::<2>("layernorm", shape)?;
+    let mut rng = Rng::new((n * 7919 + c) as u64);
+    // Rows with offsets of 1 to 5 and values in offset ± 2, the first and last channel at the
+    // ends, so that a one-pass or uncentred variance would show while every row's rstd stays
+    // small (a near-constant row only measures the conditioning of f32 inputs).
+    let inp: Vec<f32> = (0..n * c)
+        .map(|i| {
+            let offset = 1.0 + ((i / c) % 5) as f32;
+            match i % c {
+                _ if c == 1 => offset + rng.range(-2.0, 2.0),
+                0 => offset - 2.0,
+                j if j == c - 1 => offset + 2.0,
+                _ => offset + rng.range(-2.0, 2.0),
+            }
+        })
+        .collect();
+    let weight = rng.vec_uniform(c, -1.5, 1.5);
+    let bias = rng.vec_uniform(c, -1.0, 1.0);
+    let dout = rng.vec_uniform(n * c, -1.0, 1.0);
+    let dinp0 = rng.vec_uniform(n * c, -1.0, 1.0);
+    let dweight0 = rng.vec_uniform(c, -1.0, 1.0);
+    let dbias0 = rng.vec_uniform(c, -1.0, 1.0);
+
+    let g_inp = gpu.upload_f32("inp", &inp)?;
+    let g_weight = gpu.upload_f32("weight", &weight)?;
+    let g_bias = gpu.upload_f32("bias", &bias)?;
+    let g_out = gpu.zeros("out", DType::F32, n * c)?;
+    let g_mean = gpu.zeros("mean", DType::F32, n)?;
+    let g_rstd = gpu.zeros("rstd", DType::F32, n)?;
+    let g_dout = gpu.upload_f32("dout", &dout)?;
+    // dinp starts as garbage when overwritten and as dinp0 when accumulated into.
+    let g_dinp_over = gpu.upload_f32("dinp", &dinp0)?;
+    let g_dinp_acc = gpu.upload_f32("dinp", &dinp0)?;
+    let g_dweight = gpu.upload_f32("dweight", &dweight0)?;
+    let g_dbias = gpu.upload_f32("dbias", &dbias0)?;
+
+    let mut dispatches = vec![forward(
+        gpu, &g_out, &g_mean, &g_rstd, &g_inp, &g_weight, &g_bias, n, c,
+    )?];
+    // The first backward overwrites dinp and adds to dweight/dbias; the second adds to all three.
+    for (dinp, acc) in [(&g_dinp_over, false), (&g_dinp_acc, true)] {
+        dispatches.extend(backward(
+            gpu, dinp, &g_dweight, &g_dbias, &g_dout, &g_inp, &g_weight, &g_mean, &g_rstd, n, c,
+            acc,
+        )?);
+    }
+    gpu.run(&dispatches)?;
+
+    // The reference in f64, so that the tolerances measure the GPU's rounding alone.
+    let f = reference::convert::<f32, f64>;
+    let (inp, weight, bias, dout) = (f(&inp), f(&weight), f(&bias), f(&dout));
+    let mut out = vec![0.0; n * c];
+    let mut mean = vec![0.0; n];
+    let mut rstd = vec![0.0; n];
+    reference::layernorm::forward(&mut out, &mut mean, &mut rstd, &inp, &weight, &bias, n, c);
+    let mut dinp_over = vec![0.0; n * c];
+    let mut dinp_acc = f(&dinp0);
+    let (mut dweight, mut dbias) = (f(&dweight0), f(&dbias0));
+    for dinp in [&mut dinp_over, &mut dinp_acc] {
+        reference::layernorm::backward(
+            dinp,
+            &mut dweight,
+            &mut dbias,
+            &dout,
+            &inp,
+            &weight,
+            &mean,
+            &rstd,
+            n,
+            c,
+        );
+    }
+
+    // Measured on lavapipe (f32 tree sums, sqrt and division) the errors are about 1e-6 for out,
+    // 3e-7 for dinp and 2e-6 · sqrt(rows) for dweight and dbias, sums over 2N rows; the
+    // tolerances leave room for GPUs whose sqrt and division are a few ulp off.
+    let sum_tol = 3e-6 * ((2 * n) as f64).sqrt();
+    let s = format!("N={n} C={c}");
+    let read = |v: &View| gpu.read_f32(v);
+    Ok(vec![
+        CheckReport::new(&s, "forward out", &read(&g_out)?, &out, 4e-6, 1e-6),
+        CheckReport::new(&s, "forward mean", &read(&g_mean)?, &mean, 1e-7, 1e-6),
+        CheckReport::new(&s, "forward rstd", &read(&g_rstd)?, &rstd, 0.0, 2e-6),
+        CheckReport::new(
+            &s,
+            "backward dinp",
+            &read(&g_dinp_over)?,
+            &dinp_over,
+            2e-6,
+            1e-6,
+        ),
+        CheckReport::new(
+            &s,
+            "backward dinp +=",
+            &read(&g_dinp_acc)?,
+            &dinp_acc,
+            2e-6,
+            1e-6,
+        ),
+        CheckReport::new(
+            &s,
+            "backward dweight +=",
+            &read(&g_dweight)?,
+            &dweight,
+            sum_tol,
+            1e-6,
+        ),
+        CheckReport::new(
+            &s,
+            "backward dbias +=",
+            &read(&g_dbias)?,
+            &dbias,
+            sum_tol,
+            1e-6,
+        ),
+    ])
 }
 
-fn bench(_gpu: &Gpu, _shape: &[usize], _opts: &BenchOptions) -> Result<Vec<BenchReport>> {
-    Err(Error::invalid("layernorm", "not yet written"))
+fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
+    let [n, c] = harness::dims::<2>("layernorm", shape)?;
+    let mut rng = Rng::new(1);
+    let inp = gpu.upload_f32("inp", &rng.vec_uniform(n * c, -1.0, 1.0))?;
+    let weight = gpu.upload_f32("weight", &rng.vec_uniform(c, -1.0, 1.0))?;
+    let bias = gpu.zeros("bias", DType::F32, c)?;
+    let out = gpu.zeros("out", DType::F32, n * c)?;
+    let mean = gpu.zeros("mean", DType::F32, n)?;
+    let rstd = gpu.zeros("rstd", DType::F32, n)?;
+    let dweight = gpu.zeros("dweight", DType::F32, c)?;
+    let dbias = gpu.zeros("dbias", DType::F32, c)?;
+    let fwd = forward(gpu, &out, &mean, &rstd, &inp, &weight, &bias, n, c)?;
+    gpu.run(std::slice::from_ref(&fwd))?;
+    let dinp = gpu.zeros("dinp", DType::F32, n * c)?;
+    let bwd = backward(
+        gpu, &dinp, &dweight, &dbias, &out, &inp, &weight, &mean, &rstd, n, c, false,
+    )?;
+    let (_, blocks) = blocking(n);
+    let s = format!("N={n} C={c}");
+    let mut reports = vec![harness::bench_one(gpu, opts, "forward", &s, &[fwd])?];
+    let mut b = harness::bench_one(gpu, opts, "backward (rows + params)", &s, &bwd)?;
+    b.extra_bytes = Some(4 * 2 * (blocks * c) as u64);
+    reports.push(b);
+    reports.push(harness::bench_one(
+        gpu,
+        opts,
+        "backward rows",
+        &s,
+        &bwd[..1],
+    )?);
+    reports.push(harness::bench_one(
+        gpu,
+        opts,
+        "backward params",
+        &s,
+        &bwd[1..],
+    )?);
+    Ok(reports)
 }

@@ -1,1 +1,165 @@
-//! dropout: to be written.
+use shaderformer::gpu::{DType, test_gpu};
+use shaderformer::kernels::dropout;
+use shaderformer::reference::{self, dot, numeric_grad};
+use shaderformer::rng::Rng;
+
+#[test]
+fn gpu_matches_reference() {
+    crate::check_family(&dropout::FAMILY);
+}
+
+#[test]
+fn reference_backward_matches_finite_differences() {
+    let n = 64;
+    let mut rng = Rng::new(4);
+    let inp: Vec<f64> = reference::convert(&rng.vec_normal(n, 1.0));
+    let w: Vec<f64> = reference::convert(&rng.vec_uniform(n, -1.0, 1.0));
+    for p in [0.0, 0.25, 0.5] {
+        let mut dinp = vec![0.0; n];
+        reference::dropout::backward(&mut dinp, &w, p, 11, 7);
+        let ndinp = numeric_grad(&inp, 1e-6, |x| {
+            let mut out = vec![0.0; n];
+            reference::dropout::forward(&mut out, x, p, 11, 7);
+            dot(&out, &w)
+        });
+        reference::compare("dinp", &dinp, &ndinp, 1e-8, 1e-6).assert();
+    }
+}
+
+#[test]
+fn p_zero_is_the_identity() {
+    let x: Vec<f32> = Rng::new(1).vec_normal(1000, 1.0);
+    let mut out = vec![0.0; x.len()];
+    reference::dropout::forward(&mut out, &x, 0.0, 3, 4);
+    assert_eq!(out, x);
+}
+
+/// GPU masks over 1e5 elements: the kept fraction is 1 - p within 5 standard deviations, equal
+/// to the CPU twin's count, and neighbouring elements are kept independently.
+#[test]
+fn kept_fraction_is_one_minus_p() {
+    let Some(gpu) = test_gpu() else { return };
+    let n = 100_000;
+    let ones = gpu.upload_f32("inp", &vec![1.0f32; n]).unwrap();
+    let out = gpu.zeros("out", DType::F32, n).unwrap();
+    for p in [0.1f32, 0.5, 0.9] {
+        gpu.run(&[dropout::forward(gpu, &out, &ones, n, p, 1234, 5).unwrap()])
+            .unwrap();
+        let kept: Vec<bool> = gpu
+            .read_f32(&out)
+            .unwrap()
+            .iter()
+            .map(|&v| v != 0.0)
+            .collect();
+        let count = kept.iter().filter(|&&k| k).count();
+        let cpu = (0..n as u32)
+            .filter(|&i| dropout::keep(1234, 5, i, p))
+            .count();
+        assert_eq!(count, cpu, "GPU and CPU masks disagree at p = {p}");
+        let q = 1.0 - p as f64;
+        let sigma = (q * (1.0 - q) / n as f64).sqrt();
+        let frac = count as f64 / n as f64;
+        assert!(
+            (frac - q).abs() < 5.0 * sigma,
+            "p = {p}: kept {frac}, expected {q} ± {}",
+            5.0 * sigma
+        );
+        let pairs = kept.windows(2).filter(|w| w[0] && w[1]).count() as f64 / (n - 1) as f64;
+        let sigma2 = (q * q * (1.0 - q * q) / n as f64).sqrt();
+        assert!(
+            (pairs - q * q).abs() < 6.0 * sigma2,
+            "p = {p}: neighbours kept together {pairs}, expected {}",
+            q * q
+        );
+    }
+}
+
+#[test]
+fn different_steps_and_seeds_give_different_masks() {
+    let n = 100_000u32;
+    let p = 0.5;
+    let mask = |seed, step| {
+        (0..n)
+            .map(|i| dropout::keep(seed, step, i, p))
+            .collect::<Vec<_>>()
+    };
+    let base = mask(1, 0);
+    for other in [mask(1, 1), mask(1, 2), mask(2, 0), mask(0, 1)] {
+        // Independent masks agree on about half the elements.
+        let same = base.iter().zip(&other).filter(|(a, b)| a == b).count() as f64 / n as f64;
+        assert!(
+            (same - 0.5).abs() < 0.01,
+            "masks agree on {same} of elements"
+        );
+    }
+    assert_eq!(
+        base,
+        mask(1, 0),
+        "the mask is a function of (seed, step, i)"
+    );
+}
+
+#[test]
+fn set_step_changes_the_mask_without_rebuilding() {
+    let Some(gpu) = test_gpu() else { return };
+    let n = 1000;
+    let inp: Vec<f32> = Rng::new(8).vec_normal(n, 1.0);
+    let g_inp = gpu.upload_f32("inp", &inp).unwrap();
+    let g_out = gpu.zeros("out", DType::F32, n).unwrap();
+    let d = dropout::forward(gpu, &g_out, &g_inp, n, 0.3, 10, 0).unwrap();
+    for (seed, step) in [(10, 0), (10, 1), (99, 1)] {
+        dropout::set_step(gpu, &d, seed, step);
+        gpu.run(std::slice::from_ref(&d)).unwrap();
+        let mut out = vec![0.0f32; n];
+        reference::dropout::forward(&mut out, &inp, 0.3, seed, step);
+        reference::compare("out", &gpu.read_f32(&g_out).unwrap(), &out, 0.0, 0.0).assert();
+    }
+}
+
+#[test]
+fn a_grid_of_more_workgroups_than_one_dimension_allows_folds() {
+    let Some(gpu) = test_gpu() else { return };
+    let n = gpu.limits.max_compute_workgroups_per_dimension as usize * 256 + 1;
+    let g_inp = gpu.upload_f32("inp", &vec![1.0f32; n]).unwrap();
+    let g_out = gpu.zeros("out", DType::F32, n).unwrap();
+    let d = dropout::forward(gpu, &g_out, &g_inp, n, 0.5, 2, 3).unwrap();
+    assert!(
+        d.workgroups[1] > 1,
+        "expected a folded grid, got {:?}",
+        d.workgroups
+    );
+    gpu.run(&[d]).unwrap();
+    let got = gpu.read_f32(&g_out).unwrap();
+    let scale = dropout::scale(0.5);
+    let bad = (0..n).find(|&i| {
+        got[i]
+            != if dropout::keep(2, 3, i as u32, 0.5) {
+                scale
+            } else {
+                0.0
+            }
+    });
+    assert_eq!(bad, None, "first mismatch");
+}
+
+#[test]
+fn bad_arguments_are_an_error() {
+    let Some(gpu) = test_gpu() else { return };
+    let inp = gpu.zeros("inp", DType::F32, 10).unwrap();
+    let out = gpu.zeros("out", DType::F32, 12).unwrap();
+    let err = dropout::forward(gpu, &out, &inp, 10, 0.1, 0, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor out") && err.contains("12"), "{err}");
+    let dout = gpu.zeros("dout", DType::F32, 10).unwrap();
+    let err = dropout::backward(gpu, &out, &dout, 10, 0.1, 0, 0, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor out"), "{err}");
+    for p in [1.0, -0.1, f32::NAN] {
+        let err = dropout::forward(gpu, &dout, &inp, 10, p, 0, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[0, 1)"), "{err}");
+    }
+}
