@@ -6,10 +6,12 @@
 pub mod error;
 pub mod gpu;
 pub mod graph;
+pub mod infer;
 pub mod io;
 pub mod kernels;
 pub mod model;
 pub mod reference;
 pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};

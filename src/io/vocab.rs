@@ -72,19 +72,16 @@ impl Vocab {
                 .chars()
                 .enumerate()
                 .map(|(i, ch)| {
-                    chars
-                        .binary_search(&ch)
-                        .map(|k| k as u32)
-                        .map_err(|_| {
-                            Error::invalid(
-                                source,
-                                format!(
-                                    "character {ch:?} at position {i} is not in the model's \
+                    chars.binary_search(&ch).map(|k| k as u32).map_err(|_| {
+                        Error::invalid(
+                            source,
+                            format!(
+                                "character {ch:?} at position {i} is not in the model's \
                                      {}-character vocabulary",
-                                    chars.len()
-                                ),
-                            )
-                        })
+                                chars.len()
+                            ),
+                        )
+                    })
                 })
                 .collect(),
             Vocab::Bpe(tok) => tok

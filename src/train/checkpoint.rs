@@ -142,7 +142,10 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
                 Some((shape, data)) if shape == spec.shape => Ok(data),
                 Some((shape, _)) => Err(Error::invalid(
                     opt_path.display().to_string(),
-                    format!("tensor {name} has shape {shape:?}, expected {:?}", spec.shape),
+                    format!(
+                        "tensor {name} has shape {shape:?}, expected {:?}",
+                        spec.shape
+                    ),
                 )),
                 None => Err(Error::invalid(
                     opt_path.display().to_string(),

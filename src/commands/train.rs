@@ -1,0 +1,302 @@
+//! `shaderformer train` and `shaderformer sample`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use shaderformer::error::{Error, Result};
+use shaderformer::infer::{Recompute, SampleOptions};
+use shaderformer::io::vocab::Vocab;
+use shaderformer::rng::Rng;
+use shaderformer::train::data::LoaderKind;
+use shaderformer::train::schedule::{LrSchedule, Schedule};
+use shaderformer::train::{self, TrainConfig, addition, checkpoint};
+
+use crate::GpuArgs;
+
+/// Flags follow nanoGPT's train.py. Without --data, trains on the embedded addition dataset with
+/// settings sized for it; model and schedule flags override either default.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training data: a UTF-8 text file, an llm.c token file, or a nanoGPT .bin (u16 tokens).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Checkpoint directory, written at eval points and at the end.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// Start from this GPT-2 checkpoint directory (ours or one saved by transformers).
+    #[arg(long, conflicts_with = "resume")]
+    init: Option<PathBuf>,
+    /// Continue this training checkpoint exactly where it stopped.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long)]
+    n_layer: Option<usize>,
+    #[arg(long)]
+    n_head: Option<usize>,
+    #[arg(long)]
+    n_embd: Option<usize>,
+    /// Context length of the model and of training sequences.
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Train without biases in linear layers and LayerNorms.
+    #[arg(long)]
+    no_bias: bool,
+    #[arg(long)]
+    dropout: Option<f32>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-steps per optimizer step.
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    max_iters: Option<u64>,
+    #[arg(long)]
+    lr: Option<f32>,
+    #[arg(long)]
+    min_lr: Option<f32>,
+    #[arg(long)]
+    warmup_iters: Option<u64>,
+    /// Step at which the cosine reaches min_lr (default: max_iters).
+    #[arg(long)]
+    lr_decay_iters: Option<u64>,
+    #[arg(long, value_enum)]
+    lr_schedule: Option<Schedule>,
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    #[arg(long)]
+    beta1: Option<f32>,
+    #[arg(long)]
+    beta2: Option<f32>,
+    #[arg(long)]
+    eps: Option<f32>,
+    /// Clip the global gradient norm to this (0 = off).
+    #[arg(long)]
+    grad_clip: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Evaluate and checkpoint every this many steps (0 = only at the end).
+    #[arg(long)]
+    eval_interval: Option<u64>,
+    #[arg(long)]
+    eval_iters: Option<usize>,
+    #[arg(long)]
+    log_interval: Option<u64>,
+    #[arg(long, value_enum)]
+    loader: Option<LoaderKind>,
+    /// Append JSON lines (step, loss, lr, grad_norm, ms, tokens_per_s; val_loss at evals).
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Debug: give every activation its own buffer (no memory reuse).
+    #[arg(long)]
+    no_reuse: bool,
+    /// Tokens to sample at the end (0 = none).
+    #[arg(long, default_value_t = 300)]
+    sample_tokens: usize,
+}
+
+/// The embedded addition dataset's settings: a small model that learns three-digit addition in a
+/// few minutes on a software Vulkan device.
+fn addition_defaults() -> TrainConfig {
+    let d = TrainConfig::default();
+    TrainConfig {
+        n_layer: 2,
+        n_head: 4,
+        n_embd: 64,
+        block_size: 32,
+        batch_size: 32,
+        max_iters: 1500,
+        schedule: LrSchedule {
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_iters: 50,
+            lr_decay_iters: 1500,
+            ..d.schedule
+        },
+        eval_interval: 500,
+        eval_iters: 10,
+        log_interval: 50,
+        ..d
+    }
+}
+
+impl TrainArgs {
+    pub fn config(&self) -> TrainConfig {
+        let d = if self.data.is_none() && self.init.is_none() && self.resume.is_none() {
+            addition_defaults()
+        } else {
+            TrainConfig::default()
+        };
+        let max_iters = self.max_iters.unwrap_or(d.max_iters);
+        TrainConfig {
+            data: self.data.clone(),
+            out: self.out.clone(),
+            init: self.init.clone(),
+            resume: self.resume.clone(),
+            n_layer: self.n_layer.unwrap_or(d.n_layer),
+            n_head: self.n_head.unwrap_or(d.n_head),
+            n_embd: self.n_embd.unwrap_or(d.n_embd),
+            block_size: self.block_size.unwrap_or(d.block_size),
+            bias: !self.no_bias,
+            dropout: self.dropout.unwrap_or(d.dropout),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
+            max_iters,
+            schedule: LrSchedule {
+                kind: self.lr_schedule.unwrap_or(d.schedule.kind),
+                lr: self.lr.unwrap_or(d.schedule.lr),
+                min_lr: self.min_lr.unwrap_or(d.schedule.min_lr),
+                warmup_iters: self.warmup_iters.unwrap_or(d.schedule.warmup_iters),
+                lr_decay_iters: self.lr_decay_iters.unwrap_or(max_iters),
+            },
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            beta1: self.beta1.unwrap_or(d.beta1),
+            beta2: self.beta2.unwrap_or(d.beta2),
+            eps: self.eps.unwrap_or(d.eps),
+            grad_clip: self.grad_clip.unwrap_or(d.grad_clip),
+            seed: self.seed.unwrap_or(d.seed),
+            eval_interval: self.eval_interval.unwrap_or(d.eval_interval),
+            eval_iters: self.eval_iters.unwrap_or(d.eval_iters),
+            log_interval: self.log_interval.unwrap_or(d.log_interval),
+            loader: self.loader.unwrap_or(d.loader),
+            metrics: self.metrics.clone(),
+            no_reuse: self.no_reuse,
+            verbose: true,
+        }
+    }
+}
+
+pub fn train(gpu: &GpuArgs, args: &TrainArgs) -> Result<ExitCode> {
+    let cfg = args.config();
+    let gpu = gpu.open()?;
+    let summary = train::train(&gpu, &cfg)?;
+    println!(
+        "trained {} steps in {:.1} s ({:.1} ms/step, {:.0} tokens/s){}",
+        summary.steps,
+        summary.seconds,
+        summary.ms_per_step,
+        summary.tokens_per_step as f64 / (summary.ms_per_step / 1e3).max(1e-9),
+        summary
+            .final_val_loss
+            .map_or(String::new(), |v| format!(", final val loss {v:.4}"))
+    );
+    if summary.interrupted {
+        return Ok(ExitCode::from(130));
+    }
+    if args.sample_tokens > 0 {
+        let ck = checkpoint::load(&cfg.out)?;
+        let vocab = ck.vocab.clone().unwrap_or(Vocab::Ids(ck.cfg.vocab_size));
+        let mut generator = Recompute::new(&gpu, &ck.cfg, &ck.params)?;
+        if cfg.data.is_none() && cfg.init.is_none() && cfg.resume.is_none() {
+            show_addition(&mut generator, &vocab)?;
+        } else if !matches!(vocab, Vocab::Ids(_)) {
+            println!("--- sample ---");
+            let prompt = vocab
+                .encode("\n", "sample prompt")
+                .unwrap_or_else(|_| vec![0]);
+            let opts = SampleOptions {
+                top_k: Some(200),
+                temperature: 0.8,
+                ..Default::default()
+            };
+            let mut rng = Rng::new(cfg.seed);
+            let mut out = std::io::stdout();
+            generator.generate(&prompt, args.sample_tokens, &opts, &mut rng, |id| {
+                let _ = write!(out, "{}", vocab.decode(&[id]));
+                let _ = out.flush();
+                Ok(())
+            })?;
+            println!();
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Greedy answers to held-out additions: a table of examples and the accuracy.
+fn show_addition(generator: &mut Recompute, vocab: &Vocab) -> Result<()> {
+    let problems = addition::test_problems(100, 7);
+    let greedy = SampleOptions {
+        greedy: true,
+        ..Default::default()
+    };
+    let mut rng = Rng::new(0);
+    let mut correct = 0;
+    println!("--- held-out additions (never in the training text), greedy answers ---");
+    for (k, &(a, b)) in problems.iter().enumerate() {
+        let prompt = vocab.encode(&addition::prompt(a, b), "prompt")?;
+        let out = generator.generate(&prompt, 4, &greedy, &mut rng, |_| Ok(()))?;
+        let text = vocab.decode(&out);
+        let answer = addition::parse_answer(&text);
+        let ok = answer == Some(a + b);
+        correct += ok as usize;
+        if k < 10 {
+            println!(
+                "{a:03} + {b:03} = {:>5}   (model wrote {text:?}, reversed){}",
+                answer.map_or("?".to_string(), |x| x.to_string()),
+                if ok { "" } else { "   wrong" }
+            );
+        }
+    }
+    println!(
+        "accuracy on {} held-out problems: {correct}%",
+        problems.len()
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// Checkpoint directory (ours or a Hugging Face GPT-2 directory).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Always take the most likely token.
+    #[arg(long)]
+    greedy: bool,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+}
+
+pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
+    let opts = SampleOptions {
+        greedy: args.greedy,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+    };
+    opts.validate()?;
+    let ck = checkpoint::load(&args.checkpoint)?;
+    let vocab = ck.vocab.clone().ok_or_else(|| {
+        Error::invalid(
+            args.checkpoint.display().to_string(),
+            "has no tokenizer.json or vocab.json to encode the prompt",
+        )
+    })?;
+    let prompt = vocab.encode(&args.prompt, "--prompt")?;
+    if prompt.is_empty() {
+        return Err(Error::invalid("--prompt", "encodes to no tokens"));
+    }
+    let gpu = gpu.open()?;
+    let mut generator = Recompute::new(&gpu, &ck.cfg, &ck.params)?;
+    let mut rng = Rng::new(args.seed);
+    let mut out = std::io::stdout();
+    print!("{}", args.prompt);
+    generator.generate(&prompt, args.max_new_tokens, &opts, &mut rng, |id| {
+        let _ = write!(out, "{}", vocab.decode(&[id]));
+        let _ = out.flush();
+        Ok(())
+    })?;
+    println!();
+    Ok(ExitCode::SUCCESS)
+}

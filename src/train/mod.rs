@@ -1,0 +1,550 @@
+//! Training: nanoGPT's loop on the GPU. Data, schedule, checkpoints, evaluation, metrics.
+
+pub mod addition;
+pub mod checkpoint;
+pub mod data;
+pub mod schedule;
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::graph::{ExecOptions, Executor, MicroBatch, ParamStore, StepResult};
+use crate::io::vocab::Vocab;
+use crate::kernels::adamw;
+use crate::model::gpt::{self, Mode};
+use crate::model::{GptConfig, ParamTable};
+use checkpoint::Checkpoint;
+use data::{Dataset, Loader, LoaderKind};
+use schedule::LrSchedule;
+
+/// Everything `shaderformer train` takes (nanoGPT's names).
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// Text or token file; `None` trains on the embedded addition dataset.
+    pub data: Option<PathBuf>,
+    pub out: PathBuf,
+    pub init: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub block_size: usize,
+    pub bias: bool,
+    pub dropout: f32,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_iters: u64,
+    pub schedule: LrSchedule,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub grad_clip: f32,
+    pub seed: u64,
+    pub eval_interval: u64,
+    pub eval_iters: usize,
+    pub log_interval: u64,
+    pub loader: LoaderKind,
+    pub metrics: Option<PathBuf>,
+    /// Debug: one buffer per activation instead of the planner's reuse.
+    pub no_reuse: bool,
+    /// Print progress (a bar on a terminal, log lines otherwise).
+    pub verbose: bool,
+}
+
+impl Default for TrainConfig {
+    /// nanoGPT's small CPU configuration for tiny shakespeare.
+    fn default() -> Self {
+        TrainConfig {
+            data: None,
+            out: PathBuf::from("out"),
+            init: None,
+            resume: None,
+            n_layer: 4,
+            n_head: 4,
+            n_embd: 128,
+            block_size: 64,
+            bias: true,
+            dropout: 0.0,
+            batch_size: 12,
+            grad_accum: 1,
+            max_iters: 2000,
+            schedule: LrSchedule {
+                kind: schedule::Schedule::Cosine,
+                lr: 1e-3,
+                min_lr: 1e-4,
+                warmup_iters: 100,
+                lr_decay_iters: 2000,
+            },
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 1337,
+            eval_interval: 250,
+            eval_iters: 20,
+            log_interval: 10,
+            loader: LoaderKind::Random,
+            metrics: None,
+            no_reuse: false,
+            verbose: true,
+        }
+    }
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_train_loss: Option<f32>,
+    pub final_val_loss: Option<f32>,
+    pub seconds: f64,
+    /// Mean over logged steps of ms per step, after the first.
+    pub ms_per_step: f64,
+    pub tokens_per_step: usize,
+    /// True when stopped early by Ctrl-C (a checkpoint was written).
+    pub interrupted: bool,
+    pub cfg: GptConfig,
+}
+
+static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
+static HANDLER: AtomicBool = AtomicBool::new(false);
+
+/// First Ctrl-C: finish the current step, write a checkpoint, stop. Second: exit at once (the
+/// checkpoint on disk is whole either way, since writes are atomic).
+fn install_interrupt_handler() {
+    if HANDLER.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTS.fetch_add(1, Ordering::SeqCst) >= 1 {
+            eprintln!("\ninterrupted again: exiting without waiting");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupted: stopping after this step and writing a checkpoint (Ctrl-C again to quit now)"
+        );
+    });
+}
+
+fn interrupted() -> bool {
+    INTERRUPTS.load(Ordering::SeqCst) > 0
+}
+
+/// The dataset named by `cfg.data`, or the embedded addition problems.
+pub fn load_data(cfg: &TrainConfig, vocab: Option<&Vocab>) -> Result<Dataset> {
+    match &cfg.data {
+        Some(path) => Dataset::load(path, vocab),
+        None => {
+            let text = addition::text(60_000, cfg.seed);
+            let mut d = Dataset::from_text("embedded addition dataset", &text, vocab)?;
+            d.description = format!(
+                "embedded addition dataset: 60000 problems like {}, {}-character vocabulary",
+                addition::line(123, 469),
+                d.vocab.size()
+            );
+            Ok(d)
+        }
+    }
+}
+
+/// State of a run, saved in `trainer_state.json`.
+fn state_json(cfg: &TrainConfig, step: u64, loader: &Loader, data_desc: &str) -> Value {
+    json!({
+        "step": step,
+        "loader": loader.state(),
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "block_size": cfg.block_size,
+        "grad_accum": cfg.grad_accum,
+        "data": data_desc,
+        "lr": cfg.schedule.lr,
+        "min_lr": cfg.schedule.min_lr,
+        "warmup_iters": cfg.schedule.warmup_iters,
+        "lr_decay_iters": cfg.schedule.lr_decay_iters,
+        "max_iters": cfg.max_iters,
+    })
+}
+
+/// Mean loss over `iters` batches drawn from `split` by a generator seeded the same way at every
+/// evaluation, so successive evaluations compare like with like and training data is untouched.
+fn evaluate(
+    exec: &mut Executor,
+    split: &[u32],
+    b: usize,
+    t: usize,
+    iters: usize,
+    seed: u64,
+) -> Result<f32> {
+    let mut loader = Loader::new(LoaderKind::Random, b, t, seed ^ 0xE7A1_0000);
+    let mut sum = 0.0f64;
+    for _ in 0..iters.max(1) {
+        sum += exec.forward_loss(&loader.next(split))? as f64;
+    }
+    Ok((sum / iters.max(1) as f64) as f32)
+}
+
+struct Metrics {
+    file: Option<std::fs::File>,
+}
+
+impl Metrics {
+    fn open(path: Option<&Path>, append: bool) -> Result<Metrics> {
+        let file = match path {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(append)
+                    .truncate(!append)
+                    .open(p)
+                    .map_err(|e| Error::io(p, e))?,
+            ),
+            None => None,
+        };
+        Ok(Metrics { file })
+    }
+
+    fn write(&mut self, v: Value) -> Result<()> {
+        if let Some(f) = &mut self.file {
+            writeln!(f, "{v}").map_err(|e| Error::io("metrics", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Logging, metrics and the divergence check, as step results arrive.
+struct Progress<'a> {
+    cfg: &'a TrainConfig,
+    bar: Option<indicatif::ProgressBar>,
+    metrics: Metrics,
+    /// Wall-clock ms of each submitted step whose results have not arrived yet.
+    ms_of: std::collections::VecDeque<(u64, f64)>,
+    last_loss: Option<f32>,
+    last_ckpt_step: Option<u64>,
+    tokens_per_step: usize,
+}
+
+impl Progress<'_> {
+    fn log(&self, s: String) {
+        match &self.bar {
+            Some(pb) => pb.println(s),
+            None if self.cfg.verbose => println!("{s}"),
+            None => {}
+        }
+    }
+
+    fn handle(&mut self, results: Vec<StepResult>) -> Result<()> {
+        for r in results {
+            let loss = r.loss();
+            if !loss.is_finite() || !r.grad_norm.is_finite() {
+                let kept = match self.last_ckpt_step {
+                    Some(s) => format!("; {} (step {s}) is untouched", self.cfg.out.display()),
+                    None => String::new(),
+                };
+                return Err(Error::invalid(
+                    "train",
+                    format!(
+                        "training diverged at step {}: loss {loss}, gradient norm {}; stopped \
+                         without writing a checkpoint{kept}",
+                        r.step, r.grad_norm
+                    ),
+                ));
+            }
+            self.last_loss = Some(loss);
+            let ms = self
+                .ms_of
+                .iter()
+                .find(|(s, _)| *s == r.step)
+                .map_or(0.0, |(_, ms)| *ms);
+            self.ms_of.retain(|(s, _)| *s > r.step);
+            let lr = self.cfg.schedule.at(r.step - 1);
+            let tps = self.tokens_per_step as f64 / (ms / 1e3).max(1e-9);
+            if let Some(pb) = &self.bar {
+                pb.set_position(r.step);
+                pb.set_message(format!("loss {loss:.4}"));
+            }
+            if r.step % self.cfg.log_interval.max(1) == 0 || r.step == self.cfg.max_iters {
+                self.log(format!(
+                    "step {:>6}: loss {loss:.4}, lr {lr:.3e}, grad norm {:.3}, {ms:.1} ms, {tps:.0} tok/s",
+                    r.step, r.grad_norm
+                ));
+                self.metrics.write(json!({
+                    "step": r.step, "loss": loss, "lr": lr, "grad_norm": r.grad_norm,
+                    "ms": ms, "tokens_per_s": tps,
+                }))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Trains. Returns the summary, or an error (bad input, divergence) after which the last
+/// checkpoint on disk is intact.
+pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
+    let t0 = Instant::now();
+    install_interrupt_handler();
+    // The model: continued from a checkpoint, or fresh.
+    let (model_cfg, mut ckpt, start_state) = if let Some(dir) = &cfg.resume {
+        let ck = checkpoint::load(dir)?;
+        let state = ck.state.clone().ok_or_else(|| {
+            Error::invalid(
+                dir.display().to_string(),
+                "has no trainer_state.json: not a training checkpoint (use --init to start from it)",
+            )
+        })?;
+        if ck.optimizer.is_none() {
+            return Err(Error::invalid(
+                dir.display().to_string(),
+                "has no optimizer.safetensors: cannot resume (use --init to start from it)",
+            ));
+        }
+        (ck.cfg.clone(), Some(ck), Some(state))
+    } else if let Some(dir) = &cfg.init {
+        let mut ck = checkpoint::load(dir)?;
+        ck.optimizer = None;
+        ck.state = None;
+        let mut c = ck.cfg.clone();
+        c.dropout = cfg.dropout;
+        (c, Some(ck), None)
+    } else {
+        (
+            GptConfig {
+                n_layer: cfg.n_layer,
+                n_head: cfg.n_head,
+                n_embd: cfg.n_embd,
+                block_size: cfg.block_size,
+                vocab_size: 0, // from the data
+                dropout: cfg.dropout,
+                bias: cfg.bias,
+            },
+            None,
+            None,
+        )
+    };
+    let data = load_data(cfg, ckpt.as_ref().and_then(|c| c.vocab.as_ref()))?;
+    if let Some(ck) = &ckpt
+        && ck.vocab.is_none()
+        && cfg
+            .data
+            .as_ref()
+            .is_some_and(|p| !p.extension().is_some_and(|e| e == "bin"))
+        && !matches!(data.vocab, Vocab::Ids(_))
+    {
+        return Err(Error::invalid(
+            "--init",
+            "the checkpoint has no tokenizer.json or vocab.json, so text cannot be encoded for it",
+        ));
+    }
+    let mut model_cfg = model_cfg;
+    if model_cfg.vocab_size == 0 {
+        model_cfg.vocab_size = data.vocab.size();
+    }
+    if data.vocab.size() > model_cfg.vocab_size {
+        return Err(Error::invalid(
+            "--data",
+            format!(
+                "the data's vocabulary has {} tokens, more than the model's {}",
+                data.vocab.size(),
+                model_cfg.vocab_size
+            ),
+        ));
+    }
+    model_cfg.validate()?;
+    let (b, t) = (cfg.batch_size, cfg.block_size);
+    if t > model_cfg.block_size {
+        return Err(Error::invalid(
+            "--block-size",
+            format!(
+                "{t} is beyond the model's position table of {} (n_positions)",
+                model_cfg.block_size
+            ),
+        ));
+    }
+    if b == 0 || t == 0 || cfg.grad_accum == 0 {
+        return Err(Error::invalid(
+            "train",
+            "--batch-size, --block-size and --grad-accum must be at least 1",
+        ));
+    }
+    let data_name = cfg
+        .data
+        .as_ref()
+        .map_or("embedded dataset".to_string(), |p| p.display().to_string());
+    data.check_fits(&data_name, t)?;
+
+    let table = ParamTable::new(&model_cfg);
+    let names: Vec<String> = table.specs.iter().map(|s| s.name.clone()).collect();
+    let init_params = match &ckpt {
+        Some(ck) => ck.params.clone(),
+        None => table.init(&model_cfg, cfg.seed),
+    };
+    let store = ParamStore::new(gpu, &names, &init_params, true)?;
+    if let Some((m, v)) = ckpt.as_ref().and_then(|c| c.optimizer.as_ref()) {
+        for i in 0..names.len() {
+            gpu.write(&store.m[i], &m[i])?;
+            gpu.write(&store.v[i], &v[i])?;
+        }
+    }
+    drop(init_params);
+    if let Some(ck) = &mut ckpt {
+        ck.params = Vec::new();
+        ck.optimizer = None;
+    }
+
+    let opts = ExecOptions {
+        reuse: !cfg.no_reuse,
+        grad_accum: cfg.grad_accum,
+        adamw: adamw::Hyper {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+            grad_clip: cfg.grad_clip,
+        },
+        seed: cfg.seed as u32,
+    };
+    let train_graph = gpt::build(&model_cfg, &table, b, t, Mode::Train);
+    let mut exec = Executor::new(gpu, train_graph.graph, &store, opts.clone())?;
+    let eval_graph = gpt::build(&model_cfg, &table, b, t, Mode::Eval);
+    let mut eval_exec = Executor::new(gpu, eval_graph.graph, &store, opts.clone())?;
+
+    let mut loader = Loader::new(cfg.loader, b, t, cfg.seed);
+    let mut step = 0u64;
+    if let Some(state) = &start_state {
+        step = state.get("step").and_then(Value::as_u64).unwrap_or(0);
+        loader.restore(state.get("loader").unwrap_or(&Value::Null))?;
+    }
+    let verbose = cfg.verbose;
+    let say = |s: String| {
+        if verbose {
+            println!("{s}");
+        }
+    };
+    say(format!("adapter: {}", gpu.adapter_name()));
+    say(format!("data: {}", data.description));
+    say(format!(
+        "model: {} layers, {} heads, {} embd, block {}, vocab {} (padded {}), {:.2}M parameters",
+        model_cfg.n_layer,
+        model_cfg.n_head,
+        model_cfg.n_embd,
+        model_cfg.block_size,
+        model_cfg.vocab_size,
+        model_cfg.padded_vocab(),
+        model_cfg.num_params() as f64 / 1e6
+    ));
+    say(format!(
+        "memory: parameters + gradients + AdamW {:.1} MiB; activations planned {:.1} MiB (without reuse {:.1} MiB)",
+        store.bytes() as f64 / 1048576.0,
+        exec.plan.planned_bytes as f64 / 1048576.0,
+        exec.plan.unplanned_bytes as f64 / 1048576.0
+    ));
+    if step > 0 {
+        say(format!("resuming at step {step}"));
+    }
+
+    let mut run = Progress {
+        cfg,
+        bar: (verbose && std::io::stdout().is_terminal()).then(|| {
+            let pb = indicatif::ProgressBar::new(cfg.max_iters);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+                )
+                .expect("progress template"),
+            );
+            pb.set_position(step);
+            pb
+        }),
+        metrics: Metrics::open(cfg.metrics.as_deref(), step > 0)?,
+        ms_of: Default::default(),
+        last_loss: None,
+        last_ckpt_step: None,
+        tokens_per_step: b * t * cfg.grad_accum,
+    };
+    let save = |store: &ParamStore, step: u64, loader: &Loader| -> Result<()> {
+        let read = |views: &[crate::gpu::View]| -> Result<Vec<Vec<f32>>> {
+            views.iter().map(|v| gpu.read_f32(v)).collect()
+        };
+        checkpoint::save(
+            &cfg.out,
+            &Checkpoint {
+                cfg: model_cfg.clone(),
+                params: read(&store.params)?,
+                optimizer: Some((read(&store.m)?, read(&store.v)?)),
+                state: Some(state_json(cfg, step, loader, &data.description)),
+                vocab: Some(data.vocab.clone()),
+            },
+        )
+    };
+    let first_step = step + 1;
+    let mut last_submit = Instant::now();
+    let (mut ms_sum, mut ms_count) = (0.0, 0u64);
+    let mut last_val = None;
+    let mut was_interrupted = false;
+    while step < cfg.max_iters {
+        step += 1;
+        let micro: Vec<MicroBatch> = (0..cfg.grad_accum)
+            .map(|_| loader.next(&data.train))
+            .collect();
+        exec.step(&micro, cfg.schedule.at(step - 1), step as u32)?;
+        let now = Instant::now();
+        let ms = now.duration_since(last_submit).as_secs_f64() * 1e3;
+        last_submit = now;
+        if step > first_step {
+            ms_sum += ms;
+            ms_count += 1;
+        }
+        run.ms_of.push_back((step, ms));
+        run.handle(exec.poll()?)?;
+
+        let eval_now = cfg.eval_interval > 0 && step % cfg.eval_interval == 0;
+        let stop = interrupted();
+        if eval_now || step == cfg.max_iters || stop {
+            // Never checkpoint parameters a diverged step may have touched.
+            run.handle(exec.wait_results()?)?;
+            if eval_now || step == cfg.max_iters {
+                let tl = evaluate(&mut eval_exec, &data.train, b, t, cfg.eval_iters, cfg.seed)?;
+                let vl = evaluate(&mut eval_exec, &data.val, b, t, cfg.eval_iters, cfg.seed)?;
+                run.log(format!(
+                    "step {step:>6}: train loss {tl:.4}, val loss {vl:.4}"
+                ));
+                run.metrics
+                    .write(json!({"step": step, "val_loss": vl, "train_loss": tl}))?;
+                last_val = Some(vl);
+            }
+            save(&store, step, &loader)?;
+            run.last_ckpt_step = Some(step);
+            run.log(format!("checkpoint: {} (step {step})", cfg.out.display()));
+            if stop {
+                was_interrupted = true;
+                break;
+            }
+        }
+    }
+    run.handle(exec.wait_results()?)?;
+    if let Some(pb) = &run.bar {
+        pb.finish_and_clear();
+    }
+    Ok(TrainSummary {
+        steps: step,
+        final_train_loss: run.last_loss,
+        final_val_loss: last_val,
+        seconds: t0.elapsed().as_secs_f64(),
+        ms_per_step: if ms_count > 0 {
+            ms_sum / ms_count as f64
+        } else {
+            0.0
+        },
+        tokens_per_step: run.tokens_per_step,
+        interrupted: was_interrupted,
+        cfg: model_cfg,
+    })
+}
