@@ -310,15 +310,20 @@ fn check_fused_dims(kernel: &str, dims: &[(&str, usize)], hs: usize) -> Result<(
     Ok(())
 }
 
-/// Useful FLOPs of the two T×T products (q·kᵀ and att·v) of one forward: masked entries excluded.
-fn attention_flops(b: usize, nh: usize, tq: usize, tk: usize, hs: usize, causal: bool) -> u64 {
+/// FLOPs of one product over the unmasked (query, key) pairs, such as q·kᵀ or att·v.
+///
+/// Dispatch costs count useful work only, the same for the fused and the unfused kernels: a
+/// forward is 2 products, a backward 4 (dP, dV, dQ, dK). The fused backward's recomputation of
+/// the scores and the unfused GEMMs' work on masked entries are left out, so GFLOP/s compares
+/// the time taken for the same result.
+fn product_flops(b: usize, nh: usize, tq: usize, tk: usize, hs: usize, causal: bool) -> u64 {
     let pairs: u64 = if causal {
         // query i (at position tk - tq + i) sees tk - tq + i + 1 keys
         (0..tq as u64).map(|i| (tk - tq) as u64 + i + 1).sum()
     } else {
         (tq * tk) as u64
     };
-    4 * pairs * hs as u64 * (b * nh) as u64
+    2 * pairs * hs as u64 * (b * nh) as u64
 }
 
 fn fused_forward(
@@ -391,7 +396,7 @@ fn forward_in(
         ..Params::new(b, nh, hs, t, t, causal)
     };
     let cost = Cost {
-        flops: attention_flops(b, nh, t, t, hs, causal),
+        flops: 2 * product_flops(b, nh, t, t, hs, causal),
         bytes: 4 * (b * t * 4 * c + b * nh * t) as u64,
     };
     fused_forward(gpu, [qkv, qkv, qkv, out, lse], params, cost, storage)
@@ -479,10 +484,10 @@ fn backward_in(
             bytes: 4 * (2 * b * t * c + rows) as u64,
         },
     )?;
-    let flops = attention_flops(b, nh, t, t, hs, causal);
+    let product = product_flops(b, nh, t, t, hs, causal);
     let io_bytes = 4 * (2 * b * t * 3 * c + b * t * c + 2 * rows) as u64;
     let mut fused = Vec::with_capacity(2);
-    for (spec, tiles, matmuls) in [(&BACKWARD_DKDV, dkdv_tiles, 4), (&BACKWARD_DQ, dq_tiles, 3)] {
+    for (spec, tiles) in [(&BACKWARD_DKDV, dkdv_tiles), (&BACKWARD_DQ, dq_tiles)] {
         let ntiles = (t as u32).div_ceil(tiles.br);
         let params = Params { ntiles, ..base };
         fused.push(gpu.dispatch(
@@ -492,8 +497,8 @@ fn backward_in(
             &[qkv, qkv, qkv, dout, lse, &d, dqkv],
             grid(params.nb * params.nh * ntiles, max_wg),
             Cost {
-                // s and dp recomputed, then dv and dk (or dq): each a T×T×HS product
-                flops: flops / 2 * matmuls,
+                // dV and dK, or dP and dQ
+                flops: 2 * product,
                 bytes: io_bytes / 2,
             },
         )?);
@@ -546,7 +551,7 @@ pub fn forward_cached(
     // The kernel's lse binding is not written when write_lse = 0; a word stands in for it.
     let unused_lse = gpu.zeros("attention unused lse", DType::F32, 1)?;
     let cost = Cost {
-        flops: attention_flops(b, nh, tq, tk, hs, true),
+        flops: 2 * product_flops(b, nh, tq, tk, hs, true),
         bytes: 4 * (b * tq * 4 * c + 2 * b * tk * c) as u64,
     };
     fused_forward(
@@ -702,6 +707,7 @@ impl Mat {
 const GEMM_TILE: u32 = 64;
 
 /// c (M, N) = alpha · a (M, K) · b (K, N) for each (b, h); c must be contiguous along N.
+/// `flops` is the useful work (see `product_flops`).
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     gpu: &Gpu,
@@ -712,6 +718,7 @@ fn gemm(
     (batch, nh): (usize, usize),
     alpha: f32,
     mask: bool,
+    flops: u64,
 ) -> Result<Dispatch> {
     debug_assert_eq!(cm.s1, 1);
     let params = GemmParams {
@@ -742,7 +749,7 @@ fn gemm(
         (batch * nh) as u32,
     ];
     let cost = Cost {
-        flops: 2 * (batch * nh * m * n * k) as u64,
+        flops,
         bytes: 4 * (batch * nh * (m * k + k * n + m * n)) as u64,
     };
     gpu.dispatch(&UNFUSED_GEMM, &[], bytes_of(&params), &[a, bv, c], wg, cost)
@@ -810,6 +817,7 @@ pub fn forward_unfused(
     let scale = 1.0 / (hs as f32).sqrt();
     let sq = Mat::square(t, nh);
     let rows = b * nh * t;
+    let product = product_flops(b, nh, t, t, hs, causal);
     Ok(vec![
         gemm(
             gpu,
@@ -820,6 +828,7 @@ pub fn forward_unfused(
             (b, nh),
             scale,
             causal,
+            product,
         )?,
         softmax_dispatch(
             gpu,
@@ -841,6 +850,7 @@ pub fn forward_unfused(
             (b, nh),
             1.0,
             false,
+            product,
         )?,
     ])
 }
@@ -876,6 +886,7 @@ pub fn backward_unfused(
     let sq = Mat::square(t, nh);
     let dmat = Mat::btc(t, c, hs);
     let rows = b * nh * t;
+    let product = product_flops(b, nh, t, t, hs, causal);
     Ok(vec![
         // datt (T, T) = dout (T, HS) · vᵀ (HS, T)
         gemm(
@@ -887,6 +898,7 @@ pub fn backward_unfused(
             (b, nh),
             1.0,
             causal,
+            product,
         )?,
         // dv (T, HS) = attᵀ (T, T) · dout (T, HS)
         gemm(
@@ -898,6 +910,7 @@ pub fn backward_unfused(
             (b, nh),
             1.0,
             false,
+            product,
         )?,
         softmax_dispatch(
             gpu,
@@ -920,6 +933,7 @@ pub fn backward_unfused(
             (b, nh),
             scale,
             false,
+            product,
         )?,
         // dk (T, HS) = scale · dpreattᵀ (T, T) · q (T, HS)
         gemm(
@@ -931,6 +945,7 @@ pub fn backward_unfused(
             (b, nh),
             scale,
             false,
+            product,
         )?,
     ])
 }
