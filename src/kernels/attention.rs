@@ -1115,7 +1115,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     }
 
     // Decoding: a prefill of up to 5 tokens, then one token per step, against the causal rows.
-    let cached = decode(gpu, &qkv, b, nh, t, hs, 5.min(t))?;
+    let cached = decode(gpu, &qkv, b, nh, t, hs, 5, 1)?;
     reports.push(CheckReport::new(
         &s,
         "cached out",
@@ -1128,7 +1128,9 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
 }
 
 /// Runs generation-style attention over qkv (B, T, 3C): kv_append and forward_cached for a
-/// prefill of `prefill` tokens, then for one token at a time; returns the outputs as (B, T, C).
+/// prefill of `prefill` tokens, then for `step` tokens at a time (the last step may be shorter);
+/// returns the outputs as (B, T, C).
+#[allow(clippy::too_many_arguments)]
 pub fn decode(
     gpu: &Gpu,
     qkv: &[f32],
@@ -1137,6 +1139,7 @@ pub fn decode(
     t: usize,
     hs: usize,
     prefill: usize,
+    step: usize,
 ) -> Result<Vec<f32>> {
     let c = nh * hs;
     // A cache longer than needed, so that Tmax and the sequence length differ.
@@ -1148,7 +1151,7 @@ pub fn decode(
         if p + n >= t {
             break;
         }
-        steps.push((p + n, 1));
+        steps.push((p + n, step.max(1).min(t - p - n)));
     }
     let mut dispatches = Vec::new();
     let mut outs = Vec::new();

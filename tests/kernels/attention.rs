@@ -46,8 +46,8 @@ fn head_and_batch_extremes() {
     }
 }
 
-/// Decoding with a prefill of 5 tokens and then 1-token steps gives the rows of the full causal
-/// forward.
+/// Decoding with a prefill of 5 tokens and then 1-token steps, and with a prefill of 3 and then
+/// chunks of 4 new tokens at a time, gives the rows of the full causal forward.
 #[test]
 fn decoding_matches_the_full_forward() {
     let Some(gpu) = test_gpu() else { return };
@@ -60,8 +60,11 @@ fn decoding_matches_the_full_forward() {
     gpu.run(&[attention::forward(gpu, &out, &lse, &gqkv, b, t, nh, hs, true).unwrap()])
         .unwrap();
     let full = gpu.read_f32(&out).unwrap();
-    let decoded = attention::decode(gpu, &qkv, b, nh, t, hs, 5).unwrap();
-    reference::compare("decoded out", &decoded, &full, 1e-6, 1e-6).assert();
+    for (prefill, step) in [(5, 1), (3, 4)] {
+        let decoded = attention::decode(gpu, &qkv, b, nh, t, hs, prefill, step).unwrap();
+        let name = format!("decoded out, prefill {prefill}, steps of {step}");
+        reference::compare(&name, &decoded, &full, 1e-6, 1e-6).assert();
+    }
 }
 
 #[test]
