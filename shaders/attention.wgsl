@@ -1,1 +1,921 @@
-// attention: to be written.
+// Multi-head softmax attention: a fused flash-style forward and backward (O(T) extra memory),
+// the KV-cache helpers used by generation, and an unfused baseline that materializes the T×T
+// matrices (llm.c's attention_forward layout), kept for comparison.
+//
+// Legend: B batch, T sequence, C = NH·HS channels, NH heads, HS head size.
+// Layouts (f32):
+//   qkv              (B, T, 3, NH, HS) = (B, T, 3C): the QKV projection's output; q, k, v of
+//                    token t, head h at qkv[(b·T + t)·3C + {0, C, 2C} + h·HS + d]
+//   out, dout        (B, T, NH, HS) = (B, T, C)
+//   lse, D           (B, NH, T): per-row logsumexp of the scaled, masked scores (natural log),
+//                    and D = rowsum(dout ∘ out)
+//   k_cache, v_cache (B, NH, Tmax, HS)
+//   preatt, att      (B, NH, T, T): scaled scores and probabilities (unfused baseline only)
+// scale = 1/sqrt(HS). Causal: the query at absolute position pos0 + i sees keys j <= pos0 + i.
+//
+// Fused kernels read q, k, v through (base, batch stride, token stride, head stride) in Params,
+// so one kernel serves K/V inside qkv (training) and K/V in the caches (generation). Head dims
+// are padded with zeros to HD (a multiple of 4, >= HS) inside workgroup memory only.
+//
+// Every reduction runs in a fixed order and nothing uses atomics: the same inputs give the same
+// bits on the same adapter.
+
+struct Params {
+    nb: u32,          // B
+    nh: u32,          // NH
+    hs: u32,          // HS
+    tq: u32,          // queries per sequence (T, or Tq new tokens when decoding)
+    tk: u32,          // keys per sequence (T, or pos0 + Tq when decoding; Tmax for kv_append)
+    pos0: u32,        // absolute position of query 0
+    causal: u32,      // 1: mask keys after the query's position
+    write_lse: u32,   // 1: attention_forward writes lse
+    ntiles: u32,      // row tiles per (b, h) of the fused kernels
+    scale: f32,       // 1/sqrt(HS)
+    scale2: f32,      // log2(e)/sqrt(HS): scores in base 2
+    pad: u32,
+    q: vec4<u32>,     // (base, batch stride, token stride, head stride) of q, in elements
+    k: vec4<u32>,     // same for k (qkv or k_cache); dk uses it inside dqkv
+    v: vec4<u32>,     // same for v (qkv or v_cache); dv uses it inside dqkv
+    o: vec4<u32>,     // same for out / dout, (B, T, C)
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// ---------------------------------------------------------------------------------------------
+// Tiling of the fused kernels. A workgroup owns BR rows (queries in the forward and dQ kernels,
+// keys in the dK/dV kernel) and streams tiles of BC columns (keys, or queries for dK/dV)
+// through workgroup memory. Two thread layouts share the WG invocations:
+//   score phase:  SR × SC threads, each computing an RS × CS block of the BR × BC score tile;
+//   output phase: TR × TC threads, each owning RO rows × DV vec4 columns of the BR × HD output.
+// The launcher picks the sizes (override constants) to fit the adapter's workgroup memory and
+// checks that they divide evenly and stay within the register arrays' capacities below.
+
+override WG: u32 = 64u;   // invocations per workgroup
+override BR: u32 = 32u;   // rows per workgroup
+override BC: u32 = 32u;   // columns per streamed tile
+override HD: u32 = 64u;   // head-size capacity, a multiple of 4 and >= HS
+override SC: u32 = 8u;    // score-phase threads across columns
+override TC: u32 = 16u;   // output-phase threads across vec4 columns
+
+override HD4: u32 = HD / 4u;
+override HDP: u32 = HD4 + 1u;   // padded row stride of tiles, in vec4s (spreads memory banks)
+override SR: u32 = WG / SC;
+override RS: u32 = BR / SR;
+override CS: u32 = BC / SC;
+override TR: u32 = WG / TC;
+override RO: u32 = BR / TR;
+override DV: u32 = HD4 / TC;
+
+// Register-array capacities (the launcher keeps RS, CS, RS·CS, DV and RO·DV within them).
+const RS_MAX: u32 = 8u;
+const CS_MAX: u32 = 4u;
+const S_MAX: u32 = 16u;
+const DV_MAX: u32 = 2u;
+const ACC_MAX: u32 = 8u;
+
+const LOG2E: f32 = 1.4426950408889634;
+const LN2: f32 = 0.6931471805599453;
+// Running maxima start at NEG; masked scores are MASKED < NEG, so exp2(MASKED - m) is 0 even
+// before a row has seen a valid key, and exp2(NEG - m) is 0 once it has.
+const NEG: f32 = -1.0e30;
+const MASKED: f32 = -3.0e38;
+
+var<workgroup> sh_a: array<vec4<f32>, BR * HDP>;    // resident rows: Q (fwd, dQ) or K (dK/dV)
+var<workgroup> sh_a2: array<vec4<f32>, BR * HDP>;   // resident rows: dO (dQ) or V (dK/dV)
+var<workgroup> sh_b: array<vec4<f32>, BC * HDP>;    // streamed: K (fwd, dQ) or Q (dK/dV)
+var<workgroup> sh_b2: array<vec4<f32>, BC * HDP>;   // streamed: V (fwd, dQ) or dO (dK/dV)
+var<workgroup> sh_p: array<f32, BR * BC>;           // P (fwd), dS (dQ), P (dK/dV)
+var<workgroup> sh_p2: array<f32, BR * BC>;          // dS (dK/dV)
+var<workgroup> sh_red: array<f32, BR * SC>;         // per-row partials across score threads
+var<workgroup> sh_row: array<f32, BR>;              // per-row rescale factor, then running max
+
+// Fused forward bindings: 1 = q, 2 = k, 3 = v (read; the same buffer may be bound to all
+// three), 4 = out (read_write), 5 = lse (read_write).
+@group(0) @binding(1) var<storage, read> q_in: array<f32>;
+@group(0) @binding(2) var<storage, read> k_in: array<f32>;
+@group(0) @binding(3) var<storage, read> v_in: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> lse_out: array<f32>;
+
+// Element loads, one function per tensor so that a variant can store the caches in f16.
+fn q_at(i: u32) -> f32 {
+    return q_in[i];
+}
+fn k_at(i: u32) -> f32 {
+    return k_in[i];
+}
+fn v_at(i: u32) -> f32 {
+    return v_in[i];
+}
+
+// First element of row (b, t, h) of a tensor with strides s = (base, batch, token, head).
+fn row_start(s: vec4<u32>, b: u32, h: u32, t: u32) -> u32 {
+    return s.x + b * s.y + t * s.z + h * s.w;
+}
+
+// Dims 4·d4 .. 4·d4+3 of query i / key j, zero beyond HS and for rows past the end.
+fn q4(b: u32, h: u32, i: u32, d4: u32) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
+    if (i < p.tq) {
+        let base = row_start(p.q, b, h, i);
+        for (var c = 0u; c < 4u; c++) {
+            let d = 4u * d4 + c;
+            if (d < p.hs) {
+                r[c] = q_at(base + d);
+            }
+        }
+    }
+    return r;
+}
+
+fn k4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
+    if (j < p.tk) {
+        let base = row_start(p.k, b, h, j);
+        for (var c = 0u; c < 4u; c++) {
+            let d = 4u * d4 + c;
+            if (d < p.hs) {
+                r[c] = k_at(base + d);
+            }
+        }
+    }
+    return r;
+}
+
+fn v4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
+    if (j < p.tk) {
+        let base = row_start(p.v, b, h, j);
+        for (var c = 0u; c < 4u; c++) {
+            let d = 4u * d4 + c;
+            if (d < p.hs) {
+                r[c] = v_at(base + d);
+            }
+        }
+    }
+    return r;
+}
+
+// Whether query i (relative to pos0) may see key j.
+fn visible(i: u32, j: u32) -> bool {
+    return i < p.tq && j < p.tk && (p.causal == 0u || j <= p.pos0 + i);
+}
+
+// One key past the last key any query of rows [i0, i0 + n) may see: the causal mask ends the
+// loop over key tiles there, so fully masked tiles are never loaded.
+fn key_end(i0: u32, n: u32) -> u32 {
+    if (p.causal == 0u) {
+        return p.tk;
+    }
+    return min(p.tk, p.pos0 + min(i0 + n, p.tq));
+}
+
+// Rows tiles are handed out heaviest first under the causal mask (the last query tiles see
+// the most keys), which evens out the tail of the dispatch.
+fn query_tile(linear: u32) -> vec3<u32> {
+    let t = p.ntiles - 1u - linear % p.ntiles;
+    let bh = linear / p.ntiles;
+    return vec3<u32>(bh / p.nh, bh % p.nh, t);
+}
+
+// attention_forward: out (B, Tq, NH, HS) and lse (B, NH, Tq) from q (B, Tq, NH, HS) and k, v
+// (B, Tk, NH, HS), each read through its strides; overwrites out and lse (lse only when
+// write_lse = 1). One workgroup per (b, h, tile of BR queries), grid folded into x and y.
+// Online softmax: the running max m and sum l per row rescale the output accumulator as each
+// key tile arrives, so no T×T matrix exists anywhere; key tiles past the causal limit are skipped.
+@compute @workgroup_size(WG)
+fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>) {
+    let linear = wid.x + wid.y * nwg.x;
+    if (linear >= p.nb * p.nh * p.ntiles) {
+        return;
+    }
+    let tile = query_tile(linear);
+    let b = tile.x;
+    let h = tile.y;
+    let i0 = tile.z * BR;
+    let tid = lid.x;
+
+    for (var e = tid; e < BR * HD4; e += WG) {
+        let r = e / HD4;
+        let d4 = e % HD4;
+        sh_a[r * HDP + d4] = q4(b, h, i0 + r, d4);
+    }
+
+    let sr = tid / SC;
+    let sc = tid % SC;
+    let tr = tid / TC;
+    let tc = tid % TC;
+
+    var m: array<f32, RS_MAX>;
+    var l: array<f32, RS_MAX>;
+    for (var i = 0u; i < RS; i++) {
+        m[i] = NEG;
+        l[i] = 0.0;
+    }
+    var acc: array<vec4<f32>, ACC_MAX>;
+    for (var a = 0u; a < RO * DV; a++) {
+        acc[a] = vec4<f32>(0.0);
+    }
+
+    let nkt = (key_end(i0, BR) + BC - 1u) / BC;
+    for (var kt = 0u; kt < nkt; kt++) {
+        let j0 = kt * BC;
+        workgroupBarrier();
+        for (var e = tid; e < BC * HD4; e += WG) {
+            let r = e / HD4;
+            let d4 = e % HD4;
+            sh_b[r * HDP + d4] = k4(b, h, j0 + r, d4);
+            sh_b2[r * HDP + d4] = v4(b, h, j0 + r, d4);
+        }
+        workgroupBarrier();
+
+        // Scores of this thread's RS rows × CS keys (keys interleaved across the SC threads).
+        var s: array<f32, S_MAX>;
+        for (var a = 0u; a < RS * CS; a++) {
+            s[a] = 0.0;
+        }
+        for (var d4 = 0u; d4 < HD4; d4++) {
+            var kk: array<vec4<f32>, CS_MAX>;
+            for (var c = 0u; c < CS; c++) {
+                kk[c] = sh_b[(sc + SC * c) * HDP + d4];
+            }
+            for (var i = 0u; i < RS; i++) {
+                let qv = sh_a[(sr * RS + i) * HDP + d4];
+                for (var c = 0u; c < CS; c++) {
+                    s[i * CS + c] += dot(qv, kk[c]);
+                }
+            }
+        }
+        for (var i = 0u; i < RS; i++) {
+            let row = sr * RS + i;
+            var mx = NEG;
+            for (var c = 0u; c < CS; c++) {
+                var x = s[i * CS + c] * p.scale2;
+                if (!visible(i0 + row, j0 + sc + SC * c)) {
+                    x = MASKED;
+                }
+                s[i * CS + c] = x;
+                mx = max(mx, x);
+            }
+            sh_red[row * SC + sc] = mx;
+        }
+        workgroupBarrier();
+
+        // New row maxima, probabilities, partial sums; the rescale factor goes to sh_row.
+        for (var i = 0u; i < RS; i++) {
+            let row = sr * RS + i;
+            var mx = m[i];
+            for (var c = 0u; c < SC; c++) {
+                mx = max(mx, sh_red[row * SC + c]);
+            }
+            let alpha = exp2(m[i] - mx);
+            m[i] = mx;
+            var ls = 0.0;
+            for (var c = 0u; c < CS; c++) {
+                let pr = exp2(s[i * CS + c] - mx);
+                sh_p[row * BC + sc + SC * c] = pr;
+                ls += pr;
+            }
+            l[i] = l[i] * alpha + ls;
+            if (sc == 0u) {
+                sh_row[row] = alpha;
+            }
+        }
+        workgroupBarrier();
+
+        // acc = acc · alpha + P · V for this thread's RO rows × DV vec4 columns.
+        for (var o = 0u; o < RO; o++) {
+            let alpha = sh_row[tr * RO + o];
+            for (var v = 0u; v < DV; v++) {
+                acc[o * DV + v] *= alpha;
+            }
+        }
+        for (var c = 0u; c < BC; c++) {
+            var vv: array<vec4<f32>, DV_MAX>;
+            for (var v = 0u; v < DV; v++) {
+                vv[v] = sh_b2[c * HDP + tc + TC * v];
+            }
+            for (var o = 0u; o < RO; o++) {
+                let pr = sh_p[(tr * RO + o) * BC + c];
+                for (var v = 0u; v < DV; v++) {
+                    acc[o * DV + v] += pr * vv[v];
+                }
+            }
+        }
+    }
+
+    // Row sums: the SC partials of each row, added in a fixed order.
+    workgroupBarrier();
+    for (var i = 0u; i < RS; i++) {
+        let row = sr * RS + i;
+        sh_red[row * SC + sc] = l[i];
+        if (sc == 0u) {
+            sh_row[row] = m[i];
+        }
+    }
+    workgroupBarrier();
+    for (var o = 0u; o < RO; o++) {
+        let row = tr * RO + o;
+        let i = i0 + row;
+        if (i >= p.tq) {
+            continue;
+        }
+        var lsum = 0.0;
+        for (var c = 0u; c < SC; c++) {
+            lsum += sh_red[row * SC + c];
+        }
+        let inv = 1.0 / lsum;
+        let base = row_start(p.o, b, h, i);
+        for (var v = 0u; v < DV; v++) {
+            let val = acc[o * DV + v] * inv;
+            let d4 = tc + TC * v;
+            for (var c = 0u; c < 4u; c++) {
+                let d = 4u * d4 + c;
+                if (d < p.hs) {
+                    out[base + d] = val[c];
+                }
+            }
+        }
+        if (tc == 0u && p.write_lse != 0u) {
+            lse_out[(b * p.nh + h) * p.tq + i] = (sh_row[row] + log2(lsum)) * LN2;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused backward, in three dispatches (no atomics; each output element has one writer):
+//   attention_backward_prep: D (B, NH, T) = rowsum(dout ∘ out), overwrites D
+//   attention_backward_dkdv: dk, dv inside dqkv (B, T, 3C), overwrites them; one workgroup per
+//                            (b, h, tile of BR keys), streaming the query tiles that see them
+//   attention_backward_dq:   dq inside dqkv (B, T, 3C), overwrites it; one workgroup per
+//                            (b, h, tile of BR queries), streaming the visible key tiles
+// Both recompute P = exp(scale·q·k - lse) from the saved lse; with dP = dout·vᵀ,
+// dS = P ∘ (dP - D), dq = scale·dS·k, dk = scale·dSᵀ·q, dv = Pᵀ·dout.
+// Only pos0 = 0 and tq = tk = T occur here.
+
+// Bindings of attention_backward_prep: 1 = dout (read), 2 = out (read), 3 = D (read_write).
+@group(0) @binding(1) var<storage, read> pre_dout: array<f32>;
+@group(0) @binding(2) var<storage, read> pre_out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> pre_d: array<f32>;
+
+@compute @workgroup_size(WG)
+fn attention_backward_prep(@builtin(workgroup_id) wid: vec3<u32>,
+                           @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    if (idx >= p.nb * p.nh * p.tq) {
+        return;
+    }
+    let i = idx % p.tq;
+    let bh = idx / p.tq;
+    let base = row_start(p.o, bh / p.nh, bh % p.nh, i);
+    var sum = 0.0;
+    for (var d = 0u; d < p.hs; d++) {
+        sum += pre_dout[base + d] * pre_out[base + d];
+    }
+    pre_d[idx] = sum;
+}
+
+// Bindings of attention_backward_dkdv and attention_backward_dq: 1, 2, 3 = qkv (read; q, k and v
+// through p.q, p.k, p.v), 4 = dout (read), 5 = lse (read), 6 = D (read), 7 = dqkv (read_write).
+@group(0) @binding(4) var<storage, read> bw_dout: array<f32>;
+@group(0) @binding(5) var<storage, read> bw_lse: array<f32>;
+@group(0) @binding(6) var<storage, read> bw_d: array<f32>;
+@group(0) @binding(7) var<storage, read_write> bw_dqkv: array<f32>;
+
+fn do4(b: u32, h: u32, i: u32, d4: u32) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
+    if (i < p.tq) {
+        let base = row_start(p.o, b, h, i);
+        for (var c = 0u; c < 4u; c++) {
+            let d = 4u * d4 + c;
+            if (d < p.hs) {
+                r[c] = bw_dout[base + d];
+            }
+        }
+    }
+    return r;
+}
+
+// Writes the first HS dims of vec4 column d4 of row (b, t, h) of a tensor inside dqkv.
+fn store_dqkv(s: vec4<u32>, b: u32, h: u32, t: u32, d4: u32, val: vec4<f32>) {
+    let base = row_start(s, b, h, t);
+    for (var c = 0u; c < 4u; c++) {
+        let d = 4u * d4 + c;
+        if (d < p.hs) {
+            bw_dqkv[base + d] = val[c];
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
+                           @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_id) lid: vec3<u32>) {
+    let linear = wid.x + wid.y * nwg.x;
+    if (linear >= p.nb * p.nh * p.ntiles) {
+        return;
+    }
+    // Key tiles in ascending order: under the causal mask the first ones see the most queries.
+    let kt = linear % p.ntiles;
+    let bh = linear / p.ntiles;
+    let b = bh / p.nh;
+    let h = bh % p.nh;
+    let j0 = kt * BR;
+    let tid = lid.x;
+
+    for (var e = tid; e < BR * HD4; e += WG) {
+        let r = e / HD4;
+        let d4 = e % HD4;
+        sh_a[r * HDP + d4] = k4(b, h, j0 + r, d4);
+        sh_a2[r * HDP + d4] = v4(b, h, j0 + r, d4);
+    }
+
+    let sr = tid / SC;
+    let sc = tid % SC;
+    let tr = tid / TC;
+    let tc = tid % TC;
+
+    var dk: array<vec4<f32>, ACC_MAX>;
+    var dv: array<vec4<f32>, ACC_MAX>;
+    for (var a = 0u; a < RO * DV; a++) {
+        dk[a] = vec4<f32>(0.0);
+        dv[a] = vec4<f32>(0.0);
+    }
+
+    // Queries i see key j when j <= i: the query tiles before j0 see none of these keys.
+    var qt0 = 0u;
+    if (p.causal != 0u) {
+        qt0 = j0 / BC;
+    }
+    let nqt = (p.tq + BC - 1u) / BC;
+    for (var qt = qt0; qt < nqt; qt++) {
+        let i0 = qt * BC;
+        workgroupBarrier();
+        for (var e = tid; e < BC * HD4; e += WG) {
+            let r = e / HD4;
+            let d4 = e % HD4;
+            sh_b[r * HDP + d4] = q4(b, h, i0 + r, d4);
+            sh_b2[r * HDP + d4] = do4(b, h, i0 + r, d4);
+        }
+        workgroupBarrier();
+
+        // s = k·q and dp = v·dout for RS keys × CS queries.
+        var s: array<f32, S_MAX>;
+        var dp: array<f32, S_MAX>;
+        for (var a = 0u; a < RS * CS; a++) {
+            s[a] = 0.0;
+            dp[a] = 0.0;
+        }
+        for (var d4 = 0u; d4 < HD4; d4++) {
+            var qq: array<vec4<f32>, CS_MAX>;
+            var oo: array<vec4<f32>, CS_MAX>;
+            for (var c = 0u; c < CS; c++) {
+                qq[c] = sh_b[(sc + SC * c) * HDP + d4];
+                oo[c] = sh_b2[(sc + SC * c) * HDP + d4];
+            }
+            for (var i = 0u; i < RS; i++) {
+                let kv = sh_a[(sr * RS + i) * HDP + d4];
+                let vv = sh_a2[(sr * RS + i) * HDP + d4];
+                for (var c = 0u; c < CS; c++) {
+                    s[i * CS + c] += dot(kv, qq[c]);
+                    dp[i * CS + c] += dot(vv, oo[c]);
+                }
+            }
+        }
+        for (var c = 0u; c < CS; c++) {
+            let col = sc + SC * c;
+            let i = i0 + col;
+            var lq = 0.0;
+            var dd = 0.0;
+            if (i < p.tq) {
+                let r = (b * p.nh + h) * p.tq + i;
+                lq = bw_lse[r] * LOG2E;
+                dd = bw_d[r];
+            }
+            for (var k = 0u; k < RS; k++) {
+                let row = sr * RS + k;
+                var pr = 0.0;
+                if (visible(i, j0 + row)) {
+                    pr = exp2(s[k * CS + c] * p.scale2 - lq);
+                }
+                sh_p[row * BC + col] = pr;
+                sh_p2[row * BC + col] = pr * (dp[k * CS + c] - dd);
+            }
+        }
+        workgroupBarrier();
+
+        // dv += Pᵀ·dout and dk += dSᵀ·q for RO keys × DV vec4 columns.
+        for (var c = 0u; c < BC; c++) {
+            var oo: array<vec4<f32>, DV_MAX>;
+            var qq: array<vec4<f32>, DV_MAX>;
+            for (var v = 0u; v < DV; v++) {
+                oo[v] = sh_b2[c * HDP + tc + TC * v];
+                qq[v] = sh_b[c * HDP + tc + TC * v];
+            }
+            for (var o = 0u; o < RO; o++) {
+                let row = tr * RO + o;
+                let pr = sh_p[row * BC + c];
+                let ds = sh_p2[row * BC + c];
+                for (var v = 0u; v < DV; v++) {
+                    dv[o * DV + v] += pr * oo[v];
+                    dk[o * DV + v] += ds * qq[v];
+                }
+            }
+        }
+    }
+
+    for (var o = 0u; o < RO; o++) {
+        let j = j0 + tr * RO + o;
+        if (j >= p.tk) {
+            continue;
+        }
+        for (var v = 0u; v < DV; v++) {
+            store_dqkv(p.k, b, h, j, tc + TC * v, dk[o * DV + v] * p.scale);
+            store_dqkv(p.v, b, h, j, tc + TC * v, dv[o * DV + v]);
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_id) lid: vec3<u32>) {
+    let linear = wid.x + wid.y * nwg.x;
+    if (linear >= p.nb * p.nh * p.ntiles) {
+        return;
+    }
+    let tile = query_tile(linear);
+    let b = tile.x;
+    let h = tile.y;
+    let i0 = tile.z * BR;
+    let tid = lid.x;
+
+    for (var e = tid; e < BR * HD4; e += WG) {
+        let r = e / HD4;
+        let d4 = e % HD4;
+        sh_a[r * HDP + d4] = q4(b, h, i0 + r, d4);
+        sh_a2[r * HDP + d4] = do4(b, h, i0 + r, d4);
+    }
+
+    let sr = tid / SC;
+    let sc = tid % SC;
+    let tr = tid / TC;
+    let tc = tid % TC;
+
+    var lrow: array<f32, RS_MAX>;
+    var drow: array<f32, RS_MAX>;
+    for (var k = 0u; k < RS; k++) {
+        let i = i0 + sr * RS + k;
+        lrow[k] = 0.0;
+        drow[k] = 0.0;
+        if (i < p.tq) {
+            let r = (b * p.nh + h) * p.tq + i;
+            lrow[k] = bw_lse[r] * LOG2E;
+            drow[k] = bw_d[r];
+        }
+    }
+    var dq: array<vec4<f32>, ACC_MAX>;
+    for (var a = 0u; a < RO * DV; a++) {
+        dq[a] = vec4<f32>(0.0);
+    }
+
+    let nkt = (key_end(i0, BR) + BC - 1u) / BC;
+    for (var kt = 0u; kt < nkt; kt++) {
+        let j0 = kt * BC;
+        workgroupBarrier();
+        for (var e = tid; e < BC * HD4; e += WG) {
+            let r = e / HD4;
+            let d4 = e % HD4;
+            sh_b[r * HDP + d4] = k4(b, h, j0 + r, d4);
+            sh_b2[r * HDP + d4] = v4(b, h, j0 + r, d4);
+        }
+        workgroupBarrier();
+
+        // s = q·k and dp = dout·v for RS queries × CS keys; dS goes to sh_p.
+        var s: array<f32, S_MAX>;
+        var dp: array<f32, S_MAX>;
+        for (var a = 0u; a < RS * CS; a++) {
+            s[a] = 0.0;
+            dp[a] = 0.0;
+        }
+        for (var d4 = 0u; d4 < HD4; d4++) {
+            var kk: array<vec4<f32>, CS_MAX>;
+            var vv: array<vec4<f32>, CS_MAX>;
+            for (var c = 0u; c < CS; c++) {
+                kk[c] = sh_b[(sc + SC * c) * HDP + d4];
+                vv[c] = sh_b2[(sc + SC * c) * HDP + d4];
+            }
+            for (var k = 0u; k < RS; k++) {
+                let qv = sh_a[(sr * RS + k) * HDP + d4];
+                let ov = sh_a2[(sr * RS + k) * HDP + d4];
+                for (var c = 0u; c < CS; c++) {
+                    s[k * CS + c] += dot(qv, kk[c]);
+                    dp[k * CS + c] += dot(ov, vv[c]);
+                }
+            }
+        }
+        for (var k = 0u; k < RS; k++) {
+            let row = sr * RS + k;
+            for (var c = 0u; c < CS; c++) {
+                let col = sc + SC * c;
+                var pr = 0.0;
+                if (visible(i0 + row, j0 + col)) {
+                    pr = exp2(s[k * CS + c] * p.scale2 - lrow[k]);
+                }
+                sh_p[row * BC + col] = pr * (dp[k * CS + c] - drow[k]);
+            }
+        }
+        workgroupBarrier();
+
+        // dq += dS·k for RO queries × DV vec4 columns.
+        for (var c = 0u; c < BC; c++) {
+            var kk: array<vec4<f32>, DV_MAX>;
+            for (var v = 0u; v < DV; v++) {
+                kk[v] = sh_b[c * HDP + tc + TC * v];
+            }
+            for (var o = 0u; o < RO; o++) {
+                let ds = sh_p[(tr * RO + o) * BC + c];
+                for (var v = 0u; v < DV; v++) {
+                    dq[o * DV + v] += ds * kk[v];
+                }
+            }
+        }
+    }
+
+    for (var o = 0u; o < RO; o++) {
+        let i = i0 + tr * RO + o;
+        if (i >= p.tq) {
+            continue;
+        }
+        for (var v = 0u; v < DV; v++) {
+            store_dqkv(p.q, b, h, i, tc + TC * v, dq[o * DV + v] * p.scale);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kv_append: k_cache, v_cache (B, NH, Tmax, HS) at positions pos0 .. pos0 + Tq receive the k and
+// v of the Tq new tokens of qkv (B, Tq, 3C) (read through p.k and p.v); overwrites those rows.
+// One thread per element; p.tk holds Tmax.
+// Bindings: 1 = qkv (read), 2 = k_cache (read_write), 3 = v_cache (read_write).
+@group(0) @binding(2) var<storage, read_write> kc_out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> vc_out: array<f32>;
+
+@compute @workgroup_size(WG)
+fn kv_append(@builtin(workgroup_id) wid: vec3<u32>,
+             @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    if (idx >= p.nb * p.tq * p.nh * p.hs) {
+        return;
+    }
+    let d = idx % p.hs;
+    let r = idx / p.hs;
+    let h = r % p.nh;
+    let bt = r / p.nh;
+    let i = bt % p.tq;
+    let b = bt / p.tq;
+    let dst = ((b * p.nh + h) * p.tk + p.pos0 + i) * p.hs + d;
+    kc_out[dst] = q_in[row_start(p.k, b, h, i) + d];
+    vc_out[dst] = q_in[row_start(p.v, b, h, i) + d];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unfused baseline (for comparison only): batched strided GEMMs, and a row softmax with its
+// backward, over preatt / att (B, NH, T, T) in memory.
+//   forward:  preatt = scale·q·kᵀ (masked entries 0); att = softmax(preatt) (masked 0);
+//             out = att·v
+//   backward: datt = dout·vᵀ; dv = attᵀ·dout; dpreatt = att ∘ (datt - rowsum(att ∘ datt));
+//             dq = scale·dpreatt·k; dk = scale·dpreattᵀ·q
+// Every kernel overwrites its output.
+
+struct GemmParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    nh: u32,        // batch index z = b·NH + h
+    mask: u32,      // 1: write 0 where n > m (the causal mask of a T×T result)
+    alpha: f32,
+    a_sm: u32,      // A (M, K): strides of m and k
+    a_sk: u32,
+    a_base: u32,
+    a_sb: u32,      // strides of b and h
+    a_sh: u32,
+    b_sk: u32,      // B (K, N): strides of k and n
+    b_sn: u32,
+    b_base: u32,
+    b_sb: u32,
+    b_sh: u32,
+    c_base: u32,    // C (M, N), n contiguous
+    c_sb: u32,
+    c_sh: u32,
+    c_sm: u32,
+}
+
+@group(0) @binding(0) var<uniform> g: GemmParams;
+
+// Bindings of unfused_gemm: 1 = A (read), 2 = B (read), 3 = C (read_write).
+@group(0) @binding(1) var<storage, read> ga_in: array<f32>;
+@group(0) @binding(2) var<storage, read> gb_in: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gc_out: array<f32>;
+
+override GM: u32 = 64u;   // C tile rows
+override GN: u32 = 64u;   // C tile columns
+override GK: u32 = 16u;   // depth of a step
+override GWG: u32 = (GM / 4u) * (GN / 4u);   // one 4×4 block of C per invocation
+
+var<workgroup> g_a: array<f32, GK * GM>;
+var<workgroup> g_b: array<f32, GK * GN>;
+
+// C[z] (M, N) = alpha · A[z] (M, K) · B[z] (K, N); overwrites C. One workgroup per GM × GN tile
+// of one (b, h) = wid.z; loads follow whichever stride of A and B is contiguous.
+@compute @workgroup_size(GWG)
+fn unfused_gemm(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(local_invocation_id) lid: vec3<u32>) {
+    let tid = lid.x;
+    let b = wid.z / g.nh;
+    let h = wid.z % g.nh;
+    let m0 = wid.y * GM;
+    let n0 = wid.x * GN;
+    let abase = g.a_base + b * g.a_sb + h * g.a_sh;
+    let bbase = g.b_base + b * g.b_sb + h * g.b_sh;
+    let tm = tid / (GN / 4u);
+    let tn = tid % (GN / 4u);
+
+    var acc: array<f32, 16>;
+    for (var a = 0u; a < 16u; a++) {
+        acc[a] = 0.0;
+    }
+    for (var k0 = 0u; k0 < g.k; k0 += GK) {
+        for (var e = tid; e < GM * GK; e += GWG) {
+            var mm = e % GM;
+            var kk = e / GM;
+            if (g.a_sk == 1u) {
+                mm = e / GK;
+                kk = e % GK;
+            }
+            var x = 0.0;
+            if (m0 + mm < g.m && k0 + kk < g.k) {
+                x = ga_in[abase + (m0 + mm) * g.a_sm + (k0 + kk) * g.a_sk];
+            }
+            g_a[kk * GM + mm] = x;
+        }
+        for (var e = tid; e < GN * GK; e += GWG) {
+            var nn = e % GN;
+            var kk = e / GN;
+            if (g.b_sn != 1u) {
+                nn = e / GK;
+                kk = e % GK;
+            }
+            var x = 0.0;
+            if (n0 + nn < g.n && k0 + kk < g.k) {
+                x = gb_in[bbase + (k0 + kk) * g.b_sk + (n0 + nn) * g.b_sn];
+            }
+            g_b[kk * GN + nn] = x;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < GK; kk++) {
+            var av: array<f32, 4>;
+            var bv: array<f32, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                av[i] = g_a[kk * GM + tm + (GM / 4u) * i];
+                bv[i] = g_b[kk * GN + tn + (GN / 4u) * i];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                for (var j = 0u; j < 4u; j++) {
+                    acc[i * 4u + j] += av[i] * bv[j];
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    let cbase = g.c_base + b * g.c_sb + h * g.c_sh;
+    for (var i = 0u; i < 4u; i++) {
+        let m = m0 + tm + (GM / 4u) * i;
+        for (var j = 0u; j < 4u; j++) {
+            let n = n0 + tn + (GN / 4u) * j;
+            if (m < g.m && n < g.n) {
+                var x = g.alpha * acc[i * 4u + j];
+                if (g.mask != 0u && n > m) {
+                    x = 0.0;
+                }
+                gc_out[cbase + m * g.c_sm + n] = x;
+            }
+        }
+    }
+}
+
+// Row softmax over preatt / att (B, NH, T, T): one workgroup of WG (a power of two) per row,
+// tree reductions in workgroup memory. Uses p.nb, p.nh, p.tq (= T) and p.causal.
+var<workgroup> sm_red: array<f32, WG>;
+
+fn row_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+// Length of the unmasked prefix of row r.
+fn row_len(r: u32) -> u32 {
+    if (p.causal != 0u) {
+        return r % p.tq + 1u;
+    }
+    return p.tq;
+}
+
+fn reduce_max(tid: u32, x: f32) -> f32 {
+    sm_red[tid] = x;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (tid < s) {
+            sm_red[tid] = max(sm_red[tid], sm_red[tid + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = sm_red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_sum(tid: u32, x: f32) -> f32 {
+    sm_red[tid] = x;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (tid < s) {
+            sm_red[tid] = sm_red[tid] + sm_red[tid + s];
+        }
+        workgroupBarrier();
+    }
+    let r = sm_red[0];
+    workgroupBarrier();
+    return r;
+}
+
+// unfused_softmax: att = softmax(preatt) over each row's unmasked prefix, 0 elsewhere;
+// overwrites att. Bindings: 1 = preatt (read), 2 = att (read_write).
+@group(0) @binding(1) var<storage, read> sm_pre: array<f32>;
+@group(0) @binding(2) var<storage, read_write> sm_att: array<f32>;
+
+@compute @workgroup_size(WG)
+fn unfused_softmax(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_id) lid: vec3<u32>) {
+    let r = row_id(wid, nwg);
+    if (r >= p.nb * p.nh * p.tq) {
+        return;
+    }
+    let tid = lid.x;
+    let n = row_len(r);
+    let base = r * p.tq;
+    var mx = NEG;
+    for (var j = tid; j < n; j += WG) {
+        mx = max(mx, sm_pre[base + j]);
+    }
+    mx = reduce_max(tid, mx);
+    var sum = 0.0;
+    for (var j = tid; j < n; j += WG) {
+        sum += exp(sm_pre[base + j] - mx);
+    }
+    sum = reduce_sum(tid, sum);
+    let inv = 1.0 / sum;
+    for (var j = tid; j < p.tq; j += WG) {
+        var x = 0.0;
+        if (j < n) {
+            x = exp(sm_pre[base + j] - mx) * inv;
+        }
+        sm_att[base + j] = x;
+    }
+}
+
+// unfused_softmax_backward: dpreatt = att ∘ (datt - rowsum(att ∘ datt)) on each row's unmasked
+// prefix, 0 elsewhere; overwrites dpreatt.
+// Bindings: 1 = att (read), 2 = datt (read), 3 = dpreatt (read_write).
+@group(0) @binding(1) var<storage, read> smb_att: array<f32>;
+@group(0) @binding(2) var<storage, read> smb_datt: array<f32>;
+@group(0) @binding(3) var<storage, read_write> smb_dpre: array<f32>;
+
+@compute @workgroup_size(WG)
+fn unfused_softmax_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                            @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_id) lid: vec3<u32>) {
+    let r = row_id(wid, nwg);
+    if (r >= p.nb * p.nh * p.tq) {
+        return;
+    }
+    let tid = lid.x;
+    let n = row_len(r);
+    let base = r * p.tq;
+    var dot_ = 0.0;
+    for (var j = tid; j < n; j += WG) {
+        dot_ += smb_att[base + j] * smb_datt[base + j];
+    }
+    dot_ = reduce_sum(tid, dot_);
+    for (var j = tid; j < p.tq; j += WG) {
+        var x = 0.0;
+        if (j < n) {
+            x = smb_att[base + j] * (smb_datt[base + j] - dot_);
+        }
+        smb_dpre[base + j] = x;
+    }
+}

@@ -1,23 +1,1241 @@
-//! attention.wgsl launchers: to be written.
+//! attention.wgsl launchers: fused flash-style softmax attention (causal or not) with O(T) extra
+//! memory, forward and backward; KV-cache decoding; and an unfused baseline that keeps the T×T
+//! matrices in memory, for comparison.
+//!
+//! Layouts (f32), C = NH·HS:
+//! - qkv, dqkv (B, T, 3, NH, HS) = (B, T, 3C): the QKV projection's output and its gradient
+//! - out, dout (B, T, NH, HS) = (B, T, C)
+//! - lse (B, NH, T): the natural logsumexp of each row's scaled, masked scores
+//! - k_cache, v_cache (B, NH, Tmax, HS)
+//! - preatt, att, dpreatt, datt (B, NH, T, T): unfused baseline only
+//!
+//! scale = 1/sqrt(HS); causal: the query at absolute position i sees keys j <= i.
+//! Every launcher overwrites its outputs; dqkv is never accumulated into (the graph has no
+//! second gradient source for it). Nothing uses atomics: results are bit-identical run to run.
 
-use super::harness::{BenchOptions, BenchReport, CheckReport, Family};
+use bytemuck::{Pod, Zeroable};
+
+use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
+use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::reference;
+use crate::rng::Rng;
+
+use Binding::{Read, ReadWrite};
+
+/// The largest head size the fused kernels support.
+pub const MAX_HS: usize = 128;
+
+/// Fused forward: 1 = q, 2 = k, 3 = v (read), 4 = out, 5 = lse (read_write).
+pub const FORWARD: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    entry: "attention_forward",
+    bindings: &[Read, Read, Read, ReadWrite, ReadWrite],
+};
+/// D = rowsum(dout ∘ out): 1 = dout, 2 = out (read), 3 = D (read_write).
+pub const BACKWARD_PREP: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    entry: "attention_backward_prep",
+    bindings: &[Read, Read, ReadWrite],
+};
+/// dk, dv: 1, 2, 3 = qkv, 4 = dout, 5 = lse, 6 = D (read), 7 = dqkv (read_write).
+pub const BACKWARD_DKDV: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    entry: "attention_backward_dkdv",
+    bindings: &[Read, Read, Read, Read, Read, Read, ReadWrite],
+};
+/// dq: the bindings of `BACKWARD_DKDV`.
+pub const BACKWARD_DQ: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    entry: "attention_backward_dq",
+    bindings: &[Read, Read, Read, Read, Read, Read, ReadWrite],
+};
+/// 1 = qkv (read), 2 = k_cache, 3 = v_cache (read_write).
+pub const KV_APPEND: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    entry: "kv_append",
+    bindings: &[Read, ReadWrite, ReadWrite],
+};
+/// C = alpha · A · B, batched over (b, h): 1 = A, 2 = B (read), 3 = C (read_write).
+pub const UNFUSED_GEMM: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    entry: "unfused_gemm",
+    bindings: &[Read, Read, ReadWrite],
+};
+/// 1 = preatt (read), 2 = att (read_write).
+pub const UNFUSED_SOFTMAX: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    entry: "unfused_softmax",
+    bindings: &[Read, ReadWrite],
+};
+/// 1 = att, 2 = datt (read), 3 = dpreatt (read_write).
+pub const UNFUSED_SOFTMAX_BACKWARD: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    entry: "unfused_softmax_backward",
+    bindings: &[Read, Read, ReadWrite],
+};
+
+/// Mirrors `Params` in attention.wgsl. Strides are (base, batch, token, head) in elements.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+struct Params {
+    nb: u32,
+    nh: u32,
+    hs: u32,
+    tq: u32,
+    tk: u32,
+    pos0: u32,
+    causal: u32,
+    write_lse: u32,
+    ntiles: u32,
+    scale: f32,
+    scale2: f32,
+    pad: u32,
+    q: [u32; 4],
+    k: [u32; 4],
+    v: [u32; 4],
+    o: [u32; 4],
+}
+
+/// Strides of part `part` (0 = q, 1 = k, 2 = v) of qkv (B, T, 3C).
+fn qkv_strides(t: usize, c: usize, hs: usize, part: usize) -> [u32; 4] {
+    [
+        (part * c) as u32,
+        (t * 3 * c) as u32,
+        (3 * c) as u32,
+        hs as u32,
+    ]
+}
+
+/// Strides of a (B, T, C) tensor.
+fn btc_strides(t: usize, c: usize, hs: usize) -> [u32; 4] {
+    [0, (t * c) as u32, c as u32, hs as u32]
+}
+
+/// Strides of a cache (B, NH, Tmax, HS).
+fn cache_strides(nh: usize, tmax: usize, hs: usize) -> [u32; 4] {
+    [0, (nh * tmax * hs) as u32, hs as u32, (tmax * hs) as u32]
+}
+
+impl Params {
+    fn new(b: usize, nh: usize, hs: usize, tq: usize, tk: usize, causal: bool) -> Params {
+        let scale = 1.0 / (hs as f64).sqrt();
+        Params {
+            nb: b as u32,
+            nh: nh as u32,
+            hs: hs as u32,
+            tq: tq as u32,
+            tk: tk as u32,
+            causal: causal as u32,
+            scale: scale as f32,
+            scale2: (scale * std::f64::consts::LOG2_E) as f32,
+            ..Params::default()
+        }
+    }
+}
+
+/// Which fused kernel a tiling is for; each uses different workgroup arrays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Dq,
+    Dkdv,
+}
+
+/// The tiling of a fused kernel (the override constants of attention.wgsl). A workgroup of `wg`
+/// invocations owns `br` rows and streams tiles of `bc` columns; head dims are padded to `hd`.
+/// The score phase splits the br × bc tile over `sc` threads across columns; the output phase
+/// splits the br × hd output over `tc` threads across vec4 columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tiles {
+    wg: u32,
+    br: u32,
+    bc: u32,
+    hd: u32,
+    sc: u32,
+    tc: u32,
+}
+
+/// Register-array capacities of attention.wgsl (RS_MAX, CS_MAX, S_MAX, DV_MAX, ACC_MAX).
+const RS_MAX: u32 = 8;
+const CS_MAX: u32 = 4;
+const S_MAX: u32 = 16;
+const DV_MAX: u32 = 2;
+const ACC_MAX: u32 = 8;
+
+/// (rows, columns, invocations) per workgroup, best first; the first that fits the adapter's
+/// workgroup memory wins. Larger tiles reuse each loaded K/V (or Q/dO) tile more.
+const FORWARD_SHAPES: &[(u32, u32, u32)] = &[
+    (64, 32, 128),
+    (32, 32, 64),
+    (32, 16, 64),
+    (16, 16, 64),
+    (16, 8, 32),
+    (8, 8, 32),
+    (8, 4, 32),
+];
+const BACKWARD_SHAPES: &[(u32, u32, u32)] = &[
+    (64, 32, 128),
+    (32, 32, 64),
+    (32, 16, 64),
+    (16, 16, 64),
+    (16, 8, 64),
+    (16, 8, 32),
+    (8, 8, 32),
+    (8, 4, 32),
+];
+
+/// Workgroup memory the tilings may use: every tiling in the tables that fits 32 KiB is checked
+/// against the reference on lavapipe (which offers exactly 32 KiB); larger tiles would need tuning
+/// on the hardware that offers more.
+const STORAGE_CAP: u32 = 32 << 10;
+/// The WebGPU minimum, the other tier the checks exercise.
+const STORAGE_MIN: u32 = 16 << 10;
+
+/// Head-size capacity: HS rounded up to a power of two, at least 16.
+fn head_capacity(hs: usize) -> u32 {
+    (hs.max(16).next_power_of_two()) as u32
+}
+
+impl Tiles {
+    /// The tiling for (br, bc, wg) and head capacity hd, if the shader's divisibility and register
+    /// limits allow it: score blocks of up to 4 columns per thread, output blocks of up to 16
+    /// threads across the vec4 columns.
+    fn derive(br: u32, bc: u32, wg: u32, hd: u32) -> Option<Tiles> {
+        // a > 0 and a divides b
+        let divides = |a: u32, b: u32| a > 0 && b.is_multiple_of(a);
+        if !divides(wg, br * bc) {
+            return None;
+        }
+        let n = br * bc / wg;
+        let cs = n.min(CS_MAX).min(bc);
+        if !divides(cs, n) || !divides(cs, bc) {
+            return None;
+        }
+        let sc = bc / cs;
+        if !divides(sc, wg) || !divides(wg / sc, br) {
+            return None;
+        }
+        let rs = br / (wg / sc);
+        let hd4 = hd / 4;
+        let tc = hd4.min(16);
+        let dv = hd4 / tc;
+        if !divides(tc, wg) || !divides(wg / tc, br) {
+            return None;
+        }
+        let ro = br / (wg / tc);
+        let ok = (1..=RS_MAX).contains(&rs)
+            && rs * cs == n
+            && n <= S_MAX
+            && dv <= DV_MAX
+            && ro >= 1
+            && ro * dv <= ACC_MAX;
+        ok.then_some(Tiles {
+            wg,
+            br,
+            bc,
+            hd,
+            sc,
+            tc,
+        })
+    }
+
+    /// Bytes of workgroup memory `pass` declares with this tiling (mirrors the WGSL arrays).
+    fn workgroup_bytes(&self, pass: Pass) -> u64 {
+        let row = 16 * (self.hd as u64 / 4 + 1);
+        let (br, bc) = (self.br as u64, self.bc as u64);
+        match pass {
+            Pass::Forward => row * (br + 2 * bc) + 4 * (br * bc + br * self.sc as u64 + br),
+            Pass::Dq => row * (2 * br + 2 * bc) + 4 * br * bc,
+            Pass::Dkdv => row * (2 * br + 2 * bc) + 8 * br * bc,
+        }
+    }
+
+    /// The best tiling of `pass` for head size `hs` within `storage` bytes of workgroup memory.
+    fn choose(pass: Pass, hs: usize, storage: u32) -> Result<Tiles> {
+        let hd = head_capacity(hs);
+        let shapes = match pass {
+            Pass::Forward => FORWARD_SHAPES,
+            Pass::Dq | Pass::Dkdv => BACKWARD_SHAPES,
+        };
+        let candidates = shapes
+            .iter()
+            .filter_map(|&(br, bc, wg)| Tiles::derive(br, bc, wg, hd));
+        let mut smallest = u64::MAX;
+        for t in candidates {
+            let bytes = t.workgroup_bytes(pass);
+            if bytes <= storage as u64 {
+                return Ok(t);
+            }
+            smallest = smallest.min(bytes);
+        }
+        Err(Error::invalid(
+            format!("attention {pass:?}"),
+            format!(
+                "HS = {hs} needs at least {smallest} bytes of workgroup memory, over the \
+                 adapter's max_compute_workgroup_storage_size of {storage}"
+            ),
+        ))
+    }
+
+    fn constants(&self) -> [(&'static str, f64); 6] {
+        [
+            ("WG", self.wg as f64),
+            ("BR", self.br as f64),
+            ("BC", self.bc as f64),
+            ("HD", self.hd as f64),
+            ("SC", self.sc as f64),
+            ("TC", self.tc as f64),
+        ]
+    }
+}
+
+/// The workgroup memory the fused kernels may plan for on this adapter.
+fn storage_limit(gpu: &Gpu) -> u32 {
+    gpu.limits
+        .max_compute_workgroup_storage_size
+        .min(STORAGE_CAP)
+}
+
+/// Checks the dimensions and head size of a fused kernel.
+fn check_fused_dims(kernel: &str, dims: &[(&str, usize)], hs: usize) -> Result<()> {
+    expect_dims(kernel, dims)?;
+    if hs > MAX_HS {
+        return Err(Error::invalid(
+            kernel,
+            format!("head size HS = {hs} exceeds the fused kernels' maximum MAX_HS = {MAX_HS}"),
+        ));
+    }
+    Ok(())
+}
+
+/// FLOPs of one product over the unmasked (query, key) pairs, such as q·kᵀ or att·v.
+///
+/// Dispatch costs count useful work only, the same for the fused and the unfused kernels: a
+/// forward is 2 products, a backward 4 (dP, dV, dQ, dK). The fused backward's recomputation of
+/// the scores and the unfused GEMMs' work on masked entries are left out, so GFLOP/s compares
+/// the time taken for the same result.
+fn product_flops(b: usize, nh: usize, tq: usize, tk: usize, hs: usize, causal: bool) -> u64 {
+    let pairs: u64 = if causal {
+        // query i (at position tk - tq + i) sees tk - tq + i + 1 keys
+        (0..tq as u64).map(|i| (tk - tq) as u64 + i + 1).sum()
+    } else {
+        (tq * tk) as u64
+    };
+    2 * pairs * hs as u64 * (b * nh) as u64
+}
+
+fn fused_forward(
+    gpu: &Gpu,
+    spec_args: [&View; 5],
+    params: Params,
+    cost: Cost,
+    storage: u32,
+) -> Result<Dispatch> {
+    let tiles = Tiles::choose(Pass::Forward, params.hs as usize, storage)?;
+    let ntiles = params.tq.div_ceil(tiles.br);
+    let params = Params { ntiles, ..params };
+    let wg = grid(
+        params.nb * params.nh * ntiles,
+        gpu.limits.max_compute_workgroups_per_dimension,
+    );
+    gpu.dispatch(
+        &FORWARD,
+        &tiles.constants(),
+        bytes_of(&params),
+        &spec_args,
+        wg,
+        cost,
+    )
+}
+
+/// Fused forward: out (B, T, C) and lse (B, NH, T) from qkv (B, T, 3C); scale 1/sqrt(HS); causal
+/// or not. Overwrites out and lse. No T×T matrix is stored; key tiles wholly past the causal
+/// limit are skipped.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    gpu: &Gpu,
+    out: &View,
+    lse: &View,
+    qkv: &View,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+) -> Result<Dispatch> {
+    forward_in(gpu, out, lse, qkv, b, t, nh, hs, causal, storage_limit(gpu))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_in(
+    gpu: &Gpu,
+    out: &View,
+    lse: &View,
+    qkv: &View,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+    storage: u32,
+) -> Result<Dispatch> {
+    let name = FORWARD.name();
+    check_fused_dims(&name, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)], hs)?;
+    let c = nh * hs;
+    expect(&name, qkv, DType::F32, b * t * 3 * c)?;
+    expect(&name, out, DType::F32, b * t * c)?;
+    expect(&name, lse, DType::F32, b * nh * t)?;
+    let params = Params {
+        write_lse: 1,
+        q: qkv_strides(t, c, hs, 0),
+        k: qkv_strides(t, c, hs, 1),
+        v: qkv_strides(t, c, hs, 2),
+        o: btc_strides(t, c, hs),
+        ..Params::new(b, nh, hs, t, t, causal)
+    };
+    let cost = Cost {
+        flops: 2 * product_flops(b, nh, t, t, hs, causal),
+        bytes: 4 * (b * t * 4 * c + b * nh * t) as u64,
+    };
+    fused_forward(gpu, [qkv, qkv, qkv, out, lse], params, cost, storage)
+}
+
+/// Fused backward: dqkv (B, T, 3C) from dout (B, T, C), qkv (B, T, 3C), and the forward's out
+/// (B, T, C) and lse (B, NH, T). Overwrites dqkv. Three dispatches: D = rowsum(dout ∘ out) into a
+/// private (B, NH, T) scratch, then dk and dv (one workgroup per key tile), then dq (one per query
+/// tile); probabilities are recomputed from lse. Deterministic, no atomics.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    gpu: &Gpu,
+    dqkv: &View,
+    dout: &View,
+    qkv: &View,
+    out: &View,
+    lse: &View,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+) -> Result<Vec<Dispatch>> {
+    backward_in(
+        gpu,
+        dqkv,
+        dout,
+        qkv,
+        out,
+        lse,
+        b,
+        t,
+        nh,
+        hs,
+        causal,
+        storage_limit(gpu),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_in(
+    gpu: &Gpu,
+    dqkv: &View,
+    dout: &View,
+    qkv: &View,
+    out: &View,
+    lse: &View,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+    storage: u32,
+) -> Result<Vec<Dispatch>> {
+    let name = "attention.backward";
+    check_fused_dims(name, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)], hs)?;
+    let c = nh * hs;
+    expect(name, dqkv, DType::F32, b * t * 3 * c)?;
+    expect(name, dout, DType::F32, b * t * c)?;
+    expect(name, qkv, DType::F32, b * t * 3 * c)?;
+    expect(name, out, DType::F32, b * t * c)?;
+    expect(name, lse, DType::F32, b * nh * t)?;
+    let dkdv_tiles = Tiles::choose(Pass::Dkdv, hs, storage)?;
+    let dq_tiles = Tiles::choose(Pass::Dq, hs, storage)?;
+    let max_wg = gpu.limits.max_compute_workgroups_per_dimension;
+    let base = Params {
+        q: qkv_strides(t, c, hs, 0),
+        k: qkv_strides(t, c, hs, 1),
+        v: qkv_strides(t, c, hs, 2),
+        o: btc_strides(t, c, hs),
+        ..Params::new(b, nh, hs, t, t, causal)
+    };
+    let rows = b * nh * t;
+    let d = gpu.zeros("attention D", DType::F32, rows)?;
+
+    const PREP_WG: u32 = 256;
+    let prep = gpu.dispatch(
+        &BACKWARD_PREP,
+        &[("WG", PREP_WG as f64)],
+        bytes_of(&base),
+        &[dout, out, &d],
+        grid((rows as u32).div_ceil(PREP_WG), max_wg),
+        Cost {
+            flops: 2 * (b * t * c) as u64,
+            bytes: 4 * (2 * b * t * c + rows) as u64,
+        },
+    )?;
+    let product = product_flops(b, nh, t, t, hs, causal);
+    let io_bytes = 4 * (2 * b * t * 3 * c + b * t * c + 2 * rows) as u64;
+    let mut fused = Vec::with_capacity(2);
+    for (spec, tiles) in [(&BACKWARD_DKDV, dkdv_tiles), (&BACKWARD_DQ, dq_tiles)] {
+        let ntiles = (t as u32).div_ceil(tiles.br);
+        let params = Params { ntiles, ..base };
+        fused.push(gpu.dispatch(
+            spec,
+            &tiles.constants(),
+            bytes_of(&params),
+            &[qkv, qkv, qkv, dout, lse, &d, dqkv],
+            grid(params.nb * params.nh * ntiles, max_wg),
+            Cost {
+                // dV and dK, or dP and dQ
+                flops: 2 * product,
+                bytes: io_bytes / 2,
+            },
+        )?);
+    }
+    let mut all = vec![prep];
+    all.extend(fused);
+    Ok(all)
+}
+
+/// KV-cache decoding: the Tq new tokens of qkv (B, Tq, 3C), at absolute positions
+/// pos0 .. pos0 + Tq, attend causally to keys and values 0 .. pos0 + Tq held in k_cache and
+/// v_cache (B, NH, Tmax, HS) (append the new tokens first with `kv_append`). Overwrites out
+/// (B, Tq, C); no lse.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_cached(
+    gpu: &Gpu,
+    out: &View,
+    qkv: &View,
+    k_cache: &View,
+    v_cache: &View,
+    b: usize,
+    tq: usize,
+    nh: usize,
+    hs: usize,
+    pos0: usize,
+    tmax: usize,
+) -> Result<Dispatch> {
+    let name = "attention.forward_cached";
+    check_fused_dims(
+        name,
+        &[("B", b), ("Tq", tq), ("NH", nh), ("HS", hs), ("Tmax", tmax)],
+        hs,
+    )?;
+    check_cache_positions(name, tq, pos0, tmax)?;
+    let c = nh * hs;
+    expect(name, out, DType::F32, b * tq * c)?;
+    expect(name, qkv, DType::F32, b * tq * 3 * c)?;
+    expect(name, k_cache, DType::F32, b * nh * tmax * hs)?;
+    expect(name, v_cache, DType::F32, b * nh * tmax * hs)?;
+    let tk = pos0 + tq;
+    let params = Params {
+        pos0: pos0 as u32,
+        write_lse: 0,
+        q: qkv_strides(tq, c, hs, 0),
+        k: cache_strides(nh, tmax, hs),
+        v: cache_strides(nh, tmax, hs),
+        o: btc_strides(tq, c, hs),
+        ..Params::new(b, nh, hs, tq, tk, true)
+    };
+    // The kernel's lse binding is not written when write_lse = 0; a word stands in for it.
+    let unused_lse = gpu.zeros("attention unused lse", DType::F32, 1)?;
+    let cost = Cost {
+        flops: 2 * product_flops(b, nh, tq, tk, hs, true),
+        bytes: 4 * (b * tq * 4 * c + 2 * b * tk * c) as u64,
+    };
+    fused_forward(
+        gpu,
+        [qkv, k_cache, v_cache, out, &unused_lse],
+        params,
+        cost,
+        storage_limit(gpu),
+    )
+}
+
+fn check_cache_positions(kernel: &str, tq: usize, pos0: usize, tmax: usize) -> Result<()> {
+    if pos0 + tq > tmax {
+        return Err(Error::invalid(
+            kernel,
+            format!(
+                "positions pos0 + Tq = {pos0} + {tq} = {} exceed the cache's Tmax = {tmax}",
+                pos0 + tq
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Copies the k and v of the Tq new tokens of qkv (B, Tq, 3C) into k_cache and v_cache
+/// (B, NH, Tmax, HS) at positions pos0 .. pos0 + Tq. Overwrites those rows of the caches.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_append(
+    gpu: &Gpu,
+    k_cache: &View,
+    v_cache: &View,
+    qkv: &View,
+    b: usize,
+    tq: usize,
+    nh: usize,
+    hs: usize,
+    pos0: usize,
+    tmax: usize,
+) -> Result<Dispatch> {
+    let name = KV_APPEND.name();
+    expect_dims(
+        &name,
+        &[("B", b), ("Tq", tq), ("NH", nh), ("HS", hs), ("Tmax", tmax)],
+    )?;
+    check_cache_positions(&name, tq, pos0, tmax)?;
+    let c = nh * hs;
+    expect(&name, qkv, DType::F32, b * tq * 3 * c)?;
+    expect(&name, k_cache, DType::F32, b * nh * tmax * hs)?;
+    expect(&name, v_cache, DType::F32, b * nh * tmax * hs)?;
+    let params = Params {
+        pos0: pos0 as u32,
+        k: qkv_strides(tq, c, hs, 1),
+        v: qkv_strides(tq, c, hs, 2),
+        ..Params::new(b, nh, hs, tq, tmax, true)
+    };
+    const WG: u32 = 256;
+    let n = b * tq * c;
+    gpu.dispatch(
+        &KV_APPEND,
+        &[("WG", WG as f64)],
+        bytes_of(&params),
+        &[qkv, k_cache, v_cache],
+        grid(
+            (n as u32).div_ceil(WG),
+            gpu.limits.max_compute_workgroups_per_dimension,
+        ),
+        Cost {
+            flops: 0,
+            bytes: 16 * n as u64,
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unfused baseline.
+
+/// Mirrors `GemmParams` in attention.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+struct GemmParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    nh: u32,
+    mask: u32,
+    alpha: f32,
+    a_sm: u32,
+    a_sk: u32,
+    a_base: u32,
+    a_sb: u32,
+    a_sh: u32,
+    b_sk: u32,
+    b_sn: u32,
+    b_base: u32,
+    b_sb: u32,
+    b_sh: u32,
+    c_base: u32,
+    c_sb: u32,
+    c_sh: u32,
+    c_sm: u32,
+}
+
+/// A strided matrix per (b, h): element (r, c) at base + b·sb + h·sh + r·s0 + c·s1.
+#[derive(Clone, Copy)]
+struct Mat {
+    base: usize,
+    sb: usize,
+    sh: usize,
+    s0: usize,
+    s1: usize,
+}
+
+impl Mat {
+    /// Part `part` of qkv (B, T, 3C) as (T, HS) matrices.
+    fn qkv(t: usize, c: usize, hs: usize, part: usize) -> Mat {
+        Mat {
+            base: part * c,
+            sb: t * 3 * c,
+            sh: hs,
+            s0: 3 * c,
+            s1: 1,
+        }
+    }
+    /// A (B, T, C) tensor as (T, HS) matrices.
+    fn btc(t: usize, c: usize, hs: usize) -> Mat {
+        Mat {
+            base: 0,
+            sb: t * c,
+            sh: hs,
+            s0: c,
+            s1: 1,
+        }
+    }
+    /// A (B, NH, T, T) tensor as (T, T) matrices.
+    fn square(t: usize, nh: usize) -> Mat {
+        Mat {
+            base: 0,
+            sb: nh * t * t,
+            sh: t * t,
+            s0: t,
+            s1: 1,
+        }
+    }
+    fn transposed(self) -> Mat {
+        Mat {
+            s0: self.s1,
+            s1: self.s0,
+            ..self
+        }
+    }
+}
+
+const GEMM_TILE: u32 = 64;
+
+/// c (M, N) = alpha · a (M, K) · b (K, N) for each (b, h); c must be contiguous along N.
+/// `flops` is the useful work (see `product_flops`).
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    gpu: &Gpu,
+    (a, am): (&View, Mat),
+    (bv, bm): (&View, Mat),
+    (c, cm): (&View, Mat),
+    (m, n, k): (usize, usize, usize),
+    (batch, nh): (usize, usize),
+    alpha: f32,
+    mask: bool,
+    flops: u64,
+) -> Result<Dispatch> {
+    debug_assert_eq!(cm.s1, 1);
+    let params = GemmParams {
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+        nh: nh as u32,
+        mask: mask as u32,
+        alpha,
+        a_sm: am.s0 as u32,
+        a_sk: am.s1 as u32,
+        a_base: am.base as u32,
+        a_sb: am.sb as u32,
+        a_sh: am.sh as u32,
+        b_sk: bm.s0 as u32,
+        b_sn: bm.s1 as u32,
+        b_base: bm.base as u32,
+        b_sb: bm.sb as u32,
+        b_sh: bm.sh as u32,
+        c_base: cm.base as u32,
+        c_sb: cm.sb as u32,
+        c_sh: cm.sh as u32,
+        c_sm: cm.s0 as u32,
+    };
+    let wg = [
+        (n as u32).div_ceil(GEMM_TILE),
+        (m as u32).div_ceil(GEMM_TILE),
+        (batch * nh) as u32,
+    ];
+    let cost = Cost {
+        flops,
+        bytes: 4 * (batch * nh * (m * k + k * n + m * n)) as u64,
+    };
+    gpu.dispatch(&UNFUSED_GEMM, &[], bytes_of(&params), &[a, bv, c], wg, cost)
+}
+
+const SOFTMAX_WG: u32 = 128;
+
+fn softmax_dispatch(
+    gpu: &Gpu,
+    spec: &KernelSpec,
+    args: &[&View],
+    (b, t, nh): (usize, usize, usize),
+    causal: bool,
+    cost: Cost,
+) -> Result<Dispatch> {
+    let params = Params::new(b, nh, 1, t, t, causal);
+    gpu.dispatch(
+        spec,
+        &[("WG", SOFTMAX_WG as f64)],
+        bytes_of(&params),
+        args,
+        grid(
+            (b * nh * t) as u32,
+            gpu.limits.max_compute_workgroups_per_dimension,
+        ),
+        cost,
+    )
+}
+
+fn check_unfused_dims(kernel: &str, b: usize, t: usize, nh: usize, hs: usize) -> Result<()> {
+    expect_dims(kernel, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)])?;
+    let square = (b as u128) * (nh as u128) * (t as u128) * (t as u128);
+    if square > u32::MAX as u128 {
+        return Err(Error::invalid(
+            kernel,
+            format!("B·NH·T² = {square} elements do not fit the kernels' 32-bit indices"),
+        ));
+    }
+    Ok(())
+}
+
+/// Unfused baseline forward (llm.c's attention_forward): preatt (B, NH, T, T) = scale·q·kᵀ
+/// (masked entries 0), att = softmax(preatt) (masked entries 0), out (B, T, C) = att·v, from qkv
+/// (B, T, 3C). Overwrites out, preatt and att. The T×T products are computed in full.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_unfused(
+    gpu: &Gpu,
+    out: &View,
+    preatt: &View,
+    att: &View,
+    qkv: &View,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+) -> Result<Vec<Dispatch>> {
+    let name = "attention.forward_unfused";
+    check_unfused_dims(name, b, t, nh, hs)?;
+    let c = nh * hs;
+    expect(name, out, DType::F32, b * t * c)?;
+    expect(name, preatt, DType::F32, b * nh * t * t)?;
+    expect(name, att, DType::F32, b * nh * t * t)?;
+    expect(name, qkv, DType::F32, b * t * 3 * c)?;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let sq = Mat::square(t, nh);
+    let rows = b * nh * t;
+    let product = product_flops(b, nh, t, t, hs, causal);
+    Ok(vec![
+        gemm(
+            gpu,
+            (qkv, Mat::qkv(t, c, hs, 0)),
+            (qkv, Mat::qkv(t, c, hs, 1).transposed()),
+            (preatt, sq),
+            (t, t, hs),
+            (b, nh),
+            scale,
+            causal,
+            product,
+        )?,
+        softmax_dispatch(
+            gpu,
+            &UNFUSED_SOFTMAX,
+            &[preatt, att],
+            (b, t, nh),
+            causal,
+            Cost {
+                flops: 5 * (rows * t) as u64,
+                bytes: 8 * (rows * t) as u64,
+            },
+        )?,
+        gemm(
+            gpu,
+            (att, sq),
+            (qkv, Mat::qkv(t, c, hs, 2)),
+            (out, Mat::btc(t, c, hs)),
+            (t, hs, t),
+            (b, nh),
+            1.0,
+            false,
+            product,
+        )?,
+    ])
+}
+
+/// Unfused baseline backward: dqkv (B, T, 3C) from dout (B, T, C), qkv and the forward's att
+/// (B, NH, T, T), through datt = dout·vᵀ and dpreatt = att ∘ (datt - rowsum(att ∘ datt)), both
+/// (B, NH, T, T) and overwritten; overwrites dqkv.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_unfused(
+    gpu: &Gpu,
+    dqkv: &View,
+    dpreatt: &View,
+    datt: &View,
+    dout: &View,
+    qkv: &View,
+    att: &View,
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+) -> Result<Vec<Dispatch>> {
+    let name = "attention.backward_unfused";
+    check_unfused_dims(name, b, t, nh, hs)?;
+    let c = nh * hs;
+    expect(name, dqkv, DType::F32, b * t * 3 * c)?;
+    expect(name, dpreatt, DType::F32, b * nh * t * t)?;
+    expect(name, datt, DType::F32, b * nh * t * t)?;
+    expect(name, dout, DType::F32, b * t * c)?;
+    expect(name, qkv, DType::F32, b * t * 3 * c)?;
+    expect(name, att, DType::F32, b * nh * t * t)?;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let sq = Mat::square(t, nh);
+    let dmat = Mat::btc(t, c, hs);
+    let rows = b * nh * t;
+    let product = product_flops(b, nh, t, t, hs, causal);
+    Ok(vec![
+        // datt (T, T) = dout (T, HS) · vᵀ (HS, T)
+        gemm(
+            gpu,
+            (dout, dmat),
+            (qkv, Mat::qkv(t, c, hs, 2).transposed()),
+            (datt, sq),
+            (t, t, hs),
+            (b, nh),
+            1.0,
+            causal,
+            product,
+        )?,
+        // dv (T, HS) = attᵀ (T, T) · dout (T, HS)
+        gemm(
+            gpu,
+            (att, sq.transposed()),
+            (dout, dmat),
+            (dqkv, Mat::qkv(t, c, hs, 2)),
+            (t, hs, t),
+            (b, nh),
+            1.0,
+            false,
+            product,
+        )?,
+        softmax_dispatch(
+            gpu,
+            &UNFUSED_SOFTMAX_BACKWARD,
+            &[att, datt, dpreatt],
+            (b, t, nh),
+            causal,
+            Cost {
+                flops: 4 * (rows * t) as u64,
+                bytes: 12 * (rows * t) as u64,
+            },
+        )?,
+        // dq (T, HS) = scale · dpreatt (T, T) · k (T, HS)
+        gemm(
+            gpu,
+            (dpreatt, sq),
+            (qkv, Mat::qkv(t, c, hs, 1)),
+            (dqkv, Mat::qkv(t, c, hs, 0)),
+            (t, hs, t),
+            (b, nh),
+            scale,
+            false,
+            product,
+        )?,
+        // dk (T, HS) = scale · dpreattᵀ (T, T) · q (T, HS)
+        gemm(
+            gpu,
+            (dpreatt, sq.transposed()),
+            (qkv, Mat::qkv(t, c, hs, 0)),
+            (dqkv, Mat::qkv(t, c, hs, 1)),
+            (t, hs, t),
+            (b, nh),
+            scale,
+            false,
+            product,
+        )?,
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Harness.
 
 pub const FAMILY: Family = Family {
     name: "attention",
-    about: "not yet written",
-    shape_help: "N",
-    default_shapes: &[],
-    bench_shape: &[1],
+    about: "fused causal/non-causal softmax attention fwd+bwd, KV-cache decoding, unfused baseline",
+    shape_help: "B,NH,T,HS",
+    default_shapes: &[
+        &[1, 1, 1, 8],
+        &[2, 3, 7, 16],
+        &[1, 4, 50, 24],
+        &[1, 3, 37, 64],
+        &[2, 2, 65, 45],
+        &[1, 2, 129, 3],
+        &[2, 1, 33, 128],
+    ],
+    bench_shape: &[1, 12, 256, 64],
     check,
     bench,
 };
 
-fn check(_gpu: &Gpu, _shape: &[usize]) -> Result<Vec<CheckReport>> {
-    Err(Error::invalid("attention", "not yet written"))
+/// Tolerances against the f64 reference (|err| <= atol + rtol·|ref|): f32 accumulation over a
+/// few hundred terms of magnitude ~1 stays within a few 1e-6.
+pub const ATOL: f64 = 1e-5;
+pub const RTOL: f64 = 1e-5;
+
+/// The inputs of a check: qkv (B, T, 3C) and dout (B, T, C), seeded by the shape.
+pub fn check_inputs(b: usize, nh: usize, t: usize, hs: usize) -> (Vec<f32>, Vec<f32>) {
+    let c = nh * hs;
+    let mut rng = Rng::new((b * 1_000_003 + nh * 10_007 + t * 101 + hs) as u64);
+    let qkv = rng.vec_uniform(b * t * 3 * c, -2.0, 2.0);
+    let dout = rng.vec_uniform(b * t * c, -1.0, 1.0);
+    (qkv, dout)
 }
 
-fn bench(_gpu: &Gpu, _shape: &[usize], _opts: &BenchOptions) -> Result<Vec<BenchReport>> {
-    Err(Error::invalid("attention", "not yet written"))
+/// The reference's out, preatt, att, lse and dqkv in f64.
+struct Expected {
+    out: Vec<f64>,
+    preatt: Vec<f64>,
+    att: Vec<f64>,
+    lse: Vec<f64>,
+    dqkv: Vec<f64>,
+}
+
+fn expected(
+    qkv: &[f32],
+    dout: &[f32],
+    (b, nh, t, hs): (usize, usize, usize, usize),
+) -> [Expected; 2] {
+    let c = nh * hs;
+    let qkv: Vec<f64> = reference::convert(qkv);
+    let dout: Vec<f64> = reference::convert(dout);
+    [true, false].map(|causal| {
+        let mut e = Expected {
+            out: vec![0.0; b * t * c],
+            preatt: vec![0.0; b * nh * t * t],
+            att: vec![0.0; b * nh * t * t],
+            lse: vec![0.0; b * nh * t],
+            dqkv: vec![0.0; b * t * 3 * c],
+        };
+        reference::attention::forward(
+            &mut e.out,
+            &mut e.preatt,
+            &mut e.att,
+            &mut e.lse,
+            &qkv,
+            b,
+            t,
+            nh,
+            hs,
+            causal,
+        );
+        let (mut dpre, mut datt) = (vec![0.0; b * nh * t * t], vec![0.0; b * nh * t * t]);
+        reference::attention::backward(
+            &mut e.dqkv,
+            &mut dpre,
+            &mut datt,
+            &dout,
+            &qkv,
+            &e.att,
+            b,
+            t,
+            nh,
+            hs,
+            causal,
+        );
+        e
+    })
+}
+
+fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
+    let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
+    let c = nh * hs;
+    let s = format!("B={b} NH={nh} T={t} HS={hs}");
+    let (qkv, dout) = check_inputs(b, nh, t, hs);
+    let want = expected(&qkv, &dout, (b, nh, t, hs));
+    let gqkv = gpu.upload_f32("qkv", &qkv)?;
+    let gdout = gpu.upload_f32("dout", &dout)?;
+    let mut reports = Vec::new();
+
+    // Every tiling tier this adapter can run: the one `forward` picks, and the WebGPU minimum.
+    let mut tiers = vec![(storage_limit(gpu), "fused")];
+    if storage_limit(gpu) > STORAGE_MIN {
+        tiers.push((STORAGE_MIN, "fused16k"));
+    }
+    for (causal, want) in [true, false].iter().zip(&want) {
+        let mode = if *causal { "causal" } else { "noncausal" };
+        for &(storage, label) in &tiers {
+            let out = gpu.zeros("out", DType::F32, b * t * c)?;
+            let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
+            let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
+            let mut ds = vec![forward_in(
+                gpu, &out, &lse, &gqkv, b, t, nh, hs, *causal, storage,
+            )?];
+            ds.extend(backward_in(
+                gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, *causal, storage,
+            )?);
+            gpu.run(&ds)?;
+            for (what, got, w) in [
+                ("out", &out, &want.out),
+                ("lse", &lse, &want.lse),
+                ("dqkv", &dqkv, &want.dqkv),
+            ] {
+                let what = format!("{mode} {label} {what}");
+                reports.push(CheckReport::new(
+                    &s,
+                    &what,
+                    &gpu.read_f32(got)?,
+                    w,
+                    ATOL,
+                    RTOL,
+                ));
+            }
+        }
+
+        let out = gpu.zeros("out", DType::F32, b * t * c)?;
+        let preatt = gpu.zeros("preatt", DType::F32, b * nh * t * t)?;
+        let att = gpu.zeros("att", DType::F32, b * nh * t * t)?;
+        let dpreatt = gpu.zeros("dpreatt", DType::F32, b * nh * t * t)?;
+        let datt = gpu.zeros("datt", DType::F32, b * nh * t * t)?;
+        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
+        let mut ds = forward_unfused(gpu, &out, &preatt, &att, &gqkv, b, t, nh, hs, *causal)?;
+        ds.extend(backward_unfused(
+            gpu, &dqkv, &dpreatt, &datt, &gdout, &gqkv, &att, b, t, nh, hs, *causal,
+        )?);
+        gpu.run(&ds)?;
+        for (what, got, w) in [
+            ("preatt", &preatt, &want.preatt),
+            ("att", &att, &want.att),
+            ("out", &out, &want.out),
+            ("dqkv", &dqkv, &want.dqkv),
+        ] {
+            let what = format!("{mode} unfused {what}");
+            reports.push(CheckReport::new(
+                &s,
+                &what,
+                &gpu.read_f32(got)?,
+                w,
+                ATOL,
+                RTOL,
+            ));
+        }
+    }
+
+    // Decoding: a prefill of up to 5 tokens, then one token per step, against the causal rows.
+    let cached = decode(gpu, &qkv, b, nh, t, hs, 5, 1)?;
+    reports.push(CheckReport::new(
+        &s,
+        "cached out",
+        &cached,
+        &want[0].out,
+        ATOL,
+        RTOL,
+    ));
+    Ok(reports)
+}
+
+/// Runs generation-style attention over qkv (B, T, 3C): kv_append and forward_cached for a
+/// prefill of `prefill` tokens, then for `step` tokens at a time (the last step may be shorter);
+/// returns the outputs as (B, T, C).
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    gpu: &Gpu,
+    qkv: &[f32],
+    b: usize,
+    nh: usize,
+    t: usize,
+    hs: usize,
+    prefill: usize,
+    step: usize,
+) -> Result<Vec<f32>> {
+    let c = nh * hs;
+    // A cache longer than needed, so that Tmax and the sequence length differ.
+    let tmax = t + 3;
+    let kc = gpu.zeros("k_cache", DType::F32, b * nh * tmax * hs)?;
+    let vc = gpu.zeros("v_cache", DType::F32, b * nh * tmax * hs)?;
+    let mut steps = vec![(0, prefill.clamp(1, t))];
+    while let Some(&(p, n)) = steps.last() {
+        if p + n >= t {
+            break;
+        }
+        steps.push((p + n, step.max(1).min(t - p - n)));
+    }
+    let mut dispatches = Vec::new();
+    let mut outs = Vec::new();
+    for &(pos0, n) in &steps {
+        // qkv (B, n, 3C) of tokens pos0 .. pos0 + n
+        let mut step_qkv = Vec::with_capacity(b * n * 3 * c);
+        for bi in 0..b {
+            step_qkv.extend_from_slice(&qkv[(bi * t + pos0) * 3 * c..(bi * t + pos0 + n) * 3 * c]);
+        }
+        let sq = gpu.upload_f32("step qkv", &step_qkv)?;
+        let so = gpu.zeros("step out", DType::F32, b * n * c)?;
+        dispatches.push(kv_append(gpu, &kc, &vc, &sq, b, n, nh, hs, pos0, tmax)?);
+        dispatches.push(forward_cached(
+            gpu, &so, &sq, &kc, &vc, b, n, nh, hs, pos0, tmax,
+        )?);
+        outs.push(so);
+    }
+    gpu.run(&dispatches)?;
+    let mut full = vec![0.0; b * t * c];
+    for (&(pos0, n), so) in steps.iter().zip(&outs) {
+        let o = gpu.read_f32(so)?;
+        for bi in 0..b {
+            full[(bi * t + pos0) * c..(bi * t + pos0 + n) * c]
+                .copy_from_slice(&o[bi * n * c..(bi + 1) * n * c]);
+        }
+    }
+    Ok(full)
+}
+
+fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
+    let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
+    let c = nh * hs;
+    let s = format!("B={b} NH={nh} T={t} HS={hs} causal");
+    let (qkv, dout) = check_inputs(b, nh, t, hs);
+    let qkv = gpu.upload_f32("qkv", &qkv)?;
+    let dout = gpu.upload_f32("dout", &dout)?;
+    let out = gpu.zeros("out", DType::F32, b * t * c)?;
+    let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
+    let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
+    let row_bytes = 4 * (b * nh * t) as u64;
+    let square_bytes = 4 * (b * nh * t * t) as u64;
+
+    let fwd = forward(gpu, &out, &lse, &qkv, b, t, nh, hs, true)?;
+    let bwd = backward(gpu, &dqkv, &dout, &qkv, &out, &lse, b, t, nh, hs, true)?;
+    let mut fused_fwd = harness::bench_one(gpu, opts, "fused forward", &s, &[fwd])?;
+    // lse, kept for the backward
+    fused_fwd.extra_bytes = Some(row_bytes);
+    let mut fused_bwd = harness::bench_one(gpu, opts, "fused backward", &s, &bwd)?;
+    // lse and the D scratch
+    fused_bwd.extra_bytes = Some(2 * row_bytes);
+
+    let preatt = gpu.zeros("preatt", DType::F32, b * nh * t * t)?;
+    let att = gpu.zeros("att", DType::F32, b * nh * t * t)?;
+    let ufwd = forward_unfused(gpu, &out, &preatt, &att, &qkv, b, t, nh, hs, true)?;
+    let mut unfused_fwd = harness::bench_one(gpu, opts, "unfused forward", &s, &ufwd)?;
+    // preatt and att
+    unfused_fwd.extra_bytes = Some(2 * square_bytes);
+    drop(ufwd);
+    drop(preatt);
+    let dpreatt = gpu.zeros("dpreatt", DType::F32, b * nh * t * t)?;
+    let datt = gpu.zeros("datt", DType::F32, b * nh * t * t)?;
+    let ubwd = backward_unfused(
+        gpu, &dqkv, &dpreatt, &datt, &dout, &qkv, &att, b, t, nh, hs, true,
+    )?;
+    let mut unfused_bwd = harness::bench_one(gpu, opts, "unfused backward", &s, &ubwd)?;
+    // att (kept from the forward), datt and dpreatt
+    unfused_bwd.extra_bytes = Some(3 * square_bytes);
+    Ok(vec![fused_fwd, unfused_fwd, fused_bwd, unfused_bwd])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_head_size_has_a_tiling_at_both_tiers() {
+        for hs in 1..=MAX_HS {
+            for storage in [STORAGE_MIN, STORAGE_CAP] {
+                for pass in [Pass::Forward, Pass::Dq, Pass::Dkdv] {
+                    let t = Tiles::choose(pass, hs, storage).unwrap();
+                    assert!(t.workgroup_bytes(pass) <= storage as u64);
+                    assert!(t.wg <= 256 && t.hd as usize >= hs);
+                }
+            }
+        }
+    }
 }

@@ -1,1 +1,140 @@
-//! attention: to be written.
+//! Multi-head softmax attention, llm.c style: the scaled scores (`preatt`) and the probabilities
+//! (`att`) are materialized as (B, NH, T, T) tensors.
+//!
+//! Layouts: qkv (B, T, 3, NH, HS) = (B, T, 3C) with C = NH·HS, the q, k, v of token t, head h at
+//! qkv[(b·T + t)·3C + {0, C, 2C} + h·HS + d]; out (B, T, C); lse (B, NH, T).
+//! scale = 1/sqrt(HS). Causal: query t sees keys t2 <= t; masked entries of preatt and att are 0.
+
+use super::Real;
+
+/// out (B, T, C), preatt (B, NH, T, T), att (B, NH, T, T), lse (B, NH, T) from qkv (B, T, 3C).
+/// lse is the natural logsumexp of each row's unmasked scaled scores. Overwrites every output.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<F: Real>(
+    out: &mut [F],
+    preatt: &mut [F],
+    att: &mut [F],
+    lse: &mut [F],
+    qkv: &[F],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+) {
+    let c = nh * hs;
+    let scale = F::one() / F::from_f64(hs as f64).sqrt();
+    for bi in 0..b {
+        for h in 0..nh {
+            for t1 in 0..t {
+                // q (HS) of token t1, head h
+                let q = &qkv[(bi * t + t1) * 3 * c + h * hs..][..hs];
+                let row = ((bi * nh + h) * t + t1) * t;
+                let n = if causal { t1 + 1 } else { t };
+                // preatt[t2] = scale · q·k[t2], and its max
+                let mut maxval = F::from_f64(f64::MIN);
+                for t2 in 0..t {
+                    let mut v = F::zero();
+                    if t2 < n {
+                        let k = &qkv[(bi * t + t2) * 3 * c + c + h * hs..][..hs];
+                        for d in 0..hs {
+                            v += q[d] * k[d];
+                        }
+                        v *= scale;
+                        maxval = maxval.max(v);
+                    }
+                    preatt[row + t2] = v;
+                }
+                // att[t2] = exp(preatt[t2] - max) / sum
+                let mut sum = F::zero();
+                for t2 in 0..t {
+                    let e = if t2 < n {
+                        (preatt[row + t2] - maxval).exp()
+                    } else {
+                        F::zero()
+                    };
+                    att[row + t2] = e;
+                    sum += e;
+                }
+                for t2 in 0..t {
+                    att[row + t2] /= sum;
+                }
+                lse[(bi * nh + h) * t + t1] = maxval + sum.ln();
+                // out (HS) = Σ att[t2] · v[t2]
+                let o = &mut out[(bi * t + t1) * c + h * hs..][..hs];
+                o.fill(F::zero());
+                for t2 in 0..n {
+                    let v = &qkv[(bi * t + t2) * 3 * c + 2 * c + h * hs..][..hs];
+                    for d in 0..hs {
+                        o[d] += att[row + t2] * v[d];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// dqkv (B, T, 3C), dpreatt (B, NH, T, T), datt (B, NH, T, T) from dout (B, T, C), qkv (B, T, 3C)
+/// and the forward's att (B, NH, T, T). Overwrites every output (the fused and unfused GPU
+/// backward passes overwrite dqkv too).
+#[allow(clippy::too_many_arguments)]
+pub fn backward<F: Real>(
+    dqkv: &mut [F],
+    dpreatt: &mut [F],
+    datt: &mut [F],
+    dout: &[F],
+    qkv: &[F],
+    att: &[F],
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+) {
+    let c = nh * hs;
+    let scale = F::one() / F::from_f64(hs as f64).sqrt();
+    dqkv.fill(F::zero());
+    for bi in 0..b {
+        for h in 0..nh {
+            for t1 in 0..t {
+                let row = ((bi * nh + h) * t + t1) * t;
+                let n = if causal { t1 + 1 } else { t };
+                let dout_row = &dout[(bi * t + t1) * c + h * hs..][..hs];
+                // through out = Σ att[t2] v[t2]: datt[t2] = dout·v[t2], dv[t2] += att[t2] · dout
+                for t2 in 0..t {
+                    let mut g = F::zero();
+                    if t2 < n {
+                        let v = (bi * t + t2) * 3 * c + 2 * c + h * hs;
+                        for d in 0..hs {
+                            g += dout_row[d] * qkv[v + d];
+                            dqkv[v + d] += att[row + t2] * dout_row[d];
+                        }
+                    }
+                    datt[row + t2] = g;
+                }
+                // through the softmax: dpreatt[t2] = att[t2] · (datt[t2] - Σ att·datt)
+                let mut dot = F::zero();
+                for t2 in 0..n {
+                    dot += att[row + t2] * datt[row + t2];
+                }
+                for t2 in 0..t {
+                    dpreatt[row + t2] = if t2 < n {
+                        att[row + t2] * (datt[row + t2] - dot)
+                    } else {
+                        F::zero()
+                    };
+                }
+                // through preatt = scale · q·k: dq += scale · dpreatt · k, dk += scale · dpreatt · q
+                let q = (bi * t + t1) * 3 * c + h * hs;
+                for t2 in 0..n {
+                    let k = (bi * t + t2) * 3 * c + c + h * hs;
+                    let g = dpreatt[row + t2] * scale;
+                    for d in 0..hs {
+                        dqkv[q + d] += g * qkv[k + d];
+                        dqkv[k + d] += g * qkv[q + d];
+                    }
+                }
+            }
+        }
+    }
+}

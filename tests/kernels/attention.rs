@@ -1,1 +1,261 @@
-//! attention: to be written.
+//! Attention: the fused kernels (forward and backward, at the adapter's tiling and at the
+//! 16 KiB WebGPU-minimum tiling), the unfused baseline and KV-cache decoding against the CPU
+//! reference; the reference's backward against finite differences; determinism; bad input.
+//!
+//! Each `check` runs causal and non-causal, so every configuration below is covered in both.
+
+use shaderformer::gpu::{DType, Gpu, test_gpu};
+use shaderformer::kernels::attention::{self, MAX_HS};
+use shaderformer::reference::{self, dot, numeric_grad};
+use shaderformer::rng::Rng;
+
+/// Runs the family check on one (B, NH, T, HS) and asserts every comparison.
+fn check_shape(gpu: &Gpu, b: usize, nh: usize, t: usize, hs: usize) {
+    let reports = (attention::FAMILY.check)(gpu, &[b, nh, t, hs])
+        .unwrap_or_else(|e| panic!("attention B={b} NH={nh} T={t} HS={hs}: {e}"));
+    for r in reports {
+        eprintln!("attention {} {}", r.shape, r.comparison);
+        r.comparison.assert();
+    }
+}
+
+#[test]
+fn gpu_matches_reference() {
+    crate::check_family(&attention::FAMILY);
+}
+
+/// Every pair of T ∈ {1, 7, 37, 64, 129} and HS ∈ {8, 16, 64}, at NH = 3 and B = 2.
+#[test]
+fn every_t_with_every_head_size() {
+    let Some(gpu) = test_gpu() else { return };
+    for t in [1, 7, 37, 64, 129] {
+        for hs in [8, 16, 64] {
+            check_shape(gpu, 2, 3, t, hs);
+        }
+    }
+}
+
+/// The extremes of NH ∈ {1, 12} with both B ∈ {1, 2}, at a T that spans several tiles and a T
+/// of one partial tile, with the smallest and largest head sizes of the grid.
+#[test]
+fn head_and_batch_extremes() {
+    let Some(gpu) = test_gpu() else { return };
+    for (nh, b) in [(1, 1), (1, 2), (12, 1), (12, 2)] {
+        check_shape(gpu, b, nh, 129, 8);
+        check_shape(gpu, b, nh, 37, 64);
+    }
+}
+
+/// Decoding with a prefill of 5 tokens and then 1-token steps, and with a prefill of 3 and then
+/// chunks of 4 new tokens at a time, gives the rows of the full causal forward.
+#[test]
+fn decoding_matches_the_full_forward() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, nh, t, hs) = (2, 3, 37, 64);
+    let c = nh * hs;
+    let (qkv, _) = attention::check_inputs(b, nh, t, hs);
+    let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
+    let out = gpu.zeros("out", DType::F32, b * t * c).unwrap();
+    let lse = gpu.zeros("lse", DType::F32, b * nh * t).unwrap();
+    gpu.run(&[attention::forward(gpu, &out, &lse, &gqkv, b, t, nh, hs, true).unwrap()])
+        .unwrap();
+    let full = gpu.read_f32(&out).unwrap();
+    for (prefill, step) in [(5, 1), (3, 4)] {
+        let decoded = attention::decode(gpu, &qkv, b, nh, t, hs, prefill, step).unwrap();
+        let name = format!("decoded out, prefill {prefill}, steps of {step}");
+        reference::compare(&name, &decoded, &full, 1e-6, 1e-6).assert();
+    }
+}
+
+#[test]
+fn reference_backward_matches_finite_differences() {
+    let (b, t, nh, hs) = (2, 4, 2, 3);
+    let c = nh * hs;
+    let mut rng = Rng::new(3);
+    let qkv: Vec<f64> = reference::convert(&rng.vec_uniform(b * t * 3 * c, -2.0, 2.0));
+    let w: Vec<f64> = reference::convert(&rng.vec_uniform(b * t * c, -1.0, 1.0));
+    for causal in [true, false] {
+        let square = b * nh * t * t;
+        let loss = |x: &[f64]| {
+            let mut out = vec![0.0; b * t * c];
+            let (mut pre, mut att) = (vec![0.0; square], vec![0.0; square]);
+            let mut lse = vec![0.0; b * nh * t];
+            reference::attention::forward(
+                &mut out, &mut pre, &mut att, &mut lse, x, b, t, nh, hs, causal,
+            );
+            dot(&out, &w)
+        };
+        let mut out = vec![0.0; b * t * c];
+        let (mut pre, mut att) = (vec![0.0; square], vec![0.0; square]);
+        let mut lse = vec![0.0; b * nh * t];
+        reference::attention::forward(
+            &mut out, &mut pre, &mut att, &mut lse, &qkv, b, t, nh, hs, causal,
+        );
+        let mut dqkv = vec![0.0; b * t * 3 * c];
+        let (mut dpre, mut datt) = (vec![0.0; square], vec![0.0; square]);
+        reference::attention::backward(
+            &mut dqkv, &mut dpre, &mut datt, &w, &qkv, &att, b, t, nh, hs, causal,
+        );
+        let numeric = numeric_grad(&qkv, 1e-5, loss);
+        reference::compare(
+            &format!("dqkv causal={causal}"),
+            &dqkv,
+            &numeric,
+            1e-8,
+            1e-6,
+        )
+        .assert();
+    }
+}
+
+#[test]
+fn reference_lse_is_the_log_of_the_softmax_denominator() {
+    let (b, t, nh, hs) = (1, 5, 2, 4);
+    let c = nh * hs;
+    let qkv: Vec<f64> = reference::convert(&Rng::new(5).vec_uniform(b * t * 3 * c, -2.0, 2.0));
+    let square = b * nh * t * t;
+    let mut out = vec![0.0; b * t * c];
+    let (mut pre, mut att) = (vec![0.0; square], vec![0.0; square]);
+    let mut lse = vec![0.0; b * nh * t];
+    reference::attention::forward(
+        &mut out, &mut pre, &mut att, &mut lse, &qkv, b, t, nh, hs, true,
+    );
+    // att = exp(preatt - lse) on the unmasked entries
+    for row in 0..b * nh * t {
+        for j in 0..=row % t {
+            let want = (pre[row * t + j] - lse[row]).exp();
+            assert!((att[row * t + j] - want).abs() < 1e-12, "row {row} key {j}");
+        }
+    }
+}
+
+/// Two runs of every kernel on the same inputs give the same bits.
+#[test]
+fn results_are_bit_identical_run_to_run() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, nh, t, hs) = (2, 3, 129, 64);
+    let c = nh * hs;
+    let (qkv, dout) = attention::check_inputs(b, nh, t, hs);
+    let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
+    let gdout = gpu.upload_f32("dout", &dout).unwrap();
+    let run = || {
+        let out = gpu.zeros("out", DType::F32, b * t * c).unwrap();
+        let lse = gpu.zeros("lse", DType::F32, b * nh * t).unwrap();
+        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c).unwrap();
+        let sq = |name| gpu.zeros(name, DType::F32, b * nh * t * t).unwrap();
+        let (uout, udqkv) = (
+            gpu.zeros("uout", DType::F32, b * t * c).unwrap(),
+            gpu.zeros("udqkv", DType::F32, b * t * 3 * c).unwrap(),
+        );
+        let (pre, att, dpre, datt) = (sq("preatt"), sq("att"), sq("dpreatt"), sq("datt"));
+        let mut ds = vec![attention::forward(gpu, &out, &lse, &gqkv, b, t, nh, hs, true).unwrap()];
+        ds.extend(
+            attention::backward(gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, true).unwrap(),
+        );
+        ds.extend(
+            attention::forward_unfused(gpu, &uout, &pre, &att, &gqkv, b, t, nh, hs, true).unwrap(),
+        );
+        ds.extend(
+            attention::backward_unfused(
+                gpu, &udqkv, &dpre, &datt, &gdout, &gqkv, &att, b, t, nh, hs, true,
+            )
+            .unwrap(),
+        );
+        gpu.run(&ds).unwrap();
+        [out, lse, dqkv, uout, udqkv].map(|v| gpu.read_u32(&v).unwrap())
+    };
+    let (first, second) = (run(), run());
+    for (name, (a, b)) in ["out", "lse", "dqkv", "unfused out", "unfused dqkv"]
+        .iter()
+        .zip(first.iter().zip(&second))
+    {
+        let diff = a.iter().zip(b).filter(|(x, y)| x != y).count();
+        assert_eq!(
+            diff,
+            0,
+            "{name}: {diff} of {} values differ between runs",
+            a.len()
+        );
+    }
+}
+
+#[test]
+fn head_size_beyond_the_maximum_is_an_error() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, t, nh, hs) = (1, 2, 1, MAX_HS + 1);
+    let c = nh * hs;
+    let z = |name, n| gpu.zeros(name, DType::F32, n).unwrap();
+    let (qkv, out, lse, dqkv) = (
+        z("qkv", b * t * 3 * c),
+        z("out", b * t * c),
+        z("lse", t),
+        z("dqkv", b * t * 3 * c),
+    );
+    let err = attention::forward(gpu, &out, &lse, &qkv, b, t, nh, hs, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("HS = 129") && err.contains("MAX_HS"), "{err}");
+    let err = attention::backward(gpu, &dqkv, &out, &qkv, &out, &lse, b, t, nh, hs, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("MAX_HS"), "{err}");
+    let cache = z("cache", b * nh * 4 * hs);
+    let err = attention::forward_cached(gpu, &out, &qkv, &cache, &cache, b, t, nh, hs, 0, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("MAX_HS"), "{err}");
+}
+
+#[test]
+fn head_size_not_matching_the_channels_is_an_error() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, t) = (2, 5);
+    let z = |name, n| gpu.zeros(name, DType::F32, n).unwrap();
+    // Tensors for C = 64, called with NH = 3, HS = 16 (C = 48).
+    let (qkv, out, lse) = (
+        z("qkv", b * t * 3 * 64),
+        z("out", b * t * 48),
+        z("lse", b * 3 * t),
+    );
+    let err = attention::forward(gpu, &out, &lse, &qkv, b, t, 3, 16, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor qkv") && err.contains("1920"), "{err}");
+    let (pre, att) = (z("preatt", b * 3 * t * t), z("att", b * 3 * t * t));
+    let err = attention::forward_unfused(gpu, &out, &pre, &att, &qkv, b, t, 3, 16, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor qkv"), "{err}");
+    let short_lse = z("lse", b * 3 * t - 1);
+    let qkv48 = z("qkv", b * t * 3 * 48);
+    let err = attention::forward(gpu, &out, &short_lse, &qkv48, b, t, 3, 16, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor lse"), "{err}");
+}
+
+#[test]
+fn positions_beyond_the_cache_are_an_error() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, nh, hs, tmax) = (1, 2, 8, 8);
+    let c = nh * hs;
+    let z = |name, n| gpu.zeros(name, DType::F32, n).unwrap();
+    let (kc, vc) = (
+        z("k_cache", b * nh * tmax * hs),
+        z("v_cache", b * nh * tmax * hs),
+    );
+    let (qkv, out) = (z("qkv", b * 3 * 3 * c), z("out", b * 3 * c));
+    let err = attention::kv_append(gpu, &kc, &vc, &qkv, b, 3, nh, hs, 6, tmax)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Tmax = 8") && err.contains("9"), "{err}");
+    let err = attention::forward_cached(gpu, &out, &qkv, &kc, &vc, b, 3, nh, hs, 6, tmax)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Tmax = 8"), "{err}");
+    // A cache allocated for a different Tmax is named.
+    let err = attention::forward_cached(gpu, &out, &qkv, &kc, &vc, b, 3, nh, hs, 0, 16)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor k_cache"), "{err}");
+}
