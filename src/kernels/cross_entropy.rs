@@ -1,6 +1,9 @@
 //! cross_entropy.wgsl launchers: fused softmax cross-entropy over rows of padded logits (loss and
 //! logsumexp per row), and its in-place backward (logits become dlogits).
 //! Legend: N rows (B·T), V vocabulary, Vp padded vocabulary (the row stride, e.g. 50304 for 50257).
+//!
+//! With Vp % 4 == 0 and 16-byte aligned logits, GPUs run the kernels with 16-byte loads and stores;
+//! CPU adapters (lavapipe), where those measure slower, and other shapes run the scalar ones.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -49,9 +52,36 @@ struct Params {
     dloss: f32,
 }
 
-/// Whether the 16-byte-load kernels apply: whole vec4s per row, 16-byte aligned logits.
-fn use_vec4(logits: &View, vp: usize, allowed: bool) -> bool {
-    allowed && vp.is_multiple_of(4) && logits.offset.is_multiple_of(16)
+/// Which kernels a launcher uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// 16-byte loads where the shape allows, except on CPU adapters (lavapipe), where the scalar
+    /// kernels measure faster.
+    Auto,
+    /// 16-byte loads where the shape allows.
+    Vec4,
+    /// One f32 per load.
+    Scalar,
+}
+
+impl Variant {
+    /// Whether the vec4 kernels run: whole vec4s per row and 16-byte aligned logits required.
+    fn vec4(self, gpu: &Gpu, logits: &View, vp: usize) -> bool {
+        let fits = vp.is_multiple_of(4) && logits.offset.is_multiple_of(16);
+        match self {
+            Variant::Auto => fits && gpu.info.device_type != wgpu::DeviceType::Cpu,
+            Variant::Vec4 => fits,
+            Variant::Scalar => false,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Auto => "",
+            Variant::Vec4 => " vec4",
+            Variant::Scalar => " scalar",
+        }
+    }
 }
 
 /// Checks N, V, Vp, V <= Vp, and that N·Vp elements can be indexed with u32 in the shaders.
@@ -88,7 +118,7 @@ pub fn forward(
     v: usize,
     vp: usize,
 ) -> Result<Dispatch> {
-    forward_variant(gpu, losses, lse, logits, targets, n, v, vp, true)
+    forward_variant(gpu, losses, lse, logits, targets, n, v, vp, Variant::Auto)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -101,7 +131,7 @@ fn forward_variant(
     n: usize,
     v: usize,
     vp: usize,
-    vec4: bool,
+    variant: Variant,
 ) -> Result<Dispatch> {
     let name = FORWARD.name();
     expect_nv(&name, n, v, vp)?;
@@ -122,7 +152,7 @@ fn forward_variant(
         // logits once, targets, the target logits, losses and lse
         bytes: 4 * n64 * v64 + 16 * n64,
     };
-    let spec = if use_vec4(logits, vp, vec4) {
+    let spec = if variant.vec4(gpu, logits, vp) {
         &FORWARD_VEC4
     } else {
         &FORWARD
@@ -151,7 +181,7 @@ pub fn backward(
     vp: usize,
     dloss: f32,
 ) -> Result<Dispatch> {
-    backward_variant(gpu, logits, lse, targets, n, v, vp, dloss, true)
+    backward_variant(gpu, logits, lse, targets, n, v, vp, dloss, Variant::Auto)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -164,7 +194,7 @@ fn backward_variant(
     v: usize,
     vp: usize,
     dloss: f32,
-    vec4: bool,
+    variant: Variant,
 ) -> Result<Dispatch> {
     let name = BACKWARD.name();
     expect_nv(&name, n, v, vp)?;
@@ -183,7 +213,7 @@ fn backward_variant(
         // logits read, dlogits written (padding included), lse and targets
         bytes: 4 * n64 * v64 + 4 * n64 * vp64 + 8 * n64,
     };
-    let spec = if use_vec4(logits, vp, vec4) {
+    let spec = if variant.vec4(gpu, logits, vp) {
         &BACKWARD_VEC4
     } else {
         &BACKWARD
@@ -231,6 +261,9 @@ pub const FAMILY: Family = Family {
     bench,
 };
 
+/// Stands for NaN in comparisons where a NaN is the expected result.
+const NAN_MARK: f64 = -1.0e30;
+
 /// N, V and Vp from NxV (Vp = V rounded up to a multiple of 64) or NxVxVp.
 fn parse(shape: &[usize]) -> Result<(usize, usize, usize)> {
     match *shape {
@@ -250,11 +283,14 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let (n, v, vp) = parse(shape)?;
     let s = format!("N={n} V={v} Vp={vp}");
     let mut rng = Rng::new((n * 1_000_003 + v * 31 + vp) as u64);
-    // About one row in eight ignored, and row 1 always.
+    // About one row in eight ignored, and row 1 always; the last of three or more rows has an
+    // invalid target (>= V), whose loss and gradient row must be NaN.
     let targets: Vec<u32> = (0..n)
         .map(|i| {
             if i == 1 || rng.below(8) == 0 {
                 IGNORE
+            } else if i == n - 1 && n >= 3 {
+                v as u32
             } else {
                 rng.below(v as u64) as u32
             }
@@ -280,32 +316,65 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let valid = targets.iter().filter(|&&t| t != IGNORE).count();
     let dloss = 1.0 / valid.max(1) as f32;
 
-    let g_logits = gpu.upload_f32("logits", &logits)?;
-    let g_targets = gpu.upload_u32("targets", &targets)?;
-    // Outputs start as garbage: the forward overwrites them.
-    let g_losses = gpu.upload_f32("losses", &vec![f32::NAN; n])?;
-    let g_lse = gpu.upload_f32("lse", &vec![f32::NAN; n])?;
-    let fw = forward(gpu, &g_losses, &g_lse, &g_logits, &g_targets, n, v, vp)?;
-    // Built with another dloss, then rewritten as a training step would.
-    let bw = backward(gpu, &g_logits, &g_lse, &g_targets, n, v, vp, 1.0)?;
-    set_dloss(gpu, &bw, dloss);
-    gpu.run(&[fw])?;
-    let got_losses = gpu.read_f32(&g_losses)?;
-    let got_lse = gpu.read_f32(&g_lse)?;
-    gpu.run(&[bw])?;
-    let got_dlogits = gpu.read_f32(&g_logits)?;
-
     // The reference in f64 on the same f32 inputs.
     let logits64: Vec<f64> = reference::convert(&logits);
     let (mut losses, mut lse) = (vec![0.0; n], vec![0.0; n]);
     reference::cross_entropy::forward(&mut losses, &mut lse, &logits64, &targets, n, v, vp);
     let mut dlogits = vec![0.0; n * vp];
     reference::cross_entropy::backward(&mut dlogits, &logits64, &targets, dloss as f64, n, v, vp);
-    Ok(vec![
-        CheckReport::new(&s, "forward losses", &got_losses, &losses, 1e-5, 1e-5),
-        CheckReport::new(&s, "forward lse", &got_lse, &lse, 1e-5, 1e-6),
-        CheckReport::new(&s, "backward dlogits", &got_dlogits, &dlogits, 1e-9, 1e-5),
-    ])
+    // Expected NaNs (invalid targets) must be NaN on the GPU too: both become one finite marker.
+    let marked = |x: &[f64]| -> Vec<f64> {
+        x.iter()
+            .map(|&x| if x.is_nan() { NAN_MARK } else { x })
+            .collect()
+    };
+    let (losses, dlogits) = (marked(&losses), marked(&dlogits));
+
+    let g_targets = gpu.upload_u32("targets", &targets)?;
+    let mut reports = Vec::new();
+    for variant in [Variant::Vec4, Variant::Scalar] {
+        let g_logits = gpu.upload_f32("logits", &logits)?;
+        if variant == Variant::Vec4 && !variant.vec4(gpu, &g_logits, vp) {
+            continue;
+        }
+        // Outputs start as garbage: the forward overwrites them.
+        let g_losses = gpu.upload_f32("losses", &vec![f32::NAN; n])?;
+        let g_lse = gpu.upload_f32("lse", &vec![f32::NAN; n])?;
+        let fw = forward_variant(
+            gpu, &g_losses, &g_lse, &g_logits, &g_targets, n, v, vp, variant,
+        )?;
+        // Built with another dloss, then rewritten as a training step would.
+        let bw = backward_variant(gpu, &g_logits, &g_lse, &g_targets, n, v, vp, 1.0, variant)?;
+        set_dloss(gpu, &bw, dloss);
+        gpu.run(&[fw])?;
+        let got_losses = gpu.read_f32(&g_losses)?;
+        let got_lse = gpu.read_f32(&g_lse)?;
+        gpu.run(&[bw])?;
+        let got_dlogits: Vec<f64> = reference::convert(&gpu.read_f32(&g_logits)?);
+        let got_losses: Vec<f64> = reference::convert(&got_losses);
+        let (got_losses, got_dlogits) = (marked(&got_losses), marked(&got_dlogits));
+        let what = |t: &str| format!("{t}{}", variant.name());
+        reports.extend([
+            CheckReport::new(
+                &s,
+                &what("forward losses"),
+                &got_losses,
+                &losses,
+                1e-5,
+                1e-5,
+            ),
+            CheckReport::new(&s, &what("forward lse"), &got_lse, &lse, 1e-5, 1e-6),
+            CheckReport::new(
+                &s,
+                &what("backward dlogits"),
+                &got_dlogits,
+                &dlogits,
+                1e-9,
+                1e-5,
+            ),
+        ]);
+    }
+    Ok(reports)
 }
 
 fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
@@ -328,15 +397,15 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         bufs.push((rows, logits, targets, losses, lse));
     }
     let mut reports = Vec::new();
-    for (suffix, vec4) in [("", true), (" scalar", false)] {
-        if vec4 && !vp.is_multiple_of(4) {
+    for variant in [Variant::Vec4, Variant::Scalar] {
+        if variant == Variant::Vec4 && !vp.is_multiple_of(4) {
             continue;
         }
         let (mut fw, mut bw) = (Vec::new(), Vec::new());
         for (rows, logits, targets, losses, lse) in &bufs {
             let rows = *rows;
             fw.push(forward_variant(
-                gpu, losses, lse, logits, targets, rows, v, vp, vec4,
+                gpu, losses, lse, logits, targets, rows, v, vp, variant,
             )?);
             // dlogits overwrite the logits; the timings do not depend on their values.
             bw.push(backward_variant(
@@ -348,15 +417,15 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
                 v,
                 vp,
                 1.0 / n as f32,
-                vec4,
+                variant,
             )?);
         }
-        let variant = |what: &str| format!("{what}{suffix}");
-        reports.push(harness::bench_one(gpu, opts, &variant("forward"), &s, &fw)?);
+        let name = |what: &str| format!("{what}{}", variant.name());
+        reports.push(harness::bench_one(gpu, opts, &name("forward"), &s, &fw)?);
         reports.push(harness::bench_one(
             gpu,
             opts,
-            &variant("backward (in place)"),
+            &name("backward (in place)"),
             &s,
             &bw,
         )?);
