@@ -106,7 +106,8 @@ fn embedding_forward_vec4(@builtin(workgroup_id) wid: vec3<u32>,
 @group(0) @binding(3) var<storage, read> bw_index: array<u32>;
 @group(0) @binding(4) var<storage, read_write> bw_dwte: array<f32>;
 
-// dout[pos, ch] for position `pos` of the index, or NaN when that position's token is not `token`.
+// dout[pos, ch] for the k-th entry pos of the index's position list, or NaN when the token at pos is
+// not `token` (a stale index).
 fn grad_at(k: u32, token: u32, ch: u32) -> f32 {
     let pos = min(bw_index[1u + 3u * p.bt + k], p.bt - 1u);
     let tok = bw_tokens[pos];
