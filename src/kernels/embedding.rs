@@ -1,23 +1,517 @@
-//! embedding.wgsl launchers: to be written.
+//! embedding.wgsl launchers: out (B,T,C) = wte[tokens] + wpe[t], and its deterministic backward
+//! (dwte += per-token sums of dout through a CPU-built index, dwpe += dout summed over the batch).
+//!
+//! The token table may be split into row chunks (GPT-2's wte is 154 MB in f32, over many devices'
+//! 128 MiB binding limit): each call takes one chunk `wte (V_chunk, C)` holding vocabulary rows
+//! `[wte_row0, wte_row0 + V_chunk)` and touches only the positions whose token lies in it.
+//! Legend: B batch, T sequence, C channels, V vocabulary.
 
-use super::harness::{BenchOptions, BenchReport, CheckReport, Family};
+use bytemuck::{Pod, Zeroable};
+
+use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
+use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::reference;
+use crate::rng::Rng;
+
+use Binding::{Read, ReadWrite};
+
+const WG: u32 = 256;
+/// Segment groups of the dwte kernel: workgroups per block of WG channels, each striding over the
+/// index's segments. Enough to fill a large GPU, few enough that workgroups rarely find no segment.
+const SEGMENT_GROUPS: usize = 1024;
+
+pub const FORWARD: KernelSpec = KernelSpec {
+    shader: Shader::Embedding,
+    entry: "embedding_forward",
+    bindings: &[Read, Read, Read, ReadWrite],
+};
+pub const FORWARD_VEC4: KernelSpec = KernelSpec {
+    shader: Shader::Embedding,
+    entry: "embedding_forward_vec4",
+    bindings: &[Read, Read, Read, ReadWrite],
+};
+pub const BACKWARD_WTE: KernelSpec = KernelSpec {
+    shader: Shader::Embedding,
+    entry: "embedding_backward_wte",
+    bindings: &[Read, Read, Read, ReadWrite],
+};
+pub const BACKWARD_WPE: KernelSpec = KernelSpec {
+    shader: Shader::Embedding,
+    entry: "embedding_backward_wpe",
+    bindings: &[Read, ReadWrite],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    bt: u32,
+    t: u32,
+    c: u32,
+    row0: u32,
+    v_chunk: u32,
+    b: u32,
+    groups: u32,
+}
+
+/// Checks that `view` is an f32 table of whole rows of `c` channels, at least `min_rows` of them,
+/// and returns its number of rows.
+fn expect_rows(kernel: &str, view: &View, c: usize, min_rows: usize, what: &str) -> Result<usize> {
+    if view.dtype != DType::F32
+        || view.len == 0
+        || !view.len.is_multiple_of(c)
+        || view.len / c < min_rows
+    {
+        return Err(Error::Shape {
+            kernel: kernel.to_string(),
+            tensor: view.name.to_string(),
+            expected: format!("f32 elements forming {what} rows of C = {c}"),
+            got: format!("{} {} elements", view.len, view.dtype.name()),
+        });
+    }
+    Ok(view.len / c)
+}
+
+/// Checks B, T, C and that B·T·C elements can be indexed with u32 in the shaders.
+fn expect_btc(kernel: &str, b: usize, t: usize, c: usize) -> Result<()> {
+    expect_dims(kernel, &[("B", b), ("T", t), ("C", c)])?;
+    if b.checked_mul(t)
+        .and_then(|bt| bt.checked_mul(c))
+        .is_none_or(|n| n > u32::MAX as usize)
+    {
+        return Err(Error::invalid(
+            kernel,
+            format!("B·T·C = {b}·{t}·{c} exceeds the u32 index range"),
+        ));
+    }
+    Ok(())
+}
+
+/// out (B,T,C) = wte[tokens[b,t]] + wpe[t], tokens (B,T) u32, wte (V_chunk, C) holding vocabulary
+/// rows [wte_row0, wte_row0 + V_chunk), wpe (maxT, C) with T <= maxT.
+/// Rows whose token is outside the chunk are left untouched, so calling it once per chunk of a
+/// split table writes every row exactly once. Overwrites. Tokens >= V are the caller's error; their
+/// rows are left untouched and nothing is read or written out of bounds.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    gpu: &Gpu,
+    out: &View,
+    tokens: &View,
+    wte: &View,
+    wte_row0: usize,
+    wpe: &View,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<Dispatch> {
+    forward_variant(gpu, out, tokens, wte, wte_row0, wpe, b, t, c, true)
+}
+
+/// `forward`, choosing the four-channels-per-thread kernel when `vec4` allows and the shapes and
+/// alignments permit it.
+#[allow(clippy::too_many_arguments)]
+fn forward_variant(
+    gpu: &Gpu,
+    out: &View,
+    tokens: &View,
+    wte: &View,
+    wte_row0: usize,
+    wpe: &View,
+    b: usize,
+    t: usize,
+    c: usize,
+    vec4: bool,
+) -> Result<Dispatch> {
+    let name = FORWARD.name();
+    expect_btc(&name, b, t, c)?;
+    let bt = b * t;
+    expect(&name, out, DType::F32, bt * c)?;
+    expect(&name, tokens, DType::U32, bt)?;
+    let v_chunk = expect_rows(&name, wte, c, 1, "V_chunk >= 1")?;
+    expect_rows(&name, wpe, c, t, &format!("maxT >= T = {t}"))?;
+    if wte_row0
+        .checked_add(v_chunk)
+        .is_none_or(|end| end > u32::MAX as usize)
+    {
+        return Err(Error::invalid(
+            &name,
+            format!("wte rows [{wte_row0}, {wte_row0} + {v_chunk}) exceed the u32 token range"),
+        ));
+    }
+    let vec4 =
+        vec4 && c.is_multiple_of(4) && [out, wte, wpe].iter().all(|v| v.offset.is_multiple_of(16));
+    let (spec, lanes) = if vec4 {
+        (&FORWARD_VEC4, c / 4)
+    } else {
+        (&FORWARD, c)
+    };
+    let params = Params {
+        bt: bt as u32,
+        t: t as u32,
+        c: lanes as u32,
+        row0: wte_row0 as u32,
+        v_chunk: v_chunk as u32,
+        b: b as u32,
+        groups: 0,
+    };
+    let n = (bt * c) as u64;
+    let cost = Cost {
+        flops: n,
+        // tokens, then wte rows, wpe and out (every token in the chunk)
+        bytes: 4 * bt as u64 + 12 * n,
+    };
+    let wg = grid(
+        ((bt * lanes) as u32).div_ceil(WG),
+        gpu.limits.max_compute_workgroups_per_dimension,
+    );
+    gpu.dispatch(
+        spec,
+        &[],
+        bytes_of(&params),
+        &[tokens, wte, wpe, out],
+        wg,
+        cost,
+    )
+}
+
+/// Length of the index `backward_index` builds for B·T = `bt` positions: 1 + 4·bt u32s.
+pub fn backward_index_len(bt: usize) -> usize {
+    1 + 4 * bt
+}
+
+/// The CPU-built index that makes the backward deterministic without atomics (llm.c's approach):
+/// positions grouped by token id in a fixed order. Fixed length for a given B·T (`tokens.len()`),
+/// so its buffer is allocated once. Layout, u32 throughout, with BT = tokens.len():
+/// - `index[0]`: S, the number of distinct tokens (segments);
+/// - `index[1 + 3s ..= 3 + 3s]`: (token, start, count) of segment s < S, in increasing token
+///   order; the slots of s in [S, BT) are zero;
+/// - `index[1 + 3·BT + k]`, k < BT: the positions b·T + t sorted by token, stable (increasing
+///   position within a token); segment s owns entries [start, start + count).
+pub fn backward_index(tokens: &[u32]) -> Vec<u32> {
+    let bt = tokens.len();
+    let mut positions: Vec<u32> = (0..bt as u32).collect();
+    positions.sort_by_key(|&p| tokens[p as usize]);
+    let mut index = vec![0u32; backward_index_len(bt)];
+    let mut segments = 0usize;
+    let mut k = 0usize;
+    while k < bt {
+        let token = tokens[positions[k] as usize];
+        let start = k;
+        while k < bt && tokens[positions[k] as usize] == token {
+            k += 1;
+        }
+        index[1 + 3 * segments..4 + 3 * segments].copy_from_slice(&[
+            token,
+            start as u32,
+            (k - start) as u32,
+        ]);
+        segments += 1;
+    }
+    index[0] = segments as u32;
+    index[1 + 3 * bt..].copy_from_slice(&positions);
+    index
+}
+
+/// dwte (V_chunk, C) += Σ over positions with that token of dout (B,T,C) (chunk rows
+/// [wte_row0, wte_row0 + V_chunk)); dwpe (maxT, C) rows [0, T) += Σ_b dout[b, t]. Accumulates.
+/// Deterministic: every element is summed in a fixed order, no atomics. dwpe is only updated when
+/// `dwpe` is Some (so with a split wte it is added once). `index` is `backward_index(tokens)` for
+/// the same `tokens` (B,T); a position whose token disagrees with its index segment makes that
+/// segment's dwte row NaN, so a stale index cannot go unnoticed.
+/// Returns the dwte dispatch, then the dwpe one when requested.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    gpu: &Gpu,
+    dwte: &View,
+    wte_row0: usize,
+    dwpe: Option<&View>,
+    dout: &View,
+    tokens: &View,
+    index: &View,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<Vec<Dispatch>> {
+    let name = BACKWARD_WTE.name();
+    expect_btc(&name, b, t, c)?;
+    let bt = b * t;
+    let v_chunk = expect_rows(&name, dwte, c, 1, "V_chunk >= 1")?;
+    if let Some(dwpe) = dwpe {
+        expect_rows(&name, dwpe, c, t, &format!("maxT >= T = {t}"))?;
+    }
+    expect(&name, dout, DType::F32, bt * c)?;
+    expect(&name, tokens, DType::U32, bt)?;
+    expect(&name, index, DType::U32, backward_index_len(bt))?;
+    if wte_row0
+        .checked_add(v_chunk)
+        .is_none_or(|end| end > u32::MAX as usize)
+    {
+        return Err(Error::invalid(
+            &name,
+            format!("dwte rows [{wte_row0}, {wte_row0} + {v_chunk}) exceed the u32 token range"),
+        ));
+    }
+    let blocks = c.div_ceil(WG as usize);
+    let groups = bt.min(SEGMENT_GROUPS);
+    let workgroups = groups
+        .checked_mul(blocks)
+        .filter(|&g| g <= u32::MAX as usize)
+        .ok_or_else(|| Error::invalid(&name, format!("C = {c} needs too many workgroups")))?;
+    let params = Params {
+        bt: bt as u32,
+        t: t as u32,
+        c: c as u32,
+        row0: wte_row0 as u32,
+        v_chunk: v_chunk as u32,
+        b: b as u32,
+        groups: groups as u32,
+    };
+    let max = gpu.limits.max_compute_workgroups_per_dimension;
+    let n = (bt * c) as u64;
+    let mut out = vec![gpu.dispatch(
+        &BACKWARD_WTE,
+        &[],
+        bytes_of(&params),
+        &[dout, tokens, index, dwte],
+        grid(workgroups as u32, max),
+        Cost {
+            flops: n,
+            // dout, tokens and index, then dwte rows read and written (every token distinct)
+            bytes: 12 * n + 4 * (bt + backward_index_len(bt)) as u64,
+        },
+    )?];
+    if let Some(dwpe) = dwpe {
+        let tc = (t * c) as u64;
+        out.push(gpu.dispatch(
+            &BACKWARD_WPE,
+            &[],
+            bytes_of(&params),
+            &[dout, dwpe],
+            grid((tc as u32).div_ceil(WG), max),
+            Cost {
+                flops: n,
+                bytes: 4 * n + 8 * tc,
+            },
+        )?);
+    }
+    Ok(out)
+}
 
 pub const FAMILY: Family = Family {
     name: "embedding",
-    about: "not yet written",
-    shape_help: "N",
-    default_shapes: &[],
-    bench_shape: &[1],
+    about: "out = wte[tokens] + wpe[t] (table split in K chunks); backward dwte, dwpe (+=)",
+    shape_help: "BxTxCxV[xK]",
+    default_shapes: &[
+        &[1, 1, 1, 1],
+        &[2, 3, 45, 7],
+        &[3, 65, 127, 129],
+        &[1, 129, 64, 45],
+        &[2, 45, 65, 129, 2],
+        &[3, 33, 128, 1000, 3],
+    ],
+    bench_shape: &[8, 1024, 768, 50257],
     check,
     bench,
 };
 
-fn check(_gpu: &Gpu, _shape: &[usize]) -> Result<Vec<CheckReport>> {
-    Err(Error::invalid("embedding", "not yet written"))
+/// Splits `v` rows into `k` chunks of near-equal size: (first row, rows) for each.
+fn chunks(v: usize, k: usize) -> Vec<(usize, usize)> {
+    let rows = v.div_ceil(k.clamp(1, v));
+    (0..v)
+        .step_by(rows)
+        .map(|r0| (r0, rows.min(v - r0)))
+        .collect()
 }
 
-fn bench(_gpu: &Gpu, _shape: &[usize], _opts: &BenchOptions) -> Result<Vec<BenchReport>> {
-    Err(Error::invalid("embedding", "not yet written"))
+fn parse(shape: &[usize]) -> Result<(usize, usize, usize, usize, usize)> {
+    match *shape {
+        [b, t, c, v] => Ok((b, t, c, v, 1)),
+        [b, t, c, v, k] => Ok((b, t, c, v, k)),
+        _ => Err(Error::invalid(
+            "--shape",
+            format!(
+                "embedding takes BxTxCxV or BxTxCxVxK (K table chunks), got {} dimensions",
+                shape.len()
+            ),
+        )),
+    }
+}
+
+fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
+    let (b, t, c, v, k) = parse(shape)?;
+    let s = format!("B={b} T={t} C={c} V={v} K={k}");
+    let bt = b * t;
+    let max_t = t + 2;
+    let mut rng = Rng::new((b * 1_000_003 + t * 1009 + c * 31 + v * 7 + k) as u64);
+    // A third of the positions share one token, so some index segments are long.
+    let hot = (v / 2) as u32;
+    let tokens: Vec<u32> = (0..bt)
+        .map(|_| {
+            if rng.below(3) == 0 {
+                hot
+            } else {
+                rng.below(v as u64) as u32
+            }
+        })
+        .collect();
+    let wte = rng.vec_uniform(v * c, -1.0, 1.0);
+    let wpe = rng.vec_uniform(max_t * c, -1.0, 1.0);
+    let out0 = rng.vec_uniform(bt * c, -1.0, 1.0);
+    let dout = rng.vec_uniform(bt * c, -1.0, 1.0);
+    let dwte0 = rng.vec_uniform(v * c, -1.0, 1.0);
+    let dwpe0 = rng.vec_uniform(max_t * c, -1.0, 1.0);
+
+    let parts = chunks(v, k);
+    let g_tokens = gpu.upload_u32("tokens", &tokens)?;
+    let g_wpe = gpu.upload_f32("wpe", &wpe)?;
+    let g_out = gpu.upload_f32("out", &out0)?;
+    let g_dout = gpu.upload_f32("dout", &dout)?;
+    let g_dwpe = gpu.upload_f32("dwpe", &dwpe0)?;
+    let g_index = gpu.upload_u32("index", &backward_index(&tokens))?;
+    let mut g_wte = Vec::new();
+    let mut g_dwte = Vec::new();
+    for (i, &(r0, rows)) in parts.iter().enumerate() {
+        g_wte.push(gpu.upload_f32(&format!("wte{i}"), &wte[r0 * c..(r0 + rows) * c])?);
+        g_dwte.push(gpu.upload_f32(&format!("dwte{i}"), &dwte0[r0 * c..(r0 + rows) * c])?);
+    }
+    let mut reports = Vec::new();
+
+    // Forward, one chunk at a time; after the first, positions of other chunks are untouched.
+    let mut out = out0.clone();
+    for (i, &(r0, _)) in parts.iter().enumerate() {
+        gpu.run(&[forward(
+            gpu, &g_out, &g_tokens, &g_wte[i], r0, &g_wpe, b, t, c,
+        )?])?;
+        reference::embedding::forward(
+            &mut out,
+            &tokens,
+            &wte[r0 * c..(r0 + parts[i].1) * c],
+            r0,
+            &wpe,
+            b,
+            t,
+            c,
+        );
+        if i == 0 && parts.len() > 1 {
+            let got = gpu.read_f32(&g_out)?;
+            reports.push(CheckReport::new(
+                &s,
+                "forward out, chunk 0 only",
+                &got,
+                &out,
+                0.0,
+                0.0,
+            ));
+        }
+    }
+    reports.push(CheckReport::new(
+        &s,
+        "forward out",
+        &gpu.read_f32(&g_out)?,
+        &out,
+        0.0,
+        0.0,
+    ));
+
+    // Backward, one chunk at a time, dwpe with the first chunk only; reference in f64.
+    for (i, &(r0, _)) in parts.iter().enumerate() {
+        let dwpe = (i == 0).then_some(&g_dwpe);
+        gpu.run(&backward(
+            gpu, &g_dwte[i], r0, dwpe, &g_dout, &g_tokens, &g_index, b, t, c,
+        )?)?;
+    }
+    let mut dwte: Vec<f64> = reference::convert(&dwte0);
+    let mut dwpe: Vec<f64> = reference::convert(&dwpe0);
+    let dout64: Vec<f64> = reference::convert(&dout);
+    reference::embedding::backward(&mut dwte, 0, Some(&mut dwpe), &dout64, &tokens, b, t, c);
+    let mut got_dwte = Vec::with_capacity(v * c);
+    for g in &g_dwte {
+        got_dwte.extend(gpu.read_f32(g)?);
+    }
+    reports.push(CheckReport::new(
+        &s,
+        "backward dwte",
+        &got_dwte,
+        &dwte,
+        1e-5,
+        1e-5,
+    ));
+    reports.push(CheckReport::new(
+        &s,
+        "backward dwpe",
+        &gpu.read_f32(&g_dwpe)?,
+        &dwpe,
+        1e-5,
+        1e-5,
+    ));
+    Ok(reports)
+}
+
+fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
+    let (b, t, c, v, k) = parse(shape)?;
+    let bt = b * t;
+    let n = (bt * c) as u64;
+    // As many table chunks as the binding limit requires (or more, when asked).
+    let rows_per_binding = (gpu.max_binding() / (4 * c as u64)).max(1) as usize;
+    let parts = chunks(v, k.max(v.div_ceil(rows_per_binding)));
+    let s = format!("B={b} T={t} C={c} V={v} K={}", parts.len());
+    // Log-uniform token ids (Zipf-like, as in text): a few ids repeat often, most are rare.
+    let mut rng = Rng::new(1);
+    let tokens: Vec<u32> = (0..bt)
+        .map(|_| (((v as f64 + 1.0).ln() * rng.uniform()).exp() as usize - 1).min(v - 1) as u32)
+        .collect();
+    let index = backward_index(&tokens);
+    let distinct = index[0] as u64;
+
+    let g_tokens = gpu.upload_u32("tokens", &tokens)?;
+    let g_index = gpu.upload_u32("index", &index)?;
+    let wpe = gpu.zeros("wpe", DType::F32, t * c)?;
+    let out = gpu.zeros("out", DType::F32, bt * c)?;
+    let mut wte = Vec::new();
+    for (i, &(_, rows)) in parts.iter().enumerate() {
+        wte.push(gpu.zeros(&format!("wte{i}"), DType::F32, rows * c)?);
+    }
+
+    let mut reports = Vec::new();
+    // Bytes a perfect kernel moves: tokens, the rows used, wpe, out.
+    let fw_cost = Cost {
+        flops: n,
+        bytes: 4 * bt as u64 + 4 * n + 4 * (t * c) as u64 + 4 * n,
+    };
+    for (variant, vec4) in [("forward", true), ("forward scalar", false)] {
+        if variant == "forward scalar" && !c.is_multiple_of(4) {
+            continue;
+        }
+        let d = parts
+            .iter()
+            .zip(&wte)
+            .map(|(&(r0, _), w)| forward_variant(gpu, &out, &g_tokens, w, r0, &wpe, b, t, c, vec4))
+            .collect::<Result<Vec<_>>>()?;
+        let mut r = harness::bench_one(gpu, opts, variant, &s, &d)?;
+        r.cost = fw_cost;
+        reports.push(r);
+    }
+
+    // The backward writes into the tables' storage as dwte (values are irrelevant here).
+    let mut d_wte = Vec::new();
+    for (i, (&(r0, _), w)) in parts.iter().zip(&wte).enumerate() {
+        let dwpe = (i == 0).then_some(&wpe);
+        d_wte.extend(backward(
+            gpu, w, r0, dwpe, &out, &g_tokens, &g_index, b, t, c,
+        )?);
+    }
+    let (wpe_d, wte_d): (Vec<Dispatch>, Vec<Dispatch>) = d_wte
+        .into_iter()
+        .partition(|d| d.name.ends_with("backward_wpe"));
+    let variant = format!("backward dwte ({distinct} ids)");
+    let mut r = harness::bench_one(gpu, opts, &variant, &s, &wte_d)?;
+    r.cost = Cost {
+        flops: n,
+        // dout, tokens, index, and each distinct token's row read and written
+        bytes: 4 * n + 4 * (bt + backward_index_len(bt)) as u64 + 8 * distinct * c as u64,
+    };
+    reports.push(r);
+    reports.push(harness::bench_one(gpu, opts, "backward dwpe", &s, &wpe_d)?);
+    Ok(reports)
 }

@@ -1,1 +1,196 @@
-//! embedding: to be written.
+use shaderformer::gpu::{DType, test_gpu};
+use shaderformer::kernels::embedding;
+use shaderformer::reference::{self, dot, numeric_grad};
+use shaderformer::rng::Rng;
+
+#[test]
+fn gpu_matches_reference() {
+    crate::check_family(&embedding::FAMILY);
+}
+
+#[test]
+fn reference_backward_matches_finite_differences() {
+    let (b, t, c, v, max_t) = (2, 3, 4, 5, 4);
+    let tokens = [3u32, 1, 3, 0, 3, 4];
+    let mut rng = Rng::new(2);
+    let wte: Vec<f64> = reference::convert(&rng.vec_uniform(v * c, -1.0, 1.0));
+    let wpe: Vec<f64> = reference::convert(&rng.vec_uniform(max_t * c, -1.0, 1.0));
+    let w: Vec<f64> = reference::convert(&rng.vec_uniform(b * t * c, -1.0, 1.0));
+    let loss = |wte: &[f64], wpe: &[f64]| {
+        let mut out = vec![0.0; b * t * c];
+        reference::embedding::forward(&mut out, &tokens, wte, 0, wpe, b, t, c);
+        dot(&out, &w)
+    };
+    let (mut dwte, mut dwpe) = (vec![0.0; v * c], vec![0.0; max_t * c]);
+    reference::embedding::backward(&mut dwte, 0, Some(&mut dwpe), &w, &tokens, b, t, c);
+    let ndwte = numeric_grad(&wte, 1e-6, |x| loss(x, &wpe));
+    let ndwpe = numeric_grad(&wpe, 1e-6, |x| loss(&wte, x));
+    reference::compare("dwte", &dwte, &ndwte, 1e-8, 1e-6).assert();
+    reference::compare("dwpe", &dwpe, &ndwpe, 1e-8, 1e-6).assert();
+
+    // A chunk of rows [2, 5) gets exactly its slice of the full gradient, and no dwpe.
+    let mut chunk = vec![0.0; 3 * c];
+    reference::embedding::backward(&mut chunk, 2, None, &w, &tokens, b, t, c);
+    reference::compare("dwte chunk", &chunk, &dwte[2 * c..], 0.0, 0.0).assert();
+}
+
+#[test]
+fn backward_index_groups_positions_by_token() {
+    let index = embedding::backward_index(&[5, 2, 5, 7, 2, 5]);
+    assert_eq!(index.len(), embedding::backward_index_len(6));
+    #[rustfmt::skip]
+    let want = [
+        3,
+        2, 0, 2,   5, 2, 3,   7, 5, 1,   0, 0, 0,   0, 0, 0,   0, 0, 0,
+        1, 4, 0, 2, 5, 3,
+    ];
+    assert_eq!(index, want);
+    assert_eq!(embedding::backward_index(&[9]), [1, 9, 0, 1, 0]);
+}
+
+#[test]
+fn backward_is_bit_reproducible_and_flags_a_stale_index() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, t, c, v) = (4, 64, 96, 10);
+    let mut rng = Rng::new(3);
+    let tokens: Vec<u32> = (0..b * t).map(|_| rng.below(v as u64) as u32).collect();
+    let dout = gpu
+        .upload_f32("dout", &rng.vec_uniform(b * t * c, -1.0, 1.0))
+        .unwrap();
+    let g_tokens = gpu.upload_u32("tokens", &tokens).unwrap();
+    let index = gpu
+        .upload_u32("index", &embedding::backward_index(&tokens))
+        .unwrap();
+    let run = |index| {
+        let dwte = gpu.zeros("dwte", DType::F32, v * c).unwrap();
+        let dwpe = gpu.zeros("dwpe", DType::F32, t * c).unwrap();
+        let d = embedding::backward(gpu, &dwte, 0, Some(&dwpe), &dout, &g_tokens, index, b, t, c)
+            .unwrap();
+        gpu.run(&d).unwrap();
+        (gpu.read_u32(&dwte).unwrap(), gpu.read_u32(&dwpe).unwrap())
+    };
+    let first = run(&index);
+    assert_eq!(first, run(&index), "two runs differ in their bits");
+
+    // An index built from other tokens: the affected rows become NaN rather than wrong numbers.
+    let mut other = tokens.clone();
+    other.swap(0, tokens.iter().position(|&x| x != tokens[0]).unwrap());
+    let stale = gpu
+        .upload_u32("stale", &embedding::backward_index(&other))
+        .unwrap();
+    let (dwte, _) = run(&stale);
+    let row = tokens[0] as usize;
+    assert!(
+        dwte[row * c..(row + 1) * c]
+            .iter()
+            .all(|&x| f32::from_bits(x).is_nan())
+    );
+}
+
+#[test]
+fn tokens_outside_the_table_are_left_untouched() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, t, c, v) = (1, 3, 8, 4);
+    let tokens = gpu.upload_u32("tokens", &[1, 4, u32::MAX]).unwrap();
+    let wte = gpu.upload_f32("wte", &vec![1.0; v * c]).unwrap();
+    let wpe = gpu.upload_f32("wpe", &vec![0.5; t * c]).unwrap();
+    let out = gpu.upload_f32("out", &vec![-7.0; b * t * c]).unwrap();
+    let dout = gpu.upload_f32("dout", &vec![1.0; b * t * c]).unwrap();
+    let dwte = gpu.zeros("dwte", DType::F32, v * c).unwrap();
+    let index = gpu
+        .upload_u32("index", &embedding::backward_index(&[1, 4, u32::MAX]))
+        .unwrap();
+    let g_tokens = tokens.clone();
+    let mut d = vec![embedding::forward(gpu, &out, &tokens, &wte, 0, &wpe, b, t, c).unwrap()];
+    d.extend(embedding::backward(gpu, &dwte, 0, None, &dout, &g_tokens, &index, b, t, c).unwrap());
+    gpu.run(&d).unwrap();
+    let out = gpu.read_f32(&out).unwrap();
+    assert!(out[..c].iter().all(|&x| x == 1.5));
+    assert!(out[c..].iter().all(|&x| x == -7.0));
+    let dwte = gpu.read_f32(&dwte).unwrap();
+    let want: Vec<f32> = (0..v * c).map(|i| f32::from(i / c == 1)).collect();
+    assert_eq!(dwte, want);
+}
+
+#[test]
+fn mismatched_shapes_are_an_error() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, t, c) = (2, 3, 4);
+    let z = |name: &str, dtype, len| gpu.zeros(name, dtype, len).unwrap();
+    let out = z("out", DType::F32, b * t * c);
+    let tokens = z("tokens", DType::U32, b * t);
+    let wte = z("wte", DType::F32, 10 * c);
+    let wpe = z("wpe", DType::F32, t * c);
+    let index = z("index", DType::U32, embedding::backward_index_len(b * t));
+    fn err<T>(r: shaderformer::Result<T>) -> String {
+        r.map(|_| ()).unwrap_err().to_string()
+    }
+
+    let bad_wte = z("wte_ragged", DType::F32, 10 * c + 1);
+    let e = err(embedding::forward(
+        gpu, &out, &tokens, &bad_wte, 0, &wpe, b, t, c,
+    ));
+    assert!(e.contains("tensor wte_ragged"), "{e}");
+    let short_wpe = z("wpe_short", DType::F32, (t - 1) * c);
+    let e = err(embedding::forward(
+        gpu, &out, &tokens, &wte, 0, &short_wpe, b, t, c,
+    ));
+    assert!(e.contains("tensor wpe_short"), "{e}");
+    let f32_tokens = z("tokens_f32", DType::F32, b * t);
+    let e = err(embedding::forward(
+        gpu,
+        &out,
+        &f32_tokens,
+        &wte,
+        0,
+        &wpe,
+        b,
+        t,
+        c,
+    ));
+    assert!(e.contains("tensor tokens_f32"), "{e}");
+    let e = err(embedding::forward(
+        gpu,
+        &out,
+        &tokens,
+        &wte,
+        0,
+        &wpe,
+        b,
+        t + 1,
+        c,
+    ));
+    assert!(e.contains("tensor out"), "{e}");
+
+    let short_index = z("index_short", DType::U32, b * t);
+    let e = err(embedding::backward(
+        gpu,
+        &wte,
+        0,
+        Some(&wpe),
+        &out,
+        &tokens,
+        &short_index,
+        b,
+        t,
+        c,
+    ));
+    assert!(e.contains("tensor index_short"), "{e}");
+    let e = err(embedding::backward(
+        gpu,
+        &wte,
+        0,
+        Some(&short_wpe),
+        &out,
+        &tokens,
+        &index,
+        b,
+        t,
+        c,
+    ));
+    assert!(e.contains("tensor wpe_short"), "{e}");
+    let e = err(embedding::backward(
+        gpu, &wte, 0, None, &out, &tokens, &index, b, t, 0,
+    ));
+    assert!(e.contains("C = 0"), "{e}");
+}
