@@ -154,6 +154,10 @@ pub fn backward(
     launch(gpu, &BACKWARD, dout, dinp, n, p, seed, step, accumulate)
 }
 
+/// Byte offset of the step counter in a dropout dispatch's params, for callers that copy a new
+/// counter into `Dispatch::params` on the GPU timeline (between micro-steps of one submission).
+pub const STEP_OFFSET: u64 = offset_of!(Params, step) as u64;
+
 /// Rewrites the seed and step counter of a dropout forward or backward dispatch between training
 /// steps, without rebuilding it (queued; takes effect at the next submission).
 pub fn set_step(gpu: &Gpu, dispatch: &Dispatch, seed: u32, step: u32) {
