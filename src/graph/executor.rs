@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::ir::{Graph, Node, Op, Phase, TensorId, TensorKind};
 use super::planner::{self, Plan};
+use super::validate;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, View};
 use crate::kernels::{
@@ -719,6 +720,113 @@ impl<'a> Executor<'a> {
             gpu.queue.submit([enc.finish()]);
         })?;
         gpu.wait()
+    }
+}
+
+/// One output of one node compared with its CPU reference (`Executor::validate`).
+#[derive(Clone, Debug)]
+pub struct NodeCheck {
+    pub node: usize,
+    pub label: String,
+    pub op: &'static str,
+    pub comparison: crate::reference::Comparison,
+}
+
+impl Executor<'_> {
+    /// Runs the Zero, Forward and Backward phases on one batch (no optimizer step) and waits:
+    /// the parameter gradients are then those of this batch's mean loss.
+    pub fn forward_backward(&mut self, batch: &MicroBatch) -> Result<()> {
+        self.write_inputs(std::slice::from_ref(batch))?;
+        let gpu = self.gpu;
+        gpu.scoped("forward and backward", 0, || {
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("forward and backward"),
+                });
+            gpu.record(&mut enc, self.phase(Phase::Zero));
+            self.record_micro_inputs(&mut enc, 0);
+            gpu.record(&mut enc, self.phase(Phase::Forward));
+            gpu.record(&mut enc, self.phase(Phase::Backward));
+            gpu.queue.submit([enc.finish()]);
+        })?;
+        gpu.wait()
+    }
+
+    fn read_data(&self, t: TensorId) -> Result<validate::Data> {
+        let v = self.view(t);
+        Ok(match v.dtype {
+            DType::U32 => validate::Data::U32(self.gpu.read_u32(v)?),
+            _ => validate::Data::F32(self.gpu.read_f32(v)?),
+        })
+    }
+
+    /// The debug switch that corners kernel and aliasing bugs: runs one micro-step node by node
+    /// (dropout counter 0), and compares every output of every node with the CPU reference
+    /// computed from that node's actual inputs. Returns one check per output.
+    pub fn validate(&mut self, batch: &MicroBatch) -> Result<Vec<NodeCheck>> {
+        self.write_inputs(std::slice::from_ref(batch))?;
+        if let Some(buf) = &self.dropout_steps {
+            let zeros = vec![0u32; (buf.size() / 4) as usize];
+            self.gpu.queue.write_buffer(buf, 0, bytemuck::cast_slice(&zeros));
+        }
+        let gpu = self.gpu;
+        gpu.scoped("validate", 0, || {
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("validate"),
+                });
+            gpu.record(&mut enc, self.phase(Phase::Zero));
+            self.record_micro_inputs(&mut enc, 0);
+            gpu.queue.submit([enc.finish()]);
+        })?;
+        gpu.wait()?;
+        let dloss = 1.0 / self.opts.grad_accum.max(1) as f32;
+        let mut checks = Vec::new();
+        for phase in [Phase::Forward, Phase::Backward] {
+            let nds = self.node_dispatches.get(&phase).cloned().unwrap_or_default();
+            for nd in nds {
+                let node = self.graph.nodes[nd.node].clone();
+                let ins = node
+                    .inputs
+                    .iter()
+                    .map(|&t| self.read_data(t))
+                    .collect::<Result<Vec<_>>>()?;
+                let before = node
+                    .outputs
+                    .iter()
+                    .map(|&t| self.read_data(t))
+                    .collect::<Result<Vec<_>>>()?;
+                gpu.run(&self.dispatches[&phase][nd.range.clone()])?;
+                let site = match node.op {
+                    Op::Dropout { site, .. } | Op::DropoutBackward { site, .. } => site,
+                    _ => 0,
+                };
+                let n = match node.op {
+                    Op::CrossEntropyBackward { n, .. } => n,
+                    _ => 1,
+                };
+                let ctx = validate::Context {
+                    seed: dropout_seed(self.opts.seed, site),
+                    step: 0,
+                    dloss: dloss / n as f32,
+                };
+                let want = validate::reference(&node, &ins, &before, ctx);
+                let (atol, rtol) = validate::tolerance(&node.op);
+                for (k, &t) in node.outputs.iter().enumerate() {
+                    let got = self.read_data(t)?;
+                    let name = format!("{} -> {}", node.label, self.graph.tensors[t].name);
+                    checks.push(NodeCheck {
+                        node: nd.node,
+                        label: node.label.clone(),
+                        op: node.op.name(),
+                        comparison: crate::reference::compare(&name, got.f(), &want[k], atol, rtol),
+                    });
+                }
+            }
+        }
+        Ok(checks)
     }
 }
 

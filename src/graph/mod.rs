@@ -5,6 +5,7 @@ pub mod autodiff;
 pub mod executor;
 pub mod ir;
 pub mod planner;
+pub mod validate;
 
-pub use executor::{ExecOptions, Executor, MicroBatch, ParamStore, StepResult};
+pub use executor::{ExecOptions, Executor, MicroBatch, NodeCheck, ParamStore, StepResult};
 pub use ir::{Graph, Op, Phase, TensorId, TensorKind};
