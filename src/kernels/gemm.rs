@@ -1,23 +1,1063 @@
-//! gemm.wgsl launchers: to be written.
+//! gemm.wgsl launchers: one general matrix multiply (batched, strided, either operand transposed,
+//! optional bias, alpha, accumulate) and the linear layer built on it.
+//!
+//! matmul:          C[z] (M, N) = alpha · op(A[z]) (M, K) · op(B[z]) (K, N) (+ bias (N)) (+ C[z])
+//!                  overwrites C, or accumulates (+=) when `Matmul::accumulate`
+//! linear_forward:  out (M, N) = inp (M, K) · w (N, K)ᵀ + bias (N)     overwrites out
+//! linear_backward: dinp (M, K) = dout (M, N) · w (N, K)               overwrites, or += when asked
+//!                  dw (N, K) += dout (M, N)ᵀ · inp (M, K)             accumulates
+//!                  dbias (N) += Σ_m dout (M, N)                       accumulates
+//!
+//! For a linear layer M = B·T rows and w is (out features, in features), as in PyTorch.
 
-use super::harness::{BenchOptions, BenchReport, CheckReport, Family};
+use bytemuck::{Pod, Zeroable};
+
+use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
+use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::reference::{self, gemm::Layout};
+use crate::rng::Rng;
+
+use Binding::{Read, ReadWrite};
+
+/// a, b, bias, c.
+const GEMM_BINDINGS: &[Binding] = &[Read, Read, Read, ReadWrite];
+
+pub const NAIVE: KernelSpec = KernelSpec {
+    shader: Shader::Gemm,
+    entry: "gemm_naive",
+    bindings: GEMM_BINDINGS,
+};
+/// The tiled kernel with scalar reads of a and b.
+pub const TILED: KernelSpec = KernelSpec {
+    shader: Shader::Gemm,
+    entry: "gemm_tiled",
+    bindings: GEMM_BINDINGS,
+};
+/// The tiled kernel reading a as vec4.
+pub const TILED_VA: KernelSpec = KernelSpec {
+    shader: Shader::Gemm,
+    entry: "gemm_tiled_va",
+    bindings: GEMM_BINDINGS,
+};
+/// The tiled kernel reading b as vec4.
+pub const TILED_VB: KernelSpec = KernelSpec {
+    shader: Shader::Gemm,
+    entry: "gemm_tiled_vb",
+    bindings: GEMM_BINDINGS,
+};
+/// The tiled kernel reading a and b as vec4.
+pub const TILED_VAB: KernelSpec = KernelSpec {
+    shader: Shader::Gemm,
+    entry: "gemm_tiled_vab",
+    bindings: GEMM_BINDINGS,
+};
+pub const BIAS_BACKWARD: KernelSpec = KernelSpec {
+    shader: Shader::Gemm,
+    entry: "bias_backward",
+    bindings: &[Read, ReadWrite],
+};
+
+/// Output block of one gemm_naive workgroup (16 × 16 invocations).
+const NAIVE_WG: usize = 16;
+/// Columns summed by one bias_backward workgroup.
+const BIAS_COLS: usize = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Pod, Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    a_off: u32,
+    lda: u32,
+    a_bs: u32,
+    b_off: u32,
+    ldb: u32,
+    b_bs: u32,
+    c_off: u32,
+    ldc: u32,
+    c_bs: u32,
+    alpha: f32,
+    accumulate: u32,
+    has_bias: u32,
+    tiles_n: u32,
+    tiles: u32,
+}
+
+/// Which kernel computes a matmul.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// One output per invocation, operands read straight from memory: the baseline.
+    Naive,
+    /// Workgroup-memory tiles and register blocks; the tile configuration is chosen per shape.
+    Tiled,
+}
+
+/// A matrix operand inside a view: element (r, col) of batch entry z is at
+/// `offset + z * batch_stride + r * ld + col` (elements, row-major).
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub view: &'a View,
+    /// Elements before the first one.
+    pub offset: usize,
+    /// Row stride in elements.
+    pub ld: usize,
+    /// Distance between batch entries in elements; 0 shares one matrix across the batch.
+    pub batch_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// The matrix at the start of `view` with row stride `ld`, shared across any batch.
+    pub fn new(view: &'a View, ld: usize) -> Self {
+        Operand {
+            view,
+            offset: 0,
+            ld,
+            batch_stride: 0,
+        }
+    }
+
+    /// The same operand starting `offset` elements into its view.
+    pub fn at(self, offset: usize) -> Self {
+        Operand { offset, ..self }
+    }
+
+    /// The same operand with batch entries `batch_stride` elements apart.
+    pub fn batched(self, batch_stride: usize) -> Self {
+        Operand {
+            batch_stride,
+            ..self
+        }
+    }
+}
+
+/// The shape and scalars of one (batched) matrix multiply.
+#[derive(Clone, Copy, Debug)]
+pub struct Matmul {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    /// A is stored (K, M) instead of (M, K).
+    pub trans_a: bool,
+    /// B is stored (N, K) instead of (K, N).
+    pub trans_b: bool,
+    pub alpha: f32,
+    /// Add into C (+=) instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl Matmul {
+    /// C (M, N) = A (M, K) · B (K, N): one batch entry, no transposes, alpha 1, overwriting C.
+    pub fn new(m: usize, n: usize, k: usize) -> Matmul {
+        Matmul {
+            m,
+            n,
+            k,
+            batch: 1,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            accumulate: false,
+        }
+    }
+
+    /// (rows, columns) of A and B as stored.
+    fn stored(&self) -> ((usize, usize), (usize, usize)) {
+        let a = if self.trans_a {
+            (self.k, self.m)
+        } else {
+            (self.m, self.k)
+        };
+        let b = if self.trans_b {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        };
+        (a, b)
+    }
+
+    /// "NN", "NT", "TN" or "TT": whether A and B are transposed.
+    fn ops(&self) -> &'static str {
+        match (self.trans_a, self.trans_b) {
+            (false, false) => "NN",
+            (false, true) => "NT",
+            (true, false) => "TN",
+            (true, true) => "TT",
+        }
+    }
+}
+
+/// One configuration of the tiled kernel: a workgroup computes a `bm` × `bn` output tile, staging
+/// `bk`-deep slices of op(A) and op(B) in workgroup memory; an invocation keeps a
+/// (4·rm) × (4·rn) register block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tile {
+    bm: u32,
+    bn: u32,
+    bk: u32,
+    rm: u32,
+    rn: u32,
+}
+
+/// Workgroups that keep every compute unit of a large GPU busy (an H100 has 132 SMs).
+const FILL_WORKGROUPS: usize = 128;
+
+impl Tile {
+    /// 256 invocations of 8 × 8 outputs: the most reuse per load, for large outputs.
+    const LARGE: Tile = Tile {
+        bm: 128,
+        bn: 128,
+        bk: 8,
+        rm: 2,
+        rn: 2,
+    };
+    /// 256 invocations of 4 × 4 outputs.
+    const MEDIUM: Tile = Tile {
+        bm: 64,
+        bn: 64,
+        bk: 16,
+        rm: 1,
+        rn: 1,
+    };
+    /// 64 invocations of 4 × 4 outputs: many workgroups for small outputs.
+    const SMALL: Tile = Tile {
+        bm: 32,
+        bn: 32,
+        bk: 16,
+        rm: 1,
+        rn: 1,
+    };
+    const ALL: [Tile; 3] = [Tile::LARGE, Tile::MEDIUM, Tile::SMALL];
+
+    fn workgroups(&self, mm: &Matmul) -> usize {
+        mm.m.div_ceil(self.bm as usize) * mm.n.div_ceil(self.bn as usize) * mm.batch
+    }
+
+    /// The fraction of the tiles' area that holds real outputs.
+    fn utilization(&self, mm: &Matmul) -> f64 {
+        let padded =
+            mm.m.next_multiple_of(self.bm as usize) * mm.n.next_multiple_of(self.bn as usize);
+        (mm.m * mm.n) as f64 / padded as f64
+    }
+
+    /// The largest tile that still gives enough workgroups to fill a large GPU without wasting
+    /// more than a quarter of its area on padding; the smallest otherwise.
+    fn choose(mm: &Matmul) -> Tile {
+        [Tile::LARGE, Tile::MEDIUM]
+            .into_iter()
+            .find(|t| t.workgroups(mm) >= FILL_WORKGROUPS && t.utilization(mm) >= 0.75)
+            .unwrap_or(Tile::SMALL)
+    }
+
+    fn name(&self) -> String {
+        format!("{}x{}", self.bm, self.bn)
+    }
+
+    fn constants(&self) -> [(&'static str, f64); 5] {
+        [
+            ("BM", self.bm as f64),
+            ("BN", self.bn as f64),
+            ("BK", self.bk as f64),
+            ("RM", self.rm as f64),
+            ("RN", self.rn as f64),
+        ]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Naive,
+    Tiled(Tile),
+}
+
+/// An operand's offset, row stride and batch stride as the shader sees them: the row stride of a
+/// single row and the batch stride of a single entry are never used, so they are 0.
+fn normalized(op: &Operand, rows: usize, batch: usize) -> (usize, usize, usize) {
+    let ld = if rows == 1 { 0 } else { op.ld };
+    let bs = if batch == 1 { 0 } else { op.batch_stride };
+    (op.offset, ld, bs)
+}
+
+/// Checks that `batch` matrices of `rows` × `cols` (as stored) lie inside the operand's view, rows
+/// apart by at least a row, with every index within the shader's 32-bit arithmetic. `role` names
+/// the operand ("a", "b", "c") in messages.
+fn check_operand(
+    kernel: &str,
+    role: &str,
+    op: &Operand,
+    rows: usize,
+    cols: usize,
+    batch: usize,
+) -> Result<()> {
+    let v = op.view;
+    let shape = |expected: String, got: String| Error::Shape {
+        kernel: kernel.to_string(),
+        tensor: v.name.to_string(),
+        expected,
+        got,
+    };
+    if v.dtype != DType::F32 {
+        return Err(shape(
+            format!("f32 elements (operand {role})"),
+            format!("{} elements", v.dtype.name()),
+        ));
+    }
+    let (offset, ld, bs) = normalized(op, rows, batch);
+    if rows > 1 && ld < cols {
+        return Err(shape(
+            format!("a row stride of at least {cols} (operand {role}, {rows} x {cols} as stored)"),
+            format!("row stride {ld}"),
+        ));
+    }
+    // One past the last element the operand covers; u128 cannot overflow here.
+    let end = offset as u128
+        + (batch as u128 - 1) * bs as u128
+        + (rows as u128 - 1) * ld as u128
+        + cols as u128;
+    if end > v.len as u128 {
+        return Err(shape(
+            format!(
+                "at least {end} elements (operand {role}: {batch} x {rows} x {cols} as stored, \
+                 offset {offset}, row stride {ld}, batch stride {bs})"
+            ),
+            format!("{} elements", v.len),
+        ));
+    }
+    if end > u32::MAX as u128 {
+        return Err(Error::invalid(
+            kernel,
+            format!(
+                "tensor {}: operand {role} reaches element {end}, past 32-bit indexing",
+                v.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Batch entries of C must not overlap (they would race): each entry stacked after the previous
+/// one, or entries side by side within one row stride.
+fn check_disjoint(kernel: &str, c: &Operand, m: usize, n: usize, batch: usize) -> Result<()> {
+    if batch == 1 {
+        return Ok(());
+    }
+    let (_, ld, bs) = normalized(c, m, batch);
+    let extent = (m as u128 - 1) * ld as u128 + n as u128;
+    let stacked = bs as u128 >= extent;
+    let side_by_side =
+        bs >= n && m > 1 && (batch as u128 - 1) * bs as u128 + n as u128 <= ld as u128;
+    if stacked || side_by_side {
+        return Ok(());
+    }
+    Err(Error::Shape {
+        kernel: kernel.to_string(),
+        tensor: c.view.name.to_string(),
+        expected: format!(
+            "batch entries that do not overlap (operand c: batch stride at least {extent}, or \
+             at least {n} with all {batch} entries within the row stride {ld})"
+        ),
+        got: format!("batch stride {bs}"),
+    })
+}
+
+/// Whether the shader may read the operand as vec4: its view holds whole vec4s and every row
+/// and batch entry starts at a multiple of 4, so every aligned vec4 it touches is in the view.
+fn vec4_ok(op: &Operand, rows: usize, batch: usize) -> bool {
+    let (offset, ld, bs) = normalized(op, rows, batch);
+    [op.view.len, offset, ld, bs]
+        .iter()
+        .all(|x| x.is_multiple_of(4))
+}
+
+fn u32_of(x: usize) -> u32 {
+    // Every value passed here has been checked against 32-bit indexing.
+    x as u32
+}
+
+fn launch(
+    gpu: &Gpu,
+    mm: &Matmul,
+    c: Operand,
+    a: Operand,
+    b: Operand,
+    bias: Option<&View>,
+    kernel: Kernel,
+) -> Result<Dispatch> {
+    let name = match kernel {
+        Kernel::Naive => NAIVE.name(),
+        Kernel::Tiled(_) => TILED.name(),
+    };
+    let Matmul { m, n, k, batch, .. } = *mm;
+    expect_dims(&name, &[("M", m), ("N", n), ("K", k), ("batch", batch)])?;
+    let ((ar, ac), (br, bc)) = mm.stored();
+    check_operand(&name, "a", &a, ar, ac, batch)?;
+    check_operand(&name, "b", &b, br, bc, batch)?;
+    check_operand(&name, "c", &c, m, n, batch)?;
+    check_disjoint(&name, &c, m, n, batch)?;
+    let reads = [("a", a.view), ("b", b.view)]
+        .into_iter()
+        .chain(bias.map(|v| ("bias", v)));
+    for (role, x) in reads {
+        if x.buffer == c.view.buffer {
+            return Err(Error::invalid(
+                &name,
+                format!(
+                    "tensor {} (operand c) shares a buffer with tensor {} (operand {role}); a \
+                     dispatch cannot write a buffer it reads",
+                    c.view.name, x.name
+                ),
+            ));
+        }
+    }
+    if let Some(bias) = bias {
+        expect(&name, bias, DType::F32, n)?;
+    }
+
+    let (bm, bn) = match kernel {
+        Kernel::Naive => (NAIVE_WG, NAIVE_WG),
+        Kernel::Tiled(t) => (t.bm as usize, t.bn as usize),
+    };
+    let tiles_n = n.div_ceil(bn);
+    let tiles = m.div_ceil(bm) * tiles_n;
+    let max = gpu.limits.max_compute_workgroups_per_dimension;
+    if tiles > max as usize * max as usize {
+        return Err(Error::invalid(
+            &name,
+            format!("{tiles} output tiles exceed the {max} x {max} workgroup grid"),
+        ));
+    }
+    let mut workgroups = grid(tiles as u32, max);
+    workgroups[2] = (batch as u32).min(max);
+
+    let (a_off, lda, a_bs) = normalized(&a, ar, batch);
+    let (b_off, ldb, b_bs) = normalized(&b, br, batch);
+    let (c_off, ldc, c_bs) = normalized(&c, m, batch);
+    let params = Params {
+        m: u32_of(m),
+        n: u32_of(n),
+        k: u32_of(k),
+        batch: u32_of(batch),
+        a_off: u32_of(a_off),
+        lda: u32_of(lda),
+        a_bs: u32_of(a_bs),
+        b_off: u32_of(b_off),
+        ldb: u32_of(ldb),
+        b_bs: u32_of(b_bs),
+        c_off: u32_of(c_off),
+        ldc: u32_of(ldc),
+        c_bs: u32_of(c_bs),
+        alpha: mm.alpha,
+        accumulate: mm.accumulate as u32,
+        has_bias: bias.is_some() as u32,
+        tiles_n: u32_of(tiles_n),
+        tiles: u32_of(tiles),
+    };
+
+    let entries = |ops: u64, bs: usize| if bs == 0 { ops } else { ops * batch as u64 };
+    let (m64, n64, k64) = (m as u64, n as u64, k as u64);
+    let c_traffic = if mm.accumulate { 2 } else { 1 };
+    let cost = Cost {
+        flops: 2 * m64 * n64 * k64 * batch as u64,
+        bytes: 4
+            * (entries(m64 * k64, a_bs)
+                + entries(k64 * n64, b_bs)
+                + c_traffic * m64 * n64 * batch as u64
+                + bias.map_or(0, |_| n64)),
+    };
+
+    let mut constants = vec![
+        ("TRANS_A", mm.trans_a as u32 as f64),
+        ("TRANS_B", mm.trans_b as u32 as f64),
+    ];
+    let spec = match kernel {
+        Kernel::Naive => NAIVE,
+        Kernel::Tiled(t) => {
+            constants.extend(t.constants());
+            match (vec4_ok(&a, ar, batch), vec4_ok(&b, br, batch)) {
+                (false, false) => TILED,
+                (true, false) => TILED_VA,
+                (false, true) => TILED_VB,
+                (true, true) => TILED_VAB,
+            }
+        }
+    };
+    // Without a bias the binding still needs a buffer; the shader never reads it.
+    let bias_view = bias.unwrap_or(b.view);
+    gpu.dispatch(
+        &spec,
+        &constants,
+        bytes_of(&params),
+        &[a.view, b.view, bias_view, c.view],
+        workgroups,
+        cost,
+    )
+}
+
+/// C[z] (M, N) = alpha · op(A[z]) · op(B[z]) (+ bias (N) broadcast over rows) (+ C[z] when
+/// `mm.accumulate`), for z in 0..batch. op(A) is (M, K): A stored (M, K) row-major with row
+/// stride `a.ld`, or (K, M) when `mm.trans_a`. Same for B: (K, N), or (N, K) when `mm.trans_b`.
+/// Overwrites C (never reading it) unless `mm.accumulate`. Each operand must lie inside its view;
+/// C must not share a buffer with A or B, and its batch entries must not overlap.
+pub fn matmul(
+    gpu: &Gpu,
+    mm: &Matmul,
+    c: Operand,
+    a: Operand,
+    b: Operand,
+    bias: Option<&View>,
+    variant: Variant,
+) -> Result<Dispatch> {
+    let kernel = match variant {
+        Variant::Naive => Kernel::Naive,
+        Variant::Tiled => Kernel::Tiled(Tile::choose(mm)),
+    };
+    launch(gpu, mm, c, a, b, bias, kernel)
+}
+
+/// out (M, N) = inp (M, K) · w (N, K)ᵀ + bias (N). Overwrites `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward(
+    gpu: &Gpu,
+    out: &View,
+    inp: &View,
+    w: &View,
+    bias: Option<&View>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<Dispatch> {
+    let name = "gemm.linear_forward";
+    expect_dims(name, &[("M", m), ("K", k), ("N", n)])?;
+    expect(name, inp, DType::F32, m * k)?;
+    expect(name, w, DType::F32, n * k)?;
+    expect(name, out, DType::F32, m * n)?;
+    let mm = Matmul {
+        trans_b: true,
+        ..Matmul::new(m, n, k)
+    };
+    matmul(
+        gpu,
+        &mm,
+        Operand::new(out, n),
+        Operand::new(inp, k),
+        Operand::new(w, k),
+        bias,
+        Variant::Tiled,
+    )
+}
+
+/// The backward pass of `linear_forward`, as up to three dispatches:
+/// dinp (M, K) = dout (M, N) · w (N, K), overwriting, or accumulating (+=) when `accumulate_dinp`
+/// (skipped when `dinp` is None); dw (N, K) += dout (M, N)ᵀ · inp (M, K), accumulating;
+/// dbias (N) += Σ_rows dout, accumulating (skipped when `dbias` is None).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    gpu: &Gpu,
+    dinp: Option<&View>,
+    dw: &View,
+    dbias: Option<&View>,
+    dout: &View,
+    inp: &View,
+    w: &View,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate_dinp: bool,
+) -> Result<Vec<Dispatch>> {
+    let name = "gemm.linear_backward";
+    expect_dims(name, &[("M", m), ("K", k), ("N", n)])?;
+    expect(name, dout, DType::F32, m * n)?;
+    expect(name, inp, DType::F32, m * k)?;
+    expect(name, w, DType::F32, n * k)?;
+    expect(name, dw, DType::F32, n * k)?;
+    if let Some(dinp) = dinp {
+        expect(name, dinp, DType::F32, m * k)?;
+    }
+    let mut out = Vec::with_capacity(3);
+    if let Some(dinp) = dinp {
+        let mm = Matmul {
+            accumulate: accumulate_dinp,
+            ..Matmul::new(m, k, n)
+        };
+        out.push(matmul(
+            gpu,
+            &mm,
+            Operand::new(dinp, k),
+            Operand::new(dout, n),
+            Operand::new(w, k),
+            None,
+            Variant::Tiled,
+        )?);
+    }
+    let mm = Matmul {
+        trans_a: true,
+        accumulate: true,
+        ..Matmul::new(n, k, m)
+    };
+    out.push(matmul(
+        gpu,
+        &mm,
+        Operand::new(dw, k),
+        Operand::new(dout, n),
+        Operand::new(inp, k),
+        None,
+        Variant::Tiled,
+    )?);
+    if let Some(dbias) = dbias {
+        out.push(bias_backward(gpu, dbias, dout, m, n)?);
+    }
+    Ok(out)
+}
+
+/// dbias (N) += Σ_m dout (M, N), accumulating; every column is summed in a fixed order.
+pub fn bias_backward(gpu: &Gpu, dbias: &View, dout: &View, m: usize, n: usize) -> Result<Dispatch> {
+    let name = BIAS_BACKWARD.name();
+    expect_dims(&name, &[("M", m), ("N", n)])?;
+    expect(&name, dout, DType::F32, m * n)?;
+    expect(&name, dbias, DType::F32, n)?;
+    if m * n > u32::MAX as usize {
+        return Err(Error::invalid(
+            &name,
+            format!(
+                "tensor {}: {m} x {n} elements exceed 32-bit indexing",
+                dout.name
+            ),
+        ));
+    }
+    let blocks = n.div_ceil(BIAS_COLS);
+    let params = Params {
+        m: u32_of(m),
+        n: u32_of(n),
+        tiles: u32_of(blocks),
+        ..Params::default()
+    };
+    let cost = Cost {
+        flops: (m * n) as u64,
+        bytes: 4 * (m * n + 2 * n) as u64,
+    };
+    let workgroups = grid(
+        u32_of(blocks),
+        gpu.limits.max_compute_workgroups_per_dimension,
+    );
+    gpu.dispatch(
+        &BIAS_BACKWARD,
+        &[],
+        bytes_of(&params),
+        &[dout, dbias],
+        workgroups,
+        cost,
+    )
+}
 
 pub const FAMILY: Family = Family {
     name: "gemm",
-    about: "not yet written",
-    shape_help: "N",
-    default_shapes: &[],
-    bench_shape: &[1],
+    about: "C = alpha·op(A)·op(B) (+bias) (+C), batched and strided; linear forward/backward",
+    shape_help: "MxKxN",
+    default_shapes: &[
+        &[1, 1, 1],
+        &[3, 5, 7],
+        &[1, 129, 3],
+        &[45, 65, 127],
+        &[127, 129, 65],
+        &[129, 127, 45],
+        &[64, 64, 64],
+        &[67, 33, 259],
+    ],
+    bench_shape: &[1024, 1024, 1024],
     check,
     bench,
 };
 
-fn check(_gpu: &Gpu, _shape: &[usize]) -> Result<Vec<CheckReport>> {
-    Err(Error::invalid("gemm", "not yet written"))
+/// Tolerance for sums of `terms` products of values in [-1, 1] in f32 against an f64 reference:
+/// atol 1e-5 up to 256 terms, then growing linearly with the length of the sum (as the worst-case
+/// rounding error of a sequential f32 sum does); rtol 1e-4.
+fn tolerance(terms: usize) -> (f64, f64) {
+    (1e-5 * (terms as f64 / 256.0).max(1.0), 1e-4)
 }
 
-fn bench(_gpu: &Gpu, _shape: &[usize], _opts: &BenchOptions) -> Result<Vec<BenchReport>> {
-    Err(Error::invalid("gemm", "not yet written"))
+fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
+    let [m, k, n] = harness::dims::<3>("gemm", shape)?;
+    let mut reports = check_linear(gpu, m, k, n)?;
+    // Each operand read as vec4 ('v') or as scalars ('s'); over the four transpose combinations
+    // these cover all four tiled entry points and every load path of A and B.
+    for (i, (trans_a, trans_b)) in [(false, false), (false, true), (true, false), (true, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let layouts = if i % 2 == 0 {
+            [(true, true), (false, false)]
+        } else {
+            [(true, false), (false, true)]
+        };
+        for (vec_a, vec_b) in layouts {
+            let mm = Matmul {
+                batch: 2,
+                trans_a,
+                trans_b,
+                ..Matmul::new(m, n, k)
+            };
+            reports.extend(check_matmul(gpu, mm, vec_a, vec_b)?);
+        }
+    }
+    Ok(reports)
+}
+
+/// Values in [100, 200): reading them where a kernel should only write shows up at once.
+fn garbage(rng: &mut Rng, len: usize) -> Vec<f32> {
+    rng.vec_uniform(len, 100.0, 200.0)
+}
+
+fn f64s(x: &[f32]) -> Vec<f64> {
+    reference::convert(x)
+}
+
+/// linear_forward and linear_backward against the reference, with bias, overwriting and
+/// accumulating into dinp.
+fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckReport>> {
+    let mut rng = Rng::new((m * 1_000_003 + k * 1009 + n) as u64);
+    let inp = rng.vec_uniform(m * k, -1.0, 1.0);
+    let w = rng.vec_uniform(n * k, -1.0, 1.0);
+    let bias = rng.vec_uniform(n, -1.0, 1.0);
+    let dout = rng.vec_uniform(m * n, -1.0, 1.0);
+    let out0 = garbage(&mut rng, m * n);
+    let dinp0 = garbage(&mut rng, m * k);
+    let dinp_acc0 = rng.vec_uniform(m * k, -1.0, 1.0);
+    let dw0 = rng.vec_uniform(n * k, -1.0, 1.0);
+    let dbias0 = rng.vec_uniform(n, -1.0, 1.0);
+
+    let g_inp = gpu.upload_f32("inp", &inp)?;
+    let g_w = gpu.upload_f32("w", &w)?;
+    let g_bias = gpu.upload_f32("bias", &bias)?;
+    let g_dout = gpu.upload_f32("dout", &dout)?;
+    let g_out = gpu.upload_f32("out", &out0)?;
+    let g_dinp = gpu.upload_f32("dinp", &dinp0)?;
+    let g_dinp_acc = gpu.upload_f32("dinp_acc", &dinp_acc0)?;
+    let g_dw = gpu.upload_f32("dw", &dw0)?;
+    let g_dw2 = gpu.upload_f32("dw2", &dw0)?;
+    let g_dbias = gpu.upload_f32("dbias", &dbias0)?;
+    let mut dispatches = vec![linear_forward(
+        gpu,
+        &g_out,
+        &g_inp,
+        &g_w,
+        Some(&g_bias),
+        m,
+        k,
+        n,
+    )?];
+    dispatches.extend(linear_backward(
+        gpu,
+        Some(&g_dinp),
+        &g_dw,
+        Some(&g_dbias),
+        &g_dout,
+        &g_inp,
+        &g_w,
+        m,
+        k,
+        n,
+        false,
+    )?);
+    dispatches.extend(linear_backward(
+        gpu,
+        Some(&g_dinp_acc),
+        &g_dw2,
+        None,
+        &g_dout,
+        &g_inp,
+        &g_w,
+        m,
+        k,
+        n,
+        true,
+    )?);
+    gpu.run(&dispatches)?;
+
+    let (inp, w, bias, dout) = (f64s(&inp), f64s(&w), f64s(&bias), f64s(&dout));
+    let mut out = f64s(&out0);
+    reference::gemm::linear_forward(&mut out, &inp, &w, Some(&bias), m, k, n);
+    let mut dinp = f64s(&dinp0);
+    let mut dw = f64s(&dw0);
+    let mut dbias = f64s(&dbias0);
+    reference::gemm::linear_backward(
+        Some(&mut dinp),
+        &mut dw,
+        Some(&mut dbias),
+        &dout,
+        &inp,
+        &w,
+        m,
+        k,
+        n,
+        false,
+    );
+    let mut dinp_acc = f64s(&dinp_acc0);
+    let mut dw2 = f64s(&dw0);
+    reference::gemm::linear_backward(
+        Some(&mut dinp_acc),
+        &mut dw2,
+        None,
+        &dout,
+        &inp,
+        &w,
+        m,
+        k,
+        n,
+        true,
+    );
+
+    let s = format!("{m}x{k}x{n}");
+    let (ka, kr) = tolerance(k);
+    let (na, nr) = tolerance(n);
+    let (ma, mr) = tolerance(m);
+    Ok(vec![
+        CheckReport::new(&s, "forward out", &gpu.read_f32(&g_out)?, &out, ka, kr),
+        CheckReport::new(&s, "backward dinp", &gpu.read_f32(&g_dinp)?, &dinp, na, nr),
+        CheckReport::new(&s, "backward dw", &gpu.read_f32(&g_dw)?, &dw, ma, mr),
+        CheckReport::new(
+            &s,
+            "backward dbias",
+            &gpu.read_f32(&g_dbias)?,
+            &dbias,
+            ma,
+            mr,
+        ),
+        CheckReport::new(
+            &s,
+            "backward dinp +=",
+            &gpu.read_f32(&g_dinp_acc)?,
+            &dinp_acc,
+            na,
+            nr,
+        ),
+        CheckReport::new(
+            &s,
+            "backward dw (no dbias)",
+            &gpu.read_f32(&g_dw2)?,
+            &dw2,
+            ma,
+            mr,
+        ),
+    ])
+}
+
+/// One operand's placement for a check: with `vec4`, offset, row stride, batch stride and view
+/// length are multiples of 4 (the vec4 kernels); without, none is (the scalar loads).
+fn placement(rows: usize, cols: usize, batch: usize, vec4: bool, shared: bool) -> (Layout, usize) {
+    let mut l = if vec4 {
+        Layout {
+            offset: 4,
+            ld: cols.next_multiple_of(4) + 4,
+            batch_stride: 0,
+        }
+    } else {
+        Layout {
+            offset: 3,
+            ld: cols + 1,
+            batch_stride: 0,
+        }
+    };
+    if !shared {
+        l.batch_stride = rows * l.ld + if vec4 { 8 } else { 5 };
+    }
+    let end = l.at(batch - 1, rows - 1, cols);
+    let len = if vec4 {
+        end.next_multiple_of(4)
+    } else {
+        end + 2
+    };
+    (l, len)
+}
+
+/// A view's contents for an operand: random values in [-1, 1) on the operand's elements and NaN
+/// everywhere else, so a kernel that lets anything outside the operand into its sums fails.
+fn operand_data(
+    rng: &mut Rng,
+    len: usize,
+    l: Layout,
+    rows: usize,
+    cols: usize,
+    batch: usize,
+) -> Vec<f32> {
+    let mut x = vec![f32::NAN; len];
+    for z in 0..batch {
+        for r in 0..rows {
+            for col in 0..cols {
+                x[l.at(z, r, col)] = rng.range(-1.0, 1.0);
+            }
+        }
+    }
+    x
+}
+
+/// One batched, strided matmul configuration under the naive kernel and every tile.
+/// With a vec4 A, C is stacked per batch entry and overwritten with alpha 1 and a bias; otherwise
+/// C is a column block of a wider matrix (the lm-head chunk case) with the batch entries side by
+/// side, accumulated into with alpha -0.75.
+fn check_matmul(gpu: &Gpu, mm: Matmul, vec_a: bool, vec_b: bool) -> Result<Vec<CheckReport>> {
+    let Matmul { m, n, k, batch, .. } = mm;
+    let ((ar, ac), (br, bc)) = mm.stored();
+    let mut rng =
+        Rng::new((m * 7919 + k * 131 + n) as u64 * 4 + mm.trans_a as u64 * 2 + mm.trans_b as u64);
+    let (la, a_len) = placement(ar, ac, batch, vec_a, false);
+    // B shared across the batch in the vec4 layouts, one per entry otherwise.
+    let (lb, b_len) = placement(br, bc, batch, vec_b, vec_b);
+    let (lc, c_len, mm) = if vec_a {
+        let ld = n.next_multiple_of(4);
+        let lc = Layout {
+            offset: 4,
+            ld,
+            batch_stride: m * ld,
+        };
+        (lc, lc.at(batch, 0, 0), mm)
+    } else {
+        let ld = batch * (n + 1) + 4;
+        let lc = Layout {
+            offset: 3,
+            ld,
+            batch_stride: n + 1,
+        };
+        let mm = Matmul {
+            alpha: -0.75,
+            accumulate: true,
+            ..mm
+        };
+        (lc, m * ld, mm)
+    };
+    let with_bias = vec_a || mm.trans_a == mm.trans_b;
+
+    let a = operand_data(&mut rng, a_len, la, ar, ac, batch);
+    let b = operand_data(&mut rng, b_len, lb, br, bc, batch);
+    let bias = rng.vec_uniform(n, -1.0, 1.0);
+    let c0 = if mm.accumulate {
+        rng.vec_uniform(c_len, -1.0, 1.0)
+    } else {
+        garbage(&mut rng, c_len)
+    };
+    let mut want = f64s(&c0);
+    reference::gemm::matmul(
+        &mut want,
+        lc,
+        &f64s(&a),
+        la,
+        &f64s(&b),
+        lb,
+        with_bias.then(|| f64s(&bias)).as_deref(),
+        m,
+        n,
+        k,
+        batch,
+        mm.trans_a,
+        mm.trans_b,
+        mm.alpha as f64,
+        mm.accumulate,
+    );
+
+    let ga = gpu.upload_f32("a", &a)?;
+    let gb = gpu.upload_f32("b", &b)?;
+    let gbias = gpu.upload_f32("bias", &bias)?;
+    let s = format!("{m}x{k}x{n} batch {batch}");
+    let (atol, rtol) = tolerance(k);
+    let mut reports = Vec::new();
+    let kernels = std::iter::once(Kernel::Naive).chain(Tile::ALL.map(Kernel::Tiled));
+    for kernel in kernels {
+        let gc = gpu.upload_f32("c", &c0)?;
+        let d = launch(
+            gpu,
+            &mm,
+            op(&gc, lc),
+            op(&ga, la),
+            op(&gb, lb),
+            with_bias.then_some(&gbias),
+            kernel,
+        )?;
+        gpu.run(&[d])?;
+        let what = format!(
+            "{} {}a {}b {}{}",
+            mm.ops(),
+            if vec_a { 'v' } else { 's' },
+            if vec_b { 'v' } else { 's' },
+            match kernel {
+                Kernel::Naive => "naive".to_string(),
+                Kernel::Tiled(t) => format!("tiled {}", t.name()),
+            },
+            if mm.accumulate { " +=" } else { "" },
+        );
+        reports.push(CheckReport::new(
+            &s,
+            &what,
+            &gpu.read_f32(&gc)?,
+            &want,
+            atol,
+            rtol,
+        ));
+    }
+    Ok(reports)
+}
+
+fn op(view: &View, l: Layout) -> Operand<'_> {
+    Operand {
+        view,
+        offset: l.offset,
+        ld: l.ld,
+        batch_stride: l.batch_stride,
+    }
+}
+
+fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
+    let [m, k, n] = harness::dims::<3>("gemm", shape)?;
+    let mut rng = Rng::new(0);
+    let inp = gpu.upload_f32("inp", &rng.vec_uniform(m * k, -1.0, 1.0))?;
+    let w = gpu.upload_f32("w", &rng.vec_uniform(n * k, -1.0, 1.0))?;
+    let dout = gpu.upload_f32("dout", &rng.vec_uniform(m * n, -1.0, 1.0))?;
+    let out = gpu.zeros("out", DType::F32, m * n)?;
+    let dinp = gpu.zeros("dinp", DType::F32, m * k)?;
+    let dw = gpu.zeros("dw", DType::F32, n * k)?;
+    let dbias = gpu.zeros("dbias", DType::F32, n)?;
+    let s = format!("{m}x{k}x{n}");
+
+    // out = inp · wᵀ (NT); dinp = dout · w (NN); dw += doutᵀ · inp (TN).
+    let forward = Matmul {
+        trans_b: true,
+        ..Matmul::new(m, n, k)
+    };
+    let backward_inp = Matmul::new(m, k, n);
+    let backward_w = Matmul {
+        trans_a: true,
+        accumulate: true,
+        ..Matmul::new(n, k, m)
+    };
+    let runs = [
+        ("forward", forward, (&out, n), (&inp, k), (&w, k)),
+        (
+            "backward dinp",
+            backward_inp,
+            (&dinp, k),
+            (&dout, n),
+            (&w, k),
+        ),
+        ("backward dw", backward_w, (&dw, k), (&dout, n), (&inp, k)),
+    ];
+    let mut reports = Vec::new();
+    for (label, mm, c, a, b) in runs {
+        let (c, a, b) = (
+            Operand::new(c.0, c.1),
+            Operand::new(a.0, a.1),
+            Operand::new(b.0, b.1),
+        );
+        let tile = Tile::choose(&mm);
+        let tiled = launch(gpu, &mm, c, a, b, None, Kernel::Tiled(tile))?;
+        let naive = launch(gpu, &mm, c, a, b, None, Kernel::Naive)?;
+        let name = format!("{label} {} tiled {}", mm.ops(), tile.name());
+        reports.push(harness::bench_one(gpu, opts, &name, &s, &[tiled])?);
+        let name = format!("{label} {} naive", mm.ops());
+        reports.push(harness::bench_one(gpu, opts, &name, &s, &[naive])?);
+    }
+    let db = bias_backward(gpu, &dbias, &dout, m, n)?;
+    reports.push(harness::bench_one(gpu, opts, "backward dbias", &s, &[db])?);
+    Ok(reports)
 }
