@@ -768,7 +768,9 @@ impl Executor<'_> {
         self.write_inputs(std::slice::from_ref(batch))?;
         if let Some(buf) = &self.dropout_steps {
             let zeros = vec![0u32; (buf.size() / 4) as usize];
-            self.gpu.queue.write_buffer(buf, 0, bytemuck::cast_slice(&zeros));
+            self.gpu
+                .queue
+                .write_buffer(buf, 0, bytemuck::cast_slice(&zeros));
         }
         let gpu = self.gpu;
         gpu.scoped("validate", 0, || {
@@ -785,7 +787,11 @@ impl Executor<'_> {
         let dloss = 1.0 / self.opts.grad_accum.max(1) as f32;
         let mut checks = Vec::new();
         for phase in [Phase::Forward, Phase::Backward] {
-            let nds = self.node_dispatches.get(&phase).cloned().unwrap_or_default();
+            let nds = self
+                .node_dispatches
+                .get(&phase)
+                .cloned()
+                .unwrap_or_default();
             for nd in nds {
                 let node = self.graph.nodes[nd.node].clone();
                 let ins = node

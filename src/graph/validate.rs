@@ -35,9 +35,10 @@ pub fn tolerance(op: &Op) -> (f64, f64) {
         Op::Add { .. } | Op::Accumulate { .. } | Op::Fill { .. } | Op::Embedding { .. } => {
             (1e-6, 1e-6)
         }
-        Op::Gelu { .. } | Op::GeluBackward { .. } | Op::Dropout { .. } | Op::DropoutBackward { .. } => {
-            (1e-6, 1e-5)
-        }
+        Op::Gelu { .. }
+        | Op::GeluBackward { .. }
+        | Op::Dropout { .. }
+        | Op::DropoutBackward { .. } => (1e-6, 1e-5),
         _ => (2e-5, 1e-3),
     }
 }
@@ -77,7 +78,16 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::LayerNorm { n, c } => {
             let (y, rest) = o.split_at_mut(1);
             let (mean, rstd) = rest.split_at_mut(1);
-            r::layernorm::forward(&mut y[0], &mut mean[0], &mut rstd[0], f(0), f(1), f(2), n, c);
+            r::layernorm::forward(
+                &mut y[0],
+                &mut mean[0],
+                &mut rstd[0],
+                f(0),
+                f(1),
+                f(2),
+                n,
+                c,
+            );
         }
         Op::Linear { m, k, n, bias } => {
             r::gemm::linear_forward(&mut o[0], f(0), f(1), bias.then(|| f(2)), m, k, n);
@@ -86,7 +96,18 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             let mut preatt = vec![0.0; b * nh * t * t];
             let mut att = vec![0.0; b * nh * t * t];
             let (y, lse) = o.split_at_mut(1);
-            r::attention::forward(&mut y[0], &mut preatt, &mut att, &mut lse[0], f(0), b, t, nh, hs, true);
+            r::attention::forward(
+                &mut y[0],
+                &mut preatt,
+                &mut att,
+                &mut lse[0],
+                f(0),
+                b,
+                t,
+                nh,
+                hs,
+                true,
+            );
         }
         Op::Gelu { .. } => r::gelu::forward(&mut o[0], f(0)),
         Op::Add { .. } => r::residual::forward(&mut o[0], f(0), f(1)),
@@ -98,7 +119,16 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::Mean { n } => r::reduce::sum(&mut o[0], f(0), 1.0 / n as f32),
         Op::EmbeddingBackward { b, t, c } => {
             let (dwte, dwpe) = o.split_at_mut(1);
-            r::embedding::backward(&mut dwte[0], 0, Some(&mut dwpe[0]), f(0), ins[1].u(), b, t, c);
+            r::embedding::backward(
+                &mut dwte[0],
+                0,
+                Some(&mut dwpe[0]),
+                f(0),
+                ins[1].u(),
+                b,
+                t,
+                c,
+            );
         }
         Op::LayerNormBackward { n, c, acc, bias } => {
             zero_unless(&mut o[0], acc);
@@ -106,9 +136,27 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             let (dx, rest) = o.split_at_mut(1);
             let (dw, db) = rest.split_at_mut(1);
             let db = if bias { &mut db[0] } else { &mut unused };
-            r::layernorm::backward(&mut dx[0], &mut dw[0], db, f(0), f(1), f(2), f(3), f(4), n, c);
+            r::layernorm::backward(
+                &mut dx[0],
+                &mut dw[0],
+                db,
+                f(0),
+                f(1),
+                f(2),
+                f(3),
+                f(4),
+                n,
+                c,
+            );
         }
-        Op::LinearBackward { m, k, n, acc, dx, bias } => {
+        Op::LinearBackward {
+            m,
+            k,
+            n,
+            acc,
+            dx,
+            bias,
+        } => {
             let (dxo, rest) = o.split_at_mut(if dx { 1 } else { 0 });
             let (dw, db) = rest.split_at_mut(1);
             r::gemm::linear_backward(
@@ -130,10 +178,33 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             let mut preatt = vec![0.0; b * nh * t * t];
             let mut att = vec![0.0; b * nh * t * t];
             let mut lse = vec![0.0; b * nh * t];
-            r::attention::forward(&mut y, &mut preatt, &mut att, &mut lse, f(1), b, t, nh, hs, true);
+            r::attention::forward(
+                &mut y,
+                &mut preatt,
+                &mut att,
+                &mut lse,
+                f(1),
+                b,
+                t,
+                nh,
+                hs,
+                true,
+            );
             let (mut dpre, mut datt) = (vec![0.0; att.len()], vec![0.0; att.len()]);
             o[0].iter_mut().for_each(|x| *x = 0.0);
-            r::attention::backward(&mut o[0], &mut dpre, &mut datt, f(0), f(1), &att, b, t, nh, hs, true);
+            r::attention::backward(
+                &mut o[0],
+                &mut dpre,
+                &mut datt,
+                f(0),
+                f(1),
+                &att,
+                b,
+                t,
+                nh,
+                hs,
+                true,
+            );
         }
         Op::GeluBackward { acc, .. } => {
             zero_unless(&mut o[0], acc);

@@ -27,7 +27,7 @@ impl Default for SampleOptions {
 
 impl SampleOptions {
     pub fn validate(&self) -> Result<()> {
-        if !self.greedy && !(self.temperature > 0.0 && self.temperature.is_finite()) {
+        if !(self.greedy || self.temperature > 0.0 && self.temperature.is_finite()) {
             return Err(Error::invalid(
                 "--temperature",
                 format!(

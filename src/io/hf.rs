@@ -185,6 +185,18 @@ fn hf_shape(table: &ParamTable, cfg: &GptConfig, i: usize) -> Vec<usize> {
     }
 }
 
+/// Converts parameter i from its Hugging Face layout to ours: Conv1D weights transposed, the
+/// token embedding padded to the padded vocabulary with zero rows.
+pub fn from_hf(table: &ParamTable, cfg: &GptConfig, i: usize, mut data: Vec<f32>) -> Vec<f32> {
+    let spec = &table.specs[i];
+    if spec.hf_transposed {
+        let hf = hf_shape(table, cfg, i);
+        data = transpose(&data, hf[0], hf[1]);
+    }
+    data.resize(spec.numel(), 0.0);
+    data
+}
+
 /// Loads every parameter of `table` from `DIR/model.safetensors`, in our layout (transposing
 /// Conv1D weights and padding the vocabulary). Errors name the file, the tensor and both shapes.
 pub fn load_weights(dir: &Path, cfg: &GptConfig, table: &ParamTable) -> Result<Vec<Vec<f32>>> {
@@ -219,18 +231,14 @@ pub fn load_weights(dir: &Path, cfg: &GptConfig, table: &ParamTable) -> Result<V
                 ),
             ));
         }
-        let mut data = to_f32(&path, stored, &t)?;
+        let data = to_f32(&path, stored, &t)?;
         if let Some((k, v)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(ckpt_err(
                 &path,
                 format!("tensor {stored} holds a non-finite value ({v}) at element {k}"),
             ));
         }
-        if spec.hf_transposed {
-            data = transpose(&data, want[0], want[1]);
-        }
-        data.resize(spec.numel(), 0.0);
-        out.push(data);
+        out.push(from_hf(table, cfg, i, data));
     }
     Ok(out)
 }
@@ -276,8 +284,11 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)])
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
 
+/// A tensor's shape and f32 values.
+pub type ShapedTensor = (Vec<usize>, Vec<f32>);
+
 /// Reads every tensor of a safetensors file as f32, by name, with its shape.
-pub fn read_safetensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, ShapedTensor>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| ckpt_err(path, format!("not a valid safetensors file: {e}")))?;

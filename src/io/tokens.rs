@@ -39,7 +39,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<u32>> {
         }
         body
     } else {
-        if bytes.len() % 2 != 0 {
+        if !bytes.len().is_multiple_of(2) {
             return Err(bad(format!(
                 "{} bytes is not a whole number of u16 tokens",
                 bytes.len()

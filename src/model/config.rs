@@ -46,7 +46,7 @@ impl GptConfig {
                 return bad(name, "must be at least 1".into());
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(
                 "n_embd",
                 format!("{} is not divisible by n_head {}", self.n_embd, self.n_head),

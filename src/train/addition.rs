@@ -31,7 +31,9 @@ pub fn parse_answer(completion: &str) -> Option<u32> {
 /// Whether a problem is held out of the training text (a fixed 1 in 10 of all pairs), so the
 /// final accuracy measures generalization, not recall.
 pub fn held_out(a: u32, b: u32) -> bool {
-    (a * 1000 + b).wrapping_mul(2_654_435_761) % 10 == 0
+    (a * 1000 + b)
+        .wrapping_mul(2_654_435_761)
+        .is_multiple_of(10)
 }
 
 /// `n` training lines drawn from the problems not held out.

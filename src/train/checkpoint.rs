@@ -17,6 +17,9 @@ use crate::model::{GptConfig, ParamTable};
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 
+/// AdamW's first and second moments, one tensor per parameter.
+pub type Moments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// Everything a checkpoint holds.
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
@@ -24,7 +27,7 @@ pub struct Checkpoint {
     /// Parameters in our layout, in parameter-table order.
     pub params: Vec<Vec<f32>>,
     /// AdamW moments (m, v) in the same order, when the checkpoint was written by `train`.
-    pub optimizer: Option<(Vec<Vec<f32>>, Vec<Vec<f32>>)>,
+    pub optimizer: Option<Moments>,
     /// Trainer state (step, loader position, settings), when written by `train`.
     pub state: Option<Value>,
     pub vocab: Option<Vocab>,

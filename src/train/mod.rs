@@ -332,10 +332,6 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
     let data = load_data(cfg, ckpt.as_ref().and_then(|c| c.vocab.as_ref()))?;
     if let Some(ck) = &ckpt
         && ck.vocab.is_none()
-        && cfg
-            .data
-            .as_ref()
-            .is_some_and(|p| !p.extension().is_some_and(|e| e == "bin"))
         && !matches!(data.vocab, Vocab::Ids(_))
     {
         return Err(Error::invalid(
@@ -505,7 +501,7 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         run.ms_of.push_back((step, ms));
         run.handle(exec.poll()?)?;
 
-        let eval_now = cfg.eval_interval > 0 && step % cfg.eval_interval == 0;
+        let eval_now = cfg.eval_interval > 0 && step.is_multiple_of(cfg.eval_interval);
         let stop = interrupted();
         if eval_now || step == cfg.max_iters || stop {
             // Never checkpoint parameters a diverged step may have touched.

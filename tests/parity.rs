@@ -1,0 +1,131 @@
+//! The whole model against PyTorch and transformers (llm.c's test_gpt2 method): a random GPT-2 of
+//! awkward size saved by `save_pretrained` is loaded through the checkpoint loader; logits, loss,
+//! every parameter gradient and the losses of 10 AdamW steps (clipping and weight decay on) must
+//! match the values recorded by scripts/make_fixtures.py. Every mismatch fails the test.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use shaderformer::gpu::test_gpu;
+use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
+use shaderformer::io::hf;
+use shaderformer::kernels::adamw::Hyper;
+use shaderformer::model::ParamTable;
+use shaderformer::model::gpt::{self, Mode};
+use shaderformer::reference::compare;
+use shaderformer::train::checkpoint;
+
+struct Fixture {
+    tensors: HashMap<String, (Vec<usize>, Vec<u8>, safetensors::Dtype)>,
+    meta: HashMap<String, String>,
+}
+
+impl Fixture {
+    fn load(path: &Path) -> Fixture {
+        let bytes = std::fs::read(path).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, (t.shape().to_vec(), t.data().to_vec(), t.dtype())))
+            .collect();
+        Fixture {
+            tensors,
+            meta: meta.metadata().clone().unwrap_or_default(),
+        }
+    }
+
+    fn f32(&self, name: &str) -> Vec<f32> {
+        let (_, d, dt) = &self.tensors[name];
+        assert_eq!(*dt, safetensors::Dtype::F32, "{name}");
+        bytemuck::pod_collect_to_vec(d)
+    }
+
+    fn u32(&self, name: &str) -> Vec<u32> {
+        let (_, d, dt) = &self.tensors[name];
+        assert_eq!(*dt, safetensors::Dtype::I32, "{name}");
+        let v: Vec<i32> = bytemuck::pod_collect_to_vec(d);
+        v.into_iter().map(|x| x as u32).collect()
+    }
+
+    fn num(&self, key: &str) -> f64 {
+        self.meta[key].parse().unwrap()
+    }
+}
+
+fn assets() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets"))
+}
+
+#[test]
+fn gpt2_tiny_matches_pytorch() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = assets().join("gpt2-tiny");
+    let fx = Fixture::load(&dir.join("fixture.safetensors"));
+    let ck = checkpoint::load(&dir).expect("load the transformers checkpoint");
+    let cfg = ck.cfg.clone();
+    let (b, t) = (fx.num("B") as usize, fx.num("T") as usize);
+    let (v, vp) = (cfg.vocab_size, cfg.padded_vocab());
+    let table = ParamTable::new(&cfg);
+    let names: Vec<String> = table.specs.iter().map(|s| s.name.clone()).collect();
+    let store = ParamStore::new(gpu, &names, &ck.params, true).unwrap();
+    let opts = ExecOptions {
+        reuse: true,
+        grad_accum: 1,
+        adamw: Hyper {
+            beta1: fx.num("beta1") as f32,
+            beta2: fx.num("beta2") as f32,
+            eps: fx.num("eps") as f32,
+            weight_decay: fx.num("weight_decay") as f32,
+            grad_clip: fx.num("grad_clip") as f32,
+        },
+        seed: 0,
+    };
+    let g = gpt::build(&cfg, &table, b, t, Mode::Train);
+    let logits_id = g.logits;
+    let mut exec = Executor::new(gpu, g.graph, &store, opts).unwrap();
+    let batch = MicroBatch {
+        tokens: fx.u32("tokens"),
+        targets: fx.u32("targets"),
+    };
+
+    // Logits (the padded columns dropped) and loss.
+    let loss = exec.forward_loss(&batch).unwrap();
+    let logits_p = gpu.read_f32(exec.view(logits_id)).unwrap();
+    let logits: Vec<f32> = logits_p
+        .chunks(vp)
+        .flat_map(|row| row[..v].to_vec())
+        .collect();
+    compare("logits", &logits, &fx.f32("logits"), 1e-4, 0.0).assert();
+    compare("loss", &[loss], &fx.f32("loss"), 1e-5, 0.0).assert();
+
+    // Every parameter gradient, in our layout.
+    exec.forward_backward(&batch).unwrap();
+    for (i, spec) in table.specs.iter().enumerate() {
+        let want = hf::from_hf(&table, &cfg, i, fx.f32(&format!("grad.{}", spec.name)));
+        let got = gpu.read_f32(&store.grads[i]).unwrap();
+        let c = compare(&format!("grad {}", spec.name), &got, &want, 1e-5, 1e-3);
+        eprintln!("{c}");
+        c.assert();
+    }
+
+    // Ten AdamW steps on the same batch: each step's loss is that of its forward, before its update.
+    let lr = fx.num("lr") as f32;
+    for step in 1..=10u32 {
+        exec.step(std::slice::from_ref(&batch), lr, step).unwrap();
+    }
+    let results = exec.wait_results().unwrap();
+    let losses: Vec<f32> = results.iter().map(|r| r.loss()).collect();
+    let norms: Vec<f32> = results.iter().map(|r| r.grad_norm).collect();
+    eprintln!("losses {losses:?}\nnorms {norms:?}");
+    compare("grad norms", &norms, &fx.f32("grad_norms"), 1e-4, 1e-3).assert();
+    compare(
+        "10 AdamW step losses",
+        &losses,
+        &fx.f32("losses"),
+        1e-4,
+        0.0,
+    )
+    .assert();
+}
