@@ -3,6 +3,7 @@
 //! Layers, from the bottom: `gpu` (device, buffers, pipelines, profiler), `kernels` (one launcher
 //! module per shader file), `reference` (the plain-Rust specification of every kernel).
 
+pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod graph;

@@ -1,4 +1,5 @@
 //! The subcommands.
 
+pub mod bench;
 pub mod kernels;
 pub mod train;

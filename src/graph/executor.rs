@@ -753,6 +753,42 @@ impl Executor<'_> {
         gpu.wait()
     }
 
+    /// Times every dispatch of one training step (one micro-step) with the GPU profiler, each
+    /// in its own pass. Returns (dispatch name, seconds) in schedule order. Parameters are updated
+    /// as by a real step with learning rate `lr` and step number `t`.
+    pub fn profile_step(
+        &mut self,
+        batch: &MicroBatch,
+        lr: f32,
+        t: u32,
+    ) -> Result<Vec<(String, f64)>> {
+        self.write_inputs(std::slice::from_ref(batch))?;
+        for &d in &self.adamw_dispatches {
+            adamw::set_step(self.gpu, &self.dispatches[&Phase::Optimizer][d], lr, t);
+        }
+        let gpu = self.gpu;
+        gpu.scoped("profile", 0, || {
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("profile inputs"),
+                });
+            self.record_micro_inputs(&mut enc, 0);
+            gpu.queue.submit([enc.finish()]);
+        })?;
+        let all: Vec<Dispatch> = [
+            Phase::Zero,
+            Phase::Forward,
+            Phase::Backward,
+            Phase::Optimizer,
+        ]
+        .iter()
+        .flat_map(|&p| self.phase(p).iter().cloned())
+        .collect();
+        let times = gpu.profile(&all)?;
+        Ok(all.into_iter().map(|d| d.name).zip(times).collect())
+    }
+
     fn read_data(&self, t: TensorId) -> Result<validate::Data> {
         let v = self.view(t);
         Ok(match v.dtype {

@@ -206,6 +206,17 @@ struct Tile {
 /// Workgroups that keep every compute unit of a large GPU busy (an H100 has 132 SMs).
 const FILL_WORKGROUPS: usize = 128;
 
+/// How many workgroups fill `gpu`. wgpu does not report compute-unit counts; a CPU adapter
+/// (lavapipe) runs workgroups on the host's threads, so a few per thread suffice there and larger
+/// tiles (more reuse per load) win; a GPU gets `FILL_WORKGROUPS`.
+fn fill_workgroups(gpu: &Gpu) -> usize {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        4 * std::thread::available_parallelism().map_or(4, |n| n.get())
+    } else {
+        FILL_WORKGROUPS
+    }
+}
+
 impl Tile {
     /// 256 invocations of 8 × 8 outputs: the most reuse per load, for large outputs.
     const LARGE: Tile = Tile {
@@ -244,12 +255,12 @@ impl Tile {
         (mm.m * mm.n) as f64 / padded as f64
     }
 
-    /// The largest tile that still gives enough workgroups to fill a large GPU without wasting
-    /// more than a quarter of its area on padding; the smallest otherwise.
-    fn choose(mm: &Matmul) -> Tile {
+    /// The largest tile that still gives `fill` workgroups (enough to occupy the device) without
+    /// wasting more than a quarter of its area on padding; the smallest otherwise.
+    fn choose(mm: &Matmul, fill: usize) -> Tile {
         [Tile::LARGE, Tile::MEDIUM]
             .into_iter()
-            .find(|t| t.workgroups(mm) >= FILL_WORKGROUPS && t.utilization(mm) >= 0.75)
+            .find(|t| t.workgroups(mm) >= fill && t.utilization(mm) >= 0.75)
             .unwrap_or(Tile::SMALL)
     }
 
@@ -513,7 +524,7 @@ pub fn matmul(
 ) -> Result<Dispatch> {
     let kernel = match variant {
         Variant::Naive => Kernel::Naive,
-        Variant::Tiled => Kernel::Tiled(Tile::choose(mm)),
+        Variant::Tiled => Kernel::Tiled(Tile::choose(mm, fill_workgroups(gpu))),
     };
     launch(gpu, mm, c, a, b, bias, kernel)
 }
@@ -1049,7 +1060,7 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
             Operand::new(a.0, a.1),
             Operand::new(b.0, b.1),
         );
-        let tile = Tile::choose(&mm);
+        let tile = Tile::choose(&mm, fill_workgroups(gpu));
         let tiled = launch(gpu, &mm, c, a, b, None, Kernel::Tiled(tile))?;
         let naive = launch(gpu, &mm, c, a, b, None, Kernel::Naive)?;
         let name = format!("{label} {} tiled {}", mm.ops(), tile.name());

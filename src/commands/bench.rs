@@ -1,0 +1,154 @@
+//! `shaderformer bench`: training and inference throughput on random weights.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use shaderformer::bench;
+use shaderformer::error::{Error, Result};
+use shaderformer::model::GptConfig;
+
+use crate::GpuArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "all")]
+    what: What,
+    /// A GPT-2 shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl (dimension flags override it).
+    #[arg(long, default_value = "gpt2")]
+    model: String,
+    #[arg(long)]
+    n_layer: Option<usize>,
+    #[arg(long)]
+    n_head: Option<usize>,
+    #[arg(long)]
+    n_embd: Option<usize>,
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    /// Context length of the model (position table).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Training batch size.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Training sequence length.
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    /// Timed runs (the median is reported, with min and max).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Untimed warm-up runs.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum What {
+    Train,
+    All,
+}
+
+impl BenchArgs {
+    fn config(&self) -> Result<GptConfig> {
+        let mut cfg = GptConfig::preset(&self.model).ok_or_else(|| {
+            Error::invalid(
+                "--model",
+                format!(
+                    "unknown shape '{}' (gpt2, gpt2-medium, gpt2-large, gpt2-xl)",
+                    self.model
+                ),
+            )
+        })?;
+        cfg.n_layer = self.n_layer.unwrap_or(cfg.n_layer);
+        cfg.n_head = self.n_head.unwrap_or(cfg.n_head);
+        cfg.n_embd = self.n_embd.unwrap_or(cfg.n_embd);
+        cfg.vocab_size = self.vocab_size.unwrap_or(cfg.vocab_size);
+        cfg.block_size = self.context.unwrap_or(cfg.block_size);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
+    let cfg = args.config()?;
+    if args.block_size > cfg.block_size {
+        return Err(Error::invalid(
+            "--block-size",
+            format!(
+                "{} is beyond the model's context {}",
+                args.block_size, cfg.block_size
+            ),
+        ));
+    }
+    let gpu = gpu.open()?;
+    let shape = format!(
+        "{} layers, {} heads, {} embd, vocab {}, context {} ({:.1}M parameters)",
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.vocab_size,
+        cfg.block_size,
+        cfg.num_params() as f64 / 1e6
+    );
+    let mut out = serde_json::Map::new();
+    out.insert("adapter".into(), gpu.adapter_name().into());
+    out.insert("model".into(), shape.clone().into());
+    out.insert("timing".into(), gpu.timing_method().name().into());
+    if !args.json {
+        println!("adapter: {}", gpu.adapter_name());
+        println!("model:   {shape}");
+    }
+    if matches!(args.what, What::Train | What::All) {
+        let r = bench::train(
+            &gpu,
+            &cfg,
+            args.batch_size,
+            args.block_size,
+            args.warmup,
+            args.runs,
+        )?;
+        if args.json {
+            out.insert("train".into(), r.to_json());
+        } else {
+            println!(
+                "\ntraining step, batch {} x {} tokens (median of {} after {} warm-up):",
+                r.b, r.t, r.step.runs, args.warmup
+            );
+            println!(
+                "  {:.1} ms/step (min {:.1}, max {:.1}), {:.0} tokens/s, {:.4} TFLOP/s ({:.2} GFLOP per step, nanoGPT's 6N + 12LHQT)",
+                r.step.median * 1e3,
+                r.step.min * 1e3,
+                r.step.max * 1e3,
+                r.tokens_per_s,
+                r.tflops,
+                r.flops_per_step / 1e9
+            );
+            println!(
+                "\nGPU time per kernel in one step ({}; {:.1} ms in all):",
+                gpu.timing_method().name(),
+                r.kernel_total * 1e3
+            );
+            println!(
+                "  {:<34} {:>6} {:>10} {:>7}",
+                "kernel", "calls", "ms", "share"
+            );
+            for k in &r.kernels {
+                println!(
+                    "  {:<34} {:>6} {:>10.2} {:>6.1}%",
+                    k.name,
+                    k.calls,
+                    k.seconds * 1e3,
+                    k.share * 100.0
+                );
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Object(out));
+    }
+    Ok(ExitCode::SUCCESS)
+}
