@@ -123,15 +123,22 @@ fn addition_defaults() -> TrainConfig {
 }
 
 impl TrainArgs {
-    pub fn config(&self) -> TrainConfig {
-        let d = if self.data.is_none() && self.init.is_none() && self.resume.is_none() {
+    /// The run's settings: flags given on the command line, else (with --resume) the resumed
+    /// run's saved settings, else the defaults (the addition dataset's without --data).
+    pub fn config(&self) -> Result<TrainConfig> {
+        let mut d = if self.data.is_none() && self.init.is_none() && self.resume.is_none() {
             addition_defaults()
         } else {
             TrainConfig::default()
         };
+        if let Some(dir) = &self.resume {
+            let saved = checkpoint::read_state(dir)?;
+            d = d.with_settings(&saved["config"]);
+        }
+        let d = d;
         let max_iters = self.max_iters.unwrap_or(d.max_iters);
-        TrainConfig {
-            data: self.data.clone(),
+        Ok(TrainConfig {
+            data: self.data.clone().or(d.data.clone()),
             out: self.out.clone(),
             init: self.init.clone(),
             resume: self.resume.clone(),
@@ -149,7 +156,11 @@ impl TrainArgs {
                 lr: self.lr.unwrap_or(d.schedule.lr),
                 min_lr: self.min_lr.unwrap_or(d.schedule.min_lr),
                 warmup_iters: self.warmup_iters.unwrap_or(d.schedule.warmup_iters),
-                lr_decay_iters: self.lr_decay_iters.unwrap_or(max_iters),
+                lr_decay_iters: self.lr_decay_iters.unwrap_or(if self.resume.is_some() {
+                    d.schedule.lr_decay_iters
+                } else {
+                    max_iters
+                }),
             },
             weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
             beta1: self.beta1.unwrap_or(d.beta1),
@@ -164,12 +175,12 @@ impl TrainArgs {
             metrics: self.metrics.clone(),
             no_reuse: self.no_reuse,
             verbose: true,
-        }
+        })
     }
 }
 
 pub fn train(gpu: &GpuArgs, args: &TrainArgs) -> Result<ExitCode> {
-    let cfg = args.config();
+    let cfg = args.config()?;
     let gpu = gpu.open()?;
     let summary = train::train(&gpu, &cfg)?;
     println!(

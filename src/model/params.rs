@@ -161,6 +161,14 @@ impl ParamTable {
         }
     }
 
+    /// Fails early, naming the tensor, when a parameter cannot be one storage binding on `gpu`.
+    pub fn check_fits(&self, gpu: &crate::gpu::Gpu) -> crate::Result<()> {
+        for s in &self.specs {
+            gpu.check_fits(&s.name, s.numel() as u64 * 4)?;
+        }
+        Ok(())
+    }
+
     pub fn find(&self, name: &str) -> Option<usize> {
         self.specs.iter().position(|s| s.name == name)
     }

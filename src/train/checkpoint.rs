@@ -123,6 +123,27 @@ fn resolve(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// Reads `trainer_state.json` only (what `--resume` needs before loading anything else).
+pub fn read_state(dir: &Path) -> Result<Value> {
+    let dir = resolve(dir);
+    if !dir.is_dir() {
+        return Err(Error::invalid(
+            dir.display().to_string(),
+            "checkpoint directory does not exist",
+        ));
+    }
+    let path = dir.join(STATE_FILE);
+    if !path.exists() {
+        return Err(Error::invalid(
+            dir.display().to_string(),
+            "has no trainer_state.json: not a training checkpoint (use --init to start from it)",
+        ));
+    }
+    let text = io(&path, fs::read_to_string(&path))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(path.display().to_string(), format!("not JSON: {e}")))
+}
+
 /// Reads the model config only.
 pub fn read_config(dir: &Path) -> Result<GptConfig> {
     hf::read_config(&resolve(dir))

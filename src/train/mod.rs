@@ -155,22 +155,122 @@ pub fn load_data(cfg: &TrainConfig, vocab: Option<&Vocab>) -> Result<Dataset> {
     }
 }
 
-/// State of a run, saved in `trainer_state.json`.
+/// State of a run, saved in `trainer_state.json`: the step, the loader's position, and every
+/// setting, so `--resume DIR` alone continues the same run.
 fn state_json(cfg: &TrainConfig, step: u64, loader: &Loader, data_desc: &str) -> Value {
     json!({
         "step": step,
         "loader": loader.state(),
-        "seed": cfg.seed,
-        "batch_size": cfg.batch_size,
-        "block_size": cfg.block_size,
-        "grad_accum": cfg.grad_accum,
-        "data": data_desc,
-        "lr": cfg.schedule.lr,
-        "min_lr": cfg.schedule.min_lr,
-        "warmup_iters": cfg.schedule.warmup_iters,
-        "lr_decay_iters": cfg.schedule.lr_decay_iters,
-        "max_iters": cfg.max_iters,
+        "data_description": data_desc,
+        "config": cfg.settings_json(),
     })
+}
+
+impl TrainConfig {
+    /// The settings a resumed run takes as its defaults.
+    pub fn settings_json(&self) -> Value {
+        json!({
+            "data": self.data.as_ref().map(|p| p.display().to_string()),
+            "batch_size": self.batch_size,
+            "block_size": self.block_size,
+            "grad_accum": self.grad_accum,
+            "max_iters": self.max_iters,
+            "lr_schedule": match self.schedule.kind { schedule::Schedule::Cosine => "cosine", schedule::Schedule::Constant => "constant" },
+            "lr": self.schedule.lr,
+            "min_lr": self.schedule.min_lr,
+            "warmup_iters": self.schedule.warmup_iters,
+            "lr_decay_iters": self.schedule.lr_decay_iters,
+            "weight_decay": self.weight_decay,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "eps": self.eps,
+            "grad_clip": self.grad_clip,
+            "dropout": self.dropout,
+            "seed": self.seed,
+            "eval_interval": self.eval_interval,
+            "eval_iters": self.eval_iters,
+            "log_interval": self.log_interval,
+            "loader": match self.loader { LoaderKind::Random => "random", LoaderKind::Sequential => "sequential" },
+        })
+    }
+
+    /// `self` with every setting found in a saved `settings_json` replacing its value.
+    pub fn with_settings(mut self, v: &Value) -> TrainConfig {
+        let f = |k: &str| v.get(k).and_then(Value::as_f64);
+        let u = |k: &str| v.get(k).and_then(Value::as_u64);
+        if let Some(Some(d)) = v.get("data").map(Value::as_str) {
+            self.data = Some(PathBuf::from(d));
+        }
+        if let Some(x) = u("batch_size") {
+            self.batch_size = x as usize;
+        }
+        if let Some(x) = u("block_size") {
+            self.block_size = x as usize;
+        }
+        if let Some(x) = u("grad_accum") {
+            self.grad_accum = x as usize;
+        }
+        if let Some(x) = u("max_iters") {
+            self.max_iters = x;
+        }
+        if let Some(x) = v.get("lr_schedule").and_then(Value::as_str) {
+            self.schedule.kind = if x == "constant" {
+                schedule::Schedule::Constant
+            } else {
+                schedule::Schedule::Cosine
+            };
+        }
+        if let Some(x) = f("lr") {
+            self.schedule.lr = x as f32;
+        }
+        if let Some(x) = f("min_lr") {
+            self.schedule.min_lr = x as f32;
+        }
+        if let Some(x) = u("warmup_iters") {
+            self.schedule.warmup_iters = x;
+        }
+        if let Some(x) = u("lr_decay_iters") {
+            self.schedule.lr_decay_iters = x;
+        }
+        if let Some(x) = f("weight_decay") {
+            self.weight_decay = x as f32;
+        }
+        if let Some(x) = f("beta1") {
+            self.beta1 = x as f32;
+        }
+        if let Some(x) = f("beta2") {
+            self.beta2 = x as f32;
+        }
+        if let Some(x) = f("eps") {
+            self.eps = x as f32;
+        }
+        if let Some(x) = f("grad_clip") {
+            self.grad_clip = x as f32;
+        }
+        if let Some(x) = f("dropout") {
+            self.dropout = x as f32;
+        }
+        if let Some(x) = u("seed") {
+            self.seed = x;
+        }
+        if let Some(x) = u("eval_interval") {
+            self.eval_interval = x;
+        }
+        if let Some(x) = u("eval_iters") {
+            self.eval_iters = x as usize;
+        }
+        if let Some(x) = u("log_interval") {
+            self.log_interval = x;
+        }
+        if let Some(x) = v.get("loader").and_then(Value::as_str) {
+            self.loader = if x == "sequential" {
+                LoaderKind::Sequential
+            } else {
+                LoaderKind::Random
+            };
+        }
+        self
+    }
 }
 
 /// Mean loss over `iters` batches drawn from `split` by a generator seeded the same way at every
@@ -329,16 +429,12 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
             None,
         )
     };
-    let data = load_data(cfg, ckpt.as_ref().and_then(|c| c.vocab.as_ref()))?;
-    if let Some(ck) = &ckpt
-        && ck.vocab.is_none()
-        && !matches!(data.vocab, Vocab::Ids(_))
-    {
-        return Err(Error::invalid(
-            "--init",
-            "the checkpoint has no tokenizer.json or vocab.json, so text cannot be encoded for it",
-        ));
-    }
+    // A checkpoint without a vocabulary (a bare transformers directory) still fixes the token
+    // range: token files are checked against it, text cannot be encoded for it.
+    let ck_vocab = ckpt
+        .as_ref()
+        .map(|c| c.vocab.clone().unwrap_or(Vocab::Ids(c.cfg.vocab_size)));
+    let data = load_data(cfg, ck_vocab.as_ref())?;
     let mut model_cfg = model_cfg;
     if model_cfg.vocab_size == 0 {
         model_cfg.vocab_size = data.vocab.size();
@@ -377,6 +473,7 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
     data.check_fits(&data_name, t)?;
 
     let table = ParamTable::new(&model_cfg);
+    table.check_fits(gpu)?;
     let names: Vec<String> = table.specs.iter().map(|s| s.name.clone()).collect();
     let init_params = match &ckpt {
         Some(ck) => ck.params.clone(),
@@ -462,7 +559,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         metrics: Metrics::open(cfg.metrics.as_deref(), step > 0)?,
         ms_of: Default::default(),
         last_loss: None,
-        last_ckpt_step: None,
+        // A resumed run starts from a checkpoint that is, so far, the last good one.
+        last_ckpt_step: (step > 0).then_some(step),
         tokens_per_step: b * t * cfg.grad_accum,
     };
     let save = |store: &ParamStore, step: u64, loader: &Loader| -> Result<()> {
