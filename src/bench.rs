@@ -78,8 +78,7 @@ pub fn train(
     runs: usize,
 ) -> Result<TrainBench> {
     let table = ParamTable::new(cfg);
-    let names: Vec<String> = table.specs.iter().map(|s| s.name.clone()).collect();
-    let store = ParamStore::new(gpu, &names, &random_params(cfg, 1), true)?;
+    let store = ParamStore::new(gpu, &table.store_specs(), &random_params(cfg, 1), true)?;
     let g = gpt::build(cfg, &table, b, t, Mode::Train);
     let mut exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
     let mut rng = Rng::new(2);

@@ -133,8 +133,7 @@ fn executor<'a>(
 
 fn store(gpu: &shaderformer::gpu::Gpu, cfg: &GptConfig) -> ParamStore {
     let table = ParamTable::new(cfg);
-    let names: Vec<String> = table.specs.iter().map(|s| s.name.clone()).collect();
-    ParamStore::new(gpu, &names, &table.init(cfg, 3), true).unwrap()
+    ParamStore::new(gpu, &table.store_specs(), &table.init(cfg, 3), true).unwrap()
 }
 
 #[test]

@@ -8,63 +8,13 @@ use std::sync::{Arc, Mutex};
 
 use super::ir::{Graph, Node, Op, Phase, TensorId, TensorKind};
 use super::planner::{self, Plan};
+use super::store::ParamStore;
 use super::validate;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, View};
 use crate::kernels::{
     adamw, attention, cross_entropy, dropout, embedding, gelu, gemm, layernorm, reduce, residual,
 };
-
-/// The GPU tensors that outlive any one graph: parameters and, for training, their gradients and
-/// AdamW moments. Indexed by parameter number.
-pub struct ParamStore {
-    pub params: Vec<View>,
-    pub grads: Vec<View>,
-    pub m: Vec<View>,
-    pub v: Vec<View>,
-}
-
-impl ParamStore {
-    /// Uploads `values` as parameters named by `names`; with `train`, also zeroed gradients and
-    /// moments.
-    pub fn new(gpu: &Gpu, names: &[String], values: &[Vec<f32>], train: bool) -> Result<Self> {
-        let mut s = ParamStore {
-            params: Vec::new(),
-            grads: Vec::new(),
-            m: Vec::new(),
-            v: Vec::new(),
-        };
-        for (name, v) in names.iter().zip(values) {
-            s.params.push(gpu.upload_f32(name, v)?);
-            if train {
-                s.grads
-                    .push(gpu.zeros(&format!("d.{name}"), DType::F32, v.len())?);
-                s.m.push(gpu.zeros(&format!("m.{name}"), DType::F32, v.len())?);
-                s.v.push(gpu.zeros(&format!("v.{name}"), DType::F32, v.len())?);
-            }
-        }
-        Ok(s)
-    }
-
-    pub fn read_params(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>> {
-        self.params.iter().map(|p| gpu.read_f32(p)).collect()
-    }
-
-    pub fn write_params(&self, gpu: &Gpu, values: &[Vec<f32>]) -> Result<()> {
-        for (p, v) in self.params.iter().zip(values) {
-            gpu.write(p, v)?;
-        }
-        Ok(())
-    }
-
-    pub fn bytes(&self) -> u64 {
-        [&self.params, &self.grads, &self.m, &self.v]
-            .iter()
-            .flat_map(|l| l.iter())
-            .map(|v| v.bytes())
-            .sum()
-    }
-}
 
 /// Debug switches and training constants.
 #[derive(Clone, Debug)]
@@ -136,7 +86,8 @@ pub struct Executor<'a> {
     gpu: &'a Gpu,
     pub graph: Graph,
     pub plan: Plan,
-    views: Vec<Option<View>>,
+    /// Each tensor's storage: one view, or the row chunks of a split parameter; empty if unused.
+    views: Vec<Vec<View>>,
     pool: Vec<wgpu::Buffer>,
     /// Dispatches by phase, in schedule order, with the node each came from.
     pub dispatches: HashMap<Phase, Vec<Dispatch>>,
@@ -172,17 +123,29 @@ impl<'a> Executor<'a> {
             pool.push(gpu.create_storage(&format!("pool.{i}"), bytes)?);
         }
         let accum = opts.grad_accum.max(1);
-        let mut views = vec![None; graph.tensors.len()];
+        let mut views = vec![Vec::new(); graph.tensors.len()];
         let mut inputs = Vec::new();
         let mut loss = None;
         let mut norm = None;
         for (id, t) in graph.tensors.iter().enumerate() {
             let own = |name: &str| gpu.zeros(name, t.dtype, t.numel());
             let view = match t.kind {
-                TensorKind::Param(i) => store.params[i].clone(),
-                TensorKind::ParamGrad(i) => store.grads[i].clone(),
-                TensorKind::AdamM(i) => store.m[i].clone(),
-                TensorKind::AdamV(i) => store.v[i].clone(),
+                TensorKind::Param(i) => {
+                    views[id] = store.params[i].clone();
+                    continue;
+                }
+                TensorKind::ParamGrad(i) => {
+                    views[id] = store.grads[i].clone();
+                    continue;
+                }
+                TensorKind::AdamM(i) => {
+                    views[id] = store.m[i].clone();
+                    continue;
+                }
+                TensorKind::AdamV(i) => {
+                    views[id] = store.v[i].clone();
+                    continue;
+                }
                 TensorKind::Input => {
                     let v = own(&t.name)?;
                     let staging = gpu
@@ -214,7 +177,7 @@ impl<'a> Executor<'a> {
                     None => continue, // never used by a micro-step node
                 },
             };
-            views[id] = Some(view);
+            views[id] = vec![view];
         }
         let results = match loss {
             Some(_) => Some(gpu.zeros("step_results", DType::F32, accum + 1)?),
@@ -265,11 +228,16 @@ impl<'a> Executor<'a> {
         Ok(ex)
     }
 
-    /// The GPU view of a tensor.
+    /// The GPU view of a tensor (the first chunk of a split one).
     pub fn view(&self, t: TensorId) -> &View {
         self.views[t]
-            .as_ref()
+            .first()
             .unwrap_or_else(|| panic!("tensor {} has no storage", self.graph.tensors[t].name))
+    }
+
+    /// Every row chunk of a tensor (one view unless it is a split parameter).
+    pub fn chunks(&self, t: TensorId) -> &[View] {
+        &self.views[t]
     }
 
     /// Bytes of GPU memory the executor allocated (pool, inputs, results; not the parameters).
@@ -292,11 +260,11 @@ impl<'a> Executor<'a> {
             if let Op::Dropout { site, .. } | Op::DropoutBackward { site, .. } = node.op {
                 self.dropouts.push((node.phase, start, site));
             }
-            if let Op::AdamW { .. } = node.op {
-                self.adamw_dispatches.push(start);
-            }
             list.extend(ds);
             let end = list.len();
+            if let Op::AdamW { .. } = node.op {
+                self.adamw_dispatches.extend(start..end);
+            }
             self.node_dispatches
                 .entry(node.phase)
                 .or_default()
@@ -313,11 +281,58 @@ impl<'a> Executor<'a> {
         let gpu = self.gpu;
         let i = |k: usize| self.view(node.inputs[k]);
         let o = |k: usize| self.view(node.outputs[k]);
+        let ic = |k: usize| self.chunks(node.inputs[k]);
+        let oc = |k: usize| self.chunks(node.outputs[k]);
         let one = |d: Result<Dispatch>| d.map(|d| vec![d]);
         let seed = self.opts.seed;
+        // Which operands may be split parameters: the token table in the embedding and the lm
+        // head, and everything the optimizer touches.
+        let splittable = |input: bool, k: usize| match node.op {
+            Op::Embedding { .. } => input && k == 1,
+            Op::EmbeddingBackward { .. } => !input && k == 0,
+            Op::Linear { bias, .. } => input && k == 1 && !bias,
+            Op::LinearBackward { bias, .. } => (input && k == 2) || (!input && k == 1 && !bias),
+            Op::Fill { .. } | Op::GlobalNorm | Op::AdamW { .. } => true,
+            _ => false,
+        };
+        let operands = node
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(k, &t)| (true, k, t))
+            .chain(node.outputs.iter().enumerate().map(|(k, &t)| (false, k, t)));
+        for (input, k, t) in operands {
+            if !splittable(input, k) && self.views[t].len() > 1 {
+                return Err(Error::invalid(
+                    node.op.name(),
+                    format!(
+                        "tensor {} is split into {} chunks to fit the device's bindings, which \
+                         this op does not support",
+                        self.graph.tensors[t].name,
+                        self.views[t].len()
+                    ),
+                ));
+            }
+        }
         match node.op {
             Op::Embedding { b, t, c } => {
-                one(embedding::forward(gpu, o(0), i(0), i(1), 0, i(2), b, t, c))
+                let mut row0 = 0;
+                let mut out = Vec::new();
+                for wte in ic(1) {
+                    out.push(embedding::forward(
+                        gpu,
+                        o(0),
+                        i(0),
+                        wte,
+                        row0,
+                        i(2),
+                        b,
+                        t,
+                        c,
+                    )?);
+                    row0 += wte.len / c;
+                }
+                Ok(out)
             }
             Op::LayerNorm { n, c } => one(layernorm::forward(
                 gpu,
@@ -330,7 +345,7 @@ impl<'a> Executor<'a> {
                 n,
                 c,
             )),
-            Op::Linear { m, k, n, bias } => one(gemm::linear_forward(
+            Op::Linear { m, k, n, bias } if ic(1).len() == 1 => one(gemm::linear_forward(
                 gpu,
                 o(0),
                 i(0),
@@ -340,6 +355,30 @@ impl<'a> Executor<'a> {
                 k,
                 n,
             )),
+            Op::Linear { m, k, n, .. } => {
+                // A weight split into row chunks (the tied lm head): each chunk writes its block of
+                // output columns.
+                let mut out = Vec::new();
+                let mut r0 = 0;
+                for w in ic(1) {
+                    let rows = w.len / k;
+                    let mm = gemm::Matmul {
+                        trans_b: true,
+                        ..gemm::Matmul::new(m, rows, k)
+                    };
+                    out.push(gemm::matmul(
+                        gpu,
+                        &mm,
+                        gemm::Operand::new(o(0), n).at(r0),
+                        gemm::Operand::new(i(0), k),
+                        gemm::Operand::new(w, k),
+                        None,
+                        gemm::Variant::Tiled,
+                    )?);
+                    r0 += rows;
+                }
+                Ok(out)
+            }
             Op::Attention { b, t, nh, hs } => one(attention::forward(
                 gpu,
                 o(0),
@@ -374,7 +413,25 @@ impl<'a> Executor<'a> {
             )),
             Op::Mean { n } => reduce::sum(gpu, o(0), i(0), n, 1.0 / n as f32),
             Op::EmbeddingBackward { b, t, c } => {
-                embedding::backward(gpu, o(0), 0, Some(o(1)), i(0), i(1), i(2), b, t, c)
+                let mut row0 = 0;
+                let mut out = Vec::new();
+                for (k, dwte) in oc(0).iter().enumerate() {
+                    let dwpe = (k == 0).then(|| o(1));
+                    out.extend(embedding::backward(
+                        gpu,
+                        dwte,
+                        row0,
+                        dwpe,
+                        i(0),
+                        i(1),
+                        i(2),
+                        b,
+                        t,
+                        c,
+                    )?);
+                    row0 += dwte.len / c;
+                }
+                Ok(out)
             }
             Op::LayerNormBackward { n, c, acc, bias } => {
                 let scratch;
@@ -398,6 +455,49 @@ impl<'a> Executor<'a> {
                     c,
                     acc,
                 )
+            }
+            Op::LinearBackward {
+                m, k, n, acc, dx, ..
+            } if ic(2).len() > 1 => {
+                let mut out = Vec::new();
+                let mut r0 = 0;
+                for (j, (w, dw)) in ic(2).iter().zip(oc(1)).enumerate() {
+                    let rows = w.len / k;
+                    let dy = gemm::Operand::new(i(0), n).at(r0);
+                    if dx {
+                        // dx (M,K) (=|+=) dy[:, r0..r0+rows] · w_chunk
+                        let mm = gemm::Matmul {
+                            accumulate: acc || j > 0,
+                            ..gemm::Matmul::new(m, k, rows)
+                        };
+                        out.push(gemm::matmul(
+                            gpu,
+                            &mm,
+                            gemm::Operand::new(o(0), k),
+                            dy,
+                            gemm::Operand::new(w, k),
+                            None,
+                            gemm::Variant::Tiled,
+                        )?);
+                    }
+                    // dw_chunk (rows,K) += dy[:, r0..r0+rows]ᵀ · x
+                    let mm = gemm::Matmul {
+                        trans_a: true,
+                        accumulate: true,
+                        ..gemm::Matmul::new(rows, k, m)
+                    };
+                    out.push(gemm::matmul(
+                        gpu,
+                        &mm,
+                        gemm::Operand::new(dw, k),
+                        dy,
+                        gemm::Operand::new(i(1), k),
+                        None,
+                        gemm::Variant::Tiled,
+                    )?);
+                    r0 += rows;
+                }
+                Ok(out)
             }
             Op::LinearBackward {
                 m,
@@ -447,9 +547,9 @@ impl<'a> Executor<'a> {
                     dloss,
                 ))
             }
-            Op::Fill { value } => one(reduce::fill(gpu, o(0), value)),
+            Op::Fill { value } => oc(0).iter().map(|v| reduce::fill(gpu, v, value)).collect(),
             Op::GlobalNorm => {
-                let grads: Vec<&View> = (0..node.inputs.len()).map(i).collect();
+                let grads: Vec<&View> = (0..node.inputs.len()).flat_map(ic).collect();
                 let lens: Vec<usize> = grads.iter().map(|g| g.len).collect();
                 let partials = gpu.zeros(
                     "grad_norm.partials",
@@ -458,19 +558,26 @@ impl<'a> Executor<'a> {
                 )?;
                 reduce::global_norm(gpu, o(0), &partials, &grads)
             }
-            Op::AdamW { decay } => one(adamw::step(
-                gpu,
-                o(0),
-                i(0),
-                o(1),
-                o(2),
-                i(1),
-                o(0).len,
-                &self.opts.adamw,
-                decay,
-                0.0,
-                1,
-            )),
+            Op::AdamW { decay } => {
+                let (params, grads, ms, vs) = (oc(0), ic(0), oc(1), oc(2));
+                (0..params.len())
+                    .map(|j| {
+                        adamw::step(
+                            gpu,
+                            &params[j],
+                            &grads[j],
+                            &ms[j],
+                            &vs[j],
+                            i(1),
+                            params[j].len,
+                            &self.opts.adamw,
+                            decay,
+                            0.0,
+                            1,
+                        )
+                    })
+                    .collect()
+            }
         }
     }
 

@@ -5,7 +5,9 @@ pub mod autodiff;
 pub mod executor;
 pub mod ir;
 pub mod planner;
+pub mod store;
 pub mod validate;
 
-pub use executor::{ExecOptions, Executor, MicroBatch, NodeCheck, ParamStore, StepResult};
+pub use executor::{ExecOptions, Executor, MicroBatch, NodeCheck, StepResult};
 pub use ir::{Graph, Op, Phase, TensorId, TensorKind};
+pub use store::ParamStore;

@@ -23,8 +23,7 @@ pub struct Recompute<'a> {
 impl<'a> Recompute<'a> {
     pub fn new(gpu: &'a Gpu, cfg: &GptConfig, params: &[Vec<f32>]) -> Result<Self> {
         let table = ParamTable::new(cfg);
-        let names: Vec<String> = table.specs.iter().map(|s| s.name.clone()).collect();
-        let store = ParamStore::new(gpu, &names, params, false)?;
+        let store = ParamStore::new(gpu, &table.store_specs(), params, false)?;
         let g = gpt::build(cfg, &table, 1, cfg.block_size, Mode::Logits);
         let logits = g.logits;
         let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;

@@ -169,6 +169,14 @@ impl ParamTable {
         Ok(())
     }
 
+    /// (name, shape) of every parameter, for `graph::ParamStore`.
+    pub fn store_specs(&self) -> Vec<(String, Vec<usize>)> {
+        self.specs
+            .iter()
+            .map(|s| (s.name.clone(), s.shape.clone()))
+            .collect()
+    }
+
     pub fn find(&self, name: &str) -> Option<usize> {
         self.specs.iter().position(|s| s.name == name)
     }

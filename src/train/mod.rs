@@ -474,17 +474,14 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
 
     let table = ParamTable::new(&model_cfg);
     table.check_fits(gpu)?;
-    let names: Vec<String> = table.specs.iter().map(|s| s.name.clone()).collect();
     let init_params = match &ckpt {
         Some(ck) => ck.params.clone(),
         None => table.init(&model_cfg, cfg.seed),
     };
-    let store = ParamStore::new(gpu, &names, &init_params, true)?;
+    let store = ParamStore::new(gpu, &table.store_specs(), &init_params, true)?;
     if let Some((m, v)) = ckpt.as_ref().and_then(|c| c.optimizer.as_ref()) {
-        for i in 0..names.len() {
-            gpu.write(&store.m[i], &m[i])?;
-            gpu.write(&store.v[i], &v[i])?;
-        }
+        ParamStore::write(gpu, &store.m, m)?;
+        ParamStore::write(gpu, &store.v, v)?;
     }
     drop(init_params);
     if let Some(ck) = &mut ckpt {
@@ -564,9 +561,7 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         tokens_per_step: b * t * cfg.grad_accum,
     };
     let save = |store: &ParamStore, step: u64, loader: &Loader| -> Result<()> {
-        let read = |views: &[crate::gpu::View]| -> Result<Vec<Vec<f32>>> {
-            views.iter().map(|v| gpu.read_f32(v)).collect()
-        };
+        let read = |views| ParamStore::read(gpu, views);
         checkpoint::save(
             &cfg.out,
             &Checkpoint {
