@@ -9,6 +9,14 @@ the repository:
     ~/fixenv/bin/python scripts/make_fixtures.py
 
 Outputs (small, committed):
+    assets/gpt2-bpe/             a random GPT2LMHeadModel with a byte-level BPE tokenizer.json
+                                 (trained here with the tokenizers package on Python's own
+                                 docstrings), saved with save_pretrained
+    assets/gpt2-bpe/fixture.safetensors
+        prompt_ids; logits (T, V) of the prompt; greedy_ids: 30 tokens of generate(do_sample=False);
+        score_ids and score_loss: the mean loss over windows of SCORE_T + 1 tokens starting at
+        0, SCORE_T, 2·SCORE_T, ... (the last shorter), each predicting its tokens after the first
+    assets/gpt2-bpe/score.txt    the text behind score_ids
     assets/gpt2-tiny/            a random GPT2LMHeadModel of awkward size, saved with save_pretrained
     assets/gpt2-tiny/fixture.safetensors
         tokens, targets (B, T) int32; logits (B, T, V); loss (1); grad.<name> for every parameter
@@ -34,11 +42,109 @@ STEPS = 10
 HYPER = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
 
 
+def corpus():
+    """A few KB of English with code words: docstrings of Python's standard library."""
+    import collections, json as js, textwrap, string, functools, itertools, re
+    parts = [m.__doc__ or "" for m in (collections, js, textwrap, string, functools, itertools, re)]
+    return "\n".join(p.strip() for p in parts)
+
+
+BPE = dict(n_positions=64, n_embd=40, n_layer=2, n_head=4)
+PROMPT = "The json module can serialize Python objects"
+SCORE_T = 24
+
+
+def bpe_gpt2():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    out = os.path.join(ROOT, "gpt2-bpe")
+    os.makedirs(out, exist_ok=True)
+    text = corpus()
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator([text], vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
+    vocab_size = tok.get_vocab_size()
+    eot = tok.token_to_id("<|endoftext|>")
+    torch.manual_seed(3)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        **BPE,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=eot,
+        eos_token_id=eot,
+    )
+    model = GPT2LMHeadModel(config)
+    # A little training on the corpus, so greedy decoding follows clear preferences (not a
+    # random model's near-ties) and the test covers realistic logits.
+    data = torch.tensor(tok.encode(text).ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(5)
+    model.train()
+    for _ in range(300):
+        ix = torch.randint(0, len(data) - 65, (8,), generator=g)
+        x = torch.stack([data[i : i + 64] for i in ix])
+        y = torch.stack([data[i + 1 : i + 65] for i in ix])
+        logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"gpt2-bpe: training loss after 300 steps {loss.item():.3f}")
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer, eos_token="<|endoftext|>")
+    fast.save_pretrained(out)
+
+    prompt_ids = fast(PROMPT)["input_ids"]
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+        gen = model.generate(
+            ids,
+            do_sample=False,
+            max_new_tokens=30,
+            min_new_tokens=30,
+            pad_token_id=eot,
+            attention_mask=torch.ones_like(ids),
+        )[0, len(prompt_ids):]
+
+    score_text = text[:700]
+    with open(os.path.join(out, "score.txt"), "w") as f:
+        f.write(score_text)
+    score_ids = fast(score_text)["input_ids"]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(score_ids) - 1, SCORE_T):
+            window = torch.tensor([score_ids[start : start + SCORE_T + 1]])
+            lg = model(window[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(
+                lg.reshape(-1, lg.size(-1)), window[:, 1:].reshape(-1), reduction="sum"
+            )
+            nll += loss.item()
+            count += window.size(1) - 1
+    tensors = {
+        "prompt_ids": torch.tensor(prompt_ids, dtype=torch.int32),
+        "logits": logits.contiguous(),
+        "greedy_ids": gen.to(torch.int32).contiguous(),
+        "score_ids": torch.tensor(score_ids, dtype=torch.int32),
+        "score_loss": torch.tensor([nll / count], dtype=torch.float32),
+    }
+    meta = {"prompt": PROMPT, "score_t": str(SCORE_T), "vocab_size": str(vocab_size)}
+    save_file(tensors, os.path.join(out, "fixture.safetensors"), metadata=meta)
+    print(f"gpt2-bpe: vocab {vocab_size}, prompt {len(prompt_ids)} tokens, greedy {gen.tolist()}")
+    print(f"          score over {len(score_ids)} tokens: {nll / count:.6f}")
+
+
 def tiny_gpt2():
     out = os.path.join(ROOT, "gpt2-tiny")
     torch.manual_seed(42)
     config = GPT2Config(
         **TINY,
+        bos_token_id=TINY["vocab_size"] - 1,
+        eos_token_id=TINY["vocab_size"] - 1,
         activation_function="gelu_new",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
@@ -108,4 +214,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     tiny_gpt2()
+    bpe_gpt2()
     sys.exit(0)

@@ -71,6 +71,8 @@ enum Command {
     Train(Box<commands::train::TrainArgs>),
     /// Generate text from a checkpoint.
     Sample(commands::train::SampleArgs),
+    /// Mean cross-entropy and perplexity of a checkpoint on a file.
+    Score(commands::score::ScoreArgs),
     /// Benchmark training and inference on random weights of a GPT-2 shape.
     Bench(commands::bench::BenchArgs),
 }
@@ -120,6 +122,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Kernels(k) => commands::kernels::kernels(&cli.gpu, k),
         Command::Train(a) => commands::train::train(&cli.gpu, &a),
         Command::Sample(a) => commands::train::sample(&cli.gpu, &a),
+        Command::Score(a) => commands::score::score(&cli.gpu, &a),
         Command::Bench(a) => commands::bench::bench(&cli.gpu, &a),
     }
 }

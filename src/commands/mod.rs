@@ -2,4 +2,5 @@
 
 pub mod bench;
 pub mod kernels;
+pub mod score;
 pub mod train;

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::Args;
 
 use shaderformer::error::{Error, Result};
-use shaderformer::infer::{Recompute, SampleOptions};
+use shaderformer::gpu::DType;
+use shaderformer::infer::{self, Engine, SampleOptions};
 use shaderformer::io::vocab::Vocab;
 use shaderformer::rng::Rng;
 use shaderformer::train::data::LoaderKind;
@@ -199,9 +200,9 @@ pub fn train(gpu: &GpuArgs, args: &TrainArgs) -> Result<ExitCode> {
     if args.sample_tokens > 0 {
         let ck = checkpoint::load(&cfg.out)?;
         let vocab = ck.vocab.clone().unwrap_or(Vocab::Ids(ck.cfg.vocab_size));
-        let mut generator = Recompute::new(&gpu, &ck.cfg, &ck.params)?;
         if cfg.data.is_none() && cfg.init.is_none() && cfg.resume.is_none() {
-            show_addition(&mut generator, &vocab)?;
+            let mut engine = Engine::new(&gpu, &ck.cfg, &ck.params, DType::F32, 1)?;
+            show_addition(&mut engine, &vocab)?;
         } else if !matches!(vocab, Vocab::Ids(_)) {
             println!("--- sample ---");
             let prompt = vocab
@@ -214,7 +215,9 @@ pub fn train(gpu: &GpuArgs, args: &TrainArgs) -> Result<ExitCode> {
             };
             let mut rng = Rng::new(cfg.seed);
             let mut out = std::io::stdout();
-            generator.generate(&prompt, args.sample_tokens, &opts, &mut rng, |id| {
+            let mut engine = Engine::new(&gpu, &ck.cfg, &ck.params, DType::F32, 1)?;
+            let new = args.sample_tokens.min(ck.cfg.block_size - prompt.len());
+            infer::generate(&mut engine, &prompt, new, &opts, &mut rng, |_, id| {
                 let _ = write!(out, "{}", vocab.decode(&[id]));
                 let _ = out.flush();
                 Ok(())
@@ -226,7 +229,7 @@ pub fn train(gpu: &GpuArgs, args: &TrainArgs) -> Result<ExitCode> {
 }
 
 /// Greedy answers to held-out additions: a table of examples and the accuracy.
-fn show_addition(generator: &mut Recompute, vocab: &Vocab) -> Result<()> {
+fn show_addition(engine: &mut Engine, vocab: &Vocab) -> Result<()> {
     let problems = addition::test_problems(100, 7);
     let greedy = SampleOptions {
         greedy: true,
@@ -237,8 +240,8 @@ fn show_addition(generator: &mut Recompute, vocab: &Vocab) -> Result<()> {
     println!("--- held-out additions (never in the training text), greedy answers ---");
     for (k, &(a, b)) in problems.iter().enumerate() {
         let prompt = vocab.encode(&addition::prompt(a, b), "prompt")?;
-        let out = generator.generate(&prompt, 4, &greedy, &mut rng, |_| Ok(()))?;
-        let text = vocab.decode(&out);
+        let out = infer::generate(engine, &prompt, 4, &greedy, &mut rng, |_, _| Ok(()))?;
+        let text = vocab.decode(&out.ids[0]);
         let answer = addition::parse_answer(&text);
         let ok = answer == Some(a + b);
         correct += ok as usize;
@@ -257,19 +260,39 @@ fn show_addition(generator: &mut Recompute, vocab: &Vocab) -> Result<()> {
     Ok(())
 }
 
+/// Weight storage on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    F32,
+    /// f16 weights and KV cache with f32 accumulation (needs SHADER_F16).
+    F16,
+}
+
+impl Dtype {
+    pub fn gpu(self) -> DType {
+        match self {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// Checkpoint directory (ours or a Hugging Face GPT-2 directory).
+    /// Checkpoint directory (ours, or a Hugging Face GPT-2 directory with tokenizer.json).
     #[arg(long)]
     checkpoint: PathBuf,
     #[arg(long, default_value = "\n")]
     prompt: String,
     #[arg(long, default_value_t = 200)]
     max_new_tokens: usize,
+    /// Softmax temperature (> 0).
     #[arg(long, default_value_t = 1.0)]
     temperature: f32,
+    /// Sample among the k most likely tokens only.
     #[arg(long)]
     top_k: Option<usize>,
+    /// Sample among the most likely tokens whose probability reaches p (0 < p <= 1).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
     /// Always take the most likely token.
@@ -277,6 +300,14 @@ pub struct SampleArgs {
     greedy: bool,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// Independent samples, decoded side by side.
+    #[arg(long, default_value_t = 1)]
+    num_samples: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Dtype,
+    /// Print one JSON object (prompt ids, generated ids, text) instead of streaming text.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
@@ -287,6 +318,9 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
         top_p: args.top_p,
     };
     opts.validate()?;
+    if args.num_samples == 0 {
+        return Err(Error::invalid("--num-samples", "must be at least 1"));
+    }
     let ck = checkpoint::load(&args.checkpoint)?;
     let vocab = ck.vocab.clone().ok_or_else(|| {
         Error::invalid(
@@ -298,16 +332,74 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
     if prompt.is_empty() {
         return Err(Error::invalid("--prompt", "encodes to no tokens"));
     }
+    if prompt.len() >= ck.cfg.block_size {
+        return Err(Error::invalid(
+            "--prompt",
+            format!(
+                "{} tokens leave no room in the model's context of {}",
+                prompt.len(),
+                ck.cfg.block_size
+            ),
+        ));
+    }
     let gpu = gpu.open()?;
-    let mut generator = Recompute::new(&gpu, &ck.cfg, &ck.params)?;
+    let mut engine = Engine::new(
+        &gpu,
+        &ck.cfg,
+        &ck.params,
+        args.dtype.gpu(),
+        args.num_samples,
+    )?;
     let mut rng = Rng::new(args.seed);
     let mut out = std::io::stdout();
-    print!("{}", args.prompt);
-    generator.generate(&prompt, args.max_new_tokens, &opts, &mut rng, |id| {
-        let _ = write!(out, "{}", vocab.decode(&[id]));
+    let stream = !args.json && args.num_samples == 1;
+    if stream {
+        print!("{}", args.prompt);
         let _ = out.flush();
-        Ok(())
-    })?;
-    println!();
+    }
+    let generation = infer::generate(
+        &mut engine,
+        &prompt,
+        args.max_new_tokens,
+        &opts,
+        &mut rng,
+        |_, id| {
+            if stream {
+                let _ = write!(out, "{}", vocab.decode(&[id]));
+                let _ = out.flush();
+            }
+            Ok(())
+        },
+    )?;
+    if args.json {
+        let samples: Vec<serde_json::Value> = generation
+            .ids
+            .iter()
+            .map(|ids| serde_json::json!({"ids": ids, "text": vocab.decode(ids)}))
+            .collect();
+        let mut obj = serde_json::json!({
+            "prompt": args.prompt,
+            "prompt_ids": prompt,
+            "ids": generation.ids[0],
+            "text": vocab.decode(&generation.ids[0]),
+            "stopped_at_context_limit": generation.hit_context,
+        });
+        if args.num_samples > 1 {
+            obj["samples"] = samples.into();
+        }
+        println!("{obj}");
+    } else if stream {
+        println!();
+    } else {
+        for (k, ids) in generation.ids.iter().enumerate() {
+            println!("--- sample {k} ---\n{}{}", args.prompt, vocab.decode(ids));
+        }
+    }
+    if generation.hit_context {
+        eprintln!(
+            "stopped: the context of {} tokens is full",
+            ck.cfg.block_size
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -100,6 +100,10 @@ pub struct Executor<'a> {
     /// params between micro-steps.
     dropout_steps: Option<wgpu::Buffer>,
     adamw_dispatches: Vec<usize>,
+    /// Position windows with the position table they are cut from (decoding).
+    windows: Vec<(View, View, usize)>,
+    /// Forward dispatches that take the decoding position, with their number of new tokens.
+    positioned: Vec<(usize, usize)>,
     loss: Option<TensorId>,
     norm: Option<TensorId>,
     /// Every micro-step's loss, then the gradient norm.
@@ -125,6 +129,7 @@ impl<'a> Executor<'a> {
         let accum = opts.grad_accum.max(1);
         let mut views = vec![Vec::new(); graph.tensors.len()];
         let mut inputs = Vec::new();
+        let mut windows = Vec::new();
         let mut loss = None;
         let mut norm = None;
         for (id, t) in graph.tensors.iter().enumerate() {
@@ -145,6 +150,33 @@ impl<'a> Executor<'a> {
                 TensorKind::AdamV(i) => {
                     views[id] = store.v[i].clone();
                     continue;
+                }
+                TensorKind::KvCache { layer, value } => {
+                    let cache = store.kv.get(layer).ok_or_else(|| {
+                        Error::invalid("decode", "no KV cache was allocated for this model")
+                    })?;
+                    cache[value as usize].clone()
+                }
+                TensorKind::PositionWindow(p) => {
+                    let table = store.params[p].as_slice();
+                    if table.len() != 1 {
+                        return Err(Error::invalid(
+                            &t.name,
+                            "the position table is split into chunks; decoding needs it whole",
+                        ));
+                    }
+                    let (rows, cols) = (t.shape[0], t.shape[1]);
+                    let dtype = table[0].dtype;
+                    // Buffer copies move whole 4-byte words.
+                    if !(cols as u64 * dtype.size()).is_multiple_of(4) {
+                        return Err(Error::invalid(
+                            &t.name,
+                            format!("rows of {cols} {} values are not whole words", dtype.name()),
+                        ));
+                    }
+                    let v = gpu.zeros(&t.name, dtype, rows * cols)?;
+                    windows.push((v.clone(), table[0].clone(), cols));
+                    v
                 }
                 TensorKind::Input => {
                     let v = own(&t.name)?;
@@ -195,6 +227,8 @@ impl<'a> Executor<'a> {
             dropouts: Vec::new(),
             dropout_steps: None,
             adamw_dispatches: Vec::new(),
+            windows,
+            positioned: Vec::new(),
             loss,
             norm,
             results,
@@ -264,6 +298,9 @@ impl<'a> Executor<'a> {
             let end = list.len();
             if let Op::AdamW { .. } = node.op {
                 self.adamw_dispatches.extend(start..end);
+            }
+            if let Op::AttentionCached { tq, .. } | Op::KvAppend { tq, .. } = node.op {
+                self.positioned.extend((start..end).map(|d| (d, tq)));
             }
             self.node_dispatches
                 .entry(node.phase)
@@ -389,6 +426,43 @@ impl<'a> Executor<'a> {
                 nh,
                 hs,
                 true,
+            )),
+            Op::AttentionCached {
+                b,
+                tq,
+                nh,
+                hs,
+                tmax,
+            } => one(attention::forward_cached(
+                gpu,
+                o(0),
+                i(0),
+                i(1),
+                i(2),
+                b,
+                tq,
+                nh,
+                hs,
+                0,
+                tmax,
+            )),
+            Op::KvAppend {
+                b,
+                tq,
+                nh,
+                hs,
+                tmax,
+            } => one(attention::kv_append(
+                gpu,
+                o(0),
+                o(1),
+                i(0),
+                b,
+                tq,
+                nh,
+                hs,
+                0,
+                tmax,
             )),
             Op::Gelu { n } => one(gelu::forward(gpu, o(0), i(0), n)),
             Op::Add { .. } => one(residual::forward(gpu, o(0), i(0), i(1))),
@@ -809,6 +883,37 @@ impl<'a> Executor<'a> {
             .loss
             .ok_or_else(|| Error::invalid("forward_loss", "graph has no loss"))?;
         Ok(self.gpu.read_f32(self.view(loss))?[0])
+    }
+
+    /// Decodes one batch of new tokens at positions pos0 .. pos0 + T against the KV caches
+    /// (appending their keys and values), without waiting: read the logits or losses after.
+    pub fn decode(&mut self, batch: &MicroBatch, pos0: usize) -> Result<()> {
+        for &(d, tq) in &self.positioned {
+            attention::set_position(self.gpu, &self.dispatches[&Phase::Forward][d], pos0, tq);
+        }
+        self.write_inputs(std::slice::from_ref(batch))?;
+        let gpu = self.gpu;
+        gpu.scoped("decode", 0, || {
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("decode"),
+                });
+            // The position rows pos0 .. pos0 + T, cut from the position table.
+            for (window, table, cols) in &self.windows {
+                let size = window.dtype.size();
+                enc.copy_buffer_to_buffer(
+                    &table.buffer,
+                    table.offset + (pos0 * cols) as u64 * size,
+                    &window.buffer,
+                    window.offset,
+                    window.len as u64 * size,
+                );
+            }
+            self.record_micro_inputs(&mut enc, 0);
+            gpu.record(&mut enc, self.phase(Phase::Forward));
+            gpu.queue.submit([enc.finish()]);
+        })
     }
 
     /// Runs the forward pass on one batch (targets may be empty for a logits-only graph) and

@@ -28,6 +28,14 @@ pub enum TensorKind {
     Gradient,
     /// Step results kept across micro-steps (the loss, the gradient norm).
     Result,
+    /// The key (`value: false`) or value cache of a layer, (B, NH, Tmax, HS), kept across calls.
+    KvCache {
+        layer: usize,
+        value: bool,
+    },
+    /// The position-table rows of the tokens being decoded, (Tq, C): copied from the position
+    /// table (the `Param` this window belongs to) before each call, at the current position.
+    PositionWindow(usize),
 }
 
 impl TensorKind {
@@ -87,6 +95,23 @@ pub enum Op {
         t: usize,
         nh: usize,
         hs: usize,
+    },
+    /// Decoding with a KV cache: in [qkv (B,Tq,3C), k_cache, v_cache (B,NH,Tmax,HS)] → out
+    /// [y (B,Tq,C)]; the queries sit at positions pos0 .. pos0+Tq, set per call.
+    AttentionCached {
+        b: usize,
+        tq: usize,
+        nh: usize,
+        hs: usize,
+        tmax: usize,
+    },
+    /// in [qkv (B,Tq,3C)] → out [k_cache, v_cache], rows pos0 .. pos0+Tq written in place.
+    KvAppend {
+        b: usize,
+        tq: usize,
+        nh: usize,
+        hs: usize,
+        tmax: usize,
     },
     /// in [x (N)] → out [y (N)]
     Gelu { n: usize },
@@ -153,6 +178,8 @@ impl Op {
             Op::LayerNorm { .. } => "layernorm",
             Op::Linear { .. } => "linear",
             Op::Attention { .. } => "attention",
+            Op::AttentionCached { .. } => "attention_cached",
+            Op::KvAppend { .. } => "kv_append",
             Op::Gelu { .. } => "gelu",
             Op::Add { .. } => "add",
             Op::Dropout { .. } => "dropout",

@@ -16,6 +16,8 @@ pub struct ParamStore {
     pub grads: Vec<Vec<View>>,
     pub m: Vec<Vec<View>>,
     pub v: Vec<Vec<View>>,
+    /// Key and value caches of each layer for decoding, (B, NH, Tmax, HS) each.
+    pub kv: Vec<[View; 2]>,
 }
 
 /// Rows per chunk for a (rows, cols) tensor of `dtype` so that each chunk holds at most `limit`
@@ -135,6 +137,7 @@ impl ParamStore {
             grads: Vec::new(),
             m: Vec::new(),
             v: Vec::new(),
+            kv: Vec::new(),
         };
         for (i, ((name, shape), data)) in specs.iter().zip(values).enumerate() {
             let dt = if shape.len() >= 2 { dtype } else { DType::F32 };
@@ -150,6 +153,26 @@ impl ParamStore {
             s.shapes.push(shape.clone());
         }
         Ok(s)
+    }
+
+    /// Allocates the KV caches for decoding: `layers` pairs of (B, NH, Tmax, HS) in `dtype`.
+    pub fn alloc_kv(
+        &mut self,
+        gpu: &Gpu,
+        layers: usize,
+        shape: [usize; 4],
+        dtype: DType,
+    ) -> Result<()> {
+        let len: usize = shape.iter().product();
+        self.kv = (0..layers)
+            .map(|l| {
+                Ok([
+                    gpu.zeros(&format!("h.{l}.k_cache"), dtype, len)?,
+                    gpu.zeros(&format!("h.{l}.v_cache"), dtype, len)?,
+                ])
+            })
+            .collect::<Result<_>>()?;
+        Ok(())
     }
 
     /// Reads whole tensors (chunks joined) back as f32.

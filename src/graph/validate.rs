@@ -223,6 +223,9 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::GlobalNorm | Op::AdamW { .. } => {
             unreachable!("optimizer nodes are checked by their kernel tests")
         }
+        Op::AttentionCached { .. } | Op::KvAppend { .. } => {
+            unreachable!("decoding is checked against full recomputation")
+        }
     }
     o
 }

@@ -1,85 +1,123 @@
-//! Inference: sampling from logits, and generation.
+//! Inference: the KV-cache engine, sampling, and generation.
 
+pub mod engine;
 pub mod sampling;
 
-use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
-use crate::model::gpt::{self, Mode};
-use crate::model::{GptConfig, ParamTable};
-use crate::rng::Rng;
+pub use engine::Engine;
 pub use sampling::SampleOptions;
 
-/// Generation by full recomputation: every new token runs the whole context through the model.
-/// Simple and exact; the reference the KV-cache decoder is checked against.
-pub struct Recompute<'a> {
-    gpu: &'a Gpu,
-    cfg: GptConfig,
-    exec: Executor<'a>,
-    logits: usize,
-    _store: ParamStore,
+use crate::error::Result;
+use crate::rng::Rng;
+
+/// What `generate` produced.
+#[derive(Clone, Debug, Default)]
+pub struct Generation {
+    /// New tokens of each sample.
+    pub ids: Vec<Vec<u32>>,
+    /// Generation ended because the context was full.
+    pub hit_context: bool,
 }
 
-impl<'a> Recompute<'a> {
-    pub fn new(gpu: &'a Gpu, cfg: &GptConfig, params: &[Vec<f32>]) -> Result<Self> {
-        let table = ParamTable::new(cfg);
-        let store = ParamStore::new(gpu, &table.store_specs(), params, false)?;
-        let g = gpt::build(cfg, &table, 1, cfg.block_size, Mode::Logits);
-        let logits = g.logits;
-        let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
-        Ok(Recompute {
-            gpu,
-            cfg: cfg.clone(),
-            exec,
-            logits,
-            _store: store,
-        })
+/// Generates up to `max_new` tokens after `prompt` for each of the engine's `batch` samples:
+/// one prefill pass over the prompt, then one decoding pass per token against the KV caches.
+/// `on_token(sample, id)` sees every token as it is produced. Stops early at the context limit
+/// (`hit_context`).
+pub fn generate(
+    engine: &mut Engine,
+    prompt: &[u32],
+    max_new: usize,
+    opts: &SampleOptions,
+    rng: &mut Rng,
+    mut on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<Generation> {
+    let b = engine.batch;
+    engine.reset();
+    let mut out = Generation {
+        ids: vec![Vec::new(); b],
+        hit_context: false,
+    };
+    if max_new == 0 {
+        return Ok(out);
+    }
+    let tokens: Vec<u32> = (0..b).flat_map(|_| prompt.iter().copied()).collect();
+    let mut logits = engine.feed(&tokens, prompt.len())?;
+    loop {
+        let next: Vec<u32> = logits
+            .iter()
+            .map(|l| sampling::sample(l, opts, rng))
+            .collect();
+        for (s, &id) in next.iter().enumerate() {
+            out.ids[s].push(id);
+            on_token(s, id)?;
+        }
+        if out.ids[0].len() == max_new {
+            return Ok(out);
+        }
+        if engine.pos == engine.tmax {
+            out.hit_context = true;
+            return Ok(out);
+        }
+        logits = engine.feed(&next, 1)?;
+    }
+}
+
+/// What `score` measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Score {
+    /// Summed negative log-likelihood over every predicted token.
+    pub nll: f64,
+    pub tokens: usize,
+    pub windows: usize,
+}
+
+impl Score {
+    /// Mean cross-entropy in nats per token.
+    pub fn loss(&self) -> f64 {
+        self.nll / self.tokens.max(1) as f64
     }
 
-    /// The logits (the real vocabulary, without padding) at the last position of `context`.
-    pub fn next_logits(&mut self, context: &[u32]) -> Result<Vec<f32>> {
-        let t = self.cfg.block_size;
-        if context.is_empty() || context.len() > t {
-            return Err(Error::invalid(
-                "generate",
-                format!("context of {} tokens must hold 1..={t}", context.len()),
-            ));
-        }
-        let mut tokens = context.to_vec();
-        // Causal attention: the padding after the context cannot change its logits.
-        tokens.resize(t, 0);
-        self.exec.forward(&MicroBatch {
-            tokens,
-            targets: Vec::new(),
-        })?;
-        let vp = self.cfg.padded_vocab();
-        let row = self.exec.view(self.logits).slice(
-            (context.len() - 1) * vp,
-            self.cfg.vocab_size,
-            "logits.last",
-        );
-        self.gpu.read_f32(&row)
+    pub fn perplexity(&self) -> f64 {
+        self.loss().exp()
     }
+}
 
-    /// Appends up to `max_new` tokens to `prompt`, calling `on_token` as each is produced. When the
-    /// context is full, the window slides (the oldest tokens drop out).
-    pub fn generate(
-        &mut self,
-        prompt: &[u32],
-        max_new: usize,
-        opts: &SampleOptions,
-        rng: &mut Rng,
-        mut on_token: impl FnMut(u32) -> Result<()>,
-    ) -> Result<Vec<u32>> {
-        let mut ids = prompt.to_vec();
-        let t = self.cfg.block_size;
-        for _ in 0..max_new {
-            let start = ids.len().saturating_sub(t);
-            let logits = self.next_logits(&ids[start..])?;
-            let next = sampling::sample(&logits, opts, rng);
-            ids.push(next);
-            on_token(next)?;
-        }
-        Ok(ids[prompt.len()..].to_vec())
+/// Scores `ids` in windows of `t + 1` tokens starting at 0, t, 2t, ... (consecutive windows share
+/// their boundary token; the last may be shorter), each predicting its tokens after the first.
+/// `on_window(done, total)` reports progress.
+pub fn score(
+    engine: &mut Engine,
+    ids: &[u32],
+    t: usize,
+    mut on_window: impl FnMut(usize, usize),
+) -> Result<Score> {
+    if ids.len() < 2 {
+        return Err(crate::Error::invalid(
+            "score",
+            format!("{} tokens: at least 2 are needed to predict one", ids.len()),
+        ));
     }
+    if t == 0 || t > engine.tmax {
+        return Err(crate::Error::invalid(
+            "--block-size",
+            format!(
+                "{t} must be between 1 and the model's context {}",
+                engine.tmax
+            ),
+        ));
+    }
+    let starts: Vec<usize> = (0..ids.len() - 1).step_by(t).collect();
+    let mut s = Score {
+        nll: 0.0,
+        tokens: 0,
+        windows: 0,
+    };
+    for (k, &start) in starts.iter().enumerate() {
+        let end = (start + t + 1).min(ids.len());
+        let (nll, n) = engine.nll(&ids[start..end - 1], &ids[start + 1..end])?;
+        s.nll += nll;
+        s.tokens += n;
+        s.windows += 1;
+        on_window(k + 1, starts.len());
+    }
+    Ok(s)
 }

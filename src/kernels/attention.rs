@@ -1222,6 +1222,28 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     Ok(vec![fused_fwd, unfused_fwd, fused_bwd, unfused_bwd])
 }
 
+/// Moves a `forward_cached` or `kv_append` dispatch built for `tq` new tokens to new positions
+/// without rebuilding it: the tokens sit at pos0 .. pos0 + tq (queued; takes effect at the next
+/// submission). Decoding reuses one dispatch for every step this way. The caller keeps
+/// pos0 + tq within the cache.
+pub fn set_position(gpu: &Gpu, dispatch: &Dispatch, pos0: usize, tq: usize) {
+    let pos = pos0 as u32;
+    if dispatch.name == KV_APPEND.name() {
+        // kv_append keeps Tmax in tk; only the write position moves.
+        let at = std::mem::offset_of!(Params, pos0) as u64;
+        gpu.queue
+            .write_buffer(&dispatch.params, at, bytemuck::bytes_of(&pos));
+    } else {
+        // forward_cached attends to keys 0 .. tk = pos0 + Tq, with queries at pos0 ..
+        const _: () =
+            assert!(std::mem::offset_of!(Params, pos0) == std::mem::offset_of!(Params, tk) + 4);
+        let tq = tq as u32;
+        let at = std::mem::offset_of!(Params, tk) as u64;
+        gpu.queue
+            .write_buffer(&dispatch.params, at, bytemuck::cast_slice(&[pos + tq, pos]));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

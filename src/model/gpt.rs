@@ -13,8 +13,12 @@ pub enum Mode {
     Train,
     /// Forward to the mean loss, no dropout.
     Eval,
-    /// Forward to the logits only (generation).
+    /// Forward to the logits only.
     Logits,
+    /// Incremental decoding: `t` new tokens per sequence at a position set per call, attending
+    /// to a KV cache of `tmax` positions; with `loss`, also the per-position losses against
+    /// targets (scoring).
+    Decode { tmax: usize, loss: bool },
 }
 
 /// A built graph and the tensors callers need by role.
@@ -26,6 +30,8 @@ pub struct GptGraph {
     pub tokens: TensorId,
     pub targets: Option<TensorId>,
     pub logits: TensorId,
+    /// Per-position losses (B·T), when the graph has a loss.
+    pub losses: Option<TensorId>,
     pub loss: Option<TensorId>,
     pub backward: Option<Backward>,
     pub grad_norm: Option<TensorId>,
@@ -38,6 +44,10 @@ pub fn build(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode
     let mut g = Graph::default();
     let (c, nh, hs) = (cfg.n_embd, cfg.n_head, cfg.head_size());
     let (v, vp, bt) = (cfg.vocab_size, cfg.padded_vocab(), b * t);
+    let decode = match mode {
+        Mode::Decode { tmax, .. } => Some(tmax),
+        _ => None,
+    };
     let p = if mode == Mode::Train {
         cfg.dropout
     } else {
@@ -55,12 +65,22 @@ pub fn build(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode
     let fwd = Phase::Forward;
 
     let tokens = g.tensor("tokens", &[b, t], DType::U32, TensorKind::Input);
+    // Decoding adds the position rows of the current positions, gathered into a window.
+    let positions = match decode {
+        Some(_) => g.tensor(
+            "wpe.window",
+            &[t, c],
+            DType::F32,
+            TensorKind::PositionWindow(table.wpe),
+        ),
+        None => params[table.wpe],
+    };
     let mut x = g.activation("embed", &[b, t, c]);
     g.push(
         fwd,
         "embed",
         Op::Embedding { b, t, c },
-        vec![tokens, params[table.wte], params[table.wpe]],
+        vec![tokens, params[table.wte], positions],
         vec![x],
     );
     let mut site = 0u32;
@@ -131,14 +151,50 @@ pub fn build(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode
             format!("{h}.attn.c_attn"),
         );
         let att = g.activation(format!("{h}.attn"), &[b, t, c]);
-        let lse = g.activation(format!("{h}.attn.lse"), &[b, nh, t]);
-        g.push(
-            fwd,
-            format!("{h}.attn"),
-            Op::Attention { b, t, nh, hs },
-            vec![qkv],
-            vec![att, lse],
-        );
+        if let Some(tmax) = decode {
+            let cache = |g: &mut Graph, value: bool| {
+                let name = format!("{h}.attn.{}_cache", if value { "v" } else { "k" });
+                let kind = TensorKind::KvCache { layer: l, value };
+                g.tensor(name, &[b, nh, tmax, hs], DType::F32, kind)
+            };
+            let (kc, vc) = (cache(&mut g, false), cache(&mut g, true));
+            let (tq, attn) = (t, format!("{h}.attn"));
+            g.push(
+                fwd,
+                format!("{attn}.kv_append"),
+                Op::KvAppend {
+                    b,
+                    tq,
+                    nh,
+                    hs,
+                    tmax,
+                },
+                vec![qkv],
+                vec![kc, vc],
+            );
+            g.push(
+                fwd,
+                attn,
+                Op::AttentionCached {
+                    b,
+                    tq,
+                    nh,
+                    hs,
+                    tmax,
+                },
+                vec![qkv, kc, vc],
+                vec![att],
+            );
+        } else {
+            let lse = g.activation(format!("{h}.attn.lse"), &[b, nh, t]);
+            g.push(
+                fwd,
+                format!("{h}.attn"),
+                Op::Attention { b, t, nh, hs },
+                vec![qkv],
+                vec![att, lse],
+            );
+        }
         let y = linear(
             &mut g,
             att,
@@ -215,12 +271,18 @@ pub fn build(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode
         tokens,
         targets: None,
         logits,
+        losses: None,
         loss: None,
         backward: None,
         grad_norm: None,
         params,
     };
-    if mode != Mode::Logits {
+    let with_loss = match mode {
+        Mode::Train | Mode::Eval => true,
+        Mode::Logits => false,
+        Mode::Decode { loss, .. } => loss,
+    };
+    if with_loss {
         let targets = g.tensor("targets", &[b, t], DType::U32, TensorKind::Input);
         let losses = g.activation("losses", &[bt]);
         let lse = g.activation("logits.lse", &[bt]);
@@ -231,16 +293,19 @@ pub fn build(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode
             vec![logits, targets],
             vec![losses, lse],
         );
-        let loss = g.tensor("loss", &[1], DType::F32, TensorKind::Result);
-        g.push(
-            fwd,
-            "loss.mean",
-            Op::Mean { n: bt },
-            vec![losses],
-            vec![loss],
-        );
         out.targets = Some(targets);
-        out.loss = Some(loss);
+        out.losses = Some(losses);
+        if decode.is_none() {
+            let loss = g.tensor("loss", &[1], DType::F32, TensorKind::Result);
+            g.push(
+                fwd,
+                "loss.mean",
+                Op::Mean { n: bt },
+                vec![losses],
+                vec![loss],
+            );
+            out.loss = Some(loss);
+        }
     }
     if mode == Mode::Train {
         let bw = autodiff::append_backward(&mut g);

@@ -1,0 +1,209 @@
+//! Inference against transformers: a GPT2LMHeadModel with a byte-level BPE tokenizer, saved by
+//! save_pretrained (scripts/make_fixtures.py), loaded through the checkpoint loader. Logits,
+//! 30 greedy tokens, KV-cache decoding against full recomputation, and scoring.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use shaderformer::gpu::{DType, Gpu, test_gpu};
+use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
+use shaderformer::infer::{self, Engine, SampleOptions};
+use shaderformer::io::vocab::Vocab;
+use shaderformer::model::ParamTable;
+use shaderformer::model::gpt::{self, Mode};
+use shaderformer::reference::compare;
+use shaderformer::rng::Rng;
+use shaderformer::train::checkpoint::{self, Checkpoint};
+
+fn bpe_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/gpt2-bpe")
+}
+
+struct Fixture {
+    f32s: HashMap<String, Vec<f32>>,
+    ids: HashMap<String, Vec<u32>>,
+    meta: HashMap<String, String>,
+}
+
+fn fixture() -> Fixture {
+    let bytes = std::fs::read(bpe_dir().join("fixture.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut f = Fixture {
+        f32s: HashMap::new(),
+        ids: HashMap::new(),
+        meta: meta.metadata().clone().unwrap_or_default(),
+    };
+    for (name, t) in st.tensors() {
+        match t.dtype() {
+            safetensors::Dtype::F32 => {
+                f.f32s.insert(name, bytemuck::pod_collect_to_vec(t.data()));
+            }
+            safetensors::Dtype::I32 => {
+                let v: Vec<i32> = bytemuck::pod_collect_to_vec(t.data());
+                f.ids
+                    .insert(name, v.into_iter().map(|x| x as u32).collect());
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    f
+}
+
+/// The logits of every position of `ids` through the training code path (forward only).
+fn full_logits(gpu: &Gpu, ck: &Checkpoint, ids: &[u32]) -> Vec<f32> {
+    let table = ParamTable::new(&ck.cfg);
+    let store = ParamStore::new(gpu, &table.store_specs(), &ck.params, false).unwrap();
+    let g = gpt::build(&ck.cfg, &table, 1, ids.len(), Mode::Logits);
+    let logits = g.logits;
+    let mut exec = Executor::new(gpu, g.graph, &store, ExecOptions::default()).unwrap();
+    exec.forward(&MicroBatch {
+        tokens: ids.to_vec(),
+        targets: Vec::new(),
+    })
+    .unwrap();
+    let vp = ck.cfg.padded_vocab();
+    gpu.read_f32(exec.view(logits))
+        .unwrap()
+        .chunks(vp)
+        .flat_map(|r| r[..ck.cfg.vocab_size].to_vec())
+        .collect()
+}
+
+#[test]
+fn tokenizer_and_logits_match_transformers() {
+    let Some(gpu) = test_gpu() else { return };
+    let fx = fixture();
+    let ck = checkpoint::load(&bpe_dir()).unwrap();
+    let vocab = ck.vocab.clone().expect("tokenizer.json");
+    assert!(matches!(vocab, Vocab::Bpe(_)));
+    let prompt = vocab.encode(&fx.meta["prompt"], "prompt").unwrap();
+    assert_eq!(prompt, fx.ids["prompt_ids"], "tokenization differs");
+    let text = std::fs::read_to_string(bpe_dir().join("score.txt")).unwrap();
+    assert_eq!(
+        vocab.encode(&text, "score.txt").unwrap(),
+        fx.ids["score_ids"]
+    );
+    assert_eq!(vocab.decode(&prompt), fx.meta["prompt"]);
+
+    let want = &fx.f32s["logits"];
+    compare(
+        "logits (graph)",
+        &full_logits(gpu, &ck, &prompt),
+        want,
+        1e-4,
+        0.0,
+    )
+    .assert();
+    let mut engine = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 1).unwrap();
+    let last = engine.feed(&prompt, prompt.len()).unwrap();
+    let v = ck.cfg.vocab_size;
+    compare(
+        "logits (engine, last)",
+        &last[0],
+        &want[want.len() - v..],
+        1e-4,
+        0.0,
+    )
+    .assert();
+}
+
+#[test]
+fn greedy_decoding_matches_transformers_and_full_recompute() {
+    let Some(gpu) = test_gpu() else { return };
+    let fx = fixture();
+    let ck = checkpoint::load(&bpe_dir()).unwrap();
+    let prompt = &fx.ids["prompt_ids"];
+    let mut cached = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 1).unwrap();
+    // Small prefill chunks, so the prompt crosses several chunk boundaries.
+    cached.chunk = 7;
+    let mut fresh = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 1).unwrap();
+    let mut ids = prompt.clone();
+    let mut logits = cached.feed(prompt, prompt.len()).unwrap().remove(0);
+    for step in 0..30 {
+        fresh.reset();
+        let full = fresh.feed(&ids, ids.len()).unwrap().remove(0);
+        compare(
+            &format!("step {step}: cached vs recomputed"),
+            &logits,
+            &full,
+            1e-5,
+            0.0,
+        )
+        .assert();
+        let next = infer::sampling::argmax(&logits);
+        ids.push(next);
+        logits = cached.feed(&[next], 1).unwrap().remove(0);
+    }
+    assert_eq!(&ids[prompt.len()..], fx.ids["greedy_ids"].as_slice());
+
+    // The same through `generate`, with three identical greedy samples side by side.
+    let mut batch = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 3).unwrap();
+    let greedy = SampleOptions {
+        greedy: true,
+        ..Default::default()
+    };
+    let out = infer::generate(&mut batch, prompt, 30, &greedy, &mut Rng::new(0), |_, _| {
+        Ok(())
+    })
+    .unwrap();
+    for s in &out.ids {
+        assert_eq!(s.as_slice(), fx.ids["greedy_ids"].as_slice());
+    }
+}
+
+#[test]
+fn score_matches_transformers() {
+    let Some(gpu) = test_gpu() else { return };
+    let fx = fixture();
+    let ck = checkpoint::load(&bpe_dir()).unwrap();
+    let t: usize = fx.meta["score_t"].parse().unwrap();
+    let mut engine = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 1).unwrap();
+    let s = infer::score(&mut engine, &fx.ids["score_ids"], t, |_, _| {}).unwrap();
+    let ids = fx.ids["score_ids"].len();
+    assert_eq!(s.tokens, ids - 1);
+    assert_eq!(s.windows, (ids - 1).div_ceil(t));
+    compare("score", &[s.loss()], &fx.f32s["score_loss"], 1e-5, 0.0).assert();
+}
+
+#[test]
+fn decoding_stops_at_the_context_limit() {
+    let Some(gpu) = test_gpu() else { return };
+    let ck = checkpoint::load(&bpe_dir()).unwrap();
+    let mut engine = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 1).unwrap();
+    let greedy = SampleOptions {
+        greedy: true,
+        ..Default::default()
+    };
+    let out = infer::generate(
+        &mut engine,
+        &[5, 6, 7],
+        1000,
+        &greedy,
+        &mut Rng::new(0),
+        |_, _| Ok(()),
+    )
+    .unwrap();
+    assert!(out.hit_context);
+    assert_eq!(out.ids[0].len(), ck.cfg.block_size - 3 + 1);
+    let e = engine.feed(&[1], 1).unwrap_err().to_string();
+    assert!(e.contains("context of 64"), "{e}");
+}
+
+#[test]
+fn a_tokenizer_larger_than_the_vocabulary_is_an_error() {
+    let dir = std::env::temp_dir().join(format!("shaderformer-tok-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/gpt2-tiny");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::copy(bpe_dir().join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let e = checkpoint::load(&dir).unwrap_err().to_string();
+    assert!(e.contains("400") && e.contains("77"), "{e}");
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    let e = checkpoint::load(&dir).unwrap_err().to_string();
+    assert!(e.contains("config.json"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
