@@ -149,3 +149,116 @@ impl TrainBench {
         })
     }
 }
+
+/// Inference throughput of one weight format.
+#[derive(Clone, Debug)]
+pub struct InferBench {
+    pub dtype: crate::gpu::DType,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    /// Time to prefill the prompt (logits of its last position back on the CPU), over runs.
+    pub prefill: TimeStats,
+    /// Time per decoded token with the KV cache (sampling included), over runs.
+    pub decode: TimeStats,
+    /// Time per decoded token by full recomputation of the growing sequence, over
+    /// `recompute_tokens` tokens (one run).
+    pub recompute: Option<TimeStats>,
+    pub recompute_tokens: usize,
+}
+
+impl InferBench {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_len as f64 / self.prefill.median
+    }
+
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        1.0 / self.decode.median
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "dtype": self.dtype.name(),
+            "prompt_len": self.prompt_len,
+            "new_tokens": self.new_tokens,
+            "prefill_ms": {"median": self.prefill.median * 1e3, "min": self.prefill.min * 1e3, "max": self.prefill.max * 1e3, "runs": self.prefill.runs},
+            "prefill_tokens_per_s": self.prefill_tokens_per_s(),
+            "decode_ms_per_token": {"median": self.decode.median * 1e3, "min": self.decode.min * 1e3, "max": self.decode.max * 1e3, "runs": self.decode.runs},
+            "decode_tokens_per_s": self.decode_tokens_per_s(),
+            "recompute_ms_per_token": self.recompute.map(|r| json!({"median": r.median * 1e3, "min": r.min * 1e3, "max": r.max * 1e3, "tokens": self.recompute_tokens})),
+            "recompute_tokens_per_s": self.recompute.map(|r| 1.0 / r.median),
+        })
+    }
+}
+
+/// Times prefill of a `prompt_len`-token prompt and decoding of `new_tokens` tokens (greedy) with
+/// the KV cache, `warmup` + `runs` times; then `recompute_tokens` tokens decoded by recomputing
+/// the whole sequence each time.
+pub fn infer(
+    gpu: &Gpu,
+    cfg: &GptConfig,
+    params: &[Vec<f32>],
+    dtype: crate::gpu::DType,
+    prompt_len: usize,
+    new_tokens: usize,
+    warmup: usize,
+    runs: usize,
+    recompute_tokens: usize,
+) -> Result<InferBench> {
+    use crate::infer::{Engine, sampling::argmax};
+    if prompt_len == 0 || prompt_len + new_tokens > cfg.block_size {
+        return Err(crate::Error::invalid(
+            "bench",
+            format!(
+                "prompt {prompt_len} + new tokens {new_tokens} must fit the context {} (and the prompt hold a token)",
+                cfg.block_size
+            ),
+        ));
+    }
+    let mut engine = Engine::new(gpu, cfg, params, dtype, 1)?;
+    let mut rng = Rng::new(3);
+    let prompt: Vec<u32> = (0..prompt_len)
+        .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+        .collect();
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    let mut ids = prompt.clone();
+    for run in 0..warmup + runs.max(1) {
+        engine.reset();
+        let t0 = Instant::now();
+        let mut logits = engine.feed(&prompt, prompt_len)?.remove(0);
+        let t1 = Instant::now();
+        ids.truncate(prompt_len);
+        for _ in 0..new_tokens {
+            let next = argmax(&logits);
+            ids.push(next);
+            logits = engine.feed(&[next], 1)?.remove(0);
+        }
+        if run >= warmup {
+            prefill.push((t1 - t0).as_secs_f64());
+            decode.push(t1.elapsed().as_secs_f64() / new_tokens.max(1) as f64);
+        }
+    }
+    let recompute = if recompute_tokens > 0 {
+        // A fresh pass over the whole sequence for every token: one decoder per length.
+        let mut samples = Vec::new();
+        let mut seq = prompt.clone();
+        for _ in 0..recompute_tokens.min(new_tokens.max(1)) {
+            engine.reset();
+            let t0 = Instant::now();
+            let logits = engine.feed(&seq, seq.len())?.remove(0);
+            seq.push(argmax(&logits));
+            samples.push(t0.elapsed().as_secs_f64());
+        }
+        Some(TimeStats::from_samples(&samples))
+    } else {
+        None
+    };
+    Ok(InferBench {
+        dtype,
+        prompt_len,
+        new_tokens,
+        prefill: TimeStats::from_samples(&prefill),
+        decode: TimeStats::from_samples(&decode),
+        recompute,
+        recompute_tokens,
+    })
+}

@@ -204,3 +204,93 @@ fn ctrl_c_leaves_a_whole_checkpoint() {
     assert!(ck.optimizer.is_some());
     let _ = std::fs::remove_dir_all(out.parent().unwrap());
 }
+
+fn bpe() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/assets/gpt2-bpe")
+}
+
+#[test]
+fn score_reports_loss_and_perplexity() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let data = format!("{}/score.txt", bpe());
+    let o = run(&[
+        "score",
+        "--checkpoint",
+        bpe(),
+        "--data",
+        &data,
+        "--block-size",
+        "24",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    let ppl = v["perplexity"].as_f64().unwrap();
+    assert!((ppl - loss.exp()).abs() < 1e-9 * ppl);
+    assert_eq!(
+        v["windows"].as_u64().unwrap(),
+        v["tokens"].as_u64().unwrap().div_ceil(24)
+    );
+
+    let o = run(&[
+        "score",
+        "--checkpoint",
+        bpe(),
+        "--data",
+        &data,
+        "--block-size",
+        "65",
+    ]);
+    assert_clean_failure(&o, &["--block-size", "64"]);
+}
+
+#[test]
+fn sample_streams_and_checks_its_input() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        bpe(),
+        "--prompt",
+        "The json module",
+        "--greedy",
+        "--max-new-tokens",
+        "5",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("The json module"));
+
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        bpe(),
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "3",
+        "--num-samples",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["samples"].as_array().unwrap().len(), 2);
+    assert_eq!(v["ids"].as_array().unwrap().len(), 3);
+
+    let long = "word ".repeat(200);
+    let o = run(&["sample", "--checkpoint", bpe(), "--prompt", &long]);
+    assert_clean_failure(&o, &["--prompt", "context of 64"]);
+
+    let o = run(&[
+        "sample",
+        "--checkpoint",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/assets"),
+        "--greedy",
+    ]);
+    assert_clean_failure(&o, &["config.json"]);
+}

@@ -6,6 +6,7 @@ use clap::Args;
 
 use shaderformer::bench;
 use shaderformer::error::{Error, Result};
+use shaderformer::gpu::DType;
 use shaderformer::model::GptConfig;
 
 use crate::GpuArgs;
@@ -35,6 +36,18 @@ pub struct BenchArgs {
     /// Training sequence length.
     #[arg(long, default_value_t = 64)]
     block_size: usize,
+    /// Inference prompt length.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Tokens decoded with the KV cache.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Tokens decoded by full recomputation, for comparison (0 = skip).
+    #[arg(long, default_value_t = 16)]
+    recompute_tokens: usize,
+    /// Weight formats for inference (both: f32, and f16 when the adapter has it).
+    #[arg(long, value_enum, default_value = "both")]
+    dtype: BenchDtype,
     /// Timed runs (the median is reported, with min and max).
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -49,7 +62,15 @@ pub struct BenchArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum What {
     Train,
+    Infer,
     All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BenchDtype {
+    F32,
+    F16,
+    Both,
 }
 
 impl BenchArgs {
@@ -143,6 +164,60 @@ pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
                     k.calls,
                     k.seconds * 1e3,
                     k.share * 100.0
+                );
+            }
+        }
+    }
+    if matches!(args.what, What::Infer | What::All) {
+        let params = bench::random_params(&cfg, 1);
+        let mut dtypes = Vec::new();
+        if args.dtype != BenchDtype::F16 {
+            dtypes.push(DType::F32);
+        }
+        if args.dtype == BenchDtype::F16 || (args.dtype == BenchDtype::Both && gpu.has_f16()) {
+            dtypes.push(DType::F16);
+        }
+        let mut rows = Vec::new();
+        for dt in dtypes {
+            let r = bench::infer(
+                &gpu,
+                &cfg,
+                &params,
+                dt,
+                args.prompt_len,
+                args.new_tokens,
+                args.warmup,
+                args.runs,
+                args.recompute_tokens,
+            )?;
+            rows.push(r);
+        }
+        if args.json {
+            out.insert(
+                "infer".into(),
+                rows.iter().map(|r| r.to_json()).collect::<Vec<_>>().into(),
+            );
+        } else {
+            println!(
+                "\ninference, batch 1, prompt {} tokens, {} new tokens (median of {} after {} warm-up):",
+                args.prompt_len, args.new_tokens, args.runs, args.warmup
+            );
+            println!(
+                "  {:<6} {:>14} {:>16} {:>16} {:>22}",
+                "dtype", "prefill tok/s", "decode tok/s", "decode ms/tok", "recompute ms/tok"
+            );
+            for r in &rows {
+                println!(
+                    "  {:<6} {:>14.1} {:>16.2} {:>16.2} {:>22}",
+                    r.dtype.name(),
+                    r.prefill_tokens_per_s(),
+                    r.decode_tokens_per_s(),
+                    r.decode.median * 1e3,
+                    r.recompute.map_or("-".to_string(), |x| format!(
+                        "{:.2} ({} tok)",
+                        x.median * 1e3,
+                        r.recompute_tokens.min(r.new_tokens)
+                    ))
                 );
             }
         }
