@@ -190,21 +190,30 @@ impl InferBench {
     }
 }
 
+/// What `infer` measures.
+#[derive(Clone, Copy, Debug)]
+pub struct InferSetup {
+    pub dtype: crate::gpu::DType,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub warmup: usize,
+    pub runs: usize,
+    pub recompute_tokens: usize,
+}
+
 /// Times prefill of a `prompt_len`-token prompt and decoding of `new_tokens` tokens (greedy) with
 /// the KV cache, `warmup` + `runs` times; then `recompute_tokens` tokens decoded by recomputing
 /// the whole sequence each time.
-pub fn infer(
-    gpu: &Gpu,
-    cfg: &GptConfig,
-    params: &[Vec<f32>],
-    dtype: crate::gpu::DType,
-    prompt_len: usize,
-    new_tokens: usize,
-    warmup: usize,
-    runs: usize,
-    recompute_tokens: usize,
-) -> Result<InferBench> {
+pub fn infer(gpu: &Gpu, cfg: &GptConfig, params: &[Vec<f32>], s: InferSetup) -> Result<InferBench> {
     use crate::infer::{Engine, sampling::argmax};
+    let InferSetup {
+        dtype,
+        prompt_len,
+        new_tokens,
+        warmup,
+        runs,
+        recompute_tokens,
+    } = s;
     if prompt_len == 0 || prompt_len + new_tokens > cfg.block_size {
         return Err(crate::Error::invalid(
             "bench",

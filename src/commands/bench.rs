@@ -179,17 +179,15 @@ pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
         }
         let mut rows = Vec::new();
         for dt in dtypes {
-            let r = bench::infer(
-                &gpu,
-                &cfg,
-                &params,
-                dt,
-                args.prompt_len,
-                args.new_tokens,
-                args.warmup,
-                args.runs,
-                args.recompute_tokens,
-            )?;
+            let setup = bench::InferSetup {
+                dtype: dt,
+                prompt_len: args.prompt_len,
+                new_tokens: args.new_tokens,
+                warmup: args.warmup,
+                runs: args.runs,
+                recompute_tokens: args.recompute_tokens,
+            };
+            let r = bench::infer(&gpu, &cfg, &params, setup)?;
             rows.push(r);
         }
         if args.json {
