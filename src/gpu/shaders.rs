@@ -30,6 +30,7 @@ macro_rules! shaders {
 
 shaders! {
     Gemm => "gemm.wgsl",
+    GemmF16 => "gemm_f16.wgsl",
     LayerNorm => "layernorm.wgsl",
     Gelu => "gelu.wgsl",
     Embedding => "embedding.wgsl",
