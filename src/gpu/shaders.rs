@@ -34,6 +34,7 @@ shaders! {
     LayerNorm => "layernorm.wgsl",
     Gelu => "gelu.wgsl",
     Embedding => "embedding.wgsl",
+    EmbeddingF16 => "embedding_f16.wgsl",
     CrossEntropy => "cross_entropy.wgsl",
     Residual => "residual.wgsl",
     Dropout => "dropout.wgsl",
