@@ -41,6 +41,7 @@ shaders! {
     Adamw => "adamw.wgsl",
     Reduce => "reduce.wgsl",
     Attention => "attention.wgsl",
+    AttentionF16 => "attention_f16.wgsl",
 }
 
 /// Where shader sources come from.
