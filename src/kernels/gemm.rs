@@ -407,10 +407,11 @@ fn check_disjoint(kernel: &str, c: &Operand, m: usize, n: usize, batch: usize) -
 
 /// Whether the shader may read the operand as vec4: its view holds whole vec4s and every row
 /// and batch entry starts at a multiple of 4, so every aligned vec4 it touches is in the view.
-/// A vec4<f16> is 8 bytes, so an f16 view must also start at a multiple of 8 bytes.
+/// A vec4<f16> is 8 bytes, so an f16 view must also start at a multiple of 8 bytes (a device's
+/// storage offset alignment may be as small as 4).
 fn vec4_ok(op: &Operand, rows: usize, batch: usize) -> bool {
     let (offset, ld, bs) = normalized(op, rows, batch);
-    let aligned = op.view.offset.is_multiple_of(4 * op.view.dtype.size());
+    let aligned = op.view.dtype != DType::F16 || op.view.offset.is_multiple_of(8);
     aligned
         && [op.view.len, offset, ld, bs]
             .iter()
