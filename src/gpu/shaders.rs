@@ -30,15 +30,18 @@ macro_rules! shaders {
 
 shaders! {
     Gemm => "gemm.wgsl",
+    GemmF16 => "gemm_f16.wgsl",
     LayerNorm => "layernorm.wgsl",
     Gelu => "gelu.wgsl",
     Embedding => "embedding.wgsl",
+    EmbeddingF16 => "embedding_f16.wgsl",
     CrossEntropy => "cross_entropy.wgsl",
     Residual => "residual.wgsl",
     Dropout => "dropout.wgsl",
     Adamw => "adamw.wgsl",
     Reduce => "reduce.wgsl",
     Attention => "attention.wgsl",
+    AttentionF16 => "attention_f16.wgsl",
 }
 
 /// Where shader sources come from.

@@ -12,6 +12,12 @@
 //! scale = 1/sqrt(HS); causal: the query at absolute position i sees keys j <= i.
 //! Every launcher overwrites its outputs; dqkv is never accumulated into (the graph has no
 //! second gradient source for it). Nothing uses atomics: results are bit-identical run to run.
+//!
+//! f16 KV cache (inference): `kv_append` and `forward_cached` also take k_cache and v_cache as f16
+//! views (both f16; qkv and out stay f32), selecting the kernels of attention_f16.wgsl: the new k
+//! and v are rounded to f16 on append and widened on load, with scores, softmax and accumulation
+//! in f32 and the same tiling as the f32 kernels. This needs the adapter's SHADER_F16 feature
+//! (`Gpu::has_f16`); an f16 cache on an adapter without it is an error naming the tensor.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -56,6 +62,16 @@ pub const KV_APPEND: KernelSpec = KernelSpec {
     shader: Shader::Attention,
     entry: "kv_append",
     bindings: &[Read, ReadWrite, ReadWrite],
+};
+/// `FORWARD` over f16 caches (attention_f16.wgsl): 2 = k_cache, 3 = v_cache are f16.
+pub const FORWARD_F16: KernelSpec = KernelSpec {
+    shader: Shader::AttentionF16,
+    ..FORWARD
+};
+/// `KV_APPEND` into f16 caches (attention_f16.wgsl).
+pub const KV_APPEND_F16: KernelSpec = KernelSpec {
+    shader: Shader::AttentionF16,
+    ..KV_APPEND
 };
 /// C = alpha · A · B, batched over (b, h): 1 = A, 2 = B (read), 3 = C (read_write).
 pub const UNFUSED_GEMM: KernelSpec = KernelSpec {
@@ -328,6 +344,7 @@ fn product_flops(b: usize, nh: usize, tq: usize, tk: usize, hs: usize, causal: b
 
 fn fused_forward(
     gpu: &Gpu,
+    spec: &KernelSpec,
     spec_args: [&View; 5],
     params: Params,
     cost: Cost,
@@ -341,7 +358,7 @@ fn fused_forward(
         gpu.limits.max_compute_workgroups_per_dimension,
     );
     gpu.dispatch(
-        &FORWARD,
+        spec,
         &tiles.constants(),
         bytes_of(&params),
         &spec_args,
@@ -399,7 +416,14 @@ fn forward_in(
         flops: 2 * product_flops(b, nh, t, t, hs, causal),
         bytes: 4 * (b * t * 4 * c + b * nh * t) as u64,
     };
-    fused_forward(gpu, [qkv, qkv, qkv, out, lse], params, cost, storage)
+    fused_forward(
+        gpu,
+        &FORWARD,
+        [qkv, qkv, qkv, out, lse],
+        params,
+        cost,
+        storage,
+    )
 }
 
 /// Fused backward: dqkv (B, T, 3C) from dout (B, T, C), qkv (B, T, 3C), and the forward's out
@@ -511,7 +535,8 @@ fn backward_in(
 /// KV-cache decoding: the Tq new tokens of qkv (B, Tq, 3C), at absolute positions
 /// pos0 .. pos0 + Tq, attend causally to keys and values 0 .. pos0 + Tq held in k_cache and
 /// v_cache (B, NH, Tmax, HS) (append the new tokens first with `kv_append`). Overwrites out
-/// (B, Tq, C); no lse.
+/// (B, Tq, C); no lse. The caches are both f32, or both f16 (on adapters with SHADER_F16: widened
+/// to f32 on load); qkv and out are f32.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_cached(
     gpu: &Gpu,
@@ -536,8 +561,9 @@ pub fn forward_cached(
     let c = nh * hs;
     expect(name, out, DType::F32, b * tq * c)?;
     expect(name, qkv, DType::F32, b * tq * 3 * c)?;
-    expect(name, k_cache, DType::F32, b * nh * tmax * hs)?;
-    expect(name, v_cache, DType::F32, b * nh * tmax * hs)?;
+    let (cache, spec) = cache_dtype(gpu, name, k_cache, &FORWARD, &FORWARD_F16)?;
+    expect(name, k_cache, cache, b * nh * tmax * hs)?;
+    expect(name, v_cache, cache, b * nh * tmax * hs)?;
     let tk = pos0 + tq;
     let params = Params {
         pos0: pos0 as u32,
@@ -552,15 +578,33 @@ pub fn forward_cached(
     let unused_lse = gpu.zeros("attention unused lse", DType::F32, 1)?;
     let cost = Cost {
         flops: 2 * product_flops(b, nh, tq, tk, hs, true),
-        bytes: 4 * (b * tq * 4 * c + 2 * b * tk * c) as u64,
+        bytes: 4 * (b * tq * 4 * c) as u64 + cache.size() * (2 * b * tk * c) as u64,
     };
     fused_forward(
         gpu,
+        spec,
         [qkv, k_cache, v_cache, out, &unused_lse],
         params,
         cost,
         storage_limit(gpu),
     )
+}
+
+/// The element type of a KV cache, with the kernel for it: f16 when `k_cache` is f16 (the
+/// adapter must have SHADER_F16), f32 otherwise; the caller checks both caches against it.
+fn cache_dtype<'a>(
+    gpu: &Gpu,
+    kernel: &str,
+    k_cache: &View,
+    f32_spec: &'a KernelSpec,
+    f16_spec: &'a KernelSpec,
+) -> Result<(DType, &'a KernelSpec)> {
+    if k_cache.dtype == DType::F16 {
+        super::gemm::expect_f16_support(gpu, kernel, k_cache)?;
+        Ok((DType::F16, f16_spec))
+    } else {
+        Ok((DType::F32, f32_spec))
+    }
 }
 
 fn check_cache_positions(kernel: &str, tq: usize, pos0: usize, tmax: usize) -> Result<()> {
@@ -578,6 +622,8 @@ fn check_cache_positions(kernel: &str, tq: usize, pos0: usize, tmax: usize) -> R
 
 /// Copies the k and v of the Tq new tokens of qkv (B, Tq, 3C) into k_cache and v_cache
 /// (B, NH, Tmax, HS) at positions pos0 .. pos0 + Tq. Overwrites those rows of the caches.
+/// The caches are both f32, or both f16 (on adapters with SHADER_F16: the values are rounded to
+/// f16 and must lie within its range, |x| <= 65504); qkv is f32.
 #[allow(clippy::too_many_arguments)]
 pub fn kv_append(
     gpu: &Gpu,
@@ -599,8 +645,9 @@ pub fn kv_append(
     check_cache_positions(&name, tq, pos0, tmax)?;
     let c = nh * hs;
     expect(&name, qkv, DType::F32, b * tq * 3 * c)?;
-    expect(&name, k_cache, DType::F32, b * nh * tmax * hs)?;
-    expect(&name, v_cache, DType::F32, b * nh * tmax * hs)?;
+    let (cache, spec) = cache_dtype(gpu, &name, k_cache, &KV_APPEND, &KV_APPEND_F16)?;
+    expect(&name, k_cache, cache, b * nh * tmax * hs)?;
+    expect(&name, v_cache, cache, b * nh * tmax * hs)?;
     let params = Params {
         pos0: pos0 as u32,
         k: qkv_strides(tq, c, hs, 1),
@@ -610,7 +657,7 @@ pub fn kv_append(
     const WG: u32 = 256;
     let n = b * tq * c;
     gpu.dispatch(
-        &KV_APPEND,
+        spec,
         &[("WG", WG as f64)],
         bytes_of(&params),
         &[qkv, k_cache, v_cache],
@@ -620,7 +667,8 @@ pub fn kv_append(
         ),
         Cost {
             flops: 0,
-            bytes: 16 * n as u64,
+            // k and v read as f32, written as f32 or f16
+            bytes: (8 + 2 * cache.size()) * n as u64,
         },
     )
 }
@@ -1124,7 +1172,53 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         ATOL,
         RTOL,
     ));
+
+    // The same with f16 caches, on keys and values rounded to f16 (what the caches hold), against
+    // the reference on those values; a prefill of 3, then chunks of 2 new tokens.
+    if gpu.has_f16() {
+        let rounded = round_kv_f16(&qkv, nh, hs);
+        let mut out = vec![0.0; b * t * c];
+        let (mut pre, mut att) = (vec![0.0; b * nh * t * t], vec![0.0; b * nh * t * t]);
+        let mut lse = vec![0.0; b * nh * t];
+        reference::attention::forward(
+            &mut out,
+            &mut pre,
+            &mut att,
+            &mut lse,
+            &reference::convert::<f32, f64>(&rounded),
+            b,
+            t,
+            nh,
+            hs,
+            true,
+        );
+        let cached = decode_cached(gpu, &rounded, (b, nh, t, hs), 3, 2, DType::F16)?;
+        reports.push(CheckReport::new(
+            &s,
+            "cached out, f16 cache",
+            &cached,
+            &out,
+            ATOL,
+            RTOL,
+        ));
+    }
     Ok(reports)
+}
+
+/// qkv (B, T, 3C) with its k and v parts rounded to f16 (the values an f16 cache holds) and q
+/// unchanged.
+pub fn round_kv_f16(qkv: &[f32], nh: usize, hs: usize) -> Vec<f32> {
+    let c = nh * hs;
+    qkv.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            if i % (3 * c) < c {
+                x
+            } else {
+                half::f16::from_f32(x).to_f32()
+            }
+        })
+        .collect()
 }
 
 /// Runs generation-style attention over qkv (B, T, 3C): kv_append and forward_cached for a
@@ -1141,11 +1235,23 @@ pub fn decode(
     prefill: usize,
     step: usize,
 ) -> Result<Vec<f32>> {
+    decode_cached(gpu, qkv, (b, nh, t, hs), prefill, step, DType::F32)
+}
+
+/// `decode` with caches of element type `cache` (f32 or f16), for (B, NH, T, HS) = `shape`.
+pub fn decode_cached(
+    gpu: &Gpu,
+    qkv: &[f32],
+    (b, nh, t, hs): (usize, usize, usize, usize),
+    prefill: usize,
+    step: usize,
+    cache: DType,
+) -> Result<Vec<f32>> {
     let c = nh * hs;
     // A cache longer than needed, so that Tmax and the sequence length differ.
     let tmax = t + 3;
-    let kc = gpu.zeros("k_cache", DType::F32, b * nh * tmax * hs)?;
-    let vc = gpu.zeros("v_cache", DType::F32, b * nh * tmax * hs)?;
+    let kc = gpu.zeros("k_cache", cache, b * nh * tmax * hs)?;
+    let vc = gpu.zeros("v_cache", cache, b * nh * tmax * hs)?;
     let mut steps = vec![(0, prefill.clamp(1, t))];
     while let Some(&(p, n)) = steps.last() {
         if p + n >= t {
@@ -1185,8 +1291,8 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
     let c = nh * hs;
     let s = format!("B={b} NH={nh} T={t} HS={hs} causal");
-    let (qkv, dout) = check_inputs(b, nh, t, hs);
-    let qkv = gpu.upload_f32("qkv", &qkv)?;
+    let (qkv_data, dout) = check_inputs(b, nh, t, hs);
+    let qkv = gpu.upload_f32("qkv", &qkv_data)?;
     let dout = gpu.upload_f32("dout", &dout)?;
     let out = gpu.zeros("out", DType::F32, b * t * c)?;
     let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
@@ -1219,7 +1325,32 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let mut unfused_bwd = harness::bench_one(gpu, opts, "unfused backward", &s, &ubwd)?;
     // att (kept from the forward), datt and dpreatt
     unfused_bwd.extra_bytes = Some(3 * square_bytes);
-    Ok(vec![fused_fwd, unfused_fwd, fused_bwd, unfused_bwd])
+    let mut reports = vec![fused_fwd, unfused_fwd, fused_bwd, unfused_bwd];
+    drop((ubwd, att, dpreatt, datt));
+
+    // Decoding one token (Tq = 1) at position T - 1 over a cache of T keys (prefilled from qkv),
+    // with f32 and, where the adapter has it, f16 caches.
+    let pos0 = t - 1;
+    let ds = format!("B={b} NH={nh} Tq=1 pos0={pos0} HS={hs}");
+    let mut last = Vec::with_capacity(b * 3 * c);
+    for bi in 0..b {
+        last.extend_from_slice(&qkv_data[(bi * t + pos0) * 3 * c..(bi * t + t) * 3 * c]);
+    }
+    let step_qkv = gpu.upload_f32("step qkv", &last)?;
+    let step_out = gpu.zeros("step out", DType::F32, b * c)?;
+    let mut caches = vec![DType::F32];
+    if gpu.has_f16() {
+        caches.push(DType::F16);
+    }
+    for dtype in caches {
+        let kc = gpu.zeros("k_cache", dtype, b * nh * t * hs)?;
+        let vc = gpu.zeros("v_cache", dtype, b * nh * t * hs)?;
+        gpu.run(&[kv_append(gpu, &kc, &vc, &qkv, b, t, nh, hs, 0, t)?])?;
+        let d = forward_cached(gpu, &step_out, &step_qkv, &kc, &vc, b, 1, nh, hs, pos0, t)?;
+        let variant = format!("decode, {} cache", dtype.name());
+        reports.push(harness::bench_one(gpu, opts, &variant, &ds, &[d])?);
+    }
+    Ok(reports)
 }
 
 /// Moves a `forward_cached` or `kv_append` dispatch built for `tq` new tokens to new positions

@@ -4,6 +4,11 @@
 //! The token table may be split into row chunks (GPT-2's wte is 154 MB in f32, over many devices'
 //! 128 MiB binding limit): each call takes one chunk `wte (V_chunk, C)` holding vocabulary rows
 //! `[wte_row0, wte_row0 + V_chunk)` and touches only the positions whose token lies in it.
+//!
+//! f16 tables (inference): `forward` also takes wte and wpe as f16 views (both f16, output f32),
+//! selecting the kernels of embedding_f16.wgsl; this needs the adapter's SHADER_F16 feature
+//! (`Gpu::has_f16`), and an f16 table on an adapter without it is an error naming the tensor.
+//! The backward stays f32.
 //! Legend: B batch, T sequence, C channels, V vocabulary.
 
 use bytemuck::{Pod, Zeroable};
@@ -15,6 +20,7 @@ use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, 
 use crate::reference;
 use crate::rng::Rng;
 
+use super::gemm::round_f16;
 use Binding::{Read, ReadWrite};
 
 const WG: u32 = 256;
@@ -31,6 +37,15 @@ pub const FORWARD_VEC4: KernelSpec = KernelSpec {
     shader: Shader::Embedding,
     entry: "embedding_forward_vec4",
     bindings: &[Read, Read, Read, ReadWrite],
+};
+/// The f16-table twins of the forward kernels (embedding_f16.wgsl): same entries and bindings.
+pub const FORWARD_F16: KernelSpec = KernelSpec {
+    shader: Shader::EmbeddingF16,
+    ..FORWARD
+};
+pub const FORWARD_VEC4_F16: KernelSpec = KernelSpec {
+    shader: Shader::EmbeddingF16,
+    ..FORWARD_VEC4
 };
 pub const BACKWARD_WTE: KernelSpec = KernelSpec {
     shader: Shader::Embedding,
@@ -55,10 +70,17 @@ struct Params {
     groups: u32,
 }
 
-/// Checks that `view` is an f32 table of whole rows of `c` channels, at least `min_rows` of them,
-/// and returns its number of rows.
-fn expect_rows(kernel: &str, view: &View, c: usize, min_rows: usize, what: &str) -> Result<usize> {
-    if view.dtype != DType::F32
+/// Checks that `view` is a `dtype` table of whole rows of `c` channels, at least `min_rows` of
+/// them, and returns its number of rows.
+fn expect_rows(
+    kernel: &str,
+    view: &View,
+    dtype: DType,
+    c: usize,
+    min_rows: usize,
+    what: &str,
+) -> Result<usize> {
+    if view.dtype != dtype
         || view.len == 0
         || !view.len.is_multiple_of(c)
         || view.len / c < min_rows
@@ -66,7 +88,7 @@ fn expect_rows(kernel: &str, view: &View, c: usize, min_rows: usize, what: &str)
         return Err(Error::Shape {
             kernel: kernel.to_string(),
             tensor: view.name.to_string(),
-            expected: format!("f32 elements forming {what} rows of C = {c}"),
+            expected: format!("{} elements forming {what} rows of C = {c}", dtype.name()),
             got: format!("{} {} elements", view.len, view.dtype.name()),
         });
     }
@@ -93,6 +115,8 @@ fn expect_btc(kernel: &str, b: usize, t: usize, c: usize) -> Result<()> {
 /// Rows whose token is outside the chunk are left untouched, so calling it once per chunk of a
 /// split table writes every row exactly once. Overwrites. Tokens >= V are the caller's error; their
 /// rows are left untouched and nothing is read or written out of bounds.
+/// wte and wpe are both f32, or both f16 (inference weights, on adapters with SHADER_F16: widened
+/// to f32 and added in f32); out is f32.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
@@ -123,13 +147,21 @@ fn forward_variant(
     c: usize,
     vec4: bool,
 ) -> Result<Dispatch> {
-    let name = FORWARD.name();
+    // f16 tables select the twins in embedding_f16.wgsl; wpe must match wte.
+    let f16 = wte.dtype == DType::F16;
+    let (table, scalar_spec, vec4_spec) = if f16 {
+        (DType::F16, &FORWARD_F16, &FORWARD_VEC4_F16)
+    } else {
+        (DType::F32, &FORWARD, &FORWARD_VEC4)
+    };
+    let name = scalar_spec.name();
     expect_btc(&name, b, t, c)?;
     let bt = b * t;
     expect(&name, out, DType::F32, bt * c)?;
     expect(&name, tokens, DType::U32, bt)?;
-    let v_chunk = expect_rows(&name, wte, c, 1, "V_chunk >= 1")?;
-    expect_rows(&name, wpe, c, t, &format!("maxT >= T = {t}"))?;
+    let v_chunk = expect_rows(&name, wte, table, c, 1, "V_chunk >= 1")?;
+    expect_rows(&name, wpe, table, c, t, &format!("maxT >= T = {t}"))?;
+    super::gemm::expect_f16_support(gpu, &name, wte)?;
     if wte_row0
         .checked_add(v_chunk)
         .is_none_or(|end| end > u32::MAX as usize)
@@ -139,12 +171,17 @@ fn forward_variant(
             format!("wte rows [{wte_row0}, {wte_row0} + {v_chunk}) exceed the u32 token range"),
         ));
     }
-    let vec4 =
-        vec4 && c.is_multiple_of(4) && [out, wte, wpe].iter().all(|v| v.offset.is_multiple_of(16));
+    // vec4 reads: 16 bytes of out, 4 · (2 or 4) bytes of the tables.
+    let vec4 = vec4
+        && c.is_multiple_of(4)
+        && out.offset.is_multiple_of(16)
+        && [wte, wpe]
+            .iter()
+            .all(|v| v.offset.is_multiple_of(4 * table.size()));
     let (spec, lanes) = if vec4 {
-        (&FORWARD_VEC4, c / 4)
+        (vec4_spec, c / 4)
     } else {
-        (&FORWARD, c)
+        (scalar_spec, c)
     };
     let params = Params {
         bt: bt as u32,
@@ -159,7 +196,7 @@ fn forward_variant(
     let cost = Cost {
         flops: n,
         // tokens, then wte rows, wpe and out (every token in the chunk)
-        bytes: 4 * bt as u64 + 12 * n,
+        bytes: 4 * bt as u64 + (2 * table.size() + 4) * n,
     };
     let wg = grid(
         ((bt * lanes) as u32).div_ceil(WG),
@@ -236,9 +273,9 @@ pub fn backward(
     let name = BACKWARD_WTE.name();
     expect_btc(&name, b, t, c)?;
     let bt = b * t;
-    let v_chunk = expect_rows(&name, dwte, c, 1, "V_chunk >= 1")?;
+    let v_chunk = expect_rows(&name, dwte, DType::F32, c, 1, "V_chunk >= 1")?;
     if let Some(dwpe) = dwpe {
-        expect_rows(&name, dwpe, c, t, &format!("maxT >= T = {t}"))?;
+        expect_rows(&name, dwpe, DType::F32, c, t, &format!("maxT >= T = {t}"))?;
     }
     expect(&name, dout, DType::F32, bt * c)?;
     expect(&name, tokens, DType::U32, bt)?;
@@ -414,6 +451,43 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         0.0,
     ));
 
+    // Forward with f16 tables: exactly the f32 sums of the f16-rounded tables.
+    if gpu.has_f16() {
+        let (wte16, wte_rounded) = round_f16(&wte);
+        let (wpe16, wpe_rounded) = round_f16(&wpe);
+        let g_wpe16 = gpu.upload("wpe16", DType::F16, &wpe16)?;
+        let g_out16 = gpu.upload_f32("out16", &out0)?;
+        let mut dispatches = Vec::new();
+        let mut out16 = out0.clone();
+        let mut tables = Vec::new();
+        for (i, &(r0, rows)) in parts.iter().enumerate() {
+            let chunk = r0 * c..(r0 + rows) * c;
+            tables.push(gpu.upload(&format!("wte16_{i}"), DType::F16, &wte16[chunk.clone()])?);
+            dispatches.push(forward(
+                gpu, &g_out16, &g_tokens, &tables[i], r0, &g_wpe16, b, t, c,
+            )?);
+            reference::embedding::forward(
+                &mut out16,
+                &tokens,
+                &wte_rounded[chunk],
+                r0,
+                &wpe_rounded,
+                b,
+                t,
+                c,
+            );
+        }
+        gpu.run(&dispatches)?;
+        reports.push(CheckReport::new(
+            &s,
+            "forward out, f16 tables",
+            &gpu.read_f32(&g_out16)?,
+            &out16,
+            0.0,
+            0.0,
+        ));
+    }
+
     // Backward, one chunk at a time, dwpe with the first chunk only; reference in f64.
     for (i, &(r0, _)) in parts.iter().enumerate() {
         let dwpe = (i == 0).then_some(&g_dwpe);
@@ -490,6 +564,21 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
             .collect::<Result<Vec<_>>>()?;
         let mut r = harness::bench_one(gpu, opts, variant, &s, &d)?;
         r.cost = fw_cost;
+        reports.push(r);
+    }
+    if gpu.has_f16() {
+        // The inference forward: both tables in f16, split as the f32 table is.
+        let wpe16 = gpu.zeros("wpe16", DType::F16, t * c)?;
+        let mut d = Vec::new();
+        for (i, &(r0, rows)) in parts.iter().enumerate() {
+            let w = gpu.zeros(&format!("wte16_{i}"), DType::F16, rows * c)?;
+            d.push(forward(gpu, &out, &g_tokens, &w, r0, &wpe16, b, t, c)?);
+        }
+        let mut r = harness::bench_one(gpu, opts, "forward f16 tables", &s, &d)?;
+        r.cost = Cost {
+            flops: n,
+            bytes: 4 * bt as u64 + 2 * n + 2 * (t * c) as u64 + 4 * n,
+        };
         reports.push(r);
     }
 

@@ -9,6 +9,13 @@
 //!                  dbias (N) += Σ_m dout (M, N)                       accumulates
 //!
 //! For a linear layer M = B·T rows and w is (out features, in features), as in PyTorch.
+//!
+//! f16 weights (inference): `matmul` and `linear_forward` also take B (the weight) as an f16 view,
+//! widened to f32 on load, with A, bias and C f32 and every product and sum in f32. The view's
+//! dtype selects the kernels of gemm_f16.wgsl (the same tiles as gemm.wgsl), so callers need no
+//! other API; this needs the adapter's SHADER_F16 feature (`Gpu::has_f16`), and an f16 B on an
+//! adapter without it is an error naming the tensor. Operand offsets and strides count elements
+//! of the operand's own type. The backward stays f32.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -20,6 +27,7 @@ use crate::reference::{self, gemm::Layout};
 use crate::rng::Rng;
 
 use Binding::{Read, ReadWrite};
+use half::f16;
 
 /// a, b, bias, c.
 const GEMM_BINDINGS: &[Binding] = &[Read, Read, Read, ReadWrite];
@@ -52,6 +60,27 @@ pub const TILED_VAB: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
     entry: "gemm_tiled_vab",
     bindings: GEMM_BINDINGS,
+};
+/// The f16-B twins of the kernels above (gemm_f16.wgsl): same entry points and bindings.
+pub const NAIVE_F16: KernelSpec = KernelSpec {
+    shader: Shader::GemmF16,
+    ..NAIVE
+};
+pub const TILED_F16: KernelSpec = KernelSpec {
+    shader: Shader::GemmF16,
+    ..TILED
+};
+pub const TILED_VA_F16: KernelSpec = KernelSpec {
+    shader: Shader::GemmF16,
+    ..TILED_VA
+};
+pub const TILED_VB_F16: KernelSpec = KernelSpec {
+    shader: Shader::GemmF16,
+    ..TILED_VB
+};
+pub const TILED_VAB_F16: KernelSpec = KernelSpec {
+    shader: Shader::GemmF16,
+    ..TILED_VAB
 };
 pub const BIAS_BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
@@ -294,15 +323,14 @@ fn normalized(op: &Operand, rows: usize, batch: usize) -> (usize, usize, usize) 
 }
 
 /// Checks that `batch` matrices of `rows` × `cols` (as stored) lie inside the operand's view, rows
-/// apart by at least a row, with every index within the shader's 32-bit arithmetic. `role` names
-/// the operand ("a", "b", "c") in messages.
+/// apart by at least a row, with every index within the shader's 32-bit arithmetic, and that the
+/// view holds f32 (or f16 where `f16_ok`). `role` names the operand ("a", "b", "c") in messages.
 fn check_operand(
     kernel: &str,
     role: &str,
     op: &Operand,
-    rows: usize,
-    cols: usize,
-    batch: usize,
+    (rows, cols, batch): (usize, usize, usize),
+    f16_ok: bool,
 ) -> Result<()> {
     let v = op.view;
     let shape = |expected: String, got: String| Error::Shape {
@@ -311,9 +339,11 @@ fn check_operand(
         expected,
         got,
     };
-    if v.dtype != DType::F32 {
+    let dtype_ok = v.dtype == DType::F32 || (f16_ok && v.dtype == DType::F16);
+    if !dtype_ok {
+        let want = if f16_ok { "f32 or f16" } else { "f32" };
         return Err(shape(
-            format!("f32 elements (operand {role})"),
+            format!("{want} elements (operand {role})"),
             format!("{} elements", v.dtype.name()),
         ));
     }
@@ -377,11 +407,31 @@ fn check_disjoint(kernel: &str, c: &Operand, m: usize, n: usize, batch: usize) -
 
 /// Whether the shader may read the operand as vec4: its view holds whole vec4s and every row
 /// and batch entry starts at a multiple of 4, so every aligned vec4 it touches is in the view.
+/// A vec4<f16> is 8 bytes, so an f16 view must also start at a multiple of 8 bytes (a device's
+/// storage offset alignment may be as small as 4).
 fn vec4_ok(op: &Operand, rows: usize, batch: usize) -> bool {
     let (offset, ld, bs) = normalized(op, rows, batch);
-    [op.view.len, offset, ld, bs]
-        .iter()
-        .all(|x| x.is_multiple_of(4))
+    let aligned = op.view.dtype != DType::F16 || op.view.offset.is_multiple_of(8);
+    aligned
+        && [op.view.len, offset, ld, bs]
+            .iter()
+            .all(|x| x.is_multiple_of(4))
+}
+
+/// Fails, naming the tensor, when `view` is f16 and the adapter cannot run f16 shaders.
+pub(crate) fn expect_f16_support(gpu: &Gpu, kernel: &str, view: &View) -> Result<()> {
+    if view.dtype == DType::F16 && !gpu.has_f16() {
+        return Err(Error::invalid(
+            kernel,
+            format!(
+                "tensor {} is f16, but adapter {} lacks SHADER_F16 (wgpu::Features::SHADER_F16); \
+                 store it in f32 on this adapter",
+                view.name,
+                gpu.adapter_name()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn u32_of(x: usize) -> u32 {
@@ -398,16 +448,29 @@ fn launch(
     bias: Option<&View>,
     kernel: Kernel,
 ) -> Result<Dispatch> {
+    // An f16 B (the weight) selects the twins in gemm_f16.wgsl.
+    let [naive, tiled, tiled_va, tiled_vb, tiled_vab] = if b.view.dtype == DType::F16 {
+        [
+            NAIVE_F16,
+            TILED_F16,
+            TILED_VA_F16,
+            TILED_VB_F16,
+            TILED_VAB_F16,
+        ]
+    } else {
+        [NAIVE, TILED, TILED_VA, TILED_VB, TILED_VAB]
+    };
     let name = match kernel {
-        Kernel::Naive => NAIVE.name(),
-        Kernel::Tiled(_) => TILED.name(),
+        Kernel::Naive => naive.name(),
+        Kernel::Tiled(_) => tiled.name(),
     };
     let Matmul { m, n, k, batch, .. } = *mm;
     expect_dims(&name, &[("M", m), ("N", n), ("K", k), ("batch", batch)])?;
     let ((ar, ac), (br, bc)) = mm.stored();
-    check_operand(&name, "a", &a, ar, ac, batch)?;
-    check_operand(&name, "b", &b, br, bc, batch)?;
-    check_operand(&name, "c", &c, m, n, batch)?;
+    check_operand(&name, "a", &a, (ar, ac, batch), false)?;
+    check_operand(&name, "b", &b, (br, bc, batch), true)?;
+    check_operand(&name, "c", &c, (m, n, batch), false)?;
+    expect_f16_support(gpu, &name, b.view)?;
     check_disjoint(&name, &c, m, n, batch)?;
     let reads = [("a", a.view), ("b", b.view)]
         .into_iter()
@@ -475,9 +538,9 @@ fn launch(
         flops: 2 * m64 * n64 * k64 * batch as u64,
         bytes: 4
             * (entries(m64 * k64, a_bs)
-                + entries(k64 * n64, b_bs)
                 + c_traffic * m64 * n64 * batch as u64
-                + bias.map_or(0, |_| n64)),
+                + bias.map_or(0, |_| n64))
+            + b.view.dtype.size() * entries(k64 * n64, b_bs),
     };
 
     let mut constants = vec![
@@ -485,14 +548,14 @@ fn launch(
         ("TRANS_B", mm.trans_b as u32 as f64),
     ];
     let spec = match kernel {
-        Kernel::Naive => NAIVE,
+        Kernel::Naive => naive,
         Kernel::Tiled(t) => {
             constants.extend(t.constants());
             match (vec4_ok(&a, ar, batch), vec4_ok(&b, br, batch)) {
-                (false, false) => TILED,
-                (true, false) => TILED_VA,
-                (false, true) => TILED_VB,
-                (true, true) => TILED_VAB,
+                (false, false) => tiled,
+                (true, false) => tiled_va,
+                (false, true) => tiled_vb,
+                (true, true) => tiled_vab,
             }
         }
     };
@@ -513,6 +576,8 @@ fn launch(
 /// stride `a.ld`, or (K, M) when `mm.trans_a`. Same for B: (K, N), or (N, K) when `mm.trans_b`.
 /// Overwrites C (never reading it) unless `mm.accumulate`. Each operand must lie inside its view;
 /// C must not share a buffer with A or B, and its batch entries must not overlap.
+/// A, C and bias are f32; B is f32, or f16 (weights for inference: the lm head's tied wte chunk)
+/// when the adapter has SHADER_F16, widened to f32 on load.
 pub fn matmul(
     gpu: &Gpu,
     mm: &Matmul,
@@ -529,7 +594,8 @@ pub fn matmul(
     launch(gpu, mm, c, a, b, bias, kernel)
 }
 
-/// out (M, N) = inp (M, K) · w (N, K)ᵀ + bias (N). Overwrites `out`.
+/// out (M, N) = inp (M, K) · w (N, K)ᵀ + bias (N). Overwrites `out`. inp, bias and out are f32;
+/// w is f32, or f16 when the adapter has SHADER_F16 (widened to f32 on load, f32 sums).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_forward(
     gpu: &Gpu,
@@ -544,7 +610,12 @@ pub fn linear_forward(
     let name = "gemm.linear_forward";
     expect_dims(name, &[("M", m), ("K", k), ("N", n)])?;
     expect(name, inp, DType::F32, m * k)?;
-    expect(name, w, DType::F32, n * k)?;
+    let w_dtype = if w.dtype == DType::F16 {
+        DType::F16
+    } else {
+        DType::F32
+    };
+    expect(name, w, w_dtype, n * k)?;
     expect(name, out, DType::F32, m * n)?;
     let mm = Matmul {
         trans_b: true,
@@ -711,10 +782,39 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
                 trans_b,
                 ..Matmul::new(m, n, k)
             };
-            reports.extend(check_matmul(gpu, mm, vec_a, vec_b)?);
+            reports.extend(check_matmul(gpu, mm, vec_a, vec_b, false)?);
+        }
+    }
+    if gpu.has_f16() {
+        // f16 B (the weight): NT as in linear_forward and the lm head, with every combination of
+        // vec4 and scalar loads (all four tiled entry points, both NT load paths of B, the lm-head
+        // column block of C at an odd offset); NN for the other two load paths of B.
+        let f16_layouts = [
+            (true, (false, false)),
+            (true, (false, true)),
+            (true, (true, false)),
+            (true, (true, true)),
+            (false, (false, false)),
+            (false, (true, true)),
+        ];
+        for (trans_b, (vec_a, vec_b)) in f16_layouts {
+            let mm = Matmul {
+                batch: 2,
+                trans_b,
+                ..Matmul::new(m, n, k)
+            };
+            reports.extend(check_matmul(gpu, mm, vec_a, vec_b, true)?);
         }
     }
     Ok(reports)
+}
+
+/// `x` rounded to f16, and those f16 values widened back to f32 (what an f16 kernel computes
+/// with, for the reference).
+pub fn round_f16(x: &[f32]) -> (Vec<f16>, Vec<f32>) {
+    let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    let w = h.iter().map(|v| v.to_f32()).collect();
+    (h, w)
 }
 
 /// Values in [100, 200): reading them where a kernel should only write shows up at once.
@@ -760,6 +860,25 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
         k,
         n,
     )?];
+    // The same forward with w stored in f16, where the adapter has it.
+    let (w16, w_rounded) = round_f16(&w);
+    let f16_out = if gpu.has_f16() {
+        let g_w16 = gpu.upload("w16", DType::F16, &w16)?;
+        let g_out16 = gpu.upload_f32("out16", &out0)?;
+        dispatches.push(linear_forward(
+            gpu,
+            &g_out16,
+            &g_inp,
+            &g_w16,
+            Some(&g_bias),
+            m,
+            k,
+            n,
+        )?);
+        Some(g_out16)
+    } else {
+        None
+    };
     dispatches.extend(linear_backward(
         gpu,
         Some(&g_dinp),
@@ -825,7 +944,20 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
     let (ka, kr) = tolerance(k);
     let (na, nr) = tolerance(n);
     let (ma, mr) = tolerance(m);
-    Ok(vec![
+    let mut reports = Vec::new();
+    if let Some(g_out16) = f16_out {
+        let mut out16 = f64s(&out0);
+        reference::gemm::linear_forward(&mut out16, &inp, &f64s(&w_rounded), Some(&bias), m, k, n);
+        reports.push(CheckReport::new(
+            &s,
+            "forward out, f16 w",
+            &gpu.read_f32(&g_out16)?,
+            &out16,
+            ka,
+            kr,
+        ));
+    }
+    reports.extend([
         CheckReport::new(&s, "forward out", &gpu.read_f32(&g_out)?, &out, ka, kr),
         CheckReport::new(&s, "backward dinp", &gpu.read_f32(&g_dinp)?, &dinp, na, nr),
         CheckReport::new(&s, "backward dw", &gpu.read_f32(&g_dw)?, &dw, ma, mr),
@@ -853,7 +985,8 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
             ma,
             mr,
         ),
-    ])
+    ]);
+    Ok(reports)
 }
 
 /// One operand's placement for a check: with `vec4`, offset, row stride, batch stride and view
@@ -908,8 +1041,15 @@ fn operand_data(
 /// One batched, strided matmul configuration under the naive kernel and every tile.
 /// With a vec4 A, C is stacked per batch entry and overwritten with alpha 1 and a bias; otherwise
 /// C is a column block of a wider matrix (the lm-head chunk case) with the batch entries side by
-/// side, accumulated into with alpha -0.75.
-fn check_matmul(gpu: &Gpu, mm: Matmul, vec_a: bool, vec_b: bool) -> Result<Vec<CheckReport>> {
+/// side, accumulated into with alpha -0.75. With `f16_b`, B is stored in f16 and the reference
+/// uses the f16-rounded values.
+fn check_matmul(
+    gpu: &Gpu,
+    mm: Matmul,
+    vec_a: bool,
+    vec_b: bool,
+    f16_b: bool,
+) -> Result<Vec<CheckReport>> {
     let Matmul { m, n, k, batch, .. } = mm;
     let ((ar, ac), (br, bc)) = mm.stored();
     let mut rng =
@@ -943,6 +1083,8 @@ fn check_matmul(gpu: &Gpu, mm: Matmul, vec_a: bool, vec_b: bool) -> Result<Vec<C
 
     let a = operand_data(&mut rng, a_len, la, ar, ac, batch);
     let b = operand_data(&mut rng, b_len, lb, br, bc, batch);
+    let (b16, b_rounded) = round_f16(&b);
+    let b = if f16_b { b_rounded } else { b };
     let bias = rng.vec_uniform(n, -1.0, 1.0);
     let c0 = if mm.accumulate {
         rng.vec_uniform(c_len, -1.0, 1.0)
@@ -969,7 +1111,11 @@ fn check_matmul(gpu: &Gpu, mm: Matmul, vec_a: bool, vec_b: bool) -> Result<Vec<C
     );
 
     let ga = gpu.upload_f32("a", &a)?;
-    let gb = gpu.upload_f32("b", &b)?;
+    let gb = if f16_b {
+        gpu.upload("b", DType::F16, &b16)?
+    } else {
+        gpu.upload_f32("b", &b)?
+    };
     let gbias = gpu.upload_f32("bias", &bias)?;
     let s = format!("{m}x{k}x{n} batch {batch}");
     let (atol, rtol) = tolerance(k);
@@ -988,10 +1134,11 @@ fn check_matmul(gpu: &Gpu, mm: Matmul, vec_a: bool, vec_b: bool) -> Result<Vec<C
         )?;
         gpu.run(&[d])?;
         let what = format!(
-            "{} {}a {}b {}{}",
+            "{} {}a {}b{} {}{}",
             mm.ops(),
             if vec_a { 'v' } else { 's' },
             if vec_b { 'v' } else { 's' },
+            if f16_b { " f16" } else { "" },
             match kernel {
                 Kernel::Naive => "naive".to_string(),
                 Kernel::Tiled(t) => format!("tiled {}", t.name()),
@@ -1023,7 +1170,8 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let [m, k, n] = harness::dims::<3>("gemm", shape)?;
     let mut rng = Rng::new(0);
     let inp = gpu.upload_f32("inp", &rng.vec_uniform(m * k, -1.0, 1.0))?;
-    let w = gpu.upload_f32("w", &rng.vec_uniform(n * k, -1.0, 1.0))?;
+    let w_data = rng.vec_uniform(n * k, -1.0, 1.0);
+    let w = gpu.upload_f32("w", &w_data)?;
     let dout = gpu.upload_f32("dout", &rng.vec_uniform(m * n, -1.0, 1.0))?;
     let out = gpu.zeros("out", DType::F32, m * n)?;
     let dinp = gpu.zeros("dinp", DType::F32, m * k)?;
@@ -1065,6 +1213,14 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         let naive = launch(gpu, &mm, c, a, b, None, Kernel::Naive)?;
         let name = format!("{label} {} tiled {}", mm.ops(), tile.name());
         reports.push(harness::bench_one(gpu, opts, &name, &s, &[tiled])?);
+        if label == "forward" && gpu.has_f16() {
+            // The inference forward: the same product with the weight stored in f16.
+            let w16 = gpu.upload("w16", DType::F16, &round_f16(&w_data).0)?;
+            let b16 = Operand::new(&w16, k);
+            let d = launch(gpu, &mm, c, a, b16, None, Kernel::Tiled(tile))?;
+            let name = format!("{label} {} tiled {} f16 w", mm.ops(), tile.name());
+            reports.push(harness::bench_one(gpu, opts, &name, &s, &[d])?);
+        }
         let name = format!("{label} {} naive", mm.ops());
         reports.push(harness::bench_one(gpu, opts, &name, &s, &[naive])?);
     }

@@ -1,10 +1,12 @@
 //! Attention: the fused kernels (forward and backward, at the adapter's tiling and at the
-//! 16 KiB WebGPU-minimum tiling), the unfused baseline and KV-cache decoding against the CPU
-//! reference; the reference's backward against finite differences; determinism; bad input.
+//! 16 KiB WebGPU-minimum tiling), the unfused baseline and KV-cache decoding (f32 and f16 caches)
+//! against the CPU reference; the reference's backward against finite differences; determinism;
+//! bad input.
 //!
 //! Each `check` runs causal and non-causal, so every configuration below is covered in both.
 
-use shaderformer::gpu::{DType, Gpu, test_gpu};
+use half::f16;
+use shaderformer::gpu::{DType, Gpu, GpuOptions, test_gpu};
 use shaderformer::kernels::attention::{self, MAX_HS};
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
@@ -258,4 +260,162 @@ fn positions_beyond_the_cache_are_an_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("tensor k_cache"), "{err}");
+}
+
+/// Decoding over f16 caches gives what the f32 path gives on the same f16-rounded keys and values,
+/// for HS 8, 16, 64, 128 at T not a multiple of any tile, with 1-token steps and chunks of 4.
+#[test]
+fn f16_cache_decoding_matches_the_f32_path_on_rounded_data() {
+    let Some(gpu) = test_gpu() else { return };
+    if !gpu.has_f16() {
+        return;
+    }
+    for (b, nh, t, hs, prefill, step) in [
+        (2, 3, 37, 8, 5, 1),
+        (1, 2, 21, 16, 3, 4),
+        (2, 1, 33, 64, 1, 1),
+        (1, 2, 19, 128, 3, 4),
+    ] {
+        let (qkv, _) = attention::check_inputs(b, nh, t, hs);
+        let rounded = attention::round_kv_f16(&qkv, nh, hs);
+        let shape = (b, nh, t, hs);
+        let f32_out =
+            attention::decode_cached(gpu, &rounded, shape, prefill, step, DType::F32).unwrap();
+        let f16_out =
+            attention::decode_cached(gpu, &rounded, shape, prefill, step, DType::F16).unwrap();
+        let name = format!("B={b} NH={nh} T={t} HS={hs}, prefill {prefill}, steps of {step}");
+        reference::compare(&name, &f16_out, &f32_out, 1e-6, 1e-6).assert();
+    }
+}
+
+/// kv_append into f16 caches writes each element, rounded to f16, into its own half of a word:
+/// odd HS and an odd pos0 put rows across word boundaries, and every element outside the new
+/// rows keeps its old value.
+#[test]
+fn f16_kv_append_writes_each_half_word() {
+    let Some(gpu) = test_gpu() else { return };
+    if !gpu.has_f16() {
+        return;
+    }
+    let (b, nh, hs, tmax, tq, pos0) = (2, 3, 5, 9, 3, 3);
+    let c = nh * hs;
+    let mut rng = Rng::new(8);
+    let qkv = rng.vec_uniform(b * tq * 3 * c, -3.0, 3.0);
+    let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
+    let sentinel = f16::from_f32(-1000.0);
+    let old = vec![sentinel; b * nh * tmax * hs];
+    let kc = gpu.upload("k_cache", DType::F16, &old).unwrap();
+    let vc = gpu.upload("v_cache", DType::F16, &old).unwrap();
+    let d = attention::kv_append(gpu, &kc, &vc, &gqkv, b, tq, nh, hs, pos0, tmax).unwrap();
+    assert_eq!(d.name, "attention_f16.kv_append");
+    gpu.run(&[d]).unwrap();
+    let read = |v| -> Vec<f16> { bytemuck::pod_collect_to_vec(&gpu.read_bytes(v).unwrap()) };
+    for (part, cache) in [(1, read(&kc)), (2, read(&vc))] {
+        for bi in 0..b {
+            for h in 0..nh {
+                for pos in 0..tmax {
+                    for d in 0..hs {
+                        let got = cache[((bi * nh + h) * tmax + pos) * hs + d];
+                        if pos < pos0 || pos >= pos0 + tq {
+                            assert_eq!(got, sentinel, "part {part} b {bi} h {h} pos {pos} d {d}");
+                            continue;
+                        }
+                        let x = qkv[(bi * tq + pos - pos0) * 3 * c + part * c + h * hs + d];
+                        // Within one f16 step of x: 2^-10 relative, 2^-24 for subnormals.
+                        let step = (x.abs() / 1024.0).max(2f32.powi(-24));
+                        assert!(
+                            (got.to_f32() - x).abs() <= step,
+                            "part {part} b {bi} h {h} pos {pos} d {d}: {got} for {x}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The error an f16 cache costs against the f32 cache on unrounded data, for the record; the
+/// bound holds for rounding and fails for a cache read or written at the wrong element.
+#[test]
+fn f16_cache_error_against_the_f32_cache() {
+    let Some(gpu) = test_gpu() else { return };
+    if !gpu.has_f16() {
+        return;
+    }
+    let (b, nh, t, hs) = (1, 2, 40, 64);
+    let (qkv, _) = attention::check_inputs(b, nh, t, hs);
+    let f32_out = attention::decode_cached(gpu, &qkv, (b, nh, t, hs), 4, 1, DType::F32).unwrap();
+    let f16_out = attention::decode_cached(gpu, &qkv, (b, nh, t, hs), 4, 1, DType::F16).unwrap();
+    let scale = f32_out.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+    let err = f16_out
+        .iter()
+        .zip(&f32_out)
+        .fold(0.0f32, |a, (x, y)| a.max((x - y).abs()))
+        / scale;
+    eprintln!("decode B={b} NH={nh} T={t} HS={hs}: max |f16 - f32| / max |out| = {err:.2e}");
+    assert!(err < 1e-2, "f16 cache: relative error {err:.3e}");
+}
+
+#[test]
+fn mismatched_cache_dtypes_are_an_error() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, nh, hs, tmax, tq) = (1, 2, 8, 8, 2);
+    let c = nh * hs;
+    let n = b * nh * tmax * hs;
+    let z = |name, dtype, len| gpu.zeros(name, dtype, len).unwrap();
+    let (kc16, vc16) = (z("k_cache16", DType::F16, n), z("v_cache16", DType::F16, n));
+    let (kc, vc) = (z("k_cache", DType::F32, n), z("v_cache", DType::F32, n));
+    let (qkv, out) = (
+        z("qkv", DType::F32, b * tq * 3 * c),
+        z("out", DType::F32, b * tq * c),
+    );
+    let qkv16 = z("qkv16", DType::F16, b * tq * 3 * c);
+    fn err<T>(r: shaderformer::Result<T>) -> String {
+        r.map(|_| ()).unwrap_err().to_string()
+    }
+    let e = err(attention::kv_append(
+        gpu, &kc16, &vc, &qkv, b, tq, nh, hs, 0, tmax,
+    ));
+    assert!(e.contains("tensor v_cache") && e.contains("f16"), "{e}");
+    let e = err(attention::kv_append(
+        gpu, &kc, &vc16, &qkv, b, tq, nh, hs, 0, tmax,
+    ));
+    assert!(e.contains("tensor v_cache16") && e.contains("f32"), "{e}");
+    let e = err(attention::forward_cached(
+        gpu, &out, &qkv, &kc16, &vc, b, tq, nh, hs, 0, tmax,
+    ));
+    assert!(e.contains("tensor v_cache"), "{e}");
+    let e = err(attention::forward_cached(
+        gpu, &out, &qkv16, &kc16, &vc16, b, tq, nh, hs, 0, tmax,
+    ));
+    assert!(e.contains("tensor qkv16"), "{e}");
+    let e = err(attention::kv_append(
+        gpu, &kc16, &vc16, &qkv16, b, tq, nh, hs, 0, tmax,
+    ));
+    assert!(e.contains("tensor qkv16"), "{e}");
+
+    // On an adapter without SHADER_F16, f16 caches are a clear error naming the cache.
+    let mut no_f16 = Gpu::new(&GpuOptions::from_env()).unwrap();
+    no_f16.features.remove(wgpu::Features::SHADER_F16);
+    let gpu = &no_f16;
+    let z = |name, dtype, len| gpu.zeros(name, dtype, len).unwrap();
+    let (kc16, vc16) = (z("k_cache16", DType::F16, n), z("v_cache16", DType::F16, n));
+    let (qkv, out) = (
+        z("qkv", DType::F32, b * tq * 3 * c),
+        z("out", DType::F32, b * tq * c),
+    );
+    let e = err(attention::kv_append(
+        gpu, &kc16, &vc16, &qkv, b, tq, nh, hs, 0, tmax,
+    ));
+    assert!(
+        e.contains("tensor k_cache16") && e.contains("SHADER_F16"),
+        "{e}"
+    );
+    let e = err(attention::forward_cached(
+        gpu, &out, &qkv, &kc16, &vc16, b, tq, nh, hs, 0, tmax,
+    ));
+    assert!(
+        e.contains("tensor k_cache16") && e.contains("SHADER_F16"),
+        "{e}"
+    );
 }

@@ -1,4 +1,5 @@
-use shaderformer::gpu::{DType, test_gpu};
+use half::f16;
+use shaderformer::gpu::{DType, Gpu, GpuOptions, test_gpu};
 use shaderformer::kernels::embedding;
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
@@ -193,4 +194,128 @@ fn mismatched_shapes_are_an_error() {
         gpu, &wte, 0, None, &out, &tokens, &index, b, t, 0,
     ));
     assert!(e.contains("C = 0"), "{e}");
+}
+
+/// f16 tables against the reference on the f16-rounded tables (exact: one f32 add of two widened
+/// f16 values): C = 45 (scalar loads, odd f16 lengths) and C = 64 (vec4<f16> loads), the table
+/// split into two chunks of 7 and 6 rows; tokens outside the table leave their rows untouched.
+#[test]
+fn f16_tables_match_reference() {
+    let Some(gpu) = test_gpu() else { return };
+    if !gpu.has_f16() {
+        return;
+    }
+    let (b, t, v) = (2, 5, 13);
+    let tokens: Vec<u32> = vec![0, 12, 7, 6, 99, 3, 3, 11, 6, 5];
+    for c in [45, 64] {
+        let mut rng = Rng::new(c as u64);
+        let wte: Vec<f16> = rng
+            .vec_uniform(v * c, -1.0, 1.0)
+            .iter()
+            .map(|&x| f16::from_f32(x))
+            .collect();
+        let wpe: Vec<f16> = rng
+            .vec_uniform(t * c, -1.0, 1.0)
+            .iter()
+            .map(|&x| f16::from_f32(x))
+            .collect();
+        let widen = |x: &[f16]| -> Vec<f32> { x.iter().map(|h| h.to_f32()).collect() };
+        let g_tokens = gpu.upload_u32("tokens", &tokens).unwrap();
+        let g_wpe = gpu.upload("wpe", DType::F16, &wpe).unwrap();
+        let out0 = vec![-7.0f32; b * t * c];
+        let g_out = gpu.upload_f32("out", &out0).unwrap();
+        let mut want = out0.clone();
+        let mut d = Vec::new();
+        let mut tables = Vec::new();
+        for (r0, rows) in [(0, 7), (7, 6)] {
+            let chunk = &wte[r0 * c..(r0 + rows) * c];
+            tables.push(gpu.upload("wte", DType::F16, chunk).unwrap());
+            d.push(
+                embedding::forward(
+                    gpu,
+                    &g_out,
+                    &g_tokens,
+                    tables.last().unwrap(),
+                    r0,
+                    &g_wpe,
+                    b,
+                    t,
+                    c,
+                )
+                .unwrap(),
+            );
+            reference::embedding::forward(
+                &mut want,
+                &tokens,
+                &widen(chunk),
+                r0,
+                &widen(&wpe),
+                b,
+                t,
+                c,
+            );
+        }
+        let entry = if c % 4 == 0 {
+            "embedding_forward_vec4"
+        } else {
+            "embedding_forward"
+        };
+        assert_eq!(d[0].name, format!("embedding_f16.{entry}"));
+        gpu.run(&d).unwrap();
+        let got = gpu.read_f32(&g_out).unwrap();
+        reference::compare(&format!("f16 tables C={c}"), &got, &want, 0.0, 0.0).assert();
+        assert!(
+            got[4 * c..5 * c].iter().all(|&x| x == -7.0),
+            "token 99 row was written"
+        );
+    }
+}
+
+#[test]
+fn mismatched_table_dtypes_are_an_error() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, t, c, v) = (2, 3, 4, 10);
+    let z = |name: &str, dtype, len| gpu.zeros(name, dtype, len).unwrap();
+    let out = z("out", DType::F32, b * t * c);
+    let tokens = z("tokens", DType::U32, b * t);
+    let (wte, wte16) = (z("wte", DType::F32, v * c), z("wte16", DType::F16, v * c));
+    let (wpe, wpe16) = (z("wpe", DType::F32, t * c), z("wpe16", DType::F16, t * c));
+    fn err<T>(r: shaderformer::Result<T>) -> String {
+        r.map(|_| ()).unwrap_err().to_string()
+    }
+    let e = err(embedding::forward(
+        gpu, &out, &tokens, &wte16, 0, &wpe, b, t, c,
+    ));
+    assert!(e.contains("tensor wpe") && e.contains("f16"), "{e}");
+    let e = err(embedding::forward(
+        gpu, &out, &tokens, &wte, 0, &wpe16, b, t, c,
+    ));
+    assert!(e.contains("tensor wpe16") && e.contains("f32"), "{e}");
+    let out16 = z("out16", DType::F16, b * t * c);
+    let e = err(embedding::forward(
+        gpu, &out16, &tokens, &wte16, 0, &wpe16, b, t, c,
+    ));
+    assert!(e.contains("tensor out16"), "{e}");
+    // The backward is f32 only.
+    let index = z("index", DType::U32, embedding::backward_index_len(b * t));
+    let e = err(embedding::backward(
+        gpu, &wte16, 0, None, &out, &tokens, &index, b, t, c,
+    ));
+    assert!(e.contains("tensor wte16") && e.contains("f32"), "{e}");
+
+    // On an adapter without SHADER_F16, f16 tables are a clear error naming the table.
+    let mut no_f16 = Gpu::new(&GpuOptions::from_env()).unwrap();
+    no_f16.features.remove(wgpu::Features::SHADER_F16);
+    let gpu = &no_f16;
+    let out = gpu.zeros("out", DType::F32, b * t * c).unwrap();
+    let tokens = gpu.zeros("tokens", DType::U32, b * t).unwrap();
+    let wte16 = gpu.zeros("wte16", DType::F16, v * c).unwrap();
+    let wpe16 = gpu.zeros("wpe16", DType::F16, t * c).unwrap();
+    let e = err(embedding::forward(
+        gpu, &out, &tokens, &wte16, 0, &wpe16, b, t, c,
+    ));
+    assert!(
+        e.contains("tensor wte16") && e.contains("SHADER_F16"),
+        "{e}"
+    );
 }

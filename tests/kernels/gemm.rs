@@ -1,3 +1,4 @@
+use half::f16;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, test_gpu};
 use shaderformer::kernels::gemm::{self, Matmul, Operand, Variant};
 use shaderformer::reference::gemm::Layout;
@@ -425,4 +426,213 @@ fn linear_backward_skips_what_is_not_asked() {
     assert_eq!(count(None, None), 1);
     assert_eq!(count(Some(&dinp), None), 2);
     assert_eq!(count(Some(&dinp), Some(&dbias)), 3);
+}
+
+/// `x` rounded to f16 (round to nearest even).
+fn to_f16(x: &[f32]) -> Vec<f16> {
+    x.iter().map(|&v| f16::from_f32(v)).collect()
+}
+
+/// f16 values widened to f64, for the reference.
+fn widen(x: &[f16]) -> Vec<f64> {
+    x.iter().map(|v| v.to_f64()).collect()
+}
+
+/// The lm head with an f16 tied embedding: logits (M, V) computed one vocabulary chunk at a time,
+/// chunk rows [r0, r0 + rows) of wte (V, C) read at an element offset into the f16 view and
+/// written at column offset r0 of logits (ldc = V > N). V = 129 in chunks of 45 gives odd column
+/// offsets; C = 45 (odd K, scalar loads of B at odd offsets) and C = 64 (vec4<f16> loads).
+#[test]
+fn f16_lm_head_chunks_match_reference() {
+    let Some(gpu) = test_gpu() else { return };
+    if !gpu.has_f16() {
+        return;
+    }
+    let (m, v, rows) = (3, 129, 45);
+    for c in [45, 64] {
+        let mut rng = Rng::new(c as u64);
+        let x = rng.vec_uniform(m * c, -1.0, 1.0);
+        let wte = to_f16(&rng.vec_uniform(v * c, -1.0, 1.0));
+        let gx = gpu.upload_f32("x", &x).unwrap();
+        let gwte = gpu.upload("wte", DType::F16, &wte).unwrap();
+        let logits = gpu.zeros("logits", DType::F32, m * v).unwrap();
+        let mut dispatches = Vec::new();
+        for r0 in (0..v).step_by(rows) {
+            let n = rows.min(v - r0);
+            let mm = Matmul {
+                trans_b: true,
+                ..Matmul::new(m, n, c)
+            };
+            let d = gemm::matmul(
+                gpu,
+                &mm,
+                Operand::new(&logits, v).at(r0),
+                Operand::new(&gx, c),
+                Operand::new(&gwte, c).at(r0 * c),
+                None,
+                Variant::Tiled,
+            )
+            .unwrap();
+            // B is read as vec4<f16> exactly when C keeps every row 4-aligned.
+            let want = if c % 4 == 0 {
+                "gemm_f16.gemm_tiled_vab"
+            } else {
+                "gemm_f16.gemm_tiled"
+            };
+            assert_eq!(d.name, want);
+            dispatches.push(d);
+        }
+        gpu.run(&dispatches).unwrap();
+        let mut want = vec![0.0; m * v];
+        reference::gemm::linear_forward(
+            &mut want,
+            &reference::convert::<f32, f64>(&x),
+            &widen(&wte),
+            None,
+            m,
+            c,
+            v,
+        );
+        let got = gpu.read_f32(&logits).unwrap();
+        reference::compare(&format!("lm head C={c}"), &got, &want, 1e-5, 1e-4).assert();
+    }
+}
+
+/// The error f16 weights cost against the unrounded f32 weights, for the record; the bound holds
+/// for rounding (relative error ~1e-4 at most per weight) and fails for anything that reads the
+/// wrong element of a word or loses the tails.
+#[test]
+fn f16_weight_error_against_f32_weights() {
+    let Some(gpu) = test_gpu() else { return };
+    if !gpu.has_f16() {
+        return;
+    }
+    let (m, k, n) = (33, 257, 130);
+    let mut rng = Rng::new(11);
+    let inp = rng.vec_uniform(m * k, -1.0, 1.0);
+    let w = rng.vec_uniform(n * k, -1.0, 1.0);
+    let bias = rng.vec_uniform(n, -1.0, 1.0);
+    let gi = gpu.upload_f32("inp", &inp).unwrap();
+    let gb = gpu.upload_f32("bias", &bias).unwrap();
+    let gw32 = gpu.upload_f32("w", &w).unwrap();
+    let gw16 = gpu.upload("w16", DType::F16, &to_f16(&w)).unwrap();
+    let out32 = gpu.zeros("out32", DType::F32, m * n).unwrap();
+    let out16 = gpu.zeros("out16", DType::F32, m * n).unwrap();
+    gpu.run(&[
+        gemm::linear_forward(gpu, &out32, &gi, &gw32, Some(&gb), m, k, n).unwrap(),
+        gemm::linear_forward(gpu, &out16, &gi, &gw16, Some(&gb), m, k, n).unwrap(),
+    ])
+    .unwrap();
+    let mut exact = vec![0.0; m * n];
+    let f64s = reference::convert::<f32, f64>;
+    reference::gemm::linear_forward(
+        &mut exact,
+        &f64s(&inp),
+        &f64s(&w),
+        Some(&f64s(&bias)),
+        m,
+        k,
+        n,
+    );
+    let scale = exact.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+    let rel = |got: &[f32]| {
+        got.iter()
+            .zip(&exact)
+            .fold(0.0f64, |a, (g, e)| a.max((*g as f64 - e).abs()))
+            / scale
+    };
+    let (e16, e32) = (
+        rel(&gpu.read_f32(&out16).unwrap()),
+        rel(&gpu.read_f32(&out32).unwrap()),
+    );
+    eprintln!(
+        "linear {m}x{k}x{n}: max |err| / max |out| = {e16:.2e} with f16 weights, {e32:.2e} with f32"
+    );
+    assert!(e16 < 1e-2, "f16 weights: relative error {e16:.3e}");
+    assert!(e32 < 1e-5, "f32 weights: relative error {e32:.3e}");
+}
+
+#[test]
+fn f16_operands_other_than_the_weight_are_errors() {
+    let Some(gpu) = test_gpu() else { return };
+    let (m, k, n) = (6, 5, 7);
+    let z = |name: &str, dtype, len: usize| gpu.zeros(name, dtype, len).unwrap();
+    let (inp, out) = (z("inp", DType::F32, m * k), z("out", DType::F32, m * n));
+    let (w, w16) = (z("w", DType::F32, n * k), z("w16", DType::F16, n * k));
+    let inp16 = z("inp16", DType::F16, m * k);
+    let out16 = z("out16", DType::F16, m * n);
+    let bias16 = z("bias16", DType::F16, n);
+
+    let e = err(gemm::linear_forward(gpu, &out, &inp16, &w, None, m, k, n));
+    assert!(e.contains("tensor inp16") && e.contains("f16"), "{e}");
+    let e = err(gemm::linear_forward(gpu, &out16, &inp, &w16, None, m, k, n));
+    assert!(e.contains("tensor out16"), "{e}");
+    let e = err(gemm::linear_forward(
+        gpu,
+        &out,
+        &inp,
+        &w16,
+        Some(&bias16),
+        m,
+        k,
+        n,
+    ));
+    assert!(e.contains("tensor bias16"), "{e}");
+    let short16 = z("short16", DType::F16, n * k - 1);
+    let e = err(gemm::linear_forward(
+        gpu, &out, &inp, &short16, None, m, k, n,
+    ));
+    assert!(
+        e.contains("tensor short16") && e.contains(&format!("{}", n * k)),
+        "{e}"
+    );
+    // A general matmul takes f16 only as B.
+    let mm = Matmul {
+        trans_b: true,
+        ..Matmul::new(m, n, k)
+    };
+    let e = err(gemm::matmul(
+        gpu,
+        &mm,
+        Operand::new(&out, n),
+        Operand::new(&inp16, k),
+        Operand::new(&w16, k),
+        None,
+        Variant::Tiled,
+    ));
+    assert!(e.contains("tensor inp16") && e.contains("operand a"), "{e}");
+    // The backward is f32 only.
+    let dw = z("dw", DType::F32, n * k);
+    let e = err(gemm::linear_backward(
+        gpu, None, &dw, None, &out, &inp, &w16, m, k, n, false,
+    ));
+    assert!(e.contains("tensor w16") && e.contains("f32"), "{e}");
+}
+
+/// On an adapter without SHADER_F16 an f16 weight is a clear error naming it, not a wgpu abort.
+#[test]
+fn f16_weights_without_shader_f16_are_an_error() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let mut gpu = Gpu::new(&GpuOptions::from_env()).unwrap();
+    gpu.features.remove(wgpu::Features::SHADER_F16);
+    let gpu = &gpu;
+    let (m, k, n) = (4, 8, 3);
+    let inp = gpu.zeros("inp", DType::F32, m * k).unwrap();
+    let out = gpu.zeros("out", DType::F32, m * n).unwrap();
+    let w16 = gpu.zeros("w16", DType::F16, n * k).unwrap();
+    let e = err(gemm::linear_forward(gpu, &out, &inp, &w16, None, m, k, n));
+    assert!(e.contains("tensor w16") && e.contains("SHADER_F16"), "{e}");
+    let mm = Matmul::new(m, n, k);
+    let e = err(gemm::matmul(
+        gpu,
+        &mm,
+        Operand::new(&out, n),
+        Operand::new(&inp, k),
+        Operand::new(&w16, n),
+        None,
+        Variant::Naive,
+    ));
+    assert!(e.contains("tensor w16") && e.contains("SHADER_F16"), "{e}");
 }

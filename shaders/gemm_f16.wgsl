@@ -1,0 +1,388 @@
+// General matrix multiply with an f16 B operand (the weight): the inference forward of gemm.wgsl.
+// Valid only where the adapter has SHADER_F16; gemm.wgsl is the f32 twin and the spec.
+//
+// gemm_*:        c[z] (M, N) = alpha · op(a[z]) (M, K) · op(b[z]) (K, N)
+//                              (+ bias (N) on every row when has_bias)
+//                              (+ c[z] (M, N) when accumulate)
+//                a, bias, c f32; b f16, widened to f32 on load; products and sums in f32.
+//                accumulate = 0 overwrites c and never reads it; accumulate = 1 adds into c (+=).
+//                op(a) is a stored (M, K), or aᵀ with a stored (K, M) when TRANS_A;
+//                op(b) is b stored (K, N), or bᵀ with b stored (N, K) when TRANS_B
+//                (linear_forward: w (N, K); the lm head: a row chunk of wte (V, C)).
+//                Every matrix is row-major inside its flat buffer: element (r, col) of batch entry
+//                z sits at off + z·batch_stride + r·ld + col (in elements of its own type, so b's
+//                offsets count f16s). ldc > N makes c a column block of a wider matrix (the
+//                vocabulary chunks of the lm head).
+//
+// Every output element is summed by one invocation over k = 0, 1, ..., K-1 with fma, exactly as
+// in gemm.wgsl: given the same f16-rounded weights widened to f32, both files compute the same
+// sums. No atomics: results repeat bit for bit.
+//
+// Entry points: as in gemm.wgsl (gemm_naive, gemm_tiled, gemm_tiled_va, gemm_tiled_vb,
+// gemm_tiled_vab), with the same tiles and register blocks. The vec4 reads of b are vec4<f16>
+// (8 bytes); the launcher picks them only when b's view holds a whole number of vec4s and starts
+// at a multiple of 8 bytes, and b's offset, ld and batch stride are multiples of 4 elements.
+// Grid: workgroups over output tiles folded into x and y (tile = wid.x + wid.y · nwg.x, row-major
+// over (ceil(M / BM), ceil(N / BN)) tiles), batch entries over z (looping when the batch exceeds
+// the per-dimension limit).
+//
+// Bindings for gemm_*: 1 = a (read), 2 = b (read, f16), 3 = bias (read; any view when
+// has_bias = 0), 4 = c (read_write).
+
+enable f16;
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    a_off: u32,
+    lda: u32,
+    a_bs: u32,
+    b_off: u32,
+    ldb: u32,
+    b_bs: u32,
+    c_off: u32,
+    ldc: u32,
+    c_bs: u32,
+    alpha: f32,
+    accumulate: u32,
+    has_bias: u32,
+    // Output tiles along N, and in all, per batch entry.
+    tiles_n: u32,
+    tiles: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+override TRANS_A: bool = false;
+override TRANS_B: bool = false;
+// Output tile of one workgroup (multiples of 4·RM and 4·RN), depth of the K slice (multiple of 4).
+override BM: u32 = 64u;
+override BN: u32 = 64u;
+override BK: u32 = 16u;
+// Register block of one invocation: 4·RM rows × 4·RN columns, RM and RN at most 2.
+override RM: u32 = 1u;
+override RN: u32 = 1u;
+override WG_M: u32 = BM / (4u * RM);
+override WG_N: u32 = BN / (4u * RN);
+
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b: array<f16>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<f16>>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> c: array<f32>;
+
+// Element (i, kk) of op(a) and (kk, j) of op(b) for batch entry z.
+fn op_a(z: u32, i: u32, kk: u32) -> f32 {
+    let base = p.a_off + z * p.a_bs;
+    if (TRANS_A) {
+        return a[base + kk * p.lda + i];
+    }
+    return a[base + i * p.lda + kk];
+}
+
+fn op_b(z: u32, kk: u32, j: u32) -> f32 {
+    let base = p.b_off + z * p.b_bs;
+    if (TRANS_B) {
+        return f32(b[base + j * p.ldb + kk]);
+    }
+    return f32(b[base + kk * p.ldb + j]);
+}
+
+// c[z](i, j) = alpha · s (+ bias[j]) (+ c[z](i, j)).
+fn finish(z: u32, i: u32, j: u32, s: f32) {
+    var v = p.alpha * s;
+    if (p.has_bias != 0u) {
+        v += bias[j];
+    }
+    let idx = p.c_off + z * p.c_bs + i * p.ldc + j;
+    if (p.accumulate != 0u) {
+        v += c[idx];
+    }
+    c[idx] = v;
+}
+
+const NAIVE_WG: u32 = 16u;
+
+@compute @workgroup_size(16, 16)
+fn gemm_naive(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = wid.x + wid.y * nwg.x;
+    let i = (t / p.tiles_n) * NAIVE_WG + lid.y;
+    let j = (t % p.tiles_n) * NAIVE_WG + lid.x;
+    if (t >= p.tiles || i >= p.m || j >= p.n) {
+        return;
+    }
+    for (var z = wid.z; z < p.batch; z += nwg.z) {
+        var s = 0.0;
+        for (var kk = 0u; kk < p.k; kk++) {
+            s = fma(op_a(z, i, kk), op_b(z, kk, j), s);
+        }
+        finish(z, i, j, s);
+    }
+}
+
+// Workgroup tiles, k-major with vec4s along the output dimension:
+// tile_a[kk · BM/4 + ii/4][ii % 4] = op(a)(m0 + ii, k0 + kk), tile_b likewise with (k0 + kk, n0 + jj).
+// 256 vec4s (4 KiB) each holds BK · BM / 4 and BK · BN / 4 for every configuration the launcher uses.
+var<workgroup> tile_a: array<vec4<f32>, 256>;
+var<workgroup> tile_b: array<vec4<f32>, 256>;
+// Register block: row r (0 .. 4·RM) and column group g (0 .. RN) at acc[r · 2 + g].
+var<private> acc: array<vec4<f32>, 16>;
+
+fn put_a(kk: u32, ii: u32, v: f32) {
+    tile_a[kk * (BM / 4u) + ii / 4u][ii % 4u] = v;
+}
+
+fn put_b(kk: u32, jj: u32, v: f32) {
+    tile_b[kk * (BN / 4u) + jj / 4u][jj % 4u] = v;
+}
+
+// Zeroes the lanes of v from `left` on (the lanes past the operand's edge).
+fn keep(v: vec4<f32>, left: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), v, vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(left));
+}
+
+// Loads op(a)(m0 .. m0 + BM, k0 .. k0 + BK) into tile_a, zero outside (M, K). Consecutive
+// invocations read consecutive addresses: along k when a is (M, K), along m when it is (K, M).
+fn load_a(z: u32, m0: u32, k0: u32, li: u32) {
+    for (var e = li; e < BM * BK; e += WG_M * WG_N) {
+        var ii: u32;
+        var kk: u32;
+        if (TRANS_A) {
+            ii = e % BM;
+            kk = e / BM;
+        } else {
+            kk = e % BK;
+            ii = e / BK;
+        }
+        var v = 0.0;
+        if (m0 + ii < p.m && k0 + kk < p.k) {
+            v = op_a(z, m0 + ii, k0 + kk);
+        }
+        put_a(kk, ii, v);
+    }
+}
+
+fn load_a_vec4(z: u32, m0: u32, k0: u32, li: u32) {
+    let base = p.a_off + z * p.a_bs;
+    for (var e = li; e < BM * BK / 4u; e += WG_M * WG_N) {
+        if (TRANS_A) {
+            // a (K, M): one vec4 is 4 consecutive rows of op(a) at one k.
+            let iq = e % (BM / 4u);
+            let kk = e / (BM / 4u);
+            let i = m0 + 4u * iq;
+            let kg = k0 + kk;
+            var v = vec4<f32>(0.0);
+            if (i < p.m && kg < p.k) {
+                v = keep(a4[(base + kg * p.lda + i) / 4u], p.m - i);
+            }
+            tile_a[kk * (BM / 4u) + iq] = v;
+        } else {
+            // a (M, K): one vec4 is 4 consecutive k of one row.
+            let kq = e % (BK / 4u);
+            let ii = e / (BK / 4u);
+            let i = m0 + ii;
+            let kg = k0 + 4u * kq;
+            var v = vec4<f32>(0.0);
+            if (i < p.m && kg < p.k) {
+                v = keep(a4[(base + i * p.lda + kg) / 4u], p.k - kg);
+            }
+            for (var q = 0u; q < 4u; q++) {
+                put_a(4u * kq + q, ii, v[q]);
+            }
+        }
+    }
+}
+
+fn load_b(z: u32, n0: u32, k0: u32, li: u32) {
+    for (var e = li; e < BN * BK; e += WG_M * WG_N) {
+        var jj: u32;
+        var kk: u32;
+        if (TRANS_B) {
+            kk = e % BK;
+            jj = e / BK;
+        } else {
+            jj = e % BN;
+            kk = e / BN;
+        }
+        var v = 0.0;
+        if (n0 + jj < p.n && k0 + kk < p.k) {
+            v = op_b(z, k0 + kk, n0 + jj);
+        }
+        put_b(kk, jj, v);
+    }
+}
+
+fn load_b_vec4(z: u32, n0: u32, k0: u32, li: u32) {
+    let base = p.b_off + z * p.b_bs;
+    for (var e = li; e < BN * BK / 4u; e += WG_M * WG_N) {
+        if (TRANS_B) {
+            // b (N, K): one vec4 is 4 consecutive k of one column of op(b).
+            let kq = e % (BK / 4u);
+            let jj = e / (BK / 4u);
+            let j = n0 + jj;
+            let kg = k0 + 4u * kq;
+            var v = vec4<f32>(0.0);
+            if (j < p.n && kg < p.k) {
+                v = keep(vec4<f32>(b4[(base + j * p.ldb + kg) / 4u]), p.k - kg);
+            }
+            for (var q = 0u; q < 4u; q++) {
+                put_b(4u * kq + q, jj, v[q]);
+            }
+        } else {
+            // b (K, N): one vec4 is 4 consecutive columns at one k.
+            let jq = e % (BN / 4u);
+            let kk = e / (BN / 4u);
+            let j = n0 + 4u * jq;
+            let kg = k0 + kk;
+            var v = vec4<f32>(0.0);
+            if (j < p.n && kg < p.k) {
+                v = keep(vec4<f32>(b4[(base + kg * p.ldb + j) / 4u]), p.n - j);
+            }
+            tile_b[kk * (BN / 4u) + jq] = v;
+        }
+    }
+}
+
+fn clear_acc() {
+    for (var r = 0u; r < 16u; r++) {
+        acc[r] = vec4<f32>(0.0);
+    }
+}
+
+// Invocation (tx, ty) owns rows 4·(u·WG_M + ty) + q and columns 4·(g·WG_N + tx) + lane, so the
+// vec4 reads of a warp from tile_b are consecutive and those from tile_a are broadcasts.
+fn multiply(lid: vec3<u32>) {
+    for (var kk = 0u; kk < BK; kk++) {
+        var av: array<vec4<f32>, 2>;
+        var bv: array<vec4<f32>, 2>;
+        for (var u = 0u; u < RM; u++) {
+            av[u] = tile_a[kk * (BM / 4u) + u * WG_M + lid.y];
+        }
+        for (var g = 0u; g < RN; g++) {
+            bv[g] = tile_b[kk * (BN / 4u) + g * WG_N + lid.x];
+        }
+        for (var u = 0u; u < RM; u++) {
+            for (var q = 0u; q < 4u; q++) {
+                let x = vec4<f32>(av[u][q]);
+                for (var g = 0u; g < RN; g++) {
+                    let r = (4u * u + q) * 2u + g;
+                    acc[r] = fma(x, bv[g], acc[r]);
+                }
+            }
+        }
+    }
+}
+
+fn store_c(z: u32, m0: u32, n0: u32, lid: vec3<u32>) {
+    for (var u = 0u; u < RM; u++) {
+        for (var q = 0u; q < 4u; q++) {
+            let i = m0 + 4u * (u * WG_M + lid.y) + q;
+            for (var g = 0u; g < RN; g++) {
+                let j = n0 + 4u * (g * WG_N + lid.x);
+                let v = acc[(4u * u + q) * 2u + g];
+                for (var lane = 0u; lane < 4u; lane++) {
+                    if (i < p.m && j + lane < p.n) {
+                        finish(z, i, j + lane, v[lane]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The origin (m0, n0) of this workgroup's output tile; m0 = p.m (past the end) when there is none.
+fn tile_origin(wid: vec3<u32>, nwg: vec3<u32>) -> vec2<u32> {
+    let t = wid.x + wid.y * nwg.x;
+    if (t >= p.tiles) {
+        return vec2<u32>(p.m, 0u);
+    }
+    return vec2<u32>((t / p.tiles_n) * BM, (t % p.tiles_n) * BN);
+}
+
+@compute @workgroup_size(WG_N, WG_M)
+fn gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_id) lid: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
+    let o = tile_origin(wid, nwg);
+    if (o.x >= p.m) {
+        return;
+    }
+    for (var z = wid.z; z < p.batch; z += nwg.z) {
+        clear_acc();
+        for (var k0 = 0u; k0 < p.k; k0 += BK) {
+            load_a(z, o.x, k0, li);
+            load_b(z, o.y, k0, li);
+            workgroupBarrier();
+            multiply(lid);
+            workgroupBarrier();
+        }
+        store_c(z, o.x, o.y, lid);
+    }
+}
+
+@compute @workgroup_size(WG_N, WG_M)
+fn gemm_tiled_va(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_id) lid: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let o = tile_origin(wid, nwg);
+    if (o.x >= p.m) {
+        return;
+    }
+    for (var z = wid.z; z < p.batch; z += nwg.z) {
+        clear_acc();
+        for (var k0 = 0u; k0 < p.k; k0 += BK) {
+            load_a_vec4(z, o.x, k0, li);
+            load_b(z, o.y, k0, li);
+            workgroupBarrier();
+            multiply(lid);
+            workgroupBarrier();
+        }
+        store_c(z, o.x, o.y, lid);
+    }
+}
+
+@compute @workgroup_size(WG_N, WG_M)
+fn gemm_tiled_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_id) lid: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let o = tile_origin(wid, nwg);
+    if (o.x >= p.m) {
+        return;
+    }
+    for (var z = wid.z; z < p.batch; z += nwg.z) {
+        clear_acc();
+        for (var k0 = 0u; k0 < p.k; k0 += BK) {
+            load_a(z, o.x, k0, li);
+            load_b_vec4(z, o.y, k0, li);
+            workgroupBarrier();
+            multiply(lid);
+            workgroupBarrier();
+        }
+        store_c(z, o.x, o.y, lid);
+    }
+}
+
+@compute @workgroup_size(WG_N, WG_M)
+fn gemm_tiled_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_id) lid: vec3<u32>,
+                  @builtin(local_invocation_index) li: u32) {
+    let o = tile_origin(wid, nwg);
+    if (o.x >= p.m) {
+        return;
+    }
+    for (var z = wid.z; z < p.batch; z += nwg.z) {
+        clear_acc();
+        for (var k0 = 0u; k0 < p.k; k0 += BK) {
+            load_a_vec4(z, o.x, k0, li);
+            load_b_vec4(z, o.y, k0, li);
+            workgroupBarrier();
+            multiply(lid);
+            workgroupBarrier();
+        }
+        store_c(z, o.x, o.y, lid);
+    }
+}
