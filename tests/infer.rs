@@ -207,3 +207,29 @@ fn a_tokenizer_larger_than_the_vocabulary_is_an_error() {
     assert!(e.contains("config.json"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn f16_weights_and_cache_stay_close_to_f32() {
+    let Some(gpu) = test_gpu() else { return };
+    if !gpu.has_f16() {
+        eprintln!("skipping: the adapter has no SHADER_F16");
+        return;
+    }
+    let fx = fixture();
+    let ck = checkpoint::load(&bpe_dir()).unwrap();
+    let prompt = &fx.ids["prompt_ids"];
+    let mut f32e = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 1).unwrap();
+    let mut f16e = Engine::new(gpu, &ck.cfg, &ck.params, DType::F16, 1).unwrap();
+    f16e.chunk = 7;
+    let mut a = f32e.feed(prompt, prompt.len()).unwrap().remove(0);
+    let mut b = f16e.feed(prompt, prompt.len()).unwrap().remove(0);
+    // Decode a few tokens too, so the f16 cache is read at many positions.
+    for step in 0..8 {
+        let c = compare(&format!("f16 vs f32 logits, step {step}"), &b, &a, 2e-2, 0.0);
+        eprintln!("{c}");
+        c.assert();
+        let next = infer::sampling::argmax(&a);
+        a = f32e.feed(&[next], 1).unwrap().remove(0);
+        b = f16e.feed(&[next], 1).unwrap().remove(0);
+    }
+}

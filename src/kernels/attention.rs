@@ -1359,7 +1359,7 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
 /// pos0 + tq within the cache.
 pub fn set_position(gpu: &Gpu, dispatch: &Dispatch, pos0: usize, tq: usize) {
     let pos = pos0 as u32;
-    if dispatch.name == KV_APPEND.name() {
+    if dispatch.name == KV_APPEND.name() || dispatch.name == KV_APPEND_F16.name() {
         // kv_append keeps Tmax in tk; only the write position moves.
         let at = std::mem::offset_of!(Params, pos0) as u64;
         gpu.queue
