@@ -17,6 +17,7 @@
 //
 // Entry points:
 //   gemm_naive       one output per invocation, operands read straight from memory: the baseline.
+//   gemm_gemv        few rows of a against b stored (N, K): matrix-vector products (see below).
 //   gemm_tiled       BM × BN output tiles per workgroup; the K loop stages BK-deep slices of op(a)
 //                    and op(b) in workgroup memory, and each invocation keeps a (4·RM) × (4·RN)
 //                    register block. Tails in M, N and K are zero-filled, so any shape works.
@@ -122,6 +123,54 @@ fn gemm_naive(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
             s = fma(op_a(z, i, kk), op_b(z, kk, j), s);
         }
         finish(z, i, j, s);
+    }
+}
+
+// gemm_gemv: out = alpha · a · bᵀ (+ bias) (+ c) for few rows of a (M <= GEMV_MAX_M) and b
+// stored (N, K), without transposes or batches: decoding's linear layers and lm head, where the
+// weights are read once and the tiled kernel would waste its rows. A workgroup owns GEMV_COLS
+// output columns; the GEMV_WG / GEMV_COLS invocations of a column stride over k so consecutive
+// invocations read consecutive weights, keep one partial sum per row of a, and combine them
+// with a fixed tree. The summation order therefore differs from the other entry points (results
+// agree to rounding, and repeat bit for bit).
+const GEMV_MAX_M: u32 = 8u;
+const GEMV_WG: u32 = 256u;
+override GEMV_COLS: u32 = 32u;
+var<workgroup> gemv_part: array<f32, 2048>;
+
+@compute @workgroup_size(256)
+fn gemm_gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) li: u32) {
+    let t = wid.x + wid.y * nwg.x;
+    let lanes = GEMV_WG / GEMV_COLS;
+    let col = li / lanes;
+    let lane = li % lanes;
+    let j = t * GEMV_COLS + col;
+    var s: array<f32, 8>;
+    if (t < p.tiles && j < p.n) {
+        for (var kk = lane; kk < p.k; kk += lanes) {
+            let w = b[p.b_off + j * p.ldb + kk];
+            for (var i = 0u; i < p.m; i++) {
+                s[i] = fma(a[p.a_off + i * p.lda + kk], w, s[i]);
+            }
+        }
+    }
+    for (var i = 0u; i < GEMV_MAX_M; i++) {
+        gemv_part[i * GEMV_WG + li] = s[i];
+    }
+    workgroupBarrier();
+    for (var span = lanes / 2u; span > 0u; span /= 2u) {
+        if (lane < span) {
+            for (var i = 0u; i < p.m; i++) {
+                gemv_part[i * GEMV_WG + li] += gemv_part[i * GEMV_WG + li + span];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (lane == 0u && t < p.tiles && j < p.n) {
+        for (var i = 0u; i < p.m; i++) {
+            finish(0u, i, j, gemv_part[i * GEMV_WG + li]);
+        }
     }
 }
 

@@ -225,7 +225,13 @@ fn f16_weights_and_cache_stay_close_to_f32() {
     let mut b = f16e.feed(prompt, prompt.len()).unwrap().remove(0);
     // Decode a few tokens too, so the f16 cache is read at many positions.
     for step in 0..8 {
-        let c = compare(&format!("f16 vs f32 logits, step {step}"), &b, &a, 2e-2, 0.0);
+        let c = compare(
+            &format!("f16 vs f32 logits, step {step}"),
+            &b,
+            &a,
+            2e-2,
+            0.0,
+        );
         eprintln!("{c}");
         c.assert();
         let next = infer::sampling::argmax(&a);

@@ -37,6 +37,20 @@ pub const NAIVE: KernelSpec = KernelSpec {
     entry: "gemm_naive",
     bindings: GEMM_BINDINGS,
 };
+/// Matrix-vector products: few rows of a against b stored (N, K) (decoding).
+pub const GEMV: KernelSpec = KernelSpec {
+    shader: Shader::Gemm,
+    entry: "gemm_gemv",
+    bindings: GEMM_BINDINGS,
+};
+/// Rows of op(A) up to which `matmul` takes the matrix-vector kernel (as `gemm.wgsl`'s
+/// GEMV_MAX_M), for B stored (N, K) without batches.
+pub const GEMV_MAX_M: usize = 8;
+/// Output columns per workgroup of the matrix-vector kernel: 8 invocations per column read 32
+/// contiguous bytes of a weight row per step (a memory sector) and need only three barrier
+/// levels to combine; 8 columns of 32 invocations were twice as slow on a CPU adapter, where
+/// barriers dominate.
+const GEMV_COLS: usize = 32;
 /// The tiled kernel with scalar reads of a and b.
 pub const TILED: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
@@ -65,6 +79,11 @@ pub const TILED_VAB: KernelSpec = KernelSpec {
 pub const NAIVE_F16: KernelSpec = KernelSpec {
     shader: Shader::GemmF16,
     ..NAIVE
+};
+/// `GEMV` with an f16 weight.
+pub const GEMV_F16: KernelSpec = KernelSpec {
+    shader: Shader::GemmF16,
+    ..GEMV
 };
 pub const TILED_F16: KernelSpec = KernelSpec {
     shader: Shader::GemmF16,
@@ -311,7 +330,16 @@ impl Tile {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
     Naive,
+    Gemv,
     Tiled(Tile),
+}
+
+impl Kernel {
+    /// Whether the matrix-vector kernel applies: few rows, B stored (N, K), A not transposed,
+    /// one batch entry.
+    fn gemv_fits(mm: &Matmul) -> bool {
+        mm.m <= GEMV_MAX_M && mm.trans_b && !mm.trans_a && mm.batch == 1
+    }
 }
 
 /// An operand's offset, row stride and batch stride as the shader sees them: the row stride of a
@@ -449,21 +477,31 @@ fn launch(
     kernel: Kernel,
 ) -> Result<Dispatch> {
     // An f16 B (the weight) selects the twins in gemm_f16.wgsl.
-    let [naive, tiled, tiled_va, tiled_vb, tiled_vab] = if b.view.dtype == DType::F16 {
+    let [naive, gemv, tiled, tiled_va, tiled_vb, tiled_vab] = if b.view.dtype == DType::F16 {
         [
             NAIVE_F16,
+            GEMV_F16,
             TILED_F16,
             TILED_VA_F16,
             TILED_VB_F16,
             TILED_VAB_F16,
         ]
     } else {
-        [NAIVE, TILED, TILED_VA, TILED_VB, TILED_VAB]
+        [NAIVE, GEMV, TILED, TILED_VA, TILED_VB, TILED_VAB]
     };
     let name = match kernel {
         Kernel::Naive => naive.name(),
+        Kernel::Gemv => gemv.name(),
         Kernel::Tiled(_) => tiled.name(),
     };
+    if kernel == Kernel::Gemv && !Kernel::gemv_fits(mm) {
+        return Err(Error::invalid(
+            &name,
+            format!(
+                "the matrix-vector kernel takes at most {GEMV_MAX_M} rows of an untransposed A against B stored (N, K), without batches"
+            ),
+        ));
+    }
     let Matmul { m, n, k, batch, .. } = *mm;
     expect_dims(&name, &[("M", m), ("N", n), ("K", k), ("batch", batch)])?;
     let ((ar, ac), (br, bc)) = mm.stored();
@@ -493,6 +531,7 @@ fn launch(
 
     let (bm, bn) = match kernel {
         Kernel::Naive => (NAIVE_WG, NAIVE_WG),
+        Kernel::Gemv => (GEMV_MAX_M, GEMV_COLS),
         Kernel::Tiled(t) => (t.bm as usize, t.bn as usize),
     };
     let tiles_n = n.div_ceil(bn);
@@ -549,6 +588,10 @@ fn launch(
     ];
     let spec = match kernel {
         Kernel::Naive => naive,
+        Kernel::Gemv => {
+            constants.push(("GEMV_COLS", GEMV_COLS as f64));
+            gemv
+        }
         Kernel::Tiled(t) => {
             constants.extend(t.constants());
             match (vec4_ok(&a, ar, batch), vec4_ok(&b, br, batch)) {
@@ -589,6 +632,7 @@ pub fn matmul(
 ) -> Result<Dispatch> {
     let kernel = match variant {
         Variant::Naive => Kernel::Naive,
+        Variant::Tiled if Kernel::gemv_fits(mm) => Kernel::Gemv,
         Variant::Tiled => Kernel::Tiled(Tile::choose(mm, fill_workgroups(gpu))),
     };
     launch(gpu, mm, c, a, b, bias, kernel)
@@ -748,6 +792,7 @@ pub const FAMILY: Family = Family {
         &[129, 127, 45],
         &[64, 64, 64],
         &[67, 33, 259],
+        &[7, 300, 77],
     ],
     bench_shape: &[1024, 1024, 1024],
     check,
@@ -804,6 +849,17 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
                 ..Matmul::new(m, n, k)
             };
             reports.extend(check_matmul(gpu, mm, vec_a, vec_b, true)?);
+        }
+    }
+    if m <= GEMV_MAX_M {
+        // Decoding's matrix-vector products: NT with one batch entry, f32 and f16 weights.
+        let mm = Matmul {
+            trans_b: true,
+            ..Matmul::new(m, n, k)
+        };
+        reports.extend(check_matmul(gpu, mm, false, false, false)?);
+        if gpu.has_f16() {
+            reports.extend(check_matmul(gpu, mm, true, true, true)?);
         }
     }
     Ok(reports)
@@ -1120,7 +1176,10 @@ fn check_matmul(
     let s = format!("{m}x{k}x{n} batch {batch}");
     let (atol, rtol) = tolerance(k);
     let mut reports = Vec::new();
-    let kernels = std::iter::once(Kernel::Naive).chain(Tile::ALL.map(Kernel::Tiled));
+    let gemv = Kernel::gemv_fits(&mm).then_some(Kernel::Gemv);
+    let kernels = std::iter::once(Kernel::Naive)
+        .chain(gemv)
+        .chain(Tile::ALL.map(Kernel::Tiled));
     for kernel in kernels {
         let gc = gpu.upload_f32("c", &c0)?;
         let d = launch(
@@ -1141,6 +1200,7 @@ fn check_matmul(
             if f16_b { " f16" } else { "" },
             match kernel {
                 Kernel::Naive => "naive".to_string(),
+                Kernel::Gemv => "gemv".to_string(),
                 Kernel::Tiled(t) => format!("tiled {}", t.name()),
             },
             if mm.accumulate { " +=" } else { "" },
@@ -1220,6 +1280,17 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
             let d = launch(gpu, &mm, c, a, b16, None, Kernel::Tiled(tile))?;
             let name = format!("{label} {} tiled {} f16 w", mm.ops(), tile.name());
             reports.push(harness::bench_one(gpu, opts, &name, &s, &[d])?);
+        }
+        if Kernel::gemv_fits(&mm) {
+            let d = launch(gpu, &mm, c, a, b, None, Kernel::Gemv)?;
+            let name = format!("{label} {} gemv", mm.ops());
+            reports.push(harness::bench_one(gpu, opts, &name, &s, &[d])?);
+            if gpu.has_f16() {
+                let w16 = gpu.upload("w16", DType::F16, &round_f16(&w_data).0)?;
+                let d = launch(gpu, &mm, c, a, Operand::new(&w16, k), None, Kernel::Gemv)?;
+                let name = format!("{label} {} gemv f16 w", mm.ops());
+                reports.push(harness::bench_one(gpu, opts, &name, &s, &[d])?);
+            }
         }
         let name = format!("{label} {} naive", mm.ops());
         reports.push(harness::bench_one(gpu, opts, &name, &s, &[naive])?);

@@ -442,14 +442,15 @@ fn widen(x: &[f16]) -> Vec<f64> {
 /// chunk rows [r0, r0 + rows) of wte (V, C) read at an element offset into the f16 view and
 /// written at column offset r0 of logits (ldc = V > N). V = 129 in chunks of 45 gives odd column
 /// offsets; C = 45 (odd K, scalar loads of B at odd offsets) and C = 64 (vec4<f16> loads).
+/// M = 3 takes the matrix-vector kernel (decoding), M = 9 the tiled one (prefill).
 #[test]
 fn f16_lm_head_chunks_match_reference() {
     let Some(gpu) = test_gpu() else { return };
     if !gpu.has_f16() {
         return;
     }
-    let (m, v, rows) = (3, 129, 45);
-    for c in [45, 64] {
+    let (v, rows) = (129, 45);
+    for (m, c) in [(3, 45), (3, 64), (9, 45), (9, 64)] {
         let mut rng = Rng::new(c as u64);
         let x = rng.vec_uniform(m * c, -1.0, 1.0);
         let wte = to_f16(&rng.vec_uniform(v * c, -1.0, 1.0));
@@ -474,7 +475,9 @@ fn f16_lm_head_chunks_match_reference() {
             )
             .unwrap();
             // B is read as vec4<f16> exactly when C keeps every row 4-aligned.
-            let want = if c % 4 == 0 {
+            let want = if m <= gemm::GEMV_MAX_M {
+                "gemm_f16.gemm_gemv"
+            } else if c % 4 == 0 {
                 "gemm_f16.gemm_tiled_vab"
             } else {
                 "gemm_f16.gemm_tiled"
