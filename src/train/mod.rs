@@ -54,6 +54,8 @@ pub struct TrainConfig {
     pub metrics: Option<PathBuf>,
     /// Debug: one buffer per activation instead of the planner's reuse.
     pub no_reuse: bool,
+    /// Debug: check every node of the first micro-step against its CPU reference first.
+    pub validate: bool,
     /// Print progress (a bar on a terminal, log lines otherwise).
     pub verbose: bool,
 }
@@ -94,6 +96,7 @@ impl Default for TrainConfig {
             loader: LoaderKind::Random,
             metrics: None,
             no_reuse: false,
+            validate: false,
             verbose: true,
         }
     }
@@ -506,6 +509,31 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
     let eval_graph = gpt::build(&model_cfg, &table, b, t, Mode::Eval);
     let mut eval_exec = Executor::new(gpu, eval_graph.graph, &store, opts.clone())?;
 
+    if cfg.validate {
+        // A throwaway batch (not from the loader, so training is unchanged) checked node by node.
+        let mut probe = Loader::new(LoaderKind::Random, b, t, cfg.seed ^ 0x5A11);
+        let checks = exec.validate(&probe.next(&data.train))?;
+        let bad: Vec<String> = checks
+            .iter()
+            .filter(|c| !c.comparison.ok())
+            .map(|c| c.comparison.to_string())
+            .collect();
+        if cfg.verbose {
+            println!(
+                "validate: {} outputs of {} nodes checked against the CPU reference, {} mismatched",
+                checks.len(),
+                checks
+                    .iter()
+                    .map(|c| c.node)
+                    .collect::<std::collections::HashSet<_>>()
+                    .len(),
+                bad.len()
+            );
+        }
+        if !bad.is_empty() {
+            return Err(Error::invalid("--validate", bad.join("; ")));
+        }
+    }
     let mut loader = Loader::new(cfg.loader, b, t, cfg.seed);
     let mut step = 0u64;
     if let Some(state) = &start_state {
@@ -514,7 +542,7 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
     }
     let verbose = cfg.verbose;
     let say = |s: String| {
-        if verbose {
+        if cfg.verbose {
             println!("{s}");
         }
     };
