@@ -146,11 +146,16 @@ pub fn load_data(cfg: &TrainConfig, vocab: Option<&Vocab>) -> Result<Dataset> {
     match &cfg.data {
         Some(path) => Dataset::load(path, vocab),
         None => {
-            let text = addition::text(60_000, cfg.seed);
+            // Enough lines that a sequential run reads each batch from fresh, line-aligned text;
+            // a multiple of 10 so the 90/10 split falls on a line boundary.
+            let needed = cfg.max_iters as usize * cfg.batch_size * cfg.grad_accum + cfg.batch_size + 2;
+            let lines = (needed * 10 / 9 + 1).max(60_000).next_multiple_of(10);
+            let text = addition::text(lines, cfg.seed);
             let mut d = Dataset::from_text("embedded addition dataset", &text, vocab)?;
             d.description = format!(
-                "embedded addition dataset: 60000 problems like {}, {}-character vocabulary",
-                addition::line(123, 469),
+                "embedded addition dataset: {lines} problems like {} (47+85=132, digits least \
+                 significant first), {}-character vocabulary",
+                addition::line(47, 85),
                 d.vocab.size()
             );
             Ok(d)
@@ -276,17 +281,12 @@ impl TrainConfig {
     }
 }
 
-/// Mean loss over `iters` batches drawn from `split` by a generator seeded the same way at every
-/// evaluation, so successive evaluations compare like with like and training data is untouched.
-fn evaluate(
-    exec: &mut Executor,
-    split: &[u32],
-    b: usize,
-    t: usize,
-    iters: usize,
-    seed: u64,
-) -> Result<f32> {
-    let mut loader = Loader::new(LoaderKind::Random, b, t, seed ^ 0xE7A1_0000);
+/// Mean loss over `iters` batches drawn from `split` (the way training draws them) by a loader
+/// started afresh at every evaluation, so successive evaluations compare like with like and the
+/// training stream is untouched.
+fn evaluate(exec: &mut Executor, split: &[u32], cfg: &TrainConfig) -> Result<f32> {
+    let (b, t, iters) = (cfg.batch_size, cfg.block_size, cfg.eval_iters);
+    let mut loader = Loader::new(cfg.loader, b, t, cfg.seed ^ 0xE7A1_0000);
     let mut sum = 0.0f64;
     for _ in 0..iters.max(1) {
         sum += exec.forward_loss(&loader.next(split))? as f64;
@@ -628,8 +628,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
             // Never checkpoint parameters a diverged step may have touched.
             run.handle(exec.wait_results()?)?;
             if eval_now || step == cfg.max_iters {
-                let tl = evaluate(&mut eval_exec, &data.train, b, t, cfg.eval_iters, cfg.seed)?;
-                let vl = evaluate(&mut eval_exec, &data.val, b, t, cfg.eval_iters, cfg.seed)?;
+                let tl = evaluate(&mut eval_exec, &data.train, cfg)?;
+                let vl = evaluate(&mut eval_exec, &data.val, cfg)?;
                 run.log(format!(
                     "step {step:>6}: train loss {tl:.4}, val loss {vl:.4}"
                 ));
