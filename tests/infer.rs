@@ -239,3 +239,107 @@ fn f16_weights_and_cache_stay_close_to_f32() {
         b = f16e.feed(&[next], 1).unwrap().remove(0);
     }
 }
+
+/// gpt2-bpe's weights rewritten as `dtype` (F16 or BF16) in a fresh directory.
+fn converted(dtype: safetensors::Dtype) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("shaderformer-{dtype:?}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(bpe_dir().join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(bpe_dir().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let x: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
+            let data: Vec<u8> = match dtype {
+                safetensors::Dtype::F16 => x
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                _ => x
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            };
+            (n, t.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, Some(meta)).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn f16_and_bf16_checkpoints_load_as_f32() {
+    let f32_ck = checkpoint::load(&bpe_dir()).unwrap();
+    for (dtype, round) in [
+        (
+            safetensors::Dtype::F16,
+            (|x: f32| half::f16::from_f32(x).to_f32()) as fn(f32) -> f32,
+        ),
+        (safetensors::Dtype::BF16, |x: f32| {
+            half::bf16::from_f32(x).to_f32()
+        }),
+    ] {
+        let dir = converted(dtype);
+        let ck = checkpoint::load(&dir).unwrap();
+        assert_eq!(ck.cfg, f32_ck.cfg);
+        for (got, want) in ck.params.iter().zip(&f32_ck.params) {
+            let want: Vec<f32> = want.iter().map(|&x| round(x)).collect();
+            assert_eq!(got, &want, "{dtype:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// `train --init` on a BPE checkpoint encodes text with its tokenizer and keeps it.
+#[test]
+fn fine_tuning_uses_the_checkpoints_tokenizer() {
+    let Some(gpu) = test_gpu() else { return };
+    let root = std::env::temp_dir().join(format!("shaderformer-ft-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let text = root.join("text.txt");
+    std::fs::write(
+        &text,
+        std::fs::read_to_string(bpe_dir().join("score.txt"))
+            .unwrap()
+            .repeat(3),
+    )
+    .unwrap();
+    let cfg = shaderformer::train::TrainConfig {
+        data: Some(text),
+        init: Some(bpe_dir()),
+        out: root.join("out"),
+        block_size: 32,
+        batch_size: 2,
+        max_iters: 3,
+        eval_interval: 0,
+        eval_iters: 1,
+        verbose: false,
+        ..Default::default()
+    };
+    let s = shaderformer::train::train(gpu, &cfg).unwrap();
+    assert!(s.final_val_loss.unwrap().is_finite());
+    let ck = checkpoint::load(&root.join("out")).unwrap();
+    assert!(matches!(ck.vocab, Some(Vocab::Bpe(_))));
+    assert_eq!(ck.cfg.vocab_size, 400);
+    let _ = std::fs::remove_dir_all(&root);
+}

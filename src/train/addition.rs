@@ -61,7 +61,10 @@ pub fn text(n: usize, seed: u64) -> String {
     let mut s = String::with_capacity(n * LINE);
     let mut k = 0;
     while k < n {
-        let (a, b) = (rng.below(limit() as u64) as u32, rng.below(limit() as u64) as u32);
+        let (a, b) = (
+            rng.below(limit() as u64) as u32,
+            rng.below(limit() as u64) as u32,
+        );
         if held_out(a, b) {
             continue;
         }
@@ -77,7 +80,10 @@ pub fn test_problems(n: usize, seed: u64) -> Vec<(u32, u32)> {
     let mut rng = Rng::new(seed);
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let (a, b) = (rng.below(limit() as u64) as u32, rng.below(limit() as u64) as u32);
+        let (a, b) = (
+            rng.below(limit() as u64) as u32,
+            rng.below(limit() as u64) as u32,
+        );
         if held_out(a, b) {
             out.push((a, b));
         }

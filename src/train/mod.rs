@@ -148,7 +148,8 @@ pub fn load_data(cfg: &TrainConfig, vocab: Option<&Vocab>) -> Result<Dataset> {
         None => {
             // Enough lines that a sequential run reads each batch from fresh, line-aligned text;
             // a multiple of 10 so the 90/10 split falls on a line boundary.
-            let needed = cfg.max_iters as usize * cfg.batch_size * cfg.grad_accum + cfg.batch_size + 2;
+            let needed =
+                cfg.max_iters as usize * cfg.batch_size * cfg.grad_accum + cfg.batch_size + 2;
             let lines = (needed * 10 / 9 + 1).max(60_000).next_multiple_of(10);
             let text = addition::text(lines, cfg.seed);
             let mut d = Dataset::from_text("embedded addition dataset", &text, vocab)?;
