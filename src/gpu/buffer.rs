@@ -59,21 +59,24 @@ impl View {
         padded(self.len as u64 * self.dtype.size())
     }
 
-    /// A sub-view of `len` elements starting `start` elements in. The byte offset must stay
-    /// aligned for binding, so callers split at aligned element counts.
-    pub fn slice(&self, start: usize, len: usize, name: impl Into<Arc<str>>) -> View {
-        assert!(
-            start + len <= self.len,
-            "slice out of range of {}",
-            self.name
-        );
-        View {
+    /// A sub-view of `len` elements starting `start` elements in (for copies and readback; a
+    /// binding also needs its byte offset aligned to the device's storage-offset alignment).
+    pub fn slice(&self, start: usize, len: usize, name: impl Into<Arc<str>>) -> Result<View> {
+        if start.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Error::Shape {
+                kernel: "slice".into(),
+                tensor: self.name.to_string(),
+                expected: format!("at least {} elements", start.saturating_add(len)),
+                got: format!("{} elements", self.len),
+            });
+        }
+        Ok(View {
             buffer: self.buffer.clone(),
             offset: self.offset + start as u64 * self.dtype.size(),
             len,
             dtype: self.dtype,
             name: name.into(),
-        }
+        })
     }
 
     pub(crate) fn binding(&self) -> wgpu::BindingResource<'_> {

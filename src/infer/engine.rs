@@ -158,7 +158,9 @@ impl<'a> Engine<'a> {
             if done + tq == n {
                 let logits = dec.exec.view(dec.logits);
                 last = (0..b)
-                    .map(|r| gpu.read_f32(&logits.slice((r * tq + tq - 1) * vp, v, "logits.last")))
+                    .map(|r| {
+                        gpu.read_f32(&logits.slice((r * tq + tq - 1) * vp, v, "logits.last")?)
+                    })
                     .collect::<Result<_>>()?;
             }
             self.pos += tq;

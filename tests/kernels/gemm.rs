@@ -244,7 +244,7 @@ fn mismatched_shapes_are_an_error() {
     let e = err(gemm::matmul(gpu, &ta, c, a, b, None, Variant::Tiled));
     assert!(e.contains("tensor inp") && e.contains("row stride"), "{e}");
     // C may not share a buffer with an input.
-    let shared = out.slice(0, m * k, "out_again");
+    let shared = out.slice(0, m * k, "out_again").unwrap();
     let e = err(gemm::matmul(
         gpu,
         &mm,
