@@ -11,15 +11,13 @@ use std::mem::offset_of;
 use bytemuck::{Pod, Zeroable};
 
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
-use super::{bytes_of, expect, expect_dims};
+use super::{bytes_of, elementwise, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View};
 use crate::reference;
 use crate::rng::Rng;
 
 use Binding::{Read, ReadWrite};
-
-const WG: u32 = 256;
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::Dropout,
@@ -111,18 +109,7 @@ fn launch(
         flops: n as u64,
         bytes: (8 + 4 * accumulate as u64) * n as u64,
     };
-    let wg = grid(
-        (n as u32).div_ceil(WG),
-        gpu.limits.max_compute_workgroups_per_dimension,
-    );
-    gpu.dispatch(
-        spec,
-        &[("WG", WG as f64)],
-        bytes_of(&params),
-        &[src, dst],
-        wg,
-        cost,
-    )
+    elementwise(gpu, spec, n, bytes_of(&params), &[src, dst], cost)
 }
 
 /// out (N) = keep(seed, step, i, p) ? inp (N) / (1 - p) : 0. Overwrites `out`.

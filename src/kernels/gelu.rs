@@ -7,15 +7,13 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
-use super::{bytes_of, expect, expect_dims};
+use super::{bytes_of, elementwise, expect_dims};
 use crate::error::Result;
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View};
 use crate::reference;
 use crate::rng::Rng;
 
 use Binding::{Read, ReadWrite};
-
-const WG: u32 = 256;
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::Gelu,
@@ -42,23 +40,7 @@ fn launch(
     args: &[&View],
     cost: Cost,
 ) -> Result<Dispatch> {
-    let name = spec.name();
-    let n = params.n as usize;
-    for a in args {
-        expect(&name, a, DType::F32, n)?;
-    }
-    let wg = grid(
-        params.n.div_ceil(WG),
-        gpu.limits.max_compute_workgroups_per_dimension,
-    );
-    gpu.dispatch(
-        spec,
-        &[("WG", WG as f64)],
-        bytes_of(&params),
-        args,
-        wg,
-        cost,
-    )
+    elementwise(gpu, spec, params.n as usize, bytes_of(&params), args, cost)
 }
 
 /// out (N) = gelu(inp (N)). Overwrites `out`.

@@ -18,7 +18,7 @@ pub mod reduce;
 pub mod residual;
 
 use crate::error::{Error, Result};
-use crate::gpu::{DType, View};
+use crate::gpu::{Cost, DType, Dispatch, Gpu, KernelSpec, View, grid};
 
 /// Fails unless `view` holds exactly `len` elements of `dtype`.
 pub fn expect(kernel: &str, view: &View, dtype: DType, len: usize) -> Result<()> {
@@ -44,6 +44,38 @@ pub fn expect_dims(kernel: &str, dims: &[(&str, usize)]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Workgroup size (the `WG` override) of the elementwise kernels.
+pub const ELEMENTWISE_WG: u32 = 256;
+
+/// Launches an elementwise kernel: one invocation per element of `n`, `ELEMENTWISE_WG` per
+/// workgroup, the grid folded into x and y (`gpu::grid`). Every view must hold `n` f32 values.
+pub fn elementwise(
+    gpu: &Gpu,
+    spec: &KernelSpec,
+    n: usize,
+    params: &[u8],
+    args: &[&View],
+    cost: Cost,
+) -> Result<Dispatch> {
+    let name = spec.name();
+    expect_dims(&name, &[("N", n)])?;
+    for a in args {
+        expect(&name, a, DType::F32, n)?;
+    }
+    let wg = grid(
+        (n as u32).div_ceil(ELEMENTWISE_WG),
+        gpu.limits.max_compute_workgroups_per_dimension,
+    );
+    gpu.dispatch(
+        spec,
+        &[("WG", ELEMENTWISE_WG as f64)],
+        params,
+        args,
+        wg,
+        cost,
+    )
 }
 
 /// The bytes of a params struct, for `Gpu::dispatch`.

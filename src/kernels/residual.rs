@@ -4,15 +4,13 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::harness::{self, BenchReport, CheckReport, Family};
-use super::{bytes_of, expect, expect_dims};
+use super::{bytes_of, elementwise};
 use crate::error::Result;
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View};
 use crate::reference;
 use crate::rng::Rng;
 
 use Binding::{Read, ReadWrite};
-
-const WG: u32 = 256;
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::Residual,
@@ -45,26 +43,11 @@ fn launch(
     args: &[&View],
     cost: Cost,
 ) -> Result<Dispatch> {
-    let name = spec.name();
-    expect_dims(&name, &[("N", n)])?;
-    for a in args {
-        expect(&name, a, DType::F32, n)?;
-    }
-    let wg = grid(
-        (n as u32).div_ceil(WG),
-        gpu.limits.max_compute_workgroups_per_dimension,
-    );
-    gpu.dispatch(
-        spec,
-        &[],
-        bytes_of(&Params {
-            n: n as u32,
-            accumulate: accumulate as u32,
-        }),
-        args,
-        wg,
-        cost,
-    )
+    let params = Params {
+        n: n as u32,
+        accumulate: accumulate as u32,
+    };
+    elementwise(gpu, spec, n, bytes_of(&params), args, cost)
 }
 
 /// out (N) = a (N) + b (N). Overwrites `out`.
