@@ -139,14 +139,44 @@ impl ParamStore {
             v: Vec::new(),
             kv: Vec::new(),
         };
+        // What the whole store needs, to say so if the device runs out of memory part way.
+        let copies = if train { 4 } else { 1 };
+        let total: u64 = specs
+            .iter()
+            .map(|(_, shape)| {
+                let dt = if shape.len() >= 2 { dtype } else { DType::F32 };
+                let n: usize = shape.iter().product();
+                n as u64 * dt.size() * copies
+            })
+            .sum();
+        let out_of_memory = |e: Error, s: &ParamStore| match e {
+            Error::OutOfMemory { context, .. } => Error::OutOfMemory {
+                context: format!(
+                    "{context}: the model needs {:.1} MiB for parameters{}, and the device ran out \
+                     after {:.1} MiB",
+                    total as f64 / 1048576.0,
+                    if train {
+                        ", gradients and AdamW moments"
+                    } else {
+                        ""
+                    },
+                    s.bytes() as f64 / 1048576.0
+                ),
+                bytes: total,
+            },
+            other => other,
+        };
         for (i, ((name, shape), data)) in specs.iter().zip(values).enumerate() {
             let dt = if shape.len() >= 2 { dtype } else { DType::F32 };
             let limit = chunk_limit(i).min(gpu.max_binding());
-            let chunks = upload_chunks(gpu, name, shape, data, dt, limit)?;
+            let chunks = upload_chunks(gpu, name, shape, data, dt, limit)
+                .map_err(|e| out_of_memory(e, &s))?;
             if train {
-                s.grads.push(zeros_like(gpu, "d", &chunks)?);
-                s.m.push(zeros_like(gpu, "m", &chunks)?);
-                s.v.push(zeros_like(gpu, "v", &chunks)?);
+                let zeros = |prefix| zeros_like(gpu, prefix, &chunks);
+                let (g, m, v) = (zeros("d"), zeros("m"), zeros("v"));
+                s.grads.push(g.map_err(|e| out_of_memory(e, &s))?);
+                s.m.push(m.map_err(|e| out_of_memory(e, &s))?);
+                s.v.push(v.map_err(|e| out_of_memory(e, &s))?);
             }
             s.params.push(chunks);
             s.names.push(name.clone());
