@@ -141,10 +141,10 @@ fn threads_per_row(c: usize) -> u32 {
 }
 
 /// Threads per row (= per workgroup) of the subgroup forward, one row per workgroup: a power of
-/// two giving each thread about 4 channels, at least 64 so that a workgroup fills a 64-wide
-/// subgroup (or two 32-wide ones), at most WG.
+/// two giving each thread about 8 channels (several loads in flight; 128 threads for C = 768),
+/// at least 64 so that a workgroup fills a 64-wide subgroup (or two 32-wide ones), at most WG.
 fn subgroup_forward_threads(c: usize) -> u32 {
-    c.div_ceil(4).next_power_of_two().clamp(64, WG as usize) as u32
+    c.div_ceil(8).next_power_of_two().clamp(64, WG as usize) as u32
 }
 
 /// (rows per block, blocks) of the backward for N rows.
