@@ -32,6 +32,7 @@ shaders! {
     Gemm => "gemm.wgsl",
     GemmF16 => "gemm_f16.wgsl",
     LayerNorm => "layernorm.wgsl",
+    LayerNormSubgroup => "layernorm_subgroup.wgsl",
     Gelu => "gelu.wgsl",
     Embedding => "embedding.wgsl",
     EmbeddingF16 => "embedding_f16.wgsl",

@@ -1,10 +1,17 @@
-//! layernorm.wgsl launchers: LayerNorm over the channels of each row, forward and backward.
+//! layernorm.wgsl and layernorm_subgroup.wgsl launchers: LayerNorm over the channels of each
+//! row, forward and backward.
 //!
 //! inp, out, dout, dinp (N, C); weight, bias, dweight, dbias (C); mean, rstd (N).
 //! The forward overwrites out, mean and rstd. The backward overwrites dinp or adds to it
 //! (`accumulate_dinp`), and always accumulates (`+=`) into dweight and dbias. It sums dweight and
 //! dbias over rows in a fixed order (per-block partials in a private scratch buffer, then a
 //! fixed tree), so the same inputs give the same bits.
+//!
+//! Two variants compute the row reductions (the forward's mean and variance, the backward's
+//! Σ dnorm and Σ dnorm · xhat): workgroup-memory trees (layernorm.wgsl, every adapter) and
+//! subgroup sums (layernorm_subgroup.wgsl, adapters with SUBGROUP). `forward` and `backward`
+//! take the subgroup kernels when the adapter has them; `forward_with` and `backward_with`
+//! choose. Both variants share the final dweight/dbias reduction.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -40,6 +47,17 @@ pub const BACKWARD_ROWS: KernelSpec = KernelSpec {
     entry: "layernorm_backward_rows",
     bindings: &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
 };
+/// The subgroup twins of `FORWARD` and `BACKWARD_ROWS` (layernorm_subgroup.wgsl): same entry
+/// points, bindings and params.
+pub const FORWARD_SUBGROUP: KernelSpec = KernelSpec {
+    shader: Shader::LayerNormSubgroup,
+    ..FORWARD
+};
+pub const BACKWARD_ROWS_SUBGROUP: KernelSpec = KernelSpec {
+    shader: Shader::LayerNormSubgroup,
+    ..BACKWARD_ROWS
+};
+/// The final dweight/dbias reduction of both variants.
 pub const BACKWARD_PARAMS: KernelSpec = KernelSpec {
     shader: Shader::LayerNorm,
     entry: "layernorm_backward_params",
@@ -57,8 +75,61 @@ struct Params {
     eps: f32,
 }
 
-/// Threads per workgroup of every layernorm kernel.
+/// Threads per workgroup of every layernorm kernel but the subgroup forward.
 const WG: u32 = 256;
+
+/// Which kernels compute the row reductions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// Trees in workgroup memory, TPR threads per row (layernorm.wgsl): every adapter.
+    Shared,
+    /// subgroupAdd within each subgroup, then one slot per subgroup in workgroup memory
+    /// (layernorm_subgroup.wgsl): adapters with the SUBGROUP feature.
+    Subgroup,
+}
+
+impl Variant {
+    /// The variant `forward` and `backward` use on `gpu`: subgroups where the adapter has them.
+    pub fn best(gpu: &Gpu) -> Variant {
+        if gpu.has_subgroups() {
+            Variant::Subgroup
+        } else {
+            Variant::Shared
+        }
+    }
+
+    /// Every variant that runs on `gpu`, the fallback first.
+    pub fn available(gpu: &Gpu) -> Vec<Variant> {
+        let mut v = vec![Variant::Shared];
+        if gpu.has_subgroups() {
+            v.push(Variant::Subgroup);
+        }
+        v
+    }
+
+    /// "shared" or "subgroup", for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Shared => "shared",
+            Variant::Subgroup => "subgroup",
+        }
+    }
+
+    /// Fails on an adapter without subgroups when the subgroup kernels are asked for.
+    fn require(self, gpu: &Gpu, kernel: &str) -> Result<()> {
+        if self == Variant::Subgroup && !gpu.has_subgroups() {
+            return Err(Error::invalid(
+                kernel,
+                format!(
+                    "the subgroup variant needs the SUBGROUP feature (wgpu::Features::SUBGROUP), \
+                     which adapter {} lacks",
+                    gpu.adapter_name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Threads per row in the row reductions: a power of two giving each thread about
 /// `CHANNELS_PER_THREAD` channels, from 1 to WG.
@@ -67,6 +138,13 @@ fn threads_per_row(c: usize) -> u32 {
     c.div_ceil(CHANNELS_PER_THREAD)
         .next_power_of_two()
         .min(WG as usize) as u32
+}
+
+/// Threads per row (= per workgroup) of the subgroup forward, one row per workgroup: a power of
+/// two giving each thread about 8 channels (several loads in flight; 128 threads for C = 768),
+/// at least 64 so that a workgroup fills a 64-wide subgroup (or two 32-wide ones), at most WG.
+fn subgroup_forward_threads(c: usize) -> u32 {
+    c.div_ceil(8).next_power_of_two().clamp(64, WG as usize) as u32
 }
 
 /// (rows per block, blocks) of the backward for N rows.
@@ -104,7 +182,8 @@ fn check_shapes(
 
 /// out (N, C), mean (N), rstd (N) from inp (N, C), weight (C), bias (C):
 /// out = (inp - mean) · rstd · weight + bias, rstd = 1 / sqrt(var + EPS), biased variance.
-/// Overwrites out, mean and rstd.
+/// Overwrites out, mean and rstd. Takes the subgroup kernels where the adapter has them
+/// (`Variant::best`).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
@@ -117,8 +196,42 @@ pub fn forward(
     n: usize,
     c: usize,
 ) -> Result<Dispatch> {
-    let name = FORWARD.name();
+    forward_with(
+        gpu,
+        Variant::best(gpu),
+        out,
+        mean,
+        rstd,
+        inp,
+        weight,
+        bias,
+        n,
+        c,
+    )
+}
+
+/// `forward` with the row-reduction kernels of `variant`; `Variant::Subgroup` fails on an adapter
+/// without subgroups.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with(
+    gpu: &Gpu,
+    variant: Variant,
+    out: &View,
+    mean: &View,
+    rstd: &View,
+    inp: &View,
+    weight: &View,
+    bias: &View,
+    n: usize,
+    c: usize,
+) -> Result<Dispatch> {
+    let spec = match variant {
+        Variant::Shared => &FORWARD,
+        Variant::Subgroup => &FORWARD_SUBGROUP,
+    };
+    let name = spec.name();
     check_shapes(&name, n, c, &[out, inp], &[weight, bias], &[mean, rstd])?;
+    variant.require(gpu, &name)?;
     let params = Params {
         n: n as u32,
         c: c as u32,
@@ -132,17 +245,21 @@ pub fn forward(
         flops: 8 * n64 * c64,
         bytes: 4 * (2 * n64 * c64 + 2 * c64 + 2 * n64),
     };
-    let tpr = threads_per_row(c);
-    let wg = grid(
-        (n as u32).div_ceil(WG / tpr),
-        gpu.limits.max_compute_workgroups_per_dimension,
-    );
+    let (constants, workgroups) = match variant {
+        Variant::Shared => {
+            let tpr = threads_per_row(c);
+            let wg = vec![("WG", WG as f64), ("TPR", tpr as f64)];
+            (wg, (n as u32).div_ceil(WG / tpr))
+        }
+        // One row per workgroup.
+        Variant::Subgroup => (vec![("WG", subgroup_forward_threads(c) as f64)], n as u32),
+    };
     gpu.dispatch(
-        &FORWARD,
-        &[("WG", WG as f64), ("TPR", tpr as f64)],
+        spec,
+        &constants,
         bytes_of(&params),
         &[inp, weight, bias, out, mean, rstd],
-        wg,
+        grid(workgroups, gpu.limits.max_compute_workgroups_per_dimension),
         cost,
     )
 }
@@ -153,7 +270,8 @@ pub fn forward(
 /// mean) · rstd, dnorm = weight · dout; overwritten, or added to (`+=`) when `accumulate_dinp`.
 /// dweight (C) += Σ_rows dout · xhat; dbias (C) += Σ_rows dout (always accumulate).
 /// Two dispatches: rows (dinp and per-block partials into a private scratch buffer of 2·P·C
-/// floats, P ≤ max(512, N/256) blocks), then a fixed-order reduction of the partials.
+/// floats, P ≤ max(512, N/256) blocks), then a fixed-order reduction of the partials. Takes the
+/// subgroup kernels where the adapter has them (`Variant::best`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
@@ -169,7 +287,49 @@ pub fn backward(
     c: usize,
     accumulate_dinp: bool,
 ) -> Result<Vec<Dispatch>> {
-    let name = BACKWARD_ROWS.name();
+    backward_with(
+        gpu,
+        Variant::best(gpu),
+        dinp,
+        dweight,
+        dbias,
+        dout,
+        inp,
+        weight,
+        mean,
+        rstd,
+        n,
+        c,
+        accumulate_dinp,
+    )
+}
+
+/// `backward` with the row-reduction kernels of `variant`; `Variant::Subgroup` fails on an
+/// adapter without subgroups.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with(
+    gpu: &Gpu,
+    variant: Variant,
+    dinp: &View,
+    dweight: &View,
+    dbias: &View,
+    dout: &View,
+    inp: &View,
+    weight: &View,
+    mean: &View,
+    rstd: &View,
+    n: usize,
+    c: usize,
+    accumulate_dinp: bool,
+) -> Result<Vec<Dispatch>> {
+    let (rows_spec, rows_constants) = match variant {
+        Variant::Shared => (
+            &BACKWARD_ROWS,
+            vec![("WG", WG as f64), ("TPR", threads_per_row(c) as f64)],
+        ),
+        Variant::Subgroup => (&BACKWARD_ROWS_SUBGROUP, vec![("WG", WG as f64)]),
+    };
+    let name = rows_spec.name();
     check_shapes(
         &name,
         n,
@@ -178,6 +338,7 @@ pub fn backward(
         &[dweight, dbias, weight],
         &[mean, rstd],
     )?;
+    variant.require(gpu, &name)?;
     let (rows, blocks) = blocking(n);
     let partials = gpu.zeros("layernorm.partials", DType::F32, 2 * blocks * c)?;
     let params = Params {
@@ -191,8 +352,8 @@ pub fn backward(
     let (n64, c64) = (n as u64, c as u64);
     let max = gpu.limits.max_compute_workgroups_per_dimension;
     let rows_dispatch = gpu.dispatch(
-        &BACKWARD_ROWS,
-        &[("WG", WG as f64), ("TPR", threads_per_row(c) as f64)],
+        rows_spec,
+        &rows_constants,
         bytes_of(&params),
         &[dout, inp, weight, mean, rstd, dinp, &partials],
         grid(blocks as u32, max),
@@ -268,38 +429,15 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let dweight0 = rng.vec_uniform(c, -1.0, 1.0);
     let dbias0 = rng.vec_uniform(c, -1.0, 1.0);
 
-    let g_inp = gpu.upload_f32("inp", &inp)?;
-    let g_weight = gpu.upload_f32("weight", &weight)?;
-    let g_bias = gpu.upload_f32("bias", &bias)?;
-    let g_out = gpu.zeros("out", DType::F32, n * c)?;
-    let g_mean = gpu.zeros("mean", DType::F32, n)?;
-    let g_rstd = gpu.zeros("rstd", DType::F32, n)?;
-    let g_dout = gpu.upload_f32("dout", &dout)?;
-    // dinp starts as garbage when overwritten and as dinp0 when accumulated into.
-    let g_dinp_over = gpu.upload_f32("dinp", &dinp0)?;
-    let g_dinp_acc = gpu.upload_f32("dinp", &dinp0)?;
-    let g_dweight = gpu.upload_f32("dweight", &dweight0)?;
-    let g_dbias = gpu.upload_f32("dbias", &dbias0)?;
-
-    let mut dispatches = vec![forward(
-        gpu, &g_out, &g_mean, &g_rstd, &g_inp, &g_weight, &g_bias, n, c,
-    )?];
-    // The first backward overwrites dinp and adds to dweight/dbias; the second adds to all three.
-    for (dinp, acc) in [(&g_dinp_over, false), (&g_dinp_acc, true)] {
-        dispatches.extend(backward(
-            gpu, dinp, &g_dweight, &g_dbias, &g_dout, &g_inp, &g_weight, &g_mean, &g_rstd, n, c,
-            acc,
-        )?);
-    }
-    gpu.run(&dispatches)?;
-
     // The reference in f64, so that the tolerances measure the GPU's rounding alone.
     let f = reference::convert::<f32, f64>;
-    let (inp, weight, bias, dout) = (f(&inp), f(&weight), f(&bias), f(&dout));
+    let (inp64, weight64, bias64, dout64) = (f(&inp), f(&weight), f(&bias), f(&dout));
     let mut out = vec![0.0; n * c];
     let mut mean = vec![0.0; n];
     let mut rstd = vec![0.0; n];
-    reference::layernorm::forward(&mut out, &mut mean, &mut rstd, &inp, &weight, &bias, n, c);
+    reference::layernorm::forward(
+        &mut out, &mut mean, &mut rstd, &inp64, &weight64, &bias64, n, c,
+    );
     let mut dinp_over = vec![0.0; n * c];
     let mut dinp_acc = f(&dinp0);
     let (mut dweight, mut dbias) = (f(&dweight0), f(&dbias0));
@@ -308,9 +446,9 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             dinp,
             &mut dweight,
             &mut dbias,
-            &dout,
-            &inp,
-            &weight,
+            &dout64,
+            &inp64,
+            &weight64,
             &mean,
             &rstd,
             n,
@@ -318,49 +456,57 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         );
     }
 
-    // Measured on lavapipe (f32 tree sums, sqrt and division) the errors are about 1e-6 for out,
-    // 3e-7 for dinp and 2e-6 · sqrt(rows) for dweight and dbias, sums over 2N rows; the
-    // tolerances leave room for GPUs whose sqrt and division are a few ulp off.
-    let sum_tol = 3e-6 * ((2 * n) as f64).sqrt();
-    let s = format!("N={n} C={c}");
-    let read = |v: &View| gpu.read_f32(v);
-    Ok(vec![
-        CheckReport::new(&s, "forward out", &read(&g_out)?, &out, 4e-6, 1e-6),
-        CheckReport::new(&s, "forward mean", &read(&g_mean)?, &mean, 1e-7, 1e-6),
-        CheckReport::new(&s, "forward rstd", &read(&g_rstd)?, &rstd, 0.0, 2e-6),
-        CheckReport::new(
-            &s,
-            "backward dinp",
-            &read(&g_dinp_over)?,
-            &dinp_over,
-            2e-6,
-            1e-6,
-        ),
-        CheckReport::new(
-            &s,
-            "backward dinp +=",
-            &read(&g_dinp_acc)?,
-            &dinp_acc,
-            2e-6,
-            1e-6,
-        ),
-        CheckReport::new(
-            &s,
-            "backward dweight +=",
-            &read(&g_dweight)?,
-            &dweight,
-            sum_tol,
-            1e-6,
-        ),
-        CheckReport::new(
-            &s,
-            "backward dbias +=",
-            &read(&g_dbias)?,
-            &dbias,
-            sum_tol,
-            1e-6,
-        ),
-    ])
+    let g_inp = gpu.upload_f32("inp", &inp)?;
+    let g_weight = gpu.upload_f32("weight", &weight)?;
+    let g_bias = gpu.upload_f32("bias", &bias)?;
+    let g_dout = gpu.upload_f32("dout", &dout)?;
+    let mut reports = Vec::new();
+    // Every variant the adapter runs, each on fresh outputs.
+    for variant in Variant::available(gpu) {
+        let g_out = gpu.zeros("out", DType::F32, n * c)?;
+        let g_mean = gpu.zeros("mean", DType::F32, n)?;
+        let g_rstd = gpu.zeros("rstd", DType::F32, n)?;
+        // dinp starts as garbage when overwritten and as dinp0 when accumulated into.
+        let g_dinp_over = gpu.upload_f32("dinp", &dinp0)?;
+        let g_dinp_acc = gpu.upload_f32("dinp", &dinp0)?;
+        let g_dweight = gpu.upload_f32("dweight", &dweight0)?;
+        let g_dbias = gpu.upload_f32("dbias", &dbias0)?;
+
+        let mut dispatches = vec![forward_with(
+            gpu, variant, &g_out, &g_mean, &g_rstd, &g_inp, &g_weight, &g_bias, n, c,
+        )?];
+        // The first backward overwrites dinp and adds to dweight/dbias; the second adds to all
+        // three.
+        for (dinp, acc) in [(&g_dinp_over, false), (&g_dinp_acc, true)] {
+            dispatches.extend(backward_with(
+                gpu, variant, dinp, &g_dweight, &g_dbias, &g_dout, &g_inp, &g_weight, &g_mean,
+                &g_rstd, n, c, acc,
+            )?);
+        }
+        gpu.run(&dispatches)?;
+
+        // Measured on lavapipe (f32 tree sums, sqrt and division) the errors are about 1e-6 for
+        // out, 3e-7 for dinp and 2e-6 · sqrt(rows) for dweight and dbias, sums over 2N rows; the
+        // tolerances leave room for GPUs whose sqrt and division are a few ulp off. Both variants
+        // meet the same tolerances.
+        let sum_tol = 3e-6 * ((2 * n) as f64).sqrt();
+        let s = format!("N={n} C={c}");
+        let v = variant.name();
+        let read = |view: &View| gpu.read_f32(view);
+        let mut add = |what: &str, got: &View, want: &[f64], atol: f64, rtol: f64| -> Result<()> {
+            let what = format!("{what} [{v}]");
+            reports.push(CheckReport::new(&s, &what, &read(got)?, want, atol, rtol));
+            Ok(())
+        };
+        add("forward out", &g_out, &out, 4e-6, 1e-6)?;
+        add("forward mean", &g_mean, &mean, 1e-7, 1e-6)?;
+        add("forward rstd", &g_rstd, &rstd, 0.0, 2e-6)?;
+        add("backward dinp", &g_dinp_over, &dinp_over, 2e-6, 1e-6)?;
+        add("backward dinp +=", &g_dinp_acc, &dinp_acc, 2e-6, 1e-6)?;
+        add("backward dweight +=", &g_dweight, &dweight, sum_tol, 1e-6)?;
+        add("backward dbias +=", &g_dbias, &dbias, sum_tol, 1e-6)?;
+    }
+    Ok(reports)
 }
 
 fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
@@ -374,31 +520,49 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let rstd = gpu.zeros("rstd", DType::F32, n)?;
     let dweight = gpu.zeros("dweight", DType::F32, c)?;
     let dbias = gpu.zeros("dbias", DType::F32, c)?;
-    let fwd = forward(gpu, &out, &mean, &rstd, &inp, &weight, &bias, n, c)?;
-    gpu.run(std::slice::from_ref(&fwd))?;
     let dinp = gpu.zeros("dinp", DType::F32, n * c)?;
-    let bwd = backward(
-        gpu, &dinp, &dweight, &dbias, &out, &inp, &weight, &mean, &rstd, n, c, false,
-    )?;
     let (_, blocks) = blocking(n);
     let s = format!("N={n} C={c}");
-    let mut reports = vec![harness::bench_one(gpu, opts, "forward", &s, &[fwd])?];
-    let mut b = harness::bench_one(gpu, opts, "backward (rows + params)", &s, &bwd)?;
-    b.extra_bytes = Some(4 * 2 * (blocks * c) as u64);
-    reports.push(b);
-    reports.push(harness::bench_one(
-        gpu,
-        opts,
-        "backward rows",
-        &s,
-        &bwd[..1],
-    )?);
+    // Each kernel's variants one after the other, so that they are timed side by side.
+    let variants = Variant::available(gpu);
+    let mut fwd = Vec::new();
+    let mut bwd = Vec::new();
+    for &v in &variants {
+        let f = forward_with(gpu, v, &out, &mean, &rstd, &inp, &weight, &bias, n, c)?;
+        gpu.run(std::slice::from_ref(&f))?;
+        fwd.push(f);
+        bwd.push(backward_with(
+            gpu, v, &dinp, &dweight, &dbias, &out, &inp, &weight, &mean, &rstd, n, c, false,
+        )?);
+    }
+    let mut reports = Vec::new();
+    for (v, f) in variants.iter().zip(&fwd) {
+        let name = format!("forward {}", v.name());
+        reports.push(harness::bench_one(
+            gpu,
+            opts,
+            &name,
+            &s,
+            std::slice::from_ref(f),
+        )?);
+    }
+    for (v, b) in variants.iter().zip(&bwd) {
+        let name = format!("backward {}", v.name());
+        let mut r = harness::bench_one(gpu, opts, &name, &s, b)?;
+        r.extra_bytes = Some(4 * 2 * (blocks * c) as u64);
+        reports.push(r);
+    }
+    for (v, b) in variants.iter().zip(&bwd) {
+        let name = format!("backward rows {}", v.name());
+        reports.push(harness::bench_one(gpu, opts, &name, &s, &b[..1])?);
+    }
+    // The final dweight/dbias reduction is the same kernel in every variant.
     reports.push(harness::bench_one(
         gpu,
         opts,
         "backward params",
         &s,
-        &bwd[1..],
+        &bwd[0][1..],
     )?);
     Ok(reports)
 }
