@@ -124,18 +124,25 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let in_range = row < p.n;
     let base = row * p.c;
 
-    // This thread's channels lane, lane + TPR, ...: their count, mean and M2.
+    // Moments of the row shifted by its first element x0: the per-thread means that the tree
+    // merges are then small, so rows far from zero keep their precision (a mean of values near
+    // 1e4 would round to ulp(1e4) before the merge).
+    var x0 = 0.0;
+    if (in_range) {
+        x0 = fw_inp[base];
+    }
+    // This thread's channels lane, lane + TPR, ...: their count, mean and M2 (shifted).
     var own = vec3(0.0);
     if (in_range && lane < p.c) {
         let count = f32((p.c - 1u - lane) / TPR + 1u);
         var sum = 0.0;
         for (var i = lane; i < p.c; i += TPR) {
-            sum += fw_inp[base + i];
+            sum += fw_inp[base + i] - x0;
         }
         let own_mean = sum / count;
         var m2 = 0.0;
         for (var i = lane; i < p.c; i += TPR) {
-            let d = fw_inp[base + i] - own_mean;
+            let d = (fw_inp[base + i] - x0) - own_mean;
             m2 += d * d;
         }
         own = vec3(count, own_mean, m2);
@@ -146,10 +153,10 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 
     if (in_range) {
         for (var i = lane; i < p.c; i += TPR) {
-            fw_out[base + i] = (fw_inp[base + i] - m) * s * fw_weight[i] + fw_bias[i];
+            fw_out[base + i] = ((fw_inp[base + i] - x0) - m) * s * fw_weight[i] + fw_bias[i];
         }
         if (lane == 0u) {
-            fw_mean[row] = m;
+            fw_mean[row] = x0 + m;
             fw_rstd[row] = s;
         }
     }
