@@ -156,6 +156,7 @@ pub struct Gpu {
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
     layouts: Mutex<HashMap<Vec<Binding>, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    scratch: Mutex<HashMap<(String, DType, usize), View>>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Vec<String>>>,
 }
@@ -254,6 +255,7 @@ impl Gpu {
             modules: Mutex::default(),
             layouts: Mutex::default(),
             pipelines: Mutex::default(),
+            scratch: Mutex::default(),
             lost,
             uncaptured,
         })
@@ -324,6 +326,20 @@ impl Gpu {
             });
         }
         Ok(())
+    }
+
+    /// A scratch tensor shared by every caller asking for the same `tag`, dtype and length, so
+    /// that many dispatch lists of the same shape (one per layer) need one buffer between them.
+    /// Safe for scratch that a launcher's dispatches write and then consume before the caller
+    /// records anything else using the same tag: wgpu orders the accesses within a submission.
+    pub fn shared_scratch(&self, tag: &str, dtype: DType, len: usize) -> Result<View> {
+        let key = (tag.to_string(), dtype, len);
+        if let Some(v) = self.scratch.lock().unwrap().get(&key) {
+            return Ok(v.clone());
+        }
+        let v = self.zeros(tag, dtype, len)?;
+        self.scratch.lock().unwrap().insert(key, v.clone());
+        Ok(v)
     }
 
     /// Blocks until the queue is idle.

@@ -271,8 +271,9 @@ pub fn forward_with(
 /// dinp (N, C) = rstd · (dnorm - mean_c(dnorm) - xhat · mean_c(dnorm · xhat)), xhat = (inp -
 /// mean) · rstd, dnorm = weight · dout; overwritten, or added to (`+=`) when `accumulate_dinp`.
 /// dweight (C) += Σ_rows dout · xhat; dbias (C) += Σ_rows dout (always accumulate).
-/// Two dispatches: rows (dinp and per-block partials into a private scratch buffer of 2·P·C
-/// floats, P ≤ max(512, N/256) blocks), then a fixed-order reduction of the partials. Takes the
+/// Two dispatches: rows (dinp and per-block partials into a scratch buffer of 2·P·C floats,
+/// P ≤ max(512, N/256) blocks, shared with other backwards of the same shape), then a
+/// fixed-order reduction of the partials; record them consecutively. Takes the
 /// subgroup kernels where the adapter has them (`Variant::best`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
@@ -342,7 +343,9 @@ pub fn backward_with(
     )?;
     variant.require(gpu, &name)?;
     let (rows, blocks) = blocking(n);
-    let partials = gpu.zeros("layernorm.partials", DType::F32, 2 * blocks * c)?;
+    // Written by the rows dispatch and consumed by the next one: every backward of this shape
+    // (one per LayerNorm of a model) shares the buffer.
+    let partials = gpu.shared_scratch("layernorm.partials", DType::F32, 2 * blocks * c)?;
     let params = Params {
         n: n as u32,
         c: c as u32,
