@@ -90,19 +90,22 @@ pub struct TrainArgs {
     /// [default: 1e-8]
     #[arg(long)]
     eps: Option<f32>,
-    /// Clip the global gradient norm to this (0 = off).
+    /// Clip the global gradient norm to this (0 = off) [default: 1.0].
     #[arg(long)]
     grad_clip: Option<f32>,
     /// Seed of initialization, batches and dropout [default: 1337].
     #[arg(long)]
     seed: Option<u64>,
-    /// Evaluate and checkpoint every this many steps (0 = only at the end).
+    /// Evaluate and checkpoint every this many steps (0 = only at the end) [default: 250; 500
+    /// for the addition dataset].
     #[arg(long)]
     eval_interval: Option<u64>,
-    /// Batches per evaluation of the train and val loss [default: 20].
+    /// Batches per evaluation of the train and val loss [default: 20; 10 for the addition
+    /// dataset].
     #[arg(long)]
     eval_iters: Option<usize>,
-    /// Log (and write metrics) every this many steps [default: 10].
+    /// Log (and write metrics) every this many steps [default: 10; 100 for the addition
+    /// dataset].
     #[arg(long)]
     log_interval: Option<u64>,
     /// Random offsets (seeded), or consecutive batches [default: random; sequential for the
