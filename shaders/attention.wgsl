@@ -19,6 +19,13 @@
 //
 // Every reduction runs in a fixed order and nothing uses atomics: the same inputs give the same
 // bits on the same adapter.
+//
+// Dropout on the probabilities (training, fused kernels only): with drop_threshold > 0, P
+// becomes P ∘ M in the product with V, M = 0 or 1/(1 - p) from a counter-based hash of
+// (seed, step, row, key) with row = (b·NH + h)·Tq + i, which the backward regenerates (nothing
+// is stored; kernels::attention::keep is its CPU twin). lse stays that of the undropped
+// softmax; the backward uses dS = P ∘ (M ∘ dP - D), dv = (P ∘ M)ᵀ·dout, with D = rowsum(dout ∘
+// out) as without dropout.
 
 struct Params {
     nb: u32,          // B
@@ -37,6 +44,10 @@ struct Params {
     k: vec4<u32>,     // same for k (qkv or k_cache); dk uses it inside dqkv
     v: vec4<u32>,     // same for v (qkv or v_cache); dv uses it inside dqkv
     o: vec4<u32>,     // same for out / dout, (B, T, C)
+    drop_seed: u32,   // attention dropout: seed of this site's stream
+    drop_step: u32,   // rewritten every micro-step by the graph executor
+    drop_threshold: u32, // probabilities whose hash is below this are dropped; 0 = no dropout
+    drop_scale: f32,  // 1 / (1 - p): the factor of the kept ones
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -157,6 +168,26 @@ fn v4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
 }
 
 // Whether query i (relative to pos0) may see key j.
+// PCG-RXS-M-XS output permutation of one LCG step, as in dropout.wgsl.
+fn pcg(v: u32) -> u32 {
+    let state = v * 747796405u + 2891336453u;
+    let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+    return (word >> 22u) ^ word;
+}
+
+// The dropout factor M of query i (row of the (b, h) block) and key j: 1 without dropout.
+fn drop_factor(b: u32, h: u32, i: u32, j: u32) -> f32 {
+    if (p.drop_threshold == 0u) {
+        return 1.0;
+    }
+    let key = pcg(p.drop_seed ^ pcg(p.drop_step));
+    let row = (b * p.nh + h) * p.tq + i;
+    if (pcg(pcg(key ^ pcg(row)) ^ j) >= p.drop_threshold) {
+        return p.drop_scale;
+    }
+    return 0.0;
+}
+
 fn visible(i: u32, j: u32) -> bool {
     return i < p.tq && j < p.tk && (p.causal == 0u || j <= p.pos0 + i);
 }
@@ -183,6 +214,7 @@ fn query_tile(linear: u32) -> vec3<u32> {
 // write_lse = 1). One workgroup per (b, h, tile of BR queries), grid folded into x and y.
 // Online softmax: the running max m and sum l per row rescale the output accumulator as each
 // key tile arrives, so no T×T matrix exists anywhere; key tiles past the causal limit are skipped.
+// With dropout, l sums the undropped probabilities and the accumulator takes the dropped ones.
 @compute @workgroup_size(WG)
 fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
@@ -274,8 +306,9 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
             m[i] = mx;
             var ls = 0.0;
             for (var c = 0u; c < CS; c++) {
+                let col = sc + SC * c;
                 let pr = exp2(s[i * CS + c] - mx);
-                sh_p[row * BC + sc + SC * c] = pr;
+                sh_p[row * BC + col] = pr * drop_factor(b, h, i0 + row, j0 + col);
                 ls += pr;
             }
             l[i] = l[i] * alpha + ls;
@@ -352,7 +385,8 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
 //   attention_backward_dq:   dq inside dqkv (B, T, 3C), overwrites it; one workgroup per
 //                            (b, h, tile of BR queries), streaming the visible key tiles
 // Both recompute P = exp(scale·q·k - lse) from the saved lse; with dP = dout·vᵀ,
-// dS = P ∘ (dP - D), dq = scale·dS·k, dk = scale·dSᵀ·q, dv = Pᵀ·dout.
+// dS = P ∘ (M ∘ dP - D), dq = scale·dS·k, dk = scale·dSᵀ·q, dv = (P ∘ M)ᵀ·dout (M = 1 without
+// dropout).
 // Only pos0 = 0 and tq = tk = T occur here.
 
 // Bindings of attention_backward_prep: 1 = dout (read), 2 = out (read), 3 = D (read_write).
@@ -501,13 +535,14 @@ fn attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
                 if (visible(i, j0 + row)) {
                     pr = exp2(s[k * CS + c] * p.scale2 - lq);
                 }
-                sh_p[row * BC + col] = pr;
-                sh_p2[row * BC + col] = pr * (dp[k * CS + c] - dd);
+                let f = drop_factor(b, h, i, j0 + row);
+                sh_p[row * BC + col] = pr * f;
+                sh_p2[row * BC + col] = pr * (dp[k * CS + c] * f - dd);
             }
         }
         workgroupBarrier();
 
-        // dv += Pᵀ·dout and dk += dSᵀ·q for RO keys × DV vec4 columns.
+        // dv += (P ∘ M)ᵀ·dout and dk += dSᵀ·q for RO keys × DV vec4 columns.
         for (var c = 0u; c < BC; c++) {
             var oo: array<vec4<f32>, DV_MAX>;
             var qq: array<vec4<f32>, DV_MAX>;
@@ -625,7 +660,8 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
                 if (visible(i0 + row, j0 + col)) {
                     pr = exp2(s[k * CS + c] * p.scale2 - lrow[k]);
                 }
-                sh_p[row * BC + col] = pr * (dp[k * CS + c] - drow[k]);
+                let f = drop_factor(b, h, i0 + row, j0 + col);
+                sh_p[row * BC + col] = pr * (dp[k * CS + c] * f - drow[k]);
             }
         }
         workgroupBarrier();

@@ -39,6 +39,10 @@ struct Params {
     k: vec4<u32>,     // same for k (k_cache; qkv for kv_append)
     v: vec4<u32>,     // same for v (v_cache; qkv for kv_append)
     o: vec4<u32>,     // same for out, (B, Tq, C)
+    drop_seed: u32,   // attention dropout (attention.wgsl's training kernels only): unused here
+    drop_step: u32,
+    drop_threshold: u32,
+    drop_scale: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -49,8 +49,8 @@ pub struct TrainArgs {
     /// Train without biases in linear layers and LayerNorms.
     #[arg(long)]
     no_bias: bool,
-    /// Dropout on the embeddings and after the attention and MLP projections (attention
-    /// probabilities are not dropped) [default: 0].
+    /// Dropout on the embeddings, the attention probabilities and after the attention and MLP
+    /// projections, as nanoGPT and GPT-2 place it [default: 0].
     #[arg(long)]
     dropout: Option<f32>,
     /// Sequences per micro-step [default: 12; 32 for the addition dataset].

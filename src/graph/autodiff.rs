@@ -141,7 +141,14 @@ pub fn append_backward(g: &mut Graph) -> Backward {
                     out,
                 );
             }
-            Op::Attention { b, t, nh, hs } => {
+            Op::Attention {
+                b,
+                t,
+                nh,
+                hs,
+                p,
+                site,
+            } => {
                 let (dqkv, acc) = grads.get(g, ins[0]);
                 assert!(
                     !acc,
@@ -150,7 +157,14 @@ pub fn append_backward(g: &mut Graph) -> Backward {
                 g.push(
                     Phase::Backward,
                     label,
-                    Op::AttentionBackward { b, t, nh, hs },
+                    Op::AttentionBackward {
+                        b,
+                        t,
+                        nh,
+                        hs,
+                        p,
+                        site,
+                    },
                     vec![dy, ins[0], outs[0], outs[1]],
                     vec![dqkv],
                 );

@@ -94,8 +94,9 @@ pub struct Executor<'a> {
     pub node_dispatches: HashMap<Phase, Vec<NodeDispatches>>,
     /// Input tensors with their staging buffers holding every micro-step's values.
     inputs: Vec<(TensorId, wgpu::Buffer)>,
-    /// Dropout dispatches (phase, index, site) whose step counter changes every micro-step.
-    dropouts: Vec<(Phase, usize, u32)>,
+    /// Dispatches with dropout (phase, index, byte offset of the step counter in their params)
+    /// whose step counter changes every micro-step: dropout's and attention's.
+    dropouts: Vec<(Phase, usize, u64)>,
     /// Step counters of every dropout dispatch for every micro-step, copied into the dispatches'
     /// params between micro-steps.
     dropout_steps: Option<wgpu::Buffer>,
@@ -291,8 +292,17 @@ impl<'a> Executor<'a> {
             })?;
             let list = self.dispatches.entry(node.phase).or_default();
             let start = list.len();
-            if let Op::Dropout { site, .. } | Op::DropoutBackward { site, .. } = node.op {
-                self.dropouts.push((node.phase, start, site));
+            match node.op {
+                Op::Dropout { .. } | Op::DropoutBackward { .. } => {
+                    self.dropouts
+                        .push((node.phase, start, dropout::STEP_OFFSET));
+                }
+                Op::Attention { p, .. } | Op::AttentionBackward { p, .. } if p > 0.0 => {
+                    let at = attention::DROPOUT_STEP_OFFSET;
+                    self.dropouts
+                        .extend((start..start + ds.len()).map(|d| (node.phase, d, at)));
+                }
+                _ => {}
             }
             list.extend(ds);
             let end = list.len();
@@ -416,7 +426,14 @@ impl<'a> Executor<'a> {
                 }
                 Ok(out)
             }
-            Op::Attention { b, t, nh, hs } => one(attention::forward(
+            Op::Attention {
+                b,
+                t,
+                nh,
+                hs,
+                p,
+                site,
+            } => one(attention::forward(
                 gpu,
                 o(0),
                 o(1),
@@ -426,6 +443,7 @@ impl<'a> Executor<'a> {
                 nh,
                 hs,
                 true,
+                attention_dropout(seed, p, site),
             )),
             Op::AttentionCached {
                 b,
@@ -593,9 +611,27 @@ impl<'a> Executor<'a> {
                 n,
                 acc,
             ),
-            Op::AttentionBackward { b, t, nh, hs } => {
-                attention::backward(gpu, o(0), i(0), i(1), i(2), i(3), b, t, nh, hs, true)
-            }
+            Op::AttentionBackward {
+                b,
+                t,
+                nh,
+                hs,
+                p,
+                site,
+            } => attention::backward(
+                gpu,
+                o(0),
+                i(0),
+                i(1),
+                i(2),
+                i(3),
+                b,
+                t,
+                nh,
+                hs,
+                true,
+                attention_dropout(seed, p, site),
+            ),
             Op::GeluBackward { n, acc } => one(gelu::backward(gpu, o(0), i(1), i(0), n, acc)),
             Op::Accumulate { acc, .. } => one(residual::accumulate(gpu, o(0), i(0), acc)),
             Op::DropoutBackward { n, p, site, acc } => one(dropout::backward(
@@ -788,15 +824,9 @@ impl<'a> Executor<'a> {
             );
         }
         if let Some(buf) = &self.dropout_steps {
-            for (j, &(phase, d, _)) in self.dropouts.iter().enumerate() {
+            for (j, &(phase, d, at)) in self.dropouts.iter().enumerate() {
                 let src = ((k * self.dropouts.len() + j) * 4) as u64;
-                enc.copy_buffer_to_buffer(
-                    buf,
-                    src,
-                    &self.dispatches[&phase][d].params,
-                    dropout::STEP_OFFSET,
-                    4,
-                );
+                enc.copy_buffer_to_buffer(buf, src, &self.dispatches[&phase][d].params, at, 4);
             }
         }
     }
@@ -1054,7 +1084,10 @@ impl Executor<'_> {
                     .collect::<Result<Vec<_>>>()?;
                 gpu.run(&self.dispatches[&phase][nd.range.clone()])?;
                 let site = match node.op {
-                    Op::Dropout { site, .. } | Op::DropoutBackward { site, .. } => site,
+                    Op::Dropout { site, .. }
+                    | Op::DropoutBackward { site, .. }
+                    | Op::Attention { site, .. }
+                    | Op::AttentionBackward { site, .. } => site,
                     _ => 0,
                 };
                 let n = match node.op {
@@ -1087,4 +1120,14 @@ impl Executor<'_> {
 /// The seed of one dropout site's random stream.
 fn dropout_seed(seed: u32, site: u32) -> u32 {
     seed ^ site.wrapping_mul(0x9E37_79B9)
+}
+
+/// An attention node's dropout at step counter 0 (the executor rewrites the counter per
+/// micro-step), or none for p = 0.
+fn attention_dropout(seed: u32, p: f32, site: u32) -> Option<attention::Dropout> {
+    (p > 0.0).then(|| attention::Dropout {
+        p,
+        seed: dropout_seed(seed, site),
+        step: 0,
+    })
 }

@@ -89,12 +89,15 @@ pub enum Op {
         n: usize,
         bias: bool,
     },
-    /// in [qkv (B,T,3C)] → out [y (B,T,C), lse (B,NH,T)]
+    /// in [qkv (B,T,3C)] → out [y (B,T,C), lse (B,NH,T)]; dropout `p` on the probabilities
+    /// (0 = none), with the random stream of `site` as in `Dropout`.
     Attention {
         b: usize,
         t: usize,
         nh: usize,
         hs: usize,
+        p: f32,
+        site: u32,
     },
     /// Decoding with a KV cache: in [qkv (B,Tq,3C), k_cache, v_cache (B,NH,Tmax,HS)] → out
     /// [y (B,Tq,C)]; the queries sit at positions pos0 .. pos0+Tq, set per call.
@@ -142,12 +145,14 @@ pub enum Op {
         dx: bool,
         bias: bool,
     },
-    /// in [dy (B,T,C), qkv, y, lse] → out [dqkv] (overwrites)
+    /// in [dy (B,T,C), qkv, y, lse] → out [dqkv] (overwrites); `p` and `site` as in the forward.
     AttentionBackward {
         b: usize,
         t: usize,
         nh: usize,
         hs: usize,
+        p: f32,
+        site: u32,
     },
     /// in [dy, x] → out [dx (acc)]
     GeluBackward { n: usize, acc: bool },

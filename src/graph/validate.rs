@@ -58,6 +58,17 @@ pub struct Context {
 pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<Vec<f32>> {
     let Context { seed, step, dloss } = ctx;
     let f = |k: usize| ins[k].f();
+    // The attention dropout factors (B, NH, T, T) of this site and step, if any.
+    let attention_mask = |b, nh, t, p: f32| {
+        (p > 0.0).then(|| {
+            r::attention::dropout_mask(
+                b,
+                nh,
+                t,
+                crate::kernels::attention::Dropout { p, seed, step },
+            )
+        })
+    };
     let mut o: Vec<Vec<f32>> = outs
         .iter()
         .map(|d| match d {
@@ -92,7 +103,10 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::Linear { m, k, n, bias } => {
             r::gemm::linear_forward(&mut o[0], f(0), f(1), bias.then(|| f(2)), m, k, n);
         }
-        Op::Attention { b, t, nh, hs } => {
+        Op::Attention {
+            b, t, nh, hs, p, ..
+        } => {
+            let mask = attention_mask(b, nh, t, p);
             let mut preatt = vec![0.0; b * nh * t * t];
             let mut att = vec![0.0; b * nh * t * t];
             let (y, lse) = o.split_at_mut(1);
@@ -107,6 +121,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 nh,
                 hs,
                 true,
+                mask.as_deref(),
             );
         }
         Op::Gelu { .. } => r::gelu::forward(&mut o[0], f(0)),
@@ -172,7 +187,10 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 acc,
             );
         }
-        Op::AttentionBackward { b, t, nh, hs } => {
+        Op::AttentionBackward {
+            b, t, nh, hs, p, ..
+        } => {
+            let mask = attention_mask(b, nh, t, p);
             // Recompute the probabilities the reference backward needs.
             let mut y = vec![0.0; b * t * nh * hs];
             let mut preatt = vec![0.0; b * nh * t * t];
@@ -189,6 +207,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 nh,
                 hs,
                 true,
+                mask.as_deref(),
             );
             let (mut dpre, mut datt) = (vec![0.0; att.len()], vec![0.0; att.len()]);
             o[0].iter_mut().for_each(|x| *x = 0.0);
@@ -204,6 +223,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 nh,
                 hs,
                 true,
+                mask.as_deref(),
             );
         }
         Op::GeluBackward { acc, .. } => {

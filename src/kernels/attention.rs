@@ -13,6 +13,11 @@
 //! Every launcher overwrites its outputs; dqkv is never accumulated into (the graph has no
 //! second gradient source for it). Nothing uses atomics: results are bit-identical run to run.
 //!
+//! Dropout on the attention probabilities (training): `forward` and `backward` take an optional
+//! `Dropout` (p, seed, step); P ∘ M replaces P in the product with V, where M is 0 or 1/(1 - p)
+//! from a counter-based hash that the backward regenerates, so no mask is stored. `keep` is the
+//! hash's CPU twin; `set_dropout_step` moves a built dispatch to another step's mask.
+//!
 //! f16 KV cache (inference): `kv_append` and `forward_cached` also take k_cache and v_cache as f16
 //! views (both f16; qkv and out stay f32), selecting the kernels of attention_f16.wgsl: the new k
 //! and v are rounded to f16 on append and widened on load, with scores, softmax and accumulation
@@ -22,7 +27,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
-use super::{bytes_of, expect, expect_dims};
+use super::{bytes_of, dropout, expect, expect_dims};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
 use crate::reference;
@@ -112,6 +117,40 @@ struct Params {
     k: [u32; 4],
     v: [u32; 4],
     o: [u32; 4],
+    drop_seed: u32,
+    drop_step: u32,
+    drop_threshold: u32,
+    drop_scale: f32,
+}
+
+/// Dropout on the attention probabilities: drop probability `p` in [0, 1), the stream's `seed`
+/// and the `step` counter that picks this step's mask.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u32,
+    pub step: u32,
+}
+
+/// Whether the probability of query `i` (row (b·NH + h)·Tq + i) and key `j` is kept: bit for
+/// bit the shader's `drop_factor`.
+pub fn keep(d: Dropout, row: u32, j: u32) -> bool {
+    let key = dropout::pcg(d.seed ^ dropout::pcg(d.step));
+    dropout::pcg(dropout::pcg(key ^ dropout::pcg(row)) ^ j) >= dropout::threshold(d.p)
+}
+
+/// Byte offset of the step counter in the params of the fused forward and backward dispatches,
+/// for rewriting it between micro-steps.
+pub const DROPOUT_STEP_OFFSET: u64 = std::mem::offset_of!(Params, drop_step) as u64;
+
+/// Moves a fused forward or backward dispatch built with dropout to another step's mask
+/// (queued; takes effect at the next submission).
+pub fn set_dropout_step(gpu: &Gpu, dispatch: &Dispatch, step: u32) {
+    gpu.queue.write_buffer(
+        &dispatch.params,
+        DROPOUT_STEP_OFFSET,
+        bytemuck::bytes_of(&step),
+    );
 }
 
 /// Strides of part `part` (0 = q, 1 = k, 2 = v) of qkv (B, T, 3C).
@@ -135,6 +174,21 @@ fn cache_strides(nh: usize, tmax: usize, hs: usize) -> [u32; 4] {
 }
 
 impl Params {
+    /// The params with `dropout` switched on (p > 0), after checking p.
+    fn with_dropout(self, kernel: &str, dropout: Option<Dropout>) -> Result<Params> {
+        let Some(d) = dropout.filter(|d| d.p != 0.0) else {
+            return Ok(self);
+        };
+        dropout::check_p(kernel, d.p)?;
+        Ok(Params {
+            drop_seed: d.seed,
+            drop_step: d.step,
+            drop_threshold: dropout::threshold(d.p),
+            drop_scale: dropout::scale(d.p),
+            ..self
+        })
+    }
+
     fn new(b: usize, nh: usize, hs: usize, tq: usize, tk: usize, causal: bool) -> Params {
         let scale = 1.0 / (hs as f64).sqrt();
         Params {
@@ -368,8 +422,8 @@ fn fused_forward(
 }
 
 /// Fused forward: out (B, T, C) and lse (B, NH, T) from qkv (B, T, 3C); scale 1/sqrt(HS); causal
-/// or not. Overwrites out and lse. No T×T matrix is stored; key tiles wholly past the causal
-/// limit are skipped.
+/// or not; dropout on the probabilities when given. Overwrites out and lse. No T×T matrix is
+/// stored; key tiles wholly past the causal limit are skipped.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
@@ -381,8 +435,21 @@ pub fn forward(
     nh: usize,
     hs: usize,
     causal: bool,
+    dropout: Option<Dropout>,
 ) -> Result<Dispatch> {
-    forward_in(gpu, out, lse, qkv, b, t, nh, hs, causal, storage_limit(gpu))
+    forward_in(
+        gpu,
+        out,
+        lse,
+        qkv,
+        b,
+        t,
+        nh,
+        hs,
+        causal,
+        dropout,
+        storage_limit(gpu),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -396,6 +463,7 @@ fn forward_in(
     nh: usize,
     hs: usize,
     causal: bool,
+    dropout: Option<Dropout>,
     storage: u32,
 ) -> Result<Dispatch> {
     let name = FORWARD.name();
@@ -411,7 +479,8 @@ fn forward_in(
         v: qkv_strides(t, c, hs, 2),
         o: btc_strides(t, c, hs),
         ..Params::new(b, nh, hs, t, t, causal)
-    };
+    }
+    .with_dropout(&name, dropout)?;
     let cost = Cost {
         flops: 2 * product_flops(b, nh, t, t, hs, causal),
         bytes: 4 * (b * t * 4 * c + b * nh * t) as u64,
@@ -429,7 +498,8 @@ fn forward_in(
 /// Fused backward: dqkv (B, T, 3C) from dout (B, T, C), qkv (B, T, 3C), and the forward's out
 /// (B, T, C) and lse (B, NH, T). Overwrites dqkv. Three dispatches: D = rowsum(dout ∘ out) into a
 /// private (B, NH, T) scratch, then dk and dv (one workgroup per key tile), then dq (one per query
-/// tile); probabilities are recomputed from lse. Deterministic, no atomics.
+/// tile); probabilities are recomputed from lse, and the dropout mask (the forward's `dropout`,
+/// same step) from its hash. Deterministic, no atomics.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
@@ -443,6 +513,7 @@ pub fn backward(
     nh: usize,
     hs: usize,
     causal: bool,
+    dropout: Option<Dropout>,
 ) -> Result<Vec<Dispatch>> {
     backward_in(
         gpu,
@@ -456,6 +527,7 @@ pub fn backward(
         nh,
         hs,
         causal,
+        dropout,
         storage_limit(gpu),
     )
 }
@@ -473,6 +545,7 @@ fn backward_in(
     nh: usize,
     hs: usize,
     causal: bool,
+    dropout: Option<Dropout>,
     storage: u32,
 ) -> Result<Vec<Dispatch>> {
     let name = "attention.backward";
@@ -492,7 +565,8 @@ fn backward_in(
         v: qkv_strides(t, c, hs, 2),
         o: btc_strides(t, c, hs),
         ..Params::new(b, nh, hs, t, t, causal)
-    };
+    }
+    .with_dropout(name, dropout)?;
     let rows = b * nh * t;
     let d = gpu.zeros("attention D", DType::F32, rows)?;
 
@@ -1042,15 +1116,23 @@ struct Expected {
     dqkv: Vec<f64>,
 }
 
-fn expected(
+/// The reference, causal and not, without dropout.
+fn expected(qkv: &[f32], dout: &[f32], dims: (usize, usize, usize, usize)) -> [Expected; 2] {
+    [true, false].map(|causal| expected_one(qkv, dout, dims, causal, None))
+}
+
+fn expected_one(
     qkv: &[f32],
     dout: &[f32],
     (b, nh, t, hs): (usize, usize, usize, usize),
-) -> [Expected; 2] {
+    causal: bool,
+    dropout: Option<Dropout>,
+) -> Expected {
     let c = nh * hs;
     let qkv: Vec<f64> = reference::convert(qkv);
     let dout: Vec<f64> = reference::convert(dout);
-    [true, false].map(|causal| {
+    let mask = dropout.map(|d| reference::attention::dropout_mask(b, nh, t, d));
+    {
         let mut e = Expected {
             out: vec![0.0; b * t * c],
             preatt: vec![0.0; b * nh * t * t],
@@ -1069,6 +1151,7 @@ fn expected(
             nh,
             hs,
             causal,
+            mask.as_deref(),
         );
         let (mut dpre, mut datt) = (vec![0.0; b * nh * t * t], vec![0.0; b * nh * t * t]);
         reference::attention::backward(
@@ -1083,9 +1166,10 @@ fn expected(
             nh,
             hs,
             causal,
+            mask.as_deref(),
         );
         e
-    })
+    }
 }
 
 fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
@@ -1110,10 +1194,10 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
             let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
             let mut ds = vec![forward_in(
-                gpu, &out, &lse, &gqkv, b, t, nh, hs, *causal, storage,
+                gpu, &out, &lse, &gqkv, b, t, nh, hs, *causal, None, storage,
             )?];
             ds.extend(backward_in(
-                gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, *causal, storage,
+                gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, *causal, None, storage,
             )?);
             gpu.run(&ds)?;
             for (what, got, w) in [
@@ -1162,6 +1246,62 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         }
     }
 
+    // Dropout on the probabilities (causal, the adapter's tiling) against the reference under the
+    // same mask, at two steps: the mask changes with the step, and the backward regenerates it.
+    for step in [0, 1] {
+        let d = Dropout {
+            p: 0.25,
+            seed: 0x5eed,
+            step,
+        };
+        let want = expected_one(&qkv, &dout, (b, nh, t, hs), true, Some(d));
+        let out = gpu.zeros("out", DType::F32, b * t * c)?;
+        let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
+        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
+        let mut ds = vec![forward(
+            gpu,
+            &out,
+            &lse,
+            &gqkv,
+            b,
+            t,
+            nh,
+            hs,
+            true,
+            Some(d),
+        )?];
+        ds.extend(backward(
+            gpu,
+            &dqkv,
+            &gdout,
+            &gqkv,
+            &out,
+            &lse,
+            b,
+            t,
+            nh,
+            hs,
+            true,
+            Some(d),
+        )?);
+        gpu.run(&ds)?;
+        for (what, got, w) in [
+            ("out", &out, &want.out),
+            ("lse", &lse, &want.lse),
+            ("dqkv", &dqkv, &want.dqkv),
+        ] {
+            let what = format!("causal dropout step {step} {what}");
+            reports.push(CheckReport::new(
+                &s,
+                &what,
+                &gpu.read_f32(got)?,
+                w,
+                ATOL,
+                RTOL,
+            ));
+        }
+    }
+
     // Decoding: a prefill of up to 5 tokens, then one token per step, against the causal rows.
     let cached = decode(gpu, &qkv, b, nh, t, hs, 5, 1)?;
     reports.push(CheckReport::new(
@@ -1191,6 +1331,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             nh,
             hs,
             true,
+            None,
         );
         let cached = decode_cached(gpu, &rounded, (b, nh, t, hs), 3, 2, DType::F16)?;
         reports.push(CheckReport::new(
@@ -1300,14 +1441,28 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let row_bytes = 4 * (b * nh * t) as u64;
     let square_bytes = 4 * (b * nh * t * t) as u64;
 
-    let fwd = forward(gpu, &out, &lse, &qkv, b, t, nh, hs, true)?;
-    let bwd = backward(gpu, &dqkv, &dout, &qkv, &out, &lse, b, t, nh, hs, true)?;
+    let fwd = forward(gpu, &out, &lse, &qkv, b, t, nh, hs, true, None)?;
+    let bwd = backward(
+        gpu, &dqkv, &dout, &qkv, &out, &lse, b, t, nh, hs, true, None,
+    )?;
     let mut fused_fwd = harness::bench_one(gpu, opts, "fused forward", &s, &[fwd])?;
     // lse, kept for the backward
     fused_fwd.extra_bytes = Some(row_bytes);
     let mut fused_bwd = harness::bench_one(gpu, opts, "fused backward", &s, &bwd)?;
     // lse and the D scratch
     fused_bwd.extra_bytes = Some(2 * row_bytes);
+    // The same kernels with dropout 0.1 on the probabilities: the cost of the mask's hash.
+    let d = Some(Dropout {
+        p: 0.1,
+        seed: 1,
+        step: 0,
+    });
+    let dfwd = forward(gpu, &out, &lse, &qkv, b, t, nh, hs, true, d)?;
+    let dbwd = backward(gpu, &dqkv, &dout, &qkv, &out, &lse, b, t, nh, hs, true, d)?;
+    let mut drop_fwd = harness::bench_one(gpu, opts, "fused forward, dropout", &s, &[dfwd])?;
+    drop_fwd.extra_bytes = Some(row_bytes);
+    let mut drop_bwd = harness::bench_one(gpu, opts, "fused backward, dropout", &s, &dbwd)?;
+    drop_bwd.extra_bytes = Some(2 * row_bytes);
 
     let preatt = gpu.zeros("preatt", DType::F32, b * nh * t * t)?;
     let att = gpu.zeros("att", DType::F32, b * nh * t * t)?;
@@ -1325,7 +1480,14 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let mut unfused_bwd = harness::bench_one(gpu, opts, "unfused backward", &s, &ubwd)?;
     // att (kept from the forward), datt and dpreatt
     unfused_bwd.extra_bytes = Some(3 * square_bytes);
-    let mut reports = vec![fused_fwd, unfused_fwd, fused_bwd, unfused_bwd];
+    let mut reports = vec![
+        fused_fwd,
+        drop_fwd,
+        unfused_fwd,
+        fused_bwd,
+        drop_bwd,
+        unfused_bwd,
+    ];
     drop((ubwd, att, dpreatt, datt));
 
     // Decoding one token (Tq = 1) at position T - 1 over a cache of T keys (prefilled from qkv),

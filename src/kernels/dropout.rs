@@ -42,7 +42,7 @@ struct Params {
 }
 
 /// PCG-RXS-M-XS output permutation of one LCG step: a bijective 32-bit hash (the shader's `pcg`).
-fn pcg(v: u32) -> u32 {
+pub(crate) fn pcg(v: u32) -> u32 {
     let state = v.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
     let word = ((state >> ((state >> 28) + 4)) ^ state).wrapping_mul(277_803_737);
     (word >> 22) ^ word
@@ -70,7 +70,7 @@ pub fn keep(seed: u32, step: u32, i: u32, p: f32) -> bool {
     hash(seed, step, i) >= threshold(p)
 }
 
-fn check_p(kernel: &str, p: f32) -> Result<()> {
+pub(crate) fn check_p(kernel: &str, p: f32) -> Result<()> {
     if !(0.0..1.0).contains(&p) {
         return Err(Error::invalid(
             kernel,

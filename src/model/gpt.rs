@@ -39,6 +39,9 @@ pub struct GptGraph {
     pub params: Vec<TensorId>,
 }
 
+/// The dropout site of layer l's attention probabilities is ATTENTION_SITES + l.
+const ATTENTION_SITES: u32 = 1 << 16;
+
 /// Builds GPT-2 for batches of `b` sequences of `t` tokens.
 pub fn build(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode) -> GptGraph {
     let mut g = Graph::default();
@@ -190,7 +193,15 @@ pub fn build(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode
             g.push(
                 fwd,
                 format!("{h}.attn"),
-                Op::Attention { b, t, nh, hs },
+                Op::Attention {
+                    b,
+                    t,
+                    nh,
+                    hs,
+                    p,
+                    // Streams apart from the residual dropouts' sites (1, 2, 3, ...).
+                    site: ATTENTION_SITES + l as u32,
+                },
                 vec![qkv],
                 vec![att, lse],
             );

@@ -4,11 +4,30 @@
 //! Layouts: qkv (B, T, 3, NH, HS) = (B, T, 3C) with C = NH·HS, the q, k, v of token t, head h at
 //! qkv[(b·T + t)·3C + {0, C, 2C} + h·HS + d]; out (B, T, C); lse (B, NH, T).
 //! scale = 1/sqrt(HS). Causal: query t sees keys t2 <= t; masked entries of preatt and att are 0.
+//! Dropout: an optional `drop` (B, NH, T, T) of factors (0 or 1/(1 - p), see `dropout_mask`)
+//! multiplies att in the product with v; att itself stays the undropped softmax.
 
 use super::Real;
+use crate::kernels::attention::{Dropout, keep};
 
-/// out (B, T, C), preatt (B, NH, T, T), att (B, NH, T, T), lse (B, NH, T) from qkv (B, T, 3C).
-/// lse is the natural logsumexp of each row's unmasked scaled scores. Overwrites every output.
+/// The dropout factors (B, NH, T, T) of the fused kernels' mask: 1/(1 - p) where
+/// `kernels::attention::keep` keeps the probability, else 0.
+pub fn dropout_mask<F: Real>(b: usize, nh: usize, t: usize, d: Dropout) -> Vec<F> {
+    let scale = F::from_f64(crate::kernels::dropout::scale(d.p) as f64);
+    let mut m = vec![F::zero(); b * nh * t * t];
+    for row in 0..b * nh * t {
+        for j in 0..t {
+            if keep(d, row as u32, j as u32) {
+                m[row * t + j] = scale;
+            }
+        }
+    }
+    m
+}
+
+/// out (B, T, C), preatt (B, NH, T, T), att (B, NH, T, T), lse (B, NH, T) from qkv (B, T, 3C)
+/// and the dropout factors `drop` (B, NH, T, T) if any. lse is the natural logsumexp of each
+/// row's unmasked scaled scores. Overwrites every output.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<F: Real>(
     out: &mut [F],
@@ -21,9 +40,11 @@ pub fn forward<F: Real>(
     nh: usize,
     hs: usize,
     causal: bool,
+    drop: Option<&[F]>,
 ) {
     let c = nh * hs;
     let scale = F::one() / F::from_f64(hs as f64).sqrt();
+    let factor = |i: usize| drop.map_or(F::one(), |m| m[i]);
     for bi in 0..b {
         for h in 0..nh {
             for t1 in 0..t {
@@ -60,13 +81,14 @@ pub fn forward<F: Real>(
                     att[row + t2] /= sum;
                 }
                 lse[(bi * nh + h) * t + t1] = maxval + sum.ln();
-                // out (HS) = Σ att[t2] · v[t2]
+                // out (HS) = Σ att[t2] · drop[t2] · v[t2]
                 let o = &mut out[(bi * t + t1) * c + h * hs..][..hs];
                 o.fill(F::zero());
                 for t2 in 0..n {
                     let v = &qkv[(bi * t + t2) * 3 * c + 2 * c + h * hs..][..hs];
+                    let a = att[row + t2] * factor(row + t2);
                     for d in 0..hs {
-                        o[d] += att[row + t2] * v[d];
+                        o[d] += a * v[d];
                     }
                 }
             }
@@ -74,9 +96,9 @@ pub fn forward<F: Real>(
     }
 }
 
-/// dqkv (B, T, 3C), dpreatt (B, NH, T, T), datt (B, NH, T, T) from dout (B, T, C), qkv (B, T, 3C)
-/// and the forward's att (B, NH, T, T). Overwrites every output (the fused and unfused GPU
-/// backward passes overwrite dqkv too).
+/// dqkv (B, T, 3C), dpreatt (B, NH, T, T), datt (B, NH, T, T) from dout (B, T, C), qkv (B, T, 3C),
+/// the forward's att (B, NH, T, T) and its dropout factors. datt is the gradient of the undropped
+/// att. Overwrites every output (the fused and unfused GPU backward passes overwrite dqkv too).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<F: Real>(
     dqkv: &mut [F],
@@ -90,9 +112,11 @@ pub fn backward<F: Real>(
     nh: usize,
     hs: usize,
     causal: bool,
+    drop: Option<&[F]>,
 ) {
     let c = nh * hs;
     let scale = F::one() / F::from_f64(hs as f64).sqrt();
+    let factor = |i: usize| drop.map_or(F::one(), |m| m[i]);
     dqkv.fill(F::zero());
     for bi in 0..b {
         for h in 0..nh {
@@ -100,15 +124,18 @@ pub fn backward<F: Real>(
                 let row = ((bi * nh + h) * t + t1) * t;
                 let n = if causal { t1 + 1 } else { t };
                 let dout_row = &dout[(bi * t + t1) * c + h * hs..][..hs];
-                // through out = Σ att[t2] v[t2]: datt[t2] = dout·v[t2], dv[t2] += att[t2] · dout
+                // through out = Σ att[t2] m[t2] v[t2]: datt[t2] = m[t2] · dout·v[t2],
+                // dv[t2] += att[t2] m[t2] · dout
                 for t2 in 0..t {
                     let mut g = F::zero();
                     if t2 < n {
                         let v = (bi * t + t2) * 3 * c + 2 * c + h * hs;
+                        let a = att[row + t2] * factor(row + t2);
                         for d in 0..hs {
                             g += dout_row[d] * qkv[v + d];
-                            dqkv[v + d] += att[row + t2] * dout_row[d];
+                            dqkv[v + d] += a * dout_row[d];
                         }
+                        g *= factor(row + t2);
                     }
                     datt[row + t2] = g;
                 }

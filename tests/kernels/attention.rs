@@ -59,7 +59,7 @@ fn decoding_matches_the_full_forward() {
     let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
     let out = gpu.zeros("out", DType::F32, b * t * c).unwrap();
     let lse = gpu.zeros("lse", DType::F32, b * nh * t).unwrap();
-    gpu.run(&[attention::forward(gpu, &out, &lse, &gqkv, b, t, nh, hs, true).unwrap()])
+    gpu.run(&[attention::forward(gpu, &out, &lse, &gqkv, b, t, nh, hs, true, None).unwrap()])
         .unwrap();
     let full = gpu.read_f32(&out).unwrap();
     for (prefill, step) in [(5, 1), (3, 4)] {
@@ -69,6 +69,7 @@ fn decoding_matches_the_full_forward() {
     }
 }
 
+/// With and without a dropout mask (a fixed mask: the function stays differentiable).
 #[test]
 fn reference_backward_matches_finite_differences() {
     let (b, t, nh, hs) = (2, 4, 2, 3);
@@ -76,31 +77,32 @@ fn reference_backward_matches_finite_differences() {
     let mut rng = Rng::new(3);
     let qkv: Vec<f64> = reference::convert(&rng.vec_uniform(b * t * 3 * c, -2.0, 2.0));
     let w: Vec<f64> = reference::convert(&rng.vec_uniform(b * t * c, -1.0, 1.0));
-    for causal in [true, false] {
+    let d = attention::Dropout {
+        p: 0.3,
+        seed: 11,
+        step: 2,
+    };
+    let mask: Vec<f64> = reference::attention::dropout_mask(b, nh, t, d);
+    for (causal, drop) in [(true, None), (false, None), (true, Some(&mask[..]))] {
         let square = b * nh * t * t;
-        let loss = |x: &[f64]| {
+        let forward = |x: &[f64]| {
             let mut out = vec![0.0; b * t * c];
             let (mut pre, mut att) = (vec![0.0; square], vec![0.0; square]);
             let mut lse = vec![0.0; b * nh * t];
             reference::attention::forward(
-                &mut out, &mut pre, &mut att, &mut lse, x, b, t, nh, hs, causal,
+                &mut out, &mut pre, &mut att, &mut lse, x, b, t, nh, hs, causal, drop,
             );
-            dot(&out, &w)
+            (out, att)
         };
-        let mut out = vec![0.0; b * t * c];
-        let (mut pre, mut att) = (vec![0.0; square], vec![0.0; square]);
-        let mut lse = vec![0.0; b * nh * t];
-        reference::attention::forward(
-            &mut out, &mut pre, &mut att, &mut lse, &qkv, b, t, nh, hs, causal,
-        );
+        let (_, att) = forward(&qkv);
         let mut dqkv = vec![0.0; b * t * 3 * c];
         let (mut dpre, mut datt) = (vec![0.0; square], vec![0.0; square]);
         reference::attention::backward(
-            &mut dqkv, &mut dpre, &mut datt, &w, &qkv, &att, b, t, nh, hs, causal,
+            &mut dqkv, &mut dpre, &mut datt, &w, &qkv, &att, b, t, nh, hs, causal, drop,
         );
-        let numeric = numeric_grad(&qkv, 1e-5, loss);
+        let numeric = numeric_grad(&qkv, 1e-5, |x| dot(&forward(x).0, &w));
         reference::compare(
-            &format!("dqkv causal={causal}"),
+            &format!("dqkv causal={causal} dropout={}", drop.is_some()),
             &dqkv,
             &numeric,
             1e-8,
@@ -108,6 +110,104 @@ fn reference_backward_matches_finite_differences() {
         )
         .assert();
     }
+}
+
+/// The attention dropout mask keeps about 1 - p of the probabilities, scaled by 1/(1 - p),
+/// changes with the step, the seed and the position, and changes the output.
+#[test]
+fn dropout_mask_keeps_one_minus_p_and_changes_the_output() {
+    let (b, nh, t, hs) = (2, 3, 64, 8);
+    let d = attention::Dropout {
+        p: 0.25,
+        seed: 9,
+        step: 0,
+    };
+    let mask: Vec<f64> = reference::attention::dropout_mask(b, nh, t, d);
+    let kept = mask.iter().filter(|&&m| m != 0.0).count() as f64 / mask.len() as f64;
+    assert!(
+        (kept - 0.75).abs() < 0.01,
+        "kept {kept} of the probabilities"
+    );
+    assert!(
+        mask.iter()
+            .all(|&m| m == 0.0 || (m - 1.0 / 0.75).abs() < 1e-6)
+    );
+    for other in [
+        attention::Dropout { step: 1, ..d },
+        attention::Dropout { seed: 10, ..d },
+    ] {
+        let m2: Vec<f64> = reference::attention::dropout_mask(b, nh, t, other);
+        let same = mask.iter().zip(&m2).filter(|(x, y)| x == y).count() as f64;
+        // Independent masks agree on 0.75² + 0.25² = 62.5% of the entries.
+        assert!(same / (mask.len() as f64) < 0.7, "{other:?}: {same} equal");
+    }
+    // Rows of different heads or batches do not repeat one another.
+    let row = |r: usize| &mask[r * t..(r + 1) * t];
+    assert_ne!(row(0), row(t), "head 1 repeats head 0");
+    assert_ne!(row(0), row(nh * t), "batch 1 repeats batch 0");
+
+    let (qkv, _) = attention::check_inputs(b, nh, t, hs);
+    let qkv: Vec<f64> = reference::convert(&qkv);
+    let run = |drop: Option<&[f64]>| {
+        let square = b * nh * t * t;
+        let mut out = vec![0.0; b * t * nh * hs];
+        let (mut pre, mut att) = (vec![0.0; square], vec![0.0; square]);
+        let mut lse = vec![0.0; b * nh * t];
+        reference::attention::forward(
+            &mut out, &mut pre, &mut att, &mut lse, &qkv, b, t, nh, hs, true, drop,
+        );
+        out
+    };
+    let (plain, dropped) = (run(None), run(Some(&mask)));
+    let diff = plain
+        .iter()
+        .zip(&dropped)
+        .fold(0.0f64, |a, (x, y)| a.max((x - y).abs()));
+    assert!(diff > 0.1, "dropout changed the output by only {diff}");
+}
+
+/// A dispatch built for one step's mask and moved to another with `set_dropout_step` (how the
+/// graph executor draws a fresh mask every micro-step) gives that step's result.
+#[test]
+fn set_dropout_step_moves_a_dispatch_to_another_mask() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, nh, t, hs) = (1, 2, 37, 16);
+    let c = nh * hs;
+    let (qkv, dout) = attention::check_inputs(b, nh, t, hs);
+    let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
+    let gdout = gpu.upload_f32("dout", &dout).unwrap();
+    let at = |step| attention::Dropout {
+        p: 0.4,
+        seed: 77,
+        step,
+    };
+    let run = |build: u32, run_at: Option<u32>| {
+        let out = gpu.zeros("out", DType::F32, b * t * c).unwrap();
+        let lse = gpu.zeros("lse", DType::F32, b * nh * t).unwrap();
+        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c).unwrap();
+        let d = Some(at(build));
+        let mut ds =
+            vec![attention::forward(gpu, &out, &lse, &gqkv, b, t, nh, hs, true, d).unwrap()];
+        ds.extend(
+            attention::backward(gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, true, d)
+                .unwrap(),
+        );
+        if let Some(step) = run_at {
+            for x in &ds {
+                attention::set_dropout_step(gpu, x, step);
+            }
+        }
+        gpu.run(&ds).unwrap();
+        [out, dqkv].map(|v| gpu.read_u32(&v).unwrap())
+    };
+    let direct = run(5, None);
+    let moved = run(0, Some(5));
+    let other = run(0, None);
+    assert_eq!(
+        direct, moved,
+        "a dispatch moved to step 5 differs from one built there"
+    );
+    assert_ne!(direct[0], other[0], "steps 0 and 5 drew the same mask");
 }
 
 #[test]
@@ -120,7 +220,7 @@ fn reference_lse_is_the_log_of_the_softmax_denominator() {
     let (mut pre, mut att) = (vec![0.0; square], vec![0.0; square]);
     let mut lse = vec![0.0; b * nh * t];
     reference::attention::forward(
-        &mut out, &mut pre, &mut att, &mut lse, &qkv, b, t, nh, hs, true,
+        &mut out, &mut pre, &mut att, &mut lse, &qkv, b, t, nh, hs, true, None,
     );
     // att = exp(preatt - lse) on the unmasked entries
     for row in 0..b * nh * t {
@@ -150,9 +250,13 @@ fn results_are_bit_identical_run_to_run() {
             gpu.zeros("udqkv", DType::F32, b * t * 3 * c).unwrap(),
         );
         let (pre, att, dpre, datt) = (sq("preatt"), sq("att"), sq("dpreatt"), sq("datt"));
-        let mut ds = vec![attention::forward(gpu, &out, &lse, &gqkv, b, t, nh, hs, true).unwrap()];
+        let mut ds =
+            vec![attention::forward(gpu, &out, &lse, &gqkv, b, t, nh, hs, true, None).unwrap()];
         ds.extend(
-            attention::backward(gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, true).unwrap(),
+            attention::backward(
+                gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, true, None,
+            )
+            .unwrap(),
         );
         ds.extend(
             attention::forward_unfused(gpu, &uout, &pre, &att, &gqkv, b, t, nh, hs, true).unwrap(),
@@ -193,11 +297,11 @@ fn head_size_beyond_the_maximum_is_an_error() {
         z("lse", t),
         z("dqkv", b * t * 3 * c),
     );
-    let err = attention::forward(gpu, &out, &lse, &qkv, b, t, nh, hs, true)
+    let err = attention::forward(gpu, &out, &lse, &qkv, b, t, nh, hs, true, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("HS = 129") && err.contains("MAX_HS"), "{err}");
-    let err = attention::backward(gpu, &dqkv, &out, &qkv, &out, &lse, b, t, nh, hs, true)
+    let err = attention::backward(gpu, &dqkv, &out, &qkv, &out, &lse, b, t, nh, hs, true, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("MAX_HS"), "{err}");
@@ -219,7 +323,7 @@ fn head_size_not_matching_the_channels_is_an_error() {
         z("out", b * t * 48),
         z("lse", b * 3 * t),
     );
-    let err = attention::forward(gpu, &out, &lse, &qkv, b, t, 3, 16, true)
+    let err = attention::forward(gpu, &out, &lse, &qkv, b, t, 3, 16, true, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("tensor qkv") && err.contains("1920"), "{err}");
@@ -230,7 +334,7 @@ fn head_size_not_matching_the_channels_is_an_error() {
     assert!(err.contains("tensor qkv"), "{err}");
     let short_lse = z("lse", b * 3 * t - 1);
     let qkv48 = z("qkv", b * t * 3 * 48);
-    let err = attention::forward(gpu, &out, &short_lse, &qkv48, b, t, 3, 16, true)
+    let err = attention::forward(gpu, &out, &short_lse, &qkv48, b, t, 3, 16, true, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("tensor lse"), "{err}");
