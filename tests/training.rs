@@ -335,6 +335,91 @@ fn a_model_too_large_for_the_adapter_names_the_tensor_and_limit() {
     );
 }
 
+/// Settings no run can use are refused before anything is trained, naming the flag.
+#[test]
+fn bad_settings_name_the_flag() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let root = scratch("bad-settings");
+    let out = root.join("out");
+    let with_lr = |lr: f32| TrainConfig {
+        schedule: LrSchedule {
+            lr,
+            ..tiny(&out, 2).schedule
+        },
+        ..tiny(&out, 2)
+    };
+    for (cfg, flag) in [
+        (with_lr(-1.0), "--lr: -1"),
+        (with_lr(f32::NAN), "--lr: NaN"),
+        (
+            TrainConfig {
+                eps: 0.0,
+                ..tiny(&out, 2)
+            },
+            "--eps",
+        ),
+        (
+            TrainConfig {
+                weight_decay: f32::INFINITY,
+                ..tiny(&out, 2)
+            },
+            "--weight-decay",
+        ),
+        (tiny(&out, 0), "--max-iters: must be at least 1"),
+        (
+            TrainConfig {
+                eval_iters: 0,
+                ..tiny(&out, 2)
+            },
+            "--eval-iters",
+        ),
+    ] {
+        let e = err_of(&cfg);
+        assert!(e.contains(flag), "{flag}: {e}");
+    }
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+
+    // Resuming a run that already reached --max-iters says so instead of doing nothing.
+    train::train(test_gpu().unwrap(), &tiny(&out, 2)).unwrap();
+    let e = err_of(&TrainConfig {
+        resume: Some(out.clone()),
+        ..tiny(&out, 2)
+    });
+    assert!(e.contains("at step 2") && e.contains("--max-iters"), "{e}");
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// A single update that sends the weights to infinity is caught by the evaluation after it
+/// (its own loss was computed before the update): no checkpoint of NaN weights is written.
+#[test]
+fn divergence_in_the_last_update_writes_no_checkpoint() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let root = scratch("diverge-last");
+    let out = root.join("out");
+    let e = err_of(&TrainConfig {
+        schedule: LrSchedule {
+            kind: Schedule::Constant,
+            lr: 1e38,
+            ..tiny(&out, 1).schedule
+        },
+        grad_clip: 0.0,
+        ..tiny(&out, 1)
+    });
+    assert!(
+        e.contains("diverged by step 1") && e.contains("evaluation"),
+        "{e}"
+    );
+    assert!(
+        !out.exists(),
+        "a checkpoint of diverged weights was written"
+    );
+    let _ = std::fs::remove_dir_all(root);
+}
+
 #[test]
 fn divergence_stops_and_keeps_the_last_checkpoint() {
     if test_gpu().is_none() {

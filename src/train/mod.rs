@@ -109,7 +109,7 @@ pub struct TrainSummary {
     pub final_train_loss: Option<f32>,
     pub final_val_loss: Option<f32>,
     pub seconds: f64,
-    /// Mean over logged steps of ms per step, after the first.
+    /// Mean ms per step after the first (the first alone when only one ran).
     pub ms_per_step: f64,
     pub tokens_per_step: usize,
     /// True when stopped early by Ctrl-C (a checkpoint was written).
@@ -390,10 +390,44 @@ impl Progress<'_> {
     }
 }
 
+/// Rejects settings no run can use, naming the flag: rates and decay that are negative or not
+/// finite (a NaN learning rate would turn every parameter into NaN at the first update), no
+/// steps, no evaluation batches. beta1 and beta2 are checked by the AdamW launcher.
+fn check_settings(cfg: &TrainConfig) -> Result<()> {
+    let s = &cfg.schedule;
+    for (flag, x) in [
+        ("--lr", s.lr),
+        ("--min-lr", s.min_lr),
+        ("--weight-decay", cfg.weight_decay),
+        ("--grad-clip", cfg.grad_clip),
+    ] {
+        if !(x.is_finite() && x >= 0.0) {
+            return Err(Error::invalid(flag, format!("{x} must be finite and >= 0")));
+        }
+    }
+    if !(cfg.eps.is_finite() && cfg.eps > 0.0) {
+        return Err(Error::invalid(
+            "--eps",
+            format!("{} must be finite and > 0", cfg.eps),
+        ));
+    }
+    for (flag, x) in [
+        ("--max-iters", cfg.max_iters),
+        ("--eval-iters", cfg.eval_iters as u64),
+        ("--log-interval", cfg.log_interval),
+    ] {
+        if x == 0 {
+            return Err(Error::invalid(flag, "must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
 /// Trains. Returns the summary, or an error (bad input, divergence) after which the last
 /// checkpoint on disk is intact.
 pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
     let t0 = Instant::now();
+    check_settings(cfg)?;
     install_interrupt_handler();
     // The model: continued from a checkpoint, or fresh.
     let (model_cfg, mut ckpt, start_state) = if let Some(dir) = &cfg.resume {
@@ -540,6 +574,16 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
     if let Some(state) = &start_state {
         step = state.get("step").and_then(Value::as_u64).unwrap_or(0);
         loader.restore(state.get("loader").unwrap_or(&Value::Null))?;
+        if step >= cfg.max_iters {
+            return Err(Error::invalid(
+                "--max-iters",
+                format!(
+                    "the checkpoint is at step {step} and --max-iters is {}: nothing left to \
+                     train (give a larger --max-iters to continue)",
+                    cfg.max_iters
+                ),
+            ));
+        }
     }
     let verbose = cfg.verbose;
     let say = |s: String| {
@@ -604,7 +648,10 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
     };
     let first_step = step + 1;
     let mut last_submit = Instant::now();
+    // Intervals between submissions after the first step (which includes warm-up); for a run of
+    // one step, the loop's wall time without evaluations and checkpoints.
     let (mut ms_sum, mut ms_count) = (0.0, 0u64);
+    let (loop_t0, mut pause) = (Instant::now(), std::time::Duration::ZERO);
     let mut last_val = None;
     let mut was_interrupted = false;
     while step < cfg.max_iters {
@@ -628,9 +675,23 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         if eval_now || step == cfg.max_iters || stop {
             // Never checkpoint parameters a diverged step may have touched.
             run.handle(exec.wait_results()?)?;
+            let paused = Instant::now();
             if eval_now || step == cfg.max_iters {
                 let tl = evaluate(&mut eval_exec, &data.train, cfg)?;
                 let vl = evaluate(&mut eval_exec, &data.val, cfg)?;
+                if !(tl.is_finite() && vl.is_finite()) {
+                    let kept = match run.last_ckpt_step {
+                        Some(s) => format!("; {} (step {s}) is untouched", cfg.out.display()),
+                        None => String::new(),
+                    };
+                    return Err(Error::invalid(
+                        "train",
+                        format!(
+                            "training diverged by step {step}: evaluation loss {tl} (train), {vl} \
+                             (val); stopped without writing a checkpoint{kept}"
+                        ),
+                    ));
+                }
                 run.log(format!(
                     "step {step:>6}: train loss {tl:.4}, val loss {vl:.4}"
                 ));
@@ -641,6 +702,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
             save(&store, step, &loader)?;
             run.last_ckpt_step = Some(step);
             run.log(format!("checkpoint: {} (step {step})", cfg.out.display()));
+            pause += paused.elapsed();
+            last_submit = Instant::now();
             if stop {
                 was_interrupted = true;
                 break;
@@ -658,6 +721,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         seconds: t0.elapsed().as_secs_f64(),
         ms_per_step: if ms_count > 0 {
             ms_sum / ms_count as f64
+        } else if step >= first_step {
+            (loop_t0.elapsed() - pause).as_secs_f64() * 1e3 / (step + 1 - first_step) as f64
         } else {
             0.0
         },
