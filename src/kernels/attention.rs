@@ -1187,34 +1187,53 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     if storage_limit(gpu) > STORAGE_MIN {
         tiers.push((STORAGE_MIN, "fused16k"));
     }
+    // The fused forward and backward at one tiling tier, against `want`.
+    let fused = |causal: bool,
+                 dropout: Option<Dropout>,
+                 storage: u32,
+                 want: &Expected,
+                 label: &str,
+                 reports: &mut Vec<CheckReport>|
+     -> Result<()> {
+        let out = gpu.zeros("out", DType::F32, b * t * c)?;
+        let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
+        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
+        let mut ds = vec![forward_in(
+            gpu, &out, &lse, &gqkv, b, t, nh, hs, causal, dropout, storage,
+        )?];
+        ds.extend(backward_in(
+            gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, causal, dropout, storage,
+        )?);
+        gpu.run(&ds)?;
+        for (what, got, w) in [
+            ("out", &out, &want.out),
+            ("lse", &lse, &want.lse),
+            ("dqkv", &dqkv, &want.dqkv),
+        ] {
+            let what = format!("{label} {what}");
+            reports.push(CheckReport::new(
+                &s,
+                &what,
+                &gpu.read_f32(got)?,
+                w,
+                ATOL,
+                RTOL,
+            ));
+        }
+        Ok(())
+    };
+
     for (causal, want) in [true, false].iter().zip(&want) {
         let mode = if *causal { "causal" } else { "noncausal" };
         for &(storage, label) in &tiers {
-            let out = gpu.zeros("out", DType::F32, b * t * c)?;
-            let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
-            let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
-            let mut ds = vec![forward_in(
-                gpu, &out, &lse, &gqkv, b, t, nh, hs, *causal, None, storage,
-            )?];
-            ds.extend(backward_in(
-                gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, *causal, None, storage,
-            )?);
-            gpu.run(&ds)?;
-            for (what, got, w) in [
-                ("out", &out, &want.out),
-                ("lse", &lse, &want.lse),
-                ("dqkv", &dqkv, &want.dqkv),
-            ] {
-                let what = format!("{mode} {label} {what}");
-                reports.push(CheckReport::new(
-                    &s,
-                    &what,
-                    &gpu.read_f32(got)?,
-                    w,
-                    ATOL,
-                    RTOL,
-                ));
-            }
+            fused(
+                *causal,
+                None,
+                storage,
+                want,
+                &format!("{mode} {label}"),
+                &mut reports,
+            )?;
         }
 
         let out = gpu.zeros("out", DType::F32, b * t * c)?;
@@ -1255,51 +1274,15 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             step,
         };
         let want = expected_one(&qkv, &dout, (b, nh, t, hs), true, Some(d));
-        let out = gpu.zeros("out", DType::F32, b * t * c)?;
-        let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
-        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
-        let mut ds = vec![forward(
-            gpu,
-            &out,
-            &lse,
-            &gqkv,
-            b,
-            t,
-            nh,
-            hs,
+        let label = format!("causal dropout step {step}");
+        fused(
             true,
             Some(d),
-        )?];
-        ds.extend(backward(
-            gpu,
-            &dqkv,
-            &gdout,
-            &gqkv,
-            &out,
-            &lse,
-            b,
-            t,
-            nh,
-            hs,
-            true,
-            Some(d),
-        )?);
-        gpu.run(&ds)?;
-        for (what, got, w) in [
-            ("out", &out, &want.out),
-            ("lse", &lse, &want.lse),
-            ("dqkv", &dqkv, &want.dqkv),
-        ] {
-            let what = format!("causal dropout step {step} {what}");
-            reports.push(CheckReport::new(
-                &s,
-                &what,
-                &gpu.read_f32(got)?,
-                w,
-                ATOL,
-                RTOL,
-            ));
-        }
+            storage_limit(gpu),
+            &want,
+            &label,
+            &mut reports,
+        )?;
     }
 
     // Decoding: a prefill of up to 5 tokens, then one token per step, against the causal rows.
