@@ -109,7 +109,7 @@ pub struct TrainSummary {
     pub final_train_loss: Option<f32>,
     pub final_val_loss: Option<f32>,
     pub seconds: f64,
-    /// Mean ms per step after the first (the first alone when only one ran).
+    /// Wall-clock ms per step run, evaluations and checkpoints left out.
     pub ms_per_step: f64,
     pub tokens_per_step: usize,
     /// True when stopped early by Ctrl-C (a checkpoint was written).
@@ -648,9 +648,9 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
     };
     let first_step = step + 1;
     let mut last_submit = Instant::now();
-    // Intervals between submissions after the first step (which includes warm-up); for a run of
-    // one step, the loop's wall time without evaluations and checkpoints.
-    let (mut ms_sum, mut ms_count) = (0.0, 0u64);
+    // The loop's wall time without evaluations and checkpoints, over the steps run. (Intervals
+    // between submissions would undercount the first steps, which the readback ring lets
+    // through without waiting.)
     let (loop_t0, mut pause) = (Instant::now(), std::time::Duration::ZERO);
     let mut last_val = None;
     let mut was_interrupted = false;
@@ -663,10 +663,6 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         let now = Instant::now();
         let ms = now.duration_since(last_submit).as_secs_f64() * 1e3;
         last_submit = now;
-        if step > first_step {
-            ms_sum += ms;
-            ms_count += 1;
-        }
         run.ms_of.push_back((step, ms));
         run.handle(exec.poll()?)?;
 
@@ -719,9 +715,7 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         final_train_loss: run.last_loss,
         final_val_loss: last_val,
         seconds: t0.elapsed().as_secs_f64(),
-        ms_per_step: if ms_count > 0 {
-            ms_sum / ms_count as f64
-        } else if step >= first_step {
+        ms_per_step: if step >= first_step {
             (loop_t0.elapsed() - pause).as_secs_f64() * 1e3 / (step + 1 - first_step) as f64
         } else {
             0.0
