@@ -79,7 +79,7 @@ pub fn train(
 ) -> Result<TrainBench> {
     let table = ParamTable::new(cfg);
     let store = ParamStore::new(gpu, &table.store_specs(), &random_params(cfg, 1), true)?;
-    let g = gpt::build(cfg, &table, b, t, Mode::Train);
+    let g = gpt::build_for(cfg, &table, b, t, Mode::Train, gpu.max_binding());
     let mut exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
     let mut rng = Rng::new(2);
     let mut step = 0u32;

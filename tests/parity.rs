@@ -60,17 +60,25 @@ fn assets() -> &'static Path {
 
 #[test]
 fn gpt2_tiny_matches_pytorch() {
-    gpt2_tiny(u64::MAX);
+    gpt2_tiny(u64::MAX, u64::MAX);
 }
 
 /// The same with the token embedding (and its gradient and moments) split into row chunks of 20
 /// rows, as a large vocabulary is on devices with small storage bindings.
 #[test]
 fn gpt2_tiny_with_a_split_embedding_matches_pytorch() {
-    gpt2_tiny(20 * 48 * 4);
+    gpt2_tiny(20 * 48 * 4, u64::MAX);
 }
 
-fn gpt2_tiny(chunk_limit: u64) {
+/// The same with the logits computed with their loss in row chunks (`LmHeadLoss`), as they are
+/// when B·T × Vp floats exceed a binding, over a split embedding too: 64-row chunks of the 2·T
+/// rows, the last one shorter.
+#[test]
+fn gpt2_tiny_with_chunked_logits_matches_pytorch() {
+    gpt2_tiny(20 * 48 * 4, 64 * 128 * 4);
+}
+
+fn gpt2_tiny(chunk_limit: u64, logits_limit: u64) {
     let Some(gpu) = test_gpu() else { return };
     let dir = assets().join("gpt2-tiny");
     let fx = Fixture::load(&dir.join("fixture.safetensors"));
@@ -108,8 +116,12 @@ fn gpt2_tiny(chunk_limit: u64) {
         },
         seed: 0,
     };
-    let g = gpt::build(&cfg, &table, b, t, Mode::Train);
+    let g = gpt::build_for(&cfg, &table, b, t, Mode::Train, logits_limit);
     let logits_id = g.logits;
+    let chunked = gpt::logits_chunk_rows(b * t, vp, logits_limit);
+    assert_eq!(chunked.is_some(), logits_limit != u64::MAX);
+    let lm_head_ops = |name: &str| g.graph.nodes.iter().filter(|n| n.op.name() == name).count();
+    assert_eq!(lm_head_ops("lm_head_loss"), chunked.is_some() as usize);
     let mut exec = Executor::new(gpu, g.graph, &store, opts).unwrap();
     let batch = MicroBatch {
         tokens: fx.u32("tokens"),
@@ -123,7 +135,18 @@ fn gpt2_tiny(chunk_limit: u64) {
         .chunks(vp)
         .flat_map(|row| row[..v].to_vec())
         .collect();
-    compare("logits", &logits, &fx.f32("logits"), 1e-4, 0.0).assert();
+    let want_logits = fx.f32("logits");
+    // Chunked, the buffer holds the last chunk's rows.
+    let first_row = chunked.map_or(0, |rows| (b * t - 1) / rows * rows);
+    let n_rows = chunked.map_or(b * t, |_| b * t - first_row);
+    compare(
+        "logits",
+        &logits[..n_rows * v],
+        &want_logits[first_row * v..],
+        1e-4,
+        0.0,
+    )
+    .assert();
     compare("loss", &[loss], &fx.f32("loss"), 1e-5, 0.0).assert();
 
     // Every parameter gradient, in our layout.

@@ -121,8 +121,21 @@ fn executor<'a>(
     t: usize,
     reuse: bool,
 ) -> Executor<'a> {
+    executor_for(gpu, cfg, store, b, t, reuse, u64::MAX)
+}
+
+/// `executor` for bindings of at most `max_binding` bytes (small ones chunk the logits).
+fn executor_for<'a>(
+    gpu: &'a shaderformer::gpu::Gpu,
+    cfg: &GptConfig,
+    store: &ParamStore,
+    b: usize,
+    t: usize,
+    reuse: bool,
+    max_binding: u64,
+) -> Executor<'a> {
     let table = ParamTable::new(cfg);
-    let g = gpt::build(cfg, &table, b, t, Mode::Train);
+    let g = gpt::build_for(cfg, &table, b, t, Mode::Train, max_binding);
     let opts = ExecOptions {
         reuse,
         grad_accum: 2,
@@ -152,6 +165,28 @@ fn every_node_matches_its_cpu_reference() {
             .collect();
         assert!(bad.is_empty(), "reuse {reuse}:\n{}", bad.join("\n"));
     }
+}
+
+/// The same with the logits in 64-row chunks (`LmHeadLoss`): 76 rows make a full chunk and a
+/// short one.
+#[test]
+fn every_node_matches_its_cpu_reference_with_chunked_logits() {
+    let Some(gpu) = test_gpu() else { return };
+    let cfg = small_model();
+    let st = store(gpu, &cfg);
+    let mut exec = executor_for(gpu, &cfg, &st, 4, 19, true, 64 * 64 * 4);
+    let checks = exec.validate(&batch(&cfg, 4, 19, 5)).unwrap();
+    let lm_head: Vec<_> = checks
+        .iter()
+        .filter(|c| c.op.starts_with("lm_head"))
+        .collect();
+    assert_eq!(lm_head.len(), 6, "forward and backward, 3 outputs each");
+    let bad: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.comparison.ok())
+        .map(|c| c.comparison.to_string())
+        .collect();
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
 #[test]

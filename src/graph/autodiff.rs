@@ -44,7 +44,7 @@ impl Grads {
 }
 
 /// Appends backward nodes for every forward node that reaches the loss (the per-position losses
-/// of the `CrossEntropy` node; its backward applies dloss itself).
+/// of the `CrossEntropy` or `LmHeadLoss` node; its backward applies dloss itself).
 pub fn append_backward(g: &mut Graph) -> Backward {
     let mut grads = Grads {
         of: HashMap::new(),
@@ -82,6 +82,25 @@ pub fn append_backward(g: &mut Graph) -> Backward {
                 Op::CrossEntropyBackward { n, v, vp },
                 vec![logits, outs[1], ins[1]],
                 vec![logits],
+            );
+            continue;
+        }
+        if let Op::LmHeadLoss { n, c, v, vp, rows } = node.op {
+            let (dx, acc) = grads.get(g, ins[0]);
+            let (dwte, _) = grads.get(g, ins[1]);
+            g.push(
+                Phase::Backward,
+                label,
+                Op::LmHeadLossBackward {
+                    n,
+                    c,
+                    v,
+                    vp,
+                    rows,
+                    acc,
+                },
+                vec![ins[0], ins[1], ins[2], outs[1], outs[2]],
+                vec![dx, dwte, outs[2]],
             );
             continue;
         }

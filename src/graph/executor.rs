@@ -339,6 +339,8 @@ impl<'a> Executor<'a> {
             Op::EmbeddingBackward { .. } => !input && k == 0,
             Op::Linear { bias, .. } => input && k == 1 && !bias,
             Op::LinearBackward { bias, .. } => (input && k == 2) || (!input && k == 1 && !bias),
+            Op::LmHeadLoss { .. } => input && k == 1,
+            Op::LmHeadLossBackward { .. } => k == 1,
             Op::Fill { .. } | Op::GlobalNorm | Op::AdamW { .. } => true,
             _ => false,
         };
@@ -644,6 +646,88 @@ impl<'a> Executor<'a> {
                 0,
                 acc,
             )),
+            Op::LmHeadLoss { n, c, v, vp, rows } => {
+                let mut out = Vec::new();
+                for r0 in (0..n).step_by(rows) {
+                    let m = rows.min(n - r0);
+                    let logits = o(2).slice(0, m * vp, "lm_head.logits chunk")?;
+                    out.extend(lm_head_chunk(gpu, &logits, i(0), ic(1), r0, m, c, vp)?);
+                    out.push(cross_entropy::forward(
+                        gpu,
+                        &o(0).slice(r0, m, "losses chunk")?,
+                        &o(1).slice(r0, m, "lse chunk")?,
+                        &logits,
+                        &i(2).slice(r0, m, "targets chunk")?,
+                        m,
+                        v,
+                        vp,
+                    )?);
+                }
+                Ok(out)
+            }
+            Op::LmHeadLossBackward {
+                n,
+                c,
+                v,
+                vp,
+                rows,
+                acc,
+            } => {
+                let dloss = 1.0 / (n * self.opts.grad_accum.max(1)) as f32;
+                let (x, wte, dwte) = (i(0), ic(1), oc(1));
+                let mut out = Vec::new();
+                for r0 in (0..n).step_by(rows) {
+                    let m = rows.min(n - r0);
+                    let logits = o(2).slice(0, m * vp, "lm_head.logits chunk")?;
+                    out.extend(lm_head_chunk(gpu, &logits, x, wte, r0, m, c, vp)?);
+                    out.push(cross_entropy::backward(
+                        gpu,
+                        &logits,
+                        &i(3).slice(r0, m, "lse chunk")?,
+                        &i(2).slice(r0, m, "targets chunk")?,
+                        m,
+                        v,
+                        vp,
+                        dloss,
+                    )?);
+                    let mut v0 = 0;
+                    for (j, (w, dw)) in wte.iter().zip(dwte).enumerate() {
+                        let wr = w.len / c;
+                        let dy = gemm::Operand::new(&logits, vp).at(v0);
+                        // dx[r0..r0+m] (M,C) (=|+=) dlogits[:, v0..v0+wr] · wte chunk
+                        let mm = gemm::Matmul {
+                            accumulate: acc || j > 0,
+                            ..gemm::Matmul::new(m, c, wr)
+                        };
+                        out.push(gemm::matmul(
+                            gpu,
+                            &mm,
+                            gemm::Operand::new(o(0), c).at(r0 * c),
+                            dy,
+                            gemm::Operand::new(w, c),
+                            None,
+                            gemm::Variant::Tiled,
+                        )?);
+                        // dwte chunk (wr,C) += dlogits[:, v0..v0+wr]ᵀ · x[r0..r0+m]
+                        let mm = gemm::Matmul {
+                            trans_a: true,
+                            accumulate: true,
+                            ..gemm::Matmul::new(wr, c, m)
+                        };
+                        out.push(gemm::matmul(
+                            gpu,
+                            &mm,
+                            gemm::Operand::new(dw, c),
+                            dy,
+                            gemm::Operand::new(x, c).at(r0 * c),
+                            None,
+                            gemm::Variant::Tiled,
+                        )?);
+                        v0 += wr;
+                    }
+                }
+                Ok(out)
+            }
             Op::CrossEntropyBackward { n, v, vp } => {
                 let dloss = 1.0 / (n * self.opts.grad_accum.max(1)) as f32;
                 one(cross_entropy::backward(
@@ -1091,7 +1175,7 @@ impl Executor<'_> {
                     _ => 0,
                 };
                 let n = match node.op {
-                    Op::CrossEntropyBackward { n, .. } => n,
+                    Op::CrossEntropyBackward { n, .. } | Op::LmHeadLossBackward { n, .. } => n,
                     _ => 1,
                 };
                 let ctx = validate::Context {
@@ -1115,6 +1199,41 @@ impl Executor<'_> {
         }
         Ok(checks)
     }
+}
+
+/// logits (M, Vp) = x[r0..r0+M] (M, C) · wteᵀ, one product per row chunk of the token table (each
+/// writes its block of columns): the lm head of `LmHeadLoss` for one chunk of rows.
+#[allow(clippy::too_many_arguments)]
+fn lm_head_chunk(
+    gpu: &Gpu,
+    logits: &View,
+    x: &View,
+    wte: &[View],
+    r0: usize,
+    m: usize,
+    c: usize,
+    vp: usize,
+) -> Result<Vec<Dispatch>> {
+    let mut out = Vec::with_capacity(wte.len());
+    let mut v0 = 0;
+    for w in wte {
+        let wr = w.len / c;
+        let mm = gemm::Matmul {
+            trans_b: true,
+            ..gemm::Matmul::new(m, wr, c)
+        };
+        out.push(gemm::matmul(
+            gpu,
+            &mm,
+            gemm::Operand::new(logits, vp).at(v0),
+            gemm::Operand::new(x, c).at(r0 * c),
+            gemm::Operand::new(w, c),
+            None,
+            gemm::Variant::Tiled,
+        )?);
+        v0 += wr;
+    }
+    Ok(out)
 }
 
 /// The seed of one dropout site's random stream.

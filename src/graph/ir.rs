@@ -126,6 +126,17 @@ pub enum Op {
     CrossEntropy { n: usize, v: usize, vp: usize },
     /// in [losses (N)] → out [loss (1)] = mean
     Mean { n: usize },
+    /// The lm head and cross-entropy over row chunks, for logits too large for one binding:
+    /// in [x (N,C), wte (Vp,C), targets (N) u32] → out [losses (N), lse (N), logits (R,Vp)], where
+    /// each chunk of R rows (the last may be shorter), in order, computes its logits into the
+    /// (R, Vp) buffer and its losses.
+    LmHeadLoss {
+        n: usize,
+        c: usize,
+        v: usize,
+        vp: usize,
+        rows: usize,
+    },
 
     /// in [dx (B,T,C), tokens, index] → out [dwte +=, dwpe +=]
     EmbeddingBackward { b: usize, t: usize, c: usize },
@@ -167,6 +178,17 @@ pub enum Op {
     },
     /// in [logits, lse, targets] → out [logits] overwritten in place with dloss·(softmax − onehot)
     CrossEntropyBackward { n: usize, v: usize, vp: usize },
+    /// in [x (N,C), wte (Vp,C), targets, lse (N), logits (R,Vp)] → out [dx (acc), dwte +=,
+    /// logits (R,Vp) scratch]: per chunk, the logits recomputed, then dlogits = dloss·(softmax −
+    /// onehot) in place, dx = dlogits·wte, dwte += dlogitsᵀ·x.
+    LmHeadLossBackward {
+        n: usize,
+        c: usize,
+        v: usize,
+        vp: usize,
+        rows: usize,
+        acc: bool,
+    },
 
     /// in [] → out [x] = value
     Fill { value: f32 },
@@ -190,6 +212,7 @@ impl Op {
             Op::Dropout { .. } => "dropout",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::Mean { .. } => "mean",
+            Op::LmHeadLoss { .. } => "lm_head_loss",
             Op::EmbeddingBackward { .. } => "embedding_backward",
             Op::LayerNormBackward { .. } => "layernorm_backward",
             Op::LinearBackward { .. } => "linear_backward",
@@ -198,6 +221,7 @@ impl Op {
             Op::Accumulate { .. } => "accumulate",
             Op::DropoutBackward { .. } => "dropout_backward",
             Op::CrossEntropyBackward { .. } => "cross_entropy_backward",
+            Op::LmHeadLossBackward { .. } => "lm_head_loss_backward",
             Op::Fill { .. } => "fill",
             Op::GlobalNorm => "global_norm",
             Op::AdamW { .. } => "adamw",

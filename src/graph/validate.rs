@@ -43,6 +43,18 @@ pub fn tolerance(op: &Op) -> (f64, f64) {
     }
 }
 
+/// What the (R, Vp) chunk buffer of `LmHeadLoss` holds at the end, chunks of `full` (N, Vp) being
+/// written in order: the last chunk's rows, then, where that chunk is shorter than R, the rows of
+/// the chunk before it (or the prior values when there is none).
+fn last_chunk(chunk: &mut [f32], full: &[f32], n: usize, vp: usize, rows: usize) {
+    let start = (n - 1) / rows * rows;
+    let m = n - start;
+    chunk[..m * vp].copy_from_slice(&full[start * vp..]);
+    if start >= rows {
+        chunk[m * vp..].copy_from_slice(&full[(start - rows + m) * vp..start * vp]);
+    }
+}
+
 /// Per-run constants the reference needs.
 #[derive(Clone, Copy, Debug)]
 pub struct Context {
@@ -132,6 +144,14 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             r::cross_entropy::forward(&mut losses[0], &mut lse[0], f(0), ins[1].u(), n, v, vp);
         }
         Op::Mean { n } => r::reduce::sum(&mut o[0], f(0), 1.0 / n as f32),
+        Op::LmHeadLoss { n, c, v, vp, rows } => {
+            let mut logits = vec![0.0; n * vp];
+            r::gemm::linear_forward(&mut logits, f(0), f(1), None, n, c, vp);
+            let (losses, rest) = o.split_at_mut(1);
+            let (lse, chunk) = rest.split_at_mut(1);
+            r::cross_entropy::forward(&mut losses[0], &mut lse[0], &logits, ins[2].u(), n, v, vp);
+            last_chunk(&mut chunk[0], &logits, n, vp, rows);
+        }
         Op::EmbeddingBackward { b, t, c } => {
             let (dwte, dwpe) = o.split_at_mut(1);
             r::embedding::backward(
@@ -238,6 +258,34 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::CrossEntropyBackward { n, v, vp } => {
             let logits = f(0).to_vec();
             r::cross_entropy::backward(&mut o[0], &logits, ins[2].u(), dloss, n, v, vp);
+        }
+        Op::LmHeadLossBackward {
+            n,
+            c,
+            v,
+            vp,
+            rows,
+            acc,
+        } => {
+            let mut logits = vec![0.0; n * vp];
+            r::gemm::linear_forward(&mut logits, f(0), f(1), None, n, c, vp);
+            let mut dlogits = vec![0.0; n * vp];
+            r::cross_entropy::backward(&mut dlogits, &logits, ins[2].u(), dloss, n, v, vp);
+            let (dx, rest) = o.split_at_mut(1);
+            let (dwte, chunk) = rest.split_at_mut(1);
+            r::gemm::linear_backward(
+                Some(&mut dx[0]),
+                &mut dwte[0],
+                None,
+                &dlogits,
+                f(0),
+                f(1),
+                n,
+                c,
+                vp,
+                acc,
+            );
+            last_chunk(&mut chunk[0], &dlogits, n, vp, rows);
         }
         Op::Fill { value } => r::reduce::fill(&mut o[0], value),
         Op::GlobalNorm | Op::AdamW { .. } => {

@@ -42,8 +42,34 @@ pub struct GptGraph {
 /// The dropout site of layer l's attention probabilities is ATTENTION_SITES + l.
 const ATTENTION_SITES: u32 = 1 << 16;
 
-/// Builds GPT-2 for batches of `b` sequences of `t` tokens.
+/// Builds GPT-2 for batches of `b` sequences of `t` tokens, with no limit on a binding's size.
 pub fn build(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode) -> GptGraph {
+    build_for(cfg, table, b, t, mode, u64::MAX)
+}
+
+/// Rows per chunk of the lm head and loss when the logits (`n`, `vp`) would exceed `max_binding`
+/// bytes: the most that fit, in multiples of 64 (so chunk offsets into the per-row tensors stay
+/// aligned for binding); None when the whole logits fit.
+pub fn logits_chunk_rows(n: usize, vp: usize, max_binding: u64) -> Option<usize> {
+    let row = vp as u64 * 4;
+    if n as u64 * row <= max_binding {
+        return None;
+    }
+    Some(((max_binding / row) as usize / 64 * 64).max(64))
+}
+
+/// `build` for a device whose storage bindings hold at most `max_binding` bytes: in Train and
+/// Eval modes, logits (B·T, Vp) larger than that are computed with their loss in row chunks
+/// (`Op::LmHeadLoss`, whose backward recomputes each chunk), so that no binding holds them whole;
+/// `logits` is then the chunk buffer.
+pub fn build_for(
+    cfg: &GptConfig,
+    table: &ParamTable,
+    b: usize,
+    t: usize,
+    mode: Mode,
+    max_binding: u64,
+) -> GptGraph {
     let mut g = Graph::default();
     let (c, nh, hs) = (cfg.n_embd, cfg.n_head, cfg.head_size());
     let (v, vp, bt) = (cfg.vocab_size, cfg.padded_vocab(), b * t);
@@ -273,7 +299,14 @@ pub fn build(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode
         "ln_f".into(),
     );
     // The lm head shares the token embedding (tied weights).
-    let logits = linear(&mut g, lnf, params[table.wte], None, vp, "lm_head".into());
+    let chunk_rows = match mode {
+        Mode::Train | Mode::Eval => logits_chunk_rows(bt, vp, max_binding),
+        Mode::Logits | Mode::Decode { .. } => None,
+    };
+    let logits = match chunk_rows {
+        Some(rows) => g.activation("lm_head", &[rows, vp]),
+        None => linear(&mut g, lnf, params[table.wte], None, vp, "lm_head".into()),
+    };
 
     let mut out = GptGraph {
         graph: Graph::default(),
@@ -297,13 +330,28 @@ pub fn build(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode
         let targets = g.tensor("targets", &[b, t], DType::U32, TensorKind::Input);
         let losses = g.activation("losses", &[bt]);
         let lse = g.activation("logits.lse", &[bt]);
-        g.push(
-            fwd,
-            "loss",
-            Op::CrossEntropy { n: bt, v, vp },
-            vec![logits, targets],
-            vec![losses, lse],
-        );
+        match chunk_rows {
+            Some(rows) => g.push(
+                fwd,
+                "lm_head.loss",
+                Op::LmHeadLoss {
+                    n: bt,
+                    c,
+                    v,
+                    vp,
+                    rows,
+                },
+                vec![lnf, out.params[table.wte], targets],
+                vec![losses, lse, logits],
+            ),
+            None => g.push(
+                fwd,
+                "loss",
+                Op::CrossEntropy { n: bt, v, vp },
+                vec![logits, targets],
+                vec![losses, lse],
+            ),
+        }
         out.targets = Some(targets);
         out.losses = Some(losses);
         if decode.is_none() {

@@ -539,9 +539,9 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         },
         seed: cfg.seed as u32,
     };
-    let train_graph = gpt::build(&model_cfg, &table, b, t, Mode::Train);
+    let train_graph = gpt::build_for(&model_cfg, &table, b, t, Mode::Train, gpu.max_binding());
     let mut exec = Executor::new(gpu, train_graph.graph, &store, opts.clone())?;
-    let eval_graph = gpt::build(&model_cfg, &table, b, t, Mode::Eval);
+    let eval_graph = gpt::build_for(&model_cfg, &table, b, t, Mode::Eval, gpu.max_binding());
     let mut eval_exec = Executor::new(gpu, eval_graph.graph, &store, opts.clone())?;
 
     if cfg.validate {
