@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use shaderformer::gpu::test_gpu;
+use shaderformer::gpu::{DType, test_gpu};
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::model::{GptConfig, ParamTable};
@@ -168,12 +168,28 @@ fn every_node_matches_its_cpu_reference() {
 }
 
 /// The same with the logits in 64-row chunks (`LmHeadLoss`): 76 rows make a full chunk and a
-/// short one.
+/// short one; the token embedding is split into chunks of 20 rows as well.
 #[test]
 fn every_node_matches_its_cpu_reference_with_chunked_logits() {
     let Some(gpu) = test_gpu() else { return };
     let cfg = small_model();
-    let st = store(gpu, &cfg);
+    let table = ParamTable::new(&cfg);
+    let st = ParamStore::build(
+        gpu,
+        &table.store_specs(),
+        &table.init(&cfg, 3),
+        true,
+        DType::F32,
+        &|i| {
+            if i == table.wte {
+                20 * 24 * 4
+            } else {
+                u64::MAX
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(st.params[table.wte].len(), 4);
     let mut exec = executor_for(gpu, &cfg, &st, 4, 19, true, 64 * 64 * 4);
     let checks = exec.validate(&batch(&cfg, 4, 19, 5)).unwrap();
     let lm_head: Vec<_> = checks

@@ -1115,11 +1115,24 @@ impl Executor<'_> {
         Ok(all.into_iter().map(|d| d.name).zip(times).collect())
     }
 
+    /// The whole of a tensor, its chunks concatenated when it is a split parameter.
     fn read_data(&self, t: TensorId) -> Result<validate::Data> {
-        let v = self.view(t);
-        Ok(match v.dtype {
-            DType::U32 => validate::Data::U32(self.gpu.read_u32(v)?),
-            _ => validate::Data::F32(self.gpu.read_f32(v)?),
+        let chunks = self.chunks(t);
+        Ok(match self.view(t).dtype {
+            DType::U32 => validate::Data::U32(
+                chunks
+                    .iter()
+                    .map(|v| self.gpu.read_u32(v))
+                    .collect::<Result<Vec<_>>>()?
+                    .concat(),
+            ),
+            _ => validate::Data::F32(
+                chunks
+                    .iter()
+                    .map(|v| self.gpu.read_f32(v))
+                    .collect::<Result<Vec<_>>>()?
+                    .concat(),
+            ),
         })
     }
 
