@@ -404,30 +404,16 @@ impl<'a> Executor<'a> {
                 k,
                 n,
             )),
-            Op::Linear { m, k, n, .. } => {
-                // A weight split into row chunks (the tied lm head): each chunk writes its block of
-                // output columns.
-                let mut out = Vec::new();
-                let mut r0 = 0;
-                for w in ic(1) {
-                    let rows = w.len / k;
-                    let mm = gemm::Matmul {
-                        trans_b: true,
-                        ..gemm::Matmul::new(m, rows, k)
-                    };
-                    out.push(gemm::matmul(
-                        gpu,
-                        &mm,
-                        gemm::Operand::new(o(0), n).at(r0),
-                        gemm::Operand::new(i(0), k),
-                        gemm::Operand::new(w, k),
-                        None,
-                        gemm::Variant::Tiled,
-                    )?);
-                    r0 += rows;
-                }
-                Ok(out)
-            }
+            // A weight split into row chunks (the tied lm head): each chunk writes its block of
+            // output columns.
+            Op::Linear { m, k, n, .. } => split_linear_forward(
+                gpu,
+                gemm::Operand::new(o(0), n),
+                gemm::Operand::new(i(0), k),
+                ic(1),
+                m,
+                k,
+            ),
             Op::Attention {
                 b,
                 t,
@@ -552,47 +538,17 @@ impl<'a> Executor<'a> {
             }
             Op::LinearBackward {
                 m, k, n, acc, dx, ..
-            } if ic(2).len() > 1 => {
-                let mut out = Vec::new();
-                let mut r0 = 0;
-                for (j, (w, dw)) in ic(2).iter().zip(oc(1)).enumerate() {
-                    let rows = w.len / k;
-                    let dy = gemm::Operand::new(i(0), n).at(r0);
-                    if dx {
-                        // dx (M,K) (=|+=) dy[:, r0..r0+rows] · w_chunk
-                        let mm = gemm::Matmul {
-                            accumulate: acc || j > 0,
-                            ..gemm::Matmul::new(m, k, rows)
-                        };
-                        out.push(gemm::matmul(
-                            gpu,
-                            &mm,
-                            gemm::Operand::new(o(0), k),
-                            dy,
-                            gemm::Operand::new(w, k),
-                            None,
-                            gemm::Variant::Tiled,
-                        )?);
-                    }
-                    // dw_chunk (rows,K) += dy[:, r0..r0+rows]ᵀ · x
-                    let mm = gemm::Matmul {
-                        trans_a: true,
-                        accumulate: true,
-                        ..gemm::Matmul::new(rows, k, m)
-                    };
-                    out.push(gemm::matmul(
-                        gpu,
-                        &mm,
-                        gemm::Operand::new(dw, k),
-                        dy,
-                        gemm::Operand::new(i(1), k),
-                        None,
-                        gemm::Variant::Tiled,
-                    )?);
-                    r0 += rows;
-                }
-                Ok(out)
-            }
+            } if ic(2).len() > 1 => split_linear_backward(
+                gpu,
+                dx.then(|| gemm::Operand::new(o(0), k)),
+                oc(1),
+                gemm::Operand::new(i(0), n),
+                gemm::Operand::new(i(1), k),
+                ic(2),
+                m,
+                k,
+                acc,
+            ),
             Op::LinearBackward {
                 m,
                 k,
@@ -651,7 +607,14 @@ impl<'a> Executor<'a> {
                 for r0 in (0..n).step_by(rows) {
                     let m = rows.min(n - r0);
                     let logits = o(2).slice(0, m * vp, "lm_head.logits chunk")?;
-                    out.extend(lm_head_chunk(gpu, &logits, i(0), ic(1), r0, m, c, vp)?);
+                    out.extend(split_linear_forward(
+                        gpu,
+                        gemm::Operand::new(&logits, vp),
+                        gemm::Operand::new(i(0), c).at(r0 * c),
+                        ic(1),
+                        m,
+                        c,
+                    )?);
                     out.push(cross_entropy::forward(
                         gpu,
                         &o(0).slice(r0, m, "losses chunk")?,
@@ -679,7 +642,15 @@ impl<'a> Executor<'a> {
                 for r0 in (0..n).step_by(rows) {
                     let m = rows.min(n - r0);
                     let logits = o(2).slice(0, m * vp, "lm_head.logits chunk")?;
-                    out.extend(lm_head_chunk(gpu, &logits, x, wte, r0, m, c, vp)?);
+                    let xs = gemm::Operand::new(x, c).at(r0 * c);
+                    out.extend(split_linear_forward(
+                        gpu,
+                        gemm::Operand::new(&logits, vp),
+                        xs,
+                        wte,
+                        m,
+                        c,
+                    )?);
                     out.push(cross_entropy::backward(
                         gpu,
                         &logits,
@@ -690,41 +661,17 @@ impl<'a> Executor<'a> {
                         vp,
                         dloss,
                     )?);
-                    let mut v0 = 0;
-                    for (j, (w, dw)) in wte.iter().zip(dwte).enumerate() {
-                        let wr = w.len / c;
-                        let dy = gemm::Operand::new(&logits, vp).at(v0);
-                        // dx[r0..r0+m] (M,C) (=|+=) dlogits[:, v0..v0+wr] · wte chunk
-                        let mm = gemm::Matmul {
-                            accumulate: acc || j > 0,
-                            ..gemm::Matmul::new(m, c, wr)
-                        };
-                        out.push(gemm::matmul(
-                            gpu,
-                            &mm,
-                            gemm::Operand::new(o(0), c).at(r0 * c),
-                            dy,
-                            gemm::Operand::new(w, c),
-                            None,
-                            gemm::Variant::Tiled,
-                        )?);
-                        // dwte chunk (wr,C) += dlogits[:, v0..v0+wr]ᵀ · x[r0..r0+m]
-                        let mm = gemm::Matmul {
-                            trans_a: true,
-                            accumulate: true,
-                            ..gemm::Matmul::new(wr, c, m)
-                        };
-                        out.push(gemm::matmul(
-                            gpu,
-                            &mm,
-                            gemm::Operand::new(dw, c),
-                            dy,
-                            gemm::Operand::new(x, c).at(r0 * c),
-                            None,
-                            gemm::Variant::Tiled,
-                        )?);
-                        v0 += wr;
-                    }
+                    out.extend(split_linear_backward(
+                        gpu,
+                        Some(gemm::Operand::new(o(0), c).at(r0 * c)),
+                        dwte,
+                        gemm::Operand::new(&logits, vp),
+                        xs,
+                        wte,
+                        m,
+                        c,
+                        acc,
+                    )?);
                 }
                 Ok(out)
             }
@@ -1214,37 +1161,83 @@ impl Executor<'_> {
     }
 }
 
-/// logits (M, Vp) = x[r0..r0+M] (M, C) · wteᵀ, one product per row chunk of the token table (each
-/// writes its block of columns): the lm head of `LmHeadLoss` for one chunk of rows.
-#[allow(clippy::too_many_arguments)]
-fn lm_head_chunk(
+/// y (M, ·) = x (M, K) · wᵀ for a weight w split into row chunks: chunk j (rows_j, K) writes
+/// columns [v_j, v_j + rows_j) of y, v_j being the rows of the chunks before it.
+fn split_linear_forward(
     gpu: &Gpu,
-    logits: &View,
-    x: &View,
-    wte: &[View],
-    r0: usize,
+    y: gemm::Operand,
+    x: gemm::Operand,
+    w: &[View],
     m: usize,
-    c: usize,
-    vp: usize,
+    k: usize,
 ) -> Result<Vec<Dispatch>> {
-    let mut out = Vec::with_capacity(wte.len());
+    let mut out = Vec::with_capacity(w.len());
     let mut v0 = 0;
-    for w in wte {
-        let wr = w.len / c;
+    for w in w {
+        let rows = w.len / k;
         let mm = gemm::Matmul {
             trans_b: true,
-            ..gemm::Matmul::new(m, wr, c)
+            ..gemm::Matmul::new(m, rows, k)
         };
+        let y = y.at(y.offset + v0);
+        let w = gemm::Operand::new(w, k);
+        out.push(gemm::matmul(gpu, &mm, y, x, w, None, gemm::Variant::Tiled)?);
+        v0 += rows;
+    }
+    Ok(out)
+}
+
+/// The backward of `split_linear_forward`: dx (M, K) (= or += with `acc`) Σ_j dy[:, cols_j] ·
+/// w_j (skipped without dx) and dw_j (rows_j, K) += dy[:, cols_j]ᵀ · x, chunk by chunk.
+#[allow(clippy::too_many_arguments)]
+fn split_linear_backward(
+    gpu: &Gpu,
+    dx: Option<gemm::Operand>,
+    dw: &[View],
+    dy: gemm::Operand,
+    x: gemm::Operand,
+    w: &[View],
+    m: usize,
+    k: usize,
+    acc: bool,
+) -> Result<Vec<Dispatch>> {
+    let mut out = Vec::with_capacity(2 * w.len());
+    let mut v0 = 0;
+    for (j, (w, dw)) in w.iter().zip(dw).enumerate() {
+        let rows = w.len / k;
+        let dy = dy.at(dy.offset + v0);
+        if let Some(dx) = dx {
+            let mm = gemm::Matmul {
+                accumulate: acc || j > 0,
+                ..gemm::Matmul::new(m, k, rows)
+            };
+            let w = gemm::Operand::new(w, k);
+            out.push(gemm::matmul(
+                gpu,
+                &mm,
+                dx,
+                dy,
+                w,
+                None,
+                gemm::Variant::Tiled,
+            )?);
+        }
+        let mm = gemm::Matmul {
+            trans_a: true,
+            accumulate: true,
+            ..gemm::Matmul::new(rows, k, m)
+        };
+        let dw = gemm::Operand::new(dw, k);
         out.push(gemm::matmul(
             gpu,
             &mm,
-            gemm::Operand::new(logits, vp).at(v0),
-            gemm::Operand::new(x, c).at(r0 * c),
-            gemm::Operand::new(w, c),
+            dw,
+            dy,
+            x,
             None,
             gemm::Variant::Tiled,
         )?);
-        v0 += wr;
+        v0 += rows;
     }
     Ok(out)
 }
