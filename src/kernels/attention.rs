@@ -1172,6 +1172,22 @@ fn expected_one(
     }
 }
 
+/// One report per (name, GPU tensor, reference) against ATOL and RTOL, labelled "{label} {name}".
+fn compare_views(
+    gpu: &Gpu,
+    shape: &str,
+    label: &str,
+    items: &[(&str, &View, &Vec<f64>)],
+    reports: &mut Vec<CheckReport>,
+) -> Result<()> {
+    for &(name, got, want) in items {
+        let what = format!("{label} {name}");
+        let got = gpu.read_f32(got)?;
+        reports.push(CheckReport::new(shape, &what, &got, want, ATOL, RTOL));
+    }
+    Ok(())
+}
+
 fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
     let c = nh * hs;
@@ -1205,22 +1221,12 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, causal, dropout, storage,
         )?);
         gpu.run(&ds)?;
-        for (what, got, w) in [
+        let got = [
             ("out", &out, &want.out),
             ("lse", &lse, &want.lse),
             ("dqkv", &dqkv, &want.dqkv),
-        ] {
-            let what = format!("{label} {what}");
-            reports.push(CheckReport::new(
-                &s,
-                &what,
-                &gpu.read_f32(got)?,
-                w,
-                ATOL,
-                RTOL,
-            ));
-        }
-        Ok(())
+        ];
+        compare_views(gpu, &s, label, &got, reports)
     };
 
     for (causal, want) in [true, false].iter().zip(&want) {
@@ -1247,22 +1253,13 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             gpu, &dqkv, &dpreatt, &datt, &gdout, &gqkv, &att, b, t, nh, hs, *causal,
         )?);
         gpu.run(&ds)?;
-        for (what, got, w) in [
+        let got = [
             ("preatt", &preatt, &want.preatt),
             ("att", &att, &want.att),
             ("out", &out, &want.out),
             ("dqkv", &dqkv, &want.dqkv),
-        ] {
-            let what = format!("{mode} unfused {what}");
-            reports.push(CheckReport::new(
-                &s,
-                &what,
-                &gpu.read_f32(got)?,
-                w,
-                ATOL,
-                RTOL,
-            ));
-        }
+        ];
+        compare_views(gpu, &s, &format!("{mode} unfused"), &got, &mut reports)?;
     }
 
     // Dropout on the probabilities (causal, the adapter's tiling) against the reference under the
