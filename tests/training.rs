@@ -442,6 +442,19 @@ fn bad_settings_name_the_flag() {
     let _ = std::fs::remove_dir_all(root);
 }
 
+/// `cfg` with a constant learning rate of `lr` and no clipping, to send the weights to infinity.
+fn absurd_lr(cfg: TrainConfig, lr: f32) -> TrainConfig {
+    TrainConfig {
+        schedule: LrSchedule {
+            kind: Schedule::Constant,
+            lr,
+            ..cfg.schedule
+        },
+        grad_clip: 0.0,
+        ..cfg
+    }
+}
+
 /// A single update that sends the weights to infinity is caught by the evaluation after it
 /// (its own loss was computed before the update): no checkpoint of NaN weights is written.
 #[test]
@@ -451,15 +464,7 @@ fn divergence_in_the_last_update_writes_no_checkpoint() {
     }
     let root = scratch("diverge-last");
     let out = root.join("out");
-    let e = err_of(&TrainConfig {
-        schedule: LrSchedule {
-            kind: Schedule::Constant,
-            lr: 1e38,
-            ..tiny(&out, 1).schedule
-        },
-        grad_clip: 0.0,
-        ..tiny(&out, 1)
-    });
+    let e = err_of(&absurd_lr(tiny(&out, 1), 1e38));
     assert!(
         e.contains("diverged by step 1") && e.contains("evaluation"),
         "{e}"
@@ -483,15 +488,9 @@ fn divergence_stops_and_keeps_the_last_checkpoint() {
     // An absurd learning rate sends the weights to infinity within a step or two.
     let cfg = TrainConfig {
         resume: Some(out.clone()),
-        schedule: LrSchedule {
-            kind: Schedule::Constant,
-            lr: 1e36,
-            ..tiny(&out, 3).schedule
-        },
-        grad_clip: 0.0,
         ..tiny(&out, 9)
     };
-    let e = err_of(&cfg);
+    let e = err_of(&absurd_lr(cfg, 1e36));
     assert!(e.contains("diverged"), "{e}");
     assert!(e.contains("(step 3) is untouched"), "{e}");
     let after = std::fs::read(out.join("model.safetensors")).unwrap();
