@@ -980,19 +980,25 @@ impl<'a> Executor<'a> {
     /// Runs the forward pass on one batch (targets may be empty for a logits-only graph) and
     /// waits for it.
     pub fn forward(&mut self, batch: &MicroBatch) -> Result<()> {
+        self.submit_one("forward", batch, &[Phase::Forward])?;
+        self.gpu.wait()
+    }
+
+    /// Writes `batch` as micro-step 0's inputs and submits, in one command buffer, the copies of
+    /// those inputs into place and then `phases`. Does not wait.
+    fn submit_one(&self, label: &str, batch: &MicroBatch, phases: &[Phase]) -> Result<()> {
         self.write_inputs(std::slice::from_ref(batch))?;
         let gpu = self.gpu;
-        gpu.scoped("forward", 0, || {
+        gpu.scoped(label, 0, || {
             let mut enc = gpu
                 .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("forward"),
-                });
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
             self.record_micro_inputs(&mut enc, 0);
-            gpu.record(&mut enc, self.phase(Phase::Forward));
+            for &p in phases {
+                gpu.record(&mut enc, self.phase(p));
+            }
             gpu.queue.submit([enc.finish()]);
-        })?;
-        gpu.wait()
+        })
     }
 }
 
@@ -1009,21 +1015,9 @@ impl Executor<'_> {
     /// Runs the Zero, Forward and Backward phases on one batch (no optimizer step) and waits:
     /// the parameter gradients are then those of this batch's mean loss.
     pub fn forward_backward(&mut self, batch: &MicroBatch) -> Result<()> {
-        self.write_inputs(std::slice::from_ref(batch))?;
-        let gpu = self.gpu;
-        gpu.scoped("forward and backward", 0, || {
-            let mut enc = gpu
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("forward and backward"),
-                });
-            gpu.record(&mut enc, self.phase(Phase::Zero));
-            self.record_micro_inputs(&mut enc, 0);
-            gpu.record(&mut enc, self.phase(Phase::Forward));
-            gpu.record(&mut enc, self.phase(Phase::Backward));
-            gpu.queue.submit([enc.finish()]);
-        })?;
-        gpu.wait()
+        let phases = [Phase::Zero, Phase::Forward, Phase::Backward];
+        self.submit_one("forward and backward", batch, &phases)?;
+        self.gpu.wait()
     }
 
     /// Times every dispatch of one training step (one micro-step) with the GPU profiler, each
@@ -1035,20 +1029,11 @@ impl Executor<'_> {
         lr: f32,
         t: u32,
     ) -> Result<Vec<(String, f64)>> {
-        self.write_inputs(std::slice::from_ref(batch))?;
         for &d in &self.adamw_dispatches {
             adamw::set_step(self.gpu, &self.dispatches[&Phase::Optimizer][d], lr, t);
         }
+        self.submit_one("profile inputs", batch, &[])?;
         let gpu = self.gpu;
-        gpu.scoped("profile", 0, || {
-            let mut enc = gpu
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("profile inputs"),
-                });
-            self.record_micro_inputs(&mut enc, 0);
-            gpu.queue.submit([enc.finish()]);
-        })?;
         let all: Vec<Dispatch> = [
             Phase::Zero,
             Phase::Forward,
@@ -1062,24 +1047,12 @@ impl Executor<'_> {
         Ok(all.into_iter().map(|d| d.name).zip(times).collect())
     }
 
-    /// The whole of a tensor, its chunks concatenated when it is a split parameter.
+    /// The whole of a tensor, its chunks joined when it is a split parameter (only parameters,
+    /// which are never u32, are split).
     fn read_data(&self, t: TensorId) -> Result<validate::Data> {
-        let chunks = self.chunks(t);
         Ok(match self.view(t).dtype {
-            DType::U32 => validate::Data::U32(
-                chunks
-                    .iter()
-                    .map(|v| self.gpu.read_u32(v))
-                    .collect::<Result<Vec<_>>>()?
-                    .concat(),
-            ),
-            _ => validate::Data::F32(
-                chunks
-                    .iter()
-                    .map(|v| self.gpu.read_f32(v))
-                    .collect::<Result<Vec<_>>>()?
-                    .concat(),
-            ),
+            DType::U32 => validate::Data::U32(self.gpu.read_u32(self.view(t))?),
+            _ => validate::Data::F32(ParamStore::read_chunks(self.gpu, self.chunks(t))?),
         })
     }
 
@@ -1087,24 +1060,14 @@ impl Executor<'_> {
     /// (dropout counter 0), and compares every output of every node with the CPU reference
     /// computed from that node's actual inputs. Returns one check per output.
     pub fn validate(&mut self, batch: &MicroBatch) -> Result<Vec<NodeCheck>> {
-        self.write_inputs(std::slice::from_ref(batch))?;
         if let Some(buf) = &self.dropout_steps {
             let zeros = vec![0u32; (buf.size() / 4) as usize];
             self.gpu
                 .queue
                 .write_buffer(buf, 0, bytemuck::cast_slice(&zeros));
         }
+        self.submit_one("validate", batch, &[Phase::Zero])?;
         let gpu = self.gpu;
-        gpu.scoped("validate", 0, || {
-            let mut enc = gpu
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("validate"),
-                });
-            gpu.record(&mut enc, self.phase(Phase::Zero));
-            self.record_micro_inputs(&mut enc, 0);
-            gpu.queue.submit([enc.finish()]);
-        })?;
         gpu.wait()?;
         let dloss = 1.0 / self.opts.grad_accum.max(1) as f32;
         let mut checks = Vec::new();

@@ -208,21 +208,23 @@ impl ParamStore {
     /// Reads whole tensors (chunks joined) back as f32.
     pub fn read(gpu: &Gpu, list: &[Vec<View>]) -> Result<Vec<Vec<f32>>> {
         list.iter()
-            .map(|chunks| {
-                let mut out = Vec::new();
-                for c in chunks {
-                    match c.dtype {
-                        DType::F16 => {
-                            let h: Vec<half::f16> =
-                                bytemuck::pod_collect_to_vec(&gpu.read_bytes(c)?);
-                            out.extend(h.iter().map(|x| x.to_f32()));
-                        }
-                        _ => out.extend(gpu.read_f32(c)?),
-                    }
-                }
-                Ok(out)
-            })
+            .map(|chunks| Self::read_chunks(gpu, chunks))
             .collect()
+    }
+
+    /// Reads one tensor's chunks (f32 or f16) back as one f32 vector.
+    pub fn read_chunks(gpu: &Gpu, chunks: &[View]) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for c in chunks {
+            match c.dtype {
+                DType::F16 => {
+                    let h: Vec<half::f16> = bytemuck::pod_collect_to_vec(&gpu.read_bytes(c)?);
+                    out.extend(h.iter().map(|x| x.to_f32()));
+                }
+                _ => out.extend(gpu.read_f32(c)?),
+            }
+        }
+        Ok(out)
     }
 
     /// Overwrites whole f32 tensors (split across their chunks).
