@@ -47,6 +47,12 @@ fn limit() -> u32 {
     10u32.pow(DIGITS as u32)
 }
 
+/// A problem drawn uniformly from all pairs of operands.
+fn pair(rng: &mut Rng) -> (u32, u32) {
+    let n = limit() as u64;
+    (rng.below(n) as u32, rng.below(n) as u32)
+}
+
 /// Whether a problem is held out of the training text (a fixed 1 in 10 of all pairs), so the
 /// final accuracy measures generalization, not recall.
 pub fn held_out(a: u32, b: u32) -> bool {
@@ -61,10 +67,7 @@ pub fn text(n: usize, seed: u64) -> String {
     let mut s = String::with_capacity(n * LINE);
     let mut k = 0;
     while k < n {
-        let (a, b) = (
-            rng.below(limit() as u64) as u32,
-            rng.below(limit() as u64) as u32,
-        );
+        let (a, b) = pair(&mut rng);
         if held_out(a, b) {
             continue;
         }
@@ -80,10 +83,7 @@ pub fn test_problems(n: usize, seed: u64) -> Vec<(u32, u32)> {
     let mut rng = Rng::new(seed);
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let (a, b) = (
-            rng.below(limit() as u64) as u32,
-            rng.below(limit() as u64) as u32,
-        );
+        let (a, b) = pair(&mut rng);
         if held_out(a, b) {
             out.push((a, b));
         }

@@ -123,6 +123,14 @@ fn resolve(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// The error for resuming from a directory without `trainer_state.json`.
+pub fn not_a_training_checkpoint(dir: &Path) -> Error {
+    Error::invalid(
+        dir.display().to_string(),
+        "has no trainer_state.json: not a training checkpoint (use --init to start from it)",
+    )
+}
+
 /// Reads `trainer_state.json` only (what `--resume` needs before loading anything else).
 pub fn read_state(dir: &Path) -> Result<Value> {
     let dir = resolve(dir);
@@ -134,10 +142,7 @@ pub fn read_state(dir: &Path) -> Result<Value> {
     }
     let path = dir.join(STATE_FILE);
     if !path.exists() {
-        return Err(Error::invalid(
-            dir.display().to_string(),
-            "has no trainer_state.json: not a training checkpoint (use --init to start from it)",
-        ));
+        return Err(not_a_training_checkpoint(&dir));
     }
     let text = io(&path, fs::read_to_string(&path))?;
     serde_json::from_str(&text)

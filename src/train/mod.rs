@@ -289,10 +289,11 @@ fn evaluate(exec: &mut Executor, split: &[u32], cfg: &TrainConfig) -> Result<f32
     let (b, t, iters) = (cfg.batch_size, cfg.block_size, cfg.eval_iters);
     let mut loader = Loader::new(cfg.loader, b, t, cfg.seed ^ 0xE7A1_0000);
     let mut sum = 0.0f64;
-    for _ in 0..iters.max(1) {
+    for _ in 0..iters {
         sum += exec.forward_loss(&loader.next(split))? as f64;
     }
-    Ok((sum / iters.max(1) as f64) as f32)
+    // check_settings keeps iters >= 1.
+    Ok((sum / iters as f64) as f32)
 }
 
 struct Metrics {
@@ -345,22 +346,27 @@ impl Progress<'_> {
         }
     }
 
+    /// The error that stops a diverged run: `what` happened, nothing was written, and the last
+    /// checkpoint (if any) is intact.
+    fn diverged(&self, what: String) -> Error {
+        let kept = match self.last_ckpt_step {
+            Some(s) => format!("; {} (step {s}) is untouched", self.cfg.out.display()),
+            None => String::new(),
+        };
+        Error::invalid(
+            "train",
+            format!("training diverged {what}; stopped without writing a checkpoint{kept}"),
+        )
+    }
+
     fn handle(&mut self, results: Vec<StepResult>) -> Result<()> {
         for r in results {
             let loss = r.loss();
             if !loss.is_finite() || !r.grad_norm.is_finite() {
-                let kept = match self.last_ckpt_step {
-                    Some(s) => format!("; {} (step {s}) is untouched", self.cfg.out.display()),
-                    None => String::new(),
-                };
-                return Err(Error::invalid(
-                    "train",
-                    format!(
-                        "training diverged at step {}: loss {loss}, gradient norm {}; stopped \
-                         without writing a checkpoint{kept}",
-                        r.step, r.grad_norm
-                    ),
-                ));
+                return Err(self.diverged(format!(
+                    "at step {}: loss {loss}, gradient norm {}",
+                    r.step, r.grad_norm
+                )));
             }
             self.last_loss = Some(loss);
             let ms = self
@@ -432,12 +438,10 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
     // The model: continued from a checkpoint, or fresh.
     let (model_cfg, mut ckpt, start_state) = if let Some(dir) = &cfg.resume {
         let ck = checkpoint::load(dir)?;
-        let state = ck.state.clone().ok_or_else(|| {
-            Error::invalid(
-                dir.display().to_string(),
-                "has no trainer_state.json: not a training checkpoint (use --init to start from it)",
-            )
-        })?;
+        let state = ck
+            .state
+            .clone()
+            .ok_or_else(|| checkpoint::not_a_training_checkpoint(dir))?;
         if ck.optimizer.is_none() {
             return Err(Error::invalid(
                 dir.display().to_string(),
@@ -676,17 +680,9 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
                 let tl = evaluate(&mut eval_exec, &data.train, cfg)?;
                 let vl = evaluate(&mut eval_exec, &data.val, cfg)?;
                 if !(tl.is_finite() && vl.is_finite()) {
-                    let kept = match run.last_ckpt_step {
-                        Some(s) => format!("; {} (step {s}) is untouched", cfg.out.display()),
-                        None => String::new(),
-                    };
-                    return Err(Error::invalid(
-                        "train",
-                        format!(
-                            "training diverged by step {step}: evaluation loss {tl} (train), {vl} \
-                             (val); stopped without writing a checkpoint{kept}"
-                        ),
-                    ));
+                    return Err(run.diverged(format!(
+                        "by step {step}: evaluation loss {tl} (train), {vl} (val)"
+                    )));
                 }
                 run.log(format!(
                     "step {step:>6}: train loss {tl:.4}, val loss {vl:.4}"
