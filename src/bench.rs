@@ -55,7 +55,8 @@ pub fn random_params(cfg: &GptConfig, seed: u64) -> Vec<Vec<f32>> {
     ParamTable::new(cfg).init(cfg, seed)
 }
 
-fn random_batch(cfg: &GptConfig, b: usize, t: usize, rng: &mut Rng) -> MicroBatch {
+/// A batch of `b` × `t` random tokens and targets of `cfg`'s vocabulary.
+pub fn random_batch(cfg: &GptConfig, b: usize, t: usize, rng: &mut Rng) -> MicroBatch {
     let mut ids = || {
         (0..b * t)
             .map(|_| rng.below(cfg.vocab_size as u64) as u32)
@@ -138,7 +139,7 @@ impl TrainBench {
         json!({
             "batch_size": self.b,
             "block_size": self.t,
-            "ms_per_step": {"median": self.step.median * 1e3, "min": self.step.min * 1e3, "max": self.step.max * 1e3, "runs": self.step.runs},
+            "ms_per_step": self.step.ms_json(),
             "tokens_per_s": self.tokens_per_s,
             "flops_per_step": self.flops_per_step,
             "tflops": self.tflops,
@@ -180,9 +181,9 @@ impl InferBench {
             "dtype": self.dtype.name(),
             "prompt_len": self.prompt_len,
             "new_tokens": self.new_tokens,
-            "prefill_ms": {"median": self.prefill.median * 1e3, "min": self.prefill.min * 1e3, "max": self.prefill.max * 1e3, "runs": self.prefill.runs},
+            "prefill_ms": self.prefill.ms_json(),
             "prefill_tokens_per_s": self.prefill_tokens_per_s(),
-            "decode_ms_per_token": {"median": self.decode.median * 1e3, "min": self.decode.min * 1e3, "max": self.decode.max * 1e3, "runs": self.decode.runs},
+            "decode_ms_per_token": self.decode.ms_json(),
             "decode_tokens_per_s": self.decode_tokens_per_s(),
             "recompute_ms_per_token": self.recompute.map(|r| json!({"median": r.median * 1e3, "min": r.min * 1e3, "max": r.max * 1e3, "tokens": self.recompute_tokens})),
             "recompute_tokens_per_s": self.recompute.map(|r| 1.0 / r.median),
@@ -229,17 +230,13 @@ pub fn infer(gpu: &Gpu, cfg: &GptConfig, params: &[Vec<f32>], s: InferSetup) -> 
         .map(|_| rng.below(cfg.vocab_size as u64) as u32)
         .collect();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    let mut ids = prompt.clone();
     for run in 0..warmup + runs.max(1) {
         engine.reset();
         let t0 = Instant::now();
         let mut logits = engine.feed(&prompt, prompt_len)?.remove(0);
         let t1 = Instant::now();
-        ids.truncate(prompt_len);
         for _ in 0..new_tokens {
-            let next = argmax(&logits);
-            ids.push(next);
-            logits = engine.feed(&[next], 1)?.remove(0);
+            logits = engine.feed(&[argmax(&logits)], 1)?.remove(0);
         }
         if run >= warmup {
             prefill.push((t1 - t0).as_secs_f64());

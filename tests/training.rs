@@ -101,16 +101,7 @@ fn small_model() -> GptConfig {
 }
 
 fn batch(cfg: &GptConfig, b: usize, t: usize, seed: u64) -> MicroBatch {
-    let mut rng = Rng::new(seed);
-    let mut ids = || {
-        (0..b * t)
-            .map(|_| rng.below(cfg.vocab_size as u64) as u32)
-            .collect()
-    };
-    MicroBatch {
-        tokens: ids(),
-        targets: ids(),
-    }
+    shaderformer::bench::random_batch(cfg, b, t, &mut Rng::new(seed))
 }
 
 fn executor<'a>(

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use shaderformer::error::{Error, Result};
+use shaderformer::error::Result;
 use shaderformer::infer::{self, Engine};
-use shaderformer::io::tokens;
 use shaderformer::io::vocab::Vocab;
 use shaderformer::train::checkpoint;
+use shaderformer::train::data::{self, Contents};
 
 use crate::GpuArgs;
 use crate::commands::train::Dtype;
@@ -36,17 +36,12 @@ pub struct ScoreArgs {
 pub fn score(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
     let ck = checkpoint::load(&args.checkpoint)?;
     let name = args.data.display().to_string();
-    let bytes = std::fs::read(&args.data).map_err(|e| Error::io(&args.data, e))?;
-    if bytes.is_empty() {
-        return Err(Error::invalid(&name, "the data file is empty"));
-    }
-    let ids = if tokens::is_llmc(&bytes) || args.data.extension().is_some_and(|e| e == "bin") {
-        tokens::parse(&args.data, &bytes)?
-    } else {
-        let text = String::from_utf8(bytes)
-            .map_err(|_| Error::invalid(&name, "not UTF-8 text and not a token file"))?;
-        let vocab = ck.vocab.clone().unwrap_or(Vocab::Ids(ck.cfg.vocab_size));
-        vocab.encode(&text, &name)?
+    let ids = match data::read_contents(&args.data)? {
+        Contents::Tokens(ids) => ids,
+        Contents::Text(text) => {
+            let vocab = ck.vocab.clone().unwrap_or(Vocab::Ids(ck.cfg.vocab_size));
+            vocab.encode(&text, &name)?
+        }
     };
     let t = args.block_size.unwrap_or(ck.cfg.block_size);
     let gpu = gpu.open()?;

@@ -409,11 +409,6 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
         },
     )?;
     if args.json {
-        let samples: Vec<serde_json::Value> = generation
-            .ids
-            .iter()
-            .map(|ids| serde_json::json!({"ids": ids, "text": vocab.decode(ids)}))
-            .collect();
         let mut obj = serde_json::json!({
             "prompt": args.prompt,
             "prompt_ids": prompt,
@@ -422,6 +417,11 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
             "stopped_at_context_limit": generation.hit_context,
         });
         if args.num_samples > 1 {
+            let samples: Vec<serde_json::Value> = generation
+                .ids
+                .iter()
+                .map(|ids| serde_json::json!({"ids": ids, "text": vocab.decode(ids)}))
+                .collect();
             obj["samples"] = samples.into();
         }
         println!("{obj}");

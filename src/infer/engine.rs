@@ -96,6 +96,16 @@ impl<'a> Engine<'a> {
         Ok(self.decoders.get_mut(&(tq, loss)).expect("just inserted"))
     }
 
+    /// Decodes one chunk of `tq` new tokens per sequence at the current position (`batch` holds
+    /// them, with targets when `loss`), advancing the position; returns the decoder to read
+    /// logits or losses from.
+    fn run_chunk(&mut self, batch: MicroBatch, tq: usize, loss: bool) -> Result<&Decoder<'a>> {
+        let pos = self.pos;
+        self.decoder(tq, loss)?.exec.decode(&batch, pos)?;
+        self.pos += tq;
+        Ok(&self.decoders[&(tq, loss)])
+    }
+
     /// Forgets the cached positions (the caches' contents are simply overwritten later).
     pub fn reset(&mut self) {
         self.pos = 0;
@@ -145,16 +155,12 @@ impl<'a> Engine<'a> {
             let part: Vec<u32> = (0..b)
                 .flat_map(|r| tokens[r * n + done..r * n + done + tq].iter().copied())
                 .collect();
-            let pos = self.pos;
             let gpu = self.gpu;
-            let dec = self.decoder(tq, false)?;
-            dec.exec.decode(
-                &MicroBatch {
-                    tokens: part,
-                    targets: Vec::new(),
-                },
-                pos,
-            )?;
+            let batch = MicroBatch {
+                tokens: part,
+                targets: Vec::new(),
+            };
+            let dec = self.run_chunk(batch, tq, false)?;
             if done + tq == n {
                 let logits = dec.exec.view(dec.logits);
                 last = (0..b)
@@ -163,7 +169,6 @@ impl<'a> Engine<'a> {
                     })
                     .collect::<Result<_>>()?;
             }
-            self.pos += tq;
             done += tq;
         }
         Ok(last)
@@ -180,19 +185,14 @@ impl<'a> Engine<'a> {
         let mut done = 0;
         while done < inputs.len() {
             let tq = (inputs.len() - done).min(self.chunk);
-            let pos = self.pos;
             let gpu = self.gpu;
-            let dec = self.decoder(tq, true)?;
-            dec.exec.decode(
-                &MicroBatch {
-                    tokens: inputs[done..done + tq].to_vec(),
-                    targets: targets[done..done + tq].to_vec(),
-                },
-                pos,
-            )?;
+            let batch = MicroBatch {
+                tokens: inputs[done..done + tq].to_vec(),
+                targets: targets[done..done + tq].to_vec(),
+            };
+            let dec = self.run_chunk(batch, tq, true)?;
             let losses = gpu.read_f32(dec.exec.view(dec.losses.expect("graph with losses")))?;
             sum += losses.iter().map(|&l| l as f64).sum::<f64>();
-            self.pos += tq;
             done += tq;
         }
         if !sum.is_finite() {

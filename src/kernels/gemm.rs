@@ -1232,6 +1232,12 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let inp = gpu.upload_f32("inp", &rng.vec_uniform(m * k, -1.0, 1.0))?;
     let w_data = rng.vec_uniform(n * k, -1.0, 1.0);
     let w = gpu.upload_f32("w", &w_data)?;
+    // The inference forward's weight, stored in f16, where the adapter has it.
+    let w16 = if gpu.has_f16() {
+        Some(gpu.upload("w16", DType::F16, &round_f16(&w_data).0)?)
+    } else {
+        None
+    };
     let dout = gpu.upload_f32("dout", &rng.vec_uniform(m * n, -1.0, 1.0))?;
     let out = gpu.zeros("out", DType::F32, m * n)?;
     let dinp = gpu.zeros("dinp", DType::F32, m * k)?;
@@ -1273,10 +1279,9 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         let naive = launch(gpu, &mm, c, a, b, None, Kernel::Naive)?;
         let name = format!("{label} {} tiled {}", mm.ops(), tile.name());
         reports.push(harness::bench_one(gpu, opts, &name, &s, &[tiled])?);
-        if label == "forward" && gpu.has_f16() {
+        if let Some(w16) = w16.as_ref().filter(|_| label == "forward") {
             // The inference forward: the same product with the weight stored in f16.
-            let w16 = gpu.upload("w16", DType::F16, &round_f16(&w_data).0)?;
-            let b16 = Operand::new(&w16, k);
+            let b16 = Operand::new(w16, k);
             let d = launch(gpu, &mm, c, a, b16, None, Kernel::Tiled(tile))?;
             let name = format!("{label} {} tiled {} f16 w", mm.ops(), tile.name());
             reports.push(harness::bench_one(gpu, opts, &name, &s, &[d])?);
@@ -1285,9 +1290,8 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
             let d = launch(gpu, &mm, c, a, b, None, Kernel::Gemv)?;
             let name = format!("{label} {} gemv", mm.ops());
             reports.push(harness::bench_one(gpu, opts, &name, &s, &[d])?);
-            if gpu.has_f16() {
-                let w16 = gpu.upload("w16", DType::F16, &round_f16(&w_data).0)?;
-                let d = launch(gpu, &mm, c, a, Operand::new(&w16, k), None, Kernel::Gemv)?;
+            if let Some(w16) = &w16 {
+                let d = launch(gpu, &mm, c, a, Operand::new(w16, k), None, Kernel::Gemv)?;
                 let name = format!("{label} {} gemv f16 w", mm.ops());
                 reports.push(harness::bench_one(gpu, opts, &name, &s, &[d])?);
             }

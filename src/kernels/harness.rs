@@ -137,6 +137,16 @@ pub struct TimeStats {
 }
 
 impl TimeStats {
+    /// {"median", "min", "max"} in milliseconds and "runs", for JSON reports.
+    pub fn ms_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "median": self.median * 1e3,
+            "min": self.min * 1e3,
+            "max": self.max * 1e3,
+            "runs": self.runs,
+        })
+    }
+
     pub fn from_samples(samples: &[f64]) -> TimeStats {
         let mut s = samples.to_vec();
         s.sort_by(|a, b| a.total_cmp(b));

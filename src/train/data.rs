@@ -12,6 +12,36 @@ use crate::io::tokens;
 use crate::io::vocab::Vocab;
 use crate::rng::Rng;
 
+/// What a data file holds.
+pub enum Contents {
+    /// Token ids of an llm.c token file or a nanoGPT `.bin`.
+    Tokens(Vec<u32>),
+    Text(String),
+}
+
+/// Reads a data file: token ids when it has llm.c's header or a `.bin` name, else UTF-8 text.
+/// Errors name the file (missing, empty, neither text nor tokens).
+pub fn read_contents(path: &Path) -> Result<Contents> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.is_empty() {
+        return Err(Error::invalid(&name, "the data file is empty"));
+    }
+    if tokens::is_llmc(&bytes) || path.extension().is_some_and(|e| e == "bin") {
+        return Ok(Contents::Tokens(tokens::parse(path, &bytes)?));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::invalid(
+            &name,
+            format!(
+                "not UTF-8 text (byte {}); token files need llm.c's header or a .bin name",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })?;
+    Ok(Contents::Text(text))
+}
+
 /// Tokens split for training and validation, with their vocabulary.
 #[derive(Clone, Debug)]
 pub struct Dataset {
@@ -27,31 +57,18 @@ impl Dataset {
     /// `--resume`), if any: text is encoded with it instead of building a new one.
     pub fn load(path: &Path, vocab: Option<&Vocab>) -> Result<Dataset> {
         let name = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        if bytes.is_empty() {
-            return Err(Error::invalid(&name, "the data file is empty"));
+        match read_contents(path)? {
+            Contents::Tokens(ids) => {
+                let vocab = vocab.cloned().unwrap_or_else(|| {
+                    let max = ids.iter().copied().max().unwrap_or(0) as usize;
+                    // Token files carry no vocabulary; assume GPT-2's when ids fit it.
+                    Vocab::Ids(if max < 50257 { 50257 } else { max + 1 })
+                });
+                let desc = format!("{name}: {} tokens", ids.len());
+                Dataset::from_ids(&name, ids, vocab, desc)
+            }
+            Contents::Text(text) => Dataset::from_text(&name, &text, vocab),
         }
-        let is_bin = path.extension().is_some_and(|e| e == "bin");
-        if tokens::is_llmc(&bytes) || is_bin {
-            let ids = tokens::parse(path, &bytes)?;
-            let vocab = vocab.cloned().unwrap_or_else(|| {
-                let max = ids.iter().copied().max().unwrap_or(0) as usize;
-                // Token files carry no vocabulary; assume GPT-2's when ids fit it.
-                Vocab::Ids(if max < 50257 { 50257 } else { max + 1 })
-            });
-            let desc = format!("{name}: {} tokens", ids.len());
-            return Dataset::from_ids(&name, ids, vocab, desc);
-        }
-        let text = String::from_utf8(bytes).map_err(|e| {
-            Error::invalid(
-                &name,
-                format!(
-                    "not UTF-8 text (byte {}); token files need llm.c's header or a .bin name",
-                    e.utf8_error().valid_up_to()
-                ),
-            )
-        })?;
-        Dataset::from_text(&name, &text, vocab)
     }
 
     /// Encodes `text` (with `vocab`, or a character vocabulary built from it).
