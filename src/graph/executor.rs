@@ -880,12 +880,19 @@ impl<'a> Executor<'a> {
         let Some(step) = self.ring[slot].step else {
             return Ok(None);
         };
+        let ready = |rb: &Readback| *rb.ready.lock().unwrap();
         if block {
             self.gpu.wait()?;
+            // The queue is idle, but when another thread polls the same device, it may have
+            // taken this buffer's map callback and not run it yet: wait for the callback.
+            while ready(&self.ring[slot]).is_none() {
+                std::thread::yield_now();
+                let _ = self.gpu.device.poll(wgpu::PollType::Poll);
+            }
         } else {
             let _ = self.gpu.device.poll(wgpu::PollType::Poll);
         }
-        let state = *self.ring[slot].ready.lock().unwrap();
+        let state = ready(&self.ring[slot]);
         match state {
             None => Ok(None),
             Some(false) => Err(Error::DeviceLost {
