@@ -674,7 +674,7 @@ fn cache_dtype<'a>(
     f16_spec: &'a KernelSpec,
 ) -> Result<(DType, &'a KernelSpec)> {
     if k_cache.dtype == DType::F16 {
-        super::gemm::expect_f16_support(gpu, kernel, k_cache)?;
+        super::expect_f16_support(gpu, kernel, k_cache)?;
         Ok((DType::F16, f16_spec))
     } else {
         Ok((DType::F32, f32_spec))

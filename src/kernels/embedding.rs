@@ -20,7 +20,7 @@ use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, 
 use crate::reference;
 use crate::rng::Rng;
 
-use super::gemm::round_f16;
+use super::round_f16;
 use Binding::{Read, ReadWrite};
 
 const WG: u32 = 256;
@@ -161,7 +161,7 @@ fn forward_variant(
     expect(&name, tokens, DType::U32, bt)?;
     let v_chunk = expect_rows(&name, wte, table, c, 1, "V_chunk >= 1")?;
     expect_rows(&name, wpe, table, c, t, &format!("maxT >= T = {t}"))?;
-    super::gemm::expect_f16_support(gpu, &name, wte)?;
+    super::expect_f16_support(gpu, &name, wte)?;
     if wte_row0
         .checked_add(v_chunk)
         .is_none_or(|end| end > u32::MAX as usize)

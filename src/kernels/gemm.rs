@@ -20,14 +20,13 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
-use super::{bytes_of, expect, expect_dims};
+use super::{bytes_of, expect, expect_dims, expect_f16_support, round_f16};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
 use crate::reference::{self, gemm::Layout};
 use crate::rng::Rng;
 
 use Binding::{Read, ReadWrite};
-use half::f16;
 
 /// a, b, bias, c.
 const GEMM_BINDINGS: &[Binding] = &[Read, Read, Read, ReadWrite];
@@ -446,22 +445,6 @@ fn vec4_ok(op: &Operand, rows: usize, batch: usize) -> bool {
             .all(|x| x.is_multiple_of(4))
 }
 
-/// Fails, naming the tensor, when `view` is f16 and the adapter cannot run f16 shaders.
-pub(crate) fn expect_f16_support(gpu: &Gpu, kernel: &str, view: &View) -> Result<()> {
-    if view.dtype == DType::F16 && !gpu.has_f16() {
-        return Err(Error::invalid(
-            kernel,
-            format!(
-                "tensor {} is f16, but adapter {} lacks SHADER_F16 (wgpu::Features::SHADER_F16); \
-                 store it in f32 on this adapter",
-                view.name,
-                gpu.adapter_name()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 fn u32_of(x: usize) -> u32 {
     // Every value passed here has been checked against 32-bit indexing.
     x as u32
@@ -863,14 +846,6 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         }
     }
     Ok(reports)
-}
-
-/// `x` rounded to f16, and those f16 values widened back to f32 (what an f16 kernel computes
-/// with, for the reference).
-pub fn round_f16(x: &[f32]) -> (Vec<f16>, Vec<f32>) {
-    let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-    let w = h.iter().map(|v| v.to_f32()).collect();
-    (h, w)
 }
 
 /// Values in [100, 200): reading them where a kernel should only write shows up at once.

@@ -46,6 +46,30 @@ pub fn expect_dims(kernel: &str, dims: &[(&str, usize)]) -> Result<()> {
     Ok(())
 }
 
+/// Fails, naming the tensor, when `view` is f16 and the adapter cannot run f16 shaders.
+pub(crate) fn expect_f16_support(gpu: &Gpu, kernel: &str, view: &View) -> Result<()> {
+    if view.dtype == DType::F16 && !gpu.has_f16() {
+        return Err(Error::invalid(
+            kernel,
+            format!(
+                "tensor {} is f16, but adapter {} lacks SHADER_F16 (wgpu::Features::SHADER_F16); \
+                 store it in f32 on this adapter",
+                view.name,
+                gpu.adapter_name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `x` rounded to f16, and those f16 values widened back to f32 (what an f16 kernel computes
+/// with, for the reference).
+pub fn round_f16(x: &[f32]) -> (Vec<half::f16>, Vec<f32>) {
+    let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let w = h.iter().map(|v| v.to_f32()).collect();
+    (h, w)
+}
+
 /// Workgroup size (the `WG` override) of the elementwise kernels.
 pub const ELEMENTWISE_WG: u32 = 256;
 
