@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use shaderformer::gpu::{DType, test_gpu};
-use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
+use shaderformer::graph::{ExecOptions, Executor, MicroBatch, NodeCheck, ParamStore};
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::model::{GptConfig, ParamTable};
 use shaderformer::rng::Rng;
@@ -149,11 +149,7 @@ fn every_node_matches_its_cpu_reference() {
         let mut exec = executor(gpu, &cfg, &st, 2, 19, reuse);
         let checks = exec.validate(&batch(&cfg, 2, 19, 5)).unwrap();
         assert!(checks.len() > 60, "only {} checks", checks.len());
-        let bad: Vec<String> = checks
-            .iter()
-            .filter(|c| !c.comparison.ok())
-            .map(|c| c.comparison.to_string())
-            .collect();
+        let bad = NodeCheck::mismatches(&checks);
         assert!(bad.is_empty(), "reuse {reuse}:\n{}", bad.join("\n"));
     }
 }
@@ -188,11 +184,7 @@ fn every_node_matches_its_cpu_reference_with_chunked_logits() {
         .filter(|c| c.op.starts_with("lm_head"))
         .collect();
     assert_eq!(lm_head.len(), 6, "forward and backward, 3 outputs each");
-    let bad: Vec<String> = checks
-        .iter()
-        .filter(|c| !c.comparison.ok())
-        .map(|c| c.comparison.to_string())
-        .collect();
+    let bad = NodeCheck::mismatches(&checks);
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 

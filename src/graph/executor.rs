@@ -1018,6 +1018,17 @@ pub struct NodeCheck {
     pub comparison: crate::reference::Comparison,
 }
 
+impl NodeCheck {
+    /// The failed comparisons among `checks`, one line each.
+    pub fn mismatches(checks: &[NodeCheck]) -> Vec<String> {
+        checks
+            .iter()
+            .filter(|c| !c.comparison.ok())
+            .map(|c| c.comparison.to_string())
+            .collect()
+    }
+}
+
 impl Executor<'_> {
     /// Runs the Zero, Forward and Backward phases on one batch (no optimizer step) and waits:
     /// the parameter gradients are then those of this batch's mean loss.

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::graph::{ExecOptions, Executor, MicroBatch, ParamStore, StepResult};
+use crate::graph::{ExecOptions, Executor, MicroBatch, NodeCheck, ParamStore, StepResult};
 use crate::io::vocab::Vocab;
 use crate::kernels::adamw;
 use crate::model::gpt::{self, Mode};
@@ -552,11 +552,7 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         // A throwaway batch (not from the loader, so training is unchanged) checked node by node.
         let mut probe = Loader::new(LoaderKind::Random, b, t, cfg.seed ^ 0x5A11);
         let checks = exec.validate(&probe.next(&data.train))?;
-        let bad: Vec<String> = checks
-            .iter()
-            .filter(|c| !c.comparison.ok())
-            .map(|c| c.comparison.to_string())
-            .collect();
+        let bad = NodeCheck::mismatches(&checks);
         if cfg.verbose {
             println!(
                 "validate: {} outputs of {} nodes checked against the CPU reference, {} mismatched",
