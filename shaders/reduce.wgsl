@@ -13,8 +13,9 @@
 // the partial slots. The order depends only on N, G and WG, so the same inputs give the same bits.
 // WG must be a power of two.
 //
-// A global norm over many tensors (each in its own buffer) runs `partials` once per tensor, each
-// into its own slot range [base, base + G), then `finish` once over all the slots.
+// A global norm over many tensors runs `partials` once per tensor or span of tensors (the graph
+// passes whole flat gradient buffers), each into its own slot range [base, base + G), then
+// `finish` once over all the slots.
 
 struct Params {
     n: u32,       // fill, partials: elements in x / out; finish: number of partial slots

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use shaderformer::gpu::{DType, test_gpu};
-use shaderformer::graph::{ExecOptions, Executor, MicroBatch, NodeCheck, ParamStore};
+use shaderformer::graph::{ExecOptions, Executor, MicroBatch, NodeCheck, ParamStore, Phase};
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::model::{GptConfig, ParamTable};
 use shaderformer::rng::Rng;
@@ -151,6 +151,32 @@ fn every_node_matches_its_cpu_reference() {
         assert!(checks.len() > 60, "only {} checks", checks.len());
         let bad = NodeCheck::mismatches(&checks);
         assert!(bad.is_empty(), "reuse {reuse}:\n{}", bad.join("\n"));
+    }
+}
+
+/// The flat parameter layout: zeroing the gradients, their norm and AdamW take a handful of
+/// dispatches for the whole model (one span per class of tensors, weights and vectors), also with
+/// the token embedding split into row chunks; every tensor reads back as written.
+#[test]
+fn the_optimizer_runs_over_flat_buffers() {
+    let Some(gpu) = test_gpu() else { return };
+    let cfg = small_model();
+    let table = ParamTable::new(&cfg);
+    let init = table.init(&cfg, 3);
+    for limit in [u64::MAX, 20 * 24 * 4] {
+        let chunk_limit = |i| if i == table.wte { limit } else { u64::MAX };
+        let specs = table.store_specs();
+        let st = ParamStore::build(gpu, &specs, &init, true, DType::F32, &chunk_limit).unwrap();
+        assert_eq!(
+            st.params[table.wte].len(),
+            if limit == u64::MAX { 1 } else { 4 }
+        );
+        assert_eq!(st.read_params(gpu).unwrap(), init);
+        let exec = executor(gpu, &cfg, &st, 2, 19, true);
+        let count = |p: Phase| exec.dispatches[&p].len();
+        assert_eq!(count(Phase::Zero), 2, "one fill per class");
+        // The norm: one partial sum per class and the finish; AdamW: one step per class.
+        assert_eq!(count(Phase::Optimizer), 3 + 2);
     }
 }
 

@@ -244,45 +244,69 @@ pub fn append_backward(g: &mut Graph) -> Backward {
     }
 }
 
-/// Appends the optimizer: zeroing of every parameter gradient (phase Zero), the global gradient
-/// norm and one AdamW update per parameter (phase Optimizer). `decay(i)` says whether parameter
-/// i takes weight decay. Returns the norm tensor.
+/// Appends the optimizer: one node zeroing every parameter gradient (phase Zero), the global
+/// gradient norm, and one AdamW node over all the parameters that take weight decay and one over
+/// those that do not (phase Optimizer). These nodes are multi-tensor: the executor runs each over
+/// the store's flat buffers in a few dispatches. `decay(i)` says whether parameter i takes weight
+/// decay. Returns the norm tensor.
 pub fn append_optimizer(g: &mut Graph, bw: &Backward, decay: impl Fn(usize) -> bool) -> TensorId {
-    for &(_, d) in &bw.param_grads {
-        let label = g.tensors[d].name.clone();
-        g.push(Phase::Zero, label, Op::Fill { value: 0.0 }, vec![], vec![d]);
-    }
+    let grads: Vec<TensorId> = bw.param_grads.iter().map(|&(_, d)| d).collect();
+    g.push(
+        Phase::Zero,
+        "zero_grads",
+        Op::Fill { value: 0.0 },
+        vec![],
+        grads.clone(),
+    );
     let norm = g.tensor("grad_norm", &[1], DType::F32, TensorKind::Result);
     g.push(
         Phase::Optimizer,
         "grad_norm",
         Op::GlobalNorm,
-        bw.param_grads.iter().map(|&(_, d)| d).collect(),
+        grads,
         vec![norm],
     );
-    for &(p, d) in &bw.param_grads {
-        let TensorKind::Param(i) = g.tensors[p].kind else {
-            unreachable!()
+    for class in [true, false] {
+        let (mut ds, mut ps, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &(p, d) in &bw.param_grads {
+            let TensorKind::Param(i) = g.tensors[p].kind else {
+                unreachable!()
+            };
+            if decay(i) != class {
+                continue;
+            }
+            let (name, shape) = (g.tensors[p].name.clone(), g.tensors[p].shape.clone());
+            ms.push(g.tensor(
+                format!("m.{name}"),
+                &shape,
+                DType::F32,
+                TensorKind::AdamM(i),
+            ));
+            vs.push(g.tensor(
+                format!("v.{name}"),
+                &shape,
+                DType::F32,
+                TensorKind::AdamV(i),
+            ));
+            ds.push(d);
+            ps.push(p);
+        }
+        if ps.is_empty() {
+            continue;
+        }
+        ds.push(norm);
+        let label = if class {
+            "adamw.decay"
+        } else {
+            "adamw.no_decay"
         };
-        let (name, shape) = (g.tensors[p].name.clone(), g.tensors[p].shape.clone());
-        let m = g.tensor(
-            format!("m.{name}"),
-            &shape,
-            DType::F32,
-            TensorKind::AdamM(i),
-        );
-        let v = g.tensor(
-            format!("v.{name}"),
-            &shape,
-            DType::F32,
-            TensorKind::AdamV(i),
-        );
+        let outputs = [ps, ms, vs].concat();
         g.push(
             Phase::Optimizer,
-            name,
-            Op::AdamW { decay: decay(i) },
-            vec![d, norm],
-            vec![p, m, v],
+            label,
+            Op::AdamW { decay: class },
+            ds,
+            outputs,
         );
     }
     norm

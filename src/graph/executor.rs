@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::ir::{Graph, Node, Op, Phase, TensorId, TensorKind};
 use super::planner::{self, Plan};
-use super::store::ParamStore;
+use super::store::{self, ParamStore};
 use super::validate;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, View};
@@ -688,38 +688,76 @@ impl<'a> Executor<'a> {
                     dloss,
                 ))
             }
-            Op::Fill { value } => oc(0).iter().map(|v| reduce::fill(gpu, v, value)).collect(),
-            Op::GlobalNorm => {
-                let grads: Vec<&View> = (0..node.inputs.len()).flat_map(ic).collect();
-                let lens: Vec<usize> = grads.iter().map(|g| g.len).collect();
-                let partials = gpu.zeros(
-                    "grad_norm.partials",
-                    DType::F32,
-                    reduce::partials_len(gpu, &lens),
-                )?;
-                reduce::global_norm(gpu, o(0), &partials, &grads)
-            }
-            Op::AdamW { decay } => {
-                let (params, grads, ms, vs) = (oc(0), ic(0), oc(1), oc(2));
-                (0..params.len())
-                    .map(|j| {
-                        adamw::step(
-                            gpu,
-                            &params[j],
-                            &grads[j],
-                            &ms[j],
-                            &vs[j],
-                            i(1),
-                            params[j].len,
-                            &self.opts.adamw,
-                            decay,
-                            0.0,
-                            1,
-                        )
-                    })
-                    .collect()
-            }
+            Op::Fill { value } => self.lower_fill(node, value),
+            Op::GlobalNorm => self.lower_global_norm(node),
+            Op::AdamW { decay } => self.lower_adamw(node, decay),
         }
+    }
+
+    /// Every chunk of the tensors `ids`, merged into spans of the store's flat buffers.
+    fn spans_of(&self, ids: &[TensorId]) -> Vec<View> {
+        let all: Vec<&View> = ids.iter().flat_map(|&t| self.chunks(t)).collect();
+        let align = self.gpu.limits.min_storage_buffer_offset_alignment as u64;
+        store::spans(&all, align.max(4))
+    }
+
+    /// outputs = value: one fill per span (the whole of a flat buffer for the gradients).
+    fn lower_fill(&self, node: &Node, value: f32) -> Result<Vec<Dispatch>> {
+        let spans = self.spans_of(&node.outputs);
+        spans
+            .iter()
+            .map(|v| reduce::fill(self.gpu, v, value))
+            .collect()
+    }
+
+    /// norm = sqrt(Σ g²) over every input: one stage-1 dispatch per span, then one to finish.
+    fn lower_global_norm(&self, node: &Node) -> Result<Vec<Dispatch>> {
+        let grads = self.spans_of(&node.inputs);
+        let lens: Vec<usize> = grads.iter().map(|g| g.len).collect();
+        let partials = self.gpu.zeros(
+            "grad_norm.partials",
+            DType::F32,
+            reduce::partials_len(self.gpu, &lens),
+        )?;
+        let grads: Vec<&View> = grads.iter().collect();
+        let norm = self.view(node.outputs[0]);
+        reduce::global_norm(self.gpu, norm, &partials, &grads)
+    }
+
+    /// One AdamW dispatch per span of the parameters (the gradients and moments share their
+    /// layout, so their spans line up).
+    fn lower_adamw(&self, node: &Node, decay: bool) -> Result<Vec<Dispatch>> {
+        let k = node.inputs.len() - 1;
+        let norm = self.view(node.inputs[k]);
+        let grads = self.spans_of(&node.inputs[..k]);
+        let [params, ms, vs] = [0, 1, 2].map(|j| self.spans_of(&node.outputs[j * k..(j + 1) * k]));
+        let same = |a: &View, b: &View| a.offset == b.offset && a.len == b.len;
+        let lined_up = [&grads, &ms, &vs]
+            .iter()
+            .all(|l| l.len() == params.len() && l.iter().zip(&params).all(|(a, b)| same(a, b)));
+        if !lined_up {
+            return Err(Error::invalid(
+                "adamw",
+                "parameters, gradients and moments are not laid out alike",
+            ));
+        }
+        (0..params.len())
+            .map(|j| {
+                adamw::step(
+                    self.gpu,
+                    &params[j],
+                    &grads[j],
+                    &ms[j],
+                    &vs[j],
+                    norm,
+                    params[j].len,
+                    &self.opts.adamw,
+                    decay,
+                    0.0,
+                    1,
+                )
+            })
+            .collect()
     }
 
     /// Queues one training step: `micro` holds `grad_accum` batches; `lr` and the AdamW step

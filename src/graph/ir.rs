@@ -190,11 +190,12 @@ pub enum Op {
         acc: bool,
     },
 
-    /// in [] → out [x] = value
+    /// in [] → out [x...] = value (one or many tensors: the parameter gradients at once)
     Fill { value: f32 },
     /// in [grads...] → out [norm (1)] = global L2 norm
     GlobalNorm,
-    /// in [grad, norm] → out [param, m, v], updated in place
+    /// in [grad_1..grad_k, norm] → out [param_1..param_k, m_1..m_k, v_1..v_k], updated in place:
+    /// one multi-tensor step over k parameters of one weight-decay setting.
     AdamW { decay: bool },
 }
 

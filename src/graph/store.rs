@@ -1,9 +1,16 @@
 //! The GPU tensors that outlive any one graph: parameters and, for training, their gradients and
 //! AdamW moments, indexed by parameter number.
 //!
+//! Flat layout (llm.c's): the tensors of each class (weights, vectors) are packed one after the
+//! other into a few large buffers, each at most the device's largest storage binding, every tensor
+//! starting at the device's storage-offset alignment; each tensor is a view into them. Gradients
+//! and moments share the parameters' layout, so zeroing, the gradient norm and AdamW run over
+//! whole buffers (`spans`) in a handful of dispatches instead of one or more per tensor.
+//!
 //! A tensor larger than the device's largest storage binding (GPT-2's token embedding is 154 MB
-//! in f32; many adapters bind at most 128 MiB) is stored as row chunks, each its own buffer; the
-//! kernels that touch such tensors (embedding, lm head, optimizer) take the chunks one by one.
+//! in f32; many adapters bind at most 128 MiB) is stored as row chunks, each in a buffer of its
+//! own or shared with others; the kernels that touch such tensors (embedding, lm head, optimizer)
+//! take the chunks one by one.
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, View};
@@ -37,49 +44,145 @@ fn rows_per_chunk(name: &str, shape: &[usize], dtype: DType, limit: u64) -> Resu
     Ok(fit.min(rows).max(1))
 }
 
-/// Splits `data` (row-major, `shape`) into row chunks and uploads them as `dtype`.
-fn upload_chunks(
-    gpu: &Gpu,
-    name: &str,
-    shape: &[usize],
-    data: &[f32],
-    dtype: DType,
-    limit: u64,
-) -> Result<Vec<View>> {
-    let rows = shape.first().copied().unwrap_or(1).max(1);
-    let cols = data.len() / rows;
-    let per = rows_per_chunk(name, shape, dtype, limit)?;
-    let mut out = Vec::new();
-    for (k, r0) in (0..rows).step_by(per).enumerate() {
-        let r1 = (r0 + per).min(rows);
-        let part = &data[r0 * cols..r1 * cols];
-        let label = if per >= rows {
-            name.to_string()
-        } else {
-            format!("{name}[chunk {k}]")
-        };
-        out.push(match dtype {
-            DType::F32 => gpu.upload_f32(&label, part)?,
-            DType::F16 => {
-                let h: Vec<half::f16> = part.iter().map(|&x| half::f16::from_f32(x)).collect();
-                gpu.upload(&label, DType::F16, &h)?
-            }
-            other => {
-                return Err(Error::invalid(
-                    name,
-                    format!("parameters cannot be stored as {}", other.name()),
-                ));
-            }
-        });
-    }
-    Ok(out)
+/// The two classes of parameters, each laid out in flat buffers of its own: weights (two or more
+/// dimensions: they take weight decay, and may be stored as f16 for inference) and vectors
+/// (biases and LayerNorm parameters: no decay, always f32). AdamW then covers each class with a
+/// few dispatches of one weight-decay setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Weights,
+    Vectors,
 }
 
-fn zeros_like(gpu: &Gpu, prefix: &str, chunks: &[View]) -> Result<Vec<View>> {
-    chunks
+impl Class {
+    fn of(shape: &[usize]) -> Class {
+        if shape.len() >= 2 {
+            Class::Weights
+        } else {
+            Class::Vectors
+        }
+    }
+
+    fn dtype(self, weights: DType) -> DType {
+        match self {
+            Class::Weights => weights,
+            Class::Vectors => DType::F32,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Class::Weights => "weights",
+            Class::Vectors => "vectors",
+        }
+    }
+}
+
+/// One tensor chunk's place in the flat layout: flat buffer `buffer`, `offset` bytes in.
+struct Place {
+    buffer: usize,
+    offset: u64,
+    len: usize,
+    label: String,
+}
+
+/// The flat layout of one class of tensors (one dtype): row chunks packed in order into buffers
+/// of at most `cap` bytes, each chunk starting at a multiple of `align` bytes. Returns the places
+/// of each tensor's chunks and the bytes of each buffer.
+fn pack(
+    specs: &[(usize, &str, &[usize])],
+    dtype: DType,
+    cap: u64,
+    align: u64,
+    chunk_limit: &dyn Fn(usize) -> u64,
+) -> Result<(Vec<Vec<Place>>, Vec<u64>)> {
+    let mut places = Vec::new();
+    let mut sizes: Vec<u64> = Vec::new();
+    for &(i, name, shape) in specs {
+        let rows = shape.first().copied().unwrap_or(1).max(1);
+        let cols = shape.iter().product::<usize>() / rows;
+        let per = rows_per_chunk(name, shape, dtype, chunk_limit(i).min(cap))?;
+        let mut chunks = Vec::new();
+        for (k, r0) in (0..rows).step_by(per).enumerate() {
+            let len = (per.min(rows - r0)) * cols;
+            let bytes = (len as u64 * dtype.size()).div_ceil(4).max(1) * 4;
+            let at = sizes.last().map(|&s| s.next_multiple_of(align));
+            let (buffer, offset) = match at {
+                Some(at) if at + bytes <= cap => (sizes.len() - 1, at),
+                _ => {
+                    sizes.push(0);
+                    (sizes.len() - 1, 0)
+                }
+            };
+            sizes[buffer] = offset + bytes;
+            let label = if per >= rows {
+                name.to_string()
+            } else {
+                format!("{name}[chunk {k}]")
+            };
+            chunks.push(Place {
+                buffer,
+                offset,
+                len,
+                label,
+            });
+        }
+        places.push(chunks);
+    }
+    Ok((places, sizes))
+}
+
+/// Views at `places` onto the flat buffers `buffers`, their names prefixed with `prefix`.
+fn views_at(buffers: &[wgpu::Buffer], places: &[Place], dtype: DType, prefix: &str) -> Vec<View> {
+    places
         .iter()
-        .map(|c| gpu.zeros(&format!("{prefix}.{}", c.name), DType::F32, c.len))
+        .map(|p| View {
+            buffer: buffers[p.buffer].clone(),
+            offset: p.offset,
+            len: p.len,
+            dtype,
+            name: format!("{prefix}{}", p.label).into(),
+        })
         .collect()
+}
+
+/// Merges views into the flat buffers of a `ParamStore` into as few views as cover them: views of
+/// the same buffer that follow one another with less than `align` bytes between them (alignment
+/// padding, which holds zeros) become one view over the whole range. Buffers keep the order of
+/// their first appearance in `views`, and the views of one buffer are taken in offset order, so
+/// lists laid out alike (parameters, gradients, moments) give matching spans.
+///
+/// Only for views into a store's flat buffers, where every tensor chunk starts at a multiple of
+/// `align`: a gap shorter than that cannot hold another tensor.
+pub fn spans(views: &[&View], align: u64) -> Vec<View> {
+    let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
+    let mut sorted: Vec<(usize, &View)> = views
+        .iter()
+        .map(|v| {
+            let b = match buffers.iter().position(|&b| *b == v.buffer) {
+                Some(b) => b,
+                None => {
+                    buffers.push(&v.buffer);
+                    buffers.len() - 1
+                }
+            };
+            (b, *v)
+        })
+        .collect();
+    sorted.sort_by_key(|&(b, v)| (b, v.offset));
+    let mut out: Vec<(usize, View)> = Vec::new();
+    for (b, v) in sorted {
+        if let Some((lb, last)) = out.last_mut() {
+            let end = last.offset + last.len as u64 * last.dtype.size();
+            if *lb == b && last.dtype == v.dtype && v.offset >= end && v.offset - end < align {
+                last.len = ((v.offset - last.offset) / v.dtype.size()) as usize + v.len;
+                last.name = format!("{} ..", last.name.trim_end_matches(" ..")).into();
+                continue;
+            }
+        }
+        out.push((b, v.clone()));
+    }
+    out.into_iter().map(|(_, v)| v).collect()
 }
 
 impl ParamStore {
@@ -130,26 +233,17 @@ impl ParamStore {
             !(train && dtype != DType::F32),
             "training keeps f32 parameters"
         );
-        let mut s = ParamStore {
-            names: Vec::new(),
-            shapes: Vec::new(),
-            params: Vec::new(),
-            grads: Vec::new(),
-            m: Vec::new(),
-            v: Vec::new(),
-            kv: Vec::new(),
-        };
         // What the whole store needs, to say so if the device runs out of memory part way.
         let copies = if train { 4 } else { 1 };
         let total: u64 = specs
             .iter()
             .map(|(_, shape)| {
-                let dt = if shape.len() >= 2 { dtype } else { DType::F32 };
                 let n: usize = shape.iter().product();
-                n as u64 * dt.size() * copies
+                n as u64 * Class::of(shape).dtype(dtype).size() * copies
             })
             .sum();
-        let out_of_memory = |e: Error, s: &ParamStore| match e {
+        let mut allocated = 0u64;
+        let out_of_memory = |e: Error, allocated: u64| match e {
             Error::OutOfMemory { context, .. } => Error::OutOfMemory {
                 context: format!(
                     "{context}: the model needs {:.1} MiB for parameters{}, and the device ran out \
@@ -160,27 +254,69 @@ impl ParamStore {
                     } else {
                         ""
                     },
-                    s.bytes() as f64 / 1048576.0
+                    allocated as f64 / 1048576.0
                 ),
                 bytes: total,
             },
             other => other,
         };
-        for (i, ((name, shape), data)) in specs.iter().zip(values).enumerate() {
-            let dt = if shape.len() >= 2 { dtype } else { DType::F32 };
-            let limit = chunk_limit(i).min(gpu.max_binding());
-            let chunks = upload_chunks(gpu, name, shape, data, dt, limit)
-                .map_err(|e| out_of_memory(e, &s))?;
-            if train {
-                let zeros = |prefix| zeros_like(gpu, prefix, &chunks);
-                let (g, m, v) = (zeros("d"), zeros("m"), zeros("v"));
-                s.grads.push(g.map_err(|e| out_of_memory(e, &s))?);
-                s.m.push(m.map_err(|e| out_of_memory(e, &s))?);
-                s.v.push(v.map_err(|e| out_of_memory(e, &s))?);
+        let align = (gpu.limits.min_storage_buffer_offset_alignment as u64).max(4);
+        // Parameters, then (training) gradients and the two moments, all with the same layout.
+        let prefixes: &[&str] = if train {
+            &["", "d.", "m.", "v."]
+        } else {
+            &[""]
+        };
+        let mut lists = vec![vec![Vec::new(); specs.len()]; prefixes.len()];
+        for class in [Class::Weights, Class::Vectors] {
+            let members: Vec<(usize, &str, &[usize])> = specs
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, shape))| Class::of(shape) == class)
+                .map(|(i, (name, shape))| (i, name.as_str(), shape.as_slice()))
+                .collect();
+            let dt = class.dtype(dtype);
+            let (places, sizes) = pack(&members, dt, gpu.max_binding(), align, chunk_limit)?;
+            for (prefix, list) in prefixes.iter().zip(&mut lists) {
+                let mut buffers = Vec::with_capacity(sizes.len());
+                for (b, &bytes) in sizes.iter().enumerate() {
+                    let label = format!("{prefix}{}.flat{b}", class.name());
+                    let buffer = gpu
+                        .create_storage(&label, bytes)
+                        .map_err(|e| out_of_memory(e, allocated))?;
+                    allocated += bytes;
+                    buffers.push(buffer);
+                }
+                for (&(i, ..), places) in members.iter().zip(&places) {
+                    list[i] = views_at(&buffers, places, dt, prefix);
+                }
             }
-            s.params.push(chunks);
-            s.names.push(name.clone());
-            s.shapes.push(shape.clone());
+        }
+        let mut lists = lists.into_iter();
+        let s = ParamStore {
+            names: specs.iter().map(|(name, _)| name.clone()).collect(),
+            shapes: specs.iter().map(|(_, shape)| shape.clone()).collect(),
+            params: lists.next().unwrap_or_default(),
+            grads: lists.next().unwrap_or_default(),
+            m: lists.next().unwrap_or_default(),
+            v: lists.next().unwrap_or_default(),
+            kv: Vec::new(),
+        };
+        // New buffers hold zeros: gradients and moments start at zero, and so does the padding.
+        for (chunks, data) in s.params.iter().zip(values) {
+            let mut at = 0;
+            for c in chunks {
+                let part = &data[at..at + c.len];
+                match c.dtype {
+                    DType::F16 => {
+                        let h: Vec<half::f16> =
+                            part.iter().map(|&x| half::f16::from_f32(x)).collect();
+                        gpu.write(c, &h)?;
+                    }
+                    _ => gpu.write(c, part)?,
+                }
+                at += c.len;
+            }
         }
         Ok(s)
     }

@@ -287,7 +287,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             );
             last_chunk(&mut chunk[0], &dlogits, n, vp, rows);
         }
-        Op::Fill { value } => r::reduce::fill(&mut o[0], value),
+        Op::Fill { value } => o.iter_mut().for_each(|x| r::reduce::fill(x, value)),
         Op::GlobalNorm | Op::AdamW { .. } => {
             unreachable!("optimizer nodes are checked by their kernel tests")
         }

@@ -1,4 +1,6 @@
-//! adamw.wgsl launcher: one AdamW step on one tensor, in place, with PyTorch's semantics
+//! adamw.wgsl launcher: one AdamW step on one tensor (or on a span of many tensors that share a
+//! weight-decay setting: the graph runs it over whole flat parameter buffers), in place, with
+//! PyTorch's semantics
 //! (torch.optim.AdamW, single-tensor formula) and clipping by a global norm computed on the GPU
 //! (torch.nn.utils.clip_grad_norm_, see `reduce::global_norm`).
 //!
