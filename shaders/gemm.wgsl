@@ -238,7 +238,7 @@ fn gemm_splitk_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 // the per-dimension limit).
 //
 // Bindings for gemm_*: 1 = a (read), 2 = b (read), 3 = bias (read; any f32 view when has_bias = 0),
-// 4 = c (read_write).
+// 4 = c (read_write), 5 = aux (the epilogue's tensor, laid out as c; see finish).
 
 struct Params {
     m: u32,
@@ -262,6 +262,8 @@ struct Params {
     tiles: u32,
     // gemm_reg*: 0, or the K slice per batch entry of a split-K partial pass (see there).
     split_k: u32,
+    // What finish does last: 0 nothing, 1 GELU, 2 GELU backward, 3 residual add (see finish).
+    epilogue: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -311,7 +313,24 @@ fn op_b(z: u32, kk: u32, j: u32) -> f32 {
     return read_b(base + kk * p.ldb + j);
 }
 
-// c[z](i, j) = alpha · s (+ bias[j]) (+ c[z](i, j)).
+@group(0) @binding(5) var<storage, read_write> aux: array<f32>;
+
+// (σ(2u), σ(-2u)) for u = sqrt(2/π) · (x + 0.044715 · x³): GPT-2's tanh GELU as gelu.wgsl
+// computes it (the same operations, so a fused epilogue gives that kernel's bits).
+fn gelu_sigmoids(x: f32) -> vec2<f32> {
+    let u = 0.7978845608028654 * (x + 0.044715 * x * x * x);
+    let e = exp(-2.0 * abs(u));
+    let big = 1.0 / (1.0 + e);
+    let small = e * big;
+    return select(vec2(small, big), vec2(big, small), u >= 0.0);
+}
+
+// v = alpha · s (+ bias[j]) (+ c[z](i, j)), then the epilogue, then c[z](i, j) = v:
+//   1 GELU:          aux[idx] = v (the pre-activation, for the backward); v = gelu(v)
+//   2 GELU backward: v = v · gelu'(aux[idx]) (aux holds the pre-activation; v is its output's
+//                    gradient, so c receives the pre-activation's)
+//   3 residual:      v = v + aux[idx] (aux holds the residual stream)
+// aux is laid out as c: element idx of c pairs with element idx of aux.
 fn finish(z: u32, i: u32, j: u32, s: f32) {
     var v = p.alpha * s;
     if (p.has_bias != 0u) {
@@ -320,6 +339,22 @@ fn finish(z: u32, i: u32, j: u32, s: f32) {
     let idx = p.c_off + z * p.c_bs + i * p.ldc + j;
     if (p.accumulate != 0u) {
         v += c[idx];
+    }
+    switch p.epilogue {
+        case 1u: {
+            aux[idx] = v;
+            v = v * gelu_sigmoids(v).x;
+        }
+        case 2u: {
+            let x = aux[idx];
+            let sg = gelu_sigmoids(x);
+            let du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x);
+            v = v * (sg.x + 2.0 * x * sg.x * sg.y * du);
+        }
+        case 3u: {
+            v += aux[idx];
+        }
+        default: {}
     }
     c[idx] = v;
 }

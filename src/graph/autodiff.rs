@@ -69,6 +69,21 @@ pub fn append_backward(g: &mut Graph) -> Backward {
     let mut embedding_index = None;
 
     let forward: Vec<usize> = g.nodes_in(Phase::Forward).map(|(i, _)| i).collect();
+    // How many forward nodes read each tensor, and the pre-activation of each `LinearGelu` output:
+    // a GELU output read once, by a linear layer, gets no gradient of its own; that layer's
+    // backward GEMM writes the pre-activation's gradient in its epilogue.
+    let mut uses = vec![0usize; g.tensors.len()];
+    let mut pre_of = HashMap::new();
+    for &ni in &forward {
+        let node = &g.nodes[ni];
+        for &t in &node.inputs {
+            uses[t] += 1;
+        }
+        if let Op::LinearGelu { .. } = node.op {
+            pre_of.insert(node.outputs[0], node.outputs[1]);
+        }
+    }
+    let folded_pre = |x: TensorId| pre_of.get(&x).copied().filter(|_| uses[x] == 1);
     for &ni in forward.iter().rev() {
         let node = g.nodes[ni].clone();
         let label = node.label.clone();
@@ -102,6 +117,31 @@ pub fn append_backward(g: &mut Graph) -> Backward {
                 vec![ins[0], ins[1], ins[2], outs[1], outs[2]],
                 vec![dx, dwte, outs[2]],
             );
+            continue;
+        }
+        if let Op::LinearGelu { m, k, n, bias } = node.op {
+            // The pre-activation's gradient: written by the consumer's backward GEMM, or here
+            // from the output's.
+            let dpre = match (grads.of.get(&outs[1]), grads.of.get(&outs[0])) {
+                (Some(&dpre), _) => dpre,
+                (None, Some(&dy)) => {
+                    let (dpre, _) = grads.get(g, outs[1]);
+                    g.push(
+                        Phase::Backward,
+                        format!("{label}.gelu"),
+                        Op::GeluBackward {
+                            n: m * n,
+                            acc: false,
+                        },
+                        vec![dy, outs[1]],
+                        vec![dpre],
+                    );
+                    dpre
+                }
+                (None, None) => continue, // does not reach the loss
+            };
+            let linear = LinearShape { m, k, n, bias };
+            linear_backward(g, &mut grads, label, linear, dpre, ins, None);
             continue;
         }
         let Some(&dy) = grads.of.get(&outs[0]) else {
@@ -139,26 +179,27 @@ pub fn append_backward(g: &mut Graph) -> Backward {
                 );
             }
             Op::Linear { m, k, n, bias } => {
-                let (dx, acc) = grads.get(g, ins[0]);
-                let (dw, _) = grads.get(g, ins[1]);
-                let mut out = vec![dx, dw];
-                if bias {
-                    out.push(grads.get(g, ins[2]).0);
+                let linear = LinearShape { m, k, n, bias };
+                linear_backward(g, &mut grads, label, linear, dy, ins, folded_pre(ins[0]));
+            }
+            Op::LinearResidual { m, k, n, bias } => {
+                let linear = LinearShape { m, k, n, bias };
+                let pre = folded_pre(ins[0]);
+                linear_backward(g, &mut grads, label.clone(), linear, dy, ins, pre);
+                // The residual stream's gradient is dy itself, as for `Add`'s first operand.
+                let res = ins[ins.len() - 1];
+                if !grads.of.contains_key(&res) && !grads.param.contains_key(&res) {
+                    grads.of.insert(res, dy);
+                } else {
+                    let (dres, acc) = grads.get(g, res);
+                    g.push(
+                        Phase::Backward,
+                        format!("{label}.res"),
+                        Op::Accumulate { n: m * n, acc },
+                        vec![dy],
+                        vec![dres],
+                    );
                 }
-                g.push(
-                    Phase::Backward,
-                    label,
-                    Op::LinearBackward {
-                        m,
-                        k,
-                        n,
-                        acc,
-                        dx: true,
-                        bias,
-                    },
-                    vec![dy, ins[0], ins[1]],
-                    out,
-                );
             }
             Op::Attention {
                 b,
@@ -242,6 +283,56 @@ pub fn append_backward(g: &mut Graph) -> Backward {
         param_grads,
         embedding_index,
     }
+}
+
+#[derive(Clone, Copy)]
+struct LinearShape {
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: bool,
+}
+
+/// The backward of a linear layer with input `ins[0]`, weight `ins[1]` and bias `ins[2]`, from
+/// its output's gradient `dy`. With `pre`, the input is gelu(pre) read by this layer alone: the
+/// dx GEMM writes pre's gradient instead (the GELU backward in its epilogue).
+fn linear_backward(
+    g: &mut Graph,
+    grads: &mut Grads,
+    label: String,
+    shape: LinearShape,
+    dy: TensorId,
+    ins: &[TensorId],
+    pre: Option<TensorId>,
+) {
+    let LinearShape { m, k, n, bias } = shape;
+    let (dx, acc) = grads.get(g, pre.unwrap_or(ins[0]));
+    assert!(
+        !(pre.is_some() && acc),
+        "a folded GELU backward overwrites the pre-activation's gradient"
+    );
+    let (dw, _) = grads.get(g, ins[1]);
+    let mut out = vec![dx, dw];
+    if bias {
+        out.push(grads.get(g, ins[2]).0);
+    }
+    let mut inputs = vec![dy, ins[0], ins[1]];
+    inputs.extend(pre);
+    g.push(
+        Phase::Backward,
+        label,
+        Op::LinearBackward {
+            m,
+            k,
+            n,
+            acc,
+            dx: true,
+            bias,
+            gelu: pre.is_some(),
+        },
+        inputs,
+        out,
+    );
 }
 
 /// Appends the optimizer: one node zeroing every parameter gradient (phase Zero), the global

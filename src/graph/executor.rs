@@ -394,16 +394,18 @@ impl<'a> Executor<'a> {
                 n,
                 c,
             )),
-            Op::Linear { m, k, n, bias } if ic(1).len() == 1 => gemm::linear_forward(
-                gpu,
-                o(0),
-                i(0),
-                i(1),
-                bias.then(|| i(2)),
-                m,
-                k,
-                n,
-            ),
+            Op::Linear { m, k, n, bias } if ic(1).len() == 1 => {
+                gemm::linear_forward(gpu, o(0), i(0), i(1), bias.then(|| i(2)), m, k, n)
+            }
+            Op::LinearGelu { m, k, n, bias } => {
+                let epilogue = gemm::Epilogue::Gelu { pre: o(1) };
+                self.lower_fused_linear(node, (m, k, n, bias), epilogue)
+            }
+            Op::LinearResidual { m, k, n, bias } => {
+                let res = i(node.inputs.len() - 1);
+                let epilogue = gemm::Epilogue::Residual { res };
+                self.lower_fused_linear(node, (m, k, n, bias), epilogue)
+            }
             // A weight split into row chunks (the tied lm head): each chunk writes its block of
             // output columns.
             Op::Linear { m, k, n, .. } => split_linear_forward(
@@ -553,9 +555,18 @@ impl<'a> Executor<'a> {
                 m,
                 k,
                 n,
+                gelu: true,
+                bias,
+                ..
+            } => self.lower_linear_backward_gelu(node, (m, k, n, bias)),
+            Op::LinearBackward {
+                m,
+                k,
+                n,
                 acc,
                 dx,
                 bias,
+                ..
             } => gemm::linear_backward(
                 gpu,
                 dx.then(|| o(0)),
@@ -692,6 +703,69 @@ impl<'a> Executor<'a> {
             Op::GlobalNorm => self.lower_global_norm(node),
             Op::AdamW { decay } => self.lower_adamw(node, decay),
         }
+    }
+
+    /// y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias) with `epilogue` (inputs [x, w, bias?, ...],
+    /// output [y, ...]).
+    fn lower_fused_linear(
+        &self,
+        node: &Node,
+        (m, k, n, bias): (usize, usize, usize, bool),
+        epilogue: gemm::Epilogue,
+    ) -> Result<Vec<Dispatch>> {
+        let (x, w, y) = (
+            self.view(node.inputs[0]),
+            self.view(node.inputs[1]),
+            self.view(node.outputs[0]),
+        );
+        let mm = gemm::Matmul {
+            trans_b: true,
+            epilogue,
+            ..gemm::Matmul::new(m, n, k)
+        };
+        let bias = bias.then(|| self.view(node.inputs[2]));
+        let (y, x, w) = (
+            gemm::Operand::new(y, n),
+            gemm::Operand::new(x, k),
+            gemm::Operand::new(w, k),
+        );
+        gemm::matmul(self.gpu, &mm, y, x, w, bias, gemm::Variant::Tiled)
+    }
+
+    /// A linear layer's backward whose input is gelu(pre): d.pre (M, K) = (dy · w) ⊙ gelu'(pre)
+    /// in one GEMM (inputs [dy, x, w, pre], outputs [d.pre, dw, dbias?]), then dw and dbias.
+    fn lower_linear_backward_gelu(
+        &self,
+        node: &Node,
+        (m, k, n, bias): (usize, usize, usize, bool),
+    ) -> Result<Vec<Dispatch>> {
+        let [dy, x, w, pre] = [0, 1, 2, 3].map(|j| self.view(node.inputs[j]));
+        let out = |j: usize| self.view(node.outputs[j]);
+        let mm = gemm::Matmul {
+            epilogue: gemm::Epilogue::GeluBackward { pre },
+            ..gemm::Matmul::new(m, k, n)
+        };
+        let (dpre, dy_op, w_op) = (
+            gemm::Operand::new(out(0), k),
+            gemm::Operand::new(dy, n),
+            gemm::Operand::new(w, k),
+        );
+        let mut ds = gemm::matmul(self.gpu, &mm, dpre, dy_op, w_op, None, gemm::Variant::Tiled)?;
+        let dbias = bias.then(|| out(2));
+        ds.extend(gemm::linear_backward(
+            self.gpu,
+            None,
+            out(1),
+            dbias,
+            dy,
+            x,
+            w,
+            m,
+            k,
+            n,
+            false,
+        )?);
+        Ok(ds)
     }
 
     /// Every chunk of the tensors `ids`, merged into spans of the store's flat buffers.

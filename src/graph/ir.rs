@@ -89,6 +89,22 @@ pub enum Op {
         n: usize,
         bias: bool,
     },
+    /// The linear layer and GELU as one GEMM (its epilogue): in [x (M,K), w (N,K), bias (N)?] →
+    /// out [y (M,N) = gelu(pre), pre (M,N) = x·wᵀ + bias, kept for the backward]
+    LinearGelu {
+        m: usize,
+        k: usize,
+        n: usize,
+        bias: bool,
+    },
+    /// A projection and the residual add as one GEMM: in [x (M,K), w (N,K), bias (N)?, res (M,N)]
+    /// → out [y (M,N) = res + x·wᵀ + bias]
+    LinearResidual {
+        m: usize,
+        k: usize,
+        n: usize,
+        bias: bool,
+    },
     /// in [qkv (B,T,3C)] → out [y (B,T,C), lse (B,NH,T)]; dropout `p` on the probabilities
     /// (0 = none), with the random stream of `site` as in `Dropout`.
     Attention {
@@ -147,7 +163,10 @@ pub enum Op {
         acc: bool,
         bias: bool,
     },
-    /// in [dy (M,N), x (M,K), w (N,K)] → out [dx (acc)?, dw +=, dbias +=?]
+    /// in [dy (M,N), x (M,K), w (N,K)] → out [dx (acc)?, dw +=, dbias +=?]. With `gelu`, x is
+    /// gelu(pre) of a `LinearGelu` and the inputs end with pre (M,K): the GELU backward is folded
+    /// into the dx GEMM's epilogue, which writes pre's gradient (dy·w) ⊙ gelu'(pre) as dx
+    /// (overwriting; acc is false).
     LinearBackward {
         m: usize,
         k: usize,
@@ -155,6 +174,7 @@ pub enum Op {
         acc: bool,
         dx: bool,
         bias: bool,
+        gelu: bool,
     },
     /// in [dy (B,T,C), qkv, y, lse] → out [dqkv] (overwrites); `p` and `site` as in the forward.
     AttentionBackward {
@@ -205,6 +225,8 @@ impl Op {
             Op::Embedding { .. } => "embedding",
             Op::LayerNorm { .. } => "layernorm",
             Op::Linear { .. } => "linear",
+            Op::LinearGelu { .. } => "linear_gelu",
+            Op::LinearResidual { .. } => "linear_residual",
             Op::Attention { .. } => "attention",
             Op::AttentionCached { .. } => "attention_cached",
             Op::KvAppend { .. } => "kv_append",

@@ -115,6 +115,16 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::Linear { m, k, n, bias } => {
             r::gemm::linear_forward(&mut o[0], f(0), f(1), bias.then(|| f(2)), m, k, n);
         }
+        Op::LinearGelu { m, k, n, bias } => {
+            let (y, pre) = o.split_at_mut(1);
+            r::gemm::linear_forward(&mut pre[0], f(0), f(1), bias.then(|| f(2)), m, k, n);
+            r::gelu::forward(&mut y[0], &pre[0]);
+        }
+        Op::LinearResidual { m, k, n, bias } => {
+            let mut proj = vec![0.0; m * n];
+            r::gemm::linear_forward(&mut proj, f(0), f(1), bias.then(|| f(2)), m, k, n);
+            r::residual::forward(&mut o[0], f(ins.len() - 1), &proj);
+        }
         Op::Attention {
             b, t, nh, hs, p, ..
         } => {
@@ -191,11 +201,19 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             acc,
             dx,
             bias,
+            gelu,
         } => {
             let (dxo, rest) = o.split_at_mut(if dx { 1 } else { 0 });
             let (dw, db) = rest.split_at_mut(1);
+            // With gelu, dx first receives the gradient of gelu(pre), then pre's.
+            let mut dh = vec![0.0; if gelu { m * k } else { 0 }];
+            let dx_out = if gelu {
+                Some(&mut dh[..])
+            } else {
+                dxo.first_mut().map(|v| &mut v[..])
+            };
             r::gemm::linear_backward(
-                dxo.first_mut().map(|v| &mut v[..]),
+                dx_out,
                 &mut dw[0],
                 if bias { Some(&mut db[0][..]) } else { None },
                 f(0),
@@ -206,6 +224,10 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 n,
                 acc,
             );
+            if gelu {
+                dxo[0].fill(0.0);
+                r::gelu::backward(&mut dxo[0], f(3), &dh);
+            }
         }
         Op::AttentionBackward {
             b, t, nh, hs, p, ..

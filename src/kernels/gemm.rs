@@ -29,7 +29,7 @@ use crate::rng::Rng;
 use Binding::{Read, ReadWrite};
 
 /// a, b, bias, c.
-const GEMM_BINDINGS: &[Binding] = &[Read, Read, Read, ReadWrite];
+const GEMM_BINDINGS: &[Binding] = &[Read, Read, Read, ReadWrite, ReadWrite];
 
 pub const NAIVE: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
@@ -153,6 +153,7 @@ struct Params {
     tiles_n: u32,
     tiles: u32,
     split_k: u32,
+    epilogue: u32,
 }
 
 /// Which kernel computes a matmul.
@@ -202,9 +203,37 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// What a matmul does last with each output value v = alpha · s (+ bias) (+ C), before storing it
+/// in C: f32 training's fused layers. The tensor each holds is laid out as C's view (element e
+/// of C pairs with element e of it), f32, in a buffer of its own.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Epilogue<'a> {
+    #[default]
+    None,
+    /// C = gelu(v), and `pre` = v (the pre-activation, kept for the backward).
+    Gelu { pre: &'a View },
+    /// C = v · gelu'(pre): v is the gradient of gelu(pre), C receives pre's (the GELU backward
+    /// folded into the matmul that produces its output's gradient). Overwrites C.
+    GeluBackward { pre: &'a View },
+    /// C = v + res: the residual add after a projection.
+    Residual { res: &'a View },
+}
+
+impl<'a> Epilogue<'a> {
+    /// The shader's code for it and the tensor it binds.
+    fn code(self) -> (u32, Option<&'a View>) {
+        match self {
+            Epilogue::None => (0, None),
+            Epilogue::Gelu { pre } => (1, Some(pre)),
+            Epilogue::GeluBackward { pre } => (2, Some(pre)),
+            Epilogue::Residual { res } => (3, Some(res)),
+        }
+    }
+}
+
 /// The shape and scalars of one (batched) matrix multiply.
 #[derive(Clone, Copy, Debug)]
-pub struct Matmul {
+pub struct Matmul<'a> {
     pub m: usize,
     pub n: usize,
     pub k: usize,
@@ -216,11 +245,13 @@ pub struct Matmul {
     pub alpha: f32,
     /// Add into C (+=) instead of overwriting it.
     pub accumulate: bool,
+    /// Applied to every output value last (f32 B only).
+    pub epilogue: Epilogue<'a>,
 }
 
-impl Matmul {
+impl Matmul<'_> {
     /// C (M, N) = A (M, K) · B (K, N): one batch entry, no transposes, alpha 1, overwriting C.
-    pub fn new(m: usize, n: usize, k: usize) -> Matmul {
+    pub fn new(m: usize, n: usize, k: usize) -> Matmul<'static> {
         Matmul {
             m,
             n,
@@ -230,6 +261,7 @@ impl Matmul {
             trans_b: false,
             alpha: 1.0,
             accumulate: false,
+            epilogue: Epilogue::None,
         }
     }
 
@@ -473,7 +505,8 @@ impl Reg {
 
     fn fits(&self, gpu: &Gpu) -> bool {
         let l = &gpu.limits;
-        self.wg <= l.max_compute_workgroup_size_x && self.wg <= l.max_compute_invocations_per_workgroup
+        self.wg <= l.max_compute_workgroup_size_x
+            && self.wg <= l.max_compute_invocations_per_workgroup
     }
 
     fn constants(&self) -> [(&'static str, f64); 3] {
@@ -842,6 +875,48 @@ fn check_matmul_args(
     if let Some(bias) = bias {
         expect(name, bias, DType::F32, n)?;
     }
+    check_epilogue(name, mm, c, [a.view, b.view].into_iter().chain(bias))
+}
+
+/// The epilogue's tensor: laid out as C's view, f32, apart from every operand the dispatch
+/// reads; GELU forms overwrite C, and an f16 B has no epilogue.
+fn check_epilogue<'v>(
+    name: &str,
+    mm: &Matmul,
+    c: &Operand<'v>,
+    reads: impl Iterator<Item = &'v View>,
+) -> Result<()> {
+    let (_, Some(aux)) = mm.epilogue.code() else {
+        return Ok(());
+    };
+    expect(name, aux, DType::F32, c.view.len)?;
+    let gelu = matches!(
+        mm.epilogue,
+        Epilogue::Gelu { .. } | Epilogue::GeluBackward { .. }
+    );
+    if gelu && mm.accumulate {
+        return Err(Error::invalid(
+            name,
+            "a GELU epilogue overwrites C; it cannot accumulate",
+        ));
+    }
+    for x in reads.chain([c.view]) {
+        if x.dtype == DType::F16 {
+            return Err(Error::invalid(
+                name,
+                format!("no epilogue with an f16 operand ({})", x.name),
+            ));
+        }
+        if x.buffer == aux.buffer {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "the epilogue's tensor {} shares a buffer with operand {}",
+                    aux.name, x.name
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -928,11 +1003,15 @@ fn launch(
         tiles_n: u32_of(tiles_n),
         tiles: u32_of(tiles),
         split_k: 0,
+        epilogue: mm.epilogue.code().0,
     };
-    // Without a bias the binding still needs a buffer; the shader never reads it.
+    // Without a bias or an epilogue the bindings still need buffers; the shader never reads
+    // them (C stands in for the epilogue's read-write binding).
     let bias_view = bias.unwrap_or(b.view);
+    let aux = mm.epilogue.code().1.unwrap_or(c.view);
     if let Kernel::SplitK(s) = kernel {
-        return split_k(gpu, &name, s, &spec, &constants, params, [b.view, bias_view], (a, c));
+        let views = [b.view, bias_view, aux];
+        return split_k(gpu, &name, s, &spec, &constants, params, views, (a, c));
     }
 
     let entries = |ops: u64, bs: usize| if bs == 0 { ops } else { ops * batch as u64 };
@@ -951,7 +1030,7 @@ fn launch(
         &spec,
         &constants,
         bytes_of(&params),
-        &[a.view, b.view, bias_view, c.view],
+        &[a.view, b.view, bias_view, c.view, aux],
         workgroups,
         cost,
     )?])
@@ -960,7 +1039,8 @@ fn launch(
 /// Split-K's two dispatches: `spec` (gemm_reg with `constants`) writes the partial products of
 /// each K slice to a scratch buffer ((slices, M, N), shared by every split-K of this size), then
 /// gemm_splitk_reduce adds them in slice order and applies alpha, bias and accumulate as
-/// `params` (the whole product's) asks. `bindings` holds B's and the bias's views.
+/// `params` (the whole product's) asks, then the epilogue. `bindings` holds B's, the bias's and
+/// the epilogue's views.
 #[allow(clippy::too_many_arguments)]
 fn split_k(
     gpu: &Gpu,
@@ -969,7 +1049,7 @@ fn split_k(
     spec: &KernelSpec,
     constants: &[(&'static str, f64)],
     params: Params,
-    [b, bias]: [&View; 2],
+    [b, bias, aux]: [&View; 3],
     (a, c): (Operand, Operand),
 ) -> Result<Vec<Dispatch>> {
     let (m, n, k) = (params.m as usize, params.n as usize, params.k as usize);
@@ -992,6 +1072,7 @@ fn split_k(
         accumulate: 0,
         has_bias: 0,
         split_k: u32_of(slice),
+        epilogue: 0,
         ..params
     };
     let (m64, n64, k64, s64) = (m as u64, n as u64, k as u64, slices as u64);
@@ -999,7 +1080,7 @@ fn split_k(
         spec,
         constants,
         bytes_of(&partial_params),
-        &[a.view, b, b, &partials],
+        &[a.view, b, b, &partials, &partials],
         tile_grid(gpu, name, params.tiles as usize, slices)?,
         Cost {
             flops: 2 * m64 * n64 * k64,
@@ -1020,7 +1101,7 @@ fn split_k(
         &SPLITK_REDUCE,
         &[],
         bytes_of(&reduce_params),
-        &[&partials, b, bias, c.view],
+        &[&partials, b, bias, c.view, aux],
         tile_grid(gpu, name, blocks, 1)?,
         Cost {
             flops: s64 * m64 * n64,
@@ -1271,6 +1352,7 @@ fn tolerance(terms: usize) -> (f64, f64) {
 fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let [m, k, n] = harness::dims::<3>("gemm", shape)?;
     let mut reports = check_linear(gpu, m, k, n)?;
+    reports.extend(check_epilogues(gpu, m, k, n)?);
     // Each operand read as vec4 ('v') or as scalars ('s'); over the four transpose combinations
     // these cover all four tiled entry points and every load path of A and B.
     for (i, (trans_a, trans_b)) in [(false, false), (false, true), (true, false), (true, true)]
@@ -1325,6 +1407,74 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         reports.extend(check_matmul(gpu, mm, false, false, false, false)?);
         if gpu.has_f16() {
             reports.extend(check_matmul(gpu, mm, true, true, true, false)?);
+        }
+    }
+    Ok(reports)
+}
+
+/// Every epilogue after a linear layer's product (out (M, N) = inp (M, K) · w (N, K)ᵀ + bias)
+/// against the reference composed of the unfused ops, on one kernel of each kind that applies
+/// (split-K applies its epilogue in the reduce pass).
+fn check_epilogues(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckReport>> {
+    let mut rng = Rng::new((m * 7919 + k * 104_729 + n) as u64);
+    let inp = rng.vec_uniform(m * k, -1.0, 1.0);
+    let w = rng.vec_uniform(n * k, -1.0, 1.0);
+    let bias = rng.vec_uniform(n, -1.0, 1.0);
+    let other = rng.vec_uniform(m * n, -2.0, 2.0);
+    let (g_inp, g_w) = (gpu.upload_f32("inp", &inp)?, gpu.upload_f32("w", &w)?);
+    let g_bias = gpu.upload_f32("bias", &bias)?;
+    let mm = Matmul {
+        trans_b: true,
+        ..Matmul::new(m, n, k)
+    };
+    let (a, b) = (Operand::new(&g_inp, k), Operand::new(&g_w, k));
+
+    // The unfused value v and what each epilogue makes of it.
+    let mut v = vec![0.0f64; m * n];
+    reference::gemm::linear_forward(&mut v, &f64s(&inp), &f64s(&w), Some(&f64s(&bias)), m, k, n);
+    let other64 = f64s(&other);
+    let mut gelu = vec![0.0; m * n];
+    reference::gelu::forward(&mut gelu, &v);
+    let mut gelu_back = vec![0.0; m * n];
+    reference::gelu::backward(&mut gelu_back, &other64, &v);
+    let residual: Vec<f64> = v.iter().zip(&other64).map(|(x, r)| x + r).collect();
+
+    let mut kinds = Vec::new();
+    let mut kernels = candidates(gpu, &mm, &a, &b);
+    kernels.retain(|kern| {
+        let kind = std::mem::discriminant(kern);
+        let first = !kinds.contains(&kind);
+        kinds.push(kind);
+        first
+    });
+    let s = format!("{m}x{k}x{n}");
+    let (atol, rtol) = tolerance(k);
+    let mut reports = Vec::new();
+    for kernel in kernels {
+        let aux = gpu.upload_f32("aux", &other)?;
+        let cases = [
+            ("gelu", Epilogue::Gelu { pre: &aux }, &gelu),
+            (
+                "gelu_backward",
+                Epilogue::GeluBackward { pre: &aux },
+                &gelu_back,
+            ),
+            ("residual", Epilogue::Residual { res: &aux }, &residual),
+        ];
+        for (what, epilogue, want) in cases {
+            gpu.write(&aux, &other)?;
+            let out = gpu.upload_f32("out", &garbage(&mut rng, m * n))?;
+            let fused = Matmul { epilogue, ..mm };
+            let c = Operand::new(&out, n);
+            gpu.run(&matmul_with(gpu, &fused, c, a, b, Some(&g_bias), kernel)?)?;
+            let what = format!("{} epilogue {what}", kernel.name());
+            let got = gpu.read_f32(&out)?;
+            reports.push(CheckReport::new(&s, &what, &got, want, atol, rtol));
+            if what.ends_with("epilogue gelu") {
+                let pre = gpu.read_f32(&aux)?;
+                let what = format!("{what}: pre-activation");
+                reports.push(CheckReport::new(&s, &what, &pre, &v, atol, rtol));
+            }
         }
     }
     Ok(reports)
@@ -1763,7 +1913,14 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         if let Some(w16) = w16.as_ref().filter(|_| label == "forward") {
             // The inference forward: the same product with the weight stored in f16.
             let b16 = Operand::new(w16, k);
-            reports.extend(bench_candidates(gpu, opts, &s, "forward f16 w", &mm, (c, a, b16))?);
+            reports.extend(bench_candidates(
+                gpu,
+                opts,
+                &s,
+                "forward f16 w",
+                &mm,
+                (c, a, b16),
+            )?);
         }
     }
     let db = bias_backward(gpu, &dbias, &dout, m, n)?;

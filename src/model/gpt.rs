@@ -161,6 +161,50 @@ pub fn build_for(
         y
     };
 
+    // Training fuses the MLP's GELU into its first GEMM and, without dropout, the residual adds
+    // into the projections' GEMMs (their epilogues: f32 weights only, so inference, which may
+    // hold f16 weights, keeps the separate ops).
+    let fuse = mode == Mode::Train;
+    // y (BT, N) = gelu(x · wᵀ + bias), keeping the pre-activation for the backward.
+    let linear_gelu =
+        |g: &mut Graph, x: TensorId, (w, bias): (TensorId, Option<TensorId>), name: String| {
+            let (k, n) = (g.tensors[x].numel() / bt, g.tensors[w].shape[0]);
+            let y = g.activation(format!("{name}.gelu"), &[bt, n]);
+            let pre = g.activation(format!("{name}.pre"), &[bt, n]);
+            let mut ins = vec![x, w];
+            ins.extend(bias);
+            let bias = bias.is_some();
+            g.push(
+                fwd,
+                name,
+                Op::LinearGelu { m: bt, k, n, bias },
+                ins,
+                vec![y, pre],
+            );
+            y
+        };
+    // res + x · wᵀ + bias, the new residual stream (B, T, C).
+    let linear_residual = |g: &mut Graph,
+                           x: TensorId,
+                           (w, bias): (TensorId, Option<TensorId>),
+                           res: TensorId,
+                           name: String| {
+        let (k, n) = (g.tensors[x].numel() / bt, g.tensors[w].shape[0]);
+        let y = g.activation(name.clone(), &[b, t, n]);
+        let mut ins = vec![x, w];
+        ins.extend(bias);
+        ins.push(res);
+        let bias = bias.is_some();
+        g.push(
+            fwd,
+            name,
+            Op::LinearResidual { m: bt, k, n, bias },
+            ins,
+            vec![y],
+        );
+        y
+    };
+
     x = dropout(&mut g, x, "embed".into());
     for (l, bp) in table.blocks.iter().enumerate() {
         let h = format!("h.{l}");
@@ -232,23 +276,23 @@ pub fn build_for(
                 vec![att, lse],
             );
         }
-        let y = linear(
-            &mut g,
-            att,
-            params[bp.attn_proj_w],
-            bp.attn_proj_b.map(|i| params[i]),
-            c,
-            format!("{h}.attn.c_proj"),
-        );
-        let y = dropout(&mut g, y, format!("{h}.attn.c_proj"));
-        let x1 = g.activation(format!("{h}.res_1"), &[b, t, c]);
-        g.push(
-            fwd,
-            format!("{h}.res_1"),
-            Op::Add { n: bt * c },
-            vec![x, y],
-            vec![x1],
-        );
+        let proj = (params[bp.attn_proj_w], bp.attn_proj_b.map(|i| params[i]));
+        let x1 = if fuse && p == 0.0 {
+            linear_residual(&mut g, att, proj, x, format!("{h}.res_1"))
+        } else {
+            let name = format!("{h}.attn.c_proj");
+            let y = linear(&mut g, att, proj.0, proj.1, c, name.clone());
+            let y = dropout(&mut g, y, name);
+            let x1 = g.activation(format!("{h}.res_1"), &[b, t, c]);
+            g.push(
+                fwd,
+                format!("{h}.res_1"),
+                Op::Add { n: bt * c },
+                vec![x, y],
+                vec![x1],
+            );
+            x1
+        };
         let ln2 = layernorm(
             &mut g,
             x1,
@@ -256,39 +300,38 @@ pub fn build_for(
             bias_or_zero(bp.ln_2_b),
             format!("{h}.ln_2"),
         );
-        let fc = linear(
-            &mut g,
-            ln2,
-            params[bp.c_fc_w],
-            bp.c_fc_b.map(|i| params[i]),
-            4 * c,
-            format!("{h}.mlp.c_fc"),
-        );
-        let gelu = g.activation(format!("{h}.mlp.gelu"), &[bt, 4 * c]);
-        g.push(
-            fwd,
-            format!("{h}.mlp.gelu"),
-            Op::Gelu { n: bt * 4 * c },
-            vec![fc],
-            vec![gelu],
-        );
-        let y = linear(
-            &mut g,
-            gelu,
-            params[bp.mlp_proj_w],
-            bp.mlp_proj_b.map(|i| params[i]),
-            c,
-            format!("{h}.mlp.c_proj"),
-        );
-        let y = dropout(&mut g, y, format!("{h}.mlp.c_proj"));
-        let x2 = g.activation(format!("{h}.res_2"), &[b, t, c]);
-        g.push(
-            fwd,
-            format!("{h}.res_2"),
-            Op::Add { n: bt * c },
-            vec![x1, y],
-            vec![x2],
-        );
+        let fc = (params[bp.c_fc_w], bp.c_fc_b.map(|i| params[i]));
+        let gelu = if fuse {
+            linear_gelu(&mut g, ln2, fc, format!("{h}.mlp.c_fc"))
+        } else {
+            let pre = linear(&mut g, ln2, fc.0, fc.1, 4 * c, format!("{h}.mlp.c_fc"));
+            let gelu = g.activation(format!("{h}.mlp.gelu"), &[bt, 4 * c]);
+            g.push(
+                fwd,
+                format!("{h}.mlp.gelu"),
+                Op::Gelu { n: bt * 4 * c },
+                vec![pre],
+                vec![gelu],
+            );
+            gelu
+        };
+        let proj = (params[bp.mlp_proj_w], bp.mlp_proj_b.map(|i| params[i]));
+        let x2 = if fuse && p == 0.0 {
+            linear_residual(&mut g, gelu, proj, x1, format!("{h}.res_2"))
+        } else {
+            let name = format!("{h}.mlp.c_proj");
+            let y = linear(&mut g, gelu, proj.0, proj.1, c, name.clone());
+            let y = dropout(&mut g, y, name);
+            let x2 = g.activation(format!("{h}.res_2"), &[b, t, c]);
+            g.push(
+                fwd,
+                format!("{h}.res_2"),
+                Op::Add { n: bt * c },
+                vec![x1, y],
+                vec![x2],
+            );
+            x2
+        };
         x = x2;
     }
     let lnf = layernorm(
