@@ -10,6 +10,7 @@ pub mod graph;
 pub mod infer;
 pub mod io;
 pub mod kernels;
+pub mod memory;
 pub mod model;
 pub mod reference;
 pub mod rng;

@@ -96,6 +96,18 @@ impl BenchArgs {
 
 pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
     let cfg = args.config()?;
+    for (flag, x) in [
+        ("--batch-size", args.batch_size),
+        ("--block-size", args.block_size),
+        ("--prompt-len", args.prompt_len),
+        ("--new-tokens", args.new_tokens),
+        ("--runs", args.runs),
+    ] {
+        if x == 0 {
+            return Err(Error::invalid(flag, "must be at least 1"));
+        }
+    }
+    shaderformer::memory::check("the model", cfg.training_bytes())?;
     if args.block_size > cfg.block_size {
         return Err(Error::invalid(
             "--block-size",

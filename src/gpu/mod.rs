@@ -178,8 +178,9 @@ impl Gpu {
             }
             if w.is_empty() { "any".into() } else { w }
         };
+        // The list the index counts in: `shaderformer devices` with the same --backend.
         let available = || {
-            let names: Vec<String> = enumerate(None)
+            let names: Vec<String> = enumerate(opts.backend.as_deref())
                 .unwrap_or_default()
                 .iter()
                 .enumerate()

@@ -71,6 +71,21 @@ impl GptConfig {
         self.vocab_size * c + self.block_size * c + self.n_layer * per_layer + c + b * c
     }
 
+    /// Parameters as stored (the padded vocabulary, biases if any), counted without overflow
+    /// for any field values.
+    pub fn stored_params(&self) -> u128 {
+        let (c, l) = (self.n_embd as u128, self.n_layer as u128);
+        let b = self.bias as u128;
+        let per_layer = 2 * c + 12 * c * c + 11 * b * c;
+        let vp = (self.vocab_size as u128).div_ceil(VOCAB_PAD as u128) * VOCAB_PAD as u128;
+        vp * c + self.block_size as u128 * c + l * per_layer + c + b * c
+    }
+
+    /// Bytes training holds for the parameters: f32 values, gradients and both AdamW moments.
+    pub fn training_bytes(&self) -> u128 {
+        self.stored_params() * 4 * 4
+    }
+
     /// Named GPT-2 shapes (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) for benchmarks.
     pub fn preset(name: &str) -> Option<GptConfig> {
         let (n_layer, n_head, n_embd) = match name {
