@@ -28,8 +28,8 @@ pub struct GpuArgs {
     /// Graphics API: vulkan, metal, dx12 or gl (default: all, preferring native APIs).
     #[arg(long, global = true, env = gpu::ENV_BACKEND)]
     backend: Option<String>,
-    /// Adapter to use: its index in `shaderformer devices` or a substring of its name
-    /// (default: the highest-performance adapter).
+    /// Adapter to use: its index in `shaderformer devices` (given the same --backend) or a
+    /// substring of its name (default: the highest-performance adapter).
     #[arg(long, global = true, env = gpu::ENV_ADAPTER)]
     adapter: Option<String>,
     /// Load shaders from this directory instead of the embedded copies (files missing there

@@ -215,6 +215,16 @@ mod tests {
     }
 
     #[test]
+    fn the_data_path_is_stored_absolute() {
+        let cfg = TrainConfig {
+            data: Some(PathBuf::from("Cargo.toml")),
+            ..TrainConfig::default()
+        };
+        let d = cfg.settings().data.unwrap();
+        assert!(d.is_absolute() && d.ends_with("Cargo.toml"), "{d:?}");
+    }
+
+    #[test]
     fn every_bad_field_is_named() {
         let text = saved();
         for (from, to, field) in [
