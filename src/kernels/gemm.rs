@@ -241,8 +241,8 @@ impl Matmul {
 /// One configuration of the tiled kernel: a workgroup computes a `bm` × `bn` output tile, staging
 /// `bk`-deep slices of op(A) and op(B) in workgroup memory; an invocation keeps a
 /// (4·rm) × (4·rn) register block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Tile {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tile {
     bm: u32,
     bn: u32,
     bk: u32,
@@ -326,14 +326,32 @@ impl Tile {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kernel {
+/// One way to compute a matmul: an entry point and its configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
     Naive,
     Gemv,
     Tiled(Tile),
 }
 
 impl Kernel {
+    /// A short, stable name (the tuning cache and checkpoints store it).
+    pub fn name(&self) -> String {
+        match self {
+            Kernel::Naive => "naive".into(),
+            Kernel::Gemv => "gemv".into(),
+            Kernel::Tiled(t) => format!("tiled{}x{}x{}r{}x{}", t.bm, t.bn, t.bk, t.rm, t.rn),
+        }
+    }
+
+    /// The kernel named `s` (the inverse of `name`).
+    pub fn parse(s: &str) -> Option<Kernel> {
+        [Kernel::Naive, Kernel::Gemv]
+            .into_iter()
+            .chain(Tile::ALL.into_iter().map(Kernel::Tiled))
+            .find(|k| k.name() == s)
+    }
+
     /// Whether the matrix-vector kernel applies: few rows, B stored (N, K), A not transposed,
     /// one batch entry.
     fn gemv_fits(mm: &Matmul) -> bool {
@@ -615,10 +633,148 @@ pub fn matmul(
 ) -> Result<Dispatch> {
     let kernel = match variant {
         Variant::Naive => Kernel::Naive,
-        Variant::Tiled if Kernel::gemv_fits(mm) => Kernel::Gemv,
-        Variant::Tiled => Kernel::Tiled(Tile::choose(mm, fill_workgroups(gpu))),
+        Variant::Tiled => tuned(gpu, mm, &c, &a, &b)?,
     };
     launch(gpu, mm, c, a, b, bias, kernel)
+}
+
+/// `matmul` with a given kernel (an error naming it when it cannot compute this problem).
+pub fn matmul_with(
+    gpu: &Gpu,
+    mm: &Matmul,
+    c: Operand,
+    a: Operand,
+    b: Operand,
+    bias: Option<&View>,
+    kernel: Kernel,
+) -> Result<Dispatch> {
+    launch(gpu, mm, c, a, b, bias, kernel)
+}
+
+/// The kernel `--tune off` takes: the matrix-vector kernel where it fits, else the largest tile
+/// that fills the device.
+pub fn fixed_rule(gpu: &Gpu, mm: &Matmul) -> Kernel {
+    if Kernel::gemv_fits(mm) {
+        Kernel::Gemv
+    } else {
+        Kernel::Tiled(Tile::choose(mm, fill_workgroups(gpu)))
+    }
+}
+
+/// Every kernel that can compute `mm` with these operands; the naive kernel, the baseline the
+/// others are checked against, comes first.
+pub fn candidates(_gpu: &Gpu, mm: &Matmul, _a: &Operand, _b: &Operand) -> Vec<Kernel> {
+    let mut out = vec![Kernel::Naive];
+    if Kernel::gemv_fits(mm) {
+        out.push(Kernel::Gemv);
+    }
+    out.extend(Tile::ALL.into_iter().map(Kernel::Tiled));
+    out
+}
+
+/// The measured kernel for `mm` on these operands (see `kernels::tune`). Problems share a
+/// measurement when their transposes, bucketed dimensions, batching, vec4 eligibility and B's
+/// element type agree; the measurement runs on fresh tensors laid out like the real operands.
+fn tuned(gpu: &Gpu, mm: &Matmul, c: &Operand, a: &Operand, b: &Operand) -> Result<Kernel> {
+    use super::tune::{self, Problem, Trial, bucket};
+    let rule = fixed_rule(gpu, mm);
+    let kernels = candidates(gpu, mm, a, b);
+    let Matmul { m, n, k, batch, .. } = *mm;
+    let ((ar, ac), (br, bc)) = mm.stored();
+    let (va, vb) = (vec4_ok(a, ar, batch), vec4_ok(b, br, batch));
+    let vec = |ok: bool| if ok { "v" } else { "s" };
+    let (atol, rtol) = tolerance(k);
+    let problem = Problem {
+        family: FAMILY.name,
+        bucket: format!(
+            "{} m{} n{} k{}{} {}{} {}",
+            mm.ops(),
+            bucket(m),
+            bucket(n),
+            bucket(k),
+            if batch > 1 { " batched" } else { "" },
+            vec(va),
+            vec(vb),
+            b.view.dtype.name()
+        ),
+        shape: format!(
+            "{} {m}x{k}x{n}{}",
+            mm.ops(),
+            if batch > 1 { format!(" x{batch}") } else { String::new() }
+        ),
+        candidates: kernels.iter().map(Kernel::name).collect(),
+        rule: rule.name(),
+        // Inputs in [-1, 1]: sums of k products, as the kernels' own checks.
+        atol,
+        rtol,
+    };
+    let mut inputs: Option<[View; 3]> = None;
+    let trial_mm = Matmul {
+        accumulate: false,
+        ..*mm
+    };
+    let name = tune::choose(gpu, &problem, &mut |name| {
+        let kernel = Kernel::parse(name).ok_or_else(|| {
+            Error::invalid("gemm tuning", format!("unknown kernel '{name}'"))
+        })?;
+        if inputs.is_none() {
+            let mut rng = Rng::new(0x7e57);
+            inputs = Some([
+                trial_tensor(gpu, "tune.a", a, (ar, ac, batch), &mut rng)?,
+                trial_tensor(gpu, "tune.b", b, (br, bc, batch), &mut rng)?,
+                trial_tensor(gpu, "tune.c", c, (m, n, batch), &mut rng)?,
+            ]);
+        }
+        let [ta, tb, tc] = inputs.as_ref().expect("set above");
+        let d = launch(
+            gpu,
+            &trial_mm,
+            trial_operand(tc, c, m, batch),
+            trial_operand(ta, a, ar, batch),
+            trial_operand(tb, b, br, batch),
+            None,
+            kernel,
+        )?;
+        Ok(Trial {
+            dispatches: vec![d],
+            output: tc.clone(),
+        })
+    })?;
+    Ok(Kernel::parse(&name).unwrap_or(rule))
+}
+
+/// A fresh tensor with the same row and batch strides as `op`, and the same vec4 eligibility
+/// (it starts one element in when `op` cannot be read as vec4), filled with values in [-1, 1].
+fn trial_tensor(
+    gpu: &Gpu,
+    name: &str,
+    op: &Operand,
+    (rows, cols, batch): (usize, usize, usize),
+    rng: &mut Rng,
+) -> Result<View> {
+    let (_, ld, bs) = normalized(op, rows, batch);
+    let start = if vec4_ok(op, rows, batch) { 0 } else { 1 };
+    let extent = (batch - 1) * bs + (rows - 1) * ld + cols;
+    let len = (start + extent).next_multiple_of(4);
+    let data = rng.vec_uniform(len, -1.0, 1.0);
+    if op.view.dtype == DType::F16 {
+        let (h, _) = round_f16(&data);
+        gpu.upload(name, DType::F16, &h)
+    } else {
+        gpu.upload_f32(name, &data)
+    }
+}
+
+/// `op`'s layout on a trial tensor made by `trial_tensor`.
+fn trial_operand<'a>(view: &'a View, op: &Operand, rows: usize, batch: usize) -> Operand<'a> {
+    let (_, ld, bs) = normalized(op, rows, batch);
+    let start = if vec4_ok(op, rows, batch) { 0 } else { 1 };
+    Operand {
+        view,
+        offset: start,
+        ld,
+        batch_stride: bs,
+    }
 }
 
 /// out (M, N) = inp (M, K) · w (N, K)ᵀ + bias (N). Overwrites `out`. inp, bias and out are f32;

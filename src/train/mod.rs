@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod schedule;
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -164,15 +165,39 @@ pub fn load_data(cfg: &TrainConfig, vocab: Option<&Vocab>) -> Result<Dataset> {
     }
 }
 
-/// State of a run, saved in `trainer_state.json`: the step, the loader's position, and every
-/// setting, so `--resume DIR` alone continues the same run.
-fn state_json(cfg: &TrainConfig, step: u64, loader: &Loader, data_desc: &str) -> Value {
+/// State of a run, saved in `trainer_state.json`: the step, the loader's position, every
+/// setting, so `--resume DIR` alone continues the same run, and the kernel variant of every
+/// tuned problem, so the resumed run computes as this one did even if the tuning cache changed.
+fn state_json(
+    cfg: &TrainConfig,
+    step: u64,
+    loader: &Loader,
+    data_desc: &str,
+    kernels: &BTreeMap<String, String>,
+) -> Value {
     json!({
         "step": step,
         "loader": loader.state(),
         "data_description": data_desc,
         "config": cfg.settings_json(),
+        "kernels": kernels,
     })
+}
+
+/// The kernel variants a checkpoint's run used (`state_json`), pinned for this run. Checkpoints
+/// written before variants were recorded have none.
+fn pin_kernels(gpu: &Gpu, dir: &Path, state: &Value) -> Result<()> {
+    let Some(k) = state.get("kernels") else {
+        return Ok(());
+    };
+    let map: BTreeMap<String, String> = serde_json::from_value(k.clone()).map_err(|e| {
+        Error::invalid(
+            dir.join(checkpoint::STATE_FILE).display().to_string(),
+            format!("field 'kernels': {e}"),
+        )
+    })?;
+    gpu.tuner.pin(&map);
+    Ok(())
 }
 
 impl TrainConfig {
@@ -448,6 +473,7 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
                 "has no optimizer.safetensors: cannot resume (use --init to start from it)",
             ));
         }
+        pin_kernels(gpu, dir, &state)?;
         (ck.cfg.clone(), Some(ck), Some(state))
     } else if let Some(dir) = &cfg.init {
         let mut ck = checkpoint::load(dir)?;
@@ -641,7 +667,13 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
                 cfg: model_cfg.clone(),
                 params: read(&store.params)?,
                 optimizer: Some((read(&store.m)?, read(&store.v)?)),
-                state: Some(state_json(cfg, step, loader, &data.description)),
+                state: Some(state_json(
+                    cfg,
+                    step,
+                    loader,
+                    &data.description,
+                    &gpu.tuner.used(),
+                )),
                 vocab: Some(data.vocab.clone()),
             },
         )
