@@ -9,7 +9,7 @@ use clap::Args;
 use shaderformer::bench;
 use shaderformer::error::Result;
 use shaderformer::gpu::tune::Choice;
-use shaderformer::gpu::{DType, Gpu};
+use shaderformer::gpu::{DType, Gpu, TuneMode};
 
 use super::bench::ModelArgs;
 use crate::GpuArgs;
@@ -32,8 +32,10 @@ pub struct TuneArgs {
 pub fn tune(gpu: &GpuArgs, args: &TuneArgs) -> Result<ExitCode> {
     let cfg = args.model.config()?;
     args.model.check_block(args.block_size, &cfg)?;
+    // Tuning is this command's job: whatever mode was asked for (once it is a valid one).
+    gpu.tune.parse::<TuneMode>()?;
     let mut gpu_args = gpu.clone();
-    gpu_args.tune = "on".into();
+    gpu_args.tune = TuneMode::On.name().into();
     let gpu = gpu_args.open()?;
     let t0 = Instant::now();
     println!("adapter: {}", gpu.adapter_name());

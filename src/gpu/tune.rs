@@ -159,7 +159,13 @@ impl Identity {
         let readable: String = self
             .adapter
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
             .collect();
         let readable = readable.trim_matches('-');
         let readable = &readable[..readable.len().min(40)];
@@ -351,7 +357,15 @@ impl Tuner {
 fn read_cache(path: &Path, identity: &Identity) -> std::result::Result<Vec<Choice>, String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        // No cache yet (or its directory cannot exist: writing it will say so).
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(Vec::new());
+        }
         Err(e) => return Err(format!("unreadable ({e})")),
     };
     let file: CacheFile =
@@ -428,7 +442,10 @@ mod tests {
         assert_eq!("cached".parse::<TuneMode>().unwrap(), TuneMode::Cached);
         assert_eq!(" off".parse::<TuneMode>().unwrap(), TuneMode::Off);
         let e = "bogus".parse::<TuneMode>().unwrap_err().to_string();
-        assert!(e.contains("--tune") && e.contains("on, cached or off"), "{e}");
+        assert!(
+            e.contains("--tune") && e.contains("on, cached or off"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -441,7 +458,10 @@ mod tests {
         assert_eq!(again.lookup("gemm", "p", &cands()), Lookup::Use("b".into()));
         // Cached mode uses it too, and the fixed rule for the rest; off ignores it.
         let cached = Tuner::new(TuneMode::Cached, identity("x"), Some(&dir));
-        assert_eq!(cached.lookup("gemm", "p", &cands()), Lookup::Use("b".into()));
+        assert_eq!(
+            cached.lookup("gemm", "p", &cands()),
+            Lookup::Use("b".into())
+        );
         assert_eq!(cached.lookup("gemm", "q", &cands()), Lookup::Rule);
         let off = Tuner::new(TuneMode::Off, identity("x"), Some(&dir));
         assert_eq!(off.lookup("gemm", "p", &cands()), Lookup::Rule);
@@ -469,7 +489,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let probe = Tuner::new(TuneMode::On, identity("x"), Some(&dir));
         let path = probe.path().unwrap().to_path_buf();
-        let noise: Vec<u8> = (0..500u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..500u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         std::fs::write(&path, noise).unwrap();
         let t = Tuner::new(TuneMode::On, identity("x"), Some(&dir));
         assert_eq!(t.lookup("gemm", "p", &cands()), Lookup::Measure);

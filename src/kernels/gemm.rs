@@ -700,7 +700,11 @@ fn tuned(gpu: &Gpu, mm: &Matmul, c: &Operand, a: &Operand, b: &Operand) -> Resul
         shape: format!(
             "{} {m}x{k}x{n}{}",
             mm.ops(),
-            if batch > 1 { format!(" x{batch}") } else { String::new() }
+            if batch > 1 {
+                format!(" x{batch}")
+            } else {
+                String::new()
+            }
         ),
         candidates: kernels.iter().map(Kernel::name).collect(),
         rule: rule.name(),
@@ -714,9 +718,8 @@ fn tuned(gpu: &Gpu, mm: &Matmul, c: &Operand, a: &Operand, b: &Operand) -> Resul
         ..*mm
     };
     let name = tune::choose(gpu, &problem, &mut |name| {
-        let kernel = Kernel::parse(name).ok_or_else(|| {
-            Error::invalid("gemm tuning", format!("unknown kernel '{name}'"))
-        })?;
+        let kernel = Kernel::parse(name)
+            .ok_or_else(|| Error::invalid("gemm tuning", format!("unknown kernel '{name}'")))?;
         if inputs.is_none() {
             let mut rng = Rng::new(0x7e57);
             inputs = Some([

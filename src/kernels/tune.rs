@@ -64,8 +64,7 @@ pub fn choose(
             winner
         }
     };
-    gpu.tuner
-        .note_use(problem.family, &problem.bucket, &chosen);
+    gpu.tuner.note_use(problem.family, &problem.bucket, &chosen);
     Ok(chosen)
 }
 
@@ -134,9 +133,10 @@ fn measure(
             let runs = ((TIME_BUDGET / first.max(1e-6)) as usize).clamp(1, MAX_RUNS);
             let opts = BenchOptions { warmup: 0, runs };
             let stats = harness::time(gpu, &trial.dispatches, &opts)?;
-            cost = trial.dispatches.iter().fold((0, 0), |c, d| {
-                (c.0 + d.cost.flops, c.1 + d.cost.bytes)
-            });
+            cost = trial
+                .dispatches
+                .iter()
+                .fold((0, 0), |c, d| (c.0 + d.cost.flops, c.1 + d.cost.bytes));
             Ok(Ok(stats.median))
         })();
         match outcome {
