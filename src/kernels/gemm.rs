@@ -788,7 +788,10 @@ fn unfit(gpu: &Gpu, mm: &Matmul, kernel: Kernel, f16_b: bool) -> Option<String> 
         Kernel::Reg(r) => r.fits(gpu),
         Kernel::SplitK(s) => s.reg.fits(gpu) && s.applies(mm),
     };
-    if fits {
+    let (bm, bn) = block(kernel);
+    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    let tiles = mm.m.div_ceil(bm) * mm.n.div_ceil(bn);
+    if fits && tiles <= max * max {
         return None;
     }
     Some(match kernel {
@@ -802,6 +805,7 @@ fn unfit(gpu: &Gpu, mm: &Matmul, kernel: Kernel, f16_b: bool) -> Option<String> 
             mm.batch,
             mm.k
         ),
+        _ if fits => format!("{tiles} output tiles exceed the {max} x {max} workgroup grid"),
         _ => "the workgroup exceeds the adapter's limits (max_compute_workgroup_size_*, \
               max_compute_invocations_per_workgroup, max_compute_workgroup_storage_size)"
             .to_string(),
