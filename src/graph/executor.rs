@@ -394,7 +394,7 @@ impl<'a> Executor<'a> {
                 n,
                 c,
             )),
-            Op::Linear { m, k, n, bias } if ic(1).len() == 1 => one(gemm::linear_forward(
+            Op::Linear { m, k, n, bias } if ic(1).len() == 1 => gemm::linear_forward(
                 gpu,
                 o(0),
                 i(0),
@@ -403,7 +403,7 @@ impl<'a> Executor<'a> {
                 m,
                 k,
                 n,
-            )),
+            ),
             // A weight split into row chunks (the tied lm head): each chunk writes its block of
             // output columns.
             Op::Linear { m, k, n, .. } => split_linear_forward(
@@ -1162,7 +1162,7 @@ fn split_linear_forward(
         };
         let y = y.at(y.offset + v0);
         let w = gemm::Operand::new(w, k);
-        out.push(gemm::matmul(gpu, &mm, y, x, w, None, gemm::Variant::Tiled)?);
+        out.extend(gemm::matmul(gpu, &mm, y, x, w, None, gemm::Variant::Tiled)?);
         v0 += rows;
     }
     Ok(out)
@@ -1193,7 +1193,7 @@ fn split_linear_backward(
                 ..gemm::Matmul::new(m, k, rows)
             };
             let w = gemm::Operand::new(w, k);
-            out.push(gemm::matmul(
+            out.extend(gemm::matmul(
                 gpu,
                 &mm,
                 dx,
@@ -1209,7 +1209,7 @@ fn split_linear_backward(
             ..gemm::Matmul::new(rows, k, m)
         };
         let dw = gemm::Operand::new(dw, k);
-        out.push(gemm::matmul(
+        out.extend(gemm::matmul(
             gpu,
             &mm,
             dw,
