@@ -10,6 +10,11 @@ use shaderformer::gpu::test_gpu;
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_shaderformer"));
     c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    // Kernel tuning stays on (the default), its cache in a folder of this test run.
+    c.env(
+        "SHADERFORMER_CACHE_DIR",
+        std::env::temp_dir().join(format!("shaderformer-cli-cache-{}", std::process::id())),
+    );
     c
 }
 

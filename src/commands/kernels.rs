@@ -93,7 +93,7 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
                 gpu.timing_method().name()
             );
             println!(
-                "{:<28} {:<24} {:>11} {:>11} {:>11} {:>10} {:>9} {:>12}",
+                "{:<48} {:<16} {:>11} {:>11} {:>11} {:>10} {:>9} {:>12}",
                 "variant",
                 "shape",
                 "median ms",
@@ -105,7 +105,7 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
             );
             for r in reports {
                 println!(
-                    "{:<28} {:<24} {:>11.4} {:>11.4} {:>11.4} {:>10.2} {:>9.2} {:>12}",
+                    "{:<48} {:<16} {:>11.4} {:>11.4} {:>11.4} {:>10.2} {:>9.2} {:>12}",
                     r.variant,
                     r.shape,
                     r.time.median * 1e3,

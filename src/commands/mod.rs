@@ -4,3 +4,4 @@ pub mod bench;
 pub mod kernels;
 pub mod score;
 pub mod train;
+pub mod tune;

@@ -8,6 +8,7 @@ mod dispatch;
 mod pipeline;
 mod profiler;
 pub mod shaders;
+pub mod tune;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ pub use dispatch::{Cost, Dispatch, grid};
 pub use pipeline::{Binding, KernelSpec};
 pub use profiler::TimingMethod;
 pub use shaders::{Shader, ShaderSource};
+pub use tune::{TuneMode, Tuner};
 
 use crate::error::{Error, Result};
 
@@ -36,15 +38,20 @@ pub struct GpuOptions {
     pub adapter: Option<String>,
     /// Embedded shaders or a directory of replacements.
     pub shaders: ShaderSource,
+    /// When kernel variants are chosen by measurement.
+    pub tune: TuneMode,
 }
 
 impl GpuOptions {
-    /// Options read from `SHADERFORMER_BACKEND` and `SHADERFORMER_ADAPTER`.
+    /// Options read from `SHADERFORMER_BACKEND`, `SHADERFORMER_ADAPTER` and `SHADERFORMER_TUNE`
+    /// (for tests and examples: tuning is off unless that variable asks for it, so that a test
+    /// runs the same kernels wherever it runs).
     pub fn from_env() -> Self {
         GpuOptions {
             backend: std::env::var(ENV_BACKEND).ok().filter(|s| !s.is_empty()),
             adapter: std::env::var(ENV_ADAPTER).ok().filter(|s| !s.is_empty()),
             shaders: ShaderSource::Embedded,
+            tune: TuneMode::from_env_or(TuneMode::Off).unwrap_or(TuneMode::Off),
         }
     }
 }
@@ -153,6 +160,8 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
     shaders: ShaderSource,
+    /// Measured kernel choices for this adapter (`kernels::tune` measures).
+    pub tuner: Tuner,
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
     layouts: Mutex<HashMap<Vec<Binding>, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
@@ -210,11 +219,16 @@ impl Gpu {
                 available: available(),
             });
         };
-        Self::open(adapter, opts.shaders.clone())
+        Self::open(adapter, opts.shaders.clone(), opts.tune)
     }
 
-    fn open(adapter: wgpu::Adapter, shaders: ShaderSource) -> Result<Gpu> {
+    fn open(adapter: wgpu::Adapter, shaders: ShaderSource, tune: TuneMode) -> Result<Gpu> {
         let info = adapter.get_info();
+        let tuner = Tuner::new(
+            tune,
+            tune::Identity::new(&info, shaders.hash()),
+            tune::cache_dir().as_deref(),
+        );
         let features = adapter.features() & OPTIONAL_FEATURES;
         // Ask for everything the adapter really offers, not wgpu's conservative defaults:
         // storage bindings of 1-4 GiB on discrete GPUs instead of 128 MiB.
@@ -253,6 +267,7 @@ impl Gpu {
             limits,
             features,
             shaders,
+            tuner,
             modules: Mutex::default(),
             layouts: Mutex::default(),
             pipelines: Mutex::default(),

@@ -79,6 +79,22 @@ impl ShaderSource {
     }
 }
 
+impl ShaderSource {
+    /// A hash of every shader source as this source loads it (an unreadable file hashes its
+    /// error), so measurements made with other shader text are not reused.
+    pub fn hash(&self) -> u64 {
+        let mut text = Vec::new();
+        for &shader in Shader::ALL {
+            match self.load(shader) {
+                Ok((_, src)) => text.extend_from_slice(src.as_bytes()),
+                Err(e) => text.extend_from_slice(e.to_string().as_bytes()),
+            }
+            text.push(0);
+        }
+        super::tune::fnv1a(&text)
+    }
+}
+
 /// Parses and validates WGSL with naga, turning the first problem into a one-line error that
 /// names the file, line and column. `file` is only used in messages.
 pub fn validate_wgsl(file: &str, source: &str) -> Result<naga::Module> {

@@ -398,16 +398,9 @@ impl<'a> Executor<'a> {
                 n,
                 c,
             )),
-            Op::Linear { m, k, n, bias } if ic(1).len() == 1 => one(gemm::linear_forward(
-                gpu,
-                o(0),
-                i(0),
-                i(1),
-                bias.then(|| i(2)),
-                m,
-                k,
-                n,
-            )),
+            Op::Linear { m, k, n, bias } if ic(1).len() == 1 => {
+                gemm::linear_forward(gpu, o(0), i(0), i(1), bias.then(|| i(2)), m, k, n)
+            }
             // A weight split into row chunks (the tied lm head): each chunk writes its block of
             // output columns.
             Op::Linear { m, k, n, .. } => split_linear_forward(
@@ -1187,7 +1180,7 @@ fn split_linear_forward(
         };
         let y = y.at(y.offset + v0);
         let w = gemm::Operand::new(w, k);
-        out.push(gemm::matmul(gpu, &mm, y, x, w, None, gemm::Variant::Tiled)?);
+        out.extend(gemm::matmul(gpu, &mm, y, x, w, None, gemm::Variant::Tiled)?);
         v0 += rows;
     }
     Ok(out)
@@ -1218,7 +1211,7 @@ fn split_linear_backward(
                 ..gemm::Matmul::new(m, k, rows)
             };
             let w = gemm::Operand::new(w, k);
-            out.push(gemm::matmul(
+            out.extend(gemm::matmul(
                 gpu,
                 &mm,
                 dx,
@@ -1234,7 +1227,7 @@ fn split_linear_backward(
             ..gemm::Matmul::new(rows, k, m)
         };
         let dw = gemm::Operand::new(dw, k);
-        out.push(gemm::matmul(
+        out.extend(gemm::matmul(
             gpu,
             &mm,
             dw,

@@ -100,6 +100,26 @@ pub const TILED_VAB_F16: KernelSpec = KernelSpec {
     shader: Shader::GemmF16,
     ..TILED_VAB
 };
+/// The register-block kernel (no workgroup memory), scalar reads of b.
+pub const REG: KernelSpec = KernelSpec {
+    shader: Shader::Gemm,
+    entry: "gemm_reg",
+    bindings: GEMM_BINDINGS,
+};
+/// The register-block kernel reading b as vec4.
+pub const REG_VB: KernelSpec = KernelSpec {
+    shader: Shader::Gemm,
+    entry: "gemm_reg_vb",
+    bindings: GEMM_BINDINGS,
+};
+/// Split-K's reduce: binding 1 holds the partial products; binding 2 is not read.
+pub const SPLITK_REDUCE: KernelSpec = KernelSpec {
+    shader: Shader::Gemm,
+    entry: "gemm_splitk_reduce",
+    bindings: GEMM_BINDINGS,
+};
+/// Outputs per workgroup of gemm_splitk_reduce.
+const SPLITK_REDUCE_WG: usize = 256;
 pub const BIAS_BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
     entry: "bias_backward",
@@ -132,6 +152,7 @@ struct Params {
     has_bias: u32,
     tiles_n: u32,
     tiles: u32,
+    split_k: u32,
 }
 
 /// Which kernel computes a matmul.
@@ -241,13 +262,13 @@ impl Matmul {
 /// One configuration of the tiled kernel: a workgroup computes a `bm` × `bn` output tile, staging
 /// `bk`-deep slices of op(A) and op(B) in workgroup memory; an invocation keeps a
 /// (4·rm) × (4·rn) register block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Tile {
-    bm: u32,
-    bn: u32,
-    bk: u32,
-    rm: u32,
-    rn: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tile {
+    pub bm: u32,
+    pub bn: u32,
+    pub bk: u32,
+    pub rm: u32,
+    pub rn: u32,
 }
 
 /// Workgroups that keep every compute unit of a large GPU busy (an H100 has 132 SMs).
@@ -263,6 +284,9 @@ fn fill_workgroups(gpu: &Gpu) -> usize {
         FILL_WORKGROUPS
     }
 }
+
+/// vec4s in each of gemm.wgsl's tile_a and tile_b.
+const TILE_VEC4S: u32 = 256;
 
 impl Tile {
     /// 256 invocations of 8 × 8 outputs: the most reuse per load, for large outputs.
@@ -289,7 +313,34 @@ impl Tile {
         rm: 1,
         rn: 1,
     };
-    const ALL: [Tile; 3] = [Tile::LARGE, Tile::MEDIUM, Tile::SMALL];
+    /// The configurations offered as candidates: the three of the fixed rule, then 8 × 8 blocks
+    /// per invocation on smaller tiles (64 or 128 invocations, as gpu.cpp's fastest f32 kernel).
+    const ALL: [Tile; 6] = [
+        Tile::LARGE,
+        Tile::MEDIUM,
+        Tile::SMALL,
+        Tile {
+            bm: 64,
+            bn: 64,
+            bk: 16,
+            rm: 2,
+            rn: 2,
+        },
+        Tile {
+            bm: 128,
+            bn: 64,
+            bk: 8,
+            rm: 2,
+            rn: 2,
+        },
+        Tile {
+            bm: 64,
+            bn: 128,
+            bk: 8,
+            rm: 2,
+            rn: 2,
+        },
+    ];
 
     fn workgroups(&self, mm: &Matmul) -> usize {
         mm.m.div_ceil(self.bm as usize) * mm.n.div_ceil(self.bn as usize) * mm.batch
@@ -311,8 +362,35 @@ impl Tile {
             .unwrap_or(Tile::SMALL)
     }
 
-    fn name(&self) -> String {
-        format!("{}x{}", self.bm, self.bn)
+    /// (invocations along N, along M).
+    fn workgroup_size(&self) -> (u32, u32) {
+        (self.bn / (4 * self.rn), self.bm / (4 * self.rm))
+    }
+
+    /// Whether the shader can run this configuration: register blocks of 1 or 2 vec4s each way
+    /// dividing the tile, BK a multiple of 4, and both staged slices within the tile arrays.
+    fn valid(&self) -> bool {
+        let Tile { bm, bn, bk, rm, rn } = *self;
+        (1..=2).contains(&rm)
+            && (1..=2).contains(&rn)
+            && bm > 0
+            && bn > 0
+            && bm.is_multiple_of(4 * rm)
+            && bn.is_multiple_of(4 * rn)
+            && bk > 0
+            && bk.is_multiple_of(4)
+            && bk * bm / 4 <= TILE_VEC4S
+            && bk * bn / 4 <= TILE_VEC4S
+    }
+
+    /// Whether `gpu`'s limits allow this configuration's workgroup.
+    fn fits(&self, gpu: &Gpu) -> bool {
+        let (x, y) = self.workgroup_size();
+        let l = &gpu.limits;
+        x <= l.max_compute_workgroup_size_x
+            && y <= l.max_compute_workgroup_size_y
+            && x * y <= l.max_compute_invocations_per_workgroup
+            && 2 * 16 * TILE_VEC4S <= l.max_compute_workgroup_storage_size
     }
 
     fn constants(&self) -> [(&'static str, f64); 5] {
@@ -326,11 +404,158 @@ impl Tile {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kernel {
+/// One configuration of the register-block kernel (gemm_reg): a workgroup of `wg` invocations
+/// side by side along N computes `rm` rows × `wg · rn` columns of C, each invocation an
+/// `rm` × `rn` block straight from memory, without workgroup memory or barriers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Reg {
+    /// Rows per invocation (and workgroup), 1 to 16.
+    pub rm: u32,
+    /// Columns per invocation: 4 or 8.
+    pub rn: u32,
+    /// Invocations per workgroup.
+    pub wg: u32,
+}
+
+impl Reg {
+    /// The configurations offered as candidates.
+    const ALL: [Reg; 8] = [
+        Reg {
+            rm: 4,
+            rn: 4,
+            wg: 64,
+        },
+        Reg {
+            rm: 8,
+            rn: 4,
+            wg: 64,
+        },
+        Reg {
+            rm: 4,
+            rn: 8,
+            wg: 64,
+        },
+        Reg {
+            rm: 8,
+            rn: 8,
+            wg: 64,
+        },
+        Reg {
+            rm: 16,
+            rn: 4,
+            wg: 64,
+        },
+        Reg {
+            rm: 8,
+            rn: 4,
+            wg: 16,
+        },
+        Reg {
+            rm: 8,
+            rn: 8,
+            wg: 16,
+        },
+        Reg {
+            rm: 16,
+            rn: 4,
+            wg: 16,
+        },
+    ];
+
+    /// Output columns of one workgroup.
+    fn cols(&self) -> u32 {
+        self.wg * self.rn
+    }
+
+    fn valid(&self) -> bool {
+        (1..=16).contains(&self.rm) && (self.rn == 4 || self.rn == 8) && self.wg > 0
+    }
+
+    fn fits(&self, gpu: &Gpu) -> bool {
+        let l = &gpu.limits;
+        self.wg <= l.max_compute_workgroup_size_x
+            && self.wg <= l.max_compute_invocations_per_workgroup
+    }
+
+    fn constants(&self) -> [(&'static str, f64); 3] {
+        [
+            ("REG_M", self.rm as f64),
+            ("REG_NV", (self.rn / 4) as f64),
+            ("REG_WG", self.wg as f64),
+        ]
+    }
+
+    fn name(&self) -> String {
+        format!("reg{}x{}w{}", self.rm, self.rn, self.wg)
+    }
+}
+
+/// Split-K: the K range cut into `splits` slices whose partial products gemm_reg (in `reg`'s
+/// configuration) writes to a scratch buffer, then gemm_splitk_reduce adds them in slice order
+/// and applies alpha, bias and accumulate. For one large-K product with a small output (the weight
+/// gradient: M = out features, N = in features, K = B·T). It sums in a different order from the
+/// other kernels (to rounding the same, bit for bit repeatable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SplitK {
+    pub splits: u32,
+    pub reg: Reg,
+}
+
+impl SplitK {
+    /// The configurations offered as candidates.
+    const ALL: [SplitK; 3] = [
+        SplitK {
+            splits: 4,
+            reg: Reg {
+                rm: 8,
+                rn: 4,
+                wg: 16,
+            },
+        },
+        SplitK {
+            splits: 8,
+            reg: Reg {
+                rm: 8,
+                rn: 4,
+                wg: 16,
+            },
+        },
+        SplitK {
+            splits: 16,
+            reg: Reg {
+                rm: 8,
+                rn: 4,
+                wg: 16,
+            },
+        },
+    ];
+
+    /// K per slice: a multiple of 4 (the vec4 reads along K stay aligned), so that at most
+    /// `splits` slices cover K.
+    fn slice(&self, k: usize) -> usize {
+        k.div_ceil(self.splits as usize).next_multiple_of(4)
+    }
+
+    /// Whether split-K applies: one batch entry, and K long enough to give each slice 4 or more.
+    fn applies(&self, mm: &Matmul) -> bool {
+        mm.batch == 1 && mm.k >= 4 * self.splits as usize
+    }
+}
+
+/// Which kernel (entry point and configuration) computes a matmul: what an autotuner chooses
+/// among. `name` and `parse` give each a short, stable spelling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// One output per invocation: the correctness baseline.
     Naive,
+    /// Few rows of A against B stored (N, K): matrix-vector products.
     Gemv,
+    /// Workgroup-memory tiles (gemm_tiled*).
     Tiled(Tile),
+    /// Register blocks straight from memory (gemm_reg*).
+    Reg(Reg),
+    /// Split-K over gemm_reg, then a fixed-order reduce.
+    SplitK(SplitK),
 }
 
 impl Kernel {
@@ -339,6 +564,78 @@ impl Kernel {
     fn gemv_fits(mm: &Matmul) -> bool {
         mm.m <= GEMV_MAX_M && mm.trans_b && !mm.trans_a && mm.batch == 1
     }
+
+    /// "naive", "gemv", "tiled128x128x8r2x2", "reg8x4w64", "splitk8reg8x4w16".
+    pub fn name(&self) -> String {
+        match self {
+            Kernel::Naive => "naive".to_string(),
+            Kernel::Gemv => "gemv".to_string(),
+            Kernel::Tiled(t) => format!("tiled{}x{}x{}r{}x{}", t.bm, t.bn, t.bk, t.rm, t.rn),
+            Kernel::Reg(r) => r.name(),
+            Kernel::SplitK(s) => format!("splitk{}{}", s.splits, s.reg.name()),
+        }
+    }
+
+    /// The kernel `name` spells, if its configuration is one the shader can run.
+    pub fn parse(s: &str) -> Option<Kernel> {
+        let kernel = match s {
+            "naive" => Kernel::Naive,
+            "gemv" => Kernel::Gemv,
+            _ if s.starts_with("tiled") => {
+                let [bm, bn, bk, rm, rn] = numbers(&s["tiled".len()..], "xxrx")?;
+                Kernel::Tiled(Tile { bm, bn, bk, rm, rn })
+            }
+            _ if s.starts_with("reg") => Kernel::Reg(parse_reg(&s["reg".len()..])?),
+            _ if s.starts_with("splitk") => {
+                let rest = &s["splitk".len()..];
+                let at = rest.find("reg")?;
+                let [splits] = numbers(&rest[..at], "")?;
+                Kernel::SplitK(SplitK {
+                    splits,
+                    reg: parse_reg(&rest[at + "reg".len()..])?,
+                })
+            }
+            _ => return None,
+        };
+        (kernel.valid() && kernel.name() == s).then_some(kernel)
+    }
+
+    /// Whether the configuration is one the shader can run at all (on any adapter).
+    fn valid(&self) -> bool {
+        match self {
+            Kernel::Naive | Kernel::Gemv => true,
+            Kernel::Tiled(t) => t.valid(),
+            Kernel::Reg(r) => r.valid(),
+            Kernel::SplitK(s) => s.splits >= 2 && s.reg.valid(),
+        }
+    }
+}
+
+/// "8x4w64" as a register block.
+fn parse_reg(s: &str) -> Option<Reg> {
+    let [rm, rn, wg] = numbers(s, "xw")?;
+    Some(Reg { rm, rn, wg })
+}
+
+/// The N decimal numbers of `s`, separated by the characters of `seps` in that order.
+fn numbers<const N: usize>(s: &str, seps: &str) -> Option<[u32; N]> {
+    let mut out = [0; N];
+    let mut rest = s;
+    let mut seps = seps.chars();
+    for (i, x) in out.iter_mut().enumerate() {
+        let end = if i + 1 < N {
+            rest.find(seps.next()?)?
+        } else {
+            rest.len()
+        };
+        let digits = &rest[..end];
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *x = digits.parse().ok()?;
+        rest = rest.get(end + 1..).unwrap_or("");
+    }
+    seps.next().is_none().then_some(out)
 }
 
 /// An operand's offset, row stride and batch stride as the shader sees them: the row stride of a
@@ -450,56 +747,95 @@ fn u32_of(x: usize) -> u32 {
     x as u32
 }
 
-fn launch(
-    gpu: &Gpu,
-    mm: &Matmul,
-    c: Operand,
-    a: Operand,
-    b: Operand,
-    bias: Option<&View>,
-    kernel: Kernel,
-) -> Result<Dispatch> {
-    // An f16 B (the weight) selects the twins in gemm_f16.wgsl.
-    let [naive, gemv, tiled, tiled_va, tiled_vb, tiled_vab] = if b.view.dtype == DType::F16 {
-        [
-            NAIVE_F16,
-            GEMV_F16,
-            TILED_F16,
-            TILED_VA_F16,
-            TILED_VB_F16,
-            TILED_VAB_F16,
-        ]
+/// The entry point that runs `kernel` on operands read as vec4 (`va`, `vb`) or not, with an f16
+/// B or not; None where gemm_f16.wgsl has no twin.
+fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> Option<KernelSpec> {
+    let spec = match kernel {
+        Kernel::Naive => NAIVE,
+        Kernel::Gemv => GEMV,
+        Kernel::Tiled(_) => match (va, vb) {
+            (false, false) => TILED,
+            (true, false) => TILED_VA,
+            (false, true) => TILED_VB,
+            (true, true) => TILED_VAB,
+        },
+        Kernel::Reg(_) | Kernel::SplitK(_) if f16_b => return None,
+        Kernel::Reg(_) | Kernel::SplitK(_) if vb => REG_VB,
+        Kernel::Reg(_) | Kernel::SplitK(_) => REG,
+    };
+    Some(if f16_b {
+        KernelSpec {
+            shader: Shader::GemmF16,
+            ..spec
+        }
     } else {
-        [NAIVE, GEMV, TILED, TILED_VA, TILED_VB, TILED_VAB]
-    };
-    let name = match kernel {
-        Kernel::Naive => naive.name(),
-        Kernel::Gemv => gemv.name(),
-        Kernel::Tiled(_) => tiled.name(),
-    };
-    if kernel == Kernel::Gemv && !Kernel::gemv_fits(mm) {
-        return Err(Error::invalid(
-            &name,
-            format!(
-                "the matrix-vector kernel takes at most {GEMV_MAX_M} rows of an untransposed A against B stored (N, K), without batches"
-            ),
-        ));
+        spec
+    })
+}
+
+/// Why `kernel` cannot compute `mm` with an f16 B (`f16_b`) on `gpu`, if it cannot: the checks
+/// that do not depend on where the operands lie.
+fn unfit(gpu: &Gpu, mm: &Matmul, kernel: Kernel, f16_b: bool) -> Option<String> {
+    if !kernel.valid() {
+        return Some("not a configuration the shader can run".to_string());
     }
+    if f16_b && entry(kernel, false, false, true).is_none() {
+        return Some("no twin for an f16 B in gemm_f16.wgsl".to_string());
+    }
+    let fits = match kernel {
+        Kernel::Naive => true,
+        Kernel::Gemv => Kernel::gemv_fits(mm),
+        Kernel::Tiled(t) => t.fits(gpu),
+        Kernel::Reg(r) => r.fits(gpu),
+        Kernel::SplitK(s) => s.reg.fits(gpu) && s.applies(mm),
+    };
+    let (bm, bn) = block(kernel);
+    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    let tiles = mm.m.div_ceil(bm) * mm.n.div_ceil(bn);
+    if fits && tiles <= max * max {
+        return None;
+    }
+    Some(match kernel {
+        Kernel::Gemv => format!(
+            "the matrix-vector kernel takes at most {GEMV_MAX_M} rows of an untransposed A \
+             against B stored (N, K), without batches"
+        ),
+        Kernel::SplitK(s) if !s.applies(mm) => format!(
+            "split-K takes one batch entry and K of at least {} (got batch {}, K {})",
+            4 * s.splits,
+            mm.batch,
+            mm.k
+        ),
+        _ if fits => format!("{tiles} output tiles exceed the {max} x {max} workgroup grid"),
+        _ => "the workgroup exceeds the adapter's limits (max_compute_workgroup_size_*, \
+              max_compute_invocations_per_workgroup, max_compute_workgroup_storage_size)"
+            .to_string(),
+    })
+}
+
+/// Checks the shape, every operand and the bias of a matmul for the kernel named `name`.
+fn check_matmul_args(
+    gpu: &Gpu,
+    name: &str,
+    mm: &Matmul,
+    (c, a, b): (&Operand, &Operand, &Operand),
+    bias: Option<&View>,
+) -> Result<()> {
     let Matmul { m, n, k, batch, .. } = *mm;
-    expect_dims(&name, &[("M", m), ("N", n), ("K", k), ("batch", batch)])?;
+    expect_dims(name, &[("M", m), ("N", n), ("K", k), ("batch", batch)])?;
     let ((ar, ac), (br, bc)) = mm.stored();
-    check_operand(&name, "a", &a, (ar, ac, batch), false)?;
-    check_operand(&name, "b", &b, (br, bc, batch), true)?;
-    check_operand(&name, "c", &c, (m, n, batch), false)?;
-    expect_f16_support(gpu, &name, b.view)?;
-    check_disjoint(&name, &c, m, n, batch)?;
+    check_operand(name, "a", a, (ar, ac, batch), false)?;
+    check_operand(name, "b", b, (br, bc, batch), true)?;
+    check_operand(name, "c", c, (m, n, batch), false)?;
+    expect_f16_support(gpu, name, b.view)?;
+    check_disjoint(name, c, m, n, batch)?;
     let reads = [("a", a.view), ("b", b.view)]
         .into_iter()
         .chain(bias.map(|v| ("bias", v)));
     for (role, x) in reads {
         if x.buffer == c.view.buffer {
             return Err(Error::invalid(
-                &name,
+                name,
                 format!(
                     "tensor {} (operand c) shares a buffer with tensor {} (operand {role}); a \
                      dispatch cannot write a buffer it reads",
@@ -509,26 +845,71 @@ fn launch(
         }
     }
     if let Some(bias) = bias {
-        expect(&name, bias, DType::F32, n)?;
+        expect(name, bias, DType::F32, n)?;
     }
+    Ok(())
+}
 
-    let (bm, bn) = match kernel {
+/// Output rows and columns of one workgroup of `kernel`.
+fn block(kernel: Kernel) -> (usize, usize) {
+    match kernel {
         Kernel::Naive => (NAIVE_WG, NAIVE_WG),
         Kernel::Gemv => (GEMV_MAX_M, GEMV_COLS),
         Kernel::Tiled(t) => (t.bm as usize, t.bn as usize),
-    };
-    let tiles_n = n.div_ceil(bn);
-    let tiles = m.div_ceil(bm) * tiles_n;
+        Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) => {
+            (r.rm as usize, r.cols() as usize)
+        }
+    }
+}
+
+/// The workgroup grid over `tiles` tiles and `batch` entries, within the per-dimension limit.
+fn tile_grid(gpu: &Gpu, name: &str, tiles: usize, batch: usize) -> Result<[u32; 3]> {
     let max = gpu.limits.max_compute_workgroups_per_dimension;
     if tiles > max as usize * max as usize {
         return Err(Error::invalid(
-            &name,
+            name,
             format!("{tiles} output tiles exceed the {max} x {max} workgroup grid"),
         ));
     }
     let mut workgroups = grid(tiles as u32, max);
     workgroups[2] = (batch as u32).min(max);
+    Ok(workgroups)
+}
 
+/// The dispatches of `kernel` for this matmul (two for split-K, one otherwise).
+fn launch(
+    gpu: &Gpu,
+    mm: &Matmul,
+    c: Operand,
+    a: Operand,
+    b: Operand,
+    bias: Option<&View>,
+    kernel: Kernel,
+) -> Result<Vec<Dispatch>> {
+    let name = format!("gemm.{}", kernel.name());
+    let f16_b = b.view.dtype == DType::F16;
+    if let Some(why) = unfit(gpu, mm, kernel, f16_b) {
+        return Err(Error::invalid(&name, why));
+    }
+    check_matmul_args(gpu, &name, mm, (&c, &a, &b), bias)?;
+    let Matmul { m, n, k, batch, .. } = *mm;
+    let ((ar, _), (br, _)) = mm.stored();
+    let (va, vb) = (vec4_ok(&a, ar, batch), vec4_ok(&b, br, batch));
+    let spec = entry(kernel, va, vb, f16_b).expect("unfit() rules out kernels without a twin");
+
+    let mut constants = vec![
+        ("TRANS_A", mm.trans_a as u32 as f64),
+        ("TRANS_B", mm.trans_b as u32 as f64),
+    ];
+    match kernel {
+        Kernel::Naive => {}
+        Kernel::Gemv => constants.push(("GEMV_COLS", GEMV_COLS as f64)),
+        Kernel::Tiled(t) => constants.extend(t.constants()),
+        Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) => constants.extend(r.constants()),
+    }
+    let (bm, bn) = block(kernel);
+    let tiles_n = n.div_ceil(bn);
+    let tiles = m.div_ceil(bm) * tiles_n;
     let (a_off, lda, a_bs) = normalized(&a, ar, batch);
     let (b_off, ldb, b_bs) = normalized(&b, br, batch);
     let (c_off, ldc, c_bs) = normalized(&c, m, batch);
@@ -551,7 +932,22 @@ fn launch(
         has_bias: bias.is_some() as u32,
         tiles_n: u32_of(tiles_n),
         tiles: u32_of(tiles),
+        split_k: 0,
     };
+    // Without a bias the binding still needs a buffer; the shader never reads it.
+    let bias_view = bias.unwrap_or(b.view);
+    if let Kernel::SplitK(s) = kernel {
+        return split_k(
+            gpu,
+            &name,
+            s,
+            &spec,
+            &constants,
+            params,
+            [b.view, bias_view],
+            (a, c),
+        );
+    }
 
     let entries = |ops: u64, bs: usize| if bs == 0 { ops } else { ops * batch as u64 };
     let (m64, n64, k64) = (m as u64, n as u64, k as u64);
@@ -564,37 +960,134 @@ fn launch(
                 + bias.map_or(0, |_| n64))
             + b.view.dtype.size() * entries(k64 * n64, b_bs),
     };
-
-    let mut constants = vec![
-        ("TRANS_A", mm.trans_a as u32 as f64),
-        ("TRANS_B", mm.trans_b as u32 as f64),
-    ];
-    let spec = match kernel {
-        Kernel::Naive => naive,
-        Kernel::Gemv => {
-            constants.push(("GEMV_COLS", GEMV_COLS as f64));
-            gemv
-        }
-        Kernel::Tiled(t) => {
-            constants.extend(t.constants());
-            match (vec4_ok(&a, ar, batch), vec4_ok(&b, br, batch)) {
-                (false, false) => tiled,
-                (true, false) => tiled_va,
-                (false, true) => tiled_vb,
-                (true, true) => tiled_vab,
-            }
-        }
-    };
-    // Without a bias the binding still needs a buffer; the shader never reads it.
-    let bias_view = bias.unwrap_or(b.view);
-    gpu.dispatch(
+    let workgroups = tile_grid(gpu, &name, tiles, batch)?;
+    Ok(vec![gpu.dispatch(
         &spec,
         &constants,
         bytes_of(&params),
         &[a.view, b.view, bias_view, c.view],
         workgroups,
         cost,
-    )
+    )?])
+}
+
+/// Split-K's two dispatches: `spec` (gemm_reg with `constants`) writes the partial products of
+/// each K slice to a scratch buffer ((slices, M, N), shared by every split-K of this size), then
+/// gemm_splitk_reduce adds them in slice order and applies alpha, bias and accumulate as
+/// `params` (the whole product's) asks. `bindings` holds B's and the bias's views.
+#[allow(clippy::too_many_arguments)]
+fn split_k(
+    gpu: &Gpu,
+    name: &str,
+    s: SplitK,
+    spec: &KernelSpec,
+    constants: &[(&'static str, f64)],
+    params: Params,
+    [b, bias]: [&View; 2],
+    (a, c): (Operand, Operand),
+) -> Result<Vec<Dispatch>> {
+    let (m, n, k) = (params.m as usize, params.n as usize, params.k as usize);
+    let slice = s.slice(k);
+    let slices = k.div_ceil(slice);
+    let len = slices * m * n;
+    if len > u32::MAX as usize {
+        return Err(Error::invalid(
+            name,
+            format!("{slices} partial products of {m} x {n} exceed 32-bit indexing"),
+        ));
+    }
+    let partials = gpu.shared_scratch("gemm.splitk.partials", DType::F32, len)?;
+    let partial_params = Params {
+        batch: u32_of(slices),
+        c_off: 0,
+        ldc: u32_of(n),
+        c_bs: u32_of(m * n),
+        alpha: 1.0,
+        accumulate: 0,
+        has_bias: 0,
+        split_k: u32_of(slice),
+        ..params
+    };
+    let (m64, n64, k64, s64) = (m as u64, n as u64, k as u64, slices as u64);
+    let partial = gpu.dispatch(
+        spec,
+        constants,
+        bytes_of(&partial_params),
+        &[a.view, b, b, &partials],
+        tile_grid(gpu, name, params.tiles as usize, slices)?,
+        Cost {
+            flops: 2 * m64 * n64 * k64,
+            bytes: 4 * (m64 * k64 + s64 * m64 * n64) + b.dtype.size() * k64 * n64,
+        },
+    )?;
+    let blocks = (m * n).div_ceil(SPLITK_REDUCE_WG);
+    let reduce_params = Params {
+        batch: u32_of(slices),
+        a_off: 0,
+        a_bs: u32_of(m * n),
+        tiles: u32_of(blocks),
+        split_k: 0,
+        ..params
+    };
+    let c_traffic = 1 + params.accumulate as u64;
+    let reduce = gpu.dispatch(
+        &SPLITK_REDUCE,
+        &[],
+        bytes_of(&reduce_params),
+        &[&partials, b, bias, c.view],
+        tile_grid(gpu, name, blocks, 1)?,
+        Cost {
+            flops: s64 * m64 * n64,
+            bytes: 4 * (s64 + c_traffic) * m64 * n64,
+        },
+    )?;
+    Ok(vec![partial, reduce])
+}
+
+/// Every kernel that can compute `mm` with these operands on `gpu`, the naive baseline first:
+/// what an autotuner times. Each applies to any placement of the operands that `matmul`
+/// accepts (vec4 reads are chosen per operand at launch).
+pub fn candidates(gpu: &Gpu, mm: &Matmul, a: &Operand, b: &Operand) -> Vec<Kernel> {
+    let _ = a;
+    let f16_b = b.view.dtype == DType::F16;
+    let all = [Kernel::Naive, Kernel::Gemv]
+        .into_iter()
+        .chain(Tile::ALL.map(Kernel::Tiled))
+        .chain(Reg::ALL.map(Kernel::Reg))
+        .chain(SplitK::ALL.map(Kernel::SplitK));
+    all.filter(|&k| unfit(gpu, mm, k, f16_b).is_none())
+        .filter(|&k| match k {
+            Kernel::SplitK(s) => {
+                let slices = mm.k.div_ceil(s.slice(mm.k));
+                4 * (slices * mm.m * mm.n) as u64 <= gpu.limits.max_storage_buffer_binding_size
+            }
+            _ => true,
+        })
+        .collect()
+}
+
+/// The kernel `matmul` runs for `Variant::Tiled`: the matrix-vector kernel where it applies,
+/// otherwise the tile configuration `Tile::choose` picks for the adapter's kind.
+pub fn fixed_rule(gpu: &Gpu, mm: &Matmul) -> Kernel {
+    if Kernel::gemv_fits(mm) {
+        Kernel::Gemv
+    } else {
+        Kernel::Tiled(Tile::choose(mm, fill_workgroups(gpu)))
+    }
+}
+
+/// `matmul` with the given kernel: an error naming the kernel when it cannot compute this
+/// problem (see `candidates`). Split-K gives two dispatches, every other kernel one.
+pub fn matmul_with(
+    gpu: &Gpu,
+    mm: &Matmul,
+    c: Operand,
+    a: Operand,
+    b: Operand,
+    bias: Option<&View>,
+    kernel: Kernel,
+) -> Result<Vec<Dispatch>> {
+    launch(gpu, mm, c, a, b, bias, kernel)
 }
 
 /// C[z] (M, N) = alpha · op(A[z]) · op(B[z]) (+ bias (N) broadcast over rows) (+ C[z] when
@@ -604,6 +1097,7 @@ fn launch(
 /// C must not share a buffer with A or B, and its batch entries must not overlap.
 /// A, C and bias are f32; B is f32, or f16 (weights for inference: the lm head's tied wte chunk)
 /// when the adapter has SHADER_F16, widened to f32 on load.
+/// The dispatches run in order (a kernel may need more than one).
 pub fn matmul(
     gpu: &Gpu,
     mm: &Matmul,
@@ -612,13 +1106,120 @@ pub fn matmul(
     b: Operand,
     bias: Option<&View>,
     variant: Variant,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let kernel = match variant {
         Variant::Naive => Kernel::Naive,
-        Variant::Tiled if Kernel::gemv_fits(mm) => Kernel::Gemv,
-        Variant::Tiled => Kernel::Tiled(Tile::choose(mm, fill_workgroups(gpu))),
+        Variant::Tiled => tuned(gpu, mm, &c, &a, &b)?,
     };
     launch(gpu, mm, c, a, b, bias, kernel)
+}
+
+/// The measured kernel for `mm` on these operands (see `kernels::tune`). Problems share a
+/// measurement when their transposes, bucketed dimensions, batching, vec4 eligibility and B's
+/// element type agree; the measurement runs on fresh tensors laid out like the real operands.
+fn tuned(gpu: &Gpu, mm: &Matmul, c: &Operand, a: &Operand, b: &Operand) -> Result<Kernel> {
+    use super::tune::{self, Problem, Trial, bucket};
+    let rule = fixed_rule(gpu, mm);
+    let kernels = candidates(gpu, mm, a, b);
+    let Matmul { m, n, k, batch, .. } = *mm;
+    let ((ar, ac), (br, bc)) = mm.stored();
+    let (va, vb) = (vec4_ok(a, ar, batch), vec4_ok(b, br, batch));
+    let vec = |ok: bool| if ok { "v" } else { "s" };
+    let (atol, rtol) = tolerance(k);
+    let problem = Problem {
+        family: FAMILY.name,
+        bucket: format!(
+            "{} m{} n{} k{}{} {}{} {}",
+            mm.ops(),
+            bucket(m),
+            bucket(n),
+            bucket(k),
+            if batch > 1 { " batched" } else { "" },
+            vec(va),
+            vec(vb),
+            b.view.dtype.name()
+        ),
+        shape: format!(
+            "{} {m}x{k}x{n}{}",
+            mm.ops(),
+            if batch > 1 {
+                format!(" x{batch}")
+            } else {
+                String::new()
+            }
+        ),
+        candidates: kernels.iter().map(Kernel::name).collect(),
+        rule: rule.name(),
+        // Inputs in [-1, 1]: sums of k products, as the kernels' own checks.
+        atol,
+        rtol,
+    };
+    let mut inputs: Option<[View; 3]> = None;
+    let trial_mm = Matmul {
+        accumulate: false,
+        ..*mm
+    };
+    let name = tune::choose(gpu, &problem, &mut |name| {
+        let kernel = Kernel::parse(name)
+            .ok_or_else(|| Error::invalid("gemm tuning", format!("unknown kernel '{name}'")))?;
+        if inputs.is_none() {
+            let mut rng = Rng::new(0x7e57);
+            inputs = Some([
+                trial_tensor(gpu, "tune.a", a, (ar, ac, batch), &mut rng)?,
+                trial_tensor(gpu, "tune.b", b, (br, bc, batch), &mut rng)?,
+                trial_tensor(gpu, "tune.c", c, (m, n, batch), &mut rng)?,
+            ]);
+        }
+        let [ta, tb, tc] = inputs.as_ref().expect("set above");
+        let dispatches = launch(
+            gpu,
+            &trial_mm,
+            trial_operand(tc, c, m, batch),
+            trial_operand(ta, a, ar, batch),
+            trial_operand(tb, b, br, batch),
+            None,
+            kernel,
+        )?;
+        Ok(Trial {
+            dispatches,
+            output: tc.clone(),
+        })
+    })?;
+    Ok(Kernel::parse(&name).unwrap_or(rule))
+}
+
+/// A fresh tensor with the same row and batch strides as `op`, and the same vec4 eligibility
+/// (it starts one element in when `op` cannot be read as vec4), filled with values in [-1, 1].
+fn trial_tensor(
+    gpu: &Gpu,
+    name: &str,
+    op: &Operand,
+    (rows, cols, batch): (usize, usize, usize),
+    rng: &mut Rng,
+) -> Result<View> {
+    let (_, ld, bs) = normalized(op, rows, batch);
+    let start = if vec4_ok(op, rows, batch) { 0 } else { 1 };
+    let extent = (batch - 1) * bs + (rows - 1) * ld + cols;
+    let len = (start + extent).next_multiple_of(4);
+    let data = rng.vec_uniform(len, -1.0, 1.0);
+    if op.view.dtype == DType::F16 {
+        let (h, _) = round_f16(&data);
+        gpu.upload(name, DType::F16, &h)
+    } else {
+        gpu.upload_f32(name, &data)
+    }
+}
+
+/// `op`'s layout on a trial tensor made by `trial_tensor`.
+fn trial_operand<'a>(view: &'a View, op: &Operand, rows: usize, batch: usize) -> Operand<'a> {
+    let (_, ld, bs) = normalized(op, rows, batch);
+    let start = if vec4_ok(op, rows, batch) { 0 } else { 1 };
+    Operand {
+        view,
+        offset: start,
+        ld,
+        batch_stride: bs,
+    }
 }
 
 /// out (M, N) = inp (M, K) · w (N, K)ᵀ + bias (N). Overwrites `out`. inp, bias and out are f32;
@@ -633,7 +1234,7 @@ pub fn linear_forward(
     m: usize,
     k: usize,
     n: usize,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let name = "gemm.linear_forward";
     expect_dims(name, &[("M", m), ("K", k), ("N", n)])?;
     expect(name, inp, DType::F32, m * k)?;
@@ -692,7 +1293,7 @@ pub fn linear_backward(
             accumulate: accumulate_dinp,
             ..Matmul::new(m, k, n)
         };
-        out.push(matmul(
+        out.extend(matmul(
             gpu,
             &mm,
             Operand::new(dinp, k),
@@ -707,7 +1308,7 @@ pub fn linear_backward(
         accumulate: true,
         ..Matmul::new(n, k, m)
     };
-    out.push(matmul(
+    out.extend(matmul(
         gpu,
         &mm,
         Operand::new(dw, k),
@@ -810,7 +1411,10 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
                 trans_b,
                 ..Matmul::new(m, n, k)
             };
-            reports.extend(check_matmul(gpu, mm, vec_a, vec_b, false)?);
+            reports.extend(check_matmul(gpu, mm, vec_a, vec_b, false, false)?);
+            // Split-K takes one batch entry: the same layouts unbatched.
+            let one = Matmul { batch: 1, ..mm };
+            reports.extend(check_matmul(gpu, one, vec_a, vec_b, false, true)?);
         }
     }
     if gpu.has_f16() {
@@ -831,7 +1435,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
                 trans_b,
                 ..Matmul::new(m, n, k)
             };
-            reports.extend(check_matmul(gpu, mm, vec_a, vec_b, true)?);
+            reports.extend(check_matmul(gpu, mm, vec_a, vec_b, true, false)?);
         }
     }
     if m <= GEMV_MAX_M {
@@ -840,9 +1444,9 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             trans_b: true,
             ..Matmul::new(m, n, k)
         };
-        reports.extend(check_matmul(gpu, mm, false, false, false)?);
+        reports.extend(check_matmul(gpu, mm, false, false, false, false)?);
         if gpu.has_f16() {
-            reports.extend(check_matmul(gpu, mm, true, true, true)?);
+            reports.extend(check_matmul(gpu, mm, true, true, true, false)?);
         }
     }
     Ok(reports)
@@ -881,22 +1485,13 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
     let g_dw = gpu.upload_f32("dw", &dw0)?;
     let g_dw2 = gpu.upload_f32("dw2", &dw0)?;
     let g_dbias = gpu.upload_f32("dbias", &dbias0)?;
-    let mut dispatches = vec![linear_forward(
-        gpu,
-        &g_out,
-        &g_inp,
-        &g_w,
-        Some(&g_bias),
-        m,
-        k,
-        n,
-    )?];
+    let mut dispatches = linear_forward(gpu, &g_out, &g_inp, &g_w, Some(&g_bias), m, k, n)?;
     // The same forward with w stored in f16, where the adapter has it.
     let (w16, w_rounded) = round_f16(&w);
     let f16_out = if gpu.has_f16() {
         let g_w16 = gpu.upload("w16", DType::F16, &w16)?;
         let g_out16 = gpu.upload_f32("out16", &out0)?;
-        dispatches.push(linear_forward(
+        dispatches.extend(linear_forward(
             gpu,
             &g_out16,
             &g_inp,
@@ -1069,7 +1664,9 @@ fn operand_data(
     x
 }
 
-/// One batched, strided matmul configuration under the naive kernel and every tile.
+/// One batched, strided matmul configuration under every candidate kernel (only the split-K ones
+/// with `split_k_only`), each against the reference and, where it sums in the naive kernel's
+/// order, against the naive kernel's bits.
 /// With a vec4 A, C is stacked per batch entry and overwritten with alpha 1 and a bias; otherwise
 /// C is a column block of a wider matrix (the lm-head chunk case) with the batch entries side by
 /// side, accumulated into with alpha -0.75. With `f16_b`, B is stored in f16 and the reference
@@ -1080,6 +1677,7 @@ fn check_matmul(
     vec_a: bool,
     vec_b: bool,
     f16_b: bool,
+    split_k_only: bool,
 ) -> Result<Vec<CheckReport>> {
     let Matmul { m, n, k, batch, .. } = mm;
     let ((ar, ac), (br, bc)) = mm.stored();
@@ -1151,43 +1749,48 @@ fn check_matmul(
     let s = format!("{m}x{k}x{n} batch {batch}");
     let (atol, rtol) = tolerance(k);
     let mut reports = Vec::new();
-    let gemv = Kernel::gemv_fits(&mm).then_some(Kernel::Gemv);
-    let kernels = std::iter::once(Kernel::Naive)
-        .chain(gemv)
-        .chain(Tile::ALL.map(Kernel::Tiled));
+    let (a_op, b_op) = (op(&ga, la), op(&gb, lb));
+    let kernels = candidates(gpu, &mm, &a_op, &b_op)
+        .into_iter()
+        .filter(|k| !split_k_only || matches!(k, Kernel::SplitK(_)));
+    // The naive kernel's output: every kernel but gemv and split-K sums in its order, so must
+    // give the same bits.
+    let mut naive: Option<Vec<f32>> = None;
     for kernel in kernels {
         let gc = gpu.upload_f32("c", &c0)?;
         let d = launch(
             gpu,
             &mm,
             op(&gc, lc),
-            op(&ga, la),
-            op(&gb, lb),
+            a_op,
+            b_op,
             with_bias.then_some(&gbias),
             kernel,
         )?;
-        gpu.run(&[d])?;
+        gpu.run(&d)?;
         let what = format!(
             "{} {}a {}b{} {}{}",
             mm.ops(),
             if vec_a { 'v' } else { 's' },
             if vec_b { 'v' } else { 's' },
             if f16_b { " f16" } else { "" },
-            match kernel {
-                Kernel::Naive => "naive".to_string(),
-                Kernel::Gemv => "gemv".to_string(),
-                Kernel::Tiled(t) => format!("tiled {}", t.name()),
-            },
+            kernel.name(),
             if mm.accumulate { " +=" } else { "" },
         );
-        reports.push(CheckReport::new(
-            &s,
-            &what,
-            &gpu.read_f32(&gc)?,
-            &want,
-            atol,
-            rtol,
-        ));
+        let got = gpu.read_f32(&gc)?;
+        reports.push(CheckReport::new(&s, &what, &got, &want, atol, rtol));
+        match (kernel, &naive) {
+            (Kernel::Naive, _) => naive = Some(got),
+            (Kernel::Gemv | Kernel::SplitK(_), _) | (_, None) => {}
+            (_, Some(bits)) => reports.push(CheckReport::new(
+                &s,
+                &format!("{what} same bits as naive"),
+                &got,
+                bits,
+                0.0,
+                0.0,
+            )),
+        }
     }
     Ok(reports)
 }
@@ -1199,6 +1802,35 @@ fn op(view: &View, l: Layout) -> Operand<'_> {
         ld: l.ld,
         batch_stride: l.batch_stride,
     }
+}
+
+/// Every candidate for one product, side by side: the variant names the layout and the kernel,
+/// "(fixed rule)" marks the kernel `matmul` runs today and "<- fastest" the lowest median.
+fn bench_candidates(
+    gpu: &Gpu,
+    opts: &BenchOptions,
+    shape: &str,
+    label: &str,
+    mm: &Matmul,
+    (c, a, b): (Operand, Operand, Operand),
+) -> Result<Vec<BenchReport>> {
+    let fixed = fixed_rule(gpu, mm);
+    let mut reports = Vec::new();
+    for kernel in candidates(gpu, mm, &a, &b) {
+        let d = launch(gpu, mm, c, a, b, None, kernel)?;
+        let mut name = format!("{label} {} {}", mm.ops(), kernel.name());
+        if kernel == fixed {
+            name.push_str(" (fixed rule)");
+        }
+        reports.push(harness::bench_one(gpu, opts, &name, shape, &d)?);
+    }
+    let fastest = reports
+        .iter_mut()
+        .min_by(|x, y| x.time.median.total_cmp(&y.time.median));
+    if let Some(r) = fastest {
+        r.variant.push_str(" <- fastest");
+    }
+    Ok(reports)
 }
 
 fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
@@ -1249,30 +1881,19 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
             Operand::new(a.0, a.1),
             Operand::new(b.0, b.1),
         );
-        let tile = Tile::choose(&mm, fill_workgroups(gpu));
-        let tiled = launch(gpu, &mm, c, a, b, None, Kernel::Tiled(tile))?;
-        let naive = launch(gpu, &mm, c, a, b, None, Kernel::Naive)?;
-        let name = format!("{label} {} tiled {}", mm.ops(), tile.name());
-        reports.push(harness::bench_one(gpu, opts, &name, &s, &[tiled])?);
+        reports.extend(bench_candidates(gpu, opts, &s, label, &mm, (c, a, b))?);
         if let Some(w16) = w16.as_ref().filter(|_| label == "forward") {
             // The inference forward: the same product with the weight stored in f16.
             let b16 = Operand::new(w16, k);
-            let d = launch(gpu, &mm, c, a, b16, None, Kernel::Tiled(tile))?;
-            let name = format!("{label} {} tiled {} f16 w", mm.ops(), tile.name());
-            reports.push(harness::bench_one(gpu, opts, &name, &s, &[d])?);
+            reports.extend(bench_candidates(
+                gpu,
+                opts,
+                &s,
+                "forward f16 w",
+                &mm,
+                (c, a, b16),
+            )?);
         }
-        if Kernel::gemv_fits(&mm) {
-            let d = launch(gpu, &mm, c, a, b, None, Kernel::Gemv)?;
-            let name = format!("{label} {} gemv", mm.ops());
-            reports.push(harness::bench_one(gpu, opts, &name, &s, &[d])?);
-            if let Some(w16) = &w16 {
-                let d = launch(gpu, &mm, c, a, Operand::new(w16, k), None, Kernel::Gemv)?;
-                let name = format!("{label} {} gemv f16 w", mm.ops());
-                reports.push(harness::bench_one(gpu, opts, &name, &s, &[d])?);
-            }
-        }
-        let name = format!("{label} {} naive", mm.ops());
-        reports.push(harness::bench_one(gpu, opts, &name, &s, &[naive])?);
     }
     let db = bias_backward(gpu, &dbias, &dout, m, n)?;
     reports.push(harness::bench_one(gpu, opts, "backward dbias", &s, &[db])?);

@@ -133,6 +133,86 @@ impl Variant {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Backward,
+}
+
+/// The variant `forward` or `backward` takes for `n` rows of `c` channels: measured among
+/// `Variant::available` (see `kernels::tune`), `Variant::best` being the fixed rule. The two
+/// variants reduce in different orders, so their results agree to rounding, not bit for bit.
+fn tuned(gpu: &Gpu, pass: Pass, n: usize, c: usize) -> Result<Variant> {
+    use super::tune::{self, Problem, Trial, bucket};
+    let variants = Variant::available(gpu);
+    let pass_name = if pass == Pass::Forward {
+        "forward"
+    } else {
+        "backward"
+    };
+    let problem = Problem {
+        family: "layernorm",
+        bucket: format!("{pass_name} n{} c{c}", bucket(n)),
+        shape: format!("{pass_name} {n}x{c}"),
+        candidates: variants.iter().map(|v| v.name().to_string()).collect(),
+        rule: Variant::best(gpu).name().to_string(),
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
+    let mut tensors: Option<Vec<View>> = None;
+    let name = tune::choose(gpu, &problem, &mut |name| {
+        let v = variants
+            .iter()
+            .copied()
+            .find(|v| v.name() == name)
+            .ok_or_else(|| Error::invalid("layernorm tuning", format!("no variant '{name}'")))?;
+        if tensors.is_none() {
+            let mut rng = crate::rng::Rng::new(0x1a7e);
+            let mut up =
+                |name: &str, len: usize| gpu.upload_f32(name, &rng.vec_uniform(len, -1.0, 1.0));
+            let t = vec![
+                up("tune.inp", n * c)?,
+                up("tune.weight", c)?,
+                up("tune.bias", c)?,
+                up("tune.dout", n * c)?,
+                gpu.zeros("tune.out", DType::F32, n * c)?,
+                gpu.zeros("tune.mean", DType::F32, n)?,
+                gpu.zeros("tune.rstd", DType::F32, n)?,
+                gpu.zeros("tune.dweight", DType::F32, c)?,
+                gpu.zeros("tune.dbias", DType::F32, c)?,
+            ];
+            // The backward reads the forward's mean and rstd.
+            let [inp, w, b, _, out, mean, rstd, ..] = &t[..] else {
+                unreachable!()
+            };
+            let fwd = forward_with(gpu, Variant::Shared, out, mean, rstd, inp, w, b, n, c)?;
+            gpu.run(&[fwd])?;
+            tensors = Some(t);
+        }
+        let t = tensors.as_ref().expect("set above");
+        let [inp, w, b, dout, out, mean, rstd, dw, db] = &t[..] else {
+            unreachable!()
+        };
+        Ok(match pass {
+            Pass::Forward => Trial {
+                dispatches: vec![forward_with(gpu, v, out, mean, rstd, inp, w, b, n, c)?],
+                output: out.clone(),
+            },
+            // dinp (overwritten) lands in `out`: the forward's output is no longer needed.
+            Pass::Backward => Trial {
+                dispatches: backward_with(
+                    gpu, v, out, dw, db, dout, inp, w, mean, rstd, n, c, false,
+                )?,
+                output: out.clone(),
+            },
+        })
+    })?;
+    Ok(variants
+        .into_iter()
+        .find(|v| v.name() == name)
+        .unwrap_or_else(|| Variant::best(gpu)))
+}
+
 /// Threads per row in the row reductions: a power of two giving each thread about
 /// `CHANNELS_PER_THREAD` channels, from 1 to WG.
 fn threads_per_row(c: usize) -> u32 {
@@ -200,7 +280,7 @@ pub fn forward(
 ) -> Result<Dispatch> {
     forward_with(
         gpu,
-        Variant::best(gpu),
+        tuned(gpu, Pass::Forward, n, c)?,
         out,
         mean,
         rstd,
@@ -292,7 +372,7 @@ pub fn backward(
 ) -> Result<Vec<Dispatch>> {
     backward_with(
         gpu,
-        Variant::best(gpu),
+        tuned(gpu, Pass::Backward, n, c)?,
         dinp,
         dweight,
         dbias,

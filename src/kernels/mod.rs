@@ -16,6 +16,7 @@ pub mod harness;
 pub mod layernorm;
 pub mod reduce;
 pub mod residual;
+pub mod tune;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Cost, DType, Dispatch, Gpu, KernelSpec, View, grid};

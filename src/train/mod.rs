@@ -362,6 +362,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
                 "has no optimizer.safetensors: cannot resume (use --init to start from it)",
             ));
         }
+        // The variants the checkpoint's run computed with win over the cache.
+        gpu.tuner.pin(&state.kernels);
         // The checkpoint's dropout is the default (`with_settings`); a --dropout flag applies.
         let mut c = ck.cfg.clone();
         c.dropout = cfg.dropout;
@@ -580,6 +582,7 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
                     loader: loader.state(),
                     data_description: data.description.clone(),
                     config: cfg.settings(),
+                    kernels: gpu.tuner.used(),
                 }),
                 vocab: Some(data.vocab.clone()),
             },

@@ -2,6 +2,7 @@
 //! `--resume DIR` alone continues it. Typed: a field of the wrong type or value is an error
 //! naming the file and the field, never a silent default.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,11 @@ pub struct TrainerState {
     pub loader: LoaderState,
     pub data_description: String,
     pub config: Settings,
+    /// The kernel variant of every tuned problem the run computed, by "family: problem" key, so
+    /// a resumed run computes as this one did whatever the tuning cache says by then (absent
+    /// from checkpoints written before variants were recorded).
+    #[serde(default)]
+    pub kernels: BTreeMap<String, String>,
 }
 
 impl TrainerState {
@@ -196,6 +202,7 @@ mod tests {
             loader: super::super::data::Loader::new(LoaderKind::Random, 2, 8, 1).state(),
             data_description: "test".into(),
             config: cfg.settings(),
+            kernels: Default::default(),
         }
         .to_json()
     }

@@ -1,6 +1,6 @@
 use half::f16;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, test_gpu};
-use shaderformer::kernels::gemm::{self, Matmul, Operand, Variant};
+use shaderformer::kernels::gemm::{self, Kernel, Matmul, Operand, Variant};
 use shaderformer::reference::gemm::Layout;
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
@@ -296,8 +296,7 @@ fn results_are_deterministic() {
         z("dw", n * k),
         z("dbias", n),
     );
-    let mut dispatches =
-        vec![gemm::linear_forward(gpu, &out, &inp, &w, Some(&bias), m, k, n).unwrap()];
+    let mut dispatches = gemm::linear_forward(gpu, &out, &inp, &w, Some(&bias), m, k, n).unwrap();
     dispatches.extend(
         gemm::linear_backward(
             gpu,
@@ -375,22 +374,56 @@ fn small_dispatch_limits_fold_the_grid() {
         1.0,
         false,
     );
-    for variant in [Variant::Naive, Variant::Tiled] {
+    let (a_op, b_op) = (Operand::new(&ga, k).batched(m * k), Operand::new(&gb, k));
+    for kernel in gemm::candidates(gpu, &mm, &a_op, &b_op) {
         let gc = gpu.zeros("c", DType::F32, batch * m * n).unwrap();
-        let d = gemm::matmul(
-            gpu,
-            &mm,
-            Operand::new(&gc, n).batched(m * n),
-            Operand::new(&ga, k).batched(m * k),
-            Operand::new(&gb, k),
-            None,
-            variant,
-        )
-        .unwrap();
-        assert!(d.workgroups.iter().all(|&w| w <= 3), "{:?}", d.workgroups);
-        gpu.run(&[d]).unwrap();
+        let c = Operand::new(&gc, n).batched(m * n);
+        let d = gemm::matmul_with(gpu, &mm, c, a_op, b_op, None, kernel).unwrap();
+        assert!(d.iter().all(|d| d.workgroups.iter().all(|&w| w <= 3)));
+        gpu.run(&d).unwrap();
         let got = gpu.read_f32(&gc).unwrap();
-        reference::compare(&format!("{variant:?}"), &got, &want, 1e-5, 1e-4).assert();
+        reference::compare(&kernel.name(), &got, &want, 1e-5, 1e-4).assert();
+    }
+
+    // One entry with a long K: split-K's slices in z, its reduce's blocks folded.
+    let (m, k, n) = (45, 70, 40);
+    let a = rng.vec_uniform(k * m, -1.0, 1.0);
+    let b = rng.vec_uniform(k * n, -1.0, 1.0);
+    let ga = gpu.upload_f32("a", &a).unwrap();
+    let gb = gpu.upload_f32("b", &b).unwrap();
+    let mm = Matmul {
+        trans_a: true,
+        ..Matmul::new(m, n, k)
+    };
+    let mut want = vec![0.0; m * n];
+    reference::gemm::matmul(
+        &mut want,
+        Layout::new(n),
+        &reference::convert::<f32, f64>(&a),
+        Layout::new(m),
+        &reference::convert::<f32, f64>(&b),
+        Layout::new(n),
+        None,
+        m,
+        n,
+        k,
+        1,
+        true,
+        false,
+        1.0,
+        false,
+    );
+    let (a_op, b_op) = (Operand::new(&ga, m), Operand::new(&gb, n));
+    let kernels = gemm::candidates(gpu, &mm, &a_op, &b_op);
+    assert!(kernels.iter().any(|k| k.name().starts_with("splitk")));
+    for kernel in kernels {
+        let gc = gpu.zeros("c", DType::F32, m * n).unwrap();
+        let d =
+            gemm::matmul_with(gpu, &mm, Operand::new(&gc, n), a_op, b_op, None, kernel).unwrap();
+        assert!(d.iter().all(|d| d.workgroups.iter().all(|&w| w <= 3)));
+        gpu.run(&d).unwrap();
+        let got = gpu.read_f32(&gc).unwrap();
+        reference::compare(&kernel.name(), &got, &want, 1e-5, 1e-4).assert();
     }
 
     // 200 columns are 7 blocks of 32, folded into 3 x 3.
@@ -482,8 +515,9 @@ fn f16_lm_head_chunks_match_reference() {
             } else {
                 "gemm_f16.gemm_tiled"
             };
-            assert_eq!(d.name, want);
-            dispatches.push(d);
+            assert_eq!(d.len(), 1);
+            assert_eq!(d[0].name, want);
+            dispatches.extend(d);
         }
         gpu.run(&dispatches).unwrap();
         let mut want = vec![0.0; m * v];
@@ -521,11 +555,9 @@ fn f16_weight_error_against_f32_weights() {
     let gw16 = gpu.upload("w16", DType::F16, &to_f16(&w)).unwrap();
     let out32 = gpu.zeros("out32", DType::F32, m * n).unwrap();
     let out16 = gpu.zeros("out16", DType::F32, m * n).unwrap();
-    gpu.run(&[
-        gemm::linear_forward(gpu, &out32, &gi, &gw32, Some(&gb), m, k, n).unwrap(),
-        gemm::linear_forward(gpu, &out16, &gi, &gw16, Some(&gb), m, k, n).unwrap(),
-    ])
-    .unwrap();
+    let mut dispatches = gemm::linear_forward(gpu, &out32, &gi, &gw32, Some(&gb), m, k, n).unwrap();
+    dispatches.extend(gemm::linear_forward(gpu, &out16, &gi, &gw16, Some(&gb), m, k, n).unwrap());
+    gpu.run(&dispatches).unwrap();
     let mut exact = vec![0.0; m * n];
     let f64s = reference::convert::<f32, f64>;
     reference::gemm::linear_forward(
@@ -638,4 +670,115 @@ fn f16_weights_without_shader_f16_are_an_error() {
         Variant::Naive,
     ));
     assert!(e.contains("tensor w16") && e.contains("SHADER_F16"), "{e}");
+}
+
+/// Every candidate's name parses back to it; misspelt or impossible configurations do not parse.
+#[test]
+fn kernel_names_parse_back() {
+    let Some(gpu) = test_gpu() else { return };
+    let (m, k, n) = (5, 300, 7);
+    let a = gpu.zeros("a", DType::F32, m * k).unwrap();
+    let b = gpu.zeros("b", DType::F32, n * k).unwrap();
+    let mm = Matmul {
+        trans_b: true,
+        ..Matmul::new(m, n, k)
+    };
+    let kernels = gemm::candidates(gpu, &mm, &Operand::new(&a, k), &Operand::new(&b, k));
+    for name in ["naive", "gemv", "tiled", "reg", "splitk"] {
+        assert!(
+            kernels.iter().any(|k| k.name().starts_with(name)),
+            "no {name} among {kernels:?}"
+        );
+    }
+    for kernel in &kernels {
+        assert_eq!(Kernel::parse(&kernel.name()), Some(*kernel));
+    }
+    for bad in [
+        "",
+        "tiled",
+        "tiled128x128x8r3x2",
+        "tiled128x128x6r2x2",
+        "tiled128x128x8r2x2x",
+        "reg8x4",
+        "reg8x5w64",
+        "reg08x4w64",
+        "reg0x4w64",
+        "splitk8",
+        "splitk1reg8x4w16",
+        "splitkreg8x4w16",
+        "naive ",
+    ] {
+        assert_eq!(Kernel::parse(bad), None, "{bad}");
+    }
+}
+
+/// A kernel that cannot compute the problem is an error naming it.
+#[test]
+fn matmul_with_refuses_kernels_that_do_not_apply() {
+    let Some(gpu) = test_gpu() else { return };
+    let (m, k, n) = (16, 64, 8);
+    let z = |name: &str, len: usize| gpu.zeros(name, DType::F32, len).unwrap();
+    let (a, b, c) = (z("a", 2 * m * k), z("b", n * k), z("c", 2 * m * n));
+    let mm = Matmul {
+        batch: 2,
+        trans_b: true,
+        ..Matmul::new(m, n, k)
+    };
+    let (a, b, c) = (
+        Operand::new(&a, k).batched(m * k),
+        Operand::new(&b, k),
+        Operand::new(&c, n).batched(m * n),
+    );
+    for name in ["gemv", "splitk4reg8x4w16"] {
+        let kernel = Kernel::parse(name).unwrap();
+        assert!(!gemm::candidates(gpu, &mm, &a, &b).contains(&kernel));
+        let e = err(gemm::matmul_with(gpu, &mm, c, a, b, None, kernel));
+        assert!(e.contains(name), "{e}");
+    }
+}
+
+/// Split-K sums in its own order (slices, then the slices in order) but repeats bit for bit, and
+/// agrees with the single-pass kernels to rounding.
+#[test]
+fn split_k_repeats_bit_for_bit() {
+    let Some(gpu) = test_gpu() else { return };
+    // dw += doutᵀ · inp: M = out features, N = in features, K = B·T.
+    let (m, n, k) = (36, 20, 1001);
+    let mut rng = Rng::new(6);
+    let dout = gpu
+        .upload_f32("dout", &rng.vec_uniform(k * m, -1.0, 1.0))
+        .unwrap();
+    let inp = gpu
+        .upload_f32("inp", &rng.vec_uniform(k * n, -1.0, 1.0))
+        .unwrap();
+    let dw0 = rng.vec_uniform(m * n, -1.0, 1.0);
+    let mm = Matmul {
+        trans_a: true,
+        accumulate: true,
+        ..Matmul::new(m, n, k)
+    };
+    let (a, b) = (Operand::new(&dout, m), Operand::new(&inp, n));
+    let run = |kernel: Kernel| {
+        let dw = gpu.upload_f32("dw", &dw0).unwrap();
+        let d = gemm::matmul_with(gpu, &mm, Operand::new(&dw, n), a, b, None, kernel).unwrap();
+        gpu.run(&d).unwrap();
+        gpu.read_f32(&dw).unwrap()
+    };
+    let naive = run(Kernel::Naive);
+    let split: Vec<Kernel> = gemm::candidates(gpu, &mm, &a, &b)
+        .into_iter()
+        .filter(|k| k.name().starts_with("splitk"))
+        .collect();
+    assert!(!split.is_empty());
+    for kernel in split {
+        let first = run(kernel);
+        let second = run(kernel);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(&first) == bits(&second),
+            "{} differs between runs",
+            kernel.name()
+        );
+        reference::compare(&kernel.name(), &first, &naive, 1e-4, 1e-4).assert();
+    }
 }
