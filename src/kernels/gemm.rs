@@ -134,6 +134,30 @@ struct Params {
     tiles: u32,
 }
 
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        m,
+        n,
+        k,
+        batch,
+        a_off,
+        lda,
+        a_bs,
+        b_off,
+        ldb,
+        b_bs,
+        c_off,
+        ldc,
+        c_bs,
+        alpha,
+        accumulate,
+        has_bias,
+        tiles_n,
+        tiles
+    })
+}
+
 /// Which kernel computes a matmul.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
