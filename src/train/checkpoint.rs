@@ -159,6 +159,7 @@ pub fn read_config(dir: &Path) -> Result<GptConfig> {
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     let dir = resolve(dir);
     let cfg = hf::read_config(&dir)?;
+    hf::check_weights_fit(&dir, &cfg)?;
     let table = ParamTable::new(&cfg);
     let params = hf::load_weights(&dir, &cfg, &table)?;
     let opt_path = dir.join(OPTIMIZER_FILE);

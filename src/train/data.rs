@@ -204,7 +204,13 @@ impl Loader {
 
     pub fn restore(&mut self, v: &Value) -> Result<()> {
         let bad = || Error::invalid("trainer_state.json", "malformed loader state");
-        self.position = v.get("position").and_then(Value::as_u64).ok_or_else(bad)?;
+        // Batches drawn so far: a count no run reaches (the next batch would overflow it) is a
+        // corrupted file.
+        self.position = v
+            .get("position")
+            .and_then(Value::as_u64)
+            .filter(|&p| p < u64::MAX / 2)
+            .ok_or_else(bad)?;
         let rng: Vec<u64> = v
             .get("rng")
             .and_then(Value::as_array)
