@@ -11,6 +11,7 @@ pub mod infer;
 pub mod io;
 pub mod kernels;
 pub mod model;
+pub mod plot;
 pub mod reference;
 pub mod rng;
 pub mod train;

@@ -75,6 +75,8 @@ enum Command {
     Score(commands::score::ScoreArgs),
     /// Benchmark training and inference on random weights of a GPT-2 shape.
     Bench(commands::bench::BenchArgs),
+    /// Draw the loss curves of one or several runs' metrics files (train --metrics) as SVG.
+    Plot(commands::plot::PlotArgs),
 }
 
 #[derive(Subcommand)]
@@ -124,6 +126,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Sample(a) => commands::train::sample(&cli.gpu, &a),
         Command::Score(a) => commands::score::score(&cli.gpu, &a),
         Command::Bench(a) => commands::bench::bench(&cli.gpu, &a),
+        Command::Plot(a) => commands::plot::plot(&a),
     }
 }
 

@@ -298,10 +298,16 @@ fn evaluate(exec: &mut Executor, split: &[u32], cfg: &TrainConfig) -> Result<f32
 
 struct Metrics {
     file: Option<std::fs::File>,
+    /// Every record written (and, when resuming, those already in the file), for loss.svg.
+    curves: crate::plot::Curves,
 }
 
 impl Metrics {
     fn open(path: Option<&Path>, append: bool) -> Result<Metrics> {
+        let curves = match path {
+            Some(p) if append && p.exists() => crate::plot::Curves::read(p)?,
+            _ => crate::plot::Curves::new("training"),
+        };
         let file = match path {
             Some(p) => Some(
                 std::fs::OpenOptions::new()
@@ -314,10 +320,17 @@ impl Metrics {
             ),
             None => None,
         };
-        Ok(Metrics { file })
+        Ok(Metrics { file, curves })
+    }
+
+    /// Draws the train and validation loss so far as `DIR/loss.svg`.
+    fn plot(&self, dir: &Path) -> Result<()> {
+        let svg = crate::plot::svg(std::slice::from_ref(&self.curves));
+        crate::plot::write_atomic(&dir.join("loss.svg"), &svg)
     }
 
     fn write(&mut self, v: Value) -> Result<()> {
+        self.curves.add(&v);
         if let Some(f) = &mut self.file {
             writeln!(f, "{v}").map_err(|e| Error::io("metrics", e))?;
         }
@@ -688,6 +701,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
                 last_val = Some(vl);
             }
             save(&store, step, &loader)?;
+            // After the save, which replaces the directory.
+            run.metrics.plot(&cfg.out)?;
             run.last_ckpt_step = Some(step);
             run.log(format!("checkpoint: {} (step {step})", cfg.out.display()));
             pause += paused.elapsed();
