@@ -58,9 +58,10 @@ fn uniform_structs(file: &str, module: &naga::Module) -> Vec<(String, ParamsLayo
         let fields = members
             .iter()
             .map(|m| {
-                let member = m.name.clone().unwrap_or_default();
+                // Leaked: ParamsLayout names fields with 'static strings, and a test is short.
+                let member: &'static str = m.name.clone().unwrap_or_default().leak();
                 let size = module.types[m.ty].inner.size(module.to_ctx()) as usize;
-                (&*member.leak(), m.offset as usize, size)
+                (member, m.offset as usize, size)
             })
             .collect();
         let layout = ParamsLayout {
