@@ -12,6 +12,7 @@ pub mod io;
 pub mod kernels;
 pub mod memory;
 pub mod model;
+pub mod plot;
 pub mod reference;
 pub mod rng;
 pub mod train;

@@ -82,6 +82,8 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// Measure every kernel variant of a workload on this adapter and cache the winners.
     Tune(commands::tune::TuneArgs),
+    /// Draw the loss curves of one or several runs' metrics files (train --metrics) as SVG.
+    Plot(commands::plot::PlotArgs),
 }
 
 #[derive(Subcommand)]
@@ -132,6 +134,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Score(a) => commands::score::score(&cli.gpu, &a),
         Command::Bench(a) => commands::bench::bench(&cli.gpu, &a),
         Command::Tune(a) => commands::tune::tune(&cli.gpu, &a),
+        Command::Plot(a) => commands::plot::plot(&a),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Every file in shaders/ parses and validates with naga, and is registered: a broken shader fails
 //! here even on a machine without a GPU.
 
-use shaderformer::gpu::shaders::{Shader, source_dir, validate_wgsl};
+use shaderformer::gpu::shaders::{Shader, ShaderSource, source_dir, validate_wgsl};
 
 #[test]
 fn every_shader_file_validates() {
@@ -36,11 +36,33 @@ fn every_shader_file_is_registered() {
 }
 
 #[test]
-fn embedded_copies_match_the_files() {
-    for s in Shader::ALL {
-        let on_disk = std::fs::read_to_string(source_dir().join(s.file_name())).unwrap();
-        assert_eq!(on_disk, s.embedded_source(), "{} is stale", s.file_name());
+fn a_shader_dir_replaces_the_embedded_copy_and_falls_back_for_missing_files() {
+    // The embedded copies are include_str! of these very files, so comparing the two could never
+    // fail; what can go wrong is the lookup: a registered name that no file carries, or a
+    // --shader-dir replacement that is not the text loaded.
+    let dir = std::env::temp_dir().join(format!("shaderformer-shader-dir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let replaced = Shader::ALL[0];
+    let text = format!("// edited copy\n{}", replaced.embedded_source());
+    std::fs::write(dir.join(replaced.file_name()), &text).unwrap();
+    let source = ShaderSource::Dir(dir.clone());
+    for &s in Shader::ALL {
+        let on_disk = source_dir().join(s.file_name());
+        assert!(
+            on_disk.is_file(),
+            "{} is registered but missing",
+            on_disk.display()
+        );
+        let (name, loaded) = source.load(s).unwrap();
+        if s == replaced {
+            assert_eq!(loaded, text, "{name}");
+            assert!(name.starts_with(&dir.display().to_string()), "{name}");
+        } else {
+            assert_eq!(loaded, s.embedded_source(), "{name}");
+            assert_eq!(name, format!("shaders/{}", s.file_name()));
+        }
     }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -58,14 +58,11 @@ pub fn read_config(dir: &Path) -> Result<GptConfig> {
         ));
     }
     if let Some(inner) = v.get("n_inner").and_then(Value::as_u64)
-        && inner as usize != 4 * n_embd
+        && n_embd.checked_mul(4) != Some(inner as usize)
     {
         return Err(ckpt_err(
             &path,
-            format!(
-                "n_inner {inner} is not supported (only 4 * n_embd = {})",
-                4 * n_embd
-            ),
+            format!("n_inner {inner} is not supported (only 4 * n_embd, n_embd = {n_embd})"),
         ));
     }
     if let Some(eps) = v.get("layer_norm_epsilon").and_then(Value::as_f64)
@@ -205,6 +202,33 @@ pub fn from_hf(table: &ParamTable, cfg: &GptConfig, i: usize, mut data: Vec<f32>
     }
     data.resize(spec.numel(), 0.0);
     data
+}
+
+/// Refuses a config whose parameters cannot be in `DIR/model.safetensors` before anything of
+/// their size is allocated: every parameter takes at least 2 bytes (f16, bf16), so a smaller file
+/// was not written for this config (a corrupted or mismatched config.json).
+pub fn check_weights_fit(dir: &Path, cfg: &GptConfig) -> Result<()> {
+    let path = dir.join(WEIGHTS_FILE);
+    let len = std::fs::metadata(&path)
+        .map_err(|e| Error::io(&path, e))?
+        .len();
+    let need = cfg.checked_num_params().and_then(|n| n.checked_mul(2));
+    if need.is_none_or(|n| n as u64 > len) {
+        return Err(ckpt_err(
+            &path,
+            format!(
+                "holds {len} bytes, too few for the {} parameters config.json declares \
+                 ({} layers, {} channels, vocabulary {}, block size {})",
+                cfg.checked_num_params()
+                    .map_or("overflowing".to_string(), |n| n.to_string()),
+                cfg.n_layer,
+                cfg.n_embd,
+                cfg.vocab_size,
+                cfg.block_size
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Loads every parameter of `table` from `DIR/model.safetensors`, in our layout (transposing

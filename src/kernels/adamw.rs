@@ -58,6 +58,24 @@ struct Params {
     grad_clip: f32,
 }
 
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        n,
+        t,
+        lr,
+        beta1,
+        beta2,
+        one_minus_beta1,
+        one_minus_beta2,
+        log_beta1,
+        log_beta2,
+        eps,
+        weight_decay,
+        grad_clip
+    })
+}
+
 /// Byte offset of `t` (followed by `lr`) in `Params`, for `set_step`.
 const STEP_FIELDS_OFFSET: u64 = 4;
 

@@ -123,6 +123,32 @@ struct Params {
     drop_scale: f32,
 }
 
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        nb,
+        nh,
+        hs,
+        tq,
+        tk,
+        pos0,
+        causal,
+        write_lse,
+        ntiles,
+        scale,
+        scale2,
+        pad,
+        q,
+        k,
+        v,
+        o,
+        drop_seed,
+        drop_step,
+        drop_threshold,
+        drop_scale
+    })
+}
+
 /// Dropout on the attention probabilities: drop probability `p` in [0, 1), the stream's `seed`
 /// and the `step` counter that picks this step's mask.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -774,6 +800,32 @@ struct GemmParams {
     c_sb: u32,
     c_sh: u32,
     c_sm: u32,
+}
+
+/// The layout of `GemmParams`, for the test that compares it with `GemmParams` in the shader.
+pub fn gemm_params_layout() -> super::ParamsLayout {
+    super::params_layout!(GemmParams {
+        m,
+        n,
+        k,
+        nh,
+        mask,
+        alpha,
+        a_sm,
+        a_sk,
+        a_base,
+        a_sb,
+        a_sh,
+        b_sk,
+        b_sn,
+        b_base,
+        b_sb,
+        b_sh,
+        c_base,
+        c_sb,
+        c_sh,
+        c_sm
+    })
 }
 
 /// A strided matrix per (b, h): element (r, c) at base + b·sb + h·sh + r·s0 + c·s1.

@@ -52,6 +52,11 @@ struct Params {
     dloss: f32,
 }
 
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params { n, v, vp, dloss })
+}
+
 /// Which kernels a launcher uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Variant {

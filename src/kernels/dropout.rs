@@ -41,6 +41,18 @@ struct Params {
     accumulate: u32,
 }
 
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        seed,
+        step,
+        n,
+        threshold,
+        scale,
+        accumulate
+    })
+}
+
 /// PCG-RXS-M-XS output permutation of one LCG step: a bijective 32-bit hash (the shader's `pcg`).
 pub(crate) fn pcg(v: u32) -> u32 {
     let state = v.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);

@@ -70,6 +70,19 @@ struct Params {
     groups: u32,
 }
 
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        bt,
+        t,
+        c,
+        row0,
+        v_chunk,
+        b,
+        groups
+    })
+}
+
 /// Checks that `view` is a `dtype` table of whole rows of `c` channels, at least `min_rows` of
 /// them, and returns its number of rows.
 fn expect_rows(

@@ -33,6 +33,11 @@ struct Params {
     accumulate: u32,
 }
 
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params { n, accumulate })
+}
+
 fn launch(
     gpu: &Gpu,
     spec: &KernelSpec,

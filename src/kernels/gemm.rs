@@ -155,6 +155,31 @@ struct Params {
     split_k: u32,
 }
 
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        m,
+        n,
+        k,
+        batch,
+        a_off,
+        lda,
+        a_bs,
+        b_off,
+        ldb,
+        b_bs,
+        c_off,
+        ldc,
+        c_bs,
+        alpha,
+        accumulate,
+        has_bias,
+        tiles_n,
+        tiles,
+        split_k
+    })
+}
+
 /// Which kernel computes a matmul.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {

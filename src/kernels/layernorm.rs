@@ -75,6 +75,18 @@ struct Params {
     eps: f32,
 }
 
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        n,
+        c,
+        rows_per_block,
+        blocks,
+        accumulate,
+        eps
+    })
+}
+
 /// Threads per workgroup of every layernorm kernel but the subgroup forward.
 const WG: u32 = 256;
 

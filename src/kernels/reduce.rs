@@ -51,6 +51,16 @@ struct Params {
     value: f32,
 }
 
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        n,
+        base,
+        groups,
+        value
+    })
+}
+
 /// Stage-1 workgroups (and partial slots) for a tensor of `n` elements.
 fn groups(n: usize) -> usize {
     n.div_ceil(WG as usize * ELEMS).clamp(1, MAX_GROUPS)

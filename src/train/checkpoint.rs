@@ -300,6 +300,7 @@ pub fn read_config(dir: &Path) -> Result<GptConfig> {
 /// optimizer and trainer state).
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     let cfg = hf::read_config(dir)?;
+    hf::check_weights_fit(dir, &cfg)?;
     let table = ParamTable::new(&cfg);
     let params = hf::load_weights(dir, &cfg, &table)?;
     let opt_path = dir.join(OPTIMIZER_FILE);

@@ -267,6 +267,17 @@ impl Loader {
 
     /// Continues from a saved state (checked by `LoaderState::check`).
     pub fn restore(&mut self, s: &LoaderState) -> Result<()> {
+        // Batches drawn so far: a count no run reaches (the next batch would overflow it) is a
+        // corrupted file.
+        if s.position >= u64::MAX / 2 {
+            return Err(Error::invalid(
+                "trainer_state.json",
+                format!(
+                    "field 'loader.position': {} batches is past any run",
+                    s.position
+                ),
+            ));
+        }
         self.position = s.position;
         self.rng = Rng::from_state(s.rng_state()?);
         Ok(())

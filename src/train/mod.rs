@@ -187,10 +187,16 @@ fn evaluate(exec: &mut Executor, split: &[u32], cfg: &TrainConfig) -> Result<f32
 
 struct Metrics {
     file: Option<std::fs::File>,
+    /// Every record written (and, when resuming, those already in the file), for loss.svg.
+    curves: crate::plot::Curves,
 }
 
 impl Metrics {
     fn open(path: Option<&Path>, append: bool) -> Result<Metrics> {
+        let curves = match path {
+            Some(p) if append && p.exists() => crate::plot::Curves::read(p)?,
+            _ => crate::plot::Curves::new("training"),
+        };
         let file = match path {
             Some(p) => Some(
                 std::fs::OpenOptions::new()
@@ -203,10 +209,17 @@ impl Metrics {
             ),
             None => None,
         };
-        Ok(Metrics { file })
+        Ok(Metrics { file, curves })
+    }
+
+    /// Draws the train and validation loss so far as `DIR/loss.svg`.
+    fn plot(&self, dir: &Path) -> Result<()> {
+        let svg = crate::plot::svg(std::slice::from_ref(&self.curves));
+        crate::plot::write_atomic(&dir.join("loss.svg"), &svg)
     }
 
     fn write(&mut self, v: Value) -> Result<()> {
+        self.curves.add(&v);
         if let Some(f) = &mut self.file {
             writeln!(f, "{v}").map_err(|e| Error::io("metrics", e))?;
         }
@@ -631,6 +644,7 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
             }
             save(&store, step, &loader)?;
             run.last_ckpt = Some((cfg.out.clone(), step));
+            run.metrics.plot(&cfg.out)?;
             run.log(format!("checkpoint: {} (step {step})", cfg.out.display()));
             pause += paused.elapsed();
             last_submit = Instant::now();
