@@ -12,7 +12,7 @@
 //!
 //! f16 weights (inference): `matmul` and `linear_forward` also take B (the weight) as an f16 view,
 //! widened to f32 on load, with A, bias and C f32 and every product and sum in f32. The view's
-//! dtype selects the kernels of gemm_f16.wgsl (the same tiles as gemm.wgsl), so callers need no
+//! dtype selects gemm.wgsl's F16 variant (the same tiles as the f32 kernels), so callers need no
 //! other API; this needs the adapter's SHADER_F16 feature (`Gpu::has_f16`), and an f16 B on an
 //! adapter without it is an error naming the tensor. Operand offsets and strides count elements
 //! of the operand's own type. The backward stays f32.
@@ -22,7 +22,9 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
 use super::{bytes_of, expect, expect_dims, expect_f16_support, round_f16};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
 use crate::reference::{self, gemm::Layout};
 use crate::rng::Rng;
 
@@ -33,12 +35,14 @@ const GEMM_BINDINGS: &[Binding] = &[Read, Read, Read, ReadWrite];
 
 pub const NAIVE: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_naive",
     bindings: GEMM_BINDINGS,
 };
 /// Matrix-vector products: few rows of a against b stored (N, K) (decoding).
 pub const GEMV: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_gemv",
     bindings: GEMM_BINDINGS,
 };
@@ -53,55 +57,41 @@ const GEMV_COLS: usize = 32;
 /// The tiled kernel with scalar reads of a and b.
 pub const TILED: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled",
     bindings: GEMM_BINDINGS,
 };
 /// The tiled kernel reading a as vec4.
 pub const TILED_VA: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled_va",
     bindings: GEMM_BINDINGS,
 };
 /// The tiled kernel reading b as vec4.
 pub const TILED_VB: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled_vb",
     bindings: GEMM_BINDINGS,
 };
 /// The tiled kernel reading a and b as vec4.
 pub const TILED_VAB: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled_vab",
     bindings: GEMM_BINDINGS,
 };
-/// The f16-B twins of the kernels above (gemm_f16.wgsl): same entry points and bindings.
-pub const NAIVE_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..NAIVE
-};
-/// `GEMV` with an f16 weight.
-pub const GEMV_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..GEMV
-};
-pub const TILED_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED
-};
-pub const TILED_VA_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED_VA
-};
-pub const TILED_VB_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED_VB
-};
-pub const TILED_VAB_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED_VAB
-};
+/// The kernels above with an f16 B (gemm.wgsl's F16 variant): same entry points and bindings.
+pub const NAIVE_F16: KernelSpec = NAIVE.with_variant(ShaderVariant::F16);
+pub const GEMV_F16: KernelSpec = GEMV.with_variant(ShaderVariant::F16);
+pub const TILED_F16: KernelSpec = TILED.with_variant(ShaderVariant::F16);
+pub const TILED_VA_F16: KernelSpec = TILED_VA.with_variant(ShaderVariant::F16);
+pub const TILED_VB_F16: KernelSpec = TILED_VB.with_variant(ShaderVariant::F16);
+pub const TILED_VAB_F16: KernelSpec = TILED_VAB.with_variant(ShaderVariant::F16);
 pub const BIAS_BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "bias_backward",
     bindings: &[Read, ReadWrite],
 };
@@ -459,7 +449,7 @@ fn launch(
     bias: Option<&View>,
     kernel: Kernel,
 ) -> Result<Dispatch> {
-    // An f16 B (the weight) selects the twins in gemm_f16.wgsl.
+    // An f16 B (the weight) selects gemm.wgsl's F16 variant.
     let [naive, gemv, tiled, tiled_va, tiled_vb, tiled_vab] = if b.view.dtype == DType::F16 {
         [
             NAIVE_F16,
