@@ -564,8 +564,8 @@ mod tests {
                 "include/a.wgsl:2:",
             ),
         ];
-        for (list, want) in cases {
-            let err = expand(Shader::Gelu, ShaderVariant::Base, &files(*list))
+        for &(list, want) in cases {
+            let err = expand(Shader::Gelu, ShaderVariant::Base, &files(list))
                 .unwrap_err()
                 .to_string();
             assert!(err.starts_with(want), "expected {want}..., got {err}");
