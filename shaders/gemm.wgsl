@@ -3,13 +3,16 @@
 // gemm_*:        c[z] (M, N) = alpha · op(a[z]) (M, K) · op(b[z]) (K, N)
 //                              (+ bias (N) on every row when has_bias)
 //                              (+ c[z] (M, N) when accumulate)
+//                a, bias, c f32; b of BElem (below), widened to f32 on load; products, sums f32.
 //                accumulate = 0 overwrites c and never reads it; accumulate = 1 adds into c (+=).
 //                op(a) is a stored (M, K), or aᵀ with a stored (K, M) when TRANS_A;
-//                op(b) is b stored (K, N), or bᵀ with b stored (N, K) when TRANS_B.
+//                op(b) is b stored (K, N), or bᵀ with b stored (N, K) when TRANS_B
+//                (linear_forward: w (N, K); the lm head: a row chunk of wte (V, C)).
 //                Every matrix is row-major inside its flat buffer: element (r, col) of batch entry
-//                z sits at off + z·batch_stride + r·ld + col. A batch stride of 0 shares one
-//                matrix across the batch; ldc > N makes c a column block of a wider matrix
-//                (the vocabulary chunks of the lm head).
+//                z sits at off + z·batch_stride + r·ld + col (in elements of its own type, so in
+//                the F16 variant b's offsets count f16s). A batch stride of 0 shares one matrix
+//                across the batch; ldc > N makes c a column block of a wider matrix (the
+//                vocabulary chunks of the lm head).
 // gemm_reg, gemm_reg_vb: register blocks straight from memory, without workgroup memory or
 // barriers (for CPU adapters such as lavapipe, where the invocations of a workgroup are the SIMD
 // lanes of one thread, a barrier is a coroutine switch and a load whose address differs per lane
@@ -222,6 +225,11 @@ fn gemm_splitk_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 // Every output element is summed by one invocation over k = 0, 1, ..., K-1 with fma (the same
 // order in every kernel and tile configuration), with no atomics: results repeat bit for bit.
 //
+// Variants (see src/gpu/shaders.rs): the loader's prelude declares BElem, the element type of
+// b. Base: BElem = f32. F16 (the inference forward with f16 weights; adapters with SHADER_F16):
+// BElem = f16. Every read of b goes through read_b / read_b4, which widen to f32 (a no-op in f32),
+// so given the same f16-rounded weights both variants compute the same sums.
+//
 // Entry points:
 //   gemm_naive       one output per invocation, operands read straight from memory: the baseline.
 //   gemm_gemv        few rows of a against b stored (N, K): matrix-vector products (see below).
@@ -232,13 +240,14 @@ fn gemm_splitk_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 //                    the same with a, b or both read as vec4. The launcher picks these only when
 //                    the operand's view holds a whole number of vec4s and its offset, ld and batch
 //                    stride are multiples of 4, so every vec4 read lies inside the binding; the
-//                    lanes past the operand's edge are zeroed.
+//                    lanes past the operand's edge are zeroed. In the F16 variant the vec4 reads
+//                    of b are vec4<f16> (8 bytes): b's view must start at a multiple of 8 bytes.
 // Grid: workgroups over output tiles folded into x and y (tile = wid.x + wid.y · nwg.x, row-major
 // over (ceil(M / BM), ceil(N / BN)) tiles), batch entries over z (looping when the batch exceeds
 // the per-dimension limit).
 //
-// Bindings for gemm_*: 1 = a (read), 2 = b (read), 3 = bias (read; any f32 view when has_bias = 0),
-// 4 = c (read_write).
+// Bindings for gemm_*: 1 = a (read), 2 = b (read, BElem), 3 = bias (read; any f32 view when
+// has_bias = 0), 4 = c (read_write).
 
 struct Params {
     m: u32,
@@ -280,18 +289,17 @@ override WG_N: u32 = BN / (4u * RN);
 
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b: array<BElem>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<BElem>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
-// Every read of b goes through these two (a prelude may redefine them for another element type).
+// Every read of b, widened to f32 (the identity when BElem is f32).
 fn read_b(i: u32) -> f32 {
-    return b[i];
+    return f32(b[i]);
 }
-
 fn read_b4(i: u32) -> vec4<f32> {
-    return b4[i];
+    return vec4<f32>(b4[i]);
 }
 
 // Element (i, kk) of op(a) and (kk, j) of op(b) for batch entry z.

@@ -32,8 +32,8 @@ pub struct GpuArgs {
     /// substring of its name (default: the highest-performance adapter).
     #[arg(long, global = true, env = gpu::ENV_ADAPTER)]
     adapter: Option<String>,
-    /// Load shaders from this directory instead of the embedded copies (files missing there
-    /// fall back to the embedded ones).
+    /// Load shaders from this directory instead of the embedded copies: `<family>.wgsl` and
+    /// `include/*.wgsl` (files missing there fall back to the embedded ones).
     #[arg(long, global = true, value_name = "DIR")]
     shader_dir: Option<PathBuf>,
     /// Kernel choice by measurement: `on` measures what the cache lacks, `cached` uses the

@@ -17,7 +17,7 @@ pub use buffer::{DType, View};
 pub use dispatch::{Cost, Dispatch, grid};
 pub use pipeline::{Binding, KernelSpec};
 pub use profiler::TimingMethod;
-pub use shaders::{Shader, ShaderSource};
+pub use shaders::{Shader, ShaderSource, ShaderVariant};
 pub use tune::{TuneMode, Tuner};
 
 use crate::error::{Error, Result};
@@ -150,7 +150,7 @@ pub fn adapter_report(index: usize, adapter: &wgpu::Adapter) -> String {
     )
 }
 
-type PipelineKey = (Shader, &'static str, Vec<(String, u64)>);
+type PipelineKey = (Shader, ShaderVariant, &'static str, Vec<(String, u64)>);
 
 /// An open device and everything created on it once: shader modules, layouts, pipelines.
 pub struct Gpu {
@@ -162,7 +162,7 @@ pub struct Gpu {
     shaders: ShaderSource,
     /// Measured kernel choices for this adapter (`kernels::tune` measures).
     pub tuner: Tuner,
-    modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<(Shader, ShaderVariant), wgpu::ShaderModule>>,
     layouts: Mutex<HashMap<Vec<Binding>, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     scratch: Mutex<HashMap<(String, DType, usize), View>>,

@@ -13,7 +13,9 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchReport, CheckReport, Family};
 use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -26,6 +28,7 @@ const ELEMS: u32 = 4;
 
 pub const STEP: KernelSpec = KernelSpec {
     shader: Shader::Adamw,
+    variant: ShaderVariant::Base,
     entry: "adamw_step",
     bindings: &[ReadWrite, Read, ReadWrite, ReadWrite, Read],
 };

@@ -12,7 +12,7 @@
 //!
 //! f16 weights (inference): `matmul` and `linear_forward` also take B (the weight) as an f16 view,
 //! widened to f32 on load, with A, bias and C f32 and every product and sum in f32. The view's
-//! dtype selects the kernels of gemm_f16.wgsl (the same tiles as gemm.wgsl), so callers need no
+//! dtype selects gemm.wgsl's F16 variant (the same tiles as the f32 kernels), so callers need no
 //! other API; this needs the adapter's SHADER_F16 feature (`Gpu::has_f16`), and an f16 B on an
 //! adapter without it is an error naming the tensor. Operand offsets and strides count elements
 //! of the operand's own type. The backward stays f32.
@@ -22,7 +22,9 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
 use super::{bytes_of, expect, expect_dims, expect_f16_support, round_f16};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
 use crate::reference::{self, gemm::Layout};
 use crate::rng::Rng;
 
@@ -33,12 +35,14 @@ const GEMM_BINDINGS: &[Binding] = &[Read, Read, Read, ReadWrite];
 
 pub const NAIVE: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_naive",
     bindings: GEMM_BINDINGS,
 };
 /// Matrix-vector products: few rows of a against b stored (N, K) (decoding).
 pub const GEMV: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_gemv",
     bindings: GEMM_BINDINGS,
 };
@@ -53,68 +57,57 @@ const GEMV_COLS: usize = 32;
 /// The tiled kernel with scalar reads of a and b.
 pub const TILED: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled",
     bindings: GEMM_BINDINGS,
 };
 /// The tiled kernel reading a as vec4.
 pub const TILED_VA: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled_va",
     bindings: GEMM_BINDINGS,
 };
 /// The tiled kernel reading b as vec4.
 pub const TILED_VB: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled_vb",
     bindings: GEMM_BINDINGS,
 };
 /// The tiled kernel reading a and b as vec4.
 pub const TILED_VAB: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled_vab",
     bindings: GEMM_BINDINGS,
 };
 /// The f16-B twins of the kernels above (gemm_f16.wgsl): same entry points and bindings.
-pub const NAIVE_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..NAIVE
-};
+pub const NAIVE_F16: KernelSpec = NAIVE.with_variant(ShaderVariant::F16);
 /// `GEMV` with an f16 weight.
-pub const GEMV_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..GEMV
-};
-pub const TILED_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED
-};
-pub const TILED_VA_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED_VA
-};
-pub const TILED_VB_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED_VB
-};
-pub const TILED_VAB_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED_VAB
-};
+pub const GEMV_F16: KernelSpec = GEMV.with_variant(ShaderVariant::F16);
+pub const TILED_F16: KernelSpec = TILED.with_variant(ShaderVariant::F16);
+pub const TILED_VA_F16: KernelSpec = TILED_VA.with_variant(ShaderVariant::F16);
+pub const TILED_VB_F16: KernelSpec = TILED_VB.with_variant(ShaderVariant::F16);
+pub const TILED_VAB_F16: KernelSpec = TILED_VAB.with_variant(ShaderVariant::F16);
 /// The register-block kernel (no workgroup memory), scalar reads of b.
 pub const REG: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_reg",
     bindings: GEMM_BINDINGS,
 };
 /// The register-block kernel reading b as vec4.
 pub const REG_VB: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_reg_vb",
     bindings: GEMM_BINDINGS,
 };
 /// Split-K's reduce: binding 1 holds the partial products; binding 2 is not read.
 pub const SPLITK_REDUCE: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_splitk_reduce",
     bindings: GEMM_BINDINGS,
 };
@@ -122,6 +115,7 @@ pub const SPLITK_REDUCE: KernelSpec = KernelSpec {
 const SPLITK_REDUCE_WG: usize = 256;
 pub const BIAS_BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "bias_backward",
     bindings: &[Read, ReadWrite],
 };
@@ -789,10 +783,7 @@ fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> Option<KernelSpec> 
         Kernel::Reg(_) | Kernel::SplitK(_) => REG,
     };
     Some(if f16_b {
-        KernelSpec {
-            shader: Shader::GemmF16,
-            ..spec
-        }
+        spec.with_variant(ShaderVariant::F16)
     } else {
         spec
     })

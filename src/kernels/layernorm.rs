@@ -1,5 +1,4 @@
-//! layernorm.wgsl and layernorm_subgroup.wgsl launchers: LayerNorm over the channels of each
-//! row, forward and backward.
+//! layernorm.wgsl launchers: LayerNorm over the channels of each row, forward and backward.
 //!
 //! inp, out, dout, dinp (N, C); weight, bias, dweight, dbias (C); mean, rstd (N).
 //! The forward overwrites out, mean and rstd. The backward overwrites dinp or adds to it
@@ -8,17 +7,20 @@
 //! fixed tree), so the same inputs give the same bits.
 //!
 //! Two variants compute the row reductions (the forward's mean and variance, the backward's
-//! Σ dnorm and Σ dnorm · xhat): workgroup-memory trees (layernorm.wgsl, every adapter) and
-//! subgroup sums (layernorm_subgroup.wgsl, adapters with SUBGROUP). `forward` and `backward`
-//! take the subgroup kernels when the adapter has them; `forward_with` and `backward_with`
-//! choose. Both variants share the final dweight/dbias reduction.
+//! Σ dnorm and Σ dnorm · xhat), both from layernorm.wgsl: workgroup-memory trees (the base
+//! variant, every adapter) and subgroup sums (its `#if SUBGROUP` sections, adapters with
+//! SUBGROUP). `forward` and `backward` take the subgroup kernels when the adapter has them;
+//! `forward_with` and `backward_with` choose. Both variants share the final dweight/dbias
+//! reduction.
 
 use bytemuck::{Pod, Zeroable};
 
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
 use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -39,27 +41,24 @@ const PARAMS_COLS: u32 = 32;
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::LayerNorm,
+    variant: ShaderVariant::Base,
     entry: "layernorm_forward",
     bindings: &[Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
 };
 pub const BACKWARD_ROWS: KernelSpec = KernelSpec {
     shader: Shader::LayerNorm,
+    variant: ShaderVariant::Base,
     entry: "layernorm_backward_rows",
     bindings: &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
 };
-/// The subgroup twins of `FORWARD` and `BACKWARD_ROWS` (layernorm_subgroup.wgsl): same entry
-/// points, bindings and params.
-pub const FORWARD_SUBGROUP: KernelSpec = KernelSpec {
-    shader: Shader::LayerNormSubgroup,
-    ..FORWARD
-};
-pub const BACKWARD_ROWS_SUBGROUP: KernelSpec = KernelSpec {
-    shader: Shader::LayerNormSubgroup,
-    ..BACKWARD_ROWS
-};
+/// `FORWARD` and `BACKWARD_ROWS` with subgroup row reductions (layernorm.wgsl's `#if SUBGROUP`
+/// sections): same entry points, bindings and params.
+pub const FORWARD_SUBGROUP: KernelSpec = FORWARD.with_variant(ShaderVariant::Subgroup);
+pub const BACKWARD_ROWS_SUBGROUP: KernelSpec = BACKWARD_ROWS.with_variant(ShaderVariant::Subgroup);
 /// The final dweight/dbias reduction of both variants.
 pub const BACKWARD_PARAMS: KernelSpec = KernelSpec {
     shader: Shader::LayerNorm,
+    variant: ShaderVariant::Base,
     entry: "layernorm_backward_params",
     bindings: &[Read, ReadWrite, ReadWrite],
 };
@@ -93,10 +92,11 @@ const WG: u32 = 256;
 /// Which kernels compute the row reductions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
-    /// Trees in workgroup memory, TPR threads per row (layernorm.wgsl): every adapter.
+    /// Trees in workgroup memory, TPR threads per row (layernorm.wgsl's base variant): every
+    /// adapter.
     Shared,
     /// subgroupAdd within each subgroup, then one slot per subgroup in workgroup memory
-    /// (layernorm_subgroup.wgsl): adapters with the SUBGROUP feature.
+    /// (layernorm.wgsl's subgroup variant): adapters with the SUBGROUP feature.
     Subgroup,
 }
 

@@ -12,7 +12,9 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchReport, CheckReport, Family};
 use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -28,16 +30,19 @@ const MAX_GROUPS: usize = 1024;
 
 pub const FILL: KernelSpec = KernelSpec {
     shader: Shader::Reduce,
+    variant: ShaderVariant::Base,
     entry: "fill",
     bindings: &[ReadWrite],
 };
 pub const PARTIALS: KernelSpec = KernelSpec {
     shader: Shader::Reduce,
+    variant: ShaderVariant::Base,
     entry: "partials",
     bindings: &[Read, ReadWrite],
 };
 pub const FINISH: KernelSpec = KernelSpec {
     shader: Shader::Reduce,
+    variant: ShaderVariant::Base,
     entry: "finish",
     bindings: &[Read, ReadWrite],
 };

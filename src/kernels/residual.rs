@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchReport, CheckReport, Family};
 use super::{bytes_of, elementwise};
 use crate::error::Result;
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View};
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -14,16 +14,19 @@ use Binding::{Read, ReadWrite};
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::Residual,
+    variant: ShaderVariant::Base,
     entry: "residual_forward",
     bindings: &[Read, Read, ReadWrite],
 };
 pub const BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Residual,
+    variant: ShaderVariant::Base,
     entry: "residual_backward",
     bindings: &[Read, ReadWrite, ReadWrite],
 };
 pub const ACCUMULATE: KernelSpec = KernelSpec {
     shader: Shader::Residual,
+    variant: ShaderVariant::Base,
     entry: "accumulate",
     bindings: &[Read, ReadWrite],
 };
