@@ -394,16 +394,9 @@ impl<'a> Executor<'a> {
                 n,
                 c,
             )),
-            Op::Linear { m, k, n, bias } if ic(1).len() == 1 => gemm::linear_forward(
-                gpu,
-                o(0),
-                i(0),
-                i(1),
-                bias.then(|| i(2)),
-                m,
-                k,
-                n,
-            ),
+            Op::Linear { m, k, n, bias } if ic(1).len() == 1 => {
+                gemm::linear_forward(gpu, o(0), i(0), i(1), bias.then(|| i(2)), m, k, n)
+            }
             // A weight split into row chunks (the tied lm head): each chunk writes its block of
             // output columns.
             Op::Linear { m, k, n, .. } => split_linear_forward(

@@ -473,7 +473,8 @@ impl Reg {
 
     fn fits(&self, gpu: &Gpu) -> bool {
         let l = &gpu.limits;
-        self.wg <= l.max_compute_workgroup_size_x && self.wg <= l.max_compute_invocations_per_workgroup
+        self.wg <= l.max_compute_workgroup_size_x
+            && self.wg <= l.max_compute_invocations_per_workgroup
     }
 
     fn constants(&self) -> [(&'static str, f64); 3] {
@@ -936,7 +937,16 @@ fn launch(
     // Without a bias the binding still needs a buffer; the shader never reads it.
     let bias_view = bias.unwrap_or(b.view);
     if let Kernel::SplitK(s) = kernel {
-        return split_k(gpu, &name, s, &spec, &constants, params, [b.view, bias_view], (a, c));
+        return split_k(
+            gpu,
+            &name,
+            s,
+            &spec,
+            &constants,
+            params,
+            [b.view, bias_view],
+            (a, c),
+        );
     }
 
     let entries = |ops: u64, bs: usize| if bs == 0 { ops } else { ops * batch as u64 };
@@ -1767,7 +1777,14 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         if let Some(w16) = w16.as_ref().filter(|_| label == "forward") {
             // The inference forward: the same product with the weight stored in f16.
             let b16 = Operand::new(w16, k);
-            reports.extend(bench_candidates(gpu, opts, &s, "forward f16 w", &mm, (c, a, b16))?);
+            reports.extend(bench_candidates(
+                gpu,
+                opts,
+                &s,
+                "forward f16 w",
+                &mm,
+                (c, a, b16),
+            )?);
         }
     }
     let db = bias_backward(gpu, &dbias, &dout, m, n)?;

@@ -296,8 +296,7 @@ fn results_are_deterministic() {
         z("dw", n * k),
         z("dbias", n),
     );
-    let mut dispatches =
-        gemm::linear_forward(gpu, &out, &inp, &w, Some(&bias), m, k, n).unwrap();
+    let mut dispatches = gemm::linear_forward(gpu, &out, &inp, &w, Some(&bias), m, k, n).unwrap();
     dispatches.extend(
         gemm::linear_backward(
             gpu,
@@ -375,10 +374,7 @@ fn small_dispatch_limits_fold_the_grid() {
         1.0,
         false,
     );
-    let (a_op, b_op) = (
-        Operand::new(&ga, k).batched(m * k),
-        Operand::new(&gb, k),
-    );
+    let (a_op, b_op) = (Operand::new(&ga, k).batched(m * k), Operand::new(&gb, k));
     for kernel in gemm::candidates(gpu, &mm, &a_op, &b_op) {
         let gc = gpu.zeros("c", DType::F32, batch * m * n).unwrap();
         let c = Operand::new(&gc, n).batched(m * n);
@@ -422,8 +418,8 @@ fn small_dispatch_limits_fold_the_grid() {
     assert!(kernels.iter().any(|k| k.name().starts_with("splitk")));
     for kernel in kernels {
         let gc = gpu.zeros("c", DType::F32, m * n).unwrap();
-        let d = gemm::matmul_with(gpu, &mm, Operand::new(&gc, n), a_op, b_op, None, kernel)
-            .unwrap();
+        let d =
+            gemm::matmul_with(gpu, &mm, Operand::new(&gc, n), a_op, b_op, None, kernel).unwrap();
         assert!(d.iter().all(|d| d.workgroups.iter().all(|&w| w <= 3)));
         gpu.run(&d).unwrap();
         let got = gpu.read_f32(&gc).unwrap();
@@ -778,7 +774,11 @@ fn split_k_repeats_bit_for_bit() {
         let first = run(kernel);
         let second = run(kernel);
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert!(bits(&first) == bits(&second), "{} differs between runs", kernel.name());
+        assert!(
+            bits(&first) == bits(&second),
+            "{} differs between runs",
+            kernel.name()
+        );
         reference::compare(&kernel.name(), &first, &naive, 1e-4, 1e-4).assert();
     }
 }
