@@ -9,7 +9,7 @@
 //   out, dout        (B, T, NH, HS) = (B, T, C)
 //   lse, D           (B, NH, T): per-row logsumexp of the scaled, masked scores (natural log),
 //                    and D = rowsum(dout ∘ out)
-//   k_cache, v_cache (B, NH, Tmax, HS)
+//   k_cache, v_cache (B, NH, Tmax, HS), of KvElem: f32, or f16 in the F16 variant
 //   preatt, att      (B, NH, T, T): scaled scores and probabilities (unfused baseline only)
 // scale = 1/sqrt(HS). Causal: the query at absolute position pos0 + i sees keys j <= pos0 + i.
 //
@@ -20,12 +20,20 @@
 // Every reduction runs in a fixed order and nothing uses atomics: the same inputs give the same
 // bits on the same adapter.
 //
+// The F16 variant (inference over an f16 KV cache; adapters with SHADER_F16): the loader's prelude
+// (src/gpu/shaders.rs) declares KvElem = f16 instead of f32, so attention_forward (as used by
+// forward_cached) reads k and v from f16 caches, widened on load through k_at / v_at: the tiles in
+// workgroup memory, the scores, the softmax and every accumulation stay f32, with the same tiling
+// and the same order of operations, so on f16-rounded keys and values both variants compute the
+// same sums. kv_append rounds the new k and v to f16 (values must lie within f16's finite range,
+// |x| <= 65504). qkv and out stay f32; the training kernels are only used in f32.
+//
 // Dropout on the probabilities (training, fused kernels only): with drop_threshold > 0, P
 // becomes P ∘ M in the product with V, M = 0 or 1/(1 - p) from a counter-based hash of
-// (seed, step, row, key) with row = (b·NH + h)·Tq + i, which the backward regenerates (nothing
-// is stored; kernels::attention::keep is its CPU twin). lse stays that of the undropped
-// softmax; the backward uses dS = P ∘ (M ∘ dP - D), dv = (P ∘ M)ᵀ·dout, with D = rowsum(dout ∘
-// out) as without dropout.
+// (seed, step, row, key) with row = (b·NH + h)·Tq + i (include/hash.wgsl's cell_hash;
+// src/hash.rs is its CPU twin), which the backward regenerates: nothing is stored. lse stays that
+// of the undropped softmax; the backward uses dS = P ∘ (M ∘ dP - D), dv = (P ∘ M)ᵀ·dout, with
+// D = rowsum(dout ∘ out) as without dropout.
 
 struct Params {
     nb: u32,          // B
@@ -100,23 +108,23 @@ var<workgroup> sh_p2: array<f32, BR * BC>;          // dS (dK/dV)
 var<workgroup> sh_red: array<f32, BR * SC>;         // per-row partials across score threads
 var<workgroup> sh_row: array<f32, BR>;              // per-row rescale factor, then running max
 
-// Fused forward bindings: 1 = q, 2 = k, 3 = v (read; the same buffer may be bound to all
-// three), 4 = out (read_write), 5 = lse (read_write).
+// Fused forward bindings: 1 = q (read, f32), 2 = k, 3 = v (read, KvElem; the same buffer may be
+// bound to all three in f32, to k and v in f16), 4 = out (read_write), 5 = lse (read_write).
 @group(0) @binding(1) var<storage, read> q_in: array<f32>;
-@group(0) @binding(2) var<storage, read> k_in: array<f32>;
-@group(0) @binding(3) var<storage, read> v_in: array<f32>;
+@group(0) @binding(2) var<storage, read> k_in: array<KvElem>;
+@group(0) @binding(3) var<storage, read> v_in: array<KvElem>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> lse_out: array<f32>;
 
-// Element loads, one function per tensor so that a variant can store the caches in f16.
+// Element loads, one function per tensor: k and v are widened from KvElem (a no-op in f32).
 fn q_at(i: u32) -> f32 {
     return q_in[i];
 }
 fn k_at(i: u32) -> f32 {
-    return k_in[i];
+    return f32(k_in[i]);
 }
 fn v_at(i: u32) -> f32 {
-    return v_in[i];
+    return f32(v_in[i]);
 }
 
 // First element of row (b, t, h) of a tensor with strides s = (base, batch, token, head).
@@ -167,27 +175,21 @@ fn v4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
     return r;
 }
 
-// Whether query i (relative to pos0) may see key j.
-// PCG-RXS-M-XS output permutation of one LCG step, as in dropout.wgsl.
-fn pcg(v: u32) -> u32 {
-    let state = v * 747796405u + 2891336453u;
-    let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
-    return (word >> 22u) ^ word;
-}
+#include "include/hash.wgsl"
 
 // The dropout factor M of query i (row of the (b, h) block) and key j: 1 without dropout.
 fn drop_factor(b: u32, h: u32, i: u32, j: u32) -> f32 {
     if (p.drop_threshold == 0u) {
         return 1.0;
     }
-    let key = pcg(p.drop_seed ^ pcg(p.drop_step));
     let row = (b * p.nh + h) * p.tq + i;
-    if (pcg(pcg(key ^ pcg(row)) ^ j) >= p.drop_threshold) {
+    if (cell_hash(mask_key(p.drop_seed, p.drop_step), row, j) >= p.drop_threshold) {
         return p.drop_scale;
     }
     return 0.0;
 }
 
+// Whether query i (relative to pos0) may see key j.
 fn visible(i: u32, j: u32) -> bool {
     return i < p.tq && j < p.tk && (p.causal == 0u || j <= p.pos0 + i);
 }
@@ -695,10 +697,12 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
 // ---------------------------------------------------------------------------------------------
 // kv_append: k_cache, v_cache (B, NH, Tmax, HS) at positions pos0 .. pos0 + Tq receive the k and
 // v of the Tq new tokens of qkv (B, Tq, 3C) (read through p.k and p.v); overwrites those rows.
-// One thread per element; p.tk holds Tmax.
-// Bindings: 1 = qkv (read), 2 = k_cache (read_write), 3 = v_cache (read_write).
-@group(0) @binding(2) var<storage, read_write> kc_out: array<f32>;
-@group(0) @binding(3) var<storage, read_write> vc_out: array<f32>;
+// One thread per element; p.tk holds Tmax. The caches hold KvElem: the F16 variant rounds to f16.
+// Bindings: 1 = qkv (read, f32), 2 = k_cache (read_write), 3 = v_cache (read_write).
+// Each f16 store is its own memory location: neighbouring threads write the two halves of a
+// word without a race.
+@group(0) @binding(2) var<storage, read_write> kc_out: array<KvElem>;
+@group(0) @binding(3) var<storage, read_write> vc_out: array<KvElem>;
 
 @compute @workgroup_size(WG)
 fn kv_append(@builtin(workgroup_id) wid: vec3<u32>,
@@ -715,8 +719,8 @@ fn kv_append(@builtin(workgroup_id) wid: vec3<u32>,
     let i = bt % p.tq;
     let b = bt / p.tq;
     let dst = ((b * p.nh + h) * p.tk + p.pos0 + i) * p.hs + d;
-    kc_out[dst] = q_in[row_start(p.k, b, h, i) + d];
-    vc_out[dst] = q_in[row_start(p.v, b, h, i) + d];
+    kc_out[dst] = KvElem(q_in[row_start(p.k, b, h, i) + d]);
+    vc_out[dst] = KvElem(q_in[row_start(p.v, b, h, i) + d]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 //
 // Element i is kept iff hash(seed, step, i) >= p.threshold (threshold = p · 2³², so it is kept
 // with probability 1 - p); kept values are scaled by p.scale = 1 / (1 - p), dropped ones are 0.
-// No mask is stored: the backward regenerates it from (seed, step, i). The hash is mirrored
-// bit for bit by kernels::dropout::keep on the CPU.
+// No mask is stored: the backward regenerates it from (seed, step, i). The hash is
+// include/hash.wgsl's element_hash, mirrored bit for bit by src/hash.rs on the CPU.
 //
 // dropout_forward:  out (N) = keep(i) ? inp (N) · scale : 0          overwrites out
 // dropout_backward: dinp (N) = keep(i) ? dout (N) · scale : 0        overwrites dinp when
@@ -28,16 +28,10 @@ fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid.x;
 }
 
-// PCG-RXS-M-XS output permutation of one LCG step: a bijective 32-bit hash.
-fn pcg(v: u32) -> u32 {
-    let state = v * 747796405u + 2891336453u;
-    let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
-    return (word >> 22u) ^ word;
-}
+#include "include/hash.wgsl"
 
 fn keep(i: u32) -> bool {
-    let key = pcg(p.seed ^ pcg(p.step));
-    return pcg(key ^ pcg(i)) >= p.threshold;
+    return element_hash(mask_key(p.seed, p.step), i) >= p.threshold;
 }
 
 // Bindings for dropout_forward: 1 = inp (read), 2 = out (read_write).

@@ -1,11 +1,17 @@
 // Token + position embedding, and its deterministic backward.
 //
 // embedding_forward:      out (B, T, C) = wte[tokens[b, t] - wte_row0] + wpe[t]      overwrites out
-// embedding_forward_vec4: the same, four channels per thread (C % 4 == 0, 16-byte aligned views)
+// embedding_forward_vec4: the same, four channels per thread (C % 4 == 0; out a 16-byte aligned
+//                         view, wte and wpe aligned to 4 of their elements: 16 bytes in f32, 8 in
+//                         f16)
 //   tokens (B, T) u32; wte (V_chunk, C) holds vocabulary rows [wte_row0, wte_row0 + V_chunk) of a
 //   table that may be split into chunks; wpe (maxT, C), T <= maxT. Positions whose token is outside
 //   the chunk are left untouched, so one call per chunk writes every row exactly once; a token
 //   outside every chunk leaves its row untouched (and never reads or writes out of bounds).
+//   wte and wpe hold TableElem, which the loader's prelude (src/gpu/shaders.rs) declares: f32, or
+//   f16 in the F16 variant (inference; adapters with SHADER_F16). Both table entries are widened
+//   to f32 and added in f32, so the F16 variant computes exactly what the f32 one does on the
+//   f16-rounded tables. out, dout and the gradients are f32 in both.
 //
 // embedding_backward_wte: dwte (V_chunk, C) += sum over the positions holding each token of
 //   dout (B, T, C)                                                             accumulates into dwte
@@ -50,10 +56,10 @@ fn linear_wg(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 }
 
 // Bindings for embedding_forward: 1 = tokens (read), 2 = wte (read), 3 = wpe (read),
-// 4 = out (read_write).
+// 4 = out (read_write, f32).
 @group(0) @binding(1) var<storage, read> fw_tokens: array<u32>;
-@group(0) @binding(2) var<storage, read> fw_wte: array<f32>;
-@group(0) @binding(3) var<storage, read> fw_wpe: array<f32>;
+@group(0) @binding(2) var<storage, read> fw_wte: array<TableElem>;
+@group(0) @binding(3) var<storage, read> fw_wpe: array<TableElem>;
 @group(0) @binding(4) var<storage, read_write> fw_out: array<f32>;
 
 // One thread per output element, consecutive threads on consecutive channels (coalesced).
@@ -71,13 +77,14 @@ fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         return;
     }
     let t = bt % p.t;
-    fw_out[i] = fw_wte[row * p.c + ch] + fw_wpe[t * p.c + ch];
+    fw_out[i] = f32(fw_wte[row * p.c + ch]) + f32(fw_wpe[t * p.c + ch]);
 }
 
-// Bindings for embedding_forward_vec4: as embedding_forward, f32 tensors viewed as vec4.
+// Bindings for embedding_forward_vec4: as embedding_forward, the tables viewed as vec4<TableElem>
+// and out as vec4<f32>.
 @group(0) @binding(1) var<storage, read> fv_tokens: array<u32>;
-@group(0) @binding(2) var<storage, read> fv_wte: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> fv_wpe: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> fv_wte: array<vec4<TableElem>>;
+@group(0) @binding(3) var<storage, read> fv_wpe: array<vec4<TableElem>>;
 @group(0) @binding(4) var<storage, read_write> fv_out: array<vec4<f32>>;
 
 // p.c is C / 4 here.
@@ -96,7 +103,7 @@ fn embedding_forward_vec4(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let t = bt % p.t;
-    fv_out[i] = fv_wte[row * p.c + ch] + fv_wpe[t * p.c + ch];
+    fv_out[i] = vec4<f32>(fv_wte[row * p.c + ch]) + vec4<f32>(fv_wpe[t * p.c + ch]);
 }
 
 // Bindings for embedding_backward_wte: 1 = dout (read), 2 = tokens (read), 3 = index (read),

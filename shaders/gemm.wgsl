@@ -3,224 +3,26 @@
 // gemm_*:        c[z] (M, N) = alpha · op(a[z]) (M, K) · op(b[z]) (K, N)
 //                              (+ bias (N) on every row when has_bias)
 //                              (+ c[z] (M, N) when accumulate)
+//                a, bias, c f32; b of BElem (below), widened to f32 on load; products, sums f32.
 //                accumulate = 0 overwrites c and never reads it; accumulate = 1 adds into c (+=).
 //                op(a) is a stored (M, K), or aᵀ with a stored (K, M) when TRANS_A;
 //                op(b) is b stored (K, N), or bᵀ with b stored (N, K) when TRANS_B.
 //                Every matrix is row-major inside its flat buffer: element (r, col) of batch entry
-//                z sits at off + z·batch_stride + r·ld + col. A batch stride of 0 shares one
-//                matrix across the batch; ldc > N makes c a column block of a wider matrix
-//                (the vocabulary chunks of the lm head).
-// gemm_reg, gemm_reg_vb: register blocks straight from memory, without workgroup memory or
-// barriers (for CPU adapters such as lavapipe, where the invocations of a workgroup are the SIMD
-// lanes of one thread, a barrier is a coroutine switch and a load whose address differs per lane
-// is done lane by lane). A workgroup owns REG_M rows of C and REG_WG · 4 · REG_NV columns; its
-// REG_WG invocations sit side by side along N and each keeps REG_M × (4 · REG_NV) sums.
-// Invocation l owns columns 4 · (g · REG_WG + l) + lane of the tile (g < REG_NV, lane < 4). The
-// rows of op(a) it reads depend only on the workgroup and the loop counter, the same address for
-// every lane (one load feeds the whole workgroup); op(b) is read per lane, as vec4 by gemm_reg_vb
-// (along N when b is (K, N), along K when b is (N, K): the launcher's vec4 rules for b apply).
-// K runs in chunks of 4 and then a scalar tail, each output summed over k in order with fma, so
-// the results are those of every other kernel here, bit for bit. Rows and columns past the edge
-// read a clamped (valid) row or column and are never stored.
-// Split-K (p.split_k != 0, one batch entry): batch entry z sums k in [z · split_k, (z + 1) ·
-// split_k) of the single matrix product and writes its partial sums to c[z]; gemm_splitk_reduce
-// then adds the partials. Grid: tiles of (ceil(M / REG_M), ceil(N / (REG_WG · 4 · REG_NV))).
-override REG_M: u32 = 8u;
-// Column vec4s per invocation: 1 or 2.
-override REG_NV: u32 = 1u;
-override REG_WG: u32 = 64u;
-// The sums: racc[r · 2 + g] holds row r, column group g.
-var<private> racc: array<vec4<f32>, 32>;
-// One k chunk of the block's operands: ra[r][q] = op(a)(i0 + r, k0 + q) and
-// rb[q · 2 + g][lane] = op(b)(k0 + q, j_g + lane).
-var<private> ra: array<vec4<f32>, 16>;
-var<private> rb: array<vec4<f32>, 8>;
-
-// (batch entry of a and b, first k, end of k) for batch entry z of c.
-fn reg_range(z: u32) -> vec3<u32> {
-    if (p.split_k == 0u) {
-        return vec3<u32>(z, 0u, p.k);
-    }
-    let kb = min(z * p.split_k, p.k);
-    return vec3<u32>(0u, kb, min(p.k, kb + p.split_k));
-}
-
-// The first column of group g of the invocation whose first column is j0.
-fn reg_col(j0: u32, g: u32) -> u32 {
-    return j0 + g * REG_WG * 4u;
-}
-
-// Loads op(a)(i0 + r, k0 + q) for q < nq into ra.
-fn reg_load_a(z: u32, i0: u32, k0: u32, nq: u32) {
-    for (var r = 0u; r < REG_M; r++) {
-        let i = min(i0 + r, p.m - 1u);
-        for (var q = 0u; q < nq; q++) {
-            ra[r][q] = op_a(z, i, k0 + q);
-        }
-    }
-}
-
-fn reg_load_b(z: u32, j0: u32, k0: u32, nq: u32) {
-    for (var g = 0u; g < REG_NV; g++) {
-        let jg = reg_col(j0, g);
-        for (var q = 0u; q < nq; q++) {
-            for (var lane = 0u; lane < 4u; lane++) {
-                rb[q * 2u + g][lane] = op_b(z, k0 + q, min(jg + lane, p.n - 1u));
-            }
-        }
-    }
-}
-
-// The vec4 loads of a k chunk (k0 and every row start a multiple of 4). In the tail (fewer than
-// 4 left) the lanes past K are read but never used: with b (N, K) the row stride is a multiple
-// of 4, so the vec4 stays inside it.
-fn reg_load_b_vec4(z: u32, j0: u32, k0: u32) {
-    let base = p.b_off + z * p.b_bs;
-    for (var g = 0u; g < REG_NV; g++) {
-        let jg = reg_col(j0, g);
-        if (TRANS_B) {
-            for (var lane = 0u; lane < 4u; lane++) {
-                let j = min(jg + lane, p.n - 1u);
-                let v = read_b4((base + j * p.ldb + k0) / 4u);
-                for (var q = 0u; q < 4u; q++) {
-                    rb[q * 2u + g][lane] = v[q];
-                }
-            }
-        } else {
-            // jg is a multiple of 4: a vec4 that starts before N lies inside the row stride.
-            // Rows past K (the tail's) read the last row instead.
-            let j = min(jg, (p.n - 1u) & ~3u);
-            for (var q = 0u; q < 4u; q++) {
-                rb[q * 2u + g] = read_b4((base + min(k0 + q, p.k - 1u) * p.ldb + j) / 4u);
-            }
-        }
-    }
-}
-
-// Adds op(a)(i, k0 + q) · op(b)(k0 + q, j) to every sum of the block.
-fn reg_fma(q: u32) {
-    for (var r = 0u; r < REG_M; r++) {
-        let x = vec4<f32>(ra[r][q]);
-        for (var g = 0u; g < REG_NV; g++) {
-            racc[r * 2u + g] = fma(x, rb[q * 2u + g], racc[r * 2u + g]);
-        }
-    }
-}
-
-fn reg_store(z: u32, i0: u32, j0: u32) {
-    for (var r = 0u; r < REG_M; r++) {
-        let i = i0 + r;
-        for (var g = 0u; g < REG_NV; g++) {
-            let jg = reg_col(j0, g);
-            for (var lane = 0u; lane < 4u; lane++) {
-                if (i < p.m && jg + lane < p.n) {
-                    finish(z, i, jg + lane, racc[r * 2u + g][lane]);
-                }
-            }
-        }
-    }
-}
-
-// The tile's first row, and the first column of invocation l; the row is p.m when there is no tile.
-fn reg_origin(wid: vec3<u32>, nwg: vec3<u32>, l: u32) -> vec2<u32> {
-    let t = wid.x + wid.y * nwg.x;
-    if (t >= p.tiles) {
-        return vec2<u32>(p.m, 0u);
-    }
-    return vec2<u32>((t / p.tiles_n) * REG_M, (t % p.tiles_n) * REG_WG * 4u * REG_NV + 4u * l);
-}
-
-fn reg_clear() {
-    for (var r = 0u; r < 32u; r++) {
-        racc[r] = vec4<f32>(0.0);
-    }
-}
-
-@compute @workgroup_size(REG_WG)
-fn gemm_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-            @builtin(local_invocation_id) lid: vec3<u32>) {
-    let o = reg_origin(wid, nwg, lid.x);
-    if (o.x >= p.m) {
-        return;
-    }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
-        let zk = reg_range(z);
-        reg_clear();
-        var k0 = zk.y;
-        for (; k0 + 4u <= zk.z; k0 += 4u) {
-            reg_load_a(zk.x, o.x, k0, 4u);
-            reg_load_b(zk.x, o.y, k0, 4u);
-            for (var q = 0u; q < 4u; q++) {
-                reg_fma(q);
-            }
-        }
-        // The last 1 to 3 k, in order.
-        let left = zk.z - k0;
-        if (left > 0u) {
-            reg_load_a(zk.x, o.x, k0, left);
-            reg_load_b(zk.x, o.y, k0, left);
-            for (var q = 0u; q < left; q++) {
-                reg_fma(q);
-            }
-        }
-        reg_store(z, o.x, o.y);
-    }
-}
-
-@compute @workgroup_size(REG_WG)
-fn gemm_reg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let o = reg_origin(wid, nwg, lid.x);
-    if (o.x >= p.m) {
-        return;
-    }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
-        let zk = reg_range(z);
-        reg_clear();
-        var k0 = zk.y;
-        for (; k0 + 4u <= zk.z; k0 += 4u) {
-            reg_load_a(zk.x, o.x, k0, 4u);
-            reg_load_b_vec4(zk.x, o.y, k0);
-            for (var q = 0u; q < 4u; q++) {
-                reg_fma(q);
-            }
-        }
-        // The last 1 to 3 k, in order.
-        let left = zk.z - k0;
-        if (left > 0u) {
-            reg_load_a(zk.x, o.x, k0, left);
-            reg_load_b_vec4(zk.x, o.y, k0);
-            for (var q = 0u; q < left; q++) {
-                reg_fma(q);
-            }
-        }
-        reg_store(z, o.x, o.y);
-    }
-}
-
-// gemm_splitk_reduce: c (M, N) = alpha · Σ_s part[s] (+ bias) (+ c), with the partial sums of
-// gemm_reg's split-K pass in a: p.batch slices (M, N) contiguous, p.a_bs apart, added in the
-// order s = 0, 1, ... . Each output is thus the sum of per-slice fma chains: a summation order
-// that differs from the other kernels (results agree to rounding and repeat bit for bit).
-// One output per invocation, p.tiles workgroups of 256 in all.
-@compute @workgroup_size(256)
-fn gemm_splitk_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                      @builtin(local_invocation_index) li: u32) {
-    let e = (wid.x + wid.y * nwg.x) * 256u + li;
-    if (e >= p.m * p.n) {
-        return;
-    }
-    var s = a[p.a_off + e];
-    for (var z = 1u; z < p.batch; z++) {
-        s += a[p.a_off + z * p.a_bs + e];
-    }
-    finish(0u, e / p.n, e % p.n, s);
-}
-
+//                z sits at off + z·batch_stride + r·ld + col (in elements of its own type, so in
+//                the F16 variant b's offsets count f16s). A batch stride of 0 shares one matrix
+//                across the batch; ldc > N makes c a column block of a wider matrix (the
+//                vocabulary chunks of the lm head).
 // bias_backward: dbias (N) += Σ_m dout (M, N)                accumulates into dbias
 //
 // Every output element is summed by one invocation over k = 0, 1, ..., K-1 with fma (the same
-// order in every kernel and tile configuration), with no atomics: results repeat bit for bit.
+// order in every kernel and tile configuration, gemm_gemv and split-K excepted), with no atomics:
+// results repeat bit for bit.
+//
+// Variants (see src/gpu/shaders.rs): the loader's prelude declares BElem, the element type of
+// b. Base: BElem = f32. F16 (the inference forward with f16 weights; adapters with SHADER_F16):
+// BElem = f16. Every read of b goes through read_b / read_b4, which widen to f32 (a no-op in f32),
+// so given the same f16-rounded weights both variants compute the same sums. In the F16 variant
+// the vec4 reads of b are vec4<f16> (8 bytes): b's view must start at a multiple of 8 bytes.
 //
 // Entry points:
 //   gemm_naive       one output per invocation, operands read straight from memory: the baseline.
@@ -232,13 +34,20 @@ fn gemm_splitk_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 //                    the same with a, b or both read as vec4. The launcher picks these only when
 //                    the operand's view holds a whole number of vec4s and its offset, ld and batch
 //                    stride are multiples of 4, so every vec4 read lies inside the binding; the
-//                    lanes past the operand's edge are zeroed.
+//                    lanes past the operand's edge are zeroed. For GPUs (workgroup memory is
+//                    fast there); 8 × 8 blocks on 64 × 64 and 128 × 64 tiles as gpu.cpp's kernel.
+//   gemm_reg, gemm_reg_vb
+//                    register blocks straight from memory, no workgroup memory or barriers, b read
+//                    as scalars or vec4: meant for CPU adapters (lavapipe), see below.
+//   gemm_splitk_reduce
+//                    the second pass of split-K (weight gradients: long K, small output); it sums
+//                    per-slice partials, so its summation order differs from the others.
 // Grid: workgroups over output tiles folded into x and y (tile = wid.x + wid.y · nwg.x, row-major
 // over (ceil(M / BM), ceil(N / BN)) tiles), batch entries over z (looping when the batch exceeds
 // the per-dimension limit).
 //
-// Bindings for gemm_*: 1 = a (read), 2 = b (read), 3 = bias (read; any f32 view when has_bias = 0),
-// 4 = c (read_write), 5 = aux (the epilogue's tensor, laid out as c; see finish).
+// Bindings for gemm_*: 1 = a (read), 2 = b (read, BElem), 3 = bias (read; any f32 view when
+// has_bias = 0), 4 = c (read_write), 5 = aux (the epilogue's tensor, laid out as c; see finish).
 
 struct Params {
     m: u32,
@@ -282,18 +91,18 @@ override WG_N: u32 = BN / (4u * RN);
 
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b: array<BElem>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<BElem>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
-// Every read of b goes through these two (a prelude may redefine them for another element type).
+// Every read of b, widened to f32 (the identity when BElem is f32).
 fn read_b(i: u32) -> f32 {
-    return b[i];
+    return f32(b[i]);
 }
 
 fn read_b4(i: u32) -> vec4<f32> {
-    return b4[i];
+    return vec4<f32>(b4[i]);
 }
 
 // Element (i, kk) of op(a) and (kk, j) of op(b) for batch entry z.
@@ -688,6 +497,213 @@ fn gemm_tiled_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         }
         store_c(z, o.x, o.y, lid);
     }
+}
+
+// gemm_reg, gemm_reg_vb: register blocks straight from memory, without workgroup memory or
+// barriers (for CPU adapters such as lavapipe, where the invocations of a workgroup are the SIMD
+// lanes of one thread, a barrier is a coroutine switch and a load whose address differs per lane
+// is done lane by lane). A workgroup owns REG_M rows of C and REG_WG · 4 · REG_NV columns; its
+// REG_WG invocations sit side by side along N and each keeps REG_M × (4 · REG_NV) sums.
+// Invocation l owns columns 4 · (g · REG_WG + l) + lane of the tile (g < REG_NV, lane < 4). The
+// rows of op(a) it reads depend only on the workgroup and the loop counter, the same address for
+// every lane (one load feeds the whole workgroup); op(b) is read per lane, as vec4 by gemm_reg_vb
+// (along N when b is (K, N), along K when b is (N, K): the launcher's vec4 rules for b apply).
+// K runs in chunks of 4, the last 1 to 3 k through the same loads, each output summed over k in
+// order with fma, so the results are those of every other kernel here, bit for bit. Rows and columns past the edge
+// read a clamped (valid) row or column and are never stored.
+// Split-K (p.split_k != 0, one batch entry): batch entry z sums k in [z · split_k, (z + 1) ·
+// split_k) of the single matrix product and writes its partial sums to c[z]; gemm_splitk_reduce
+// then adds the partials. Grid: tiles of (ceil(M / REG_M), ceil(N / (REG_WG · 4 · REG_NV))).
+override REG_M: u32 = 8u;
+// Column vec4s per invocation: 1 or 2.
+override REG_NV: u32 = 1u;
+override REG_WG: u32 = 64u;
+// The sums: racc[r · 2 + g] holds row r, column group g.
+var<private> racc: array<vec4<f32>, 32>;
+// One k chunk of the block's operands: ra[r][q] = op(a)(i0 + r, k0 + q) and
+// rb[q · 2 + g][lane] = op(b)(k0 + q, j_g + lane).
+var<private> ra: array<vec4<f32>, 16>;
+var<private> rb: array<vec4<f32>, 8>;
+
+// (batch entry of a and b, first k, end of k) for batch entry z of c.
+fn reg_range(z: u32) -> vec3<u32> {
+    if (p.split_k == 0u) {
+        return vec3<u32>(z, 0u, p.k);
+    }
+    let kb = min(z * p.split_k, p.k);
+    return vec3<u32>(0u, kb, min(p.k, kb + p.split_k));
+}
+
+// The first column of group g of the invocation whose first column is j0.
+fn reg_col(j0: u32, g: u32) -> u32 {
+    return j0 + g * REG_WG * 4u;
+}
+
+// Loads op(a)(i0 + r, k0 + q) for q < nq into ra.
+fn reg_load_a(z: u32, i0: u32, k0: u32, nq: u32) {
+    for (var r = 0u; r < REG_M; r++) {
+        let i = min(i0 + r, p.m - 1u);
+        for (var q = 0u; q < nq; q++) {
+            ra[r][q] = op_a(z, i, k0 + q);
+        }
+    }
+}
+
+fn reg_load_b(z: u32, j0: u32, k0: u32, nq: u32) {
+    for (var g = 0u; g < REG_NV; g++) {
+        let jg = reg_col(j0, g);
+        for (var q = 0u; q < nq; q++) {
+            for (var lane = 0u; lane < 4u; lane++) {
+                rb[q * 2u + g][lane] = op_b(z, k0 + q, min(jg + lane, p.n - 1u));
+            }
+        }
+    }
+}
+
+// The vec4 loads of a k chunk (k0 and every row start a multiple of 4). In the tail (fewer than
+// 4 left) the lanes past K are read but never used: with b (N, K) the row stride is a multiple
+// of 4, so the vec4 stays inside it.
+fn reg_load_b_vec4(z: u32, j0: u32, k0: u32) {
+    let base = p.b_off + z * p.b_bs;
+    for (var g = 0u; g < REG_NV; g++) {
+        let jg = reg_col(j0, g);
+        if (TRANS_B) {
+            for (var lane = 0u; lane < 4u; lane++) {
+                let j = min(jg + lane, p.n - 1u);
+                let v = read_b4((base + j * p.ldb + k0) / 4u);
+                for (var q = 0u; q < 4u; q++) {
+                    rb[q * 2u + g][lane] = v[q];
+                }
+            }
+        } else {
+            // jg is a multiple of 4: a vec4 that starts before N lies inside the row stride.
+            // Rows past K (the tail's) read the last row instead.
+            let j = min(jg, (p.n - 1u) & ~3u);
+            for (var q = 0u; q < 4u; q++) {
+                rb[q * 2u + g] = read_b4((base + min(k0 + q, p.k - 1u) * p.ldb + j) / 4u);
+            }
+        }
+    }
+}
+
+// Adds op(a)(i, k0 + q) · op(b)(k0 + q, j) to every sum of the block.
+fn reg_fma(q: u32) {
+    for (var r = 0u; r < REG_M; r++) {
+        let x = vec4<f32>(ra[r][q]);
+        for (var g = 0u; g < REG_NV; g++) {
+            racc[r * 2u + g] = fma(x, rb[q * 2u + g], racc[r * 2u + g]);
+        }
+    }
+}
+
+fn reg_store(z: u32, i0: u32, j0: u32) {
+    for (var r = 0u; r < REG_M; r++) {
+        let i = i0 + r;
+        for (var g = 0u; g < REG_NV; g++) {
+            let jg = reg_col(j0, g);
+            for (var lane = 0u; lane < 4u; lane++) {
+                if (i < p.m && jg + lane < p.n) {
+                    finish(z, i, jg + lane, racc[r * 2u + g][lane]);
+                }
+            }
+        }
+    }
+}
+
+// The tile's first row, and the first column of invocation l; the row is p.m when there is no tile.
+fn reg_origin(wid: vec3<u32>, nwg: vec3<u32>, l: u32) -> vec2<u32> {
+    let t = wid.x + wid.y * nwg.x;
+    if (t >= p.tiles) {
+        return vec2<u32>(p.m, 0u);
+    }
+    return vec2<u32>((t / p.tiles_n) * REG_M, (t % p.tiles_n) * REG_WG * 4u * REG_NV + 4u * l);
+}
+
+fn reg_clear() {
+    for (var r = 0u; r < 32u; r++) {
+        racc[r] = vec4<f32>(0.0);
+    }
+}
+
+@compute @workgroup_size(REG_WG)
+fn gemm_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_id) lid: vec3<u32>) {
+    let o = reg_origin(wid, nwg, lid.x);
+    if (o.x >= p.m) {
+        return;
+    }
+    for (var z = wid.z; z < p.batch; z += nwg.z) {
+        let zk = reg_range(z);
+        reg_clear();
+        var k0 = zk.y;
+        for (; k0 + 4u <= zk.z; k0 += 4u) {
+            reg_load_a(zk.x, o.x, k0, 4u);
+            reg_load_b(zk.x, o.y, k0, 4u);
+            for (var q = 0u; q < 4u; q++) {
+                reg_fma(q);
+            }
+        }
+        // The last 1 to 3 k, in order.
+        let left = zk.z - k0;
+        if (left > 0u) {
+            reg_load_a(zk.x, o.x, k0, left);
+            reg_load_b(zk.x, o.y, k0, left);
+            for (var q = 0u; q < left; q++) {
+                reg_fma(q);
+            }
+        }
+        reg_store(z, o.x, o.y);
+    }
+}
+
+@compute @workgroup_size(REG_WG)
+fn gemm_reg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_id) lid: vec3<u32>) {
+    let o = reg_origin(wid, nwg, lid.x);
+    if (o.x >= p.m) {
+        return;
+    }
+    for (var z = wid.z; z < p.batch; z += nwg.z) {
+        let zk = reg_range(z);
+        reg_clear();
+        var k0 = zk.y;
+        for (; k0 + 4u <= zk.z; k0 += 4u) {
+            reg_load_a(zk.x, o.x, k0, 4u);
+            reg_load_b_vec4(zk.x, o.y, k0);
+            for (var q = 0u; q < 4u; q++) {
+                reg_fma(q);
+            }
+        }
+        // The last 1 to 3 k, in order.
+        let left = zk.z - k0;
+        if (left > 0u) {
+            reg_load_a(zk.x, o.x, k0, left);
+            reg_load_b_vec4(zk.x, o.y, k0);
+            for (var q = 0u; q < left; q++) {
+                reg_fma(q);
+            }
+        }
+        reg_store(z, o.x, o.y);
+    }
+}
+
+// gemm_splitk_reduce: c (M, N) = alpha · Σ_s part[s] (+ bias) (+ c), with the partial sums of
+// gemm_reg's split-K pass in a: p.batch slices (M, N) contiguous, p.a_bs apart, added in the
+// order s = 0, 1, ... . Each output is thus the sum of per-slice fma chains: a summation order
+// that differs from the other kernels (results agree to rounding and repeat bit for bit).
+// One output per invocation, p.tiles workgroups of 256 in all.
+@compute @workgroup_size(256)
+fn gemm_splitk_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) li: u32) {
+    let e = (wid.x + wid.y * nwg.x) * 256u + li;
+    if (e >= p.m * p.n) {
+        return;
+    }
+    var s = a[p.a_off + e];
+    for (var z = 1u; z < p.batch; z++) {
+        s += a[p.a_off + z * p.a_bs + e];
+    }
+    finish(0u, e / p.n, e % p.n, s);
 }
 
 // bias_backward: dbias (N) += Σ_m dout (M, N), dout contiguous (row stride N).

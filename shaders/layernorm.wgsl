@@ -1,18 +1,55 @@
 // LayerNorm over the channels of each row, and its backward. eps = p.eps (1e-5); the variance is
 // biased (divided by C), like PyTorch.
 //
-// Row reductions use a group of TPR consecutive threads per row (WG / TPR rows side by side in a
-// workgroup): the group walks its row with stride TPR, so consecutive threads read consecutive
-// channels, then meets in a tree in workgroup memory. The barriers are shared by all rows of the
-// workgroup, and the tree is only log2(TPR) deep.
+// Two variants of this one source (see src/gpu/shaders.rs) compute the row reductions: the
+// forward's mean and variance and the backward's two row sums.
+//   Base:     trees in workgroup memory; every adapter.
+//   Subgroup: subgroupAdd, then one workgroup slot per subgroup (the `#if SUBGROUP` sections);
+//             adapters with SUBGROUP only. WGSL spells the feature `enable subgroups;`, but naga 30
+//             (wgpu 30's front end) rejects that directive as not yet supported and accepts the
+//             subgroup built-ins without it, checking them against the device's capabilities
+//             instead: so no prelude enables it, and wgpu refuses this variant on adapters
+//             without SUBGROUP.
+// layernorm_backward_params is the same in both.
 //
-// layernorm_forward: WG / TPR rows per workgroup; workgroups fold over x and y (see gpu::grid).
+// Base: row reductions use a group of TPR consecutive threads per row (WG / TPR rows side by
+// side in a workgroup): the group walks its row with stride TPR, so consecutive threads read
+// consecutive channels, then meets in a tree in workgroup memory. The barriers are shared by all
+// rows of the workgroup, and the tree is only log2(TPR) deep.
+//
+// Subgroup: how a workgroup sums a value over its invocations (wg_sum, wg_sum2):
+//   1. every invocation sums its own strided elements in a fixed order;
+//   2. subgroupAdd sums those within each subgroup;
+//   3. one invocation per subgroup (its first active one) stores the subgroup's total in
+//      workgroup memory at slot subgroup_id;
+//   4. after one barrier, every invocation adds slots 0, 1, ..., num_subgroups - 1 in that order.
+// Every invocation of the workgroup reduces the SAME row (or rows, one after another), so a
+// subgroup never mixes rows, whichever invocations the adapter puts into which subgroup and
+// whatever the subgroup size (1 to the workgroup size, partial subgroups included). Correctness
+// needs only what WGSL promises: subgroup_id is the same for the invocations of one subgroup,
+// differs between subgroups, and is below num_subgroups (at most the workgroup size). That is why
+// the subgroup forward takes one row per workgroup rather than TPR-thread row groups: no rule of
+// WebGPU keeps a subgroup inside a row group.
+// Determinism: steps 1 and 4 have a fixed order; step 2's order is the hardware's. We assume, as
+// for any reproducible GPU reduction, that the same adapter and driver forms the same subgroups
+// of the same pipeline and sums them in the same order each time: then the same inputs give the
+// same bits. Slots are written by one invocation each; no atomics.
+//
+// layernorm_forward:
 //   inp (N, C), weight (C), bias (C)
 //   out (N, C) = (inp - mean) · rstd · weight + bias                    overwrites out
 //   mean (N) = Σ inp / C; rstd (N) = 1 / sqrt(Σ (inp - mean)² / C + eps)  overwrites mean, rstd
-//   Each thread takes two passes over its own channels (their mean, then their centred squares),
-//   and one tree merges the threads' (count, mean, M2) with Chan's parallel-variance formula:
-//   sound for rows far from zero, with a single reduction per row.
+//   Workgroups fold over x and y (see gpu::grid).
+//   Base: WG / TPR rows per workgroup. Each thread takes two passes over its own channels (their
+//   mean, then their centred squares), and one tree merges the threads' (count, mean, M2) with
+//   Chan's parallel-variance formula: sound for rows far from zero, with a single reduction per
+//   row.
+//   Subgroup: one row per workgroup, WG invocations over its channels (lid, lid + WG, ...);
+//   row = wid.x + wid.y · nwg.x. The corrected two-pass algorithm (Björck; Chan, Golub and
+//   LeVeque): m0 = Σ x / C, then one reduction of (Σ d, Σ d²) with d = x - m0 gives
+//   mean = m0 + Σ d / C and var = (Σ d² - (Σ d)² / C) / C. d is exact wherever x lies within a
+//   factor of two of m0 (rows far from zero), so the row's offset costs neither the mean (rounded
+//   once, to f32) nor the variance; two reductions, two barriers per row.
 //
 // layernorm_backward_rows: one workgroup per block of p.rows_per_block consecutive rows;
 //   P = p.blocks blocks, folded over x and y.
@@ -22,7 +59,9 @@
 //     overwrites dinp when p.accumulate = 0, adds to it (+=) when p.accumulate = 1
 //   partials (2, P, C): [0, b, c] = Σ_{rows of block b} dout · xhat,
 //                       [1, b, c] = Σ_{rows of block b} dout                overwrites partials
-//   First the two row means of every row of the block (WG / TPR rows at a time), then each
+//   First the two row means of every row of the block (Base: WG / TPR rows at a time; Subgroup:
+//   the whole workgroup walks the block's rows one after another, each subgroup keeping one
+//   (Σ dnorm, Σ dnorm · xhat) slot per row, so the rows of a chunk share one barrier). Then each
 //   thread walks its channels down the block's rows, writing dinp and summing the block's column
 //   partials in registers. The second walk re-reads the block just read, from cache.
 //
@@ -41,9 +80,10 @@ struct Params {
     eps: f32,
 }
 
-// Threads per workgroup: a power of two, at most MAX_WG.
+// Threads per workgroup: a power of two, at most MAX_WG. (Any size is correct for the subgroup
+// reductions; the launcher takes a power of two.)
 override WG: u32 = 256u;
-// Threads per row in the row reductions: a power of two, at most WG.
+// Base: threads per row in the row reductions, a power of two, at most WG.
 override TPR: u32 = 32u;
 // layernorm_backward_params: channels per workgroup; WG / COLS must be a power of two.
 override COLS: u32 = 32u;
@@ -53,11 +93,67 @@ const MAX_ROWS: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
+// layernorm_backward_params (and Base's row sums): per thread, then per tree level.
 var<workgroup> red: array<vec2<f32>, MAX_WG>;
-// Forward: per thread, then per row group, (count, mean, M2 = Σ (x - mean)²).
-var<workgroup> moments: array<vec3<f32>, MAX_WG>;
 // Per row of a backward block: (mean, rstd, mean_c(dnorm), mean_c(dnorm · xhat)).
 var<workgroup> row_stats: array<vec4<f32>, MAX_ROWS>;
+
+#if SUBGROUP
+// Backward: (row, subgroup) slots of one chunk of rows; a chunk holds SLOTS / num_subgroups
+// rows (at least 4, as num_subgroups ≤ MAX_WG).
+const SLOTS: u32 = 1024u;
+
+// Forward: one slot per subgroup for each of the two reductions.
+var<workgroup> sums: array<f32, MAX_WG>;
+var<workgroup> dev_sums: array<vec2<f32>, MAX_WG>;
+// Backward: slot (r, s) at r · num_subgroups + s holds subgroup s's (Σ dnorm, Σ dnorm · xhat) of
+// row r of the chunk.
+var<workgroup> row_slots: array<vec2<f32>, SLOTS>;
+
+// The subgroup's identity within the workgroup.
+struct Subgroup {
+    id: u32,      // subgroup_id: distinct per subgroup, below count
+    count: u32,   // num_subgroups
+    leader: bool, // the first active invocation of its subgroup: the one that stores its slot
+}
+
+fn subgroup_of(sg_id: u32, sg_count: u32, sg_lane: u32) -> Subgroup {
+    // Call where every invocation of the workgroup is active: in a partial subgroup the first
+    // active invocation need not have subgroup_invocation_id 0.
+    return Subgroup(sg_id, sg_count, subgroupBroadcastFirst(sg_lane) == sg_lane);
+}
+
+// The sum of `v` over every invocation of the workgroup, returned to each of them. Must be
+// reached by every invocation; sums is not written again.
+fn wg_sum(sg: Subgroup, v: f32) -> f32 {
+    let t = subgroupAdd(v);
+    if (sg.leader) {
+        sums[sg.id] = t;
+    }
+    workgroupBarrier();
+    var total = 0.0;
+    for (var k = 0u; k < sg.count; k++) {
+        total += sums[k];
+    }
+    return total;
+}
+
+// wg_sum for a vec2 into dev_sums, which is not written again.
+fn wg_sum2(sg: Subgroup, v: vec2<f32>) -> vec2<f32> {
+    let t = subgroupAdd(v);
+    if (sg.leader) {
+        dev_sums[sg.id] = t;
+    }
+    workgroupBarrier();
+    var total = vec2(0.0);
+    for (var k = 0u; k < sg.count; k++) {
+        total += dev_sums[k];
+    }
+    return total;
+}
+#else
+// Forward: per thread, then per row group, (count, mean, M2 = Σ (x - mean)²).
+var<workgroup> moments: array<vec3<f32>, MAX_WG>;
 
 // The sum of `v` over the TPR threads of this thread's row group, returned to each of them.
 // Must be reached by every thread of the workgroup.
@@ -105,6 +201,7 @@ fn row_moments(lid: u32, v: vec3<f32>) -> vec3<f32> {
     }
     return moments[lid - lane];
 }
+#endif
 
 // Bindings for layernorm_forward: 1 = inp, 2 = weight, 3 = bias (read);
 // 4 = out, 5 = mean, 6 = rstd (read_write).
@@ -115,6 +212,45 @@ fn row_moments(lid: u32, v: vec3<f32>) -> vec3<f32> {
 @group(0) @binding(5) var<storage, read_write> fw_mean: array<f32>;
 @group(0) @binding(6) var<storage, read_write> fw_rstd: array<f32>;
 
+#if SUBGROUP
+@compute @workgroup_size(WG)
+fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>,
+                     @builtin(subgroup_id) sg_id: u32, @builtin(num_subgroups) sg_count: u32,
+                     @builtin(subgroup_invocation_id) sg_lane: u32) {
+    let sg = subgroup_of(sg_id, sg_count, sg_lane);
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.n) {
+        return; // the whole workgroup: past the last row of a folded grid
+    }
+    let base = row * p.c;
+    let inv_c = 1.0 / f32(p.c);
+
+    var sum = 0.0;
+    for (var i = lid.x; i < p.c; i += WG) {
+        sum += fw_inp[base + i];
+    }
+    let m0 = wg_sum(sg, sum) * inv_c;
+
+    var dev = vec2(0.0);
+    for (var i = lid.x; i < p.c; i += WG) {
+        let d = fw_inp[base + i] - m0;
+        dev += vec2(d, d * d);
+    }
+    let total = wg_sum2(sg, dev);
+    let m = m0 + total.x * inv_c;
+    let variance = max(total.y - total.x * total.x * inv_c, 0.0) * inv_c;
+    let s = 1.0 / sqrt(variance + p.eps);
+
+    for (var i = lid.x; i < p.c; i += WG) {
+        fw_out[base + i] = (fw_inp[base + i] - m) * s * fw_weight[i] + fw_bias[i];
+    }
+    if (lid.x == 0u) {
+        fw_mean[row] = m;
+        fw_rstd[row] = s;
+    }
+}
+#else
 @compute @workgroup_size(WG)
 fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -161,6 +297,7 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         }
     }
 }
+#endif
 
 // Bindings for layernorm_backward_rows: 1 = dout, 2 = inp, 3 = weight, 4 = mean, 5 = rstd (read);
 // 6 = dinp, 7 = partials (read_write).
@@ -175,7 +312,15 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 @compute @workgroup_size(WG)
 fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
+#if SUBGROUP
+                           @builtin(local_invocation_id) lid: vec3<u32>,
+                           @builtin(subgroup_id) sg_id: u32,
+                           @builtin(num_subgroups) sg_count: u32,
+                           @builtin(subgroup_invocation_id) sg_lane: u32) {
+    let sg = subgroup_of(sg_id, sg_count, sg_lane);
+#else
                            @builtin(local_invocation_id) lid: vec3<u32>) {
+#endif
     let blk = wid.x + wid.y * nwg.x;
     if (blk >= p.blocks) {
         return; // the whole workgroup: past the last block of a folded grid
@@ -184,6 +329,40 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
     let rows = min(p.rows_per_block, p.n - row0);
     let inv_c = 1.0 / f32(p.c);
 
+#if SUBGROUP
+    // The two row means of every row of the block, a chunk of rows per barrier.
+    let chunk = SLOTS / sg.count;
+    for (var r0 = 0u; r0 < rows; r0 += chunk) {
+        let rn = min(chunk, rows - r0);
+        for (var r = 0u; r < rn; r++) {
+            let row = row0 + r0 + r;
+            let base = row * p.c;
+            let m = bw_mean[row];
+            let s = bw_rstd[row];
+            var acc = vec2(0.0);
+            for (var i = lid.x; i < p.c; i += WG) {
+                let dnorm = bw_weight[i] * bw_dout[base + i];
+                let xhat = (bw_inp[base + i] - m) * s;
+                acc += vec2(dnorm, dnorm * xhat);
+            }
+            let t = subgroupAdd(acc);
+            if (sg.leader) {
+                row_slots[r * sg.count + sg.id] = t;
+            }
+        }
+        workgroupBarrier();
+        for (var r = lid.x; r < rn; r += WG) {
+            var total = vec2(0.0);
+            for (var k = 0u; k < sg.count; k++) {
+                total += row_slots[r * sg.count + k];
+            }
+            let row = row0 + r0 + r;
+            row_stats[r0 + r] = vec4(bw_mean[row], bw_rstd[row], total * inv_c);
+        }
+        // row_stats complete, and row_slots read before the next chunk writes them.
+        workgroupBarrier();
+    }
+#else
     // The two row means of every row of the block, WG / TPR rows at a time.
     let lane = lid.x % TPR;
     for (var r0 = 0u; r0 < rows; r0 += WG / TPR) {
@@ -208,6 +387,7 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
         }
     }
     workgroupBarrier();
+#endif
 
     // Each thread owns channels lid, lid + WG, ...: dinp down the block, and the column partials.
     for (var i = lid.x; i < p.c; i += WG) {

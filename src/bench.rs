@@ -68,6 +68,21 @@ pub fn random_batch(cfg: &GptConfig, b: usize, t: usize, rng: &mut Rng) -> Micro
     }
 }
 
+/// Random parameters of `cfg` on the GPU and a training executor over them for batch `b` × `t`
+/// (building it chooses, and with tuning on measures, every kernel a training step runs).
+pub fn build_training<'a>(
+    gpu: &'a Gpu,
+    cfg: &GptConfig,
+    b: usize,
+    t: usize,
+) -> Result<(ParamStore, Executor<'a>)> {
+    let table = ParamTable::new(cfg);
+    let store = ParamStore::new(gpu, &table.store_specs(), &random_params(cfg, 1), true)?;
+    let g = gpt::build_for(cfg, &table, b, t, Mode::Train, gpu.max_binding());
+    let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
+    Ok((store, exec))
+}
+
 /// Times training steps of batch `b` × `t` tokens: `warmup` untimed steps, then `runs` timed ones,
 /// then one step profiled per kernel.
 pub fn train(
@@ -78,10 +93,7 @@ pub fn train(
     warmup: usize,
     runs: usize,
 ) -> Result<TrainBench> {
-    let table = ParamTable::new(cfg);
-    let store = ParamStore::new(gpu, &table.store_specs(), &random_params(cfg, 1), true)?;
-    let g = gpt::build_for(cfg, &table, b, t, Mode::Train, gpu.max_binding());
-    let mut exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
+    let (_store, mut exec) = build_training(gpu, cfg, b, t)?;
     let mut rng = Rng::new(2);
     let mut step = 0u32;
     for _ in 0..warmup {

@@ -28,14 +28,18 @@ pub struct GpuArgs {
     /// Graphics API: vulkan, metal, dx12 or gl (default: all, preferring native APIs).
     #[arg(long, global = true, env = gpu::ENV_BACKEND)]
     backend: Option<String>,
-    /// Adapter to use: its index in `shaderformer devices` or a substring of its name
-    /// (default: the highest-performance adapter).
+    /// Adapter to use: its index in `shaderformer devices` (given the same --backend) or a
+    /// substring of its name (default: the highest-performance adapter).
     #[arg(long, global = true, env = gpu::ENV_ADAPTER)]
     adapter: Option<String>,
-    /// Load shaders from this directory instead of the embedded copies (files missing there
-    /// fall back to the embedded ones).
+    /// Load shaders from this directory instead of the embedded copies: `<family>.wgsl` and
+    /// `include/*.wgsl` (files missing there fall back to the embedded ones).
     #[arg(long, global = true, value_name = "DIR")]
     shader_dir: Option<PathBuf>,
+    /// Kernel choice by measurement: `on` measures what the cache lacks, `cached` uses the
+    /// cache and the fixed rule for the rest, `off` uses the fixed rule everywhere.
+    #[arg(long, global = true, value_name = "MODE", env = gpu::tune::ENV_TUNE, default_value = "on")]
+    pub tune: String,
 }
 
 impl GpuArgs {
@@ -56,6 +60,7 @@ impl GpuArgs {
             backend: self.backend.clone(),
             adapter: self.adapter.clone(),
             shaders,
+            tune: self.tune.parse()?,
         })
     }
 }
@@ -75,6 +80,10 @@ enum Command {
     Score(commands::score::ScoreArgs),
     /// Benchmark training and inference on random weights of a GPT-2 shape.
     Bench(commands::bench::BenchArgs),
+    /// Measure every kernel variant of a workload on this adapter and cache the winners.
+    Tune(commands::tune::TuneArgs),
+    /// Draw the loss curves of one or several runs' metrics files (train --metrics) as SVG.
+    Plot(commands::plot::PlotArgs),
 }
 
 #[derive(Subcommand)]
@@ -124,6 +133,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Sample(a) => commands::train::sample(&cli.gpu, &a),
         Command::Score(a) => commands::score::score(&cli.gpu, &a),
         Command::Bench(a) => commands::bench::bench(&cli.gpu, &a),
+        Command::Tune(a) => commands::tune::tune(&cli.gpu, &a),
+        Command::Plot(a) => commands::plot::plot(&a),
     }
 }
 

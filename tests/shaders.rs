@@ -1,45 +1,125 @@
-//! Every file in shaders/ parses and validates with naga, and is registered: a broken shader fails
-//! here even on a machine without a GPU.
+//! Every variant of every shader family parses and validates with naga after prelude, `#include`
+//! and `#if` expansion, and every file in shaders/ is used and embedded: a broken shader fails
+//! here even on a machine without a GPU. Errors name the source file, line and column.
 
-use shaderformer::gpu::shaders::{Shader, source_dir, validate_wgsl};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use shaderformer::gpu::shaders::{
+    INCLUDES, Shader, ShaderSource, ShaderVariant, source_dir, validate, validate_wgsl,
+};
+
+/// Every `.wgsl` file under `dir`, as paths relative to it with `/` separators.
+fn wgsl_files(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else if path.extension().is_some_and(|e| e == "wgsl") {
+                let rel = path.strip_prefix(root).unwrap();
+                let parts: Vec<_> = rel.iter().map(|p| p.to_string_lossy()).collect();
+                out.push(parts.join("/"));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// (family, variant) for every variant of every family.
+fn all_variants() -> Vec<(Shader, ShaderVariant)> {
+    Shader::ALL
+        .iter()
+        .flat_map(|&s| s.variants().iter().map(move |&v| (s, v)))
+        .collect()
+}
 
 #[test]
-fn every_shader_file_validates() {
-    let mut files: Vec<_> = std::fs::read_dir(source_dir())
-        .expect("shaders/ exists")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no .wgsl files found");
+fn every_variant_of_every_family_validates() {
     let mut failures = Vec::new();
-    for path in &files {
-        let text = std::fs::read_to_string(path).unwrap();
-        if let Err(e) = validate_wgsl(&path.display().to_string(), &text) {
-            failures.push(e.to_string());
+    for source in [
+        ShaderSource::Embedded,
+        ShaderSource::Dir(source_dir().into()),
+    ] {
+        for (shader, variant) in all_variants() {
+            let result = source
+                .load(shader, variant)
+                .and_then(|src| validate(&src).map(|_| ()));
+            if let Err(e) = result {
+                failures.push(format!("{} ({variant:?}): {e}", shader.file_name()));
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
-fn every_shader_file_is_registered() {
-    for entry in std::fs::read_dir(source_dir()).unwrap() {
-        let name = entry.unwrap().file_name().to_string_lossy().to_string();
-        if name.ends_with(".wgsl") {
-            assert!(
-                Shader::ALL.iter().any(|s| s.file_name() == name),
-                "shaders/{name} is not in the Shader registry"
-            );
+fn every_file_in_shaders_is_used_and_embedded() {
+    let files = wgsl_files(source_dir());
+    assert!(!files.is_empty(), "no .wgsl files found");
+    let source = ShaderSource::Dir(source_dir().into());
+    let mut used = BTreeSet::new();
+    for (shader, variant) in all_variants() {
+        let src = source.load(shader, variant).unwrap();
+        for f in src.files() {
+            used.insert(PathBuf::from(f));
         }
+    }
+    for name in &files {
+        assert!(
+            used.contains(&source_dir().join(name)),
+            "shaders/{name} is used by no variant of any family"
+        );
+        assert!(
+            Shader::ALL.iter().any(|s| s.file_name() == name)
+                || INCLUDES.iter().any(|(p, _)| p == name),
+            "shaders/{name} is neither a registered family nor an embedded include"
+        );
+    }
+    for (path, _) in INCLUDES {
+        assert!(files.contains(&path.to_string()), "INCLUDES names {path}");
     }
 }
 
+/// The variants differ where they should: f16 storage in the F16 variant's module only, the
+/// subgroup built-ins in the Subgroup variant's text only.
 #[test]
-fn embedded_copies_match_the_files() {
-    for s in Shader::ALL {
-        let on_disk = std::fs::read_to_string(source_dir().join(s.file_name())).unwrap();
-        assert_eq!(on_disk, s.embedded_source(), "{} is stale", s.file_name());
+fn variants_differ_only_as_their_preludes_say() {
+    let has_f16_storage = |m: &naga::Module| {
+        m.global_variables.iter().any(|(_, g)| {
+            let mut ty = &m.types[g.ty].inner;
+            if let naga::TypeInner::Array { base, .. } = ty {
+                ty = &m.types[*base].inner;
+            }
+            matches!(g.space, naga::AddressSpace::Storage { .. })
+                && ty.scalar().is_some_and(|s| s == naga::Scalar::F16)
+        })
+    };
+    let uses_subgroups = |m: &naga::Module| {
+        let bodies = m.functions.iter().map(|(_, f)| &f.body);
+        let entries = m.entry_points.iter().map(|e| &e.function.body);
+        bodies
+            .chain(entries)
+            .any(|b| format!("{b:?}").contains("SubgroupCollectiveOperation"))
+    };
+    for (shader, variant) in all_variants() {
+        let src = ShaderSource::Embedded.load(shader, variant).unwrap();
+        let module = validate(&src).unwrap();
+        assert_eq!(
+            has_f16_storage(&module),
+            variant == ShaderVariant::F16,
+            "{} ({variant:?}): f16 storage",
+            shader.file_name()
+        );
+        assert_eq!(
+            uses_subgroups(&module),
+            variant == ShaderVariant::Subgroup,
+            "{} ({variant:?}): subgroup built-ins",
+            shader.file_name()
+        );
     }
 }
 
@@ -49,4 +129,69 @@ fn a_broken_shader_names_file_and_line() {
     let err = validate_wgsl("broken.wgsl", src).unwrap_err().to_string();
     assert!(err.starts_with("broken.wgsl:"), "{err}");
     assert!(err.contains(":3:") || err.contains(":2:"), "{err}");
+}
+
+/// A scratch copy of nothing but the files a test writes, for `ShaderSource::Dir`.
+fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("shaderformer-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("include")).unwrap();
+    dir
+}
+
+/// --shader-dir: an include in the directory replaces the embedded one, and a syntax error in it
+/// is reported at its own file, line and column, through a family that includes it.
+#[test]
+fn a_broken_include_in_a_shader_dir_names_its_file_line_and_column() {
+    let dir = scratch_dir("broken-include");
+    let good = std::fs::read_to_string(source_dir().join("include/hash.wgsl")).unwrap();
+    let lines = good.lines().count();
+    // One line appended with an error at column 17, the `;` of `const BAD = 1u +;`.
+    std::fs::write(
+        dir.join("include/hash.wgsl"),
+        format!("{good}const BAD = 1u +;\n"),
+    )
+    .unwrap();
+    let source = ShaderSource::Dir(dir.clone());
+    for shader in [Shader::Dropout, Shader::Attention] {
+        let src = source.load(shader, shader.variants()[0]).unwrap();
+        let err = validate(&src).unwrap_err().to_string();
+        let want = format!(
+            "{}:{}:17:",
+            dir.join("include/hash.wgsl").display(),
+            lines + 1
+        );
+        assert!(err.starts_with(&want), "expected {want}..., got {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// --shader-dir: a family's file there replaces the embedded one (its includes still come from
+/// the embedded copies), and an include it names that exists nowhere is an error at the
+/// `#include` line.
+#[test]
+fn a_shader_dir_replaces_a_family_and_reports_a_missing_include() {
+    let dir = scratch_dir("family");
+    let gelu = Shader::Gelu.embedded_source();
+    std::fs::write(dir.join("gelu.wgsl"), format!("// edited\n{gelu}")).unwrap();
+    let source = ShaderSource::Dir(dir.clone());
+    let src = source.load(Shader::Gelu, ShaderVariant::Base).unwrap();
+    assert!(src.text.starts_with("// edited\n"));
+    validate(&src).unwrap();
+    let src = source.load(Shader::Dropout, ShaderVariant::Base).unwrap();
+    assert!(src.files().any(|f| f == "shaders/include/hash.wgsl"));
+
+    std::fs::write(
+        dir.join("gelu.wgsl"),
+        format!("// edited\n\n#include \"include/missing.wgsl\"\n{gelu}"),
+    )
+    .unwrap();
+    let err = source
+        .load(Shader::Gelu, ShaderVariant::Base)
+        .unwrap_err()
+        .to_string();
+    let want = format!("{}:3:", dir.join("gelu.wgsl").display());
+    assert!(err.starts_with(&want), "expected {want}..., got {err}");
+    assert!(err.contains("include/missing.wgsl"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -67,7 +67,8 @@ fn resume_continues_bit_for_bit() {
         ..tiny(&split, 6)
     };
     let r = train::train(gpu, &resumed).unwrap();
-    assert_eq!(r.steps, 6);
+    // This run trained steps 4 to 6.
+    assert_eq!((r.steps, r.final_step), (3, 6));
     assert_eq!(s.final_train_loss, r.final_train_loss);
     assert_eq!(s.final_val_loss, r.final_val_loss);
 
@@ -84,7 +85,7 @@ fn resume_continues_bit_for_bit() {
     let (bm, bv) = b.optimizer.unwrap();
     assert_eq!(bits(&am), bits(&bm), "AdamW m differs after resume");
     assert_eq!(bits(&av), bits(&bv), "AdamW v differs after resume");
-    assert_eq!(a.state.unwrap()["loader"], b.state.unwrap()["loader"]);
+    assert_eq!(a.state.unwrap().loader, b.state.unwrap().loader);
     let _ = std::fs::remove_dir_all(root);
 }
 
@@ -548,4 +549,186 @@ fn converges_on_real_text() {
     );
     assert!(val < 2.40, "val loss {val} is not below 2.40");
     let _ = std::fs::remove_dir_all(root);
+}
+
+/// A copy of the transformers checkpoint gpt2-bpe (with its generation_config.json and
+/// tokenizer_config.json) and a text file its tokenizer encodes.
+fn bpe_copy(root: &Path) -> (PathBuf, PathBuf) {
+    let src = assets().join("gpt2-bpe");
+    let dir = root.join("gpt2-bpe");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let text = root.join("text.txt");
+    let body = std::fs::read_to_string(src.join("score.txt")).unwrap();
+    std::fs::write(&text, body.repeat(3)).unwrap();
+    (dir, text)
+}
+
+/// `--init X --out X` continues X in place: our files are replaced, X's others stay.
+#[test]
+fn init_in_place_keeps_the_checkpoints_other_files() {
+    let Some(gpu) = test_gpu() else { return };
+    let root = scratch("init-in-place");
+    let (dir, text) = bpe_copy(&root);
+    let generation = std::fs::read(dir.join("generation_config.json")).unwrap();
+    let cfg = TrainConfig {
+        data: Some(text),
+        init: Some(dir.clone()),
+        out: dir.clone(),
+        block_size: 32,
+        batch_size: 2,
+        max_iters: 1,
+        eval_iters: 1,
+        verbose: false,
+        ..TrainConfig::default()
+    };
+    train::train(gpu, &cfg).unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("generation_config.json")).unwrap(),
+        generation
+    );
+    for f in ["tokenizer_config.json", "score.txt", "fixture.safetensors"] {
+        assert!(dir.join(f).exists(), "{f} was removed");
+    }
+    let ck = checkpoint::load(&dir).unwrap();
+    assert_eq!(ck.state.unwrap().step, 1);
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// A failed write (here a directory where model.safetensors should go; a full disk takes the
+/// same path) leaves no staging files and the previous checkpoint files as they were.
+#[test]
+fn a_failed_checkpoint_write_leaves_nothing_behind() {
+    let root = scratch("failed-write");
+    let ck = checkpoint::load(&assets().join("gpt2-tiny")).unwrap();
+    let dir = root.join("ck");
+    std::fs::create_dir_all(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), "old").unwrap();
+    assert!(checkpoint::save(&dir, &ck).is_err());
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["config.json", "model.safetensors"], "left behind");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("config.json")).unwrap(),
+        "old"
+    );
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// Checkpoint contents that would be silently wrong are errors naming the file and the key:
+/// an untied lm head, a character vocabulary smaller than the model's or with a duplicate,
+/// optimizer moments holding NaN.
+#[test]
+fn silently_wrong_checkpoints_are_refused() {
+    let Some(gpu) = test_gpu() else { return };
+    let root = scratch("wrong-ckpt");
+    let out = root.join("out");
+    train::train(gpu, &tiny(&out, 1)).unwrap();
+    let edit = |file: &str, from: &str, to: &str| {
+        let dir = root.join(format!("edited-{}", from.len() + to.len()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(&out).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(text.contains(from), "{from} not in {text}");
+        std::fs::write(dir.join(file), text.replacen(from, to, 1)).unwrap();
+        checkpoint::load(&dir).unwrap_err().to_string()
+    };
+    let e = edit(
+        "config.json",
+        "\"tie_word_embeddings\": true",
+        "\"tie_word_embeddings\": false",
+    );
+    assert!(e.contains("tie_word_embeddings"), "{e}");
+    let vocab = std::fs::read_to_string(out.join("vocab.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&vocab).unwrap();
+    let chars = v["chars"].as_str().unwrap().to_string();
+    let short: String = chars.chars().skip(1).collect();
+    let as_json = |c: &str| serde_json::json!({"type": "chars", "chars": c}).to_string();
+    let e = edit("vocab.json", &vocab, &as_json(&short));
+    assert!(e.contains("vocab_size"), "{e}");
+    let twice: String = chars
+        .chars()
+        .take(chars.chars().count() - 1)
+        .chain("0".chars())
+        .collect();
+    let e = edit("vocab.json", &vocab, &as_json(&twice));
+    assert!(e.contains("twice"), "{e}");
+
+    let opt = out.join("optimizer.safetensors");
+    let mut st = shaderformer::io::hf::read_safetensors(&opt).unwrap();
+    let (_, v) = st.get_mut("v.transformer.wpe.weight").unwrap();
+    v[3] = f32::NAN;
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .into_iter()
+        .map(|(n, (shape, d))| (n, shape, bytemuck::cast_slice(&d).to_vec()))
+        .collect();
+    shaderformer::io::hf::write_safetensors(&opt, &tensors).unwrap();
+    let e = checkpoint::load(&out).unwrap_err().to_string();
+    assert!(
+        e.contains("optimizer.safetensors") && e.contains("v.transformer.wpe.weight"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// A resumed run that diverges names the checkpoint it resumed from, which is intact, not the
+/// --out directory it had not written yet.
+#[test]
+fn divergence_after_resume_names_the_checkpoint_that_exists() {
+    let Some(gpu) = test_gpu() else { return };
+    let root = scratch("diverge-resume");
+    let first = root.join("first");
+    train::train(gpu, &tiny(&first, 2)).unwrap();
+    let elsewhere = root.join("elsewhere");
+    let cfg = TrainConfig {
+        resume: Some(first.clone()),
+        eval_interval: 0,
+        ..tiny(&elsewhere, 9)
+    };
+    let e = err_of(&absurd_lr(cfg, 1e36));
+    assert!(e.contains("diverged"), "{e}");
+    assert!(
+        e.contains(&format!("{} (step 2) is untouched", first.display())),
+        "{e}"
+    );
+    assert!(!elsewhere.join("model.safetensors").exists());
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// Destroying the device in the middle of training ends the wait for a step's results with an
+/// error naming the step, within seconds, instead of a spin that never returns.
+#[test]
+fn a_lost_device_is_an_error_naming_the_step() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let gpu = shaderformer::gpu::Gpu::new(&shaderformer::gpu::GpuOptions::from_env()).unwrap();
+    let cfg = small_model();
+    let table = ParamTable::new(&cfg);
+    let params = table.init(&cfg, 1);
+    let store = ParamStore::new(&gpu, &table.store_specs(), &params, true).unwrap();
+    let (b, t) = (2, 8);
+    let g = gpt::build_for(&cfg, &table, b, t, Mode::Train, gpu.max_binding());
+    let mut exec = Executor::new(&gpu, g.graph, &store, ExecOptions::default()).unwrap();
+    exec.step(&[batch(&cfg, b, t, 1)], 1e-3, 1).unwrap();
+    exec.wait_results().unwrap();
+    gpu.device.destroy();
+    let t0 = std::time::Instant::now();
+    let e = exec
+        .step(&[batch(&cfg, b, t, 2)], 1e-3, 2)
+        .and_then(|_| exec.wait_results())
+        .expect_err("a destroyed device cannot return results");
+    assert!(t0.elapsed().as_secs() < 20, "took {:?}", t0.elapsed());
+    let e = e.to_string();
+    assert!(e.contains("step 2"), "{e}");
 }

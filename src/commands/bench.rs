@@ -11,11 +11,9 @@ use shaderformer::model::GptConfig;
 
 use crate::GpuArgs;
 
+/// A GPT-2 shape, with any dimension overridden.
 #[derive(Args, Debug)]
-pub struct BenchArgs {
-    /// What to measure.
-    #[arg(long, value_enum, default_value = "all")]
-    what: What,
+pub struct ModelArgs {
     /// A GPT-2 shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl (dimension flags override it).
     #[arg(long, default_value = "gpt2")]
     model: String,
@@ -30,6 +28,15 @@ pub struct BenchArgs {
     /// Context length of the model (position table).
     #[arg(long)]
     context: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "all")]
+    what: What,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Training batch size.
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
@@ -73,8 +80,8 @@ enum BenchDtype {
     Both,
 }
 
-impl BenchArgs {
-    fn config(&self) -> Result<GptConfig> {
+impl ModelArgs {
+    pub fn config(&self) -> Result<GptConfig> {
         let mut cfg = GptConfig::preset(&self.model).ok_or_else(|| {
             Error::invalid(
                 "--model",
@@ -92,19 +99,41 @@ impl BenchArgs {
         cfg.validate()?;
         Ok(cfg)
     }
+
+    /// Refuses a training sequence longer than the model's context.
+    pub fn check_block(&self, block_size: usize, cfg: &GptConfig) -> Result<()> {
+        if block_size > cfg.block_size {
+            return Err(Error::invalid(
+                "--block-size",
+                format!(
+                    "{block_size} is beyond the model's context {}",
+                    cfg.block_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a zero count, naming its flag.
+pub fn at_least_one(flags: &[(&str, usize)]) -> Result<()> {
+    match flags.iter().find(|(_, x)| *x == 0) {
+        Some((flag, _)) => Err(Error::invalid(*flag, "must be at least 1")),
+        None => Ok(()),
+    }
 }
 
 pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
-    let cfg = args.config()?;
-    if args.block_size > cfg.block_size {
-        return Err(Error::invalid(
-            "--block-size",
-            format!(
-                "{} is beyond the model's context {}",
-                args.block_size, cfg.block_size
-            ),
-        ));
-    }
+    let cfg = args.model.config()?;
+    at_least_one(&[
+        ("--batch-size", args.batch_size),
+        ("--block-size", args.block_size),
+        ("--prompt-len", args.prompt_len),
+        ("--new-tokens", args.new_tokens),
+        ("--runs", args.runs),
+    ])?;
+    shaderformer::memory::check("the model", cfg.training_bytes())?;
+    args.model.check_block(args.block_size, &cfg)?;
     let gpu = gpu.open()?;
     let shape = format!(
         "{} layers, {} heads, {} embd, vocab {}, context {} ({:.1}M parameters)",

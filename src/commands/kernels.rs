@@ -30,6 +30,7 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
                     None => f.default_shapes.iter().map(|s| s.to_vec()).collect(),
                 };
                 for s in shapes {
+                    harness::validate_shape(f, &s)?;
                     let reports = match (f.check)(&gpu, &s) {
                         Ok(r) => r,
                         Err(e) => {
@@ -79,6 +80,10 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
                 Some(s) => harness::parse_shape(&s)?,
                 None => f.bench_shape.to_vec(),
             };
+            harness::validate_shape(f, &shape)?;
+            if runs == 0 {
+                return Err(shaderformer::Error::invalid("--runs", "must be at least 1"));
+            }
             let gpu = args.open()?;
             let opts = BenchOptions { warmup, runs };
             let reports = (f.bench)(&gpu, &shape, &opts)?;

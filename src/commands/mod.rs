@@ -2,5 +2,7 @@
 
 pub mod bench;
 pub mod kernels;
+pub mod plot;
 pub mod score;
 pub mod train;
+pub mod tune;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use shaderformer::error::Result;
+use shaderformer::error::{Error, Result};
 use shaderformer::infer::{self, Engine};
 use shaderformer::io::vocab::Vocab;
 use shaderformer::train::checkpoint;
@@ -43,6 +43,19 @@ pub fn score(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
             vocab.encode(&text, &name)?
         }
     };
+    if let Some((pos, id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id as usize >= ck.cfg.vocab_size)
+    {
+        return Err(Error::invalid(
+            &name,
+            format!(
+                "token id {id} at position {pos} is outside the model's vocabulary of {}",
+                ck.cfg.vocab_size
+            ),
+        ));
+    }
     let t = args.block_size.unwrap_or(ck.cfg.block_size);
     let gpu = gpu.open()?;
     let mut engine = Engine::new(&gpu, &ck.cfg, &ck.params, args.dtype.gpu(), 1)?;

@@ -10,6 +10,7 @@ use shaderformer::error::{Error, Result};
 use shaderformer::gpu::DType;
 use shaderformer::infer::{self, Engine, SampleOptions};
 use shaderformer::io::vocab::Vocab;
+use shaderformer::model::GptConfig;
 use shaderformer::rng::Rng;
 use shaderformer::train::data::LoaderKind;
 use shaderformer::train::schedule::{LrSchedule, Schedule};
@@ -27,6 +28,10 @@ pub struct TrainArgs {
     /// Checkpoint directory, written at eval points and at the end.
     #[arg(long, default_value = "out")]
     out: PathBuf,
+    /// Write the checkpoint into --out even when it holds other files (they are never touched;
+    /// only the checkpoint's own files are replaced).
+    #[arg(long)]
+    overwrite: bool,
     /// Start from this GPT-2 checkpoint directory (ours or one saved by transformers).
     #[arg(long, conflicts_with = "resume")]
     init: Option<PathBuf>,
@@ -165,19 +170,41 @@ impl TrainArgs {
         };
         if let Some(dir) = &self.resume {
             let saved = checkpoint::read_state(dir)?;
-            d = d.with_settings(&saved["config"]);
+            d = d.with_settings(&saved.config);
+            if self.data.is_none()
+                && let Some(p) = &d.data
+                && !p.exists()
+            {
+                return Err(Error::invalid(
+                    "--resume",
+                    format!(
+                        "the checkpoint's data file {} does not exist; give its new place with \
+                         --data",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+        if let Some((flag, dir)) = [("--resume", &self.resume), ("--init", &self.init)]
+            .into_iter()
+            .find_map(|(f, d)| d.as_ref().map(|d| (f, d)))
+        {
+            self.check_model_flags(flag, &checkpoint::read_config(dir)?)?;
         }
         let d = d;
         let max_iters = self.max_iters.unwrap_or(d.max_iters);
         Ok(TrainConfig {
             data: self.data.clone().or(d.data.clone()),
             out: self.out.clone(),
+            overwrite: self.overwrite,
             init: self.init.clone(),
             resume: self.resume.clone(),
             n_layer: self.n_layer.unwrap_or(d.n_layer),
             n_head: self.n_head.unwrap_or(d.n_head),
             n_embd: self.n_embd.unwrap_or(d.n_embd),
             block_size: self.block_size.unwrap_or(d.block_size),
+            // With --resume or --init the checkpoint decides (check_model_flags refuses a
+            // conflicting --no-bias).
             bias: !self.no_bias,
             dropout: self.dropout.unwrap_or(d.dropout),
             batch_size: self.batch_size.unwrap_or(d.batch_size),
@@ -215,13 +242,42 @@ impl TrainArgs {
     }
 }
 
+impl TrainArgs {
+    /// The model's shape comes from the checkpoint being continued: a flag that disagrees with
+    /// it is an error naming both values, never ignored.
+    fn check_model_flags(&self, source: &str, ck: &GptConfig) -> Result<()> {
+        for (flag, given, has) in [
+            ("--n-layer", self.n_layer, ck.n_layer),
+            ("--n-head", self.n_head, ck.n_head),
+            ("--n-embd", self.n_embd, ck.n_embd),
+        ] {
+            if let Some(x) = given
+                && x != has
+            {
+                return Err(Error::invalid(
+                    flag,
+                    format!("{x} conflicts with the {source} checkpoint's {has}"),
+                ));
+            }
+        }
+        if self.no_bias && ck.bias {
+            return Err(Error::invalid(
+                "--no-bias",
+                format!("conflicts with the {source} checkpoint, which has biases"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 pub fn train(gpu: &GpuArgs, args: &TrainArgs) -> Result<ExitCode> {
     let cfg = args.config()?;
     let gpu = gpu.open()?;
     let summary = train::train(&gpu, &cfg)?;
     println!(
-        "trained {} steps in {:.1} s ({:.1} ms/step, {:.0} tokens/s){}",
+        "trained {} steps (to step {}) in {:.1} s ({:.1} ms/step, {:.0} tokens/s){}",
         summary.steps,
+        summary.final_step,
         summary.seconds,
         summary.ms_per_step,
         summary.tokens_per_step as f64 / (summary.ms_per_step / 1e3).max(1e-9),

@@ -228,13 +228,38 @@ impl Gpu {
             let _ = tx.send(r);
         });
         self.wait()?;
-        rx.recv()
-            .map_err(|_| Error::DeviceLost {
-                reason: "buffer mapping never completed".into(),
-            })?
-            .map_err(|_| Error::DeviceLost {
-                reason: "buffer mapping failed".into(),
-            })?;
+        // The queue is idle; the callback runs at once unless another thread's poll holds it.
+        // Wait for it a bounded time, checking for a lost device, never spinning.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mapped = loop {
+            use std::sync::mpsc::RecvTimeoutError;
+            match rx.recv_timeout(std::time::Duration::from_millis(1)) {
+                Ok(r) => break r,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::DeviceLost {
+                        reason: "buffer mapping was dropped without completing".into(),
+                    });
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.check("readback")?;
+                    if std::time::Instant::now() > deadline {
+                        return Err(Error::DeviceLost {
+                            reason: "the queue is idle but a readback buffer was not mapped \
+                                     within 5 s"
+                                .into(),
+                        });
+                    }
+                    self.device
+                        .poll(wgpu::PollType::Poll)
+                        .map_err(|e| Error::DeviceLost {
+                            reason: e.to_string(),
+                        })?;
+                }
+            }
+        };
+        mapped.map_err(|_| Error::DeviceLost {
+            reason: "buffer mapping failed".into(),
+        })?;
         let data = slice
             .get_mapped_range()
             .map_err(|e| Error::Validation {

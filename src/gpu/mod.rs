@@ -8,6 +8,7 @@ mod dispatch;
 mod pipeline;
 mod profiler;
 pub mod shaders;
+pub mod tune;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +17,8 @@ pub use buffer::{DType, View};
 pub use dispatch::{Cost, Dispatch, grid};
 pub use pipeline::{Binding, KernelSpec};
 pub use profiler::TimingMethod;
-pub use shaders::{Shader, ShaderSource};
+pub use shaders::{Shader, ShaderSource, ShaderVariant};
+pub use tune::{TuneMode, Tuner};
 
 use crate::error::{Error, Result};
 
@@ -36,15 +38,20 @@ pub struct GpuOptions {
     pub adapter: Option<String>,
     /// Embedded shaders or a directory of replacements.
     pub shaders: ShaderSource,
+    /// When kernel variants are chosen by measurement.
+    pub tune: TuneMode,
 }
 
 impl GpuOptions {
-    /// Options read from `SHADERFORMER_BACKEND` and `SHADERFORMER_ADAPTER`.
+    /// Options read from `SHADERFORMER_BACKEND`, `SHADERFORMER_ADAPTER` and `SHADERFORMER_TUNE`
+    /// (for tests and examples: tuning is off unless that variable asks for it, so that a test
+    /// runs the same kernels wherever it runs).
     pub fn from_env() -> Self {
         GpuOptions {
             backend: std::env::var(ENV_BACKEND).ok().filter(|s| !s.is_empty()),
             adapter: std::env::var(ENV_ADAPTER).ok().filter(|s| !s.is_empty()),
             shaders: ShaderSource::Embedded,
+            tune: TuneMode::from_env_or(TuneMode::Off).unwrap_or(TuneMode::Off),
         }
     }
 }
@@ -143,7 +150,7 @@ pub fn adapter_report(index: usize, adapter: &wgpu::Adapter) -> String {
     )
 }
 
-type PipelineKey = (Shader, &'static str, Vec<(String, u64)>);
+type PipelineKey = (Shader, ShaderVariant, &'static str, Vec<(String, u64)>);
 
 /// An open device and everything created on it once: shader modules, layouts, pipelines.
 pub struct Gpu {
@@ -153,7 +160,9 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
     shaders: ShaderSource,
-    modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
+    /// Measured kernel choices for this adapter (`kernels::tune` measures).
+    pub tuner: Tuner,
+    modules: Mutex<HashMap<(Shader, ShaderVariant), wgpu::ShaderModule>>,
     layouts: Mutex<HashMap<Vec<Binding>, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     scratch: Mutex<HashMap<(String, DType, usize), View>>,
@@ -178,8 +187,9 @@ impl Gpu {
             }
             if w.is_empty() { "any".into() } else { w }
         };
+        // The list the index counts in: `shaderformer devices` with the same --backend.
         let available = || {
-            let names: Vec<String> = enumerate(None)
+            let names: Vec<String> = enumerate(opts.backend.as_deref())
                 .unwrap_or_default()
                 .iter()
                 .enumerate()
@@ -209,11 +219,16 @@ impl Gpu {
                 available: available(),
             });
         };
-        Self::open(adapter, opts.shaders.clone())
+        Self::open(adapter, opts.shaders.clone(), opts.tune)
     }
 
-    fn open(adapter: wgpu::Adapter, shaders: ShaderSource) -> Result<Gpu> {
+    fn open(adapter: wgpu::Adapter, shaders: ShaderSource, tune: TuneMode) -> Result<Gpu> {
         let info = adapter.get_info();
+        let tuner = Tuner::new(
+            tune,
+            tune::Identity::new(&info, shaders.hash()),
+            tune::cache_dir().as_deref(),
+        );
         let features = adapter.features() & OPTIONAL_FEATURES;
         // Ask for everything the adapter really offers, not wgpu's conservative defaults:
         // storage bindings of 1-4 GiB on discrete GPUs instead of 128 MiB.
@@ -252,6 +267,7 @@ impl Gpu {
             limits,
             features,
             shaders,
+            tuner,
             modules: Mutex::default(),
             layouts: Mutex::default(),
             pipelines: Mutex::default(),
@@ -359,9 +375,11 @@ fn first_line(s: &str) -> String {
     lines.join(" | ")
 }
 
-/// The shared device for tests and examples: `None` (with a note on stderr) when no adapter is
-/// present, unless `SHADERFORMER_REQUIRE_GPU=1`, in which case a missing adapter panics so the
-/// test fails loudly instead of skipping in silence.
+/// The shared device for tests and examples: `None` when no adapter is present, unless
+/// `SHADERFORMER_REQUIRE_GPU=1`, in which case a missing adapter panics so the test fails loudly.
+/// A test that gets `None` is skipped, never passed in silence: each one prints
+/// `skipped: no GPU adapter: <test>` on the process's stderr (past the test harness's capture),
+/// and the process ends with a count of them.
 pub fn test_gpu() -> Option<&'static Gpu> {
     static GPU: std::sync::OnceLock<Option<Gpu>> = std::sync::OnceLock::new();
     let gpu = GPU.get_or_init(|| match Gpu::new(&GpuOptions::from_env()) {
@@ -370,9 +388,51 @@ pub fn test_gpu() -> Option<&'static Gpu> {
             if std::env::var(ENV_REQUIRE_GPU).as_deref() == Ok("1") {
                 panic!("{ENV_REQUIRE_GPU}=1 but no GPU is usable: {e}");
             }
-            eprintln!("skipping GPU test: {e}");
+            report_to_stderr(&format!("no GPU adapter ({e}); GPU tests are skipped"));
             None
         }
     });
+    if gpu.is_none() {
+        note_skipped_test();
+    }
     gpu.as_ref()
+}
+
+/// Writes a line to the process's stderr directly: `eprintln!` inside a test is captured by the
+/// harness and shown only when the test fails.
+fn report_to_stderr(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Names of the tests that found no GPU in this process, each recorded once.
+static SKIPPED_TESTS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Records the current test (the harness names each test's thread after it) as skipped, prints
+/// it once, and on the first skip arranges for the total to be printed when the process exits.
+fn note_skipped_test() {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed thread>")
+        .to_string();
+    let mut skipped = SKIPPED_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    if skipped.contains(&test) {
+        return;
+    }
+    if skipped.is_empty() {
+        unsafe extern "C" {
+            fn atexit(f: extern "C" fn()) -> std::ffi::c_int;
+        }
+        // SAFETY: atexit is the C library's; the handler only reads a static and writes stderr.
+        unsafe { atexit(report_skipped_tests) };
+    }
+    report_to_stderr(&format!("skipped: no GPU adapter: {test}"));
+    skipped.push(test);
+}
+
+extern "C" fn report_skipped_tests() {
+    let n = SKIPPED_TESTS.lock().map_or(0, |s| s.len());
+    report_to_stderr(&format!(
+        "{n} GPU test(s) skipped: no GPU adapter (set {ENV_REQUIRE_GPU}=1 to make them fail)"
+    ));
 }

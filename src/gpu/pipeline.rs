@@ -3,7 +3,7 @@
 //! Binding convention for every kernel: `@group(0) @binding(0)` is the kernel's uniform params
 //! struct; bindings 1.. are the storage buffers listed in `KernelSpec::bindings`, in order.
 
-use super::{Gpu, PipelineKey, Shader};
+use super::{Gpu, PipelineKey, Shader, ShaderVariant};
 use crate::error::{Error, Result};
 
 /// How a storage binding is accessed.
@@ -15,41 +15,50 @@ pub enum Binding {
     ReadWrite,
 }
 
-/// One entry point of one shader file, with its storage bindings (after the params uniform).
+/// One entry point of one shader family in one variant, with its storage bindings (after the
+/// params uniform).
 #[derive(Clone, Copy, Debug)]
 pub struct KernelSpec {
     pub shader: Shader,
+    /// The form the family's source is compiled in (see `gpu::shaders`).
+    pub variant: ShaderVariant,
     pub entry: &'static str,
     pub bindings: &'static [Binding],
 }
 
 impl KernelSpec {
-    /// "file.entry", the name used in labels, errors and profiles.
+    /// "family.entry" or "family_variant.entry" (e.g. "gemm_f16.gemm_tiled"), the name used in
+    /// labels, errors and profiles.
     pub fn name(&self) -> String {
-        format!(
-            "{}.{}",
-            self.shader.file_name().trim_end_matches(".wgsl"),
-            self.entry
-        )
+        format!("{}.{}", self.shader.name(self.variant), self.entry)
+    }
+
+    /// The same entry point and bindings compiled as `variant`.
+    pub const fn with_variant(self, variant: ShaderVariant) -> KernelSpec {
+        KernelSpec { variant, ..self }
     }
 }
 
 impl Gpu {
-    fn module(&self, shader: Shader) -> Result<wgpu::ShaderModule> {
-        if let Some(m) = self.modules.lock().unwrap().get(&shader) {
+    fn module(&self, shader: Shader, variant: ShaderVariant) -> Result<wgpu::ShaderModule> {
+        if let Some(m) = self.modules.lock().unwrap().get(&(shader, variant)) {
             return Ok(m.clone());
         }
-        let (file, source) = self.shaders.load(shader)?;
-        // naga first: its errors carry the file, line and column.
-        super::shaders::validate_wgsl(&file, &source)?;
-        let module = self.scoped(&file, 0, || {
+        let source = self.shaders.load(shader, variant)?;
+        // naga first: its errors carry the source file, line and column.
+        super::shaders::validate(&source)?;
+        let label = shader.name(variant);
+        let module = self.scoped(source.main_file(), 0, || {
             self.device
                 .create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(shader.file_name()),
-                    source: wgpu::ShaderSource::Wgsl(source.clone()),
+                    label: Some(&label),
+                    source: wgpu::ShaderSource::Wgsl(source.text.as_str().into()),
                 })
         })?;
-        self.modules.lock().unwrap().insert(shader, module.clone());
+        self.modules
+            .lock()
+            .unwrap()
+            .insert((shader, variant), module.clone());
         Ok(module)
     }
 
@@ -111,6 +120,7 @@ impl Gpu {
     ) -> Result<wgpu::ComputePipeline> {
         let key: PipelineKey = (
             spec.shader,
+            spec.variant,
             spec.entry,
             constants
                 .iter()
@@ -120,7 +130,7 @@ impl Gpu {
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
-        let module = self.module(spec.shader)?;
+        let module = self.module(spec.shader, spec.variant)?;
         let (_, layout) = self.layout(spec.bindings);
         let name = spec.name();
         let pipeline = self

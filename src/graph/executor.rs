@@ -16,6 +16,10 @@ use crate::kernels::{
     adamw, attention, cross_entropy, dropout, embedding, gelu, gemm, layernorm, reduce, residual,
 };
 
+/// How long a step's result buffer may take to map once the queue is idle: the callback is
+/// immediate unless another thread holds it, so waiting longer means the device is gone.
+const CALLBACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Debug switches and training constants.
 #[derive(Clone, Debug)]
 pub struct ExecOptions {
@@ -993,23 +997,44 @@ impl<'a> Executor<'a> {
             return Ok(None);
         };
         let ready = |rb: &Readback| *rb.ready.lock().unwrap();
+        let lost = |reason: String| Error::DeviceLost {
+            reason: format!("while reading back the results of step {step}: {reason}"),
+        };
         if block {
-            self.gpu.wait()?;
+            self.gpu.wait().map_err(|e| lost(e.to_string()))?;
             // The queue is idle, but when another thread polls the same device, it may have
-            // taken this buffer's map callback and not run it yet: wait for the callback.
+            // taken this buffer's map callback and not run it yet: wait for the callback, a
+            // little, without spinning, and never past a lost device or a poll error.
+            let deadline = std::time::Instant::now() + CALLBACK_TIMEOUT;
             while ready(&self.ring[slot]).is_none() {
-                std::thread::yield_now();
-                let _ = self.gpu.device.poll(wgpu::PollType::Poll);
+                self.gpu
+                    .check("readback")
+                    .map_err(|e| lost(e.to_string()))?;
+                if std::time::Instant::now() > deadline {
+                    return Err(lost(format!(
+                        "the queue is idle but the buffer was not mapped within {} s",
+                        CALLBACK_TIMEOUT.as_secs()
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                self.gpu
+                    .device
+                    .poll(wgpu::PollType::Poll)
+                    .map_err(|e| lost(e.to_string()))?;
             }
         } else {
-            let _ = self.gpu.device.poll(wgpu::PollType::Poll);
+            self.gpu
+                .device
+                .poll(wgpu::PollType::Poll)
+                .map_err(|e| lost(e.to_string()))?;
+            self.gpu
+                .check("readback")
+                .map_err(|e| lost(e.to_string()))?;
         }
         let state = ready(&self.ring[slot]);
         match state {
             None => Ok(None),
-            Some(false) => Err(Error::DeviceLost {
-                reason: "reading back step results failed".into(),
-            }),
+            Some(false) => Err(lost("mapping the result buffer failed".into())),
             Some(true) => {
                 let rb = &mut self.ring[slot];
                 let data: Vec<f32> =

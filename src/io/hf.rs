@@ -58,14 +58,11 @@ pub fn read_config(dir: &Path) -> Result<GptConfig> {
         ));
     }
     if let Some(inner) = v.get("n_inner").and_then(Value::as_u64)
-        && inner as usize != 4 * n_embd
+        && n_embd.checked_mul(4) != Some(inner as usize)
     {
         return Err(ckpt_err(
             &path,
-            format!(
-                "n_inner {inner} is not supported (only 4 * n_embd = {})",
-                4 * n_embd
-            ),
+            format!("n_inner {inner} is not supported (only 4 * n_embd, n_embd = {n_embd})"),
         ));
     }
     if let Some(eps) = v.get("layer_norm_epsilon").and_then(Value::as_f64)
@@ -85,6 +82,13 @@ pub fn read_config(dir: &Path) -> Result<GptConfig> {
         return Err(ckpt_err(
             &path,
             "scale_attn_weights = false is not supported",
+        ));
+    }
+    if v.get("tie_word_embeddings").and_then(Value::as_bool) == Some(false) {
+        return Err(ckpt_err(
+            &path,
+            "tie_word_embeddings = false (a separate lm_head.weight) is not supported; only \
+             GPT-2's lm head tied to the token embedding is",
         ));
     }
     let dropout = v.get("resid_pdrop").and_then(Value::as_f64).unwrap_or(0.0) as f32;
@@ -123,6 +127,9 @@ pub fn config_json(cfg: &GptConfig) -> Value {
         "scale_attn_by_inverse_layer_idx": false,
         "reorder_and_upcast_attn": false,
         "tie_word_embeddings": true,
+        // Not a transformers field: our models without biases store theirs as zeros, so
+        // transformers computes the same function; this keeps them absent when resumed.
+        "bias": cfg.bias,
         "use_cache": true,
         "bos_token_id": cfg.vocab_size.saturating_sub(1),
         "eos_token_id": cfg.vocab_size.saturating_sub(1),
@@ -197,6 +204,33 @@ pub fn from_hf(table: &ParamTable, cfg: &GptConfig, i: usize, mut data: Vec<f32>
     data
 }
 
+/// Refuses a config whose parameters cannot be in `DIR/model.safetensors` before anything of
+/// their size is allocated: every parameter takes at least 2 bytes (f16, bf16), so a smaller file
+/// was not written for this config (a corrupted or mismatched config.json).
+pub fn check_weights_fit(dir: &Path, cfg: &GptConfig) -> Result<()> {
+    let path = dir.join(WEIGHTS_FILE);
+    let len = std::fs::metadata(&path)
+        .map_err(|e| Error::io(&path, e))?
+        .len();
+    let need = cfg.checked_num_params().and_then(|n| n.checked_mul(2));
+    if need.is_none_or(|n| n as u64 > len) {
+        return Err(ckpt_err(
+            &path,
+            format!(
+                "holds {len} bytes, too few for the {} parameters config.json declares \
+                 ({} layers, {} channels, vocabulary {}, block size {})",
+                cfg.checked_num_params()
+                    .map_or("overflowing".to_string(), |n| n.to_string()),
+                cfg.n_layer,
+                cfg.n_embd,
+                cfg.vocab_size,
+                cfg.block_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Loads every parameter of `table` from `DIR/model.safetensors`, in our layout (transposing
 /// Conv1D weights and padding the vocabulary). Errors name the file, the tensor and both shapes.
 pub fn load_weights(dir: &Path, cfg: &GptConfig, table: &ParamTable) -> Result<Vec<Vec<f32>>> {
@@ -240,7 +274,59 @@ pub fn load_weights(dir: &Path, cfg: &GptConfig, table: &ParamTable) -> Result<V
         }
         out.push(from_hf(table, cfg, i, data));
     }
+    check_absent_biases(&path, &st, &names, cfg)?;
+    if let Some(stored) = names.get("lm_head.weight") {
+        let t = st
+            .tensor(stored)
+            .map_err(|e| ckpt_err(&path, format!("tensor {stored}: {e}")))?;
+        let head = to_f32(&path, stored, &t)?;
+        let wte = &out[table.wte][..cfg.vocab_size * cfg.n_embd];
+        if head.as_slice() != wte {
+            return Err(ckpt_err(
+                &path,
+                format!(
+                    "tensor {stored} differs from the token embedding: an untied lm head is \
+                     not supported"
+                ),
+            ));
+        }
+    }
     Ok(out)
+}
+
+/// A model without biases stores GPT-2's biases as zeros (so that transformers loads it as the
+/// same function); any other value there would be silently dropped, so it is an error.
+fn check_absent_biases(
+    path: &Path,
+    st: &safetensors::SafeTensors,
+    names: &HashMap<String, String>,
+    cfg: &GptConfig,
+) -> Result<()> {
+    if cfg.bias {
+        return Ok(());
+    }
+    let full = ParamTable::new(&GptConfig {
+        bias: true,
+        ..cfg.clone()
+    });
+    for spec in full.specs.iter().filter(|s| s.name.ends_with(".bias")) {
+        let key = spec.name.strip_prefix("transformer.").unwrap_or(&spec.name);
+        let Some(stored) = names.get(key) else {
+            continue;
+        };
+        let t = st
+            .tensor(stored)
+            .map_err(|e| ckpt_err(path, format!("tensor {stored}: {e}")))?;
+        if to_f32(path, stored, &t)?.iter().any(|&x| x != 0.0) {
+            return Err(ckpt_err(
+                path,
+                format!(
+                    "tensor {stored} is not zero, but config.json says the model has no biases"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Writes `params` (our layout) as `DIR/model.safetensors` in the Hugging Face layout, f32.
@@ -263,6 +349,21 @@ pub fn save_weights(
             shape,
             bytemuck::cast_slice(&data).to_vec(),
         ));
+    }
+    if !cfg.bias {
+        // GPT-2 always has biases: store ours as zeros so the checkpoint loads anywhere.
+        let full = ParamTable::new(&GptConfig {
+            bias: true,
+            ..cfg.clone()
+        });
+        for spec in full.specs.iter().filter(|s| s.name.ends_with(".bias")) {
+            let zeros = vec![0.0f32; spec.numel()];
+            tensors.push((
+                spec.name.clone(),
+                spec.shape.clone(),
+                bytemuck::cast_slice(&zeros).to_vec(),
+            ));
+        }
     }
     write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)
 }

@@ -14,6 +14,18 @@ pub fn is_llmc(bytes: &[u8]) -> bool {
     bytes.len() >= 4 && i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) == LLMC_MAGIC
 }
 
+/// The magic number of a file laid out as an llm.c token file (a known version, and a token
+/// count that matches the size exactly) whose magic is wrong.
+fn llmc_layout_without_magic(bytes: &[u8]) -> Option<i32> {
+    if bytes.len() < HEADER_BYTES || is_llmc(bytes) {
+        return None;
+    }
+    let h = |i: usize| i32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+    let count = h(2);
+    (h(1) == LLMC_VERSION && count >= 0 && bytes.len() - HEADER_BYTES == count as usize * 2)
+        .then(|| h(0))
+}
+
 /// Parses a token file already read into memory: llm.c's format when the magic is present,
 /// headerless u16 otherwise.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<u32>> {
@@ -39,6 +51,12 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Vec<u32>> {
         }
         body
     } else {
+        if let Some(magic) = llmc_layout_without_magic(bytes) {
+            return Err(bad(format!(
+                "has llm.c's token-file layout (version and token count match the size) but the \
+                 magic number {magic}, not {LLMC_MAGIC}: a damaged header, not headerless tokens"
+            )));
+        }
         if !bytes.len().is_multiple_of(2) {
             return Err(bad(format!(
                 "{} bytes is not a whole number of u16 tokens",
@@ -63,4 +81,25 @@ pub fn write_llmc(path: &Path, tokens: &[u16]) -> Result<()> {
         bytes.extend_from_slice(&t.to_le_bytes());
     }
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_llmc_magic_is_not_read_as_raw_tokens() {
+        let dir = std::env::temp_dir().join(format!("shaderformer-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("train.bin");
+        write_llmc(&path, &[1, 2, 3, 4]).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert_eq!(parse(&path, &bytes).unwrap(), vec![1, 2, 3, 4]);
+        bytes[0] ^= 0xFF;
+        let e = parse(&path, &bytes).unwrap_err().to_string();
+        assert!(e.contains("magic") && e.contains("train.bin"), "{e}");
+        // A headerless file is still read as u16 tokens.
+        assert_eq!(parse(&path, &[7, 0, 9, 0]).unwrap(), vec![7, 9]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -162,7 +162,14 @@ impl Vocab {
                     .get("chars")
                     .and_then(Value::as_str)
                     .ok_or_else(|| bad("missing 'chars'"))?;
-                Ok(Some(Vocab::Chars(s.chars().collect())))
+                let chars: Vec<char> = s.chars().collect();
+                let mut seen = std::collections::HashSet::new();
+                if let Some(c) = chars.iter().find(|c| !seen.insert(**c)) {
+                    return Err(bad(&format!(
+                        "the character {c:?} appears twice: ids would decode ambiguously"
+                    )));
+                }
+                Ok(Some(Vocab::Chars(chars)))
             }
             Some("ids") => {
                 let n = v

@@ -15,7 +15,9 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchReport, CheckReport, Family};
 use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -28,6 +30,7 @@ const ELEMS: u32 = 4;
 
 pub const STEP: KernelSpec = KernelSpec {
     shader: Shader::Adamw,
+    variant: ShaderVariant::Base,
     entry: "adamw_step",
     bindings: &[ReadWrite, Read, ReadWrite, ReadWrite, Read],
 };
@@ -58,6 +61,24 @@ struct Params {
     eps: f32,
     weight_decay: f32,
     grad_clip: f32,
+}
+
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        n,
+        t,
+        lr,
+        beta1,
+        beta2,
+        one_minus_beta1,
+        one_minus_beta2,
+        log_beta1,
+        log_beta2,
+        eps,
+        weight_decay,
+        grad_clip
+    })
 }
 
 /// Byte offset of `t` (followed by `lr`) in `Params`, for `set_step`.

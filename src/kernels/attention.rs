@@ -15,11 +15,12 @@
 //!
 //! Dropout on the attention probabilities (training): `forward` and `backward` take an optional
 //! `Dropout` (p, seed, step); P ∘ M replaces P in the product with V, where M is 0 or 1/(1 - p)
-//! from a counter-based hash that the backward regenerates, so no mask is stored. `keep` is the
-//! hash's CPU twin; `set_dropout_step` moves a built dispatch to another step's mask.
+//! from a counter-based hash that the backward regenerates, so no mask is stored.
+//! `Dropout::keeps_cell` (crate::hash) is the hash's CPU twin; `set_dropout_step` moves a built
+//! dispatch to another step's mask.
 //!
 //! f16 KV cache (inference): `kv_append` and `forward_cached` also take k_cache and v_cache as f16
-//! views (both f16; qkv and out stay f32), selecting the kernels of attention_f16.wgsl: the new k
+//! views (both f16; qkv and out stay f32), selecting attention.wgsl's F16 variant: the new k
 //! and v are rounded to f16 on append and widened on load, with scores, softmax and accumulation
 //! in f32 and the same tiling as the f32 kernels. This needs the adapter's SHADER_F16 feature
 //! (`Gpu::has_f16`); an f16 cache on an adapter without it is an error naming the tensor.
@@ -29,7 +30,10 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
 use super::{bytes_of, dropout, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
+use crate::hash;
 use crate::reference;
 use crate::rng::Rng;
 
@@ -41,58 +45,60 @@ pub const MAX_HS: usize = 128;
 /// Fused forward: 1 = q, 2 = k, 3 = v (read), 4 = out, 5 = lse (read_write).
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::Attention,
+    variant: ShaderVariant::Base,
     entry: "attention_forward",
     bindings: &[Read, Read, Read, ReadWrite, ReadWrite],
 };
 /// D = rowsum(dout ∘ out): 1 = dout, 2 = out (read), 3 = D (read_write).
 pub const BACKWARD_PREP: KernelSpec = KernelSpec {
     shader: Shader::Attention,
+    variant: ShaderVariant::Base,
     entry: "attention_backward_prep",
     bindings: &[Read, Read, ReadWrite],
 };
 /// dk, dv: 1, 2, 3 = qkv, 4 = dout, 5 = lse, 6 = D (read), 7 = dqkv (read_write).
 pub const BACKWARD_DKDV: KernelSpec = KernelSpec {
     shader: Shader::Attention,
+    variant: ShaderVariant::Base,
     entry: "attention_backward_dkdv",
     bindings: &[Read, Read, Read, Read, Read, Read, ReadWrite],
 };
 /// dq: the bindings of `BACKWARD_DKDV`.
 pub const BACKWARD_DQ: KernelSpec = KernelSpec {
     shader: Shader::Attention,
+    variant: ShaderVariant::Base,
     entry: "attention_backward_dq",
     bindings: &[Read, Read, Read, Read, Read, Read, ReadWrite],
 };
 /// 1 = qkv (read), 2 = k_cache, 3 = v_cache (read_write).
 pub const KV_APPEND: KernelSpec = KernelSpec {
     shader: Shader::Attention,
+    variant: ShaderVariant::Base,
     entry: "kv_append",
     bindings: &[Read, ReadWrite, ReadWrite],
 };
-/// `FORWARD` over f16 caches (attention_f16.wgsl): 2 = k_cache, 3 = v_cache are f16.
-pub const FORWARD_F16: KernelSpec = KernelSpec {
-    shader: Shader::AttentionF16,
-    ..FORWARD
-};
-/// `KV_APPEND` into f16 caches (attention_f16.wgsl).
-pub const KV_APPEND_F16: KernelSpec = KernelSpec {
-    shader: Shader::AttentionF16,
-    ..KV_APPEND
-};
+/// `FORWARD` over f16 caches (attention.wgsl's F16 variant): 2 = k_cache, 3 = v_cache are f16.
+pub const FORWARD_F16: KernelSpec = FORWARD.with_variant(ShaderVariant::F16);
+/// `KV_APPEND` into f16 caches (attention.wgsl's F16 variant).
+pub const KV_APPEND_F16: KernelSpec = KV_APPEND.with_variant(ShaderVariant::F16);
 /// C = alpha · A · B, batched over (b, h): 1 = A, 2 = B (read), 3 = C (read_write).
 pub const UNFUSED_GEMM: KernelSpec = KernelSpec {
     shader: Shader::Attention,
+    variant: ShaderVariant::Base,
     entry: "unfused_gemm",
     bindings: &[Read, Read, ReadWrite],
 };
 /// 1 = preatt (read), 2 = att (read_write).
 pub const UNFUSED_SOFTMAX: KernelSpec = KernelSpec {
     shader: Shader::Attention,
+    variant: ShaderVariant::Base,
     entry: "unfused_softmax",
     bindings: &[Read, ReadWrite],
 };
 /// 1 = att, 2 = datt (read), 3 = dpreatt (read_write).
 pub const UNFUSED_SOFTMAX_BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Attention,
+    variant: ShaderVariant::Base,
     entry: "unfused_softmax_backward",
     bindings: &[Read, Read, ReadWrite],
 };
@@ -123,21 +129,36 @@ struct Params {
     drop_scale: f32,
 }
 
-/// Dropout on the attention probabilities: drop probability `p` in [0, 1), the stream's `seed`
-/// and the `step` counter that picks this step's mask.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Dropout {
-    pub p: f32,
-    pub seed: u32,
-    pub step: u32,
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        nb,
+        nh,
+        hs,
+        tq,
+        tk,
+        pos0,
+        causal,
+        write_lse,
+        ntiles,
+        scale,
+        scale2,
+        pad,
+        q,
+        k,
+        v,
+        o,
+        drop_seed,
+        drop_step,
+        drop_threshold,
+        drop_scale
+    })
 }
 
-/// Whether the probability of query `i` (row (b·NH + h)·Tq + i) and key `j` is kept: bit for
-/// bit the shader's `drop_factor`.
-pub fn keep(d: Dropout, row: u32, j: u32) -> bool {
-    let key = dropout::pcg(d.seed ^ dropout::pcg(d.step));
-    dropout::pcg(dropout::pcg(key ^ dropout::pcg(row)) ^ j) >= dropout::threshold(d.p)
-}
+/// Dropout on the attention probabilities: the probability of query `i` (row
+/// (b·NH + h)·Tq + i) and key `j` is kept iff `Dropout::keeps_cell(row, j)`, bit for bit the
+/// shader's `drop_factor`.
+pub use crate::hash::Dropout;
 
 /// Byte offset of the step counter in the params of the fused forward and backward dispatches,
 /// for rewriting it between micro-steps.
@@ -183,8 +204,8 @@ impl Params {
         Ok(Params {
             drop_seed: d.seed,
             drop_step: d.step,
-            drop_threshold: dropout::threshold(d.p),
-            drop_scale: dropout::scale(d.p),
+            drop_threshold: hash::threshold(d.p),
+            drop_scale: hash::scale(d.p),
             ..self
         })
     }
@@ -774,6 +795,32 @@ struct GemmParams {
     c_sb: u32,
     c_sh: u32,
     c_sm: u32,
+}
+
+/// The layout of `GemmParams`, for the test that compares it with `GemmParams` in the shader.
+pub fn gemm_params_layout() -> super::ParamsLayout {
+    super::params_layout!(GemmParams {
+        m,
+        n,
+        k,
+        nh,
+        mask,
+        alpha,
+        a_sm,
+        a_sk,
+        a_base,
+        a_sb,
+        a_sh,
+        b_sk,
+        b_sn,
+        b_base,
+        b_sb,
+        b_sh,
+        c_base,
+        c_sb,
+        c_sh,
+        c_sm
+    })
 }
 
 /// A strided matrix per (b, h): element (r, c) at base + b·sb + h·sh + r·s0 + c·s1.

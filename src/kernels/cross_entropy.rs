@@ -10,7 +10,9 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
 use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -24,21 +26,25 @@ pub const IGNORE: u32 = reference::cross_entropy::IGNORE;
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::CrossEntropy,
+    variant: ShaderVariant::Base,
     entry: "cross_entropy_forward",
     bindings: &[Read, Read, ReadWrite, ReadWrite],
 };
 pub const FORWARD_VEC4: KernelSpec = KernelSpec {
     shader: Shader::CrossEntropy,
+    variant: ShaderVariant::Base,
     entry: "cross_entropy_forward_vec4",
     bindings: &[Read, Read, ReadWrite, ReadWrite],
 };
 pub const BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::CrossEntropy,
+    variant: ShaderVariant::Base,
     entry: "cross_entropy_backward",
     bindings: &[Read, Read, ReadWrite],
 };
 pub const BACKWARD_VEC4: KernelSpec = KernelSpec {
     shader: Shader::CrossEntropy,
+    variant: ShaderVariant::Base,
     entry: "cross_entropy_backward_vec4",
     bindings: &[Read, Read, ReadWrite],
 };
@@ -50,6 +56,11 @@ struct Params {
     v: u32,
     vp: u32,
     dloss: f32,
+}
+
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params { n, v, vp, dloss })
 }
 
 /// Which kernels a launcher uses.

@@ -13,7 +13,7 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
 use super::{bytes_of, elementwise, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View};
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -21,11 +21,13 @@ use Binding::{Read, ReadWrite};
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::Dropout,
+    variant: ShaderVariant::Base,
     entry: "dropout_forward",
     bindings: &[Read, ReadWrite],
 };
 pub const BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Dropout,
+    variant: ShaderVariant::Base,
     entry: "dropout_backward",
     bindings: &[Read, ReadWrite],
 };
@@ -41,33 +43,24 @@ struct Params {
     accumulate: u32,
 }
 
-/// PCG-RXS-M-XS output permutation of one LCG step: a bijective 32-bit hash (the shader's `pcg`).
-pub(crate) fn pcg(v: u32) -> u32 {
-    let state = v.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
-    let word = ((state >> ((state >> 28) + 4)) ^ state).wrapping_mul(277_803_737);
-    (word >> 22) ^ word
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        seed,
+        step,
+        n,
+        threshold,
+        scale,
+        accumulate
+    })
 }
 
-/// The mask's hash of element `i` at (`seed`, `step`), bit for bit the shader's.
-pub fn hash(seed: u32, step: u32, i: u32) -> u32 {
-    let key = pcg(seed ^ pcg(step));
-    pcg(key ^ pcg(i))
-}
-
-/// Elements whose hash is below this are dropped: round-down of p · 2³², 0 for p = 0.
-pub fn threshold(p: f32) -> u32 {
-    (p as f64 * 4_294_967_296.0).clamp(0.0, u32::MAX as f64) as u32
-}
-
-/// The factor kept values are scaled by, 1 / (1 - p), rounded once to f32.
-pub fn scale(p: f32) -> f32 {
-    (1.0 / (1.0 - p as f64)) as f32
-}
+pub use crate::hash::{scale, threshold};
 
 /// Whether element `i` is kept at (`seed`, `step`) with drop probability `p` in [0, 1): the CPU
-/// twin of the shader's mask.
+/// twin of the shader's mask (see crate::hash).
 pub fn keep(seed: u32, step: u32, i: u32, p: f32) -> bool {
-    hash(seed, step, i) >= threshold(p)
+    crate::hash::Dropout { p, seed, step }.keeps(i)
 }
 
 pub(crate) fn check_p(kernel: &str, p: f32) -> Result<()> {

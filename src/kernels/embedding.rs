@@ -6,7 +6,7 @@
 //! `[wte_row0, wte_row0 + V_chunk)` and touches only the positions whose token lies in it.
 //!
 //! f16 tables (inference): `forward` also takes wte and wpe as f16 views (both f16, output f32),
-//! selecting the kernels of embedding_f16.wgsl; this needs the adapter's SHADER_F16 feature
+//! selecting the F16 variant of embedding.wgsl; this needs the adapter's SHADER_F16 feature
 //! (`Gpu::has_f16`), and an f16 table on an adapter without it is an error naming the tensor.
 //! The backward stays f32.
 //! Legend: B batch, T sequence, C channels, V vocabulary.
@@ -16,7 +16,9 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
 use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -30,30 +32,28 @@ const SEGMENT_GROUPS: usize = 1024;
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::Embedding,
+    variant: ShaderVariant::Base,
     entry: "embedding_forward",
     bindings: &[Read, Read, Read, ReadWrite],
 };
 pub const FORWARD_VEC4: KernelSpec = KernelSpec {
     shader: Shader::Embedding,
+    variant: ShaderVariant::Base,
     entry: "embedding_forward_vec4",
     bindings: &[Read, Read, Read, ReadWrite],
 };
-/// The f16-table twins of the forward kernels (embedding_f16.wgsl): same entries and bindings.
-pub const FORWARD_F16: KernelSpec = KernelSpec {
-    shader: Shader::EmbeddingF16,
-    ..FORWARD
-};
-pub const FORWARD_VEC4_F16: KernelSpec = KernelSpec {
-    shader: Shader::EmbeddingF16,
-    ..FORWARD_VEC4
-};
+/// The forward kernels over f16 tables (embedding.wgsl's F16 variant): same entries and bindings.
+pub const FORWARD_F16: KernelSpec = FORWARD.with_variant(ShaderVariant::F16);
+pub const FORWARD_VEC4_F16: KernelSpec = FORWARD_VEC4.with_variant(ShaderVariant::F16);
 pub const BACKWARD_WTE: KernelSpec = KernelSpec {
     shader: Shader::Embedding,
+    variant: ShaderVariant::Base,
     entry: "embedding_backward_wte",
     bindings: &[Read, Read, Read, ReadWrite],
 };
 pub const BACKWARD_WPE: KernelSpec = KernelSpec {
     shader: Shader::Embedding,
+    variant: ShaderVariant::Base,
     entry: "embedding_backward_wpe",
     bindings: &[Read, ReadWrite],
 };
@@ -68,6 +68,19 @@ struct Params {
     v_chunk: u32,
     b: u32,
     groups: u32,
+}
+
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        bt,
+        t,
+        c,
+        row0,
+        v_chunk,
+        b,
+        groups
+    })
 }
 
 /// Checks that `view` is a `dtype` table of whole rows of `c` channels, at least `min_rows` of
@@ -147,7 +160,7 @@ fn forward_variant(
     c: usize,
     vec4: bool,
 ) -> Result<Dispatch> {
-    // f16 tables select the twins in embedding_f16.wgsl; wpe must match wte.
+    // f16 tables select embedding.wgsl's F16 variant; wpe must match wte.
     let f16 = wte.dtype == DType::F16;
     let (table, scalar_spec, vec4_spec) = if f16 {
         (DType::F16, &FORWARD_F16, &FORWARD_VEC4_F16)

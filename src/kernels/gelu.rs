@@ -9,7 +9,7 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
 use super::{bytes_of, elementwise, expect_dims};
 use crate::error::Result;
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View};
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -17,11 +17,13 @@ use Binding::{Read, ReadWrite};
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::Gelu,
+    variant: ShaderVariant::Base,
     entry: "gelu_forward",
     bindings: &[Read, ReadWrite],
 };
 pub const BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Gelu,
+    variant: ShaderVariant::Base,
     entry: "gelu_backward",
     bindings: &[Read, Read, ReadWrite],
 };
@@ -31,6 +33,11 @@ pub const BACKWARD: KernelSpec = KernelSpec {
 struct Params {
     n: u32,
     accumulate: u32,
+}
+
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params { n, accumulate })
 }
 
 fn launch(

@@ -12,7 +12,7 @@
 //!
 //! f16 weights (inference): `matmul` and `linear_forward` also take B (the weight) as an f16 view,
 //! widened to f32 on load, with A, bias and C f32 and every product and sum in f32. The view's
-//! dtype selects the kernels of gemm_f16.wgsl (the same tiles as gemm.wgsl), so callers need no
+//! dtype selects gemm.wgsl's F16 variant (the same tiles as the f32 kernels), so callers need no
 //! other API; this needs the adapter's SHADER_F16 feature (`Gpu::has_f16`), and an f16 B on an
 //! adapter without it is an error naming the tensor. Operand offsets and strides count elements
 //! of the operand's own type. The backward stays f32.
@@ -22,7 +22,9 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
 use super::{bytes_of, expect, expect_dims, expect_f16_support, round_f16};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
 use crate::reference::{self, gemm::Layout};
 use crate::rng::Rng;
 
@@ -33,12 +35,14 @@ const GEMM_BINDINGS: &[Binding] = &[Read, Read, Read, ReadWrite, ReadWrite];
 
 pub const NAIVE: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_naive",
     bindings: GEMM_BINDINGS,
 };
 /// Matrix-vector products: few rows of a against b stored (N, K) (decoding).
 pub const GEMV: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_gemv",
     bindings: GEMM_BINDINGS,
 };
@@ -53,68 +57,57 @@ const GEMV_COLS: usize = 32;
 /// The tiled kernel with scalar reads of a and b.
 pub const TILED: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled",
     bindings: GEMM_BINDINGS,
 };
 /// The tiled kernel reading a as vec4.
 pub const TILED_VA: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled_va",
     bindings: GEMM_BINDINGS,
 };
 /// The tiled kernel reading b as vec4.
 pub const TILED_VB: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled_vb",
     bindings: GEMM_BINDINGS,
 };
 /// The tiled kernel reading a and b as vec4.
 pub const TILED_VAB: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_tiled_vab",
     bindings: GEMM_BINDINGS,
 };
 /// The f16-B twins of the kernels above (gemm_f16.wgsl): same entry points and bindings.
-pub const NAIVE_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..NAIVE
-};
+pub const NAIVE_F16: KernelSpec = NAIVE.with_variant(ShaderVariant::F16);
 /// `GEMV` with an f16 weight.
-pub const GEMV_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..GEMV
-};
-pub const TILED_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED
-};
-pub const TILED_VA_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED_VA
-};
-pub const TILED_VB_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED_VB
-};
-pub const TILED_VAB_F16: KernelSpec = KernelSpec {
-    shader: Shader::GemmF16,
-    ..TILED_VAB
-};
+pub const GEMV_F16: KernelSpec = GEMV.with_variant(ShaderVariant::F16);
+pub const TILED_F16: KernelSpec = TILED.with_variant(ShaderVariant::F16);
+pub const TILED_VA_F16: KernelSpec = TILED_VA.with_variant(ShaderVariant::F16);
+pub const TILED_VB_F16: KernelSpec = TILED_VB.with_variant(ShaderVariant::F16);
+pub const TILED_VAB_F16: KernelSpec = TILED_VAB.with_variant(ShaderVariant::F16);
 /// The register-block kernel (no workgroup memory), scalar reads of b.
 pub const REG: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_reg",
     bindings: GEMM_BINDINGS,
 };
 /// The register-block kernel reading b as vec4.
 pub const REG_VB: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_reg_vb",
     bindings: GEMM_BINDINGS,
 };
 /// Split-K's reduce: binding 1 holds the partial products; binding 2 is not read.
 pub const SPLITK_REDUCE: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "gemm_splitk_reduce",
     bindings: GEMM_BINDINGS,
 };
@@ -122,6 +115,7 @@ pub const SPLITK_REDUCE: KernelSpec = KernelSpec {
 const SPLITK_REDUCE_WG: usize = 256;
 pub const BIAS_BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
+    variant: ShaderVariant::Base,
     entry: "bias_backward",
     bindings: &[Read, ReadWrite],
 };
@@ -154,6 +148,32 @@ struct Params {
     tiles: u32,
     split_k: u32,
     epilogue: u32,
+}
+
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        m,
+        n,
+        k,
+        batch,
+        a_off,
+        lda,
+        a_bs,
+        b_off,
+        ldb,
+        b_bs,
+        c_off,
+        ldc,
+        c_bs,
+        alpha,
+        accumulate,
+        has_bias,
+        tiles_n,
+        tiles,
+        split_k,
+        epilogue
+    })
 }
 
 /// Which kernel computes a matmul.
@@ -796,10 +816,7 @@ fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> Option<KernelSpec> 
         Kernel::Reg(_) | Kernel::SplitK(_) => REG,
     };
     Some(if f16_b {
-        KernelSpec {
-            shader: Shader::GemmF16,
-            ..spec
-        }
+        spec.with_variant(ShaderVariant::F16)
     } else {
         spec
     })
@@ -821,7 +838,10 @@ fn unfit(gpu: &Gpu, mm: &Matmul, kernel: Kernel, f16_b: bool) -> Option<String> 
         Kernel::Reg(r) => r.fits(gpu),
         Kernel::SplitK(s) => s.reg.fits(gpu) && s.applies(mm),
     };
-    if fits {
+    let (bm, bn) = block(kernel);
+    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    let tiles = mm.m.div_ceil(bm) * mm.n.div_ceil(bn);
+    if fits && tiles <= max * max {
         return None;
     }
     Some(match kernel {
@@ -835,6 +855,7 @@ fn unfit(gpu: &Gpu, mm: &Matmul, kernel: Kernel, f16_b: bool) -> Option<String> 
             mm.batch,
             mm.k
         ),
+        _ if fits => format!("{tiles} output tiles exceed the {max} x {max} workgroup grid"),
         _ => "the workgroup exceeds the adapter's limits (max_compute_workgroup_size_*, \
               max_compute_invocations_per_workgroup, max_compute_workgroup_storage_size)"
             .to_string(),
@@ -1176,9 +1197,119 @@ pub fn matmul(
 ) -> Result<Vec<Dispatch>> {
     let kernel = match variant {
         Variant::Naive => Kernel::Naive,
-        Variant::Tiled => fixed_rule(gpu, mm),
+        Variant::Tiled => tuned(gpu, mm, &c, &a, &b)?,
     };
     launch(gpu, mm, c, a, b, bias, kernel)
+}
+
+/// The measured kernel for `mm` on these operands (see `kernels::tune`). Problems share a
+/// measurement when their transposes, bucketed dimensions, batching, vec4 eligibility and B's
+/// element type agree; the measurement runs on fresh tensors laid out like the real operands.
+fn tuned(gpu: &Gpu, mm: &Matmul, c: &Operand, a: &Operand, b: &Operand) -> Result<Kernel> {
+    use super::tune::{self, Problem, Trial, bucket};
+    let rule = fixed_rule(gpu, mm);
+    let kernels = candidates(gpu, mm, a, b);
+    let Matmul { m, n, k, batch, .. } = *mm;
+    let ((ar, ac), (br, bc)) = mm.stored();
+    let (va, vb) = (vec4_ok(a, ar, batch), vec4_ok(b, br, batch));
+    let vec = |ok: bool| if ok { "v" } else { "s" };
+    let (atol, rtol) = tolerance(k);
+    let problem = Problem {
+        family: FAMILY.name,
+        bucket: format!(
+            "{} m{} n{} k{}{} {}{} {}",
+            mm.ops(),
+            bucket(m),
+            bucket(n),
+            bucket(k),
+            if batch > 1 { " batched" } else { "" },
+            vec(va),
+            vec(vb),
+            b.view.dtype.name()
+        ),
+        shape: format!(
+            "{} {m}x{k}x{n}{}",
+            mm.ops(),
+            if batch > 1 {
+                format!(" x{batch}")
+            } else {
+                String::new()
+            }
+        ),
+        candidates: kernels.iter().map(Kernel::name).collect(),
+        rule: rule.name(),
+        // Inputs in [-1, 1]: sums of k products, as the kernels' own checks.
+        atol,
+        rtol,
+    };
+    let mut inputs: Option<[View; 3]> = None;
+    // The plain product: every kernel applies an epilogue the same way, in `finish`.
+    let trial_mm = Matmul {
+        accumulate: false,
+        epilogue: Epilogue::None,
+        ..*mm
+    };
+    let name = tune::choose(gpu, &problem, &mut |name| {
+        let kernel = Kernel::parse(name)
+            .ok_or_else(|| Error::invalid("gemm tuning", format!("unknown kernel '{name}'")))?;
+        if inputs.is_none() {
+            let mut rng = Rng::new(0x7e57);
+            inputs = Some([
+                trial_tensor(gpu, "tune.a", a, (ar, ac, batch), &mut rng)?,
+                trial_tensor(gpu, "tune.b", b, (br, bc, batch), &mut rng)?,
+                trial_tensor(gpu, "tune.c", c, (m, n, batch), &mut rng)?,
+            ]);
+        }
+        let [ta, tb, tc] = inputs.as_ref().expect("set above");
+        let dispatches = launch(
+            gpu,
+            &trial_mm,
+            trial_operand(tc, c, m, batch),
+            trial_operand(ta, a, ar, batch),
+            trial_operand(tb, b, br, batch),
+            None,
+            kernel,
+        )?;
+        Ok(Trial {
+            dispatches,
+            output: tc.clone(),
+        })
+    })?;
+    Ok(Kernel::parse(&name).unwrap_or(rule))
+}
+
+/// A fresh tensor with the same row and batch strides as `op`, and the same vec4 eligibility
+/// (it starts one element in when `op` cannot be read as vec4), filled with values in [-1, 1].
+fn trial_tensor(
+    gpu: &Gpu,
+    name: &str,
+    op: &Operand,
+    (rows, cols, batch): (usize, usize, usize),
+    rng: &mut Rng,
+) -> Result<View> {
+    let (_, ld, bs) = normalized(op, rows, batch);
+    let start = if vec4_ok(op, rows, batch) { 0 } else { 1 };
+    let extent = (batch - 1) * bs + (rows - 1) * ld + cols;
+    let len = (start + extent).next_multiple_of(4);
+    let data = rng.vec_uniform(len, -1.0, 1.0);
+    if op.view.dtype == DType::F16 {
+        let (h, _) = round_f16(&data);
+        gpu.upload(name, DType::F16, &h)
+    } else {
+        gpu.upload_f32(name, &data)
+    }
+}
+
+/// `op`'s layout on a trial tensor made by `trial_tensor`.
+fn trial_operand<'a>(view: &'a View, op: &Operand, rows: usize, batch: usize) -> Operand<'a> {
+    let (_, ld, bs) = normalized(op, rows, batch);
+    let start = if vec4_ok(op, rows, batch) { 0 } else { 1 };
+    Operand {
+        view,
+        offset: start,
+        ld,
+        batch_stride: bs,
+    }
 }
 
 /// out (M, N) = inp (M, K) · w (N, K)ᵀ + bias (N). Overwrites `out`. inp, bias and out are f32;

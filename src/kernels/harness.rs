@@ -68,6 +68,71 @@ pub fn parse_shape(s: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// Checks a `--shape` against its family's constraints before anything is allocated: the
+/// number of dimensions, relations between them, and the memory the check or benchmark would
+/// take (its largest tensors, on the CPU and the GPU, with their gradients) against what the
+/// machine has. Errors are one line naming the family's shape syntax.
+pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
+    let bad = |msg: String| {
+        Err(Error::invalid(
+            "--shape",
+            format!("{}: {msg} (shape {})", f.name, f.shape_help),
+        ))
+    };
+    let d: Vec<u128> = shape.iter().map(|&x| x as u128).collect();
+    let ok_dims: &[usize] = match f.name {
+        "gemm" | "attention" => &[if f.name == "gemm" { 3 } else { 4 }],
+        "layernorm" => &[2],
+        "cross_entropy" => &[2, 3],
+        "embedding" => &[4, 5],
+        _ => &[1],
+    };
+    if !ok_dims.contains(&d.len()) {
+        let n: Vec<String> = ok_dims.iter().map(|n| n.to_string()).collect();
+        return bad(format!(
+            "takes {} dimensions, got {}",
+            n.join(" or "),
+            d.len()
+        ));
+    }
+    // The largest tensors a check holds, in elements.
+    let elements = match (f.name, d.as_slice()) {
+        ("gemm", [m, k, n]) => sum(&[mul(&[*m, *k]), mul(&[*k, *n]), mul(&[*m, *n])]),
+        ("layernorm", [n, c]) => mul(&[*n, *c]),
+        ("cross_entropy", [n, v, rest @ ..]) => {
+            let vp = rest.first().copied().unwrap_or(v.div_ceil(64) * 64);
+            if vp < *v {
+                return bad(format!("Vp {vp} is smaller than V {v}"));
+            }
+            mul(&[*n, vp])
+        }
+        ("embedding", [b, t, c, v, rest @ ..]) => {
+            if let Some(&k) = rest.first()
+                && k > *v
+            {
+                return bad(format!("K {k} table chunks is more than V {v} rows"));
+            }
+            sum(&[mul(&[*b, *t, *c]), mul(&[*v, *c])])
+        }
+        ("attention", [b, nh, t, hs]) => mul(&[*b, *nh, *t, sum(&[mul(&[3, *hs]), *t])]),
+        (_, [n]) => *n,
+        _ => unreachable!("dimension counts checked above"),
+    };
+    // f32 inputs, outputs and gradients, on the CPU and on the GPU.
+    crate::memory::check(
+        &format!("--shape {}", f.name),
+        elements.saturating_mul(4 * 8),
+    )
+}
+
+fn mul(x: &[u128]) -> u128 {
+    x.iter().fold(1, |a, &b| a.saturating_mul(b))
+}
+
+fn sum(x: &[u128]) -> u128 {
+    x.iter().fold(0, |a, &b| a.saturating_add(b))
+}
+
 /// Checks that a shape has exactly N dimensions.
 pub fn dims<const N: usize>(family: &str, shape: &[usize]) -> Result<[usize; N]> {
     shape.try_into().map_err(|_| {

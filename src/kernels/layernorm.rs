@@ -1,5 +1,4 @@
-//! layernorm.wgsl and layernorm_subgroup.wgsl launchers: LayerNorm over the channels of each
-//! row, forward and backward.
+//! layernorm.wgsl launchers: LayerNorm over the channels of each row, forward and backward.
 //!
 //! inp, out, dout, dinp (N, C); weight, bias, dweight, dbias (C); mean, rstd (N).
 //! The forward overwrites out, mean and rstd. The backward overwrites dinp or adds to it
@@ -8,17 +7,20 @@
 //! fixed tree), so the same inputs give the same bits.
 //!
 //! Two variants compute the row reductions (the forward's mean and variance, the backward's
-//! Σ dnorm and Σ dnorm · xhat): workgroup-memory trees (layernorm.wgsl, every adapter) and
-//! subgroup sums (layernorm_subgroup.wgsl, adapters with SUBGROUP). `forward` and `backward`
-//! take the subgroup kernels when the adapter has them; `forward_with` and `backward_with`
-//! choose. Both variants share the final dweight/dbias reduction.
+//! Σ dnorm and Σ dnorm · xhat), both from layernorm.wgsl: workgroup-memory trees (the base
+//! variant, every adapter) and subgroup sums (its `#if SUBGROUP` sections, adapters with
+//! SUBGROUP). `forward` and `backward` take the subgroup kernels when the adapter has them;
+//! `forward_with` and `backward_with` choose. Both variants share the final dweight/dbias
+//! reduction.
 
 use bytemuck::{Pod, Zeroable};
 
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
 use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -39,27 +41,24 @@ const PARAMS_COLS: u32 = 32;
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::LayerNorm,
+    variant: ShaderVariant::Base,
     entry: "layernorm_forward",
     bindings: &[Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
 };
 pub const BACKWARD_ROWS: KernelSpec = KernelSpec {
     shader: Shader::LayerNorm,
+    variant: ShaderVariant::Base,
     entry: "layernorm_backward_rows",
     bindings: &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
 };
-/// The subgroup twins of `FORWARD` and `BACKWARD_ROWS` (layernorm_subgroup.wgsl): same entry
-/// points, bindings and params.
-pub const FORWARD_SUBGROUP: KernelSpec = KernelSpec {
-    shader: Shader::LayerNormSubgroup,
-    ..FORWARD
-};
-pub const BACKWARD_ROWS_SUBGROUP: KernelSpec = KernelSpec {
-    shader: Shader::LayerNormSubgroup,
-    ..BACKWARD_ROWS
-};
+/// `FORWARD` and `BACKWARD_ROWS` with subgroup row reductions (layernorm.wgsl's `#if SUBGROUP`
+/// sections): same entry points, bindings and params.
+pub const FORWARD_SUBGROUP: KernelSpec = FORWARD.with_variant(ShaderVariant::Subgroup);
+pub const BACKWARD_ROWS_SUBGROUP: KernelSpec = BACKWARD_ROWS.with_variant(ShaderVariant::Subgroup);
 /// The final dweight/dbias reduction of both variants.
 pub const BACKWARD_PARAMS: KernelSpec = KernelSpec {
     shader: Shader::LayerNorm,
+    variant: ShaderVariant::Base,
     entry: "layernorm_backward_params",
     bindings: &[Read, ReadWrite, ReadWrite],
 };
@@ -75,16 +74,29 @@ struct Params {
     eps: f32,
 }
 
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        n,
+        c,
+        rows_per_block,
+        blocks,
+        accumulate,
+        eps
+    })
+}
+
 /// Threads per workgroup of every layernorm kernel but the subgroup forward.
 const WG: u32 = 256;
 
 /// Which kernels compute the row reductions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
-    /// Trees in workgroup memory, TPR threads per row (layernorm.wgsl): every adapter.
+    /// Trees in workgroup memory, TPR threads per row (layernorm.wgsl's base variant): every
+    /// adapter.
     Shared,
     /// subgroupAdd within each subgroup, then one slot per subgroup in workgroup memory
-    /// (layernorm_subgroup.wgsl): adapters with the SUBGROUP feature.
+    /// (layernorm.wgsl's subgroup variant): adapters with the SUBGROUP feature.
     Subgroup,
 }
 
@@ -131,6 +143,86 @@ impl Variant {
         }
         Ok(())
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Backward,
+}
+
+/// The variant `forward` or `backward` takes for `n` rows of `c` channels: measured among
+/// `Variant::available` (see `kernels::tune`), `Variant::best` being the fixed rule. The two
+/// variants reduce in different orders, so their results agree to rounding, not bit for bit.
+fn tuned(gpu: &Gpu, pass: Pass, n: usize, c: usize) -> Result<Variant> {
+    use super::tune::{self, Problem, Trial, bucket};
+    let variants = Variant::available(gpu);
+    let pass_name = if pass == Pass::Forward {
+        "forward"
+    } else {
+        "backward"
+    };
+    let problem = Problem {
+        family: "layernorm",
+        bucket: format!("{pass_name} n{} c{c}", bucket(n)),
+        shape: format!("{pass_name} {n}x{c}"),
+        candidates: variants.iter().map(|v| v.name().to_string()).collect(),
+        rule: Variant::best(gpu).name().to_string(),
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
+    let mut tensors: Option<Vec<View>> = None;
+    let name = tune::choose(gpu, &problem, &mut |name| {
+        let v = variants
+            .iter()
+            .copied()
+            .find(|v| v.name() == name)
+            .ok_or_else(|| Error::invalid("layernorm tuning", format!("no variant '{name}'")))?;
+        if tensors.is_none() {
+            let mut rng = crate::rng::Rng::new(0x1a7e);
+            let mut up =
+                |name: &str, len: usize| gpu.upload_f32(name, &rng.vec_uniform(len, -1.0, 1.0));
+            let t = vec![
+                up("tune.inp", n * c)?,
+                up("tune.weight", c)?,
+                up("tune.bias", c)?,
+                up("tune.dout", n * c)?,
+                gpu.zeros("tune.out", DType::F32, n * c)?,
+                gpu.zeros("tune.mean", DType::F32, n)?,
+                gpu.zeros("tune.rstd", DType::F32, n)?,
+                gpu.zeros("tune.dweight", DType::F32, c)?,
+                gpu.zeros("tune.dbias", DType::F32, c)?,
+            ];
+            // The backward reads the forward's mean and rstd.
+            let [inp, w, b, _, out, mean, rstd, ..] = &t[..] else {
+                unreachable!()
+            };
+            let fwd = forward_with(gpu, Variant::Shared, out, mean, rstd, inp, w, b, n, c)?;
+            gpu.run(&[fwd])?;
+            tensors = Some(t);
+        }
+        let t = tensors.as_ref().expect("set above");
+        let [inp, w, b, dout, out, mean, rstd, dw, db] = &t[..] else {
+            unreachable!()
+        };
+        Ok(match pass {
+            Pass::Forward => Trial {
+                dispatches: vec![forward_with(gpu, v, out, mean, rstd, inp, w, b, n, c)?],
+                output: out.clone(),
+            },
+            // dinp (overwritten) lands in `out`: the forward's output is no longer needed.
+            Pass::Backward => Trial {
+                dispatches: backward_with(
+                    gpu, v, out, dw, db, dout, inp, w, mean, rstd, n, c, false,
+                )?,
+                output: out.clone(),
+            },
+        })
+    })?;
+    Ok(variants
+        .into_iter()
+        .find(|v| v.name() == name)
+        .unwrap_or_else(|| Variant::best(gpu)))
 }
 
 /// Threads per row in the row reductions: a power of two giving each thread about
@@ -200,7 +292,7 @@ pub fn forward(
 ) -> Result<Dispatch> {
     forward_with(
         gpu,
-        Variant::best(gpu),
+        tuned(gpu, Pass::Forward, n, c)?,
         out,
         mean,
         rstd,
@@ -292,7 +384,7 @@ pub fn backward(
 ) -> Result<Vec<Dispatch>> {
     backward_with(
         gpu,
-        Variant::best(gpu),
+        tuned(gpu, Pass::Backward, n, c)?,
         dinp,
         dweight,
         dbias,

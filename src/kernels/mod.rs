@@ -16,9 +16,36 @@ pub mod harness;
 pub mod layernorm;
 pub mod reduce;
 pub mod residual;
+pub mod tune;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Cost, DType, Dispatch, Gpu, KernelSpec, View, grid};
+
+/// The memory layout of a launcher's `#[repr(C)]` params struct: its size and each field's name,
+/// byte offset and byte size, in declaration order. A test compares it with the WGSL struct the
+/// shader declares, so a mirrored field cannot drift.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamsLayout {
+    pub size: usize,
+    pub fields: Vec<(&'static str, usize, usize)>,
+}
+
+/// `params_layout!(Params { a, b, c })`: the `ParamsLayout` of a `#[repr(C)]` + `Zeroable` struct.
+/// The struct pattern has no `..`, so leaving out a field (or naming one that is gone) does not
+/// compile.
+macro_rules! params_layout {
+    ($ty:ident { $($field:ident),* $(,)? }) => {{
+        let p: $ty = bytemuck::Zeroable::zeroed();
+        let $ty { $($field: _),* } = p;
+        $crate::kernels::ParamsLayout {
+            size: std::mem::size_of::<$ty>(),
+            fields: vec![$(
+                (stringify!($field), std::mem::offset_of!($ty, $field), std::mem::size_of_val(&p.$field))
+            ),*],
+        }
+    }};
+}
+pub(crate) use params_layout;
 
 /// Fails unless `view` holds exactly `len` elements of `dtype`.
 pub fn expect(kernel: &str, view: &View, dtype: DType, len: usize) -> Result<()> {

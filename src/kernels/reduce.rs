@@ -12,7 +12,9 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchReport, CheckReport, Family};
 use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View, grid};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -28,16 +30,19 @@ const MAX_GROUPS: usize = 1024;
 
 pub const FILL: KernelSpec = KernelSpec {
     shader: Shader::Reduce,
+    variant: ShaderVariant::Base,
     entry: "fill",
     bindings: &[ReadWrite],
 };
 pub const PARTIALS: KernelSpec = KernelSpec {
     shader: Shader::Reduce,
+    variant: ShaderVariant::Base,
     entry: "partials",
     bindings: &[Read, ReadWrite],
 };
 pub const FINISH: KernelSpec = KernelSpec {
     shader: Shader::Reduce,
+    variant: ShaderVariant::Base,
     entry: "finish",
     bindings: &[Read, ReadWrite],
 };
@@ -49,6 +54,16 @@ struct Params {
     base: u32,
     groups: u32,
     value: f32,
+}
+
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        n,
+        base,
+        groups,
+        value
+    })
 }
 
 /// Stage-1 workgroups (and partial slots) for a tensor of `n` elements.

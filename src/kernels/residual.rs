@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use super::harness::{self, BenchReport, CheckReport, Family};
 use super::{bytes_of, elementwise};
 use crate::error::Result;
-use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, View};
+use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View};
 use crate::reference;
 use crate::rng::Rng;
 
@@ -14,16 +14,19 @@ use Binding::{Read, ReadWrite};
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::Residual,
+    variant: ShaderVariant::Base,
     entry: "residual_forward",
     bindings: &[Read, Read, ReadWrite],
 };
 pub const BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Residual,
+    variant: ShaderVariant::Base,
     entry: "residual_backward",
     bindings: &[Read, ReadWrite, ReadWrite],
 };
 pub const ACCUMULATE: KernelSpec = KernelSpec {
     shader: Shader::Residual,
+    variant: ShaderVariant::Base,
     entry: "accumulate",
     bindings: &[Read, ReadWrite],
 };
@@ -33,6 +36,11 @@ pub const ACCUMULATE: KernelSpec = KernelSpec {
 struct Params {
     n: u32,
     accumulate: u32,
+}
+
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params { n, accumulate })
 }
 
 fn launch(

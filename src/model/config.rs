@@ -52,6 +52,16 @@ impl GptConfig {
                 format!("{} is not divisible by n_head {}", self.n_embd, self.n_head),
             );
         }
+        if self.checked_num_params().is_none() {
+            return bad(
+                "n_layer",
+                format!(
+                    "{} layers of {} channels, vocabulary {}, block size {}: the parameter \
+                     count overflows",
+                    self.n_layer, self.n_embd, self.vocab_size, self.block_size
+                ),
+            );
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad("dropout", format!("{} is not in [0, 1)", self.dropout));
         }
@@ -61,14 +71,43 @@ impl GptConfig {
     /// Number of parameters (with the tied lm head counted once, the real vocabulary, and the
     /// position table), as GPT-2 papers count them.
     pub fn num_params(&self) -> usize {
-        let c = self.n_embd;
+        self.checked_num_params()
+            .expect("a validated config's parameter count fits in usize")
+    }
+
+    /// `num_params`, or `None` when the count (or the padded vocabulary) overflows usize: a
+    /// config read from a file can declare any size.
+    pub fn checked_num_params(&self) -> Option<usize> {
+        let c = self.n_embd as u128;
         let b = if self.bias { 1 } else { 0 };
         let per_layer = 2 * (c + b * c)      // ln_1, ln_2
             + c * 3 * c + b * 3 * c           // c_attn
             + c * c + b * c                   // attn c_proj
             + c * 4 * c + b * 4 * c           // c_fc
             + 4 * c * c + b * c; //               mlp c_proj
-        self.vocab_size * c + self.block_size * c + self.n_layer * per_layer + c + b * c
+        let n = (self.vocab_size as u128 * c)
+            .checked_add(self.block_size as u128 * c)?
+            .checked_add((self.n_layer as u128).checked_mul(per_layer)?)?
+            .checked_add(c + b * c)?;
+        // The padded token table is the largest tensor; it must be addressable too.
+        let padded = self.vocab_size.checked_next_multiple_of(VOCAB_PAD)? as u128 * c;
+        usize::try_from(n.max(padded)).ok()?;
+        usize::try_from(n).ok()
+    }
+
+    /// Parameters as stored (the padded vocabulary, biases if any), counted without overflow
+    /// for any field values.
+    pub fn stored_params(&self) -> u128 {
+        let (c, l) = (self.n_embd as u128, self.n_layer as u128);
+        let b = self.bias as u128;
+        let per_layer = 2 * c + 12 * c * c + 11 * b * c;
+        let vp = (self.vocab_size as u128).div_ceil(VOCAB_PAD as u128) * VOCAB_PAD as u128;
+        vp * c + self.block_size as u128 * c + l * per_layer + c + b * c
+    }
+
+    /// Bytes training holds for the parameters: f32 values, gradients and both AdamW moments.
+    pub fn training_bytes(&self) -> u128 {
+        self.stored_params() * 4 * 4
     }
 
     /// Named GPT-2 shapes (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) for benchmarks.

@@ -8,16 +8,16 @@
 //! multiplies att in the product with v; att itself stays the undropped softmax.
 
 use super::Real;
-use crate::kernels::attention::{Dropout, keep};
+use crate::hash::{Dropout, scale};
 
 /// The dropout factors (B, NH, T, T) of the fused kernels' mask: 1/(1 - p) where
-/// `kernels::attention::keep` keeps the probability, else 0.
+/// `Dropout::keeps_cell` keeps the probability, else 0.
 pub fn dropout_mask<F: Real>(b: usize, nh: usize, t: usize, d: Dropout) -> Vec<F> {
-    let scale = F::from_f64(crate::kernels::dropout::scale(d.p) as f64);
+    let scale = F::from_f64(scale(d.p) as f64);
     let mut m = vec![F::zero(); b * nh * t * t];
     for row in 0..b * nh * t {
         for j in 0..t {
-            if keep(d, row as u32, j as u32) {
+            if d.keeps_cell(row as u32, j as u32) {
                 m[row * t + j] = scale;
             }
         }

@@ -1,18 +1,18 @@
 //! Checkpoint directories: a Hugging Face GPT-2 model (config.json + model.safetensors, loadable
 //! by `transformers`), plus the optimizer moments, the trainer state and the vocabulary.
 //!
-//! Writes are atomic: everything goes to a sibling temporary directory that then replaces the
-//! old one by rename, so a crash or Ctrl-C at any moment leaves a whole checkpoint on disk.
+//! Writes are atomic per file: every file is written and synced in a hidden staging directory
+//! inside the checkpoint directory, then renamed over its old copy. Only checkpoint files are ever
+//! written there; other files in the directory are never touched.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-
-use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::io::hf;
 use crate::io::vocab::Vocab;
 use crate::model::{GptConfig, ParamTable};
+use crate::train::state::TrainerState;
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
@@ -29,17 +29,26 @@ pub struct Checkpoint {
     /// AdamW moments (m, v) in the same order, when the checkpoint was written by `train`.
     pub optimizer: Option<Moments>,
     /// Trainer state (step, loader position, settings), when written by `train`.
-    pub state: Option<Value>,
+    pub state: Option<TrainerState>,
     pub vocab: Option<Vocab>,
 }
 
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "checkpoint".into());
-    dir.with_file_name(format!(".{name}.{suffix}"))
-}
+/// Every file a checkpoint consists of. `train` writes and replaces only these in its output
+/// directory (plus its hidden lock and staging entries); nothing else there is touched.
+pub const FILES: [&str; 6] = [
+    hf::WEIGHTS_FILE,
+    hf::CONFIG_FILE,
+    crate::io::vocab::TOKENIZER_FILE,
+    crate::io::vocab::CHAR_VOCAB_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+];
+/// Held by the training run writing into a directory; holds its pid.
+pub const LOCK_FILE: &str = ".shaderformer.lock";
+/// Where a checkpoint's files are written before each is renamed into place.
+const STAGING_DIR: &str = ".shaderformer.staging";
+/// Written and removed at start-up to prove the directory is writable.
+const PROBE_FILE: &str = ".shaderformer.probe";
 
 fn sync_dir(path: &Path) {
     // Durability of the rename; not every platform can open a directory, which is fine.
@@ -52,19 +61,30 @@ fn io<T>(path: &Path, r: std::io::Result<T>) -> Result<T> {
     r.map_err(|e| Error::io(path, e))
 }
 
-/// Writes `ckpt` to `dir` atomically.
+/// Writes `ckpt` into `dir`, each file atomically: all of them are written and synced in a
+/// hidden staging directory inside `dir`, then renamed one by one over their old copies
+/// (trainer_state.json last). Files of `dir` that are not checkpoint files are never touched; on
+/// failure (a full disk) the staging directory is removed and the previous files stay.
 pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
+    io(dir, fs::create_dir_all(dir))?;
+    let staging = dir.join(STAGING_DIR);
+    let result = stage(&staging, ckpt).and_then(|names| publish(dir, &staging, &names));
+    if staging.exists() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// Writes every file of `ckpt` into `staging` and syncs it; returns their names, in the order
+/// they must be published.
+fn stage(staging: &Path, ckpt: &Checkpoint) -> Result<Vec<String>> {
+    if staging.exists() {
+        io(staging, fs::remove_dir_all(staging))?;
+    }
+    io(staging, fs::create_dir(staging))?;
     let table = ParamTable::new(&ckpt.cfg);
-    let tmp = sibling(dir, "tmp");
-    if tmp.exists() {
-        io(&tmp, fs::remove_dir_all(&tmp))?;
-    }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        io(parent, fs::create_dir_all(parent))?;
-    }
-    io(&tmp, fs::create_dir_all(&tmp))?;
-    hf::write_config(&tmp, &ckpt.cfg)?;
-    hf::save_weights(&tmp, &ckpt.cfg, &table, &ckpt.params)?;
+    hf::write_config(staging, &ckpt.cfg)?;
+    hf::save_weights(staging, &ckpt.cfg, &table, &ckpt.params)?;
     if let Some((m, v)) = &ckpt.optimizer {
         let mut tensors = Vec::new();
         for (i, spec) in table.specs.iter().enumerate() {
@@ -76,51 +96,175 @@ pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
                 ));
             }
         }
-        hf::write_safetensors(&tmp.join(OPTIMIZER_FILE), &tensors)?;
-    }
-    if let Some(state) = &ckpt.state {
-        let path = tmp.join(STATE_FILE);
-        let text = serde_json::to_string_pretty(state).expect("JSON of a state");
-        io(&path, fs::write(&path, text))?;
+        hf::write_safetensors(&staging.join(OPTIMIZER_FILE), &tensors)?;
     }
     if let Some(vocab) = &ckpt.vocab {
-        vocab.save(&tmp)?;
+        vocab.save(staging)?;
     }
-    for entry in io(&tmp, fs::read_dir(&tmp))? {
-        let path = io(&tmp, entry)?.path();
+    if let Some(state) = &ckpt.state {
+        let path = staging.join(STATE_FILE);
+        io(&path, fs::write(&path, state.to_json()))?;
+    }
+    let mut names = Vec::new();
+    for entry in io(staging, fs::read_dir(staging))? {
+        let path = io(staging, entry)?.path();
         io(&path, fs::File::open(&path).and_then(|f| f.sync_all()))?;
+        names.push(path.file_name().unwrap().to_string_lossy().to_string());
     }
-    sync_dir(&tmp);
-    let old = sibling(dir, "old");
-    if dir.exists() {
-        if old.exists() {
-            io(&old, fs::remove_dir_all(&old))?;
-        }
-        io(dir, fs::rename(dir, &old))?;
+    // The trainer state last: a checkpoint is a training checkpoint once its state is in place.
+    names.sort_by_key(|n| n == STATE_FILE);
+    sync_dir(staging);
+    Ok(names)
+}
+
+fn publish(dir: &Path, staging: &Path, names: &[String]) -> Result<()> {
+    for name in names {
+        let to = dir.join(name);
+        io(&to, fs::rename(staging.join(name), &to))?;
     }
-    io(dir, fs::rename(&tmp, dir))?;
-    if let Some(parent) = dir.parent() {
-        sync_dir(parent);
-    }
-    if old.exists() {
-        io(&old, fs::remove_dir_all(&old))?;
-    }
+    sync_dir(dir);
     Ok(())
 }
 
-/// Where a checkpoint can be read from: `dir`, or the previous copy left by a write that was
-/// interrupted between its two renames.
-fn resolve(dir: &Path) -> PathBuf {
-    let old = sibling(dir, "old");
-    if !dir.exists() && old.join(hf::CONFIG_FILE).exists() {
-        eprintln!(
-            "note: {} is missing; using the previous checkpoint {} (an earlier write was interrupted)",
-            dir.display(),
-            old.display()
-        );
-        return old;
+/// The output directory of a training run, locked for it until dropped.
+#[derive(Debug)]
+pub struct OutDir {
+    lock: PathBuf,
+    /// Created by this run: removed again if the run ends without writing into it.
+    created: Option<PathBuf>,
+}
+
+impl Drop for OutDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.lock);
+        if let Some(dir) = &self.created {
+            // Fails, harmlessly, unless the directory is empty.
+            let _ = fs::remove_dir(dir);
+        }
     }
-    dir.to_path_buf()
+}
+
+/// What `open_out` may find in the directory besides checkpoint files.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OutPolicy<'a> {
+    /// Other files are fine (they are still never touched): `--overwrite`, or the directory is
+    /// the checkpoint being continued (`--init X --out X`).
+    pub other_files: bool,
+    /// A file of this run that may live there (`--metrics DIR/metrics.jsonl`).
+    pub own_file: Option<&'a Path>,
+}
+
+/// Prepares `dir` for a training run before anything is trained: refuses a path that is a file
+/// (or a symbolic link to one), a directory holding files that are not a checkpoint's (unless
+/// `policy` allows them), a directory another run holds (naming its pid), and a directory that
+/// cannot be written (a probe file is written and removed). Symbolic links to directories are
+/// followed: the checkpoint is written into the directory they point to.
+pub fn open_out(dir: &Path, policy: OutPolicy) -> Result<OutDir> {
+    let name = dir.display().to_string();
+    if let Ok(meta) = fs::symlink_metadata(dir)
+        && meta.file_type().is_symlink()
+        && !dir.is_dir()
+    {
+        return Err(Error::invalid(
+            &name,
+            "is a symbolic link that does not lead to a directory; --out needs a directory",
+        ));
+    }
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::invalid(
+            &name,
+            "is a file, not a directory; --out names the checkpoint directory",
+        ));
+    }
+    let created = (!dir.exists()).then(|| dir.to_path_buf());
+    io(dir, fs::create_dir_all(dir))?;
+    let lock = take_lock(dir)?;
+    // From here the lock is ours: dropping the guard on an error below releases it.
+    let out = OutDir { lock, created };
+    let own = policy.own_file.filter(|f| {
+        let parent = f.parent().filter(|p| !p.as_os_str().is_empty());
+        let parent = fs::canonicalize(parent.unwrap_or(Path::new(".")));
+        parent.is_ok() && parent.ok() == fs::canonicalize(dir).ok()
+    });
+    let own = own.and_then(Path::file_name);
+    let mut others = Vec::new();
+    for entry in io(dir, fs::read_dir(dir))? {
+        let n = io(dir, entry)?.file_name();
+        let ours = own == Some(n.as_os_str()) || {
+            let n = n.to_string_lossy();
+            FILES.contains(&n.as_ref())
+                || [LOCK_FILE, STAGING_DIR, PROBE_FILE].contains(&n.as_ref())
+        };
+        if !ours {
+            others.push(n.to_string_lossy().to_string());
+        }
+    }
+    if !others.is_empty() && !policy.other_files {
+        others.sort();
+        let shown: Vec<&str> = others.iter().take(3).map(String::as_str).collect();
+        return Err(Error::invalid(
+            &name,
+            format!(
+                "holds files that are not a checkpoint's ({}{}); choose another --out, or give \
+                 --overwrite to write the checkpoint files beside them (they are never touched)",
+                shown.join(", "),
+                if others.len() > 3 { ", ..." } else { "" }
+            ),
+        ));
+    }
+    let probe = dir.join(PROBE_FILE);
+    io(&probe, fs::write(&probe, b"probe"))?;
+    io(&probe, fs::remove_file(&probe))?;
+    Ok(out)
+}
+
+/// Creates `DIR/.shaderformer.lock` holding our pid; refuses when a live process holds it.
+fn take_lock(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join(LOCK_FILE);
+    for _ in 0..2 {
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                use std::io::Write;
+                io(&path, write!(f, "{}", std::process::id()))?;
+                return Ok(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                match holder.trim().parse::<u32>() {
+                    Ok(pid) if process_alive(pid) => {
+                        return Err(Error::invalid(
+                            dir.display().to_string(),
+                            format!(
+                                "is in use by another training run (pid {pid}); if no such run \
+                                 exists, remove {}",
+                                path.display()
+                            ),
+                        ));
+                    }
+                    // Left by a run that no longer exists.
+                    _ => io(&path, fs::remove_file(&path))?,
+                }
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    Err(Error::invalid(
+        path.display().to_string(),
+        "another run keeps taking this lock",
+    ))
+}
+
+/// Whether process `pid` exists (where that cannot be known, it is assumed to).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
 }
 
 /// The error for resuming from a directory without `trainer_state.json`.
@@ -132,8 +276,7 @@ pub fn not_a_training_checkpoint(dir: &Path) -> Error {
 }
 
 /// Reads `trainer_state.json` only (what `--resume` needs before loading anything else).
-pub fn read_state(dir: &Path) -> Result<Value> {
-    let dir = resolve(dir);
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
     if !dir.is_dir() {
         return Err(Error::invalid(
             dir.display().to_string(),
@@ -142,25 +285,24 @@ pub fn read_state(dir: &Path) -> Result<Value> {
     }
     let path = dir.join(STATE_FILE);
     if !path.exists() {
-        return Err(not_a_training_checkpoint(&dir));
+        return Err(not_a_training_checkpoint(dir));
     }
     let text = io(&path, fs::read_to_string(&path))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::invalid(path.display().to_string(), format!("not JSON: {e}")))
+    TrainerState::parse(&path, &text)
 }
 
 /// Reads the model config only.
 pub fn read_config(dir: &Path) -> Result<GptConfig> {
-    hf::read_config(&resolve(dir))
+    hf::read_config(dir)
 }
 
 /// Loads a checkpoint directory: ours, or any Hugging Face GPT-2 directory (then without
 /// optimizer and trainer state).
 pub fn load(dir: &Path) -> Result<Checkpoint> {
-    let dir = resolve(dir);
-    let cfg = hf::read_config(&dir)?;
+    let cfg = hf::read_config(dir)?;
+    hf::check_weights_fit(dir, &cfg)?;
     let table = ParamTable::new(&cfg);
-    let params = hf::load_weights(&dir, &cfg, &table)?;
+    let params = hf::load_weights(dir, &cfg, &table)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     let optimizer = if opt_path.exists() {
         let mut st = hf::read_safetensors(&opt_path)?;
@@ -168,7 +310,20 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             let spec = &table.specs[i];
             let name = format!("{prefix}.{}", spec.name);
             match st.remove(&name) {
-                Some((shape, data)) if shape == spec.shape => Ok(data),
+                Some((shape, data)) if shape == spec.shape => {
+                    // v is a mean of squares: negative is as impossible as NaN.
+                    let bad = data
+                        .iter()
+                        .enumerate()
+                        .find(|(_, x)| !x.is_finite() || (prefix == "v" && **x < 0.0));
+                    match bad {
+                        Some((k, x)) => Err(Error::invalid(
+                            opt_path.display().to_string(),
+                            format!("tensor {name} holds an impossible value ({x}) at element {k}"),
+                        )),
+                        None => Ok(data),
+                    }
+                }
                 Some((shape, _)) => Err(Error::invalid(
                     opt_path.display().to_string(),
                     format!(
@@ -192,16 +347,27 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     } else {
         None
     };
-    let state_path = dir.join(STATE_FILE);
-    let state = if state_path.exists() {
-        let text = io(&state_path, fs::read_to_string(&state_path))?;
-        Some(serde_json::from_str(&text).map_err(|e| {
-            Error::invalid(state_path.display().to_string(), format!("not JSON: {e}"))
-        })?)
+    let state = if dir.join(STATE_FILE).exists() {
+        Some(read_state(dir)?)
     } else {
         None
     };
-    let vocab = Vocab::load(&dir)?;
+    let vocab = Vocab::load(dir)?;
+    // Our own vocabularies (characters, ids) have exactly the model's rows: fewer would leave
+    // tokens that decode to nothing. A BPE tokenizer may be smaller (models pad vocab_size).
+    if let Some(v @ (Vocab::Chars(_) | Vocab::Ids(_))) = &vocab
+        && v.size() != cfg.vocab_size
+    {
+        return Err(Error::invalid(
+            dir.display().to_string(),
+            format!(
+                "the {} vocabulary has {} tokens but the model's vocab_size is {}",
+                v.kind(),
+                v.size(),
+                cfg.vocab_size
+            ),
+        ));
+    }
     if let Some(v) = &vocab
         && v.size() > cfg.vocab_size
     {

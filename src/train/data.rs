@@ -4,13 +4,41 @@
 
 use std::path::Path;
 
-use serde_json::{Value, json};
-
 use crate::error::{Error, Result};
 use crate::graph::MicroBatch;
 use crate::io::tokens;
 use crate::io::vocab::Vocab;
 use crate::rng::Rng;
+
+/// Reads a whole regular file. Devices (`/dev/zero`), FIFOs and directories are refused, since
+/// reading them may never end; the read stops at the size the file had when opened.
+pub fn read_regular_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let not_regular = || {
+        Error::invalid(
+            path.display().to_string(),
+            "is not a regular file (a device, a pipe or a directory); give a data file",
+        )
+    };
+    // Before opening: opening a FIFO blocks until something writes to it.
+    if !std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .is_file()
+    {
+        return Err(not_regular());
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    crate::memory::check(&path.display().to_string(), meta.len() as u128)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(meta.len())
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
 
 /// What a data file holds.
 pub enum Contents {
@@ -23,7 +51,7 @@ pub enum Contents {
 /// Errors name the file (missing, empty, neither text nor tokens).
 pub fn read_contents(path: &Path) -> Result<Contents> {
     let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_regular_file(path)?;
     if bytes.is_empty() {
         return Err(Error::invalid(&name, "the data file is empty"));
     }
@@ -132,12 +160,46 @@ impl Dataset {
 }
 
 /// How batches are drawn.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum LoaderKind {
     /// B random offsets per batch from a seeded generator (nanoGPT).
     Random,
     /// Batch i reads B·T+1 consecutive tokens from offset (i·B·T) mod (N − B·T − 1).
     Sequential,
+}
+
+/// A loader's position, as `trainer_state.json` stores it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoaderState {
+    pub kind: LoaderKind,
+    /// Batches drawn so far.
+    pub position: u64,
+    /// The generator's four state words, as decimal strings.
+    pub rng: [String; 4],
+}
+
+impl LoaderState {
+    /// The generator state; an error names the field when a word is not a u64 or all are zero
+    /// (xoshiro's one state it never leaves).
+    pub fn rng_state(&self) -> Result<[u64; 4]> {
+        let bad = |m: String| Error::invalid("trainer_state.json: field loader.rng", m);
+        let mut s = [0u64; 4];
+        for (k, w) in self.rng.iter().enumerate() {
+            s[k] = w.parse().map_err(|_| {
+                bad(format!(
+                    "word {k} ({w:?}) is not an unsigned 64-bit integer"
+                ))
+            })?;
+        }
+        if s == [0; 4] {
+            return Err(bad("all four words are zero, not a generator state".into()));
+        }
+        Ok(s)
+    }
 }
 
 /// Draws micro-batches; its state is saved in checkpoints so a resumed run sees the same data.
@@ -194,25 +256,30 @@ impl Loader {
         mb
     }
 
-    pub fn state(&self) -> Value {
-        json!({
-            "kind": match self.kind { LoaderKind::Random => "random", LoaderKind::Sequential => "sequential" },
-            "position": self.position,
-            "rng": self.rng.state().iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        })
+    pub fn state(&self) -> LoaderState {
+        LoaderState {
+            kind: self.kind,
+            position: self.position,
+            // As strings: JSON readers often keep numbers in f64, which would round them.
+            rng: self.rng.state().map(|s| s.to_string()),
+        }
     }
 
-    pub fn restore(&mut self, v: &Value) -> Result<()> {
-        let bad = || Error::invalid("trainer_state.json", "malformed loader state");
-        self.position = v.get("position").and_then(Value::as_u64).ok_or_else(bad)?;
-        let rng: Vec<u64> = v
-            .get("rng")
-            .and_then(Value::as_array)
-            .ok_or_else(bad)?
-            .iter()
-            .map(|s| s.as_str().and_then(|s| s.parse().ok()).ok_or_else(bad))
-            .collect::<Result<_>>()?;
-        self.rng = Rng::from_state(rng.try_into().map_err(|_| bad())?);
+    /// Continues from a saved state (checked by `LoaderState::check`).
+    pub fn restore(&mut self, s: &LoaderState) -> Result<()> {
+        // Batches drawn so far: a count no run reaches (the next batch would overflow it) is a
+        // corrupted file.
+        if s.position >= u64::MAX / 2 {
+            return Err(Error::invalid(
+                "trainer_state.json",
+                format!(
+                    "field 'loader.position': {} batches is past any run",
+                    s.position
+                ),
+            ));
+        }
+        self.position = s.position;
+        self.rng = Rng::from_state(s.rng_state()?);
         Ok(())
     }
 }

@@ -4,6 +4,7 @@ pub mod addition;
 pub mod checkpoint;
 pub mod data;
 pub mod schedule;
+pub mod state;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ pub struct TrainConfig {
     /// Text or token file; `None` trains on the embedded addition dataset.
     pub data: Option<PathBuf>,
     pub out: PathBuf,
+    /// Write the checkpoint into `out` even when it holds other files (never touching them).
+    pub overwrite: bool,
     pub init: Option<PathBuf>,
     pub resume: Option<PathBuf>,
     pub n_layer: usize,
@@ -66,6 +69,7 @@ impl Default for TrainConfig {
         TrainConfig {
             data: None,
             out: PathBuf::from("out"),
+            overwrite: false,
             init: None,
             resume: None,
             n_layer: 4,
@@ -105,7 +109,10 @@ impl Default for TrainConfig {
 /// What a finished run reports.
 #[derive(Clone, Debug)]
 pub struct TrainSummary {
+    /// Optimizer steps this run took (after a resume: only the new ones).
     pub steps: u64,
+    /// The step the run ended at.
+    pub final_step: u64,
     pub final_train_loss: Option<f32>,
     pub final_val_loss: Option<f32>,
     pub seconds: f64,
@@ -164,124 +171,6 @@ pub fn load_data(cfg: &TrainConfig, vocab: Option<&Vocab>) -> Result<Dataset> {
     }
 }
 
-/// State of a run, saved in `trainer_state.json`: the step, the loader's position, and every
-/// setting, so `--resume DIR` alone continues the same run.
-fn state_json(cfg: &TrainConfig, step: u64, loader: &Loader, data_desc: &str) -> Value {
-    json!({
-        "step": step,
-        "loader": loader.state(),
-        "data_description": data_desc,
-        "config": cfg.settings_json(),
-    })
-}
-
-impl TrainConfig {
-    /// The settings a resumed run takes as its defaults.
-    pub fn settings_json(&self) -> Value {
-        json!({
-            "data": self.data.as_ref().map(|p| p.display().to_string()),
-            "batch_size": self.batch_size,
-            "block_size": self.block_size,
-            "grad_accum": self.grad_accum,
-            "max_iters": self.max_iters,
-            "lr_schedule": match self.schedule.kind { schedule::Schedule::Cosine => "cosine", schedule::Schedule::Constant => "constant" },
-            "lr": self.schedule.lr,
-            "min_lr": self.schedule.min_lr,
-            "warmup_iters": self.schedule.warmup_iters,
-            "lr_decay_iters": self.schedule.lr_decay_iters,
-            "weight_decay": self.weight_decay,
-            "beta1": self.beta1,
-            "beta2": self.beta2,
-            "eps": self.eps,
-            "grad_clip": self.grad_clip,
-            "dropout": self.dropout,
-            "seed": self.seed,
-            "eval_interval": self.eval_interval,
-            "eval_iters": self.eval_iters,
-            "log_interval": self.log_interval,
-            "loader": match self.loader { LoaderKind::Random => "random", LoaderKind::Sequential => "sequential" },
-        })
-    }
-
-    /// `self` with every setting found in a saved `settings_json` replacing its value.
-    pub fn with_settings(mut self, v: &Value) -> TrainConfig {
-        let f = |k: &str| v.get(k).and_then(Value::as_f64);
-        let u = |k: &str| v.get(k).and_then(Value::as_u64);
-        if let Some(Some(d)) = v.get("data").map(Value::as_str) {
-            self.data = Some(PathBuf::from(d));
-        }
-        if let Some(x) = u("batch_size") {
-            self.batch_size = x as usize;
-        }
-        if let Some(x) = u("block_size") {
-            self.block_size = x as usize;
-        }
-        if let Some(x) = u("grad_accum") {
-            self.grad_accum = x as usize;
-        }
-        if let Some(x) = u("max_iters") {
-            self.max_iters = x;
-        }
-        if let Some(x) = v.get("lr_schedule").and_then(Value::as_str) {
-            self.schedule.kind = if x == "constant" {
-                schedule::Schedule::Constant
-            } else {
-                schedule::Schedule::Cosine
-            };
-        }
-        if let Some(x) = f("lr") {
-            self.schedule.lr = x as f32;
-        }
-        if let Some(x) = f("min_lr") {
-            self.schedule.min_lr = x as f32;
-        }
-        if let Some(x) = u("warmup_iters") {
-            self.schedule.warmup_iters = x;
-        }
-        if let Some(x) = u("lr_decay_iters") {
-            self.schedule.lr_decay_iters = x;
-        }
-        if let Some(x) = f("weight_decay") {
-            self.weight_decay = x as f32;
-        }
-        if let Some(x) = f("beta1") {
-            self.beta1 = x as f32;
-        }
-        if let Some(x) = f("beta2") {
-            self.beta2 = x as f32;
-        }
-        if let Some(x) = f("eps") {
-            self.eps = x as f32;
-        }
-        if let Some(x) = f("grad_clip") {
-            self.grad_clip = x as f32;
-        }
-        if let Some(x) = f("dropout") {
-            self.dropout = x as f32;
-        }
-        if let Some(x) = u("seed") {
-            self.seed = x;
-        }
-        if let Some(x) = u("eval_interval") {
-            self.eval_interval = x;
-        }
-        if let Some(x) = u("eval_iters") {
-            self.eval_iters = x as usize;
-        }
-        if let Some(x) = u("log_interval") {
-            self.log_interval = x;
-        }
-        if let Some(x) = v.get("loader").and_then(Value::as_str) {
-            self.loader = if x == "sequential" {
-                LoaderKind::Sequential
-            } else {
-                LoaderKind::Random
-            };
-        }
-        self
-    }
-}
-
 /// Mean loss over `iters` batches drawn from `split` (the way training draws them) by a loader
 /// started afresh at every evaluation, so successive evaluations compare like with like and the
 /// training stream is untouched.
@@ -298,10 +187,16 @@ fn evaluate(exec: &mut Executor, split: &[u32], cfg: &TrainConfig) -> Result<f32
 
 struct Metrics {
     file: Option<std::fs::File>,
+    /// Every record written (and, when resuming, those already in the file), for loss.svg.
+    curves: crate::plot::Curves,
 }
 
 impl Metrics {
     fn open(path: Option<&Path>, append: bool) -> Result<Metrics> {
+        let curves = match path {
+            Some(p) if append && p.exists() => crate::plot::Curves::read(p)?,
+            _ => crate::plot::Curves::new("training"),
+        };
         let file = match path {
             Some(p) => Some(
                 std::fs::OpenOptions::new()
@@ -314,10 +209,17 @@ impl Metrics {
             ),
             None => None,
         };
-        Ok(Metrics { file })
+        Ok(Metrics { file, curves })
+    }
+
+    /// Draws the train and validation loss so far as `DIR/loss.svg`.
+    fn plot(&self, dir: &Path) -> Result<()> {
+        let svg = crate::plot::svg(std::slice::from_ref(&self.curves));
+        crate::plot::write_atomic(&dir.join("loss.svg"), &svg)
     }
 
     fn write(&mut self, v: Value) -> Result<()> {
+        self.curves.add(&v);
         if let Some(f) = &mut self.file {
             writeln!(f, "{v}").map_err(|e| Error::io("metrics", e))?;
         }
@@ -333,7 +235,8 @@ struct Progress<'a> {
     /// Wall-clock ms of each submitted step whose results have not arrived yet.
     ms_of: std::collections::VecDeque<(u64, f64)>,
     last_loss: Option<f32>,
-    last_ckpt_step: Option<u64>,
+    /// The last whole checkpoint on disk: its directory and step.
+    last_ckpt: Option<(PathBuf, u64)>,
     tokens_per_step: usize,
 }
 
@@ -349,8 +252,8 @@ impl Progress<'_> {
     /// The error that stops a diverged run: `what` happened, nothing was written, and the last
     /// checkpoint (if any) is intact.
     fn diverged(&self, what: String) -> Error {
-        let kept = match self.last_ckpt_step {
-            Some(s) => format!("; {} (step {s}) is untouched", self.cfg.out.display()),
+        let kept = match &self.last_ckpt {
+            Some((dir, s)) => format!("; {} (step {s}) is untouched", dir.display()),
             None => String::new(),
         };
         Error::invalid(
@@ -398,8 +301,24 @@ impl Progress<'_> {
 
 /// Rejects settings no run can use, naming the flag: rates and decay that are negative or not
 /// finite (a NaN learning rate would turn every parameter into NaN at the first update), no
-/// steps, no evaluation batches. beta1 and beta2 are checked by the AdamW launcher.
+/// steps, no evaluation batches, AdamW betas outside [0, 1), a block shorter than one line of
+/// the addition dataset.
 fn check_settings(cfg: &TrainConfig) -> Result<()> {
+    for (flag, x) in [("--beta1", cfg.beta1), ("--beta2", cfg.beta2)] {
+        if !(0.0..1.0).contains(&x) {
+            return Err(Error::invalid(flag, format!("{x} is not in [0, 1)")));
+        }
+    }
+    if cfg.data.is_none() && cfg.block_size < addition::LINE {
+        return Err(Error::invalid(
+            "--block-size",
+            format!(
+                "{} is shorter than one line of the addition dataset ({} tokens)",
+                cfg.block_size,
+                addition::LINE
+            ),
+        ));
+    }
     let s = &cfg.schedule;
     for (flag, x) in [
         ("--lr", s.lr),
@@ -429,6 +348,14 @@ fn check_settings(cfg: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// Whether two paths name the same existing directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// Trains. Returns the summary, or an error (bad input, divergence) after which the last
 /// checkpoint on disk is intact.
 pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
@@ -448,7 +375,12 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
                 "has no optimizer.safetensors: cannot resume (use --init to start from it)",
             ));
         }
-        (ck.cfg.clone(), Some(ck), Some(state))
+        // The variants the checkpoint's run computed with win over the cache.
+        gpu.tuner.pin(&state.kernels);
+        // The checkpoint's dropout is the default (`with_settings`); a --dropout flag applies.
+        let mut c = ck.cfg.clone();
+        c.dropout = cfg.dropout;
+        (c, Some(ck), Some(state))
     } else if let Some(dir) = &cfg.init {
         let mut ck = checkpoint::load(dir)?;
         ck.optimizer = None;
@@ -513,6 +445,23 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         .as_ref()
         .map_or("embedded dataset".to_string(), |p| p.display().to_string());
     data.check_fits(&data_name, t)?;
+    crate::memory::check(
+        "the model's parameters, gradients and AdamW moments",
+        model_cfg.training_bytes(),
+    )?;
+    // Everything is checked that can be without the GPU: claim the output directory (before
+    // the first step, not at the first checkpoint).
+    let _out = checkpoint::open_out(
+        &cfg.out,
+        checkpoint::OutPolicy {
+            other_files: cfg.overwrite
+                || [&cfg.init, &cfg.resume]
+                    .into_iter()
+                    .flatten()
+                    .any(|d| same_dir(d, &cfg.out)),
+            own_file: cfg.metrics.as_deref(),
+        },
+    )?;
 
     let table = ParamTable::new(&model_cfg);
     table.check_fits(gpu)?;
@@ -572,8 +521,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
     let mut loader = Loader::new(cfg.loader, b, t, cfg.seed);
     let mut step = 0u64;
     if let Some(state) = &start_state {
-        step = state.get("step").and_then(Value::as_u64).unwrap_or(0);
-        loader.restore(state.get("loader").unwrap_or(&Value::Null))?;
+        step = state.step;
+        loader.restore(&state.loader)?;
         if step >= cfg.max_iters {
             return Err(Error::invalid(
                 "--max-iters",
@@ -630,7 +579,7 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         ms_of: Default::default(),
         last_loss: None,
         // A resumed run starts from a checkpoint that is, so far, the last good one.
-        last_ckpt_step: (step > 0).then_some(step),
+        last_ckpt: cfg.resume.clone().map(|dir| (dir, step)),
         tokens_per_step: b * t * cfg.grad_accum,
     };
     let save = |store: &ParamStore, step: u64, loader: &Loader| -> Result<()> {
@@ -641,7 +590,13 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
                 cfg: model_cfg.clone(),
                 params: read(&store.params)?,
                 optimizer: Some((read(&store.m)?, read(&store.v)?)),
-                state: Some(state_json(cfg, step, loader, &data.description)),
+                state: Some(state::TrainerState {
+                    step,
+                    loader: loader.state(),
+                    data_description: data.description.clone(),
+                    config: cfg.settings(),
+                    kernels: gpu.tuner.used(),
+                }),
                 vocab: Some(data.vocab.clone()),
             },
         )
@@ -688,7 +643,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
                 last_val = Some(vl);
             }
             save(&store, step, &loader)?;
-            run.last_ckpt_step = Some(step);
+            run.last_ckpt = Some((cfg.out.clone(), step));
+            run.metrics.plot(&cfg.out)?;
             run.log(format!("checkpoint: {} (step {step})", cfg.out.display()));
             pause += paused.elapsed();
             last_submit = Instant::now();
@@ -703,7 +659,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         pb.finish_and_clear();
     }
     Ok(TrainSummary {
-        steps: step,
+        steps: step + 1 - first_step,
+        final_step: step,
         final_train_loss: run.last_loss,
         final_val_loss: last_val,
         seconds: t0.elapsed().as_secs_f64(),

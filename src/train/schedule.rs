@@ -1,7 +1,10 @@
 //! Learning-rate schedules, nanoGPT's `get_lr`.
 
 /// Linear warmup then cosine decay to `min_lr`, or constant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Cosine,
     Constant,

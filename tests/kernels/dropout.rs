@@ -1,4 +1,6 @@
-use shaderformer::gpu::{DType, test_gpu};
+use shaderformer::gpu::shaders::INCLUDES;
+use shaderformer::gpu::{DType, View, test_gpu};
+use shaderformer::hash;
 use shaderformer::kernels::dropout;
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
@@ -6,6 +8,114 @@ use shaderformer::rng::Rng;
 #[test]
 fn gpu_matches_reference() {
     crate::check_family(&dropout::FAMILY);
+}
+
+/// A test kernel around shaders/include/hash.wgsl: for each input (seed, step, i, j), writes
+/// (pcg(i), mask_key(seed, step), element_hash(key, i), cell_hash(key, i, j)).
+const HASH_PROBE: &str = r#"
+@group(0) @binding(0) var<storage, read> probe_in: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> probe_out: array<vec4<u32>>;
+
+@compute @workgroup_size(64)
+fn probe(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x >= arrayLength(&probe_in)) {
+        return;
+    }
+    let x = probe_in[id.x];
+    let key = mask_key(x.x, x.y);
+    probe_out[id.x] = vec4(pcg(x.z), key, element_hash(key, x.z), cell_hash(key, x.z, x.w));
+}
+"#;
+
+fn whole(v: &View) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer: &v.buffer,
+        offset: v.offset,
+        size: wgpu::BufferSize::new(v.bytes()),
+    })
+}
+
+/// The WGSL hash every mask uses (shaders/include/hash.wgsl) and its Rust twin (crate::hash)
+/// agree bit for bit on 2^16 inputs: edge values, consecutive counters and random words.
+#[test]
+fn wgsl_and_rust_hashes_agree() {
+    let Some(gpu) = test_gpu() else { return };
+    let (_, hash_wgsl) = INCLUDES
+        .iter()
+        .find(|(path, _)| *path == "include/hash.wgsl")
+        .expect("include/hash.wgsl is embedded");
+    let n = 1usize << 16;
+    let mut rng = Rng::new(17);
+    let mut word = || rng.next_u64() as u32;
+    let edges = [0, 1, 2, 0x7fff_ffff, 0x8000_0000, u32::MAX - 1, u32::MAX];
+    let mut inputs: Vec<[u32; 4]> = Vec::new();
+    for &a in &edges {
+        for &b in &edges {
+            inputs.push([a, b, a ^ b, b]);
+        }
+    }
+    for i in 0..1000 {
+        inputs.push([7, 3, i, i + 1]);
+    }
+    while inputs.len() < n {
+        inputs.push([word(), word(), word(), word()]);
+    }
+    let flat: Vec<u32> = inputs.iter().flatten().copied().collect();
+    let g_in = gpu.upload("probe in", DType::U32, &flat).unwrap();
+    let g_out = gpu.zeros("probe out", DType::U32, 4 * n).unwrap();
+    let module = gpu
+        .device
+        .create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("hash probe"),
+            source: wgpu::ShaderSource::Wgsl(format!("{hash_wgsl}\n{HASH_PROBE}").into()),
+        });
+    let pipeline = gpu
+        .device
+        .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("hash probe"),
+            layout: None,
+            module: &module,
+            entry_point: Some("probe"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+    let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("hash probe"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: whole(&g_in),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: whole(&g_out),
+            },
+        ],
+    });
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups((n / 64) as u32, 1, 1);
+    }
+    gpu.queue.submit([encoder.finish()]);
+    let got = gpu.read_u32(&g_out).unwrap();
+    for (k, &[seed, step, i, j]) in inputs.iter().enumerate() {
+        let key = hash::mask_key(seed, step);
+        let want = [
+            hash::pcg(i),
+            key,
+            hash::element_hash(key, i),
+            hash::cell_hash(key, i, j),
+        ];
+        assert_eq!(
+            got[4 * k..4 * k + 4],
+            want,
+            "input {k} (seed {seed}, step {step}, i {i}, j {j}): GPU vs CPU"
+        );
+    }
 }
 
 #[test]

@@ -1,0 +1,529 @@
+//! The store of measured kernel choices: which variant of a kernel family won on this adapter for
+//! each problem, kept in memory and in a cache file per adapter.
+//!
+//! Kernel families declare their candidates and run the measurements (`kernels::tune`); this
+//! module only decides whether a problem needs measuring (`TuneMode`), remembers the outcome and
+//! persists it. The cache file lives in the user's cache directory, one file per adapter,
+//! identified by the adapter's name, vendor and device id, driver, backend, this crate's version
+//! and a hash of the shader sources: a change to any of them makes the old choices stale. The
+//! file is written atomically (a temporary file renamed over it); a corrupt, stale or unreadable
+//! file costs one warning and is re-tuned; an unwritable directory costs one warning and the run
+//! goes on with its choices in memory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Environment variable holding the tuning mode (`on`, `cached`, `off`).
+pub const ENV_TUNE: &str = "SHADERFORMER_TUNE";
+/// Environment variable naming the directory of the tuning cache (default: the user's cache
+/// directory, `$XDG_CACHE_HOME/shaderformer` or `~/.cache/shaderformer`).
+pub const ENV_CACHE_DIR: &str = "SHADERFORMER_CACHE_DIR";
+
+/// Version of the cache file's layout.
+const FORMAT: u32 = 1;
+
+/// When kernel variants are chosen by measurement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TuneMode {
+    /// Use the cache, and measure every problem it lacks (the default).
+    #[default]
+    On,
+    /// Use the cache; the fixed rule for problems it lacks.
+    Cached,
+    /// The fixed rule everywhere; the cache is neither read nor written.
+    Off,
+}
+
+impl TuneMode {
+    pub const NAMES: &'static str = "on, cached or off";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TuneMode::On => "on",
+            TuneMode::Cached => "cached",
+            TuneMode::Off => "off",
+        }
+    }
+
+    /// The mode in `SHADERFORMER_TUNE`, or `default` when it is unset or empty.
+    pub fn from_env_or(default: TuneMode) -> Result<TuneMode> {
+        match std::env::var(ENV_TUNE) {
+            Ok(s) if !s.trim().is_empty() => s.parse(),
+            _ => Ok(default),
+        }
+    }
+}
+
+impl FromStr for TuneMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<TuneMode> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "on" => Ok(TuneMode::On),
+            "cached" => Ok(TuneMode::Cached),
+            "off" => Ok(TuneMode::Off),
+            other => Err(Error::invalid(
+                "--tune",
+                format!("unknown mode '{other}' (expected {})", TuneMode::NAMES),
+            )),
+        }
+    }
+}
+
+/// One problem's measurement: every candidate's median time, the winner and the fixed rule's
+/// choice beside it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    /// The kernel family, e.g. "gemm".
+    pub family: String,
+    /// The problem's bucket, e.g. "NT m512 n512 k128 f32".
+    pub problem: String,
+    /// The exact shape the measurement ran at (the first problem of the bucket met).
+    pub shape: String,
+    pub winner: String,
+    /// What the fixed rule (`--tune off`) takes for this problem.
+    pub rule: String,
+    /// Median seconds of each candidate that matched the baseline, fastest first.
+    pub times: Vec<(String, f64)>,
+    /// Candidates whose output differed from the baseline's beyond rounding (or that failed),
+    /// with the reason.
+    pub rejected: Vec<(String, String)>,
+    /// Work of one run at `shape`, for GFLOP/s and GB/s.
+    pub flops: u64,
+    pub bytes: u64,
+}
+
+impl Choice {
+    /// Median seconds of `variant`, if it was timed.
+    pub fn time_of(&self, variant: &str) -> Option<f64> {
+        self.times.iter().find(|(v, _)| v == variant).map(|t| t.1)
+    }
+
+    /// The family and problem, the key of the store.
+    pub fn key(&self) -> String {
+        key(&self.family, &self.problem)
+    }
+}
+
+fn key(family: &str, problem: &str) -> String {
+    format!("{family}: {problem}")
+}
+
+/// What the store says about a problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Use this variant (pinned by a checkpoint, or measured before).
+    Use(String),
+    /// Measure the candidates now.
+    Measure,
+    /// Use the fixed rule.
+    Rule,
+}
+
+/// Everything that identifies an adapter and the code measured on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub adapter: String,
+    pub vendor: u32,
+    pub device: u32,
+    pub driver: String,
+    pub driver_info: String,
+    pub backend: String,
+    pub crate_version: String,
+    /// FNV-1a of every shader source, as loaded (embedded or from --shader-dir).
+    pub shaders: String,
+}
+
+impl Identity {
+    pub fn new(info: &wgpu::AdapterInfo, shaders_hash: u64) -> Identity {
+        Identity {
+            adapter: info.name.clone(),
+            vendor: info.vendor,
+            device: info.device,
+            driver: info.driver.clone(),
+            driver_info: info.driver_info.clone(),
+            backend: format!("{:?}", info.backend),
+            crate_version: env!("CARGO_PKG_VERSION").to_string(),
+            shaders: format!("{shaders_hash:016x}"),
+        }
+    }
+
+    /// The cache file's name: the adapter, readable, and a hash of the whole identity.
+    fn file_name(&self) -> String {
+        let readable: String = self
+            .adapter
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let readable = readable.trim_matches('-');
+        let readable = &readable[..readable.len().min(40)];
+        let id = serde_json::to_string(self).unwrap_or_default();
+        format!("tune-{readable}-{:016x}.json", fnv1a(id.as_bytes()))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    format: u32,
+    identity: Identity,
+    choices: Vec<Choice>,
+}
+
+#[derive(Default)]
+struct State {
+    choices: BTreeMap<String, Choice>,
+    /// Variants a checkpoint trained with, by key: they win over the cache.
+    pinned: BTreeMap<String, String>,
+    /// Keys looked up by this process, in first-use order, with the variant used.
+    used: Vec<(String, String)>,
+    warned_write: bool,
+}
+
+/// The tuning mode, the measured choices and their cache file.
+pub struct Tuner {
+    mode: TuneMode,
+    identity: Identity,
+    /// The cache file; `None` when no cache directory is known.
+    path: Option<PathBuf>,
+    state: Mutex<State>,
+}
+
+/// 64-bit FNV-1a: a stable hash for cache keys (std's hasher may change between releases).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The directory of the tuning cache: `SHADERFORMER_CACHE_DIR`, else `$XDG_CACHE_HOME/shaderformer`,
+/// else `$HOME/.cache/shaderformer`.
+pub fn cache_dir() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(d) = var(ENV_CACHE_DIR) {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = var("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("shaderformer"));
+    }
+    var("HOME").map(|h| PathBuf::from(h).join(".cache").join("shaderformer"))
+}
+
+fn warn(message: &str) {
+    eprintln!("warning: {message}");
+}
+
+impl Tuner {
+    /// A tuner for the adapter `identity`, reading the cache in `dir` unless `mode` is off.
+    pub fn new(mode: TuneMode, identity: Identity, dir: Option<&Path>) -> Tuner {
+        let path = dir.map(|d| d.join(identity.file_name()));
+        let mut state = State::default();
+        if mode != TuneMode::Off
+            && let Some(path) = &path
+        {
+            match read_cache(path, &identity) {
+                Ok(choices) => {
+                    state.choices = choices.into_iter().map(|c| (c.key(), c)).collect();
+                }
+                Err(why) => warn(&format!(
+                    "kernel tuning cache {}: {why}; its problems will be measured again",
+                    path.display()
+                )),
+            }
+        }
+        Tuner {
+            mode,
+            identity,
+            path,
+            state: Mutex::new(state),
+        }
+    }
+
+    pub fn mode(&self) -> TuneMode {
+        self.mode
+    }
+
+    /// The cache file (which may not exist yet).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// What to do for `problem` of `family`; `candidates` are the variants that apply now (a
+    /// pinned or cached choice outside them is ignored).
+    pub fn lookup(&self, family: &str, problem: &str, candidates: &[String]) -> Lookup {
+        let k = key(family, problem);
+        let state = self.state.lock().unwrap();
+        let usable = |v: &String| candidates.contains(v);
+        if let Some(v) = state.pinned.get(&k).filter(|v| usable(v)) {
+            return Lookup::Use(v.clone());
+        }
+        if self.mode == TuneMode::Off {
+            return Lookup::Rule;
+        }
+        if let Some(c) = state.choices.get(&k).filter(|c| usable(&c.winner)) {
+            return Lookup::Use(c.winner.clone());
+        }
+        match self.mode {
+            TuneMode::On => Lookup::Measure,
+            _ => Lookup::Rule,
+        }
+    }
+
+    /// Notes that this process computes `problem` of `family` with `variant` (for checkpoints
+    /// and the `tune` table).
+    pub fn note_use(&self, family: &str, problem: &str, variant: &str) {
+        let k = key(family, problem);
+        let mut state = self.state.lock().unwrap();
+        if !state.used.iter().any(|(u, _)| *u == k) {
+            state.used.push((k, variant.to_string()));
+        }
+    }
+
+    /// Keeps a measurement and rewrites the cache file.
+    pub fn record(&self, choice: Choice) {
+        let mut state = self.state.lock().unwrap();
+        state.choices.insert(choice.key(), choice);
+        let Some(path) = &self.path else { return };
+        let file = CacheFile {
+            format: FORMAT,
+            identity: self.identity.clone(),
+            choices: state.choices.values().cloned().collect(),
+        };
+        if let Err(e) = write_atomic(path, &file)
+            && !state.warned_write
+        {
+            state.warned_write = true;
+            warn(&format!(
+                "cannot write the kernel tuning cache {}: {e}; this run keeps its choices in memory",
+                path.display()
+            ));
+        }
+    }
+
+    /// Variants to use whatever the cache says (a checkpoint's), by "family: problem" key.
+    pub fn pin(&self, choices: &BTreeMap<String, String>) {
+        let mut state = self.state.lock().unwrap();
+        state
+            .pinned
+            .extend(choices.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+
+    /// Every problem this process has computed, with the variant it used, by key.
+    pub fn used(&self) -> BTreeMap<String, String> {
+        self.state.lock().unwrap().used.iter().cloned().collect()
+    }
+
+    /// The measurement behind each problem this process used, in first-use order (problems
+    /// that were never measured on this adapter are left out).
+    pub fn used_choices(&self) -> Vec<Choice> {
+        let state = self.state.lock().unwrap();
+        state
+            .used
+            .iter()
+            .filter_map(|(k, _)| state.choices.get(k).cloned())
+            .collect()
+    }
+
+    /// Keys this process used that have no measurement (computed by the fixed rule or a pin).
+    pub fn unmeasured(&self) -> Vec<(String, String)> {
+        let state = self.state.lock().unwrap();
+        state
+            .used
+            .iter()
+            .filter(|(k, _)| !state.choices.contains_key(k))
+            .cloned()
+            .collect()
+    }
+}
+
+fn read_cache(path: &Path, identity: &Identity) -> std::result::Result<Vec<Choice>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        // No cache yet (or its directory cannot exist: writing it will say so).
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(format!("unreadable ({e})")),
+    };
+    let file: CacheFile =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not a tuning cache ({e})"))?;
+    if file.format != FORMAT {
+        return Err(format!(
+            "format {} (this build writes {FORMAT})",
+            file.format
+        ));
+    }
+    if file.identity != *identity {
+        return Err("stale (made for another adapter, driver, version or shader source)".into());
+    }
+    Ok(file.choices)
+}
+
+fn write_atomic(path: &Path, file: &CacheFile) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = serde_json::to_string_pretty(file).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+    let result = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(adapter: &str) -> Identity {
+        Identity {
+            adapter: adapter.into(),
+            vendor: 1,
+            device: 2,
+            driver: "d".into(),
+            driver_info: "i".into(),
+            backend: "Vulkan".into(),
+            crate_version: "0".into(),
+            shaders: "00".into(),
+        }
+    }
+
+    fn choice(problem: &str, winner: &str) -> Choice {
+        Choice {
+            family: "gemm".into(),
+            problem: problem.into(),
+            shape: problem.into(),
+            winner: winner.into(),
+            rule: "a".into(),
+            times: vec![(winner.into(), 1.0), ("a".into(), 2.0)],
+            rejected: vec![],
+            flops: 1,
+            bytes: 1,
+        }
+    }
+
+    fn cands() -> Vec<String> {
+        vec!["a".into(), "b".into()]
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sf-tune-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn modes_parse_and_name_the_accepted_values() {
+        assert_eq!("ON".parse::<TuneMode>().unwrap(), TuneMode::On);
+        assert_eq!("cached".parse::<TuneMode>().unwrap(), TuneMode::Cached);
+        assert_eq!(" off".parse::<TuneMode>().unwrap(), TuneMode::Off);
+        let e = "bogus".parse::<TuneMode>().unwrap_err().to_string();
+        assert!(
+            e.contains("--tune") && e.contains("on, cached or off"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn choices_persist_per_adapter_and_go_stale_with_the_identity() {
+        let dir = temp_dir("persist");
+        let t = Tuner::new(TuneMode::On, identity("x"), Some(&dir));
+        assert_eq!(t.lookup("gemm", "p", &cands()), Lookup::Measure);
+        t.record(choice("p", "b"));
+        let again = Tuner::new(TuneMode::On, identity("x"), Some(&dir));
+        assert_eq!(again.lookup("gemm", "p", &cands()), Lookup::Use("b".into()));
+        // Cached mode uses it too, and the fixed rule for the rest; off ignores it.
+        let cached = Tuner::new(TuneMode::Cached, identity("x"), Some(&dir));
+        assert_eq!(
+            cached.lookup("gemm", "p", &cands()),
+            Lookup::Use("b".into())
+        );
+        assert_eq!(cached.lookup("gemm", "q", &cands()), Lookup::Rule);
+        let off = Tuner::new(TuneMode::Off, identity("x"), Some(&dir));
+        assert_eq!(off.lookup("gemm", "p", &cands()), Lookup::Rule);
+        // Another adapter has its own file; a changed identity under the same name is stale.
+        let other = Tuner::new(TuneMode::On, identity("y"), Some(&dir));
+        assert_eq!(other.lookup("gemm", "p", &cands()), Lookup::Measure);
+        let path = again.path().unwrap().to_path_buf();
+        let mut text: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        text["identity"]["driver"] = "newer".into();
+        std::fs::write(&path, text.to_string()).unwrap();
+        let stale = Tuner::new(TuneMode::On, identity("x"), Some(&dir));
+        assert_eq!(stale.lookup("gemm", "p", &cands()), Lookup::Measure);
+        // A winner that no longer applies is measured again.
+        assert_eq!(
+            again.lookup("gemm", "p", &["a".to_string()]),
+            Lookup::Measure
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn corrupt_cache_is_retuned_and_rewritten() {
+        let dir = temp_dir("corrupt");
+        std::fs::create_dir_all(&dir).unwrap();
+        let probe = Tuner::new(TuneMode::On, identity("x"), Some(&dir));
+        let path = probe.path().unwrap().to_path_buf();
+        let noise: Vec<u8> = (0..500u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(&path, noise).unwrap();
+        let t = Tuner::new(TuneMode::On, identity("x"), Some(&dir));
+        assert_eq!(t.lookup("gemm", "p", &cands()), Lookup::Measure);
+        t.record(choice("p", "a"));
+        let again = Tuner::new(TuneMode::On, identity("x"), Some(&dir));
+        assert_eq!(again.lookup("gemm", "p", &cands()), Lookup::Use("a".into()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unwritable_directory_keeps_choices_in_memory() {
+        // A directory below a regular file can never be created.
+        let dir = temp_dir("unwritable");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let t = Tuner::new(TuneMode::On, identity("x"), Some(&file.join("cache")));
+        t.record(choice("p", "b"));
+        assert_eq!(t.lookup("gemm", "p", &cands()), Lookup::Use("b".into()));
+        assert!(!file.join("cache").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pins_win_over_the_cache_and_the_mode() {
+        let t = Tuner::new(TuneMode::Off, identity("x"), None);
+        let mut pins = BTreeMap::new();
+        pins.insert(key("gemm", "p"), "b".to_string());
+        t.pin(&pins);
+        assert_eq!(t.lookup("gemm", "p", &cands()), Lookup::Use("b".into()));
+        t.note_use("gemm", "p", "b");
+        t.note_use("gemm", "p", "b");
+        assert_eq!(t.used(), pins);
+    }
+}

@@ -1,0 +1,236 @@
+//! Loss curves as SVG: the metrics JSON lines that `train` writes (`{"step", "loss", ...}` every
+//! log interval, `{"step", "val_loss", "train_loss"}` at each evaluation) drawn as one panel per
+//! run, side by side on a shared loss axis so runs compare at a glance. A small self-written SVG
+//! writer: lines, dots, axes with ticks, a legend.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The curves of one run: (step, loss) of the training steps logged and of the evaluations.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Curves {
+    pub name: String,
+    pub train: Vec<(f64, f64)>,
+    pub val: Vec<(f64, f64)>,
+}
+
+impl Curves {
+    pub fn new(name: impl Into<String>) -> Curves {
+        Curves {
+            name: name.into(),
+            ..Curves::default()
+        }
+    }
+
+    /// Adds one metrics record; records of other kinds (and non-finite losses) are passed over.
+    /// Returns whether the record held a step.
+    pub fn add(&mut self, v: &Value) -> bool {
+        let Some(step) = v.get("step").and_then(Value::as_f64) else {
+            return false;
+        };
+        let finite = |k: &str| v.get(k).and_then(Value::as_f64).filter(|x| x.is_finite());
+        if let Some(l) = finite("loss") {
+            self.train.push((step, l));
+        }
+        if let Some(l) = finite("val_loss") {
+            self.val.push((step, l));
+        }
+        true
+    }
+
+    /// Reads a metrics file; a line that is not a JSON object with a step is an error naming
+    /// the file and line.
+    pub fn read(path: &Path) -> Result<Curves> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let name = path
+            .file_stem()
+            .map_or("run".into(), |s| s.to_string_lossy().to_string());
+        let mut c = Curves::new(name);
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let bad = |m: &str| Error::invalid(format!("{}:{}", path.display(), i + 1), m);
+            let v: Value =
+                serde_json::from_str(line).map_err(|e| bad(&format!("not JSON: {e}")))?;
+            if !c.add(&v) {
+                return Err(bad("a metrics record needs a numeric \"step\""));
+            }
+        }
+        if c.train.is_empty() && c.val.is_empty() {
+            return Err(Error::invalid(
+                path.display().to_string(),
+                "holds no loss records",
+            ));
+        }
+        Ok(c)
+    }
+}
+
+const PANEL_W: f64 = 420.0;
+const PANEL_H: f64 = 300.0;
+const LEFT: f64 = 56.0;
+const TOP: f64 = 40.0;
+const BOTTOM: f64 = 44.0;
+const GAP: f64 = 24.0;
+const TRAIN_COLOR: &str = "#1f77b4";
+const VAL_COLOR: &str = "#ff7f0e";
+
+/// About five round tick values covering [lo, hi].
+fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let span = (hi - lo).max(1e-12);
+    let raw = span / 5.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| span / s <= 6.0)
+        .unwrap_or(10.0 * mag);
+    let mut t = (lo / step).ceil() * step;
+    let mut out = Vec::new();
+    while t <= hi + step * 1e-9 {
+        out.push(t);
+        t += step;
+    }
+    out
+}
+
+fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    });
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    if hi - lo < 1e-9 {
+        (lo - 0.5, hi + 0.5)
+    } else {
+        (lo, hi)
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// An SVG of `runs`, one panel each, side by side, sharing the loss axis.
+pub fn svg(runs: &[Curves]) -> String {
+    let (lo, hi) = range(
+        runs.iter()
+            .flat_map(|r| r.train.iter().chain(&r.val).map(|p| p.1)),
+    );
+    let pad = (hi - lo) * 0.05;
+    let (lo, hi) = (lo - pad, hi + pad);
+    let width = runs.len().max(1) as f64 * (LEFT + PANEL_W + GAP) + GAP;
+    let height = TOP + PANEL_H + BOTTOM;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect width="{width:.0}" height="{height:.0}" fill="white"/>"#
+    );
+    for (k, run) in runs.iter().enumerate() {
+        let x0 = GAP + k as f64 * (LEFT + PANEL_W + GAP) + LEFT;
+        let (smin, smax) = range(run.train.iter().chain(&run.val).map(|p| p.0));
+        let px = |step: f64| x0 + (step - smin) / (smax - smin) * PANEL_W;
+        let py = |loss: f64| TOP + (hi - loss) / (hi - lo) * PANEL_H;
+        let _ = writeln!(
+            s,
+            r#"<g class="panel"><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13">{}</text>"#,
+            x0 + PANEL_W / 2.0,
+            TOP - 20.0,
+            escape(&run.name)
+        );
+        let _ = writeln!(
+            s,
+            r##"<rect x="{x0:.1}" y="{TOP:.1}" width="{PANEL_W:.1}" height="{PANEL_H:.1}" fill="none" stroke="#888"/>"##
+        );
+        for t in ticks(lo, hi) {
+            let y = py(t);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{:.1}" y1="{y:.1}" x2="{x0:.1}" y2="{y:.1}" stroke="#888"/><text x="{:.1}" y="{:.1}" text-anchor="end">{t:.3}</text>"##,
+                x0 - 4.0,
+                x0 - 6.0,
+                y + 4.0
+            );
+        }
+        for t in ticks(smin, smax) {
+            let x = px(t);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#888"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{t}</text>"##,
+                TOP + PANEL_H,
+                TOP + PANEL_H + 4.0,
+                TOP + PANEL_H + 16.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">step</text>"#,
+            x0 + PANEL_W / 2.0,
+            TOP + PANEL_H + 34.0
+        );
+        for (class, points, color) in [
+            ("train", &run.train, TRAIN_COLOR),
+            ("val", &run.val, VAL_COLOR),
+        ] {
+            if points.is_empty() {
+                continue;
+            }
+            let pts: Vec<String> = points
+                .iter()
+                .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline class="{class}" fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
+                pts.join(" ")
+            );
+            if class == "val" {
+                for p in &pts {
+                    let (x, y) = p.split_once(',').unwrap();
+                    let _ = writeln!(s, r#"<circle cx="{x}" cy="{y}" r="2.5" fill="{color}"/>"#);
+                }
+            }
+        }
+        for (i, (label, color)) in [("train loss", TRAIN_COLOR), ("val loss", VAL_COLOR)]
+            .iter()
+            .enumerate()
+        {
+            let (lx, ly) = (x0 + PANEL_W - 90.0, TOP + 14.0 + 14.0 * i as f64);
+            let _ = writeln!(
+                s,
+                r#"<line x1="{lx:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{color}" stroke-width="2"/><text x="{:.1}" y="{ly:.1}">{label}</text>"#,
+                ly - 4.0,
+                lx + 16.0,
+                ly - 4.0,
+                lx + 20.0
+            );
+        }
+        s.push_str("</g>\n");
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Writes `text` to `path` atomically: a sibling temporary file renamed over it, so a reader (or
+/// a crash) never sees half a picture.
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let name = path
+        .file_name()
+        .map_or("plot.svg".into(), |n| n.to_string_lossy().to_string());
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

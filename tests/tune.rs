@@ -1,0 +1,309 @@
+//! Kernel choice by measurement, as users meet it: `tune` fills the cache and a second run measures
+//! nothing; a broken cache or an unwritable cache directory costs one warning; `--tune` refuses
+//! unknown modes; training gives the same losses tuned or not; a resumed run keeps the variants
+//! its checkpoint recorded whatever the cache says meanwhile.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use shaderformer::gpu::test_gpu;
+
+fn bin(cache: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shaderformer"));
+    c.env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .env("SHADERFORMER_CACHE_DIR", cache)
+        .env_remove("SHADERFORMER_TUNE");
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shaderformer-tune-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A one-layer model small enough to tune in seconds on a CPU adapter.
+const MODEL: &[&str] = &[
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--vocab-size",
+    "17",
+    "--context",
+    "16",
+    "--batch-size",
+    "2",
+    "--block-size",
+    "16",
+];
+
+fn tune(cache: &Path, extra: &[&str]) -> Output {
+    bin(cache)
+        .arg("tune")
+        .args(MODEL)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn cache_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect()
+}
+
+fn warnings(o: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn tune_fills_the_cache_and_a_second_run_measures_nothing() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let cache = scratch("twice");
+    let o = tune(&cache, &[]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("fixed rule") && t.contains("gemm "), "{t}");
+    let files = cache_files(&cache);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let first = std::fs::read(&files[0]).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&first).unwrap();
+    let n = v["choices"].as_array().unwrap().len();
+    assert!(n >= 3, "{n} problems measured:\n{t}");
+    for c in v["choices"].as_array().unwrap() {
+        let winner = c["winner"].as_str().unwrap();
+        assert!(
+            c["times"].as_array().unwrap()[0][0] == winner,
+            "winner is the fastest: {c}"
+        );
+    }
+
+    let again = tune(&cache, &[]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(warnings(&again).is_empty(), "{}", text(&again));
+    // Nothing measured: the file was not rewritten, and the same table came out.
+    assert_eq!(std::fs::read(&files[0]).unwrap(), first);
+    let rows = |o: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with("gemm "))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(rows(&again), rows(&o));
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[test]
+fn a_corrupt_cache_warns_once_and_is_retuned() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let cache = scratch("corrupt");
+    assert!(tune(&cache, &[]).status.success());
+    let file = cache_files(&cache).remove(0);
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(&file, &noise).unwrap();
+    let o = tune(&cache, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let w = warnings(&o);
+    assert_eq!(w.len(), 1, "{}", text(&o));
+    assert!(w[0].contains(file.to_str().unwrap()), "{w:?}");
+    // Measured again and written back whole.
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert!(!v["choices"].as_array().unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[test]
+fn an_unwritable_cache_directory_warns_once_and_the_run_completes() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let dir = scratch("unwritable");
+    // Nothing can be created below a regular file, whoever runs the test.
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let o = tune(&file.join("cache"), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let w = warnings(&o);
+    assert_eq!(w.len(), 1, "{}", text(&o));
+    assert!(w[0].contains("cannot write"), "{w:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unknown_mode_names_the_accepted_values() {
+    let cache = scratch("bogus");
+    for o in [
+        tune(&cache, &["--tune", "bogus"]),
+        bin(&cache)
+            .env("SHADERFORMER_TUNE", "bogus")
+            .args(["tune"])
+            .args(MODEL)
+            .output()
+            .unwrap(),
+    ] {
+        let t = text(&o);
+        assert!(!o.status.success(), "{t}");
+        assert!(!t.contains("panicked"), "{t}");
+        let err: Vec<&str> = t.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(err.len(), 1, "{t}");
+        assert!(
+            err[0].contains("--tune") && err[0].contains("on, cached or off"),
+            "{t}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+fn train(cache: &Path, out: &Path, steps: u32, extra: &[&str]) -> Output {
+    let o = bin(cache)
+        .args(["train", "--data"])
+        .arg(data())
+        .args([
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "32",
+            "--batch-size",
+            "2",
+            "--block-size",
+            "16",
+            "--eval-interval",
+            "0",
+            "--log-interval",
+            "1",
+            "--max-iters",
+            &steps.to_string(),
+            "--seed",
+            "5",
+        ])
+        .arg("--out")
+        .arg(out)
+        .arg("--metrics")
+        .arg(out.with_extension("jsonl"))
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    o
+}
+
+/// A small text with a character vocabulary, written once per test process.
+fn data() -> PathBuf {
+    let p = std::env::temp_dir().join(format!("shaderformer-tune-{}.txt", std::process::id()));
+    if !p.exists() {
+        let line = "to be or not to be, that is the question: whether tis nobler in the mind\n";
+        std::fs::write(&p, line.repeat(40)).unwrap();
+    }
+    p
+}
+
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.with_extension("jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+fn recorded_kernels(out: &Path) -> serde_json::Value {
+    let s = std::fs::read_to_string(out.join("trainer_state.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&s).unwrap()["kernels"].clone()
+}
+
+#[test]
+fn training_tuned_or_not_gives_the_same_losses() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let dir = scratch("onoff");
+    let on = train(&dir.join("cache"), &dir.join("on"), 6, &["--tune", "on"]);
+    let off = train(&dir.join("cache"), &dir.join("off"), 6, &["--tune", "off"]);
+    let (a, b) = (losses(&dir.join("on")), losses(&dir.join("off")));
+    assert_eq!(a.len(), 6, "{}", text(&on));
+    assert_eq!(b.len(), 6, "{}", text(&off));
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5, "step {s}: tuned {x}, fixed rule {y}");
+    }
+    // The tuned run recorded a variant for every GEMM problem it ran.
+    let k = recorded_kernels(&dir.join("on"));
+    assert!(
+        k.as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.starts_with("gemm: ")),
+        "{k}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_resumed_run_keeps_its_checkpoints_variants_whatever_the_cache_says() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let dir = scratch("resume");
+    let cache = dir.join("cache");
+    train(&cache, &dir.join("straight"), 6, &[]);
+    let split = dir.join("split");
+    train(&cache, &split, 3, &[]);
+    let before = recorded_kernels(&split);
+    // Every measured winner becomes the naive kernel: a resumed run that followed the cache
+    // would record (and run) those instead of its checkpoint's variants.
+    for f in cache_files(&cache) {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+        for c in v["choices"].as_array_mut().unwrap() {
+            c["winner"] = "naive".into();
+        }
+        std::fs::write(&f, v.to_string()).unwrap();
+    }
+    train(&cache, &split, 6, &["--resume", split.to_str().unwrap()]);
+    assert_eq!(recorded_kernels(&split), before);
+    // Resumed with no cache at all, a run also continues bit for bit.
+    let gone = dir.join("gone");
+    train(&cache, &gone, 3, &[]);
+    let _ = std::fs::remove_dir_all(&cache);
+    train(&cache, &gone, 6, &["--resume", gone.to_str().unwrap()]);
+    let straight = losses(&dir.join("straight"));
+    assert_eq!(straight.len(), 6);
+    for run in [&split, &gone] {
+        let resumed = losses(run);
+        assert_eq!(resumed.len(), 6, "{resumed:?}");
+        for ((s, x), (_, y)) in straight.iter().zip(&resumed) {
+            assert_eq!(
+                x.to_bits(),
+                y.to_bits(),
+                "step {s}: {x} straight, {y} resumed"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
