@@ -30,22 +30,37 @@ use crate::rng::Rng;
 
 use Binding::{Read, ReadWrite};
 
-/// a, b, bias, c.
+/// a, b, bias, c, aux (the epilogue's tensor).
 const GEMM_BINDINGS: &[Binding] = &[Read, Read, Read, ReadWrite, ReadWrite];
 
-pub const NAIVE: KernelSpec = KernelSpec {
-    shader: Shader::Gemm,
-    variant: ShaderVariant::Base,
-    entry: "gemm_naive",
-    bindings: GEMM_BINDINGS,
-};
+/// The f32 (Base) kernel of gemm.wgsl at `entry`, with the GEMM bindings; `entry()` derives the
+/// f16-B variant where one is needed.
+const fn gemm_spec(entry: &'static str) -> KernelSpec {
+    KernelSpec {
+        shader: Shader::Gemm,
+        variant: ShaderVariant::Base,
+        entry,
+        bindings: GEMM_BINDINGS,
+    }
+}
+
+pub const NAIVE: KernelSpec = gemm_spec("gemm_naive");
 /// Matrix-vector products: few rows of a against b stored (N, K) (decoding).
-pub const GEMV: KernelSpec = KernelSpec {
-    shader: Shader::Gemm,
-    variant: ShaderVariant::Base,
-    entry: "gemm_gemv",
-    bindings: GEMM_BINDINGS,
-};
+pub const GEMV: KernelSpec = gemm_spec("gemm_gemv");
+/// The tiled kernel with scalar reads of a and b.
+pub const TILED: KernelSpec = gemm_spec("gemm_tiled");
+/// The tiled kernel reading a as vec4.
+pub const TILED_VA: KernelSpec = gemm_spec("gemm_tiled_va");
+/// The tiled kernel reading b as vec4.
+pub const TILED_VB: KernelSpec = gemm_spec("gemm_tiled_vb");
+/// The tiled kernel reading a and b as vec4.
+pub const TILED_VAB: KernelSpec = gemm_spec("gemm_tiled_vab");
+/// The register-block kernel (no workgroup memory), scalar reads of b.
+pub const REG: KernelSpec = gemm_spec("gemm_reg");
+/// The register-block kernel reading b as vec4.
+pub const REG_VB: KernelSpec = gemm_spec("gemm_reg_vb");
+/// Split-K's reduce: binding 1 holds the partial products; binding 2 is not read.
+pub const SPLITK_REDUCE: KernelSpec = gemm_spec("gemm_splitk_reduce");
 /// Rows of op(A) up to which `matmul` takes the matrix-vector kernel (as `gemm.wgsl`'s
 /// GEMV_MAX_M), for B stored (N, K) without batches.
 pub const GEMV_MAX_M: usize = 8;
@@ -54,63 +69,6 @@ pub const GEMV_MAX_M: usize = 8;
 /// levels to combine; 8 columns of 32 invocations were twice as slow on a CPU adapter, where
 /// barriers dominate.
 const GEMV_COLS: usize = 32;
-/// The tiled kernel with scalar reads of a and b.
-pub const TILED: KernelSpec = KernelSpec {
-    shader: Shader::Gemm,
-    variant: ShaderVariant::Base,
-    entry: "gemm_tiled",
-    bindings: GEMM_BINDINGS,
-};
-/// The tiled kernel reading a as vec4.
-pub const TILED_VA: KernelSpec = KernelSpec {
-    shader: Shader::Gemm,
-    variant: ShaderVariant::Base,
-    entry: "gemm_tiled_va",
-    bindings: GEMM_BINDINGS,
-};
-/// The tiled kernel reading b as vec4.
-pub const TILED_VB: KernelSpec = KernelSpec {
-    shader: Shader::Gemm,
-    variant: ShaderVariant::Base,
-    entry: "gemm_tiled_vb",
-    bindings: GEMM_BINDINGS,
-};
-/// The tiled kernel reading a and b as vec4.
-pub const TILED_VAB: KernelSpec = KernelSpec {
-    shader: Shader::Gemm,
-    variant: ShaderVariant::Base,
-    entry: "gemm_tiled_vab",
-    bindings: GEMM_BINDINGS,
-};
-/// The f16-B twins of the kernels above (gemm_f16.wgsl): same entry points and bindings.
-pub const NAIVE_F16: KernelSpec = NAIVE.with_variant(ShaderVariant::F16);
-/// `GEMV` with an f16 weight.
-pub const GEMV_F16: KernelSpec = GEMV.with_variant(ShaderVariant::F16);
-pub const TILED_F16: KernelSpec = TILED.with_variant(ShaderVariant::F16);
-pub const TILED_VA_F16: KernelSpec = TILED_VA.with_variant(ShaderVariant::F16);
-pub const TILED_VB_F16: KernelSpec = TILED_VB.with_variant(ShaderVariant::F16);
-pub const TILED_VAB_F16: KernelSpec = TILED_VAB.with_variant(ShaderVariant::F16);
-/// The register-block kernel (no workgroup memory), scalar reads of b.
-pub const REG: KernelSpec = KernelSpec {
-    shader: Shader::Gemm,
-    variant: ShaderVariant::Base,
-    entry: "gemm_reg",
-    bindings: GEMM_BINDINGS,
-};
-/// The register-block kernel reading b as vec4.
-pub const REG_VB: KernelSpec = KernelSpec {
-    shader: Shader::Gemm,
-    variant: ShaderVariant::Base,
-    entry: "gemm_reg_vb",
-    bindings: GEMM_BINDINGS,
-};
-/// Split-K's reduce: binding 1 holds the partial products; binding 2 is not read.
-pub const SPLITK_REDUCE: KernelSpec = KernelSpec {
-    shader: Shader::Gemm,
-    variant: ShaderVariant::Base,
-    entry: "gemm_splitk_reduce",
-    bindings: GEMM_BINDINGS,
-};
 /// Outputs per workgroup of gemm_splitk_reduce.
 const SPLITK_REDUCE_WG: usize = 256;
 pub const BIAS_BACKWARD: KernelSpec = KernelSpec {
