@@ -68,8 +68,8 @@ pub fn choose(
     Ok(chosen)
 }
 
-/// The largest `|x - base|` over `atol + rtol·|base|`, and its index (NaN where either is not
-/// finite). At most 1 means the outputs agree.
+/// The largest `|x - base|` over `atol + rtol·|base|`, and its index (infinite where only one
+/// is finite, or where they differ with no tolerance). At most 1 means the outputs agree.
 fn worst(x: &[f32], base: &[f32], atol: f64, rtol: f64) -> (f64, usize) {
     let mut w = (0.0, 0);
     for (i, (&a, &b)) in x.iter().zip(base).enumerate() {
@@ -81,7 +81,13 @@ fn worst(x: &[f32], base: &[f32], atol: f64, rtol: f64) -> (f64, usize) {
         } else {
             f64::INFINITY
         };
-        if !(r <= w.0) {
+        // 0 / 0 (no tolerance, equal values) agrees; any other NaN does not.
+        let r = if r.is_nan() {
+            if a == b { 0.0 } else { f64::INFINITY }
+        } else {
+            r
+        };
+        if r > w.0 {
             w = (r, i);
         }
     }
@@ -124,7 +130,7 @@ fn measure(
             let first = t0.elapsed().as_secs_f64();
             let got = gpu.read_f32(&trial.output)?;
             let (w, i) = worst(&got, &expected, problem.atol, problem.rtol);
-            if !(w <= 1.0) {
+            if w > 1.0 {
                 return Ok(Err(format!(
                     "element {i}: {} against the baseline's {}",
                     got[i], expected[i]
