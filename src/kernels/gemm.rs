@@ -1167,6 +1167,11 @@ fn tuned(gpu: &Gpu, mm: &Matmul, c: &Operand, a: &Operand, b: &Operand) -> Resul
     use super::tune::{self, Problem, Trial, bucket};
     let rule = fixed_rule(gpu, mm);
     let kernels = candidates(gpu, mm, a, b);
+    let baseline = if kernels.contains(&rule) {
+        rule
+    } else {
+        Kernel::Naive
+    };
     let Matmul { m, n, k, batch, .. } = *mm;
     let ((ar, ac), (br, bc)) = mm.stored();
     let (va, vb) = (vec4_ok(a, ar, batch), vec4_ok(b, br, batch));
@@ -1194,7 +1199,12 @@ fn tuned(gpu: &Gpu, mm: &Matmul, c: &Operand, a: &Operand, b: &Operand) -> Resul
                 String::new()
             }
         ),
-        candidates: kernels.iter().map(Kernel::name).collect(),
+        // The fixed rule's kernel first (naive where the rule cannot run this problem): the
+        // baseline the others are checked against.
+        candidates: std::iter::once(baseline)
+            .chain(kernels.iter().copied().filter(|&k| k != baseline))
+            .map(|k| k.name())
+            .collect(),
         rule: rule.name(),
         // Inputs in [-1, 1]: sums of k products, as the kernels' own checks.
         atol,

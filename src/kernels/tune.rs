@@ -28,8 +28,8 @@ pub struct Problem {
     pub bucket: String,
     /// The exact shape, for reports.
     pub shape: String,
-    /// Names of the variants that can compute it; the first is the baseline others are checked
-    /// against.
+    /// Names of the variants that can compute it; the first is the baseline the others are
+    /// checked against (a family lists a tested, fast kernel first, e.g. its fixed rule's).
     pub candidates: Vec<String>,
     /// What the fixed rule takes (one of the candidates).
     pub rule: String,
@@ -42,6 +42,14 @@ pub struct Problem {
 const TIME_BUDGET: f64 = 1.5;
 /// Timed runs per candidate at most.
 const MAX_RUNS: usize = 5;
+/// A problem whose baseline takes longer than this for one run (seconds) is not measured: it
+/// keeps the fixed rule (on a CPU adapter, GPT-2's lm head would otherwise take most of an hour
+/// to tune).
+const MAX_BASELINE: f64 = 5.0;
+/// A candidate whose checked run already took this long (seconds) and over `SLOWER` times the
+/// best median so far is not timed further (its checked run, compilation included, stands).
+const SLOW_RUN: f64 = 0.5;
+const SLOWER: f64 = 3.0;
 
 /// The variant to compute `problem` with: pinned or cached, measured now (tuning on), or the
 /// fixed rule. `build` sets up a candidate by name on inputs that stay the same across calls.
@@ -109,8 +117,29 @@ fn measure(
 
     let base_name = &problem.candidates[0];
     let base = build(base_name)?;
+    let t0 = Instant::now();
     gpu.run(&base.dispatches)?;
+    let base_time = t0.elapsed().as_secs_f64();
     let expected = gpu.read_f32(&base.output)?;
+    if base_time > MAX_BASELINE {
+        bar.finish_and_clear();
+        return Ok(Choice {
+            family: problem.family.to_string(),
+            problem: problem.bucket.clone(),
+            shape: problem.shape.clone(),
+            winner: problem.rule.clone(),
+            rule: problem.rule.clone(),
+            times: vec![(base_name.clone(), base_time)],
+            rejected: vec![(
+                "the other candidates".into(),
+                format!(
+                    "not measured: one run of {base_name} took {base_time:.1} s (over {MAX_BASELINE} s)"
+                ),
+            )],
+            flops: base.dispatches.iter().map(|d| d.cost.flops).sum(),
+            bytes: base.dispatches.iter().map(|d| d.cost.bytes).sum(),
+        });
+    }
     let mut times = Vec::new();
     let mut rejected = Vec::new();
     let mut cost = (0, 0);
@@ -135,6 +164,13 @@ fn measure(
                     "element {i}: {} against the baseline's {}",
                     got[i], expected[i]
                 )));
+            }
+            let best = times
+                .iter()
+                .map(|t: &(String, f64)| t.1)
+                .fold(f64::INFINITY, f64::min);
+            if first > SLOW_RUN && first > SLOWER * best {
+                return Ok(Ok(first));
             }
             let runs = ((TIME_BUDGET / first.max(1e-6)) as usize).clamp(1, MAX_RUNS);
             let opts = BenchOptions { warmup: 0, runs };
