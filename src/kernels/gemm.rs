@@ -925,8 +925,9 @@ fn tile_grid(gpu: &Gpu, name: &str, tiles: usize, batch: usize) -> Result<[u32; 
     Ok(workgroups)
 }
 
-/// The dispatches of `kernel` for this matmul (two for split-K, one otherwise).
-fn launch(
+/// `matmul` with the given kernel: an error naming the kernel when it cannot compute this
+/// problem (see `candidates`). Split-K gives two dispatches, every other kernel one.
+pub fn matmul_with(
     gpu: &Gpu,
     mm: &Matmul,
     c: Operand,
@@ -1122,20 +1123,6 @@ pub fn fixed_rule(gpu: &Gpu, mm: &Matmul) -> Kernel {
     }
 }
 
-/// `matmul` with the given kernel: an error naming the kernel when it cannot compute this
-/// problem (see `candidates`). Split-K gives two dispatches, every other kernel one.
-pub fn matmul_with(
-    gpu: &Gpu,
-    mm: &Matmul,
-    c: Operand,
-    a: Operand,
-    b: Operand,
-    bias: Option<&View>,
-    kernel: Kernel,
-) -> Result<Vec<Dispatch>> {
-    launch(gpu, mm, c, a, b, bias, kernel)
-}
-
 /// C[z] (M, N) = alpha · op(A[z]) · op(B[z]) (+ bias (N) broadcast over rows) (+ C[z] when
 /// `mm.accumulate`), for z in 0..batch. op(A) is (M, K): A stored (M, K) row-major with row
 /// stride `a.ld`, or (K, M) when `mm.trans_a`. Same for B: (K, N), or (N, K) when `mm.trans_b`.
@@ -1157,7 +1144,7 @@ pub fn matmul(
         Variant::Naive => Kernel::Naive,
         Variant::Tiled => tuned(gpu, mm, &c, &a, &b)?,
     };
-    launch(gpu, mm, c, a, b, bias, kernel)
+    matmul_with(gpu, mm, c, a, b, bias, kernel)
 }
 
 /// The measured kernel for `mm` on these operands (see `kernels::tune`). Problems share a
@@ -1229,7 +1216,7 @@ fn tuned(gpu: &Gpu, mm: &Matmul, c: &Operand, a: &Operand, b: &Operand) -> Resul
             ]);
         }
         let [ta, tb, tc] = inputs.as_ref().expect("set above");
-        let dispatches = launch(
+        let dispatches = matmul_with(
             gpu,
             &trial_mm,
             trial_operand(tc, c, m, batch),
@@ -1881,7 +1868,7 @@ fn check_matmul(
     let mut naive: Option<Vec<f32>> = None;
     for kernel in kernels {
         let gc = gpu.upload_f32("c", &c0)?;
-        let d = launch(
+        let d = matmul_with(
             gpu,
             &mm,
             op(&gc, lc),
@@ -1940,7 +1927,7 @@ fn bench_candidates(
     let fixed = fixed_rule(gpu, mm);
     let mut reports = Vec::new();
     for kernel in candidates(gpu, mm, &a, &b) {
-        let d = launch(gpu, mm, c, a, b, None, kernel)?;
+        let d = matmul_with(gpu, mm, c, a, b, None, kernel)?;
         let mut name = format!("{label} {} {}", mm.ops(), kernel.name());
         if kernel == fixed {
             name.push_str(" (fixed rule)");
