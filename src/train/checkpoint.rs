@@ -354,32 +354,21 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     };
     let vocab = Vocab::load(dir)?;
     // Our own vocabularies (characters, ids) have exactly the model's rows: fewer would leave
-    // tokens that decode to nothing. A BPE tokenizer may be smaller (models pad vocab_size).
-    if let Some(v @ (Vocab::Chars(_) | Vocab::Ids(_))) = &vocab
-        && v.size() != cfg.vocab_size
-    {
-        return Err(Error::invalid(
-            dir.display().to_string(),
-            format!(
-                "the {} vocabulary has {} tokens but the model's vocab_size is {}",
-                v.kind(),
-                v.size(),
-                cfg.vocab_size
-            ),
-        ));
-    }
-    if let Some(v) = &vocab
-        && v.size() > cfg.vocab_size
-    {
-        return Err(Error::invalid(
-            dir.display().to_string(),
-            format!(
-                "the {} vocabulary has {} tokens but the model's vocab_size is {}",
-                v.kind(),
-                v.size(),
-                cfg.vocab_size
-            ),
-        ));
+    // tokens that decode to nothing. A BPE tokenizer may be smaller (models pad vocab_size), never
+    // larger.
+    if let Some(v) = &vocab {
+        let ours = matches!(v, Vocab::Chars(_) | Vocab::Ids(_));
+        if v.size() > cfg.vocab_size || (ours && v.size() != cfg.vocab_size) {
+            return Err(Error::invalid(
+                dir.display().to_string(),
+                format!(
+                    "the {} vocabulary has {} tokens but the model's vocab_size is {}",
+                    v.kind(),
+                    v.size(),
+                    cfg.vocab_size
+                ),
+            ));
+        }
     }
     Ok(Checkpoint {
         cfg,
