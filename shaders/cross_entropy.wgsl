@@ -32,7 +32,7 @@ override WG: u32 = 256u;
 
 const IGNORE: u32 = 0xffffffffu;
 // The most negative finite f32: the running max starts here, so max - max is never inf - inf.
-const LOWEST: f32 = -3.40282347e38;
+const LOWEST: f32 = -3.4028234663852886e38;
 
 @group(0) @binding(0) var<uniform> p: Params;
 

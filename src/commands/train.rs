@@ -132,39 +132,12 @@ pub struct TrainArgs {
     sample_tokens: usize,
 }
 
-/// The embedded addition dataset's settings: a small model that learns two-digit addition in a
-/// few minutes on a software Vulkan device, fed one line-aligned problem per sequence.
-fn addition_defaults() -> TrainConfig {
-    let d = TrainConfig::default();
-    TrainConfig {
-        n_layer: 2,
-        n_head: 4,
-        n_embd: 64,
-        block_size: addition::LINE,
-        batch_size: 32,
-        max_iters: 2000,
-        schedule: LrSchedule {
-            lr: 1e-3,
-            min_lr: 1e-4,
-            warmup_iters: 50,
-            lr_decay_iters: 2000,
-            ..d.schedule
-        },
-        weight_decay: 0.0,
-        loader: LoaderKind::Sequential,
-        eval_interval: 500,
-        eval_iters: 10,
-        log_interval: 100,
-        ..d
-    }
-}
-
 impl TrainArgs {
     /// The run's settings: flags given on the command line, else (with --resume) the resumed
     /// run's saved settings, else the defaults (the addition dataset's without --data).
     pub fn config(&self) -> Result<TrainConfig> {
         let mut d = if self.data.is_none() && self.init.is_none() && self.resume.is_none() {
-            addition_defaults()
+            addition::defaults()
         } else {
             TrainConfig::default()
         };

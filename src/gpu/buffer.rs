@@ -199,6 +199,11 @@ impl Gpu {
 
     /// Copies the view back to the CPU (waits for all queued work).
     pub fn read_bytes(&self, view: &View) -> Result<Vec<u8>> {
+        super::block_on("a readback", self.read_bytes_async(view))
+    }
+
+    /// `read_bytes`, awaited: in a browser the mapping completes from the event loop.
+    pub async fn read_bytes_async(&self, view: &View) -> Result<Vec<u8>> {
         let bytes = view.bytes();
         let staging = self.scoped(&view.name, bytes, || {
             self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -215,51 +220,32 @@ impl Gpu {
             });
         enc.copy_buffer_to_buffer(&view.buffer, view.offset, &staging, 0, bytes);
         self.scoped(&view.name, 0, || self.queue.submit([enc.finish()]))?;
-        let data = self.map_read(&staging)?;
+        let data = self.map_read_async(&staging).await?;
         let n = (view.len as u64 * view.dtype.size()) as usize;
         Ok(data[..n].to_vec())
     }
 
     /// Maps a MAP_READ buffer, waits, and returns its contents.
     pub fn map_read(&self, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
+        super::block_on("a readback", self.map_read_async(staging))
+    }
+
+    /// `map_read`, awaited. Natively the mapping is driven here by polling the device (so the
+    /// future is ready when first polled); in a browser the event loop completes it.
+    pub async fn map_read_async(&self, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
         let slice = staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        // The queue is idle; the callback runs at once unless another thread's poll holds it.
-        // Wait for it a bounded time, checking for a lost device, never spinning.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mapped = loop {
-            use std::sync::mpsc::RecvTimeoutError;
-            match rx.recv_timeout(std::time::Duration::from_millis(1)) {
-                Ok(r) => break r,
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(Error::DeviceLost {
-                        reason: "buffer mapping was dropped without completing".into(),
-                    });
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    self.check("readback")?;
-                    if std::time::Instant::now() > deadline {
-                        return Err(Error::DeviceLost {
-                            reason: "the queue is idle but a readback buffer was not mapped \
-                                     within 5 s"
-                                .into(),
-                        });
-                    }
-                    self.device
-                        .poll(wgpu::PollType::Poll)
-                        .map_err(|e| Error::DeviceLost {
-                            reason: e.to_string(),
-                        })?;
-                }
-            }
-        };
-        mapped.map_err(|_| Error::DeviceLost {
-            reason: "buffer mapping failed".into(),
-        })?;
+        let done = super::Signal::new();
+        let done2 = done.clone();
+        slice.map_async(wgpu::MapMode::Read, move |r| done2.set(r.is_ok()));
+        #[cfg(not(target_arch = "wasm32"))]
+        self.drive_until(&done)?;
+        let mapped = done.wait().await;
+        self.check("readback")?;
+        if !mapped {
+            return Err(Error::DeviceLost {
+                reason: "buffer mapping failed".into(),
+            });
+        }
         let data = slice
             .get_mapped_range()
             .map_err(|e| Error::Validation {
@@ -271,7 +257,36 @@ impl Gpu {
         Ok(data)
     }
 
+    /// Waits for the queue, then for `done`'s callback: a bounded time, checking for a lost
+    /// device, never spinning (the queue is idle; the callback runs at once unless another
+    /// thread's poll holds it).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn drive_until(&self, done: &super::Signal<bool>) -> Result<()> {
+        self.wait()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while done.peek().is_none() {
+            self.check("readback")?;
+            if std::time::Instant::now() > deadline {
+                return Err(Error::DeviceLost {
+                    reason: "the queue is idle but a readback buffer was not mapped within 5 s"
+                        .into(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            self.device
+                .poll(wgpu::PollType::Poll)
+                .map_err(|e| Error::DeviceLost {
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
     pub fn read_f32(&self, view: &View) -> Result<Vec<f32>> {
+        super::block_on("a readback", self.read_f32_async(view))
+    }
+
+    pub async fn read_f32_async(&self, view: &View) -> Result<Vec<f32>> {
         if view.dtype != DType::F32 {
             return Err(Error::Shape {
                 kernel: "read_f32".into(),
@@ -280,7 +295,9 @@ impl Gpu {
                 got: format!("dtype {}", view.dtype.name()),
             });
         }
-        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(view)?))
+        Ok(bytemuck::pod_collect_to_vec(
+            &self.read_bytes_async(view).await?,
+        ))
     }
 
     pub fn read_u32(&self, view: &View) -> Result<Vec<u32>> {

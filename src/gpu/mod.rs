@@ -8,6 +8,9 @@ mod dispatch;
 mod pipeline;
 mod profiler;
 pub mod shaders;
+pub mod signal;
+#[cfg(not(target_arch = "wasm32"))]
+mod testing;
 pub mod tune;
 
 use std::collections::HashMap;
@@ -18,6 +21,9 @@ pub use dispatch::{Cost, Dispatch, grid};
 pub use pipeline::{Binding, KernelSpec};
 pub use profiler::TimingMethod;
 pub use shaders::{Shader, ShaderSource, ShaderVariant};
+pub use signal::Signal;
+#[cfg(not(target_arch = "wasm32"))]
+pub use testing::test_gpu;
 pub use tune::{TuneMode, Tuner};
 
 use crate::error::{Error, Result};
@@ -65,6 +71,8 @@ pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
 
 fn parse_backends(backend: Option<&str>) -> Result<wgpu::Backends> {
     Ok(match backend.map(|b| b.to_ascii_lowercase()) {
+        // A browser has one API: WebGPU (never its WebGL fallback, which has no compute).
+        None if cfg!(target_arch = "wasm32") => wgpu::Backends::BROWSER_WEBGPU,
         None => wgpu::Backends::all(),
         Some(b) => match b.as_str() {
             "vulkan" | "vk" => wgpu::Backends::VULKAN,
@@ -107,8 +115,13 @@ fn preference(info: &wgpu::AdapterInfo) -> (u8, u8) {
 
 /// Every adapter visible through `backends`, in the order `shaderformer devices` prints them.
 pub fn enumerate(backend: Option<&str>) -> Result<Vec<wgpu::Adapter>> {
+    block_on("listing adapters", enumerate_async(backend))
+}
+
+/// The adapters, awaited (a browser offers at most one, the one `requestAdapter` gives).
+pub async fn enumerate_async(backend: Option<&str>) -> Result<Vec<wgpu::Adapter>> {
     let instance = new_instance(parse_backends(backend)?);
-    let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let mut adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
     adapters.sort_by_key(|a| preference(&a.get_info()));
     Ok(adapters)
 }
@@ -173,7 +186,12 @@ pub struct Gpu {
 impl Gpu {
     /// Opens the adapter chosen by `opts` (high-performance by default) with its real limits.
     pub fn new(opts: &GpuOptions) -> Result<Gpu> {
-        let adapters = enumerate(opts.backend.as_deref())?;
+        block_on("opening the device", Self::new_async(opts))
+    }
+
+    /// `new`, awaited: the adapter and device requests are futures (promises in a browser).
+    pub async fn new_async(opts: &GpuOptions) -> Result<Gpu> {
+        let adapters = enumerate_async(opts.backend.as_deref()).await?;
         let wanted = || {
             let mut w = String::new();
             if let Some(b) = &opts.backend {
@@ -188,12 +206,12 @@ impl Gpu {
             if w.is_empty() { "any".into() } else { w }
         };
         // The list the index counts in: `shaderformer devices` with the same --backend.
+        let listed: Vec<String> = adapters.iter().map(|a| describe(&a.get_info())).collect();
         let available = || {
-            let names: Vec<String> = enumerate(opts.backend.as_deref())
-                .unwrap_or_default()
+            let names: Vec<String> = listed
                 .iter()
                 .enumerate()
-                .map(|(i, a)| format!("[{i}] {}", describe(&a.get_info())))
+                .map(|(i, a)| format!("[{i}] {a}"))
                 .collect();
             if names.is_empty() {
                 "none (install a Vulkan driver, e.g. mesa-vulkan-drivers)".to_string()
@@ -219,10 +237,10 @@ impl Gpu {
                 available: available(),
             });
         };
-        Self::open(adapter, opts.shaders.clone(), opts.tune)
+        Self::open(adapter, opts.shaders.clone(), opts.tune).await
     }
 
-    fn open(adapter: wgpu::Adapter, shaders: ShaderSource, tune: TuneMode) -> Result<Gpu> {
+    async fn open(adapter: wgpu::Adapter, shaders: ShaderSource, tune: TuneMode) -> Result<Gpu> {
         let info = adapter.get_info();
         let tuner = Tuner::new(
             tune,
@@ -241,12 +259,14 @@ impl Gpu {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(|e| {
-            Error::RequestDevice {
-                adapter: describe(&info),
-                message: e.to_string(),
-            }
-        })?;
+        let (device, queue) =
+            adapter
+                .request_device(&desc)
+                .await
+                .map_err(|e| Error::RequestDevice {
+                    adapter: describe(&info),
+                    message: e.to_string(),
+                })?;
         let lost = Arc::new(Mutex::new(None));
         let lost2 = lost.clone();
         device.set_device_lost_callback(move |reason, message| {
@@ -303,6 +323,17 @@ impl Gpu {
 
     /// Runs `f` inside validation, out-of-memory and internal error scopes and turns whatever they
     /// catch (and any uncaptured error or device loss) into a typed error naming `context`.
+    /// In a browser the scopes' answers arrive only from the event loop, which a synchronous
+    /// caller cannot wait for: there the errors surface through the uncaptured-error handler and
+    /// `check` (at the next readback at the latest).
+    #[cfg(target_arch = "wasm32")]
+    pub fn scoped<T>(&self, context: &str, _bytes: u64, f: impl FnOnce() -> T) -> Result<T> {
+        let value = f();
+        self.check(context)?;
+        Ok(value)
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn scoped<T>(&self, context: &str, bytes: u64, f: impl FnOnce() -> T) -> Result<T> {
         let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -369,70 +400,30 @@ impl Gpu {
     }
 }
 
+/// Runs the GPU layer's async core to completion for a synchronous caller. Natively it blocks
+/// (every future here is driven by `device.poll` and ready when first polled). A browser's
+/// promises settle only from its event loop, which a synchronous call cannot yield to: there a
+/// future not ready at once is an error naming `what` and the `_async` form to call instead.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn block_on<T>(_what: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    pollster::block_on(f)
+}
+
+#[cfg(target_arch = "wasm32")]
+pub fn block_on<T>(what: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => Err(Error::invalid(
+            what,
+            "cannot wait synchronously in a browser (use the _async form)",
+        )),
+    }
+}
+
 /// wgpu's messages span several lines; the first names the problem, the rest repeat context.
 fn first_line(s: &str) -> String {
     let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     lines.join(" | ")
-}
-
-/// The shared device for tests and examples: `None` when no adapter is present, unless
-/// `SHADERFORMER_REQUIRE_GPU=1`, in which case a missing adapter panics so the test fails loudly.
-/// A test that gets `None` is skipped, never passed in silence: each one prints
-/// `skipped: no GPU adapter: <test>` on the process's stderr (past the test harness's capture),
-/// and the process ends with a count of them.
-pub fn test_gpu() -> Option<&'static Gpu> {
-    static GPU: std::sync::OnceLock<Option<Gpu>> = std::sync::OnceLock::new();
-    let gpu = GPU.get_or_init(|| match Gpu::new(&GpuOptions::from_env()) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            if std::env::var(ENV_REQUIRE_GPU).as_deref() == Ok("1") {
-                panic!("{ENV_REQUIRE_GPU}=1 but no GPU is usable: {e}");
-            }
-            report_to_stderr(&format!("no GPU adapter ({e}); GPU tests are skipped"));
-            None
-        }
-    });
-    if gpu.is_none() {
-        note_skipped_test();
-    }
-    gpu.as_ref()
-}
-
-/// Writes a line to the process's stderr directly: `eprintln!` inside a test is captured by the
-/// harness and shown only when the test fails.
-fn report_to_stderr(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// Names of the tests that found no GPU in this process, each recorded once.
-static SKIPPED_TESTS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// Records the current test (the harness names each test's thread after it) as skipped, prints
-/// it once, and on the first skip arranges for the total to be printed when the process exits.
-fn note_skipped_test() {
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("<unnamed thread>")
-        .to_string();
-    let mut skipped = SKIPPED_TESTS.lock().unwrap_or_else(|e| e.into_inner());
-    if skipped.contains(&test) {
-        return;
-    }
-    if skipped.is_empty() {
-        unsafe extern "C" {
-            fn atexit(f: extern "C" fn()) -> std::ffi::c_int;
-        }
-        // SAFETY: atexit is the C library's; the handler only reads a static and writes stderr.
-        unsafe { atexit(report_skipped_tests) };
-    }
-    report_to_stderr(&format!("skipped: no GPU adapter: {test}"));
-    skipped.push(test);
-}
-
-extern "C" fn report_skipped_tests() {
-    let n = SKIPPED_TESTS.lock().map_or(0, |s| s.len());
-    report_to_stderr(&format!(
-        "{n} GPU test(s) skipped: no GPU adapter (set {ENV_REQUIRE_GPU}=1 to make them fail)"
-    ));
 }

@@ -4,14 +4,13 @@
 //! norm) come back through a ring of mapped buffers, so the CPU never waits inside a step.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 use super::ir::{Graph, Node, Op, Phase, TensorId, TensorKind};
 use super::planner::{self, Plan};
 use super::store::{self, ParamStore};
 use super::validate;
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Dispatch, Gpu, View};
+use crate::gpu::{DType, Dispatch, Gpu, Signal, View};
 use crate::kernels::{
     adamw, attention, cross_entropy, dropout, embedding, gelu, gemm, layernorm, reduce, residual,
 };
@@ -82,7 +81,8 @@ pub struct NodeDispatches {
 struct Readback {
     buffer: wgpu::Buffer,
     step: Option<u64>,
-    ready: Arc<Mutex<Option<bool>>>,
+    /// Set by the map callback: whether mapping succeeded.
+    ready: Signal<bool>,
 }
 
 /// A graph bound to memory with all its dispatches created.
@@ -260,7 +260,7 @@ impl<'a> Executor<'a> {
                 ex.ring.push(Readback {
                     buffer,
                     step: None,
-                    ready: Arc::new(Mutex::new(None)),
+                    ready: Signal::new(),
                 });
             }
         }
@@ -916,12 +916,10 @@ impl<'a> Executor<'a> {
             let rb = &mut self.ring[slot];
             rb.step = Some(t as u64);
             let ready = rb.ready.clone();
-            *ready.lock().unwrap() = None;
+            ready.clear();
             rb.buffer
                 .slice(..)
-                .map_async(wgpu::MapMode::Read, move |r| {
-                    *ready.lock().unwrap() = Some(r.is_ok())
-                });
+                .map_async(wgpu::MapMode::Read, move |r| ready.set(r.is_ok()));
         }
         Ok(())
     }
@@ -996,7 +994,7 @@ impl<'a> Executor<'a> {
         let Some(step) = self.ring[slot].step else {
             return Ok(None);
         };
-        let ready = |rb: &Readback| *rb.ready.lock().unwrap();
+        let ready = |rb: &Readback| rb.ready.peek();
         let lost = |reason: String| Error::DeviceLost {
             reason: format!("while reading back the results of step {step}: {reason}"),
         };
@@ -1079,6 +1077,51 @@ impl<'a> Executor<'a> {
         }
         out.sort_by_key(|r| r.step);
         Ok(out)
+    }
+
+    /// `poll` for a caller that must not block (a browser): when every readback slot is taken,
+    /// awaits the oldest, so that the next `step` finds a free slot; returns what has arrived.
+    pub async fn poll_async(&mut self) -> Result<Vec<StepResult>> {
+        if self.ring.iter().all(|rb| rb.step.is_some()) {
+            let slot = self.next_ring;
+            let done = self.collect_async(slot).await?;
+            self.pending.extend(done);
+        }
+        self.poll()
+    }
+
+    /// `wait_results`, awaited.
+    pub async fn wait_results_async(&mut self) -> Result<Vec<StepResult>> {
+        let mut out = std::mem::take(&mut self.pending);
+        for k in 0..self.ring.len() {
+            let slot = (self.next_ring + k) % self.ring.len();
+            out.extend(self.collect_async(slot).await?);
+        }
+        out.sort_by_key(|r| r.step);
+        Ok(out)
+    }
+
+    /// Collects a slot, awaiting its mapping: natively by polling the device as `collect` does,
+    /// in a browser by yielding to the event loop until the map callback has run.
+    async fn collect_async(&mut self, slot: usize) -> Result<Option<StepResult>> {
+        if cfg!(target_arch = "wasm32") {
+            if self.ring[slot].step.is_some() {
+                let ready = self.ring[slot].ready.clone();
+                ready.wait().await;
+            }
+            self.collect(slot, false)
+        } else {
+            self.collect(slot, true)
+        }
+    }
+
+    /// `forward_loss`, awaited (evaluation in a browser).
+    pub async fn forward_loss_async(&mut self, batch: &MicroBatch) -> Result<f32> {
+        self.submit_one("forward", batch, &[Phase::Forward])?;
+        let loss = self
+            .loss
+            .ok_or_else(|| Error::invalid("forward_loss", "graph has no loss"))?;
+        Ok(self.gpu.read_f32_async(self.view(loss)).await?[0])
     }
 
     /// Runs the forward pass on one batch and returns the mean loss (blocking; for evaluation).

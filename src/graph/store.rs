@@ -343,21 +343,34 @@ impl ParamStore {
 
     /// Reads whole tensors (chunks joined) back as f32.
     pub fn read(gpu: &Gpu, list: &[Vec<View>]) -> Result<Vec<Vec<f32>>> {
-        list.iter()
-            .map(|chunks| Self::read_chunks(gpu, chunks))
-            .collect()
+        crate::gpu::block_on("reading parameters", Self::read_async(gpu, list))
+    }
+
+    /// `read`, awaited.
+    pub async fn read_async(gpu: &Gpu, list: &[Vec<View>]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(list.len());
+        for chunks in list {
+            out.push(Self::read_chunks_async(gpu, chunks).await?);
+        }
+        Ok(out)
     }
 
     /// Reads one tensor's chunks (f32 or f16) back as one f32 vector.
     pub fn read_chunks(gpu: &Gpu, chunks: &[View]) -> Result<Vec<f32>> {
+        crate::gpu::block_on("reading a tensor", Self::read_chunks_async(gpu, chunks))
+    }
+
+    /// `read_chunks`, awaited.
+    pub async fn read_chunks_async(gpu: &Gpu, chunks: &[View]) -> Result<Vec<f32>> {
         let mut out = Vec::new();
         for c in chunks {
             match c.dtype {
                 DType::F16 => {
-                    let h: Vec<half::f16> = bytemuck::pod_collect_to_vec(&gpu.read_bytes(c)?);
+                    let h: Vec<half::f16> =
+                        bytemuck::pod_collect_to_vec(&gpu.read_bytes_async(c).await?);
                     out.extend(h.iter().map(|x| x.to_f32()));
                 }
-                _ => out.extend(gpu.read_f32(c)?),
+                _ => out.extend(gpu.read_f32_async(c).await?),
             }
         }
         Ok(out)

@@ -129,6 +129,11 @@ impl<'a> Engine<'a> {
     /// them to the caches, and returns the logits at the last new position of each sequence
     /// (batch rows of the real vocabulary).
     pub fn feed(&mut self, tokens: &[u32], n: usize) -> Result<Vec<Vec<f32>>> {
+        crate::gpu::block_on("reading logits", self.feed_async(tokens, n))
+    }
+
+    /// `feed`, awaited (a browser reads the logits back through its event loop).
+    pub async fn feed_async(&mut self, tokens: &[u32], n: usize) -> Result<Vec<Vec<f32>>> {
         if n == 0 || tokens.len() != n * self.batch {
             return Err(Error::invalid(
                 "feed",
@@ -162,12 +167,11 @@ impl<'a> Engine<'a> {
             };
             let dec = self.run_chunk(batch, tq, false)?;
             if done + tq == n {
-                let logits = dec.exec.view(dec.logits);
-                last = (0..b)
-                    .map(|r| {
-                        gpu.read_f32(&logits.slice((r * tq + tq - 1) * vp, v, "logits.last")?)
-                    })
-                    .collect::<Result<_>>()?;
+                let logits = dec.exec.view(dec.logits).clone();
+                for r in 0..b {
+                    let row = logits.slice((r * tq + tq - 1) * vp, v, "logits.last")?;
+                    last.push(gpu.read_f32_async(&row).await?);
+                }
             }
             done += tq;
         }

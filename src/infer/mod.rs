@@ -28,6 +28,21 @@ pub fn generate(
     max_new: usize,
     opts: &SampleOptions,
     rng: &mut Rng,
+    on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<Generation> {
+    crate::gpu::block_on(
+        "generating",
+        generate_async(engine, prompt, max_new, opts, rng, on_token),
+    )
+}
+
+/// `generate`, awaited (a browser reads each token's logits back through its event loop).
+pub async fn generate_async(
+    engine: &mut Engine<'_>,
+    prompt: &[u32],
+    max_new: usize,
+    opts: &SampleOptions,
+    rng: &mut Rng,
     mut on_token: impl FnMut(usize, u32) -> Result<()>,
 ) -> Result<Generation> {
     let b = engine.batch;
@@ -40,7 +55,7 @@ pub fn generate(
         return Ok(out);
     }
     let tokens: Vec<u32> = (0..b).flat_map(|_| prompt.iter().copied()).collect();
-    let mut logits = engine.feed(&tokens, prompt.len())?;
+    let mut logits = engine.feed_async(&tokens, prompt.len()).await?;
     loop {
         let next: Vec<u32> = logits
             .iter()
@@ -57,7 +72,7 @@ pub fn generate(
             out.hit_context = true;
             return Ok(out);
         }
-        logits = engine.feed(&next, 1)?;
+        logits = engine.feed_async(&next, 1).await?;
     }
 }
 

@@ -24,8 +24,14 @@ pub fn read_config(dir: &Path) -> Result<GptConfig> {
         return Err(ckpt_err(dir, "checkpoint directory does not exist"));
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    parse_config(&path, &text)
+}
+
+/// Parses and checks the text of a config.json (`path` names it in errors).
+pub fn parse_config(path: &Path, text: &str) -> Result<GptConfig> {
+    let path = path.to_path_buf();
     let v: Value =
-        serde_json::from_str(&text).map_err(|e| ckpt_err(&path, format!("not valid JSON: {e}")))?;
+        serde_json::from_str(text).map_err(|e| ckpt_err(&path, format!("not valid JSON: {e}")))?;
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
     let archs: Vec<&str> = v
         .get("architectures")
@@ -236,7 +242,18 @@ pub fn check_weights_fit(dir: &Path, cfg: &GptConfig) -> Result<()> {
 pub fn load_weights(dir: &Path, cfg: &GptConfig, table: &ParamTable) -> Result<Vec<Vec<f32>>> {
     let path = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    weights_from_bytes(&path, &bytes, cfg, table)
+}
+
+/// `load_weights` from the bytes of a model.safetensors (`path` names it in errors).
+pub fn weights_from_bytes(
+    path: &Path,
+    bytes: &[u8],
+    cfg: &GptConfig,
+    table: &ParamTable,
+) -> Result<Vec<Vec<f32>>> {
+    let path = path.to_path_buf();
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| ckpt_err(&path, format!("not a valid safetensors file: {e}")))?;
     let names: HashMap<String, String> = st
         .names()
@@ -336,6 +353,13 @@ pub fn save_weights(
     table: &ParamTable,
     params: &[Vec<f32>],
 ) -> Result<()> {
+    let path = dir.join(WEIGHTS_FILE);
+    let bytes = weights_bytes(cfg, table, params)?;
+    std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))
+}
+
+/// The bytes of the model.safetensors `save_weights` writes.
+pub fn weights_bytes(cfg: &GptConfig, table: &ParamTable, params: &[Vec<f32>]) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (i, spec) in table.specs.iter().enumerate() {
         let shape = hf_shape(table, cfg, i);
@@ -365,12 +389,21 @@ pub fn save_weights(
             ));
         }
     }
-    write_safetensors(&dir.join(WEIGHTS_FILE), &tensors)
+    safetensors_bytes(Path::new(WEIGHTS_FILE), &tensors)
 }
 
 /// Writes named f32 tensors `(name, shape, little-endian bytes)` with the `{"format": "pt"}`
 /// metadata that `transformers` requires.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<()> {
+    let bytes = safetensors_bytes(path, tensors)?;
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+/// The bytes `write_safetensors` writes (`path` names the file in errors).
+pub fn safetensors_bytes(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<Vec<u8>> {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, s, d)| {
@@ -380,9 +413,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)])
         })
         .collect::<Result<_>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|e| ckpt_err(path, format!("cannot serialize: {e}")))?;
-    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+    safetensors::serialize(views, Some(meta))
+        .map_err(|e| ckpt_err(path, format!("cannot serialize: {e}")))
 }
 
 /// A tensor's shape and f32 values.

@@ -114,48 +114,52 @@ impl Vocab {
 
     /// Writes the vocabulary into a checkpoint directory.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        match self {
+        let (name, bytes) = self.to_file()?;
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))
+    }
+
+    /// The checkpoint file holding the vocabulary: its name and contents.
+    pub fn to_file(&self) -> Result<(&'static str, Vec<u8>)> {
+        let json = |v: Value| serde_json::to_vec(&v).expect("JSON of a vocabulary");
+        Ok(match self {
             Vocab::Chars(chars) => {
-                let path = dir.join(CHAR_VOCAB_FILE);
                 let s: String = chars.iter().collect();
-                let text = serde_json::to_string(&json!({"type": "chars", "chars": s}))
-                    .expect("JSON of a vocabulary");
-                std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+                (CHAR_VOCAB_FILE, json(json!({"type": "chars", "chars": s})))
             }
             Vocab::Bpe(tok) => {
-                let path = dir.join(TOKENIZER_FILE);
-                tok.save(&path, false)
-                    .map_err(|e| Error::invalid(path.display().to_string(), e.to_string()))
+                let text = tok
+                    .to_string(false)
+                    .map_err(|e| Error::invalid(TOKENIZER_FILE, e.to_string()))?;
+                (TOKENIZER_FILE, text.into_bytes())
             }
-            Vocab::Ids(n) => {
-                let path = dir.join(CHAR_VOCAB_FILE);
-                let text = serde_json::to_string(&json!({"type": "ids", "size": n}))
-                    .expect("JSON of a vocabulary");
-                std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
-            }
-        }
+            Vocab::Ids(n) => (CHAR_VOCAB_FILE, json(json!({"type": "ids", "size": n}))),
+        })
     }
 
     /// Reads a checkpoint directory's vocabulary: tokenizer.json if present, else vocab.json,
     /// else `None`.
     pub fn load(dir: &Path) -> Result<Option<Vocab>> {
-        let tok_path = dir.join(TOKENIZER_FILE);
-        if tok_path.exists() {
-            let tok = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| {
-                Error::invalid(
-                    tok_path.display().to_string(),
-                    format!("not a valid tokenizer: {e}"),
-                )
-            })?;
-            return Ok(Some(Vocab::Bpe(Box::new(tok))));
+        for name in [TOKENIZER_FILE, CHAR_VOCAB_FILE] {
+            let path = dir.join(name);
+            if path.exists() {
+                let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+                return Self::from_file(&path, &bytes).map(Some);
+            }
         }
-        let path = dir.join(CHAR_VOCAB_FILE);
-        if !path.exists() {
-            return Ok(None);
-        }
+        Ok(None)
+    }
+
+    /// Parses a vocabulary file: a tokenizer.json, or our vocab.json (told apart by the name
+    /// at the end of `path`, which also names it in errors).
+    pub fn from_file(path: &Path, bytes: &[u8]) -> Result<Vocab> {
         let bad = |m: &str| Error::invalid(path.display().to_string(), m.to_string());
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| bad(&format!("not JSON: {e}")))?;
+        if path.file_name().is_some_and(|n| n == TOKENIZER_FILE) {
+            let tok = tokenizers::Tokenizer::from_bytes(bytes)
+                .map_err(|e| bad(&format!("not a valid tokenizer: {e}")))?;
+            return Ok(Vocab::Bpe(Box::new(tok)));
+        }
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| bad(&format!("not JSON: {e}")))?;
         match v.get("type").and_then(Value::as_str) {
             Some("chars") => {
                 let s = v
@@ -169,14 +173,14 @@ impl Vocab {
                         "the character {c:?} appears twice: ids would decode ambiguously"
                     )));
                 }
-                Ok(Some(Vocab::Chars(chars)))
+                Ok(Vocab::Chars(chars))
             }
             Some("ids") => {
                 let n = v
                     .get("size")
                     .and_then(Value::as_u64)
                     .ok_or_else(|| bad("missing 'size'"))?;
-                Ok(Some(Vocab::Ids(n as usize)))
+                Ok(Vocab::Ids(n as usize))
             }
             _ => Err(bad("unknown vocabulary type")),
         }

@@ -986,9 +986,17 @@ pub fn matmul_with(
         epilogue: mm.epilogue.code().0,
     };
     // Without a bias or an epilogue the bindings still need buffers; the shader never reads
-    // them (C stands in for the epilogue's read-write binding).
+    // them. The epilogue's read-write binding gets a spare word of its own: WebGPU refuses two
+    // writable bindings of one dispatch over the same bytes (C standing in for it).
     let bias_view = bias.unwrap_or(b.view);
-    let aux = mm.epilogue.code().1.unwrap_or(c.view);
+    let spare;
+    let aux = match mm.epilogue.code().1 {
+        Some(v) => v,
+        None => {
+            spare = gpu.shared_scratch("gemm.no_epilogue", DType::F32, 1)?;
+            &spare
+        }
+    };
     if let Kernel::SplitK(s) = kernel {
         let views = [b.view, bias_view, aux];
         return split_k(gpu, &name, s, &spec, &constants, params, views, (a, c));

@@ -353,14 +353,25 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         None
     };
     let vocab = Vocab::load(dir)?;
-    // Our own vocabularies (characters, ids) have exactly the model's rows: fewer would leave
-    // tokens that decode to nothing. A BPE tokenizer may be smaller (models pad vocab_size), never
-    // larger.
-    if let Some(v) = &vocab {
+    check_vocab(&dir.display().to_string(), vocab.as_ref(), &cfg)?;
+    Ok(Checkpoint {
+        cfg,
+        params,
+        optimizer,
+        state,
+        vocab,
+    })
+}
+
+/// Our own vocabularies (characters, ids) have exactly the model's rows: fewer would leave
+/// tokens that decode to nothing. A BPE tokenizer may be smaller (models pad vocab_size), never
+/// larger.
+fn check_vocab(what: &str, vocab: Option<&Vocab>, cfg: &GptConfig) -> Result<()> {
+    if let Some(v) = vocab {
         let ours = matches!(v, Vocab::Chars(_) | Vocab::Ids(_));
         if v.size() > cfg.vocab_size || (ours && v.size() != cfg.vocab_size) {
             return Err(Error::invalid(
-                dir.display().to_string(),
+                what,
                 format!(
                     "the {} vocabulary has {} tokens but the model's vocab_size is {}",
                     v.kind(),
@@ -370,11 +381,64 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             ));
         }
     }
+    Ok(())
+}
+
+/// A model from the contents of its files, by name (where there is no directory: a browser's
+/// file picker): config.json and model.safetensors, and tokenizer.json or vocab.json when
+/// present. Optimizer and trainer state are not read.
+pub fn from_files(files: &std::collections::HashMap<String, Vec<u8>>) -> Result<Checkpoint> {
+    let need = |name: &str| {
+        files.get(name).ok_or_else(|| {
+            Error::invalid(
+                name,
+                "is missing: a checkpoint is config.json and model.safetensors (with \
+                 tokenizer.json or vocab.json for text)",
+            )
+        })
+    };
+    let config_text = std::str::from_utf8(need(hf::CONFIG_FILE)?)
+        .map_err(|_| Error::invalid(hf::CONFIG_FILE, "is not UTF-8 text"))?;
+    let cfg = hf::parse_config(Path::new(hf::CONFIG_FILE), config_text)?;
+    let weights = need(hf::WEIGHTS_FILE)?;
+    let table = ParamTable::new(&cfg);
+    let params = hf::weights_from_bytes(Path::new(hf::WEIGHTS_FILE), weights, &cfg, &table)?;
+    let mut vocab = None;
+    for name in [
+        crate::io::vocab::TOKENIZER_FILE,
+        crate::io::vocab::CHAR_VOCAB_FILE,
+    ] {
+        if let Some(bytes) = files.get(name) {
+            vocab = Some(Vocab::from_file(Path::new(name), bytes)?);
+            break;
+        }
+    }
+    check_vocab("the checkpoint", vocab.as_ref(), &cfg)?;
     Ok(Checkpoint {
         cfg,
         params,
-        optimizer,
-        state,
+        optimizer: None,
+        state: None,
         vocab,
     })
+}
+
+/// A model's files as `from_files` reads them and a browser downloads them: config.json,
+/// model.safetensors and the vocabulary (no optimizer, no trainer state).
+pub fn to_files(
+    cfg: &GptConfig,
+    params: &[Vec<f32>],
+    vocab: &Vocab,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let table = ParamTable::new(cfg);
+    let config = serde_json::to_vec_pretty(&hf::config_json(cfg)).expect("JSON of a config");
+    let (vocab_name, vocab_bytes) = vocab.to_file()?;
+    Ok(vec![
+        (hf::CONFIG_FILE.to_string(), config),
+        (
+            hf::WEIGHTS_FILE.to_string(),
+            hf::weights_bytes(cfg, &table, params)?,
+        ),
+        (vocab_name.to_string(), vocab_bytes),
+    ])
 }

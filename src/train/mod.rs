@@ -133,6 +133,8 @@ fn install_interrupt_handler() {
     if HANDLER.swap(true, Ordering::SeqCst) {
         return;
     }
+    // A browser tab has no Ctrl-C: its page stops training between steps instead.
+    #[cfg(not(target_arch = "wasm32"))]
     let _ = ctrlc::set_handler(|| {
         if INTERRUPTS.fetch_add(1, Ordering::SeqCst) >= 1 {
             eprintln!("\ninterrupted again: exiting without waiting");

@@ -1,0 +1,272 @@
+// The page: forms, the loss curve, and a test mode (?test=...) that reports to the server that
+// served it. All the work is in the wasm module; this file only drives and draws.
+import init, * as sf from "./pkg/shaderformer_web.js";
+
+const $ = (id) => document.getElementById(id);
+const num = (id) => Number($(id).value);
+
+function showError(message) {
+  $("error").textContent = String(message && message.message ? message.message : message);
+}
+
+// The errors a visitor can meet, in words.
+function explain(e) {
+  const s = String(e && e.message ? e.message : e);
+  if (/device was lost/i.test(s)) return "The GPU device was lost (" + s + "). Reload the page to start again.";
+  if (/max_storage_buffer_binding_size|max_buffer_size/.test(s)) return "The model is too large for this adapter's limits: " + s;
+  return s;
+}
+
+let trainer = null;
+let running = false;
+let curve = { train: [], val: [] };
+
+function drawCurve() {
+  const c = $("curve"), g = c.getContext("2d");
+  g.clearRect(0, 0, c.width, c.height);
+  const pts = curve.train.concat(curve.val);
+  if (pts.length === 0) return;
+  const maxStep = Math.max(...pts.map((p) => p[0]), 1);
+  const ys = pts.map((p) => p[1]).filter(Number.isFinite);
+  const lo = Math.min(...ys), hi = Math.max(...ys);
+  const pad = 30, w = c.width - 2 * pad, h = c.height - 2 * pad;
+  const X = (s) => pad + (w * s) / maxStep;
+  const Y = (l) => pad + h - (h * (l - lo)) / Math.max(hi - lo, 1e-6);
+  g.strokeStyle = "#999"; g.strokeRect(pad, pad, w, h);
+  g.fillStyle = "#444"; g.font = "11px sans-serif";
+  g.fillText(hi.toFixed(3), 2, pad + 4); g.fillText(lo.toFixed(3), 2, pad + h);
+  g.fillText("step " + maxStep, c.width - pad - 50, c.height - 8);
+  g.strokeStyle = "#1f77b4"; g.beginPath();
+  curve.train.forEach(([s, l], i) => (i ? g.lineTo(X(s), Y(l)) : g.moveTo(X(s), Y(l))));
+  g.stroke();
+  g.fillStyle = "#d62728";
+  for (const [s, l] of curve.val) { g.beginPath(); g.arc(X(s), Y(l), 3, 0, 7); g.fill(); }
+  g.fillText("train", pad + 6, pad + 12);
+  g.fillStyle = "#1f77b4"; g.fillText("train", pad + 6, pad + 12);
+  g.fillStyle = "#d62728"; g.fillText("val", pad + 40, pad + 12);
+}
+
+function settings() {
+  return {
+    seed: num("seed"), steps: num("steps"), lr: num("lr"),
+    n_layer: num("n_layer"), n_head: num("n_head"), n_embd: num("n_embd"),
+    batch_size: num("batch_size"),
+  };
+}
+
+function record(results) {
+  for (const r of JSON.parse(results)) {
+    curve.train.push([r.step, r.loss]);
+    $("step").textContent = r.step;
+    $("loss").textContent = r.loss.toFixed(4);
+  }
+}
+
+async function evaluate() {
+  const e = JSON.parse(await trainer.evaluate());
+  curve.val.push([trainer.steps(), e.val]);
+  $("val").textContent = e.val.toFixed(4);
+  // Three held-out style problems, completed greedily by the model as it is now.
+  const lines = [];
+  for (const p of ["74+58=", "21+43=", "99+11="]) {
+    const g = JSON.parse(await trainer.sample(p, JSON.stringify({ greedy: true, max_new_tokens: 4 })));
+    lines.push(p + g.text.split("\n")[0]);
+  }
+  $("samples").textContent = "step " + trainer.steps() + ": " + lines.join("   ");
+  drawCurve();
+}
+
+// Runs steps until the run ends or Stop is pressed; step time is the wall time between steps.
+async function run() {
+  running = true;
+  $("stop").disabled = false; $("continue").disabled = true; $("save").disabled = true; $("train").disabled = true;
+  const total = JSON.parse(trainer.describe()).max_iters;
+  const evalEvery = Math.max(1, Math.round(total / 10));
+  let last = performance.now();
+  try {
+    while (running && trainer.steps() < total) {
+      record(await trainer.step());
+      const now = performance.now(), ms = now - last;
+      last = now;
+      $("ms").textContent = ms.toFixed(1) + " ms";
+      $("tps").textContent = Math.round(trainer.tokens_per_step() / (ms / 1000));
+      if (trainer.steps() % evalEvery === 0 || trainer.steps() === total) {
+        record(await trainer.flush());
+        await evaluate();
+        last = performance.now();
+      }
+      if (trainer.steps() % 5 === 0) drawCurve();
+    }
+    record(await trainer.flush());
+    drawCurve();
+  } catch (e) {
+    showError(explain(e));
+  }
+  running = false;
+  $("stop").disabled = true; $("train").disabled = false; $("save").disabled = false;
+  $("continue").disabled = trainer.steps() >= total;
+}
+
+async function startTraining() {
+  showError("");
+  curve = { train: [], val: [] };
+  try {
+    if (trainer) trainer.free();
+    trainer = await sf.trainer(JSON.stringify(settings()));
+  } catch (e) {
+    trainer = null;
+    showError(explain(e));
+    return;
+  }
+  await run();
+}
+
+function download(name, bytes) {
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(new Blob([bytes]));
+  a.download = name;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+
+async function save() {
+  try {
+    for (const [name, bytes] of await trainer.save()) download(name, bytes);
+  } catch (e) { showError(explain(e)); }
+}
+
+let model = null;
+
+async function openModel(files) {
+  showError("");
+  const names = [], contents = [];
+  for (const f of files) {
+    names.push(f.name);
+    contents.push(new Uint8Array(await f.arrayBuffer()));
+  }
+  try {
+    if (model) model.free();
+    model = null;
+    model = await sf.open_model(names, contents);
+    const d = JSON.parse(model.describe());
+    $("model-info").textContent = `${d.n_layer} layers, ${d.n_embd} wide, context ${d.block_size}, ` +
+      `vocabulary ${d.vocab_size} (${d.vocab}), ${(d.params / 1e6).toFixed(2)}M parameters`;
+    $("generate").disabled = false;
+  } catch (e) {
+    $("generate").disabled = true;
+    showError("Not a checkpoint this page can open: " + explain(e));
+  }
+}
+
+function sampleOptions() {
+  const o = {
+    max_new_tokens: num("max_new"), temperature: num("temperature"),
+    top_p: num("top_p"), greedy: $("greedy").checked,
+  };
+  if ($("top_k").value !== "") o.top_k = num("top_k");
+  return o;
+}
+
+async function generate() {
+  showError("");
+  $("output").textContent = $("prompt").value;
+  $("generate").disabled = true;
+  try {
+    await model.generate($("prompt").value, JSON.stringify(sampleOptions()),
+      (piece) => { $("output").textContent += piece; });
+  } catch (e) { showError(explain(e)); }
+  $("generate").disabled = false;
+}
+
+// The browser hides the adapter's name from wgpu; its info names vendor and architecture.
+async function adapterName(a) {
+  try {
+    const info = (await navigator.gpu.requestAdapter()).info;
+    const parts = [info.vendor, info.architecture, info.device, info.description].filter((x) => x);
+    if (parts.length) return parts.join(" ") + " (WebGPU)";
+  } catch (e) { /* fall back to wgpu's name */ }
+  return a.name;
+}
+
+// Test mode: the test server passes the task in the query and receives the report.
+async function report(obj) {
+  await fetch("/report", { method: "POST", body: JSON.stringify(obj) });
+}
+
+async function testMode(q) {
+  try {
+    const adapter = JSON.parse(await sf.adapter());
+    adapter.name = await adapterName(adapter);
+    if (q.get("test") === "train") {
+      trainer = await sf.trainer(q.get("settings"));
+      const total = JSON.parse(trainer.describe()).max_iters;
+      const losses = [], stepMs = [];
+      let last = performance.now();
+      while (trainer.steps() < total) {
+        for (const r of JSON.parse(await trainer.step())) losses.push(r);
+        const now = performance.now();
+        stepMs.push(now - last);
+        last = now;
+      }
+      for (const r of JSON.parse(await trainer.flush())) losses.push(r);
+      for (const [name, bytes] of await trainer.save()) {
+        await fetch("/upload/" + name, { method: "POST", body: bytes });
+      }
+      const sample = JSON.parse(await trainer.sample(q.get("prompt") || "74+58=",
+        JSON.stringify({ greedy: true, max_new_tokens: 4 })));
+      curve.train = losses.map((r) => [r.step, r.loss]);
+      drawCurve();
+      await report({ adapter, losses, step_ms: stepMs, tokens_per_step: trainer.tokens_per_step(), sample });
+    } else if (q.get("test") === "sample") {
+      const dir = q.get("checkpoint"), names = q.get("files").split(",");
+      const contents = [];
+      for (const n of names) {
+        const r = await fetch(dir + "/" + n);
+        if (!r.ok) throw new Error("cannot fetch " + dir + "/" + n);
+        contents.push(new Uint8Array(await r.arrayBuffer()));
+      }
+      model = await sf.open_model(names, contents);
+      const opts = JSON.parse(q.get("options"));
+      const g = JSON.parse(await model.generate(q.get("prompt"), JSON.stringify(opts), null));
+      // Timed again, its pipelines now created: the generation's own speed.
+      const t0 = performance.now();
+      await model.generate(q.get("prompt"), JSON.stringify(opts), null);
+      const ms = performance.now() - t0;
+      await report({ adapter, generation: g, ms });
+    } else {
+      throw new Error("unknown test " + q.get("test"));
+    }
+  } catch (e) {
+    await report({ error: explain(e) });
+  }
+}
+
+async function main() {
+  const q = new URLSearchParams(location.search);
+  if (!navigator.gpu) {
+    const msg = "This browser offers no WebGPU (navigator.gpu is missing): use a recent Chrome, Edge or " +
+      "Firefox, or enable WebGPU in its settings.";
+    showError(msg);
+    if (q.has("test")) await report({ error: msg });
+    return;
+  }
+  await init();
+  if (q.has("test")) return testMode(q);
+  try {
+    const a = JSON.parse(await sf.adapter());
+    $("adapter").textContent = `${await adapterName(a)}; storage bindings up to ${(a.max_storage_binding / 2 ** 20).toFixed(0)} MiB` +
+      `, workgroup storage ${a.workgroup_storage / 1024} KiB`;
+  } catch (e) {
+    $("adapter").textContent = "none";
+    showError("No WebGPU adapter could be opened: " + explain(e));
+    return;
+  }
+  $("train").onclick = startTraining;
+  $("stop").onclick = () => { running = false; };
+  $("continue").onclick = run;
+  $("save").onclick = save;
+  $("files").onchange = (e) => openModel(e.target.files);
+  $("generate").onclick = generate;
+}
+
+main();

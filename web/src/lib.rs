@@ -1,0 +1,423 @@
+//! shaderformer in a browser tab: the same kernels, graph and checkpoints as the native binary,
+//! run on the page's WebGPU device. JavaScript drives (one `step` call per optimizer step, so it
+//! can draw, stop and continue between steps); every GPU wait is awaited, never blocked on.
+//!
+//! Values cross into JavaScript as JSON text and byte arrays, nothing fancier.
+#![cfg(target_arch = "wasm32")]
+
+use std::collections::HashMap;
+
+use js_sys::{Array, Function, Uint8Array};
+use serde_json::{Value, json};
+use shaderformer::error::Error;
+use shaderformer::gpu::{DType, Gpu, GpuOptions, TuneMode};
+use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore, StepResult};
+use shaderformer::infer::{self, Engine, SampleOptions};
+use shaderformer::io::vocab::Vocab;
+use shaderformer::kernels::adamw;
+use shaderformer::model::gpt::{self, Mode};
+use shaderformer::model::{GptConfig, ParamTable};
+use shaderformer::rng::Rng;
+use shaderformer::train::data::{Dataset, Loader};
+use shaderformer::train::{self, TrainConfig, addition, checkpoint};
+use wasm_bindgen::prelude::*;
+
+type JsResult<T> = std::result::Result<T, JsValue>;
+
+/// Errors reach the page as one line of words.
+fn err(e: Error) -> JsValue {
+    JsValue::from_str(&e.to_string())
+}
+
+/// The page's one device, opened at the first call and kept for the page's life (executors
+/// borrow it).
+async fn gpu() -> JsResult<&'static Gpu> {
+    thread_local! {
+        static GPU: std::cell::Cell<Option<&'static Gpu>> = const { std::cell::Cell::new(None) };
+    }
+    if let Some(g) = GPU.with(|g| g.get()) {
+        return Ok(g);
+    }
+    // The kernels' fixed rules: the tuner's timing and cache are native only for now.
+    let opts = GpuOptions {
+        tune: TuneMode::Off,
+        ..GpuOptions::default()
+    };
+    let g: &'static Gpu = Box::leak(Box::new(Gpu::new_async(&opts).await.map_err(err)?));
+    GPU.with(|c| c.set(Some(g)));
+    Ok(g)
+}
+
+/// The adapter and the limits that bound what the page can train: JSON.
+#[wasm_bindgen]
+pub async fn adapter() -> JsResult<String> {
+    let g = gpu().await?;
+    Ok(json!({
+        "name": g.adapter_name(),
+        "max_storage_binding": g.limits.max_storage_buffer_binding_size,
+        "max_buffer": g.limits.max_buffer_size,
+        "workgroup_storage": g.limits.max_compute_workgroup_storage_size,
+        "timestamps": g.has_timestamps(),
+        "f16": g.has_f16(),
+        "subgroups": g.has_subgroups(),
+    })
+    .to_string())
+}
+
+/// The addition problems' training settings (`shaderformer train` without --data) with the
+/// page's choices in `settings` (JSON: seed, steps, lr, n_layer, n_head, n_embd, batch_size,
+/// warmup_iters, eval_iters; each optional). An unknown field is an error naming it.
+fn addition_config(settings: &str) -> JsResult<TrainConfig> {
+    let v: Value = serde_json::from_str(settings)
+        .map_err(|e| JsValue::from_str(&format!("settings are not JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| JsValue::from_str("settings must be a JSON object"))?;
+    let mut c = addition::defaults();
+    c.verbose = false;
+    let mut lr_decay = None;
+    for (k, x) in obj {
+        let uint = || {
+            x.as_u64()
+                .ok_or_else(|| JsValue::from_str(&format!("{k}: {x} is not a whole number")))
+        };
+        let float = || {
+            x.as_f64()
+                .map(|f| f as f32)
+                .ok_or_else(|| JsValue::from_str(&format!("{k}: {x} is not a number")))
+        };
+        match k.as_str() {
+            "seed" => c.seed = uint()?,
+            "steps" => c.max_iters = uint()?,
+            "lr" => {
+                c.schedule.lr = float()?;
+                c.schedule.min_lr = c.schedule.lr / 10.0;
+            }
+            "n_layer" => c.n_layer = uint()? as usize,
+            "n_head" => c.n_head = uint()? as usize,
+            "n_embd" => c.n_embd = uint()? as usize,
+            "batch_size" => c.batch_size = uint()? as usize,
+            "warmup_iters" => c.schedule.warmup_iters = uint()?,
+            "lr_decay_iters" => lr_decay = Some(uint()?),
+            "eval_iters" => c.eval_iters = uint()? as usize,
+            other => return Err(JsValue::from_str(&format!("unknown setting '{other}'"))),
+        }
+    }
+    // As the command line does: the cosine ends at the last step unless told otherwise.
+    c.schedule.lr_decay_iters = lr_decay.unwrap_or(c.max_iters);
+    Ok(c)
+}
+
+fn results_json(results: &[StepResult]) -> String {
+    Value::from(
+        results
+            .iter()
+            .map(|r| json!({"step": r.step, "loss": r.loss(), "grad_norm": r.grad_norm}))
+            .collect::<Vec<_>>(),
+    )
+    .to_string()
+}
+
+/// A training run on the addition problems, advanced one step per `step` call.
+#[wasm_bindgen]
+pub struct Trainer {
+    gpu: &'static Gpu,
+    cfg: TrainConfig,
+    model: GptConfig,
+    data: Dataset,
+    store: ParamStore,
+    exec: Executor<'static>,
+    eval: Executor<'static>,
+    loader: Loader,
+    step: u64,
+}
+
+/// Builds the model, its parameters (initialized from the seed as natively) and the training
+/// and evaluation graphs. Fails in words when the model does not fit the adapter.
+#[wasm_bindgen]
+pub async fn trainer(settings: String) -> JsResult<Trainer> {
+    let cfg = addition_config(&settings)?;
+    let gpu = gpu().await?;
+    let data = train::load_data(&cfg, None).map_err(err)?;
+    let model = GptConfig {
+        n_layer: cfg.n_layer,
+        n_head: cfg.n_head,
+        n_embd: cfg.n_embd,
+        block_size: cfg.block_size,
+        vocab_size: data.vocab.size(),
+        dropout: cfg.dropout,
+        bias: cfg.bias,
+    };
+    model.validate().map_err(err)?;
+    let (b, t) = (cfg.batch_size, cfg.block_size);
+    if b == 0 || cfg.max_iters == 0 {
+        return Err(JsValue::from_str("batch size and steps must be at least 1"));
+    }
+    let table = ParamTable::new(&model);
+    table.check_fits(gpu).map_err(err)?;
+    let init = table.init(&model, cfg.seed);
+    let store = ParamStore::new(gpu, &table.store_specs(), &init, true).map_err(err)?;
+    let opts = ExecOptions {
+        reuse: true,
+        grad_accum: cfg.grad_accum,
+        adamw: adamw::Hyper {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+            grad_clip: cfg.grad_clip,
+        },
+        seed: cfg.seed as u32,
+    };
+    let g = gpt::build_for(&model, &table, b, t, Mode::Train, gpu.max_binding());
+    let exec = Executor::new(gpu, g.graph, &store, opts.clone()).map_err(err)?;
+    let g = gpt::build_for(&model, &table, b, t, Mode::Eval, gpu.max_binding());
+    let eval = Executor::new(gpu, g.graph, &store, opts).map_err(err)?;
+    let loader = Loader::new(cfg.loader, b, t, cfg.seed);
+    // Errors of pipeline creation arrive from the event loop: let them in before training.
+    gpu.check("building the model").map_err(err)?;
+    Ok(Trainer {
+        gpu,
+        cfg,
+        model,
+        data,
+        store,
+        exec,
+        eval,
+        loader,
+        step: 0,
+    })
+}
+
+#[wasm_bindgen]
+impl Trainer {
+    /// A one-line description of the data and the model.
+    pub fn describe(&self) -> String {
+        json!({
+            "data": self.data.description,
+            "params": self.model.num_params(),
+            "vocab": self.model.vocab_size,
+            "tokens_per_step": self.tokens_per_step(),
+            "max_iters": self.cfg.max_iters,
+            "adapter": self.gpu.adapter_name(),
+        })
+        .to_string()
+    }
+
+    pub fn tokens_per_step(&self) -> usize {
+        self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum
+    }
+
+    /// Steps queued so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Queues the next step and returns the results that have arrived (JSON list of step, loss
+    /// and gradient norm); awaits the oldest step in flight when the readback ring is full.
+    pub async fn step(&mut self) -> JsResult<String> {
+        if self.step >= self.cfg.max_iters {
+            return Err(JsValue::from_str("every step of this run is done"));
+        }
+        self.step += 1;
+        let micro: Vec<MicroBatch> = (0..self.cfg.grad_accum)
+            .map(|_| self.loader.next(&self.data.train))
+            .collect();
+        let lr = self.cfg.schedule.at(self.step - 1);
+        self.exec.step(&micro, lr, self.step as u32).map_err(err)?;
+        let r = self.exec.poll_async().await.map_err(err)?;
+        Ok(results_json(&r))
+    }
+
+    /// Awaits every step in flight; returns their results as `step` does.
+    pub async fn flush(&mut self) -> JsResult<String> {
+        let r = self.exec.wait_results_async().await.map_err(err)?;
+        Ok(results_json(&r))
+    }
+
+    /// The train and validation losses, each the mean over `eval_iters` batches drawn as
+    /// natively (a loader started afresh at every evaluation): JSON {train, val}.
+    pub async fn evaluate(&mut self) -> JsResult<String> {
+        self.flush().await?;
+        let (b, t, iters) = (
+            self.cfg.batch_size,
+            self.cfg.block_size,
+            self.cfg.eval_iters,
+        );
+        let mut out = [0.0f32; 2];
+        for (k, split) in [&self.data.train, &self.data.val].into_iter().enumerate() {
+            let mut loader = Loader::new(self.cfg.loader, b, t, self.cfg.seed ^ 0xE7A1_0000);
+            let mut sum = 0.0f64;
+            for _ in 0..iters.max(1) {
+                sum += self
+                    .eval
+                    .forward_loss_async(&loader.next(split))
+                    .await
+                    .map_err(err)? as f64;
+            }
+            out[k] = (sum / iters.max(1) as f64) as f32;
+        }
+        Ok(json!({"train": out[0], "val": out[1]}).to_string())
+    }
+
+    /// The parameters as they are now (after every queued step).
+    async fn params(&mut self) -> JsResult<Vec<Vec<f32>>> {
+        self.flush().await?;
+        ParamStore::read_async(self.gpu, &self.store.params)
+            .await
+            .map_err(err)
+    }
+
+    /// The checkpoint's files (config.json, model.safetensors, vocab.json) as [name, bytes]
+    /// pairs, for the page to offer as downloads.
+    pub async fn save(&mut self) -> JsResult<Array> {
+        let params = self.params().await?;
+        let files = checkpoint::to_files(&self.model, &params, &self.data.vocab).map_err(err)?;
+        Ok(files_to_js(files))
+    }
+
+    /// Completes `prompt` with the model as it is now: JSON as `Model::generate` returns.
+    pub async fn sample(&mut self, prompt: String, options: String) -> JsResult<String> {
+        let params = self.params().await?;
+        let mut engine = Engine::new(self.gpu, &self.model, &params, DType::F32, 1).map_err(err)?;
+        generate(&mut engine, &self.data.vocab, &prompt, &options, None).await
+    }
+}
+
+fn files_to_js(files: Vec<(String, Vec<u8>)>) -> Array {
+    files
+        .into_iter()
+        .map(|(name, bytes)| {
+            let pair = Array::new();
+            pair.push(&JsValue::from_str(&name));
+            pair.push(&Uint8Array::from(bytes.as_slice()));
+            JsValue::from(pair)
+        })
+        .collect()
+}
+
+/// Sampling choices as JSON: max_new_tokens, temperature, top_k, top_p, greedy, seed.
+fn sample_options(options: &str) -> JsResult<(SampleOptions, usize, u64)> {
+    let v: Value = serde_json::from_str(options)
+        .map_err(|e| JsValue::from_str(&format!("sampling options are not JSON: {e}")))?;
+    let mut o = SampleOptions::default();
+    let (mut max_new, mut seed) = (100usize, 1337u64);
+    for (k, x) in v.as_object().into_iter().flatten() {
+        let bad = || JsValue::from_str(&format!("{k}: {x} is not valid"));
+        match k.as_str() {
+            "max_new_tokens" => max_new = x.as_u64().ok_or_else(bad)? as usize,
+            "temperature" => o.temperature = x.as_f64().ok_or_else(bad)? as f32,
+            "top_k" => o.top_k = x.as_u64().map(|k| k as usize),
+            "top_p" => o.top_p = x.as_f64().ok_or_else(bad)? as f32,
+            "greedy" => o.greedy = x.as_bool().ok_or_else(bad)?,
+            "seed" => seed = x.as_u64().ok_or_else(bad)?,
+            other => return Err(JsValue::from_str(&format!("unknown option '{other}'"))),
+        }
+    }
+    o.validate().map_err(err)?;
+    Ok((o, max_new, seed))
+}
+
+/// Encodes `prompt`, generates with the KV cache, calls `on_text(piece)` per token; returns
+/// JSON {prompt_ids, ids, text, stopped_at_context_limit}, as `shaderformer sample --json`.
+async fn generate(
+    engine: &mut Engine<'static>,
+    vocab: &Vocab,
+    prompt: &str,
+    options: &str,
+    on_text: Option<&Function>,
+) -> JsResult<String> {
+    let (opts, max_new, seed) = sample_options(options)?;
+    let ids = vocab.encode(prompt, "prompt").map_err(err)?;
+    if ids.is_empty() || ids.len() >= engine.tmax {
+        return Err(JsValue::from_str(&format!(
+            "the prompt is {} tokens; it must be 1 to {} (the model's context less one)",
+            ids.len(),
+            engine.tmax - 1
+        )));
+    }
+    let mut rng = Rng::new(seed);
+    let generation = infer::generate_async(engine, &ids, max_new, &opts, &mut rng, |_, id| {
+        if let Some(f) = on_text {
+            let _ = f.call1(&JsValue::NULL, &JsValue::from_str(&vocab.decode(&[id])));
+        }
+        Ok(())
+    })
+    .await
+    .map_err(err)?;
+    Ok(json!({
+        "prompt": prompt,
+        "prompt_ids": ids,
+        "ids": generation.ids[0],
+        "text": vocab.decode(&generation.ids[0]),
+        "stopped_at_context_limit": generation.hit_context,
+    })
+    .to_string())
+}
+
+/// A checkpoint opened from local files, ready to sample.
+#[wasm_bindgen]
+pub struct Model {
+    engine: Engine<'static>,
+    vocab: Vocab,
+    cfg: GptConfig,
+}
+
+/// Opens a checkpoint from its files' names and contents (config.json, model.safetensors, and
+/// tokenizer.json or vocab.json). Fails in words on a file that is not a checkpoint and on a
+/// model larger than the adapter's limits.
+#[wasm_bindgen]
+pub async fn open_model(names: Vec<String>, contents: Vec<Uint8Array>) -> JsResult<Model> {
+    let files: HashMap<String, Vec<u8>> = names
+        .into_iter()
+        .zip(contents)
+        .map(|(n, c)| (n, c.to_vec()))
+        .collect();
+    let ck = checkpoint::from_files(&files).map_err(err)?;
+    let vocab = ck.vocab.clone().ok_or_else(|| {
+        JsValue::from_str("the checkpoint has no tokenizer.json or vocab.json to encode a prompt")
+    })?;
+    let gpu = gpu().await?;
+    ParamTable::new(&ck.cfg).check_fits(gpu).map_err(err)?;
+    let engine = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 1).map_err(err)?;
+    gpu.check("uploading the model").map_err(err)?;
+    Ok(Model {
+        engine,
+        vocab,
+        cfg: ck.cfg,
+    })
+}
+
+#[wasm_bindgen]
+impl Model {
+    pub fn describe(&self) -> String {
+        json!({
+            "n_layer": self.cfg.n_layer,
+            "n_head": self.cfg.n_head,
+            "n_embd": self.cfg.n_embd,
+            "block_size": self.cfg.block_size,
+            "vocab_size": self.cfg.vocab_size,
+            "params": self.cfg.num_params(),
+            "vocab": self.vocab.kind(),
+        })
+        .to_string()
+    }
+
+    /// Completes `prompt` (options as JSON, see `sample_options`), streaming each token's text
+    /// to `on_text`; returns JSON as `shaderformer sample --json` prints.
+    pub async fn generate(
+        &mut self,
+        prompt: String,
+        options: String,
+        on_text: Option<Function>,
+    ) -> JsResult<String> {
+        generate(
+            &mut self.engine,
+            &self.vocab,
+            &prompt,
+            &options,
+            on_text.as_ref(),
+        )
+        .await
+    }
+}
