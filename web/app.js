@@ -267,6 +267,11 @@ async function main() {
   $("save").onclick = save;
   $("files").onchange = (e) => openModel(e.target.files);
   $("generate").onclick = generate;
+  // ?demo=train&steps=N...: fills the form from the query and trains (for screenshots).
+  if (q.get("demo") === "train") {
+    for (const [k, v] of q) if (k !== "demo" && $(k)) $(k).value = v;
+    await startTraining();
+  }
 }
 
 main();
