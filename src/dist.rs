@@ -128,6 +128,18 @@ impl Comm {
         }
     }
 
+    /// Returns when every rank has called it.
+    pub fn barrier(&self) -> Result<()> {
+        match &self.inner {
+            Inner::Single => Ok(()),
+            #[cfg(feature = "mpi")]
+            Inner::Mpi(c) => {
+                c.barrier();
+                Ok(())
+            }
+        }
+    }
+
     /// Whether any rank says yes (the stop decision every rank must share).
     pub fn any(&self, mine: bool) -> Result<bool> {
         Ok(self.all_gather_u64(mine as u64)?.iter().any(|&x| x != 0))
@@ -249,6 +261,10 @@ mod mpi_comm {
             let summed = super::sum_in_rank_order(&mine, n);
             self.world.all_gather_into(&summed[..], &mut send[..]);
             data.copy_from_slice(&send[..data.len()]);
+        }
+
+        pub fn barrier(&self) {
+            self.world.barrier();
         }
 
         pub fn abort(&self, code: i32) -> ! {

@@ -22,6 +22,8 @@ pub struct SyncTiming {
     pub steps: u64,
     /// Gradient bytes reduced per step.
     pub bytes: u64,
+    /// Waiting for the slowest rank to finish its backward (load imbalance, not transfer).
+    pub wait: Duration,
     pub read_back: Duration,
     pub reduce: Duration,
     pub write_back: Duration,
@@ -32,14 +34,17 @@ impl SyncTiming {
     pub fn summary(&self, ms_per_step: f64) -> String {
         let per = |d: Duration| d.as_secs_f64() * 1e3 / self.steps.max(1) as f64;
         let (r, m, w) = (per(self.read_back), per(self.reduce), per(self.write_back));
+        let q = per(self.wait);
         let share = |x: f64| 100.0 * x / ms_per_step.max(1e-9);
         format!(
             "gradient sum: {:.2} MB per step; read-back {r:.1} ms ({:.1}%), MPI reduction {m:.1} ms \
-             ({:.1}%), write-back {w:.1} ms ({:.1}%) of {ms_per_step:.1} ms per step",
+             ({:.1}%), write-back {w:.1} ms ({:.1}%) of {ms_per_step:.1} ms per step; waiting for \
+             the slowest rank {q:.1} ms ({:.1}%)",
             self.bytes as f64 / 1e6,
             share(r),
             share(m),
-            share(w)
+            share(w),
+            share(q)
         )
     }
 }
@@ -54,6 +59,9 @@ pub struct GradientSum<'c> {
 
 impl GradientSync for GradientSum<'_> {
     fn sync(&mut self, gpu: &Gpu, grads: &[View], losses: &mut Vec<f32>) -> Result<()> {
+        let t = Instant::now();
+        self.comm.barrier()?;
+        self.timing.wait += t.elapsed();
         let mut bytes = 0;
         for span in grads {
             for start in (0..span.len).step_by(BUCKET) {
