@@ -346,6 +346,27 @@ fn a_resumed_two_rank_run_continues_bit_for_bit() {
         "weights differ by up to {}",
         max_diff(&wa, &wb)
     );
+
+    // One process continues the two ranks' checkpoint from the same global batch, and says so.
+    let mut c = single();
+    c.args([
+        "train",
+        "--resume",
+        split.to_str().unwrap(),
+        "--out",
+        split.to_str().unwrap(),
+        "--max-iters",
+        "7",
+        "--sample-tokens",
+        "0",
+    ]);
+    let log = ok(c);
+    assert!(
+        log.contains("the checkpoint was written by 2 ranks, this run has 1: the loader continues at global batch 12"),
+        "{log}"
+    );
+    let st = checkpoint::load(&split).unwrap().state.unwrap();
+    assert_eq!((st.step, st.ranks, st.loader.position), (7, 1, 13));
 }
 
 #[test]
