@@ -1,7 +1,9 @@
 //! The executor: binds every node of a graph to GPU memory once, creates all its dispatches once,
 //! then records a whole training step (zeroing, every micro-step's forward and backward, gradient
 //! norm, AdamW) into one command buffer, submitted once per step. Step results (losses, gradient
-//! norm) come back through a ring of mapped buffers, so the CPU never waits inside a step.
+//! norm) come back through a ring of mapped buffers, so the CPU never waits inside a step. A
+//! data-parallel step is the exception: it is two submissions around a `GradientSync`, which
+//! waits for the backward and sums the gradients across ranks before the update.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -325,3 +325,34 @@ fn rank_seed(seed: u64, rank: usize) -> u64 {
         seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// N sequential shards, taken in turn, read exactly the batches of one loader; random shards
+    /// draw streams of their own (rank 0's is the one-rank stream), and positions count globally.
+    #[test]
+    fn shards_read_what_one_loader_reads() {
+        let data: Vec<u32> = (0..1000).collect();
+        let mut one = Loader::new(LoaderKind::Sequential, 3, 7, 5);
+        let mut shards: Vec<Loader> = (0..3)
+            .map(|r| Loader::sharded(LoaderKind::Sequential, 3, 7, 5, r, 3))
+            .collect();
+        for _ in 0..20 {
+            for s in &mut shards {
+                let (a, b) = (one.next(&data), s.next(&data));
+                assert_eq!((a.tokens, a.targets), (b.tokens, b.targets));
+            }
+        }
+        assert!(shards.iter().all(|s| s.position == one.position));
+
+        let mut r0 = Loader::sharded(LoaderKind::Random, 3, 7, 5, 0, 2);
+        let mut r1 = Loader::sharded(LoaderKind::Random, 3, 7, 5, 1, 2);
+        let mut solo = Loader::new(LoaderKind::Random, 3, 7, 5);
+        let (a, b, c) = (r0.next(&data), r1.next(&data), solo.next(&data));
+        assert_eq!(a.tokens, c.tokens);
+        assert_ne!(a.tokens, b.tokens);
+        assert_eq!((r0.position, r1.position), (2, 2));
+    }
+}
