@@ -4,6 +4,7 @@
 //! module per shader file), `reference` (the plain-Rust specification of every kernel).
 
 pub mod bench;
+pub mod dist;
 pub mod error;
 pub mod gpu;
 pub mod graph;

@@ -156,6 +156,15 @@ fn train_without_data_file_is_an_error() {
     assert_clean_failure(&o, &["/nonexistent/input.txt"]);
 }
 
+/// ZeRO-1 shards the optimizer across MPI ranks: a single process has none to shard over.
+#[test]
+fn zero_without_mpi_ranks_is_refused() {
+    let o = run(&["train", "--zero", "1", "--max-iters", "1"]);
+    assert_clean_failure(&o, &["--zero", "MPI"]);
+    let o = run(&["train", "--zero", "2", "--max-iters", "1"]);
+    assert_clean_failure(&o, &["--zero", "not a ZeRO stage"]);
+}
+
 /// Ctrl-C stops training at a step boundary, writes a whole checkpoint and exits with 130.
 #[cfg(unix)]
 #[test]

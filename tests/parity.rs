@@ -115,6 +115,7 @@ fn gpt2_tiny(chunk_limit: u64, logits_limit: u64) {
             grad_clip: fx.num("grad_clip") as f32,
         },
         seed: 0,
+        shard: Default::default(),
     };
     let g = gpt::build_for(&cfg, &table, b, t, Mode::Train, logits_limit);
     let logits_id = g.logits;

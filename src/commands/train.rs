@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use shaderformer::dist::Comm;
 use shaderformer::error::{Error, Result};
 use shaderformer::gpu::DType;
 use shaderformer::infer::{self, Engine, SampleOptions};
@@ -130,6 +131,10 @@ pub struct TrainArgs {
     /// Tokens to sample at the end (0 = none).
     #[arg(long, default_value_t = 300)]
     sample_tokens: usize,
+    /// ZeRO stage under MPI: 1 would shard the AdamW moments across ranks (not implemented
+    /// yet; only 0 runs).
+    #[arg(long, default_value_t = 0)]
+    zero: u8,
 }
 
 impl TrainArgs {
@@ -244,9 +249,79 @@ impl TrainArgs {
 }
 
 pub fn train(gpu: &GpuArgs, args: &TrainArgs) -> Result<ExitCode> {
+    let comm = Comm::from_env()?;
+    match train_rank(gpu, args, &comm) {
+        Err(e) if comm.size() > 1 => {
+            // The other ranks may be waiting in a collective this one will never join.
+            eprintln!("error: rank {}: {e}", comm.rank());
+            comm.abort(1)
+        }
+        other => other,
+    }
+}
+
+/// `--zero`: stage 0 only; stage 1 needs ranks to shard over, and is not implemented.
+fn check_zero(zero: u8, comm: &Comm) -> Result<()> {
+    match zero {
+        0 => Ok(()),
+        1 if comm.size() == 1 => Err(Error::invalid(
+            "--zero",
+            if Comm::HAS_MPI {
+                "1 shards the optimizer state across MPI ranks: start the run with mpirun or srun \
+                 on 2 or more ranks"
+            } else {
+                "1 shards the optimizer state across MPI ranks: this build has no MPI (build with \
+                 --features mpi and start the run with mpirun or srun)"
+            },
+        )),
+        1 => Err(Error::invalid(
+            "--zero",
+            "1 (sharded AdamW moments) is not implemented yet; run with --zero 0",
+        )),
+        z => Err(Error::invalid(
+            "--zero",
+            format!("{z} is not a ZeRO stage (0 or 1)"),
+        )),
+    }
+}
+
+/// The adapter of a rank: its local rank's index among the host's adapters of the preferred
+/// kind (the kind and API of the adapter a single process would take), shared round-robin
+/// when the host has fewer adapters than ranks.
+fn rank_adapter(gpu: &GpuArgs, comm: &Comm) -> Result<Option<String>> {
+    if gpu.adapter.is_some() || comm.size() == 1 {
+        return Ok(gpu.adapter.clone());
+    }
+    let adapters = shaderformer::gpu::enumerate(gpu.backend.as_deref())?;
+    let Some(first) = adapters.first().map(|a| a.get_info()) else {
+        return Ok(None); // Gpu::new names the missing adapter.
+    };
+    let same = adapters
+        .iter()
+        .take_while(|a| {
+            let i = a.get_info();
+            i.device_type == first.device_type && i.backend == first.backend
+        })
+        .count();
+    Ok(Some((comm.local_rank() % same.max(1)).to_string()))
+}
+
+fn train_rank(gpu: &GpuArgs, args: &TrainArgs, comm: &Comm) -> Result<ExitCode> {
+    check_zero(args.zero, comm)?;
     let cfg = args.config()?;
-    let gpu = gpu.open()?;
-    let summary = train::train(&gpu, &cfg)?;
+    let gpu = GpuArgs {
+        adapter: rank_adapter(gpu, comm)?,
+        ..gpu.clone()
+    }
+    .open()?;
+    let summary = train::train_on(&gpu, &cfg, comm)?;
+    if !comm.is_root() {
+        return Ok(if summary.interrupted {
+            ExitCode::from(130)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
     println!(
         "trained {} steps (to step {}) in {:.1} s ({:.1} ms/step, {:.0} tokens/s){}",
         summary.steps,

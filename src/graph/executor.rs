@@ -1,7 +1,9 @@
 //! The executor: binds every node of a graph to GPU memory once, creates all its dispatches once,
 //! then records a whole training step (zeroing, every micro-step's forward and backward, gradient
 //! norm, AdamW) into one command buffer, submitted once per step. Step results (losses, gradient
-//! norm) come back through a ring of mapped buffers, so the CPU never waits inside a step.
+//! norm) come back through a ring of mapped buffers, so the CPU never waits inside a step. A
+//! data-parallel step is the exception: it is two submissions around a `GradientSync`, which
+//! waits for the backward and sums the gradients across ranks before the update.
 
 use std::collections::HashMap;
 
@@ -29,6 +31,34 @@ pub struct ExecOptions {
     pub adamw: adamw::Hyper,
     /// Base seed of the dropout streams.
     pub seed: u32,
+    /// This process's share of a data-parallel step.
+    pub shard: Shard,
+}
+
+/// A rank's share of a data-parallel step: `ranks` ranks each run `grad_accum` micro-steps, and
+/// the step's gradient is the sum over ranks. Global micro-step g = k·ranks + rank (k the rank's
+/// own micro-step) keys the batch and the dropout masks, so N ranks compute what one rank with
+/// `grad_accum` · N computes, and the loss scale 1 / (grad_accum · ranks) makes the summed
+/// gradient the mean over the global batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { rank: 0, ranks: 1 }
+    }
+}
+
+/// The seam between a step's backward and its optimizer update, where data parallelism sums
+/// the gradients across ranks (`Executor::step_synced`).
+pub trait GradientSync {
+    /// Called with this step's gradients complete on the GPU (`grads`: the flat gradient spans)
+    /// and this rank's micro-step losses; replaces the gradients with their sum over ranks and
+    /// `losses` with every rank's, in global micro-step order.
+    fn sync(&mut self, gpu: &Gpu, grads: &[View], losses: &mut Vec<f32>) -> Result<()>;
 }
 
 impl Default for ExecOptions {
@@ -44,6 +74,7 @@ impl Default for ExecOptions {
                 grad_clip: 1.0,
             },
             seed: 1337,
+            shard: Shard::default(),
         }
     }
 }
@@ -117,6 +148,8 @@ pub struct Executor<'a> {
     next_ring: usize,
     /// Results collected while reserving a ring slot, not yet returned by `poll`.
     pending: Vec<StepResult>,
+    /// Every rank's losses of the synced steps whose results have not been collected yet.
+    synced_losses: Vec<(u64, Vec<f32>)>,
     pub opts: ExecOptions,
 }
 
@@ -240,6 +273,7 @@ impl<'a> Executor<'a> {
             ring: Vec::new(),
             next_ring: 0,
             pending: Vec::new(),
+            synced_losses: Vec::new(),
             opts,
         };
         ex.create_dispatches()?;
@@ -651,7 +685,7 @@ impl<'a> Executor<'a> {
                 rows,
                 acc,
             } => {
-                let dloss = 1.0 / (n * self.opts.grad_accum.max(1)) as f32;
+                let dloss = 1.0 / (n * self.micro_per_step()) as f32;
                 let (x, wte, dwte) = (i(0), ic(1), oc(1));
                 let mut out = Vec::new();
                 for r0 in (0..n).step_by(rows) {
@@ -691,7 +725,7 @@ impl<'a> Executor<'a> {
                 Ok(out)
             }
             Op::CrossEntropyBackward { n, v, vp } => {
-                let dloss = 1.0 / (n * self.opts.grad_accum.max(1)) as f32;
+                let dloss = 1.0 / (n * self.micro_per_step()) as f32;
                 one(cross_entropy::backward(
                     gpu,
                     i(0),
@@ -838,10 +872,28 @@ impl<'a> Executor<'a> {
             .collect()
     }
 
+    /// Micro-steps of one optimizer step over all ranks.
+    fn micro_per_step(&self) -> usize {
+        self.opts.grad_accum.max(1) * self.opts.shard.ranks.max(1)
+    }
+
     /// Queues one training step: `micro` holds `grad_accum` batches; `lr` and the AdamW step
     /// number `t` (1-based) apply to this step. Returns without waiting for the GPU; the step's
     /// losses arrive through `poll` or `wait_results`.
     pub fn step(&mut self, micro: &[MicroBatch], lr: f32, t: u32) -> Result<()> {
+        self.step_synced(micro, lr, t, None)
+    }
+
+    /// `step`, with `sync` run between the backward and the optimizer update: the forward and
+    /// backward are submitted, waited for, handed to `sync` (which sums the gradients across
+    /// ranks), then the update is submitted. Without `sync`, the whole step is one submission.
+    pub fn step_synced(
+        &mut self,
+        micro: &[MicroBatch],
+        lr: f32,
+        t: u32,
+        sync: Option<&mut dyn GradientSync>,
+    ) -> Result<()> {
         let accum = self.opts.grad_accum.max(1);
         if micro.len() != accum {
             return Err(Error::invalid(
@@ -854,11 +906,14 @@ impl<'a> Executor<'a> {
             adamw::set_step(self.gpu, &self.dispatches[&Phase::Optimizer][d], lr, t);
         }
         if let Some(buf) = &self.dropout_steps {
-            // Every micro-step of every step draws fresh masks: counter = t · accum + k.
+            // Every micro-step of every step draws fresh masks, keyed by the global micro-step:
+            // counter = t · accum · ranks + k · ranks + rank.
+            let Shard { rank, ranks } = self.opts.shard;
+            let per_step = self.micro_per_step() as u32;
             let mut steps = Vec::with_capacity(accum * self.dropouts.len());
             for k in 0..accum {
                 for _ in &self.dropouts {
-                    steps.push(t * accum as u32 + k as u32);
+                    steps.push(t * per_step + (k * ranks + rank) as u32);
                 }
             }
             self.gpu
@@ -866,52 +921,23 @@ impl<'a> Executor<'a> {
                 .write_buffer(buf, 0, bytemuck::cast_slice(&steps));
         }
         let slot = self.reserve_readback()?;
-        let gpu = self.gpu;
-        let results = self.results.clone();
-        gpu.scoped("training step", 0, || {
-            let mut enc = gpu
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("training step"),
-                });
-            gpu.record(&mut enc, self.phase(Phase::Zero));
-            for k in 0..accum {
-                self.record_micro_inputs(&mut enc, k);
-                gpu.record(&mut enc, self.phase(Phase::Forward));
-                gpu.record(&mut enc, self.phase(Phase::Backward));
-                if let (Some(loss), Some(r)) = (self.loss, &results) {
-                    let l = self.view(loss);
-                    enc.copy_buffer_to_buffer(
-                        &l.buffer,
-                        l.offset,
-                        &r.buffer,
-                        r.offset + 4 * k as u64,
-                        4,
-                    );
-                }
+        match sync {
+            None => self.submit("training step", |enc| {
+                self.record_accumulate(enc);
+                self.record_update(enc, slot);
+            })?,
+            Some(sync) => {
+                self.submit("forward and backward", |enc| self.record_accumulate(enc))?;
+                let mut losses = match &self.results {
+                    Some(r) => self.gpu.read_f32(&r.slice(0, accum, "step_losses")?)?,
+                    None => Vec::new(),
+                };
+                let grads = self.gradient_spans();
+                sync.sync(self.gpu, &grads, &mut losses)?;
+                self.synced_losses.push((t as u64, losses));
+                self.submit("optimizer", |enc| self.record_update(enc, slot))?;
             }
-            gpu.record(&mut enc, self.phase(Phase::Optimizer));
-            if let (Some(norm), Some(r)) = (self.norm, &results) {
-                let nv = self.view(norm);
-                enc.copy_buffer_to_buffer(
-                    &nv.buffer,
-                    nv.offset,
-                    &r.buffer,
-                    r.offset + 4 * accum as u64,
-                    4,
-                );
-            }
-            if let (Some(slot), Some(r)) = (slot, &results) {
-                enc.copy_buffer_to_buffer(
-                    &r.buffer,
-                    r.offset,
-                    &self.ring[slot].buffer,
-                    0,
-                    r.bytes(),
-                );
-            }
-            gpu.queue.submit([enc.finish()]);
-        })?;
+        }
         if let Some(slot) = slot {
             let rb = &mut self.ring[slot];
             rb.step = Some(t as u64);
@@ -922,6 +948,68 @@ impl<'a> Executor<'a> {
                 .map_async(wgpu::MapMode::Read, move |r| ready.set(r.is_ok()));
         }
         Ok(())
+    }
+
+    /// The flat spans of every gradient the optimizer reads (those of the gradient norm).
+    pub fn gradient_spans(&self) -> Vec<View> {
+        self.graph
+            .nodes
+            .iter()
+            .find(|n| matches!(n.op, Op::GlobalNorm))
+            .map_or_else(Vec::new, |n| self.spans_of(&n.inputs))
+    }
+
+    /// Records into one command buffer and submits it.
+    fn submit(&self, label: &str, record: impl FnOnce(&mut wgpu::CommandEncoder)) -> Result<()> {
+        let gpu = self.gpu;
+        gpu.scoped(label, 0, || {
+            let mut enc = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+            record(&mut enc);
+            gpu.queue.submit([enc.finish()]);
+        })
+    }
+
+    /// Zeroes the gradients and records every micro-step's forward and backward, each loss
+    /// copied into the step's results.
+    fn record_accumulate(&self, enc: &mut wgpu::CommandEncoder) {
+        let gpu = self.gpu;
+        gpu.record(enc, self.phase(Phase::Zero));
+        for k in 0..self.opts.grad_accum.max(1) {
+            self.record_micro_inputs(enc, k);
+            gpu.record(enc, self.phase(Phase::Forward));
+            gpu.record(enc, self.phase(Phase::Backward));
+            if let (Some(loss), Some(r)) = (self.loss, &self.results) {
+                let l = self.view(loss);
+                enc.copy_buffer_to_buffer(
+                    &l.buffer,
+                    l.offset,
+                    &r.buffer,
+                    r.offset + 4 * k as u64,
+                    4,
+                );
+            }
+        }
+    }
+
+    /// Records the gradient norm and AdamW, and the copy of the step's results into ring `slot`.
+    fn record_update(&self, enc: &mut wgpu::CommandEncoder, slot: Option<usize>) {
+        let accum = self.opts.grad_accum.max(1);
+        self.gpu.record(enc, self.phase(Phase::Optimizer));
+        if let (Some(norm), Some(r)) = (self.norm, &self.results) {
+            let nv = self.view(norm);
+            enc.copy_buffer_to_buffer(
+                &nv.buffer,
+                nv.offset,
+                &r.buffer,
+                r.offset + 4 * accum as u64,
+                4,
+            );
+        }
+        if let (Some(slot), Some(r)) = (slot, &self.results) {
+            enc.copy_buffer_to_buffer(&r.buffer, r.offset, &self.ring[slot].buffer, 0, r.bytes());
+        }
     }
 
     fn phase(&self, p: Phase) -> &[Dispatch] {
@@ -1048,9 +1136,13 @@ impl<'a> Executor<'a> {
                 rb.buffer.unmap();
                 rb.step = None;
                 let accum = self.opts.grad_accum.max(1);
+                let losses = match self.synced_losses.iter().position(|(s, _)| *s == step) {
+                    Some(i) => self.synced_losses.swap_remove(i).1,
+                    None => data[..accum].to_vec(),
+                };
                 Ok(Some(StepResult {
                     step,
-                    losses: data[..accum].to_vec(),
+                    losses,
                     grad_norm: data[accum],
                 }))
             }
@@ -1267,7 +1359,7 @@ impl Executor<'_> {
         self.submit_one("validate", batch, &[Phase::Zero])?;
         let gpu = self.gpu;
         gpu.wait()?;
-        let dloss = 1.0 / self.opts.grad_accum.max(1) as f32;
+        let dloss = 1.0 / self.micro_per_step() as f32;
         let mut checks = Vec::new();
         for phase in [Phase::Forward, Phase::Backward] {
             let nds = self

@@ -8,6 +8,6 @@ pub mod planner;
 pub mod store;
 pub mod validate;
 
-pub use executor::{ExecOptions, Executor, MicroBatch, NodeCheck, StepResult};
+pub use executor::{ExecOptions, Executor, GradientSync, MicroBatch, NodeCheck, Shard, StepResult};
 pub use ir::{Graph, Op, Phase, TensorId, TensorKind};
 pub use store::ParamStore;

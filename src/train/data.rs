@@ -209,18 +209,37 @@ pub struct Loader {
     pub b: usize,
     pub t: usize,
     rng: Rng,
-    /// Batches drawn so far.
+    /// Batches drawn so far, by every rank together.
     pub position: u64,
+    /// This loader's share of the batches: rank `rank` of `ranks`.
+    rank: usize,
+    ranks: usize,
 }
 
 impl Loader {
     pub fn new(kind: LoaderKind, b: usize, t: usize, seed: u64) -> Loader {
+        Loader::sharded(kind, b, t, seed, 0, 1)
+    }
+
+    /// Rank `rank`'s share of the batches of `ranks` ranks. Sequential: the rank-th of every
+    /// `ranks` consecutive batches, so that the ranks together read what one loader reads.
+    /// Random: a stream of the rank's own, derived from the seed (rank 0's is the seed's).
+    pub fn sharded(
+        kind: LoaderKind,
+        b: usize,
+        t: usize,
+        seed: u64,
+        rank: usize,
+        ranks: usize,
+    ) -> Loader {
         Loader {
             kind,
             b,
             t,
-            rng: Rng::new(seed),
+            rng: Rng::new(rank_seed(seed, rank)),
             position: 0,
+            rank,
+            ranks: ranks.max(1),
         }
     }
 
@@ -240,9 +259,9 @@ impl Loader {
             }
             LoaderKind::Sequential => {
                 let span = b * t;
+                let index = self.position + self.rank as u64;
                 let start = if data.len() > span + 1 {
-                    ((self.position as u128 * span as u128) % (data.len() - span - 1) as u128)
-                        as usize
+                    ((index as u128 * span as u128) % (data.len() - span - 1) as u128) as usize
                 } else {
                     0
                 };
@@ -252,7 +271,7 @@ impl Loader {
                 mb.targets.extend((0..span).map(|k| at(k + 1)));
             }
         }
-        self.position += 1;
+        self.position += self.ranks as u64;
         mb
     }
 
@@ -262,6 +281,19 @@ impl Loader {
             position: self.position,
             // As strings: JSON readers often keep numbers in f64, which would round them.
             rng: self.rng.state().map(|s| s.to_string()),
+        }
+    }
+
+    /// Continues from a position saved by a run with another number of ranks: sequential
+    /// loaders read on from the same place; random ones start the rank's stream afresh, keyed
+    /// by the seed and the position.
+    pub fn restore_position(&mut self, position: u64, seed: u64) {
+        self.position = position;
+        if self.kind == LoaderKind::Random {
+            self.rng = Rng::new(rank_seed(
+                seed ^ position.wrapping_mul(0xA24B_AED4_963E_E407),
+                self.rank,
+            ));
         }
     }
 
@@ -281,5 +313,46 @@ impl Loader {
         self.position = s.position;
         self.rng = Rng::from_state(s.rng_state()?);
         Ok(())
+    }
+}
+
+/// The seed of rank `rank`'s random stream: the run's seed for rank 0 (a one-rank run draws
+/// what it always drew), a mix of it and the rank for the others.
+fn rank_seed(seed: u64, rank: usize) -> u64 {
+    if rank == 0 {
+        seed
+    } else {
+        seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// N sequential shards, taken in turn, read exactly the batches of one loader; random shards
+    /// draw streams of their own (rank 0's is the one-rank stream), and positions count globally.
+    #[test]
+    fn shards_read_what_one_loader_reads() {
+        let data: Vec<u32> = (0..1000).collect();
+        let mut one = Loader::new(LoaderKind::Sequential, 3, 7, 5);
+        let mut shards: Vec<Loader> = (0..3)
+            .map(|r| Loader::sharded(LoaderKind::Sequential, 3, 7, 5, r, 3))
+            .collect();
+        for _ in 0..20 {
+            for s in &mut shards {
+                let (a, b) = (one.next(&data), s.next(&data));
+                assert_eq!((a.tokens, a.targets), (b.tokens, b.targets));
+            }
+        }
+        assert!(shards.iter().all(|s| s.position == one.position));
+
+        let mut r0 = Loader::sharded(LoaderKind::Random, 3, 7, 5, 0, 2);
+        let mut r1 = Loader::sharded(LoaderKind::Random, 3, 7, 5, 1, 2);
+        let mut solo = Loader::new(LoaderKind::Random, 3, 7, 5);
+        let (a, b, c) = (r0.next(&data), r1.next(&data), solo.next(&data));
+        assert_eq!(a.tokens, c.tokens);
+        assert_ne!(a.tokens, b.tokens);
+        assert_eq!((r0.position, r1.position), (2, 2));
     }
 }

@@ -3,6 +3,7 @@
 pub mod addition;
 pub mod checkpoint;
 pub mod data;
+pub mod parallel;
 pub mod schedule;
 pub mod state;
 
@@ -13,9 +14,12 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
+use crate::dist::Comm;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::graph::{ExecOptions, Executor, MicroBatch, NodeCheck, ParamStore, StepResult};
+use crate::graph::{
+    ExecOptions, Executor, GradientSync, MicroBatch, NodeCheck, ParamStore, Shard, StepResult,
+};
 use crate::io::vocab::Vocab;
 use crate::kernels::adamw;
 use crate::model::gpt::{self, Mode};
@@ -175,14 +179,19 @@ pub fn load_data(cfg: &TrainConfig, vocab: Option<&Vocab>) -> Result<Dataset> {
 
 /// Mean loss over `iters` batches drawn from `split` (the way training draws them) by a loader
 /// started afresh at every evaluation, so successive evaluations compare like with like and the
-/// training stream is untouched.
-fn evaluate(exec: &mut Executor, split: &[u32], cfg: &TrainConfig) -> Result<f32> {
+/// training stream is untouched. The ranks share the batches (rank r takes every N-th from the
+/// r-th), so any number of ranks evaluates the same batches.
+fn evaluate(exec: &mut Executor, split: &[u32], cfg: &TrainConfig, comm: &Comm) -> Result<f32> {
     let (b, t, iters) = (cfg.batch_size, cfg.block_size, cfg.eval_iters);
     let mut loader = Loader::new(cfg.loader, b, t, cfg.seed ^ 0xE7A1_0000);
     let mut sum = 0.0f64;
-    for _ in 0..iters {
-        sum += exec.forward_loss(&loader.next(split))? as f64;
+    for i in 0..iters {
+        let batch = loader.next(split);
+        if i % comm.size() == comm.rank() {
+            sum += exec.forward_loss(&batch)? as f64;
+        }
     }
+    let sum = parallel::sum_over_ranks(comm, sum)?;
     // check_settings keeps iters >= 1.
     Ok((sum / iters as f64) as f32)
 }
@@ -361,8 +370,44 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 /// Trains. Returns the summary, or an error (bad input, divergence) after which the last
 /// checkpoint on disk is intact.
 pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
+    train_on(gpu, cfg, &Comm::single())
+}
+
+/// Refuses a number of ranks the training split cannot give distinct batches to.
+fn check_ranks_fed(comm: &Comm, cfg: &TrainConfig, train_tokens: usize) -> Result<()> {
+    let n = comm.size();
+    let need = n * cfg.batch_size * cfg.block_size + 1;
+    if n > 1 && train_tokens < need {
+        return Err(Error::invalid(
+            "-np",
+            format!(
+                "{n} ranks x --batch-size {} x --block-size {} need {need} tokens of training                  data per round of batches, but the train split holds {train_tokens}: use fewer                  ranks or a smaller --batch-size",
+                cfg.batch_size, cfg.block_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `train`, as rank `comm.rank()` of a data-parallel job of `comm.size()` ranks: each rank reads
+/// its share of every global batch, gradients are summed across ranks between backward and
+/// update, and rank 0 alone logs and writes metrics and checkpoints.
+pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummary> {
     let t0 = Instant::now();
     check_settings(cfg)?;
+    parallel::check_same_settings(comm, cfg)?;
+    // Other ranks are silent and write nothing.
+    let quiet;
+    let cfg = if comm.is_root() {
+        cfg
+    } else {
+        quiet = TrainConfig {
+            verbose: false,
+            metrics: None,
+            ..cfg.clone()
+        };
+        &quiet
+    };
     install_interrupt_handler();
     // The model: continued from a checkpoint, or fresh.
     let (model_cfg, mut ckpt, start_state) = if let Some(dir) = &cfg.resume {
@@ -447,23 +492,29 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         .as_ref()
         .map_or("embedded dataset".to_string(), |p| p.display().to_string());
     data.check_fits(&data_name, t)?;
+    check_ranks_fed(comm, cfg, data.train.len())?;
     crate::memory::check(
         "the model's parameters, gradients and AdamW moments",
         model_cfg.training_bytes(),
     )?;
     // Everything is checked that can be without the GPU: claim the output directory (before
-    // the first step, not at the first checkpoint).
-    let _out = checkpoint::open_out(
-        &cfg.out,
-        checkpoint::OutPolicy {
-            other_files: cfg.overwrite
-                || [&cfg.init, &cfg.resume]
-                    .into_iter()
-                    .flatten()
-                    .any(|d| same_dir(d, &cfg.out)),
-            own_file: cfg.metrics.as_deref(),
-        },
-    )?;
+    // the first step, not at the first checkpoint; rank 0 writes it).
+    let _out = comm
+        .is_root()
+        .then(|| {
+            checkpoint::open_out(
+                &cfg.out,
+                checkpoint::OutPolicy {
+                    other_files: cfg.overwrite
+                        || [&cfg.init, &cfg.resume]
+                            .into_iter()
+                            .flatten()
+                            .any(|d| same_dir(d, &cfg.out)),
+                    own_file: cfg.metrics.as_deref(),
+                },
+            )
+        })
+        .transpose()?;
 
     let table = ParamTable::new(&model_cfg);
     table.check_fits(gpu)?;
@@ -477,6 +528,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         ParamStore::write(gpu, &store.v, v)?;
     }
     drop(init_params);
+    // Every rank initialized from the same seed or loaded the same checkpoint: verify.
+    parallel::check_same_weights(comm, gpu, &store, "at the start")?;
     if let Some(ck) = &mut ckpt {
         ck.params = Vec::new();
         ck.optimizer = None;
@@ -493,11 +546,37 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
             grad_clip: cfg.grad_clip,
         },
         seed: cfg.seed as u32,
+        shard: Shard {
+            rank: comm.rank(),
+            ranks: comm.size(),
+        },
     };
-    let train_graph = gpt::build_for(&model_cfg, &table, b, t, Mode::Train, gpu.max_binding());
-    let mut exec = Executor::new(gpu, train_graph.graph, &store, opts.clone())?;
-    let eval_graph = gpt::build_for(&model_cfg, &table, b, t, Mode::Eval, gpu.max_binding());
-    let mut eval_exec = Executor::new(gpu, eval_graph.graph, &store, opts.clone())?;
+    let build = || -> Result<(Executor, Executor)> {
+        let train_graph = gpt::build_for(&model_cfg, &table, b, t, Mode::Train, gpu.max_binding());
+        let exec = Executor::new(gpu, train_graph.graph, &store, opts.clone())?;
+        let eval_graph = gpt::build_for(&model_cfg, &table, b, t, Mode::Eval, gpu.max_binding());
+        let eval_exec = Executor::new(gpu, eval_graph.graph, &store, opts.clone())?;
+        Ok((exec, eval_exec))
+    };
+    // Kernel variants chosen by timing could differ between ranks, and so would their bits:
+    // rank 0 chooses (building first), the others compute with its choices.
+    let (mut exec, mut eval_exec) = if comm.size() > 1 {
+        let root = if comm.is_root() { Some(build()?) } else { None };
+        let used = serde_json::to_vec(&gpu.tuner.used()).expect("JSON of kernel choices");
+        let choices = comm.all_gather_bytes(&used)?;
+        match root {
+            Some(built) => built,
+            None => {
+                gpu.tuner.pin(
+                    &serde_json::from_slice(&choices[0])
+                        .map_err(|e| Error::invalid("kernel choices of rank 0", e.to_string()))?,
+                );
+                build()?
+            }
+        }
+    } else {
+        build()?
+    };
 
     if cfg.validate {
         // A throwaway batch (not from the loader, so training is unchanged) checked node by node.
@@ -520,11 +599,25 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
             return Err(Error::invalid("--validate", bad.join("; ")));
         }
     }
-    let mut loader = Loader::new(cfg.loader, b, t, cfg.seed);
+    let mut loader = Loader::sharded(cfg.loader, b, t, cfg.seed, comm.rank(), comm.size());
     let mut step = 0u64;
+    let mut rank_change = None;
     if let Some(state) = &start_state {
         step = state.step;
-        loader.restore(&state.loader)?;
+        if state.ranks == comm.size() {
+            match comm.rank() {
+                0 => loader.restore(&state.loader)?,
+                r => loader.restore(state.rank_loaders.get(r - 1).ok_or_else(|| {
+                    Error::invalid(
+                        "--resume",
+                        format!("the checkpoint has no loader state for rank {r}"),
+                    )
+                })?)?,
+            }
+        } else {
+            loader.restore_position(state.loader.position, cfg.seed);
+            rank_change = Some(state.ranks);
+        }
         if step >= cfg.max_iters {
             return Err(Error::invalid(
                 "--max-iters",
@@ -542,7 +635,18 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
             println!("{s}");
         }
     };
-    say(format!("adapter: {}", gpu.adapter_name()));
+    let places =
+        comm.all_gather_bytes(format!("{}\t{}", comm.host(), gpu.adapter_name()).as_bytes())?;
+    if comm.size() > 1 {
+        say(format!("ranks: {} (MPI)", comm.size()));
+        for (r, p) in places.iter().enumerate() {
+            let p = String::from_utf8_lossy(p);
+            let (host, adapter) = p.split_once('\t').unwrap_or((&p, "?"));
+            say(format!("  rank {r}: host {host}, adapter {adapter}"));
+        }
+    } else {
+        say(format!("adapter: {}", gpu.adapter_name()));
+    }
     say(format!("data: {}", data.description));
     say(format!(
         "model: {} layers, {} heads, {} embd, block {}, vocab {} (padded {}), {:.2}M parameters",
@@ -560,13 +664,38 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         exec.plan.planned_bytes as f64 / 1048576.0,
         exec.plan.unplanned_bytes as f64 / 1048576.0
     ));
+    say(format!(
+        "global batch: {} ranks x {b} sequences x {} micro-steps x {t} tokens = {} tokens per step",
+        comm.size(),
+        cfg.grad_accum,
+        comm.size() * b * cfg.grad_accum * t
+    ));
     if step > 0 {
         say(format!("resuming at step {step}"));
+    }
+    if let Some(was) = rank_change {
+        say(format!(
+            "the checkpoint was written by {was} ranks, this run has {}: the loader continues \
+             at global batch {}{}",
+            comm.size(),
+            loader.position,
+            if cfg.loader == LoaderKind::Random {
+                " with fresh per-rank random streams"
+            } else {
+                ""
+            }
+        ));
     }
 
     let mut run = Progress {
         cfg,
-        bar: (verbose && std::io::stdout().is_terminal()).then(|| {
+        // The bar draws on stderr, and replaces the log lines: only when both are terminals,
+        // and never for the ranks of a job, whose output mpirun interleaves.
+        bar: (verbose
+            && comm.size() == 1
+            && std::io::stdout().is_terminal()
+            && std::io::stderr().is_terminal())
+        .then(|| {
             let pb = indicatif::ProgressBar::new(cfg.max_iters);
             pb.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -582,9 +711,27 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         last_loss: None,
         // A resumed run starts from a checkpoint that is, so far, the last good one.
         last_ckpt: cfg.resume.clone().map(|dir| (dir, step)),
-        tokens_per_step: b * t * cfg.grad_accum,
+        tokens_per_step: comm.size() * b * t * cfg.grad_accum,
+    };
+    let mut grad_sum = parallel::GradientSum {
+        comm,
+        timing: Default::default(),
     };
     let save = |store: &ParamStore, step: u64, loader: &Loader| -> Result<()> {
+        // Every rank's loader, so that the same number of ranks continues bit for bit.
+        let states = comm.all_gather_bytes(
+            &serde_json::to_vec(&loader.state()).expect("JSON of a loader state"),
+        )?;
+        if !comm.is_root() {
+            return Ok(());
+        }
+        let rank_loaders = states[1..]
+            .iter()
+            .map(|b| {
+                serde_json::from_slice(b)
+                    .map_err(|e| Error::invalid("loader state of a rank", e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let read = |views| ParamStore::read(gpu, views);
         checkpoint::save(
             &cfg.out,
@@ -598,6 +745,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
                     data_description: data.description.clone(),
                     config: cfg.settings(),
                     kernels: gpu.tuner.used(),
+                    ranks: comm.size(),
+                    rank_loaders,
                 }),
                 vocab: Some(data.vocab.clone()),
             },
@@ -616,7 +765,8 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         let micro: Vec<MicroBatch> = (0..cfg.grad_accum)
             .map(|_| loader.next(&data.train))
             .collect();
-        exec.step(&micro, cfg.schedule.at(step - 1), step as u32)?;
+        let sync = (comm.size() > 1).then_some(&mut grad_sum as &mut dyn GradientSync);
+        exec.step_synced(&micro, cfg.schedule.at(step - 1), step as u32, sync)?;
         let now = Instant::now();
         let ms = now.duration_since(last_submit).as_secs_f64() * 1e3;
         last_submit = now;
@@ -624,14 +774,22 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
         run.handle(exec.poll()?)?;
 
         let eval_now = cfg.eval_interval > 0 && step.is_multiple_of(cfg.eval_interval);
-        let stop = interrupted();
+        // Every rank stops at the same step (a Ctrl-C may reach them apart).
+        let stop = comm.any(interrupted())?;
         if eval_now || step == cfg.max_iters || stop {
             // Never checkpoint parameters a diverged step may have touched.
             run.handle(exec.wait_results()?)?;
             let paused = Instant::now();
             if eval_now || step == cfg.max_iters {
-                let tl = evaluate(&mut eval_exec, &data.train, cfg)?;
-                let vl = evaluate(&mut eval_exec, &data.val, cfg)?;
+                let when = format!("at step {step}");
+                if let Some(h) = parallel::check_same_weights(comm, gpu, &store, &when)? {
+                    run.log(format!(
+                        "step {step:>6}: weights identical on all {} ranks (checksum {h:016x})",
+                        comm.size()
+                    ));
+                }
+                let tl = evaluate(&mut eval_exec, &data.train, cfg, comm)?;
+                let vl = evaluate(&mut eval_exec, &data.val, cfg, comm)?;
                 if !(tl.is_finite() && vl.is_finite()) {
                     return Err(run.diverged(format!(
                         "by step {step}: evaluation loss {tl} (train), {vl} (val)"
@@ -646,7 +804,9 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
             }
             save(&store, step, &loader)?;
             run.last_ckpt = Some((cfg.out.clone(), step));
-            run.metrics.plot(&cfg.out)?;
+            if comm.is_root() {
+                run.metrics.plot(&cfg.out)?;
+            }
             run.log(format!("checkpoint: {} (step {step})", cfg.out.display()));
             pause += paused.elapsed();
             last_submit = Instant::now();
@@ -660,17 +820,21 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
     if let Some(pb) = &run.bar {
         pb.finish_and_clear();
     }
+    let ms_per_step = if step >= first_step {
+        (loop_t0.elapsed() - pause).as_secs_f64() * 1e3 / (step + 1 - first_step) as f64
+    } else {
+        0.0
+    };
+    if grad_sum.timing.steps > 0 {
+        run.log(grad_sum.timing.summary(ms_per_step));
+    }
     Ok(TrainSummary {
         steps: step + 1 - first_step,
         final_step: step,
         final_train_loss: run.last_loss,
         final_val_loss: last_val,
         seconds: t0.elapsed().as_secs_f64(),
-        ms_per_step: if step >= first_step {
-            (loop_t0.elapsed() - pause).as_secs_f64() * 1e3 / (step + 1 - first_step) as f64
-        } else {
-            0.0
-        },
+        ms_per_step,
         tokens_per_step: run.tokens_per_step,
         interrupted: was_interrupted,
         cfg: model_cfg,

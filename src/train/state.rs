@@ -54,6 +54,20 @@ pub struct TrainerState {
     /// from checkpoints written before variants were recorded).
     #[serde(default)]
     pub kernels: BTreeMap<String, String>,
+    /// Ranks of the data-parallel run that wrote it (absent: 1).
+    #[serde(default = "one_rank", skip_serializing_if = "is_one_rank")]
+    pub ranks: usize,
+    /// The loader states of ranks 1 .. ranks (rank 0's is `loader`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_loaders: Vec<LoaderState>,
+}
+
+fn one_rank() -> usize {
+    1
+}
+
+fn is_one_rank(n: &usize) -> bool {
+    *n == 1
 }
 
 impl TrainerState {
@@ -77,10 +91,10 @@ impl TrainerState {
             };
             Error::invalid(&name, msg)
         })?;
-        state
-            .loader
-            .rng_state()
-            .map_err(|e| Error::invalid(&name, e.to_string()))?;
+        for l in std::iter::once(&state.loader).chain(&state.rank_loaders) {
+            l.rng_state()
+                .map_err(|e| Error::invalid(&name, e.to_string()))?;
+        }
         state.check_values(&name)?;
         Ok(state)
     }
@@ -101,6 +115,18 @@ impl TrainerState {
             if x == 0 {
                 return bad(field, "must be at least 1".into());
             }
+        }
+        if self.ranks == 0
+            || !(self.rank_loaders.is_empty() || self.rank_loaders.len() + 1 == self.ranks)
+        {
+            return bad(
+                "rank_loaders",
+                format!(
+                    "{} loader states for {} ranks (expected none, or one per rank after the first)",
+                    self.rank_loaders.len(),
+                    self.ranks
+                ),
+            );
         }
         if self.step > c.max_iters {
             return bad(
@@ -203,6 +229,8 @@ mod tests {
             data_description: "test".into(),
             config: cfg.settings(),
             kernels: Default::default(),
+            ranks: 1,
+            rank_loaders: Vec::new(),
         }
         .to_json()
     }
