@@ -11,7 +11,7 @@ use js_sys::{Array, Function, Uint8Array};
 use serde_json::{Value, json};
 use shaderformer::error::Error;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, TuneMode};
-use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore, StepResult};
+use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore, Shard, StepResult};
 use shaderformer::infer::{self, Engine, SampleOptions};
 use shaderformer::io::vocab::Vocab;
 use shaderformer::kernels::adamw;
@@ -64,17 +64,43 @@ pub async fn adapter() -> JsResult<String> {
     .to_string())
 }
 
-/// The addition problems' training settings (`shaderformer train` without --data) with the
-/// page's choices in `settings` (JSON: seed, steps, lr, n_layer, n_head, n_embd, batch_size,
-/// warmup_iters, eval_iters; each optional). An unknown field is an error naming it.
-fn addition_config(settings: &str) -> JsResult<TrainConfig> {
+/// The training settings the page starts from: the addition problems' (`shaderformer train`
+/// without --data) or, for a text, `shaderformer train --data`'s (nanoGPT's small character
+/// model).
+fn base_config(text: bool) -> TrainConfig {
+    let mut c = if text {
+        TrainConfig::default()
+    } else {
+        addition::defaults()
+    };
+    c.verbose = false;
+    c
+}
+
+/// The form's starting values for the addition problems or a text (JSON, the names
+/// `train_config` takes), so the page shows what a run would use.
+#[wasm_bindgen]
+pub fn defaults(text: bool) -> String {
+    let c = base_config(text);
+    json!({
+        "seed": c.seed, "steps": c.max_iters, "lr": c.schedule.lr, "n_layer": c.n_layer,
+        "n_head": c.n_head, "n_embd": c.n_embd, "batch_size": c.batch_size,
+        "block_size": c.block_size,
+    })
+    .to_string()
+}
+
+/// `base_config(text)` with the page's choices in `settings` (JSON: seed, steps, lr, n_layer,
+/// n_head, n_embd, batch_size, block_size, warmup_iters, lr_decay_iters, eval_iters; each
+/// optional), applied as the command line applies its flags. An unknown field is an error
+/// naming it.
+fn train_config(settings: &str, text: bool) -> JsResult<TrainConfig> {
     let v: Value = serde_json::from_str(settings)
         .map_err(|e| JsValue::from_str(&format!("settings are not JSON: {e}")))?;
     let obj = v
         .as_object()
         .ok_or_else(|| JsValue::from_str("settings must be a JSON object"))?;
-    let mut c = addition::defaults();
-    c.verbose = false;
+    let mut c = base_config(text);
     let mut lr_decay = None;
     for (k, x) in obj {
         let uint = || {
@@ -97,6 +123,7 @@ fn addition_config(settings: &str) -> JsResult<TrainConfig> {
             "n_head" => c.n_head = uint()? as usize,
             "n_embd" => c.n_embd = uint()? as usize,
             "batch_size" => c.batch_size = uint()? as usize,
+            "block_size" => c.block_size = uint()? as usize,
             "warmup_iters" => c.schedule.warmup_iters = uint()?,
             "lr_decay_iters" => lr_decay = Some(uint()?),
             "eval_iters" => c.eval_iters = uint()? as usize,
@@ -106,6 +133,17 @@ fn addition_config(settings: &str) -> JsResult<TrainConfig> {
     // As the command line does: the cosine ends at the last step unless told otherwise.
     c.schedule.lr_decay_iters = lr_decay.unwrap_or(c.max_iters);
     Ok(c)
+}
+
+/// The run's data: `text` with a character vocabulary built from it (as `train --data` builds
+/// one from a text file), else the embedded addition problems.
+fn dataset(cfg: &TrainConfig, text: Option<(&str, &str)>) -> JsResult<Dataset> {
+    let Some((name, text)) = text else {
+        return train::load_data(cfg, None).map_err(err);
+    };
+    let data = Dataset::from_text(name, text, None).map_err(err)?;
+    data.check_fits(name, cfg.block_size).map_err(err)?;
+    Ok(data)
 }
 
 fn results_json(results: &[StepResult]) -> String {
@@ -118,7 +156,7 @@ fn results_json(results: &[StepResult]) -> String {
     .to_string()
 }
 
-/// A training run on the addition problems, advanced one step per `step` call.
+/// A training run, advanced one step per `step` call.
 #[wasm_bindgen]
 pub struct Trainer {
     gpu: &'static Gpu,
@@ -133,12 +171,18 @@ pub struct Trainer {
 }
 
 /// Builds the model, its parameters (initialized from the seed as natively) and the training
-/// and evaluation graphs. Fails in words when the model does not fit the adapter.
+/// and evaluation graphs, for the addition problems or (given) the text `text` named `name`.
+/// Fails in words when the model does not fit the adapter or the text is too short.
 #[wasm_bindgen]
-pub async fn trainer(settings: String) -> JsResult<Trainer> {
-    let cfg = addition_config(&settings)?;
+pub async fn trainer(
+    settings: String,
+    text: Option<String>,
+    name: Option<String>,
+) -> JsResult<Trainer> {
+    let cfg = train_config(&settings, text.is_some())?;
+    let name = name.unwrap_or_else(|| "the text".to_string());
+    let data = dataset(&cfg, text.as_deref().map(|t| (name.as_str(), t)))?;
     let gpu = gpu().await?;
-    let data = train::load_data(&cfg, None).map_err(err)?;
     let model = GptConfig {
         n_layer: cfg.n_layer,
         n_head: cfg.n_head,
@@ -168,6 +212,8 @@ pub async fn trainer(settings: String) -> JsResult<Trainer> {
             grad_clip: cfg.grad_clip,
         },
         seed: cfg.seed as u32,
+        // The page is one rank.
+        shard: Shard::default(),
     };
     let g = gpt::build_for(&model, &table, b, t, Mode::Train, gpu.max_binding());
     let exec = Executor::new(gpu, g.graph, &store, opts.clone()).map_err(err)?;
