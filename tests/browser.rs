@@ -321,6 +321,81 @@ fn ids(v: &Value) -> Vec<u64> {
 /// differ: on this machine the worst difference measured was 2.4e-7.
 const LOSS_TOLERANCE: f32 = 1e-4;
 
+/// The (step, loss) pairs the page reported, checked to be steps 1..=steps.
+fn page_losses(report: &Value, steps: u64) -> Vec<(u64, f32)> {
+    let page: Vec<(u64, f32)> = report["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .map(|r| {
+            (
+                r["step"].as_u64().unwrap(),
+                r["loss"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect();
+    assert_eq!(
+        page.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (1..=steps).collect::<Vec<_>>(),
+        "the page reported steps {page:?}"
+    );
+    page
+}
+
+/// Runs `shaderformer train` with `flags` (and per-step metrics) and returns its losses.
+fn native_losses(flags: &[&str], dir: &Path) -> Vec<(u64, f32)> {
+    let metrics = dir.join("metrics.jsonl");
+    let out = dir.join("out");
+    let mut args = vec!["--tune", "off", "train"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&[
+        "--log-interval",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--metrics",
+        metrics.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    native(&args);
+    std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect()
+}
+
+/// Asserts the page's losses are the native ones within LOSS_TOLERANCE, step by step.
+fn assert_same_losses(page: &[(u64, f32)], native: &[(u64, f32)], adapter: &Value) {
+    assert_eq!(native.len(), page.len(), "native: {native:?}");
+    let worst = page
+        .iter()
+        .zip(native)
+        .map(|(p, n)| (p.1 - n.1).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!(
+        "adapter {adapter}: worst loss difference over {} steps {worst:e}; page {page:?}; native {native:?}",
+        page.len()
+    );
+    for (p, n) in page.iter().zip(native) {
+        assert!(
+            (p.1 - n.1).abs() <= LOSS_TOLERANCE,
+            "step {}: page loss {} vs native {} (bound {LOSS_TOLERANCE})",
+            p.0,
+            p.1,
+            n.1
+        );
+    }
+}
+
 #[test]
 fn page_trains_like_the_native_engine_and_saves_a_checkpoint_it_loads() {
     if !ready() {
@@ -338,86 +413,30 @@ fn page_trains_like_the_native_engine_and_saves_a_checkpoint_it_loads() {
         ),
         "train",
     );
-    let page: Vec<(u64, f32)> = report["losses"]
-        .as_array()
-        .expect("losses")
-        .iter()
-        .map(|r| {
-            (
-                r["step"].as_u64().unwrap(),
-                r["loss"].as_f64().unwrap() as f32,
-            )
-        })
-        .collect();
-    assert_eq!(
-        page.iter().map(|p| p.0).collect::<Vec<_>>(),
-        (1..=steps).collect::<Vec<_>>(),
-        "the page reported steps {page:?}"
-    );
-
+    let page = page_losses(&report, steps);
     let dir = scratch("native-train");
-    let metrics = dir.join("metrics.jsonl");
-    let out = dir.join("out");
-    native(&[
-        "--tune",
-        "off",
-        "train",
-        "--seed",
-        "7",
-        "--max-iters",
-        &steps.to_string(),
-        "--lr",
-        "0.003",
-        "--n-layer",
-        "1",
-        "--n-head",
-        "2",
-        "--n-embd",
-        "32",
-        "--batch-size",
-        "8",
-        "--eval-iters",
-        "1",
-        "--log-interval",
-        "1",
-        "--sample-tokens",
-        "0",
-        "--metrics",
-        metrics.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let native_losses: Vec<(u64, f32)> = std::fs::read_to_string(&metrics)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| {
-            (
-                v["step"].as_u64().unwrap(),
-                v["loss"].as_f64().unwrap() as f32,
-            )
-        })
-        .collect();
-    assert_eq!(native_losses.len(), page.len(), "native: {native_losses:?}");
-    let worst = page
-        .iter()
-        .zip(&native_losses)
-        .map(|(p, n)| (p.1 - n.1).abs())
-        .fold(0.0f32, f32::max);
-    eprintln!(
-        "adapter {}: worst loss difference over {steps} steps {worst:e}; page {page:?}; native {native_losses:?}",
-        report["adapter"]["name"]
+    let native = native_losses(
+        &[
+            "--seed",
+            "7",
+            "--max-iters",
+            &steps.to_string(),
+            "--lr",
+            "0.003",
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "32",
+            "--batch-size",
+            "8",
+            "--eval-iters",
+            "1",
+        ],
+        &dir,
     );
-    for (p, n) in page.iter().zip(&native_losses) {
-        assert!(
-            (p.1 - n.1).abs() <= LOSS_TOLERANCE,
-            "step {}: page loss {} vs native {} (bound {LOSS_TOLERANCE})",
-            p.0,
-            p.1,
-            n.1
-        );
-    }
+    assert_same_losses(&page, &native, &report["adapter"]["name"]);
 
     // The page's checkpoint loads natively and gives the page's own greedy completion.
     let saved = scratch("page-checkpoint");
@@ -433,6 +452,83 @@ fn page_trains_like_the_native_engine_and_saves_a_checkpoint_it_loads() {
     assert_eq!(native_greedy(&saved, prompt, want.len()), want);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&saved);
+}
+
+/// A text to train on: enough characters for a few batches of 32 and a validation split.
+fn some_text() -> String {
+    let lines = [
+        "The river rose in the night and the mill wheel turned faster than it ever had.",
+        "By morning the miller's daughter had counted nine sacks of flour, and a tenth half full.",
+        "Nobody in the village could say where so much water had come from; the sky was clear.",
+        "An old shepherd said the snow on the far hills had melted all at once, as it did once before.",
+    ];
+    let mut text = String::new();
+    for i in 0..6 {
+        for l in &lines {
+            text.push_str(l);
+            text.push_str(if i % 2 == 0 { "\n" } else { " " });
+        }
+    }
+    text
+}
+
+/// The page trains on a text (character vocabulary) as `shaderformer train --data` does on the
+/// same text in a file: same vocabulary, batches and losses.
+#[test]
+fn page_trains_on_a_text_like_train_with_data() {
+    if !ready() {
+        return;
+    }
+    let steps = 5;
+    let text = some_text();
+    let settings = serde_json::json!({
+        "seed": 3, "steps": steps, "n_layer": 1, "n_head": 2, "n_embd": 32, "batch_size": 4,
+        "block_size": 32, "eval_iters": 1,
+    });
+    let (report, files) = run_page(
+        &format!(
+            "test=train&settings={}&text={}&prompt=T",
+            query_escape(&settings.to_string()),
+            query_escape(&text)
+        ),
+        "text",
+    );
+    let page = page_losses(&report, steps);
+    let dir = scratch("native-text");
+    let data = dir.join("text.txt");
+    std::fs::write(&data, &text).unwrap();
+    let native = native_losses(
+        &[
+            "--data",
+            data.to_str().unwrap(),
+            "--seed",
+            "3",
+            "--max-iters",
+            &steps.to_string(),
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "32",
+            "--batch-size",
+            "4",
+            "--block-size",
+            "32",
+            "--eval-iters",
+            "1",
+        ],
+        &dir,
+    );
+    assert_same_losses(&page, &native, &report["adapter"]["name"]);
+    // The vocabulary the page saved is the one the native run built from the file.
+    let saved = files.get("vocab.json").expect("the page saved vocab.json");
+    let native_vocab = std::fs::read(dir.join("out/vocab.json")).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(saved).unwrap(),
+        serde_json::from_slice::<Value>(&native_vocab).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -18,6 +18,8 @@ function explain(e) {
 }
 
 let trainer = null;
+// The text the trainer trains on (null: the addition problems).
+let trainerText = null;
 let running = false;
 let curve = { train: [], val: [] };
 
@@ -50,8 +52,27 @@ function settings() {
   return {
     seed: num("seed"), steps: num("steps"), lr: num("lr"),
     n_layer: num("n_layer"), n_head: num("n_head"), n_embd: num("n_embd"),
-    batch_size: num("batch_size"),
+    batch_size: num("batch_size"), block_size: num("block_size"),
   };
+}
+
+// The data: the addition problems, or the text pasted or opened (its name for messages).
+let textName = "pasted text";
+const onText = () => $("data-text").checked;
+
+// Fills the form with the chosen data's starting settings (those of `shaderformer train`).
+function fillDefaults() {
+  const d = JSON.parse(sf.defaults(onText()));
+  for (const [k, v] of Object.entries(d)) $(k).value = v;
+}
+
+async function openText(files) {
+  if (!files.length) return;
+  textName = files[0].name;
+  $("text").value = await files[0].text();
+  $("data-text").checked = true;
+  fillDefaults();
+  $("data-info").textContent = `${textName}: ${$("text").value.length} characters`;
 }
 
 function record(results) {
@@ -66,13 +87,22 @@ async function evaluate() {
   const e = JSON.parse(await trainer.evaluate());
   curve.val.push([trainer.steps(), e.val]);
   $("val").textContent = e.val.toFixed(4);
-  // Three held-out style problems, completed greedily by the model as it is now.
-  const lines = [];
-  for (const p of ["74+58=", "21+43=", "99+11="]) {
-    const g = JSON.parse(await trainer.sample(p, JSON.stringify({ greedy: true, max_new_tokens: 4 })));
-    lines.push(p + g.text.split("\n")[0]);
+  if (trainerText !== null) {
+    // A text: 200 characters sampled at temperature 1, from the text's first character.
+    const g = JSON.parse(await trainer.sample(Array.from(trainerText)[0],
+      JSON.stringify({ max_new_tokens: 200, seed: trainer.steps() })));
+    $("samples-title").textContent = "Sample (temperature 1, 200 characters):";
+    $("samples").textContent = "step " + trainer.steps() + ":\n" + g.prompt + g.text;
+  } else {
+    // Three held-out problems, completed greedily by the model as it is now.
+    const lines = [];
+    for (const p of ["74+58=", "21+43=", "99+11="]) {
+      const g = JSON.parse(await trainer.sample(p, JSON.stringify({ greedy: true, max_new_tokens: 4 })));
+      lines.push(p + g.text.split("\n")[0]);
+    }
+    $("samples-title").textContent = "Samples (greedy, held-out problems; digits least significant first):";
+    $("samples").textContent = "step " + trainer.steps() + ": " + lines.join("   ");
   }
-  $("samples").textContent = "step " + trainer.steps() + ": " + lines.join("   ");
   drawCurve();
 }
 
@@ -112,7 +142,11 @@ async function startTraining() {
   curve = { train: [], val: [] };
   try {
     if (trainer) trainer.free();
-    trainer = await sf.trainer(JSON.stringify(settings()));
+    trainer = null;
+    trainerText = onText() ? $("text").value : null;
+    if (trainerText === "") throw new Error("There is no text to train on: paste one or open a file.");
+    trainer = await sf.trainer(JSON.stringify(settings()), trainerText ?? undefined, textName);
+    $("data-info").textContent = JSON.parse(trainer.describe()).data;
   } catch (e) {
     trainer = null;
     showError(explain(e));
@@ -198,7 +232,8 @@ async function testMode(q) {
     const adapter = JSON.parse(await sf.adapter());
     adapter.name = await adapterName(adapter);
     if (q.get("test") === "train") {
-      trainer = await sf.trainer(q.get("settings"));
+      trainerText = q.get("text");
+      trainer = await sf.trainer(q.get("settings"), trainerText ?? undefined, "the test's text");
       const total = JSON.parse(trainer.describe()).max_iters;
       const losses = [], stepMs = [];
       let last = performance.now();
@@ -243,6 +278,14 @@ async function testMode(q) {
 
 async function main() {
   const q = new URLSearchParams(location.search);
+  // ?demo=train: an image the server answers once training is done holds the page's load event
+  // until then, so that `chromium --screenshot` (which waits for it) shows the trained page.
+  if (q.get("demo") === "train") {
+    const hold = new Image();
+    hold.src = "/demo/hold";
+    hold.style.display = "none";
+    document.body.appendChild(hold);
+  }
   if (!navigator.gpu) {
     const msg = "This browser offers no WebGPU (navigator.gpu is missing): use a recent Chrome, Edge or " +
       "Firefox, or enable WebGPU in its settings.";
@@ -267,10 +310,16 @@ async function main() {
   $("save").onclick = save;
   $("files").onchange = (e) => openModel(e.target.files);
   $("generate").onclick = generate;
-  // ?demo=train&steps=N...: fills the form from the query and trains (for screenshots).
+  $("data-addition").onchange = fillDefaults;
+  $("data-text").onchange = fillDefaults;
+  $("text").oninput = () => { textName = "pasted text"; };
+  $("textfile").onchange = (e) => openText(e.target.files);
+  fillDefaults();
+  // ?demo=train&steps=N...: fills the form from the query and trains (scripts/web_screenshot.py).
   if (q.get("demo") === "train") {
     for (const [k, v] of q) if (k !== "demo" && $(k)) $(k).value = v;
     await startTraining();
+    await fetch("/demo/done", { method: "POST" });
   }
 }
 
