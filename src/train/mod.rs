@@ -9,7 +9,7 @@ pub mod state;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -129,16 +129,20 @@ pub struct TrainSummary {
 }
 
 static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
-static HANDLER: AtomicBool = AtomicBool::new(false);
+#[cfg(not(target_arch = "wasm32"))]
+static HANDLER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A browser tab has no Ctrl-C: its page stops training between steps instead.
+#[cfg(target_arch = "wasm32")]
+fn install_interrupt_handler() {}
 
 /// First Ctrl-C: finish the current step, write a checkpoint, stop. Second: exit at once (the
 /// checkpoint on disk is whole either way, since writes are atomic).
+#[cfg(not(target_arch = "wasm32"))]
 fn install_interrupt_handler() {
     if HANDLER.swap(true, Ordering::SeqCst) {
         return;
     }
-    // A browser tab has no Ctrl-C: its page stops training between steps instead.
-    #[cfg(not(target_arch = "wasm32"))]
     let _ = ctrlc::set_handler(|| {
         if INTERRUPTS.fetch_add(1, Ordering::SeqCst) >= 1 {
             eprintln!("\ninterrupted again: exiting without waiting");
