@@ -5,7 +5,7 @@ Serves web/ on 127.0.0.1 and opens /?demo=train&steps=N: the page trains the add
 its default settings and N steps, and an image it requests is answered only once training is done,
 which holds the page's load event; `chromium --screenshot` waits for that event.
 
-    web/build.sh && scripts/web_screenshot.py [--steps 300] [--out assets/web/page.png]
+    web/build.sh && scripts/web_screenshot.py [--steps 300] [--form n_layer=1&n_embd=32] [--out PATH]
 """
 import argparse
 import functools
@@ -25,6 +25,7 @@ PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c0
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--form", default="", help="more of the form's fields, as in a query: n_layer=1&n_embd=32")
     ap.add_argument("--out", default=os.path.join(ROOT, "assets/web/page.png"))
     ap.add_argument("--size", default="900,1000", help="window width,height")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
@@ -60,6 +61,8 @@ def main():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/?demo=train&steps={args.steps}"
+    if args.form:
+        url += "&" + args.form
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:

@@ -342,8 +342,9 @@ fn page_losses(report: &Value, steps: u64) -> Vec<(u64, f32)> {
     page
 }
 
-/// Runs `shaderformer train` with `flags` (and per-step metrics) and returns its losses.
-fn native_losses(flags: &[&str], dir: &Path) -> Vec<(u64, f32)> {
+/// Runs `shaderformer train` with `flags` (and per-step metrics) and returns its losses and its
+/// validation losses.
+fn native_losses(flags: &[&str], dir: &Path) -> (Vec<(u64, f32)>, Vec<(u64, f32)>) {
     let metrics = dir.join("metrics.jsonl");
     let out = dir.join("out");
     let mut args = vec!["--tune", "off", "train"];
@@ -359,30 +360,46 @@ fn native_losses(flags: &[&str], dir: &Path) -> Vec<(u64, f32)> {
         out.to_str().unwrap(),
     ]);
     native(&args);
-    std::fs::read_to_string(&metrics)
+    let lines: Vec<Value> = std::fs::read_to_string(&metrics)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| {
-            (
-                v["step"].as_u64().unwrap(),
-                v["loss"].as_f64().unwrap() as f32,
-            )
-        })
+        .collect();
+    let pick = |key: &str| -> Vec<(u64, f32)> {
+        lines
+            .iter()
+            .filter(|v| v.get(key).is_some())
+            .map(|v| (v["step"].as_u64().unwrap(), v[key].as_f64().unwrap() as f32))
+            .collect()
+    };
+    (pick("loss"), pick("val_loss"))
+}
+
+/// The page's evaluations: (step, validation loss) pairs.
+fn page_vals(report: &Value) -> Vec<(u64, f32)> {
+    report["val"]
+        .as_array()
+        .expect("val")
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
         .collect()
 }
 
 /// Asserts the page's losses are the native ones within LOSS_TOLERANCE, step by step.
 fn assert_same_losses(page: &[(u64, f32)], native: &[(u64, f32)], adapter: &Value) {
-    assert_eq!(native.len(), page.len(), "native: {native:?}");
+    assert!(!page.is_empty());
+    assert_eq!(
+        native.iter().map(|n| n.0).collect::<Vec<_>>(),
+        page.iter().map(|p| p.0).collect::<Vec<_>>(),
+        "steps: page {page:?}, native {native:?}"
+    );
     let worst = page
         .iter()
         .zip(native)
         .map(|(p, n)| (p.1 - n.1).abs())
         .fold(0.0f32, f32::max);
     eprintln!(
-        "adapter {adapter}: worst loss difference over {} steps {worst:e}; page {page:?}; native {native:?}",
+        "adapter {adapter}: worst loss difference over {} values {worst:e}; page {page:?}; native {native:?}",
         page.len()
     );
     for (p, n) in page.iter().zip(native) {
@@ -408,15 +425,17 @@ fn page_trains_like_the_native_engine_and_saves_a_checkpoint_it_loads() {
     });
     let (report, files) = run_page(
         &format!(
-            "test=train&settings={}",
+            "test=train&eval_every=10&settings={}",
             query_escape(&settings.to_string())
         ),
         "train",
     );
     let page = page_losses(&report, steps);
     let dir = scratch("native-train");
-    let native = native_losses(
+    let (native, native_vals) = native_losses(
         &[
+            "--eval-interval",
+            "10",
             "--seed",
             "7",
             "--max-iters",
@@ -437,6 +456,17 @@ fn page_trains_like_the_native_engine_and_saves_a_checkpoint_it_loads() {
         &dir,
     );
     assert_same_losses(&page, &native, &report["adapter"]["name"]);
+    // The page's evaluations (its training loop evaluates as a visitor's run does) are native's.
+    assert_same_losses(
+        &page_vals(&report),
+        &native_vals,
+        &report["adapter"]["name"],
+    );
+    let samples = report["samples"].as_str().unwrap();
+    assert!(
+        samples.starts_with("step 20: 74+58="),
+        "the page shows {samples:?}"
+    );
 
     // The page's checkpoint loads natively and gives the page's own greedy completion.
     let saved = scratch("page-checkpoint");
@@ -487,7 +517,7 @@ fn page_trains_on_a_text_like_train_with_data() {
     });
     let (report, files) = run_page(
         &format!(
-            "test=train&settings={}&text={}&prompt=T",
+            "test=train&eval_every=5&settings={}&text={}&prompt=T",
             query_escape(&settings.to_string()),
             query_escape(&text)
         ),
@@ -497,8 +527,10 @@ fn page_trains_on_a_text_like_train_with_data() {
     let dir = scratch("native-text");
     let data = dir.join("text.txt");
     std::fs::write(&data, &text).unwrap();
-    let native = native_losses(
+    let (native, native_vals) = native_losses(
         &[
+            "--eval-interval",
+            "5",
             "--data",
             data.to_str().unwrap(),
             "--seed",
@@ -521,6 +553,22 @@ fn page_trains_on_a_text_like_train_with_data() {
         &dir,
     );
     assert_same_losses(&page, &native, &report["adapter"]["name"]);
+    assert_same_losses(
+        &page_vals(&report),
+        &native_vals,
+        &report["adapter"]["name"],
+    );
+    // A sample of the text's characters, after the page's evaluation.
+    let samples = report["samples"].as_str().unwrap();
+    assert!(
+        samples.starts_with("step 5:\nT"),
+        "the page shows {samples:?}"
+    );
+    // Up to 200 characters, so here until the context is full: the prompt's character and one
+    // predicted at each of the 32 positions, every one the text's.
+    let sample = &samples["step 5:\n".len()..];
+    assert_eq!(sample.chars().count(), 1 + 32, "the page shows {samples:?}");
+    assert!(sample.chars().all(|c| text.contains(c)), "{samples:?}");
     // The vocabulary the page saved is the one the native run built from the file.
     let saved = files.get("vocab.json").expect("the page saved vocab.json");
     let native_vocab = std::fs::read(dir.join("out/vocab.json")).unwrap();
@@ -565,7 +613,7 @@ fn speed_in_the_page_and_natively() {
     let settings = serde_json::json!({"seed": 1337, "steps": steps});
     let (report, _) = run_page(
         &format!(
-            "test=train&settings={}",
+            "test=train&eval_every={steps}&settings={}",
             query_escape(&settings.to_string())
         ),
         "speed-train",

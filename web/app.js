@@ -22,6 +22,9 @@ let trainer = null;
 let trainerText = null;
 let running = false;
 let curve = { train: [], val: [] };
+// The run's results as they arrive ({step, loss, grad_norm}), the wall time of each step, and
+// the steps between evaluations (null: a tenth of the run).
+let losses = [], stepMs = [], evalEvery = null;
 
 function drawCurve() {
   const c = $("curve"), g = c.getContext("2d");
@@ -77,6 +80,7 @@ async function openText(files) {
 
 function record(results) {
   for (const r of JSON.parse(results)) {
+    losses.push(r);
     curve.train.push([r.step, r.loss]);
     $("step").textContent = r.step;
     $("loss").textContent = r.loss.toFixed(4);
@@ -88,10 +92,11 @@ async function evaluate() {
   curve.val.push([trainer.steps(), e.val]);
   $("val").textContent = e.val.toFixed(4);
   if (trainerText !== null) {
-    // A text: 200 characters sampled at temperature 1, from the text's first character.
+    // A text: up to 200 characters (the context allowing) sampled at temperature 1, from the
+    // text's first character.
     const g = JSON.parse(await trainer.sample(Array.from(trainerText)[0],
       JSON.stringify({ max_new_tokens: 200, seed: trainer.steps() })));
-    $("samples-title").textContent = "Sample (temperature 1, 200 characters):";
+    $("samples-title").textContent = "Sample (temperature 1, up to 200 characters):";
     $("samples").textContent = "step " + trainer.steps() + ":\n" + g.prompt + g.text;
   } else {
     // Three held-out problems, completed greedily by the model as it is now.
@@ -111,16 +116,17 @@ async function run() {
   running = true;
   $("stop").disabled = false; $("continue").disabled = true; $("save").disabled = true; $("train").disabled = true;
   const total = JSON.parse(trainer.describe()).max_iters;
-  const evalEvery = Math.max(1, Math.round(total / 10));
+  const every = evalEvery ?? Math.max(1, Math.round(total / 10));
   let last = performance.now();
   try {
     while (running && trainer.steps() < total) {
       record(await trainer.step());
       const now = performance.now(), ms = now - last;
       last = now;
+      stepMs.push(ms);
       $("ms").textContent = ms.toFixed(1) + " ms";
       $("tps").textContent = Math.round(trainer.tokens_per_step() / (ms / 1000));
-      if (trainer.steps() % evalEvery === 0 || trainer.steps() === total) {
+      if (trainer.steps() % every === 0 || trainer.steps() === total) {
         record(await trainer.flush());
         await evaluate();
         last = performance.now();
@@ -140,6 +146,7 @@ async function run() {
 async function startTraining() {
   showError("");
   curve = { train: [], val: [] };
+  losses = []; stepMs = [];
   try {
     if (trainer) trainer.free();
     trainer = null;
@@ -232,26 +239,21 @@ async function testMode(q) {
     const adapter = JSON.parse(await sf.adapter());
     adapter.name = await adapterName(adapter);
     if (q.get("test") === "train") {
+      // The page's own training loop, evaluations and samples included, as a visitor runs it.
       trainerText = q.get("text");
+      if (q.has("eval_every")) evalEvery = Number(q.get("eval_every"));
       trainer = await sf.trainer(q.get("settings"), trainerText ?? undefined, "the test's text");
-      const total = JSON.parse(trainer.describe()).max_iters;
-      const losses = [], stepMs = [];
-      let last = performance.now();
-      while (trainer.steps() < total) {
-        for (const r of JSON.parse(await trainer.step())) losses.push(r);
-        const now = performance.now();
-        stepMs.push(now - last);
-        last = now;
-      }
-      for (const r of JSON.parse(await trainer.flush())) losses.push(r);
+      await run();
+      if ($("error").textContent) throw new Error($("error").textContent);
       for (const [name, bytes] of await trainer.save()) {
         await fetch("/upload/" + name, { method: "POST", body: bytes });
       }
       const sample = JSON.parse(await trainer.sample(q.get("prompt") || "74+58=",
         JSON.stringify({ greedy: true, max_new_tokens: 4 })));
-      curve.train = losses.map((r) => [r.step, r.loss]);
-      drawCurve();
-      await report({ adapter, losses, step_ms: stepMs, tokens_per_step: trainer.tokens_per_step(), sample });
+      await report({
+        adapter, losses, step_ms: stepMs, val: curve.val, samples: $("samples").textContent,
+        tokens_per_step: trainer.tokens_per_step(), sample,
+      });
     } else if (q.get("test") === "sample") {
       const dir = q.get("checkpoint"), names = q.get("files").split(",");
       const contents = [];

@@ -254,9 +254,10 @@ impl Trainer {
         self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum
     }
 
-    /// Steps queued so far.
-    pub fn steps(&self) -> u64 {
-        self.step
+    /// Steps queued so far, as a JavaScript number (a u64 would arrive as a BigInt, which the
+    /// page's arithmetic cannot mix with numbers).
+    pub fn steps(&self) -> f64 {
+        self.step as f64
     }
 
     /// Queues the next step and returns the results that have arrived (JSON list of step, loss
