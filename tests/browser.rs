@@ -342,9 +342,12 @@ fn page_losses(report: &Value, steps: u64) -> Vec<(u64, f32)> {
     page
 }
 
+/// (step, loss) pairs.
+type Losses = Vec<(u64, f32)>;
+
 /// Runs `shaderformer train` with `flags` (and per-step metrics) and returns its losses and its
 /// validation losses.
-fn native_losses(flags: &[&str], dir: &Path) -> (Vec<(u64, f32)>, Vec<(u64, f32)>) {
+fn native_losses(flags: &[&str], dir: &Path) -> (Losses, Losses) {
     let metrics = dir.join("metrics.jsonl");
     let out = dir.join("out");
     let mut args = vec!["--tune", "off", "train"];
@@ -365,7 +368,7 @@ fn native_losses(flags: &[&str], dir: &Path) -> (Vec<(u64, f32)>, Vec<(u64, f32)
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .collect();
-    let pick = |key: &str| -> Vec<(u64, f32)> {
+    let pick = |key: &str| -> Losses {
         lines
             .iter()
             .filter(|v| v.get(key).is_some())
