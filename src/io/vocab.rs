@@ -155,7 +155,12 @@ impl Vocab {
     pub fn from_file(path: &Path, bytes: &[u8]) -> Result<Vocab> {
         let bad = |m: &str| Error::invalid(path.display().to_string(), m.to_string());
         if path.file_name().is_some_and(|n| n == TOKENIZER_FILE) {
-            let tok = tokenizers::Tokenizer::from_bytes(bytes)
+            // Text first, as Tokenizer::from_file reads it: tokenizers' deserializer can panic
+            // on bytes that are not UTF-8 (tests/fuzz.rs).
+            let text = std::str::from_utf8(bytes)
+                .map_err(|e| bad(&format!("not a valid tokenizer: not UTF-8: {e}")))?;
+            let tok = text
+                .parse::<tokenizers::Tokenizer>()
                 .map_err(|e| bad(&format!("not a valid tokenizer: {e}")))?;
             return Ok(Vocab::Bpe(Box::new(tok)));
         }
