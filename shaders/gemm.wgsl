@@ -126,15 +126,8 @@ fn op_b(z: u32, kk: u32, j: u32) -> f32 {
 
 @group(0) @binding(5) var<storage, read_write> aux: array<f32>;
 
-// (σ(2u), σ(-2u)) for u = sqrt(2/π) · (x + 0.044715 · x³): GPT-2's tanh GELU as gelu.wgsl
-// computes it (the same operations, so a fused epilogue gives that kernel's bits).
-fn gelu_sigmoids(x: f32) -> vec2<f32> {
-    let u = 0.7978845608028654 * (x + 0.044715 * x * x * x);
-    let e = exp(-2.0 * abs(u));
-    let big = 1.0 / (1.0 + e);
-    let small = e * big;
-    return select(vec2(small, big), vec2(big, small), u >= 0.0);
-}
+// GPT-2's GELU as gelu.wgsl computes it (a fused epilogue gives that kernel's bits).
+#include "include/gelu.wgsl"
 
 // v = alpha · s (+ bias[j]) (+ c[z](i, j)), then the epilogue, then c[z](i, j) = v:
 //   1 GELU:          aux[idx] = v (the pre-activation, for the backward); v = gelu(v)
@@ -154,13 +147,10 @@ fn finish(z: u32, i: u32, j: u32, s: f32) {
     switch p.epilogue {
         case 1u: {
             aux[idx] = v;
-            v = v * gelu_sigmoids(v).x;
+            v = gelu(v);
         }
         case 2u: {
-            let x = aux[idx];
-            let sg = gelu_sigmoids(x);
-            let du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x);
-            v = v * (sg.x + 2.0 * x * sg.x * sg.y * du);
+            v = v * gelu_grad(aux[idx]);
         }
         case 3u: {
             v += aux[idx];
