@@ -750,8 +750,8 @@ fn u32_of(x: usize) -> u32 {
 }
 
 /// The entry point that runs `kernel` on operands read as vec4 (`va`, `vb`) or not, with an f16
-/// B or not; None where gemm_f16.wgsl has no twin.
-fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> Option<KernelSpec> {
+/// B or not (every entry point reads b through read_b / read_b4, so each has an f16 form).
+fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> KernelSpec {
     let spec = match kernel {
         Kernel::Naive => NAIVE,
         Kernel::Gemv => GEMV,
@@ -761,7 +761,6 @@ fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> Option<KernelSpec> 
             (false, true) => TILED_VB,
             (true, true) => TILED_VAB,
         },
-        Kernel::Reg(_) | Kernel::SplitK(_) if f16_b => return None,
         Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) => match (r.unrolled, vb) {
             (false, false) => REG,
             (false, true) => REG_VB,
@@ -769,21 +768,18 @@ fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> Option<KernelSpec> 
             (true, true) => UREG_VB,
         },
     };
-    Some(if f16_b {
+    if f16_b {
         spec.with_variant(ShaderVariant::F16)
     } else {
         spec
-    })
+    }
 }
 
-/// Why `kernel` cannot compute `mm` with an f16 B (`f16_b`) on `gpu`, if it cannot: the checks
-/// that do not depend on where the operands lie.
-fn unfit(gpu: &Gpu, mm: &Matmul, kernel: Kernel, f16_b: bool) -> Option<String> {
+/// Why `kernel` cannot compute `mm` on `gpu`, if it cannot: the checks that do not depend on
+/// where the operands lie or on B's element type.
+fn unfit(gpu: &Gpu, mm: &Matmul, kernel: Kernel) -> Option<String> {
     if !kernel.valid() {
         return Some("not a configuration the shader can run".to_string());
-    }
-    if f16_b && entry(kernel, false, false, true).is_none() {
-        return Some("no twin for an f16 B in gemm_f16.wgsl".to_string());
     }
     let fits = match kernel {
         Kernel::Naive => true,
@@ -934,14 +930,14 @@ pub fn matmul_with(
 ) -> Result<Vec<Dispatch>> {
     let name = format!("gemm.{}", kernel.name());
     let f16_b = b.view.dtype == DType::F16;
-    if let Some(why) = unfit(gpu, mm, kernel, f16_b) {
+    if let Some(why) = unfit(gpu, mm, kernel) {
         return Err(Error::invalid(&name, why));
     }
     check_matmul_args(gpu, &name, mm, (&c, &a, &b), bias)?;
     let Matmul { m, n, k, batch, .. } = *mm;
     let ((ar, _), (br, _)) = mm.stored();
     let (va, vb) = (vec4_ok(&a, ar, batch), vec4_ok(&b, br, batch));
-    let spec = entry(kernel, va, vb, f16_b).expect("unfit() rules out kernels without a twin");
+    let spec = entry(kernel, va, vb, f16_b);
 
     let mut constants = vec![
         ("TRANS_A", mm.trans_a as u32 as f64),
@@ -1091,14 +1087,13 @@ fn split_k(
 /// what an autotuner times. Each applies to any placement of the operands that `matmul`
 /// accepts (vec4 reads are chosen per operand at launch).
 pub fn candidates(gpu: &Gpu, mm: &Matmul, a: &Operand, b: &Operand) -> Vec<Kernel> {
-    let _ = a;
-    let f16_b = b.view.dtype == DType::F16;
+    let _ = (a, b);
     let all = [Kernel::Naive, Kernel::Gemv]
         .into_iter()
         .chain(Tile::ALL.map(Kernel::Tiled))
         .chain(Reg::ALL.map(Kernel::Reg))
         .chain(SplitK::ALL.map(Kernel::SplitK));
-    all.filter(|&k| unfit(gpu, mm, k, f16_b).is_none())
+    all.filter(|&k| unfit(gpu, mm, k).is_none())
         .filter(|&k| match k {
             Kernel::SplitK(s) => {
                 let slices = mm.k.div_ceil(s.slice(mm.k));
