@@ -7,9 +7,7 @@
 //                du/dx = sqrt(2/π) · (1 + 3 · 0.044715 · x²)
 //                overwrites dinp when p.accumulate = 0, adds to it (+=) when p.accumulate = 1
 //
-// Both use 0.5 · (1 + tanh u) = σ(2u) and 0.25 · (1 - tanh² u) = σ(2u) · σ(-2u), with σ
-// evaluated from exp(-2|u|) ≤ 1: the same function, but with no overflow for large |u| and no
-// cancellation in 1 + tanh u for large negative x.
+// The formulas live in include/gelu.wgsl, shared with gemm.wgsl's fused epilogues.
 //
 // One thread per element; the 1-D grid may be folded into 2-D for large N (see gpu::grid).
 
@@ -20,23 +18,13 @@ struct Params {
 
 override WG: u32 = 256u;
 
-const SQRT_2_OVER_PI: f32 = 0.7978845608028654;
-const CUBIC: f32 = 0.044715;
-
 @group(0) @binding(0) var<uniform> p: Params;
 
 fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid.x;
 }
 
-// (σ(2u), σ(-2u)) for u = sqrt(2/π) · (x + 0.044715 · x³).
-fn sigmoids(x: f32) -> vec2<f32> {
-    let u = SQRT_2_OVER_PI * (x + CUBIC * x * x * x);
-    let e = exp(-2.0 * abs(u));
-    let big = 1.0 / (1.0 + e); // σ(2|u|)
-    let small = e * big;       // σ(-2|u|)
-    return select(vec2(small, big), vec2(big, small), u >= 0.0);
-}
+#include "include/gelu.wgsl"
 
 // Bindings for gelu_forward: 1 = inp (read), 2 = out (read_write).
 @group(0) @binding(1) var<storage, read> fw_inp: array<f32>;
@@ -48,7 +36,7 @@ fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let i = index(wid, nwg, lid);
     if (i < p.n) {
         let x = fw_inp[i];
-        fw_out[i] = x * sigmoids(x).x;
+        fw_out[i] = gelu(x);
     }
 }
 
@@ -62,11 +50,7 @@ fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
                  @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = index(wid, nwg, lid);
     if (i < p.n) {
-        let x = bw_inp[i];
-        let s = sigmoids(x);
-        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * x * x);
-        let grad = s.x + 2.0 * x * s.x * s.y * du;
-        var d = bw_dout[i] * grad;
+        var d = bw_dout[i] * gelu_grad(bw_inp[i]);
         if (p.accumulate != 0u) {
             d += bw_dinp[i];
         }

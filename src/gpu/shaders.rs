@@ -18,7 +18,8 @@
 //!    exactly what it did before, and the f16 variant the same sums on the widened values.
 //! 2. **`#include "include/<file>.wgsl"`** on a line of its own inserts a shared helper file
 //!    (paths relative to `shaders/`): the dropout counter hash lives once, in
-//!    `shaders/include/hash.wgsl`, included by dropout.wgsl and attention.wgsl.
+//!    `shaders/include/hash.wgsl`, included by dropout.wgsl and attention.wgsl; GPT-2's GELU in
+//!    `shaders/include/gelu.wgsl`, included by gelu.wgsl and gemm.wgsl's fused epilogues.
 //! 3. **`#if NAME` / `#else` / `#endif`** on lines of their own keep or drop whole lines, for the
 //!    few differences that neither an alias nor an override can carry: code that does not even
 //!    parse without the feature (subgroup built-ins). A variant defines its names
@@ -74,10 +75,16 @@ shaders! {
 }
 
 /// Helper files that families `#include`, by their path under `shaders/`.
-pub const INCLUDES: &[(&str, &str)] = &[(
-    "include/hash.wgsl",
-    include_str!("../../shaders/include/hash.wgsl"),
-)];
+pub const INCLUDES: &[(&str, &str)] = &[
+    (
+        "include/hash.wgsl",
+        include_str!("../../shaders/include/hash.wgsl"),
+    ),
+    (
+        "include/gelu.wgsl",
+        include_str!("../../shaders/include/gelu.wgsl"),
+    ),
+];
 
 /// The form a family's source is compiled in: what the loader's prelude declares.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

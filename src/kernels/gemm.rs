@@ -59,6 +59,10 @@ pub const TILED_VAB: KernelSpec = gemm_spec("gemm_tiled_vab");
 pub const REG: KernelSpec = gemm_spec("gemm_reg");
 /// The register-block kernel reading b as vec4.
 pub const REG_VB: KernelSpec = gemm_spec("gemm_reg_vb");
+/// The register-block kernel written out (8 × 4 blocks), scalar reads of b.
+pub const UREG: KernelSpec = gemm_spec("gemm_ureg");
+/// The register-block kernel written out, reading b as vec4.
+pub const UREG_VB: KernelSpec = gemm_spec("gemm_ureg_vb");
 /// Split-K's reduce: binding 1 holds the partial products; binding 2 is not read.
 pub const SPLITK_REDUCE: KernelSpec = gemm_spec("gemm_splitk_reduce");
 /// Rows of op(A) up to which `matmul` takes the matrix-vector kernel (as `gemm.wgsl`'s
@@ -416,7 +420,8 @@ impl Tile {
 
 /// One configuration of the register-block kernel (gemm_reg): a workgroup of `wg` invocations
 /// side by side along N computes `rm` rows × `wg · rn` columns of C, each invocation an
-/// `rm` × `rn` block straight from memory, without workgroup memory or barriers.
+/// `rm` × `rn` block straight from memory, without workgroup memory or barriers. `unrolled`
+/// takes gemm_ureg, the same work written out for 8 × 4 blocks only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Reg {
     /// Rows per invocation (and workgroup), 1 to 16.
@@ -425,52 +430,35 @@ pub struct Reg {
     pub rn: u32,
     /// Invocations per workgroup.
     pub wg: u32,
+    /// gemm_ureg rather than gemm_reg.
+    pub unrolled: bool,
+}
+
+/// A gemm_reg configuration.
+const fn reg(rm: u32, rn: u32, wg: u32) -> Reg {
+    Reg {
+        rm,
+        rn,
+        wg,
+        unrolled: false,
+    }
+}
+
+/// A gemm_ureg configuration (8 × 4 blocks).
+const fn ureg(wg: u32) -> Reg {
+    Reg {
+        rm: 8,
+        rn: 4,
+        wg,
+        unrolled: true,
+    }
 }
 
 impl Reg {
-    /// The configurations offered as candidates.
-    const ALL: [Reg; 8] = [
-        Reg {
-            rm: 4,
-            rn: 4,
-            wg: 64,
-        },
-        Reg {
-            rm: 8,
-            rn: 4,
-            wg: 64,
-        },
-        Reg {
-            rm: 4,
-            rn: 8,
-            wg: 64,
-        },
-        Reg {
-            rm: 8,
-            rn: 8,
-            wg: 64,
-        },
-        Reg {
-            rm: 16,
-            rn: 4,
-            wg: 64,
-        },
-        Reg {
-            rm: 8,
-            rn: 4,
-            wg: 16,
-        },
-        Reg {
-            rm: 8,
-            rn: 8,
-            wg: 16,
-        },
-        Reg {
-            rm: 16,
-            rn: 4,
-            wg: 16,
-        },
-    ];
+    /// The configurations offered as candidates. gemm_reg's loops over register arrays ran 2-4x
+    /// slower than gemm_ureg's written-out blocks on lavapipe in every layout (BENCHMARKS.md);
+    /// its two configurations that had won there before stay for adapters not measured yet.
+    const ALL: [Reg; 5] = [reg(8, 8, 16), reg(16, 4, 16), ureg(16), ureg(32), ureg(64)];
 
     /// Output columns of one workgroup.
     fn cols(&self) -> u32 {
@@ -478,7 +466,12 @@ impl Reg {
     }
 
     fn valid(&self) -> bool {
-        (1..=16).contains(&self.rm) && (self.rn == 4 || self.rn == 8) && self.wg > 0
+        let block = if self.unrolled {
+            self.rm == 8 && self.rn == 4
+        } else {
+            (1..=16).contains(&self.rm) && (self.rn == 4 || self.rn == 8)
+        };
+        block && self.wg > 0
     }
 
     fn fits(&self, gpu: &Gpu) -> bool {
@@ -496,7 +489,8 @@ impl Reg {
     }
 
     fn name(&self) -> String {
-        format!("reg{}x{}w{}", self.rm, self.rn, self.wg)
+        let u = if self.unrolled { "u" } else { "" };
+        format!("{u}reg{}x{}w{}", self.rm, self.rn, self.wg)
     }
 }
 
@@ -516,27 +510,15 @@ impl SplitK {
     const ALL: [SplitK; 3] = [
         SplitK {
             splits: 4,
-            reg: Reg {
-                rm: 8,
-                rn: 4,
-                wg: 16,
-            },
+            reg: ureg(16),
         },
         SplitK {
             splits: 8,
-            reg: Reg {
-                rm: 8,
-                rn: 4,
-                wg: 16,
-            },
+            reg: ureg(16),
         },
         SplitK {
             splits: 16,
-            reg: Reg {
-                rm: 8,
-                rn: 4,
-                wg: 16,
-            },
+            reg: ureg(16),
         },
     ];
 
@@ -575,7 +557,8 @@ impl Kernel {
         mm.m <= GEMV_MAX_M && mm.trans_b && !mm.trans_a && mm.batch == 1
     }
 
-    /// "naive", "gemv", "tiled128x128x8r2x2", "reg8x4w64", "splitk8reg8x4w16".
+    /// "naive", "gemv", "tiled128x128x8r2x2", "reg8x4w64", "ureg8x4w64",
+    /// "splitk8reg8x4w16", "splitk8ureg8x4w16".
     pub fn name(&self) -> String {
         match self {
             Kernel::Naive => "naive".to_string(),
@@ -595,14 +578,14 @@ impl Kernel {
                 let [bm, bn, bk, rm, rn] = numbers(&s["tiled".len()..], "xxrx")?;
                 Kernel::Tiled(Tile { bm, bn, bk, rm, rn })
             }
-            _ if s.starts_with("reg") => Kernel::Reg(parse_reg(&s["reg".len()..])?),
+            _ if s.starts_with("reg") || s.starts_with("ureg") => Kernel::Reg(parse_reg(s)?),
             _ if s.starts_with("splitk") => {
                 let rest = &s["splitk".len()..];
-                let at = rest.find("reg")?;
+                let at = rest.find(|c: char| !c.is_ascii_digit())?;
                 let [splits] = numbers(&rest[..at], "")?;
                 Kernel::SplitK(SplitK {
                     splits,
-                    reg: parse_reg(&rest[at + "reg".len()..])?,
+                    reg: parse_reg(&rest[at..])?,
                 })
             }
             _ => return None,
@@ -621,10 +604,19 @@ impl Kernel {
     }
 }
 
-/// "8x4w64" as a register block.
+/// "reg8x4w64" or "ureg8x4w64" as a register block.
 fn parse_reg(s: &str) -> Option<Reg> {
-    let [rm, rn, wg] = numbers(s, "xw")?;
-    Some(Reg { rm, rn, wg })
+    let (unrolled, rest) = match s.strip_prefix("ureg") {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix("reg")?),
+    };
+    let [rm, rn, wg] = numbers(rest, "xw")?;
+    Some(Reg {
+        rm,
+        rn,
+        wg,
+        unrolled,
+    })
 }
 
 /// The N decimal numbers of `s`, separated by the characters of `seps` in that order.
@@ -758,8 +750,8 @@ fn u32_of(x: usize) -> u32 {
 }
 
 /// The entry point that runs `kernel` on operands read as vec4 (`va`, `vb`) or not, with an f16
-/// B or not; None where gemm_f16.wgsl has no twin.
-fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> Option<KernelSpec> {
+/// B or not (every entry point reads b through read_b / read_b4, so each has an f16 form).
+fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> KernelSpec {
     let spec = match kernel {
         Kernel::Naive => NAIVE,
         Kernel::Gemv => GEMV,
@@ -769,25 +761,25 @@ fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> Option<KernelSpec> 
             (false, true) => TILED_VB,
             (true, true) => TILED_VAB,
         },
-        Kernel::Reg(_) | Kernel::SplitK(_) if f16_b => return None,
-        Kernel::Reg(_) | Kernel::SplitK(_) if vb => REG_VB,
-        Kernel::Reg(_) | Kernel::SplitK(_) => REG,
+        Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) => match (r.unrolled, vb) {
+            (false, false) => REG,
+            (false, true) => REG_VB,
+            (true, false) => UREG,
+            (true, true) => UREG_VB,
+        },
     };
-    Some(if f16_b {
+    if f16_b {
         spec.with_variant(ShaderVariant::F16)
     } else {
         spec
-    })
+    }
 }
 
-/// Why `kernel` cannot compute `mm` with an f16 B (`f16_b`) on `gpu`, if it cannot: the checks
-/// that do not depend on where the operands lie.
-fn unfit(gpu: &Gpu, mm: &Matmul, kernel: Kernel, f16_b: bool) -> Option<String> {
+/// Why `kernel` cannot compute `mm` on `gpu`, if it cannot: the checks that do not depend on
+/// where the operands lie or on B's element type.
+fn unfit(gpu: &Gpu, mm: &Matmul, kernel: Kernel) -> Option<String> {
     if !kernel.valid() {
         return Some("not a configuration the shader can run".to_string());
-    }
-    if f16_b && entry(kernel, false, false, true).is_none() {
-        return Some("no twin for an f16 B in gemm_f16.wgsl".to_string());
     }
     let fits = match kernel {
         Kernel::Naive => true,
@@ -938,14 +930,14 @@ pub fn matmul_with(
 ) -> Result<Vec<Dispatch>> {
     let name = format!("gemm.{}", kernel.name());
     let f16_b = b.view.dtype == DType::F16;
-    if let Some(why) = unfit(gpu, mm, kernel, f16_b) {
+    if let Some(why) = unfit(gpu, mm, kernel) {
         return Err(Error::invalid(&name, why));
     }
     check_matmul_args(gpu, &name, mm, (&c, &a, &b), bias)?;
     let Matmul { m, n, k, batch, .. } = *mm;
     let ((ar, _), (br, _)) = mm.stored();
     let (va, vb) = (vec4_ok(&a, ar, batch), vec4_ok(&b, br, batch));
-    let spec = entry(kernel, va, vb, f16_b).expect("unfit() rules out kernels without a twin");
+    let spec = entry(kernel, va, vb, f16_b);
 
     let mut constants = vec![
         ("TRANS_A", mm.trans_a as u32 as f64),
@@ -1103,14 +1095,13 @@ fn split_k(
 /// what an autotuner times. Each applies to any placement of the operands that `matmul`
 /// accepts (vec4 reads are chosen per operand at launch).
 pub fn candidates(gpu: &Gpu, mm: &Matmul, a: &Operand, b: &Operand) -> Vec<Kernel> {
-    let _ = a;
-    let f16_b = b.view.dtype == DType::F16;
+    let _ = (a, b);
     let all = [Kernel::Naive, Kernel::Gemv]
         .into_iter()
         .chain(Tile::ALL.map(Kernel::Tiled))
         .chain(Reg::ALL.map(Kernel::Reg))
         .chain(SplitK::ALL.map(Kernel::SplitK));
-    all.filter(|&k| unfit(gpu, mm, k, f16_b).is_none())
+    all.filter(|&k| unfit(gpu, mm, k).is_none())
         .filter(|&k| match k {
             Kernel::SplitK(s) => {
                 let slices = mm.k.div_ceil(s.slice(mm.k));
