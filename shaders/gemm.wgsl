@@ -41,6 +41,8 @@
 //                    as scalars or vec4: meant for CPU adapters (lavapipe), see below.
 //   gemm_ureg, gemm_ureg_vb
 //                    gemm_reg's 8 × 4 blocks written out with named registers (see there).
+//   gemm_pack_b      the first pass of the packed-B kernel: bᵀ into a scratch buffer, so that
+//                    gemm_ureg_vb reads it along K (see there).
 //   gemm_splitk_reduce
 //                    the second pass of split-K (weight gradients: long K, small output); it sums
 //                    per-slice partials, so its summation order differs from the others.
@@ -852,6 +854,28 @@ fn gemm_ureg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         }
         ureg_store(z, o.x, o.y, s);
     }
+}
+
+// gemm_pack_b: c (N, KP) = bᵀ for b (K, N) (one batch entry, f32), columns K .. KP of c zero:
+// the first pass of the packed-B kernel (src/kernels/gemm.rs), which then runs gemm_ureg_vb
+// with TRANS_B on c. Read down b's columns, gemm_ureg_vb's lanes would each step to a new row of
+// b every k (ldb apart, a new memory page when ldb is 1024 floats or more), which measured 2-3x
+// slower on lavapipe than the run along k that bᵀ gives each lane. KP = p.ldc, a multiple of 4.
+// One output per invocation, in c's order; p.tiles workgroups of 256 in all.
+@compute @workgroup_size(256)
+fn gemm_pack_b(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) li: u32) {
+    let e = (wid.x + wid.y * nwg.x) * 256u + li;
+    if (e >= p.n * p.ldc) {
+        return;
+    }
+    let j = e / p.ldc;
+    let k = e % p.ldc;
+    var v = 0.0;
+    if (k < p.k) {
+        v = read_b(p.b_off + k * p.ldb + j);
+    }
+    c[e] = v;
 }
 
 // gemm_splitk_reduce: c (M, N) = alpha · Σ_s part[s] (+ bias) (+ c), with the partial sums of

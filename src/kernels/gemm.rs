@@ -65,6 +65,8 @@ pub const UREG: KernelSpec = gemm_spec("gemm_ureg");
 pub const UREG_VB: KernelSpec = gemm_spec("gemm_ureg_vb");
 /// Split-K's reduce: binding 1 holds the partial products; binding 2 is not read.
 pub const SPLITK_REDUCE: KernelSpec = gemm_spec("gemm_splitk_reduce");
+/// The packed-B kernel's first pass: bᵀ into binding 4.
+pub const PACK_B: KernelSpec = gemm_spec("gemm_pack_b");
 /// Rows of op(A) up to which `matmul` takes the matrix-vector kernel (as `gemm.wgsl`'s
 /// GEMV_MAX_M), for B stored (N, K) without batches.
 pub const GEMV_MAX_M: usize = 8;
@@ -75,6 +77,8 @@ pub const GEMV_MAX_M: usize = 8;
 const GEMV_COLS: usize = 32;
 /// Outputs per workgroup of gemm_splitk_reduce.
 const SPLITK_REDUCE_WG: usize = 256;
+/// Outputs per workgroup of gemm_pack_b.
+const PACK_B_WG: usize = 256;
 pub const BIAS_BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Gemm,
     variant: ShaderVariant::Base,
@@ -548,6 +552,9 @@ pub enum Kernel {
     Reg(Reg),
     /// Split-K over gemm_reg, then a fixed-order reduce.
     SplitK(SplitK),
+    /// B stored (K, N) transposed into a scratch buffer first, then gemm_ureg with TRANS_B on it
+    /// (the register block's configuration; gemm_ureg only): for one batch entry.
+    Packed(Reg),
 }
 
 impl Kernel {
@@ -558,7 +565,7 @@ impl Kernel {
     }
 
     /// "naive", "gemv", "tiled128x128x8r2x2", "reg8x4w64", "ureg8x4w64",
-    /// "splitk8reg8x4w16", "splitk8ureg8x4w16".
+    /// "splitk8reg8x4w16", "splitk8ureg8x4w16", "packedureg8x4w16".
     pub fn name(&self) -> String {
         match self {
             Kernel::Naive => "naive".to_string(),
@@ -566,6 +573,7 @@ impl Kernel {
             Kernel::Tiled(t) => format!("tiled{}x{}x{}r{}x{}", t.bm, t.bn, t.bk, t.rm, t.rn),
             Kernel::Reg(r) => r.name(),
             Kernel::SplitK(s) => format!("splitk{}{}", s.splits, s.reg.name()),
+            Kernel::Packed(r) => format!("packed{}", r.name()),
         }
     }
 
@@ -579,6 +587,7 @@ impl Kernel {
                 Kernel::Tiled(Tile { bm, bn, bk, rm, rn })
             }
             _ if s.starts_with("reg") || s.starts_with("ureg") => Kernel::Reg(parse_reg(s)?),
+            _ if s.starts_with("packed") => Kernel::Packed(parse_reg(&s["packed".len()..])?),
             _ if s.starts_with("splitk") => {
                 let rest = &s["splitk".len()..];
                 let at = rest.find(|c: char| !c.is_ascii_digit())?;
@@ -600,7 +609,13 @@ impl Kernel {
             Kernel::Tiled(t) => t.valid(),
             Kernel::Reg(r) => r.valid(),
             Kernel::SplitK(s) => s.splits >= 2 && s.reg.valid(),
+            Kernel::Packed(r) => r.unrolled && r.valid(),
         }
+    }
+
+    /// Whether the packed-B kernel applies: one batch entry of B stored (K, N).
+    fn packed_fits(mm: &Matmul) -> bool {
+        !mm.trans_b && mm.batch == 1
     }
 }
 
@@ -761,6 +776,8 @@ fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> KernelSpec {
             (false, true) => TILED_VB,
             (true, true) => TILED_VAB,
         },
+        // The scratch copy of B is f32 and read as vec4.
+        Kernel::Packed(_) => return UREG_VB,
         Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) => match (r.unrolled, vb) {
             (false, false) => REG,
             (false, true) => REG_VB,
@@ -787,6 +804,7 @@ fn unfit(gpu: &Gpu, mm: &Matmul, kernel: Kernel) -> Option<String> {
         Kernel::Tiled(t) => t.fits(gpu),
         Kernel::Reg(r) => r.fits(gpu),
         Kernel::SplitK(s) => s.reg.fits(gpu) && s.applies(mm),
+        Kernel::Packed(r) => r.fits(gpu) && Kernel::packed_fits(mm),
     };
     let (bm, bn) = block(kernel);
     let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
@@ -805,6 +823,9 @@ fn unfit(gpu: &Gpu, mm: &Matmul, kernel: Kernel) -> Option<String> {
             mm.batch,
             mm.k
         ),
+        Kernel::Packed(_) if !Kernel::packed_fits(mm) => {
+            "the packed-B kernel takes one batch entry of B stored (K, N)".to_string()
+        }
         _ if fits => format!("{tiles} output tiles exceed the {max} x {max} workgroup grid"),
         _ => "the workgroup exceeds the adapter's limits (max_compute_workgroup_size_*, \
               max_compute_invocations_per_workgroup, max_compute_workgroup_storage_size)"
@@ -897,7 +918,7 @@ fn block(kernel: Kernel) -> (usize, usize) {
         Kernel::Naive => (NAIVE_WG, NAIVE_WG),
         Kernel::Gemv => (GEMV_MAX_M, GEMV_COLS),
         Kernel::Tiled(t) => (t.bm as usize, t.bn as usize),
-        Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) => {
+        Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) | Kernel::Packed(r) => {
             (r.rm as usize, r.cols() as usize)
         }
     }
@@ -947,7 +968,9 @@ pub fn matmul_with(
         Kernel::Naive => {}
         Kernel::Gemv => constants.push(("GEMV_COLS", GEMV_COLS as f64)),
         Kernel::Tiled(t) => constants.extend(t.constants()),
-        Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) => constants.extend(r.constants()),
+        Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) | Kernel::Packed(r) => {
+            constants.extend(r.constants())
+        }
     }
     let (bm, bn) = block(kernel);
     let tiles_n = n.div_ceil(bn);
@@ -992,6 +1015,18 @@ pub fn matmul_with(
     if let Kernel::SplitK(s) = kernel {
         let views = [b.view, bias_view, aux];
         return split_k(gpu, &name, s, &spec, &constants, params, views, (a, c));
+    }
+    if let Kernel::Packed(_) = kernel {
+        constants[1].1 = 1.0;
+        let views = [a.view, b.view, c.view];
+        return packed_b(
+            gpu,
+            &name,
+            &constants,
+            params,
+            views,
+            [bias, mm.epilogue.code().1],
+        );
     }
 
     let entries = |ops: u64, bs: usize| if bs == 0 { ops } else { ops * batch as u64 };
@@ -1091,6 +1126,69 @@ fn split_k(
     Ok(vec![partial, reduce])
 }
 
+/// The packed-B kernel's two dispatches: gemm_pack_b writes bᵀ (N, KP), KP = K rounded up to a
+/// multiple of 4, to a scratch buffer (shared by every packed GEMM of this size, f32 whatever B's
+/// type), then gemm_ureg_vb with `constants` (TRANS_B set) computes what `params` asks on it.
+fn packed_b(
+    gpu: &Gpu,
+    name: &str,
+    constants: &[(&'static str, f64)],
+    params: Params,
+    [a, b, c]: [&View; 3],
+    [bias, aux]: [Option<&View>; 2],
+) -> Result<Vec<Dispatch>> {
+    let (n, k) = (params.n as usize, params.k as usize);
+    let kp = k.next_multiple_of(4);
+    let len = n * kp;
+    if len > u32::MAX as usize {
+        return Err(Error::invalid(
+            name,
+            format!("B's transpose, {n} x {kp}, exceeds 32-bit indexing"),
+        ));
+    }
+    let packed = gpu.shared_scratch("gemm.packed_b", DType::F32, len)?;
+    let blocks = len.div_ceil(PACK_B_WG);
+    let pack_spec = if b.dtype == DType::F16 {
+        PACK_B.with_variant(ShaderVariant::F16)
+    } else {
+        PACK_B
+    };
+    let pack = gpu.dispatch(
+        &pack_spec,
+        &[],
+        bytes_of(&Params {
+            ldc: u32_of(kp),
+            tiles: u32_of(blocks),
+            ..params
+        }),
+        &[a, b, b, &packed, &packed],
+        tile_grid(gpu, name, blocks, 1)?,
+        Cost {
+            flops: 0,
+            bytes: (b.dtype.size() + 4) * (n * k) as u64,
+        },
+    )?;
+    let (m64, n64, k64) = (params.m as u64, n as u64, k as u64);
+    let c_traffic = 1 + params.accumulate as u64;
+    let product = gpu.dispatch(
+        &UREG_VB,
+        constants,
+        bytes_of(&Params {
+            b_off: 0,
+            ldb: u32_of(kp),
+            b_bs: 0,
+            ..params
+        }),
+        &[a, &packed, bias.unwrap_or(&packed), c, aux.unwrap_or(c)],
+        tile_grid(gpu, name, params.tiles as usize, 1)?,
+        Cost {
+            flops: 2 * m64 * n64 * k64,
+            bytes: 4 * (m64 * k64 + n64 * k64 + c_traffic * m64 * n64 + bias.map_or(0, |_| n64)),
+        },
+    )?;
+    Ok(vec![pack, product])
+}
+
 /// Every kernel that can compute `mm` with these operands on `gpu`, the naive baseline first:
 /// what an autotuner times. Each applies to any placement of the operands that `matmul`
 /// accepts (vec4 reads are chosen per operand at launch).
@@ -1100,12 +1198,17 @@ pub fn candidates(gpu: &Gpu, mm: &Matmul, a: &Operand, b: &Operand) -> Vec<Kerne
         .into_iter()
         .chain(Tile::ALL.map(Kernel::Tiled))
         .chain(Reg::ALL.map(Kernel::Reg))
-        .chain(SplitK::ALL.map(Kernel::SplitK));
+        .chain(SplitK::ALL.map(Kernel::SplitK))
+        .chain([ureg(16), ureg(32), ureg(64)].map(Kernel::Packed));
     all.filter(|&k| unfit(gpu, mm, k).is_none())
         .filter(|&k| match k {
             Kernel::SplitK(s) => {
                 let slices = mm.k.div_ceil(s.slice(mm.k));
                 4 * (slices * mm.m * mm.n) as u64 <= gpu.limits.max_storage_buffer_binding_size
+            }
+            Kernel::Packed(_) => {
+                4 * (mm.n * mm.k.next_multiple_of(4)) as u64
+                    <= gpu.limits.max_storage_buffer_binding_size
             }
             _ => true,
         })
@@ -1457,7 +1560,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
                 ..Matmul::new(m, n, k)
             };
             reports.extend(check_matmul(gpu, mm, vec_a, vec_b, false, false)?);
-            // Split-K takes one batch entry: the same layouts unbatched.
+            // Split-K and packed B take one batch entry: the same layouts unbatched.
             let one = Matmul { batch: 1, ..mm };
             reports.extend(check_matmul(gpu, one, vec_a, vec_b, false, true)?);
         }
@@ -1481,6 +1584,11 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
                 ..Matmul::new(m, n, k)
             };
             reports.extend(check_matmul(gpu, mm, vec_a, vec_b, true, false)?);
+            if !trans_b {
+                // Packed B transposes the f16 weight into f32: unbatched.
+                let one = Matmul { batch: 1, ..mm };
+                reports.extend(check_matmul(gpu, one, vec_a, vec_b, true, true)?);
+            }
         }
     }
     if m <= GEMV_MAX_M {
@@ -1773,9 +1881,10 @@ fn operand_data(
     x
 }
 
-/// One batched, strided matmul configuration under every candidate kernel (only the split-K ones
-/// with `split_k_only`), each against the reference and, where it sums in the naive kernel's
-/// order, against the naive kernel's bits.
+/// One batched, strided matmul configuration under every candidate kernel (with
+/// `one_entry_only`, only the naive kernel and those that take a single batch entry: split-K and
+/// packed B), each against the reference and, where it sums in the naive kernel's order, against
+/// the naive kernel's bits.
 /// With a vec4 A, C is stacked per batch entry and overwritten with alpha 1 and a bias; otherwise
 /// C is a column block of a wider matrix (the lm-head chunk case) with the batch entries side by
 /// side, accumulated into with alpha -0.75. With `f16_b`, B is stored in f16 and the reference
@@ -1786,7 +1895,7 @@ fn check_matmul(
     vec_a: bool,
     vec_b: bool,
     f16_b: bool,
-    split_k_only: bool,
+    one_entry_only: bool,
 ) -> Result<Vec<CheckReport>> {
     let Matmul { m, n, k, batch, .. } = mm;
     let ((ar, ac), (br, bc)) = mm.stored();
@@ -1859,9 +1968,9 @@ fn check_matmul(
     let (atol, rtol) = tolerance(k);
     let mut reports = Vec::new();
     let (a_op, b_op) = (op(&ga, la), op(&gb, lb));
-    let kernels = candidates(gpu, &mm, &a_op, &b_op)
-        .into_iter()
-        .filter(|k| !split_k_only || matches!(k, Kernel::SplitK(_)));
+    let kernels = candidates(gpu, &mm, &a_op, &b_op).into_iter().filter(|k| {
+        !one_entry_only || matches!(k, Kernel::Naive | Kernel::SplitK(_) | Kernel::Packed(_))
+    });
     // The naive kernel's output: every kernel but gemv and split-K sums in its order, so must
     // give the same bits.
     let mut naive: Option<Vec<f32>> = None;
