@@ -371,15 +371,8 @@ impl<'a> Executor<'a> {
             Op::Embedding { b, t, c } => x.embedding(b, t, c),
             Op::LayerNorm { n, c } => x.layernorm(n, c),
             Op::Linear { m, k, n, bias } => x.linear(m, k, n, bias),
-            Op::LinearGelu { m, k, n, bias } => {
-                let epilogue = gemm::Epilogue::Gelu { pre: o(1) };
-                self.lower_fused_linear(node, (m, k, n, bias), epilogue)
-            }
-            Op::LinearResidual { m, k, n, bias } => {
-                let res = i(node.inputs.len() - 1);
-                let epilogue = gemm::Epilogue::Residual { res };
-                self.lower_fused_linear(node, (m, k, n, bias), epilogue)
-            }
+            Op::LinearGelu { m, k, n, bias } => x.linear_gelu((m, k, n, bias)),
+            Op::LinearResidual { m, k, n, bias } => x.linear_residual((m, k, n, bias)),
             Op::Attention {
                 b,
                 t,
@@ -1243,6 +1236,19 @@ impl<'s> Lowering<'s> {
             m,
             k,
         )
+    }
+
+    /// gelu(x · wᵀ + bias) in one GEMM, keeping the pre-activation (outputs [y, pre]).
+    fn linear_gelu(self, dims: (usize, usize, usize, bool)) -> Result<Vec<Dispatch>> {
+        let epilogue = gemm::Epilogue::Gelu { pre: self.o(1) };
+        self.ex.lower_fused_linear(self.node, dims, epilogue)
+    }
+
+    /// res + x · wᵀ + bias in one GEMM, res being the last input.
+    fn linear_residual(self, dims: (usize, usize, usize, bool)) -> Result<Vec<Dispatch>> {
+        let res = self.i(self.node.inputs.len() - 1);
+        let epilogue = gemm::Epilogue::Residual { res };
+        self.ex.lower_fused_linear(self.node, dims, epilogue)
     }
 
     /// A linear layer's backward: over a split weight, fused with GELU's backward when its
