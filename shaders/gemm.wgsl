@@ -861,21 +861,21 @@ fn gemm_ureg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 // with TRANS_B on c. Read down b's columns, gemm_ureg_vb's lanes would each step to a new row of
 // b every k (ldb apart, a new memory page when ldb is 1024 floats or more), which measured 2-3x
 // slower on lavapipe than the run along k that bᵀ gives each lane. KP = p.ldc, a multiple of 4.
-// One output per invocation, in c's order; p.tiles workgroups of 256 in all.
+// Outputs in c's order, workgroups of 256 striding over them (the grid may hold fewer
+// workgroups than outputs / 256 where the adapter's per-dimension limit is small).
 @compute @workgroup_size(256)
 fn gemm_pack_b(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) li: u32) {
-    let e = (wid.x + wid.y * nwg.x) * 256u + li;
-    if (e >= p.n * p.ldc) {
-        return;
+    let stride = nwg.x * nwg.y * 256u;
+    for (var e = (wid.x + wid.y * nwg.x) * 256u + li; e < p.n * p.ldc; e += stride) {
+        let j = e / p.ldc;
+        let k = e % p.ldc;
+        var v = 0.0;
+        if (k < p.k) {
+            v = read_b(p.b_off + k * p.ldb + j);
+        }
+        c[e] = v;
     }
-    let j = e / p.ldc;
-    let k = e % p.ldc;
-    var v = 0.0;
-    if (k < p.k) {
-        v = read_b(p.b_off + k * p.ldb + j);
-    }
-    c[e] = v;
 }
 
 // gemm_splitk_reduce: c (M, N) = alpha · Σ_s part[s] (+ bias) (+ c), with the partial sums of

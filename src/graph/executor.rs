@@ -361,17 +361,87 @@ impl<'a> Executor<'a> {
         Ok(())
     }
 
-    /// The dispatches of one node.
+    /// The dispatches of one node: its operands checked, then lowered by its op's function.
     fn node(&self, node: &Node) -> Result<Vec<Dispatch>> {
-        let gpu = self.gpu;
-        let i = |k: usize| self.view(node.inputs[k]);
-        let o = |k: usize| self.view(node.outputs[k]);
-        let ic = |k: usize| self.chunks(node.inputs[k]);
-        let oc = |k: usize| self.chunks(node.outputs[k]);
+        self.check_splits(node)?;
+        let x = Lowering { ex: self, node };
         let one = |d: Result<Dispatch>| d.map(|d| vec![d]);
-        let seed = self.opts.seed;
-        // Which operands may be split parameters: the token table in the embedding and the lm
-        // head, and everything the optimizer touches.
+        let (gpu, i, o) = (self.gpu, |k| x.i(k), |k| x.o(k));
+        match node.op {
+            Op::Embedding { b, t, c } => x.embedding(b, t, c),
+            Op::LayerNorm { n, c } => x.layernorm(n, c),
+            Op::Linear { m, k, n, bias } => x.linear(m, k, n, bias),
+            Op::LinearGelu { m, k, n, bias } => x.linear_gelu((m, k, n, bias)),
+            Op::LinearResidual { m, k, n, bias } => x.linear_residual((m, k, n, bias)),
+            Op::Attention {
+                b,
+                t,
+                nh,
+                hs,
+                p,
+                site,
+            } => x.attention((b, t, nh, hs), p, site),
+            Op::AttentionCached {
+                b,
+                tq,
+                nh,
+                hs,
+                tmax,
+            } => x.attention_cached((b, tq, nh, hs), tmax),
+            Op::KvAppend {
+                b,
+                tq,
+                nh,
+                hs,
+                tmax,
+            } => x.kv_append((b, tq, nh, hs), tmax),
+            Op::Gelu { n } => one(gelu::forward(gpu, o(0), i(0), n)),
+            Op::Add { .. } => one(residual::forward(gpu, o(0), i(0), i(1))),
+            Op::Dropout { n, p, site } => x.dropout(n, p, site),
+            Op::CrossEntropy { n, v, vp } => x.cross_entropy(n, v, vp),
+            Op::Mean { n } => reduce::sum(gpu, o(0), i(0), n, 1.0 / n as f32),
+            Op::EmbeddingBackward { b, t, c } => x.embedding_backward(b, t, c),
+            Op::LayerNormBackward { n, c, acc, bias } => x.layernorm_backward(n, c, acc, bias),
+            Op::LinearBackward {
+                m,
+                k,
+                n,
+                acc,
+                dx,
+                bias,
+                gelu,
+            } => x.linear_backward((m, k, n, bias), acc, dx, gelu),
+            Op::AttentionBackward {
+                b,
+                t,
+                nh,
+                hs,
+                p,
+                site,
+            } => x.attention_backward((b, t, nh, hs), p, site),
+            Op::GeluBackward { n, acc } => one(gelu::backward(gpu, o(0), i(1), i(0), n, acc)),
+            Op::Accumulate { acc, .. } => one(residual::accumulate(gpu, o(0), i(0), acc)),
+            Op::DropoutBackward { n, p, site, acc } => x.dropout_backward(n, p, site, acc),
+            Op::LmHeadLoss { n, c, v, vp, rows } => x.lm_head_loss(n, c, (v, vp), rows),
+            Op::LmHeadLossBackward {
+                n,
+                c,
+                v,
+                vp,
+                rows,
+                acc,
+            } => x.lm_head_loss_backward(n, c, (v, vp), rows, acc),
+            Op::CrossEntropyBackward { n, v, vp } => x.cross_entropy_backward(n, v, vp),
+            Op::Fill { value } => self.lower_fill(node, value),
+            Op::GlobalNorm => self.lower_global_norm(node),
+            Op::AdamW { decay } => self.lower_adamw(node, decay),
+        }
+    }
+
+    /// Refuses a node with an operand split into row chunks where its op cannot take one: only
+    /// the token table in the embedding and the lm head, and everything the optimizer touches,
+    /// may be split parameters.
+    fn check_splits(&self, node: &Node) -> Result<()> {
         let splittable = |input: bool, k: usize| match node.op {
             Op::Embedding { .. } => input && k == 1,
             Op::EmbeddingBackward { .. } => !input && k == 0,
@@ -401,346 +471,7 @@ impl<'a> Executor<'a> {
                 ));
             }
         }
-        match node.op {
-            Op::Embedding { b, t, c } => {
-                let mut row0 = 0;
-                let mut out = Vec::new();
-                for wte in ic(1) {
-                    out.push(embedding::forward(
-                        gpu,
-                        o(0),
-                        i(0),
-                        wte,
-                        row0,
-                        i(2),
-                        b,
-                        t,
-                        c,
-                    )?);
-                    row0 += wte.len / c;
-                }
-                Ok(out)
-            }
-            Op::LayerNorm { n, c } => one(layernorm::forward(
-                gpu,
-                o(0),
-                o(1),
-                o(2),
-                i(0),
-                i(1),
-                i(2),
-                n,
-                c,
-            )),
-            Op::Linear { m, k, n, bias } if ic(1).len() == 1 => {
-                gemm::linear_forward(gpu, o(0), i(0), i(1), bias.then(|| i(2)), m, k, n)
-            }
-            Op::LinearGelu { m, k, n, bias } => {
-                let epilogue = gemm::Epilogue::Gelu { pre: o(1) };
-                self.lower_fused_linear(node, (m, k, n, bias), epilogue)
-            }
-            Op::LinearResidual { m, k, n, bias } => {
-                let res = i(node.inputs.len() - 1);
-                let epilogue = gemm::Epilogue::Residual { res };
-                self.lower_fused_linear(node, (m, k, n, bias), epilogue)
-            }
-            // A weight split into row chunks (the tied lm head): each chunk writes its block of
-            // output columns.
-            Op::Linear { m, k, n, .. } => split_linear_forward(
-                gpu,
-                gemm::Operand::new(o(0), n),
-                gemm::Operand::new(i(0), k),
-                ic(1),
-                m,
-                k,
-            ),
-            Op::Attention {
-                b,
-                t,
-                nh,
-                hs,
-                p,
-                site,
-            } => one(attention::forward(
-                gpu,
-                o(0),
-                o(1),
-                i(0),
-                b,
-                t,
-                nh,
-                hs,
-                true,
-                attention_dropout(seed, p, site),
-            )),
-            Op::AttentionCached {
-                b,
-                tq,
-                nh,
-                hs,
-                tmax,
-            } => one(attention::forward_cached(
-                gpu,
-                o(0),
-                i(0),
-                i(1),
-                i(2),
-                b,
-                tq,
-                nh,
-                hs,
-                0,
-                tmax,
-            )),
-            Op::KvAppend {
-                b,
-                tq,
-                nh,
-                hs,
-                tmax,
-            } => one(attention::kv_append(
-                gpu,
-                o(0),
-                o(1),
-                i(0),
-                b,
-                tq,
-                nh,
-                hs,
-                0,
-                tmax,
-            )),
-            Op::Gelu { n } => one(gelu::forward(gpu, o(0), i(0), n)),
-            Op::Add { .. } => one(residual::forward(gpu, o(0), i(0), i(1))),
-            Op::Dropout { n, p, site } => one(dropout::forward(
-                gpu,
-                o(0),
-                i(0),
-                n,
-                p,
-                dropout_seed(seed, site),
-                0,
-            )),
-            Op::CrossEntropy { n, v, vp } => one(cross_entropy::forward(
-                gpu,
-                o(0),
-                o(1),
-                i(0),
-                i(1),
-                n,
-                v,
-                vp,
-            )),
-            Op::Mean { n } => reduce::sum(gpu, o(0), i(0), n, 1.0 / n as f32),
-            Op::EmbeddingBackward { b, t, c } => {
-                let mut row0 = 0;
-                let mut out = Vec::new();
-                for (k, dwte) in oc(0).iter().enumerate() {
-                    let dwpe = (k == 0).then(|| o(1));
-                    out.extend(embedding::backward(
-                        gpu,
-                        dwte,
-                        row0,
-                        dwpe,
-                        i(0),
-                        i(1),
-                        i(2),
-                        b,
-                        t,
-                        c,
-                    )?);
-                    row0 += dwte.len / c;
-                }
-                Ok(out)
-            }
-            Op::LayerNormBackward { n, c, acc, bias } => {
-                let scratch;
-                let dbias = if bias {
-                    o(2)
-                } else {
-                    scratch = gpu.zeros("unused dbias", DType::F32, c)?;
-                    &scratch
-                };
-                layernorm::backward(
-                    gpu,
-                    o(0),
-                    o(1),
-                    dbias,
-                    i(0),
-                    i(1),
-                    i(2),
-                    i(3),
-                    i(4),
-                    n,
-                    c,
-                    acc,
-                )
-            }
-            Op::LinearBackward {
-                m, k, n, acc, dx, ..
-            } if ic(2).len() > 1 => split_linear_backward(
-                gpu,
-                dx.then(|| gemm::Operand::new(o(0), k)),
-                oc(1),
-                gemm::Operand::new(i(0), n),
-                gemm::Operand::new(i(1), k),
-                ic(2),
-                m,
-                k,
-                acc,
-            ),
-            Op::LinearBackward {
-                m,
-                k,
-                n,
-                gelu: true,
-                bias,
-                ..
-            } => self.lower_linear_backward_gelu(node, (m, k, n, bias)),
-            Op::LinearBackward {
-                m,
-                k,
-                n,
-                acc,
-                dx,
-                bias,
-                ..
-            } => gemm::linear_backward(
-                gpu,
-                dx.then(|| o(0)),
-                o(1),
-                bias.then(|| o(2)),
-                i(0),
-                i(1),
-                i(2),
-                m,
-                k,
-                n,
-                acc,
-            ),
-            Op::AttentionBackward {
-                b,
-                t,
-                nh,
-                hs,
-                p,
-                site,
-            } => attention::backward(
-                gpu,
-                o(0),
-                i(0),
-                i(1),
-                i(2),
-                i(3),
-                b,
-                t,
-                nh,
-                hs,
-                true,
-                attention_dropout(seed, p, site),
-            ),
-            Op::GeluBackward { n, acc } => one(gelu::backward(gpu, o(0), i(1), i(0), n, acc)),
-            Op::Accumulate { acc, .. } => one(residual::accumulate(gpu, o(0), i(0), acc)),
-            Op::DropoutBackward { n, p, site, acc } => one(dropout::backward(
-                gpu,
-                o(0),
-                i(0),
-                n,
-                p,
-                dropout_seed(seed, site),
-                0,
-                acc,
-            )),
-            Op::LmHeadLoss { n, c, v, vp, rows } => {
-                let mut out = Vec::new();
-                for r0 in (0..n).step_by(rows) {
-                    let m = rows.min(n - r0);
-                    let logits = o(2).slice(0, m * vp, "lm_head.logits chunk")?;
-                    out.extend(split_linear_forward(
-                        gpu,
-                        gemm::Operand::new(&logits, vp),
-                        gemm::Operand::new(i(0), c).at(r0 * c),
-                        ic(1),
-                        m,
-                        c,
-                    )?);
-                    out.push(cross_entropy::forward(
-                        gpu,
-                        &o(0).slice(r0, m, "losses chunk")?,
-                        &o(1).slice(r0, m, "lse chunk")?,
-                        &logits,
-                        &i(2).slice(r0, m, "targets chunk")?,
-                        m,
-                        v,
-                        vp,
-                    )?);
-                }
-                Ok(out)
-            }
-            Op::LmHeadLossBackward {
-                n,
-                c,
-                v,
-                vp,
-                rows,
-                acc,
-            } => {
-                let dloss = 1.0 / (n * self.micro_per_step()) as f32;
-                let (x, wte, dwte) = (i(0), ic(1), oc(1));
-                let mut out = Vec::new();
-                for r0 in (0..n).step_by(rows) {
-                    let m = rows.min(n - r0);
-                    let logits = o(2).slice(0, m * vp, "lm_head.logits chunk")?;
-                    let xs = gemm::Operand::new(x, c).at(r0 * c);
-                    out.extend(split_linear_forward(
-                        gpu,
-                        gemm::Operand::new(&logits, vp),
-                        xs,
-                        wte,
-                        m,
-                        c,
-                    )?);
-                    out.push(cross_entropy::backward(
-                        gpu,
-                        &logits,
-                        &i(3).slice(r0, m, "lse chunk")?,
-                        &i(2).slice(r0, m, "targets chunk")?,
-                        m,
-                        v,
-                        vp,
-                        dloss,
-                    )?);
-                    out.extend(split_linear_backward(
-                        gpu,
-                        Some(gemm::Operand::new(o(0), c).at(r0 * c)),
-                        dwte,
-                        gemm::Operand::new(&logits, vp),
-                        xs,
-                        wte,
-                        m,
-                        c,
-                        acc,
-                    )?);
-                }
-                Ok(out)
-            }
-            Op::CrossEntropyBackward { n, v, vp } => {
-                let dloss = 1.0 / (n * self.micro_per_step()) as f32;
-                one(cross_entropy::backward(
-                    gpu,
-                    i(0),
-                    i(1),
-                    i(2),
-                    n,
-                    v,
-                    vp,
-                    dloss,
-                ))
-            }
-            Op::Fill { value } => self.lower_fill(node, value),
-            Op::GlobalNorm => self.lower_global_norm(node),
-            Op::AdamW { decay } => self.lower_adamw(node, decay),
-        }
+        Ok(())
     }
 
     /// y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias) with `epilogue` (inputs [x, w, bias?, ...],
@@ -1411,6 +1142,371 @@ impl Executor<'_> {
             }
         }
         Ok(checks)
+    }
+}
+
+/// One node being lowered to its dispatches, with its operands as views of GPU memory. Its
+/// methods lower one op (or one op's variants) each, `Executor::node` choosing by op.
+#[derive(Clone, Copy)]
+struct Lowering<'s> {
+    ex: &'s Executor<'s>,
+    node: &'s Node,
+}
+
+impl<'s> Lowering<'s> {
+    /// Input k (the first chunk of a split one).
+    fn i(self, k: usize) -> &'s View {
+        self.ex.view(self.node.inputs[k])
+    }
+
+    /// Output k (the first chunk of a split one).
+    fn o(self, k: usize) -> &'s View {
+        self.ex.view(self.node.outputs[k])
+    }
+
+    /// Every row chunk of input k.
+    fn ic(self, k: usize) -> &'s [View] {
+        self.ex.chunks(self.node.inputs[k])
+    }
+
+    /// Every row chunk of output k.
+    fn oc(self, k: usize) -> &'s [View] {
+        self.ex.chunks(self.node.outputs[k])
+    }
+
+    fn gpu(self) -> &'s Gpu {
+        self.ex.gpu
+    }
+
+    /// Token rows plus position rows: one dispatch per row chunk of the token table.
+    fn embedding(self, b: usize, t: usize, c: usize) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let mut row0 = 0;
+        let mut out = Vec::new();
+        for wte in self.ic(1) {
+            out.push(embedding::forward(
+                self.gpu(),
+                o(0),
+                i(0),
+                wte,
+                row0,
+                i(2),
+                b,
+                t,
+                c,
+            )?);
+            row0 += wte.len / c;
+        }
+        Ok(out)
+    }
+
+    /// The embedding's backward: each row chunk of the token table's gradient gets its rows, the
+    /// first chunk's dispatch also the position table's gradient.
+    fn embedding_backward(self, b: usize, t: usize, c: usize) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let mut row0 = 0;
+        let mut out = Vec::new();
+        for (k, dwte) in self.oc(0).iter().enumerate() {
+            let dwpe = (k == 0).then(|| o(1));
+            out.extend(embedding::backward(
+                self.gpu(),
+                dwte,
+                row0,
+                dwpe,
+                i(0),
+                i(1),
+                i(2),
+                b,
+                t,
+                c,
+            )?);
+            row0 += dwte.len / c;
+        }
+        Ok(out)
+    }
+
+    fn layernorm(self, n: usize, c: usize) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let d = layernorm::forward(self.gpu(), o(0), o(1), o(2), i(0), i(1), i(2), n, c)?;
+        Ok(vec![d])
+    }
+
+    /// The layer norm's backward; without a bias, its gradient goes to a scratch buffer.
+    fn layernorm_backward(
+        self,
+        n: usize,
+        c: usize,
+        acc: bool,
+        bias: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let scratch;
+        let dbias = if bias {
+            o(2)
+        } else {
+            scratch = self.gpu().zeros("unused dbias", DType::F32, c)?;
+            &scratch
+        };
+        layernorm::backward(
+            self.gpu(),
+            o(0),
+            o(1),
+            dbias,
+            i(0),
+            i(1),
+            i(2),
+            i(3),
+            i(4),
+            n,
+            c,
+            acc,
+        )
+    }
+
+    /// y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias).
+    fn linear(self, m: usize, k: usize, n: usize, bias: bool) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|j| self.i(j), |j| self.o(j));
+        if self.ic(1).len() == 1 {
+            return gemm::linear_forward(self.gpu(), o(0), i(0), i(1), bias.then(|| i(2)), m, k, n);
+        }
+        // A weight split into row chunks (the tied lm head): each chunk writes its block of
+        // output columns.
+        split_linear_forward(
+            self.gpu(),
+            gemm::Operand::new(o(0), n),
+            gemm::Operand::new(i(0), k),
+            self.ic(1),
+            m,
+            k,
+        )
+    }
+
+    /// gelu(x · wᵀ + bias) in one GEMM, keeping the pre-activation (outputs [y, pre]).
+    fn linear_gelu(self, dims: (usize, usize, usize, bool)) -> Result<Vec<Dispatch>> {
+        let epilogue = gemm::Epilogue::Gelu { pre: self.o(1) };
+        self.ex.lower_fused_linear(self.node, dims, epilogue)
+    }
+
+    /// res + x · wᵀ + bias in one GEMM, res being the last input.
+    fn linear_residual(self, dims: (usize, usize, usize, bool)) -> Result<Vec<Dispatch>> {
+        let res = self.i(self.node.inputs.len() - 1);
+        let epilogue = gemm::Epilogue::Residual { res };
+        self.ex.lower_fused_linear(self.node, dims, epilogue)
+    }
+
+    /// A linear layer's backward: over a split weight, fused with GELU's backward when its
+    /// input is gelu(pre), or the plain one.
+    fn linear_backward(
+        self,
+        (m, k, n, bias): (usize, usize, usize, bool),
+        acc: bool,
+        dx: bool,
+        gelu: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|j| self.i(j), |j| self.o(j));
+        if self.ic(2).len() > 1 {
+            return split_linear_backward(
+                self.gpu(),
+                dx.then(|| gemm::Operand::new(o(0), k)),
+                self.oc(1),
+                gemm::Operand::new(i(0), n),
+                gemm::Operand::new(i(1), k),
+                self.ic(2),
+                m,
+                k,
+                acc,
+            );
+        }
+        if gelu {
+            return self
+                .ex
+                .lower_linear_backward_gelu(self.node, (m, k, n, bias));
+        }
+        gemm::linear_backward(
+            self.gpu(),
+            dx.then(|| o(0)),
+            o(1),
+            bias.then(|| o(2)),
+            i(0),
+            i(1),
+            i(2),
+            m,
+            k,
+            n,
+            acc,
+        )
+    }
+
+    /// Causal self-attention over qkv (B, T, 3C), with dropout on the probabilities at `site`.
+    fn attention(
+        self,
+        (b, t, nh, hs): (usize, usize, usize, usize),
+        p: f32,
+        site: u32,
+    ) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let dropout = attention_dropout(self.ex.opts.seed, p, site);
+        let d = attention::forward(self.gpu(), o(0), o(1), i(0), b, t, nh, hs, true, dropout)?;
+        Ok(vec![d])
+    }
+
+    fn attention_backward(
+        self,
+        (b, t, nh, hs): (usize, usize, usize, usize),
+        p: f32,
+        site: u32,
+    ) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        attention::backward(
+            self.gpu(),
+            o(0),
+            i(0),
+            i(1),
+            i(2),
+            i(3),
+            b,
+            t,
+            nh,
+            hs,
+            true,
+            attention_dropout(self.ex.opts.seed, p, site),
+        )
+    }
+
+    /// Attention of `tq` new tokens over a KV cache of `tmax` positions.
+    fn attention_cached(
+        self,
+        (b, tq, nh, hs): (usize, usize, usize, usize),
+        tmax: usize,
+    ) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let d =
+            attention::forward_cached(self.gpu(), o(0), i(0), i(1), i(2), b, tq, nh, hs, 0, tmax)?;
+        Ok(vec![d])
+    }
+
+    /// Appends the keys and values of `tq` new tokens to the KV cache.
+    fn kv_append(
+        self,
+        (b, tq, nh, hs): (usize, usize, usize, usize),
+        tmax: usize,
+    ) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let d = attention::kv_append(self.gpu(), o(0), o(1), i(0), b, tq, nh, hs, 0, tmax)?;
+        Ok(vec![d])
+    }
+
+    fn dropout(self, n: usize, p: f32, site: u32) -> Result<Vec<Dispatch>> {
+        let seed = dropout_seed(self.ex.opts.seed, site);
+        let d = dropout::forward(self.gpu(), self.o(0), self.i(0), n, p, seed, 0)?;
+        Ok(vec![d])
+    }
+
+    fn dropout_backward(self, n: usize, p: f32, site: u32, acc: bool) -> Result<Vec<Dispatch>> {
+        let seed = dropout_seed(self.ex.opts.seed, site);
+        let d = dropout::backward(self.gpu(), self.o(0), self.i(0), n, p, seed, 0, acc)?;
+        Ok(vec![d])
+    }
+
+    fn cross_entropy(self, n: usize, v: usize, vp: usize) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let d = cross_entropy::forward(self.gpu(), o(0), o(1), i(0), i(1), n, v, vp)?;
+        Ok(vec![d])
+    }
+
+    /// The loss's gradient, each position's scaled by 1 / (positions of the whole step).
+    fn cross_entropy_backward(self, n: usize, v: usize, vp: usize) -> Result<Vec<Dispatch>> {
+        let i = |k| self.i(k);
+        let dloss = 1.0 / (n * self.ex.micro_per_step()) as f32;
+        let d = cross_entropy::backward(self.gpu(), i(0), i(1), i(2), n, v, vp, dloss)?;
+        Ok(vec![d])
+    }
+
+    /// The lm head and the loss in chunks of `rows` positions, each chunk's logits computed into
+    /// the one chunk buffer and reduced to its losses.
+    fn lm_head_loss(
+        self,
+        n: usize,
+        c: usize,
+        (v, vp): (usize, usize),
+        rows: usize,
+    ) -> Result<Vec<Dispatch>> {
+        let (gpu, i, o) = (self.gpu(), |k| self.i(k), |k| self.o(k));
+        let mut out = Vec::new();
+        for r0 in (0..n).step_by(rows) {
+            let m = rows.min(n - r0);
+            let logits = o(2).slice(0, m * vp, "lm_head.logits chunk")?;
+            out.extend(split_linear_forward(
+                gpu,
+                gemm::Operand::new(&logits, vp),
+                gemm::Operand::new(i(0), c).at(r0 * c),
+                self.ic(1),
+                m,
+                c,
+            )?);
+            out.push(cross_entropy::forward(
+                gpu,
+                &o(0).slice(r0, m, "losses chunk")?,
+                &o(1).slice(r0, m, "lse chunk")?,
+                &logits,
+                &i(2).slice(r0, m, "targets chunk")?,
+                m,
+                v,
+                vp,
+            )?);
+        }
+        Ok(out)
+    }
+
+    /// The chunked lm head and loss backward: each chunk's logits recomputed, turned into their
+    /// gradient, and taken back through the lm head.
+    fn lm_head_loss_backward(
+        self,
+        n: usize,
+        c: usize,
+        (v, vp): (usize, usize),
+        rows: usize,
+        acc: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let (gpu, i, o) = (self.gpu(), |k| self.i(k), |k| self.o(k));
+        let dloss = 1.0 / (n * self.ex.micro_per_step()) as f32;
+        let (x, wte, dwte) = (i(0), self.ic(1), self.oc(1));
+        let mut out = Vec::new();
+        for r0 in (0..n).step_by(rows) {
+            let m = rows.min(n - r0);
+            let logits = o(2).slice(0, m * vp, "lm_head.logits chunk")?;
+            let xs = gemm::Operand::new(x, c).at(r0 * c);
+            out.extend(split_linear_forward(
+                gpu,
+                gemm::Operand::new(&logits, vp),
+                xs,
+                wte,
+                m,
+                c,
+            )?);
+            out.push(cross_entropy::backward(
+                gpu,
+                &logits,
+                &i(3).slice(r0, m, "lse chunk")?,
+                &i(2).slice(r0, m, "targets chunk")?,
+                m,
+                v,
+                vp,
+                dloss,
+            )?);
+            out.extend(split_linear_backward(
+                gpu,
+                Some(gemm::Operand::new(o(0), c).at(r0 * c)),
+                dwte,
+                gemm::Operand::new(&logits, vp),
+                xs,
+                wte,
+                m,
+                c,
+                acc,
+            )?);
+        }
+        Ok(out)
     }
 }
 

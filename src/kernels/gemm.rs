@@ -1147,7 +1147,9 @@ fn packed_b(
         ));
     }
     let packed = gpu.shared_scratch("gemm.packed_b", DType::F32, len)?;
-    let blocks = len.div_ceil(PACK_B_WG);
+    // The shader strides over the outputs, so the grid may stop at the adapter's limit.
+    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    let blocks = len.div_ceil(PACK_B_WG).min(max * max);
     let pack_spec = if b.dtype == DType::F16 {
         PACK_B.with_variant(ShaderVariant::F16)
     } else {
@@ -1158,7 +1160,6 @@ fn packed_b(
         &[],
         bytes_of(&Params {
             ldc: u32_of(kp),
-            tiles: u32_of(blocks),
             ..params
         }),
         &[a, b, b, &packed, &packed],

@@ -1,7 +1,7 @@
 //! The GPT-2 forward graph, readable in one sitting, and its training extension.
 
 use super::config::GptConfig;
-use super::params::ParamTable;
+use super::params::{BlockParams, ParamTable};
 use crate::gpu::DType;
 use crate::graph::autodiff::{self, Backward};
 use crate::graph::ir::{Graph, Op, Phase, TensorId, TensorKind};
@@ -70,84 +70,239 @@ pub fn build_for(
     mode: Mode,
     max_binding: u64,
 ) -> GptGraph {
-    let mut g = Graph::default();
-    let (c, nh, hs) = (cfg.n_embd, cfg.n_head, cfg.head_size());
-    let (v, vp, bt) = (cfg.vocab_size, cfg.padded_vocab(), b * t);
-    let decode = match mode {
-        Mode::Decode { tmax, .. } => Some(tmax),
-        _ => None,
+    let mut m = Builder::new(cfg, table, b, t, mode);
+    let (tokens, x) = m.embed(table);
+    let mut x = m.dropout(x, "embed".into());
+    for (l, bp) in table.blocks.iter().enumerate() {
+        x = m.block(l, bp, x);
+    }
+    let lnf = m.layernorm(x, (table.ln_f_w, table.ln_f_b), "ln_f".into());
+    // The lm head shares the token embedding (tied weights).
+    let chunk_rows = match mode {
+        Mode::Train | Mode::Eval => logits_chunk_rows(m.bt, cfg.padded_vocab(), max_binding),
+        Mode::Logits | Mode::Decode { .. } => None,
     };
-    let p = if mode == Mode::Train {
-        cfg.dropout
+    let logits = m.lm_head(lnf, table.wte, chunk_rows);
+    let with_loss = match mode {
+        Mode::Train | Mode::Eval => true,
+        Mode::Logits => false,
+        Mode::Decode { loss, .. } => loss,
+    };
+    let loss = with_loss.then(|| m.loss(lnf, table.wte, logits, chunk_rows));
+    let mut g = m.g;
+    let (backward, grad_norm) = if mode == Mode::Train {
+        let bw = autodiff::append_backward(&mut g);
+        let norm = autodiff::append_optimizer(&mut g, &bw, |i| table.specs[i].decay);
+        (Some(bw), Some(norm))
     } else {
-        0.0
+        (None, None)
     };
-    let params: Vec<TensorId> = table
-        .specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| g.tensor(s.name.clone(), &s.shape, DType::F32, TensorKind::Param(i)))
-        .collect();
-    let zero_bias =
-        (!cfg.bias).then(|| g.tensor("zero_bias", &[c], DType::F32, TensorKind::Constant(0)));
-    let bias_or_zero = |i: Option<usize>| i.map(|i| params[i]).or(zero_bias).unwrap();
-    let fwd = Phase::Forward;
+    GptGraph {
+        graph: g,
+        b,
+        t,
+        tokens,
+        targets: loss.map(|l| l.targets),
+        logits,
+        losses: loss.map(|l| l.losses),
+        loss: loss.and_then(|l| l.mean),
+        backward,
+        grad_norm,
+        params: m.params,
+    }
+}
 
-    let tokens = g.tensor("tokens", &[b, t], DType::U32, TensorKind::Input);
-    // Decoding adds the position rows of the current positions, gathered into a window.
-    let positions = match decode {
-        Some(_) => g.tensor(
-            "wpe.window",
-            &[t, c],
-            DType::F32,
-            TensorKind::PositionWindow(table.wpe),
-        ),
-        None => params[table.wpe],
-    };
-    let mut x = g.activation("embed", &[b, t, c]);
-    g.push(
-        fwd,
-        "embed",
-        Op::Embedding { b, t, c },
-        vec![tokens, params[table.wte], positions],
-        vec![x],
-    );
-    let mut site = 0u32;
-    let mut dropout = |g: &mut Graph, x: TensorId, label: String| -> TensorId {
+/// The loss tensors of a graph: targets (B, T), per-position losses (B·T) and, except when
+/// decoding, their mean.
+#[derive(Clone, Copy)]
+struct Loss {
+    targets: TensorId,
+    losses: TensorId,
+    mean: Option<TensorId>,
+}
+
+/// A GPT graph under construction, with the sizes and settings every op of it shares. Its
+/// methods are the model's layers, each appending its forward ops in order.
+struct Builder {
+    g: Graph,
+    b: usize,
+    t: usize,
+    bt: usize,
+    c: usize,
+    nh: usize,
+    hs: usize,
+    v: usize,
+    vp: usize,
+    /// The KV cache's positions when decoding.
+    decode: Option<usize>,
+    /// Dropout probability (zero unless training).
+    p: f32,
+    /// Training fuses the MLP's GELU into its first GEMM and, without dropout, the residual adds
+    /// into the projections' GEMMs (their epilogues: f32 weights only, so inference, which may
+    /// hold f16 weights, keeps the separate ops).
+    fuse: bool,
+    /// The last dropout site given out (the residual dropouts' sites are 1, 2, 3, ...).
+    site: u32,
+    /// The graph tensor of parameter i.
+    params: Vec<TensorId>,
+    /// The zeros standing in for layer norm biases in a model without biases.
+    zero_bias: Option<TensorId>,
+}
+
+const FWD: Phase = Phase::Forward;
+
+impl Builder {
+    /// An empty graph holding the parameters of `table` (and the zero bias, if needed).
+    fn new(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode) -> Builder {
+        let mut g = Graph::default();
+        let c = cfg.n_embd;
+        let params: Vec<TensorId> = table
+            .specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| g.tensor(s.name.clone(), &s.shape, DType::F32, TensorKind::Param(i)))
+            .collect();
+        let zero_bias =
+            (!cfg.bias).then(|| g.tensor("zero_bias", &[c], DType::F32, TensorKind::Constant(0)));
+        Builder {
+            g,
+            b,
+            t,
+            bt: b * t,
+            c,
+            nh: cfg.n_head,
+            hs: cfg.head_size(),
+            v: cfg.vocab_size,
+            vp: cfg.padded_vocab(),
+            decode: match mode {
+                Mode::Decode { tmax, .. } => Some(tmax),
+                _ => None,
+            },
+            p: if mode == Mode::Train {
+                cfg.dropout
+            } else {
+                0.0
+            },
+            fuse: mode == Mode::Train,
+            site: 0,
+            params,
+            zero_bias,
+        }
+    }
+
+    /// The graph tensors of a weight and its optional bias.
+    fn weights(&self, (w, bias): (usize, Option<usize>)) -> (TensorId, Option<TensorId>) {
+        (self.params[w], bias.map(|i| self.params[i]))
+    }
+
+    /// The tokens input (B, T) and their embedding (B, T, C): token rows plus position rows.
+    fn embed(&mut self, table: &ParamTable) -> (TensorId, TensorId) {
+        let (b, t, c) = (self.b, self.t, self.c);
+        let g = &mut self.g;
+        let tokens = g.tensor("tokens", &[b, t], DType::U32, TensorKind::Input);
+        // Decoding adds the position rows of the current positions, gathered into a window.
+        let positions = match self.decode {
+            Some(_) => g.tensor(
+                "wpe.window",
+                &[t, c],
+                DType::F32,
+                TensorKind::PositionWindow(table.wpe),
+            ),
+            None => self.params[table.wpe],
+        };
+        let x = g.activation("embed", &[b, t, c]);
+        g.push(
+            FWD,
+            "embed",
+            Op::Embedding { b, t, c },
+            vec![tokens, self.params[table.wte], positions],
+            vec![x],
+        );
+        (tokens, x)
+    }
+
+    /// One transformer block: x + attn(ln_1(x)), then that + mlp(ln_2(that)).
+    fn block(&mut self, l: usize, bp: &BlockParams, x: TensorId) -> TensorId {
+        let (h, c) = (format!("h.{l}"), self.c);
+        let ln1 = self.layernorm(x, (bp.ln_1_w, bp.ln_1_b), format!("{h}.ln_1"));
+        let c_attn = self.weights((bp.c_attn_w, bp.c_attn_b));
+        let qkv = self.linear(ln1, c_attn, 3 * c, format!("{h}.attn.c_attn"));
+        let att = self.attention(l, qkv);
+        let proj = self.weights((bp.attn_proj_w, bp.attn_proj_b));
+        let x1 = self.project_residual(
+            att,
+            proj,
+            x,
+            format!("{h}.attn.c_proj"),
+            format!("{h}.res_1"),
+        );
+        let ln2 = self.layernorm(x1, (bp.ln_2_w, bp.ln_2_b), format!("{h}.ln_2"));
+        let gelu = self.mlp_gelu(ln2, self.weights((bp.c_fc_w, bp.c_fc_b)), &h);
+        let proj = self.weights((bp.mlp_proj_w, bp.mlp_proj_b));
+        self.project_residual(
+            gelu,
+            proj,
+            x1,
+            format!("{h}.mlp.c_proj"),
+            format!("{h}.res_2"),
+        )
+    }
+
+    /// x with dropout (a new site each call), or x itself when there is none.
+    fn dropout(&mut self, x: TensorId, label: String) -> TensorId {
+        let p = self.p;
         if p == 0.0 {
             return x;
         }
-        site += 1;
+        self.site += 1;
+        let site = self.site;
+        let g = &mut self.g;
         let (shape, n) = (g.tensors[x].shape.clone(), g.tensors[x].numel());
         let y = g.activation(format!("{label}.drop"), &shape);
-        g.push(fwd, label, Op::Dropout { n, p, site }, vec![x], vec![y]);
+        g.push(FWD, label, Op::Dropout { n, p, site }, vec![x], vec![y]);
         y
-    };
-    let layernorm = |g: &mut Graph, x: TensorId, w: TensorId, bias: TensorId, name: String| {
+    }
+
+    /// Layer norm of x (BT, C) with parameters (w, bias), keeping mean and rstd for the backward.
+    fn layernorm(
+        &mut self,
+        x: TensorId,
+        (w, bias): (usize, Option<usize>),
+        name: String,
+    ) -> TensorId {
+        let (bt, c) = (self.bt, self.c);
+        let w = self.params[w];
+        let bias = bias.map(|i| self.params[i]).or(self.zero_bias).unwrap();
+        let g = &mut self.g;
         let y = g.activation(name.clone(), &[bt, c]);
         let mean = g.activation(format!("{name}.mean"), &[bt]);
         let rstd = g.activation(format!("{name}.rstd"), &[bt]);
         g.push(
-            fwd,
+            FWD,
             name,
             Op::LayerNorm { n: bt, c },
             vec![x, w, bias],
             vec![y, mean, rstd],
         );
         y
-    };
-    let linear = |g: &mut Graph,
-                  x: TensorId,
-                  w: TensorId,
-                  bias: Option<TensorId>,
-                  n: usize,
-                  name: String| {
+    }
+
+    /// y (BT, N) = x · wᵀ + bias.
+    fn linear(
+        &mut self,
+        x: TensorId,
+        (w, bias): (TensorId, Option<TensorId>),
+        n: usize,
+        name: String,
+    ) -> TensorId {
+        let bt = self.bt;
+        let g = &mut self.g;
         let y = g.activation(name.clone(), &[bt, n]);
         let k = g.tensors[x].numel() / bt;
         let mut ins = vec![x, w];
         ins.extend(bias);
         g.push(
-            fwd,
+            FWD,
             name,
             Op::Linear {
                 m: bt,
@@ -159,36 +314,43 @@ pub fn build_for(
             vec![y],
         );
         y
-    };
+    }
 
-    // Training fuses the MLP's GELU into its first GEMM and, without dropout, the residual adds
-    // into the projections' GEMMs (their epilogues: f32 weights only, so inference, which may
-    // hold f16 weights, keeps the separate ops).
-    let fuse = mode == Mode::Train;
-    // y (BT, N) = gelu(x · wᵀ + bias), keeping the pre-activation for the backward.
-    let linear_gelu =
-        |g: &mut Graph, x: TensorId, (w, bias): (TensorId, Option<TensorId>), name: String| {
-            let (k, n) = (g.tensors[x].numel() / bt, g.tensors[w].shape[0]);
-            let y = g.activation(format!("{name}.gelu"), &[bt, n]);
-            let pre = g.activation(format!("{name}.pre"), &[bt, n]);
-            let mut ins = vec![x, w];
-            ins.extend(bias);
-            let bias = bias.is_some();
-            g.push(
-                fwd,
-                name,
-                Op::LinearGelu { m: bt, k, n, bias },
-                ins,
-                vec![y, pre],
-            );
-            y
-        };
-    // res + x · wᵀ + bias, the new residual stream (B, T, C).
-    let linear_residual = |g: &mut Graph,
-                           x: TensorId,
-                           (w, bias): (TensorId, Option<TensorId>),
-                           res: TensorId,
-                           name: String| {
+    /// y (BT, N) = gelu(x · wᵀ + bias), keeping the pre-activation for the backward.
+    fn linear_gelu(
+        &mut self,
+        x: TensorId,
+        (w, bias): (TensorId, Option<TensorId>),
+        name: String,
+    ) -> TensorId {
+        let bt = self.bt;
+        let g = &mut self.g;
+        let (k, n) = (g.tensors[x].numel() / bt, g.tensors[w].shape[0]);
+        let y = g.activation(format!("{name}.gelu"), &[bt, n]);
+        let pre = g.activation(format!("{name}.pre"), &[bt, n]);
+        let mut ins = vec![x, w];
+        ins.extend(bias);
+        let bias = bias.is_some();
+        g.push(
+            FWD,
+            name,
+            Op::LinearGelu { m: bt, k, n, bias },
+            ins,
+            vec![y, pre],
+        );
+        y
+    }
+
+    /// res + x · wᵀ + bias, the new residual stream (B, T, C).
+    fn linear_residual(
+        &mut self,
+        x: TensorId,
+        (w, bias): (TensorId, Option<TensorId>),
+        res: TensorId,
+        name: String,
+    ) -> TensorId {
+        let (b, t, bt) = (self.b, self.t, self.bt);
+        let g = &mut self.g;
         let (k, n) = (g.tensors[x].numel() / bt, g.tensors[w].shape[0]);
         let y = g.activation(name.clone(), &[b, t, n]);
         let mut ins = vec![x, w];
@@ -196,44 +358,32 @@ pub fn build_for(
         ins.push(res);
         let bias = bias.is_some();
         g.push(
-            fwd,
+            FWD,
             name,
             Op::LinearResidual { m: bt, k, n, bias },
             ins,
             vec![y],
         );
         y
-    };
+    }
 
-    x = dropout(&mut g, x, "embed".into());
-    for (l, bp) in table.blocks.iter().enumerate() {
+    /// Causal self-attention over qkv (B, T, 3C) into (B, T, C): over the block's own tokens, or,
+    /// when decoding, over layer l's KV cache after appending the new keys and values to it.
+    fn attention(&mut self, l: usize, qkv: TensorId) -> TensorId {
+        let (b, t, c, nh, hs, p) = (self.b, self.t, self.c, self.nh, self.hs, self.p);
         let h = format!("h.{l}");
-        let ln1 = layernorm(
-            &mut g,
-            x,
-            params[bp.ln_1_w],
-            bias_or_zero(bp.ln_1_b),
-            format!("{h}.ln_1"),
-        );
-        let qkv = linear(
-            &mut g,
-            ln1,
-            params[bp.c_attn_w],
-            bp.c_attn_b.map(|i| params[i]),
-            3 * c,
-            format!("{h}.attn.c_attn"),
-        );
+        let g = &mut self.g;
         let att = g.activation(format!("{h}.attn"), &[b, t, c]);
-        if let Some(tmax) = decode {
+        if let Some(tmax) = self.decode {
             let cache = |g: &mut Graph, value: bool| {
                 let name = format!("{h}.attn.{}_cache", if value { "v" } else { "k" });
                 let kind = TensorKind::KvCache { layer: l, value };
                 g.tensor(name, &[b, nh, tmax, hs], DType::F32, kind)
             };
-            let (kc, vc) = (cache(&mut g, false), cache(&mut g, true));
+            let (kc, vc) = (cache(g, false), cache(g, true));
             let (tq, attn) = (t, format!("{h}.attn"));
             g.push(
-                fwd,
+                FWD,
                 format!("{attn}.kv_append"),
                 Op::KvAppend {
                     b,
@@ -246,7 +396,7 @@ pub fn build_for(
                 vec![kc, vc],
             );
             g.push(
-                fwd,
+                FWD,
                 attn,
                 Op::AttentionCached {
                     b,
@@ -261,7 +411,7 @@ pub fn build_for(
         } else {
             let lse = g.activation(format!("{h}.attn.lse"), &[b, nh, t]);
             g.push(
-                fwd,
+                FWD,
                 format!("{h}.attn"),
                 Op::Attention {
                     b,
@@ -276,106 +426,79 @@ pub fn build_for(
                 vec![att, lse],
             );
         }
-        let proj = (params[bp.attn_proj_w], bp.attn_proj_b.map(|i| params[i]));
-        let x1 = if fuse && p == 0.0 {
-            linear_residual(&mut g, att, proj, x, format!("{h}.res_1"))
-        } else {
-            let name = format!("{h}.attn.c_proj");
-            let y = linear(&mut g, att, proj.0, proj.1, c, name.clone());
-            let y = dropout(&mut g, y, name);
-            let x1 = g.activation(format!("{h}.res_1"), &[b, t, c]);
-            g.push(
-                fwd,
-                format!("{h}.res_1"),
-                Op::Add { n: bt * c },
-                vec![x, y],
-                vec![x1],
-            );
-            x1
-        };
-        let ln2 = layernorm(
-            &mut g,
-            x1,
-            params[bp.ln_2_w],
-            bias_or_zero(bp.ln_2_b),
-            format!("{h}.ln_2"),
-        );
-        let fc = (params[bp.c_fc_w], bp.c_fc_b.map(|i| params[i]));
-        let gelu = if fuse {
-            linear_gelu(&mut g, ln2, fc, format!("{h}.mlp.c_fc"))
-        } else {
-            let pre = linear(&mut g, ln2, fc.0, fc.1, 4 * c, format!("{h}.mlp.c_fc"));
-            let gelu = g.activation(format!("{h}.mlp.gelu"), &[bt, 4 * c]);
-            g.push(
-                fwd,
-                format!("{h}.mlp.gelu"),
-                Op::Gelu { n: bt * 4 * c },
-                vec![pre],
-                vec![gelu],
-            );
-            gelu
-        };
-        let proj = (params[bp.mlp_proj_w], bp.mlp_proj_b.map(|i| params[i]));
-        let x2 = if fuse && p == 0.0 {
-            linear_residual(&mut g, gelu, proj, x1, format!("{h}.res_2"))
-        } else {
-            let name = format!("{h}.mlp.c_proj");
-            let y = linear(&mut g, gelu, proj.0, proj.1, c, name.clone());
-            let y = dropout(&mut g, y, name);
-            let x2 = g.activation(format!("{h}.res_2"), &[b, t, c]);
-            g.push(
-                fwd,
-                format!("{h}.res_2"),
-                Op::Add { n: bt * c },
-                vec![x1, y],
-                vec![x2],
-            );
-            x2
-        };
-        x = x2;
+        att
     }
-    let lnf = layernorm(
-        &mut g,
-        x,
-        params[table.ln_f_w],
-        bias_or_zero(table.ln_f_b),
-        "ln_f".into(),
-    );
-    // The lm head shares the token embedding (tied weights).
-    let chunk_rows = match mode {
-        Mode::Train | Mode::Eval => logits_chunk_rows(bt, vp, max_binding),
-        Mode::Logits | Mode::Decode { .. } => None,
-    };
-    let logits = match chunk_rows {
-        Some(rows) => g.activation("lm_head", &[rows, vp]),
-        None => linear(&mut g, lnf, params[table.wte], None, vp, "lm_head".into()),
-    };
 
-    let mut out = GptGraph {
-        graph: Graph::default(),
-        b,
-        t,
-        tokens,
-        targets: None,
-        logits,
-        losses: None,
-        loss: None,
-        backward: None,
-        grad_norm: None,
-        params,
-    };
-    let with_loss = match mode {
-        Mode::Train | Mode::Eval => true,
-        Mode::Logits => false,
-        Mode::Decode { loss, .. } => loss,
-    };
-    if with_loss {
+    /// res + dropout(x · wᵀ + bias): a projection `proj` back into the residual stream, whose
+    /// sum is `sum` (B, T, C); one fused GEMM when training without dropout.
+    fn project_residual(
+        &mut self,
+        x: TensorId,
+        w: (TensorId, Option<TensorId>),
+        res: TensorId,
+        proj: String,
+        sum: String,
+    ) -> TensorId {
+        if self.fuse && self.p == 0.0 {
+            return self.linear_residual(x, w, res, sum);
+        }
+        let (b, t, c) = (self.b, self.t, self.c);
+        let y = self.linear(x, w, c, proj.clone());
+        let y = self.dropout(y, proj);
+        let out = self.g.activation(sum.clone(), &[b, t, c]);
+        self.g
+            .push(FWD, sum, Op::Add { n: b * t * c }, vec![res, y], vec![out]);
+        out
+    }
+
+    /// The MLP's first half, gelu(x · wᵀ + bias) (BT, 4C), for block `h`.
+    fn mlp_gelu(&mut self, x: TensorId, fc: (TensorId, Option<TensorId>), h: &str) -> TensorId {
+        if self.fuse {
+            return self.linear_gelu(x, fc, format!("{h}.mlp.c_fc"));
+        }
+        let (bt, c) = (self.bt, self.c);
+        let pre = self.linear(x, fc, 4 * c, format!("{h}.mlp.c_fc"));
+        let gelu = self.g.activation(format!("{h}.mlp.gelu"), &[bt, 4 * c]);
+        self.g.push(
+            FWD,
+            format!("{h}.mlp.gelu"),
+            Op::Gelu { n: bt * 4 * c },
+            vec![pre],
+            vec![gelu],
+        );
+        gelu
+    }
+
+    /// The logits (BT, Vp) = lnf · wteᵀ, or, when computed in chunks of `chunk_rows` with the
+    /// loss, the buffer of one chunk.
+    fn lm_head(&mut self, lnf: TensorId, wte: usize, chunk_rows: Option<usize>) -> TensorId {
+        match chunk_rows {
+            Some(rows) => self.g.activation("lm_head", &[rows, self.vp]),
+            None => {
+                let wte = (self.params[wte], None);
+                self.linear(lnf, wte, self.vp, "lm_head".into())
+            }
+        }
+    }
+
+    /// The cross-entropy of the logits against the targets per position, and (except when
+    /// decoding) its mean; in chunks of `chunk_rows`, with the lm head, when given.
+    fn loss(
+        &mut self,
+        lnf: TensorId,
+        wte: usize,
+        logits: TensorId,
+        chunk_rows: Option<usize>,
+    ) -> Loss {
+        let (b, t, bt, c, v, vp) = (self.b, self.t, self.bt, self.c, self.v, self.vp);
+        let wte = self.params[wte];
+        let g = &mut self.g;
         let targets = g.tensor("targets", &[b, t], DType::U32, TensorKind::Input);
         let losses = g.activation("losses", &[bt]);
         let lse = g.activation("logits.lse", &[bt]);
         match chunk_rows {
             Some(rows) => g.push(
-                fwd,
+                FWD,
                 "lm_head.loss",
                 Op::LmHeadLoss {
                     n: bt,
@@ -384,37 +507,32 @@ pub fn build_for(
                     vp,
                     rows,
                 },
-                vec![lnf, out.params[table.wte], targets],
+                vec![lnf, wte, targets],
                 vec![losses, lse, logits],
             ),
             None => g.push(
-                fwd,
+                FWD,
                 "loss",
                 Op::CrossEntropy { n: bt, v, vp },
                 vec![logits, targets],
                 vec![losses, lse],
             ),
         }
-        out.targets = Some(targets);
-        out.losses = Some(losses);
-        if decode.is_none() {
+        let mean = self.decode.is_none().then(|| {
             let loss = g.tensor("loss", &[1], DType::F32, TensorKind::Result);
             g.push(
-                fwd,
+                FWD,
                 "loss.mean",
                 Op::Mean { n: bt },
                 vec![losses],
                 vec![loss],
             );
-            out.loss = Some(loss);
+            loss
+        });
+        Loss {
+            targets,
+            losses,
+            mean,
         }
     }
-    if mode == Mode::Train {
-        let bw = autodiff::append_backward(&mut g);
-        let norm = autodiff::append_optimizer(&mut g, &bw, |i| table.specs[i].decay);
-        out.backward = Some(bw);
-        out.grad_norm = Some(norm);
-    }
-    out.graph = g;
-    out
 }

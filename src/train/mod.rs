@@ -413,8 +413,16 @@ pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummar
         &quiet
     };
     install_interrupt_handler();
-    // The model: continued from a checkpoint, or fresh.
-    let (model_cfg, mut ckpt, start_state) = if let Some(dir) = &cfg.resume {
+    Trainer::new(gpu, cfg, comm)?.run(t0)
+}
+
+/// The model a run starts from: continued from a checkpoint (`--resume`, with the trainer state
+/// and optimizer moments), initialized from one (`--init`, weights only), or fresh.
+fn start_model(
+    gpu: &Gpu,
+    cfg: &TrainConfig,
+) -> Result<(GptConfig, Option<Checkpoint>, Option<state::TrainerState>)> {
+    if let Some(dir) = &cfg.resume {
         let ck = checkpoint::load(dir)?;
         let state = ck
             .state
@@ -431,36 +439,41 @@ pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummar
         // The checkpoint's dropout is the default (`with_settings`); a --dropout flag applies.
         let mut c = ck.cfg.clone();
         c.dropout = cfg.dropout;
-        (c, Some(ck), Some(state))
+        Ok((c, Some(ck), Some(state)))
     } else if let Some(dir) = &cfg.init {
         let mut ck = checkpoint::load(dir)?;
         ck.optimizer = None;
         ck.state = None;
         let mut c = ck.cfg.clone();
         c.dropout = cfg.dropout;
-        (c, Some(ck), None)
+        Ok((c, Some(ck), None))
     } else {
-        (
-            GptConfig {
-                n_layer: cfg.n_layer,
-                n_head: cfg.n_head,
-                n_embd: cfg.n_embd,
-                block_size: cfg.block_size,
-                vocab_size: 0, // from the data
-                dropout: cfg.dropout,
-                bias: cfg.bias,
-            },
-            None,
-            None,
-        )
-    };
+        let fresh = GptConfig {
+            n_layer: cfg.n_layer,
+            n_head: cfg.n_head,
+            n_embd: cfg.n_embd,
+            block_size: cfg.block_size,
+            vocab_size: 0, // from the data
+            dropout: cfg.dropout,
+            bias: cfg.bias,
+        };
+        Ok((fresh, None, None))
+    }
+}
+
+/// Loads the training data and checks it, the model and the batch shape against each other
+/// (and the memory the model needs), before anything touches the GPU. A fresh model takes its
+/// vocabulary size from the data.
+fn load_checked_data(
+    cfg: &TrainConfig,
+    comm: &Comm,
+    model_cfg: &mut GptConfig,
+    ckpt: Option<&Checkpoint>,
+) -> Result<Dataset> {
     // A checkpoint without a vocabulary (a bare transformers directory) still fixes the token
     // range: token files are checked against it, text cannot be encoded for it.
-    let ck_vocab = ckpt
-        .as_ref()
-        .map(|c| c.vocab.clone().unwrap_or(Vocab::Ids(c.cfg.vocab_size)));
+    let ck_vocab = ckpt.map(|c| c.vocab.clone().unwrap_or(Vocab::Ids(c.cfg.vocab_size)));
     let data = load_data(cfg, ck_vocab.as_ref())?;
-    let mut model_cfg = model_cfg;
     if model_cfg.vocab_size == 0 {
         model_cfg.vocab_size = data.vocab.size();
     }
@@ -501,10 +514,13 @@ pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummar
         "the model's parameters, gradients and AdamW moments",
         model_cfg.training_bytes(),
     )?;
-    // Everything is checked that can be without the GPU: claim the output directory (before
-    // the first step, not at the first checkpoint; rank 0 writes it).
-    let _out = comm
-        .is_root()
+    Ok(data)
+}
+
+/// Claims the output directory (rank 0 writes it) before the first step, not at the first
+/// checkpoint.
+fn claim_out(cfg: &TrainConfig, comm: &Comm) -> Result<Option<checkpoint::OutDir>> {
+    comm.is_root()
         .then(|| {
             checkpoint::open_out(
                 &cfg.out,
@@ -518,13 +534,22 @@ pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummar
                 },
             )
         })
-        .transpose()?;
+        .transpose()
+}
 
-    let table = ParamTable::new(&model_cfg);
-    table.check_fits(gpu)?;
+/// The parameters (and, when resuming, the AdamW moments) on the GPU, checked to be the same on
+/// every rank. The checkpoint's copies on the CPU are dropped once uploaded.
+fn upload_params(
+    gpu: &Gpu,
+    cfg: &TrainConfig,
+    comm: &Comm,
+    model_cfg: &GptConfig,
+    table: &ParamTable,
+    ckpt: &mut Option<Checkpoint>,
+) -> Result<ParamStore> {
     let init_params = match &ckpt {
         Some(ck) => ck.params.clone(),
-        None => table.init(&model_cfg, cfg.seed),
+        None => table.init(model_cfg, cfg.seed),
     };
     let store = ParamStore::new(gpu, &table.store_specs(), &init_params, true)?;
     if let Some((m, v)) = ckpt.as_ref().and_then(|c| c.optimizer.as_ref()) {
@@ -534,11 +559,23 @@ pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummar
     drop(init_params);
     // Every rank initialized from the same seed or loaded the same checkpoint: verify.
     parallel::check_same_weights(comm, gpu, &store, "at the start")?;
-    if let Some(ck) = &mut ckpt {
+    if let Some(ck) = ckpt {
         ck.params = Vec::new();
         ck.optimizer = None;
     }
+    Ok(store)
+}
 
+/// The training and evaluation executors over the parameters in `store`.
+fn build_executors<'g>(
+    gpu: &'g Gpu,
+    cfg: &TrainConfig,
+    comm: &Comm,
+    model_cfg: &GptConfig,
+    table: &ParamTable,
+    store: &ParamStore,
+) -> Result<(Executor<'g>, Executor<'g>)> {
+    let (b, t) = (cfg.batch_size, cfg.block_size);
     let opts = ExecOptions {
         reuse: !cfg.no_reuse,
         grad_accum: cfg.grad_accum,
@@ -556,146 +593,108 @@ pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummar
         },
     };
     let build = || -> Result<(Executor, Executor)> {
-        let train_graph = gpt::build_for(&model_cfg, &table, b, t, Mode::Train, gpu.max_binding());
-        let exec = Executor::new(gpu, train_graph.graph, &store, opts.clone())?;
-        let eval_graph = gpt::build_for(&model_cfg, &table, b, t, Mode::Eval, gpu.max_binding());
-        let eval_exec = Executor::new(gpu, eval_graph.graph, &store, opts.clone())?;
+        let train_graph = gpt::build_for(model_cfg, table, b, t, Mode::Train, gpu.max_binding());
+        let exec = Executor::new(gpu, train_graph.graph, store, opts.clone())?;
+        let eval_graph = gpt::build_for(model_cfg, table, b, t, Mode::Eval, gpu.max_binding());
+        let eval_exec = Executor::new(gpu, eval_graph.graph, store, opts.clone())?;
         Ok((exec, eval_exec))
     };
+    if comm.size() == 1 {
+        return build();
+    }
     // Kernel variants chosen by timing could differ between ranks, and so would their bits:
     // rank 0 chooses (building first), the others compute with its choices.
-    let (mut exec, mut eval_exec) = if comm.size() > 1 {
-        let root = if comm.is_root() { Some(build()?) } else { None };
-        let used = serde_json::to_vec(&gpu.tuner.used()).expect("JSON of kernel choices");
-        let choices = comm.all_gather_bytes(&used)?;
-        match root {
-            Some(built) => built,
-            None => {
-                gpu.tuner.pin(
-                    &serde_json::from_slice(&choices[0])
-                        .map_err(|e| Error::invalid("kernel choices of rank 0", e.to_string()))?,
-                );
-                build()?
-            }
-        }
-    } else {
-        build()?
-    };
-
-    if cfg.validate {
-        // A throwaway batch (not from the loader, so training is unchanged) checked node by node.
-        let mut probe = Loader::new(LoaderKind::Random, b, t, cfg.seed ^ 0x5A11);
-        let checks = exec.validate(&probe.next(&data.train))?;
-        let bad = NodeCheck::mismatches(&checks);
-        if cfg.verbose {
-            println!(
-                "validate: {} outputs of {} nodes checked against the CPU reference, {} mismatched",
-                checks.len(),
-                checks
-                    .iter()
-                    .map(|c| c.node)
-                    .collect::<std::collections::HashSet<_>>()
-                    .len(),
-                bad.len()
+    let root = if comm.is_root() { Some(build()?) } else { None };
+    let used = serde_json::to_vec(&gpu.tuner.used()).expect("JSON of kernel choices");
+    let choices = comm.all_gather_bytes(&used)?;
+    match root {
+        Some(built) => Ok(built),
+        None => {
+            gpu.tuner.pin(
+                &serde_json::from_slice(&choices[0])
+                    .map_err(|e| Error::invalid("kernel choices of rank 0", e.to_string()))?,
             );
-        }
-        if !bad.is_empty() {
-            return Err(Error::invalid("--validate", bad.join("; ")));
+            build()
         }
     }
+}
+
+/// `--validate`: a throwaway batch (not from the loader, so training is unchanged) checked node
+/// by node against the CPU reference.
+fn validate_nodes(exec: &mut Executor, cfg: &TrainConfig, data: &Dataset) -> Result<()> {
+    let mut probe = Loader::new(
+        LoaderKind::Random,
+        cfg.batch_size,
+        cfg.block_size,
+        cfg.seed ^ 0x5A11,
+    );
+    let checks = exec.validate(&probe.next(&data.train))?;
+    let bad = NodeCheck::mismatches(&checks);
+    if cfg.verbose {
+        println!(
+            "validate: {} outputs of {} nodes checked against the CPU reference, {} mismatched",
+            checks.len(),
+            checks
+                .iter()
+                .map(|c| c.node)
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            bad.len()
+        );
+    }
+    if !bad.is_empty() {
+        return Err(Error::invalid("--validate", bad.join("; ")));
+    }
+    Ok(())
+}
+
+/// This rank's loader, and the step to start from: continued where a resumed checkpoint left
+/// off (exactly when it was written by as many ranks, else at its global batch, the number of
+/// ranks it was written by returned too), or from the start.
+fn start_loader(
+    cfg: &TrainConfig,
+    comm: &Comm,
+    start_state: Option<&state::TrainerState>,
+) -> Result<(Loader, u64, Option<usize>)> {
+    let (b, t) = (cfg.batch_size, cfg.block_size);
     let mut loader = Loader::sharded(cfg.loader, b, t, cfg.seed, comm.rank(), comm.size());
-    let mut step = 0u64;
-    let mut rank_change = None;
-    if let Some(state) = &start_state {
-        step = state.step;
-        if state.ranks == comm.size() {
-            match comm.rank() {
-                0 => loader.restore(&state.loader)?,
-                r => loader.restore(state.rank_loaders.get(r - 1).ok_or_else(|| {
-                    Error::invalid(
-                        "--resume",
-                        format!("the checkpoint has no loader state for rank {r}"),
-                    )
-                })?)?,
-            }
-        } else {
-            loader.restore_position(state.loader.position, cfg.seed);
-            rank_change = Some(state.ranks);
-        }
-        if step >= cfg.max_iters {
-            return Err(Error::invalid(
-                "--max-iters",
-                format!(
-                    "the checkpoint is at step {step} and --max-iters is {}: nothing left to \
-                     train (give a larger --max-iters to continue)",
-                    cfg.max_iters
-                ),
-            ));
-        }
-    }
-    let verbose = cfg.verbose;
-    let say = |s: String| {
-        if cfg.verbose {
-            println!("{s}");
-        }
+    let Some(state) = start_state else {
+        return Ok((loader, 0, None));
     };
-    let places =
-        comm.all_gather_bytes(format!("{}\t{}", comm.host(), gpu.adapter_name()).as_bytes())?;
-    if comm.size() > 1 {
-        say(format!("ranks: {} (MPI)", comm.size()));
-        for (r, p) in places.iter().enumerate() {
-            let p = String::from_utf8_lossy(p);
-            let (host, adapter) = p.split_once('\t').unwrap_or((&p, "?"));
-            say(format!("  rank {r}: host {host}, adapter {adapter}"));
+    let step = state.step;
+    let mut rank_change = None;
+    if state.ranks == comm.size() {
+        match comm.rank() {
+            0 => loader.restore(&state.loader)?,
+            r => loader.restore(state.rank_loaders.get(r - 1).ok_or_else(|| {
+                Error::invalid(
+                    "--resume",
+                    format!("the checkpoint has no loader state for rank {r}"),
+                )
+            })?)?,
         }
     } else {
-        say(format!("adapter: {}", gpu.adapter_name()));
+        loader.restore_position(state.loader.position, cfg.seed);
+        rank_change = Some(state.ranks);
     }
-    say(format!("data: {}", data.description));
-    say(format!(
-        "model: {} layers, {} heads, {} embd, block {}, vocab {} (padded {}), {:.2}M parameters",
-        model_cfg.n_layer,
-        model_cfg.n_head,
-        model_cfg.n_embd,
-        model_cfg.block_size,
-        model_cfg.vocab_size,
-        model_cfg.padded_vocab(),
-        model_cfg.num_params() as f64 / 1e6
-    ));
-    say(format!(
-        "memory: parameters + gradients + AdamW {:.1} MiB; activations planned {:.1} MiB (without reuse {:.1} MiB)",
-        store.bytes() as f64 / 1048576.0,
-        exec.plan.planned_bytes as f64 / 1048576.0,
-        exec.plan.unplanned_bytes as f64 / 1048576.0
-    ));
-    say(format!(
-        "global batch: {} ranks x {b} sequences x {} micro-steps x {t} tokens = {} tokens per step",
-        comm.size(),
-        cfg.grad_accum,
-        comm.size() * b * cfg.grad_accum * t
-    ));
-    if step > 0 {
-        say(format!("resuming at step {step}"));
-    }
-    if let Some(was) = rank_change {
-        say(format!(
-            "the checkpoint was written by {was} ranks, this run has {}: the loader continues \
-             at global batch {}{}",
-            comm.size(),
-            loader.position,
-            if cfg.loader == LoaderKind::Random {
-                " with fresh per-rank random streams"
-            } else {
-                ""
-            }
+    if step >= cfg.max_iters {
+        return Err(Error::invalid(
+            "--max-iters",
+            format!(
+                "the checkpoint is at step {step} and --max-iters is {}: nothing left to \
+                 train (give a larger --max-iters to continue)",
+                cfg.max_iters
+            ),
         ));
     }
+    Ok((loader, step, rank_change))
+}
 
-    let mut run = Progress {
-        cfg,
-        // The bar draws on stderr, and replaces the log lines: only when both are terminals,
-        // and never for the ranks of a job, whose output mpirun interleaves.
-        bar: (verbose
+impl<'a> Progress<'a> {
+    /// Progress from `step` on: a bar that draws on stderr and replaces the log lines, only when
+    /// both are terminals, and never for the ranks of a job, whose output mpirun interleaves.
+    fn new(cfg: &'a TrainConfig, comm: &Comm, step: u64) -> Result<Progress<'a>> {
+        let bar = (cfg.verbose
             && comm.size() == 1
             && std::io::stdout().is_terminal()
             && std::io::stderr().is_terminal())
@@ -709,22 +708,271 @@ pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummar
             );
             pb.set_position(step);
             pb
-        }),
-        metrics: Metrics::open(cfg.metrics.as_deref(), step > 0)?,
-        ms_of: Default::default(),
-        last_loss: None,
-        // A resumed run starts from a checkpoint that is, so far, the last good one.
-        last_ckpt: cfg.resume.clone().map(|dir| (dir, step)),
-        tokens_per_step: comm.size() * b * t * cfg.grad_accum,
-    };
-    let mut grad_sum = parallel::GradientSum {
-        comm,
-        timing: Default::default(),
-    };
-    let save = |store: &ParamStore, step: u64, loader: &Loader| -> Result<()> {
-        // Every rank's loader, so that the same number of ranks continues bit for bit.
+        });
+        Ok(Progress {
+            cfg,
+            bar,
+            metrics: Metrics::open(cfg.metrics.as_deref(), step > 0)?,
+            ms_of: Default::default(),
+            last_loss: None,
+            // A resumed run starts from a checkpoint that is, so far, the last good one.
+            last_ckpt: cfg.resume.clone().map(|dir| (dir, step)),
+            tokens_per_step: comm.size() * cfg.batch_size * cfg.block_size * cfg.grad_accum,
+        })
+    }
+}
+
+/// A training run set up on one rank: the model's parameters on the GPU, its data, the training
+/// and evaluation executors, and the loader and the step it is at.
+struct Trainer<'a> {
+    gpu: &'a Gpu,
+    cfg: &'a TrainConfig,
+    comm: &'a Comm,
+    model_cfg: GptConfig,
+    data: Dataset,
+    store: ParamStore,
+    exec: Executor<'a>,
+    eval_exec: Executor<'a>,
+    loader: Loader,
+    /// The last step taken (or the resumed checkpoint's).
+    step: u64,
+    grad_sum: parallel::GradientSum<'a>,
+    last_val: Option<f32>,
+    /// The claimed output directory (rank 0's), held for the run.
+    _out: Option<checkpoint::OutDir>,
+}
+
+impl<'a> Trainer<'a> {
+    /// Everything before the first step: the model, the data, the checks that need no GPU, the
+    /// output directory, the parameters and executors on the GPU, the loader; then says what
+    /// will run.
+    fn new(gpu: &'a Gpu, cfg: &'a TrainConfig, comm: &'a Comm) -> Result<Trainer<'a>> {
+        let (mut model_cfg, mut ckpt, start_state) = start_model(gpu, cfg)?;
+        let data = load_checked_data(cfg, comm, &mut model_cfg, ckpt.as_ref())?;
+        // Everything is checked that can be without the GPU.
+        let out = claim_out(cfg, comm)?;
+        let table = ParamTable::new(&model_cfg);
+        table.check_fits(gpu)?;
+        let store = upload_params(gpu, cfg, comm, &model_cfg, &table, &mut ckpt)?;
+        let (mut exec, eval_exec) = build_executors(gpu, cfg, comm, &model_cfg, &table, &store)?;
+        if cfg.validate {
+            validate_nodes(&mut exec, cfg, &data)?;
+        }
+        let (loader, step, rank_change) = start_loader(cfg, comm, start_state.as_ref())?;
+        let places =
+            comm.all_gather_bytes(format!("{}\t{}", comm.host(), gpu.adapter_name()).as_bytes())?;
+        let trainer = Trainer {
+            gpu,
+            cfg,
+            comm,
+            model_cfg,
+            data,
+            store,
+            exec,
+            eval_exec,
+            loader,
+            step,
+            grad_sum: parallel::GradientSum {
+                comm,
+                timing: Default::default(),
+            },
+            last_val: None,
+            _out: out,
+        };
+        trainer.announce(&places, rank_change);
+        Ok(trainer)
+    }
+
+    fn say(&self, s: String) {
+        if self.cfg.verbose {
+            println!("{s}");
+        }
+    }
+
+    /// Prints the ranks (or the adapter), the data, the model, the memory, the global batch and
+    /// where a resumed run continues. `places` holds each rank's host and adapter.
+    fn announce(&self, places: &[Vec<u8>], rank_change: Option<usize>) {
+        let (cfg, comm, model_cfg) = (self.cfg, self.comm, &self.model_cfg);
+        let (b, t, step) = (cfg.batch_size, cfg.block_size, self.step);
+        if comm.size() > 1 {
+            self.say(format!("ranks: {} (MPI)", comm.size()));
+            for (r, p) in places.iter().enumerate() {
+                let p = String::from_utf8_lossy(p);
+                let (host, adapter) = p.split_once('\t').unwrap_or((&p, "?"));
+                self.say(format!("  rank {r}: host {host}, adapter {adapter}"));
+            }
+        } else {
+            self.say(format!("adapter: {}", self.gpu.adapter_name()));
+        }
+        self.say(format!("data: {}", self.data.description));
+        self.say(format!(
+            "model: {} layers, {} heads, {} embd, block {}, vocab {} (padded {}), {:.2}M parameters",
+            model_cfg.n_layer,
+            model_cfg.n_head,
+            model_cfg.n_embd,
+            model_cfg.block_size,
+            model_cfg.vocab_size,
+            model_cfg.padded_vocab(),
+            model_cfg.num_params() as f64 / 1e6
+        ));
+        self.say(format!(
+            "memory: parameters + gradients + AdamW {:.1} MiB; activations planned {:.1} MiB (without reuse {:.1} MiB)",
+            self.store.bytes() as f64 / 1048576.0,
+            self.exec.plan.planned_bytes as f64 / 1048576.0,
+            self.exec.plan.unplanned_bytes as f64 / 1048576.0
+        ));
+        self.say(format!(
+            "global batch: {} ranks x {b} sequences x {} micro-steps x {t} tokens = {} tokens per step",
+            comm.size(),
+            cfg.grad_accum,
+            comm.size() * b * cfg.grad_accum * t
+        ));
+        if step > 0 {
+            self.say(format!("resuming at step {step}"));
+        }
+        if let Some(was) = rank_change {
+            self.say(format!(
+                "the checkpoint was written by {was} ranks, this run has {}: the loader continues \
+                 at global batch {}{}",
+                comm.size(),
+                self.loader.position,
+                if cfg.loader == LoaderKind::Random {
+                    " with fresh per-rank random streams"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+
+    /// Steps until `--max-iters` (or Ctrl-C), evaluating and saving every `--eval-interval`
+    /// steps and at the end; `t0` is when the run began.
+    fn run(mut self, t0: Instant) -> Result<TrainSummary> {
+        let cfg = self.cfg;
+        let mut run = Progress::new(cfg, self.comm, self.step)?;
+        let first_step = self.step + 1;
+        let mut last_submit = Instant::now();
+        // The loop's wall time without evaluations and checkpoints, over the steps run.
+        // (Intervals between submissions would undercount the first steps, which the readback
+        // ring lets through without waiting.)
+        let (loop_t0, mut pause) = (Instant::now(), std::time::Duration::ZERO);
+        let mut was_interrupted = false;
+        while self.step < cfg.max_iters {
+            self.take_step()?;
+            let now = Instant::now();
+            let ms = now.duration_since(last_submit).as_secs_f64() * 1e3;
+            last_submit = now;
+            run.ms_of.push_back((self.step, ms));
+            run.handle(self.exec.poll()?)?;
+
+            let step = self.step;
+            let eval_now = cfg.eval_interval > 0 && step.is_multiple_of(cfg.eval_interval);
+            // Every rank stops at the same step (a Ctrl-C may reach them apart).
+            let stop = self.comm.any(interrupted())?;
+            if eval_now || step == cfg.max_iters || stop {
+                // Never checkpoint parameters a diverged step may have touched.
+                run.handle(self.exec.wait_results()?)?;
+                let paused = Instant::now();
+                self.evaluate_and_save(&mut run, eval_now || step == cfg.max_iters)?;
+                pause += paused.elapsed();
+                last_submit = Instant::now();
+                if stop {
+                    was_interrupted = true;
+                    break;
+                }
+            }
+        }
+        run.handle(self.exec.wait_results()?)?;
+        if let Some(pb) = &run.bar {
+            pb.finish_and_clear();
+        }
+        let step = self.step;
+        let ms_per_step = if step >= first_step {
+            (loop_t0.elapsed() - pause).as_secs_f64() * 1e3 / (step + 1 - first_step) as f64
+        } else {
+            0.0
+        };
+        if self.grad_sum.timing.steps > 0 {
+            run.log(self.grad_sum.timing.summary(ms_per_step));
+        }
+        Ok(TrainSummary {
+            steps: step + 1 - first_step,
+            final_step: step,
+            final_train_loss: run.last_loss,
+            final_val_loss: self.last_val,
+            seconds: t0.elapsed().as_secs_f64(),
+            ms_per_step,
+            tokens_per_step: run.tokens_per_step,
+            interrupted: was_interrupted,
+            cfg: self.model_cfg,
+        })
+    }
+
+    /// One optimizer step: `--grad-accum` micro-batches forward and backward, the gradients
+    /// summed across ranks, AdamW at the scheduled rate. Submitted, not waited for.
+    fn take_step(&mut self) -> Result<()> {
+        let cfg = self.cfg;
+        self.step += 1;
+        let step = self.step;
+        let micro: Vec<MicroBatch> = (0..cfg.grad_accum)
+            .map(|_| self.loader.next(&self.data.train))
+            .collect();
+        let sync = (self.comm.size() > 1).then_some(&mut self.grad_sum as &mut dyn GradientSync);
+        self.exec
+            .step_synced(&micro, cfg.schedule.at(step - 1), step as u32, sync)
+    }
+
+    /// With `evaluate`: checks the ranks' weights agree and logs the train and validation
+    /// losses (an error if either is not finite). Then writes the checkpoint and the loss plot.
+    fn evaluate_and_save(&mut self, run: &mut Progress, evaluate: bool) -> Result<()> {
+        let step = self.step;
+        if evaluate {
+            self.evaluate(run)?;
+        }
+        self.save()?;
+        run.last_ckpt = Some((self.cfg.out.clone(), step));
+        if self.comm.is_root() {
+            run.metrics.plot(&self.cfg.out)?;
+        }
+        run.log(format!(
+            "checkpoint: {} (step {step})",
+            self.cfg.out.display()
+        ));
+        Ok(())
+    }
+
+    /// The train and validation losses now, logged and written to the metrics.
+    fn evaluate(&mut self, run: &mut Progress) -> Result<()> {
+        let (cfg, comm, step) = (self.cfg, self.comm, self.step);
+        let when = format!("at step {step}");
+        if let Some(h) = parallel::check_same_weights(comm, self.gpu, &self.store, &when)? {
+            run.log(format!(
+                "step {step:>6}: weights identical on all {} ranks (checksum {h:016x})",
+                comm.size()
+            ));
+        }
+        let tl = evaluate(&mut self.eval_exec, &self.data.train, cfg, comm)?;
+        let vl = evaluate(&mut self.eval_exec, &self.data.val, cfg, comm)?;
+        if !(tl.is_finite() && vl.is_finite()) {
+            return Err(run.diverged(format!(
+                "by step {step}: evaluation loss {tl} (train), {vl} (val)"
+            )));
+        }
+        run.log(format!(
+            "step {step:>6}: train loss {tl:.4}, val loss {vl:.4}"
+        ));
+        run.metrics
+            .write(json!({"step": step, "val_loss": vl, "train_loss": tl}))?;
+        self.last_val = Some(vl);
+        Ok(())
+    }
+
+    /// Writes the checkpoint at this step (rank 0), with every rank's loader state, so that the
+    /// same number of ranks continues bit for bit.
+    fn save(&self) -> Result<()> {
+        let (gpu, comm, store) = (self.gpu, self.comm, &self.store);
         let states = comm.all_gather_bytes(
-            &serde_json::to_vec(&loader.state()).expect("JSON of a loader state"),
+            &serde_json::to_vec(&self.loader.state()).expect("JSON of a loader state"),
         )?;
         if !comm.is_root() {
             return Ok(());
@@ -738,109 +986,22 @@ pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummar
             .collect::<Result<Vec<_>>>()?;
         let read = |views| ParamStore::read(gpu, views);
         checkpoint::save(
-            &cfg.out,
+            &self.cfg.out,
             &Checkpoint {
-                cfg: model_cfg.clone(),
+                cfg: self.model_cfg.clone(),
                 params: read(&store.params)?,
                 optimizer: Some((read(&store.m)?, read(&store.v)?)),
                 state: Some(state::TrainerState {
-                    step,
-                    loader: loader.state(),
-                    data_description: data.description.clone(),
-                    config: cfg.settings(),
+                    step: self.step,
+                    loader: self.loader.state(),
+                    data_description: self.data.description.clone(),
+                    config: self.cfg.settings(),
                     kernels: gpu.tuner.used(),
                     ranks: comm.size(),
                     rank_loaders,
                 }),
-                vocab: Some(data.vocab.clone()),
+                vocab: Some(self.data.vocab.clone()),
             },
         )
-    };
-    let first_step = step + 1;
-    let mut last_submit = Instant::now();
-    // The loop's wall time without evaluations and checkpoints, over the steps run. (Intervals
-    // between submissions would undercount the first steps, which the readback ring lets
-    // through without waiting.)
-    let (loop_t0, mut pause) = (Instant::now(), std::time::Duration::ZERO);
-    let mut last_val = None;
-    let mut was_interrupted = false;
-    while step < cfg.max_iters {
-        step += 1;
-        let micro: Vec<MicroBatch> = (0..cfg.grad_accum)
-            .map(|_| loader.next(&data.train))
-            .collect();
-        let sync = (comm.size() > 1).then_some(&mut grad_sum as &mut dyn GradientSync);
-        exec.step_synced(&micro, cfg.schedule.at(step - 1), step as u32, sync)?;
-        let now = Instant::now();
-        let ms = now.duration_since(last_submit).as_secs_f64() * 1e3;
-        last_submit = now;
-        run.ms_of.push_back((step, ms));
-        run.handle(exec.poll()?)?;
-
-        let eval_now = cfg.eval_interval > 0 && step.is_multiple_of(cfg.eval_interval);
-        // Every rank stops at the same step (a Ctrl-C may reach them apart).
-        let stop = comm.any(interrupted())?;
-        if eval_now || step == cfg.max_iters || stop {
-            // Never checkpoint parameters a diverged step may have touched.
-            run.handle(exec.wait_results()?)?;
-            let paused = Instant::now();
-            if eval_now || step == cfg.max_iters {
-                let when = format!("at step {step}");
-                if let Some(h) = parallel::check_same_weights(comm, gpu, &store, &when)? {
-                    run.log(format!(
-                        "step {step:>6}: weights identical on all {} ranks (checksum {h:016x})",
-                        comm.size()
-                    ));
-                }
-                let tl = evaluate(&mut eval_exec, &data.train, cfg, comm)?;
-                let vl = evaluate(&mut eval_exec, &data.val, cfg, comm)?;
-                if !(tl.is_finite() && vl.is_finite()) {
-                    return Err(run.diverged(format!(
-                        "by step {step}: evaluation loss {tl} (train), {vl} (val)"
-                    )));
-                }
-                run.log(format!(
-                    "step {step:>6}: train loss {tl:.4}, val loss {vl:.4}"
-                ));
-                run.metrics
-                    .write(json!({"step": step, "val_loss": vl, "train_loss": tl}))?;
-                last_val = Some(vl);
-            }
-            save(&store, step, &loader)?;
-            run.last_ckpt = Some((cfg.out.clone(), step));
-            if comm.is_root() {
-                run.metrics.plot(&cfg.out)?;
-            }
-            run.log(format!("checkpoint: {} (step {step})", cfg.out.display()));
-            pause += paused.elapsed();
-            last_submit = Instant::now();
-            if stop {
-                was_interrupted = true;
-                break;
-            }
-        }
     }
-    run.handle(exec.wait_results()?)?;
-    if let Some(pb) = &run.bar {
-        pb.finish_and_clear();
-    }
-    let ms_per_step = if step >= first_step {
-        (loop_t0.elapsed() - pause).as_secs_f64() * 1e3 / (step + 1 - first_step) as f64
-    } else {
-        0.0
-    };
-    if grad_sum.timing.steps > 0 {
-        run.log(grad_sum.timing.summary(ms_per_step));
-    }
-    Ok(TrainSummary {
-        steps: step + 1 - first_step,
-        final_step: step,
-        final_train_loss: run.last_loss,
-        final_val_loss: last_val,
-        seconds: t0.elapsed().as_secs_f64(),
-        ms_per_step,
-        tokens_per_step: run.tokens_per_step,
-        interrupted: was_interrupted,
-        cfg: model_cfg,
-    })
 }
