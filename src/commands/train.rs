@@ -254,6 +254,12 @@ pub fn train(gpu: &GpuArgs, args: &TrainArgs) -> Result<ExitCode> {
         Err(e) if comm.size() > 1 => {
             // The other ranks may be waiting in a collective this one will never join.
             eprintln!("error: rank {}: {e}", comm.rank());
+            // mpirun forwards each rank's output asynchronously, and the first abort ends every
+            // rank. A setting check fails on all ranks at once: rank 0 aborts first, after its
+            // line has had a moment to be forwarded, so the job's message is rank 0's, whole;
+            // a failure on one rank alone still ends the job within seconds.
+            let pause = if comm.rank() == 0 { 300 } else { 2000 };
+            std::thread::sleep(std::time::Duration::from_millis(pause));
             comm.abort(1)
         }
         other => other,
