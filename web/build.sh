@@ -12,8 +12,9 @@ fi
 if [ "$(wasm-bindgen --version 2>/dev/null | cut -d' ' -f2)" != "$version" ]; then
     # Its own lock file first; a registry that lacks a version locked there (webpki-roots
     # 1.0.11 was missing from one) gets the newest compatible versions instead.
-    cargo install --locked wasm-bindgen-cli --version "$version" \
-        || cargo install wasm-bindgen-cli --version "$version"
+    # --force: cargo's record of installed binaries can outlive the binary itself.
+    cargo install --locked --force wasm-bindgen-cli --version "$version" \
+        || cargo install --force wasm-bindgen-cli --version "$version"
 fi
 # The web profile: the dev profile's optimized dependencies without debug info (the fastest
 # build to a module of reasonable size).
