@@ -67,6 +67,19 @@ pub struct TrainConfig {
     pub verbose: bool,
 }
 
+impl TrainConfig {
+    /// The optimizer's hyper-parameters (the learning rate comes from the schedule, per step).
+    pub fn adamw(&self) -> adamw::Hyper {
+        adamw::Hyper {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            grad_clip: self.grad_clip,
+        }
+    }
+}
+
 impl Default for TrainConfig {
     /// nanoGPT's small CPU configuration for tiny shakespeare.
     fn default() -> Self {
@@ -579,13 +592,7 @@ fn build_executors<'g>(
     let opts = ExecOptions {
         reuse: !cfg.no_reuse,
         grad_accum: cfg.grad_accum,
-        adamw: adamw::Hyper {
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-            grad_clip: cfg.grad_clip,
-        },
+        adamw: cfg.adamw(),
         seed: cfg.seed as u32,
         shard: Shard {
             rank: comm.rank(),

@@ -14,7 +14,6 @@ use shaderformer::gpu::{DType, Gpu, GpuOptions, TuneMode};
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore, Shard, StepResult};
 use shaderformer::infer::{self, Engine, SampleOptions};
 use shaderformer::io::vocab::Vocab;
-use shaderformer::kernels::adamw;
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::model::{GptConfig, ParamTable};
 use shaderformer::rng::Rng;
@@ -204,13 +203,7 @@ pub async fn trainer(
     let opts = ExecOptions {
         reuse: true,
         grad_accum: cfg.grad_accum,
-        adamw: adamw::Hyper {
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-            grad_clip: cfg.grad_clip,
-        },
+        adamw: cfg.adamw(),
         seed: cfg.seed as u32,
         // The page is one rank.
         shard: Shard::default(),
