@@ -695,6 +695,236 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Row kernels: the fused forward and backward again, with one invocation per row (a query, or a
+// key for dK/dV) and no workgroup memory or barriers. Each invocation streams the keys (or
+// queries) its row sees straight from the storage buffers and keeps its row's vectors and
+// accumulators in private arrays of HD4 vec4s. Nothing is shared between rows, which a GPU
+// wants (the tiles above), but a CPU-like adapter (lavapipe) runs every barrier as the end of a
+// loop over the workgroup's invocations, and a short sequence leaves most of a BR-row tile
+// empty: there these kernels do less. Same bindings and Params as the tiled kernels; override
+// constants WG and HD only. The launcher picks between them by measurement.
+// Results agree with the tiled kernels to rounding: the softmax rescales after every key here
+// instead of after every tile, and the row sum is added in another order.
+
+const RMAX: u32 = 32u;   // MAX_HS / 4: capacity of the private row arrays
+
+// Vec4 column d4 of the row of q, k, v or dout starting at `base`, zero beyond HS. The row
+// kernels only load rows that exist, so only the head size is checked, once per vec4.
+fn rq4(base: u32, d4: u32) -> vec4<f32> {
+    let d = base + 4u * d4;
+    if (4u * d4 + 4u <= p.hs) {
+        return vec4<f32>(q_at(d), q_at(d + 1u), q_at(d + 2u), q_at(d + 3u));
+    }
+    var r = vec4<f32>(0.0);
+    for (var c = 0u; 4u * d4 + c < p.hs; c++) {
+        r[c] = q_at(d + c);
+    }
+    return r;
+}
+
+fn rk4(base: u32, d4: u32) -> vec4<f32> {
+    let d = base + 4u * d4;
+    if (4u * d4 + 4u <= p.hs) {
+        return vec4<f32>(k_at(d), k_at(d + 1u), k_at(d + 2u), k_at(d + 3u));
+    }
+    var r = vec4<f32>(0.0);
+    for (var c = 0u; 4u * d4 + c < p.hs; c++) {
+        r[c] = k_at(d + c);
+    }
+    return r;
+}
+
+fn rv4(base: u32, d4: u32) -> vec4<f32> {
+    let d = base + 4u * d4;
+    if (4u * d4 + 4u <= p.hs) {
+        return vec4<f32>(v_at(d), v_at(d + 1u), v_at(d + 2u), v_at(d + 3u));
+    }
+    var r = vec4<f32>(0.0);
+    for (var c = 0u; 4u * d4 + c < p.hs; c++) {
+        r[c] = v_at(d + c);
+    }
+    return r;
+}
+
+fn rdo4(base: u32, d4: u32) -> vec4<f32> {
+    let d = base + 4u * d4;
+    if (4u * d4 + 4u <= p.hs) {
+        return vec4<f32>(bw_dout[d], bw_dout[d + 1u], bw_dout[d + 2u], bw_dout[d + 3u]);
+    }
+    var r = vec4<f32>(0.0);
+    for (var c = 0u; 4u * d4 + c < p.hs; c++) {
+        r[c] = bw_dout[d + c];
+    }
+    return r;
+}
+
+// attention_forward_rows: attention_forward's outputs, one invocation per (b, h, query i), rows of
+// one (b, h) adjacent.
+@compute @workgroup_size(WG)
+fn attention_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
+                          @builtin(num_workgroups) nwg: vec3<u32>,
+                          @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    if (idx >= p.nb * p.nh * p.tq) {
+        return;
+    }
+    let i = idx % p.tq;
+    let bh = idx / p.tq;
+    let b = bh / p.nh;
+    let h = bh % p.nh;
+
+    var qr: array<vec4<f32>, RMAX>;
+    var acc: array<vec4<f32>, RMAX>;
+    let qb = row_start(p.q, b, h, i);
+    for (var d4 = 0u; d4 < HD4; d4++) {
+        qr[d4] = rq4(qb, d4);
+        acc[d4] = vec4<f32>(0.0);
+    }
+    var m = NEG;
+    var l = 0.0;
+    let nk = key_end(i, 1u);
+    for (var j = 0u; j < nk; j++) {
+        let kb = row_start(p.k, b, h, j);
+        var s = 0.0;
+        for (var d4 = 0u; d4 < HD4; d4++) {
+            s += dot(qr[d4], rk4(kb, d4));
+        }
+        s *= p.scale2;
+        let mx = max(m, s);
+        let alpha = exp2(m - mx);
+        let pr = exp2(s - mx);
+        l = l * alpha + pr;
+        m = mx;
+        let pf = pr * drop_factor(b, h, i, j);
+        let vb = row_start(p.v, b, h, j);
+        for (var d4 = 0u; d4 < HD4; d4++) {
+            acc[d4] = acc[d4] * alpha + pf * rv4(vb, d4);
+        }
+    }
+
+    let inv = 1.0 / l;
+    let base = row_start(p.o, b, h, i);
+    for (var d4 = 0u; d4 < HD4; d4++) {
+        let val = acc[d4] * inv;
+        for (var c = 0u; c < 4u; c++) {
+            let d = 4u * d4 + c;
+            if (d < p.hs) {
+                out[base + d] = val[c];
+            }
+        }
+    }
+    if (p.write_lse != 0u) {
+        lse_out[(b * p.nh + h) * p.tq + i] = (m + log2(l)) * LN2;
+    }
+}
+
+// attention_backward_dkdv_rows: dk and dv of key j, one invocation per (b, h, j), looping over
+// the queries that see it.
+@compute @workgroup_size(WG)
+fn attention_backward_dkdv_rows(@builtin(workgroup_id) wid: vec3<u32>,
+                                @builtin(num_workgroups) nwg: vec3<u32>,
+                                @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    if (idx >= p.nb * p.nh * p.tk) {
+        return;
+    }
+    let j = idx % p.tk;
+    let bh = idx / p.tk;
+    let b = bh / p.nh;
+    let h = bh % p.nh;
+
+    var kr: array<vec4<f32>, RMAX>;
+    var vr: array<vec4<f32>, RMAX>;
+    var dk: array<vec4<f32>, RMAX>;
+    var dv: array<vec4<f32>, RMAX>;
+    let kb = row_start(p.k, b, h, j);
+    let vb = row_start(p.v, b, h, j);
+    for (var d4 = 0u; d4 < HD4; d4++) {
+        kr[d4] = rk4(kb, d4);
+        vr[d4] = rv4(vb, d4);
+        dk[d4] = vec4<f32>(0.0);
+        dv[d4] = vec4<f32>(0.0);
+    }
+    // Queries i see key j when j <= i (pos0 = 0 here).
+    var i0 = 0u;
+    if (p.causal != 0u) {
+        i0 = j;
+    }
+    for (var i = i0; i < p.tq; i++) {
+        let r = (b * p.nh + h) * p.tq + i;
+        let qb = row_start(p.q, b, h, i);
+        let ob = row_start(p.o, b, h, i);
+        var s = 0.0;
+        var dp = 0.0;
+        for (var d4 = 0u; d4 < HD4; d4++) {
+            s += dot(kr[d4], rq4(qb, d4));
+            dp += dot(vr[d4], rdo4(ob, d4));
+        }
+        let pr = exp2(s * p.scale2 - bw_lse[r] * LOG2E);
+        let f = drop_factor(b, h, i, j);
+        let ds = pr * (dp * f - bw_d[r]);
+        let pf = pr * f;
+        for (var d4 = 0u; d4 < HD4; d4++) {
+            dv[d4] += pf * rdo4(ob, d4);
+            dk[d4] += ds * rq4(qb, d4);
+        }
+    }
+    for (var d4 = 0u; d4 < HD4; d4++) {
+        store_dqkv(p.k, b, h, j, d4, dk[d4] * p.scale);
+        store_dqkv(p.v, b, h, j, d4, dv[d4]);
+    }
+}
+
+// attention_backward_dq_rows: dq of query i, one invocation per (b, h, i), looping over the keys
+// it sees.
+@compute @workgroup_size(WG)
+fn attention_backward_dq_rows(@builtin(workgroup_id) wid: vec3<u32>,
+                              @builtin(num_workgroups) nwg: vec3<u32>,
+                              @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    if (idx >= p.nb * p.nh * p.tq) {
+        return;
+    }
+    let i = idx % p.tq;
+    let bh = idx / p.tq;
+    let b = bh / p.nh;
+    let h = bh % p.nh;
+
+    var qr: array<vec4<f32>, RMAX>;
+    var orow: array<vec4<f32>, RMAX>;
+    var dq: array<vec4<f32>, RMAX>;
+    let qb = row_start(p.q, b, h, i);
+    let ob = row_start(p.o, b, h, i);
+    for (var d4 = 0u; d4 < HD4; d4++) {
+        qr[d4] = rq4(qb, d4);
+        orow[d4] = rdo4(ob, d4);
+        dq[d4] = vec4<f32>(0.0);
+    }
+    let r = (b * p.nh + h) * p.tq + i;
+    let lq = bw_lse[r] * LOG2E;
+    let dd = bw_d[r];
+    let nk = key_end(i, 1u);
+    for (var j = 0u; j < nk; j++) {
+        let kb = row_start(p.k, b, h, j);
+        let vb = row_start(p.v, b, h, j);
+        var s = 0.0;
+        var dp = 0.0;
+        for (var d4 = 0u; d4 < HD4; d4++) {
+            s += dot(qr[d4], rk4(kb, d4));
+            dp += dot(orow[d4], rv4(vb, d4));
+        }
+        let pr = exp2(s * p.scale2 - lq);
+        let ds = pr * (dp * drop_factor(b, h, i, j) - dd);
+        for (var d4 = 0u; d4 < HD4; d4++) {
+            dq[d4] += ds * rk4(kb, d4);
+        }
+    }
+    for (var d4 = 0u; d4 < HD4; d4++) {
+        store_dqkv(p.q, b, h, i, d4, dq[d4] * p.scale);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // kv_append: k_cache, v_cache (B, NH, Tmax, HS) at positions pos0 .. pos0 + Tq receive the k and
 // v of the Tq new tokens of qkv (B, Tq, 3C) (read through p.k and p.v); overwrites those rows.
 // One thread per element; p.tk holds Tmax. The caches hold KvElem: the F16 variant rounds to f16.

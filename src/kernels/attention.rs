@@ -70,6 +70,20 @@ pub const BACKWARD_DQ: KernelSpec = KernelSpec {
     entry: "attention_backward_dq",
     bindings: &[Read, Read, Read, Read, Read, Read, ReadWrite],
 };
+/// `FORWARD`, `BACKWARD_DKDV` and `BACKWARD_DQ` with one invocation per row and no workgroup
+/// memory (attention.wgsl's row kernels): same bindings.
+pub const FORWARD_ROWS: KernelSpec = KernelSpec {
+    entry: "attention_forward_rows",
+    ..FORWARD
+};
+pub const BACKWARD_DKDV_ROWS: KernelSpec = KernelSpec {
+    entry: "attention_backward_dkdv_rows",
+    ..BACKWARD_DKDV
+};
+pub const BACKWARD_DQ_ROWS: KernelSpec = KernelSpec {
+    entry: "attention_backward_dq_rows",
+    ..BACKWARD_DQ
+};
 /// 1 = qkv (read), 2 = k_cache, 3 = v_cache (read_write).
 pub const KV_APPEND: KernelSpec = KernelSpec {
     shader: Shader::Attention,
@@ -281,7 +295,8 @@ const BACKWARD_SHAPES: &[(u32, u32, u32)] = &[
 /// against the reference on lavapipe (which offers exactly 32 KiB); larger tiles would need tuning
 /// on the hardware that offers more.
 const STORAGE_CAP: u32 = 32 << 10;
-/// The WebGPU minimum, the other tier the checks exercise.
+/// The WebGPU minimum: every head size must have a tiling within it.
+#[cfg(test)]
 const STORAGE_MIN: u32 = 16 << 10;
 
 /// Head-size capacity: HS rounded up to a power of two, at least 16.
@@ -382,6 +397,171 @@ impl Tiles {
     }
 }
 
+/// Invocations per workgroup of the row kernels.
+const ROWS_WG: u32 = 64;
+
+/// Which fused kernels compute a pass, forward or backward: the tiled kernels (the forward's
+/// tiling twice, or dK/dV's and dQ's), or the row kernels with `wg` invocations per workgroup.
+/// The tiled kernels suit GPUs; the row kernels, without workgroup memory or barriers, suit
+/// CPU-like adapters and short sequences. `tuned` measures which wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    Tiled(Tiles, Tiles),
+    Rows(u32),
+}
+
+/// A fused pass as the tuner sees it: the forward, or the whole backward (its three dispatches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Forward,
+    Backward,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Forward => "forward",
+            Stage::Backward => "backward",
+        }
+    }
+}
+
+impl Variant {
+    /// The fixed rule: the first tiling of the table that fits `storage` bytes.
+    fn rule(stage: Stage, hs: usize, storage: u32) -> Result<Variant> {
+        Ok(match stage {
+            Stage::Forward => {
+                let t = Tiles::choose(Pass::Forward, hs, storage)?;
+                Variant::Tiled(t, t)
+            }
+            Stage::Backward => Variant::Tiled(
+                Tiles::choose(Pass::Dkdv, hs, storage)?,
+                Tiles::choose(Pass::Dq, hs, storage)?,
+            ),
+        })
+    }
+
+    /// Every variant that runs `stage` for head size `hs` within `storage` bytes of workgroup
+    /// memory, the fixed rule first: each tiling of the table that fits, then the row kernels.
+    fn candidates(stage: Stage, hs: usize, storage: u32) -> Result<Vec<Variant>> {
+        let mut all = vec![Variant::rule(stage, hs, storage)?];
+        let hd = head_capacity(hs);
+        let (shapes, pass) = match stage {
+            Stage::Forward => (FORWARD_SHAPES, Pass::Forward),
+            // dK/dV's arrays are the larger: a tiling that fits them fits dQ's.
+            Stage::Backward => (BACKWARD_SHAPES, Pass::Dkdv),
+        };
+        for t in shapes
+            .iter()
+            .filter_map(|&(br, bc, wg)| Tiles::derive(br, bc, wg, hd))
+            .filter(|t| t.workgroup_bytes(pass) <= storage as u64)
+        {
+            let v = Variant::Tiled(t, t);
+            if !all.contains(&v) {
+                all.push(v);
+            }
+        }
+        all.push(Variant::Rows(ROWS_WG));
+        Ok(all)
+    }
+
+    /// "tiles32x32w64" (dK/dV's tiling first where the two differ, "tiles32x32w64+16x16w64"),
+    /// or "rows64".
+    fn name(&self) -> String {
+        let tiles = |t: &Tiles| format!("{}x{}w{}", t.br, t.bc, t.wg);
+        match self {
+            Variant::Tiled(a, b) if a == b => format!("tiles{}", tiles(a)),
+            Variant::Tiled(a, b) => format!("tiles{}+{}", tiles(a), tiles(b)),
+            Variant::Rows(wg) => format!("rows{wg}"),
+        }
+    }
+}
+
+/// The variant `forward` or `backward` takes for this problem: measured among
+/// `Variant::candidates` (see `kernels::tune`), `Variant::rule` being the fixed rule. The
+/// variants sum in different orders, so they agree to rounding, not bit for bit.
+fn tuned(
+    gpu: &Gpu,
+    stage: Stage,
+    (b, t, nh, hs): (usize, usize, usize, usize),
+    causal: bool,
+) -> Result<Variant> {
+    use super::tune::{self, Problem, Trial, bucket};
+    let storage = storage_limit(gpu);
+    let variants = Variant::candidates(stage, hs, storage)?;
+    let rule = variants[0];
+    let mode = if causal { "causal" } else { "noncausal" };
+    let problem = Problem {
+        family: FAMILY.name,
+        bucket: format!(
+            "{} bh{} t{} hs{hs} {mode}",
+            stage.name(),
+            bucket(b * nh),
+            bucket(t)
+        ),
+        shape: format!("{} B={b} NH={nh} T={t} HS={hs} {mode}", stage.name()),
+        candidates: variants.iter().map(Variant::name).collect(),
+        rule: rule.name(),
+        // Inputs in [-1, 1]: the products sum HS terms, the outputs T of them.
+        atol: 1e-5 * ((t.max(hs)) as f64 / 256.0).max(1.0),
+        rtol: 1e-4,
+    };
+    let c = nh * hs;
+    let mut tensors: Option<[View; 5]> = None;
+    let name = tune::choose(gpu, &problem, &mut |name| {
+        let v = variants
+            .iter()
+            .copied()
+            .find(|v| v.name() == name)
+            .ok_or_else(|| Error::invalid("attention tuning", format!("no variant '{name}'")))?;
+        if tensors.is_none() {
+            let mut rng = Rng::new(0xa77e);
+            let mut up =
+                |name: &str, len: usize| gpu.upload_f32(name, &rng.vec_uniform(len, -1.0, 1.0));
+            let ts = [
+                up("tune.qkv", b * t * 3 * c)?,
+                up("tune.dout", b * t * c)?,
+                gpu.zeros("tune.out", DType::F32, b * t * c)?,
+                gpu.zeros("tune.lse", DType::F32, b * nh * t)?,
+                gpu.zeros("tune.dqkv", DType::F32, b * t * 3 * c)?,
+            ];
+            // The backward reads the forward's out and lse.
+            let [qkv, _, out, lse, _] = &ts;
+            let dims = (b, t, nh, hs);
+            let fwd = forward_with(
+                gpu,
+                out,
+                lse,
+                qkv,
+                dims,
+                causal,
+                None,
+                Variant::rule(Stage::Forward, hs, storage)?,
+            )?;
+            gpu.run(&[fwd])?;
+            tensors = Some(ts);
+        }
+        let [qkv, dout, out, lse, dqkv] = tensors.as_ref().expect("set above");
+        let dims = (b, t, nh, hs);
+        Ok(match stage {
+            // (Each call of `tuned` measures one stage: the forward's trials may overwrite the
+            // out and lse that only the backward's read.)
+            Stage::Forward => Trial {
+                dispatches: vec![forward_with(gpu, out, lse, qkv, dims, causal, None, v)?],
+                output: out.clone(),
+            },
+            Stage::Backward => Trial {
+                dispatches: backward_with(gpu, dqkv, dout, qkv, out, lse, dims, causal, None, v)?,
+                output: dqkv.clone(),
+            },
+        })
+    })?;
+    Ok(variants
+        .into_iter()
+        .find(|v| v.name() == name)
+        .unwrap_or(rule))
+}
+
 /// The workgroup memory the fused kernels may plan for on this adapter.
 fn storage_limit(gpu: &Gpu) -> u32 {
     gpu.limits
@@ -419,32 +599,46 @@ fn product_flops(b: usize, nh: usize, tq: usize, tk: usize, hs: usize, causal: b
 
 fn fused_forward(
     gpu: &Gpu,
-    spec: &KernelSpec,
+    shader: ShaderVariant,
     spec_args: [&View; 5],
     params: Params,
     cost: Cost,
-    storage: u32,
+    variant: Variant,
 ) -> Result<Dispatch> {
-    let tiles = Tiles::choose(Pass::Forward, params.hs as usize, storage)?;
-    let ntiles = params.tq.div_ceil(tiles.br);
-    let params = Params { ntiles, ..params };
-    let wg = grid(
-        params.nb * params.nh * ntiles,
-        gpu.limits.max_compute_workgroups_per_dimension,
-    );
-    gpu.dispatch(
-        spec,
-        &tiles.constants(),
-        bytes_of(&params),
-        &spec_args,
-        wg,
-        cost,
-    )
+    let max_wg = gpu.limits.max_compute_workgroups_per_dimension;
+    match variant {
+        Variant::Tiled(tiles, _) => {
+            let ntiles = params.tq.div_ceil(tiles.br);
+            let params = Params { ntiles, ..params };
+            gpu.dispatch(
+                &FORWARD.with_variant(shader),
+                &tiles.constants(),
+                bytes_of(&params),
+                &spec_args,
+                grid(params.nb * params.nh * ntiles, max_wg),
+                cost,
+            )
+        }
+        Variant::Rows(wg) => gpu.dispatch(
+            &FORWARD_ROWS.with_variant(shader),
+            &rows_constants(wg, params.hs),
+            bytes_of(&params),
+            &spec_args,
+            grid((params.nb * params.nh * params.tq).div_ceil(wg), max_wg),
+            cost,
+        ),
+    }
+}
+
+/// The override constants of the row kernels.
+fn rows_constants(wg: u32, hs: u32) -> [(&'static str, f64); 2] {
+    [("WG", wg as f64), ("HD", head_capacity(hs as usize) as f64)]
 }
 
 /// Fused forward: out (B, T, C) and lse (B, NH, T) from qkv (B, T, 3C); scale 1/sqrt(HS); causal
 /// or not; dropout on the probabilities when given. Overwrites out and lse. No T×T matrix is
-/// stored; key tiles wholly past the causal limit are skipped.
+/// stored; key tiles wholly past the causal limit are skipped. The kernels are chosen by
+/// measurement (`tuned`).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
@@ -458,41 +652,42 @@ pub fn forward(
     causal: bool,
     dropout: Option<Dropout>,
 ) -> Result<Dispatch> {
-    forward_in(
-        gpu,
-        out,
-        lse,
-        qkv,
-        b,
-        t,
-        nh,
-        hs,
-        causal,
-        dropout,
-        storage_limit(gpu),
-    )
+    let dims = (b, t, nh, hs);
+    check_forward(out, lse, qkv, dims)?;
+    let variant = tuned(gpu, Stage::Forward, dims, causal)?;
+    forward_with(gpu, out, lse, qkv, dims, causal, dropout, variant)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn forward_in(
-    gpu: &Gpu,
+/// Checks the tensors of the fused forward for (B, T, NH, HS) = `dims`.
+fn check_forward(
     out: &View,
     lse: &View,
     qkv: &View,
-    b: usize,
-    t: usize,
-    nh: usize,
-    hs: usize,
-    causal: bool,
-    dropout: Option<Dropout>,
-    storage: u32,
-) -> Result<Dispatch> {
+    (b, t, nh, hs): (usize, usize, usize, usize),
+) -> Result<()> {
     let name = FORWARD.name();
     check_fused_dims(&name, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)], hs)?;
     let c = nh * hs;
     expect(&name, qkv, DType::F32, b * t * 3 * c)?;
     expect(&name, out, DType::F32, b * t * c)?;
-    expect(&name, lse, DType::F32, b * nh * t)?;
+    expect(&name, lse, DType::F32, b * nh * t)
+}
+
+/// `forward` computed by `variant`.
+#[allow(clippy::too_many_arguments)]
+fn forward_with(
+    gpu: &Gpu,
+    out: &View,
+    lse: &View,
+    qkv: &View,
+    dims: (usize, usize, usize, usize),
+    causal: bool,
+    dropout: Option<Dropout>,
+    variant: Variant,
+) -> Result<Dispatch> {
+    check_forward(out, lse, qkv, dims)?;
+    let (b, t, nh, hs) = dims;
+    let c = nh * hs;
     let params = Params {
         write_lse: 1,
         q: qkv_strides(t, c, hs, 0),
@@ -501,26 +696,27 @@ fn forward_in(
         o: btc_strides(t, c, hs),
         ..Params::new(b, nh, hs, t, t, causal)
     }
-    .with_dropout(&name, dropout)?;
+    .with_dropout(&FORWARD.name(), dropout)?;
     let cost = Cost {
         flops: 2 * product_flops(b, nh, t, t, hs, causal),
         bytes: 4 * (b * t * 4 * c + b * nh * t) as u64,
     };
     fused_forward(
         gpu,
-        &FORWARD,
+        ShaderVariant::Base,
         [qkv, qkv, qkv, out, lse],
         params,
         cost,
-        storage,
+        variant,
     )
 }
 
 /// Fused backward: dqkv (B, T, 3C) from dout (B, T, C), qkv (B, T, 3C), and the forward's out
 /// (B, T, C) and lse (B, NH, T). Overwrites dqkv. Three dispatches: D = rowsum(dout ∘ out) into a
-/// private (B, NH, T) scratch, then dk and dv (one workgroup per key tile), then dq (one per query
-/// tile); probabilities are recomputed from lse, and the dropout mask (the forward's `dropout`,
-/// same step) from its hash. Deterministic, no atomics.
+/// private (B, NH, T) scratch, then dk and dv (one workgroup per key tile, or one invocation per
+/// key), then dq (per query tile, or per query); probabilities are recomputed from lse, and the
+/// dropout mask (the forward's `dropout`, same step) from its hash. Deterministic, no atomics.
+/// The kernels are chosen by measurement (`tuned`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
@@ -536,39 +732,20 @@ pub fn backward(
     causal: bool,
     dropout: Option<Dropout>,
 ) -> Result<Vec<Dispatch>> {
-    backward_in(
-        gpu,
-        dqkv,
-        dout,
-        qkv,
-        out,
-        lse,
-        b,
-        t,
-        nh,
-        hs,
-        causal,
-        dropout,
-        storage_limit(gpu),
+    let dims = (b, t, nh, hs);
+    check_backward([dqkv, dout, qkv, out, lse], dims)?;
+    let variant = tuned(gpu, Stage::Backward, dims, causal)?;
+    backward_with(
+        gpu, dqkv, dout, qkv, out, lse, dims, causal, dropout, variant,
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-fn backward_in(
-    gpu: &Gpu,
-    dqkv: &View,
-    dout: &View,
-    qkv: &View,
-    out: &View,
-    lse: &View,
-    b: usize,
-    t: usize,
-    nh: usize,
-    hs: usize,
-    causal: bool,
-    dropout: Option<Dropout>,
-    storage: u32,
-) -> Result<Vec<Dispatch>> {
+/// Checks the tensors of the fused backward, [dqkv, dout, qkv, out, lse], for (B, T, NH, HS) =
+/// `dims`.
+fn check_backward(
+    [dqkv, dout, qkv, out, lse]: [&View; 5],
+    (b, t, nh, hs): (usize, usize, usize, usize),
+) -> Result<()> {
     let name = "attention.backward";
     check_fused_dims(name, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)], hs)?;
     let c = nh * hs;
@@ -576,9 +753,27 @@ fn backward_in(
     expect(name, dout, DType::F32, b * t * c)?;
     expect(name, qkv, DType::F32, b * t * 3 * c)?;
     expect(name, out, DType::F32, b * t * c)?;
-    expect(name, lse, DType::F32, b * nh * t)?;
-    let dkdv_tiles = Tiles::choose(Pass::Dkdv, hs, storage)?;
-    let dq_tiles = Tiles::choose(Pass::Dq, hs, storage)?;
+    expect(name, lse, DType::F32, b * nh * t)
+}
+
+/// `backward` computed by `variant`.
+#[allow(clippy::too_many_arguments)]
+fn backward_with(
+    gpu: &Gpu,
+    dqkv: &View,
+    dout: &View,
+    qkv: &View,
+    out: &View,
+    lse: &View,
+    dims: (usize, usize, usize, usize),
+    causal: bool,
+    dropout: Option<Dropout>,
+    variant: Variant,
+) -> Result<Vec<Dispatch>> {
+    check_backward([dqkv, dout, qkv, out, lse], dims)?;
+    let name = "attention.backward";
+    let (b, t, nh, hs) = dims;
+    let c = nh * hs;
     let max_wg = gpu.limits.max_compute_workgroups_per_dimension;
     let base = Params {
         q: qkv_strides(t, c, hs, 0),
@@ -605,25 +800,41 @@ fn backward_in(
     )?;
     let product = product_flops(b, nh, t, t, hs, causal);
     let io_bytes = 4 * (2 * b * t * 3 * c + b * t * c + 2 * rows) as u64;
-    let mut fused = Vec::with_capacity(2);
-    for (spec, tiles) in [(&BACKWARD_DKDV, dkdv_tiles), (&BACKWARD_DQ, dq_tiles)] {
-        let ntiles = (t as u32).div_ceil(tiles.br);
-        let params = Params { ntiles, ..base };
-        fused.push(gpu.dispatch(
-            spec,
-            &tiles.constants(),
-            bytes_of(&params),
-            &[qkv, qkv, qkv, dout, lse, &d, dqkv],
-            grid(params.nb * params.nh * ntiles, max_wg),
-            Cost {
-                // dV and dK, or dP and dQ
-                flops: 2 * product,
-                bytes: io_bytes / 2,
-            },
-        )?);
-    }
+    let cost = Cost {
+        // dV and dK, or dP and dQ
+        flops: 2 * product,
+        bytes: io_bytes / 2,
+    };
+    let args = [qkv, qkv, qkv, dout, lse, &d, dqkv];
     let mut all = vec![prep];
-    all.extend(fused);
+    match variant {
+        Variant::Tiled(dkdv_tiles, dq_tiles) => {
+            for (spec, tiles) in [(&BACKWARD_DKDV, dkdv_tiles), (&BACKWARD_DQ, dq_tiles)] {
+                let ntiles = (t as u32).div_ceil(tiles.br);
+                let params = Params { ntiles, ..base };
+                all.push(gpu.dispatch(
+                    spec,
+                    &tiles.constants(),
+                    bytes_of(&params),
+                    &args,
+                    grid(params.nb * params.nh * ntiles, max_wg),
+                    cost,
+                )?);
+            }
+        }
+        Variant::Rows(wg) => {
+            for spec in [&BACKWARD_DKDV_ROWS, &BACKWARD_DQ_ROWS] {
+                all.push(gpu.dispatch(
+                    spec,
+                    &rows_constants(wg, base.hs),
+                    bytes_of(&base),
+                    &args,
+                    grid((rows as u32).div_ceil(wg), max_wg),
+                    cost,
+                )?);
+            }
+        }
+    }
     Ok(all)
 }
 
@@ -646,19 +857,70 @@ pub fn forward_cached(
     pos0: usize,
     tmax: usize,
 ) -> Result<Dispatch> {
-    let name = "attention.forward_cached";
-    check_fused_dims(
-        name,
-        &[("B", b), ("Tq", tq), ("NH", nh), ("HS", hs), ("Tmax", tmax)],
-        hs,
-    )?;
-    check_cache_positions(name, tq, pos0, tmax)?;
+    let args = CachedArgs {
+        out,
+        qkv,
+        k_cache,
+        v_cache,
+    };
+    let dims = (b, tq, nh, hs);
+    let cache = args.check(gpu, dims, pos0, tmax)?;
+    let variant = tuned_cached(gpu, cache, dims, tmax)?;
+    forward_cached_with(gpu, &args, dims, pos0, tmax, variant)
+}
+
+/// The tensors of `forward_cached`.
+struct CachedArgs<'a> {
+    out: &'a View,
+    qkv: &'a View,
+    k_cache: &'a View,
+    v_cache: &'a View,
+}
+
+impl CachedArgs<'_> {
+    /// Checks the tensors for (B, Tq, NH, HS) = `dims` at `pos0` in caches of `tmax` positions;
+    /// returns the caches' element type.
+    fn check(
+        &self,
+        gpu: &Gpu,
+        (b, tq, nh, hs): (usize, usize, usize, usize),
+        pos0: usize,
+        tmax: usize,
+    ) -> Result<DType> {
+        let name = "attention.forward_cached";
+        check_fused_dims(
+            name,
+            &[("B", b), ("Tq", tq), ("NH", nh), ("HS", hs), ("Tmax", tmax)],
+            hs,
+        )?;
+        check_cache_positions(name, tq, pos0, tmax)?;
+        let c = nh * hs;
+        expect(name, self.out, DType::F32, b * tq * c)?;
+        expect(name, self.qkv, DType::F32, b * tq * 3 * c)?;
+        let (cache, _) = cache_dtype(gpu, name, self.k_cache, &FORWARD, &FORWARD_F16)?;
+        expect(name, self.k_cache, cache, b * nh * tmax * hs)?;
+        expect(name, self.v_cache, cache, b * nh * tmax * hs)?;
+        Ok(cache)
+    }
+}
+
+/// `forward_cached` computed by `variant`.
+fn forward_cached_with(
+    gpu: &Gpu,
+    args: &CachedArgs,
+    dims: (usize, usize, usize, usize),
+    pos0: usize,
+    tmax: usize,
+    variant: Variant,
+) -> Result<Dispatch> {
+    let cache = args.check(gpu, dims, pos0, tmax)?;
+    let (b, tq, nh, hs) = dims;
     let c = nh * hs;
-    expect(name, out, DType::F32, b * tq * c)?;
-    expect(name, qkv, DType::F32, b * tq * 3 * c)?;
-    let (cache, spec) = cache_dtype(gpu, name, k_cache, &FORWARD, &FORWARD_F16)?;
-    expect(name, k_cache, cache, b * nh * tmax * hs)?;
-    expect(name, v_cache, cache, b * nh * tmax * hs)?;
+    let shader = if cache == DType::F16 {
+        ShaderVariant::F16
+    } else {
+        ShaderVariant::Base
+    };
     let tk = pos0 + tq;
     let params = Params {
         pos0: pos0 as u32,
@@ -677,12 +939,82 @@ pub fn forward_cached(
     };
     fused_forward(
         gpu,
-        spec,
-        [qkv, k_cache, v_cache, out, &unused_lse],
+        shader,
+        [args.qkv, args.k_cache, args.v_cache, args.out, &unused_lse],
         params,
         cost,
-        storage_limit(gpu),
+        variant,
     )
+}
+
+/// The variant `forward_cached` takes for Tq new tokens over caches of `tmax` positions: the
+/// fixed rule's tiling or the row kernel, measured with the caches full (pos0 = Tmax - Tq), the
+/// longest attention a decoding dispatch moved by `set_position` computes.
+fn tuned_cached(
+    gpu: &Gpu,
+    cache: DType,
+    (b, tq, nh, hs): (usize, usize, usize, usize),
+    tmax: usize,
+) -> Result<Variant> {
+    use super::tune::{self, Problem, Trial, bucket};
+    let rule = Variant::rule(Stage::Forward, hs, storage_limit(gpu))?;
+    let variants = [rule, Variant::Rows(ROWS_WG)];
+    let problem = Problem {
+        family: FAMILY.name,
+        bucket: format!(
+            "cached bh{} tq{} tmax{} hs{hs} {}",
+            bucket(b * nh),
+            bucket(tq),
+            bucket(tmax),
+            cache.name()
+        ),
+        shape: format!(
+            "cached B={b} NH={nh} Tq={tq} Tmax={tmax} HS={hs} {}",
+            cache.name()
+        ),
+        candidates: variants.iter().map(Variant::name).collect(),
+        rule: rule.name(),
+        atol: 1e-5 * (tmax.max(hs) as f64 / 256.0).max(1.0),
+        rtol: 1e-4,
+    };
+    let c = nh * hs;
+    let mut tensors: Option<[View; 4]> = None;
+    let name = tune::choose(gpu, &problem, &mut |name| {
+        let v = variants
+            .iter()
+            .copied()
+            .find(|v| v.name() == name)
+            .ok_or_else(|| Error::invalid("attention tuning", format!("no variant '{name}'")))?;
+        if tensors.is_none() {
+            let mut rng = Rng::new(0xdec0);
+            let full = gpu.upload_f32("tune.qkv", &rng.vec_uniform(b * tmax * 3 * c, -1.0, 1.0))?;
+            let kc = gpu.zeros("tune.k_cache", cache, b * nh * tmax * hs)?;
+            let vc = gpu.zeros("tune.v_cache", cache, b * nh * tmax * hs)?;
+            gpu.run(&[kv_append(gpu, &kc, &vc, &full, b, tmax, nh, hs, 0, tmax)?])?;
+            tensors = Some([
+                gpu.upload_f32("tune.step_qkv", &rng.vec_uniform(b * tq * 3 * c, -1.0, 1.0))?,
+                kc,
+                vc,
+                gpu.zeros("tune.out", DType::F32, b * tq * c)?,
+            ]);
+        }
+        let [qkv, k_cache, v_cache, out] = tensors.as_ref().expect("set above");
+        let args = CachedArgs {
+            out,
+            qkv,
+            k_cache,
+            v_cache,
+        };
+        let d = forward_cached_with(gpu, &args, (b, tq, nh, hs), tmax - tq, tmax, v)?;
+        Ok(Trial {
+            dispatches: vec![d],
+            output: out.clone(),
+        })
+    })?;
+    Ok(variants
+        .into_iter()
+        .find(|v| v.name() == name)
+        .unwrap_or(rule))
 }
 
 /// The element type of a KV cache, with the kernel for it: f16 when `k_cache` is f16 (the
@@ -1245,15 +1577,19 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let gdout = gpu.upload_f32("dout", &dout)?;
     let mut reports = Vec::new();
 
-    // Every tiling tier this adapter can run: the one `forward` picks, and the WebGPU minimum.
-    let mut tiers = vec![(storage_limit(gpu), "fused")];
-    if storage_limit(gpu) > STORAGE_MIN {
-        tiers.push((STORAGE_MIN, "fused16k"));
-    }
-    // The fused forward and backward at one tiling tier, against `want`.
+    // Every variant the tuner may pick on this adapter: each tiling that fits its workgroup
+    // memory (the WebGPU minimum's among them) and the row kernels. Forward and backward
+    // variants are paired in order, the last of the shorter list repeated.
+    let storage = storage_limit(gpu);
+    let fwd = Variant::candidates(Stage::Forward, hs, storage)?;
+    let bwd = Variant::candidates(Stage::Backward, hs, storage)?;
+    let pairs: Vec<(Variant, Variant)> = (0..fwd.len().max(bwd.len()))
+        .map(|i| (fwd[i.min(fwd.len() - 1)], bwd[i.min(bwd.len() - 1)]))
+        .collect();
+    // A fused forward and backward, against `want`.
     let fused = |causal: bool,
                  dropout: Option<Dropout>,
-                 storage: u32,
+                 (fv, bv): (Variant, Variant),
                  want: &Expected,
                  label: &str,
                  reports: &mut Vec<CheckReport>|
@@ -1261,32 +1597,24 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         let out = gpu.zeros("out", DType::F32, b * t * c)?;
         let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
         let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
-        let mut ds = vec![forward_in(
-            gpu, &out, &lse, &gqkv, b, t, nh, hs, causal, dropout, storage,
+        let dims = (b, t, nh, hs);
+        let mut ds = vec![forward_with(
+            gpu, &out, &lse, &gqkv, dims, causal, dropout, fv,
         )?];
-        ds.extend(backward_in(
-            gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, causal, dropout, storage,
+        ds.extend(backward_with(
+            gpu, &dqkv, &gdout, &gqkv, &out, &lse, dims, causal, dropout, bv,
         )?);
         gpu.run(&ds)?;
-        let got = [
-            ("out", &out, &want.out),
-            ("lse", &lse, &want.lse),
-            ("dqkv", &dqkv, &want.dqkv),
-        ];
-        compare_views(gpu, &s, label, &got, reports)
+        let got = [("out", &out, &want.out), ("lse", &lse, &want.lse)];
+        compare_views(gpu, &s, &format!("{label} {}", fv.name()), &got, reports)?;
+        let got = [("dqkv", &dqkv, &want.dqkv)];
+        compare_views(gpu, &s, &format!("{label} {}", bv.name()), &got, reports)
     };
 
     for (causal, want) in [true, false].iter().zip(&want) {
         let mode = if *causal { "causal" } else { "noncausal" };
-        for &(storage, label) in &tiers {
-            fused(
-                *causal,
-                None,
-                storage,
-                want,
-                &format!("{mode} {label}"),
-                &mut reports,
-            )?;
+        for &pair in &pairs {
+            fused(*causal, None, pair, want, mode, &mut reports)?;
         }
 
         let out = gpu.zeros("out", DType::F32, b * t * c)?;
@@ -1309,8 +1637,9 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         compare_views(gpu, &s, &format!("{mode} unfused"), &got, &mut reports)?;
     }
 
-    // Dropout on the probabilities (causal, the adapter's tiling) against the reference under the
-    // same mask, at two steps: the mask changes with the step, and the backward regenerates it.
+    // Dropout on the probabilities (causal; the fixed rule's tiling and the row kernels)
+    // against the reference under the same mask, at two steps: the mask changes with the step,
+    // and the backward regenerates it.
     for step in [0, 1] {
         let d = Dropout {
             p: 0.25,
@@ -1319,14 +1648,9 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         };
         let want = expected_one(&qkv, &dout, (b, nh, t, hs), true, Some(d));
         let label = format!("causal dropout step {step}");
-        fused(
-            true,
-            Some(d),
-            storage_limit(gpu),
-            &want,
-            &label,
-            &mut reports,
-        )?;
+        for pair in [pairs[0], pairs[pairs.len() - 1]] {
+            fused(true, Some(d), pair, &want, &label, &mut reports)?;
+        }
     }
 
     // Decoding: a prefill of up to 5 tokens, then one token per step, against the causal rows.
@@ -1468,16 +1792,43 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let row_bytes = 4 * (b * nh * t) as u64;
     let square_bytes = 4 * (b * nh * t * t) as u64;
 
-    let fwd = forward(gpu, &out, &lse, &qkv, b, t, nh, hs, true, None)?;
-    let bwd = backward(
-        gpu, &dqkv, &dout, &qkv, &out, &lse, b, t, nh, hs, true, None,
-    )?;
-    let mut fused_fwd = harness::bench_one(gpu, opts, "fused forward", &s, &[fwd])?;
-    // lse, kept for the backward
-    fused_fwd.extra_bytes = Some(row_bytes);
-    let mut fused_bwd = harness::bench_one(gpu, opts, "fused backward", &s, &bwd)?;
-    // lse and the D scratch
-    fused_bwd.extra_bytes = Some(2 * row_bytes);
+    // Every candidate of each stage side by side, the fixed rule and the fastest marked.
+    let dims = (b, t, nh, hs);
+    let storage = storage_limit(gpu);
+    let mut fused = Vec::new();
+    for stage in [Stage::Forward, Stage::Backward] {
+        let candidates = Variant::candidates(stage, hs, storage)?;
+        let mut reports = Vec::new();
+        for (i, &v) in candidates.iter().enumerate() {
+            let (ds, extra) = match stage {
+                // lse, kept for the backward
+                Stage::Forward => (
+                    vec![forward_with(gpu, &out, &lse, &qkv, dims, true, None, v)?],
+                    row_bytes,
+                ),
+                // lse and the D scratch
+                Stage::Backward => (
+                    backward_with(gpu, &dqkv, &dout, &qkv, &out, &lse, dims, true, None, v)?,
+                    2 * row_bytes,
+                ),
+            };
+            let mut name = format!("fused {} {}", stage.name(), v.name());
+            if i == 0 {
+                name.push_str(" (fixed rule)");
+            }
+            let mut r = harness::bench_one(gpu, opts, &name, &s, &ds)?;
+            r.extra_bytes = Some(extra);
+            reports.push(r);
+        }
+        if let Some(r) = reports
+            .iter_mut()
+            .min_by(|x, y| x.time.median.total_cmp(&y.time.median))
+        {
+            r.variant.push_str(" <- fastest");
+        }
+        fused.push(reports);
+    }
+    let [fused_fwd, fused_bwd]: [Vec<BenchReport>; 2] = fused.try_into().expect("two stages");
     // The same kernels with dropout 0.1 on the probabilities: the cost of the mask's hash.
     let d = Some(Dropout {
         p: 0.1,
@@ -1486,9 +1837,9 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     });
     let dfwd = forward(gpu, &out, &lse, &qkv, b, t, nh, hs, true, d)?;
     let dbwd = backward(gpu, &dqkv, &dout, &qkv, &out, &lse, b, t, nh, hs, true, d)?;
-    let mut drop_fwd = harness::bench_one(gpu, opts, "fused forward, dropout", &s, &[dfwd])?;
+    let mut drop_fwd = harness::bench_one(gpu, opts, "tuned forward, dropout", &s, &[dfwd])?;
     drop_fwd.extra_bytes = Some(row_bytes);
-    let mut drop_bwd = harness::bench_one(gpu, opts, "fused backward, dropout", &s, &dbwd)?;
+    let mut drop_bwd = harness::bench_one(gpu, opts, "tuned backward, dropout", &s, &dbwd)?;
     drop_bwd.extra_bytes = Some(2 * row_bytes);
 
     let preatt = gpu.zeros("preatt", DType::F32, b * nh * t * t)?;
@@ -1507,14 +1858,10 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let mut unfused_bwd = harness::bench_one(gpu, opts, "unfused backward", &s, &ubwd)?;
     // att (kept from the forward), datt and dpreatt
     unfused_bwd.extra_bytes = Some(3 * square_bytes);
-    let mut reports = vec![
-        fused_fwd,
-        drop_fwd,
-        unfused_fwd,
-        fused_bwd,
-        drop_bwd,
-        unfused_bwd,
-    ];
+    let mut reports = fused_fwd;
+    reports.extend([drop_fwd, unfused_fwd]);
+    reports.extend(fused_bwd);
+    reports.extend([drop_bwd, unfused_bwd]);
     drop((ubwd, att, dpreatt, datt));
 
     // Decoding one token (Tq = 1) at position T - 1 over a cache of T keys (prefilled from qkv),
