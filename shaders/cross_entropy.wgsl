@@ -72,10 +72,10 @@ fn reduce_softmax(lid: u32, m: f32, s: f32) {
     }
 }
 
-// Thread 0's epilogue: the loss (from the target logit `xt`, read only for a valid target) and lse.
-fn write_loss(row: u32, tgt: u32, xt: f32) {
-    let mx = red_m[0];
-    let log_s = log(red_s[0]);
+// The epilogue of a row whose (max, Σ exp(x - max)) is (mx, s): the loss (from the target logit
+// `xt`, read only for a valid target) and lse.
+fn write_loss(row: u32, tgt: u32, xt: f32, mx: f32, s: f32) {
+    let log_s = log(s);
     var loss = 0.0;
     if (tgt != IGNORE) {
         // (max - x) + log Σ keeps full precision for large logits
@@ -115,7 +115,7 @@ fn cross_entropy_forward(@builtin(workgroup_id) wid: vec3<u32>,
     reduce_softmax(lid.x, m, s);
     if (lid.x == 0u) {
         let tgt = fw_targets[row];
-        write_loss(row, tgt, fw_logits[base + min(tgt, last)]);
+        write_loss(row, tgt, fw_logits[base + min(tgt, last)], red_m[0], red_s[0]);
     }
 }
 
@@ -159,8 +159,33 @@ fn cross_entropy_forward_vec4(@builtin(workgroup_id) wid: vec3<u32>,
     if (lid.x == 0u) {
         let tgt = fv_targets[row];
         let tc = min(tgt, p.v - 1u);
-        write_loss(row, tgt, fv_logits[base4 + tc / 4u][tc % 4u]);
+        write_loss(row, tgt, fv_logits[base4 + tc / 4u][tc % 4u], red_m[0], red_s[0]);
     }
+}
+
+// cross_entropy_forward_rows: cross_entropy_forward's results with one invocation per row (WG rows
+// per workgroup) and no workgroup memory or barriers, the online softmax running along the row
+// in order. For short rows (a small vocabulary) and CPU-like adapters, where a tree of WG threads
+// per row is mostly idle threads and barriers. Same bindings.
+@compute @workgroup_size(WG)
+fn cross_entropy_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
+                              @builtin(num_workgroups) nwg: vec3<u32>,
+                              @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row = linear_wg(wid, nwg) * WG + lid.x;
+    if (row >= p.n) {
+        return;
+    }
+    let base = row * p.vp;
+    var m = LOWEST;
+    var s = 0.0;
+    for (var j = 0u; j < p.v; j++) {
+        let x = fw_logits[base + j];
+        let mx = max(m, x);
+        s = s * exp(m - mx) + exp(x - mx);
+        m = mx;
+    }
+    let tgt = fw_targets[row];
+    write_loss(row, tgt, fw_logits[base + min(tgt, p.v - 1u)], m, s);
 }
 
 // Bindings for cross_entropy_backward: 1 = lse (read), 2 = targets (read), 3 = logits (read_write,
@@ -183,6 +208,31 @@ fn cross_entropy_backward(@builtin(workgroup_id) wid: vec3<u32>,
     let live = tgt != IGNORE;
     let invalid = live && tgt >= p.v;
     for (var j = lid.x; j < p.vp; j += WG) {
+        var d = 0.0;
+        if (live && j < p.v) {
+            let prob = exp(bw_logits[base + j] - lse);
+            d = select(p.dloss * (prob - select(0.0, 1.0, j == tgt)), nan_from(tgt), invalid);
+        }
+        bw_logits[base + j] = d;
+    }
+}
+
+// cross_entropy_backward_rows: cross_entropy_backward with one invocation per row (WG rows per
+// workgroup), the forward_rows kernel's twin. Same bindings.
+@compute @workgroup_size(WG)
+fn cross_entropy_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
+                               @builtin(num_workgroups) nwg: vec3<u32>,
+                               @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row = linear_wg(wid, nwg) * WG + lid.x;
+    if (row >= p.n) {
+        return;
+    }
+    let base = row * p.vp;
+    let tgt = bw_targets[row];
+    let lse = bw_lse[row];
+    let live = tgt != IGNORE;
+    let invalid = live && tgt >= p.v;
+    for (var j = 0u; j < p.vp; j++) {
         var d = 0.0;
         if (live && j < p.v) {
             let prob = exp(bw_logits[base + j] - lse);

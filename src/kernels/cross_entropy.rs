@@ -2,8 +2,11 @@
 //! logsumexp per row), and its in-place backward (logits become dlogits).
 //! Legend: N rows (B·T), V vocabulary, Vp padded vocabulary (the row stride, e.g. 50304 for 50257).
 //!
-//! With Vp % 4 == 0 and 16-byte aligned logits, GPUs run the kernels with 16-byte loads and stores;
-//! CPU adapters (lavapipe), where those measure slower, and other shapes run the scalar ones.
+//! Three variants, chosen by measurement (`tuned`): a workgroup per row with scalar loads, the same
+//! with 16-byte loads and stores (Vp % 4 == 0 and 16-byte aligned logits), and one invocation per
+//! row without workgroup memory (short rows, CPU adapters). The fixed rule (`--tune off`) takes the
+//! vec4 kernels where the shape allows, except on CPU adapters (lavapipe), where those measured
+//! slower, and the scalar ones otherwise.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -48,6 +51,18 @@ pub const BACKWARD_VEC4: KernelSpec = KernelSpec {
     entry: "cross_entropy_backward_vec4",
     bindings: &[Read, Read, ReadWrite],
 };
+/// `FORWARD` and `BACKWARD` with one invocation per row: same bindings.
+pub const FORWARD_ROWS: KernelSpec = KernelSpec {
+    entry: "cross_entropy_forward_rows",
+    ..FORWARD
+};
+pub const BACKWARD_ROWS: KernelSpec = KernelSpec {
+    entry: "cross_entropy_backward_rows",
+    ..BACKWARD
+};
+
+/// Rows per workgroup of the row kernels.
+const ROWS_WG: u32 = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -73,6 +88,8 @@ enum Variant {
     Vec4,
     /// One f32 per load.
     Scalar,
+    /// One invocation per row.
+    Rows,
 }
 
 impl Variant {
@@ -82,7 +99,7 @@ impl Variant {
         match self {
             Variant::Auto => fits && gpu.info.device_type != wgpu::DeviceType::Cpu,
             Variant::Vec4 => fits,
-            Variant::Scalar => false,
+            Variant::Scalar | Variant::Rows => false,
         }
     }
 
@@ -91,8 +108,113 @@ impl Variant {
             Variant::Auto => "",
             Variant::Vec4 => " vec4",
             Variant::Scalar => " scalar",
+            Variant::Rows => " rows",
         }
     }
+
+    /// The kernels' specs and their workgroup size and count for `n` rows.
+    fn kernels(self, gpu: &Gpu, logits: &View, n: usize, vp: usize) -> Kernels {
+        let max_wg = gpu.limits.max_compute_workgroups_per_dimension;
+        if self == Variant::Rows {
+            return Kernels {
+                forward: &FORWARD_ROWS,
+                backward: &BACKWARD_ROWS,
+                wg: ROWS_WG,
+                grid: grid((n as u32).div_ceil(ROWS_WG), max_wg),
+            };
+        }
+        let (forward, backward) = if self.vec4(gpu, logits, vp) {
+            (&FORWARD_VEC4, &BACKWARD_VEC4)
+        } else {
+            (&FORWARD, &BACKWARD)
+        };
+        Kernels {
+            forward,
+            backward,
+            wg: WG,
+            grid: grid(n as u32, max_wg),
+        }
+    }
+}
+
+/// What a variant dispatches.
+struct Kernels {
+    forward: &'static KernelSpec,
+    backward: &'static KernelSpec,
+    wg: u32,
+    grid: [u32; 3],
+}
+
+/// The variant `forward` and `backward` take for `n` rows of `v` logits (stride `vp`): measured
+/// among the fixed rule's kernels, the other load width where the shape allows it, and the row
+/// kernels (see `kernels::tune`). The variants sum in different orders, so they agree to rounding.
+/// The backward takes the forward's choice: it works in place, so a trial could not rerun it on
+/// the same input, and it follows the same row layout.
+fn tuned(gpu: &Gpu, logits: &View, n: usize, v: usize, vp: usize) -> Result<Variant> {
+    use super::tune::{self, Problem, Trial, bucket};
+    let rule = if Variant::Auto.vec4(gpu, logits, vp) {
+        Variant::Vec4
+    } else {
+        Variant::Scalar
+    };
+    let mut variants = vec![rule];
+    if rule == Variant::Scalar && Variant::Vec4.vec4(gpu, logits, vp) {
+        variants.push(Variant::Vec4);
+    }
+    if rule == Variant::Vec4 {
+        variants.push(Variant::Scalar);
+    }
+    variants.push(Variant::Rows);
+    let key = |v: Variant| v.name().trim().to_string();
+    let problem = Problem {
+        family: FAMILY.name,
+        bucket: format!(
+            "forward n{} v{} {}",
+            bucket(n),
+            bucket(v),
+            if Variant::Vec4.vec4(gpu, logits, vp) {
+                "v"
+            } else {
+                "s"
+            }
+        ),
+        shape: format!("forward N={n} V={v} Vp={vp}"),
+        candidates: variants.iter().map(|&v| key(v)).collect(),
+        rule: key(rule),
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
+    let mut tensors: Option<[View; 4]> = None;
+    let name = tune::choose(gpu, &problem, &mut |name| {
+        let variant = variants
+            .iter()
+            .copied()
+            .find(|&v| key(v) == name)
+            .ok_or_else(|| {
+                Error::invalid("cross_entropy tuning", format!("no variant '{name}'"))
+            })?;
+        if tensors.is_none() {
+            let mut rng = Rng::new(0xce);
+            let targets: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+            tensors = Some([
+                gpu.upload_f32("tune.logits", &rng.vec_uniform(n * vp, -4.0, 4.0))?,
+                gpu.upload_u32("tune.targets", &targets)?,
+                gpu.zeros("tune.losses", DType::F32, n)?,
+                gpu.zeros("tune.lse", DType::F32, n)?,
+            ]);
+        }
+        let [logits, targets, losses, lse] = tensors.as_ref().expect("set above");
+        Ok(Trial {
+            dispatches: vec![forward_variant(
+                gpu, losses, lse, logits, targets, n, v, vp, variant,
+            )?],
+            output: losses.clone(),
+        })
+    })?;
+    Ok(variants
+        .into_iter()
+        .find(|&v| key(v) == name)
+        .unwrap_or(rule))
 }
 
 /// Checks N, V, Vp, V <= Vp, and that N·Vp elements can be indexed with u32 in the shaders.
@@ -129,7 +251,27 @@ pub fn forward(
     v: usize,
     vp: usize,
 ) -> Result<Dispatch> {
-    forward_variant(gpu, losses, lse, logits, targets, n, v, vp, Variant::Auto)
+    check_forward(losses, lse, logits, targets, n, v, vp)?;
+    let variant = tuned(gpu, logits, n, v, vp)?;
+    forward_variant(gpu, losses, lse, logits, targets, n, v, vp, variant)
+}
+
+/// Checks the forward's tensors and dimensions.
+fn check_forward(
+    losses: &View,
+    lse: &View,
+    logits: &View,
+    targets: &View,
+    n: usize,
+    v: usize,
+    vp: usize,
+) -> Result<()> {
+    let name = FORWARD.name();
+    expect_nv(&name, n, v, vp)?;
+    expect(&name, logits, DType::F32, n * vp)?;
+    expect(&name, targets, DType::U32, n)?;
+    expect(&name, losses, DType::F32, n)?;
+    expect(&name, lse, DType::F32, n)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -144,12 +286,7 @@ fn forward_variant(
     vp: usize,
     variant: Variant,
 ) -> Result<Dispatch> {
-    let name = FORWARD.name();
-    expect_nv(&name, n, v, vp)?;
-    expect(&name, logits, DType::F32, n * vp)?;
-    expect(&name, targets, DType::U32, n)?;
-    expect(&name, losses, DType::F32, n)?;
-    expect(&name, lse, DType::F32, n)?;
+    check_forward(losses, lse, logits, targets, n, v, vp)?;
     let params = Params {
         n: n as u32,
         v: v as u32,
@@ -163,17 +300,13 @@ fn forward_variant(
         // logits once, targets, the target logits, losses and lse
         bytes: 4 * n64 * v64 + 16 * n64,
     };
-    let spec = if variant.vec4(gpu, logits, vp) {
-        &FORWARD_VEC4
-    } else {
-        &FORWARD
-    };
+    let k = variant.kernels(gpu, logits, n, vp);
     gpu.dispatch(
-        spec,
-        &[("WG", WG as f64)],
+        k.forward,
+        &[("WG", k.wg as f64)],
         bytes_of(&params),
         &[logits, targets, losses, lse],
-        grid(n as u32, gpu.limits.max_compute_workgroups_per_dimension),
+        k.grid,
         cost,
     )
 }
@@ -192,7 +325,25 @@ pub fn backward(
     vp: usize,
     dloss: f32,
 ) -> Result<Dispatch> {
-    backward_variant(gpu, logits, lse, targets, n, v, vp, dloss, Variant::Auto)
+    check_backward(logits, lse, targets, n, v, vp)?;
+    let variant = tuned(gpu, logits, n, v, vp)?;
+    backward_variant(gpu, logits, lse, targets, n, v, vp, dloss, variant)
+}
+
+/// Checks the backward's tensors and dimensions.
+fn check_backward(
+    logits: &View,
+    lse: &View,
+    targets: &View,
+    n: usize,
+    v: usize,
+    vp: usize,
+) -> Result<()> {
+    let name = BACKWARD.name();
+    expect_nv(&name, n, v, vp)?;
+    expect(&name, logits, DType::F32, n * vp)?;
+    expect(&name, lse, DType::F32, n)?;
+    expect(&name, targets, DType::U32, n)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -207,11 +358,7 @@ fn backward_variant(
     dloss: f32,
     variant: Variant,
 ) -> Result<Dispatch> {
-    let name = BACKWARD.name();
-    expect_nv(&name, n, v, vp)?;
-    expect(&name, logits, DType::F32, n * vp)?;
-    expect(&name, lse, DType::F32, n)?;
-    expect(&name, targets, DType::U32, n)?;
+    check_backward(logits, lse, targets, n, v, vp)?;
     let params = Params {
         n: n as u32,
         v: v as u32,
@@ -224,17 +371,13 @@ fn backward_variant(
         // logits read, dlogits written (padding included), lse and targets
         bytes: 4 * n64 * v64 + 4 * n64 * vp64 + 8 * n64,
     };
-    let spec = if variant.vec4(gpu, logits, vp) {
-        &BACKWARD_VEC4
-    } else {
-        &BACKWARD
-    };
+    let k = variant.kernels(gpu, logits, n, vp);
     gpu.dispatch(
-        spec,
-        &[("WG", WG as f64)],
+        k.backward,
+        &[("WG", k.wg as f64)],
         bytes_of(&params),
         &[lse, targets, logits],
-        grid(n as u32, gpu.limits.max_compute_workgroups_per_dimension),
+        k.grid,
         cost,
     )
 }
@@ -243,7 +386,8 @@ fn backward_variant(
 /// without rebuilding it (queued; takes effect at the next submission). Any other dispatch is left
 /// alone (and is a bug caught by a debug assertion).
 pub fn set_dloss(gpu: &Gpu, dispatch: &Dispatch, dloss: f32) {
-    let ours = [BACKWARD.name(), BACKWARD_VEC4.name()].contains(&dispatch.name);
+    let ours =
+        [BACKWARD.name(), BACKWARD_VEC4.name(), BACKWARD_ROWS.name()].contains(&dispatch.name);
     debug_assert!(ours, "set_dloss on {}", dispatch.name);
     if ours {
         gpu.queue.write_buffer(
@@ -343,7 +487,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
 
     let g_targets = gpu.upload_u32("targets", &targets)?;
     let mut reports = Vec::new();
-    for variant in [Variant::Vec4, Variant::Scalar] {
+    for variant in [Variant::Vec4, Variant::Scalar, Variant::Rows] {
         let g_logits = gpu.upload_f32("logits", &logits)?;
         if variant == Variant::Vec4 && !variant.vec4(gpu, &g_logits, vp) {
             continue;
@@ -408,7 +552,7 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         bufs.push((rows, logits, targets, losses, lse));
     }
     let mut reports = Vec::new();
-    for variant in [Variant::Vec4, Variant::Scalar] {
+    for variant in [Variant::Vec4, Variant::Scalar, Variant::Rows] {
         if variant == Variant::Vec4 && !vp.is_multiple_of(4) {
             continue;
         }
