@@ -708,54 +708,10 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
 
 const RMAX: u32 = 32u;   // MAX_HS / 4: capacity of the private row arrays
 
-// Vec4 column d4 of the row of q, k, v or dout starting at `base`, zero beyond HS. The row
-// kernels only load rows that exist, so only the head size is checked, once per vec4.
-fn rq4(base: u32, d4: u32) -> vec4<f32> {
-    let d = base + 4u * d4;
-    if (4u * d4 + 4u <= p.hs) {
-        return vec4<f32>(q_at(d), q_at(d + 1u), q_at(d + 2u), q_at(d + 3u));
-    }
-    var r = vec4<f32>(0.0);
-    for (var c = 0u; 4u * d4 + c < p.hs; c++) {
-        r[c] = q_at(d + c);
-    }
-    return r;
-}
-
-fn rk4(base: u32, d4: u32) -> vec4<f32> {
-    let d = base + 4u * d4;
-    if (4u * d4 + 4u <= p.hs) {
-        return vec4<f32>(k_at(d), k_at(d + 1u), k_at(d + 2u), k_at(d + 3u));
-    }
-    var r = vec4<f32>(0.0);
-    for (var c = 0u; 4u * d4 + c < p.hs; c++) {
-        r[c] = k_at(d + c);
-    }
-    return r;
-}
-
-fn rv4(base: u32, d4: u32) -> vec4<f32> {
-    let d = base + 4u * d4;
-    if (4u * d4 + 4u <= p.hs) {
-        return vec4<f32>(v_at(d), v_at(d + 1u), v_at(d + 2u), v_at(d + 3u));
-    }
-    var r = vec4<f32>(0.0);
-    for (var c = 0u; 4u * d4 + c < p.hs; c++) {
-        r[c] = v_at(d + c);
-    }
-    return r;
-}
-
-fn rdo4(base: u32, d4: u32) -> vec4<f32> {
-    let d = base + 4u * d4;
-    if (4u * d4 + 4u <= p.hs) {
-        return vec4<f32>(bw_dout[d], bw_dout[d + 1u], bw_dout[d + 2u], bw_dout[d + 3u]);
-    }
-    var r = vec4<f32>(0.0);
-    for (var c = 0u; 4u * d4 + c < p.hs; c++) {
-        r[c] = bw_dout[d + c];
-    }
-    return r;
+// (b, h, row) of invocation idx of a row kernel: rows of n per (b, h), row fastest.
+fn row_of(idx: u32, n: u32) -> vec3<u32> {
+    let bh = idx / n;
+    return vec3<u32>(bh / p.nh, bh % p.nh, idx % n);
 }
 
 // attention_forward_rows: attention_forward's outputs, one invocation per (b, h, query i), rows of
@@ -768,26 +724,24 @@ fn attention_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
     if (idx >= p.nb * p.nh * p.tq) {
         return;
     }
-    let i = idx % p.tq;
-    let bh = idx / p.tq;
-    let b = bh / p.nh;
-    let h = bh % p.nh;
+    let at = row_of(idx, p.tq);
+    let b = at.x;
+    let h = at.y;
+    let i = at.z;
 
     var qr: array<vec4<f32>, RMAX>;
     var acc: array<vec4<f32>, RMAX>;
-    let qb = row_start(p.q, b, h, i);
     for (var d4 = 0u; d4 < HD4; d4++) {
-        qr[d4] = rq4(qb, d4);
+        qr[d4] = q4(b, h, i, d4);
         acc[d4] = vec4<f32>(0.0);
     }
     var m = NEG;
     var l = 0.0;
     let nk = key_end(i, 1u);
     for (var j = 0u; j < nk; j++) {
-        let kb = row_start(p.k, b, h, j);
         var s = 0.0;
         for (var d4 = 0u; d4 < HD4; d4++) {
-            s += dot(qr[d4], rk4(kb, d4));
+            s += dot(qr[d4], k4(b, h, j, d4));
         }
         s *= p.scale2;
         let mx = max(m, s);
@@ -796,9 +750,8 @@ fn attention_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
         l = l * alpha + pr;
         m = mx;
         let pf = pr * drop_factor(b, h, i, j);
-        let vb = row_start(p.v, b, h, j);
         for (var d4 = 0u; d4 < HD4; d4++) {
-            acc[d4] = acc[d4] * alpha + pf * rv4(vb, d4);
+            acc[d4] = acc[d4] * alpha + pf * v4(b, h, j, d4);
         }
     }
 
@@ -828,20 +781,18 @@ fn attention_backward_dkdv_rows(@builtin(workgroup_id) wid: vec3<u32>,
     if (idx >= p.nb * p.nh * p.tk) {
         return;
     }
-    let j = idx % p.tk;
-    let bh = idx / p.tk;
-    let b = bh / p.nh;
-    let h = bh % p.nh;
+    let at = row_of(idx, p.tk);
+    let b = at.x;
+    let h = at.y;
+    let j = at.z;
 
     var kr: array<vec4<f32>, RMAX>;
     var vr: array<vec4<f32>, RMAX>;
     var dk: array<vec4<f32>, RMAX>;
     var dv: array<vec4<f32>, RMAX>;
-    let kb = row_start(p.k, b, h, j);
-    let vb = row_start(p.v, b, h, j);
     for (var d4 = 0u; d4 < HD4; d4++) {
-        kr[d4] = rk4(kb, d4);
-        vr[d4] = rv4(vb, d4);
+        kr[d4] = k4(b, h, j, d4);
+        vr[d4] = v4(b, h, j, d4);
         dk[d4] = vec4<f32>(0.0);
         dv[d4] = vec4<f32>(0.0);
     }
@@ -852,21 +803,19 @@ fn attention_backward_dkdv_rows(@builtin(workgroup_id) wid: vec3<u32>,
     }
     for (var i = i0; i < p.tq; i++) {
         let r = (b * p.nh + h) * p.tq + i;
-        let qb = row_start(p.q, b, h, i);
-        let ob = row_start(p.o, b, h, i);
         var s = 0.0;
         var dp = 0.0;
         for (var d4 = 0u; d4 < HD4; d4++) {
-            s += dot(kr[d4], rq4(qb, d4));
-            dp += dot(vr[d4], rdo4(ob, d4));
+            s += dot(kr[d4], q4(b, h, i, d4));
+            dp += dot(vr[d4], do4(b, h, i, d4));
         }
         let pr = exp2(s * p.scale2 - bw_lse[r] * LOG2E);
         let f = drop_factor(b, h, i, j);
         let ds = pr * (dp * f - bw_d[r]);
         let pf = pr * f;
         for (var d4 = 0u; d4 < HD4; d4++) {
-            dv[d4] += pf * rdo4(ob, d4);
-            dk[d4] += ds * rq4(qb, d4);
+            dv[d4] += pf * do4(b, h, i, d4);
+            dk[d4] += ds * q4(b, h, i, d4);
         }
     }
     for (var d4 = 0u; d4 < HD4; d4++) {
@@ -885,19 +834,17 @@ fn attention_backward_dq_rows(@builtin(workgroup_id) wid: vec3<u32>,
     if (idx >= p.nb * p.nh * p.tq) {
         return;
     }
-    let i = idx % p.tq;
-    let bh = idx / p.tq;
-    let b = bh / p.nh;
-    let h = bh % p.nh;
+    let at = row_of(idx, p.tq);
+    let b = at.x;
+    let h = at.y;
+    let i = at.z;
 
     var qr: array<vec4<f32>, RMAX>;
     var orow: array<vec4<f32>, RMAX>;
     var dq: array<vec4<f32>, RMAX>;
-    let qb = row_start(p.q, b, h, i);
-    let ob = row_start(p.o, b, h, i);
     for (var d4 = 0u; d4 < HD4; d4++) {
-        qr[d4] = rq4(qb, d4);
-        orow[d4] = rdo4(ob, d4);
+        qr[d4] = q4(b, h, i, d4);
+        orow[d4] = do4(b, h, i, d4);
         dq[d4] = vec4<f32>(0.0);
     }
     let r = (b * p.nh + h) * p.tq + i;
@@ -905,18 +852,16 @@ fn attention_backward_dq_rows(@builtin(workgroup_id) wid: vec3<u32>,
     let dd = bw_d[r];
     let nk = key_end(i, 1u);
     for (var j = 0u; j < nk; j++) {
-        let kb = row_start(p.k, b, h, j);
-        let vb = row_start(p.v, b, h, j);
         var s = 0.0;
         var dp = 0.0;
         for (var d4 = 0u; d4 < HD4; d4++) {
-            s += dot(qr[d4], rk4(kb, d4));
-            dp += dot(orow[d4], rv4(vb, d4));
+            s += dot(qr[d4], k4(b, h, j, d4));
+            dp += dot(orow[d4], v4(b, h, j, d4));
         }
         let pr = exp2(s * p.scale2 - lq);
         let ds = pr * (dp * drop_factor(b, h, i, j) - dd);
         for (var d4 = 0u; d4 < HD4; d4++) {
-            dq[d4] += ds * rk4(kb, d4);
+            dq[d4] += ds * k4(b, h, j, d4);
         }
     }
     for (var d4 = 0u; d4 < HD4; d4++) {

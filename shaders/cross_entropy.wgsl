@@ -194,6 +194,23 @@ fn cross_entropy_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
 @group(0) @binding(2) var<storage, read> bw_targets: array<u32>;
 @group(0) @binding(3) var<storage, read_write> bw_logits: array<f32>;
 
+// dlogits of columns first, first + step, ... < Vp of `row` (the scalar kernels' shared body).
+fn backward_columns(row: u32, first: u32, step: u32) {
+    let base = row * p.vp;
+    let tgt = bw_targets[row];
+    let lse = bw_lse[row];
+    let live = tgt != IGNORE;
+    let invalid = live && tgt >= p.v;
+    for (var j = first; j < p.vp; j += step) {
+        var d = 0.0;
+        if (live && j < p.v) {
+            let prob = exp(bw_logits[base + j] - lse);
+            d = select(p.dloss * (prob - select(0.0, 1.0, j == tgt)), nan_from(tgt), invalid);
+        }
+        bw_logits[base + j] = d;
+    }
+}
+
 @compute @workgroup_size(WG)
 fn cross_entropy_backward(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
@@ -202,19 +219,7 @@ fn cross_entropy_backward(@builtin(workgroup_id) wid: vec3<u32>,
     if (row >= p.n) {
         return;
     }
-    let base = row * p.vp;
-    let tgt = bw_targets[row];
-    let lse = bw_lse[row];
-    let live = tgt != IGNORE;
-    let invalid = live && tgt >= p.v;
-    for (var j = lid.x; j < p.vp; j += WG) {
-        var d = 0.0;
-        if (live && j < p.v) {
-            let prob = exp(bw_logits[base + j] - lse);
-            d = select(p.dloss * (prob - select(0.0, 1.0, j == tgt)), nan_from(tgt), invalid);
-        }
-        bw_logits[base + j] = d;
-    }
+    backward_columns(row, lid.x, WG);
 }
 
 // cross_entropy_backward_rows: cross_entropy_backward with one invocation per row (WG rows per
@@ -227,19 +232,7 @@ fn cross_entropy_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
     if (row >= p.n) {
         return;
     }
-    let base = row * p.vp;
-    let tgt = bw_targets[row];
-    let lse = bw_lse[row];
-    let live = tgt != IGNORE;
-    let invalid = live && tgt >= p.v;
-    for (var j = 0u; j < p.vp; j++) {
-        var d = 0.0;
-        if (live && j < p.v) {
-            let prob = exp(bw_logits[base + j] - lse);
-            d = select(p.dloss * (prob - select(0.0, 1.0, j == tgt)), nan_from(tgt), invalid);
-        }
-        bw_logits[base + j] = d;
-    }
+    backward_columns(row, 0u, 1u);
 }
 
 // Bindings for cross_entropy_backward_vec4: as cross_entropy_backward, logits viewed as vec4
