@@ -254,29 +254,20 @@ fn run_page(query: &str, tag: &str) -> (Value, HashMap<String, Vec<u8>>) {
     }
 }
 
+mod common;
+
 fn native(args: &[&str]) -> Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_shaderformer"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .output()
-        .expect("run shaderformer");
+    let o = common::bin().args(args).output().expect("run shaderformer");
     assert!(
         o.status.success(),
-        "shaderformer {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+        "shaderformer {args:?} failed:\n{}",
+        common::text(&o)
     );
     o
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "shaderformer-browser-{}-{name}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("browser", name)
 }
 
 fn query_escape(s: &str) -> String {

@@ -7,9 +7,11 @@ use std::process::{Command, Output, Stdio};
 
 use shaderformer::gpu::test_gpu;
 
+mod common;
+use common::text;
+
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shaderformer"));
-    c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    let mut c = common::bin();
     // Kernel tuning stays on (the default), its cache in a folder of this test run.
     c.env(
         "SHADERFORMER_CACHE_DIR",
@@ -20,14 +22,6 @@ fn bin() -> Command {
 
 fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("run shaderformer")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Fails on anything that looks like a panic or a wgpu abort.
@@ -46,10 +40,7 @@ fn assert_clean_failure(o: &Output, must_contain: &[&str]) {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("shaderformer-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("cli", name)
 }
 
 #[test]

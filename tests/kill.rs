@@ -18,18 +18,16 @@ use shaderformer::train::checkpoint;
 const KILLS: usize = 20;
 const SEED: u64 = 20240520;
 
+mod common;
+
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("shaderformer-kill-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("kill", name)
 }
 
 /// A tiny model on the embedded addition data, evaluated (one batch) and checkpointed at every
 /// step; resumed from `out` when it holds a checkpoint.
 fn train(out: &Path, resume: bool, max_iters: u64) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shaderformer"));
-    c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    let mut c = common::bin();
     c.args(["train", "--out", out.to_str().unwrap()]);
     c.args([
         "--max-iters",

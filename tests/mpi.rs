@@ -6,17 +6,16 @@
 #![cfg(all(feature = "mpi", unix))]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use shaderformer::train::checkpoint;
 
+mod common;
+use common::text;
+
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("shaderformer-mpi-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("mpi", name)
 }
 
 /// Some text of a few dozen distinct characters (seeded, so every run trains on the same).
@@ -123,14 +122,6 @@ fn tiny(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn ok(mut c: Command) -> String {
     let o = c.output().expect("start the run");
     let t = text(&o);
@@ -140,17 +131,9 @@ fn ok(mut c: Command) -> String {
 
 /// (step, loss) of every step in a metrics file.
 fn losses(out: &Path) -> Vec<(u64, f32)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| {
-            (
-                v["step"].as_u64().unwrap(),
-                v["loss"].as_f64().unwrap() as f32,
-            )
-        })
+    common::losses(&out.join("metrics.jsonl"))
+        .into_iter()
+        .map(|(s, l)| (s, l as f32))
         .collect()
 }
 

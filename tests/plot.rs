@@ -3,16 +3,12 @@
 //! output directory.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use shaderformer::gpu::test_gpu;
 use shaderformer::plot::Curves;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shaderformer"));
-    c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
-    c
-}
+mod common;
+use common::bin;
 
 fn metrics(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -21,10 +17,7 @@ fn metrics(name: &str) -> PathBuf {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("shaderformer-plot-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("plot", name)
 }
 
 /// The points of every `<polyline class="CLASS">`, in drawing order, one list per polyline.

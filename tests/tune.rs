@@ -8,27 +8,18 @@ use std::process::{Command, Output};
 
 use shaderformer::gpu::test_gpu;
 
+mod common;
+use common::text;
+
 fn bin(cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shaderformer"));
-    c.env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .env("SHADERFORMER_CACHE_DIR", cache)
+    let mut c = common::bin();
+    c.env("SHADERFORMER_CACHE_DIR", cache)
         .env_remove("SHADERFORMER_TUNE");
     c
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("shaderformer-tune-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("tune", name)
 }
 
 /// A one-layer model small enough to tune in seconds on a CPU adapter.
@@ -226,12 +217,7 @@ fn data() -> PathBuf {
 }
 
 fn losses(out: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(out.with_extension("jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
-        .collect()
+    common::losses(&out.with_extension("jsonl"))
 }
 
 fn recorded_kernels(out: &Path) -> serde_json::Value {
