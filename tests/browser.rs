@@ -594,6 +594,27 @@ fn page_samples_greedily_like_the_native_engine() {
     assert_eq!(page, want, "page vs native greedy ids");
 }
 
+#[test]
+fn page_says_in_words_that_the_device_was_lost() {
+    if !ready() {
+        return;
+    }
+    let settings = serde_json::json!({"steps": 10, "n_layer": 1, "n_embd": 32, "n_head": 2});
+    let (report, _) = run_page(
+        &format!("test=lose&settings={}", query_escape(&settings.to_string())),
+        "lose",
+    );
+    let lost = report["lost"].as_str().unwrap_or_else(|| {
+        panic!("the steps after the device was destroyed did not fail: {report}")
+    });
+    eprintln!("the page says: {lost}");
+    assert!(
+        lost.starts_with("The GPU device was lost (")
+            && lost.ends_with("Reload the page to start again."),
+        "{lost}"
+    );
+}
+
 /// BENCHMARKS.md's browser rows: training steps/s of the addition model (the page's defaults)
 /// and greedy decoding tokens/s of assets/gpt2-bpe, in the page and natively on this machine.
 /// Run by hand: `cargo test --test browser -- --ignored --nocapture speed`.

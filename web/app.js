@@ -254,6 +254,20 @@ async function testMode(q) {
         adapter, losses, step_ms: stepMs, val: curve.val, samples: $("samples").textContent,
         tokens_per_step: trainer.tokens_per_step(), sample,
       });
+    } else if (q.get("test") === "lose") {
+      // A few steps, then the device goes as a lost GPU's would: the message the page shows.
+      trainer = await sf.trainer(q.get("settings"), undefined, "");
+      await trainer.step();
+      await trainer.flush();
+      trainer.lose_device();
+      let lost = null;
+      try {
+        for (let i = 0; i < 4; i++) await trainer.step();
+        await trainer.flush();
+      } catch (e) {
+        lost = explain(e);
+      }
+      await report({ adapter, lost });
     } else if (q.get("test") === "sample") {
       const dir = q.get("checkpoint"), names = q.get("files").split(",");
       const contents = [];

@@ -269,6 +269,12 @@ impl Trainer {
         Ok(results_json(&r))
     }
 
+    /// Destroys the GPU device, as a lost GPU or a driver reset would, so that what follows fails
+    /// with the device-lost error (the page's test of how it reports one).
+    pub fn lose_device(&self) {
+        self.gpu.device.destroy();
+    }
+
     /// Awaits every step in flight; returns their results as `step` does.
     pub async fn flush(&mut self) -> JsResult<String> {
         let r = self.exec.wait_results_async().await.map_err(err)?;
