@@ -1398,13 +1398,15 @@ impl<'s> Lowering<'s> {
 
     fn dropout(self, n: usize, p: f32, site: u32) -> Result<Vec<Dispatch>> {
         let seed = dropout_seed(self.ex.opts.seed, site);
-        let d = dropout::forward(self.gpu(), self.o(0), self.i(0), n, p, seed, 0)?;
+        let d = dropout::Dropout { p, seed, step: 0 };
+        let d = dropout::forward(self.gpu(), self.o(0), self.i(0), n, d)?;
         Ok(vec![d])
     }
 
     fn dropout_backward(self, n: usize, p: f32, site: u32, acc: bool) -> Result<Vec<Dispatch>> {
         let seed = dropout_seed(self.ex.opts.seed, site);
-        let d = dropout::backward(self.gpu(), self.o(0), self.i(0), n, p, seed, 0, acc)?;
+        let d = dropout::Dropout { p, seed, step: 0 };
+        let d = dropout::backward(self.gpu(), self.o(0), self.i(0), n, d, acc)?;
         Ok(vec![d])
     }
 

@@ -57,6 +57,9 @@ pub fn params_layout() -> super::ParamsLayout {
 
 pub use crate::hash::{scale, threshold};
 
+/// A dispatch's drop probability p in [0, 1) and the (seed, step) that pick its mask.
+pub use crate::hash::Dropout;
+
 /// Whether element `i` is kept at (`seed`, `step`) with drop probability `p` in [0, 1): the CPU
 /// twin of the shader's mask (see crate::hash).
 pub fn keep(seed: u32, step: u32, i: u32, p: f32) -> bool {
@@ -73,29 +76,26 @@ pub(crate) fn check_p(kernel: &str, p: f32) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn launch(
     gpu: &Gpu,
     spec: &KernelSpec,
     src: &View,
     dst: &View,
     n: usize,
-    p: f32,
-    seed: u32,
-    step: u32,
+    d: Dropout,
     accumulate: bool,
 ) -> Result<Dispatch> {
     let name = spec.name();
     expect_dims(&name, &[("N", n)])?;
-    check_p(&name, p)?;
+    check_p(&name, d.p)?;
     expect(&name, src, DType::F32, n)?;
     expect(&name, dst, DType::F32, n)?;
     let params = Params {
-        seed,
-        step,
+        seed: d.seed,
+        step: d.step,
         n: n as u32,
-        threshold: threshold(p),
-        scale: scale(p),
+        threshold: threshold(d.p),
+        scale: scale(d.p),
         accumulate: accumulate as u32,
     };
     let cost = Cost {
@@ -105,33 +105,22 @@ fn launch(
     elementwise(gpu, spec, n, bytes_of(&params), &[src, dst], cost)
 }
 
-/// out (N) = keep(seed, step, i, p) ? inp (N) / (1 - p) : 0. Overwrites `out`.
-pub fn forward(
-    gpu: &Gpu,
-    out: &View,
-    inp: &View,
-    n: usize,
-    p: f32,
-    seed: u32,
-    step: u32,
-) -> Result<Dispatch> {
-    launch(gpu, &FORWARD, inp, out, n, p, seed, step, false)
+/// out (N) = d.keeps(i) ? inp (N) / (1 - p) : 0. Overwrites `out`.
+pub fn forward(gpu: &Gpu, out: &View, inp: &View, n: usize, d: Dropout) -> Result<Dispatch> {
+    launch(gpu, &FORWARD, inp, out, n, d, false)
 }
 
-/// dinp (N) = keep(seed, step, i, p) ? dout (N) / (1 - p) : 0, the forward's mask for the same
-/// (seed, step). Overwrites `dinp`, or adds to it (`+=`) when `accumulate`.
-#[allow(clippy::too_many_arguments)]
+/// dinp (N) = d.keeps(i) ? dout (N) / (1 - p) : 0, the forward's mask for the same `d`.
+/// Overwrites `dinp`, or adds to it (`+=`) when `accumulate`.
 pub fn backward(
     gpu: &Gpu,
     dinp: &View,
     dout: &View,
     n: usize,
-    p: f32,
-    seed: u32,
-    step: u32,
+    d: Dropout,
     accumulate: bool,
 ) -> Result<Dispatch> {
-    launch(gpu, &BACKWARD, dout, dinp, n, p, seed, step, accumulate)
+    launch(gpu, &BACKWARD, dout, dinp, n, d, accumulate)
 }
 
 /// Byte offset of the step counter in a dropout dispatch's params, for callers that copy a new
@@ -179,10 +168,11 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         let g_dout = gpu.upload_f32("dout", &dout)?;
         let g_dinp_over = gpu.upload_f32("dinp", &dinp0)?;
         let g_dinp_acc = gpu.upload_f32("dinp", &dinp0)?;
+        let d = Dropout { p, seed, step };
         gpu.run(&[
-            forward(gpu, &g_out, &g_inp, n, p, seed, step)?,
-            backward(gpu, &g_dinp_over, &g_dout, n, p, seed, step, false)?,
-            backward(gpu, &g_dinp_acc, &g_dout, n, p, seed, step, true)?,
+            forward(gpu, &g_out, &g_inp, n, d)?,
+            backward(gpu, &g_dinp_over, &g_dout, n, d, false)?,
+            backward(gpu, &g_dinp_acc, &g_dout, n, d, true)?,
         ])?;
         let mut out = vec![0.0f32; n];
         reference::dropout::forward(&mut out, &inp, p, seed, step);
@@ -225,27 +215,26 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let out = gpu.zeros("out", DType::F32, n)?;
     let dinp = gpu.zeros("dinp", DType::F32, n)?;
     let s = format!("N={n} p=0.1");
+    let d = Dropout {
+        p: 0.1,
+        seed: 1,
+        step: 0,
+    };
     Ok(vec![
-        harness::bench_one(
-            gpu,
-            opts,
-            "forward",
-            &s,
-            &[forward(gpu, &out, &inp, n, 0.1, 1, 0)?],
-        )?,
+        harness::bench_one(gpu, opts, "forward", &s, &[forward(gpu, &out, &inp, n, d)?])?,
         harness::bench_one(
             gpu,
             opts,
             "backward",
             &s,
-            &[backward(gpu, &dinp, &out, n, 0.1, 1, 0, false)?],
+            &[backward(gpu, &dinp, &out, n, d, false)?],
         )?,
         harness::bench_one(
             gpu,
             opts,
             "backward +=",
             &s,
-            &[backward(gpu, &dinp, &out, n, 0.1, 1, 0, true)?],
+            &[backward(gpu, &dinp, &out, n, d, true)?],
         )?,
     ])
 }

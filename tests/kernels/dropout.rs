@@ -1,7 +1,7 @@
 use shaderformer::gpu::shaders::INCLUDES;
 use shaderformer::gpu::{DType, View, test_gpu};
 use shaderformer::hash;
-use shaderformer::kernels::dropout;
+use shaderformer::kernels::dropout::{self, Dropout};
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
 
@@ -153,7 +153,12 @@ fn kept_fraction_is_one_minus_p() {
     let ones = gpu.upload_f32("inp", &vec![1.0f32; n]).unwrap();
     let out = gpu.zeros("out", DType::F32, n).unwrap();
     for p in [0.1f32, 0.5, 0.9] {
-        gpu.run(&[dropout::forward(gpu, &out, &ones, n, p, 1234, 5).unwrap()])
+        let d = Dropout {
+            p,
+            seed: 1234,
+            step: 5,
+        };
+        gpu.run(&[dropout::forward(gpu, &out, &ones, n, d).unwrap()])
             .unwrap();
         let kept: Vec<bool> = gpu
             .read_f32(&out)
@@ -216,7 +221,12 @@ fn set_step_changes_the_mask_without_rebuilding() {
     let inp: Vec<f32> = Rng::new(8).vec_normal(n, 1.0);
     let g_inp = gpu.upload_f32("inp", &inp).unwrap();
     let g_out = gpu.zeros("out", DType::F32, n).unwrap();
-    let d = dropout::forward(gpu, &g_out, &g_inp, n, 0.3, 10, 0).unwrap();
+    let first = Dropout {
+        p: 0.3,
+        seed: 10,
+        step: 0,
+    };
+    let d = dropout::forward(gpu, &g_out, &g_inp, n, first).unwrap();
     for (seed, step) in [(10, 0), (10, 1), (99, 1)] {
         dropout::set_step(gpu, &d, seed, step);
         gpu.run(std::slice::from_ref(&d)).unwrap();
@@ -232,7 +242,12 @@ fn a_grid_of_more_workgroups_than_one_dimension_allows_folds() {
     let n = gpu.limits.max_compute_workgroups_per_dimension as usize * 256 + 1;
     let g_inp = gpu.upload_f32("inp", &vec![1.0f32; n]).unwrap();
     let g_out = gpu.zeros("out", DType::F32, n).unwrap();
-    let d = dropout::forward(gpu, &g_out, &g_inp, n, 0.5, 2, 3).unwrap();
+    let half = Dropout {
+        p: 0.5,
+        seed: 2,
+        step: 3,
+    };
+    let d = dropout::forward(gpu, &g_out, &g_inp, n, half).unwrap();
     assert!(
         d.workgroups[1] > 1,
         "expected a folded grid, got {:?}",
@@ -257,17 +272,22 @@ fn bad_arguments_are_an_error() {
     let Some(gpu) = test_gpu() else { return };
     let inp = gpu.zeros("inp", DType::F32, 10).unwrap();
     let out = gpu.zeros("out", DType::F32, 12).unwrap();
-    let err = dropout::forward(gpu, &out, &inp, 10, 0.1, 0, 0)
+    let d = Dropout {
+        p: 0.1,
+        seed: 0,
+        step: 0,
+    };
+    let err = dropout::forward(gpu, &out, &inp, 10, d)
         .unwrap_err()
         .to_string();
     assert!(err.contains("tensor out") && err.contains("12"), "{err}");
     let dout = gpu.zeros("dout", DType::F32, 10).unwrap();
-    let err = dropout::backward(gpu, &out, &dout, 10, 0.1, 0, 0, true)
+    let err = dropout::backward(gpu, &out, &dout, 10, d, true)
         .unwrap_err()
         .to_string();
     assert!(err.contains("tensor out"), "{err}");
     for p in [1.0, -0.1, f32::NAN] {
-        let err = dropout::forward(gpu, &dout, &inp, 10, p, 0, 0)
+        let err = dropout::forward(gpu, &dout, &inp, 10, Dropout { p, ..d })
             .unwrap_err()
             .to_string();
         assert!(err.contains("[0, 1)"), "{err}");
