@@ -1412,7 +1412,8 @@ impl<'s> Lowering<'s> {
 
     fn cross_entropy(self, n: usize, v: usize, vp: usize) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
-        let d = cross_entropy::forward(self.gpu(), o(0), o(1), i(0), i(1), n, v, vp)?;
+        let dims = cross_entropy::Dims { n, v, vp };
+        let d = cross_entropy::forward(self.gpu(), o(0), o(1), i(0), i(1), dims)?;
         Ok(vec![d])
     }
 
@@ -1420,7 +1421,8 @@ impl<'s> Lowering<'s> {
     fn cross_entropy_backward(self, n: usize, v: usize, vp: usize) -> Result<Vec<Dispatch>> {
         let i = |k| self.i(k);
         let dloss = 1.0 / (n * self.ex.micro_per_step()) as f32;
-        let d = cross_entropy::backward(self.gpu(), i(0), i(1), i(2), n, v, vp, dloss)?;
+        let dims = cross_entropy::Dims { n, v, vp };
+        let d = cross_entropy::backward(self.gpu(), i(0), i(1), i(2), dims, dloss)?;
         Ok(vec![d])
     }
 
@@ -1452,9 +1454,7 @@ impl<'s> Lowering<'s> {
                 &o(1).slice(r0, m, "lse chunk")?,
                 &logits,
                 &i(2).slice(r0, m, "targets chunk")?,
-                m,
-                v,
-                vp,
+                cross_entropy::Dims { n: m, v, vp },
             )?);
         }
         Ok(out)
@@ -1491,9 +1491,7 @@ impl<'s> Lowering<'s> {
                 &logits,
                 &i(3).slice(r0, m, "lse chunk")?,
                 &i(2).slice(r0, m, "targets chunk")?,
-                m,
-                v,
-                vp,
+                cross_entropy::Dims { n: m, v, vp },
                 dloss,
             )?);
             out.extend(split_linear_backward(

@@ -151,7 +151,8 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::Dropout { p, .. } => r::dropout::forward(&mut o[0], f(0), p, seed, step),
         Op::CrossEntropy { n, v, vp } => {
             let (losses, lse) = o.split_at_mut(1);
-            r::cross_entropy::forward(&mut losses[0], &mut lse[0], f(0), ins[1].u(), n, v, vp);
+            let dims = r::cross_entropy::Dims { n, v, vp };
+            r::cross_entropy::forward(&mut losses[0], &mut lse[0], f(0), ins[1].u(), dims);
         }
         Op::Mean { n } => r::reduce::sum(&mut o[0], f(0), 1.0 / n as f32),
         Op::LmHeadLoss { n, c, v, vp, rows } => {
@@ -159,7 +160,8 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             r::gemm::linear_forward(&mut logits, f(0), f(1), None, n, c, vp);
             let (losses, rest) = o.split_at_mut(1);
             let (lse, chunk) = rest.split_at_mut(1);
-            r::cross_entropy::forward(&mut losses[0], &mut lse[0], &logits, ins[2].u(), n, v, vp);
+            let dims = r::cross_entropy::Dims { n, v, vp };
+            r::cross_entropy::forward(&mut losses[0], &mut lse[0], &logits, ins[2].u(), dims);
             last_chunk(&mut chunk[0], &logits, n, vp, rows);
         }
         Op::EmbeddingBackward { b, t, c } => {
@@ -279,7 +281,8 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         }
         Op::CrossEntropyBackward { n, v, vp } => {
             let logits = f(0).to_vec();
-            r::cross_entropy::backward(&mut o[0], &logits, ins[2].u(), dloss, n, v, vp);
+            let dims = r::cross_entropy::Dims { n, v, vp };
+            r::cross_entropy::backward(&mut o[0], &logits, ins[2].u(), dloss, dims);
         }
         Op::LmHeadLossBackward {
             n,
@@ -292,7 +295,8 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             let mut logits = vec![0.0; n * vp];
             r::gemm::linear_forward(&mut logits, f(0), f(1), None, n, c, vp);
             let mut dlogits = vec![0.0; n * vp];
-            r::cross_entropy::backward(&mut dlogits, &logits, ins[2].u(), dloss, n, v, vp);
+            let dims = r::cross_entropy::Dims { n, v, vp };
+            r::cross_entropy::backward(&mut dlogits, &logits, ins[2].u(), dloss, dims);
             let (dx, rest) = o.split_at_mut(1);
             let (dwte, chunk) = rest.split_at_mut(1);
             r::gemm::linear_backward(

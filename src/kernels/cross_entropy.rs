@@ -27,6 +27,9 @@ const WG: u32 = 256;
 /// Target value excluded from the loss (loss 0, gradient row 0).
 pub const IGNORE: u32 = reference::cross_entropy::IGNORE;
 
+/// The shape of a loss: N rows of V logits, stored with row stride Vp.
+pub use crate::reference::cross_entropy::Dims;
+
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::CrossEntropy,
     variant: ShaderVariant::Base,
@@ -145,13 +148,14 @@ struct Kernels {
     grid: [u32; 3],
 }
 
-/// The variant `forward` and `backward` take for `n` rows of `v` logits (stride `vp`): measured
+/// The variant `forward` and `backward` take for N rows of V logits (stride Vp): measured
 /// among the fixed rule's kernels, the other load width where the shape allows it, and the row
 /// kernels (see `kernels::tune`). The variants sum in different orders, so they agree to rounding.
 /// The backward takes the forward's choice: it works in place, so a trial could not rerun it on
 /// the same input, and it follows the same row layout.
-fn tuned(gpu: &Gpu, logits: &View, n: usize, v: usize, vp: usize) -> Result<Variant> {
+fn tuned(gpu: &Gpu, logits: &View, dims: Dims) -> Result<Variant> {
     use super::tune::{self, Problem, Trial, bucket};
+    let Dims { n, v, vp } = dims;
     let rule = if Variant::Auto.vec4(gpu, logits, vp) {
         Variant::Vec4
     } else {
@@ -206,7 +210,7 @@ fn tuned(gpu: &Gpu, logits: &View, n: usize, v: usize, vp: usize) -> Result<Vari
         let [logits, targets, losses, lse] = tensors.as_ref().expect("set above");
         Ok(Trial {
             dispatches: vec![forward_variant(
-                gpu, losses, lse, logits, targets, n, v, vp, variant,
+                gpu, losses, lse, logits, targets, dims, variant,
             )?],
             output: losses.clone(),
         })
@@ -218,7 +222,7 @@ fn tuned(gpu: &Gpu, logits: &View, n: usize, v: usize, vp: usize) -> Result<Vari
 }
 
 /// Checks N, V, Vp, V <= Vp, and that N·Vp elements can be indexed with u32 in the shaders.
-fn expect_nv(kernel: &str, n: usize, v: usize, vp: usize) -> Result<()> {
+fn expect_nv(kernel: &str, Dims { n, v, vp }: Dims) -> Result<()> {
     expect_dims(kernel, &[("N", n), ("V", v), ("Vp", vp)])?;
     if v > vp {
         return Err(Error::invalid(
@@ -240,20 +244,17 @@ fn expect_nv(kernel: &str, n: usize, v: usize, vp: usize) -> Result<()> {
 /// read); targets (N) u32. Loss 0 where the target is `IGNORE`. A target >= V other than `IGNORE`
 /// reads nothing out of bounds: its loss is NaN, so the caller can detect and report it.
 /// Numerically stable (online softmax with max subtraction). Overwrites losses and lse.
-#[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
     losses: &View,
     lse: &View,
     logits: &View,
     targets: &View,
-    n: usize,
-    v: usize,
-    vp: usize,
+    dims: Dims,
 ) -> Result<Dispatch> {
-    check_forward(losses, lse, logits, targets, n, v, vp)?;
-    let variant = tuned(gpu, logits, n, v, vp)?;
-    forward_variant(gpu, losses, lse, logits, targets, n, v, vp, variant)
+    check_forward(losses, lse, logits, targets, dims)?;
+    let variant = tuned(gpu, logits, dims)?;
+    forward_variant(gpu, losses, lse, logits, targets, dims, variant)
 }
 
 /// Checks the forward's tensors and dimensions.
@@ -262,31 +263,28 @@ fn check_forward(
     lse: &View,
     logits: &View,
     targets: &View,
-    n: usize,
-    v: usize,
-    vp: usize,
+    dims: Dims,
 ) -> Result<()> {
+    let Dims { n, vp, .. } = dims;
     let name = FORWARD.name();
-    expect_nv(&name, n, v, vp)?;
+    expect_nv(&name, dims)?;
     expect(&name, logits, DType::F32, n * vp)?;
     expect(&name, targets, DType::U32, n)?;
     expect(&name, losses, DType::F32, n)?;
     expect(&name, lse, DType::F32, n)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn forward_variant(
     gpu: &Gpu,
     losses: &View,
     lse: &View,
     logits: &View,
     targets: &View,
-    n: usize,
-    v: usize,
-    vp: usize,
+    dims: Dims,
     variant: Variant,
 ) -> Result<Dispatch> {
-    check_forward(losses, lse, logits, targets, n, v, vp)?;
+    check_forward(losses, lse, logits, targets, dims)?;
+    let Dims { n, v, vp } = dims;
     let params = Params {
         n: n as u32,
         v: v as u32,
@@ -314,51 +312,40 @@ fn forward_variant(
 /// In place: logits (N, Vp) becomes dlogits = dloss · (softmax(logits[i, :V]) − onehot(target)),
 /// recomputing the softmax from `lse` (N) saved by `forward`; 0 in columns [V, Vp) and in ignored
 /// rows, NaN in columns [0, V) of rows with an invalid target (>= V, not `IGNORE`). Overwrites.
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
     logits: &View,
     lse: &View,
     targets: &View,
-    n: usize,
-    v: usize,
-    vp: usize,
+    dims: Dims,
     dloss: f32,
 ) -> Result<Dispatch> {
-    check_backward(logits, lse, targets, n, v, vp)?;
-    let variant = tuned(gpu, logits, n, v, vp)?;
-    backward_variant(gpu, logits, lse, targets, n, v, vp, dloss, variant)
+    check_backward(logits, lse, targets, dims)?;
+    let variant = tuned(gpu, logits, dims)?;
+    backward_variant(gpu, logits, lse, targets, dims, dloss, variant)
 }
 
 /// Checks the backward's tensors and dimensions.
-fn check_backward(
-    logits: &View,
-    lse: &View,
-    targets: &View,
-    n: usize,
-    v: usize,
-    vp: usize,
-) -> Result<()> {
+fn check_backward(logits: &View, lse: &View, targets: &View, dims: Dims) -> Result<()> {
+    let Dims { n, vp, .. } = dims;
     let name = BACKWARD.name();
-    expect_nv(&name, n, v, vp)?;
+    expect_nv(&name, dims)?;
     expect(&name, logits, DType::F32, n * vp)?;
     expect(&name, lse, DType::F32, n)?;
     expect(&name, targets, DType::U32, n)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn backward_variant(
     gpu: &Gpu,
     logits: &View,
     lse: &View,
     targets: &View,
-    n: usize,
-    v: usize,
-    vp: usize,
+    dims: Dims,
     dloss: f32,
     variant: Variant,
 ) -> Result<Dispatch> {
-    check_backward(logits, lse, targets, n, v, vp)?;
+    check_backward(logits, lse, targets, dims)?;
+    let Dims { n, v, vp } = dims;
     let params = Params {
         n: n as u32,
         v: v as u32,
@@ -436,6 +423,7 @@ fn parse(shape: &[usize]) -> Result<(usize, usize, usize)> {
 
 fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let (n, v, vp) = parse(shape)?;
+    let dims = Dims { n, v, vp };
     let s = format!("N={n} V={v} Vp={vp}");
     let mut rng = Rng::new((n * 1_000_003 + v * 31 + vp) as u64);
     // About one row in eight ignored, and row 1 always; the last of three or more rows has an
@@ -474,9 +462,9 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     // The reference in f64 on the same f32 inputs.
     let logits64: Vec<f64> = reference::convert(&logits);
     let (mut losses, mut lse) = (vec![0.0; n], vec![0.0; n]);
-    reference::cross_entropy::forward(&mut losses, &mut lse, &logits64, &targets, n, v, vp);
+    reference::cross_entropy::forward(&mut losses, &mut lse, &logits64, &targets, dims);
     let mut dlogits = vec![0.0; n * vp];
-    reference::cross_entropy::backward(&mut dlogits, &logits64, &targets, dloss as f64, n, v, vp);
+    reference::cross_entropy::backward(&mut dlogits, &logits64, &targets, dloss as f64, dims);
     // Expected NaNs (invalid targets) must be NaN on the GPU too: both become one finite marker.
     let marked = |x: &[f64]| -> Vec<f64> {
         x.iter()
@@ -495,11 +483,9 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         // Outputs start as garbage: the forward overwrites them.
         let g_losses = gpu.upload_f32("losses", &vec![f32::NAN; n])?;
         let g_lse = gpu.upload_f32("lse", &vec![f32::NAN; n])?;
-        let fw = forward_variant(
-            gpu, &g_losses, &g_lse, &g_logits, &g_targets, n, v, vp, variant,
-        )?;
+        let fw = forward_variant(gpu, &g_losses, &g_lse, &g_logits, &g_targets, dims, variant)?;
         // Built with another dloss, then rewritten as a training step would.
-        let bw = backward_variant(gpu, &g_logits, &g_lse, &g_targets, n, v, vp, 1.0, variant)?;
+        let bw = backward_variant(gpu, &g_logits, &g_lse, &g_targets, dims, 1.0, variant)?;
         set_dloss(gpu, &bw, dloss);
         gpu.run(&[fw])?;
         let got_losses = gpu.read_f32(&g_losses)?;
@@ -558,21 +544,14 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         }
         let (mut fw, mut bw) = (Vec::new(), Vec::new());
         for (rows, logits, targets, losses, lse) in &bufs {
-            let rows = *rows;
+            let dims = Dims { n: *rows, v, vp };
             fw.push(forward_variant(
-                gpu, losses, lse, logits, targets, rows, v, vp, variant,
+                gpu, losses, lse, logits, targets, dims, variant,
             )?);
             // dlogits overwrite the logits; the timings do not depend on their values.
+            let dloss = 1.0 / n as f32;
             bw.push(backward_variant(
-                gpu,
-                logits,
-                lse,
-                targets,
-                rows,
-                v,
-                vp,
-                1.0 / n as f32,
-                variant,
+                gpu, logits, lse, targets, dims, dloss, variant,
             )?);
         }
         let name = |what: &str| format!("{what}{}", variant.name());

@@ -1,5 +1,5 @@
 use shaderformer::gpu::{DType, test_gpu};
-use shaderformer::kernels::cross_entropy::{self, IGNORE};
+use shaderformer::kernels::cross_entropy::{self, Dims, IGNORE};
 use shaderformer::reference::{self, numeric_grad};
 use shaderformer::rng::Rng;
 
@@ -11,17 +11,18 @@ fn gpu_matches_reference() {
 #[test]
 fn reference_backward_matches_finite_differences() {
     let (n, v, vp) = (3, 5, 8);
+    let dims = Dims { n, v, vp };
     let targets = [2, IGNORE, 4];
     let dloss = 0.7;
     let mut rng = Rng::new(4);
     let logits: Vec<f64> = reference::convert(&rng.vec_uniform(n * vp, -2.0, 2.0));
     let loss = |x: &[f64]| {
         let (mut losses, mut lse) = (vec![0.0; n], vec![0.0; n]);
-        reference::cross_entropy::forward(&mut losses, &mut lse, x, &targets, n, v, vp);
+        reference::cross_entropy::forward(&mut losses, &mut lse, x, &targets, dims);
         dloss * losses.iter().sum::<f64>()
     };
     let mut dlogits = vec![f64::NAN; n * vp];
-    reference::cross_entropy::backward(&mut dlogits, &logits, &targets, dloss, n, v, vp);
+    reference::cross_entropy::backward(&mut dlogits, &logits, &targets, dloss, dims);
     let numeric = numeric_grad(&logits, 1e-6, loss);
     reference::compare("dlogits", &dlogits, &numeric, 1e-8, 1e-6).assert();
 }
@@ -30,6 +31,7 @@ fn reference_backward_matches_finite_differences() {
 fn an_invalid_target_gives_nan_without_touching_other_rows() {
     let Some(gpu) = test_gpu() else { return };
     let (n, v, vp) = (3, 5, 64);
+    let dims = Dims { n, v, vp };
     let mut rng = Rng::new(5);
     let logits = rng.vec_uniform(n * vp, -2.0, 2.0);
     let targets = [1, v as u32, 4];
@@ -38,8 +40,8 @@ fn an_invalid_target_gives_nan_without_touching_other_rows() {
     let losses = gpu.zeros("losses", DType::F32, n).unwrap();
     let lse = gpu.zeros("lse", DType::F32, n).unwrap();
     let d = [
-        cross_entropy::forward(gpu, &losses, &lse, &g_logits, &g_targets, n, v, vp).unwrap(),
-        cross_entropy::backward(gpu, &g_logits, &lse, &g_targets, n, v, vp, 1.0).unwrap(),
+        cross_entropy::forward(gpu, &losses, &lse, &g_logits, &g_targets, dims).unwrap(),
+        cross_entropy::backward(gpu, &g_logits, &lse, &g_targets, dims, 1.0).unwrap(),
     ];
     gpu.run(&d).unwrap();
     let losses = gpu.read_f32(&losses).unwrap();
@@ -59,6 +61,7 @@ fn an_invalid_target_gives_nan_without_touching_other_rows() {
 fn forward_and_backward_are_bit_reproducible() {
     let Some(gpu) = test_gpu() else { return };
     let (n, v, vp) = (5, 3001, 3008);
+    let dims = Dims { n, v, vp };
     let mut rng = Rng::new(6);
     let logits = rng.vec_uniform(n * vp, -8.0, 8.0);
     let targets: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
@@ -68,8 +71,8 @@ fn forward_and_backward_are_bit_reproducible() {
         let losses = gpu.zeros("losses", DType::F32, n).unwrap();
         let lse = gpu.zeros("lse", DType::F32, n).unwrap();
         let d = [
-            cross_entropy::forward(gpu, &losses, &lse, &g_logits, &g_targets, n, v, vp).unwrap(),
-            cross_entropy::backward(gpu, &g_logits, &lse, &g_targets, n, v, vp, 0.2).unwrap(),
+            cross_entropy::forward(gpu, &losses, &lse, &g_logits, &g_targets, dims).unwrap(),
+            cross_entropy::backward(gpu, &g_logits, &lse, &g_targets, dims, 0.2).unwrap(),
         ];
         gpu.run(&d).unwrap();
         (
@@ -84,6 +87,7 @@ fn forward_and_backward_are_bit_reproducible() {
 fn mismatched_shapes_are_an_error() {
     let Some(gpu) = test_gpu() else { return };
     let (n, v, vp) = (4, 10, 64);
+    let dims = Dims { n, v, vp };
     let z = |name: &str, dtype, len| gpu.zeros(name, dtype, len).unwrap();
     fn err<T>(r: shaderformer::Result<T>) -> String {
         r.map(|_| ()).unwrap_err().to_string()
@@ -95,7 +99,7 @@ fn mismatched_shapes_are_an_error() {
 
     let unpadded = z("logits_unpadded", DType::F32, n * v);
     let e = err(cross_entropy::forward(
-        gpu, &losses, &lse, &unpadded, &targets, n, v, vp,
+        gpu, &losses, &lse, &unpadded, &targets, dims,
     ));
     assert!(e.contains("tensor logits_unpadded"), "{e}");
     let f32_targets = z("targets_f32", DType::F32, n);
@@ -105,18 +109,16 @@ fn mismatched_shapes_are_an_error() {
         &lse,
         &logits,
         &f32_targets,
-        n,
-        v,
-        vp,
+        dims,
     ));
     assert!(e.contains("tensor targets_f32"), "{e}");
     let short_lse = z("lse_short", DType::F32, n - 1);
     let e = err(cross_entropy::forward(
-        gpu, &losses, &short_lse, &logits, &targets, n, v, vp,
+        gpu, &losses, &short_lse, &logits, &targets, dims,
     ));
     assert!(e.contains("tensor lse_short"), "{e}");
     let e = err(cross_entropy::backward(
-        gpu, &logits, &short_lse, &targets, n, v, vp, 1.0,
+        gpu, &logits, &short_lse, &targets, dims, 1.0,
     ));
     assert!(e.contains("tensor lse_short"), "{e}");
     let e = err(cross_entropy::backward(
@@ -124,9 +126,7 @@ fn mismatched_shapes_are_an_error() {
         &logits,
         &lse,
         &targets,
-        n,
-        vp + 1,
-        vp,
+        Dims { v: vp + 1, ..dims },
         1.0,
     ));
     assert!(e.contains("exceeds the padded row length"), "{e}");
