@@ -1181,21 +1181,13 @@ impl<'s> Lowering<'s> {
     /// Token rows plus position rows: one dispatch per row chunk of the token table.
     fn embedding(self, b: usize, t: usize, c: usize) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let dims = embedding::Dims { b, t, c };
         let mut row0 = 0;
         let mut out = Vec::new();
-        for wte in self.ic(1) {
-            out.push(embedding::forward(
-                self.gpu(),
-                o(0),
-                i(0),
-                wte,
-                row0,
-                i(2),
-                b,
-                t,
-                c,
-            )?);
-            row0 += wte.len / c;
+        for view in self.ic(1) {
+            let wte = embedding::TableChunk { view, row0 };
+            out.push(embedding::forward(self.gpu(), o(0), i(0), wte, i(2), dims)?);
+            row0 += view.len / c;
         }
         Ok(out)
     }
@@ -1204,23 +1196,22 @@ impl<'s> Lowering<'s> {
     /// first chunk's dispatch also the position table's gradient.
     fn embedding_backward(self, b: usize, t: usize, c: usize) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let dims = embedding::Dims { b, t, c };
         let mut row0 = 0;
         let mut out = Vec::new();
-        for (k, dwte) in self.oc(0).iter().enumerate() {
+        for (k, view) in self.oc(0).iter().enumerate() {
+            let dwte = embedding::TableChunk { view, row0 };
             let dwpe = (k == 0).then(|| o(1));
             out.extend(embedding::backward(
                 self.gpu(),
                 dwte,
-                row0,
                 dwpe,
                 i(0),
                 i(1),
                 i(2),
-                b,
-                t,
-                c,
+                dims,
             )?);
-            row0 += dwte.len / c;
+            row0 += view.len / c;
         }
         Ok(out)
     }

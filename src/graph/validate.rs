@@ -96,7 +96,8 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
     };
     match node.op {
         Op::Embedding { b, t, c } => {
-            r::embedding::forward(&mut o[0], ins[0].u(), f(1), 0, f(2), b, t, c);
+            let dims = r::embedding::Dims { b, t, c };
+            r::embedding::forward(&mut o[0], ins[0].u(), f(1), 0, f(2), dims);
         }
         Op::LayerNorm { n, c } => {
             let (y, rest) = o.split_at_mut(1);
@@ -172,9 +173,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 Some(&mut dwpe[0]),
                 f(0),
                 ins[1].u(),
-                b,
-                t,
-                c,
+                r::embedding::Dims { b, t, c },
             );
         }
         Op::LayerNormBackward { n, c, acc, bias } => {

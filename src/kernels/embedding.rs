@@ -2,8 +2,8 @@
 //! (dwte += per-token sums of dout through a CPU-built index, dwpe += dout summed over the batch).
 //!
 //! The token table may be split into row chunks (GPT-2's wte is 154 MB in f32, over many devices'
-//! 128 MiB binding limit): each call takes one chunk `wte (V_chunk, C)` holding vocabulary rows
-//! `[wte_row0, wte_row0 + V_chunk)` and touches only the positions whose token lies in it.
+//! 128 MiB binding limit): each call takes one `TableChunk`, a view `(V_chunk, C)` holding
+//! vocabulary rows `[row0, row0 + V_chunk)`, and touches only the positions whose token lies in it.
 //!
 //! f16 tables (inference): `forward` also takes wte and wpe as f16 views (both f16, output f32),
 //! selecting the F16 variant of embedding.wgsl; this needs the adapter's SHADER_F16 feature
@@ -70,6 +70,24 @@ struct Params {
     groups: u32,
 }
 
+/// The shape of an embedding: B sequences of T tokens, C channels.
+pub use crate::reference::embedding::Dims;
+
+/// One chunk of the token table, or of its gradient: `view` (V_chunk, C) holds vocabulary rows
+/// [row0, row0 + V_chunk). A table that is not split is one chunk at row 0 (`TableChunk::whole`).
+#[derive(Clone, Copy, Debug)]
+pub struct TableChunk<'a> {
+    pub view: &'a View,
+    pub row0: usize,
+}
+
+impl<'a> TableChunk<'a> {
+    /// The whole table: one chunk starting at vocabulary row 0.
+    pub fn whole(view: &'a View) -> Self {
+        TableChunk { view, row0: 0 }
+    }
+}
+
 /// The layout of `Params`, for the test that compares it with `Params` in the shader.
 pub fn params_layout() -> super::ParamsLayout {
     super::params_layout!(Params {
@@ -109,7 +127,7 @@ fn expect_rows(
 }
 
 /// Checks B, T, C and that B·T·C elements can be indexed with u32 in the shaders.
-fn expect_btc(kernel: &str, b: usize, t: usize, c: usize) -> Result<()> {
+fn expect_btc(kernel: &str, Dims { b, t, c }: Dims) -> Result<()> {
     expect_dims(kernel, &[("B", b), ("T", t), ("C", c)])?;
     if b.checked_mul(t)
         .and_then(|bt| bt.checked_mul(c))
@@ -123,43 +141,37 @@ fn expect_btc(kernel: &str, b: usize, t: usize, c: usize) -> Result<()> {
     Ok(())
 }
 
-/// out (B,T,C) = wte[tokens[b,t]] + wpe[t], tokens (B,T) u32, wte (V_chunk, C) holding vocabulary
-/// rows [wte_row0, wte_row0 + V_chunk), wpe (maxT, C) with T <= maxT.
+/// out (B,T,C) = wte[tokens[b,t]] + wpe[t], tokens (B,T) u32, wte a `TableChunk` (V_chunk, C)
+/// holding vocabulary rows [wte.row0, wte.row0 + V_chunk), wpe (maxT, C) with T <= maxT.
 /// Rows whose token is outside the chunk are left untouched, so calling it once per chunk of a
 /// split table writes every row exactly once. Overwrites. Tokens >= V are the caller's error; their
 /// rows are left untouched and nothing is read or written out of bounds.
 /// wte and wpe are both f32, or both f16 (inference weights, on adapters with SHADER_F16: widened
 /// to f32 and added in f32); out is f32.
-#[allow(clippy::too_many_arguments)]
 pub fn forward(
     gpu: &Gpu,
     out: &View,
     tokens: &View,
-    wte: &View,
-    wte_row0: usize,
+    wte: TableChunk,
     wpe: &View,
-    b: usize,
-    t: usize,
-    c: usize,
+    dims: Dims,
 ) -> Result<Dispatch> {
-    forward_variant(gpu, out, tokens, wte, wte_row0, wpe, b, t, c, true)
+    forward_variant(gpu, out, tokens, wte, wpe, dims, true)
 }
 
 /// `forward`, choosing the four-channels-per-thread kernel when `vec4` allows and the shapes and
 /// alignments permit it.
-#[allow(clippy::too_many_arguments)]
 fn forward_variant(
     gpu: &Gpu,
     out: &View,
     tokens: &View,
-    wte: &View,
-    wte_row0: usize,
+    wte: TableChunk,
     wpe: &View,
-    b: usize,
-    t: usize,
-    c: usize,
+    dims: Dims,
     vec4: bool,
 ) -> Result<Dispatch> {
+    let Dims { b, t, c } = dims;
+    let (wte, wte_row0) = (wte.view, wte.row0);
     // f16 tables select embedding.wgsl's F16 variant; wpe must match wte.
     let f16 = wte.dtype == DType::F16;
     let (table, scalar_spec, vec4_spec) = if f16 {
@@ -168,7 +180,7 @@ fn forward_variant(
         (DType::F32, &FORWARD, &FORWARD_VEC4)
     };
     let name = scalar_spec.name();
-    expect_btc(&name, b, t, c)?;
+    expect_btc(&name, dims)?;
     let bt = b * t;
     expect(&name, out, DType::F32, bt * c)?;
     expect(&name, tokens, DType::U32, bt)?;
@@ -263,28 +275,26 @@ pub fn backward_index(tokens: &[u32]) -> Vec<u32> {
     index
 }
 
-/// dwte (V_chunk, C) += Σ over positions with that token of dout (B,T,C) (chunk rows
-/// [wte_row0, wte_row0 + V_chunk)); dwpe (maxT, C) rows [0, T) += Σ_b dout[b, t]. Accumulates.
+/// dwte (V_chunk, C) += Σ over positions with that token of dout (B,T,C) (a `TableChunk` of rows
+/// [dwte.row0, dwte.row0 + V_chunk)); dwpe (maxT, C) rows [0, T) += Σ_b dout[b, t]. Accumulates.
 /// Deterministic: every element is summed in a fixed order, no atomics. dwpe is only updated when
 /// `dwpe` is Some (so with a split wte it is added once). `index` is `backward_index(tokens)` for
 /// the same `tokens` (B,T); a position whose token disagrees with its index segment makes that
 /// segment's dwte row NaN, so a stale index cannot go unnoticed.
 /// Returns the dwte dispatch, then the dwpe one when requested.
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
-    dwte: &View,
-    wte_row0: usize,
+    dwte: TableChunk,
     dwpe: Option<&View>,
     dout: &View,
     tokens: &View,
     index: &View,
-    b: usize,
-    t: usize,
-    c: usize,
+    dims: Dims,
 ) -> Result<Vec<Dispatch>> {
+    let Dims { b, t, c } = dims;
+    let (dwte, wte_row0) = (dwte.view, dwte.row0);
     let name = BACKWARD_WTE.name();
-    expect_btc(&name, b, t, c)?;
+    expect_btc(&name, dims)?;
     let bt = b * t;
     let v_chunk = expect_rows(&name, dwte, DType::F32, c, 1, "V_chunk >= 1")?;
     if let Some(dwpe) = dwpe {
@@ -390,6 +400,7 @@ fn parse(shape: &[usize]) -> Result<(usize, usize, usize, usize, usize)> {
 
 fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let (b, t, c, v, k) = parse(shape)?;
+    let dims = Dims { b, t, c };
     let s = format!("B={b} T={t} C={c} V={v} K={k}");
     let bt = b * t;
     let max_t = t + 2;
@@ -430,18 +441,18 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     // Forward, one chunk at a time; after the first, positions of other chunks are untouched.
     let mut out = out0.clone();
     for (i, &(r0, _)) in parts.iter().enumerate() {
-        gpu.run(&[forward(
-            gpu, &g_out, &g_tokens, &g_wte[i], r0, &g_wpe, b, t, c,
-        )?])?;
+        let chunk = TableChunk {
+            view: &g_wte[i],
+            row0: r0,
+        };
+        gpu.run(&[forward(gpu, &g_out, &g_tokens, chunk, &g_wpe, dims)?])?;
         reference::embedding::forward(
             &mut out,
             &tokens,
             &wte[r0 * c..(r0 + parts[i].1) * c],
             r0,
             &wpe,
-            b,
-            t,
-            c,
+            dims,
         );
         if i == 0 && parts.len() > 1 {
             let got = gpu.read_f32(&g_out)?;
@@ -476,18 +487,18 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         for (i, &(r0, rows)) in parts.iter().enumerate() {
             let chunk = r0 * c..(r0 + rows) * c;
             tables.push(gpu.upload(&format!("wte16_{i}"), DType::F16, &wte16[chunk.clone()])?);
-            dispatches.push(forward(
-                gpu, &g_out16, &g_tokens, &tables[i], r0, &g_wpe16, b, t, c,
-            )?);
+            let wte16 = TableChunk {
+                view: &tables[i],
+                row0: r0,
+            };
+            dispatches.push(forward(gpu, &g_out16, &g_tokens, wte16, &g_wpe16, dims)?);
             reference::embedding::forward(
                 &mut out16,
                 &tokens,
                 &wte_rounded[chunk],
                 r0,
                 &wpe_rounded,
-                b,
-                t,
-                c,
+                dims,
             );
         }
         gpu.run(&dispatches)?;
@@ -504,14 +515,18 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     // Backward, one chunk at a time, dwpe with the first chunk only; reference in f64.
     for (i, &(r0, _)) in parts.iter().enumerate() {
         let dwpe = (i == 0).then_some(&g_dwpe);
+        let dwte = TableChunk {
+            view: &g_dwte[i],
+            row0: r0,
+        };
         gpu.run(&backward(
-            gpu, &g_dwte[i], r0, dwpe, &g_dout, &g_tokens, &g_index, b, t, c,
+            gpu, dwte, dwpe, &g_dout, &g_tokens, &g_index, dims,
         )?)?;
     }
     let mut dwte: Vec<f64> = reference::convert(&dwte0);
     let mut dwpe: Vec<f64> = reference::convert(&dwpe0);
     let dout64: Vec<f64> = reference::convert(&dout);
-    reference::embedding::backward(&mut dwte, 0, Some(&mut dwpe), &dout64, &tokens, b, t, c);
+    reference::embedding::backward(&mut dwte, 0, Some(&mut dwpe), &dout64, &tokens, dims);
     let mut got_dwte = Vec::with_capacity(v * c);
     for g in &g_dwte {
         got_dwte.extend(gpu.read_f32(g)?);
@@ -537,6 +552,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
 
 fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
     let (b, t, c, v, k) = parse(shape)?;
+    let dims = Dims { b, t, c };
     let bt = b * t;
     let n = (bt * c) as u64;
     // As many table chunks as the binding limit requires (or more, when asked).
@@ -573,7 +589,10 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         let d = parts
             .iter()
             .zip(&wte)
-            .map(|(&(r0, _), w)| forward_variant(gpu, &out, &g_tokens, w, r0, &wpe, b, t, c, vec4))
+            .map(|(&(row0, _), view)| {
+                let wte = TableChunk { view, row0 };
+                forward_variant(gpu, &out, &g_tokens, wte, &wpe, dims, vec4)
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut r = harness::bench_one(gpu, opts, variant, &s, &d)?;
         r.cost = fw_cost;
@@ -585,7 +604,8 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         let mut d = Vec::new();
         for (i, &(r0, rows)) in parts.iter().enumerate() {
             let w = gpu.zeros(&format!("wte16_{i}"), DType::F16, rows * c)?;
-            d.push(forward(gpu, &out, &g_tokens, &w, r0, &wpe16, b, t, c)?);
+            let wte = TableChunk { view: &w, row0: r0 };
+            d.push(forward(gpu, &out, &g_tokens, wte, &wpe16, dims)?);
         }
         let mut r = harness::bench_one(gpu, opts, "forward f16 tables", &s, &d)?;
         r.cost = Cost {
@@ -597,11 +617,10 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
 
     // The backward writes into the tables' storage as dwte (values are irrelevant here).
     let mut d_wte = Vec::new();
-    for (i, (&(r0, _), w)) in parts.iter().zip(&wte).enumerate() {
+    for (i, (&(row0, _), view)) in parts.iter().zip(&wte).enumerate() {
         let dwpe = (i == 0).then_some(&wpe);
-        d_wte.extend(backward(
-            gpu, w, r0, dwpe, &out, &g_tokens, &g_index, b, t, c,
-        )?);
+        let dwte = TableChunk { view, row0 };
+        d_wte.extend(backward(gpu, dwte, dwpe, &out, &g_tokens, &g_index, dims)?);
     }
     let (wpe_d, wte_d): (Vec<Dispatch>, Vec<Dispatch>) = d_wte
         .into_iter()

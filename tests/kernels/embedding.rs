@@ -1,6 +1,6 @@
 use half::f16;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, test_gpu};
-use shaderformer::kernels::embedding;
+use shaderformer::kernels::embedding::{self, Dims, TableChunk};
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
 
@@ -12,6 +12,7 @@ fn gpu_matches_reference() {
 #[test]
 fn reference_backward_matches_finite_differences() {
     let (b, t, c, v, max_t) = (2, 3, 4, 5, 4);
+    let dims = Dims { b, t, c };
     let tokens = [3u32, 1, 3, 0, 3, 4];
     let mut rng = Rng::new(2);
     let wte: Vec<f64> = reference::convert(&rng.vec_uniform(v * c, -1.0, 1.0));
@@ -19,11 +20,11 @@ fn reference_backward_matches_finite_differences() {
     let w: Vec<f64> = reference::convert(&rng.vec_uniform(b * t * c, -1.0, 1.0));
     let loss = |wte: &[f64], wpe: &[f64]| {
         let mut out = vec![0.0; b * t * c];
-        reference::embedding::forward(&mut out, &tokens, wte, 0, wpe, b, t, c);
+        reference::embedding::forward(&mut out, &tokens, wte, 0, wpe, dims);
         dot(&out, &w)
     };
     let (mut dwte, mut dwpe) = (vec![0.0; v * c], vec![0.0; max_t * c]);
-    reference::embedding::backward(&mut dwte, 0, Some(&mut dwpe), &w, &tokens, b, t, c);
+    reference::embedding::backward(&mut dwte, 0, Some(&mut dwpe), &w, &tokens, dims);
     let ndwte = numeric_grad(&wte, 1e-6, |x| loss(x, &wpe));
     let ndwpe = numeric_grad(&wpe, 1e-6, |x| loss(&wte, x));
     reference::compare("dwte", &dwte, &ndwte, 1e-8, 1e-6).assert();
@@ -31,7 +32,7 @@ fn reference_backward_matches_finite_differences() {
 
     // A chunk of rows [2, 5) gets exactly its slice of the full gradient, and no dwpe.
     let mut chunk = vec![0.0; 3 * c];
-    reference::embedding::backward(&mut chunk, 2, None, &w, &tokens, b, t, c);
+    reference::embedding::backward(&mut chunk, 2, None, &w, &tokens, dims);
     reference::compare("dwte chunk", &chunk, &dwte[2 * c..], 0.0, 0.0).assert();
 }
 
@@ -53,6 +54,7 @@ fn backward_index_groups_positions_by_token() {
 fn backward_is_bit_reproducible_and_flags_a_stale_index() {
     let Some(gpu) = test_gpu() else { return };
     let (b, t, c, v) = (4, 64, 96, 10);
+    let dims = Dims { b, t, c };
     let mut rng = Rng::new(3);
     let tokens: Vec<u32> = (0..b * t).map(|_| rng.below(v as u64) as u32).collect();
     let dout = gpu
@@ -65,8 +67,16 @@ fn backward_is_bit_reproducible_and_flags_a_stale_index() {
     let run = |index| {
         let dwte = gpu.zeros("dwte", DType::F32, v * c).unwrap();
         let dwpe = gpu.zeros("dwpe", DType::F32, t * c).unwrap();
-        let d = embedding::backward(gpu, &dwte, 0, Some(&dwpe), &dout, &g_tokens, index, b, t, c)
-            .unwrap();
+        let d = embedding::backward(
+            gpu,
+            TableChunk::whole(&dwte),
+            Some(&dwpe),
+            &dout,
+            &g_tokens,
+            index,
+            dims,
+        )
+        .unwrap();
         gpu.run(&d).unwrap();
         (gpu.read_u32(&dwte).unwrap(), gpu.read_u32(&dwpe).unwrap())
     };
@@ -92,6 +102,7 @@ fn backward_is_bit_reproducible_and_flags_a_stale_index() {
 fn tokens_outside_the_table_are_left_untouched() {
     let Some(gpu) = test_gpu() else { return };
     let (b, t, c, v) = (1, 3, 8, 4);
+    let dims = Dims { b, t, c };
     let tokens = gpu.upload_u32("tokens", &[1, 4, u32::MAX]).unwrap();
     let wte = gpu.upload_f32("wte", &vec![1.0; v * c]).unwrap();
     let wpe = gpu.upload_f32("wpe", &vec![0.5; t * c]).unwrap();
@@ -102,8 +113,20 @@ fn tokens_outside_the_table_are_left_untouched() {
         .upload_u32("index", &embedding::backward_index(&[1, 4, u32::MAX]))
         .unwrap();
     let g_tokens = tokens.clone();
-    let mut d = vec![embedding::forward(gpu, &out, &tokens, &wte, 0, &wpe, b, t, c).unwrap()];
-    d.extend(embedding::backward(gpu, &dwte, 0, None, &dout, &g_tokens, &index, b, t, c).unwrap());
+    let mut d =
+        vec![embedding::forward(gpu, &out, &tokens, TableChunk::whole(&wte), &wpe, dims).unwrap()];
+    d.extend(
+        embedding::backward(
+            gpu,
+            TableChunk::whole(&dwte),
+            None,
+            &dout,
+            &g_tokens,
+            &index,
+            dims,
+        )
+        .unwrap(),
+    );
     gpu.run(&d).unwrap();
     let out = gpu.read_f32(&out).unwrap();
     assert!(out[..c].iter().all(|&x| x == 1.5));
@@ -117,6 +140,7 @@ fn tokens_outside_the_table_are_left_untouched() {
 fn mismatched_shapes_are_an_error() {
     let Some(gpu) = test_gpu() else { return };
     let (b, t, c) = (2, 3, 4);
+    let dims = Dims { b, t, c };
     let z = |name: &str, dtype, len| gpu.zeros(name, dtype, len).unwrap();
     let out = z("out", DType::F32, b * t * c);
     let tokens = z("tokens", DType::U32, b * t);
@@ -129,12 +153,22 @@ fn mismatched_shapes_are_an_error() {
 
     let bad_wte = z("wte_ragged", DType::F32, 10 * c + 1);
     let e = err(embedding::forward(
-        gpu, &out, &tokens, &bad_wte, 0, &wpe, b, t, c,
+        gpu,
+        &out,
+        &tokens,
+        TableChunk::whole(&bad_wte),
+        &wpe,
+        dims,
     ));
     assert!(e.contains("tensor wte_ragged"), "{e}");
     let short_wpe = z("wpe_short", DType::F32, (t - 1) * c);
     let e = err(embedding::forward(
-        gpu, &out, &tokens, &wte, 0, &short_wpe, b, t, c,
+        gpu,
+        &out,
+        &tokens,
+        TableChunk::whole(&wte),
+        &short_wpe,
+        dims,
     ));
     assert!(e.contains("tensor wpe_short"), "{e}");
     let f32_tokens = z("tokens_f32", DType::F32, b * t);
@@ -142,56 +176,50 @@ fn mismatched_shapes_are_an_error() {
         gpu,
         &out,
         &f32_tokens,
-        &wte,
-        0,
+        TableChunk::whole(&wte),
         &wpe,
-        b,
-        t,
-        c,
+        dims,
     ));
     assert!(e.contains("tensor tokens_f32"), "{e}");
     let e = err(embedding::forward(
         gpu,
         &out,
         &tokens,
-        &wte,
-        0,
+        TableChunk::whole(&wte),
         &wpe,
-        b,
-        t + 1,
-        c,
+        Dims { t: t + 1, ..dims },
     ));
     assert!(e.contains("tensor out"), "{e}");
 
     let short_index = z("index_short", DType::U32, b * t);
     let e = err(embedding::backward(
         gpu,
-        &wte,
-        0,
+        TableChunk::whole(&wte),
         Some(&wpe),
         &out,
         &tokens,
         &short_index,
-        b,
-        t,
-        c,
+        dims,
     ));
     assert!(e.contains("tensor index_short"), "{e}");
     let e = err(embedding::backward(
         gpu,
-        &wte,
-        0,
+        TableChunk::whole(&wte),
         Some(&short_wpe),
         &out,
         &tokens,
         &index,
-        b,
-        t,
-        c,
+        dims,
     ));
     assert!(e.contains("tensor wpe_short"), "{e}");
     let e = err(embedding::backward(
-        gpu, &wte, 0, None, &out, &tokens, &index, b, t, 0,
+        gpu,
+        TableChunk::whole(&wte),
+        None,
+        &out,
+        &tokens,
+        &index,
+        Dims { c: 0, ..dims },
     ));
     assert!(e.contains("C = 0"), "{e}");
 }
@@ -208,6 +236,7 @@ fn f16_tables_match_reference() {
     let (b, t, v) = (2, 5, 13);
     let tokens: Vec<u32> = vec![0, 12, 7, 6, 99, 3, 3, 11, 6, 5];
     for c in [45, 64] {
+        let dims = Dims { b, t, c };
         let mut rng = Rng::new(c as u64);
         let wte: Vec<f16> = rng
             .vec_uniform(v * c, -1.0, 1.0)
@@ -235,12 +264,12 @@ fn f16_tables_match_reference() {
                     gpu,
                     &g_out,
                     &g_tokens,
-                    tables.last().unwrap(),
-                    r0,
+                    TableChunk {
+                        view: tables.last().unwrap(),
+                        row0: r0,
+                    },
                     &g_wpe,
-                    b,
-                    t,
-                    c,
+                    dims,
                 )
                 .unwrap(),
             );
@@ -250,9 +279,7 @@ fn f16_tables_match_reference() {
                 &widen(chunk),
                 r0,
                 &widen(&wpe),
-                b,
-                t,
-                c,
+                dims,
             );
         }
         let entry = if c % 4 == 0 {
@@ -275,6 +302,7 @@ fn f16_tables_match_reference() {
 fn mismatched_table_dtypes_are_an_error() {
     let Some(gpu) = test_gpu() else { return };
     let (b, t, c, v) = (2, 3, 4, 10);
+    let dims = Dims { b, t, c };
     let z = |name: &str, dtype, len| gpu.zeros(name, dtype, len).unwrap();
     let out = z("out", DType::F32, b * t * c);
     let tokens = z("tokens", DType::U32, b * t);
@@ -284,22 +312,43 @@ fn mismatched_table_dtypes_are_an_error() {
         r.map(|_| ()).unwrap_err().to_string()
     }
     let e = err(embedding::forward(
-        gpu, &out, &tokens, &wte16, 0, &wpe, b, t, c,
+        gpu,
+        &out,
+        &tokens,
+        TableChunk::whole(&wte16),
+        &wpe,
+        dims,
     ));
     assert!(e.contains("tensor wpe") && e.contains("f16"), "{e}");
     let e = err(embedding::forward(
-        gpu, &out, &tokens, &wte, 0, &wpe16, b, t, c,
+        gpu,
+        &out,
+        &tokens,
+        TableChunk::whole(&wte),
+        &wpe16,
+        dims,
     ));
     assert!(e.contains("tensor wpe16") && e.contains("f32"), "{e}");
     let out16 = z("out16", DType::F16, b * t * c);
     let e = err(embedding::forward(
-        gpu, &out16, &tokens, &wte16, 0, &wpe16, b, t, c,
+        gpu,
+        &out16,
+        &tokens,
+        TableChunk::whole(&wte16),
+        &wpe16,
+        dims,
     ));
     assert!(e.contains("tensor out16"), "{e}");
     // The backward is f32 only.
     let index = z("index", DType::U32, embedding::backward_index_len(b * t));
     let e = err(embedding::backward(
-        gpu, &wte16, 0, None, &out, &tokens, &index, b, t, c,
+        gpu,
+        TableChunk::whole(&wte16),
+        None,
+        &out,
+        &tokens,
+        &index,
+        dims,
     ));
     assert!(e.contains("tensor wte16") && e.contains("f32"), "{e}");
 
@@ -312,7 +361,12 @@ fn mismatched_table_dtypes_are_an_error() {
     let wte16 = gpu.zeros("wte16", DType::F16, v * c).unwrap();
     let wpe16 = gpu.zeros("wpe16", DType::F16, t * c).unwrap();
     let e = err(embedding::forward(
-        gpu, &out, &tokens, &wte16, 0, &wpe16, b, t, c,
+        gpu,
+        &out,
+        &tokens,
+        TableChunk::whole(&wte16),
+        &wpe16,
+        dims,
     ));
     assert!(
         e.contains("tensor wte16") && e.contains("SHADER_F16"),
