@@ -586,19 +586,16 @@ impl<'a> Executor<'a> {
         }
         (0..params.len())
             .map(|j| {
-                adamw::step(
-                    self.gpu,
-                    &params[j],
-                    &grads[j],
-                    &ms[j],
-                    &vs[j],
-                    norm,
-                    params[j].len,
-                    &self.opts.adamw,
-                    decay,
-                    0.0,
-                    1,
-                )
+                let tensors = adamw::Tensors {
+                    param: &params[j],
+                    grad: &grads[j],
+                    m: &ms[j],
+                    v: &vs[j],
+                };
+                // lr and t are set per step (`adamw::set_step`).
+                let placeholder = adamw::Step { lr: 0.0, t: 1 };
+                let (n, hyper) = (params[j].len, &self.opts.adamw);
+                adamw::step(self.gpu, tensors, norm, n, hyper, decay, placeholder)
             })
             .collect()
     }

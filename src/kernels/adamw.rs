@@ -46,6 +46,24 @@ pub struct Hyper {
     pub grad_clip: f32,
 }
 
+/// The tensors one AdamW step updates, all (N): the parameter, its gradient (read) and the first
+/// and second moments.
+#[derive(Clone, Copy, Debug)]
+pub struct Tensors<'a> {
+    pub param: &'a View,
+    pub grad: &'a View,
+    pub m: &'a View,
+    pub v: &'a View,
+}
+
+/// What changes from one optimizer step to the next: the learning rate and the step number t,
+/// counted from 1 (`set_step` rewrites both in a built dispatch).
+#[derive(Clone, Copy, Debug)]
+pub struct Step {
+    pub lr: f32,
+    pub t: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
@@ -122,24 +140,21 @@ fn check_hyper(name: &str, h: &Hyper, lr: f32, t: u32) -> Result<()> {
 /// grad (N) is read and scaled by clip = min(1, grad_clip / (norm[0] + 1e-6)) when grad_clip > 0
 /// (norm (1) is the `reduce::global_norm` output, read on the GPU, so no CPU round trip; it is
 /// bound but unused when grad_clip = 0). `decay` switches weight decay for this tensor (2-D
-/// weights decay; biases, LayerNorm and 1-D tensors do not). `t` counts from 1.
+/// weights decay; biases, LayerNorm and 1-D tensors do not). `at` holds lr and t, from 1.
 ///
 /// PyTorch order: p *= 1 - lr·wd (if decay); m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²;
 /// denom = sqrt(v)/sqrt(1-β2^t) + eps; p -= (lr/(1-β1^t)) · m / denom.
-#[allow(clippy::too_many_arguments)]
 pub fn step(
     gpu: &Gpu,
-    param: &View,
-    grad: &View,
-    m: &View,
-    v: &View,
+    tensors: Tensors,
     norm: &View,
     n: usize,
     hyper: &Hyper,
     decay: bool,
-    lr: f32,
-    t: u32,
+    at: Step,
 ) -> Result<Dispatch> {
+    let Tensors { param, grad, m, v } = tensors;
+    let Step { lr, t } = at;
     let name = STEP.name();
     expect_dims(&name, &[("N", n)])?;
     for x in [param, grad, m, v] {
@@ -282,9 +297,14 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         let m = gpu.zeros("m", DType::F32, n)?;
         let v = gpu.zeros("v", DType::F32, n)?;
         let norm = gpu.zeros("norm", DType::F32, 1)?;
-        let d = step(
-            gpu, &param, &grad, &m, &v, &norm, n, &hyper, sc.decay, LRS[0], 1,
-        )?;
+        let tensors = Tensors {
+            param: &param,
+            grad: &grad,
+            m: &m,
+            v: &v,
+        };
+        let first = Step { lr: LRS[0], t: 1 };
+        let d = step(gpu, tensors, &norm, n, &hyper, sc.decay, first)?;
 
         let mut rp: Vec<f64> = reference::convert(&p0);
         let (mut rm, mut rv) = (vec![0.0f64; n], vec![0.0f64; n]);
@@ -305,19 +325,17 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             gpu.run(std::slice::from_ref(&d))?;
 
             let clip = reference::adamw::clip_scale(g_norm as f64, widen(hyper.grad_clip));
-            reference::adamw::step(
-                &mut rp,
-                &mut rm,
-                &mut rv,
-                &reference::convert::<f32, f64>(g),
+            let update = reference::adamw::Update {
                 clip,
-                widen(lr),
-                widen(hyper.beta1),
-                widen(hyper.beta2),
-                widen(hyper.eps),
-                wd,
+                lr: widen(lr),
+                beta1: widen(hyper.beta1),
+                beta2: widen(hyper.beta2),
+                eps: widen(hyper.eps),
+                weight_decay: wd,
                 t,
-            );
+            };
+            let g = reference::convert::<f32, f64>(g);
+            reference::adamw::step(&mut rp, &mut rm, &mut rv, &g, update);
             if t == 1 || t == 3 {
                 let what = format!("{}: t={t} param", sc.what);
                 reports.push(CheckReport::new(
@@ -366,7 +384,21 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &harness::BenchOptions) -> Result<Vec
         weight_decay: 0.1,
         grad_clip: 1.0,
     };
-    let d = step(gpu, &param, &grad, &m, &v, &norm, n, &hyper, true, 6e-4, 1)?;
+    let tensors = Tensors {
+        param: &param,
+        grad: &grad,
+        m: &m,
+        v: &v,
+    };
+    let d = step(
+        gpu,
+        tensors,
+        &norm,
+        n,
+        &hyper,
+        true,
+        Step { lr: 6e-4, t: 1 },
+    )?;
     let s = format!("N={n}");
     Ok(vec![harness::bench_one(gpu, opts, "step", &s, &[d])?])
 }

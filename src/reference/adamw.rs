@@ -13,9 +13,23 @@ pub fn clip_scale<T: Real>(norm: T, grad_clip: T) -> T {
     }
 }
 
-/// One AdamW step t (t = 1, 2, ...) on one tensor, in place:
-/// param (N), m (N), v (N) updated; grad (N) read and multiplied by `clip` (see `clip_scale`).
-/// `weight_decay` is 0 for tensors that do not decay (biases, LayerNorm, other 1-D tensors).
+/// The scalars of one AdamW step on one tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct Update<T> {
+    /// The factor every gradient is multiplied by (see `clip_scale`).
+    pub clip: T,
+    pub lr: T,
+    pub beta1: T,
+    pub beta2: T,
+    pub eps: T,
+    /// 0 for tensors that do not decay (biases, LayerNorm, other 1-D tensors).
+    pub weight_decay: T,
+    /// The step number, from 1.
+    pub t: u32,
+}
+
+/// One AdamW step `u.t` (t = 1, 2, ...) on one tensor, in place:
+/// param (N), m (N), v (N) updated; grad (N) read and multiplied by `u.clip`.
 ///
 ///   g = clip · grad
 ///   p = p · (1 - lr · weight_decay)
@@ -23,20 +37,16 @@ pub fn clip_scale<T: Real>(norm: T, grad_clip: T) -> T {
 ///   v = β2 · v + (1 - β2) · g²
 ///   denom = sqrt(v) / sqrt(1 - β2^t) + eps
 ///   p = p - lr / (1 - β1^t) · m / denom
-#[allow(clippy::too_many_arguments)]
-pub fn step<T: Real>(
-    param: &mut [T],
-    m: &mut [T],
-    v: &mut [T],
-    grad: &[T],
-    clip: T,
-    lr: T,
-    beta1: T,
-    beta2: T,
-    eps: T,
-    weight_decay: T,
-    t: u32,
-) {
+pub fn step<T: Real>(param: &mut [T], m: &mut [T], v: &mut [T], grad: &[T], u: Update<T>) {
+    let Update {
+        clip,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        t,
+    } = u;
     let one = T::one();
     let mut beta1_t = one;
     let mut beta2_t = one;

@@ -3,8 +3,9 @@
 //! against an independent textbook formulation (bias-corrected moments) over several steps.
 
 use shaderformer::gpu::{DType, test_gpu};
-use shaderformer::kernels::adamw::{self, Hyper};
-use shaderformer::reference::{self, adamw::clip_scale};
+use shaderformer::kernels::adamw::{self, Hyper, Step, Tensors};
+use shaderformer::reference;
+use shaderformer::reference::adamw::{Update, clip_scale};
 use shaderformer::rng::Rng;
 
 #[test]
@@ -23,7 +24,16 @@ fn reference_follows_the_constant_gradient_trajectory() {
     let (mut m, mut v) = (vec![0.0; 3], vec![0.0; 3]);
     let mut want = p.clone();
     for t in 1..=3 {
-        reference::adamw::step(&mut p, &mut m, &mut v, &g, 1.0, lr, 0.9, 0.999, eps, wd, t);
+        let update = Update {
+            clip: 1.0,
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps,
+            weight_decay: wd,
+            t,
+        };
+        reference::adamw::step(&mut p, &mut m, &mut v, &g, update);
         for i in 0..3 {
             want[i] = want[i] * (1.0 - lr * wd) - lr * g[i] / (g[i].abs() + eps);
         }
@@ -51,7 +61,16 @@ fn reference_matches_the_textbook_formulation() {
         let g: Vec<f64> = reference::convert(&rng.vec_uniform(n, -2.0, 2.0));
         let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
         let clip = clip_scale(norm, 1.0);
-        reference::adamw::step(&mut p, &mut m, &mut v, &g, clip, lr, b1, b2, eps, wd, t);
+        let update = Update {
+            clip,
+            lr,
+            beta1: b1,
+            beta2: b2,
+            eps,
+            weight_decay: wd,
+            t,
+        };
+        reference::adamw::step(&mut p, &mut m, &mut v, &g, update);
         for i in 0..n {
             let gi = g[i] * (1.0f64).min(1.0 / (norm + 1e-6));
             tm[i] = b1 * tm[i] + (1.0 - b1) * gi;
@@ -104,7 +123,13 @@ fn late_steps_match_reference() {
     let m = gpu.zeros("m", DType::F32, n).unwrap();
     let v = gpu.zeros("v", DType::F32, n).unwrap();
     let norm = gpu.upload_f32("norm", &[3.0]).unwrap();
-    let d = adamw::step(gpu, &param, &grad, &m, &v, &norm, n, &hyper, true, 1.0, 1).unwrap();
+    let tensors = Tensors {
+        param: &param,
+        grad: &grad,
+        m: &m,
+        v: &v,
+    };
+    let d = adamw::step(gpu, tensors, &norm, n, &hyper, true, Step { lr: 1.0, t: 1 }).unwrap();
     for t in [7u32, 700, 5000, 100_000] {
         let lr = 6e-4;
         gpu.write(&param, &p0).unwrap();
@@ -122,13 +147,15 @@ fn late_steps_match_reference() {
             &mut rm,
             &mut rv,
             &reference::convert::<f32, f64>(&g),
-            clip,
-            w(lr),
-            0.9,
-            0.999,
-            1e-8,
-            0.1,
-            t,
+            Update {
+                clip,
+                lr: w(lr),
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                t,
+            },
         );
         let what = format!("t={t} param");
         reference::compare(&what, &gpu.read_f32(&param).unwrap(), &rp, 1e-7, 1e-6).assert();
@@ -151,28 +178,36 @@ fn bad_inputs_are_errors_naming_the_tensor() {
         weight_decay: 0.1,
         grad_clip: 1.0,
     };
-    let e = adamw::step(gpu, &p, &g, &m11, &v, &norm, n, &h, true, 1e-3, 1)
+    let tensors = Tensors {
+        param: &p,
+        grad: &g,
+        m: &m,
+        v: &v,
+    };
+    let at = Step { lr: 1e-3, t: 1 };
+    let e = adamw::step(gpu, Tensors { m: &m11, ..tensors }, &norm, n, &h, true, at)
         .unwrap_err()
         .to_string();
     assert!(e.contains("tensor m11") && e.contains("11"), "{e}");
-    let e = adamw::step(gpu, &p, &g, &m, &v, &norm2, n, &h, true, 1e-3, 1)
+    let e = adamw::step(gpu, tensors, &norm2, n, &h, true, at)
         .unwrap_err()
         .to_string();
     assert!(e.contains("tensor norm2"), "{e}");
-    let e = adamw::step(gpu, &p, &g, &m, &v, &norm, 9, &h, true, 1e-3, 1)
+    let e = adamw::step(gpu, tensors, &norm, 9, &h, true, at)
         .unwrap_err()
         .to_string();
     assert!(e.contains("tensor p"), "{e}");
     let bad = Hyper { beta1: 1.0, ..h };
-    let e = adamw::step(gpu, &p, &g, &m, &v, &norm, n, &bad, true, 1e-3, 1)
+    let e = adamw::step(gpu, tensors, &norm, n, &bad, true, at)
         .unwrap_err()
         .to_string();
     assert!(e.contains("beta1"), "{e}");
-    let e = adamw::step(gpu, &p, &g, &m, &v, &norm, n, &h, true, 1e-3, 0)
+    let e = adamw::step(gpu, tensors, &norm, n, &h, true, Step { t: 0, ..at })
         .unwrap_err()
         .to_string();
     assert!(e.contains("t counts from 1"), "{e}");
-    let e = adamw::step(gpu, &p, &g, &m, &v, &norm, n, &h, true, f32::NAN, 1)
+    let nan_lr = Step { lr: f32::NAN, ..at };
+    let e = adamw::step(gpu, tensors, &norm, n, &h, true, nan_lr)
         .unwrap_err()
         .to_string();
     assert!(e.contains("lr"), "{e}");
