@@ -1215,7 +1215,15 @@ impl<'s> Lowering<'s> {
 
     fn layernorm(self, n: usize, c: usize) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
-        let d = layernorm::forward(self.gpu(), o(0), o(1), o(2), i(0), i(1), i(2), n, c)?;
+        let tensors = layernorm::ForwardTensors {
+            out: o(0),
+            mean: o(1),
+            rstd: o(2),
+            inp: i(0),
+            weight: i(1),
+            bias: i(2),
+        };
+        let d = layernorm::forward(self.gpu(), tensors, layernorm::Dims { n, c })?;
         Ok(vec![d])
     }
 
@@ -1235,20 +1243,17 @@ impl<'s> Lowering<'s> {
             scratch = self.gpu().zeros("unused dbias", DType::F32, c)?;
             &scratch
         };
-        layernorm::backward(
-            self.gpu(),
-            o(0),
-            o(1),
+        let tensors = layernorm::BackwardTensors {
+            dinp: o(0),
+            dweight: o(1),
             dbias,
-            i(0),
-            i(1),
-            i(2),
-            i(3),
-            i(4),
-            n,
-            c,
-            acc,
-        )
+            dout: i(0),
+            inp: i(1),
+            weight: i(2),
+            mean: i(3),
+            rstd: i(4),
+        };
+        layernorm::backward(self.gpu(), tensors, layernorm::Dims { n, c }, acc)
     }
 
     /// y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias).

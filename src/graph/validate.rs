@@ -109,8 +109,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 f(0),
                 f(1),
                 f(2),
-                n,
-                c,
+                r::layernorm::Dims { n, c },
             );
         }
         Op::Linear { m, k, n, bias } => {
@@ -191,8 +190,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 f(2),
                 f(3),
                 f(4),
-                n,
-                c,
+                r::layernorm::Dims { n, c },
             );
         }
         Op::LinearBackward {

@@ -29,6 +29,35 @@ use Binding::{Read, ReadWrite};
 /// The epsilon added to the variance.
 pub const EPS: f32 = reference::layernorm::EPS as f32;
 
+/// The shape of a LayerNorm: N rows of C channels.
+pub use crate::reference::layernorm::Dims;
+
+/// The tensors of `forward`: out (N, C), mean (N) and rstd (N) written; inp (N, C), weight (C)
+/// and bias (C) read.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardTensors<'a> {
+    pub out: &'a View,
+    pub mean: &'a View,
+    pub rstd: &'a View,
+    pub inp: &'a View,
+    pub weight: &'a View,
+    pub bias: &'a View,
+}
+
+/// The tensors of `backward`: dinp (N, C), dweight (C) and dbias (C) written; dout (N, C) and
+/// the forward's inp (N, C), weight (C), mean (N) and rstd (N) read.
+#[derive(Clone, Copy, Debug)]
+pub struct BackwardTensors<'a> {
+    pub dinp: &'a View,
+    pub dweight: &'a View,
+    pub dbias: &'a View,
+    pub dout: &'a View,
+    pub inp: &'a View,
+    pub weight: &'a View,
+    pub mean: &'a View,
+    pub rstd: &'a View,
+}
+
 /// Most rows one backward workgroup handles (the shader's MAX_ROWS).
 const MAX_ROWS: usize = 256;
 /// Backward blocks to aim for: enough workgroups to fill a big GPU, few enough partials that
@@ -151,11 +180,12 @@ enum Pass {
     Backward,
 }
 
-/// The variant `forward` or `backward` takes for `n` rows of `c` channels: measured among
+/// The variant `forward` or `backward` takes for N rows of C channels: measured among
 /// `Variant::available` (see `kernels::tune`), `Variant::best` being the fixed rule. The two
 /// variants reduce in different orders, so their results agree to rounding, not bit for bit.
-fn tuned(gpu: &Gpu, pass: Pass, n: usize, c: usize) -> Result<Variant> {
+fn tuned(gpu: &Gpu, pass: Pass, dims: Dims) -> Result<Variant> {
     use super::tune::{self, Problem, Trial, bucket};
+    let Dims { n, c } = dims;
     let variants = Variant::available(gpu);
     let pass_name = if pass == Pass::Forward {
         "forward"
@@ -194,29 +224,57 @@ fn tuned(gpu: &Gpu, pass: Pass, n: usize, c: usize) -> Result<Variant> {
                 gpu.zeros("tune.dbias", DType::F32, c)?,
             ];
             // The backward reads the forward's mean and rstd.
-            let [inp, w, b, _, out, mean, rstd, ..] = &t[..] else {
+            let [inp, weight, bias, _, out, mean, rstd, ..] = &t[..] else {
                 unreachable!()
             };
-            let fwd = forward_with(gpu, Variant::Shared, out, mean, rstd, inp, w, b, n, c)?;
+            let fwd = ForwardTensors {
+                out,
+                mean,
+                rstd,
+                inp,
+                weight,
+                bias,
+            };
+            let fwd = forward_with(gpu, Variant::Shared, fwd, dims)?;
             gpu.run(&[fwd])?;
             tensors = Some(t);
         }
         let t = tensors.as_ref().expect("set above");
-        let [inp, w, b, dout, out, mean, rstd, dw, db] = &t[..] else {
+        let [inp, weight, bias, dout, out, mean, rstd, dweight, dbias] = &t[..] else {
             unreachable!()
         };
         Ok(match pass {
-            Pass::Forward => Trial {
-                dispatches: vec![forward_with(gpu, v, out, mean, rstd, inp, w, b, n, c)?],
-                output: out.clone(),
-            },
+            Pass::Forward => {
+                let fwd = ForwardTensors {
+                    out,
+                    mean,
+                    rstd,
+                    inp,
+                    weight,
+                    bias,
+                };
+                Trial {
+                    dispatches: vec![forward_with(gpu, v, fwd, dims)?],
+                    output: out.clone(),
+                }
+            }
             // dinp (overwritten) lands in `out`: the forward's output is no longer needed.
-            Pass::Backward => Trial {
-                dispatches: backward_with(
-                    gpu, v, out, dw, db, dout, inp, w, mean, rstd, n, c, false,
-                )?,
-                output: out.clone(),
-            },
+            Pass::Backward => {
+                let bwd = BackwardTensors {
+                    dinp: out,
+                    dweight,
+                    dbias,
+                    dout,
+                    inp,
+                    weight,
+                    mean,
+                    rstd,
+                };
+                Trial {
+                    dispatches: backward_with(gpu, v, bwd, dims, false)?,
+                    output: out.clone(),
+                }
+            }
         })
     })?;
     Ok(variants
@@ -249,8 +307,7 @@ fn blocking(n: usize) -> (usize, usize) {
 
 fn check_shapes(
     kernel: &str,
-    n: usize,
-    c: usize,
+    Dims { n, c }: Dims,
     nc: &[&View],
     per_c: &[&View],
     per_n: &[&View],
@@ -278,53 +335,33 @@ fn check_shapes(
 /// out = (inp - mean) · rstd · weight + bias, rstd = 1 / sqrt(var + EPS), biased variance.
 /// Overwrites out, mean and rstd. Takes the subgroup kernels where the adapter has them
 /// (`Variant::best`).
-#[allow(clippy::too_many_arguments)]
-pub fn forward(
+pub fn forward(gpu: &Gpu, tensors: ForwardTensors, dims: Dims) -> Result<Dispatch> {
+    forward_with(gpu, tuned(gpu, Pass::Forward, dims)?, tensors, dims)
+}
+
+/// `forward` with the row-reduction kernels of `variant`; `Variant::Subgroup` fails on an adapter
+/// without subgroups.
+pub fn forward_with(
     gpu: &Gpu,
-    out: &View,
-    mean: &View,
-    rstd: &View,
-    inp: &View,
-    weight: &View,
-    bias: &View,
-    n: usize,
-    c: usize,
+    variant: Variant,
+    tensors: ForwardTensors,
+    dims: Dims,
 ) -> Result<Dispatch> {
-    forward_with(
-        gpu,
-        tuned(gpu, Pass::Forward, n, c)?,
+    let ForwardTensors {
         out,
         mean,
         rstd,
         inp,
         weight,
         bias,
-        n,
-        c,
-    )
-}
-
-/// `forward` with the row-reduction kernels of `variant`; `Variant::Subgroup` fails on an adapter
-/// without subgroups.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_with(
-    gpu: &Gpu,
-    variant: Variant,
-    out: &View,
-    mean: &View,
-    rstd: &View,
-    inp: &View,
-    weight: &View,
-    bias: &View,
-    n: usize,
-    c: usize,
-) -> Result<Dispatch> {
+    } = tensors;
+    let Dims { n, c } = dims;
     let spec = match variant {
         Variant::Shared => &FORWARD,
         Variant::Subgroup => &FORWARD_SUBGROUP,
     };
     let name = spec.name();
-    check_shapes(&name, n, c, &[out, inp], &[weight, bias], &[mean, rstd])?;
+    check_shapes(&name, dims, &[out, inp], &[weight, bias], &[mean, rstd])?;
     variant.require(gpu, &name)?;
     let params = Params {
         n: n as u32,
@@ -367,24 +404,26 @@ pub fn forward_with(
 /// P ≤ max(512, N/256) blocks, shared with other backwards of the same shape), then a
 /// fixed-order reduction of the partials; record them consecutively. Takes the
 /// subgroup kernels where the adapter has them (`Variant::best`).
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
-    dinp: &View,
-    dweight: &View,
-    dbias: &View,
-    dout: &View,
-    inp: &View,
-    weight: &View,
-    mean: &View,
-    rstd: &View,
-    n: usize,
-    c: usize,
+    tensors: BackwardTensors,
+    dims: Dims,
     accumulate_dinp: bool,
 ) -> Result<Vec<Dispatch>> {
-    backward_with(
-        gpu,
-        tuned(gpu, Pass::Backward, n, c)?,
+    let variant = tuned(gpu, Pass::Backward, dims)?;
+    backward_with(gpu, variant, tensors, dims, accumulate_dinp)
+}
+
+/// `backward` with the row-reduction kernels of `variant`; `Variant::Subgroup` fails on an
+/// adapter without subgroups.
+pub fn backward_with(
+    gpu: &Gpu,
+    variant: Variant,
+    tensors: BackwardTensors,
+    dims: Dims,
+    accumulate_dinp: bool,
+) -> Result<Vec<Dispatch>> {
+    let BackwardTensors {
         dinp,
         dweight,
         dbias,
@@ -393,30 +432,8 @@ pub fn backward(
         weight,
         mean,
         rstd,
-        n,
-        c,
-        accumulate_dinp,
-    )
-}
-
-/// `backward` with the row-reduction kernels of `variant`; `Variant::Subgroup` fails on an
-/// adapter without subgroups.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_with(
-    gpu: &Gpu,
-    variant: Variant,
-    dinp: &View,
-    dweight: &View,
-    dbias: &View,
-    dout: &View,
-    inp: &View,
-    weight: &View,
-    mean: &View,
-    rstd: &View,
-    n: usize,
-    c: usize,
-    accumulate_dinp: bool,
-) -> Result<Vec<Dispatch>> {
+    } = tensors;
+    let Dims { n, c } = dims;
     let (rows_spec, rows_constants) = match variant {
         Variant::Shared => (
             &BACKWARD_ROWS,
@@ -427,8 +444,7 @@ pub fn backward_with(
     let name = rows_spec.name();
     check_shapes(
         &name,
-        n,
-        c,
+        dims,
         &[dinp, dout, inp],
         &[dweight, dbias, weight],
         &[mean, rstd],
@@ -504,6 +520,7 @@ pub const FAMILY: Family = Family {
 
 fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let [n, c] = harness::dims::<2>("layernorm", shape)?;
+    let dims = Dims { n, c };
     let mut rng = Rng::new((n * 7919 + c) as u64);
     // Rows with offsets of 1 to 5 and values in offset ± 2, the first and last channel at the
     // ends, so that a one-pass or uncentred variance would show while every row's rstd stays
@@ -533,7 +550,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let mut mean = vec![0.0; n];
     let mut rstd = vec![0.0; n];
     reference::layernorm::forward(
-        &mut out, &mut mean, &mut rstd, &inp64, &weight64, &bias64, n, c,
+        &mut out, &mut mean, &mut rstd, &inp64, &weight64, &bias64, dims,
     );
     let mut dinp_over = vec![0.0; n * c];
     let mut dinp_acc = f(&dinp0);
@@ -548,8 +565,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             &weight64,
             &mean,
             &rstd,
-            n,
-            c,
+            dims,
         );
     }
 
@@ -570,14 +586,36 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         let g_dbias = gpu.upload_f32("dbias", &dbias0)?;
 
         let mut dispatches = vec![forward_with(
-            gpu, variant, &g_out, &g_mean, &g_rstd, &g_inp, &g_weight, &g_bias, n, c,
+            gpu,
+            variant,
+            ForwardTensors {
+                out: &g_out,
+                mean: &g_mean,
+                rstd: &g_rstd,
+                inp: &g_inp,
+                weight: &g_weight,
+                bias: &g_bias,
+            },
+            dims,
         )?];
         // The first backward overwrites dinp and adds to dweight/dbias; the second adds to all
         // three.
         for (dinp, acc) in [(&g_dinp_over, false), (&g_dinp_acc, true)] {
             dispatches.extend(backward_with(
-                gpu, variant, dinp, &g_dweight, &g_dbias, &g_dout, &g_inp, &g_weight, &g_mean,
-                &g_rstd, n, c, acc,
+                gpu,
+                variant,
+                BackwardTensors {
+                    dinp,
+                    dweight: &g_dweight,
+                    dbias: &g_dbias,
+                    dout: &g_dout,
+                    inp: &g_inp,
+                    weight: &g_weight,
+                    mean: &g_mean,
+                    rstd: &g_rstd,
+                },
+                dims,
+                acc,
             )?);
         }
         gpu.run(&dispatches)?;
@@ -608,6 +646,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
 
 fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
     let [n, c] = harness::dims::<2>("layernorm", shape)?;
+    let dims = Dims { n, c };
     let mut rng = Rng::new(1);
     let inp = gpu.upload_f32("inp", &rng.vec_uniform(n * c, -1.0, 1.0))?;
     let weight = gpu.upload_f32("weight", &rng.vec_uniform(c, -1.0, 1.0))?;
@@ -625,11 +664,36 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let mut fwd = Vec::new();
     let mut bwd = Vec::new();
     for &v in &variants {
-        let f = forward_with(gpu, v, &out, &mean, &rstd, &inp, &weight, &bias, n, c)?;
+        let f = forward_with(
+            gpu,
+            v,
+            ForwardTensors {
+                out: &out,
+                mean: &mean,
+                rstd: &rstd,
+                inp: &inp,
+                weight: &weight,
+                bias: &bias,
+            },
+            dims,
+        )?;
         gpu.run(std::slice::from_ref(&f))?;
         fwd.push(f);
         bwd.push(backward_with(
-            gpu, v, &dinp, &dweight, &dbias, &out, &inp, &weight, &mean, &rstd, n, c, false,
+            gpu,
+            v,
+            BackwardTensors {
+                dinp: &dinp,
+                dweight: &dweight,
+                dbias: &dbias,
+                dout: &out,
+                inp: &inp,
+                weight: &weight,
+                mean: &mean,
+                rstd: &rstd,
+            },
+            dims,
+            false,
         )?);
     }
     let mut reports = Vec::new();

@@ -5,11 +5,17 @@ use super::Real;
 /// The epsilon added to the variance.
 pub const EPS: f64 = 1e-5;
 
+/// The shape of a LayerNorm: N rows of C channels, normalized row by row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub n: usize,
+    pub c: usize,
+}
+
 /// out (N, C) = (inp - mean) · rstd · weight + bias, with per row
 /// mean (N) = Σ_c inp / C, var = Σ_c (inp - mean)² / C (biased, like PyTorch),
 /// rstd (N) = 1 / sqrt(var + eps). Overwrites out, mean and rstd.
 /// inp (N, C), weight (C), bias (C).
-#[allow(clippy::too_many_arguments)]
 pub fn forward<T: Real>(
     out: &mut [T],
     mean: &mut [T],
@@ -17,9 +23,9 @@ pub fn forward<T: Real>(
     inp: &[T],
     weight: &[T],
     bias: &[T],
-    n: usize,
-    c: usize,
+    dims: Dims,
 ) {
+    let Dims { n, c } = dims;
     let eps = T::from_f64(EPS);
     let cf = T::from_f64(c as f64);
     for row in 0..n {
@@ -49,6 +55,8 @@ pub fn forward<T: Real>(
 /// dweight (C) += Σ_rows dout · xhat, dbias (C) += Σ_rows dout,
 /// where xhat = (inp - mean) · rstd and dnorm = weight · dout.
 /// dout (N, C), inp (N, C), weight (C), mean (N), rstd (N) as saved by `forward`.
+// The reference keeps llm.c's plain list (outputs, then inputs, then the shape) so that it reads
+// as the specification; a struct of these slices would only rename the tensors listed here.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Real>(
     dinp: &mut [T],
@@ -59,9 +67,9 @@ pub fn backward<T: Real>(
     weight: &[T],
     mean: &[T],
     rstd: &[T],
-    n: usize,
-    c: usize,
+    dims: Dims,
 ) {
+    let Dims { n, c } = dims;
     let cf = T::from_f64(c as f64);
     for row in 0..n {
         let (m, s) = (mean[row], rstd[row]);

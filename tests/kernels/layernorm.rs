@@ -1,5 +1,5 @@
 use shaderformer::gpu::{DType, View, test_gpu};
-use shaderformer::kernels::layernorm::{self, Variant};
+use shaderformer::kernels::layernorm::{self, BackwardTensors, Dims, ForwardTensors, Variant};
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
 
@@ -11,6 +11,7 @@ fn gpu_matches_reference() {
 #[test]
 fn reference_backward_matches_finite_differences() {
     for (n, c) in [(1, 1), (3, 5), (2, 8)] {
+        let dims = Dims { n, c };
         let mut rng = Rng::new(n as u64 * 100 + c as u64);
         let f = reference::convert::<f32, f64>;
         let inp = f(&rng.vec_uniform(n * c, -2.0, 2.0));
@@ -20,12 +21,12 @@ fn reference_backward_matches_finite_differences() {
         let loss = |inp: &[f64], weight: &[f64], bias: &[f64]| {
             let mut out = vec![0.0; n * c];
             let (mut mean, mut rstd) = (vec![0.0; n], vec![0.0; n]);
-            reference::layernorm::forward(&mut out, &mut mean, &mut rstd, inp, weight, bias, n, c);
+            reference::layernorm::forward(&mut out, &mut mean, &mut rstd, inp, weight, bias, dims);
             dot(&out, &w)
         };
         let mut out = vec![0.0; n * c];
         let (mut mean, mut rstd) = (vec![0.0; n], vec![0.0; n]);
-        reference::layernorm::forward(&mut out, &mut mean, &mut rstd, &inp, &weight, &bias, n, c);
+        reference::layernorm::forward(&mut out, &mut mean, &mut rstd, &inp, &weight, &bias, dims);
         let mut dinp = vec![0.0; n * c];
         let (mut dweight, mut dbias) = (vec![0.0; c], vec![0.0; c]);
         reference::layernorm::backward(
@@ -37,8 +38,7 @@ fn reference_backward_matches_finite_differences() {
             &weight,
             &mean,
             &rstd,
-            n,
-            c,
+            dims,
         );
         let ndinp = numeric_grad(&inp, 1e-6, |x| loss(x, &weight, &bias));
         let ndweight = numeric_grad(&weight, 1e-6, |x| loss(&inp, x, &bias));
@@ -55,6 +55,7 @@ fn reference_backward_matches_finite_differences() {
 fn each_variant_is_bit_identical_run_to_run() {
     let Some(gpu) = test_gpu() else { return };
     let (n, c) = (1037, 45);
+    let dims = Dims { n, c };
     let mut rng = Rng::new(9);
     let inp = gpu
         .upload_f32("inp", &rng.vec_uniform(n * c, -1.0, 1.0))
@@ -78,14 +79,36 @@ fn each_variant_is_bit_identical_run_to_run() {
             let dbias = gpu.zeros("dbias", DType::F32, c).unwrap();
             let mut d = vec![
                 layernorm::forward_with(
-                    gpu, variant, &out, &mean, &rstd, &inp, &weight, &bias, n, c,
+                    gpu,
+                    variant,
+                    ForwardTensors {
+                        out: &out,
+                        mean: &mean,
+                        rstd: &rstd,
+                        inp: &inp,
+                        weight: &weight,
+                        bias: &bias,
+                    },
+                    dims,
                 )
                 .unwrap(),
             ];
             d.extend(
                 layernorm::backward_with(
-                    gpu, variant, &dinp, &dweight, &dbias, &dout, &inp, &weight, &mean, &rstd, n,
-                    c, false,
+                    gpu,
+                    variant,
+                    BackwardTensors {
+                        dinp: &dinp,
+                        dweight: &dweight,
+                        dbias: &dbias,
+                        dout: &dout,
+                        inp: &inp,
+                        weight: &weight,
+                        mean: &mean,
+                        rstd: &rstd,
+                    },
+                    dims,
+                    false,
                 )
                 .unwrap(),
             );
@@ -110,6 +133,7 @@ fn the_subgroup_kernels_are_taken_where_a_gpu_has_subgroups() {
         gpu.has_subgroups()
     );
     let (n, c) = (3, 5);
+    let dims = Dims { n, c };
     let t = |name: &str, len: usize| gpu.zeros(name, DType::F32, len).unwrap();
     let (inp, out, w, b) = (
         t("inp", n * c),
@@ -118,14 +142,29 @@ fn the_subgroup_kernels_are_taken_where_a_gpu_has_subgroups() {
         t("bias", c),
     );
     let (mean, rstd) = (t("mean", n), t("rstd", n));
-    let d = layernorm::forward(gpu, &out, &mean, &rstd, &inp, &w, &b, n, c).unwrap();
+    let fwd = ForwardTensors {
+        out: &out,
+        mean: &mean,
+        rstd: &rstd,
+        inp: &inp,
+        weight: &w,
+        bias: &b,
+    };
+    let d = layernorm::forward(gpu, fwd, dims).unwrap();
     let subgroup_file = d.name.starts_with("layernorm_subgroup.");
     assert_eq!(subgroup_file, want == Variant::Subgroup, "{}", d.name);
     let (dinp, dw, db) = (t("dinp", n * c), t("dweight", c), t("dbias", c));
-    let d = layernorm::backward(
-        gpu, &dinp, &dw, &db, &out, &inp, &w, &mean, &rstd, n, c, false,
-    )
-    .unwrap();
+    let bwd = BackwardTensors {
+        dinp: &dinp,
+        dweight: &dw,
+        dbias: &db,
+        dout: &out,
+        inp: &inp,
+        weight: &w,
+        mean: &mean,
+        rstd: &rstd,
+    };
+    let d = layernorm::backward(gpu, bwd, dims, false).unwrap();
     assert_eq!(
         d[0].name.starts_with("layernorm_subgroup."),
         want == Variant::Subgroup,
@@ -133,8 +172,7 @@ fn the_subgroup_kernels_are_taken_where_a_gpu_has_subgroups() {
         d[0].name
     );
     // Forcing the fallback works everywhere.
-    let d = layernorm::forward_with(gpu, Variant::Shared, &out, &mean, &rstd, &inp, &w, &b, n, c)
-        .unwrap();
+    let d = layernorm::forward_with(gpu, Variant::Shared, fwd, dims).unwrap();
     assert_eq!(d.name, "layernorm.layernorm_forward");
 }
 
@@ -145,6 +183,7 @@ fn the_subgroup_kernels_are_taken_where_a_gpu_has_subgroups() {
 fn rows_far_from_zero_keep_their_precision() {
     let Some(gpu) = test_gpu() else { return };
     for (n, c) in [(67, 768), (5, 45), (3, 2053), (4, 1)] {
+        let dims = Dims { n, c };
         let mut rng = Rng::new(n as u64 * 31 + c as u64);
         let inp: Vec<f32> = (0..n * c)
             .map(|i| {
@@ -160,7 +199,7 @@ fn rows_far_from_zero_keep_their_precision() {
         let mut out = vec![0.0; n * c];
         let (mut mean, mut rstd) = (vec![0.0; n], vec![0.0; n]);
         reference::layernorm::forward(
-            &mut out, &mut mean, &mut rstd, &inp64, &weight64, &bias64, n, c,
+            &mut out, &mut mean, &mut rstd, &inp64, &weight64, &bias64, dims,
         );
         let up = |name: &str, v: &[f32]| gpu.upload_f32(name, v).unwrap();
         let (g_inp, g_weight, g_bias, g_dout) = (
@@ -175,14 +214,36 @@ fn rows_far_from_zero_keep_their_precision() {
             let (g_dinp, g_dw, g_db) = (t("dinp", n * c), t("dweight", c), t("dbias", c));
             let mut d = vec![
                 layernorm::forward_with(
-                    gpu, variant, &g_out, &g_mean, &g_rstd, &g_inp, &g_weight, &g_bias, n, c,
+                    gpu,
+                    variant,
+                    ForwardTensors {
+                        out: &g_out,
+                        mean: &g_mean,
+                        rstd: &g_rstd,
+                        inp: &g_inp,
+                        weight: &g_weight,
+                        bias: &g_bias,
+                    },
+                    dims,
                 )
                 .unwrap(),
             ];
             d.extend(
                 layernorm::backward_with(
-                    gpu, variant, &g_dinp, &g_dw, &g_db, &g_dout, &g_inp, &g_weight, &g_mean,
-                    &g_rstd, n, c, false,
+                    gpu,
+                    variant,
+                    BackwardTensors {
+                        dinp: &g_dinp,
+                        dweight: &g_dw,
+                        dbias: &g_db,
+                        dout: &g_dout,
+                        inp: &g_inp,
+                        weight: &g_weight,
+                        mean: &g_mean,
+                        rstd: &g_rstd,
+                    },
+                    dims,
+                    false,
                 )
                 .unwrap(),
             );
@@ -207,7 +268,7 @@ fn rows_far_from_zero_keep_their_precision() {
             let mut dinp = vec![0.0; n * c];
             let (mut dw, mut db) = (vec![0.0; c], vec![0.0; c]);
             reference::layernorm::backward(
-                &mut dinp, &mut dw, &mut db, &dout64, &inp64, &weight64, &gm, &gr, n, c,
+                &mut dinp, &mut dw, &mut db, &dout64, &inp64, &weight64, &gm, &gr, dims,
             );
             let sum_tol = 3e-6 * (n as f64).sqrt();
             reference::compare(&what("dinp"), &read(&g_dinp), &dinp, 2e-6, 1e-6).assert();
@@ -242,6 +303,7 @@ fn a_grid_of_more_rows_than_one_dimension_allows_folds() {
             Variant::Subgroup => 1,
         };
         let n = max * rows_per_workgroup + 1;
+        let dims = Dims { n, c };
         let inp: Vec<f32> = (0..n).map(|i| i as f32).collect();
         let g_inp = gpu.upload_f32("inp", &inp).unwrap();
         let g_weight = gpu.upload_f32("weight", &[2.0]).unwrap();
@@ -250,7 +312,17 @@ fn a_grid_of_more_rows_than_one_dimension_allows_folds() {
         let g_mean = gpu.zeros("mean", DType::F32, n).unwrap();
         let g_rstd = gpu.zeros("rstd", DType::F32, n).unwrap();
         let d = layernorm::forward_with(
-            gpu, variant, &g_out, &g_mean, &g_rstd, &g_inp, &g_weight, &g_bias, n, c,
+            gpu,
+            variant,
+            ForwardTensors {
+                out: &g_out,
+                mean: &g_mean,
+                rstd: &g_rstd,
+                inp: &g_inp,
+                weight: &g_weight,
+                bias: &g_bias,
+            },
+            dims,
         )
         .unwrap();
         assert!(
@@ -284,6 +356,7 @@ fn a_grid_of_more_rows_than_one_dimension_allows_folds() {
 fn mismatched_shapes_are_an_error() {
     let Some(gpu) = test_gpu() else { return };
     let (n, c) = (4, 6);
+    let dims = Dims { n, c };
     let t = |name: &str, len: usize| gpu.zeros(name, DType::F32, len).unwrap();
     let (inp, out, w, b) = (
         t("inp", n * c),
@@ -292,40 +365,72 @@ fn mismatched_shapes_are_an_error() {
         t("bias", c),
     );
     let (mean, rstd) = (t("mean", n), t("rstd", n));
+    let fwd = ForwardTensors {
+        out: &out,
+        mean: &mean,
+        rstd: &rstd,
+        inp: &inp,
+        weight: &w,
+        bias: &b,
+    };
     let bad_mean = t("mean", n + 1);
-    let err = layernorm::forward(gpu, &out, &bad_mean, &rstd, &inp, &w, &b, n, c)
-        .unwrap_err()
-        .to_string();
+    let err = layernorm::forward(
+        gpu,
+        ForwardTensors {
+            mean: &bad_mean,
+            ..fwd
+        },
+        dims,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("tensor mean") && err.contains(&format!("{}", n + 1)),
         "{err}"
     );
     let bad_weight = t("weight", c - 1);
-    let err = layernorm::forward(gpu, &out, &mean, &rstd, &inp, &bad_weight, &b, n, c)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("tensor weight"), "{err}");
-    let (dinp, dw, db) = (t("dinp", n * c), t("dweight", c), t("dbias", c));
-    let bad_dout = t("dout", n * c + 1);
-    let err = layernorm::backward(
-        gpu, &dinp, &dw, &db, &bad_dout, &inp, &w, &mean, &rstd, n, c, true,
+    let err = layernorm::forward(
+        gpu,
+        ForwardTensors {
+            weight: &bad_weight,
+            ..fwd
+        },
+        dims,
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("tensor dout"), "{err}");
-    for variant in [Variant::Shared, Variant::Subgroup] {
-        let err = layernorm::backward_with(
-            gpu, variant, &dinp, &dw, &db, &bad_dout, &inp, &w, &mean, &rstd, n, c, false,
-        )
+    assert!(err.contains("tensor weight"), "{err}");
+    let (dinp, dw, db) = (t("dinp", n * c), t("dweight", c), t("dbias", c));
+    let bad_dout = t("dout", n * c + 1);
+    let bwd = BackwardTensors {
+        dinp: &dinp,
+        dweight: &dw,
+        dbias: &db,
+        dout: &bad_dout,
+        inp: &inp,
+        weight: &w,
+        mean: &mean,
+        rstd: &rstd,
+    };
+    let err = layernorm::backward(gpu, bwd, dims, true)
         .unwrap_err()
         .to_string();
+    assert!(err.contains("tensor dout"), "{err}");
+    for variant in [Variant::Shared, Variant::Subgroup] {
+        let err = layernorm::backward_with(gpu, variant, bwd, dims, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("tensor dout"), "{variant:?}: {err}");
-        let err = layernorm::forward_with(gpu, variant, &out, &bad_mean, &rstd, &inp, &w, &b, n, c)
+        let bad = ForwardTensors {
+            mean: &bad_mean,
+            ..fwd
+        };
+        let err = layernorm::forward_with(gpu, variant, bad, dims)
             .unwrap_err()
             .to_string();
         assert!(err.contains("tensor mean"), "{variant:?}: {err}");
     }
-    let err = layernorm::forward(gpu, &out, &mean, &rstd, &inp, &w, &b, n, 0)
+    let err = layernorm::forward(gpu, fwd, Dims { c: 0, ..dims })
         .unwrap_err()
         .to_string();
     assert!(err.contains("C = 0"), "{err}");
