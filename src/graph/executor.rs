@@ -520,20 +520,16 @@ impl<'a> Executor<'a> {
             gemm::Operand::new(w, k),
         );
         let mut ds = gemm::matmul(self.gpu, &mm, dpre, dy_op, w_op, None, gemm::Variant::Tiled)?;
-        let dbias = bias.then(|| out(2));
-        ds.extend(gemm::linear_backward(
-            self.gpu,
-            None,
-            out(1),
-            dbias,
-            dy,
-            x,
+        let tensors = gemm::LinearBackwardTensors {
+            dinp: None,
+            dw: out(1),
+            dbias: bias.then(|| out(2)),
+            dout: dy,
+            inp: x,
             w,
-            m,
-            k,
-            n,
-            false,
-        )?);
+        };
+        let dims = gemm::LinearDims { m, k, n };
+        ds.extend(gemm::linear_backward(self.gpu, tensors, dims, false)?);
         Ok(ds)
     }
 
@@ -1260,7 +1256,8 @@ impl<'s> Lowering<'s> {
     fn linear(self, m: usize, k: usize, n: usize, bias: bool) -> Result<Vec<Dispatch>> {
         let (i, o) = (|j| self.i(j), |j| self.o(j));
         if self.ic(1).len() == 1 {
-            return gemm::linear_forward(self.gpu(), o(0), i(0), i(1), bias.then(|| i(2)), m, k, n);
+            let dims = gemm::LinearDims { m, k, n };
+            return gemm::linear_forward(self.gpu(), o(0), i(0), i(1), bias.then(|| i(2)), dims);
         }
         // A weight split into row chunks (the tied lm head): each chunk writes its block of
         // output columns.
@@ -1298,36 +1295,29 @@ impl<'s> Lowering<'s> {
     ) -> Result<Vec<Dispatch>> {
         let (i, o) = (|j| self.i(j), |j| self.o(j));
         if self.ic(2).len() > 1 {
-            return split_linear_backward(
-                self.gpu(),
-                dx.then(|| gemm::Operand::new(o(0), k)),
-                self.oc(1),
-                gemm::Operand::new(i(0), n),
-                gemm::Operand::new(i(1), k),
-                self.ic(2),
-                m,
-                k,
-                acc,
-            );
+            let tensors = SplitLinearBackwardTensors {
+                dx: dx.then(|| gemm::Operand::new(o(0), k)),
+                dw: self.oc(1),
+                dy: gemm::Operand::new(i(0), n),
+                x: gemm::Operand::new(i(1), k),
+                w: self.ic(2),
+            };
+            return split_linear_backward(self.gpu(), tensors, m, k, acc);
         }
         if gelu {
             return self
                 .ex
                 .lower_linear_backward_gelu(self.node, (m, k, n, bias));
         }
-        gemm::linear_backward(
-            self.gpu(),
-            dx.then(|| o(0)),
-            o(1),
-            bias.then(|| o(2)),
-            i(0),
-            i(1),
-            i(2),
-            m,
-            k,
-            n,
-            acc,
-        )
+        let tensors = gemm::LinearBackwardTensors {
+            dinp: dx.then(|| o(0)),
+            dw: o(1),
+            dbias: bias.then(|| o(2)),
+            dout: i(0),
+            inp: i(1),
+            w: i(2),
+        };
+        gemm::linear_backward(self.gpu(), tensors, gemm::LinearDims { m, k, n }, acc)
     }
 
     /// Causal self-attention over qkv (B, T, 3C), with dropout on the probabilities at `site`.
@@ -1487,17 +1477,14 @@ impl<'s> Lowering<'s> {
                 cross_entropy::Dims { n: m, v, vp },
                 dloss,
             )?);
-            out.extend(split_linear_backward(
-                gpu,
-                Some(gemm::Operand::new(o(0), c).at(r0 * c)),
-                dwte,
-                gemm::Operand::new(&logits, vp),
-                xs,
-                wte,
-                m,
-                c,
-                acc,
-            )?);
+            let tensors = SplitLinearBackwardTensors {
+                dx: Some(gemm::Operand::new(o(0), c).at(r0 * c)),
+                dw: dwte,
+                dy: gemm::Operand::new(&logits, vp),
+                x: xs,
+                w: wte,
+            };
+            out.extend(split_linear_backward(gpu, tensors, m, c, acc)?);
         }
         Ok(out)
     }
@@ -1529,20 +1516,27 @@ fn split_linear_forward(
     Ok(out)
 }
 
+/// The tensors of `split_linear_backward`: dx (M, K) written when given, the chunks dw_j
+/// (rows_j, K) of the weight's gradient added to; dy (M, ·), x (M, K) and the weight's chunks
+/// w_j read.
+struct SplitLinearBackwardTensors<'a> {
+    dx: Option<gemm::Operand<'a>>,
+    dw: &'a [View],
+    dy: gemm::Operand<'a>,
+    x: gemm::Operand<'a>,
+    w: &'a [View],
+}
+
 /// The backward of `split_linear_forward`: dx (M, K) (= or += with `acc`) Σ_j dy[:, cols_j] ·
 /// w_j (skipped without dx) and dw_j (rows_j, K) += dy[:, cols_j]ᵀ · x, chunk by chunk.
-#[allow(clippy::too_many_arguments)]
 fn split_linear_backward(
     gpu: &Gpu,
-    dx: Option<gemm::Operand>,
-    dw: &[View],
-    dy: gemm::Operand,
-    x: gemm::Operand,
-    w: &[View],
+    tensors: SplitLinearBackwardTensors,
     m: usize,
     k: usize,
     acc: bool,
 ) -> Result<Vec<Dispatch>> {
+    let SplitLinearBackwardTensors { dx, dw, dy, x, w } = tensors;
     let mut out = Vec::with_capacity(2 * w.len());
     let mut v0 = 0;
     for (j, (w, dw)) in w.iter().zip(dw).enumerate() {

@@ -113,16 +113,19 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             );
         }
         Op::Linear { m, k, n, bias } => {
-            r::gemm::linear_forward(&mut o[0], f(0), f(1), bias.then(|| f(2)), m, k, n);
+            let dims = r::gemm::LinearDims { m, k, n };
+            r::gemm::linear_forward(&mut o[0], f(0), f(1), bias.then(|| f(2)), dims);
         }
         Op::LinearGelu { m, k, n, bias } => {
             let (y, pre) = o.split_at_mut(1);
-            r::gemm::linear_forward(&mut pre[0], f(0), f(1), bias.then(|| f(2)), m, k, n);
+            let dims = r::gemm::LinearDims { m, k, n };
+            r::gemm::linear_forward(&mut pre[0], f(0), f(1), bias.then(|| f(2)), dims);
             r::gelu::forward(&mut y[0], &pre[0]);
         }
         Op::LinearResidual { m, k, n, bias } => {
             let mut proj = vec![0.0; m * n];
-            r::gemm::linear_forward(&mut proj, f(0), f(1), bias.then(|| f(2)), m, k, n);
+            let dims = r::gemm::LinearDims { m, k, n };
+            r::gemm::linear_forward(&mut proj, f(0), f(1), bias.then(|| f(2)), dims);
             r::residual::forward(&mut o[0], f(ins.len() - 1), &proj);
         }
         Op::Attention {
@@ -157,7 +160,8 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::Mean { n } => r::reduce::sum(&mut o[0], f(0), 1.0 / n as f32),
         Op::LmHeadLoss { n, c, v, vp, rows } => {
             let mut logits = vec![0.0; n * vp];
-            r::gemm::linear_forward(&mut logits, f(0), f(1), None, n, c, vp);
+            let head = r::gemm::LinearDims { m: n, k: c, n: vp };
+            r::gemm::linear_forward(&mut logits, f(0), f(1), None, head);
             let (losses, rest) = o.split_at_mut(1);
             let (lse, chunk) = rest.split_at_mut(1);
             let dims = r::cross_entropy::Dims { n, v, vp };
@@ -218,9 +222,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 f(0),
                 f(1),
                 f(2),
-                m,
-                k,
-                n,
+                r::gemm::LinearDims { m, k, n },
                 acc,
             );
             if gelu {
@@ -290,7 +292,8 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             acc,
         } => {
             let mut logits = vec![0.0; n * vp];
-            r::gemm::linear_forward(&mut logits, f(0), f(1), None, n, c, vp);
+            let head = r::gemm::LinearDims { m: n, k: c, n: vp };
+            r::gemm::linear_forward(&mut logits, f(0), f(1), None, head);
             let mut dlogits = vec![0.0; n * vp];
             let dims = r::cross_entropy::Dims { n, v, vp };
             r::cross_entropy::backward(&mut dlogits, &logits, ins[2].u(), dloss, dims);
@@ -303,9 +306,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 &dlogits,
                 f(0),
                 f(1),
-                n,
-                c,
-                vp,
+                head,
                 acc,
             );
             last_chunk(&mut chunk[0], &dlogits, n, vp, rows);

@@ -25,7 +25,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{
     Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
 };
-use crate::reference::{self, gemm::Layout};
+use crate::reference;
+use crate::reference::gemm::{Layout, Layouts, Product};
 use crate::rng::Rng;
 
 use Binding::{Read, ReadWrite};
@@ -275,6 +276,21 @@ impl Matmul<'_> {
             (true, true) => "TT",
         }
     }
+}
+
+/// The shape of a linear layer: M rows of K input features to N output features.
+pub use crate::reference::gemm::LinearDims;
+
+/// The tensors of `linear_backward`: dinp (M, K) written when given, dw (N, K) and dbias (N) added
+/// to (dbias when given); dout (M, N) and the forward's inp (M, K) and w (N, K) read.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearBackwardTensors<'a> {
+    pub dinp: Option<&'a View>,
+    pub dw: &'a View,
+    pub dbias: Option<&'a View>,
+    pub dout: &'a View,
+    pub inp: &'a View,
+    pub w: &'a View,
 }
 
 /// One configuration of the tiled kernel: a workgroup computes a `bm` × `bn` output tile, staging
@@ -1013,8 +1029,8 @@ pub fn matmul_with(
         }
     };
     if let Kernel::SplitK(s) = kernel {
-        let views = [b.view, bias_view, aux];
-        return split_k(gpu, &name, s, &spec, &constants, params, views, (a, c));
+        let views = [a.view, b.view, bias_view, c.view, aux];
+        return split_k(gpu, &name, s, &spec, &constants, params, views);
     }
     if let Kernel::Packed(_) = kernel {
         constants[1].1 = 1.0;
@@ -1054,9 +1070,8 @@ pub fn matmul_with(
 /// Split-K's two dispatches: `spec` (gemm_reg with `constants`) writes the partial products of
 /// each K slice to a scratch buffer ((slices, M, N), shared by every split-K of this size), then
 /// gemm_splitk_reduce adds them in slice order and applies alpha, bias and accumulate as
-/// `params` (the whole product's) asks, then the epilogue. `bindings` holds B's, the bias's and
-/// the epilogue's views.
-#[allow(clippy::too_many_arguments)]
+/// `params` (the whole product's) asks, then the epilogue. `views` are the GEMM bindings: A's,
+/// B's, the bias's, C's and the epilogue's views.
 fn split_k(
     gpu: &Gpu,
     name: &str,
@@ -1064,8 +1079,7 @@ fn split_k(
     spec: &KernelSpec,
     constants: &[(&'static str, f64)],
     params: Params,
-    [b, bias, aux]: [&View; 3],
-    (a, c): (Operand, Operand),
+    [a, b, bias, c, aux]: [&View; 5],
 ) -> Result<Vec<Dispatch>> {
     let (m, n, k) = (params.m as usize, params.n as usize, params.k as usize);
     let slice = s.slice(k);
@@ -1095,7 +1109,7 @@ fn split_k(
         spec,
         constants,
         bytes_of(&partial_params),
-        &[a.view, b, b, &partials, &partials],
+        &[a, b, b, &partials, &partials],
         tile_grid(gpu, name, params.tiles as usize, slices)?,
         Cost {
             flops: 2 * m64 * n64 * k64,
@@ -1116,7 +1130,7 @@ fn split_k(
         &SPLITK_REDUCE,
         &[],
         bytes_of(&reduce_params),
-        &[&partials, b, bias, c.view, aux],
+        &[&partials, b, bias, c, aux],
         tile_grid(gpu, name, blocks, 1)?,
         Cost {
             flops: s64 * m64 * n64,
@@ -1372,17 +1386,15 @@ fn trial_operand<'a>(view: &'a View, op: &Operand, rows: usize, batch: usize) ->
 
 /// out (M, N) = inp (M, K) · w (N, K)ᵀ + bias (N). Overwrites `out`. inp, bias and out are f32;
 /// w is f32, or f16 when the adapter has SHADER_F16 (widened to f32 on load, f32 sums).
-#[allow(clippy::too_many_arguments)]
 pub fn linear_forward(
     gpu: &Gpu,
     out: &View,
     inp: &View,
     w: &View,
     bias: Option<&View>,
-    m: usize,
-    k: usize,
-    n: usize,
+    dims: LinearDims,
 ) -> Result<Vec<Dispatch>> {
+    let LinearDims { m, k, n } = dims;
     let name = "gemm.linear_forward";
     expect_dims(name, &[("M", m), ("K", k), ("N", n)])?;
     expect(name, inp, DType::F32, m * k)?;
@@ -1412,20 +1424,21 @@ pub fn linear_forward(
 /// dinp (M, K) = dout (M, N) · w (N, K), overwriting, or accumulating (+=) when `accumulate_dinp`
 /// (skipped when `dinp` is None); dw (N, K) += dout (M, N)ᵀ · inp (M, K), accumulating;
 /// dbias (N) += Σ_rows dout, accumulating (skipped when `dbias` is None).
-#[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     gpu: &Gpu,
-    dinp: Option<&View>,
-    dw: &View,
-    dbias: Option<&View>,
-    dout: &View,
-    inp: &View,
-    w: &View,
-    m: usize,
-    k: usize,
-    n: usize,
+    tensors: LinearBackwardTensors,
+    dims: LinearDims,
     accumulate_dinp: bool,
 ) -> Result<Vec<Dispatch>> {
+    let LinearBackwardTensors {
+        dinp,
+        dw,
+        dbias,
+        dout,
+        inp,
+        w,
+    } = tensors;
+    let LinearDims { m, k, n } = dims;
     let name = "gemm.linear_backward";
     expect_dims(name, &[("M", m), ("K", k), ("N", n)])?;
     expect(name, dout, DType::F32, m * n)?;
@@ -1610,6 +1623,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
 /// against the reference composed of the unfused ops, on the kernel training runs and on split-K
 /// where it applies (it applies the epilogue in its reduce pass).
 fn check_epilogues(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckReport>> {
+    let dims = LinearDims { m, k, n };
     let mut rng = Rng::new((m * 7919 + k * 104_729 + n) as u64);
     let inp = rng.vec_uniform(m * k, -1.0, 1.0);
     let w = rng.vec_uniform(n * k, -1.0, 1.0);
@@ -1625,7 +1639,7 @@ fn check_epilogues(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckR
 
     // The unfused value v and what each epilogue makes of it.
     let mut v = vec![0.0f64; m * n];
-    reference::gemm::linear_forward(&mut v, &f64s(&inp), &f64s(&w), Some(&f64s(&bias)), m, k, n);
+    reference::gemm::linear_forward(&mut v, &f64s(&inp), &f64s(&w), Some(&f64s(&bias)), dims);
     let other64 = f64s(&other);
     let mut gelu = vec![0.0; m * n];
     reference::gelu::forward(&mut gelu, &v);
@@ -1682,6 +1696,7 @@ fn f64s(x: &[f32]) -> Vec<f64> {
 /// linear_forward and linear_backward against the reference, with bias, overwriting and
 /// accumulating into dinp.
 fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckReport>> {
+    let dims = LinearDims { m, k, n };
     let mut rng = Rng::new((m * 1_000_003 + k * 1009 + n) as u64);
     let inp = rng.vec_uniform(m * k, -1.0, 1.0);
     let w = rng.vec_uniform(n * k, -1.0, 1.0);
@@ -1703,7 +1718,7 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
     let g_dw = gpu.upload_f32("dw", &dw0)?;
     let g_dw2 = gpu.upload_f32("dw2", &dw0)?;
     let g_dbias = gpu.upload_f32("dbias", &dbias0)?;
-    let mut dispatches = linear_forward(gpu, &g_out, &g_inp, &g_w, Some(&g_bias), m, k, n)?;
+    let mut dispatches = linear_forward(gpu, &g_out, &g_inp, &g_w, Some(&g_bias), dims)?;
     // The same forward with w stored in f16, where the adapter has it.
     let (w16, w_rounded) = round_f16(&w);
     let f16_out = if gpu.has_f16() {
@@ -1715,9 +1730,7 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
             &g_inp,
             &g_w16,
             Some(&g_bias),
-            m,
-            k,
-            n,
+            dims,
         )?);
         Some(g_out16)
     } else {
@@ -1725,35 +1738,35 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
     };
     dispatches.extend(linear_backward(
         gpu,
-        Some(&g_dinp),
-        &g_dw,
-        Some(&g_dbias),
-        &g_dout,
-        &g_inp,
-        &g_w,
-        m,
-        k,
-        n,
+        LinearBackwardTensors {
+            dinp: Some(&g_dinp),
+            dw: &g_dw,
+            dbias: Some(&g_dbias),
+            dout: &g_dout,
+            inp: &g_inp,
+            w: &g_w,
+        },
+        dims,
         false,
     )?);
     dispatches.extend(linear_backward(
         gpu,
-        Some(&g_dinp_acc),
-        &g_dw2,
-        None,
-        &g_dout,
-        &g_inp,
-        &g_w,
-        m,
-        k,
-        n,
+        LinearBackwardTensors {
+            dinp: Some(&g_dinp_acc),
+            dw: &g_dw2,
+            dbias: None,
+            dout: &g_dout,
+            inp: &g_inp,
+            w: &g_w,
+        },
+        dims,
         true,
     )?);
     gpu.run(&dispatches)?;
 
     let (inp, w, bias, dout) = (f64s(&inp), f64s(&w), f64s(&bias), f64s(&dout));
     let mut out = f64s(&out0);
-    reference::gemm::linear_forward(&mut out, &inp, &w, Some(&bias), m, k, n);
+    reference::gemm::linear_forward(&mut out, &inp, &w, Some(&bias), dims);
     let mut dinp = f64s(&dinp0);
     let mut dw = f64s(&dw0);
     let mut dbias = f64s(&dbias0);
@@ -1764,9 +1777,7 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
         &dout,
         &inp,
         &w,
-        m,
-        k,
-        n,
+        dims,
         false,
     );
     let mut dinp_acc = f64s(&dinp_acc0);
@@ -1778,9 +1789,7 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
         &dout,
         &inp,
         &w,
-        m,
-        k,
-        n,
+        dims,
         true,
     );
 
@@ -1791,7 +1800,7 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
     let mut reports = Vec::new();
     if let Some(g_out16) = f16_out {
         let mut out16 = f64s(&out0);
-        reference::gemm::linear_forward(&mut out16, &inp, &f64s(&w_rounded), Some(&bias), m, k, n);
+        reference::gemm::linear_forward(&mut out16, &inp, &f64s(&w_rounded), Some(&bias), dims);
         reports.push(CheckReport::new(
             &s,
             "forward out, f16 w",
@@ -1942,20 +1951,22 @@ fn check_matmul(
     let mut want = f64s(&c0);
     reference::gemm::matmul(
         &mut want,
-        lc,
         &f64s(&a),
-        la,
         &f64s(&b),
-        lb,
         with_bias.then(|| f64s(&bias)).as_deref(),
-        m,
-        n,
-        k,
-        batch,
-        mm.trans_a,
-        mm.trans_b,
-        mm.alpha as f64,
-        mm.accumulate,
+        Layouts {
+            c: lc,
+            a: la,
+            b: lb,
+        },
+        Product {
+            batch,
+            trans_a: mm.trans_a,
+            trans_b: mm.trans_b,
+            alpha: mm.alpha as f64,
+            accumulate: mm.accumulate,
+            ..Product::new(m, n, k)
+        },
     );
 
     let ga = gpu.upload_f32("a", &a)?;

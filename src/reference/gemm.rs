@@ -31,28 +31,73 @@ impl Layout {
     }
 }
 
+/// Where `matmul`'s three matrices sit in their slices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layouts {
+    pub c: Layout,
+    pub a: Layout,
+    pub b: Layout,
+}
+
+/// The shape and scalars of one (batched) `matmul`: the kernels' `Matmul` without its epilogue.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Product<T> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    /// a is stored (K, M) instead of (M, K).
+    pub trans_a: bool,
+    /// b is stored (N, K) instead of (K, N).
+    pub trans_b: bool,
+    pub alpha: T,
+    /// Add into c instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl<T: Real> Product<T> {
+    /// c (M, N) = a (M, K) · b (K, N): one batch entry, no transposes, alpha 1, overwriting c.
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        Product {
+            m,
+            n,
+            k,
+            batch: 1,
+            trans_a: false,
+            trans_b: false,
+            alpha: T::one(),
+            accumulate: false,
+        }
+    }
+}
+
 /// c[z] (M, N) = alpha · op(a[z]) (M, K) · op(b[z]) (K, N) (+ bias (N) on every row)
-///               (+ c[z] when accumulate), for z in 0..batch.
+///               (+ c[z] when accumulate), for z in 0..batch, each matrix placed by `at`.
 /// op(a) is a stored (M, K), or aᵀ with a stored (K, M) when `trans_a`; op(b) is b stored (K, N),
 /// or bᵀ with b stored (N, K) when `trans_b`. Elements of `c` outside the M × N blocks are kept.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul<T: Real>(
     c: &mut [T],
-    c_at: Layout,
     a: &[T],
-    a_at: Layout,
     b: &[T],
-    b_at: Layout,
     bias: Option<&[T]>,
-    m: usize,
-    n: usize,
-    k: usize,
-    batch: usize,
-    trans_a: bool,
-    trans_b: bool,
-    alpha: T,
-    accumulate: bool,
+    at: Layouts,
+    p: Product<T>,
 ) {
+    let Product {
+        m,
+        n,
+        k,
+        batch,
+        trans_a,
+        trans_b,
+        alpha,
+        accumulate,
+    } = p;
+    let Layouts {
+        c: c_at,
+        a: a_at,
+        b: b_at,
+    } = at;
     for z in 0..batch {
         for i in 0..m {
             for j in 0..n {
@@ -85,16 +130,24 @@ pub fn matmul<T: Real>(
     }
 }
 
+/// The shape of a linear layer: M rows of K input features to N output features, the weight
+/// stored (N, K) as in PyTorch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearDims {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
 /// out (M, N) = inp (M, K) · w (N, K)ᵀ + bias (N)
 pub fn linear_forward<T: Real>(
     out: &mut [T],
     inp: &[T],
     w: &[T],
     bias: Option<&[T]>,
-    m: usize,
-    k: usize,
-    n: usize,
+    dims: LinearDims,
 ) {
+    let LinearDims { m, k, n } = dims;
     for i in 0..m {
         for j in 0..n {
             let mut s = T::zero();
@@ -112,6 +165,8 @@ pub fn linear_forward<T: Real>(
 /// dinp (M, K) = dout (M, N) · w (N, K)   (+= instead of = when `accumulate_dinp`; skipped if None)
 /// dw (N, K) += dout (M, N)ᵀ · inp (M, K)
 /// dbias (N) += Σ_m dout (M, N)           (skipped if None)
+// The reference keeps llm.c's plain list (outputs, then inputs, then the shape) so that it reads
+// as the specification; a struct of these slices would only rename the tensors listed here.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward<T: Real>(
     dinp: Option<&mut [T]>,
@@ -120,11 +175,10 @@ pub fn linear_backward<T: Real>(
     dout: &[T],
     inp: &[T],
     w: &[T],
-    m: usize,
-    k: usize,
-    n: usize,
+    dims: LinearDims,
     accumulate_dinp: bool,
 ) {
+    let LinearDims { m, k, n } = dims;
     if let Some(dinp) = dinp {
         for i in 0..m {
             for p in 0..k {

@@ -1,7 +1,9 @@
 use half::f16;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, test_gpu};
-use shaderformer::kernels::gemm::{self, Kernel, Matmul, Operand, Variant};
-use shaderformer::reference::gemm::Layout;
+use shaderformer::kernels::gemm::{
+    self, Kernel, LinearBackwardTensors, LinearDims, Matmul, Operand, Variant,
+};
+use shaderformer::reference::gemm::{Layout, Layouts, Product};
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
 
@@ -17,6 +19,7 @@ fn random(rng: &mut Rng, n: usize) -> Vec<f64> {
 #[test]
 fn reference_backward_matches_finite_differences() {
     let (m, k, n) = (3, 4, 5);
+    let dims = LinearDims { m, k, n };
     let mut rng = Rng::new(2);
     let inp = random(&mut rng, m * k);
     let w = random(&mut rng, n * k);
@@ -25,7 +28,7 @@ fn reference_backward_matches_finite_differences() {
     let dout = random(&mut rng, m * n);
     let loss = |inp: &[f64], w: &[f64], bias: &[f64]| {
         let mut out = vec![0.0; m * n];
-        reference::gemm::linear_forward(&mut out, inp, w, Some(bias), m, k, n);
+        reference::gemm::linear_forward(&mut out, inp, w, Some(bias), dims);
         dot(&out, &dout)
     };
     let ndinp = numeric_grad(&inp, 1e-6, |x| loss(x, &w, &bias));
@@ -44,9 +47,7 @@ fn reference_backward_matches_finite_differences() {
         &dout,
         &inp,
         &w,
-        m,
-        k,
-        n,
+        dims,
         false,
     );
     let minus =
@@ -65,9 +66,7 @@ fn reference_backward_matches_finite_differences() {
         &dout,
         &inp,
         &w,
-        m,
-        k,
-        n,
+        dims,
         true,
     );
     reference::compare("dinp +=", &minus(&dinp_acc, &dinp0), &ndinp, 1e-8, 1e-6).assert();
@@ -82,12 +81,13 @@ fn reference_backward_matches_finite_differences() {
 #[test]
 fn reference_matmul_agrees_with_linear() {
     let (m, k, n) = (4, 3, 5);
+    let dims = LinearDims { m, k, n };
     let mut rng = Rng::new(3);
     let inp = random(&mut rng, m * k);
     let w = random(&mut rng, n * k);
     let bias = random(&mut rng, n);
     let mut want = vec![0.0; m * n];
-    reference::gemm::linear_forward(&mut want, &inp, &w, Some(&bias), m, k, n);
+    reference::gemm::linear_forward(&mut want, &inp, &w, Some(&bias), dims);
     let transpose = |x: &[f64], rows: usize, cols: usize| -> Vec<f64> {
         (0..cols * rows)
             .map(|i| x[(i % rows) * cols + i / rows])
@@ -109,20 +109,19 @@ fn reference_matmul_agrees_with_linear() {
         let mut got = vec![0.0; m * n];
         reference::gemm::matmul(
             &mut got,
-            Layout::new(n),
             a,
-            la,
             b,
-            lb,
             Some(&bias),
-            m,
-            n,
-            k,
-            1,
-            trans_a,
-            trans_b,
-            1.0,
-            false,
+            Layouts {
+                c: Layout::new(n),
+                a: la,
+                b: lb,
+            },
+            Product {
+                trans_a,
+                trans_b,
+                ..Product::new(m, n, k)
+            },
         );
         reference::compare("matmul", &got, &want, 1e-12, 1e-12).assert();
     }
@@ -140,13 +139,12 @@ fn err<T>(r: shaderformer::Result<T>) -> String {
 fn mismatched_shapes_are_an_error() {
     let Some(gpu) = test_gpu() else { return };
     let (m, k, n) = (6, 5, 7);
+    let dims = LinearDims { m, k, n };
     let z = |name: &str, len: usize| gpu.zeros(name, DType::F32, len).unwrap();
     let (inp, w, out) = (z("inp", m * k), z("w", n * k), z("out", m * n));
     let short_w = z("short_w", n * k - 1);
 
-    let e = err(gemm::linear_forward(
-        gpu, &out, &inp, &short_w, None, m, k, n,
-    ));
+    let e = err(gemm::linear_forward(gpu, &out, &inp, &short_w, None, dims));
     assert!(
         e.contains("tensor short_w") && e.contains(&format!("{}", n * k - 1)),
         "{e}"
@@ -158,22 +156,20 @@ fn mismatched_shapes_are_an_error() {
         &inp,
         &w,
         Some(&long_bias),
-        m,
-        k,
-        n,
+        dims,
     ));
     assert!(e.contains("tensor long_bias"), "{e}");
     let e = err(gemm::linear_backward(
         gpu,
-        Some(&out),
-        &w,
-        None,
-        &out,
-        &inp,
-        &w,
-        m,
-        k,
-        n,
+        LinearBackwardTensors {
+            dinp: Some(&out),
+            dw: &w,
+            dbias: None,
+            dout: &out,
+            inp: &inp,
+            w: &w,
+        },
+        dims,
         false,
     ));
     assert!(
@@ -182,7 +178,14 @@ fn mismatched_shapes_are_an_error() {
     );
     let e = err(gemm::bias_backward(gpu, &inp, &out, m, n));
     assert!(e.contains("tensor inp"), "{e}");
-    let e = err(gemm::linear_forward(gpu, &out, &inp, &w, None, 0, k, n));
+    let e = err(gemm::linear_forward(
+        gpu,
+        &out,
+        &inp,
+        &w,
+        None,
+        LinearDims { m: 0, ..dims },
+    ));
     assert!(e.contains("dimension M"), "{e}");
 
     // A general operand that runs past its view: an offset, a row stride, a batch.
@@ -276,6 +279,7 @@ fn mismatched_shapes_are_an_error() {
 fn results_are_deterministic() {
     let Some(gpu) = test_gpu() else { return };
     let (m, k, n) = (150, 70, 90);
+    let dims = LinearDims { m, k, n };
     let mut rng = Rng::new(4);
     let inp = gpu
         .upload_f32("inp", &rng.vec_uniform(m * k, -1.0, 1.0))
@@ -296,19 +300,19 @@ fn results_are_deterministic() {
         z("dw", n * k),
         z("dbias", n),
     );
-    let mut dispatches = gemm::linear_forward(gpu, &out, &inp, &w, Some(&bias), m, k, n).unwrap();
+    let mut dispatches = gemm::linear_forward(gpu, &out, &inp, &w, Some(&bias), dims).unwrap();
     dispatches.extend(
         gemm::linear_backward(
             gpu,
-            Some(&dinp),
-            &dw,
-            Some(&dbias),
-            &dout,
-            &inp,
-            &w,
-            m,
-            k,
-            n,
+            LinearBackwardTensors {
+                dinp: Some(&dinp),
+                dw: &dw,
+                dbias: Some(&dbias),
+                dout: &dout,
+                inp: &inp,
+                w: &w,
+            },
+            dims,
             false,
         )
         .unwrap(),
@@ -353,26 +357,25 @@ fn small_dispatch_limits_fold_the_grid() {
     let mut want = vec![0.0; batch * m * n];
     reference::gemm::matmul(
         &mut want,
-        Layout {
-            batch_stride: m * n,
-            ..Layout::new(n)
-        },
         &reference::convert::<f32, f64>(&a),
-        Layout {
-            batch_stride: m * k,
-            ..Layout::new(k)
-        },
         &reference::convert::<f32, f64>(&b),
-        Layout::new(k),
         None,
-        m,
-        n,
-        k,
-        batch,
-        false,
-        true,
-        1.0,
-        false,
+        Layouts {
+            c: Layout {
+                batch_stride: m * n,
+                ..Layout::new(n)
+            },
+            a: Layout {
+                batch_stride: m * k,
+                ..Layout::new(k)
+            },
+            b: Layout::new(k),
+        },
+        Product {
+            batch,
+            trans_b: true,
+            ..Product::new(m, n, k)
+        },
     );
     let (a_op, b_op) = (Operand::new(&ga, k).batched(m * k), Operand::new(&gb, k));
     for kernel in gemm::candidates(gpu, &mm, &a_op, &b_op) {
@@ -398,20 +401,18 @@ fn small_dispatch_limits_fold_the_grid() {
     let mut want = vec![0.0; m * n];
     reference::gemm::matmul(
         &mut want,
-        Layout::new(n),
         &reference::convert::<f32, f64>(&a),
-        Layout::new(m),
         &reference::convert::<f32, f64>(&b),
-        Layout::new(n),
         None,
-        m,
-        n,
-        k,
-        1,
-        true,
-        false,
-        1.0,
-        false,
+        Layouts {
+            c: Layout::new(n),
+            a: Layout::new(m),
+            b: Layout::new(n),
+        },
+        Product {
+            trans_a: true,
+            ..Product::new(m, n, k)
+        },
     );
     let (a_op, b_op) = (Operand::new(&ga, m), Operand::new(&gb, n));
     let kernels = gemm::candidates(gpu, &mm, &a_op, &b_op);
@@ -443,6 +444,7 @@ fn small_dispatch_limits_fold_the_grid() {
 fn linear_backward_skips_what_is_not_asked() {
     let Some(gpu) = test_gpu() else { return };
     let (m, k, n) = (4, 3, 2);
+    let dims = LinearDims { m, k, n };
     let z = |name: &str, len: usize| gpu.zeros(name, DType::F32, len).unwrap();
     let (dout, inp, w, dw) = (
         z("dout", m * n),
@@ -452,9 +454,21 @@ fn linear_backward_skips_what_is_not_asked() {
     );
     let (dinp, dbias) = (z("dinp", m * k), z("dbias", n));
     let count = |dinp, dbias| {
-        gemm::linear_backward(gpu, dinp, &dw, dbias, &dout, &inp, &w, m, k, n, false)
-            .unwrap()
-            .len()
+        gemm::linear_backward(
+            gpu,
+            LinearBackwardTensors {
+                dinp,
+                dw: &dw,
+                dbias,
+                dout: &dout,
+                inp: &inp,
+                w: &w,
+            },
+            dims,
+            false,
+        )
+        .unwrap()
+        .len()
     };
     assert_eq!(count(None, None), 1);
     assert_eq!(count(Some(&dinp), None), 2);
@@ -526,9 +540,7 @@ fn f16_lm_head_chunks_match_reference() {
             &reference::convert::<f32, f64>(&x),
             &widen(&wte),
             None,
-            m,
-            c,
-            v,
+            LinearDims { m, k: c, n: v },
         );
         let got = gpu.read_f32(&logits).unwrap();
         reference::compare(&format!("lm head C={c}"), &got, &want, 1e-5, 1e-4).assert();
@@ -545,6 +557,7 @@ fn f16_weight_error_against_f32_weights() {
         return;
     }
     let (m, k, n) = (33, 257, 130);
+    let dims = LinearDims { m, k, n };
     let mut rng = Rng::new(11);
     let inp = rng.vec_uniform(m * k, -1.0, 1.0);
     let w = rng.vec_uniform(n * k, -1.0, 1.0);
@@ -555,20 +568,12 @@ fn f16_weight_error_against_f32_weights() {
     let gw16 = gpu.upload("w16", DType::F16, &to_f16(&w)).unwrap();
     let out32 = gpu.zeros("out32", DType::F32, m * n).unwrap();
     let out16 = gpu.zeros("out16", DType::F32, m * n).unwrap();
-    let mut dispatches = gemm::linear_forward(gpu, &out32, &gi, &gw32, Some(&gb), m, k, n).unwrap();
-    dispatches.extend(gemm::linear_forward(gpu, &out16, &gi, &gw16, Some(&gb), m, k, n).unwrap());
+    let mut dispatches = gemm::linear_forward(gpu, &out32, &gi, &gw32, Some(&gb), dims).unwrap();
+    dispatches.extend(gemm::linear_forward(gpu, &out16, &gi, &gw16, Some(&gb), dims).unwrap());
     gpu.run(&dispatches).unwrap();
     let mut exact = vec![0.0; m * n];
     let f64s = reference::convert::<f32, f64>;
-    reference::gemm::linear_forward(
-        &mut exact,
-        &f64s(&inp),
-        &f64s(&w),
-        Some(&f64s(&bias)),
-        m,
-        k,
-        n,
-    );
+    reference::gemm::linear_forward(&mut exact, &f64s(&inp), &f64s(&w), Some(&f64s(&bias)), dims);
     let scale = exact.iter().fold(0.0f64, |a, x| a.max(x.abs()));
     let rel = |got: &[f32]| {
         got.iter()
@@ -591,6 +596,7 @@ fn f16_weight_error_against_f32_weights() {
 fn f16_operands_other_than_the_weight_are_errors() {
     let Some(gpu) = test_gpu() else { return };
     let (m, k, n) = (6, 5, 7);
+    let dims = LinearDims { m, k, n };
     let z = |name: &str, dtype, len: usize| gpu.zeros(name, dtype, len).unwrap();
     let (inp, out) = (z("inp", DType::F32, m * k), z("out", DType::F32, m * n));
     let (w, w16) = (z("w", DType::F32, n * k), z("w16", DType::F16, n * k));
@@ -598,9 +604,9 @@ fn f16_operands_other_than_the_weight_are_errors() {
     let out16 = z("out16", DType::F16, m * n);
     let bias16 = z("bias16", DType::F16, n);
 
-    let e = err(gemm::linear_forward(gpu, &out, &inp16, &w, None, m, k, n));
+    let e = err(gemm::linear_forward(gpu, &out, &inp16, &w, None, dims));
     assert!(e.contains("tensor inp16") && e.contains("f16"), "{e}");
-    let e = err(gemm::linear_forward(gpu, &out16, &inp, &w16, None, m, k, n));
+    let e = err(gemm::linear_forward(gpu, &out16, &inp, &w16, None, dims));
     assert!(e.contains("tensor out16"), "{e}");
     let e = err(gemm::linear_forward(
         gpu,
@@ -608,15 +614,11 @@ fn f16_operands_other_than_the_weight_are_errors() {
         &inp,
         &w16,
         Some(&bias16),
-        m,
-        k,
-        n,
+        dims,
     ));
     assert!(e.contains("tensor bias16"), "{e}");
     let short16 = z("short16", DType::F16, n * k - 1);
-    let e = err(gemm::linear_forward(
-        gpu, &out, &inp, &short16, None, m, k, n,
-    ));
+    let e = err(gemm::linear_forward(gpu, &out, &inp, &short16, None, dims));
     assert!(
         e.contains("tensor short16") && e.contains(&format!("{}", n * k)),
         "{e}"
@@ -639,7 +641,17 @@ fn f16_operands_other_than_the_weight_are_errors() {
     // The backward is f32 only.
     let dw = z("dw", DType::F32, n * k);
     let e = err(gemm::linear_backward(
-        gpu, None, &dw, None, &out, &inp, &w16, m, k, n, false,
+        gpu,
+        LinearBackwardTensors {
+            dinp: None,
+            dw: &dw,
+            dbias: None,
+            dout: &out,
+            inp: &inp,
+            w: &w16,
+        },
+        dims,
+        false,
     ));
     assert!(e.contains("tensor w16") && e.contains("f32"), "{e}");
 }
@@ -654,10 +666,11 @@ fn f16_weights_without_shader_f16_are_an_error() {
     gpu.features.remove(wgpu::Features::SHADER_F16);
     let gpu = &gpu;
     let (m, k, n) = (4, 8, 3);
+    let dims = LinearDims { m, k, n };
     let inp = gpu.zeros("inp", DType::F32, m * k).unwrap();
     let out = gpu.zeros("out", DType::F32, m * n).unwrap();
     let w16 = gpu.zeros("w16", DType::F16, n * k).unwrap();
-    let e = err(gemm::linear_forward(gpu, &out, &inp, &w16, None, m, k, n));
+    let e = err(gemm::linear_forward(gpu, &out, &inp, &w16, None, dims));
     assert!(e.contains("tensor w16") && e.contains("SHADER_F16"), "{e}");
     let mm = Matmul::new(m, n, k);
     let e = err(gemm::matmul(
