@@ -380,21 +380,21 @@ impl<'a> Executor<'a> {
                 hs,
                 p,
                 site,
-            } => x.attention((b, t, nh, hs), p, site),
+            } => x.attention(attention::Dims { b, t, nh, hs }, p, site),
             Op::AttentionCached {
                 b,
                 tq,
                 nh,
                 hs,
                 tmax,
-            } => x.attention_cached((b, tq, nh, hs), tmax),
+            } => x.attention_cached(attention::Dims { b, t: tq, nh, hs }, tmax),
             Op::KvAppend {
                 b,
                 tq,
                 nh,
                 hs,
                 tmax,
-            } => x.kv_append((b, tq, nh, hs), tmax),
+            } => x.kv_append(attention::Dims { b, t: tq, nh, hs }, tmax),
             Op::Gelu { n } => one(gelu::forward(gpu, o(0), i(0), n)),
             Op::Add { .. } => one(residual::forward(gpu, o(0), i(0), i(1))),
             Op::Dropout { n, p, site } => x.dropout(n, p, site),
@@ -418,7 +418,7 @@ impl<'a> Executor<'a> {
                 hs,
                 p,
                 site,
-            } => x.attention_backward((b, t, nh, hs), p, site),
+            } => x.attention_backward(attention::Dims { b, t, nh, hs }, p, site),
             Op::GeluBackward { n, acc } => one(gelu::backward(gpu, o(0), i(1), i(0), n, acc)),
             Op::Accumulate { acc, .. } => one(residual::accumulate(gpu, o(0), i(0), acc)),
             Op::DropoutBackward { n, p, site, acc } => x.dropout_backward(n, p, site, acc),
@@ -1321,61 +1321,47 @@ impl<'s> Lowering<'s> {
     }
 
     /// Causal self-attention over qkv (B, T, 3C), with dropout on the probabilities at `site`.
-    fn attention(
-        self,
-        (b, t, nh, hs): (usize, usize, usize, usize),
-        p: f32,
-        site: u32,
-    ) -> Result<Vec<Dispatch>> {
+    fn attention(self, dims: attention::Dims, p: f32, site: u32) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
-        let dropout = attention_dropout(self.ex.opts.seed, p, site);
-        let d = attention::forward(self.gpu(), o(0), o(1), i(0), b, t, nh, hs, true, dropout)?;
+        let opts = attention_options(self.ex.opts.seed, p, site);
+        let d = attention::forward(self.gpu(), o(0), o(1), i(0), dims, opts)?;
         Ok(vec![d])
     }
 
-    fn attention_backward(
-        self,
-        (b, t, nh, hs): (usize, usize, usize, usize),
-        p: f32,
-        site: u32,
-    ) -> Result<Vec<Dispatch>> {
+    fn attention_backward(self, dims: attention::Dims, p: f32, site: u32) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
-        attention::backward(
-            self.gpu(),
-            o(0),
-            i(0),
-            i(1),
-            i(2),
-            i(3),
-            b,
-            t,
-            nh,
-            hs,
-            true,
-            attention_dropout(self.ex.opts.seed, p, site),
-        )
+        let tensors = attention::BackwardTensors {
+            dqkv: o(0),
+            dout: i(0),
+            qkv: i(1),
+            out: i(2),
+            lse: i(3),
+        };
+        let opts = attention_options(self.ex.opts.seed, p, site);
+        attention::backward(self.gpu(), tensors, dims, opts)
     }
 
-    /// Attention of `tq` new tokens over a KV cache of `tmax` positions.
-    fn attention_cached(
-        self,
-        (b, tq, nh, hs): (usize, usize, usize, usize),
-        tmax: usize,
-    ) -> Result<Vec<Dispatch>> {
+    /// Attention of the Tq = `dims.t` new tokens over a KV cache of `tmax` positions.
+    fn attention_cached(self, dims: attention::Dims, tmax: usize) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
-        let d =
-            attention::forward_cached(self.gpu(), o(0), i(0), i(1), i(2), b, tq, nh, hs, 0, tmax)?;
+        let cache = attention::KvCache {
+            k: i(1),
+            v: i(2),
+            tmax,
+        };
+        let d = attention::forward_cached(self.gpu(), o(0), i(0), cache, dims, 0)?;
         Ok(vec![d])
     }
 
-    /// Appends the keys and values of `tq` new tokens to the KV cache.
-    fn kv_append(
-        self,
-        (b, tq, nh, hs): (usize, usize, usize, usize),
-        tmax: usize,
-    ) -> Result<Vec<Dispatch>> {
+    /// Appends the keys and values of the Tq = `dims.t` new tokens to the KV cache.
+    fn kv_append(self, dims: attention::Dims, tmax: usize) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
-        let d = attention::kv_append(self.gpu(), o(0), o(1), i(0), b, tq, nh, hs, 0, tmax)?;
+        let cache = attention::KvCache {
+            k: o(0),
+            v: o(1),
+            tmax,
+        };
+        let d = attention::kv_append(self.gpu(), cache, i(0), dims, 0)?;
         Ok(vec![d])
     }
 
@@ -1583,12 +1569,15 @@ fn dropout_seed(seed: u32, site: u32) -> u32 {
     seed ^ site.wrapping_mul(0x9E37_79B9)
 }
 
-/// An attention node's dropout at step counter 0 (the executor rewrites the counter per
-/// micro-step), or none for p = 0.
-fn attention_dropout(seed: u32, p: f32, site: u32) -> Option<attention::Dropout> {
-    (p > 0.0).then(|| attention::Dropout {
-        p,
-        seed: dropout_seed(seed, site),
-        step: 0,
-    })
+/// An attention node's options: causal, with dropout at step counter 0 (the executor rewrites the
+/// counter per micro-step), or none for p = 0.
+fn attention_options(seed: u32, p: f32, site: u32) -> attention::Options {
+    attention::Options {
+        dropout: (p > 0.0).then(|| attention::Dropout {
+            p,
+            seed: dropout_seed(seed, site),
+            step: 0,
+        }),
+        ..attention::Options::CAUSAL
+    }
 }

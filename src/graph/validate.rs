@@ -70,16 +70,10 @@ pub struct Context {
 pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<Vec<f32>> {
     let Context { seed, step, dloss } = ctx;
     let f = |k: usize| ins[k].f();
-    // The attention dropout factors (B, NH, T, T) of this site and step, if any.
-    let attention_mask = |b, nh, t, p: f32| {
-        (p > 0.0).then(|| {
-            r::attention::dropout_mask(
-                b,
-                nh,
-                t,
-                crate::kernels::attention::Dropout { p, seed, step },
-            )
-        })
+    // Attention as the model runs it: causal, with this site's dropout at this step, if any.
+    let attention_options = |p: f32| r::attention::Options {
+        dropout: (p > 0.0).then_some(crate::hash::Dropout { p, seed, step }),
+        ..r::attention::Options::CAUSAL
     };
     let mut o: Vec<Vec<f32>> = outs
         .iter()
@@ -131,7 +125,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::Attention {
             b, t, nh, hs, p, ..
         } => {
-            let mask = attention_mask(b, nh, t, p);
+            let dims = r::attention::Dims { b, t, nh, hs };
             let mut preatt = vec![0.0; b * nh * t * t];
             let mut att = vec![0.0; b * nh * t * t];
             let (y, lse) = o.split_at_mut(1);
@@ -141,12 +135,8 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 &mut att,
                 &mut lse[0],
                 f(0),
-                b,
-                t,
-                nh,
-                hs,
-                true,
-                mask.as_deref(),
+                dims,
+                attention_options(p),
             );
         }
         Op::Gelu { .. } => r::gelu::forward(&mut o[0], f(0)),
@@ -233,25 +223,13 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::AttentionBackward {
             b, t, nh, hs, p, ..
         } => {
-            let mask = attention_mask(b, nh, t, p);
+            let (dims, opts) = (r::attention::Dims { b, t, nh, hs }, attention_options(p));
             // Recompute the probabilities the reference backward needs.
             let mut y = vec![0.0; b * t * nh * hs];
             let mut preatt = vec![0.0; b * nh * t * t];
             let mut att = vec![0.0; b * nh * t * t];
             let mut lse = vec![0.0; b * nh * t];
-            r::attention::forward(
-                &mut y,
-                &mut preatt,
-                &mut att,
-                &mut lse,
-                f(1),
-                b,
-                t,
-                nh,
-                hs,
-                true,
-                mask.as_deref(),
-            );
+            r::attention::forward(&mut y, &mut preatt, &mut att, &mut lse, f(1), dims, opts);
             let (mut dpre, mut datt) = (vec![0.0; att.len()], vec![0.0; att.len()]);
             o[0].iter_mut().for_each(|x| *x = 0.0);
             r::attention::backward(
@@ -261,12 +239,8 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
                 f(0),
                 f(1),
                 &att,
-                b,
-                t,
-                nh,
-                hs,
-                true,
-                mask.as_deref(),
+                dims,
+                opts,
             );
         }
         Op::GeluBackward { acc, .. } => {

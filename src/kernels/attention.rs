@@ -13,14 +13,14 @@
 //! Every launcher overwrites its outputs; dqkv is never accumulated into (the graph has no
 //! second gradient source for it). Nothing uses atomics: results are bit-identical run to run.
 //!
-//! Dropout on the attention probabilities (training): `forward` and `backward` take an optional
-//! `Dropout` (p, seed, step); P ∘ M replaces P in the product with V, where M is 0 or 1/(1 - p)
-//! from a counter-based hash that the backward regenerates, so no mask is stored.
+//! Dropout on the attention probabilities (training): `forward` and `backward` take `Options`
+//! with an optional `Dropout` (p, seed, step); P ∘ M replaces P in the product with V, where M is
+//! 0 or 1/(1 - p) from a counter-based hash that the backward regenerates, so no mask is stored.
 //! `Dropout::keeps_cell` (crate::hash) is the hash's CPU twin; `set_dropout_step` moves a built
 //! dispatch to another step's mask.
 //!
-//! f16 KV cache (inference): `kv_append` and `forward_cached` also take k_cache and v_cache as f16
-//! views (both f16; qkv and out stay f32), selecting attention.wgsl's F16 variant: the new k
+//! f16 KV cache (inference): `kv_append` and `forward_cached` also take a `KvCache` of f16 views
+//! (k and v both f16; qkv and out stay f32), selecting attention.wgsl's F16 variant: the new k
 //! and v are rounded to f16 on append and widened on load, with scores, softmax and accumulation
 //! in f32 and the same tiling as the f32 kernels. This needs the adapter's SHADER_F16 feature
 //! (`Gpu::has_f16`); an f16 cache on an adapter without it is an error naming the tensor.
@@ -173,6 +173,45 @@ pub fn params_layout() -> super::ParamsLayout {
 /// (b·NH + h)·Tq + i) and key `j` is kept iff `Dropout::keeps_cell(row, j)`, bit for bit the
 /// shader's `drop_factor`.
 pub use crate::hash::Dropout;
+
+/// The shape of an attention problem: B sequences of T tokens (the Tq new tokens, for the KV-cache
+/// launchers), NH heads of HS channels each.
+pub use crate::reference::attention::Dims;
+
+/// How the fused kernels mask the probabilities: causally or not, and with dropout or not.
+pub use crate::reference::attention::Options;
+
+/// The tensors of the fused `backward`: dqkv (B, T, 3C) written; dout (B, T, C), qkv (B, T, 3C)
+/// and the forward's out (B, T, C) and lse (B, NH, T) read.
+#[derive(Clone, Copy, Debug)]
+pub struct BackwardTensors<'a> {
+    pub dqkv: &'a View,
+    pub dout: &'a View,
+    pub qkv: &'a View,
+    pub out: &'a View,
+    pub lse: &'a View,
+}
+
+/// The tensors of `backward_unfused`: dqkv (B, T, 3C), dpreatt and datt (B, NH, T, T) written;
+/// dout (B, T, C), qkv (B, T, 3C) and the forward's att (B, NH, T, T) read.
+#[derive(Clone, Copy, Debug)]
+pub struct UnfusedBackwardTensors<'a> {
+    pub dqkv: &'a View,
+    pub dpreatt: &'a View,
+    pub datt: &'a View,
+    pub dout: &'a View,
+    pub qkv: &'a View,
+    pub att: &'a View,
+}
+
+/// A KV cache: keys `k` and values `v`, each (B, NH, Tmax, HS), both f32 or both f16.
+#[derive(Clone, Copy, Debug)]
+pub struct KvCache<'a> {
+    pub k: &'a View,
+    pub v: &'a View,
+    /// Positions the cache holds.
+    pub tmax: usize,
+}
 
 /// Byte offset of the step counter in the params of the fused forward and backward dispatches,
 /// for rewriting it between micro-steps.
@@ -480,13 +519,9 @@ impl Variant {
 /// The variant `forward` or `backward` takes for this problem: measured among
 /// `Variant::candidates` (see `kernels::tune`), `Variant::rule` being the fixed rule. The
 /// variants sum in different orders, so they agree to rounding, not bit for bit.
-fn tuned(
-    gpu: &Gpu,
-    stage: Stage,
-    (b, t, nh, hs): (usize, usize, usize, usize),
-    causal: bool,
-) -> Result<Variant> {
+fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result<Variant> {
     use super::tune::{self, Problem, Trial, bucket};
+    let Dims { b, t, nh, hs } = dims;
     let storage = storage_limit(gpu);
     let variants = Variant::candidates(stage, hs, storage)?;
     let rule = variants[0];
@@ -507,6 +542,10 @@ fn tuned(
         rtol: 1e-4,
     };
     let c = nh * hs;
+    let opts = Options {
+        causal,
+        dropout: None,
+    };
     let mut tensors: Option<[View; 5]> = None;
     let name = tune::choose(gpu, &problem, &mut |name| {
         let v = variants
@@ -527,31 +566,28 @@ fn tuned(
             ];
             // The backward reads the forward's out and lse.
             let [qkv, _, out, lse, _] = &ts;
-            let dims = (b, t, nh, hs);
-            let fwd = forward_with(
-                gpu,
-                out,
-                lse,
-                qkv,
-                dims,
-                causal,
-                None,
-                Variant::rule(Stage::Forward, hs, storage)?,
-            )?;
+            let rule = Variant::rule(Stage::Forward, hs, storage)?;
+            let fwd = forward_with(gpu, out, lse, qkv, dims, opts, rule)?;
             gpu.run(&[fwd])?;
             tensors = Some(ts);
         }
         let [qkv, dout, out, lse, dqkv] = tensors.as_ref().expect("set above");
-        let dims = (b, t, nh, hs);
+        let bwd = BackwardTensors {
+            dqkv,
+            dout,
+            qkv,
+            out,
+            lse,
+        };
         Ok(match stage {
             // (Each call of `tuned` measures one stage: the forward's trials may overwrite the
             // out and lse that only the backward's read.)
             Stage::Forward => Trial {
-                dispatches: vec![forward_with(gpu, out, lse, qkv, dims, causal, None, v)?],
+                dispatches: vec![forward_with(gpu, out, lse, qkv, dims, opts, v)?],
                 output: out.clone(),
             },
             Stage::Backward => Trial {
-                dispatches: backward_with(gpu, dqkv, dout, qkv, out, lse, dims, causal, None, v)?,
+                dispatches: backward_with(gpu, bwd, dims, opts, v)?,
                 output: dqkv.clone(),
             },
         })
@@ -581,13 +617,15 @@ fn check_fused_dims(kernel: &str, dims: &[(&str, usize)], hs: usize) -> Result<(
     Ok(())
 }
 
-/// FLOPs of one product over the unmasked (query, key) pairs, such as q·kᵀ or att·v.
+/// FLOPs of one product over the unmasked (query, key) pairs, such as q·kᵀ or att·v, where the
+/// T = Tq queries of `dims` attend to `tk` keys.
 ///
 /// Dispatch costs count useful work only, the same for the fused and the unfused kernels: a
 /// forward is 2 products, a backward 4 (dP, dV, dQ, dK). The fused backward's recomputation of
 /// the scores and the unfused GEMMs' work on masked entries are left out, so GFLOP/s compares
 /// the time taken for the same result.
-fn product_flops(b: usize, nh: usize, tq: usize, tk: usize, hs: usize, causal: bool) -> u64 {
+fn product_flops(dims: Dims, tk: usize, causal: bool) -> u64 {
+    let Dims { b, t: tq, nh, hs } = dims;
     let pairs: u64 = if causal {
         // query i (at position tk - tq + i) sees tk - tq + i + 1 keys
         (0..tq as u64).map(|i| (tk - tq) as u64 + i + 1).sum()
@@ -636,35 +674,25 @@ fn rows_constants(wg: u32, hs: u32) -> [(&'static str, f64); 2] {
 }
 
 /// Fused forward: out (B, T, C) and lse (B, NH, T) from qkv (B, T, 3C); scale 1/sqrt(HS); causal
-/// or not; dropout on the probabilities when given. Overwrites out and lse. No T×T matrix is
-/// stored; key tiles wholly past the causal limit are skipped. The kernels are chosen by
-/// measurement (`tuned`).
-#[allow(clippy::too_many_arguments)]
+/// or not, dropout on the probabilities or not, as `opts` asks. Overwrites out and lse. No T×T
+/// matrix is stored; key tiles wholly past the causal limit are skipped. The kernels are chosen
+/// by measurement (`tuned`).
 pub fn forward(
     gpu: &Gpu,
     out: &View,
     lse: &View,
     qkv: &View,
-    b: usize,
-    t: usize,
-    nh: usize,
-    hs: usize,
-    causal: bool,
-    dropout: Option<Dropout>,
+    dims: Dims,
+    opts: Options,
 ) -> Result<Dispatch> {
-    let dims = (b, t, nh, hs);
     check_forward(out, lse, qkv, dims)?;
-    let variant = tuned(gpu, Stage::Forward, dims, causal)?;
-    forward_with(gpu, out, lse, qkv, dims, causal, dropout, variant)
+    let variant = tuned(gpu, Stage::Forward, dims, opts.causal)?;
+    forward_with(gpu, out, lse, qkv, dims, opts, variant)
 }
 
-/// Checks the tensors of the fused forward for (B, T, NH, HS) = `dims`.
-fn check_forward(
-    out: &View,
-    lse: &View,
-    qkv: &View,
-    (b, t, nh, hs): (usize, usize, usize, usize),
-) -> Result<()> {
+/// Checks the tensors of the fused forward.
+fn check_forward(out: &View, lse: &View, qkv: &View, dims: Dims) -> Result<()> {
+    let Dims { b, t, nh, hs } = dims;
     let name = FORWARD.name();
     check_fused_dims(&name, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)], hs)?;
     let c = nh * hs;
@@ -674,19 +702,18 @@ fn check_forward(
 }
 
 /// `forward` computed by `variant`.
-#[allow(clippy::too_many_arguments)]
 fn forward_with(
     gpu: &Gpu,
     out: &View,
     lse: &View,
     qkv: &View,
-    dims: (usize, usize, usize, usize),
-    causal: bool,
-    dropout: Option<Dropout>,
+    dims: Dims,
+    opts: Options,
     variant: Variant,
 ) -> Result<Dispatch> {
     check_forward(out, lse, qkv, dims)?;
-    let (b, t, nh, hs) = dims;
+    let Dims { b, t, nh, hs } = dims;
+    let Options { causal, dropout } = opts;
     let c = nh * hs;
     let params = Params {
         write_lse: 1,
@@ -698,7 +725,7 @@ fn forward_with(
     }
     .with_dropout(&FORWARD.name(), dropout)?;
     let cost = Cost {
-        flops: 2 * product_flops(b, nh, t, t, hs, causal),
+        flops: 2 * product_flops(dims, t, causal),
         bytes: 4 * (b * t * 4 * c + b * nh * t) as u64,
     };
     fused_forward(
@@ -715,37 +742,29 @@ fn forward_with(
 /// (B, T, C) and lse (B, NH, T). Overwrites dqkv. Three dispatches: D = rowsum(dout ∘ out) into a
 /// private (B, NH, T) scratch, then dk and dv (one workgroup per key tile, or one invocation per
 /// key), then dq (per query tile, or per query); probabilities are recomputed from lse, and the
-/// dropout mask (the forward's `dropout`, same step) from its hash. Deterministic, no atomics.
+/// dropout mask (the forward's `opts`, same step) from its hash. Deterministic, no atomics.
 /// The kernels are chosen by measurement (`tuned`).
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     gpu: &Gpu,
-    dqkv: &View,
-    dout: &View,
-    qkv: &View,
-    out: &View,
-    lse: &View,
-    b: usize,
-    t: usize,
-    nh: usize,
-    hs: usize,
-    causal: bool,
-    dropout: Option<Dropout>,
+    tensors: BackwardTensors,
+    dims: Dims,
+    opts: Options,
 ) -> Result<Vec<Dispatch>> {
-    let dims = (b, t, nh, hs);
-    check_backward([dqkv, dout, qkv, out, lse], dims)?;
-    let variant = tuned(gpu, Stage::Backward, dims, causal)?;
-    backward_with(
-        gpu, dqkv, dout, qkv, out, lse, dims, causal, dropout, variant,
-    )
+    check_backward(tensors, dims)?;
+    let variant = tuned(gpu, Stage::Backward, dims, opts.causal)?;
+    backward_with(gpu, tensors, dims, opts, variant)
 }
 
-/// Checks the tensors of the fused backward, [dqkv, dout, qkv, out, lse], for (B, T, NH, HS) =
-/// `dims`.
-fn check_backward(
-    [dqkv, dout, qkv, out, lse]: [&View; 5],
-    (b, t, nh, hs): (usize, usize, usize, usize),
-) -> Result<()> {
+/// Checks the tensors of the fused backward.
+fn check_backward(tensors: BackwardTensors, dims: Dims) -> Result<()> {
+    let BackwardTensors {
+        dqkv,
+        dout,
+        qkv,
+        out,
+        lse,
+    } = tensors;
+    let Dims { b, t, nh, hs } = dims;
     let name = "attention.backward";
     check_fused_dims(name, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)], hs)?;
     let c = nh * hs;
@@ -757,22 +776,24 @@ fn check_backward(
 }
 
 /// `backward` computed by `variant`.
-#[allow(clippy::too_many_arguments)]
 fn backward_with(
     gpu: &Gpu,
-    dqkv: &View,
-    dout: &View,
-    qkv: &View,
-    out: &View,
-    lse: &View,
-    dims: (usize, usize, usize, usize),
-    causal: bool,
-    dropout: Option<Dropout>,
+    tensors: BackwardTensors,
+    dims: Dims,
+    opts: Options,
     variant: Variant,
 ) -> Result<Vec<Dispatch>> {
-    check_backward([dqkv, dout, qkv, out, lse], dims)?;
+    check_backward(tensors, dims)?;
+    let BackwardTensors {
+        dqkv,
+        dout,
+        qkv,
+        out,
+        lse,
+    } = tensors;
     let name = "attention.backward";
-    let (b, t, nh, hs) = dims;
+    let Dims { b, t, nh, hs } = dims;
+    let Options { causal, dropout } = opts;
     let c = nh * hs;
     let max_wg = gpu.limits.max_compute_workgroups_per_dimension;
     let base = Params {
@@ -798,7 +819,7 @@ fn backward_with(
             bytes: 4 * (2 * b * t * c + rows) as u64,
         },
     )?;
-    let product = product_flops(b, nh, t, t, hs, causal);
+    let product = product_flops(dims, t, causal);
     let io_bytes = 4 * (2 * b * t * 3 * c + b * t * c + 2 * rows) as u64;
     let cost = Cost {
         // dV and dK, or dP and dQ
@@ -838,85 +859,66 @@ fn backward_with(
     Ok(all)
 }
 
-/// KV-cache decoding: the Tq new tokens of qkv (B, Tq, 3C), at absolute positions
-/// pos0 .. pos0 + Tq, attend causally to keys and values 0 .. pos0 + Tq held in k_cache and
-/// v_cache (B, NH, Tmax, HS) (append the new tokens first with `kv_append`). Overwrites out
-/// (B, Tq, C); no lse. The caches are both f32, or both f16 (on adapters with SHADER_F16: widened
-/// to f32 on load); qkv and out are f32.
-#[allow(clippy::too_many_arguments)]
+/// KV-cache decoding: the Tq = `dims.t` new tokens of qkv (B, Tq, 3C), at absolute positions
+/// pos0 .. pos0 + Tq, attend causally to keys and values 0 .. pos0 + Tq held in `cache` (append
+/// the new tokens first with `kv_append`). Overwrites out (B, Tq, C); no lse. The caches are both
+/// f32, or both f16 (on adapters with SHADER_F16: widened to f32 on load); qkv and out are f32.
 pub fn forward_cached(
     gpu: &Gpu,
     out: &View,
     qkv: &View,
-    k_cache: &View,
-    v_cache: &View,
-    b: usize,
-    tq: usize,
-    nh: usize,
-    hs: usize,
+    cache: KvCache,
+    dims: Dims,
     pos0: usize,
-    tmax: usize,
 ) -> Result<Dispatch> {
-    let args = CachedArgs {
-        out,
-        qkv,
-        k_cache,
-        v_cache,
-    };
-    let dims = (b, tq, nh, hs);
-    let cache = args.check(gpu, dims, pos0, tmax)?;
-    let variant = tuned_cached(gpu, cache, dims, tmax)?;
-    forward_cached_with(gpu, &args, dims, pos0, tmax, variant)
+    let dtype = check_cached(gpu, out, qkv, cache, dims, pos0)?;
+    let variant = tuned_cached(gpu, dtype, dims, cache.tmax)?;
+    forward_cached_with(gpu, out, qkv, cache, dims, pos0, variant)
 }
 
-/// The tensors of `forward_cached`.
-struct CachedArgs<'a> {
-    out: &'a View,
-    qkv: &'a View,
-    k_cache: &'a View,
-    v_cache: &'a View,
-}
-
-impl CachedArgs<'_> {
-    /// Checks the tensors for (B, Tq, NH, HS) = `dims` at `pos0` in caches of `tmax` positions;
-    /// returns the caches' element type.
-    fn check(
-        &self,
-        gpu: &Gpu,
-        (b, tq, nh, hs): (usize, usize, usize, usize),
-        pos0: usize,
-        tmax: usize,
-    ) -> Result<DType> {
-        let name = "attention.forward_cached";
-        check_fused_dims(
-            name,
-            &[("B", b), ("Tq", tq), ("NH", nh), ("HS", hs), ("Tmax", tmax)],
-            hs,
-        )?;
-        check_cache_positions(name, tq, pos0, tmax)?;
-        let c = nh * hs;
-        expect(name, self.out, DType::F32, b * tq * c)?;
-        expect(name, self.qkv, DType::F32, b * tq * 3 * c)?;
-        let (cache, _) = cache_dtype(gpu, name, self.k_cache, &FORWARD, &FORWARD_F16)?;
-        expect(name, self.k_cache, cache, b * nh * tmax * hs)?;
-        expect(name, self.v_cache, cache, b * nh * tmax * hs)?;
-        Ok(cache)
-    }
+/// Checks the tensors of `forward_cached` for Tq = `dims.t` new tokens at `pos0`; returns the
+/// caches' element type.
+fn check_cached(
+    gpu: &Gpu,
+    out: &View,
+    qkv: &View,
+    cache: KvCache,
+    dims: Dims,
+    pos0: usize,
+) -> Result<DType> {
+    let name = "attention.forward_cached";
+    let Dims { b, t: tq, nh, hs } = dims;
+    let tmax = cache.tmax;
+    check_fused_dims(
+        name,
+        &[("B", b), ("Tq", tq), ("NH", nh), ("HS", hs), ("Tmax", tmax)],
+        hs,
+    )?;
+    check_cache_positions(name, tq, pos0, tmax)?;
+    let c = nh * hs;
+    expect(name, out, DType::F32, b * tq * c)?;
+    expect(name, qkv, DType::F32, b * tq * 3 * c)?;
+    let (dtype, _) = cache_dtype(gpu, name, cache.k, &FORWARD, &FORWARD_F16)?;
+    expect(name, cache.k, dtype, b * nh * tmax * hs)?;
+    expect(name, cache.v, dtype, b * nh * tmax * hs)?;
+    Ok(dtype)
 }
 
 /// `forward_cached` computed by `variant`.
 fn forward_cached_with(
     gpu: &Gpu,
-    args: &CachedArgs,
-    dims: (usize, usize, usize, usize),
+    out: &View,
+    qkv: &View,
+    cache: KvCache,
+    dims: Dims,
     pos0: usize,
-    tmax: usize,
     variant: Variant,
 ) -> Result<Dispatch> {
-    let cache = args.check(gpu, dims, pos0, tmax)?;
-    let (b, tq, nh, hs) = dims;
+    let dtype = check_cached(gpu, out, qkv, cache, dims, pos0)?;
+    let Dims { b, t: tq, nh, hs } = dims;
+    let tmax = cache.tmax;
     let c = nh * hs;
-    let shader = if cache == DType::F16 {
+    let shader = if dtype == DType::F16 {
         ShaderVariant::F16
     } else {
         ShaderVariant::Base
@@ -934,13 +936,13 @@ fn forward_cached_with(
     // The kernel's lse binding is not written when write_lse = 0; a word stands in for it.
     let unused_lse = gpu.zeros("attention unused lse", DType::F32, 1)?;
     let cost = Cost {
-        flops: 2 * product_flops(b, nh, tq, tk, hs, true),
-        bytes: 4 * (b * tq * 4 * c) as u64 + cache.size() * (2 * b * tk * c) as u64,
+        flops: 2 * product_flops(dims, tk, true),
+        bytes: 4 * (b * tq * 4 * c) as u64 + dtype.size() * (2 * b * tk * c) as u64,
     };
     fused_forward(
         gpu,
         shader,
-        [args.qkv, args.k_cache, args.v_cache, args.out, &unused_lse],
+        [qkv, cache.k, cache.v, out, &unused_lse],
         params,
         cost,
         variant,
@@ -950,13 +952,9 @@ fn forward_cached_with(
 /// The variant `forward_cached` takes for Tq new tokens over caches of `tmax` positions: the
 /// fixed rule's tiling or the row kernel, measured with the caches full (pos0 = Tmax - Tq), the
 /// longest attention a decoding dispatch moved by `set_position` computes.
-fn tuned_cached(
-    gpu: &Gpu,
-    cache: DType,
-    (b, tq, nh, hs): (usize, usize, usize, usize),
-    tmax: usize,
-) -> Result<Variant> {
+fn tuned_cached(gpu: &Gpu, cache: DType, dims: Dims, tmax: usize) -> Result<Variant> {
     use super::tune::{self, Problem, Trial, bucket};
+    let Dims { b, t: tq, nh, hs } = dims;
     let rule = Variant::rule(Stage::Forward, hs, storage_limit(gpu))?;
     let variants = [rule, Variant::Rows(ROWS_WG)];
     let problem = Problem {
@@ -990,7 +988,12 @@ fn tuned_cached(
             let full = gpu.upload_f32("tune.qkv", &rng.vec_uniform(b * tmax * 3 * c, -1.0, 1.0))?;
             let kc = gpu.zeros("tune.k_cache", cache, b * nh * tmax * hs)?;
             let vc = gpu.zeros("tune.v_cache", cache, b * nh * tmax * hs)?;
-            gpu.run(&[kv_append(gpu, &kc, &vc, &full, b, tmax, nh, hs, 0, tmax)?])?;
+            let kv = KvCache {
+                k: &kc,
+                v: &vc,
+                tmax,
+            };
+            gpu.run(&[kv_append(gpu, kv, &full, Dims { t: tmax, ..dims }, 0)?])?;
             tensors = Some([
                 gpu.upload_f32("tune.step_qkv", &rng.vec_uniform(b * tq * 3 * c, -1.0, 1.0))?,
                 kc,
@@ -999,13 +1002,12 @@ fn tuned_cached(
             ]);
         }
         let [qkv, k_cache, v_cache, out] = tensors.as_ref().expect("set above");
-        let args = CachedArgs {
-            out,
-            qkv,
-            k_cache,
-            v_cache,
+        let kv = KvCache {
+            k: k_cache,
+            v: v_cache,
+            tmax,
         };
-        let d = forward_cached_with(gpu, &args, (b, tq, nh, hs), tmax - tq, tmax, v)?;
+        let d = forward_cached_with(gpu, out, qkv, kv, dims, tmax - tq, v)?;
         Ok(Trial {
             dispatches: vec![d],
             output: out.clone(),
@@ -1047,23 +1049,23 @@ fn check_cache_positions(kernel: &str, tq: usize, pos0: usize, tmax: usize) -> R
     Ok(())
 }
 
-/// Copies the k and v of the Tq new tokens of qkv (B, Tq, 3C) into k_cache and v_cache
+/// Copies the k and v of the Tq = `dims.t` new tokens of qkv (B, Tq, 3C) into `cache`'s k and v
 /// (B, NH, Tmax, HS) at positions pos0 .. pos0 + Tq. Overwrites those rows of the caches.
 /// The caches are both f32, or both f16 (on adapters with SHADER_F16: the values are rounded to
 /// f16 and must lie within its range, |x| <= 65504); qkv is f32.
-#[allow(clippy::too_many_arguments)]
 pub fn kv_append(
     gpu: &Gpu,
-    k_cache: &View,
-    v_cache: &View,
+    cache: KvCache,
     qkv: &View,
-    b: usize,
-    tq: usize,
-    nh: usize,
-    hs: usize,
+    dims: Dims,
     pos0: usize,
-    tmax: usize,
 ) -> Result<Dispatch> {
+    let Dims { b, t: tq, nh, hs } = dims;
+    let KvCache {
+        k: k_cache,
+        v: v_cache,
+        tmax,
+    } = cache;
     let name = KV_APPEND.name();
     expect_dims(
         &name,
@@ -1207,20 +1209,29 @@ impl Mat {
 
 const GEMM_TILE: u32 = 64;
 
-/// c (M, N) = alpha · a (M, K) · b (K, N) for each (b, h); c must be contiguous along N.
-/// `flops` is the useful work (see `product_flops`).
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    gpu: &Gpu,
-    (a, am): (&View, Mat),
-    (bv, bm): (&View, Mat),
-    (c, cm): (&View, Mat),
-    (m, n, k): (usize, usize, usize),
-    (batch, nh): (usize, usize),
+/// One product of the unfused kernels, for each (b, h): c (M, N) = alpha · a (M, K) · b (K, N),
+/// with the causal mask applied to c when `mask`; c must be contiguous along N.
+struct Product<'a> {
+    a: (&'a View, Mat),
+    b: (&'a View, Mat),
+    c: (&'a View, Mat),
+    /// (M, N, K)
+    mnk: (usize, usize, usize),
     alpha: f32,
     mask: bool,
-    flops: u64,
-) -> Result<Dispatch> {
+}
+
+/// `p` over the B·NH (b, h) of `dims`; `flops` is the useful work (see `product_flops`).
+fn gemm(gpu: &Gpu, dims: Dims, p: Product, flops: u64) -> Result<Dispatch> {
+    let Product {
+        a: (a, am),
+        b: (bv, bm),
+        c: (c, cm),
+        mnk: (m, n, k),
+        alpha,
+        mask,
+    } = p;
+    let Dims { b: batch, nh, .. } = dims;
     debug_assert_eq!(cm.s1, 1);
     let params = GemmParams {
         m: m as u32,
@@ -1262,10 +1273,11 @@ fn softmax_dispatch(
     gpu: &Gpu,
     spec: &KernelSpec,
     args: &[&View],
-    (b, t, nh): (usize, usize, usize),
+    dims: Dims,
     causal: bool,
     cost: Cost,
 ) -> Result<Dispatch> {
+    let Dims { b, t, nh, .. } = dims;
     let params = Params::new(b, nh, 1, t, t, causal);
     gpu.dispatch(
         spec,
@@ -1280,7 +1292,8 @@ fn softmax_dispatch(
     )
 }
 
-fn check_unfused_dims(kernel: &str, b: usize, t: usize, nh: usize, hs: usize) -> Result<()> {
+fn check_unfused_dims(kernel: &str, dims: Dims) -> Result<()> {
+    let Dims { b, t, nh, hs } = dims;
     expect_dims(kernel, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)])?;
     let square = (b as u128) * (nh as u128) * (t as u128) * (t as u128);
     if square > u32::MAX as u128 {
@@ -1295,21 +1308,18 @@ fn check_unfused_dims(kernel: &str, b: usize, t: usize, nh: usize, hs: usize) ->
 /// Unfused baseline forward (llm.c's attention_forward): preatt (B, NH, T, T) = scale·q·kᵀ
 /// (masked entries 0), att = softmax(preatt) (masked entries 0), out (B, T, C) = att·v, from qkv
 /// (B, T, 3C). Overwrites out, preatt and att. The T×T products are computed in full.
-#[allow(clippy::too_many_arguments)]
 pub fn forward_unfused(
     gpu: &Gpu,
     out: &View,
     preatt: &View,
     att: &View,
     qkv: &View,
-    b: usize,
-    t: usize,
-    nh: usize,
-    hs: usize,
+    dims: Dims,
     causal: bool,
 ) -> Result<Vec<Dispatch>> {
     let name = "attention.forward_unfused";
-    check_unfused_dims(name, b, t, nh, hs)?;
+    check_unfused_dims(name, dims)?;
+    let Dims { b, t, nh, hs } = dims;
     let c = nh * hs;
     expect(name, out, DType::F32, b * t * c)?;
     expect(name, preatt, DType::F32, b * nh * t * t)?;
@@ -1318,24 +1328,26 @@ pub fn forward_unfused(
     let scale = 1.0 / (hs as f32).sqrt();
     let sq = Mat::square(t, nh);
     let rows = b * nh * t;
-    let product = product_flops(b, nh, t, t, hs, causal);
+    let product = product_flops(dims, t, causal);
     Ok(vec![
         gemm(
             gpu,
-            (qkv, Mat::qkv(t, c, hs, 0)),
-            (qkv, Mat::qkv(t, c, hs, 1).transposed()),
-            (preatt, sq),
-            (t, t, hs),
-            (b, nh),
-            scale,
-            causal,
+            dims,
+            Product {
+                a: (qkv, Mat::qkv(t, c, hs, 0)),
+                b: (qkv, Mat::qkv(t, c, hs, 1).transposed()),
+                c: (preatt, sq),
+                mnk: (t, t, hs),
+                alpha: scale,
+                mask: causal,
+            },
             product,
         )?,
         softmax_dispatch(
             gpu,
             &UNFUSED_SOFTMAX,
             &[preatt, att],
-            (b, t, nh),
+            dims,
             causal,
             Cost {
                 flops: 5 * (rows * t) as u64,
@@ -1344,13 +1356,15 @@ pub fn forward_unfused(
         )?,
         gemm(
             gpu,
-            (att, sq),
-            (qkv, Mat::qkv(t, c, hs, 2)),
-            (out, Mat::btc(t, c, hs)),
-            (t, hs, t),
-            (b, nh),
-            1.0,
-            false,
+            dims,
+            Product {
+                a: (att, sq),
+                b: (qkv, Mat::qkv(t, c, hs, 2)),
+                c: (out, Mat::btc(t, c, hs)),
+                mnk: (t, hs, t),
+                alpha: 1.0,
+                mask: false,
+            },
             product,
         )?,
     ])
@@ -1359,23 +1373,23 @@ pub fn forward_unfused(
 /// Unfused baseline backward: dqkv (B, T, 3C) from dout (B, T, C), qkv and the forward's att
 /// (B, NH, T, T), through datt = dout·vᵀ and dpreatt = att ∘ (datt - rowsum(att ∘ datt)), both
 /// (B, NH, T, T) and overwritten; overwrites dqkv.
-#[allow(clippy::too_many_arguments)]
 pub fn backward_unfused(
     gpu: &Gpu,
-    dqkv: &View,
-    dpreatt: &View,
-    datt: &View,
-    dout: &View,
-    qkv: &View,
-    att: &View,
-    b: usize,
-    t: usize,
-    nh: usize,
-    hs: usize,
+    tensors: UnfusedBackwardTensors,
+    dims: Dims,
     causal: bool,
 ) -> Result<Vec<Dispatch>> {
+    let UnfusedBackwardTensors {
+        dqkv,
+        dpreatt,
+        datt,
+        dout,
+        qkv,
+        att,
+    } = tensors;
     let name = "attention.backward_unfused";
-    check_unfused_dims(name, b, t, nh, hs)?;
+    check_unfused_dims(name, dims)?;
+    let Dims { b, t, nh, hs } = dims;
     let c = nh * hs;
     expect(name, dqkv, DType::F32, b * t * 3 * c)?;
     expect(name, dpreatt, DType::F32, b * nh * t * t)?;
@@ -1387,37 +1401,41 @@ pub fn backward_unfused(
     let sq = Mat::square(t, nh);
     let dmat = Mat::btc(t, c, hs);
     let rows = b * nh * t;
-    let product = product_flops(b, nh, t, t, hs, causal);
+    let product = product_flops(dims, t, causal);
     Ok(vec![
         // datt (T, T) = dout (T, HS) · vᵀ (HS, T)
         gemm(
             gpu,
-            (dout, dmat),
-            (qkv, Mat::qkv(t, c, hs, 2).transposed()),
-            (datt, sq),
-            (t, t, hs),
-            (b, nh),
-            1.0,
-            causal,
+            dims,
+            Product {
+                a: (dout, dmat),
+                b: (qkv, Mat::qkv(t, c, hs, 2).transposed()),
+                c: (datt, sq),
+                mnk: (t, t, hs),
+                alpha: 1.0,
+                mask: causal,
+            },
             product,
         )?,
         // dv (T, HS) = attᵀ (T, T) · dout (T, HS)
         gemm(
             gpu,
-            (att, sq.transposed()),
-            (dout, dmat),
-            (dqkv, Mat::qkv(t, c, hs, 2)),
-            (t, hs, t),
-            (b, nh),
-            1.0,
-            false,
+            dims,
+            Product {
+                a: (att, sq.transposed()),
+                b: (dout, dmat),
+                c: (dqkv, Mat::qkv(t, c, hs, 2)),
+                mnk: (t, hs, t),
+                alpha: 1.0,
+                mask: false,
+            },
             product,
         )?,
         softmax_dispatch(
             gpu,
             &UNFUSED_SOFTMAX_BACKWARD,
             &[att, datt, dpreatt],
-            (b, t, nh),
+            dims,
             causal,
             Cost {
                 flops: 4 * (rows * t) as u64,
@@ -1427,25 +1445,29 @@ pub fn backward_unfused(
         // dq (T, HS) = scale · dpreatt (T, T) · k (T, HS)
         gemm(
             gpu,
-            (dpreatt, sq),
-            (qkv, Mat::qkv(t, c, hs, 1)),
-            (dqkv, Mat::qkv(t, c, hs, 0)),
-            (t, hs, t),
-            (b, nh),
-            scale,
-            false,
+            dims,
+            Product {
+                a: (dpreatt, sq),
+                b: (qkv, Mat::qkv(t, c, hs, 1)),
+                c: (dqkv, Mat::qkv(t, c, hs, 0)),
+                mnk: (t, hs, t),
+                alpha: scale,
+                mask: false,
+            },
             product,
         )?,
         // dk (T, HS) = scale · dpreattᵀ (T, T) · q (T, HS)
         gemm(
             gpu,
-            (dpreatt, sq.transposed()),
-            (qkv, Mat::qkv(t, c, hs, 0)),
-            (dqkv, Mat::qkv(t, c, hs, 1)),
-            (t, hs, t),
-            (b, nh),
-            scale,
-            false,
+            dims,
+            Product {
+                a: (dpreatt, sq.transposed()),
+                b: (qkv, Mat::qkv(t, c, hs, 0)),
+                c: (dqkv, Mat::qkv(t, c, hs, 1)),
+                mnk: (t, hs, t),
+                alpha: scale,
+                mask: false,
+            },
             product,
         )?,
     ])
@@ -1478,7 +1500,8 @@ pub const ATOL: f64 = 1e-5;
 pub const RTOL: f64 = 1e-5;
 
 /// The inputs of a check: qkv (B, T, 3C) and dout (B, T, C), seeded by the shape.
-pub fn check_inputs(b: usize, nh: usize, t: usize, hs: usize) -> (Vec<f32>, Vec<f32>) {
+pub fn check_inputs(dims: Dims) -> (Vec<f32>, Vec<f32>) {
+    let Dims { b, t, nh, hs } = dims;
     let c = nh * hs;
     let mut rng = Rng::new((b * 1_000_003 + nh * 10_007 + t * 101 + hs) as u64);
     let qkv = rng.vec_uniform(b * t * 3 * c, -2.0, 2.0);
@@ -1496,21 +1519,21 @@ struct Expected {
 }
 
 /// The reference, causal and not, without dropout.
-fn expected(qkv: &[f32], dout: &[f32], dims: (usize, usize, usize, usize)) -> [Expected; 2] {
-    [true, false].map(|causal| expected_one(qkv, dout, dims, causal, None))
+fn expected(qkv: &[f32], dout: &[f32], dims: Dims) -> [Expected; 2] {
+    [true, false].map(|causal| {
+        let opts = Options {
+            causal,
+            dropout: None,
+        };
+        expected_one(qkv, dout, dims, opts)
+    })
 }
 
-fn expected_one(
-    qkv: &[f32],
-    dout: &[f32],
-    (b, nh, t, hs): (usize, usize, usize, usize),
-    causal: bool,
-    dropout: Option<Dropout>,
-) -> Expected {
+fn expected_one(qkv: &[f32], dout: &[f32], dims: Dims, opts: Options) -> Expected {
+    let Dims { b, t, nh, hs } = dims;
     let c = nh * hs;
     let qkv: Vec<f64> = reference::convert(qkv);
     let dout: Vec<f64> = reference::convert(dout);
-    let mask = dropout.map(|d| reference::attention::dropout_mask(b, nh, t, d));
     {
         let mut e = Expected {
             out: vec![0.0; b * t * c],
@@ -1525,12 +1548,8 @@ fn expected_one(
             &mut e.att,
             &mut e.lse,
             &qkv,
-            b,
-            t,
-            nh,
-            hs,
-            causal,
-            mask.as_deref(),
+            dims,
+            opts,
         );
         let (mut dpre, mut datt) = (vec![0.0; b * nh * t * t], vec![0.0; b * nh * t * t]);
         reference::attention::backward(
@@ -1540,12 +1559,8 @@ fn expected_one(
             &dout,
             &qkv,
             &e.att,
-            b,
-            t,
-            nh,
-            hs,
-            causal,
-            mask.as_deref(),
+            dims,
+            opts,
         );
         e
     }
@@ -1569,10 +1584,11 @@ fn compare_views(
 
 fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
+    let dims = Dims { b, t, nh, hs };
     let c = nh * hs;
     let s = format!("B={b} NH={nh} T={t} HS={hs}");
-    let (qkv, dout) = check_inputs(b, nh, t, hs);
-    let want = expected(&qkv, &dout, (b, nh, t, hs));
+    let (qkv, dout) = check_inputs(dims);
+    let want = expected(&qkv, &dout, dims);
     let gqkv = gpu.upload_f32("qkv", &qkv)?;
     let gdout = gpu.upload_f32("dout", &dout)?;
     let mut reports = Vec::new();
@@ -1587,8 +1603,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         .map(|i| (fwd[i.min(fwd.len() - 1)], bwd[i.min(bwd.len() - 1)]))
         .collect();
     // A fused forward and backward, against `want`.
-    let fused = |causal: bool,
-                 dropout: Option<Dropout>,
+    let fused = |opts: Options,
                  (fv, bv): (Variant, Variant),
                  want: &Expected,
                  label: &str,
@@ -1597,13 +1612,15 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         let out = gpu.zeros("out", DType::F32, b * t * c)?;
         let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
         let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
-        let dims = (b, t, nh, hs);
-        let mut ds = vec![forward_with(
-            gpu, &out, &lse, &gqkv, dims, causal, dropout, fv,
-        )?];
-        ds.extend(backward_with(
-            gpu, &dqkv, &gdout, &gqkv, &out, &lse, dims, causal, dropout, bv,
-        )?);
+        let tensors = BackwardTensors {
+            dqkv: &dqkv,
+            dout: &gdout,
+            qkv: &gqkv,
+            out: &out,
+            lse: &lse,
+        };
+        let mut ds = vec![forward_with(gpu, &out, &lse, &gqkv, dims, opts, fv)?];
+        ds.extend(backward_with(gpu, tensors, dims, opts, bv)?);
         gpu.run(&ds)?;
         let got = [("out", &out, &want.out), ("lse", &lse, &want.lse)];
         compare_views(gpu, &s, &format!("{label} {}", fv.name()), &got, reports)?;
@@ -1613,8 +1630,12 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
 
     for (causal, want) in [true, false].iter().zip(&want) {
         let mode = if *causal { "causal" } else { "noncausal" };
+        let opts = Options {
+            causal: *causal,
+            dropout: None,
+        };
         for &pair in &pairs {
-            fused(*causal, None, pair, want, mode, &mut reports)?;
+            fused(opts, pair, want, mode, &mut reports)?;
         }
 
         let out = gpu.zeros("out", DType::F32, b * t * c)?;
@@ -1623,10 +1644,16 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         let dpreatt = gpu.zeros("dpreatt", DType::F32, b * nh * t * t)?;
         let datt = gpu.zeros("datt", DType::F32, b * nh * t * t)?;
         let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
-        let mut ds = forward_unfused(gpu, &out, &preatt, &att, &gqkv, b, t, nh, hs, *causal)?;
-        ds.extend(backward_unfused(
-            gpu, &dqkv, &dpreatt, &datt, &gdout, &gqkv, &att, b, t, nh, hs, *causal,
-        )?);
+        let mut ds = forward_unfused(gpu, &out, &preatt, &att, &gqkv, dims, *causal)?;
+        let tensors = UnfusedBackwardTensors {
+            dqkv: &dqkv,
+            dpreatt: &dpreatt,
+            datt: &datt,
+            dout: &gdout,
+            qkv: &gqkv,
+            att: &att,
+        };
+        ds.extend(backward_unfused(gpu, tensors, dims, *causal)?);
         gpu.run(&ds)?;
         let got = [
             ("preatt", &preatt, &want.preatt),
@@ -1641,20 +1668,23 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     // against the reference under the same mask, at two steps: the mask changes with the step,
     // and the backward regenerates it.
     for step in [0, 1] {
-        let d = Dropout {
-            p: 0.25,
-            seed: 0x5eed,
-            step,
+        let opts = Options {
+            dropout: Some(Dropout {
+                p: 0.25,
+                seed: 0x5eed,
+                step,
+            }),
+            ..Options::CAUSAL
         };
-        let want = expected_one(&qkv, &dout, (b, nh, t, hs), true, Some(d));
+        let want = expected_one(&qkv, &dout, dims, opts);
         let label = format!("causal dropout step {step}");
         for pair in [pairs[0], pairs[pairs.len() - 1]] {
-            fused(true, Some(d), pair, &want, &label, &mut reports)?;
+            fused(opts, pair, &want, &label, &mut reports)?;
         }
     }
 
     // Decoding: a prefill of up to 5 tokens, then one token per step, against the causal rows.
-    let cached = decode(gpu, &qkv, b, nh, t, hs, 5, 1)?;
+    let cached = decode(gpu, &qkv, dims, 5, 1)?;
     reports.push(CheckReport::new(
         &s,
         "cached out",
@@ -1677,14 +1707,10 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             &mut att,
             &mut lse,
             &reference::convert::<f32, f64>(&rounded),
-            b,
-            t,
-            nh,
-            hs,
-            true,
-            None,
+            dims,
+            Options::CAUSAL,
         );
-        let cached = decode_cached(gpu, &rounded, (b, nh, t, hs), 3, 2, DType::F16)?;
+        let cached = decode_cached(gpu, &rounded, dims, 3, 2, DType::F16)?;
         reports.push(CheckReport::new(
             &s,
             "cached out, f16 cache",
@@ -1716,29 +1742,20 @@ pub fn round_kv_f16(qkv: &[f32], nh: usize, hs: usize) -> Vec<f32> {
 /// Runs generation-style attention over qkv (B, T, 3C): kv_append and forward_cached for a
 /// prefill of `prefill` tokens, then for `step` tokens at a time (the last step may be shorter);
 /// returns the outputs as (B, T, C).
-#[allow(clippy::too_many_arguments)]
-pub fn decode(
-    gpu: &Gpu,
-    qkv: &[f32],
-    b: usize,
-    nh: usize,
-    t: usize,
-    hs: usize,
-    prefill: usize,
-    step: usize,
-) -> Result<Vec<f32>> {
-    decode_cached(gpu, qkv, (b, nh, t, hs), prefill, step, DType::F32)
+pub fn decode(gpu: &Gpu, qkv: &[f32], dims: Dims, prefill: usize, step: usize) -> Result<Vec<f32>> {
+    decode_cached(gpu, qkv, dims, prefill, step, DType::F32)
 }
 
-/// `decode` with caches of element type `cache` (f32 or f16), for (B, NH, T, HS) = `shape`.
+/// `decode` with caches of element type `cache` (f32 or f16).
 pub fn decode_cached(
     gpu: &Gpu,
     qkv: &[f32],
-    (b, nh, t, hs): (usize, usize, usize, usize),
+    dims: Dims,
     prefill: usize,
     step: usize,
     cache: DType,
 ) -> Result<Vec<f32>> {
+    let Dims { b, t, nh, hs } = dims;
     let c = nh * hs;
     // A cache longer than needed, so that Tmax and the sequence length differ.
     let tmax = t + 3;
@@ -1761,10 +1778,14 @@ pub fn decode_cached(
         }
         let sq = gpu.upload_f32("step qkv", &step_qkv)?;
         let so = gpu.zeros("step out", DType::F32, b * n * c)?;
-        dispatches.push(kv_append(gpu, &kc, &vc, &sq, b, n, nh, hs, pos0, tmax)?);
-        dispatches.push(forward_cached(
-            gpu, &so, &sq, &kc, &vc, b, n, nh, hs, pos0, tmax,
-        )?);
+        let kv = KvCache {
+            k: &kc,
+            v: &vc,
+            tmax,
+        };
+        let step_dims = Dims { t: n, ..dims };
+        dispatches.push(kv_append(gpu, kv, &sq, step_dims, pos0)?);
+        dispatches.push(forward_cached(gpu, &so, &sq, kv, step_dims, pos0)?);
         outs.push(so);
     }
     gpu.run(&dispatches)?;
@@ -1781,9 +1802,10 @@ pub fn decode_cached(
 
 fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
     let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
+    let dims = Dims { b, t, nh, hs };
     let c = nh * hs;
     let s = format!("B={b} NH={nh} T={t} HS={hs} causal");
-    let (qkv_data, dout) = check_inputs(b, nh, t, hs);
+    let (qkv_data, dout) = check_inputs(dims);
     let qkv = gpu.upload_f32("qkv", &qkv_data)?;
     let dout = gpu.upload_f32("dout", &dout)?;
     let out = gpu.zeros("out", DType::F32, b * t * c)?;
@@ -1793,7 +1815,14 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let square_bytes = 4 * (b * nh * t * t) as u64;
 
     // Every candidate of each stage side by side, the fixed rule and the fastest marked.
-    let dims = (b, t, nh, hs);
+    let causal = Options::CAUSAL;
+    let tensors = BackwardTensors {
+        dqkv: &dqkv,
+        dout: &dout,
+        qkv: &qkv,
+        out: &out,
+        lse: &lse,
+    };
     let storage = storage_limit(gpu);
     let mut fused = Vec::new();
     for stage in [Stage::Forward, Stage::Backward] {
@@ -1803,14 +1832,11 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
             let (ds, extra) = match stage {
                 // lse, kept for the backward
                 Stage::Forward => (
-                    vec![forward_with(gpu, &out, &lse, &qkv, dims, true, None, v)?],
+                    vec![forward_with(gpu, &out, &lse, &qkv, dims, causal, v)?],
                     row_bytes,
                 ),
                 // lse and the D scratch
-                Stage::Backward => (
-                    backward_with(gpu, &dqkv, &dout, &qkv, &out, &lse, dims, true, None, v)?,
-                    2 * row_bytes,
-                ),
+                Stage::Backward => (backward_with(gpu, tensors, dims, causal, v)?, 2 * row_bytes),
             };
             let mut name = format!("fused {} {}", stage.name(), v.name());
             if i == 0 {
@@ -1830,13 +1856,16 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     }
     let [fused_fwd, fused_bwd]: [Vec<BenchReport>; 2] = fused.try_into().expect("two stages");
     // The same kernels with dropout 0.1 on the probabilities: the cost of the mask's hash.
-    let d = Some(Dropout {
-        p: 0.1,
-        seed: 1,
-        step: 0,
-    });
-    let dfwd = forward(gpu, &out, &lse, &qkv, b, t, nh, hs, true, d)?;
-    let dbwd = backward(gpu, &dqkv, &dout, &qkv, &out, &lse, b, t, nh, hs, true, d)?;
+    let dropout = Options {
+        dropout: Some(Dropout {
+            p: 0.1,
+            seed: 1,
+            step: 0,
+        }),
+        ..causal
+    };
+    let dfwd = forward(gpu, &out, &lse, &qkv, dims, dropout)?;
+    let dbwd = backward(gpu, tensors, dims, dropout)?;
     let mut drop_fwd = harness::bench_one(gpu, opts, "tuned forward, dropout", &s, &[dfwd])?;
     drop_fwd.extra_bytes = Some(row_bytes);
     let mut drop_bwd = harness::bench_one(gpu, opts, "tuned backward, dropout", &s, &dbwd)?;
@@ -1844,7 +1873,7 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
 
     let preatt = gpu.zeros("preatt", DType::F32, b * nh * t * t)?;
     let att = gpu.zeros("att", DType::F32, b * nh * t * t)?;
-    let ufwd = forward_unfused(gpu, &out, &preatt, &att, &qkv, b, t, nh, hs, true)?;
+    let ufwd = forward_unfused(gpu, &out, &preatt, &att, &qkv, dims, true)?;
     let mut unfused_fwd = harness::bench_one(gpu, opts, "unfused forward", &s, &ufwd)?;
     // preatt and att
     unfused_fwd.extra_bytes = Some(2 * square_bytes);
@@ -1852,9 +1881,15 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     drop(preatt);
     let dpreatt = gpu.zeros("dpreatt", DType::F32, b * nh * t * t)?;
     let datt = gpu.zeros("datt", DType::F32, b * nh * t * t)?;
-    let ubwd = backward_unfused(
-        gpu, &dqkv, &dpreatt, &datt, &dout, &qkv, &att, b, t, nh, hs, true,
-    )?;
+    let unfused = UnfusedBackwardTensors {
+        dqkv: &dqkv,
+        dpreatt: &dpreatt,
+        datt: &datt,
+        dout: &dout,
+        qkv: &qkv,
+        att: &att,
+    };
+    let ubwd = backward_unfused(gpu, unfused, dims, true)?;
     let mut unfused_bwd = harness::bench_one(gpu, opts, "unfused backward", &s, &ubwd)?;
     // att (kept from the forward), datt and dpreatt
     unfused_bwd.extra_bytes = Some(3 * square_bytes);
@@ -1881,8 +1916,13 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     for dtype in caches {
         let kc = gpu.zeros("k_cache", dtype, b * nh * t * hs)?;
         let vc = gpu.zeros("v_cache", dtype, b * nh * t * hs)?;
-        gpu.run(&[kv_append(gpu, &kc, &vc, &qkv, b, t, nh, hs, 0, t)?])?;
-        let d = forward_cached(gpu, &step_out, &step_qkv, &kc, &vc, b, 1, nh, hs, pos0, t)?;
+        let kv = KvCache {
+            k: &kc,
+            v: &vc,
+            tmax: t,
+        };
+        gpu.run(&[kv_append(gpu, kv, &qkv, dims, 0)?])?;
+        let d = forward_cached(gpu, &step_out, &step_qkv, kv, Dims { t: 1, ..dims }, pos0)?;
         let variant = format!("decode, {} cache", dtype.name());
         reports.push(harness::bench_one(gpu, opts, &variant, &ds, &[d])?);
     }

@@ -4,11 +4,43 @@
 //! Layouts: qkv (B, T, 3, NH, HS) = (B, T, 3C) with C = NH·HS, the q, k, v of token t, head h at
 //! qkv[(b·T + t)·3C + {0, C, 2C} + h·HS + d]; out (B, T, C); lse (B, NH, T).
 //! scale = 1/sqrt(HS). Causal: query t sees keys t2 <= t; masked entries of preatt and att are 0.
-//! Dropout: an optional `drop` (B, NH, T, T) of factors (0 or 1/(1 - p), see `dropout_mask`)
-//! multiplies att in the product with v; att itself stays the undropped softmax.
+//! Dropout: the factors (B, NH, T, T) of `dropout_mask` (0 or 1/(1 - p)) multiply att in the
+//! product with v; att itself stays the undropped softmax.
 
 use super::Real;
 use crate::hash::{Dropout, scale};
+
+/// The shape of an attention problem: B sequences of T tokens, NH heads of HS channels each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub hs: usize,
+}
+
+impl Dims {
+    /// Channels per token, C = NH·HS.
+    pub fn c(self) -> usize {
+        self.nh * self.hs
+    }
+}
+
+/// How the probabilities are masked: causally or not, and with dropout (its mask from the
+/// counter hash, as `dropout_mask` builds it) or not.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Options {
+    pub causal: bool,
+    pub dropout: Option<Dropout>,
+}
+
+impl Options {
+    /// Causal, without dropout.
+    pub const CAUSAL: Options = Options {
+        causal: true,
+        dropout: None,
+    };
+}
 
 /// The dropout factors (B, NH, T, T) of the fused kernels' mask: 1/(1 - p) where
 /// `Dropout::keeps_cell` keeps the probability, else 0.
@@ -25,26 +57,29 @@ pub fn dropout_mask<F: Real>(b: usize, nh: usize, t: usize, d: Dropout) -> Vec<F
     m
 }
 
-/// out (B, T, C), preatt (B, NH, T, T), att (B, NH, T, T), lse (B, NH, T) from qkv (B, T, 3C)
-/// and the dropout factors `drop` (B, NH, T, T) if any. lse is the natural logsumexp of each
-/// row's unmasked scaled scores. Overwrites every output.
-#[allow(clippy::too_many_arguments)]
+/// The dropout factors (B, NH, T, T) `opts` asks for, if any.
+fn drop_factors<F: Real>(dims: Dims, opts: Options) -> Option<Vec<F>> {
+    let Dims { b, t, nh, .. } = dims;
+    opts.dropout.map(|d| dropout_mask(b, nh, t, d))
+}
+
+/// out (B, T, C), preatt (B, NH, T, T), att (B, NH, T, T), lse (B, NH, T) from qkv (B, T, 3C),
+/// masked as `opts` asks. lse is the natural logsumexp of each row's unmasked scaled scores.
+/// Overwrites every output.
 pub fn forward<F: Real>(
     out: &mut [F],
     preatt: &mut [F],
     att: &mut [F],
     lse: &mut [F],
     qkv: &[F],
-    b: usize,
-    t: usize,
-    nh: usize,
-    hs: usize,
-    causal: bool,
-    drop: Option<&[F]>,
+    dims: Dims,
+    opts: Options,
 ) {
-    let c = nh * hs;
+    let Dims { b, t, nh, hs } = dims;
+    let (c, causal) = (dims.c(), opts.causal);
     let scale = F::one() / F::from_f64(hs as f64).sqrt();
-    let factor = |i: usize| drop.map_or(F::one(), |m| m[i]);
+    let drop = drop_factors::<F>(dims, opts);
+    let factor = |i: usize| drop.as_ref().map_or(F::one(), |m| m[i]);
     for bi in 0..b {
         for h in 0..nh {
             for t1 in 0..t {
@@ -96,9 +131,12 @@ pub fn forward<F: Real>(
     }
 }
 
-/// dqkv (B, T, 3C), dpreatt (B, NH, T, T), datt (B, NH, T, T) from dout (B, T, C), qkv (B, T, 3C),
-/// the forward's att (B, NH, T, T) and its dropout factors. datt is the gradient of the undropped
-/// att. Overwrites every output (the fused and unfused GPU backward passes overwrite dqkv too).
+/// dqkv (B, T, 3C), dpreatt (B, NH, T, T), datt (B, NH, T, T) from dout (B, T, C), qkv (B, T, 3C)
+/// and the forward's att (B, NH, T, T), with the forward's `opts` (the same dropout mask). datt is
+/// the gradient of the undropped att. Overwrites every output (the fused and unfused GPU backward
+/// passes overwrite dqkv too).
+// The reference keeps llm.c's plain list (outputs, then inputs, then the shape) so that it reads
+// as the specification; a struct of these slices would only rename the tensors listed here.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<F: Real>(
     dqkv: &mut [F],
@@ -107,16 +145,14 @@ pub fn backward<F: Real>(
     dout: &[F],
     qkv: &[F],
     att: &[F],
-    b: usize,
-    t: usize,
-    nh: usize,
-    hs: usize,
-    causal: bool,
-    drop: Option<&[F]>,
+    dims: Dims,
+    opts: Options,
 ) {
-    let c = nh * hs;
+    let Dims { b, t, nh, hs } = dims;
+    let (c, causal) = (dims.c(), opts.causal);
     let scale = F::one() / F::from_f64(hs as f64).sqrt();
-    let factor = |i: usize| drop.map_or(F::one(), |m| m[i]);
+    let drop = drop_factors::<F>(dims, opts);
+    let factor = |i: usize| drop.as_ref().map_or(F::one(), |m| m[i]);
     dqkv.fill(F::zero());
     for bi in 0..b {
         for h in 0..nh {

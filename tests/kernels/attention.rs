@@ -7,7 +7,9 @@
 
 use half::f16;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, test_gpu};
-use shaderformer::kernels::attention::{self, MAX_HS};
+use shaderformer::kernels::attention::{
+    self, BackwardTensors, Dims, KvCache, MAX_HS, Options, UnfusedBackwardTensors,
+};
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
 
@@ -54,16 +56,17 @@ fn head_and_batch_extremes() {
 fn decoding_matches_the_full_forward() {
     let Some(gpu) = test_gpu() else { return };
     let (b, nh, t, hs) = (2, 3, 37, 64);
+    let dims = Dims { b, t, nh, hs };
     let c = nh * hs;
-    let (qkv, _) = attention::check_inputs(b, nh, t, hs);
+    let (qkv, _) = attention::check_inputs(dims);
     let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
     let out = gpu.zeros("out", DType::F32, b * t * c).unwrap();
     let lse = gpu.zeros("lse", DType::F32, b * nh * t).unwrap();
-    gpu.run(&[attention::forward(gpu, &out, &lse, &gqkv, b, t, nh, hs, true, None).unwrap()])
+    gpu.run(&[attention::forward(gpu, &out, &lse, &gqkv, dims, Options::CAUSAL).unwrap()])
         .unwrap();
     let full = gpu.read_f32(&out).unwrap();
     for (prefill, step) in [(5, 1), (3, 4)] {
-        let decoded = attention::decode(gpu, &qkv, b, nh, t, hs, prefill, step).unwrap();
+        let decoded = attention::decode(gpu, &qkv, dims, prefill, step).unwrap();
         let name = format!("decoded out, prefill {prefill}, steps of {step}");
         reference::compare(&name, &decoded, &full, 1e-6, 1e-6).assert();
     }
@@ -73,6 +76,7 @@ fn decoding_matches_the_full_forward() {
 #[test]
 fn reference_backward_matches_finite_differences() {
     let (b, t, nh, hs) = (2, 4, 2, 3);
+    let dims = Dims { b, t, nh, hs };
     let c = nh * hs;
     let mut rng = Rng::new(3);
     let qkv: Vec<f64> = reference::convert(&rng.vec_uniform(b * t * 3 * c, -2.0, 2.0));
@@ -82,27 +86,34 @@ fn reference_backward_matches_finite_differences() {
         seed: 11,
         step: 2,
     };
-    let mask: Vec<f64> = reference::attention::dropout_mask(b, nh, t, d);
-    for (causal, drop) in [(true, None), (false, None), (true, Some(&mask[..]))] {
+    let noncausal = Options {
+        causal: false,
+        dropout: None,
+    };
+    let dropped = Options {
+        dropout: Some(d),
+        ..Options::CAUSAL
+    };
+    for opts in [Options::CAUSAL, noncausal, dropped] {
         let square = b * nh * t * t;
         let forward = |x: &[f64]| {
             let mut out = vec![0.0; b * t * c];
             let (mut pre, mut att) = (vec![0.0; square], vec![0.0; square]);
             let mut lse = vec![0.0; b * nh * t];
-            reference::attention::forward(
-                &mut out, &mut pre, &mut att, &mut lse, x, b, t, nh, hs, causal, drop,
-            );
+            reference::attention::forward(&mut out, &mut pre, &mut att, &mut lse, x, dims, opts);
             (out, att)
         };
         let (_, att) = forward(&qkv);
         let mut dqkv = vec![0.0; b * t * 3 * c];
         let (mut dpre, mut datt) = (vec![0.0; square], vec![0.0; square]);
-        reference::attention::backward(
-            &mut dqkv, &mut dpre, &mut datt, &w, &qkv, &att, b, t, nh, hs, causal, drop,
-        );
+        reference::attention::backward(&mut dqkv, &mut dpre, &mut datt, &w, &qkv, &att, dims, opts);
         let numeric = numeric_grad(&qkv, 1e-5, |x| dot(&forward(x).0, &w));
         reference::compare(
-            &format!("dqkv causal={causal} dropout={}", drop.is_some()),
+            &format!(
+                "dqkv causal={} dropout={}",
+                opts.causal,
+                opts.dropout.is_some()
+            ),
             &dqkv,
             &numeric,
             1e-8,
@@ -117,6 +128,7 @@ fn reference_backward_matches_finite_differences() {
 #[test]
 fn dropout_mask_keeps_one_minus_p_and_changes_the_output() {
     let (b, nh, t, hs) = (2, 3, 64, 8);
+    let dims = Dims { b, t, nh, hs };
     let d = attention::Dropout {
         p: 0.25,
         seed: 9,
@@ -146,19 +158,21 @@ fn dropout_mask_keeps_one_minus_p_and_changes_the_output() {
     assert_ne!(row(0), row(t), "head 1 repeats head 0");
     assert_ne!(row(0), row(nh * t), "batch 1 repeats batch 0");
 
-    let (qkv, _) = attention::check_inputs(b, nh, t, hs);
+    let (qkv, _) = attention::check_inputs(dims);
     let qkv: Vec<f64> = reference::convert(&qkv);
-    let run = |drop: Option<&[f64]>| {
+    let run = |opts: Options| {
         let square = b * nh * t * t;
         let mut out = vec![0.0; b * t * nh * hs];
         let (mut pre, mut att) = (vec![0.0; square], vec![0.0; square]);
         let mut lse = vec![0.0; b * nh * t];
-        reference::attention::forward(
-            &mut out, &mut pre, &mut att, &mut lse, &qkv, b, t, nh, hs, true, drop,
-        );
+        reference::attention::forward(&mut out, &mut pre, &mut att, &mut lse, &qkv, dims, opts);
         out
     };
-    let (plain, dropped) = (run(None), run(Some(&mask)));
+    let dropout = Options {
+        dropout: Some(d),
+        ..Options::CAUSAL
+    };
+    let (plain, dropped) = (run(Options::CAUSAL), run(dropout));
     let diff = plain
         .iter()
         .zip(&dropped)
@@ -172,8 +186,9 @@ fn dropout_mask_keeps_one_minus_p_and_changes_the_output() {
 fn set_dropout_step_moves_a_dispatch_to_another_mask() {
     let Some(gpu) = test_gpu() else { return };
     let (b, nh, t, hs) = (1, 2, 37, 16);
+    let dims = Dims { b, t, nh, hs };
     let c = nh * hs;
-    let (qkv, dout) = attention::check_inputs(b, nh, t, hs);
+    let (qkv, dout) = attention::check_inputs(dims);
     let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
     let gdout = gpu.upload_f32("dout", &dout).unwrap();
     let at = |step| attention::Dropout {
@@ -185,13 +200,19 @@ fn set_dropout_step_moves_a_dispatch_to_another_mask() {
         let out = gpu.zeros("out", DType::F32, b * t * c).unwrap();
         let lse = gpu.zeros("lse", DType::F32, b * nh * t).unwrap();
         let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c).unwrap();
-        let d = Some(at(build));
-        let mut ds =
-            vec![attention::forward(gpu, &out, &lse, &gqkv, b, t, nh, hs, true, d).unwrap()];
-        ds.extend(
-            attention::backward(gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, true, d)
-                .unwrap(),
-        );
+        let opts = Options {
+            dropout: Some(at(build)),
+            ..Options::CAUSAL
+        };
+        let tensors = BackwardTensors {
+            dqkv: &dqkv,
+            dout: &gdout,
+            qkv: &gqkv,
+            out: &out,
+            lse: &lse,
+        };
+        let mut ds = vec![attention::forward(gpu, &out, &lse, &gqkv, dims, opts).unwrap()];
+        ds.extend(attention::backward(gpu, tensors, dims, opts).unwrap());
         if let Some(step) = run_at {
             for x in &ds {
                 attention::set_dropout_step(gpu, x, step);
@@ -213,6 +234,7 @@ fn set_dropout_step_moves_a_dispatch_to_another_mask() {
 #[test]
 fn reference_lse_is_the_log_of_the_softmax_denominator() {
     let (b, t, nh, hs) = (1, 5, 2, 4);
+    let dims = Dims { b, t, nh, hs };
     let c = nh * hs;
     let qkv: Vec<f64> = reference::convert(&Rng::new(5).vec_uniform(b * t * 3 * c, -2.0, 2.0));
     let square = b * nh * t * t;
@@ -220,7 +242,13 @@ fn reference_lse_is_the_log_of_the_softmax_denominator() {
     let (mut pre, mut att) = (vec![0.0; square], vec![0.0; square]);
     let mut lse = vec![0.0; b * nh * t];
     reference::attention::forward(
-        &mut out, &mut pre, &mut att, &mut lse, &qkv, b, t, nh, hs, true, None,
+        &mut out,
+        &mut pre,
+        &mut att,
+        &mut lse,
+        &qkv,
+        dims,
+        Options::CAUSAL,
     );
     // att = exp(preatt - lse) on the unmasked entries
     for row in 0..b * nh * t {
@@ -236,8 +264,9 @@ fn reference_lse_is_the_log_of_the_softmax_denominator() {
 fn results_are_bit_identical_run_to_run() {
     let Some(gpu) = test_gpu() else { return };
     let (b, nh, t, hs) = (2, 3, 129, 64);
+    let dims = Dims { b, t, nh, hs };
     let c = nh * hs;
-    let (qkv, dout) = attention::check_inputs(b, nh, t, hs);
+    let (qkv, dout) = attention::check_inputs(dims);
     let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
     let gdout = gpu.upload_f32("dout", &dout).unwrap();
     let run = || {
@@ -251,19 +280,36 @@ fn results_are_bit_identical_run_to_run() {
         );
         let (pre, att, dpre, datt) = (sq("preatt"), sq("att"), sq("dpreatt"), sq("datt"));
         let mut ds =
-            vec![attention::forward(gpu, &out, &lse, &gqkv, b, t, nh, hs, true, None).unwrap()];
+            vec![attention::forward(gpu, &out, &lse, &gqkv, dims, Options::CAUSAL).unwrap()];
         ds.extend(
             attention::backward(
-                gpu, &dqkv, &gdout, &gqkv, &out, &lse, b, t, nh, hs, true, None,
+                gpu,
+                BackwardTensors {
+                    dqkv: &dqkv,
+                    dout: &gdout,
+                    qkv: &gqkv,
+                    out: &out,
+                    lse: &lse,
+                },
+                dims,
+                Options::CAUSAL,
             )
             .unwrap(),
         );
-        ds.extend(
-            attention::forward_unfused(gpu, &uout, &pre, &att, &gqkv, b, t, nh, hs, true).unwrap(),
-        );
+        ds.extend(attention::forward_unfused(gpu, &uout, &pre, &att, &gqkv, dims, true).unwrap());
         ds.extend(
             attention::backward_unfused(
-                gpu, &udqkv, &dpre, &datt, &gdout, &gqkv, &att, b, t, nh, hs, true,
+                gpu,
+                UnfusedBackwardTensors {
+                    dqkv: &udqkv,
+                    dpreatt: &dpre,
+                    datt: &datt,
+                    dout: &gdout,
+                    qkv: &gqkv,
+                    att: &att,
+                },
+                dims,
+                true,
             )
             .unwrap(),
         );
@@ -289,6 +335,7 @@ fn results_are_bit_identical_run_to_run() {
 fn head_size_beyond_the_maximum_is_an_error() {
     let Some(gpu) = test_gpu() else { return };
     let (b, t, nh, hs) = (1, 2, 1, MAX_HS + 1);
+    let dims = Dims { b, t, nh, hs };
     let c = nh * hs;
     let z = |name, n| gpu.zeros(name, DType::F32, n).unwrap();
     let (qkv, out, lse, dqkv) = (
@@ -297,18 +344,40 @@ fn head_size_beyond_the_maximum_is_an_error() {
         z("lse", t),
         z("dqkv", b * t * 3 * c),
     );
-    let err = attention::forward(gpu, &out, &lse, &qkv, b, t, nh, hs, true, None)
+    let err = attention::forward(gpu, &out, &lse, &qkv, dims, Options::CAUSAL)
         .unwrap_err()
         .to_string();
     assert!(err.contains("HS = 129") && err.contains("MAX_HS"), "{err}");
-    let err = attention::backward(gpu, &dqkv, &out, &qkv, &out, &lse, b, t, nh, hs, true, None)
-        .unwrap_err()
-        .to_string();
+    let err = attention::backward(
+        gpu,
+        BackwardTensors {
+            dqkv: &dqkv,
+            dout: &out,
+            qkv: &qkv,
+            out: &out,
+            lse: &lse,
+        },
+        dims,
+        Options::CAUSAL,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("MAX_HS"), "{err}");
     let cache = z("cache", b * nh * 4 * hs);
-    let err = attention::forward_cached(gpu, &out, &qkv, &cache, &cache, b, t, nh, hs, 0, 4)
-        .unwrap_err()
-        .to_string();
+    let err = attention::forward_cached(
+        gpu,
+        &out,
+        &qkv,
+        KvCache {
+            k: &cache,
+            v: &cache,
+            tmax: 4,
+        },
+        dims,
+        0,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("MAX_HS"), "{err}");
 }
 
@@ -318,23 +387,29 @@ fn head_size_not_matching_the_channels_is_an_error() {
     let (b, t) = (2, 5);
     let z = |name, n| gpu.zeros(name, DType::F32, n).unwrap();
     // Tensors for C = 64, called with NH = 3, HS = 16 (C = 48).
+    let dims = Dims {
+        b,
+        t,
+        nh: 3,
+        hs: 16,
+    };
     let (qkv, out, lse) = (
         z("qkv", b * t * 3 * 64),
         z("out", b * t * 48),
         z("lse", b * 3 * t),
     );
-    let err = attention::forward(gpu, &out, &lse, &qkv, b, t, 3, 16, true, None)
+    let err = attention::forward(gpu, &out, &lse, &qkv, dims, Options::CAUSAL)
         .unwrap_err()
         .to_string();
     assert!(err.contains("tensor qkv") && err.contains("1920"), "{err}");
     let (pre, att) = (z("preatt", b * 3 * t * t), z("att", b * 3 * t * t));
-    let err = attention::forward_unfused(gpu, &out, &pre, &att, &qkv, b, t, 3, 16, true)
+    let err = attention::forward_unfused(gpu, &out, &pre, &att, &qkv, dims, true)
         .unwrap_err()
         .to_string();
     assert!(err.contains("tensor qkv"), "{err}");
     let short_lse = z("lse", b * 3 * t - 1);
     let qkv48 = z("qkv", b * t * 3 * 48);
-    let err = attention::forward(gpu, &out, &short_lse, &qkv48, b, t, 3, 16, true, None)
+    let err = attention::forward(gpu, &out, &short_lse, &qkv48, dims, Options::CAUSAL)
         .unwrap_err()
         .to_string();
     assert!(err.contains("tensor lse"), "{err}");
@@ -350,17 +425,24 @@ fn positions_beyond_the_cache_are_an_error() {
         z("k_cache", b * nh * tmax * hs),
         z("v_cache", b * nh * tmax * hs),
     );
+    let cache = KvCache {
+        k: &kc,
+        v: &vc,
+        tmax,
+    };
+    // Three new tokens.
+    let dims = Dims { b, t: 3, nh, hs };
     let (qkv, out) = (z("qkv", b * 3 * 3 * c), z("out", b * 3 * c));
-    let err = attention::kv_append(gpu, &kc, &vc, &qkv, b, 3, nh, hs, 6, tmax)
+    let err = attention::kv_append(gpu, cache, &qkv, dims, 6)
         .unwrap_err()
         .to_string();
     assert!(err.contains("Tmax = 8") && err.contains("9"), "{err}");
-    let err = attention::forward_cached(gpu, &out, &qkv, &kc, &vc, b, 3, nh, hs, 6, tmax)
+    let err = attention::forward_cached(gpu, &out, &qkv, cache, dims, 6)
         .unwrap_err()
         .to_string();
     assert!(err.contains("Tmax = 8"), "{err}");
     // A cache allocated for a different Tmax is named.
-    let err = attention::forward_cached(gpu, &out, &qkv, &kc, &vc, b, 3, nh, hs, 0, 16)
+    let err = attention::forward_cached(gpu, &out, &qkv, KvCache { tmax: 16, ..cache }, dims, 0)
         .unwrap_err()
         .to_string();
     assert!(err.contains("tensor k_cache"), "{err}");
@@ -380,13 +462,13 @@ fn f16_cache_decoding_matches_the_f32_path_on_rounded_data() {
         (2, 1, 33, 64, 1, 1),
         (1, 2, 19, 128, 3, 4),
     ] {
-        let (qkv, _) = attention::check_inputs(b, nh, t, hs);
+        let dims = Dims { b, t, nh, hs };
+        let (qkv, _) = attention::check_inputs(dims);
         let rounded = attention::round_kv_f16(&qkv, nh, hs);
-        let shape = (b, nh, t, hs);
         let f32_out =
-            attention::decode_cached(gpu, &rounded, shape, prefill, step, DType::F32).unwrap();
+            attention::decode_cached(gpu, &rounded, dims, prefill, step, DType::F32).unwrap();
         let f16_out =
-            attention::decode_cached(gpu, &rounded, shape, prefill, step, DType::F16).unwrap();
+            attention::decode_cached(gpu, &rounded, dims, prefill, step, DType::F16).unwrap();
         let name = format!("B={b} NH={nh} T={t} HS={hs}, prefill {prefill}, steps of {step}");
         reference::compare(&name, &f16_out, &f32_out, 1e-6, 1e-6).assert();
     }
@@ -402,6 +484,7 @@ fn f16_kv_append_writes_each_half_word() {
         return;
     }
     let (b, nh, hs, tmax, tq, pos0) = (2, 3, 5, 9, 3, 3);
+    let dims = Dims { b, t: tq, nh, hs };
     let c = nh * hs;
     let mut rng = Rng::new(8);
     let qkv = rng.vec_uniform(b * tq * 3 * c, -3.0, 3.0);
@@ -410,7 +493,18 @@ fn f16_kv_append_writes_each_half_word() {
     let old = vec![sentinel; b * nh * tmax * hs];
     let kc = gpu.upload("k_cache", DType::F16, &old).unwrap();
     let vc = gpu.upload("v_cache", DType::F16, &old).unwrap();
-    let d = attention::kv_append(gpu, &kc, &vc, &gqkv, b, tq, nh, hs, pos0, tmax).unwrap();
+    let d = attention::kv_append(
+        gpu,
+        KvCache {
+            k: &kc,
+            v: &vc,
+            tmax,
+        },
+        &gqkv,
+        dims,
+        pos0,
+    )
+    .unwrap();
     assert_eq!(d.name, "attention_f16.kv_append");
     gpu.run(&[d]).unwrap();
     let read = |v| -> Vec<f16> { bytemuck::pod_collect_to_vec(&gpu.read_bytes(v).unwrap()) };
@@ -447,9 +541,10 @@ fn f16_cache_error_against_the_f32_cache() {
         return;
     }
     let (b, nh, t, hs) = (1, 2, 40, 64);
-    let (qkv, _) = attention::check_inputs(b, nh, t, hs);
-    let f32_out = attention::decode_cached(gpu, &qkv, (b, nh, t, hs), 4, 1, DType::F32).unwrap();
-    let f16_out = attention::decode_cached(gpu, &qkv, (b, nh, t, hs), 4, 1, DType::F16).unwrap();
+    let dims = Dims { b, t, nh, hs };
+    let (qkv, _) = attention::check_inputs(dims);
+    let f32_out = attention::decode_cached(gpu, &qkv, dims, 4, 1, DType::F32).unwrap();
+    let f16_out = attention::decode_cached(gpu, &qkv, dims, 4, 1, DType::F16).unwrap();
     let scale = f32_out.iter().fold(0.0f32, |a, x| a.max(x.abs()));
     let err = f16_out
         .iter()
@@ -464,6 +559,7 @@ fn f16_cache_error_against_the_f32_cache() {
 fn mismatched_cache_dtypes_are_an_error() {
     let Some(gpu) = test_gpu() else { return };
     let (b, nh, hs, tmax, tq) = (1, 2, 8, 8, 2);
+    let dims = Dims { b, t: tq, nh, hs };
     let c = nh * hs;
     let n = b * nh * tmax * hs;
     let z = |name, dtype, len| gpu.zeros(name, dtype, len).unwrap();
@@ -477,25 +573,43 @@ fn mismatched_cache_dtypes_are_an_error() {
     fn err<T>(r: shaderformer::Result<T>) -> String {
         r.map(|_| ()).unwrap_err().to_string()
     }
+    let cache16 = KvCache {
+        k: &kc16,
+        v: &vc16,
+        tmax,
+    };
+    let cache32 = KvCache {
+        k: &kc,
+        v: &vc,
+        tmax,
+    };
     let e = err(attention::kv_append(
-        gpu, &kc16, &vc, &qkv, b, tq, nh, hs, 0, tmax,
+        gpu,
+        KvCache { v: &vc, ..cache16 },
+        &qkv,
+        dims,
+        0,
     ));
     assert!(e.contains("tensor v_cache") && e.contains("f16"), "{e}");
     let e = err(attention::kv_append(
-        gpu, &kc, &vc16, &qkv, b, tq, nh, hs, 0, tmax,
+        gpu,
+        KvCache {
+            v: &vc16,
+            ..cache32
+        },
+        &qkv,
+        dims,
+        0,
     ));
     assert!(e.contains("tensor v_cache16") && e.contains("f32"), "{e}");
-    let e = err(attention::forward_cached(
-        gpu, &out, &qkv, &kc16, &vc, b, tq, nh, hs, 0, tmax,
-    ));
+    let mixed = KvCache { v: &vc, ..cache16 };
+    let e = err(attention::forward_cached(gpu, &out, &qkv, mixed, dims, 0));
     assert!(e.contains("tensor v_cache"), "{e}");
     let e = err(attention::forward_cached(
-        gpu, &out, &qkv16, &kc16, &vc16, b, tq, nh, hs, 0, tmax,
+        gpu, &out, &qkv16, cache16, dims, 0,
     ));
     assert!(e.contains("tensor qkv16"), "{e}");
-    let e = err(attention::kv_append(
-        gpu, &kc16, &vc16, &qkv16, b, tq, nh, hs, 0, tmax,
-    ));
+    let e = err(attention::kv_append(gpu, cache16, &qkv16, dims, 0));
     assert!(e.contains("tensor qkv16"), "{e}");
 
     // On an adapter without SHADER_F16, f16 caches are a clear error naming the cache.
@@ -508,16 +622,17 @@ fn mismatched_cache_dtypes_are_an_error() {
         z("qkv", DType::F32, b * tq * 3 * c),
         z("out", DType::F32, b * tq * c),
     );
-    let e = err(attention::kv_append(
-        gpu, &kc16, &vc16, &qkv, b, tq, nh, hs, 0, tmax,
-    ));
+    let cache16 = KvCache {
+        k: &kc16,
+        v: &vc16,
+        tmax,
+    };
+    let e = err(attention::kv_append(gpu, cache16, &qkv, dims, 0));
     assert!(
         e.contains("tensor k_cache16") && e.contains("SHADER_F16"),
         "{e}"
     );
-    let e = err(attention::forward_cached(
-        gpu, &out, &qkv, &kc16, &vc16, b, tq, nh, hs, 0, tmax,
-    ));
+    let e = err(attention::forward_cached(gpu, &out, &qkv, cache16, dims, 0));
     assert!(
         e.contains("tensor k_cache16") && e.contains("SHADER_F16"),
         "{e}"
