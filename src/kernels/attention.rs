@@ -504,6 +504,15 @@ impl Variant {
         Ok(all)
     }
 
+    /// The variant of `variants` that `name` names (a tuner's answer).
+    fn by_name(variants: &[Variant], name: &str) -> Result<Variant> {
+        variants
+            .iter()
+            .copied()
+            .find(|v| v.name() == name)
+            .ok_or_else(|| Error::invalid("attention tuning", format!("no variant '{name}'")))
+    }
+
     /// "tiles32x32w64" (dK/dV's tiling first where the two differ, "tiles32x32w64+16x16w64"),
     /// or "rows64".
     fn name(&self) -> String {
@@ -548,11 +557,7 @@ fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result<Variant> {
     };
     let mut tensors: Option<[View; 5]> = None;
     let name = tune::choose(gpu, &problem, &mut |name| {
-        let v = variants
-            .iter()
-            .copied()
-            .find(|v| v.name() == name)
-            .ok_or_else(|| Error::invalid("attention tuning", format!("no variant '{name}'")))?;
+        let v = Variant::by_name(&variants, name)?;
         if tensors.is_none() {
             let mut rng = Rng::new(0xa77e);
             let mut up =
@@ -592,10 +597,7 @@ fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result<Variant> {
             },
         })
     })?;
-    Ok(variants
-        .into_iter()
-        .find(|v| v.name() == name)
-        .unwrap_or(rule))
+    Ok(Variant::by_name(&variants, &name).unwrap_or(rule))
 }
 
 /// The workgroup memory the fused kernels may plan for on this adapter.
@@ -978,11 +980,7 @@ fn tuned_cached(gpu: &Gpu, cache: DType, dims: Dims, tmax: usize) -> Result<Vari
     let c = nh * hs;
     let mut tensors: Option<[View; 4]> = None;
     let name = tune::choose(gpu, &problem, &mut |name| {
-        let v = variants
-            .iter()
-            .copied()
-            .find(|v| v.name() == name)
-            .ok_or_else(|| Error::invalid("attention tuning", format!("no variant '{name}'")))?;
+        let v = Variant::by_name(&variants, name)?;
         if tensors.is_none() {
             let mut rng = Rng::new(0xdec0);
             let full = gpu.upload_f32("tune.qkv", &rng.vec_uniform(b * tmax * 3 * c, -1.0, 1.0))?;
@@ -1013,10 +1011,7 @@ fn tuned_cached(gpu: &Gpu, cache: DType, dims: Dims, tmax: usize) -> Result<Vari
             output: out.clone(),
         })
     })?;
-    Ok(variants
-        .into_iter()
-        .find(|v| v.name() == name)
-        .unwrap_or(rule))
+    Ok(Variant::by_name(&variants, &name).unwrap_or(rule))
 }
 
 /// The element type of a KV cache, with the kernel for it: f16 when `k_cache` is f16 (the

@@ -161,8 +161,9 @@ fn tuned(gpu: &Gpu, logits: &View, dims: Dims) -> Result<Variant> {
     } else {
         Variant::Scalar
     };
+    let vec4_fits = Variant::Vec4.vec4(gpu, logits, vp);
     let mut variants = vec![rule];
-    if rule == Variant::Scalar && Variant::Vec4.vec4(gpu, logits, vp) {
+    if rule == Variant::Scalar && vec4_fits {
         variants.push(Variant::Vec4);
     }
     if rule == Variant::Vec4 {
@@ -170,17 +171,14 @@ fn tuned(gpu: &Gpu, logits: &View, dims: Dims) -> Result<Variant> {
     }
     variants.push(Variant::Rows);
     let key = |v: Variant| v.name().trim().to_string();
+    let by_name = |name: &str| variants.iter().copied().find(|&v| key(v) == name);
     let problem = Problem {
         family: FAMILY.name,
         bucket: format!(
             "forward n{} v{} {}",
             bucket(n),
             bucket(v),
-            if Variant::Vec4.vec4(gpu, logits, vp) {
-                "v"
-            } else {
-                "s"
-            }
+            if vec4_fits { "v" } else { "s" }
         ),
         shape: format!("forward N={n} V={v} Vp={vp}"),
         candidates: variants.iter().map(|&v| key(v)).collect(),
@@ -190,13 +188,9 @@ fn tuned(gpu: &Gpu, logits: &View, dims: Dims) -> Result<Variant> {
     };
     let mut tensors: Option<[View; 4]> = None;
     let name = tune::choose(gpu, &problem, &mut |name| {
-        let variant = variants
-            .iter()
-            .copied()
-            .find(|&v| key(v) == name)
-            .ok_or_else(|| {
-                Error::invalid("cross_entropy tuning", format!("no variant '{name}'"))
-            })?;
+        let variant = by_name(name).ok_or_else(|| {
+            Error::invalid("cross_entropy tuning", format!("no variant '{name}'"))
+        })?;
         if tensors.is_none() {
             let mut rng = Rng::new(0xce);
             let targets: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
@@ -215,10 +209,7 @@ fn tuned(gpu: &Gpu, logits: &View, dims: Dims) -> Result<Variant> {
             output: losses.clone(),
         })
     })?;
-    Ok(variants
-        .into_iter()
-        .find(|&v| key(v) == name)
-        .unwrap_or(rule))
+    Ok(by_name(&name).unwrap_or(rule))
 }
 
 /// Checks N, V, Vp, V <= Vp, and that N·Vp elements can be indexed with u32 in the shaders.
