@@ -111,6 +111,10 @@ pub enum KernelsCommand {
         /// Untimed warm-up runs.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Time only the candidates whose name holds this text (gemm and attention), e.g.
+        /// `--only ureg`.
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 

@@ -74,6 +74,7 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
             shape,
             runs,
             warmup,
+            only,
         } => {
             let f = harness::find(&kernel)?;
             let shape = match shape {
@@ -85,7 +86,7 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
                 return Err(shaderformer::Error::invalid("--runs", "must be at least 1"));
             }
             let gpu = args.open()?;
-            let opts = BenchOptions { warmup, runs };
+            let opts = BenchOptions { warmup, runs, only };
             let reports = (f.bench)(&gpu, &shape, &opts)?;
             println!(
                 "adapter: {}   timing: {}   median of {runs} runs after {warmup} warm-up",

@@ -1824,6 +1824,9 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         let candidates = Variant::candidates(stage, hs, storage)?;
         let mut reports = Vec::new();
         for (i, &v) in candidates.iter().enumerate() {
+            if !opts.wants(&v.name()) {
+                continue;
+            }
             let (ds, extra) = match stage {
                 // lse, kept for the backward
                 Stage::Forward => (

@@ -176,11 +176,21 @@ impl CheckReport {
     }
 }
 
-/// How many times to run a benchmark.
+/// How many times to run a benchmark, and which of a family's candidates.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub warmup: usize,
     pub runs: usize,
+    /// Only the candidates whose name holds this text (families with many candidates honour it,
+    /// so that one or two can be timed at a size where all of them would take minutes).
+    pub only: Option<String>,
+}
+
+impl BenchOptions {
+    /// Whether the candidate `name` is to be timed.
+    pub fn wants(&self, name: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| name.contains(o))
+    }
 }
 
 impl Default for BenchOptions {
@@ -188,6 +198,7 @@ impl Default for BenchOptions {
         BenchOptions {
             warmup: 2,
             runs: 10,
+            only: None,
         }
     }
 }

@@ -178,12 +178,17 @@ fn measure(
                 return Ok(Ok(first));
             }
             let runs = ((TIME_BUDGET / first.max(1e-6)) as usize).clamp(1, MAX_RUNS);
-            let opts = BenchOptions { warmup: 0, runs };
+            let opts = BenchOptions {
+                warmup: 0,
+                runs,
+                ..BenchOptions::default()
+            };
             let mut stats = harness::time(gpu, &trial.dispatches, &opts)?;
             if stats.median < CHEAP_RUN {
                 let opts = BenchOptions {
                     warmup: 0,
                     runs: CHEAP_RUNS,
+                    ..BenchOptions::default()
                 };
                 stats = harness::time(gpu, &trial.dispatches, &opts)?;
             }
