@@ -856,6 +856,114 @@ fn gemm_ureg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
+// gemm_ureg_vab: gemm_ureg_vb with op(a) read as vec4 too (a's vec4 rules as the tiled
+// kernels': every row start and the row stride multiples of 4). A k chunk of the block's eight
+// rows is two mat4x4, lo for rows 0-3 and hi for rows 4-7, column q holding the rows at k + q:
+// with a (M, K) one vec4 along K per row (then transposed in registers), with a (K, M) two vec4s
+// along M per k. Measured on lavapipe, eight vec4 reads per chunk instead of 32 scalar ones made
+// the NT product about 1.4x faster. Same fma chains in the same k order as every other kernel:
+// the same bits.
+struct UregA {
+    lo: mat4x4<f32>,
+    hi: mat4x4<f32>,
+}
+
+// The chunk at k (k a multiple of 4; rows and k past the edge read clamped rows or the row
+// stride's padding, never stored). i0 is the block's first row (a multiple of 8).
+fn ureg_a4(z: u32, i0: u32, k: u32, kend: u32) -> UregA {
+    let base = p.a_off + z * p.a_bs;
+    if (TRANS_A) {
+        // Element (i, k) at base + k · lda + i: rows i0 .. i0 + 3 and i0 + 4 .. i0 + 7 of row k
+        // of the stored matrix are two aligned vec4s (the second clamped to the last one that
+        // holds a row below M); k past kend read the last k.
+        let lo = base + i0;
+        let hi = base + min(i0 + 4u, (p.m - 1u) & ~3u);
+        let last = kend - 1u;
+        let k1 = min(k + 1u, last) * p.lda;
+        let k2 = min(k + 2u, last) * p.lda;
+        let k3 = min(k + 3u, last) * p.lda;
+        return UregA(
+            mat4x4<f32>(a4[(lo + k * p.lda) / 4u], a4[(lo + k1) / 4u], a4[(lo + k2) / 4u],
+                        a4[(lo + k3) / 4u]),
+            mat4x4<f32>(a4[(hi + k * p.lda) / 4u], a4[(hi + k1) / 4u], a4[(hi + k2) / 4u],
+                        a4[(hi + k3) / 4u]));
+    }
+    // Element (i, k) at base + i · lda + k: four k of a row are one aligned vec4 (past K inside
+    // the row stride); rows past M clamped to the last.
+    let last = p.m - 1u;
+    let r = base + k;
+    return UregA(
+        transpose(mat4x4<f32>(a4[(r + min(i0, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 1u, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 2u, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 3u, last) * p.lda) / 4u])),
+        transpose(mat4x4<f32>(a4[(r + min(i0 + 4u, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 5u, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 6u, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 7u, last) * p.lda) / 4u])));
+}
+
+// s + op(a)(i0 + r, k) · y for the block's eight rows, lo and hi holding rows 0-3 and 4-7 at k.
+fn ureg_fma_cols(s: UregSums, lo: vec4<f32>, hi: vec4<f32>, y: vec4<f32>) -> UregSums {
+    return UregSums(
+        fma(vec4<f32>(lo.x), y, s.r0), fma(vec4<f32>(lo.y), y, s.r1),
+        fma(vec4<f32>(lo.z), y, s.r2), fma(vec4<f32>(lo.w), y, s.r3),
+        fma(vec4<f32>(hi.x), y, s.r4), fma(vec4<f32>(hi.y), y, s.r5),
+        fma(vec4<f32>(hi.z), y, s.r6), fma(vec4<f32>(hi.w), y, s.r7));
+}
+
+// s summed over the first n (1 to 4) k of a chunk: op(a)'s rows in x, op(b)'s row q in t[q].
+fn ureg_chunk_a4(s: UregSums, x: UregA, t: mat4x4<f32>, n: u32) -> UregSums {
+    var r = ureg_fma_cols(s, x.lo[0], x.hi[0], t[0]);
+    if (n > 1u) {
+        r = ureg_fma_cols(r, x.lo[1], x.hi[1], t[1]);
+    }
+    if (n > 2u) {
+        r = ureg_fma_cols(r, x.lo[2], x.hi[2], t[2]);
+    }
+    if (n > 3u) {
+        r = ureg_fma_cols(r, x.lo[3], x.hi[3], t[3]);
+    }
+    return r;
+}
+
+@compute @workgroup_size(REG_WG)
+fn gemm_ureg_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_id) lid: vec3<u32>) {
+    let o = reg_origin(wid, nwg, lid.x);
+    if (o.x >= p.m) {
+        return;
+    }
+    for (var z = wid.z; z < p.batch; z += nwg.z) {
+        let zk = reg_range(z);
+        let base = p.b_off + zk.x * p.b_bs;
+        var s = ureg_zero();
+        // Whole chunks of 4, then the last 1 to 3 k through the same reads (as gemm_ureg_vb).
+        if (TRANS_B) {
+            let last = p.n - 1u;
+            let cols = base + vec4<u32>(min(o.y, last), min(o.y + 1u, last),
+                                        min(o.y + 2u, last), min(o.y + 3u, last)) * p.ldb;
+            var k = zk.y;
+            for (; k + 4u <= zk.z; k += 4u) {
+                s = ureg_chunk_a4(s, ureg_a4(zk.x, o.x, k, zk.z), ureg_bt(cols, k), 4u);
+            }
+            if (k < zk.z) {
+                s = ureg_chunk_a4(s, ureg_a4(zk.x, o.x, k, zk.z), ureg_bt(cols, k), zk.z - k);
+            }
+        } else {
+            let col = base + min(o.y, (p.n - 1u) & ~3u);
+            var k = zk.y;
+            for (; k + 4u <= zk.z; k += 4u) {
+                s = ureg_chunk_a4(s, ureg_a4(zk.x, o.x, k, zk.z), ureg_bn(col, k, zk.z), 4u);
+            }
+            if (k < zk.z) {
+                s = ureg_chunk_a4(s, ureg_a4(zk.x, o.x, k, zk.z), ureg_bn(col, k, zk.z), zk.z - k);
+            }
+        }
+        ureg_store(z, o.x, o.y, s);
+    }
+}
+
 // gemm_pack_b: c (N, KP) = bᵀ for b (K, N) (one batch entry, f32), columns K .. KP of c zero:
 // the first pass of the packed-B kernel (src/kernels/gemm.rs), which then runs gemm_ureg_vb
 // with TRANS_B on c. Read down b's columns, gemm_ureg_vb's lanes would each step to a new row of

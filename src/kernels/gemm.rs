@@ -64,6 +64,8 @@ pub const REG_VB: KernelSpec = gemm_spec("gemm_reg_vb");
 pub const UREG: KernelSpec = gemm_spec("gemm_ureg");
 /// The register-block kernel written out, reading b as vec4.
 pub const UREG_VB: KernelSpec = gemm_spec("gemm_ureg_vb");
+/// The register-block kernel written out, reading a and b as vec4.
+pub const UREG_VAB: KernelSpec = gemm_spec("gemm_ureg_vab");
 /// Split-K's reduce: binding 1 holds the partial products; binding 2 is not read.
 pub const SPLITK_REDUCE: KernelSpec = gemm_spec("gemm_splitk_reduce");
 /// The packed-B kernel's first pass: bᵀ into binding 4.
@@ -793,12 +795,13 @@ fn entry(kernel: Kernel, va: bool, vb: bool, f16_b: bool) -> KernelSpec {
             (true, true) => TILED_VAB,
         },
         // The scratch copy of B is f32 and read as vec4.
-        Kernel::Packed(_) => return UREG_VB,
-        Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) => match (r.unrolled, vb) {
-            (false, false) => REG,
-            (false, true) => REG_VB,
-            (true, false) => UREG,
-            (true, true) => UREG_VB,
+        Kernel::Packed(_) => return if va { UREG_VAB } else { UREG_VB },
+        Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) => match (r.unrolled, va, vb) {
+            (false, _, false) => REG,
+            (false, _, true) => REG_VB,
+            (true, _, false) => UREG,
+            (true, false, true) => UREG_VB,
+            (true, true, true) => UREG_VAB,
         },
     };
     if f16_b {
@@ -1038,7 +1041,7 @@ pub fn matmul_with(
         return packed_b(
             gpu,
             &name,
-            &constants,
+            (&spec, &constants),
             params,
             views,
             [bias, mm.epilogue.code().1],
@@ -1142,11 +1145,12 @@ fn split_k(
 
 /// The packed-B kernel's two dispatches: gemm_pack_b writes bᵀ (N, KP), KP = K rounded up to a
 /// multiple of 4, to a scratch buffer (shared by every packed GEMM of this size, f32 whatever B's
-/// type), then gemm_ureg_vb with `constants` (TRANS_B set) computes what `params` asks on it.
+/// type), then `spec` (gemm_ureg_vb, or gemm_ureg_vab where A reads as vec4) with `constants`
+/// (TRANS_B set) computes what `params` asks on it.
 fn packed_b(
     gpu: &Gpu,
     name: &str,
-    constants: &[(&'static str, f64)],
+    (spec, constants): (&KernelSpec, &[(&'static str, f64)]),
     params: Params,
     [a, b, c]: [&View; 3],
     [bias, aux]: [Option<&View>; 2],
@@ -1186,7 +1190,7 @@ fn packed_b(
     let (m64, n64, k64) = (params.m as u64, n as u64, k as u64);
     let c_traffic = 1 + params.accumulate as u64;
     let product = gpu.dispatch(
-        &UREG_VB,
+        spec,
         constants,
         bytes_of(&Params {
             b_off: 0,
@@ -2047,6 +2051,9 @@ fn bench_candidates(
     let fixed = fixed_rule(gpu, mm);
     let mut reports = Vec::new();
     for kernel in candidates(gpu, mm, &a, &b) {
+        if !opts.wants(&kernel.name()) {
+            continue;
+        }
         let d = matmul_with(gpu, mm, c, a, b, None, kernel)?;
         let mut name = format!("{label} {} {}", mm.ops(), kernel.name());
         if kernel == fixed {
