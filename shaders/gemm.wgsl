@@ -1,10 +1,10 @@
 // General matrix multiply (batched, strided, transposable) and the bias gradient of a linear layer.
 //
 // gemm_*:        c[z] (M, N) = alpha · op(a[z]) (M, K) · op(b[z]) (K, N)
-//                              (+ bias (N) on every row when has_bias)
-//                              (+ c[z] (M, N) when accumulate)
+//                              (+ bias (N) on every row when HAS_BIAS)
+//                              (+ c[z] (M, N) when ACCUMULATE)
 //                a, bias, c f32; b of BElem (below), widened to f32 on load; products, sums f32.
-//                accumulate = 0 overwrites c and never reads it; accumulate = 1 adds into c (+=).
+//                ACCUMULATE false overwrites c and never reads it; true adds into c (+=).
 //                op(a) is a stored (M, K), or aᵀ with a stored (K, M) when TRANS_A;
 //                op(b) is b stored (K, N), or bᵀ with b stored (N, K) when TRANS_B.
 //                Every matrix is row-major inside its flat buffer: element (r, col) of batch entry
@@ -50,8 +50,8 @@
 // over (ceil(M / BM), ceil(N / BN)) tiles), batch entries over z (looping when the batch exceeds
 // the per-dimension limit).
 //
-// Bindings for gemm_*: 1 = a (read), 2 = b (read, BElem), 3 = bias (read; any f32 view when
-// has_bias = 0), 4 = c (read_write), 5 = aux (the epilogue's tensor, laid out as c; see finish).
+// Bindings for gemm_*: 1 = a (read), 2 = b (read, BElem), 3 = bias (read; any f32 view without
+// HAS_BIAS), 4 = c (read_write), 5 = aux (the epilogue's tensor, laid out as c; see finish).
 
 struct Params {
     m: u32,
@@ -68,15 +68,11 @@ struct Params {
     ldc: u32,
     c_bs: u32,
     alpha: f32,
-    accumulate: u32,
-    has_bias: u32,
     // Output tiles along N, and in all, per batch entry (bias_backward: column blocks in all).
     tiles_n: u32,
     tiles: u32,
     // gemm_reg*: 0, or the K slice per batch entry of a split-K partial pass (see there).
     split_k: u32,
-    // What finish does last: 0 nothing, 1 GELU, 2 GELU backward, 3 residual add (see finish).
-    epilogue: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -131,6 +127,16 @@ fn op_b(z: u32, kk: u32, j: u32) -> f32 {
 // GPT-2's GELU as gelu.wgsl computes it (a fused epilogue gives that kernel's bits).
 #include "include/gelu.wgsl"
 
+// What finish does after the sum. Override constants rather than params: each dispatch's
+// choice is fixed, and a branch on a uniform value still costs its untaken side on adapters
+// that run invocations as SIMD lanes (lavapipe executes both sides of an if under a mask, and
+// every read in them loops over the lanes): measured there, the bias, accumulate and epilogue
+// code of every output made a 320 x 64 x 64 product about 1.3x slower than none at all.
+override HAS_BIAS: bool = false;
+override ACCUMULATE: bool = false;
+// 0 nothing, 1 GELU, 2 GELU backward, 3 residual add (see finish).
+override EPILOGUE: u32 = 0u;
+
 // v = alpha · s (+ bias[j]) (+ c[z](i, j)), then the epilogue, then c[z](i, j) = v:
 //   1 GELU:          aux[idx] = v (the pre-activation, for the backward); v = gelu(v)
 //   2 GELU backward: v = v · gelu'(aux[idx]) (aux holds the pre-activation; v is its output's
@@ -139,14 +145,14 @@ fn op_b(z: u32, kk: u32, j: u32) -> f32 {
 // aux is laid out as c: element idx of c pairs with element idx of aux.
 fn finish(z: u32, i: u32, j: u32, s: f32) {
     var v = p.alpha * s;
-    if (p.has_bias != 0u) {
+    if (HAS_BIAS) {
         v += bias[j];
     }
     let idx = p.c_off + z * p.c_bs + i * p.ldc + j;
-    if (p.accumulate != 0u) {
+    if (ACCUMULATE) {
         v += c[idx];
     }
-    switch p.epilogue {
+    switch EPILOGUE {
         case 1u: {
             aux[idx] = v;
             v = gelu(v);

@@ -111,12 +111,30 @@ struct Params {
     ldc: u32,
     c_bs: u32,
     alpha: f32,
-    accumulate: u32,
-    has_bias: u32,
     tiles_n: u32,
     tiles: u32,
     split_k: u32,
+}
+
+/// What gemm.wgsl's `finish` does after the sum: its override constants HAS_BIAS, ACCUMULATE
+/// and EPILOGUE (constants, not params, so that an adapter running invocations as SIMD lanes
+/// never pays for the code a dispatch does not use; see the shader).
+#[derive(Clone, Copy, Default)]
+struct Finish {
+    bias: bool,
+    accumulate: bool,
+    /// `Epilogue::code`'s number.
     epilogue: u32,
+}
+
+impl Finish {
+    fn constants(self) -> [(&'static str, f64); 3] {
+        [
+            ("HAS_BIAS", self.bias as u32 as f64),
+            ("ACCUMULATE", self.accumulate as u32 as f64),
+            ("EPILOGUE", self.epilogue as f64),
+        ]
+    }
 }
 
 /// The layout of `Params`, for the test that compares it with `Params` in the shader.
@@ -136,12 +154,9 @@ pub fn params_layout() -> super::ParamsLayout {
         ldc,
         c_bs,
         alpha,
-        accumulate,
-        has_bias,
         tiles_n,
         tiles,
-        split_k,
-        epilogue
+        split_k
     })
 }
 
@@ -1012,11 +1027,13 @@ pub fn matmul_with(
         ldc: u32_of(ldc),
         c_bs: u32_of(c_bs),
         alpha: mm.alpha,
-        accumulate: mm.accumulate as u32,
-        has_bias: bias.is_some() as u32,
         tiles_n: u32_of(tiles_n),
         tiles: u32_of(tiles),
         split_k: 0,
+    };
+    let finish = Finish {
+        bias: bias.is_some(),
+        accumulate: mm.accumulate,
         epilogue: mm.epilogue.code().0,
     };
     // Without a bias or an epilogue the bindings still need buffers; the shader never reads
@@ -1033,7 +1050,7 @@ pub fn matmul_with(
     };
     if let Kernel::SplitK(s) = kernel {
         let views = [a.view, b.view, bias_view, c.view, aux];
-        return split_k(gpu, &name, s, &spec, &constants, params, views);
+        return split_k(gpu, &name, s, (&spec, &constants), (params, finish), views);
     }
     if let Kernel::Packed(_) = kernel {
         constants[1].1 = 1.0;
@@ -1042,7 +1059,7 @@ pub fn matmul_with(
             gpu,
             &name,
             (&spec, &constants),
-            params,
+            (params, finish),
             views,
             [bias, mm.epilogue.code().1],
         );
@@ -1060,6 +1077,7 @@ pub fn matmul_with(
             + b.view.dtype.size() * entries(k64 * n64, b_bs),
     };
     let workgroups = tile_grid(gpu, &name, tiles, batch)?;
+    constants.extend(finish.constants());
     Ok(vec![gpu.dispatch(
         &spec,
         &constants,
@@ -1072,16 +1090,15 @@ pub fn matmul_with(
 
 /// Split-K's two dispatches: `spec` (gemm_reg with `constants`) writes the partial products of
 /// each K slice to a scratch buffer ((slices, M, N), shared by every split-K of this size), then
-/// gemm_splitk_reduce adds them in slice order and applies alpha, bias and accumulate as
-/// `params` (the whole product's) asks, then the epilogue. `views` are the GEMM bindings: A's,
+/// gemm_splitk_reduce adds them in slice order and applies alpha (from `params`, the whole
+/// product's), then bias, accumulate and the epilogue as `finish` asks. `views` are the GEMM bindings: A's,
 /// B's, the bias's, C's and the epilogue's views.
 fn split_k(
     gpu: &Gpu,
     name: &str,
     s: SplitK,
-    spec: &KernelSpec,
-    constants: &[(&'static str, f64)],
-    params: Params,
+    (spec, constants): (&KernelSpec, &[(&'static str, f64)]),
+    (params, finish): (Params, Finish),
     [a, b, bias, c, aux]: [&View; 5],
 ) -> Result<Vec<Dispatch>> {
     let (m, n, k) = (params.m as usize, params.n as usize, params.k as usize);
@@ -1101,16 +1118,15 @@ fn split_k(
         ldc: u32_of(n),
         c_bs: u32_of(m * n),
         alpha: 1.0,
-        accumulate: 0,
-        has_bias: 0,
         split_k: u32_of(slice),
-        epilogue: 0,
         ..params
     };
+    // The partials are plain sums; the reduce applies what `finish` asks.
+    let partial_constants = [constants, &Finish::default().constants()].concat();
     let (m64, n64, k64, s64) = (m as u64, n as u64, k as u64, slices as u64);
     let partial = gpu.dispatch(
         spec,
-        constants,
+        &partial_constants,
         bytes_of(&partial_params),
         &[a, b, b, &partials, &partials],
         tile_grid(gpu, name, params.tiles as usize, slices)?,
@@ -1128,10 +1144,10 @@ fn split_k(
         split_k: 0,
         ..params
     };
-    let c_traffic = 1 + params.accumulate as u64;
+    let c_traffic = 1 + finish.accumulate as u64;
     let reduce = gpu.dispatch(
         &SPLITK_REDUCE,
-        &[],
+        &finish.constants(),
         bytes_of(&reduce_params),
         &[&partials, b, bias, c, aux],
         tile_grid(gpu, name, blocks, 1)?,
@@ -1151,7 +1167,7 @@ fn packed_b(
     gpu: &Gpu,
     name: &str,
     (spec, constants): (&KernelSpec, &[(&'static str, f64)]),
-    params: Params,
+    (params, finish): (Params, Finish),
     [a, b, c]: [&View; 3],
     [bias, aux]: [Option<&View>; 2],
 ) -> Result<Vec<Dispatch>> {
@@ -1188,10 +1204,10 @@ fn packed_b(
         },
     )?;
     let (m64, n64, k64) = (params.m as u64, n as u64, k as u64);
-    let c_traffic = 1 + params.accumulate as u64;
+    let c_traffic = 1 + finish.accumulate as u64;
     let product = gpu.dispatch(
         spec,
-        constants,
+        &[constants, &finish.constants()].concat(),
         bytes_of(&Params {
             b_off: 0,
             ldb: u32_of(kp),
