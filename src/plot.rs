@@ -142,8 +142,40 @@ pub fn svg(runs: &[Curves]) -> String {
     for (k, run) in runs.iter().enumerate() {
         let x0 = GAP + k as f64 * (LEFT + PANEL_W + GAP) + LEFT;
         let (smin, smax) = range(run.train.iter().chain(&run.val).map(|p| p.0));
-        let px = |step: f64| x0 + (step - smin) / (smax - smin) * PANEL_W;
-        let py = |loss: f64| TOP + (hi - loss) / (hi - lo) * PANEL_H;
+        let panel = Panel {
+            x0,
+            steps: (smin, smax),
+            losses: (lo, hi),
+        };
+        panel.draw(&mut s, run);
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// One run's panel: its left edge `x0`, and the step and loss ranges its axes span.
+struct Panel {
+    x0: f64,
+    steps: (f64, f64),
+    losses: (f64, f64),
+}
+
+impl Panel {
+    /// The x coordinate of `step`.
+    fn px(&self, step: f64) -> f64 {
+        let (smin, smax) = self.steps;
+        self.x0 + (step - smin) / (smax - smin) * PANEL_W
+    }
+
+    /// The y coordinate of `loss`.
+    fn py(&self, loss: f64) -> f64 {
+        let (lo, hi) = self.losses;
+        TOP + (hi - loss) / (hi - lo) * PANEL_H
+    }
+
+    /// Appends the panel's group: title, frame, axes, curves and legend.
+    fn draw(&self, s: &mut String, run: &Curves) {
+        let x0 = self.x0;
         let _ = writeln!(
             s,
             r#"<g class="panel"><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13">{}</text>"#,
@@ -155,8 +187,23 @@ pub fn svg(runs: &[Curves]) -> String {
             s,
             r##"<rect x="{x0:.1}" y="{TOP:.1}" width="{PANEL_W:.1}" height="{PANEL_H:.1}" fill="none" stroke="#888"/>"##
         );
+        self.axes(s);
+        for (class, points, color) in [
+            ("train", &run.train, TRAIN_COLOR),
+            ("val", &run.val, VAL_COLOR),
+        ] {
+            self.curve(s, class, points, color);
+        }
+        self.legend(s);
+        s.push_str("</g>\n");
+    }
+
+    /// Ticks on the loss axis (left) and the step axis (below), and the step axis's label.
+    fn axes(&self, s: &mut String) {
+        let x0 = self.x0;
+        let (lo, hi) = self.losses;
         for t in ticks(lo, hi) {
-            let y = py(t);
+            let y = self.py(t);
             let _ = writeln!(
                 s,
                 r##"<line x1="{:.1}" y1="{y:.1}" x2="{x0:.1}" y2="{y:.1}" stroke="#888"/><text x="{:.1}" y="{:.1}" text-anchor="end">{t:.3}</text>"##,
@@ -165,8 +212,9 @@ pub fn svg(runs: &[Curves]) -> String {
                 y + 4.0
             );
         }
+        let (smin, smax) = self.steps;
         for t in ticks(smin, smax) {
-            let x = px(t);
+            let x = self.px(t);
             let _ = writeln!(
                 s,
                 r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#888"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{t}</text>"##,
@@ -181,34 +229,37 @@ pub fn svg(runs: &[Curves]) -> String {
             x0 + PANEL_W / 2.0,
             TOP + PANEL_H + 34.0
         );
-        for (class, points, color) in [
-            ("train", &run.train, TRAIN_COLOR),
-            ("val", &run.val, VAL_COLOR),
-        ] {
-            if points.is_empty() {
-                continue;
-            }
-            let pts: Vec<String> = points
-                .iter()
-                .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-                .collect();
-            let _ = writeln!(
-                s,
-                r#"<polyline class="{class}" fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
-                pts.join(" ")
-            );
-            if class == "val" {
-                for p in &pts {
-                    let (x, y) = p.split_once(',').unwrap();
-                    let _ = writeln!(s, r#"<circle cx="{x}" cy="{y}" r="2.5" fill="{color}"/>"#);
-                }
+    }
+
+    /// One curve as a polyline, with a dot at each point of the validation curve.
+    fn curve(&self, s: &mut String, class: &str, points: &[(f64, f64)], color: &str) {
+        if points.is_empty() {
+            return;
+        }
+        let pts: Vec<String> = points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", self.px(x), self.py(y)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline class="{class}" fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
+            pts.join(" ")
+        );
+        if class == "val" {
+            for p in &pts {
+                let (x, y) = p.split_once(',').unwrap();
+                let _ = writeln!(s, r#"<circle cx="{x}" cy="{y}" r="2.5" fill="{color}"/>"#);
             }
         }
+    }
+
+    /// The legend, in the panel's top right corner.
+    fn legend(&self, s: &mut String) {
         for (i, (label, color)) in [("train loss", TRAIN_COLOR), ("val loss", VAL_COLOR)]
             .iter()
             .enumerate()
         {
-            let (lx, ly) = (x0 + PANEL_W - 90.0, TOP + 14.0 + 14.0 * i as f64);
+            let (lx, ly) = (self.x0 + PANEL_W - 90.0, TOP + 14.0 + 14.0 * i as f64);
             let _ = writeln!(
                 s,
                 r#"<line x1="{lx:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{color}" stroke-width="2"/><text x="{:.1}" y="{ly:.1}">{label}</text>"#,
@@ -218,10 +269,7 @@ pub fn svg(runs: &[Curves]) -> String {
                 lx + 20.0
             );
         }
-        s.push_str("</g>\n");
     }
-    s.push_str("</svg>\n");
-    s
 }
 
 /// Writes `text` to `path` atomically: a sibling temporary file renamed over it, so a reader (or

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use shaderformer::bench;
+use shaderformer::bench::{self, InferBench, TrainBench};
 use shaderformer::error::{Error, Result};
-use shaderformer::gpu::DType;
+use shaderformer::gpu::{DType, Gpu};
 use shaderformer::model::GptConfig;
 
 use crate::GpuArgs;
@@ -135,15 +135,7 @@ pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
     shaderformer::memory::check("the model", cfg.training_bytes())?;
     args.model.check_block(args.block_size, &cfg)?;
     let gpu = gpu.open()?;
-    let shape = format!(
-        "{} layers, {} heads, {} embd, vocab {}, context {} ({:.1}M parameters)",
-        cfg.n_layer,
-        cfg.n_head,
-        cfg.n_embd,
-        cfg.vocab_size,
-        cfg.block_size,
-        cfg.num_params() as f64 / 1e6
-    );
+    let shape = describe(&cfg);
     let mut out = serde_json::Map::new();
     out.insert("adapter".into(), gpu.adapter_name().into());
     out.insert("model".into(), shape.clone().into());
@@ -164,93 +156,123 @@ pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
         if args.json {
             out.insert("train".into(), r.to_json());
         } else {
-            println!(
-                "\ntraining step, batch {} x {} tokens (median of {} after {} warm-up):",
-                r.b, r.t, r.step.runs, args.warmup
-            );
-            println!(
-                "  {:.1} ms/step (min {:.1}, max {:.1}), {:.0} tokens/s, {:.4} TFLOP/s ({:.2} GFLOP per step, nanoGPT's 6N + 12LHQT)",
-                r.step.median * 1e3,
-                r.step.min * 1e3,
-                r.step.max * 1e3,
-                r.tokens_per_s,
-                r.tflops,
-                r.flops_per_step / 1e9
-            );
-            println!(
-                "\nGPU time per kernel in one step ({}; {:.1} ms in all):",
-                gpu.timing_method().name(),
-                r.kernel_total * 1e3
-            );
-            println!(
-                "  {:<34} {:>6} {:>10} {:>7}",
-                "kernel", "calls", "ms", "share"
-            );
-            for k in &r.kernels {
-                println!(
-                    "  {:<34} {:>6} {:>10.2} {:>6.1}%",
-                    k.name,
-                    k.calls,
-                    k.seconds * 1e3,
-                    k.share * 100.0
-                );
-            }
+            print_train(&gpu, &r, args.warmup);
         }
     }
     if matches!(args.what, What::Infer | What::All) {
-        let params = bench::random_params(&cfg, 1);
-        let mut dtypes = Vec::new();
-        if args.dtype != BenchDtype::F16 {
-            dtypes.push(DType::F32);
-        }
-        if args.dtype == BenchDtype::F16 || (args.dtype == BenchDtype::Both && gpu.has_f16()) {
-            dtypes.push(DType::F16);
-        }
-        let mut rows = Vec::new();
-        for dt in dtypes {
-            let setup = bench::InferSetup {
-                dtype: dt,
-                prompt_len: args.prompt_len,
-                new_tokens: args.new_tokens,
-                warmup: args.warmup,
-                runs: args.runs,
-                recompute_tokens: args.recompute_tokens,
-            };
-            let r = bench::infer(&gpu, &cfg, &params, setup)?;
-            rows.push(r);
-        }
+        let rows = infer(&gpu, &cfg, args)?;
         if args.json {
             out.insert(
                 "infer".into(),
                 rows.iter().map(|r| r.to_json()).collect::<Vec<_>>().into(),
             );
         } else {
-            println!(
-                "\ninference, batch 1, prompt {} tokens, {} new tokens (median of {} after {} warm-up):",
-                args.prompt_len, args.new_tokens, args.runs, args.warmup
-            );
-            println!(
-                "  {:<6} {:>14} {:>16} {:>16} {:>22}",
-                "dtype", "prefill tok/s", "decode tok/s", "decode ms/tok", "recompute ms/tok"
-            );
-            for r in &rows {
-                println!(
-                    "  {:<6} {:>14.1} {:>16.2} {:>16.2} {:>22}",
-                    r.dtype.name(),
-                    r.prefill_tokens_per_s(),
-                    r.decode_tokens_per_s(),
-                    r.decode.median * 1e3,
-                    r.recompute.map_or("-".to_string(), |x| format!(
-                        "{:.2} ({} tok)",
-                        x.median * 1e3,
-                        r.recompute_tokens.min(r.new_tokens)
-                    ))
-                );
-            }
+            print_infer(&rows, args);
         }
     }
     if args.json {
         println!("{}", serde_json::Value::Object(out));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The model's shape in one line, with its parameter count.
+fn describe(cfg: &GptConfig) -> String {
+    format!(
+        "{} layers, {} heads, {} embd, vocab {}, context {} ({:.1}M parameters)",
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.vocab_size,
+        cfg.block_size,
+        cfg.num_params() as f64 / 1e6
+    )
+}
+
+/// The training step's time and throughput, then the GPU time of each kernel.
+fn print_train(gpu: &Gpu, r: &TrainBench, warmup: usize) {
+    println!(
+        "\ntraining step, batch {} x {} tokens (median of {} after {} warm-up):",
+        r.b, r.t, r.step.runs, warmup
+    );
+    println!(
+        "  {:.1} ms/step (min {:.1}, max {:.1}), {:.0} tokens/s, {:.4} TFLOP/s ({:.2} GFLOP per step, nanoGPT's 6N + 12LHQT)",
+        r.step.median * 1e3,
+        r.step.min * 1e3,
+        r.step.max * 1e3,
+        r.tokens_per_s,
+        r.tflops,
+        r.flops_per_step / 1e9
+    );
+    println!(
+        "\nGPU time per kernel in one step ({}; {:.1} ms in all):",
+        gpu.timing_method().name(),
+        r.kernel_total * 1e3
+    );
+    println!(
+        "  {:<34} {:>6} {:>10} {:>7}",
+        "kernel", "calls", "ms", "share"
+    );
+    for k in &r.kernels {
+        println!(
+            "  {:<34} {:>6} {:>10.2} {:>6.1}%",
+            k.name,
+            k.calls,
+            k.seconds * 1e3,
+            k.share * 100.0
+        );
+    }
+}
+
+/// Measures inference in each weight format asked for (f16 with `both` only where the adapter
+/// has it).
+fn infer(gpu: &Gpu, cfg: &GptConfig, args: &BenchArgs) -> Result<Vec<InferBench>> {
+    let params = bench::random_params(cfg, 1);
+    let mut dtypes = Vec::new();
+    if args.dtype != BenchDtype::F16 {
+        dtypes.push(DType::F32);
+    }
+    if args.dtype == BenchDtype::F16 || (args.dtype == BenchDtype::Both && gpu.has_f16()) {
+        dtypes.push(DType::F16);
+    }
+    let mut rows = Vec::new();
+    for dt in dtypes {
+        let setup = bench::InferSetup {
+            dtype: dt,
+            prompt_len: args.prompt_len,
+            new_tokens: args.new_tokens,
+            warmup: args.warmup,
+            runs: args.runs,
+            recompute_tokens: args.recompute_tokens,
+        };
+        let r = bench::infer(gpu, cfg, &params, setup)?;
+        rows.push(r);
+    }
+    Ok(rows)
+}
+
+/// One table row per weight format: prefill and decode throughput, and full recomputation's.
+fn print_infer(rows: &[InferBench], args: &BenchArgs) {
+    println!(
+        "\ninference, batch 1, prompt {} tokens, {} new tokens (median of {} after {} warm-up):",
+        args.prompt_len, args.new_tokens, args.runs, args.warmup
+    );
+    println!(
+        "  {:<6} {:>14} {:>16} {:>16} {:>22}",
+        "dtype", "prefill tok/s", "decode tok/s", "decode ms/tok", "recompute ms/tok"
+    );
+    for r in rows {
+        println!(
+            "  {:<6} {:>14.1} {:>16.2} {:>16.2} {:>22}",
+            r.dtype.name(),
+            r.prefill_tokens_per_s(),
+            r.decode_tokens_per_s(),
+            r.decode.median * 1e3,
+            r.recompute.map_or("-".to_string(), |x| format!(
+                "{:.2} ({} tok)",
+                x.median * 1e3,
+                r.recompute_tokens.min(r.new_tokens)
+            ))
+        );
+    }
 }

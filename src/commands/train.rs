@@ -469,26 +469,7 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
         return Err(Error::invalid("--num-samples", "must be at least 1"));
     }
     let ck = checkpoint::load(&args.checkpoint)?;
-    let vocab = ck.vocab.clone().ok_or_else(|| {
-        Error::invalid(
-            args.checkpoint.display().to_string(),
-            "has no tokenizer.json or vocab.json to encode the prompt",
-        )
-    })?;
-    let prompt = vocab.encode(&args.prompt, "--prompt")?;
-    if prompt.is_empty() {
-        return Err(Error::invalid("--prompt", "encodes to no tokens"));
-    }
-    if prompt.len() >= ck.cfg.block_size {
-        return Err(Error::invalid(
-            "--prompt",
-            format!(
-                "{} tokens leave no room in the model's context of {}",
-                prompt.len(),
-                ck.cfg.block_size
-            ),
-        ));
-    }
+    let (vocab, prompt) = encode_prompt(args, &ck)?;
     let gpu = gpu.open()?;
     let mut engine = Engine::new(
         &gpu,
@@ -519,22 +500,7 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
         },
     )?;
     if args.json {
-        let mut obj = serde_json::json!({
-            "prompt": args.prompt,
-            "prompt_ids": prompt,
-            "ids": generation.ids[0],
-            "text": vocab.decode(&generation.ids[0]),
-            "stopped_at_context_limit": generation.hit_context,
-        });
-        if args.num_samples > 1 {
-            let samples: Vec<serde_json::Value> = generation
-                .ids
-                .iter()
-                .map(|ids| serde_json::json!({"ids": ids, "text": vocab.decode(ids)}))
-                .collect();
-            obj["samples"] = samples.into();
-        }
-        println!("{obj}");
+        println!("{}", sample_json(args, &vocab, &prompt, &generation));
     } else if stream {
         println!();
     } else {
@@ -549,4 +515,54 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The checkpoint's vocabulary and the prompt's tokens, which must leave room in the context.
+fn encode_prompt(args: &SampleArgs, ck: &checkpoint::Checkpoint) -> Result<(Vocab, Vec<u32>)> {
+    let vocab = ck.vocab.clone().ok_or_else(|| {
+        Error::invalid(
+            args.checkpoint.display().to_string(),
+            "has no tokenizer.json or vocab.json to encode the prompt",
+        )
+    })?;
+    let prompt = vocab.encode(&args.prompt, "--prompt")?;
+    if prompt.is_empty() {
+        return Err(Error::invalid("--prompt", "encodes to no tokens"));
+    }
+    if prompt.len() >= ck.cfg.block_size {
+        return Err(Error::invalid(
+            "--prompt",
+            format!(
+                "{} tokens leave no room in the model's context of {}",
+                prompt.len(),
+                ck.cfg.block_size
+            ),
+        ));
+    }
+    Ok((vocab, prompt))
+}
+
+/// `sample --json`'s object: the prompt, the first sample, and with several samples all of them.
+fn sample_json(
+    args: &SampleArgs,
+    vocab: &Vocab,
+    prompt: &[u32],
+    generation: &infer::Generation,
+) -> serde_json::Value {
+    let mut obj = serde_json::json!({
+        "prompt": args.prompt,
+        "prompt_ids": prompt,
+        "ids": generation.ids[0],
+        "text": vocab.decode(&generation.ids[0]),
+        "stopped_at_context_limit": generation.hit_context,
+    });
+    if args.num_samples > 1 {
+        let samples: Vec<serde_json::Value> = generation
+            .ids
+            .iter()
+            .map(|ids| serde_json::json!({"ids": ids, "text": vocab.decode(ids)}))
+            .collect();
+        obj["samples"] = samples.into();
+    }
+    obj
 }

@@ -52,9 +52,34 @@ impl Gpu {
         cost: Cost,
     ) -> Result<Dispatch> {
         let name = spec.name();
-        if args.len() != spec.bindings.len() {
+        self.check_args(&name, spec, args)?;
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > max) {
             return Err(Error::invalid(
                 &name,
+                format!(
+                    "dispatch of {workgroups:?} workgroups exceeds the per-dimension limit {max}"
+                ),
+            ));
+        }
+        let pipeline = self.pipeline(spec, constants)?;
+        let (params, bind_group) = self.bind(&name, spec, params, args)?;
+        Ok(Dispatch {
+            name,
+            pipeline,
+            bind_group,
+            workgroups,
+            params,
+            cost,
+        })
+    }
+
+    /// Checks that `args` are as many as `spec`'s bindings, and each within the device's binding
+    /// size and at its storage-offset alignment.
+    fn check_args(&self, name: &str, spec: &KernelSpec, args: &[&View]) -> Result<()> {
+        if args.len() != spec.bindings.len() {
+            return Err(Error::invalid(
+                name,
                 format!(
                     "expects {} buffers, got {}",
                     spec.bindings.len(),
@@ -74,7 +99,7 @@ impl Gpu {
             }
             if a.offset % align != 0 {
                 return Err(Error::invalid(
-                    &name,
+                    name,
                     format!(
                         "tensor {} starts at byte {}, not a multiple of the device's storage \
                          offset alignment {align}",
@@ -83,24 +108,26 @@ impl Gpu {
                 ));
             }
         }
-        let max = self.limits.max_compute_workgroups_per_dimension;
-        if workgroups.iter().any(|&w| w > max) {
-            return Err(Error::invalid(
-                &name,
-                format!(
-                    "dispatch of {workgroups:?} workgroups exceeds the per-dimension limit {max}"
-                ),
-            ));
-        }
-        let pipeline = self.pipeline(spec, constants)?;
+        Ok(())
+    }
+
+    /// A uniform buffer holding `params` (padded to 16 bytes) and the bind group of it (binding
+    /// 0) and `args` (bindings 1..).
+    fn bind(
+        &self,
+        name: &str,
+        spec: &KernelSpec,
+        params: &[u8],
+        args: &[&View],
+    ) -> Result<(wgpu::Buffer, wgpu::BindGroup)> {
         let mut bytes = params.to_vec();
         bytes.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
         let (bgl, _) = self.layout(spec.bindings);
-        let (params_buf, bind_group) = self.scoped(&name, 0, || {
+        self.scoped(name, 0, || {
             let params_buf = self
                 .device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(&name),
+                    label: Some(name),
                     contents: &bytes,
                     usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
                 });
@@ -115,19 +142,11 @@ impl Gpu {
                 });
             }
             let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(&name),
+                label: Some(name),
                 layout: &bgl,
                 entries: &entries,
             });
             (params_buf, bind_group)
-        })?;
-        Ok(Dispatch {
-            name,
-            pipeline,
-            bind_group,
-            workgroups,
-            params: params_buf,
-            cost,
         })
     }
 

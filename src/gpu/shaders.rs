@@ -237,8 +237,13 @@ pub fn expand(
         out.text.push('\n');
         out.lines.push((0, i as u32 + 1));
     }
-    let mut stack = Vec::new();
-    expand_file(family.file_name(), variant, read, &mut out, &mut stack)?;
+    let mut expander = Expander {
+        variant,
+        read,
+        out: &mut out,
+        stack: Vec::new(),
+    };
+    expander.file(family.file_name())?;
     Ok(out)
 }
 
@@ -259,125 +264,140 @@ struct Cond {
     line: usize,
 }
 
-fn expand_file(
-    path: &str,
-    variant: ShaderVariant,
-    read: &dyn Fn(&str) -> Result<Loaded>,
-    out: &mut Expanded,
-    stack: &mut Vec<String>,
-) -> Result<()> {
-    let (name, text) = read(path)?;
-    if stack.iter().any(|p| p == path) {
-        return Err(Error::ShaderInvalid {
-            file: name,
-            message: format!("includes itself (through {})", stack.join(" -> ")),
-        });
-    }
-    stack.push(path.to_string());
-    let file = out.files.len();
-    out.files.push(name.clone());
-    let mut conds: Vec<Cond> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
-        let kept = conds.iter().all(|c| c.keep);
-        let Some(directive) = line.trim_start().strip_prefix('#') else {
-            if kept {
-                out.text.push_str(line);
-                out.text.push('\n');
-                out.lines.push((file, n as u32));
-            }
-            continue;
-        };
+/// A directive line: `#include "path"`, `#if NAME`, `#else` or `#endif`.
+enum Directive<'t> {
+    Include(&'t str),
+    If(&'t str),
+    Else,
+    Endif,
+}
+
+impl<'t> Directive<'t> {
+    /// Parses `directive`, the text after `#` on line `n` of `file`.
+    fn parse(directive: &'t str, file: &str, n: usize) -> Result<Directive<'t>> {
         let mut words = directive.split_whitespace();
         let (word, arg) = (words.next().unwrap_or(""), words.next());
         if words.next().is_some() {
             return Err(directive_error(
-                &name,
+                file,
                 n,
                 format!("`#{word}` takes at most one argument"),
             ));
         }
         match (word, arg) {
-            ("include", Some(arg)) => {
-                let Some(target) = arg.strip_prefix('"').and_then(|a| a.strip_suffix('"')) else {
-                    return Err(directive_error(
-                        &name,
-                        n,
-                        format!("`#include` needs a quoted path, got {arg}"),
-                    ));
-                };
-                if kept {
-                    expand_file(target, variant, read, out, stack).map_err(|e| match e {
-                        Error::ShaderRead { file, source } => directive_error(
-                            &name,
-                            n,
-                            format!("cannot include \"{target}\" ({file}: {source})"),
-                        ),
-                        other => other,
-                    })?;
-                }
-            }
-            ("if", Some(arg)) => {
-                if !KNOWN_DEFINES.contains(&arg) {
-                    return Err(directive_error(
-                        &name,
-                        n,
-                        format!(
-                            "`#if {arg}`: unknown name (known: {})",
-                            KNOWN_DEFINES.join(", ")
-                        ),
-                    ));
-                }
-                conds.push(Cond {
-                    keep: variant.defines().contains(&arg),
-                    seen_else: false,
-                    line: n,
-                });
-            }
-            ("else", None) => match conds.last_mut() {
-                Some(c) if !c.seen_else => {
-                    c.keep = !c.keep;
-                    c.seen_else = true;
-                }
-                _ => {
-                    return Err(directive_error(
-                        &name,
-                        n,
-                        "`#else` without an open `#if`".into(),
-                    ));
-                }
-            },
-            ("endif", None) => {
-                if conds.pop().is_none() {
-                    return Err(directive_error(
-                        &name,
-                        n,
-                        "`#endif` without an open `#if`".into(),
-                    ));
-                }
-            }
-            _ => {
-                return Err(directive_error(
-                    &name,
+            ("include", Some(arg)) => match arg.strip_prefix('"').and_then(|a| a.strip_suffix('"'))
+            {
+                Some(target) => Ok(Directive::Include(target)),
+                None => Err(directive_error(
+                    file,
                     n,
-                    format!(
-                        "unknown directive `#{}` (expected #include \"file\", #if NAME, #else, \
-                         #endif)",
-                        directive.trim()
-                    ),
-                ));
-            }
+                    format!("`#include` needs a quoted path, got {arg}"),
+                )),
+            },
+            ("if", Some(arg)) if KNOWN_DEFINES.contains(&arg) => Ok(Directive::If(arg)),
+            ("if", Some(arg)) => Err(directive_error(
+                file,
+                n,
+                format!(
+                    "`#if {arg}`: unknown name (known: {})",
+                    KNOWN_DEFINES.join(", ")
+                ),
+            )),
+            ("else", None) => Ok(Directive::Else),
+            ("endif", None) => Ok(Directive::Endif),
+            _ => Err(directive_error(
+                file,
+                n,
+                format!(
+                    "unknown directive `#{}` (expected #include \"file\", #if NAME, #else, \
+                     #endif)",
+                    directive.trim()
+                ),
+            )),
         }
     }
-    if let Some(c) = conds.last() {
-        return Err(directive_error(
-            &name,
-            c.line,
-            "`#if` without `#endif`".into(),
-        ));
+}
+
+/// Expands files into `out` for one variant, following includes.
+struct Expander<'e> {
+    variant: ShaderVariant,
+    read: &'e dyn Fn(&str) -> Result<Loaded>,
+    out: &'e mut Expanded,
+    /// The files being expanded, outermost first: an include of one of them is a cycle.
+    stack: Vec<String>,
+}
+
+impl Expander<'_> {
+    /// Appends the lines of `path` that the variant keeps, with its includes expanded.
+    fn file(&mut self, path: &str) -> Result<()> {
+        let (name, text) = (self.read)(path)?;
+        if self.stack.iter().any(|p| p == path) {
+            return Err(Error::ShaderInvalid {
+                file: name,
+                message: format!("includes itself (through {})", self.stack.join(" -> ")),
+            });
+        }
+        self.stack.push(path.to_string());
+        let file = self.out.files.len();
+        self.out.files.push(name.clone());
+        let mut conds: Vec<Cond> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let n = i + 1;
+            let kept = conds.iter().all(|c| c.keep);
+            let Some(directive) = line.trim_start().strip_prefix('#') else {
+                if kept {
+                    self.out.text.push_str(line);
+                    self.out.text.push('\n');
+                    self.out.lines.push((file, n as u32));
+                }
+                continue;
+            };
+            match Directive::parse(directive, &name, n)? {
+                Directive::Include(target) if kept => self.include(target, &name, n)?,
+                Directive::Include(_) => {}
+                Directive::If(arg) => conds.push(Cond {
+                    keep: self.variant.defines().contains(&arg),
+                    seen_else: false,
+                    line: n,
+                }),
+                Directive::Else => match conds.last_mut() {
+                    Some(c) if !c.seen_else => {
+                        c.keep = !c.keep;
+                        c.seen_else = true;
+                    }
+                    _ => {
+                        let message = "`#else` without an open `#if`".into();
+                        return Err(directive_error(&name, n, message));
+                    }
+                },
+                Directive::Endif => {
+                    if conds.pop().is_none() {
+                        let message = "`#endif` without an open `#if`".into();
+                        return Err(directive_error(&name, n, message));
+                    }
+                }
+            }
+        }
+        if let Some(c) = conds.last() {
+            let message = "`#if` without `#endif`".into();
+            return Err(directive_error(&name, c.line, message));
+        }
+        self.stack.pop();
+        Ok(())
     }
-    stack.pop();
-    Ok(())
+
+    /// Expands `target`, included from line `n` of `from`; a file that cannot be read is an
+    /// error at the `#include` line.
+    fn include(&mut self, target: &str, from: &str, n: usize) -> Result<()> {
+        self.file(target).map_err(|e| match e {
+            Error::ShaderRead { file, source } => directive_error(
+                from,
+                n,
+                format!("cannot include \"{target}\" ({file}: {source})"),
+            ),
+            other => other,
+        })
+    }
 }
 
 /// Where shader sources come from.

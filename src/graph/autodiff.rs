@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use super::ir::{Graph, Op, Phase, TensorId, TensorKind};
+use super::ir::{Graph, Node, Op, Phase, TensorId, TensorKind};
 use crate::gpu::DType;
 
 /// What `append_backward` added.
@@ -50,6 +50,27 @@ pub fn append_backward(g: &mut Graph) -> Backward {
         of: HashMap::new(),
         param: HashMap::new(),
     };
+    let param_grads = add_param_grads(g, &mut grads);
+    let forward: Vec<usize> = g.nodes_in(Phase::Forward).map(|(i, _)| i).collect();
+    let folded = FoldedGelu::new(g, &forward);
+    let mut bp = Backprop {
+        g,
+        grads,
+        folded,
+        embedding_index: None,
+    };
+    for &ni in forward.iter().rev() {
+        let node = bp.g.nodes[ni].clone();
+        bp.node(&node);
+    }
+    Backward {
+        param_grads,
+        embedding_index: bp.embedding_index,
+    }
+}
+
+/// Creates the gradient tensor of every parameter, in parameter-tensor order.
+fn add_param_grads(g: &mut Graph, grads: &mut Grads) -> Vec<(TensorId, TensorId)> {
     let params: Vec<TensorId> = (0..g.tensors.len())
         .filter(|&t| matches!(g.tensors[t].kind, TensorKind::Param(_)))
         .collect();
@@ -66,140 +87,77 @@ pub fn append_backward(g: &mut Graph) -> Backward {
         grads.param.insert(p, d);
         param_grads.push((p, d));
     }
-    let mut embedding_index = None;
+    param_grads
+}
 
-    let forward: Vec<usize> = g.nodes_in(Phase::Forward).map(|(i, _)| i).collect();
-    // How many forward nodes read each tensor, and the pre-activation of each `LinearGelu` output:
-    // a GELU output read once, by a linear layer, gets no gradient of its own; that layer's
-    // backward GEMM writes the pre-activation's gradient in its epilogue.
-    let mut uses = vec![0usize; g.tensors.len()];
-    let mut pre_of = HashMap::new();
-    for &ni in &forward {
-        let node = &g.nodes[ni];
-        for &t in &node.inputs {
-            uses[t] += 1;
+/// Which GELU outputs get no gradient of their own: a `LinearGelu` output read once, by a linear
+/// layer, whose backward GEMM writes the pre-activation's gradient in its epilogue instead.
+struct FoldedGelu {
+    /// How many forward nodes read each tensor.
+    uses: Vec<usize>,
+    /// The pre-activation of each `LinearGelu` output.
+    pre_of: HashMap<TensorId, TensorId>,
+}
+
+impl FoldedGelu {
+    fn new(g: &Graph, forward: &[usize]) -> FoldedGelu {
+        let mut uses = vec![0usize; g.tensors.len()];
+        let mut pre_of = HashMap::new();
+        for &ni in forward {
+            let node = &g.nodes[ni];
+            for &t in &node.inputs {
+                uses[t] += 1;
+            }
+            if let Op::LinearGelu { .. } = node.op {
+                pre_of.insert(node.outputs[0], node.outputs[1]);
+            }
         }
-        if let Op::LinearGelu { .. } = node.op {
-            pre_of.insert(node.outputs[0], node.outputs[1]);
-        }
+        FoldedGelu { uses, pre_of }
     }
-    let folded_pre = |x: TensorId| pre_of.get(&x).copied().filter(|_| uses[x] == 1);
-    for &ni in forward.iter().rev() {
-        let node = g.nodes[ni].clone();
-        let label = node.label.clone();
+
+    /// The pre-activation whose gradient the backward of a linear layer reading `x` writes.
+    fn pre(&self, x: TensorId) -> Option<TensorId> {
+        self.pre_of.get(&x).copied().filter(|_| self.uses[x] == 1)
+    }
+}
+
+/// The state of one backward pass: the graph it appends to and the gradients created so far.
+/// Each method below is the gradient rule of one forward op, from the node and its output's
+/// gradient `dy`.
+struct Backprop<'g> {
+    g: &'g mut Graph,
+    grads: Grads,
+    folded: FoldedGelu,
+    embedding_index: Option<TensorId>,
+}
+
+impl Backprop<'_> {
+    /// Appends the backward of one forward node, if it reaches the loss.
+    fn node(&mut self, node: &Node) {
         let (ins, outs) = (&node.inputs, &node.outputs);
-        if let Op::CrossEntropy { n, v, vp } = node.op {
-            let logits = ins[0];
-            grads.of.insert(logits, logits);
-            g.push(
-                Phase::Backward,
-                label,
-                Op::CrossEntropyBackward { n, v, vp },
-                vec![logits, outs[1], ins[1]],
-                vec![logits],
-            );
-            continue;
+        // The losses and the fused linear-GELU find their gradients themselves.
+        match node.op {
+            Op::CrossEntropy { n, v, vp } => return self.cross_entropy(node, n, v, vp),
+            Op::LmHeadLoss { n, c, v, vp, rows } => {
+                return self.lm_head_loss(node, n, c, v, vp, rows);
+            }
+            Op::LinearGelu { m, k, n, bias } => {
+                return self.linear_gelu(node, LinearShape { m, k, n, bias });
+            }
+            _ => {}
         }
-        if let Op::LmHeadLoss { n, c, v, vp, rows } = node.op {
-            let (dx, acc) = grads.get(g, ins[0]);
-            let (dwte, _) = grads.get(g, ins[1]);
-            g.push(
-                Phase::Backward,
-                label,
-                Op::LmHeadLossBackward {
-                    n,
-                    c,
-                    v,
-                    vp,
-                    rows,
-                    acc,
-                },
-                vec![ins[0], ins[1], ins[2], outs[1], outs[2]],
-                vec![dx, dwte, outs[2]],
-            );
-            continue;
-        }
-        if let Op::LinearGelu { m, k, n, bias } = node.op {
-            // The pre-activation's gradient: written by the consumer's backward GEMM, or here
-            // from the output's.
-            let dpre = match (grads.of.get(&outs[1]), grads.of.get(&outs[0])) {
-                (Some(&dpre), _) => dpre,
-                (None, Some(&dy)) => {
-                    let (dpre, _) = grads.get(g, outs[1]);
-                    g.push(
-                        Phase::Backward,
-                        format!("{label}.gelu"),
-                        Op::GeluBackward {
-                            n: m * n,
-                            acc: false,
-                        },
-                        vec![dy, outs[1]],
-                        vec![dpre],
-                    );
-                    dpre
-                }
-                (None, None) => continue, // does not reach the loss
-            };
-            let linear = LinearShape { m, k, n, bias };
-            linear_backward(g, &mut grads, label, linear, dpre, ins, None);
-            continue;
-        }
-        let Some(&dy) = grads.of.get(&outs[0]) else {
-            continue; // does not reach the loss
+        let Some(&dy) = self.grads.of.get(&outs[0]) else {
+            return; // does not reach the loss
         };
         match node.op {
-            Op::Embedding { b, t, c } => {
-                let len = crate::kernels::embedding::backward_index_len(b * t);
-                let index = g.tensor("embedding_index", &[len], DType::U32, TensorKind::Input);
-                embedding_index = Some(index);
-                let (dwte, _) = grads.get(g, ins[1]);
-                let (dwpe, _) = grads.get(g, ins[2]);
-                g.push(
-                    Phase::Backward,
-                    label,
-                    Op::EmbeddingBackward { b, t, c },
-                    vec![dy, ins[0], index],
-                    vec![dwte, dwpe],
-                );
-            }
-            Op::LayerNorm { n, c } => {
-                let (dx, acc) = grads.get(g, ins[0]);
-                let (dw, _) = grads.get(g, ins[1]);
-                let bias = grads.param.contains_key(&ins[2]);
-                let mut out = vec![dx, dw];
-                if bias {
-                    out.push(grads.get(g, ins[2]).0);
-                }
-                g.push(
-                    Phase::Backward,
-                    label,
-                    Op::LayerNormBackward { n, c, acc, bias },
-                    vec![dy, ins[0], ins[1], outs[1], outs[2]],
-                    out,
-                );
-            }
+            Op::Embedding { b, t, c } => self.embedding(node, dy, b, t, c),
+            Op::LayerNorm { n, c } => self.layernorm(node, dy, n, c),
             Op::Linear { m, k, n, bias } => {
-                let linear = LinearShape { m, k, n, bias };
-                linear_backward(g, &mut grads, label, linear, dy, ins, folded_pre(ins[0]));
+                let pre = self.folded.pre(ins[0]);
+                self.linear(&node.label, LinearShape { m, k, n, bias }, dy, ins, pre);
             }
             Op::LinearResidual { m, k, n, bias } => {
-                let linear = LinearShape { m, k, n, bias };
-                let pre = folded_pre(ins[0]);
-                linear_backward(g, &mut grads, label.clone(), linear, dy, ins, pre);
-                // The residual stream's gradient is dy itself, as for `Add`'s first operand.
-                let res = ins[ins.len() - 1];
-                if !grads.of.contains_key(&res) && !grads.param.contains_key(&res) {
-                    grads.of.insert(res, dy);
-                } else {
-                    let (dres, acc) = grads.get(g, res);
-                    g.push(
-                        Phase::Backward,
-                        format!("{label}.res"),
-                        Op::Accumulate { n: m * n, acc },
-                        vec![dy],
-                        vec![dres],
-                    );
-                }
+                self.linear_residual(node, LinearShape { m, k, n, bias }, dy);
             }
             Op::Attention {
                 b,
@@ -209,79 +167,217 @@ pub fn append_backward(g: &mut Graph) -> Backward {
                 p,
                 site,
             } => {
-                let (dqkv, acc) = grads.get(g, ins[0]);
-                assert!(
-                    !acc,
-                    "attention backward overwrites dqkv; qkv must have one use"
-                );
-                g.push(
-                    Phase::Backward,
-                    label,
-                    Op::AttentionBackward {
-                        b,
-                        t,
-                        nh,
-                        hs,
-                        p,
-                        site,
-                    },
-                    vec![dy, ins[0], outs[0], outs[1]],
-                    vec![dqkv],
-                );
+                let backward = Op::AttentionBackward {
+                    b,
+                    t,
+                    nh,
+                    hs,
+                    p,
+                    site,
+                };
+                self.attention(node, dy, backward);
             }
-            Op::Gelu { n } => {
-                let (dx, acc) = grads.get(g, ins[0]);
-                g.push(
-                    Phase::Backward,
-                    label,
-                    Op::GeluBackward { n, acc },
-                    vec![dy, ins[0]],
-                    vec![dx],
-                );
-            }
-            Op::Dropout { n, p, site } => {
-                let (dx, acc) = grads.get(g, ins[0]);
-                g.push(
-                    Phase::Backward,
-                    label,
-                    Op::DropoutBackward { n, p, site, acc },
-                    vec![dy],
-                    vec![dx],
-                );
-            }
-            Op::Add { n } => {
-                let (a, b) = (ins[0], ins[1]);
-                // b's gradient is a copy (or a sum) of dy...
-                let (db, acc) = grads.get(g, b);
-                g.push(
-                    Phase::Backward,
-                    format!("{label}.b"),
-                    Op::Accumulate { n, acc },
-                    vec![dy],
-                    vec![db],
-                );
-                // ...while a, typically the residual stream, takes dy's buffer itself when it has
-                // no gradient yet: dy is dead after this node, so later contributions can add to it.
-                if a != b && !grads.of.contains_key(&a) && !grads.param.contains_key(&a) {
-                    grads.of.insert(a, dy);
-                } else {
-                    let (da, acc) = grads.get(g, a);
-                    g.push(
-                        Phase::Backward,
-                        format!("{label}.a"),
-                        Op::Accumulate { n, acc },
-                        vec![dy],
-                        vec![da],
-                    );
-                }
-            }
+            Op::Gelu { n } => self.gelu(node, dy, n),
+            Op::Dropout { n, p, site } => self.dropout(node, dy, n, p, site),
+            Op::Add { n } => self.add(node, dy, n),
             Op::Mean { .. } => {}
             ref other => panic!("no gradient rule for {}", other.name()),
         }
     }
-    Backward {
-        param_grads,
-        embedding_index,
+
+    /// The gradient tensor of `x` and whether a backward node must accumulate into it.
+    fn grad(&mut self, x: TensorId) -> (TensorId, bool) {
+        self.grads.get(self.g, x)
+    }
+
+    /// Whether `x` has a gradient tensor yet.
+    fn has_grad(&self, x: TensorId) -> bool {
+        self.grads.of.contains_key(&x) || self.grads.param.contains_key(&x)
+    }
+
+    fn push(&mut self, label: impl Into<String>, op: Op, ins: Vec<TensorId>, outs: Vec<TensorId>) {
+        self.g.push(Phase::Backward, label, op, ins, outs);
+    }
+
+    /// The logits' gradient overwrites the logits in place.
+    fn cross_entropy(&mut self, node: &Node, n: usize, v: usize, vp: usize) {
+        let (ins, outs) = (&node.inputs, &node.outputs);
+        let logits = ins[0];
+        self.grads.of.insert(logits, logits);
+        let op = Op::CrossEntropyBackward { n, v, vp };
+        self.push(&node.label, op, vec![logits, outs[1], ins[1]], vec![logits]);
+    }
+
+    /// From the loss itself, as `cross_entropy`: the backward recomputes each chunk's logits and
+    /// their gradient (dloss applied), then writes dx and adds to dwte.
+    fn lm_head_loss(&mut self, node: &Node, n: usize, c: usize, v: usize, vp: usize, rows: usize) {
+        let (ins, outs) = (&node.inputs, &node.outputs);
+        let (dx, acc) = self.grad(ins[0]);
+        let (dwte, _) = self.grad(ins[1]);
+        let op = Op::LmHeadLossBackward {
+            n,
+            c,
+            v,
+            vp,
+            rows,
+            acc,
+        };
+        let inputs = vec![ins[0], ins[1], ins[2], outs[1], outs[2]];
+        self.push(&node.label, op, inputs, vec![dx, dwte, outs[2]]);
+    }
+
+    fn linear_gelu(&mut self, node: &Node, linear: LinearShape) {
+        let (label, outs) = (&node.label, &node.outputs);
+        // The pre-activation's gradient: written by the consumer's backward GEMM, or here
+        // from the output's.
+        let dpre = match (self.grads.of.get(&outs[1]), self.grads.of.get(&outs[0])) {
+            (Some(&dpre), _) => dpre,
+            (None, Some(&dy)) => {
+                let (dpre, _) = self.grad(outs[1]);
+                let op = Op::GeluBackward {
+                    n: linear.m * linear.n,
+                    acc: false,
+                };
+                self.push(format!("{label}.gelu"), op, vec![dy, outs[1]], vec![dpre]);
+                dpre
+            }
+            (None, None) => return, // does not reach the loss
+        };
+        self.linear(label, linear, dpre, &node.inputs, None);
+    }
+
+    /// Also creates the index input of the embedding backward, for the CPU to write.
+    fn embedding(&mut self, node: &Node, dy: TensorId, b: usize, t: usize, c: usize) {
+        let ins = &node.inputs;
+        let len = crate::kernels::embedding::backward_index_len(b * t);
+        let index = self
+            .g
+            .tensor("embedding_index", &[len], DType::U32, TensorKind::Input);
+        self.embedding_index = Some(index);
+        let (dwte, _) = self.grad(ins[1]);
+        let (dwpe, _) = self.grad(ins[2]);
+        let op = Op::EmbeddingBackward { b, t, c };
+        self.push(&node.label, op, vec![dy, ins[0], index], vec![dwte, dwpe]);
+    }
+
+    fn layernorm(&mut self, node: &Node, dy: TensorId, n: usize, c: usize) {
+        let (ins, outs) = (&node.inputs, &node.outputs);
+        let (dx, acc) = self.grad(ins[0]);
+        let (dw, _) = self.grad(ins[1]);
+        let bias = self.grads.param.contains_key(&ins[2]);
+        let mut out = vec![dx, dw];
+        if bias {
+            out.push(self.grad(ins[2]).0);
+        }
+        let op = Op::LayerNormBackward { n, c, acc, bias };
+        self.push(
+            &node.label,
+            op,
+            vec![dy, ins[0], ins[1], outs[1], outs[2]],
+            out,
+        );
+    }
+
+    /// The backward of a linear layer with input `ins[0]`, weight `ins[1]` and bias `ins[2]`,
+    /// from its output's gradient `dy`. With `pre`, the input is gelu(pre) read by this layer
+    /// alone: the dx GEMM writes pre's gradient instead (the GELU backward in its epilogue).
+    fn linear(
+        &mut self,
+        label: &str,
+        shape: LinearShape,
+        dy: TensorId,
+        ins: &[TensorId],
+        pre: Option<TensorId>,
+    ) {
+        let LinearShape { m, k, n, bias } = shape;
+        let (dx, acc) = self.grad(pre.unwrap_or(ins[0]));
+        assert!(
+            !(pre.is_some() && acc),
+            "a folded GELU backward overwrites the pre-activation's gradient"
+        );
+        let (dw, _) = self.grad(ins[1]);
+        let mut out = vec![dx, dw];
+        if bias {
+            out.push(self.grad(ins[2]).0);
+        }
+        let mut inputs = vec![dy, ins[0], ins[1]];
+        inputs.extend(pre);
+        let op = Op::LinearBackward {
+            m,
+            k,
+            n,
+            acc,
+            dx: true,
+            bias,
+            gelu: pre.is_some(),
+        };
+        self.push(label, op, inputs, out);
+    }
+
+    fn linear_residual(&mut self, node: &Node, linear: LinearShape, dy: TensorId) {
+        let ins = &node.inputs;
+        let pre = self.folded.pre(ins[0]);
+        self.linear(&node.label, linear, dy, ins, pre);
+        // The residual stream's gradient is dy itself, as for `Add`'s first operand.
+        let res = ins[ins.len() - 1];
+        let label = format!("{}.res", node.label);
+        self.pass_through(label, linear.m * linear.n, dy, res);
+    }
+
+    /// `backward` is the node's `AttentionBackward` op.
+    fn attention(&mut self, node: &Node, dy: TensorId, backward: Op) {
+        let (ins, outs) = (&node.inputs, &node.outputs);
+        let (dqkv, acc) = self.grad(ins[0]);
+        assert!(
+            !acc,
+            "attention backward overwrites dqkv; qkv must have one use"
+        );
+        self.push(
+            &node.label,
+            backward,
+            vec![dy, ins[0], outs[0], outs[1]],
+            vec![dqkv],
+        );
+    }
+
+    fn gelu(&mut self, node: &Node, dy: TensorId, n: usize) {
+        let x = node.inputs[0];
+        let (dx, acc) = self.grad(x);
+        self.push(
+            &node.label,
+            Op::GeluBackward { n, acc },
+            vec![dy, x],
+            vec![dx],
+        );
+    }
+
+    fn dropout(&mut self, node: &Node, dy: TensorId, n: usize, p: f32, site: u32) {
+        let (dx, acc) = self.grad(node.inputs[0]);
+        let op = Op::DropoutBackward { n, p, site, acc };
+        self.push(&node.label, op, vec![dy], vec![dx]);
+    }
+
+    fn add(&mut self, node: &Node, dy: TensorId, n: usize) {
+        let (a, b) = (node.inputs[0], node.inputs[1]);
+        // b's gradient is a copy (or a sum) of dy...
+        let (db, acc) = self.grad(b);
+        let label = format!("{}.b", node.label);
+        self.push(label, Op::Accumulate { n, acc }, vec![dy], vec![db]);
+        // ...while a, typically the residual stream, takes dy's buffer itself when it has no
+        // gradient yet (when a is b, it has one by now).
+        self.pass_through(format!("{}.a", node.label), n, dy, a);
+    }
+
+    /// Routes `dy` unchanged into `x`'s gradient: when `x` has none yet, dy's buffer becomes it
+    /// (dy is dead after this node, so later contributions can add to it); otherwise dy is added
+    /// to (or copied into) the one it has.
+    fn pass_through(&mut self, label: String, n: usize, dy: TensorId, x: TensorId) {
+        if !self.has_grad(x) {
+            self.grads.of.insert(x, dy);
+        } else {
+            let (dx, acc) = self.grad(x);
+            self.push(label, Op::Accumulate { n, acc }, vec![dy], vec![dx]);
+        }
     }
 }
 
@@ -291,48 +387,6 @@ struct LinearShape {
     k: usize,
     n: usize,
     bias: bool,
-}
-
-/// The backward of a linear layer with input `ins[0]`, weight `ins[1]` and bias `ins[2]`, from
-/// its output's gradient `dy`. With `pre`, the input is gelu(pre) read by this layer alone: the
-/// dx GEMM writes pre's gradient instead (the GELU backward in its epilogue).
-fn linear_backward(
-    g: &mut Graph,
-    grads: &mut Grads,
-    label: String,
-    shape: LinearShape,
-    dy: TensorId,
-    ins: &[TensorId],
-    pre: Option<TensorId>,
-) {
-    let LinearShape { m, k, n, bias } = shape;
-    let (dx, acc) = grads.get(g, pre.unwrap_or(ins[0]));
-    assert!(
-        !(pre.is_some() && acc),
-        "a folded GELU backward overwrites the pre-activation's gradient"
-    );
-    let (dw, _) = grads.get(g, ins[1]);
-    let mut out = vec![dx, dw];
-    if bias {
-        out.push(grads.get(g, ins[2]).0);
-    }
-    let mut inputs = vec![dy, ins[0], ins[1]];
-    inputs.extend(pre);
-    g.push(
-        Phase::Backward,
-        label,
-        Op::LinearBackward {
-            m,
-            k,
-            n,
-            acc,
-            dx: true,
-            bias,
-            gelu: pre.is_some(),
-        },
-        inputs,
-        out,
-    );
 }
 
 /// Appends the optimizer: one node zeroing every parameter gradient (phase Zero), the global

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use super::ir::{Graph, Node, Op, Phase, TensorId, TensorKind};
+use super::ir::{Graph, Node, Op, Phase, Tensor, TensorId, TensorKind};
 use super::planner::{self, Plan};
 use super::store::{self, ParamStore};
 use super::validate;
@@ -156,100 +156,162 @@ pub struct Executor<'a> {
 /// Readbacks kept in flight: the CPU runs at most this many steps ahead of the GPU.
 const RING: usize = 2;
 
+/// One buffer per slot of the memory plan.
+fn allocate_pool(gpu: &Gpu, plan: &Plan) -> Result<Vec<wgpu::Buffer>> {
+    let mut pool = Vec::new();
+    for (i, &bytes) in plan.slots.iter().enumerate() {
+        pool.push(gpu.create_storage(&format!("pool.{i}"), bytes)?);
+    }
+    Ok(pool)
+}
+
+/// The `RING` mapped buffers that step results (`results`) are copied into for reading back.
+fn readback_ring(gpu: &Gpu, results: &View) -> Result<Vec<Readback>> {
+    let mut ring = Vec::new();
+    for i in 0..RING {
+        let buffer = gpu.scoped("readback", results.bytes(), || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(&format!("step_results.readback.{i}")),
+                size: results.bytes(),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        ring.push(Readback {
+            buffer,
+            step: None,
+            ready: Signal::new(),
+        });
+    }
+    Ok(ring)
+}
+
+/// Where a graph's tensors find their storage: the parameter store, the planned pool, or
+/// buffers of their own; `accum` micro-steps of input values are staged at once.
+struct Memory<'m> {
+    gpu: &'m Gpu,
+    store: &'m ParamStore,
+    plan: &'m Plan,
+    pool: &'m [wgpu::Buffer],
+    accum: usize,
+}
+
+/// Every tensor bound to storage, and the tensors the executor handles by role.
+struct Bindings {
+    /// Each tensor's storage, as `Executor::views`.
+    views: Vec<Vec<View>>,
+    inputs: Vec<(TensorId, wgpu::Buffer)>,
+    windows: Vec<(View, View, usize)>,
+    loss: Option<TensorId>,
+    norm: Option<TensorId>,
+}
+
+impl Bindings {
+    fn new(mem: &Memory, graph: &Graph) -> Result<Bindings> {
+        let mut b = Bindings {
+            views: vec![Vec::new(); graph.tensors.len()],
+            inputs: Vec::new(),
+            windows: Vec::new(),
+            loss: None,
+            norm: None,
+        };
+        for (id, t) in graph.tensors.iter().enumerate() {
+            b.views[id] = b.bind(mem, id, t)?;
+        }
+        Ok(b)
+    }
+
+    /// The storage of tensor `id`: the store's chunks for parameters, gradients and moments; one
+    /// view otherwise; none for a planned tensor no micro-step node uses.
+    fn bind(&mut self, mem: &Memory, id: TensorId, t: &Tensor) -> Result<Vec<View>> {
+        let (gpu, store) = (mem.gpu, mem.store);
+        let own = |name: &str| gpu.zeros(name, t.dtype, t.numel());
+        let view = match t.kind {
+            TensorKind::Param(i) => return Ok(store.params[i].clone()),
+            TensorKind::ParamGrad(i) => return Ok(store.grads[i].clone()),
+            TensorKind::AdamM(i) => return Ok(store.m[i].clone()),
+            TensorKind::AdamV(i) => return Ok(store.v[i].clone()),
+            TensorKind::KvCache { layer, value } => {
+                let cache = store.kv.get(layer).ok_or_else(|| {
+                    Error::invalid("decode", "no KV cache was allocated for this model")
+                })?;
+                cache[value as usize].clone()
+            }
+            TensorKind::PositionWindow(p) => self.position_window(mem, t, p)?,
+            TensorKind::Input => {
+                let v = own(&t.name)?;
+                let staging = gpu
+                    .create_storage(&format!("{}.staging", t.name), v.bytes() * mem.accum as u64)?;
+                self.inputs.push((id, staging));
+                v
+            }
+            TensorKind::Constant(bits) => {
+                let v = own(&t.name)?;
+                gpu.write(&v, &vec![f32::from_bits(bits); t.numel()])?;
+                v
+            }
+            TensorKind::Result => {
+                if t.name == "loss" {
+                    self.loss = Some(id);
+                } else if t.name == "grad_norm" {
+                    self.norm = Some(id);
+                }
+                own(&t.name)?
+            }
+            TensorKind::Activation | TensorKind::Gradient => match mem.plan.slot_of[id] {
+                Some(slot) => View {
+                    buffer: mem.pool[slot].clone(),
+                    offset: 0,
+                    len: t.numel(),
+                    dtype: t.dtype,
+                    name: t.name.as_str().into(),
+                },
+                None => return Ok(Vec::new()), // never used by a micro-step node
+            },
+        };
+        Ok(vec![view])
+    }
+
+    /// A buffer of its own for the position window `t`, filled from the whole position table
+    /// (parameter `p`) before each call.
+    fn position_window(&mut self, mem: &Memory, t: &Tensor, p: usize) -> Result<View> {
+        let table = mem.store.params[p].as_slice();
+        if table.len() != 1 {
+            return Err(Error::invalid(
+                &t.name,
+                "the position table is split into chunks; decoding needs it whole",
+            ));
+        }
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let dtype = table[0].dtype;
+        // Buffer copies move whole 4-byte words.
+        if !(cols as u64 * dtype.size()).is_multiple_of(4) {
+            return Err(Error::invalid(
+                &t.name,
+                format!("rows of {cols} {} values are not whole words", dtype.name()),
+            ));
+        }
+        let v = mem.gpu.zeros(&t.name, dtype, rows * cols)?;
+        self.windows.push((v.clone(), table[0].clone(), cols));
+        Ok(v)
+    }
+}
+
 impl<'a> Executor<'a> {
     /// Plans memory, allocates the pool, and creates every dispatch of `graph`.
     pub fn new(gpu: &'a Gpu, graph: Graph, store: &ParamStore, opts: ExecOptions) -> Result<Self> {
         let plan = planner::plan(&graph, opts.reuse, gpu.max_binding())?;
-        let mut pool = Vec::new();
-        for (i, &bytes) in plan.slots.iter().enumerate() {
-            pool.push(gpu.create_storage(&format!("pool.{i}"), bytes)?);
-        }
+        let pool = allocate_pool(gpu, &plan)?;
         let accum = opts.grad_accum.max(1);
-        let mut views = vec![Vec::new(); graph.tensors.len()];
-        let mut inputs = Vec::new();
-        let mut windows = Vec::new();
-        let mut loss = None;
-        let mut norm = None;
-        for (id, t) in graph.tensors.iter().enumerate() {
-            let own = |name: &str| gpu.zeros(name, t.dtype, t.numel());
-            let view = match t.kind {
-                TensorKind::Param(i) => {
-                    views[id] = store.params[i].clone();
-                    continue;
-                }
-                TensorKind::ParamGrad(i) => {
-                    views[id] = store.grads[i].clone();
-                    continue;
-                }
-                TensorKind::AdamM(i) => {
-                    views[id] = store.m[i].clone();
-                    continue;
-                }
-                TensorKind::AdamV(i) => {
-                    views[id] = store.v[i].clone();
-                    continue;
-                }
-                TensorKind::KvCache { layer, value } => {
-                    let cache = store.kv.get(layer).ok_or_else(|| {
-                        Error::invalid("decode", "no KV cache was allocated for this model")
-                    })?;
-                    cache[value as usize].clone()
-                }
-                TensorKind::PositionWindow(p) => {
-                    let table = store.params[p].as_slice();
-                    if table.len() != 1 {
-                        return Err(Error::invalid(
-                            &t.name,
-                            "the position table is split into chunks; decoding needs it whole",
-                        ));
-                    }
-                    let (rows, cols) = (t.shape[0], t.shape[1]);
-                    let dtype = table[0].dtype;
-                    // Buffer copies move whole 4-byte words.
-                    if !(cols as u64 * dtype.size()).is_multiple_of(4) {
-                        return Err(Error::invalid(
-                            &t.name,
-                            format!("rows of {cols} {} values are not whole words", dtype.name()),
-                        ));
-                    }
-                    let v = gpu.zeros(&t.name, dtype, rows * cols)?;
-                    windows.push((v.clone(), table[0].clone(), cols));
-                    v
-                }
-                TensorKind::Input => {
-                    let v = own(&t.name)?;
-                    let staging = gpu
-                        .create_storage(&format!("{}.staging", t.name), v.bytes() * accum as u64)?;
-                    inputs.push((id, staging));
-                    v
-                }
-                TensorKind::Constant(bits) => {
-                    let v = own(&t.name)?;
-                    gpu.write(&v, &vec![f32::from_bits(bits); t.numel()])?;
-                    v
-                }
-                TensorKind::Result => {
-                    if t.name == "loss" {
-                        loss = Some(id);
-                    } else if t.name == "grad_norm" {
-                        norm = Some(id);
-                    }
-                    own(&t.name)?
-                }
-                TensorKind::Activation | TensorKind::Gradient => match plan.slot_of[id] {
-                    Some(slot) => View {
-                        buffer: pool[slot].clone(),
-                        offset: 0,
-                        len: t.numel(),
-                        dtype: t.dtype,
-                        name: t.name.as_str().into(),
-                    },
-                    None => continue, // never used by a micro-step node
-                },
-            };
-            views[id] = vec![view];
-        }
-        let results = match loss {
+        let memory = Memory {
+            gpu,
+            store,
+            plan: &plan,
+            pool: &pool,
+            accum,
+        };
+        let bound = Bindings::new(&memory, &graph)?;
+        let results = match bound.loss {
             Some(_) => Some(gpu.zeros("step_results", DType::F32, accum + 1)?),
             None => None,
         };
@@ -257,18 +319,18 @@ impl<'a> Executor<'a> {
             gpu,
             graph,
             plan,
-            views,
+            views: bound.views,
             pool,
             dispatches: HashMap::new(),
             node_dispatches: HashMap::new(),
-            inputs,
+            inputs: bound.inputs,
             dropouts: Vec::new(),
             dropout_steps: None,
             adamw_dispatches: Vec::new(),
-            windows,
+            windows: bound.windows,
             positioned: Vec::new(),
-            loss,
-            norm,
+            loss: bound.loss,
+            norm: bound.norm,
             results,
             ring: Vec::new(),
             next_ring: 0,
@@ -282,21 +344,7 @@ impl<'a> Executor<'a> {
             ex.dropout_steps = Some(gpu.create_storage("dropout_steps", bytes)?);
         }
         if let Some(r) = &ex.results {
-            for i in 0..RING {
-                let buffer = gpu.scoped("readback", r.bytes(), || {
-                    gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some(&format!("step_results.readback.{i}")),
-                        size: r.bytes(),
-                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                        mapped_at_creation: false,
-                    })
-                })?;
-                ex.ring.push(Readback {
-                    buffer,
-                    step: None,
-                    ready: Signal::new(),
-                });
-            }
+            ex.ring = readback_ring(gpu, r)?;
         }
         Ok(ex)
     }

@@ -185,6 +185,101 @@ pub fn spans(views: &[&View], align: u64) -> Vec<View> {
     out.into_iter().map(|(_, v)| v).collect()
 }
 
+/// The flat buffers of a store being built, created class by class. Counts what it allocates, so
+/// that running out of device memory part way says what the whole store needs.
+struct FlatBuffers<'a> {
+    gpu: &'a Gpu,
+    specs: &'a [(String, Vec<usize>)],
+    train: bool,
+    /// The dtype of the weights.
+    dtype: DType,
+    /// Bytes the whole store needs, and bytes allocated so far.
+    total: u64,
+    allocated: u64,
+}
+
+impl<'a> FlatBuffers<'a> {
+    fn new(gpu: &'a Gpu, specs: &'a [(String, Vec<usize>)], train: bool, dtype: DType) -> Self {
+        let copies = if train { 4 } else { 1 };
+        let total: u64 = specs
+            .iter()
+            .map(|(_, shape)| {
+                let n: usize = shape.iter().product();
+                n as u64 * Class::of(shape).dtype(dtype).size() * copies
+            })
+            .sum();
+        FlatBuffers {
+            gpu,
+            specs,
+            train,
+            dtype,
+            total,
+            allocated: 0,
+        }
+    }
+
+    /// Packs the tensors of `class` and creates their flat buffers once per prefix (parameters,
+    /// then gradients and moments), setting each member's views in the prefix's list of `lists`.
+    fn lay_out(
+        &mut self,
+        class: Class,
+        chunk_limit: &dyn Fn(usize) -> u64,
+        prefixes: &[&str],
+        lists: &mut [Vec<Vec<View>>],
+    ) -> Result<()> {
+        let align = (self.gpu.limits.min_storage_buffer_offset_alignment as u64).max(4);
+        let members: Vec<(usize, &str, &[usize])> = self
+            .specs
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, shape))| Class::of(shape) == class)
+            .map(|(i, (name, shape))| (i, name.as_str(), shape.as_slice()))
+            .collect();
+        let dt = class.dtype(self.dtype);
+        let (places, sizes) = pack(&members, dt, self.gpu.max_binding(), align, chunk_limit)?;
+        for (prefix, list) in prefixes.iter().zip(lists) {
+            let mut buffers = Vec::with_capacity(sizes.len());
+            for (b, &bytes) in sizes.iter().enumerate() {
+                buffers.push(self.create(&format!("{prefix}{}.flat{b}", class.name()), bytes)?);
+            }
+            for (&(i, ..), places) in members.iter().zip(&places) {
+                list[i] = views_at(&buffers, places, dt, prefix);
+            }
+        }
+        Ok(())
+    }
+
+    fn create(&mut self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        let buffer = self
+            .gpu
+            .create_storage(label, bytes)
+            .map_err(|e| self.out_of_memory(e))?;
+        self.allocated += bytes;
+        Ok(buffer)
+    }
+
+    /// An out-of-memory error with what the store needs and what was allocated before it ran out.
+    fn out_of_memory(&self, e: Error) -> Error {
+        match e {
+            Error::OutOfMemory { context, .. } => Error::OutOfMemory {
+                context: format!(
+                    "{context}: the model needs {:.1} MiB for parameters{}, and the device ran out \
+                     after {:.1} MiB",
+                    self.total as f64 / 1048576.0,
+                    if self.train {
+                        ", gradients and AdamW moments"
+                    } else {
+                        ""
+                    },
+                    self.allocated as f64 / 1048576.0
+                ),
+                bytes: self.total,
+            },
+            other => other,
+        }
+    }
+}
+
 impl ParamStore {
     /// Uploads `values` (f32, in `specs` order: name and shape); with `train`, also zeroed
     /// gradients and AdamW moments with the same chunking.
@@ -233,34 +328,7 @@ impl ParamStore {
             !(train && dtype != DType::F32),
             "training keeps f32 parameters"
         );
-        // What the whole store needs, to say so if the device runs out of memory part way.
-        let copies = if train { 4 } else { 1 };
-        let total: u64 = specs
-            .iter()
-            .map(|(_, shape)| {
-                let n: usize = shape.iter().product();
-                n as u64 * Class::of(shape).dtype(dtype).size() * copies
-            })
-            .sum();
-        let mut allocated = 0u64;
-        let out_of_memory = |e: Error, allocated: u64| match e {
-            Error::OutOfMemory { context, .. } => Error::OutOfMemory {
-                context: format!(
-                    "{context}: the model needs {:.1} MiB for parameters{}, and the device ran out \
-                     after {:.1} MiB",
-                    total as f64 / 1048576.0,
-                    if train {
-                        ", gradients and AdamW moments"
-                    } else {
-                        ""
-                    },
-                    allocated as f64 / 1048576.0
-                ),
-                bytes: total,
-            },
-            other => other,
-        };
-        let align = (gpu.limits.min_storage_buffer_offset_alignment as u64).max(4);
+        let mut flat = FlatBuffers::new(gpu, specs, train, dtype);
         // Parameters, then (training) gradients and the two moments, all with the same layout.
         let prefixes: &[&str] = if train {
             &["", "d.", "m.", "v."]
@@ -269,28 +337,7 @@ impl ParamStore {
         };
         let mut lists = vec![vec![Vec::new(); specs.len()]; prefixes.len()];
         for class in [Class::Weights, Class::Vectors] {
-            let members: Vec<(usize, &str, &[usize])> = specs
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, shape))| Class::of(shape) == class)
-                .map(|(i, (name, shape))| (i, name.as_str(), shape.as_slice()))
-                .collect();
-            let dt = class.dtype(dtype);
-            let (places, sizes) = pack(&members, dt, gpu.max_binding(), align, chunk_limit)?;
-            for (prefix, list) in prefixes.iter().zip(&mut lists) {
-                let mut buffers = Vec::with_capacity(sizes.len());
-                for (b, &bytes) in sizes.iter().enumerate() {
-                    let label = format!("{prefix}{}.flat{b}", class.name());
-                    let buffer = gpu
-                        .create_storage(&label, bytes)
-                        .map_err(|e| out_of_memory(e, allocated))?;
-                    allocated += bytes;
-                    buffers.push(buffer);
-                }
-                for (&(i, ..), places) in members.iter().zip(&places) {
-                    list[i] = views_at(&buffers, places, dt, prefix);
-                }
-            }
+            flat.lay_out(class, chunk_limit, prefixes, &mut lists)?;
         }
         let mut lists = lists.into_iter();
         let s = ParamStore {
@@ -303,7 +350,13 @@ impl ParamStore {
             kv: Vec::new(),
         };
         // New buffers hold zeros: gradients and moments start at zero, and so does the padding.
-        for (chunks, data) in s.params.iter().zip(values) {
+        s.upload(gpu, values)?;
+        Ok(s)
+    }
+
+    /// Writes each parameter's f32 `values` into its chunks, converted to the chunks' dtype.
+    fn upload(&self, gpu: &Gpu, values: &[Vec<f32>]) -> Result<()> {
+        for (chunks, data) in self.params.iter().zip(values) {
             let mut at = 0;
             for c in chunks {
                 let part = &data[at..at + c.len];
@@ -318,7 +371,7 @@ impl ParamStore {
                 at += c.len;
             }
         }
-        Ok(s)
+        Ok(())
     }
 
     /// Allocates the KV caches for decoding: `layers` pairs of (B, NH, Tmax, HS) in `dtype`.

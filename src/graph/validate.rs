@@ -68,124 +68,44 @@ pub struct Context {
 /// The outputs `node` must produce. `ins` are its inputs; `outs` its outputs' prior values
 /// (accumulating outputs start from them).
 pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<Vec<f32>> {
-    let Context { seed, step, dloss } = ctx;
+    let x = Inputs { ins, ctx };
     let f = |k: usize| ins[k].f();
-    // Attention as the model runs it: causal, with this site's dropout at this step, if any.
-    let attention_options = |p: f32| r::attention::Options {
-        dropout: (p > 0.0).then_some(crate::hash::Dropout { p, seed, step }),
-        ..r::attention::Options::CAUSAL
-    };
-    let mut o: Vec<Vec<f32>> = outs
-        .iter()
-        .map(|d| match d {
-            Data::F32(v) => v.clone(),
-            Data::U32(v) => v.iter().map(|&x| x as f32).collect(),
-        })
-        .collect();
-    // Overwriting activation gradients start from zero; accumulating ones from their prior value.
-    let zero_unless = |o: &mut Vec<f32>, acc: bool| {
-        if !acc {
-            o.iter_mut().for_each(|x| *x = 0.0);
-        }
-    };
+    let mut o = prior_values(outs);
+    let Context { seed, step, .. } = ctx;
     match node.op {
         Op::Embedding { b, t, c } => {
             let dims = r::embedding::Dims { b, t, c };
             r::embedding::forward(&mut o[0], ins[0].u(), f(1), 0, f(2), dims);
         }
-        Op::LayerNorm { n, c } => {
-            let (y, rest) = o.split_at_mut(1);
-            let (mean, rstd) = rest.split_at_mut(1);
-            r::layernorm::forward(
-                &mut y[0],
-                &mut mean[0],
-                &mut rstd[0],
-                f(0),
-                f(1),
-                f(2),
-                r::layernorm::Dims { n, c },
-            );
-        }
+        Op::LayerNorm { n, c } => layernorm(&mut o, &x, r::layernorm::Dims { n, c }),
         Op::Linear { m, k, n, bias } => {
             let dims = r::gemm::LinearDims { m, k, n };
             r::gemm::linear_forward(&mut o[0], f(0), f(1), bias.then(|| f(2)), dims);
         }
         Op::LinearGelu { m, k, n, bias } => {
-            let (y, pre) = o.split_at_mut(1);
-            let dims = r::gemm::LinearDims { m, k, n };
-            r::gemm::linear_forward(&mut pre[0], f(0), f(1), bias.then(|| f(2)), dims);
-            r::gelu::forward(&mut y[0], &pre[0]);
+            linear_gelu(&mut o, &x, r::gemm::LinearDims { m, k, n }, bias)
         }
         Op::LinearResidual { m, k, n, bias } => {
-            let mut proj = vec![0.0; m * n];
-            let dims = r::gemm::LinearDims { m, k, n };
-            r::gemm::linear_forward(&mut proj, f(0), f(1), bias.then(|| f(2)), dims);
-            r::residual::forward(&mut o[0], f(ins.len() - 1), &proj);
+            linear_residual(&mut o, &x, r::gemm::LinearDims { m, k, n }, bias)
         }
         Op::Attention {
             b, t, nh, hs, p, ..
-        } => {
-            let dims = r::attention::Dims { b, t, nh, hs };
-            let mut preatt = vec![0.0; b * nh * t * t];
-            let mut att = vec![0.0; b * nh * t * t];
-            let (y, lse) = o.split_at_mut(1);
-            r::attention::forward(
-                &mut y[0],
-                &mut preatt,
-                &mut att,
-                &mut lse[0],
-                f(0),
-                dims,
-                attention_options(p),
-            );
-        }
+        } => attention(&mut o, &x, r::attention::Dims { b, t, nh, hs }, p),
         Op::Gelu { .. } => r::gelu::forward(&mut o[0], f(0)),
         Op::Add { .. } => r::residual::forward(&mut o[0], f(0), f(1)),
         Op::Dropout { p, .. } => r::dropout::forward(&mut o[0], f(0), p, seed, step),
         Op::CrossEntropy { n, v, vp } => {
-            let (losses, lse) = o.split_at_mut(1);
-            let dims = r::cross_entropy::Dims { n, v, vp };
-            r::cross_entropy::forward(&mut losses[0], &mut lse[0], f(0), ins[1].u(), dims);
+            cross_entropy(&mut o, &x, r::cross_entropy::Dims { n, v, vp })
         }
         Op::Mean { n } => r::reduce::sum(&mut o[0], f(0), 1.0 / n as f32),
         Op::LmHeadLoss { n, c, v, vp, rows } => {
-            let mut logits = vec![0.0; n * vp];
-            let head = r::gemm::LinearDims { m: n, k: c, n: vp };
-            r::gemm::linear_forward(&mut logits, f(0), f(1), None, head);
-            let (losses, rest) = o.split_at_mut(1);
-            let (lse, chunk) = rest.split_at_mut(1);
-            let dims = r::cross_entropy::Dims { n, v, vp };
-            r::cross_entropy::forward(&mut losses[0], &mut lse[0], &logits, ins[2].u(), dims);
-            last_chunk(&mut chunk[0], &logits, n, vp, rows);
+            lm_head_loss(&mut o, &x, LmHead { n, c, v, vp, rows })
         }
         Op::EmbeddingBackward { b, t, c } => {
-            let (dwte, dwpe) = o.split_at_mut(1);
-            r::embedding::backward(
-                &mut dwte[0],
-                0,
-                Some(&mut dwpe[0]),
-                f(0),
-                ins[1].u(),
-                r::embedding::Dims { b, t, c },
-            );
+            embedding_backward(&mut o, &x, r::embedding::Dims { b, t, c })
         }
         Op::LayerNormBackward { n, c, acc, bias } => {
-            zero_unless(&mut o[0], acc);
-            let mut unused = vec![0.0; c];
-            let (dx, rest) = o.split_at_mut(1);
-            let (dw, db) = rest.split_at_mut(1);
-            let db = if bias { &mut db[0] } else { &mut unused };
-            r::layernorm::backward(
-                &mut dx[0],
-                &mut dw[0],
-                db,
-                f(0),
-                f(1),
-                f(2),
-                f(3),
-                f(4),
-                r::layernorm::Dims { n, c },
-            );
+            layernorm_backward(&mut o, &x, r::layernorm::Dims { n, c }, acc, bias)
         }
         Op::LinearBackward {
             m,
@@ -196,53 +116,12 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             bias,
             gelu,
         } => {
-            let (dxo, rest) = o.split_at_mut(if dx { 1 } else { 0 });
-            let (dw, db) = rest.split_at_mut(1);
-            // With gelu, dx first receives the gradient of gelu(pre), then pre's.
-            let mut dh = vec![0.0; if gelu { m * k } else { 0 }];
-            let dx_out = if gelu {
-                Some(&mut dh[..])
-            } else {
-                dxo.first_mut().map(|v| &mut v[..])
-            };
-            r::gemm::linear_backward(
-                dx_out,
-                &mut dw[0],
-                if bias { Some(&mut db[0][..]) } else { None },
-                f(0),
-                f(1),
-                f(2),
-                r::gemm::LinearDims { m, k, n },
-                acc,
-            );
-            if gelu {
-                dxo[0].fill(0.0);
-                r::gelu::backward(&mut dxo[0], f(3), &dh);
-            }
+            let dims = r::gemm::LinearDims { m, k, n };
+            linear_backward(&mut o, &x, dims, acc, LinearOutputs { dx, bias, gelu })
         }
         Op::AttentionBackward {
             b, t, nh, hs, p, ..
-        } => {
-            let (dims, opts) = (r::attention::Dims { b, t, nh, hs }, attention_options(p));
-            // Recompute the probabilities the reference backward needs.
-            let mut y = vec![0.0; b * t * nh * hs];
-            let mut preatt = vec![0.0; b * nh * t * t];
-            let mut att = vec![0.0; b * nh * t * t];
-            let mut lse = vec![0.0; b * nh * t];
-            r::attention::forward(&mut y, &mut preatt, &mut att, &mut lse, f(1), dims, opts);
-            let (mut dpre, mut datt) = (vec![0.0; att.len()], vec![0.0; att.len()]);
-            o[0].iter_mut().for_each(|x| *x = 0.0);
-            r::attention::backward(
-                &mut o[0],
-                &mut dpre,
-                &mut datt,
-                f(0),
-                f(1),
-                &att,
-                dims,
-                opts,
-            );
-        }
+        } => attention_backward(&mut o, &x, r::attention::Dims { b, t, nh, hs }, p),
         Op::GeluBackward { acc, .. } => {
             zero_unless(&mut o[0], acc);
             r::gelu::backward(&mut o[0], f(1), f(0));
@@ -253,9 +132,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             r::dropout::backward(&mut o[0], f(0), p, seed, step);
         }
         Op::CrossEntropyBackward { n, v, vp } => {
-            let logits = f(0).to_vec();
-            let dims = r::cross_entropy::Dims { n, v, vp };
-            r::cross_entropy::backward(&mut o[0], &logits, ins[2].u(), dloss, dims);
+            cross_entropy_backward(&mut o[0], &x, r::cross_entropy::Dims { n, v, vp })
         }
         Op::LmHeadLossBackward {
             n,
@@ -264,27 +141,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             vp,
             rows,
             acc,
-        } => {
-            let mut logits = vec![0.0; n * vp];
-            let head = r::gemm::LinearDims { m: n, k: c, n: vp };
-            r::gemm::linear_forward(&mut logits, f(0), f(1), None, head);
-            let mut dlogits = vec![0.0; n * vp];
-            let dims = r::cross_entropy::Dims { n, v, vp };
-            r::cross_entropy::backward(&mut dlogits, &logits, ins[2].u(), dloss, dims);
-            let (dx, rest) = o.split_at_mut(1);
-            let (dwte, chunk) = rest.split_at_mut(1);
-            r::gemm::linear_backward(
-                Some(&mut dx[0]),
-                &mut dwte[0],
-                None,
-                &dlogits,
-                f(0),
-                f(1),
-                head,
-                acc,
-            );
-            last_chunk(&mut chunk[0], &dlogits, n, vp, rows);
-        }
+        } => lm_head_loss_backward(&mut o, &x, LmHead { n, c, v, vp, rows }, acc),
         Op::Fill { value } => o.iter_mut().for_each(|x| r::reduce::fill(x, value)),
         Op::GlobalNorm | Op::AdamW { .. } => {
             unreachable!("optimizer nodes are checked by their kernel tests")
@@ -294,4 +151,249 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         }
     }
     o
+}
+
+/// The outputs' values before the node runs, as f32.
+fn prior_values(outs: &[Data]) -> Vec<Vec<f32>> {
+    outs.iter()
+        .map(|d| match d {
+            Data::F32(v) => v.clone(),
+            Data::U32(v) => v.iter().map(|&x| x as f32).collect(),
+        })
+        .collect()
+}
+
+/// A node's inputs and the run's constants.
+struct Inputs<'a> {
+    ins: &'a [Data],
+    ctx: Context,
+}
+
+impl Inputs<'_> {
+    /// Input k, an f32 tensor.
+    fn f(&self, k: usize) -> &[f32] {
+        self.ins[k].f()
+    }
+
+    /// Input k, a u32 tensor.
+    fn u(&self, k: usize) -> &[u32] {
+        self.ins[k].u()
+    }
+
+    /// Attention as the model runs it: causal, with this site's dropout at this step, if any.
+    fn attention_options(&self, p: f32) -> r::attention::Options {
+        let Context { seed, step, .. } = self.ctx;
+        r::attention::Options {
+            dropout: (p > 0.0).then_some(crate::hash::Dropout { p, seed, step }),
+            ..r::attention::Options::CAUSAL
+        }
+    }
+}
+
+/// Overwriting activation gradients start from zero; accumulating ones from their prior value.
+fn zero_unless(o: &mut [f32], acc: bool) {
+    if !acc {
+        o.iter_mut().for_each(|x| *x = 0.0);
+    }
+}
+
+/// Outputs [y, mean, rstd].
+fn layernorm(o: &mut [Vec<f32>], x: &Inputs, dims: r::layernorm::Dims) {
+    let (y, rest) = o.split_at_mut(1);
+    let (mean, rstd) = rest.split_at_mut(1);
+    r::layernorm::forward(
+        &mut y[0],
+        &mut mean[0],
+        &mut rstd[0],
+        x.f(0),
+        x.f(1),
+        x.f(2),
+        dims,
+    );
+}
+
+/// Outputs [y = gelu(pre), pre].
+fn linear_gelu(o: &mut [Vec<f32>], x: &Inputs, dims: r::gemm::LinearDims, bias: bool) {
+    let (y, pre) = o.split_at_mut(1);
+    r::gemm::linear_forward(&mut pre[0], x.f(0), x.f(1), bias.then(|| x.f(2)), dims);
+    r::gelu::forward(&mut y[0], &pre[0]);
+}
+
+/// The residual stream is the last input.
+fn linear_residual(o: &mut [Vec<f32>], x: &Inputs, dims: r::gemm::LinearDims, bias: bool) {
+    let mut proj = vec![0.0; dims.m * dims.n];
+    r::gemm::linear_forward(&mut proj, x.f(0), x.f(1), bias.then(|| x.f(2)), dims);
+    r::residual::forward(&mut o[0], x.f(x.ins.len() - 1), &proj);
+}
+
+/// Outputs [y, lse].
+fn attention(o: &mut [Vec<f32>], x: &Inputs, dims: r::attention::Dims, p: f32) {
+    let r::attention::Dims { b, t, nh, .. } = dims;
+    let mut preatt = vec![0.0; b * nh * t * t];
+    let mut att = vec![0.0; b * nh * t * t];
+    let (y, lse) = o.split_at_mut(1);
+    r::attention::forward(
+        &mut y[0],
+        &mut preatt,
+        &mut att,
+        &mut lse[0],
+        x.f(0),
+        dims,
+        x.attention_options(p),
+    );
+}
+
+/// The shape of the lm head and its loss, as in `Op::LmHeadLoss`.
+struct LmHead {
+    n: usize,
+    c: usize,
+    v: usize,
+    vp: usize,
+    rows: usize,
+}
+
+/// Outputs [losses, lse].
+fn cross_entropy(o: &mut [Vec<f32>], x: &Inputs, dims: r::cross_entropy::Dims) {
+    let (losses, lse) = o.split_at_mut(1);
+    r::cross_entropy::forward(&mut losses[0], &mut lse[0], x.f(0), x.u(1), dims);
+}
+
+/// Outputs [losses, lse, logits chunk].
+fn lm_head_loss(o: &mut [Vec<f32>], x: &Inputs, shape: LmHead) {
+    let LmHead { n, c, v, vp, rows } = shape;
+    let mut logits = vec![0.0; n * vp];
+    let head = r::gemm::LinearDims { m: n, k: c, n: vp };
+    r::gemm::linear_forward(&mut logits, x.f(0), x.f(1), None, head);
+    let (losses, rest) = o.split_at_mut(1);
+    let (lse, chunk) = rest.split_at_mut(1);
+    let dims = r::cross_entropy::Dims { n, v, vp };
+    r::cross_entropy::forward(&mut losses[0], &mut lse[0], &logits, x.u(2), dims);
+    last_chunk(&mut chunk[0], &logits, n, vp, rows);
+}
+
+/// Outputs [dwte +=, dwpe +=].
+fn embedding_backward(o: &mut [Vec<f32>], x: &Inputs, dims: r::embedding::Dims) {
+    let (dwte, dwpe) = o.split_at_mut(1);
+    r::embedding::backward(&mut dwte[0], 0, Some(&mut dwpe[0]), x.f(0), x.u(1), dims);
+}
+
+/// Outputs [dx, dweight, dbias?].
+fn layernorm_backward(
+    o: &mut [Vec<f32>],
+    x: &Inputs,
+    dims: r::layernorm::Dims,
+    acc: bool,
+    bias: bool,
+) {
+    zero_unless(&mut o[0], acc);
+    let mut unused = vec![0.0; dims.c];
+    let (dx, rest) = o.split_at_mut(1);
+    let (dw, db) = rest.split_at_mut(1);
+    let db = if bias { &mut db[0] } else { &mut unused };
+    r::layernorm::backward(
+        &mut dx[0],
+        &mut dw[0],
+        db,
+        x.f(0),
+        x.f(1),
+        x.f(2),
+        x.f(3),
+        x.f(4),
+        dims,
+    );
+}
+
+/// Which outputs a `LinearBackward` has, and whether its dx is pre's gradient.
+struct LinearOutputs {
+    dx: bool,
+    bias: bool,
+    gelu: bool,
+}
+
+/// Outputs [dx?, dw, dbias?].
+fn linear_backward(
+    o: &mut [Vec<f32>],
+    x: &Inputs,
+    dims: r::gemm::LinearDims,
+    acc: bool,
+    outputs: LinearOutputs,
+) {
+    let LinearOutputs { dx, bias, gelu } = outputs;
+    let (dxo, rest) = o.split_at_mut(if dx { 1 } else { 0 });
+    let (dw, db) = rest.split_at_mut(1);
+    // With gelu, dx first receives the gradient of gelu(pre), then pre's.
+    let mut dh = vec![0.0; if gelu { dims.m * dims.k } else { 0 }];
+    let dx_out = if gelu {
+        Some(&mut dh[..])
+    } else {
+        dxo.first_mut().map(|v| &mut v[..])
+    };
+    r::gemm::linear_backward(
+        dx_out,
+        &mut dw[0],
+        if bias { Some(&mut db[0][..]) } else { None },
+        x.f(0),
+        x.f(1),
+        x.f(2),
+        dims,
+        acc,
+    );
+    if gelu {
+        dxo[0].fill(0.0);
+        r::gelu::backward(&mut dxo[0], x.f(3), &dh);
+    }
+}
+
+/// Output [dqkv], overwritten.
+fn attention_backward(o: &mut [Vec<f32>], x: &Inputs, dims: r::attention::Dims, p: f32) {
+    let r::attention::Dims { b, t, nh, hs } = dims;
+    let opts = x.attention_options(p);
+    // Recompute the probabilities the reference backward needs.
+    let mut y = vec![0.0; b * t * nh * hs];
+    let mut preatt = vec![0.0; b * nh * t * t];
+    let mut att = vec![0.0; b * nh * t * t];
+    let mut lse = vec![0.0; b * nh * t];
+    r::attention::forward(&mut y, &mut preatt, &mut att, &mut lse, x.f(1), dims, opts);
+    let (mut dpre, mut datt) = (vec![0.0; att.len()], vec![0.0; att.len()]);
+    o[0].iter_mut().for_each(|x| *x = 0.0);
+    r::attention::backward(
+        &mut o[0],
+        &mut dpre,
+        &mut datt,
+        x.f(0),
+        x.f(1),
+        &att,
+        dims,
+        opts,
+    );
+}
+
+/// Output [logits], overwritten in place with their gradient.
+fn cross_entropy_backward(dlogits: &mut [f32], x: &Inputs, dims: r::cross_entropy::Dims) {
+    let logits = x.f(0).to_vec();
+    r::cross_entropy::backward(dlogits, &logits, x.u(2), x.ctx.dloss, dims);
+}
+
+/// Outputs [dx, dwte, logits chunk]: the logits recomputed, their gradient, then the lm head's.
+fn lm_head_loss_backward(o: &mut [Vec<f32>], x: &Inputs, shape: LmHead, acc: bool) {
+    let LmHead { n, c, v, vp, rows } = shape;
+    let mut logits = vec![0.0; n * vp];
+    let head = r::gemm::LinearDims { m: n, k: c, n: vp };
+    r::gemm::linear_forward(&mut logits, x.f(0), x.f(1), None, head);
+    let mut dlogits = vec![0.0; n * vp];
+    let dims = r::cross_entropy::Dims { n, v, vp };
+    r::cross_entropy::backward(&mut dlogits, &logits, x.u(2), x.ctx.dloss, dims);
+    let (dx, rest) = o.split_at_mut(1);
+    let (dwte, chunk) = rest.split_at_mut(1);
+    r::gemm::linear_backward(
+        Some(&mut dx[0]),
+        &mut dwte[0],
+        None,
+        &dlogits,
+        x.f(0),
+        x.f(1),
+        head,
+        acc,
+    );
+    last_chunk(&mut chunk[0], &dlogits, n, vp, rows);
 }

@@ -32,21 +32,7 @@ pub fn parse_config(path: &Path, text: &str) -> Result<GptConfig> {
     let path = path.to_path_buf();
     let v: Value =
         serde_json::from_str(text).map_err(|e| ckpt_err(&path, format!("not valid JSON: {e}")))?;
-    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
-    let archs: Vec<&str> = v
-        .get("architectures")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    if model_type != "gpt2" && !archs.iter().any(|a| a.starts_with("GPT2")) {
-        return Err(ckpt_err(
-            &path,
-            format!(
-                "unsupported architecture (model_type '{model_type}', architectures {archs:?}); \
-                 only GPT-2 (model_type \"gpt2\") is supported"
-            ),
-        ));
-    }
+    check_architecture(&path, &v)?;
     let get = |k: &str| -> Result<usize> {
         v.get(k)
             .and_then(Value::as_u64)
@@ -54,49 +40,7 @@ pub fn parse_config(path: &Path, text: &str) -> Result<GptConfig> {
             .ok_or_else(|| ckpt_err(&path, format!("missing or non-integer field '{k}'")))
     };
     let n_embd = get("n_embd")?;
-    if let Some(act) = v.get("activation_function").and_then(Value::as_str)
-        && act != "gelu_new"
-        && act != "gelu_pytorch_tanh"
-    {
-        return Err(ckpt_err(
-            &path,
-            format!("activation_function '{act}' is not supported (only gelu_new)"),
-        ));
-    }
-    if let Some(inner) = v.get("n_inner").and_then(Value::as_u64)
-        && n_embd.checked_mul(4) != Some(inner as usize)
-    {
-        return Err(ckpt_err(
-            &path,
-            format!("n_inner {inner} is not supported (only 4 * n_embd, n_embd = {n_embd})"),
-        ));
-    }
-    if let Some(eps) = v.get("layer_norm_epsilon").and_then(Value::as_f64)
-        && (eps - 1e-5).abs() > 1e-12
-    {
-        return Err(ckpt_err(
-            &path,
-            format!("layer_norm_epsilon {eps} is not supported (only 1e-5)"),
-        ));
-    }
-    for flag in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"] {
-        if v.get(flag).and_then(Value::as_bool) == Some(true) {
-            return Err(ckpt_err(&path, format!("{flag} = true is not supported")));
-        }
-    }
-    if v.get("scale_attn_weights").and_then(Value::as_bool) == Some(false) {
-        return Err(ckpt_err(
-            &path,
-            "scale_attn_weights = false is not supported",
-        ));
-    }
-    if v.get("tie_word_embeddings").and_then(Value::as_bool) == Some(false) {
-        return Err(ckpt_err(
-            &path,
-            "tie_word_embeddings = false (a separate lm_head.weight) is not supported; only \
-             GPT-2's lm head tied to the token embedding is",
-        ));
-    }
+    refuse_variations(&path, &v, n_embd)?;
     let dropout = v.get("resid_pdrop").and_then(Value::as_f64).unwrap_or(0.0) as f32;
     let cfg = GptConfig {
         n_layer: get("n_layer")?,
@@ -109,6 +53,76 @@ pub fn parse_config(path: &Path, text: &str) -> Result<GptConfig> {
     };
     cfg.validate().map_err(|e| ckpt_err(&path, e.to_string()))?;
     Ok(cfg)
+}
+
+/// Refuses a config whose model type and architectures are not GPT-2's.
+fn check_architecture(path: &Path, v: &Value) -> Result<()> {
+    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+    let archs: Vec<&str> = v
+        .get("architectures")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if model_type != "gpt2" && !archs.iter().any(|a| a.starts_with("GPT2")) {
+        return Err(ckpt_err(
+            path,
+            format!(
+                "unsupported architecture (model_type '{model_type}', architectures {archs:?}); \
+                 only GPT-2 (model_type \"gpt2\") is supported"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses the variations of GPT-2 that `transformers` can configure and this engine does not
+/// compute (another activation or MLP width, LayerNorm epsilon, attention scaling, untied lm
+/// head), so such a checkpoint is an error rather than a silently different model.
+fn refuse_variations(path: &Path, v: &Value, n_embd: usize) -> Result<()> {
+    if let Some(act) = v.get("activation_function").and_then(Value::as_str)
+        && act != "gelu_new"
+        && act != "gelu_pytorch_tanh"
+    {
+        return Err(ckpt_err(
+            path,
+            format!("activation_function '{act}' is not supported (only gelu_new)"),
+        ));
+    }
+    if let Some(inner) = v.get("n_inner").and_then(Value::as_u64)
+        && n_embd.checked_mul(4) != Some(inner as usize)
+    {
+        return Err(ckpt_err(
+            path,
+            format!("n_inner {inner} is not supported (only 4 * n_embd, n_embd = {n_embd})"),
+        ));
+    }
+    if let Some(eps) = v.get("layer_norm_epsilon").and_then(Value::as_f64)
+        && (eps - 1e-5).abs() > 1e-12
+    {
+        return Err(ckpt_err(
+            path,
+            format!("layer_norm_epsilon {eps} is not supported (only 1e-5)"),
+        ));
+    }
+    for flag in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"] {
+        if v.get(flag).and_then(Value::as_bool) == Some(true) {
+            return Err(ckpt_err(path, format!("{flag} = true is not supported")));
+        }
+    }
+    if v.get("scale_attn_weights").and_then(Value::as_bool) == Some(false) {
+        return Err(ckpt_err(
+            path,
+            "scale_attn_weights = false is not supported",
+        ));
+    }
+    if v.get("tie_word_embeddings").and_then(Value::as_bool) == Some(false) {
+        return Err(ckpt_err(
+            path,
+            "tie_word_embeddings = false (a separate lm_head.weight) is not supported; only \
+             GPT-2's lm head tied to the token embedding is",
+        ));
+    }
+    Ok(())
 }
 
 /// The config.json that `transformers` needs to load the model as `GPT2LMHeadModel`.

@@ -61,98 +61,115 @@ pub struct ParamTable {
     pub ln_f_b: Option<usize>,
 }
 
+/// The standard deviation of the initial weights.
+const STD: f32 = 0.02;
+
+/// The table being built, in Hugging Face order.
+struct Specs {
+    list: Vec<ParamSpec>,
+    /// Whether the linear layers and LayerNorms have biases.
+    bias: bool,
+}
+
+impl Specs {
+    /// Appends a tensor and returns its index; tensors of two or more dimensions decay.
+    fn add(&mut self, name: String, shape: Vec<usize>, init: Init, transposed: bool) -> usize {
+        let decay = shape.len() >= 2;
+        self.list.push(ParamSpec {
+            name,
+            shape,
+            init,
+            decay,
+            hf_transposed: transposed,
+        });
+        self.list.len() - 1
+    }
+
+    /// Appends a zero-initialized bias of `n` values, if the model has biases.
+    fn bias(&mut self, name: String, n: usize) -> Option<usize> {
+        self.bias
+            .then(|| self.add(name, vec![n], Init::Zeros, false))
+    }
+
+    /// Appends the tensors of transformer block `l`.
+    fn block(&mut self, cfg: &GptConfig, l: usize) -> BlockParams {
+        let c = cfg.n_embd;
+        // GPT-2 scales the residual projections by 1/sqrt(2 · n_layer).
+        let proj_std = STD / (2.0 * cfg.n_layer as f32).sqrt();
+        let p = format!("transformer.h.{l}.");
+        let ln_1_w = self.add(format!("{p}ln_1.weight"), vec![c], Init::Ones, false);
+        let ln_1_b = self.bias(format!("{p}ln_1.bias"), c);
+        let c_attn_w = self.add(
+            format!("{p}attn.c_attn.weight"),
+            vec![3 * c, c],
+            Init::Normal(STD),
+            true,
+        );
+        let c_attn_b = self.bias(format!("{p}attn.c_attn.bias"), 3 * c);
+        let attn_proj_w = self.add(
+            format!("{p}attn.c_proj.weight"),
+            vec![c, c],
+            Init::Normal(proj_std),
+            true,
+        );
+        let attn_proj_b = self.bias(format!("{p}attn.c_proj.bias"), c);
+        let ln_2_w = self.add(format!("{p}ln_2.weight"), vec![c], Init::Ones, false);
+        let ln_2_b = self.bias(format!("{p}ln_2.bias"), c);
+        let c_fc_w = self.add(
+            format!("{p}mlp.c_fc.weight"),
+            vec![4 * c, c],
+            Init::Normal(STD),
+            true,
+        );
+        let c_fc_b = self.bias(format!("{p}mlp.c_fc.bias"), 4 * c);
+        let mlp_proj_w = self.add(
+            format!("{p}mlp.c_proj.weight"),
+            vec![c, 4 * c],
+            Init::Normal(proj_std),
+            true,
+        );
+        let mlp_proj_b = self.bias(format!("{p}mlp.c_proj.bias"), c);
+        BlockParams {
+            ln_1_w,
+            ln_1_b,
+            c_attn_w,
+            c_attn_b,
+            attn_proj_w,
+            attn_proj_b,
+            ln_2_w,
+            ln_2_b,
+            c_fc_w,
+            c_fc_b,
+            mlp_proj_w,
+            mlp_proj_b,
+        }
+    }
+}
+
 impl ParamTable {
     pub fn new(cfg: &GptConfig) -> ParamTable {
         let c = cfg.n_embd;
-        let std = 0.02;
-        // GPT-2 scales the residual projections by 1/sqrt(2 · n_layer).
-        let proj_std = 0.02 / (2.0 * cfg.n_layer as f32).sqrt();
-        let mut specs = Vec::new();
-        let mut add = |name: String, shape: Vec<usize>, init: Init, transposed: bool| {
-            let decay = shape.len() >= 2;
-            specs.push(ParamSpec {
-                name,
-                shape,
-                init,
-                decay,
-                hf_transposed: transposed,
-            });
-            specs.len() - 1
+        let mut specs = Specs {
+            list: Vec::new(),
+            bias: cfg.bias,
         };
-        let wte = add(
+        let wte = specs.add(
             "transformer.wte.weight".into(),
             vec![cfg.padded_vocab(), c],
-            Init::Normal(std),
+            Init::Normal(STD),
             false,
         );
-        let wpe = add(
+        let wpe = specs.add(
             "transformer.wpe.weight".into(),
             vec![cfg.block_size, c],
-            Init::Normal(std),
+            Init::Normal(STD),
             false,
         );
-        let mut blocks = Vec::new();
-        for l in 0..cfg.n_layer {
-            let p = format!("transformer.h.{l}.");
-            let bias = |add: &mut dyn FnMut(String, Vec<usize>, Init, bool) -> usize,
-                        name: &str,
-                        n: usize| {
-                cfg.bias
-                    .then(|| add(format!("{p}{name}"), vec![n], Init::Zeros, false))
-            };
-            let ln_1_w = add(format!("{p}ln_1.weight"), vec![c], Init::Ones, false);
-            let ln_1_b = bias(&mut add, "ln_1.bias", c);
-            let c_attn_w = add(
-                format!("{p}attn.c_attn.weight"),
-                vec![3 * c, c],
-                Init::Normal(std),
-                true,
-            );
-            let c_attn_b = bias(&mut add, "attn.c_attn.bias", 3 * c);
-            let attn_proj_w = add(
-                format!("{p}attn.c_proj.weight"),
-                vec![c, c],
-                Init::Normal(proj_std),
-                true,
-            );
-            let attn_proj_b = bias(&mut add, "attn.c_proj.bias", c);
-            let ln_2_w = add(format!("{p}ln_2.weight"), vec![c], Init::Ones, false);
-            let ln_2_b = bias(&mut add, "ln_2.bias", c);
-            let c_fc_w = add(
-                format!("{p}mlp.c_fc.weight"),
-                vec![4 * c, c],
-                Init::Normal(std),
-                true,
-            );
-            let c_fc_b = bias(&mut add, "mlp.c_fc.bias", 4 * c);
-            let mlp_proj_w = add(
-                format!("{p}mlp.c_proj.weight"),
-                vec![c, 4 * c],
-                Init::Normal(proj_std),
-                true,
-            );
-            let mlp_proj_b = bias(&mut add, "mlp.c_proj.bias", c);
-            blocks.push(BlockParams {
-                ln_1_w,
-                ln_1_b,
-                c_attn_w,
-                c_attn_b,
-                attn_proj_w,
-                attn_proj_b,
-                ln_2_w,
-                ln_2_b,
-                c_fc_w,
-                c_fc_b,
-                mlp_proj_w,
-                mlp_proj_b,
-            });
-        }
-        let ln_f_w = add("transformer.ln_f.weight".into(), vec![c], Init::Ones, false);
-        let ln_f_b = cfg
-            .bias
-            .then(|| add("transformer.ln_f.bias".into(), vec![c], Init::Zeros, false));
+        let blocks = (0..cfg.n_layer).map(|l| specs.block(cfg, l)).collect();
+        let ln_f_w = specs.add("transformer.ln_f.weight".into(), vec![c], Init::Ones, false);
+        let ln_f_b = specs.bias("transformer.ln_f.bias".into(), c);
         ParamTable {
-            specs,
+            specs: specs.list,
             wte,
             wpe,
             blocks,
