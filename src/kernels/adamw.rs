@@ -280,93 +280,113 @@ fn norm_of(g: &[f32]) -> f32 {
 
 fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let [n] = harness::dims::<1>("adamw", shape)?;
-    let s = format!("N={n}");
     let mut reports = Vec::new();
     for (k, sc) in SCENARIOS.iter().enumerate() {
-        let mut rng = Rng::new(1000 * n as u64 + k as u64);
-        let p0 = rng.vec_uniform(n, -1.0, 1.0);
-        let grads: Vec<Vec<f32>> = GRAD_SCALES
-            .iter()
-            .map(|&sc| rng.vec_uniform(n, -sc, sc))
-            .collect();
-        let mut hyper = sc.hyper;
-        hyper.grad_clip = sc.clip_ratio * norm_of(&grads[0]);
-
-        let param = gpu.upload_f32("param", &p0)?;
-        let grad = gpu.zeros("grad", DType::F32, n)?;
-        let m = gpu.zeros("m", DType::F32, n)?;
-        let v = gpu.zeros("v", DType::F32, n)?;
-        let norm = gpu.zeros("norm", DType::F32, 1)?;
-        let tensors = Tensors {
-            param: &param,
-            grad: &grad,
-            m: &m,
-            v: &v,
-        };
-        let first = Step { lr: LRS[0], t: 1 };
-        let d = step(gpu, tensors, &norm, n, &hyper, sc.decay, first)?;
-
-        let mut rp: Vec<f64> = reference::convert(&p0);
-        let (mut rm, mut rv) = (vec![0.0f64; n], vec![0.0f64; n]);
-        let wd = if sc.decay {
-            widen(hyper.weight_decay)
-        } else {
-            0.0
-        };
-        for t in 1..=3u32 {
-            let g = &grads[t as usize - 1];
-            let g_norm = norm_of(g);
-            let lr = LRS[t as usize - 1];
-            gpu.write(&grad, g)?;
-            gpu.write(&norm, &[g_norm])?;
-            if t > 1 {
-                set_step(gpu, &d, lr, t);
-            }
-            gpu.run(std::slice::from_ref(&d))?;
-
-            let clip = reference::adamw::clip_scale(g_norm as f64, widen(hyper.grad_clip));
-            let update = reference::adamw::Update {
-                clip,
-                lr: widen(lr),
-                beta1: widen(hyper.beta1),
-                beta2: widen(hyper.beta2),
-                eps: widen(hyper.eps),
-                weight_decay: wd,
-                t,
-            };
-            let g = reference::convert::<f32, f64>(g);
-            reference::adamw::step(&mut rp, &mut rm, &mut rv, &g, update);
-            if t == 1 || t == 3 {
-                let what = format!("{}: t={t} param", sc.what);
-                reports.push(CheckReport::new(
-                    &s,
-                    &what,
-                    &gpu.read_f32(&param)?,
-                    &rp,
-                    1e-7,
-                    1e-6,
-                ));
-            }
-        }
-        let what = format!("{}: t=3 m", sc.what);
-        reports.push(CheckReport::new(
-            &s,
-            &what,
-            &gpu.read_f32(&m)?,
-            &rm,
-            1e-6,
-            1e-5,
-        ));
-        let what = format!("{}: t=3 v", sc.what);
-        reports.push(CheckReport::new(
-            &s,
-            &what,
-            &gpu.read_f32(&v)?,
-            &rv,
-            1e-10,
-            1e-5,
-        ));
+        reports.extend(check_scenario(gpu, n, k, sc)?);
     }
+    Ok(reports)
+}
+
+/// The reference's step t with learning rate `lr` under `hyper`, the gradient's norm `g_norm`
+/// (weight decay only when `decay`).
+fn reference_update(
+    hyper: &Hyper,
+    decay: bool,
+    g_norm: f32,
+    lr: f32,
+    t: u32,
+) -> reference::adamw::Update<f64> {
+    let wd = if decay {
+        widen(hyper.weight_decay)
+    } else {
+        0.0
+    };
+    reference::adamw::Update {
+        clip: reference::adamw::clip_scale(g_norm as f64, widen(hyper.grad_clip)),
+        lr: widen(lr),
+        beta1: widen(hyper.beta1),
+        beta2: widen(hyper.beta2),
+        eps: widen(hyper.eps),
+        weight_decay: wd,
+        t,
+    }
+}
+
+/// Three steps of one scenario (the `k`-th) on N parameters against the reference: param after
+/// steps 1 and 3, m and v after step 3. The dispatch is built once, for step 1, and moved to the
+/// later steps' learning rate and t as training does.
+fn check_scenario(gpu: &Gpu, n: usize, k: usize, sc: &Scenario) -> Result<Vec<CheckReport>> {
+    let s = format!("N={n}");
+    let mut reports = Vec::new();
+    let mut rng = Rng::new(1000 * n as u64 + k as u64);
+    let p0 = rng.vec_uniform(n, -1.0, 1.0);
+    let grads: Vec<Vec<f32>> = GRAD_SCALES
+        .iter()
+        .map(|&sc| rng.vec_uniform(n, -sc, sc))
+        .collect();
+    let mut hyper = sc.hyper;
+    hyper.grad_clip = sc.clip_ratio * norm_of(&grads[0]);
+
+    let param = gpu.upload_f32("param", &p0)?;
+    let grad = gpu.zeros("grad", DType::F32, n)?;
+    let m = gpu.zeros("m", DType::F32, n)?;
+    let v = gpu.zeros("v", DType::F32, n)?;
+    let norm = gpu.zeros("norm", DType::F32, 1)?;
+    let tensors = Tensors {
+        param: &param,
+        grad: &grad,
+        m: &m,
+        v: &v,
+    };
+    let first = Step { lr: LRS[0], t: 1 };
+    let d = step(gpu, tensors, &norm, n, &hyper, sc.decay, first)?;
+
+    let mut rp: Vec<f64> = reference::convert(&p0);
+    let (mut rm, mut rv) = (vec![0.0f64; n], vec![0.0f64; n]);
+    for t in 1..=3u32 {
+        let g = &grads[t as usize - 1];
+        let g_norm = norm_of(g);
+        let lr = LRS[t as usize - 1];
+        gpu.write(&grad, g)?;
+        gpu.write(&norm, &[g_norm])?;
+        if t > 1 {
+            set_step(gpu, &d, lr, t);
+        }
+        gpu.run(std::slice::from_ref(&d))?;
+
+        let update = reference_update(&hyper, sc.decay, g_norm, lr, t);
+        let g = reference::convert::<f32, f64>(g);
+        reference::adamw::step(&mut rp, &mut rm, &mut rv, &g, update);
+        if t == 1 || t == 3 {
+            let what = format!("{}: t={t} param", sc.what);
+            reports.push(CheckReport::new(
+                &s,
+                &what,
+                &gpu.read_f32(&param)?,
+                &rp,
+                1e-7,
+                1e-6,
+            ));
+        }
+    }
+    let what = format!("{}: t=3 m", sc.what);
+    reports.push(CheckReport::new(
+        &s,
+        &what,
+        &gpu.read_f32(&m)?,
+        &rm,
+        1e-6,
+        1e-5,
+    ));
+    let what = format!("{}: t=3 v", sc.what);
+    reports.push(CheckReport::new(
+        &s,
+        &what,
+        &gpu.read_f32(&v)?,
+        &rv,
+        1e-10,
+        1e-5,
+    ));
     Ok(reports)
 }
 

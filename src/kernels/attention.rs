@@ -777,6 +777,34 @@ fn check_backward(tensors: BackwardTensors, dims: Dims) -> Result<()> {
     expect(name, lse, DType::F32, b * nh * t)
 }
 
+/// The backward's first pass: D (B, NH, T) = rowsum(dout ⊙ out) per head, which both gradient
+/// kernels read.
+fn backward_prep(
+    gpu: &Gpu,
+    base: &Params,
+    dout: &View,
+    out: &View,
+    d: &View,
+    Dims { b, t, nh, hs }: Dims,
+) -> Result<Dispatch> {
+    const PREP_WG: u32 = 256;
+    let (c, rows) = (nh * hs, b * nh * t);
+    gpu.dispatch(
+        &BACKWARD_PREP,
+        &[("WG", PREP_WG as f64)],
+        bytes_of(base),
+        &[dout, out, d],
+        grid(
+            (rows as u32).div_ceil(PREP_WG),
+            gpu.limits.max_compute_workgroups_per_dimension,
+        ),
+        Cost {
+            flops: 2 * (b * t * c) as u64,
+            bytes: 4 * (2 * b * t * c + rows) as u64,
+        },
+    )
+}
+
 /// `backward` computed by `variant`.
 fn backward_with(
     gpu: &Gpu,
@@ -808,19 +836,7 @@ fn backward_with(
     .with_dropout(name, dropout)?;
     let rows = b * nh * t;
     let d = gpu.zeros("attention D", DType::F32, rows)?;
-
-    const PREP_WG: u32 = 256;
-    let prep = gpu.dispatch(
-        &BACKWARD_PREP,
-        &[("WG", PREP_WG as f64)],
-        bytes_of(&base),
-        &[dout, out, &d],
-        grid((rows as u32).div_ceil(PREP_WG), max_wg),
-        Cost {
-            flops: 2 * (b * t * c) as u64,
-            bytes: 4 * (2 * b * t * c + rows) as u64,
-        },
-    )?;
+    let prep = backward_prep(gpu, &base, dout, out, &d, dims)?;
     let product = product_flops(dims, t, causal);
     let io_bytes = 4 * (2 * b * t * 3 * c + b * t * c + 2 * rows) as u64;
     let cost = Cost {
@@ -1365,6 +1381,21 @@ pub fn forward_unfused(
     ])
 }
 
+/// Checks the unfused backward's dimensions and tensors.
+fn check_unfused_backward(tensors: UnfusedBackwardTensors, dims: Dims) -> Result<()> {
+    let name = "attention.backward_unfused";
+    check_unfused_dims(name, dims)?;
+    let Dims { b, t, nh, hs } = dims;
+    let c = nh * hs;
+    expect(name, tensors.dqkv, DType::F32, b * t * 3 * c)?;
+    expect(name, tensors.dpreatt, DType::F32, b * nh * t * t)?;
+    expect(name, tensors.datt, DType::F32, b * nh * t * t)?;
+    expect(name, tensors.dout, DType::F32, b * t * c)?;
+    expect(name, tensors.qkv, DType::F32, b * t * 3 * c)?;
+    expect(name, tensors.att, DType::F32, b * nh * t * t)?;
+    Ok(())
+}
+
 /// Unfused baseline backward: dqkv (B, T, 3C) from dout (B, T, C), qkv and the forward's att
 /// (B, NH, T, T), through datt = dout·vᵀ and dpreatt = att ∘ (datt - rowsum(att ∘ datt)), both
 /// (B, NH, T, T) and overwritten; overwrites dqkv.
@@ -1382,16 +1413,9 @@ pub fn backward_unfused(
         qkv,
         att,
     } = tensors;
-    let name = "attention.backward_unfused";
-    check_unfused_dims(name, dims)?;
+    check_unfused_backward(tensors, dims)?;
     let Dims { b, t, nh, hs } = dims;
     let c = nh * hs;
-    expect(name, dqkv, DType::F32, b * t * 3 * c)?;
-    expect(name, dpreatt, DType::F32, b * nh * t * t)?;
-    expect(name, datt, DType::F32, b * nh * t * t)?;
-    expect(name, dout, DType::F32, b * t * c)?;
-    expect(name, qkv, DType::F32, b * t * 3 * c)?;
-    expect(name, att, DType::F32, b * nh * t * t)?;
     let scale = 1.0 / (hs as f32).sqrt();
     let sq = Mat::square(t, nh);
     let dmat = Mat::btc(t, c, hs);
@@ -1580,49 +1604,20 @@ fn compare_views(
 fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
     let dims = Dims { b, t, nh, hs };
-    let c = nh * hs;
     let s = format!("B={b} NH={nh} T={t} HS={hs}");
     let (qkv, dout) = check_inputs(dims);
     let want = expected(&qkv, &dout, dims);
     let gqkv = gpu.upload_f32("qkv", &qkv)?;
     let gdout = gpu.upload_f32("dout", &dout)?;
-    let mut reports = Vec::new();
-
-    // Every variant the tuner may pick on this adapter: each tiling that fits its workgroup
-    // memory (the WebGPU minimum's among them) and the row kernels. Forward and backward
-    // variants are paired in order, the last of the shorter list repeated.
-    let storage = storage_limit(gpu);
-    let fwd = Variant::candidates(Stage::Forward, hs, storage)?;
-    let bwd = Variant::candidates(Stage::Backward, hs, storage)?;
-    let pairs: Vec<(Variant, Variant)> = (0..fwd.len().max(bwd.len()))
-        .map(|i| (fwd[i.min(fwd.len() - 1)], bwd[i.min(bwd.len() - 1)]))
-        .collect();
-    // A fused forward and backward, against `want`.
-    let fused = |opts: Options,
-                 (fv, bv): (Variant, Variant),
-                 want: &Expected,
-                 label: &str,
-                 reports: &mut Vec<CheckReport>|
-     -> Result<()> {
-        let out = gpu.zeros("out", DType::F32, b * t * c)?;
-        let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
-        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
-        let tensors = BackwardTensors {
-            dqkv: &dqkv,
-            dout: &gdout,
-            qkv: &gqkv,
-            out: &out,
-            lse: &lse,
-        };
-        let mut ds = vec![forward_with(gpu, &out, &lse, &gqkv, dims, opts, fv)?];
-        ds.extend(backward_with(gpu, tensors, dims, opts, bv)?);
-        gpu.run(&ds)?;
-        let got = [("out", &out, &want.out), ("lse", &lse, &want.lse)];
-        compare_views(gpu, &s, &format!("{label} {}", fv.name()), &got, reports)?;
-        let got = [("dqkv", &dqkv, &want.dqkv)];
-        compare_views(gpu, &s, &format!("{label} {}", bv.name()), &got, reports)
+    let case = CheckCase {
+        gpu,
+        s: &s,
+        dims,
+        qkv: &gqkv,
+        dout: &gdout,
     };
-
+    let mut reports = Vec::new();
+    let pairs = variant_pairs(hs, storage_limit(gpu))?;
     for (causal, want) in [true, false].iter().zip(&want) {
         let mode = if *causal { "causal" } else { "noncausal" };
         let opts = Options {
@@ -1630,33 +1625,9 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             dropout: None,
         };
         for &pair in &pairs {
-            fused(opts, pair, want, mode, &mut reports)?;
+            case.fused(opts, pair, want, mode, &mut reports)?;
         }
-
-        let out = gpu.zeros("out", DType::F32, b * t * c)?;
-        let preatt = gpu.zeros("preatt", DType::F32, b * nh * t * t)?;
-        let att = gpu.zeros("att", DType::F32, b * nh * t * t)?;
-        let dpreatt = gpu.zeros("dpreatt", DType::F32, b * nh * t * t)?;
-        let datt = gpu.zeros("datt", DType::F32, b * nh * t * t)?;
-        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
-        let mut ds = forward_unfused(gpu, &out, &preatt, &att, &gqkv, dims, *causal)?;
-        let tensors = UnfusedBackwardTensors {
-            dqkv: &dqkv,
-            dpreatt: &dpreatt,
-            datt: &datt,
-            dout: &gdout,
-            qkv: &gqkv,
-            att: &att,
-        };
-        ds.extend(backward_unfused(gpu, tensors, dims, *causal)?);
-        gpu.run(&ds)?;
-        let got = [
-            ("preatt", &preatt, &want.preatt),
-            ("att", &att, &want.att),
-            ("out", &out, &want.out),
-            ("dqkv", &dqkv, &want.dqkv),
-        ];
-        compare_views(gpu, &s, &format!("{mode} unfused"), &got, &mut reports)?;
+        case.unfused(*causal, want, mode, &mut reports)?;
     }
 
     // Dropout on the probabilities (causal; the fixed rule's tiling and the row kernels)
@@ -1674,7 +1645,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         let want = expected_one(&qkv, &dout, dims, opts);
         let label = format!("causal dropout step {step}");
         for pair in [pairs[0], pairs[pairs.len() - 1]] {
-            fused(opts, pair, &want, &label, &mut reports)?;
+            case.fused(opts, pair, &want, &label, &mut reports)?;
         }
     }
 
@@ -1688,34 +1659,140 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         ATOL,
         RTOL,
     ));
-
-    // The same with f16 caches, on keys and values rounded to f16 (what the caches hold), against
-    // the reference on those values; a prefill of 3, then chunks of 2 new tokens.
     if gpu.has_f16() {
-        let rounded = round_kv_f16(&qkv, nh, hs);
-        let mut out = vec![0.0; b * t * c];
-        let (mut pre, mut att) = (vec![0.0; b * nh * t * t], vec![0.0; b * nh * t * t]);
-        let mut lse = vec![0.0; b * nh * t];
-        reference::attention::forward(
-            &mut out,
-            &mut pre,
-            &mut att,
-            &mut lse,
-            &reference::convert::<f32, f64>(&rounded),
-            dims,
-            Options::CAUSAL,
-        );
-        let cached = decode_cached(gpu, &rounded, dims, 3, 2, DType::F16)?;
-        reports.push(CheckReport::new(
-            &s,
-            "cached out, f16 cache",
-            &cached,
-            &out,
-            ATOL,
-            RTOL,
-        ));
+        reports.push(check_cached_f16(gpu, &s, &qkv, dims)?);
     }
     Ok(reports)
+}
+
+/// Every variant the tuner may pick on this adapter: each tiling that fits its workgroup
+/// memory (the WebGPU minimum's among them) and the row kernels. Forward and backward
+/// variants are paired in order, the last of the shorter list repeated.
+fn variant_pairs(hs: usize, storage: u32) -> Result<Vec<(Variant, Variant)>> {
+    let fwd = Variant::candidates(Stage::Forward, hs, storage)?;
+    let bwd = Variant::candidates(Stage::Backward, hs, storage)?;
+    Ok((0..fwd.len().max(bwd.len()))
+        .map(|i| (fwd[i.min(fwd.len() - 1)], bwd[i.min(bwd.len() - 1)]))
+        .collect())
+}
+
+/// One check shape: its label, dims and inputs on the GPU.
+struct CheckCase<'a> {
+    gpu: &'a Gpu,
+    s: &'a str,
+    dims: Dims,
+    qkv: &'a View,
+    dout: &'a View,
+}
+
+impl CheckCase<'_> {
+    /// A fused forward and backward, against `want`.
+    fn fused(
+        &self,
+        opts: Options,
+        (fv, bv): (Variant, Variant),
+        want: &Expected,
+        label: &str,
+        reports: &mut Vec<CheckReport>,
+    ) -> Result<()> {
+        let (gpu, dims) = (self.gpu, self.dims);
+        let Dims { b, t, nh, hs } = dims;
+        let c = nh * hs;
+        let out = gpu.zeros("out", DType::F32, b * t * c)?;
+        let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
+        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
+        let tensors = BackwardTensors {
+            dqkv: &dqkv,
+            dout: self.dout,
+            qkv: self.qkv,
+            out: &out,
+            lse: &lse,
+        };
+        let mut ds = vec![forward_with(gpu, &out, &lse, self.qkv, dims, opts, fv)?];
+        ds.extend(backward_with(gpu, tensors, dims, opts, bv)?);
+        gpu.run(&ds)?;
+        let got = [("out", &out, &want.out), ("lse", &lse, &want.lse)];
+        compare_views(
+            gpu,
+            self.s,
+            &format!("{label} {}", fv.name()),
+            &got,
+            reports,
+        )?;
+        let got = [("dqkv", &dqkv, &want.dqkv)];
+        compare_views(
+            gpu,
+            self.s,
+            &format!("{label} {}", bv.name()),
+            &got,
+            reports,
+        )
+    }
+
+    /// The unfused forward and backward (through preatt and att), against `want`.
+    fn unfused(
+        &self,
+        causal: bool,
+        want: &Expected,
+        mode: &str,
+        reports: &mut Vec<CheckReport>,
+    ) -> Result<()> {
+        let (gpu, dims) = (self.gpu, self.dims);
+        let Dims { b, t, nh, hs } = dims;
+        let c = nh * hs;
+        let out = gpu.zeros("out", DType::F32, b * t * c)?;
+        let preatt = gpu.zeros("preatt", DType::F32, b * nh * t * t)?;
+        let att = gpu.zeros("att", DType::F32, b * nh * t * t)?;
+        let dpreatt = gpu.zeros("dpreatt", DType::F32, b * nh * t * t)?;
+        let datt = gpu.zeros("datt", DType::F32, b * nh * t * t)?;
+        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
+        let mut ds = forward_unfused(gpu, &out, &preatt, &att, self.qkv, dims, causal)?;
+        let tensors = UnfusedBackwardTensors {
+            dqkv: &dqkv,
+            dpreatt: &dpreatt,
+            datt: &datt,
+            dout: self.dout,
+            qkv: self.qkv,
+            att: &att,
+        };
+        ds.extend(backward_unfused(gpu, tensors, dims, causal)?);
+        gpu.run(&ds)?;
+        let got = [
+            ("preatt", &preatt, &want.preatt),
+            ("att", &att, &want.att),
+            ("out", &out, &want.out),
+            ("dqkv", &dqkv, &want.dqkv),
+        ];
+        compare_views(gpu, self.s, &format!("{mode} unfused"), &got, reports)
+    }
+}
+
+/// Decoding with f16 caches, on keys and values rounded to f16 (what the caches hold), against
+/// the reference on those values; a prefill of 3, then chunks of 2 new tokens.
+fn check_cached_f16(gpu: &Gpu, s: &str, qkv: &[f32], dims: Dims) -> Result<CheckReport> {
+    let Dims { b, t, nh, hs } = dims;
+    let rounded = round_kv_f16(qkv, nh, hs);
+    let mut out = vec![0.0; b * t * nh * hs];
+    let (mut pre, mut att) = (vec![0.0; b * nh * t * t], vec![0.0; b * nh * t * t]);
+    let mut lse = vec![0.0; b * nh * t];
+    reference::attention::forward(
+        &mut out,
+        &mut pre,
+        &mut att,
+        &mut lse,
+        &reference::convert::<f32, f64>(&rounded),
+        dims,
+        Options::CAUSAL,
+    );
+    let cached = decode_cached(gpu, &rounded, dims, 3, 2, DType::F16)?;
+    Ok(CheckReport::new(
+        s,
+        "cached out, f16 cache",
+        &cached,
+        &out,
+        ATOL,
+        RTOL,
+    ))
 }
 
 /// qkv (B, T, 3C) with its k and v parts rounded to f16 (the values an f16 cache holds) and q
@@ -1806,11 +1883,6 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let out = gpu.zeros("out", DType::F32, b * t * c)?;
     let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
     let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
-    let row_bytes = 4 * (b * nh * t) as u64;
-    let square_bytes = 4 * (b * nh * t * t) as u64;
-
-    // Every candidate of each stage side by side, the fixed rule and the fastest marked.
-    let causal = Options::CAUSAL;
     let tensors = BackwardTensors {
         dqkv: &dqkv,
         dout: &dout,
@@ -1818,19 +1890,64 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         out: &out,
         lse: &lse,
     };
-    let storage = storage_limit(gpu);
-    let mut fused = Vec::new();
-    for stage in [Stage::Forward, Stage::Backward] {
-        let candidates = Variant::candidates(stage, hs, storage)?;
+    let case = BenchCase {
+        gpu,
+        opts,
+        s: &s,
+        dims,
+        tensors,
+    };
+    let fused_fwd = case.fused(Stage::Forward)?;
+    let fused_bwd = case.fused(Stage::Backward)?;
+    let [drop_fwd, drop_bwd] = case.dropout()?;
+    let [unfused_fwd, unfused_bwd] = case.unfused()?;
+    let mut reports = fused_fwd;
+    reports.extend([drop_fwd, unfused_fwd]);
+    reports.extend(fused_bwd);
+    reports.extend([drop_bwd, unfused_bwd]);
+    reports.extend(bench_decode(gpu, opts, &qkv_data, &qkv, dims)?);
+    Ok(reports)
+}
+
+/// One bench shape (causal): its label, dims, and the fused kernels' tensors.
+struct BenchCase<'a> {
+    gpu: &'a Gpu,
+    opts: &'a BenchOptions,
+    s: &'a str,
+    dims: Dims,
+    tensors: BackwardTensors<'a>,
+}
+
+impl BenchCase<'_> {
+    /// Bytes of one row statistic (lse, D) over B·NH·T rows.
+    fn row_bytes(&self) -> u64 {
+        let Dims { b, t, nh, .. } = self.dims;
+        4 * (b * nh * t) as u64
+    }
+
+    /// Every candidate of `stage` side by side, the fixed rule and the fastest marked.
+    fn fused(&self, stage: Stage) -> Result<Vec<BenchReport>> {
+        let (gpu, dims, tensors) = (self.gpu, self.dims, self.tensors);
+        let causal = Options::CAUSAL;
+        let row_bytes = self.row_bytes();
+        let candidates = Variant::candidates(stage, dims.hs, storage_limit(gpu))?;
         let mut reports = Vec::new();
         for (i, &v) in candidates.iter().enumerate() {
-            if !opts.wants(&v.name()) {
+            if !self.opts.wants(&v.name()) {
                 continue;
             }
             let (ds, extra) = match stage {
                 // lse, kept for the backward
                 Stage::Forward => (
-                    vec![forward_with(gpu, &out, &lse, &qkv, dims, causal, v)?],
+                    vec![forward_with(
+                        gpu,
+                        tensors.out,
+                        tensors.lse,
+                        tensors.qkv,
+                        dims,
+                        causal,
+                        v,
+                    )?],
                     row_bytes,
                 ),
                 // lse and the D scratch
@@ -1840,7 +1957,7 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
             if i == 0 {
                 name.push_str(" (fixed rule)");
             }
-            let mut r = harness::bench_one(gpu, opts, &name, &s, &ds)?;
+            let mut r = harness::bench_one(gpu, self.opts, &name, self.s, &ds)?;
             r.extra_bytes = Some(extra);
             reports.push(r);
         }
@@ -1850,55 +1967,75 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         {
             r.variant.push_str(" <- fastest");
         }
-        fused.push(reports);
+        Ok(reports)
     }
-    let [fused_fwd, fused_bwd]: [Vec<BenchReport>; 2] = fused.try_into().expect("two stages");
-    // The same kernels with dropout 0.1 on the probabilities: the cost of the mask's hash.
-    let dropout = Options {
-        dropout: Some(Dropout {
-            p: 0.1,
-            seed: 1,
-            step: 0,
-        }),
-        ..causal
-    };
-    let dfwd = forward(gpu, &out, &lse, &qkv, dims, dropout)?;
-    let dbwd = backward(gpu, tensors, dims, dropout)?;
-    let mut drop_fwd = harness::bench_one(gpu, opts, "tuned forward, dropout", &s, &[dfwd])?;
-    drop_fwd.extra_bytes = Some(row_bytes);
-    let mut drop_bwd = harness::bench_one(gpu, opts, "tuned backward, dropout", &s, &dbwd)?;
-    drop_bwd.extra_bytes = Some(2 * row_bytes);
 
-    let preatt = gpu.zeros("preatt", DType::F32, b * nh * t * t)?;
-    let att = gpu.zeros("att", DType::F32, b * nh * t * t)?;
-    let ufwd = forward_unfused(gpu, &out, &preatt, &att, &qkv, dims, true)?;
-    let mut unfused_fwd = harness::bench_one(gpu, opts, "unfused forward", &s, &ufwd)?;
-    // preatt and att
-    unfused_fwd.extra_bytes = Some(2 * square_bytes);
-    drop(ufwd);
-    drop(preatt);
-    let dpreatt = gpu.zeros("dpreatt", DType::F32, b * nh * t * t)?;
-    let datt = gpu.zeros("datt", DType::F32, b * nh * t * t)?;
-    let unfused = UnfusedBackwardTensors {
-        dqkv: &dqkv,
-        dpreatt: &dpreatt,
-        datt: &datt,
-        dout: &dout,
-        qkv: &qkv,
-        att: &att,
-    };
-    let ubwd = backward_unfused(gpu, unfused, dims, true)?;
-    let mut unfused_bwd = harness::bench_one(gpu, opts, "unfused backward", &s, &ubwd)?;
-    // att (kept from the forward), datt and dpreatt
-    unfused_bwd.extra_bytes = Some(3 * square_bytes);
-    let mut reports = fused_fwd;
-    reports.extend([drop_fwd, unfused_fwd]);
-    reports.extend(fused_bwd);
-    reports.extend([drop_bwd, unfused_bwd]);
-    drop((ubwd, att, dpreatt, datt));
+    /// The tuned kernels with dropout 0.1 on the probabilities: the cost of the mask's hash.
+    fn dropout(&self) -> Result<[BenchReport; 2]> {
+        let (gpu, dims, tensors) = (self.gpu, self.dims, self.tensors);
+        let row_bytes = self.row_bytes();
+        let dropout = Options {
+            dropout: Some(Dropout {
+                p: 0.1,
+                seed: 1,
+                step: 0,
+            }),
+            ..Options::CAUSAL
+        };
+        let dfwd = forward(gpu, tensors.out, tensors.lse, tensors.qkv, dims, dropout)?;
+        let dbwd = backward(gpu, tensors, dims, dropout)?;
+        let mut drop_fwd =
+            harness::bench_one(gpu, self.opts, "tuned forward, dropout", self.s, &[dfwd])?;
+        drop_fwd.extra_bytes = Some(row_bytes);
+        let mut drop_bwd =
+            harness::bench_one(gpu, self.opts, "tuned backward, dropout", self.s, &dbwd)?;
+        drop_bwd.extra_bytes = Some(2 * row_bytes);
+        Ok([drop_fwd, drop_bwd])
+    }
 
-    // Decoding one token (Tq = 1) at position T - 1 over a cache of T keys (prefilled from qkv),
-    // with f32 and, where the adapter has it, f16 caches.
+    /// The unfused forward and backward, through the (B, NH, T, T) preatt and att.
+    fn unfused(&self) -> Result<[BenchReport; 2]> {
+        let (gpu, dims, tensors) = (self.gpu, self.dims, self.tensors);
+        let Dims { b, t, nh, .. } = dims;
+        let square_bytes = 4 * (b * nh * t * t) as u64;
+        let preatt = gpu.zeros("preatt", DType::F32, b * nh * t * t)?;
+        let att = gpu.zeros("att", DType::F32, b * nh * t * t)?;
+        let ufwd = forward_unfused(gpu, tensors.out, &preatt, &att, tensors.qkv, dims, true)?;
+        let mut unfused_fwd = harness::bench_one(gpu, self.opts, "unfused forward", self.s, &ufwd)?;
+        // preatt and att
+        unfused_fwd.extra_bytes = Some(2 * square_bytes);
+        drop(ufwd);
+        drop(preatt);
+        let dpreatt = gpu.zeros("dpreatt", DType::F32, b * nh * t * t)?;
+        let datt = gpu.zeros("datt", DType::F32, b * nh * t * t)?;
+        let unfused = UnfusedBackwardTensors {
+            dqkv: tensors.dqkv,
+            dpreatt: &dpreatt,
+            datt: &datt,
+            dout: tensors.dout,
+            qkv: tensors.qkv,
+            att: &att,
+        };
+        let ubwd = backward_unfused(gpu, unfused, dims, true)?;
+        let mut unfused_bwd =
+            harness::bench_one(gpu, self.opts, "unfused backward", self.s, &ubwd)?;
+        // att (kept from the forward), datt and dpreatt
+        unfused_bwd.extra_bytes = Some(3 * square_bytes);
+        Ok([unfused_fwd, unfused_bwd])
+    }
+}
+
+/// Decoding one token (Tq = 1) at position T - 1 over a cache of T keys (prefilled from qkv),
+/// with f32 and, where the adapter has it, f16 caches.
+fn bench_decode(
+    gpu: &Gpu,
+    opts: &BenchOptions,
+    qkv_data: &[f32],
+    qkv: &View,
+    dims: Dims,
+) -> Result<Vec<BenchReport>> {
+    let Dims { b, t, nh, hs } = dims;
+    let c = nh * hs;
     let pos0 = t - 1;
     let ds = format!("B={b} NH={nh} Tq=1 pos0={pos0} HS={hs}");
     let mut last = Vec::with_capacity(b * 3 * c);
@@ -1911,6 +2048,7 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     if gpu.has_f16() {
         caches.push(DType::F16);
     }
+    let mut reports = Vec::new();
     for dtype in caches {
         let kc = gpu.zeros("k_cache", dtype, b * nh * t * hs)?;
         let vc = gpu.zeros("v_cache", dtype, b * nh * t * hs)?;
@@ -1919,7 +2057,7 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
             v: &vc,
             tmax: t,
         };
-        gpu.run(&[kv_append(gpu, kv, &qkv, dims, 0)?])?;
+        gpu.run(&[kv_append(gpu, kv, qkv, dims, 0)?])?;
         let d = forward_cached(gpu, &step_out, &step_qkv, kv, Dims { t: 1, ..dims }, pos0)?;
         let variant = format!("decode, {} cache", dtype.name());
         reports.push(harness::bench_one(gpu, opts, &variant, &ds, &[d])?);

@@ -416,37 +416,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let (n, v, vp) = parse(shape)?;
     let dims = Dims { n, v, vp };
     let s = format!("N={n} V={v} Vp={vp}");
-    let mut rng = Rng::new((n * 1_000_003 + v * 31 + vp) as u64);
-    // About one row in eight ignored, and row 1 always; the last of three or more rows has an
-    // invalid target (>= V), whose loss and gradient row must be NaN.
-    let targets: Vec<u32> = (0..n)
-        .map(|i| {
-            if i == 1 || rng.below(8) == 0 {
-                IGNORE
-            } else if i == n - 1 && n >= 3 {
-                v as u32
-            } else {
-                rng.below(v as u64) as u32
-            }
-        })
-        .collect();
-    // Logits in [-4, 4), padding filled with NaN the kernels must not read. Rows 2, 7, 12, ... are
-    // shifted by +100 and rows 3, 8, 13, ... by -100, where an exp without max subtraction
-    // overflows or underflows; rows 0, 5, 10, ... have -inf (masked) logits in every third column
-    // other than the target's.
-    let mut logits = rng.vec_uniform(n * vp, -4.0, 4.0);
-    for i in 0..n {
-        for j in 0..vp {
-            let x = &mut logits[i * vp + j];
-            *x = match (j < v, i % 5) {
-                (false, _) => f32::NAN,
-                (true, 0) if j % 3 == 1 && j as u32 != targets[i] => f32::NEG_INFINITY,
-                (true, 2) => *x + 100.0,
-                (true, 3) => *x - 100.0,
-                _ => *x,
-            };
-        }
-    }
+    let (targets, logits) = check_inputs(dims);
     let valid = targets.iter().filter(|&&t| t != IGNORE).count();
     let dloss = 1.0 / valid.max(1) as f32;
 
@@ -456,12 +426,6 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     reference::cross_entropy::forward(&mut losses, &mut lse, &logits64, &targets, dims);
     let mut dlogits = vec![0.0; n * vp];
     reference::cross_entropy::backward(&mut dlogits, &logits64, &targets, dloss as f64, dims);
-    // Expected NaNs (invalid targets) must be NaN on the GPU too: both become one finite marker.
-    let marked = |x: &[f64]| -> Vec<f64> {
-        x.iter()
-            .map(|&x| if x.is_nan() { NAN_MARK } else { x })
-            .collect()
-    };
     let (losses, dlogits) = (marked(&losses), marked(&dlogits));
 
     let g_targets = gpu.upload_u32("targets", &targets)?;
@@ -471,20 +435,8 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         if variant == Variant::Vec4 && !variant.vec4(gpu, &g_logits, vp) {
             continue;
         }
-        // Outputs start as garbage: the forward overwrites them.
-        let g_losses = gpu.upload_f32("losses", &vec![f32::NAN; n])?;
-        let g_lse = gpu.upload_f32("lse", &vec![f32::NAN; n])?;
-        let fw = forward_variant(gpu, &g_losses, &g_lse, &g_logits, &g_targets, dims, variant)?;
-        // Built with another dloss, then rewritten as a training step would.
-        let bw = backward_variant(gpu, &g_logits, &g_lse, &g_targets, dims, 1.0, variant)?;
-        set_dloss(gpu, &bw, dloss);
-        gpu.run(&[fw])?;
-        let got_losses = gpu.read_f32(&g_losses)?;
-        let got_lse = gpu.read_f32(&g_lse)?;
-        gpu.run(&[bw])?;
-        let got_dlogits: Vec<f64> = reference::convert(&gpu.read_f32(&g_logits)?);
-        let got_losses: Vec<f64> = reference::convert(&got_losses);
-        let (got_losses, got_dlogits) = (marked(&got_losses), marked(&got_dlogits));
+        let (got_losses, got_lse, got_dlogits) =
+            run_check(gpu, variant, &g_logits, &g_targets, dims, dloss)?;
         let what = |t: &str| format!("{t}{}", variant.name());
         reports.extend([
             CheckReport::new(
@@ -507,6 +459,75 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         ]);
     }
     Ok(reports)
+}
+
+/// The check's targets (N) and logits (N, Vp). About one row in eight ignored, and row 1
+/// always; the last of three or more rows has an invalid target (>= V), whose loss and gradient
+/// row must be NaN. Logits in [-4, 4), padding filled with NaN the kernels must not read. Rows 2,
+/// 7, 12, ... are shifted by +100 and rows 3, 8, 13, ... by -100, where an exp without max
+/// subtraction overflows or underflows; rows 0, 5, 10, ... have -inf (masked) logits in every
+/// third column other than the target's.
+fn check_inputs(Dims { n, v, vp }: Dims) -> (Vec<u32>, Vec<f32>) {
+    let mut rng = Rng::new((n * 1_000_003 + v * 31 + vp) as u64);
+    let targets: Vec<u32> = (0..n)
+        .map(|i| {
+            if i == 1 || rng.below(8) == 0 {
+                IGNORE
+            } else if i == n - 1 && n >= 3 {
+                v as u32
+            } else {
+                rng.below(v as u64) as u32
+            }
+        })
+        .collect();
+    let mut logits = rng.vec_uniform(n * vp, -4.0, 4.0);
+    for i in 0..n {
+        for j in 0..vp {
+            let x = &mut logits[i * vp + j];
+            *x = match (j < v, i % 5) {
+                (false, _) => f32::NAN,
+                (true, 0) if j % 3 == 1 && j as u32 != targets[i] => f32::NEG_INFINITY,
+                (true, 2) => *x + 100.0,
+                (true, 3) => *x - 100.0,
+                _ => *x,
+            };
+        }
+    }
+    (targets, logits)
+}
+
+/// Expected NaNs (invalid targets) must be NaN on the GPU too: both become one finite marker.
+fn marked(x: &[f64]) -> Vec<f64> {
+    x.iter()
+        .map(|&x| if x.is_nan() { NAN_MARK } else { x })
+        .collect()
+}
+
+/// One variant's forward, then its backward in place on `logits`: the losses (marked), lse and
+/// dlogits (marked).
+fn run_check(
+    gpu: &Gpu,
+    variant: Variant,
+    g_logits: &View,
+    g_targets: &View,
+    dims: Dims,
+    dloss: f32,
+) -> Result<(Vec<f64>, Vec<f32>, Vec<f64>)> {
+    let n = dims.n;
+    // Outputs start as garbage: the forward overwrites them.
+    let g_losses = gpu.upload_f32("losses", &vec![f32::NAN; n])?;
+    let g_lse = gpu.upload_f32("lse", &vec![f32::NAN; n])?;
+    let fw = forward_variant(gpu, &g_losses, &g_lse, g_logits, g_targets, dims, variant)?;
+    // Built with another dloss, then rewritten as a training step would.
+    let bw = backward_variant(gpu, g_logits, &g_lse, g_targets, dims, 1.0, variant)?;
+    set_dloss(gpu, &bw, dloss);
+    gpu.run(&[fw])?;
+    let got_losses = gpu.read_f32(&g_losses)?;
+    let got_lse = gpu.read_f32(&g_lse)?;
+    gpu.run(&[bw])?;
+    let got_dlogits: Vec<f64> = reference::convert(&gpu.read_f32(g_logits)?);
+    let got_losses: Vec<f64> = reference::convert(&got_losses);
+    Ok((marked(&got_losses), got_lse, marked(&got_dlogits)))
 }
 
 fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {

@@ -989,48 +989,12 @@ pub fn matmul_with(
         return Err(Error::invalid(&name, why));
     }
     check_matmul_args(gpu, &name, mm, (&c, &a, &b), bias)?;
-    let Matmul { m, n, k, batch, .. } = *mm;
+    let batch = mm.batch;
     let ((ar, _), (br, _)) = mm.stored();
     let (va, vb) = (vec4_ok(&a, ar, batch), vec4_ok(&b, br, batch));
     let spec = entry(kernel, va, vb, f16_b);
-
-    let mut constants = vec![
-        ("TRANS_A", mm.trans_a as u32 as f64),
-        ("TRANS_B", mm.trans_b as u32 as f64),
-    ];
-    match kernel {
-        Kernel::Naive => {}
-        Kernel::Gemv => constants.push(("GEMV_COLS", GEMV_COLS as f64)),
-        Kernel::Tiled(t) => constants.extend(t.constants()),
-        Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) | Kernel::Packed(r) => {
-            constants.extend(r.constants())
-        }
-    }
-    let (bm, bn) = block(kernel);
-    let tiles_n = n.div_ceil(bn);
-    let tiles = m.div_ceil(bm) * tiles_n;
-    let (a_off, lda, a_bs) = normalized(&a, ar, batch);
-    let (b_off, ldb, b_bs) = normalized(&b, br, batch);
-    let (c_off, ldc, c_bs) = normalized(&c, m, batch);
-    let params = Params {
-        m: u32_of(m),
-        n: u32_of(n),
-        k: u32_of(k),
-        batch: u32_of(batch),
-        a_off: u32_of(a_off),
-        lda: u32_of(lda),
-        a_bs: u32_of(a_bs),
-        b_off: u32_of(b_off),
-        ldb: u32_of(ldb),
-        b_bs: u32_of(b_bs),
-        c_off: u32_of(c_off),
-        ldc: u32_of(ldc),
-        c_bs: u32_of(c_bs),
-        alpha: mm.alpha,
-        tiles_n: u32_of(tiles_n),
-        tiles: u32_of(tiles),
-        split_k: 0,
-    };
+    let mut constants = kernel_constants(mm, kernel);
+    let params = launch_params(mm, kernel, (&c, &a, &b));
     let finish = Finish {
         bias: bias.is_some(),
         accumulate: mm.accumulate,
@@ -1065,18 +1029,8 @@ pub fn matmul_with(
         );
     }
 
-    let entries = |ops: u64, bs: usize| if bs == 0 { ops } else { ops * batch as u64 };
-    let (m64, n64, k64) = (m as u64, n as u64, k as u64);
-    let c_traffic = if mm.accumulate { 2 } else { 1 };
-    let cost = Cost {
-        flops: 2 * m64 * n64 * k64 * batch as u64,
-        bytes: 4
-            * (entries(m64 * k64, a_bs)
-                + c_traffic * m64 * n64 * batch as u64
-                + bias.map_or(0, |_| n64))
-            + b.view.dtype.size() * entries(k64 * n64, b_bs),
-    };
-    let workgroups = tile_grid(gpu, &name, tiles, batch)?;
+    let cost = direct_cost(mm, &params, b.view.dtype, bias.is_some());
+    let workgroups = tile_grid(gpu, &name, params.tiles as usize, mm.batch)?;
     constants.extend(finish.constants());
     Ok(vec![gpu.dispatch(
         &spec,
@@ -1086,6 +1040,72 @@ pub fn matmul_with(
         workgroups,
         cost,
     )?])
+}
+
+/// The override constants of `kernel` for `mm`'s transposes (before `Finish`'s).
+fn kernel_constants(mm: &Matmul, kernel: Kernel) -> Vec<(&'static str, f64)> {
+    let mut constants = vec![
+        ("TRANS_A", mm.trans_a as u32 as f64),
+        ("TRANS_B", mm.trans_b as u32 as f64),
+    ];
+    match kernel {
+        Kernel::Naive => {}
+        Kernel::Gemv => constants.push(("GEMV_COLS", GEMV_COLS as f64)),
+        Kernel::Tiled(t) => constants.extend(t.constants()),
+        Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) | Kernel::Packed(r) => {
+            constants.extend(r.constants())
+        }
+    }
+    constants
+}
+
+/// The params of one GEMM dispatch: `mm`'s dimensions, the operands' normalized offsets and
+/// strides, and the output tiles of `kernel`'s block (split-K's slice count left at 0).
+fn launch_params(mm: &Matmul, kernel: Kernel, (c, a, b): (&Operand, &Operand, &Operand)) -> Params {
+    let Matmul { m, n, k, batch, .. } = *mm;
+    let ((ar, _), (br, _)) = mm.stored();
+    let (bm, bn) = block(kernel);
+    let tiles_n = n.div_ceil(bn);
+    let tiles = m.div_ceil(bm) * tiles_n;
+    let (a_off, lda, a_bs) = normalized(a, ar, batch);
+    let (b_off, ldb, b_bs) = normalized(b, br, batch);
+    let (c_off, ldc, c_bs) = normalized(c, m, batch);
+    Params {
+        m: u32_of(m),
+        n: u32_of(n),
+        k: u32_of(k),
+        batch: u32_of(batch),
+        a_off: u32_of(a_off),
+        lda: u32_of(lda),
+        a_bs: u32_of(a_bs),
+        b_off: u32_of(b_off),
+        ldb: u32_of(ldb),
+        b_bs: u32_of(b_bs),
+        c_off: u32_of(c_off),
+        ldc: u32_of(ldc),
+        c_bs: u32_of(c_bs),
+        alpha: mm.alpha,
+        tiles_n: u32_of(tiles_n),
+        tiles: u32_of(tiles),
+        split_k: 0,
+    }
+}
+
+/// What one direct GEMM dispatch computes and moves: A and B once per batch entry they differ
+/// in (a zero batch stride is shared), C written (and read when accumulating), the bias.
+fn direct_cost(mm: &Matmul, params: &Params, b_dtype: DType, bias: bool) -> Cost {
+    let Matmul { m, n, k, batch, .. } = *mm;
+    let entries = |ops: u64, bs: u32| if bs == 0 { ops } else { ops * batch as u64 };
+    let (m64, n64, k64) = (m as u64, n as u64, k as u64);
+    let c_traffic = if mm.accumulate { 2 } else { 1 };
+    Cost {
+        flops: 2 * m64 * n64 * k64 * batch as u64,
+        bytes: 4
+            * (entries(m64 * k64, params.a_bs)
+                + c_traffic * m64 * n64 * batch as u64
+                + if bias { n64 } else { 0 })
+            + b_dtype.size() * entries(k64 * n64, params.b_bs),
+    }
 }
 
 /// Split-K's two dispatches: `spec` (gemm_reg with `constants`) writes the partial products of
@@ -1288,52 +1308,11 @@ pub fn matmul(
 /// measurement when their transposes, bucketed dimensions, batching, vec4 eligibility and B's
 /// element type agree; the measurement runs on fresh tensors laid out like the real operands.
 fn tuned(gpu: &Gpu, mm: &Matmul, c: &Operand, a: &Operand, b: &Operand) -> Result<Kernel> {
-    use super::tune::{self, Problem, Trial, bucket};
+    use super::tune::{self, Trial};
     let rule = fixed_rule(gpu, mm);
-    let kernels = candidates(gpu, mm, a, b);
-    let baseline = if kernels.contains(&rule) {
-        rule
-    } else {
-        Kernel::Naive
-    };
-    let Matmul { m, n, k, batch, .. } = *mm;
+    let problem = tune_problem(gpu, mm, a, b, rule);
+    let Matmul { m, n, batch, .. } = *mm;
     let ((ar, ac), (br, bc)) = mm.stored();
-    let (va, vb) = (vec4_ok(a, ar, batch), vec4_ok(b, br, batch));
-    let vec = |ok: bool| if ok { "v" } else { "s" };
-    let (atol, rtol) = tolerance(k);
-    let problem = Problem {
-        family: FAMILY.name,
-        bucket: format!(
-            "{} m{} n{} k{}{} {}{} {}",
-            mm.ops(),
-            bucket(m),
-            bucket(n),
-            bucket(k),
-            if batch > 1 { " batched" } else { "" },
-            vec(va),
-            vec(vb),
-            b.view.dtype.name()
-        ),
-        shape: format!(
-            "{} {m}x{k}x{n}{}",
-            mm.ops(),
-            if batch > 1 {
-                format!(" x{batch}")
-            } else {
-                String::new()
-            }
-        ),
-        // The fixed rule's kernel first (naive where the rule cannot run this problem): the
-        // baseline the others are checked against.
-        candidates: std::iter::once(baseline)
-            .chain(kernels.iter().copied().filter(|&k| k != baseline))
-            .map(|k| k.name())
-            .collect(),
-        rule: rule.name(),
-        // Inputs in [-1, 1]: sums of k products, as the kernels' own checks.
-        atol,
-        rtol,
-    };
     let mut inputs: Option<[View; 3]> = None;
     // The plain product: every kernel applies an epilogue the same way, in `finish`.
     let trial_mm = Matmul {
@@ -1368,6 +1347,62 @@ fn tuned(gpu: &Gpu, mm: &Matmul, c: &Operand, a: &Operand, b: &Operand) -> Resul
         })
     })?;
     Ok(Kernel::parse(&name).unwrap_or(rule))
+}
+
+/// The tuning problem of `mm` on these operands: its bucket, its shape, and the candidates with
+/// the fixed rule's kernel first (naive where the rule cannot run this problem).
+fn tune_problem(
+    gpu: &Gpu,
+    mm: &Matmul,
+    a: &Operand,
+    b: &Operand,
+    rule: Kernel,
+) -> super::tune::Problem {
+    use super::tune::{Problem, bucket};
+    let kernels = candidates(gpu, mm, a, b);
+    let baseline = if kernels.contains(&rule) {
+        rule
+    } else {
+        Kernel::Naive
+    };
+    let Matmul { m, n, k, batch, .. } = *mm;
+    let ((ar, _), (br, _)) = mm.stored();
+    let (va, vb) = (vec4_ok(a, ar, batch), vec4_ok(b, br, batch));
+    let vec = |ok: bool| if ok { "v" } else { "s" };
+    let (atol, rtol) = tolerance(k);
+    Problem {
+        family: FAMILY.name,
+        bucket: format!(
+            "{} m{} n{} k{}{} {}{} {}",
+            mm.ops(),
+            bucket(m),
+            bucket(n),
+            bucket(k),
+            if batch > 1 { " batched" } else { "" },
+            vec(va),
+            vec(vb),
+            b.view.dtype.name()
+        ),
+        shape: format!(
+            "{} {m}x{k}x{n}{}",
+            mm.ops(),
+            if batch > 1 {
+                format!(" x{batch}")
+            } else {
+                String::new()
+            }
+        ),
+        // The fixed rule's kernel first (naive where the rule cannot run this problem): the
+        // baseline the others are checked against.
+        candidates: std::iter::once(baseline)
+            .chain(kernels.iter().copied().filter(|&k| k != baseline))
+            .map(|k| k.name())
+            .collect(),
+        rule: rule.name(),
+        // Inputs in [-1, 1]: sums of k products, as the kernels' own checks.
+        atol,
+        rtol,
+    }
 }
 
 /// A fresh tensor with the same row and batch strides as `op`, and the same vec4 eligibility
@@ -1713,37 +1748,66 @@ fn f64s(x: &[f32]) -> Vec<f64> {
     reference::convert(x)
 }
 
-/// linear_forward and linear_backward against the reference, with bias, overwriting and
-/// accumulating into dinp.
-fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckReport>> {
-    let dims = LinearDims { m, k, n };
-    let mut rng = Rng::new((m * 1_000_003 + k * 1009 + n) as u64);
-    let inp = rng.vec_uniform(m * k, -1.0, 1.0);
-    let w = rng.vec_uniform(n * k, -1.0, 1.0);
-    let bias = rng.vec_uniform(n, -1.0, 1.0);
-    let dout = rng.vec_uniform(m * n, -1.0, 1.0);
-    let out0 = garbage(&mut rng, m * n);
-    let dinp0 = garbage(&mut rng, m * k);
-    let dinp_acc0 = rng.vec_uniform(m * k, -1.0, 1.0);
-    let dw0 = rng.vec_uniform(n * k, -1.0, 1.0);
-    let dbias0 = rng.vec_uniform(n, -1.0, 1.0);
+/// check_linear's inputs: the operands of the forward and backward, and the prior contents of
+/// every output (garbage where the kernel overwrites, values where it accumulates).
+struct LinearInputs {
+    inp: Vec<f32>,       // (M, K)
+    w: Vec<f32>,         // (N, K)
+    bias: Vec<f32>,      // (N)
+    dout: Vec<f32>,      // (M, N)
+    out0: Vec<f32>,      // (M, N)
+    dinp0: Vec<f32>,     // (M, K)
+    dinp_acc0: Vec<f32>, // (M, K)
+    dw0: Vec<f32>,       // (N, K)
+    dbias0: Vec<f32>,    // (N)
+}
 
-    let g_inp = gpu.upload_f32("inp", &inp)?;
-    let g_w = gpu.upload_f32("w", &w)?;
-    let g_bias = gpu.upload_f32("bias", &bias)?;
-    let g_dout = gpu.upload_f32("dout", &dout)?;
-    let g_out = gpu.upload_f32("out", &out0)?;
-    let g_dinp = gpu.upload_f32("dinp", &dinp0)?;
-    let g_dinp_acc = gpu.upload_f32("dinp_acc", &dinp_acc0)?;
-    let g_dw = gpu.upload_f32("dw", &dw0)?;
-    let g_dw2 = gpu.upload_f32("dw2", &dw0)?;
-    let g_dbias = gpu.upload_f32("dbias", &dbias0)?;
+fn linear_inputs(LinearDims { m, k, n }: LinearDims) -> LinearInputs {
+    let mut rng = Rng::new((m * 1_000_003 + k * 1009 + n) as u64);
+    LinearInputs {
+        inp: rng.vec_uniform(m * k, -1.0, 1.0),
+        w: rng.vec_uniform(n * k, -1.0, 1.0),
+        bias: rng.vec_uniform(n, -1.0, 1.0),
+        dout: rng.vec_uniform(m * n, -1.0, 1.0),
+        out0: garbage(&mut rng, m * n),
+        dinp0: garbage(&mut rng, m * k),
+        dinp_acc0: rng.vec_uniform(m * k, -1.0, 1.0),
+        dw0: rng.vec_uniform(n * k, -1.0, 1.0),
+        dbias0: rng.vec_uniform(n, -1.0, 1.0),
+    }
+}
+
+/// check_linear's outputs, on the GPU or from the reference: the forward (and the forward with
+/// an f16 w), the backward overwriting dinp with dbias, and the backward accumulating into dinp
+/// without dbias.
+struct LinearOutputs<T> {
+    out: T,
+    out16: Option<T>,
+    dinp: T,
+    dw: T,
+    dbias: T,
+    dinp_acc: T,
+    dw2: T,
+}
+
+/// Runs linear_forward (also with w in f16, where the adapter has it) and both linear_backward
+/// modes, all in one submission.
+fn run_linear(gpu: &Gpu, x: &LinearInputs, dims: LinearDims) -> Result<LinearOutputs<View>> {
+    let g_inp = gpu.upload_f32("inp", &x.inp)?;
+    let g_w = gpu.upload_f32("w", &x.w)?;
+    let g_bias = gpu.upload_f32("bias", &x.bias)?;
+    let g_dout = gpu.upload_f32("dout", &x.dout)?;
+    let g_out = gpu.upload_f32("out", &x.out0)?;
+    let g_dinp = gpu.upload_f32("dinp", &x.dinp0)?;
+    let g_dinp_acc = gpu.upload_f32("dinp_acc", &x.dinp_acc0)?;
+    let g_dw = gpu.upload_f32("dw", &x.dw0)?;
+    let g_dw2 = gpu.upload_f32("dw2", &x.dw0)?;
+    let g_dbias = gpu.upload_f32("dbias", &x.dbias0)?;
     let mut dispatches = linear_forward(gpu, &g_out, &g_inp, &g_w, Some(&g_bias), dims)?;
-    // The same forward with w stored in f16, where the adapter has it.
-    let (w16, w_rounded) = round_f16(&w);
-    let f16_out = if gpu.has_f16() {
+    let out16 = if gpu.has_f16() {
+        let (w16, _) = round_f16(&x.w);
         let g_w16 = gpu.upload("w16", DType::F16, &w16)?;
-        let g_out16 = gpu.upload_f32("out16", &out0)?;
+        let g_out16 = gpu.upload_f32("out16", &x.out0)?;
         dispatches.extend(linear_forward(
             gpu,
             &g_out16,
@@ -1756,40 +1820,45 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
     } else {
         None
     };
-    dispatches.extend(linear_backward(
-        gpu,
-        LinearBackwardTensors {
-            dinp: Some(&g_dinp),
-            dw: &g_dw,
-            dbias: Some(&g_dbias),
+    let backward = |dinp, dw, dbias, accumulate| {
+        let tensors = LinearBackwardTensors {
+            dinp: Some(dinp),
+            dw,
+            dbias,
             dout: &g_dout,
             inp: &g_inp,
             w: &g_w,
-        },
-        dims,
-        false,
-    )?);
-    dispatches.extend(linear_backward(
-        gpu,
-        LinearBackwardTensors {
-            dinp: Some(&g_dinp_acc),
-            dw: &g_dw2,
-            dbias: None,
-            dout: &g_dout,
-            inp: &g_inp,
-            w: &g_w,
-        },
-        dims,
-        true,
-    )?);
+        };
+        linear_backward(gpu, tensors, dims, accumulate)
+    };
+    dispatches.extend(backward(&g_dinp, &g_dw, Some(&g_dbias), false)?);
+    dispatches.extend(backward(&g_dinp_acc, &g_dw2, None, true)?);
     gpu.run(&dispatches)?;
+    Ok(LinearOutputs {
+        out: g_out,
+        out16,
+        dinp: g_dinp,
+        dw: g_dw,
+        dbias: g_dbias,
+        dinp_acc: g_dinp_acc,
+        dw2: g_dw2,
+    })
+}
 
-    let (inp, w, bias, dout) = (f64s(&inp), f64s(&w), f64s(&bias), f64s(&dout));
-    let mut out = f64s(&out0);
+/// What `run_linear` computes, in f64 (`out16`, the forward of the f16-rounded w, when `f16`).
+fn linear_reference(x: &LinearInputs, dims: LinearDims, f16: bool) -> LinearOutputs<Vec<f64>> {
+    let (inp, w, bias, dout) = (f64s(&x.inp), f64s(&x.w), f64s(&x.bias), f64s(&x.dout));
+    let mut out = f64s(&x.out0);
     reference::gemm::linear_forward(&mut out, &inp, &w, Some(&bias), dims);
-    let mut dinp = f64s(&dinp0);
-    let mut dw = f64s(&dw0);
-    let mut dbias = f64s(&dbias0);
+    let out16 = f16.then(|| {
+        let mut out16 = f64s(&x.out0);
+        let w_rounded = f64s(&round_f16(&x.w).1);
+        reference::gemm::linear_forward(&mut out16, &inp, &w_rounded, Some(&bias), dims);
+        out16
+    });
+    let mut dinp = f64s(&x.dinp0);
+    let mut dw = f64s(&x.dw0);
+    let mut dbias = f64s(&x.dbias0);
     reference::gemm::linear_backward(
         Some(&mut dinp),
         &mut dw,
@@ -1800,8 +1869,8 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
         dims,
         false,
     );
-    let mut dinp_acc = f64s(&dinp_acc0);
-    let mut dw2 = f64s(&dw0);
+    let mut dinp_acc = f64s(&x.dinp_acc0);
+    let mut dw2 = f64s(&x.dw0);
     reference::gemm::linear_backward(
         Some(&mut dinp_acc),
         &mut dw2,
@@ -1812,52 +1881,50 @@ fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckRepo
         dims,
         true,
     );
+    LinearOutputs {
+        out,
+        out16,
+        dinp,
+        dw,
+        dbias,
+        dinp_acc,
+        dw2,
+    }
+}
 
+/// linear_forward and linear_backward against the reference, with bias, overwriting and
+/// accumulating into dinp.
+fn check_linear(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckReport>> {
+    let dims = LinearDims { m, k, n };
+    let x = linear_inputs(dims);
+    let got = run_linear(gpu, &x, dims)?;
+    let want = linear_reference(&x, dims, got.out16.is_some());
     let s = format!("{m}x{k}x{n}");
+    // Each output sums over one dimension: out over K, dinp over N, dw and dbias over M.
     let (ka, kr) = tolerance(k);
     let (na, nr) = tolerance(n);
     let (ma, mr) = tolerance(m);
-    let mut reports = Vec::new();
-    if let Some(g_out16) = f16_out {
-        let mut out16 = f64s(&out0);
-        reference::gemm::linear_forward(&mut out16, &inp, &f64s(&w_rounded), Some(&bias), dims);
-        reports.push(CheckReport::new(
+    let report = |what: &str, got: &View, want: &[f64], (atol, rtol): (f64, f64)| {
+        Ok::<_, Error>(CheckReport::new(
             &s,
-            "forward out, f16 w",
-            &gpu.read_f32(&g_out16)?,
-            &out16,
-            ka,
-            kr,
-        ));
+            what,
+            &gpu.read_f32(got)?,
+            want,
+            atol,
+            rtol,
+        ))
+    };
+    let mut reports = Vec::new();
+    if let (Some(got16), Some(want16)) = (&got.out16, &want.out16) {
+        reports.push(report("forward out, f16 w", got16, want16, (ka, kr))?);
     }
     reports.extend([
-        CheckReport::new(&s, "forward out", &gpu.read_f32(&g_out)?, &out, ka, kr),
-        CheckReport::new(&s, "backward dinp", &gpu.read_f32(&g_dinp)?, &dinp, na, nr),
-        CheckReport::new(&s, "backward dw", &gpu.read_f32(&g_dw)?, &dw, ma, mr),
-        CheckReport::new(
-            &s,
-            "backward dbias",
-            &gpu.read_f32(&g_dbias)?,
-            &dbias,
-            ma,
-            mr,
-        ),
-        CheckReport::new(
-            &s,
-            "backward dinp +=",
-            &gpu.read_f32(&g_dinp_acc)?,
-            &dinp_acc,
-            na,
-            nr,
-        ),
-        CheckReport::new(
-            &s,
-            "backward dw (no dbias)",
-            &gpu.read_f32(&g_dw2)?,
-            &dw2,
-            ma,
-            mr,
-        ),
+        report("forward out", &got.out, &want.out, (ka, kr))?,
+        report("backward dinp", &got.dinp, &want.dinp, (na, nr))?,
+        report("backward dw", &got.dw, &want.dw, (ma, mr))?,
+        report("backward dbias", &got.dbias, &want.dbias, (ma, mr))?,
+        report("backward dinp +=", &got.dinp_acc, &want.dinp_acc, (na, nr))?,
+        report("backward dw (no dbias)", &got.dw2, &want.dw2, (ma, mr))?,
     ]);
     Ok(reports)
 }
@@ -1934,7 +2001,70 @@ fn check_matmul(
     let (la, a_len) = placement(ar, ac, batch, vec_a, false);
     // B shared across the batch in the vec4 layouts, one per entry otherwise.
     let (lb, b_len) = placement(br, bc, batch, vec_b, vec_b);
-    let (lc, c_len, mm) = if vec_a {
+    let (lc, c_len, mm) = c_placement(mm, vec_a);
+    let with_bias = vec_a || mm.trans_a == mm.trans_b;
+
+    let a = operand_data(&mut rng, a_len, la, ar, ac, batch);
+    let b = operand_data(&mut rng, b_len, lb, br, bc, batch);
+    let (b16, b_rounded) = round_f16(&b);
+    let b = if f16_b { b_rounded } else { b };
+    let bias = rng.vec_uniform(n, -1.0, 1.0);
+    let c0 = if mm.accumulate {
+        rng.vec_uniform(c_len, -1.0, 1.0)
+    } else {
+        garbage(&mut rng, c_len)
+    };
+    let layouts = Layouts {
+        c: lc,
+        a: la,
+        b: lb,
+    };
+    let want = matmul_reference(&mm, layouts, &c0, &a, &b, with_bias.then_some(&bias[..]));
+
+    let ga = gpu.upload_f32("a", &a)?;
+    let gb = if f16_b {
+        gpu.upload("b", DType::F16, &b16)?
+    } else {
+        gpu.upload_f32("b", &b)?
+    };
+    let gbias = gpu.upload_f32("bias", &bias)?;
+    let (a_op, b_op) = (op(&ga, la), op(&gb, lb));
+    let kernels = candidates(gpu, &mm, &a_op, &b_op).into_iter().filter(|k| {
+        !one_entry_only || matches!(k, Kernel::Naive | Kernel::SplitK(_) | Kernel::Packed(_))
+    });
+    let run = |kernel: Kernel| {
+        let gc = gpu.upload_f32("c", &c0)?;
+        let bias = with_bias.then_some(&gbias);
+        gpu.run(&matmul_with(
+            gpu,
+            &mm,
+            op(&gc, lc),
+            a_op,
+            b_op,
+            bias,
+            kernel,
+        )?)?;
+        let what = format!(
+            "{} {}a {}b{} {}{}",
+            mm.ops(),
+            if vec_a { 'v' } else { 's' },
+            if vec_b { 'v' } else { 's' },
+            if f16_b { " f16" } else { "" },
+            kernel.name(),
+            if mm.accumulate { " +=" } else { "" },
+        );
+        Ok((what, gpu.read_f32(&gc)?))
+    };
+    let s = format!("{m}x{k}x{n} batch {batch}");
+    compare_kernels(&s, kernels, run, &want, tolerance(k))
+}
+
+/// Where check_matmul puts C, its view's length, and the product it computes there. With a vec4
+/// A: stacked per batch entry, overwritten. Otherwise: a column block of a wider matrix with the
+/// batch entries side by side, accumulated into with alpha -0.75.
+fn c_placement(mm: Matmul, vec_a: bool) -> (Layout, usize, Matmul) {
+    let Matmul { m, n, batch, .. } = mm;
+    if vec_a {
         let ld = n.next_multiple_of(4);
         let lc = Layout {
             offset: 4,
@@ -1955,85 +2085,58 @@ fn check_matmul(
             ..mm
         };
         (lc, m * ld, mm)
-    };
-    let with_bias = vec_a || mm.trans_a == mm.trans_b;
+    }
+}
 
-    let a = operand_data(&mut rng, a_len, la, ar, ac, batch);
-    let b = operand_data(&mut rng, b_len, lb, br, bc, batch);
-    let (b16, b_rounded) = round_f16(&b);
-    let b = if f16_b { b_rounded } else { b };
-    let bias = rng.vec_uniform(n, -1.0, 1.0);
-    let c0 = if mm.accumulate {
-        rng.vec_uniform(c_len, -1.0, 1.0)
-    } else {
-        garbage(&mut rng, c_len)
-    };
-    let mut want = f64s(&c0);
+/// The reference of `mm` in f64 on C's prior contents `c0`, with the operands laid out as
+/// `layouts` says.
+fn matmul_reference(
+    mm: &Matmul,
+    layouts: Layouts,
+    c0: &[f32],
+    a: &[f32],
+    b: &[f32],
+    bias: Option<&[f32]>,
+) -> Vec<f64> {
+    let mut want = f64s(c0);
     reference::gemm::matmul(
         &mut want,
-        &f64s(&a),
-        &f64s(&b),
-        with_bias.then(|| f64s(&bias)).as_deref(),
-        Layouts {
-            c: lc,
-            a: la,
-            b: lb,
-        },
+        &f64s(a),
+        &f64s(b),
+        bias.map(f64s).as_deref(),
+        layouts,
         Product {
-            batch,
+            batch: mm.batch,
             trans_a: mm.trans_a,
             trans_b: mm.trans_b,
             alpha: mm.alpha as f64,
             accumulate: mm.accumulate,
-            ..Product::new(m, n, k)
+            ..Product::new(mm.m, mm.n, mm.k)
         },
     );
+    want
+}
 
-    let ga = gpu.upload_f32("a", &a)?;
-    let gb = if f16_b {
-        gpu.upload("b", DType::F16, &b16)?
-    } else {
-        gpu.upload_f32("b", &b)?
-    };
-    let gbias = gpu.upload_f32("bias", &bias)?;
-    let s = format!("{m}x{k}x{n} batch {batch}");
-    let (atol, rtol) = tolerance(k);
+/// Runs each of `kernels` (`run` gives its report name and output) and compares the output with
+/// `want`, and with the naive kernel's bits where the kernel sums in the naive order (every
+/// kernel but gemv and split-K, when the naive kernel ran first).
+fn compare_kernels(
+    s: &str,
+    kernels: impl Iterator<Item = Kernel>,
+    mut run: impl FnMut(Kernel) -> Result<(String, Vec<f32>)>,
+    want: &[f64],
+    (atol, rtol): (f64, f64),
+) -> Result<Vec<CheckReport>> {
     let mut reports = Vec::new();
-    let (a_op, b_op) = (op(&ga, la), op(&gb, lb));
-    let kernels = candidates(gpu, &mm, &a_op, &b_op).into_iter().filter(|k| {
-        !one_entry_only || matches!(k, Kernel::Naive | Kernel::SplitK(_) | Kernel::Packed(_))
-    });
-    // The naive kernel's output: every kernel but gemv and split-K sums in its order, so must
-    // give the same bits.
     let mut naive: Option<Vec<f32>> = None;
     for kernel in kernels {
-        let gc = gpu.upload_f32("c", &c0)?;
-        let d = matmul_with(
-            gpu,
-            &mm,
-            op(&gc, lc),
-            a_op,
-            b_op,
-            with_bias.then_some(&gbias),
-            kernel,
-        )?;
-        gpu.run(&d)?;
-        let what = format!(
-            "{} {}a {}b{} {}{}",
-            mm.ops(),
-            if vec_a { 'v' } else { 's' },
-            if vec_b { 'v' } else { 's' },
-            if f16_b { " f16" } else { "" },
-            kernel.name(),
-            if mm.accumulate { " +=" } else { "" },
-        );
-        let got = gpu.read_f32(&gc)?;
-        reports.push(CheckReport::new(&s, &what, &got, &want, atol, rtol));
+        let (what, got) = run(kernel)?;
+        reports.push(CheckReport::new(s, &what, &got, want, atol, rtol));
         match (kernel, &naive) {
             (Kernel::Naive, _) => naive = Some(got),
             (Kernel::Gemv | Kernel::SplitK(_), _) | (_, None) => {}
             (_, Some(bits)) => reports.push(CheckReport::new(
-                &s,
+                s,
                 &format!("{what} same bits as naive"),
                 &got,
                 bits,
