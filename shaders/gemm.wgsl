@@ -751,6 +751,23 @@ fn ureg_bn(col: u32, k: u32, kend: u32) -> mat4x4<f32> {
                        read_b4((col + min(k + 3u, last) * p.ldb) / 4u));
 }
 
+// op(b)(k + q, j + lane) at [q][lane] for the four columns from j (a multiple of 4) and the
+// four k from k (a multiple of 4), b read as vec4 (kend: the end of the K range).
+fn ureg_b4(base: u32, j: u32, k: u32, kend: u32) -> mat4x4<f32> {
+    if (TRANS_B) {
+        // b (N, K): four k of a column are one vec4 (k and every row start multiples of 4; the
+        // row stride, a multiple of 4 too, holds the last chunk's lanes past K, read but never
+        // used); columns past N clamped to the last.
+        let last = p.n - 1u;
+        let cols = base + vec4<u32>(min(j, last), min(j + 1u, last), min(j + 2u, last),
+                                    min(j + 3u, last)) * p.ldb;
+        return ureg_bt(cols, k);
+    }
+    // b (K, N): row k's four columns are one vec4 (a vec4 that starts before N lies inside the row
+    // stride); rows past K read the last row instead and are never used.
+    return ureg_bn(base + min(j, (p.n - 1u) & ~3u), k, kend);
+}
+
 // s summed over the first n (1 to 4) k of a chunk: op(b)'s row q of the chunk is t[q], and the
 // chunk's first k sits at ka in a's rows.
 fn ureg_chunk(s: UregSums, rows: UregRows, ka: u32, t: mat4x4<f32>, n: u32) -> UregSums {
@@ -833,30 +850,12 @@ fn gemm_ureg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         let base = p.b_off + zk.x * p.b_bs;
         var s = ureg_zero();
         var k = zk.y;
-        if (TRANS_B) {
-            // b (N, K): four k of a column are one vec4 (k and every row start multiples of 4; the
-            // row stride, a multiple of 4 too, holds the last chunk's lanes past K).
-            let last = p.n - 1u;
-            let cols = base + vec4<u32>(min(o.y, last), min(o.y + 1u, last),
-                                        min(o.y + 2u, last), min(o.y + 3u, last)) * p.ldb;
-            for (; k + 4u <= zk.z; k += 4u) {
-                s = ureg_chunk(s, rows, k * rows.step, ureg_bt(cols, k), 4u);
-            }
-            // The last 1 to 3 k; the chunk's lanes past K are read but never used.
-            if (k < zk.z) {
-                s = ureg_chunk(s, rows, k * rows.step, ureg_bt(cols, k), zk.z - k);
-            }
-        } else {
-            // b (K, N): row k's four columns are one vec4 (o.y a multiple of 4; a vec4 that
-            // starts before N lies inside the row stride), four rows per step.
-            let col = base + min(o.y, (p.n - 1u) & ~3u);
-            for (; k + 4u <= zk.z; k += 4u) {
-                s = ureg_chunk(s, rows, k * rows.step, ureg_bn(col, k, zk.z), 4u);
-            }
-            // The last 1 to 3 k; rows past K read the last row instead and are never used.
-            if (k < zk.z) {
-                s = ureg_chunk(s, rows, k * rows.step, ureg_bn(col, k, zk.z), zk.z - k);
-            }
+        // Whole chunks of 4, then the last 1 to 3 k through the same reads.
+        for (; k + 4u <= zk.z; k += 4u) {
+            s = ureg_chunk(s, rows, k * rows.step, ureg_b4(base, o.y, k, zk.z), 4u);
+        }
+        if (k < zk.z) {
+            s = ureg_chunk(s, rows, k * rows.step, ureg_b4(base, o.y, k, zk.z), zk.z - k);
         }
         ureg_store(z, o.x, o.y, s);
     }
@@ -945,26 +944,14 @@ fn gemm_ureg_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         let base = p.b_off + zk.x * p.b_bs;
         var s = ureg_zero();
         // Whole chunks of 4, then the last 1 to 3 k through the same reads (as gemm_ureg_vb).
-        if (TRANS_B) {
-            let last = p.n - 1u;
-            let cols = base + vec4<u32>(min(o.y, last), min(o.y + 1u, last),
-                                        min(o.y + 2u, last), min(o.y + 3u, last)) * p.ldb;
-            var k = zk.y;
-            for (; k + 4u <= zk.z; k += 4u) {
-                s = ureg_chunk_a4(s, ureg_a4(zk.x, o.x, k, zk.z), ureg_bt(cols, k), 4u);
-            }
-            if (k < zk.z) {
-                s = ureg_chunk_a4(s, ureg_a4(zk.x, o.x, k, zk.z), ureg_bt(cols, k), zk.z - k);
-            }
-        } else {
-            let col = base + min(o.y, (p.n - 1u) & ~3u);
-            var k = zk.y;
-            for (; k + 4u <= zk.z; k += 4u) {
-                s = ureg_chunk_a4(s, ureg_a4(zk.x, o.x, k, zk.z), ureg_bn(col, k, zk.z), 4u);
-            }
-            if (k < zk.z) {
-                s = ureg_chunk_a4(s, ureg_a4(zk.x, o.x, k, zk.z), ureg_bn(col, k, zk.z), zk.z - k);
-            }
+        var k = zk.y;
+        for (; k + 4u <= zk.z; k += 4u) {
+            let x = ureg_a4(zk.x, o.x, k, zk.z);
+            s = ureg_chunk_a4(s, x, ureg_b4(base, o.y, k, zk.z), 4u);
+        }
+        if (k < zk.z) {
+            let x = ureg_a4(zk.x, o.x, k, zk.z);
+            s = ureg_chunk_a4(s, x, ureg_b4(base, o.y, k, zk.z), zk.z - k);
         }
         ureg_store(z, o.x, o.y, s);
     }
