@@ -257,7 +257,18 @@ fn run_page(query: &str, tag: &str) -> (Value, HashMap<String, Vec<u8>>) {
 mod common;
 
 fn native(args: &[&str]) -> Output {
-    let o = common::bin().args(args).output().expect("run shaderformer");
+    native_with(args, &[])
+}
+
+use shaderformer::gpu::tune::ENV_CACHE_DIR;
+
+/// `native` with environment variables set.
+fn native_with(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Output {
+    let o = common::bin()
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run shaderformer");
     assert!(
         o.status.success(),
         "shaderformer {args:?} failed:\n{}",
@@ -279,21 +290,29 @@ fn query_escape(s: &str) -> String {
         .collect()
 }
 
-/// The native `sample --greedy --json` of `dir` on `prompt`: the generated ids.
-fn native_greedy(dir: &Path, prompt: &str, n: usize) -> Vec<u64> {
-    let o = native(&[
-        "--tune",
-        "off",
-        "sample",
-        "--checkpoint",
-        dir.to_str().unwrap(),
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        &n.to_string(),
-        "--greedy",
-        "--json",
-    ]);
+/// The native `sample --greedy --json` of `dir` on `prompt`: the generated ids, with the fixed
+/// rules' kernels, or with those of the tuning cache `kernels` (see `page_kernels_cache`).
+fn native_greedy(dir: &Path, prompt: &str, n: usize, kernels: Option<&Path>) -> Vec<u64> {
+    let env: Vec<(&str, &std::ffi::OsStr)> = kernels
+        .map(|k| (ENV_CACHE_DIR, k.as_os_str()))
+        .into_iter()
+        .collect();
+    let o = native_with(
+        &[
+            "--tune",
+            if kernels.is_some() { "cached" } else { "off" },
+            "sample",
+            "--checkpoint",
+            dir.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            &n.to_string(),
+            "--greedy",
+            "--json",
+        ],
+        &env,
+    );
     let v: Value = serde_json::from_slice(&o.stdout).expect("sample --json prints JSON");
     ids(&v["ids"])
 }
@@ -309,7 +328,9 @@ fn ids(v: &Value) -> Vec<u64> {
 /// Losses from SwiftShader (the page) and from the native adapter (lavapipe here) must agree to
 /// the bound over 20 steps of the same run. Both run the same WGSL in IEEE f32 and the
 /// kernels reduce in a fixed order, so only the drivers' exp/tanh and fused multiply-adds can
-/// differ: on this machine the worst difference measured was 2.4e-7.
+/// differ: on this machine the worst difference measured was 2.4e-7. The page tunes its kernels,
+/// and variants sum in different orders, so the native run computes every problem with the
+/// page's variant (`page_kernels_cache`): the bound stays the same-kernels bound.
 const LOSS_TOLERANCE: f32 = 1e-4;
 
 /// The (step, loss) pairs the page reported, checked to be steps 1..=steps.
@@ -336,12 +357,46 @@ fn page_losses(report: &Value, steps: u64) -> Vec<(u64, f32)> {
 /// (step, loss) pairs.
 type Losses = Vec<(u64, f32)>;
 
-/// Runs `shaderformer train` with `flags` (and per-step metrics) and returns its losses and its
-/// validation losses.
-fn native_losses(flags: &[&str], dir: &Path) -> (Losses, Losses) {
+/// A tuning cache in `dir` for the native adapter holding the variant the page used for each
+/// problem (`kernels`: the page's report, "family: problem" to variant), so that a native run
+/// with `--tune cached` and SHADERFORMER_CACHE_DIR=`dir` computes with the page's kernels.
+fn page_kernels_cache(kernels: &Value, dir: &Path) {
+    use shaderformer::gpu::tune::{Choice, Tuner};
+    use shaderformer::gpu::{Gpu, GpuOptions, TuneMode};
+    let gpu = Gpu::new(&GpuOptions {
+        tune: TuneMode::Off,
+        ..GpuOptions::from_env()
+    })
+    .expect("the native adapter");
+    let tuner = Tuner::new(TuneMode::Cached, gpu.tuner.identity().clone(), Some(dir));
+    let kernels = kernels.as_object().expect("the page's kernels");
+    assert!(!kernels.is_empty(), "the page reported no kernels");
+    for (key, variant) in kernels {
+        let (family, problem) = key.split_once(": ").expect("family: problem");
+        let variant = variant.as_str().expect("a variant").to_string();
+        tuner.record(Choice {
+            family: family.into(),
+            problem: problem.into(),
+            shape: problem.into(),
+            winner: variant.clone(),
+            rule: variant.clone(),
+            times: vec![(variant, 0.0)],
+            rejected: vec![],
+            flops: 0,
+            bytes: 0,
+        });
+    }
+}
+
+/// Runs `shaderformer train` with `flags` (and per-step metrics), computing each problem with
+/// the page's kernel variant (`kernels`, see `page_kernels_cache`), and returns its losses and
+/// its validation losses.
+fn native_losses(flags: &[&str], kernels: &Value, dir: &Path) -> (Losses, Losses) {
     let metrics = dir.join("metrics.jsonl");
     let out = dir.join("out");
-    let mut args = vec!["--tune", "off", "train"];
+    let cache = dir.join("kernels");
+    page_kernels_cache(kernels, &cache);
+    let mut args = vec!["--tune", "cached", "train"];
     args.extend_from_slice(flags);
     args.extend_from_slice(&[
         "--log-interval",
@@ -353,7 +408,7 @@ fn native_losses(flags: &[&str], dir: &Path) -> (Losses, Losses) {
         "--out",
         out.to_str().unwrap(),
     ]);
-    native(&args);
+    native_with(&args, &[(ENV_CACHE_DIR, cache.as_os_str())]);
     let lines: Vec<Value> = std::fs::read_to_string(&metrics)
         .unwrap()
         .lines()
@@ -425,6 +480,14 @@ fn page_trains_like_the_native_engine_and_saves_a_checkpoint_it_loads() {
         "train",
     );
     let page = page_losses(&report, steps);
+    // The page measured its kernels before training, and said so.
+    let tuned = report["tuned"]
+        .as_u64()
+        .expect("the page reports how many kernels it tuned");
+    assert!(tuned > 0, "the page tuned no kernels: {report}");
+    eprintln!("the page tuned {tuned} problems: {}", report["kernels"]);
+    let shown = report["tuned_shown"].as_str().unwrap_or_default();
+    assert!(shown.ends_with(" tuned"), "the page shows {shown:?}");
     let dir = scratch("native-train");
     let (native, native_vals) = native_losses(
         &[
@@ -447,6 +510,7 @@ fn page_trains_like_the_native_engine_and_saves_a_checkpoint_it_loads() {
             "--eval-iters",
             "1",
         ],
+        &report["kernels"],
         &dir,
     );
     assert_same_losses(&page, &native, &report["adapter"]["name"]);
@@ -473,7 +537,10 @@ fn page_trains_like_the_native_engine_and_saves_a_checkpoint_it_loads() {
     let sample = &report["sample"];
     let prompt = sample["prompt"].as_str().unwrap();
     let want = ids(&sample["ids"]);
-    assert_eq!(native_greedy(&saved, prompt, want.len()), want);
+    assert_eq!(
+        native_greedy(&saved, prompt, want.len(), Some(&dir.join("kernels"))),
+        want
+    );
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&saved);
 }
@@ -544,6 +611,7 @@ fn page_trains_on_a_text_like_train_with_data() {
             "--eval-iters",
             "1",
         ],
+        &report["kernels"],
         &dir,
     );
     assert_same_losses(&page, &native, &report["adapter"]["name"]);
@@ -590,7 +658,7 @@ fn page_samples_greedily_like_the_native_engine() {
     );
     let page = ids(&report["generation"]["ids"]);
     assert_eq!(page.len(), n);
-    let want = native_greedy(&Path::new(ROOT).join("assets/gpt2-bpe"), prompt, n);
+    let want = native_greedy(&Path::new(ROOT).join("assets/gpt2-bpe"), prompt, n, None);
     assert_eq!(page, want, "page vs native greedy ids");
 }
 

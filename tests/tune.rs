@@ -1,7 +1,8 @@
 //! Kernel choice by measurement, as users meet it: `tune` fills the cache and a second run measures
 //! nothing; a broken cache or an unwritable cache directory costs one warning; `--tune` refuses
 //! unknown modes; training gives the same losses tuned or not; a resumed run keeps the variants
-//! its checkpoint recorded whatever the cache says meanwhile.
+//! its checkpoint recorded whatever the cache says meanwhile; a tuner that defers (as in a
+//! browser) serves the fixed rule until `tune_pending` measures, then the winner.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -295,4 +296,65 @@ fn a_resumed_run_keeps_its_checkpoints_variants_whatever_the_cache_says() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The browser's way, natively: a problem met while the tuner defers is computed by the fixed
+/// rule and kept pending; `tune_pending` measures it through the same asynchronous measurement
+/// `--tune on` blocks on, and the next build of the same problem gets the winner.
+#[test]
+fn a_deferred_problem_takes_the_fixed_rule_until_tune_pending_measures_it() {
+    use shaderformer::gpu::tune::{Lookup, Tuner};
+    use shaderformer::gpu::{Gpu, GpuOptions, TuneMode, block_on};
+    use shaderformer::kernels::gemm::{LinearDims, linear_forward};
+    use shaderformer::kernels::tune::tune_pending;
+    if test_gpu().is_none() {
+        return;
+    }
+    let mut gpu = Gpu::new(&GpuOptions {
+        tune: TuneMode::Off,
+        ..GpuOptions::from_env()
+    })
+    .unwrap();
+    // Measured choices in memory only, whatever the user's cache holds.
+    gpu.tuner = Tuner::new(TuneMode::On, gpu.tuner.identity().clone(), None);
+    gpu.tuner.set_defers(true);
+    let dims = LinearDims {
+        m: 45,
+        k: 64,
+        n: 32,
+    };
+    let inp = gpu.upload_f32("inp", &vec![0.5; dims.m * dims.k]).unwrap();
+    let w = gpu.upload_f32("w", &vec![0.25; dims.n * dims.k]).unwrap();
+    let out = gpu.upload_f32("out", &vec![0.0; dims.m * dims.n]).unwrap();
+    linear_forward(&gpu, &out, &inp, &w, None, dims).unwrap();
+    assert_eq!(
+        gpu.tuner.pending(),
+        1,
+        "the GEMM problem waits to be measured"
+    );
+    let (key, rule) = gpu.tuner.used().into_iter().next().unwrap();
+    // Met again before measuring: still the rule, and not deferred twice.
+    linear_forward(&gpu, &out, &inp, &w, None, dims).unwrap();
+    assert_eq!(gpu.tuner.pending(), 1);
+
+    assert_eq!(block_on("tuning", tune_pending(&gpu)).unwrap(), 1);
+    assert_eq!(gpu.tuner.pending(), 0);
+    let choice = gpu.tuner.used_choices().pop().expect("a measurement");
+    assert_eq!(choice.key(), key);
+    assert!(
+        choice.times.len() > 1,
+        "candidates timed: {:?}",
+        choice.times
+    );
+    assert_eq!(choice.rule, rule);
+    // Built again: the winner, nothing deferred.
+    linear_forward(&gpu, &out, &inp, &w, None, dims).unwrap();
+    assert_eq!(gpu.tuner.pending(), 0);
+    assert_eq!(gpu.tuner.used()[&key], choice.winner);
+    let (family, problem) = key.split_once(": ").unwrap();
+    assert_eq!(
+        gpu.tuner
+            .lookup(family, problem, std::slice::from_ref(&choice.winner)),
+        Lookup::Use(choice.winner.clone())
+    );
 }

@@ -78,6 +78,28 @@ async function openText(files) {
   $("data-info").textContent = `${textName}: ${$("text").value.length} characters`;
 }
 
+// Kernel problems measured on this adapter since the page opened. A graph is built with the
+// fixed rules, its new problems measured (tuning), then built again with the winners.
+let tuned = 0;
+function showTuned(n) {
+  tuned += n;
+  $("tuned").textContent = tuned + " tuned";
+}
+
+// Tunes the new trainer's kernels (before its first step); returns how many were measured.
+async function tuneTrainer() {
+  $("tuned").textContent = "tuning kernels…";
+  const n = await trainer.tune();
+  showTuned(n);
+  return n;
+}
+
+// Measures the problems sampling met (the next sample uses the winners).
+async function tuneSampler() {
+  const n = await sf.tune_kernels();
+  if (n) showTuned(n);
+}
+
 function record(results) {
   for (const r of JSON.parse(results)) {
     losses.push(r);
@@ -108,6 +130,7 @@ async function evaluate() {
     $("samples-title").textContent = "Samples (greedy, held-out problems; digits least significant first):";
     $("samples").textContent = "step " + trainer.steps() + ": " + lines.join("   ");
   }
+  await tuneSampler();
   drawCurve();
 }
 
@@ -154,6 +177,7 @@ async function startTraining() {
     if (trainerText === "") throw new Error("There is no text to train on: paste one or open a file.");
     trainer = await sf.trainer(JSON.stringify(settings()), trainerText ?? undefined, textName);
     $("data-info").textContent = JSON.parse(trainer.describe()).data;
+    await tuneTrainer();
   } catch (e) {
     trainer = null;
     showError(explain(e));
@@ -243,6 +267,7 @@ async function testMode(q) {
       trainerText = q.get("text");
       if (q.has("eval_every")) evalEvery = Number(q.get("eval_every"));
       trainer = await sf.trainer(q.get("settings"), trainerText ?? undefined, "the test's text");
+      const tunedNow = await tuneTrainer();
       await run();
       if ($("error").textContent) throw new Error($("error").textContent);
       for (const [name, bytes] of await trainer.save()) {
@@ -253,6 +278,7 @@ async function testMode(q) {
       await report({
         adapter, losses, step_ms: stepMs, val: curve.val, samples: $("samples").textContent,
         tokens_per_step: trainer.tokens_per_step(), sample,
+        tuned: tunedNow, tuned_shown: $("tuned").textContent, kernels: JSON.parse(await sf.kernels()),
       });
     } else if (q.get("test") === "lose") {
       // A few steps, then the device goes as a lost GPU's would: the message the page shows.

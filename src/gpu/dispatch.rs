@@ -175,6 +175,30 @@ impl Gpu {
         self.wait()
     }
 
+    /// `run`, awaited (in a browser the queue's completion arrives from the event loop).
+    pub async fn run_async(&self, dispatches: &[Dispatch]) -> Result<()> {
+        self.submit(dispatches)?;
+        self.wait_async().await
+    }
+
+    /// `run_async` inside a validation scope that is awaited: a dispatch the device refuses fails
+    /// here, by name. In a browser a pipeline's creation error reaches only whoever built it
+    /// first (the pipeline cache hands the same invalid pipeline to later builders), so a
+    /// candidate measured with it must be refused by its run, not by a later, unrelated check.
+    pub async fn run_checked_async(&self, dispatches: &[Dispatch]) -> Result<()> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let ran = self.run_async(dispatches).await;
+        if let Some(e) = scope.pop().await {
+            return Err(Error::Validation {
+                context: dispatches
+                    .first()
+                    .map_or("run".to_string(), |d| d.name.clone()),
+                message: super::first_line(&e.to_string()),
+            });
+        }
+        ran
+    }
+
     /// Records and submits `dispatches` without waiting.
     pub fn submit(&self, dispatches: &[Dispatch]) -> Result<()> {
         let context = dispatches

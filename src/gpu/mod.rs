@@ -359,6 +359,28 @@ impl Gpu {
         Ok(value)
     }
 
+    /// Runs `f` inside a validation scope whose verdict is read later from the returned signal
+    /// (the error's message, or `None`): natively it is known at once; in a browser it arrives
+    /// from the event loop, so a caller that cannot wait (a kernel family building candidates to
+    /// measure later) still learns which of them the device refused, and the refusal does not
+    /// surface as an unrelated error at the next `check`.
+    pub fn scoped_later<T>(&self, f: impl FnOnce() -> T) -> (T, Signal<Option<String>>) {
+        let verdict = Signal::new();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        let popped = scope.pop();
+        #[cfg(not(target_arch = "wasm32"))]
+        verdict.set(pollster::block_on(popped).map(|e| first_line(&e.to_string())));
+        #[cfg(target_arch = "wasm32")]
+        {
+            let v = verdict.clone();
+            wasm_bindgen_futures::spawn_local(async move {
+                v.set(popped.await.map(|e| first_line(&e.to_string())));
+            });
+        }
+        (value, verdict)
+    }
+
     /// Reports device loss or an error that escaped every scope.
     pub fn check(&self, context: &str) -> Result<()> {
         if let Some(reason) = self.lost.lock().unwrap().clone() {
@@ -391,6 +413,25 @@ impl Gpu {
 
     /// Blocks until the queue is idle.
     pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::DeviceLost {
+                reason: e.to_string(),
+            })?;
+        self.check("wait")
+    }
+
+    /// `wait`, awaited: natively it blocks as `wait` does; in a browser it resolves when the
+    /// queue reports its submitted work done (from the event loop).
+    pub async fn wait_async(&self) -> Result<()> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            let done = Signal::new();
+            let d = done.clone();
+            self.queue.on_submitted_work_done(move || d.set(()));
+            done.wait().await;
+        }
+        #[cfg(not(target_arch = "wasm32"))]
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::DeviceLost {

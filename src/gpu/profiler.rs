@@ -1,7 +1,8 @@
 //! Per-dispatch GPU timing: timestamp queries around each dispatch where the adapter has them,
 //! wall clock around a submission of each dispatch alone where it does not.
 
-use std::time::Instant;
+// std's Instant panics in a browser; web_time's is std's natively and performance.now() there.
+use web_time::Instant;
 
 use super::{Dispatch, Gpu};
 use crate::error::Result;
@@ -39,20 +40,26 @@ impl Gpu {
     /// Runs `dispatches` in order, each in its own compute pass, and returns the GPU time of each
     /// in seconds.
     pub fn profile(&self, dispatches: &[Dispatch]) -> Result<Vec<f64>> {
+        super::block_on("profiling", self.profile_async(dispatches))
+    }
+
+    /// `profile`, awaited (a browser reads timestamps back, or learns the queue is done, from
+    /// its event loop).
+    pub async fn profile_async(&self, dispatches: &[Dispatch]) -> Result<Vec<f64>> {
         match self.timing_method() {
             TimingMethod::Timestamps => {
                 let mut out = Vec::with_capacity(dispatches.len());
                 for chunk in dispatches.chunks(MAX_QUERIES / 2) {
-                    out.extend(self.profile_timestamps(chunk)?);
+                    out.extend(self.profile_timestamps(chunk).await?);
                 }
                 Ok(out)
             }
             TimingMethod::WallClock => {
-                self.wait()?;
+                self.wait_async().await?;
                 let mut out = Vec::with_capacity(dispatches.len());
                 for d in dispatches {
                     let t = Instant::now();
-                    self.run(std::slice::from_ref(d))?;
+                    self.run_async(std::slice::from_ref(d)).await?;
                     out.push(t.elapsed().as_secs_f64());
                 }
                 Ok(out)
@@ -60,7 +67,7 @@ impl Gpu {
         }
     }
 
-    fn profile_timestamps(&self, dispatches: &[Dispatch]) -> Result<Vec<f64>> {
+    async fn profile_timestamps(&self, dispatches: &[Dispatch]) -> Result<Vec<f64>> {
         let n = dispatches.len() as u32 * 2;
         let bytes = n as u64 * 8;
         let (query_set, resolve, staging) = self.scoped("profiler", bytes, || {
@@ -106,7 +113,7 @@ impl Gpu {
             enc.copy_buffer_to_buffer(&resolve, 0, &staging, 0, bytes);
             self.queue.submit([enc.finish()]);
         })?;
-        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.map_read(&staging)?);
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.map_read_async(&staging).await?);
         let period_ns = self.queue.get_timestamp_period() as f64;
         Ok(ticks
             .chunks(2)

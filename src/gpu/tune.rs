@@ -9,6 +9,10 @@
 //! file is written atomically (a temporary file renamed over it); a corrupt, stale or unreadable
 //! file costs one warning and is re-tuned; an unwritable directory costs one warning and the run
 //! goes on with its choices in memory.
+//!
+//! Where measuring cannot block (a browser's GPU answers only from its event loop), a problem
+//! that needs measuring is deferred instead: the fixed rule serves at once, and the problem waits
+//! here, its candidates built, until `kernels::tune::tune_pending` measures it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +21,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use super::{Dispatch, Signal, View};
 use crate::error::{Error, Result};
 
 /// Environment variable holding the tuning mode (`on`, `cached`, `off`).
@@ -115,6 +120,44 @@ fn key(family: &str, problem: &str) -> String {
     format!("{family}: {problem}")
 }
 
+/// One candidate set up to run: its dispatches and the tensor its result lands in.
+pub struct Trial {
+    pub dispatches: Vec<Dispatch>,
+    pub output: View,
+}
+
+/// A problem of a kernel family, with its candidates.
+#[derive(Clone, Debug)]
+pub struct Problem {
+    pub family: &'static str,
+    /// The bucket: problems with the same bucket share one measurement.
+    pub bucket: String,
+    /// The exact shape, for reports.
+    pub shape: String,
+    /// Names of the variants that can compute it; the first is the baseline the others are
+    /// checked against (a family lists a tested, fast kernel first, e.g. its fixed rule's).
+    pub candidates: Vec<String>,
+    /// What the fixed rule takes (one of the candidates).
+    pub rule: String,
+    /// Largest accepted difference from the baseline: `atol + rtol·|baseline|` per element.
+    pub atol: f64,
+    pub rtol: f64,
+}
+
+/// A candidate built for a deferred measurement: its trial (or why it could not be built), and
+/// the device's verdict on building it (a validation error, known once the event loop answers).
+pub struct Built {
+    pub name: String,
+    pub trial: Result<Trial>,
+    pub errors: Signal<Option<String>>,
+}
+
+/// A problem waiting to be measured, with its candidates built on inputs of their own.
+pub struct Deferred {
+    pub problem: Problem,
+    pub built: Vec<Built>,
+}
+
 /// What the store says about a problem.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lookup {
@@ -188,6 +231,8 @@ struct State {
     pinned: BTreeMap<String, String>,
     /// Keys looked up by this process, in first-use order, with the variant used.
     used: Vec<(String, String)>,
+    /// Problems to measure later (see `defers`), in first-use order.
+    pending: Vec<Deferred>,
     warned_write: bool,
 }
 
@@ -197,6 +242,8 @@ pub struct Tuner {
     identity: Identity,
     /// The cache file; `None` when no cache directory is known.
     path: Option<PathBuf>,
+    /// Whether a problem to measure is deferred rather than measured on the spot.
+    defers: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
 }
 
@@ -249,8 +296,45 @@ impl Tuner {
             mode,
             identity,
             path,
+            // A browser cannot block on the GPU: there measuring waits for `tune_pending`.
+            defers: cfg!(target_arch = "wasm32").into(),
             state: Mutex::new(state),
         }
+    }
+
+    /// Whether problems to measure are deferred (in a browser) rather than measured on the spot.
+    pub fn defers(&self) -> bool {
+        self.defers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Defers measuring (or not) from now on; natively measuring is on the spot by default.
+    pub fn set_defers(&self, defers: bool) {
+        self.defers
+            .store(defers, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether `problem` of `family` already waits to be measured.
+    pub fn is_pending(&self, family: &str, problem: &str) -> bool {
+        let state = self.state.lock().unwrap();
+        state
+            .pending
+            .iter()
+            .any(|d| d.problem.family == family && d.problem.bucket == problem)
+    }
+
+    /// Keeps a problem to measure later.
+    pub fn defer(&self, deferred: Deferred) {
+        self.state.lock().unwrap().pending.push(deferred);
+    }
+
+    /// The problems waiting to be measured, leaving none.
+    pub fn take_pending(&self) -> Vec<Deferred> {
+        std::mem::take(&mut self.state.lock().unwrap().pending)
+    }
+
+    /// How many problems wait to be measured.
+    pub fn pending(&self) -> usize {
+        self.state.lock().unwrap().pending.len()
     }
 
     pub fn mode(&self) -> TuneMode {
@@ -288,12 +372,15 @@ impl Tuner {
     }
 
     /// Notes that this process computes `problem` of `family` with `variant` (for checkpoints
-    /// and the `tune` table).
+    /// and the `tune` table). A problem used again keeps its place in the order, with the variant
+    /// of its latest use (a deferred problem is first computed by the fixed rule, then, once
+    /// measured, by its winner).
     pub fn note_use(&self, family: &str, problem: &str, variant: &str) {
         let k = key(family, problem);
         let mut state = self.state.lock().unwrap();
-        if !state.used.iter().any(|(u, _)| *u == k) {
-            state.used.push((k, variant.to_string()));
+        match state.used.iter_mut().find(|(u, _)| *u == k) {
+            Some(u) => u.1 = variant.to_string(),
+            None => state.used.push((k, variant.to_string())),
         }
     }
 

@@ -270,12 +270,21 @@ impl BenchReport {
 /// Times `dispatches` as one unit: `opts.warmup` unrecorded runs, then `opts.runs` runs whose
 /// per-dispatch GPU times are summed per run.
 pub fn time(gpu: &Gpu, dispatches: &[Dispatch], opts: &BenchOptions) -> Result<TimeStats> {
+    crate::gpu::block_on("timing kernels", time_async(gpu, dispatches, opts))
+}
+
+/// `time`, awaited (how a browser times: its GPU answers from the event loop).
+pub async fn time_async(
+    gpu: &Gpu,
+    dispatches: &[Dispatch],
+    opts: &BenchOptions,
+) -> Result<TimeStats> {
     for _ in 0..opts.warmup {
-        gpu.run(dispatches)?;
+        gpu.run_async(dispatches).await?;
     }
     let mut samples = Vec::with_capacity(opts.runs);
     for _ in 0..opts.runs.max(1) {
-        let t = gpu.profile(dispatches)?;
+        let t = gpu.profile_async(dispatches).await?;
         samples.push(t.iter().sum());
     }
     Ok(TimeStats::from_samples(&samples))

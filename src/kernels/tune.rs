@@ -7,36 +7,23 @@
 //! the survivors are timed (a warm-up, then timed runs: timestamp queries where the adapter has
 //! them, wall clock otherwise) and the fastest median wins. The outcome goes to the adapter's
 //! `Tuner` (and its cache file), so a problem is measured once per adapter and shader source.
+//!
+//! The measurement is asynchronous at its core (its readbacks and its clock wait on the GPU):
+//! natively `choose` blocks on it; in a browser, which can only await the GPU from its event
+//! loop, `choose` builds the candidates, serves the fixed rule and defers the problem, and
+//! `tune_pending` measures what was deferred (the caller then rebuilds what it built, which
+//! now finds the winners).
 
-use std::time::Instant;
+use std::collections::HashMap;
+
+// std's Instant panics in a browser; web_time's is std's natively and performance.now() there.
+use web_time::Instant;
 
 use super::harness::{self, BenchOptions};
-use crate::error::Result;
-use crate::gpu::tune::{Choice, Lookup};
-use crate::gpu::{Dispatch, Gpu, View};
-
-/// One candidate set up to run: its dispatches and the tensor its result lands in.
-pub struct Trial {
-    pub dispatches: Vec<Dispatch>,
-    pub output: View,
-}
-
-/// A problem of a family, with its candidates.
-pub struct Problem {
-    pub family: &'static str,
-    /// The bucket: problems with the same bucket share one measurement.
-    pub bucket: String,
-    /// The exact shape, for reports.
-    pub shape: String,
-    /// Names of the variants that can compute it; the first is the baseline the others are
-    /// checked against (a family lists a tested, fast kernel first, e.g. its fixed rule's).
-    pub candidates: Vec<String>,
-    /// What the fixed rule takes (one of the candidates).
-    pub rule: String,
-    /// Largest accepted difference from the baseline: `atol + rtol·|baseline|` per element.
-    pub atol: f64,
-    pub rtol: f64,
-}
+use crate::error::{Error, Result};
+use crate::gpu::tune::{Built, Choice, Deferred, Lookup};
+pub use crate::gpu::tune::{Problem, Trial};
+use crate::gpu::{Gpu, block_on};
 
 /// Longest a candidate is timed for before the measurement stops early (seconds).
 const TIME_BUDGET: f64 = 1.5;
@@ -58,6 +45,8 @@ const CHEAP_RUNS: usize = 21;
 
 /// The variant to compute `problem` with: pinned or cached, measured now (tuning on), or the
 /// fixed rule. `build` sets up a candidate by name on inputs that stay the same across calls.
+/// Where the tuner defers (in a browser), a problem to measure gets the fixed rule now and waits
+/// for `tune_pending`, its candidates built.
 pub fn choose(
     gpu: &Gpu,
     problem: &Problem,
@@ -70,8 +59,12 @@ pub fn choose(
         Lookup::Use(v) => v,
         Lookup::Rule => problem.rule.clone(),
         Lookup::Measure if problem.candidates.len() <= 1 => problem.rule.clone(),
+        Lookup::Measure if gpu.tuner.defers() => {
+            defer(gpu, problem, build);
+            problem.rule.clone()
+        }
         Lookup::Measure => {
-            let choice = measure(gpu, problem, build)?;
+            let choice = block_on("measuring kernels", measure(gpu, problem, build))?;
             let winner = choice.winner.clone();
             gpu.tuner.record(choice);
             winner
@@ -79,6 +72,61 @@ pub fn choose(
     };
     gpu.tuner.note_use(problem.family, &problem.bucket, &chosen);
     Ok(chosen)
+}
+
+/// Builds every candidate of `problem` now (`build` borrows the caller's inputs, which are gone
+/// by the time the problem is measured) and keeps them in the tuner, once per problem.
+fn defer(gpu: &Gpu, problem: &Problem, build: &mut dyn FnMut(&str) -> Result<Trial>) {
+    if gpu.tuner.is_pending(problem.family, &problem.bucket) {
+        return;
+    }
+    let built = problem
+        .candidates
+        .iter()
+        .map(|name| {
+            let (trial, errors) = gpu.scoped_later(|| build(name));
+            Built {
+                name: name.clone(),
+                trial,
+                errors,
+            }
+        })
+        .collect();
+    gpu.tuner.defer(Deferred {
+        problem: problem.clone(),
+        built,
+    });
+}
+
+/// Measures every problem deferred so far and records the choices in the adapter's tuner;
+/// returns how many were measured. Later calls of `choose` for them return their winners.
+pub async fn tune_pending(gpu: &Gpu) -> Result<usize> {
+    let pending = gpu.tuner.take_pending();
+    let count = pending.len();
+    for Deferred { problem, built } in pending {
+        let mut trials: HashMap<String, Result<Trial>> = HashMap::new();
+        for b in built {
+            let trial = match b.errors.wait().await {
+                Some(message) => Err(Error::Validation {
+                    context: format!("{} variant {}", problem.family, b.name),
+                    message,
+                }),
+                None => b.trial,
+            };
+            trials.insert(b.name, trial);
+        }
+        let mut take = |name: &str| {
+            trials.remove(name).unwrap_or_else(|| {
+                Err(Error::invalid(
+                    "kernel tuning",
+                    format!("{} variant {name} was not built", problem.family),
+                ))
+            })
+        };
+        let choice = measure(gpu, &problem, &mut take).await?;
+        gpu.tuner.record(choice);
+    }
+    Ok(count)
 }
 
 /// The largest `|x - base|` over `atol + rtol·|base|`, and its index (infinite where only one
@@ -107,12 +155,21 @@ fn worst(x: &[f32], base: &[f32], atol: f64, rtol: f64) -> (f64, usize) {
     w
 }
 
-fn measure(
+/// Checks every candidate against the baseline and times the survivors (see the module's
+/// comment); `build` hands over each candidate once, by name, the baseline first.
+async fn measure(
     gpu: &Gpu,
     problem: &Problem,
     build: &mut dyn FnMut(&str) -> Result<Trial>,
 ) -> Result<Choice> {
-    let bar = indicatif::ProgressBar::new(problem.candidates.len() as u64);
+    // A browser has no terminal to draw on.
+    let target = if cfg!(target_arch = "wasm32") {
+        indicatif::ProgressDrawTarget::hidden()
+    } else {
+        indicatif::ProgressDrawTarget::stderr()
+    };
+    let bar =
+        indicatif::ProgressBar::with_draw_target(Some(problem.candidates.len() as u64), target);
     bar.set_style(
         indicatif::ProgressStyle::with_template("tuning {msg} [{bar:20}] {pos}/{len}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
@@ -123,9 +180,9 @@ fn measure(
     let base_name = &problem.candidates[0];
     let base = build(base_name)?;
     let t0 = Instant::now();
-    gpu.run(&base.dispatches)?;
+    gpu.run_checked_async(&base.dispatches).await?;
     let base_time = t0.elapsed().as_secs_f64();
-    let expected = gpu.read_f32(&base.output)?;
+    let expected = gpu.read_f32_async(&base.output).await?;
     if base_time > MAX_BASELINE {
         bar.finish_and_clear();
         return Ok(Choice {
@@ -150,7 +207,7 @@ fn measure(
     let mut cost = (0, 0);
     for name in &problem.candidates {
         bar.inc(1);
-        let outcome = (|| -> Result<std::result::Result<f64, String>> {
+        let outcome = async {
             let trial = if name == base_name {
                 Trial {
                     dispatches: base.dispatches.clone(),
@@ -160,9 +217,9 @@ fn measure(
                 build(name)?
             };
             let t0 = Instant::now();
-            gpu.run(&trial.dispatches)?;
+            gpu.run_checked_async(&trial.dispatches).await?;
             let first = t0.elapsed().as_secs_f64();
-            let got = gpu.read_f32(&trial.output)?;
+            let got = gpu.read_f32_async(&trial.output).await?;
             let (w, i) = worst(&got, &expected, problem.atol, problem.rtol);
             if w > 1.0 {
                 return Ok(Err(format!(
@@ -183,26 +240,27 @@ fn measure(
                 runs,
                 ..BenchOptions::default()
             };
-            let mut stats = harness::time(gpu, &trial.dispatches, &opts)?;
+            let mut stats = harness::time_async(gpu, &trial.dispatches, &opts).await?;
             if stats.median < CHEAP_RUN {
                 let opts = BenchOptions {
                     warmup: 0,
                     runs: CHEAP_RUNS,
                     ..BenchOptions::default()
                 };
-                stats = harness::time(gpu, &trial.dispatches, &opts)?;
+                stats = harness::time_async(gpu, &trial.dispatches, &opts).await?;
             }
             cost = trial
                 .dispatches
                 .iter()
                 .fold((0, 0), |c, d| (c.0 + d.cost.flops, c.1 + d.cost.bytes));
-            Ok(Ok(stats.median))
-        })();
+            Ok::<_, Error>(Ok::<f64, String>(stats.median))
+        }
+        .await;
         match outcome {
             Ok(Ok(t)) => times.push((name.clone(), t)),
             Ok(Err(why)) => rejected.push((name.clone(), why)),
             // A variant the device cannot build or run is rejected, not fatal; a lost device is.
-            Err(e @ crate::Error::DeviceLost { .. }) => return Err(e),
+            Err(e @ Error::DeviceLost { .. }) => return Err(e),
             Err(e) => rejected.push((name.clone(), e.to_string())),
         }
     }

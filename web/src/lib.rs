@@ -14,6 +14,7 @@ use shaderformer::gpu::{DType, Gpu, GpuOptions, TuneMode};
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore, Shard, StepResult};
 use shaderformer::infer::{self, Engine, SampleOptions};
 use shaderformer::io::vocab::Vocab;
+use shaderformer::kernels::tune;
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::model::{GptConfig, ParamTable};
 use shaderformer::rng::Rng;
@@ -37,14 +38,32 @@ async fn gpu() -> JsResult<&'static Gpu> {
     if let Some(g) = GPU.with(|g| g.get()) {
         return Ok(g);
     }
-    // The kernels' fixed rules: the tuner's timing and cache are native only for now.
+    // Kernels are chosen by measurement as natively, in memory for the page's life: a problem
+    // first met is computed by the fixed rule and measured by `tune` (the page cannot block on
+    // the GPU while building a graph).
     let opts = GpuOptions {
-        tune: TuneMode::Off,
+        tune: TuneMode::On,
         ..GpuOptions::default()
     };
     let g: &'static Gpu = Box::leak(Box::new(Gpu::new_async(&opts).await.map_err(err)?));
     GPU.with(|c| c.set(Some(g)));
     Ok(g)
+}
+
+/// Measures every kernel problem met since the last call and not measured before (see
+/// `kernels::tune`); returns how many. What is built afterwards uses the winners.
+#[wasm_bindgen]
+pub async fn tune_kernels() -> JsResult<u32> {
+    let gpu = gpu().await?;
+    let n = tune::tune_pending(gpu).await.map_err(err)?;
+    Ok(n as u32)
+}
+
+/// The kernel variant of every problem computed so far, by "family: problem": JSON.
+#[wasm_bindgen]
+pub async fn kernels() -> JsResult<String> {
+    let gpu = gpu().await?;
+    Ok(serde_json::to_string(&gpu.tuner.used()).unwrap_or_default())
 }
 
 /// The adapter and the limits that bound what the page can train: JSON.
@@ -200,18 +219,7 @@ pub async fn trainer(
     table.check_fits(gpu).map_err(err)?;
     let init = table.init(&model, cfg.seed);
     let store = ParamStore::new(gpu, &table.store_specs(), &init, true).map_err(err)?;
-    let opts = ExecOptions {
-        reuse: true,
-        grad_accum: cfg.grad_accum,
-        adamw: cfg.adamw(),
-        seed: cfg.seed as u32,
-        // The page is one rank.
-        shard: Shard::default(),
-    };
-    let g = gpt::build_for(&model, &table, b, t, Mode::Train, gpu.max_binding());
-    let exec = Executor::new(gpu, g.graph, &store, opts.clone()).map_err(err)?;
-    let g = gpt::build_for(&model, &table, b, t, Mode::Eval, gpu.max_binding());
-    let eval = Executor::new(gpu, g.graph, &store, opts).map_err(err)?;
+    let (exec, eval) = executors(gpu, &cfg, &model, &store)?;
     let loader = Loader::new(cfg.loader, b, t, cfg.seed);
     // Errors of pipeline creation arrive from the event loop: let them in before training.
     gpu.check("building the model").map_err(err)?;
@@ -228,8 +236,48 @@ pub async fn trainer(
     })
 }
 
+/// The training and evaluation executors of `model` over `store`.
+fn executors(
+    gpu: &'static Gpu,
+    cfg: &TrainConfig,
+    model: &GptConfig,
+    store: &ParamStore,
+) -> JsResult<(Executor<'static>, Executor<'static>)> {
+    let table = ParamTable::new(model);
+    let (b, t) = (cfg.batch_size, cfg.block_size);
+    let opts = ExecOptions {
+        reuse: true,
+        grad_accum: cfg.grad_accum,
+        adamw: cfg.adamw(),
+        seed: cfg.seed as u32,
+        // The page is one rank.
+        shard: Shard::default(),
+    };
+    let g = gpt::build_for(model, &table, b, t, Mode::Train, gpu.max_binding());
+    let exec = Executor::new(gpu, g.graph, store, opts.clone()).map_err(err)?;
+    let g = gpt::build_for(model, &table, b, t, Mode::Eval, gpu.max_binding());
+    let eval = Executor::new(gpu, g.graph, store, opts).map_err(err)?;
+    Ok((exec, eval))
+}
+
 #[wasm_bindgen]
 impl Trainer {
+    /// Measures the kernels the training and evaluation graphs met for the first time (they
+    /// were built with the fixed rules) and rebuilds both graphs with the winners; returns how
+    /// many problems were measured. Before the first step only: the run's steps all use the
+    /// same kernels, as a native run's do.
+    pub async fn tune(&mut self) -> JsResult<u32> {
+        if self.step > 0 {
+            return Err(JsValue::from_str("kernels are tuned before the first step"));
+        }
+        let n = tune_kernels().await?;
+        if n > 0 {
+            (self.exec, self.eval) = executors(self.gpu, &self.cfg, &self.model, &self.store)?;
+            self.gpu.check("rebuilding the model").map_err(err)?;
+        }
+        Ok(n)
+    }
+
     /// A one-line description of the data and the model.
     pub fn describe(&self) -> String {
         json!({
