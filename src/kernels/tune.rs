@@ -162,21 +162,7 @@ async fn measure(
     problem: &Problem,
     build: &mut dyn FnMut(&str) -> Result<Trial>,
 ) -> Result<Choice> {
-    // A browser has no terminal to draw on.
-    let target = if cfg!(target_arch = "wasm32") {
-        indicatif::ProgressDrawTarget::hidden()
-    } else {
-        indicatif::ProgressDrawTarget::stderr()
-    };
-    let bar =
-        indicatif::ProgressBar::with_draw_target(Some(problem.candidates.len() as u64), target);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("tuning {msg} [{bar:20}] {pos}/{len}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_message(format!("{} {}", problem.family, problem.shape));
-
+    let bar = progress_bar(problem);
     let base_name = &problem.candidates[0];
     let base = build(base_name)?;
     let t0 = Instant::now();
@@ -185,79 +171,31 @@ async fn measure(
     let expected = gpu.read_f32_async(&base.output).await?;
     if base_time > MAX_BASELINE {
         bar.finish_and_clear();
-        return Ok(Choice {
-            family: problem.family.to_string(),
-            problem: problem.bucket.clone(),
-            shape: problem.shape.clone(),
-            winner: problem.rule.clone(),
-            rule: problem.rule.clone(),
-            times: vec![(base_name.clone(), base_time)],
-            rejected: vec![(
-                "the other candidates".into(),
-                format!(
-                    "not measured: one run of {base_name} took {base_time:.1} s (over {MAX_BASELINE} s)"
-                ),
-            )],
-            flops: base.dispatches.iter().map(|d| d.cost.flops).sum(),
-            bytes: base.dispatches.iter().map(|d| d.cost.bytes).sum(),
-        });
+        return Ok(unmeasured(problem, &base, base_time));
     }
-    let mut times = Vec::new();
+    let mut times: Vec<(String, f64)> = Vec::new();
     let mut rejected = Vec::new();
     let mut cost = (0, 0);
     for name in &problem.candidates {
         bar.inc(1);
-        let outcome = async {
-            let trial = if name == base_name {
-                Trial {
-                    dispatches: base.dispatches.clone(),
-                    output: base.output.clone(),
-                }
-            } else {
-                build(name)?
-            };
-            let t0 = Instant::now();
-            gpu.run_checked_async(&trial.dispatches).await?;
-            let first = t0.elapsed().as_secs_f64();
-            let got = gpu.read_f32_async(&trial.output).await?;
-            let (w, i) = worst(&got, &expected, problem.atol, problem.rtol);
-            if w > 1.0 {
-                return Ok(Err(format!(
-                    "element {i}: {} against the baseline's {}",
-                    got[i], expected[i]
-                )));
-            }
-            let best = times
-                .iter()
-                .map(|t: &(String, f64)| t.1)
-                .fold(f64::INFINITY, f64::min);
-            if first > SLOW_RUN && first > SLOWER * best {
-                return Ok(Ok(first));
-            }
-            let runs = ((TIME_BUDGET / first.max(1e-6)) as usize).clamp(1, MAX_RUNS);
-            let opts = BenchOptions {
-                warmup: 0,
-                runs,
-                ..BenchOptions::default()
-            };
-            let mut stats = harness::time_async(gpu, &trial.dispatches, &opts).await?;
-            if stats.median < CHEAP_RUN {
-                let opts = BenchOptions {
-                    warmup: 0,
-                    runs: CHEAP_RUNS,
-                    ..BenchOptions::default()
-                };
-                stats = harness::time_async(gpu, &trial.dispatches, &opts).await?;
-            }
-            cost = trial
-                .dispatches
-                .iter()
-                .fold((0, 0), |c, d| (c.0 + d.cost.flops, c.1 + d.cost.bytes));
-            Ok::<_, Error>(Ok::<f64, String>(stats.median))
-        }
-        .await;
+        let trial = if name == base_name {
+            Ok(Trial {
+                dispatches: base.dispatches.clone(),
+                output: base.output.clone(),
+            })
+        } else {
+            build(name)
+        };
+        let best = times.iter().map(|t| t.1).fold(f64::INFINITY, f64::min);
+        let outcome = match trial {
+            Ok(trial) => time_candidate(gpu, problem, &trial, &expected, best).await,
+            Err(e) => Err(e),
+        };
         match outcome {
-            Ok(Ok(t)) => times.push((name.clone(), t)),
+            Ok(Ok((t, timed_cost))) => {
+                times.push((name.clone(), t));
+                cost = timed_cost.unwrap_or(cost);
+            }
             Ok(Err(why)) => rejected.push((name.clone(), why)),
             // A variant the device cannot build or run is rejected, not fatal; a lost device is.
             Err(e @ Error::DeviceLost { .. }) => return Err(e),
@@ -280,6 +218,92 @@ async fn measure(
         flops: cost.0,
         bytes: cost.1,
     })
+}
+
+/// The bar that shows a problem's measurement on the terminal (a browser has none to draw on).
+fn progress_bar(problem: &Problem) -> indicatif::ProgressBar {
+    let target = if cfg!(target_arch = "wasm32") {
+        indicatif::ProgressDrawTarget::hidden()
+    } else {
+        indicatif::ProgressDrawTarget::stderr()
+    };
+    let bar =
+        indicatif::ProgressBar::with_draw_target(Some(problem.candidates.len() as u64), target);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("tuning {msg} [{bar:20}] {pos}/{len}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("{} {}", problem.family, problem.shape));
+    bar
+}
+
+/// The outcome for a problem whose baseline alone ran too long to measure the others: the fixed
+/// rule, with the reason.
+fn unmeasured(problem: &Problem, base: &Trial, base_time: f64) -> Choice {
+    let base_name = &problem.candidates[0];
+    Choice {
+        family: problem.family.to_string(),
+        problem: problem.bucket.clone(),
+        shape: problem.shape.clone(),
+        winner: problem.rule.clone(),
+        rule: problem.rule.clone(),
+        times: vec![(base_name.clone(), base_time)],
+        rejected: vec![(
+            "the other candidates".into(),
+            format!(
+                "not measured: one run of {base_name} took {base_time:.1} s (over {MAX_BASELINE} s)"
+            ),
+        )],
+        flops: base.dispatches.iter().map(|d| d.cost.flops).sum(),
+        bytes: base.dispatches.iter().map(|d| d.cost.bytes).sum(),
+    }
+}
+
+/// One candidate's checked run against the baseline's output `expected`, then its timed runs:
+/// its median and (flops, bytes), or only its first run's time where that was already too slow
+/// against `best` (the fastest median so far), or why its output was rejected.
+async fn time_candidate(
+    gpu: &Gpu,
+    problem: &Problem,
+    trial: &Trial,
+    expected: &[f32],
+    best: f64,
+) -> Result<std::result::Result<(f64, Option<(u64, u64)>), String>> {
+    let t0 = Instant::now();
+    gpu.run_checked_async(&trial.dispatches).await?;
+    let first = t0.elapsed().as_secs_f64();
+    let got = gpu.read_f32_async(&trial.output).await?;
+    let (w, i) = worst(&got, expected, problem.atol, problem.rtol);
+    if w > 1.0 {
+        return Ok(Err(format!(
+            "element {i}: {} against the baseline's {}",
+            got[i], expected[i]
+        )));
+    }
+    if first > SLOW_RUN && first > SLOWER * best {
+        return Ok(Ok((first, None)));
+    }
+    let runs = ((TIME_BUDGET / first.max(1e-6)) as usize).clamp(1, MAX_RUNS);
+    let opts = BenchOptions {
+        warmup: 0,
+        runs,
+        ..BenchOptions::default()
+    };
+    let mut stats = harness::time_async(gpu, &trial.dispatches, &opts).await?;
+    if stats.median < CHEAP_RUN {
+        let opts = BenchOptions {
+            warmup: 0,
+            runs: CHEAP_RUNS,
+            ..BenchOptions::default()
+        };
+        stats = harness::time_async(gpu, &trial.dispatches, &opts).await?;
+    }
+    let cost = trial
+        .dispatches
+        .iter()
+        .fold((0, 0), |c, d| (c.0 + d.cost.flops, c.1 + d.cost.bytes));
+    Ok(Ok((stats.median, Some(cost))))
 }
 
 /// Rounds a dimension up to its bucket: itself up to 16, then the next power of two, so that a
