@@ -424,20 +424,16 @@ impl Gpu {
     /// `wait`, awaited: natively it blocks as `wait` does; in a browser it resolves when the
     /// queue reports its submitted work done (from the event loop).
     pub async fn wait_async(&self) -> Result<()> {
+        #[cfg(not(target_arch = "wasm32"))]
+        return self.wait();
         #[cfg(target_arch = "wasm32")]
         {
             let done = Signal::new();
             let d = done.clone();
             self.queue.on_submitted_work_done(move || d.set(()));
             done.wait().await;
+            self.check("wait")
         }
-        #[cfg(not(target_arch = "wasm32"))]
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::DeviceLost {
-                reason: e.to_string(),
-            })?;
-        self.check("wait")
     }
 }
 
