@@ -39,10 +39,11 @@
 //   gemm_reg, gemm_reg_vb
 //                    register blocks straight from memory, no workgroup memory or barriers, b read
 //                    as scalars or vec4: meant for CPU adapters (lavapipe), see below.
-//   gemm_ureg, gemm_ureg_vb
-//                    gemm_reg's 8 × 4 blocks written out with named registers (see there).
+//   gemm_ureg, gemm_ureg_vb, gemm_ureg_vab
+//                    gemm_reg's 8 × 4 blocks written out with named registers (see there), b or
+//                    both operands read as vec4.
 //   gemm_pack_b      the first pass of the packed-B kernel: bᵀ into a scratch buffer, so that
-//                    gemm_ureg_vb reads it along K (see there).
+//                    gemm_ureg_vb or gemm_ureg_vab reads it along K (see there).
 //   gemm_splitk_reduce
 //                    the second pass of split-K (weight gradients: long K, small output); it sums
 //                    per-slice partials, so its summation order differs from the others.
@@ -959,9 +960,10 @@ fn gemm_ureg_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 
 // gemm_pack_b: c (N, KP) = bᵀ for b (K, N) (one batch entry, f32), columns K .. KP of c zero:
 // the first pass of the packed-B kernel (src/kernels/gemm.rs), which then runs gemm_ureg_vb
-// with TRANS_B on c. Read down b's columns, gemm_ureg_vb's lanes would each step to a new row of
-// b every k (ldb apart, a new memory page when ldb is 1024 floats or more), which measured 2-3x
-// slower on lavapipe than the run along k that bᵀ gives each lane. KP = p.ldc, a multiple of 4.
+// (or gemm_ureg_vab) with TRANS_B on c. Read down b's columns, gemm_ureg_vb's lanes would each
+// step to a new row of b every k (ldb apart, a new memory page when ldb is 1024 floats or more),
+// which measured 2-3x slower on lavapipe than the run along k that bᵀ gives each lane. KP =
+// p.ldc, a multiple of 4.
 // Outputs in c's order, workgroups of 256 striding over them (the grid may hold fewer
 // workgroups than outputs / 256 where the adapter's per-dimension limit is small).
 @compute @workgroup_size(256)
