@@ -40,8 +40,8 @@
 //                    register blocks straight from memory, no workgroup memory or barriers, b read
 //                    as scalars or vec4: meant for CPU adapters (lavapipe), see below.
 //   gemm_ureg, gemm_ureg_vb, gemm_ureg_vab
-//                    gemm_reg's 8 × 4 blocks written out with named registers (see there), b or
-//                    both operands read as vec4.
+//                    gemm_reg's 8 × 4 to 16 × 8 blocks written out with named registers (see
+//                    there), b or both operands read as vec4.
 //   gemm_pack_b      the first pass of the packed-B kernel: bᵀ into a scratch buffer, so that
 //                    gemm_ureg_vb or gemm_ureg_vab reads it along K (see there).
 //   gemm_splitk_reduce
@@ -688,19 +688,40 @@ fn gemm_reg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
 }
 
-// gemm_ureg, gemm_ureg_vb: gemm_reg's work split (REG_M = 8 rows, REG_NV = 1, REG_WG
-// invocations side by side along N, split-K as there) with the register block written out:
-// eight named vec4 sums and eight row addresses instead of arrays indexed in loops, one k per
-// step. Compilers for CPU adapters (lavapipe's LLVM) keep named values in registers but spill
+// gemm_ureg, gemm_ureg_vb, gemm_ureg_vab: gemm_reg's work split (REG_M = 8 or 16 rows, REG_NV =
+// 1 or 2 column vec4s, REG_WG invocations side by side along N, split-K as there) with the
+// register block written out: named vec4 sums and row addresses instead of arrays indexed in
+// loops. Compilers for CPU adapters (lavapipe's LLVM) keep named values in registers but spill
 // arrays indexed by loop counters to memory, and the runtime checks of array indices cost as much
-// again; measured there, this form runs about 3x faster than gemm_reg. The sums are the same
-// fma chains in k order, so the results are those of the other kernels, bit for bit.
-// op(b)'s four columns of row k: gemm_ureg reads them as scalars (op_b); gemm_ureg_vb as one
-// vec4 along N when b is (K, N), or, when b is (N, K), one vec4 along K per column for four k at
-// once (then transposed in registers). A shader reads b either as scalars or as vec4s, never both.
+// again; measured there, this form runs about 3x faster than gemm_reg.
+// K runs in chunks of 4. Each chunk's operands are read once, op(a) as a UregA per 8 rows and
+// op(b) as a mat4x4 per column vec4, and each 8 × 4 part of the block (a UregSums) takes its fma
+// chain from them: the sums are the same fma chains in k order as every other kernel's, so the
+// results are the same bits. lavapipe loads memory lane by lane (a loop over the 8 lanes of a
+// vector, with a bounds check per component), whatever the address, so a read costs far more
+// than the fmas it feeds: a 16 × 8 block reads 24 vec4s for 512 fmas per chunk where an 8 × 4
+// block reads 12 for 128, and ran about 1.8x as many GFLOP/s at 512^3 (BENCHMARKS.md).
+// How each entry reads: gemm_ureg reads op(a) and op(b) as scalars; gemm_ureg_vb reads op(b) as
+// vec4 (along N when b is (K, N); when b is (N, K), one vec4 along K per column, transposed in
+// registers); gemm_ureg_vab reads op(a) as vec4 too (a's vec4 rules as the tiled kernels':
+// every row start and the row stride multiples of 4). A shader reads an operand either as
+// scalars or as vec4s, never both.
 struct UregSums {
     r0: vec4<f32>, r1: vec4<f32>, r2: vec4<f32>, r3: vec4<f32>,
     r4: vec4<f32>, r5: vec4<f32>, r6: vec4<f32>, r7: vec4<f32>,
+}
+
+// The block's sums: rows 0-7 and 8-15 (s1*: REG_M = 16 only) by column vec4 0 and 1 (s*1:
+// REG_NV = 2 only). Unused parts stay zero and are never stored.
+struct UregBlock {
+    s00: UregSums, s01: UregSums, s10: UregSums, s11: UregSums,
+}
+
+// One k chunk of eight rows of op(a): two mat4x4, lo for rows 0-3 and hi for rows 4-7, column q
+// holding the rows at k + q.
+struct UregA {
+    lo: mat4x4<f32>,
+    hi: mat4x4<f32>,
 }
 
 // Where op(a)(i0 + r, k) lies: at row[r] + k · step (rows past M clamped to the last).
@@ -726,13 +747,72 @@ fn ureg_rows(z: u32, i0: u32) -> UregRows {
         step);
 }
 
-// s + op(a)(i0 + r, k) · y for every row r of the block, with ka = k · rows.step.
-fn ureg_fma(s: UregSums, rows: UregRows, ka: u32, y: vec4<f32>) -> UregSums {
-    return UregSums(
-        fma(vec4<f32>(a[rows.r0 + ka]), y, s.r0), fma(vec4<f32>(a[rows.r1 + ka]), y, s.r1),
-        fma(vec4<f32>(a[rows.r2 + ka]), y, s.r2), fma(vec4<f32>(a[rows.r3 + ka]), y, s.r3),
-        fma(vec4<f32>(a[rows.r4 + ka]), y, s.r4), fma(vec4<f32>(a[rows.r5 + ka]), y, s.r5),
-        fma(vec4<f32>(a[rows.r6 + ka]), y, s.r6), fma(vec4<f32>(a[rows.r7 + ka]), y, s.r7));
+// The chunk at k of the eight rows, read as scalars (k past kend read the last k).
+fn ureg_a1(rows: UregRows, k: u32, kend: u32) -> UregA {
+    let last = kend - 1u;
+    let k0 = k * rows.step;
+    let k1 = min(k + 1u, last) * rows.step;
+    let k2 = min(k + 2u, last) * rows.step;
+    let k3 = min(k + 3u, last) * rows.step;
+    return UregA(
+        mat4x4<f32>(vec4<f32>(a[rows.r0 + k0], a[rows.r1 + k0], a[rows.r2 + k0], a[rows.r3 + k0]),
+                    vec4<f32>(a[rows.r0 + k1], a[rows.r1 + k1], a[rows.r2 + k1], a[rows.r3 + k1]),
+                    vec4<f32>(a[rows.r0 + k2], a[rows.r1 + k2], a[rows.r2 + k2], a[rows.r3 + k2]),
+                    vec4<f32>(a[rows.r0 + k3], a[rows.r1 + k3], a[rows.r2 + k3], a[rows.r3 + k3])),
+        mat4x4<f32>(vec4<f32>(a[rows.r4 + k0], a[rows.r5 + k0], a[rows.r6 + k0], a[rows.r7 + k0]),
+                    vec4<f32>(a[rows.r4 + k1], a[rows.r5 + k1], a[rows.r6 + k1], a[rows.r7 + k1]),
+                    vec4<f32>(a[rows.r4 + k2], a[rows.r5 + k2], a[rows.r6 + k2], a[rows.r7 + k2]),
+                    vec4<f32>(a[rows.r4 + k3], a[rows.r5 + k3], a[rows.r6 + k3], a[rows.r7 + k3])));
+}
+
+// The chunk at k (k a multiple of 4) of the eight rows from i0 (a multiple of 8), read as vec4
+// (rows and k past the edge read clamped rows or the row stride's padding, never stored).
+fn ureg_a4(z: u32, i0: u32, k: u32, kend: u32) -> UregA {
+    let base = p.a_off + z * p.a_bs;
+    if (TRANS_A) {
+        // Element (i, k) at base + k · lda + i: rows i0 .. i0 + 3 and i0 + 4 .. i0 + 7 of row k
+        // of the stored matrix are two aligned vec4s (each clamped to the last one that holds a
+        // row below M); k past kend read the last k.
+        let edge = (p.m - 1u) & ~3u;
+        let lo = base + min(i0, edge);
+        let hi = base + min(i0 + 4u, edge);
+        let last = kend - 1u;
+        let k1 = min(k + 1u, last) * p.lda;
+        let k2 = min(k + 2u, last) * p.lda;
+        let k3 = min(k + 3u, last) * p.lda;
+        return UregA(
+            mat4x4<f32>(a4[(lo + k * p.lda) / 4u], a4[(lo + k1) / 4u], a4[(lo + k2) / 4u],
+                        a4[(lo + k3) / 4u]),
+            mat4x4<f32>(a4[(hi + k * p.lda) / 4u], a4[(hi + k1) / 4u], a4[(hi + k2) / 4u],
+                        a4[(hi + k3) / 4u]));
+    }
+    // Element (i, k) at base + i · lda + k: four k of a row are one aligned vec4 (past K inside
+    // the row stride); rows past M clamped to the last.
+    let last = p.m - 1u;
+    let r = base + k;
+    return UregA(
+        transpose(mat4x4<f32>(a4[(r + min(i0, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 1u, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 2u, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 3u, last) * p.lda) / 4u])),
+        transpose(mat4x4<f32>(a4[(r + min(i0 + 4u, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 5u, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 6u, last) * p.lda) / 4u],
+                              a4[(r + min(i0 + 7u, last) * p.lda) / 4u])));
+}
+
+// op(b)(k, j + lane) for the four lanes, columns past N clamped to the last.
+fn ureg_b(z: u32, k: u32, j: u32) -> vec4<f32> {
+    let last = p.n - 1u;
+    return vec4<f32>(op_b(z, k, min(j, last)), op_b(z, k, min(j + 1u, last)),
+                     op_b(z, k, min(j + 2u, last)), op_b(z, k, min(j + 3u, last)));
+}
+
+// op(b)(k + q, j + lane) at [q][lane], read as scalars (k past kend read the last k).
+fn ureg_b1(z: u32, j: u32, k: u32, kend: u32) -> mat4x4<f32> {
+    let last = kend - 1u;
+    return mat4x4<f32>(ureg_b(z, k, j), ureg_b(z, min(k + 1u, last), j),
+                       ureg_b(z, min(k + 2u, last), j), ureg_b(z, min(k + 3u, last), j));
 }
 
 // op(b)(k + q, j + lane) at [q][lane] for q, lane < 4, b (N, K) with column j + lane starting at
@@ -769,146 +849,6 @@ fn ureg_b4(base: u32, j: u32, k: u32, kend: u32) -> mat4x4<f32> {
     return ureg_bn(base + min(j, (p.n - 1u) & ~3u), k, kend);
 }
 
-// s summed over the first n (1 to 4) k of a chunk: op(b)'s row q of the chunk is t[q], and the
-// chunk's first k sits at ka in a's rows.
-fn ureg_chunk(s: UregSums, rows: UregRows, ka: u32, t: mat4x4<f32>, n: u32) -> UregSums {
-    var r = ureg_fma(s, rows, ka, t[0]);
-    if (n > 1u) {
-        r = ureg_fma(r, rows, ka + rows.step, t[1]);
-    }
-    if (n > 2u) {
-        r = ureg_fma(r, rows, ka + 2u * rows.step, t[2]);
-    }
-    if (n > 3u) {
-        r = ureg_fma(r, rows, ka + 3u * rows.step, t[3]);
-    }
-    return r;
-}
-
-// op(b)(k, j + lane) for the four lanes, columns past N clamped to the last.
-fn ureg_b(z: u32, k: u32, j: u32) -> vec4<f32> {
-    let last = p.n - 1u;
-    return vec4<f32>(op_b(z, k, min(j, last)), op_b(z, k, min(j + 1u, last)),
-                     op_b(z, k, min(j + 2u, last)), op_b(z, k, min(j + 3u, last)));
-}
-
-// Sums over k in [k0, k1) with scalar reads of b, four k per step (rows from k1 on clamped to
-// the last and never used).
-fn ureg_scalar_b(s0: UregSums, z: u32, rows: UregRows, j: u32, k0: u32, k1: u32) -> UregSums {
-    var s = s0;
-    let last = k1 - 1u;
-    var k = k0;
-    for (; k < k1; k += 4u) {
-        let t = mat4x4<f32>(ureg_b(z, k, j), ureg_b(z, min(k + 1u, last), j),
-                            ureg_b(z, min(k + 2u, last), j), ureg_b(z, min(k + 3u, last), j));
-        s = ureg_chunk(s, rows, k * rows.step, t, min(k1 - k, 4u));
-    }
-    return s;
-}
-
-fn ureg_store(z: u32, i0: u32, j: u32, s: UregSums) {
-    racc[0] = s.r0;
-    racc[2] = s.r1;
-    racc[4] = s.r2;
-    racc[6] = s.r3;
-    racc[8] = s.r4;
-    racc[10] = s.r5;
-    racc[12] = s.r6;
-    racc[14] = s.r7;
-    reg_store(z, i0, j);
-}
-
-fn ureg_zero() -> UregSums {
-    let o = vec4<f32>(0.0);
-    return UregSums(o, o, o, o, o, o, o, o);
-}
-
-@compute @workgroup_size(REG_WG)
-fn gemm_ureg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_id) lid: vec3<u32>) {
-    let o = reg_origin(wid, nwg, lid.x);
-    if (o.x >= p.m) {
-        return;
-    }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
-        let zk = reg_range(z);
-        let rows = ureg_rows(zk.x, o.x);
-        let s = ureg_scalar_b(ureg_zero(), zk.x, rows, o.y, zk.y, zk.z);
-        ureg_store(z, o.x, o.y, s);
-    }
-}
-
-@compute @workgroup_size(REG_WG)
-fn gemm_ureg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_id) lid: vec3<u32>) {
-    let o = reg_origin(wid, nwg, lid.x);
-    if (o.x >= p.m) {
-        return;
-    }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
-        let zk = reg_range(z);
-        let rows = ureg_rows(zk.x, o.x);
-        let base = p.b_off + zk.x * p.b_bs;
-        var s = ureg_zero();
-        var k = zk.y;
-        // Whole chunks of 4, then the last 1 to 3 k through the same reads.
-        for (; k + 4u <= zk.z; k += 4u) {
-            s = ureg_chunk(s, rows, k * rows.step, ureg_b4(base, o.y, k, zk.z), 4u);
-        }
-        if (k < zk.z) {
-            s = ureg_chunk(s, rows, k * rows.step, ureg_b4(base, o.y, k, zk.z), zk.z - k);
-        }
-        ureg_store(z, o.x, o.y, s);
-    }
-}
-
-// gemm_ureg_vab: gemm_ureg_vb with op(a) read as vec4 too (a's vec4 rules as the tiled
-// kernels': every row start and the row stride multiples of 4). A k chunk of the block's eight
-// rows is two mat4x4, lo for rows 0-3 and hi for rows 4-7, column q holding the rows at k + q:
-// with a (M, K) one vec4 along K per row (then transposed in registers), with a (K, M) two vec4s
-// along M per k. Measured on lavapipe, eight vec4 reads per chunk instead of 32 scalar ones made
-// the NT product about 1.4x faster. Same fma chains in the same k order as every other kernel:
-// the same bits.
-struct UregA {
-    lo: mat4x4<f32>,
-    hi: mat4x4<f32>,
-}
-
-// The chunk at k (k a multiple of 4; rows and k past the edge read clamped rows or the row
-// stride's padding, never stored). i0 is the block's first row (a multiple of 8).
-fn ureg_a4(z: u32, i0: u32, k: u32, kend: u32) -> UregA {
-    let base = p.a_off + z * p.a_bs;
-    if (TRANS_A) {
-        // Element (i, k) at base + k · lda + i: rows i0 .. i0 + 3 and i0 + 4 .. i0 + 7 of row k
-        // of the stored matrix are two aligned vec4s (the second clamped to the last one that
-        // holds a row below M); k past kend read the last k.
-        let lo = base + i0;
-        let hi = base + min(i0 + 4u, (p.m - 1u) & ~3u);
-        let last = kend - 1u;
-        let k1 = min(k + 1u, last) * p.lda;
-        let k2 = min(k + 2u, last) * p.lda;
-        let k3 = min(k + 3u, last) * p.lda;
-        return UregA(
-            mat4x4<f32>(a4[(lo + k * p.lda) / 4u], a4[(lo + k1) / 4u], a4[(lo + k2) / 4u],
-                        a4[(lo + k3) / 4u]),
-            mat4x4<f32>(a4[(hi + k * p.lda) / 4u], a4[(hi + k1) / 4u], a4[(hi + k2) / 4u],
-                        a4[(hi + k3) / 4u]));
-    }
-    // Element (i, k) at base + i · lda + k: four k of a row are one aligned vec4 (past K inside
-    // the row stride); rows past M clamped to the last.
-    let last = p.m - 1u;
-    let r = base + k;
-    return UregA(
-        transpose(mat4x4<f32>(a4[(r + min(i0, last) * p.lda) / 4u],
-                              a4[(r + min(i0 + 1u, last) * p.lda) / 4u],
-                              a4[(r + min(i0 + 2u, last) * p.lda) / 4u],
-                              a4[(r + min(i0 + 3u, last) * p.lda) / 4u])),
-        transpose(mat4x4<f32>(a4[(r + min(i0 + 4u, last) * p.lda) / 4u],
-                              a4[(r + min(i0 + 5u, last) * p.lda) / 4u],
-                              a4[(r + min(i0 + 6u, last) * p.lda) / 4u],
-                              a4[(r + min(i0 + 7u, last) * p.lda) / 4u])));
-}
-
 // s + op(a)(i0 + r, k) · y for the block's eight rows, lo and hi holding rows 0-3 and 4-7 at k.
 fn ureg_fma_cols(s: UregSums, lo: vec4<f32>, hi: vec4<f32>, y: vec4<f32>) -> UregSums {
     return UregSums(
@@ -919,7 +859,7 @@ fn ureg_fma_cols(s: UregSums, lo: vec4<f32>, hi: vec4<f32>, y: vec4<f32>) -> Ure
 }
 
 // s summed over the first n (1 to 4) k of a chunk: op(a)'s rows in x, op(b)'s row q in t[q].
-fn ureg_chunk_a4(s: UregSums, x: UregA, t: mat4x4<f32>, n: u32) -> UregSums {
+fn ureg_chunk(s: UregSums, x: UregA, t: mat4x4<f32>, n: u32) -> UregSums {
     var r = ureg_fma_cols(s, x.lo[0], x.hi[0], t[0]);
     if (n > 1u) {
         r = ureg_fma_cols(r, x.lo[1], x.hi[1], t[1]);
@@ -933,6 +873,138 @@ fn ureg_chunk_a4(s: UregSums, x: UregA, t: mat4x4<f32>, n: u32) -> UregSums {
     return r;
 }
 
+// The block summed over the first n k of a chunk: op(a)'s rows 0-7 in x0 and 8-15 in x1,
+// op(b)'s column vec4s in t0 and t1 (x1 and t1 unused where the block has no such part).
+fn ureg_step(s: UregBlock, x0: UregA, x1: UregA, t0: mat4x4<f32>, t1: mat4x4<f32>,
+             n: u32) -> UregBlock {
+    var r = s;
+    r.s00 = ureg_chunk(s.s00, x0, t0, n);
+    if (REG_NV == 2u) {
+        r.s01 = ureg_chunk(s.s01, x0, t1, n);
+    }
+    if (REG_M == 16u) {
+        r.s10 = ureg_chunk(s.s10, x1, t0, n);
+        if (REG_NV == 2u) {
+            r.s11 = ureg_chunk(s.s11, x1, t1, n);
+        }
+    }
+    return r;
+}
+
+fn ureg_put(at: u32, s: UregSums) {
+    racc[at] = s.r0;
+    racc[at + 2u] = s.r1;
+    racc[at + 4u] = s.r2;
+    racc[at + 6u] = s.r3;
+    racc[at + 8u] = s.r4;
+    racc[at + 10u] = s.r5;
+    racc[at + 12u] = s.r6;
+    racc[at + 14u] = s.r7;
+}
+
+fn ureg_store(z: u32, i0: u32, j: u32, s: UregBlock) {
+    ureg_put(0u, s.s00);
+    ureg_put(1u, s.s01);
+    ureg_put(16u, s.s10);
+    ureg_put(17u, s.s11);
+    reg_store(z, i0, j);
+}
+
+fn ureg_zero() -> UregBlock {
+    let o = vec4<f32>(0.0);
+    let s = UregSums(o, o, o, o, o, o, o, o);
+    return UregBlock(s, s, s, s);
+}
+
+// The chunk at k of gemm_ureg (o: the block's first row and column; rows: its row addresses,
+// 0-7 and 8-15).
+fn ureg_chunk_scalar(s: UregBlock, z: u32, o: vec2<u32>, rows: array<UregRows, 2>, k: u32,
+                     kend: u32, n: u32) -> UregBlock {
+    var x1: UregA;
+    var t1: mat4x4<f32>;
+    if (REG_M == 16u) {
+        x1 = ureg_a1(rows[1], k, kend);
+    }
+    if (REG_NV == 2u) {
+        t1 = ureg_b1(z, reg_col(o.y, 1u), k, kend);
+    }
+    return ureg_step(s, ureg_a1(rows[0], k, kend), x1, ureg_b1(z, o.y, k, kend), t1, n);
+}
+
+@compute @workgroup_size(REG_WG)
+fn gemm_ureg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let o = reg_origin(wid, nwg, lid.x);
+    if (o.x >= p.m) {
+        return;
+    }
+    for (var z = wid.z; z < p.batch; z += nwg.z) {
+        let zk = reg_range(z);
+        let rows = array<UregRows, 2>(ureg_rows(zk.x, o.x), ureg_rows(zk.x, o.x + 8u));
+        var s = ureg_zero();
+        // Whole chunks of 4, then the last 1 to 3 k through the same reads.
+        var k = zk.y;
+        for (; k + 4u <= zk.z; k += 4u) {
+            s = ureg_chunk_scalar(s, zk.x, o, rows, k, zk.z, 4u);
+        }
+        if (k < zk.z) {
+            s = ureg_chunk_scalar(s, zk.x, o, rows, k, zk.z, zk.z - k);
+        }
+        ureg_store(z, o.x, o.y, s);
+    }
+}
+
+// The chunk at k of gemm_ureg_vb (base: b's batch entry).
+fn ureg_chunk_vb(s: UregBlock, o: vec2<u32>, rows: array<UregRows, 2>, base: u32, k: u32,
+                 kend: u32, n: u32) -> UregBlock {
+    var x1: UregA;
+    var t1: mat4x4<f32>;
+    if (REG_M == 16u) {
+        x1 = ureg_a1(rows[1], k, kend);
+    }
+    if (REG_NV == 2u) {
+        t1 = ureg_b4(base, reg_col(o.y, 1u), k, kend);
+    }
+    return ureg_step(s, ureg_a1(rows[0], k, kend), x1, ureg_b4(base, o.y, k, kend), t1, n);
+}
+
+@compute @workgroup_size(REG_WG)
+fn gemm_ureg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_id) lid: vec3<u32>) {
+    let o = reg_origin(wid, nwg, lid.x);
+    if (o.x >= p.m) {
+        return;
+    }
+    for (var z = wid.z; z < p.batch; z += nwg.z) {
+        let zk = reg_range(z);
+        let rows = array<UregRows, 2>(ureg_rows(zk.x, o.x), ureg_rows(zk.x, o.x + 8u));
+        let base = p.b_off + zk.x * p.b_bs;
+        var s = ureg_zero();
+        var k = zk.y;
+        for (; k + 4u <= zk.z; k += 4u) {
+            s = ureg_chunk_vb(s, o, rows, base, k, zk.z, 4u);
+        }
+        if (k < zk.z) {
+            s = ureg_chunk_vb(s, o, rows, base, k, zk.z, zk.z - k);
+        }
+        ureg_store(z, o.x, o.y, s);
+    }
+}
+
+// The chunk at k of gemm_ureg_vab (z: a's and b's batch entry, base: b's).
+fn ureg_chunk_vab(s: UregBlock, z: u32, o: vec2<u32>, base: u32, k: u32, kend: u32,
+                  n: u32) -> UregBlock {
+    var x1: UregA;
+    var t1: mat4x4<f32>;
+    if (REG_M == 16u) {
+        x1 = ureg_a4(z, o.x + 8u, k, kend);
+    }
+    if (REG_NV == 2u) {
+        t1 = ureg_b4(base, reg_col(o.y, 1u), k, kend);
+    }
+    return ureg_step(s, ureg_a4(z, o.x, k, kend), x1, ureg_b4(base, o.y, k, kend), t1, n);
+}
+
 @compute @workgroup_size(REG_WG)
 fn gemm_ureg_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -944,15 +1016,12 @@ fn gemm_ureg_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         let zk = reg_range(z);
         let base = p.b_off + zk.x * p.b_bs;
         var s = ureg_zero();
-        // Whole chunks of 4, then the last 1 to 3 k through the same reads (as gemm_ureg_vb).
         var k = zk.y;
         for (; k + 4u <= zk.z; k += 4u) {
-            let x = ureg_a4(zk.x, o.x, k, zk.z);
-            s = ureg_chunk_a4(s, x, ureg_b4(base, o.y, k, zk.z), 4u);
+            s = ureg_chunk_vab(s, zk.x, o, base, k, zk.z, 4u);
         }
         if (k < zk.z) {
-            let x = ureg_a4(zk.x, o.x, k, zk.z);
-            s = ureg_chunk_a4(s, x, ureg_b4(base, o.y, k, zk.z), zk.z - k);
+            s = ureg_chunk_vab(s, zk.x, o, base, k, zk.z, zk.z - k);
         }
         ureg_store(z, o.x, o.y, s);
     }

@@ -458,7 +458,7 @@ impl Tile {
 /// One configuration of the register-block kernel (gemm_reg): a workgroup of `wg` invocations
 /// side by side along N computes `rm` rows × `wg · rn` columns of C, each invocation an
 /// `rm` × `rn` block straight from memory, without workgroup memory or barriers. `unrolled`
-/// takes gemm_ureg, the same work written out for 8 × 4 blocks only.
+/// takes gemm_ureg, the same work written out for blocks of 8 or 16 rows by 4 or 8 columns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Reg {
     /// Rows per invocation (and workgroup), 1 to 16.
@@ -481,11 +481,16 @@ const fn reg(rm: u32, rn: u32, wg: u32) -> Reg {
     }
 }
 
-/// A gemm_ureg configuration (8 × 4 blocks).
+/// A gemm_ureg configuration with 8 × 4 blocks.
 const fn ureg(wg: u32) -> Reg {
+    ureg_block(8, 4, wg)
+}
+
+/// A gemm_ureg configuration.
+const fn ureg_block(rm: u32, rn: u32, wg: u32) -> Reg {
     Reg {
-        rm: 8,
-        rn: 4,
+        rm,
+        rn,
         wg,
         unrolled: true,
     }
@@ -495,7 +500,18 @@ impl Reg {
     /// The configurations offered as candidates. gemm_reg's loops over register arrays ran 2-4x
     /// slower than gemm_ureg's written-out blocks on lavapipe in every layout (BENCHMARKS.md);
     /// its two configurations that had won there before stay for adapters not measured yet.
-    const ALL: [Reg; 5] = [reg(8, 8, 16), reg(16, 4, 16), ureg(16), ureg(32), ureg(64)];
+    /// gemm_ureg's 16 × 8 blocks read a third as much per fma as its 8 × 4 ones and ran 1.5-2.4x
+    /// faster on lavapipe at the GPT shapes and at 1024^3; 8 × 8 and 16 × 4 blocks never won
+    /// there (BENCHMARKS.md), and the 8 × 4 ones stay for small products.
+    const ALL: [Reg; 7] = [
+        reg(8, 8, 16),
+        reg(16, 4, 16),
+        ureg(16),
+        ureg(32),
+        ureg_block(16, 8, 8),
+        ureg_block(16, 8, 16),
+        ureg_block(16, 8, 32),
+    ];
 
     /// Output columns of one workgroup.
     fn cols(&self) -> u32 {
@@ -504,7 +520,7 @@ impl Reg {
 
     fn valid(&self) -> bool {
         let block = if self.unrolled {
-            self.rm == 8 && self.rn == 4
+            (self.rm == 8 || self.rm == 16) && (self.rn == 4 || self.rn == 8)
         } else {
             (1..=16).contains(&self.rm) && (self.rn == 4 || self.rn == 8)
         };
@@ -1254,7 +1270,15 @@ pub fn candidates(gpu: &Gpu, mm: &Matmul, a: &Operand, b: &Operand) -> Vec<Kerne
         .chain(Tile::ALL.map(Kernel::Tiled))
         .chain(Reg::ALL.map(Kernel::Reg))
         .chain(SplitK::ALL.map(Kernel::SplitK))
-        .chain([ureg(16), ureg(32), ureg(64)].map(Kernel::Packed));
+        .chain(
+            [
+                ureg(16),
+                ureg(32),
+                ureg_block(16, 8, 8),
+                ureg_block(16, 8, 16),
+            ]
+            .map(Kernel::Packed),
+        );
     all.filter(|&k| unfit(gpu, mm, k).is_none())
         .filter(|&k| match k {
             Kernel::SplitK(s) => {

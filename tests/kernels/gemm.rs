@@ -719,6 +719,8 @@ fn kernel_names_parse_back() {
         "splitk8",
         "splitk1reg8x4w16",
         "splitkreg8x4w16",
+        "ureg32x8w16",
+        "ureg16x12w16",
         "naive ",
     ] {
         assert_eq!(Kernel::parse(bad), None, "{bad}");
