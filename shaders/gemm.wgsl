@@ -516,11 +516,11 @@ fn gemm_tiled_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 // split_k) of the single matrix product and writes its partial sums to c[z]; gemm_splitk_reduce
 // then adds the partials. Grid: tiles of (ceil(M / REG_M), ceil(N / (REG_WG · 4 · REG_NV))).
 override REG_M: u32 = 8u;
-// Column vec4s per invocation: 1 or 2.
+// Column vec4s per invocation: 1 or 2 (gemm_ureg*: also 4).
 override REG_NV: u32 = 1u;
 override REG_WG: u32 = 64u;
-// The sums: racc[r · 2 + g] holds row r, column group g.
-var<private> racc: array<vec4<f32>, 32>;
+// The sums: racc[r · 4 + g] holds row r, column group g.
+var<private> racc: array<vec4<f32>, 64>;
 // One k chunk of the block's operands: ra[r][q] = op(a)(i0 + r, k0 + q) and
 // rb[q · 2 + g][lane] = op(b)(k0 + q, j_g + lane).
 var<private> ra: array<vec4<f32>, 16>;
@@ -592,7 +592,7 @@ fn reg_fma(q: u32) {
     for (var r = 0u; r < REG_M; r++) {
         let x = vec4<f32>(ra[r][q]);
         for (var g = 0u; g < REG_NV; g++) {
-            racc[r * 2u + g] = fma(x, rb[q * 2u + g], racc[r * 2u + g]);
+            racc[r * 4u + g] = fma(x, rb[q * 2u + g], racc[r * 4u + g]);
         }
     }
 }
@@ -604,7 +604,7 @@ fn reg_store(z: u32, i0: u32, j0: u32) {
             let jg = reg_col(j0, g);
             for (var lane = 0u; lane < 4u; lane++) {
                 if (i < p.m && jg + lane < p.n) {
-                    finish(z, i, jg + lane, racc[r * 2u + g][lane]);
+                    finish(z, i, jg + lane, racc[r * 4u + g][lane]);
                 }
             }
         }
@@ -621,8 +621,10 @@ fn reg_origin(wid: vec3<u32>, nwg: vec3<u32>, l: u32) -> vec2<u32> {
 }
 
 fn reg_clear() {
-    for (var r = 0u; r < 32u; r++) {
-        racc[r] = vec4<f32>(0.0);
+    for (var r = 0u; r < REG_M; r++) {
+        for (var g = 0u; g < REG_NV; g++) {
+            racc[r * 4u + g] = vec4<f32>(0.0);
+        }
     }
 }
 
@@ -689,7 +691,7 @@ fn gemm_reg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 }
 
 // gemm_ureg, gemm_ureg_vb, gemm_ureg_vab: gemm_reg's work split (REG_M = 8 or 16 rows, REG_NV =
-// 1 or 2 column vec4s, REG_WG invocations side by side along N, split-K as there) with the
+// 1, 2 or 4 column vec4s, REG_WG invocations side by side along N, split-K as there) with the
 // register block written out: named vec4 sums and row addresses instead of arrays indexed in
 // loops. Compilers for CPU adapters (lavapipe's LLVM) keep named values in registers but spill
 // arrays indexed by loop counters to memory, and the runtime checks of array indices cost as much
@@ -699,8 +701,9 @@ fn gemm_reg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 // chain from them: the sums are the same fma chains in k order as every other kernel's, so the
 // results are the same bits. lavapipe loads memory lane by lane (a loop over the 8 lanes of a
 // vector, with a bounds check per component), whatever the address, so a read costs far more
-// than the fmas it feeds: a 16 × 8 block reads 24 vec4s for 512 fmas per chunk where an 8 × 4
-// block reads 12 for 128, and ran about 1.8x as many GFLOP/s at 512^3 (BENCHMARKS.md).
+// than the fmas it feeds: per chunk an 8 × 4 block reads 12 vec4s for 128 fmas, a 16 × 8 one
+// 24 for 512 and a 16 × 16 one 32 for 1024; at 1024^3 these ran at about 6, 14 and 17 GFLOP/s
+// (BENCHMARKS.md). The bigger blocks spill their sums to the stack, which costs far less.
 // How each entry reads: gemm_ureg reads op(a) and op(b) as scalars; gemm_ureg_vb reads op(b) as
 // vec4 (along N when b is (K, N); when b is (N, K), one vec4 along K per column, transposed in
 // registers); gemm_ureg_vab reads op(a) as vec4 too (a's vec4 rules as the tiled kernels':
@@ -711,10 +714,11 @@ struct UregSums {
     r4: vec4<f32>, r5: vec4<f32>, r6: vec4<f32>, r7: vec4<f32>,
 }
 
-// The block's sums: rows 0-7 and 8-15 (s1*: REG_M = 16 only) by column vec4 0 and 1 (s*1:
-// REG_NV = 2 only). Unused parts stay zero and are never stored.
+// The block's sums: rows 0-7 and 8-15 (s1*: REG_M = 16 only) by column vec4 0 to 3 (s*1:
+// REG_NV 2 or 4, s*2 and s*3: REG_NV = 4 only). Unused parts stay zero and are never stored.
 struct UregBlock {
-    s00: UregSums, s01: UregSums, s10: UregSums, s11: UregSums,
+    s00: UregSums, s01: UregSums, s02: UregSums, s03: UregSums,
+    s10: UregSums, s11: UregSums, s12: UregSums, s13: UregSums,
 }
 
 // One k chunk of eight rows of op(a): two mat4x4, lo for rows 0-3 and hi for rows 4-7, column q
@@ -874,46 +878,91 @@ fn ureg_chunk(s: UregSums, x: UregA, t: mat4x4<f32>, n: u32) -> UregSums {
 }
 
 // The block summed over the first n k of a chunk: op(a)'s rows 0-7 in x0 and 8-15 in x1,
-// op(b)'s column vec4s in t0 and t1 (x1 and t1 unused where the block has no such part).
-fn ureg_step(s: UregBlock, x0: UregA, x1: UregA, t0: mat4x4<f32>, t1: mat4x4<f32>,
-             n: u32) -> UregBlock {
+// op(b)'s column vec4s in t.t0 to t.t3 (those the block has no part for unused).
+fn ureg_step(s: UregBlock, x0: UregA, x1: UregA, t: UregB, n: u32) -> UregBlock {
     var r = s;
-    r.s00 = ureg_chunk(s.s00, x0, t0, n);
-    if (REG_NV == 2u) {
-        r.s01 = ureg_chunk(s.s01, x0, t1, n);
+    r.s00 = ureg_chunk(s.s00, x0, t.t0, n);
+    if (REG_NV >= 2u) {
+        r.s01 = ureg_chunk(s.s01, x0, t.t1, n);
+    }
+    if (REG_NV == 4u) {
+        r.s02 = ureg_chunk(s.s02, x0, t.t2, n);
+        r.s03 = ureg_chunk(s.s03, x0, t.t3, n);
     }
     if (REG_M == 16u) {
-        r.s10 = ureg_chunk(s.s10, x1, t0, n);
-        if (REG_NV == 2u) {
-            r.s11 = ureg_chunk(s.s11, x1, t1, n);
+        r.s10 = ureg_chunk(s.s10, x1, t.t0, n);
+        if (REG_NV >= 2u) {
+            r.s11 = ureg_chunk(s.s11, x1, t.t1, n);
+        }
+        if (REG_NV == 4u) {
+            r.s12 = ureg_chunk(s.s12, x1, t.t2, n);
+            r.s13 = ureg_chunk(s.s13, x1, t.t3, n);
         }
     }
     return r;
 }
 
+// One k chunk of op(b)'s column vec4s 0 to 3 (ureg_b1 or ureg_b4 of each).
+struct UregB {
+    t0: mat4x4<f32>, t1: mat4x4<f32>, t2: mat4x4<f32>, t3: mat4x4<f32>,
+}
+
+// The chunk at k of the block's columns from j, read as scalars (z: b's batch entry).
+fn ureg_bs1(z: u32, j: u32, k: u32, kend: u32) -> UregB {
+    var t: UregB;
+    t.t0 = ureg_b1(z, j, k, kend);
+    if (REG_NV >= 2u) {
+        t.t1 = ureg_b1(z, reg_col(j, 1u), k, kend);
+    }
+    if (REG_NV == 4u) {
+        t.t2 = ureg_b1(z, reg_col(j, 2u), k, kend);
+        t.t3 = ureg_b1(z, reg_col(j, 3u), k, kend);
+    }
+    return t;
+}
+
+// The same read as vec4 (base: b's batch entry).
+fn ureg_bs4(base: u32, j: u32, k: u32, kend: u32) -> UregB {
+    var t: UregB;
+    t.t0 = ureg_b4(base, j, k, kend);
+    if (REG_NV >= 2u) {
+        t.t1 = ureg_b4(base, reg_col(j, 1u), k, kend);
+    }
+    if (REG_NV == 4u) {
+        t.t2 = ureg_b4(base, reg_col(j, 2u), k, kend);
+        t.t3 = ureg_b4(base, reg_col(j, 3u), k, kend);
+    }
+    return t;
+}
+
+// racc[at + 4 · r] = row r of s.
 fn ureg_put(at: u32, s: UregSums) {
     racc[at] = s.r0;
-    racc[at + 2u] = s.r1;
-    racc[at + 4u] = s.r2;
-    racc[at + 6u] = s.r3;
-    racc[at + 8u] = s.r4;
-    racc[at + 10u] = s.r5;
-    racc[at + 12u] = s.r6;
-    racc[at + 14u] = s.r7;
+    racc[at + 4u] = s.r1;
+    racc[at + 8u] = s.r2;
+    racc[at + 12u] = s.r3;
+    racc[at + 16u] = s.r4;
+    racc[at + 20u] = s.r5;
+    racc[at + 24u] = s.r6;
+    racc[at + 28u] = s.r7;
 }
 
 fn ureg_store(z: u32, i0: u32, j: u32, s: UregBlock) {
     ureg_put(0u, s.s00);
     ureg_put(1u, s.s01);
-    ureg_put(16u, s.s10);
-    ureg_put(17u, s.s11);
+    ureg_put(2u, s.s02);
+    ureg_put(3u, s.s03);
+    ureg_put(32u, s.s10);
+    ureg_put(33u, s.s11);
+    ureg_put(34u, s.s12);
+    ureg_put(35u, s.s13);
     reg_store(z, i0, j);
 }
 
 fn ureg_zero() -> UregBlock {
     let o = vec4<f32>(0.0);
     let s = UregSums(o, o, o, o, o, o, o, o);
-    return UregBlock(s, s, s, s);
+    return UregBlock(s, s, s, s, s, s, s, s);
 }
 
 // The chunk at k of gemm_ureg (o: the block's first row and column; rows: its row addresses,
@@ -921,14 +970,10 @@ fn ureg_zero() -> UregBlock {
 fn ureg_chunk_scalar(s: UregBlock, z: u32, o: vec2<u32>, rows: array<UregRows, 2>, k: u32,
                      kend: u32, n: u32) -> UregBlock {
     var x1: UregA;
-    var t1: mat4x4<f32>;
     if (REG_M == 16u) {
         x1 = ureg_a1(rows[1], k, kend);
     }
-    if (REG_NV == 2u) {
-        t1 = ureg_b1(z, reg_col(o.y, 1u), k, kend);
-    }
-    return ureg_step(s, ureg_a1(rows[0], k, kend), x1, ureg_b1(z, o.y, k, kend), t1, n);
+    return ureg_step(s, ureg_a1(rows[0], k, kend), x1, ureg_bs1(z, o.y, k, kend), n);
 }
 
 @compute @workgroup_size(REG_WG)
@@ -958,14 +1003,10 @@ fn gemm_ureg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 fn ureg_chunk_vb(s: UregBlock, o: vec2<u32>, rows: array<UregRows, 2>, base: u32, k: u32,
                  kend: u32, n: u32) -> UregBlock {
     var x1: UregA;
-    var t1: mat4x4<f32>;
     if (REG_M == 16u) {
         x1 = ureg_a1(rows[1], k, kend);
     }
-    if (REG_NV == 2u) {
-        t1 = ureg_b4(base, reg_col(o.y, 1u), k, kend);
-    }
-    return ureg_step(s, ureg_a1(rows[0], k, kend), x1, ureg_b4(base, o.y, k, kend), t1, n);
+    return ureg_step(s, ureg_a1(rows[0], k, kend), x1, ureg_bs4(base, o.y, k, kend), n);
 }
 
 @compute @workgroup_size(REG_WG)
@@ -995,14 +1036,10 @@ fn gemm_ureg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 fn ureg_chunk_vab(s: UregBlock, z: u32, o: vec2<u32>, base: u32, k: u32, kend: u32,
                   n: u32) -> UregBlock {
     var x1: UregA;
-    var t1: mat4x4<f32>;
     if (REG_M == 16u) {
         x1 = ureg_a4(z, o.x + 8u, k, kend);
     }
-    if (REG_NV == 2u) {
-        t1 = ureg_b4(base, reg_col(o.y, 1u), k, kend);
-    }
-    return ureg_step(s, ureg_a4(z, o.x, k, kend), x1, ureg_b4(base, o.y, k, kend), t1, n);
+    return ureg_step(s, ureg_a4(z, o.x, k, kend), x1, ureg_bs4(base, o.y, k, kend), n);
 }
 
 @compute @workgroup_size(REG_WG)

@@ -463,7 +463,7 @@ impl Tile {
 pub struct Reg {
     /// Rows per invocation (and workgroup), 1 to 16.
     pub rm: u32,
-    /// Columns per invocation: 4 or 8.
+    /// Columns per invocation: 4 or 8 (unrolled: also 16).
     pub rn: u32,
     /// Invocations per workgroup.
     pub wg: u32,
@@ -500,17 +500,19 @@ impl Reg {
     /// The configurations offered as candidates. gemm_reg's loops over register arrays ran 2-4x
     /// slower than gemm_ureg's written-out blocks on lavapipe in every layout (BENCHMARKS.md);
     /// its two configurations that had won there before stay for adapters not measured yet.
-    /// gemm_ureg's 16 × 8 blocks read a third as much per fma as its 8 × 4 ones and ran 1.5-2.4x
-    /// faster on lavapipe at the GPT shapes and at 1024^3; 8 × 8 and 16 × 4 blocks never won
-    /// there (BENCHMARKS.md), and the 8 × 4 ones stay for small products.
-    const ALL: [Reg; 7] = [
+    /// gemm_ureg's bigger blocks read less per fma (16 × 16: 32 vec4 reads for 1024 fmas per k
+    /// chunk, 8 × 4: 12 for 128) and ran 2-4x faster than 8 × 4 on lavapipe at the GPT shapes
+    /// and at 1024^3; 8 × 8, 16 × 4 and 8 × 16 blocks never won there (BENCHMARKS.md), and the
+    /// 8 × 4 ones stay for small products.
+    const ALL: [Reg; 8] = [
         reg(8, 8, 16),
         reg(16, 4, 16),
         ureg(16),
         ureg(32),
         ureg_block(16, 8, 8),
         ureg_block(16, 8, 16),
-        ureg_block(16, 8, 32),
+        ureg_block(16, 16, 8),
+        ureg_block(16, 16, 16),
     ];
 
     /// Output columns of one workgroup.
@@ -520,7 +522,7 @@ impl Reg {
 
     fn valid(&self) -> bool {
         let block = if self.unrolled {
-            (self.rm == 8 || self.rm == 16) && (self.rn == 4 || self.rn == 8)
+            (self.rm == 8 || self.rm == 16) && [4, 8, 16].contains(&self.rn)
         } else {
             (1..=16).contains(&self.rm) && (self.rn == 4 || self.rn == 8)
         };
@@ -659,6 +661,17 @@ impl Kernel {
             Kernel::Reg(r) => r.valid(),
             Kernel::SplitK(s) => s.splits >= 2 && s.reg.valid(),
             Kernel::Packed(r) => r.unrolled && r.valid(),
+        }
+    }
+
+    /// Whether building the kernel's pipeline takes seconds on CPU adapters: gemm_ureg's 16-column
+    /// blocks (lavapipe compiles each of their pipelines in 6-11 s, a 16 × 8 one in about 3).
+    pub fn slow_to_build(&self) -> bool {
+        match self {
+            Kernel::Reg(r) | Kernel::Packed(r) | Kernel::SplitK(SplitK { reg: r, .. }) => {
+                r.unrolled && r.rn == 16
+            }
+            _ => false,
         }
     }
 
@@ -1260,6 +1273,11 @@ fn packed_b(
     Ok(vec![pack, product])
 }
 
+/// The multiply-adds from which `candidates` offers kernels that are slow to build: below it the
+/// build costs more than such a kernel saves in a typical run, and a model's small products would
+/// each pay it when tuned.
+pub const SLOW_BUILD_MIN_FMAS: usize = 1 << 25;
+
 /// Every kernel that can compute `mm` with these operands on `gpu`, the naive baseline first:
 /// what an autotuner times. Each applies to any placement of the operands that `matmul`
 /// accepts (vec4 reads are chosen per operand at launch).
@@ -1276,10 +1294,12 @@ pub fn candidates(gpu: &Gpu, mm: &Matmul, a: &Operand, b: &Operand) -> Vec<Kerne
                 ureg(32),
                 ureg_block(16, 8, 8),
                 ureg_block(16, 8, 16),
+                ureg_block(16, 16, 8),
             ]
             .map(Kernel::Packed),
         );
     all.filter(|&k| unfit(gpu, mm, k).is_none())
+        .filter(|&k| !k.slow_to_build() || mm.batch * mm.m * mm.n * mm.k >= SLOW_BUILD_MIN_FMAS)
         .filter(|&k| match k {
             Kernel::SplitK(s) => {
                 let slices = mm.k.div_ceil(s.slice(mm.k));

@@ -797,3 +797,64 @@ fn split_k_repeats_bit_for_bit() {
         reference::compare(&kernel.name(), &first, &naive, 1e-4, 1e-4).assert();
     }
 }
+
+/// gemm_ureg's 16-column blocks, offered only for products of at least SLOW_BUILD_MIN_FMAS
+/// multiply-adds, give the naive kernel's bits on awkward sizes in each of their entry points:
+/// both operands as vec4 (NT), A as scalars (K odd), B as scalars (N not a multiple of 4).
+#[test]
+fn big_register_blocks_give_naive_bits() {
+    let Some(gpu) = test_gpu() else { return };
+    let mut rng = Rng::new(16);
+    // (m, k, n, trans_b)
+    for (m, k, n, trans_b) in [
+        (260, 500, 270, true),
+        (260, 501, 268, false),
+        (260, 500, 270, false),
+    ] {
+        assert!(m * n * k >= gemm::SLOW_BUILD_MIN_FMAS);
+        let a = gpu
+            .upload_f32("a", &rng.vec_uniform(m * k, -1.0, 1.0))
+            .unwrap();
+        let b = gpu
+            .upload_f32("b", &rng.vec_uniform(n * k, -1.0, 1.0))
+            .unwrap();
+        let mm = Matmul {
+            trans_b,
+            ..Matmul::new(m, n, k)
+        };
+        let a_op = Operand::new(&a, k);
+        let b_op = Operand::new(&b, if trans_b { k } else { n });
+        let run = |kernel: Kernel| {
+            let c = gpu.zeros("c", DType::F32, m * n).unwrap();
+            let d = gemm::matmul_with(gpu, &mm, Operand::new(&c, n), a_op, b_op, None, kernel);
+            gpu.run(&d.unwrap()).unwrap();
+            gpu.read_f32(&c).unwrap()
+        };
+        let naive = run(Kernel::Naive);
+        let big: Vec<Kernel> = gemm::candidates(gpu, &mm, &a_op, &b_op)
+            .into_iter()
+            .filter(Kernel::slow_to_build)
+            .collect();
+        assert!(big.len() >= 2, "{m}x{k}x{n}: {big:?}");
+        for kernel in big {
+            let got = run(kernel);
+            let same = got
+                .iter()
+                .zip(&naive)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "{m}x{k}x{n} trans_b {trans_b}: {} differs from naive",
+                kernel.name()
+            );
+        }
+    }
+    // Below the threshold they are not offered.
+    let (a, b) = (
+        gpu.zeros("a", DType::F32, 64 * 64).unwrap(),
+        gpu.zeros("b", DType::F32, 64 * 64).unwrap(),
+    );
+    let small = Matmul::new(64, 64, 64);
+    let kernels = gemm::candidates(gpu, &small, &Operand::new(&a, 64), &Operand::new(&b, 64));
+    assert!(!kernels.iter().any(Kernel::slow_to_build));
+}
