@@ -1276,7 +1276,7 @@ fn packed_b(
 /// The multiply-adds from which `candidates` offers kernels that are slow to build: below it the
 /// build costs more than such a kernel saves in a typical run, and a model's small products would
 /// each pay it when tuned.
-pub const SLOW_BUILD_MIN_FMAS: usize = 1 << 25;
+pub const SLOW_BUILD_MIN_FMAS: usize = 1 << 24;
 
 /// Every kernel that can compute `mm` with these operands on `gpu`, the naive baseline first:
 /// what an autotuner times. Each applies to any placement of the operands that `matmul`
