@@ -1278,6 +1278,14 @@ fn packed_b(
 /// each pay it when tuned.
 pub const SLOW_BUILD_MIN_FMAS: usize = 1 << 24;
 
+/// The multiply-adds of one batch entry with M, N and K rounded up as the tuner buckets them, so
+/// that every product of a bucket is offered the same candidates (a cached winner that one of
+/// them was not offered would be measured again).
+fn bucket_fmas(mm: &Matmul) -> usize {
+    use super::tune::bucket;
+    bucket(mm.m) * bucket(mm.n) * bucket(mm.k)
+}
+
 /// Every kernel that can compute `mm` with these operands on `gpu`, the naive baseline first:
 /// what an autotuner times. Each applies to any placement of the operands that `matmul`
 /// accepts (vec4 reads are chosen per operand at launch).
@@ -1299,7 +1307,7 @@ pub fn candidates(gpu: &Gpu, mm: &Matmul, a: &Operand, b: &Operand) -> Vec<Kerne
             .map(Kernel::Packed),
         );
     all.filter(|&k| unfit(gpu, mm, k).is_none())
-        .filter(|&k| !k.slow_to_build() || mm.batch * mm.m * mm.n * mm.k >= SLOW_BUILD_MIN_FMAS)
+        .filter(|&k| !k.slow_to_build() || bucket_fmas(mm) >= SLOW_BUILD_MIN_FMAS)
         .filter(|&k| match k {
             Kernel::SplitK(s) => {
                 let slices = mm.k.div_ceil(s.slice(mm.k));

@@ -799,7 +799,7 @@ fn split_k_repeats_bit_for_bit() {
 }
 
 /// gemm_ureg's 16-column blocks, offered only for products of at least SLOW_BUILD_MIN_FMAS
-/// multiply-adds, give the naive kernel's bits on awkward sizes in each of their entry points:
+/// multiply-adds (M, N and K rounded up to powers of two), give the naive kernel's bits on awkward sizes in each of their entry points:
 /// both operands as vec4 (NT), A as scalars (K odd), B as scalars (N not a multiple of 4).
 #[test]
 fn big_register_blocks_give_naive_bits() {
@@ -857,4 +857,15 @@ fn big_register_blocks_give_naive_bits() {
     let small = Matmul::new(64, 64, 64);
     let kernels = gemm::candidates(gpu, &small, &Operand::new(&a, 64), &Operand::new(&b, 64));
     assert!(!kernels.iter().any(Kernel::slow_to_build));
+    // A product below it whose bucket (512 x 256 x 256) is above it is offered them, as its
+    // bucket's others are.
+    let (m, k, n) = (260, 250, 250);
+    assert!(m * n * k < gemm::SLOW_BUILD_MIN_FMAS);
+    let (a, b) = (
+        gpu.zeros("a", DType::F32, m * k).unwrap(),
+        gpu.zeros("b", DType::F32, k * n).unwrap(),
+    );
+    let mm = Matmul::new(m, n, k);
+    let kernels = gemm::candidates(gpu, &mm, &Operand::new(&a, k), &Operand::new(&b, n));
+    assert!(kernels.iter().any(Kernel::slow_to_build));
 }
