@@ -390,7 +390,10 @@ fn ranks_with_different_settings_or_too_little_data_are_refused() {
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(
-        t.contains("error: rank 0: -np: 2 ranks x --batch-size 8 x --block-size 16"),
+        t.contains(
+            "error: rank 0: -np: 2 ranks x --batch-size 8 x --block-size 16 need 257 tokens of \
+             training data per round of batches, but the train split holds 180"
+        ),
         "{t}"
     );
 }

@@ -253,7 +253,10 @@ pub fn train(gpu: &GpuArgs, args: &TrainArgs) -> Result<ExitCode> {
     match train_rank(gpu, args, &comm) {
         Err(e) if comm.size() > 1 => {
             // The other ranks may be waiting in a collective this one will never join.
-            eprintln!("error: rank {}: {e}", comm.rank());
+            // One write: mpirun forwards each write as it comes, and the pieces eprintln! writes
+            // would interleave with the other ranks' lines.
+            let line = format!("error: rank {}: {e}\n", comm.rank());
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             // mpirun forwards each rank's output asynchronously, and the first abort ends every
             // rank. A setting check fails on all ranks at once: rank 0 aborts first, after its
             // line has had a moment to be forwarded, so the job's message is rank 0's, whole;

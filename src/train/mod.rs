@@ -398,7 +398,9 @@ fn check_ranks_fed(comm: &Comm, cfg: &TrainConfig, train_tokens: usize) -> Resul
         return Err(Error::invalid(
             "-np",
             format!(
-                "{n} ranks x --batch-size {} x --block-size {} need {need} tokens of training                  data per round of batches, but the train split holds {train_tokens}: use fewer                  ranks or a smaller --batch-size",
+                "{n} ranks x --batch-size {} x --block-size {} need {need} tokens of training \
+                 data per round of batches, but the train split holds {train_tokens}: use fewer \
+                 ranks or a smaller --batch-size",
                 cfg.batch_size, cfg.block_size
             ),
         ));
