@@ -56,6 +56,7 @@ struct Params {
     drop_step: u32,   // rewritten every micro-step by the graph executor
     drop_threshold: u32, // probabilities whose hash is below this are dropped; 0 = no dropout
     drop_scale: f32,  // 1 / (1 - p): the factor of the kept ones
+    grp: vec4<u32>,   // the GEMM path's group: (b0, h0, over b?, entries); see group_bh
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -867,6 +868,101 @@ fn attention_backward_dq_rows(@builtin(workgroup_id) wid: vec3<u32>,
     for (var d4 = 0u; d4 < HD4; d4++) {
         store_dqkv(p.q, b, h, i, d4, dq[d4] * p.scale);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GEMM path: the fused kernels' results (out and lse; dqkv) from products of the GEMM family
+// (gemm.wgsl) and these two kernels between them (src/kernels/attention.rs runs them). The B·NH
+// (b, h) pairs go in groups: the heads of one sequence, or one head of every sequence, whichever
+// makes fewer groups; a group's E = p.grp.w score matrices (T × T) lie in a scratch buffer, row
+// (g, i) of entry g at (g·T + i)·T.
+//   forward:  S = scale2·q·kᵀ (scores in base 2, as the fused kernels use them);
+//             attention_scores_softmax turns S into P ∘ M / l and writes lse; out = that · v
+//   backward: S again and dP = dout·vᵀ; attention_scores_backward turns S into P ∘ M and dP into
+//             dS = P ∘ (M ∘ dP - D); dv = (P ∘ M)ᵀ·dout, dq = scale·dS·k, dk = scale·dSᵀ·q
+// A GEMM knows no mask: the products fill masked entries too, and these kernels set them to 0.
+// Each product reuses every loaded value across a block of outputs, where the fused kernels
+// read each key once per query row; on a CPU-like adapter (lavapipe) that outweighs computing
+// the masked half. The tuner measures which path wins.
+
+// (b, h) of entry g of the group: (b0 + g, h0) when the entries are sequences (p.grp.z = 1),
+// (b0, h0 + g) when they are heads.
+fn group_bh(g: u32) -> vec2<u32> {
+    if (p.grp.z != 0u) {
+        return vec2<u32>(p.grp.x + g, p.grp.y);
+    }
+    return vec2<u32>(p.grp.x, p.grp.y + g);
+}
+
+// attention_scores_softmax: one invocation per row (g, i) of the group: the row's visible scores
+// become P ∘ M / l, the rest 0 (overwritten in place), and lse of (b, h, i) the natural
+// logsumexp of the visible scores. Bindings: 1 = scores (read_write), 2 = lse (read_write).
+@group(0) @binding(1) var<storage, read_write> gs_s: array<f32>;
+@group(0) @binding(2) var<storage, read_write> gs_lse: array<f32>;
+
+@compute @workgroup_size(WG)
+fn attention_scores_softmax(@builtin(workgroup_id) wid: vec3<u32>,
+                            @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    if (idx >= p.grp.w * p.tq) {
+        return;
+    }
+    let bh = group_bh(idx / p.tq);
+    let i = idx % p.tq;
+    let base = idx * p.tk;
+    let n = key_end(i, 1u);
+    var m = NEG;
+    for (var j = 0u; j < n; j++) {
+        m = max(m, gs_s[base + j]);
+    }
+    var l = 0.0;
+    for (var j = 0u; j < n; j++) {
+        l += exp2(gs_s[base + j] - m);
+    }
+    let inv = 1.0 / l;
+    for (var j = 0u; j < p.tk; j++) {
+        var x = 0.0;
+        if (j < n) {
+            x = exp2(gs_s[base + j] - m) * inv * drop_factor(bh.x, bh.y, i, j);
+        }
+        gs_s[base + j] = x;
+    }
+    gs_lse[(bh.x * p.nh + bh.y) * p.tq + i] = (m + log2(l)) * LN2;
+}
+
+// attention_scores_backward: one invocation per score (g, i, j) of the group, from the
+// recomputed S and dP: P = exp2(S - lse·log2(e)) where j is visible, and writes P ∘ M over S and
+// dS = P ∘ (M ∘ dP - D) over dP (both 0 where masked). Bindings: 1 = scores, 2 = dP
+// (read_write), 3 = lse, 4 = D (read).
+@group(0) @binding(1) var<storage, read_write> gb_s: array<f32>;
+@group(0) @binding(2) var<storage, read_write> gb_dp: array<f32>;
+@group(0) @binding(3) var<storage, read> gb_lse: array<f32>;
+@group(0) @binding(4) var<storage, read> gb_d: array<f32>;
+
+@compute @workgroup_size(WG)
+fn attention_scores_backward(@builtin(workgroup_id) wid: vec3<u32>,
+                             @builtin(num_workgroups) nwg: vec3<u32>,
+                             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    if (idx >= p.grp.w * p.tq * p.tk) {
+        return;
+    }
+    let j = idx % p.tk;
+    let gi = idx / p.tk;
+    let bh = group_bh(gi / p.tq);
+    let i = gi % p.tq;
+    let r = (bh.x * p.nh + bh.y) * p.tq + i;
+    var pm = 0.0;
+    var ds = 0.0;
+    if (visible(i, j)) {
+        let pr = exp2(gb_s[idx] - gb_lse[r] * LOG2E);
+        let f = drop_factor(bh.x, bh.y, i, j);
+        pm = pr * f;
+        ds = pr * (gb_dp[idx] * f - gb_d[r]);
+    }
+    gb_s[idx] = pm;
+    gb_dp[idx] = ds;
 }
 
 // ---------------------------------------------------------------------------------------------

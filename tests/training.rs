@@ -155,6 +155,46 @@ fn every_node_matches_its_cpu_reference() {
     }
 }
 
+/// Attention through the GEMM path (the tuner's "gemm" variant, pinned): every node still
+/// matches its reference, dropout on the probabilities included, and the executor rewrites the
+/// dropout step only in the dispatches that hold attention's params, not in the products'.
+#[test]
+fn attention_through_gemms_matches_its_cpu_reference() {
+    use shaderformer::gpu::tune::Tuner;
+    use shaderformer::gpu::{Gpu, GpuOptions, TuneMode};
+    if test_gpu().is_none() {
+        return;
+    }
+    let mut gpu = Gpu::new(&GpuOptions {
+        tune: TuneMode::Off,
+        ..GpuOptions::from_env()
+    })
+    .unwrap();
+    gpu.tuner = Tuner::new(TuneMode::Off, gpu.tuner.identity().clone(), None);
+    let cfg = small_model();
+    let st = store(&gpu, &cfg);
+    drop(executor(&gpu, &cfg, &st, 2, 19, true));
+    let attention: std::collections::BTreeMap<String, String> = gpu
+        .tuner
+        .used()
+        .into_keys()
+        .filter(|k| k.starts_with("attention: "))
+        .map(|k| (k, "gemm".to_string()))
+        .collect();
+    assert_eq!(attention.len(), 2, "forward and backward");
+    gpu.tuner.pin(&attention);
+    let mut exec = executor(&gpu, &cfg, &st, 2, 19, true);
+    let used = gpu.tuner.used();
+    for k in attention.keys() {
+        assert_eq!(used[k], "gemm", "{k}");
+    }
+    let checks = exec.validate(&batch(&cfg, 2, 19, 5)).unwrap();
+    let attn = checks.iter().filter(|c| c.op.starts_with("attention"));
+    assert!(attn.count() >= 2 * cfg.n_layer, "{} checks", checks.len());
+    let bad = NodeCheck::mismatches(&checks);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
 /// The flat parameter layout: zeroing the gradients, their norm and AdamW take a handful of
 /// dispatches for the whole model (one span per class of tensors, weights and vectors), also with
 /// the token embedding split into row chunks; every tensor reads back as written.

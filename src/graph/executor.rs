@@ -385,8 +385,12 @@ impl<'a> Executor<'a> {
                 }
                 Op::Attention { p, .. } | Op::AttentionBackward { p, .. } if p > 0.0 => {
                     let at = attention::DROPOUT_STEP_OFFSET;
+                    let held = ds
+                        .iter()
+                        .enumerate()
+                        .filter(|d| attention::has_dropout_step(d.1));
                     self.dropouts
-                        .extend((start..start + ds.len()).map(|d| (node.phase, d, at)));
+                        .extend(held.map(|(d, _)| (node.phase, start + d, at)));
                 }
                 _ => {}
             }
@@ -1372,8 +1376,7 @@ impl<'s> Lowering<'s> {
     fn attention(self, dims: attention::Dims, p: f32, site: u32) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
         let opts = attention_options(self.ex.opts.seed, p, site);
-        let d = attention::forward(self.gpu(), o(0), o(1), i(0), dims, opts)?;
-        Ok(vec![d])
+        attention::forward(self.gpu(), o(0), o(1), i(0), dims, opts)
     }
 
     fn attention_backward(self, dims: attention::Dims, p: f32, site: u32) -> Result<Vec<Dispatch>> {

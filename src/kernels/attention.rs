@@ -27,6 +27,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::gemm::{self, Matmul, Operand};
 use super::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
 use super::{bytes_of, dropout, expect, expect_dims};
 use crate::error::{Error, Result};
@@ -83,6 +84,20 @@ pub const BACKWARD_DKDV_ROWS: KernelSpec = KernelSpec {
 pub const BACKWARD_DQ_ROWS: KernelSpec = KernelSpec {
     entry: "attention_backward_dq_rows",
     ..BACKWARD_DQ
+};
+/// The GEMM path's softmax over one sequence's scores: 1 = scores, 2 = lse (read_write).
+pub const SCORES_SOFTMAX: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    variant: ShaderVariant::Base,
+    entry: "attention_scores_softmax",
+    bindings: &[ReadWrite, ReadWrite],
+};
+/// The GEMM path's score gradients: 1 = scores, 2 = dP (read_write), 3 = lse, 4 = D (read).
+pub const SCORES_BACKWARD: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    variant: ShaderVariant::Base,
+    entry: "attention_scores_backward",
+    bindings: &[ReadWrite, ReadWrite, Read, Read],
 };
 /// 1 = qkv (read), 2 = k_cache, 3 = v_cache (read_write).
 pub const KV_APPEND: KernelSpec = KernelSpec {
@@ -141,6 +156,7 @@ struct Params {
     drop_step: u32,
     drop_threshold: u32,
     drop_scale: f32,
+    grp: [u32; 4],
 }
 
 /// The layout of `Params`, for the test that compares it with `Params` in the shader.
@@ -165,7 +181,8 @@ pub fn params_layout() -> super::ParamsLayout {
         drop_seed,
         drop_step,
         drop_threshold,
-        drop_scale
+        drop_scale,
+        grp
     })
 }
 
@@ -216,6 +233,16 @@ pub struct KvCache<'a> {
 /// Byte offset of the step counter in the params of the fused forward and backward dispatches,
 /// for rewriting it between micro-steps.
 pub const DROPOUT_STEP_OFFSET: u64 = std::mem::offset_of!(Params, drop_step) as u64;
+
+/// Whether `dispatch`, one of those `forward` or `backward` returned, holds attention.wgsl's
+/// Params (whose step `set_dropout_step` rewrites): the GEMM path's products hold the GEMM's.
+pub fn has_dropout_step(dispatch: &Dispatch) -> bool {
+    let family = Shader::Attention.name(ShaderVariant::Base);
+    dispatch
+        .name
+        .strip_prefix(family.as_str())
+        .is_some_and(|rest| rest.starts_with('.'))
+}
 
 /// Moves a fused forward or backward dispatch built with dropout to another step's mask
 /// (queued; takes effect at the next submission).
@@ -439,14 +466,17 @@ impl Tiles {
 /// Invocations per workgroup of the row kernels.
 const ROWS_WG: u32 = 64;
 
-/// Which fused kernels compute a pass, forward or backward: the tiled kernels (the forward's
-/// tiling twice, or dK/dV's and dQ's), or the row kernels with `wg` invocations per workgroup.
-/// The tiled kernels suit GPUs; the row kernels, without workgroup memory or barriers, suit
-/// CPU-like adapters and short sequences. `tuned` measures which wins.
+/// Which kernels compute a pass, forward or backward: the fused tiled kernels (the forward's
+/// tiling twice, or dK/dV's and dQ's), the fused row kernels with `wg` invocations per
+/// workgroup, or the GEMM path (`gemm_forward`, `gemm_backward`). The tiled kernels suit GPUs;
+/// the row kernels, without workgroup memory or barriers, suit CPU-like adapters and short
+/// sequences; the GEMM path suits CPU-like adapters on long sequences. `tuned` measures which
+/// wins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Variant {
     Tiled(Tiles, Tiles),
     Rows(u32),
+    Gemm,
 }
 
 /// A fused pass as the tuner sees it: the forward, or the whole backward (its three dispatches).
@@ -501,6 +531,7 @@ impl Variant {
             }
         }
         all.push(Variant::Rows(ROWS_WG));
+        all.push(Variant::Gemm);
         Ok(all)
     }
 
@@ -514,13 +545,14 @@ impl Variant {
     }
 
     /// "tiles32x32w64" (dK/dV's tiling first where the two differ, "tiles32x32w64+16x16w64"),
-    /// or "rows64".
+    /// "rows64", or "gemm".
     fn name(&self) -> String {
         let tiles = |t: &Tiles| format!("{}x{}w{}", t.br, t.bc, t.wg);
         match self {
             Variant::Tiled(a, b) if a == b => format!("tiles{}", tiles(a)),
             Variant::Tiled(a, b) => format!("tiles{}+{}", tiles(a), tiles(b)),
             Variant::Rows(wg) => format!("rows{wg}"),
+            Variant::Gemm => "gemm".to_string(),
         }
     }
 }
@@ -572,8 +604,7 @@ fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result<Variant> {
             // The backward reads the forward's out and lse.
             let [qkv, _, out, lse, _] = &ts;
             let rule = Variant::rule(Stage::Forward, hs, storage)?;
-            let fwd = forward_with(gpu, out, lse, qkv, dims, opts, rule)?;
-            gpu.run(&[fwd])?;
+            gpu.run(&forward_with(gpu, out, lse, qkv, dims, opts, rule)?)?;
             tensors = Some(ts);
         }
         let [qkv, dout, out, lse, dqkv] = tensors.as_ref().expect("set above");
@@ -588,7 +619,7 @@ fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result<Variant> {
             // (Each call of `tuned` measures one stage: the forward's trials may overwrite the
             // out and lse that only the backward's read.)
             Stage::Forward => Trial {
-                dispatches: vec![forward_with(gpu, out, lse, qkv, dims, opts, v)?],
+                dispatches: forward_with(gpu, out, lse, qkv, dims, opts, v)?,
                 output: out.clone(),
             },
             Stage::Backward => Trial {
@@ -667,6 +698,10 @@ fn fused_forward(
             grid((params.nb * params.nh * params.tq).div_ceil(wg), max_wg),
             cost,
         ),
+        Variant::Gemm => Err(Error::invalid(
+            FORWARD.name(),
+            "the GEMM path is not a fused kernel (KV-cache decoding has none)",
+        )),
     }
 }
 
@@ -686,7 +721,7 @@ pub fn forward(
     qkv: &View,
     dims: Dims,
     opts: Options,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     check_forward(out, lse, qkv, dims)?;
     let variant = tuned(gpu, Stage::Forward, dims, opts.causal)?;
     forward_with(gpu, out, lse, qkv, dims, opts, variant)
@@ -712,7 +747,7 @@ fn forward_with(
     dims: Dims,
     opts: Options,
     variant: Variant,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     check_forward(out, lse, qkv, dims)?;
     let Dims { b, t, nh, hs } = dims;
     let Options { causal, dropout } = opts;
@@ -726,18 +761,21 @@ fn forward_with(
         ..Params::new(b, nh, hs, t, t, causal)
     }
     .with_dropout(&FORWARD.name(), dropout)?;
+    if variant == Variant::Gemm {
+        return gemm_forward(gpu, [out, lse, qkv], dims, &params);
+    }
     let cost = Cost {
         flops: 2 * product_flops(dims, t, causal),
         bytes: 4 * (b * t * 4 * c + b * nh * t) as u64,
     };
-    fused_forward(
+    Ok(vec![fused_forward(
         gpu,
         ShaderVariant::Base,
         [qkv, qkv, qkv, out, lse],
         params,
         cost,
         variant,
-    )
+    )?])
 }
 
 /// Fused backward: dqkv (B, T, 3C) from dout (B, T, C), qkv (B, T, 3C), and the forward's out
@@ -872,6 +910,280 @@ fn backward_with(
                     cost,
                 )?);
             }
+        }
+        Variant::Gemm => all.extend(gemm_backward(gpu, tensors, dims, &base, &d)?),
+    }
+    Ok(all)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GEMM path (attention.wgsl's "The GEMM path"): the products by the GEMM family's tuned
+// kernels, a group of (b, h) pairs at a time, and the score kernels between them.
+
+/// Invocations per workgroup of the score kernels.
+const SCORES_WG: u32 = 64;
+
+/// How the GEMM path groups the B·NH (b, h) pairs: each group is one batched product per
+/// matrix, its entries the NH heads of one sequence or one head of each of the B sequences,
+/// whichever makes fewer groups (fewer, larger dispatches) while the group's T × T scores fit
+/// one binding. Only these two orders give the entries of qkv a single batch stride.
+#[derive(Clone, Copy, Debug)]
+struct Groups {
+    dims: Dims,
+    /// The entries are sequences (one group per head), not heads (one group per sequence).
+    over_b: bool,
+}
+
+impl Groups {
+    fn new(gpu: &Gpu, dims: Dims) -> Result<Groups> {
+        let Dims { b, t, nh, .. } = dims;
+        let fits = |entries: usize| {
+            let len = (entries as u128) * (t as u128) * (t as u128);
+            len <= u32::MAX as u128 && 4 * len <= gpu.limits.max_storage_buffer_binding_size as u128
+        };
+        let over_b = b >= nh && fits(b);
+        if !over_b && !fits(nh) {
+            return Err(Error::invalid(
+                "attention gemm path",
+                format!(
+                    "NH·T² = {} scores of one sequence exceed the adapter's storage binding \
+                     limit of {} bytes",
+                    nh * t * t,
+                    gpu.limits.max_storage_buffer_binding_size
+                ),
+            ));
+        }
+        Ok(Groups { dims, over_b })
+    }
+
+    /// Batch entries per group.
+    fn entries(&self) -> usize {
+        if self.over_b {
+            self.dims.b
+        } else {
+            self.dims.nh
+        }
+    }
+
+    fn count(&self) -> usize {
+        if self.over_b {
+            self.dims.nh
+        } else {
+            self.dims.b
+        }
+    }
+
+    /// The group's scores: `entries` matrices of T × T in `view`.
+    fn scores<'a>(&self, view: &'a View) -> Operand<'a> {
+        let t = self.dims.t;
+        Operand::new(view, t).batched(t * t)
+    }
+
+    /// Group `g`'s (T, HS) matrices of part `part` of qkv (0 = q, 1 = k, 2 = v; row stride 3C),
+    /// or of a (B, T, C) tensor (`part` None).
+    fn rows<'a>(&self, view: &'a View, g: usize, part: Option<usize>) -> Operand<'a> {
+        let Dims { t, nh, hs, .. } = self.dims;
+        let c = nh * hs;
+        let (ld, start) = match part {
+            Some(part) => (3 * c, part * c),
+            None => (c, 0),
+        };
+        let op = Operand::new(view, ld);
+        if self.over_b {
+            op.at(start + g * hs).batched(t * ld)
+        } else {
+            op.at(start + g * t * ld).batched(hs)
+        }
+    }
+
+    /// `base` for the score kernels of group `g`.
+    fn params(&self, base: &Params, g: usize) -> Params {
+        let (b0, h0) = if self.over_b { (0, g) } else { (g, 0) };
+        Params {
+            grp: [
+                b0 as u32,
+                h0 as u32,
+                self.over_b as u32,
+                self.entries() as u32,
+            ],
+            ..*base
+        }
+    }
+
+    /// `product_flops` of one group.
+    fn flops(&self, causal: bool) -> u64 {
+        let d = self.dims;
+        product_flops(d, d.t, causal) / self.count() as u64
+    }
+}
+
+/// The scratch for a group's scores (`Groups::scores`), shared by every GEMM-path launcher of
+/// this size: each group's dispatches write it before they read it.
+fn scores_scratch(gpu: &Gpu, tag: &str, groups: &Groups) -> Result<View> {
+    let t = groups.dims.t;
+    gpu.shared_scratch(tag, DType::F32, groups.entries() * t * t)
+}
+
+/// One batched product of a group, by the GEMM family's tuned kernel, its dispatches costed at
+/// `useful` FLOPs in all (see `product_flops`).
+fn group_product(
+    gpu: &Gpu,
+    mm: &Matmul,
+    [c, a, b]: [Operand; 3],
+    useful: u64,
+) -> Result<Vec<Dispatch>> {
+    let mut ds = gemm::matmul(gpu, mm, c, a, b, None, gemm::Variant::Tiled)?;
+    for (i, d) in ds.iter_mut().rev().enumerate() {
+        d.cost.flops = if i == 0 { useful } else { 0 };
+    }
+    Ok(ds)
+}
+
+/// S (T, T) = scale2 · q · kᵀ for each entry of group `g`: base-2 scores, masked ones included.
+fn scores_product(
+    gpu: &Gpu,
+    scores: &View,
+    qkv: &View,
+    (groups, g): (&Groups, usize),
+    params: &Params,
+) -> Result<Vec<Dispatch>> {
+    let Dims { t, hs, .. } = groups.dims;
+    let mm = Matmul {
+        batch: groups.entries(),
+        trans_b: true,
+        alpha: params.scale2,
+        ..Matmul::new(t, t, hs)
+    };
+    let ops = [
+        groups.scores(scores),
+        groups.rows(qkv, g, Some(0)),
+        groups.rows(qkv, g, Some(1)),
+    ];
+    group_product(gpu, &mm, ops, groups.flops(params.causal != 0))
+}
+
+/// A score kernel over group `g`: one invocation per score row (`per_row` 1) or per score
+/// (`per_row` T).
+fn scores_dispatch(
+    gpu: &Gpu,
+    (spec, args): (&KernelSpec, &[&View]),
+    (groups, g): (&Groups, usize),
+    params: &Params,
+    per_row: usize,
+    cost: Cost,
+) -> Result<Dispatch> {
+    let invocations = groups.entries() * groups.dims.t * per_row;
+    gpu.dispatch(
+        spec,
+        &[("WG", SCORES_WG as f64)],
+        bytes_of(&groups.params(params, g)),
+        args,
+        grid(
+            (invocations as u32).div_ceil(SCORES_WG),
+            gpu.limits.max_compute_workgroups_per_dimension,
+        ),
+        cost,
+    )
+}
+
+/// `Variant::Gemm`'s forward: per group, S = scale2·q·kᵀ, then P ∘ M / l and lse from S in
+/// place, then out = P·v.
+fn gemm_forward(
+    gpu: &Gpu,
+    [out, lse, qkv]: [&View; 3],
+    dims: Dims,
+    params: &Params,
+) -> Result<Vec<Dispatch>> {
+    let groups = Groups::new(gpu, dims)?;
+    let scores = scores_scratch(gpu, "attention.scores", &groups)?;
+    let square = (groups.entries() * dims.t * dims.t) as u64;
+    let useful = groups.flops(params.causal != 0);
+    let mut all = Vec::new();
+    for g in 0..groups.count() {
+        all.extend(scores_product(gpu, &scores, qkv, (&groups, g), params)?);
+        let cost = Cost {
+            flops: 5 * square,
+            bytes: 8 * square,
+        };
+        let kernel = (&SCORES_SOFTMAX, &[&scores, lse][..]);
+        all.push(scores_dispatch(gpu, kernel, (&groups, g), params, 1, cost)?);
+        let mm = Matmul {
+            batch: groups.entries(),
+            ..Matmul::new(dims.t, dims.hs, dims.t)
+        };
+        let ops = [
+            groups.rows(out, g, None),
+            groups.scores(&scores),
+            groups.rows(qkv, g, Some(2)),
+        ];
+        all.extend(group_product(gpu, &mm, ops, useful)?);
+    }
+    Ok(all)
+}
+
+/// `Variant::Gemm`'s backward after D: per group, S and dP = dout·vᵀ, then P ∘ M and dS from
+/// them in place, then dv = (P ∘ M)ᵀ·dout, dq = scale·dS·k and dk = scale·dSᵀ·q.
+fn gemm_backward(
+    gpu: &Gpu,
+    tensors: BackwardTensors,
+    dims: Dims,
+    params: &Params,
+    d: &View,
+) -> Result<Vec<Dispatch>> {
+    let BackwardTensors {
+        dqkv,
+        dout,
+        qkv,
+        lse,
+        ..
+    } = tensors;
+    let Dims { t, hs, .. } = dims;
+    let groups = Groups::new(gpu, dims)?;
+    let scores = scores_scratch(gpu, "attention.scores", &groups)?;
+    let dscores = scores_scratch(gpu, "attention.dscores", &groups)?;
+    let square = (groups.entries() * t * t) as u64;
+    let useful = groups.flops(params.causal != 0);
+    let batch = groups.entries();
+    let mut all = Vec::new();
+    for g in 0..groups.count() {
+        all.extend(scores_product(gpu, &scores, qkv, (&groups, g), params)?);
+        // dP = dout · vᵀ
+        let mm = Matmul {
+            batch,
+            trans_b: true,
+            ..Matmul::new(t, t, hs)
+        };
+        let ops = [
+            groups.scores(&dscores),
+            groups.rows(dout, g, None),
+            groups.rows(qkv, g, Some(2)),
+        ];
+        all.extend(group_product(gpu, &mm, ops, useful)?);
+        let cost = Cost {
+            flops: 6 * square,
+            bytes: 16 * square,
+        };
+        let kernel = (&SCORES_BACKWARD, &[&scores, &dscores, lse, d][..]);
+        all.push(scores_dispatch(gpu, kernel, (&groups, g), params, t, cost)?);
+        // dv = (P ∘ M)ᵀ · dout, dq = scale · dS · k, dk = scale · dSᵀ · q
+        let products = [
+            (&scores, true, 1.0, (dout, None), 2),
+            (&dscores, false, params.scale, (qkv, Some(1)), 0),
+            (&dscores, true, params.scale, (qkv, Some(0)), 1),
+        ];
+        for (a, trans_a, alpha, (bv, b_part), c_part) in products {
+            let mm = Matmul {
+                batch,
+                trans_a,
+                alpha,
+                ..Matmul::new(t, hs, t)
+            };
+            let ops = [
+                groups.rows(dqkv, g, Some(c_part)),
+                groups.scores(a),
+                groups.rows(bv, g, b_part),
+            ];
+            all.extend(group_product(gpu, &mm, ops, useful)?);
         }
     }
     Ok(all)
@@ -1630,9 +1942,14 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         case.unfused(*causal, want, mode, &mut reports)?;
     }
 
-    // Dropout on the probabilities (causal; the fixed rule's tiling and the row kernels)
-    // against the reference under the same mask, at two steps: the mask changes with the step,
-    // and the backward regenerates it.
+    // Dropout on the probabilities (causal; the fixed rule's tiling, the row kernels and the
+    // GEMM path) against the reference under the same mask, at two steps: the mask changes with
+    // the step, and the backward regenerates it.
+    let untiled = |v: Variant| !matches!(v, Variant::Tiled(..));
+    let dropout_pairs: Vec<_> = (pairs.iter().take(1))
+        .chain(pairs.iter().filter(|p| untiled(p.0)))
+        .copied()
+        .collect();
     for step in [0, 1] {
         let opts = Options {
             dropout: Some(Dropout {
@@ -1644,7 +1961,7 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         };
         let want = expected_one(&qkv, &dout, dims, opts);
         let label = format!("causal dropout step {step}");
-        for pair in [pairs[0], pairs[pairs.len() - 1]] {
+        for &pair in &dropout_pairs {
             case.fused(opts, pair, &want, &label, &mut reports)?;
         }
     }
@@ -1666,14 +1983,24 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
 }
 
 /// Every variant the tuner may pick on this adapter: each tiling that fits its workgroup
-/// memory (the WebGPU minimum's among them) and the row kernels. Forward and backward
-/// variants are paired in order, the last of the shorter list repeated.
+/// memory (the WebGPU minimum's among them), the row kernels and the GEMM path. Forward and
+/// backward tilings are paired in order, the last of the shorter list repeated; then the row
+/// kernels with each other, and the GEMM paths.
 fn variant_pairs(hs: usize, storage: u32) -> Result<Vec<(Variant, Variant)>> {
-    let fwd = Variant::candidates(Stage::Forward, hs, storage)?;
-    let bwd = Variant::candidates(Stage::Backward, hs, storage)?;
-    Ok((0..fwd.len().max(bwd.len()))
+    let tiled = |stage| -> Result<Vec<Variant>> {
+        let all = Variant::candidates(stage, hs, storage)?;
+        Ok(all
+            .into_iter()
+            .filter(|v| matches!(v, Variant::Tiled(..)))
+            .collect())
+    };
+    let (fwd, bwd) = (tiled(Stage::Forward)?, tiled(Stage::Backward)?);
+    let mut pairs: Vec<_> = (0..fwd.len().max(bwd.len()))
         .map(|i| (fwd[i.min(fwd.len() - 1)], bwd[i.min(bwd.len() - 1)]))
-        .collect())
+        .collect();
+    let rows = Variant::Rows(ROWS_WG);
+    pairs.extend([(rows, rows), (Variant::Gemm, Variant::Gemm)]);
+    Ok(pairs)
 }
 
 /// One check shape: its label, dims and inputs on the GPU.
@@ -1708,7 +2035,7 @@ impl CheckCase<'_> {
             out: &out,
             lse: &lse,
         };
-        let mut ds = vec![forward_with(gpu, &out, &lse, self.qkv, dims, opts, fv)?];
+        let mut ds = forward_with(gpu, &out, &lse, self.qkv, dims, opts, fv)?;
         ds.extend(backward_with(gpu, tensors, dims, opts, bv)?);
         gpu.run(&ds)?;
         let got = [("out", &out, &want.out), ("lse", &lse, &want.lse)];
@@ -1925,40 +2252,46 @@ impl BenchCase<'_> {
         4 * (b * nh * t) as u64
     }
 
+    /// Bytes `v` keeps besides its inputs and outputs: the forward's lse (kept for the
+    /// backward), the backward's lse and D, and the GEMM path's scores (S, or S and dP).
+    fn extra_bytes(&self, stage: Stage, v: Variant) -> Result<u64> {
+        let rows = self.row_bytes();
+        let (stats, squares) = match stage {
+            Stage::Forward => (rows, 1),
+            Stage::Backward => (2 * rows, 2),
+        };
+        if v != Variant::Gemm {
+            return Ok(stats);
+        }
+        let (groups, t) = (Groups::new(self.gpu, self.dims)?, self.dims.t);
+        Ok(stats + squares * 4 * (groups.entries() * t * t) as u64)
+    }
+
     /// Every candidate of `stage` side by side, the fixed rule and the fastest marked.
     fn fused(&self, stage: Stage) -> Result<Vec<BenchReport>> {
         let (gpu, dims, tensors) = (self.gpu, self.dims, self.tensors);
         let causal = Options::CAUSAL;
-        let row_bytes = self.row_bytes();
         let candidates = Variant::candidates(stage, dims.hs, storage_limit(gpu))?;
         let mut reports = Vec::new();
         for (i, &v) in candidates.iter().enumerate() {
             if !self.opts.wants(&v.name()) {
                 continue;
             }
-            let (ds, extra) = match stage {
-                // lse, kept for the backward
-                Stage::Forward => (
-                    vec![forward_with(
-                        gpu,
-                        tensors.out,
-                        tensors.lse,
-                        tensors.qkv,
-                        dims,
-                        causal,
-                        v,
-                    )?],
-                    row_bytes,
-                ),
-                // lse and the D scratch
-                Stage::Backward => (backward_with(gpu, tensors, dims, causal, v)?, 2 * row_bytes),
+            let ds = match stage {
+                Stage::Forward => {
+                    forward_with(gpu, tensors.out, tensors.lse, tensors.qkv, dims, causal, v)?
+                }
+                Stage::Backward => backward_with(gpu, tensors, dims, causal, v)?,
             };
-            let mut name = format!("fused {} {}", stage.name(), v.name());
+            let mut name = match v {
+                Variant::Gemm => format!("{} gemm path", stage.name()),
+                _ => format!("fused {} {}", stage.name(), v.name()),
+            };
             if i == 0 {
                 name.push_str(" (fixed rule)");
             }
             let mut r = harness::bench_one(gpu, self.opts, &name, self.s, &ds)?;
-            r.extra_bytes = Some(extra);
+            r.extra_bytes = Some(self.extra_bytes(stage, v)?);
             reports.push(r);
         }
         if let Some(r) = reports
@@ -1973,7 +2306,6 @@ impl BenchCase<'_> {
     /// The tuned kernels with dropout 0.1 on the probabilities: the cost of the mask's hash.
     fn dropout(&self) -> Result<[BenchReport; 2]> {
         let (gpu, dims, tensors) = (self.gpu, self.dims, self.tensors);
-        let row_bytes = self.row_bytes();
         let dropout = Options {
             dropout: Some(Dropout {
                 p: 0.1,
@@ -1985,11 +2317,13 @@ impl BenchCase<'_> {
         let dfwd = forward(gpu, tensors.out, tensors.lse, tensors.qkv, dims, dropout)?;
         let dbwd = backward(gpu, tensors, dims, dropout)?;
         let mut drop_fwd =
-            harness::bench_one(gpu, self.opts, "tuned forward, dropout", self.s, &[dfwd])?;
-        drop_fwd.extra_bytes = Some(row_bytes);
+            harness::bench_one(gpu, self.opts, "tuned forward, dropout", self.s, &dfwd)?;
+        let fv = tuned(gpu, Stage::Forward, dims, true)?;
+        drop_fwd.extra_bytes = Some(self.extra_bytes(Stage::Forward, fv)?);
         let mut drop_bwd =
             harness::bench_one(gpu, self.opts, "tuned backward, dropout", self.s, &dbwd)?;
-        drop_bwd.extra_bytes = Some(2 * row_bytes);
+        let bv = tuned(gpu, Stage::Backward, dims, true)?;
+        drop_bwd.extra_bytes = Some(self.extra_bytes(Stage::Backward, bv)?);
         Ok([drop_fwd, drop_bwd])
     }
 
