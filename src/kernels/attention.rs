@@ -2,6 +2,11 @@
 //! memory, forward and backward; KV-cache decoding; and an unfused baseline that keeps the T×T
 //! matrices in memory, for comparison.
 //!
+//! `forward` and `backward` compute their results by the variant the tuner measures fastest: the
+//! fused tiled kernels, the fused row kernels, or the GEMM path, which runs the products through
+//! the GEMM family's tuned kernels a group of (b, h) pairs at a time, with that group's T×T
+//! scores in a scratch buffer shared by every layer (`Groups`).
+//!
 //! Layouts (f32), C = NH·HS:
 //! - qkv, dqkv (B, T, 3, NH, HS) = (B, T, 3C): the QKV projection's output and its gradient
 //! - out, dout (B, T, NH, HS) = (B, T, C)
@@ -564,7 +569,10 @@ fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result<Variant> {
     use super::tune::{self, Problem, Trial, bucket};
     let Dims { b, t, nh, hs } = dims;
     let storage = storage_limit(gpu);
-    let variants = Variant::candidates(stage, hs, storage)?;
+    let variants: Vec<Variant> = Variant::candidates(stage, hs, storage)?
+        .into_iter()
+        .filter(|&v| v != Variant::Gemm || t >= GEMM_PATH_MIN_T)
+        .collect();
     let rule = variants[0];
     let mode = if causal { "causal" } else { "noncausal" };
     let problem = Problem {
@@ -922,6 +930,12 @@ fn backward_with(
 
 /// Invocations per workgroup of the score kernels.
 const SCORES_WG: u32 = 64;
+
+/// The shortest sequence the tuner offers the GEMM path for. Below it the products are too small
+/// to pay for their dispatches (lavapipe, B 32, NH 4, T 10: 2-6x slower than the row kernels; T
+/// 32: even with them; T 64: 1.6-1.7x faster than the fixed rule), and measuring them would
+/// first build and tune GEMM candidates for three more problems.
+const GEMM_PATH_MIN_T: usize = 32;
 
 /// How the GEMM path groups the B·NH (b, h) pairs: each group is one batched product per
 /// matrix, its entries the NH heads of one sequence or one head of each of the B sequences,
