@@ -160,20 +160,17 @@ fn every_node_matches_its_cpu_reference() {
 /// dropout step only in the dispatches that hold attention's params, not in the products'.
 #[test]
 fn attention_through_gemms_matches_its_cpu_reference() {
-    use shaderformer::gpu::tune::Tuner;
-    use shaderformer::gpu::{Gpu, GpuOptions, TuneMode};
-    if test_gpu().is_none() {
+    use shaderformer::gpu::{TuneMode, own_test_gpu};
+    let Some(gpu) = own_test_gpu(TuneMode::Off) else {
         return;
-    }
-    let mut gpu = Gpu::new(&GpuOptions {
-        tune: TuneMode::Off,
-        ..GpuOptions::from_env()
-    })
-    .unwrap();
-    gpu.tuner = Tuner::new(TuneMode::Off, gpu.tuner.identity().clone(), None);
-    let cfg = small_model();
+    };
+    // T 32: the shortest sequence the tuner offers the GEMM path for.
+    let cfg = GptConfig {
+        block_size: 32,
+        ..small_model()
+    };
     let st = store(&gpu, &cfg);
-    drop(executor(&gpu, &cfg, &st, 2, 19, true));
+    drop(executor(&gpu, &cfg, &st, 2, 32, true));
     let attention: std::collections::BTreeMap<String, String> = gpu
         .tuner
         .used()
@@ -183,12 +180,12 @@ fn attention_through_gemms_matches_its_cpu_reference() {
         .collect();
     assert_eq!(attention.len(), 2, "forward and backward");
     gpu.tuner.pin(&attention);
-    let mut exec = executor(&gpu, &cfg, &st, 2, 19, true);
+    let mut exec = executor(&gpu, &cfg, &st, 2, 32, true);
     let used = gpu.tuner.used();
     for k in attention.keys() {
         assert_eq!(used[k], "gemm", "{k}");
     }
-    let checks = exec.validate(&batch(&cfg, 2, 19, 5)).unwrap();
+    let checks = exec.validate(&batch(&cfg, 2, 32, 5)).unwrap();
     let attn = checks.iter().filter(|c| c.op.starts_with("attention"));
     assert!(attn.count() >= 2 * cfg.n_layer, "{} checks", checks.len());
     let bad = NodeCheck::mismatches(&checks);

@@ -303,20 +303,13 @@ fn a_resumed_run_keeps_its_checkpoints_variants_whatever_the_cache_says() {
 /// `--tune on` blocks on, and the next build of the same problem gets the winner.
 #[test]
 fn a_deferred_problem_takes_the_fixed_rule_until_tune_pending_measures_it() {
-    use shaderformer::gpu::tune::{Lookup, Tuner};
-    use shaderformer::gpu::{Gpu, GpuOptions, TuneMode, block_on};
+    use shaderformer::gpu::tune::Lookup;
+    use shaderformer::gpu::{TuneMode, block_on, own_test_gpu};
     use shaderformer::kernels::gemm::{LinearDims, linear_forward};
     use shaderformer::kernels::tune::tune_pending;
-    if test_gpu().is_none() {
+    let Some(gpu) = own_test_gpu(TuneMode::On) else {
         return;
-    }
-    let mut gpu = Gpu::new(&GpuOptions {
-        tune: TuneMode::Off,
-        ..GpuOptions::from_env()
-    })
-    .unwrap();
-    // Measured choices in memory only, whatever the user's cache holds.
-    gpu.tuner = Tuner::new(TuneMode::On, gpu.tuner.identity().clone(), None);
+    };
     gpu.tuner.set_defers(true);
     let dims = LinearDims {
         m: 45,

@@ -23,7 +23,7 @@ pub use profiler::TimingMethod;
 pub use shaders::{Shader, ShaderSource, ShaderVariant};
 pub use signal::Signal;
 #[cfg(not(target_arch = "wasm32"))]
-pub use testing::test_gpu;
+pub use testing::{own_test_gpu, test_gpu};
 pub use tune::{TuneMode, Tuner};
 
 use crate::error::{Error, Result};

@@ -25,6 +25,20 @@ pub fn test_gpu() -> Option<&'static Gpu> {
     gpu.as_ref()
 }
 
+/// A device of the caller's own, beside `test_gpu`'s (which every test of a process shares), its
+/// tuner in `mode` and keeping its choices in memory only, whatever the user's cache holds: for
+/// tests that pin or defer choices. `None` (the test skipped) where `test_gpu` finds no adapter.
+pub fn own_test_gpu(mode: super::TuneMode) -> Option<Gpu> {
+    test_gpu()?;
+    let options = GpuOptions {
+        tune: super::TuneMode::Off,
+        ..GpuOptions::from_env()
+    };
+    let mut gpu = Gpu::new(&options).expect("a second device on the adapter test_gpu opened");
+    gpu.tuner = super::tune::Tuner::new(mode, gpu.tuner.identity().clone(), None);
+    Some(gpu)
+}
+
 /// Writes a line to the process's stderr directly: `eprintln!` inside a test is captured by the
 /// harness and shown only when the test fails.
 fn report_to_stderr(line: &str) {
