@@ -955,19 +955,25 @@ impl Groups {
             let len = (entries as u128) * (t as u128) * (t as u128);
             len <= u32::MAX as u128 && 4 * len <= gpu.limits.max_storage_buffer_binding_size as u128
         };
-        let over_b = b >= nh && fits(b);
-        if !over_b && !fits(nh) {
-            return Err(Error::invalid(
+        // Fewer groups first, the other order where only it fits.
+        let orders = if b >= nh {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        let entries = |over_b: bool| if over_b { b } else { nh };
+        match orders.into_iter().find(|&over_b| fits(entries(over_b))) {
+            Some(over_b) => Ok(Groups { dims, over_b }),
+            None => Err(Error::invalid(
                 "attention gemm path",
                 format!(
-                    "NH·T² = {} scores of one sequence exceed the adapter's storage binding \
-                     limit of {} bytes",
-                    nh * t * t,
+                    "min(B, NH)·T² = {} scores exceed the adapter's storage binding limit of {} \
+                     bytes",
+                    b.min(nh) * t * t,
                     gpu.limits.max_storage_buffer_binding_size
                 ),
-            ));
+            )),
         }
-        Ok(Groups { dims, over_b })
     }
 
     /// Batch entries per group.
@@ -979,12 +985,9 @@ impl Groups {
         }
     }
 
+    /// Groups in all.
     fn count(&self) -> usize {
-        if self.over_b {
-            self.dims.nh
-        } else {
-            self.dims.b
-        }
+        self.dims.b * self.dims.nh / self.entries()
     }
 
     /// The group's scores: `entries` matrices of T × T in `view`.
@@ -1112,19 +1115,27 @@ fn gemm_forward(
     let scores = scores_scratch(gpu, "attention.scores", &groups)?;
     let square = (groups.entries() * dims.t * dims.t) as u64;
     let useful = groups.flops(params.causal != 0);
+    let softmax_cost = Cost {
+        flops: 5 * square,
+        bytes: 8 * square,
+    };
+    // out = P · v
+    let mm = Matmul {
+        batch: groups.entries(),
+        ..Matmul::new(dims.t, dims.hs, dims.t)
+    };
     let mut all = Vec::new();
     for g in 0..groups.count() {
         all.extend(scores_product(gpu, &scores, qkv, (&groups, g), params)?);
-        let cost = Cost {
-            flops: 5 * square,
-            bytes: 8 * square,
-        };
         let kernel = (&SCORES_SOFTMAX, &[&scores, lse][..]);
-        all.push(scores_dispatch(gpu, kernel, (&groups, g), params, 1, cost)?);
-        let mm = Matmul {
-            batch: groups.entries(),
-            ..Matmul::new(dims.t, dims.hs, dims.t)
-        };
+        all.push(scores_dispatch(
+            gpu,
+            kernel,
+            (&groups, g),
+            params,
+            1,
+            softmax_cost,
+        )?);
         let ops = [
             groups.rows(out, g, None),
             groups.scores(&scores),
@@ -1158,27 +1169,34 @@ fn gemm_backward(
     let square = (groups.entries() * t * t) as u64;
     let useful = groups.flops(params.causal != 0);
     let batch = groups.entries();
+    // dP = dout · vᵀ
+    let dp_mm = Matmul {
+        batch,
+        trans_b: true,
+        ..Matmul::new(t, t, hs)
+    };
+    let grad_cost = Cost {
+        flops: 6 * square,
+        bytes: 16 * square,
+    };
     let mut all = Vec::new();
     for g in 0..groups.count() {
         all.extend(scores_product(gpu, &scores, qkv, (&groups, g), params)?);
-        // dP = dout · vᵀ
-        let mm = Matmul {
-            batch,
-            trans_b: true,
-            ..Matmul::new(t, t, hs)
-        };
         let ops = [
             groups.scores(&dscores),
             groups.rows(dout, g, None),
             groups.rows(qkv, g, Some(2)),
         ];
-        all.extend(group_product(gpu, &mm, ops, useful)?);
-        let cost = Cost {
-            flops: 6 * square,
-            bytes: 16 * square,
-        };
+        all.extend(group_product(gpu, &dp_mm, ops, useful)?);
         let kernel = (&SCORES_BACKWARD, &[&scores, &dscores, lse, d][..]);
-        all.push(scores_dispatch(gpu, kernel, (&groups, g), params, t, cost)?);
+        all.push(scores_dispatch(
+            gpu,
+            kernel,
+            (&groups, g),
+            params,
+            t,
+            grad_cost,
+        )?);
         // dv = (P ∘ M)ᵀ · dout, dq = scale · dS · k, dk = scale · dSᵀ · q
         let products = [
             (&scores, true, 1.0, (dout, None), 2),

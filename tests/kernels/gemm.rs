@@ -799,8 +799,9 @@ fn split_k_repeats_bit_for_bit() {
 }
 
 /// gemm_ureg's 16-column blocks, offered only for products of at least SLOW_BUILD_MIN_FMAS
-/// multiply-adds (M, N and K rounded up to powers of two), give the naive kernel's bits on awkward sizes in each of their entry points:
-/// both operands as vec4 (NT), A as scalars (K odd), B as scalars (N not a multiple of 4).
+/// multiply-adds (M, N and K rounded up as the tuner buckets them), give the naive kernel's bits
+/// on awkward sizes in each of their entry points: both operands as vec4 (NT), A as scalars (K
+/// odd), B as scalars (N not a multiple of 4).
 #[test]
 fn big_register_blocks_give_naive_bits() {
     let Some(gpu) = test_gpu() else { return };
