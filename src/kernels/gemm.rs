@@ -1278,12 +1278,13 @@ fn packed_b(
 /// each pay it when tuned.
 pub const SLOW_BUILD_MIN_FMAS: usize = 1 << 24;
 
-/// The multiply-adds of one batch entry with M, N and K rounded up as the tuner buckets them, so
-/// that every product of a bucket is offered the same candidates (a cached winner that one of
-/// them was not offered would be measured again).
+/// The multiply-adds of a dispatch (every batch entry: attention's products are many small ones)
+/// with M, N, K and the batch rounded up as the tuner buckets them, so that every product of a
+/// bucket is offered the same candidates (a cached winner that one of them was not offered would
+/// be measured again).
 fn bucket_fmas(mm: &Matmul) -> usize {
     use super::tune::bucket;
-    bucket(mm.m) * bucket(mm.n) * bucket(mm.k)
+    bucket(mm.m) * bucket(mm.n) * bucket(mm.k) * bucket(mm.batch)
 }
 
 /// Every kernel that can compute `mm` with these operands on `gpu`, the naive baseline first:
@@ -1357,7 +1358,7 @@ pub fn matmul(
 }
 
 /// The measured kernel for `mm` on these operands (see `kernels::tune`). Problems share a
-/// measurement when their transposes, bucketed dimensions, batching, vec4 eligibility and B's
+/// measurement when their transposes, bucketed dimensions and batch, vec4 eligibility and B's
 /// element type agree; the measurement runs on fresh tensors laid out like the real operands.
 fn tuned(gpu: &Gpu, mm: &Matmul, c: &Operand, a: &Operand, b: &Operand) -> Result<Kernel> {
     use super::tune::{self, Trial};
@@ -1430,7 +1431,11 @@ fn tune_problem(
             bucket(m),
             bucket(n),
             bucket(k),
-            if batch > 1 { " batched" } else { "" },
+            if batch > 1 {
+                format!(" x{}", bucket(batch))
+            } else {
+                String::new()
+            },
             vec(va),
             vec(vb),
             b.view.dtype.name()

@@ -799,7 +799,7 @@ fn split_k_repeats_bit_for_bit() {
 }
 
 /// gemm_ureg's 16-column blocks, offered only for products of at least SLOW_BUILD_MIN_FMAS
-/// multiply-adds (M, N and K rounded up as the tuner buckets them), give the naive kernel's bits
+/// multiply-adds (M, N, K and the batch rounded up as the tuner buckets them), give the naive kernel's bits
 /// on awkward sizes in each of their entry points: both operands as vec4 (NT), A as scalars (K
 /// odd), B as scalars (N not a multiple of 4).
 #[test]
@@ -869,4 +869,47 @@ fn big_register_blocks_give_naive_bits() {
     let mm = Matmul::new(m, n, k);
     let kernels = gemm::candidates(gpu, &mm, &Operand::new(&a, k), &Operand::new(&b, n));
     assert!(kernels.iter().any(Kernel::slow_to_build));
+
+    // Many small products in one dispatch (attention's) count all their entries, and the big
+    // blocks give the naive kernel's bits there too, every entry at its own offsets.
+    let (m, k, n, batch) = (40, 37, 44, 40);
+    assert!(m * n * k < gemm::SLOW_BUILD_MIN_FMAS / 64);
+    for trans_b in [true, false] {
+        let a = gpu
+            .upload_f32("a", &rng.vec_uniform(batch * m * k, -1.0, 1.0))
+            .unwrap();
+        let b = gpu
+            .upload_f32("b", &rng.vec_uniform(batch * n * k, -1.0, 1.0))
+            .unwrap();
+        let mm = Matmul {
+            batch,
+            trans_b,
+            ..Matmul::new(m, n, k)
+        };
+        let a_op = Operand::new(&a, k).batched(m * k);
+        let b_op = Operand::new(&b, if trans_b { k } else { n }).batched(n * k);
+        let run = |kernel: Kernel| {
+            let c = gpu.zeros("c", DType::F32, batch * m * n).unwrap();
+            let c_op = Operand::new(&c, n).batched(m * n);
+            let d = gemm::matmul_with(gpu, &mm, c_op, a_op, b_op, None, kernel);
+            gpu.run(&d.unwrap()).unwrap();
+            gpu.read_f32(&c).unwrap()
+        };
+        let naive = run(Kernel::Naive);
+        let big: Vec<Kernel> = gemm::candidates(gpu, &mm, &a_op, &b_op)
+            .into_iter()
+            .filter(Kernel::slow_to_build)
+            .collect();
+        assert!(big.len() >= 2, "{m}x{k}x{n} x{batch}: {big:?}");
+        for kernel in big {
+            let got = run(kernel);
+            assert!(
+                got.iter()
+                    .zip(&naive)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{m}x{k}x{n} x{batch} trans_b {trans_b}: {} differs from naive",
+                kernel.name()
+            );
+        }
+    }
 }
