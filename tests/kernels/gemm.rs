@@ -799,9 +799,9 @@ fn split_k_repeats_bit_for_bit() {
 }
 
 /// gemm_ureg's 16-column blocks, offered only for products of at least SLOW_BUILD_MIN_FMAS
-/// multiply-adds (M, N, K and the batch rounded up as the tuner buckets them), give the naive kernel's bits
-/// on awkward sizes in each of their entry points: both operands as vec4 (NT), A as scalars (K
-/// odd), B as scalars (N not a multiple of 4).
+/// multiply-adds (M, N, K and the batch rounded up as the tuner buckets them), give the naive
+/// kernel's bits on awkward sizes in each of their entry points: both operands as vec4 (NT), A as
+/// scalars (K odd), B as scalars (N not a multiple of 4).
 #[test]
 fn big_register_blocks_give_naive_bits() {
     let Some(gpu) = test_gpu() else { return };
@@ -813,42 +813,11 @@ fn big_register_blocks_give_naive_bits() {
         (260, 500, 270, false),
     ] {
         assert!(m * n * k >= gemm::SLOW_BUILD_MIN_FMAS);
-        let a = gpu
-            .upload_f32("a", &rng.vec_uniform(m * k, -1.0, 1.0))
-            .unwrap();
-        let b = gpu
-            .upload_f32("b", &rng.vec_uniform(n * k, -1.0, 1.0))
-            .unwrap();
         let mm = Matmul {
             trans_b,
             ..Matmul::new(m, n, k)
         };
-        let a_op = Operand::new(&a, k);
-        let b_op = Operand::new(&b, if trans_b { k } else { n });
-        let run = |kernel: Kernel| {
-            let c = gpu.zeros("c", DType::F32, m * n).unwrap();
-            let d = gemm::matmul_with(gpu, &mm, Operand::new(&c, n), a_op, b_op, None, kernel);
-            gpu.run(&d.unwrap()).unwrap();
-            gpu.read_f32(&c).unwrap()
-        };
-        let naive = run(Kernel::Naive);
-        let big: Vec<Kernel> = gemm::candidates(gpu, &mm, &a_op, &b_op)
-            .into_iter()
-            .filter(Kernel::slow_to_build)
-            .collect();
-        assert!(big.len() >= 2, "{m}x{k}x{n}: {big:?}");
-        for kernel in big {
-            let got = run(kernel);
-            let same = got
-                .iter()
-                .zip(&naive)
-                .all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(
-                same,
-                "{m}x{k}x{n} trans_b {trans_b}: {} differs from naive",
-                kernel.name()
-            );
-        }
+        big_blocks_match_naive(gpu, &mm, &mut rng);
     }
     // Below the threshold they are not offered.
     let (a, b) = (
@@ -875,41 +844,56 @@ fn big_register_blocks_give_naive_bits() {
     let (m, k, n, batch) = (40, 37, 44, 40);
     assert!(m * n * k < gemm::SLOW_BUILD_MIN_FMAS / 64);
     for trans_b in [true, false] {
-        let a = gpu
-            .upload_f32("a", &rng.vec_uniform(batch * m * k, -1.0, 1.0))
-            .unwrap();
-        let b = gpu
-            .upload_f32("b", &rng.vec_uniform(batch * n * k, -1.0, 1.0))
-            .unwrap();
         let mm = Matmul {
             batch,
             trans_b,
             ..Matmul::new(m, n, k)
         };
-        let a_op = Operand::new(&a, k).batched(m * k);
-        let b_op = Operand::new(&b, if trans_b { k } else { n }).batched(n * k);
-        let run = |kernel: Kernel| {
-            let c = gpu.zeros("c", DType::F32, batch * m * n).unwrap();
-            let c_op = Operand::new(&c, n).batched(m * n);
-            let d = gemm::matmul_with(gpu, &mm, c_op, a_op, b_op, None, kernel);
-            gpu.run(&d.unwrap()).unwrap();
-            gpu.read_f32(&c).unwrap()
-        };
-        let naive = run(Kernel::Naive);
-        let big: Vec<Kernel> = gemm::candidates(gpu, &mm, &a_op, &b_op)
-            .into_iter()
-            .filter(Kernel::slow_to_build)
-            .collect();
-        assert!(big.len() >= 2, "{m}x{k}x{n} x{batch}: {big:?}");
-        for kernel in big {
-            let got = run(kernel);
-            assert!(
-                got.iter()
-                    .zip(&naive)
-                    .all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{m}x{k}x{n} x{batch} trans_b {trans_b}: {} differs from naive",
-                kernel.name()
-            );
-        }
+        big_blocks_match_naive(gpu, &mm, &mut rng);
+    }
+}
+
+/// Runs `mm` (packed entries, random operands) under every slow-to-build candidate `candidates`
+/// offers, at least two of them, and asserts each gives the naive kernel's bits.
+fn big_blocks_match_naive(gpu: &Gpu, mm: &Matmul, rng: &mut Rng) {
+    let Matmul {
+        m,
+        n,
+        k,
+        batch,
+        trans_b,
+        ..
+    } = *mm;
+    let a = gpu
+        .upload_f32("a", &rng.vec_uniform(batch * m * k, -1.0, 1.0))
+        .unwrap();
+    let b = gpu
+        .upload_f32("b", &rng.vec_uniform(batch * n * k, -1.0, 1.0))
+        .unwrap();
+    let a_op = Operand::new(&a, k).batched(m * k);
+    let b_op = Operand::new(&b, if trans_b { k } else { n }).batched(n * k);
+    let run = |kernel: Kernel| {
+        let c = gpu.zeros("c", DType::F32, batch * m * n).unwrap();
+        let c_op = Operand::new(&c, n).batched(m * n);
+        let d = gemm::matmul_with(gpu, mm, c_op, a_op, b_op, None, kernel);
+        gpu.run(&d.unwrap()).unwrap();
+        gpu.read_f32(&c).unwrap()
+    };
+    let naive = run(Kernel::Naive);
+    let big: Vec<Kernel> = gemm::candidates(gpu, mm, &a_op, &b_op)
+        .into_iter()
+        .filter(Kernel::slow_to_build)
+        .collect();
+    let what = format!("{m}x{k}x{n} x{batch} trans_b {trans_b}");
+    assert!(big.len() >= 2, "{what}: {big:?}");
+    for kernel in big {
+        let got = run(kernel);
+        assert!(
+            got.iter()
+                .zip(&naive)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{what}: {} differs from naive",
+            kernel.name()
+        );
     }
 }
