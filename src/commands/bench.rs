@@ -61,9 +61,21 @@ pub struct BenchArgs {
     /// Untimed warm-up runs.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Print one JSON object instead of tables.
-    #[arg(long)]
-    json: bool,
+    /// Print one JSON object instead of tables; with a FILE, write it there (and print the
+    /// tables).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    json: Option<std::path::PathBuf>,
+    /// Run every headline benchmark (GEMM, attention, training steps, prefill and decode) in one
+    /// process: `quick` in minutes on a software adapter, `full` for a real GPU. Other flags
+    /// are ignored, but `--json`.
+    #[arg(long, value_enum)]
+    suite: Option<SuiteArg>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SuiteArg {
+    Quick,
+    Full,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -124,6 +136,14 @@ pub fn at_least_one(flags: &[(&str, usize)]) -> Result<()> {
 }
 
 pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
+    if let Some(suite) = args.suite {
+        return run_suite(gpu, suite, args.json.as_deref());
+    }
+    let json_to_stdout = args.json.as_deref() == Some(std::path::Path::new("-"));
+    let json_file = args
+        .json
+        .as_deref()
+        .filter(|p| *p != std::path::Path::new("-"));
     let cfg = args.model.config()?;
     at_least_one(&[
         ("--batch-size", args.batch_size),
@@ -140,7 +160,7 @@ pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
     out.insert("adapter".into(), gpu.adapter_name().into());
     out.insert("model".into(), shape.clone().into());
     out.insert("timing".into(), gpu.timing_method().name().into());
-    if !args.json {
+    if !json_to_stdout {
         println!("adapter: {}", gpu.adapter_name());
         println!("model:   {shape}");
     }
@@ -153,27 +173,80 @@ pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
             args.warmup,
             args.runs,
         )?;
-        if args.json {
-            out.insert("train".into(), r.to_json());
-        } else {
+        out.insert("train".into(), r.to_json());
+        if !json_to_stdout {
             print_train(&gpu, &r, args.warmup);
         }
     }
     if matches!(args.what, What::Infer | What::All) {
         let rows = infer(&gpu, &cfg, args)?;
-        if args.json {
-            out.insert(
-                "infer".into(),
-                rows.iter().map(|r| r.to_json()).collect::<Vec<_>>().into(),
-            );
-        } else {
+        out.insert(
+            "infer".into(),
+            rows.iter().map(|r| r.to_json()).collect::<Vec<_>>().into(),
+        );
+        if !json_to_stdout {
             print_infer(&rows, args);
         }
     }
-    if args.json {
-        println!("{}", serde_json::Value::Object(out));
+    let out = serde_json::Value::Object(out);
+    if json_to_stdout {
+        println!("{out}");
+    }
+    if let Some(path) = json_file {
+        write_json(path, &out)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `value` to `path` atomically (a temporary file beside it, then a rename).
+fn write_json(path: &std::path::Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialize");
+    shaderformer::plot::write_atomic(path, &(text + "\n"))
+}
+
+/// `bench --suite`: every headline benchmark, a table on stdout, the JSON to `json` (stdout
+/// alone when it is "-"). Fails when any section failed, after writing what the others measured.
+fn run_suite(gpu: &GpuArgs, suite: SuiteArg, json: Option<&std::path::Path>) -> Result<ExitCode> {
+    use shaderformer::suite::{self, Plan, Suite};
+    let to_stdout = json == Some(std::path::Path::new("-"));
+    let plan = Plan::new(match suite {
+        SuiteArg::Quick => Suite::Quick,
+        SuiteArg::Full => Suite::Full,
+    });
+    let gpu = gpu.open()?;
+    let start = std::time::Instant::now();
+    let mut progress = |what: &str| {
+        if !to_stdout {
+            println!("[{:>6.1} s] {what}", start.elapsed().as_secs_f64());
+        }
+    };
+    progress(&format!(
+        "bench --suite {} on {}",
+        plan.suite.name(),
+        gpu.adapter_name()
+    ));
+    let mut outcome = suite::run(&gpu, &plan, &mut progress);
+    let seconds = start.elapsed().as_secs_f64();
+    outcome.json["seconds"] = seconds.into();
+    if to_stdout {
+        println!("{}", outcome.json);
+    } else {
+        println!("\nadapter: {}", gpu.adapter_name());
+        print!("{}", suite::table(&outcome.rows));
+        println!("{:.1} s in all", seconds);
+        if let Some(path) = json {
+            write_json(path, &outcome.json)?;
+            println!("JSON: {}", path.display());
+        }
+    }
+    if outcome.failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for (section, e) in &outcome.failures {
+            eprintln!("error: {section}: {e}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 /// The model's shape in one line, with its parameter count.
