@@ -6,7 +6,11 @@ Needs torch, transformers and tokenizers (CPU wheels suffice), in a virtual envi
 the repository:
 
     python3 -m venv ~/fixenv && ~/fixenv/bin/pip install torch transformers tokenizers safetensors
-    ~/fixenv/bin/python scripts/make_fixtures.py
+    ~/fixenv/bin/python scripts/make_fixtures.py          # everything
+    ~/fixenv/bin/python scripts/make_fixtures.py llama    # one family: gpt2 or llama
+
+Other versions of torch and transformers give other rounding (and another version string in the
+config files); the versions that made each Llama-family fixture are in its metadata.
 
 Outputs (small, committed):
     assets/gpt2-bpe/             a random GPT2LMHeadModel with a byte-level BPE tokenizer.json
@@ -22,6 +26,8 @@ Outputs (small, committed):
         tokens, targets (B, T) int32; logits (B, T, V); loss (1); grad.<name> for every parameter
         (Hugging Face layout); losses (STEPS) and grad_norms (STEPS) of AdamW steps with clipping
         and weight decay on the same batch. Hyperparameters are in the file's metadata.
+    assets/llama-tiny/, qwen2-tiny/, qwen3-tiny/, llama-tiny-sharded/, qwen3-tiny-bf16/
+                                 the Llama family: see scripts/fixtures_llama.py
 """
 
 import json
@@ -213,6 +219,15 @@ def tiny_gpt2():
 if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    tiny_gpt2()
-    bpe_gpt2()
+    families = sys.argv[1:] or ["gpt2", "llama"]
+    unknown = set(families) - {"gpt2", "llama"}
+    if unknown:
+        sys.exit(f"unknown fixture family {sorted(unknown)}: choose gpt2 and/or llama")
+    if "gpt2" in families:
+        tiny_gpt2()
+        bpe_gpt2()
+    if "llama" in families:
+        import fixtures_llama
+
+        fixtures_llama.main()
     sys.exit(0)
