@@ -84,6 +84,14 @@ pub const INCLUDES: &[(&str, &str)] = &[
         "include/gelu.wgsl",
         include_str!("../../shaders/include/gelu.wgsl"),
     ),
+    (
+        "include/grid.wgsl",
+        include_str!("../../shaders/include/grid.wgsl"),
+    ),
+    (
+        "include/reduce_wg.wgsl",
+        include_str!("../../shaders/include/reduce_wg.wgsl"),
+    ),
 ];
 
 /// The form a family's source is compiled in: what the loader's prelude declares.
