@@ -1,6 +1,5 @@
 //! attention.wgsl launchers: fused flash-style softmax attention (causal or not) with O(T) extra
-//! memory, forward and backward; KV-cache decoding; and an unfused baseline that keeps the T×T
-//! matrices in memory, for comparison.
+//! memory, forward and backward; and KV-cache decoding.
 //!
 //! `forward` and `backward` compute their results by the variant the tuner measures fastest: the
 //! fused tiled kernels, the fused row kernels, or the GEMM path, which runs the products through
@@ -12,7 +11,6 @@
 //! - out, dout (B, T, NH, HS) = (B, T, C)
 //! - lse (B, NH, T): the natural logsumexp of each row's scaled, masked scores
 //! - k_cache, v_cache (B, NH, Tmax, HS)
-//! - preatt, att, dpreatt, datt (B, NH, T, T): unfused baseline only
 //!
 //! scale = 1/sqrt(HS); causal: the query at absolute position i sees keys j <= i.
 //! Every launcher overwrites its outputs; dqkv is never accumulated into (the graph has no
@@ -115,28 +113,6 @@ pub const KV_APPEND: KernelSpec = KernelSpec {
 pub const FORWARD_F16: KernelSpec = FORWARD.with_variant(ShaderVariant::F16);
 /// `KV_APPEND` into f16 caches (attention.wgsl's F16 variant).
 pub const KV_APPEND_F16: KernelSpec = KV_APPEND.with_variant(ShaderVariant::F16);
-/// C = alpha · A · B, batched over (b, h): 1 = A, 2 = B (read), 3 = C (read_write).
-pub const UNFUSED_GEMM: KernelSpec = KernelSpec {
-    shader: Shader::Attention,
-    variant: ShaderVariant::Base,
-    entry: "unfused_gemm",
-    bindings: &[Read, Read, ReadWrite],
-};
-/// 1 = preatt (read), 2 = att (read_write).
-pub const UNFUSED_SOFTMAX: KernelSpec = KernelSpec {
-    shader: Shader::Attention,
-    variant: ShaderVariant::Base,
-    entry: "unfused_softmax",
-    bindings: &[Read, ReadWrite],
-};
-/// 1 = att, 2 = datt (read), 3 = dpreatt (read_write).
-pub const UNFUSED_SOFTMAX_BACKWARD: KernelSpec = KernelSpec {
-    shader: Shader::Attention,
-    variant: ShaderVariant::Base,
-    entry: "unfused_softmax_backward",
-    bindings: &[Read, Read, ReadWrite],
-};
-
 /// Mirrors `Params` in attention.wgsl. Strides are (base, batch, token, head) in elements.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -212,18 +188,6 @@ pub struct BackwardTensors<'a> {
     pub qkv: &'a View,
     pub out: &'a View,
     pub lse: &'a View,
-}
-
-/// The tensors of `backward_unfused`: dqkv (B, T, 3C), dpreatt and datt (B, NH, T, T) written;
-/// dout (B, T, C), qkv (B, T, 3C) and the forward's att (B, NH, T, T) read.
-#[derive(Clone, Copy, Debug)]
-pub struct UnfusedBackwardTensors<'a> {
-    pub dqkv: &'a View,
-    pub dpreatt: &'a View,
-    pub datt: &'a View,
-    pub dout: &'a View,
-    pub qkv: &'a View,
-    pub att: &'a View,
 }
 
 /// A KV cache: keys `k` and values `v`, each (B, NH, Tmax, HS), both f32 or both f16.
@@ -661,10 +625,10 @@ fn check_fused_dims(kernel: &str, dims: &[(&str, usize)], hs: usize) -> Result<(
 /// FLOPs of one product over the unmasked (query, key) pairs, such as q·kᵀ or att·v, where the
 /// T = Tq queries of `dims` attend to `tk` keys.
 ///
-/// Dispatch costs count useful work only, the same for the fused and the unfused kernels: a
+/// Dispatch costs count useful work only, the same for the fused kernels and the GEMM path: a
 /// forward is 2 products, a backward 4 (dP, dV, dQ, dK). The fused backward's recomputation of
-/// the scores and the unfused GEMMs' work on masked entries are left out, so GFLOP/s compares
-/// the time taken for the same result.
+/// the scores and the GEMM path's work on masked entries are left out, so GFLOP/s compares the
+/// time taken for the same result.
 fn product_flops(dims: Dims, tk: usize, causal: bool) -> u64 {
     let Dims { b, t: tq, nh, hs } = dims;
     let pairs: u64 = if causal {
@@ -1458,390 +1422,11 @@ pub fn kv_append(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Unfused baseline.
-
-/// Mirrors `GemmParams` in attention.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-struct GemmParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    nh: u32,
-    mask: u32,
-    alpha: f32,
-    a_sm: u32,
-    a_sk: u32,
-    a_base: u32,
-    a_sb: u32,
-    a_sh: u32,
-    b_sk: u32,
-    b_sn: u32,
-    b_base: u32,
-    b_sb: u32,
-    b_sh: u32,
-    c_base: u32,
-    c_sb: u32,
-    c_sh: u32,
-    c_sm: u32,
-}
-
-/// The layout of `GemmParams`, for the test that compares it with `GemmParams` in the shader.
-pub fn gemm_params_layout() -> super::ParamsLayout {
-    super::params_layout!(GemmParams {
-        m,
-        n,
-        k,
-        nh,
-        mask,
-        alpha,
-        a_sm,
-        a_sk,
-        a_base,
-        a_sb,
-        a_sh,
-        b_sk,
-        b_sn,
-        b_base,
-        b_sb,
-        b_sh,
-        c_base,
-        c_sb,
-        c_sh,
-        c_sm
-    })
-}
-
-/// A strided matrix per (b, h): element (r, c) at base + b·sb + h·sh + r·s0 + c·s1.
-#[derive(Clone, Copy)]
-struct Mat {
-    base: usize,
-    sb: usize,
-    sh: usize,
-    s0: usize,
-    s1: usize,
-}
-
-impl Mat {
-    /// Part `part` of qkv (B, T, 3C) as (T, HS) matrices.
-    fn qkv(t: usize, c: usize, hs: usize, part: usize) -> Mat {
-        Mat {
-            base: part * c,
-            sb: t * 3 * c,
-            sh: hs,
-            s0: 3 * c,
-            s1: 1,
-        }
-    }
-    /// A (B, T, C) tensor as (T, HS) matrices.
-    fn btc(t: usize, c: usize, hs: usize) -> Mat {
-        Mat {
-            base: 0,
-            sb: t * c,
-            sh: hs,
-            s0: c,
-            s1: 1,
-        }
-    }
-    /// A (B, NH, T, T) tensor as (T, T) matrices.
-    fn square(t: usize, nh: usize) -> Mat {
-        Mat {
-            base: 0,
-            sb: nh * t * t,
-            sh: t * t,
-            s0: t,
-            s1: 1,
-        }
-    }
-    fn transposed(self) -> Mat {
-        Mat {
-            s0: self.s1,
-            s1: self.s0,
-            ..self
-        }
-    }
-}
-
-const GEMM_TILE: u32 = 64;
-
-/// One product of the unfused kernels, for each (b, h): c (M, N) = alpha · a (M, K) · b (K, N),
-/// with the causal mask applied to c when `mask`; c must be contiguous along N.
-struct Product<'a> {
-    a: (&'a View, Mat),
-    b: (&'a View, Mat),
-    c: (&'a View, Mat),
-    /// (M, N, K)
-    mnk: (usize, usize, usize),
-    alpha: f32,
-    mask: bool,
-}
-
-/// `p` over the B·NH (b, h) of `dims`; `flops` is the useful work (see `product_flops`).
-fn gemm(gpu: &Gpu, dims: Dims, p: Product, flops: u64) -> Result<Dispatch> {
-    let Product {
-        a: (a, am),
-        b: (bv, bm),
-        c: (c, cm),
-        mnk: (m, n, k),
-        alpha,
-        mask,
-    } = p;
-    let Dims { b: batch, nh, .. } = dims;
-    debug_assert_eq!(cm.s1, 1);
-    let params = GemmParams {
-        m: m as u32,
-        n: n as u32,
-        k: k as u32,
-        nh: nh as u32,
-        mask: mask as u32,
-        alpha,
-        a_sm: am.s0 as u32,
-        a_sk: am.s1 as u32,
-        a_base: am.base as u32,
-        a_sb: am.sb as u32,
-        a_sh: am.sh as u32,
-        b_sk: bm.s0 as u32,
-        b_sn: bm.s1 as u32,
-        b_base: bm.base as u32,
-        b_sb: bm.sb as u32,
-        b_sh: bm.sh as u32,
-        c_base: cm.base as u32,
-        c_sb: cm.sb as u32,
-        c_sh: cm.sh as u32,
-        c_sm: cm.s0 as u32,
-    };
-    let wg = [
-        (n as u32).div_ceil(GEMM_TILE),
-        (m as u32).div_ceil(GEMM_TILE),
-        (batch * nh) as u32,
-    ];
-    let cost = Cost {
-        flops,
-        bytes: 4 * (batch * nh * (m * k + k * n + m * n)) as u64,
-    };
-    gpu.dispatch(&UNFUSED_GEMM, &[], bytes_of(&params), &[a, bv, c], wg, cost)
-}
-
-const SOFTMAX_WG: u32 = 128;
-
-fn softmax_dispatch(
-    gpu: &Gpu,
-    spec: &KernelSpec,
-    args: &[&View],
-    dims: Dims,
-    causal: bool,
-    cost: Cost,
-) -> Result<Dispatch> {
-    let Dims { b, t, nh, .. } = dims;
-    let params = Params::new(b, nh, 1, t, t, causal);
-    gpu.dispatch(
-        spec,
-        &[("WG", SOFTMAX_WG as f64)],
-        bytes_of(&params),
-        args,
-        grid(
-            (b * nh * t) as u32,
-            gpu.limits.max_compute_workgroups_per_dimension,
-        ),
-        cost,
-    )
-}
-
-fn check_unfused_dims(kernel: &str, dims: Dims) -> Result<()> {
-    let Dims { b, t, nh, hs } = dims;
-    expect_dims(kernel, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)])?;
-    let square = (b as u128) * (nh as u128) * (t as u128) * (t as u128);
-    if square > u32::MAX as u128 {
-        return Err(Error::invalid(
-            kernel,
-            format!("B·NH·T² = {square} elements do not fit the kernels' 32-bit indices"),
-        ));
-    }
-    Ok(())
-}
-
-/// Unfused baseline forward (llm.c's attention_forward): preatt (B, NH, T, T) = scale·q·kᵀ
-/// (masked entries 0), att = softmax(preatt) (masked entries 0), out (B, T, C) = att·v, from qkv
-/// (B, T, 3C). Overwrites out, preatt and att. The T×T products are computed in full.
-pub fn forward_unfused(
-    gpu: &Gpu,
-    out: &View,
-    preatt: &View,
-    att: &View,
-    qkv: &View,
-    dims: Dims,
-    causal: bool,
-) -> Result<Vec<Dispatch>> {
-    let name = "attention.forward_unfused";
-    check_unfused_dims(name, dims)?;
-    let Dims { b, t, nh, hs } = dims;
-    let c = nh * hs;
-    expect(name, out, DType::F32, b * t * c)?;
-    expect(name, preatt, DType::F32, b * nh * t * t)?;
-    expect(name, att, DType::F32, b * nh * t * t)?;
-    expect(name, qkv, DType::F32, b * t * 3 * c)?;
-    let scale = 1.0 / (hs as f32).sqrt();
-    let sq = Mat::square(t, nh);
-    let rows = b * nh * t;
-    let product = product_flops(dims, t, causal);
-    Ok(vec![
-        gemm(
-            gpu,
-            dims,
-            Product {
-                a: (qkv, Mat::qkv(t, c, hs, 0)),
-                b: (qkv, Mat::qkv(t, c, hs, 1).transposed()),
-                c: (preatt, sq),
-                mnk: (t, t, hs),
-                alpha: scale,
-                mask: causal,
-            },
-            product,
-        )?,
-        softmax_dispatch(
-            gpu,
-            &UNFUSED_SOFTMAX,
-            &[preatt, att],
-            dims,
-            causal,
-            Cost {
-                flops: 5 * (rows * t) as u64,
-                bytes: 8 * (rows * t) as u64,
-            },
-        )?,
-        gemm(
-            gpu,
-            dims,
-            Product {
-                a: (att, sq),
-                b: (qkv, Mat::qkv(t, c, hs, 2)),
-                c: (out, Mat::btc(t, c, hs)),
-                mnk: (t, hs, t),
-                alpha: 1.0,
-                mask: false,
-            },
-            product,
-        )?,
-    ])
-}
-
-/// Checks the unfused backward's dimensions and tensors.
-fn check_unfused_backward(tensors: UnfusedBackwardTensors, dims: Dims) -> Result<()> {
-    let name = "attention.backward_unfused";
-    check_unfused_dims(name, dims)?;
-    let Dims { b, t, nh, hs } = dims;
-    let c = nh * hs;
-    expect(name, tensors.dqkv, DType::F32, b * t * 3 * c)?;
-    expect(name, tensors.dpreatt, DType::F32, b * nh * t * t)?;
-    expect(name, tensors.datt, DType::F32, b * nh * t * t)?;
-    expect(name, tensors.dout, DType::F32, b * t * c)?;
-    expect(name, tensors.qkv, DType::F32, b * t * 3 * c)?;
-    expect(name, tensors.att, DType::F32, b * nh * t * t)?;
-    Ok(())
-}
-
-/// Unfused baseline backward: dqkv (B, T, 3C) from dout (B, T, C), qkv and the forward's att
-/// (B, NH, T, T), through datt = dout·vᵀ and dpreatt = att ∘ (datt - rowsum(att ∘ datt)), both
-/// (B, NH, T, T) and overwritten; overwrites dqkv.
-pub fn backward_unfused(
-    gpu: &Gpu,
-    tensors: UnfusedBackwardTensors,
-    dims: Dims,
-    causal: bool,
-) -> Result<Vec<Dispatch>> {
-    let UnfusedBackwardTensors {
-        dqkv,
-        dpreatt,
-        datt,
-        dout,
-        qkv,
-        att,
-    } = tensors;
-    check_unfused_backward(tensors, dims)?;
-    let Dims { b, t, nh, hs } = dims;
-    let c = nh * hs;
-    let scale = 1.0 / (hs as f32).sqrt();
-    let sq = Mat::square(t, nh);
-    let dmat = Mat::btc(t, c, hs);
-    let rows = b * nh * t;
-    let product = product_flops(dims, t, causal);
-    Ok(vec![
-        // datt (T, T) = dout (T, HS) · vᵀ (HS, T)
-        gemm(
-            gpu,
-            dims,
-            Product {
-                a: (dout, dmat),
-                b: (qkv, Mat::qkv(t, c, hs, 2).transposed()),
-                c: (datt, sq),
-                mnk: (t, t, hs),
-                alpha: 1.0,
-                mask: causal,
-            },
-            product,
-        )?,
-        // dv (T, HS) = attᵀ (T, T) · dout (T, HS)
-        gemm(
-            gpu,
-            dims,
-            Product {
-                a: (att, sq.transposed()),
-                b: (dout, dmat),
-                c: (dqkv, Mat::qkv(t, c, hs, 2)),
-                mnk: (t, hs, t),
-                alpha: 1.0,
-                mask: false,
-            },
-            product,
-        )?,
-        softmax_dispatch(
-            gpu,
-            &UNFUSED_SOFTMAX_BACKWARD,
-            &[att, datt, dpreatt],
-            dims,
-            causal,
-            Cost {
-                flops: 4 * (rows * t) as u64,
-                bytes: 12 * (rows * t) as u64,
-            },
-        )?,
-        // dq (T, HS) = scale · dpreatt (T, T) · k (T, HS)
-        gemm(
-            gpu,
-            dims,
-            Product {
-                a: (dpreatt, sq),
-                b: (qkv, Mat::qkv(t, c, hs, 1)),
-                c: (dqkv, Mat::qkv(t, c, hs, 0)),
-                mnk: (t, hs, t),
-                alpha: scale,
-                mask: false,
-            },
-            product,
-        )?,
-        // dk (T, HS) = scale · dpreattᵀ (T, T) · q (T, HS)
-        gemm(
-            gpu,
-            dims,
-            Product {
-                a: (dpreatt, sq.transposed()),
-                b: (qkv, Mat::qkv(t, c, hs, 0)),
-                c: (dqkv, Mat::qkv(t, c, hs, 1)),
-                mnk: (t, hs, t),
-                alpha: scale,
-                mask: false,
-            },
-            product,
-        )?,
-    ])
-}
-
-// ---------------------------------------------------------------------------------------------
 // Harness.
 
 pub const FAMILY: Family = Family {
     name: "attention",
-    about: "fused causal/non-causal softmax attention fwd+bwd, KV-cache decoding, unfused baseline",
+    about: "fused causal/non-causal softmax attention fwd+bwd, the GEMM path, KV-cache decoding",
     shape_help: "B,NH,T,HS",
     default_shapes: &[
         &[1, 1, 1, 8],
@@ -1872,11 +1457,9 @@ pub fn check_inputs(dims: Dims) -> (Vec<f32>, Vec<f32>) {
     (qkv, dout)
 }
 
-/// The reference's out, preatt, att, lse and dqkv in f64.
+/// The reference's out, lse and dqkv in f64.
 struct Expected {
     out: Vec<f64>,
-    preatt: Vec<f64>,
-    att: Vec<f64>,
     lse: Vec<f64>,
     dqkv: Vec<f64>,
 }
@@ -1897,36 +1480,34 @@ fn expected_one(qkv: &[f32], dout: &[f32], dims: Dims, opts: Options) -> Expecte
     let c = nh * hs;
     let qkv: Vec<f64> = reference::convert(qkv);
     let dout: Vec<f64> = reference::convert(dout);
-    {
-        let mut e = Expected {
-            out: vec![0.0; b * t * c],
-            preatt: vec![0.0; b * nh * t * t],
-            att: vec![0.0; b * nh * t * t],
-            lse: vec![0.0; b * nh * t],
-            dqkv: vec![0.0; b * t * 3 * c],
-        };
-        reference::attention::forward(
-            &mut e.out,
-            &mut e.preatt,
-            &mut e.att,
-            &mut e.lse,
-            &qkv,
-            dims,
-            opts,
-        );
-        let (mut dpre, mut datt) = (vec![0.0; b * nh * t * t], vec![0.0; b * nh * t * t]);
-        reference::attention::backward(
-            &mut e.dqkv,
-            &mut dpre,
-            &mut datt,
-            &dout,
-            &qkv,
-            &e.att,
-            dims,
-            opts,
-        );
-        e
-    }
+    let square = b * nh * t * t;
+    let mut e = Expected {
+        out: vec![0.0; b * t * c],
+        lse: vec![0.0; b * nh * t],
+        dqkv: vec![0.0; b * t * 3 * c],
+    };
+    let (mut preatt, mut att) = (vec![0.0; square], vec![0.0; square]);
+    reference::attention::forward(
+        &mut e.out,
+        &mut preatt,
+        &mut att,
+        &mut e.lse,
+        &qkv,
+        dims,
+        opts,
+    );
+    let (mut dpre, mut datt) = (vec![0.0; square], vec![0.0; square]);
+    reference::attention::backward(
+        &mut e.dqkv,
+        &mut dpre,
+        &mut datt,
+        &dout,
+        &qkv,
+        &att,
+        dims,
+        opts,
+    );
+    e
 }
 
 /// One report per (name, GPU tensor, reference) against ATOL and RTOL, labelled "{label} {name}".
@@ -1971,7 +1552,6 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         for &pair in &pairs {
             case.fused(opts, pair, want, mode, &mut reports)?;
         }
-        case.unfused(*causal, want, mode, &mut reports)?;
     }
 
     // Dropout on the probabilities (causal; the fixed rule's tiling, the row kernels and the
@@ -2086,43 +1666,6 @@ impl CheckCase<'_> {
             &got,
             reports,
         )
-    }
-
-    /// The unfused forward and backward (through preatt and att), against `want`.
-    fn unfused(
-        &self,
-        causal: bool,
-        want: &Expected,
-        mode: &str,
-        reports: &mut Vec<CheckReport>,
-    ) -> Result<()> {
-        let (gpu, dims) = (self.gpu, self.dims);
-        let Dims { b, t, nh, hs } = dims;
-        let c = nh * hs;
-        let out = gpu.zeros("out", DType::F32, b * t * c)?;
-        let preatt = gpu.zeros("preatt", DType::F32, b * nh * t * t)?;
-        let att = gpu.zeros("att", DType::F32, b * nh * t * t)?;
-        let dpreatt = gpu.zeros("dpreatt", DType::F32, b * nh * t * t)?;
-        let datt = gpu.zeros("datt", DType::F32, b * nh * t * t)?;
-        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
-        let mut ds = forward_unfused(gpu, &out, &preatt, &att, self.qkv, dims, causal)?;
-        let tensors = UnfusedBackwardTensors {
-            dqkv: &dqkv,
-            dpreatt: &dpreatt,
-            datt: &datt,
-            dout: self.dout,
-            qkv: self.qkv,
-            att: &att,
-        };
-        ds.extend(backward_unfused(gpu, tensors, dims, causal)?);
-        gpu.run(&ds)?;
-        let got = [
-            ("preatt", &preatt, &want.preatt),
-            ("att", &att, &want.att),
-            ("out", &out, &want.out),
-            ("dqkv", &dqkv, &want.dqkv),
-        ];
-        compare_views(gpu, self.s, &format!("{mode} unfused"), &got, reports)
     }
 }
 
@@ -2259,11 +1802,10 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let fused_fwd = case.fused(Stage::Forward)?;
     let fused_bwd = case.fused(Stage::Backward)?;
     let [drop_fwd, drop_bwd] = case.dropout()?;
-    let [unfused_fwd, unfused_bwd] = case.unfused()?;
     let mut reports = fused_fwd;
-    reports.extend([drop_fwd, unfused_fwd]);
+    reports.push(drop_fwd);
     reports.extend(fused_bwd);
-    reports.extend([drop_bwd, unfused_bwd]);
+    reports.push(drop_bwd);
     reports.extend(bench_decode(gpu, opts, &qkv_data, &qkv, dims)?);
     Ok(reports)
 }
@@ -2357,37 +1899,6 @@ impl BenchCase<'_> {
         let bv = tuned(gpu, Stage::Backward, dims, true)?;
         drop_bwd.extra_bytes = Some(self.extra_bytes(Stage::Backward, bv)?);
         Ok([drop_fwd, drop_bwd])
-    }
-
-    /// The unfused forward and backward, through the (B, NH, T, T) preatt and att.
-    fn unfused(&self) -> Result<[BenchReport; 2]> {
-        let (gpu, dims, tensors) = (self.gpu, self.dims, self.tensors);
-        let Dims { b, t, nh, .. } = dims;
-        let square_bytes = 4 * (b * nh * t * t) as u64;
-        let preatt = gpu.zeros("preatt", DType::F32, b * nh * t * t)?;
-        let att = gpu.zeros("att", DType::F32, b * nh * t * t)?;
-        let ufwd = forward_unfused(gpu, tensors.out, &preatt, &att, tensors.qkv, dims, true)?;
-        let mut unfused_fwd = harness::bench_one(gpu, self.opts, "unfused forward", self.s, &ufwd)?;
-        // preatt and att
-        unfused_fwd.extra_bytes = Some(2 * square_bytes);
-        drop(ufwd);
-        drop(preatt);
-        let dpreatt = gpu.zeros("dpreatt", DType::F32, b * nh * t * t)?;
-        let datt = gpu.zeros("datt", DType::F32, b * nh * t * t)?;
-        let unfused = UnfusedBackwardTensors {
-            dqkv: tensors.dqkv,
-            dpreatt: &dpreatt,
-            datt: &datt,
-            dout: tensors.dout,
-            qkv: tensors.qkv,
-            att: &att,
-        };
-        let ubwd = backward_unfused(gpu, unfused, dims, true)?;
-        let mut unfused_bwd =
-            harness::bench_one(gpu, self.opts, "unfused backward", self.s, &ubwd)?;
-        // att (kept from the forward), datt and dpreatt
-        unfused_bwd.extra_bytes = Some(3 * square_bytes);
-        Ok([unfused_fwd, unfused_bwd])
     }
 }
 

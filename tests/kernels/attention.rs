@@ -1,5 +1,5 @@
 //! Attention: the fused kernels (forward and backward, at the adapter's tiling and at the
-//! 16 KiB WebGPU-minimum tiling), the unfused baseline and KV-cache decoding (f32 and f16 caches)
+//! 16 KiB WebGPU-minimum tiling), the GEMM path and KV-cache decoding (f32 and f16 caches)
 //! against the CPU reference; the reference's backward against finite differences; determinism;
 //! bad input.
 //!
@@ -7,9 +7,7 @@
 
 use half::f16;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, test_gpu};
-use shaderformer::kernels::attention::{
-    self, BackwardTensors, Dims, KvCache, MAX_HS, Options, UnfusedBackwardTensors,
-};
+use shaderformer::kernels::attention::{self, BackwardTensors, Dims, KvCache, MAX_HS, Options};
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
 
@@ -273,12 +271,6 @@ fn results_are_bit_identical_run_to_run() {
         let out = gpu.zeros("out", DType::F32, b * t * c).unwrap();
         let lse = gpu.zeros("lse", DType::F32, b * nh * t).unwrap();
         let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c).unwrap();
-        let sq = |name| gpu.zeros(name, DType::F32, b * nh * t * t).unwrap();
-        let (uout, udqkv) = (
-            gpu.zeros("uout", DType::F32, b * t * c).unwrap(),
-            gpu.zeros("udqkv", DType::F32, b * t * 3 * c).unwrap(),
-        );
-        let (pre, att, dpre, datt) = (sq("preatt"), sq("att"), sq("dpreatt"), sq("datt"));
         let mut ds = attention::forward(gpu, &out, &lse, &gqkv, dims, Options::CAUSAL).unwrap();
         ds.extend(
             attention::backward(
@@ -295,31 +287,11 @@ fn results_are_bit_identical_run_to_run() {
             )
             .unwrap(),
         );
-        ds.extend(attention::forward_unfused(gpu, &uout, &pre, &att, &gqkv, dims, true).unwrap());
-        ds.extend(
-            attention::backward_unfused(
-                gpu,
-                UnfusedBackwardTensors {
-                    dqkv: &udqkv,
-                    dpreatt: &dpre,
-                    datt: &datt,
-                    dout: &gdout,
-                    qkv: &gqkv,
-                    att: &att,
-                },
-                dims,
-                true,
-            )
-            .unwrap(),
-        );
         gpu.run(&ds).unwrap();
-        [out, lse, dqkv, uout, udqkv].map(|v| gpu.read_u32(&v).unwrap())
+        [out, lse, dqkv].map(|v| gpu.read_u32(&v).unwrap())
     };
     let (first, second) = (run(), run());
-    for (name, (a, b)) in ["out", "lse", "dqkv", "unfused out", "unfused dqkv"]
-        .iter()
-        .zip(first.iter().zip(&second))
-    {
+    for (name, (a, b)) in ["out", "lse", "dqkv"].iter().zip(first.iter().zip(&second)) {
         let diff = a.iter().zip(b).filter(|(x, y)| x != y).count();
         assert_eq!(
             diff,
@@ -401,11 +373,6 @@ fn head_size_not_matching_the_channels_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("tensor qkv") && err.contains("1920"), "{err}");
-    let (pre, att) = (z("preatt", b * 3 * t * t), z("att", b * 3 * t * t));
-    let err = attention::forward_unfused(gpu, &out, &pre, &att, &qkv, dims, true)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("tensor qkv"), "{err}");
     let short_lse = z("lse", b * 3 * t - 1);
     let qkv48 = z("qkv", b * t * 3 * 48);
     let err = attention::forward(gpu, &out, &short_lse, &qkv48, dims, Options::CAUSAL)
