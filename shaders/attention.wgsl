@@ -870,10 +870,10 @@ fn attention_backward_dq_rows(@builtin(workgroup_id) wid: vec3<u32>,
 
 // ---------------------------------------------------------------------------------------------
 // The GEMM path: the fused kernels' results (out and lse; dqkv) from products of the GEMM family
-// (gemm.wgsl) and these two kernels between them (src/kernels/attention.rs runs them). The B·NH
-// (b, h) pairs go in groups: the heads of one sequence, or one head of every sequence, whichever
-// makes fewer groups; a group's E = p.grp.w score matrices (T × T) lie in a scratch buffer, row
-// (g, i) of entry g at (g·T + i)·T.
+// (gemm.wgsl) and these two kernels between them (src/kernels/attention/gemm_path.rs runs them).
+// The B·NH (b, h) pairs go in groups: the heads of one sequence, or one head of every sequence,
+// whichever makes fewer groups; a group's E = p.grp.w score matrices (T × T) lie in a scratch
+// buffer, row (g, i) of entry g at (g·T + i)·T.
 //   forward:  S = scale2·q·kᵀ (scores in base 2, as the fused kernels use them);
 //             attention_scores_softmax turns S into P ∘ M / l and writes lse; out = that · v
 //   backward: S again and dP = dout·vᵀ; attention_scores_backward turns S into P ∘ M and dP into
