@@ -174,7 +174,19 @@ fn v4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
     return r;
 }
 
+// Writes the first HS dims of vec4 column d4 of row (b, i, h) of out.
+fn store_out(b: u32, h: u32, i: u32, d4: u32, val: vec4<f32>) {
+    let base = row_start(p.o, b, h, i);
+    for (var c = 0u; c < 4u; c++) {
+        let d = 4u * d4 + c;
+        if (d < p.hs) {
+            out[base + d] = val[c];
+        }
+    }
+}
+
 #include "include/hash.wgsl"
+#include "include/grid.wgsl"
 
 // The dropout factor M of query i (row of the (b, h) block) and key j: 1 without dropout.
 fn drop_factor(b: u32, h: u32, i: u32, j: u32) -> f32 {
@@ -202,12 +214,31 @@ fn key_end(i0: u32, n: u32) -> u32 {
     return min(p.tk, p.pos0 + min(i0 + n, p.tq));
 }
 
-// Rows tiles are handed out heaviest first under the causal mask (the last query tiles see
-// the most keys), which evens out the tail of the dispatch.
+// (b, h, r) of item idx of n per (b, h), r fastest: a row of a row kernel, or a key tile of
+// dK/dV. Past the last item, b >= B.
+fn row_of(idx: u32, n: u32) -> vec3<u32> {
+    let bh = idx / n;
+    return vec3<u32>(bh / p.nh, bh % p.nh, idx % n);
+}
+
+// Query tiles are handed out heaviest first under the causal mask (the last query tiles see
+// the most keys), which evens out the tail of the dispatch. Past the last tile, b >= B.
 fn query_tile(linear: u32) -> vec3<u32> {
     let t = p.ntiles - 1u - linear % p.ntiles;
     let bh = linear / p.ntiles;
     return vec3<u32>(bh / p.nh, bh % p.nh, t);
+}
+
+// Streams tile j0 .. j0 + BC of k and v into sh_b and sh_b2 (forward, dQ), between barriers.
+fn stream_kv(b: u32, h: u32, j0: u32, tid: u32) {
+    workgroupBarrier();
+    for (var e = tid; e < BC * HD4; e += WG) {
+        let r = e / HD4;
+        let d4 = e % HD4;
+        sh_b[r * HDP + d4] = k4(b, h, j0 + r, d4);
+        sh_b2[r * HDP + d4] = v4(b, h, j0 + r, d4);
+    }
+    workgroupBarrier();
 }
 
 // attention_forward: out (B, Tq, NH, HS) and lse (B, NH, Tq) from q (B, Tq, NH, HS) and k, v
@@ -220,16 +251,14 @@ fn query_tile(linear: u32) -> vec3<u32> {
 fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= p.nb * p.nh * p.ntiles) {
-        return;
+    let tile = query_tile(linear_wg(wid, nwg));
+    if (tile.x < p.nb) {
+        forward_tile(tile.x, tile.y, tile.z * BR, lid.x);
     }
-    let tile = query_tile(linear);
-    let b = tile.x;
-    let h = tile.y;
-    let i0 = tile.z * BR;
-    let tid = lid.x;
+}
 
+// attention_forward's work for the query tile i0 .. i0 + BR of (b, h), as invocation tid.
+fn forward_tile(b: u32, h: u32, i0: u32, tid: u32) {
     for (var e = tid; e < BR * HD4; e += WG) {
         let r = e / HD4;
         let d4 = e % HD4;
@@ -255,14 +284,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let nkt = (key_end(i0, BR) + BC - 1u) / BC;
     for (var kt = 0u; kt < nkt; kt++) {
         let j0 = kt * BC;
-        workgroupBarrier();
-        for (var e = tid; e < BC * HD4; e += WG) {
-            let r = e / HD4;
-            let d4 = e % HD4;
-            sh_b[r * HDP + d4] = k4(b, h, j0 + r, d4);
-            sh_b2[r * HDP + d4] = v4(b, h, j0 + r, d4);
-        }
-        workgroupBarrier();
+        stream_kv(b, h, j0, tid);
 
         // Scores of this thread's RS rows × CS keys (keys interleaved across the SC threads).
         var s: array<f32, S_MAX>;
@@ -361,16 +383,8 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
             lsum += sh_red[row * SC + c];
         }
         let inv = 1.0 / lsum;
-        let base = row_start(p.o, b, h, i);
         for (var v = 0u; v < DV; v++) {
-            let val = acc[o * DV + v] * inv;
-            let d4 = tc + TC * v;
-            for (var c = 0u; c < 4u; c++) {
-                let d = 4u * d4 + c;
-                if (d < p.hs) {
-                    out[base + d] = val[c];
-                }
-            }
+            store_out(b, h, i, tc + TC * v, acc[o * DV + v] * inv);
         }
         if (tc == 0u && p.write_lse != 0u) {
             lse_out[(b * p.nh + h) * p.tq + i] = (sh_row[row] + log2(lsum)) * LN2;
@@ -399,7 +413,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_backward_prep(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    let idx = index(wid, nwg, lid);
     if (idx >= p.nb * p.nh * p.tq) {
         return;
     }
@@ -445,22 +459,74 @@ fn store_dqkv(s: vec4<u32>, b: u32, h: u32, t: u32, d4: u32, val: vec4<f32>) {
     }
 }
 
+// Streams tile i0 .. i0 + BC of q and dout into sh_b and sh_b2 (dK/dV), between barriers.
+fn stream_qdo(b: u32, h: u32, i0: u32, tid: u32) {
+    workgroupBarrier();
+    for (var e = tid; e < BC * HD4; e += WG) {
+        let r = e / HD4;
+        let d4 = e % HD4;
+        sh_b[r * HDP + d4] = q4(b, h, i0 + r, d4);
+        sh_b2[r * HDP + d4] = do4(b, h, i0 + r, d4);
+    }
+    workgroupBarrier();
+}
+
+// lse·log2(e) and D of query i of (b, h); 0 and 0 past the last query.
+fn row_stats(b: u32, h: u32, i: u32) -> vec2<f32> {
+    if (i >= p.tq) {
+        return vec2<f32>(0.0);
+    }
+    let r = (b * p.nh + h) * p.tq + i;
+    return vec2<f32>(bw_lse[r] * LOG2E, bw_d[r]);
+}
+
+// The score block of score-phase thread (sr, sc) in the backward kernels, for its RS rows × CS
+// columns (columns interleaved across the SC threads): s = (rows of sh_a)·(columns of sh_b) and
+// dp = (rows of sh_a2)·(columns of sh_b2). dK/dV holds k and v and streams q and dout
+// (s = k·q, dp = v·dout); dQ holds q and dout and streams k and v (s = q·k, dp = dout·v).
+struct ScoreBlock {
+    s: array<f32, S_MAX>,
+    dp: array<f32, S_MAX>,
+}
+
+fn score_block(sr: u32, sc: u32) -> ScoreBlock {
+    var blk: ScoreBlock;
+    for (var a = 0u; a < RS * CS; a++) {
+        blk.s[a] = 0.0;
+        blk.dp[a] = 0.0;
+    }
+    for (var d4 = 0u; d4 < HD4; d4++) {
+        var bb: array<vec4<f32>, CS_MAX>;
+        var bb2: array<vec4<f32>, CS_MAX>;
+        for (var c = 0u; c < CS; c++) {
+            bb[c] = sh_b[(sc + SC * c) * HDP + d4];
+            bb2[c] = sh_b2[(sc + SC * c) * HDP + d4];
+        }
+        for (var i = 0u; i < RS; i++) {
+            let a = sh_a[(sr * RS + i) * HDP + d4];
+            let a2 = sh_a2[(sr * RS + i) * HDP + d4];
+            for (var c = 0u; c < CS; c++) {
+                blk.s[i * CS + c] += dot(a, bb[c]);
+                blk.dp[i * CS + c] += dot(a2, bb2[c]);
+            }
+        }
+    }
+    return blk;
+}
+
 @compute @workgroup_size(WG)
 fn attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_id) lid: vec3<u32>) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= p.nb * p.nh * p.ntiles) {
-        return;
-    }
     // Key tiles in ascending order: under the causal mask the first ones see the most queries.
-    let kt = linear % p.ntiles;
-    let bh = linear / p.ntiles;
-    let b = bh / p.nh;
-    let h = bh % p.nh;
-    let j0 = kt * BR;
-    let tid = lid.x;
+    let tile = row_of(linear_wg(wid, nwg), p.ntiles);
+    if (tile.x < p.nb) {
+        dkdv_tile(tile.x, tile.y, tile.z * BR, lid.x);
+    }
+}
 
+// attention_backward_dkdv's work for the key tile j0 .. j0 + BR of (b, h), as invocation tid.
+fn dkdv_tile(b: u32, h: u32, j0: u32, tid: u32) {
     for (var e = tid; e < BR * HD4; e += WG) {
         let r = e / HD4;
         let d4 = e % HD4;
@@ -488,57 +554,25 @@ fn attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
     let nqt = (p.tq + BC - 1u) / BC;
     for (var qt = qt0; qt < nqt; qt++) {
         let i0 = qt * BC;
-        workgroupBarrier();
-        for (var e = tid; e < BC * HD4; e += WG) {
-            let r = e / HD4;
-            let d4 = e % HD4;
-            sh_b[r * HDP + d4] = q4(b, h, i0 + r, d4);
-            sh_b2[r * HDP + d4] = do4(b, h, i0 + r, d4);
-        }
-        workgroupBarrier();
+        stream_qdo(b, h, i0, tid);
 
         // s = k·q and dp = v·dout for RS keys × CS queries.
-        var s: array<f32, S_MAX>;
-        var dp: array<f32, S_MAX>;
-        for (var a = 0u; a < RS * CS; a++) {
-            s[a] = 0.0;
-            dp[a] = 0.0;
-        }
-        for (var d4 = 0u; d4 < HD4; d4++) {
-            var qq: array<vec4<f32>, CS_MAX>;
-            var oo: array<vec4<f32>, CS_MAX>;
-            for (var c = 0u; c < CS; c++) {
-                qq[c] = sh_b[(sc + SC * c) * HDP + d4];
-                oo[c] = sh_b2[(sc + SC * c) * HDP + d4];
-            }
-            for (var i = 0u; i < RS; i++) {
-                let kv = sh_a[(sr * RS + i) * HDP + d4];
-                let vv = sh_a2[(sr * RS + i) * HDP + d4];
-                for (var c = 0u; c < CS; c++) {
-                    s[i * CS + c] += dot(kv, qq[c]);
-                    dp[i * CS + c] += dot(vv, oo[c]);
-                }
-            }
-        }
+        let blk = score_block(sr, sc);
         for (var c = 0u; c < CS; c++) {
             let col = sc + SC * c;
             let i = i0 + col;
-            var lq = 0.0;
-            var dd = 0.0;
-            if (i < p.tq) {
-                let r = (b * p.nh + h) * p.tq + i;
-                lq = bw_lse[r] * LOG2E;
-                dd = bw_d[r];
-            }
+            let st = row_stats(b, h, i);
+            let lq = st.x;
+            let dd = st.y;
             for (var k = 0u; k < RS; k++) {
                 let row = sr * RS + k;
                 var pr = 0.0;
                 if (visible(i, j0 + row)) {
-                    pr = exp2(s[k * CS + c] * p.scale2 - lq);
+                    pr = exp2(blk.s[k * CS + c] * p.scale2 - lq);
                 }
                 let f = drop_factor(b, h, i, j0 + row);
                 sh_p[row * BC + col] = pr * f;
-                sh_p2[row * BC + col] = pr * (dp[k * CS + c] * f - dd);
+                sh_p2[row * BC + col] = pr * (blk.dp[k * CS + c] * f - dd);
             }
         }
         workgroupBarrier();
@@ -579,16 +613,14 @@ fn attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
                          @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_id) lid: vec3<u32>) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= p.nb * p.nh * p.ntiles) {
-        return;
+    let tile = query_tile(linear_wg(wid, nwg));
+    if (tile.x < p.nb) {
+        dq_tile(tile.x, tile.y, tile.z * BR, lid.x);
     }
-    let tile = query_tile(linear);
-    let b = tile.x;
-    let h = tile.y;
-    let i0 = tile.z * BR;
-    let tid = lid.x;
+}
 
+// attention_backward_dq's work for the query tile i0 .. i0 + BR of (b, h), as invocation tid.
+fn dq_tile(b: u32, h: u32, i0: u32, tid: u32) {
     for (var e = tid; e < BR * HD4; e += WG) {
         let r = e / HD4;
         let d4 = e % HD4;
@@ -604,14 +636,9 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
     var lrow: array<f32, RS_MAX>;
     var drow: array<f32, RS_MAX>;
     for (var k = 0u; k < RS; k++) {
-        let i = i0 + sr * RS + k;
-        lrow[k] = 0.0;
-        drow[k] = 0.0;
-        if (i < p.tq) {
-            let r = (b * p.nh + h) * p.tq + i;
-            lrow[k] = bw_lse[r] * LOG2E;
-            drow[k] = bw_d[r];
-        }
+        let st = row_stats(b, h, i0 + sr * RS + k);
+        lrow[k] = st.x;
+        drow[k] = st.y;
     }
     var dq: array<vec4<f32>, ACC_MAX>;
     for (var a = 0u; a < RO * DV; a++) {
@@ -621,48 +648,20 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
     let nkt = (key_end(i0, BR) + BC - 1u) / BC;
     for (var kt = 0u; kt < nkt; kt++) {
         let j0 = kt * BC;
-        workgroupBarrier();
-        for (var e = tid; e < BC * HD4; e += WG) {
-            let r = e / HD4;
-            let d4 = e % HD4;
-            sh_b[r * HDP + d4] = k4(b, h, j0 + r, d4);
-            sh_b2[r * HDP + d4] = v4(b, h, j0 + r, d4);
-        }
-        workgroupBarrier();
+        stream_kv(b, h, j0, tid);
 
         // s = q·k and dp = dout·v for RS queries × CS keys; dS goes to sh_p.
-        var s: array<f32, S_MAX>;
-        var dp: array<f32, S_MAX>;
-        for (var a = 0u; a < RS * CS; a++) {
-            s[a] = 0.0;
-            dp[a] = 0.0;
-        }
-        for (var d4 = 0u; d4 < HD4; d4++) {
-            var kk: array<vec4<f32>, CS_MAX>;
-            var vv: array<vec4<f32>, CS_MAX>;
-            for (var c = 0u; c < CS; c++) {
-                kk[c] = sh_b[(sc + SC * c) * HDP + d4];
-                vv[c] = sh_b2[(sc + SC * c) * HDP + d4];
-            }
-            for (var k = 0u; k < RS; k++) {
-                let qv = sh_a[(sr * RS + k) * HDP + d4];
-                let ov = sh_a2[(sr * RS + k) * HDP + d4];
-                for (var c = 0u; c < CS; c++) {
-                    s[k * CS + c] += dot(qv, kk[c]);
-                    dp[k * CS + c] += dot(ov, vv[c]);
-                }
-            }
-        }
+        let blk = score_block(sr, sc);
         for (var k = 0u; k < RS; k++) {
             let row = sr * RS + k;
             for (var c = 0u; c < CS; c++) {
                 let col = sc + SC * c;
                 var pr = 0.0;
                 if (visible(i0 + row, j0 + col)) {
-                    pr = exp2(s[k * CS + c] * p.scale2 - lrow[k]);
+                    pr = exp2(blk.s[k * CS + c] * p.scale2 - lrow[k]);
                 }
                 let f = drop_factor(b, h, i0 + row, j0 + col);
-                sh_p[row * BC + col] = pr * (dp[k * CS + c] * f - drow[k]);
+                sh_p[row * BC + col] = pr * (blk.dp[k * CS + c] * f - drow[k]);
             }
         }
         workgroupBarrier();
@@ -707,27 +706,20 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
 
 const RMAX: u32 = 32u;   // MAX_HS / 4: capacity of the private row arrays
 
-// (b, h, row) of invocation idx of a row kernel: rows of n per (b, h), row fastest.
-fn row_of(idx: u32, n: u32) -> vec3<u32> {
-    let bh = idx / n;
-    return vec3<u32>(bh / p.nh, bh % p.nh, idx % n);
-}
-
 // attention_forward_rows: attention_forward's outputs, one invocation per (b, h, query i), rows of
 // one (b, h) adjacent.
 @compute @workgroup_size(WG)
 fn attention_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
-    if (idx >= p.nb * p.nh * p.tq) {
-        return;
+    let at = row_of(index(wid, nwg, lid), p.tq);
+    if (at.x < p.nb) {
+        forward_row(at.x, at.y, at.z);
     }
-    let at = row_of(idx, p.tq);
-    let b = at.x;
-    let h = at.y;
-    let i = at.z;
+}
 
+// attention_forward_rows's work for row i of (b, h).
+fn forward_row(b: u32, h: u32, i: u32) {
     var qr: array<vec4<f32>, RMAX>;
     var acc: array<vec4<f32>, RMAX>;
     for (var d4 = 0u; d4 < HD4; d4++) {
@@ -755,15 +747,8 @@ fn attention_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
     }
 
     let inv = 1.0 / l;
-    let base = row_start(p.o, b, h, i);
     for (var d4 = 0u; d4 < HD4; d4++) {
-        let val = acc[d4] * inv;
-        for (var c = 0u; c < 4u; c++) {
-            let d = 4u * d4 + c;
-            if (d < p.hs) {
-                out[base + d] = val[c];
-            }
-        }
+        store_out(b, h, i, d4, acc[d4] * inv);
     }
     if (p.write_lse != 0u) {
         lse_out[(b * p.nh + h) * p.tq + i] = (m + log2(l)) * LN2;
@@ -776,15 +761,14 @@ fn attention_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_backward_dkdv_rows(@builtin(workgroup_id) wid: vec3<u32>,
                                 @builtin(num_workgroups) nwg: vec3<u32>,
                                 @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
-    if (idx >= p.nb * p.nh * p.tk) {
-        return;
+    let at = row_of(index(wid, nwg, lid), p.tk);
+    if (at.x < p.nb) {
+        dkdv_row(at.x, at.y, at.z);
     }
-    let at = row_of(idx, p.tk);
-    let b = at.x;
-    let h = at.y;
-    let j = at.z;
+}
 
+// attention_backward_dkdv_rows's work for row j of (b, h).
+fn dkdv_row(b: u32, h: u32, j: u32) {
     var kr: array<vec4<f32>, RMAX>;
     var vr: array<vec4<f32>, RMAX>;
     var dk: array<vec4<f32>, RMAX>;
@@ -829,15 +813,14 @@ fn attention_backward_dkdv_rows(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_backward_dq_rows(@builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>,
                               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
-    if (idx >= p.nb * p.nh * p.tq) {
-        return;
+    let at = row_of(index(wid, nwg, lid), p.tq);
+    if (at.x < p.nb) {
+        dq_row(at.x, at.y, at.z);
     }
-    let at = row_of(idx, p.tq);
-    let b = at.x;
-    let h = at.y;
-    let i = at.z;
+}
 
+// attention_backward_dq_rows's work for row i of (b, h).
+fn dq_row(b: u32, h: u32, i: u32) {
     var qr: array<vec4<f32>, RMAX>;
     var orow: array<vec4<f32>, RMAX>;
     var dq: array<vec4<f32>, RMAX>;
@@ -902,7 +885,7 @@ fn group_bh(g: u32) -> vec2<u32> {
 fn attention_scores_softmax(@builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>,
                             @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    let idx = index(wid, nwg, lid);
     if (idx >= p.grp.w * p.tq) {
         return;
     }
@@ -942,7 +925,7 @@ fn attention_scores_softmax(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_scores_backward(@builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>,
                              @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    let idx = index(wid, nwg, lid);
     if (idx >= p.grp.w * p.tq * p.tk) {
         return;
     }
@@ -977,7 +960,7 @@ fn attention_scores_backward(@builtin(workgroup_id) wid: vec3<u32>,
 fn kv_append(@builtin(workgroup_id) wid: vec3<u32>,
              @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    let idx = index(wid, nwg, lid);
     if (idx >= p.nb * p.tq * p.nh * p.hs) {
         return;
     }

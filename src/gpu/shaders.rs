@@ -84,6 +84,10 @@ pub const INCLUDES: &[(&str, &str)] = &[
         "include/gelu.wgsl",
         include_str!("../../shaders/include/gelu.wgsl"),
     ),
+    (
+        "include/grid.wgsl",
+        include_str!("../../shaders/include/grid.wgsl"),
+    ),
 ];
 
 /// The form a family's source is compiled in: what the loader's prelude declares.
