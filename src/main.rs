@@ -97,6 +97,10 @@ pub enum KernelsCommand {
         /// Shape, e.g. 127x45x129 (the family's awkward default shapes when omitted).
         #[arg(long)]
         shape: Option<String>,
+        /// Without --shape, also the family's exhaustive sweep: more shapes, every variant at
+        /// each (slow on a CPU adapter with an empty shader cache).
+        #[arg(long)]
+        exhaustive: bool,
     },
     /// Time a kernel family's variants on the GPU.
     Bench {

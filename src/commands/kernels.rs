@@ -16,7 +16,11 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        KernelsCommand::Check { kernel, shape } => check(args, kernel.as_deref(), shape.as_deref()),
+        KernelsCommand::Check {
+            kernel,
+            shape,
+            exhaustive,
+        } => check(args, kernel.as_deref(), shape.as_deref(), exhaustive),
         KernelsCommand::Bench {
             kernel,
             shape,
@@ -32,9 +36,15 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
     }
 }
 
-/// Checks `kernel` (every family when None) on `shape` (the family's default shapes when None)
-/// against the CPU reference, one line per comparison; fails when any comparison does.
-fn check(args: &GpuArgs, kernel: Option<&str>, shape: Option<&str>) -> Result<ExitCode> {
+/// Checks `kernel` (every family when None) on `shape` (the family's default shapes when None,
+/// and its exhaustive sweep after them when `exhaustive`) against the CPU reference, one line per
+/// comparison; fails when any comparison does.
+fn check(
+    args: &GpuArgs,
+    kernel: Option<&str>,
+    shape: Option<&str>,
+    exhaustive: bool,
+) -> Result<ExitCode> {
     let families = match kernel {
         Some(k) => vec![harness::find(k)?],
         None => harness::families(),
@@ -46,7 +56,16 @@ fn check(args: &GpuArgs, kernel: Option<&str>, shape: Option<&str>) -> Result<Ex
     for f in families {
         let shapes: Vec<Vec<usize>> = match &shape {
             Some(s) => vec![s.clone()],
-            None => f.default_shapes.iter().map(|s| s.to_vec()).collect(),
+            None => {
+                let sweep = if exhaustive {
+                    harness::exhaustive_shapes(f)
+                } else {
+                    &[]
+                };
+                (f.default_shapes.iter().chain(sweep))
+                    .map(|s| s.to_vec())
+                    .collect()
+            }
         };
         for s in shapes {
             harness::validate_shape(f, &s)?;

@@ -37,6 +37,14 @@ pub fn families() -> Vec<&'static Family> {
     ]
 }
 
+/// The shapes `kernels check --exhaustive` runs after a family's default ones.
+pub fn exhaustive_shapes(f: &Family) -> &'static [&'static [usize]] {
+    match f.name {
+        "attention" => super::attention::check::EXHAUSTIVE_SHAPES,
+        _ => &[],
+    }
+}
+
 pub fn find(name: &str) -> Result<&'static Family> {
     families()
         .into_iter()

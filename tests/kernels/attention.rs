@@ -7,45 +7,53 @@
 
 use half::f16;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, test_gpu};
+use shaderformer::kernels::attention::check::{EXHAUSTIVE_SHAPES, Variants};
 use shaderformer::kernels::attention::{self, BackwardTensors, Dims, KvCache, MAX_HS, Options};
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
 
-/// Runs the family check on one (B, NH, T, HS) and asserts every comparison.
-fn check_shape(gpu: &Gpu, b: usize, nh: usize, t: usize, hs: usize) {
-    let reports = (attention::FAMILY.check)(gpu, &[b, nh, t, hs])
-        .unwrap_or_else(|e| panic!("attention B={b} NH={nh} T={t} HS={hs}: {e}"));
+/// Runs the check of the variants `which` selects on one (B, NH, T, HS) and asserts every
+/// comparison.
+fn check_shape(gpu: &Gpu, shape: &[usize], which: Variants) {
+    let reports = attention::check::check_variants(gpu, shape, which)
+        .unwrap_or_else(|e| panic!("attention {shape:?} {which:?}: {e}"));
     for r in reports {
         eprintln!("attention {} {}", r.shape, r.comparison);
         r.comparison.assert();
     }
 }
 
+/// Every variant at each of the family's awkward default shapes.
 #[test]
 fn gpu_matches_reference() {
     crate::check_family(&attention::FAMILY);
 }
 
+/// The shapes of `kernels check attention --exhaustive`, each with one variant (`gpu_matches_reference`
+/// runs them all on the awkward shapes): the variants taken in turn at each head capacity, so
+/// that each meets several lengths without every variant being compiled and run at every shape.
+fn sweep(shapes: &[&[usize]]) {
+    let Some(gpu) = test_gpu() else { return };
+    let mut turn = std::collections::HashMap::new();
+    for shape in shapes {
+        let hs = shape[3];
+        let i = turn.entry(hs.max(16).next_power_of_two()).or_insert(0);
+        check_shape(gpu, shape, Variants::One(*i));
+        *i += 1;
+    }
+}
+
 /// Every pair of T ∈ {1, 7, 37, 64, 129} and HS ∈ {8, 16, 64}, at NH = 3 and B = 2.
 #[test]
 fn every_t_with_every_head_size() {
-    let Some(gpu) = test_gpu() else { return };
-    for t in [1, 7, 37, 64, 129] {
-        for hs in [8, 16, 64] {
-            check_shape(gpu, 2, 3, t, hs);
-        }
-    }
+    sweep(&EXHAUSTIVE_SHAPES[..15]);
 }
 
 /// The extremes of NH ∈ {1, 12} with both B ∈ {1, 2}, at a T that spans several tiles and a T
 /// of one partial tile, with the smallest and largest head sizes of the grid.
 #[test]
 fn head_and_batch_extremes() {
-    let Some(gpu) = test_gpu() else { return };
-    for (nh, b) in [(1, 1), (1, 2), (12, 1), (12, 2)] {
-        check_shape(gpu, b, nh, 129, 8);
-        check_shape(gpu, b, nh, 37, 64);
-    }
+    sweep(&EXHAUSTIVE_SHAPES[15..]);
 }
 
 /// Decoding with a prefill of 5 tokens and then 1-token steps, and with a prefill of 3 and then

@@ -32,6 +32,45 @@ pub const FAMILY: Family = Family {
     bench,
 };
 
+/// The shapes `kernels check attention --exhaustive` adds to the default ones, every variant at
+/// each: every T in {1, 7, 37, 64, 129} with every HS in {8, 16, 64} at NH 3 and B 2, and the
+/// extremes of NH in {1, 12} with B in {1, 2} at T 129 (several tiles) and T 37 (one partial
+/// tile). The tests run each of them with one variant, in turn (`Variants::One`).
+pub const EXHAUSTIVE_SHAPES: &[&[usize]] = &[
+    &[2, 3, 1, 8],
+    &[2, 3, 1, 16],
+    &[2, 3, 1, 64],
+    &[2, 3, 7, 8],
+    &[2, 3, 7, 16],
+    &[2, 3, 7, 64],
+    &[2, 3, 37, 8],
+    &[2, 3, 37, 16],
+    &[2, 3, 37, 64],
+    &[2, 3, 64, 8],
+    &[2, 3, 64, 16],
+    &[2, 3, 64, 64],
+    &[2, 3, 129, 8],
+    &[2, 3, 129, 16],
+    &[2, 3, 129, 64],
+    &[1, 1, 129, 8],
+    &[1, 1, 37, 64],
+    &[2, 1, 129, 8],
+    &[2, 1, 37, 64],
+    &[1, 12, 129, 8],
+    &[1, 12, 37, 64],
+    &[2, 12, 129, 8],
+    &[2, 12, 37, 64],
+];
+
+/// Which variants a check runs at its shape: all of them (`kernels check`), or one, the `i`-th
+/// modulo their number (a sweep over many shapes that checks each variant on some of them,
+/// without compiling and running every variant at every shape).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variants {
+    All,
+    One(usize),
+}
+
 /// Tolerances against the f64 reference (|err| <= atol + rtol·|ref|): f32 accumulation over a
 /// few hundred terms of magnitude ~1 stays within a few 1e-6.
 pub const ATOL: f64 = 1e-5;
@@ -117,6 +156,12 @@ fn compare_views(
 }
 
 fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
+    check_variants(gpu, shape, Variants::All)
+}
+
+/// The check at `shape` (B, NH, T, HS) of the variants `which` selects: forward and backward,
+/// causal and not, with dropout, against the reference; then decoding with f32 and f16 caches.
+pub fn check_variants(gpu: &Gpu, shape: &[usize], which: Variants) -> Result<Vec<CheckReport>> {
     let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
     let dims = Dims { b, t, nh, hs };
     let s = format!("B={b} NH={nh} T={t} HS={hs}");
@@ -132,7 +177,10 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         dout: &gdout,
     };
     let mut reports = Vec::new();
-    let pairs = variant_pairs(hs, storage_limit(gpu))?;
+    let mut pairs = variant_pairs(hs, storage_limit(gpu))?;
+    if let Variants::One(i) = which {
+        pairs = vec![pairs[i % pairs.len()]];
+    }
     for (causal, want) in [true, false].iter().zip(&want) {
         let mode = if *causal { "causal" } else { "noncausal" };
         let opts = Options {
@@ -147,9 +195,10 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     // Dropout on the probabilities (causal; the fixed rule's tiling, the row kernels and the
     // GEMM path) against the reference under the same mask, at two steps: the mask changes with
     // the step, and the backward regenerates it.
+    // With one variant, that variant.
     let untiled = |v: Variant| !matches!(v, Variant::Tiled(..));
     let dropout_pairs: Vec<_> = (pairs.iter().take(1))
-        .chain(pairs.iter().filter(|p| untiled(p.0)))
+        .chain(pairs.iter().skip(1).filter(|p| untiled(p.0)))
         .copied()
         .collect();
     for step in [0, 1] {
