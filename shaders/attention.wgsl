@@ -251,7 +251,7 @@ fn stream_kv(b: u32, h: u32, j0: u32, tid: u32) {
 fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>) {
-    let tile = query_tile(linear_wg(wid, nwg));
+    let tile = query_tile(workgroup_index(wid, nwg));
     if (tile.x < p.nb) {
         forward_tile(tile.x, tile.y, tile.z * BR, lid.x);
     }
@@ -413,7 +413,7 @@ fn forward_tile(b: u32, h: u32, i0: u32, tid: u32) {
 fn attention_backward_prep(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = index(wid, nwg, lid);
+    let idx = global_index(wid, nwg, WG, lid.x);
     if (idx >= p.nb * p.nh * p.tq) {
         return;
     }
@@ -519,7 +519,7 @@ fn attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_id) lid: vec3<u32>) {
     // Key tiles in ascending order: under the causal mask the first ones see the most queries.
-    let tile = row_of(linear_wg(wid, nwg), p.ntiles);
+    let tile = row_of(workgroup_index(wid, nwg), p.ntiles);
     if (tile.x < p.nb) {
         dkdv_tile(tile.x, tile.y, tile.z * BR, lid.x);
     }
@@ -613,7 +613,7 @@ fn dkdv_tile(b: u32, h: u32, j0: u32, tid: u32) {
 fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
                          @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_id) lid: vec3<u32>) {
-    let tile = query_tile(linear_wg(wid, nwg));
+    let tile = query_tile(workgroup_index(wid, nwg));
     if (tile.x < p.nb) {
         dq_tile(tile.x, tile.y, tile.z * BR, lid.x);
     }
@@ -712,7 +712,7 @@ const RMAX: u32 = 32u;   // MAX_HS / 4: capacity of the private row arrays
 fn attention_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_id) lid: vec3<u32>) {
-    let at = row_of(index(wid, nwg, lid), p.tq);
+    let at = row_of(global_index(wid, nwg, WG, lid.x), p.tq);
     if (at.x < p.nb) {
         forward_row(at.x, at.y, at.z);
     }
@@ -761,7 +761,7 @@ fn forward_row(b: u32, h: u32, i: u32) {
 fn attention_backward_dkdv_rows(@builtin(workgroup_id) wid: vec3<u32>,
                                 @builtin(num_workgroups) nwg: vec3<u32>,
                                 @builtin(local_invocation_id) lid: vec3<u32>) {
-    let at = row_of(index(wid, nwg, lid), p.tk);
+    let at = row_of(global_index(wid, nwg, WG, lid.x), p.tk);
     if (at.x < p.nb) {
         dkdv_row(at.x, at.y, at.z);
     }
@@ -813,7 +813,7 @@ fn dkdv_row(b: u32, h: u32, j: u32) {
 fn attention_backward_dq_rows(@builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>,
                               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let at = row_of(index(wid, nwg, lid), p.tq);
+    let at = row_of(global_index(wid, nwg, WG, lid.x), p.tq);
     if (at.x < p.nb) {
         dq_row(at.x, at.y, at.z);
     }
@@ -885,7 +885,7 @@ fn group_bh(g: u32) -> vec2<u32> {
 fn attention_scores_softmax(@builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>,
                             @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = index(wid, nwg, lid);
+    let idx = global_index(wid, nwg, WG, lid.x);
     if (idx >= p.grp.w * p.tq) {
         return;
     }
@@ -925,7 +925,7 @@ fn attention_scores_softmax(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_scores_backward(@builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>,
                              @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = index(wid, nwg, lid);
+    let idx = global_index(wid, nwg, WG, lid.x);
     if (idx >= p.grp.w * p.tq * p.tk) {
         return;
     }
@@ -960,7 +960,7 @@ fn attention_scores_backward(@builtin(workgroup_id) wid: vec3<u32>,
 fn kv_append(@builtin(workgroup_id) wid: vec3<u32>,
              @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = index(wid, nwg, lid);
+    let idx = global_index(wid, nwg, WG, lid.x);
     if (idx >= p.nb * p.tq * p.nh * p.hs) {
         return;
     }

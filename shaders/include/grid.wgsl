@@ -1,13 +1,18 @@
-// Grid indices. Launchers fold a long 1-D grid of workgroups into x and y (src/gpu's `grid`,
-// which keeps each dimension within the adapter's limit): workgroup (x, y) is number
-// x + y·nwg.x, and the grid's last workgroups may lie past the end, so kernels check the index.
+// The folded workgroup grid: a launcher whose workgroup count exceeds the adapter's
+// per-dimension limit folds it into x and y (src/gpu: `grid`), nwg.x workgroups to a row, and the
+// shader recovers the flat index with these helpers. z stays free for batch entries (gemm.wgsl).
+// Included by every family that folds its grid; attention.wgsl may include it too.
+//
+//   workgroup_index(wid, nwg)              wid.x + wid.y · nwg.x
+//   global_index(wid, nwg, size, local)    workgroup_index · size + local: item `local` of the
+//                                          `size` consecutive items each workgroup covers
+//
+// Call them with the @builtin(workgroup_id) and @builtin(num_workgroups) values of the entry point.
 
-// The linear index of this workgroup.
-fn linear_wg(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+fn workgroup_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
 
-// The linear index of this invocation: WG (the including file's override) per workgroup.
-fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
-    return linear_wg(wid, nwg) * WG + lid.x;
+fn global_index(wid: vec3<u32>, nwg: vec3<u32>, size: u32, local: u32) -> u32 {
+    return workgroup_index(wid, nwg) * size + local;
 }

@@ -20,7 +20,10 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
             kernel,
             shape,
             exhaustive,
-        } => check(args, kernel.as_deref(), shape.as_deref(), exhaustive),
+        } => {
+            harness::set_exhaustive(exhaustive);
+            check(args, kernel.as_deref(), shape.as_deref())
+        }
         KernelsCommand::Bench {
             kernel,
             shape,
@@ -37,14 +40,9 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
 }
 
 /// Checks `kernel` (every family when None) on `shape` (the family's default shapes when None,
-/// and its exhaustive sweep after them when `exhaustive`) against the CPU reference, one line per
+/// then under `--exhaustive` its exhaustive sweep's) against the CPU reference, one line per
 /// comparison; fails when any comparison does.
-fn check(
-    args: &GpuArgs,
-    kernel: Option<&str>,
-    shape: Option<&str>,
-    exhaustive: bool,
-) -> Result<ExitCode> {
+fn check(args: &GpuArgs, kernel: Option<&str>, shape: Option<&str>) -> Result<ExitCode> {
     let families = match kernel {
         Some(k) => vec![harness::find(k)?],
         None => harness::families(),
@@ -56,16 +54,9 @@ fn check(
     for f in families {
         let shapes: Vec<Vec<usize>> = match &shape {
             Some(s) => vec![s.clone()],
-            None => {
-                let sweep = if exhaustive {
-                    harness::exhaustive_shapes(f)
-                } else {
-                    &[]
-                };
-                (f.default_shapes.iter().chain(sweep))
-                    .map(|s| s.to_vec())
-                    .collect()
-            }
+            None => (f.default_shapes.iter().chain(harness::exhaustive_shapes(f)))
+                .map(|s| s.to_vec())
+                .collect(),
         };
         for s in shapes {
             harness::validate_shape(f, &s)?;
