@@ -1,6 +1,5 @@
 // Multi-head softmax attention: a fused flash-style forward and backward (O(T) extra memory),
-// the KV-cache helpers used by generation, and an unfused baseline that materializes the T×T
-// matrices (llm.c's attention_forward layout), kept for comparison.
+// the GEMM path's score kernels, and the KV-cache helpers used by generation.
 //
 // Legend: B batch, T sequence, C = NH·HS channels, NH heads, HS head size.
 // Layouts (f32):
@@ -10,7 +9,6 @@
 //   lse, D           (B, NH, T): per-row logsumexp of the scaled, masked scores (natural log),
 //                    and D = rowsum(dout ∘ out)
 //   k_cache, v_cache (B, NH, Tmax, HS), of KvElem: f32, or f16 in the F16 variant
-//   preatt, att      (B, NH, T, T): scaled scores and probabilities (unfused baseline only)
 // scale = 1/sqrt(HS). Causal: the query at absolute position pos0 + i sees keys j <= pos0 + i.
 //
 // Fused kernels read q, k, v through (base, batch stride, token stride, head stride) in Params,
@@ -176,7 +174,19 @@ fn v4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
     return r;
 }
 
+// Writes the first HS dims of vec4 column d4 of row (b, i, h) of out.
+fn store_out(b: u32, h: u32, i: u32, d4: u32, val: vec4<f32>) {
+    let base = row_start(p.o, b, h, i);
+    for (var c = 0u; c < 4u; c++) {
+        let d = 4u * d4 + c;
+        if (d < p.hs) {
+            out[base + d] = val[c];
+        }
+    }
+}
+
 #include "include/hash.wgsl"
+#include "include/grid.wgsl"
 
 // The dropout factor M of query i (row of the (b, h) block) and key j: 1 without dropout.
 fn drop_factor(b: u32, h: u32, i: u32, j: u32) -> f32 {
@@ -204,12 +214,31 @@ fn key_end(i0: u32, n: u32) -> u32 {
     return min(p.tk, p.pos0 + min(i0 + n, p.tq));
 }
 
-// Rows tiles are handed out heaviest first under the causal mask (the last query tiles see
-// the most keys), which evens out the tail of the dispatch.
+// (b, h, r) of item idx of n per (b, h), r fastest: a row of a row kernel, or a key tile of
+// dK/dV. Past the last item, b >= B.
+fn row_of(idx: u32, n: u32) -> vec3<u32> {
+    let bh = idx / n;
+    return vec3<u32>(bh / p.nh, bh % p.nh, idx % n);
+}
+
+// Query tiles are handed out heaviest first under the causal mask (the last query tiles see
+// the most keys), which evens out the tail of the dispatch. Past the last tile, b >= B.
 fn query_tile(linear: u32) -> vec3<u32> {
     let t = p.ntiles - 1u - linear % p.ntiles;
     let bh = linear / p.ntiles;
     return vec3<u32>(bh / p.nh, bh % p.nh, t);
+}
+
+// Streams tile j0 .. j0 + BC of k and v into sh_b and sh_b2 (forward, dQ), between barriers.
+fn stream_kv(b: u32, h: u32, j0: u32, tid: u32) {
+    workgroupBarrier();
+    for (var e = tid; e < BC * HD4; e += WG) {
+        let r = e / HD4;
+        let d4 = e % HD4;
+        sh_b[r * HDP + d4] = k4(b, h, j0 + r, d4);
+        sh_b2[r * HDP + d4] = v4(b, h, j0 + r, d4);
+    }
+    workgroupBarrier();
 }
 
 // attention_forward: out (B, Tq, NH, HS) and lse (B, NH, Tq) from q (B, Tq, NH, HS) and k, v
@@ -222,16 +251,14 @@ fn query_tile(linear: u32) -> vec3<u32> {
 fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= p.nb * p.nh * p.ntiles) {
-        return;
+    let tile = query_tile(workgroup_index(wid, nwg));
+    if (tile.x < p.nb) {
+        forward_tile(tile.x, tile.y, tile.z * BR, lid.x);
     }
-    let tile = query_tile(linear);
-    let b = tile.x;
-    let h = tile.y;
-    let i0 = tile.z * BR;
-    let tid = lid.x;
+}
 
+// attention_forward's work for the query tile i0 .. i0 + BR of (b, h), as invocation tid.
+fn forward_tile(b: u32, h: u32, i0: u32, tid: u32) {
     for (var e = tid; e < BR * HD4; e += WG) {
         let r = e / HD4;
         let d4 = e % HD4;
@@ -257,14 +284,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
     let nkt = (key_end(i0, BR) + BC - 1u) / BC;
     for (var kt = 0u; kt < nkt; kt++) {
         let j0 = kt * BC;
-        workgroupBarrier();
-        for (var e = tid; e < BC * HD4; e += WG) {
-            let r = e / HD4;
-            let d4 = e % HD4;
-            sh_b[r * HDP + d4] = k4(b, h, j0 + r, d4);
-            sh_b2[r * HDP + d4] = v4(b, h, j0 + r, d4);
-        }
-        workgroupBarrier();
+        stream_kv(b, h, j0, tid);
 
         // Scores of this thread's RS rows × CS keys (keys interleaved across the SC threads).
         var s: array<f32, S_MAX>;
@@ -363,16 +383,8 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
             lsum += sh_red[row * SC + c];
         }
         let inv = 1.0 / lsum;
-        let base = row_start(p.o, b, h, i);
         for (var v = 0u; v < DV; v++) {
-            let val = acc[o * DV + v] * inv;
-            let d4 = tc + TC * v;
-            for (var c = 0u; c < 4u; c++) {
-                let d = 4u * d4 + c;
-                if (d < p.hs) {
-                    out[base + d] = val[c];
-                }
-            }
+            store_out(b, h, i, tc + TC * v, acc[o * DV + v] * inv);
         }
         if (tc == 0u && p.write_lse != 0u) {
             lse_out[(b * p.nh + h) * p.tq + i] = (sh_row[row] + log2(lsum)) * LN2;
@@ -401,7 +413,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_backward_prep(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    let idx = global_index(wid, nwg, WG, lid.x);
     if (idx >= p.nb * p.nh * p.tq) {
         return;
     }
@@ -447,22 +459,74 @@ fn store_dqkv(s: vec4<u32>, b: u32, h: u32, t: u32, d4: u32, val: vec4<f32>) {
     }
 }
 
+// Streams tile i0 .. i0 + BC of q and dout into sh_b and sh_b2 (dK/dV), between barriers.
+fn stream_qdo(b: u32, h: u32, i0: u32, tid: u32) {
+    workgroupBarrier();
+    for (var e = tid; e < BC * HD4; e += WG) {
+        let r = e / HD4;
+        let d4 = e % HD4;
+        sh_b[r * HDP + d4] = q4(b, h, i0 + r, d4);
+        sh_b2[r * HDP + d4] = do4(b, h, i0 + r, d4);
+    }
+    workgroupBarrier();
+}
+
+// lse·log2(e) and D of query i of (b, h); 0 and 0 past the last query.
+fn row_stats(b: u32, h: u32, i: u32) -> vec2<f32> {
+    if (i >= p.tq) {
+        return vec2<f32>(0.0);
+    }
+    let r = (b * p.nh + h) * p.tq + i;
+    return vec2<f32>(bw_lse[r] * LOG2E, bw_d[r]);
+}
+
+// The score block of score-phase thread (sr, sc) in the backward kernels, for its RS rows × CS
+// columns (columns interleaved across the SC threads): s = (rows of sh_a)·(columns of sh_b) and
+// dp = (rows of sh_a2)·(columns of sh_b2). dK/dV holds k and v and streams q and dout
+// (s = k·q, dp = v·dout); dQ holds q and dout and streams k and v (s = q·k, dp = dout·v).
+struct ScoreBlock {
+    s: array<f32, S_MAX>,
+    dp: array<f32, S_MAX>,
+}
+
+fn score_block(sr: u32, sc: u32) -> ScoreBlock {
+    var blk: ScoreBlock;
+    for (var a = 0u; a < RS * CS; a++) {
+        blk.s[a] = 0.0;
+        blk.dp[a] = 0.0;
+    }
+    for (var d4 = 0u; d4 < HD4; d4++) {
+        var bb: array<vec4<f32>, CS_MAX>;
+        var bb2: array<vec4<f32>, CS_MAX>;
+        for (var c = 0u; c < CS; c++) {
+            bb[c] = sh_b[(sc + SC * c) * HDP + d4];
+            bb2[c] = sh_b2[(sc + SC * c) * HDP + d4];
+        }
+        for (var i = 0u; i < RS; i++) {
+            let a = sh_a[(sr * RS + i) * HDP + d4];
+            let a2 = sh_a2[(sr * RS + i) * HDP + d4];
+            for (var c = 0u; c < CS; c++) {
+                blk.s[i * CS + c] += dot(a, bb[c]);
+                blk.dp[i * CS + c] += dot(a2, bb2[c]);
+            }
+        }
+    }
+    return blk;
+}
+
 @compute @workgroup_size(WG)
 fn attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_id) lid: vec3<u32>) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= p.nb * p.nh * p.ntiles) {
-        return;
-    }
     // Key tiles in ascending order: under the causal mask the first ones see the most queries.
-    let kt = linear % p.ntiles;
-    let bh = linear / p.ntiles;
-    let b = bh / p.nh;
-    let h = bh % p.nh;
-    let j0 = kt * BR;
-    let tid = lid.x;
+    let tile = row_of(workgroup_index(wid, nwg), p.ntiles);
+    if (tile.x < p.nb) {
+        dkdv_tile(tile.x, tile.y, tile.z * BR, lid.x);
+    }
+}
 
+// attention_backward_dkdv's work for the key tile j0 .. j0 + BR of (b, h), as invocation tid.
+fn dkdv_tile(b: u32, h: u32, j0: u32, tid: u32) {
     for (var e = tid; e < BR * HD4; e += WG) {
         let r = e / HD4;
         let d4 = e % HD4;
@@ -490,57 +554,25 @@ fn attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
     let nqt = (p.tq + BC - 1u) / BC;
     for (var qt = qt0; qt < nqt; qt++) {
         let i0 = qt * BC;
-        workgroupBarrier();
-        for (var e = tid; e < BC * HD4; e += WG) {
-            let r = e / HD4;
-            let d4 = e % HD4;
-            sh_b[r * HDP + d4] = q4(b, h, i0 + r, d4);
-            sh_b2[r * HDP + d4] = do4(b, h, i0 + r, d4);
-        }
-        workgroupBarrier();
+        stream_qdo(b, h, i0, tid);
 
         // s = k·q and dp = v·dout for RS keys × CS queries.
-        var s: array<f32, S_MAX>;
-        var dp: array<f32, S_MAX>;
-        for (var a = 0u; a < RS * CS; a++) {
-            s[a] = 0.0;
-            dp[a] = 0.0;
-        }
-        for (var d4 = 0u; d4 < HD4; d4++) {
-            var qq: array<vec4<f32>, CS_MAX>;
-            var oo: array<vec4<f32>, CS_MAX>;
-            for (var c = 0u; c < CS; c++) {
-                qq[c] = sh_b[(sc + SC * c) * HDP + d4];
-                oo[c] = sh_b2[(sc + SC * c) * HDP + d4];
-            }
-            for (var i = 0u; i < RS; i++) {
-                let kv = sh_a[(sr * RS + i) * HDP + d4];
-                let vv = sh_a2[(sr * RS + i) * HDP + d4];
-                for (var c = 0u; c < CS; c++) {
-                    s[i * CS + c] += dot(kv, qq[c]);
-                    dp[i * CS + c] += dot(vv, oo[c]);
-                }
-            }
-        }
+        let blk = score_block(sr, sc);
         for (var c = 0u; c < CS; c++) {
             let col = sc + SC * c;
             let i = i0 + col;
-            var lq = 0.0;
-            var dd = 0.0;
-            if (i < p.tq) {
-                let r = (b * p.nh + h) * p.tq + i;
-                lq = bw_lse[r] * LOG2E;
-                dd = bw_d[r];
-            }
+            let st = row_stats(b, h, i);
+            let lq = st.x;
+            let dd = st.y;
             for (var k = 0u; k < RS; k++) {
                 let row = sr * RS + k;
                 var pr = 0.0;
                 if (visible(i, j0 + row)) {
-                    pr = exp2(s[k * CS + c] * p.scale2 - lq);
+                    pr = exp2(blk.s[k * CS + c] * p.scale2 - lq);
                 }
                 let f = drop_factor(b, h, i, j0 + row);
                 sh_p[row * BC + col] = pr * f;
-                sh_p2[row * BC + col] = pr * (dp[k * CS + c] * f - dd);
+                sh_p2[row * BC + col] = pr * (blk.dp[k * CS + c] * f - dd);
             }
         }
         workgroupBarrier();
@@ -581,16 +613,14 @@ fn attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
                          @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_id) lid: vec3<u32>) {
-    let linear = wid.x + wid.y * nwg.x;
-    if (linear >= p.nb * p.nh * p.ntiles) {
-        return;
+    let tile = query_tile(workgroup_index(wid, nwg));
+    if (tile.x < p.nb) {
+        dq_tile(tile.x, tile.y, tile.z * BR, lid.x);
     }
-    let tile = query_tile(linear);
-    let b = tile.x;
-    let h = tile.y;
-    let i0 = tile.z * BR;
-    let tid = lid.x;
+}
 
+// attention_backward_dq's work for the query tile i0 .. i0 + BR of (b, h), as invocation tid.
+fn dq_tile(b: u32, h: u32, i0: u32, tid: u32) {
     for (var e = tid; e < BR * HD4; e += WG) {
         let r = e / HD4;
         let d4 = e % HD4;
@@ -606,14 +636,9 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
     var lrow: array<f32, RS_MAX>;
     var drow: array<f32, RS_MAX>;
     for (var k = 0u; k < RS; k++) {
-        let i = i0 + sr * RS + k;
-        lrow[k] = 0.0;
-        drow[k] = 0.0;
-        if (i < p.tq) {
-            let r = (b * p.nh + h) * p.tq + i;
-            lrow[k] = bw_lse[r] * LOG2E;
-            drow[k] = bw_d[r];
-        }
+        let st = row_stats(b, h, i0 + sr * RS + k);
+        lrow[k] = st.x;
+        drow[k] = st.y;
     }
     var dq: array<vec4<f32>, ACC_MAX>;
     for (var a = 0u; a < RO * DV; a++) {
@@ -623,48 +648,20 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
     let nkt = (key_end(i0, BR) + BC - 1u) / BC;
     for (var kt = 0u; kt < nkt; kt++) {
         let j0 = kt * BC;
-        workgroupBarrier();
-        for (var e = tid; e < BC * HD4; e += WG) {
-            let r = e / HD4;
-            let d4 = e % HD4;
-            sh_b[r * HDP + d4] = k4(b, h, j0 + r, d4);
-            sh_b2[r * HDP + d4] = v4(b, h, j0 + r, d4);
-        }
-        workgroupBarrier();
+        stream_kv(b, h, j0, tid);
 
         // s = q·k and dp = dout·v for RS queries × CS keys; dS goes to sh_p.
-        var s: array<f32, S_MAX>;
-        var dp: array<f32, S_MAX>;
-        for (var a = 0u; a < RS * CS; a++) {
-            s[a] = 0.0;
-            dp[a] = 0.0;
-        }
-        for (var d4 = 0u; d4 < HD4; d4++) {
-            var kk: array<vec4<f32>, CS_MAX>;
-            var vv: array<vec4<f32>, CS_MAX>;
-            for (var c = 0u; c < CS; c++) {
-                kk[c] = sh_b[(sc + SC * c) * HDP + d4];
-                vv[c] = sh_b2[(sc + SC * c) * HDP + d4];
-            }
-            for (var k = 0u; k < RS; k++) {
-                let qv = sh_a[(sr * RS + k) * HDP + d4];
-                let ov = sh_a2[(sr * RS + k) * HDP + d4];
-                for (var c = 0u; c < CS; c++) {
-                    s[k * CS + c] += dot(qv, kk[c]);
-                    dp[k * CS + c] += dot(ov, vv[c]);
-                }
-            }
-        }
+        let blk = score_block(sr, sc);
         for (var k = 0u; k < RS; k++) {
             let row = sr * RS + k;
             for (var c = 0u; c < CS; c++) {
                 let col = sc + SC * c;
                 var pr = 0.0;
                 if (visible(i0 + row, j0 + col)) {
-                    pr = exp2(s[k * CS + c] * p.scale2 - lrow[k]);
+                    pr = exp2(blk.s[k * CS + c] * p.scale2 - lrow[k]);
                 }
                 let f = drop_factor(b, h, i0 + row, j0 + col);
-                sh_p[row * BC + col] = pr * (dp[k * CS + c] * f - drow[k]);
+                sh_p[row * BC + col] = pr * (blk.dp[k * CS + c] * f - drow[k]);
             }
         }
         workgroupBarrier();
@@ -709,27 +706,20 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>,
 
 const RMAX: u32 = 32u;   // MAX_HS / 4: capacity of the private row arrays
 
-// (b, h, row) of invocation idx of a row kernel: rows of n per (b, h), row fastest.
-fn row_of(idx: u32, n: u32) -> vec3<u32> {
-    let bh = idx / n;
-    return vec3<u32>(bh / p.nh, bh % p.nh, idx % n);
-}
-
 // attention_forward_rows: attention_forward's outputs, one invocation per (b, h, query i), rows of
 // one (b, h) adjacent.
 @compute @workgroup_size(WG)
 fn attention_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
-    if (idx >= p.nb * p.nh * p.tq) {
-        return;
+    let at = row_of(global_index(wid, nwg, WG, lid.x), p.tq);
+    if (at.x < p.nb) {
+        forward_row(at.x, at.y, at.z);
     }
-    let at = row_of(idx, p.tq);
-    let b = at.x;
-    let h = at.y;
-    let i = at.z;
+}
 
+// attention_forward_rows's work for row i of (b, h).
+fn forward_row(b: u32, h: u32, i: u32) {
     var qr: array<vec4<f32>, RMAX>;
     var acc: array<vec4<f32>, RMAX>;
     for (var d4 = 0u; d4 < HD4; d4++) {
@@ -757,15 +747,8 @@ fn attention_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
     }
 
     let inv = 1.0 / l;
-    let base = row_start(p.o, b, h, i);
     for (var d4 = 0u; d4 < HD4; d4++) {
-        let val = acc[d4] * inv;
-        for (var c = 0u; c < 4u; c++) {
-            let d = 4u * d4 + c;
-            if (d < p.hs) {
-                out[base + d] = val[c];
-            }
-        }
+        store_out(b, h, i, d4, acc[d4] * inv);
     }
     if (p.write_lse != 0u) {
         lse_out[(b * p.nh + h) * p.tq + i] = (m + log2(l)) * LN2;
@@ -778,15 +761,14 @@ fn attention_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_backward_dkdv_rows(@builtin(workgroup_id) wid: vec3<u32>,
                                 @builtin(num_workgroups) nwg: vec3<u32>,
                                 @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
-    if (idx >= p.nb * p.nh * p.tk) {
-        return;
+    let at = row_of(global_index(wid, nwg, WG, lid.x), p.tk);
+    if (at.x < p.nb) {
+        dkdv_row(at.x, at.y, at.z);
     }
-    let at = row_of(idx, p.tk);
-    let b = at.x;
-    let h = at.y;
-    let j = at.z;
+}
 
+// attention_backward_dkdv_rows's work for row j of (b, h).
+fn dkdv_row(b: u32, h: u32, j: u32) {
     var kr: array<vec4<f32>, RMAX>;
     var vr: array<vec4<f32>, RMAX>;
     var dk: array<vec4<f32>, RMAX>;
@@ -831,15 +813,14 @@ fn attention_backward_dkdv_rows(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_backward_dq_rows(@builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>,
                               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
-    if (idx >= p.nb * p.nh * p.tq) {
-        return;
+    let at = row_of(global_index(wid, nwg, WG, lid.x), p.tq);
+    if (at.x < p.nb) {
+        dq_row(at.x, at.y, at.z);
     }
-    let at = row_of(idx, p.tq);
-    let b = at.x;
-    let h = at.y;
-    let i = at.z;
+}
 
+// attention_backward_dq_rows's work for row i of (b, h).
+fn dq_row(b: u32, h: u32, i: u32) {
     var qr: array<vec4<f32>, RMAX>;
     var orow: array<vec4<f32>, RMAX>;
     var dq: array<vec4<f32>, RMAX>;
@@ -872,10 +853,10 @@ fn attention_backward_dq_rows(@builtin(workgroup_id) wid: vec3<u32>,
 
 // ---------------------------------------------------------------------------------------------
 // The GEMM path: the fused kernels' results (out and lse; dqkv) from products of the GEMM family
-// (gemm.wgsl) and these two kernels between them (src/kernels/attention.rs runs them). The B·NH
-// (b, h) pairs go in groups: the heads of one sequence, or one head of every sequence, whichever
-// makes fewer groups; a group's E = p.grp.w score matrices (T × T) lie in a scratch buffer, row
-// (g, i) of entry g at (g·T + i)·T.
+// (gemm.wgsl) and these two kernels between them (src/kernels/attention/gemm_path.rs runs them).
+// The B·NH (b, h) pairs go in groups: the heads of one sequence, or one head of every sequence,
+// whichever makes fewer groups; a group's E = p.grp.w score matrices (T × T) lie in a scratch
+// buffer, row (g, i) of entry g at (g·T + i)·T.
 //   forward:  S = scale2·q·kᵀ (scores in base 2, as the fused kernels use them);
 //             attention_scores_softmax turns S into P ∘ M / l and writes lse; out = that · v
 //   backward: S again and dP = dout·vᵀ; attention_scores_backward turns S into P ∘ M and dP into
@@ -904,7 +885,7 @@ fn group_bh(g: u32) -> vec2<u32> {
 fn attention_scores_softmax(@builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>,
                             @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    let idx = global_index(wid, nwg, WG, lid.x);
     if (idx >= p.grp.w * p.tq) {
         return;
     }
@@ -944,7 +925,7 @@ fn attention_scores_softmax(@builtin(workgroup_id) wid: vec3<u32>,
 fn attention_scores_backward(@builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>,
                              @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    let idx = global_index(wid, nwg, WG, lid.x);
     if (idx >= p.grp.w * p.tq * p.tk) {
         return;
     }
@@ -979,7 +960,7 @@ fn attention_scores_backward(@builtin(workgroup_id) wid: vec3<u32>,
 fn kv_append(@builtin(workgroup_id) wid: vec3<u32>,
              @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_id) lid: vec3<u32>) {
-    let idx = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    let idx = global_index(wid, nwg, WG, lid.x);
     if (idx >= p.nb * p.tq * p.nh * p.hs) {
         return;
     }
@@ -992,241 +973,4 @@ fn kv_append(@builtin(workgroup_id) wid: vec3<u32>,
     let dst = ((b * p.nh + h) * p.tk + p.pos0 + i) * p.hs + d;
     kc_out[dst] = KvElem(q_in[row_start(p.k, b, h, i) + d]);
     vc_out[dst] = KvElem(q_in[row_start(p.v, b, h, i) + d]);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Unfused baseline (for comparison only): batched strided GEMMs, and a row softmax with its
-// backward, over preatt / att (B, NH, T, T) in memory.
-//   forward:  preatt = scale·q·kᵀ (masked entries 0); att = softmax(preatt) (masked 0);
-//             out = att·v
-//   backward: datt = dout·vᵀ; dv = attᵀ·dout; dpreatt = att ∘ (datt - rowsum(att ∘ datt));
-//             dq = scale·dpreatt·k; dk = scale·dpreattᵀ·q
-// Every kernel overwrites its output.
-
-struct GemmParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    nh: u32,        // batch index z = b·NH + h
-    mask: u32,      // 1: write 0 where n > m (the causal mask of a T×T result)
-    alpha: f32,
-    a_sm: u32,      // A (M, K): strides of m and k
-    a_sk: u32,
-    a_base: u32,
-    a_sb: u32,      // strides of b and h
-    a_sh: u32,
-    b_sk: u32,      // B (K, N): strides of k and n
-    b_sn: u32,
-    b_base: u32,
-    b_sb: u32,
-    b_sh: u32,
-    c_base: u32,    // C (M, N), n contiguous
-    c_sb: u32,
-    c_sh: u32,
-    c_sm: u32,
-}
-
-@group(0) @binding(0) var<uniform> g: GemmParams;
-
-// Bindings of unfused_gemm: 1 = A (read), 2 = B (read), 3 = C (read_write).
-@group(0) @binding(1) var<storage, read> ga_in: array<f32>;
-@group(0) @binding(2) var<storage, read> gb_in: array<f32>;
-@group(0) @binding(3) var<storage, read_write> gc_out: array<f32>;
-
-override GM: u32 = 64u;   // C tile rows
-override GN: u32 = 64u;   // C tile columns
-override GK: u32 = 16u;   // depth of a step
-override GWG: u32 = (GM / 4u) * (GN / 4u);   // one 4×4 block of C per invocation
-
-var<workgroup> g_a: array<f32, GK * GM>;
-var<workgroup> g_b: array<f32, GK * GN>;
-
-// C[z] (M, N) = alpha · A[z] (M, K) · B[z] (K, N); overwrites C. One workgroup per GM × GN tile
-// of one (b, h) = wid.z; loads follow whichever stride of A and B is contiguous.
-@compute @workgroup_size(GWG)
-fn unfused_gemm(@builtin(workgroup_id) wid: vec3<u32>,
-                @builtin(local_invocation_id) lid: vec3<u32>) {
-    let tid = lid.x;
-    let b = wid.z / g.nh;
-    let h = wid.z % g.nh;
-    let m0 = wid.y * GM;
-    let n0 = wid.x * GN;
-    let abase = g.a_base + b * g.a_sb + h * g.a_sh;
-    let bbase = g.b_base + b * g.b_sb + h * g.b_sh;
-    let tm = tid / (GN / 4u);
-    let tn = tid % (GN / 4u);
-
-    var acc: array<f32, 16>;
-    for (var a = 0u; a < 16u; a++) {
-        acc[a] = 0.0;
-    }
-    for (var k0 = 0u; k0 < g.k; k0 += GK) {
-        for (var e = tid; e < GM * GK; e += GWG) {
-            var mm = e % GM;
-            var kk = e / GM;
-            if (g.a_sk == 1u) {
-                mm = e / GK;
-                kk = e % GK;
-            }
-            var x = 0.0;
-            if (m0 + mm < g.m && k0 + kk < g.k) {
-                x = ga_in[abase + (m0 + mm) * g.a_sm + (k0 + kk) * g.a_sk];
-            }
-            g_a[kk * GM + mm] = x;
-        }
-        for (var e = tid; e < GN * GK; e += GWG) {
-            var nn = e % GN;
-            var kk = e / GN;
-            if (g.b_sn != 1u) {
-                nn = e / GK;
-                kk = e % GK;
-            }
-            var x = 0.0;
-            if (n0 + nn < g.n && k0 + kk < g.k) {
-                x = gb_in[bbase + (k0 + kk) * g.b_sk + (n0 + nn) * g.b_sn];
-            }
-            g_b[kk * GN + nn] = x;
-        }
-        workgroupBarrier();
-        for (var kk = 0u; kk < GK; kk++) {
-            var av: array<f32, 4>;
-            var bv: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                av[i] = g_a[kk * GM + tm + (GM / 4u) * i];
-                bv[i] = g_b[kk * GN + tn + (GN / 4u) * i];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i * 4u + j] += av[i] * bv[j];
-                }
-            }
-        }
-        workgroupBarrier();
-    }
-    let cbase = g.c_base + b * g.c_sb + h * g.c_sh;
-    for (var i = 0u; i < 4u; i++) {
-        let m = m0 + tm + (GM / 4u) * i;
-        for (var j = 0u; j < 4u; j++) {
-            let n = n0 + tn + (GN / 4u) * j;
-            if (m < g.m && n < g.n) {
-                var x = g.alpha * acc[i * 4u + j];
-                if (g.mask != 0u && n > m) {
-                    x = 0.0;
-                }
-                gc_out[cbase + m * g.c_sm + n] = x;
-            }
-        }
-    }
-}
-
-// Row softmax over preatt / att (B, NH, T, T): one workgroup of WG (a power of two) per row,
-// tree reductions in workgroup memory. Uses p.nb, p.nh, p.tq (= T) and p.causal.
-var<workgroup> sm_red: array<f32, WG>;
-
-fn row_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wid.x + wid.y * nwg.x;
-}
-
-// Length of the unmasked prefix of row r.
-fn row_len(r: u32) -> u32 {
-    if (p.causal != 0u) {
-        return r % p.tq + 1u;
-    }
-    return p.tq;
-}
-
-fn reduce_max(tid: u32, x: f32) -> f32 {
-    sm_red[tid] = x;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (tid < s) {
-            sm_red[tid] = max(sm_red[tid], sm_red[tid + s]);
-        }
-        workgroupBarrier();
-    }
-    let r = sm_red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn reduce_sum(tid: u32, x: f32) -> f32 {
-    sm_red[tid] = x;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (tid < s) {
-            sm_red[tid] = sm_red[tid] + sm_red[tid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = sm_red[0];
-    workgroupBarrier();
-    return r;
-}
-
-// unfused_softmax: att = softmax(preatt) over each row's unmasked prefix, 0 elsewhere;
-// overwrites att. Bindings: 1 = preatt (read), 2 = att (read_write).
-@group(0) @binding(1) var<storage, read> sm_pre: array<f32>;
-@group(0) @binding(2) var<storage, read_write> sm_att: array<f32>;
-
-@compute @workgroup_size(WG)
-fn unfused_softmax(@builtin(workgroup_id) wid: vec3<u32>,
-                   @builtin(num_workgroups) nwg: vec3<u32>,
-                   @builtin(local_invocation_id) lid: vec3<u32>) {
-    let r = row_id(wid, nwg);
-    if (r >= p.nb * p.nh * p.tq) {
-        return;
-    }
-    let tid = lid.x;
-    let n = row_len(r);
-    let base = r * p.tq;
-    var mx = NEG;
-    for (var j = tid; j < n; j += WG) {
-        mx = max(mx, sm_pre[base + j]);
-    }
-    mx = reduce_max(tid, mx);
-    var sum = 0.0;
-    for (var j = tid; j < n; j += WG) {
-        sum += exp(sm_pre[base + j] - mx);
-    }
-    sum = reduce_sum(tid, sum);
-    let inv = 1.0 / sum;
-    for (var j = tid; j < p.tq; j += WG) {
-        var x = 0.0;
-        if (j < n) {
-            x = exp(sm_pre[base + j] - mx) * inv;
-        }
-        sm_att[base + j] = x;
-    }
-}
-
-// unfused_softmax_backward: dpreatt = att ∘ (datt - rowsum(att ∘ datt)) on each row's unmasked
-// prefix, 0 elsewhere; overwrites dpreatt.
-// Bindings: 1 = att (read), 2 = datt (read), 3 = dpreatt (read_write).
-@group(0) @binding(1) var<storage, read> smb_att: array<f32>;
-@group(0) @binding(2) var<storage, read> smb_datt: array<f32>;
-@group(0) @binding(3) var<storage, read_write> smb_dpre: array<f32>;
-
-@compute @workgroup_size(WG)
-fn unfused_softmax_backward(@builtin(workgroup_id) wid: vec3<u32>,
-                            @builtin(num_workgroups) nwg: vec3<u32>,
-                            @builtin(local_invocation_id) lid: vec3<u32>) {
-    let r = row_id(wid, nwg);
-    if (r >= p.nb * p.nh * p.tq) {
-        return;
-    }
-    let tid = lid.x;
-    let n = row_len(r);
-    let base = r * p.tq;
-    var dot_ = 0.0;
-    for (var j = tid; j < n; j += WG) {
-        dot_ += smb_att[base + j] * smb_datt[base + j];
-    }
-    dot_ = reduce_sum(tid, dot_);
-    for (var j = tid; j < p.tq; j += WG) {
-        var x = 0.0;
-        if (j < n) {
-            x = smb_att[base + j] * (smb_datt[base + j] - dot_);
-        }
-        smb_dpre[base + j] = x;
-    }
 }

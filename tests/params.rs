@@ -12,11 +12,6 @@ fn mirrors() -> Vec<(&'static str, &'static str, ParamsLayout)> {
     vec![
         ("adamw.wgsl", "Params", adamw::params_layout()),
         ("attention.wgsl", "Params", attention::params_layout()),
-        (
-            "attention.wgsl",
-            "GemmParams",
-            attention::gemm_params_layout(),
-        ),
         ("attention_f16.wgsl", "Params", attention::params_layout()),
         (
             "cross_entropy.wgsl",

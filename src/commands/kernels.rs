@@ -39,8 +39,9 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
     }
 }
 
-/// Checks `kernel` (every family when None) on `shape` (the family's default shapes when None)
-/// against the CPU reference, one line per comparison; fails when any comparison does.
+/// Checks `kernel` (every family when None) on `shape` (the family's default shapes when None,
+/// then under `--exhaustive` its exhaustive sweep's) against the CPU reference, one line per
+/// comparison; fails when any comparison does.
 fn check(args: &GpuArgs, kernel: Option<&str>, shape: Option<&str>) -> Result<ExitCode> {
     let families = match kernel {
         Some(k) => vec![harness::find(k)?],
@@ -53,7 +54,9 @@ fn check(args: &GpuArgs, kernel: Option<&str>, shape: Option<&str>) -> Result<Ex
     for f in families {
         let shapes: Vec<Vec<usize>> = match &shape {
             Some(s) => vec![s.clone()],
-            None => f.default_shapes.iter().map(|s| s.to_vec()).collect(),
+            None => (f.default_shapes.iter().chain(harness::exhaustive_shapes(f)))
+                .map(|s| s.to_vec())
+                .collect(),
         };
         for s in shapes {
             harness::validate_shape(f, &s)?;

@@ -54,6 +54,15 @@ pub fn families() -> Vec<&'static Family> {
     ]
 }
 
+/// The shapes `kernels check` runs after a family's default ones when `exhaustive` is on: the
+/// sweeps whose every shape would compile and run every variant again (attention's).
+pub fn exhaustive_shapes(f: &Family) -> &'static [&'static [usize]] {
+    match f.name {
+        "attention" if exhaustive() => super::attention::check::EXHAUSTIVE_SHAPES,
+        _ => &[],
+    }
+}
+
 pub fn find(name: &str) -> Result<&'static Family> {
     families()
         .into_iter()

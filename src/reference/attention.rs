@@ -133,8 +133,8 @@ pub fn forward<F: Real>(
 
 /// dqkv (B, T, 3C), dpreatt (B, NH, T, T), datt (B, NH, T, T) from dout (B, T, C), qkv (B, T, 3C)
 /// and the forward's att (B, NH, T, T), with the forward's `opts` (the same dropout mask). datt is
-/// the gradient of the undropped att. Overwrites every output (the fused and unfused GPU backward
-/// passes overwrite dqkv too).
+/// the gradient of the undropped att. Overwrites every output (the GPU backward passes overwrite
+/// dqkv too).
 // The reference keeps llm.c's plain list (outputs, then inputs, then the shape) so that it reads
 // as the specification; a struct of these slices would only rename the tensors listed here.
 #[allow(clippy::too_many_arguments)]

@@ -1,5 +1,5 @@
 //! Attention: the fused kernels (forward and backward, at the adapter's tiling and at the
-//! 16 KiB WebGPU-minimum tiling), the unfused baseline and KV-cache decoding (f32 and f16 caches)
+//! 16 KiB WebGPU-minimum tiling), the GEMM path and KV-cache decoding (f32 and f16 caches)
 //! against the CPU reference; the reference's backward against finite differences; determinism;
 //! bad input.
 //!
@@ -7,47 +7,53 @@
 
 use half::f16;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, test_gpu};
-use shaderformer::kernels::attention::{
-    self, BackwardTensors, Dims, KvCache, MAX_HS, Options, UnfusedBackwardTensors,
-};
+use shaderformer::kernels::attention::check::{EXHAUSTIVE_SHAPES, Variants};
+use shaderformer::kernels::attention::{self, BackwardTensors, Dims, KvCache, MAX_HS, Options};
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
 
-/// Runs the family check on one (B, NH, T, HS) and asserts every comparison.
-fn check_shape(gpu: &Gpu, b: usize, nh: usize, t: usize, hs: usize) {
-    let reports = (attention::FAMILY.check)(gpu, &[b, nh, t, hs])
-        .unwrap_or_else(|e| panic!("attention B={b} NH={nh} T={t} HS={hs}: {e}"));
+/// Runs the check of the variants `which` selects on one (B, NH, T, HS) and asserts every
+/// comparison.
+fn check_shape(gpu: &Gpu, shape: &[usize], which: Variants) {
+    let reports = attention::check::check_variants(gpu, shape, which)
+        .unwrap_or_else(|e| panic!("attention {shape:?} {which:?}: {e}"));
     for r in reports {
         eprintln!("attention {} {}", r.shape, r.comparison);
         r.comparison.assert();
     }
 }
 
+/// Every variant at each of the family's awkward default shapes.
 #[test]
 fn gpu_matches_reference() {
     crate::check_family(&attention::FAMILY);
 }
 
+/// The shapes of `kernels check attention --exhaustive`, each with one variant (`gpu_matches_reference`
+/// runs them all on the awkward shapes): the variants taken in turn at each head capacity, so
+/// that each meets several lengths without every variant being compiled and run at every shape.
+fn sweep(shapes: &[&[usize]]) {
+    let Some(gpu) = test_gpu() else { return };
+    let mut turn = std::collections::HashMap::new();
+    for shape in shapes {
+        let hs = shape[3];
+        let i = turn.entry(hs.max(16).next_power_of_two()).or_insert(0);
+        check_shape(gpu, shape, Variants::One(*i));
+        *i += 1;
+    }
+}
+
 /// Every pair of T ∈ {1, 7, 37, 64, 129} and HS ∈ {8, 16, 64}, at NH = 3 and B = 2.
 #[test]
 fn every_t_with_every_head_size() {
-    let Some(gpu) = test_gpu() else { return };
-    for t in [1, 7, 37, 64, 129] {
-        for hs in [8, 16, 64] {
-            check_shape(gpu, 2, 3, t, hs);
-        }
-    }
+    sweep(&EXHAUSTIVE_SHAPES[..15]);
 }
 
 /// The extremes of NH ∈ {1, 12} with both B ∈ {1, 2}, at a T that spans several tiles and a T
 /// of one partial tile, with the smallest and largest head sizes of the grid.
 #[test]
 fn head_and_batch_extremes() {
-    let Some(gpu) = test_gpu() else { return };
-    for (nh, b) in [(1, 1), (1, 2), (12, 1), (12, 2)] {
-        check_shape(gpu, b, nh, 129, 8);
-        check_shape(gpu, b, nh, 37, 64);
-    }
+    sweep(&EXHAUSTIVE_SHAPES[15..]);
 }
 
 /// Decoding with a prefill of 5 tokens and then 1-token steps, and with a prefill of 3 and then
@@ -273,12 +279,6 @@ fn results_are_bit_identical_run_to_run() {
         let out = gpu.zeros("out", DType::F32, b * t * c).unwrap();
         let lse = gpu.zeros("lse", DType::F32, b * nh * t).unwrap();
         let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c).unwrap();
-        let sq = |name| gpu.zeros(name, DType::F32, b * nh * t * t).unwrap();
-        let (uout, udqkv) = (
-            gpu.zeros("uout", DType::F32, b * t * c).unwrap(),
-            gpu.zeros("udqkv", DType::F32, b * t * 3 * c).unwrap(),
-        );
-        let (pre, att, dpre, datt) = (sq("preatt"), sq("att"), sq("dpreatt"), sq("datt"));
         let mut ds = attention::forward(gpu, &out, &lse, &gqkv, dims, Options::CAUSAL).unwrap();
         ds.extend(
             attention::backward(
@@ -295,31 +295,11 @@ fn results_are_bit_identical_run_to_run() {
             )
             .unwrap(),
         );
-        ds.extend(attention::forward_unfused(gpu, &uout, &pre, &att, &gqkv, dims, true).unwrap());
-        ds.extend(
-            attention::backward_unfused(
-                gpu,
-                UnfusedBackwardTensors {
-                    dqkv: &udqkv,
-                    dpreatt: &dpre,
-                    datt: &datt,
-                    dout: &gdout,
-                    qkv: &gqkv,
-                    att: &att,
-                },
-                dims,
-                true,
-            )
-            .unwrap(),
-        );
         gpu.run(&ds).unwrap();
-        [out, lse, dqkv, uout, udqkv].map(|v| gpu.read_u32(&v).unwrap())
+        [out, lse, dqkv].map(|v| gpu.read_u32(&v).unwrap())
     };
     let (first, second) = (run(), run());
-    for (name, (a, b)) in ["out", "lse", "dqkv", "unfused out", "unfused dqkv"]
-        .iter()
-        .zip(first.iter().zip(&second))
-    {
+    for (name, (a, b)) in ["out", "lse", "dqkv"].iter().zip(first.iter().zip(&second)) {
         let diff = a.iter().zip(b).filter(|(x, y)| x != y).count();
         assert_eq!(
             diff,
@@ -401,11 +381,6 @@ fn head_size_not_matching_the_channels_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("tensor qkv") && err.contains("1920"), "{err}");
-    let (pre, att) = (z("preatt", b * 3 * t * t), z("att", b * 3 * t * t));
-    let err = attention::forward_unfused(gpu, &out, &pre, &att, &qkv, dims, true)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("tensor qkv"), "{err}");
     let short_lse = z("lse", b * 3 * t - 1);
     let qkv48 = z("qkv", b * t * 3 * 48);
     let err = attention::forward(gpu, &out, &short_lse, &qkv48, dims, Options::CAUSAL)

@@ -1,0 +1,757 @@
+//! attention.wgsl launchers: fused flash-style softmax attention (causal or not) with O(T) extra
+//! memory, forward and backward; and KV-cache decoding.
+//!
+//! `forward` and `backward` compute their results by the variant the tuner measures fastest: the
+//! fused tiled kernels, the fused row kernels, or the GEMM path, which runs the products through
+//! the GEMM family's tuned kernels a group of (b, h) pairs at a time, with that group's T×T
+//! scores in a scratch buffer shared by every layer (`Groups`).
+//!
+//! Layouts (f32), C = NH·HS:
+//! - qkv, dqkv (B, T, 3, NH, HS) = (B, T, 3C): the QKV projection's output and its gradient
+//! - out, dout (B, T, NH, HS) = (B, T, C)
+//! - lse (B, NH, T): the natural logsumexp of each row's scaled, masked scores
+//! - k_cache, v_cache (B, NH, Tmax, HS)
+//!
+//! scale = 1/sqrt(HS); causal: the query at absolute position i sees keys j <= i.
+//! Every launcher overwrites its outputs; dqkv is never accumulated into (the graph has no
+//! second gradient source for it). Nothing uses atomics: results are bit-identical run to run.
+//!
+//! Dropout on the attention probabilities (training): `forward` and `backward` take `Options`
+//! with an optional `Dropout` (p, seed, step); P ∘ M replaces P in the product with V, where M is
+//! 0 or 1/(1 - p) from a counter-based hash that the backward regenerates, so no mask is stored.
+//! `Dropout::keeps_cell` (crate::hash) is the hash's CPU twin; `set_dropout_step` moves a built
+//! dispatch to another step's mask.
+//!
+//! f16 KV cache (inference): `kv_append` and `forward_cached` also take a `KvCache` of f16 views
+//! (k and v both f16; qkv and out stay f32), selecting attention.wgsl's F16 variant: the new k
+//! and v are rounded to f16 on append and widened on load, with scores, softmax and accumulation
+//! in f32 and the same tiling as the f32 kernels. This needs the adapter's SHADER_F16 feature
+//! (`Gpu::has_f16`); an f16 cache on an adapter without it is an error naming the tensor.
+//!
+//! The folder: this file is the launch API (what the graph and inference call); `variants` holds
+//! the typed catalogue of kernel variants, the tiling tables and the tuner's choice among them;
+//! `gemm_path` the GEMM path's products; `check` the `kernels check` / `kernels bench` harness.
+
+pub mod check;
+mod gemm_path;
+mod variants;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{bytes_of, dropout, expect, expect_dims};
+use crate::error::{Error, Result};
+use crate::gpu::{
+    Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
+};
+use crate::hash;
+pub use check::{ATOL, FAMILY, RTOL, check_inputs, decode, decode_cached, round_kv_f16};
+use gemm_path::{gemm_backward, gemm_forward};
+pub use variants::{Stage, Tiles, Variant};
+use variants::{head_capacity, tuned, tuned_cached};
+
+use Binding::{Read, ReadWrite};
+
+/// The largest head size the fused kernels support.
+pub const MAX_HS: usize = 128;
+
+/// Fused forward: 1 = q, 2 = k, 3 = v (read), 4 = out, 5 = lse (read_write).
+pub const FORWARD: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    variant: ShaderVariant::Base,
+    entry: "attention_forward",
+    bindings: &[Read, Read, Read, ReadWrite, ReadWrite],
+};
+/// D = rowsum(dout ∘ out): 1 = dout, 2 = out (read), 3 = D (read_write).
+pub const BACKWARD_PREP: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    variant: ShaderVariant::Base,
+    entry: "attention_backward_prep",
+    bindings: &[Read, Read, ReadWrite],
+};
+/// dk, dv: 1, 2, 3 = qkv, 4 = dout, 5 = lse, 6 = D (read), 7 = dqkv (read_write).
+pub const BACKWARD_DKDV: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    variant: ShaderVariant::Base,
+    entry: "attention_backward_dkdv",
+    bindings: &[Read, Read, Read, Read, Read, Read, ReadWrite],
+};
+/// dq: the bindings of `BACKWARD_DKDV`.
+pub const BACKWARD_DQ: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    variant: ShaderVariant::Base,
+    entry: "attention_backward_dq",
+    bindings: &[Read, Read, Read, Read, Read, Read, ReadWrite],
+};
+/// `FORWARD`, `BACKWARD_DKDV` and `BACKWARD_DQ` with one invocation per row and no workgroup
+/// memory (attention.wgsl's row kernels): same bindings.
+pub const FORWARD_ROWS: KernelSpec = KernelSpec {
+    entry: "attention_forward_rows",
+    ..FORWARD
+};
+pub const BACKWARD_DKDV_ROWS: KernelSpec = KernelSpec {
+    entry: "attention_backward_dkdv_rows",
+    ..BACKWARD_DKDV
+};
+pub const BACKWARD_DQ_ROWS: KernelSpec = KernelSpec {
+    entry: "attention_backward_dq_rows",
+    ..BACKWARD_DQ
+};
+/// The GEMM path's softmax over one sequence's scores: 1 = scores, 2 = lse (read_write).
+pub const SCORES_SOFTMAX: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    variant: ShaderVariant::Base,
+    entry: "attention_scores_softmax",
+    bindings: &[ReadWrite, ReadWrite],
+};
+/// The GEMM path's score gradients: 1 = scores, 2 = dP (read_write), 3 = lse, 4 = D (read).
+pub const SCORES_BACKWARD: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    variant: ShaderVariant::Base,
+    entry: "attention_scores_backward",
+    bindings: &[ReadWrite, ReadWrite, Read, Read],
+};
+/// 1 = qkv (read), 2 = k_cache, 3 = v_cache (read_write).
+pub const KV_APPEND: KernelSpec = KernelSpec {
+    shader: Shader::Attention,
+    variant: ShaderVariant::Base,
+    entry: "kv_append",
+    bindings: &[Read, ReadWrite, ReadWrite],
+};
+/// `FORWARD` over f16 caches (attention.wgsl's F16 variant): 2 = k_cache, 3 = v_cache are f16.
+pub const FORWARD_F16: KernelSpec = FORWARD.with_variant(ShaderVariant::F16);
+/// `KV_APPEND` into f16 caches (attention.wgsl's F16 variant).
+pub const KV_APPEND_F16: KernelSpec = KV_APPEND.with_variant(ShaderVariant::F16);
+/// Mirrors `Params` in attention.wgsl. Strides are (base, batch, token, head) in elements.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+struct Params {
+    nb: u32,
+    nh: u32,
+    hs: u32,
+    tq: u32,
+    tk: u32,
+    pos0: u32,
+    causal: u32,
+    write_lse: u32,
+    ntiles: u32,
+    scale: f32,
+    scale2: f32,
+    pad: u32,
+    q: [u32; 4],
+    k: [u32; 4],
+    v: [u32; 4],
+    o: [u32; 4],
+    drop_seed: u32,
+    drop_step: u32,
+    drop_threshold: u32,
+    drop_scale: f32,
+    grp: [u32; 4],
+}
+
+/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+pub fn params_layout() -> super::ParamsLayout {
+    super::params_layout!(Params {
+        nb,
+        nh,
+        hs,
+        tq,
+        tk,
+        pos0,
+        causal,
+        write_lse,
+        ntiles,
+        scale,
+        scale2,
+        pad,
+        q,
+        k,
+        v,
+        o,
+        drop_seed,
+        drop_step,
+        drop_threshold,
+        drop_scale,
+        grp
+    })
+}
+
+/// Dropout on the attention probabilities: the probability of query `i` (row
+/// (b·NH + h)·Tq + i) and key `j` is kept iff `Dropout::keeps_cell(row, j)`, bit for bit the
+/// shader's `drop_factor`.
+pub use crate::hash::Dropout;
+
+/// The shape of an attention problem: B sequences of T tokens (the Tq new tokens, for the KV-cache
+/// launchers), NH heads of HS channels each.
+pub use crate::reference::attention::Dims;
+
+/// How the fused kernels mask the probabilities: causally or not, and with dropout or not.
+pub use crate::reference::attention::Options;
+
+/// The tensors of the fused `backward`: dqkv (B, T, 3C) written; dout (B, T, C), qkv (B, T, 3C)
+/// and the forward's out (B, T, C) and lse (B, NH, T) read.
+#[derive(Clone, Copy, Debug)]
+pub struct BackwardTensors<'a> {
+    pub dqkv: &'a View,
+    pub dout: &'a View,
+    pub qkv: &'a View,
+    pub out: &'a View,
+    pub lse: &'a View,
+}
+
+/// A KV cache: keys `k` and values `v`, each (B, NH, Tmax, HS), both f32 or both f16.
+#[derive(Clone, Copy, Debug)]
+pub struct KvCache<'a> {
+    pub k: &'a View,
+    pub v: &'a View,
+    /// Positions the cache holds.
+    pub tmax: usize,
+}
+
+/// Byte offset of the step counter in the params of the fused forward and backward dispatches,
+/// for rewriting it between micro-steps.
+pub const DROPOUT_STEP_OFFSET: u64 = std::mem::offset_of!(Params, drop_step) as u64;
+
+/// Whether `dispatch`, one of those `forward` or `backward` returned, holds attention.wgsl's
+/// Params (whose step `set_dropout_step` rewrites): the GEMM path's products hold the GEMM's.
+pub fn has_dropout_step(dispatch: &Dispatch) -> bool {
+    let family = Shader::Attention.name(ShaderVariant::Base);
+    dispatch
+        .name
+        .strip_prefix(family.as_str())
+        .is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// Moves a fused forward or backward dispatch built with dropout to another step's mask
+/// (queued; takes effect at the next submission).
+pub fn set_dropout_step(gpu: &Gpu, dispatch: &Dispatch, step: u32) {
+    gpu.queue.write_buffer(
+        &dispatch.params,
+        DROPOUT_STEP_OFFSET,
+        bytemuck::bytes_of(&step),
+    );
+}
+
+/// Strides of part `part` (0 = q, 1 = k, 2 = v) of qkv (B, T, 3C).
+fn qkv_strides(t: usize, c: usize, hs: usize, part: usize) -> [u32; 4] {
+    [
+        (part * c) as u32,
+        (t * 3 * c) as u32,
+        (3 * c) as u32,
+        hs as u32,
+    ]
+}
+
+/// Strides of a (B, T, C) tensor.
+fn btc_strides(t: usize, c: usize, hs: usize) -> [u32; 4] {
+    [0, (t * c) as u32, c as u32, hs as u32]
+}
+
+/// Strides of a cache (B, NH, Tmax, HS).
+fn cache_strides(nh: usize, tmax: usize, hs: usize) -> [u32; 4] {
+    [0, (nh * tmax * hs) as u32, hs as u32, (tmax * hs) as u32]
+}
+
+impl Params {
+    /// The params with `dropout` switched on (p > 0), after checking p.
+    fn with_dropout(self, kernel: &str, dropout: Option<Dropout>) -> Result<Params> {
+        let Some(d) = dropout.filter(|d| d.p != 0.0) else {
+            return Ok(self);
+        };
+        dropout::check_p(kernel, d.p)?;
+        Ok(Params {
+            drop_seed: d.seed,
+            drop_step: d.step,
+            drop_threshold: hash::threshold(d.p),
+            drop_scale: hash::scale(d.p),
+            ..self
+        })
+    }
+
+    fn new(b: usize, nh: usize, hs: usize, tq: usize, tk: usize, causal: bool) -> Params {
+        let scale = 1.0 / (hs as f64).sqrt();
+        Params {
+            nb: b as u32,
+            nh: nh as u32,
+            hs: hs as u32,
+            tq: tq as u32,
+            tk: tk as u32,
+            causal: causal as u32,
+            scale: scale as f32,
+            scale2: (scale * std::f64::consts::LOG2_E) as f32,
+            ..Params::default()
+        }
+    }
+}
+
+/// Checks the dimensions and head size of a fused kernel.
+fn check_fused_dims(kernel: &str, dims: &[(&str, usize)], hs: usize) -> Result<()> {
+    expect_dims(kernel, dims)?;
+    if hs > MAX_HS {
+        return Err(Error::invalid(
+            kernel,
+            format!("head size HS = {hs} exceeds the fused kernels' maximum MAX_HS = {MAX_HS}"),
+        ));
+    }
+    Ok(())
+}
+
+/// FLOPs of one product over the unmasked (query, key) pairs, such as q·kᵀ or att·v, where the
+/// T = Tq queries of `dims` attend to `tk` keys.
+///
+/// Dispatch costs count useful work only, the same for the fused kernels and the GEMM path: a
+/// forward is 2 products, a backward 4 (dP, dV, dQ, dK). The fused backward's recomputation of
+/// the scores and the GEMM path's work on masked entries are left out, so GFLOP/s compares the
+/// time taken for the same result.
+fn product_flops(dims: Dims, tk: usize, causal: bool) -> u64 {
+    let Dims { b, t: tq, nh, hs } = dims;
+    let pairs: u64 = if causal {
+        // query i (at position tk - tq + i) sees tk - tq + i + 1 keys
+        (0..tq as u64).map(|i| (tk - tq) as u64 + i + 1).sum()
+    } else {
+        (tq * tk) as u64
+    };
+    2 * pairs * hs as u64 * (b * nh) as u64
+}
+
+fn fused_forward(
+    gpu: &Gpu,
+    shader: ShaderVariant,
+    spec_args: [&View; 5],
+    params: Params,
+    cost: Cost,
+    variant: Variant,
+) -> Result<Dispatch> {
+    let max_wg = gpu.limits.max_compute_workgroups_per_dimension;
+    match variant {
+        Variant::Tiled(tiles, _) => {
+            let ntiles = params.tq.div_ceil(tiles.br);
+            let params = Params { ntiles, ..params };
+            gpu.dispatch(
+                &FORWARD.with_variant(shader),
+                &tiles.constants(),
+                bytes_of(&params),
+                &spec_args,
+                grid(params.nb * params.nh * ntiles, max_wg),
+                cost,
+            )
+        }
+        Variant::Rows(wg) => gpu.dispatch(
+            &FORWARD_ROWS.with_variant(shader),
+            &rows_constants(wg, params.hs),
+            bytes_of(&params),
+            &spec_args,
+            grid((params.nb * params.nh * params.tq).div_ceil(wg), max_wg),
+            cost,
+        ),
+        Variant::Gemm => Err(Error::invalid(
+            FORWARD.name(),
+            "the GEMM path is not a fused kernel (KV-cache decoding has none)",
+        )),
+    }
+}
+
+/// The override constants of the row kernels.
+fn rows_constants(wg: u32, hs: u32) -> [(&'static str, f64); 2] {
+    [("WG", wg as f64), ("HD", head_capacity(hs as usize) as f64)]
+}
+
+/// Fused forward: out (B, T, C) and lse (B, NH, T) from qkv (B, T, 3C); scale 1/sqrt(HS); causal
+/// or not, dropout on the probabilities or not, as `opts` asks. Overwrites out and lse. No T×T
+/// matrix is stored; key tiles wholly past the causal limit are skipped. The kernels are chosen
+/// by measurement (`tuned`).
+pub fn forward(
+    gpu: &Gpu,
+    out: &View,
+    lse: &View,
+    qkv: &View,
+    dims: Dims,
+    opts: Options,
+) -> Result<Vec<Dispatch>> {
+    check_forward(out, lse, qkv, dims)?;
+    let variant = tuned(gpu, Stage::Forward, dims, opts.causal)?;
+    forward_with(gpu, out, lse, qkv, dims, opts, variant)
+}
+
+/// Checks the tensors of the fused forward.
+fn check_forward(out: &View, lse: &View, qkv: &View, dims: Dims) -> Result<()> {
+    let Dims { b, t, nh, hs } = dims;
+    let name = FORWARD.name();
+    check_fused_dims(&name, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)], hs)?;
+    let c = nh * hs;
+    expect(&name, qkv, DType::F32, b * t * 3 * c)?;
+    expect(&name, out, DType::F32, b * t * c)?;
+    expect(&name, lse, DType::F32, b * nh * t)
+}
+
+/// `forward` computed by `variant`.
+fn forward_with(
+    gpu: &Gpu,
+    out: &View,
+    lse: &View,
+    qkv: &View,
+    dims: Dims,
+    opts: Options,
+    variant: Variant,
+) -> Result<Vec<Dispatch>> {
+    check_forward(out, lse, qkv, dims)?;
+    let Dims { b, t, nh, hs } = dims;
+    let Options { causal, dropout } = opts;
+    let c = nh * hs;
+    let params = Params {
+        write_lse: 1,
+        q: qkv_strides(t, c, hs, 0),
+        k: qkv_strides(t, c, hs, 1),
+        v: qkv_strides(t, c, hs, 2),
+        o: btc_strides(t, c, hs),
+        ..Params::new(b, nh, hs, t, t, causal)
+    }
+    .with_dropout(&FORWARD.name(), dropout)?;
+    if variant == Variant::Gemm {
+        return gemm_forward(gpu, [out, lse, qkv], dims, &params);
+    }
+    let cost = Cost {
+        flops: 2 * product_flops(dims, t, causal),
+        bytes: 4 * (b * t * 4 * c + b * nh * t) as u64,
+    };
+    Ok(vec![fused_forward(
+        gpu,
+        ShaderVariant::Base,
+        [qkv, qkv, qkv, out, lse],
+        params,
+        cost,
+        variant,
+    )?])
+}
+
+/// Fused backward: dqkv (B, T, 3C) from dout (B, T, C), qkv (B, T, 3C), and the forward's out
+/// (B, T, C) and lse (B, NH, T). Overwrites dqkv. Three dispatches: D = rowsum(dout ∘ out) into a
+/// private (B, NH, T) scratch, then dk and dv (one workgroup per key tile, or one invocation per
+/// key), then dq (per query tile, or per query); probabilities are recomputed from lse, and the
+/// dropout mask (the forward's `opts`, same step) from its hash. Deterministic, no atomics.
+/// The kernels are chosen by measurement (`tuned`).
+pub fn backward(
+    gpu: &Gpu,
+    tensors: BackwardTensors,
+    dims: Dims,
+    opts: Options,
+) -> Result<Vec<Dispatch>> {
+    check_backward(tensors, dims)?;
+    let variant = tuned(gpu, Stage::Backward, dims, opts.causal)?;
+    backward_with(gpu, tensors, dims, opts, variant)
+}
+
+/// Checks the tensors of the fused backward.
+fn check_backward(tensors: BackwardTensors, dims: Dims) -> Result<()> {
+    let BackwardTensors {
+        dqkv,
+        dout,
+        qkv,
+        out,
+        lse,
+    } = tensors;
+    let Dims { b, t, nh, hs } = dims;
+    let name = "attention.backward";
+    check_fused_dims(name, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)], hs)?;
+    let c = nh * hs;
+    expect(name, dqkv, DType::F32, b * t * 3 * c)?;
+    expect(name, dout, DType::F32, b * t * c)?;
+    expect(name, qkv, DType::F32, b * t * 3 * c)?;
+    expect(name, out, DType::F32, b * t * c)?;
+    expect(name, lse, DType::F32, b * nh * t)
+}
+
+/// The backward's first pass: D (B, NH, T) = rowsum(dout ⊙ out) per head, which both gradient
+/// kernels read.
+fn backward_prep(
+    gpu: &Gpu,
+    base: &Params,
+    dout: &View,
+    out: &View,
+    d: &View,
+    Dims { b, t, nh, hs }: Dims,
+) -> Result<Dispatch> {
+    const PREP_WG: u32 = 256;
+    let (c, rows) = (nh * hs, b * nh * t);
+    gpu.dispatch(
+        &BACKWARD_PREP,
+        &[("WG", PREP_WG as f64)],
+        bytes_of(base),
+        &[dout, out, d],
+        grid(
+            (rows as u32).div_ceil(PREP_WG),
+            gpu.limits.max_compute_workgroups_per_dimension,
+        ),
+        Cost {
+            flops: 2 * (b * t * c) as u64,
+            bytes: 4 * (2 * b * t * c + rows) as u64,
+        },
+    )
+}
+
+/// `backward` computed by `variant`.
+fn backward_with(
+    gpu: &Gpu,
+    tensors: BackwardTensors,
+    dims: Dims,
+    opts: Options,
+    variant: Variant,
+) -> Result<Vec<Dispatch>> {
+    check_backward(tensors, dims)?;
+    let BackwardTensors {
+        dqkv,
+        dout,
+        qkv,
+        out,
+        lse,
+    } = tensors;
+    let name = "attention.backward";
+    let Dims { b, t, nh, hs } = dims;
+    let Options { causal, dropout } = opts;
+    let c = nh * hs;
+    let max_wg = gpu.limits.max_compute_workgroups_per_dimension;
+    let base = Params {
+        q: qkv_strides(t, c, hs, 0),
+        k: qkv_strides(t, c, hs, 1),
+        v: qkv_strides(t, c, hs, 2),
+        o: btc_strides(t, c, hs),
+        ..Params::new(b, nh, hs, t, t, causal)
+    }
+    .with_dropout(name, dropout)?;
+    let rows = b * nh * t;
+    let d = gpu.zeros("attention D", DType::F32, rows)?;
+    let prep = backward_prep(gpu, &base, dout, out, &d, dims)?;
+    let product = product_flops(dims, t, causal);
+    let io_bytes = 4 * (2 * b * t * 3 * c + b * t * c + 2 * rows) as u64;
+    let cost = Cost {
+        // dV and dK, or dP and dQ
+        flops: 2 * product,
+        bytes: io_bytes / 2,
+    };
+    let args = [qkv, qkv, qkv, dout, lse, &d, dqkv];
+    let mut all = vec![prep];
+    match variant {
+        Variant::Tiled(dkdv_tiles, dq_tiles) => {
+            for (spec, tiles) in [(&BACKWARD_DKDV, dkdv_tiles), (&BACKWARD_DQ, dq_tiles)] {
+                let ntiles = (t as u32).div_ceil(tiles.br);
+                let params = Params { ntiles, ..base };
+                all.push(gpu.dispatch(
+                    spec,
+                    &tiles.constants(),
+                    bytes_of(&params),
+                    &args,
+                    grid(params.nb * params.nh * ntiles, max_wg),
+                    cost,
+                )?);
+            }
+        }
+        Variant::Rows(wg) => {
+            for spec in [&BACKWARD_DKDV_ROWS, &BACKWARD_DQ_ROWS] {
+                all.push(gpu.dispatch(
+                    spec,
+                    &rows_constants(wg, base.hs),
+                    bytes_of(&base),
+                    &args,
+                    grid((rows as u32).div_ceil(wg), max_wg),
+                    cost,
+                )?);
+            }
+        }
+        Variant::Gemm => all.extend(gemm_backward(gpu, tensors, dims, &base, &d)?),
+    }
+    Ok(all)
+}
+
+/// KV-cache decoding: the Tq = `dims.t` new tokens of qkv (B, Tq, 3C), at absolute positions
+/// pos0 .. pos0 + Tq, attend causally to keys and values 0 .. pos0 + Tq held in `cache` (append
+/// the new tokens first with `kv_append`). Overwrites out (B, Tq, C); no lse. The caches are both
+/// f32, or both f16 (on adapters with SHADER_F16: widened to f32 on load); qkv and out are f32.
+pub fn forward_cached(
+    gpu: &Gpu,
+    out: &View,
+    qkv: &View,
+    cache: KvCache,
+    dims: Dims,
+    pos0: usize,
+) -> Result<Dispatch> {
+    let dtype = check_cached(gpu, out, qkv, cache, dims, pos0)?;
+    let variant = tuned_cached(gpu, dtype, dims, cache.tmax)?;
+    forward_cached_with(gpu, out, qkv, cache, dims, pos0, variant)
+}
+
+/// Checks the tensors of `forward_cached` for Tq = `dims.t` new tokens at `pos0`; returns the
+/// caches' element type.
+fn check_cached(
+    gpu: &Gpu,
+    out: &View,
+    qkv: &View,
+    cache: KvCache,
+    dims: Dims,
+    pos0: usize,
+) -> Result<DType> {
+    let name = "attention.forward_cached";
+    let Dims { b, t: tq, nh, hs } = dims;
+    let tmax = cache.tmax;
+    check_fused_dims(
+        name,
+        &[("B", b), ("Tq", tq), ("NH", nh), ("HS", hs), ("Tmax", tmax)],
+        hs,
+    )?;
+    check_cache_positions(name, tq, pos0, tmax)?;
+    let c = nh * hs;
+    expect(name, out, DType::F32, b * tq * c)?;
+    expect(name, qkv, DType::F32, b * tq * 3 * c)?;
+    let (dtype, _) = cache_dtype(gpu, name, cache.k, &FORWARD, &FORWARD_F16)?;
+    expect(name, cache.k, dtype, b * nh * tmax * hs)?;
+    expect(name, cache.v, dtype, b * nh * tmax * hs)?;
+    Ok(dtype)
+}
+
+/// `forward_cached` computed by `variant`.
+fn forward_cached_with(
+    gpu: &Gpu,
+    out: &View,
+    qkv: &View,
+    cache: KvCache,
+    dims: Dims,
+    pos0: usize,
+    variant: Variant,
+) -> Result<Dispatch> {
+    let dtype = check_cached(gpu, out, qkv, cache, dims, pos0)?;
+    let Dims { b, t: tq, nh, hs } = dims;
+    let tmax = cache.tmax;
+    let c = nh * hs;
+    let shader = if dtype == DType::F16 {
+        ShaderVariant::F16
+    } else {
+        ShaderVariant::Base
+    };
+    let tk = pos0 + tq;
+    let params = Params {
+        pos0: pos0 as u32,
+        write_lse: 0,
+        q: qkv_strides(tq, c, hs, 0),
+        k: cache_strides(nh, tmax, hs),
+        v: cache_strides(nh, tmax, hs),
+        o: btc_strides(tq, c, hs),
+        ..Params::new(b, nh, hs, tq, tk, true)
+    };
+    // The kernel's lse binding is not written when write_lse = 0; a word stands in for it.
+    let unused_lse = gpu.zeros("attention unused lse", DType::F32, 1)?;
+    let cost = Cost {
+        flops: 2 * product_flops(dims, tk, true),
+        bytes: 4 * (b * tq * 4 * c) as u64 + dtype.size() * (2 * b * tk * c) as u64,
+    };
+    fused_forward(
+        gpu,
+        shader,
+        [qkv, cache.k, cache.v, out, &unused_lse],
+        params,
+        cost,
+        variant,
+    )
+}
+
+/// The element type of a KV cache, with the kernel for it: f16 when `k_cache` is f16 (the
+/// adapter must have SHADER_F16), f32 otherwise; the caller checks both caches against it.
+fn cache_dtype<'a>(
+    gpu: &Gpu,
+    kernel: &str,
+    k_cache: &View,
+    f32_spec: &'a KernelSpec,
+    f16_spec: &'a KernelSpec,
+) -> Result<(DType, &'a KernelSpec)> {
+    if k_cache.dtype == DType::F16 {
+        super::expect_f16_support(gpu, kernel, k_cache)?;
+        Ok((DType::F16, f16_spec))
+    } else {
+        Ok((DType::F32, f32_spec))
+    }
+}
+
+fn check_cache_positions(kernel: &str, tq: usize, pos0: usize, tmax: usize) -> Result<()> {
+    if pos0 + tq > tmax {
+        return Err(Error::invalid(
+            kernel,
+            format!(
+                "positions pos0 + Tq = {pos0} + {tq} = {} exceed the cache's Tmax = {tmax}",
+                pos0 + tq
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Copies the k and v of the Tq = `dims.t` new tokens of qkv (B, Tq, 3C) into `cache`'s k and v
+/// (B, NH, Tmax, HS) at positions pos0 .. pos0 + Tq. Overwrites those rows of the caches.
+/// The caches are both f32, or both f16 (on adapters with SHADER_F16: the values are rounded to
+/// f16 and must lie within its range, |x| <= 65504); qkv is f32.
+pub fn kv_append(
+    gpu: &Gpu,
+    cache: KvCache,
+    qkv: &View,
+    dims: Dims,
+    pos0: usize,
+) -> Result<Dispatch> {
+    let Dims { b, t: tq, nh, hs } = dims;
+    let KvCache {
+        k: k_cache,
+        v: v_cache,
+        tmax,
+    } = cache;
+    let name = KV_APPEND.name();
+    expect_dims(
+        &name,
+        &[("B", b), ("Tq", tq), ("NH", nh), ("HS", hs), ("Tmax", tmax)],
+    )?;
+    check_cache_positions(&name, tq, pos0, tmax)?;
+    let c = nh * hs;
+    expect(&name, qkv, DType::F32, b * tq * 3 * c)?;
+    let (cache, spec) = cache_dtype(gpu, &name, k_cache, &KV_APPEND, &KV_APPEND_F16)?;
+    expect(&name, k_cache, cache, b * nh * tmax * hs)?;
+    expect(&name, v_cache, cache, b * nh * tmax * hs)?;
+    let params = Params {
+        pos0: pos0 as u32,
+        k: qkv_strides(tq, c, hs, 1),
+        v: qkv_strides(tq, c, hs, 2),
+        ..Params::new(b, nh, hs, tq, tmax, true)
+    };
+    const WG: u32 = 256;
+    let n = b * tq * c;
+    gpu.dispatch(
+        spec,
+        &[("WG", WG as f64)],
+        bytes_of(&params),
+        &[qkv, k_cache, v_cache],
+        grid(
+            (n as u32).div_ceil(WG),
+            gpu.limits.max_compute_workgroups_per_dimension,
+        ),
+        Cost {
+            flops: 0,
+            // k and v read as f32, written as f32 or f16
+            bytes: (8 + 2 * cache.size()) * n as u64,
+        },
+    )
+}
+
+/// Moves a `forward_cached` or `kv_append` dispatch built for `tq` new tokens to new positions
+/// without rebuilding it: the tokens sit at pos0 .. pos0 + tq (queued; takes effect at the next
+/// submission). Decoding reuses one dispatch for every step this way. The caller keeps
+/// pos0 + tq within the cache.
+pub fn set_position(gpu: &Gpu, dispatch: &Dispatch, pos0: usize, tq: usize) {
+    let pos = pos0 as u32;
+    if dispatch.name == KV_APPEND.name() || dispatch.name == KV_APPEND_F16.name() {
+        // kv_append keeps Tmax in tk; only the write position moves.
+        let at = std::mem::offset_of!(Params, pos0) as u64;
+        gpu.queue
+            .write_buffer(&dispatch.params, at, bytemuck::bytes_of(&pos));
+    } else {
+        // forward_cached attends to keys 0 .. tk = pos0 + Tq, with queries at pos0 ..
+        const _: () =
+            assert!(std::mem::offset_of!(Params, pos0) == std::mem::offset_of!(Params, tk) + 4);
+        let tq = tq as u32;
+        let at = std::mem::offset_of!(Params, tk) as u64;
+        gpu.queue
+            .write_buffer(&dispatch.params, at, bytemuck::cast_slice(&[pos + tq, pos]));
+    }
+}
