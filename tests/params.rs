@@ -36,6 +36,7 @@ fn mirrors() -> Vec<(&'static str, &'static str, ParamsLayout)> {
             layernorm::params_layout(),
         ),
         ("reduce.wgsl", "Params", reduce::params_layout()),
+        ("rmsnorm.wgsl", "Params", rmsnorm::params_layout()),
         ("residual.wgsl", "Params", residual::params_layout()),
     ]
 }

@@ -72,6 +72,7 @@ shaders! {
     Adamw => "adamw.wgsl",
     Reduce => "reduce.wgsl",
     Attention => "attention.wgsl",
+    RmsNorm => "rmsnorm.wgsl",
 }
 
 /// Helper files that families `#include`, by their path under `shaders/`.

@@ -26,6 +26,7 @@ pub fn families() -> Vec<&'static Family> {
     vec![
         &gemm::FAMILY,
         &layernorm::FAMILY,
+        &rmsnorm::FAMILY,
         &gelu::FAMILY,
         &embedding::FAMILY,
         &cross_entropy::FAMILY,
@@ -82,7 +83,7 @@ pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
     let d: Vec<u128> = shape.iter().map(|&x| x as u128).collect();
     let ok_dims: &[usize] = match f.name {
         "gemm" | "attention" => &[if f.name == "gemm" { 3 } else { 4 }],
-        "layernorm" => &[2],
+        "layernorm" | "rmsnorm" => &[2],
         "cross_entropy" => &[2, 3],
         "embedding" => &[4, 5],
         _ => &[1],
@@ -98,7 +99,7 @@ pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
     // The largest tensors a check holds, in elements.
     let elements = match (f.name, d.as_slice()) {
         ("gemm", [m, k, n]) => sum(&[mul(&[*m, *k]), mul(&[*k, *n]), mul(&[*m, *n])]),
-        ("layernorm", [n, c]) => mul(&[*n, *c]),
+        ("layernorm" | "rmsnorm", [n, c]) => mul(&[*n, *c]),
         ("cross_entropy", [n, v, rest @ ..]) => {
             let vp = rest.first().copied().unwrap_or(v.div_ceil(64) * 64);
             if vp < *v {

@@ -16,6 +16,7 @@ pub mod harness;
 pub mod layernorm;
 pub mod reduce;
 pub mod residual;
+pub mod rmsnorm;
 pub mod tune;
 
 use crate::error::{Error, Result};

@@ -14,6 +14,7 @@ pub mod gemm;
 pub mod layernorm;
 pub mod reduce;
 pub mod residual;
+pub mod rmsnorm;
 
 use std::fmt;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};

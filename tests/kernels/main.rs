@@ -11,6 +11,7 @@ mod gemm;
 mod layernorm;
 mod reduce;
 mod residual;
+mod rmsnorm;
 
 use shaderformer::gpu::test_gpu;
 use shaderformer::kernels::harness::Family;
