@@ -37,6 +37,7 @@ fn mirrors() -> Vec<(&'static str, &'static str, ParamsLayout)> {
         ),
         ("reduce.wgsl", "Params", reduce::params_layout()),
         ("rmsnorm.wgsl", "Params", rmsnorm::params_layout()),
+        ("rope.wgsl", "Params", rope::params_layout()),
         ("residual.wgsl", "Params", residual::params_layout()),
     ]
 }

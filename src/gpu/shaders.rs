@@ -73,6 +73,7 @@ shaders! {
     Reduce => "reduce.wgsl",
     Attention => "attention.wgsl",
     RmsNorm => "rmsnorm.wgsl",
+    Rope => "rope.wgsl",
 }
 
 /// Helper files that families `#include`, by their path under `shaders/`.

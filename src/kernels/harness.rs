@@ -28,6 +28,7 @@ pub fn families() -> Vec<&'static Family> {
         &layernorm::FAMILY,
         &rmsnorm::FAMILY,
         &gelu::FAMILY,
+        &rope::FAMILY,
         &embedding::FAMILY,
         &cross_entropy::FAMILY,
         &residual::FAMILY,
@@ -86,6 +87,7 @@ pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
         "layernorm" | "rmsnorm" => &[2],
         "cross_entropy" => &[2, 3],
         "embedding" => &[4, 5],
+        "rope" => &[5],
         _ => &[1],
     };
     if !ok_dims.contains(&d.len()) {
@@ -116,6 +118,10 @@ pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
             sum(&[mul(&[*b, *t, *c]), mul(&[*v, *c])])
         }
         ("attention", [b, nh, t, hs]) => mul(&[*b, *nh, *t, sum(&[mul(&[3, *hs]), *t])]),
+        ("rope", [_, _, h, r, _]) if r > h || *r == 0 => {
+            return bad(format!("R {r} rotated heads must be between 1 and H {h}"));
+        }
+        ("rope", [b, t, h, _, d]) => mul(&[*b, *t, *h, *d]),
         (_, [n]) => *n,
         _ => unreachable!("dimension counts checked above"),
     };

@@ -17,6 +17,7 @@ pub mod layernorm;
 pub mod reduce;
 pub mod residual;
 pub mod rmsnorm;
+pub mod rope;
 pub mod tune;
 
 use crate::error::{Error, Result};

@@ -15,6 +15,7 @@ pub mod layernorm;
 pub mod reduce;
 pub mod residual;
 pub mod rmsnorm;
+pub mod rope;
 
 use std::fmt;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};

@@ -12,6 +12,7 @@ mod layernorm;
 mod reduce;
 mod residual;
 mod rmsnorm;
+mod rope;
 
 use shaderformer::gpu::test_gpu;
 use shaderformer::kernels::harness::Family;
