@@ -39,6 +39,7 @@ fn mirrors() -> Vec<(&'static str, &'static str, ParamsLayout)> {
         ("rmsnorm.wgsl", "Params", rmsnorm::params_layout()),
         ("rope.wgsl", "Params", rope::params_layout()),
         ("residual.wgsl", "Params", residual::params_layout()),
+        ("swiglu.wgsl", "Params", swiglu::params_layout()),
     ]
 }
 

@@ -74,6 +74,7 @@ shaders! {
     Attention => "attention.wgsl",
     RmsNorm => "rmsnorm.wgsl",
     Rope => "rope.wgsl",
+    Swiglu => "swiglu.wgsl",
 }
 
 /// Helper files that families `#include`, by their path under `shaders/`.

@@ -28,6 +28,7 @@ pub fn families() -> Vec<&'static Family> {
         &layernorm::FAMILY,
         &rmsnorm::FAMILY,
         &gelu::FAMILY,
+        &swiglu::FAMILY,
         &rope::FAMILY,
         &embedding::FAMILY,
         &cross_entropy::FAMILY,

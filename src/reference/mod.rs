@@ -16,6 +16,7 @@ pub mod reduce;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
+pub mod swiglu;
 
 use std::fmt;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};

@@ -13,6 +13,7 @@ mod reduce;
 mod residual;
 mod rmsnorm;
 mod rope;
+mod swiglu;
 
 use shaderformer::gpu::test_gpu;
 use shaderformer::kernels::harness::Family;
