@@ -31,7 +31,10 @@ fn mirrors() -> Vec<(&'static str, &'static str, ParamsLayout)> {
             layernorm::params_layout(),
         ),
         ("reduce.wgsl", "Params", reduce::params_layout()),
+        ("rmsnorm.wgsl", "Params", rmsnorm::params_layout()),
+        ("rope.wgsl", "Params", rope::params_layout()),
         ("residual.wgsl", "Params", residual::params_layout()),
+        ("swiglu.wgsl", "Params", swiglu::params_layout()),
     ]
 }
 

@@ -72,6 +72,9 @@ shaders! {
     Adamw => "adamw.wgsl",
     Reduce => "reduce.wgsl",
     Attention => "attention.wgsl",
+    RmsNorm => "rmsnorm.wgsl",
+    Rope => "rope.wgsl",
+    Swiglu => "swiglu.wgsl",
 }
 
 /// Helper files that families `#include`, by their path under `shaders/`.

@@ -43,7 +43,10 @@ pub fn families() -> Vec<&'static Family> {
     vec![
         &gemm::FAMILY,
         &layernorm::FAMILY,
+        &rmsnorm::FAMILY,
         &gelu::FAMILY,
+        &swiglu::FAMILY,
+        &rope::FAMILY,
         &embedding::FAMILY,
         &cross_entropy::FAMILY,
         &residual::FAMILY,
@@ -108,9 +111,10 @@ pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
     let d: Vec<u128> = shape.iter().map(|&x| x as u128).collect();
     let ok_dims: &[usize] = match f.name {
         "gemm" | "attention" => &[if f.name == "gemm" { 3 } else { 4 }],
-        "layernorm" => &[2],
+        "layernorm" | "rmsnorm" => &[2],
         "cross_entropy" => &[2, 3],
         "embedding" => &[4, 5],
+        "rope" => &[5],
         _ => &[1],
     };
     if !ok_dims.contains(&d.len()) {
@@ -124,7 +128,7 @@ pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
     // The largest tensors a check holds, in elements.
     let elements = match (f.name, d.as_slice()) {
         ("gemm", [m, k, n]) => sum(&[mul(&[*m, *k]), mul(&[*k, *n]), mul(&[*m, *n])]),
-        ("layernorm", [n, c]) => mul(&[*n, *c]),
+        ("layernorm" | "rmsnorm", [n, c]) => mul(&[*n, *c]),
         ("cross_entropy", [n, v, rest @ ..]) => {
             let vp = rest.first().copied().unwrap_or(v.div_ceil(64) * 64);
             if vp < *v {
@@ -141,6 +145,10 @@ pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
             sum(&[mul(&[*b, *t, *c]), mul(&[*v, *c])])
         }
         ("attention", [b, nh, t, hs]) => mul(&[*b, *nh, *t, sum(&[mul(&[3, *hs]), *t])]),
+        ("rope", [_, _, h, r, _]) if r > h || *r == 0 => {
+            return bad(format!("R {r} rotated heads must be between 1 and H {h}"));
+        }
+        ("rope", [b, t, h, _, d]) => mul(&[*b, *t, *h, *d]),
         (_, [n]) => *n,
         _ => unreachable!("dimension counts checked above"),
     };

@@ -18,6 +18,9 @@ pub mod harness;
 pub mod layernorm;
 pub mod reduce;
 pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
 pub mod tune;
 
 use crate::error::{Error, Result};

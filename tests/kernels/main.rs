@@ -11,6 +11,9 @@ mod gemm;
 mod layernorm;
 mod reduce;
 mod residual;
+mod rmsnorm;
+mod rope;
+mod swiglu;
 
 use shaderformer::gpu::test_gpu;
 use shaderformer::kernels::harness::Family;
