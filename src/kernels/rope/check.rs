@@ -10,8 +10,8 @@ use crate::rng::Rng;
 
 pub const FAMILY: Family = Family {
     name: "rope",
-    about: "rotary embedding, rotate-half (theta, linear and llama3 scalings): forward out; backward dinp",
-    shape_help: "BxTxHxRxD (R rotated heads of H, D even)",
+    about: "rotary embedding, rotate-half, the first R of H heads (theta; linear, llama3 scalings): forward out; backward dinp",
+    shape_help: "BxTxHxRxD",
     default_shapes: &[
         &[1, 1, 1, 1, 2],
         &[1, 3, 2, 1, 6],
