@@ -457,7 +457,10 @@ impl Tuner {
     /// Rewrites the cache file, merged under its lock with what other processes wrote there
     /// meanwhile (theirs kept, ours winning where both measured the same problem).
     fn persist(&self, state: &mut State) {
-        let Some(path) = &self.path else { return };
+        // Off: the cache is neither read nor written.
+        let Some(path) = self.path.as_ref().filter(|_| self.mode != TuneMode::Off) else {
+            return;
+        };
         let written = with_file_lock(path, || {
             let theirs = read_cache(path, &self.identity).unwrap_or_default();
             let mut merged: BTreeMap<String, Choice> =
