@@ -174,13 +174,11 @@ fn mm_ops(trans_a: bool, trans_b: bool) -> String {
 /// The first index where `got` is off `want` by more than `atol + rtol·|want|` (or is not
 /// finite).
 fn first_mismatch(got: &[f32], want: &[f64], atol: f64, rtol: f64) -> Option<usize> {
-    got.iter()
-        .zip(want)
-        .position(|(&g, &w)| {
-            let err = (g as f64 - w).abs();
-            // A NaN output compares false, and so mismatches.
-            err.is_nan() || err > atol + rtol * w.abs()
-        })
+    got.iter().zip(want).position(|(&g, &w)| {
+        let err = (g as f64 - w).abs();
+        // A NaN output compares false, and so mismatches.
+        err.is_nan() || err > atol + rtol * w.abs()
+    })
 }
 
 /// The error for a baseline that disagrees with the reference.
