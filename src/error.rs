@@ -61,6 +61,9 @@ pub enum Error {
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
 
+    #[error("interrupted {during}")]
+    Interrupted { during: String },
+
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

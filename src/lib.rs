@@ -17,6 +17,7 @@ pub mod model;
 pub mod plot;
 pub mod reference;
 pub mod rng;
+pub mod sizes;
 pub mod suite;
 pub mod train;
 

@@ -38,11 +38,21 @@ pub struct GpuArgs {
     shader_dir: Option<PathBuf>,
     /// Kernel choice by measurement: `on` measures what the cache lacks, `cached` uses the
     /// cache and the fixed rule for the rest, `off` uses the fixed rule everywhere.
-    #[arg(long, global = true, value_name = "MODE", env = gpu::tune::ENV_TUNE, default_value = "on")]
-    pub tune: String,
+    /// [default: SHADERFORMER_TUNE, else on]
+    #[arg(long, global = true, value_name = "MODE")]
+    pub tune: Option<String>,
 }
 
 impl GpuArgs {
+    /// `--tune`, else `SHADERFORMER_TUNE` (an empty variable counts as unset), else on; a bad
+    /// value is an error naming where it came from.
+    pub fn tune_mode(&self) -> Result<gpu::tune::TuneMode> {
+        match &self.tune {
+            Some(s) => s.parse(),
+            None => gpu::tune::TuneMode::from_env_or(gpu::tune::TuneMode::On),
+        }
+    }
+
     pub fn open(&self) -> Result<Gpu> {
         let shaders = match &self.shader_dir {
             Some(dir) => {
@@ -52,7 +62,9 @@ impl GpuArgs {
                         format!("{} is not a directory", dir.display()),
                     ));
                 }
-                ShaderSource::Dir(dir.clone())
+                let source = ShaderSource::Dir(dir.clone());
+                source.check_files()?;
+                source
             }
             None => ShaderSource::Embedded,
         };
@@ -60,7 +72,7 @@ impl GpuArgs {
             backend: self.backend.clone(),
             adapter: self.adapter.clone(),
             shaders,
-            tune: self.tune.parse()?,
+            tune: self.tune_mode()?,
         })
     }
 }

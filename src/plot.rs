@@ -9,6 +9,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::io::files;
 
 /// The curves of one run: (step, loss) of the training steps logged and of the evaluations.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -29,7 +30,11 @@ impl Curves {
     /// Adds one metrics record; records of other kinds (and non-finite losses) are passed over.
     /// Returns whether the record held a step.
     pub fn add(&mut self, v: &Value) -> bool {
-        let Some(step) = v.get("step").and_then(Value::as_f64) else {
+        let Some(step) = v
+            .get("step")
+            .and_then(Value::as_f64)
+            .filter(|s| s.is_finite())
+        else {
             return false;
         };
         let finite = |k: &str| v.get(k).and_then(Value::as_f64).filter(|x| x.is_finite());
@@ -45,7 +50,7 @@ impl Curves {
     /// Reads a metrics file; a line that is not a JSON object with a step is an error naming
     /// the file and line.
     pub fn read(path: &Path) -> Result<Curves> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = files::read(path, files::Kind::Metrics)?;
         let name = path
             .file_stem()
             .map_or("run".into(), |s| s.to_string_lossy().to_string());
@@ -80,9 +85,13 @@ const GAP: f64 = 24.0;
 const TRAIN_COLOR: &str = "#1f77b4";
 const VAL_COLOR: &str = "#ff7f0e";
 
-/// About five round tick values covering [lo, hi].
+/// About five round tick values covering [lo, hi]: never more than eight, whatever the values
+/// (each is computed from its index, so a step below the values' resolution cannot loop).
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
-    let span = (hi - lo).max(1e-12);
+    let span = hi - lo;
+    if !(span.is_finite() && span > 0.0) {
+        return vec![lo];
+    }
     let raw = span / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
     let step = [1.0, 2.0, 5.0, 10.0]
@@ -90,24 +99,48 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
         .map(|m| m * mag)
         .find(|s| span / s <= 6.0)
         .unwrap_or(10.0 * mag);
-    let mut t = (lo / step).ceil() * step;
-    let mut out = Vec::new();
-    while t <= hi + step * 1e-9 {
-        out.push(t);
-        t += step;
-    }
+    let first = (lo / step).ceil();
+    let mut out: Vec<f64> = (0..8)
+        .map(|i| (first + i as f64) * step)
+        .filter(|t| *t <= hi + step * 1e-9)
+        .collect();
+    out.dedup();
     out
 }
 
+/// Values beyond this magnitude (a diverged run's losses, a hand-made step) are drawn at the
+/// edge of their axis, which says so.
+pub const CLIP: f64 = 1e15;
+
+/// Count of the values beyond `CLIP`.
+fn clipped(values: impl Iterator<Item = f64>) -> usize {
+    values.filter(|x| x.abs() > CLIP).count()
+}
+
+/// A tick's label: plain for everyday numbers (with `decimals` where given), in exponent form
+/// for huge ones.
+fn label(t: f64, decimals: Option<usize>) -> String {
+    match decimals {
+        _ if t.abs() >= 1e6 => format!("{t:.2e}"),
+        Some(d) => format!("{t:.d$}"),
+        None => format!("{t}"),
+    }
+}
+
+/// The range of `values` clipped to ±`CLIP`, widened around a single value.
 fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
-        (a.min(x), b.max(x))
-    });
+    let (lo, hi) = values
+        .map(|x| x.clamp(-CLIP, CLIP))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+            (a.min(x), b.max(x))
+        });
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
-    if hi - lo < 1e-9 {
-        (lo - 0.5, hi + 0.5)
+    let magnitude = lo.abs().max(hi.abs());
+    if hi - lo < 1e-9 + magnitude * 1e-12 {
+        let pad = 0.5f64.max(magnitude * 1e-3);
+        (lo - pad, hi + pad)
     } else {
         (lo, hi)
     }
@@ -146,6 +179,7 @@ pub fn svg(runs: &[Curves]) -> String {
             x0,
             steps: (smin, smax),
             losses: (lo, hi),
+            clipped: clipped(run.train.iter().chain(&run.val).flat_map(|p| [p.0, p.1])),
         };
         panel.draw(&mut s, run);
     }
@@ -158,19 +192,21 @@ struct Panel {
     x0: f64,
     steps: (f64, f64),
     losses: (f64, f64),
+    /// How many of the run's steps and losses lie beyond `CLIP`.
+    clipped: usize,
 }
 
 impl Panel {
     /// The x coordinate of `step`.
     fn px(&self, step: f64) -> f64 {
         let (smin, smax) = self.steps;
-        self.x0 + (step - smin) / (smax - smin) * PANEL_W
+        self.x0 + (step.clamp(-CLIP, CLIP) - smin) / (smax - smin) * PANEL_W
     }
 
     /// The y coordinate of `loss`.
     fn py(&self, loss: f64) -> f64 {
         let (lo, hi) = self.losses;
-        TOP + (hi - loss) / (hi - lo) * PANEL_H
+        TOP + (hi - loss.clamp(-CLIP, CLIP)) / (hi - lo) * PANEL_H
     }
 
     /// Appends the panel's group: title, frame, axes, curves and legend.
@@ -206,10 +242,11 @@ impl Panel {
             let y = self.py(t);
             let _ = writeln!(
                 s,
-                r##"<line x1="{:.1}" y1="{y:.1}" x2="{x0:.1}" y2="{y:.1}" stroke="#888"/><text x="{:.1}" y="{:.1}" text-anchor="end">{t:.3}</text>"##,
+                r##"<line x1="{:.1}" y1="{y:.1}" x2="{x0:.1}" y2="{y:.1}" stroke="#888"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
                 x0 - 4.0,
                 x0 - 6.0,
-                y + 4.0
+                y + 4.0,
+                label(t, Some(3))
             );
         }
         let (smin, smax) = self.steps;
@@ -217,10 +254,11 @@ impl Panel {
             let x = self.px(t);
             let _ = writeln!(
                 s,
-                r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#888"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{t}</text>"##,
+                r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#888"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
                 TOP + PANEL_H,
                 TOP + PANEL_H + 4.0,
-                TOP + PANEL_H + 16.0
+                TOP + PANEL_H + 16.0,
+                label(t, None)
             );
         }
         let _ = writeln!(
@@ -229,6 +267,15 @@ impl Panel {
             x0 + PANEL_W / 2.0,
             TOP + PANEL_H + 34.0
         );
+        if self.clipped > 0 {
+            let _ = writeln!(
+                s,
+                r#"<text class="clipped" x="{:.1}" y="{:.1}">{} values beyond ±{CLIP:e} drawn at the axis edge (clipped)</text>"#,
+                x0 + 4.0,
+                TOP + 12.0,
+                self.clipped
+            );
+        }
     }
 
     /// One curve as a polyline, with a dot at each point of the validation curve.
@@ -273,12 +320,20 @@ impl Panel {
 }
 
 /// Writes `text` to `path` atomically: a sibling temporary file renamed over it, so a reader (or
-/// a crash) never sees half a picture.
+/// a crash) never sees half a picture. A symbolic link is written through to its target; what is
+/// neither absent nor a regular file is refused (see `files::check_output`).
 pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    files::check_output(path, &path.display().to_string(), &[])?;
+    let path = files::write_target(path);
     let name = path
         .file_name()
         .map_or("plot.svg".into(), |n| n.to_string_lossy().to_string());
     let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let written = std::fs::write(&tmp, text)
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|_| std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }

@@ -397,3 +397,30 @@ fn ranks_with_different_settings_or_too_little_data_are_refused() {
         "{t}"
     );
 }
+
+/// A rank started with another --shader-dir (its GELU edited) would feed gradients of other
+/// kernels into the sum: the job is refused at start-up, naming the rank.
+#[test]
+fn ranks_with_different_shaders_are_refused() {
+    let dir = scratch("shaders");
+    let data_path = data(&dir, 20_000);
+    let out = dir.join("out");
+    let shaders = dir.join("shaders");
+    std::fs::create_dir_all(&shaders).unwrap();
+    let gelu =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/gelu.wgsl")).unwrap();
+    std::fs::write(shaders.join("gelu.wgsl"), gelu + "\n// edited\n").unwrap();
+    let mut c = mpirun(1);
+    c.args(tiny(&data_path, &out, &["--max-iters", "2"]));
+    c.args([":", "-np", "1", env!("CARGO_BIN_EXE_shaderformer")]);
+    c.args(["--shader-dir", shaders.to_str().unwrap()]);
+    c.args(tiny(&data_path, &out, &["--max-iters", "2"]));
+    let o = c.output().unwrap();
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("error: rank 0: --shader-dir: the ranks load different shader sources: rank 1"),
+        "{t}"
+    );
+    assert!(!out.join("trainer_state.json").exists());
+}

@@ -150,14 +150,18 @@ fn an_unwritable_cache_directory_warns_once_and_the_run_completes() {
 #[test]
 fn an_unknown_mode_names_the_accepted_values() {
     let cache = scratch("bogus");
-    for o in [
-        tune(&cache, &["--tune", "bogus"]),
-        bin(&cache)
-            .env("SHADERFORMER_TUNE", "bogus")
-            .args(["tune"])
-            .args(MODEL)
-            .output()
-            .unwrap(),
+    // The flag is named as the flag, the variable as the variable.
+    for (o, source) in [
+        (tune(&cache, &["--tune", "bogus"]), "--tune"),
+        (
+            bin(&cache)
+                .env("SHADERFORMER_TUNE", "bogus")
+                .args(["tune"])
+                .args(MODEL)
+                .output()
+                .unwrap(),
+            "SHADERFORMER_TUNE",
+        ),
     ] {
         let t = text(&o);
         assert!(!o.status.success(), "{t}");
@@ -165,7 +169,8 @@ fn an_unknown_mode_names_the_accepted_values() {
         let err: Vec<&str> = t.lines().filter(|l| l.starts_with("error:")).collect();
         assert_eq!(err.len(), 1, "{t}");
         assert!(
-            err[0].contains("--tune") && err[0].contains("on, cached or off"),
+            err[0].starts_with(&format!("error: {source}:"))
+                && err[0].contains("on, cached or off"),
             "{t}"
         );
     }

@@ -40,15 +40,16 @@ pub struct BenchArgs {
     /// Training batch size.
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
-    /// Training sequence length.
-    #[arg(long, default_value_t = 64)]
-    block_size: usize,
-    /// Inference prompt length.
-    #[arg(long, default_value_t = 128)]
-    prompt_len: usize,
-    /// Tokens decoded with the KV cache.
-    #[arg(long, default_value_t = 128)]
-    new_tokens: usize,
+    /// Training sequence length [default: 64, or the model's context where shorter].
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Inference prompt length [default: 128, or half the model's context where shorter].
+    #[arg(long)]
+    prompt_len: Option<usize>,
+    /// Tokens decoded with the KV cache [default: 128, or what the context leaves after the
+    /// prompt].
+    #[arg(long)]
+    new_tokens: Option<usize>,
     /// Tokens decoded by full recomputation, for comparison (0 = skip).
     #[arg(long, default_value_t = 16)]
     recompute_tokens: usize,
@@ -127,6 +128,35 @@ impl ModelArgs {
     }
 }
 
+impl BenchArgs {
+    /// Inference's prompt and new tokens: the flags, else defaults that fit the model's context
+    /// (a default the user never gave is never the reason for an error).
+    fn lengths(&self, cfg: &GptConfig) -> (usize, usize) {
+        let prompt = self
+            .prompt_len
+            .unwrap_or(128.min(cfg.block_size / 2).max(1));
+        let new = self
+            .new_tokens
+            .unwrap_or(128.min(cfg.block_size.saturating_sub(prompt)));
+        (prompt, new)
+    }
+}
+
+/// Refuses a training batch whose sizes overflow or whose logits alone are over the host's
+/// memory, naming the flags.
+pub fn check_batch(cfg: &GptConfig, batch_size: usize, block_size: usize) -> Result<()> {
+    shaderformer::sizes::bytes(
+        "the logits of one batch",
+        &[
+            ("--batch-size", batch_size as u64),
+            ("--block-size", block_size as u64),
+            ("padded vocabulary", cfg.padded_vocab() as u64),
+            ("bytes per value", 4),
+        ],
+    )
+    .map(|_| ())
+}
+
 /// Refuses a zero count, naming its flag.
 pub fn at_least_one(flags: &[(&str, usize)]) -> Result<()> {
     match flags.iter().find(|(_, x)| *x == 0) {
@@ -145,15 +175,19 @@ pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
         .as_deref()
         .filter(|p| *p != std::path::Path::new("-"));
     let cfg = args.model.config()?;
+    let block_size = args.block_size.unwrap_or(64.min(cfg.block_size));
     at_least_one(&[
         ("--batch-size", args.batch_size),
-        ("--block-size", args.block_size),
-        ("--prompt-len", args.prompt_len),
-        ("--new-tokens", args.new_tokens),
+        ("--block-size", block_size),
+        ("--prompt-len", args.lengths(&cfg).0),
+        ("--new-tokens", args.lengths(&cfg).1),
         ("--runs", args.runs),
     ])?;
     shaderformer::memory::check("the model", cfg.training_bytes())?;
-    args.model.check_block(args.block_size, &cfg)?;
+    if args.what != What::Infer {
+        args.model.check_block(block_size, &cfg)?;
+        check_batch(&cfg, args.batch_size, block_size)?;
+    }
     let gpu = gpu.open()?;
     let shape = describe(&cfg);
     let mut out = serde_json::Map::new();
@@ -169,7 +203,7 @@ pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
             &gpu,
             &cfg,
             args.batch_size,
-            args.block_size,
+            block_size,
             args.warmup,
             args.runs,
         )?;
@@ -312,8 +346,8 @@ fn infer(gpu: &Gpu, cfg: &GptConfig, args: &BenchArgs) -> Result<Vec<InferBench>
     for dt in dtypes {
         let setup = bench::InferSetup {
             dtype: dt,
-            prompt_len: args.prompt_len,
-            new_tokens: args.new_tokens,
+            prompt_len: args.lengths(cfg).0,
+            new_tokens: args.lengths(cfg).1,
             warmup: args.warmup,
             runs: args.runs,
             recompute_tokens: args.recompute_tokens,
@@ -328,7 +362,10 @@ fn infer(gpu: &Gpu, cfg: &GptConfig, args: &BenchArgs) -> Result<Vec<InferBench>
 fn print_infer(rows: &[InferBench], args: &BenchArgs) {
     println!(
         "\ninference, batch 1, prompt {} tokens, {} new tokens (median of {} after {} warm-up):",
-        args.prompt_len, args.new_tokens, args.runs, args.warmup
+        rows.first().map_or(0, |r| r.prompt_len),
+        rows.first().map_or(0, |r| r.new_tokens),
+        args.runs,
+        args.warmup
     );
     println!(
         "  {:<6} {:>14} {:>16} {:>16} {:>22}",

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use shaderformer::Result;
+use shaderformer::io::files;
 use shaderformer::plot::{Curves, svg, write_atomic};
 
 #[derive(Args, Debug)]
@@ -19,6 +20,8 @@ pub struct PlotArgs {
 }
 
 pub fn plot(args: &PlotArgs) -> Result<ExitCode> {
+    let inputs: Vec<&std::path::Path> = args.metrics.iter().map(PathBuf::as_path).collect();
+    files::check_output(&args.out, "--out", &inputs)?;
     let runs = args
         .metrics
         .iter()

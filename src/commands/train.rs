@@ -26,9 +26,10 @@ pub struct TrainArgs {
     /// Training data: a UTF-8 text file, an llm.c token file, or a nanoGPT .bin (u16 tokens).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Checkpoint directory, written at eval points and at the end.
-    #[arg(long, default_value = "out")]
-    out: PathBuf,
+    /// Checkpoint directory, written at eval points and at the end [default: the --resume
+    /// directory when resuming, else out].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Write the checkpoint into --out even when it holds other files (they are never touched;
     /// only the checkpoint's own files are replaced).
     #[arg(long)]
@@ -173,7 +174,12 @@ impl TrainArgs {
         let max_iters = self.max_iters.unwrap_or(d.max_iters);
         Ok(TrainConfig {
             data: self.data.clone().or(d.data.clone()),
-            out: self.out.clone(),
+            // A resumed run writes back into its checkpoint, as every trainer does.
+            out: self
+                .out
+                .clone()
+                .or_else(|| self.resume.clone())
+                .unwrap_or_else(|| PathBuf::from("out")),
             overwrite: self.overwrite,
             init: self.init.clone(),
             resume: self.resume.clone(),
@@ -251,6 +257,11 @@ impl TrainArgs {
 pub fn train(gpu: &GpuArgs, args: &TrainArgs) -> Result<ExitCode> {
     let comm = Comm::from_env()?;
     match train_rank(gpu, args, &comm) {
+        Err(e @ Error::Interrupted { .. }) if comm.size() == 1 => {
+            // Ctrl-C before the first step: nothing was trained, so no checkpoint is written.
+            eprintln!("{e}: nothing was trained and no checkpoint was written");
+            Ok(ExitCode::from(130))
+        }
         Err(e) if comm.size() > 1 => {
             // The other ranks may be waiting in a collective this one will never join.
             // One write: mpirun forwards each write as it comes, and the pieces eprintln! writes
@@ -318,6 +329,9 @@ fn rank_adapter(gpu: &GpuArgs, comm: &Comm) -> Result<Option<String>> {
 fn train_rank(gpu: &GpuArgs, args: &TrainArgs, comm: &Comm) -> Result<ExitCode> {
     check_zero(args.zero, comm)?;
     let cfg = args.config()?;
+    // Settings, sizes and outputs are checked before the adapter is opened, the model built and
+    // its kernels tuned.
+    train::check_settings(&cfg)?;
     let gpu = GpuArgs {
         adapter: rank_adapter(gpu, comm)?,
         ..gpu.clone()
@@ -473,6 +487,7 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
     }
     let ck = checkpoint::load(&args.checkpoint)?;
     let (vocab, prompt) = encode_prompt(args, &ck)?;
+    check_sample_sizes(args, &ck.cfg)?;
     let gpu = gpu.open()?;
     let mut engine = Engine::new(
         &gpu,
@@ -518,6 +533,31 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses a --num-samples whose KV cache or logits would overflow or not fit in memory.
+fn check_sample_sizes(args: &SampleArgs, cfg: &GptConfig) -> Result<()> {
+    let n = args.num_samples as u64;
+    shaderformer::sizes::bytes(
+        "the KV cache of --num-samples sequences",
+        &[
+            ("--num-samples", n),
+            ("layers", cfg.n_layer as u64),
+            ("K and V", 2),
+            ("context", cfg.block_size as u64),
+            ("n_embd", cfg.n_embd as u64),
+            ("bytes per value", 4),
+        ],
+    )?;
+    shaderformer::sizes::bytes(
+        "the logits of --num-samples sequences",
+        &[
+            ("--num-samples", n),
+            ("padded vocabulary", cfg.padded_vocab() as u64),
+            ("bytes per value", 4),
+        ],
+    )?;
+    Ok(())
 }
 
 /// The checkpoint's vocabulary and the prompt's tokens, which must leave room in the context.

@@ -37,10 +37,11 @@ pub fn tune(gpu: &GpuArgs, args: &TuneArgs) -> Result<ExitCode> {
     ])?;
     shaderformer::memory::check("the model", cfg.training_bytes())?;
     args.model.check_block(args.block_size, &cfg)?;
+    super::bench::check_batch(&cfg, args.batch_size, args.block_size)?;
     // Tuning is this command's job: whatever mode was asked for (once it is a valid one).
-    gpu.tune.parse::<TuneMode>()?;
+    gpu.tune_mode()?;
     let mut gpu_args = gpu.clone();
-    gpu_args.tune = TuneMode::On.name().into();
+    gpu_args.tune = Some(TuneMode::On.name().into());
     let gpu = gpu_args.open()?;
     let t0 = Instant::now();
     println!("adapter: {}", gpu.adapter_name());

@@ -298,6 +298,11 @@ impl Gpu {
     }
 
     /// "name (Backend)", for reports and benchmark tables.
+    /// Where `shader`'s source is read from, for messages (the embedded copy or --shader-dir's).
+    pub fn shader_file(&self, shader: Shader) -> String {
+        self.shaders.file_of(shader)
+    }
+
     pub fn adapter_name(&self) -> String {
         describe(&self.info)
     }

@@ -439,15 +439,49 @@ impl ShaderSource {
                 }),
             ShaderSource::Dir(dir) => {
                 let file = dir.join(path);
-                if !file.exists() && embedded(path).is_some() {
+                // Only a file that is not there at all falls back: a dangling link or a link
+                // loop is the user's file, broken, and an error naming it.
+                if std::fs::symlink_metadata(&file).is_err() && embedded(path).is_some() {
                     return ShaderSource::Embedded.read(path);
                 }
-                let text = std::fs::read_to_string(&file).map_err(|source| Error::ShaderRead {
-                    file: file.display().to_string(),
-                    source,
-                })?;
+                let text = crate::io::files::read_text(&file, crate::io::files::Kind::Shader)
+                    .map_err(|source| Error::ShaderRead {
+                        file: file.display().to_string(),
+                        source,
+                    })?;
                 Ok((file.display().to_string(), Cow::Owned(text)))
             }
+        }
+    }
+
+    /// Reads every family file and include present in a `--shader-dir` (a dangling link, a link
+    /// loop, a FIFO, a device, a file far larger than a shader: an error naming the file), so a
+    /// broken file stops the run at start-up instead of falling back or hanging later.
+    pub fn check_files(&self) -> Result<()> {
+        let ShaderSource::Dir(dir) = self else {
+            return Ok(());
+        };
+        let names = Shader::ALL
+            .iter()
+            .map(|s| s.file_name())
+            .chain(INCLUDES.iter().map(|(p, _)| *p));
+        for name in names {
+            if std::fs::symlink_metadata(dir.join(name)).is_ok() {
+                self.read(name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The file `shader`'s source is read from: `--shader-dir`'s copy where one is there, else
+    /// the embedded one.
+    pub fn file_of(&self, shader: Shader) -> String {
+        let name = shader.file_name();
+        match self {
+            ShaderSource::Dir(dir) if std::fs::symlink_metadata(dir.join(name)).is_ok() => {
+                dir.join(name).display().to_string()
+            }
+            _ => format!("shaders/{name} (embedded)"),
         }
     }
 
@@ -600,6 +634,47 @@ mod tests {
         assert_eq!(f16.text, "enable f16;\nalias BElem = f16;\nb\n");
         assert_eq!(f16.origin(2), ("<prelude of gemm_f16>", 2));
         assert_eq!(f16.origin(3), ("gemm.wgsl", 1));
+    }
+
+    /// A family file in --shader-dir that is a dangling link, a link loop, a FIFO or an endless
+    /// device is an error naming it, found without blocking or reading gigabytes; a file that
+    /// is not there falls back to the embedded copy.
+    #[cfg(unix)]
+    #[test]
+    fn unreadable_files_in_a_shader_dir_are_errors_naming_them() {
+        let dir = std::env::temp_dir().join(format!("sf-shader-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = ShaderSource::Dir(dir.clone());
+        assert!(src.check_files().is_ok());
+        assert!(src.read("gemm.wgsl").unwrap().0.starts_with("shaders/"));
+        let gemm = dir.join("gemm.wgsl");
+        let make: [(&str, &dyn Fn()); 4] = [
+            ("dangling", &|| {
+                std::os::unix::fs::symlink(dir.join("nowhere.wgsl"), &gemm).unwrap()
+            }),
+            ("loop", &|| {
+                std::os::unix::fs::symlink(&gemm, &gemm).unwrap()
+            }),
+            ("fifo", &|| {
+                let ok = std::process::Command::new("mkfifo").arg(&gemm).status();
+                assert!(ok.unwrap().success());
+            }),
+            ("zero", &|| {
+                std::os::unix::fs::symlink("/dev/zero", &gemm).unwrap()
+            }),
+        ];
+        for (what, make) in make {
+            let _ = std::fs::remove_file(&gemm);
+            make();
+            let t0 = std::time::Instant::now();
+            let e = src.check_files().expect_err(what).to_string();
+            assert!(e.contains("gemm.wgsl"), "{what}: {e}");
+            let e = src.read("gemm.wgsl").expect_err(what).to_string();
+            assert!(e.contains(&gemm.display().to_string()), "{what}: {e}");
+            assert!(t0.elapsed().as_secs() < 5, "{what}: slow");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

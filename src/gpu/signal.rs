@@ -85,3 +85,17 @@ impl<T: Clone> Future for Wait<'_, T> {
         }
     }
 }
+
+/// Set when the user asks the process to stop (Ctrl-C, SIGTERM): long GPU work that is not a
+/// training step (measuring kernel candidates) looks at it between pieces and gives up.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks long GPU work to stop at its next chance.
+pub fn request_stop() {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether a stop was asked for.
+pub fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}

@@ -56,11 +56,17 @@ impl TuneMode {
         }
     }
 
-    /// The mode in `SHADERFORMER_TUNE`, or `default` when it is unset or empty.
+    /// The mode in `SHADERFORMER_TUNE`, or `default` when it is unset or empty (the rule of
+    /// every variable we read: empty is unset). A bad value is an error naming the variable.
     pub fn from_env_or(default: TuneMode) -> Result<TuneMode> {
-        match std::env::var(ENV_TUNE) {
-            Ok(s) if !s.trim().is_empty() => s.parse(),
-            _ => Ok(default),
+        match env_var(ENV_TUNE)? {
+            Some(s) => s.parse().map_err(|_: Error| {
+                Error::invalid(
+                    ENV_TUNE,
+                    format!("unknown mode '{s}' (expected {})", TuneMode::NAMES),
+                )
+            }),
+            None => Ok(default),
         }
     }
 }
@@ -222,17 +228,32 @@ struct CacheFile {
     format: u32,
     identity: Identity,
     choices: Vec<Choice>,
+    /// Baseline kernels ("family: variant") found to agree with the CPU reference on this
+    /// adapter and shader source (see `kernels::baseline`).
+    #[serde(default)]
+    baselines: Vec<String>,
+}
+
+/// What a cache file holds for this identity.
+#[derive(Default)]
+struct Cached {
+    choices: Vec<Choice>,
+    baselines: Vec<String>,
 }
 
 #[derive(Default)]
 struct State {
     choices: BTreeMap<String, Choice>,
+    /// Baselines checked against the CPU reference (see `kernels::baseline`).
+    baselines: std::collections::BTreeSet<String>,
     /// Variants a checkpoint trained with, by key: they win over the cache.
     pinned: BTreeMap<String, String>,
     /// Keys looked up by this process, in first-use order, with the variant used.
     used: Vec<(String, String)>,
     /// Problems to measure later (see `defers`), in first-use order.
     pending: Vec<Deferred>,
+    /// Pinned variants that no candidate list offered any more, by key.
+    unusable_pins: BTreeMap<String, String>,
     warned_write: bool,
 }
 
@@ -257,8 +278,19 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
+/// The value of the environment variable `name`: `None` when it is unset or empty (blank),
+/// an error naming it when it is not Unicode.
+pub fn env_var(name: &str) -> Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(s) if s.trim().is_empty() => Ok(None),
+        Ok(s) => Ok(Some(s)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(Error::invalid(name, "is not valid Unicode")),
+    }
+}
+
 /// The directory of the tuning cache: `SHADERFORMER_CACHE_DIR`, else `$XDG_CACHE_HOME/shaderformer`,
-/// else `$HOME/.cache/shaderformer`.
+/// else `$HOME/.cache/shaderformer` (an empty variable counts as unset).
 pub fn cache_dir() -> Option<PathBuf> {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
     if let Some(d) = var(ENV_CACHE_DIR) {
@@ -283,12 +315,20 @@ impl Tuner {
             && let Some(path) = &path
         {
             match read_cache(path, &identity) {
-                Ok(choices) => {
-                    state.choices = choices.into_iter().map(|c| (c.key(), c)).collect();
+                Ok(cached) => {
+                    state.choices = cached.choices.into_iter().map(|c| (c.key(), c)).collect();
+                    state.baselines = cached.baselines.into_iter().collect();
                 }
                 Err(why) => warn(&format!(
-                    "kernel tuning cache {}: {why}; its problems will be measured again",
-                    path.display()
+                    "kernel tuning cache {}: {why}; {}",
+                    path.display(),
+                    match mode {
+                        TuneMode::Cached => {
+                            "--tune cached measures nothing, so the fixed rule computes every \
+                             problem (--tune on measures them again)"
+                        }
+                        _ => "its problems will be measured again",
+                    }
                 )),
             }
         }
@@ -354,10 +394,14 @@ impl Tuner {
     /// pinned or cached choice outside them is ignored).
     pub fn lookup(&self, family: &str, problem: &str, candidates: &[String]) -> Lookup {
         let k = key(family, problem);
-        let state = self.state.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
         let usable = |v: &String| candidates.contains(v);
-        if let Some(v) = state.pinned.get(&k).filter(|v| usable(v)) {
-            return Lookup::Use(v.clone());
+        match state.pinned.get(&k).cloned() {
+            Some(v) if usable(&v) => return Lookup::Use(v),
+            Some(v) => {
+                state.unusable_pins.insert(k.clone(), v);
+            }
+            None => {}
         }
         if self.mode == TuneMode::Off {
             return Lookup::Rule;
@@ -384,17 +428,65 @@ impl Tuner {
         }
     }
 
+    /// Pinned variants (a checkpoint's) that the problem's candidates no longer include (the
+    /// shader was edited, a variant renamed), by key: those problems were computed otherwise.
+    pub fn unusable_pins(&self) -> BTreeMap<String, String> {
+        self.state.lock().unwrap().unusable_pins.clone()
+    }
+
+    /// Whether baseline `key` ("family: variant") agreed with the CPU reference on this adapter
+    /// and shader source.
+    pub fn baseline_verified(&self, key: &str) -> bool {
+        self.state.lock().unwrap().baselines.contains(key)
+    }
+
+    /// Keeps a baseline's passed check (see `kernels::baseline`) with the measurements.
+    pub fn record_baseline(&self, key: String) {
+        let mut state = self.state.lock().unwrap();
+        state.baselines.insert(key);
+        self.persist(&mut state);
+    }
+
     /// Keeps a measurement and rewrites the cache file.
     pub fn record(&self, choice: Choice) {
         let mut state = self.state.lock().unwrap();
         state.choices.insert(choice.key(), choice);
-        let Some(path) = &self.path else { return };
-        let file = CacheFile {
-            format: FORMAT,
-            identity: self.identity.clone(),
-            choices: state.choices.values().cloned().collect(),
+        self.persist(&mut state);
+    }
+
+    /// Rewrites the cache file, merged under its lock with what other processes wrote there
+    /// meanwhile (theirs kept, ours winning where both measured the same problem).
+    fn persist(&self, state: &mut State) {
+        // Off: the cache is neither read nor written.
+        let Some(path) = self.path.as_ref().filter(|_| self.mode != TuneMode::Off) else {
+            return;
         };
-        if let Err(e) = write_atomic(path, &file)
+        let written = with_file_lock(path, || {
+            let theirs = read_cache(path, &self.identity).unwrap_or_default();
+            let mut merged: BTreeMap<String, Choice> =
+                theirs.choices.into_iter().map(|c| (c.key(), c)).collect();
+            for (k, c) in &state.choices {
+                merged.insert(k.clone(), c.clone());
+            }
+            let mut baselines = state.baselines.clone();
+            baselines.extend(theirs.baselines);
+            let file = CacheFile {
+                format: FORMAT,
+                identity: self.identity.clone(),
+                choices: merged.values().cloned().collect(),
+                baselines: baselines.iter().cloned().collect(),
+            };
+            write_atomic(path, &file)?;
+            Ok((merged, baselines))
+        });
+        let written = written.map(|(merged, baselines)| {
+            // What the others measured is ours to use too.
+            for (k, c) in merged {
+                state.choices.entry(k).or_insert(c);
+            }
+            state.baselines = baselines;
+        });
+        if let Err(e) = written
             && !state.warned_write
         {
             state.warned_write = true;
@@ -441,8 +533,8 @@ impl Tuner {
     }
 }
 
-fn read_cache(path: &Path, identity: &Identity) -> std::result::Result<Vec<Choice>, String> {
-    let bytes = match std::fs::read(path) {
+fn read_cache(path: &Path, identity: &Identity) -> std::result::Result<Cached, String> {
+    let bytes = match crate::io::files::read_bytes(path, crate::io::files::Kind::TuningCache) {
         Ok(b) => b,
         // No cache yet (or its directory cannot exist: writing it will say so).
         Err(e)
@@ -451,9 +543,9 @@ fn read_cache(path: &Path, identity: &Identity) -> std::result::Result<Vec<Choic
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
             ) =>
         {
-            return Ok(Vec::new());
+            return Ok(Cached::default());
         }
-        Err(e) => return Err(format!("unreadable ({e})")),
+        Err(e) => return Err(format!("unreadable: it {e}")),
     };
     let file: CacheFile =
         serde_json::from_slice(&bytes).map_err(|e| format!("not a tuning cache ({e})"))?;
@@ -466,7 +558,59 @@ fn read_cache(path: &Path, identity: &Identity) -> std::result::Result<Vec<Choic
     if file.identity != *identity {
         return Err("stale (made for another adapter, driver, version or shader source)".into());
     }
-    Ok(file.choices)
+    Ok(Cached {
+        choices: file.choices,
+        baselines: file.baselines,
+    })
+}
+
+/// Runs `f` holding `PATH.lock` (created exclusively; one left by a dead process, or older than
+/// a minute, is taken over), waiting up to ten seconds for another holder.
+fn with_file_lock<T>(path: &Path, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let lock = path.with_extension("json.lock");
+    let t0 = std::time::Instant::now();
+    loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(mut file) => {
+                use std::io::Write;
+                let _ = write!(file, "{}", std::process::id());
+                let result = f();
+                let _ = std::fs::remove_file(&lock);
+                return result;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if lock_is_abandoned(&lock) || t0.elapsed().as_secs() >= 10 {
+                    let _ = std::fs::remove_file(&lock);
+                } else {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether a lock file's holder is gone: its pid names no live process, or it is over a minute
+/// old (no write of the cache takes that long).
+fn lock_is_abandoned(lock: &Path) -> bool {
+    let old = std::fs::metadata(lock)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age.as_secs() > 60);
+    let pid = crate::io::files::read_text(lock, crate::io::files::Kind::TuningCache)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let dead = cfg!(target_os = "linux")
+        && pid.is_some_and(|p| !Path::new("/proc").join(p.to_string()).exists());
+    old || dead
 }
 
 fn write_atomic(path: &Path, file: &CacheFile) -> std::io::Result<()> {
@@ -600,6 +744,79 @@ mod tests {
         assert_eq!(t.lookup("gemm", "p", &cands()), Lookup::Use("b".into()));
         assert!(!file.join("cache").exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A cache path that is a FIFO (or a link to an endless device, or a file far larger than a
+    /// cache) costs a warning and a re-tune, without blocking or reading it whole.
+    #[cfg(unix)]
+    #[test]
+    fn a_cache_that_is_no_regular_file_is_not_read() {
+        let dir = temp_dir("fifo");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = Tuner::new(TuneMode::Off, identity("x"), Some(&dir))
+            .path()
+            .unwrap()
+            .to_path_buf();
+        let make: [&dyn Fn(&Path); 3] = [
+            &|p| {
+                let ok = std::process::Command::new("mkfifo").arg(p).status();
+                assert!(ok.unwrap().success());
+            },
+            &|p| std::os::unix::fs::symlink("/dev/zero", p).unwrap(),
+            &|p| {
+                std::fs::File::create(p)
+                    .unwrap()
+                    .set_len(crate::io::files::Kind::TuningCache.cap() + 1)
+                    .unwrap()
+            },
+        ];
+        for (k, make) in make.iter().enumerate() {
+            let _ = std::fs::remove_file(&path);
+            make(&path);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let d = dir.clone();
+            std::thread::spawn(move || {
+                let t = Tuner::new(TuneMode::On, identity("x"), Some(&d));
+                let _ = tx.send(t.lookup("gemm", "p", &cands()));
+            });
+            let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+            assert_eq!(got, Ok(Lookup::Measure), "case {k}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Two tuners sharing a cache keep each other's measurements.
+    #[test]
+    fn tuners_sharing_a_cache_merge_their_measurements() {
+        let dir = temp_dir("merge");
+        let first = Tuner::new(TuneMode::On, identity("x"), Some(&dir));
+        let second = Tuner::new(TuneMode::On, identity("x"), Some(&dir));
+        first.record(choice("p", "b"));
+        second.record(choice("q", "a"));
+        first.record_baseline("gemm: a".into());
+        let again = Tuner::new(TuneMode::On, identity("x"), Some(&dir));
+        assert_eq!(again.lookup("gemm", "p", &cands()), Lookup::Use("b".into()));
+        assert_eq!(again.lookup("gemm", "q", &cands()), Lookup::Use("a".into()));
+        assert!(again.baseline_verified("gemm: a"));
+        assert!(!again.baseline_verified("gemm: b"));
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".lock") || n.contains(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A pinned variant that is no candidate any more is reported, not dropped in silence.
+    #[test]
+    fn pins_that_no_longer_apply_are_reported() {
+        let t = Tuner::new(TuneMode::Off, identity("x"), None);
+        let mut pins = BTreeMap::new();
+        pins.insert(key("gemm", "p"), "gone".to_string());
+        t.pin(&pins);
+        assert_eq!(t.lookup("gemm", "p", &cands()), Lookup::Rule);
+        assert_eq!(t.unusable_pins(), pins);
     }
 
     #[test]

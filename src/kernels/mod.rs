@@ -9,6 +9,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod baseline;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;

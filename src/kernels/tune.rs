@@ -67,6 +67,7 @@ pub fn choose(
             problem.rule.clone()
         }
         Lookup::Measure => {
+            super::baseline::verify(gpu, problem)?;
             let choice = block_on("measuring kernels", measure(gpu, problem, build))?;
             let winner = choice.winner.clone();
             gpu.tuner.record(choice);
@@ -178,6 +179,13 @@ async fn measure(
     let mut rejected = Vec::new();
     let mut cost = (0, 0);
     for name in &problem.candidates {
+        // Ctrl-C stops between candidates, not after the whole model is measured.
+        if crate::gpu::signal::stop_requested() {
+            bar.finish_and_clear();
+            return Err(Error::Interrupted {
+                during: format!("while measuring {} {}", problem.family, problem.shape),
+            });
+        }
         bar.inc(1);
         let trial = if name == base_name {
             Ok(Trial {
@@ -204,6 +212,9 @@ async fn measure(
         }
     }
     bar.finish_and_clear();
+    if let Some(note) = disagreement_note(problem, &times, &rejected) {
+        eprintln!("warning: {note}");
+    }
     times.sort_by(|a, b| a.1.total_cmp(&b.1));
     let winner = times
         .first()
@@ -218,6 +229,30 @@ async fn measure(
         rejected,
         flops: cost.0,
         bytes: cost.1,
+    })
+}
+
+/// What to say when most candidates disagreed with the baseline: the baseline itself is then
+/// the likelier culprit (a broken edit, a miscompiling driver).
+fn disagreement_note(
+    problem: &Problem,
+    times: &[(String, f64)],
+    rejected: &[(String, String)],
+) -> Option<String> {
+    let disagree = rejected
+        .iter()
+        .filter(|r| r.1.contains("against the baseline"))
+        .count();
+    let others = problem.candidates.len().saturating_sub(1);
+    (others > 0 && disagree * 2 > others).then(|| {
+        format!(
+            "{} {}: {disagree} of {others} candidates disagree with the baseline {}; the \
+             baseline may be the wrong one ({} agreed)",
+            problem.family,
+            problem.shape,
+            problem.candidates[0],
+            times.len().saturating_sub(1)
+        )
     })
 }
 
@@ -342,6 +377,31 @@ mod tests {
         assert!(w > 1.0 && i == 1);
         assert!(worst(&[f32::NAN], &[1.0], 1e-3, 1e-3).0 > 1.0);
         assert!(worst(&[1.0], &[f32::NAN], 1e-3, 1e-3).0 > 1.0);
+    }
+
+    /// The issue's case: the rule's kernel scaled by 1.5, so naive, reg and ureg all disagree.
+    #[test]
+    fn most_candidates_disagreeing_with_the_baseline_is_said() {
+        let problem = Problem {
+            family: "gemm",
+            bucket: "NN m64 n64 k64 vv f32".into(),
+            shape: "NN 64x64x64".into(),
+            candidates: ["tiled", "naive", "reg", "ureg"].map(String::from).to_vec(),
+            rule: "tiled".into(),
+            atol: 1e-5,
+            rtol: 1e-5,
+        };
+        let times = vec![("tiled".to_string(), 1.0)];
+        let why = |v: &str| {
+            (
+                v.to_string(),
+                "element 0: 1 against the baseline's 1.5".into(),
+            )
+        };
+        let rejected = vec![why("naive"), why("reg"), why("ureg")];
+        let note = disagreement_note(&problem, &times, &rejected).expect("a note");
+        assert!(note.contains("3 of 3") && note.contains("tiled"), "{note}");
+        assert_eq!(disagreement_note(&problem, &times, &rejected[..1]), None);
     }
 
     #[test]

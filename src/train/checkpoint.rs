@@ -132,6 +132,8 @@ pub struct OutDir {
     lock: PathBuf,
     /// Created by this run: removed again if the run ends without writing into it.
     created: Option<PathBuf>,
+    /// Whether `loss.svg` there is the checkpoint's to write (absent, or written by a run).
+    pub plot_ours: bool,
 }
 
 impl Drop for OutDir {
@@ -180,7 +182,12 @@ pub fn open_out(dir: &Path, policy: OutPolicy) -> Result<OutDir> {
     io(dir, fs::create_dir_all(dir))?;
     let lock = take_lock(dir)?;
     // From here the lock is ours: dropping the guard on an error below releases it.
-    let out = OutDir { lock, created };
+    let plot_ours = super::metrics::plot_is_ours(dir);
+    let out = OutDir {
+        lock,
+        created,
+        plot_ours,
+    };
     let own = policy.own_file.filter(|f| {
         let parent = f.parent().filter(|p| !p.as_os_str().is_empty());
         let parent = fs::canonicalize(parent.unwrap_or(Path::new(".")));
@@ -193,6 +200,7 @@ pub fn open_out(dir: &Path, policy: OutPolicy) -> Result<OutDir> {
         let ours = own == Some(n.as_os_str()) || {
             let n = n.to_string_lossy();
             FILES.contains(&n.as_ref())
+                || (plot_ours && n == super::metrics::PLOT_FILE)
                 || [LOCK_FILE, STAGING_DIR, PROBE_FILE].contains(&n.as_ref())
         };
         if !ours {
@@ -287,7 +295,7 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     if !path.exists() {
         return Err(not_a_training_checkpoint(dir));
     }
-    let text = io(&path, fs::read_to_string(&path))?;
+    let text = crate::io::files::read(&path, crate::io::files::Kind::Json)?;
     TrainerState::parse(&path, &text)
 }
 

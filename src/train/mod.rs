@@ -2,17 +2,19 @@
 
 pub mod addition;
 pub mod checkpoint;
+mod checks;
 pub mod data;
+pub mod metrics;
 pub mod parallel;
 pub mod schedule;
 pub mod state;
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::dist::Comm;
 use crate::error::{Error, Result};
@@ -25,7 +27,10 @@ use crate::kernels::adamw;
 use crate::model::gpt::{self, Mode};
 use crate::model::{GptConfig, ParamTable};
 use checkpoint::Checkpoint;
+pub use checks::check_settings;
+use checks::dropped_kernels;
 use data::{Dataset, Loader, LoaderKind};
+use metrics::Metrics;
 use schedule::LrSchedule;
 
 /// Everything `shaderformer train` takes (nanoGPT's names).
@@ -157,6 +162,7 @@ fn install_interrupt_handler() {
         return;
     }
     let _ = ctrlc::set_handler(|| {
+        crate::gpu::signal::request_stop();
         if INTERRUPTS.fetch_add(1, Ordering::SeqCst) >= 1 {
             eprintln!("\ninterrupted again: exiting without waiting");
             std::process::exit(130);
@@ -211,48 +217,6 @@ fn evaluate(exec: &mut Executor, split: &[u32], cfg: &TrainConfig, comm: &Comm) 
     let sum = parallel::sum_over_ranks(comm, sum)?;
     // check_settings keeps iters >= 1.
     Ok((sum / iters as f64) as f32)
-}
-
-struct Metrics {
-    file: Option<std::fs::File>,
-    /// Every record written (and, when resuming, those already in the file), for loss.svg.
-    curves: crate::plot::Curves,
-}
-
-impl Metrics {
-    fn open(path: Option<&Path>, append: bool) -> Result<Metrics> {
-        let curves = match path {
-            Some(p) if append && p.exists() => crate::plot::Curves::read(p)?,
-            _ => crate::plot::Curves::new("training"),
-        };
-        let file = match path {
-            Some(p) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .append(append)
-                    .truncate(!append)
-                    .open(p)
-                    .map_err(|e| Error::io(p, e))?,
-            ),
-            None => None,
-        };
-        Ok(Metrics { file, curves })
-    }
-
-    /// Draws the train and validation loss so far as `DIR/loss.svg`.
-    fn plot(&self, dir: &Path) -> Result<()> {
-        let svg = crate::plot::svg(std::slice::from_ref(&self.curves));
-        crate::plot::write_atomic(&dir.join("loss.svg"), &svg)
-    }
-
-    fn write(&mut self, v: Value) -> Result<()> {
-        self.curves.add(&v);
-        if let Some(f) = &mut self.file {
-            writeln!(f, "{v}").map_err(|e| Error::io("metrics", e))?;
-        }
-        Ok(())
-    }
 }
 
 /// Logging, metrics and the divergence check, as step results arrive.
@@ -327,55 +291,6 @@ impl Progress<'_> {
     }
 }
 
-/// Rejects settings no run can use, naming the flag: rates and decay that are negative or not
-/// finite (a NaN learning rate would turn every parameter into NaN at the first update), no
-/// steps, no evaluation batches, AdamW betas outside [0, 1), a block shorter than one line of
-/// the addition dataset.
-fn check_settings(cfg: &TrainConfig) -> Result<()> {
-    for (flag, x) in [("--beta1", cfg.beta1), ("--beta2", cfg.beta2)] {
-        if !(0.0..1.0).contains(&x) {
-            return Err(Error::invalid(flag, format!("{x} is not in [0, 1)")));
-        }
-    }
-    if cfg.data.is_none() && cfg.block_size < addition::LINE {
-        return Err(Error::invalid(
-            "--block-size",
-            format!(
-                "{} is shorter than one line of the addition dataset ({} tokens)",
-                cfg.block_size,
-                addition::LINE
-            ),
-        ));
-    }
-    let s = &cfg.schedule;
-    for (flag, x) in [
-        ("--lr", s.lr),
-        ("--min-lr", s.min_lr),
-        ("--weight-decay", cfg.weight_decay),
-        ("--grad-clip", cfg.grad_clip),
-    ] {
-        if !(x.is_finite() && x >= 0.0) {
-            return Err(Error::invalid(flag, format!("{x} must be finite and >= 0")));
-        }
-    }
-    if !(cfg.eps.is_finite() && cfg.eps > 0.0) {
-        return Err(Error::invalid(
-            "--eps",
-            format!("{} must be finite and > 0", cfg.eps),
-        ));
-    }
-    for (flag, x) in [
-        ("--max-iters", cfg.max_iters),
-        ("--eval-iters", cfg.eval_iters as u64),
-        ("--log-interval", cfg.log_interval),
-    ] {
-        if x == 0 {
-            return Err(Error::invalid(flag, "must be at least 1"));
-        }
-    }
-    Ok(())
-}
-
 /// Whether two paths name the same existing directory.
 fn same_dir(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
@@ -415,6 +330,7 @@ pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummar
     let t0 = Instant::now();
     check_settings(cfg)?;
     parallel::check_same_settings(comm, cfg)?;
+    parallel::check_same_shaders(comm, gpu)?;
     // Other ranks are silent and write nothing.
     let quiet;
     let cfg = if comm.is_root() {
@@ -524,6 +440,15 @@ fn load_checked_data(
         .as_ref()
         .map_or("embedded dataset".to_string(), |p| p.display().to_string());
     data.check_fits(&data_name, t)?;
+    crate::sizes::bytes(
+        "the logits of one micro-batch",
+        &[
+            ("--batch-size", b as u64),
+            ("--block-size", t as u64),
+            ("padded vocabulary", model_cfg.padded_vocab() as u64),
+            ("bytes per value", 4),
+        ],
+    )?;
     check_ranks_fed(comm, cfg, data.train.len())?;
     crate::memory::check(
         "the model's parameters, gradients and AdamW moments",
@@ -616,16 +541,19 @@ fn build_executors<'g>(
     let root = if comm.is_root() { Some(build()?) } else { None };
     let used = serde_json::to_vec(&gpu.tuner.used()).expect("JSON of kernel choices");
     let choices = comm.all_gather_bytes(&used)?;
-    match root {
-        Some(built) => Ok(built),
+    let built = match root {
+        Some(built) => built,
         None => {
             gpu.tuner.pin(
                 &serde_json::from_slice(&choices[0])
                     .map_err(|e| Error::invalid("kernel choices of rank 0", e.to_string()))?,
             );
-            build()
+            build()?
         }
-    }
+    };
+    // A rank whose adapter could not take rank 0's choices chose its own: refused.
+    parallel::check_same_kernels(comm, gpu)?;
+    Ok(built)
 }
 
 /// `--validate`: a throwaway batch (not from the loader, so training is unchanged) checked node
@@ -748,7 +676,7 @@ struct Trainer<'a> {
     grad_sum: parallel::GradientSum<'a>,
     last_val: Option<f32>,
     /// The claimed output directory (rank 0's), held for the run.
-    _out: Option<checkpoint::OutDir>,
+    out: Option<checkpoint::OutDir>,
 }
 
 impl<'a> Trainer<'a> {
@@ -786,7 +714,7 @@ impl<'a> Trainer<'a> {
                 timing: Default::default(),
             },
             last_val: None,
-            _out: out,
+            out,
         };
         trainer.announce(&places, rank_change);
         Ok(trainer)
@@ -838,6 +766,15 @@ impl<'a> Trainer<'a> {
         ));
         if step > 0 {
             self.say(format!("resuming at step {step}"));
+        }
+        for line in dropped_kernels(self.gpu) {
+            self.say(line);
+        }
+        if comm.is_root() && !self.plot_ours() {
+            self.say(format!(
+                "{}: not written by a run, so left alone; no loss plot is drawn",
+                cfg.out.join(metrics::PLOT_FILE).display()
+            ));
         }
         if let Some(was) = rank_change {
             self.say(format!(
@@ -940,7 +877,7 @@ impl<'a> Trainer<'a> {
         }
         self.save()?;
         run.last_ckpt = Some((self.cfg.out.clone(), step));
-        if self.comm.is_root() {
+        if self.plot_ours() {
             run.metrics.plot(&self.cfg.out)?;
         }
         run.log(format!(
@@ -976,6 +913,12 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// Whether this rank draws `loss.svg` into the output directory: rank 0, where the file is
+    /// the checkpoint's own (a user's file of that name is left alone).
+    fn plot_ours(&self) -> bool {
+        self.out.as_ref().is_some_and(|o| o.plot_ours)
+    }
+
     /// Writes the checkpoint at this step (rank 0), with every rank's loader state, so that the
     /// same number of ranks continues bit for bit.
     fn save(&self) -> Result<()> {
@@ -1008,6 +951,7 @@ impl<'a> Trainer<'a> {
                     kernels: gpu.tuner.used(),
                     ranks: comm.size(),
                     rank_loaders,
+                    loss_svg: self.plot_ours(),
                 }),
                 vocab: Some(self.data.vocab.clone()),
             },

@@ -155,6 +155,75 @@ pub fn check_same_settings(comm: &Comm, cfg: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// The ranks that differ from rank 0 in `all`, as "rank 1, rank 3".
+fn ranks_unlike_root(all: &[Vec<u8>]) -> Option<String> {
+    let differ: Vec<String> = all
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, b)| *b != &all[0])
+        .map(|(r, _)| format!("rank {r}"))
+        .collect();
+    (!differ.is_empty()).then(|| differ.join(", "))
+}
+
+/// Refuses a job whose ranks load different shader sources (another `--shader-dir`, an edited
+/// file): their gradients would be summed as if computed alike. Compares the hash of every
+/// source as each rank loaded it.
+pub fn check_same_shaders(comm: &Comm, gpu: &Gpu) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let all = comm.all_gather_bytes(gpu.tuner.identity().shaders.as_bytes())?;
+    let Some(ranks) = ranks_unlike_root(&all) else {
+        return Ok(());
+    };
+    let other = all.iter().find(|b| *b != &all[0]).expect("a rank differs");
+    Err(Error::invalid(
+        "--shader-dir",
+        format!(
+            "the ranks load different shader sources: {ranks} (shader hash {}) against rank 0 \
+             ({}); start every rank with the same --shader-dir and the same files",
+            String::from_utf8_lossy(other),
+            String::from_utf8_lossy(&all[0])
+        ),
+    ))
+}
+
+/// Refuses a job whose ranks compute with different kernel variants (tuning choices), naming
+/// the ranks and the first problem where they differ.
+pub fn check_same_kernels(comm: &Comm, gpu: &Gpu) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let used = gpu.tuner.used();
+    let all = comm.all_gather_bytes(&serde_json::to_vec(&used).expect("JSON of kernel choices"))?;
+    let Some(ranks) = ranks_unlike_root(&all) else {
+        return Ok(());
+    };
+    let root: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&all[0]).unwrap_or_default();
+    let other = all.iter().find(|b| *b != &all[0]).expect("a rank differs");
+    let other: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(other).unwrap_or_default();
+    let first = root.iter().find(|(k, v)| other.get(*k) != Some(v)).map_or(
+        "a problem only one rank computes".to_string(),
+        |(k, v)| {
+            format!(
+                "{k}: rank 0 uses {v}, {}",
+                other.get(k).map_or("the other none", |s| s)
+            )
+        },
+    );
+    Err(Error::invalid(
+        "kernel tuning",
+        format!(
+            "the ranks compute with different kernel variants: {ranks} differ from rank 0 \
+             ({first}); run every rank on the same kind of adapter, or with --tune off"
+        ),
+    ))
+}
+
 /// A checksum of every parameter's bits (FNV-1a over the f32 words).
 pub fn weights_checksum(gpu: &Gpu, store: &ParamStore) -> Result<u64> {
     let mut h = 0xcbf2_9ce4_8422_2325u64;

@@ -60,6 +60,10 @@ pub struct TrainerState {
     /// The loader states of ranks 1 .. ranks (rank 0's is `loader`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rank_loaders: Vec<LoaderState>,
+    /// Whether the directory's `loss.svg` was written by the run (otherwise it is the user's
+    /// file, and no run replaces it).
+    #[serde(default)]
+    pub loss_svg: bool,
 }
 
 fn one_rank() -> usize {
@@ -231,6 +235,7 @@ mod tests {
             kernels: Default::default(),
             ranks: 1,
             rank_loaders: Vec::new(),
+            loss_svg: true,
         }
         .to_json()
     }
