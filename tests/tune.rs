@@ -170,7 +170,7 @@ fn an_unknown_mode_names_the_accepted_values() {
         assert_eq!(err.len(), 1, "{t}");
         assert!(
             err[0].starts_with(&format!("error: {source}:"))
-                && err[0].contains("on, cached or off"),
+                && err[0].contains("on, measure, cached or off"),
             "{t}"
         );
     }

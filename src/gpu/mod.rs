@@ -6,6 +6,7 @@
 mod buffer;
 mod dispatch;
 mod pipeline;
+pub mod prior;
 mod profiler;
 pub mod shaders;
 pub mod signal;

@@ -36,21 +36,25 @@ const FORMAT: u32 = 1;
 /// When kernel variants are chosen by measurement.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TuneMode {
-    /// Use the cache, and measure every problem it lacks (the default).
+    /// Use the cache, then the winners shipped for this kind of adapter (`gpu::prior`), and
+    /// measure every problem both lack (the default).
     #[default]
     On,
-    /// Use the cache; the fixed rule for problems it lacks.
+    /// Use the cache, and measure every problem it lacks, whatever the shipped winners say.
+    Measure,
+    /// Use the cache and the shipped winners; the fixed rule for problems they lack.
     Cached,
     /// The fixed rule everywhere; the cache is neither read nor written.
     Off,
 }
 
 impl TuneMode {
-    pub const NAMES: &'static str = "on, cached or off";
+    pub const NAMES: &'static str = "on, measure, cached or off";
 
     pub fn name(self) -> &'static str {
         match self {
             TuneMode::On => "on",
+            TuneMode::Measure => "measure",
             TuneMode::Cached => "cached",
             TuneMode::Off => "off",
         }
@@ -77,6 +81,7 @@ impl FromStr for TuneMode {
     fn from_str(s: &str) -> Result<TuneMode> {
         match s.trim().to_ascii_lowercase().as_str() {
             "on" => Ok(TuneMode::On),
+            "measure" => Ok(TuneMode::Measure),
             "cached" => Ok(TuneMode::Cached),
             "off" => Ok(TuneMode::Off),
             other => Err(Error::invalid(
@@ -122,7 +127,7 @@ impl Choice {
     }
 }
 
-fn key(family: &str, problem: &str) -> String {
+pub(crate) fn key(family: &str, problem: &str) -> String {
     format!("{family}: {problem}")
 }
 
@@ -255,6 +260,7 @@ struct State {
     /// Pinned variants that no candidate list offered any more, by key.
     unusable_pins: BTreeMap<String, String>,
     warned_write: bool,
+    announced: bool,
 }
 
 /// The tuning mode, the measured choices and their cache file.
@@ -265,6 +271,8 @@ pub struct Tuner {
     path: Option<PathBuf>,
     /// Whether a problem to measure is deferred rather than measured on the spot.
     defers: std::sync::atomic::AtomicBool,
+    /// Winners shipped for this kind of adapter (`gpu::prior`), by key.
+    prior: BTreeMap<String, String>,
     state: Mutex<State>,
 }
 
@@ -311,6 +319,7 @@ impl Tuner {
     pub fn new(mode: TuneMode, identity: Identity, dir: Option<&Path>) -> Tuner {
         let path = dir.map(|d| d.join(identity.file_name()));
         let mut state = State::default();
+        let prior = super::prior::for_adapter(&identity.adapter);
         if mode != TuneMode::Off
             && let Some(path) = &path
         {
@@ -323,9 +332,14 @@ impl Tuner {
                     "kernel tuning cache {}: {why}; {}",
                     path.display(),
                     match mode {
-                        TuneMode::Cached => {
+                        TuneMode::Cached if prior.is_empty() => {
                             "--tune cached measures nothing, so the fixed rule computes every \
                              problem (--tune on measures them again)"
+                        }
+                        TuneMode::Cached => {
+                            "--tune cached measures nothing, so the winners shipped for this \
+                             adapter and, for the problems they lack, the fixed rule compute them \
+                             (--tune on measures the rest)"
                         }
                         _ => "its problems will be measured again",
                     }
@@ -338,6 +352,7 @@ impl Tuner {
             path,
             // A browser cannot block on the GPU: there measuring waits for `tune_pending`.
             defers: cfg!(target_arch = "wasm32").into(),
+            prior,
             state: Mutex::new(state),
         }
     }
@@ -381,6 +396,29 @@ impl Tuner {
         self.mode
     }
 
+    /// Says once per process, before the first measurement, that kernels are being measured
+    /// and about how long it takes (`candidates` of the first problem).
+    pub fn announce_measuring(&self, candidates: usize) {
+        let mut state = self.state.lock().unwrap();
+        if std::mem::replace(&mut state.announced, true) {
+            return;
+        }
+        eprintln!(
+            "measuring kernel variants on {} for the problems its tuning cache lacks \
+             ({candidates} candidates for the first; about a second each on a GPU, up to a minute \
+             on a CPU adapter with an empty shader cache); once per adapter, kept in {}",
+            self.identity.adapter,
+            self.path
+                .as_deref()
+                .map_or("memory only".into(), |p| p.display().to_string())
+        );
+    }
+
+    /// How many problems the shipped prior answers for on this adapter.
+    pub fn prior_len(&self) -> usize {
+        self.prior.len()
+    }
+
     /// The cache file (which may not exist yet).
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
@@ -409,8 +447,13 @@ impl Tuner {
         if let Some(c) = state.choices.get(&k).filter(|c| usable(&c.winner)) {
             return Lookup::Use(c.winner.clone());
         }
+        if self.mode != TuneMode::Measure
+            && let Some(v) = self.prior.get(&k).filter(|v| usable(v))
+        {
+            return Lookup::Use(v.clone());
+        }
         match self.mode {
-            TuneMode::On => Lookup::Measure,
+            TuneMode::On | TuneMode::Measure => Lookup::Measure,
             _ => Lookup::Rule,
         }
     }
@@ -674,7 +717,7 @@ mod tests {
         assert_eq!(" off".parse::<TuneMode>().unwrap(), TuneMode::Off);
         let e = "bogus".parse::<TuneMode>().unwrap_err().to_string();
         assert!(
-            e.contains("--tune") && e.contains("on, cached or off"),
+            e.contains("--tune") && e.contains("on, measure, cached or off"),
             "{e}"
         );
     }

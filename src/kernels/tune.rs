@@ -67,6 +67,7 @@ pub fn choose(
             problem.rule.clone()
         }
         Lookup::Measure => {
+            gpu.tuner.announce_measuring(problem.candidates.len());
             super::baseline::verify(gpu, problem)?;
             let choice = block_on("measuring kernels", measure(gpu, problem, build))?;
             let winner = choice.winner.clone();
