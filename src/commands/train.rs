@@ -472,6 +472,12 @@ pub struct SampleArgs {
     /// Print one JSON object (prompt ids, generated ids, text) instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// --prompt is a user message, rendered with the checkpoint's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// A system message before the user's (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
 }
 
 pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
@@ -568,7 +574,13 @@ fn encode_prompt(args: &SampleArgs, ck: &checkpoint::Checkpoint) -> Result<(Voca
             "has no tokenizer.json or vocab.json to encode the prompt",
         )
     })?;
-    let prompt = vocab.encode(&args.prompt, "--prompt")?;
+    let text = if args.chat {
+        infer::chat::ChatTemplate::load(&args.checkpoint)?
+            .render(&args.prompt, args.system.as_deref())?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = vocab.encode(&text, "--prompt")?;
     if prompt.is_empty() {
         return Err(Error::invalid("--prompt", "encodes to no tokens"));
     }

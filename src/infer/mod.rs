@@ -1,5 +1,6 @@
 //! Inference: the KV-cache engine, sampling, and generation.
 
+pub mod chat;
 pub mod engine;
 pub mod sampling;
 

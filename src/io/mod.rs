@@ -1,6 +1,9 @@
-//! Files: Hugging Face GPT-2 checkpoints (config.json + model.safetensors) and token files.
+//! Files: Hugging Face checkpoints (config.json + safetensors: GPT-2, the Llama family), token
+//! files and tokenizers.
 
 pub mod files;
 pub mod hf;
+pub mod hf_llama;
+pub mod hf_weights;
 pub mod tokens;
 pub mod vocab;

@@ -1,8 +1,12 @@
-//! The GPT-2 model: configuration, parameter table, and the forward graph.
+//! The models: the architecture description (GPT-2, the Llama family), GPT-2's configuration,
+//! the parameter tables, and the forward graph.
 
+pub mod arch;
 pub mod config;
 pub mod gpt;
+pub mod llama_params;
 pub mod params;
 
+pub use arch::Arch;
 pub use config::GptConfig;
 pub use params::ParamTable;
