@@ -4,28 +4,27 @@ pub mod addition;
 pub mod checkpoint;
 pub mod data;
 pub mod parallel;
+mod progress;
 pub mod schedule;
 pub mod state;
 
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::dist::Comm;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::graph::{
-    ExecOptions, Executor, GradientSync, MicroBatch, NodeCheck, ParamStore, Shard, StepResult,
-};
+use crate::graph::{ExecOptions, Executor, GradientSync, MicroBatch, NodeCheck, ParamStore, Shard};
 use crate::io::vocab::Vocab;
 use crate::kernels::adamw;
 use crate::model::gpt::{self, Mode};
 use crate::model::{GptConfig, ParamTable};
 use checkpoint::Checkpoint;
 use data::{Dataset, Loader, LoaderKind};
+use progress::Progress;
 use schedule::LrSchedule;
 
 /// Everything `shaderformer train` takes (nanoGPT's names).
@@ -211,120 +210,6 @@ fn evaluate(exec: &mut Executor, split: &[u32], cfg: &TrainConfig, comm: &Comm) 
     let sum = parallel::sum_over_ranks(comm, sum)?;
     // check_settings keeps iters >= 1.
     Ok((sum / iters as f64) as f32)
-}
-
-struct Metrics {
-    file: Option<std::fs::File>,
-    /// Every record written (and, when resuming, those already in the file), for loss.svg.
-    curves: crate::plot::Curves,
-}
-
-impl Metrics {
-    fn open(path: Option<&Path>, append: bool) -> Result<Metrics> {
-        let curves = match path {
-            Some(p) if append && p.exists() => crate::plot::Curves::read(p)?,
-            _ => crate::plot::Curves::new("training"),
-        };
-        let file = match path {
-            Some(p) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .append(append)
-                    .truncate(!append)
-                    .open(p)
-                    .map_err(|e| Error::io(p, e))?,
-            ),
-            None => None,
-        };
-        Ok(Metrics { file, curves })
-    }
-
-    /// Draws the train and validation loss so far as `DIR/loss.svg`.
-    fn plot(&self, dir: &Path) -> Result<()> {
-        let svg = crate::plot::svg(std::slice::from_ref(&self.curves));
-        crate::plot::write_atomic(&dir.join("loss.svg"), &svg)
-    }
-
-    fn write(&mut self, v: Value) -> Result<()> {
-        self.curves.add(&v);
-        if let Some(f) = &mut self.file {
-            writeln!(f, "{v}").map_err(|e| Error::io("metrics", e))?;
-        }
-        Ok(())
-    }
-}
-
-/// Logging, metrics and the divergence check, as step results arrive.
-struct Progress<'a> {
-    cfg: &'a TrainConfig,
-    bar: Option<indicatif::ProgressBar>,
-    metrics: Metrics,
-    /// Wall-clock ms of each submitted step whose results have not arrived yet.
-    ms_of: std::collections::VecDeque<(u64, f64)>,
-    last_loss: Option<f32>,
-    /// The last whole checkpoint on disk: its directory and step.
-    last_ckpt: Option<(PathBuf, u64)>,
-    tokens_per_step: usize,
-}
-
-impl Progress<'_> {
-    fn log(&self, s: String) {
-        match &self.bar {
-            Some(pb) => pb.println(s),
-            None if self.cfg.verbose => println!("{s}"),
-            None => {}
-        }
-    }
-
-    /// The error that stops a diverged run: `what` happened, nothing was written, and the last
-    /// checkpoint (if any) is intact.
-    fn diverged(&self, what: String) -> Error {
-        let kept = match &self.last_ckpt {
-            Some((dir, s)) => format!("; {} (step {s}) is untouched", dir.display()),
-            None => String::new(),
-        };
-        Error::invalid(
-            "train",
-            format!("training diverged {what}; stopped without writing a checkpoint{kept}"),
-        )
-    }
-
-    fn handle(&mut self, results: Vec<StepResult>) -> Result<()> {
-        for r in results {
-            let loss = r.loss();
-            if !loss.is_finite() || !r.grad_norm.is_finite() {
-                return Err(self.diverged(format!(
-                    "at step {}: loss {loss}, gradient norm {}",
-                    r.step, r.grad_norm
-                )));
-            }
-            self.last_loss = Some(loss);
-            let ms = self
-                .ms_of
-                .iter()
-                .find(|(s, _)| *s == r.step)
-                .map_or(0.0, |(_, ms)| *ms);
-            self.ms_of.retain(|(s, _)| *s > r.step);
-            let lr = self.cfg.schedule.at(r.step - 1);
-            let tps = self.tokens_per_step as f64 / (ms / 1e3).max(1e-9);
-            if let Some(pb) = &self.bar {
-                pb.set_position(r.step);
-                pb.set_message(format!("loss {loss:.4}"));
-            }
-            if r.step % self.cfg.log_interval.max(1) == 0 || r.step == self.cfg.max_iters {
-                self.log(format!(
-                    "step {:>6}: loss {loss:.4}, lr {lr:.3e}, grad norm {:.3}, {ms:.1} ms, {tps:.0} tok/s",
-                    r.step, r.grad_norm
-                ));
-                self.metrics.write(json!({
-                    "step": r.step, "loss": loss, "lr": lr, "grad_norm": r.grad_norm,
-                    "ms": ms, "tokens_per_s": tps,
-                }))?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Rejects settings no run can use, naming the flag: rates and decay that are negative or not
@@ -697,38 +582,6 @@ fn start_loader(
         ));
     }
     Ok((loader, step, rank_change))
-}
-
-impl<'a> Progress<'a> {
-    /// Progress from `step` on: a bar that draws on stderr and replaces the log lines, only when
-    /// both are terminals, and never for the ranks of a job, whose output mpirun interleaves.
-    fn new(cfg: &'a TrainConfig, comm: &Comm, step: u64) -> Result<Progress<'a>> {
-        let bar = (cfg.verbose
-            && comm.size() == 1
-            && std::io::stdout().is_terminal()
-            && std::io::stderr().is_terminal())
-        .then(|| {
-            let pb = indicatif::ProgressBar::new(cfg.max_iters);
-            pb.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
-                )
-                .expect("progress template"),
-            );
-            pb.set_position(step);
-            pb
-        });
-        Ok(Progress {
-            cfg,
-            bar,
-            metrics: Metrics::open(cfg.metrics.as_deref(), step > 0)?,
-            ms_of: Default::default(),
-            last_loss: None,
-            // A resumed run starts from a checkpoint that is, so far, the last good one.
-            last_ckpt: cfg.resume.clone().map(|dir| (dir, step)),
-            tokens_per_step: comm.size() * cfg.batch_size * cfg.block_size * cfg.grad_accum,
-        })
-    }
 }
 
 /// A training run set up on one rank: the model's parameters on the GPU, its data, the training
