@@ -433,10 +433,13 @@ fn train_out_is_checked_before_training() {
     std::fs::create_dir_all(&busy).unwrap();
     let me = std::process::id().to_string();
     std::fs::write(busy.join(".shaderformer.lock"), &me).unwrap();
+    let held = std::fs::File::open(busy.join(".shaderformer.lock")).unwrap();
+    held.try_lock().unwrap();
     let o = tiny_train(&busy, &[]);
     assert_clean_failure(&o, &["busy", &format!("pid {me}")]);
     assert!(!text(&o).contains("step "), "{}", text(&o));
-    // A lock left by a process that is gone does not block.
+    // A lock file left by a process that is gone (its OS lock went with it) does not block.
+    drop(held);
     std::fs::write(busy.join(".shaderformer.lock"), "4294967295").unwrap();
     let o = tiny_train(&busy, &[]);
     assert!(o.status.success(), "{}", text(&o));

@@ -51,14 +51,14 @@ fn data(dir: &Path, chars: usize) -> PathBuf {
 
 /// `shaderformer` itself, for one process.
 fn single() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shaderformer"));
+    let mut c = common::bin();
     env(&mut c);
     c
 }
 
 /// Kernel tuning off through the environment (mpirun would take a `--tune` flag for its own).
 fn env(c: &mut Command) {
-    c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    common::runtime_env(c);
     c.env("SHADERFORMER_TUNE", "off");
 }
 
@@ -72,7 +72,7 @@ fn mpirun(np: usize) -> Command {
         "--bind-to",
         "none",
     ]);
-    c.args(["-np", &np.to_string(), env!("CARGO_BIN_EXE_shaderformer")]);
+    c.args(["-np", &np.to_string(), common::BIN]);
     c
 }
 
@@ -360,7 +360,7 @@ fn ranks_with_different_settings_or_too_little_data_are_refused() {
     // Two app contexts: rank 1 is started with another batch size.
     let mut c = mpirun(1);
     c.args(tiny(&data_path, &out, &["--max-iters", "2"]));
-    c.args([":", "-np", "1", env!("CARGO_BIN_EXE_shaderformer")]);
+    c.args([":", "-np", "1", common::BIN]);
     c.args(tiny(
         &data_path,
         &out,

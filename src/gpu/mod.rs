@@ -10,7 +10,9 @@ pub mod prior;
 mod profiler;
 pub mod shaders;
 pub mod signal;
-#[cfg(not(target_arch = "wasm32"))]
+/// The shared test device: for this crate's own tests and, through the `testing` feature that
+/// the dev-dependency on this crate turns on, its integration tests; never in a build that ships.
+#[cfg(all(not(target_arch = "wasm32"), any(test, feature = "testing")))]
 mod testing;
 pub mod tune;
 
@@ -23,7 +25,7 @@ pub use pipeline::{Binding, KernelSpec};
 pub use profiler::TimingMethod;
 pub use shaders::{Shader, ShaderSource, ShaderVariant};
 pub use signal::Signal;
-#[cfg(not(target_arch = "wasm32"))]
+#[cfg(all(not(target_arch = "wasm32"), any(test, feature = "testing")))]
 pub use testing::{own_test_gpu, test_gpu};
 pub use tune::{TuneMode, Tuner};
 

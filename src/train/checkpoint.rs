@@ -43,7 +43,7 @@ pub const FILES: [&str; 6] = [
     OPTIMIZER_FILE,
     STATE_FILE,
 ];
-/// Held by the training run writing into a directory; holds its pid.
+/// Locked (an OS file lock) by the training run writing into a directory; holds its pid.
 pub const LOCK_FILE: &str = ".shaderformer.lock";
 /// Where a checkpoint's files are written before each is renamed into place.
 const STAGING_DIR: &str = ".shaderformer.staging";
@@ -126,10 +126,17 @@ fn publish(dir: &Path, staging: &Path, names: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The lock file of an output directory, locked by the OS while it is open.
+#[derive(Debug)]
+struct Lock {
+    path: PathBuf,
+    _file: fs::File,
+}
+
 /// The output directory of a training run, locked for it until dropped.
 #[derive(Debug)]
 pub struct OutDir {
-    lock: PathBuf,
+    lock: Lock,
     /// Created by this run: removed again if the run ends without writing into it.
     created: Option<PathBuf>,
     /// Whether `loss.svg` there is the checkpoint's to write (absent, or written by a run).
@@ -138,7 +145,8 @@ pub struct OutDir {
 
 impl Drop for OutDir {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.lock);
+        // Removed while still locked; the lock itself goes with the file handle, after.
+        let _ = fs::remove_file(&self.lock.path);
         if let Some(dir) = &self.created {
             // Fails, harmlessly, unless the directory is empty.
             let _ = fs::remove_dir(dir);
@@ -226,39 +234,47 @@ pub fn open_out(dir: &Path, policy: OutPolicy) -> Result<OutDir> {
     Ok(out)
 }
 
-/// Creates `DIR/.shaderformer.lock` holding our pid; refuses when a live process holds it.
-fn take_lock(dir: &Path) -> Result<PathBuf> {
+/// Takes the OS file lock on `DIR/.shaderformer.lock` and writes our pid into it; refuses, naming
+/// the holder's pid, when another process holds the lock. The OS releases the lock when the
+/// process ends however it ends, so a lock file left by a killed run does not block. Where the
+/// platform has no file locks, the directory is taken without one.
+fn take_lock(dir: &Path) -> Result<Lock> {
     let path = dir.join(LOCK_FILE);
-    for _ in 0..2 {
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                use std::io::Write;
-                io(&path, write!(f, "{}", std::process::id()))?;
-                return Ok(path);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+    // A run that ends removes the file while still holding its lock; a run that opened the old
+    // file just before then may lock it once it is gone: lock again, on the file now there.
+    for _ in 0..3 {
+        let mut file = io(
+            &path,
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path),
+        )?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
                 let holder = fs::read_to_string(&path).unwrap_or_default();
-                match holder.trim().parse::<u32>() {
-                    Ok(pid) if process_alive(pid) => {
-                        return Err(Error::invalid(
-                            dir.display().to_string(),
-                            format!(
-                                "is in use by another training run (pid {pid}); if no such run \
-                                 exists, remove {}",
-                                path.display()
-                            ),
-                        ));
-                    }
-                    // Left by a run that no longer exists.
-                    _ => io(&path, fs::remove_file(&path))?,
-                }
+                let holder = match holder.trim().parse::<u32>() {
+                    Ok(pid) => format!(" (pid {pid})"),
+                    Err(_) => String::new(),
+                };
+                return Err(Error::invalid(
+                    dir.display().to_string(),
+                    format!("is in use by another training run{holder}"),
+                ));
             }
-            Err(e) => return Err(Error::io(&path, e)),
+            Err(fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {}
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
         }
+        if !same_file(&file, &path) {
+            continue;
+        }
+        use std::io::Write;
+        io(&path, file.set_len(0))?;
+        io(&path, write!(file, "{}", std::process::id()))?;
+        return Ok(Lock { path, _file: file });
     }
     Err(Error::invalid(
         path.display().to_string(),
@@ -266,12 +282,20 @@ fn take_lock(dir: &Path) -> Result<PathBuf> {
     ))
 }
 
-/// Whether process `pid` exists (where that cannot be known, it is assumed to).
-fn process_alive(pid: u32) -> bool {
-    if cfg!(target_os = "linux") {
-        Path::new("/proc").join(pid.to_string()).exists()
-    } else {
-        true
+/// Whether `path` still names the open `file` (it may have been removed and created anew).
+fn same_file(file: &fs::File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        path.exists()
     }
 }
 

@@ -6,11 +6,19 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The binary's path, for a command that starts it through another (mpirun).
+pub const BIN: &str = env!("CARGO_BIN_EXE_shaderformer");
+
 /// The binary, with a runtime directory (lavapipe and wgpu warn without one).
 pub fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shaderformer"));
-    c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    let mut c = Command::new(BIN);
+    runtime_env(&mut c);
     c
+}
+
+/// The environment every run of the binary needs, set on `c` (which may start it indirectly).
+pub fn runtime_env(c: &mut Command) {
+    c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
 }
 
 /// An empty folder `shaderformer-{suite}-{pid}-{name}` in the temporary directory (emptied if a

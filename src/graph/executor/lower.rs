@@ -1,0 +1,566 @@
+//! Lowering: each graph op to its kernels' dispatches, one function per op.
+
+use super::super::ir::{Node, Op, TensorId};
+use super::super::store;
+use super::Executor;
+use super::split::{SplitLinearBackwardTensors, split_linear_backward, split_linear_forward};
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Dispatch, Gpu, View};
+use crate::kernels::{
+    adamw, attention, cross_entropy, dropout, embedding, gelu, gemm, layernorm, reduce, residual,
+};
+
+impl Executor<'_> {
+    /// The dispatches of one node: its operands checked, then lowered by its op's function.
+    pub(super) fn node(&self, node: &Node) -> Result<Vec<Dispatch>> {
+        self.check_splits(node)?;
+        let x = Lowering { ex: self, node };
+        let one = |d: Result<Dispatch>| d.map(|d| vec![d]);
+        let (gpu, i, o) = (self.gpu, |k| x.i(k), |k| x.o(k));
+        match node.op {
+            Op::Embedding { b, t, c } => x.embedding(b, t, c),
+            Op::LayerNorm { n, c } => x.layernorm(n, c),
+            Op::Linear { m, k, n, bias } => x.linear(m, k, n, bias),
+            Op::LinearGelu { m, k, n, bias } => x.linear_gelu((m, k, n, bias)),
+            Op::LinearResidual { m, k, n, bias } => x.linear_residual((m, k, n, bias)),
+            Op::Attention {
+                b,
+                t,
+                nh,
+                hs,
+                p,
+                site,
+            } => x.attention(attention::Dims { b, t, nh, hs }, p, site),
+            Op::AttentionCached {
+                b,
+                tq,
+                nh,
+                hs,
+                tmax,
+            } => x.attention_cached(attention::Dims { b, t: tq, nh, hs }, tmax),
+            Op::KvAppend {
+                b,
+                tq,
+                nh,
+                hs,
+                tmax,
+            } => x.kv_append(attention::Dims { b, t: tq, nh, hs }, tmax),
+            Op::Gelu { n } => one(gelu::forward(gpu, o(0), i(0), n)),
+            Op::Add { .. } => one(residual::forward(gpu, o(0), i(0), i(1))),
+            Op::Dropout { n, p, site } => x.dropout(n, p, site),
+            Op::CrossEntropy { n, v, vp } => x.cross_entropy(n, v, vp),
+            Op::Mean { n } => reduce::sum(gpu, o(0), i(0), n, 1.0 / n as f32),
+            Op::EmbeddingBackward { b, t, c } => x.embedding_backward(b, t, c),
+            Op::LayerNormBackward { n, c, acc, bias } => x.layernorm_backward(n, c, acc, bias),
+            Op::LinearBackward {
+                m,
+                k,
+                n,
+                acc,
+                dx,
+                bias,
+                gelu,
+            } => x.linear_backward((m, k, n, bias), acc, dx, gelu),
+            Op::AttentionBackward {
+                b,
+                t,
+                nh,
+                hs,
+                p,
+                site,
+            } => x.attention_backward(attention::Dims { b, t, nh, hs }, p, site),
+            Op::GeluBackward { n, acc } => one(gelu::backward(gpu, o(0), i(1), i(0), n, acc)),
+            Op::Accumulate { acc, .. } => one(residual::accumulate(gpu, o(0), i(0), acc)),
+            Op::DropoutBackward { n, p, site, acc } => x.dropout_backward(n, p, site, acc),
+            Op::LmHeadLoss { n, c, v, vp, rows } => x.lm_head_loss(n, c, (v, vp), rows),
+            Op::LmHeadLossBackward {
+                n,
+                c,
+                v,
+                vp,
+                rows,
+                acc,
+            } => x.lm_head_loss_backward(n, c, (v, vp), rows, acc),
+            Op::CrossEntropyBackward { n, v, vp } => x.cross_entropy_backward(n, v, vp),
+            Op::Fill { value } => self.lower_fill(node, value),
+            Op::GlobalNorm => self.lower_global_norm(node),
+            Op::AdamW { decay } => self.lower_adamw(node, decay),
+        }
+    }
+
+    /// y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias) with `epilogue` (inputs [x, w, bias?, ...],
+    /// output [y, ...]).
+    fn lower_fused_linear(
+        &self,
+        node: &Node,
+        (m, k, n, bias): (usize, usize, usize, bool),
+        epilogue: gemm::Epilogue,
+    ) -> Result<Vec<Dispatch>> {
+        let (x, w, y) = (
+            self.view(node.inputs[0]),
+            self.view(node.inputs[1]),
+            self.view(node.outputs[0]),
+        );
+        let mm = gemm::Matmul {
+            trans_b: true,
+            epilogue,
+            ..gemm::Matmul::new(m, n, k)
+        };
+        let bias = bias.then(|| self.view(node.inputs[2]));
+        let (y, x, w) = (
+            gemm::Operand::new(y, n),
+            gemm::Operand::new(x, k),
+            gemm::Operand::new(w, k),
+        );
+        gemm::matmul(self.gpu, &mm, y, x, w, bias, gemm::Variant::Tiled)
+    }
+
+    /// A linear layer's backward whose input is gelu(pre): d.pre (M, K) = (dy · w) ⊙ gelu'(pre)
+    /// in one GEMM (inputs [dy, x, w, pre], outputs [d.pre, dw, dbias?]), then dw and dbias.
+    fn lower_linear_backward_gelu(
+        &self,
+        node: &Node,
+        (m, k, n, bias): (usize, usize, usize, bool),
+    ) -> Result<Vec<Dispatch>> {
+        let [dy, x, w, pre] = [0, 1, 2, 3].map(|j| self.view(node.inputs[j]));
+        let out = |j: usize| self.view(node.outputs[j]);
+        let mm = gemm::Matmul {
+            epilogue: gemm::Epilogue::GeluBackward { pre },
+            ..gemm::Matmul::new(m, k, n)
+        };
+        let (dpre, dy_op, w_op) = (
+            gemm::Operand::new(out(0), k),
+            gemm::Operand::new(dy, n),
+            gemm::Operand::new(w, k),
+        );
+        let mut ds = gemm::matmul(self.gpu, &mm, dpre, dy_op, w_op, None, gemm::Variant::Tiled)?;
+        let tensors = gemm::LinearBackwardTensors {
+            dinp: None,
+            dw: out(1),
+            dbias: bias.then(|| out(2)),
+            dout: dy,
+            inp: x,
+            w,
+        };
+        let dims = gemm::LinearDims { m, k, n };
+        ds.extend(gemm::linear_backward(self.gpu, tensors, dims, false)?);
+        Ok(ds)
+    }
+
+    /// Every chunk of the tensors `ids`, merged into spans of the store's flat buffers.
+    pub(super) fn spans_of(&self, ids: &[TensorId]) -> Vec<View> {
+        let all: Vec<&View> = ids.iter().flat_map(|&t| self.chunks(t)).collect();
+        let align = self.gpu.limits.min_storage_buffer_offset_alignment as u64;
+        store::spans(&all, align.max(4))
+    }
+
+    /// outputs = value: one fill per span (the whole of a flat buffer for the gradients).
+    fn lower_fill(&self, node: &Node, value: f32) -> Result<Vec<Dispatch>> {
+        let spans = self.spans_of(&node.outputs);
+        spans
+            .iter()
+            .map(|v| reduce::fill(self.gpu, v, value))
+            .collect()
+    }
+
+    /// norm = sqrt(Σ g²) over every input: one stage-1 dispatch per span, then one to finish.
+    fn lower_global_norm(&self, node: &Node) -> Result<Vec<Dispatch>> {
+        let grads = self.spans_of(&node.inputs);
+        let lens: Vec<usize> = grads.iter().map(|g| g.len).collect();
+        let partials = self.gpu.zeros(
+            "grad_norm.partials",
+            DType::F32,
+            reduce::partials_len(self.gpu, &lens),
+        )?;
+        let grads: Vec<&View> = grads.iter().collect();
+        let norm = self.view(node.outputs[0]);
+        reduce::global_norm(self.gpu, norm, &partials, &grads)
+    }
+
+    /// One AdamW dispatch per span of the parameters (the gradients and moments share their
+    /// layout, so their spans line up).
+    fn lower_adamw(&self, node: &Node, decay: bool) -> Result<Vec<Dispatch>> {
+        let k = node.inputs.len() - 1;
+        let norm = self.view(node.inputs[k]);
+        let grads = self.spans_of(&node.inputs[..k]);
+        let [params, ms, vs] = [0, 1, 2].map(|j| self.spans_of(&node.outputs[j * k..(j + 1) * k]));
+        let same = |a: &View, b: &View| a.offset == b.offset && a.len == b.len;
+        let lined_up = [&grads, &ms, &vs]
+            .iter()
+            .all(|l| l.len() == params.len() && l.iter().zip(&params).all(|(a, b)| same(a, b)));
+        if !lined_up {
+            return Err(Error::invalid(
+                "adamw",
+                "parameters, gradients and moments are not laid out alike",
+            ));
+        }
+        (0..params.len())
+            .map(|j| {
+                let tensors = adamw::Tensors {
+                    param: &params[j],
+                    grad: &grads[j],
+                    m: &ms[j],
+                    v: &vs[j],
+                };
+                // lr and t are set per step (`adamw::set_step`).
+                let placeholder = adamw::Step { lr: 0.0, t: 1 };
+                let (n, hyper) = (params[j].len, &self.opts.adamw);
+                adamw::step(self.gpu, tensors, norm, n, hyper, decay, placeholder)
+            })
+            .collect()
+    }
+}
+
+/// One node being lowered to its dispatches, with its operands as views of GPU memory. Its
+/// methods lower one op (or one op's variants) each, `Executor::node` choosing by op.
+#[derive(Clone, Copy)]
+struct Lowering<'s> {
+    ex: &'s Executor<'s>,
+    node: &'s Node,
+}
+
+impl<'s> Lowering<'s> {
+    /// Input k (the first chunk of a split one).
+    fn i(self, k: usize) -> &'s View {
+        self.ex.view(self.node.inputs[k])
+    }
+
+    /// Output k (the first chunk of a split one).
+    fn o(self, k: usize) -> &'s View {
+        self.ex.view(self.node.outputs[k])
+    }
+
+    /// Every row chunk of input k.
+    fn ic(self, k: usize) -> &'s [View] {
+        self.ex.chunks(self.node.inputs[k])
+    }
+
+    /// Every row chunk of output k.
+    fn oc(self, k: usize) -> &'s [View] {
+        self.ex.chunks(self.node.outputs[k])
+    }
+
+    fn gpu(self) -> &'s Gpu {
+        self.ex.gpu
+    }
+
+    /// Token rows plus position rows: one dispatch per row chunk of the token table.
+    fn embedding(self, b: usize, t: usize, c: usize) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let dims = embedding::Dims { b, t, c };
+        let mut row0 = 0;
+        let mut out = Vec::new();
+        for view in self.ic(1) {
+            let wte = embedding::TableChunk { view, row0 };
+            out.push(embedding::forward(self.gpu(), o(0), i(0), wte, i(2), dims)?);
+            row0 += view.len / c;
+        }
+        Ok(out)
+    }
+
+    /// The embedding's backward: each row chunk of the token table's gradient gets its rows, the
+    /// first chunk's dispatch also the position table's gradient.
+    fn embedding_backward(self, b: usize, t: usize, c: usize) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let dims = embedding::Dims { b, t, c };
+        let mut row0 = 0;
+        let mut out = Vec::new();
+        for (k, view) in self.oc(0).iter().enumerate() {
+            let dwte = embedding::TableChunk { view, row0 };
+            let dwpe = (k == 0).then(|| o(1));
+            out.extend(embedding::backward(
+                self.gpu(),
+                dwte,
+                dwpe,
+                i(0),
+                i(1),
+                i(2),
+                dims,
+            )?);
+            row0 += view.len / c;
+        }
+        Ok(out)
+    }
+
+    fn layernorm(self, n: usize, c: usize) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let tensors = layernorm::ForwardTensors {
+            out: o(0),
+            mean: o(1),
+            rstd: o(2),
+            inp: i(0),
+            weight: i(1),
+            bias: i(2),
+        };
+        let d = layernorm::forward(self.gpu(), tensors, layernorm::Dims { n, c })?;
+        Ok(vec![d])
+    }
+
+    /// The layer norm's backward; without a bias, its gradient goes to a scratch buffer.
+    fn layernorm_backward(
+        self,
+        n: usize,
+        c: usize,
+        acc: bool,
+        bias: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let scratch;
+        let dbias = if bias {
+            o(2)
+        } else {
+            scratch = self.gpu().zeros("unused dbias", DType::F32, c)?;
+            &scratch
+        };
+        let tensors = layernorm::BackwardTensors {
+            dinp: o(0),
+            dweight: o(1),
+            dbias,
+            dout: i(0),
+            inp: i(1),
+            weight: i(2),
+            mean: i(3),
+            rstd: i(4),
+        };
+        layernorm::backward(self.gpu(), tensors, layernorm::Dims { n, c }, acc)
+    }
+
+    /// y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias).
+    fn linear(self, m: usize, k: usize, n: usize, bias: bool) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|j| self.i(j), |j| self.o(j));
+        if self.ic(1).len() == 1 {
+            let dims = gemm::LinearDims { m, k, n };
+            return gemm::linear_forward(self.gpu(), o(0), i(0), i(1), bias.then(|| i(2)), dims);
+        }
+        // A weight split into row chunks (the tied lm head): each chunk writes its block of
+        // output columns.
+        split_linear_forward(
+            self.gpu(),
+            gemm::Operand::new(o(0), n),
+            gemm::Operand::new(i(0), k),
+            self.ic(1),
+            m,
+            k,
+        )
+    }
+
+    /// gelu(x · wᵀ + bias) in one GEMM, keeping the pre-activation (outputs [y, pre]).
+    fn linear_gelu(self, dims: (usize, usize, usize, bool)) -> Result<Vec<Dispatch>> {
+        let epilogue = gemm::Epilogue::Gelu { pre: self.o(1) };
+        self.ex.lower_fused_linear(self.node, dims, epilogue)
+    }
+
+    /// res + x · wᵀ + bias in one GEMM, res being the last input.
+    fn linear_residual(self, dims: (usize, usize, usize, bool)) -> Result<Vec<Dispatch>> {
+        let res = self.i(self.node.inputs.len() - 1);
+        let epilogue = gemm::Epilogue::Residual { res };
+        self.ex.lower_fused_linear(self.node, dims, epilogue)
+    }
+
+    /// A linear layer's backward: over a split weight, fused with GELU's backward when its
+    /// input is gelu(pre), or the plain one.
+    fn linear_backward(
+        self,
+        (m, k, n, bias): (usize, usize, usize, bool),
+        acc: bool,
+        dx: bool,
+        gelu: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|j| self.i(j), |j| self.o(j));
+        if self.ic(2).len() > 1 {
+            let tensors = SplitLinearBackwardTensors {
+                dx: dx.then(|| gemm::Operand::new(o(0), k)),
+                dw: self.oc(1),
+                dy: gemm::Operand::new(i(0), n),
+                x: gemm::Operand::new(i(1), k),
+                w: self.ic(2),
+            };
+            return split_linear_backward(self.gpu(), tensors, m, k, acc);
+        }
+        if gelu {
+            return self
+                .ex
+                .lower_linear_backward_gelu(self.node, (m, k, n, bias));
+        }
+        let tensors = gemm::LinearBackwardTensors {
+            dinp: dx.then(|| o(0)),
+            dw: o(1),
+            dbias: bias.then(|| o(2)),
+            dout: i(0),
+            inp: i(1),
+            w: i(2),
+        };
+        gemm::linear_backward(self.gpu(), tensors, gemm::LinearDims { m, k, n }, acc)
+    }
+
+    /// Causal self-attention over qkv (B, T, 3C), with dropout on the probabilities at `site`.
+    fn attention(self, dims: attention::Dims, p: f32, site: u32) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let opts = attention_options(self.ex.opts.seed, p, site);
+        attention::forward(self.gpu(), o(0), o(1), i(0), dims, opts)
+    }
+
+    fn attention_backward(self, dims: attention::Dims, p: f32, site: u32) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let tensors = attention::BackwardTensors {
+            dqkv: o(0),
+            dout: i(0),
+            qkv: i(1),
+            out: i(2),
+            lse: i(3),
+        };
+        let opts = attention_options(self.ex.opts.seed, p, site);
+        attention::backward(self.gpu(), tensors, dims, opts)
+    }
+
+    /// Attention of the Tq = `dims.t` new tokens over a KV cache of `tmax` positions.
+    fn attention_cached(self, dims: attention::Dims, tmax: usize) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let cache = attention::KvCache {
+            k: i(1),
+            v: i(2),
+            tmax,
+        };
+        let d = attention::forward_cached(self.gpu(), o(0), i(0), cache, dims, 0)?;
+        Ok(vec![d])
+    }
+
+    /// Appends the keys and values of the Tq = `dims.t` new tokens to the KV cache.
+    fn kv_append(self, dims: attention::Dims, tmax: usize) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let cache = attention::KvCache {
+            k: o(0),
+            v: o(1),
+            tmax,
+        };
+        let d = attention::kv_append(self.gpu(), cache, i(0), dims, 0)?;
+        Ok(vec![d])
+    }
+
+    fn dropout(self, n: usize, p: f32, site: u32) -> Result<Vec<Dispatch>> {
+        let seed = dropout_seed(self.ex.opts.seed, site);
+        let d = dropout::Dropout { p, seed, step: 0 };
+        let d = dropout::forward(self.gpu(), self.o(0), self.i(0), n, d)?;
+        Ok(vec![d])
+    }
+
+    fn dropout_backward(self, n: usize, p: f32, site: u32, acc: bool) -> Result<Vec<Dispatch>> {
+        let seed = dropout_seed(self.ex.opts.seed, site);
+        let d = dropout::Dropout { p, seed, step: 0 };
+        let d = dropout::backward(self.gpu(), self.o(0), self.i(0), n, d, acc)?;
+        Ok(vec![d])
+    }
+
+    fn cross_entropy(self, n: usize, v: usize, vp: usize) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let dims = cross_entropy::Dims { n, v, vp };
+        let d = cross_entropy::forward(self.gpu(), o(0), o(1), i(0), i(1), dims)?;
+        Ok(vec![d])
+    }
+
+    /// The loss's gradient, each position's scaled by 1 / (positions of the whole step).
+    fn cross_entropy_backward(self, n: usize, v: usize, vp: usize) -> Result<Vec<Dispatch>> {
+        let i = |k| self.i(k);
+        let dloss = 1.0 / (n * self.ex.micro_per_step()) as f32;
+        let dims = cross_entropy::Dims { n, v, vp };
+        let d = cross_entropy::backward(self.gpu(), i(0), i(1), i(2), dims, dloss)?;
+        Ok(vec![d])
+    }
+
+    /// The lm head and the loss in chunks of `rows` positions, each chunk's logits computed into
+    /// the one chunk buffer and reduced to its losses.
+    fn lm_head_loss(
+        self,
+        n: usize,
+        c: usize,
+        (v, vp): (usize, usize),
+        rows: usize,
+    ) -> Result<Vec<Dispatch>> {
+        let (gpu, i, o) = (self.gpu(), |k| self.i(k), |k| self.o(k));
+        let mut out = Vec::new();
+        for r0 in (0..n).step_by(rows) {
+            let m = rows.min(n - r0);
+            let logits = o(2).slice(0, m * vp, "lm_head.logits chunk")?;
+            out.extend(split_linear_forward(
+                gpu,
+                gemm::Operand::new(&logits, vp),
+                gemm::Operand::new(i(0), c).at(r0 * c),
+                self.ic(1),
+                m,
+                c,
+            )?);
+            out.push(cross_entropy::forward(
+                gpu,
+                &o(0).slice(r0, m, "losses chunk")?,
+                &o(1).slice(r0, m, "lse chunk")?,
+                &logits,
+                &i(2).slice(r0, m, "targets chunk")?,
+                cross_entropy::Dims { n: m, v, vp },
+            )?);
+        }
+        Ok(out)
+    }
+
+    /// The chunked lm head and loss backward: each chunk's logits recomputed, turned into their
+    /// gradient, and taken back through the lm head.
+    fn lm_head_loss_backward(
+        self,
+        n: usize,
+        c: usize,
+        (v, vp): (usize, usize),
+        rows: usize,
+        acc: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let (gpu, i, o) = (self.gpu(), |k| self.i(k), |k| self.o(k));
+        let dloss = 1.0 / (n * self.ex.micro_per_step()) as f32;
+        let (x, wte, dwte) = (i(0), self.ic(1), self.oc(1));
+        let mut out = Vec::new();
+        for r0 in (0..n).step_by(rows) {
+            let m = rows.min(n - r0);
+            let logits = o(2).slice(0, m * vp, "lm_head.logits chunk")?;
+            let xs = gemm::Operand::new(x, c).at(r0 * c);
+            out.extend(split_linear_forward(
+                gpu,
+                gemm::Operand::new(&logits, vp),
+                xs,
+                wte,
+                m,
+                c,
+            )?);
+            out.push(cross_entropy::backward(
+                gpu,
+                &logits,
+                &i(3).slice(r0, m, "lse chunk")?,
+                &i(2).slice(r0, m, "targets chunk")?,
+                cross_entropy::Dims { n: m, v, vp },
+                dloss,
+            )?);
+            let tensors = SplitLinearBackwardTensors {
+                dx: Some(gemm::Operand::new(o(0), c).at(r0 * c)),
+                dw: dwte,
+                dy: gemm::Operand::new(&logits, vp),
+                x: xs,
+                w: wte,
+            };
+            out.extend(split_linear_backward(gpu, tensors, m, c, acc)?);
+        }
+        Ok(out)
+    }
+}
+/// The seed of one dropout site's random stream.
+pub(super) fn dropout_seed(seed: u32, site: u32) -> u32 {
+    seed ^ site.wrapping_mul(0x9E37_79B9)
+}
+
+/// An attention node's options: causal, with dropout at step counter 0 (the executor rewrites the
+/// counter per micro-step), or none for p = 0.
+fn attention_options(seed: u32, p: f32, site: u32) -> attention::Options {
+    attention::Options {
+        dropout: (p > 0.0).then(|| attention::Dropout {
+            p,
+            seed: dropout_seed(seed, site),
+            step: 0,
+        }),
+        ..attention::Options::CAUSAL
+    }
+}
