@@ -79,7 +79,7 @@ fn matrix(rng: &mut Rng, rows: usize, cols: usize, vec4: bool) -> (Vec<f32>, Lay
 /// as the problem's, and compares it with `reference::gemm::matmul`. Returns false where it was
 /// not checked (an f16 B, a kernel no shape here fits).
 fn verify_gemm(gpu: &Gpu, problem: &Problem, name: &str) -> Result<bool> {
-    let Some(kernel) = Kernel::parse(name) else {
+    let Some(kernel) = Kernel::from_name(name) else {
         return Ok(false);
     };
     if !problem.bucket.ends_with("f32") {

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, View};
 use crate::kernels::{
     adamw, attention, cross_entropy, dropout, embedding, gelu, gemm, layernorm, reduce, residual,
+    swiglu,
 };
 
 impl Executor<'_> {
@@ -46,6 +47,7 @@ impl Executor<'_> {
                 tmax,
             } => x.kv_append(attention::Dims { b, t: tq, nh, hs }, tmax),
             Op::Gelu { n } => one(gelu::forward(gpu, o(0), i(0), n)),
+            Op::SwiGlu { n } => one(swiglu::forward(gpu, o(0), i(0), i(1), n)),
             Op::Add { .. } => one(residual::forward(gpu, o(0), i(0), i(1))),
             Op::Dropout { n, p, site } => x.dropout(n, p, site),
             Op::CrossEntropy { n, v, vp } => x.cross_entropy(n, v, vp),
@@ -70,6 +72,7 @@ impl Executor<'_> {
                 site,
             } => x.attention_backward(attention::Dims { b, t, nh, hs }, p, site),
             Op::GeluBackward { n, acc } => one(gelu::backward(gpu, o(0), i(1), i(0), n, acc)),
+            Op::SwiGluBackward { n, acc } => x.swiglu_backward(n, acc),
             Op::Accumulate { acc, .. } => one(residual::accumulate(gpu, o(0), i(0), acc)),
             Op::DropoutBackward { n, p, site, acc } => x.dropout_backward(n, p, site, acc),
             Op::LmHeadLoss { n, c, v, vp, rows } => x.lm_head_loss(n, c, (v, vp), rows),
@@ -435,6 +438,18 @@ impl<'s> Lowering<'s> {
         };
         let d = attention::kv_append(self.gpu(), cache, i(0), dims, 0)?;
         Ok(vec![d])
+    }
+
+    /// The gated MLP's backward: [dy, gate, up] → [dgate, dup].
+    fn swiglu_backward(self, n: usize, acc: bool) -> Result<Vec<Dispatch>> {
+        let tensors = swiglu::BackwardTensors {
+            dgate: self.o(0),
+            dup: self.o(1),
+            gate: self.i(1),
+            up: self.i(2),
+            dout: self.i(0),
+        };
+        Ok(vec![swiglu::backward(self.gpu(), tensors, n, acc)?])
     }
 
     fn dropout(self, n: usize, p: f32, site: u32) -> Result<Vec<Dispatch>> {

@@ -19,8 +19,8 @@ use super::store::ParamStore;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, View};
 use crate::kernels::{adamw, attention, dropout};
-use bindings::{Bindings, Memory};
-use run::Readback;
+use bindings::{Bindings, Memory, allocate_pool};
+use run::{Readback, readback_ring};
 
 pub use check::NodeCheck;
 

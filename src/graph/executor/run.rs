@@ -2,7 +2,7 @@
 //! gradient sync), its results read back through a ring of mapped buffers, and the forward-only
 //! calls of evaluation and decoding.
 
-use super::super::ir::Phase;
+use super::super::ir::{Op, Phase};
 use super::{Executor, GradientSync, MicroBatch, Shard, StepResult};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu, Signal, View};
