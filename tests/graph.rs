@@ -205,7 +205,7 @@ fn random_model(rng: &mut Rng) -> Built {
     for i in 0..ops {
         let a = pool[below(rng, pool.len())];
         let y = g.activation(format!("y{i}"), &[N, C]);
-        match below(rng, 5) {
+        match below(rng, 6) {
             0 => {
                 let w = param(&mut g, format!("ln{i}.w"), &[C]);
                 let b = param(&mut g, format!("ln{i}.b"), &[C]);
@@ -243,6 +243,18 @@ fn random_model(rng: &mut Rng) -> Built {
                 let b = pool[below(rng, pool.len())];
                 let op = Op::Add { n: N * C };
                 g.push(Phase::Forward, format!("add{i}"), op, vec![a, b], vec![y]);
+            }
+            // The gated MLP's activation reads two distinct tensors (gate and up projections).
+            4 if pool.len() > 1 => {
+                let b = *pool.iter().find(|&&t| t != a).unwrap();
+                let op = Op::SwiGlu { n: N * C };
+                g.push(
+                    Phase::Forward,
+                    format!("swiglu{i}"),
+                    op,
+                    vec![a, b],
+                    vec![y],
+                );
             }
             _ => {
                 // One sequence of N tokens, two heads of C/2.

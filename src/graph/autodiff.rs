@@ -178,6 +178,7 @@ impl Backprop<'_> {
                 self.attention(node, dy, backward);
             }
             Op::Gelu { n } => self.gelu(node, dy, n),
+            Op::SwiGlu { n } => self.swiglu(node, dy, n),
             Op::Dropout { n, p, site } => self.dropout(node, dy, n, p, site),
             Op::Add { n } => self.add(node, dy, n),
             Op::Mean { .. } => {}
@@ -337,6 +338,32 @@ impl Backprop<'_> {
             backward,
             vec![dy, ins[0], outs[0], outs[1]],
             vec![dqkv],
+        );
+    }
+
+    /// One kernel writes both gradients, so they are both overwritten or both added to: a
+    /// gradient met for the first time beside one that already holds a sum starts from zero.
+    fn swiglu(&mut self, node: &Node, dy: TensorId, n: usize) {
+        let (gate, up) = (node.inputs[0], node.inputs[1]);
+        // One invocation writes both gradients: they must be two buffers.
+        assert_ne!(
+            gate, up,
+            "{}: swiglu's gate and up are one tensor",
+            node.label
+        );
+        let (dgate, acc_gate) = self.grad(gate);
+        let (dup, acc_up) = self.grad(up);
+        let acc = acc_gate || acc_up;
+        for (d, fresh) in [(dgate, !acc_gate), (dup, !acc_up)] {
+            if acc && fresh {
+                self.push(&node.label, Op::Fill { value: 0.0 }, vec![], vec![d]);
+            }
+        }
+        self.push(
+            &node.label,
+            Op::SwiGluBackward { n, acc },
+            vec![dy, gate, up],
+            vec![dgate, dup],
         );
     }
 

@@ -134,6 +134,8 @@ pub enum Op {
     },
     /// in [x (N)] → out [y (N)]
     Gelu { n: usize },
+    /// in [gate (N), up (N)] → out [silu(gate) · up (N)]: the gated MLP's activation.
+    SwiGlu { n: usize },
     /// in [a (N), b (N)] → out [y (N)]
     Add { n: usize },
     /// in [x (N)] → out [y (N)]; `site` separates the random streams of different dropouts.
@@ -187,6 +189,8 @@ pub enum Op {
     },
     /// in [dy, x] → out [dx (acc)]
     GeluBackward { n: usize, acc: bool },
+    /// in [dy, gate, up] → out [dgate, dup], both overwritten, or both added to (`acc`).
+    SwiGluBackward { n: usize, acc: bool },
     /// in [src] → out [dst (acc)]: routes a gradient through a sum.
     Accumulate { n: usize, acc: bool },
     /// in [dy] → out [dx (acc)]
@@ -231,6 +235,7 @@ impl Op {
             Op::AttentionCached { .. } => "attention_cached",
             Op::KvAppend { .. } => "kv_append",
             Op::Gelu { .. } => "gelu",
+            Op::SwiGlu { .. } => "swiglu",
             Op::Add { .. } => "add",
             Op::Dropout { .. } => "dropout",
             Op::CrossEntropy { .. } => "cross_entropy",
@@ -241,6 +246,7 @@ impl Op {
             Op::LinearBackward { .. } => "linear_backward",
             Op::AttentionBackward { .. } => "attention_backward",
             Op::GeluBackward { .. } => "gelu_backward",
+            Op::SwiGluBackward { .. } => "swiglu_backward",
             Op::Accumulate { .. } => "accumulate",
             Op::DropoutBackward { .. } => "dropout_backward",
             Op::CrossEntropyBackward { .. } => "cross_entropy_backward",

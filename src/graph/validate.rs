@@ -37,6 +37,8 @@ pub fn tolerance(op: &Op) -> (f64, f64) {
         }
         Op::Gelu { .. }
         | Op::GeluBackward { .. }
+        | Op::SwiGlu { .. }
+        | Op::SwiGluBackward { .. }
         | Op::Dropout { .. }
         | Op::DropoutBackward { .. } => (1e-6, 1e-5),
         _ => (2e-5, 1e-3),
@@ -92,6 +94,7 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             b, t, nh, hs, p, ..
         } => attention(&mut o, &x, r::attention::Dims { b, t, nh, hs }, p),
         Op::Gelu { .. } => r::gelu::forward(&mut o[0], f(0)),
+        Op::SwiGlu { .. } => r::swiglu::forward(&mut o[0], f(0), f(1)),
         Op::Add { .. } => r::residual::forward(&mut o[0], f(0), f(1)),
         Op::Dropout { p, .. } => r::dropout::forward(&mut o[0], f(0), p, seed, step),
         Op::CrossEntropy { n, v, vp } => {
@@ -125,6 +128,12 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::GeluBackward { acc, .. } => {
             zero_unless(&mut o[0], acc);
             r::gelu::backward(&mut o[0], f(1), f(0));
+        }
+        Op::SwiGluBackward { acc, .. } => {
+            let (dgate, dup) = o.split_at_mut(1);
+            zero_unless(&mut dgate[0], acc);
+            zero_unless(&mut dup[0], acc);
+            r::swiglu::backward(&mut dgate[0], &mut dup[0], f(1), f(2), f(0));
         }
         Op::Accumulate { acc, .. } => r::residual::accumulate(&mut o[0], f(0), acc),
         Op::DropoutBackward { p, acc, .. } => {
