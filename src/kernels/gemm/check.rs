@@ -168,7 +168,7 @@ fn check_layouts(
 }
 
 /// Every epilogue after a linear layer's product (out (M, N) = inp (M, K) · w (N, K)ᵀ + bias)
-/// against the reference composed of the unfused ops, on the kernel training runs and on split-K
+/// against the reference composed of the separate ops, on the kernel training runs and on split-K
 /// where it applies (it applies the epilogue in its reduce pass).
 fn check_epilogues(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckReport>> {
     let dims = LinearDims { m, k, n };
@@ -185,7 +185,7 @@ fn check_epilogues(gpu: &Gpu, m: usize, k: usize, n: usize) -> Result<Vec<CheckR
     };
     let (a, b) = (Operand::new(&g_inp, k), Operand::new(&g_w, k));
 
-    // The unfused value v and what each epilogue makes of it.
+    // The plain product v and what each epilogue makes of it.
     let mut v = vec![0.0f64; m * n];
     reference::gemm::linear_forward(&mut v, &f64s(&inp), &f64s(&w), Some(&f64s(&bias)), dims);
     let other64 = f64s(&other);

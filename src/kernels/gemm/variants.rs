@@ -197,12 +197,12 @@ const fn ureg_block(rm: u32, rn: u32, wg: u32) -> Reg {
 
 impl Reg {
     /// The configurations offered as candidates. gemm_reg's loops over register arrays ran 2-4x
-    /// slower than gemm_ureg's written-out blocks on lavapipe in every layout (BENCHMARKS.md);
-    /// its two configurations that had won there before stay for adapters not measured yet.
-    /// gemm_ureg's bigger blocks read less per fma (16 × 16: 32 vec4 reads for 1024 fmas per k
-    /// chunk, 8 × 4: 12 for 128) and ran 2-4x faster than 8 × 4 on lavapipe at the GPT shapes
-    /// and at 1024^3; 8 × 8, 16 × 4 and 8 × 16 blocks never won there (BENCHMARKS.md), and the
-    /// 8 × 4 ones stay for small products.
+    /// slower than gemm_ureg's written-out blocks on lavapipe in every layout
+    /// (docs/benchmarks-log.md); its two configurations that had won there before stay for
+    /// adapters not measured yet. gemm_ureg's bigger blocks read less per fma (16 × 16: 32 vec4
+    /// reads for 1024 fmas per k chunk, 8 × 4: 12 for 128) and ran 2-4x faster than 8 × 4 on
+    /// lavapipe at the GPT shapes and at 1024^3; 8 × 8, 16 × 4 and 8 × 16 blocks never won there
+    /// (docs/benchmarks-log.md), and the 8 × 4 ones stay for small products.
     const ALL: [Reg; 8] = [
         reg(8, 8, 16),
         reg(16, 4, 16),

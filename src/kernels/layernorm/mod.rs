@@ -134,7 +134,8 @@ pub enum Variant {
 impl Variant {
     /// The variant `forward` and `backward` use on `gpu`: subgroups where a GPU has them. A CPU
     /// adapter (lavapipe) keeps the shared-memory kernels: measured there, its per-row barriers
-    /// made the subgroup forward about 2x slower (BENCHMARKS.md, "LayerNorm with subgroups").
+    /// made the subgroup forward about 2x slower (docs/benchmarks-log.md, "LayerNorm with
+    /// subgroups").
     pub fn best(gpu: &Gpu) -> Variant {
         if gpu.has_subgroups() && gpu.info.device_type != wgpu::DeviceType::Cpu {
             Variant::Subgroup
