@@ -409,17 +409,23 @@ fn store_c(z: u32, m0: u32, n0: u32, lid: vec3<u32>) {
     }
 }
 
-// The built-in values every tiled entry point takes.
-struct TileIds {
+// The built-in values every tiled entry point takes, the workgroup's (uniform) apart from the
+// invocation's: a struct holding both would make every value read from it non-uniform to
+// WGSL's uniformity analysis (Chrome's compiler applies it to the barriers below), and the
+// batch loop around the barriers must stay uniform.
+struct Wg {
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
+}
+
+struct Inv {
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 }
 
 // The origin (m0, n0) of this workgroup's output tile; m0 = p.m (past the end) when there is none.
-fn tile_origin(t: TileIds) -> vec2<u32> {
-    let tile = workgroup_index(t.wid, t.nwg);
+fn tile_origin(w: Wg) -> vec2<u32> {
+    let tile = workgroup_index(w.wid, w.nwg);
     if (tile >= p.tiles) {
         return vec2<u32>(p.m, 0u);
     }
@@ -428,8 +434,8 @@ fn tile_origin(t: TileIds) -> vec2<u32> {
 
 // The first batch entry this workgroup computes: p.batch (none) when it has no tile. The entries
 // it computes are that one and every nwg.z-th after it.
-fn first_entry(t: TileIds, o: vec2<u32>) -> u32 {
-    return select(t.wid.z, p.batch, o.x >= p.m);
+fn first_entry(w: Wg, o: vec2<u32>) -> u32 {
+    return select(w.wid.z, p.batch, o.x >= p.m);
 }
 
 // One BK slice of the product, once both tiles are loaded: every invocation's register block
@@ -445,9 +451,9 @@ fn multiply_slice(lid: vec3<u32>) {
 // written out in each of them.
 
 @compute @workgroup_size(WG_N, WG_M)
-fn gemm_tiled(t: TileIds) {
-    let o = tile_origin(t);
-    for (var z = first_entry(t, o); z < p.batch; z += t.nwg.z) {
+fn gemm_tiled(w: Wg, t: Inv) {
+    let o = tile_origin(w);
+    for (var z = first_entry(w, o); z < p.batch; z += w.nwg.z) {
         clear_acc();
         for (var k0 = 0u; k0 < p.k; k0 += BK) {
             load_a(z, o.x, k0, t.li);
@@ -459,9 +465,9 @@ fn gemm_tiled(t: TileIds) {
 }
 
 @compute @workgroup_size(WG_N, WG_M)
-fn gemm_tiled_va(t: TileIds) {
-    let o = tile_origin(t);
-    for (var z = first_entry(t, o); z < p.batch; z += t.nwg.z) {
+fn gemm_tiled_va(w: Wg, t: Inv) {
+    let o = tile_origin(w);
+    for (var z = first_entry(w, o); z < p.batch; z += w.nwg.z) {
         clear_acc();
         for (var k0 = 0u; k0 < p.k; k0 += BK) {
             load_a_vec4(z, o.x, k0, t.li);
@@ -473,9 +479,9 @@ fn gemm_tiled_va(t: TileIds) {
 }
 
 @compute @workgroup_size(WG_N, WG_M)
-fn gemm_tiled_vb(t: TileIds) {
-    let o = tile_origin(t);
-    for (var z = first_entry(t, o); z < p.batch; z += t.nwg.z) {
+fn gemm_tiled_vb(w: Wg, t: Inv) {
+    let o = tile_origin(w);
+    for (var z = first_entry(w, o); z < p.batch; z += w.nwg.z) {
         clear_acc();
         for (var k0 = 0u; k0 < p.k; k0 += BK) {
             load_a(z, o.x, k0, t.li);
@@ -487,9 +493,9 @@ fn gemm_tiled_vb(t: TileIds) {
 }
 
 @compute @workgroup_size(WG_N, WG_M)
-fn gemm_tiled_vab(t: TileIds) {
-    let o = tile_origin(t);
-    for (var z = first_entry(t, o); z < p.batch; z += t.nwg.z) {
+fn gemm_tiled_vab(w: Wg, t: Inv) {
+    let o = tile_origin(w);
+    for (var z = first_entry(w, o); z < p.batch; z += w.nwg.z) {
         clear_acc();
         for (var k0 = 0u; k0 < p.k; k0 += BK) {
             load_a_vec4(z, o.x, k0, t.li);

@@ -232,6 +232,13 @@ fn train_outputs_are_checked_before_anything_runs() {
     let o = train(&dir, "x.txt", &["--data", "x.txt"]);
     assert_refused(&o, &["--out", "x.txt"]);
     assert!(!dir.join("ck").exists());
+    // Inside the checkpoint directory the run creates, a metrics file is fine.
+    let o = train(&dir, "ck", &["--data", "x.txt", "--metrics", "ck/m.jsonl"]);
+    assert!(
+        o.status.success() || !String::from_utf8_lossy(&o.stderr).contains("--metrics"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

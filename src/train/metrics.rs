@@ -71,13 +71,18 @@ fn inputs(cfg: &TrainConfig) -> Vec<std::path::PathBuf> {
 }
 
 /// Refuses, before anything is built, a `--metrics` file that is one of the run's inputs, a
-/// directory, a FIFO or a device, or in a directory that does not exist, and a `--out` that is
-/// one of the run's input files.
+/// directory, a FIFO or a device, or in a directory that does not exist (but the `--out` the run
+/// creates), and a `--out` that is one of the run's input files.
 pub fn check_outputs(cfg: &TrainConfig) -> Result<()> {
     let inputs = inputs(cfg);
     let inputs: Vec<&Path> = inputs.iter().map(|p| p.as_path()).collect();
     if let Some(m) = &cfg.metrics {
-        files::check_output(m, "--metrics", &inputs)?;
+        // A metrics file inside the checkpoint directory the run is about to create is checked
+        // when it is opened, once that directory exists.
+        let in_new_out = m.parent() == Some(cfg.out.as_path()) && !cfg.out.exists();
+        if !in_new_out {
+            files::check_output(m, "--metrics", &inputs)?;
+        }
     }
     if let Some(input) = inputs.iter().find(|i| files::same_file(&cfg.out, i)) {
         return Err(Error::invalid(
