@@ -37,6 +37,11 @@ fn mirrors() -> Vec<(&'static str, &'static str, ParamsLayout)> {
         ),
         ("reduce.wgsl", "Params", reduce::params_layout()),
         ("residual.wgsl", "Params", residual::params_layout()),
+        // The per-step uniform (include/step.wgsl), in every family that includes it.
+        ("adamw.wgsl", "Step", step::params_layout()),
+        ("attention.wgsl", "Step", step::params_layout()),
+        ("attention_f16.wgsl", "Step", step::params_layout()),
+        ("dropout.wgsl", "Step", step::params_layout()),
     ]
 }
 

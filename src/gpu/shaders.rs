@@ -84,6 +84,10 @@ pub const INCLUDES: &[(&str, &str)] = &[
         "include/gelu.wgsl",
         include_str!("../../shaders/include/gelu.wgsl"),
     ),
+    (
+        "include/step.wgsl",
+        include_str!("../../shaders/include/step.wgsl"),
+    ),
 ];
 
 /// The form a family's source is compiled in: what the loader's prelude declares.
