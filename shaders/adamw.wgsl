@@ -38,6 +38,8 @@ override WG: u32 = 256u;
 override ELEMS: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: Params;
+
+#include "include/grid.wgsl"
 #include "include/step.wgsl"
 @group(0) @binding(1) var<storage, read_write> param: array<f32>;
 @group(0) @binding(2) var<storage, read> grad: array<f32>;
@@ -61,7 +63,7 @@ fn one_minus_exp(x: f32) -> f32 {
 @compute @workgroup_size(WG)
 fn adamw_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let first = (wid.x + wid.y * nwg.x) * (WG * ELEMS) + lid.x;
+    let first = global_index(wid, nwg, WG * ELEMS, lid.x);
     if (first >= p.n) {
         return;
     }

@@ -14,7 +14,7 @@
 //   report it; nothing is read or written out of bounds.
 //
 // One workgroup of WG threads (a power of two) per row; rows fold into a 2-D grid for large N (see
-// gpu::grid), recovered as wid.x + wid.y * nwg.x. The forward reads each logit once: every thread
+// gpu::grid), recovered by workgroup_index (include/grid.wgsl). The forward reads each logit once: every thread
 // keeps an online softmax (running max m and Σ exp(x - m)) over its share of the row (columns
 // j ≡ lid mod WG, or vec4s q ≡ lid mod WG), several loads in flight at a time, then the WG pairs (m, s) are combined by a fixed tree in workgroup memory,
 // so results are the same bits every run and stable for logits of any magnitude. The backward
@@ -36,9 +36,7 @@ const LOWEST: f32 = -3.4028234663852886e38;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-fn linear_wg(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wid.x + wid.y * nwg.x;
-}
+#include "include/grid.wgsl"
 
 // A NaN the compiler cannot fold away (WGSL has no NaN constant).
 fn nan_from(x: u32) -> f32 {
@@ -89,7 +87,7 @@ fn write_loss(row: u32, tgt: u32, xt: f32, mx: f32, s: f32) {
 fn cross_entropy_forward(@builtin(workgroup_id) wid: vec3<u32>,
                          @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = linear_wg(wid, nwg);
+    let row = workgroup_index(wid, nwg);
     if (row >= p.n) {
         return;
     }
@@ -135,7 +133,7 @@ fn masked4(base4: u32, q: u32) -> vec4<f32> {
 fn cross_entropy_forward_vec4(@builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>,
                               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = linear_wg(wid, nwg);
+    let row = workgroup_index(wid, nwg);
     if (row >= p.n) {
         return;
     }
@@ -171,7 +169,7 @@ fn cross_entropy_forward_vec4(@builtin(workgroup_id) wid: vec3<u32>,
 fn cross_entropy_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>,
                               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = linear_wg(wid, nwg) * WG + lid.x;
+    let row = global_index(wid, nwg, WG, lid.x);
     if (row >= p.n) {
         return;
     }
@@ -215,7 +213,7 @@ fn backward_columns(row: u32, first: u32, step: u32) {
 fn cross_entropy_backward(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = linear_wg(wid, nwg);
+    let row = workgroup_index(wid, nwg);
     if (row >= p.n) {
         return;
     }
@@ -228,7 +226,7 @@ fn cross_entropy_backward(@builtin(workgroup_id) wid: vec3<u32>,
 fn cross_entropy_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
                                @builtin(num_workgroups) nwg: vec3<u32>,
                                @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = linear_wg(wid, nwg) * WG + lid.x;
+    let row = global_index(wid, nwg, WG, lid.x);
     if (row >= p.n) {
         return;
     }
@@ -245,7 +243,7 @@ fn cross_entropy_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
 fn cross_entropy_backward_vec4(@builtin(workgroup_id) wid: vec3<u32>,
                                @builtin(num_workgroups) nwg: vec3<u32>,
                                @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = linear_wg(wid, nwg);
+    let row = workgroup_index(wid, nwg);
     if (row >= p.n) {
         return;
     }

@@ -25,9 +25,7 @@ override WG: u32 = 256u;
 @group(0) @binding(0) var<uniform> p: Params;
 #include "include/step.wgsl"
 
-fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
-    return (wid.x + wid.y * nwg.x) * WG + lid.x;
-}
+#include "include/grid.wgsl"
 
 #include "include/hash.wgsl"
 
@@ -42,7 +40,7 @@ fn keep(i: u32) -> bool {
 @compute @workgroup_size(WG)
 fn dropout_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = index(wid, nwg, lid);
+    let i = global_index(wid, nwg, WG, lid.x);
     if (i < p.n) {
         fw_out[i] = select(0.0, fw_inp[i] * p.scale, keep(i));
     }
@@ -55,7 +53,7 @@ fn dropout_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 @compute @workgroup_size(WG)
 fn dropout_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = index(wid, nwg, lid);
+    let i = global_index(wid, nwg, WG, lid.x);
     if (i < p.n) {
         var d = select(0.0, bw_dout[i] * p.scale, keep(i));
         if (p.accumulate != 0u) {

@@ -34,7 +34,7 @@
 // gradient row into NaN instead of silently training on wrong rows.
 //
 // Workgroups fold into a 2-D grid for large problems (see gpu::grid); shaders recover the linear
-// workgroup index as wid.x + wid.y * nwg.x.
+// workgroup index by workgroup_index (include/grid.wgsl).
 // Legend: B batch, T sequence, C channels, V vocabulary.
 
 struct Params {
@@ -51,9 +51,7 @@ override WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-fn linear_wg(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wid.x + wid.y * nwg.x;
-}
+#include "include/grid.wgsl"
 
 // Bindings for embedding_forward: 1 = tokens (read), 2 = wte (read), 3 = wpe (read),
 // 4 = out (read_write, f32).
@@ -66,17 +64,17 @@ fn linear_wg(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 @compute @workgroup_size(WG)
 fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = linear_wg(wid, nwg) * WG + lid.x;
+    let i = global_index(wid, nwg, WG, lid.x);
     if (i >= p.bt * p.c) {
         return;
     }
     let bt = i / p.c;
-    let ch = i - bt * p.c;
     let row = fw_tokens[bt] - p.row0; // wraps for tokens below the chunk
     if (row >= p.v_chunk) {
         return;
     }
     let t = bt % p.t;
+    let ch = i - bt * p.c;
     fw_out[i] = f32(fw_wte[row * p.c + ch]) + f32(fw_wpe[t * p.c + ch]);
 }
 
@@ -92,17 +90,17 @@ fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 fn embedding_forward_vec4(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = linear_wg(wid, nwg) * WG + lid.x;
+    let i = global_index(wid, nwg, WG, lid.x);
     if (i >= p.bt * p.c) {
         return;
     }
     let bt = i / p.c;
-    let ch = i - bt * p.c;
     let row = fv_tokens[bt] - p.row0;
     if (row >= p.v_chunk) {
         return;
     }
     let t = bt % p.t;
+    let ch = i - bt * p.c;
     fv_out[i] = vec4<f32>(fv_wte[row * p.c + ch]) + vec4<f32>(fv_wpe[t * p.c + ch]);
 }
 
@@ -126,7 +124,7 @@ fn embedding_backward_wte(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_id) lid: vec3<u32>) {
     let blocks = (p.c + WG - 1u) / WG;
-    let w = linear_wg(wid, nwg);
+    let w = workgroup_index(wid, nwg);
     let first = w / blocks;
     let ch = (w - first * blocks) * WG + lid.x;
     if (first >= p.groups || ch >= p.c) {
@@ -171,7 +169,7 @@ fn embedding_backward_wte(@builtin(workgroup_id) wid: vec3<u32>,
 fn embedding_backward_wpe(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = linear_wg(wid, nwg) * WG + lid.x;
+    let i = global_index(wid, nwg, WG, lid.x);
     let tc = p.t * p.c;
     if (i >= tc) {
         return;

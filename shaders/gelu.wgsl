@@ -20,9 +20,7 @@ override WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
-    return (wid.x + wid.y * nwg.x) * WG + lid.x;
-}
+#include "include/grid.wgsl"
 
 #include "include/gelu.wgsl"
 
@@ -33,7 +31,7 @@ fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
 @compute @workgroup_size(WG)
 fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = index(wid, nwg, lid);
+    let i = global_index(wid, nwg, WG, lid.x);
     if (i < p.n) {
         let x = fw_inp[i];
         fw_out[i] = gelu(x);
@@ -48,7 +46,7 @@ fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 @compute @workgroup_size(WG)
 fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = index(wid, nwg, lid);
+    let i = global_index(wid, nwg, WG, lid.x);
     if (i < p.n) {
         var d = bw_dout[i] * gelu_grad(bw_inp[i]);
         if (p.accumulate != 0u) {

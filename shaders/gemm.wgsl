@@ -47,9 +47,9 @@
 //   gemm_splitk_reduce
 //                    the second pass of split-K (weight gradients: long K, small output); it sums
 //                    per-slice partials, so its summation order differs from the others.
-// Grid: workgroups over output tiles folded into x and y (tile = wid.x + wid.y · nwg.x, row-major
-// over (ceil(M / BM), ceil(N / BN)) tiles), batch entries over z (looping when the batch exceeds
-// the per-dimension limit).
+// Grid: workgroups over output tiles folded into x and y (tile = workgroup_index, from
+// include/grid.wgsl; row-major over (ceil(M / BM), ceil(N / BN)) tiles), batch entries over z
+// (looping when the batch exceeds the per-dimension limit).
 //
 // Bindings for gemm_*: 1 = a (read), 2 = b (read, BElem), 3 = bias (read; any f32 view without
 // HAS_BIAS), 4 = c (read_write), 5 = aux (the epilogue's tensor, laid out as c; see finish).
@@ -77,6 +77,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+
+#include "include/grid.wgsl"
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;
@@ -131,8 +133,8 @@ fn op_b(z: u32, kk: u32, j: u32) -> f32 {
 // What finish does after the sum. Override constants rather than params: each dispatch's
 // choice is fixed, and a branch on a uniform value still costs its untaken side on adapters
 // that run invocations as SIMD lanes (lavapipe executes both sides of an if under a mask, and
-// every read in them loops over the lanes): measured there, the bias, accumulate and epilogue
-// code of every output made a 320 x 64 x 64 product about 1.3x slower than none at all.
+// every read in them loops over the lanes), so code a dispatch never runs would still slow every
+// output there (BENCHMARKS.md has the measurement).
 override HAS_BIAS: bool = false;
 override ACCUMULATE: bool = false;
 // 0 nothing, 1 GELU, 2 GELU backward, 3 residual add (see finish).
@@ -174,7 +176,7 @@ const NAIVE_WG: u32 = 16u;
 @compute @workgroup_size(16, 16)
 fn gemm_naive(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = wid.x + wid.y * nwg.x;
+    let t = workgroup_index(wid, nwg);
     let i = (t / p.tiles_n) * NAIVE_WG + lid.y;
     let j = (t % p.tiles_n) * NAIVE_WG + lid.x;
     if (t >= p.tiles || i >= p.m || j >= p.n) {
@@ -204,7 +206,7 @@ var<workgroup> gemv_part: array<f32, 2048>;
 @compute @workgroup_size(256)
 fn gemm_gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) li: u32) {
-    let t = wid.x + wid.y * nwg.x;
+    let t = workgroup_index(wid, nwg);
     let lanes = GEMV_WG / GEMV_COLS;
     let col = li / lanes;
     let lane = li % lanes;
@@ -407,96 +409,94 @@ fn store_c(z: u32, m0: u32, n0: u32, lid: vec3<u32>) {
     }
 }
 
+// The built-in values every tiled entry point takes.
+struct TileIds {
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+}
+
 // The origin (m0, n0) of this workgroup's output tile; m0 = p.m (past the end) when there is none.
-fn tile_origin(wid: vec3<u32>, nwg: vec3<u32>) -> vec2<u32> {
-    let t = wid.x + wid.y * nwg.x;
-    if (t >= p.tiles) {
+fn tile_origin(t: TileIds) -> vec2<u32> {
+    let tile = workgroup_index(t.wid, t.nwg);
+    if (tile >= p.tiles) {
         return vec2<u32>(p.m, 0u);
     }
-    return vec2<u32>((t / p.tiles_n) * BM, (t % p.tiles_n) * BN);
+    return vec2<u32>((tile / p.tiles_n) * BM, (tile % p.tiles_n) * BN);
 }
 
-@compute @workgroup_size(WG_N, WG_M)
-fn gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_id) lid: vec3<u32>,
-              @builtin(local_invocation_index) li: u32) {
-    let o = tile_origin(wid, nwg);
-    if (o.x >= p.m) {
-        return;
-    }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
-        clear_acc();
-        for (var k0 = 0u; k0 < p.k; k0 += BK) {
-            load_a(z, o.x, k0, li);
-            load_b(z, o.y, k0, li);
-            workgroupBarrier();
-            multiply(lid);
-            workgroupBarrier();
-        }
-        store_c(z, o.x, o.y, lid);
-    }
+// The first batch entry this workgroup computes: p.batch (none) when it has no tile. The entries
+// it computes are that one and every nwg.z-th after it.
+fn first_entry(t: TileIds, o: vec2<u32>) -> u32 {
+    return select(t.wid.z, p.batch, o.x >= p.m);
 }
 
+// One BK slice of the product, once both tiles are loaded: every invocation's register block
+// takes the slice's products, between barriers (the loads before and after touch the tiles).
+fn multiply_slice(lid: vec3<u32>) {
+    workgroupBarrier();
+    multiply(lid);
+    workgroupBarrier();
+}
+
+// The entry points differ only in how they load the tiles (op(a) and op(b) as scalars or vec4):
+// each statically reads one of the aliased bindings a / a4 and b / b4, which is why the loop is
+// written out in each of them.
+
 @compute @workgroup_size(WG_N, WG_M)
-fn gemm_tiled_va(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_id) lid: vec3<u32>,
-                 @builtin(local_invocation_index) li: u32) {
-    let o = tile_origin(wid, nwg);
-    if (o.x >= p.m) {
-        return;
-    }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
+fn gemm_tiled(t: TileIds) {
+    let o = tile_origin(t);
+    for (var z = first_entry(t, o); z < p.batch; z += t.nwg.z) {
         clear_acc();
         for (var k0 = 0u; k0 < p.k; k0 += BK) {
-            load_a_vec4(z, o.x, k0, li);
-            load_b(z, o.y, k0, li);
-            workgroupBarrier();
-            multiply(lid);
-            workgroupBarrier();
+            load_a(z, o.x, k0, t.li);
+            load_b(z, o.y, k0, t.li);
+            multiply_slice(t.lid);
         }
-        store_c(z, o.x, o.y, lid);
+        store_c(z, o.x, o.y, t.lid);
     }
 }
 
 @compute @workgroup_size(WG_N, WG_M)
-fn gemm_tiled_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_id) lid: vec3<u32>,
-                 @builtin(local_invocation_index) li: u32) {
-    let o = tile_origin(wid, nwg);
-    if (o.x >= p.m) {
-        return;
-    }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
+fn gemm_tiled_va(t: TileIds) {
+    let o = tile_origin(t);
+    for (var z = first_entry(t, o); z < p.batch; z += t.nwg.z) {
         clear_acc();
         for (var k0 = 0u; k0 < p.k; k0 += BK) {
-            load_a(z, o.x, k0, li);
-            load_b_vec4(z, o.y, k0, li);
-            workgroupBarrier();
-            multiply(lid);
-            workgroupBarrier();
+            load_a_vec4(z, o.x, k0, t.li);
+            load_b(z, o.y, k0, t.li);
+            multiply_slice(t.lid);
         }
-        store_c(z, o.x, o.y, lid);
+        store_c(z, o.x, o.y, t.lid);
     }
 }
 
 @compute @workgroup_size(WG_N, WG_M)
-fn gemm_tiled_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(local_invocation_id) lid: vec3<u32>,
-                  @builtin(local_invocation_index) li: u32) {
-    let o = tile_origin(wid, nwg);
-    if (o.x >= p.m) {
-        return;
-    }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
+fn gemm_tiled_vb(t: TileIds) {
+    let o = tile_origin(t);
+    for (var z = first_entry(t, o); z < p.batch; z += t.nwg.z) {
         clear_acc();
         for (var k0 = 0u; k0 < p.k; k0 += BK) {
-            load_a_vec4(z, o.x, k0, li);
-            load_b_vec4(z, o.y, k0, li);
-            workgroupBarrier();
-            multiply(lid);
-            workgroupBarrier();
+            load_a(z, o.x, k0, t.li);
+            load_b_vec4(z, o.y, k0, t.li);
+            multiply_slice(t.lid);
         }
-        store_c(z, o.x, o.y, lid);
+        store_c(z, o.x, o.y, t.lid);
+    }
+}
+
+@compute @workgroup_size(WG_N, WG_M)
+fn gemm_tiled_vab(t: TileIds) {
+    let o = tile_origin(t);
+    for (var z = first_entry(t, o); z < p.batch; z += t.nwg.z) {
+        clear_acc();
+        for (var k0 = 0u; k0 < p.k; k0 += BK) {
+            load_a_vec4(z, o.x, k0, t.li);
+            load_b_vec4(z, o.y, k0, t.li);
+            multiply_slice(t.lid);
+        }
+        store_c(z, o.x, o.y, t.lid);
     }
 }
 
@@ -613,7 +613,7 @@ fn reg_store(z: u32, i0: u32, j0: u32) {
 
 // The tile's first row, and the first column of invocation l; the row is p.m when there is no tile.
 fn reg_origin(wid: vec3<u32>, nwg: vec3<u32>, l: u32) -> vec2<u32> {
-    let t = wid.x + wid.y * nwg.x;
+    let t = workgroup_index(wid, nwg);
     if (t >= p.tiles) {
         return vec2<u32>(p.m, 0u);
     }
@@ -695,15 +695,15 @@ fn gemm_reg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 // register block written out: named vec4 sums and row addresses instead of arrays indexed in
 // loops. Compilers for CPU adapters (lavapipe's LLVM) keep named values in registers but spill
 // arrays indexed by loop counters to memory, and the runtime checks of array indices cost as much
-// again; measured there, this form runs about 3x faster than gemm_reg.
+// again; this form ran several times faster than gemm_reg there (BENCHMARKS.md).
 // K runs in chunks of 4. Each chunk's operands are read once, op(a) as a UregA per 8 rows and
 // op(b) as a mat4x4 per column vec4, and each 8 × 4 part of the block (a UregSums) takes its fma
 // chain from them: the sums are the same fma chains in k order as every other kernel's, so the
 // results are the same bits. lavapipe loads memory lane by lane (a loop over the 8 lanes of a
 // vector, with a bounds check per component), whatever the address, so a read costs far more
 // than the fmas it feeds: per chunk an 8 × 4 block reads 12 vec4s for 128 fmas, a 16 × 8 one
-// 24 for 512 and a 16 × 16 one 32 for 1024; at 1024^3 these ran at about 6, 14 and 17 GFLOP/s
-// (BENCHMARKS.md). The bigger blocks spill their sums to the stack, which costs far less.
+// 24 for 512 and a 16 × 16 one 32 for 1024, and the bigger blocks ran faster at large shapes
+// (BENCHMARKS.md). They spill their sums to the stack, which costs far less.
 // How each entry reads: gemm_ureg reads op(a) and op(b) as scalars; gemm_ureg_vb reads op(b) as
 // vec4 (along N when b is (K, N); when b is (N, K), one vec4 along K per column, transposed in
 // registers); gemm_ureg_vab reads op(a) as vec4 too (a's vec4 rules as the tiled kernels':
@@ -1065,10 +1065,10 @@ fn gemm_ureg_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 }
 
 // gemm_pack_b: c (N, KP) = bᵀ for b (K, N) (one batch entry, f32), columns K .. KP of c zero:
-// the first pass of the packed-B kernel (src/kernels/gemm.rs), which then runs gemm_ureg_vb
+// the first pass of the packed-B kernel (src/kernels/gemm/), which then runs gemm_ureg_vb
 // (or gemm_ureg_vab) with TRANS_B on c. Read down b's columns, gemm_ureg_vb's lanes would each
 // step to a new row of b every k (ldb apart, a new memory page when ldb is 1024 floats or more),
-// which measured 2-3x slower on lavapipe than the run along k that bᵀ gives each lane. KP =
+// which ran slower on lavapipe than the run along k that bᵀ gives each lane. KP =
 // p.ldc, a multiple of 4.
 // Outputs in c's order, workgroups of 256 striding over them (the grid may hold fewer
 // workgroups than outputs / 256 where the adapter's per-dimension limit is small).
@@ -1076,7 +1076,7 @@ fn gemm_ureg_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 fn gemm_pack_b(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) li: u32) {
     let stride = nwg.x * nwg.y * 256u;
-    for (var e = (wid.x + wid.y * nwg.x) * 256u + li; e < p.n * p.ldc; e += stride) {
+    for (var e = global_index(wid, nwg, 256u, li); e < p.n * p.ldc; e += stride) {
         let j = e / p.ldc;
         let k = e % p.ldc;
         var v = 0.0;
@@ -1095,7 +1095,7 @@ fn gemm_pack_b(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 @compute @workgroup_size(256)
 fn gemm_splitk_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) li: u32) {
-    let e = (wid.x + wid.y * nwg.x) * 256u + li;
+    let e = global_index(wid, nwg, 256u, li);
     if (e >= p.m * p.n) {
         return;
     }
@@ -1120,7 +1120,7 @@ var<workgroup> bb_part: array<f32, 256>;
 @compute @workgroup_size(32, 8)
 fn bias_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = wid.x + wid.y * nwg.x;
+    let t = workgroup_index(wid, nwg);
     if (t >= p.tiles) {
         return;
     }

@@ -45,7 +45,7 @@
 //   Chan's parallel-variance formula: sound for rows far from zero, with a single reduction per
 //   row.
 //   Subgroup: one row per workgroup, WG invocations over its channels (lid, lid + WG, ...);
-//   row = wid.x + wid.y · nwg.x. The corrected two-pass algorithm (Björck; Chan, Golub and
+//   row = workgroup_index (include/grid.wgsl). The corrected two-pass algorithm (Björck; Chan, Golub and
 //   LeVeque): m0 = Σ x / C, then one reduction of (Σ d, Σ d²) with d = x - m0 gives
 //   mean = m0 + Σ d / C and var = (Σ d² - (Σ d)² / C) / C. d is exact wherever x lies within a
 //   factor of two of m0 (rows far from zero), so the row's offset costs neither the mean (rounded
@@ -93,8 +93,11 @@ const MAX_ROWS: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-// layernorm_backward_params (and Base's row sums): per thread, then per tree level.
-var<workgroup> red: array<vec2<f32>, MAX_WG>;
+#include "include/grid.wgsl"
+
+// layernorm_backward_params (and Base's row sums): red_vec2, summed per tree level by
+// tree_sum_vec2.
+#include "include/reduce_wg.wgsl"
 // Per row of a backward block: (mean, rstd, mean_c(dnorm), mean_c(dnorm · xhat)).
 var<workgroup> row_stats: array<vec4<f32>, MAX_ROWS>;
 
@@ -159,15 +162,9 @@ var<workgroup> moments: array<vec3<f32>, MAX_WG>;
 // Must be reached by every thread of the workgroup.
 fn row_sum(lid: u32, v: vec2<f32>) -> vec2<f32> {
     let lane = lid % TPR;
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s = s / 2u) {
-        if (lane < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let total = red[lid - lane];
+    red_vec2[lid] = v;
+    tree_sum_vec2(lid, lane, TPR, 1u);
+    let total = red_vec2[lid - lane];
     // Everyone has read its total before red is written again.
     workgroupBarrier();
     return total;
@@ -219,7 +216,7 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
                      @builtin(subgroup_id) sg_id: u32, @builtin(num_subgroups) sg_count: u32,
                      @builtin(subgroup_invocation_id) sg_lane: u32) {
     let sg = subgroup_of(sg_id, sg_count, sg_lane);
-    let row = wid.x + wid.y * nwg.x;
+    let row = workgroup_index(wid, nwg);
     if (row >= p.n) {
         return; // the whole workgroup: past the last row of a folded grid
     }
@@ -255,7 +252,7 @@ fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 fn layernorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>) {
     // No early return: every thread takes part in the reductions, rows past N compute nothing.
-    let row = (wid.x + wid.y * nwg.x) * (WG / TPR) + lid.x / TPR;
+    let row = global_index(wid, nwg, WG / TPR, lid.x / TPR);
     let lane = lid.x % TPR;
     let in_range = row < p.n;
     let base = row * p.c;
@@ -321,7 +318,7 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
 #else
                            @builtin(local_invocation_id) lid: vec3<u32>) {
 #endif
-    let blk = wid.x + wid.y * nwg.x;
+    let blk = workgroup_index(wid, nwg);
     if (blk >= p.blocks) {
         return; // the whole workgroup: past the last block of a folded grid
     }
@@ -424,23 +421,17 @@ fn layernorm_backward_params(@builtin(workgroup_id) wid: vec3<u32>,
     let lanes = WG / COLS;
     let col = lid.x % COLS;
     let lane = lid.x / COLS;
-    let ch = (wid.x + wid.y * nwg.x) * COLS + col;
+    let ch = global_index(wid, nwg, COLS, col);
     var acc = vec2(0.0);
     if (ch < p.c) {
         for (var b = lane; b < p.blocks; b += lanes) {
             acc += vec2(pr_partials[b * p.c + ch], pr_partials[(p.blocks + b) * p.c + ch]);
         }
     }
-    red[lid.x] = acc;
-    workgroupBarrier();
-    for (var s = lanes / 2u; s > 0u; s = s / 2u) {
-        if (lane < s) {
-            red[lid.x] += red[lid.x + s * COLS];
-        }
-        workgroupBarrier();
-    }
+    red_vec2[lid.x] = acc;
+    tree_sum_vec2(lid.x, lane, lanes, COLS);
     if (lane == 0u && ch < p.c) {
-        let total = red[col];
+        let total = red_vec2[col];
         pr_dweight[ch] += total.x;
         pr_dbias[ch] += total.y;
     }

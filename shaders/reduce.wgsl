@@ -32,19 +32,10 @@ override ROOT: bool = true;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-var<workgroup> shared_sum: array<f32, WG>;
+#include "include/grid.wgsl"
 
-// Sums shared_sum[0..WG) into shared_sum[0] as a fixed binary tree. Called from uniform control
-// flow by every invocation of the workgroup.
-fn tree_reduce(l: u32) {
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        if (l < s) {
-            shared_sum[l] += shared_sum[l + s];
-        }
-        workgroupBarrier();
-    }
-}
+// red_f32 and tree_sum_f32: the workgroup's values summed into red_f32[0] by a fixed tree.
+#include "include/reduce_wg.wgsl"
 
 // Bindings for fill: 1 = out (read_write).
 @group(0) @binding(1) var<storage, read_write> fill_out: array<f32>;
@@ -52,7 +43,7 @@ fn tree_reduce(l: u32) {
 @compute @workgroup_size(WG)
 fn fill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = (wid.x + wid.y * nwg.x) * WG + lid.x;
+    let i = global_index(wid, nwg, WG, lid.x);
     if (i < p.n) {
         fill_out[i] = p.value;
     }
@@ -65,7 +56,7 @@ fn fill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 @compute @workgroup_size(WG)
 fn partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_id) lid: vec3<u32>) {
-    let w = wid.x + wid.y * nwg.x;
+    let w = workgroup_index(wid, nwg);
     if (w >= p.groups) {
         return;  // whole workgroups only: the barriers below stay in uniform control flow
     }
@@ -79,10 +70,10 @@ fn partials(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
             acc += x;
         }
     }
-    shared_sum[lid.x] = acc;
-    tree_reduce(lid.x);
+    red_f32[lid.x] = acc;
+    tree_sum_f32(lid.x, lid.x, WG, 1u);
     if (lid.x == 0u) {
-        part_out[p.base + w] = shared_sum[0];
+        part_out[p.base + w] = red_f32[0];
     }
 }
 
@@ -96,10 +87,10 @@ fn finish(@builtin(local_invocation_id) lid: vec3<u32>) {
     for (var j = lid.x; j < p.n; j += WG) {
         acc += fin_partials[j];
     }
-    shared_sum[lid.x] = acc;
-    tree_reduce(lid.x);
+    red_f32[lid.x] = acc;
+    tree_sum_f32(lid.x, lid.x, WG, 1u);
     if (lid.x == 0u) {
-        let total = p.value * shared_sum[0];
+        let total = p.value * red_f32[0];
         if (ROOT) {
             fin_out[0] = sqrt(total);
         } else {

@@ -19,9 +19,7 @@ override WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
-    return (wid.x + wid.y * nwg.x) * WG + lid.x;
-}
+#include "include/grid.wgsl"
 
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
@@ -30,7 +28,7 @@ fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
 @compute @workgroup_size(WG)
 fn residual_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = index(wid, nwg, lid);
+    let i = global_index(wid, nwg, WG, lid.x);
     if (i < p.n) {
         out[i] = a[i] + b[i];
     }
@@ -44,7 +42,7 @@ fn residual_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
 @compute @workgroup_size(WG)
 fn residual_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = index(wid, nwg, lid);
+    let i = global_index(wid, nwg, WG, lid.x);
     if (i < p.n) {
         let g = bw_dout[i];
         bw_da[i] += g;
@@ -59,7 +57,7 @@ fn residual_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 @compute @workgroup_size(WG)
 fn accumulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = index(wid, nwg, lid);
+    let i = global_index(wid, nwg, WG, lid.x);
     if (i < p.n) {
         if (p.accumulate != 0u) {
             acc_dst[i] += acc_src[i];

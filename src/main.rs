@@ -97,6 +97,11 @@ pub enum KernelsCommand {
         /// Shape, e.g. 127x45x129 (the family's awkward default shapes when omitted).
         #[arg(long)]
         shape: Option<String>,
+        /// Check every variant in every layout (gemm: every kernel under every transpose, vec4
+        /// and f16 combination), not each variant in the layouts that build its pipeline once.
+        /// Slow where the shader cache is empty.
+        #[arg(long)]
+        exhaustive: bool,
     },
     /// Time a kernel family's variants on the GPU.
     Bench {

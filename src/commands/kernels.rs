@@ -16,7 +16,14 @@ pub fn kernels(args: &GpuArgs, cmd: KernelsCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        KernelsCommand::Check { kernel, shape } => check(args, kernel.as_deref(), shape.as_deref()),
+        KernelsCommand::Check {
+            kernel,
+            shape,
+            exhaustive,
+        } => {
+            harness::set_exhaustive(exhaustive);
+            check(args, kernel.as_deref(), shape.as_deref())
+        }
         KernelsCommand::Bench {
             kernel,
             shape,

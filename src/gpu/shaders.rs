@@ -85,6 +85,14 @@ pub const INCLUDES: &[(&str, &str)] = &[
         include_str!("../../shaders/include/gelu.wgsl"),
     ),
     (
+        "include/grid.wgsl",
+        include_str!("../../shaders/include/grid.wgsl"),
+    ),
+    (
+        "include/reduce_wg.wgsl",
+        include_str!("../../shaders/include/reduce_wg.wgsl"),
+    ),
+    (
         "include/step.wgsl",
         include_str!("../../shaders/include/step.wgsl"),
     ),

@@ -2,6 +2,8 @@
 //! a `Family` with a check (GPU against the CPU reference, forward and backward) and a bench
 //! (GPU time per call, throughput, variant), in the spirit of llm.c's dev/cuda.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::error::{Error, Result};
 use crate::gpu::{Cost, Dispatch, Gpu, TimingMethod};
 use crate::reference::{Comparison, Real, compare};
@@ -18,6 +20,21 @@ pub struct Family {
     pub bench_shape: &'static [usize],
     pub check: fn(&Gpu, &[usize]) -> Result<Vec<CheckReport>>,
     pub bench: fn(&Gpu, &[usize], &BenchOptions) -> Result<Vec<BenchReport>>,
+}
+
+/// Whether checks sweep every variant over every layout (`kernels check --exhaustive`) rather
+/// than each variant over the layouts that build its pipelines once. Families without such a
+/// sweep ignore it.
+static EXHAUSTIVE: AtomicBool = AtomicBool::new(false);
+
+/// Asks the checks that run after it for their exhaustive sweeps (or not).
+pub fn set_exhaustive(on: bool) {
+    EXHAUSTIVE.store(on, Ordering::Relaxed);
+}
+
+/// Whether `set_exhaustive` asked for exhaustive sweeps.
+pub fn exhaustive() -> bool {
+    EXHAUSTIVE.load(Ordering::Relaxed)
 }
 
 /// Every family, in the order `kernels list` prints them.

@@ -1,6 +1,8 @@
-//! Kernel launchers: one module per shader file. Each module holds the params struct mirrored
-//! from its WGSL, the `KernelSpec` of every entry point, the dispatch geometry, shape checks, and
-//! the harness hooks (`check`, `bench`) used by `shaderformer kernels` and the tests.
+//! Kernel launchers: one module per shader file. Each family's `mod.rs` holds the params struct
+//! mirrored from its WGSL, the `KernelSpec` of every entry point, the dispatch geometry and shape
+//! checks: what the graph and inference call. Its `check.rs` holds the harness hooks (`FAMILY`,
+//! `check`, `bench`) used by `shaderformer kernels` and the tests; a family with a variant
+//! catalogue keeps it (names, candidates, tuning) in a file of its own (gemm's `variants.rs`).
 //!
 //! Launchers never submit: they return `Dispatch`es that the caller records (once, or every step).
 //! Legend for shapes: B batch, T sequence, C channels, NH heads, HS head size, V vocabulary.
