@@ -1,5 +1,6 @@
 //! `shaderformer bench --suite quick|full`: every headline benchmark in one process, one JSON and
-//! one table. `quick` is sized to finish in minutes on a software adapter (lavapipe); `full` is
+//! one table. `quick` measures the headline figures at small shapes (on lavapipe its GEMM
+//! section, every candidate at 1024^3 in each layout, alone takes over ten minutes); `full` is
 //! what a real GPU runs (GEMM at 4096^3, attention at T 1024, GPT-2 124M's training step at
 //! B 4 T 1024).
 //!

@@ -67,7 +67,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     json: Option<std::path::PathBuf>,
     /// Run every headline benchmark (GEMM, attention, training steps, prefill and decode) in one
-    /// process: `quick` in minutes on a software adapter, `full` for a real GPU. Other flags
+    /// process: `quick` at small shapes, `full` at the shapes a real GPU needs. Other flags
     /// are ignored, but `--json`.
     #[arg(long, value_enum)]
     suite: Option<SuiteArg>,
