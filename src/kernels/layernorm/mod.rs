@@ -68,7 +68,7 @@ const TARGET_BLOCKS: usize = 512;
 /// Fewest rows per backward block, so the partials are at most 1/4 of the size of dout.
 const MIN_ROWS: usize = 8;
 /// Channels per workgroup of the final dweight/dbias reduction.
-const PARAMS_COLS: u32 = 32;
+pub(super) const PARAMS_COLS: u32 = 32;
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::LayerNorm,
@@ -118,7 +118,7 @@ pub fn params_layout() -> super::ParamsLayout {
 }
 
 /// Threads per workgroup of every layernorm kernel but the subgroup forward.
-const WG: u32 = 256;
+pub(super) const WG: u32 = 256;
 
 /// Which kernels compute the row reductions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -305,7 +305,7 @@ impl TuneTensors {
 
 /// Threads per row in the row reductions: a power of two giving each thread about
 /// `CHANNELS_PER_THREAD` channels, from 1 to WG.
-fn threads_per_row(c: usize) -> u32 {
+pub(super) fn threads_per_row(c: usize) -> u32 {
     const CHANNELS_PER_THREAD: usize = 32;
     c.div_ceil(CHANNELS_PER_THREAD)
         .next_power_of_two()
@@ -320,7 +320,7 @@ fn subgroup_forward_threads(c: usize) -> u32 {
 }
 
 /// (rows per block, blocks) of the backward for N rows.
-fn blocking(n: usize) -> (usize, usize) {
+pub(super) fn blocking(n: usize) -> (usize, usize) {
     let rows = n.div_ceil(TARGET_BLOCKS).clamp(MIN_ROWS, MAX_ROWS);
     (rows, n.div_ceil(rows))
 }

@@ -16,6 +16,9 @@ pub use check::FAMILY;
 
 use bytemuck::{Pod, Zeroable};
 
+// The row-kernel geometry is layernorm's: the same workgroup size, threads per row, backward
+// blocks (both shaders hold MAX_ROWS = 256 rows' statistics) and dweight reduction columns.
+use super::layernorm::{PARAMS_COLS, WG, blocking, threads_per_row};
 use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -59,18 +62,6 @@ pub struct BackwardTensors<'a> {
     pub weight: &'a View,
     pub rstd: &'a View,
 }
-
-/// Most rows one backward workgroup handles (the shader's MAX_ROWS).
-const MAX_ROWS: usize = 256;
-/// Backward blocks to aim for: enough workgroups to fill a big GPU, few enough partials that
-/// their scratch and final reduction stay small next to the (N, C) tensors.
-const TARGET_BLOCKS: usize = 512;
-/// Fewest rows per backward block, so the partials are at most 1/8 of the size of dout.
-const MIN_ROWS: usize = 8;
-/// Channels per workgroup of the final dweight reduction.
-const PARAMS_COLS: u32 = 32;
-/// Threads per workgroup of every rmsnorm kernel.
-const WG: u32 = 256;
 
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::RmsNorm,
@@ -118,21 +109,6 @@ pub fn params_layout() -> super::ParamsLayout {
         accumulate,
         eps
     })
-}
-
-/// Threads per row in the row reductions: a power of two giving each thread about
-/// `CHANNELS_PER_THREAD` channels, from 1 to WG.
-fn threads_per_row(c: usize) -> u32 {
-    const CHANNELS_PER_THREAD: usize = 32;
-    c.div_ceil(CHANNELS_PER_THREAD)
-        .next_power_of_two()
-        .min(WG as usize) as u32
-}
-
-/// (rows per block, blocks) of the backward for N rows.
-fn blocking(n: usize) -> (usize, usize) {
-    let rows = n.div_ceil(TARGET_BLOCKS).clamp(MIN_ROWS, MAX_ROWS);
-    (rows, n.div_ceil(rows))
 }
 
 fn check_shapes(
