@@ -46,10 +46,10 @@ pub struct GpuArgs {
 impl GpuArgs {
     /// `--tune`, else `SHADERFORMER_TUNE` (an empty variable counts as unset), else on; a bad
     /// value is an error naming where it came from.
-    pub fn tune_mode(&self) -> Result<gpu::tune::TuneMode> {
+    pub fn tune_mode(&self) -> Result<gpu::tuning_cache::TuneMode> {
         match &self.tune {
             Some(s) => s.parse(),
-            None => gpu::tune::TuneMode::from_env_or(gpu::tune::TuneMode::On),
+            None => gpu::tuning_cache::TuneMode::from_env_or(gpu::tuning_cache::TuneMode::On),
         }
     }
 
@@ -93,7 +93,7 @@ enum Command {
     /// Benchmark training and inference on random weights of a GPT-2 shape.
     Bench(commands::bench::BenchArgs),
     /// Measure every kernel variant of a workload on this adapter and cache the winners.
-    Tune(commands::tune::TuneArgs),
+    Tune(commands::tune_ahead::TuneArgs),
     /// Draw the loss curves of one or several runs' metrics files (train --metrics) as SVG.
     Plot(commands::plot::PlotArgs),
 }
@@ -154,7 +154,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Sample(a) => commands::train::sample(&cli.gpu, &a),
         Command::Score(a) => commands::score::score(&cli.gpu, &a),
         Command::Bench(a) => commands::bench::bench(&cli.gpu, &a),
-        Command::Tune(a) => commands::tune::tune(&cli.gpu, &a),
+        Command::Tune(a) => commands::tune_ahead::tune(&cli.gpu, &a),
         Command::Plot(a) => commands::plot::plot(&a),
     }
 }

@@ -260,7 +260,7 @@ fn native(args: &[&str]) -> Output {
     native_with(args, &[])
 }
 
-use shaderformer::gpu::tune::ENV_CACHE_DIR;
+use shaderformer::gpu::tuning_cache::ENV_CACHE_DIR;
 
 /// `native` with environment variables set.
 fn native_with(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Output {
@@ -361,7 +361,7 @@ type Losses = Vec<(u64, f32)>;
 /// problem (`kernels`: the page's report, "family: problem" to variant), so that a native run
 /// with `--tune cached` and SHADERFORMER_CACHE_DIR=`dir` computes with the page's kernels.
 fn page_kernels_cache(kernels: &Value, dir: &Path) {
-    use shaderformer::gpu::tune::{Choice, Tuner};
+    use shaderformer::gpu::tuning_cache::{Choice, Tuner};
     use shaderformer::gpu::{Gpu, GpuOptions, TuneMode};
     let gpu = Gpu::new(&GpuOptions {
         tune: TuneMode::Off,

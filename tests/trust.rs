@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use shaderformer::gpu::test_gpu;
-use shaderformer::gpu::tune::Problem;
+use shaderformer::gpu::tuning_cache::Problem;
 use shaderformer::kernels::{baseline, gemm};
 use shaderformer::train::checkpoint;
 

@@ -308,10 +308,10 @@ fn a_resumed_run_keeps_its_checkpoints_variants_whatever_the_cache_says() {
 /// `--tune on` blocks on, and the next build of the same problem gets the winner.
 #[test]
 fn a_deferred_problem_takes_the_fixed_rule_until_tune_pending_measures_it() {
-    use shaderformer::gpu::tune::Lookup;
+    use shaderformer::gpu::tuning_cache::Lookup;
     use shaderformer::gpu::{TuneMode, block_on, own_test_gpu};
     use shaderformer::kernels::gemm::{LinearDims, linear_forward};
-    use shaderformer::kernels::tune::tune_pending;
+    use shaderformer::kernels::measure::tune_pending;
     let Some(gpu) = own_test_gpu(TuneMode::On) else {
         return;
     };

@@ -5,4 +5,4 @@ pub mod kernels;
 pub mod plot;
 pub mod score;
 pub mod train;
-pub mod tune;
+pub mod tune_ahead;

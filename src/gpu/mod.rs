@@ -14,7 +14,7 @@ pub mod signal;
 /// the dev-dependency on this crate turns on, its integration tests; never in a build that ships.
 #[cfg(all(not(target_arch = "wasm32"), any(test, feature = "testing")))]
 mod testing;
-pub mod tune;
+pub mod tuning_cache;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +27,7 @@ pub use shaders::{Shader, ShaderSource, ShaderVariant};
 pub use signal::Signal;
 #[cfg(all(not(target_arch = "wasm32"), any(test, feature = "testing")))]
 pub use testing::{own_test_gpu, test_gpu};
-pub use tune::{TuneMode, Tuner};
+pub use tuning_cache::{TuneMode, Tuner};
 
 use crate::error::{Error, Result};
 
@@ -176,7 +176,7 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
     shaders: ShaderSource,
-    /// Measured kernel choices for this adapter (`kernels::tune` measures).
+    /// Measured kernel choices for this adapter (`kernels::measure` measures).
     pub tuner: Tuner,
     modules: Mutex<HashMap<(Shader, ShaderVariant), wgpu::ShaderModule>>,
     layouts: Mutex<HashMap<Vec<Binding>, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
@@ -247,8 +247,8 @@ impl Gpu {
         let info = adapter.get_info();
         let tuner = Tuner::new(
             tune,
-            tune::Identity::new(&info, shaders.hash()),
-            tune::cache_dir().as_deref(),
+            tuning_cache::Identity::new(&info, shaders.hash()),
+            tuning_cache::cache_dir().as_deref(),
         );
         let features = adapter.features() & OPTIONAL_FEATURES;
         // Ask for everything the adapter really offers, not wgpu's conservative defaults:

@@ -61,7 +61,7 @@ pub fn for_adapter(adapter: &str) -> BTreeMap<String, String> {
             continue;
         }
         for c in table.choices {
-            out.insert(super::tune::key(&c.family, &c.problem), c.winner);
+            out.insert(super::tuning_cache::key(&c.family, &c.problem), c.winner);
         }
     }
     out

@@ -509,7 +509,7 @@ impl ShaderSource {
                 text.push(0);
             }
         }
-        super::tune::fnv1a(&text)
+        super::tuning_cache::fnv1a(&text)
     }
 }
 

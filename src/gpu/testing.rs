@@ -35,7 +35,7 @@ pub fn own_test_gpu(mode: super::TuneMode) -> Option<Gpu> {
         ..GpuOptions::from_env()
     };
     let mut gpu = Gpu::new(&options).expect("a second device on the adapter test_gpu opened");
-    gpu.tuner = super::tune::Tuner::new(mode, gpu.tuner.identity().clone(), None);
+    gpu.tuner = super::tuning_cache::Tuner::new(mode, gpu.tuner.identity().clone(), None);
     Some(gpu)
 }
 

@@ -9,7 +9,7 @@
 //! the shader file. Families without a check here are measured as before.
 
 use crate::error::{Error, Result};
-use crate::gpu::tune::Problem;
+use crate::gpu::tuning_cache::Problem;
 use crate::gpu::{Gpu, Shader, block_on};
 use crate::reference::gemm::{Layout, Layouts, Product};
 use crate::rng::Rng;

@@ -17,12 +17,12 @@ pub mod gelu;
 pub mod gemm;
 pub mod harness;
 pub mod layernorm;
+pub mod measure;
 pub mod reduce;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
-pub mod tune;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Cost, DType, Dispatch, Gpu, KernelSpec, View, grid};

@@ -70,7 +70,7 @@ pub(super) fn dropped_kernels(gpu: &Gpu) -> Vec<String> {
          chosen again ({}), so the run is not bit for bit the one that wrote the checkpoint:",
         dropped.len(),
         match gpu.tuner.mode() {
-            crate::gpu::tune::TuneMode::On => "measured, or taken from the tuning cache",
+            crate::gpu::tuning_cache::TuneMode::On => "measured, or taken from the tuning cache",
             _ => "by the tuning cache or the fixed rule",
         }
     )];

@@ -14,7 +14,7 @@ use shaderformer::gpu::{DType, Gpu, GpuOptions, TuneMode};
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore, Shard, StepResult};
 use shaderformer::infer::{self, Engine, SampleOptions};
 use shaderformer::io::vocab::Vocab;
-use shaderformer::kernels::tune;
+use shaderformer::kernels::measure;
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::model::{GptConfig, ParamTable};
 use shaderformer::rng::Rng;
@@ -51,11 +51,11 @@ async fn gpu() -> JsResult<&'static Gpu> {
 }
 
 /// Measures every kernel problem met since the last call and not measured before (see
-/// `kernels::tune`); returns how many. What is built afterwards uses the winners.
+/// `kernels::measure`); returns how many. What is built afterwards uses the winners.
 #[wasm_bindgen]
 pub async fn tune_kernels() -> JsResult<u32> {
     let gpu = gpu().await?;
-    let n = tune::tune_pending(gpu).await.map_err(err)?;
+    let n = measure::tune_pending(gpu).await.map_err(err)?;
     Ok(n as u32)
 }
 

@@ -312,10 +312,10 @@ impl Variant {
 }
 
 /// The variant `forward` or `backward` takes for this problem: measured among
-/// `Variant::candidates` (see `kernels::tune`), `Variant::rule` being the fixed rule. The
+/// `Variant::candidates` (see `kernels::measure`), `Variant::rule` being the fixed rule. The
 /// variants sum in different orders, so they agree to rounding, not bit for bit.
 pub(super) fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result<Variant> {
-    use crate::kernels::tune::{self, Problem, Trial, bucket};
+    use crate::kernels::measure::{self, Problem, Trial, bucket};
     let Dims { b, t, nh, hs } = dims;
     let storage = storage_limit(gpu);
     let variants: Vec<Variant> = Variant::candidates(stage, hs, storage)?
@@ -345,7 +345,7 @@ pub(super) fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result
         dropout: None,
     };
     let mut tensors: Option<[View; 5]> = None;
-    let name = tune::choose(gpu, &problem, &mut |name| {
+    let name = measure::choose(gpu, &problem, &mut |name| {
         let v = Variant::by_name(&variants, name)?;
         if tensors.is_none() {
             let mut rng = Rng::new(0xa77e);
@@ -399,7 +399,7 @@ pub(super) fn storage_limit(gpu: &Gpu) -> u32 {
 /// fixed rule's tiling or the row kernel, measured with the caches full (pos0 = Tmax - Tq), the
 /// longest attention a decoding dispatch moved by `set_position` computes.
 pub(super) fn tuned_cached(gpu: &Gpu, cache: DType, dims: Dims, tmax: usize) -> Result<Variant> {
-    use crate::kernels::tune::{self, Problem, Trial, bucket};
+    use crate::kernels::measure::{self, Problem, Trial, bucket};
     let Dims { b, t: tq, nh, hs } = dims;
     let rule = Variant::rule(Stage::Forward, hs, storage_limit(gpu))?;
     let variants = [rule, Variant::Rows(ROWS_WG)];
@@ -423,7 +423,7 @@ pub(super) fn tuned_cached(gpu: &Gpu, cache: DType, dims: Dims, tmax: usize) -> 
     };
     let c = nh * hs;
     let mut tensors: Option<[View; 4]> = None;
-    let name = tune::choose(gpu, &problem, &mut |name| {
+    let name = measure::choose(gpu, &problem, &mut |name| {
         let v = Variant::by_name(&variants, name)?;
         if tensors.is_none() {
             let mut rng = Rng::new(0xdec0);

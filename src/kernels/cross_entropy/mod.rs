@@ -167,11 +167,11 @@ struct Kernels {
 
 /// The variant `forward` and `backward` take for N rows of V logits (stride Vp): measured
 /// among the fixed rule's kernels, the other load width where the shape allows it, and the row
-/// kernels (see `kernels::tune`). The variants sum in different orders, so they agree to rounding.
+/// kernels (see `kernels::measure`). The variants sum in different orders, so they agree to rounding.
 /// The backward takes the forward's choice: it works in place, so a trial could not rerun it on
 /// the same input, and it follows the same row layout.
 fn tuned(gpu: &Gpu, logits: &View, dims: Dims) -> Result<Variant> {
-    use super::tune::{self, Problem, Trial, bucket};
+    use super::measure::{self, Problem, Trial, bucket};
     let Dims { n, v, vp } = dims;
     let rule = if Variant::Auto.vec4(gpu, logits, vp) {
         Variant::Vec4
@@ -204,7 +204,7 @@ fn tuned(gpu: &Gpu, logits: &View, dims: Dims) -> Result<Variant> {
         rtol: 1e-4,
     };
     let mut tensors: Option<[View; 4]> = None;
-    let name = tune::choose(gpu, &problem, &mut |name| {
+    let name = measure::choose(gpu, &problem, &mut |name| {
         let variant = by_name(name).ok_or_else(|| {
             Error::invalid("cross_entropy tuning", format!("no variant '{name}'"))
         })?;

@@ -1,5 +1,5 @@
 //! Measured GEMM kernel choice: the tuning problem of a matmul (its bucket, shape and
-//! candidates) and the trial tensors its candidates are measured on (see `kernels::tune`).
+//! candidates) and the trial tensors its candidates are measured on (see `kernels::measure`).
 
 use super::operand::{normalized, vec4_ok};
 use super::{
@@ -10,7 +10,7 @@ use crate::gpu::{DType, Gpu, View};
 use crate::kernels::round_f16;
 use crate::rng::Rng;
 
-/// The measured kernel for `mm` on these operands (see `kernels::tune`). Problems share a
+/// The measured kernel for `mm` on these operands (see `kernels::measure`). Problems share a
 /// measurement when their transposes, bucketed dimensions and batch, vec4 eligibility and B's
 /// element type agree; the measurement runs on fresh tensors laid out like the real operands.
 pub(super) fn tuned(
@@ -20,7 +20,7 @@ pub(super) fn tuned(
     a: &Operand,
     b: &Operand,
 ) -> Result<Kernel> {
-    use crate::kernels::tune::{self, Trial};
+    use crate::kernels::measure::{self, Trial};
     let rule = fixed_rule(gpu, mm);
     let problem = tune_problem(gpu, mm, a, b, rule);
     let Matmul { m, n, batch, .. } = *mm;
@@ -32,7 +32,7 @@ pub(super) fn tuned(
         epilogue: Epilogue::None,
         ..*mm
     };
-    let name = tune::choose(gpu, &problem, &mut |name| {
+    let name = measure::choose(gpu, &problem, &mut |name| {
         let kernel = Kernel::from_name(name)
             .ok_or_else(|| Error::invalid("gemm tuning", format!("unknown kernel '{name}'")))?;
         if inputs.is_none() {
@@ -69,8 +69,8 @@ fn tune_problem(
     a: &Operand,
     b: &Operand,
     rule: Kernel,
-) -> crate::kernels::tune::Problem {
-    use crate::kernels::tune::{Problem, bucket};
+) -> crate::kernels::measure::Problem {
+    use crate::kernels::measure::{Problem, bucket};
     let kernels = candidates(gpu, mm, a, b);
     let baseline = if kernels.contains(&rule) {
         rule

@@ -532,7 +532,7 @@ pub const SLOW_BUILD_MIN_FMAS: usize = 1 << 24;
 /// bucket is offered the same candidates (a cached winner that one of them was not offered would
 /// be measured again).
 fn bucket_fmas(mm: &Matmul) -> usize {
-    use crate::kernels::tune::bucket;
+    use crate::kernels::measure::bucket;
     bucket(mm.m) * bucket(mm.n) * bucket(mm.k) * bucket(mm.batch)
 }
 

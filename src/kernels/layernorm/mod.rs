@@ -192,10 +192,10 @@ enum Pass {
 }
 
 /// The variant `forward` or `backward` takes for N rows of C channels: measured among
-/// `Variant::available` (see `kernels::tune`), `Variant::best` being the fixed rule. The two
+/// `Variant::available` (see `kernels::measure`), `Variant::best` being the fixed rule. The two
 /// variants reduce in different orders, so their results agree to rounding, not bit for bit.
 fn tuned(gpu: &Gpu, pass: Pass, dims: Dims) -> Result<Variant> {
-    use super::tune::{self, Problem, bucket};
+    use super::measure::{self, Problem, bucket};
     let Dims { n, c } = dims;
     let variants = Variant::available(gpu);
     let pass_name = if pass == Pass::Forward {
@@ -213,7 +213,7 @@ fn tuned(gpu: &Gpu, pass: Pass, dims: Dims) -> Result<Variant> {
         rtol: 1e-4,
     };
     let mut tensors: Option<TuneTensors> = None;
-    let name = tune::choose(gpu, &problem, &mut |name| {
+    let name = measure::choose(gpu, &problem, &mut |name| {
         let v = Variant::from_name(name)
             .filter(|v| variants.contains(v))
             .ok_or_else(|| Error::invalid("layernorm tuning", format!("no variant '{name}'")))?;
@@ -278,7 +278,13 @@ impl TuneTensors {
     }
 
     /// One measurement of variant `v` on `pass`.
-    fn trial(&self, gpu: &Gpu, pass: Pass, v: Variant, dims: Dims) -> Result<super::tune::Trial> {
+    fn trial(
+        &self,
+        gpu: &Gpu,
+        pass: Pass,
+        v: Variant,
+        dims: Dims,
+    ) -> Result<super::measure::Trial> {
         let dispatches = match pass {
             Pass::Forward => vec![forward_with(gpu, v, self.forward(), dims)?],
             // dinp (overwritten) lands in `out`: the forward's output is no longer needed.
@@ -296,7 +302,7 @@ impl TuneTensors {
                 backward_with(gpu, v, bwd, dims, false)?
             }
         };
-        Ok(super::tune::Trial {
+        Ok(super::measure::Trial {
             dispatches,
             output: self.out.clone(),
         })

@@ -21,8 +21,8 @@ use web_time::Instant;
 
 use super::harness::{self, BenchOptions};
 use crate::error::{Error, Result};
-use crate::gpu::tune::{Built, Choice, Deferred, Lookup};
-pub use crate::gpu::tune::{Problem, Trial};
+use crate::gpu::tuning_cache::{Built, Choice, Deferred, Lookup};
+pub use crate::gpu::tuning_cache::{Problem, Trial};
 use crate::gpu::{Gpu, block_on};
 
 /// Longest a candidate is timed for before the measurement stops early (seconds).

@@ -1,7 +1,7 @@
 //! The store of measured kernel choices: which variant of a kernel family won on this adapter for
 //! each problem, kept in memory and in a cache file per adapter.
 //!
-//! Kernel families declare their candidates and run the measurements (`kernels::tune`); this
+//! Kernel families declare their candidates and run the measurements (`kernels::measure`); this
 //! module only decides whether a problem needs measuring (`TuneMode`), remembers the outcome and
 //! persists it. The cache file lives in the user's cache directory, one file per adapter,
 //! identified by the adapter's name, vendor and device id, driver, backend, this crate's version
@@ -12,7 +12,7 @@
 //!
 //! Where measuring cannot block (a browser's GPU answers only from its event loop), a problem
 //! that needs measuring is deferred instead: the fixed rule serves at once, and the problem waits
-//! here, its candidates built, until `kernels::tune::tune_pending` measures it.
+//! here, its candidates built, until `kernels::measure::tune_pending` measures it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@ use clap::Args;
 
 use shaderformer::bench;
 use shaderformer::error::Result;
-use shaderformer::gpu::tune::Choice;
+use shaderformer::gpu::tuning_cache::Choice;
 use shaderformer::gpu::{DType, Gpu, TuneMode};
 
 use super::bench::{ModelArgs, at_least_one};
