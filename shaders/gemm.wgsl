@@ -31,17 +31,19 @@
 //                    and op(b) in workgroup memory, and each invocation keeps a (4·RM) × (4·RN)
 //                    register block. Tails in M, N and K are zero-filled, so any shape works.
 //   gemm_tiled_va, gemm_tiled_vb, gemm_tiled_vab
-//                    the same with a, b or both read as vec4. The launcher picks these only when
-//                    the operand's view holds a whole number of vec4s and its offset, ld and batch
-//                    stride are multiples of 4, so every vec4 read lies inside the binding; the
-//                    lanes past the operand's edge are zeroed. For GPUs (workgroup memory is
-//                    fast there); 8 × 8 blocks on 64 × 64 and 128 × 64 tiles as gpu.cpp's kernel.
+//                    the same with a, b or both read as vec4: gemm_tiled compiled with VEC_A,
+//                    VEC_B or both defined (entry forms, src/gpu/shaders.rs). The launcher picks
+//                    these only when the operand's view holds a whole number of vec4s and its
+//                    offset, ld and batch stride are multiples of 4, so every vec4 read lies
+//                    inside the binding; the lanes past the operand's edge are zeroed. For GPUs
+//                    (workgroup memory is fast there); 8 × 8 blocks on 64 × 64 and 128 × 64 tiles
+//                    as gpu.cpp's kernel.
 //   gemm_reg, gemm_reg_vb
 //                    register blocks straight from memory, no workgroup memory or barriers, b read
 //                    as scalars or vec4: meant for CPU adapters (lavapipe), see below.
 //   gemm_ureg, gemm_ureg_vb, gemm_ureg_vab
 //                    gemm_reg's 8 × 4 to 16 × 8 blocks written out with named registers (see
-//                    there), b or both operands read as vec4.
+//                    there), b or both operands read as vec4 (entry forms of gemm_ureg).
 //   gemm_pack_b      the first pass of the packed-B kernel: bᵀ into a scratch buffer, so that
 //                    gemm_ureg_vb or gemm_ureg_vab reads it along K (see there).
 //   gemm_splitk_reduce
@@ -446,9 +448,24 @@ fn multiply_slice(lid: vec3<u32>) {
     workgroupBarrier();
 }
 
-// The entry points differ only in how they load the tiles (op(a) and op(b) as scalars or vec4):
-// each statically reads one of the aliased bindings a / a4 and b / b4, which is why the loop is
-// written out in each of them.
+// The tile loads: op(a) and op(b) as scalars, or as vec4 where the entry form defines VEC_A,
+// VEC_B (gemm_tiled_va, _vb, _vab: gemm_tiled compiled with those names, src/gpu/shaders.rs).
+// An entry point reads one of the aliased bindings a / a4 and b / b4, never both.
+fn tile_load_a(z: u32, m0: u32, k0: u32, li: u32) {
+#if VEC_A
+    load_a_vec4(z, m0, k0, li);
+#else
+    load_a(z, m0, k0, li);
+#endif
+}
+
+fn tile_load_b(z: u32, n0: u32, k0: u32, li: u32) {
+#if VEC_B
+    load_b_vec4(z, n0, k0, li);
+#else
+    load_b(z, n0, k0, li);
+#endif
+}
 
 @compute @workgroup_size(WG_N, WG_M)
 fn gemm_tiled(w: Wg, t: Inv) {
@@ -456,50 +473,8 @@ fn gemm_tiled(w: Wg, t: Inv) {
     for (var z = first_entry(w, o); z < p.batch; z += w.nwg.z) {
         clear_acc();
         for (var k0 = 0u; k0 < p.k; k0 += BK) {
-            load_a(z, o.x, k0, t.li);
-            load_b(z, o.y, k0, t.li);
-            multiply_slice(t.lid);
-        }
-        store_c(z, o.x, o.y, t.lid);
-    }
-}
-
-@compute @workgroup_size(WG_N, WG_M)
-fn gemm_tiled_va(w: Wg, t: Inv) {
-    let o = tile_origin(w);
-    for (var z = first_entry(w, o); z < p.batch; z += w.nwg.z) {
-        clear_acc();
-        for (var k0 = 0u; k0 < p.k; k0 += BK) {
-            load_a_vec4(z, o.x, k0, t.li);
-            load_b(z, o.y, k0, t.li);
-            multiply_slice(t.lid);
-        }
-        store_c(z, o.x, o.y, t.lid);
-    }
-}
-
-@compute @workgroup_size(WG_N, WG_M)
-fn gemm_tiled_vb(w: Wg, t: Inv) {
-    let o = tile_origin(w);
-    for (var z = first_entry(w, o); z < p.batch; z += w.nwg.z) {
-        clear_acc();
-        for (var k0 = 0u; k0 < p.k; k0 += BK) {
-            load_a(z, o.x, k0, t.li);
-            load_b_vec4(z, o.y, k0, t.li);
-            multiply_slice(t.lid);
-        }
-        store_c(z, o.x, o.y, t.lid);
-    }
-}
-
-@compute @workgroup_size(WG_N, WG_M)
-fn gemm_tiled_vab(w: Wg, t: Inv) {
-    let o = tile_origin(w);
-    for (var z = first_entry(w, o); z < p.batch; z += w.nwg.z) {
-        clear_acc();
-        for (var k0 = 0u; k0 < p.k; k0 += BK) {
-            load_a_vec4(z, o.x, k0, t.li);
-            load_b_vec4(z, o.y, k0, t.li);
+            tile_load_a(z, o.x, k0, t.li);
+            tile_load_b(z, o.y, k0, t.li);
             multiply_slice(t.lid);
         }
         store_c(z, o.x, o.y, t.lid);
@@ -634,6 +609,16 @@ fn reg_clear() {
     }
 }
 
+// One k chunk of op(b) (nq = 4, or the last 1 to 3 k): as scalars, or as vec4 in the VEC_B form
+// (gemm_reg_vb).
+fn reg_load_b_form(z: u32, j0: u32, k0: u32, nq: u32) {
+#if VEC_B
+    reg_load_b_vec4(z, j0, k0);
+#else
+    reg_load_b(z, j0, k0, nq);
+#endif
+}
+
 @compute @workgroup_size(REG_WG)
 fn gemm_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -647,7 +632,7 @@ fn gemm_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         var k0 = zk.y;
         for (; k0 + 4u <= zk.z; k0 += 4u) {
             reg_load_a(zk.x, o.x, k0, 4u);
-            reg_load_b(zk.x, o.y, k0, 4u);
+            reg_load_b_form(zk.x, o.y, k0, 4u);
             for (var q = 0u; q < 4u; q++) {
                 reg_fma(q);
             }
@@ -656,38 +641,7 @@ fn gemm_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         let left = zk.z - k0;
         if (left > 0u) {
             reg_load_a(zk.x, o.x, k0, left);
-            reg_load_b(zk.x, o.y, k0, left);
-            for (var q = 0u; q < left; q++) {
-                reg_fma(q);
-            }
-        }
-        reg_store(z, o.x, o.y);
-    }
-}
-
-@compute @workgroup_size(REG_WG)
-fn gemm_reg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let o = reg_origin(wid, nwg, lid.x);
-    if (o.x >= p.m) {
-        return;
-    }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
-        let zk = reg_range(z);
-        reg_clear();
-        var k0 = zk.y;
-        for (; k0 + 4u <= zk.z; k0 += 4u) {
-            reg_load_a(zk.x, o.x, k0, 4u);
-            reg_load_b_vec4(zk.x, o.y, k0);
-            for (var q = 0u; q < 4u; q++) {
-                reg_fma(q);
-            }
-        }
-        // The last 1 to 3 k, in order.
-        let left = zk.z - k0;
-        if (left > 0u) {
-            reg_load_a(zk.x, o.x, k0, left);
-            reg_load_b_vec4(zk.x, o.y, k0);
+            reg_load_b_form(zk.x, o.y, k0, left);
             for (var q = 0u; q < left; q++) {
                 reg_fma(q);
             }
@@ -971,15 +925,29 @@ fn ureg_zero() -> UregBlock {
     return UregBlock(s, s, s, s, s, s, s, s);
 }
 
-// The chunk at k of gemm_ureg (o: the block's first row and column; rows: its row addresses,
-// 0-7 and 8-15).
-fn ureg_chunk_scalar(s: UregBlock, z: u32, o: vec2<u32>, rows: array<UregRows, 2>, k: u32,
-                     kend: u32, n: u32) -> UregBlock {
+// The chunk at k of the block (o: its first row and column; rows: its row addresses, 0-7 and
+// 8-15; base: b's batch entry): op(a) as scalars, or as vec4 in the VEC_A form; op(b) as scalars,
+// or as vec4 in the VEC_B form (gemm_ureg_vb, gemm_ureg_vab: gemm_ureg compiled with those names).
+fn ureg_k_chunk(s: UregBlock, z: u32, o: vec2<u32>, rows: array<UregRows, 2>, base: u32, k: u32,
+                kend: u32, n: u32) -> UregBlock {
     var x1: UregA;
+#if VEC_A
+    if (REG_M == 16u) {
+        x1 = ureg_a4(z, o.x + 8u, k, kend);
+    }
+    let x0 = ureg_a4(z, o.x, k, kend);
+#else
     if (REG_M == 16u) {
         x1 = ureg_a1(rows[1], k, kend);
     }
-    return ureg_step(s, ureg_a1(rows[0], k, kend), x1, ureg_bs1(z, o.y, k, kend), n);
+    let x0 = ureg_a1(rows[0], k, kend);
+#endif
+#if VEC_B
+    let t = ureg_bs4(base, o.y, k, kend);
+#else
+    let t = ureg_bs1(z, o.y, k, kend);
+#endif
+    return ureg_step(s, x0, x1, t, n);
 }
 
 @compute @workgroup_size(REG_WG)
@@ -992,79 +960,15 @@ fn gemm_ureg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     for (var z = wid.z; z < p.batch; z += nwg.z) {
         let zk = reg_range(z);
         let rows = array<UregRows, 2>(ureg_rows(zk.x, o.x), ureg_rows(zk.x, o.x + 8u));
+        let base = p.b_off + zk.x * p.b_bs;
         var s = ureg_zero();
         // Whole chunks of 4, then the last 1 to 3 k through the same reads.
         var k = zk.y;
         for (; k + 4u <= zk.z; k += 4u) {
-            s = ureg_chunk_scalar(s, zk.x, o, rows, k, zk.z, 4u);
+            s = ureg_k_chunk(s, zk.x, o, rows, base, k, zk.z, 4u);
         }
         if (k < zk.z) {
-            s = ureg_chunk_scalar(s, zk.x, o, rows, k, zk.z, zk.z - k);
-        }
-        ureg_store(z, o.x, o.y, s);
-    }
-}
-
-// The chunk at k of gemm_ureg_vb (base: b's batch entry).
-fn ureg_chunk_vb(s: UregBlock, o: vec2<u32>, rows: array<UregRows, 2>, base: u32, k: u32,
-                 kend: u32, n: u32) -> UregBlock {
-    var x1: UregA;
-    if (REG_M == 16u) {
-        x1 = ureg_a1(rows[1], k, kend);
-    }
-    return ureg_step(s, ureg_a1(rows[0], k, kend), x1, ureg_bs4(base, o.y, k, kend), n);
-}
-
-@compute @workgroup_size(REG_WG)
-fn gemm_ureg_vb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_id) lid: vec3<u32>) {
-    let o = reg_origin(wid, nwg, lid.x);
-    if (o.x >= p.m) {
-        return;
-    }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
-        let zk = reg_range(z);
-        let rows = array<UregRows, 2>(ureg_rows(zk.x, o.x), ureg_rows(zk.x, o.x + 8u));
-        let base = p.b_off + zk.x * p.b_bs;
-        var s = ureg_zero();
-        var k = zk.y;
-        for (; k + 4u <= zk.z; k += 4u) {
-            s = ureg_chunk_vb(s, o, rows, base, k, zk.z, 4u);
-        }
-        if (k < zk.z) {
-            s = ureg_chunk_vb(s, o, rows, base, k, zk.z, zk.z - k);
-        }
-        ureg_store(z, o.x, o.y, s);
-    }
-}
-
-// The chunk at k of gemm_ureg_vab (z: a's and b's batch entry, base: b's).
-fn ureg_chunk_vab(s: UregBlock, z: u32, o: vec2<u32>, base: u32, k: u32, kend: u32,
-                  n: u32) -> UregBlock {
-    var x1: UregA;
-    if (REG_M == 16u) {
-        x1 = ureg_a4(z, o.x + 8u, k, kend);
-    }
-    return ureg_step(s, ureg_a4(z, o.x, k, kend), x1, ureg_bs4(base, o.y, k, kend), n);
-}
-
-@compute @workgroup_size(REG_WG)
-fn gemm_ureg_vab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_id) lid: vec3<u32>) {
-    let o = reg_origin(wid, nwg, lid.x);
-    if (o.x >= p.m) {
-        return;
-    }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
-        let zk = reg_range(z);
-        let base = p.b_off + zk.x * p.b_bs;
-        var s = ureg_zero();
-        var k = zk.y;
-        for (; k + 4u <= zk.z; k += 4u) {
-            s = ureg_chunk_vab(s, zk.x, o, base, k, zk.z, 4u);
-        }
-        if (k < zk.z) {
-            s = ureg_chunk_vab(s, zk.x, o, base, k, zk.z, zk.z - k);
+            s = ureg_k_chunk(s, zk.x, o, rows, base, k, zk.z, zk.z - k);
         }
         ureg_store(z, o.x, o.y, s);
     }

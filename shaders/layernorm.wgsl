@@ -71,33 +71,10 @@
 //   Lane l sums blocks l, l + lanes, ... in order, then the lanes meet in a fixed tree: the same
 //   inputs give the same bits.
 
-struct Params {
-    n: u32,              // rows N
-    c: u32,              // channels C
-    rows_per_block: u32, // backward: rows per workgroup, at most MAX_ROWS
-    blocks: u32,         // backward: P = ceil(N / rows_per_block)
-    accumulate: u32,     // backward: 0 overwrites dinp, 1 adds to it
-    eps: f32,
-}
+#include "include/row_norm.wgsl"
 
-// Threads per workgroup: a power of two, at most MAX_WG. (Any size is correct for the subgroup
-// reductions; the launcher takes a power of two.)
-override WG: u32 = 256u;
-// Base: threads per row in the row reductions, a power of two, at most WG.
-override TPR: u32 = 32u;
-// layernorm_backward_params: channels per workgroup; WG / COLS must be a power of two.
-override COLS: u32 = 32u;
-
+// Subgroup's per-subgroup slots.
 const MAX_WG: u32 = 256u;
-const MAX_ROWS: u32 = 256u;
-
-@group(0) @binding(0) var<uniform> p: Params;
-
-#include "include/grid.wgsl"
-
-// layernorm_backward_params (and Base's row sums): red_vec2, summed per tree level by
-// tree_sum_vec2.
-#include "include/reduce_wg.wgsl"
 // Per row of a backward block: (mean, rstd, mean_c(dnorm), mean_c(dnorm · xhat)).
 var<workgroup> row_stats: array<vec4<f32>, MAX_ROWS>;
 

@@ -32,29 +32,8 @@
 //   dweight (C) += Σ_b partials[b, c]                          accumulates (+=)
 //   Lane l sums blocks l, l + lanes, ... in order, then the lanes meet in a fixed tree.
 
-struct Params {
-    n: u32,              // rows N
-    c: u32,              // channels C
-    rows_per_block: u32, // backward: rows per workgroup, at most MAX_ROWS
-    blocks: u32,         // backward: P = ceil(N / rows_per_block)
-    accumulate: u32,     // backward: 0 overwrites dinp, 1 adds to it
-    eps: f32,
-}
+#include "include/row_norm.wgsl"
 
-// Threads per workgroup: a power of two, at most MAX_WG.
-override WG: u32 = 256u;
-// Threads per row in the row reductions, a power of two, at most WG.
-override TPR: u32 = 32u;
-// rmsnorm_backward_params: channels per workgroup; WG / COLS must be a power of two.
-override COLS: u32 = 32u;
-
-const MAX_WG: u32 = 256u;
-const MAX_ROWS: u32 = 256u;
-
-@group(0) @binding(0) var<uniform> p: Params;
-
-// Per thread, then per tree level.
-var<workgroup> red: array<f32, MAX_WG>;
 // Per row of a backward block: (rstd, mean_c(dnorm · xhat)).
 var<workgroup> row_stats: array<vec2<f32>, MAX_ROWS>;
 
@@ -62,23 +41,27 @@ var<workgroup> row_stats: array<vec2<f32>, MAX_ROWS>;
 // Must be reached by every thread of the workgroup.
 fn row_sum(lid: u32, v: f32) -> f32 {
     let lane = lid % TPR;
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s = s / 2u) {
-        if (lane < s) {
-            red[lid] += red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let total = red[lid - lane];
-    // Everyone has read its total before red is written again.
+    red_f32[lid] = v;
+    tree_sum_f32(lid, lane, TPR, 1u);
+    let total = red_f32[lid - lane];
+    // Everyone has read its total before red_f32 is written again.
     workgroupBarrier();
     return total;
 }
 
-// The row this thread's row group normalises: rows fold over the grid's x and y.
-fn row_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * (WG / TPR) + lid / TPR;
+// Where a forward thread works: its row group's row (rows fold over the grid's x and y), its
+// lane in the group, and whether the row exists (every thread takes part in the reduction, rows
+// past N compute nothing).
+struct RowLane {
+    row: u32,
+    lane: u32,
+    base: u32, // the row's first element
+    in_range: bool,
+}
+
+fn row_lane(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> RowLane {
+    let row = workgroup_index(wid, nwg) * (WG / TPR) + lid / TPR;
+    return RowLane(row, lid % TPR, row * p.c, row < p.n);
 }
 
 // rstd from a row's Σ x².
@@ -95,25 +78,21 @@ fn rstd_of(sum_sq: f32) -> f32 {
 @compute @workgroup_size(WG)
 fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_id) lid: vec3<u32>) {
-    // No early return: every thread takes part in the reduction, rows past N compute nothing.
-    let row = row_of(wid, nwg, lid.x);
-    let lane = lid.x % TPR;
-    let in_range = row < p.n;
-    let base = row * p.c;
+    let r = row_lane(wid, nwg, lid.x);
     var own = 0.0;
-    if (in_range) {
-        for (var i = lane; i < p.c; i += TPR) {
-            let x = fw_inp[base + i];
+    if (r.in_range) {
+        for (var i = r.lane; i < p.c; i += TPR) {
+            let x = fw_inp[r.base + i];
             own += x * x;
         }
     }
     let s = rstd_of(row_sum(lid.x, own));
-    if (in_range) {
-        for (var i = lane; i < p.c; i += TPR) {
-            fw_out[base + i] = fw_inp[base + i] * s * fw_weight[i];
+    if (r.in_range) {
+        for (var i = r.lane; i < p.c; i += TPR) {
+            fw_out[r.base + i] = fw_inp[r.base + i] * s * fw_weight[i];
         }
-        if (lane == 0u) {
-            fw_rstd[row] = s;
+        if (r.lane == 0u) {
+            fw_rstd[r.row] = s;
         }
     }
 }
@@ -131,26 +110,23 @@ fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 fn rmsnorm_residual_forward(@builtin(workgroup_id) wid: vec3<u32>,
                             @builtin(num_workgroups) nwg: vec3<u32>,
                             @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = row_of(wid, nwg, lid.x);
-    let lane = lid.x % TPR;
-    let in_range = row < p.n;
-    let base = row * p.c;
+    let r = row_lane(wid, nwg, lid.x);
     // Each thread reads back only the channels it wrote itself.
     var own = 0.0;
-    if (in_range) {
-        for (var i = lane; i < p.c; i += TPR) {
-            let x = rf_a[base + i] + rf_b[base + i];
-            rf_resid[base + i] = x;
+    if (r.in_range) {
+        for (var i = r.lane; i < p.c; i += TPR) {
+            let x = rf_a[r.base + i] + rf_b[r.base + i];
+            rf_resid[r.base + i] = x;
             own += x * x;
         }
     }
     let s = rstd_of(row_sum(lid.x, own));
-    if (in_range) {
-        for (var i = lane; i < p.c; i += TPR) {
-            rf_out[base + i] = rf_resid[base + i] * s * rf_weight[i];
+    if (r.in_range) {
+        for (var i = r.lane; i < p.c; i += TPR) {
+            rf_out[r.base + i] = rf_resid[r.base + i] * s * rf_weight[i];
         }
-        if (lane == 0u) {
-            rf_rstd[row] = s;
+        if (r.lane == 0u) {
+            rf_rstd[r.row] = s;
         }
     }
 }
@@ -168,7 +144,7 @@ fn rmsnorm_residual_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn rmsnorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
                          @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_id) lid: vec3<u32>) {
-    let blk = wid.x + wid.y * nwg.x;
+    let blk = workgroup_index(wid, nwg);
     if (blk >= p.blocks) {
         return; // the whole workgroup: past the last block of a folded grid
     }
@@ -228,22 +204,16 @@ fn rmsnorm_backward_params(@builtin(workgroup_id) wid: vec3<u32>,
     let lanes = WG / COLS;
     let col = lid.x % COLS;
     let lane = lid.x / COLS;
-    let ch = (wid.x + wid.y * nwg.x) * COLS + col;
+    let ch = global_index(wid, nwg, COLS, col);
     var acc = 0.0;
     if (ch < p.c) {
         for (var b = lane; b < p.blocks; b += lanes) {
             acc += pr_partials[b * p.c + ch];
         }
     }
-    red[lid.x] = acc;
-    workgroupBarrier();
-    for (var s = lanes / 2u; s > 0u; s = s / 2u) {
-        if (lane < s) {
-            red[lid.x] += red[lid.x + s * COLS];
-        }
-        workgroupBarrier();
-    }
+    red_f32[lid.x] = acc;
+    tree_sum_f32(lid.x, lane, lanes, COLS);
     if (lane == 0u && ch < p.c) {
-        pr_dweight[ch] += red[col];
+        pr_dweight[ch] += red_f32[col];
     }
 }

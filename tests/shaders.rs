@@ -45,15 +45,106 @@ fn every_variant_of_every_family_validates() {
         ShaderSource::Dir(source_dir().into()),
     ] {
         for (shader, variant) in all_variants() {
-            let result = source
-                .load(shader, variant)
-                .and_then(|src| validate(&src).map(|_| ()));
-            if let Err(e) = result {
-                failures.push(format!("{} ({variant:?}): {e}", shader.file_name()));
+            for form in shader.form_defines() {
+                let result = source
+                    .load_form(shader, variant, form)
+                    .and_then(|src| validate(&src).map(|_| ()));
+                if let Err(e) = result {
+                    let file = shader.file_name();
+                    failures.push(format!("{file} ({variant:?}, {form:?}): {e}"));
+                }
             }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Every entry form is a function of its family's module expanded with the form's names, and
+/// that function reads one of each pair of variables bound at one slot (`a`/`a4`, `b`/`b4`):
+/// the scalar reads without the names, the vec4 reads with them.
+#[test]
+fn entry_forms_read_the_operands_their_names_say() {
+    let forms = [
+        ("gemm_tiled", "gemm_tiled", false, false),
+        ("gemm_tiled_va", "gemm_tiled", true, false),
+        ("gemm_tiled_vb", "gemm_tiled", false, true),
+        ("gemm_tiled_vab", "gemm_tiled", true, true),
+        ("gemm_reg", "gemm_reg", false, false),
+        ("gemm_reg_vb", "gemm_reg", false, true),
+        ("gemm_ureg", "gemm_ureg", false, false),
+        ("gemm_ureg_vb", "gemm_ureg", false, true),
+        ("gemm_ureg_vab", "gemm_ureg", true, true),
+    ];
+    for (entry, function, vec_a, vec_b) in forms {
+        let (f, names) = Shader::Gemm.entry_form(entry);
+        assert_eq!(f, function, "{entry}");
+        let src = ShaderSource::Embedded
+            .load_form(Shader::Gemm, ShaderVariant::Base, names)
+            .unwrap();
+        let module = validate(&src).unwrap();
+        let used = globals_used_by(&module, function);
+        for (var, wanted) in [("a", !vec_a), ("a4", vec_a), ("b", !vec_b), ("b4", vec_b)] {
+            let reads = used.contains(var);
+            // gemm_reg reads a as scalars in every form.
+            let wanted = wanted || (function == "gemm_reg" && var == "a");
+            assert_eq!(reads, wanted, "{entry} reads {var}: {reads}");
+        }
+    }
+}
+
+/// The names of the global variables that entry point `entry` reaches, through the functions
+/// it calls.
+fn globals_used_by(m: &naga::Module, entry: &str) -> BTreeSet<String> {
+    let ep = m.entry_points.iter().find(|e| e.name == entry).unwrap();
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![&ep.function];
+    let mut used = BTreeSet::new();
+    while let Some(f) = todo.pop() {
+        for (_, e) in f.expressions.iter() {
+            match e {
+                naga::Expression::GlobalVariable(g) => {
+                    if let Some(name) = &m.global_variables[*g].name {
+                        used.insert(name.clone());
+                    }
+                }
+                naga::Expression::CallResult(h) if seen.insert(*h) => {
+                    todo.push(&m.functions[*h]);
+                }
+                _ => {}
+            }
+        }
+        for stmt in f.body.iter() {
+            collect_calls(stmt, &mut |h| {
+                if seen.insert(h) {
+                    todo.push(&m.functions[h]);
+                }
+            });
+        }
+    }
+    used
+}
+
+/// Calls `found` with every function a statement (and the blocks inside it) calls.
+fn collect_calls(stmt: &naga::Statement, found: &mut dyn FnMut(naga::Handle<naga::Function>)) {
+    use naga::Statement as S;
+    match stmt {
+        S::Call { function, .. } => found(*function),
+        S::Block(b) => b.iter().for_each(|s| collect_calls(s, found)),
+        S::If { accept, reject, .. } => {
+            accept.iter().for_each(|s| collect_calls(s, found));
+            reject.iter().for_each(|s| collect_calls(s, found));
+        }
+        S::Loop {
+            body, continuing, ..
+        } => {
+            body.iter().for_each(|s| collect_calls(s, found));
+            continuing.iter().for_each(|s| collect_calls(s, found));
+        }
+        S::Switch { cases, .. } => cases
+            .iter()
+            .for_each(|c| c.body.iter().for_each(|s| collect_calls(s, found))),
+        _ => {}
+    }
 }
 
 #[test]

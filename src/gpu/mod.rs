@@ -167,6 +167,8 @@ pub fn adapter_report(index: usize, adapter: &wgpu::Adapter) -> String {
 }
 
 type PipelineKey = (Shader, ShaderVariant, &'static str, Vec<(String, u64)>);
+/// A shader module: family, variant and the entry-form names it was expanded with.
+type ModuleKey = (Shader, ShaderVariant, &'static [&'static str]);
 
 /// An open device and everything created on it once: shader modules, layouts, pipelines.
 pub struct Gpu {
@@ -178,7 +180,8 @@ pub struct Gpu {
     shaders: ShaderSource,
     /// Measured kernel choices for this adapter (`kernels::measure` measures).
     pub tuner: Tuner,
-    modules: Mutex<HashMap<(Shader, ShaderVariant), wgpu::ShaderModule>>,
+    /// Per family, variant and entry-form names (see `shaders`).
+    modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
     layouts: Mutex<HashMap<Vec<Binding>, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     scratch: Mutex<HashMap<(String, DType, usize), View>>,

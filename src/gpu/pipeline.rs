@@ -40,11 +40,16 @@ impl KernelSpec {
 }
 
 impl Gpu {
-    fn module(&self, shader: Shader, variant: ShaderVariant) -> Result<wgpu::ShaderModule> {
-        if let Some(m) = self.modules.lock().unwrap().get(&(shader, variant)) {
+    fn module(
+        &self,
+        shader: Shader,
+        variant: ShaderVariant,
+        form: &'static [&'static str],
+    ) -> Result<wgpu::ShaderModule> {
+        if let Some(m) = self.modules.lock().unwrap().get(&(shader, variant, form)) {
             return Ok(m.clone());
         }
-        let source = self.shaders.load(shader, variant)?;
+        let source = self.shaders.load_form(shader, variant, form)?;
         // naga first: its errors carry the source file, line and column.
         super::shaders::validate(&source)?;
         let label = shader.name(variant);
@@ -58,7 +63,7 @@ impl Gpu {
         self.modules
             .lock()
             .unwrap()
-            .insert((shader, variant), module.clone());
+            .insert((shader, variant, form), module.clone());
         Ok(module)
     }
 
@@ -130,7 +135,8 @@ impl Gpu {
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
-        let module = self.module(spec.shader, spec.variant)?;
+        let (function, form) = spec.shader.entry_form(spec.entry);
+        let module = self.module(spec.shader, spec.variant, form)?;
         let (_, layout) = self.layout(spec.bindings);
         let name = spec.name();
         let pipeline = self
@@ -140,7 +146,7 @@ impl Gpu {
                         label: Some(&name),
                         layout: Some(&layout),
                         module: &module,
-                        entry_point: Some(spec.entry),
+                        entry_point: Some(function),
                         compilation_options: wgpu::PipelineCompilationOptions {
                             constants,
                             zero_initialize_workgroup_memory: false,

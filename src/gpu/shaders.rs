@@ -24,6 +24,11 @@
 //!    few differences that neither an alias nor an override can carry: code that does not even
 //!    parse without the feature (subgroup built-ins). A variant defines its names
 //!    ([`ShaderVariant::defines`]; `SUBGROUP` for `Subgroup`); an unknown name is an error.
+//!    An entry point may also be one function of the source compiled with names of its own
+//!    ([`Shader::entry_form`]): GEMM's `gemm_tiled_vb` is `gemm_tiled` with `VEC_B`, reading b
+//!    as vec4. WGSL lets an entry point use only one of two variables bound at one slot (`b`,
+//!    `b4`), so without this each way of reading the operands would need its own copy of the
+//!    loop.
 //!
 //! That is the whole language: no expressions, no macros, no dimensions pasted into the text
 //! (shapes stay in the params struct and override constants, so a new shape never recompiles).
@@ -95,6 +100,10 @@ pub const INCLUDES: &[(&str, &str)] = &[
         "include/reduce_wg.wgsl",
         include_str!("../../shaders/include/reduce_wg.wgsl"),
     ),
+    (
+        "include/row_norm.wgsl",
+        include_str!("../../shaders/include/row_norm.wgsl"),
+    ),
 ];
 
 /// The form a family's source is compiled in: what the loader's prelude declares.
@@ -130,8 +139,29 @@ impl ShaderVariant {
     }
 }
 
-/// Every name any variant defines: `#if` of anything else is a typo.
-const KNOWN_DEFINES: &[&str] = &["SUBGROUP"];
+/// Every name any variant or entry form defines: `#if` of anything else is a typo.
+const KNOWN_DEFINES: &[&str] = &["SUBGROUP", "VEC_A", "VEC_B"];
+
+/// Entry points compiled from another function of their family's source with `#if` names of
+/// their own: (family, entry point as kernels name it, function in the source, names).
+const ENTRY_FORMS: &[(Shader, &str, &str, &[&str])] = &[
+    (Shader::Gemm, "gemm_tiled_va", "gemm_tiled", &["VEC_A"]),
+    (Shader::Gemm, "gemm_tiled_vb", "gemm_tiled", &["VEC_B"]),
+    (
+        Shader::Gemm,
+        "gemm_tiled_vab",
+        "gemm_tiled",
+        &["VEC_A", "VEC_B"],
+    ),
+    (Shader::Gemm, "gemm_reg_vb", "gemm_reg", &["VEC_B"]),
+    (Shader::Gemm, "gemm_ureg_vb", "gemm_ureg", &["VEC_B"]),
+    (
+        Shader::Gemm,
+        "gemm_ureg_vab",
+        "gemm_ureg",
+        &["VEC_A", "VEC_B"],
+    ),
+];
 
 impl Shader {
     /// The variants this family's source compiles to, `Base` first.
@@ -143,6 +173,27 @@ impl Shader {
             Shader::LayerNorm => &[ShaderVariant::Base, ShaderVariant::Subgroup],
             _ => &[ShaderVariant::Base],
         }
+    }
+
+    /// The function of the source that entry point `entry` runs, and the `#if` names its module
+    /// is expanded with beyond the variant's: `entry` itself and none for most entry points.
+    pub fn entry_form(self, entry: &'static str) -> (&'static str, &'static [&'static str]) {
+        ENTRY_FORMS
+            .iter()
+            .find(|(s, e, _, _)| *s == self && *e == entry)
+            .map_or((entry, &[]), |&(_, _, f, d)| (f, d))
+    }
+
+    /// Every set of entry-form names this family's modules are expanded with, the empty set
+    /// first.
+    pub fn form_defines(self) -> Vec<&'static [&'static str]> {
+        let mut out: Vec<&'static [&'static str]> = vec![&[]];
+        for &(s, _, _, d) in ENTRY_FORMS {
+            if s == self && !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        out
     }
 
     /// The alias of the family's storage element type that the `Base` and `F16` preludes define.
@@ -237,6 +288,16 @@ pub fn expand(
     variant: ShaderVariant,
     read: &dyn Fn(&str) -> Result<Loaded>,
 ) -> Result<Expanded> {
+    expand_form(family, variant, &[], read)
+}
+
+/// [`expand`] with the entry-form names `form` defined as well as the variant's.
+pub fn expand_form(
+    family: Shader,
+    variant: ShaderVariant,
+    form: &[&str],
+    read: &dyn Fn(&str) -> Result<Loaded>,
+) -> Result<Expanded> {
     let prelude = family.prelude(variant);
     let mut out = Expanded {
         text: String::new(),
@@ -248,8 +309,10 @@ pub fn expand(
         out.text.push('\n');
         out.lines.push((0, i as u32 + 1));
     }
+    let mut defines = variant.defines().to_vec();
+    defines.extend_from_slice(form);
     let mut expander = Expander {
-        variant,
+        defines: &defines,
         read,
         out: &mut out,
         stack: Vec::new(),
@@ -331,7 +394,8 @@ impl<'t> Directive<'t> {
 
 /// Expands files into `out` for one variant, following includes.
 struct Expander<'e> {
-    variant: ShaderVariant,
+    /// The names `#if` sees as defined.
+    defines: &'e [&'e str],
     read: &'e dyn Fn(&str) -> Result<Loaded>,
     out: &'e mut Expanded,
     /// The files being expanded, outermost first: an include of one of them is a cycle.
@@ -367,7 +431,7 @@ impl Expander<'_> {
                 Directive::Include(target) if kept => self.include(target, &name, n)?,
                 Directive::Include(_) => {}
                 Directive::If(arg) => conds.push(Cond {
-                    keep: self.variant.defines().contains(&arg),
+                    keep: self.defines.contains(&arg),
                     seen_else: false,
                     line: n,
                 }),
@@ -489,6 +553,16 @@ impl ShaderSource {
     pub fn load(&self, shader: Shader, variant: ShaderVariant) -> Result<Expanded> {
         expand(shader, variant, &|path| self.read(path))
     }
+
+    /// [`ShaderSource::load`] with the entry-form names `form` defined too.
+    pub fn load_form(
+        &self,
+        shader: Shader,
+        variant: ShaderVariant,
+        form: &[&str],
+    ) -> Result<Expanded> {
+        expand_form(shader, variant, form, &|path| self.read(path))
+    }
 }
 
 impl ShaderSource {
@@ -502,11 +576,13 @@ impl ShaderSource {
                 ShaderVariant::F16,
                 ShaderVariant::Subgroup,
             ] {
-                match self.load(shader, variant) {
-                    Ok(src) => text.extend_from_slice(src.text.as_bytes()),
-                    Err(e) => text.extend_from_slice(e.to_string().as_bytes()),
+                for form in shader.form_defines() {
+                    match self.load_form(shader, variant, form) {
+                        Ok(src) => text.extend_from_slice(src.text.as_bytes()),
+                        Err(e) => text.extend_from_slice(e.to_string().as_bytes()),
+                    }
+                    text.push(0);
                 }
-                text.push(0);
             }
         }
         super::tuning_cache::fnv1a(&text)
