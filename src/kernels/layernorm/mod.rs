@@ -96,13 +96,13 @@ pub const BACKWARD_PARAMS: KernelSpec = KernelSpec {
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    c: u32,
-    rows_per_block: u32,
-    blocks: u32,
-    accumulate: u32,
-    eps: f32,
+pub(super) struct Params {
+    pub(super) n: u32,
+    pub(super) c: u32,
+    pub(super) rows_per_block: u32,
+    pub(super) blocks: u32,
+    pub(super) accumulate: u32,
+    pub(super) eps: f32,
 }
 
 /// The layout of `Params`, for the test that compares it with `Params` in the shader.
@@ -331,9 +331,11 @@ pub(super) fn blocking(n: usize) -> (usize, usize) {
     (rows, n.div_ceil(rows))
 }
 
-fn check_shapes(
+/// Fails unless the (N, C) views hold N·C f32s (fitting in 32 bits), the per-channel views C
+/// and the per-row views N (layernorm's and rmsnorm's launchers).
+pub(super) fn check_shapes(
     kernel: &str,
-    Dims { n, c }: Dims,
+    (n, c): (usize, usize),
     nc: &[&View],
     per_c: &[&View],
     per_n: &[&View],
@@ -387,7 +389,13 @@ pub fn forward_with(
         Variant::Subgroup => &FORWARD_SUBGROUP,
     };
     let name = spec.name();
-    check_shapes(&name, dims, &[out, inp], &[weight, bias], &[mean, rstd])?;
+    check_shapes(
+        &name,
+        (dims.n, dims.c),
+        &[out, inp],
+        &[weight, bias],
+        &[mean, rstd],
+    )?;
     variant.require(gpu, &name)?;
     let params = Params {
         n: n as u32,
@@ -470,7 +478,7 @@ pub fn backward_with(
     let name = rows_spec.name();
     check_shapes(
         &name,
-        dims,
+        (dims.n, dims.c),
         &[dinp, dout, inp],
         &[dweight, dbias, weight],
         &[mean, rstd],

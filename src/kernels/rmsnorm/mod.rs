@@ -14,12 +14,11 @@ pub mod check;
 
 pub use check::FAMILY;
 
-use bytemuck::{Pod, Zeroable};
-
 // The row-kernel geometry is layernorm's: the same workgroup size, threads per row, backward
 // blocks (both shaders hold MAX_ROWS = 256 rows' statistics) and dweight reduction columns.
-use super::layernorm::{PARAMS_COLS, WG, blocking, threads_per_row};
-use super::{bytes_of, expect, expect_dims};
+// Its Params too: include/row_norm.wgsl declares them once for both shaders.
+use super::bytes_of;
+use super::layernorm::{PARAMS_COLS, Params, WG, blocking, check_shapes, threads_per_row};
 use crate::error::{Error, Result};
 use crate::gpu::{
     Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
@@ -88,53 +87,10 @@ pub const BACKWARD_PARAMS: KernelSpec = KernelSpec {
     bindings: &[Read, ReadWrite],
 };
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    c: u32,
-    rows_per_block: u32,
-    blocks: u32,
-    accumulate: u32,
-    eps: f32,
-}
-
-/// The layout of `Params`, for the test that compares it with `Params` in the shader.
+/// The layout of `Params` (layernorm's), for the test that compares it with `Params` in the
+/// shader.
 pub fn params_layout() -> super::ParamsLayout {
-    super::params_layout!(Params {
-        n,
-        c,
-        rows_per_block,
-        blocks,
-        accumulate,
-        eps
-    })
-}
-
-fn check_shapes(
-    kernel: &str,
-    Dims { n, c }: Dims,
-    nc: &[&View],
-    per_c: &[&View],
-    per_n: &[&View],
-) -> Result<()> {
-    expect_dims(kernel, &[("N", n), ("C", c)])?;
-    let Some(len) = n.checked_mul(c).filter(|&l| l <= u32::MAX as usize) else {
-        return Err(Error::invalid(
-            kernel,
-            format!("N·C = {n}·{c} does not fit in 32 bits"),
-        ));
-    };
-    for v in nc {
-        expect(kernel, v, DType::F32, len)?;
-    }
-    for v in per_c {
-        expect(kernel, v, DType::F32, c)?;
-    }
-    for v in per_n {
-        expect(kernel, v, DType::F32, n)?;
-    }
-    Ok(())
+    super::layernorm::params_layout()
 }
 
 /// Fails unless eps is finite and positive (rstd of a zero row would be infinite otherwise).
@@ -190,7 +146,7 @@ pub fn forward(gpu: &Gpu, tensors: ForwardTensors, dims: Dims, eps: f32) -> Resu
         weight,
     } = tensors;
     let name = FORWARD.name();
-    check_shapes(&name, dims, &[out, inp], &[weight], &[rstd])?;
+    check_shapes(&name, (dims.n, dims.c), &[out, inp], &[weight], &[rstd])?;
     check_eps(&name, eps)?;
     let (n64, c64) = (dims.n as u64, dims.c as u64);
     let cost = Cost {
@@ -218,7 +174,13 @@ pub fn forward_residual(
         weight,
     } = tensors;
     let name = RESIDUAL_FORWARD.name();
-    check_shapes(&name, dims, &[resid, out, a, b], &[weight], &[rstd])?;
+    check_shapes(
+        &name,
+        (dims.n, dims.c),
+        &[resid, out, a, b],
+        &[weight],
+        &[rstd],
+    )?;
     check_eps(&name, eps)?;
     let (n64, c64) = (dims.n as u64, dims.c as u64);
     let cost = Cost {
@@ -252,7 +214,13 @@ pub fn backward(
     } = tensors;
     let Dims { n, c } = dims;
     let name = BACKWARD_ROWS.name();
-    check_shapes(&name, dims, &[dinp, dout, inp], &[dweight, weight], &[rstd])?;
+    check_shapes(
+        &name,
+        (dims.n, dims.c),
+        &[dinp, dout, inp],
+        &[dweight, weight],
+        &[rstd],
+    )?;
     let (rows, blocks) = blocking(n);
     // Written by the rows dispatch and consumed by the next one: every backward of this shape
     // (one per RMSNorm of a model) shares the buffer.
