@@ -7,6 +7,10 @@
 //! backward overwrites dq, dk and dv, or adds to them (`accumulate`), dk and dv summed over each
 //! group in head order by one thread per element: the same inputs give the same bits.
 
+pub mod check;
+
+pub use check::FAMILY;
+
 use bytemuck::{Pod, Zeroable};
 
 use super::{bytes_of, expect, expect_dims};
