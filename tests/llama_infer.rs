@@ -58,6 +58,33 @@ const GREEDY: SampleOptions = SampleOptions {
     top_p: 1.0,
 };
 
+/// The greedy continuation of the fixture's prompt by the checkpoint in `ck_dir` (ids, and each
+/// step's logits from the sequence transformers saw) equals the fixture's.
+fn check_greedy(runner: &mut LlamaRunner, fx: &Fixture, what: &str) {
+    let (prompt, want) = (fx.u32("prompt_ids"), fx.u32("greedy_ids"));
+    let mut rng = Rng::new(0);
+    let g = llama::generate(runner, &prompt, want.len(), &GREEDY, &mut rng, |_| Ok(())).unwrap();
+    assert_eq!(g.ids[0], want, "{what}: greedy ids");
+    let v = runner.arch.vocab;
+    let want_logits = fx.f32("greedy_logits");
+    let mut ids = prompt.clone();
+    let mut worst = 0.0f64;
+    for (k, &id) in want.iter().enumerate() {
+        let got = runner.next_logits(&ids).unwrap();
+        let c = compare(
+            &format!("{what} greedy step {k} logits"),
+            &got,
+            &want_logits[k * v..(k + 1) * v],
+            1e-4,
+            0.0,
+        );
+        worst = worst.max(c.max_abs);
+        c.assert();
+        ids.push(id);
+    }
+    eprintln!("{what}: greedy logits max abs err {worst:.3e}");
+}
+
 #[test]
 fn greedy_ids_logits_and_score_match_transformers() {
     let Some(gpu) = test_gpu() else { return };
@@ -66,29 +93,7 @@ fn greedy_ids_logits_and_score_match_transformers() {
         let fx = Fixture::load(&d.join("fixture.safetensors"));
         let ck = hf_weights::load(&d).unwrap();
         let mut runner = LlamaRunner::new(gpu, &ck).unwrap();
-        let (prompt, want) = (fx.u32("prompt_ids"), fx.u32("greedy_ids"));
-        let mut rng = Rng::new(0);
-        let g = llama::generate(&mut runner, &prompt, want.len(), &GREEDY, &mut rng, |_| {
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(g.ids[0], want, "{model}: greedy ids");
-        // Each step's logits, from the sequence transformers saw.
-        let v = ck.cfg.arch.vocab;
-        let want_logits = fx.f32("greedy_logits");
-        let mut ids = prompt.clone();
-        for (k, &id) in want.iter().enumerate() {
-            let got = runner.next_logits(&ids).unwrap();
-            let c = compare(
-                &format!("{model} greedy step {k} logits"),
-                &got,
-                &want_logits[k * v..(k + 1) * v],
-                1e-4,
-                0.0,
-            );
-            c.assert();
-            ids.push(id);
-        }
+        check_greedy(&mut runner, &fx, model);
         let t = fx.meta["score_t"].parse().unwrap();
         let s = llama::score(&mut runner, &fx.u32("score_ids"), t).unwrap();
         let c = compare(
@@ -101,6 +106,39 @@ fn greedy_ids_logits_and_score_match_transformers() {
         eprintln!("{c}");
         c.assert();
     }
+}
+
+/// The same model read from other files: bf16 weights (qwen3-tiny-bf16, its own fixture),
+/// sharded ones (llama-tiny-sharded) and transformers 4.x's config.json layout (top-level
+/// rope_theta and rope_scaling) continue the prompts as transformers does.
+#[test]
+fn bf16_sharded_and_4x_layout_checkpoints_match_transformers() {
+    let Some(gpu) = test_gpu() else { return };
+    let llama_fx = Fixture::load(&dir("llama-tiny").join("fixture.safetensors"));
+    let bf16 = dir("qwen3-tiny-bf16");
+    let bf16_fx = Fixture::load(&bf16.join("fixture.safetensors"));
+    // llama-tiny with config.4x.json as its config.json.
+    let v4 = std::env::temp_dir().join(format!("shaderformer-llama-4x-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&v4);
+    std::fs::create_dir_all(&v4).unwrap();
+    for (from, to) in [
+        ("config.4x.json", "config.json"),
+        ("generation_config.json", "generation_config.json"),
+        ("model.safetensors", "model.safetensors"),
+    ] {
+        std::fs::copy(dir("llama-tiny").join(from), v4.join(to)).unwrap();
+    }
+    let cases = [
+        (bf16, &bf16_fx, "qwen3-tiny-bf16"),
+        (dir("llama-tiny-sharded"), &llama_fx, "llama-tiny-sharded"),
+        (v4.clone(), &llama_fx, "llama-tiny, 4.x config"),
+    ];
+    for (d, fx, what) in cases {
+        let ck = hf_weights::load(&d).unwrap();
+        let mut runner = LlamaRunner::new(gpu, &ck).unwrap();
+        check_greedy(&mut runner, fx, what);
+    }
+    let _ = std::fs::remove_dir_all(&v4);
 }
 
 #[test]
