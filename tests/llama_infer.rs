@@ -69,8 +69,9 @@ fn check_greedy(runner: &mut LlamaRunner, fx: &Fixture, what: &str) {
     let want_logits = fx.f32("greedy_logits");
     let mut ids = prompt.clone();
     let mut worst = 0.0f64;
+    runner.reset();
     for (k, &id) in want.iter().enumerate() {
-        let got = runner.next_logits(&ids).unwrap();
+        let got = runner.next(&ids).unwrap();
         let c = compare(
             &format!("{what} greedy step {k} logits"),
             &got,
@@ -105,6 +106,20 @@ fn greedy_ids_logits_and_score_match_transformers() {
         );
         eprintln!("{c}");
         c.assert();
+    }
+}
+
+/// Decoding against the KV cache (the prompt in one pass, then a token a pass) continues each
+/// fixture's prompt as transformers does.
+#[test]
+fn kv_cache_decoding_matches_transformers() {
+    let Some(gpu) = test_gpu() else { return };
+    for model in ["llama-tiny", "qwen2-tiny", "qwen3-tiny"] {
+        let d = dir(model);
+        let fx = Fixture::load(&d.join("fixture.safetensors"));
+        let ck = hf_weights::load(&d).unwrap();
+        let mut runner = LlamaRunner::with_cache(gpu, &ck).unwrap();
+        check_greedy(&mut runner, &fx, &format!("{model} (KV cache)"));
     }
 }
 

@@ -573,8 +573,7 @@ fn check_sample_sizes(args: &SampleArgs, cfg: &GptConfig) -> Result<()> {
 }
 
 /// `sample` on a Llama-family checkpoint (config.json, model.safetensors, tokenizer.json): one
-/// sequence in f32, each token from a forward pass over the whole sequence (no KV cache for this
-/// family yet), ending at generation_config.json's eos ids.
+/// sequence in f32 decoded against a KV cache, ending at generation_config.json's eos ids.
 fn sample_llama(gpu: &GpuArgs, args: &SampleArgs, opts: &SampleOptions) -> Result<ExitCode> {
     if args.num_samples != 1 || args.dtype.gpu() != DType::F32 {
         return Err(Error::invalid(
@@ -586,7 +585,7 @@ fn sample_llama(gpu: &GpuArgs, args: &SampleArgs, opts: &SampleOptions) -> Resul
     let vocab = Vocab::load(&args.checkpoint)?;
     let (vocab, prompt) = encode_for(args, vocab, ck.cfg.arch.context)?;
     let gpu = gpu.open()?;
-    let mut runner = LlamaRunner::new(&gpu, &ck)?;
+    let mut runner = LlamaRunner::with_cache(&gpu, &ck)?;
     let mut rng = Rng::new(args.seed);
     let mut out = std::io::stdout();
     if !args.json {

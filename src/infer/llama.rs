@@ -1,12 +1,14 @@
-//! Inference for the Llama family by full recomputation: each new token reruns the whole
-//! sequence through a forward graph. Graphs are built for lengths in steps of `LENGTH_STEP` and
-//! kept: a shorter sequence is padded at the end, which the causal attention keeps from every
-//! position before it, and only its own positions are read.
-//! Decoding against a KV cache, as GPT-2's `Engine` does, is not built for this family yet; this
-//! is the plain path its results are to be compared with. Generation ends at the checkpoint's
-//! eos ids (generation_config.json's, else config.json's) or at the context.
+//! Inference for the Llama family, one sequence at a time: decoding against a KV cache (the
+//! prompt in one pass, then one pass per token, as GPT-2's `Engine` does; the cache holds every
+//! query head's keys and values, the repeated ones included), or by full recomputation, which
+//! reruns the whole sequence for each token. Recomputation builds graphs for lengths in steps of
+//! `LENGTH_STEP` and keeps them: a shorter sequence is padded at the end, which the causal
+//! attention keeps from every position before it, and only its own positions are read.
+//! Generation ends at the checkpoint's eos ids (generation_config.json's, else config.json's)
+//! or at the context.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use super::sampling::{self, SampleOptions};
 use super::{Generation, Score};
@@ -41,6 +43,8 @@ pub struct LlamaRunner<'a> {
     pub eos: Vec<u32>,
     /// Graphs by (length, with loss).
     graphs: HashMap<(usize, bool), Forward<'a>>,
+    /// With a KV cache: the decoding graphs by tokens per call, and the tokens in the cache.
+    cache: Option<(HashMap<usize, Forward<'a>>, usize)>,
 }
 
 impl<'a> LlamaRunner<'a> {
@@ -61,7 +65,70 @@ impl<'a> LlamaRunner<'a> {
             store,
             eos: ck.eos_token_ids.clone(),
             graphs: HashMap::new(),
+            cache: None,
         })
+    }
+
+    /// `new`, with a KV cache of the whole context: `next` then runs only the new tokens.
+    pub fn with_cache(gpu: &'a Gpu, ck: &LlamaCheckpoint) -> Result<Self> {
+        let mut r = Self::new(gpu, ck)?;
+        let a = &r.arch;
+        let shape = [1, a.n_head, a.context, a.head_dim];
+        r.store.alloc_kv(gpu, a.n_layer, shape, DType::F32)?;
+        r.cache = Some((HashMap::new(), 0));
+        Ok(r)
+    }
+
+    /// Forgets the cached positions (a new sequence starts).
+    pub fn reset(&mut self) {
+        if let Some((_, pos)) = &mut self.cache {
+            *pos = 0;
+        }
+    }
+
+    /// The logits (V) of the token after `ids`. With a KV cache, `ids` extend the sequence fed
+    /// since the last `reset` and only the new tokens run; otherwise the whole sequence does.
+    pub fn next(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let Some((_, pos)) = &self.cache else {
+            return self.next_logits(ids);
+        };
+        let pos = *pos;
+        if ids.len() <= pos {
+            return Err(Error::invalid(
+                "decode",
+                format!(
+                    "{} tokens, {pos} of them already cached: none new",
+                    ids.len()
+                ),
+            ));
+        }
+        self.check(ids, ids.len())?;
+        let (gpu, v, tmax) = (self.gpu, self.arch.vocab, self.arch.context);
+        let new = &ids[pos..];
+        let tq = new.len();
+        let decoders = &mut self.cache.as_mut().expect("checked above").0;
+        let f = match decoders.entry(tq) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let mode = Mode::Decode { tmax, loss: false };
+                let g = llama::build(&self.arch, &self.table, 1, tq, mode)?;
+                let exec = Executor::new(gpu, g.graph, &self.store, ExecOptions::default())?;
+                e.insert(Forward {
+                    t: tq,
+                    exec,
+                    logits: g.logits,
+                    losses: None,
+                })
+            }
+        };
+        let batch = MicroBatch {
+            tokens: new.to_vec(),
+            targets: Vec::new(),
+        };
+        f.exec.decode(&batch, pos)?;
+        let logits = gpu.read_f32(f.exec.view(f.logits))?;
+        self.cache.as_mut().expect("checked above").1 = ids.len();
+        Ok(logits[(tq - 1) * v..tq * v].to_vec())
     }
 
     /// The graph for sequences of `n` tokens: of the next multiple of `LENGTH_STEP`, at most
@@ -165,6 +232,7 @@ pub fn generate(
     rng: &mut Rng,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generation> {
+    runner.reset();
     let mut ids = prompt.to_vec();
     let mut out = Generation {
         ids: vec![Vec::new()],
@@ -175,7 +243,7 @@ pub fn generate(
             out.hit_context = true;
             break;
         }
-        let logits = runner.next_logits(&ids)?;
+        let logits = runner.next(&ids)?;
         let id = sampling::sample(&logits, opts, rng);
         on_token(id)?;
         ids.push(id);

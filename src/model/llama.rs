@@ -16,14 +16,9 @@ use crate::gpu::DType;
 use crate::graph::ir::{Op, TensorId, TensorKind};
 
 /// Builds the model `arch` with parameters `table` for batches of `b` sequences of `t` tokens.
-/// Decoding with a KV cache is not built for this family yet: refused.
+/// Decoding (`Mode::Decode`) keeps the keys and values of every query head (the repeated ones
+/// included) in the KV cache, and rotates q and k at the positions set per call.
 pub fn build(arch: &Arch, table: &LlamaParams, b: usize, t: usize, mode: Mode) -> Result<GptGraph> {
-    if let Mode::Decode { .. } = mode {
-        return Err(Error::invalid(
-            "llama graph",
-            "decoding with a KV cache is not built for the Llama family yet",
-        ));
-    }
     let (Norm::RmsNorm { eps }, Positions::Rotary(rope)) = (arch.norm, arch.positions) else {
         return Err(Error::invalid(
             "llama graph",
@@ -62,7 +57,11 @@ pub fn build(arch: &Arch, table: &LlamaParams, b: usize, t: usize, mode: Mode) -
     let xf = m.rmsnorm(x, table.norm, (m.m.bt, m.m.c), "model.norm".into());
     let head = table.lm_head.unwrap_or(table.embed);
     let logits = m.m.lm_head(xf, head, None);
-    let with_loss = matches!(mode, Mode::Train | Mode::Eval);
+    let with_loss = match mode {
+        Mode::Train | Mode::Eval => true,
+        Mode::Logits => false,
+        Mode::Decode { loss, .. } => loss,
+    };
     let loss = with_loss.then(|| m.m.loss(xf, head, logits, None));
     Ok(m.m.finish((tokens, logits, loss), mode, |i| table.specs[i].decay))
 }
@@ -181,7 +180,8 @@ impl Llama {
         y
     }
 
-    /// x (B, T, heads, HS) rotated, token t at position t.
+    /// x (B, T, heads, HS) rotated, token t at position t (pos0 + t when decoding, pos0 set per
+    /// call).
     fn rope(&mut self, x: TensorId, heads: usize, name: String) -> TensorId {
         let (b, t, d) = (self.m.b, self.m.t, self.m.hs);
         let g = &mut self.m.g;
