@@ -189,8 +189,10 @@ struct Built {
 }
 
 /// A random forward graph over (N, C) activations ending in the mean cross-entropy: LayerNorm,
-/// Linear (with or without bias), GELU, residual Add (also of a tensor with itself), and an
-/// attention block (its own qkv projection, since attention's backward needs qkv used once).
+/// RMSNorm, Linear (with or without bias), GELU, SwiGLU, RoPE, residual Add (also of a tensor
+/// with itself), and attention blocks: one with its own qkv projection (attention's backward
+/// needs qkv used once), one with grouped-query heads (q from the pool, one key/value head of
+/// its own, RoPE on q and k or not, packed by `PackQkv`).
 fn random_model(rng: &mut Rng) -> Built {
     let mut g = Graph::default();
     let mut params = Vec::new();
@@ -205,7 +207,29 @@ fn random_model(rng: &mut Rng) -> Built {
     for i in 0..ops {
         let a = pool[below(rng, pool.len())];
         let y = g.activation(format!("y{i}"), &[N, C]);
-        match below(rng, 6) {
+        match below(rng, 9) {
+            6 => {
+                let w = param(&mut g, format!("rms{i}.w"), &[C]);
+                let rstd = g.activation(format!("rms{i}.rstd"), &[N]);
+                let op = Op::RmsNorm {
+                    n: N,
+                    c: C,
+                    eps: 1e-5,
+                };
+                g.push(
+                    Phase::Forward,
+                    format!("rms{i}"),
+                    op,
+                    vec![a, w],
+                    vec![y, rstd],
+                );
+            }
+            7 => {
+                // One sequence of N tokens, one head of C or two of C/2.
+                let heads = 1 + below(rng, 2);
+                rope(&mut g, a, y, (heads, C / heads), format!("rope{i}"));
+            }
+            8 => gqa_attention(&mut g, &mut param, rng, (a, y), i),
             0 => {
                 let w = param(&mut g, format!("ln{i}.w"), &[C]);
                 let b = param(&mut g, format!("ln{i}.b"), &[C]);
@@ -338,6 +362,89 @@ fn random_model(rng: &mut Rng) -> Built {
     }
 }
 
+/// y (1, N, H, D) = x rotated, token t at position t, through inverse frequencies of the
+/// node's own.
+fn rope(g: &mut Graph, x: TensorId, y: TensorId, (heads, d): (usize, usize), label: String) {
+    let inv: Vec<f32> = (0..d / 2).map(|k| 1.3f32.powi(-(k as i32))).collect();
+    let inv = g.table(format!("{label}.inv_freq"), inv);
+    let op = Op::Rope {
+        b: 1,
+        t: N,
+        heads,
+        d,
+    };
+    g.push(Phase::Forward, label, op, vec![x, inv], vec![y]);
+}
+
+type ParamFn<'a> = &'a mut dyn FnMut(&mut Graph, String, &[usize]) -> TensorId;
+
+/// A projection of x (N, C) to (N, n) with a weight of its own.
+fn project(g: &mut Graph, param: ParamFn, x: TensorId, n: usize, name: String) -> TensorId {
+    let w = param(g, format!("{name}.w"), &[n, C]);
+    let out = g.activation(name.clone(), &[N, n]);
+    let op = Op::Linear {
+        m: N,
+        k: C,
+        n,
+        bias: false,
+    };
+    g.push(Phase::Forward, name, op, vec![x, w], vec![out]);
+    out
+}
+
+/// Grouped-query attention of two query heads of C/2 over one key/value head: q = a, k and v
+/// projections of a, RoPE on q and k half of the time, then `PackQkv` and attention into y.
+fn gqa_attention(
+    g: &mut Graph,
+    param: ParamFn,
+    rng: &mut Rng,
+    (a, y): (TensorId, TensorId),
+    i: usize,
+) {
+    let (nh, nkv, hs) = (2, 1, C / 2);
+    let mut k = project(g, param, a, nkv * hs, format!("gqa{i}.k"));
+    let v = project(g, param, a, nkv * hs, format!("gqa{i}.v"));
+    let mut q = a;
+    if below(rng, 2) == 0 {
+        let qr = g.activation(format!("gqa{i}.q.rope"), &[N, C]);
+        rope(g, q, qr, (nh, hs), format!("gqa{i}.q.rope"));
+        let kr = g.activation(format!("gqa{i}.k.rope"), &[N, nkv * hs]);
+        rope(g, k, kr, (nkv, hs), format!("gqa{i}.k.rope"));
+        (q, k) = (qr, kr);
+    }
+    let qkv = g.activation(format!("gqa{i}.qkv"), &[1, N, 3 * C]);
+    let op = Op::PackQkv {
+        b: 1,
+        t: N,
+        nh,
+        nkv,
+        hs,
+    };
+    g.push(
+        Phase::Forward,
+        format!("gqa{i}.pack"),
+        op,
+        vec![q, k, v],
+        vec![qkv],
+    );
+    let lse = g.activation(format!("gqa{i}.lse"), &[1, nh, N]);
+    let op = Op::Attention {
+        b: 1,
+        t: N,
+        nh,
+        hs,
+        p: 0.0,
+        site: 0,
+    };
+    g.push(
+        Phase::Forward,
+        format!("gqa{i}"),
+        op,
+        vec![qkv],
+        vec![y, lse],
+    );
+}
+
 /// Runs the nodes of `phases` on the CPU references, in schedule order, over `values`.
 fn run(g: &Graph, values: &mut [Data], phases: &[Phase]) {
     let ctx = Context {
@@ -364,6 +471,11 @@ fn initial_values(b: &Built, rng: &mut Rng) -> Vec<Data> {
     for &p in &b.params {
         let n = b.g.tensors[p].numel();
         values[p] = Data::F32(rng.vec_uniform(n, -1.0, 1.0));
+    }
+    for (t, tensor) in b.g.tensors.iter().enumerate() {
+        if let TensorKind::Table(i) = tensor.kind {
+            values[t] = Data::F32(b.g.tables[i].clone());
+        }
     }
     values[b.targets] = Data::U32((0..N).map(|_| rng.below(V as u64) as u32).collect());
     values

@@ -35,6 +35,7 @@ fn mirrors() -> Vec<(&'static str, &'static str, ParamsLayout)> {
         ("rope.wgsl", "Params", rope::params_layout()),
         ("residual.wgsl", "Params", residual::params_layout()),
         ("swiglu.wgsl", "Params", swiglu::params_layout()),
+        ("qkv_pack.wgsl", "Params", qkv_pack::params_layout()),
     ]
 }
 

@@ -7,8 +7,11 @@ use std::process::ExitCode;
 use clap::Args;
 
 use shaderformer::error::{Error, Result};
+use shaderformer::gpu::DType;
+use shaderformer::infer::llama::LlamaRunner;
 use shaderformer::infer::{self, Engine};
 use shaderformer::io::vocab::Vocab;
+use shaderformer::io::{hf_llama, hf_weights};
 use shaderformer::train::checkpoint;
 use shaderformer::train::data::{self, Contents};
 
@@ -17,7 +20,7 @@ use crate::commands::train::Dtype;
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
-    /// Checkpoint directory (ours, or a Hugging Face GPT-2 directory).
+    /// Checkpoint directory (ours, a Hugging Face GPT-2 directory, or a Llama-family one).
     #[arg(long)]
     checkpoint: PathBuf,
     /// Text (encoded with the checkpoint's tokenizer) or a token file (llm.c format or .bin).
@@ -34,28 +37,12 @@ pub struct ScoreArgs {
 }
 
 pub fn score(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
-    let ck = checkpoint::load(&args.checkpoint)?;
-    let name = args.data.display().to_string();
-    let ids = match data::read_contents(&args.data)? {
-        Contents::Tokens(ids) => ids,
-        Contents::Text(text) => {
-            let vocab = ck.vocab.clone().unwrap_or(Vocab::Ids(ck.cfg.vocab_size));
-            vocab.encode(&text, &name)?
-        }
-    };
-    if let Some((pos, id)) = ids
-        .iter()
-        .enumerate()
-        .find(|(_, id)| **id as usize >= ck.cfg.vocab_size)
-    {
-        return Err(Error::invalid(
-            &name,
-            format!(
-                "token id {id} at position {pos} is outside the model's vocabulary of {}",
-                ck.cfg.vocab_size
-            ),
-        ));
+    if hf_llama::is_llama_checkpoint(&args.checkpoint) {
+        return score_llama(gpu, args);
     }
+    let ck = checkpoint::load(&args.checkpoint)?;
+    let vocab = ck.vocab.clone().unwrap_or(Vocab::Ids(ck.cfg.vocab_size));
+    let ids = read_ids(args, &vocab, ck.cfg.vocab_size)?;
     let t = args.block_size.unwrap_or(ck.cfg.block_size);
     let gpu = gpu.open()?;
     let mut engine = Engine::new(&gpu, &ck.cfg, &ck.params, args.dtype.gpu(), 1)?;
@@ -76,13 +63,63 @@ pub fn score(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
+    report(args, &gpu.adapter_name(), t, s);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `score` on a Llama-family checkpoint (config.json, model.safetensors, and tokenizer.json for
+/// text), in f32, each window one forward pass.
+fn score_llama(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
+    if args.dtype.gpu() != DType::F32 {
+        return Err(Error::invalid(
+            "--dtype",
+            "a Llama-family checkpoint is scored in f32 for now",
+        ));
+    }
+    let ck = hf_weights::load(&args.checkpoint)?;
+    let v = ck.cfg.arch.vocab;
+    let vocab = Vocab::load(&args.checkpoint)?.unwrap_or(Vocab::Ids(v));
+    let ids = read_ids(args, &vocab, v)?;
+    let t = args.block_size.unwrap_or(ck.cfg.arch.context);
+    let gpu = gpu.open()?;
+    let mut runner = LlamaRunner::new(&gpu, &ck)?;
+    let s = infer::llama::score(&mut runner, &ids, t)?;
+    report(args, &gpu.adapter_name(), t, s);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The tokens of --data (a token file, or text encoded with `vocab`), each below `vocab_size`.
+fn read_ids(args: &ScoreArgs, vocab: &Vocab, vocab_size: usize) -> Result<Vec<u32>> {
+    let name = args.data.display().to_string();
+    let ids = match data::read_contents(&args.data)? {
+        Contents::Tokens(ids) => ids,
+        Contents::Text(text) => vocab.encode(&text, &name)?,
+    };
+    if let Some((pos, id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id as usize >= vocab_size)
+    {
+        return Err(Error::invalid(
+            &name,
+            format!(
+                "token id {id} at position {pos} is outside the model's vocabulary of {vocab_size}"
+            ),
+        ));
+    }
+    Ok(ids)
+}
+
+/// Prints the score, as text or one JSON object.
+fn report(args: &ScoreArgs, adapter: &str, t: usize, s: infer::Score) {
+    let name = args.data.display().to_string();
     if args.json {
         println!(
             "{}",
             serde_json::json!({
                 "checkpoint": args.checkpoint.display().to_string(),
                 "data": name,
-                "adapter": gpu.adapter_name(),
+                "adapter": adapter,
                 "block_size": t,
                 "windows": s.windows,
                 "tokens": s.tokens,
@@ -99,5 +136,4 @@ pub fn score(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
             s.windows
         );
     }
-    Ok(ExitCode::SUCCESS)
 }

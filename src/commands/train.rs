@@ -9,8 +9,10 @@ use clap::Args;
 use shaderformer::dist::Comm;
 use shaderformer::error::{Error, Result};
 use shaderformer::gpu::DType;
+use shaderformer::infer::llama::LlamaRunner;
 use shaderformer::infer::{self, Engine, SampleOptions};
 use shaderformer::io::vocab::Vocab;
+use shaderformer::io::{hf_llama, hf_weights};
 use shaderformer::model::GptConfig;
 use shaderformer::rng::Rng;
 use shaderformer::train::data::LoaderKind;
@@ -443,7 +445,8 @@ impl Dtype {
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// Checkpoint directory (ours, or a Hugging Face GPT-2 directory with tokenizer.json).
+    /// Checkpoint directory (ours, a Hugging Face GPT-2 directory with tokenizer.json, or a
+    /// Llama-family one: llama, mistral, qwen2, qwen3).
     #[arg(long)]
     checkpoint: PathBuf,
     #[arg(long, default_value = "\n")]
@@ -490,6 +493,9 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
     opts.validate()?;
     if args.num_samples == 0 {
         return Err(Error::invalid("--num-samples", "must be at least 1"));
+    }
+    if hf_llama::is_llama_checkpoint(&args.checkpoint) {
+        return sample_llama(gpu, args, &opts);
     }
     let ck = checkpoint::load(&args.checkpoint)?;
     let (vocab, prompt) = encode_prompt(args, &ck)?;
@@ -566,9 +572,60 @@ fn check_sample_sizes(args: &SampleArgs, cfg: &GptConfig) -> Result<()> {
     Ok(())
 }
 
+/// `sample` on a Llama-family checkpoint (config.json, model.safetensors, tokenizer.json): one
+/// sequence in f32 decoded against a KV cache, ending at generation_config.json's eos ids.
+fn sample_llama(gpu: &GpuArgs, args: &SampleArgs, opts: &SampleOptions) -> Result<ExitCode> {
+    if args.num_samples != 1 || args.dtype.gpu() != DType::F32 {
+        return Err(Error::invalid(
+            "--num-samples / --dtype",
+            "a Llama-family checkpoint samples one sequence in f32 for now",
+        ));
+    }
+    let ck = hf_weights::load(&args.checkpoint)?;
+    let vocab = Vocab::load(&args.checkpoint)?;
+    let (vocab, prompt) = encode_for(args, vocab, ck.cfg.arch.context)?;
+    let gpu = gpu.open()?;
+    let mut runner = LlamaRunner::with_cache(&gpu, &ck)?;
+    let mut rng = Rng::new(args.seed);
+    let mut out = std::io::stdout();
+    if !args.json {
+        print!("{}", args.prompt);
+        let _ = out.flush();
+    }
+    let max_new = args.max_new_tokens;
+    let generation = infer::llama::generate(&mut runner, &prompt, max_new, opts, &mut rng, |id| {
+        if !args.json {
+            let _ = write!(out, "{}", vocab.decode(&[id]));
+            let _ = out.flush();
+        }
+        Ok(())
+    })?;
+    if args.json {
+        println!("{}", sample_json(args, &vocab, &prompt, &generation));
+    } else {
+        println!();
+    }
+    if generation.hit_context {
+        eprintln!(
+            "stopped: the context of {} tokens is full",
+            ck.cfg.arch.context
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The checkpoint's vocabulary and the prompt's tokens, which must leave room in the context.
 fn encode_prompt(args: &SampleArgs, ck: &checkpoint::Checkpoint) -> Result<(Vocab, Vec<u32>)> {
-    let vocab = ck.vocab.clone().ok_or_else(|| {
+    encode_for(args, ck.vocab.clone(), ck.cfg.block_size)
+}
+
+/// `vocab` and the prompt's tokens, which must leave room in a context of `context` positions.
+fn encode_for(
+    args: &SampleArgs,
+    vocab: Option<Vocab>,
+    context: usize,
+) -> Result<(Vocab, Vec<u32>)> {
+    let vocab = vocab.ok_or_else(|| {
         Error::invalid(
             args.checkpoint.display().to_string(),
             "has no tokenizer.json or vocab.json to encode the prompt",
@@ -584,13 +641,12 @@ fn encode_prompt(args: &SampleArgs, ck: &checkpoint::Checkpoint) -> Result<(Voca
     if prompt.is_empty() {
         return Err(Error::invalid("--prompt", "encodes to no tokens"));
     }
-    if prompt.len() >= ck.cfg.block_size {
+    if prompt.len() >= context {
         return Err(Error::invalid(
             "--prompt",
             format!(
-                "{} tokens leave no room in the model's context of {}",
+                "{} tokens leave no room in the model's context of {context}",
                 prompt.len(),
-                ck.cfg.block_size
             ),
         ));
     }

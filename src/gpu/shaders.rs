@@ -80,6 +80,7 @@ shaders! {
     RmsNorm => "rmsnorm.wgsl",
     Rope => "rope.wgsl",
     Swiglu => "swiglu.wgsl",
+    QkvPack => "qkv_pack.wgsl",
 }
 
 /// Helper files that families `#include`, by their path under `shaders/`.

@@ -177,6 +177,19 @@ impl Backprop<'_> {
                 };
                 self.attention(node, dy, backward);
             }
+            Op::RmsNorm { n, c, .. } => self.rmsnorm(node, dy, n, c),
+            Op::Rope { b, t, heads, d } => self.rope(node, dy, Op::RopeBackward { b, t, heads, d }),
+            Op::PackQkv { b, t, nh, nkv, hs } => {
+                let backward = |acc| Op::PackQkvBackward {
+                    b,
+                    t,
+                    nh,
+                    nkv,
+                    hs,
+                    acc,
+                };
+                self.pack_qkv(node, dy, backward);
+            }
             Op::Gelu { n } => self.gelu(node, dy, n),
             Op::SwiGlu { n } => self.swiglu(node, dy, n),
             Op::Dropout { n, p, site } => self.dropout(node, dy, n, p, site),
@@ -256,9 +269,13 @@ impl Backprop<'_> {
             .tensor("embedding_index", &[len], DType::U32, TensorKind::Input);
         self.embedding_index = Some(index);
         let (dwte, _) = self.grad(ins[1]);
-        let (dwpe, _) = self.grad(ins[2]);
+        let mut outs = vec![dwte];
+        // A constant position table (the rotary models' zeros) takes no gradient.
+        if self.grads.param.contains_key(&ins[2]) {
+            outs.push(self.grad(ins[2]).0);
+        }
         let op = Op::EmbeddingBackward { b, t, c };
-        self.push(&node.label, op, vec![dy, ins[0], index], vec![dwte, dwpe]);
+        self.push(&node.label, op, vec![dy, ins[0], index], outs);
     }
 
     fn layernorm(&mut self, node: &Node, dy: TensorId, n: usize, c: usize) {
@@ -339,6 +356,54 @@ impl Backprop<'_> {
             vec![dy, ins[0], outs[0], outs[1]],
             vec![dqkv],
         );
+    }
+
+    /// dx overwritten or added to; the weight's gradient always added to (a parameter's).
+    fn rmsnorm(&mut self, node: &Node, dy: TensorId, n: usize, c: usize) {
+        let (ins, outs) = (&node.inputs, &node.outputs);
+        let (dx, acc) = self.grad(ins[0]);
+        let (dw, _) = self.grad(ins[1]);
+        let op = Op::RmsNormBackward { n, c, acc };
+        let inputs = vec![dy, ins[0], ins[1], outs[1]];
+        self.push(&node.label, op, inputs, vec![dx, dw]);
+    }
+
+    /// The rotation back by the negative angle, which overwrites: into x's gradient when it has
+    /// none yet, else into a buffer of its own that is then added to it.
+    fn rope(&mut self, node: &Node, dy: TensorId, backward: Op) {
+        let (x, inv_freq) = (node.inputs[0], node.inputs[1]);
+        let (dx, acc) = self.grad(x);
+        if !acc {
+            self.push(&node.label, backward, vec![dy, inv_freq], vec![dx]);
+            return;
+        }
+        let t = &self.g.tensors[x];
+        let (name, shape, n) = (format!("d.{}.rope", t.name), t.shape.clone(), t.numel());
+        let part = self
+            .g
+            .tensor(name, &shape, DType::F32, TensorKind::Gradient);
+        self.push(&node.label, backward, vec![dy, inv_freq], vec![part]);
+        let label = format!("{}.acc", node.label);
+        self.push(label, Op::Accumulate { n, acc: true }, vec![part], vec![dx]);
+    }
+
+    /// One kernel pair writes dq, dk and dv with one `accumulate` flag, as `swiglu` does.
+    fn pack_qkv(&mut self, node: &Node, dy: TensorId, backward: impl Fn(bool) -> Op) {
+        let ins = &node.inputs;
+        assert!(
+            ins[0] != ins[1] && ins[1] != ins[2] && ins[0] != ins[2],
+            "{}: q, k and v must be three tensors",
+            node.label
+        );
+        let grads: Vec<(TensorId, bool)> = ins.iter().map(|&x| self.grad(x)).collect();
+        let acc = grads.iter().any(|&(_, a)| a);
+        for &(d, a) in &grads {
+            if acc && !a {
+                self.push(&node.label, Op::Fill { value: 0.0 }, vec![], vec![d]);
+            }
+        }
+        let outs = grads.iter().map(|&(d, _)| d).collect();
+        self.push(&node.label, backward(acc), vec![dy], outs);
     }
 
     /// One kernel writes both gradients, so they are both overwritten or both added to: a

@@ -23,6 +23,8 @@ pub enum TensorKind {
     Input,
     /// A constant filled once (e.g. the zero bias of a bias-free LayerNorm).
     Constant(u32),
+    /// A constant table written once from `Graph::tables[i]` (RoPE's inverse frequencies).
+    Table(usize),
     /// Forward values and gradients of activations: packed by the memory planner.
     Activation,
     Gradient,
@@ -132,6 +134,26 @@ pub enum Op {
         hs: usize,
         tmax: usize,
     },
+    /// in [x (N,C), weight (C)] → out [y (N,C), rstd (N)]: RMSNorm, rows of C channels.
+    RmsNorm { n: usize, c: usize, eps: f32 },
+    /// Rotary embedding in the rotate-half layout: in [x (B,T,H,D), inv_freq (D/2)] → out
+    /// [y (B,T,H,D)], every head rotated, token t at position t.
+    Rope {
+        b: usize,
+        t: usize,
+        heads: usize,
+        d: usize,
+    },
+    /// Grouped-query attention's operand: in [q (B,T,NH·HS), k (B,T,NKV·HS), v (B,T,NKV·HS)] →
+    /// out [qkv (B,T,3·NH·HS)], the q, k and v rows of each token side by side, key/value head
+    /// j repeated for query heads j·G .. (j+1)·G, G = NH / NKV (transformers' `repeat_kv`).
+    PackQkv {
+        b: usize,
+        t: usize,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+    },
     /// in [x (N)] → out [y (N)]
     Gelu { n: usize },
     /// in [gate (N), up (N)] → out [silu(gate) · up (N)]: the gated MLP's activation.
@@ -187,6 +209,25 @@ pub enum Op {
         p: f32,
         site: u32,
     },
+    /// in [dy, x, weight, rstd] → out [dx (acc), dweight +=]
+    RmsNormBackward { n: usize, c: usize, acc: bool },
+    /// in [dy, inv_freq] → out [dx] (overwrites): the rotation by the negative angle.
+    RopeBackward {
+        b: usize,
+        t: usize,
+        heads: usize,
+        d: usize,
+    },
+    /// in [dqkv] → out [dq, dk, dv], all overwritten or all added to (`acc`); dk and dv sum the
+    /// G query heads of each group in head order (deterministic, no atomics).
+    PackQkvBackward {
+        b: usize,
+        t: usize,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+        acc: bool,
+    },
     /// in [dy, x] → out [dx (acc)]
     GeluBackward { n: usize, acc: bool },
     /// in [dy, gate, up] → out [dgate, dup], both overwritten, or both added to (`acc`).
@@ -234,6 +275,9 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::AttentionCached { .. } => "attention_cached",
             Op::KvAppend { .. } => "kv_append",
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::Rope { .. } => "rope",
+            Op::PackQkv { .. } => "pack_qkv",
             Op::Gelu { .. } => "gelu",
             Op::SwiGlu { .. } => "swiglu",
             Op::Add { .. } => "add",
@@ -245,6 +289,9 @@ impl Op {
             Op::LayerNormBackward { .. } => "layernorm_backward",
             Op::LinearBackward { .. } => "linear_backward",
             Op::AttentionBackward { .. } => "attention_backward",
+            Op::RmsNormBackward { .. } => "rmsnorm_backward",
+            Op::RopeBackward { .. } => "rope_backward",
+            Op::PackQkvBackward { .. } => "pack_qkv_backward",
             Op::GeluBackward { .. } => "gelu_backward",
             Op::SwiGluBackward { .. } => "swiglu_backward",
             Op::Accumulate { .. } => "accumulate",
@@ -273,6 +320,8 @@ pub struct Node {
 pub struct Graph {
     pub tensors: Vec<Tensor>,
     pub nodes: Vec<Node>,
+    /// The contents of the `TensorKind::Table` tensors.
+    pub tables: Vec<Vec<f32>>,
 }
 
 impl Graph {
@@ -312,6 +361,14 @@ impl Graph {
             phase,
             label: label.into(),
         });
+    }
+
+    /// A constant f32 tensor holding `values`, written once.
+    pub fn table(&mut self, name: impl Into<String>, values: Vec<f32>) -> TensorId {
+        let len = values.len();
+        self.tables.push(values);
+        let kind = TensorKind::Table(self.tables.len() - 1);
+        self.tensor(name, &[len], DType::F32, kind)
     }
 
     /// Finds a tensor by kind.

@@ -32,9 +32,13 @@ impl Data {
 /// elementwise ops are tight; reductions whose summation order differs get room for rounding.
 pub fn tolerance(op: &Op) -> (f64, f64) {
     match op {
-        Op::Add { .. } | Op::Accumulate { .. } | Op::Fill { .. } | Op::Embedding { .. } => {
-            (1e-6, 1e-6)
-        }
+        Op::Add { .. }
+        | Op::Accumulate { .. }
+        | Op::Fill { .. }
+        | Op::Embedding { .. }
+        | Op::PackQkv { .. } => (1e-6, 1e-6),
+        // Sums of G values in head order, as the kernel adds them.
+        Op::PackQkvBackward { .. } => (1e-6, 1e-5),
         Op::Gelu { .. }
         | Op::GeluBackward { .. }
         | Op::SwiGlu { .. }
@@ -93,6 +97,19 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::Attention {
             b, t, nh, hs, p, ..
         } => attention(&mut o, &x, r::attention::Dims { b, t, nh, hs }, p),
+        Op::RmsNorm { n, c, eps } => {
+            let (y, rstd) = o.split_at_mut(1);
+            let dims = r::rmsnorm::Dims { n, c };
+            r::rmsnorm::forward(&mut y[0], &mut rstd[0], f(0), f(1), dims, eps as f64);
+        }
+        Op::Rope { b, t, heads, d } => {
+            let dims = rope_dims(b, t, heads, d);
+            r::rope::forward(&mut o[0], f(0), f(1), dims, 0);
+        }
+        Op::PackQkv { b, t, nh, nkv, hs } => {
+            let dims = r::qkv_pack::Dims { b, t, nh, nkv, hs };
+            r::qkv_pack::forward(&mut o[0], f(0), f(1), f(2), dims);
+        }
         Op::Gelu { .. } => r::gelu::forward(&mut o[0], f(0)),
         Op::SwiGlu { .. } => r::swiglu::forward(&mut o[0], f(0), f(1)),
         Op::Add { .. } => r::residual::forward(&mut o[0], f(0), f(1)),
@@ -125,6 +142,30 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::AttentionBackward {
             b, t, nh, hs, p, ..
         } => attention_backward(&mut o, &x, r::attention::Dims { b, t, nh, hs }, p),
+        Op::RmsNormBackward { n, c, acc } => {
+            zero_unless(&mut o[0], acc);
+            let (dx, dw) = o.split_at_mut(1);
+            let dims = r::rmsnorm::Dims { n, c };
+            r::rmsnorm::backward(&mut dx[0], &mut dw[0], f(0), f(1), f(2), f(3), dims);
+        }
+        Op::RopeBackward { b, t, heads, d } => {
+            let dims = rope_dims(b, t, heads, d);
+            r::rope::backward(&mut o[0], f(0), f(1), dims, 0);
+        }
+        Op::PackQkvBackward {
+            b,
+            t,
+            nh,
+            nkv,
+            hs,
+            acc,
+        } => {
+            o.iter_mut().for_each(|d| zero_unless(d, acc));
+            let (dq, rest) = o.split_at_mut(1);
+            let (dk, dv) = rest.split_at_mut(1);
+            let dims = r::qkv_pack::Dims { b, t, nh, nkv, hs };
+            r::qkv_pack::backward(&mut dq[0], &mut dk[0], &mut dv[0], f(0), dims);
+        }
         Op::GeluBackward { acc, .. } => {
             zero_unless(&mut o[0], acc);
             r::gelu::backward(&mut o[0], f(1), f(0));
@@ -160,6 +201,17 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         }
     }
     o
+}
+
+/// A rotary embedding over every head of (B, T, H, D).
+fn rope_dims(b: usize, t: usize, heads: usize, d: usize) -> r::rope::Dims {
+    r::rope::Dims {
+        b,
+        t,
+        heads,
+        rotated: heads,
+        d,
+    }
 }
 
 /// The outputs' values before the node runs, as f32.
@@ -280,10 +332,11 @@ fn lm_head_loss(o: &mut [Vec<f32>], x: &Inputs, shape: LmHead) {
     last_chunk(&mut chunk[0], &logits, n, vp, rows);
 }
 
-/// Outputs [dwte +=, dwpe +=].
+/// Outputs [dwte +=, dwpe +=?].
 fn embedding_backward(o: &mut [Vec<f32>], x: &Inputs, dims: r::embedding::Dims) {
     let (dwte, dwpe) = o.split_at_mut(1);
-    r::embedding::backward(&mut dwte[0], 0, Some(&mut dwpe[0]), x.f(0), x.u(1), dims);
+    let dwpe = dwpe.first_mut().map(|d| &mut d[..]);
+    r::embedding::backward(&mut dwte[0], 0, dwpe, x.f(0), x.u(1), dims);
 }
 
 /// Outputs [dx, dweight, dbias?].

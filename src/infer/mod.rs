@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod engine;
+pub mod llama;
 pub mod sampling;
 
 pub use engine::Engine;

@@ -103,6 +103,19 @@ pub fn model_type(v: &Value) -> Option<&str> {
     v.get("model_type").and_then(Value::as_str)
 }
 
+/// Whether `dir` holds a config.json whose model_type is one of the Llama family's (a directory
+/// for `hf_weights::load`); false when it has none, or one that is not such JSON.
+pub fn is_llama_checkpoint(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(super::hf::CONFIG_FILE)) else {
+        return false;
+    };
+    serde_json::from_str::<Value>(&text)
+        .ok()
+        .as_ref()
+        .and_then(model_type)
+        .is_some_and(is_llama_family)
+}
+
 /// Whether `model_type` is one of the Llama family's.
 pub fn is_llama_family(model_type: &str) -> bool {
     family(model_type).is_some()

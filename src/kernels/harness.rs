@@ -47,6 +47,7 @@ pub fn families() -> Vec<&'static Family> {
         &gelu::FAMILY,
         &swiglu::FAMILY,
         &rope::FAMILY,
+        &qkv_pack::FAMILY,
         &embedding::FAMILY,
         &cross_entropy::FAMILY,
         &residual::FAMILY,
@@ -114,7 +115,7 @@ pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
         "layernorm" | "rmsnorm" => &[2],
         "cross_entropy" => &[2, 3],
         "embedding" => &[4, 5],
-        "rope" => &[5],
+        "rope" | "qkv_pack" => &[5],
         _ => &[1],
     };
     if !ok_dims.contains(&d.len()) {
@@ -149,6 +150,10 @@ pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
             return bad(format!("R {r} rotated heads must be between 1 and H {h}"));
         }
         ("rope", [b, t, h, _, d]) => mul(&[*b, *t, *h, *d]),
+        ("qkv_pack", [_, _, nh, nkv, _]) if *nkv == 0 || nh % nkv != 0 => {
+            return bad(format!("NKV {nkv} key/value heads must divide NH {nh}"));
+        }
+        ("qkv_pack", [b, t, nh, _, hs]) => mul(&[6, *b, *t, *nh, *hs]),
         (_, [n]) => *n,
         _ => unreachable!("dimension counts checked above"),
     };

@@ -18,6 +18,7 @@ pub mod gemm;
 pub mod harness;
 pub mod layernorm;
 pub mod measure;
+pub mod qkv_pack;
 pub mod reduce;
 pub mod residual;
 pub mod rmsnorm;

@@ -1,7 +1,7 @@
 //! The GPT-2 forward graph, readable in one sitting, and its training extension.
 
 use super::config::GptConfig;
-use super::params::{BlockParams, ParamTable};
+use super::params::{BlockParams, ParamSpec, ParamTable};
 use crate::gpu::DType;
 use crate::graph::autodiff::{self, Backward};
 use crate::graph::ir::{Graph, Op, Phase, TensorId, TensorKind};
@@ -89,48 +89,42 @@ pub fn build_for(
         Mode::Decode { loss, .. } => loss,
     };
     let loss = with_loss.then(|| m.loss(lnf, table.wte, logits, chunk_rows));
-    let mut g = m.g;
-    let (backward, grad_norm) = if mode == Mode::Train {
-        let bw = autodiff::append_backward(&mut g);
-        let norm = autodiff::append_optimizer(&mut g, &bw, |i| table.specs[i].decay);
-        (Some(bw), Some(norm))
-    } else {
-        (None, None)
-    };
-    GptGraph {
-        graph: g,
-        b,
-        t,
-        tokens,
-        targets: loss.map(|l| l.targets),
-        logits,
-        losses: loss.map(|l| l.losses),
-        loss: loss.and_then(|l| l.mean),
-        backward,
-        grad_norm,
-        params: m.params,
-    }
+    m.finish((tokens, logits, loss), mode, |i| table.specs[i].decay)
 }
 
 /// The loss tensors of a graph: targets (B, T), per-position losses (B·T) and, except when
 /// decoding, their mean.
 #[derive(Clone, Copy)]
-struct Loss {
-    targets: TensorId,
-    losses: TensorId,
-    mean: Option<TensorId>,
+pub(super) struct Loss {
+    pub(super) targets: TensorId,
+    pub(super) losses: TensorId,
+    pub(super) mean: Option<TensorId>,
+}
+
+/// The sizes and settings of a model that its builder needs: hidden C, heads, head size, the
+/// vocabulary and its padded width, the dropout when training, and whether the layer norms need
+/// a zero bias.
+pub(super) struct Setup {
+    pub c: usize,
+    pub nh: usize,
+    pub hs: usize,
+    pub v: usize,
+    pub vp: usize,
+    pub dropout: f32,
+    pub zero_bias: bool,
 }
 
 /// A GPT graph under construction, with the sizes and settings every op of it shares. Its
-/// methods are the model's layers, each appending its forward ops in order.
-struct Builder {
-    g: Graph,
-    b: usize,
-    t: usize,
-    bt: usize,
-    c: usize,
-    nh: usize,
-    hs: usize,
+/// methods are the model's layers, each appending its forward ops in order (the Llama family's
+/// builder adds its own in `model::llama`).
+pub(super) struct Builder {
+    pub(super) g: Graph,
+    pub(super) b: usize,
+    pub(super) t: usize,
+    pub(super) bt: usize,
+    pub(super) c: usize,
+    pub(super) nh: usize,
+    pub(super) hs: usize,
     v: usize,
     vp: usize,
     /// The KV cache's positions when decoding.
@@ -144,45 +138,54 @@ struct Builder {
     /// The last dropout site given out (the residual dropouts' sites are 1, 2, 3, ...).
     site: u32,
     /// The graph tensor of parameter i.
-    params: Vec<TensorId>,
+    pub(super) params: Vec<TensorId>,
     /// The zeros standing in for layer norm biases in a model without biases.
     zero_bias: Option<TensorId>,
 }
 
-const FWD: Phase = Phase::Forward;
+pub(super) const FWD: Phase = Phase::Forward;
 
 impl Builder {
     /// An empty graph holding the parameters of `table` (and the zero bias, if needed).
     fn new(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode) -> Builder {
+        let setup = Setup {
+            c: cfg.n_embd,
+            nh: cfg.n_head,
+            hs: cfg.head_size(),
+            v: cfg.vocab_size,
+            vp: cfg.padded_vocab(),
+            dropout: cfg.dropout,
+            zero_bias: !cfg.bias,
+        };
+        Builder::with(&table.specs, setup, b, t, mode)
+    }
+
+    /// An empty graph holding the parameters `specs` (and the zero bias, if asked for).
+    pub(super) fn with(specs: &[ParamSpec], s: Setup, b: usize, t: usize, mode: Mode) -> Builder {
         let mut g = Graph::default();
-        let c = cfg.n_embd;
-        let params: Vec<TensorId> = table
-            .specs
+        let params: Vec<TensorId> = specs
             .iter()
             .enumerate()
             .map(|(i, s)| g.tensor(s.name.clone(), &s.shape, DType::F32, TensorKind::Param(i)))
             .collect();
-        let zero_bias =
-            (!cfg.bias).then(|| g.tensor("zero_bias", &[c], DType::F32, TensorKind::Constant(0)));
+        let zero_bias = s
+            .zero_bias
+            .then(|| g.tensor("zero_bias", &[s.c], DType::F32, TensorKind::Constant(0)));
         Builder {
             g,
             b,
             t,
             bt: b * t,
-            c,
-            nh: cfg.n_head,
-            hs: cfg.head_size(),
-            v: cfg.vocab_size,
-            vp: cfg.padded_vocab(),
+            c: s.c,
+            nh: s.nh,
+            hs: s.hs,
+            v: s.v,
+            vp: s.vp,
             decode: match mode {
                 Mode::Decode { tmax, .. } => Some(tmax),
                 _ => None,
             },
-            p: if mode == Mode::Train {
-                cfg.dropout
-            } else {
-                0.0
-            },
+            p: if mode == Mode::Train { s.dropout } else { 0.0 },
             fuse: mode == Mode::Train,
             site: 0,
             params,
@@ -190,8 +193,43 @@ impl Builder {
         }
     }
 
+    /// The graph with, when training, its backward and optimizer (`decay(i)`: whether parameter
+    /// i takes weight decay), and the tensors callers need.
+    pub(super) fn finish(
+        self,
+        (tokens, logits, loss): (TensorId, TensorId, Option<Loss>),
+        mode: Mode,
+        decay: impl Fn(usize) -> bool,
+    ) -> GptGraph {
+        let (b, t) = (self.b, self.t);
+        let mut g = self.g;
+        let (backward, grad_norm) = if mode == Mode::Train {
+            let bw = autodiff::append_backward(&mut g);
+            let norm = autodiff::append_optimizer(&mut g, &bw, decay);
+            (Some(bw), Some(norm))
+        } else {
+            (None, None)
+        };
+        GptGraph {
+            graph: g,
+            b,
+            t,
+            tokens,
+            targets: loss.map(|l| l.targets),
+            logits,
+            losses: loss.map(|l| l.losses),
+            loss: loss.and_then(|l| l.mean),
+            backward,
+            grad_norm,
+            params: self.params,
+        }
+    }
+
     /// The graph tensors of a weight and its optional bias.
-    fn weights(&self, (w, bias): (usize, Option<usize>)) -> (TensorId, Option<TensorId>) {
+    pub(super) fn weights(
+        &self,
+        (w, bias): (usize, Option<usize>),
+    ) -> (TensorId, Option<TensorId>) {
         (self.params[w], bias.map(|i| self.params[i]))
     }
 
@@ -249,7 +287,7 @@ impl Builder {
     }
 
     /// x with dropout (a new site each call), or x itself when there is none.
-    fn dropout(&mut self, x: TensorId, label: String) -> TensorId {
+    pub(super) fn dropout(&mut self, x: TensorId, label: String) -> TensorId {
         let p = self.p;
         if p == 0.0 {
             return x;
@@ -288,7 +326,7 @@ impl Builder {
     }
 
     /// y (BT, N) = x · wᵀ + bias.
-    fn linear(
+    pub(super) fn linear(
         &mut self,
         x: TensorId,
         (w, bias): (TensorId, Option<TensorId>),
@@ -369,11 +407,11 @@ impl Builder {
 
     /// Causal self-attention over qkv (B, T, 3C) into (B, T, C): over the block's own tokens, or,
     /// when decoding, over layer l's KV cache after appending the new keys and values to it.
-    fn attention(&mut self, l: usize, qkv: TensorId) -> TensorId {
-        let (b, t, c, nh, hs, p) = (self.b, self.t, self.c, self.nh, self.hs, self.p);
+    pub(super) fn attention(&mut self, l: usize, qkv: TensorId) -> TensorId {
+        let (b, t, nh, hs, p) = (self.b, self.t, self.nh, self.hs, self.p);
         let h = format!("h.{l}");
         let g = &mut self.g;
-        let att = g.activation(format!("{h}.attn"), &[b, t, c]);
+        let att = g.activation(format!("{h}.attn"), &[b, t, nh * hs]);
         if let Some(tmax) = self.decode {
             let cache = |g: &mut Graph, value: bool| {
                 let name = format!("{h}.attn.{}_cache", if value { "v" } else { "k" });
@@ -431,7 +469,7 @@ impl Builder {
 
     /// res + dropout(x · wᵀ + bias): a projection `proj` back into the residual stream, whose
     /// sum is `sum` (B, T, C); one fused GEMM when training without dropout.
-    fn project_residual(
+    pub(super) fn project_residual(
         &mut self,
         x: TensorId,
         w: (TensorId, Option<TensorId>),
@@ -471,7 +509,12 @@ impl Builder {
 
     /// The logits (BT, Vp) = lnf · wteᵀ, or, when computed in chunks of `chunk_rows` with the
     /// loss, the buffer of one chunk.
-    fn lm_head(&mut self, lnf: TensorId, wte: usize, chunk_rows: Option<usize>) -> TensorId {
+    pub(super) fn lm_head(
+        &mut self,
+        lnf: TensorId,
+        wte: usize,
+        chunk_rows: Option<usize>,
+    ) -> TensorId {
         match chunk_rows {
             Some(rows) => self.g.activation("lm_head", &[rows, self.vp]),
             None => {
@@ -483,7 +526,7 @@ impl Builder {
 
     /// The cross-entropy of the logits against the targets per position, and (except when
     /// decoding) its mean; in chunks of `chunk_rows`, with the lm head, when given.
-    fn loss(
+    pub(super) fn loss(
         &mut self,
         lnf: TensorId,
         wte: usize,

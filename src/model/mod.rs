@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod config;
 pub mod gpt;
+pub mod llama;
 pub mod llama_params;
 pub mod params;
 

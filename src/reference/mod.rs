@@ -12,6 +12,7 @@ pub mod embedding;
 pub mod gelu;
 pub mod gemm;
 pub mod layernorm;
+pub mod qkv_pack;
 pub mod reduce;
 pub mod residual;
 pub mod rmsnorm;

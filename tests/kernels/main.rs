@@ -9,6 +9,7 @@ mod embedding;
 mod gelu;
 mod gemm;
 mod layernorm;
+mod qkv_pack;
 mod reduce;
 mod residual;
 mod rmsnorm;

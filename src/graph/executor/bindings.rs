@@ -46,14 +46,14 @@ impl Bindings {
             norm: None,
         };
         for (id, t) in graph.tensors.iter().enumerate() {
-            b.views[id] = b.bind(mem, id, t)?;
+            b.views[id] = b.bind(mem, graph, id, t)?;
         }
         Ok(b)
     }
 
     /// The storage of tensor `id`: the store's chunks for parameters, gradients and moments; one
     /// view otherwise; none for a planned tensor no micro-step node uses.
-    fn bind(&mut self, mem: &Memory, id: TensorId, t: &Tensor) -> Result<Vec<View>> {
+    fn bind(&mut self, mem: &Memory, graph: &Graph, id: TensorId, t: &Tensor) -> Result<Vec<View>> {
         let (gpu, store) = (mem.gpu, mem.store);
         let own = |name: &str| gpu.zeros(name, t.dtype, t.numel());
         let view = match t.kind {
@@ -78,6 +78,11 @@ impl Bindings {
             TensorKind::Constant(bits) => {
                 let v = own(&t.name)?;
                 gpu.write(&v, &vec![f32::from_bits(bits); t.numel()])?;
+                v
+            }
+            TensorKind::Table(i) => {
+                let v = own(&t.name)?;
+                gpu.write(&v, &graph.tables[i])?;
                 v
             }
             TensorKind::Result => {

@@ -7,8 +7,8 @@ use super::split::{SplitLinearBackwardTensors, split_linear_backward, split_line
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, View};
 use crate::kernels::{
-    adamw, attention, cross_entropy, dropout, embedding, gelu, gemm, layernorm, reduce, residual,
-    swiglu,
+    adamw, attention, cross_entropy, dropout, embedding, gelu, gemm, layernorm, qkv_pack, reduce,
+    residual, rmsnorm, rope, swiglu,
 };
 
 impl Executor<'_> {
@@ -46,6 +46,19 @@ impl Executor<'_> {
                 hs,
                 tmax,
             } => x.kv_append(attention::Dims { b, t: tq, nh, hs }, tmax),
+            Op::RmsNorm { n, c, eps } => x.rmsnorm(rmsnorm::Dims { n, c }, eps),
+            Op::Rope { b, t, heads, d } => one(rope::forward(
+                gpu,
+                o(0),
+                i(0),
+                i(1),
+                rope_dims(b, t, heads, d),
+                0,
+            )),
+            Op::PackQkv { b, t, nh, nkv, hs } => {
+                let dims = qkv_pack::Dims { b, t, nh, nkv, hs };
+                one(qkv_pack::forward(gpu, o(0), (i(0), i(1), i(2)), dims))
+            }
             Op::Gelu { n } => one(gelu::forward(gpu, o(0), i(0), n)),
             Op::SwiGlu { n } => one(swiglu::forward(gpu, o(0), i(0), i(1), n)),
             Op::Add { .. } => one(residual::forward(gpu, o(0), i(0), i(1))),
@@ -71,6 +84,23 @@ impl Executor<'_> {
                 p,
                 site,
             } => x.attention_backward(attention::Dims { b, t, nh, hs }, p, site),
+            Op::RmsNormBackward { n, c, acc } => x.rmsnorm_backward(rmsnorm::Dims { n, c }, acc),
+            Op::RopeBackward { b, t, heads, d } => one(rope::backward(
+                gpu,
+                o(0),
+                i(0),
+                i(1),
+                rope_dims(b, t, heads, d),
+                0,
+            )),
+            Op::PackQkvBackward {
+                b,
+                t,
+                nh,
+                nkv,
+                hs,
+                acc,
+            } => x.pack_qkv_backward(qkv_pack::Dims { b, t, nh, nkv, hs }, acc),
             Op::GeluBackward { n, acc } => one(gelu::backward(gpu, o(0), i(1), i(0), n, acc)),
             Op::SwiGluBackward { n, acc } => x.swiglu_backward(n, acc),
             Op::Accumulate { acc, .. } => one(residual::accumulate(gpu, o(0), i(0), acc)),
@@ -270,7 +300,7 @@ impl<'s> Lowering<'s> {
         let mut out = Vec::new();
         for (k, view) in self.oc(0).iter().enumerate() {
             let dwte = embedding::TableChunk { view, row0 };
-            let dwpe = (k == 0).then(|| o(1));
+            let dwpe = (k == 0 && self.node.outputs.len() > 1).then(|| o(1));
             out.extend(embedding::backward(
                 self.gpu(),
                 dwte,
@@ -440,6 +470,44 @@ impl<'s> Lowering<'s> {
         Ok(vec![d])
     }
 
+    /// RMSNorm: [x, weight] → [y, rstd].
+    fn rmsnorm(self, dims: rmsnorm::Dims, eps: f32) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let tensors = rmsnorm::ForwardTensors {
+            out: o(0),
+            rstd: o(1),
+            inp: i(0),
+            weight: i(1),
+        };
+        Ok(vec![rmsnorm::forward(self.gpu(), tensors, dims, eps)?])
+    }
+
+    /// RMSNorm's backward: [dy, x, weight, rstd] → [dx (acc), dweight +=].
+    fn rmsnorm_backward(self, dims: rmsnorm::Dims, acc: bool) -> Result<Vec<Dispatch>> {
+        let (i, o) = (|k| self.i(k), |k| self.o(k));
+        let tensors = rmsnorm::BackwardTensors {
+            dinp: o(0),
+            dweight: o(1),
+            dout: i(0),
+            inp: i(1),
+            weight: i(2),
+            rstd: i(3),
+        };
+        rmsnorm::backward(self.gpu(), tensors, dims, acc)
+    }
+
+    /// The packed operand's backward: [dqkv] → [dq, dk, dv].
+    fn pack_qkv_backward(self, dims: qkv_pack::Dims, acc: bool) -> Result<Vec<Dispatch>> {
+        let o = |k| self.o(k);
+        let tensors = qkv_pack::BackwardTensors {
+            dq: o(0),
+            dk: o(1),
+            dv: o(2),
+            dqkv: self.i(0),
+        };
+        qkv_pack::backward(self.gpu(), tensors, dims, acc)
+    }
+
     /// The gated MLP's backward: [dy, gate, up] → [dgate, dup].
     fn swiglu_backward(self, n: usize, acc: bool) -> Result<Vec<Dispatch>> {
         let tensors = swiglu::BackwardTensors {
@@ -562,6 +630,17 @@ impl<'s> Lowering<'s> {
         Ok(out)
     }
 }
+/// A rotary embedding over every head of (B, T, H, D).
+fn rope_dims(b: usize, t: usize, heads: usize, d: usize) -> rope::Dims {
+    rope::Dims {
+        b,
+        t,
+        heads,
+        rotated: heads,
+        d,
+    }
+}
+
 /// The seed of one dropout site's random stream.
 pub(super) fn dropout_seed(seed: u32, site: u32) -> u32 {
     seed ^ site.wrapping_mul(0x9E37_79B9)

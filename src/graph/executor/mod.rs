@@ -250,7 +250,10 @@ impl<'a> Executor<'a> {
             if let Op::AdamW { .. } = node.op {
                 self.adamw_dispatches.extend(start..end);
             }
-            if let Op::AttentionCached { tq, .. } | Op::KvAppend { tq, .. } = node.op {
+            if let Op::AttentionCached { tq, .. }
+            | Op::KvAppend { tq, .. }
+            | Op::Rope { t: tq, .. } = node.op
+            {
                 self.positioned.extend((start..end).map(|d| (d, tq)));
             }
             self.node_dispatches

@@ -6,7 +6,7 @@ use super::super::ir::{Op, Phase};
 use super::{Executor, GradientSync, MicroBatch, Shard, StepResult};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu, Signal, View};
-use crate::kernels::{adamw, attention, embedding};
+use crate::kernels::{adamw, attention, embedding, rope};
 
 /// How long a step's result buffer may take to map once the queue is idle: the callback is
 /// immediate unless another thread holds it, so waiting longer means the device is gone.
@@ -397,7 +397,12 @@ impl Executor<'_> {
     /// (appending their keys and values), without waiting: read the logits or losses after.
     pub fn decode(&mut self, batch: &MicroBatch, pos0: usize) -> Result<()> {
         for &(d, tq) in &self.positioned {
-            attention::set_position(self.gpu, &self.dispatches[&Phase::Forward][d], pos0, tq);
+            let dispatch = &self.dispatches[&Phase::Forward][d];
+            if dispatch.name == rope::ROTATE.name() {
+                rope::set_position(self.gpu, dispatch, pos0);
+            } else {
+                attention::set_position(self.gpu, dispatch, pos0, tq);
+            }
         }
         self.write_inputs(std::slice::from_ref(batch))?;
         let gpu = self.gpu;

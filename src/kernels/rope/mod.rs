@@ -81,6 +81,15 @@ pub fn forward(
     rotate(gpu, out, inp, inv_freq, dims, pos0, 1.0)
 }
 
+/// Moves a `forward` dispatch to positions pos0 .. pos0 + T (decoding: pos0 = the KV cache's
+/// length), rewriting its params in place. The caller keeps pos0 + T - 1 within
+/// `MAX_POSITION` (the model's context does).
+pub fn set_position(gpu: &Gpu, dispatch: &Dispatch, pos0: usize) {
+    let at = std::mem::offset_of!(Params, pos0) as u64;
+    gpu.queue
+        .write_buffer(&dispatch.params, at, bytemuck::bytes_of(&(pos0 as u32)));
+}
+
 /// Backward of `forward`: dinp (B, T, H, D) = dout rotated by -angle on the rotated heads,
 /// dout itself on the rest. Overwrites dinp.
 pub fn backward(

@@ -1,0 +1,208 @@
+//! The Llama family against PyTorch and transformers, as tests/parity.rs checks GPT-2: each
+//! small random model of scripts/fixtures_llama.py (GQA with an untied head and llama3 RoPE;
+//! Qwen2's q/k/v biases with a tied head; Qwen3's per-head q/k norms with head_dim ≠ C/NH) is
+//! loaded from its config.json and model.safetensors through `io`; logits, loss, every parameter
+//! gradient, the losses and gradient norms of 10 AdamW steps (clipping and weight decay on) and
+//! the final weights must match the fixture at GPT-2's tolerances. Every mismatch fails.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use shaderformer::gpu::{DType, test_gpu};
+use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
+use shaderformer::io::hf_weights;
+use shaderformer::kernels::adamw::Hyper;
+use shaderformer::model::arch::Positions;
+use shaderformer::model::gpt::Mode;
+use shaderformer::model::llama;
+use shaderformer::reference::compare;
+
+struct Fixture {
+    tensors: HashMap<String, (Vec<u8>, safetensors::Dtype)>,
+    meta: HashMap<String, String>,
+}
+
+impl Fixture {
+    fn load(path: &Path) -> Fixture {
+        let bytes = std::fs::read(path).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, (t.data().to_vec(), t.dtype())))
+            .collect();
+        Fixture {
+            tensors,
+            meta: meta.metadata().clone().unwrap_or_default(),
+        }
+    }
+
+    fn f32(&self, name: &str) -> Vec<f32> {
+        let (d, dt) = &self.tensors[name];
+        assert_eq!(*dt, safetensors::Dtype::F32, "{name}");
+        bytemuck::pod_collect_to_vec(d)
+    }
+
+    fn u32(&self, name: &str) -> Vec<u32> {
+        let (d, dt) = &self.tensors[name];
+        assert_eq!(*dt, safetensors::Dtype::I32, "{name}");
+        let v: Vec<i32> = bytemuck::pod_collect_to_vec(d);
+        v.into_iter().map(|x| x as u32).collect()
+    }
+
+    fn num(&self, key: &str) -> f64 {
+        self.meta[key].parse().unwrap()
+    }
+}
+
+fn assets() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets"))
+}
+
+#[test]
+fn llama_tiny_matches_transformers() {
+    parity("llama-tiny");
+}
+
+#[test]
+fn qwen2_tiny_matches_transformers() {
+    parity("qwen2-tiny");
+}
+
+#[test]
+fn qwen3_tiny_matches_transformers() {
+    parity("qwen3-tiny");
+}
+
+/// The training graph's nodes, run one by one, against their CPU references (`--validate`).
+#[test]
+fn every_node_of_qwen3_tiny_matches_its_reference() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = assets().join("qwen3-tiny");
+    let fx = Fixture::load(&dir.join("fixture.safetensors"));
+    let ck = hf_weights::load(&dir).expect("load the transformers checkpoint");
+    let (b, t) = (fx.num("B") as usize, fx.num("T") as usize);
+    let store = ParamStore::build(
+        gpu,
+        &ck.table.store_specs(),
+        &ck.params,
+        true,
+        DType::F32,
+        &|_| u64::MAX,
+    )
+    .unwrap();
+    let g = llama::build(&ck.cfg.arch, &ck.table, b, t, Mode::Train).unwrap();
+    let mut exec = Executor::new(gpu, g.graph, &store, options(&fx)).unwrap();
+    let batch = MicroBatch {
+        tokens: fx.u32("tokens"),
+        targets: fx.u32("targets"),
+    };
+    let checks = exec.validate(&batch).unwrap();
+    let bad = shaderformer::graph::NodeCheck::mismatches(&checks);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+fn options(fx: &Fixture) -> ExecOptions {
+    ExecOptions {
+        reuse: true,
+        grad_accum: 1,
+        adamw: Hyper {
+            beta1: fx.num("beta1") as f32,
+            beta2: fx.num("beta2") as f32,
+            eps: fx.num("eps") as f32,
+            weight_decay: fx.num("weight_decay") as f32,
+            grad_clip: fx.num("grad_clip") as f32,
+        },
+        seed: 0,
+        shard: Default::default(),
+    }
+}
+
+fn parity(model: &str) {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = assets().join(model);
+    let fx = Fixture::load(&dir.join("fixture.safetensors"));
+    let ck = hf_weights::load(&dir).expect("load the transformers checkpoint");
+    let arch = &ck.cfg.arch;
+    let Positions::Rotary(rope) = arch.positions else {
+        panic!("{model}: not rotary")
+    };
+    // The inverse frequencies the graph rotates by are transformers' own, bit for bit.
+    let inv = rope.inv_freq(arch.head_dim);
+    assert_eq!(inv, fx.f32("rope.inv_freq"), "{model}: rope.inv_freq");
+    let (b, t) = (fx.num("B") as usize, fx.num("T") as usize);
+    let table = &ck.table;
+    let store = ParamStore::build(
+        gpu,
+        &table.store_specs(),
+        &ck.params,
+        true,
+        DType::F32,
+        &|_| u64::MAX,
+    )
+    .unwrap();
+    let g = llama::build(arch, table, b, t, Mode::Train).unwrap();
+    let logits_id = g.logits;
+    let mut exec = Executor::new(gpu, g.graph, &store, options(&fx)).unwrap();
+    let batch = MicroBatch {
+        tokens: fx.u32("tokens"),
+        targets: fx.u32("targets"),
+    };
+
+    // Logits and loss.
+    let loss = exec.forward_loss(&batch).unwrap();
+    let logits = gpu.read_f32(exec.view(logits_id)).unwrap();
+    let c = compare("logits", &logits, &fx.f32("logits"), 1e-4, 0.0);
+    eprintln!("{model}: {c}");
+    c.assert();
+    let c = compare("loss", &[loss], &fx.f32("loss"), 1e-5, 0.0);
+    eprintln!("{model}: {c}");
+    c.assert();
+
+    // Every parameter gradient (the tied embedding's holds both of its uses).
+    exec.forward_backward(&batch).unwrap();
+    let grads = ParamStore::read(gpu, &store.grads).unwrap();
+    for (i, spec) in table.specs.iter().enumerate() {
+        let want = fx.f32(&format!("grad.{}", spec.name));
+        let c = compare(&format!("grad {}", spec.name), &grads[i], &want, 1e-5, 1e-3);
+        eprintln!("{model}: {c}");
+        c.assert();
+    }
+
+    // Ten AdamW steps on the same batch: each step's loss is that of its forward, before its
+    // update; then the weights they leave.
+    let lr = fx.num("lr") as f32;
+    for step in 1..=10u32 {
+        exec.step(std::slice::from_ref(&batch), lr, step).unwrap();
+    }
+    let results = exec.wait_results().unwrap();
+    let losses: Vec<f32> = results.iter().map(|r| r.loss()).collect();
+    let norms: Vec<f32> = results.iter().map(|r| r.grad_norm).collect();
+    eprintln!("{model}: losses {losses:?}\nnorms {norms:?}");
+    let c = compare("grad norms", &norms, &fx.f32("grad_norms"), 1e-4, 1e-3);
+    eprintln!("{model}: {c}");
+    c.assert();
+    let c = compare(
+        "10 AdamW step losses",
+        &losses,
+        &fx.f32("losses"),
+        1e-4,
+        0.0,
+    );
+    eprintln!("{model}: {c}");
+    c.assert();
+    let finals = store.read_params(gpu).unwrap();
+    for (i, spec) in table.specs.iter().enumerate() {
+        let want = fx.f32(&format!("final.{}", spec.name));
+        let c = compare(
+            &format!("final {}", spec.name),
+            &finals[i],
+            &want,
+            1e-4,
+            0.0,
+        );
+        eprintln!("{model}: {c}");
+        c.assert();
+    }
+}
