@@ -546,6 +546,36 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     Ok(reports)
 }
 
+/// `bench --suite quick`'s attention at `shape` (B, NH, T, HS), causal: the forward and the
+/// backward the tuner takes, not every candidate, dropout and decoding as `bench` does.
+pub fn bench_headline(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
+    let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
+    let dims = Dims { b, t, nh, hs };
+    let c = nh * hs;
+    let s = format!("B={b} NH={nh} T={t} HS={hs} causal");
+    let (qkv, dout) = check_inputs(dims);
+    let qkv = gpu.upload_f32("qkv", &qkv)?;
+    let dout = gpu.upload_f32("dout", &dout)?;
+    let out = gpu.zeros("out", DType::F32, b * t * c)?;
+    let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
+    let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
+    let fv = tuned(gpu, Stage::Forward, dims, true)?;
+    let fwd = forward_with(gpu, &out, &lse, &qkv, dims, Options::CAUSAL, fv)?;
+    let forward = harness::bench_one(gpu, opts, &format!("forward {}", fv.name()), &s, &fwd)?;
+    // The backward reads the out and lse the forward's runs left.
+    let tensors = BackwardTensors {
+        dqkv: &dqkv,
+        dout: &dout,
+        qkv: &qkv,
+        out: &out,
+        lse: &lse,
+    };
+    let bv = tuned(gpu, Stage::Backward, dims, true)?;
+    let bwd = backward_with(gpu, tensors, dims, Options::CAUSAL, bv)?;
+    let backward = harness::bench_one(gpu, opts, &format!("backward {}", bv.name()), &s, &bwd)?;
+    Ok(vec![forward, backward])
+}
+
 /// One bench shape (causal): its label, dims, and the fused kernels' tensors.
 struct BenchCase<'a> {
     gpu: &'a Gpu,
