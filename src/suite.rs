@@ -1,8 +1,11 @@
 //! `shaderformer bench --suite quick|full`: every headline benchmark in one process, one JSON and
-//! one table. `quick` measures the headline figures at small shapes (on lavapipe its GEMM
-//! section, every candidate at 1024^3 in each layout, alone takes over ten minutes); `full` is
-//! what a real GPU runs (GEMM at 4096^3, attention at T 1024, GPT-2 124M's training step at
-//! B 4 T 1024).
+//! one table. `quick` measures the headline figures at small shapes, few kernels each (GEMM: the
+//! tuned winner, the fixed rule and the best of each kind, in the forward's NT layout;
+//! attention: the tuned forward and backward), two timed runs and a short generation, so that it
+//! fits in three minutes on a CPU adapter (on lavapipe, timing every GEMM candidate at 1024^3 in
+//! each layout alone took over ten); `full` is what a real GPU runs: every GEMM candidate in
+//! every layout, every attention candidate with dropout and decoding, GEMM at 4096^3, attention
+//! at T 1024, GPT-2 124M's training step at B 4 T 1024, 128 new tokens.
 //!
 //! Each section runs on its own: one that fails (an adapter without f16, a shape past a limit)
 //! records its error in the JSON and the table, and the others still run.
@@ -14,6 +17,9 @@ use crate::error::Result;
 use crate::gpu::{DType, Gpu};
 use crate::kernels::harness::{self, BenchOptions, BenchReport};
 use crate::model::GptConfig;
+
+/// A family's bench: the variants it times at a shape.
+type BenchFn = fn(&Gpu, &[usize], &BenchOptions) -> Result<Vec<BenchReport>>;
 
 /// Which suite.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,8 +50,12 @@ pub struct TrainCase {
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub suite: Suite,
-    /// GEMM problems (M, K, N) whose every candidate is timed.
+    /// GEMM problems (M, K, N).
     pub gemm: Vec<[usize; 3]>,
+    /// Whether every GEMM candidate is timed in every layout and every attention candidate
+    /// with dropout and decoding (`kernels bench gemm|attention`), or only the headline kernels
+    /// (`gemm::bench_headline`, `attention::bench_headline`).
+    pub every_candidate: bool,
     /// Attention shapes (B, NH, T, HS), causal, forward and backward.
     pub attention: Vec<[usize; 4]>,
     pub train: Vec<TrainCase>,
@@ -56,6 +66,9 @@ pub struct Plan {
     /// Timed runs and warm-up runs of every measurement.
     pub runs: usize,
     pub warmup: usize,
+    /// Timed runs and warm-up runs of prefill and decoding (each run a whole generation).
+    pub infer_runs: usize,
+    pub infer_warmup: usize,
 }
 
 /// The 4-layer model the peers (burn, PyTorch) time too: nanoGPT blocks, C 128, T 64, B 8,
@@ -83,13 +96,18 @@ impl Plan {
             Suite::Quick => Plan {
                 suite,
                 gemm: vec![[1024, 1024, 1024]],
+                every_candidate: false,
                 attention: vec![[1, 12, 256, 64]],
                 train,
                 infer_cfg: gpt2,
-                prompt_len: 128,
-                new_tokens: 16,
-                runs: 3,
+                // On lavapipe GPT-2 124M prefills about 15 tokens/s and decodes 1.6 (an order
+                // of magnitude less on a busy host).
+                prompt_len: 16,
+                new_tokens: 4,
+                runs: 2,
                 warmup: 1,
+                infer_runs: 1,
+                infer_warmup: 0,
             },
             Suite::Full => {
                 train.push(TrainCase {
@@ -101,6 +119,7 @@ impl Plan {
                 Plan {
                     suite,
                     gemm: vec![[1024, 1024, 1024], [4096, 4096, 4096]],
+                    every_candidate: true,
                     attention: vec![[1, 12, 256, 64], [1, 12, 1024, 64]],
                     train,
                     infer_cfg: gpt2,
@@ -108,6 +127,8 @@ impl Plan {
                     new_tokens: 128,
                     runs: 5,
                     warmup: 2,
+                    infer_runs: 5,
+                    infer_warmup: 1,
                 }
             }
         }
@@ -183,14 +204,35 @@ pub fn run(gpu: &Gpu, plan: &Plan, progress: &mut dyn FnMut(&str)) -> Outcome {
     let mut sections = serde_json::Map::new();
     for s in &plan.gemm {
         let label = format!("{}x{}x{}", s[0], s[1], s[2]);
-        progress(&format!("gemm {label}: every candidate"));
-        let r = kernel_section(gpu, "gemm", s, plan, "gemm", &label, &mut out);
+        let bench = if plan.every_candidate {
+            progress(&format!("gemm {label}: every candidate, every layout"));
+            crate::kernels::gemm::FAMILY.bench
+        } else {
+            progress(&format!(
+                "gemm {label}: the tuned, fixed-rule and best kernel of each kind, NT"
+            ));
+            crate::kernels::gemm::bench_headline
+        };
+        let r = kernel_section(gpu, ("gemm", bench), s, plan, "gemm", &label, &mut out);
         push(&mut sections, "gemm", label, r);
     }
     for s in &plan.attention {
         let label = format!("B {} NH {} T {} HS {}", s[0], s[1], s[2], s[3]);
         progress(&format!("attention {label}"));
-        let r = kernel_section(gpu, "attention", s, plan, "attention", &label, &mut out);
+        let bench = if plan.every_candidate {
+            crate::kernels::attention::FAMILY.bench
+        } else {
+            crate::kernels::attention::bench_headline
+        };
+        let r = kernel_section(
+            gpu,
+            ("attention", bench),
+            s,
+            plan,
+            "attention",
+            &label,
+            &mut out,
+        );
         push(&mut sections, "attention", label, r);
     }
     for case in &plan.train {
@@ -256,10 +298,10 @@ fn failed(out: &mut Outcome, section: &'static str, case: &str, e: crate::Error)
     text
 }
 
-/// Times every variant a kernel family's bench offers at `shape`.
+/// Times what `bench` (a kernel family's, by name) offers at `shape`.
 fn kernel_section(
     gpu: &Gpu,
-    family: &str,
+    (family, bench): (&str, BenchFn),
     shape: &[usize],
     plan: &Plan,
     section: &'static str,
@@ -268,7 +310,7 @@ fn kernel_section(
 ) -> std::result::Result<Value, String> {
     let reports = harness::find(family).and_then(|f| {
         harness::validate_shape(f, shape)?;
-        (f.bench)(gpu, shape, &plan.bench_options())
+        bench(gpu, shape, &plan.bench_options())
     });
     match reports {
         Ok(reports) => {
@@ -372,8 +414,8 @@ fn infer_one(gpu: &Gpu, dtype: DType, plan: &Plan) -> Result<bench::InferBench> 
         dtype,
         prompt_len: plan.prompt_len,
         new_tokens: plan.new_tokens,
-        warmup: plan.warmup.min(1),
-        runs: plan.runs,
+        warmup: plan.infer_warmup,
+        runs: plan.infer_runs,
         recompute_tokens: 0,
     };
     bench::infer(gpu, &plan.infer_cfg, &params, setup)
@@ -405,6 +447,10 @@ mod tests {
         assert!(f.train.iter().any(|c| c.b == 4 && c.t == 1024));
         assert_eq!(q.train.len() + 1, f.train.len());
         assert_eq!(f.new_tokens, 128);
+        assert!(f.every_candidate && !q.every_candidate);
+        assert!(q.attention.iter().all(|s| f.attention.contains(s)));
+        assert!(q.prompt_len <= f.prompt_len && q.new_tokens <= f.new_tokens);
+        assert!(q.infer_runs <= f.infer_runs && q.runs <= f.runs);
     }
 
     #[test]

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use shaderformer::gpu::test_gpu;
 use shaderformer::gpu::tuning_cache::Problem;
-use shaderformer::kernels::{baseline, gemm};
+use shaderformer::gpu::{Gpu, GpuOptions, ShaderSource, test_gpu};
+use shaderformer::kernels::attention::{self, Stage};
+use shaderformer::kernels::{baseline, gemm, layernorm};
 use shaderformer::train::checkpoint;
 
 mod common;
@@ -219,6 +220,169 @@ fn a_baseline_that_disagrees_with_the_reference_stops_the_run() {
     };
     baseline::verify(gpu, &problem).unwrap();
     assert!(gpu.tuner.baseline_verified(&format!("gemm: {rule}")));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A device whose `file` in a shader directory has `from` replaced by `to` (`from` must occur
+/// once), and the directory.
+fn broken_gpu(name: &str, file: &str, from: &str, to: &str) -> (Gpu, PathBuf) {
+    let dir = scratch(name);
+    let path = format!("{}/shaders/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(path).unwrap();
+    assert_eq!(text.matches(from).count(), 1, "{file} changed: {from}");
+    std::fs::write(dir.join(file), text.replace(from, to)).unwrap();
+    let opts = GpuOptions {
+        shaders: ShaderSource::Dir(dir.clone()),
+        ..GpuOptions::from_env()
+    };
+    (Gpu::new(&opts).unwrap(), dir)
+}
+
+/// A tuning problem of `family` whose baseline (first candidate) is `candidates[0]`.
+fn problem(family: &'static str, bucket: &str, candidates: &[String]) -> Problem {
+    Problem {
+        family,
+        bucket: bucket.into(),
+        shape: bucket.into(),
+        candidates: candidates.to_vec(),
+        rule: candidates[0].clone(),
+        atol: 1e-5,
+        rtol: 1e-4,
+    }
+}
+
+/// Checks `problem`'s baseline on the broken device, which must stop with an error holding each
+/// of `parts`; then on the real shaders, which must pass and keep the verdict.
+fn expect_stopped(broken: &Gpu, problem: &Problem, parts: &[&str]) {
+    let err = match baseline::verify(broken, problem) {
+        Ok(()) => panic!("the broken baseline of {} went unnoticed", problem.bucket),
+        Err(e) => e.to_string(),
+    };
+    for part in parts.iter().chain(&["CPU reference"]) {
+        assert!(err.contains(part), "error lacks {part:?}: {err}");
+    }
+    assert!(
+        baseline::verify(broken, problem).is_err(),
+        "a failed check was kept"
+    );
+    let gpu = test_gpu().unwrap();
+    baseline::verify(gpu, problem).unwrap();
+}
+
+/// LayerNorm's shared-memory forward (the baseline everywhere) scales its output by 1.5.
+#[test]
+fn a_layernorm_baseline_that_disagrees_stops_the_run() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let (gpu, dir) = broken_gpu(
+        "layernorm",
+        "layernorm.wgsl",
+        "fw_out[base + i] = ((fw_inp[base + i] - x0) - m) * s * fw_weight[i] + fw_bias[i];",
+        "fw_out[base + i] = 1.5 * (((fw_inp[base + i] - x0) - m) * s * fw_weight[i] + fw_bias[i]);",
+    );
+    let names: Vec<String> = layernorm::Variant::available(&gpu)
+        .iter()
+        .map(|v| v.name().to_string())
+        .collect();
+    assert_eq!(names[0], "shared");
+    for pass in ["forward", "backward"] {
+        let p = problem("layernorm", &format!("{pass} n64 c32"), &names);
+        expect_stopped(
+            &gpu,
+            &p,
+            &["layernorm", "layernorm_forward", "layernorm.wgsl"],
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Cross-entropy's forward (every variant writes its loss through `write_loss`) scales the loss
+/// by 1.5.
+#[test]
+fn a_cross_entropy_baseline_that_disagrees_stops_the_run() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let (gpu, dir) = broken_gpu(
+        "cross-entropy",
+        "cross_entropy.wgsl",
+        "fw_losses[row] = loss;",
+        "fw_losses[row] = loss * 1.5;",
+    );
+    for baseline in ["scalar", "vec4"] {
+        let names = [baseline, "rows"].map(String::from);
+        let p = problem("cross_entropy", "forward n64 v128 v", &names);
+        expect_stopped(
+            &gpu,
+            &p,
+            &[
+                "cross_entropy",
+                "cross_entropy_forward",
+                "cross_entropy.wgsl",
+            ],
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The tiled attention forward (the fixed rule's kernel, and decoding's) scales its output by
+/// 1.5: the forward's and decoding's baselines stop the run.
+#[test]
+fn an_attention_forward_baseline_that_disagrees_stops_the_run() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let (gpu, dir) = broken_gpu(
+        "attention-forward",
+        "attention.wgsl",
+        "store_out(b, h, i, tc + TC * v, acc[o * DV + v] * inv);",
+        "store_out(b, h, i, tc + TC * v, acc[o * DV + v] * inv * 1.5);",
+    );
+    let rule = attention::baseline(&gpu, Stage::Forward, 16)
+        .unwrap()
+        .name();
+    let names = [rule, "rows64".into()];
+    for bucket in [
+        "forward bh4 t16 hs16 causal",
+        "forward bh4 t16 hs16 noncausal",
+        "cached bh4 tq1 tmax16 hs16 f32",
+    ] {
+        let p = problem("attention", bucket, &names);
+        expect_stopped(
+            &gpu,
+            &p,
+            &["attention", "attention_forward", "attention.wgsl"],
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The tiled attention backward's dQ kernel scales dq by 1.5.
+#[test]
+fn an_attention_backward_baseline_that_disagrees_stops_the_run() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let (gpu, dir) = broken_gpu(
+        "attention-backward",
+        "attention.wgsl",
+        "store_dqkv(p.q, b, h, i, tc + TC * v, dq[o * DV + v] * p.scale);",
+        "store_dqkv(p.q, b, h, i, tc + TC * v, dq[o * DV + v] * p.scale * 1.5);",
+    );
+    let rule = attention::baseline(&gpu, Stage::Backward, 16)
+        .unwrap()
+        .name();
+    let p = problem(
+        "attention",
+        "backward bh4 t16 hs16 causal",
+        &[rule, "rows64".into()],
+    );
+    expect_stopped(
+        &gpu,
+        &p,
+        &["attention", "attention_backward_dq", "attention.wgsl"],
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

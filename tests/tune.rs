@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use shaderformer::gpu::test_gpu;
+use shaderformer::gpu::tuning_cache::{Choice, TuneMode, Tuner};
 
 mod common;
 use common::text;
@@ -229,6 +230,50 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
 fn recorded_kernels(out: &Path) -> serde_json::Value {
     let s = std::fs::read_to_string(out.join("trainer_state.json")).unwrap();
     serde_json::from_str::<serde_json::Value>(&s).unwrap()["kernels"].clone()
+}
+
+/// A stale cache under `--tune cached` says what the run does instead: it measures nothing, and
+/// the shipped winners or the fixed rule compute the problems; never that they "will be
+/// measured again", which that mode does not do.
+#[test]
+fn a_stale_cache_under_tune_cached_says_that_nothing_is_measured() {
+    let Some(gpu) = test_gpu() else {
+        return;
+    };
+    let cache = scratch("stale-cached");
+    // A cache file of this adapter and build, then its identity edited as another shader source
+    // would have left it.
+    let tuner = Tuner::new(TuneMode::On, gpu.tuner.identity().clone(), Some(&cache));
+    tuner.record(Choice {
+        family: "gemm".into(),
+        problem: "NN m64 n64 k64 vv f32".into(),
+        shape: "NN 64x64x64".into(),
+        winner: "naive".into(),
+        rule: "naive".into(),
+        times: vec![("naive".into(), 1e-3)],
+        rejected: Vec::new(),
+        flops: 0,
+        bytes: 0,
+    });
+    let file = cache_files(&cache).remove(0);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    v["identity"]["shaders"] = "0123456789abcdef".into();
+    std::fs::write(&file, v.to_string()).unwrap();
+
+    let out = cache.join("run");
+    let o = train(&cache, &out, 1, &["--tune", "cached"]);
+    let t = text(&o);
+    let w: Vec<String> = warnings(&o)
+        .into_iter()
+        .filter(|w| w.contains("tuning cache"))
+        .collect();
+    assert_eq!(w.len(), 1, "{t}");
+    for part in ["stale", "measures nothing", "fixed rule"] {
+        assert!(w[0].contains(part), "warning lacks {part:?}: {}", w[0]);
+    }
+    assert!(!w[0].contains("measured again"), "{}", w[0]);
+    assert!(!t.contains("measuring kernel variants"), "{t}");
+    let _ = std::fs::remove_dir_all(&cache);
 }
 
 #[test]

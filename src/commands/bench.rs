@@ -67,8 +67,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     json: Option<std::path::PathBuf>,
     /// Run every headline benchmark (GEMM, attention, training steps, prefill and decode) in one
-    /// process: `quick` at small shapes, `full` at the shapes a real GPU needs. Other flags
-    /// are ignored, but `--json`.
+    /// process: `quick` at small shapes, few GEMM kernels and no kernel measured (`--tune
+    /// cached` unless told otherwise), `full` at the shapes a real GPU needs. Other flags are
+    /// ignored, but `--json` and `--tune`.
     #[arg(long, value_enum)]
     suite: Option<SuiteArg>,
 }
@@ -247,6 +248,14 @@ fn run_suite(gpu: &GpuArgs, suite: SuiteArg, json: Option<&std::path::Path>) -> 
         SuiteArg::Quick => Suite::Quick,
         SuiteArg::Full => Suite::Full,
     });
+    // Quick measures no kernel choice unless asked (--tune or SHADERFORMER_TUNE): it takes the
+    // tuning cache, the winners shipped for the adapter and the fixed rule, since measuring the
+    // candidates of GPT-2's problems alone takes longer on a CPU adapter than the whole suite.
+    let mut gpu = gpu.clone();
+    if plan.suite == Suite::Quick && gpu.tune.is_none() {
+        use shaderformer::gpu::tuning_cache::TuneMode;
+        gpu.tune = Some(TuneMode::from_env_or(TuneMode::Cached)?.name().to_string());
+    }
     let gpu = gpu.open()?;
     let start = std::time::Instant::now();
     let mut progress = |what: &str| {

@@ -414,6 +414,18 @@ impl Tuner {
         );
     }
 
+    /// How many problems of any family each variant wins on this adapter, in the cache and
+    /// the shipped winners together.
+    pub fn wins(&self) -> BTreeMap<String, usize> {
+        let state = self.state.lock().unwrap();
+        let mut wins = BTreeMap::new();
+        let winners = (state.choices.values().map(|c| &c.winner)).chain(self.prior.values());
+        for w in winners {
+            *wins.entry(w.clone()).or_insert(0) += 1;
+        }
+        wins
+    }
+
     /// How many problems the shipped prior answers for on this adapter.
     pub fn prior_len(&self) -> usize {
         self.prior.len()

@@ -6,7 +6,9 @@
 //! Once per adapter, shader source and baseline kernel (the tuning cache keeps the verdict with
 //! the winners), the baseline runs on a small awkward shape and is compared with the plain-Rust
 //! reference; a disagreement stops the run with an error naming the family, the entry point and
-//! the shader file. Families without a check here are measured as before.
+//! the shader file. GEMM, attention (forward, backward and decoding over an f32 cache),
+//! LayerNorm and cross-entropy are checked, each with the tolerances of its own
+//! `kernels check`; a family without a check here is measured as before.
 
 use crate::error::{Error, Result};
 use crate::gpu::tuning_cache::Problem;
@@ -15,6 +17,7 @@ use crate::reference::gemm::{Layout, Layouts, Product};
 use crate::rng::Rng;
 
 use super::gemm::{self, Kernel, Matmul, Operand};
+use super::{attention, cross_entropy, layernorm};
 
 /// Checks the baseline of `problem` (its first candidate) unless the tuner already holds its
 /// verdict; records a pass.
@@ -22,18 +25,94 @@ pub fn verify(gpu: &Gpu, problem: &Problem) -> Result<()> {
     let Some(baseline) = problem.candidates.first() else {
         return Ok(());
     };
-    let key = format!("{}: {baseline}", problem.family);
+    let key = verdict_key(problem, baseline);
     if gpu.tuner.baseline_verified(&key) {
         return Ok(());
     }
     let checked = match problem.family {
         "gemm" => verify_gemm(gpu, problem, baseline)?,
+        "attention" => verify_attention(gpu, problem, baseline)?,
+        "layernorm" => {
+            let variant = layernorm::Variant::from_name(baseline);
+            let found = variant
+                .map(|v| layernorm::verify_baseline(gpu, v))
+                .transpose()?;
+            judge(
+                gpu,
+                problem,
+                Shader::LayerNorm,
+                variant.is_some(),
+                found.flatten(),
+            )?
+        }
+        "cross_entropy" => {
+            let found = cross_entropy::verify_baseline(gpu, baseline)?;
+            judge(gpu, problem, Shader::CrossEntropy, true, found)?
+        }
         _ => false,
     };
     if checked {
         gpu.tuner.record_baseline(key);
     }
     Ok(())
+}
+
+/// The key a baseline's verdict is kept under: "family: variant", with, for attention, the
+/// problem's pass, head size and mode ("attention forward hs64 causal: tiles32x32w64"), which
+/// the same name compiles differently for. LayerNorm's and cross-entropy's checks run the
+/// forward and the backward both.
+fn verdict_key(problem: &Problem, baseline: &str) -> String {
+    if problem.family != "attention" {
+        return format!("{}: {baseline}", problem.family);
+    }
+    // Drop the sizes that only bucket the problem: bh.., t.., tq.., tmax...
+    let scope: Vec<&str> = problem
+        .bucket
+        .split_whitespace()
+        .filter(|w| !w.starts_with("bh") && !w.starts_with('t'))
+        .collect();
+    format!("attention {}: {baseline}", scope.join(" "))
+}
+
+/// The verdict of a family's check: Ok(checked) where it agreed (`checked` false where nothing
+/// ran), the error naming the kernel where it did not.
+fn judge(
+    gpu: &Gpu,
+    problem: &Problem,
+    shader: Shader,
+    checked: bool,
+    disagreement: Option<(String, String)>,
+) -> Result<bool> {
+    match disagreement {
+        Some((entry, detail)) => Err(disagrees(gpu, problem.family, shader, &entry, &detail)),
+        None => Ok(checked),
+    }
+}
+
+/// Checks attention's baseline: the pass (forward, backward, or decoding over an f32 cache),
+/// head size and mode come from the bucket ("forward bh12 t128 hs64 causal", "cached bh4 tq1
+/// tmax10 hs16 f32").
+fn verify_attention(gpu: &Gpu, problem: &Problem, name: &str) -> Result<bool> {
+    use super::attention::check::Problem as Pass;
+    let words: Vec<&str> = problem.bucket.split_whitespace().collect();
+    let pass = match words.first() {
+        Some(&"forward") => Pass::Forward,
+        Some(&"backward") => Pass::Backward,
+        Some(&"cached") if words.last() == Some(&"f32") => Pass::Cached,
+        _ => return Ok(false),
+    };
+    let hs = words
+        .iter()
+        .find_map(|w| w.strip_prefix("hs")?.parse::<usize>().ok());
+    let Some(hs) = hs else {
+        return Ok(false);
+    };
+    let Ok(variant) = attention::Variant::parse(name, hs) else {
+        return Ok(false);
+    };
+    let causal = words.contains(&"causal");
+    let found = attention::check::verify_variant(gpu, pass, variant, hs, causal)?;
+    judge(gpu, problem, Shader::Attention, true, found)
 }
 
 /// Shapes (M, N, K) to check a GEMM kernel on, smallest first: rows that are no multiple of any

@@ -6,7 +6,7 @@ use super::gemm_path::Groups;
 use super::variants::{ROWS_WG, storage_limit, tuned};
 use super::{
     BackwardTensors, Dims, Dropout, KvCache, Options, Stage, Variant, backward, backward_with,
-    forward, forward_cached, forward_with, kv_append,
+    forward, forward_cached, forward_cached_with, forward_with, kv_append,
 };
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, View};
@@ -308,6 +308,103 @@ impl CheckCase<'_> {
     }
 }
 
+/// The batch, heads and positions (B, NH, T) a baseline is checked at before tuning trusts it
+/// (see `kernels::baseline`), at the problem's head size: T no multiple of a tile.
+const BASELINE_BNT: [usize; 3] = [1, 3, 45];
+/// New tokens of the decoding check: the last of the T positions, over caches of T.
+const BASELINE_TQ: usize = 5;
+
+/// Which tuned attention problem a baseline computes: the forward, the backward, or decoding
+/// over a KV cache (f32; an f16 cache is not checked here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Problem {
+    Forward,
+    Backward,
+    Cached,
+}
+
+/// `variant` computing `problem` at head size `hs` against the reference at `BASELINE_BNT`,
+/// with ATOL and RTOL (the backward on the reference's out and lse, so that it is judged alone):
+/// the kernels of the first disagreement and what disagreed, or None.
+pub(crate) fn verify_variant(
+    gpu: &Gpu,
+    problem: Problem,
+    variant: Variant,
+    hs: usize,
+    causal: bool,
+) -> Result<Option<(String, String)>> {
+    let [b, nh, t] = BASELINE_BNT;
+    let dims = Dims { b, t, nh, hs };
+    let c = nh * hs;
+    let opts = Options {
+        causal: causal || problem == Problem::Cached,
+        dropout: None,
+    };
+    let (qkv, dout) = check_inputs(dims);
+    let want = expected_one(&qkv, &dout, dims, opts);
+    let gqkv = gpu.upload_f32("baseline.qkv", &qkv)?;
+    let f32s = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<_>>();
+    let (dispatches, got) = match problem {
+        Problem::Forward => {
+            let out = gpu.zeros("baseline.out", DType::F32, b * t * c)?;
+            let lse = gpu.zeros("baseline.lse", DType::F32, b * nh * t)?;
+            let ds = forward_with(gpu, &out, &lse, &gqkv, dims, opts, variant)?;
+            gpu.run(&ds)?;
+            let got = vec![
+                ("out", gpu.read_f32(&out)?, want.out),
+                ("lse", gpu.read_f32(&lse)?, want.lse),
+            ];
+            (ds, got)
+        }
+        Problem::Backward => {
+            let dqkv = gpu.zeros("baseline.dqkv", DType::F32, b * t * 3 * c)?;
+            let tensors = BackwardTensors {
+                dqkv: &dqkv,
+                dout: &gpu.upload_f32("baseline.dout", &dout)?,
+                qkv: &gqkv,
+                out: &gpu.upload_f32("baseline.out", &f32s(&want.out))?,
+                lse: &gpu.upload_f32("baseline.lse", &f32s(&want.lse))?,
+            };
+            let ds = backward_with(gpu, tensors, dims, opts, variant)?;
+            gpu.run(&ds)?;
+            (ds, vec![("dqkv", gpu.read_f32(&dqkv)?, want.dqkv)])
+        }
+        Problem::Cached => {
+            let (k, v) = (
+                gpu.zeros("baseline.k_cache", DType::F32, b * nh * t * hs)?,
+                gpu.zeros("baseline.v_cache", DType::F32, b * nh * t * hs)?,
+            );
+            let kv = KvCache {
+                k: &k,
+                v: &v,
+                tmax: t,
+            };
+            let pos0 = t - BASELINE_TQ;
+            let step = gpu.upload_f32("baseline.step_qkv", &qkv[pos0 * 3 * c..])?;
+            let step_dims = Dims {
+                t: BASELINE_TQ,
+                ..dims
+            };
+            let out = gpu.zeros("baseline.out", DType::F32, b * BASELINE_TQ * c)?;
+            let append = kv_append(gpu, kv, &gqkv, dims, 0)?;
+            let d = forward_cached_with(gpu, &out, &step, kv, step_dims, pos0, variant)?;
+            gpu.run(&[append, d.clone()])?;
+            let got = gpu.read_f32(&out)?;
+            (
+                vec![d],
+                vec![("cached out", got, want.out[pos0 * c..].to_vec())],
+            )
+        }
+    };
+    let s = format!("B={b} NH={nh} T={t} HS={hs}");
+    let entries: Vec<String> = dispatches.iter().map(|d| d.name.clone()).collect();
+    Ok(got
+        .into_iter()
+        .map(|(what, got, want)| CheckReport::new(&s, what, &got, &want, ATOL, RTOL))
+        .find(|r| !r.ok())
+        .map(|r| (entries.join(" / "), format!("{s}: {}", r.comparison))))
+}
+
 /// Decoding with f16 caches, on keys and values rounded to f16 (what the caches hold), against
 /// the reference on those values; a prefill of 3, then chunks of 2 new tokens.
 fn check_cached_f16(gpu: &Gpu, s: &str, qkv: &[f32], dims: Dims) -> Result<CheckReport> {
@@ -447,6 +544,36 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     reports.push(drop_bwd);
     reports.extend(bench_decode(gpu, opts, &qkv_data, &qkv, dims)?);
     Ok(reports)
+}
+
+/// `bench --suite quick`'s attention at `shape` (B, NH, T, HS), causal: the forward and the
+/// backward the tuner takes, not every candidate, dropout and decoding as `bench` does.
+pub fn bench_headline(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
+    let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
+    let dims = Dims { b, t, nh, hs };
+    let c = nh * hs;
+    let s = format!("B={b} NH={nh} T={t} HS={hs} causal");
+    let (qkv, dout) = check_inputs(dims);
+    let qkv = gpu.upload_f32("qkv", &qkv)?;
+    let dout = gpu.upload_f32("dout", &dout)?;
+    let out = gpu.zeros("out", DType::F32, b * t * c)?;
+    let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
+    let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
+    let fv = tuned(gpu, Stage::Forward, dims, true)?;
+    let fwd = forward_with(gpu, &out, &lse, &qkv, dims, Options::CAUSAL, fv)?;
+    let forward = harness::bench_one(gpu, opts, &format!("forward {}", fv.name()), &s, &fwd)?;
+    // The backward reads the out and lse the forward's runs left.
+    let tensors = BackwardTensors {
+        dqkv: &dqkv,
+        dout: &dout,
+        qkv: &qkv,
+        out: &out,
+        lse: &lse,
+    };
+    let bv = tuned(gpu, Stage::Backward, dims, true)?;
+    let bwd = backward_with(gpu, tensors, dims, Options::CAUSAL, bv)?;
+    let backward = harness::bench_one(gpu, opts, &format!("backward {}", bv.name()), &s, &bwd)?;
+    Ok(vec![forward, backward])
 }
 
 /// One bench shape (causal): its label, dims, and the fused kernels' tensors.

@@ -44,9 +44,11 @@ use crate::gpu::{
     Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
 };
 use crate::hash;
-pub use check::{ATOL, FAMILY, RTOL, check_inputs, decode, decode_cached, round_kv_f16};
+pub use check::{
+    ATOL, FAMILY, RTOL, bench_headline, check_inputs, decode, decode_cached, round_kv_f16,
+};
 use gemm_path::{gemm_backward, gemm_forward};
-pub use variants::{Stage, Tiles, Variant};
+pub use variants::{Stage, Tiles, Variant, baseline};
 use variants::{head_capacity, tuned, tuned_cached};
 
 use Binding::{Read, ReadWrite};

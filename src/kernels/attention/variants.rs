@@ -388,6 +388,11 @@ pub(super) fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result
     Ok(Variant::by_name(&variants, &name).unwrap_or(rule))
 }
 
+/// The baseline of `stage`'s tuning at head size `hs` on this adapter: the fixed rule's tiling.
+pub fn baseline(gpu: &Gpu, stage: Stage, hs: usize) -> Result<Variant> {
+    Variant::rule(stage, hs, storage_limit(gpu))
+}
+
 /// The workgroup memory the fused kernels may plan for on this adapter.
 pub(super) fn storage_limit(gpu: &Gpu) -> u32 {
     gpu.limits

@@ -58,37 +58,116 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     reference::cross_entropy::backward(&mut dlogits, &logits64, &targets, dloss as f64, dims);
     let (losses, dlogits) = (marked(&losses), marked(&dlogits));
 
-    let g_targets = gpu.upload_u32("targets", &targets)?;
+    let case = Case {
+        s: &s,
+        logits: &logits,
+        targets: &gpu.upload_u32("targets", &targets)?,
+        losses: &losses,
+        lse: &lse,
+        dlogits: &dlogits,
+        dloss,
+        dims,
+    };
     let mut reports = Vec::new();
     for variant in [Variant::Vec4, Variant::Scalar, Variant::Rows] {
-        let g_logits = gpu.upload_f32("logits", &logits)?;
-        if variant == Variant::Vec4 && !variant.vec4(gpu, &g_logits, vp) {
-            continue;
+        reports.extend(case.check_variant(gpu, variant)?.unwrap_or_default());
+    }
+    Ok(reports)
+}
+
+/// A check's inputs and the reference's results (NaNs marked).
+struct Case<'a> {
+    s: &'a str,
+    logits: &'a [f32],
+    targets: &'a View,
+    losses: &'a [f64],
+    lse: &'a [f64],
+    dlogits: &'a [f64],
+    dloss: f32,
+    dims: Dims,
+}
+
+impl Case<'_> {
+    /// `variant`'s forward and backward against the reference; None where the vec4 kernels do
+    /// not apply.
+    fn check_variant(&self, gpu: &Gpu, variant: Variant) -> Result<Option<Vec<CheckReport>>> {
+        let g_logits = gpu.upload_f32("logits", self.logits)?;
+        if variant == Variant::Vec4 && !variant.vec4(gpu, &g_logits, self.dims.vp) {
+            return Ok(None);
         }
         let (got_losses, got_lse, got_dlogits) =
-            run_check(gpu, variant, &g_logits, &g_targets, dims, dloss)?;
+            run_check(gpu, variant, &g_logits, self.targets, self.dims, self.dloss)?;
         let what = |t: &str| format!("{t}{}", variant.name());
-        reports.extend([
+        let s = self.s;
+        Ok(Some(vec![
             CheckReport::new(
-                &s,
+                s,
                 &what("forward losses"),
                 &got_losses,
-                &losses,
+                self.losses,
                 1e-5,
                 1e-5,
             ),
-            CheckReport::new(&s, &what("forward lse"), &got_lse, &lse, 1e-5, 1e-6),
+            CheckReport::new(s, &what("forward lse"), &got_lse, self.lse, 1e-5, 1e-6),
             CheckReport::new(
-                &s,
+                s,
                 &what("backward dlogits"),
                 &got_dlogits,
-                &dlogits,
+                self.dlogits,
                 1e-9,
                 1e-5,
             ),
-        ]);
+        ]))
     }
-    Ok(reports)
+}
+
+/// The shape (N, V, Vp) a baseline is checked at before tuning trusts it (see
+/// `kernels::baseline`): rows and a vocabulary no multiple of a workgroup, padded to a multiple
+/// of 4 so that the vec4 kernels apply.
+const BASELINE_SHAPE: [usize; 3] = [45, 127, 128];
+
+/// The variant the tuning cache names `key` against the reference at `BASELINE_SHAPE`, with the
+/// tolerances of `check`: the kernel of the first disagreement and what disagreed, or None (also
+/// where `key` names no variant that runs there).
+pub(crate) fn verify_variant(gpu: &Gpu, key: &str) -> Result<Option<(String, String)>> {
+    let Some(variant) = Variant::from_key(key) else {
+        return Ok(None);
+    };
+    let [n, v, vp] = BASELINE_SHAPE;
+    let dims = Dims { n, v, vp };
+    let (targets, logits) = check_inputs(dims);
+    let valid = targets.iter().filter(|&&t| t != IGNORE).count();
+    let dloss = 1.0 / valid.max(1) as f32;
+    let logits64: Vec<f64> = reference::convert(&logits);
+    let (mut losses, mut lse) = (vec![0.0; n], vec![0.0; n]);
+    reference::cross_entropy::forward(&mut losses, &mut lse, &logits64, &targets, dims);
+    let mut dlogits = vec![0.0; n * vp];
+    reference::cross_entropy::backward(&mut dlogits, &logits64, &targets, dloss as f64, dims);
+    let (losses, dlogits) = (marked(&losses), marked(&dlogits));
+    let s = format!("N={n} V={v} Vp={vp}");
+    let case = Case {
+        s: &s,
+        logits: &logits,
+        targets: &gpu.upload_u32("baseline.targets", &targets)?,
+        losses: &losses,
+        lse: &lse,
+        dlogits: &dlogits,
+        dloss,
+        dims,
+    };
+    let Some(reports) = case.check_variant(gpu, variant)? else {
+        return Ok(None);
+    };
+    let probe = gpu.upload_f32("baseline.logits", &logits)?;
+    let k = variant.kernels(gpu, &probe, n, vp);
+    Ok(reports.into_iter().find(|r| !r.ok()).map(|r| {
+        let spec = if r.comparison.name.starts_with("forward") {
+            k.forward
+        } else {
+            k.backward
+        };
+        (spec.name(), format!("{s}: {}", r.comparison))
+    }))
 }
 
 /// The check's targets (N) and logits (N, Vp). About one row in eight ignored, and row 1

@@ -11,6 +11,7 @@
 mod check;
 
 pub use check::FAMILY;
+pub(crate) use check::verify_variant as verify_baseline;
 
 use bytemuck::{Pod, Zeroable};
 

@@ -3,7 +3,8 @@
 
 use super::{
     Epilogue, GEMV_MAX_M, Kernel, LinearBackwardTensors, LinearDims, Matmul, Operand,
-    bias_backward, candidates, fixed_rule, linear_backward, linear_forward, matmul_with, tolerance,
+    bias_backward, candidates, fixed_rule, known_winner, linear_backward, linear_forward,
+    matmul_with, tolerance,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, View};
@@ -745,6 +746,77 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     let db = bias_backward(gpu, &dbias, &dout, m, n)?;
     reports.push(harness::bench_one(gpu, opts, "backward dbias", &s, &[db])?);
     Ok(reports)
+}
+
+/// `bench --suite quick`'s GEMM at `shape` (M, K, N): the forward product alone (NT: out =
+/// inp · wᵀ), and of its candidates only the tuned winner (where the tuner holds one without
+/// measuring), the fixed rule, and the best of each kind that competes on speed (tiled, reg,
+/// ureg, split-K, packed; naive is the correctness baseline) as the tuner knows them: the
+/// configuration of that kind that wins the most problems in the cache and the shipped winners
+/// (the kind's first candidate where none does). On lavapipe, timing every candidate in every
+/// layout, as `bench` does, takes over ten minutes at 1024^3.
+pub fn bench_headline(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
+    let [m, k, n] = harness::dims::<3>("gemm", shape)?;
+    let mut rng = Rng::new(0);
+    let inp = gpu.upload_f32("inp", &rng.vec_uniform(m * k, -1.0, 1.0))?;
+    let w = gpu.upload_f32("w", &rng.vec_uniform(n * k, -1.0, 1.0))?;
+    let out = gpu.zeros("out", DType::F32, m * n)?;
+    let mm = Matmul {
+        trans_b: true,
+        ..Matmul::new(m, n, k)
+    };
+    let (c, a, b) = (
+        Operand::new(&out, n),
+        Operand::new(&inp, k),
+        Operand::new(&w, k),
+    );
+    let mut timed: Vec<(Kernel, String)> = Vec::new();
+    let mut add = |kernel: Kernel, why: &str| match timed.iter_mut().find(|t| t.0 == kernel) {
+        Some(t) => t.1.push_str(&format!(", {why}")),
+        None => timed.push((kernel, why.to_string())),
+    };
+    if let Some(w) = known_winner(gpu, &mm, &a, &b) {
+        add(w, "tuned");
+    }
+    add(fixed_rule(gpu, &mm), "fixed rule");
+    let contenders = candidates(gpu, &mm, &a, &b)
+        .into_iter()
+        .filter(|k| !matches!(k, Kernel::Naive | Kernel::Gemv) && opts.wants(&k.name()));
+    for kernel in best_of_each_kind(contenders, &gpu.tuner.wins()) {
+        add(kernel, &format!("best {}", kernel.kind()));
+    }
+    let s = format!("{m}x{k}x{n}");
+    let mut reports = Vec::new();
+    for (kernel, why) in timed {
+        let d = matmul_with(gpu, &mm, c, a, b, None, kernel)?;
+        let name = format!("forward {} {} ({why})", mm.ops(), kernel.name());
+        reports.push(harness::bench_one(gpu, opts, &name, &s, &d)?);
+    }
+    let fastest = reports
+        .iter_mut()
+        .min_by(|x, y| x.time.median.total_cmp(&y.time.median));
+    if let Some(r) = fastest {
+        r.variant.push_str(" <- fastest");
+    }
+    Ok(reports)
+}
+
+/// Of `kernels`, the one of each kind that wins the most problems in `wins` (the first of its
+/// kind on a tie or where none wins), in the order the kinds first appear.
+fn best_of_each_kind(
+    kernels: impl Iterator<Item = Kernel>,
+    wins: &std::collections::BTreeMap<String, usize>,
+) -> Vec<Kernel> {
+    let mut best: Vec<(Kernel, usize)> = Vec::new();
+    for kernel in kernels {
+        let w = wins.get(&kernel.name()).copied().unwrap_or(0);
+        match best.iter_mut().find(|(k, _)| k.kind() == kernel.kind()) {
+            Some(held) if w > held.1 => *held = (kernel, w),
+            Some(_) => {}
+            None => best.push((kernel, w)),
+        }
+    }
+    best.into_iter().map(|b| b.0).collect()
 }
 
 #[cfg(test)]

@@ -34,10 +34,10 @@ use crate::gpu::{
     Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View, grid,
 };
 use operand::{check_matmul_args, normalized, vec4_ok};
-use tuning::tuned;
+use tuning::{known_winner, tuned};
 use variants::{block, entry, unfit};
 
-pub use check::FAMILY;
+pub use check::{FAMILY, bench_headline};
 pub use operand::Operand;
 pub use variants::{Kernel, Reg, SLOW_BUILD_MIN_FMAS, SplitK, Tile, candidates, fixed_rule};
 

@@ -61,6 +61,20 @@ pub(super) fn tuned(
     Ok(Kernel::from_name(&name).unwrap_or(rule))
 }
 
+/// The kernel the tuner holds for `mm` on these operands (pinned, cached or shipped), without
+/// measuring anything; None where it would have to measure or take the fixed rule.
+pub(super) fn known_winner(gpu: &Gpu, mm: &Matmul, a: &Operand, b: &Operand) -> Option<Kernel> {
+    use crate::gpu::tuning_cache::Lookup;
+    let problem = tune_problem(gpu, mm, a, b, fixed_rule(gpu, mm));
+    match gpu
+        .tuner
+        .lookup(problem.family, &problem.bucket, &problem.candidates)
+    {
+        Lookup::Use(name) => Kernel::from_name(&name),
+        _ => None,
+    }
+}
+
 /// The tuning problem of `mm` on these operands: its bucket, its shape, and the candidates with
 /// the fixed rule's kernel first (naive where the rule cannot run this problem).
 fn tune_problem(

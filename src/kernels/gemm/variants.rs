@@ -315,6 +315,20 @@ impl Kernel {
         mm.m <= GEMV_MAX_M && mm.trans_b && !mm.trans_a && mm.batch == 1
     }
 
+    /// The kernel's kind: "naive", "gemv", "tiled", "reg", "ureg", "splitk" or "packed" (its
+    /// name without the configuration).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Kernel::Naive => "naive",
+            Kernel::Gemv => "gemv",
+            Kernel::Tiled(_) => "tiled",
+            Kernel::Reg(r) if r.unrolled => "ureg",
+            Kernel::Reg(_) => "reg",
+            Kernel::SplitK(_) => "splitk",
+            Kernel::Packed(_) => "packed",
+        }
+    }
+
     /// "naive", "gemv", "tiled128x128x8r2x2", "reg8x4w64", "ureg8x4w64",
     /// "splitk8reg8x4w16", "splitk8ureg8x4w16", "packedureg8x4w16".
     pub fn name(&self) -> String {

@@ -53,6 +53,38 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     Ok(reports)
 }
 
+/// The shape a baseline is checked at before tuning trusts it (see `kernels::baseline`): rows
+/// and channels no multiple of a workgroup, a subgroup or a backward block.
+const BASELINE_DIMS: Dims = Dims { n: 65, c: 45 };
+
+/// Variant `variant` (forward and both backwards) against the reference at `BASELINE_DIMS`, with
+/// the tolerances of `check`: the kernel of the first disagreement and what disagreed, or None.
+pub(crate) fn verify_variant(gpu: &Gpu, variant: Variant) -> Result<Option<(String, String)>> {
+    let dims = BASELINE_DIMS;
+    let x = check_inputs(dims);
+    let want = expected(&x, dims);
+    let g_inp = gpu.upload_f32("baseline.inp", &x.inp)?;
+    let g_weight = gpu.upload_f32("baseline.weight", &x.weight)?;
+    let g_bias = gpu.upload_f32("baseline.bias", &x.bias)?;
+    let g_dout = gpu.upload_f32("baseline.dout", &x.dout)?;
+    let inputs = [&g_inp, &g_weight, &g_bias, &g_dout];
+    let reports = check_variant(gpu, variant, &x, inputs, &want, dims)?;
+    let (forward, rows) = match variant {
+        Variant::Shared => (&FORWARD, &BACKWARD_ROWS),
+        Variant::Subgroup => (&FORWARD_SUBGROUP, &BACKWARD_ROWS_SUBGROUP),
+    };
+    Ok(reports.into_iter().find(|r| !r.ok()).map(|r| {
+        let entry = if r.comparison.name.starts_with("forward") {
+            forward.name()
+        } else if r.comparison.name.contains("dinp") {
+            rows.name()
+        } else {
+            format!("{} or {}", rows.name(), BACKWARD_PARAMS.name())
+        };
+        (entry, format!("{}: {}", r.shape, r.comparison))
+    }))
+}
+
 /// The check's inputs, and the prior contents of the gradients the backward accumulates into.
 struct CheckInputs {
     inp: Vec<f32>,      // (N, C)

@@ -16,6 +16,7 @@
 mod check;
 
 pub use check::FAMILY;
+pub(crate) use check::verify_variant as verify_baseline;
 
 use bytemuck::{Pod, Zeroable};
 
