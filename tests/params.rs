@@ -35,6 +35,11 @@ fn mirrors() -> Vec<(&'static str, &'static str, ParamsLayout)> {
         ("rope.wgsl", "Params", rope::params_layout()),
         ("residual.wgsl", "Params", residual::params_layout()),
         ("swiglu.wgsl", "Params", swiglu::params_layout()),
+        // The per-step uniform (include/step.wgsl), in every family that includes it.
+        ("adamw.wgsl", "Step", step::params_layout()),
+        ("attention.wgsl", "Step", step::params_layout()),
+        ("attention_f16.wgsl", "Step", step::params_layout()),
+        ("dropout.wgsl", "Step", step::params_layout()),
     ]
 }
 

@@ -95,6 +95,10 @@ pub const INCLUDES: &[(&str, &str)] = &[
         "include/reduce_wg.wgsl",
         include_str!("../../shaders/include/reduce_wg.wgsl"),
     ),
+    (
+        "include/step.wgsl",
+        include_str!("../../shaders/include/step.wgsl"),
+    ),
 ];
 
 /// The form a family's source is compiled in: what the loader's prelude declares.

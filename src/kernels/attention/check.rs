@@ -6,7 +6,7 @@ use super::gemm_path::Groups;
 use super::variants::{ROWS_WG, storage_limit, tuned};
 use super::{
     BackwardTensors, Dims, Dropout, KvCache, Options, Stage, Variant, backward, backward_with,
-    forward, forward_cached, forward_with, kv_append,
+    forward, forward_cached, forward_with, kv_append, own_step,
 };
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, View};
@@ -286,8 +286,9 @@ impl CheckCase<'_> {
             out: &out,
             lse: &lse,
         };
-        let mut ds = forward_with(gpu, &out, &lse, self.qkv, dims, opts, fv)?;
-        ds.extend(backward_with(gpu, tensors, dims, opts, bv)?);
+        let step = own_step(gpu, opts.dropout, 0)?;
+        let mut ds = forward_with(gpu, &out, &lse, self.qkv, dims, opts, fv, &step)?;
+        ds.extend(backward_with(gpu, tensors, dims, opts, bv, &step)?);
         gpu.run(&ds)?;
         let got = [("out", &out, &want.out), ("lse", &lse, &want.lse)];
         compare_views(
@@ -490,11 +491,13 @@ impl BenchCase<'_> {
             if !self.opts.wants(&v.name()) {
                 continue;
             }
+            let step = own_step(gpu, None, 0)?;
             let ds = match stage {
                 Stage::Forward => {
-                    forward_with(gpu, tensors.out, tensors.lse, tensors.qkv, dims, causal, v)?
+                    let (out, lse, qkv) = (tensors.out, tensors.lse, tensors.qkv);
+                    forward_with(gpu, out, lse, qkv, dims, causal, v, &step)?
                 }
-                Stage::Backward => backward_with(gpu, tensors, dims, causal, v)?,
+                Stage::Backward => backward_with(gpu, tensors, dims, causal, v, &step)?,
             };
             let mut name = match v {
                 Variant::Gemm => format!("{} gemm path", stage.name()),
