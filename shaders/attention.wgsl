@@ -45,13 +45,13 @@ struct Params {
     ntiles: u32,      // row tiles per (b, h) of the fused kernels
     scale: f32,       // 1/sqrt(HS)
     scale2: f32,      // log2(e)/sqrt(HS): scores in base 2
-    from_step: u32,   // 1: decoding, at the per-step uniform's position (see pos0 and tk)
+    pad: u32,
     q: vec4<u32>,     // (base, batch stride, token stride, head stride) of q, in elements
     k: vec4<u32>,     // same for k (qkv or k_cache); dk uses it inside dqkv
     v: vec4<u32>,     // same for v (qkv or v_cache); dv uses it inside dqkv
     o: vec4<u32>,     // same for out / dout, (B, T, C)
     drop_seed: u32,   // attention dropout: seed of this site's stream
-    pad: u32,
+    pad1: u32,
     drop_threshold: u32, // probabilities whose hash is below this are dropped; 0 = no dropout
     drop_scale: f32,  // 1 / (1 - p): the factor of the kept ones
     grp: vec4<u32>,   // the GEMM path's group: (b0, h0, over b?, entries); see group_bh
@@ -60,16 +60,20 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 #include "include/step.wgsl"
 
+// 1: a decoding dispatch, at the per-step uniform's position. An override constant, so that the
+// other pipelines compile the uniform's read out of their inner loops.
+override FROM_STEP: u32 = 0u;
+
 // The absolute position of query 0, and the keys per sequence: decoding dispatches
-// (p.from_step = 1) move with the per-step uniform's position (queries at step.pos0 + i, keys
+// (FROM_STEP = 1) move with the per-step uniform's position (queries at step.pos0 + i, keys
 // 0 .. step.pos0 + Tq; kv_append keeps Tmax in p.tk and reads it directly), so one dispatch
 // serves every decoded token; the others use p alone.
 fn pos0() -> u32 {
-    return p.pos0 + p.from_step * step.pos0;
+    return p.pos0 + FROM_STEP * step.pos0;
 }
 
 fn tk() -> u32 {
-    return p.tk + p.from_step * step.pos0;
+    return p.tk + FROM_STEP * step.pos0;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -140,13 +140,13 @@ struct Params {
     ntiles: u32,
     scale: f32,
     scale2: f32,
-    from_step: u32,
+    pad: u32,
     q: [u32; 4],
     k: [u32; 4],
     v: [u32; 4],
     o: [u32; 4],
     drop_seed: u32,
-    pad: u32,
+    pad1: u32,
     drop_threshold: u32,
     drop_scale: f32,
     grp: [u32; 4],
@@ -166,13 +166,13 @@ pub fn params_layout() -> super::ParamsLayout {
         ntiles,
         scale,
         scale2,
-        from_step,
+        pad,
         q,
         k,
         v,
         o,
         drop_seed,
-        pad,
+        pad1,
         drop_threshold,
         drop_scale,
         grp
@@ -303,22 +303,34 @@ fn product_flops(dims: Dims, tk: usize, causal: bool) -> u64 {
     2 * pairs * hs as u64 * (b * nh) as u64
 }
 
+/// attention.wgsl's override constant that makes a dispatch take its position from the per-step
+/// uniform (decoding: `forward_cached_at`, `kv_append_at`).
+const FROM_STEP: (&str, f64) = ("FROM_STEP", 1.0);
+
+/// A fused forward dispatch of `variant`; `decoding` reads the position from the per-step uniform
+/// (`FROM_STEP`).
 fn fused_forward(
     gpu: &Gpu,
-    shader: ShaderVariant,
+    (shader, decoding): (ShaderVariant, bool),
     spec_args: [&View; 6],
     params: Params,
     cost: Cost,
     variant: Variant,
 ) -> Result<Dispatch> {
     let max_wg = gpu.limits.max_compute_workgroups_per_dimension;
+    let with_position = |mut constants: Vec<(&'static str, f64)>| {
+        if decoding {
+            constants.push(FROM_STEP);
+        }
+        constants
+    };
     match variant {
         Variant::Tiled(tiles, _) => {
             let ntiles = params.tq.div_ceil(tiles.br);
             let params = Params { ntiles, ..params };
             gpu.dispatch(
                 &FORWARD.with_variant(shader),
-                &tiles.constants(),
+                &with_position(tiles.constants().to_vec()),
                 bytes_of(&params),
                 &spec_args,
                 grid(params.nb * params.nh * ntiles, max_wg),
@@ -327,7 +339,7 @@ fn fused_forward(
         }
         Variant::Rows(wg) => gpu.dispatch(
             &FORWARD_ROWS.with_variant(shader),
-            &rows_constants(wg, params.hs),
+            &with_position(rows_constants(wg, params.hs).to_vec()),
             bytes_of(&params),
             &spec_args,
             grid((params.nb * params.nh * params.tq).div_ceil(wg), max_wg),
@@ -422,7 +434,7 @@ fn forward_with(
     };
     Ok(vec![fused_forward(
         gpu,
-        ShaderVariant::Base,
+        (ShaderVariant::Base, false),
         [qkv, qkv, qkv, out, lse, step],
         params,
         cost,
@@ -663,9 +675,9 @@ fn forward_cached_with(
         ShaderVariant::Base
     };
     let tk = pos0 + tq;
-    // Queries at step.pos0 + i, keys 0 .. step.pos0 + Tq (attention.wgsl's pos0 and tk).
+    // Queries at step.pos0 + i, keys 0 .. step.pos0 + Tq (attention.wgsl's pos0 and tk, with
+    // FROM_STEP = 1).
     let params = Params {
-        from_step: 1,
         write_lse: 0,
         q: qkv_strides(tq, c, hs, 0),
         k: cache_strides(nh, tmax, hs),
@@ -681,7 +693,7 @@ fn forward_cached_with(
     };
     fused_forward(
         gpu,
-        shader,
+        (shader, true),
         [qkv, cache.k, cache.v, out, &unused_lse, step],
         params,
         cost,
@@ -760,9 +772,8 @@ pub fn kv_append_at(
     let (cache, spec) = cache_dtype(gpu, &name, k_cache, &KV_APPEND, &KV_APPEND_F16)?;
     expect(&name, k_cache, cache, b * nh * tmax * hs)?;
     expect(&name, v_cache, cache, b * nh * tmax * hs)?;
-    // Written at step.pos0 + i (attention.wgsl's pos0); p.tk keeps Tmax.
+    // Written at step.pos0 + i (attention.wgsl's pos0, with FROM_STEP = 1); p.tk keeps Tmax.
     let params = Params {
-        from_step: 1,
         k: qkv_strides(tq, c, hs, 1),
         v: qkv_strides(tq, c, hs, 2),
         ..Params::new(b, nh, hs, tq, tmax, true)
@@ -771,7 +782,7 @@ pub fn kv_append_at(
     let n = b * tq * c;
     gpu.dispatch(
         spec,
-        &[("WG", WG as f64)],
+        &[("WG", WG as f64), FROM_STEP],
         bytes_of(&params),
         &[qkv, k_cache, v_cache, step],
         grid(
