@@ -13,9 +13,9 @@
 //   denom = sqrt(v) / sqrt(1 - β2^t) + eps
 //   p     = p - lr / (1 - β1^t) · m / denom
 //
-// The bias corrections 1 - β^t are computed here from t, so that a step dispatch is rewritten
-// between steps with lr and t alone. 1 - β^t = -expm1(t · ln β) with ln β precomputed on the CPU
-// in f64: a series for small |t · ln β| avoids the cancellation of 1 - pow(β, t) in f32 (which
+// The bias corrections 1 - β^t are computed here from t, so that a step dispatch reads lr and t
+// alone from the per-step uniform (include/step.wgsl) and serves every step.
+// 1 - β^t = -expm1(t · ln β) with ln β precomputed on the CPU in f64: a series for small |t · ln β| avoids the cancellation of 1 - pow(β, t) in f32 (which
 // would cost ~1e-5 relative error at t = 1 with β2 = 0.999). Accurate to a few f32 ulp.
 //
 // Each invocation updates ELEMS elements WG apart (coalesced); the 1-D grid of workgroups may be
@@ -23,8 +23,6 @@
 
 struct Params {
     n: u32,
-    t: u32,               // step number, from 1; rewritten by set_step
-    lr: f32,              // rewritten by set_step
     beta1: f32,
     beta2: f32,
     one_minus_beta1: f32,
@@ -40,6 +38,7 @@ override WG: u32 = 256u;
 override ELEMS: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: Params;
+#include "include/step.wgsl"
 
 #include "include/grid.wgsl"
 @group(0) @binding(1) var<storage, read_write> param: array<f32>;
@@ -68,10 +67,10 @@ fn adamw_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     if (first >= p.n) {
         return;
     }
-    let tf = f32(p.t);
-    let step_size = p.lr / one_minus_exp(tf * p.log_beta1);
+    let tf = f32(step.t);
+    let step_size = step.lr / one_minus_exp(tf * p.log_beta1);
     let bias_correction2_sqrt = sqrt(one_minus_exp(tf * p.log_beta2));
-    let decay = 1.0 - p.lr * p.weight_decay;
+    let decay = 1.0 - step.lr * p.weight_decay;
     var clip = 1.0;
     if (p.grad_clip > 0.0) {
         clip = min(1.0, p.grad_clip / (norm[0] + 1e-6));

@@ -51,13 +51,30 @@ struct Params {
     v: vec4<u32>,     // same for v (qkv or v_cache); dv uses it inside dqkv
     o: vec4<u32>,     // same for out / dout, (B, T, C)
     drop_seed: u32,   // attention dropout: seed of this site's stream
-    drop_step: u32,   // rewritten every micro-step by the graph executor
+    pad1: u32,
     drop_threshold: u32, // probabilities whose hash is below this are dropped; 0 = no dropout
     drop_scale: f32,  // 1 / (1 - p): the factor of the kept ones
     grp: vec4<u32>,   // the GEMM path's group: (b0, h0, over b?, entries); see group_bh
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+#include "include/step.wgsl"
+
+// 1: a decoding dispatch, at the per-step uniform's position. An override constant, so that the
+// other pipelines compile the uniform's read out of their inner loops.
+override FROM_STEP: u32 = 0u;
+
+// The absolute position of query 0, and the keys per sequence: decoding dispatches
+// (FROM_STEP = 1) move with the per-step uniform's position (queries at step.pos0 + i, keys
+// 0 .. step.pos0 + Tq; kv_append keeps Tmax in p.tk and reads it directly), so one dispatch
+// serves every decoded token; the others use p alone.
+fn pos0() -> u32 {
+    return p.pos0 + FROM_STEP * step.pos0;
+}
+
+fn tk() -> u32 {
+    return p.tk + FROM_STEP * step.pos0;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tiling of the fused kernels. A workgroup owns BR rows (queries in the forward and dQ kernels,
@@ -148,7 +165,7 @@ fn q4(b: u32, h: u32, i: u32, d4: u32) -> vec4<f32> {
 
 fn k4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
     var r = vec4<f32>(0.0);
-    if (j < p.tk) {
+    if (j < tk()) {
         let base = row_start(p.k, b, h, j);
         for (var c = 0u; c < 4u; c++) {
             let d = 4u * d4 + c;
@@ -162,7 +179,7 @@ fn k4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
 
 fn v4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
     var r = vec4<f32>(0.0);
-    if (j < p.tk) {
+    if (j < tk()) {
         let base = row_start(p.v, b, h, j);
         for (var c = 0u; c < 4u; c++) {
             let d = 4u * d4 + c;
@@ -194,7 +211,7 @@ fn drop_factor(b: u32, h: u32, i: u32, j: u32) -> f32 {
         return 1.0;
     }
     let row = (b * p.nh + h) * p.tq + i;
-    if (cell_hash(mask_key(p.drop_seed, p.drop_step), row, j) >= p.drop_threshold) {
+    if (cell_hash(mask_key(p.drop_seed, step.dropout_step), row, j) >= p.drop_threshold) {
         return p.drop_scale;
     }
     return 0.0;
@@ -202,16 +219,16 @@ fn drop_factor(b: u32, h: u32, i: u32, j: u32) -> f32 {
 
 // Whether query i (relative to pos0) may see key j.
 fn visible(i: u32, j: u32) -> bool {
-    return i < p.tq && j < p.tk && (p.causal == 0u || j <= p.pos0 + i);
+    return i < p.tq && j < tk() && (p.causal == 0u || j <= pos0() + i);
 }
 
 // One key past the last key any query of rows [i0, i0 + n) may see: the causal mask ends the
 // loop over key tiles there, so fully masked tiles are never loaded.
 fn key_end(i0: u32, n: u32) -> u32 {
     if (p.causal == 0u) {
-        return p.tk;
+        return tk();
     }
-    return min(p.tk, p.pos0 + min(i0 + n, p.tq));
+    return min(tk(), pos0() + min(i0 + n, p.tq));
 }
 
 // (b, h, r) of item idx of n per (b, h), r fastest: a row of a row kernel, or a key tile of
@@ -599,7 +616,7 @@ fn dkdv_tile(b: u32, h: u32, j0: u32, tid: u32) {
 
     for (var o = 0u; o < RO; o++) {
         let j = j0 + tr * RO + o;
-        if (j >= p.tk) {
+        if (j >= tk()) {
             continue;
         }
         for (var v = 0u; v < DV; v++) {
@@ -761,7 +778,7 @@ fn forward_row(b: u32, h: u32, i: u32) {
 fn attention_backward_dkdv_rows(@builtin(workgroup_id) wid: vec3<u32>,
                                 @builtin(num_workgroups) nwg: vec3<u32>,
                                 @builtin(local_invocation_id) lid: vec3<u32>) {
-    let at = row_of(global_index(wid, nwg, WG, lid.x), p.tk);
+    let at = row_of(global_index(wid, nwg, WG, lid.x), tk());
     if (at.x < p.nb) {
         dkdv_row(at.x, at.y, at.z);
     }
@@ -891,7 +908,7 @@ fn attention_scores_softmax(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let bh = group_bh(idx / p.tq);
     let i = idx % p.tq;
-    let base = idx * p.tk;
+    let base = idx * tk();
     let n = key_end(i, 1u);
     var m = NEG;
     for (var j = 0u; j < n; j++) {
@@ -902,7 +919,7 @@ fn attention_scores_softmax(@builtin(workgroup_id) wid: vec3<u32>,
         l += exp2(gs_s[base + j] - m);
     }
     let inv = 1.0 / l;
-    for (var j = 0u; j < p.tk; j++) {
+    for (var j = 0u; j < tk(); j++) {
         var x = 0.0;
         if (j < n) {
             x = exp2(gs_s[base + j] - m) * inv * drop_factor(bh.x, bh.y, i, j);
@@ -926,11 +943,11 @@ fn attention_scores_backward(@builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>,
                              @builtin(local_invocation_id) lid: vec3<u32>) {
     let idx = global_index(wid, nwg, WG, lid.x);
-    if (idx >= p.grp.w * p.tq * p.tk) {
+    if (idx >= p.grp.w * p.tq * tk()) {
         return;
     }
-    let j = idx % p.tk;
-    let gi = idx / p.tk;
+    let j = idx % tk();
+    let gi = idx / tk();
     let bh = group_bh(gi / p.tq);
     let i = gi % p.tq;
     let r = (bh.x * p.nh + bh.y) * p.tq + i;
@@ -970,7 +987,7 @@ fn kv_append(@builtin(workgroup_id) wid: vec3<u32>,
     let bt = r / p.nh;
     let i = bt % p.tq;
     let b = bt / p.tq;
-    let dst = ((b * p.nh + h) * p.tk + p.pos0 + i) * p.hs + d;
+    let dst = ((b * p.nh + h) * p.tk + pos0() + i) * p.hs + d;
     kc_out[dst] = KvElem(q_in[row_start(p.k, b, h, i) + d]);
     vc_out[dst] = KvElem(q_in[row_start(p.v, b, h, i) + d]);
 }

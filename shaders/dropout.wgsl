@@ -3,7 +3,8 @@
 // Element i is kept iff hash(seed, step, i) >= p.threshold (threshold = p · 2³², so it is kept
 // with probability 1 - p); kept values are scaled by p.scale = 1 / (1 - p), dropped ones are 0.
 // No mask is stored: the backward regenerates it from (seed, step, i). The hash is
-// include/hash.wgsl's element_hash, mirrored bit for bit by src/hash.rs on the CPU.
+// include/hash.wgsl's element_hash, mirrored bit for bit by src/hash.rs on the CPU. The counter
+// step is the per-step uniform's dropout_step (include/step.wgsl): a new one every micro-step.
 //
 // dropout_forward:  out (N) = keep(i) ? inp (N) · scale : 0          overwrites out
 // dropout_backward: dinp (N) = keep(i) ? dout (N) · scale : 0        overwrites dinp when
@@ -12,8 +13,7 @@
 // One thread per element; the 1-D grid may be folded into 2-D for large N (see gpu::grid).
 
 struct Params {
-    seed: u32,       // rewritten between steps by kernels::dropout::set_step
-    step: u32,       // rewritten between steps by kernels::dropout::set_step
+    seed: u32,       // of this site's stream
     n: u32,
     threshold: u32,  // keep iff hash >= threshold
     scale: f32,      // 1 / (1 - p)
@@ -23,13 +23,14 @@ struct Params {
 override WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> p: Params;
+#include "include/step.wgsl"
 
 #include "include/grid.wgsl"
 
 #include "include/hash.wgsl"
 
 fn keep(i: u32) -> bool {
-    return element_hash(mask_key(p.seed, p.step), i) >= p.threshold;
+    return element_hash(mask_key(p.seed, step.dropout_step), i) >= p.threshold;
 }
 
 // Bindings for dropout_forward: 1 = inp (read), 2 = out (read_write).

@@ -3,7 +3,8 @@
 // rope_rotate: one thread per pair (b, t, h, i), i < D/2 = p.half; P = B · T · H · D/2 pairs,
 //   folded over x and y (see gpu::grid).
 //   inp (B, T, H, D), inv_freq (D/2)
-//   For the first p.rotated heads of each token row, with a = f32(pos0 + t) · inv_freq[i] and
+//   For the first p.rotated heads of each token row, with a = f32(pos0 + t) · inv_freq[i]
+//   (pos0 = p.pos0 + step.pos0, the launcher's and the per-step uniform's) and
 //   sign = +1 (forward) or -1 (backward, the rotation by -a):
 //     out[i]       = inp[i] · cos a - inp[i + D/2] · sign · sin a
 //     out[i + D/2] = inp[i + D/2] · cos a + inp[i] · sign · sin a
@@ -19,7 +20,7 @@ struct Params {
     heads: u32,   // H: heads per token row
     rotated: u32, // heads rotated, the first of each row
     half: u32,    // D/2
-    pos0: u32,    // position of t = 0 (the KV cache's length when decoding)
+    pos0: u32,    // position of t = 0, less the per-step uniform's pos0
     sign: f32,    // +1 forward, -1 backward
     zero: f32,    // 0.0, see rope_rotate
 }
@@ -31,6 +32,7 @@ override WG: u32 = 256u;
 @group(0) @binding(1) var<storage, read> inp: array<f32>;
 @group(0) @binding(2) var<storage, read> inv_freq: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+#include "include/step.wgsl"
 
 // 2π in three parts (Cody and Waite): TWO_PI_1 and TWO_PI_2 have 8 significant bits each, so
 // k · TWO_PI_1 and k · TWO_PI_2 are exact for k < 2^16 (angles below 4·10⁵, which the launcher
@@ -68,7 +70,7 @@ fn rope_rotate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         out[hi] = x2;
         return;
     }
-    let pos = p.pos0 + row % p.t;
+    let pos = p.pos0 + step.pos0 + row % p.t;
     // + p.zero (0.0, unknown to the compiler) rounds the product to f32 even where the compiler
     // fuses a multiply with the add after it: a fused pos · inv_freq - k · 2π would skip the
     // rounding that transformers applies, and at position 10⁴ that is 10⁻³ radians.

@@ -7,7 +7,7 @@ use shaderformer::gpu::DType;
 use shaderformer::graph::autodiff::append_backward;
 use shaderformer::graph::planner::plan;
 use shaderformer::graph::validate::{Context, Data, reference};
-use shaderformer::graph::{Graph, Op, Phase, TensorId, TensorKind};
+use shaderformer::graph::{Graph, Input, Op, Phase, StepOutput, TensorId, TensorKind};
 use shaderformer::rng::Rng;
 
 fn below(rng: &mut Rng, n: usize) -> usize {
@@ -25,7 +25,7 @@ fn random_schedule(rng: &mut Rng) -> Graph {
     for i in 0..tensors {
         let kind = match below(rng, 6) {
             0 => TensorKind::Param(i),
-            1 => TensorKind::Input,
+            1 => TensorKind::Input(Input::Tokens),
             2 | 3 => TensorKind::Gradient,
             _ => TensorKind::Activation,
         };
@@ -335,7 +335,12 @@ fn random_model(rng: &mut Rng) -> Built {
         bias: false,
     };
     g.push(Phase::Forward, "head", op, vec![last, w], vec![logits]);
-    let targets = g.tensor("targets", &[N], DType::U32, TensorKind::Input);
+    let targets = g.tensor(
+        "targets",
+        &[N],
+        DType::U32,
+        TensorKind::Input(Input::Targets),
+    );
     let losses = g.activation("losses", &[N]);
     let lse = g.activation("lse", &[N]);
     let op = Op::CrossEntropy { n: N, v: V, vp: VP };
@@ -346,7 +351,12 @@ fn random_model(rng: &mut Rng) -> Built {
         vec![logits, targets],
         vec![losses, lse],
     );
-    let loss = g.tensor("loss", &[1], DType::F32, TensorKind::Result);
+    let loss = g.tensor(
+        "loss",
+        &[1],
+        DType::F32,
+        TensorKind::Result(StepOutput::Loss),
+    );
     g.push(
         Phase::Forward,
         "mean",

@@ -36,6 +36,11 @@ fn mirrors() -> Vec<(&'static str, &'static str, ParamsLayout)> {
         ("residual.wgsl", "Params", residual::params_layout()),
         ("swiglu.wgsl", "Params", swiglu::params_layout()),
         ("qkv_pack.wgsl", "Params", qkv_pack::params_layout()),
+        // The per-step uniform (include/step.wgsl), in every family that includes it.
+        ("adamw.wgsl", "Step", step::params_layout()),
+        ("attention.wgsl", "Step", step::params_layout()),
+        ("attention_f16.wgsl", "Step", step::params_layout()),
+        ("dropout.wgsl", "Step", step::params_layout()),
     ]
 }
 

@@ -173,6 +173,27 @@ impl Gpu {
         })
     }
 
+    /// A uniform buffer of its own holding `data` (a struct of u32-sized fields), rewritten with
+    /// `write` or by copies into it (`kernels::step` holds the one struct bound this way).
+    pub fn uniform(&self, name: &str, data: &[u32]) -> Result<View> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let buffer = self.scoped(name, bytes.len() as u64, || {
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(name),
+                    contents: bytes,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                })
+        })?;
+        Ok(View {
+            buffer,
+            offset: 0,
+            len: data.len(),
+            dtype: DType::U32,
+            name: name.into(),
+        })
+    }
+
     pub fn upload_f32(&self, name: &str, data: &[f32]) -> Result<View> {
         self.upload(name, DType::F32, data)
     }

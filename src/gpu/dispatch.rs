@@ -135,9 +135,9 @@ impl Gpu {
                 binding: 0,
                 resource: params_buf.as_entire_binding(),
             }];
-            for (i, a) in args.iter().enumerate() {
+            for (i, (a, b)) in args.iter().zip(spec.bindings).enumerate() {
                 entries.push(wgpu::BindGroupEntry {
-                    binding: i as u32 + 1,
+                    binding: b.number(i),
                     resource: a.binding(),
                 });
             }

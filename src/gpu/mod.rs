@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 pub use buffer::{DType, View};
 pub use dispatch::{Cost, Dispatch, grid};
-pub use pipeline::{Binding, KernelSpec};
+pub use pipeline::{Binding, KernelSpec, STEP_BINDING};
 pub use profiler::TimingMethod;
 pub use shaders::{Shader, ShaderSource, ShaderVariant};
 pub use signal::Signal;

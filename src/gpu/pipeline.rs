@@ -1,18 +1,44 @@
 //! Shader modules, layouts and compute pipelines, each created once and cached.
 //!
 //! Binding convention for every kernel: `@group(0) @binding(0)` is the kernel's uniform params
-//! struct; bindings 1.. are the storage buffers listed in `KernelSpec::bindings`, in order.
+//! struct; bindings 1.. are the storage buffers listed in `KernelSpec::bindings`, in order; a
+//! kernel that reads the per-step uniform (shaders/include/step.wgsl) lists `Binding::Step`, which
+//! is bound at `STEP_BINDING` wherever it stands in the list.
 
 use super::{Gpu, PipelineKey, Shader, ShaderVariant};
 use crate::error::{Error, Result};
 
-/// How a storage binding is accessed.
+/// How a binding is accessed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Binding {
     /// `var<storage, read>`
     Read,
     /// `var<storage, read_write>`
     ReadWrite,
+    /// `var<uniform> step: Step` at `STEP_BINDING` (shaders/include/step.wgsl).
+    Step,
+}
+
+/// The binding number of the per-step uniform in every kernel that reads it.
+pub const STEP_BINDING: u32 = 15;
+
+impl Binding {
+    /// The binding number of the `i`-th entry of `KernelSpec::bindings`.
+    pub fn number(self, i: usize) -> u32 {
+        match self {
+            Binding::Step => STEP_BINDING,
+            _ => i as u32 + 1,
+        }
+    }
+
+    fn buffer_type(self) -> wgpu::BufferBindingType {
+        match self {
+            Binding::Step => wgpu::BufferBindingType::Uniform,
+            _ => wgpu::BufferBindingType::Storage {
+                read_only: self == Binding::Read,
+            },
+        }
+    }
 }
 
 /// One entry point of one shader family in one variant, with its storage bindings (after the
@@ -87,12 +113,10 @@ impl Gpu {
         }];
         for (i, b) in bindings.iter().enumerate() {
             entries.push(wgpu::BindGroupLayoutEntry {
-                binding: i as u32 + 1,
+                binding: b.number(i),
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Storage {
-                        read_only: *b == Binding::Read,
-                    },
+                    ty: b.buffer_type(),
                     has_dynamic_offset: false,
                     min_binding_size: None,
                 },

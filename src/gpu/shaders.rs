@@ -105,6 +105,10 @@ pub const INCLUDES: &[(&str, &str)] = &[
         "include/row_norm.wgsl",
         include_str!("../../shaders/include/row_norm.wgsl"),
     ),
+    (
+        "include/step.wgsl",
+        include_str!("../../shaders/include/step.wgsl"),
+    ),
 ];
 
 /// The form a family's source is compiled in: what the loader's prelude declares.

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use super::ir::{Graph, Node, Op, Phase, TensorId, TensorKind};
+use super::ir::{Graph, Input, Node, Op, Phase, StepOutput, TensorId, TensorKind};
 use crate::gpu::DType;
 
 /// What `append_backward` added.
@@ -264,9 +264,8 @@ impl Backprop<'_> {
     fn embedding(&mut self, node: &Node, dy: TensorId, b: usize, t: usize, c: usize) {
         let ins = &node.inputs;
         let len = crate::kernels::embedding::backward_index_len(b * t);
-        let index = self
-            .g
-            .tensor("embedding_index", &[len], DType::U32, TensorKind::Input);
+        let kind = TensorKind::Input(Input::EmbeddingIndex);
+        let index = self.g.tensor("embedding_index", &[len], DType::U32, kind);
         self.embedding_index = Some(index);
         let (dwte, _) = self.grad(ins[1]);
         let mut outs = vec![dwte];
@@ -495,7 +494,8 @@ pub fn append_optimizer(g: &mut Graph, bw: &Backward, decay: impl Fn(usize) -> b
         vec![],
         grads.clone(),
     );
-    let norm = g.tensor("grad_norm", &[1], DType::F32, TensorKind::Result);
+    let kind = TensorKind::Result(StepOutput::GradNorm);
+    let norm = g.tensor("grad_norm", &[1], DType::F32, kind);
     g.push(
         Phase::Optimizer,
         "grad_norm",

@@ -10,6 +10,26 @@ use crate::gpu::DType;
 
 pub type TensorId = usize;
 
+/// What a graph input holds, for the executor to fill it from a micro-batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// The batch's token ids (B, T).
+    Tokens,
+    /// The batch's next-token targets (B, T).
+    Targets,
+    /// The embedding backward's index of the tokens (`kernels::embedding::backward_index`).
+    EmbeddingIndex,
+}
+
+/// A step result the executor reads back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepOutput {
+    /// The mean loss of a micro-step.
+    Loss,
+    /// The global gradient norm before clipping.
+    GradNorm,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TensorKind {
     /// A model parameter (index into the parameter table); lives outside the graph.
@@ -19,8 +39,8 @@ pub enum TensorKind {
     /// AdamW's first and second moments of parameter i.
     AdamM(usize),
     AdamV(usize),
-    /// Written by the CPU before each micro-step (tokens, targets, the embedding-backward index).
-    Input,
+    /// Written by the CPU before each micro-step, from the micro-batch: which part it holds.
+    Input(Input),
     /// A constant filled once (e.g. the zero bias of a bias-free LayerNorm).
     Constant(u32),
     /// A constant table written once from `Graph::tables[i]` (RoPE's inverse frequencies).
@@ -28,8 +48,9 @@ pub enum TensorKind {
     /// Forward values and gradients of activations: packed by the memory planner.
     Activation,
     Gradient,
-    /// Step results kept across micro-steps (the loss, the gradient norm).
-    Result,
+    /// Step results kept across micro-steps, the executor reading back the loss and the gradient
+    /// norm.
+    Result(StepOutput),
     /// The key (`value: false`) or value cache of a layer, (B, NH, Tmax, HS), kept across calls.
     KvCache {
         layer: usize,

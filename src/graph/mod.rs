@@ -9,5 +9,5 @@ pub mod store;
 pub mod validate;
 
 pub use executor::{ExecOptions, Executor, GradientSync, MicroBatch, NodeCheck, Shard, StepResult};
-pub use ir::{Graph, Op, Phase, TensorId, TensorKind};
+pub use ir::{Graph, Input, Op, Phase, StepOutput, TensorId, TensorKind};
 pub use store::ParamStore;

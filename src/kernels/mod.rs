@@ -23,6 +23,7 @@ pub mod reduce;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
+pub mod step;
 pub mod swiglu;
 
 use crate::error::{Error, Result};
@@ -119,7 +120,9 @@ pub fn elementwise(
 ) -> Result<Dispatch> {
     let name = spec.name();
     expect_dims(&name, &[("N", n)])?;
-    for a in args {
+    // Every tensor holds N f32 values; the per-step uniform, where bound, is no tensor.
+    let tensors = args.iter().zip(spec.bindings);
+    for (a, _) in tensors.filter(|(_, b)| **b != crate::gpu::Binding::Step) {
         expect(&name, a, DType::F32, n)?;
     }
     let wg = grid(

@@ -4,7 +4,7 @@ use super::config::GptConfig;
 use super::params::{BlockParams, ParamSpec, ParamTable};
 use crate::gpu::DType;
 use crate::graph::autodiff::{self, Backward};
-use crate::graph::ir::{Graph, Op, Phase, TensorId, TensorKind};
+use crate::graph::ir::{Graph, Input, Op, Phase, StepOutput, TensorId, TensorKind};
 
 /// What the graph computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,7 +237,12 @@ impl Builder {
     fn embed(&mut self, table: &ParamTable) -> (TensorId, TensorId) {
         let (b, t, c) = (self.b, self.t, self.c);
         let g = &mut self.g;
-        let tokens = g.tensor("tokens", &[b, t], DType::U32, TensorKind::Input);
+        let tokens = g.tensor(
+            "tokens",
+            &[b, t],
+            DType::U32,
+            TensorKind::Input(Input::Tokens),
+        );
         // Decoding adds the position rows of the current positions, gathered into a window.
         let positions = match self.decode {
             Some(_) => g.tensor(
@@ -536,7 +541,8 @@ impl Builder {
         let (b, t, bt, c, v, vp) = (self.b, self.t, self.bt, self.c, self.v, self.vp);
         let wte = self.params[wte];
         let g = &mut self.g;
-        let targets = g.tensor("targets", &[b, t], DType::U32, TensorKind::Input);
+        let targets = TensorKind::Input(Input::Targets);
+        let targets = g.tensor("targets", &[b, t], DType::U32, targets);
         let losses = g.activation("losses", &[bt]);
         let lse = g.activation("logits.lse", &[bt]);
         match chunk_rows {
@@ -562,7 +568,12 @@ impl Builder {
             ),
         }
         let mean = self.decode.is_none().then(|| {
-            let loss = g.tensor("loss", &[1], DType::F32, TensorKind::Result);
+            let loss = g.tensor(
+                "loss",
+                &[1],
+                DType::F32,
+                TensorKind::Result(StepOutput::Loss),
+            );
             g.push(
                 FWD,
                 "loss.mean",

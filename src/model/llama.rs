@@ -13,7 +13,7 @@ use super::gpt::{Builder, FWD, GptGraph, Mode, Setup};
 use super::llama_params::{LlamaBlock, LlamaParams};
 use crate::error::{Error, Result};
 use crate::gpu::DType;
-use crate::graph::ir::{Op, TensorId, TensorKind};
+use crate::graph::ir::{Input, Op, TensorId, TensorKind};
 
 /// Builds the model `arch` with parameters `table` for batches of `b` sequences of `t` tokens.
 /// Decoding (`Mode::Decode`) keeps the keys and values of every query head (the repeated ones
@@ -83,7 +83,12 @@ impl Llama {
     fn embed(&mut self, embed: usize) -> (TensorId, TensorId) {
         let (b, t, c) = (self.m.b, self.m.t, self.m.c);
         let g = &mut self.m.g;
-        let tokens = g.tensor("tokens", &[b, t], DType::U32, TensorKind::Input);
+        let tokens = g.tensor(
+            "tokens",
+            &[b, t],
+            DType::U32,
+            TensorKind::Input(Input::Tokens),
+        );
         let zeros = g.tensor("no_positions", &[t, c], DType::F32, TensorKind::Constant(0));
         let x = g.activation("embed", &[b, t, c]);
         let ins = vec![tokens, self.m.params[embed], zeros];

@@ -4,6 +4,7 @@
 
 use shaderformer::gpu::{DType, test_gpu};
 use shaderformer::kernels::adamw::{self, Hyper, Step, Tensors};
+use shaderformer::kernels::step;
 use shaderformer::reference;
 use shaderformer::reference::adamw::{Update, clip_scale};
 use shaderformer::rng::Rng;
@@ -101,7 +102,7 @@ fn widen_recovers_the_decimal_hyperparameters() {
 }
 
 /// Late steps, from a warm optimizer state: the bias corrections at large t (where 1 - β^t is
-/// no longer small) and set_step jumping straight to any t.
+/// no longer small), one dispatch jumping straight to any t through the per-step uniform.
 #[test]
 fn late_steps_match_reference() {
     let Some(gpu) = test_gpu() else { return };
@@ -129,13 +130,19 @@ fn late_steps_match_reference() {
         m: &m,
         v: &v,
     };
-    let d = adamw::step(gpu, tensors, &norm, n, &hyper, true, Step { lr: 1.0, t: 1 }).unwrap();
+    let uniform = step::uniform(gpu, "step", &step::Step::default()).unwrap();
+    let d = adamw::step_at(gpu, tensors, &norm, n, &hyper, true, &uniform).unwrap();
     for t in [7u32, 700, 5000, 100_000] {
         let lr = 6e-4;
         gpu.write(&param, &p0).unwrap();
         gpu.write(&m, &m0).unwrap();
         gpu.write(&v, &v0).unwrap();
-        adamw::set_step(gpu, &d, lr, t);
+        let at = step::Step {
+            t,
+            lr,
+            ..Default::default()
+        };
+        step::write(gpu, &uniform, &at).unwrap();
         gpu.run(std::slice::from_ref(&d)).unwrap();
         let mut rp: Vec<f64> = reference::convert(&p0);
         let mut rm: Vec<f64> = reference::convert(&m0);

@@ -9,6 +9,7 @@ use half::f16;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, test_gpu};
 use shaderformer::kernels::attention::check::{EXHAUSTIVE_SHAPES, Variants};
 use shaderformer::kernels::attention::{self, BackwardTensors, Dims, KvCache, MAX_HS, Options};
+use shaderformer::kernels::step;
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
 
@@ -186,10 +187,11 @@ fn dropout_mask_keeps_one_minus_p_and_changes_the_output() {
     assert!(diff > 0.1, "dropout changed the output by only {diff}");
 }
 
-/// A dispatch built for one step's mask and moved to another with `set_dropout_step` (how the
-/// graph executor draws a fresh mask every micro-step) gives that step's result.
+/// A dispatch that reads its mask's counter from the per-step uniform, moved to another counter
+/// by rewriting the uniform (how the graph executor draws a fresh mask every micro-step), gives
+/// the result of a dispatch built at that counter.
 #[test]
-fn set_dropout_step_moves_a_dispatch_to_another_mask() {
+fn the_step_uniform_moves_a_dispatch_to_another_mask() {
     let Some(gpu) = test_gpu() else { return };
     let (b, nh, t, hs) = (1, 2, 37, 16);
     let dims = Dims { b, t, nh, hs };
@@ -217,11 +219,22 @@ fn set_dropout_step_moves_a_dispatch_to_another_mask() {
             out: &out,
             lse: &lse,
         };
-        let mut ds = attention::forward(gpu, &out, &lse, &gqkv, dims, opts).unwrap();
-        ds.extend(attention::backward(gpu, tensors, dims, opts).unwrap());
-        if let Some(step) = run_at {
-            for x in ds.iter().filter(|d| attention::has_dropout_step(d)) {
-                attention::set_dropout_step(gpu, x, step);
+        let mut ds;
+        match run_at {
+            None => {
+                ds = attention::forward(gpu, &out, &lse, &gqkv, dims, opts).unwrap();
+                ds.extend(attention::backward(gpu, tensors, dims, opts).unwrap());
+            }
+            Some(counter) => {
+                let uniform = step::uniform(gpu, "step", &step::Step::default()).unwrap();
+                ds = attention::forward_at(gpu, &out, &lse, &gqkv, dims, opts, &uniform).unwrap();
+                let bwd = attention::backward_at(gpu, tensors, dims, opts, &uniform);
+                ds.extend(bwd.unwrap());
+                let at = step::Step {
+                    dropout_step: counter,
+                    ..Default::default()
+                };
+                step::write(gpu, &uniform, &at).unwrap();
             }
         }
         gpu.run(&ds).unwrap();

@@ -2,6 +2,7 @@ use shaderformer::gpu::shaders::INCLUDES;
 use shaderformer::gpu::{DType, View, test_gpu};
 use shaderformer::hash;
 use shaderformer::kernels::dropout::{self, Dropout};
+use shaderformer::kernels::step;
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
 
@@ -215,7 +216,7 @@ fn different_steps_and_seeds_give_different_masks() {
 }
 
 #[test]
-fn set_step_changes_the_mask_without_rebuilding() {
+fn the_step_uniform_changes_the_mask_without_rebuilding() {
     let Some(gpu) = test_gpu() else { return };
     let n = 1000;
     let inp: Vec<f32> = Rng::new(8).vec_normal(n, 1.0);
@@ -226,12 +227,17 @@ fn set_step_changes_the_mask_without_rebuilding() {
         seed: 10,
         step: 0,
     };
-    let d = dropout::forward(gpu, &g_out, &g_inp, n, first).unwrap();
-    for (seed, step) in [(10, 0), (10, 1), (99, 1)] {
-        dropout::set_step(gpu, &d, seed, step);
+    let uniform = step::uniform(gpu, "step", &step::Step::default()).unwrap();
+    let d = dropout::forward_at(gpu, &g_out, &g_inp, n, first, &uniform).unwrap();
+    for counter in [0, 1, 7] {
+        let at = step::Step {
+            dropout_step: counter,
+            ..Default::default()
+        };
+        step::write(gpu, &uniform, &at).unwrap();
         gpu.run(std::slice::from_ref(&d)).unwrap();
         let mut out = vec![0.0f32; n];
-        reference::dropout::forward(&mut out, &inp, 0.3, seed, step);
+        reference::dropout::forward(&mut out, &inp, 0.3, 10, counter);
         reference::compare("out", &gpu.read_f32(&g_out).unwrap(), &out, 0.0, 0.0).assert();
     }
 }

@@ -1,7 +1,7 @@
 //! Where a graph's tensors live: the memory plan's pool, the parameter store, and buffers of
 //! their own for inputs, constants, results and decoding's position windows.
 
-use super::super::ir::{Graph, Tensor, TensorId, TensorKind};
+use super::super::ir::{Graph, Input, StepOutput, Tensor, TensorId, TensorKind};
 use super::super::planner::Plan;
 use super::super::store::ParamStore;
 use crate::error::{Error, Result};
@@ -26,11 +26,18 @@ pub(super) struct Memory<'m> {
     pub(super) accum: usize,
 }
 
+/// A graph input with the staging buffer holding every micro-step's values of it.
+pub(super) struct StagedInput {
+    pub(super) input: Input,
+    pub(super) tensor: TensorId,
+    pub(super) staging: wgpu::Buffer,
+}
+
 /// Every tensor bound to storage, and the tensors the executor handles by role.
 pub(super) struct Bindings {
     /// Each tensor's storage, as `Executor::views`.
     pub(super) views: Vec<Vec<View>>,
-    pub(super) inputs: Vec<(TensorId, wgpu::Buffer)>,
+    pub(super) inputs: Vec<StagedInput>,
     pub(super) windows: Vec<(View, View, usize)>,
     pub(super) loss: Option<TensorId>,
     pub(super) norm: Option<TensorId>,
@@ -68,11 +75,15 @@ impl Bindings {
                 cache[value as usize].clone()
             }
             TensorKind::PositionWindow(p) => self.position_window(mem, t, p)?,
-            TensorKind::Input => {
+            TensorKind::Input(input) => {
                 let v = own(&t.name)?;
                 let staging = gpu
                     .create_storage(&format!("{}.staging", t.name), v.bytes() * mem.accum as u64)?;
-                self.inputs.push((id, staging));
+                self.inputs.push(StagedInput {
+                    input,
+                    tensor: id,
+                    staging,
+                });
                 v
             }
             TensorKind::Constant(bits) => {
@@ -85,11 +96,10 @@ impl Bindings {
                 gpu.write(&v, &graph.tables[i])?;
                 v
             }
-            TensorKind::Result => {
-                if t.name == "loss" {
-                    self.loss = Some(id);
-                } else if t.name == "grad_norm" {
-                    self.norm = Some(id);
+            TensorKind::Result(output) => {
+                match output {
+                    StepOutput::Loss => self.loss = Some(id),
+                    StepOutput::GradNorm => self.norm = Some(id),
                 }
                 own(&t.name)?
             }

@@ -7,6 +7,7 @@ use super::lower::dropout_seed;
 use super::{Executor, MicroBatch};
 use crate::error::Result;
 use crate::gpu::DType;
+use crate::kernels::step::Step;
 
 /// One output of one node compared with its CPU reference (`Executor::validate`).
 #[derive(Clone, Debug)]
@@ -41,12 +42,7 @@ impl Executor<'_> {
     /// (dropout counter 0), and compares every output of every node with the CPU reference
     /// computed from that node's actual inputs. Returns one check per output.
     pub fn validate(&mut self, batch: &MicroBatch) -> Result<Vec<NodeCheck>> {
-        if let Some(buf) = &self.dropout_steps {
-            let zeros = vec![0u32; (buf.size() / 4) as usize];
-            self.gpu
-                .queue
-                .write_buffer(buf, 0, bytemuck::cast_slice(&zeros));
-        }
+        self.step_uniform.stage(self.gpu, &[Step::default()]);
         self.submit_one("validate", batch, &[Phase::Zero])?;
         let gpu = self.gpu;
         gpu.wait()?;

@@ -47,13 +47,13 @@ impl Executor<'_> {
                 tmax,
             } => x.kv_append(attention::Dims { b, t: tq, nh, hs }, tmax),
             Op::RmsNorm { n, c, eps } => x.rmsnorm(rmsnorm::Dims { n, c }, eps),
-            Op::Rope { b, t, heads, d } => one(rope::forward(
+            Op::Rope { b, t, heads, d } => one(rope::forward_at(
                 gpu,
                 o(0),
                 i(0),
                 i(1),
                 rope_dims(b, t, heads, d),
-                0,
+                self.step_view(),
             )),
             Op::PackQkv { b, t, nh, nkv, hs } => {
                 let dims = qkv_pack::Dims { b, t, nh, nkv, hs };
@@ -85,13 +85,13 @@ impl Executor<'_> {
                 site,
             } => x.attention_backward(attention::Dims { b, t, nh, hs }, p, site),
             Op::RmsNormBackward { n, c, acc } => x.rmsnorm_backward(rmsnorm::Dims { n, c }, acc),
-            Op::RopeBackward { b, t, heads, d } => one(rope::backward(
+            Op::RopeBackward { b, t, heads, d } => one(rope::backward_at(
                 gpu,
                 o(0),
                 i(0),
                 i(1),
                 rope_dims(b, t, heads, d),
-                0,
+                self.step_view(),
             )),
             Op::PackQkvBackward {
                 b,
@@ -180,6 +180,12 @@ impl Executor<'_> {
         Ok(ds)
     }
 
+    /// The per-step uniform that dispatches reading lr, t, dropout counters or the decoding
+    /// position bind.
+    fn step_view(&self) -> &View {
+        &self.step_uniform.view
+    }
+
     /// Every chunk of the tensors `ids`, merged into spans of the store's flat buffers.
     pub(super) fn spans_of(&self, ids: &[TensorId]) -> Vec<View> {
         let all: Vec<&View> = ids.iter().flat_map(|&t| self.chunks(t)).collect();
@@ -235,10 +241,9 @@ impl Executor<'_> {
                     m: &ms[j],
                     v: &vs[j],
                 };
-                // lr and t are set per step (`adamw::set_step`).
-                let placeholder = adamw::Step { lr: 0.0, t: 1 };
-                let (n, hyper) = (params[j].len, &self.opts.adamw);
-                adamw::step(self.gpu, tensors, norm, n, hyper, decay, placeholder)
+                // lr and t come from the per-step uniform.
+                let (n, hyper, step) = (params[j].len, &self.opts.adamw, self.step_view());
+                adamw::step_at(self.gpu, tensors, norm, n, hyper, decay, step)
             })
             .collect()
     }
@@ -430,7 +435,15 @@ impl<'s> Lowering<'s> {
     fn attention(self, dims: attention::Dims, p: f32, site: u32) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
         let opts = attention_options(self.ex.opts.seed, p, site);
-        attention::forward(self.gpu(), o(0), o(1), i(0), dims, opts)
+        attention::forward_at(
+            self.gpu(),
+            o(0),
+            o(1),
+            i(0),
+            dims,
+            opts,
+            self.ex.step_view(),
+        )
     }
 
     fn attention_backward(self, dims: attention::Dims, p: f32, site: u32) -> Result<Vec<Dispatch>> {
@@ -443,7 +456,7 @@ impl<'s> Lowering<'s> {
             lse: i(3),
         };
         let opts = attention_options(self.ex.opts.seed, p, site);
-        attention::backward(self.gpu(), tensors, dims, opts)
+        attention::backward_at(self.gpu(), tensors, dims, opts, self.ex.step_view())
     }
 
     /// Attention of the Tq = `dims.t` new tokens over a KV cache of `tmax` positions.
@@ -454,7 +467,8 @@ impl<'s> Lowering<'s> {
             v: i(2),
             tmax,
         };
-        let d = attention::forward_cached(self.gpu(), o(0), i(0), cache, dims, 0)?;
+        let step = self.ex.step_view();
+        let d = attention::forward_cached_at(self.gpu(), o(0), i(0), cache, dims, step)?;
         Ok(vec![d])
     }
 
@@ -466,7 +480,7 @@ impl<'s> Lowering<'s> {
             v: o(1),
             tmax,
         };
-        let d = attention::kv_append(self.gpu(), cache, i(0), dims, 0)?;
+        let d = attention::kv_append_at(self.gpu(), cache, i(0), dims, self.ex.step_view())?;
         Ok(vec![d])
     }
 
@@ -523,14 +537,15 @@ impl<'s> Lowering<'s> {
     fn dropout(self, n: usize, p: f32, site: u32) -> Result<Vec<Dispatch>> {
         let seed = dropout_seed(self.ex.opts.seed, site);
         let d = dropout::Dropout { p, seed, step: 0 };
-        let d = dropout::forward(self.gpu(), self.o(0), self.i(0), n, d)?;
+        let d = dropout::forward_at(self.gpu(), self.o(0), self.i(0), n, d, self.ex.step_view())?;
         Ok(vec![d])
     }
 
     fn dropout_backward(self, n: usize, p: f32, site: u32, acc: bool) -> Result<Vec<Dispatch>> {
         let seed = dropout_seed(self.ex.opts.seed, site);
         let d = dropout::Dropout { p, seed, step: 0 };
-        let d = dropout::backward(self.gpu(), self.o(0), self.i(0), n, d, acc)?;
+        let step = self.ex.step_view();
+        let d = dropout::backward_at(self.gpu(), self.o(0), self.i(0), n, d, acc, step)?;
         Ok(vec![d])
     }
 
@@ -646,8 +661,8 @@ pub(super) fn dropout_seed(seed: u32, site: u32) -> u32 {
     seed ^ site.wrapping_mul(0x9E37_79B9)
 }
 
-/// An attention node's options: causal, with dropout at step counter 0 (the executor rewrites the
-/// counter per micro-step), or none for p = 0.
+/// An attention node's options: causal, with dropout (its counter read from the per-step uniform),
+/// or none for p = 0.
 fn attention_options(seed: u32, p: f32, site: u32) -> attention::Options {
     attention::Options {
         dropout: (p > 0.0).then(|| attention::Dropout {

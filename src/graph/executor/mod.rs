@@ -10,17 +10,19 @@ mod check;
 mod lower;
 mod run;
 mod split;
+mod step;
 
 use std::collections::HashMap;
 
-use super::ir::{Graph, Op, Phase, TensorId};
+use super::ir::{Graph, Phase, TensorId};
 use super::planner::{self, Plan};
 use super::store::ParamStore;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, View};
-use crate::kernels::{adamw, attention, dropout};
-use bindings::{Bindings, Memory, allocate_pool};
+use crate::kernels::adamw;
+use bindings::{Bindings, Memory, StagedInput, allocate_pool};
 use run::{Readback, readback_ring};
+use step::StepUniform;
 
 pub use check::NodeCheck;
 
@@ -124,18 +126,12 @@ pub struct Executor<'a> {
     pub dispatches: HashMap<Phase, Vec<Dispatch>>,
     pub node_dispatches: HashMap<Phase, Vec<NodeDispatches>>,
     /// Input tensors with their staging buffers holding every micro-step's values.
-    inputs: Vec<(TensorId, wgpu::Buffer)>,
-    /// Dispatches with dropout (phase, index, byte offset of the step counter in their params)
-    /// whose step counter changes every micro-step: dropout's and attention's.
-    dropouts: Vec<(Phase, usize, u64)>,
-    /// Step counters of every dropout dispatch for every micro-step, copied into the dispatches'
-    /// params between micro-steps.
-    dropout_steps: Option<wgpu::Buffer>,
-    adamw_dispatches: Vec<usize>,
+    inputs: Vec<StagedInput>,
+    /// What changes per step, micro-step or decoded token (lr and t, dropout counters, the
+    /// decoding position): one uniform every dispatch that reads them binds.
+    step_uniform: StepUniform,
     /// Position windows with the position table they are cut from (decoding).
     windows: Vec<(View, View, usize)>,
-    /// Forward dispatches that take the decoding position, with their number of new tokens.
-    positioned: Vec<(usize, usize)>,
     loss: Option<TensorId>,
     norm: Option<TensorId>,
     /// Every micro-step's loss, then the gradient norm.
@@ -175,11 +171,8 @@ impl<'a> Executor<'a> {
             dispatches: HashMap::new(),
             node_dispatches: HashMap::new(),
             inputs: bound.inputs,
-            dropouts: Vec::new(),
-            dropout_steps: None,
-            adamw_dispatches: Vec::new(),
+            step_uniform: StepUniform::new(gpu, accum)?,
             windows: bound.windows,
-            positioned: Vec::new(),
             loss: bound.loss,
             norm: bound.norm,
             results,
@@ -190,10 +183,6 @@ impl<'a> Executor<'a> {
             opts,
         };
         ex.create_dispatches()?;
-        if !ex.dropouts.is_empty() {
-            let bytes = (ex.dropouts.len() * accum * 4) as u64;
-            ex.dropout_steps = Some(gpu.create_storage("dropout_steps", bytes)?);
-        }
         if let Some(r) = &ex.results {
             ex.ring = readback_ring(gpu, r)?;
         }
@@ -229,33 +218,8 @@ impl<'a> Executor<'a> {
             })?;
             let list = self.dispatches.entry(node.phase).or_default();
             let start = list.len();
-            match node.op {
-                Op::Dropout { .. } | Op::DropoutBackward { .. } => {
-                    self.dropouts
-                        .push((node.phase, start, dropout::STEP_OFFSET));
-                }
-                Op::Attention { p, .. } | Op::AttentionBackward { p, .. } if p > 0.0 => {
-                    let at = attention::DROPOUT_STEP_OFFSET;
-                    let held = ds
-                        .iter()
-                        .enumerate()
-                        .filter(|d| attention::has_dropout_step(d.1));
-                    self.dropouts
-                        .extend(held.map(|(d, _)| (node.phase, start + d, at)));
-                }
-                _ => {}
-            }
             list.extend(ds);
             let end = list.len();
-            if let Op::AdamW { .. } = node.op {
-                self.adamw_dispatches.extend(start..end);
-            }
-            if let Op::AttentionCached { tq, .. }
-            | Op::KvAppend { tq, .. }
-            | Op::Rope { t: tq, .. } = node.op
-            {
-                self.positioned.extend((start..end).map(|d| (d, tq)));
-            }
             self.node_dispatches
                 .entry(node.phase)
                 .or_default()

@@ -2,11 +2,12 @@
 //! gradient sync), its results read back through a ring of mapped buffers, and the forward-only
 //! calls of evaluation and decoding.
 
-use super::super::ir::{Op, Phase};
+use super::super::ir::{Input, Op, Phase};
 use super::{Executor, GradientSync, MicroBatch, Shard, StepResult};
 use crate::error::{Error, Result};
 use crate::gpu::{Dispatch, Gpu, Signal, View};
-use crate::kernels::{adamw, attention, embedding, rope};
+use crate::kernels::embedding;
+use crate::kernels::step::Step;
 
 /// How long a step's result buffer may take to map once the queue is idle: the callback is
 /// immediate unless another thread holds it, so waiting longer means the device is gone.
@@ -70,24 +71,8 @@ impl Executor<'_> {
             ));
         }
         self.write_inputs(micro)?;
-        for &d in &self.adamw_dispatches {
-            adamw::set_step(self.gpu, &self.dispatches[&Phase::Optimizer][d], lr, t);
-        }
-        if let Some(buf) = &self.dropout_steps {
-            // Every micro-step of every step draws fresh masks, keyed by the global micro-step:
-            // counter = t · accum · ranks + k · ranks + rank.
-            let Shard { rank, ranks } = self.opts.shard;
-            let per_step = self.micro_per_step() as u32;
-            let mut steps = Vec::with_capacity(accum * self.dropouts.len());
-            for k in 0..accum {
-                for _ in &self.dropouts {
-                    steps.push(t * per_step + (k * ranks + rank) as u32);
-                }
-            }
-            self.gpu
-                .queue
-                .write_buffer(buf, 0, bytemuck::cast_slice(&steps));
-        }
+        self.step_uniform
+            .stage(self.gpu, &self.training_steps(lr, t));
         let slot = self.reserve_readback()?;
         match sync {
             None => self.submit("training step", |enc| {
@@ -116,6 +101,22 @@ impl Executor<'_> {
                 .map_async(wgpu::MapMode::Read, move |r| ready.set(r.is_ok()));
         }
         Ok(())
+    }
+
+    /// Every micro-step's `Step` of training step `t` at learning rate `lr`. Every micro-step of
+    /// every step draws fresh dropout masks, keyed by the global micro-step:
+    /// counter = t · accum · ranks + k · ranks + rank.
+    fn training_steps(&self, lr: f32, t: u32) -> Vec<Step> {
+        let Shard { rank, ranks } = self.opts.shard;
+        let per_step = self.micro_per_step() as u32;
+        (0..self.opts.grad_accum.max(1))
+            .map(|k| Step {
+                t: t.max(1),
+                lr,
+                dropout_step: t * per_step + (k * ranks + rank) as u32,
+                ..Step::default()
+            })
+            .collect()
     }
 
     /// The flat spans of every gradient the optimizer reads (those of the gradient norm).
@@ -184,16 +185,16 @@ impl Executor<'_> {
         self.dispatches.get(&p).map_or(&[], Vec::as_slice)
     }
 
+    /// Stages every micro-step's values of every graph input.
     fn write_inputs(&self, micro: &[MicroBatch]) -> Result<()> {
-        for (id, staging) in &self.inputs {
-            let t = &self.graph.tensors[*id];
+        for staged in &self.inputs {
+            let t = &self.graph.tensors[staged.tensor];
             let mut all: Vec<u32> = Vec::with_capacity(t.numel() * micro.len());
             for mb in micro {
-                let part: Vec<u32> = match t.name.as_str() {
-                    "tokens" => mb.tokens.clone(),
-                    "targets" => mb.targets.clone(),
-                    "embedding_index" => embedding::backward_index(&mb.tokens),
-                    other => panic!("unknown input {other}"),
+                let part: Vec<u32> = match staged.input {
+                    Input::Tokens => mb.tokens.clone(),
+                    Input::Targets => mb.targets.clone(),
+                    Input::EmbeddingIndex => embedding::backward_index(&mb.tokens),
                 };
                 if part.len() != t.numel() {
                     return Err(Error::Shape {
@@ -207,29 +208,24 @@ impl Executor<'_> {
             }
             self.gpu
                 .queue
-                .write_buffer(staging, 0, bytemuck::cast_slice(&all));
+                .write_buffer(&staged.staging, 0, bytemuck::cast_slice(&all));
         }
         Ok(())
     }
 
-    /// Copies micro-step k's inputs and dropout counters into place (between compute passes).
+    /// Copies micro-step k's inputs and `Step` into place (between compute passes).
     pub(super) fn record_micro_inputs(&self, enc: &mut wgpu::CommandEncoder, k: usize) {
-        for (id, staging) in &self.inputs {
-            let v = self.view(*id);
+        for staged in &self.inputs {
+            let v = self.view(staged.tensor);
             enc.copy_buffer_to_buffer(
-                staging,
+                &staged.staging,
                 v.bytes() * k as u64,
                 &v.buffer,
                 v.offset,
                 v.bytes(),
             );
         }
-        if let Some(buf) = &self.dropout_steps {
-            for (j, &(phase, d, at)) in self.dropouts.iter().enumerate() {
-                let src = ((k * self.dropouts.len() + j) * 4) as u64;
-                enc.copy_buffer_to_buffer(buf, src, &self.dispatches[&phase][d].params, at, 4);
-            }
-        }
+        self.step_uniform.record_copy(enc, k);
     }
 
     /// Picks the ring slot for the next step's results, first collecting the step that used it.
@@ -396,14 +392,11 @@ impl Executor<'_> {
     /// Decodes one batch of new tokens at positions pos0 .. pos0 + T against the KV caches
     /// (appending their keys and values), without waiting: read the logits or losses after.
     pub fn decode(&mut self, batch: &MicroBatch, pos0: usize) -> Result<()> {
-        for &(d, tq) in &self.positioned {
-            let dispatch = &self.dispatches[&Phase::Forward][d];
-            if dispatch.name == rope::ROTATE.name() {
-                rope::set_position(self.gpu, dispatch, pos0);
-            } else {
-                attention::set_position(self.gpu, dispatch, pos0, tq);
-            }
-        }
+        let at = Step {
+            pos0: pos0 as u32,
+            ..Step::default()
+        };
+        self.step_uniform.stage(self.gpu, &[at]);
         self.write_inputs(std::slice::from_ref(batch))?;
         let gpu = self.gpu;
         gpu.scoped("decode", 0, || {
@@ -475,9 +468,8 @@ impl Executor<'_> {
         lr: f32,
         t: u32,
     ) -> Result<Vec<(String, f64)>> {
-        for &d in &self.adamw_dispatches {
-            adamw::set_step(self.gpu, &self.dispatches[&Phase::Optimizer][d], lr, t);
-        }
+        self.step_uniform
+            .stage(self.gpu, &self.training_steps(lr, t)[..1]);
         self.submit_one("profile inputs", batch, &[])?;
         let gpu = self.gpu;
         let all: Vec<Dispatch> = [

@@ -65,7 +65,7 @@ const SCENARIOS: [Scenario; 3] = [
     },
 ];
 
-/// Gradient scale of steps t = 1, 2, 3 and the learning rates given through `set_step`.
+/// Gradient scale of steps t = 1, 2, 3 and the learning rates given through the step uniform.
 const GRAD_SCALES: [f32; 3] = [1.0, 3.0, 0.3];
 const LRS: [f32; 3] = [1e-2, 5e-3, 2e-3];
 
@@ -110,8 +110,8 @@ fn reference_update(
 }
 
 /// Three steps of one scenario (the `k`-th) on N parameters against the reference: param after
-/// steps 1 and 3, m and v after step 3. The dispatch is built once, for step 1, and moved to the
-/// later steps' learning rate and t as training does.
+/// steps 1 and 3, m and v after step 3. The dispatch is built once and reads each step's learning
+/// rate and t from the per-step uniform, as in training.
 fn check_scenario(gpu: &Gpu, n: usize, k: usize, sc: &Scenario) -> Result<Vec<CheckReport>> {
     let s = format!("N={n}");
     let mut reports = Vec::new();
@@ -135,8 +135,8 @@ fn check_scenario(gpu: &Gpu, n: usize, k: usize, sc: &Scenario) -> Result<Vec<Ch
         m: &m,
         v: &v,
     };
-    let first = Step { lr: LRS[0], t: 1 };
-    let d = step(gpu, tensors, &norm, n, &hyper, sc.decay, first)?;
+    let uniform = per_step::uniform(gpu, "adamw.step", &per_step::Step::default())?;
+    let d = step_at(gpu, tensors, &norm, n, &hyper, sc.decay, &uniform)?;
 
     let mut rp: Vec<f64> = reference::convert(&p0);
     let (mut rm, mut rv) = (vec![0.0f64; n], vec![0.0f64; n]);
@@ -146,9 +146,12 @@ fn check_scenario(gpu: &Gpu, n: usize, k: usize, sc: &Scenario) -> Result<Vec<Ch
         let lr = LRS[t as usize - 1];
         gpu.write(&grad, g)?;
         gpu.write(&norm, &[g_norm])?;
-        if t > 1 {
-            set_step(gpu, &d, lr, t);
-        }
+        let at = per_step::Step {
+            t,
+            lr,
+            ..Default::default()
+        };
+        per_step::write(gpu, &uniform, &at)?;
         gpu.run(std::slice::from_ref(&d))?;
 
         let update = reference_update(&hyper, sc.decay, g_norm, lr, t);

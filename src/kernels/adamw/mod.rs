@@ -7,8 +7,9 @@
 //! Precision: hyperparameters arrive as f32, but PyTorch holds them as f64 (0.9, not
 //! 0.89999998), so 1 - β and ln β are computed on the CPU from the shortest decimal that rounds to
 //! the f32 value, in f64, then rounded to f32. The bias corrections 1 - β^t are computed on the GPU
-//! from t and ln β without cancellation (see the shader), so that `set_step` rewrites only lr and
-//! t. The result matches PyTorch's float32 AdamW to a few ulp per step.
+//! from t and ln β without cancellation (see the shader), so that a step changes only lr and t,
+//! which the kernel reads from the per-step uniform (`kernels::step`). The result matches
+//! PyTorch's float32 AdamW to a few ulp per step.
 
 mod check;
 
@@ -16,6 +17,7 @@ pub use check::FAMILY;
 
 use bytemuck::{Pod, Zeroable};
 
+use super::step as per_step;
 use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -33,7 +35,7 @@ pub const STEP: KernelSpec = KernelSpec {
     shader: Shader::Adamw,
     variant: ShaderVariant::Base,
     entry: "adamw_step",
-    bindings: &[ReadWrite, Read, ReadWrite, ReadWrite, Read],
+    bindings: &[ReadWrite, Read, ReadWrite, ReadWrite, Read, Binding::Step],
 };
 
 /// AdamW hyperparameters shared by every tensor (lr and the step number change per step).
@@ -58,7 +60,7 @@ pub struct Tensors<'a> {
 }
 
 /// What changes from one optimizer step to the next: the learning rate and the step number t,
-/// counted from 1 (`set_step` rewrites both in a built dispatch).
+/// counted from 1 (a dispatch built by `step_at` reads both from the per-step uniform).
 #[derive(Clone, Copy, Debug)]
 pub struct Step {
     pub lr: f32,
@@ -69,8 +71,6 @@ pub struct Step {
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
     n: u32,
-    t: u32,
-    lr: f32,
     beta1: f32,
     beta2: f32,
     one_minus_beta1: f32,
@@ -86,8 +86,6 @@ struct Params {
 pub fn params_layout() -> super::ParamsLayout {
     super::params_layout!(Params {
         n,
-        t,
-        lr,
         beta1,
         beta2,
         one_minus_beta1,
@@ -99,9 +97,6 @@ pub fn params_layout() -> super::ParamsLayout {
         grad_clip
     })
 }
-
-/// Byte offset of `t` (followed by `lr`) in `Params`, for `set_step`.
-const STEP_FIELDS_OFFSET: u64 = 4;
 
 /// The f64 a user meant by an f32 hyperparameter: its shortest round-tripping decimal (0.9f32 is
 /// 0.9, as in PyTorch, not 0.89999997615814).
@@ -141,7 +136,8 @@ fn check_hyper(name: &str, h: &Hyper, lr: f32, t: u32) -> Result<()> {
 /// grad (N) is read and scaled by clip = min(1, grad_clip / (norm[0] + 1e-6)) when grad_clip > 0
 /// (norm (1) is the `reduce::global_norm` output, read on the GPU, so no CPU round trip; it is
 /// bound but unused when grad_clip = 0). `decay` switches weight decay for this tensor (2-D
-/// weights decay; biases, LayerNorm and 1-D tensors do not). `at` holds lr and t, from 1.
+/// weights decay; biases, LayerNorm and 1-D tensors do not). `at` holds lr and t, from 1, in a
+/// uniform of the dispatch's own.
 ///
 /// PyTorch order: p *= 1 - lr·wd (if decay); m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²;
 /// denom = sqrt(v)/sqrt(1-β2^t) + eps; p -= (lr/(1-β1^t)) · m / denom.
@@ -154,20 +150,39 @@ pub fn step(
     decay: bool,
     at: Step,
 ) -> Result<Dispatch> {
-    let Tensors { param, grad, m, v } = tensors;
     let Step { lr, t } = at;
+    check_hyper(&STEP.name(), hyper, lr, t)?;
+    let uniform = per_step::Step {
+        t,
+        lr,
+        ..Default::default()
+    };
+    let uniform = per_step::uniform(gpu, "adamw.step", &uniform)?;
+    step_at(gpu, tensors, norm, n, hyper, decay, &uniform)
+}
+
+/// `step`, reading lr and t from the per-step uniform `step` (`kernels::step`), whose writer
+/// keeps lr finite and >= 0 and t >= 1: one dispatch serves every step.
+pub fn step_at(
+    gpu: &Gpu,
+    tensors: Tensors,
+    norm: &View,
+    n: usize,
+    hyper: &Hyper,
+    decay: bool,
+    step: &View,
+) -> Result<Dispatch> {
+    let Tensors { param, grad, m, v } = tensors;
     let name = STEP.name();
     expect_dims(&name, &[("N", n)])?;
     for x in [param, grad, m, v] {
         expect(&name, x, DType::F32, n)?;
     }
     expect(&name, norm, DType::F32, 1)?;
-    check_hyper(&name, hyper, lr, t)?;
+    check_hyper(&name, hyper, 0.0, 1)?;
     let (b1, b2) = (widen(hyper.beta1), widen(hyper.beta2));
     let params = Params {
         n: n as u32,
-        t,
-        lr,
         beta1: hyper.beta1,
         beta2: hyper.beta2,
         one_minus_beta1: (1.0 - b1) as f32,
@@ -191,21 +206,8 @@ pub fn step(
         &STEP,
         &[("WG", WG as f64), ("ELEMS", ELEMS as f64)],
         bytes_of(&params),
-        &[param, grad, m, v, norm],
+        &[param, grad, m, v, norm, step],
         wg,
         cost,
     )
-}
-
-/// Rewrites lr and the step number t (hence the bias corrections) of a `step` dispatch between
-/// training steps, without rebuilding it. Queued: takes effect at the next submission. `t` counts
-/// from 1 (0 is taken as 1).
-pub fn set_step(gpu: &Gpu, dispatch: &Dispatch, lr: f32, t: u32) {
-    debug_assert_eq!(dispatch.name, STEP.name(), "set_step on another kernel");
-    let fields: [u32; 2] = [t.max(1), lr.to_bits()];
-    gpu.queue.write_buffer(
-        &dispatch.params,
-        STEP_FIELDS_OFFSET,
-        bytemuck::bytes_of(&fields),
-    );
 }

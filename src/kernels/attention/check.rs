@@ -6,7 +6,7 @@ use super::gemm_path::Groups;
 use super::variants::{ROWS_WG, storage_limit, tuned};
 use super::{
     BackwardTensors, Dims, Dropout, KvCache, Options, Stage, Variant, backward, backward_with,
-    forward, forward_cached, forward_cached_with, forward_with, kv_append,
+    forward, forward_cached, forward_cached_with, forward_with, kv_append, own_step,
 };
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, View};
@@ -286,8 +286,9 @@ impl CheckCase<'_> {
             out: &out,
             lse: &lse,
         };
-        let mut ds = forward_with(gpu, &out, &lse, self.qkv, dims, opts, fv)?;
-        ds.extend(backward_with(gpu, tensors, dims, opts, bv)?);
+        let step = own_step(gpu, opts.dropout, 0)?;
+        let mut ds = forward_with(gpu, &out, &lse, self.qkv, dims, opts, fv, &step)?;
+        ds.extend(backward_with(gpu, tensors, dims, opts, bv, &step)?);
         gpu.run(&ds)?;
         let got = [("out", &out, &want.out), ("lse", &lse, &want.lse)];
         compare_views(
@@ -348,7 +349,8 @@ pub(crate) fn verify_variant(
         Problem::Forward => {
             let out = gpu.zeros("baseline.out", DType::F32, b * t * c)?;
             let lse = gpu.zeros("baseline.lse", DType::F32, b * nh * t)?;
-            let ds = forward_with(gpu, &out, &lse, &gqkv, dims, opts, variant)?;
+            let step = own_step(gpu, None, 0)?;
+            let ds = forward_with(gpu, &out, &lse, &gqkv, dims, opts, variant, &step)?;
             gpu.run(&ds)?;
             let got = vec![
                 ("out", gpu.read_f32(&out)?, want.out),
@@ -365,7 +367,8 @@ pub(crate) fn verify_variant(
                 out: &gpu.upload_f32("baseline.out", &f32s(&want.out))?,
                 lse: &gpu.upload_f32("baseline.lse", &f32s(&want.lse))?,
             };
-            let ds = backward_with(gpu, tensors, dims, opts, variant)?;
+            let step = own_step(gpu, None, 0)?;
+            let ds = backward_with(gpu, tensors, dims, opts, variant, &step)?;
             gpu.run(&ds)?;
             (ds, vec![("dqkv", gpu.read_f32(&dqkv)?, want.dqkv)])
         }
@@ -387,7 +390,8 @@ pub(crate) fn verify_variant(
             };
             let out = gpu.zeros("baseline.out", DType::F32, b * BASELINE_TQ * c)?;
             let append = kv_append(gpu, kv, &gqkv, dims, 0)?;
-            let d = forward_cached_with(gpu, &out, &step, kv, step_dims, pos0, variant)?;
+            let at = own_step(gpu, None, pos0)?;
+            let d = forward_cached_with(gpu, &out, &step, kv, step_dims, (pos0, &at), variant)?;
             gpu.run(&[append, d.clone()])?;
             let got = gpu.read_f32(&out)?;
             (
@@ -560,7 +564,8 @@ pub fn bench_headline(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result
     let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
     let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
     let fv = tuned(gpu, Stage::Forward, dims, true)?;
-    let fwd = forward_with(gpu, &out, &lse, &qkv, dims, Options::CAUSAL, fv)?;
+    let step = own_step(gpu, None, 0)?;
+    let fwd = forward_with(gpu, &out, &lse, &qkv, dims, Options::CAUSAL, fv, &step)?;
     let forward = harness::bench_one(gpu, opts, &format!("forward {}", fv.name()), &s, &fwd)?;
     // The backward reads the out and lse the forward's runs left.
     let tensors = BackwardTensors {
@@ -571,7 +576,7 @@ pub fn bench_headline(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result
         lse: &lse,
     };
     let bv = tuned(gpu, Stage::Backward, dims, true)?;
-    let bwd = backward_with(gpu, tensors, dims, Options::CAUSAL, bv)?;
+    let bwd = backward_with(gpu, tensors, dims, Options::CAUSAL, bv, &step)?;
     let backward = harness::bench_one(gpu, opts, &format!("backward {}", bv.name()), &s, &bwd)?;
     Ok(vec![forward, backward])
 }
@@ -617,11 +622,13 @@ impl BenchCase<'_> {
             if !self.opts.wants(&v.name()) {
                 continue;
             }
+            let step = own_step(gpu, None, 0)?;
             let ds = match stage {
                 Stage::Forward => {
-                    forward_with(gpu, tensors.out, tensors.lse, tensors.qkv, dims, causal, v)?
+                    let (out, lse, qkv) = (tensors.out, tensors.lse, tensors.qkv);
+                    forward_with(gpu, out, lse, qkv, dims, causal, v, &step)?
                 }
-                Stage::Backward => backward_with(gpu, tensors, dims, causal, v)?,
+                Stage::Backward => backward_with(gpu, tensors, dims, causal, v, &step)?,
             };
             let mut name = match v {
                 Variant::Gemm => format!("{} gemm path", stage.name()),

@@ -186,7 +186,7 @@ fn scores_dispatch(
 /// place, then out = P·v.
 pub(super) fn gemm_forward(
     gpu: &Gpu,
-    [out, lse, qkv]: [&View; 3],
+    [out, lse, qkv, step]: [&View; 4],
     dims: Dims,
     params: &Params,
 ) -> Result<Vec<Dispatch>> {
@@ -206,7 +206,7 @@ pub(super) fn gemm_forward(
     let mut all = Vec::new();
     for g in 0..groups.count() {
         all.extend(scores_product(gpu, &scores, qkv, (&groups, g), params)?);
-        let kernel = (&SCORES_SOFTMAX, &[&scores, lse][..]);
+        let kernel = (&SCORES_SOFTMAX, &[&scores, lse, step][..]);
         all.push(scores_dispatch(
             gpu,
             kernel,
@@ -232,7 +232,7 @@ pub(super) fn gemm_backward(
     tensors: BackwardTensors,
     dims: Dims,
     params: &Params,
-    d: &View,
+    (d, step): (&View, &View),
 ) -> Result<Vec<Dispatch>> {
     let BackwardTensors {
         dqkv,
@@ -267,7 +267,7 @@ pub(super) fn gemm_backward(
             groups.rows(qkv, g, Some(2)),
         ];
         all.extend(group_product(gpu, &dp_mm, ops, useful)?);
-        let kernel = (&SCORES_BACKWARD, &[&scores, &dscores, lse, d][..]);
+        let kernel = (&SCORES_BACKWARD, &[&scores, &dscores, lse, d, step][..]);
         all.push(scores_dispatch(
             gpu,
             kernel,

@@ -19,8 +19,10 @@
 //! Dropout on the attention probabilities (training): `forward` and `backward` take `Options`
 //! with an optional `Dropout` (p, seed, step); P ∘ M replaces P in the product with V, where M is
 //! 0 or 1/(1 - p) from a counter-based hash that the backward regenerates, so no mask is stored.
-//! `Dropout::keeps_cell` (crate::hash) is the hash's CPU twin; `set_dropout_step` moves a built
-//! dispatch to another step's mask.
+//! `Dropout::keeps_cell` (crate::hash) is the hash's CPU twin. The `_at` launchers read the mask's
+//! counter (and, decoding, the position) from the per-step uniform (`kernels::step`), so one
+//! dispatch serves every micro-step and every decoded token; the others bind a uniform of their
+//! own holding the values they are given.
 //!
 //! f16 KV cache (inference): `kv_append` and `forward_cached` also take a `KvCache` of f16 views
 //! (k and v both f16; qkv and out stay f32), selecting attention.wgsl's F16 variant: the new k
@@ -38,6 +40,7 @@ mod variants;
 
 use bytemuck::{Pod, Zeroable};
 
+use super::step as per_step;
 use super::{bytes_of, dropout, expect, expect_dims};
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -51,17 +54,18 @@ use gemm_path::{gemm_backward, gemm_forward};
 pub use variants::{Stage, Tiles, Variant, baseline};
 use variants::{head_capacity, tuned, tuned_cached};
 
-use Binding::{Read, ReadWrite};
+use Binding::{Read, ReadWrite, Step};
 
 /// The largest head size the fused kernels support.
 pub const MAX_HS: usize = 128;
 
-/// Fused forward: 1 = q, 2 = k, 3 = v (read), 4 = out, 5 = lse (read_write).
+/// Fused forward: 1 = q, 2 = k, 3 = v (read), 4 = out, 5 = lse (read_write), and the per-step
+/// uniform (as every attention kernel but the backward's prep).
 pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::Attention,
     variant: ShaderVariant::Base,
     entry: "attention_forward",
-    bindings: &[Read, Read, Read, ReadWrite, ReadWrite],
+    bindings: &[Read, Read, Read, ReadWrite, ReadWrite, Step],
 };
 /// D = rowsum(dout ∘ out): 1 = dout, 2 = out (read), 3 = D (read_write).
 pub const BACKWARD_PREP: KernelSpec = KernelSpec {
@@ -75,14 +79,14 @@ pub const BACKWARD_DKDV: KernelSpec = KernelSpec {
     shader: Shader::Attention,
     variant: ShaderVariant::Base,
     entry: "attention_backward_dkdv",
-    bindings: &[Read, Read, Read, Read, Read, Read, ReadWrite],
+    bindings: &[Read, Read, Read, Read, Read, Read, ReadWrite, Step],
 };
 /// dq: the bindings of `BACKWARD_DKDV`.
 pub const BACKWARD_DQ: KernelSpec = KernelSpec {
     shader: Shader::Attention,
     variant: ShaderVariant::Base,
     entry: "attention_backward_dq",
-    bindings: &[Read, Read, Read, Read, Read, Read, ReadWrite],
+    bindings: &[Read, Read, Read, Read, Read, Read, ReadWrite, Step],
 };
 /// `FORWARD`, `BACKWARD_DKDV` and `BACKWARD_DQ` with one invocation per row and no workgroup
 /// memory (attention.wgsl's row kernels): same bindings.
@@ -103,21 +107,21 @@ pub const SCORES_SOFTMAX: KernelSpec = KernelSpec {
     shader: Shader::Attention,
     variant: ShaderVariant::Base,
     entry: "attention_scores_softmax",
-    bindings: &[ReadWrite, ReadWrite],
+    bindings: &[ReadWrite, ReadWrite, Step],
 };
 /// The GEMM path's score gradients: 1 = scores, 2 = dP (read_write), 3 = lse, 4 = D (read).
 pub const SCORES_BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Attention,
     variant: ShaderVariant::Base,
     entry: "attention_scores_backward",
-    bindings: &[ReadWrite, ReadWrite, Read, Read],
+    bindings: &[ReadWrite, ReadWrite, Read, Read, Step],
 };
 /// 1 = qkv (read), 2 = k_cache, 3 = v_cache (read_write).
 pub const KV_APPEND: KernelSpec = KernelSpec {
     shader: Shader::Attention,
     variant: ShaderVariant::Base,
     entry: "kv_append",
-    bindings: &[Read, ReadWrite, ReadWrite],
+    bindings: &[Read, ReadWrite, ReadWrite, Step],
 };
 /// `FORWARD` over f16 caches (attention.wgsl's F16 variant): 2 = k_cache, 3 = v_cache are f16.
 pub const FORWARD_F16: KernelSpec = FORWARD.with_variant(ShaderVariant::F16);
@@ -144,7 +148,7 @@ struct Params {
     v: [u32; 4],
     o: [u32; 4],
     drop_seed: u32,
-    drop_step: u32,
+    pad1: u32,
     drop_threshold: u32,
     drop_scale: f32,
     grp: [u32; 4],
@@ -170,7 +174,7 @@ pub fn params_layout() -> super::ParamsLayout {
         v,
         o,
         drop_seed,
-        drop_step,
+        pad1,
         drop_threshold,
         drop_scale,
         grp
@@ -209,28 +213,15 @@ pub struct KvCache<'a> {
     pub tmax: usize,
 }
 
-/// Byte offset of the step counter in the params of the fused forward and backward dispatches,
-/// for rewriting it between micro-steps.
-pub const DROPOUT_STEP_OFFSET: u64 = std::mem::offset_of!(Params, drop_step) as u64;
-
-/// Whether `dispatch`, one of those `forward` or `backward` returned, holds attention.wgsl's
-/// Params (whose step `set_dropout_step` rewrites): the GEMM path's products hold the GEMM's.
-pub fn has_dropout_step(dispatch: &Dispatch) -> bool {
-    let family = Shader::Attention.name(ShaderVariant::Base);
-    dispatch
-        .name
-        .strip_prefix(family.as_str())
-        .is_some_and(|rest| rest.starts_with('.'))
-}
-
-/// Moves a fused forward or backward dispatch built with dropout to another step's mask
-/// (queued; takes effect at the next submission).
-pub fn set_dropout_step(gpu: &Gpu, dispatch: &Dispatch, step: u32) {
-    gpu.queue.write_buffer(
-        &dispatch.params,
-        DROPOUT_STEP_OFFSET,
-        bytemuck::bytes_of(&step),
-    );
+/// A per-step uniform of a dispatch's own, for launchers called outside the graph: the mask
+/// counter of `dropout` (if any) and the decoding position `pos0`.
+fn own_step(gpu: &Gpu, dropout: Option<Dropout>, pos0: usize) -> Result<View> {
+    let at = per_step::Step {
+        dropout_step: dropout.map_or(0, |d| d.step),
+        pos0: pos0 as u32,
+        ..Default::default()
+    };
+    per_step::uniform(gpu, "attention.step", &at)
 }
 
 /// Strides of part `part` (0 = q, 1 = k, 2 = v) of qkv (B, T, 3C).
@@ -262,7 +253,6 @@ impl Params {
         dropout::check_p(kernel, d.p)?;
         Ok(Params {
             drop_seed: d.seed,
-            drop_step: d.step,
             drop_threshold: hash::threshold(d.p),
             drop_scale: hash::scale(d.p),
             ..self
@@ -315,22 +305,34 @@ fn product_flops(dims: Dims, tk: usize, causal: bool) -> u64 {
     2 * pairs * hs as u64 * (b * nh) as u64
 }
 
+/// attention.wgsl's override constant that makes a dispatch take its position from the per-step
+/// uniform (decoding: `forward_cached_at`, `kv_append_at`).
+const FROM_STEP: (&str, f64) = ("FROM_STEP", 1.0);
+
+/// A fused forward dispatch of `variant`; `decoding` reads the position from the per-step uniform
+/// (`FROM_STEP`).
 fn fused_forward(
     gpu: &Gpu,
-    shader: ShaderVariant,
-    spec_args: [&View; 5],
+    (shader, decoding): (ShaderVariant, bool),
+    spec_args: [&View; 6],
     params: Params,
     cost: Cost,
     variant: Variant,
 ) -> Result<Dispatch> {
     let max_wg = gpu.limits.max_compute_workgroups_per_dimension;
+    let with_position = |mut constants: Vec<(&'static str, f64)>| {
+        if decoding {
+            constants.push(FROM_STEP);
+        }
+        constants
+    };
     match variant {
         Variant::Tiled(tiles, _) => {
             let ntiles = params.tq.div_ceil(tiles.br);
             let params = Params { ntiles, ..params };
             gpu.dispatch(
                 &FORWARD.with_variant(shader),
-                &tiles.constants(),
+                &with_position(tiles.constants().to_vec()),
                 bytes_of(&params),
                 &spec_args,
                 grid(params.nb * params.nh * ntiles, max_wg),
@@ -339,7 +341,7 @@ fn fused_forward(
         }
         Variant::Rows(wg) => gpu.dispatch(
             &FORWARD_ROWS.with_variant(shader),
-            &rows_constants(wg, params.hs),
+            &with_position(rows_constants(wg, params.hs).to_vec()),
             bytes_of(&params),
             &spec_args,
             grid((params.nb * params.nh * params.tq).div_ceil(wg), max_wg),
@@ -369,9 +371,24 @@ pub fn forward(
     dims: Dims,
     opts: Options,
 ) -> Result<Vec<Dispatch>> {
+    let step = own_step(gpu, opts.dropout, 0)?;
+    forward_at(gpu, out, lse, qkv, dims, opts, &step)
+}
+
+/// `forward` with the dropout mask's counter read from the per-step uniform `step` (the counter in
+/// `opts` unused).
+pub fn forward_at(
+    gpu: &Gpu,
+    out: &View,
+    lse: &View,
+    qkv: &View,
+    dims: Dims,
+    opts: Options,
+    step: &View,
+) -> Result<Vec<Dispatch>> {
     check_forward(out, lse, qkv, dims)?;
     let variant = tuned(gpu, Stage::Forward, dims, opts.causal)?;
-    forward_with(gpu, out, lse, qkv, dims, opts, variant)
+    forward_with(gpu, out, lse, qkv, dims, opts, variant, step)
 }
 
 /// Checks the tensors of the fused forward.
@@ -385,7 +402,8 @@ fn check_forward(out: &View, lse: &View, qkv: &View, dims: Dims) -> Result<()> {
     expect(&name, lse, DType::F32, b * nh * t)
 }
 
-/// `forward` computed by `variant`.
+/// `forward_at` computed by `variant`.
+#[allow(clippy::too_many_arguments)]
 fn forward_with(
     gpu: &Gpu,
     out: &View,
@@ -394,6 +412,7 @@ fn forward_with(
     dims: Dims,
     opts: Options,
     variant: Variant,
+    step: &View,
 ) -> Result<Vec<Dispatch>> {
     check_forward(out, lse, qkv, dims)?;
     let Dims { b, t, nh, hs } = dims;
@@ -409,7 +428,7 @@ fn forward_with(
     }
     .with_dropout(&FORWARD.name(), dropout)?;
     if variant == Variant::Gemm {
-        return gemm_forward(gpu, [out, lse, qkv], dims, &params);
+        return gemm_forward(gpu, [out, lse, qkv, step], dims, &params);
     }
     let cost = Cost {
         flops: 2 * product_flops(dims, t, causal),
@@ -417,8 +436,8 @@ fn forward_with(
     };
     Ok(vec![fused_forward(
         gpu,
-        ShaderVariant::Base,
-        [qkv, qkv, qkv, out, lse],
+        (ShaderVariant::Base, false),
+        [qkv, qkv, qkv, out, lse, step],
         params,
         cost,
         variant,
@@ -437,9 +456,22 @@ pub fn backward(
     dims: Dims,
     opts: Options,
 ) -> Result<Vec<Dispatch>> {
+    let step = own_step(gpu, opts.dropout, 0)?;
+    backward_at(gpu, tensors, dims, opts, &step)
+}
+
+/// `backward` with the dropout mask's counter read from the per-step uniform `step` (the counter
+/// in `opts` unused).
+pub fn backward_at(
+    gpu: &Gpu,
+    tensors: BackwardTensors,
+    dims: Dims,
+    opts: Options,
+    step: &View,
+) -> Result<Vec<Dispatch>> {
     check_backward(tensors, dims)?;
     let variant = tuned(gpu, Stage::Backward, dims, opts.causal)?;
-    backward_with(gpu, tensors, dims, opts, variant)
+    backward_with(gpu, tensors, dims, opts, variant, step)
 }
 
 /// Checks the tensors of the fused backward.
@@ -490,13 +522,14 @@ fn backward_prep(
     )
 }
 
-/// `backward` computed by `variant`.
+/// `backward_at` computed by `variant`.
 fn backward_with(
     gpu: &Gpu,
     tensors: BackwardTensors,
     dims: Dims,
     opts: Options,
     variant: Variant,
+    step: &View,
 ) -> Result<Vec<Dispatch>> {
     check_backward(tensors, dims)?;
     let BackwardTensors {
@@ -529,7 +562,7 @@ fn backward_with(
         flops: 2 * product,
         bytes: io_bytes / 2,
     };
-    let args = [qkv, qkv, qkv, dout, lse, &d, dqkv];
+    let args = [qkv, qkv, qkv, dout, lse, &d, dqkv, step];
     let mut all = vec![prep];
     match variant {
         Variant::Tiled(dkdv_tiles, dq_tiles) => {
@@ -558,7 +591,7 @@ fn backward_with(
                 )?);
             }
         }
-        Variant::Gemm => all.extend(gemm_backward(gpu, tensors, dims, &base, &d)?),
+        Variant::Gemm => all.extend(gemm_backward(gpu, tensors, dims, &base, (&d, step))?),
     }
     Ok(all)
 }
@@ -577,7 +610,23 @@ pub fn forward_cached(
 ) -> Result<Dispatch> {
     let dtype = check_cached(gpu, out, qkv, cache, dims, pos0)?;
     let variant = tuned_cached(gpu, dtype, dims, cache.tmax)?;
-    forward_cached_with(gpu, out, qkv, cache, dims, pos0, variant)
+    let step = own_step(gpu, None, pos0)?;
+    forward_cached_with(gpu, out, qkv, cache, dims, (pos0, &step), variant)
+}
+
+/// `forward_cached` at the position the per-step uniform `step` holds when it runs (its `pos0`;
+/// the caller keeps pos0 + Tq within the cache): one dispatch serves every decoding step.
+pub fn forward_cached_at(
+    gpu: &Gpu,
+    out: &View,
+    qkv: &View,
+    cache: KvCache,
+    dims: Dims,
+    step: &View,
+) -> Result<Dispatch> {
+    let dtype = check_cached(gpu, out, qkv, cache, dims, 0)?;
+    let variant = tuned_cached(gpu, dtype, dims, cache.tmax)?;
+    forward_cached_with(gpu, out, qkv, cache, dims, (0, step), variant)
 }
 
 /// Checks the tensors of `forward_cached` for Tq = `dims.t` new tokens at `pos0`; returns the
@@ -608,14 +657,14 @@ fn check_cached(
     Ok(dtype)
 }
 
-/// `forward_cached` computed by `variant`.
+/// `forward_cached_at` computed by `variant`, checked and costed at position `pos0`.
 fn forward_cached_with(
     gpu: &Gpu,
     out: &View,
     qkv: &View,
     cache: KvCache,
     dims: Dims,
-    pos0: usize,
+    (pos0, step): (usize, &View),
     variant: Variant,
 ) -> Result<Dispatch> {
     let dtype = check_cached(gpu, out, qkv, cache, dims, pos0)?;
@@ -628,14 +677,15 @@ fn forward_cached_with(
         ShaderVariant::Base
     };
     let tk = pos0 + tq;
+    // Queries at step.pos0 + i, keys 0 .. step.pos0 + Tq (attention.wgsl's pos0 and tk, with
+    // FROM_STEP = 1).
     let params = Params {
-        pos0: pos0 as u32,
         write_lse: 0,
         q: qkv_strides(tq, c, hs, 0),
         k: cache_strides(nh, tmax, hs),
         v: cache_strides(nh, tmax, hs),
         o: btc_strides(tq, c, hs),
-        ..Params::new(b, nh, hs, tq, tk, true)
+        ..Params::new(b, nh, hs, tq, tq, true)
     };
     // The kernel's lse binding is not written when write_lse = 0; a word stands in for it.
     let unused_lse = gpu.zeros("attention unused lse", DType::F32, 1)?;
@@ -645,8 +695,8 @@ fn forward_cached_with(
     };
     fused_forward(
         gpu,
-        shader,
-        [qkv, cache.k, cache.v, out, &unused_lse],
+        (shader, true),
+        [qkv, cache.k, cache.v, out, &unused_lse, step],
         params,
         cost,
         variant,
@@ -694,6 +744,19 @@ pub fn kv_append(
     dims: Dims,
     pos0: usize,
 ) -> Result<Dispatch> {
+    check_cache_positions(&KV_APPEND.name(), dims.t, pos0, cache.tmax)?;
+    kv_append_at(gpu, cache, qkv, dims, &own_step(gpu, None, pos0)?)
+}
+
+/// `kv_append` at the position the per-step uniform `step` holds when it runs (its `pos0`; the
+/// caller keeps pos0 + Tq within the cache).
+pub fn kv_append_at(
+    gpu: &Gpu,
+    cache: KvCache,
+    qkv: &View,
+    dims: Dims,
+    step: &View,
+) -> Result<Dispatch> {
     let Dims { b, t: tq, nh, hs } = dims;
     let KvCache {
         k: k_cache,
@@ -705,14 +768,14 @@ pub fn kv_append(
         &name,
         &[("B", b), ("Tq", tq), ("NH", nh), ("HS", hs), ("Tmax", tmax)],
     )?;
-    check_cache_positions(&name, tq, pos0, tmax)?;
+    check_cache_positions(&name, tq, 0, tmax)?;
     let c = nh * hs;
     expect(&name, qkv, DType::F32, b * tq * 3 * c)?;
     let (cache, spec) = cache_dtype(gpu, &name, k_cache, &KV_APPEND, &KV_APPEND_F16)?;
     expect(&name, k_cache, cache, b * nh * tmax * hs)?;
     expect(&name, v_cache, cache, b * nh * tmax * hs)?;
+    // Written at step.pos0 + i (attention.wgsl's pos0, with FROM_STEP = 1); p.tk keeps Tmax.
     let params = Params {
-        pos0: pos0 as u32,
         k: qkv_strides(tq, c, hs, 1),
         v: qkv_strides(tq, c, hs, 2),
         ..Params::new(b, nh, hs, tq, tmax, true)
@@ -721,9 +784,9 @@ pub fn kv_append(
     let n = b * tq * c;
     gpu.dispatch(
         spec,
-        &[("WG", WG as f64)],
+        &[("WG", WG as f64), FROM_STEP],
         bytes_of(&params),
-        &[qkv, k_cache, v_cache],
+        &[qkv, k_cache, v_cache, step],
         grid(
             (n as u32).div_ceil(WG),
             gpu.limits.max_compute_workgroups_per_dimension,
@@ -734,26 +797,4 @@ pub fn kv_append(
             bytes: (8 + 2 * cache.size()) * n as u64,
         },
     )
-}
-
-/// Moves a `forward_cached` or `kv_append` dispatch built for `tq` new tokens to new positions
-/// without rebuilding it: the tokens sit at pos0 .. pos0 + tq (queued; takes effect at the next
-/// submission). Decoding reuses one dispatch for every step this way. The caller keeps
-/// pos0 + tq within the cache.
-pub fn set_position(gpu: &Gpu, dispatch: &Dispatch, pos0: usize, tq: usize) {
-    let pos = pos0 as u32;
-    if dispatch.name == KV_APPEND.name() || dispatch.name == KV_APPEND_F16.name() {
-        // kv_append keeps Tmax in tk; only the write position moves.
-        let at = std::mem::offset_of!(Params, pos0) as u64;
-        gpu.queue
-            .write_buffer(&dispatch.params, at, bytemuck::bytes_of(&pos));
-    } else {
-        // forward_cached attends to keys 0 .. tk = pos0 + Tq, with queries at pos0 ..
-        const _: () =
-            assert!(std::mem::offset_of!(Params, pos0) == std::mem::offset_of!(Params, tk) + 4);
-        let tq = tq as u32;
-        let at = std::mem::offset_of!(Params, tk) as u64;
-        gpu.queue
-            .write_buffer(&dispatch.params, at, bytemuck::cast_slice(&[pos + tq, pos]));
-    }
 }

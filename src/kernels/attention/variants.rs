@@ -6,7 +6,7 @@
 use super::gemm_path::GEMM_PATH_MIN_T;
 use super::{
     BackwardTensors, Dims, FAMILY, KvCache, Options, backward_with, forward_cached_with,
-    forward_with, kv_append,
+    forward_with, kv_append, own_step,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, View};
@@ -361,10 +361,12 @@ pub(super) fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result
             // The backward reads the forward's out and lse.
             let [qkv, _, out, lse, _] = &ts;
             let rule = Variant::rule(Stage::Forward, hs, storage)?;
-            gpu.run(&forward_with(gpu, out, lse, qkv, dims, opts, rule)?)?;
+            let step = own_step(gpu, opts.dropout, 0)?;
+            gpu.run(&forward_with(gpu, out, lse, qkv, dims, opts, rule, &step)?)?;
             tensors = Some(ts);
         }
         let [qkv, dout, out, lse, dqkv] = tensors.as_ref().expect("set above");
+        let step = own_step(gpu, opts.dropout, 0)?;
         let bwd = BackwardTensors {
             dqkv,
             dout,
@@ -376,11 +378,11 @@ pub(super) fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result
             // (Each call of `tuned` measures one stage: the forward's trials may overwrite the
             // out and lse that only the backward's read.)
             Stage::Forward => Trial {
-                dispatches: forward_with(gpu, out, lse, qkv, dims, opts, v)?,
+                dispatches: forward_with(gpu, out, lse, qkv, dims, opts, v, &step)?,
                 output: out.clone(),
             },
             Stage::Backward => Trial {
-                dispatches: backward_with(gpu, bwd, dims, opts, v)?,
+                dispatches: backward_with(gpu, bwd, dims, opts, v, &step)?,
                 output: dqkv.clone(),
             },
         })
@@ -402,7 +404,7 @@ pub(super) fn storage_limit(gpu: &Gpu) -> u32 {
 
 /// The variant `forward_cached` takes for Tq new tokens over caches of `tmax` positions: the
 /// fixed rule's tiling or the row kernel, measured with the caches full (pos0 = Tmax - Tq), the
-/// longest attention a decoding dispatch moved by `set_position` computes.
+/// longest attention a decoding dispatch computes.
 pub(super) fn tuned_cached(gpu: &Gpu, cache: DType, dims: Dims, tmax: usize) -> Result<Variant> {
     use crate::kernels::measure::{self, Problem, Trial, bucket};
     let Dims { b, t: tq, nh, hs } = dims;
@@ -454,7 +456,8 @@ pub(super) fn tuned_cached(gpu: &Gpu, cache: DType, dims: Dims, tmax: usize) -> 
             v: v_cache,
             tmax,
         };
-        let d = forward_cached_with(gpu, out, qkv, kv, dims, tmax - tq, v)?;
+        let step = own_step(gpu, None, tmax - tq)?;
+        let d = forward_cached_with(gpu, out, qkv, kv, dims, (tmax - tq, &step), v)?;
         Ok(Trial {
             dispatches: vec![d],
             output: out.clone(),

@@ -1,7 +1,9 @@
 //! dropout.wgsl launchers: inverted dropout with a counter-based mask.
 //!
 //! Element i is kept iff `hash(seed, step, i) >= threshold(p)` and kept values are scaled by
-//! 1 / (1 - p); nothing is stored, the backward regenerates the mask from (seed, step, i).
+//! 1 / (1 - p); nothing is stored, the backward regenerates the mask from (seed, step, i). The
+//! counter `step` is the per-step uniform's `dropout_step` (`kernels::step`), so one dispatch
+//! draws every micro-step's mask.
 //! p = 0 is the identity; p must be in [0, 1).
 //! out (N) = keep(i) ? inp (N) / (1 - p) : 0; overwrites out.
 //! dinp (N) = keep(i) ? dout (N) / (1 - p) : 0; overwritten, or added to (`+=`) when `accumulate`.
@@ -10,10 +12,9 @@ mod check;
 
 pub use check::FAMILY;
 
-use std::mem::offset_of;
-
 use bytemuck::{Pod, Zeroable};
 
+use super::step as per_step;
 use super::{bytes_of, elementwise, expect, expect_dims};
 use crate::error::{Error, Result};
 use crate::gpu::{Binding, Cost, DType, Dispatch, Gpu, KernelSpec, Shader, ShaderVariant, View};
@@ -24,20 +25,19 @@ pub const FORWARD: KernelSpec = KernelSpec {
     shader: Shader::Dropout,
     variant: ShaderVariant::Base,
     entry: "dropout_forward",
-    bindings: &[Read, ReadWrite],
+    bindings: &[Read, ReadWrite, Binding::Step],
 };
 pub const BACKWARD: KernelSpec = KernelSpec {
     shader: Shader::Dropout,
     variant: ShaderVariant::Base,
     entry: "dropout_backward",
-    bindings: &[Read, ReadWrite],
+    bindings: &[Read, ReadWrite, Binding::Step],
 };
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
     seed: u32,
-    step: u32,
     n: u32,
     threshold: u32,
     scale: f32,
@@ -48,7 +48,6 @@ struct Params {
 pub fn params_layout() -> super::ParamsLayout {
     super::params_layout!(Params {
         seed,
-        step,
         n,
         threshold,
         scale,
@@ -77,6 +76,8 @@ pub(crate) fn check_p(kernel: &str, p: f32) -> Result<()> {
     Ok(())
 }
 
+/// A dropout dispatch of `spec` from `src` to `dst`, its mask counter read from `step`.
+#[allow(clippy::too_many_arguments)]
 fn launch(
     gpu: &Gpu,
     spec: &KernelSpec,
@@ -85,6 +86,7 @@ fn launch(
     n: usize,
     d: Dropout,
     accumulate: bool,
+    step: &View,
 ) -> Result<Dispatch> {
     let name = spec.name();
     expect_dims(&name, &[("N", n)])?;
@@ -93,7 +95,6 @@ fn launch(
     expect(&name, dst, DType::F32, n)?;
     let params = Params {
         seed: d.seed,
-        step: d.step,
         n: n as u32,
         threshold: threshold(d.p),
         scale: scale(d.p),
@@ -103,12 +104,33 @@ fn launch(
         flops: n as u64,
         bytes: (8 + 4 * accumulate as u64) * n as u64,
     };
-    elementwise(gpu, spec, n, bytes_of(&params), &[src, dst], cost)
+    elementwise(gpu, spec, n, bytes_of(&params), &[src, dst, step], cost)
+}
+
+/// A uniform of its own holding `d.step` as the mask counter.
+fn own_step(gpu: &Gpu, d: Dropout) -> Result<View> {
+    let at = per_step::Step {
+        dropout_step: d.step,
+        ..Default::default()
+    };
+    per_step::uniform(gpu, "dropout.step", &at)
 }
 
 /// out (N) = d.keeps(i) ? inp (N) / (1 - p) : 0. Overwrites `out`.
 pub fn forward(gpu: &Gpu, out: &View, inp: &View, n: usize, d: Dropout) -> Result<Dispatch> {
-    launch(gpu, &FORWARD, inp, out, n, d, false)
+    forward_at(gpu, out, inp, n, d, &own_step(gpu, d)?)
+}
+
+/// `forward` with the mask counter read from the per-step uniform `step` (`d.step` unused).
+pub fn forward_at(
+    gpu: &Gpu,
+    out: &View,
+    inp: &View,
+    n: usize,
+    d: Dropout,
+    step: &View,
+) -> Result<Dispatch> {
+    launch(gpu, &FORWARD, inp, out, n, d, false, step)
 }
 
 /// dinp (N) = d.keeps(i) ? dout (N) / (1 - p) : 0, the forward's mask for the same `d`.
@@ -121,25 +143,18 @@ pub fn backward(
     d: Dropout,
     accumulate: bool,
 ) -> Result<Dispatch> {
-    launch(gpu, &BACKWARD, dout, dinp, n, d, accumulate)
+    backward_at(gpu, dinp, dout, n, d, accumulate, &own_step(gpu, d)?)
 }
 
-/// Byte offset of the step counter in a dropout dispatch's params, for callers that copy a new
-/// counter into `Dispatch::params` on the GPU timeline (between micro-steps of one submission).
-pub const STEP_OFFSET: u64 = offset_of!(Params, step) as u64;
-
-/// Rewrites the seed and step counter of a dropout forward or backward dispatch between training
-/// steps, without rebuilding it (queued; takes effect at the next submission).
-pub fn set_step(gpu: &Gpu, dispatch: &Dispatch, seed: u32, step: u32) {
-    debug_assert!(
-        dispatch.name == FORWARD.name() || dispatch.name == BACKWARD.name(),
-        "set_step on {}, not a dropout dispatch",
-        dispatch.name
-    );
-    const _: () = assert!(offset_of!(Params, step) == offset_of!(Params, seed) + 4);
-    gpu.queue.write_buffer(
-        &dispatch.params,
-        offset_of!(Params, seed) as u64,
-        bytemuck::cast_slice(&[seed, step]),
-    );
+/// `backward` with the mask counter read from the per-step uniform `step` (`d.step` unused).
+pub fn backward_at(
+    gpu: &Gpu,
+    dinp: &View,
+    dout: &View,
+    n: usize,
+    d: Dropout,
+    accumulate: bool,
+    step: &View,
+) -> Result<Dispatch> {
+    launch(gpu, &BACKWARD, dout, dinp, n, d, accumulate, step)
 }

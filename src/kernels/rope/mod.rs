@@ -6,7 +6,9 @@
 //! heads of every token row are rotated, the rest copied: q alone is (B, T, NH, D) with every
 //! head rotated, k alone (B, T, n_kv_heads, D) likewise, and a fused q/k/v row
 //! (B, T, NH + 2·n_kv_heads, D) rotates its first NH + n_kv_heads heads and copies v. Token t of
-//! every sequence sits at position pos0 + t (pos0 = the KV cache's length when decoding).
+//! every sequence sits at position pos0 + step.pos0 + t: pos0 given to the launcher, step.pos0
+//! read from the per-step uniform when the dispatch runs (0 in training; the KV cache's length
+//! when decoding, so that one dispatch serves every decoded token).
 //! Both directions overwrite their output.
 
 pub mod check;
@@ -17,6 +19,7 @@ pub use freq::{Scaling, inv_freq};
 
 use bytemuck::{Pod, Zeroable};
 
+use super::step as per_step;
 use super::{bytes_of, expect, expect_dims};
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -32,7 +35,7 @@ pub const ROTATE: KernelSpec = KernelSpec {
     shader: Shader::Rope,
     variant: ShaderVariant::Base,
     entry: "rope_rotate",
-    bindings: &[Read, Read, ReadWrite],
+    bindings: &[Read, Read, ReadWrite, Binding::Step],
 };
 
 /// Positions at most this: with inverse frequencies at most 1 (every `Scaling` keeps them so)
@@ -78,16 +81,21 @@ pub fn forward(
     dims: Dims,
     pos0: usize,
 ) -> Result<Dispatch> {
-    rotate(gpu, out, inp, inv_freq, dims, pos0, 1.0)
+    let step = per_step::uniform(gpu, "rope.step", &per_step::Step::default())?;
+    rotate(gpu, [out, inp, inv_freq, &step], dims, pos0, 1.0)
 }
 
-/// Moves a `forward` dispatch to positions pos0 .. pos0 + T (decoding: pos0 = the KV cache's
-/// length), rewriting its params in place. The caller keeps pos0 + T - 1 within
-/// `MAX_POSITION` (the model's context does).
-pub fn set_position(gpu: &Gpu, dispatch: &Dispatch, pos0: usize) {
-    let at = std::mem::offset_of!(Params, pos0) as u64;
-    gpu.queue
-        .write_buffer(&dispatch.params, at, bytemuck::bytes_of(&(pos0 as u32)));
+/// `forward` at the position the per-step uniform `step` holds when the dispatch runs (its
+/// `pos0`; the caller keeps pos0 + T - 1 within `MAX_POSITION`, as the model's context does).
+pub fn forward_at(
+    gpu: &Gpu,
+    out: &View,
+    inp: &View,
+    inv_freq: &View,
+    dims: Dims,
+    step: &View,
+) -> Result<Dispatch> {
+    rotate(gpu, [out, inp, inv_freq, step], dims, 0, 1.0)
 }
 
 /// Backward of `forward`: dinp (B, T, H, D) = dout rotated by -angle on the rotated heads,
@@ -100,14 +108,26 @@ pub fn backward(
     dims: Dims,
     pos0: usize,
 ) -> Result<Dispatch> {
-    rotate(gpu, dinp, dout, inv_freq, dims, pos0, -1.0)
+    let step = per_step::uniform(gpu, "rope.step", &per_step::Step::default())?;
+    rotate(gpu, [dinp, dout, inv_freq, &step], dims, pos0, -1.0)
 }
 
+/// `backward` at the per-step uniform's position, as `forward_at`.
+pub fn backward_at(
+    gpu: &Gpu,
+    dinp: &View,
+    dout: &View,
+    inv_freq: &View,
+    dims: Dims,
+    step: &View,
+) -> Result<Dispatch> {
+    rotate(gpu, [dinp, dout, inv_freq, step], dims, 0, -1.0)
+}
+
+/// The rotation by `sign` · angle of [out, inp, inv_freq, step uniform].
 fn rotate(
     gpu: &Gpu,
-    out: &View,
-    inp: &View,
-    inv_freq: &View,
+    [out, inp, inv_freq, step]: [&View; 4],
     dims: Dims,
     pos0: usize,
     sign: f32,
@@ -134,7 +154,7 @@ fn rotate(
         &ROTATE,
         &[("WG", WG as f64)],
         bytes_of(&params),
-        &[inp, inv_freq, out],
+        &[inp, inv_freq, out, step],
         grid(workgroups, gpu.limits.max_compute_workgroups_per_dimension),
         cost,
     )
