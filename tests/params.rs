@@ -41,6 +41,7 @@ fn mirrors() -> Vec<(&'static str, &'static str, ParamsLayout)> {
         ("attention.wgsl", "Step", step::params_layout()),
         ("attention_f16.wgsl", "Step", step::params_layout()),
         ("dropout.wgsl", "Step", step::params_layout()),
+        ("rope.wgsl", "Step", step::params_layout()),
     ]
 }
 
