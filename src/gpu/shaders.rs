@@ -94,6 +94,10 @@ pub const INCLUDES: &[(&str, &str)] = &[
         include_str!("../../shaders/include/gelu.wgsl"),
     ),
     (
+        "include/gemm_ureg.wgsl",
+        include_str!("../../shaders/include/gemm_ureg.wgsl"),
+    ),
+    (
         "include/grid.wgsl",
         include_str!("../../shaders/include/grid.wgsl"),
     ),
