@@ -295,21 +295,19 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
 #else
                            @builtin(local_invocation_id) lid: vec3<u32>) {
 #endif
-    let blk = workgroup_index(wid, nwg);
-    if (blk >= p.blocks) {
+    let rb = row_block(wid, nwg);
+    if (rb.rows == 0u) {
         return; // the whole workgroup: past the last block of a folded grid
     }
-    let row0 = blk * p.rows_per_block;
-    let rows = min(p.rows_per_block, p.n - row0);
     let inv_c = 1.0 / f32(p.c);
 
 #if SUBGROUP
     // The two row means of every row of the block, a chunk of rows per barrier.
     let chunk = SLOTS / sg.count;
-    for (var r0 = 0u; r0 < rows; r0 += chunk) {
-        let rn = min(chunk, rows - r0);
+    for (var r0 = 0u; r0 < rb.rows; r0 += chunk) {
+        let rn = min(chunk, rb.rows - r0);
         for (var r = 0u; r < rn; r++) {
-            let row = row0 + r0 + r;
+            let row = rb.row0 + r0 + r;
             let base = row * p.c;
             let m = bw_mean[row];
             let s = bw_rstd[row];
@@ -330,7 +328,7 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
             for (var k = 0u; k < sg.count; k++) {
                 total += row_slots[r * sg.count + k];
             }
-            let row = row0 + r0 + r;
+            let row = rb.row0 + r0 + r;
             row_stats[r0 + r] = vec4(bw_mean[row], bw_rstd[row], total * inv_c);
         }
         // row_stats complete, and row_slots read before the next chunk writes them.
@@ -339,13 +337,13 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
 #else
     // The two row means of every row of the block, WG / TPR rows at a time.
     let lane = lid.x % TPR;
-    for (var r0 = 0u; r0 < rows; r0 += WG / TPR) {
+    for (var r0 = 0u; r0 < rb.rows; r0 += WG / TPR) {
         let r = r0 + lid.x / TPR;
         var m = 0.0;
         var s = 0.0;
         var acc = vec2(0.0);
-        if (r < rows) {
-            let row = row0 + r;
+        if (r < rb.rows) {
+            let row = rb.row0 + r;
             let base = row * p.c;
             m = bw_mean[row];
             s = bw_rstd[row];
@@ -356,7 +354,7 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
             }
         }
         let means = row_sum(lid.x, acc) * inv_c;
-        if (r < rows && lane == 0u) {
+        if (r < rb.rows && lane == 0u) {
             row_stats[r] = vec4(m, s, means.x, means.y);
         }
     }
@@ -368,9 +366,9 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
         let w = bw_weight[i];
         var dw = 0.0;
         var db = 0.0;
-        for (var r = 0u; r < rows; r++) {
+        for (var r = 0u; r < rb.rows; r++) {
             let st = row_stats[r];
-            let idx = (row0 + r) * p.c + i;
+            let idx = (rb.row0 + r) * p.c + i;
             let g = bw_dout[idx];
             let xhat = (bw_inp[idx] - st.x) * st.y;
             dw += g * xhat;
@@ -381,8 +379,8 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
             }
             bw_dinp[idx] = d;
         }
-        bw_partials[blk * p.c + i] = dw;
-        bw_partials[(p.blocks + blk) * p.c + i] = db;
+        bw_partials[rb.index * p.c + i] = dw;
+        bw_partials[(p.blocks + rb.index) * p.c + i] = db;
     }
 }
 
@@ -395,21 +393,18 @@ fn layernorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
 fn layernorm_backward_params(@builtin(workgroup_id) wid: vec3<u32>,
                              @builtin(num_workgroups) nwg: vec3<u32>,
                              @builtin(local_invocation_id) lid: vec3<u32>) {
-    let lanes = WG / COLS;
-    let col = lid.x % COLS;
-    let lane = lid.x / COLS;
-    let ch = global_index(wid, nwg, COLS, col);
+    let cl = col_lane(wid, nwg, lid.x);
     var acc = vec2(0.0);
-    if (ch < p.c) {
-        for (var b = lane; b < p.blocks; b += lanes) {
-            acc += vec2(pr_partials[b * p.c + ch], pr_partials[(p.blocks + b) * p.c + ch]);
+    if (cl.ch < p.c) {
+        for (var b = cl.lane; b < p.blocks; b += cl.lanes) {
+            acc += vec2(pr_partials[b * p.c + cl.ch], pr_partials[(p.blocks + b) * p.c + cl.ch]);
         }
     }
     red_vec2[lid.x] = acc;
-    tree_sum_vec2(lid.x, lane, lanes, COLS);
-    if (lane == 0u && ch < p.c) {
-        let total = red_vec2[col];
-        pr_dweight[ch] += total.x;
-        pr_dbias[ch] += total.y;
+    tree_sum_vec2(lid.x, cl.lane, cl.lanes, COLS);
+    if (cl.lane == 0u && cl.ch < p.c) {
+        let total = red_vec2[cl.col];
+        pr_dweight[cl.ch] += total.x;
+        pr_dbias[cl.ch] += total.y;
     }
 }

@@ -144,22 +144,20 @@ fn rmsnorm_residual_forward(@builtin(workgroup_id) wid: vec3<u32>,
 fn rmsnorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
                          @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_id) lid: vec3<u32>) {
-    let blk = workgroup_index(wid, nwg);
-    if (blk >= p.blocks) {
+    let rb = row_block(wid, nwg);
+    if (rb.rows == 0u) {
         return; // the whole workgroup: past the last block of a folded grid
     }
-    let row0 = blk * p.rows_per_block;
-    let rows = min(p.rows_per_block, p.n - row0);
     let inv_c = 1.0 / f32(p.c);
 
     // The row mean of every row of the block, WG / TPR rows at a time.
     let lane = lid.x % TPR;
-    for (var r0 = 0u; r0 < rows; r0 += WG / TPR) {
+    for (var r0 = 0u; r0 < rb.rows; r0 += WG / TPR) {
         let r = r0 + lid.x / TPR;
         var s = 0.0;
         var acc = 0.0;
-        if (r < rows) {
-            let row = row0 + r;
+        if (r < rb.rows) {
+            let row = rb.row0 + r;
             let base = row * p.c;
             s = bw_rstd[row];
             for (var i = lane; i < p.c; i += TPR) {
@@ -167,7 +165,7 @@ fn rmsnorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
             }
         }
         let mean = row_sum(lid.x, acc) * inv_c;
-        if (r < rows && lane == 0u) {
+        if (r < rb.rows && lane == 0u) {
             row_stats[r] = vec2(s, mean);
         }
     }
@@ -177,9 +175,9 @@ fn rmsnorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
     for (var i = lid.x; i < p.c; i += WG) {
         let w = bw_weight[i];
         var dw = 0.0;
-        for (var r = 0u; r < rows; r++) {
+        for (var r = 0u; r < rb.rows; r++) {
             let st = row_stats[r];
-            let idx = (row0 + r) * p.c + i;
+            let idx = (rb.row0 + r) * p.c + i;
             let g = bw_dout[idx];
             let xhat = bw_inp[idx] * st.x;
             dw += g * xhat;
@@ -189,7 +187,7 @@ fn rmsnorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
             }
             bw_dinp[idx] = d;
         }
-        bw_partials[blk * p.c + i] = dw;
+        bw_partials[rb.index * p.c + i] = dw;
     }
 }
 
@@ -201,19 +199,16 @@ fn rmsnorm_backward_rows(@builtin(workgroup_id) wid: vec3<u32>,
 fn rmsnorm_backward_params(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_id) lid: vec3<u32>) {
-    let lanes = WG / COLS;
-    let col = lid.x % COLS;
-    let lane = lid.x / COLS;
-    let ch = global_index(wid, nwg, COLS, col);
+    let cl = col_lane(wid, nwg, lid.x);
     var acc = 0.0;
-    if (ch < p.c) {
-        for (var b = lane; b < p.blocks; b += lanes) {
-            acc += pr_partials[b * p.c + ch];
+    if (cl.ch < p.c) {
+        for (var b = cl.lane; b < p.blocks; b += cl.lanes) {
+            acc += pr_partials[b * p.c + cl.ch];
         }
     }
     red_f32[lid.x] = acc;
-    tree_sum_f32(lid.x, lane, lanes, COLS);
-    if (lane == 0u && ch < p.c) {
-        pr_dweight[ch] += red_f32[col];
+    tree_sum_f32(lid.x, cl.lane, cl.lanes, COLS);
+    if (cl.lane == 0u && cl.ch < p.c) {
+        pr_dweight[cl.ch] += red_f32[cl.col];
     }
 }

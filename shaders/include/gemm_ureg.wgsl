@@ -303,13 +303,12 @@ fn ureg_k_chunk(s: UregBlock, z: u32, o: vec2<u32>, rows: array<UregRows, 2>, ba
 }
 
 @compute @workgroup_size(REG_WG)
-fn gemm_ureg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_id) lid: vec3<u32>) {
-    let o = reg_origin(wid, nwg, lid.x);
+fn gemm_ureg(w: Wg, t: Inv) {
+    let o = reg_origin(w.wid, w.nwg, t.lid.x);
     if (o.x >= p.m) {
         return;
     }
-    for (var z = wid.z; z < p.batch; z += nwg.z) {
+    for (var z = w.wid.z; z < p.batch; z += w.nwg.z) {
         let zk = reg_range(z);
         let rows = array<UregRows, 2>(ureg_rows(zk.x, o.x), ureg_rows(zk.x, o.x + 8u));
         let base = p.b_off + zk.x * p.b_bs;

@@ -28,3 +28,34 @@ const MAX_ROWS: u32 = 256u;
 
 // Tree sums in red_f32 / red_vec2 (one slot per invocation).
 #include "include/reduce_wg.wgsl"
+
+// The rows a *_backward_rows workgroup owns: row0 .. row0 + rows of block `index`; rows = 0 past
+// the last block of a folded grid.
+struct RowBlock {
+    index: u32,
+    row0: u32,
+    rows: u32,
+}
+
+fn row_block(wid: vec3<u32>, nwg: vec3<u32>) -> RowBlock {
+    let blk = workgroup_index(wid, nwg);
+    if (blk >= p.blocks) {
+        return RowBlock(blk, p.n, 0u);
+    }
+    let row0 = blk * p.rows_per_block;
+    return RowBlock(blk, row0, min(p.rows_per_block, p.n - row0));
+}
+
+// A *_backward_params invocation: channel ch, column col of the workgroup's COLS, summing the
+// blocks lane, lane + lanes, ...
+struct ColLane {
+    col: u32,
+    lane: u32,
+    lanes: u32,
+    ch: u32,
+}
+
+fn col_lane(wid: vec3<u32>, nwg: vec3<u32>, l: u32) -> ColLane {
+    let col = l % COLS;
+    return ColLane(col, l / COLS, WG / COLS, global_index(wid, nwg, COLS, col));
+}
