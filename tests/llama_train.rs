@@ -124,6 +124,79 @@ fn init_from_llama_tiny_lowers_the_loss_and_writes_the_trained_model() {
     );
 }
 
+/// The loop computes with the checkpoint's own model: its first step's loss is, bit for bit, that
+/// of the training graph (the one tests/llama_parity.rs checks against transformers) with the
+/// source's weights on the loop's first batch.
+#[test]
+fn first_step_loss_is_the_source_models_on_the_first_batch() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = scratch("llama-train", "first");
+    let data = pattern_bin(&dir, 3000, 83);
+    let mut cfg = config(&data, &dir.join("out"), 2);
+    cfg.log_interval = 1;
+    cfg.metrics = Some(dir.join("metrics.jsonl"));
+    train::train(gpu, &cfg).unwrap();
+    let logged = losses(&dir.join("metrics.jsonl"));
+    assert_eq!(logged[0].0, 1, "{logged:?}");
+
+    let ck = hf_weights::load(&asset("llama-tiny")).unwrap();
+    let store = ParamStore::build(
+        gpu,
+        &ck.table.store_specs(),
+        &ck.params,
+        true,
+        DType::F32,
+        &|_| u64::MAX,
+    )
+    .unwrap();
+    let (b, t) = (cfg.batch_size, cfg.block_size);
+    let g = llama::build(&ck.cfg.arch, &ck.table, b, t, Mode::Train).unwrap();
+    let opts = ExecOptions {
+        reuse: true,
+        grad_accum: 1,
+        adamw: cfg.adamw(),
+        seed: cfg.seed as u32,
+        shard: Default::default(),
+    };
+    let mut exec = Executor::new(gpu, g.graph, &store, opts).unwrap();
+    let train_split = Dataset::load(&data, None).unwrap().train;
+    let batch = Loader::new(LoaderKind::Random, b, t, cfg.seed).next(&train_split);
+    let want = exec.forward_loss(&batch).unwrap();
+    assert_eq!(
+        logged[0].1 as f32, want,
+        "step 1's loss against the source model's"
+    );
+}
+
+/// A bf16 checkpoint trains in f32 and is written in f32.
+#[test]
+fn bf16_source_is_trained_and_written_in_f32() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = scratch("llama-train", "bf16");
+    let data = pattern_bin(&dir, 3000, 97);
+    let out = dir.join("out");
+    let mut cfg = config(&data, &out, 2);
+    cfg.init = Some(asset("qwen3-tiny-bf16"));
+    train::train(gpu, &cfg).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "float32", "{config}");
+    assert_eq!(config["model_type"], "qwen3", "{config}");
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, t) in st.tensors() {
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    }
+    let trained = hf_weights::load(&out).unwrap();
+    let source = hf_weights::load(&asset("qwen3-tiny-bf16")).unwrap();
+    assert_eq!(trained.params.len(), source.params.len());
+    // Moved by two steps, and no longer on bf16's grid.
+    assert!(
+        trained.params[0].iter().any(|x| x.to_bits() & 0xFFFF != 0),
+        "weights still bf16"
+    );
+}
+
 #[test]
 fn resume_of_a_llama_run_continues_bit_for_bit() {
     let Some(gpu) = test_gpu() else { return };
