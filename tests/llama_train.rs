@@ -1,8 +1,9 @@
 //! `train --init` from Llama-family checkpoints as transformers saved them: the loop fine-tunes
-//! llama-tiny (GQA, untied head, llama3 RoPE) and lowers its loss; the directory it writes
-//! reloads to the very model it trained (the same evaluation loss, bit for bit) in f32;
-//! `--resume` of it continues bit for bit; qwen2-tiny (tied head, tokenizer.json) trains on text
-//! and its checkpoint is read by `score` and `sample`; GPT-2's model flags and data outside the
+//! llama-tiny (GQA, untied head, llama3 RoPE) from its source model's loss and lowers it; the
+//! directory it writes reloads, in f32, to the very model it trained (the same evaluation loss,
+//! bit for bit); `--resume` of it continues bit for bit; a bf16 source trains and saves in f32;
+//! qwen2-tiny (tied head, tokenizer.json) trains on text, is sampled at the end of the run, and
+//! its checkpoint is read by `score` and `sample`; GPT-2's model flags and data outside the
 //! model's vocabulary are refused by name.
 
 mod common;
@@ -241,7 +242,14 @@ fn qwen2_tiny_trains_on_text_and_its_checkpoint_samples_and_scores() {
             "--block-size",
             "16",
         ])
-        .args(["--eval-interval", "4", "--eval-iters", "1"])
+        .args([
+            "--eval-interval",
+            "4",
+            "--eval-iters",
+            "1",
+            "--sample-tokens",
+            "8",
+        ])
         .output()
         .unwrap();
     let log = text(&o);
@@ -249,6 +257,7 @@ fn qwen2_tiny_trains_on_text_and_its_checkpoint_samples_and_scores() {
         return;
     }
     assert!(o.status.success(), "{log}");
+    assert!(log.contains("--- sample ---"), "{log}");
     for f in [
         "config.json",
         "model.safetensors",

@@ -388,8 +388,9 @@ fn train_rank(gpu: &GpuArgs, args: &TrainArgs, comm: &Comm) -> Result<ExitCode> 
     if summary.interrupted {
         return Ok(ExitCode::from(130));
     }
-    // The sample after a run is GPT-2's; `sample` reads a Llama-family run's checkpoint.
-    if args.sample_tokens > 0 && summary.cfg.is_some() {
+    if args.sample_tokens > 0 && summary.cfg.is_none() {
+        sample_after_llama_run(&gpu, &cfg, args.sample_tokens)?;
+    } else if args.sample_tokens > 0 {
         let ck = checkpoint::load(&cfg.out)?;
         let vocab = ck.vocab.clone().unwrap_or(Vocab::Ids(ck.cfg.vocab_size));
         if cfg.data.is_none() && cfg.init.is_none() && cfg.resume.is_none() {
@@ -418,6 +419,36 @@ fn train_rank(gpu: &GpuArgs, args: &TrainArgs, comm: &Comm) -> Result<ExitCode> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The sample after a Llama-family run, from its checkpoint as `sample` reads it: `n` tokens
+/// after a newline, when the checkpoint has a tokenizer (token ids alone have no text).
+fn sample_after_llama_run(gpu: &shaderformer::gpu::Gpu, cfg: &TrainConfig, n: usize) -> Result<()> {
+    let vocab = match Vocab::load(&cfg.out)? {
+        Some(v) if !matches!(v, Vocab::Ids(_)) => v,
+        _ => return Ok(()),
+    };
+    let ck = hf_weights::load(&cfg.out)?;
+    let prompt = vocab
+        .encode("\n", "sample prompt")
+        .unwrap_or_else(|_| vec![0]);
+    let new = n.min(ck.cfg.arch.context.saturating_sub(prompt.len()));
+    let opts = SampleOptions {
+        top_k: Some(200),
+        temperature: 0.8,
+        ..Default::default()
+    };
+    let mut runner = LlamaRunner::with_cache(gpu, &ck)?;
+    let mut rng = Rng::new(cfg.seed);
+    let mut out = std::io::stdout();
+    println!("--- sample ---");
+    infer::llama::generate(&mut runner, &prompt, new, &opts, &mut rng, |id| {
+        let _ = write!(out, "{}", vocab.decode(&[id]));
+        let _ = out.flush();
+        Ok(())
+    })?;
+    println!();
+    Ok(())
 }
 
 /// Greedy answers to held-out additions: a table of examples and the accuracy.
