@@ -1,7 +1,8 @@
 //! The model a training run trains, as the loop sees it: GPT-2 (fresh, or from our or
-//! transformers' checkpoint) or a Llama-family checkpoint directory given to `--init`. The loop
-//! asks it for the parameter table, the graph, the token range and the checkpoint files; the
-//! schedule, clipping, evaluation, metrics and checkpoint timing stay the loop's.
+//! transformers' checkpoint) or a Llama-family checkpoint directory (`--init`, or `--resume` of
+//! a run that wrote one). The loop asks it for the parameter table, the graph, the token range
+//! and the checkpoint files; the schedule, clipping, evaluation, metrics and checkpoint timing
+//! stay the loop's.
 //!
 //! A Llama-family run writes Hugging Face's layout into `--out`: config.json (as transformers 5.x
 //! writes it, dtype float32), the weights in f32 (model.safetensors), the source's tokenizer and
@@ -30,7 +31,7 @@ pub const LLAMA_COPIED: [&str; 4] = [
     crate::io::vocab::TOKENIZER_FILE,
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "generation_config.json",
+    hf_weights::GENERATION_FILE,
 ];
 
 /// The model being trained.
