@@ -333,3 +333,51 @@ fn data_beyond_the_llama_vocabulary_is_refused() {
     );
     assert!(!dir.join("out/model.safetensors").exists(), "{log}");
 }
+
+/// `--resume` takes a Llama-family run's checkpoint only: a directory as transformers saved it
+/// has no trainer state, one without optimizer.safetensors no moments; each is named.
+#[test]
+fn resume_refuses_a_llama_directory_that_is_not_a_training_checkpoint() {
+    let dir = scratch("llama-train", "resume-refused");
+    let o = bin()
+        .arg("train")
+        .arg("--resume")
+        .arg(asset("llama-tiny"))
+        .output()
+        .unwrap();
+    let log = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("llama-tiny") && log.contains("no trainer_state.json"),
+        "{log}"
+    );
+
+    let data = pattern_bin(&dir, 3000, 83);
+    let out = dir.join("out");
+    let train = |how: &str, dir: &Path| {
+        bin()
+            .args(["train", how])
+            .arg(dir)
+            .arg("--data")
+            .arg(&data)
+            .args(["--max-iters", "1", "--batch-size", "2", "--block-size", "8"])
+            .args(["--eval-iters", "1", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = train("--init", &asset("llama-tiny"));
+    if text(&o).contains("no GPU adapter") {
+        return;
+    }
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::remove_file(out.join("optimizer.safetensors")).unwrap();
+    let o = train("--resume", &out);
+    let log = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&out.display().to_string()) && log.contains("no optimizer.safetensors"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
