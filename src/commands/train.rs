@@ -36,7 +36,8 @@ pub struct TrainArgs {
     /// only the checkpoint's own files are replaced).
     #[arg(long)]
     overwrite: bool,
-    /// Start from this GPT-2 checkpoint directory (ours or one saved by transformers).
+    /// Start from this checkpoint directory: GPT-2 (ours or one saved by transformers) or the
+    /// Llama family (llama, mistral, qwen2, qwen3).
     #[arg(long, conflicts_with = "resume")]
     init: Option<PathBuf>,
     /// Continue this training checkpoint exactly where it stopped.
@@ -170,7 +171,11 @@ impl TrainArgs {
             .into_iter()
             .find_map(|(f, d)| d.as_ref().map(|d| (f, d)))
         {
-            self.check_model_flags(flag, &checkpoint::read_config(dir)?)?;
+            if hf_llama::is_llama_checkpoint(dir) {
+                self.refuse_gpt2_flags(flag, dir)?;
+            } else {
+                self.check_model_flags(flag, &checkpoint::read_config(dir)?)?;
+            }
         }
         let d = d;
         let max_iters = self.max_iters.unwrap_or(d.max_iters);
@@ -229,6 +234,28 @@ impl TrainArgs {
 }
 
 impl TrainArgs {
+    /// A Llama-family checkpoint has its own shape: GPT-2's model flags are refused, naming the
+    /// flag and the directory.
+    fn refuse_gpt2_flags(&self, source: &str, dir: &std::path::Path) -> Result<()> {
+        let given = [
+            ("--n-layer", self.n_layer.is_some()),
+            ("--n-head", self.n_head.is_some()),
+            ("--n-embd", self.n_embd.is_some()),
+            ("--no-bias", self.no_bias),
+        ];
+        match given.into_iter().find(|g| g.1) {
+            Some((flag, _)) => Err(Error::invalid(
+                flag,
+                format!(
+                    "is a GPT-2 model flag; the {source} checkpoint {} is a Llama-family model, \
+                     whose shape its config.json fixes",
+                    dir.display()
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The model's shape comes from the checkpoint being continued: a flag that disagrees with
     /// it is an error naming both values, never ignored.
     fn check_model_flags(&self, source: &str, ck: &GptConfig) -> Result<()> {
@@ -361,7 +388,9 @@ fn train_rank(gpu: &GpuArgs, args: &TrainArgs, comm: &Comm) -> Result<ExitCode> 
     if summary.interrupted {
         return Ok(ExitCode::from(130));
     }
-    if args.sample_tokens > 0 {
+    if args.sample_tokens > 0 && summary.cfg.is_none() {
+        sample_after_llama_run(&gpu, &cfg, args.sample_tokens)?;
+    } else if args.sample_tokens > 0 {
         let ck = checkpoint::load(&cfg.out)?;
         let vocab = ck.vocab.clone().unwrap_or(Vocab::Ids(ck.cfg.vocab_size));
         if cfg.data.is_none() && cfg.init.is_none() && cfg.resume.is_none() {
@@ -390,6 +419,36 @@ fn train_rank(gpu: &GpuArgs, args: &TrainArgs, comm: &Comm) -> Result<ExitCode> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The sample after a Llama-family run, from its checkpoint as `sample` reads it: `n` tokens
+/// after a newline, when the checkpoint has a tokenizer (token ids alone have no text).
+fn sample_after_llama_run(gpu: &shaderformer::gpu::Gpu, cfg: &TrainConfig, n: usize) -> Result<()> {
+    let vocab = match Vocab::load(&cfg.out)? {
+        Some(v) if !matches!(v, Vocab::Ids(_)) => v,
+        _ => return Ok(()),
+    };
+    let ck = hf_weights::load(&cfg.out)?;
+    let prompt = vocab
+        .encode("\n", "sample prompt")
+        .unwrap_or_else(|_| vec![0]);
+    let new = n.min(ck.cfg.arch.context.saturating_sub(prompt.len()));
+    let opts = SampleOptions {
+        top_k: Some(200),
+        temperature: 0.8,
+        ..Default::default()
+    };
+    let mut runner = LlamaRunner::with_cache(gpu, &ck)?;
+    let mut rng = Rng::new(cfg.seed);
+    let mut out = std::io::stdout();
+    println!("--- sample ---");
+    infer::llama::generate(&mut runner, &prompt, new, &opts, &mut rng, |id| {
+        let _ = write!(out, "{}", vocab.decode(&[id]));
+        let _ = out.flush();
+        Ok(())
+    })?;
+    println!();
+    Ok(())
 }
 
 /// Greedy answers to held-out additions: a table of examples and the accuracy.

@@ -436,7 +436,7 @@ fn sync_dir(path: &Path) {
 }
 
 /// Removes weight files of `dir` that the checkpoint just written does not list.
-fn remove_stale_weights(dir: &Path, written: &[(String, Vec<u8>)]) -> Result<()> {
+pub fn remove_stale_weights(dir: &Path, written: &[(String, Vec<u8>)]) -> Result<()> {
     let keep: Vec<&str> = written.iter().map(|f| f.0.as_str()).collect();
     let mut stale: Vec<PathBuf> = Vec::new();
     for entry in io(dir, fs::read_dir(dir))? {

@@ -85,18 +85,10 @@ fn stage(staging: &Path, ckpt: &Checkpoint) -> Result<Vec<String>> {
     let table = ParamTable::new(&ckpt.cfg);
     hf::write_config(staging, &ckpt.cfg)?;
     hf::save_weights(staging, &ckpt.cfg, &table, &ckpt.params)?;
-    if let Some((m, v)) = &ckpt.optimizer {
-        let mut tensors = Vec::new();
-        for (i, spec) in table.specs.iter().enumerate() {
-            for (prefix, data) in [("m", &m[i]), ("v", &v[i])] {
-                tensors.push((
-                    format!("{prefix}.{}", spec.name),
-                    spec.shape.clone(),
-                    bytemuck::cast_slice(data).to_vec(),
-                ));
-            }
-        }
-        hf::write_safetensors(&staging.join(OPTIMIZER_FILE), &tensors)?;
+    if let Some(moments) = &ckpt.optimizer {
+        let bytes = moments_bytes(&table.store_specs(), moments)?;
+        let path = staging.join(OPTIMIZER_FILE);
+        io(&path, fs::write(&path, bytes))?;
     }
     if let Some(vocab) = &ckpt.vocab {
         vocab.save(staging)?;
@@ -162,6 +154,8 @@ pub struct OutPolicy<'a> {
     pub other_files: bool,
     /// A file of this run that may live there (`--metrics DIR/metrics.jsonl`).
     pub own_file: Option<&'a Path>,
+    /// Further names a checkpoint of this run writes (a Llama-family run's copied files).
+    pub also_ours: &'a [&'a str],
 }
 
 /// Prepares `dir` for a training run before anything is trained: refuses a path that is a file
@@ -208,6 +202,7 @@ pub fn open_out(dir: &Path, policy: OutPolicy) -> Result<OutDir> {
         let ours = own == Some(n.as_os_str()) || {
             let n = n.to_string_lossy();
             FILES.contains(&n.as_ref())
+                || policy.also_ours.contains(&n.as_ref())
                 || (plot_ours && n == super::metrics::PLOT_FILE)
                 || [LOCK_FILE, STAGING_DIR, PROBE_FILE].contains(&n.as_ref())
         };
@@ -337,45 +332,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     let params = hf::load_weights(dir, &cfg, &table)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
     let optimizer = if opt_path.exists() {
-        let mut st = hf::read_safetensors(&opt_path)?;
-        let mut take = |prefix: &str, i: usize| -> Result<Vec<f32>> {
-            let spec = &table.specs[i];
-            let name = format!("{prefix}.{}", spec.name);
-            match st.remove(&name) {
-                Some((shape, data)) if shape == spec.shape => {
-                    // v is a mean of squares: negative is as impossible as NaN.
-                    let bad = data
-                        .iter()
-                        .enumerate()
-                        .find(|(_, x)| !x.is_finite() || (prefix == "v" && **x < 0.0));
-                    match bad {
-                        Some((k, x)) => Err(Error::invalid(
-                            opt_path.display().to_string(),
-                            format!("tensor {name} holds an impossible value ({x}) at element {k}"),
-                        )),
-                        None => Ok(data),
-                    }
-                }
-                Some((shape, _)) => Err(Error::invalid(
-                    opt_path.display().to_string(),
-                    format!(
-                        "tensor {name} has shape {shape:?}, expected {:?}",
-                        spec.shape
-                    ),
-                )),
-                None => Err(Error::invalid(
-                    opt_path.display().to_string(),
-                    format!("tensor {name} is missing"),
-                )),
-            }
-        };
-        let mut m = Vec::new();
-        let mut v = Vec::new();
-        for i in 0..table.specs.len() {
-            m.push(take("m", i)?);
-            v.push(take("v", i)?);
-        }
-        Some((m, v))
+        Some(read_moments(&opt_path, &table.store_specs())?)
     } else {
         None
     };
@@ -393,6 +350,61 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         state,
         vocab,
     })
+}
+
+/// optimizer.safetensors of the parameters `specs` (name, shape): "m.NAME" and "v.NAME" each.
+pub fn moments_bytes(specs: &[(String, Vec<usize>)], (m, v): &Moments) -> Result<Vec<u8>> {
+    let mut tensors = Vec::new();
+    for (i, (name, shape)) in specs.iter().enumerate() {
+        for (prefix, data) in [("m", &m[i]), ("v", &v[i])] {
+            tensors.push((
+                format!("{prefix}.{name}"),
+                shape.clone(),
+                bytemuck::cast_slice(data).to_vec(),
+            ));
+        }
+    }
+    hf::safetensors_bytes(Path::new(OPTIMIZER_FILE), &tensors)
+}
+
+/// Reads the AdamW moments of the parameters `specs` (name, shape) from `path`, refusing a
+/// missing tensor, a wrong shape and an impossible value.
+pub fn read_moments(path: &Path, specs: &[(String, Vec<usize>)]) -> Result<Moments> {
+    let mut st = hf::read_safetensors(path)?;
+    let mut take = |prefix: &str, (name, want): &(String, Vec<usize>)| -> Result<Vec<f32>> {
+        let name = format!("{prefix}.{name}");
+        match st.remove(&name) {
+            Some((shape, data)) if shape == *want => {
+                // v is a mean of squares: negative is as impossible as NaN.
+                let bad = data
+                    .iter()
+                    .enumerate()
+                    .find(|(_, x)| !x.is_finite() || (prefix == "v" && **x < 0.0));
+                match bad {
+                    Some((k, x)) => Err(Error::invalid(
+                        path.display().to_string(),
+                        format!("tensor {name} holds an impossible value ({x}) at element {k}"),
+                    )),
+                    None => Ok(data),
+                }
+            }
+            Some((shape, _)) => Err(Error::invalid(
+                path.display().to_string(),
+                format!("tensor {name} has shape {shape:?}, expected {want:?}"),
+            )),
+            None => Err(Error::invalid(
+                path.display().to_string(),
+                format!("tensor {name} is missing"),
+            )),
+        }
+    };
+    let mut m = Vec::new();
+    let mut v = Vec::new();
+    for spec in specs {
+        m.push(take("m", spec)?);
+        v.push(take("v", spec)?);
+    }
+    Ok((m, v))
 }
 
 /// Our own vocabularies (characters, ids) have exactly the model's rows: fewer would leave

@@ -5,6 +5,7 @@ pub mod checkpoint;
 mod checks;
 pub mod data;
 pub mod metrics;
+pub mod model;
 pub mod parallel;
 pub mod schedule;
 pub mod state;
@@ -24,13 +25,14 @@ use crate::graph::{
 };
 use crate::io::vocab::Vocab;
 use crate::kernels::adamw;
-use crate::model::gpt::{self, Mode};
-use crate::model::{GptConfig, ParamTable};
+use crate::model::GptConfig;
+use crate::model::gpt::Mode;
 use checkpoint::Checkpoint;
 pub use checks::check_settings;
 use checks::dropped_kernels;
 use data::{Dataset, Loader, LoaderKind};
 use metrics::Metrics;
+use model::Model;
 use schedule::LrSchedule;
 
 /// Everything `shaderformer train` takes (nanoGPT's names).
@@ -143,7 +145,8 @@ pub struct TrainSummary {
     pub tokens_per_step: usize,
     /// True when stopped early by Ctrl-C (a checkpoint was written).
     pub interrupted: bool,
-    pub cfg: GptConfig,
+    /// The GPT-2 model trained (`None` for a Llama-family one).
+    pub cfg: Option<GptConfig>,
 }
 
 static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
@@ -306,7 +309,7 @@ pub fn train(gpu: &Gpu, cfg: &TrainConfig) -> Result<TrainSummary> {
 }
 
 /// Refuses a number of ranks the training split cannot give distinct batches to.
-fn check_ranks_fed(comm: &Comm, cfg: &TrainConfig, train_tokens: usize) -> Result<()> {
+pub(super) fn check_ranks_fed(comm: &Comm, cfg: &TrainConfig, train_tokens: usize) -> Result<()> {
     let n = comm.size();
     let need = n * cfg.batch_size * cfg.block_size + 1;
     if n > 1 && train_tokens < need {
@@ -347,119 +350,9 @@ pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummar
     Trainer::new(gpu, cfg, comm)?.run(t0)
 }
 
-/// The model a run starts from: continued from a checkpoint (`--resume`, with the trainer state
-/// and optimizer moments), initialized from one (`--init`, weights only), or fresh.
-fn start_model(
-    gpu: &Gpu,
-    cfg: &TrainConfig,
-) -> Result<(GptConfig, Option<Checkpoint>, Option<state::TrainerState>)> {
-    if let Some(dir) = &cfg.resume {
-        let ck = checkpoint::load(dir)?;
-        let state = ck
-            .state
-            .clone()
-            .ok_or_else(|| checkpoint::not_a_training_checkpoint(dir))?;
-        if ck.optimizer.is_none() {
-            return Err(Error::invalid(
-                dir.display().to_string(),
-                "has no optimizer.safetensors: cannot resume (use --init to start from it)",
-            ));
-        }
-        // The variants the checkpoint's run computed with win over the cache.
-        gpu.tuner.pin(&state.kernels);
-        // The checkpoint's dropout is the default (`with_settings`); a --dropout flag applies.
-        let mut c = ck.cfg.clone();
-        c.dropout = cfg.dropout;
-        Ok((c, Some(ck), Some(state)))
-    } else if let Some(dir) = &cfg.init {
-        let mut ck = checkpoint::load(dir)?;
-        ck.optimizer = None;
-        ck.state = None;
-        let mut c = ck.cfg.clone();
-        c.dropout = cfg.dropout;
-        Ok((c, Some(ck), None))
-    } else {
-        let fresh = GptConfig {
-            n_layer: cfg.n_layer,
-            n_head: cfg.n_head,
-            n_embd: cfg.n_embd,
-            block_size: cfg.block_size,
-            vocab_size: 0, // from the data
-            dropout: cfg.dropout,
-            bias: cfg.bias,
-        };
-        Ok((fresh, None, None))
-    }
-}
-
-/// Loads the training data and checks it, the model and the batch shape against each other
-/// (and the memory the model needs), before anything touches the GPU. A fresh model takes its
-/// vocabulary size from the data.
-fn load_checked_data(
-    cfg: &TrainConfig,
-    comm: &Comm,
-    model_cfg: &mut GptConfig,
-    ckpt: Option<&Checkpoint>,
-) -> Result<Dataset> {
-    // A checkpoint without a vocabulary (a bare transformers directory) still fixes the token
-    // range: token files are checked against it, text cannot be encoded for it.
-    let ck_vocab = ckpt.map(|c| c.vocab.clone().unwrap_or(Vocab::Ids(c.cfg.vocab_size)));
-    let data = load_data(cfg, ck_vocab.as_ref())?;
-    if model_cfg.vocab_size == 0 {
-        model_cfg.vocab_size = data.vocab.size();
-    }
-    if data.vocab.size() > model_cfg.vocab_size {
-        return Err(Error::invalid(
-            "--data",
-            format!(
-                "the data's vocabulary has {} tokens, more than the model's {}",
-                data.vocab.size(),
-                model_cfg.vocab_size
-            ),
-        ));
-    }
-    model_cfg.validate()?;
-    let (b, t) = (cfg.batch_size, cfg.block_size);
-    if t > model_cfg.block_size {
-        return Err(Error::invalid(
-            "--block-size",
-            format!(
-                "{t} is beyond the model's position table of {} (n_positions)",
-                model_cfg.block_size
-            ),
-        ));
-    }
-    if b == 0 || t == 0 || cfg.grad_accum == 0 {
-        return Err(Error::invalid(
-            "train",
-            "--batch-size, --block-size and --grad-accum must be at least 1",
-        ));
-    }
-    let data_name = cfg
-        .data
-        .as_ref()
-        .map_or("embedded dataset".to_string(), |p| p.display().to_string());
-    data.check_fits(&data_name, t)?;
-    crate::sizes::bytes(
-        "the logits of one micro-batch",
-        &[
-            ("--batch-size", b as u64),
-            ("--block-size", t as u64),
-            ("padded vocabulary", model_cfg.padded_vocab() as u64),
-            ("bytes per value", 4),
-        ],
-    )?;
-    check_ranks_fed(comm, cfg, data.train.len())?;
-    crate::memory::check(
-        "the model's parameters, gradients and AdamW moments",
-        model_cfg.training_bytes(),
-    )?;
-    Ok(data)
-}
-
 /// Claims the output directory (rank 0 writes it) before the first step, not at the first
 /// checkpoint.
-fn claim_out(cfg: &TrainConfig, comm: &Comm) -> Result<Option<checkpoint::OutDir>> {
+fn claim_out(cfg: &TrainConfig, comm: &Comm, model: &Model) -> Result<Option<checkpoint::OutDir>> {
     comm.is_root()
         .then(|| {
             checkpoint::open_out(
@@ -471,39 +364,14 @@ fn claim_out(cfg: &TrainConfig, comm: &Comm) -> Result<Option<checkpoint::OutDir
                             .flatten()
                             .any(|d| same_dir(d, &cfg.out)),
                     own_file: cfg.metrics.as_deref(),
+                    also_ours: match model {
+                        Model::Gpt(_) => &[],
+                        Model::Llama(_) => &model::LLAMA_COPIED,
+                    },
                 },
             )
         })
         .transpose()
-}
-
-/// The parameters (and, when resuming, the AdamW moments) on the GPU, checked to be the same on
-/// every rank. The checkpoint's copies on the CPU are dropped once uploaded.
-fn upload_params(
-    gpu: &Gpu,
-    cfg: &TrainConfig,
-    comm: &Comm,
-    model_cfg: &GptConfig,
-    table: &ParamTable,
-    ckpt: &mut Option<Checkpoint>,
-) -> Result<ParamStore> {
-    let init_params = match &ckpt {
-        Some(ck) => ck.params.clone(),
-        None => table.init(model_cfg, cfg.seed),
-    };
-    let store = ParamStore::new(gpu, &table.store_specs(), &init_params, true)?;
-    if let Some((m, v)) = ckpt.as_ref().and_then(|c| c.optimizer.as_ref()) {
-        ParamStore::write(gpu, &store.m, m)?;
-        ParamStore::write(gpu, &store.v, v)?;
-    }
-    drop(init_params);
-    // Every rank initialized from the same seed or loaded the same checkpoint: verify.
-    parallel::check_same_weights(comm, gpu, &store, "at the start")?;
-    if let Some(ck) = ckpt {
-        ck.params = Vec::new();
-        ck.optimizer = None;
-    }
-    Ok(store)
 }
 
 /// The training and evaluation executors over the parameters in `store`.
@@ -511,8 +379,7 @@ fn build_executors<'g>(
     gpu: &'g Gpu,
     cfg: &TrainConfig,
     comm: &Comm,
-    model_cfg: &GptConfig,
-    table: &ParamTable,
+    model: &Model,
     store: &ParamStore,
 ) -> Result<(Executor<'g>, Executor<'g>)> {
     let (b, t) = (cfg.batch_size, cfg.block_size);
@@ -527,9 +394,9 @@ fn build_executors<'g>(
         },
     };
     let build = || -> Result<(Executor, Executor)> {
-        let train_graph = gpt::build_for(model_cfg, table, b, t, Mode::Train, gpu.max_binding());
+        let train_graph = model.graph(b, t, Mode::Train, gpu.max_binding())?;
         let exec = Executor::new(gpu, train_graph.graph, store, opts.clone())?;
-        let eval_graph = gpt::build_for(model_cfg, table, b, t, Mode::Eval, gpu.max_binding());
+        let eval_graph = model.graph(b, t, Mode::Eval, gpu.max_binding())?;
         let eval_exec = Executor::new(gpu, eval_graph.graph, store, opts.clone())?;
         Ok((exec, eval_exec))
     };
@@ -665,7 +532,7 @@ struct Trainer<'a> {
     gpu: &'a Gpu,
     cfg: &'a TrainConfig,
     comm: &'a Comm,
-    model_cfg: GptConfig,
+    model: Model,
     data: Dataset,
     store: ParamStore,
     exec: Executor<'a>,
@@ -684,14 +551,13 @@ impl<'a> Trainer<'a> {
     /// output directory, the parameters and executors on the GPU, the loader; then says what
     /// will run.
     fn new(gpu: &'a Gpu, cfg: &'a TrainConfig, comm: &'a Comm) -> Result<Trainer<'a>> {
-        let (mut model_cfg, mut ckpt, start_state) = start_model(gpu, cfg)?;
-        let data = load_checked_data(cfg, comm, &mut model_cfg, ckpt.as_ref())?;
+        let (mut model, mut ckpt, start_state) = model::start_model(gpu, cfg)?;
+        let data = model::load_checked_data(cfg, comm, &mut model, ckpt.as_ref())?;
         // Everything is checked that can be without the GPU.
-        let out = claim_out(cfg, comm)?;
-        let table = ParamTable::new(&model_cfg);
-        table.check_fits(gpu)?;
-        let store = upload_params(gpu, cfg, comm, &model_cfg, &table, &mut ckpt)?;
-        let (mut exec, eval_exec) = build_executors(gpu, cfg, comm, &model_cfg, &table, &store)?;
+        let out = claim_out(cfg, comm, &model)?;
+        model.check_fits(gpu)?;
+        let store = model::upload_params(gpu, cfg, comm, &mut model, &mut ckpt)?;
+        let (mut exec, eval_exec) = build_executors(gpu, cfg, comm, &model, &store)?;
         if cfg.validate {
             validate_nodes(&mut exec, cfg, &data)?;
         }
@@ -702,7 +568,7 @@ impl<'a> Trainer<'a> {
             gpu,
             cfg,
             comm,
-            model_cfg,
+            model,
             data,
             store,
             exec,
@@ -729,7 +595,7 @@ impl<'a> Trainer<'a> {
     /// Prints the ranks (or the adapter), the data, the model, the memory, the global batch and
     /// where a resumed run continues. `places` holds each rank's host and adapter.
     fn announce(&self, places: &[Vec<u8>], rank_change: Option<usize>) {
-        let (cfg, comm, model_cfg) = (self.cfg, self.comm, &self.model_cfg);
+        let (cfg, comm) = (self.cfg, self.comm);
         let (b, t, step) = (cfg.batch_size, cfg.block_size, self.step);
         if comm.size() > 1 {
             self.say(format!("ranks: {} (MPI)", comm.size()));
@@ -742,16 +608,7 @@ impl<'a> Trainer<'a> {
             self.say(format!("adapter: {}", self.gpu.adapter_name()));
         }
         self.say(format!("data: {}", self.data.description));
-        self.say(format!(
-            "model: {} layers, {} heads, {} embd, block {}, vocab {} (padded {}), {:.2}M parameters",
-            model_cfg.n_layer,
-            model_cfg.n_head,
-            model_cfg.n_embd,
-            model_cfg.block_size,
-            model_cfg.vocab_size,
-            model_cfg.padded_vocab(),
-            model_cfg.num_params() as f64 / 1e6
-        ));
+        self.say(format!("model: {}", self.model.describe()));
         self.say(format!(
             "memory: parameters + gradients + AdamW {:.1} MiB; activations planned {:.1} MiB (without reuse {:.1} MiB)",
             self.store.bytes() as f64 / 1048576.0,
@@ -850,7 +707,7 @@ impl<'a> Trainer<'a> {
             ms_per_step,
             tokens_per_step: run.tokens_per_step,
             interrupted: was_interrupted,
-            cfg: self.model_cfg,
+            cfg: self.model.gpt().cloned(),
         })
     }
 
@@ -937,24 +794,30 @@ impl<'a> Trainer<'a> {
             })
             .collect::<Result<Vec<_>>>()?;
         let read = |views| ParamStore::read(gpu, views);
-        checkpoint::save(
-            &self.cfg.out,
-            &Checkpoint {
-                cfg: self.model_cfg.clone(),
-                params: read(&store.params)?,
-                optimizer: Some((read(&store.m)?, read(&store.v)?)),
-                state: Some(state::TrainerState {
-                    step: self.step,
-                    loader: self.loader.state(),
-                    data_description: self.data.description.clone(),
-                    config: self.cfg.settings(),
-                    kernels: gpu.tuner.used(),
-                    ranks: comm.size(),
-                    rank_loaders,
-                    loss_svg: self.plot_ours(),
-                }),
-                vocab: Some(self.data.vocab.clone()),
-            },
-        )
+        let state = state::TrainerState {
+            step: self.step,
+            loader: self.loader.state(),
+            data_description: self.data.description.clone(),
+            config: self.cfg.settings(),
+            kernels: gpu.tuner.used(),
+            ranks: comm.size(),
+            rank_loaders,
+            loss_svg: self.plot_ours(),
+        };
+        let params = read(&store.params)?;
+        let moments = (read(&store.m)?, read(&store.v)?);
+        match &self.model {
+            Model::Llama(l) => l.save(&self.cfg.out, &params, &moments, &state),
+            Model::Gpt(c) => checkpoint::save(
+                &self.cfg.out,
+                &Checkpoint {
+                    cfg: c.clone(),
+                    params,
+                    optimizer: Some(moments),
+                    state: Some(state),
+                    vocab: Some(self.data.vocab.clone()),
+                },
+            ),
+        }
     }
 }

@@ -1,0 +1,436 @@
+//! The model a training run trains, as the loop sees it: GPT-2 (fresh, or from our or
+//! transformers' checkpoint) or a Llama-family checkpoint directory (`--init`, or `--resume` of
+//! a run that wrote one). The loop asks it for the parameter table, the graph, the token range
+//! and the checkpoint files; the schedule, clipping, evaluation, metrics and checkpoint timing
+//! stay the loop's.
+//!
+//! A Llama-family run writes Hugging Face's layout into `--out`: config.json (as transformers 5.x
+//! writes it, dtype float32), the weights in f32 (model.safetensors), the source's tokenizer and
+//! generation files copied, so that `sample` and transformers load it; and, as a GPT-2 run does,
+//! the AdamW moments (optimizer.safetensors) and trainer_state.json, so that `--resume`
+//! continues it bit for bit.
+
+use std::path::Path;
+
+use super::checkpoint::{self, Checkpoint, Moments};
+use super::{Dataset, TrainConfig, load_data, parallel, state};
+use crate::dist::Comm;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::graph::ParamStore;
+use crate::io::hf_llama::{self, LlamaConfig};
+use crate::io::hf_weights;
+use crate::io::vocab::Vocab;
+use crate::model::gpt::{self, GptGraph, Mode};
+use crate::model::llama;
+use crate::model::llama_params::LlamaParams;
+use crate::model::{GptConfig, ParamTable};
+
+/// Files of a Llama-family directory copied, when present, into every checkpoint of a run.
+pub const LLAMA_COPIED: [&str; 4] = [
+    crate::io::vocab::TOKENIZER_FILE,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    hf_weights::GENERATION_FILE,
+];
+
+/// The model being trained.
+#[derive(Debug)]
+pub enum Model {
+    Gpt(GptConfig),
+    Llama(Box<LlamaModel>),
+}
+
+/// A Llama-family checkpoint being fine-tuned.
+#[derive(Debug)]
+pub struct LlamaModel {
+    pub cfg: LlamaConfig,
+    pub table: LlamaParams,
+    /// The initial weights, until uploaded.
+    params: Vec<Vec<f32>>,
+    /// Its tokenizer, or bare ids when it has none.
+    vocab: Vocab,
+    /// The AdamW moments a resumed run continues with, until uploaded.
+    optimizer: Option<Moments>,
+    /// `LLAMA_COPIED` files of the source, read at the start (so `--out` may be the source).
+    copied: Vec<(String, Vec<u8>)>,
+}
+
+impl LlamaModel {
+    /// Reads the checkpoint in `dir`: config, weights, tokenizer and the files to copy.
+    fn load(dir: &Path, dropout: f32) -> Result<LlamaModel> {
+        let ck = hf_weights::load(dir)?;
+        let vocab = Vocab::load(dir)?.unwrap_or(Vocab::Ids(ck.cfg.arch.vocab));
+        let mut copied = Vec::new();
+        for name in LLAMA_COPIED {
+            let path = dir.join(name);
+            if path.is_file() {
+                copied.push((
+                    name.to_string(),
+                    std::fs::read(&path).map_err(|e| Error::io(&path, e))?,
+                ));
+            }
+        }
+        let mut cfg = ck.cfg;
+        cfg.arch.dropout = dropout;
+        Ok(LlamaModel {
+            cfg,
+            table: ck.table,
+            params: ck.params,
+            optimizer: None,
+            vocab,
+            copied,
+        })
+    }
+
+    /// Reads a training checkpoint of a Llama-family run in `dir` to continue it: the weights,
+    /// the AdamW moments and the trainer state.
+    fn load_resumable(dir: &Path, dropout: f32) -> Result<(LlamaModel, state::TrainerState)> {
+        let state = checkpoint::read_state(dir)?;
+        let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
+        if !opt_path.is_file() {
+            return Err(no_optimizer(dir));
+        }
+        let mut l = LlamaModel::load(dir, dropout)?;
+        l.optimizer = Some(checkpoint::read_moments(&opt_path, &l.table.store_specs())?);
+        Ok((l, state))
+    }
+
+    /// Writes a checkpoint into `dir` atomically: config.json, `params` as model.safetensors
+    /// (f32), the copied files, the AdamW moments and the trainer state (last, as a GPT-2 run
+    /// writes it); weight files of another layout left there (an index, shards) are removed
+    /// after.
+    pub fn save(
+        &self,
+        dir: &Path,
+        params: &[Vec<f32>],
+        moments: &Moments,
+        state: &state::TrainerState,
+    ) -> Result<()> {
+        let mut files = hf_weights::weight_files(&self.table, params, None)?;
+        let config = hf_llama::config_json(&self.cfg)?;
+        files.push((
+            crate::io::hf::CONFIG_FILE.to_string(),
+            serde_json::to_vec_pretty(&config).expect("JSON of a config"),
+        ));
+        files.extend(self.copied.iter().cloned());
+        if !self
+            .copied
+            .iter()
+            .any(|f| f.0 == hf_weights::GENERATION_FILE)
+        {
+            let json = hf_weights::GenerationConfig::json_of(&self.cfg);
+            files.push((
+                hf_weights::GENERATION_FILE.to_string(),
+                serde_json::to_vec_pretty(&json).expect("JSON of a generation config"),
+            ));
+        }
+        files.push((
+            checkpoint::OPTIMIZER_FILE.to_string(),
+            checkpoint::moments_bytes(&self.table.store_specs(), moments)?,
+        ));
+        // The trainer state last: a checkpoint is a training checkpoint once it is in place.
+        files.push((
+            checkpoint::STATE_FILE.to_string(),
+            state.to_json().into_bytes(),
+        ));
+        hf_weights::write_atomically(dir, &files)?;
+        hf_weights::remove_stale_weights(dir, &files)
+    }
+}
+
+impl Model {
+    /// (name, shape) of every parameter, in store order.
+    pub fn store_specs(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            Model::Gpt(c) => ParamTable::new(c).store_specs(),
+            Model::Llama(l) => l.table.store_specs(),
+        }
+    }
+
+    /// Fails early, naming the tensor, when a parameter cannot be one binding on `gpu`.
+    pub fn check_fits(&self, gpu: &Gpu) -> Result<()> {
+        match self {
+            Model::Gpt(c) => ParamTable::new(c).check_fits(gpu),
+            Model::Llama(l) => l
+                .table
+                .specs
+                .iter()
+                .try_for_each(|s| gpu.check_fits(&s.name, s.numel() as u64 * 4)),
+        }
+    }
+
+    /// The graph for batches of `b` sequences of `t` tokens.
+    pub fn graph(&self, b: usize, t: usize, mode: Mode, max_binding: u64) -> Result<GptGraph> {
+        match self {
+            Model::Gpt(c) => Ok(gpt::build_for(
+                c,
+                &ParamTable::new(c),
+                b,
+                t,
+                mode,
+                max_binding,
+            )),
+            Model::Llama(l) => llama::build(&l.cfg.arch, &l.table, b, t, mode),
+        }
+    }
+
+    /// One line for the start of a run.
+    pub fn describe(&self) -> String {
+        match self {
+            Model::Gpt(c) => format!(
+                "{} layers, {} heads, {} embd, block {}, vocab {} (padded {}), {:.2}M parameters",
+                c.n_layer,
+                c.n_head,
+                c.n_embd,
+                c.block_size,
+                c.vocab_size,
+                c.padded_vocab(),
+                c.num_params() as f64 / 1e6
+            ),
+            Model::Llama(l) => {
+                let a = &l.cfg.arch;
+                format!(
+                    "{} ({} layers, {} heads, {} kv heads, head_dim {}, hidden {}, intermediate \
+                     {}, context {}, vocab {}), {:.2}M parameters",
+                    a.family.model_type(),
+                    a.n_layer,
+                    a.n_head,
+                    a.n_kv_head,
+                    a.head_dim,
+                    a.hidden,
+                    a.intermediate(),
+                    a.context,
+                    a.vocab,
+                    a.checked_num_params().unwrap_or(0) as f64 / 1e6
+                )
+            }
+        }
+    }
+
+    /// The GPT-2 config, for a GPT-2 model.
+    pub fn gpt(&self) -> Option<&GptConfig> {
+        match self {
+            Model::Gpt(c) => Some(c),
+            Model::Llama(_) => None,
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Model::Gpt(c) => c.vocab_size,
+            Model::Llama(l) => l.cfg.arch.vocab,
+        }
+    }
+
+    /// The most positions, and the config field that says so.
+    fn context(&self) -> (usize, &'static str) {
+        match self {
+            Model::Gpt(c) => (c.block_size, "n_positions"),
+            Model::Llama(l) => (l.cfg.arch.context, "max_position_embeddings"),
+        }
+    }
+
+    fn padded_vocab(&self) -> usize {
+        match self {
+            Model::Gpt(c) => c.padded_vocab(),
+            Model::Llama(l) => l.cfg.arch.vocab,
+        }
+    }
+
+    fn training_bytes(&self) -> u128 {
+        match self {
+            Model::Gpt(c) => c.training_bytes(),
+            // Parameters, gradients and two AdamW moments, f32.
+            Model::Llama(l) => l
+                .cfg
+                .arch
+                .checked_num_params()
+                .map_or(u128::MAX, |n| n as u128 * 16),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        match self {
+            Model::Gpt(c) => c.validate(),
+            Model::Llama(l) => l.cfg.arch.validate(),
+        }
+    }
+}
+
+/// The error for resuming from a directory without optimizer.safetensors.
+fn no_optimizer(dir: &Path) -> Error {
+    Error::invalid(
+        dir.display().to_string(),
+        "has no optimizer.safetensors: cannot resume (use --init to start from it)",
+    )
+}
+
+/// The model a run starts from: continued from a checkpoint (`--resume`, with the trainer state
+/// and optimizer moments), initialized from one (`--init`, weights only: ours, transformers'
+/// GPT-2 or a Llama-family directory), or fresh.
+pub(super) fn start_model(
+    gpu: &Gpu,
+    cfg: &TrainConfig,
+) -> Result<(Model, Option<Checkpoint>, Option<state::TrainerState>)> {
+    if let Some(dir) = &cfg.resume {
+        if hf_llama::is_llama_checkpoint(dir) {
+            let (l, state) = LlamaModel::load_resumable(dir, cfg.dropout)?;
+            gpu.tuner.pin(&state.kernels);
+            return Ok((Model::Llama(Box::new(l)), None, Some(state)));
+        }
+        let ck = checkpoint::load(dir)?;
+        let state = ck
+            .state
+            .clone()
+            .ok_or_else(|| checkpoint::not_a_training_checkpoint(dir))?;
+        if ck.optimizer.is_none() {
+            return Err(no_optimizer(dir));
+        }
+        // The variants the checkpoint's run computed with win over the cache.
+        gpu.tuner.pin(&state.kernels);
+        // The checkpoint's dropout is the default (`with_settings`); a --dropout flag applies.
+        let mut c = ck.cfg.clone();
+        c.dropout = cfg.dropout;
+        Ok((Model::Gpt(c), Some(ck), Some(state)))
+    } else if let Some(dir) = &cfg.init {
+        if hf_llama::is_llama_checkpoint(dir) {
+            let l = LlamaModel::load(dir, cfg.dropout)?;
+            return Ok((Model::Llama(Box::new(l)), None, None));
+        }
+        let mut ck = checkpoint::load(dir)?;
+        ck.optimizer = None;
+        ck.state = None;
+        let mut c = ck.cfg.clone();
+        c.dropout = cfg.dropout;
+        Ok((Model::Gpt(c), Some(ck), None))
+    } else {
+        let fresh = GptConfig {
+            n_layer: cfg.n_layer,
+            n_head: cfg.n_head,
+            n_embd: cfg.n_embd,
+            block_size: cfg.block_size,
+            vocab_size: 0, // from the data
+            dropout: cfg.dropout,
+            bias: cfg.bias,
+        };
+        Ok((Model::Gpt(fresh), None, None))
+    }
+}
+
+/// Loads the training data and checks it, the model and the batch shape against each other
+/// (and the memory the model needs), before anything touches the GPU. A fresh model takes its
+/// vocabulary size from the data.
+pub(super) fn load_checked_data(
+    cfg: &TrainConfig,
+    comm: &Comm,
+    model: &mut Model,
+    ckpt: Option<&Checkpoint>,
+) -> Result<Dataset> {
+    // A checkpoint without a vocabulary (a bare transformers directory) still fixes the token
+    // range: token files are checked against it, text cannot be encoded for it.
+    let ck_vocab = match &*model {
+        Model::Llama(l) => Some(l.vocab.clone()),
+        Model::Gpt(_) => ckpt.map(|c| c.vocab.clone().unwrap_or(Vocab::Ids(c.cfg.vocab_size))),
+    };
+    let data = load_data(cfg, ck_vocab.as_ref())?;
+    if let Model::Gpt(c) = model
+        && c.vocab_size == 0
+    {
+        c.vocab_size = data.vocab.size();
+    }
+    let model = &*model;
+    if let Some(id) = data.train.iter().chain(&data.val).copied().max()
+        && id as usize >= model.vocab_size()
+    {
+        return Err(Error::invalid(
+            "--data",
+            format!(
+                "token id {id} of the data is outside the model's vocabulary of {}",
+                model.vocab_size()
+            ),
+        ));
+    }
+    if let Model::Gpt(c) = model
+        && data.vocab.size() > c.vocab_size
+    {
+        return Err(Error::invalid(
+            "--data",
+            format!(
+                "the data's vocabulary has {} tokens, more than the model's {}",
+                data.vocab.size(),
+                c.vocab_size
+            ),
+        ));
+    }
+    model.validate()?;
+    let (b, t) = (cfg.batch_size, cfg.block_size);
+    let (context, field) = model.context();
+    if t > context {
+        return Err(Error::invalid(
+            "--block-size",
+            format!("{t} is beyond the model's position table of {context} ({field})"),
+        ));
+    }
+    if b == 0 || t == 0 || cfg.grad_accum == 0 {
+        return Err(Error::invalid(
+            "train",
+            "--batch-size, --block-size and --grad-accum must be at least 1",
+        ));
+    }
+    let data_name = cfg
+        .data
+        .as_ref()
+        .map_or("embedded dataset".to_string(), |p| p.display().to_string());
+    data.check_fits(&data_name, t)?;
+    crate::sizes::bytes(
+        "the logits of one micro-batch",
+        &[
+            ("--batch-size", b as u64),
+            ("--block-size", t as u64),
+            ("padded vocabulary", model.padded_vocab() as u64),
+            ("bytes per value", 4),
+        ],
+    )?;
+    super::check_ranks_fed(comm, cfg, data.train.len())?;
+    crate::memory::check(
+        "the model's parameters, gradients and AdamW moments",
+        model.training_bytes(),
+    )?;
+    Ok(data)
+}
+
+/// The parameters (and, when resuming, the AdamW moments) on the GPU, checked to be the same on
+/// every rank. The initial copies on the CPU are dropped once uploaded.
+pub(super) fn upload_params(
+    gpu: &Gpu,
+    cfg: &TrainConfig,
+    comm: &Comm,
+    model: &mut Model,
+    ckpt: &mut Option<Checkpoint>,
+) -> Result<ParamStore> {
+    let init_params = match (&mut *model, &ckpt) {
+        (Model::Llama(l), _) => std::mem::take(&mut l.params),
+        (Model::Gpt(_), Some(ck)) => ck.params.clone(),
+        (Model::Gpt(c), None) => ParamTable::new(c).init(c, cfg.seed),
+    };
+    let store = ParamStore::new(gpu, &model.store_specs(), &init_params, true)?;
+    let moments = match (&mut *model, &mut *ckpt) {
+        (Model::Llama(l), _) => l.optimizer.take(),
+        (Model::Gpt(_), Some(ck)) => ck.optimizer.take(),
+        (Model::Gpt(_), None) => None,
+    };
+    if let Some((m, v)) = &moments {
+        ParamStore::write(gpu, &store.m, m)?;
+        ParamStore::write(gpu, &store.v, v)?;
+    }
+    drop(moments);
+    drop(init_params);
+    // Every rank initialized from the same seed or loaded the same checkpoint: verify.
+    parallel::check_same_weights(comm, gpu, &store, "at the start")?;
+    if let Some(ck) = ckpt {
+        ck.params = Vec::new();
+        ck.optimizer = None;
+    }
+    Ok(store)
+}

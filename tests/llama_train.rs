@@ -1,0 +1,383 @@
+//! `train --init` from Llama-family checkpoints as transformers saved them: the loop fine-tunes
+//! llama-tiny (GQA, untied head, llama3 RoPE) from its source model's loss and lowers it; the
+//! directory it writes reloads, in f32, to the very model it trained (the same evaluation loss,
+//! bit for bit); `--resume` of it continues bit for bit; a bf16 source trains and saves in f32;
+//! qwen2-tiny (tied head, tokenizer.json) trains on text, is sampled at the end of the run, and
+//! its checkpoint is read by `score` and `sample`; GPT-2's model flags and data outside the
+//! model's vocabulary are refused by name.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{bin, losses, scratch, text};
+use shaderformer::gpu::{DType, test_gpu};
+use shaderformer::graph::{ExecOptions, Executor, ParamStore};
+use shaderformer::io::hf_weights;
+use shaderformer::model::gpt::Mode;
+use shaderformer::model::llama;
+use shaderformer::train::data::{Dataset, Loader, LoaderKind};
+use shaderformer::train::{self, TrainConfig};
+
+fn asset(model: &str) -> PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets")).join(model)
+}
+
+/// A nanoGPT .bin of `n` u16 tokens below `vocab` with a pattern a model learns quickly.
+fn pattern_bin(dir: &Path, n: usize, vocab: u16) -> PathBuf {
+    let path = dir.join("data.bin");
+    let bytes: Vec<u8> = (0..n)
+        .flat_map(|i| ((i * 7 % vocab as usize) as u16).to_le_bytes())
+        .collect();
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn config(data: &Path, out: &Path, max_iters: u64) -> TrainConfig {
+    let mut cfg = TrainConfig {
+        data: Some(data.to_path_buf()),
+        out: out.to_path_buf(),
+        init: Some(asset("llama-tiny")),
+        batch_size: 2,
+        block_size: 24,
+        max_iters,
+        eval_interval: max_iters,
+        eval_iters: 3,
+        log_interval: 5,
+        verbose: false,
+        ..TrainConfig::default()
+    };
+    cfg.schedule.lr = 3e-3;
+    cfg.schedule.min_lr = 3e-4;
+    cfg.schedule.warmup_iters = 0;
+    cfg.schedule.lr_decay_iters = max_iters;
+    cfg
+}
+
+/// Mean loss of the written checkpoint over the batches the trainer's evaluation draws (its
+/// loader, seeded `seed ^ 0xE7A1_0000`), on the model as `sample` and `score` load it.
+fn reloaded_val_loss(dir: &Path, cfg: &TrainConfig) -> f32 {
+    let gpu = test_gpu().unwrap();
+    let ck = hf_weights::load(dir).expect("load the written checkpoint");
+    let store = ParamStore::build(
+        gpu,
+        &ck.table.store_specs(),
+        &ck.params,
+        true,
+        DType::F32,
+        &|_| u64::MAX,
+    )
+    .unwrap();
+    let (b, t) = (cfg.batch_size, cfg.block_size);
+    let g = llama::build(&ck.cfg.arch, &ck.table, b, t, Mode::Eval).unwrap();
+    let opts = ExecOptions {
+        reuse: true,
+        grad_accum: 1,
+        adamw: cfg.adamw(),
+        seed: cfg.seed as u32,
+        shard: Default::default(),
+    };
+    let mut exec = Executor::new(gpu, g.graph, &store, opts).unwrap();
+    let data = Dataset::load(cfg.data.as_ref().unwrap(), None).unwrap();
+    let mut loader = Loader::new(LoaderKind::Random, b, t, cfg.seed ^ 0xE7A1_0000);
+    let mut sum = 0.0f64;
+    for _ in 0..cfg.eval_iters {
+        sum += exec.forward_loss(&loader.next(&data.val)).unwrap() as f64;
+    }
+    (sum / cfg.eval_iters as f64) as f32
+}
+
+#[test]
+fn init_from_llama_tiny_lowers_the_loss_and_writes_the_trained_model() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = scratch("llama-train", "init");
+    let data = pattern_bin(&dir, 3000, 83);
+    let out = dir.join("out");
+    let mut cfg = config(&data, &out, 30);
+    cfg.metrics = Some(dir.join("metrics.jsonl"));
+    let summary = train::train(gpu, &cfg).expect("train --init llama-tiny");
+    let l = losses(&dir.join("metrics.jsonl"));
+    let first = l.first().unwrap().1;
+    let val = summary.final_val_loss.unwrap() as f64;
+    // The pattern is learnable: 30 steps at 3e-3 take the random model well down.
+    assert!(val < first - 1.0, "loss {first} -> val {val}: {l:?}");
+
+    // f32 weights and config, and the trained model itself: its evaluation loss, recomputed
+    // from the files, is the trainer's.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "float32", "{config}");
+    assert_eq!(config["model_type"], "llama", "{config}");
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, t) in st.tensors() {
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    }
+    let source = hf_weights::load(&asset("llama-tiny")).unwrap();
+    let trained = hf_weights::load(&out).unwrap();
+    assert_eq!(source.table.store_specs(), trained.table.store_specs());
+    assert_ne!(source.params, trained.params, "the weights did not move");
+    let reloaded = reloaded_val_loss(&out, &cfg);
+    assert_eq!(
+        reloaded,
+        summary.final_val_loss.unwrap(),
+        "reloaded model's loss"
+    );
+}
+
+/// The loop computes with the checkpoint's own model: its first step's loss is, bit for bit, that
+/// of the training graph (the one tests/llama_parity.rs checks against transformers) with the
+/// source's weights on the loop's first batch.
+#[test]
+fn first_step_loss_is_the_source_models_on_the_first_batch() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = scratch("llama-train", "first");
+    let data = pattern_bin(&dir, 3000, 83);
+    let mut cfg = config(&data, &dir.join("out"), 2);
+    cfg.log_interval = 1;
+    cfg.metrics = Some(dir.join("metrics.jsonl"));
+    train::train(gpu, &cfg).unwrap();
+    let logged = losses(&dir.join("metrics.jsonl"));
+    assert_eq!(logged[0].0, 1, "{logged:?}");
+
+    let ck = hf_weights::load(&asset("llama-tiny")).unwrap();
+    let store = ParamStore::build(
+        gpu,
+        &ck.table.store_specs(),
+        &ck.params,
+        true,
+        DType::F32,
+        &|_| u64::MAX,
+    )
+    .unwrap();
+    let (b, t) = (cfg.batch_size, cfg.block_size);
+    let g = llama::build(&ck.cfg.arch, &ck.table, b, t, Mode::Train).unwrap();
+    let opts = ExecOptions {
+        reuse: true,
+        grad_accum: 1,
+        adamw: cfg.adamw(),
+        seed: cfg.seed as u32,
+        shard: Default::default(),
+    };
+    let mut exec = Executor::new(gpu, g.graph, &store, opts).unwrap();
+    let train_split = Dataset::load(&data, None).unwrap().train;
+    let batch = Loader::new(LoaderKind::Random, b, t, cfg.seed).next(&train_split);
+    let want = exec.forward_loss(&batch).unwrap();
+    assert_eq!(
+        logged[0].1 as f32, want,
+        "step 1's loss against the source model's"
+    );
+}
+
+/// A bf16 checkpoint trains in f32 and is written in f32.
+#[test]
+fn bf16_source_is_trained_and_written_in_f32() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = scratch("llama-train", "bf16");
+    let data = pattern_bin(&dir, 3000, 97);
+    let out = dir.join("out");
+    let mut cfg = config(&data, &out, 2);
+    cfg.init = Some(asset("qwen3-tiny-bf16"));
+    train::train(gpu, &cfg).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "float32", "{config}");
+    assert_eq!(config["model_type"], "qwen3", "{config}");
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, t) in st.tensors() {
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    }
+    let trained = hf_weights::load(&out).unwrap();
+    let source = hf_weights::load(&asset("qwen3-tiny-bf16")).unwrap();
+    assert_eq!(trained.params.len(), source.params.len());
+    // Moved by two steps, and no longer on bf16's grid.
+    assert!(
+        trained.params[0].iter().any(|x| x.to_bits() & 0xFFFF != 0),
+        "weights still bf16"
+    );
+}
+
+#[test]
+fn resume_of_a_llama_run_continues_bit_for_bit() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = scratch("llama-train", "resume");
+    let data = pattern_bin(&dir, 3000, 83);
+    let straight = config(&data, &dir.join("straight"), 12);
+    train::train(gpu, &straight).unwrap();
+    let mut first = config(&data, &dir.join("split"), 6);
+    first.schedule.lr_decay_iters = 12;
+    train::train(gpu, &first).unwrap();
+    let state = std::fs::read_to_string(dir.join("split/trainer_state.json")).unwrap();
+    assert!(state.contains("\"step\": 6"), "{state}");
+    let mut rest = first.clone();
+    rest.init = None;
+    rest.resume = Some(dir.join("split"));
+    rest.max_iters = 12;
+    rest.eval_interval = 12;
+    train::train(gpu, &rest).unwrap();
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(dir.join("straight").join(file)).unwrap();
+        let b = std::fs::read(dir.join("split").join(file)).unwrap();
+        assert!(a == b, "{file} differs after resuming");
+    }
+}
+
+#[test]
+fn qwen2_tiny_trains_on_text_and_its_checkpoint_samples_and_scores() {
+    let dir = scratch("llama-train", "qwen2");
+    let out = dir.join("out");
+    let o = bin()
+        .args(["train", "--init"])
+        .arg(asset("qwen2-tiny"))
+        .arg("--data")
+        .arg(asset("qwen2-tiny/score.txt"))
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--max-iters",
+            "4",
+            "--batch-size",
+            "2",
+            "--block-size",
+            "16",
+        ])
+        .args([
+            "--eval-interval",
+            "4",
+            "--eval-iters",
+            "1",
+            "--sample-tokens",
+            "8",
+        ])
+        .output()
+        .unwrap();
+    let log = text(&o);
+    if log.contains("no GPU adapter") {
+        return;
+    }
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("--- sample ---"), "{log}");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing: {log}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "qwen2", "{config}");
+    assert_eq!(config["tie_word_embeddings"], true, "{config}");
+    let o = bin()
+        .args(["score", "--checkpoint"])
+        .arg(&out)
+        .arg("--data")
+        .arg(asset("qwen2-tiny/score.txt"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "score: {}", text(&o));
+    let o = bin()
+        .args(["sample", "--checkpoint"])
+        .arg(&out)
+        .args(["--prompt", "hello", "--greedy", "--max-new-tokens", "4"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "sample: {}", text(&o));
+}
+
+#[test]
+fn gpt2_model_flags_with_a_llama_checkpoint_are_refused() {
+    let dir = scratch("llama-train", "flags");
+    let data = pattern_bin(&dir, 3000, 83);
+    for (flag, value) in [("--n-layer", Some("3")), ("--no-bias", None)] {
+        let mut c = bin();
+        c.args(["train", "--init"])
+            .arg(asset("llama-tiny"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(dir.join("out"))
+            .arg(flag);
+        if let Some(v) = value {
+            c.arg(v);
+        }
+        let o = c.output().unwrap();
+        let log = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{log}");
+        assert!(log.contains(flag) && log.contains("Llama-family"), "{log}");
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
+#[test]
+fn data_beyond_the_llama_vocabulary_is_refused() {
+    let dir = scratch("llama-train", "vocab");
+    let data = pattern_bin(&dir, 3000, 90);
+    let o = bin()
+        .args(["train", "--init"])
+        .arg(asset("llama-tiny"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    let log = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("data.bin") && log.contains("vocabulary of 83"),
+        "{log}"
+    );
+    assert!(!dir.join("out/model.safetensors").exists(), "{log}");
+}
+
+/// `--resume` takes a Llama-family run's checkpoint only: a directory as transformers saved it
+/// has no trainer state, one without optimizer.safetensors no moments; each is named.
+#[test]
+fn resume_refuses_a_llama_directory_that_is_not_a_training_checkpoint() {
+    let dir = scratch("llama-train", "resume-refused");
+    let o = bin()
+        .arg("train")
+        .arg("--resume")
+        .arg(asset("llama-tiny"))
+        .output()
+        .unwrap();
+    let log = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("llama-tiny") && log.contains("no trainer_state.json"),
+        "{log}"
+    );
+
+    let data = pattern_bin(&dir, 3000, 83);
+    let out = dir.join("out");
+    let train = |how: &str, dir: &Path| {
+        bin()
+            .args(["train", how])
+            .arg(dir)
+            .arg("--data")
+            .arg(&data)
+            .args(["--max-iters", "1", "--batch-size", "2", "--block-size", "8"])
+            .args(["--eval-iters", "1", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = train("--init", &asset("llama-tiny"));
+    if text(&o).contains("no GPU adapter") {
+        return;
+    }
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::remove_file(out.join("optimizer.safetensors")).unwrap();
+    let o = train("--resume", &out);
+    let log = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&out.display().to_string()) && log.contains("no optimizer.safetensors"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
