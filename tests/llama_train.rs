@@ -4,7 +4,9 @@
 //! bit for bit); `--resume` of it continues bit for bit; a bf16 source trains and saves in f32;
 //! qwen2-tiny (tied head, tokenizer.json) trains on text, is sampled at the end of the run, and
 //! its checkpoint is read by `score` and `sample`; GPT-2's model flags and data outside the
-//! model's vocabulary are refused by name.
+//! model's vocabulary are refused by name. `train --arch llama` trains a fresh model on text
+//! (its weights drawn as transformers draws them, its checkpoint sampled, resumed bit for bit
+//! and validated node by node), and flags of the other architecture are refused by name.
 
 mod common;
 
@@ -17,7 +19,7 @@ use shaderformer::io::hf_weights;
 use shaderformer::model::gpt::Mode;
 use shaderformer::model::llama;
 use shaderformer::train::data::{Dataset, Loader, LoaderKind};
-use shaderformer::train::{self, TrainConfig};
+use shaderformer::train::{self, FreshLlama, TrainConfig};
 
 fn asset(model: &str) -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets")).join(model)
@@ -380,4 +382,263 @@ fn resume_refuses_a_llama_directory_that_is_not_a_training_checkpoint() {
         "{log}"
     );
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// A short text a small model learns quickly: one sentence, repeated.
+fn sentence_text(dir: &Path) -> PathBuf {
+    let path = dir.join("text.txt");
+    std::fs::write(
+        &path,
+        "the quick brown fox jumps over the lazy dog.\n".repeat(120),
+    )
+    .unwrap();
+    path
+}
+
+/// `train --arch llama` from scratch: 2 layers, n_embd 32, 4 heads over 2 key/value heads.
+fn fresh_config(data: &Path, out: &Path, max_iters: u64) -> TrainConfig {
+    TrainConfig {
+        init: None,
+        n_layer: 2,
+        n_head: 4,
+        n_embd: 32,
+        block_size: 16,
+        llama: Some(FreshLlama {
+            n_kv_head: 2,
+            intermediate: FreshLlama::default_intermediate(32),
+            rope_theta: 10000.0,
+        }),
+        ..config(data, out, max_iters)
+    }
+}
+
+#[test]
+fn default_intermediate_size_is_the_multiple_of_64_nearest_8_thirds_of_n_embd() {
+    // SmolLM2-135M: hidden 576, intermediate 1536 = 8/3 · 576.
+    assert_eq!(FreshLlama::default_intermediate(576), 1536);
+    assert_eq!(FreshLlama::default_intermediate(32), 64);
+    assert_eq!(FreshLlama::default_intermediate(128), 320); // 341.3 -> 320
+    assert_eq!(FreshLlama::default_intermediate(4096), 10944); // 10922.7 -> 10944
+}
+
+#[test]
+fn fresh_llama_learns_and_its_checkpoint_samples() {
+    let dir = scratch("llama-train", "fresh");
+    let data = sentence_text(&dir);
+    let out = dir.join("out");
+    let metrics = dir.join("metrics.jsonl");
+    let o = bin()
+        .args(["train", "--arch", "llama", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .arg("--metrics")
+        .arg(&metrics)
+        .args(["--n-layer", "2", "--n-head", "4", "--n-embd", "32"])
+        .args(["--n-kv-head", "2", "--rope-theta", "50000"])
+        .args([
+            "--block-size",
+            "16",
+            "--batch-size",
+            "2",
+            "--max-iters",
+            "20",
+        ])
+        .args(["--lr", "1e-2", "--warmup-iters", "0", "--log-interval", "1"])
+        .args(["--eval-interval", "20", "--eval-iters", "2"])
+        .args(["--sample-tokens", "8"])
+        .output()
+        .unwrap();
+    let log = text(&o);
+    if log.contains("no GPU adapter") {
+        return;
+    }
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("--- sample ---"), "{log}");
+    let l = losses(&metrics);
+    let (first, last) = (l.first().unwrap().1, l.last().unwrap().1);
+    // 29 characters: a uniform guess is ln 29 = 3.37.
+    assert!(
+        (first - 29f64.ln()).abs() < 0.3,
+        "first loss {first}: {l:?}"
+    );
+    assert!(last < first - 1.0, "loss {first} -> {last}: {l:?}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    for (key, want) in [
+        ("model_type", serde_json::json!("llama")),
+        ("num_hidden_layers", 2.into()),
+        ("hidden_size", 32.into()),
+        ("num_attention_heads", 4.into()),
+        ("num_key_value_heads", 2.into()),
+        ("intermediate_size", 64.into()),
+        ("max_position_embeddings", 16.into()),
+        ("vocab_size", 29.into()),
+        ("rms_norm_eps", 1e-5.into()),
+        ("tie_word_embeddings", true.into()),
+        ("initializer_range", 0.02.into()),
+    ] {
+        assert_eq!(config[key], want, "{key}: {config}");
+    }
+    let theta = config["rope_parameters"]["rope_theta"]
+        .as_f64()
+        .or(config["rope_theta"].as_f64());
+    assert_eq!(theta, Some(50000.0), "{config}");
+    for f in ["model.safetensors", "generation_config.json", "vocab.json"] {
+        assert!(out.join(f).is_file(), "{f} missing: {log}");
+    }
+    let o = bin()
+        .args(["sample", "--checkpoint"])
+        .arg(&out)
+        .args(["--prompt", "the ", "--greedy", "--max-new-tokens", "6"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "sample: {}", text(&o));
+    let o = bin()
+        .args(["score", "--checkpoint"])
+        .arg(&out)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "score: {}", text(&o));
+}
+
+#[test]
+fn fresh_llama_weights_start_as_transformers_draws_them() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = scratch("llama-train", "fresh-init");
+    let data = sentence_text(&dir);
+    // One step at a rate too small to move a weight by a visible amount.
+    let mut cfg = fresh_config(&data, &dir.join("out"), 1);
+    cfg.schedule.lr = 1e-9;
+    cfg.schedule.min_lr = 1e-9;
+    train::train(gpu, &cfg).unwrap();
+    let ck = hf_weights::load(&dir.join("out")).unwrap();
+    let (mut linear, mut norms) = (Vec::new(), 0);
+    for (spec, values) in ck.table.specs.iter().zip(&ck.params) {
+        if spec.name.ends_with("norm.weight") {
+            assert!(values.iter().all(|&x| x == 1.0), "{} is not 1", spec.name);
+            norms += 1;
+        } else {
+            assert_eq!(spec.shape.len(), 2, "{}: a bias?", spec.name);
+            linear.extend(values.iter().map(|&x| x as f64));
+        }
+    }
+    assert_eq!(norms, 2 * 2 + 1, "two per layer and the final one");
+    let n = linear.len() as f64;
+    let mean = linear.iter().sum::<f64>() / n;
+    let std = (linear.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+    assert!(mean.abs() < 1e-3, "mean {mean} of {n} weights");
+    assert!((std - 0.02).abs() < 0.001, "std {std} of {n} weights");
+}
+
+#[test]
+fn resume_of_a_fresh_llama_run_continues_bit_for_bit() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = scratch("llama-train", "fresh-resume");
+    let data = sentence_text(&dir);
+    train::train(gpu, &fresh_config(&data, &dir.join("straight"), 10)).unwrap();
+    let mut first = fresh_config(&data, &dir.join("split"), 5);
+    first.schedule.lr_decay_iters = 10;
+    train::train(gpu, &first).unwrap();
+    // Into another directory: the vocabulary must travel with the run.
+    let rest = TrainConfig {
+        resume: Some(dir.join("split")),
+        out: dir.join("resumed"),
+        llama: None,
+        max_iters: 10,
+        eval_interval: 10,
+        ..first.clone()
+    };
+    train::train(gpu, &rest).unwrap();
+    for file in ["model.safetensors", "optimizer.safetensors", "vocab.json"] {
+        let a = std::fs::read(dir.join("straight").join(file)).unwrap();
+        let b = std::fs::read(dir.join("resumed").join(file))
+            .unwrap_or_else(|e| panic!("{file} of the resumed run: {e}"));
+        assert!(a == b, "{file} differs after resuming");
+    }
+}
+
+#[test]
+fn fresh_llama_validates_against_the_cpu_reference() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = scratch("llama-train", "fresh-validate");
+    let data = sentence_text(&dir);
+    let cfg = TrainConfig {
+        validate: true,
+        ..fresh_config(&data, &dir.join("out"), 1)
+    };
+    train::train(gpu, &cfg).expect("--validate of a fresh Llama model");
+}
+
+#[test]
+fn arch_flags_of_the_other_architecture_are_refused_by_name() {
+    let dir = scratch("llama-train", "arch-flags");
+    let data = sentence_text(&dir);
+    let llama_tiny = asset("llama-tiny");
+    let llama_tiny = llama_tiny.to_str().unwrap();
+    let cases: [(&[&str], &str, &str); 7] = [
+        (&["--n-kv-head", "2"], "--n-kv-head", "--arch llama"),
+        (
+            &["--arch", "gpt2", "--rope-theta", "5e5"],
+            "--rope-theta",
+            "--arch llama",
+        ),
+        (
+            &["--intermediate-size", "64"],
+            "--intermediate-size",
+            "--arch llama",
+        ),
+        (
+            &["--arch", "llama", "--no-bias"],
+            "--no-bias",
+            "--arch gpt2",
+        ),
+        (
+            &["--arch", "llama", "--init", llama_tiny],
+            "--arch",
+            "--init",
+        ),
+        (
+            &["--n-kv-head", "1", "--init", llama_tiny],
+            "--n-kv-head",
+            "--init",
+        ),
+        (
+            &["--arch", "llama", "--n-head", "4", "--n-kv-head", "3"],
+            "--n-kv-head",
+            "--n-head",
+        ),
+    ];
+    for (args, flag, also) in cases {
+        // One step: a run that wrongly starts ends soon, and fails the test.
+        let o = bin()
+            .args(["train", "--max-iters", "1", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(dir.join("out"))
+            .args(args)
+            .output()
+            .unwrap();
+        let log = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {log}");
+        assert!(log.contains(flag) && log.contains(also), "{args:?}: {log}");
+        assert!(!log.contains("panicked"), "{log}");
+    }
+    let o = bin()
+        .args([
+            "train", "--arch", "llama", "--n-embd", "30", "--n-head", "4",
+        ])
+        .arg("--out")
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    let log = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("--n-embd") && log.contains("--n-head"),
+        "{log}"
+    );
+    assert!(!dir.join("out").exists(), "an error left a checkpoint");
 }

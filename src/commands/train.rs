@@ -17,7 +17,7 @@ use shaderformer::model::GptConfig;
 use shaderformer::rng::Rng;
 use shaderformer::train::data::LoaderKind;
 use shaderformer::train::schedule::{LrSchedule, Schedule};
-use shaderformer::train::{self, TrainConfig, addition, checkpoint};
+use shaderformer::train::{self, FreshLlama, TrainConfig, addition, checkpoint};
 
 use crate::GpuArgs;
 
@@ -43,6 +43,12 @@ pub struct TrainArgs {
     /// Continue this training checkpoint exactly where it stopped.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// The architecture of a fresh model: GPT-2, or Llama (RMSNorm with eps 1e-5, rotary
+    /// positions, a gated SiLU MLP, grouped-query attention, no biases, the lm head tied to
+    /// the token embedding, weights drawn from normal(0, 0.02)) [default: gpt2]. A checkpoint
+    /// (--init, --resume) fixes its own.
+    #[arg(long, value_enum)]
+    arch: Option<ArchKind>,
     /// Transformer blocks [default: 4; 2 for the addition dataset].
     #[arg(long)]
     n_layer: Option<usize>,
@@ -56,9 +62,20 @@ pub struct TrainArgs {
     /// the addition dataset].
     #[arg(long)]
     block_size: Option<usize>,
-    /// Train without biases in linear layers and LayerNorms.
+    /// Train without biases in linear layers and LayerNorms (GPT-2; Llama has none).
     #[arg(long)]
     no_bias: bool,
+    /// Key/value heads of --arch llama, each serving --n-head / --n-kv-head query heads
+    /// [default: --n-head].
+    #[arg(long)]
+    n_kv_head: Option<usize>,
+    /// Inner units of --arch llama's gated MLP [default: the multiple of 64 nearest
+    /// 8/3 · --n-embd].
+    #[arg(long)]
+    intermediate_size: Option<usize>,
+    /// RoPE's base of --arch llama [default: 10000].
+    #[arg(long)]
+    rope_theta: Option<f64>,
     /// Dropout on the embeddings, the attention probabilities and after the attention and MLP
     /// projections, as nanoGPT and GPT-2 place it [default: 0].
     #[arg(long)]
@@ -167,10 +184,11 @@ impl TrainArgs {
                 ));
             }
         }
-        if let Some((flag, dir)) = [("--resume", &self.resume), ("--init", &self.init)]
+        let checkpoint_dir = [("--resume", &self.resume), ("--init", &self.init)]
             .into_iter()
-            .find_map(|(f, d)| d.as_ref().map(|d| (f, d)))
-        {
+            .find_map(|(f, d)| d.as_ref().map(|d| (f, d)));
+        self.check_arch_flags(checkpoint_dir.map(|c| c.0))?;
+        if let Some((flag, dir)) = checkpoint_dir {
             if hf_llama::is_llama_checkpoint(dir) {
                 self.refuse_gpt2_flags(flag, dir)?;
             } else {
@@ -179,6 +197,8 @@ impl TrainArgs {
         }
         let d = d;
         let max_iters = self.max_iters.unwrap_or(d.max_iters);
+        let n_head = self.n_head.unwrap_or(d.n_head);
+        let n_embd = self.n_embd.unwrap_or(d.n_embd);
         Ok(TrainConfig {
             data: self.data.clone().or(d.data.clone()),
             // A resumed run writes back into its checkpoint, as every trainer does.
@@ -191,8 +211,8 @@ impl TrainArgs {
             init: self.init.clone(),
             resume: self.resume.clone(),
             n_layer: self.n_layer.unwrap_or(d.n_layer),
-            n_head: self.n_head.unwrap_or(d.n_head),
-            n_embd: self.n_embd.unwrap_or(d.n_embd),
+            n_head,
+            n_embd,
             block_size: self.block_size.unwrap_or(d.block_size),
             // With --resume or --init the checkpoint decides (check_model_flags refuses a
             // conflicting --no-bias).
@@ -229,11 +249,62 @@ impl TrainArgs {
             no_reuse: self.no_reuse,
             validate: self.validate,
             verbose: true,
+            llama: (self.arch == Some(ArchKind::Llama)).then(|| FreshLlama {
+                n_kv_head: self.n_kv_head.unwrap_or(n_head),
+                intermediate: self
+                    .intermediate_size
+                    .unwrap_or_else(|| FreshLlama::default_intermediate(n_embd)),
+                rope_theta: self.rope_theta.unwrap_or(10000.0),
+            }),
         })
     }
 }
 
+/// `--arch`: the architecture of a fresh model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchKind {
+    Gpt2,
+    Llama,
+}
+
 impl TrainArgs {
+    /// A flag of one architecture given with the other, or --arch with a checkpoint (which
+    /// fixes its own), is an error naming the flag.
+    fn check_arch_flags(&self, checkpoint: Option<&str>) -> Result<()> {
+        let llama_only = [
+            ("--n-kv-head", self.n_kv_head.is_some()),
+            ("--intermediate-size", self.intermediate_size.is_some()),
+            ("--rope-theta", self.rope_theta.is_some()),
+        ];
+        let given = |flags: &[(&'static str, bool)]| flags.iter().find(|f| f.1).map(|f| f.0);
+        if let Some(source) = checkpoint {
+            let flag = given(&[("--arch", self.arch.is_some())]).or(given(&llama_only));
+            return match flag {
+                Some(flag) => Err(Error::invalid(
+                    flag,
+                    format!(
+                        "sets a fresh model's architecture; the {source} checkpoint fixes its own"
+                    ),
+                )),
+                None => Ok(()),
+            };
+        }
+        match self.arch.unwrap_or(ArchKind::Gpt2) {
+            ArchKind::Gpt2 => match given(&llama_only) {
+                Some(flag) => Err(Error::invalid(
+                    flag,
+                    "applies to --arch llama only (the model is GPT-2)",
+                )),
+                None => Ok(()),
+            },
+            ArchKind::Llama if self.no_bias => Err(Error::invalid(
+                "--no-bias",
+                "applies to --arch gpt2 only (a Llama model has no biases)",
+            )),
+            ArchKind::Llama => Ok(()),
+        }
+    }
+
     /// A Llama-family checkpoint has its own shape: GPT-2's model flags are refused, naming the
     /// flag and the directory.
     fn refuse_gpt2_flags(&self, source: &str, dir: &std::path::Path) -> Result<()> {

@@ -12,6 +12,12 @@ use crate::gpu::Gpu;
 pub fn check_settings(cfg: &TrainConfig) -> Result<()> {
     metrics::check_outputs(cfg)?;
     check_sizes(cfg)?;
+    if let Some(l) = &cfg.llama
+        && cfg.init.is_none()
+        && cfg.resume.is_none()
+    {
+        l.check(cfg)?;
+    }
     for (flag, x) in [("--beta1", cfg.beta1), ("--beta2", cfg.beta2)] {
         if !(0.0..1.0).contains(&x) {
             return Err(Error::invalid(flag, format!("{x} is not in [0, 1)")));

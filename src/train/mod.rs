@@ -32,6 +32,7 @@ pub use checks::check_settings;
 use checks::dropped_kernels;
 use data::{Dataset, Loader, LoaderKind};
 use metrics::Metrics;
+pub use model::FreshLlama;
 use model::Model;
 use schedule::LrSchedule;
 
@@ -72,6 +73,9 @@ pub struct TrainConfig {
     pub validate: bool,
     /// Print progress (a bar on a terminal, log lines otherwise).
     pub verbose: bool,
+    /// A fresh model is Llama-shaped (`--arch llama`) with these settings; `None`: GPT-2.
+    /// A checkpoint (`init`, `resume`) fixes its own architecture.
+    pub llama: Option<FreshLlama>,
 }
 
 impl TrainConfig {
@@ -126,6 +130,7 @@ impl Default for TrainConfig {
             no_reuse: false,
             validate: false,
             verbose: true,
+            llama: None,
         }
     }
 }

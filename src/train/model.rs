@@ -1,6 +1,6 @@
 //! The model a training run trains, as the loop sees it: GPT-2 (fresh, or from our or
-//! transformers' checkpoint) or a Llama-family checkpoint directory (`--init`, or `--resume` of
-//! a run that wrote one). The loop asks it for the parameter table, the graph, the token range
+//! transformers' checkpoint) or the Llama family (fresh with `--arch llama`, a checkpoint
+//! directory with `--init`, or `--resume` of a run that wrote one). The loop asks it for the parameter table, the graph, the token range
 //! and the checkpoint files; the schedule, clipping, evaluation, metrics and checkpoint timing
 //! stay the loop's.
 //!
@@ -8,7 +8,8 @@
 //! writes it, dtype float32), the weights in f32 (model.safetensors), the source's tokenizer and
 //! generation files copied, so that `sample` and transformers load it; and, as a GPT-2 run does,
 //! the AdamW moments (optimizer.safetensors) and trainer_state.json, so that `--resume`
-//! continues it bit for bit.
+//! continues it bit for bit. A fresh Llama model has no tokenizer of its own: its checkpoint
+//! holds the data's vocabulary as a GPT-2 run's does (vocab.json for characters).
 
 use std::path::Path;
 
@@ -21,6 +22,7 @@ use crate::graph::ParamStore;
 use crate::io::hf_llama::{self, LlamaConfig};
 use crate::io::hf_weights;
 use crate::io::vocab::Vocab;
+use crate::model::arch::{Arch, Biases, Family, Mlp, Norm, Positions, Rope, RopeScaling};
 use crate::model::gpt::{self, GptGraph, Mode};
 use crate::model::llama;
 use crate::model::llama_params::LlamaParams;
@@ -33,6 +35,66 @@ pub const LLAMA_COPIED: [&str; 4] = [
     "special_tokens_map.json",
     hf_weights::GENERATION_FILE,
 ];
+
+/// The standard deviation of a fresh Llama model's weights (transformers' default
+/// `initializer_range`).
+pub const LLAMA_INIT_STD: f64 = 0.02;
+
+/// The shape of a fresh Llama model beyond GPT-2's flags (`train --arch llama`); layers, heads,
+/// width and context are `TrainConfig`'s `n_layer`, `n_head`, `n_embd` and `block_size`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FreshLlama {
+    /// Key/value heads (`--n-kv-head`); must divide the query heads.
+    pub n_kv_head: usize,
+    /// Inner units of the gated MLP (`--intermediate-size`).
+    pub intermediate: usize,
+    /// RoPE's base (`--rope-theta`).
+    pub rope_theta: f64,
+}
+
+impl FreshLlama {
+    /// The default `--intermediate-size` for a hidden width of `n_embd`: the multiple of 64
+    /// nearest 8/3 · n_embd (Llama's SwiGLU sizing, which keeps the gated MLP's parameters at
+    /// those of a 4 · n_embd GELU one), at least 64. SmolLM2's 576 gives its 1536.
+    pub fn default_intermediate(n_embd: usize) -> usize {
+        let units = (8 * n_embd as u128 + 96) / 192; // round(8/3 · n_embd / 64)
+        (units.max(1) * 64).min(usize::MAX as u128) as usize
+    }
+
+    /// Checks the shape's flags against each other, naming them: head_dim is n_embd / n_head,
+    /// and each key/value head serves a whole group of query heads.
+    pub fn check(&self, cfg: &TrainConfig) -> Result<()> {
+        if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
+            return Err(Error::invalid(
+                "--n-embd",
+                format!(
+                    "{} is not a multiple of --n-head {}: head_dim is n_embd / n_head",
+                    cfg.n_embd, cfg.n_head
+                ),
+            ));
+        }
+        if self.n_kv_head == 0 || !cfg.n_head.is_multiple_of(self.n_kv_head) {
+            return Err(Error::invalid(
+                "--n-kv-head",
+                format!(
+                    "{} does not divide --n-head {}: each key/value head serves a whole group \
+                     of query heads",
+                    self.n_kv_head, cfg.n_head
+                ),
+            ));
+        }
+        if self.intermediate == 0 {
+            return Err(Error::invalid("--intermediate-size", "must be at least 1"));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(Error::invalid(
+                "--rope-theta",
+                format!("{} is not a positive number", self.rope_theta),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// The model being trained.
 #[derive(Debug)]
@@ -57,11 +119,79 @@ pub struct LlamaModel {
 }
 
 impl LlamaModel {
+    /// A fresh model of `cfg`'s shape and `fresh`'s (its vocabulary from the data, later).
+    fn fresh(cfg: &TrainConfig, fresh: &FreshLlama) -> Result<LlamaModel> {
+        fresh.check(cfg)?;
+        let arch = Arch {
+            family: Family::Llama,
+            n_layer: cfg.n_layer,
+            hidden: cfg.n_embd,
+            n_head: cfg.n_head,
+            n_kv_head: fresh.n_kv_head,
+            head_dim: cfg.n_embd / cfg.n_head,
+            vocab: 0, // from the data
+            context: cfg.block_size,
+            norm: Norm::RmsNorm { eps: 1e-5 },
+            positions: Positions::Rotary(Rope {
+                theta: fresh.rope_theta,
+                scaling: RopeScaling::None,
+            }),
+            mlp: Mlp::GatedSilu {
+                intermediate: fresh.intermediate,
+            },
+            biases: Biases::NONE,
+            qk_norm: false,
+            tied_head: true,
+            dropout: cfg.dropout,
+        };
+        // The shape is checked now, on a placeholder vocabulary of one token; `take_vocab`
+        // builds the real table.
+        let placeholder = Arch {
+            vocab: 1,
+            ..arch.clone()
+        };
+        Ok(LlamaModel {
+            table: LlamaParams::new(&placeholder, LLAMA_INIT_STD as f32)?,
+            cfg: LlamaConfig {
+                arch,
+                bos_token_id: None,
+                eos_token_ids: Vec::new(),
+                pad_token_id: None,
+                initializer_range: LLAMA_INIT_STD,
+            },
+            params: Vec::new(), // drawn at upload, from the run's seed
+            vocab: Vocab::Ids(0),
+            optimizer: None,
+            copied: Vec::new(),
+        })
+    }
+
+    /// Gives a fresh model the data's vocabulary: the token embedding's rows, and the file
+    /// its checkpoints carry so that `sample` decodes text.
+    fn take_vocab(&mut self, vocab: &Vocab) -> Result<()> {
+        self.cfg.arch.vocab = vocab.size();
+        self.cfg.arch.validate()?;
+        self.table = LlamaParams::new(&self.cfg.arch, self.cfg.initializer_range as f32)?;
+        let (name, bytes) = vocab.to_file()?;
+        self.copied.push((name.to_string(), bytes));
+        self.vocab = vocab.clone();
+        Ok(())
+    }
+
     /// Reads the checkpoint in `dir`: config, weights, tokenizer and the files to copy.
     fn load(dir: &Path, dropout: f32) -> Result<LlamaModel> {
         let ck = hf_weights::load(dir)?;
-        let vocab = Vocab::load(dir)?.unwrap_or(Vocab::Ids(ck.cfg.arch.vocab));
         let mut copied = Vec::new();
+        let vocab = match Vocab::load(dir)? {
+            // Ours (a fresh run's vocab.json): carried into every checkpoint of the run.
+            Some(v) if !matches!(v, Vocab::Bpe(_)) => {
+                let (name, bytes) = v.to_file()?;
+                copied.push((name.to_string(), bytes));
+                v
+            }
+            Some(v) => v,
+            None => Vocab::Ids(ck.cfg.arch.vocab),
+        };
         for name in LLAMA_COPIED {
             let path = dir.join(name);
             if path.is_file() {
@@ -304,6 +434,9 @@ pub(super) fn start_model(
         let mut c = ck.cfg.clone();
         c.dropout = cfg.dropout;
         Ok((Model::Gpt(c), Some(ck), None))
+    } else if let Some(fresh) = &cfg.llama {
+        let l = LlamaModel::fresh(cfg, fresh)?;
+        Ok((Model::Llama(Box::new(l)), None, None))
     } else {
         let fresh = GptConfig {
             n_layer: cfg.n_layer,
@@ -330,14 +463,15 @@ pub(super) fn load_checked_data(
     // A checkpoint without a vocabulary (a bare transformers directory) still fixes the token
     // range: token files are checked against it, text cannot be encoded for it.
     let ck_vocab = match &*model {
+        Model::Llama(l) if l.cfg.arch.vocab == 0 => None, // fresh
         Model::Llama(l) => Some(l.vocab.clone()),
         Model::Gpt(_) => ckpt.map(|c| c.vocab.clone().unwrap_or(Vocab::Ids(c.cfg.vocab_size))),
     };
     let data = load_data(cfg, ck_vocab.as_ref())?;
-    if let Model::Gpt(c) = model
-        && c.vocab_size == 0
-    {
-        c.vocab_size = data.vocab.size();
+    match model {
+        Model::Gpt(c) if c.vocab_size == 0 => c.vocab_size = data.vocab.size(),
+        Model::Llama(l) if l.cfg.arch.vocab == 0 => l.take_vocab(&data.vocab)?,
+        _ => {}
     }
     let model = &*model;
     if let Some(id) = data.train.iter().chain(&data.val).copied().max()
@@ -410,6 +544,8 @@ pub(super) fn upload_params(
     ckpt: &mut Option<Checkpoint>,
 ) -> Result<ParamStore> {
     let init_params = match (&mut *model, &ckpt) {
+        // A fresh model, initialized as transformers' LlamaPreTrainedModel is.
+        (Model::Llama(l), _) if l.params.is_empty() => l.table.init(cfg.seed),
         (Model::Llama(l), _) => std::mem::take(&mut l.params),
         (Model::Gpt(_), Some(ck)) => ck.params.clone(),
         (Model::Gpt(c), None) => ParamTable::new(c).init(c, cfg.seed),
