@@ -177,7 +177,7 @@ pub struct InferBench {
     /// Time per decoded token with the KV cache (sampling included), over runs.
     pub decode: TimeStats,
     /// Time per decoded token by full recomputation of the growing sequence, over
-    /// `recompute_tokens` tokens (one run).
+    /// `recompute_tokens` tokens (one run; at most `new_tokens`).
     pub recompute: Option<TimeStats>,
     pub recompute_tokens: usize,
 }
@@ -353,11 +353,13 @@ fn time_decoding(model: &mut dyn Decode, vocab: usize, s: InferSetup) -> Result<
             decode.push(t1.elapsed().as_secs_f64() / new_tokens.max(1) as f64);
         }
     }
+    // No more tokens recomputed than decoded.
+    let recompute_tokens = recompute_tokens.min(new_tokens.max(1));
     let recompute = if recompute_tokens > 0 {
         // A fresh pass over the whole sequence for every token.
         let mut samples = Vec::new();
         let mut seq = prompt.clone();
-        for _ in 0..recompute_tokens.min(new_tokens.max(1)) {
+        for _ in 0..recompute_tokens {
             let t0 = Instant::now();
             let logits = model.recompute(&seq)?;
             seq.push(argmax(&logits));

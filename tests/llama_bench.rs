@@ -49,9 +49,9 @@ fn smollm2_inference_is_measured_as_json() {
         "--prompt-len",
         "4",
         "--new-tokens",
-        "2",
-        "--recompute-tokens",
         "1",
+        "--recompute-tokens",
+        "2",
         "--runs",
         "1",
         "--warmup",
@@ -81,7 +81,7 @@ fn smollm2_inference_is_measured_as_json() {
     let r = &rows[0];
     assert_eq!(r["dtype"], "f32");
     assert_eq!(r["prompt_len"], 4);
-    assert_eq!(r["new_tokens"], 2);
+    assert_eq!(r["new_tokens"], 1);
     let prefill = positive(r, "prefill_tokens_per_s");
     let prefill_ms = positive(&r["prefill_ms"], "median");
     assert!(
@@ -92,6 +92,7 @@ fn smollm2_inference_is_measured_as_json() {
     let decode_ms = positive(&r["decode_ms_per_token"], "median");
     assert!((decode - 1e3 / decode_ms).abs() <= 1e-6 * decode, "{r}");
     positive(r, "recompute_tokens_per_s");
+    // No more tokens recomputed than decoded, and the JSON says so.
     assert_eq!(r["recompute_ms_per_token"]["tokens"], 1, "{r}");
 }
 
