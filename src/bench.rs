@@ -1,5 +1,6 @@
 //! `shaderformer bench`: training-step and inference throughput on random weights of any GPT-2
-//! shape (nothing to download), with the per-kernel GPU time of a training step.
+//! shape (nothing to download), with the per-kernel GPU time of a training step; inference of
+//! Llama-family shapes too.
 
 use std::time::Instant;
 
@@ -8,9 +9,11 @@ use serde_json::{Value, json};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
+use crate::infer::llama::{LlamaRunner, Model as LlamaModel};
 use crate::kernels::harness::TimeStats;
 use crate::model::gpt::{self, Mode};
-use crate::model::{GptConfig, ParamTable};
+use crate::model::llama_params::LlamaParams;
+use crate::model::{Arch, GptConfig, ParamTable};
 use crate::rng::Rng;
 
 /// One kernel's share of a training step.
@@ -174,7 +177,7 @@ pub struct InferBench {
     /// Time per decoded token with the KV cache (sampling included), over runs.
     pub decode: TimeStats,
     /// Time per decoded token by full recomputation of the growing sequence, over
-    /// `recompute_tokens` tokens (one run).
+    /// `recompute_tokens` tokens (one run; at most `new_tokens`).
     pub recompute: Option<TimeStats>,
     pub recompute_tokens: usize,
 }
@@ -214,11 +217,114 @@ pub struct InferSetup {
     pub recompute_tokens: usize,
 }
 
+/// A model decoding one sequence, as `time_decoding` drives it.
+trait Decode {
+    /// Forgets the sequence (a new one starts).
+    fn reset(&mut self);
+    /// The logits after `seq`, whose last `new` tokens are not yet in the KV cache.
+    fn extend(&mut self, seq: &[u32], new: usize) -> Result<Vec<f32>>;
+    /// The logits after `seq`, recomputed over the whole of it.
+    fn recompute(&mut self, seq: &[u32]) -> Result<Vec<f32>>;
+}
+
+impl Decode for crate::infer::Engine<'_> {
+    fn reset(&mut self) {
+        crate::infer::Engine::reset(self);
+    }
+
+    fn extend(&mut self, seq: &[u32], new: usize) -> Result<Vec<f32>> {
+        Ok(self.feed(&seq[seq.len() - new..], new)?.remove(0))
+    }
+
+    fn recompute(&mut self, seq: &[u32]) -> Result<Vec<f32>> {
+        crate::infer::Engine::reset(self);
+        Ok(self.feed(seq, seq.len())?.remove(0))
+    }
+}
+
+impl Decode for crate::infer::llama::LlamaRunner<'_> {
+    fn reset(&mut self) {
+        crate::infer::llama::LlamaRunner::reset(self);
+    }
+
+    fn extend(&mut self, seq: &[u32], _new: usize) -> Result<Vec<f32>> {
+        self.next(seq)
+    }
+
+    fn recompute(&mut self, seq: &[u32]) -> Result<Vec<f32>> {
+        self.next_logits(seq)
+    }
+}
+
+/// Refuses lengths that do not fit `context` positions or leave the prompt empty.
+fn check_lengths(s: &InferSetup, context: usize) -> Result<()> {
+    if s.prompt_len == 0 || s.prompt_len.saturating_add(s.new_tokens) > context {
+        return Err(crate::Error::invalid(
+            "bench",
+            format!(
+                "prompt {} + new tokens {} must fit the context {context} (and the prompt hold a token)",
+                s.prompt_len, s.new_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Times prefill of a `prompt_len`-token prompt and decoding of `new_tokens` tokens (greedy) with
 /// the KV cache, `warmup` + `runs` times; then `recompute_tokens` tokens decoded by recomputing
 /// the whole sequence each time.
 pub fn infer(gpu: &Gpu, cfg: &GptConfig, params: &[Vec<f32>], s: InferSetup) -> Result<InferBench> {
-    use crate::infer::{Engine, sampling::argmax};
+    check_lengths(&s, cfg.block_size)?;
+    let mut engine = crate::infer::Engine::new(gpu, cfg, params, s.dtype, 1)?;
+    time_decoding(&mut engine, cfg.vocab_size, s)
+}
+
+/// `infer` for a Llama-family model `arch` (f32 weights), its KV cache holding the prompt and
+/// the new tokens only: a rotary model's context bounds its positions, not its weights, so a
+/// shorter one computes the same logits with a cache that fits in memory (Llama 3.2's full
+/// context would need gigabytes).
+pub fn infer_llama(
+    gpu: &Gpu,
+    arch: &Arch,
+    table: &LlamaParams,
+    params: &[Vec<f32>],
+    s: InferSetup,
+) -> Result<InferBench> {
+    if s.dtype != crate::gpu::DType::F32 {
+        return Err(crate::Error::invalid(
+            format!("--dtype {}", s.dtype.name()),
+            "the Llama-family inference path runs f32 weights only",
+        ));
+    }
+    check_lengths(&s, arch.context)?;
+    let arch = Arch {
+        context: s.prompt_len + s.new_tokens,
+        ..arch.clone()
+    };
+    let model = LlamaModel {
+        arch: &arch,
+        table,
+        params,
+    };
+    let mut runner = LlamaRunner::upload(gpu, model, Vec::new())?;
+    runner.add_cache()?;
+    time_decoding(&mut runner, arch.vocab, s)
+}
+
+/// Bytes a Llama-family inference benchmark of `arch` holds: the random weights on the host and
+/// on the device (f32), and the KV cache of `tokens` positions.
+pub fn llama_infer_bytes(arch: &Arch, tokens: usize) -> u128 {
+    let params = arch.checked_num_params().map_or(u128::MAX, |n| n as u128);
+    let cache = LlamaRunner::cache_bytes(&Arch {
+        context: tokens,
+        ..arch.clone()
+    });
+    params.saturating_mul(8).saturating_add(cache)
+}
+
+/// The timing loop of `infer`, for any model that decodes.
+fn time_decoding(model: &mut dyn Decode, vocab: usize, s: InferSetup) -> Result<InferBench> {
+    use crate::infer::sampling::argmax;
     let InferSetup {
         dtype,
         prompt_len,
@@ -227,42 +333,35 @@ pub fn infer(gpu: &Gpu, cfg: &GptConfig, params: &[Vec<f32>], s: InferSetup) -> 
         runs,
         recompute_tokens,
     } = s;
-    if prompt_len == 0 || prompt_len + new_tokens > cfg.block_size {
-        return Err(crate::Error::invalid(
-            "bench",
-            format!(
-                "prompt {prompt_len} + new tokens {new_tokens} must fit the context {} (and the prompt hold a token)",
-                cfg.block_size
-            ),
-        ));
-    }
-    let mut engine = Engine::new(gpu, cfg, params, dtype, 1)?;
     let mut rng = Rng::new(3);
     let prompt: Vec<u32> = (0..prompt_len)
-        .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+        .map(|_| rng.below(vocab as u64) as u32)
         .collect();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for run in 0..warmup + runs.max(1) {
-        engine.reset();
+        model.reset();
+        let mut seq = prompt.clone();
         let t0 = Instant::now();
-        let mut logits = engine.feed(&prompt, prompt_len)?.remove(0);
+        let mut logits = model.extend(&seq, prompt_len)?;
         let t1 = Instant::now();
         for _ in 0..new_tokens {
-            logits = engine.feed(&[argmax(&logits)], 1)?.remove(0);
+            seq.push(argmax(&logits));
+            logits = model.extend(&seq, 1)?;
         }
         if run >= warmup {
             prefill.push((t1 - t0).as_secs_f64());
             decode.push(t1.elapsed().as_secs_f64() / new_tokens.max(1) as f64);
         }
     }
+    // No more tokens recomputed than decoded.
+    let recompute_tokens = recompute_tokens.min(new_tokens.max(1));
     let recompute = if recompute_tokens > 0 {
-        // A fresh pass over the whole sequence for every token: one decoder per length.
+        // A fresh pass over the whole sequence for every token.
         let mut samples = Vec::new();
         let mut seq = prompt.clone();
-        for _ in 0..recompute_tokens.min(new_tokens.max(1)) {
-            engine.reset();
+        for _ in 0..recompute_tokens {
             let t0 = Instant::now();
-            let logits = engine.feed(&seq, seq.len())?.remove(0);
+            let logits = model.recompute(&seq)?;
             seq.push(argmax(&logits));
             samples.push(t0.elapsed().as_secs_f64());
         }

@@ -7,14 +7,18 @@ use clap::Args;
 use shaderformer::bench::{self, InferBench, TrainBench};
 use shaderformer::error::{Error, Result};
 use shaderformer::gpu::{DType, Gpu};
-use shaderformer::model::GptConfig;
+use shaderformer::model::llama_params::LlamaParams;
+use shaderformer::model::presets::{self, Preset};
+use shaderformer::model::{Arch, GptConfig};
 
 use crate::GpuArgs;
 
-/// A GPT-2 shape, with any dimension overridden.
+/// A named shape, with dimensions overridden.
 #[derive(Args, Debug)]
 pub struct ModelArgs {
-    /// A GPT-2 shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl (dimension flags override it).
+    /// A shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Llama-family one (inference only):
+    /// smollm2-135m, qwen2.5-0.5b, llama-3.2-1b. Dimension flags override a GPT-2 shape;
+    /// --n-layer, --vocab-size and --context a Llama-family one.
     #[arg(long, default_value = "gpt2")]
     model: String,
     #[arg(long)]
@@ -95,16 +99,61 @@ enum BenchDtype {
 }
 
 impl ModelArgs {
+    /// The preset named by --model, its dimensions overridden by the flags.
+    pub fn preset(&self) -> Result<Preset> {
+        match Preset::find(&self.model) {
+            Some(Preset::Gpt2(_)) => Ok(Preset::Gpt2(self.config()?)),
+            Some(Preset::Llama(arch)) => Ok(Preset::Llama(self.llama(arch)?)),
+            None => Err(self.unknown()),
+        }
+    }
+
+    fn unknown(&self) -> Error {
+        Error::invalid(
+            "--model",
+            format!("unknown shape '{}' ({})", self.model, presets::names()),
+        )
+    }
+
+    /// A Llama-family preset with --n-layer, --vocab-size and --context applied; the head and
+    /// width flags, which would leave the key/value heads and head_dim ambiguous, are refused.
+    fn llama(&self, mut arch: Arch) -> Result<Arch> {
+        for (flag, set) in [
+            ("--n-head", self.n_head.is_some()),
+            ("--n-embd", self.n_embd.is_some()),
+        ] {
+            if set {
+                return Err(Error::invalid(
+                    flag,
+                    format!(
+                        "applies to GPT-2 shapes, not to {} (--n-layer, --vocab-size and \
+                         --context do)",
+                        self.model
+                    ),
+                ));
+            }
+        }
+        arch.n_layer = self.n_layer.unwrap_or(arch.n_layer);
+        arch.vocab = self.vocab_size.unwrap_or(arch.vocab);
+        arch.context = self.context.unwrap_or(arch.context);
+        arch.validate()?;
+        Ok(arch)
+    }
+
+    /// The GPT-2 preset named by --model, its dimensions overridden by the flags; a
+    /// Llama-family name is refused (what takes this measures GPT-2 only).
     pub fn config(&self) -> Result<GptConfig> {
-        let mut cfg = GptConfig::preset(&self.model).ok_or_else(|| {
-            Error::invalid(
+        if Arch::preset(&self.model).is_some() {
+            return Err(Error::invalid(
                 "--model",
                 format!(
-                    "unknown shape '{}' (gpt2, gpt2-medium, gpt2-large, gpt2-xl)",
-                    self.model
+                    "{} is a Llama-family shape; this measures GPT-2 shapes only ({})",
+                    self.model,
+                    presets::GPT2_PRESETS.join(", ")
                 ),
-            )
-        })?;
+            ));
+        }
+        let mut cfg = GptConfig::preset(&self.model).ok_or_else(|| self.unknown())?;
         cfg.n_layer = self.n_layer.unwrap_or(cfg.n_layer);
         cfg.n_head = self.n_head.unwrap_or(cfg.n_head);
         cfg.n_embd = self.n_embd.unwrap_or(cfg.n_embd);
@@ -130,16 +179,19 @@ impl ModelArgs {
 }
 
 impl BenchArgs {
-    /// Inference's prompt and new tokens: the flags, else defaults that fit the model's context
-    /// (a default the user never gave is never the reason for an error).
-    fn lengths(&self, cfg: &GptConfig) -> (usize, usize) {
-        let prompt = self
-            .prompt_len
-            .unwrap_or(128.min(cfg.block_size / 2).max(1));
+    /// Inference's prompt and new tokens: the flags, else defaults that fit the model's
+    /// `context` (a default the user never gave is never the reason for an error).
+    fn lengths(&self, context: usize) -> (usize, usize) {
+        let prompt = self.prompt_len.unwrap_or(128.min(context / 2).max(1));
         let new = self
             .new_tokens
-            .unwrap_or(128.min(cfg.block_size.saturating_sub(prompt)));
+            .unwrap_or(128.min(context.saturating_sub(prompt)));
         (prompt, new)
+    }
+
+    /// `--json` or `--json -`: the JSON object alone on stdout.
+    fn json_to_stdout(&self) -> bool {
+        self.json.as_deref() == Some(std::path::Path::new("-"))
     }
 }
 
@@ -170,67 +222,162 @@ pub fn bench(gpu: &GpuArgs, args: &BenchArgs) -> Result<ExitCode> {
     if let Some(suite) = args.suite {
         return run_suite(gpu, suite, args.json.as_deref());
     }
-    let json_to_stdout = args.json.as_deref() == Some(std::path::Path::new("-"));
-    let json_file = args
+    let out = match args.model.preset()? {
+        Preset::Gpt2(cfg) => bench_gpt2(gpu, args, &cfg)?,
+        Preset::Llama(arch) => bench_llama(gpu, args, &arch)?,
+    };
+    let out = serde_json::Value::Object(out);
+    if args.json_to_stdout() {
+        println!("{out}");
+    }
+    if let Some(path) = args
         .json
         .as_deref()
-        .filter(|p| *p != std::path::Path::new("-"));
-    let cfg = args.model.config()?;
+        .filter(|p| *p != std::path::Path::new("-"))
+    {
+        write_json(path, &out)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The JSON object's first fields (adapter, model, timing), printed too unless the JSON goes
+/// to stdout.
+fn header(
+    gpu: &Gpu,
+    shape: String,
+    args: &BenchArgs,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    out.insert("adapter".into(), gpu.adapter_name().into());
+    if !args.json_to_stdout() {
+        println!("adapter: {}", gpu.adapter_name());
+        println!("model:   {shape}");
+    }
+    out.insert("model".into(), shape.into());
+    out.insert("timing".into(), gpu.timing_method().name().into());
+    out
+}
+
+/// Adds the inference rows to `out` (and prints them).
+fn add_infer(
+    out: &mut serde_json::Map<String, serde_json::Value>,
+    rows: &[InferBench],
+    args: &BenchArgs,
+) {
+    out.insert(
+        "infer".into(),
+        rows.iter().map(|r| r.to_json()).collect::<Vec<_>>().into(),
+    );
+    if !args.json_to_stdout() {
+        print_infer(rows, args);
+    }
+}
+
+/// Training and inference of a GPT-2 shape.
+fn bench_gpt2(
+    gpu: &GpuArgs,
+    args: &BenchArgs,
+    cfg: &GptConfig,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
     let block_size = args.block_size.unwrap_or(64.min(cfg.block_size));
+    let (prompt, new) = args.lengths(cfg.block_size);
     at_least_one(&[
         ("--batch-size", args.batch_size),
         ("--block-size", block_size),
-        ("--prompt-len", args.lengths(&cfg).0),
-        ("--new-tokens", args.lengths(&cfg).1),
+        ("--prompt-len", prompt),
+        ("--new-tokens", new),
         ("--runs", args.runs),
     ])?;
     shaderformer::memory::check("the model", cfg.training_bytes())?;
     if args.what != What::Infer {
-        args.model.check_block(block_size, &cfg)?;
-        check_batch(&cfg, args.batch_size, block_size)?;
+        args.model.check_block(block_size, cfg)?;
+        check_batch(cfg, args.batch_size, block_size)?;
     }
     let gpu = gpu.open()?;
-    let shape = describe(&cfg);
-    let mut out = serde_json::Map::new();
-    out.insert("adapter".into(), gpu.adapter_name().into());
-    out.insert("model".into(), shape.clone().into());
-    out.insert("timing".into(), gpu.timing_method().name().into());
-    if !json_to_stdout {
-        println!("adapter: {}", gpu.adapter_name());
-        println!("model:   {shape}");
-    }
+    let mut out = header(&gpu, describe(cfg), args);
     if matches!(args.what, What::Train | What::All) {
         let r = bench::train(
             &gpu,
-            &cfg,
+            cfg,
             args.batch_size,
             block_size,
             args.warmup,
             args.runs,
         )?;
         out.insert("train".into(), r.to_json());
-        if !json_to_stdout {
+        if !args.json_to_stdout() {
             print_train(&gpu, &r, args.warmup);
         }
     }
     if matches!(args.what, What::Infer | What::All) {
-        let rows = infer(&gpu, &cfg, args)?;
-        out.insert(
-            "infer".into(),
-            rows.iter().map(|r| r.to_json()).collect::<Vec<_>>().into(),
-        );
-        if !json_to_stdout {
-            print_infer(&rows, args);
+        add_infer(&mut out, &infer(&gpu, cfg, args)?, args);
+    }
+    Ok(out)
+}
+
+/// Inference of a Llama-family shape on random weights (f32; `--what all` measures inference
+/// alone, `--what train` and `--dtype f16` are refused naming the flag). The memory the weights
+/// and the KV cache need is checked before anything is allocated.
+fn bench_llama(
+    gpu: &GpuArgs,
+    args: &BenchArgs,
+    arch: &Arch,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    if args.what == What::Train {
+        return Err(Error::invalid(
+            "--what train",
+            format!(
+                "training benchmarks take GPT-2 shapes; {} measures inference (--what infer)",
+                args.model.model
+            ),
+        ));
+    }
+    if args.dtype == BenchDtype::F16 {
+        return Err(Error::invalid(
+            "--dtype f16",
+            "the Llama-family inference path runs f32 weights only (--dtype f32)",
+        ));
+    }
+    let (prompt, new) = args.lengths(arch.context);
+    at_least_one(&[
+        ("--prompt-len", prompt),
+        ("--new-tokens", new),
+        ("--runs", args.runs),
+    ])?;
+    if prompt.saturating_add(new) > arch.context {
+        return Err(Error::invalid(
+            "--prompt-len",
+            format!(
+                "prompt {prompt} + new tokens {new} are beyond the model's context {}",
+                arch.context
+            ),
+        ));
+    }
+    let bytes = bench::llama_infer_bytes(arch, prompt + new);
+    shaderformer::memory::check("the model", bytes)?;
+    let table = LlamaParams::new(arch, 0.02)?;
+    let gpu = gpu.open()?;
+    let mut out = header(&gpu, describe_llama(arch), args);
+    if !args.json_to_stdout() {
+        if args.what == What::All {
+            println!("training: not measured (GPT-2 shapes only)");
+        }
+        if args.dtype == BenchDtype::Both {
+            println!("f16: not measured (the Llama-family inference path runs f32 weights)");
         }
     }
-    let out = serde_json::Value::Object(out);
-    if json_to_stdout {
-        println!("{out}");
-    }
-    if let Some(path) = json_file {
-        write_json(path, &out)?;
-    }
-    Ok(ExitCode::SUCCESS)
+    let params = table.init(1);
+    let setup = bench::InferSetup {
+        dtype: DType::F32,
+        prompt_len: prompt,
+        new_tokens: new,
+        warmup: args.warmup,
+        runs: args.runs,
+        recompute_tokens: args.recompute_tokens,
+    };
+    let rows = [bench::infer_llama(&gpu, arch, &table, &params, setup)?];
+    add_infer(&mut out, &rows, args);
+    Ok(out)
 }
 
 /// Writes `value` to `path` atomically (a temporary file beside it, then a rename).
@@ -305,6 +452,24 @@ fn describe(cfg: &GptConfig) -> String {
     )
 }
 
+/// A Llama-family shape in one line, with its parameter count.
+fn describe_llama(a: &Arch) -> String {
+    format!(
+        "{:?}, {} layers, {} heads ({} kv heads, head_dim {}), hidden {}, intermediate {}, \
+         vocab {}, context {} ({:.1}M parameters)",
+        a.family,
+        a.n_layer,
+        a.n_head,
+        a.n_kv_head,
+        a.head_dim,
+        a.hidden,
+        a.intermediate(),
+        a.vocab,
+        a.context,
+        a.checked_num_params().unwrap_or(0) as f64 / 1e6
+    )
+}
+
 /// The training step's time and throughput, then the GPU time of each kernel.
 fn print_train(gpu: &Gpu, r: &TrainBench, warmup: usize) {
     println!(
@@ -355,8 +520,8 @@ fn infer(gpu: &Gpu, cfg: &GptConfig, args: &BenchArgs) -> Result<Vec<InferBench>
     for dt in dtypes {
         let setup = bench::InferSetup {
             dtype: dt,
-            prompt_len: args.lengths(cfg).0,
-            new_tokens: args.lengths(cfg).1,
+            prompt_len: args.lengths(cfg.block_size).0,
+            new_tokens: args.lengths(cfg.block_size).1,
             warmup: args.warmup,
             runs: args.runs,
             recompute_tokens: args.recompute_tokens,

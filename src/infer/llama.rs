@@ -33,6 +33,15 @@ struct Forward<'a> {
     losses: Option<TensorId>,
 }
 
+/// A Llama-family model on the host: its description, parameter table and f32 values in table
+/// order.
+#[derive(Clone, Copy)]
+pub struct Model<'m> {
+    pub arch: &'m Arch,
+    pub table: &'m LlamaParams,
+    pub params: &'m [Vec<f32>],
+}
+
 /// A Llama-family model on the GPU, run one sequence at a time.
 pub struct LlamaRunner<'a> {
     gpu: &'a Gpu,
@@ -50,20 +59,30 @@ pub struct LlamaRunner<'a> {
 impl<'a> LlamaRunner<'a> {
     /// Uploads the checkpoint's weights (f32).
     pub fn new(gpu: &'a Gpu, ck: &LlamaCheckpoint) -> Result<Self> {
+        let model = Model {
+            arch: &ck.cfg.arch,
+            table: &ck.table,
+            params: &ck.params,
+        };
+        Self::upload(gpu, model, ck.eos_token_ids.clone())
+    }
+
+    /// Uploads the weights of `model` (f32), generation ending at the ids `eos`.
+    pub fn upload(gpu: &'a Gpu, model: Model, eos: Vec<u32>) -> Result<Self> {
         let store = ParamStore::build(
             gpu,
-            &ck.table.store_specs(),
-            &ck.params,
+            &model.table.store_specs(),
+            model.params,
             false,
             DType::F32,
             &|_| u64::MAX,
         )?;
         Ok(LlamaRunner {
             gpu,
-            arch: ck.cfg.arch.clone(),
-            table: ck.table.clone(),
+            arch: model.arch.clone(),
+            table: model.table.clone(),
             store,
-            eos: ck.eos_token_ids.clone(),
+            eos,
             graphs: HashMap::new(),
             cache: None,
         })
@@ -72,11 +91,25 @@ impl<'a> LlamaRunner<'a> {
     /// `new`, with a KV cache of the whole context: `next` then runs only the new tokens.
     pub fn with_cache(gpu: &'a Gpu, ck: &LlamaCheckpoint) -> Result<Self> {
         let mut r = Self::new(gpu, ck)?;
-        let a = &r.arch;
-        let shape = [1, a.n_head, a.context, a.head_dim];
-        r.store.alloc_kv(gpu, a.n_layer, shape, DType::F32)?;
-        r.cache = Some((HashMap::new(), 0));
+        r.add_cache()?;
         Ok(r)
+    }
+
+    /// Allocates a KV cache of the whole context (every query head's keys and values): `next`
+    /// then runs only the new tokens.
+    pub fn add_cache(&mut self) -> Result<()> {
+        let a = &self.arch;
+        let shape = [1, a.n_head, a.context, a.head_dim];
+        self.store
+            .alloc_kv(self.gpu, a.n_layer, shape, DType::F32)?;
+        self.cache = Some((HashMap::new(), 0));
+        Ok(())
+    }
+
+    /// Bytes of the KV cache `add_cache` allocates for `arch`.
+    pub fn cache_bytes(arch: &Arch) -> u128 {
+        let per_layer = 2 * (arch.n_head * arch.context * arch.head_dim) as u128;
+        per_layer * arch.n_layer as u128 * DType::F32.size() as u128
     }
 
     /// Forgets the cached positions (a new sequence starts).

@@ -7,6 +7,7 @@ pub mod gpt;
 pub mod llama;
 pub mod llama_params;
 pub mod params;
+pub mod presets;
 
 pub use arch::Arch;
 pub use config::GptConfig;

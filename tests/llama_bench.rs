@@ -1,0 +1,151 @@
+//! `bench --model` on the Llama-family presets: SmolLM2-135M's inference measured on random
+//! weights (a short prompt, so the test stays quick on a CPU adapter), and the refusals that
+//! name their flag before anything is allocated.
+
+mod common;
+
+use common::bin;
+use shaderformer::gpu::test_gpu;
+
+/// The run's stdout and stderr, and whether it succeeded.
+fn run(args: &[&str]) -> (bool, String, String) {
+    let o = bin().args(args).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    (o.status.success(), out, err)
+}
+
+/// A refusal: a failed run whose error names every one of `parts`, without a panic.
+fn assert_refused(args: &[&str], parts: &[&str]) {
+    let (ok, out, err) = run(args);
+    assert!(!ok, "{args:?} succeeded: {out}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    for p in parts {
+        assert!(err.contains(p), "{args:?}: '{p}' missing from: {err}");
+    }
+}
+
+fn positive(v: &serde_json::Value, field: &str) -> f64 {
+    let x = v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} missing: {v}"));
+    assert!(x.is_finite() && x > 0.0, "{field} = {x}");
+    x
+}
+
+#[test]
+fn smollm2_inference_is_measured_as_json() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let args = [
+        "--tune",
+        "off",
+        "bench",
+        "--model",
+        "smollm2-135m",
+        "--what",
+        "infer",
+        "--prompt-len",
+        "4",
+        "--new-tokens",
+        "1",
+        "--recompute-tokens",
+        "2",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ];
+    let (ok, out, err) = run(&args);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(!j["adapter"].as_str().unwrap().is_empty(), "{j}");
+    assert!(j["timing"].is_string(), "{j}");
+    let model = j["model"].as_str().unwrap();
+    for part in [
+        "30 layers",
+        "9 heads (3 kv heads, head_dim 64)",
+        "hidden 576",
+        "intermediate 1536",
+        "vocab 49152",
+        "context 8192",
+        "134.5M parameters",
+    ] {
+        assert!(model.contains(part), "'{part}' missing from {model}");
+    }
+    assert!(j.get("train").is_none(), "{j}");
+    let rows = j["infer"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{j}");
+    let r = &rows[0];
+    assert_eq!(r["dtype"], "f32");
+    assert_eq!(r["prompt_len"], 4);
+    assert_eq!(r["new_tokens"], 1);
+    let prefill = positive(r, "prefill_tokens_per_s");
+    let prefill_ms = positive(&r["prefill_ms"], "median");
+    assert!(
+        (prefill - 4.0 / (prefill_ms / 1e3)).abs() <= 1e-6 * prefill,
+        "{r}"
+    );
+    let decode = positive(r, "decode_tokens_per_s");
+    let decode_ms = positive(&r["decode_ms_per_token"], "median");
+    assert!((decode - 1e3 / decode_ms).abs() <= 1e-6 * decode, "{r}");
+    positive(r, "recompute_tokens_per_s");
+    // No more tokens recomputed than decoded, and the JSON says so.
+    assert_eq!(r["recompute_ms_per_token"]["tokens"], 1, "{r}");
+}
+
+#[test]
+fn an_unknown_model_lists_every_preset() {
+    assert_refused(
+        &["bench", "--model", "smollm3"],
+        &[
+            "--model",
+            "smollm3",
+            "gpt2, gpt2-medium, gpt2-large, gpt2-xl",
+            "smollm2-135m",
+            "qwen2.5-0.5b",
+            "llama-3.2-1b",
+        ],
+    );
+}
+
+#[test]
+fn what_llama_inference_lacks_is_refused_naming_the_flag() {
+    let llama = ["bench", "--model", "qwen2.5-0.5b"];
+    let with = |extra: &[&'static str]| [&llama[..], extra].concat();
+    assert_refused(&with(&["--dtype", "f16"]), &["--dtype f16", "f32"]);
+    assert_refused(&with(&["--what", "train"]), &["--what train", "GPT-2"]);
+    assert_refused(&with(&["--n-head", "4"]), &["--n-head", "qwen2.5-0.5b"]);
+    assert_refused(
+        &with(&["--context", "16", "--prompt-len", "12", "--new-tokens", "8"]),
+        &["--prompt-len", "context 16"],
+    );
+    // `tune` measures GPT-2's training kernels only.
+    assert_refused(
+        &["tune", "--model", "llama-3.2-1b"],
+        &["--model", "llama-3.2-1b", "GPT-2"],
+    );
+}
+
+/// A model beyond the host's memory is refused before its weights are drawn: an error, not an
+/// abort.
+#[test]
+fn a_model_over_the_memory_is_refused() {
+    if shaderformer::memory::available_bytes().is_none() {
+        return;
+    }
+    assert_refused(
+        &[
+            "bench",
+            "--model",
+            "llama-3.2-1b",
+            "--n-layer",
+            "1000000",
+            "--what",
+            "infer",
+        ],
+        &["the model", "memory", "available"],
+    );
+}
