@@ -396,12 +396,12 @@ fn layernorm_backward_params(@builtin(workgroup_id) wid: vec3<u32>,
     let cl = col_lane(wid, nwg, lid.x);
     var acc = vec2(0.0);
     if (cl.ch < p.c) {
-        for (var b = cl.lane; b < p.blocks; b += cl.lanes) {
+        for (var b = cl.lane; b < p.blocks; b += WG / COLS) {
             acc += vec2(pr_partials[b * p.c + cl.ch], pr_partials[(p.blocks + b) * p.c + cl.ch]);
         }
     }
     red_vec2[lid.x] = acc;
-    tree_sum_vec2(lid.x, cl.lane, cl.lanes, COLS);
+    tree_sum_vec2(lid.x, cl.lane, WG / COLS, COLS);
     if (cl.lane == 0u && cl.ch < p.c) {
         let total = red_vec2[cl.col];
         pr_dweight[cl.ch] += total.x;

@@ -202,12 +202,12 @@ fn rmsnorm_backward_params(@builtin(workgroup_id) wid: vec3<u32>,
     let cl = col_lane(wid, nwg, lid.x);
     var acc = 0.0;
     if (cl.ch < p.c) {
-        for (var b = cl.lane; b < p.blocks; b += cl.lanes) {
+        for (var b = cl.lane; b < p.blocks; b += WG / COLS) {
             acc += pr_partials[b * p.c + cl.ch];
         }
     }
     red_f32[lid.x] = acc;
-    tree_sum_f32(lid.x, cl.lane, cl.lanes, COLS);
+    tree_sum_f32(lid.x, cl.lane, WG / COLS, COLS);
     if (cl.lane == 0u && cl.ch < p.c) {
         pr_dweight[cl.ch] += red_f32[cl.col];
     }

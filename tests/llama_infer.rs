@@ -2,50 +2,17 @@
 //! fixture prompts (the ids and each step's logits), the score over windows, and generation
 //! ending at an eos id.
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::Path;
 
+use common::fixture::Fixture;
 use shaderformer::gpu::test_gpu;
 use shaderformer::infer::SampleOptions;
 use shaderformer::infer::llama::{self, LlamaRunner};
 use shaderformer::io::hf_weights;
 use shaderformer::reference::compare;
 use shaderformer::rng::Rng;
-
-struct Fixture {
-    tensors: HashMap<String, (Vec<u8>, safetensors::Dtype)>,
-    meta: HashMap<String, String>,
-}
-
-impl Fixture {
-    fn load(path: &Path) -> Fixture {
-        let bytes = std::fs::read(path).unwrap();
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let tensors = st
-            .tensors()
-            .into_iter()
-            .map(|(n, t)| (n, (t.data().to_vec(), t.dtype())))
-            .collect();
-        Fixture {
-            tensors,
-            meta: meta.metadata().clone().unwrap_or_default(),
-        }
-    }
-
-    fn f32(&self, name: &str) -> Vec<f32> {
-        let (d, dt) = &self.tensors[name];
-        assert_eq!(*dt, safetensors::Dtype::F32, "{name}");
-        bytemuck::pod_collect_to_vec(d)
-    }
-
-    fn u32(&self, name: &str) -> Vec<u32> {
-        let (d, dt) = &self.tensors[name];
-        assert_eq!(*dt, safetensors::Dtype::I32, "{name}");
-        let v: Vec<i32> = bytemuck::pod_collect_to_vec(d);
-        v.into_iter().map(|x| x as u32).collect()
-    }
-}
 
 fn dir(model: &str) -> std::path::PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets")).join(model)
@@ -95,7 +62,7 @@ fn greedy_ids_logits_and_score_match_transformers() {
         let ck = hf_weights::load(&d).unwrap();
         let mut runner = LlamaRunner::new(gpu, &ck).unwrap();
         check_greedy(&mut runner, &fx, model);
-        let t = fx.meta["score_t"].parse().unwrap();
+        let t = fx.num("score_t") as usize;
         let s = llama::score(&mut runner, &fx.u32("score_ids"), t).unwrap();
         let c = compare(
             &format!("{model} score"),

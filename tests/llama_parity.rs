@@ -5,9 +5,11 @@
 //! gradient, the losses and gradient norms of 10 AdamW steps (clipping and weight decay on) and
 //! the final weights must match the fixture at GPT-2's tolerances. Every mismatch fails.
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::Path;
 
+use common::fixture::Fixture;
 use shaderformer::gpu::{DType, test_gpu};
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
 use shaderformer::io::hf_weights;
@@ -16,45 +18,6 @@ use shaderformer::model::arch::Positions;
 use shaderformer::model::gpt::Mode;
 use shaderformer::model::llama;
 use shaderformer::reference::compare;
-
-struct Fixture {
-    tensors: HashMap<String, (Vec<u8>, safetensors::Dtype)>,
-    meta: HashMap<String, String>,
-}
-
-impl Fixture {
-    fn load(path: &Path) -> Fixture {
-        let bytes = std::fs::read(path).unwrap();
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let tensors = st
-            .tensors()
-            .into_iter()
-            .map(|(n, t)| (n, (t.data().to_vec(), t.dtype())))
-            .collect();
-        Fixture {
-            tensors,
-            meta: meta.metadata().clone().unwrap_or_default(),
-        }
-    }
-
-    fn f32(&self, name: &str) -> Vec<f32> {
-        let (d, dt) = &self.tensors[name];
-        assert_eq!(*dt, safetensors::Dtype::F32, "{name}");
-        bytemuck::pod_collect_to_vec(d)
-    }
-
-    fn u32(&self, name: &str) -> Vec<u32> {
-        let (d, dt) = &self.tensors[name];
-        assert_eq!(*dt, safetensors::Dtype::I32, "{name}");
-        let v: Vec<i32> = bytemuck::pod_collect_to_vec(d);
-        v.into_iter().map(|x| x as u32).collect()
-    }
-
-    fn num(&self, key: &str) -> f64 {
-        self.meta[key].parse().unwrap()
-    }
-}
 
 fn assets() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets"))

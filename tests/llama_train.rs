@@ -59,8 +59,28 @@ fn config(data: &Path, out: &Path, max_iters: u64) -> TrainConfig {
 /// Mean loss of the written checkpoint over the batches the trainer's evaluation draws (its
 /// loader, seeded `seed ^ 0xE7A1_0000`), on the model as `sample` and `score` load it.
 fn reloaded_val_loss(dir: &Path, cfg: &TrainConfig) -> f32 {
+    with_model(dir, cfg, Mode::Eval, |exec| {
+        let data = Dataset::load(cfg.data.as_ref().unwrap(), None).unwrap();
+        let (b, t) = (cfg.batch_size, cfg.block_size);
+        let mut loader = Loader::new(LoaderKind::Random, b, t, cfg.seed ^ 0xE7A1_0000);
+        let mut sum = 0.0f64;
+        for _ in 0..cfg.eval_iters {
+            sum += exec.forward_loss(&loader.next(&data.val)).unwrap() as f64;
+        }
+        (sum / cfg.eval_iters as f64) as f32
+    })
+}
+
+/// `f` on the graph of the checkpoint in `dir`, loaded as `sample` and `score` load it, built in
+/// `mode` for the run's batch shape and options.
+fn with_model<R>(
+    dir: &Path,
+    cfg: &TrainConfig,
+    mode: Mode,
+    f: impl FnOnce(&mut Executor<'_>) -> R,
+) -> R {
     let gpu = test_gpu().unwrap();
-    let ck = hf_weights::load(dir).expect("load the written checkpoint");
+    let ck = hf_weights::load(dir).expect("load the checkpoint");
     let store = ParamStore::build(
         gpu,
         &ck.table.store_specs(),
@@ -71,7 +91,7 @@ fn reloaded_val_loss(dir: &Path, cfg: &TrainConfig) -> f32 {
     )
     .unwrap();
     let (b, t) = (cfg.batch_size, cfg.block_size);
-    let g = llama::build(&ck.cfg.arch, &ck.table, b, t, Mode::Eval).unwrap();
+    let g = llama::build(&ck.cfg.arch, &ck.table, b, t, mode).unwrap();
     let opts = ExecOptions {
         reuse: true,
         grad_accum: 1,
@@ -80,13 +100,7 @@ fn reloaded_val_loss(dir: &Path, cfg: &TrainConfig) -> f32 {
         shard: Default::default(),
     };
     let mut exec = Executor::new(gpu, g.graph, &store, opts).unwrap();
-    let data = Dataset::load(cfg.data.as_ref().unwrap(), None).unwrap();
-    let mut loader = Loader::new(LoaderKind::Random, b, t, cfg.seed ^ 0xE7A1_0000);
-    let mut sum = 0.0f64;
-    for _ in 0..cfg.eval_iters {
-        sum += exec.forward_loss(&loader.next(&data.val)).unwrap() as f64;
-    }
-    (sum / cfg.eval_iters as f64) as f32
+    f(&mut exec)
 }
 
 #[test]
@@ -142,29 +156,12 @@ fn first_step_loss_is_the_source_models_on_the_first_batch() {
     let logged = losses(&dir.join("metrics.jsonl"));
     assert_eq!(logged[0].0, 1, "{logged:?}");
 
-    let ck = hf_weights::load(&asset("llama-tiny")).unwrap();
-    let store = ParamStore::build(
-        gpu,
-        &ck.table.store_specs(),
-        &ck.params,
-        true,
-        DType::F32,
-        &|_| u64::MAX,
-    )
-    .unwrap();
-    let (b, t) = (cfg.batch_size, cfg.block_size);
-    let g = llama::build(&ck.cfg.arch, &ck.table, b, t, Mode::Train).unwrap();
-    let opts = ExecOptions {
-        reuse: true,
-        grad_accum: 1,
-        adamw: cfg.adamw(),
-        seed: cfg.seed as u32,
-        shard: Default::default(),
-    };
-    let mut exec = Executor::new(gpu, g.graph, &store, opts).unwrap();
     let train_split = Dataset::load(&data, None).unwrap().train;
+    let (b, t) = (cfg.batch_size, cfg.block_size);
     let batch = Loader::new(LoaderKind::Random, b, t, cfg.seed).next(&train_split);
-    let want = exec.forward_loss(&batch).unwrap();
+    let want = with_model(&asset("llama-tiny"), &cfg, Mode::Train, |exec| {
+        exec.forward_loss(&batch).unwrap()
+    });
     assert_eq!(
         logged[0].1 as f32, want,
         "step 1's loss against the source model's"

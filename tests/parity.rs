@@ -3,9 +3,11 @@
 //! every parameter gradient and the losses of 10 AdamW steps (clipping and weight decay on) must
 //! match the values recorded by scripts/make_fixtures.py. Every mismatch fails the test.
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::Path;
 
+use common::fixture::Fixture;
 use shaderformer::gpu::{DType, test_gpu};
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
 use shaderformer::io::hf;
@@ -14,45 +16,6 @@ use shaderformer::model::ParamTable;
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::reference::compare;
 use shaderformer::train::checkpoint;
-
-struct Fixture {
-    tensors: HashMap<String, (Vec<usize>, Vec<u8>, safetensors::Dtype)>,
-    meta: HashMap<String, String>,
-}
-
-impl Fixture {
-    fn load(path: &Path) -> Fixture {
-        let bytes = std::fs::read(path).unwrap();
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let tensors = st
-            .tensors()
-            .into_iter()
-            .map(|(n, t)| (n, (t.shape().to_vec(), t.data().to_vec(), t.dtype())))
-            .collect();
-        Fixture {
-            tensors,
-            meta: meta.metadata().clone().unwrap_or_default(),
-        }
-    }
-
-    fn f32(&self, name: &str) -> Vec<f32> {
-        let (_, d, dt) = &self.tensors[name];
-        assert_eq!(*dt, safetensors::Dtype::F32, "{name}");
-        bytemuck::pod_collect_to_vec(d)
-    }
-
-    fn u32(&self, name: &str) -> Vec<u32> {
-        let (_, d, dt) = &self.tensors[name];
-        assert_eq!(*dt, safetensors::Dtype::I32, "{name}");
-        let v: Vec<i32> = bytemuck::pod_collect_to_vec(d);
-        v.into_iter().map(|x| x as u32).collect()
-    }
-
-    fn num(&self, key: &str) -> f64 {
-        self.meta[key].parse().unwrap()
-    }
-}
 
 fn assets() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets"))

@@ -47,15 +47,16 @@ fn row_block(wid: vec3<u32>, nwg: vec3<u32>) -> RowBlock {
 }
 
 // A *_backward_params invocation: channel ch, column col of the workgroup's COLS, summing the
-// blocks lane, lane + lanes, ...
+// blocks lane, lane + WG / COLS, ... (The lane count WG / COLS stays out of the struct: a value
+// read from a struct that holds an invocation's index is non-uniform to WGSL's uniformity
+// analysis, and the tree sum's barriers loop over the lane count.)
 struct ColLane {
     col: u32,
     lane: u32,
-    lanes: u32,
     ch: u32,
 }
 
 fn col_lane(wid: vec3<u32>, nwg: vec3<u32>, l: u32) -> ColLane {
     let col = l % COLS;
-    return ColLane(col, l / COLS, WG / COLS, global_index(wid, nwg, COLS, col));
+    return ColLane(col, l / COLS, global_index(wid, nwg, COLS, col));
 }

@@ -3,6 +3,8 @@
 //! the losses of a metrics file. Each test binary uses some of them.
 #![allow(dead_code)]
 
+pub mod fixture;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
