@@ -357,7 +357,7 @@ fn bench_llama(
     shaderformer::memory::check("the model", bytes)?;
     let table = LlamaParams::new(arch, 0.02)?;
     let gpu = gpu.open()?;
-    let mut out = header(&gpu, describe_llama(arch), args);
+    let mut out = header(&gpu, arch.describe(), args);
     if !args.json_to_stdout() {
         if args.what == What::All {
             println!("training: not measured (GPT-2 shapes only)");
@@ -449,24 +449,6 @@ fn describe(cfg: &GptConfig) -> String {
         cfg.vocab_size,
         cfg.block_size,
         cfg.num_params() as f64 / 1e6
-    )
-}
-
-/// A Llama-family shape in one line, with its parameter count.
-fn describe_llama(a: &Arch) -> String {
-    format!(
-        "{:?}, {} layers, {} heads ({} kv heads, head_dim {}), hidden {}, intermediate {}, \
-         vocab {}, context {} ({:.1}M parameters)",
-        a.family,
-        a.n_layer,
-        a.n_head,
-        a.n_kv_head,
-        a.head_dim,
-        a.hidden,
-        a.intermediate(),
-        a.vocab,
-        a.context,
-        a.checked_num_params().unwrap_or(0) as f64 / 1e6
     )
 }
 

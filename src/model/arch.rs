@@ -190,6 +190,25 @@ impl Arch {
             .then_some(cfg)
     }
 
+    /// The model in one line: its type, shape and parameter count (`train` and `bench` print
+    /// it).
+    pub fn describe(&self) -> String {
+        format!(
+            "{}, {} layers, {} heads ({} kv heads, head_dim {}), hidden {}, intermediate {}, \
+             vocab {}, context {} ({:.1}M parameters)",
+            self.family.model_type(),
+            self.n_layer,
+            self.n_head,
+            self.n_kv_head,
+            self.head_dim,
+            self.hidden,
+            self.intermediate(),
+            self.vocab,
+            self.context,
+            self.checked_num_params().unwrap_or(0) as f64 / 1e6
+        )
+    }
+
     /// Inner units of the MLP.
     pub fn intermediate(&self) -> usize {
         match self.mlp {

@@ -318,23 +318,7 @@ impl Model {
                 c.padded_vocab(),
                 c.num_params() as f64 / 1e6
             ),
-            Model::Llama(l) => {
-                let a = &l.cfg.arch;
-                format!(
-                    "{} ({} layers, {} heads, {} kv heads, head_dim {}, hidden {}, intermediate \
-                     {}, context {}, vocab {}), {:.2}M parameters",
-                    a.family.model_type(),
-                    a.n_layer,
-                    a.n_head,
-                    a.n_kv_head,
-                    a.head_dim,
-                    a.hidden,
-                    a.intermediate(),
-                    a.context,
-                    a.vocab,
-                    a.checked_num_params().unwrap_or(0) as f64 / 1e6
-                )
-            }
+            Model::Llama(l) => l.cfg.arch.describe(),
         }
     }
 
