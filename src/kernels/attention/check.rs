@@ -517,21 +517,9 @@ pub fn decode_cached(
 fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
     let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
     let dims = Dims { b, t, nh, hs };
-    let c = nh * hs;
     let s = format!("B={b} NH={nh} T={t} HS={hs} causal");
-    let (qkv_data, dout) = check_inputs(dims);
-    let qkv = gpu.upload_f32("qkv", &qkv_data)?;
-    let dout = gpu.upload_f32("dout", &dout)?;
-    let out = gpu.zeros("out", DType::F32, b * t * c)?;
-    let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
-    let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
-    let tensors = BackwardTensors {
-        dqkv: &dqkv,
-        dout: &dout,
-        qkv: &qkv,
-        out: &out,
-        lse: &lse,
-    };
+    let x = BenchTensors::new(gpu, dims)?;
+    let tensors = x.tensors();
     let case = BenchCase {
         gpu,
         opts,
@@ -546,7 +534,7 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     reports.push(drop_fwd);
     reports.extend(fused_bwd);
     reports.push(drop_bwd);
-    reports.extend(bench_decode(gpu, opts, &qkv_data, &qkv, dims)?);
+    reports.extend(bench_decode(gpu, opts, &x.qkv_data, &x.qkv, dims)?);
     Ok(reports)
 }
 
@@ -555,30 +543,64 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
 pub fn bench_headline(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
     let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
     let dims = Dims { b, t, nh, hs };
-    let c = nh * hs;
     let s = format!("B={b} NH={nh} T={t} HS={hs} causal");
-    let (qkv, dout) = check_inputs(dims);
-    let qkv = gpu.upload_f32("qkv", &qkv)?;
-    let dout = gpu.upload_f32("dout", &dout)?;
-    let out = gpu.zeros("out", DType::F32, b * t * c)?;
-    let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
-    let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
+    let x = BenchTensors::new(gpu, dims)?;
     let fv = tuned(gpu, Stage::Forward, dims, true)?;
     let step = own_step(gpu, None, 0)?;
-    let fwd = forward_with(gpu, &out, &lse, &qkv, dims, Options::CAUSAL, fv, &step)?;
+    let fwd = forward_with(
+        gpu,
+        &x.out,
+        &x.lse,
+        &x.qkv,
+        dims,
+        Options::CAUSAL,
+        fv,
+        &step,
+    )?;
     let forward = harness::bench_one(gpu, opts, &format!("forward {}", fv.name()), &s, &fwd)?;
     // The backward reads the out and lse the forward's runs left.
-    let tensors = BackwardTensors {
-        dqkv: &dqkv,
-        dout: &dout,
-        qkv: &qkv,
-        out: &out,
-        lse: &lse,
-    };
+    let tensors = x.tensors();
     let bv = tuned(gpu, Stage::Backward, dims, true)?;
     let bwd = backward_with(gpu, tensors, dims, Options::CAUSAL, bv, &step)?;
     let backward = harness::bench_one(gpu, opts, &format!("backward {}", bv.name()), &s, &bwd)?;
     Ok(vec![forward, backward])
+}
+
+/// The tensors of a causal bench shape: qkv and dout from `check_inputs` (qkv's values kept for
+/// decoding), out, lse and dqkv zeroed.
+struct BenchTensors {
+    qkv_data: Vec<f32>,
+    qkv: View,
+    dout: View,
+    out: View,
+    lse: View,
+    dqkv: View,
+}
+
+impl BenchTensors {
+    fn new(gpu: &Gpu, dims: Dims) -> Result<BenchTensors> {
+        let Dims { b, t, nh, hs } = dims;
+        let c = nh * hs;
+        let (qkv_data, dout) = check_inputs(dims);
+        Ok(BenchTensors {
+            qkv: gpu.upload_f32("qkv", &qkv_data)?,
+            dout: gpu.upload_f32("dout", &dout)?,
+            out: gpu.zeros("out", DType::F32, b * t * c)?,
+            lse: gpu.zeros("lse", DType::F32, b * nh * t)?,
+            dqkv: gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?,
+            qkv_data,
+        })
+    }
+
+    fn tensors(&self) -> BackwardTensors<'_> {
+        BackwardTensors {
+            dqkv: &self.dqkv,
+            dout: &self.dout,
+            qkv: &self.qkv,
+            out: &self.out,
+            lse: &self.lse,
+        }
+    }
 }
 
 /// One bench shape (causal): its label, dims, and the fused kernels' tensors.
