@@ -45,34 +45,65 @@ fn parse(shape: &[usize]) -> Result<(usize, usize, usize)> {
 fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     let (n, v, vp) = parse(shape)?;
     let dims = Dims { n, v, vp };
-    let s = format!("N={n} V={v} Vp={vp}");
-    let (targets, logits) = check_inputs(dims);
-    let valid = targets.iter().filter(|&&t| t != IGNORE).count();
-    let dloss = 1.0 / valid.max(1) as f32;
-
-    // The reference in f64 on the same f32 inputs.
-    let logits64: Vec<f64> = reference::convert(&logits);
-    let (mut losses, mut lse) = (vec![0.0; n], vec![0.0; n]);
-    reference::cross_entropy::forward(&mut losses, &mut lse, &logits64, &targets, dims);
-    let mut dlogits = vec![0.0; n * vp];
-    reference::cross_entropy::backward(&mut dlogits, &logits64, &targets, dloss as f64, dims);
-    let (losses, dlogits) = (marked(&losses), marked(&dlogits));
-
-    let case = Case {
-        s: &s,
-        logits: &logits,
-        targets: &gpu.upload_u32("targets", &targets)?,
-        losses: &losses,
-        lse: &lse,
-        dlogits: &dlogits,
-        dloss,
-        dims,
-    };
+    let r = Reference::new(dims);
+    let targets = gpu.upload_u32("targets", &r.targets)?;
+    let case = r.case(&targets);
     let mut reports = Vec::new();
     for variant in [Variant::Vec4, Variant::Scalar, Variant::Rows] {
         reports.extend(case.check_variant(gpu, variant)?.unwrap_or_default());
     }
     Ok(reports)
+}
+
+/// A check shape's inputs (`check_inputs`) and the reference's results in f64 on them (NaNs
+/// marked), the loss gradient 1 / (rows not ignored).
+struct Reference {
+    s: String,
+    targets: Vec<u32>,
+    logits: Vec<f32>,
+    losses: Vec<f64>,
+    lse: Vec<f64>,
+    dlogits: Vec<f64>,
+    dloss: f32,
+    dims: Dims,
+}
+
+impl Reference {
+    fn new(dims: Dims) -> Reference {
+        let Dims { n, v, vp } = dims;
+        let (targets, logits) = check_inputs(dims);
+        let valid = targets.iter().filter(|&&t| t != IGNORE).count();
+        let dloss = 1.0 / valid.max(1) as f32;
+        let logits64: Vec<f64> = reference::convert(&logits);
+        let (mut losses, mut lse) = (vec![0.0; n], vec![0.0; n]);
+        reference::cross_entropy::forward(&mut losses, &mut lse, &logits64, &targets, dims);
+        let mut dlogits = vec![0.0; n * vp];
+        reference::cross_entropy::backward(&mut dlogits, &logits64, &targets, dloss as f64, dims);
+        Reference {
+            s: format!("N={n} V={v} Vp={vp}"),
+            losses: marked(&losses),
+            lse,
+            dlogits: marked(&dlogits),
+            targets,
+            logits,
+            dloss,
+            dims,
+        }
+    }
+
+    /// The check of these values, with `targets` uploaded.
+    fn case<'a>(&'a self, targets: &'a View) -> Case<'a> {
+        Case {
+            s: &self.s,
+            logits: &self.logits,
+            targets,
+            losses: &self.losses,
+            lse: &self.lse,
+            dlogits: &self.dlogits,
+            dloss: self.dloss,
+            dims: self.dims,
+        }
+    }
 }
 
 /// A check's inputs and the reference's results (NaNs marked).
@@ -135,30 +166,13 @@ pub(crate) fn verify_variant(gpu: &Gpu, key: &str) -> Result<Option<(String, Str
     };
     let [n, v, vp] = BASELINE_SHAPE;
     let dims = Dims { n, v, vp };
-    let (targets, logits) = check_inputs(dims);
-    let valid = targets.iter().filter(|&&t| t != IGNORE).count();
-    let dloss = 1.0 / valid.max(1) as f32;
-    let logits64: Vec<f64> = reference::convert(&logits);
-    let (mut losses, mut lse) = (vec![0.0; n], vec![0.0; n]);
-    reference::cross_entropy::forward(&mut losses, &mut lse, &logits64, &targets, dims);
-    let mut dlogits = vec![0.0; n * vp];
-    reference::cross_entropy::backward(&mut dlogits, &logits64, &targets, dloss as f64, dims);
-    let (losses, dlogits) = (marked(&losses), marked(&dlogits));
-    let s = format!("N={n} V={v} Vp={vp}");
-    let case = Case {
-        s: &s,
-        logits: &logits,
-        targets: &gpu.upload_u32("baseline.targets", &targets)?,
-        losses: &losses,
-        lse: &lse,
-        dlogits: &dlogits,
-        dloss,
-        dims,
-    };
+    let r = Reference::new(dims);
+    let targets = gpu.upload_u32("baseline.targets", &r.targets)?;
+    let case = r.case(&targets);
     let Some(reports) = case.check_variant(gpu, variant)? else {
         return Ok(None);
     };
-    let probe = gpu.upload_f32("baseline.logits", &logits)?;
+    let probe = gpu.upload_f32("baseline.logits", &r.logits)?;
     let k = variant.kernels(gpu, &probe, n, vp);
     Ok(reports.into_iter().find(|r| !r.ok()).map(|r| {
         let spec = if r.comparison.name.starts_with("forward") {
@@ -166,7 +180,7 @@ pub(crate) fn verify_variant(gpu: &Gpu, key: &str) -> Result<Option<(String, Str
         } else {
             k.backward
         };
-        (spec.name(), format!("{s}: {}", r.comparison))
+        (spec.name(), format!("{}: {}", case.s, r.comparison))
     }))
 }
 
