@@ -1,18 +1,25 @@
 // Multi-head softmax attention: a fused flash-style forward and backward (O(T) extra memory),
 // the GEMM path's score kernels, and the KV-cache helpers used by generation.
 //
-// Legend: B batch, T sequence, C = NH·HS channels, NH heads, HS head size.
+// Legend: B batch, T sequence, C = NH·HS channels, NH query heads, HS head size, NKV key/value
+// heads (grouped-query attention: NKV divides NH, G = NH / NKV = p.group, and query head h reads
+// key/value head h / G; NKV = NH, G = 1, is multi-head attention).
 // Layouts (f32):
-//   qkv              (B, T, 3, NH, HS) = (B, T, 3C): the QKV projection's output; q, k, v of
-//                    token t, head h at qkv[(b·T + t)·3C + {0, C, 2C} + h·HS + d]
+//   qkv              (B, T, W), W = C + 2·NKV·HS: the QKV projection's output; q of token t,
+//                    head h at qkv[(b·T + t)·W + h·HS + d], k of key/value head j at
+//                    qkv[(b·T + t)·W + C + j·HS + d], v at qkv[(b·T + t)·W + C + NKV·HS + j·HS + d]
+//                    (with NKV = NH, W = 3C: GPT-2's c_attn layout)
 //   out, dout        (B, T, NH, HS) = (B, T, C)
 //   lse, D           (B, NH, T): per-row logsumexp of the scaled, masked scores (natural log),
 //                    and D = rowsum(dout ∘ out)
-//   k_cache, v_cache (B, NH, Tmax, HS), of KvElem: f32, or f16 in the F16 variant
+//   k_cache, v_cache (B, NKV, Tmax, HS), of KvElem: f32, or f16 in the F16 variant
 // scale = 1/sqrt(HS). Causal: the query at absolute position pos0 + i sees keys j <= pos0 + i.
 //
 // Fused kernels read q, k, v through (base, batch stride, token stride, head stride) in Params,
-// so one kernel serves K/V inside qkv (training) and K/V in the caches (generation). Head dims
+// so one kernel serves K/V inside qkv (training) and K/V in the caches (generation); k and v are
+// addressed by key/value head, q, out and lse by query head. The gradient of a key/value head
+// sums its G query heads': the dK/dV kernels own a key/value head and loop over its group in head
+// order, so the sum has one writer and a fixed order. Head dims
 // are padded with zeros to HD (a multiple of 4, >= HS) inside workgroup memory only.
 //
 // Every reduction runs in a fixed order and nothing uses atomics: the same inputs give the same
@@ -45,7 +52,7 @@ struct Params {
     ntiles: u32,      // row tiles per (b, h) of the fused kernels
     scale: f32,       // 1/sqrt(HS)
     scale2: f32,      // log2(e)/sqrt(HS): scores in base 2
-    pad: u32,
+    group: u32,       // G = NH / NKV: query heads per key/value head
     q: vec4<u32>,     // (base, batch stride, token stride, head stride) of q, in elements
     k: vec4<u32>,     // same for k (qkv or k_cache); dk uses it inside dqkv
     v: vec4<u32>,     // same for v (qkv or v_cache); dv uses it inside dqkv
@@ -74,6 +81,11 @@ fn pos0() -> u32 {
 
 fn tk() -> u32 {
     return p.tk + FROM_STEP * step.pos0;
+}
+
+// Key/value heads, NKV = NH / G.
+fn nkv() -> u32 {
+    return p.nh / p.group;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -148,7 +160,8 @@ fn row_start(s: vec4<u32>, b: u32, h: u32, t: u32) -> u32 {
     return s.x + b * s.y + t * s.z + h * s.w;
 }
 
-// Dims 4·d4 .. 4·d4+3 of query i / key j, zero beyond HS and for rows past the end.
+// Dims 4·d4 .. 4·d4+3 of query i of query head h / key j of key/value head kh, zero beyond HS
+// and for rows past the end.
 fn q4(b: u32, h: u32, i: u32, d4: u32) -> vec4<f32> {
     var r = vec4<f32>(0.0);
     if (i < p.tq) {
@@ -163,10 +176,10 @@ fn q4(b: u32, h: u32, i: u32, d4: u32) -> vec4<f32> {
     return r;
 }
 
-fn k4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
+fn k4(b: u32, kh: u32, j: u32, d4: u32) -> vec4<f32> {
     var r = vec4<f32>(0.0);
     if (j < tk()) {
-        let base = row_start(p.k, b, h, j);
+        let base = row_start(p.k, b, kh, j);
         for (var c = 0u; c < 4u; c++) {
             let d = 4u * d4 + c;
             if (d < p.hs) {
@@ -177,10 +190,10 @@ fn k4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
     return r;
 }
 
-fn v4(b: u32, h: u32, j: u32, d4: u32) -> vec4<f32> {
+fn v4(b: u32, kh: u32, j: u32, d4: u32) -> vec4<f32> {
     var r = vec4<f32>(0.0);
     if (j < tk()) {
-        let base = row_start(p.v, b, h, j);
+        let base = row_start(p.v, b, kh, j);
         for (var c = 0u; c < 4u; c++) {
             let d = 4u * d4 + c;
             if (d < p.hs) {
@@ -231,11 +244,11 @@ fn key_end(i0: u32, n: u32) -> u32 {
     return min(tk(), pos0() + min(i0 + n, p.tq));
 }
 
-// (b, h, r) of item idx of n per (b, h), r fastest: a row of a row kernel, or a key tile of
-// dK/dV. Past the last item, b >= B.
-fn row_of(idx: u32, n: u32) -> vec3<u32> {
+// (b, h, r) of item idx of n per (b, h) with `heads` heads, r fastest: a row of a row kernel
+// (query heads), or a key row or tile of dK/dV (key/value heads). Past the last item, b >= B.
+fn row_of(idx: u32, n: u32, heads: u32) -> vec3<u32> {
     let bh = idx / n;
-    return vec3<u32>(bh / p.nh, bh % p.nh, idx % n);
+    return vec3<u32>(bh / heads, bh % heads, idx % n);
 }
 
 // Query tiles are handed out heaviest first under the causal mask (the last query tiles see
@@ -246,20 +259,21 @@ fn query_tile(linear: u32) -> vec3<u32> {
     return vec3<u32>(bh / p.nh, bh % p.nh, t);
 }
 
-// Streams tile j0 .. j0 + BC of k and v into sh_b and sh_b2 (forward, dQ), between barriers.
-fn stream_kv(b: u32, h: u32, j0: u32, tid: u32) {
+// Streams tile j0 .. j0 + BC of k and v of key/value head kh into sh_b and sh_b2 (forward,
+// dQ), between barriers.
+fn stream_kv(b: u32, kh: u32, j0: u32, tid: u32) {
     workgroupBarrier();
     for (var e = tid; e < BC * HD4; e += WG) {
         let r = e / HD4;
         let d4 = e % HD4;
-        sh_b[r * HDP + d4] = k4(b, h, j0 + r, d4);
-        sh_b2[r * HDP + d4] = v4(b, h, j0 + r, d4);
+        sh_b[r * HDP + d4] = k4(b, kh, j0 + r, d4);
+        sh_b2[r * HDP + d4] = v4(b, kh, j0 + r, d4);
     }
     workgroupBarrier();
 }
 
 // attention_forward: out (B, Tq, NH, HS) and lse (B, NH, Tq) from q (B, Tq, NH, HS) and k, v
-// (B, Tk, NH, HS), each read through its strides; overwrites out and lse (lse only when
+// (B, Tk, NKV, HS), each read through its strides; overwrites out and lse (lse only when
 // write_lse = 1). One workgroup per (b, h, tile of BR queries), grid folded into x and y.
 // Online softmax: the running max m and sum l per row rescale the output accumulator as each
 // key tile arrives, so no T×T matrix exists anywhere; key tiles past the causal limit are skipped.
@@ -301,7 +315,7 @@ fn forward_tile(b: u32, h: u32, i0: u32, tid: u32) {
     let nkt = (key_end(i0, BR) + BC - 1u) / BC;
     for (var kt = 0u; kt < nkt; kt++) {
         let j0 = kt * BC;
-        stream_kv(b, h, j0, tid);
+        stream_kv(b, h / p.group, j0, tid);
 
         // Scores of this thread's RS rows × CS keys (keys interleaved across the SC threads).
         var s: array<f32, S_MAX>;
@@ -412,9 +426,10 @@ fn forward_tile(b: u32, h: u32, i0: u32, tid: u32) {
 // ---------------------------------------------------------------------------------------------
 // Fused backward, in three dispatches (no atomics; each output element has one writer):
 //   attention_backward_prep: D (B, NH, T) = rowsum(dout ∘ out), overwrites D
-//   attention_backward_dkdv: dk, dv inside dqkv (B, T, 3C), overwrites them; one workgroup per
-//                            (b, h, tile of BR keys), streaming the query tiles that see them
-//   attention_backward_dq:   dq inside dqkv (B, T, 3C), overwrites it; one workgroup per
+//   attention_backward_dkdv: dk, dv inside dqkv (B, T, W), overwrites them; one workgroup per
+//                            (b, key/value head, tile of BR keys), streaming, for each query
+//                            head of the group in turn, the query tiles that see them
+//   attention_backward_dq:   dq inside dqkv (B, T, W), overwrites it; one workgroup per
 //                            (b, h, tile of BR queries), streaming the visible key tiles
 // Both recompute P = exp(scale·q·k - lse) from the saved lse; with dP = dout·vᵀ,
 // dS = P ∘ (M ∘ dP - D), dq = scale·dS·k, dk = scale·dSᵀ·q, dv = (P ∘ M)ᵀ·dout (M = 1 without
@@ -536,19 +551,20 @@ fn attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_id) lid: vec3<u32>) {
     // Key tiles in ascending order: under the causal mask the first ones see the most queries.
-    let tile = row_of(workgroup_index(wid, nwg), p.ntiles);
+    let tile = row_of(workgroup_index(wid, nwg), p.ntiles, nkv());
     if (tile.x < p.nb) {
         dkdv_tile(tile.x, tile.y, tile.z * BR, lid.x);
     }
 }
 
-// attention_backward_dkdv's work for the key tile j0 .. j0 + BR of (b, h), as invocation tid.
-fn dkdv_tile(b: u32, h: u32, j0: u32, tid: u32) {
+// attention_backward_dkdv's work for the key tile j0 .. j0 + BR of (b, kh), kh a key/value
+// head, as invocation tid: the group's query heads kh·G .. kh·G + G in order.
+fn dkdv_tile(b: u32, kh: u32, j0: u32, tid: u32) {
     for (var e = tid; e < BR * HD4; e += WG) {
         let r = e / HD4;
         let d4 = e % HD4;
-        sh_a[r * HDP + d4] = k4(b, h, j0 + r, d4);
-        sh_a2[r * HDP + d4] = v4(b, h, j0 + r, d4);
+        sh_a[r * HDP + d4] = k4(b, kh, j0 + r, d4);
+        sh_a2[r * HDP + d4] = v4(b, kh, j0 + r, d4);
     }
 
     let sr = tid / SC;
@@ -569,8 +585,11 @@ fn dkdv_tile(b: u32, h: u32, j0: u32, tid: u32) {
         qt0 = j0 / BC;
     }
     let nqt = (p.tq + BC - 1u) / BC;
-    for (var qt = qt0; qt < nqt; qt++) {
-        let i0 = qt * BC;
+    // The query tiles qt0 .. nqt of each query head of the group, head after head.
+    let per_head = nqt - qt0;
+    for (var qi = 0u; qi < per_head * p.group; qi++) {
+        let h = kh * p.group + qi / per_head;
+        let i0 = (qt0 + qi % per_head) * BC;
         stream_qdo(b, h, i0, tid);
 
         // s = k·q and dp = v·dout for RS keys × CS queries.
@@ -620,8 +639,8 @@ fn dkdv_tile(b: u32, h: u32, j0: u32, tid: u32) {
             continue;
         }
         for (var v = 0u; v < DV; v++) {
-            store_dqkv(p.k, b, h, j, tc + TC * v, dk[o * DV + v] * p.scale);
-            store_dqkv(p.v, b, h, j, tc + TC * v, dv[o * DV + v]);
+            store_dqkv(p.k, b, kh, j, tc + TC * v, dk[o * DV + v] * p.scale);
+            store_dqkv(p.v, b, kh, j, tc + TC * v, dv[o * DV + v]);
         }
     }
 }
@@ -665,7 +684,7 @@ fn dq_tile(b: u32, h: u32, i0: u32, tid: u32) {
     let nkt = (key_end(i0, BR) + BC - 1u) / BC;
     for (var kt = 0u; kt < nkt; kt++) {
         let j0 = kt * BC;
-        stream_kv(b, h, j0, tid);
+        stream_kv(b, h / p.group, j0, tid);
 
         // s = q·k and dp = dout·v for RS queries × CS keys; dS goes to sh_p.
         let blk = score_block(sr, sc);
@@ -729,7 +748,7 @@ const RMAX: u32 = 32u;   // MAX_HS / 4: capacity of the private row arrays
 fn attention_forward_rows(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_id) lid: vec3<u32>) {
-    let at = row_of(global_index(wid, nwg, WG, lid.x), p.tq);
+    let at = row_of(global_index(wid, nwg, WG, lid.x), p.tq, p.nh);
     if (at.x < p.nb) {
         forward_row(at.x, at.y, at.z);
     }
@@ -745,11 +764,12 @@ fn forward_row(b: u32, h: u32, i: u32) {
     }
     var m = NEG;
     var l = 0.0;
+    let kh = h / p.group;
     let nk = key_end(i, 1u);
     for (var j = 0u; j < nk; j++) {
         var s = 0.0;
         for (var d4 = 0u; d4 < HD4; d4++) {
-            s += dot(qr[d4], k4(b, h, j, d4));
+            s += dot(qr[d4], k4(b, kh, j, d4));
         }
         s *= p.scale2;
         let mx = max(m, s);
@@ -759,7 +779,7 @@ fn forward_row(b: u32, h: u32, i: u32) {
         m = mx;
         let pf = pr * drop_factor(b, h, i, j);
         for (var d4 = 0u; d4 < HD4; d4++) {
-            acc[d4] = acc[d4] * alpha + pf * v4(b, h, j, d4);
+            acc[d4] = acc[d4] * alpha + pf * v4(b, kh, j, d4);
         }
     }
 
@@ -772,27 +792,27 @@ fn forward_row(b: u32, h: u32, i: u32) {
     }
 }
 
-// attention_backward_dkdv_rows: dk and dv of key j, one invocation per (b, h, j), looping over
-// the queries that see it.
+// attention_backward_dkdv_rows: dk and dv of key j, one invocation per (b, key/value head, j),
+// looping over the queries of each query head of the group, in head order, that see it.
 @compute @workgroup_size(WG)
 fn attention_backward_dkdv_rows(@builtin(workgroup_id) wid: vec3<u32>,
                                 @builtin(num_workgroups) nwg: vec3<u32>,
                                 @builtin(local_invocation_id) lid: vec3<u32>) {
-    let at = row_of(global_index(wid, nwg, WG, lid.x), tk());
+    let at = row_of(global_index(wid, nwg, WG, lid.x), tk(), nkv());
     if (at.x < p.nb) {
         dkdv_row(at.x, at.y, at.z);
     }
 }
 
-// attention_backward_dkdv_rows's work for row j of (b, h).
-fn dkdv_row(b: u32, h: u32, j: u32) {
+// attention_backward_dkdv_rows's work for row j of (b, kh), kh a key/value head.
+fn dkdv_row(b: u32, kh: u32, j: u32) {
     var kr: array<vec4<f32>, RMAX>;
     var vr: array<vec4<f32>, RMAX>;
     var dk: array<vec4<f32>, RMAX>;
     var dv: array<vec4<f32>, RMAX>;
     for (var d4 = 0u; d4 < HD4; d4++) {
-        kr[d4] = k4(b, h, j, d4);
-        vr[d4] = v4(b, h, j, d4);
+        kr[d4] = k4(b, kh, j, d4);
+        vr[d4] = v4(b, kh, j, d4);
         dk[d4] = vec4<f32>(0.0);
         dv[d4] = vec4<f32>(0.0);
     }
@@ -801,7 +821,11 @@ fn dkdv_row(b: u32, h: u32, j: u32) {
     if (p.causal != 0u) {
         i0 = j;
     }
-    for (var i = i0; i < p.tq; i++) {
+    // The queries i0 .. Tq of each query head of the group, head after head.
+    let per_head = p.tq - i0;
+    for (var hi = 0u; hi < per_head * p.group; hi++) {
+        let h = kh * p.group + hi / per_head;
+        let i = i0 + hi % per_head;
         let r = (b * p.nh + h) * p.tq + i;
         var s = 0.0;
         var dp = 0.0;
@@ -819,8 +843,8 @@ fn dkdv_row(b: u32, h: u32, j: u32) {
         }
     }
     for (var d4 = 0u; d4 < HD4; d4++) {
-        store_dqkv(p.k, b, h, j, d4, dk[d4] * p.scale);
-        store_dqkv(p.v, b, h, j, d4, dv[d4]);
+        store_dqkv(p.k, b, kh, j, d4, dk[d4] * p.scale);
+        store_dqkv(p.v, b, kh, j, d4, dv[d4]);
     }
 }
 
@@ -830,7 +854,7 @@ fn dkdv_row(b: u32, h: u32, j: u32) {
 fn attention_backward_dq_rows(@builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(num_workgroups) nwg: vec3<u32>,
                               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let at = row_of(global_index(wid, nwg, WG, lid.x), p.tq);
+    let at = row_of(global_index(wid, nwg, WG, lid.x), p.tq, p.nh);
     if (at.x < p.nb) {
         dq_row(at.x, at.y, at.z);
     }
@@ -849,18 +873,19 @@ fn dq_row(b: u32, h: u32, i: u32) {
     let r = (b * p.nh + h) * p.tq + i;
     let lq = bw_lse[r] * LOG2E;
     let dd = bw_d[r];
+    let kh = h / p.group;
     let nk = key_end(i, 1u);
     for (var j = 0u; j < nk; j++) {
         var s = 0.0;
         var dp = 0.0;
         for (var d4 = 0u; d4 < HD4; d4++) {
-            s += dot(qr[d4], k4(b, h, j, d4));
-            dp += dot(orow[d4], v4(b, h, j, d4));
+            s += dot(qr[d4], k4(b, kh, j, d4));
+            dp += dot(orow[d4], v4(b, kh, j, d4));
         }
         let pr = exp2(s * p.scale2 - lq);
         let ds = pr * (dp * drop_factor(b, h, i, j) - dd);
         for (var d4 = 0u; d4 < HD4; d4++) {
-            dq[d4] += ds * k4(b, h, j, d4);
+            dq[d4] += ds * k4(b, kh, j, d4);
         }
     }
     for (var d4 = 0u; d4 < HD4; d4++) {
@@ -964,8 +989,8 @@ fn attention_scores_backward(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------
-// kv_append: k_cache, v_cache (B, NH, Tmax, HS) at positions pos0 .. pos0 + Tq receive the k and
-// v of the Tq new tokens of qkv (B, Tq, 3C) (read through p.k and p.v); overwrites those rows.
+// kv_append: k_cache, v_cache (B, NKV, Tmax, HS) at positions pos0 .. pos0 + Tq receive the k
+// and v of the Tq new tokens of qkv (B, Tq, W) (read through p.k and p.v); overwrites those rows.
 // One thread per element; p.tk holds Tmax. The caches hold KvElem: the F16 variant rounds to f16.
 // Bindings: 1 = qkv (read, f32), 2 = k_cache (read_write), 3 = v_cache (read_write).
 // Each f16 store is its own memory location: neighbouring threads write the two halves of a
@@ -978,16 +1003,16 @@ fn kv_append(@builtin(workgroup_id) wid: vec3<u32>,
              @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_id) lid: vec3<u32>) {
     let idx = global_index(wid, nwg, WG, lid.x);
-    if (idx >= p.nb * p.tq * p.nh * p.hs) {
+    if (idx >= p.nb * p.tq * nkv() * p.hs) {
         return;
     }
     let d = idx % p.hs;
     let r = idx / p.hs;
-    let h = r % p.nh;
-    let bt = r / p.nh;
+    let kh = r % nkv();
+    let bt = r / nkv();
     let i = bt % p.tq;
     let b = bt / p.tq;
-    let dst = ((b * p.nh + h) * p.tk + pos0() + i) * p.hs + d;
-    kc_out[dst] = KvElem(q_in[row_start(p.k, b, h, i) + d]);
-    vc_out[dst] = KvElem(q_in[row_start(p.v, b, h, i) + d]);
+    let dst = ((b * nkv() + kh) * p.tk + pos0() + i) * p.hs + d;
+    kc_out[dst] = KvElem(q_in[row_start(p.k, b, kh, i) + d]);
+    vc_out[dst] = KvElem(q_in[row_start(p.v, b, kh, i) + d]);
 }

@@ -1,12 +1,11 @@
-// Grouped-query attention's operand: q, k and v packed into one row per token, each key/value
-// head repeated for the query heads of its group (transformers' repeat_kv), and the backward.
+// Attention's operand: q, k and v packed into one row per token (the layout attention.wgsl
+// reads, which serves query head h with key/value head h / G itself), and the backward.
 //
-// q (B·T, NH, HS); k, v (B·T, NKV, HS); qkv (B·T, 3, NH, HS); G = NH / NKV; query head h reads
-// key/value head h / G.
-// qkv_pack_forward:     qkv = [q, k[h / G], v[h / G]]                              overwrites qkv
+// q (B·T, NH, HS); k, v (B·T, NKV, HS); qkv (B·T, W), W = (NH + 2·NKV)·HS: each row the token's
+// NH query heads, then its NKV key heads, then its NKV value heads.
+// qkv_pack_forward:     qkv = [q, k, v] row by row                                  overwrites qkv
 // qkv_pack_backward_q:  dq (B·T, NH, HS) = dqkv's q part
-// qkv_pack_backward_kv: dk, dv (B·T, NKV, HS) = Σ_{r < G} dqkv's k (v) part of head j·G + r,
-//                       summed in head order (no atomics: one thread per output element)
+// qkv_pack_backward_kv: dk, dv (B·T, NKV, HS) = dqkv's k and v parts
 //                       backwards overwrite when p.accumulate = 0, add to (+=) when 1
 //
 // One thread per output element; the 1-D grid may be folded into 2-D for large N (see gpu::grid).
@@ -41,17 +40,17 @@ fn qkv_pack_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     if (i >= p.n) {
         return;
     }
-    let e = i % p.hs;
-    let h = (i / p.hs) % p.nh;
-    let which = (i / (p.hs * p.nh)) % 3u;
-    let row = i / (3u * p.nh * p.hs);
-    let kv = (row * p.nkv + h / (p.nh / p.nkv)) * p.hs + e;
-    if (which == 0u) {
-        fw_qkv[i] = fw_q[(row * p.nh + h) * p.hs + e];
-    } else if (which == 1u) {
-        fw_qkv[i] = fw_k[kv];
+    let cq = p.nh * p.hs;
+    let ckv = p.nkv * p.hs;
+    let width = cq + 2u * ckv;
+    let row = i / width;
+    let e = i % width;
+    if (e < cq) {
+        fw_qkv[i] = fw_q[row * cq + e];
+    } else if (e < cq + ckv) {
+        fw_qkv[i] = fw_k[row * ckv + e - cq];
     } else {
-        fw_qkv[i] = fw_v[kv];
+        fw_qkv[i] = fw_v[row * ckv + e - cq - ckv];
     }
 }
 
@@ -66,9 +65,9 @@ fn qkv_pack_backward_q(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     if (i >= p.n) {
         return;
     }
-    let width = p.nh * p.hs;
-    let row = i / width;
-    var d = bq_dqkv[row * 3u * width + i % width];
+    let cq = p.nh * p.hs;
+    let width = cq + 2u * p.nkv * p.hs;
+    var d = bq_dqkv[i / cq * width + i % cq];
     if (p.accumulate != 0u) {
         d += bq_dq[i];
     }
@@ -87,19 +86,12 @@ fn qkv_pack_backward_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
     if (i >= p.n) {
         return;
     }
-    let e = i % p.hs;
-    let j = (i / p.hs) % p.nkv;
-    let row = i / (p.nkv * p.hs);
-    let g = p.nh / p.nkv;
-    let width = p.nh * p.hs;
-    // k's part of the row starts at width, v's at 2 · width.
-    let base = row * 3u * width + j * g * p.hs + e;
-    var sk = 0.0;
-    var sv = 0.0;
-    for (var r = 0u; r < g; r++) {
-        sk += bkv_dqkv[base + width + r * p.hs];
-        sv += bkv_dqkv[base + 2u * width + r * p.hs];
-    }
+    let cq = p.nh * p.hs;
+    let ckv = p.nkv * p.hs;
+    // k's part of the row starts at cq, v's at cq + ckv.
+    let at = i / ckv * (cq + 2u * ckv) + cq + i % ckv;
+    var sk = bkv_dqkv[at];
+    var sv = bkv_dqkv[at + ckv];
     if (p.accumulate != 0u) {
         sk += bkv_dk[i];
         sv += bkv_dv[i];

@@ -302,6 +302,7 @@ fn random_model(rng: &mut Rng) -> Built {
                     b: 1,
                     t: N,
                     nh: 2,
+                    nkv: 2,
                     hs: C / 2,
                     p: 0.0,
                     site: 0,
@@ -422,7 +423,7 @@ fn gqa_attention(
         rope(g, k, kr, (nkv, hs), format!("gqa{i}.k.rope"));
         (q, k) = (qr, kr);
     }
-    let qkv = g.activation(format!("gqa{i}.qkv"), &[1, N, 3 * C]);
+    let qkv = g.activation(format!("gqa{i}.qkv"), &[1, N, (nh + 2 * nkv) * hs]);
     let op = Op::PackQkv {
         b: 1,
         t: N,
@@ -442,6 +443,7 @@ fn gqa_attention(
         b: 1,
         t: N,
         nh,
+        nkv,
         hs,
         p: 0.0,
         site: 0,

@@ -128,30 +128,35 @@ pub enum Op {
         n: usize,
         bias: bool,
     },
-    /// in [qkv (B,T,3C)] → out [y (B,T,C), lse (B,NH,T)]; dropout `p` on the probabilities
-    /// (0 = none), with the random stream of `site` as in `Dropout`.
+    /// in [qkv (B,T,W)] → out [y (B,T,C), lse (B,NH,T)]; dropout `p` on the probabilities
+    /// (0 = none), with the random stream of `site` as in `Dropout`. NKV key/value heads (NKV
+    /// divides NH; NKV = NH is multi-head attention), W = (NH + 2·NKV)·HS: each token's query
+    /// heads, key heads and value heads side by side.
     Attention {
         b: usize,
         t: usize,
         nh: usize,
+        nkv: usize,
         hs: usize,
         p: f32,
         site: u32,
     },
-    /// Decoding with a KV cache: in [qkv (B,Tq,3C), k_cache, v_cache (B,NH,Tmax,HS)] → out
+    /// Decoding with a KV cache: in [qkv (B,Tq,W), k_cache, v_cache (B,NKV,Tmax,HS)] → out
     /// [y (B,Tq,C)]; the queries sit at positions pos0 .. pos0+Tq, set per call.
     AttentionCached {
         b: usize,
         tq: usize,
         nh: usize,
+        nkv: usize,
         hs: usize,
         tmax: usize,
     },
-    /// in [qkv (B,Tq,3C)] → out [k_cache, v_cache], rows pos0 .. pos0+Tq written in place.
+    /// in [qkv (B,Tq,W)] → out [k_cache, v_cache], rows pos0 .. pos0+Tq written in place.
     KvAppend {
         b: usize,
         tq: usize,
         nh: usize,
+        nkv: usize,
         hs: usize,
         tmax: usize,
     },
@@ -165,9 +170,8 @@ pub enum Op {
         heads: usize,
         d: usize,
     },
-    /// Grouped-query attention's operand: in [q (B,T,NH·HS), k (B,T,NKV·HS), v (B,T,NKV·HS)] →
-    /// out [qkv (B,T,3·NH·HS)], the q, k and v rows of each token side by side, key/value head
-    /// j repeated for query heads j·G .. (j+1)·G, G = NH / NKV (transformers' `repeat_kv`).
+    /// Attention's operand: in [q (B,T,NH·HS), k (B,T,NKV·HS), v (B,T,NKV·HS)] → out
+    /// [qkv (B,T,W)], W = (NH + 2·NKV)·HS, the q, k and v rows of each token side by side.
     PackQkv {
         b: usize,
         t: usize,
@@ -226,6 +230,7 @@ pub enum Op {
         b: usize,
         t: usize,
         nh: usize,
+        nkv: usize,
         hs: usize,
         p: f32,
         site: u32,
@@ -239,8 +244,7 @@ pub enum Op {
         heads: usize,
         d: usize,
     },
-    /// in [dqkv] → out [dq, dk, dv], all overwritten or all added to (`acc`); dk and dv sum the
-    /// G query heads of each group in head order (deterministic, no atomics).
+    /// in [dqkv] → out [dq, dk, dv], dqkv's three parts, all overwritten or all added to (`acc`).
     PackQkvBackward {
         b: usize,
         t: usize,

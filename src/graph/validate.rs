@@ -95,8 +95,14 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             linear_residual(&mut o, &x, r::gemm::LinearDims { m, k, n }, bias)
         }
         Op::Attention {
-            b, t, nh, hs, p, ..
-        } => attention(&mut o, &x, r::attention::Dims { b, t, nh, hs }, p),
+            b,
+            t,
+            nh,
+            nkv,
+            hs,
+            p,
+            ..
+        } => attention(&mut o, &x, r::attention::Dims { b, t, nh, nkv, hs }, p),
         Op::RmsNorm { n, c, eps } => {
             let (y, rstd) = o.split_at_mut(1);
             let dims = r::rmsnorm::Dims { n, c };
@@ -140,8 +146,14 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             linear_backward(&mut o, &x, dims, acc, LinearOutputs { dx, bias, gelu })
         }
         Op::AttentionBackward {
-            b, t, nh, hs, p, ..
-        } => attention_backward(&mut o, &x, r::attention::Dims { b, t, nh, hs }, p),
+            b,
+            t,
+            nh,
+            nkv,
+            hs,
+            p,
+            ..
+        } => attention_backward(&mut o, &x, r::attention::Dims { b, t, nh, nkv, hs }, p),
         Op::RmsNormBackward { n, c, acc } => {
             zero_unless(&mut o[0], acc);
             let (dx, dw) = o.split_at_mut(1);
@@ -408,7 +420,7 @@ fn linear_backward(
 
 /// Output [dqkv], overwritten.
 fn attention_backward(o: &mut [Vec<f32>], x: &Inputs, dims: r::attention::Dims, p: f32) {
-    let r::attention::Dims { b, t, nh, hs } = dims;
+    let r::attention::Dims { b, t, nh, hs, .. } = dims;
     let opts = x.attention_options(p);
     // Recompute the probabilities the reference backward needs.
     let mut y = vec![0.0; b * t * nh * hs];

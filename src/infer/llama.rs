@@ -1,6 +1,6 @@
 //! Inference for the Llama family, one sequence at a time: decoding against a KV cache (the
-//! prompt in one pass, then one pass per token, as GPT-2's `Engine` does; the cache holds every
-//! query head's keys and values, the repeated ones included), or by full recomputation, which
+//! prompt in one pass, then one pass per token, as GPT-2's `Engine` does; the cache holds each
+//! key/value head's keys and values once, NKV of them, not NH), or by full recomputation, which
 //! reruns the whole sequence for each token. Recomputation builds graphs for lengths in steps of
 //! `LENGTH_STEP` and keeps them: a shorter sequence is padded at the end, which the causal
 //! attention keeps from every position before it, and only its own positions are read.
@@ -95,11 +95,11 @@ impl<'a> LlamaRunner<'a> {
         Ok(r)
     }
 
-    /// Allocates a KV cache of the whole context (every query head's keys and values): `next`
-    /// then runs only the new tokens.
+    /// Allocates a KV cache of the whole context (the keys and values of each key/value head,
+    /// once): `next` then runs only the new tokens.
     pub fn add_cache(&mut self) -> Result<()> {
         let a = &self.arch;
-        let shape = [1, a.n_head, a.context, a.head_dim];
+        let shape = [1, a.n_kv_head, a.context, a.head_dim];
         self.store
             .alloc_kv(self.gpu, a.n_layer, shape, DType::F32)?;
         self.cache = Some((HashMap::new(), 0));
@@ -108,7 +108,7 @@ impl<'a> LlamaRunner<'a> {
 
     /// Bytes of the KV cache `add_cache` allocates for `arch`.
     pub fn cache_bytes(arch: &Arch) -> u128 {
-        let per_layer = 2 * (arch.n_head * arch.context * arch.head_dim) as u128;
+        let per_layer = 2 * (arch.n_kv_head * arch.context * arch.head_dim) as u128;
         per_layer * arch.n_layer as u128 * DType::F32.size() as u128
     }
 
@@ -318,4 +318,20 @@ pub fn score(runner: &mut LlamaRunner, ids: &[u32], t: usize) -> Result<Score> {
         s.windows += 1;
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LlamaRunner;
+    use crate::model::Arch;
+
+    /// SmolLM2-135M's cache holds its 3 key/value heads, not its 9 query heads: 2 (k and v) ·
+    /// 30 layers · 3 heads · 8192 positions · 64 · 4 bytes.
+    #[test]
+    fn the_cache_holds_the_key_value_heads() {
+        let arch = Arch::preset("smollm2-135m").expect("a preset");
+        assert_eq!((arch.n_head, arch.n_kv_head), (9, 3));
+        let want = 2 * 30 * 3 * arch.context as u128 * 64 * 4;
+        assert_eq!(LlamaRunner::cache_bytes(&arch), want);
+    }
 }

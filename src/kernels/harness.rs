@@ -111,7 +111,8 @@ pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
     };
     let d: Vec<u128> = shape.iter().map(|&x| x as u128).collect();
     let ok_dims: &[usize] = match f.name {
-        "gemm" | "attention" => &[if f.name == "gemm" { 3 } else { 4 }],
+        "gemm" => &[3],
+        "attention" => &[4, 5],
         "layernorm" | "rmsnorm" => &[2],
         "cross_entropy" => &[2, 3],
         "embedding" => &[4, 5],
@@ -145,7 +146,10 @@ pub fn validate_shape(f: &Family, shape: &[usize]) -> Result<()> {
             }
             sum(&[mul(&[*b, *t, *c]), mul(&[*v, *c])])
         }
-        ("attention", [b, nh, t, hs]) => mul(&[*b, *nh, *t, sum(&[mul(&[3, *hs]), *t])]),
+        ("attention", [_, nh, _, _, nkv]) if *nkv == 0 || nh % nkv != 0 => {
+            return bad(format!("NKV {nkv} key/value heads must divide NH {nh}"));
+        }
+        ("attention", [b, nh, t, hs, ..]) => mul(&[*b, *nh, *t, sum(&[mul(&[3, *hs]), *t])]),
         ("rope", [_, _, h, r, _]) if r > h || *r == 0 => {
             return bad(format!("R {r} rotated heads must be between 1 and H {h}"));
         }

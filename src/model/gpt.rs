@@ -101,12 +101,13 @@ pub(super) struct Loss {
     pub(super) mean: Option<TensorId>,
 }
 
-/// The sizes and settings of a model that its builder needs: hidden C, heads, head size, the
-/// vocabulary and its padded width, the dropout when training, and whether the layer norms need
-/// a zero bias.
+/// The sizes and settings of a model that its builder needs: hidden C, query heads, key/value
+/// heads, head size, the vocabulary and its padded width, the dropout when training, and whether
+/// the layer norms need a zero bias.
 pub(super) struct Setup {
     pub c: usize,
     pub nh: usize,
+    pub nkv: usize,
     pub hs: usize,
     pub v: usize,
     pub vp: usize,
@@ -124,6 +125,8 @@ pub(super) struct Builder {
     pub(super) bt: usize,
     pub(super) c: usize,
     pub(super) nh: usize,
+    /// Key/value heads (NH for GPT-2; fewer with grouped-query attention).
+    pub(super) nkv: usize,
     pub(super) hs: usize,
     v: usize,
     vp: usize,
@@ -151,6 +154,7 @@ impl Builder {
         let setup = Setup {
             c: cfg.n_embd,
             nh: cfg.n_head,
+            nkv: cfg.n_head,
             hs: cfg.head_size(),
             v: cfg.vocab_size,
             vp: cfg.padded_vocab(),
@@ -178,6 +182,7 @@ impl Builder {
             bt: b * t,
             c: s.c,
             nh: s.nh,
+            nkv: s.nkv,
             hs: s.hs,
             v: s.v,
             vp: s.vp,
@@ -410,10 +415,11 @@ impl Builder {
         y
     }
 
-    /// Causal self-attention over qkv (B, T, 3C) into (B, T, C): over the block's own tokens, or,
-    /// when decoding, over layer l's KV cache after appending the new keys and values to it.
+    /// Causal self-attention over qkv (B, T, W) into (B, T, C): over the block's own tokens, or,
+    /// when decoding, over layer l's KV cache (each key/value head once) after appending the new
+    /// keys and values to it.
     pub(super) fn attention(&mut self, l: usize, qkv: TensorId) -> TensorId {
-        let (b, t, nh, hs, p) = (self.b, self.t, self.nh, self.hs, self.p);
+        let (b, t, nh, nkv, hs, p) = (self.b, self.t, self.nh, self.nkv, self.hs, self.p);
         let h = format!("h.{l}");
         let g = &mut self.g;
         let att = g.activation(format!("{h}.attn"), &[b, t, nh * hs]);
@@ -421,7 +427,7 @@ impl Builder {
             let cache = |g: &mut Graph, value: bool| {
                 let name = format!("{h}.attn.{}_cache", if value { "v" } else { "k" });
                 let kind = TensorKind::KvCache { layer: l, value };
-                g.tensor(name, &[b, nh, tmax, hs], DType::F32, kind)
+                g.tensor(name, &[b, nkv, tmax, hs], DType::F32, kind)
             };
             let (kc, vc) = (cache(g, false), cache(g, true));
             let (tq, attn) = (t, format!("{h}.attn"));
@@ -432,6 +438,7 @@ impl Builder {
                     b,
                     tq,
                     nh,
+                    nkv,
                     hs,
                     tmax,
                 },
@@ -445,6 +452,7 @@ impl Builder {
                     b,
                     tq,
                     nh,
+                    nkv,
                     hs,
                     tmax,
                 },
@@ -460,6 +468,7 @@ impl Builder {
                     b,
                     t,
                     nh,
+                    nkv,
                     hs,
                     p,
                     // Streams apart from the residual dropouts' sites (1, 2, 3, ...).

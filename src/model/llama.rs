@@ -1,7 +1,8 @@
 //! The Llama family's forward graph (Llama, Mistral, Qwen2, Qwen3, SmolLM2) from its
 //! architecture description, on GPT-2's builder: the same linear layers, attention, fused
-//! residual projections, loss and training extension, with RMSNorm, rotary q and k, the
-//! grouped-query packing of the key/value heads and the gated SiLU MLP in place of GPT-2's parts.
+//! residual projections, loss and training extension, with RMSNorm, rotary q and k, grouped-query
+//! attention (each key/value head held once, in the operand and in the KV cache) and the gated
+//! SiLU MLP in place of GPT-2's parts.
 //!
 //! A decoder layer, as transformers' LlamaDecoderLayer computes it:
 //!   h = x + o_proj(attention(rope(norm_q(q_proj(n))), rope(norm_k(k_proj(n))), v_proj(n))),
@@ -16,8 +17,8 @@ use crate::gpu::DType;
 use crate::graph::ir::{Input, Op, TensorId, TensorKind};
 
 /// Builds the model `arch` with parameters `table` for batches of `b` sequences of `t` tokens.
-/// Decoding (`Mode::Decode`) keeps the keys and values of every query head (the repeated ones
-/// included) in the KV cache, and rotates q and k at the positions set per call.
+/// Decoding (`Mode::Decode`) keeps the keys and values of the NKV key/value heads in the KV cache,
+/// and rotates q and k at the positions set per call.
 pub fn build(arch: &Arch, table: &LlamaParams, b: usize, t: usize, mode: Mode) -> Result<GptGraph> {
     let (Norm::RmsNorm { eps }, Positions::Rotary(rope)) = (arch.norm, arch.positions) else {
         return Err(Error::invalid(
@@ -34,6 +35,7 @@ pub fn build(arch: &Arch, table: &LlamaParams, b: usize, t: usize, mode: Mode) -
     let setup = Setup {
         c: arch.hidden,
         nh: arch.n_head,
+        nkv: arch.n_kv_head,
         hs: arch.head_dim,
         v: arch.vocab,
         vp: arch.vocab,
@@ -42,7 +44,6 @@ pub fn build(arch: &Arch, table: &LlamaParams, b: usize, t: usize, mode: Mode) -
     };
     let mut m = Llama {
         m: Builder::with(&table.specs, setup, b, t, mode),
-        nkv: arch.n_kv_head,
         inner: arch.intermediate(),
         eps: eps as f32,
         qk_norm: arch.qk_norm,
@@ -69,7 +70,6 @@ pub fn build(arch: &Arch, table: &LlamaParams, b: usize, t: usize, mode: Mode) -
 /// The Llama graph under construction: GPT-2's builder and what the family adds.
 struct Llama {
     m: Builder,
-    nkv: usize,
     inner: usize,
     eps: f32,
     qk_norm: bool,
@@ -121,10 +121,10 @@ impl Llama {
     }
 
     /// q, k and v of the normed input n, q and k normed per head (Qwen3) and rotated, packed
-    /// into the attention's (B, T, 3·NH·HS) operand with each key/value head repeated.
+    /// into the attention's (B, T, (NH + 2·NKV)·HS) operand.
     fn qkv(&mut self, l: usize, bp: &LlamaBlock, n: TensorId) -> TensorId {
         let (b, t, bt, nh, nkv, hs) = (
-            self.m.b, self.m.t, self.m.bt, self.m.nh, self.nkv, self.m.hs,
+            self.m.b, self.m.t, self.m.bt, self.m.nh, self.m.nkv, self.m.hs,
         );
         let a = format!("model.layers.{l}.self_attn");
         let q = self.m.weights((bp.q, bp.q_b));
@@ -143,9 +143,9 @@ impl Llama {
         let q = self.rope(q, nh, format!("{a}.q_rope"));
         let k = self.rope(k, nkv, format!("{a}.k_rope"));
         let g = &mut self.m.g;
-        let qkv = g.activation(format!("{a}.qkv"), &[b, t, 3 * nh * hs]);
+        let qkv = g.activation(format!("{a}.qkv"), &[b, t, (nh + 2 * nkv) * hs]);
         let op = Op::PackQkv { b, t, nh, nkv, hs };
-        g.push(FWD, format!("{a}.repeat_kv"), op, vec![q, k, v], vec![qkv]);
+        g.push(FWD, format!("{a}.qkv"), op, vec![q, k, v], vec![qkv]);
         qkv
     }
 

@@ -1,8 +1,9 @@
-//! Grouped-query attention's operand (transformers' `repeat_kv` and the packing of q, k and v
-//! into one row per token that the fused attention kernels read), llm.c style.
+//! Attention's operand: q, k and v packed into one row per token, the layout the fused attention
+//! kernels read (see `reference::attention`), llm.c style.
 //!
-//! Query head h reads key/value head h / G, G = NH / NKV: key/value head j serves the query
-//! heads j·G .. (j+1)·G, as `repeat_kv` expands it.
+//! Each row holds the token's NH query heads, then its NKV key heads, then its NKV value heads
+//! (W = (NH + 2·NKV)·HS values); the attention reads key/value head h / G for query head h,
+//! G = NH / NKV, so nothing is repeated here.
 
 use super::Real;
 
@@ -17,45 +18,39 @@ pub struct Dims {
     pub hs: usize,
 }
 
-/// qkv (B, T, 3, NH, HS) = [q[b, t, h], k[b, t, h / G], v[b, t, h / G]] from q (B, T, NH, HS),
-/// k and v (B, T, NKV, HS). Overwrites qkv.
-pub fn forward<T: Real>(qkv: &mut [T], q: &[T], k: &[T], v: &[T], dims: Dims) {
-    let Dims { b, t, nh, nkv, hs } = dims;
-    let g = nh / nkv;
-    for row in 0..b * t {
-        for h in 0..nh {
-            for e in 0..hs {
-                let out = |which: usize| ((row * 3 + which) * nh + h) * hs + e;
-                let kv = (row * nkv + h / g) * hs + e;
-                qkv[out(0)] = q[(row * nh + h) * hs + e];
-                qkv[out(1)] = k[kv];
-                qkv[out(2)] = v[kv];
-            }
-        }
+impl Dims {
+    /// The width W of a packed row, (NH + 2·NKV)·HS.
+    pub fn width(self) -> usize {
+        (self.nh + 2 * self.nkv) * self.hs
     }
 }
 
-/// Backward of `forward`, accumulating into every output: dq (B, T, NH, HS) += dqkv's q part;
-/// dk, dv (B, T, NKV, HS) += the sum over the G query heads of each group, in head order.
+/// qkv (B·T, W) = [q, k, v] row by row, from q (B·T, NH·HS), k and v (B·T, NKV·HS). Overwrites
+/// qkv.
+pub fn forward<T: Real>(qkv: &mut [T], q: &[T], k: &[T], v: &[T], dims: Dims) {
+    let (cq, ckv, w) = (dims.nh * dims.hs, dims.nkv * dims.hs, dims.width());
+    for row in 0..dims.b * dims.t {
+        let out = &mut qkv[row * w..][..w];
+        out[..cq].copy_from_slice(&q[row * cq..][..cq]);
+        out[cq..cq + ckv].copy_from_slice(&k[row * ckv..][..ckv]);
+        out[cq + ckv..].copy_from_slice(&v[row * ckv..][..ckv]);
+    }
+}
+
+/// Backward of `forward`, accumulating into every output: dq (B·T, NH·HS), dk and dv
+/// (B·T, NKV·HS) += dqkv's q, k and v parts.
 pub fn backward<T: Real>(dq: &mut [T], dk: &mut [T], dv: &mut [T], dqkv: &[T], dims: Dims) {
-    let Dims { b, t, nh, nkv, hs } = dims;
-    let g = nh / nkv;
-    for row in 0..b * t {
-        for h in 0..nh {
-            for e in 0..hs {
-                dq[(row * nh + h) * hs + e] += dqkv[(row * 3 * nh + h) * hs + e];
-            }
-        }
-        for j in 0..nkv {
-            for e in 0..hs {
-                let (mut sk, mut sv) = (T::zero(), T::zero());
-                for r in 0..g {
-                    let h = j * g + r;
-                    sk += dqkv[((row * 3 + 1) * nh + h) * hs + e];
-                    sv += dqkv[((row * 3 + 2) * nh + h) * hs + e];
-                }
-                dk[(row * nkv + j) * hs + e] += sk;
-                dv[(row * nkv + j) * hs + e] += sv;
+    let (cq, ckv, w) = (dims.nh * dims.hs, dims.nkv * dims.hs, dims.width());
+    for row in 0..dims.b * dims.t {
+        let d = &dqkv[row * w..][..w];
+        let parts = [
+            (&mut dq[row * cq..][..cq], &d[..cq]),
+            (&mut dk[row * ckv..][..ckv], &d[cq..cq + ckv]),
+            (&mut dv[row * ckv..][..ckv], &d[cq + ckv..]),
+        ];
+        for (out, part) in parts {
+            for (o, &x) in out.iter_mut().zip(part) {
+                *o += x;
             }
         }
     }

@@ -58,35 +58,105 @@ fn head_and_batch_extremes() {
 }
 
 /// Decoding with a prefill of 5 tokens and then 1-token steps, and with a prefill of 3 and then
-/// chunks of 4 new tokens at a time, gives the rows of the full causal forward.
+/// chunks of 4 new tokens at a time, gives the rows of the full causal forward: multi-head, and
+/// grouped-query with caches of the key/value heads alone.
 #[test]
 fn decoding_matches_the_full_forward() {
     let Some(gpu) = test_gpu() else { return };
     let (b, nh, t, hs) = (2, 3, 37, 64);
-    let dims = Dims { b, t, nh, hs };
-    let c = nh * hs;
-    let (qkv, _) = attention::check_inputs(dims);
-    let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
-    let out = gpu.zeros("out", DType::F32, b * t * c).unwrap();
-    let lse = gpu.zeros("lse", DType::F32, b * nh * t).unwrap();
-    gpu.run(&attention::forward(gpu, &out, &lse, &gqkv, dims, Options::CAUSAL).unwrap())
-        .unwrap();
-    let full = gpu.read_f32(&out).unwrap();
-    for (prefill, step) in [(5, 1), (3, 4)] {
-        let decoded = attention::decode(gpu, &qkv, dims, prefill, step).unwrap();
-        let name = format!("decoded out, prefill {prefill}, steps of {step}");
-        reference::compare(&name, &decoded, &full, 1e-6, 1e-6).assert();
+    let grouped = Dims {
+        nh: 6,
+        nkv: 2,
+        hs: 16,
+        ..Dims::mha(b, t, nh, hs)
+    };
+    for dims in [Dims::mha(b, t, nh, hs), grouped] {
+        let (qkv, _) = attention::check_inputs(dims);
+        let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
+        let out = gpu.zeros("out", DType::F32, b * t * dims.c()).unwrap();
+        let lse = gpu.zeros("lse", DType::F32, b * dims.nh * t).unwrap();
+        gpu.run(&attention::forward(gpu, &out, &lse, &gqkv, dims, Options::CAUSAL).unwrap())
+            .unwrap();
+        let full = gpu.read_f32(&out).unwrap();
+        for (prefill, step) in [(5, 1), (3, 4)] {
+            let decoded = attention::decode(gpu, &qkv, dims, prefill, step).unwrap();
+            let name = format!("{dims:?}: decoded out, prefill {prefill}, steps of {step}");
+            reference::compare(&name, &decoded, &full, 1e-6, 1e-6).assert();
+        }
     }
+}
+
+/// A grouped-query KV cache holds the NKV key/value heads: caches sized for the NH query heads
+/// are refused naming the cache, and key/value heads that do not divide the query heads are
+/// refused naming both counts.
+#[test]
+fn grouped_query_caches_hold_the_key_value_heads() {
+    let Some(gpu) = test_gpu() else { return };
+    let (b, nh, nkv, hs, tmax) = (1, 6, 2, 8, 8);
+    let z = |name, n| gpu.zeros(name, DType::F32, n).unwrap();
+    let dims = Dims {
+        nkv,
+        ..Dims::mha(b, 1, nh, hs)
+    };
+    let (qkv, out) = (z("qkv", b * dims.width()), z("out", b * dims.c()));
+    let (kc, vc) = (
+        z("k_cache", b * nkv * tmax * hs),
+        z("v_cache", b * nkv * tmax * hs),
+    );
+    let cache = KvCache {
+        k: &kc,
+        v: &vc,
+        tmax,
+    };
+    gpu.run(&[attention::kv_append(gpu, cache, &qkv, dims, 0).unwrap()])
+        .unwrap();
+    gpu.run(&[attention::forward_cached(gpu, &out, &qkv, cache, dims, 0).unwrap()])
+        .unwrap();
+    let (kc_nh, vc_nh) = (
+        z("k_cache", b * nh * tmax * hs),
+        z("v_cache", b * nh * tmax * hs),
+    );
+    let per_query_head = KvCache {
+        k: &kc_nh,
+        v: &vc_nh,
+        tmax,
+    };
+    let err = attention::kv_append(gpu, per_query_head, &qkv, dims, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor k_cache"), "{err}");
+    let err = attention::forward_cached(gpu, &out, &qkv, per_query_head, dims, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor k_cache"), "{err}");
+    let uneven = Dims { nkv: 4, ..dims };
+    let err = attention::forward_cached(gpu, &out, &qkv, cache, uneven, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("NKV = 4") && err.contains("NH = 6"), "{err}");
 }
 
 /// With and without a dropout mask (a fixed mask: the function stays differentiable).
 #[test]
 fn reference_backward_matches_finite_differences() {
-    let (b, t, nh, hs) = (2, 4, 2, 3);
-    let dims = Dims { b, t, nh, hs };
-    let c = nh * hs;
+    let (b, t, nh, hs) = (2, 4, 4, 3);
+    // Multi-head, and two query heads per key/value head.
+    for dims in [
+        Dims::mha(b, t, nh, hs),
+        Dims {
+            nkv: 2,
+            ..Dims::mha(b, t, nh, hs)
+        },
+    ] {
+        finite_differences(dims);
+    }
+}
+
+fn finite_differences(dims: Dims) {
+    let Dims { b, t, nh, .. } = dims;
+    let c = dims.c();
     let mut rng = Rng::new(3);
-    let qkv: Vec<f64> = reference::convert(&rng.vec_uniform(b * t * 3 * c, -2.0, 2.0));
+    let qkv: Vec<f64> = reference::convert(&rng.vec_uniform(b * t * dims.width(), -2.0, 2.0));
     let w: Vec<f64> = reference::convert(&rng.vec_uniform(b * t * c, -1.0, 1.0));
     let d = attention::Dropout {
         p: 0.3,
@@ -111,13 +181,14 @@ fn reference_backward_matches_finite_differences() {
             (out, att)
         };
         let (_, att) = forward(&qkv);
-        let mut dqkv = vec![0.0; b * t * 3 * c];
+        let mut dqkv = vec![0.0; b * t * dims.width()];
         let (mut dpre, mut datt) = (vec![0.0; square], vec![0.0; square]);
         reference::attention::backward(&mut dqkv, &mut dpre, &mut datt, &w, &qkv, &att, dims, opts);
         let numeric = numeric_grad(&qkv, 1e-5, |x| dot(&forward(x).0, &w));
         reference::compare(
             &format!(
-                "dqkv causal={} dropout={}",
+                "dqkv NKV={} causal={} dropout={}",
+                dims.nkv,
                 opts.causal,
                 opts.dropout.is_some()
             ),
@@ -135,7 +206,7 @@ fn reference_backward_matches_finite_differences() {
 #[test]
 fn dropout_mask_keeps_one_minus_p_and_changes_the_output() {
     let (b, nh, t, hs) = (2, 3, 64, 8);
-    let dims = Dims { b, t, nh, hs };
+    let dims = Dims::mha(b, t, nh, hs);
     let d = attention::Dropout {
         p: 0.25,
         seed: 9,
@@ -194,7 +265,7 @@ fn dropout_mask_keeps_one_minus_p_and_changes_the_output() {
 fn the_step_uniform_moves_a_dispatch_to_another_mask() {
     let Some(gpu) = test_gpu() else { return };
     let (b, nh, t, hs) = (1, 2, 37, 16);
-    let dims = Dims { b, t, nh, hs };
+    let dims = Dims::mha(b, t, nh, hs);
     let c = nh * hs;
     let (qkv, dout) = attention::check_inputs(dims);
     let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
@@ -253,7 +324,7 @@ fn the_step_uniform_moves_a_dispatch_to_another_mask() {
 #[test]
 fn reference_lse_is_the_log_of_the_softmax_denominator() {
     let (b, t, nh, hs) = (1, 5, 2, 4);
-    let dims = Dims { b, t, nh, hs };
+    let dims = Dims::mha(b, t, nh, hs);
     let c = nh * hs;
     let qkv: Vec<f64> = reference::convert(&Rng::new(5).vec_uniform(b * t * 3 * c, -2.0, 2.0));
     let square = b * nh * t * t;
@@ -283,7 +354,7 @@ fn reference_lse_is_the_log_of_the_softmax_denominator() {
 fn results_are_bit_identical_run_to_run() {
     let Some(gpu) = test_gpu() else { return };
     let (b, nh, t, hs) = (2, 3, 129, 64);
-    let dims = Dims { b, t, nh, hs };
+    let dims = Dims::mha(b, t, nh, hs);
     let c = nh * hs;
     let (qkv, dout) = attention::check_inputs(dims);
     let gqkv = gpu.upload_f32("qkv", &qkv).unwrap();
@@ -327,7 +398,7 @@ fn results_are_bit_identical_run_to_run() {
 fn head_size_beyond_the_maximum_is_an_error() {
     let Some(gpu) = test_gpu() else { return };
     let (b, t, nh, hs) = (1, 2, 1, MAX_HS + 1);
-    let dims = Dims { b, t, nh, hs };
+    let dims = Dims::mha(b, t, nh, hs);
     let c = nh * hs;
     let z = |name, n| gpu.zeros(name, DType::F32, n).unwrap();
     let (qkv, out, lse, dqkv) = (
@@ -379,12 +450,7 @@ fn head_size_not_matching_the_channels_is_an_error() {
     let (b, t) = (2, 5);
     let z = |name, n| gpu.zeros(name, DType::F32, n).unwrap();
     // Tensors for C = 64, called with NH = 3, HS = 16 (C = 48).
-    let dims = Dims {
-        b,
-        t,
-        nh: 3,
-        hs: 16,
-    };
+    let dims = Dims::mha(b, t, 3, 16);
     let (qkv, out, lse) = (
         z("qkv", b * t * 3 * 64),
         z("out", b * t * 48),
@@ -418,7 +484,7 @@ fn positions_beyond_the_cache_are_an_error() {
         tmax,
     };
     // Three new tokens.
-    let dims = Dims { b, t: 3, nh, hs };
+    let dims = Dims::mha(b, 3, nh, hs);
     let (qkv, out) = (z("qkv", b * 3 * 3 * c), z("out", b * 3 * c));
     let err = attention::kv_append(gpu, cache, &qkv, dims, 6)
         .unwrap_err()
@@ -449,9 +515,9 @@ fn f16_cache_decoding_matches_the_f32_path_on_rounded_data() {
         (2, 1, 33, 64, 1, 1),
         (1, 2, 19, 128, 3, 4),
     ] {
-        let dims = Dims { b, t, nh, hs };
+        let dims = Dims::mha(b, t, nh, hs);
         let (qkv, _) = attention::check_inputs(dims);
-        let rounded = attention::round_kv_f16(&qkv, nh, hs);
+        let rounded = attention::round_kv_f16(&qkv, dims);
         let f32_out =
             attention::decode_cached(gpu, &rounded, dims, prefill, step, DType::F32).unwrap();
         let f16_out =
@@ -471,7 +537,7 @@ fn f16_kv_append_writes_each_half_word() {
         return;
     }
     let (b, nh, hs, tmax, tq, pos0) = (2, 3, 5, 9, 3, 3);
-    let dims = Dims { b, t: tq, nh, hs };
+    let dims = Dims::mha(b, tq, nh, hs);
     let c = nh * hs;
     let mut rng = Rng::new(8);
     let qkv = rng.vec_uniform(b * tq * 3 * c, -3.0, 3.0);
@@ -528,7 +594,7 @@ fn f16_cache_error_against_the_f32_cache() {
         return;
     }
     let (b, nh, t, hs) = (1, 2, 40, 64);
-    let dims = Dims { b, t, nh, hs };
+    let dims = Dims::mha(b, t, nh, hs);
     let (qkv, _) = attention::check_inputs(dims);
     let f32_out = attention::decode_cached(gpu, &qkv, dims, 4, 1, DType::F32).unwrap();
     let f16_out = attention::decode_cached(gpu, &qkv, dims, 4, 1, DType::F16).unwrap();
@@ -546,7 +612,7 @@ fn f16_cache_error_against_the_f32_cache() {
 fn mismatched_cache_dtypes_are_an_error() {
     let Some(gpu) = test_gpu() else { return };
     let (b, nh, hs, tmax, tq) = (1, 2, 8, 8, 2);
-    let dims = Dims { b, t: tq, nh, hs };
+    let dims = Dims::mha(b, tq, nh, hs);
     let c = nh * hs;
     let n = b * nh * tmax * hs;
     let z = |name, dtype, len| gpu.zeros(name, dtype, len).unwrap();

@@ -22,8 +22,8 @@ fn reference_backward_is_the_forwards_transpose() {
     let (nq, nk) = (2 * 3 * 6 * 5, 2 * 3 * 2 * 5);
     let mut rng = Rng::new(9);
     let mut u = |n| reference::convert::<f32, f64>(&rng.vec_uniform(n, -1.0, 1.0));
-    let (q, k, v, dqkv) = (u(nq), u(nk), u(nk), u(3 * nq));
-    let mut qkv = vec![0.0; 3 * nq];
+    let (q, k, v, dqkv) = (u(nq), u(nk), u(nk), u(nq + 2 * nk));
+    let mut qkv = vec![0.0; nq + 2 * nk];
     reference::qkv_pack::forward(&mut qkv, &q, &k, &v, dims);
     let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
     reference::qkv_pack::backward(&mut dq, &mut dk, &mut dv, &dqkv, dims);
@@ -43,7 +43,7 @@ fn heads_that_do_not_divide_are_an_error() {
         nkv: 4,
         hs: 3,
     };
-    let (q, k, qkv) = (zeros("q", 36), zeros("k", 24), zeros("qkv", 108));
+    let (q, k, qkv) = (zeros("q", 36), zeros("k", 24), zeros("qkv", 84));
     let err = qkv_pack::forward(gpu, &qkv, (&q, &k, &k), dims)
         .unwrap_err()
         .to_string();

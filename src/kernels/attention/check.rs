@@ -17,7 +17,7 @@ use crate::rng::Rng;
 pub const FAMILY: Family = Family {
     name: "attention",
     about: "fused causal/non-causal softmax attention fwd+bwd, the GEMM path, KV-cache decoding",
-    shape_help: "B,NH,T,HS",
+    shape_help: "B,NH,T,HS[,NKV] (NKV key/value heads, dividing NH; default NH)",
     default_shapes: &[
         &[1, 1, 1, 8],
         &[2, 3, 7, 16],
@@ -26,6 +26,10 @@ pub const FAMILY: Family = Family {
         &[2, 2, 65, 45],
         &[1, 2, 129, 3],
         &[2, 1, 33, 128],
+        // Grouped-query attention: groups of 3 (SmolLM2's), one key/value head for 4 query
+        // heads, tiles left partial.
+        &[2, 6, 37, 16, 2],
+        &[1, 4, 65, 64, 1],
     ],
     bench_shape: &[1, 12, 256, 64],
     check,
@@ -76,13 +80,36 @@ pub enum Variants {
 pub const ATOL: f64 = 1e-5;
 pub const RTOL: f64 = 1e-5;
 
-/// The inputs of a check: qkv (B, T, 3C) and dout (B, T, C), seeded by the shape.
+/// The dims of a `--shape`: B, NH, T, HS and, optionally, NKV (default NH).
+pub fn dims_of(shape: &[usize]) -> Result<Dims> {
+    let ([b, nh, t, hs], nkv) = match *shape {
+        [b, nh, t, hs, nkv] => ([b, nh, t, hs], nkv),
+        _ => {
+            let d = harness::dims::<4>("attention", shape)?;
+            (d, d[1])
+        }
+    };
+    Ok(Dims { b, t, nh, nkv, hs })
+}
+
+/// The label of a check or bench shape: "B=.. NH=.. T=.. HS=..", with " NKV=.." where grouped.
+fn label(dims: Dims) -> String {
+    let Dims { b, t, nh, nkv, hs } = dims;
+    let kv = if nkv == nh {
+        String::new()
+    } else {
+        format!(" NKV={nkv}")
+    };
+    format!("B={b} NH={nh}{kv} T={t} HS={hs}")
+}
+
+/// The inputs of a check: qkv (B, T, W) and dout (B, T, C), seeded by the shape.
 pub fn check_inputs(dims: Dims) -> (Vec<f32>, Vec<f32>) {
-    let Dims { b, t, nh, hs } = dims;
-    let c = nh * hs;
-    let mut rng = Rng::new((b * 1_000_003 + nh * 10_007 + t * 101 + hs) as u64);
-    let qkv = rng.vec_uniform(b * t * 3 * c, -2.0, 2.0);
-    let dout = rng.vec_uniform(b * t * c, -1.0, 1.0);
+    let Dims { b, t, nh, nkv, hs } = dims;
+    let seed = b * 1_000_003 + nh * 10_007 + t * 101 + hs + (nh - nkv) * 7;
+    let mut rng = Rng::new(seed as u64);
+    let qkv = rng.vec_uniform(b * t * dims.width(), -2.0, 2.0);
+    let dout = rng.vec_uniform(b * t * dims.c(), -1.0, 1.0);
     (qkv, dout)
 }
 
@@ -105,15 +132,15 @@ fn expected(qkv: &[f32], dout: &[f32], dims: Dims) -> [Expected; 2] {
 }
 
 fn expected_one(qkv: &[f32], dout: &[f32], dims: Dims, opts: Options) -> Expected {
-    let Dims { b, t, nh, hs } = dims;
-    let c = nh * hs;
+    let Dims { b, t, nh, .. } = dims;
+    let c = dims.c();
     let qkv: Vec<f64> = reference::convert(qkv);
     let dout: Vec<f64> = reference::convert(dout);
     let square = b * nh * t * t;
     let mut e = Expected {
         out: vec![0.0; b * t * c],
         lse: vec![0.0; b * nh * t],
-        dqkv: vec![0.0; b * t * 3 * c],
+        dqkv: vec![0.0; b * t * dims.width()],
     };
     let (mut preatt, mut att) = (vec![0.0; square], vec![0.0; square]);
     reference::attention::forward(
@@ -159,12 +186,13 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
     check_variants(gpu, shape, Variants::All)
 }
 
-/// The check at `shape` (B, NH, T, HS) of the variants `which` selects: forward and backward,
-/// causal and not, with dropout, against the reference; then decoding with f32 and f16 caches.
+/// The check at `shape` (B, NH, T, HS[, NKV]) of the variants `which` selects: forward and
+/// backward, causal and not, with dropout, against the reference; then decoding with f32 and f16
+/// caches.
 pub fn check_variants(gpu: &Gpu, shape: &[usize], which: Variants) -> Result<Vec<CheckReport>> {
-    let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
-    let dims = Dims { b, t, nh, hs };
-    let s = format!("B={b} NH={nh} T={t} HS={hs}");
+    let dims = dims_of(shape)?;
+    let hs = dims.hs;
+    let s = label(dims);
     let (qkv, dout) = check_inputs(dims);
     let want = expected(&qkv, &dout, dims);
     let gqkv = gpu.upload_f32("qkv", &qkv)?;
@@ -274,11 +302,10 @@ impl CheckCase<'_> {
         reports: &mut Vec<CheckReport>,
     ) -> Result<()> {
         let (gpu, dims) = (self.gpu, self.dims);
-        let Dims { b, t, nh, hs } = dims;
-        let c = nh * hs;
-        let out = gpu.zeros("out", DType::F32, b * t * c)?;
+        let Dims { b, t, nh, .. } = dims;
+        let out = gpu.zeros("out", DType::F32, b * t * dims.c())?;
         let lse = gpu.zeros("lse", DType::F32, b * nh * t)?;
-        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?;
+        let dqkv = gpu.zeros("dqkv", DType::F32, b * t * dims.width())?;
         let tensors = BackwardTensors {
             dqkv: &dqkv,
             dout: self.dout,
@@ -335,8 +362,8 @@ pub(crate) fn verify_variant(
     causal: bool,
 ) -> Result<Option<(String, String)>> {
     let [b, nh, t] = BASELINE_BNT;
-    let dims = Dims { b, t, nh, hs };
-    let c = nh * hs;
+    let dims = Dims::mha(b, t, nh, hs);
+    let (c, w) = (dims.c(), dims.width());
     let opts = Options {
         causal: causal || problem == Problem::Cached,
         dropout: None,
@@ -359,7 +386,7 @@ pub(crate) fn verify_variant(
             (ds, got)
         }
         Problem::Backward => {
-            let dqkv = gpu.zeros("baseline.dqkv", DType::F32, b * t * 3 * c)?;
+            let dqkv = gpu.zeros("baseline.dqkv", DType::F32, b * t * w)?;
             let tensors = BackwardTensors {
                 dqkv: &dqkv,
                 dout: &gpu.upload_f32("baseline.dout", &dout)?,
@@ -383,7 +410,7 @@ pub(crate) fn verify_variant(
                 tmax: t,
             };
             let pos0 = t - BASELINE_TQ;
-            let step = gpu.upload_f32("baseline.step_qkv", &qkv[pos0 * 3 * c..])?;
+            let step = gpu.upload_f32("baseline.step_qkv", &qkv[pos0 * w..])?;
             let step_dims = Dims {
                 t: BASELINE_TQ,
                 ..dims
@@ -400,7 +427,7 @@ pub(crate) fn verify_variant(
             )
         }
     };
-    let s = format!("B={b} NH={nh} T={t} HS={hs}");
+    let s = label(dims);
     let entries: Vec<String> = dispatches.iter().map(|d| d.name.clone()).collect();
     Ok(got
         .into_iter()
@@ -412,9 +439,9 @@ pub(crate) fn verify_variant(
 /// Decoding with f16 caches, on keys and values rounded to f16 (what the caches hold), against
 /// the reference on those values; a prefill of 3, then chunks of 2 new tokens.
 fn check_cached_f16(gpu: &Gpu, s: &str, qkv: &[f32], dims: Dims) -> Result<CheckReport> {
-    let Dims { b, t, nh, hs } = dims;
-    let rounded = round_kv_f16(qkv, nh, hs);
-    let mut out = vec![0.0; b * t * nh * hs];
+    let Dims { b, t, nh, .. } = dims;
+    let rounded = round_kv_f16(qkv, dims);
+    let mut out = vec![0.0; b * t * dims.c()];
     let (mut pre, mut att) = (vec![0.0; b * nh * t * t], vec![0.0; b * nh * t * t]);
     let mut lse = vec![0.0; b * nh * t];
     reference::attention::forward(
@@ -437,14 +464,14 @@ fn check_cached_f16(gpu: &Gpu, s: &str, qkv: &[f32], dims: Dims) -> Result<Check
     ))
 }
 
-/// qkv (B, T, 3C) with its k and v parts rounded to f16 (the values an f16 cache holds) and q
+/// qkv (B, T, W) with its k and v parts rounded to f16 (the values an f16 cache holds) and q
 /// unchanged.
-pub fn round_kv_f16(qkv: &[f32], nh: usize, hs: usize) -> Vec<f32> {
-    let c = nh * hs;
+pub fn round_kv_f16(qkv: &[f32], dims: Dims) -> Vec<f32> {
+    let (c, w) = (dims.c(), dims.width());
     qkv.iter()
         .enumerate()
         .map(|(i, &x)| {
-            if i % (3 * c) < c {
+            if i % w < c {
                 x
             } else {
                 half::f16::from_f32(x).to_f32()
@@ -453,7 +480,7 @@ pub fn round_kv_f16(qkv: &[f32], nh: usize, hs: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Runs generation-style attention over qkv (B, T, 3C): kv_append and forward_cached for a
+/// Runs generation-style attention over qkv (B, T, W): kv_append and forward_cached for a
 /// prefill of `prefill` tokens, then for `step` tokens at a time (the last step may be shorter);
 /// returns the outputs as (B, T, C).
 pub fn decode(gpu: &Gpu, qkv: &[f32], dims: Dims, prefill: usize, step: usize) -> Result<Vec<f32>> {
@@ -469,12 +496,12 @@ pub fn decode_cached(
     step: usize,
     cache: DType,
 ) -> Result<Vec<f32>> {
-    let Dims { b, t, nh, hs } = dims;
-    let c = nh * hs;
+    let Dims { b, t, nkv, hs, .. } = dims;
+    let (c, w) = (dims.c(), dims.width());
     // A cache longer than needed, so that Tmax and the sequence length differ.
     let tmax = t + 3;
-    let kc = gpu.zeros("k_cache", cache, b * nh * tmax * hs)?;
-    let vc = gpu.zeros("v_cache", cache, b * nh * tmax * hs)?;
+    let kc = gpu.zeros("k_cache", cache, b * nkv * tmax * hs)?;
+    let vc = gpu.zeros("v_cache", cache, b * nkv * tmax * hs)?;
     let mut steps = vec![(0, prefill.clamp(1, t))];
     while let Some(&(p, n)) = steps.last() {
         if p + n >= t {
@@ -485,10 +512,10 @@ pub fn decode_cached(
     let mut dispatches = Vec::new();
     let mut outs = Vec::new();
     for &(pos0, n) in &steps {
-        // qkv (B, n, 3C) of tokens pos0 .. pos0 + n
-        let mut step_qkv = Vec::with_capacity(b * n * 3 * c);
+        // qkv (B, n, W) of tokens pos0 .. pos0 + n
+        let mut step_qkv = Vec::with_capacity(b * n * w);
         for bi in 0..b {
-            step_qkv.extend_from_slice(&qkv[(bi * t + pos0) * 3 * c..(bi * t + pos0 + n) * 3 * c]);
+            step_qkv.extend_from_slice(&qkv[(bi * t + pos0) * w..(bi * t + pos0 + n) * w]);
         }
         let sq = gpu.upload_f32("step qkv", &step_qkv)?;
         let so = gpu.zeros("step out", DType::F32, b * n * c)?;
@@ -515,9 +542,8 @@ pub fn decode_cached(
 }
 
 fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
-    let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
-    let dims = Dims { b, t, nh, hs };
-    let s = format!("B={b} NH={nh} T={t} HS={hs} causal");
+    let dims = dims_of(shape)?;
+    let s = format!("{} causal", label(dims));
     let x = BenchTensors::new(gpu, dims)?;
     let tensors = x.tensors();
     let case = BenchCase {
@@ -538,12 +564,11 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
     Ok(reports)
 }
 
-/// `bench --suite quick`'s attention at `shape` (B, NH, T, HS), causal: the forward and the
-/// backward the tuner takes, not every candidate, dropout and decoding as `bench` does.
+/// `bench --suite quick`'s attention at `shape` (B, NH, T, HS[, NKV]), causal: the forward and
+/// the backward the tuner takes, not every candidate, dropout and decoding as `bench` does.
 pub fn bench_headline(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchReport>> {
-    let [b, nh, t, hs] = harness::dims::<4>("attention", shape)?;
-    let dims = Dims { b, t, nh, hs };
-    let s = format!("B={b} NH={nh} T={t} HS={hs} causal");
+    let dims = dims_of(shape)?;
+    let s = format!("{} causal", label(dims));
     let x = BenchTensors::new(gpu, dims)?;
     let fv = tuned(gpu, Stage::Forward, dims, true)?;
     let step = own_step(gpu, None, 0)?;
@@ -579,15 +604,14 @@ struct BenchTensors {
 
 impl BenchTensors {
     fn new(gpu: &Gpu, dims: Dims) -> Result<BenchTensors> {
-        let Dims { b, t, nh, hs } = dims;
-        let c = nh * hs;
+        let Dims { b, t, nh, .. } = dims;
         let (qkv_data, dout) = check_inputs(dims);
         Ok(BenchTensors {
             qkv: gpu.upload_f32("qkv", &qkv_data)?,
             dout: gpu.upload_f32("dout", &dout)?,
-            out: gpu.zeros("out", DType::F32, b * t * c)?,
+            out: gpu.zeros("out", DType::F32, b * t * dims.c())?,
             lse: gpu.zeros("lse", DType::F32, b * nh * t)?,
-            dqkv: gpu.zeros("dqkv", DType::F32, b * t * 3 * c)?,
+            dqkv: gpu.zeros("dqkv", DType::F32, b * t * dims.width())?,
             qkv_data,
         })
     }
@@ -706,13 +730,13 @@ fn bench_decode(
     qkv: &View,
     dims: Dims,
 ) -> Result<Vec<BenchReport>> {
-    let Dims { b, t, nh, hs } = dims;
-    let c = nh * hs;
+    let Dims { b, t, nkv, hs, .. } = dims;
+    let (c, w) = (dims.c(), dims.width());
     let pos0 = t - 1;
-    let ds = format!("B={b} NH={nh} Tq=1 pos0={pos0} HS={hs}");
-    let mut last = Vec::with_capacity(b * 3 * c);
+    let ds = format!("{} Tq=1 pos0={pos0}", label(dims));
+    let mut last = Vec::with_capacity(b * w);
     for bi in 0..b {
-        last.extend_from_slice(&qkv_data[(bi * t + pos0) * 3 * c..(bi * t + t) * 3 * c]);
+        last.extend_from_slice(&qkv_data[(bi * t + pos0) * w..(bi * t + t) * w]);
     }
     let step_qkv = gpu.upload_f32("step qkv", &last)?;
     let step_out = gpu.zeros("step out", DType::F32, b * c)?;
@@ -722,8 +746,8 @@ fn bench_decode(
     }
     let mut reports = Vec::new();
     for dtype in caches {
-        let kc = gpu.zeros("k_cache", dtype, b * nh * t * hs)?;
-        let vc = gpu.zeros("v_cache", dtype, b * nh * t * hs)?;
+        let kc = gpu.zeros("k_cache", dtype, b * nkv * t * hs)?;
+        let vc = gpu.zeros("v_cache", dtype, b * nkv * t * hs)?;
         let kv = KvCache {
             k: &kc,
             v: &vc,

@@ -19,7 +19,9 @@ pub(super) const GEMM_PATH_MIN_T: usize = 32;
 /// How the GEMM path groups the B·NH (b, h) pairs: each group is one batched product per
 /// matrix, its entries the NH heads of one sequence or one head of each of the B sequences,
 /// whichever makes fewer groups (fewer, larger dispatches) while the group's T × T scores fit
-/// one binding. Only these two orders give the entries of qkv a single batch stride.
+/// one binding. Only these two orders give the entries of qkv a single batch stride, and with
+/// grouped-query attention (G = NH / NKV > 1) only the first: the heads of one sequence read
+/// key/value heads h / G, which no single stride reaches.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Groups {
     dims: Dims,
@@ -35,23 +37,28 @@ impl Groups {
             len <= u32::MAX as u128 && 4 * len <= gpu.limits.max_storage_buffer_binding_size as u128
         };
         // Fewer groups first, the other order where only it fits.
-        let orders = if b >= nh {
-            [true, false]
+        let orders: &[bool] = if dims.group() > 1 {
+            &[true]
+        } else if b >= nh {
+            &[true, false]
         } else {
-            [false, true]
+            &[false, true]
         };
         let entries = |over_b: bool| if over_b { b } else { nh };
-        match orders.into_iter().find(|&over_b| fits(entries(over_b))) {
+        match orders.iter().copied().find(|&over_b| fits(entries(over_b))) {
             Some(over_b) => Ok(Groups { dims, over_b }),
-            None => Err(Error::invalid(
-                "attention gemm path",
-                format!(
-                    "min(B, NH)·T² = {} scores exceed the adapter's storage binding limit of {} \
-                     bytes",
-                    b.min(nh) * t * t,
-                    gpu.limits.max_storage_buffer_binding_size
-                ),
-            )),
+            None => {
+                let least = if dims.group() > 1 { b } else { b.min(nh) };
+                Err(Error::invalid(
+                    "attention gemm path",
+                    format!(
+                        "{}·T² = {} scores exceed the adapter's storage binding limit of {} bytes",
+                        if dims.group() > 1 { "B" } else { "min(B, NH)" },
+                        least * t * t,
+                        gpu.limits.max_storage_buffer_binding_size
+                    ),
+                ))
+            }
         }
     }
 
@@ -75,21 +82,28 @@ impl Groups {
         Operand::new(view, t).batched(t * t)
     }
 
-    /// Group `g`'s (T, HS) matrices of part `part` of qkv (0 = q, 1 = k, 2 = v; row stride 3C),
-    /// or of a (B, T, C) tensor (`part` None).
+    /// Group `g`'s (T, HS) matrices of part `part` of qkv (0 = q, 1 = k, 2 = v; row stride W),
+    /// or of a (B, T, C) tensor (`part` None). Over sequences, group g is query head g, whose k
+    /// and v are those of key/value head g / G.
     fn rows<'a>(&self, view: &'a View, g: usize, part: Option<usize>) -> Operand<'a> {
-        let Dims { t, nh, hs, .. } = self.dims;
-        let c = nh * hs;
-        let (ld, start) = match part {
-            Some(part) => (3 * c, part * c),
-            None => (c, 0),
+        let d = self.dims;
+        let (ld, part) = match part {
+            Some(part) => (d.width(), part),
+            None => (d.c(), 0),
         };
         let op = Operand::new(view, ld);
         if self.over_b {
-            op.at(start + g * hs).batched(t * ld)
+            op.at(d.part_offset(part, g)).batched(d.t * ld)
         } else {
-            op.at(start + g * t * ld).batched(hs)
+            op.at(d.part_offset(part, 0) + g * d.t * ld).batched(d.hs)
         }
+    }
+
+    /// Whether group `g`'s dk and dv add to those an earlier group wrote: over sequences, the
+    /// query heads after the first of each key/value head's group (heads in order, so the sum
+    /// has a fixed order).
+    fn adds_kv(&self, g: usize) -> bool {
+        self.over_b && !g.is_multiple_of(self.dims.group())
     }
 
     /// `base` for the score kernels of group `g`.
@@ -276,17 +290,20 @@ pub(super) fn gemm_backward(
             t,
             grad_cost,
         )?);
-        // dv = (P ∘ M)ᵀ · dout, dq = scale · dS · k, dk = scale · dSᵀ · q
+        // dv = (P ∘ M)ᵀ · dout, dq = scale · dS · k, dk = scale · dSᵀ · q; dv and dk of a
+        // key/value head sum over its query heads (`adds_kv`).
+        let kv_acc = groups.adds_kv(g);
         let products = [
-            (&scores, true, 1.0, (dout, None), 2),
-            (&dscores, false, params.scale, (qkv, Some(1)), 0),
-            (&dscores, true, params.scale, (qkv, Some(0)), 1),
+            (&scores, true, 1.0, (dout, None), (2, kv_acc)),
+            (&dscores, false, params.scale, (qkv, Some(1)), (0, false)),
+            (&dscores, true, params.scale, (qkv, Some(0)), (1, kv_acc)),
         ];
-        for (a, trans_a, alpha, (bv, b_part), c_part) in products {
+        for (a, trans_a, alpha, (bv, b_part), (c_part, accumulate)) in products {
             let mm = Matmul {
                 batch,
                 trans_a,
                 alpha,
+                accumulate,
                 ..Matmul::new(t, hs, t)
             };
             let ops = [

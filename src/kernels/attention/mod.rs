@@ -6,15 +6,21 @@
 //! the GEMM family's tuned kernels a group of (b, h) pairs at a time, with that group's T×T
 //! scores in a scratch buffer shared by every layer (`Groups`).
 //!
-//! Layouts (f32), C = NH·HS:
-//! - qkv, dqkv (B, T, 3, NH, HS) = (B, T, 3C): the QKV projection's output and its gradient
+//! Layouts (f32), C = NH·HS, NKV key/value heads (grouped-query attention: NKV divides NH and
+//! query head h reads key/value head h / (NH / NKV); NKV = NH is multi-head attention),
+//! W = C + 2·NKV·HS (`Dims::width`):
+//! - qkv, dqkv (B, T, W): the QKV projection's output and its gradient, each token's NH query
+//!   heads, then its NKV key heads, then its NKV value heads (with NKV = NH, (B, T, 3C): GPT-2's
+//!   c_attn)
 //! - out, dout (B, T, NH, HS) = (B, T, C)
 //! - lse (B, NH, T): the natural logsumexp of each row's scaled, masked scores
-//! - k_cache, v_cache (B, NH, Tmax, HS)
+//! - k_cache, v_cache (B, NKV, Tmax, HS): a cache holds each key/value head once
 //!
 //! scale = 1/sqrt(HS); causal: the query at absolute position i sees keys j <= i.
 //! Every launcher overwrites its outputs; dqkv is never accumulated into (the graph has no
-//! second gradient source for it). Nothing uses atomics: results are bit-identical run to run.
+//! second gradient source for it). The gradient of a key/value head sums its query heads' in head
+//! order, inside one kernel (fused) or by accumulating products (GEMM path). Nothing uses
+//! atomics: results are bit-identical run to run.
 //!
 //! Dropout on the attention probabilities (training): `forward` and `backward` take `Options`
 //! with an optional `Dropout` (p, seed, step); P ∘ M replaces P in the product with V, where M is
@@ -142,7 +148,7 @@ struct Params {
     ntiles: u32,
     scale: f32,
     scale2: f32,
-    pad: u32,
+    group: u32,
     q: [u32; 4],
     k: [u32; 4],
     v: [u32; 4],
@@ -168,7 +174,7 @@ pub fn params_layout() -> super::ParamsLayout {
         ntiles,
         scale,
         scale2,
-        pad,
+        group,
         q,
         k,
         v,
@@ -187,13 +193,13 @@ pub fn params_layout() -> super::ParamsLayout {
 pub use crate::hash::Dropout;
 
 /// The shape of an attention problem: B sequences of T tokens (the Tq new tokens, for the KV-cache
-/// launchers), NH heads of HS channels each.
+/// launchers), NH query heads of HS channels each, NKV key/value heads.
 pub use crate::reference::attention::Dims;
 
 /// How the fused kernels mask the probabilities: causally or not, and with dropout or not.
 pub use crate::reference::attention::Options;
 
-/// The tensors of the fused `backward`: dqkv (B, T, 3C) written; dout (B, T, C), qkv (B, T, 3C)
+/// The tensors of the fused `backward`: dqkv (B, T, W) written; dout (B, T, C), qkv (B, T, W)
 /// and the forward's out (B, T, C) and lse (B, NH, T) read.
 #[derive(Clone, Copy, Debug)]
 pub struct BackwardTensors<'a> {
@@ -204,7 +210,7 @@ pub struct BackwardTensors<'a> {
     pub lse: &'a View,
 }
 
-/// A KV cache: keys `k` and values `v`, each (B, NH, Tmax, HS), both f32 or both f16.
+/// A KV cache: keys `k` and values `v`, each (B, NKV, Tmax, HS), both f32 or both f16.
 #[derive(Clone, Copy, Debug)]
 pub struct KvCache<'a> {
     pub k: &'a View,
@@ -224,24 +230,27 @@ fn own_step(gpu: &Gpu, dropout: Option<Dropout>, pos0: usize) -> Result<View> {
     per_step::uniform(gpu, "attention.step", &at)
 }
 
-/// Strides of part `part` (0 = q, 1 = k, 2 = v) of qkv (B, T, 3C).
-fn qkv_strides(t: usize, c: usize, hs: usize, part: usize) -> [u32; 4] {
+/// Strides of part `part` (0 = q, 1 = k, 2 = v) of qkv (B, T, W) with `dims.t` tokens, the head
+/// stride per head of that part (query heads for q, key/value heads for k and v).
+fn qkv_strides(dims: Dims, part: usize) -> [u32; 4] {
+    let w = dims.width();
     [
-        (part * c) as u32,
-        (t * 3 * c) as u32,
-        (3 * c) as u32,
-        hs as u32,
+        dims.part_offset(part, 0) as u32,
+        (dims.t * w) as u32,
+        w as u32,
+        dims.hs as u32,
     ]
 }
 
 /// Strides of a (B, T, C) tensor.
-fn btc_strides(t: usize, c: usize, hs: usize) -> [u32; 4] {
+fn btc_strides(Dims { t, nh, hs, .. }: Dims) -> [u32; 4] {
+    let c = nh * hs;
     [0, (t * c) as u32, c as u32, hs as u32]
 }
 
-/// Strides of a cache (B, NH, Tmax, HS).
-fn cache_strides(nh: usize, tmax: usize, hs: usize) -> [u32; 4] {
-    [0, (nh * tmax * hs) as u32, hs as u32, (tmax * hs) as u32]
+/// Strides of a cache (B, NKV, Tmax, HS).
+fn cache_strides(nkv: usize, tmax: usize, hs: usize) -> [u32; 4] {
+    [0, (nkv * tmax * hs) as u32, hs as u32, (tmax * hs) as u32]
 }
 
 impl Params {
@@ -259,14 +268,17 @@ impl Params {
         })
     }
 
-    fn new(b: usize, nh: usize, hs: usize, tq: usize, tk: usize, causal: bool) -> Params {
+    /// The params of `dims` (`dims.t` queries) over `tk` keys, before strides.
+    fn new(dims: Dims, tk: usize, causal: bool) -> Params {
+        let Dims { b, t, nh, hs, .. } = dims;
         let scale = 1.0 / (hs as f64).sqrt();
         Params {
             nb: b as u32,
             nh: nh as u32,
             hs: hs as u32,
-            tq: tq as u32,
+            tq: t as u32,
             tk: tk as u32,
+            group: dims.group() as u32,
             causal: causal as u32,
             scale: scale as f32,
             scale2: (scale * std::f64::consts::LOG2_E) as f32,
@@ -275,9 +287,19 @@ impl Params {
     }
 }
 
-/// Checks the dimensions and head size of a fused kernel.
-fn check_fused_dims(kernel: &str, dims: &[(&str, usize)], hs: usize) -> Result<()> {
-    expect_dims(kernel, dims)?;
+/// Checks the dimensions and head size of a fused kernel: `dims` (whose T is named `t_name`) and
+/// the further dimensions `more`.
+fn check_fused_dims(kernel: &str, dims: Dims, t_name: &str, more: &[(&str, usize)]) -> Result<()> {
+    let Dims { b, t, nh, nkv, hs } = dims;
+    let named = [("B", b), (t_name, t), ("NH", nh), ("NKV", nkv), ("HS", hs)];
+    expect_dims(kernel, &named)?;
+    expect_dims(kernel, more)?;
+    if !nh.is_multiple_of(nkv) {
+        return Err(Error::invalid(
+            kernel,
+            format!("NKV = {nkv} key/value heads do not divide NH = {nh} query heads"),
+        ));
+    }
     if hs > MAX_HS {
         return Err(Error::invalid(
             kernel,
@@ -295,7 +317,9 @@ fn check_fused_dims(kernel: &str, dims: &[(&str, usize)], hs: usize) -> Result<(
 /// the scores and the GEMM path's work on masked entries are left out, so GFLOP/s compares the
 /// time taken for the same result.
 fn product_flops(dims: Dims, tk: usize, causal: bool) -> u64 {
-    let Dims { b, t: tq, nh, hs } = dims;
+    let Dims {
+        b, t: tq, nh, hs, ..
+    } = dims;
     let pairs: u64 = if causal {
         // query i (at position tk - tq + i) sees tk - tq + i + 1 keys
         (0..tq as u64).map(|i| (tk - tq) as u64 + i + 1).sum()
@@ -359,7 +383,7 @@ fn rows_constants(wg: u32, hs: u32) -> [(&'static str, f64); 2] {
     [("WG", wg as f64), ("HD", head_capacity(hs as usize) as f64)]
 }
 
-/// Fused forward: out (B, T, C) and lse (B, NH, T) from qkv (B, T, 3C); scale 1/sqrt(HS); causal
+/// Fused forward: out (B, T, C) and lse (B, NH, T) from qkv (B, T, W); scale 1/sqrt(HS); causal
 /// or not, dropout on the probabilities or not, as `opts` asks. Overwrites out and lse. No T×T
 /// matrix is stored; key tiles wholly past the causal limit are skipped. The kernels are chosen
 /// by measurement (`tuned`).
@@ -393,11 +417,11 @@ pub fn forward_at(
 
 /// Checks the tensors of the fused forward.
 fn check_forward(out: &View, lse: &View, qkv: &View, dims: Dims) -> Result<()> {
-    let Dims { b, t, nh, hs } = dims;
+    let Dims { b, t, nh, hs, .. } = dims;
     let name = FORWARD.name();
-    check_fused_dims(&name, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)], hs)?;
+    check_fused_dims(&name, dims, "T", &[])?;
     let c = nh * hs;
-    expect(&name, qkv, DType::F32, b * t * 3 * c)?;
+    expect(&name, qkv, DType::F32, b * t * dims.width())?;
     expect(&name, out, DType::F32, b * t * c)?;
     expect(&name, lse, DType::F32, b * nh * t)
 }
@@ -415,16 +439,16 @@ fn forward_with(
     step: &View,
 ) -> Result<Vec<Dispatch>> {
     check_forward(out, lse, qkv, dims)?;
-    let Dims { b, t, nh, hs } = dims;
+    let Dims { b, t, nh, .. } = dims;
     let Options { causal, dropout } = opts;
-    let c = nh * hs;
+    let (c, w) = (dims.c(), dims.width());
     let params = Params {
         write_lse: 1,
-        q: qkv_strides(t, c, hs, 0),
-        k: qkv_strides(t, c, hs, 1),
-        v: qkv_strides(t, c, hs, 2),
-        o: btc_strides(t, c, hs),
-        ..Params::new(b, nh, hs, t, t, causal)
+        q: qkv_strides(dims, 0),
+        k: qkv_strides(dims, 1),
+        v: qkv_strides(dims, 2),
+        o: btc_strides(dims),
+        ..Params::new(dims, t, causal)
     }
     .with_dropout(&FORWARD.name(), dropout)?;
     if variant == Variant::Gemm {
@@ -432,7 +456,7 @@ fn forward_with(
     }
     let cost = Cost {
         flops: 2 * product_flops(dims, t, causal),
-        bytes: 4 * (b * t * 4 * c + b * nh * t) as u64,
+        bytes: 4 * (b * t * (w + c) + b * nh * t) as u64,
     };
     Ok(vec![fused_forward(
         gpu,
@@ -444,7 +468,7 @@ fn forward_with(
     )?])
 }
 
-/// Fused backward: dqkv (B, T, 3C) from dout (B, T, C), qkv (B, T, 3C), and the forward's out
+/// Fused backward: dqkv (B, T, W) from dout (B, T, C), qkv (B, T, W), and the forward's out
 /// (B, T, C) and lse (B, NH, T). Overwrites dqkv. Three dispatches: D = rowsum(dout ∘ out) into a
 /// private (B, NH, T) scratch, then dk and dv (one workgroup per key tile, or one invocation per
 /// key), then dq (per query tile, or per query); probabilities are recomputed from lse, and the
@@ -483,13 +507,13 @@ fn check_backward(tensors: BackwardTensors, dims: Dims) -> Result<()> {
         out,
         lse,
     } = tensors;
-    let Dims { b, t, nh, hs } = dims;
+    let Dims { b, t, nh, hs, .. } = dims;
     let name = "attention.backward";
-    check_fused_dims(name, &[("B", b), ("T", t), ("NH", nh), ("HS", hs)], hs)?;
-    let c = nh * hs;
-    expect(name, dqkv, DType::F32, b * t * 3 * c)?;
+    check_fused_dims(name, dims, "T", &[])?;
+    let (c, w) = (nh * hs, dims.width());
+    expect(name, dqkv, DType::F32, b * t * w)?;
     expect(name, dout, DType::F32, b * t * c)?;
-    expect(name, qkv, DType::F32, b * t * 3 * c)?;
+    expect(name, qkv, DType::F32, b * t * w)?;
     expect(name, out, DType::F32, b * t * c)?;
     expect(name, lse, DType::F32, b * nh * t)
 }
@@ -502,7 +526,7 @@ fn backward_prep(
     dout: &View,
     out: &View,
     d: &View,
-    Dims { b, t, nh, hs }: Dims,
+    Dims { b, t, nh, hs, .. }: Dims,
 ) -> Result<Dispatch> {
     const PREP_WG: u32 = 256;
     let (c, rows) = (nh * hs, b * nh * t);
@@ -540,23 +564,23 @@ fn backward_with(
         lse,
     } = tensors;
     let name = "attention.backward";
-    let Dims { b, t, nh, hs } = dims;
+    let Dims { b, t, nh, nkv, .. } = dims;
     let Options { causal, dropout } = opts;
-    let c = nh * hs;
+    let (c, w) = (dims.c(), dims.width());
     let max_wg = gpu.limits.max_compute_workgroups_per_dimension;
     let base = Params {
-        q: qkv_strides(t, c, hs, 0),
-        k: qkv_strides(t, c, hs, 1),
-        v: qkv_strides(t, c, hs, 2),
-        o: btc_strides(t, c, hs),
-        ..Params::new(b, nh, hs, t, t, causal)
+        q: qkv_strides(dims, 0),
+        k: qkv_strides(dims, 1),
+        v: qkv_strides(dims, 2),
+        o: btc_strides(dims),
+        ..Params::new(dims, t, causal)
     }
     .with_dropout(name, dropout)?;
     let rows = b * nh * t;
     let d = gpu.zeros("attention D", DType::F32, rows)?;
     let prep = backward_prep(gpu, &base, dout, out, &d, dims)?;
     let product = product_flops(dims, t, causal);
-    let io_bytes = 4 * (2 * b * t * 3 * c + b * t * c + 2 * rows) as u64;
+    let io_bytes = 4 * (2 * b * t * w + b * t * c + 2 * rows) as u64;
     let cost = Cost {
         // dV and dK, or dP and dQ
         flops: 2 * product,
@@ -565,8 +589,13 @@ fn backward_with(
     let args = [qkv, qkv, qkv, dout, lse, &d, dqkv, step];
     let mut all = vec![prep];
     match variant {
+        // dK/dV runs per key/value head (each looping over its group), dQ per query head.
         Variant::Tiled(dkdv_tiles, dq_tiles) => {
-            for (spec, tiles) in [(&BACKWARD_DKDV, dkdv_tiles), (&BACKWARD_DQ, dq_tiles)] {
+            let passes = [
+                (&BACKWARD_DKDV, dkdv_tiles, nkv),
+                (&BACKWARD_DQ, dq_tiles, nh),
+            ];
+            for (spec, tiles, heads) in passes {
                 let ntiles = (t as u32).div_ceil(tiles.br);
                 let params = Params { ntiles, ..base };
                 all.push(gpu.dispatch(
@@ -574,19 +603,19 @@ fn backward_with(
                     &tiles.constants(),
                     bytes_of(&params),
                     &args,
-                    grid(params.nb * params.nh * ntiles, max_wg),
+                    grid(params.nb * heads as u32 * ntiles, max_wg),
                     cost,
                 )?);
             }
         }
         Variant::Rows(wg) => {
-            for spec in [&BACKWARD_DKDV_ROWS, &BACKWARD_DQ_ROWS] {
+            for (spec, heads) in [(&BACKWARD_DKDV_ROWS, nkv), (&BACKWARD_DQ_ROWS, nh)] {
                 all.push(gpu.dispatch(
                     spec,
                     &rows_constants(wg, base.hs),
                     bytes_of(&base),
                     &args,
-                    grid((rows as u32).div_ceil(wg), max_wg),
+                    grid(((b * heads * t) as u32).div_ceil(wg), max_wg),
                     cost,
                 )?);
             }
@@ -596,7 +625,7 @@ fn backward_with(
     Ok(all)
 }
 
-/// KV-cache decoding: the Tq = `dims.t` new tokens of qkv (B, Tq, 3C), at absolute positions
+/// KV-cache decoding: the Tq = `dims.t` new tokens of qkv (B, Tq, W), at absolute positions
 /// pos0 .. pos0 + Tq, attend causally to keys and values 0 .. pos0 + Tq held in `cache` (append
 /// the new tokens first with `kv_append`). Overwrites out (B, Tq, C); no lse. The caches are both
 /// f32, or both f16 (on adapters with SHADER_F16: widened to f32 on load); qkv and out are f32.
@@ -640,20 +669,17 @@ fn check_cached(
     pos0: usize,
 ) -> Result<DType> {
     let name = "attention.forward_cached";
-    let Dims { b, t: tq, nh, hs } = dims;
+    let Dims {
+        b, t: tq, nkv, hs, ..
+    } = dims;
     let tmax = cache.tmax;
-    check_fused_dims(
-        name,
-        &[("B", b), ("Tq", tq), ("NH", nh), ("HS", hs), ("Tmax", tmax)],
-        hs,
-    )?;
+    check_fused_dims(name, dims, "Tq", &[("Tmax", tmax)])?;
     check_cache_positions(name, tq, pos0, tmax)?;
-    let c = nh * hs;
-    expect(name, out, DType::F32, b * tq * c)?;
-    expect(name, qkv, DType::F32, b * tq * 3 * c)?;
+    expect(name, out, DType::F32, b * tq * dims.c())?;
+    expect(name, qkv, DType::F32, b * tq * dims.width())?;
     let (dtype, _) = cache_dtype(gpu, name, cache.k, &FORWARD, &FORWARD_F16)?;
-    expect(name, cache.k, dtype, b * nh * tmax * hs)?;
-    expect(name, cache.v, dtype, b * nh * tmax * hs)?;
+    expect(name, cache.k, dtype, b * nkv * tmax * hs)?;
+    expect(name, cache.v, dtype, b * nkv * tmax * hs)?;
     Ok(dtype)
 }
 
@@ -668,9 +694,11 @@ fn forward_cached_with(
     variant: Variant,
 ) -> Result<Dispatch> {
     let dtype = check_cached(gpu, out, qkv, cache, dims, pos0)?;
-    let Dims { b, t: tq, nh, hs } = dims;
+    let Dims {
+        b, t: tq, nkv, hs, ..
+    } = dims;
     let tmax = cache.tmax;
-    let c = nh * hs;
+    let (c, w) = (dims.c(), dims.width());
     let shader = if dtype == DType::F16 {
         ShaderVariant::F16
     } else {
@@ -681,17 +709,17 @@ fn forward_cached_with(
     // FROM_STEP = 1).
     let params = Params {
         write_lse: 0,
-        q: qkv_strides(tq, c, hs, 0),
-        k: cache_strides(nh, tmax, hs),
-        v: cache_strides(nh, tmax, hs),
-        o: btc_strides(tq, c, hs),
-        ..Params::new(b, nh, hs, tq, tq, true)
+        q: qkv_strides(dims, 0),
+        k: cache_strides(nkv, tmax, hs),
+        v: cache_strides(nkv, tmax, hs),
+        o: btc_strides(dims),
+        ..Params::new(dims, tq, true)
     };
     // The kernel's lse binding is not written when write_lse = 0; a word stands in for it.
     let unused_lse = gpu.zeros("attention unused lse", DType::F32, 1)?;
     let cost = Cost {
         flops: 2 * product_flops(dims, tk, true),
-        bytes: 4 * (b * tq * 4 * c) as u64 + dtype.size() * (2 * b * tk * c) as u64,
+        bytes: 4 * (b * tq * (w + c)) as u64 + dtype.size() * (2 * b * tk * dims.kv_c()) as u64,
     };
     fused_forward(
         gpu,
@@ -733,8 +761,8 @@ fn check_cache_positions(kernel: &str, tq: usize, pos0: usize, tmax: usize) -> R
     Ok(())
 }
 
-/// Copies the k and v of the Tq = `dims.t` new tokens of qkv (B, Tq, 3C) into `cache`'s k and v
-/// (B, NH, Tmax, HS) at positions pos0 .. pos0 + Tq. Overwrites those rows of the caches.
+/// Copies the k and v of the Tq = `dims.t` new tokens of qkv (B, Tq, W) into `cache`'s k and v
+/// (B, NKV, Tmax, HS) at positions pos0 .. pos0 + Tq. Overwrites those rows of the caches.
 /// The caches are both f32, or both f16 (on adapters with SHADER_F16: the values are rounded to
 /// f16 and must lie within its range, |x| <= 65504); qkv is f32.
 pub fn kv_append(
@@ -757,31 +785,29 @@ pub fn kv_append_at(
     dims: Dims,
     step: &View,
 ) -> Result<Dispatch> {
-    let Dims { b, t: tq, nh, hs } = dims;
+    let Dims {
+        b, t: tq, nkv, hs, ..
+    } = dims;
     let KvCache {
         k: k_cache,
         v: v_cache,
         tmax,
     } = cache;
     let name = KV_APPEND.name();
-    expect_dims(
-        &name,
-        &[("B", b), ("Tq", tq), ("NH", nh), ("HS", hs), ("Tmax", tmax)],
-    )?;
+    check_fused_dims(&name, dims, "Tq", &[("Tmax", tmax)])?;
     check_cache_positions(&name, tq, 0, tmax)?;
-    let c = nh * hs;
-    expect(&name, qkv, DType::F32, b * tq * 3 * c)?;
+    expect(&name, qkv, DType::F32, b * tq * dims.width())?;
     let (cache, spec) = cache_dtype(gpu, &name, k_cache, &KV_APPEND, &KV_APPEND_F16)?;
-    expect(&name, k_cache, cache, b * nh * tmax * hs)?;
-    expect(&name, v_cache, cache, b * nh * tmax * hs)?;
+    expect(&name, k_cache, cache, b * nkv * tmax * hs)?;
+    expect(&name, v_cache, cache, b * nkv * tmax * hs)?;
     // Written at step.pos0 + i (attention.wgsl's pos0, with FROM_STEP = 1); p.tk keeps Tmax.
     let params = Params {
-        k: qkv_strides(tq, c, hs, 1),
-        v: qkv_strides(tq, c, hs, 2),
-        ..Params::new(b, nh, hs, tq, tmax, true)
+        k: qkv_strides(dims, 1),
+        v: qkv_strides(dims, 2),
+        ..Params::new(dims, tmax, true)
     };
     const WG: u32 = 256;
-    let n = b * tq * c;
+    let n = b * tq * dims.kv_c();
     gpu.dispatch(
         spec,
         &[("WG", WG as f64), FROM_STEP],

@@ -316,7 +316,7 @@ impl Variant {
 /// variants sum in different orders, so they agree to rounding, not bit for bit.
 pub(super) fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result<Variant> {
     use crate::kernels::measure::{self, Problem, Trial, bucket};
-    let Dims { b, t, nh, hs } = dims;
+    let Dims { b, t, nh, hs, .. } = dims;
     let storage = storage_limit(gpu);
     let variants: Vec<Variant> = Variant::candidates(stage, hs, storage)?
         .into_iter()
@@ -327,19 +327,24 @@ pub(super) fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result
     let problem = Problem {
         family: FAMILY.name,
         bucket: format!(
-            "{} bh{} t{} hs{hs} {mode}",
+            "{} bh{} t{} hs{hs}{} {mode}",
             stage.name(),
             bucket(b * nh),
-            bucket(t)
+            bucket(t),
+            group_key(dims)
         ),
-        shape: format!("{} B={b} NH={nh} T={t} HS={hs} {mode}", stage.name()),
+        shape: format!(
+            "{} B={b} NH={nh}{} T={t} HS={hs} {mode}",
+            stage.name(),
+            group_shape(dims)
+        ),
         candidates: variants.iter().map(Variant::name).collect(),
         rule: rule.name(),
         // Inputs in [-1, 1]: the products sum HS terms, the outputs T of them.
         atol: 1e-5 * ((t.max(hs)) as f64 / 256.0).max(1.0),
         rtol: 1e-4,
     };
-    let c = nh * hs;
+    let (c, w) = (dims.c(), dims.width());
     let opts = Options {
         causal,
         dropout: None,
@@ -352,11 +357,11 @@ pub(super) fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result
             let mut up =
                 |name: &str, len: usize| gpu.upload_f32(name, &rng.vec_uniform(len, -1.0, 1.0));
             let ts = [
-                up("tune.qkv", b * t * 3 * c)?,
+                up("tune.qkv", b * t * w)?,
                 up("tune.dout", b * t * c)?,
                 gpu.zeros("tune.out", DType::F32, b * t * c)?,
                 gpu.zeros("tune.lse", DType::F32, b * nh * t)?,
-                gpu.zeros("tune.dqkv", DType::F32, b * t * 3 * c)?,
+                gpu.zeros("tune.dqkv", DType::F32, b * t * w)?,
             ];
             // The backward reads the forward's out and lse.
             let [qkv, _, out, lse, _] = &ts;
@@ -390,6 +395,23 @@ pub(super) fn tuned(gpu: &Gpu, stage: Stage, dims: Dims, causal: bool) -> Result
     Ok(Variant::by_name(&variants, &name).unwrap_or(rule))
 }
 
+/// The tuning cache's key for grouped-query attention: " g{G}" with G query heads per key/value
+/// head, nothing for multi-head attention (whose keys predate grouping).
+fn group_key(dims: Dims) -> String {
+    match dims.group() {
+        1 => String::new(),
+        g => format!(" g{g}"),
+    }
+}
+
+/// `group_key` for a problem's shape: " NKV={NKV}", nothing for multi-head attention.
+fn group_shape(dims: Dims) -> String {
+    match dims.group() {
+        1 => String::new(),
+        _ => format!(" NKV={}", dims.nkv),
+    }
+}
+
 /// The baseline of `stage`'s tuning at head size `hs` on this adapter: the fixed rule's tiling.
 pub fn baseline(gpu: &Gpu, stage: Stage, hs: usize) -> Result<Variant> {
     Variant::rule(stage, hs, storage_limit(gpu))
@@ -407,20 +429,28 @@ pub(super) fn storage_limit(gpu: &Gpu) -> u32 {
 /// longest attention a decoding dispatch computes.
 pub(super) fn tuned_cached(gpu: &Gpu, cache: DType, dims: Dims, tmax: usize) -> Result<Variant> {
     use crate::kernels::measure::{self, Problem, Trial, bucket};
-    let Dims { b, t: tq, nh, hs } = dims;
+    let Dims {
+        b,
+        t: tq,
+        nh,
+        nkv,
+        hs,
+    } = dims;
     let rule = Variant::rule(Stage::Forward, hs, storage_limit(gpu))?;
     let variants = [rule, Variant::Rows(ROWS_WG)];
     let problem = Problem {
         family: FAMILY.name,
         bucket: format!(
-            "cached bh{} tq{} tmax{} hs{hs} {}",
+            "cached bh{} tq{} tmax{} hs{hs}{} {}",
             bucket(b * nh),
             bucket(tq),
             bucket(tmax),
+            group_key(dims),
             cache.name()
         ),
         shape: format!(
-            "cached B={b} NH={nh} Tq={tq} Tmax={tmax} HS={hs} {}",
+            "cached B={b} NH={nh}{} Tq={tq} Tmax={tmax} HS={hs} {}",
+            group_shape(dims),
             cache.name()
         ),
         candidates: variants.iter().map(Variant::name).collect(),
@@ -428,15 +458,15 @@ pub(super) fn tuned_cached(gpu: &Gpu, cache: DType, dims: Dims, tmax: usize) -> 
         atol: 1e-5 * (tmax.max(hs) as f64 / 256.0).max(1.0),
         rtol: 1e-4,
     };
-    let c = nh * hs;
+    let (c, w) = (dims.c(), dims.width());
     let mut tensors: Option<[View; 4]> = None;
     let name = measure::choose(gpu, &problem, &mut |name| {
         let v = Variant::by_name(&variants, name)?;
         if tensors.is_none() {
             let mut rng = Rng::new(0xdec0);
-            let full = gpu.upload_f32("tune.qkv", &rng.vec_uniform(b * tmax * 3 * c, -1.0, 1.0))?;
-            let kc = gpu.zeros("tune.k_cache", cache, b * nh * tmax * hs)?;
-            let vc = gpu.zeros("tune.v_cache", cache, b * nh * tmax * hs)?;
+            let full = gpu.upload_f32("tune.qkv", &rng.vec_uniform(b * tmax * w, -1.0, 1.0))?;
+            let kc = gpu.zeros("tune.k_cache", cache, b * nkv * tmax * hs)?;
+            let vc = gpu.zeros("tune.v_cache", cache, b * nkv * tmax * hs)?;
             let kv = KvCache {
                 k: &kc,
                 v: &vc,
@@ -444,7 +474,7 @@ pub(super) fn tuned_cached(gpu: &Gpu, cache: DType, dims: Dims, tmax: usize) -> 
             };
             gpu.run(&[kv_append(gpu, kv, &full, Dims { t: tmax, ..dims }, 0)?])?;
             tensors = Some([
-                gpu.upload_f32("tune.step_qkv", &rng.vec_uniform(b * tq * 3 * c, -1.0, 1.0))?,
+                gpu.upload_f32("tune.step_qkv", &rng.vec_uniform(b * tq * w, -1.0, 1.0))?,
                 kc,
                 vc,
                 gpu.zeros("tune.out", DType::F32, b * tq * c)?,

@@ -1,11 +1,10 @@
-//! qkv_pack.wgsl launchers: grouped-query attention's operand for the fused attention kernels,
-//! q, k and v packed into one row per token with each key/value head repeated for its group
-//! (transformers' `repeat_kv`), and the backward that sums each group's gradients.
+//! qkv_pack.wgsl launchers: attention's operand, q, k and v packed into one row per token (the
+//! layout the fused attention kernels read, which serve each key/value head's group of query
+//! heads themselves), and the backward that splits a gradient of it.
 //!
-//! q, dq (B·T, NH, HS); k, v, dk, dv (B·T, NKV, HS); qkv, dqkv (B·T, 3, NH, HS); NKV divides NH
-//! and query head h reads key/value head h / (NH / NKV). The forward overwrites qkv; the
-//! backward overwrites dq, dk and dv, or adds to them (`accumulate`), dk and dv summed over each
-//! group in head order by one thread per element: the same inputs give the same bits.
+//! q, dq (B·T, NH, HS); k, v, dk, dv (B·T, NKV, HS); qkv, dqkv (B·T, W), W = (NH + 2·NKV)·HS;
+//! NKV divides NH. The forward overwrites qkv; the backward overwrites dq, dk and dv, or adds to
+//! them (`accumulate`), one thread per element: the same inputs give the same bits.
 
 pub mod check;
 
@@ -76,8 +75,7 @@ pub struct BackwardTensors<'a> {
     pub dqkv: &'a View,
 }
 
-/// Checks the dimensions; returns the lengths of a q row block (B·T·NH·HS) and a k one
-/// (B·T·NKV·HS).
+/// Checks the dimensions; returns the lengths of q (B·T·NH·HS) and of k (B·T·NKV·HS).
 fn check_dims(kernel: &str, dims: Dims) -> Result<(usize, usize)> {
     let Dims { b, t, nh, nkv, hs } = dims;
     expect_dims(
@@ -90,18 +88,20 @@ fn check_dims(kernel: &str, dims: Dims) -> Result<(usize, usize)> {
             format!("NKV = {nkv} key/value heads do not divide NH = {nh} query heads"),
         ));
     }
-    let q = [b, t, nh, hs, 3]
+    // qkv, the largest, holds B·T·(NH + 2·NKV)·HS values.
+    [b, t, nh + 2 * nkv, hs]
         .iter()
         .try_fold(1usize, |a, &x| a.checked_mul(x))
         .filter(|&l| l <= u32::MAX as usize)
         .ok_or_else(|| {
             Error::invalid(
                 kernel,
-                format!("3·B·T·NH·HS = 3·{b}·{t}·{nh}·{hs} does not fit in 32 bits"),
+                format!(
+                    "B·T·(NH + 2·NKV)·HS = {b}·{t}·({nh} + 2·{nkv})·{hs} does not fit in 32 bits"
+                ),
             )
-        })?
-        / 3;
-    Ok((q, q / nh * nkv))
+        })?;
+    Ok((b * t * nh * hs, b * t * nkv * hs))
 }
 
 fn launch(
@@ -133,8 +133,8 @@ fn params(n: usize, dims: Dims, accumulate: bool) -> Params {
     }
 }
 
-/// qkv (B·T, 3, NH, HS) = [q, k[h / G], v[h / G]] from q (B·T, NH, HS), k and v (B·T, NKV, HS).
-/// Overwrites qkv.
+/// qkv (B·T, W) = [q, k, v] row by row from q (B·T, NH, HS), k and v (B·T, NKV, HS). Overwrites
+/// qkv.
 pub fn forward(
     gpu: &Gpu,
     qkv: &View,
@@ -146,18 +146,18 @@ pub fn forward(
     expect(&name, q, DType::F32, nq)?;
     expect(&name, k, DType::F32, nk)?;
     expect(&name, v, DType::F32, nk)?;
-    expect(&name, qkv, DType::F32, 3 * nq)?;
+    let n = nq + 2 * nk;
+    expect(&name, qkv, DType::F32, n)?;
     let cost = Cost {
         flops: 0,
-        bytes: 8 * 3 * nq as u64,
+        bytes: 8 * n as u64,
     };
-    let p = params(3 * nq, dims, false);
+    let p = params(n, dims, false);
     launch(gpu, &FORWARD, p, &[q, k, v, qkv], cost)
 }
 
-/// dq (B·T, NH, HS) = dqkv's q part; dk, dv (B·T, NKV, HS) = the sums of dqkv's k and v parts
-/// over the G query heads of each group, in head order. Overwritten, or added to (`+=`) when
-/// `accumulate`. Two dispatches (dq, then dk and dv); record them together.
+/// dq (B·T, NH, HS) = dqkv's q part; dk, dv (B·T, NKV, HS) = its k and v parts. Overwritten, or
+/// added to (`+=`) when `accumulate`. Two dispatches (dq, then dk and dv); record them together.
 pub fn backward(
     gpu: &Gpu,
     tensors: BackwardTensors,
@@ -167,7 +167,7 @@ pub fn backward(
     let BackwardTensors { dq, dk, dv, dqkv } = tensors;
     let name = BACKWARD_Q.name();
     let (nq, nk) = check_dims(&name, dims)?;
-    expect(&name, dqkv, DType::F32, 3 * nq)?;
+    expect(&name, dqkv, DType::F32, nq + 2 * nk)?;
     expect(&name, dq, DType::F32, nq)?;
     expect(&name, dk, DType::F32, nk)?;
     expect(&name, dv, DType::F32, nk)?;
@@ -177,8 +177,8 @@ pub fn backward(
         bytes: 4 * (1 + rw) * nq as u64,
     };
     let kv_cost = Cost {
-        flops: 2 * nq as u64,
-        bytes: 4 * 2 * (nq as u64 + rw * nk as u64),
+        flops: accumulate as u64 * 2 * nk as u64,
+        bytes: 4 * 2 * (1 + rw) * nk as u64,
     };
     Ok(vec![
         launch(
