@@ -290,12 +290,6 @@ pub fn infer_llama(
     params: &[Vec<f32>],
     s: InferSetup,
 ) -> Result<InferBench> {
-    if s.dtype != crate::gpu::DType::F32 {
-        return Err(crate::Error::invalid(
-            format!("--dtype {}", s.dtype.name()),
-            "the Llama-family inference path runs f32 weights only",
-        ));
-    }
     check_lengths(&s, arch.context)?;
     let arch = Arch {
         context: s.prompt_len + s.new_tokens,
@@ -306,7 +300,7 @@ pub fn infer_llama(
         table,
         params,
     };
-    let mut runner = LlamaRunner::upload(gpu, model, Vec::new())?;
+    let mut runner = LlamaRunner::upload(gpu, model, Vec::new(), s.dtype)?;
     runner.add_cache()?;
     time_decoding(&mut runner, arch.vocab, s)
 }
@@ -315,10 +309,13 @@ pub fn infer_llama(
 /// on the device (f32), and the KV cache of `tokens` positions.
 pub fn llama_infer_bytes(arch: &Arch, tokens: usize) -> u128 {
     let params = arch.checked_num_params().map_or(u128::MAX, |n| n as u128);
-    let cache = LlamaRunner::cache_bytes(&Arch {
-        context: tokens,
-        ..arch.clone()
-    });
+    let cache = LlamaRunner::cache_bytes(
+        &Arch {
+            context: tokens,
+            ..arch.clone()
+        },
+        crate::gpu::DType::F32,
+    );
     params.saturating_mul(8).saturating_add(cache)
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::fixture::Fixture;
-use shaderformer::gpu::test_gpu;
+use shaderformer::gpu::{DType, test_gpu};
 use shaderformer::infer::SampleOptions;
 use shaderformer::infer::llama::{self, LlamaRunner};
 use shaderformer::io::hf_weights;
@@ -60,7 +60,7 @@ fn greedy_ids_logits_and_score_match_transformers() {
         let d = dir(model);
         let fx = Fixture::load(&d.join("fixture.safetensors"));
         let ck = hf_weights::load(&d).unwrap();
-        let mut runner = LlamaRunner::new(gpu, &ck).unwrap();
+        let mut runner = LlamaRunner::new(gpu, &ck, DType::F32).unwrap();
         check_greedy(&mut runner, &fx, model);
         let t = fx.num("score_t") as usize;
         let s = llama::score(&mut runner, &fx.u32("score_ids"), t).unwrap();
@@ -76,6 +76,39 @@ fn greedy_ids_logits_and_score_match_transformers() {
     }
 }
 
+/// f16 weights and an f16 KV cache (adapters with SHADER_F16) stay as close to the f32 run as
+/// GPT-2's f16 path does, over the prompt in one pass and then 8 decoded tokens, each read back
+/// from the cache at every position.
+#[test]
+fn f16_weights_and_cache_stay_close_to_f32() {
+    let Some(gpu) = test_gpu() else { return };
+    if !gpu.has_f16() {
+        eprintln!("skipping: the adapter has no SHADER_F16");
+        return;
+    }
+    for model in ["llama-tiny", "qwen2-tiny", "qwen3-tiny"] {
+        let d = dir(model);
+        let fx = Fixture::load(&d.join("fixture.safetensors"));
+        let ck = hf_weights::load(&d).unwrap();
+        let mut f32r = LlamaRunner::with_cache(gpu, &ck, DType::F32).unwrap();
+        let mut f16r = LlamaRunner::with_cache(gpu, &ck, DType::F16).unwrap();
+        let mut ids = fx.u32("prompt_ids");
+        for step in 0..9 {
+            let (a, b) = (f32r.next(&ids).unwrap(), f16r.next(&ids).unwrap());
+            let c = compare(
+                &format!("{model} f16 vs f32, step {step}"),
+                &b,
+                &a,
+                2e-2,
+                0.0,
+            );
+            eprintln!("{c}");
+            c.assert();
+            ids.push(shaderformer::infer::sampling::argmax(&a));
+        }
+    }
+}
+
 /// Decoding against the KV cache (the prompt in one pass, then a token a pass) continues each
 /// fixture's prompt as transformers does.
 #[test]
@@ -85,7 +118,7 @@ fn kv_cache_decoding_matches_transformers() {
         let d = dir(model);
         let fx = Fixture::load(&d.join("fixture.safetensors"));
         let ck = hf_weights::load(&d).unwrap();
-        let mut runner = LlamaRunner::with_cache(gpu, &ck).unwrap();
+        let mut runner = LlamaRunner::with_cache(gpu, &ck, DType::F32).unwrap();
         check_greedy(&mut runner, &fx, &format!("{model} (KV cache)"));
     }
 }
@@ -117,7 +150,7 @@ fn bf16_sharded_and_4x_layout_checkpoints_match_transformers() {
     ];
     for (d, fx, what) in cases {
         let ck = hf_weights::load(&d).unwrap();
-        let mut runner = LlamaRunner::new(gpu, &ck).unwrap();
+        let mut runner = LlamaRunner::new(gpu, &ck, DType::F32).unwrap();
         check_greedy(&mut runner, fx, what);
     }
     let _ = std::fs::remove_dir_all(&v4);
@@ -130,7 +163,7 @@ fn generation_ends_at_an_eos_id_and_keeps_it() {
     let fx = Fixture::load(&d.join("fixture.safetensors"));
     let ck = hf_weights::load(&d).unwrap();
     assert_eq!(ck.eos_token_ids, vec![82], "generation_config.json's eos");
-    let mut runner = LlamaRunner::new(gpu, &ck).unwrap();
+    let mut runner = LlamaRunner::new(gpu, &ck, DType::F32).unwrap();
     let want = fx.u32("greedy_ids");
     // The sixth greedy id (its first appearance) made an eos id.
     let stop = (0..want.len())

@@ -315,9 +315,9 @@ fn bench_gpt2(
     Ok(out)
 }
 
-/// Inference of a Llama-family shape on random weights (f32; `--what all` measures inference
-/// alone, `--what train` and `--dtype f16` are refused naming the flag). The memory the weights
-/// and the KV cache need is checked before anything is allocated.
+/// Inference of a Llama-family shape on random weights, in each weight format asked for
+/// (`--what all` measures inference alone, `--what train` is refused naming the flag). The
+/// memory the weights and the KV cache need is checked before anything is allocated.
 fn bench_llama(
     gpu: &GpuArgs,
     args: &BenchArgs,
@@ -330,12 +330,6 @@ fn bench_llama(
                 "training benchmarks take GPT-2 shapes; {} measures inference (--what infer)",
                 args.model.model
             ),
-        ));
-    }
-    if args.dtype == BenchDtype::F16 {
-        return Err(Error::invalid(
-            "--dtype f16",
-            "the Llama-family inference path runs f32 weights only (--dtype f32)",
         ));
     }
     let (prompt, new) = args.lengths(arch.context);
@@ -358,24 +352,22 @@ fn bench_llama(
     let table = LlamaParams::new(arch, 0.02)?;
     let gpu = gpu.open()?;
     let mut out = header(&gpu, arch.describe(), args);
-    if !args.json_to_stdout() {
-        if args.what == What::All {
-            println!("training: not measured (GPT-2 shapes only)");
-        }
-        if args.dtype == BenchDtype::Both {
-            println!("f16: not measured (the Llama-family inference path runs f32 weights)");
-        }
+    if !args.json_to_stdout() && args.what == What::All {
+        println!("training: not measured (GPT-2 shapes only)");
     }
     let params = table.init(1);
-    let setup = bench::InferSetup {
-        dtype: DType::F32,
-        prompt_len: prompt,
-        new_tokens: new,
-        warmup: args.warmup,
-        runs: args.runs,
-        recompute_tokens: args.recompute_tokens,
-    };
-    let rows = [bench::infer_llama(&gpu, arch, &table, &params, setup)?];
+    let mut rows = Vec::new();
+    for dtype in weight_formats(&gpu, args) {
+        let setup = bench::InferSetup {
+            dtype,
+            prompt_len: prompt,
+            new_tokens: new,
+            warmup: args.warmup,
+            runs: args.runs,
+            recompute_tokens: args.recompute_tokens,
+        };
+        rows.push(bench::infer_llama(&gpu, arch, &table, &params, setup)?);
+    }
     add_infer(&mut out, &rows, args);
     Ok(out)
 }
@@ -487,10 +479,8 @@ fn print_train(gpu: &Gpu, r: &TrainBench, warmup: usize) {
     }
 }
 
-/// Measures inference in each weight format asked for (f16 with `both` only where the adapter
-/// has it).
-fn infer(gpu: &Gpu, cfg: &GptConfig, args: &BenchArgs) -> Result<Vec<InferBench>> {
-    let params = bench::random_params(cfg, 1);
+/// The weight formats `--dtype` asks for: f16 with `both` only where the adapter has it.
+fn weight_formats(gpu: &Gpu, args: &BenchArgs) -> Vec<DType> {
     let mut dtypes = Vec::new();
     if args.dtype != BenchDtype::F16 {
         dtypes.push(DType::F32);
@@ -498,8 +488,14 @@ fn infer(gpu: &Gpu, cfg: &GptConfig, args: &BenchArgs) -> Result<Vec<InferBench>
     if args.dtype == BenchDtype::F16 || (args.dtype == BenchDtype::Both && gpu.has_f16()) {
         dtypes.push(DType::F16);
     }
+    dtypes
+}
+
+/// Measures inference in each weight format asked for.
+fn infer(gpu: &Gpu, cfg: &GptConfig, args: &BenchArgs) -> Result<Vec<InferBench>> {
+    let params = bench::random_params(cfg, 1);
     let mut rows = Vec::new();
-    for dt in dtypes {
+    for dt in weight_formats(gpu, args) {
         let setup = bench::InferSetup {
             dtype: dt,
             prompt_len: args.lengths(cfg.block_size).0,

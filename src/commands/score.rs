@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use clap::Args;
 
 use shaderformer::error::{Error, Result};
-use shaderformer::gpu::DType;
 use shaderformer::infer::llama::LlamaRunner;
 use shaderformer::infer::{self, Engine};
 use shaderformer::io::vocab::Vocab;
@@ -68,21 +67,15 @@ pub fn score(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
 }
 
 /// `score` on a Llama-family checkpoint (config.json, model.safetensors, and tokenizer.json for
-/// text), in f32, each window one forward pass.
+/// text), with weights in `--dtype`, each window one forward pass.
 fn score_llama(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
-    if args.dtype.gpu() != DType::F32 {
-        return Err(Error::invalid(
-            "--dtype",
-            "a Llama-family checkpoint is scored in f32 for now",
-        ));
-    }
     let ck = hf_weights::load(&args.checkpoint)?;
     let v = ck.cfg.arch.vocab;
     let vocab = Vocab::load(&args.checkpoint)?.unwrap_or(Vocab::Ids(v));
     let ids = read_ids(args, &vocab, v)?;
     let t = args.block_size.unwrap_or(ck.cfg.arch.context);
     let gpu = gpu.open()?;
-    let mut runner = LlamaRunner::new(&gpu, &ck)?;
+    let mut runner = LlamaRunner::new(&gpu, &ck, args.dtype.gpu())?;
     let s = infer::llama::score(&mut runner, &ids, t)?;
     report(args, &gpu.adapter_name(), t, s);
     Ok(ExitCode::SUCCESS)

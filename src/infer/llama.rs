@@ -48,6 +48,8 @@ pub struct LlamaRunner<'a> {
     pub arch: Arch,
     table: LlamaParams,
     store: ParamStore,
+    /// The weights' and the KV cache's element type (f32, or f16 on adapters with SHADER_F16).
+    dtype: DType,
     /// The ids that end generation.
     pub eos: Vec<u32>,
     /// Graphs by (length, with loss).
@@ -57,31 +59,27 @@ pub struct LlamaRunner<'a> {
 }
 
 impl<'a> LlamaRunner<'a> {
-    /// Uploads the checkpoint's weights (f32).
-    pub fn new(gpu: &'a Gpu, ck: &LlamaCheckpoint) -> Result<Self> {
+    /// Uploads the checkpoint's weights, the matrices stored as `dtype` (f32, or f16 where the
+    /// adapter has SHADER_F16; the norms' weights and the biases stay f32).
+    pub fn new(gpu: &'a Gpu, ck: &LlamaCheckpoint, dtype: DType) -> Result<Self> {
         let model = Model {
             arch: &ck.cfg.arch,
             table: &ck.table,
             params: &ck.params,
         };
-        Self::upload(gpu, model, ck.eos_token_ids.clone())
+        Self::upload(gpu, model, ck.eos_token_ids.clone(), dtype)
     }
 
-    /// Uploads the weights of `model` (f32), generation ending at the ids `eos`.
-    pub fn upload(gpu: &'a Gpu, model: Model, eos: Vec<u32>) -> Result<Self> {
-        let store = ParamStore::build(
-            gpu,
-            &model.table.store_specs(),
-            model.params,
-            false,
-            DType::F32,
-            &|_| u64::MAX,
-        )?;
+    /// Uploads the weights of `model` as `new` does, generation ending at the ids `eos`.
+    pub fn upload(gpu: &'a Gpu, model: Model, eos: Vec<u32>, dtype: DType) -> Result<Self> {
+        let store =
+            ParamStore::with_dtype(gpu, &model.table.store_specs(), model.params, false, dtype)?;
         Ok(LlamaRunner {
             gpu,
             arch: model.arch.clone(),
             table: model.table.clone(),
             store,
+            dtype,
             eos,
             graphs: HashMap::new(),
             cache: None,
@@ -89,27 +87,27 @@ impl<'a> LlamaRunner<'a> {
     }
 
     /// `new`, with a KV cache of the whole context: `next` then runs only the new tokens.
-    pub fn with_cache(gpu: &'a Gpu, ck: &LlamaCheckpoint) -> Result<Self> {
-        let mut r = Self::new(gpu, ck)?;
+    pub fn with_cache(gpu: &'a Gpu, ck: &LlamaCheckpoint, dtype: DType) -> Result<Self> {
+        let mut r = Self::new(gpu, ck, dtype)?;
         r.add_cache()?;
         Ok(r)
     }
 
     /// Allocates a KV cache of the whole context (the keys and values of each key/value head,
-    /// once): `next` then runs only the new tokens.
+    /// once, in the weights' element type): `next` then runs only the new tokens.
     pub fn add_cache(&mut self) -> Result<()> {
         let a = &self.arch;
         let shape = [1, a.n_kv_head, a.context, a.head_dim];
         self.store
-            .alloc_kv(self.gpu, a.n_layer, shape, DType::F32)?;
+            .alloc_kv(self.gpu, a.n_layer, shape, self.dtype)?;
         self.cache = Some((HashMap::new(), 0));
         Ok(())
     }
 
-    /// Bytes of the KV cache `add_cache` allocates for `arch`.
-    pub fn cache_bytes(arch: &Arch) -> u128 {
+    /// Bytes of the KV cache `add_cache` allocates for `arch` in `dtype`.
+    pub fn cache_bytes(arch: &Arch, dtype: DType) -> u128 {
         let per_layer = 2 * (arch.n_kv_head * arch.context * arch.head_dim) as u128;
-        per_layer * arch.n_layer as u128 * DType::F32.size() as u128
+        per_layer * arch.n_layer as u128 * dtype.size() as u128
     }
 
     /// Forgets the cached positions (a new sequence starts).
@@ -323,6 +321,7 @@ pub fn score(runner: &mut LlamaRunner, ids: &[u32], t: usize) -> Result<Score> {
 #[cfg(test)]
 mod tests {
     use super::LlamaRunner;
+    use crate::gpu::DType;
     use crate::model::Arch;
 
     /// SmolLM2-135M's cache holds its 3 key/value heads, not its 9 query heads: 2 (k and v) ·
@@ -332,6 +331,7 @@ mod tests {
         let arch = Arch::preset("smollm2-135m").expect("a preset");
         assert_eq!((arch.n_head, arch.n_kv_head), (9, 3));
         let want = 2 * 30 * 3 * arch.context as u128 * 64 * 4;
-        assert_eq!(LlamaRunner::cache_bytes(&arch), want);
+        assert_eq!(LlamaRunner::cache_bytes(&arch, DType::F32), want);
+        assert_eq!(LlamaRunner::cache_bytes(&arch, DType::F16), want / 2);
     }
 }

@@ -1,6 +1,6 @@
 //! Lowering: each graph op to its kernels' dispatches, one function per op.
 
-use super::super::ir::{Node, Op, TensorId};
+use super::super::ir::{Node, Op, TensorId, TensorKind};
 use super::super::store;
 use super::Executor;
 use super::split::{SplitLinearBackwardTensors, split_linear_backward, split_linear_forward};
@@ -308,11 +308,22 @@ impl<'s> Lowering<'s> {
     fn embedding(self, b: usize, t: usize, c: usize) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
         let dims = embedding::Dims { b, t, c };
+        // A model without position rows (the Llama family) adds a zero table, declared f32: with
+        // the token table in f16 (inference), its zeros in f16 serve instead (the kernel reads
+        // both tables in one element type).
+        let table = self.ic(1)[0].dtype;
+        let zeros = match self.ex.graph.tensors[self.node.inputs[2]].kind {
+            TensorKind::Constant(0) if i(2).dtype != table => {
+                Some(self.gpu().zeros("no_positions", table, i(2).len)?)
+            }
+            _ => None,
+        };
+        let wpe = zeros.as_ref().unwrap_or(i(2));
         let mut row0 = 0;
         let mut out = Vec::new();
         for view in self.ic(1) {
             let wte = embedding::TableChunk { view, row0 };
-            out.push(embedding::forward(self.gpu(), o(0), i(0), wte, i(2), dims)?);
+            out.push(embedding::forward(self.gpu(), o(0), i(0), wte, wpe, dims)?);
             row0 += view.len / c;
         }
         Ok(out)
