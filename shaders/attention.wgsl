@@ -58,7 +58,7 @@ struct Params {
     v: vec4<u32>,     // same for v (qkv or v_cache); dv uses it inside dqkv
     o: vec4<u32>,     // same for out / dout, (B, T, C)
     drop_seed: u32,   // attention dropout: seed of this site's stream
-    pad1: u32,
+    grp_step: u32,    // the GEMM path's heads: entry g is head h0 + g·grp_step; see group_bh
     drop_threshold: u32, // probabilities whose hash is below this are dropped; 0 = no dropout
     drop_scale: f32,  // 1 / (1 - p): the factor of the kept ones
     grp: vec4<u32>,   // the GEMM path's group: (b0, h0, over b?, entries); see group_bh
@@ -896,9 +896,11 @@ fn dq_row(b: u32, h: u32, i: u32) {
 // ---------------------------------------------------------------------------------------------
 // The GEMM path: the fused kernels' results (out and lse; dqkv) from products of the GEMM family
 // (gemm.wgsl) and these two kernels between them (src/kernels/attention/gemm_path.rs runs them).
-// The B·NH (b, h) pairs go in groups: the heads of one sequence, or one head of every sequence,
+// The B·NH (b, h) pairs go in groups: heads of one sequence, or one head of every sequence,
 // whichever makes fewer groups; a group's E = p.grp.w score matrices (T × T) lie in a scratch
-// buffer, row (g, i) of entry g at (g·T + i)·T.
+// buffer, row (g, i) of entry g at (g·T + i)·T. Under grouped-query attention the heads of a
+// sequence go in G groups, group r holding the query heads r, r + G, r + 2G, ... (one per
+// key/value head, so that the entries' q, k and v each have one stride).
 //   forward:  S = scale2·q·kᵀ (scores in base 2, as the fused kernels use them);
 //             attention_scores_softmax turns S into P ∘ M / l and writes lse; out = that · v
 //   backward: S again and dP = dout·vᵀ; attention_scores_backward turns S into P ∘ M and dP into
@@ -909,12 +911,12 @@ fn dq_row(b: u32, h: u32, i: u32) {
 // the masked half. The tuner measures which path wins.
 
 // (b, h) of entry g of the group: (b0 + g, h0) when the entries are sequences (p.grp.z = 1),
-// (b0, h0 + g) when they are heads.
+// (b0, h0 + g·grp_step) when they are heads.
 fn group_bh(g: u32) -> vec2<u32> {
     if (p.grp.z != 0u) {
         return vec2<u32>(p.grp.x + g, p.grp.y);
     }
-    return vec2<u32>(p.grp.x, p.grp.y + g);
+    return vec2<u32>(p.grp.x, p.grp.y + g * p.grp_step);
 }
 
 // attention_scores_softmax: one invocation per row (g, i) of the group: the row's visible scores

@@ -26,10 +26,11 @@ pub const FAMILY: Family = Family {
         &[2, 2, 65, 45],
         &[1, 2, 129, 3],
         &[2, 1, 33, 128],
-        // Grouped-query attention: groups of 3 (SmolLM2's), one key/value head for 4 query
-        // heads, tiles left partial.
-        &[2, 6, 37, 16, 2],
-        &[1, 4, 65, 64, 1],
+        // Grouped-query attention, tiles left partial: one key/value head for 4 query heads (the
+        // GEMM path's groups over sequences), SmolLM2's heads (9 of them in groups of 3; the GEMM
+        // path's groups over heads).
+        &[2, 4, 37, 16, 1],
+        &[1, 9, 65, 64, 3],
     ],
     bench_shape: &[1, 12, 256, 64],
     check,

@@ -17,48 +17,44 @@ const SCORES_WG: u32 = 64;
 pub(super) const GEMM_PATH_MIN_T: usize = 32;
 
 /// How the GEMM path groups the B·NH (b, h) pairs: each group is one batched product per
-/// matrix, its entries the NH heads of one sequence or one head of each of the B sequences,
-/// whichever makes fewer groups (fewer, larger dispatches) while the group's T × T scores fit
-/// one binding. Only these two orders give the entries of qkv a single batch stride, and with
-/// grouped-query attention (G = NH / NKV > 1) only the first: the heads of one sequence read
-/// key/value heads h / G, which no single stride reaches.
+/// matrix, its entries heads of one sequence or one head of each of the B sequences, whichever
+/// makes fewer groups (fewer, larger dispatches) while the group's T × T scores fit one binding.
+/// Only these orders give the entries of qkv a single batch stride: over heads, the query heads
+/// of a sequence go in G = NH / NKV groups, group r holding heads r, r + G, r + 2G, ..., one
+/// for each key/value head in order (without grouping, G = 1: every head in one group).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Groups {
     dims: Dims,
-    /// The entries are sequences (one group per head), not heads (one group per sequence).
+    /// The entries are sequences (one group per query head), not heads (G groups per sequence).
     over_b: bool,
 }
 
 impl Groups {
     pub(super) fn new(gpu: &Gpu, dims: Dims) -> Result<Groups> {
-        let Dims { b, t, nh, .. } = dims;
+        let Dims { b, t, nh, nkv, .. } = dims;
         let fits = |entries: usize| {
             let len = (entries as u128) * (t as u128) * (t as u128);
             len <= u32::MAX as u128 && 4 * len <= gpu.limits.max_storage_buffer_binding_size as u128
         };
-        // Fewer groups first, the other order where only it fits.
-        let orders: &[bool] = if dims.group() > 1 {
-            &[true]
-        } else if b >= nh {
-            &[true, false]
+        // Fewer groups first (NH over sequences, B·G over heads), the other order where only it
+        // fits.
+        let orders = if nh <= b * dims.group() {
+            [true, false]
         } else {
-            &[false, true]
+            [false, true]
         };
-        let entries = |over_b: bool| if over_b { b } else { nh };
-        match orders.iter().copied().find(|&over_b| fits(entries(over_b))) {
+        let entries = |over_b: bool| if over_b { b } else { nkv };
+        match orders.into_iter().find(|&over_b| fits(entries(over_b))) {
             Some(over_b) => Ok(Groups { dims, over_b }),
-            None => {
-                let least = if dims.group() > 1 { b } else { b.min(nh) };
-                Err(Error::invalid(
-                    "attention gemm path",
-                    format!(
-                        "{}·T² = {} scores exceed the adapter's storage binding limit of {} bytes",
-                        if dims.group() > 1 { "B" } else { "min(B, NH)" },
-                        least * t * t,
-                        gpu.limits.max_storage_buffer_binding_size
-                    ),
-                ))
-            }
+            None => Err(Error::invalid(
+                "attention gemm path",
+                format!(
+                    "min(B, NKV)·T² = {} scores exceed the adapter's storage binding limit of {} \
+                     bytes",
+                    b.min(nkv) * t * t,
+                    gpu.limits.max_storage_buffer_binding_size
+                ),
+            )),
         }
     }
 
@@ -67,7 +63,7 @@ impl Groups {
         if self.over_b {
             self.dims.b
         } else {
-            self.dims.nh
+            self.dims.nkv
         }
     }
 
@@ -83,8 +79,9 @@ impl Groups {
     }
 
     /// Group `g`'s (T, HS) matrices of part `part` of qkv (0 = q, 1 = k, 2 = v; row stride W),
-    /// or of a (B, T, C) tensor (`part` None). Over sequences, group g is query head g, whose k
-    /// and v are those of key/value head g / G.
+    /// or of a (B, T, C) tensor (`part` None), one per entry. Over sequences, group g is query
+    /// head g, whose k and v are those of key/value head g / G; over heads, group g is the
+    /// heads r = g mod G, r + G, ... of sequence g / G, whose k and v are key/value heads 0, 1, ...
     fn rows<'a>(&self, view: &'a View, g: usize, part: Option<usize>) -> Operand<'a> {
         let d = self.dims;
         let (ld, part) = match part {
@@ -93,22 +90,31 @@ impl Groups {
         };
         let op = Operand::new(view, ld);
         if self.over_b {
-            op.at(d.part_offset(part, g)).batched(d.t * ld)
+            return op.at(d.part_offset(part, g)).batched(d.t * ld);
+        }
+        let (seq, r) = (g / d.group(), g % d.group());
+        let start = seq * d.t * ld;
+        if part == 0 {
+            op.at(start + r * d.hs).batched(d.group() * d.hs)
         } else {
-            op.at(d.part_offset(part, 0) + g * d.t * ld).batched(d.hs)
+            op.at(start + d.part_offset(part, 0)).batched(d.hs)
         }
     }
 
-    /// Whether group `g`'s dk and dv add to those an earlier group wrote: over sequences, the
-    /// query heads after the first of each key/value head's group (heads in order, so the sum
-    /// has a fixed order).
+    /// Whether group `g`'s dk and dv add to those an earlier group wrote: the groups of query
+    /// heads after the first of each key/value head's (in order, so the sum has a fixed order).
     fn adds_kv(&self, g: usize) -> bool {
-        self.over_b && !g.is_multiple_of(self.dims.group())
+        !g.is_multiple_of(self.dims.group())
     }
 
     /// `base` for the score kernels of group `g`.
     fn params(&self, base: &Params, g: usize) -> Params {
-        let (b0, h0) = if self.over_b { (0, g) } else { (g, 0) };
+        let group = self.dims.group();
+        let (b0, h0, step) = if self.over_b {
+            (0, g, 1)
+        } else {
+            (g / group, g % group, group)
+        };
         Params {
             grp: [
                 b0 as u32,
@@ -116,6 +122,7 @@ impl Groups {
                 self.over_b as u32,
                 self.entries() as u32,
             ],
+            grp_step: step as u32,
             ..*base
         }
     }

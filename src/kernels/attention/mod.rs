@@ -154,7 +154,7 @@ struct Params {
     v: [u32; 4],
     o: [u32; 4],
     drop_seed: u32,
-    pad1: u32,
+    grp_step: u32,
     drop_threshold: u32,
     drop_scale: f32,
     grp: [u32; 4],
@@ -180,7 +180,7 @@ pub fn params_layout() -> super::ParamsLayout {
         v,
         o,
         drop_seed,
-        pad1,
+        grp_step,
         drop_threshold,
         drop_scale,
         grp
