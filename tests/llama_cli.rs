@@ -70,6 +70,47 @@ fn greedy_sample_of_qwen2_tiny_equals_transformers() {
     assert_eq!(ids(&j["ids"]), fx["greedy_ids"], "{j}");
 }
 
+/// Several samples of a Llama-family checkpoint: the first is the one sample of the same seed
+/// (the draws continue from sample to sample, so the others differ from it), and greedy ones
+/// all equal transformers' continuation.
+#[test]
+fn several_samples_of_qwen2_tiny() {
+    let (fx, meta) = fixture("qwen2-tiny");
+    let ck = dir("qwen2-tiny");
+    let sample = |extra: &[&str]| {
+        let base = [
+            "sample",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--prompt",
+            &meta["prompt"],
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "7",
+            "--json",
+        ];
+        run_json(&[&base[..], extra].concat())
+    };
+    let one = sample(&[]);
+    let three = sample(&["--num-samples", "3"]);
+    let samples = three["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 3, "{three}");
+    assert_eq!(ids(&samples[0]["ids"]), ids(&one["ids"]), "{three}");
+    assert_eq!(ids(&three["ids"]), ids(&one["ids"]), "{three}");
+    assert!(
+        samples[1..]
+            .iter()
+            .any(|s| ids(&s["ids"]) != ids(&one["ids"])),
+        "{three}"
+    );
+    let greedy = sample(&["--num-samples", "2", "--greedy"]);
+    for s in greedy["samples"].as_array().unwrap() {
+        let want = &fx["greedy_ids"][..12];
+        assert_eq!(ids(&s["ids"]), want, "{greedy}");
+    }
+}
+
 #[test]
 fn score_of_qwen2_tiny_equals_transformers() {
     let (fx, meta) = fixture("qwen2-tiny");

@@ -659,15 +659,7 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
             Ok(())
         },
     )?;
-    if args.json {
-        println!("{}", sample_json(args, &vocab, &prompt, &generation));
-    } else if stream {
-        println!();
-    } else {
-        for (k, ids) in generation.ids.iter().enumerate() {
-            println!("--- sample {k} ---\n{}{}", args.prompt, vocab.decode(ids));
-        }
-    }
+    print_samples(args, &vocab, &prompt, &generation, stream);
     if generation.hit_context {
         eprintln!(
             "stopped: the context of {} tokens is full",
@@ -702,16 +694,10 @@ fn check_sample_sizes(args: &SampleArgs, cfg: &GptConfig) -> Result<()> {
     Ok(())
 }
 
-/// `sample` on a Llama-family checkpoint (config.json, model.safetensors, tokenizer.json): one
-/// sequence decoded against a KV cache (weights and cache in `--dtype`), ending at
-/// generation_config.json's eos ids.
+/// `sample` on a Llama-family checkpoint (config.json, model.safetensors, tokenizer.json):
+/// sequences decoded against a KV cache (weights and cache in `--dtype`), one after another,
+/// each ending at generation_config.json's eos ids.
 fn sample_llama(gpu: &GpuArgs, args: &SampleArgs, opts: &SampleOptions) -> Result<ExitCode> {
-    if args.num_samples != 1 {
-        return Err(Error::invalid(
-            "--num-samples",
-            "a Llama-family checkpoint samples one sequence at a time for now",
-        ));
-    }
     let ck = hf_weights::load(&args.checkpoint)?;
     let vocab = Vocab::load(&args.checkpoint)?;
     let (vocab, prompt) = encode_for(args, vocab, ck.cfg.arch.context)?;
@@ -719,23 +705,21 @@ fn sample_llama(gpu: &GpuArgs, args: &SampleArgs, opts: &SampleOptions) -> Resul
     let mut runner = LlamaRunner::with_cache(&gpu, &ck, args.dtype.gpu())?;
     let mut rng = Rng::new(args.seed);
     let mut out = std::io::stdout();
-    if !args.json {
+    let stream = !args.json && args.num_samples == 1;
+    if stream {
         print!("{}", args.prompt);
         let _ = out.flush();
     }
-    let max_new = args.max_new_tokens;
-    let generation = infer::llama::generate(&mut runner, &prompt, max_new, opts, &mut rng, |id| {
-        if !args.json {
-            let _ = write!(out, "{}", vocab.decode(&[id]));
-            let _ = out.flush();
-        }
-        Ok(())
-    })?;
-    if args.json {
-        println!("{}", sample_json(args, &vocab, &prompt, &generation));
-    } else {
-        println!();
-    }
+    let sizes = (args.num_samples, args.max_new_tokens);
+    let generation =
+        infer::llama::generate_samples(&mut runner, &prompt, sizes, opts, &mut rng, |_, id| {
+            if stream {
+                let _ = write!(out, "{}", vocab.decode(&[id]));
+                let _ = out.flush();
+            }
+            Ok(())
+        })?;
+    print_samples(args, &vocab, &prompt, &generation, stream);
     if generation.hit_context {
         eprintln!(
             "stopped: the context of {} tokens is full",
@@ -743,6 +727,26 @@ fn sample_llama(gpu: &GpuArgs, args: &SampleArgs, opts: &SampleOptions) -> Resul
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `sample` prints after generating: the JSON object, the end of the streamed line, or
+/// each sample after its header.
+fn print_samples(
+    args: &SampleArgs,
+    vocab: &Vocab,
+    prompt: &[u32],
+    generation: &infer::Generation,
+    streamed: bool,
+) {
+    if args.json {
+        println!("{}", sample_json(args, vocab, prompt, generation));
+    } else if streamed {
+        println!();
+    } else {
+        for (k, ids) in generation.ids.iter().enumerate() {
+            println!("--- sample {k} ---\n{}{}", args.prompt, vocab.decode(ids));
+        }
+    }
 }
 
 /// The checkpoint's vocabulary and the prompt's tokens, which must leave room in the context.

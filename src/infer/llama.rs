@@ -286,6 +286,29 @@ pub fn generate(
     Ok(out)
 }
 
+/// `generate` `n` times from the same prompt, one sequence after another (the cache holds one),
+/// the random draws continuing from sample to sample; `on_token(sample, id)` sees every token.
+/// `hit_context` when any sample filled the context.
+pub fn generate_samples(
+    runner: &mut LlamaRunner,
+    prompt: &[u32],
+    (n, max_new): (usize, usize),
+    opts: &SampleOptions,
+    rng: &mut Rng,
+    mut on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<Generation> {
+    let mut all = Generation {
+        ids: Vec::with_capacity(n),
+        hit_context: false,
+    };
+    for k in 0..n {
+        let g = generate(runner, prompt, max_new, opts, rng, |id| on_token(k, id))?;
+        all.ids.extend(g.ids);
+        all.hit_context |= g.hit_context;
+    }
+    Ok(all)
+}
+
 /// `infer::score` for a Llama-family model: windows of `t + 1` tokens starting at 0, t, 2t, ...
 /// (the last shorter), each predicting its tokens after the first.
 pub fn score(runner: &mut LlamaRunner, ids: &[u32], t: usize) -> Result<Score> {
