@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use shaderformer::io::hf_weights;
 use shaderformer::train::checkpoint;
 
 mod common;
@@ -151,10 +152,26 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn two_ranks_match_one_rank_with_twice_the_accumulation() {
-    let dir = scratch("equal");
+    two_ranks_against_one("equal", &[], weights);
+}
+
+/// The same with a Llama-shaped model (RMSNorm, rotary positions, grouped-query attention, the
+/// gated MLP): one key/value head for the two query heads.
+#[test]
+fn two_ranks_of_a_llama_model_match_one_rank_with_twice_the_accumulation() {
+    let llama = ["--arch", "llama", "--n-kv-head", "1"];
+    two_ranks_against_one("equal-llama", &llama, |out| {
+        hf_weights::load(out).unwrap().params.concat()
+    });
+}
+
+/// A run of 2 ranks against one rank with `--grad-accum 2` on the tiny model with `flags` added,
+/// its checkpoint's weights read by `weights`: the same losses and weights within rounding.
+fn two_ranks_against_one(name: &str, flags: &[&str], weights: fn(&Path) -> Vec<f32>) {
+    let dir = scratch(name);
     let data = data(&dir, 20_000);
     let (two, one) = (dir.join("two"), dir.join("one"));
-    let steps = ["--max-iters", "10", "--loader", "sequential"];
+    let steps = [&["--max-iters", "10", "--loader", "sequential"][..], flags].concat();
     let mut c = mpirun(2);
     c.args(tiny(&data, &two, &steps));
     let log = ok(c);
