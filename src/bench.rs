@@ -58,13 +58,26 @@ pub fn random_params(cfg: &GptConfig, seed: u64) -> Vec<Vec<f32>> {
     ParamTable::new(cfg).init(cfg, seed)
 }
 
+/// nanoGPT's estimate for a Llama-family model: 6N + 12·L·H·Q·T per token, N every parameter
+/// (the tied head's table counted once; no position table), H the query heads, Q head_dim.
+pub fn llama_train_flops(arch: &Arch, b: usize, t: usize) -> f64 {
+    let n = arch.checked_num_params().unwrap_or(0) as f64;
+    let (l, h, q) = (
+        arch.n_layer as f64,
+        arch.n_head as f64,
+        arch.head_dim as f64,
+    );
+    (6.0 * n + 12.0 * l * h * q * t as f64) * (b * t) as f64
+}
+
 /// A batch of `b` × `t` random tokens and targets of `cfg`'s vocabulary.
 pub fn random_batch(cfg: &GptConfig, b: usize, t: usize, rng: &mut Rng) -> MicroBatch {
-    let mut ids = || {
-        (0..b * t)
-            .map(|_| rng.below(cfg.vocab_size as u64) as u32)
-            .collect()
-    };
+    random_tokens(cfg.vocab_size, b, t, rng)
+}
+
+/// A batch of `b` × `t` random tokens and targets below `vocab`.
+fn random_tokens(vocab: usize, b: usize, t: usize, rng: &mut Rng) -> MicroBatch {
+    let mut ids = || (0..b * t).map(|_| rng.below(vocab as u64) as u32).collect();
     MicroBatch {
         tokens: ids(),
         targets: ids(),
@@ -97,17 +110,46 @@ pub fn train(
     runs: usize,
 ) -> Result<TrainBench> {
     let (_store, mut exec) = build_training(gpu, cfg, b, t)?;
+    let flops = train_flops(cfg, b, t);
+    time_training(&mut exec, cfg.vocab_size, (b, t), (warmup, runs), flops)
+}
+
+/// `train` for a Llama-family shape, on random weights drawn as transformers draws them.
+pub fn train_llama(
+    gpu: &Gpu,
+    arch: &Arch,
+    (b, t): (usize, usize),
+    warmup: usize,
+    runs: usize,
+) -> Result<TrainBench> {
+    let table = LlamaParams::new(arch, 0.02)?;
+    let store = ParamStore::new(gpu, &table.store_specs(), &table.init(1), true)?;
+    let g = crate::model::llama::build(arch, &table, b, t, Mode::Train)?;
+    let mut exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
+    let flops = llama_train_flops(arch, b, t);
+    time_training(&mut exec, arch.vocab, (b, t), (warmup, runs), flops)
+}
+
+/// The timing of `train`: steps of random tokens below `vocab` through `exec`, and the kernels
+/// of one more step, profiled.
+fn time_training(
+    exec: &mut Executor,
+    vocab: usize,
+    (b, t): (usize, usize),
+    (warmup, runs): (usize, usize),
+    flops: f64,
+) -> Result<TrainBench> {
     let mut rng = Rng::new(2);
     let mut step = 0u32;
     for _ in 0..warmup {
         step += 1;
-        exec.step(&[random_batch(cfg, b, t, &mut rng)], 1e-4, step)?;
+        exec.step(&[random_tokens(vocab, b, t, &mut rng)], 1e-4, step)?;
         exec.wait_results()?;
     }
     let mut samples = Vec::new();
     for _ in 0..runs.max(1) {
         step += 1;
-        let batch = random_batch(cfg, b, t, &mut rng);
+        let batch = random_tokens(vocab, b, t, &mut rng);
         let t0 = Instant::now();
         exec.step(&[batch], 1e-4, step)?;
         exec.wait_results()?;
@@ -115,7 +157,7 @@ pub fn train(
     }
     let stats = TimeStats::from_samples(&samples);
     step += 1;
-    let profile = exec.profile_step(&random_batch(cfg, b, t, &mut rng), 1e-4, step)?;
+    let profile = exec.profile_step(&random_tokens(vocab, b, t, &mut rng), 1e-4, step)?;
     let kernel_total: f64 = profile.iter().map(|(_, s)| s).sum();
     let mut rows: Vec<KernelRow> = Vec::new();
     for (name, s) in profile {
@@ -136,7 +178,6 @@ pub fn train(
         r.share = r.seconds / kernel_total.max(1e-12);
     }
     rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-    let flops = train_flops(cfg, b, t);
     Ok(TrainBench {
         b,
         t,
@@ -303,6 +344,13 @@ pub fn infer_llama(
     let mut runner = LlamaRunner::upload(gpu, model, Vec::new(), s.dtype)?;
     runner.add_cache()?;
     time_decoding(&mut runner, arch.vocab, s)
+}
+
+/// Bytes a Llama-family training benchmark of `arch` holds: the random weights on the host, and
+/// on the device the weights, their gradients and both AdamW moments (f32).
+pub fn llama_train_bytes(arch: &Arch) -> u128 {
+    let params = arch.checked_num_params().map_or(u128::MAX, |n| n as u128);
+    params.saturating_mul(4 * 5)
 }
 
 /// Bytes a Llama-family inference benchmark of `arch` holds: the random weights on the host and

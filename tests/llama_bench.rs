@@ -1,6 +1,7 @@
 //! `bench --model` on the Llama-family presets: SmolLM2-135M's inference measured on random
-//! weights (a short prompt, so the test stays quick on a CPU adapter), and the refusals that
-//! name their flag before anything is allocated.
+//! weights (a short prompt, so the test stays quick on a CPU adapter), a Llama-family training
+//! step timed (a small shape), and the refusals that name their flag before anything is
+//! allocated.
 
 mod common;
 
@@ -114,10 +115,13 @@ fn an_unknown_model_lists_every_preset() {
 }
 
 #[test]
-fn what_llama_inference_lacks_is_refused_naming_the_flag() {
+fn what_a_llama_preset_cannot_take_is_refused_naming_the_flag() {
     let llama = ["bench", "--model", "qwen2.5-0.5b"];
     let with = |extra: &[&'static str]| [&llama[..], extra].concat();
-    assert_refused(&with(&["--what", "train"]), &["--what train", "GPT-2"]);
+    assert_refused(
+        &with(&["--what", "train", "--block-size", "40000"]),
+        &["--block-size", "40000", "context 32768"],
+    );
     assert_refused(&with(&["--n-head", "4"]), &["--n-head", "qwen2.5-0.5b"]);
     assert_refused(
         &with(&["--context", "16", "--prompt-len", "12", "--new-tokens", "8"]),
@@ -149,4 +153,44 @@ fn a_model_over_the_memory_is_refused() {
         ],
         &["the model", "memory", "available"],
     );
+}
+
+/// A Llama-family training step timed as `bench --model ... --what train` times it, on a small
+/// shape: tokens per second and FLOPs as reported follow from the step's time and nanoGPT's
+/// estimate, and the profile holds the family's kernels.
+#[test]
+fn a_llama_training_step_is_timed_and_profiled() {
+    let Some(gpu) = test_gpu() else { return };
+    let mut arch = shaderformer::model::Arch::preset("smollm2-135m").unwrap();
+    arch.n_layer = 2;
+    arch.hidden = 64;
+    arch.n_head = 4;
+    arch.n_kv_head = 2;
+    arch.head_dim = 16;
+    arch.vocab = 100;
+    arch.context = 32;
+    arch.mlp = shaderformer::model::arch::Mlp::GatedSilu { intermediate: 128 };
+    let (b, t) = (2, 16);
+    let r = shaderformer::bench::train_llama(gpu, &arch, (b, t), 0, 2).unwrap();
+    let j = r.to_json();
+    let ms = positive(&j["ms_per_step"], "median");
+    let tokens = positive(&j, "tokens_per_s");
+    assert!(
+        (tokens - (b * t) as f64 / (ms / 1e3)).abs() <= 1e-6 * tokens,
+        "{j}"
+    );
+    let flops = shaderformer::bench::llama_train_flops(&arch, b, t);
+    assert_eq!(j["flops_per_step"].as_f64(), Some(flops), "{j}");
+    let names: Vec<&str> = j["kernels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    for family in ["rmsnorm.", "rope.", "swiglu.", "attention.", "adamw."] {
+        assert!(
+            names.iter().any(|n| n.starts_with(family)),
+            "{family}: {names:?}"
+        );
+    }
 }

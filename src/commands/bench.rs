@@ -315,30 +315,26 @@ fn bench_gpt2(
     Ok(out)
 }
 
-/// Inference of a Llama-family shape on random weights, in each weight format asked for
-/// (`--what all` measures inference alone, `--what train` is refused naming the flag). The
-/// memory the weights and the KV cache need is checked before anything is allocated.
+/// Training and inference of a Llama-family shape on random weights (inference in each weight
+/// format asked for). The memory the weights, their training state and the KV cache need is
+/// checked before anything is allocated.
 fn bench_llama(
     gpu: &GpuArgs,
     args: &BenchArgs,
     arch: &Arch,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
-    if args.what == What::Train {
-        return Err(Error::invalid(
-            "--what train",
-            format!(
-                "training benchmarks take GPT-2 shapes; {} measures inference (--what infer)",
-                args.model.model
-            ),
-        ));
-    }
+    let block_size = args.block_size.unwrap_or(64.min(arch.context));
     let (prompt, new) = args.lengths(arch.context);
     at_least_one(&[
+        ("--batch-size", args.batch_size),
+        ("--block-size", block_size),
         ("--prompt-len", prompt),
         ("--new-tokens", new),
         ("--runs", args.runs),
     ])?;
-    if prompt.saturating_add(new) > arch.context {
+    let train = matches!(args.what, What::Train | What::All);
+    let infer = matches!(args.what, What::Infer | What::All);
+    if infer && prompt.saturating_add(new) > arch.context {
         return Err(Error::invalid(
             "--prompt-len",
             format!(
@@ -347,28 +343,50 @@ fn bench_llama(
             ),
         ));
     }
-    let bytes = bench::llama_infer_bytes(arch, prompt + new);
+    if train && block_size > arch.context {
+        return Err(Error::invalid(
+            "--block-size",
+            format!(
+                "{block_size} is beyond the model's context {}",
+                arch.context
+            ),
+        ));
+    }
+    let mut bytes = 0;
+    if train {
+        bytes = bench::llama_train_bytes(arch);
+    }
+    if infer {
+        bytes = bytes.max(bench::llama_infer_bytes(arch, prompt + new));
+    }
     shaderformer::memory::check("the model", bytes)?;
-    let table = LlamaParams::new(arch, 0.02)?;
     let gpu = gpu.open()?;
     let mut out = header(&gpu, arch.describe(), args);
-    if !args.json_to_stdout() && args.what == What::All {
-        println!("training: not measured (GPT-2 shapes only)");
+    if train {
+        let shape = (args.batch_size, block_size);
+        let r = bench::train_llama(&gpu, arch, shape, args.warmup, args.runs)?;
+        out.insert("train".into(), r.to_json());
+        if !args.json_to_stdout() {
+            print_train(&gpu, &r, args.warmup);
+        }
     }
-    let params = table.init(1);
-    let mut rows = Vec::new();
-    for dtype in weight_formats(&gpu, args) {
-        let setup = bench::InferSetup {
-            dtype,
-            prompt_len: prompt,
-            new_tokens: new,
-            warmup: args.warmup,
-            runs: args.runs,
-            recompute_tokens: args.recompute_tokens,
-        };
-        rows.push(bench::infer_llama(&gpu, arch, &table, &params, setup)?);
+    if infer {
+        let table = LlamaParams::new(arch, 0.02)?;
+        let params = table.init(1);
+        let mut rows = Vec::new();
+        for dtype in weight_formats(&gpu, args) {
+            let setup = bench::InferSetup {
+                dtype,
+                prompt_len: prompt,
+                new_tokens: new,
+                warmup: args.warmup,
+                runs: args.runs,
+                recompute_tokens: args.recompute_tokens,
+            };
+            rows.push(bench::infer_llama(&gpu, arch, &table, &params, setup)?);
+        }
+        add_infer(&mut out, &rows, args);
     }
-    add_infer(&mut out, &rows, args);
     Ok(out)
 }
 
