@@ -5,7 +5,7 @@
 //! fits in three minutes on a CPU adapter (on lavapipe, timing every GEMM candidate at 1024^3 in
 //! each layout alone took over ten); `full` is what a real GPU runs: every GEMM candidate in
 //! every layout, every attention candidate with dropout and decoding, GEMM at 4096^3, attention
-//! at T 1024, GPT-2 124M's training step at B 4 T 1024, 128 new tokens.
+//! at T 1024, the training steps of GPT-2 124M and SmolLM2-135M at B 4 T 1024, 128 new tokens.
 //!
 //! Each section runs on its own: one that fails (an adapter without f16, a shape past a limit)
 //! records its error in the JSON and the table, and the others still run.
@@ -16,7 +16,7 @@ use crate::bench::{self, InferSetup};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu};
 use crate::kernels::harness::{self, BenchOptions, BenchReport};
-use crate::model::GptConfig;
+use crate::model::{Arch, GptConfig};
 
 /// A family's bench: the variants it times at a shape.
 type BenchFn = fn(&Gpu, &[usize], &BenchOptions) -> Result<Vec<BenchReport>>;
@@ -37,11 +37,18 @@ impl Suite {
     }
 }
 
+/// A model whose training step a suite times.
+#[derive(Clone, Debug)]
+pub enum TrainModel {
+    Gpt(GptConfig),
+    Llama(Arch),
+}
+
 /// A training step to time: a model shape and its batch.
 #[derive(Clone, Debug)]
 pub struct TrainCase {
     pub label: &'static str,
-    pub cfg: GptConfig,
+    pub model: TrainModel,
     pub b: usize,
     pub t: usize,
 }
@@ -88,7 +95,7 @@ impl Plan {
         let gpt2 = GptConfig::preset("gpt2").expect("gpt2 is a preset");
         let mut train = vec![TrainCase {
             label: "4-layer (C 128, T 64, B 8, V 65)",
-            cfg: tiny_model(),
+            model: TrainModel::Gpt(tiny_model()),
             b: 8,
             t: 64,
         }];
@@ -112,7 +119,14 @@ impl Plan {
             Suite::Full => {
                 train.push(TrainCase {
                     label: "GPT-2 124M (B 4, T 1024)",
-                    cfg: gpt2.clone(),
+                    model: TrainModel::Gpt(gpt2.clone()),
+                    b: 4,
+                    t: 1024,
+                });
+                let smollm2 = Arch::preset("smollm2-135m").expect("smollm2-135m is a preset");
+                train.push(TrainCase {
+                    label: "SmolLM2-135M (B 4, T 1024)",
+                    model: TrainModel::Llama(smollm2),
                     b: 4,
                     t: 1024,
                 });
@@ -354,8 +368,15 @@ fn train_section(
     plan: &Plan,
     out: &mut Outcome,
 ) -> std::result::Result<Value, String> {
-    let r = crate::memory::check("the model", case.cfg.training_bytes())
-        .and_then(|_| bench::train(gpu, &case.cfg, case.b, case.t, plan.warmup, plan.runs));
+    let (runs, warmup) = (plan.runs, plan.warmup);
+    let r = match &case.model {
+        TrainModel::Gpt(cfg) => crate::memory::check("the model", cfg.training_bytes())
+            .and_then(|_| bench::train(gpu, cfg, case.b, case.t, warmup, runs)),
+        TrainModel::Llama(arch) => {
+            crate::memory::check("the model", bench::llama_train_bytes(arch))
+                .and_then(|_| bench::train_llama(gpu, arch, (case.b, case.t), warmup, runs))
+        }
+    };
     match r {
         Ok(r) => {
             out.rows.push(Row {
@@ -445,7 +466,9 @@ mod tests {
         assert!(f.gemm.contains(&[4096, 4096, 4096]));
         assert!(f.attention.iter().any(|s| s[2] == 1024));
         assert!(f.train.iter().any(|c| c.b == 4 && c.t == 1024));
-        assert_eq!(q.train.len() + 1, f.train.len());
+        assert_eq!(q.train.len() + 2, f.train.len());
+        let llama = |c: &TrainCase| matches!(&c.model, TrainModel::Llama(a) if a.n_kv_head == 3);
+        assert!(f.train.iter().any(llama));
         assert_eq!(f.new_tokens, 128);
         assert!(f.every_candidate && !q.every_candidate);
         assert!(q.attention.iter().all(|s| f.attention.contains(s)));
