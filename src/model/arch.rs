@@ -8,6 +8,7 @@
 //! a Python float meets a float32 tensor.
 
 use crate::error::{Error, Result};
+pub use crate::kernels::rope::{ROPE_TYPES, Rope, RopeScaling};
 use crate::model::config::GptConfig;
 
 /// The normalization before attention, before the MLP and at the end of the stack.
@@ -17,30 +18,6 @@ pub enum Norm {
     LayerNorm { eps: f64 },
     /// x / sqrt(mean(x²) + eps) · w: the Llama family.
     RmsNorm { eps: f64 },
-}
-
-/// How RoPE's inverse frequencies are rescaled for a longer context.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum RopeScaling {
-    /// transformers' rope_type "default".
-    None,
-    /// rope_type "linear": every inverse frequency divided by `factor`.
-    Linear { factor: f64 },
-    /// rope_type "llama3" (Llama 3.1 / 3.2): long wavelengths divided by `factor`, short ones
-    /// kept, the band between interpolated.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
-}
-
-/// Rotary position embedding in Hugging Face's rotate-half layout.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Rope {
-    pub theta: f64,
-    pub scaling: RopeScaling,
 }
 
 /// Where positions enter the model.
@@ -313,145 +290,6 @@ impl Arch {
             .checked_add(norm)?
             .checked_add(head)?;
         usize::try_from(n).ok()
-    }
-}
-
-/// The rope types this engine computes, as errors list them.
-pub const ROPE_TYPES: &str = "default, linear, llama3";
-
-impl RopeScaling {
-    /// The scaling of transformers' `rope_type`; any type but default, linear and llama3 is
-    /// refused naming it (`field` names where it was read).
-    pub fn check_type(field: &str, rope_type: &str) -> Result<()> {
-        match rope_type {
-            "default" | "linear" | "llama3" => Ok(()),
-            other => Err(Error::invalid(
-                field,
-                format!("rope type '{other}' is not supported (only {ROPE_TYPES})"),
-            )),
-        }
-    }
-
-    /// transformers' name of the scaling.
-    pub fn rope_type(&self) -> &'static str {
-        match self {
-            RopeScaling::None => "default",
-            RopeScaling::Linear { .. } => "linear",
-            RopeScaling::Llama3 { .. } => "llama3",
-        }
-    }
-}
-
-impl Rope {
-    fn validate(&self) -> Result<()> {
-        let bad = |what: &str, msg: String| Err(Error::invalid(format!("model: {what}"), msg));
-        if !(self.theta.is_finite() && self.theta > 0.0) {
-            return bad(
-                "rope_theta",
-                format!("{} is not a positive number", self.theta),
-            );
-        }
-        let positive = |x: f64| x.is_finite() && x > 0.0;
-        match self.scaling {
-            RopeScaling::None => Ok(()),
-            RopeScaling::Linear { factor } if !positive(factor) => {
-                bad("factor", format!("{factor} is not a positive number"))
-            }
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
-                if !positive(factor) || !positive(low_freq_factor) {
-                    bad(
-                        "factor",
-                        format!(
-                            "factor {factor} and low_freq_factor {low_freq_factor} must be \
-                             positive"
-                        ),
-                    )
-                } else if !(high_freq_factor.is_finite() && high_freq_factor > low_freq_factor) {
-                    bad(
-                        "high_freq_factor",
-                        format!("{high_freq_factor} must exceed low_freq_factor {low_freq_factor}"),
-                    )
-                } else if original_max_position_embeddings == 0 {
-                    bad(
-                        "original_max_position_embeddings",
-                        "must be at least 1".into(),
-                    )
-                } else {
-                    Ok(())
-                }
-            }
-            RopeScaling::Linear { .. } => Ok(()),
-        }
-    }
-
-    /// The head_dim / 2 inverse frequencies, computed in f32 step by step as transformers 5
-    /// does (`_compute_default_rope_parameters`, then the linear or llama3 rescaling), each
-    /// Python float rounded to f32 where it meets the float32 tensor.
-    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
-        let base = self.theta as f32;
-        let dim = head_dim as f32;
-        let default: Vec<f32> = (0..head_dim)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / dim))
-            .collect();
-        match self.scaling {
-            RopeScaling::None => default,
-            RopeScaling::Linear { factor } => default.iter().map(|&f| f / factor as f32).collect(),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
-                let old = original_max_position_embeddings as f64;
-                let bands = Llama3Bands {
-                    factor: factor as f32,
-                    low_freq_factor: low_freq_factor as f32,
-                    smooth_div: (high_freq_factor - low_freq_factor) as f32,
-                    old_context: old as f32,
-                    low_freq_wavelen: (old / low_freq_factor) as f32,
-                    high_freq_wavelen: (old / high_freq_factor) as f32,
-                };
-                default.iter().map(|&f| bands.scale(f)).collect()
-            }
-        }
-    }
-}
-
-/// The constants of transformers' `_compute_llama3_parameters`, rounded to f32.
-struct Llama3Bands {
-    factor: f32,
-    low_freq_factor: f32,
-    /// high_freq_factor - low_freq_factor, computed in Python (f64) first.
-    smooth_div: f32,
-    old_context: f32,
-    low_freq_wavelen: f32,
-    high_freq_wavelen: f32,
-}
-
-impl Llama3Bands {
-    /// One inverse frequency: kept where its wavelength is short, divided by the factor where
-    /// it is long, interpolated between (the same expressions, in the same order, as
-    /// transformers). The negated comparisons are transformers' `~(a < b)`, NaN included.
-    #[allow(clippy::neg_cmp_op_on_partial_ord)]
-    fn scale(&self, inv_freq: f32) -> f32 {
-        let wavelen = (2.0 * std::f64::consts::PI) as f32 / inv_freq;
-        let long = if wavelen > self.low_freq_wavelen {
-            inv_freq / self.factor
-        } else {
-            inv_freq
-        };
-        let medium = !(wavelen < self.high_freq_wavelen) && !(wavelen > self.low_freq_wavelen);
-        if !medium {
-            return long;
-        }
-        let smooth = (self.old_context / wavelen - self.low_freq_factor) / self.smooth_div;
-        (1.0 - smooth) * long / self.factor + smooth * long
     }
 }
 

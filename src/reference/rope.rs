@@ -6,7 +6,7 @@
 //!   out[i]       = x[i] · cos a - x[i + D/2] · sin a
 //!   out[i + D/2] = x[i + D/2] · cos a + x[i] · sin a.
 //! The inverse frequencies (with any scaling) are an input, computed on the CPU by
-//! `kernels::rope::inv_freq`.
+//! `kernels::rope::Rope::inv_freq`.
 
 use super::Real;
 

@@ -1,12 +1,16 @@
-use serde_json::json;
 use shaderformer::gpu::{DType, test_gpu};
-use shaderformer::kernels::rope::{self, Dims, Scaling, inv_freq};
+use shaderformer::kernels::rope::{self, Dims, Rope, RopeScaling};
 use shaderformer::reference::{self, dot, numeric_grad};
 use shaderformer::rng::Rng;
 
 #[test]
 fn gpu_matches_reference() {
     crate::check_family(&rope::FAMILY);
+}
+
+/// The inverse frequencies of head size `d` at `theta`, scaled as `scaling` says.
+fn inv_freq(d: usize, theta: f64, scaling: RopeScaling) -> Vec<f32> {
+    Rope { theta, scaling }.inv_freq(d)
 }
 
 fn dims(b: usize, t: usize, heads: usize, rotated: usize, d: usize) -> Dims {
@@ -24,7 +28,7 @@ fn reference_backward_matches_finite_differences() {
     for (dims, pos0) in [(dims(1, 1, 1, 1, 2), 0), (dims(2, 3, 3, 2, 6), 7)] {
         let n = dims.b * dims.t * dims.heads * dims.d;
         let mut rng = Rng::new(n as u64);
-        let freq = inv_freq(dims.d, 10_000.0, Scaling::None).unwrap();
+        let freq = inv_freq(dims.d, 10_000.0, RopeScaling::None);
         let inp: Vec<f64> = reference::convert(&rng.vec_uniform(n, -1.0, 1.0));
         let w: Vec<f64> = reference::convert(&rng.vec_uniform(n, -1.0, 1.0));
         let mut dinp = vec![0.0; n];
@@ -41,7 +45,7 @@ fn reference_backward_matches_finite_differences() {
 #[test]
 fn reference_rotates_the_halves_as_transformers_does() {
     // D = 4, inv_freq [1, 0.01] (theta 10⁴), position 2: pair 0 turns by 2 rad, pair 1 by 0.02.
-    let freq = inv_freq(4, 10_000.0, Scaling::None).unwrap();
+    let freq = inv_freq(4, 10_000.0, RopeScaling::None);
     assert_eq!(freq, vec![1.0, 0.01]);
     let x = [1.0, 2.0, 3.0, 4.0];
     let mut out = vec![0.0f64; 4];
@@ -59,58 +63,56 @@ fn reference_rotates_the_halves_as_transformers_does() {
 #[test]
 fn llama3_scaling_keeps_high_divides_low_and_blends_between() {
     // Llama 3.1's values at D = 8, theta 5·10⁵: wavelengths 6.3, 167 (kept: under 8192 / 4),
-    // 4443 (blended) and 118143 (over 8192: divided by 8).
-    let llama3 = Scaling::Llama3 {
+    // 4443 (blended) and 118143 (over 8192: divided by 8). The values transformers 5 computes
+    // (`_compute_llama3_parameters`, float32), bit for bit.
+    let llama3 = RopeScaling::Llama3 {
         factor: 8.0,
         low_freq_factor: 1.0,
         high_freq_factor: 4.0,
-        original_max_position_embeddings: 8192.0,
+        original_max_position_embeddings: 8192,
     };
-    let got = inv_freq(8, 500_000.0, llama3).unwrap();
-    let want = [
+    let got = inv_freq(8, 500_000.0, llama3);
+    let want: [f32; 4] = [
         1.0,
-        0.037_606_030_930_863_93,
-        0.000_524_846_160_992_954_7,
-        6.647_869_871_181_236e-6,
+        0.037_606_03,
+        0.000_524_846,
+        6.647_869_7e-6,
     ];
-    reference::compare("inv_freq", &got, &want, 0.0, 1e-7).assert();
-    let linear = inv_freq(8, 500_000.0, Scaling::Linear { factor: 4.0 }).unwrap();
-    let plain = inv_freq(8, 500_000.0, Scaling::None).unwrap();
+    assert_eq!(got, want);
+    let linear = inv_freq(8, 500_000.0, RopeScaling::Linear { factor: 4.0 });
+    let plain = inv_freq(8, 500_000.0, RopeScaling::None);
     let quarter: Vec<f32> = plain.iter().map(|f| f / 4.0).collect();
     reference::compare("linear", &linear, &quarter, 0.0, 1e-7).assert();
 }
 
+/// Scalings that would raise a frequency above 1 (a factor below 1), or give meaningless ones,
+/// are refused naming the field: the kernel's angle reduction counts on frequencies at most 1.
 #[test]
-fn config_scalings_are_read_and_others_refused_by_name() {
-    let read = |v| Scaling::from_config("rope_scaling", &v);
-    assert_eq!(read(serde_json::Value::Null).unwrap(), Scaling::None);
-    assert_eq!(
-        read(json!({"rope_type": "default", "rope_theta": 1e4})).unwrap(),
-        Scaling::None
+fn scalings_the_kernel_cannot_take_are_refused_by_name() {
+    let rope = |theta, scaling| Rope { theta, scaling }.validate();
+    assert!(rope(10_000.0, RopeScaling::Linear { factor: 2.0 }).is_ok());
+    let err = rope(10_000.0, RopeScaling::Linear { factor: 0.5 }).unwrap_err();
+    assert!(
+        err.to_string().contains("factor") && err.to_string().contains("0.5"),
+        "{err}"
     );
-    assert_eq!(
-        read(json!({"type": "linear", "factor": 2.0})).unwrap(),
-        Scaling::Linear { factor: 2.0 }
-    );
-    let llama3 = json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
-    assert!(matches!(read(llama3).unwrap(), Scaling::Llama3 { factor, .. } if factor == 32.0));
-    let err = read(json!({"rope_type": "yarn", "factor": 4.0})).unwrap_err();
-    assert!(err.to_string().contains("'yarn'"), "{err}");
-    let err = read(json!({"type": "dynamic", "factor": 2.0})).unwrap_err();
-    assert!(err.to_string().contains("'dynamic'"), "{err}");
-    let err = read(json!({"rope_type": "llama3", "factor": 8.0})).unwrap_err();
-    assert!(err.to_string().contains("low_freq_factor"), "{err}");
-    let err = read(json!({"rope_type": "linear", "factor": 0.5})).unwrap_err();
+    let err = rope(0.5, RopeScaling::None).unwrap_err();
+    assert!(err.to_string().contains("rope_theta"), "{err}");
+    let llama3 = |factor, low_freq_factor| RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
+    assert!(rope(5e5, llama3(8.0, 1.0)).is_ok());
+    let err = rope(5e5, llama3(0.5, 1.0)).unwrap_err();
     assert!(err.to_string().contains("factor"), "{err}");
+    let err = rope(5e5, llama3(8.0, 0.0)).unwrap_err();
+    assert!(err.to_string().contains("low_freq_factor"), "{err}");
 }
 
 #[test]
 fn an_odd_head_dim_is_refused() {
-    let err = inv_freq(63, 10_000.0, Scaling::None)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("head_dim") && err.contains("63"), "{err}");
     let Some(gpu) = test_gpu() else { return };
     let zeros = |name: &str, n| gpu.zeros(name, DType::F32, n).unwrap();
     let (x, out, freq) = (
@@ -157,7 +159,7 @@ fn bad_shapes_and_positions_are_errors() {
 fn a_decode_step_matches_its_row_of_the_prefill_and_backward_inverts() {
     let Some(gpu) = test_gpu() else { return };
     let (t, heads, d) = (9, 5, 64);
-    let freq = inv_freq(d, 100_000.0, Scaling::None).unwrap();
+    let freq = inv_freq(d, 100_000.0, RopeScaling::None);
     let row = heads * d;
     let x = Rng::new(4).vec_uniform(t * row, -1.0, 1.0);
     let g_freq = gpu.upload_f32("inv_freq", &freq).unwrap();

@@ -1,7 +1,7 @@
 //! `kernels check rope` and `kernels bench rope`: the GPU against the CPU reference on awkward
 //! shapes, at the first positions and far into a long context, forward and backward.
 
-use super::{Dims, Scaling, backward, forward, inv_freq};
+use super::{Dims, Rope, RopeScaling, backward, forward};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu};
 use crate::kernels::harness::{self, BenchOptions, BenchReport, CheckReport, Family};
@@ -29,20 +29,21 @@ pub const FAMILY: Family = Family {
 
 /// The frequencies a shape is checked with, by head size, so that every scaling runs: llama3
 /// (Llama 3.1's values) at D = 128, linear at D = 6, none (SmolLM2's theta) otherwise.
-fn scaling_for(d: usize) -> (f64, Scaling) {
-    match d {
+fn rope_for(d: usize) -> Rope {
+    let (theta, scaling) = match d {
         128 => (
             500_000.0,
-            Scaling::Llama3 {
+            RopeScaling::Llama3 {
                 factor: 8.0,
                 low_freq_factor: 1.0,
                 high_freq_factor: 4.0,
-                original_max_position_embeddings: 8192.0,
+                original_max_position_embeddings: 8192,
             },
         ),
-        6 => (10_000.0, Scaling::Linear { factor: 2.0 }),
-        _ => (100_000.0, Scaling::None),
-    }
+        6 => (10_000.0, RopeScaling::Linear { factor: 2.0 }),
+        _ => (100_000.0, RopeScaling::None),
+    };
+    Rope { theta, scaling }
 }
 
 /// Where the check's sequences start: the first position, and late in a 128k context, where the
@@ -58,8 +59,8 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         rotated,
         d,
     };
-    let (theta, scaling) = scaling_for(d);
-    let freq = inv_freq(d, theta, scaling)?;
+    let rope = rope_for(d);
+    let freq = rope.inv_freq(d);
     let n = b * t * heads * d;
     let mut rng = Rng::new((n * 31 + rotated) as u64);
     let inp = rng.vec_uniform(n, -1.0, 1.0);
@@ -84,7 +85,10 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
         reference::rope::forward(&mut out, &inp64, &freq, dims, pos0);
         let mut dinp = vec![0.0; n];
         reference::rope::backward(&mut dinp, &dout64, &freq, dims, pos0);
-        let s = format!("B={b} T={t} H={heads} R={rotated} D={d} pos0={pos0} {scaling:?}");
+        let s = format!(
+            "B={b} T={t} H={heads} R={rotated} D={d} pos0={pos0} {:?}",
+            rope.scaling
+        );
         // gelu's tolerances: elementwise, through f32 transcendental built-ins.
         let (got_out, got_dinp) = (gpu.read_f32(&g_out)?, gpu.read_f32(&g_dinp)?);
         reports.push(CheckReport::new(
@@ -117,7 +121,14 @@ fn bench(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result<Vec<BenchRep
         d,
     };
     let n = b * t * heads * d;
-    let freq = gpu.upload_f32("inv_freq", &inv_freq(d, 100_000.0, Scaling::None)?)?;
+    let freq = gpu.upload_f32(
+        "inv_freq",
+        &Rope {
+            theta: 100_000.0,
+            scaling: RopeScaling::None,
+        }
+        .inv_freq(d),
+    )?;
     let inp = gpu.upload_f32("inp", &Rng::new(1).vec_uniform(n, -1.0, 1.0))?;
     let out = gpu.zeros("out", DType::F32, n)?;
     let s = format!("B={b} T={t} H={heads} R={rotated} D={d}");

@@ -2,7 +2,7 @@
 //! and backward (the rotation by -angle).
 //!
 //! Layout: inp, out, dout, dinp (B, T, H, D), head vectors of D (even) contiguous floats, the H
-//! heads of a token next to each other; inv_freq (D/2) from `inv_freq`. The first `rotated`
+//! heads of a token next to each other; inv_freq (D/2) from `Rope::inv_freq`. The first `rotated`
 //! heads of every token row are rotated, the rest copied: q alone is (B, T, NH, D) with every
 //! head rotated, k alone (B, T, n_kv_heads, D) likewise, and a fused q/k/v row
 //! (B, T, NH + 2·n_kv_heads, D) rotates its first NH + n_kv_heads heads and copies v. Token t of
@@ -15,7 +15,7 @@ pub mod check;
 pub mod freq;
 
 pub use check::FAMILY;
-pub use freq::{Scaling, inv_freq};
+pub use freq::{ROPE_TYPES, Rope, RopeScaling};
 
 use bytemuck::{Pod, Zeroable};
 
@@ -38,7 +38,7 @@ pub const ROTATE: KernelSpec = KernelSpec {
     bindings: &[Read, Read, ReadWrite, Binding::Step],
 };
 
-/// Positions at most this: with inverse frequencies at most 1 (every `Scaling` keeps them so)
+/// Positions at most this: with inverse frequencies at most 1 (every valid `Rope` keeps them so)
 /// the angles stay below 2^16 · 2π, where the shader's reduction to [-π, π] is exact.
 pub const MAX_POSITION: usize = 1 << 18;
 
