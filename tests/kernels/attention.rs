@@ -99,10 +99,9 @@ fn grouped_query_caches_hold_the_key_value_heads() {
         ..Dims::mha(b, 1, nh, hs)
     };
     let (qkv, out) = (z("qkv", b * dims.width()), z("out", b * dims.c()));
-    let (kc, vc) = (
-        z("k_cache", b * nkv * tmax * hs),
-        z("v_cache", b * nkv * tmax * hs),
-    );
+    // The k and v caches of `heads` heads.
+    let caches = |heads: usize| ["k_cache", "v_cache"].map(|name| z(name, b * heads * tmax * hs));
+    let ([kc, vc], [kc_nh, vc_nh]) = (caches(nkv), caches(nh));
     let cache = KvCache {
         k: &kc,
         v: &vc,
@@ -112,10 +111,6 @@ fn grouped_query_caches_hold_the_key_value_heads() {
         .unwrap();
     gpu.run(&[attention::forward_cached(gpu, &out, &qkv, cache, dims, 0).unwrap()])
         .unwrap();
-    let (kc_nh, vc_nh) = (
-        z("k_cache", b * nh * tmax * hs),
-        z("v_cache", b * nh * tmax * hs),
-    );
     let per_query_head = KvCache {
         k: &kc_nh,
         v: &vc_nh,

@@ -72,12 +72,7 @@ fn llama3_scaling_keeps_high_divides_low_and_blends_between() {
         original_max_position_embeddings: 8192,
     };
     let got = inv_freq(8, 500_000.0, llama3);
-    let want: [f32; 4] = [
-        1.0,
-        0.037_606_03,
-        0.000_524_846,
-        6.647_869_7e-6,
-    ];
+    let want: [f32; 4] = [1.0, 0.037_606_03, 0.000_524_846, 6.647_869_7e-6];
     assert_eq!(got, want);
     let linear = inv_freq(8, 500_000.0, RopeScaling::Linear { factor: 4.0 });
     let plain = inv_freq(8, 500_000.0, RopeScaling::None);

@@ -40,16 +40,7 @@ impl Executor<'_> {
                 nkv,
                 hs,
                 tmax,
-            } => x.attention_cached(
-                attention::Dims {
-                    b,
-                    t: tq,
-                    nh,
-                    nkv,
-                    hs,
-                },
-                tmax,
-            ),
+            } => x.attention_cached(decoding(b, tq, (nh, nkv), hs), tmax),
             Op::KvAppend {
                 b,
                 tq,
@@ -57,16 +48,7 @@ impl Executor<'_> {
                 nkv,
                 hs,
                 tmax,
-            } => x.kv_append(
-                attention::Dims {
-                    b,
-                    t: tq,
-                    nh,
-                    nkv,
-                    hs,
-                },
-                tmax,
-            ),
+            } => x.kv_append(decoding(b, tq, (nh, nkv), hs), tmax),
             Op::RmsNorm { n, c, eps } => x.rmsnorm(rmsnorm::Dims { n, c }, eps),
             Op::Rope { b, t, heads, d } => one(rope::forward_at(
                 gpu,
@@ -679,6 +661,17 @@ impl<'s> Lowering<'s> {
     }
 }
 /// A rotary embedding over every head of (B, T, H, D).
+/// The attention shape of a decoding op: Tq new tokens, NH query and NKV key/value heads.
+fn decoding(b: usize, tq: usize, (nh, nkv): (usize, usize), hs: usize) -> attention::Dims {
+    attention::Dims {
+        b,
+        t: tq,
+        nh,
+        nkv,
+        hs,
+    }
+}
+
 fn rope_dims(b: usize, t: usize, heads: usize, d: usize) -> rope::Dims {
     rope::Dims {
         b,
