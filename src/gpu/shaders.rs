@@ -86,6 +86,10 @@ shaders! {
 /// Helper files that families `#include`, by their path under `shaders/`.
 pub const INCLUDES: &[(&str, &str)] = &[
     (
+        "include/attention_rows.wgsl",
+        include_str!("../../shaders/include/attention_rows.wgsl"),
+    ),
+    (
         "include/hash.wgsl",
         include_str!("../../shaders/include/hash.wgsl"),
     ),

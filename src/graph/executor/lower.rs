@@ -446,7 +446,8 @@ impl<'s> Lowering<'s> {
         gemm::linear_backward(self.gpu(), tensors, gemm::LinearDims { m, k, n }, acc)
     }
 
-    /// Causal self-attention over qkv (B, T, 3C), with dropout on the probabilities at `site`.
+    /// Causal self-attention over qkv (B, T, W) (W = 3C without grouped-query attention), with
+    /// dropout on the probabilities at `site`.
     fn attention(self, dims: attention::Dims, p: f32, site: u32) -> Result<Vec<Dispatch>> {
         let (i, o) = (|k| self.i(k), |k| self.o(k));
         let opts = attention_options(self.ex.opts.seed, p, site);
