@@ -124,7 +124,7 @@ pub fn train_llama(
 ) -> Result<TrainBench> {
     let table = LlamaParams::new(arch, 0.02)?;
     let store = ParamStore::new(gpu, &table.store_specs(), &table.init(1), true)?;
-    let g = crate::model::llama::build(arch, &table, b, t, Mode::Train)?;
+    let g = crate::model::llama::build_for(arch, &table, (b, t), Mode::Train, gpu.max_binding())?;
     let mut exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
     let flops = llama_train_flops(arch, b, t);
     time_training(&mut exec, arch.vocab, (b, t), (warmup, runs), flops)

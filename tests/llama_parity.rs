@@ -18,6 +18,7 @@ use shaderformer::model::arch::Positions;
 use shaderformer::model::gpt::Mode;
 use shaderformer::model::llama;
 use shaderformer::reference::compare;
+use shaderformer::rng::Rng;
 
 fn assets() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets"))
@@ -62,6 +63,47 @@ fn every_node_of_qwen3_tiny_matches_its_reference() {
         targets: fx.u32("targets"),
     };
     let checks = exec.validate(&batch).unwrap();
+    let bad = shaderformer::graph::NodeCheck::mismatches(&checks);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// The same with the logits in row chunks (`LmHeadLoss`: 76 rows, a chunk of 64 and one of 12)
+/// and the token table held in chunks of 20 rows, as tensors past a storage binding are held.
+#[test]
+fn every_node_of_qwen3_tiny_matches_its_reference_with_chunked_logits() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = assets().join("qwen3-tiny");
+    let fx = Fixture::load(&dir.join("fixture.safetensors"));
+    let ck = hf_weights::load(&dir).expect("load the transformers checkpoint");
+    let (arch, embed) = (&ck.cfg.arch, ck.table.embed);
+    let rows_of_20 = 20 * arch.hidden as u64 * 4;
+    let store = ParamStore::build(
+        gpu,
+        &ck.table.store_specs(),
+        &ck.params,
+        true,
+        DType::F32,
+        &|i| if i == embed { rows_of_20 } else { u64::MAX },
+    )
+    .unwrap();
+    assert!(store.params[embed].len() > 1, "the token table is chunked");
+    let (b, t) = (4, 19);
+    let logits_of_64_rows = 64 * arch.vocab as u64 * 4;
+    let g = llama::build_for(arch, &ck.table, (b, t), Mode::Train, logits_of_64_rows).unwrap();
+    let mut exec = Executor::new(gpu, g.graph, &store, options(&fx)).unwrap();
+    let mut rng = Rng::new(5);
+    let mut ids = || -> Vec<u32> {
+        (0..b * t)
+            .map(|_| rng.below(arch.vocab as u64) as u32)
+            .collect()
+    };
+    let batch = MicroBatch {
+        tokens: ids(),
+        targets: ids(),
+    };
+    let checks = exec.validate(&batch).unwrap();
+    let lm_head = checks.iter().filter(|c| c.op.starts_with("lm_head"));
+    assert_eq!(lm_head.count(), 6, "forward and backward, 3 outputs each");
     let bad = shaderformer::graph::NodeCheck::mismatches(&checks);
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }

@@ -10,7 +10,7 @@
 //!   out = h + down_proj(silu(gate_proj(m)) · up_proj(m)), m = post_attention_layernorm(h)
 
 use super::arch::{Arch, Norm, Positions};
-use super::gpt::{Builder, FWD, GptGraph, Mode, Setup};
+use super::gpt::{Builder, FWD, GptGraph, Mode, Setup, logits_chunk_rows};
 use super::llama_params::{LlamaBlock, LlamaParams};
 use crate::error::{Error, Result};
 use crate::gpu::DType;
@@ -20,6 +20,19 @@ use crate::graph::ir::{Input, Op, TensorId, TensorKind};
 /// Decoding (`Mode::Decode`) keeps the keys and values of the NKV key/value heads in the KV cache,
 /// and rotates q and k at the positions set per call.
 pub fn build(arch: &Arch, table: &LlamaParams, b: usize, t: usize, mode: Mode) -> Result<GptGraph> {
+    build_for(arch, table, (b, t), mode, u64::MAX)
+}
+
+/// `build` for a device whose storage bindings hold at most `max_binding` bytes: in Train and
+/// Eval modes, logits (B·T, V) larger than that are computed with their loss in row chunks, as
+/// GPT-2's are (`gpt::build_for`).
+pub fn build_for(
+    arch: &Arch,
+    table: &LlamaParams,
+    (b, t): (usize, usize),
+    mode: Mode,
+    max_binding: u64,
+) -> Result<GptGraph> {
     let (Norm::RmsNorm { eps }, Positions::Rotary(rope)) = (arch.norm, arch.positions) else {
         return Err(Error::invalid(
             "llama graph",
@@ -57,13 +70,17 @@ pub fn build(arch: &Arch, table: &LlamaParams, b: usize, t: usize, mode: Mode) -
     }
     let xf = m.rmsnorm(x, table.norm, (m.m.bt, m.m.c), "model.norm".into());
     let head = table.lm_head.unwrap_or(table.embed);
-    let logits = m.m.lm_head(xf, head, None);
+    let chunk_rows = match mode {
+        Mode::Train | Mode::Eval => logits_chunk_rows(m.m.bt, arch.vocab, max_binding),
+        Mode::Logits | Mode::Decode { .. } => None,
+    };
+    let logits = m.m.lm_head(xf, head, chunk_rows);
     let with_loss = match mode {
         Mode::Train | Mode::Eval => true,
         Mode::Logits => false,
         Mode::Decode { loss, .. } => loss,
     };
-    let loss = with_loss.then(|| m.m.loss(xf, head, logits, None));
+    let loss = with_loss.then(|| m.m.loss(xf, head, logits, chunk_rows));
     Ok(m.m.finish((tokens, logits, loss), mode, |i| table.specs[i].decay))
 }
 

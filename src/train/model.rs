@@ -301,7 +301,7 @@ impl Model {
                 mode,
                 max_binding,
             )),
-            Model::Llama(l) => llama::build(&l.cfg.arch, &l.table, b, t, mode),
+            Model::Llama(l) => llama::build_for(&l.cfg.arch, &l.table, (b, t), mode, max_binding),
         }
     }
 
