@@ -12,7 +12,7 @@ use std::path::Path;
 use common::fixture::Fixture;
 use shaderformer::gpu::{DType, test_gpu};
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
-use shaderformer::io::hf_weights;
+use shaderformer::io::hf_weights::{self, LlamaCheckpoint};
 use shaderformer::kernels::adamw::Hyper;
 use shaderformer::model::arch::Positions;
 use shaderformer::model::gpt::Mode;
@@ -22,6 +22,14 @@ use shaderformer::rng::Rng;
 
 fn assets() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets"))
+}
+
+/// The fixture of `model` and its checkpoint, loaded through `io` as transformers saved it.
+fn load(model: &str) -> (Fixture, LlamaCheckpoint) {
+    let dir = assets().join(model);
+    let fx = Fixture::load(&dir.join("fixture.safetensors"));
+    let ck = hf_weights::load(&dir).expect("load the transformers checkpoint");
+    (fx, ck)
 }
 
 #[test]
@@ -43,9 +51,7 @@ fn qwen3_tiny_matches_transformers() {
 #[test]
 fn every_node_of_qwen3_tiny_matches_its_reference() {
     let Some(gpu) = test_gpu() else { return };
-    let dir = assets().join("qwen3-tiny");
-    let fx = Fixture::load(&dir.join("fixture.safetensors"));
-    let ck = hf_weights::load(&dir).expect("load the transformers checkpoint");
+    let (fx, ck) = load("qwen3-tiny");
     let (b, t) = (fx.num("B") as usize, fx.num("T") as usize);
     let store = ParamStore::build(
         gpu,
@@ -72,9 +78,7 @@ fn every_node_of_qwen3_tiny_matches_its_reference() {
 #[test]
 fn every_node_of_qwen3_tiny_matches_its_reference_with_chunked_logits() {
     let Some(gpu) = test_gpu() else { return };
-    let dir = assets().join("qwen3-tiny");
-    let fx = Fixture::load(&dir.join("fixture.safetensors"));
-    let ck = hf_weights::load(&dir).expect("load the transformers checkpoint");
+    let (fx, ck) = load("qwen3-tiny");
     let (arch, embed) = (&ck.cfg.arch, ck.table.embed);
     let rows_of_20 = 20 * arch.hidden as u64 * 4;
     let store = ParamStore::build(
@@ -126,9 +130,7 @@ fn options(fx: &Fixture) -> ExecOptions {
 
 fn parity(model: &str) {
     let Some(gpu) = test_gpu() else { return };
-    let dir = assets().join(model);
-    let fx = Fixture::load(&dir.join("fixture.safetensors"));
-    let ck = hf_weights::load(&dir).expect("load the transformers checkpoint");
+    let (fx, ck) = load(model);
     let arch = &ck.cfg.arch;
     let Positions::Rotary(rope) = arch.positions else {
         panic!("{model}: not rotary")
