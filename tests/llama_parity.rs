@@ -53,15 +53,7 @@ fn every_node_of_qwen3_tiny_matches_its_reference() {
     let Some(gpu) = test_gpu() else { return };
     let (fx, ck) = load("qwen3-tiny");
     let (b, t) = (fx.num("B") as usize, fx.num("T") as usize);
-    let store = ParamStore::build(
-        gpu,
-        &ck.table.store_specs(),
-        &ck.params,
-        true,
-        DType::F32,
-        &|_| u64::MAX,
-    )
-    .unwrap();
+    let store = ParamStore::new(gpu, &ck.table.store_specs(), &ck.params, true).unwrap();
     let g = llama::build(&ck.cfg.arch, &ck.table, b, t, Mode::Train).unwrap();
     let mut exec = Executor::new(gpu, g.graph, &store, options(&fx)).unwrap();
     let batch = MicroBatch {
@@ -140,15 +132,7 @@ fn parity(model: &str) {
     assert_eq!(inv, fx.f32("rope.inv_freq"), "{model}: rope.inv_freq");
     let (b, t) = (fx.num("B") as usize, fx.num("T") as usize);
     let table = &ck.table;
-    let store = ParamStore::build(
-        gpu,
-        &table.store_specs(),
-        &ck.params,
-        true,
-        DType::F32,
-        &|_| u64::MAX,
-    )
-    .unwrap();
+    let store = ParamStore::new(gpu, &table.store_specs(), &ck.params, true).unwrap();
     let g = llama::build(arch, table, b, t, Mode::Train).unwrap();
     let logits_id = g.logits;
     let mut exec = Executor::new(gpu, g.graph, &store, options(&fx)).unwrap();

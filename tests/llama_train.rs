@@ -13,7 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{bin, losses, scratch, text};
-use shaderformer::gpu::{DType, test_gpu};
+use shaderformer::gpu::test_gpu;
 use shaderformer::graph::{ExecOptions, Executor, ParamStore};
 use shaderformer::io::hf_weights;
 use shaderformer::model::gpt::Mode;
@@ -81,15 +81,7 @@ fn with_model<R>(
 ) -> R {
     let gpu = test_gpu().unwrap();
     let ck = hf_weights::load(dir).expect("load the checkpoint");
-    let store = ParamStore::build(
-        gpu,
-        &ck.table.store_specs(),
-        &ck.params,
-        true,
-        DType::F32,
-        &|_| u64::MAX,
-    )
-    .unwrap();
+    let store = ParamStore::new(gpu, &ck.table.store_specs(), &ck.params, true).unwrap();
     let (b, t) = (cfg.batch_size, cfg.block_size);
     let g = llama::build(&ck.cfg.arch, &ck.table, b, t, mode).unwrap();
     let opts = ExecOptions {

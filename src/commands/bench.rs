@@ -189,6 +189,29 @@ impl BenchArgs {
         (prompt, new)
     }
 
+    /// One inference measurement per weight format `--dtype` asks for (f16 with `both` only
+    /// where the adapter has it), at `lengths(context)`.
+    fn infer_setups(&self, gpu: &Gpu, context: usize) -> Vec<bench::InferSetup> {
+        let mut dtypes = Vec::new();
+        if self.dtype != BenchDtype::F16 {
+            dtypes.push(DType::F32);
+        }
+        if self.dtype == BenchDtype::F16 || (self.dtype == BenchDtype::Both && gpu.has_f16()) {
+            dtypes.push(DType::F16);
+        }
+        let (prompt_len, new_tokens) = self.lengths(context);
+        (dtypes.into_iter())
+            .map(|dtype| bench::InferSetup {
+                dtype,
+                prompt_len,
+                new_tokens,
+                warmup: self.warmup,
+                runs: self.runs,
+                recompute_tokens: self.recompute_tokens,
+            })
+            .collect()
+    }
+
     /// `--json` or `--json -`: the JSON object alone on stdout.
     fn json_to_stdout(&self) -> bool {
         self.json.as_deref() == Some(std::path::Path::new("-"))
@@ -373,18 +396,9 @@ fn bench_llama(
     if infer {
         let table = LlamaParams::new(arch, 0.02)?;
         let params = table.init(1);
-        let mut rows = Vec::new();
-        for dtype in weight_formats(&gpu, args) {
-            let setup = bench::InferSetup {
-                dtype,
-                prompt_len: prompt,
-                new_tokens: new,
-                warmup: args.warmup,
-                runs: args.runs,
-                recompute_tokens: args.recompute_tokens,
-            };
-            rows.push(bench::infer_llama(&gpu, arch, &table, &params, setup)?);
-        }
+        let rows = (args.infer_setups(&gpu, arch.context).into_iter())
+            .map(|setup| bench::infer_llama(&gpu, arch, &table, &params, setup))
+            .collect::<Result<Vec<_>>>()?;
         add_infer(&mut out, &rows, args);
     }
     Ok(out)
@@ -497,35 +511,12 @@ fn print_train(gpu: &Gpu, r: &TrainBench, warmup: usize) {
     }
 }
 
-/// The weight formats `--dtype` asks for: f16 with `both` only where the adapter has it.
-fn weight_formats(gpu: &Gpu, args: &BenchArgs) -> Vec<DType> {
-    let mut dtypes = Vec::new();
-    if args.dtype != BenchDtype::F16 {
-        dtypes.push(DType::F32);
-    }
-    if args.dtype == BenchDtype::F16 || (args.dtype == BenchDtype::Both && gpu.has_f16()) {
-        dtypes.push(DType::F16);
-    }
-    dtypes
-}
-
 /// Measures inference in each weight format asked for.
 fn infer(gpu: &Gpu, cfg: &GptConfig, args: &BenchArgs) -> Result<Vec<InferBench>> {
     let params = bench::random_params(cfg, 1);
-    let mut rows = Vec::new();
-    for dt in weight_formats(gpu, args) {
-        let setup = bench::InferSetup {
-            dtype: dt,
-            prompt_len: args.lengths(cfg.block_size).0,
-            new_tokens: args.lengths(cfg.block_size).1,
-            warmup: args.warmup,
-            runs: args.runs,
-            recompute_tokens: args.recompute_tokens,
-        };
-        let r = bench::infer(gpu, cfg, &params, setup)?;
-        rows.push(r);
-    }
-    Ok(rows)
+    (args.infer_setups(gpu, cfg.block_size).into_iter())
+        .map(|setup| bench::infer(gpu, cfg, &params, setup))
+        .collect()
 }
 
 /// One table row per weight format: prefill and decode throughput, and full recomputation's.
