@@ -293,28 +293,38 @@ fn query_escape(s: &str) -> String {
 /// The native `sample --greedy --json` of `dir` on `prompt`: the generated ids, with the fixed
 /// rules' kernels, or with those of the tuning cache `kernels` (see `page_kernels_cache`).
 fn native_greedy(dir: &Path, prompt: &str, n: usize, kernels: Option<&Path>) -> Vec<u64> {
+    ids(&native_sample(dir, prompt, n, kernels, &[])["ids"])
+}
+
+/// `sample --greedy --json` of `prompt` on the checkpoint `dir`, with `extra` flags.
+fn native_sample(
+    dir: &Path,
+    prompt: &str,
+    n: usize,
+    kernels: Option<&Path>,
+    extra: &[&str],
+) -> Value {
     let env: Vec<(&str, &std::ffi::OsStr)> = kernels
         .map(|k| (ENV_CACHE_DIR, k.as_os_str()))
         .into_iter()
         .collect();
-    let o = native_with(
-        &[
-            "--tune",
-            if kernels.is_some() { "cached" } else { "off" },
-            "sample",
-            "--checkpoint",
-            dir.to_str().unwrap(),
-            "--prompt",
-            prompt,
-            "--max-new-tokens",
-            &n.to_string(),
-            "--greedy",
-            "--json",
-        ],
-        &env,
-    );
-    let v: Value = serde_json::from_slice(&o.stdout).expect("sample --json prints JSON");
-    ids(&v["ids"])
+    let n = n.to_string();
+    let mut args = vec![
+        "--tune",
+        if kernels.is_some() { "cached" } else { "off" },
+        "sample",
+        "--checkpoint",
+        dir.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        &n,
+        "--greedy",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = native_with(&args, &env);
+    serde_json::from_slice(&o.stdout).expect("sample --json prints JSON")
 }
 
 fn ids(v: &Value) -> Vec<u64> {
@@ -660,6 +670,51 @@ fn page_samples_greedily_like_the_native_engine() {
     assert_eq!(page.len(), n);
     let want = native_greedy(&Path::new(ROOT).join("assets/gpt2-bpe"), prompt, n, None);
     assert_eq!(page, want, "page vs native greedy ids");
+}
+
+/// A Llama-family checkpoint (qwen2-tiny: grouped-query attention, q/k/v biases, a chat
+/// template, two eos ids) opened from its files: the page's greedy ids equal the native
+/// engine's, for a plain prompt and for a chat with a system message (the same rendered prompt).
+#[test]
+fn page_runs_a_qwen2_checkpoint_like_the_native_engine() {
+    if !ready() {
+        return;
+    }
+    let dir = Path::new(ROOT).join("assets/qwen2-tiny");
+    let files =
+        "config.json,generation_config.json,model.safetensors,tokenizer.json,tokenizer_config.json";
+    let (prompt, system, n) = ("Hello there, how are you?", "Answer briefly.", 16);
+    for chat in [false, true] {
+        let mut options = serde_json::json!({"greedy": true, "max_new_tokens": n});
+        let mut extra = Vec::new();
+        if chat {
+            options["chat"] = true.into();
+            options["system"] = system.into();
+            extra = vec!["--chat", "--system", system];
+        }
+        let (report, _) = run_page(
+            &format!(
+                "test=sample&checkpoint=/assets/qwen2-tiny&files={files}&prompt={}&options={}",
+                query_escape(prompt),
+                query_escape(&options.to_string())
+            ),
+            "sample-qwen2",
+        );
+        assert!(report.get("error").is_none(), "{report}");
+        let page = &report["generation"];
+        let want = native_sample(&dir, prompt, n, None, &extra);
+        assert_eq!(
+            ids(&page["prompt_ids"]),
+            ids(&want["prompt_ids"]),
+            "chat {chat}: page vs native prompt ids"
+        );
+        assert!(!ids(&page["ids"]).is_empty(), "{report}");
+        assert_eq!(
+            ids(&page["ids"]),
+            ids(&want["ids"]),
+            "chat {chat}: page vs native greedy ids"
+        );
+    }
 }
 
 #[test]

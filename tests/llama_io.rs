@@ -207,6 +207,40 @@ fn sharded_and_bf16_checkpoints_load_to_the_fixture_weights() {
     }
 }
 
+/// A checkpoint given as files by name (a browser's file picker) loads as its directory does,
+/// sharded included; a missing shard or config is named.
+#[test]
+fn checkpoints_opened_from_files_equal_their_directories() {
+    let files_of = |dir: &Path| -> HashMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                let name = p.file_name().unwrap().to_str().unwrap().to_string();
+                (name, std::fs::read(&p).unwrap())
+            })
+            .collect()
+    };
+    for name in ["llama-tiny-sharded", "qwen2-tiny"] {
+        let from_dir = hf_weights::load(&asset(name)).unwrap();
+        let files = files_of(&asset(name));
+        let opened = hf_weights::from_files(&files).unwrap();
+        assert_eq!(by_name(&opened), by_name(&from_dir), "{name}");
+        assert_eq!(opened.eos_token_ids, from_dir.eos_token_ids, "{name}");
+        assert_eq!(opened.cfg.arch, from_dir.cfg.arch, "{name}");
+    }
+    let mut files = files_of(&asset("llama-tiny-sharded"));
+    files.remove("model-00002-of-00003.safetensors");
+    let e = hf_weights::from_files(&files).unwrap_err().to_string();
+    assert!(
+        e.contains("model-00002-of-00003.safetensors") && e.contains("missing"),
+        "{e}"
+    );
+    files.remove("config.json");
+    let e = hf_weights::from_files(&files).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("missing"), "{e}");
+}
+
 #[test]
 fn f16_weights_are_widened_on_load() {
     let src = asset("qwen2-tiny");

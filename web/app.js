@@ -214,8 +214,13 @@ async function openModel(files) {
     model = null;
     model = await sf.open_model(names, contents);
     const d = JSON.parse(model.describe());
-    $("model-info").textContent = `${d.n_layer} layers, ${d.n_embd} wide, context ${d.block_size}, ` +
-      `vocabulary ${d.vocab_size} (${d.vocab}), ${(d.params / 1e6).toFixed(2)}M parameters`;
+    const heads = d.n_kv_head === d.n_head ? `${d.n_head} heads` : `${d.n_head} heads (${d.n_kv_head} key/value)`;
+    $("model-info").textContent = `${d.model_type}: ${d.n_layer} layers, ${d.n_embd} wide, ${heads}, ` +
+      `context ${d.block_size}, vocabulary ${d.vocab_size} (${d.vocab}), ` +
+      `${(d.params / 1e6).toFixed(2)}M parameters` + (d.chat ? ", chat template" : "");
+    $("chat").disabled = !d.chat;
+    $("chat").checked = d.chat;
+    $("system").disabled = !d.chat;
     $("generate").disabled = false;
   } catch (e) {
     $("generate").disabled = true;
@@ -228,6 +233,10 @@ function sampleOptions() {
     max_new_tokens: num("max_new"), temperature: num("temperature"),
     top_p: num("top_p"), greedy: $("greedy").checked,
   };
+  if ($("chat").checked) {
+    o.chat = true;
+    if ($("system").value !== "") o.system = $("system").value;
+  }
   if ($("top_k").value !== "") o.top_k = num("top_k");
   return o;
 }

@@ -120,8 +120,13 @@ impl<'a> LlamaRunner<'a> {
     /// The logits (V) of the token after `ids`. With a KV cache, `ids` extend the sequence fed
     /// since the last `reset` and only the new tokens run; otherwise the whole sequence does.
     pub fn next(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        crate::gpu::block_on("reading logits", self.next_async(ids))
+    }
+
+    /// `next`, awaited (a browser reads the logits back through its event loop).
+    pub async fn next_async(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         let Some((_, pos)) = &self.cache else {
-            return self.next_logits(ids);
+            return self.next_logits_async(ids).await;
         };
         let pos = *pos;
         if ids.len() <= pos {
@@ -157,9 +162,13 @@ impl<'a> LlamaRunner<'a> {
             targets: Vec::new(),
         };
         f.exec.decode(&batch, pos)?;
-        let logits = gpu.read_f32(f.exec.view(f.logits))?;
+        let last = f
+            .exec
+            .view(f.logits)
+            .slice((tq - 1) * v, v, "logits.last")?;
+        let logits = gpu.read_f32_async(&last).await?;
         self.cache.as_mut().expect("checked above").1 = ids.len();
-        Ok(logits[(tq - 1) * v..tq * v].to_vec())
+        Ok(logits)
     }
 
     /// The graph for sequences of `n` tokens: of the next multiple of `LENGTH_STEP`, at most
@@ -212,8 +221,13 @@ impl<'a> LlamaRunner<'a> {
         Ok(())
     }
 
-    /// The logits (V) of the token after `ids`.
+    /// The logits (V) of the token after `ids`, the whole sequence run.
     pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        crate::gpu::block_on("reading logits", self.next_logits_async(ids))
+    }
+
+    /// `next_logits`, awaited.
+    pub async fn next_logits_async(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check(ids, ids.len())?;
         let (gpu, v) = (self.gpu, self.arch.vocab);
         let n = ids.len();
@@ -223,8 +237,8 @@ impl<'a> LlamaRunner<'a> {
             targets: Vec::new(),
         };
         f.exec.forward(&batch)?;
-        let logits = gpu.read_f32(f.exec.view(f.logits))?;
-        Ok(logits[(n - 1) * v..n * v].to_vec())
+        let last = f.exec.view(f.logits).slice((n - 1) * v, v, "logits.last")?;
+        gpu.read_f32_async(&last).await
     }
 
     /// The summed negative log-likelihood of `targets` after each prefix of `inputs` (f64).
@@ -261,6 +275,21 @@ pub fn generate(
     max_new: usize,
     opts: &SampleOptions,
     rng: &mut Rng,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generation> {
+    crate::gpu::block_on(
+        "generating",
+        generate_async(runner, prompt, max_new, opts, rng, on_token),
+    )
+}
+
+/// `generate`, awaited (a browser reads each token's logits back through its event loop).
+pub async fn generate_async(
+    runner: &mut LlamaRunner<'_>,
+    prompt: &[u32],
+    max_new: usize,
+    opts: &SampleOptions,
+    rng: &mut Rng,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generation> {
     runner.reset();
@@ -274,7 +303,7 @@ pub fn generate(
             out.hit_context = true;
             break;
         }
-        let logits = runner.next(&ids)?;
+        let logits = runner.next_async(&ids).await?;
         let id = sampling::sample(&logits, opts, rng);
         on_token(id)?;
         ids.push(id);

@@ -106,10 +106,13 @@ pub fn model_type(v: &Value) -> Option<&str> {
 /// Whether `dir` holds a config.json whose model_type is one of the Llama family's (a directory
 /// for `hf_weights::load`); false when it has none, or one that is not such JSON.
 pub fn is_llama_checkpoint(dir: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(dir.join(super::hf::CONFIG_FILE)) else {
-        return false;
-    };
-    serde_json::from_str::<Value>(&text)
+    std::fs::read_to_string(dir.join(super::hf::CONFIG_FILE))
+        .is_ok_and(|text| is_llama_config(&text))
+}
+
+/// Whether `text` is a config.json whose model_type is one of the Llama family's.
+pub fn is_llama_config(text: &str) -> bool {
+    serde_json::from_str::<Value>(text)
         .ok()
         .as_ref()
         .and_then(model_type)

@@ -80,7 +80,7 @@ pub fn weights_from_files(
         }
     } else {
         return Err(bad(
-            dir,
+            origin(dir),
             format!("has neither {WEIGHTS_FILE} nor {INDEX_FILE}"),
         ));
     }
@@ -88,14 +88,24 @@ pub fn weights_from_files(
     for spec in &table.specs {
         let data = found.remove(&spec.name).ok_or_else(|| {
             bad(
-                dir,
+                origin(dir),
                 format!("tensor {} {:?} is missing", spec.name, spec.shape),
             )
         })?;
         out.push(data);
     }
-    check_tied_head(dir, table, &found, &out)?;
+    check_tied_head(origin(dir), table, &found, &out)?;
     Ok(out)
+}
+
+/// How errors about the whole checkpoint name it: its directory, or where its files came
+/// without one (an empty `dir`), the words "the checkpoint".
+fn origin(dir: &Path) -> &Path {
+    if dir.as_os_str().is_empty() {
+        Path::new("the checkpoint")
+    } else {
+        dir
+    }
 }
 
 /// The index names every tensor of the table, nothing unexpected, and only plain file names.
@@ -487,11 +497,47 @@ pub fn load(dir: &Path) -> Result<LlamaCheckpoint> {
     let table = LlamaParams::new(&cfg.arch, cfg.initializer_range as f32)?;
     let params = load_weights(dir, &table)?;
     let generation = GenerationConfig::read(dir)?;
-    let eos_token_ids = GenerationConfig::eos_or(generation.as_ref(), &cfg);
-    Ok(LlamaCheckpoint {
-        cfg,
-        table,
-        params,
-        eos_token_ids,
-    })
+    Ok(LlamaCheckpoint::assemble(cfg, table, params, generation))
+}
+
+/// `load` over files given by name (a browser's file picker): config.json, the weights
+/// (model.safetensors or the index and its shards) and, if given, generation_config.json.
+pub fn from_files(files: &HashMap<String, Vec<u8>>) -> Result<LlamaCheckpoint> {
+    let text = |name: &str| -> Result<Option<&str>> {
+        files
+            .get(name)
+            .map(|b| std::str::from_utf8(b).map_err(|_| bad(Path::new(name), "is not UTF-8 text")))
+            .transpose()
+    };
+    let config = text(CONFIG_FILE)?.ok_or_else(|| {
+        bad(
+            Path::new(CONFIG_FILE),
+            "is missing: a checkpoint is config.json and its weights",
+        )
+    })?;
+    let cfg = hf_llama::parse_config(Path::new(CONFIG_FILE), config)?;
+    let table = LlamaParams::new(&cfg.arch, cfg.initializer_range as f32)?;
+    // Errors name each file alone (the files have no directory).
+    let params = weights_from_files(Path::new(""), &table, |name| Ok(files.get(name).cloned()))?;
+    let generation = text(GENERATION_FILE)?
+        .map(|t| GenerationConfig::parse(Path::new(GENERATION_FILE), t))
+        .transpose()?;
+    Ok(LlamaCheckpoint::assemble(cfg, table, params, generation))
+}
+
+impl LlamaCheckpoint {
+    fn assemble(
+        cfg: LlamaConfig,
+        table: LlamaParams,
+        params: Vec<Vec<f32>>,
+        generation: Option<GenerationConfig>,
+    ) -> LlamaCheckpoint {
+        let eos_token_ids = GenerationConfig::eos_or(generation.as_ref(), &cfg);
+        LlamaCheckpoint {
+            cfg,
+            table,
+            params,
+            eos_token_ids,
+        }
+    }
 }

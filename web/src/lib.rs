@@ -12,8 +12,11 @@ use serde_json::{Value, json};
 use shaderformer::error::Error;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, TuneMode};
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore, Shard, StepResult};
-use shaderformer::infer::{self, Engine, SampleOptions};
-use shaderformer::io::vocab::Vocab;
+use shaderformer::infer::chat::{self, ChatTemplate};
+use shaderformer::infer::llama::LlamaRunner;
+use shaderformer::infer::{self, Engine, Generation, SampleOptions};
+use shaderformer::io::vocab::{self, Vocab};
+use shaderformer::io::{hf, hf_llama, hf_weights};
 use shaderformer::kernels::measure;
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::model::{GptConfig, ParamTable};
@@ -390,30 +393,101 @@ fn files_to_js(files: Vec<(String, Vec<u8>)>) -> Array {
         .collect()
 }
 
-/// Sampling choices as JSON: max_new_tokens, temperature, top_k, top_p, greedy, seed.
-fn sample_options(options: &str) -> JsResult<(SampleOptions, usize, u64)> {
+/// Sampling choices as JSON: max_new_tokens, temperature, top_k, top_p, greedy, seed; and
+/// chat (the prompt is a user message for the checkpoint's chat template) with an optional
+/// system message.
+struct Sampling {
+    opts: SampleOptions,
+    max_new: usize,
+    seed: u64,
+    chat: bool,
+    system: Option<String>,
+}
+
+fn sample_options(options: &str) -> JsResult<Sampling> {
     let v: Value = serde_json::from_str(options)
         .map_err(|e| JsValue::from_str(&format!("sampling options are not JSON: {e}")))?;
-    let mut o = SampleOptions::default();
-    let (mut max_new, mut seed) = (100usize, 1337u64);
+    let mut s = Sampling {
+        opts: SampleOptions::default(),
+        max_new: 100,
+        seed: 1337,
+        chat: false,
+        system: None,
+    };
     for (k, x) in v.as_object().into_iter().flatten() {
         let bad = || JsValue::from_str(&format!("{k}: {x} is not valid"));
         match k.as_str() {
-            "max_new_tokens" => max_new = x.as_u64().ok_or_else(bad)? as usize,
-            "temperature" => o.temperature = x.as_f64().ok_or_else(bad)? as f32,
-            "top_k" => o.top_k = x.as_u64().map(|k| k as usize),
-            "top_p" => o.top_p = x.as_f64().ok_or_else(bad)? as f32,
-            "greedy" => o.greedy = x.as_bool().ok_or_else(bad)?,
-            "seed" => seed = x.as_u64().ok_or_else(bad)?,
+            "max_new_tokens" => s.max_new = x.as_u64().ok_or_else(bad)? as usize,
+            "temperature" => s.opts.temperature = x.as_f64().ok_or_else(bad)? as f32,
+            "top_k" => s.opts.top_k = x.as_u64().map(|k| k as usize),
+            "top_p" => s.opts.top_p = x.as_f64().ok_or_else(bad)? as f32,
+            "greedy" => s.opts.greedy = x.as_bool().ok_or_else(bad)?,
+            "seed" => s.seed = x.as_u64().ok_or_else(bad)?,
+            "chat" => s.chat = x.as_bool().ok_or_else(bad)?,
+            "system" => {
+                let text = x.as_str().ok_or_else(bad)?;
+                s.system = (!text.is_empty()).then(|| text.to_string());
+            }
             other => return Err(JsValue::from_str(&format!("unknown option '{other}'"))),
         }
     }
-    o.validate().map_err(err)?;
-    Ok((o, max_new, seed))
+    s.opts.validate().map_err(err)?;
+    if s.system.is_some() && !s.chat {
+        return Err(JsValue::from_str("a system message needs chat"));
+    }
+    Ok(s)
+}
+
+/// The prompt's tokens: `prompt` itself, or with chat the template's rendering of it as a user
+/// message; they must leave room in a context of `context` positions.
+fn encode_prompt(
+    vocab: &Vocab,
+    template: Option<&ChatTemplate>,
+    prompt: &str,
+    s: &Sampling,
+    context: usize,
+) -> JsResult<Vec<u32>> {
+    let text = if s.chat {
+        let t = template.ok_or_else(|| {
+            JsValue::from_str("this checkpoint has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja)")
+        })?;
+        t.render(prompt, s.system.as_deref()).map_err(err)?
+    } else {
+        prompt.to_string()
+    };
+    let ids = vocab.encode(&text, "prompt").map_err(err)?;
+    if ids.is_empty() || ids.len() >= context {
+        return Err(JsValue::from_str(&format!(
+            "the prompt is {} tokens; it must be 1 to {} (the model's context less one)",
+            ids.len(),
+            context - 1
+        )));
+    }
+    Ok(ids)
+}
+
+/// What the page shows of a generation: JSON {prompt, prompt_ids, ids, text,
+/// stopped_at_context_limit}, as `shaderformer sample --json` prints.
+fn generation_json(vocab: &Vocab, prompt: &str, ids: &[u32], g: &Generation) -> String {
+    json!({
+        "prompt": prompt,
+        "prompt_ids": ids,
+        "ids": g.ids[0],
+        "text": vocab.decode(&g.ids[0]),
+        "stopped_at_context_limit": g.hit_context,
+    })
+    .to_string()
+}
+
+/// Calls the page's `on_text(piece)`, if it gave one, with a token's text.
+fn stream(on_text: Option<&Function>, vocab: &Vocab, id: u32) {
+    if let Some(f) = on_text {
+        let _ = f.call1(&JsValue::NULL, &JsValue::from_str(&vocab.decode(&[id])));
+    }
 }
 
 /// Encodes `prompt`, generates with the KV cache, calls `on_text(piece)` per token; returns
-/// JSON {prompt_ids, ids, text, stopped_at_context_limit}, as `shaderformer sample --json`.
+/// JSON as `generation_json`.
 async fn generate(
     engine: &mut Engine<'static>,
     vocab: &Vocab,
@@ -421,45 +495,54 @@ async fn generate(
     options: &str,
     on_text: Option<&Function>,
 ) -> JsResult<String> {
-    let (opts, max_new, seed) = sample_options(options)?;
-    let ids = vocab.encode(prompt, "prompt").map_err(err)?;
-    if ids.is_empty() || ids.len() >= engine.tmax {
-        return Err(JsValue::from_str(&format!(
-            "the prompt is {} tokens; it must be 1 to {} (the model's context less one)",
-            ids.len(),
-            engine.tmax - 1
-        )));
-    }
-    let mut rng = Rng::new(seed);
-    let generation = infer::generate_async(engine, &ids, max_new, &opts, &mut rng, |_, id| {
-        if let Some(f) = on_text {
-            let _ = f.call1(&JsValue::NULL, &JsValue::from_str(&vocab.decode(&[id])));
-        }
+    let s = sample_options(options)?;
+    let ids = encode_prompt(vocab, None, prompt, &s, engine.tmax)?;
+    let mut rng = Rng::new(s.seed);
+    let g = infer::generate_async(engine, &ids, s.max_new, &s.opts, &mut rng, |_, id| {
+        stream(on_text, vocab, id);
         Ok(())
     })
     .await
     .map_err(err)?;
-    Ok(json!({
-        "prompt": prompt,
-        "prompt_ids": ids,
-        "ids": generation.ids[0],
-        "text": vocab.decode(&generation.ids[0]),
-        "stopped_at_context_limit": generation.hit_context,
-    })
-    .to_string())
+    Ok(generation_json(vocab, prompt, &ids, &g))
 }
 
-/// A checkpoint opened from local files, ready to sample.
+/// A checkpoint opened from local files: GPT-2's, or one of the Llama family's (llama,
+/// mistral, qwen2, qwen3), ready to sample.
 #[wasm_bindgen]
 pub struct Model {
-    engine: Engine<'static>,
+    net: Net,
     vocab: Vocab,
-    cfg: GptConfig,
 }
 
-/// Opens a checkpoint from its files' names and contents (config.json, model.safetensors, and
-/// tokenizer.json or vocab.json). Fails in words on a file that is not a checkpoint and on a
-/// model larger than the adapter's limits.
+enum Net {
+    Gpt {
+        engine: Engine<'static>,
+        cfg: GptConfig,
+    },
+    Llama {
+        runner: LlamaRunner<'static>,
+        template: Option<ChatTemplate>,
+        params: usize,
+    },
+}
+
+/// The files by name, as text where given (`None` where absent); an error names a file that is
+/// not UTF-8.
+fn text_of<'f>(files: &'f HashMap<String, Vec<u8>>, name: &str) -> JsResult<Option<&'f str>> {
+    files
+        .get(name)
+        .map(|b| {
+            std::str::from_utf8(b).map_err(|_| JsValue::from_str(&format!("{name} is not UTF-8")))
+        })
+        .transpose()
+}
+
+/// Opens a checkpoint from its files' names and contents: config.json, the weights
+/// (model.safetensors, or for the Llama family the index and its shards), tokenizer.json or
+/// vocab.json, and for the Llama family generation_config.json (its eos ids end generation)
+/// and tokenizer_config.json (its chat template) where given. Fails in words on a file that is
+/// not a checkpoint and on a model larger than the adapter's limits.
 #[wasm_bindgen]
 pub async fn open_model(names: Vec<String>, contents: Vec<Uint8Array>) -> JsResult<Model> {
     let files: HashMap<String, Vec<u8>> = names
@@ -467,6 +550,9 @@ pub async fn open_model(names: Vec<String>, contents: Vec<Uint8Array>) -> JsResu
         .zip(contents)
         .map(|(n, c)| (n, c.to_vec()))
         .collect();
+    if text_of(&files, hf::CONFIG_FILE)?.is_some_and(hf_llama::is_llama_config) {
+        return open_llama(&files).await;
+    }
     let ck = checkpoint::from_files(&files).map_err(err)?;
     let vocab = ck.vocab.clone().ok_or_else(|| {
         JsValue::from_str("the checkpoint has no tokenizer.json or vocab.json to encode a prompt")
@@ -476,42 +562,121 @@ pub async fn open_model(names: Vec<String>, contents: Vec<Uint8Array>) -> JsResu
     let engine = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 1).map_err(err)?;
     gpu.check("uploading the model").map_err(err)?;
     Ok(Model {
-        engine,
+        net: Net::Gpt {
+            engine,
+            cfg: ck.cfg,
+        },
         vocab,
-        cfg: ck.cfg,
+    })
+}
+
+/// `open_model` for a Llama-family checkpoint: the weights in f32 and a KV cache of the whole
+/// context, as `shaderformer sample` runs it.
+async fn open_llama(files: &HashMap<String, Vec<u8>>) -> JsResult<Model> {
+    let ck = hf_weights::from_files(files).map_err(err)?;
+    let bytes = files.get(vocab::TOKENIZER_FILE).ok_or_else(|| {
+        JsValue::from_str("the checkpoint has no tokenizer.json to encode a prompt")
+    })?;
+    let vocab =
+        Vocab::from_file(std::path::Path::new(vocab::TOKENIZER_FILE), bytes).map_err(err)?;
+    let template = ChatTemplate::from_texts(
+        std::path::Path::new("the checkpoint"),
+        text_of(files, chat::TOKENIZER_CONFIG_FILE)?,
+        text_of(files, chat::TEMPLATE_FILE)?,
+    )
+    .map_err(err)?;
+    let gpu = gpu().await?;
+    let params = ck.params.iter().map(Vec::len).sum();
+    let runner = LlamaRunner::with_cache(gpu, &ck, DType::F32).map_err(err)?;
+    gpu.check("uploading the model").map_err(err)?;
+    Ok(Model {
+        net: Net::Llama {
+            runner,
+            template,
+            params,
+        },
+        vocab,
     })
 }
 
 #[wasm_bindgen]
 impl Model {
+    /// The model's shape as JSON: model_type, n_layer, n_head, n_kv_head, n_embd, block_size,
+    /// vocab_size, params, vocab (the tokenizer's kind) and chat (whether it has a template).
     pub fn describe(&self) -> String {
-        json!({
-            "n_layer": self.cfg.n_layer,
-            "n_head": self.cfg.n_head,
-            "n_embd": self.cfg.n_embd,
-            "block_size": self.cfg.block_size,
-            "vocab_size": self.cfg.vocab_size,
-            "params": self.cfg.num_params(),
-            "vocab": self.vocab.kind(),
-        })
+        let vocab = self.vocab.kind();
+        match &self.net {
+            Net::Gpt { cfg, .. } => json!({
+                "model_type": "gpt2",
+                "n_layer": cfg.n_layer,
+                "n_head": cfg.n_head,
+                "n_kv_head": cfg.n_head,
+                "n_embd": cfg.n_embd,
+                "block_size": cfg.block_size,
+                "vocab_size": cfg.vocab_size,
+                "params": cfg.num_params(),
+                "vocab": vocab,
+                "chat": false,
+            }),
+            Net::Llama {
+                runner,
+                template,
+                params,
+            } => {
+                let a = &runner.arch;
+                json!({
+                    "model_type": a.family.model_type(),
+                    "n_layer": a.n_layer,
+                    "n_head": a.n_head,
+                    "n_kv_head": a.n_kv_head,
+                    "n_embd": a.hidden,
+                    "block_size": a.context,
+                    "vocab_size": a.vocab,
+                    "params": params,
+                    "vocab": vocab,
+                    "chat": template.is_some(),
+                })
+            }
+        }
         .to_string()
     }
 
     /// Completes `prompt` (options as JSON, see `sample_options`), streaming each token's text
-    /// to `on_text`; returns JSON as `shaderformer sample --json` prints.
+    /// to `on_text`; returns JSON as `shaderformer sample --json` prints. A Llama-family model
+    /// stops after one of its eos ids.
     pub async fn generate(
         &mut self,
         prompt: String,
         options: String,
         on_text: Option<Function>,
     ) -> JsResult<String> {
-        generate(
-            &mut self.engine,
-            &self.vocab,
-            &prompt,
-            &options,
-            on_text.as_ref(),
-        )
-        .await
+        let vocab = &self.vocab;
+        match &mut self.net {
+            Net::Gpt { engine, .. } => {
+                generate(engine, vocab, &prompt, &options, on_text.as_ref()).await
+            }
+            Net::Llama {
+                runner, template, ..
+            } => {
+                let s = sample_options(&options)?;
+                let context = runner.arch.context;
+                let ids = encode_prompt(vocab, template.as_ref(), &prompt, &s, context)?;
+                let mut rng = Rng::new(s.seed);
+                let g = infer::llama::generate_async(
+                    runner,
+                    &ids,
+                    s.max_new,
+                    &s.opts,
+                    &mut rng,
+                    |id| {
+                        stream(on_text.as_ref(), vocab, id);
+                        Ok(())
+                    },
+                )
+                .await
+                .map_err(err)?;
+                Ok(generation_json(vocab, &prompt, &ids, &g))
+            }
+        }
     }
 }
