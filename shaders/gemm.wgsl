@@ -27,6 +27,9 @@
 // Entry points:
 //   gemm_naive       one output per invocation, operands read straight from memory: the baseline.
 //   gemm_gemv        few rows of a against b stored (N, K): matrix-vector products (see below).
+//   gemm_gemvc, gemm_gemvc_vab
+//                    the same problems, one output column per invocation (for CPU adapters; see
+//                    below), scalar or vec4 reads.
 //   gemm_tiled       BM × BN output tiles per workgroup; the K loop stages BK-deep slices of op(a)
 //                    and op(b) in workgroup memory, and each invocation keeps a (4·RM) × (4·RN)
 //                    register block. Tails in M, N and K are zero-filled, so any shape works.
@@ -239,6 +242,62 @@ fn gemm_gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
             finish(0u, i, j, gemv_part[i * GEMV_WG + li]);
         }
     }
+}
+
+// gemm_gemvc: gemm_gemv's problems with one output column per invocation and no workgroup
+// memory or barriers: each invocation streams its column's weight row along K once, keeping one
+// sum per row of a (GEMV_ROWS, the problem's M, fixed when the pipeline is built so that the
+// loops over rows unroll and the sums stay in registers). Meant for CPU adapters, where a
+// workgroup's invocations run as SIMD lanes of one thread and barriers cost more than reads a
+// row apart; on GPUs those reads do not coalesce and gemm_gemv is the one to pick (the tuner
+// measures both). gemm_gemvc_vab reads a and b as vec4 (its operands' offsets and leading
+// dimensions multiples of 4, lanes past K zeroed), summing four interleaved partials; the
+// scalar form sums along K in order, as gemm_naive does.
+override GEMV_ROWS: u32 = 1u;
+const GEMVC_WG: u32 = 64u;
+
+@compute @workgroup_size(64)
+fn gemm_gemvc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
+    let t = workgroup_index(wid, nwg);
+    let j = t * GEMVC_WG + li;
+    if (t >= p.tiles || j >= p.n) {
+        return;
+    }
+#if VEC_A
+    var s: array<vec4<f32>, GEMV_MAX_M>;
+    let brow = (p.b_off + j * p.ldb) / 4u;
+    let full = p.k / 4u;
+    for (var kk = 0u; kk < full; kk++) {
+        let w = read_b4(brow + kk);
+        for (var i = 0u; i < GEMV_ROWS; i++) {
+            s[i] = fma(a4[(p.a_off + i * p.lda) / 4u + kk], w, s[i]);
+        }
+    }
+    if (full * 4u < p.k) {
+        let live = vec4<u32>(full * 4u) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.k);
+        let w = select(vec4<f32>(0.0), read_b4(brow + full), live);
+        for (var i = 0u; i < GEMV_ROWS; i++) {
+            let x = select(vec4<f32>(0.0), a4[(p.a_off + i * p.lda) / 4u + full], live);
+            s[i] = fma(x, w, s[i]);
+        }
+    }
+    for (var i = 0u; i < GEMV_ROWS; i++) {
+        finish(0u, i, j, (s[i].x + s[i].y) + (s[i].z + s[i].w));
+    }
+#else
+    var s: array<f32, GEMV_MAX_M>;
+    let brow = p.b_off + j * p.ldb;
+    for (var kk = 0u; kk < p.k; kk++) {
+        let w = read_b(brow + kk);
+        for (var i = 0u; i < GEMV_ROWS; i++) {
+            s[i] = fma(a[p.a_off + i * p.lda + kk], w, s[i]);
+        }
+    }
+    for (var i = 0u; i < GEMV_ROWS; i++) {
+        finish(0u, i, j, s[i]);
+    }
+#endif
 }
 
 // Workgroup tiles, k-major with vec4s along the output dimension:

@@ -166,6 +166,12 @@ const ENTRY_FORMS: &[(Shader, &str, &str, &[&str])] = &[
         "gemm_tiled",
         &["VEC_A", "VEC_B"],
     ),
+    (
+        Shader::Gemm,
+        "gemm_gemvc_vab",
+        "gemm_gemvc",
+        &["VEC_A", "VEC_B"],
+    ),
     (Shader::Gemm, "gemm_reg_vb", "gemm_reg", &["VEC_B"]),
     (Shader::Gemm, "gemm_ureg_vb", "gemm_ureg", &["VEC_B"]),
     (

@@ -53,9 +53,12 @@ fn check(gpu: &Gpu, shape: &[usize]) -> Result<Vec<CheckReport>> {
             trans_b: true,
             ..Matmul::new(m, n, k)
         };
-        let gemv =
-            |k: &Kernel| sweep == Sweep::Exhaustive || matches!(k, Kernel::Naive | Kernel::Gemv);
+        let gemv = |k: &Kernel| {
+            sweep == Sweep::Exhaustive || matches!(k, Kernel::Naive | Kernel::Gemv | Kernel::Gemvc)
+        };
         reports.extend(check_matmul(gpu, mm, (false, false), false, &gemv)?);
+        // gemm_gemvc's vec4 form.
+        reports.extend(check_matmul(gpu, mm, (true, true), false, &gemv)?);
         if gpu.has_f16() {
             reports.extend(check_matmul(gpu, mm, (true, true), true, &gemv)?);
         }
@@ -627,6 +630,8 @@ fn compare_kernels(
         match (kernel, &naive) {
             (Kernel::Naive, _) => naive = Some(got),
             (Kernel::Gemv | Kernel::SplitK(_), _) | (_, None) => {}
+            // The vec4 form ("va vb") sums four interleaved partials.
+            (Kernel::Gemvc, _) if what.contains(" va vb") => {}
             (_, Some(bits)) => reports.push(CheckReport::new(
                 s,
                 &format!("{what} same bits as naive"),
@@ -779,9 +784,9 @@ pub fn bench_headline(gpu: &Gpu, shape: &[usize], opts: &BenchOptions) -> Result
         add(w, "tuned");
     }
     add(fixed_rule(gpu, &mm), "fixed rule");
-    let contenders = candidates(gpu, &mm, &a, &b)
-        .into_iter()
-        .filter(|k| !matches!(k, Kernel::Naive | Kernel::Gemv) && opts.wants(&k.name()));
+    let contenders = candidates(gpu, &mm, &a, &b).into_iter().filter(|k| {
+        !matches!(k, Kernel::Naive | Kernel::Gemv | Kernel::Gemvc) && opts.wants(&k.name())
+    });
     for kernel in best_of_each_kind(contenders, &gpu.tuner.wins()) {
         add(kernel, &format!("best {}", kernel.kind()));
     }

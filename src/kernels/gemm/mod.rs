@@ -60,6 +60,10 @@ const fn gemm_spec(entry: &'static str) -> KernelSpec {
 pub const NAIVE: KernelSpec = gemm_spec("gemm_naive");
 /// Matrix-vector products: few rows of a against b stored (N, K) (decoding).
 pub const GEMV: KernelSpec = gemm_spec("gemm_gemv");
+/// Matrix-vector products, one output column per invocation (CPU adapters), scalar reads.
+pub const GEMVC: KernelSpec = gemm_spec("gemm_gemvc");
+/// The same, reading a and b as vec4.
+pub const GEMVC_VAB: KernelSpec = gemm_spec("gemm_gemvc_vab");
 /// The tiled kernel with scalar reads of a and b.
 pub const TILED: KernelSpec = gemm_spec("gemm_tiled");
 /// The tiled kernel reading a as vec4.
@@ -90,6 +94,8 @@ pub const GEMV_MAX_M: usize = 8;
 /// levels to combine; 8 columns of 32 invocations were twice as slow on a CPU adapter, where
 /// barriers dominate.
 const GEMV_COLS: usize = 32;
+/// Output columns (invocations) per workgroup of gemm_gemvc (as `gemm.wgsl`'s GEMVC_WG).
+const GEMVC_WG: usize = 64;
 /// Outputs per workgroup of gemm_splitk_reduce.
 const SPLITK_REDUCE_WG: usize = 256;
 /// Outputs per workgroup of gemm_pack_b.
@@ -382,6 +388,7 @@ fn kernel_constants(mm: &Matmul, kernel: Kernel) -> Vec<(&'static str, f64)> {
     match kernel {
         Kernel::Naive => {}
         Kernel::Gemv => constants.push(("GEMV_COLS", GEMV_COLS as f64)),
+        Kernel::Gemvc => constants.push(("GEMV_ROWS", mm.m as f64)),
         Kernel::Tiled(t) => constants.extend(t.constants()),
         Kernel::Reg(r) | Kernel::SplitK(SplitK { reg: r, .. }) | Kernel::Packed(r) => {
             constants.extend(r.constants())
