@@ -16,13 +16,19 @@ use crate::model::llama_params::LlamaParams;
 use crate::model::{Arch, GptConfig, ParamTable};
 use crate::rng::Rng;
 
-/// One kernel's share of a training step.
+/// One kernel's share of a training step or a decoded token.
 #[derive(Clone, Debug)]
 pub struct KernelRow {
     pub name: String,
     pub calls: usize,
     pub seconds: f64,
     pub share: f64,
+}
+
+impl KernelRow {
+    pub fn to_json(&self) -> Value {
+        json!({"name": self.name, "calls": self.calls, "ms": self.seconds * 1e3, "share": self.share})
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -158,26 +164,7 @@ fn time_training(
     let stats = TimeStats::from_samples(&samples);
     step += 1;
     let profile = exec.profile_step(&random_tokens(vocab, b, t, &mut rng), 1e-4, step)?;
-    let kernel_total: f64 = profile.iter().map(|(_, s)| s).sum();
-    let mut rows: Vec<KernelRow> = Vec::new();
-    for (name, s) in profile {
-        match rows.iter_mut().find(|r| r.name == name) {
-            Some(r) => {
-                r.calls += 1;
-                r.seconds += s;
-            }
-            None => rows.push(KernelRow {
-                name,
-                calls: 1,
-                seconds: s,
-                share: 0.0,
-            }),
-        }
-    }
-    for r in &mut rows {
-        r.share = r.seconds / kernel_total.max(1e-12);
-    }
-    rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    let (rows, kernel_total) = kernel_rows(profile);
     Ok(TrainBench {
         b,
         t,
@@ -199,12 +186,35 @@ impl TrainBench {
             "tokens_per_s": self.tokens_per_s,
             "flops_per_step": self.flops_per_step,
             "tflops": self.tflops,
-            "kernels": self.kernels.iter().map(|k| json!({
-                "name": k.name, "calls": k.calls, "ms": k.seconds * 1e3, "share": k.share,
-            })).collect::<Vec<_>>(),
+            "kernels": self.kernels.iter().map(KernelRow::to_json).collect::<Vec<_>>(),
             "kernel_total_ms": self.kernel_total * 1e3,
         })
     }
+}
+
+/// (dispatch name, seconds) pairs summed by name, largest first, with their total.
+fn kernel_rows(profile: Vec<(String, f64)>) -> (Vec<KernelRow>, f64) {
+    let total: f64 = profile.iter().map(|(_, s)| s).sum();
+    let mut rows: Vec<KernelRow> = Vec::new();
+    for (name, s) in profile {
+        match rows.iter_mut().find(|r| r.name == name) {
+            Some(r) => {
+                r.calls += 1;
+                r.seconds += s;
+            }
+            None => rows.push(KernelRow {
+                name,
+                calls: 1,
+                seconds: s,
+                share: 0.0,
+            }),
+        }
+    }
+    for r in &mut rows {
+        r.share = r.seconds / total.max(1e-12);
+    }
+    rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    (rows, total)
 }
 
 /// Inference throughput of one weight format.
@@ -221,6 +231,10 @@ pub struct InferBench {
     /// `recompute_tokens` tokens (one run; at most `new_tokens`).
     pub recompute: Option<TimeStats>,
     pub recompute_tokens: usize,
+    /// GPU time per kernel of one token decoded with the KV cache after the prompt, largest
+    /// share first.
+    pub decode_kernels: Vec<KernelRow>,
+    pub decode_kernel_total: f64,
 }
 
 impl InferBench {
@@ -243,6 +257,8 @@ impl InferBench {
             "decode_tokens_per_s": self.decode_tokens_per_s(),
             "recompute_ms_per_token": self.recompute.map(|r| json!({"median": r.median * 1e3, "min": r.min * 1e3, "max": r.max * 1e3, "tokens": self.recompute_tokens})),
             "recompute_tokens_per_s": self.recompute.map(|r| 1.0 / r.median),
+            "decode_kernels": self.decode_kernels.iter().map(KernelRow::to_json).collect::<Vec<_>>(),
+            "decode_kernel_total_ms": self.decode_kernel_total * 1e3,
         })
     }
 }
@@ -266,6 +282,8 @@ trait Decode {
     fn extend(&mut self, seq: &[u32], new: usize) -> Result<Vec<f32>>;
     /// The logits after `seq`, recomputed over the whole of it.
     fn recompute(&mut self, seq: &[u32]) -> Result<Vec<f32>>;
+    /// Decodes the last token of `seq` (the rest cached) and times each dispatch of its pass.
+    fn profile(&mut self, seq: &[u32]) -> Result<Vec<(String, f64)>>;
 }
 
 impl Decode for crate::infer::Engine<'_> {
@@ -281,6 +299,10 @@ impl Decode for crate::infer::Engine<'_> {
         crate::infer::Engine::reset(self);
         Ok(self.feed(seq, seq.len())?.remove(0))
     }
+
+    fn profile(&mut self, seq: &[u32]) -> Result<Vec<(String, f64)>> {
+        self.profile_feed(&seq[seq.len() - 1..])
+    }
 }
 
 impl Decode for crate::infer::llama::LlamaRunner<'_> {
@@ -294,6 +316,10 @@ impl Decode for crate::infer::llama::LlamaRunner<'_> {
 
     fn recompute(&mut self, seq: &[u32]) -> Result<Vec<f32>> {
         self.next_logits(seq)
+    }
+
+    fn profile(&mut self, seq: &[u32]) -> Result<Vec<(String, f64)>> {
+        self.profile_next(seq)
     }
 }
 
@@ -398,6 +424,16 @@ fn time_decoding(model: &mut dyn Decode, vocab: usize, s: InferSetup) -> Result<
             decode.push(t1.elapsed().as_secs_f64() / new_tokens.max(1) as f64);
         }
     }
+    // One token after the prompt, each dispatch timed.
+    let (decode_kernels, decode_kernel_total) = if new_tokens > 0 {
+        model.reset();
+        let mut seq = prompt.clone();
+        let logits = model.extend(&seq, prompt_len)?;
+        seq.push(argmax(&logits));
+        kernel_rows(model.profile(&seq)?)
+    } else {
+        (Vec::new(), 0.0)
+    };
     // No more tokens recomputed than decoded.
     let recompute_tokens = recompute_tokens.min(new_tokens.max(1));
     let recompute = if recompute_tokens > 0 {
@@ -422,5 +458,7 @@ fn time_decoding(model: &mut dyn Decode, vocab: usize, s: InferSetup) -> Result<
         decode: TimeStats::from_samples(&decode),
         recompute,
         recompute_tokens,
+        decode_kernels,
+        decode_kernel_total,
     })
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use shaderformer::bench::{self, InferBench, TrainBench};
+use shaderformer::bench::{self, InferBench, KernelRow, TrainBench};
 use shaderformer::error::{Error, Result};
 use shaderformer::gpu::{DType, Gpu};
 use shaderformer::model::llama_params::LlamaParams;
@@ -16,8 +16,8 @@ use crate::GpuArgs;
 /// A named shape, with dimensions overridden.
 #[derive(Args, Debug)]
 pub struct ModelArgs {
-    /// A shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Llama-family one (inference only):
-    /// smollm2-135m, qwen2.5-0.5b, llama-3.2-1b. Dimension flags override a GPT-2 shape;
+    /// A shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Llama-family one: smollm2-135m,
+    /// qwen2.5-0.5b, llama-3.2-1b. Dimension flags override a GPT-2 shape;
     /// --n-layer, --vocab-size and --context a Llama-family one.
     #[arg(long, default_value = "gpt2")]
     model: String,
@@ -283,6 +283,7 @@ fn header(
 
 /// Adds the inference rows to `out` (and prints them).
 fn add_infer(
+    gpu: &Gpu,
     out: &mut serde_json::Map<String, serde_json::Value>,
     rows: &[InferBench],
     args: &BenchArgs,
@@ -292,7 +293,7 @@ fn add_infer(
         rows.iter().map(|r| r.to_json()).collect::<Vec<_>>().into(),
     );
     if !args.json_to_stdout() {
-        print_infer(rows, args);
+        print_infer(gpu, rows, args);
     }
 }
 
@@ -333,7 +334,7 @@ fn bench_gpt2(
         }
     }
     if matches!(args.what, What::Infer | What::All) {
-        add_infer(&mut out, &infer(&gpu, cfg, args)?, args);
+        add_infer(&gpu, &mut out, &infer(&gpu, cfg, args)?, args);
     }
     Ok(out)
 }
@@ -399,7 +400,7 @@ fn bench_llama(
         let rows = (args.infer_setups(&gpu, arch.context).into_iter())
             .map(|setup| bench::infer_llama(&gpu, arch, &table, &params, setup))
             .collect::<Result<Vec<_>>>()?;
-        add_infer(&mut out, &rows, args);
+        add_infer(&gpu, &mut out, &rows, args);
     }
     Ok(out)
 }
@@ -491,16 +492,24 @@ fn print_train(gpu: &Gpu, r: &TrainBench, warmup: usize) {
         r.tflops,
         r.flops_per_step / 1e9
     );
-    println!(
-        "\nGPU time per kernel in one step ({}; {:.1} ms in all):",
-        gpu.timing_method().name(),
-        r.kernel_total * 1e3
+    print_kernels(
+        &format!(
+            "GPU time per kernel in one step ({}",
+            gpu.timing_method().name()
+        ),
+        &r.kernels,
+        r.kernel_total,
     );
+}
+
+/// A table of kernels' GPU times under `title` (which ends with "; ... in all):").
+fn print_kernels(title: &str, rows: &[KernelRow], total: f64) {
+    println!("\n{title}; {:.1} ms in all):", total * 1e3);
     println!(
         "  {:<34} {:>6} {:>10} {:>7}",
         "kernel", "calls", "ms", "share"
     );
-    for k in &r.kernels {
+    for k in rows {
         println!(
             "  {:<34} {:>6} {:>10.2} {:>6.1}%",
             k.name,
@@ -520,7 +529,7 @@ fn infer(gpu: &Gpu, cfg: &GptConfig, args: &BenchArgs) -> Result<Vec<InferBench>
 }
 
 /// One table row per weight format: prefill and decode throughput, and full recomputation's.
-fn print_infer(rows: &[InferBench], args: &BenchArgs) {
+fn print_infer(gpu: &Gpu, rows: &[InferBench], args: &BenchArgs) {
     println!(
         "\ninference, batch 1, prompt {} tokens, {} new tokens (median of {} after {} warm-up):",
         rows.first().map_or(0, |r| r.prompt_len),
@@ -544,6 +553,17 @@ fn print_infer(rows: &[InferBench], args: &BenchArgs) {
                 x.median * 1e3,
                 r.recompute_tokens.min(r.new_tokens)
             ))
+        );
+    }
+    for r in rows.iter().filter(|r| !r.decode_kernels.is_empty()) {
+        print_kernels(
+            &format!(
+                "GPU time per kernel of one decoded token, {} ({}",
+                r.dtype.name(),
+                gpu.timing_method().name()
+            ),
+            &r.decode_kernels,
+            r.decode_kernel_total,
         );
     }
 }

@@ -106,6 +106,13 @@ impl<'a> Engine<'a> {
         Ok(&self.decoders[&(tq, loss)])
     }
 
+    /// Decodes one token per sequence (`tokens`, one for each) as `feed` does, then times each
+    /// dispatch of that pass (see `Executor::profile_forward`).
+    pub fn profile_feed(&mut self, tokens: &[u32]) -> Result<Vec<(String, f64)>> {
+        self.feed(tokens, 1)?;
+        self.decoders[&(1, false)].exec.profile_forward()
+    }
+
     /// Forgets the cached positions (the caches' contents are simply overwritten later).
     pub fn reset(&mut self) {
         self.pos = 0;

@@ -171,6 +171,21 @@ impl<'a> LlamaRunner<'a> {
         Ok(logits)
     }
 
+    /// Decodes the last token of `ids` (the others already cached) as `next` does, then times
+    /// each dispatch of that token's pass (see `Executor::profile_forward`).
+    pub fn profile_next(&mut self, ids: &[u32]) -> Result<Vec<(String, f64)>> {
+        let before = self.cache.as_ref().map(|c| c.1);
+        if before.is_none_or(|pos| pos + 1 != ids.len()) {
+            return Err(Error::invalid(
+                "profile",
+                "profiling decodes one new token against the KV cache",
+            ));
+        }
+        self.next(ids)?;
+        let decoders = &self.cache.as_ref().expect("checked above").0;
+        decoders[&1].exec.profile_forward()
+    }
+
     /// The graph for sequences of `n` tokens: of the next multiple of `LENGTH_STEP`, at most
     /// the context.
     fn forward(&mut self, n: usize, loss: bool) -> Result<&mut Forward<'a>> {

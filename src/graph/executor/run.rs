@@ -484,4 +484,13 @@ impl Executor<'_> {
         let times = gpu.profile(&all)?;
         Ok(all.into_iter().map(|d| d.name).zip(times).collect())
     }
+
+    /// Times every dispatch of the forward pass with the GPU profiler, each in its own pass, on
+    /// the inputs the last `forward` or `decode` call wrote (a decoding graph appends the same
+    /// keys and values to its cache again). Returns (dispatch name, seconds) in schedule order.
+    pub fn profile_forward(&self) -> Result<Vec<(String, f64)>> {
+        let all = self.phase(Phase::Forward).to_vec();
+        let times = self.gpu.profile(&all)?;
+        Ok(all.into_iter().map(|d| d.name).zip(times).collect())
+    }
 }
