@@ -96,6 +96,21 @@ fn smollm2_inference_is_measured_as_json() {
         positive(r, "recompute_tokens_per_s");
         // No more tokens recomputed than decoded, and the JSON says so.
         assert_eq!(r["recompute_ms_per_token"]["tokens"], 1, "{r}");
+        // One decoded token's kernels: every layer's products (7 each, and the lm head) and
+        // attention over the cache, their times summing to the total.
+        let kernels = r["decode_kernels"].as_array().unwrap();
+        let calls = |prefix: &str| -> u64 {
+            kernels
+                .iter()
+                .filter(|k| k["name"].as_str().unwrap().starts_with(prefix))
+                .map(|k| k["calls"].as_u64().unwrap())
+                .sum()
+        };
+        assert_eq!(calls("gemm"), 7 * 30 + 1, "{r}");
+        assert_eq!(calls("attention"), 2 * 30, "{r}");
+        let total = positive(r, "decode_kernel_total_ms");
+        let sum: f64 = kernels.iter().map(|k| k["ms"].as_f64().unwrap()).sum();
+        assert!((sum - total).abs() <= 1e-6 * total, "{r}");
     }
 }
 
