@@ -106,18 +106,20 @@ pub fn build_training<'a>(
 }
 
 /// Times training steps of batch `b` × `t` tokens: `warmup` untimed steps, then `runs` timed ones,
-/// then one step profiled per kernel.
+/// then one step profiled per kernel; `progress` hears of each step as it ends (a large model's
+/// step on a CPU adapter takes minutes).
 pub fn train(
     gpu: &Gpu,
     cfg: &GptConfig,
     b: usize,
     t: usize,
-    warmup: usize,
-    runs: usize,
+    (warmup, runs): (usize, usize),
+    progress: &mut dyn FnMut(&str),
 ) -> Result<TrainBench> {
     let (_store, mut exec) = build_training(gpu, cfg, b, t)?;
     let flops = train_flops(cfg, b, t);
-    time_training(&mut exec, cfg.vocab_size, (b, t), (warmup, runs), flops)
+    let steps = (warmup, runs);
+    time_training(&mut exec, cfg.vocab_size, (b, t), steps, flops, progress)
 }
 
 /// `train` for a Llama-family shape, on random weights drawn as transformers draws them.
@@ -125,15 +127,22 @@ pub fn train_llama(
     gpu: &Gpu,
     arch: &Arch,
     (b, t): (usize, usize),
-    warmup: usize,
-    runs: usize,
+    (warmup, runs): (usize, usize),
+    progress: &mut dyn FnMut(&str),
 ) -> Result<TrainBench> {
     let table = LlamaParams::new(arch, 0.02)?;
     let store = ParamStore::new(gpu, &table.store_specs(), &table.init(1), true)?;
     let g = crate::model::llama::build_for(arch, &table, (b, t), Mode::Train, gpu.max_binding())?;
     let mut exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
     let flops = llama_train_flops(arch, b, t);
-    time_training(&mut exec, arch.vocab, (b, t), (warmup, runs), flops)
+    time_training(
+        &mut exec,
+        arch.vocab,
+        (b, t),
+        (warmup, runs),
+        flops,
+        progress,
+    )
 }
 
 /// The timing of `train`: steps of random tokens below `vocab` through `exec`, and the kernels
@@ -144,24 +153,38 @@ fn time_training(
     (b, t): (usize, usize),
     (warmup, runs): (usize, usize),
     flops: f64,
+    progress: &mut dyn FnMut(&str),
 ) -> Result<TrainBench> {
     let mut rng = Rng::new(2);
     let mut step = 0u32;
-    for _ in 0..warmup {
+    for k in 0..warmup {
         step += 1;
+        let t0 = Instant::now();
         exec.step(&[random_tokens(vocab, b, t, &mut rng)], 1e-4, step)?;
         exec.wait_results()?;
+        progress(&format!(
+            "warm-up step {} of {warmup}: {:.1} s",
+            k + 1,
+            t0.elapsed().as_secs_f64()
+        ));
     }
     let mut samples = Vec::new();
-    for _ in 0..runs.max(1) {
+    let runs = runs.max(1);
+    for k in 0..runs {
         step += 1;
         let batch = random_tokens(vocab, b, t, &mut rng);
         let t0 = Instant::now();
         exec.step(&[batch], 1e-4, step)?;
         exec.wait_results()?;
         samples.push(t0.elapsed().as_secs_f64());
+        progress(&format!(
+            "timed step {} of {runs}: {:.1} s",
+            k + 1,
+            samples[k]
+        ));
     }
     let stats = TimeStats::from_samples(&samples);
+    progress("one more step, each kernel timed on its own");
     step += 1;
     let profile = exec.profile_step(&random_tokens(vocab, b, t, &mut rng), 1e-4, step)?;
     let (rows, kernel_total) = kernel_rows(profile);

@@ -251,7 +251,7 @@ pub fn run(gpu: &Gpu, plan: &Plan, progress: &mut dyn FnMut(&str)) -> Outcome {
     }
     for case in &plan.train {
         progress(&format!("training step, {}", case.label));
-        let r = train_section(gpu, case, plan, &mut out);
+        let r = train_section(gpu, case, plan, &mut out, progress);
         push(&mut sections, "train", case.label.to_string(), r);
     }
     for dtype in [DType::F32, DType::F16] {
@@ -367,14 +367,17 @@ fn train_section(
     case: &TrainCase,
     plan: &Plan,
     out: &mut Outcome,
+    progress: &mut dyn FnMut(&str),
 ) -> std::result::Result<Value, String> {
-    let (runs, warmup) = (plan.runs, plan.warmup);
+    let steps = (plan.warmup, plan.runs);
+    let mut step_done = |what: &str| progress(&format!("  {what}"));
     let r = match &case.model {
         TrainModel::Gpt(cfg) => crate::memory::check("the model", cfg.training_bytes())
-            .and_then(|_| bench::train(gpu, cfg, case.b, case.t, warmup, runs)),
+            .and_then(|_| bench::train(gpu, cfg, case.b, case.t, steps, &mut step_done)),
         TrainModel::Llama(arch) => {
-            crate::memory::check("the model", bench::llama_train_bytes(arch))
-                .and_then(|_| bench::train_llama(gpu, arch, (case.b, case.t), warmup, runs))
+            crate::memory::check("the model", bench::llama_train_bytes(arch)).and_then(|_| {
+                bench::train_llama(gpu, arch, (case.b, case.t), steps, &mut step_done)
+            })
         }
     };
     match r {

@@ -186,7 +186,12 @@ fn a_llama_training_step_is_timed_and_profiled() {
     arch.context = 32;
     arch.mlp = shaderformer::model::arch::Mlp::GatedSilu { intermediate: 128 };
     let (b, t) = (2, 16);
-    let r = shaderformer::bench::train_llama(gpu, &arch, (b, t), 0, 2).unwrap();
+    let mut heard = Vec::new();
+    let mut progress = |what: &str| heard.push(what.to_string());
+    let r = shaderformer::bench::train_llama(gpu, &arch, (b, t), (0, 2), &mut progress).unwrap();
+    // Each timed step, then the profiled one, is reported as it ends.
+    assert_eq!(heard.len(), 3, "{heard:?}");
+    assert!(heard[1].starts_with("timed step 2 of 2: "), "{heard:?}");
     let j = r.to_json();
     let ms = positive(&j["ms_per_step"], "median");
     let tokens = positive(&j, "tokens_per_s");

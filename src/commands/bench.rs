@@ -297,6 +297,12 @@ fn add_infer(
     }
 }
 
+/// Each training step's end, on stderr (a large model's step on a CPU adapter takes minutes; the
+/// tables and the JSON stay on stdout).
+fn step_progress(what: &str) {
+    eprintln!("  {what}");
+}
+
 /// Training and inference of a GPT-2 shape.
 fn bench_gpt2(
     gpu: &GpuArgs,
@@ -325,8 +331,8 @@ fn bench_gpt2(
             cfg,
             args.batch_size,
             block_size,
-            args.warmup,
-            args.runs,
+            (args.warmup, args.runs),
+            &mut step_progress,
         )?;
         out.insert("train".into(), r.to_json());
         if !args.json_to_stdout() {
@@ -388,7 +394,8 @@ fn bench_llama(
     let mut out = header(&gpu, arch.describe(), args);
     if train {
         let shape = (args.batch_size, block_size);
-        let r = bench::train_llama(&gpu, arch, shape, args.warmup, args.runs)?;
+        let steps = (args.warmup, args.runs);
+        let r = bench::train_llama(&gpu, arch, shape, steps, &mut step_progress)?;
         out.insert("train".into(), r.to_json());
         if !args.json_to_stdout() {
             print_train(&gpu, &r, args.warmup);
