@@ -122,6 +122,19 @@ pub fn train(
     time_training(&mut exec, cfg.vocab_size, (b, t), steps, flops, progress)
 }
 
+/// `build_training` for a Llama-family shape, on random weights drawn as transformers draws them.
+pub fn build_training_llama<'a>(
+    gpu: &'a Gpu,
+    arch: &Arch,
+    (b, t): (usize, usize),
+) -> Result<(ParamStore, Executor<'a>)> {
+    let table = LlamaParams::new(arch, 0.02)?;
+    let store = ParamStore::new(gpu, &table.store_specs(), &table.init(1), true)?;
+    let g = crate::model::llama::build_for(arch, &table, (b, t), Mode::Train, gpu.max_binding())?;
+    let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
+    Ok((store, exec))
+}
+
 /// `train` for a Llama-family shape, on random weights drawn as transformers draws them.
 pub fn train_llama(
     gpu: &Gpu,
@@ -130,10 +143,7 @@ pub fn train_llama(
     (warmup, runs): (usize, usize),
     progress: &mut dyn FnMut(&str),
 ) -> Result<TrainBench> {
-    let table = LlamaParams::new(arch, 0.02)?;
-    let store = ParamStore::new(gpu, &table.store_specs(), &table.init(1), true)?;
-    let g = crate::model::llama::build_for(arch, &table, (b, t), Mode::Train, gpu.max_binding())?;
-    let mut exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
+    let (_store, mut exec) = build_training_llama(gpu, arch, (b, t))?;
     let flops = llama_train_flops(arch, b, t);
     time_training(
         &mut exec,

@@ -142,10 +142,22 @@ fn what_a_llama_preset_cannot_take_is_refused_naming_the_flag() {
         &with(&["--context", "16", "--prompt-len", "12", "--new-tokens", "8"]),
         &["--prompt-len", "context 16"],
     );
-    // `tune` measures GPT-2's training kernels only.
+    // `tune` takes the Llama presets as `bench` does, and refuses what they cannot take.
     assert_refused(
-        &["tune", "--model", "llama-3.2-1b"],
-        &["--model", "llama-3.2-1b", "GPT-2"],
+        &["tune", "--model", "llama-3.2-1b", "--n-embd", "64"],
+        &["--n-embd", "llama-3.2-1b"],
+    );
+    assert_refused(
+        &[
+            "tune",
+            "--model",
+            "smollm2-135m",
+            "--context",
+            "16",
+            "--block-size",
+            "32",
+        ],
+        &["--block-size", "32", "context 16"],
     );
 }
 

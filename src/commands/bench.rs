@@ -140,19 +140,8 @@ impl ModelArgs {
         Ok(arch)
     }
 
-    /// The GPT-2 preset named by --model, its dimensions overridden by the flags; a
-    /// Llama-family name is refused (what takes this measures GPT-2 only).
-    pub fn config(&self) -> Result<GptConfig> {
-        if Arch::preset(&self.model).is_some() {
-            return Err(Error::invalid(
-                "--model",
-                format!(
-                    "{} is a Llama-family shape; this measures GPT-2 shapes only ({})",
-                    self.model,
-                    presets::GPT2_PRESETS.join(", ")
-                ),
-            ));
-        }
+    /// The GPT-2 preset named by --model, its dimensions overridden by the flags.
+    fn config(&self) -> Result<GptConfig> {
         let mut cfg = GptConfig::preset(&self.model).ok_or_else(|| self.unknown())?;
         cfg.n_layer = self.n_layer.unwrap_or(cfg.n_layer);
         cfg.n_head = self.n_head.unwrap_or(cfg.n_head);

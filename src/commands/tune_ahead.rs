@@ -7,9 +7,11 @@ use std::time::Instant;
 use clap::Args;
 
 use shaderformer::bench;
-use shaderformer::error::Result;
+use shaderformer::error::{Error, Result};
 use shaderformer::gpu::tuning_cache::Choice;
 use shaderformer::gpu::{DType, Gpu, TuneMode};
+use shaderformer::model::llama_params::LlamaParams;
+use shaderformer::model::presets::Preset;
 
 use super::bench::{ModelArgs, at_least_one};
 use crate::GpuArgs;
@@ -30,14 +32,27 @@ pub struct TuneArgs {
 }
 
 pub fn tune(gpu: &GpuArgs, args: &TuneArgs) -> Result<ExitCode> {
-    let cfg = args.model.config()?;
-    at_least_one(&[
-        ("--batch-size", args.batch_size),
-        ("--block-size", args.block_size),
-    ])?;
-    shaderformer::memory::check("the model", cfg.training_bytes())?;
-    args.model.check_block(args.block_size, &cfg)?;
-    super::bench::check_batch(&cfg, args.batch_size, args.block_size)?;
+    let (b, t) = (args.batch_size, args.block_size);
+    at_least_one(&[("--batch-size", b), ("--block-size", t)])?;
+    let preset = args.model.preset()?;
+    match &preset {
+        Preset::Gpt2(cfg) => {
+            shaderformer::memory::check("the model", cfg.training_bytes())?;
+            args.model.check_block(t, cfg)?;
+            super::bench::check_batch(cfg, b, t)?;
+        }
+        Preset::Llama(arch) => {
+            if t > arch.context {
+                return Err(Error::invalid(
+                    "--block-size",
+                    format!("{t} is beyond the model's context {}", arch.context),
+                ));
+            }
+            let infer = bench::llama_infer_bytes(arch, t + 1);
+            let bytes = bench::llama_train_bytes(arch).max(infer);
+            shaderformer::memory::check("the model", bytes)?;
+        }
+    }
     // Tuning is this command's job: whatever mode was asked for (once it is a valid one).
     gpu.tune_mode()?;
     let mut gpu_args = gpu.clone();
@@ -49,19 +64,32 @@ pub fn tune(gpu: &GpuArgs, args: &TuneArgs) -> Result<ExitCode> {
     if let Some(p) = gpu.tuner.path() {
         println!("cache:   {}", p.display());
     }
-    // Building the executors looks up (and measures) every kernel the workload runs.
-    bench::build_training(&gpu, &cfg, args.batch_size, args.block_size)?;
-    if args.infer {
-        let params = bench::random_params(&cfg, 1);
-        let setup = bench::InferSetup {
-            dtype: DType::F32,
-            prompt_len: args.block_size.min(cfg.block_size - 1),
-            new_tokens: 1,
-            warmup: 0,
-            runs: 1,
-            recompute_tokens: 0,
-        };
-        bench::infer(&gpu, &cfg, &params, setup)?;
+    // Building the executors looks up (and measures) every kernel the workload runs; with
+    // --infer, a prefill of --block-size tokens and one decoded token do the same for inference.
+    let setup = |context: usize| bench::InferSetup {
+        dtype: DType::F32,
+        prompt_len: t.min(context - 1),
+        new_tokens: 1,
+        warmup: 0,
+        runs: 1,
+        recompute_tokens: 0,
+    };
+    match &preset {
+        Preset::Gpt2(cfg) => {
+            bench::build_training(&gpu, cfg, b, t)?;
+            if args.infer {
+                let params = bench::random_params(cfg, 1);
+                bench::infer(&gpu, cfg, &params, setup(cfg.block_size))?;
+            }
+        }
+        Preset::Llama(arch) => {
+            bench::build_training_llama(&gpu, arch, (b, t))?;
+            if args.infer {
+                let table = LlamaParams::new(arch, 0.02)?;
+                let params = table.init(1);
+                bench::infer_llama(&gpu, arch, &table, &params, setup(arch.context))?;
+            }
+        }
     }
     print_table(&gpu);
     println!("done in {:.1} s", t0.elapsed().as_secs_f64());
