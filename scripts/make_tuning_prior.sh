@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Measures, on this machine's adapter, every kernel problem of the runs a first-time user makes
 # (the README's `train` on the embedded default, the README's tiny shakespeare model, the 4-layer
-# model of `bench --suite quick`, GPT-2 124M's prefill and decoding), and writes each problem's
+# model of `bench --suite quick`, GPT-2 124M's prefill and decoding, SmolLM2-135M's training step,
+# prefill and decoding), and writes each problem's
 # winner as the prior shipped for adapters whose name starts as this one's does.
 #
 #   scripts/make_tuning_prior.sh llvmpipe assets/tuning/llvmpipe.json
@@ -26,6 +27,10 @@ $bin tune --n-layer 4 --n-head 4 --n-embd 128 --vocab-size 65 --context 64 --bat
 $bin tune --n-layer 4 --n-head 4 --n-embd 128 --vocab-size 65 --context 64 --batch-size 8 --block-size 64
 # GPT-2 124M's prefill and decoding (bench --suite, sample).
 $bin tune --model gpt2 --batch-size 1 --block-size 128 --infer
+# SmolLM2-135M's shape: the training step BENCHMARKS.md times (B 4, T 256), and prefill of 128
+# tokens and decoding (bench --model smollm2-135m, sample on a SmolLM2 checkpoint).
+$bin tune --model smollm2-135m --batch-size 4 --block-size 256
+$bin tune --model smollm2-135m --batch-size 1 --block-size 128 --infer
 
 python3 - "$cache" "$prefix" "$out" <<'EOF'
 import glob, json, sys
