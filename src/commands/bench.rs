@@ -151,20 +151,17 @@ impl ModelArgs {
         cfg.validate()?;
         Ok(cfg)
     }
+}
 
-    /// Refuses a training sequence longer than the model's context.
-    pub fn check_block(&self, block_size: usize, cfg: &GptConfig) -> Result<()> {
-        if block_size > cfg.block_size {
-            return Err(Error::invalid(
-                "--block-size",
-                format!(
-                    "{block_size} is beyond the model's context {}",
-                    cfg.block_size
-                ),
-            ));
-        }
-        Ok(())
+/// Refuses a training sequence longer than the model's `context`.
+pub fn check_block(block_size: usize, context: usize) -> Result<()> {
+    if block_size > context {
+        return Err(Error::invalid(
+            "--block-size",
+            format!("{block_size} is beyond the model's context {context}"),
+        ));
     }
+    Ok(())
 }
 
 impl BenchArgs {
@@ -309,7 +306,7 @@ fn bench_gpt2(
     ])?;
     shaderformer::memory::check("the model", cfg.training_bytes())?;
     if args.what != What::Infer {
-        args.model.check_block(block_size, cfg)?;
+        check_block(block_size, cfg.block_size)?;
         check_batch(cfg, args.batch_size, block_size)?;
     }
     let gpu = gpu.open()?;
@@ -362,14 +359,8 @@ fn bench_llama(
             ),
         ));
     }
-    if train && block_size > arch.context {
-        return Err(Error::invalid(
-            "--block-size",
-            format!(
-                "{block_size} is beyond the model's context {}",
-                arch.context
-            ),
-        ));
+    if train {
+        check_block(block_size, arch.context)?;
     }
     let mut bytes = 0;
     if train {

@@ -7,13 +7,13 @@ use std::time::Instant;
 use clap::Args;
 
 use shaderformer::bench;
-use shaderformer::error::{Error, Result};
+use shaderformer::error::Result;
 use shaderformer::gpu::tuning_cache::Choice;
 use shaderformer::gpu::{DType, Gpu, TuneMode};
 use shaderformer::model::llama_params::LlamaParams;
 use shaderformer::model::presets::Preset;
 
-use super::bench::{ModelArgs, at_least_one};
+use super::bench::{ModelArgs, at_least_one, check_block};
 use crate::GpuArgs;
 
 #[derive(Args, Debug)]
@@ -38,16 +38,11 @@ pub fn tune(gpu: &GpuArgs, args: &TuneArgs) -> Result<ExitCode> {
     match &preset {
         Preset::Gpt2(cfg) => {
             shaderformer::memory::check("the model", cfg.training_bytes())?;
-            args.model.check_block(t, cfg)?;
+            check_block(t, cfg.block_size)?;
             super::bench::check_batch(cfg, b, t)?;
         }
         Preset::Llama(arch) => {
-            if t > arch.context {
-                return Err(Error::invalid(
-                    "--block-size",
-                    format!("{t} is beyond the model's context {}", arch.context),
-                ));
-            }
+            check_block(t, arch.context)?;
             let infer = bench::llama_infer_bytes(arch, t + 1);
             let bytes = bench::llama_train_bytes(arch).max(infer);
             shaderformer::memory::check("the model", bytes)?;

@@ -503,12 +503,7 @@ pub fn load(dir: &Path) -> Result<LlamaCheckpoint> {
 /// `load` over files given by name (a browser's file picker): config.json, the weights
 /// (model.safetensors or the index and its shards) and, if given, generation_config.json.
 pub fn from_files(files: &HashMap<String, Vec<u8>>) -> Result<LlamaCheckpoint> {
-    let text = |name: &str| -> Result<Option<&str>> {
-        files
-            .get(name)
-            .map(|b| std::str::from_utf8(b).map_err(|_| bad(Path::new(name), "is not UTF-8 text")))
-            .transpose()
-    };
+    let text = |name: &str| text_of(files, name);
     let config = text(CONFIG_FILE)?.ok_or_else(|| {
         bad(
             Path::new(CONFIG_FILE),
@@ -523,6 +518,15 @@ pub fn from_files(files: &HashMap<String, Vec<u8>>) -> Result<LlamaCheckpoint> {
         .map(|t| GenerationConfig::parse(Path::new(GENERATION_FILE), t))
         .transpose()?;
     Ok(LlamaCheckpoint::assemble(cfg, table, params, generation))
+}
+
+/// The file `name` of `files` as text, `None` where it is absent; an error names a file that is
+/// not UTF-8.
+pub fn text_of<'f>(files: &'f HashMap<String, Vec<u8>>, name: &str) -> Result<Option<&'f str>> {
+    files
+        .get(name)
+        .map(|b| std::str::from_utf8(b).map_err(|_| bad(Path::new(name), "is not UTF-8 text")))
+        .transpose()
 }
 
 impl LlamaCheckpoint {

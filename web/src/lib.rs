@@ -523,19 +523,12 @@ enum Net {
     Llama {
         runner: LlamaRunner<'static>,
         template: Option<ChatTemplate>,
-        params: usize,
     },
 }
 
-/// The files by name, as text where given (`None` where absent); an error names a file that is
-/// not UTF-8.
+/// The file `name` of `files` as text, `None` where it is absent.
 fn text_of<'f>(files: &'f HashMap<String, Vec<u8>>, name: &str) -> JsResult<Option<&'f str>> {
-    files
-        .get(name)
-        .map(|b| {
-            std::str::from_utf8(b).map_err(|_| JsValue::from_str(&format!("{name} is not UTF-8")))
-        })
-        .transpose()
+    hf_weights::text_of(files, name).map_err(err)
 }
 
 /// Opens a checkpoint from its files' names and contents: config.json, the weights
@@ -586,15 +579,10 @@ async fn open_llama(files: &HashMap<String, Vec<u8>>) -> JsResult<Model> {
     )
     .map_err(err)?;
     let gpu = gpu().await?;
-    let params = ck.params.iter().map(Vec::len).sum();
     let runner = LlamaRunner::with_cache(gpu, &ck, DType::F32).map_err(err)?;
     gpu.check("uploading the model").map_err(err)?;
     Ok(Model {
-        net: Net::Llama {
-            runner,
-            template,
-            params,
-        },
+        net: Net::Llama { runner, template },
         vocab,
     })
 }
@@ -618,11 +606,7 @@ impl Model {
                 "vocab": vocab,
                 "chat": false,
             }),
-            Net::Llama {
-                runner,
-                template,
-                params,
-            } => {
+            Net::Llama { runner, template } => {
                 let a = &runner.arch;
                 json!({
                     "model_type": a.family.model_type(),
@@ -632,7 +616,7 @@ impl Model {
                     "n_embd": a.hidden,
                     "block_size": a.context,
                     "vocab_size": a.vocab,
-                    "params": params,
+                    "params": a.checked_num_params(),
                     "vocab": vocab,
                     "chat": template.is_some(),
                 })

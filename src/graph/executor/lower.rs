@@ -661,7 +661,7 @@ impl<'s> Lowering<'s> {
         Ok(out)
     }
 }
-/// A rotary embedding over every head of (B, T, H, D).
+
 /// The attention shape of a decoding op: Tq new tokens, NH query and NKV key/value heads.
 fn decoding(b: usize, tq: usize, (nh, nkv): (usize, usize), hs: usize) -> attention::Dims {
     attention::Dims {
@@ -673,6 +673,7 @@ fn decoding(b: usize, tq: usize, (nh, nkv): (usize, usize), hs: usize) -> attent
     }
 }
 
+/// A rotary embedding over every head of (B, T, H, D).
 fn rope_dims(b: usize, t: usize, heads: usize, d: usize) -> rope::Dims {
     rope::Dims {
         b,

@@ -471,25 +471,27 @@ impl Executor<'_> {
         self.step_uniform
             .stage(self.gpu, &self.training_steps(lr, t)[..1]);
         self.submit_one("profile inputs", batch, &[])?;
-        let gpu = self.gpu;
-        let all: Vec<Dispatch> = [
+        self.profile_phases(&[
             Phase::Zero,
             Phase::Forward,
             Phase::Backward,
             Phase::Optimizer,
-        ]
-        .iter()
-        .flat_map(|&p| self.phase(p).iter().cloned())
-        .collect();
-        let times = gpu.profile(&all)?;
-        Ok(all.into_iter().map(|d| d.name).zip(times).collect())
+        ])
     }
 
     /// Times every dispatch of the forward pass with the GPU profiler, each in its own pass, on
     /// the inputs the last `forward` or `decode` call wrote (a decoding graph appends the same
     /// keys and values to its cache again). Returns (dispatch name, seconds) in schedule order.
     pub fn profile_forward(&self) -> Result<Vec<(String, f64)>> {
-        let all = self.phase(Phase::Forward).to_vec();
+        self.profile_phases(&[Phase::Forward])
+    }
+
+    /// Every dispatch of `phases`, in order, timed each in its own pass: (name, seconds).
+    fn profile_phases(&self, phases: &[Phase]) -> Result<Vec<(String, f64)>> {
+        let all: Vec<Dispatch> = phases
+            .iter()
+            .flat_map(|&p| self.phase(p).iter().cloned())
+            .collect();
         let times = self.gpu.profile(&all)?;
         Ok(all.into_iter().map(|d| d.name).zip(times).collect())
     }

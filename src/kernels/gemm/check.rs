@@ -551,7 +551,7 @@ fn check_matmul(
         Ok((what, gpu.read_f32(&gc)?))
     };
     let s = format!("{m}x{k}x{n} batch {batch}");
-    compare_kernels(&s, kernels, run, &want, tolerance(k))
+    compare_kernels(&s, kernels, run, (&want, vec_a && vec_b), tolerance(k))
 }
 
 /// Where check_matmul puts C, its view's length, and the product it computes there. With a vec4
@@ -614,12 +614,13 @@ fn matmul_reference(
 
 /// Runs each of `kernels` (`run` gives its report name and output) and compares the output with
 /// `want`, and with the naive kernel's bits where the kernel sums in the naive order (every
-/// kernel but gemv and split-K, when the naive kernel ran first).
+/// kernel but gemv, gemvc's vec4 form (A and B read as vec4: `vec_ab`) and split-K, when the
+/// naive kernel ran first).
 fn compare_kernels(
     s: &str,
     kernels: impl Iterator<Item = Kernel>,
     mut run: impl FnMut(Kernel) -> Result<(String, Vec<f32>)>,
-    want: &[f64],
+    (want, vec_ab): (&[f64], bool),
     (atol, rtol): (f64, f64),
 ) -> Result<Vec<CheckReport>> {
     let mut reports = Vec::new();
@@ -630,8 +631,8 @@ fn compare_kernels(
         match (kernel, &naive) {
             (Kernel::Naive, _) => naive = Some(got),
             (Kernel::Gemv | Kernel::SplitK(_), _) | (_, None) => {}
-            // The vec4 form ("va vb") sums four interleaved partials.
-            (Kernel::Gemvc, _) if what.contains(" va vb") => {}
+            // The vec4 form sums four interleaved partials.
+            (Kernel::Gemvc, _) if vec_ab => {}
             (_, Some(bits)) => reports.push(CheckReport::new(
                 s,
                 &format!("{what} same bits as naive"),
