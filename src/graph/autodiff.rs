@@ -196,6 +196,7 @@ impl Backprop<'_> {
             Op::SwiGlu { n } => self.swiglu(node, dy, n),
             Op::Dropout { n, p, site } => self.dropout(node, dy, n, p, site),
             Op::Add { n } => self.add(node, dy, n),
+            Op::Lora { m, k, r, n, scale } => self.lora(node, dy, (m, k, r, n), scale),
             Op::Mean { .. } => {}
             ref other => panic!("no gradient rule for {}", other.name()),
         }
@@ -204,6 +205,24 @@ impl Backprop<'_> {
     /// The gradient tensor of `x` and whether a backward node must accumulate into it.
     fn grad(&mut self, x: TensorId) -> (TensorId, bool) {
         self.grads.get(self.g, x)
+    }
+
+    /// Whether `x` is a parameter that takes no gradient.
+    fn frozen(&self, x: TensorId) -> bool {
+        matches!(self.g.tensors[x].kind, TensorKind::Frozen(_))
+    }
+
+    /// The tensor a kernel that always adds to its weight's gradient (`+=`) writes it to: the
+    /// parameter's gradient, or, for a frozen weight, a scratch tensor that nothing reads (small:
+    /// a normalization's weight).
+    fn weight_grad(&mut self, w: TensorId) -> TensorId {
+        if !self.frozen(w) {
+            return self.grad(w).0;
+        }
+        let t = &self.g.tensors[w];
+        let (name, shape) = (format!("d.{}.unused", t.name), t.shape.clone());
+        self.g
+            .tensor(name, &shape, DType::F32, TensorKind::Gradient)
     }
 
     /// Whether `x` has a gradient tensor yet.
@@ -229,7 +248,7 @@ impl Backprop<'_> {
     fn lm_head_loss(&mut self, node: &Node, n: usize, c: usize, v: usize, vp: usize, rows: usize) {
         let (ins, outs) = (&node.inputs, &node.outputs);
         let (dx, acc) = self.grad(ins[0]);
-        let (dwte, _) = self.grad(ins[1]);
+        let dw = !self.frozen(ins[1]);
         let op = Op::LmHeadLossBackward {
             n,
             c,
@@ -237,9 +256,15 @@ impl Backprop<'_> {
             vp,
             rows,
             acc,
+            dw,
         };
         let inputs = vec![ins[0], ins[1], ins[2], outs[1], outs[2]];
-        self.push(&node.label, op, inputs, vec![dx, dwte, outs[2]]);
+        let mut out = vec![dx];
+        if dw {
+            out.push(self.grad(ins[1]).0);
+        }
+        out.push(outs[2]);
+        self.push(&node.label, op, inputs, out);
     }
 
     fn linear_gelu(&mut self, node: &Node, linear: LinearShape) {
@@ -262,9 +287,18 @@ impl Backprop<'_> {
         self.linear(label, linear, dpre, &node.inputs, None);
     }
 
-    /// Also creates the index input of the embedding backward, for the CPU to write.
+    /// Also creates the index input of the embedding backward, for the CPU to write. A frozen
+    /// token table (and position table) takes no gradient: nothing to do.
     fn embedding(&mut self, node: &Node, dy: TensorId, b: usize, t: usize, c: usize) {
         let ins = &node.inputs;
+        if self.frozen(ins[1]) {
+            assert!(
+                !self.grads.param.contains_key(&ins[2]),
+                "{}: a trained position table beside a frozen token table",
+                node.label
+            );
+            return;
+        }
         let len = crate::kernels::embedding::backward_index_len(b * t);
         let kind = TensorKind::Input(Input::EmbeddingIndex);
         let index = self.g.tensor("embedding_index", &[len], DType::U32, kind);
@@ -282,7 +316,7 @@ impl Backprop<'_> {
     fn layernorm(&mut self, node: &Node, dy: TensorId, n: usize, c: usize) {
         let (ins, outs) = (&node.inputs, &node.outputs);
         let (dx, acc) = self.grad(ins[0]);
-        let (dw, _) = self.grad(ins[1]);
+        let dw = self.weight_grad(ins[1]);
         let bias = self.grads.param.contains_key(&ins[2]);
         let mut out = vec![dx, dw];
         if bias {
@@ -314,8 +348,13 @@ impl Backprop<'_> {
             !(pre.is_some() && acc),
             "a folded GELU backward overwrites the pre-activation's gradient"
         );
-        let (dw, _) = self.grad(ins[1]);
-        let mut out = vec![dx, dw];
+        // A frozen weight (and its bias, frozen with it) takes no gradient.
+        let dw = !self.frozen(ins[1]);
+        let bias = bias && dw;
+        let mut out = vec![dx];
+        if dw {
+            out.push(self.grad(ins[1]).0);
+        }
         if bias {
             out.push(self.grad(ins[2]).0);
         }
@@ -327,6 +366,7 @@ impl Backprop<'_> {
             n,
             acc,
             dx: true,
+            dw,
             bias,
             gelu: pre.is_some(),
         };
@@ -363,7 +403,7 @@ impl Backprop<'_> {
     fn rmsnorm(&mut self, node: &Node, dy: TensorId, n: usize, c: usize) {
         let (ins, outs) = (&node.inputs, &node.outputs);
         let (dx, acc) = self.grad(ins[0]);
-        let (dw, _) = self.grad(ins[1]);
+        let dw = self.weight_grad(ins[1]);
         let op = Op::RmsNormBackward { n, c, acc };
         let inputs = vec![dy, ins[0], ins[1], outs[1]];
         self.push(&node.label, op, inputs, vec![dx, dw]);
@@ -448,6 +488,35 @@ impl Backprop<'_> {
         let (dx, acc) = self.grad(node.inputs[0]);
         let op = Op::DropoutBackward { n, p, site, acc };
         self.push(&node.label, op, vec![dy], vec![dx]);
+    }
+
+    /// The adapter's A and B gradients (added to), x's, and the frozen base output's: dy itself.
+    fn lora(
+        &mut self,
+        node: &Node,
+        dy: TensorId,
+        (m, k, r, n): (usize, usize, usize, usize),
+        scale: f32,
+    ) {
+        let (ins, outs) = (&node.inputs, &node.outputs);
+        let (dx, acc) = self.grad(ins[0]);
+        let (da, _) = self.grad(ins[1]);
+        let (db, _) = self.grad(ins[2]);
+        let du_name = format!("d.{}", self.g.tensors[outs[1]].name);
+        let du = self
+            .g
+            .tensor(du_name, &[m, r], DType::F32, TensorKind::Gradient);
+        let op = Op::LoraBackward {
+            m,
+            k,
+            r,
+            n,
+            scale,
+            acc,
+        };
+        let inputs = vec![dy, ins[0], ins[1], ins[2], outs[1]];
+        self.push(&node.label, op, inputs, vec![dx, da, db, du]);
+        self.pass_through(format!("{}.base", node.label), m * n, dy, ins[3]);
     }
 
     fn add(&mut self, node: &Node, dy: TensorId, n: usize) {

@@ -34,6 +34,9 @@ pub enum StepOutput {
 pub enum TensorKind {
     /// A model parameter (index into the parameter table); lives outside the graph.
     Param(usize),
+    /// A parameter that is read but not trained (the base model under a LoRA adapter): no
+    /// gradient, no AdamW moments.
+    Frozen(usize),
     /// The gradient of parameter i; lives outside the graph.
     ParamGrad(usize),
     /// AdamW's first and second moments of parameter i.
@@ -212,16 +215,18 @@ pub enum Op {
         acc: bool,
         bias: bool,
     },
-    /// in [dy (M,N), x (M,K), w (N,K)] → out [dx (acc)?, dw +=, dbias +=?]. With `gelu`, x is
+    /// in [dy (M,N), x (M,K), w (N,K)] → out [dx (acc)?, dw +=?, dbias +=?]. With `gelu`, x is
     /// gelu(pre) of a `LinearGelu` and the inputs end with pre (M,K): the GELU backward is folded
     /// into the dx GEMM's epilogue, which writes pre's gradient (dy·w) ⊙ gelu'(pre) as dx
-    /// (overwriting; acc is false).
+    /// (overwriting; acc is false). Without `dw` (a frozen weight) neither dw nor dbias is
+    /// written.
     LinearBackward {
         m: usize,
         k: usize,
         n: usize,
         acc: bool,
         dx: bool,
+        dw: bool,
         bias: bool,
         gelu: bool,
     },
@@ -268,15 +273,38 @@ pub enum Op {
     },
     /// in [logits, lse, targets] → out [logits] overwritten in place with dloss·(softmax − onehot)
     CrossEntropyBackward { n: usize, v: usize, vp: usize },
-    /// in [x (N,C), wte (Vp,C), targets, lse (N), logits (R,Vp)] → out [dx (acc), dwte +=,
+    /// in [x (N,C), wte (Vp,C), targets, lse (N), logits (R,Vp)] → out [dx (acc), dwte +=?,
     /// logits (R,Vp) scratch]: per chunk, the logits recomputed, then dlogits = dloss·(softmax −
-    /// onehot) in place, dx = dlogits·wte, dwte += dlogitsᵀ·x.
+    /// onehot) in place, dx = dlogits·wte, and with `dw` dwte += dlogitsᵀ·x (without it, wte is
+    /// frozen and the outputs are [dx, logits]).
     LmHeadLossBackward {
         n: usize,
         c: usize,
         v: usize,
         vp: usize,
         rows: usize,
+        acc: bool,
+        dw: bool,
+    },
+    /// A LoRA adapter on a linear layer: in [x (M,K), a (R,K), b (N,R), base (M,N)] → out
+    /// [y (M,N) = base + scale · u · bᵀ, u (M,R) = x · aᵀ, kept for the backward]. `base` is the
+    /// frozen layer's output; x is the layer's input (after the adapter's dropout, if any).
+    Lora {
+        m: usize,
+        k: usize,
+        r: usize,
+        n: usize,
+        scale: f32,
+    },
+    /// in [dy (M,N), x (M,K), a (R,K), b (N,R), u (M,R)] → out [dx (acc), da +=, db +=,
+    /// du (M,R) scratch]: db += scale · dyᵀ · u, du = scale · dy · b, da += duᵀ · x,
+    /// dx = du · a (or +=).
+    LoraBackward {
+        m: usize,
+        k: usize,
+        r: usize,
+        n: usize,
+        scale: f32,
         acc: bool,
     },
 
@@ -323,6 +351,8 @@ impl Op {
             Op::DropoutBackward { .. } => "dropout_backward",
             Op::CrossEntropyBackward { .. } => "cross_entropy_backward",
             Op::LmHeadLossBackward { .. } => "lm_head_loss_backward",
+            Op::Lora { .. } => "lora",
+            Op::LoraBackward { .. } => "lora_backward",
             Op::Fill { .. } => "fill",
             Op::GlobalNorm => "global_norm",
             Op::AdamW { .. } => "adamw",

@@ -44,29 +44,40 @@ fn rows_per_chunk(name: &str, shape: &[usize], dtype: DType, limit: u64) -> Resu
     Ok(fit.min(rows).max(1))
 }
 
-/// The two classes of parameters, each laid out in flat buffers of its own: weights (two or more
+/// The classes of parameters, each laid out in flat buffers of its own: weights (two or more
 /// dimensions: they take weight decay, and may be stored as f16 for inference) and vectors
-/// (biases and LayerNorm parameters: no decay, always f32). AdamW then covers each class with a
-/// few dispatches of one weight-decay setting.
+/// (biases and LayerNorm parameters: no decay, always f32), each either trained or frozen (the
+/// base model under a LoRA adapter: no gradients, no moments). AdamW then covers each trained
+/// class with a few dispatches of one weight-decay setting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Class {
     Weights,
     Vectors,
+    FrozenWeights,
+    FrozenVectors,
 }
 
 impl Class {
-    fn of(shape: &[usize]) -> Class {
-        if shape.len() >= 2 {
-            Class::Weights
-        } else {
-            Class::Vectors
+    const ALL: [Class; 4] = [
+        Class::Weights,
+        Class::Vectors,
+        Class::FrozenWeights,
+        Class::FrozenVectors,
+    ];
+
+    fn of(shape: &[usize], trained: bool) -> Class {
+        match (shape.len() >= 2, trained) {
+            (true, true) => Class::Weights,
+            (false, true) => Class::Vectors,
+            (true, false) => Class::FrozenWeights,
+            (false, false) => Class::FrozenVectors,
         }
     }
 
     fn dtype(self, weights: DType) -> DType {
         match self {
-            Class::Weights => weights,
-            Class::Vectors => DType::F32,
+            Class::Weights | Class::FrozenWeights => weights,
+            Class::Vectors | Class::FrozenVectors => DType::F32,
         }
     }
 
@@ -74,7 +85,13 @@ impl Class {
         match self {
             Class::Weights => "weights",
             Class::Vectors => "vectors",
+            Class::FrozenWeights => "frozen_weights",
+            Class::FrozenVectors => "frozen_vectors",
         }
+    }
+
+    fn frozen(self) -> bool {
+        matches!(self, Class::FrozenWeights | Class::FrozenVectors)
     }
 }
 
@@ -190,7 +207,10 @@ pub fn spans(views: &[&View], align: u64) -> Vec<View> {
 struct FlatBuffers<'a> {
     gpu: &'a Gpu,
     specs: &'a [(String, Vec<usize>)],
+    /// Whether the store is for training, and which parameters are then trained (have
+    /// gradients and moments); all of them for inference, which lays them out as trained ones.
     train: bool,
+    trained: Vec<bool>,
     /// The dtype of the weights.
     dtype: DType,
     /// Bytes the whole store needs, and bytes allocated so far.
@@ -199,19 +219,26 @@ struct FlatBuffers<'a> {
 }
 
 impl<'a> FlatBuffers<'a> {
-    fn new(gpu: &'a Gpu, specs: &'a [(String, Vec<usize>)], train: bool, dtype: DType) -> Self {
-        let copies = if train { 4 } else { 1 };
+    fn new(
+        gpu: &'a Gpu,
+        specs: &'a [(String, Vec<usize>)],
+        (train, trained): (bool, Vec<bool>),
+        dtype: DType,
+    ) -> Self {
         let total: u64 = specs
             .iter()
-            .map(|(_, shape)| {
+            .zip(&trained)
+            .map(|((_, shape), &trained)| {
                 let n: usize = shape.iter().product();
-                n as u64 * Class::of(shape).dtype(dtype).size() * copies
+                let copies = if train && trained { 4 } else { 1 };
+                n as u64 * Class::of(shape, trained).dtype(dtype).size() * copies
             })
             .sum();
         FlatBuffers {
             gpu,
             specs,
             train,
+            trained,
             dtype,
             total,
             allocated: 0,
@@ -232,12 +259,14 @@ impl<'a> FlatBuffers<'a> {
             .specs
             .iter()
             .enumerate()
-            .filter(|(_, (_, shape))| Class::of(shape) == class)
+            .filter(|&(i, (_, shape))| Class::of(shape, self.trained[i]) == class)
             .map(|(i, (name, shape))| (i, name.as_str(), shape.as_slice()))
             .collect();
         let dt = class.dtype(self.dtype);
         let (places, sizes) = pack(&members, dt, self.gpu.max_binding(), align, chunk_limit)?;
-        for (prefix, list) in prefixes.iter().zip(lists) {
+        // A frozen class has parameters only.
+        let copies = if class.frozen() { 1 } else { prefixes.len() };
+        for (prefix, list) in prefixes.iter().zip(lists).take(copies) {
             let mut buffers = Vec::with_capacity(sizes.len());
             for (b, &bytes) in sizes.iter().enumerate() {
                 buffers.push(self.create(&format!("{prefix}{}.flat{b}", class.name()), bytes)?);
@@ -315,6 +344,38 @@ impl ParamStore {
         dtype: DType,
         chunk_limit: &dyn Fn(usize) -> u64,
     ) -> Result<Self> {
+        Self::build_trained(gpu, specs, values, train.then_some(&[]), dtype, chunk_limit)
+    }
+
+    /// For training only some parameters (the adapter on a frozen base): parameter i has
+    /// gradients and moments when `trained[i]`; the others have empty lists of them.
+    pub fn with_frozen(
+        gpu: &Gpu,
+        specs: &[(String, Vec<usize>)],
+        values: &[Vec<f32>],
+        trained: &[bool],
+    ) -> Result<Self> {
+        Self::build_trained(gpu, specs, values, Some(trained), DType::F32, &|_| u64::MAX)
+    }
+
+    /// `build`, training the parameters `trained` says (every one when it is empty), or none
+    /// when it is None.
+    fn build_trained(
+        gpu: &Gpu,
+        specs: &[(String, Vec<usize>)],
+        values: &[Vec<f32>],
+        trained: Option<&[bool]>,
+        dtype: DType,
+        chunk_limit: &dyn Fn(usize) -> u64,
+    ) -> Result<Self> {
+        let train = trained.is_some();
+        let trained = match trained {
+            None | Some([]) => vec![true; specs.len()],
+            Some(t) => {
+                assert_eq!(t.len(), specs.len(), "one trained flag per parameter");
+                t.to_vec()
+            }
+        };
         if dtype == DType::F16 && !gpu.has_f16() {
             return Err(Error::invalid(
                 "--dtype f16",
@@ -328,7 +389,7 @@ impl ParamStore {
             !(train && dtype != DType::F32),
             "training keeps f32 parameters"
         );
-        let mut flat = FlatBuffers::new(gpu, specs, train, dtype);
+        let mut flat = FlatBuffers::new(gpu, specs, (train, trained), dtype);
         // Parameters, then (training) gradients and the two moments, all with the same layout.
         let prefixes: &[&str] = if train {
             &["", "d.", "m.", "v."]
@@ -336,7 +397,7 @@ impl ParamStore {
             &[""]
         };
         let mut lists = vec![vec![Vec::new(); specs.len()]; prefixes.len()];
-        for class in [Class::Weights, Class::Vectors] {
+        for class in Class::ALL {
             flat.lay_out(class, chunk_limit, prefixes, &mut lists)?;
         }
         let mut lists = lists.into_iter();

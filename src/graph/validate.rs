@@ -139,11 +139,13 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             n,
             acc,
             dx,
+            dw,
             bias,
             gelu,
         } => {
             let dims = r::gemm::LinearDims { m, k, n };
-            linear_backward(&mut o, &x, dims, acc, LinearOutputs { dx, bias, gelu })
+            let outputs = LinearOutputs { dx, dw, bias, gelu };
+            linear_backward(&mut o, &x, dims, acc, outputs)
         }
         Op::AttentionBackward {
             b,
@@ -203,7 +205,17 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
             vp,
             rows,
             acc,
-        } => lm_head_loss_backward(&mut o, &x, LmHead { n, c, v, vp, rows }, acc),
+            dw,
+        } => lm_head_loss_backward(&mut o, &x, LmHead { n, c, v, vp, rows }, (acc, dw)),
+        Op::Lora { m, k, r, n, scale } => lora(&mut o, &x, (m, k, r, n), scale),
+        Op::LoraBackward {
+            m,
+            k,
+            r,
+            n,
+            scale,
+            acc,
+        } => lora_backward(&mut o, &x, (m, k, r, n), scale, acc),
         Op::Fill { value } => o.iter_mut().for_each(|x| r::reduce::fill(x, value)),
         Op::GlobalNorm | Op::AdamW { .. } => {
             unreachable!("optimizer nodes are checked by their kernel tests")
@@ -380,11 +392,12 @@ fn layernorm_backward(
 /// Which outputs a `LinearBackward` has, and whether its dx is pre's gradient.
 struct LinearOutputs {
     dx: bool,
+    dw: bool,
     bias: bool,
     gelu: bool,
 }
 
-/// Outputs [dx?, dw, dbias?].
+/// Outputs [dx?, dw?, dbias?].
 fn linear_backward(
     o: &mut [Vec<f32>],
     x: &Inputs,
@@ -392,9 +405,15 @@ fn linear_backward(
     acc: bool,
     outputs: LinearOutputs,
 ) {
-    let LinearOutputs { dx, bias, gelu } = outputs;
+    let LinearOutputs { dx, dw, bias, gelu } = outputs;
     let (dxo, rest) = o.split_at_mut(if dx { 1 } else { 0 });
-    let (dw, db) = rest.split_at_mut(1);
+    // A frozen weight's gradient is computed and dropped.
+    let mut frozen = [vec![0.0; if dw { 0 } else { dims.n * dims.k }]];
+    let (dw, db) = if dw {
+        rest.split_at_mut(1)
+    } else {
+        (&mut frozen[..], &mut [][..])
+    };
     // With gelu, dx first receives the gradient of gelu(pre), then pre's.
     let mut dh = vec![0.0; if gelu { dims.m * dims.k } else { 0 }];
     let dx_out = if gelu {
@@ -449,7 +468,7 @@ fn cross_entropy_backward(dlogits: &mut [f32], x: &Inputs, dims: r::cross_entrop
 }
 
 /// Outputs [dx, dwte, logits chunk]: the logits recomputed, their gradient, then the lm head's.
-fn lm_head_loss_backward(o: &mut [Vec<f32>], x: &Inputs, shape: LmHead, acc: bool) {
+fn lm_head_loss_backward(o: &mut [Vec<f32>], x: &Inputs, shape: LmHead, (acc, dw): (bool, bool)) {
     let LmHead { n, c, v, vp, rows } = shape;
     let mut logits = vec![0.0; n * vp];
     let head = r::gemm::LinearDims { m: n, k: c, n: vp };
@@ -458,7 +477,13 @@ fn lm_head_loss_backward(o: &mut [Vec<f32>], x: &Inputs, shape: LmHead, acc: boo
     let dims = r::cross_entropy::Dims { n, v, vp };
     r::cross_entropy::backward(&mut dlogits, &logits, x.u(2), x.ctx.dloss, dims);
     let (dx, rest) = o.split_at_mut(1);
-    let (dwte, chunk) = rest.split_at_mut(1);
+    // A frozen wte's gradient is computed and dropped.
+    let mut frozen = [vec![0.0; if dw { 0 } else { vp * c }]];
+    let (dwte, chunk) = if dw {
+        rest.split_at_mut(1)
+    } else {
+        (&mut frozen[..], rest)
+    };
     r::gemm::linear_backward(
         Some(&mut dx[0]),
         &mut dwte[0],
@@ -470,4 +495,68 @@ fn lm_head_loss_backward(o: &mut [Vec<f32>], x: &Inputs, shape: LmHead, acc: boo
         acc,
     );
     last_chunk(&mut chunk[0], &dlogits, n, vp, rows);
+}
+
+/// Outputs [y = base + scale · (x · aᵀ) · bᵀ, u = x · aᵀ]; inputs [x, a, b, base].
+fn lora(o: &mut [Vec<f32>], x: &Inputs, (m, k, r, n): (usize, usize, usize, usize), scale: f32) {
+    let (y, u) = o.split_at_mut(1);
+    r::gemm::linear_forward(
+        &mut u[0],
+        x.f(0),
+        x.f(1),
+        None,
+        r::gemm::LinearDims { m, k, n: r },
+    );
+    let mut up = vec![0.0; m * n];
+    r::gemm::linear_forward(
+        &mut up,
+        &u[0],
+        x.f(2),
+        None,
+        r::gemm::LinearDims { m, k: r, n },
+    );
+    for ((y, &base), &up) in y[0].iter_mut().zip(x.f(3)).zip(&up) {
+        *y = scale * up + base;
+    }
+}
+
+/// Outputs [dx (acc), da +=, db +=, du]; inputs [dy, x, a, b, u].
+fn lora_backward(
+    o: &mut [Vec<f32>],
+    x: &Inputs,
+    (m, k, r, n): (usize, usize, usize, usize),
+    scale: f32,
+    acc: bool,
+) {
+    use r::gemm::{Layout, Layouts, Product, matmul};
+    let at = |c, a, b| Layouts {
+        c: Layout::new(c),
+        a: Layout::new(a),
+        b: Layout::new(b),
+    };
+    let (dy, xs, a, b, u) = (x.f(0), x.f(1), x.f(2), x.f(3), x.f(4));
+    let db = Product {
+        trans_a: true,
+        alpha: scale,
+        accumulate: true,
+        ..Product::new(n, r, m)
+    };
+    matmul(&mut o[2], dy, u, None, at(r, n, r), db);
+    let du = Product {
+        alpha: scale,
+        ..Product::new(m, r, n)
+    };
+    matmul(&mut o[3], dy, b, None, at(r, n, r), du);
+    let du = o[3].clone();
+    let da = Product {
+        trans_a: true,
+        accumulate: true,
+        ..Product::new(r, k, m)
+    };
+    matmul(&mut o[1], &du, xs, None, at(k, r, k), da);
+    let dx = Product {
+        accumulate: acc,
+        ..Product::new(m, k, r)
+    };
+    matmul(&mut o[0], &du, a, None, at(k, r, k), dx);
 }

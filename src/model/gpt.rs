@@ -1,6 +1,9 @@
 //! The GPT-2 forward graph, readable in one sitting, and its training extension.
 
+use std::collections::HashMap;
+
 use super::config::GptConfig;
+use super::lora::LoraPlan;
 use super::params::{BlockParams, ParamSpec, ParamTable};
 use crate::gpu::DType;
 use crate::graph::autodiff::{self, Backward};
@@ -70,7 +73,24 @@ pub fn build_for(
     mode: Mode,
     max_binding: u64,
 ) -> GptGraph {
-    let mut m = Builder::new(cfg, table, b, t, mode);
+    build_adapted(cfg, table, None, (b, t), mode, max_binding)
+}
+
+/// `build_for` with a LoRA adapter `lora` on the linear layers it targets: the base parameters
+/// frozen (training updates the adapter alone), parameter i of the graph being `lora.specs[i]`.
+pub fn build_adapted(
+    cfg: &GptConfig,
+    table: &ParamTable,
+    lora: Option<&LoraPlan>,
+    (b, t): (usize, usize),
+    mode: Mode,
+    max_binding: u64,
+) -> GptGraph {
+    let specs = lora.map_or(&table.specs[..], |p| &p.specs[..]);
+    let mut m = Builder::new(cfg, specs, b, t, mode);
+    if let Some(plan) = lora {
+        m.adapt(plan);
+    }
     let (tokens, x) = m.embed(table);
     let mut x = m.dropout(x, "embed".into());
     for (l, bp) in table.blocks.iter().enumerate() {
@@ -89,7 +109,7 @@ pub fn build_for(
         Mode::Decode { loss, .. } => loss,
     };
     let loss = with_loss.then(|| m.loss(lnf, table.wte, logits, chunk_rows));
-    m.finish((tokens, logits, loss), mode, |i| table.specs[i].decay)
+    m.finish((tokens, logits, loss), mode, |i| specs[i].decay)
 }
 
 /// The loss tensors of a graph: targets (B, T), per-position losses (B·T) and, except when
@@ -144,13 +164,20 @@ pub(super) struct Builder {
     pub(super) params: Vec<TensorId>,
     /// The zeros standing in for layer norm biases in a model without biases.
     zero_bias: Option<TensorId>,
+    /// A LoRA adapter: (A, B) of each adapted weight tensor, its scale, and its dropout (zero
+    /// unless training).
+    lora: HashMap<TensorId, (TensorId, TensorId)>,
+    lora_scale: f32,
+    lora_p: f32,
+    /// Training: whether the model has dropout anywhere (its own or the adapter's).
+    train: bool,
 }
 
 pub(super) const FWD: Phase = Phase::Forward;
 
 impl Builder {
-    /// An empty graph holding the parameters of `table` (and the zero bias, if needed).
-    fn new(cfg: &GptConfig, table: &ParamTable, b: usize, t: usize, mode: Mode) -> Builder {
+    /// An empty graph holding the parameters `specs` (and the zero bias, if needed).
+    fn new(cfg: &GptConfig, specs: &[ParamSpec], b: usize, t: usize, mode: Mode) -> Builder {
         let setup = Setup {
             c: cfg.n_embd,
             nh: cfg.n_head,
@@ -161,7 +188,7 @@ impl Builder {
             dropout: cfg.dropout,
             zero_bias: !cfg.bias,
         };
-        Builder::with(&table.specs, setup, b, t, mode)
+        Builder::with(specs, setup, b, t, mode)
     }
 
     /// An empty graph holding the parameters `specs` (and the zero bias, if asked for).
@@ -195,7 +222,49 @@ impl Builder {
             site: 0,
             params,
             zero_bias,
+            lora: HashMap::new(),
+            lora_scale: 0.0,
+            lora_p: 0.0,
+            train: mode == Mode::Train,
         }
+    }
+
+    /// Lays the adapter `plan` onto the layers it targets and freezes the base parameters
+    /// (their tensors become `Frozen`: no gradients, no AdamW).
+    pub(super) fn adapt(&mut self, plan: &LoraPlan) {
+        for i in 0..plan.base_len {
+            self.g.tensors[self.params[i]].kind = TensorKind::Frozen(i);
+        }
+        for ad in &plan.adapted {
+            let (a, b) = (self.params[ad.a], self.params[ad.b]);
+            self.lora.insert(self.params[ad.weight], (a, b));
+        }
+        self.lora_scale = plan.cfg.scale();
+        self.lora_p = if self.train { plan.cfg.dropout } else { 0.0 };
+    }
+
+    /// `base` (the output of a linear layer with weight `w` on input x) plus the adapter's
+    /// scale · (dropout(x) · Aᵀ) · Bᵀ when `w` is adapted; `base` itself otherwise.
+    fn adapter(&mut self, x: TensorId, w: TensorId, base: TensorId, name: &str) -> TensorId {
+        let Some(&(a, b)) = self.lora.get(&w) else {
+            return base;
+        };
+        let x = self.dropout_p(x, self.lora_p, format!("{name}.lora_dropout"));
+        let g = &mut self.g;
+        let (r, n) = (g.tensors[a].shape[0], g.tensors[b].shape[0]);
+        let (m, k) = (self.bt, g.tensors[x].numel() / self.bt);
+        let shape = g.tensors[base].shape.clone();
+        let y = g.activation(format!("{name}.lora"), &shape);
+        let u = g.activation(format!("{name}.lora_A"), &[m, r]);
+        let scale = self.lora_scale;
+        g.push(
+            FWD,
+            format!("{name}.lora"),
+            Op::Lora { m, k, r, n, scale },
+            vec![x, a, b, base],
+            vec![y, u],
+        );
+        y
     }
 
     /// The graph with, when training, its backward and optimizer (`decay(i)`: whether parameter
@@ -296,9 +365,13 @@ impl Builder {
         )
     }
 
-    /// x with dropout (a new site each call), or x itself when there is none.
+    /// x with the model's dropout (a new site each call), or x itself when there is none.
     pub(super) fn dropout(&mut self, x: TensorId, label: String) -> TensorId {
-        let p = self.p;
+        self.dropout_p(x, self.p, label)
+    }
+
+    /// x with dropout `p` (a new site each call), or x itself when p is zero.
+    fn dropout_p(&mut self, x: TensorId, p: f32, label: String) -> TensorId {
         if p == 0.0 {
             return x;
         }
@@ -351,7 +424,7 @@ impl Builder {
         ins.extend(bias);
         g.push(
             FWD,
-            name,
+            name.clone(),
             Op::Linear {
                 m: bt,
                 k,
@@ -361,7 +434,7 @@ impl Builder {
             ins,
             vec![y],
         );
-        y
+        self.adapter(x, w, y, &name)
     }
 
     /// y (BT, N) = gelu(x · wᵀ + bias), keeping the pre-activation for the backward.
@@ -407,12 +480,12 @@ impl Builder {
         let bias = bias.is_some();
         g.push(
             FWD,
-            name,
+            name.clone(),
             Op::LinearResidual { m: bt, k, n, bias },
             ins,
             vec![y],
         );
-        y
+        self.adapter(x, w, y, &name)
     }
 
     /// Causal self-attention over qkv (B, T, W) into (B, T, C): over the block's own tokens, or,
@@ -505,7 +578,8 @@ impl Builder {
 
     /// The MLP's first half, gelu(x · wᵀ + bias) (BT, 4C), for block `h`.
     fn mlp_gelu(&mut self, x: TensorId, fc: (TensorId, Option<TensorId>), h: &str) -> TensorId {
-        if self.fuse {
+        // An adapted layer adds its low-rank product before the GELU: no fused epilogue.
+        if self.fuse && !self.lora.contains_key(&fc.0) {
             return self.linear_gelu(x, fc, format!("{h}.mlp.c_fc"));
         }
         let (bt, c) = (self.bt, self.c);

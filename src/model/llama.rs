@@ -12,6 +12,7 @@
 use super::arch::{Arch, Norm, Positions};
 use super::gpt::{Builder, FWD, GptGraph, Mode, Setup, logits_chunk_rows};
 use super::llama_params::{LlamaBlock, LlamaParams};
+use super::lora::LoraPlan;
 use crate::error::{Error, Result};
 use crate::gpu::DType;
 use crate::graph::ir::{Input, Op, TensorId, TensorKind};
@@ -29,6 +30,18 @@ pub fn build(arch: &Arch, table: &LlamaParams, b: usize, t: usize, mode: Mode) -
 pub fn build_for(
     arch: &Arch,
     table: &LlamaParams,
+    (b, t): (usize, usize),
+    mode: Mode,
+    max_binding: u64,
+) -> Result<GptGraph> {
+    build_adapted(arch, table, None, (b, t), mode, max_binding)
+}
+
+/// `build_for` with a LoRA adapter on the linear layers it targets (`gpt::build_adapted`).
+pub fn build_adapted(
+    arch: &Arch,
+    table: &LlamaParams,
+    lora: Option<&LoraPlan>,
     (b, t): (usize, usize),
     mode: Mode,
     max_binding: u64,
@@ -55,13 +68,17 @@ pub fn build_for(
         dropout: arch.dropout,
         zero_bias: false,
     };
+    let specs = lora.map_or(&table.specs[..], |p| &p.specs[..]);
     let mut m = Llama {
-        m: Builder::with(&table.specs, setup, b, t, mode),
+        m: Builder::with(specs, setup, b, t, mode),
         inner: arch.intermediate(),
         eps: eps as f32,
         qk_norm: arch.qk_norm,
         inv_freq: 0,
     };
+    if let Some(plan) = lora {
+        m.m.adapt(plan);
+    }
     m.inv_freq = m.m.g.table("rope.inv_freq", rope.inv_freq(arch.head_dim));
     let (tokens, x) = m.embed(table.embed);
     let mut x = m.m.dropout(x, "embed".into());
@@ -81,7 +98,7 @@ pub fn build_for(
         Mode::Decode { loss, .. } => loss,
     };
     let loss = with_loss.then(|| m.m.loss(xf, head, logits, chunk_rows));
-    Ok(m.m.finish((tokens, logits, loss), mode, |i| table.specs[i].decay))
+    Ok(m.m.finish((tokens, logits, loss), mode, |i| specs[i].decay))
 }
 
 /// The Llama graph under construction: GPT-2's builder and what the family adds.

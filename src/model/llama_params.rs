@@ -166,6 +166,15 @@ impl LlamaParams {
             .collect()
     }
 
+    /// The linear layers' weights (out, in), block by block: the layers an adapter may target
+    /// (not the embedding nor the lm head).
+    pub fn linear_weights(&self) -> Vec<usize> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [b.q, b.k, b.v, b.o, b.gate, b.up, b.down])
+            .collect()
+    }
+
     pub fn find(&self, name: &str) -> Option<usize> {
         self.specs.iter().position(|s| s.name == name)
     }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod gpt;
 pub mod llama;
 pub mod llama_params;
+pub mod lora;
 pub mod params;
 pub mod presets;
 

@@ -194,6 +194,15 @@ impl ParamTable {
             .collect()
     }
 
+    /// The linear layers' weights (out, in), block by block: the layers an adapter may target
+    /// (the tied lm head is the token embedding, not one of them).
+    pub fn linear_weights(&self) -> Vec<usize> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [b.c_attn_w, b.attn_proj_w, b.c_fc_w, b.mlp_proj_w])
+            .collect()
+    }
+
     pub fn find(&self, name: &str) -> Option<usize> {
         self.specs.iter().position(|s| s.name == name)
     }

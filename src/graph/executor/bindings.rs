@@ -64,7 +64,7 @@ impl Bindings {
         let (gpu, store) = (mem.gpu, mem.store);
         let own = |name: &str| gpu.zeros(name, t.dtype, t.numel());
         let view = match t.kind {
-            TensorKind::Param(i) => return Ok(store.params[i].clone()),
+            TensorKind::Param(i) | TensorKind::Frozen(i) => return Ok(store.params[i].clone()),
             TensorKind::ParamGrad(i) => return Ok(store.grads[i].clone()),
             TensorKind::AdamM(i) => return Ok(store.m[i].clone()),
             TensorKind::AdamV(i) => return Ok(store.v[i].clone()),

@@ -76,9 +76,10 @@ impl Executor<'_> {
                 n,
                 acc,
                 dx,
+                dw,
                 bias,
                 gelu,
-            } => x.linear_backward((m, k, n, bias), acc, dx, gelu),
+            } => x.linear_backward((m, k, n, bias), acc, (dx, dw), gelu),
             Op::AttentionBackward {
                 b,
                 t,
@@ -117,7 +118,17 @@ impl Executor<'_> {
                 vp,
                 rows,
                 acc,
-            } => x.lm_head_loss_backward(n, c, (v, vp), rows, acc),
+                dw,
+            } => x.lm_head_loss_backward(n, c, (v, vp), rows, (acc, dw)),
+            Op::Lora { m, k, r, n, scale } => x.lora((m, k, r, n), scale),
+            Op::LoraBackward {
+                m,
+                k,
+                r,
+                n,
+                scale,
+                acc,
+            } => x.lora_backward((m, k, r, n), scale, acc),
             Op::CrossEntropyBackward { n, v, vp } => x.cross_entropy_backward(n, v, vp),
             Op::Fill { value } => self.lower_fill(node, value),
             Op::GlobalNorm => self.lower_global_norm(node),
@@ -158,6 +169,7 @@ impl Executor<'_> {
         &self,
         node: &Node,
         (m, k, n, bias): (usize, usize, usize, bool),
+        dw: bool,
     ) -> Result<Vec<Dispatch>> {
         let [dy, x, w, pre] = [0, 1, 2, 3].map(|j| self.view(node.inputs[j]));
         let out = |j: usize| self.view(node.outputs[j]);
@@ -171,6 +183,9 @@ impl Executor<'_> {
             gemm::Operand::new(w, k),
         );
         let mut ds = gemm::matmul(self.gpu, &mm, dpre, dy_op, w_op, None, gemm::Variant::Tiled)?;
+        if !dw {
+            return Ok(ds);
+        }
         let tensors = gemm::LinearBackwardTensors {
             dinp: None,
             dw: out(1),
@@ -416,14 +431,14 @@ impl<'s> Lowering<'s> {
         self,
         (m, k, n, bias): (usize, usize, usize, bool),
         acc: bool,
-        dx: bool,
+        (dx, dw): (bool, bool),
         gelu: bool,
     ) -> Result<Vec<Dispatch>> {
         let (i, o) = (|j| self.i(j), |j| self.o(j));
         if self.ic(2).len() > 1 {
             let tensors = SplitLinearBackwardTensors {
                 dx: dx.then(|| gemm::Operand::new(o(0), k)),
-                dw: self.oc(1),
+                dw: dw.then(|| self.oc(1)),
                 dy: gemm::Operand::new(i(0), n),
                 x: gemm::Operand::new(i(1), k),
                 w: self.ic(2),
@@ -433,7 +448,20 @@ impl<'s> Lowering<'s> {
         if gelu {
             return self
                 .ex
-                .lower_linear_backward_gelu(self.node, (m, k, n, bias));
+                .lower_linear_backward_gelu(self.node, (m, k, n, bias), dw);
+        }
+        if !dw {
+            // A frozen weight: dx (M, K) = dy (M, N) · w (N, K) alone.
+            let mm = gemm::Matmul {
+                accumulate: acc,
+                ..gemm::Matmul::new(m, k, n)
+            };
+            let (dx, dy, w) = (
+                gemm::Operand::new(o(0), k),
+                gemm::Operand::new(i(0), n),
+                gemm::Operand::new(i(2), k),
+            );
+            return gemm::matmul(self.gpu(), &mm, dx, dy, w, None, gemm::Variant::Tiled);
         }
         let tensors = gemm::LinearBackwardTensors {
             dinp: dx.then(|| o(0)),
@@ -623,15 +651,17 @@ impl<'s> Lowering<'s> {
         c: usize,
         (v, vp): (usize, usize),
         rows: usize,
-        acc: bool,
+        (acc, dw): (bool, bool),
     ) -> Result<Vec<Dispatch>> {
         let (gpu, i, o) = (self.gpu(), |k| self.i(k), |k| self.o(k));
         let dloss = 1.0 / (n * self.ex.micro_per_step()) as f32;
-        let (x, wte, dwte) = (i(0), self.ic(1), self.oc(1));
+        // Outputs [dx, dwte, logits], or [dx, logits] for a frozen wte.
+        let (x, wte, dwte) = (i(0), self.ic(1), dw.then(|| self.oc(1)));
+        let chunk = o(if dw { 2 } else { 1 });
         let mut out = Vec::new();
         for r0 in (0..n).step_by(rows) {
             let m = rows.min(n - r0);
-            let logits = o(2).slice(0, m * vp, "lm_head.logits chunk")?;
+            let logits = chunk.slice(0, m * vp, "lm_head.logits chunk")?;
             let xs = gemm::Operand::new(x, c).at(r0 * c);
             out.extend(split_linear_forward(
                 gpu,
@@ -658,6 +688,104 @@ impl<'s> Lowering<'s> {
             };
             out.extend(split_linear_backward(gpu, tensors, m, c, acc)?);
         }
+        Ok(out)
+    }
+
+    /// A LoRA adapter's forward: u (M, R) = x (M, K) · a (R, K)ᵀ, then y (M, N) = base +
+    /// scale · u · b (N, R)ᵀ, the base added in the second GEMM's epilogue.
+    fn lora(self, (m, k, r, n): (usize, usize, usize, usize), scale: f32) -> Result<Vec<Dispatch>> {
+        let (gpu, i, o) = (self.gpu(), |j| self.i(j), |j| self.o(j));
+        let op = gemm::Operand::new;
+        let tiled = gemm::Variant::Tiled;
+        let down = gemm::Matmul {
+            trans_b: true,
+            ..gemm::Matmul::new(m, r, k)
+        };
+        let mut out = gemm::matmul(
+            gpu,
+            &down,
+            op(o(1), r),
+            op(i(0), k),
+            op(i(1), k),
+            None,
+            tiled,
+        )?;
+        let up = gemm::Matmul {
+            trans_b: true,
+            alpha: scale,
+            epilogue: gemm::Epilogue::Residual { res: i(3) },
+            ..gemm::Matmul::new(m, n, r)
+        };
+        out.extend(gemm::matmul(
+            gpu,
+            &up,
+            op(o(0), n),
+            op(o(1), r),
+            op(i(2), r),
+            None,
+            tiled,
+        )?);
+        Ok(out)
+    }
+
+    /// A LoRA adapter's backward (inputs [dy, x, a, b, u], outputs [dx, da, db, du]):
+    /// db (N, R) += scale · dyᵀ · u; du (M, R) = scale · dy · b; da (R, K) += duᵀ · x;
+    /// dx (M, K) = du · a, or += with `acc`.
+    fn lora_backward(
+        self,
+        (m, k, r, n): (usize, usize, usize, usize),
+        scale: f32,
+        acc: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let (gpu, i, o) = (self.gpu(), |j| self.i(j), |j| self.o(j));
+        let op = gemm::Operand::new;
+        let (dy, x, a, b, u) = (
+            op(i(0), n),
+            op(i(1), k),
+            op(i(2), k),
+            op(i(3), r),
+            op(i(4), r),
+        );
+        let tiled = gemm::Variant::Tiled;
+        let db_mm = gemm::Matmul {
+            trans_a: true,
+            alpha: scale,
+            accumulate: true,
+            ..gemm::Matmul::new(n, r, m)
+        };
+        let mut out = gemm::matmul(gpu, &db_mm, op(o(2), r), dy, u, None, tiled)?;
+        let du_mm = gemm::Matmul {
+            alpha: scale,
+            ..gemm::Matmul::new(m, r, n)
+        };
+        out.extend(gemm::matmul(gpu, &du_mm, op(o(3), r), dy, b, None, tiled)?);
+        let da_mm = gemm::Matmul {
+            trans_a: true,
+            accumulate: true,
+            ..gemm::Matmul::new(r, k, m)
+        };
+        out.extend(gemm::matmul(
+            gpu,
+            &da_mm,
+            op(o(1), k),
+            op(o(3), r),
+            x,
+            None,
+            tiled,
+        )?);
+        let dx_mm = gemm::Matmul {
+            accumulate: acc,
+            ..gemm::Matmul::new(m, k, r)
+        };
+        out.extend(gemm::matmul(
+            gpu,
+            &dx_mm,
+            op(o(0), k),
+            op(o(3), r),
+            a,
+            None,
+            tiled,
+        )?);
         Ok(out)
     }
 }

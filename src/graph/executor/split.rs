@@ -16,9 +16,11 @@ impl Executor<'_> {
             Op::Embedding { .. } => input && k == 1,
             Op::EmbeddingBackward { .. } => !input && k == 0,
             Op::Linear { bias, .. } => input && k == 1 && !bias,
-            Op::LinearBackward { bias, .. } => (input && k == 2) || (!input && k == 1 && !bias),
+            Op::LinearBackward { bias, dw, .. } => {
+                (input && k == 2) || (!input && k == 1 && dw && !bias)
+            }
             Op::LmHeadLoss { .. } => input && k == 1,
-            Op::LmHeadLossBackward { .. } => k == 1,
+            Op::LmHeadLossBackward { dw, .. } => k == 1 && (input || dw),
             Op::Fill { .. } | Op::GlobalNorm | Op::AdamW { .. } => true,
             _ => false,
         };
@@ -72,11 +74,11 @@ pub(super) fn split_linear_forward(
 }
 
 /// The tensors of `split_linear_backward`: dx (M, K) written when given, the chunks dw_j
-/// (rows_j, K) of the weight's gradient added to; dy (M, ·), x (M, K) and the weight's chunks
-/// w_j read.
+/// (rows_j, K) of the weight's gradient added to when given (not for a frozen weight); dy (M, ·),
+/// x (M, K) and the weight's chunks w_j read.
 pub(super) struct SplitLinearBackwardTensors<'a> {
     pub(super) dx: Option<gemm::Operand<'a>>,
-    pub(super) dw: &'a [View],
+    pub(super) dw: Option<&'a [View]>,
     pub(super) dy: gemm::Operand<'a>,
     pub(super) x: gemm::Operand<'a>,
     pub(super) w: &'a [View],
@@ -94,7 +96,7 @@ pub(super) fn split_linear_backward(
     let SplitLinearBackwardTensors { dx, dw, dy, x, w } = tensors;
     let mut out = Vec::with_capacity(2 * w.len());
     let mut v0 = 0;
-    for (j, (w, dw)) in w.iter().zip(dw).enumerate() {
+    for (j, w) in w.iter().enumerate() {
         let rows = w.len / k;
         let dy = dy.at(dy.offset + v0);
         if let Some(dx) = dx {
@@ -113,6 +115,10 @@ pub(super) fn split_linear_backward(
                 gemm::Variant::Tiled,
             )?);
         }
+        let Some(dw) = dw.map(|dw| &dw[j]) else {
+            v0 += rows;
+            continue;
+        };
         let mm = gemm::Matmul {
             trans_a: true,
             accumulate: true,
