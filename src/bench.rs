@@ -13,6 +13,8 @@ use crate::infer::llama::{LlamaRunner, Model as LlamaModel};
 use crate::kernels::harness::TimeStats;
 use crate::model::gpt::{self, Mode};
 use crate::model::llama_params::LlamaParams;
+use crate::model::lora::{LoraConfig, LoraPlan};
+use crate::model::params::ParamSpec;
 use crate::model::{Arch, GptConfig, ParamTable};
 use crate::rng::Rng;
 
@@ -44,6 +46,55 @@ pub struct TrainBench {
     /// GPU time per kernel in one profiled step, largest share first.
     pub kernels: Vec<KernelRow>,
     pub kernel_total: f64,
+    /// The device memory the step was planned with.
+    pub memory: Memory,
+    /// With a LoRA adapter: what it trains.
+    pub lora: Option<AdapterSummary>,
+}
+
+/// A benchmarked adapter: its settings, trainable parameters and adapter_model.safetensors's
+/// size in bytes.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub cfg: LoraConfig,
+    pub trainable: usize,
+    pub file_bytes: u64,
+}
+
+/// The device memory a training run plans, in bytes: parameters, their gradients, AdamW's two
+/// moments (the store), and the activations and their gradients (the planner's buffers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    pub params: u64,
+    pub grads: u64,
+    pub moments: u64,
+    pub activations: u64,
+}
+
+impl Memory {
+    /// Of a store and an executor built over it.
+    pub fn of(store: &ParamStore, exec: &Executor) -> Memory {
+        let bytes = |l: &[Vec<crate::gpu::View>]| l.iter().flatten().map(|v| v.bytes()).sum();
+        Memory {
+            params: bytes(&store.params),
+            grads: bytes(&store.grads),
+            moments: bytes(&store.m) + bytes(&store.v),
+            activations: exec.plan.planned_bytes,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.params + self.grads + self.moments + self.activations
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "parameters": self.params,
+            "gradients": self.grads,
+            "adamw_moments": self.moments,
+            "activations": self.activations,
+        })
+    }
 }
 
 /// FLOPs of one training step per nanoGPT's `estimate_mfu`: N counts the parameters without the
@@ -98,11 +149,77 @@ pub fn build_training<'a>(
     b: usize,
     t: usize,
 ) -> Result<(ParamStore, Executor<'a>)> {
-    let table = ParamTable::new(cfg);
-    let store = ParamStore::new(gpu, &table.store_specs(), &random_params(cfg, 1), true)?;
-    let g = gpt::build_for(cfg, &table, b, t, Mode::Train, gpu.max_binding());
-    let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
+    let (store, exec, _) = build_training_adapted(gpu, cfg, (b, t), None)?;
     Ok((store, exec))
+}
+
+/// `build_training`, with a LoRA adapter `lora` (A random, B zero, as peft starts one) on the
+/// frozen random weights when given; returns the adapter's plan too.
+pub fn build_training_adapted<'a>(
+    gpu: &'a Gpu,
+    cfg: &GptConfig,
+    (b, t): (usize, usize),
+    lora: Option<&LoraConfig>,
+) -> Result<(ParamStore, Executor<'a>, Option<LoraPlan>)> {
+    let table = ParamTable::new(cfg);
+    let plan = lora
+        .map(|l| LoraPlan::new(l, &table.specs, &table.linear_weights()))
+        .transpose()?;
+    let store = adapted_store(gpu, &table.specs, random_params(cfg, 1), plan.as_ref())?;
+    let max = gpu.max_binding();
+    let g = gpt::build_adapted(cfg, &table, plan.as_ref(), (b, t), Mode::Train, max);
+    let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
+    Ok((store, exec, plan))
+}
+
+/// A training store of `base` parameters `values`, with a fresh adapter after them when `plan`
+/// is given (the base frozen).
+fn adapted_store(
+    gpu: &Gpu,
+    base: &[ParamSpec],
+    mut values: Vec<Vec<f32>>,
+    plan: Option<&LoraPlan>,
+) -> Result<ParamStore> {
+    let specs_of = |s: &[ParamSpec]| -> Vec<(String, Vec<usize>)> {
+        s.iter()
+            .map(|s| (s.name.clone(), s.shape.clone()))
+            .collect()
+    };
+    match plan {
+        None => ParamStore::new(gpu, &specs_of(base), &values, true),
+        Some(p) => {
+            values.extend(p.init(1));
+            ParamStore::with_frozen(gpu, &specs_of(&p.specs), &values, &p.trained())
+        }
+    }
+}
+
+/// What an adapter changes in nanoGPT's FLOP estimate: the frozen base's weights take no
+/// gradient (4 of the 6 FLOPs per parameter and token), the adapter's take all 6. Returns the
+/// FLOPs per token to subtract, and the adapter's summary for the report.
+fn adapter_terms(plan: Option<&LoraPlan>) -> Result<(f64, Option<AdapterSummary>)> {
+    let Some(p) = plan else {
+        return Ok((0.0, None));
+    };
+    let n = |s: &[ParamSpec]| s.iter().map(ParamSpec::numel).sum::<usize>();
+    let adapter = n(p.adapter_specs());
+    // The base's weight gradients skipped, the adapter's products added.
+    let saved = 2.0 * n(&p.specs[..p.base_len]) as f64 - 6.0 * adapter as f64;
+    let zeros: Vec<Vec<f32>> = p
+        .adapter_specs()
+        .iter()
+        .map(|s| vec![0.0; s.numel()])
+        .collect();
+    let file = crate::io::hf::safetensors_bytes(
+        std::path::Path::new(crate::model::lora::WEIGHTS_FILE),
+        &p.tensors(&zeros),
+    )?;
+    let summary = AdapterSummary {
+        cfg: p.cfg.clone(),
+        trainable: adapter,
+        file_bytes: file.len() as u64,
+    };
+    Ok((saved, Some(summary)))
 }
 
 /// Times training steps of batch `b` × `t` tokens: `warmup` untimed steps, then `runs` timed ones,
@@ -111,15 +228,19 @@ pub fn build_training<'a>(
 pub fn train(
     gpu: &Gpu,
     cfg: &GptConfig,
-    b: usize,
-    t: usize,
+    (b, t): (usize, usize),
     (warmup, runs): (usize, usize),
+    lora: Option<&LoraConfig>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<TrainBench> {
-    let (_store, mut exec) = build_training(gpu, cfg, b, t)?;
-    let flops = train_flops(cfg, b, t);
+    let (store, mut exec, plan) = build_training_adapted(gpu, cfg, (b, t), lora)?;
+    let (saved, adapter) = adapter_terms(plan.as_ref())?;
+    let flops = train_flops(cfg, b, t) - saved * (b * t) as f64;
     let steps = (warmup, runs);
-    time_training(&mut exec, cfg.vocab_size, (b, t), steps, flops, progress)
+    let mut r = time_training(&mut exec, cfg.vocab_size, (b, t), steps, flops, progress)?;
+    r.memory = Memory::of(&store, &exec);
+    r.lora = adapter;
+    Ok(r)
 }
 
 /// `build_training` for a Llama-family shape, on random weights drawn as transformers draws them.
@@ -128,11 +249,27 @@ pub fn build_training_llama<'a>(
     arch: &Arch,
     (b, t): (usize, usize),
 ) -> Result<(ParamStore, Executor<'a>)> {
-    let table = LlamaParams::new(arch, 0.02)?;
-    let store = ParamStore::new(gpu, &table.store_specs(), &table.init(1), true)?;
-    let g = crate::model::llama::build_for(arch, &table, (b, t), Mode::Train, gpu.max_binding())?;
-    let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
+    let (store, exec, _) = build_training_llama_adapted(gpu, arch, (b, t), None)?;
     Ok((store, exec))
+}
+
+/// `build_training_llama` with a LoRA adapter, as `build_training_adapted`.
+pub fn build_training_llama_adapted<'a>(
+    gpu: &'a Gpu,
+    arch: &Arch,
+    (b, t): (usize, usize),
+    lora: Option<&LoraConfig>,
+) -> Result<(ParamStore, Executor<'a>, Option<LoraPlan>)> {
+    let table = LlamaParams::new(arch, 0.02)?;
+    let plan = lora
+        .map(|l| LoraPlan::new(l, &table.specs, &table.linear_weights()))
+        .transpose()?;
+    let store = adapted_store(gpu, &table.specs, table.init(1), plan.as_ref())?;
+    let max = gpu.max_binding();
+    let g =
+        crate::model::llama::build_adapted(arch, &table, plan.as_ref(), (b, t), Mode::Train, max)?;
+    let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
+    Ok((store, exec, plan))
 }
 
 /// `train` for a Llama-family shape, on random weights drawn as transformers draws them.
@@ -141,18 +278,17 @@ pub fn train_llama(
     arch: &Arch,
     (b, t): (usize, usize),
     (warmup, runs): (usize, usize),
+    lora: Option<&LoraConfig>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<TrainBench> {
-    let (_store, mut exec) = build_training_llama(gpu, arch, (b, t))?;
-    let flops = llama_train_flops(arch, b, t);
-    time_training(
-        &mut exec,
-        arch.vocab,
-        (b, t),
-        (warmup, runs),
-        flops,
-        progress,
-    )
+    let (store, mut exec, plan) = build_training_llama_adapted(gpu, arch, (b, t), lora)?;
+    let (saved, adapter) = adapter_terms(plan.as_ref())?;
+    let flops = llama_train_flops(arch, b, t) - saved * (b * t) as f64;
+    let steps = (warmup, runs);
+    let mut r = time_training(&mut exec, arch.vocab, (b, t), steps, flops, progress)?;
+    r.memory = Memory::of(&store, &exec);
+    r.lora = adapter;
+    Ok(r)
 }
 
 /// The timing of `train`: steps of random tokens below `vocab` through `exec`, and the kernels
@@ -207,6 +343,8 @@ fn time_training(
         tflops: flops / stats.median / 1e12,
         kernels: rows,
         kernel_total,
+        memory: Memory::default(),
+        lora: None,
     })
 }
 
@@ -221,6 +359,15 @@ impl TrainBench {
             "tflops": self.tflops,
             "kernels": self.kernels.iter().map(KernelRow::to_json).collect::<Vec<_>>(),
             "kernel_total_ms": self.kernel_total * 1e3,
+            "device_memory_bytes": self.memory.total(),
+            "device_memory": self.memory.to_json(),
+            "lora": self.lora.as_ref().map(|a| json!({
+                "r": a.cfg.r,
+                "lora_alpha": a.cfg.alpha,
+                "target_modules": a.cfg.targets,
+                "trainable_parameters": a.trainable,
+                "adapter_bytes": a.file_bytes,
+            })),
         })
     }
 }

@@ -90,6 +90,8 @@ enum Command {
     Sample(commands::train::SampleArgs),
     /// Mean cross-entropy and perplexity of a checkpoint on a file.
     Score(commands::score::ScoreArgs),
+    /// Merge a peft LoRA adapter into its base checkpoint (a plain checkpoint transformers loads).
+    Merge(commands::merge::MergeArgs),
     /// Benchmark training and inference on random weights of a GPT-2 shape.
     Bench(commands::bench::BenchArgs),
     /// Measure every kernel variant of a workload on this adapter and cache the winners.
@@ -153,6 +155,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Train(a) => commands::train::train(&cli.gpu, &a),
         Command::Sample(a) => commands::train::sample(&cli.gpu, &a),
         Command::Score(a) => commands::score::score(&cli.gpu, &a),
+        Command::Merge(a) => commands::merge::merge(&a),
         Command::Bench(a) => commands::bench::bench(&cli.gpu, &a),
         Command::Tune(a) => commands::tune_ahead::tune(&cli.gpu, &a),
         Command::Plot(a) => commands::plot::plot(&a),

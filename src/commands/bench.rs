@@ -8,6 +8,7 @@ use shaderformer::bench::{self, InferBench, KernelRow, TrainBench};
 use shaderformer::error::{Error, Result};
 use shaderformer::gpu::{DType, Gpu};
 use shaderformer::model::llama_params::LlamaParams;
+use shaderformer::model::lora::LoraConfig;
 use shaderformer::model::presets::{self, Preset};
 use shaderformer::model::{Arch, GptConfig};
 
@@ -76,6 +77,48 @@ pub struct BenchArgs {
     /// ignored, but `--json` and `--tune`.
     #[arg(long, value_enum)]
     suite: Option<SuiteArg>,
+    /// Time the training step of a LoRA adapter of this rank on the frozen random weights
+    /// instead of full training.
+    #[arg(long)]
+    lora_r: Option<usize>,
+    /// The adapter's alpha [default: the rank].
+    #[arg(long)]
+    lora_alpha: Option<f32>,
+    /// The adapted layers (as `train --lora-targets`) [default: the attention projections:
+    /// c_attn,c_proj for GPT-2; q_proj,k_proj,v_proj,o_proj for the Llama family].
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Option<Vec<String>>,
+}
+
+impl BenchArgs {
+    /// The adapter of `--lora-r`, if given; `gpt2` picks the default targets.
+    fn lora(&self, gpt2: bool) -> Result<Option<LoraConfig>> {
+        let Some(r) = self.lora_r else {
+            if self.lora_alpha.is_some() || self.lora_targets.is_some() {
+                return Err(Error::invalid(
+                    "--lora-alpha, --lora-targets",
+                    "apply to a LoRA step: give --lora-r",
+                ));
+            }
+            return Ok(None);
+        };
+        let default: &[&str] = if gpt2 {
+            &["c_attn", "c_proj"]
+        } else {
+            &["q_proj", "k_proj", "v_proj", "o_proj"]
+        };
+        let cfg = LoraConfig {
+            r,
+            alpha: self.lora_alpha.unwrap_or(r as f32),
+            dropout: 0.0,
+            targets: self
+                .lora_targets
+                .clone()
+                .unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect()),
+        };
+        cfg.check("--lora-r, --lora-alpha, --lora-targets")?;
+        Ok(Some(cfg))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -315,9 +358,9 @@ fn bench_gpt2(
         let r = bench::train(
             &gpu,
             cfg,
-            args.batch_size,
-            block_size,
+            (args.batch_size, block_size),
             (args.warmup, args.runs),
+            args.lora(true)?.as_ref(),
             &mut step_progress,
         )?;
         out.insert("train".into(), r.to_json());
@@ -375,7 +418,8 @@ fn bench_llama(
     if train {
         let shape = (args.batch_size, block_size);
         let steps = (args.warmup, args.runs);
-        let r = bench::train_llama(&gpu, arch, shape, steps, &mut step_progress)?;
+        let lora = args.lora(false)?;
+        let r = bench::train_llama(&gpu, arch, shape, steps, lora.as_ref(), &mut step_progress)?;
         out.insert("train".into(), r.to_json());
         if !args.json_to_stdout() {
             print_train(&gpu, &r, args.warmup);
@@ -479,6 +523,26 @@ fn print_train(gpu: &Gpu, r: &TrainBench, warmup: usize) {
         r.tflops,
         r.flops_per_step / 1e9
     );
+    let m = &r.memory;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!(
+        "  planned device memory {:.1} MiB: parameters {:.1}, gradients {:.1}, AdamW moments {:.1}, activations {:.1}",
+        mib(m.total()),
+        mib(m.params),
+        mib(m.grads),
+        mib(m.moments),
+        mib(m.activations)
+    );
+    if let Some(a) = &r.lora {
+        println!(
+            "  LoRA r {} alpha {} on {}: {} trainable parameters, adapter file {:.2} MiB",
+            a.cfg.r,
+            a.cfg.alpha,
+            a.cfg.targets.join(","),
+            a.trainable,
+            mib(a.file_bytes)
+        );
+    }
     print_kernels(
         &format!(
             "GPU time per kernel in one step ({}",

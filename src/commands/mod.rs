@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod kernels;
+pub mod merge;
 pub mod plot;
 pub mod score;
 pub mod train;

@@ -11,8 +11,8 @@ use shaderformer::infer::llama::LlamaRunner;
 use shaderformer::infer::{self, Engine};
 use shaderformer::io::vocab::Vocab;
 use shaderformer::io::{hf_llama, hf_weights};
-use shaderformer::train::checkpoint;
 use shaderformer::train::data::{self, Contents};
+use shaderformer::train::{adapter, checkpoint};
 
 use crate::GpuArgs;
 use crate::commands::train::Dtype;
@@ -33,13 +33,19 @@ pub struct ScoreArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// A peft LoRA adapter directory to apply to the checkpoint (merged into its weights).
+    #[arg(long)]
+    lora: Option<PathBuf>,
 }
 
 pub fn score(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
     if hf_llama::is_llama_checkpoint(&args.checkpoint) {
         return score_llama(gpu, args);
     }
-    let ck = checkpoint::load(&args.checkpoint)?;
+    let mut ck = checkpoint::load(&args.checkpoint)?;
+    if let Some(dir) = &args.lora {
+        adapter::merge_gpt(&mut ck, dir)?;
+    }
     let vocab = ck.vocab.clone().unwrap_or(Vocab::Ids(ck.cfg.vocab_size));
     let ids = read_ids(args, &vocab, ck.cfg.vocab_size)?;
     let t = args.block_size.unwrap_or(ck.cfg.block_size);
@@ -69,7 +75,10 @@ pub fn score(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
 /// `score` on a Llama-family checkpoint (config.json, model.safetensors, and tokenizer.json for
 /// text), with weights in `--dtype`, each window one forward pass.
 fn score_llama(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
-    let ck = hf_weights::load(&args.checkpoint)?;
+    let mut ck = hf_weights::load(&args.checkpoint)?;
+    if let Some(dir) = &args.lora {
+        adapter::merge_llama(&mut ck, dir)?;
+    }
     let v = ck.cfg.arch.vocab;
     let vocab = Vocab::load(&args.checkpoint)?.unwrap_or(Vocab::Ids(v));
     let ids = read_ids(args, &vocab, v)?;
@@ -111,6 +120,7 @@ fn report(args: &ScoreArgs, adapter: &str, t: usize, s: infer::Score) {
             "{}",
             serde_json::json!({
                 "checkpoint": args.checkpoint.display().to_string(),
+                "lora": args.lora.as_ref().map(|d| d.display().to_string()),
                 "data": name,
                 "adapter": adapter,
                 "block_size": t,

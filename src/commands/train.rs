@@ -76,6 +76,25 @@ pub struct TrainArgs {
     /// RoPE's base of --arch llama [default: 10000].
     #[arg(long)]
     rope_theta: Option<f64>,
+    /// Fine-tune a LoRA adapter of this rank on the frozen --init checkpoint (peft's layout; the
+    /// output directory is the adapter) [default: 8 when another --lora flag is given].
+    #[arg(long)]
+    lora_r: Option<usize>,
+    /// The adapter's alpha: its product is scaled by alpha / r [default: 8].
+    #[arg(long)]
+    lora_alpha: Option<f32>,
+    /// Dropout on the adapter's input while training [default: 0].
+    #[arg(long)]
+    lora_dropout: Option<f32>,
+    /// The linear layers to adapt, by the last part of their module name: GPT-2's c_attn,
+    /// c_proj, c_fc; the Llama family's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    /// down_proj [default: c_attn for GPT-2, q_proj,v_proj for the Llama family, as peft's].
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Option<Vec<String>>,
+    /// Continue training the peft adapter in this directory (its rank, alpha and targets) on
+    /// the --init base.
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// Dropout on the embeddings, the attention probabilities and after the attention and MLP
     /// projections, as nanoGPT and GPT-2 place it [default: 0].
     #[arg(long)]
@@ -184,9 +203,19 @@ impl TrainArgs {
                 ));
             }
         }
-        let checkpoint_dir = [("--resume", &self.resume), ("--init", &self.init)]
-            .into_iter()
-            .find_map(|(f, d)| d.as_ref().map(|d| (f, d)));
+        // A resumed LoRA run's model is its adapter's base.
+        let resumed_base = match &self.resume {
+            Some(dir) if train::adapter::is_adapter(dir) => {
+                Some(train::adapter::resumed_base(dir)?)
+            }
+            _ => None,
+        };
+        let checkpoint_dir = [
+            ("--resume", resumed_base.as_ref().or(self.resume.as_ref())),
+            ("--init", self.init.as_ref()),
+        ]
+        .into_iter()
+        .find_map(|(f, d)| d.map(|d| (f, d)));
         self.check_arch_flags(checkpoint_dir.map(|c| c.0))?;
         if let Some((flag, dir)) = checkpoint_dir {
             if hf_llama::is_llama_checkpoint(dir) {
@@ -256,6 +285,7 @@ impl TrainArgs {
                     .unwrap_or_else(|| FreshLlama::default_intermediate(n_embd)),
                 rope_theta: self.rope_theta.unwrap_or(10000.0),
             }),
+            lora: self.lora_flags(),
         })
     }
 }
@@ -268,6 +298,18 @@ pub enum ArchKind {
 }
 
 impl TrainArgs {
+    /// The LoRA flags, when any is given.
+    fn lora_flags(&self) -> Option<train::adapter::LoraFlags> {
+        let flags = train::adapter::LoraFlags {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets: self.lora_targets.clone(),
+            from: self.lora.clone(),
+        };
+        (flags != train::adapter::LoraFlags::default()).then_some(flags)
+    }
+
     /// A flag of one architecture given with the other, or --arch with a checkpoint (which
     /// fixes its own), is an error naming the flag.
     fn check_arch_flags(&self, checkpoint: Option<&str>) -> Result<()> {
@@ -459,6 +501,14 @@ fn train_rank(gpu: &GpuArgs, args: &TrainArgs, comm: &Comm) -> Result<ExitCode> 
     if summary.interrupted {
         return Ok(ExitCode::from(130));
     }
+    if summary.lora {
+        println!(
+            "adapter: {} (sample or score it with --lora {} on the base)",
+            cfg.out.display(),
+            cfg.out.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.sample_tokens > 0 && summary.cfg.is_none() {
         sample_after_llama_run(&gpu, &cfg, args.sample_tokens)?;
     } else if args.sample_tokens > 0 {
@@ -579,6 +629,9 @@ pub struct SampleArgs {
     /// Llama-family one: llama, mistral, qwen2, qwen3).
     #[arg(long)]
     checkpoint: PathBuf,
+    /// A peft LoRA adapter directory to apply to the checkpoint (merged into its weights).
+    #[arg(long)]
+    lora: Option<PathBuf>,
     #[arg(long, default_value = "\n")]
     prompt: String,
     #[arg(long, default_value_t = 200)]
@@ -627,7 +680,10 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
     if hf_llama::is_llama_checkpoint(&args.checkpoint) {
         return sample_llama(gpu, args, &opts);
     }
-    let ck = checkpoint::load(&args.checkpoint)?;
+    let mut ck = checkpoint::load(&args.checkpoint)?;
+    if let Some(dir) = &args.lora {
+        train::adapter::merge_gpt(&mut ck, dir)?;
+    }
     let (vocab, prompt) = encode_prompt(args, &ck)?;
     check_sample_sizes(args, &ck.cfg)?;
     let gpu = gpu.open()?;
@@ -698,7 +754,10 @@ fn check_sample_sizes(args: &SampleArgs, cfg: &GptConfig) -> Result<()> {
 /// sequences decoded against a KV cache (weights and cache in `--dtype`), one after another,
 /// each ending at generation_config.json's eos ids.
 fn sample_llama(gpu: &GpuArgs, args: &SampleArgs, opts: &SampleOptions) -> Result<ExitCode> {
-    let ck = hf_weights::load(&args.checkpoint)?;
+    let mut ck = hf_weights::load(&args.checkpoint)?;
+    if let Some(dir) = &args.lora {
+        train::adapter::merge_llama(&mut ck, dir)?;
+    }
     let vocab = Vocab::load(&args.checkpoint)?;
     let (vocab, prompt) = encode_for(args, vocab, ck.cfg.arch.context)?;
     let gpu = gpu.open()?;

@@ -1,5 +1,6 @@
 //! Training: nanoGPT's loop on the GPU. Data, schedule, checkpoints, evaluation, metrics.
 
+pub mod adapter;
 pub mod addition;
 pub mod checkpoint;
 mod checks;
@@ -76,6 +77,8 @@ pub struct TrainConfig {
     /// A fresh model is Llama-shaped (`--arch llama`) with these settings; `None`: GPT-2.
     /// A checkpoint (`init`, `resume`) fixes its own architecture.
     pub llama: Option<FreshLlama>,
+    /// Train a LoRA adapter on the frozen `--init` checkpoint (`--lora-*` flags).
+    pub lora: Option<adapter::LoraFlags>,
 }
 
 impl TrainConfig {
@@ -131,6 +134,7 @@ impl Default for TrainConfig {
             validate: false,
             verbose: true,
             llama: None,
+            lora: None,
         }
     }
 }
@@ -152,6 +156,8 @@ pub struct TrainSummary {
     pub interrupted: bool,
     /// The GPT-2 model trained (`None` for a Llama-family one).
     pub cfg: Option<GptConfig>,
+    /// Whether the run trained a LoRA adapter (its checkpoint is the adapter).
+    pub lora: bool,
 }
 
 static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
@@ -357,7 +363,12 @@ pub fn train_on(gpu: &Gpu, cfg: &TrainConfig, comm: &Comm) -> Result<TrainSummar
 
 /// Claims the output directory (rank 0 writes it) before the first step, not at the first
 /// checkpoint.
-fn claim_out(cfg: &TrainConfig, comm: &Comm, model: &Model) -> Result<Option<checkpoint::OutDir>> {
+fn claim_out(
+    cfg: &TrainConfig,
+    comm: &Comm,
+    model: &Model,
+    lora: bool,
+) -> Result<Option<checkpoint::OutDir>> {
     comm.is_root()
         .then(|| {
             checkpoint::open_out(
@@ -370,6 +381,7 @@ fn claim_out(cfg: &TrainConfig, comm: &Comm, model: &Model) -> Result<Option<che
                             .any(|d| same_dir(d, &cfg.out)),
                     own_file: cfg.metrics.as_deref(),
                     also_ours: match model {
+                        _ if lora => &adapter::ADAPTER_FILES,
                         Model::Gpt(_) => &[],
                         Model::Llama(_) => &model::LLAMA_COPIED,
                     },
@@ -384,7 +396,7 @@ fn build_executors<'g>(
     gpu: &'g Gpu,
     cfg: &TrainConfig,
     comm: &Comm,
-    model: &Model,
+    (model, lora): (&Model, Option<&adapter::Adapter>),
     store: &ParamStore,
 ) -> Result<(Executor<'g>, Executor<'g>)> {
     let (b, t) = (cfg.batch_size, cfg.block_size);
@@ -399,9 +411,10 @@ fn build_executors<'g>(
         },
     };
     let build = || -> Result<(Executor, Executor)> {
-        let train_graph = model.graph(b, t, Mode::Train, gpu.max_binding())?;
+        let plan = lora.map(|a| &a.plan);
+        let train_graph = model.graph((b, t), Mode::Train, gpu.max_binding(), plan)?;
         let exec = Executor::new(gpu, train_graph.graph, store, opts.clone())?;
-        let eval_graph = model.graph(b, t, Mode::Eval, gpu.max_binding())?;
+        let eval_graph = model.graph((b, t), Mode::Eval, gpu.max_binding(), plan)?;
         let eval_exec = Executor::new(gpu, eval_graph.graph, store, opts.clone())?;
         Ok((exec, eval_exec))
     };
@@ -538,6 +551,8 @@ struct Trainer<'a> {
     cfg: &'a TrainConfig,
     comm: &'a Comm,
     model: Model,
+    /// The LoRA adapter trained on the frozen model, if any.
+    adapter: Option<adapter::Adapter>,
     data: Dataset,
     store: ParamStore,
     exec: Executor<'a>,
@@ -556,13 +571,16 @@ impl<'a> Trainer<'a> {
     /// output directory, the parameters and executors on the GPU, the loader; then says what
     /// will run.
     fn new(gpu: &'a Gpu, cfg: &'a TrainConfig, comm: &'a Comm) -> Result<Trainer<'a>> {
-        let (mut model, mut ckpt, start_state) = model::start_model(gpu, cfg)?;
-        let data = model::load_checked_data(cfg, comm, &mut model, ckpt.as_ref())?;
+        let (mut model, mut ckpt, start_state, mut adapter) = model::start_model(gpu, cfg)?;
+        let data =
+            model::load_checked_data(cfg, comm, &mut model, ckpt.as_ref(), adapter.as_ref())?;
         // Everything is checked that can be without the GPU.
-        let out = claim_out(cfg, comm, &model)?;
+        let out = claim_out(cfg, comm, &model, adapter.is_some())?;
         model.check_fits(gpu)?;
-        let store = model::upload_params(gpu, cfg, comm, &mut model, &mut ckpt)?;
-        let (mut exec, eval_exec) = build_executors(gpu, cfg, comm, &model, &store)?;
+        let store =
+            model::upload_params(gpu, cfg, comm, (&mut model, &mut ckpt), adapter.as_mut())?;
+        let (mut exec, eval_exec) =
+            build_executors(gpu, cfg, comm, (&model, adapter.as_ref()), &store)?;
         if cfg.validate {
             validate_nodes(&mut exec, cfg, &data)?;
         }
@@ -574,6 +592,7 @@ impl<'a> Trainer<'a> {
             cfg,
             comm,
             model,
+            adapter,
             data,
             store,
             exec,
@@ -614,6 +633,9 @@ impl<'a> Trainer<'a> {
         }
         self.say(format!("data: {}", self.data.description));
         self.say(format!("model: {}", self.model.describe()));
+        if let Some(a) = &self.adapter {
+            self.say(a.describe());
+        }
         self.say(format!(
             "memory: parameters + gradients + AdamW {:.1} MiB; activations planned {:.1} MiB (without reuse {:.1} MiB)",
             self.store.bytes() as f64 / 1048576.0,
@@ -713,6 +735,7 @@ impl<'a> Trainer<'a> {
             tokens_per_step: run.tokens_per_step,
             interrupted: was_interrupted,
             cfg: self.model.gpt().cloned(),
+            lora: self.adapter.is_some(),
         })
     }
 
@@ -811,6 +834,9 @@ impl<'a> Trainer<'a> {
         };
         let params = read(&store.params)?;
         let moments = (read(&store.m)?, read(&store.v)?);
+        if let Some(a) = &self.adapter {
+            return a.save(&self.cfg.out, &params, &moments, &state);
+        }
         match &self.model {
             Model::Llama(l) => l.save(&self.cfg.out, &params, &moments, &state),
             Model::Gpt(c) => checkpoint::save(

@@ -13,6 +13,7 @@
 
 use std::path::Path;
 
+use super::adapter::{self, Adapter};
 use super::checkpoint::{self, Checkpoint, Moments};
 use super::{Dataset, TrainConfig, load_data, parallel, state};
 use crate::dist::Comm;
@@ -26,6 +27,7 @@ use crate::model::arch::{Arch, Biases, Family, Mlp, Norm, Positions, Rope, RopeS
 use crate::model::gpt::{self, GptGraph, Mode};
 use crate::model::llama;
 use crate::model::llama_params::LlamaParams;
+use crate::model::lora::LoraPlan;
 use crate::model::{GptConfig, ParamTable};
 
 /// Files of a Llama-family directory copied, when present, into every checkpoint of a run.
@@ -290,18 +292,26 @@ impl Model {
         }
     }
 
-    /// The graph for batches of `b` sequences of `t` tokens.
-    pub fn graph(&self, b: usize, t: usize, mode: Mode, max_binding: u64) -> Result<GptGraph> {
+    /// The graph for batches of `b` sequences of `t` tokens, with the adapter `lora` if any.
+    pub fn graph(
+        &self,
+        (b, t): (usize, usize),
+        mode: Mode,
+        max_binding: u64,
+        lora: Option<&LoraPlan>,
+    ) -> Result<GptGraph> {
         match self {
-            Model::Gpt(c) => Ok(gpt::build_for(
+            Model::Gpt(c) => Ok(gpt::build_adapted(
                 c,
                 &ParamTable::new(c),
-                b,
-                t,
+                lora,
+                (b, t),
                 mode,
                 max_binding,
             )),
-            Model::Llama(l) => llama::build_for(&l.cfg.arch, &l.table, (b, t), mode, max_binding),
+            Model::Llama(l) => {
+                llama::build_adapted(&l.cfg.arch, &l.table, lora, (b, t), mode, max_binding)
+            }
         }
     }
 
@@ -380,10 +390,78 @@ fn no_optimizer(dir: &Path) -> Error {
     )
 }
 
+/// What a run starts from: the model, its checkpoint (GPT-2), the trainer state of a resumed
+/// run, and the LoRA adapter of a fine-tuning run.
+pub(super) type Start = (
+    Model,
+    Option<Checkpoint>,
+    Option<state::TrainerState>,
+    Option<Adapter>,
+);
+
 /// The model a run starts from: continued from a checkpoint (`--resume`, with the trainer state
 /// and optimizer moments), initialized from one (`--init`, weights only: ours, transformers'
-/// GPT-2 or a Llama-family directory), or fresh.
-pub(super) fn start_model(
+/// GPT-2 or a Llama-family directory), or fresh; with a LoRA adapter on a frozen `--init` base
+/// (or the base of a resumed LoRA run).
+pub(super) fn start_model(gpu: &Gpu, cfg: &TrainConfig) -> Result<Start> {
+    if adapter::wanted(cfg) {
+        return start_adapted(gpu, cfg);
+    }
+    let (model, ck, state) = start_full(gpu, cfg)?;
+    Ok((model, ck, state, None))
+}
+
+/// A LoRA run: the base read as `--init` reads it, the adapter fresh, from `--lora`, or resumed.
+fn start_adapted(gpu: &Gpu, cfg: &TrainConfig) -> Result<Start> {
+    let flags = cfg.lora.clone().unwrap_or_default();
+    let (base, resume) = match &cfg.resume {
+        Some(dir) if !adapter::is_adapter(dir) => {
+            return Err(Error::invalid(
+                "--lora",
+                format!(
+                    "{} is a full training run's checkpoint, not an adapter's: --resume it \
+                     without LoRA flags, or start an adapter on it with --init",
+                    dir.display()
+                ),
+            ));
+        }
+        Some(dir) => (adapter::resumed_base(dir)?, Some(dir.as_path())),
+        None => (
+            cfg.init.clone().ok_or_else(|| {
+                Error::invalid(
+                    "--lora",
+                    "LoRA trains an adapter on a frozen base checkpoint: name it with --init",
+                )
+            })?,
+            None,
+        ),
+    };
+    let state = resume.map(checkpoint::read_state).transpose()?;
+    if let Some(s) = &state {
+        gpu.tuner.pin(&s.kernels);
+    }
+    let (model, ck) = init_model(&base, cfg.dropout)?;
+    let ad = Adapter::start(&model, &base, &flags, resume, cfg.seed)?;
+    Ok((model, ck, state, Some(ad)))
+}
+
+/// The weights of the checkpoint in `dir` to start from (`--init`): ours, transformers' GPT-2 or
+/// a Llama-family directory.
+fn init_model(dir: &Path, dropout: f32) -> Result<(Model, Option<Checkpoint>)> {
+    if hf_llama::is_llama_checkpoint(dir) {
+        let l = LlamaModel::load(dir, dropout)?;
+        return Ok((Model::Llama(Box::new(l)), None));
+    }
+    let mut ck = checkpoint::load(dir)?;
+    ck.optimizer = None;
+    ck.state = None;
+    let mut c = ck.cfg.clone();
+    c.dropout = dropout;
+    Ok((Model::Gpt(c), Some(ck)))
+}
+
+/// `start_model` without an adapter.
+fn start_full(
     gpu: &Gpu,
     cfg: &TrainConfig,
 ) -> Result<(Model, Option<Checkpoint>, Option<state::TrainerState>)> {
@@ -408,16 +486,8 @@ pub(super) fn start_model(
         c.dropout = cfg.dropout;
         Ok((Model::Gpt(c), Some(ck), Some(state)))
     } else if let Some(dir) = &cfg.init {
-        if hf_llama::is_llama_checkpoint(dir) {
-            let l = LlamaModel::load(dir, cfg.dropout)?;
-            return Ok((Model::Llama(Box::new(l)), None, None));
-        }
-        let mut ck = checkpoint::load(dir)?;
-        ck.optimizer = None;
-        ck.state = None;
-        let mut c = ck.cfg.clone();
-        c.dropout = cfg.dropout;
-        Ok((Model::Gpt(c), Some(ck), None))
+        let (model, ck) = init_model(dir, cfg.dropout)?;
+        Ok((model, ck, None))
     } else if let Some(fresh) = &cfg.llama {
         let l = LlamaModel::fresh(cfg, fresh)?;
         Ok((Model::Llama(Box::new(l)), None, None))
@@ -443,6 +513,7 @@ pub(super) fn load_checked_data(
     comm: &Comm,
     model: &mut Model,
     ckpt: Option<&Checkpoint>,
+    adapter: Option<&Adapter>,
 ) -> Result<Dataset> {
     // A checkpoint without a vocabulary (a bare transformers directory) still fixes the token
     // range: token files are checked against it, text cannot be encoded for it.
@@ -513,19 +584,20 @@ pub(super) fn load_checked_data(
     super::check_ranks_fed(comm, cfg, data.train.len())?;
     crate::memory::check(
         "the model's parameters, gradients and AdamW moments",
-        model.training_bytes(),
+        adapter.map_or_else(|| model.training_bytes(), Adapter::training_bytes),
     )?;
     Ok(data)
 }
 
 /// The parameters (and, when resuming, the AdamW moments) on the GPU, checked to be the same on
-/// every rank. The initial copies on the CPU are dropped once uploaded.
+/// every rank; with an adapter, the base's frozen and the adapter's after them. The initial
+/// copies on the CPU are dropped once uploaded.
 pub(super) fn upload_params(
     gpu: &Gpu,
     cfg: &TrainConfig,
     comm: &Comm,
-    model: &mut Model,
-    ckpt: &mut Option<Checkpoint>,
+    (model, ckpt): (&mut Model, &mut Option<Checkpoint>),
+    adapter: Option<&mut Adapter>,
 ) -> Result<ParamStore> {
     let init_params = match (&mut *model, &ckpt) {
         // A fresh model, initialized as transformers' LlamaPreTrainedModel is.
@@ -534,18 +606,35 @@ pub(super) fn upload_params(
         (Model::Gpt(_), Some(ck)) => ck.params.clone(),
         (Model::Gpt(c), None) => ParamTable::new(c).init(c, cfg.seed),
     };
-    let store = ParamStore::new(gpu, &model.store_specs(), &init_params, true)?;
-    let moments = match (&mut *model, &mut *ckpt) {
-        (Model::Llama(l), _) => l.optimizer.take(),
-        (Model::Gpt(_), Some(ck)) => ck.optimizer.take(),
-        (Model::Gpt(_), None) => None,
+    let (store, moments) = match adapter {
+        Some(ad) => {
+            let mut values = init_params;
+            values.append(&mut ad.values);
+            let specs: Vec<(String, Vec<usize>)> = ad
+                .plan
+                .specs
+                .iter()
+                .map(|s| (s.name.clone(), s.shape.clone()))
+                .collect();
+            let store = ParamStore::with_frozen(gpu, &specs, &values, &ad.plan.trained())?;
+            (store, ad.take_moments())
+        }
+        None => {
+            let store = ParamStore::new(gpu, &model.store_specs(), &init_params, true)?;
+            drop(init_params);
+            let moments = match (&mut *model, &mut *ckpt) {
+                (Model::Llama(l), _) => l.optimizer.take(),
+                (Model::Gpt(_), Some(ck)) => ck.optimizer.take(),
+                (Model::Gpt(_), None) => None,
+            };
+            (store, moments)
+        }
     };
     if let Some((m, v)) = &moments {
         ParamStore::write(gpu, &store.m, m)?;
         ParamStore::write(gpu, &store.v, v)?;
     }
     drop(moments);
-    drop(init_params);
     // Every rank initialized from the same seed or loaded the same checkpoint: verify.
     parallel::check_same_weights(comm, gpu, &store, "at the start")?;
     if let Some(ck) = ckpt {
