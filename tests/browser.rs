@@ -651,6 +651,110 @@ fn page_trains_on_a_text_like_train_with_data() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The page fine-tunes a Llama-family checkpoint (qwen2-tiny, opened from its files) with LoRA
+/// on a text as `shaderformer train --init qwen2-tiny --lora-r` does: same losses step by step,
+/// same evaluations; the adapter it saves is peft's layout, and the checkpoint opened with that
+/// adapter completes a prompt as `sample --lora` does.
+#[test]
+fn page_fine_tunes_a_checkpoint_with_lora_like_train() {
+    if !ready() {
+        return;
+    }
+    let steps = 4;
+    let text = some_text();
+    let files =
+        "config.json,generation_config.json,model.safetensors,tokenizer.json,tokenizer_config.json";
+    let settings = serde_json::json!({
+        "seed": 5, "steps": steps, "lr": 0.01, "batch_size": 2, "block_size": 16,
+        "warmup_iters": 0, "eval_iters": 1, "lora_r": 4, "lora_alpha": 64,
+        "lora_targets": "q_proj,v_proj,down_proj",
+    });
+    let (report, saved) = run_page(
+        &format!(
+            "test=lora&eval_every=4&checkpoint=/assets/qwen2-tiny&files={files}&settings={}&text={}&prompt={}",
+            query_escape(&settings.to_string()),
+            query_escape(&text),
+            query_escape("The river")
+        ),
+        "lora",
+    );
+    assert_eq!(report["describe"]["lora"]["layers"], 6, "{report}");
+    let page = page_losses(&report, steps);
+    let dir = scratch("native-lora");
+    let data = dir.join("text.txt");
+    std::fs::write(&data, &text).unwrap();
+    let base = Path::new(ROOT).join("assets/qwen2-tiny");
+    let (native, native_vals) = native_losses(
+        &[
+            "--init",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--seed",
+            "5",
+            "--max-iters",
+            &steps.to_string(),
+            "--eval-interval",
+            "4",
+            "--lr",
+            "0.01",
+            "--warmup-iters",
+            "0",
+            "--batch-size",
+            "2",
+            "--block-size",
+            "16",
+            "--eval-iters",
+            "1",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "64",
+            "--lora-targets",
+            "q_proj,v_proj,down_proj",
+        ],
+        &report["kernels"],
+        &dir,
+    );
+    assert_same_losses(&page, &native, &report["adapter"]["name"]);
+    assert_same_losses(
+        &page_vals(&report),
+        &native_vals,
+        &report["adapter"]["name"],
+    );
+    // The page's adapter: peft's two files, which sample --lora takes.
+    let adapter = dir.join("page-adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        let bytes = saved
+            .get(name)
+            .unwrap_or_else(|| panic!("the page saved no {name}"));
+        std::fs::write(adapter.join(name), bytes).unwrap();
+    }
+    let cache = dir.join("kernels");
+    let want = native_sample(
+        &base,
+        "The river",
+        8,
+        Some(&cache),
+        &["--lora", adapter.to_str().unwrap()],
+    );
+    let page = &report["generation"];
+    assert!(!ids(&page["ids"]).is_empty(), "{report}");
+    assert_eq!(
+        ids(&page["ids"]),
+        ids(&want["ids"]),
+        "page vs native greedy ids"
+    );
+    let plain = native_sample(&base, "The river", 8, Some(&cache), &[]);
+    assert_ne!(
+        ids(&plain["ids"]),
+        ids(&want["ids"]),
+        "the adapter changes nothing"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn page_samples_greedily_like_the_native_engine() {
     if !ready() {

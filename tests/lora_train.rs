@@ -14,6 +14,7 @@ use shaderformer::io::hf_weights;
 use shaderformer::model::ParamTable;
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::model::llama;
+use shaderformer::model::lora::AdapterFiles;
 use shaderformer::model::lora::LoraConfig;
 use shaderformer::reference::compare;
 use shaderformer::train::adapter::{self, LoraFlags};
@@ -139,13 +140,13 @@ fn merged_adapters_give_peft_losses() {
         let b = tokens.len() / t;
         let (specs, params, graph) = if base == "gpt2-tiny" {
             let mut ck = checkpoint::load(&asset(base)).unwrap();
-            adapter::merge_gpt(&mut ck, &lora_dir).unwrap();
+            adapter::merge_gpt(&mut ck, AdapterFiles::read(&lora_dir).unwrap()).unwrap();
             let table = ParamTable::new(&ck.cfg);
             let g = gpt::build(&ck.cfg, &table, b, t, Mode::Eval);
             (table.store_specs(), ck.params, g)
         } else {
             let mut ck = hf_weights::load(&asset(base)).unwrap();
-            adapter::merge_llama(&mut ck, &lora_dir).unwrap();
+            adapter::merge_llama(&mut ck, AdapterFiles::read(&lora_dir).unwrap()).unwrap();
             let g = llama::build(&ck.cfg.arch, &ck.table, b, t, Mode::Eval).unwrap();
             (ck.table.store_specs(), ck.params, g)
         };

@@ -18,6 +18,8 @@ function explain(e) {
 }
 
 let trainer = null;
+// Whether the trainer fine-tunes the opened checkpoint with LoRA.
+let fineTuning = false;
 // The text the trainer trains on (null: the addition problems).
 let trainerText = null;
 let running = false;
@@ -163,6 +165,7 @@ async function run() {
   }
   running = false;
   $("stop").disabled = true; $("train").disabled = false; $("save").disabled = false;
+  $("save-adapter").disabled = !fineTuning; $("finetune").disabled = !model;
   $("continue").disabled = trainer.steps() >= total;
 }
 
@@ -170,6 +173,7 @@ async function startTraining() {
   showError("");
   curve = { train: [], val: [] };
   losses = []; stepMs = [];
+  fineTuning = false;
   try {
     if (trainer) trainer.free();
     trainer = null;
@@ -200,7 +204,44 @@ async function save() {
   } catch (e) { showError(explain(e)); }
 }
 
+// The settings of a LoRA run: the Train form's, and the adapter's.
+function loraSettings() {
+  const s = settings();
+  delete s.n_layer; delete s.n_head; delete s.n_embd;
+  s.lora_r = num("lora_r"); s.lora_alpha = num("lora_alpha");
+  if ($("lora_targets").value.trim() !== "") s.lora_targets = $("lora_targets").value;
+  return s;
+}
+
+// Fine-tunes the opened checkpoint with LoRA on the Train section's text.
+async function startFineTuning(settingsJson = JSON.stringify(loraSettings())) {
+  showError("");
+  curve = { train: [], val: [] };
+  losses = []; stepMs = [];
+  try {
+    if (trainer) trainer.free();
+    trainer = null;
+    trainerText = $("text").value;
+    if (trainerText === "") throw new Error("There is no text to fine-tune on: paste one or open a file in the Train section.");
+    trainer = await sf.lora_trainer(modelFiles.names, modelFiles.contents, settingsJson, trainerText,
+      textName, modelFiles.base);
+    fineTuning = true;
+    const d = JSON.parse(trainer.describe());
+    $("data-info").textContent = d.data;
+    $("lora-info").textContent = `${d.lora.layers} layers adapted (r ${d.lora.r}, alpha ${d.lora.alpha}): ` +
+      `${d.lora.trainable} trainable parameters, ${(d.params / 1e6).toFixed(2)}M frozen`;
+    await tuneTrainer();
+  } catch (e) {
+    trainer = null;
+    showError(explain(e));
+    return;
+  }
+  await run();
+}
+
 let model = null;
+// The files of the opened checkpoint ({names, contents, base}), for fine-tuning it.
+let modelFiles = null;
 
 async function openModel(files) {
   showError("");
@@ -209,6 +250,9 @@ async function openModel(files) {
     names.push(f.name);
     contents.push(new Uint8Array(await f.arrayBuffer()));
   }
+  // The base's name in an adapter's config: the folder the files came from, where known.
+  const path = files.length ? (files[0].webkitRelativePath || "") : "";
+  modelFiles = { names, contents, base: path.includes("/") ? path.split("/")[0] : "base" };
   try {
     if (model) model.free();
     model = null;
@@ -222,8 +266,10 @@ async function openModel(files) {
     $("chat").checked = d.chat;
     $("system").disabled = !d.chat;
     $("generate").disabled = false;
+    $("finetune").disabled = false;
   } catch (e) {
     $("generate").disabled = true;
+    $("finetune").disabled = true;
     showError("Not a checkpoint this page can open: " + explain(e));
   }
 }
@@ -288,6 +334,34 @@ async function testMode(q) {
         adapter, losses, step_ms: stepMs, val: curve.val, samples: $("samples").textContent,
         tokens_per_step: trainer.tokens_per_step(), sample,
         tuned: tunedNow, tuned_shown: $("tuned").textContent, kernels: JSON.parse(await sf.kernels()),
+      });
+    } else if (q.get("test") === "lora") {
+      // Fine-tunes the checkpoint with LoRA on the text, as a visitor does, saves the adapter,
+      // then opens the checkpoint with the saved adapter and completes a prompt greedily.
+      const dir = q.get("checkpoint"), names = q.get("files").split(",");
+      const contents = [];
+      for (const n of names) {
+        const r = await fetch(dir + "/" + n);
+        if (!r.ok) throw new Error("cannot fetch " + dir + "/" + n);
+        contents.push(new Uint8Array(await r.arrayBuffer()));
+      }
+      modelFiles = { names, contents, base: dir };
+      $("text").value = q.get("text");
+      textName = "the test's text";
+      if (q.has("eval_every")) evalEvery = Number(q.get("eval_every"));
+      await startFineTuning(q.get("settings"));
+      if ($("error").textContent) throw new Error($("error").textContent);
+      const saved = await trainer.save();
+      for (const [name, bytes] of saved) {
+        await fetch("/upload/" + name, { method: "POST", body: bytes });
+      }
+      model = await sf.open_model(names.concat(saved.map((p) => p[0])),
+        contents.concat(saved.map((p) => p[1])));
+      const g = JSON.parse(await model.generate(q.get("prompt"),
+        JSON.stringify({ greedy: true, max_new_tokens: 8 }), null));
+      await report({
+        adapter, losses, val: curve.val, describe: JSON.parse(trainer.describe()), generation: g,
+        kernels: JSON.parse(await sf.kernels()),
       });
     } else if (q.get("test") === "lose") {
       // A few steps, then the device goes as a lost GPU's would: the message the page shows.
@@ -361,6 +435,8 @@ async function main() {
   $("save").onclick = save;
   $("files").onchange = (e) => openModel(e.target.files);
   $("generate").onclick = generate;
+  $("finetune").onclick = () => startFineTuning();
+  $("save-adapter").onclick = save;
   $("data-addition").onchange = fillDefaults;
   $("data-text").onchange = fillDefaults;
   $("text").oninput = () => { textName = "pasted text"; };

@@ -10,6 +10,7 @@ use clap::Args;
 use shaderformer::error::{Error, Result};
 use shaderformer::io::files;
 use shaderformer::io::{hf_llama, hf_weights};
+use shaderformer::model::lora::AdapterFiles;
 use shaderformer::train::model::LLAMA_COPIED;
 use shaderformer::train::{adapter, checkpoint};
 
@@ -50,7 +51,7 @@ pub fn merge(args: &MergeArgs) -> Result<ExitCode> {
     }
     let cfg = if hf_llama::is_llama_checkpoint(&args.checkpoint) {
         let mut ck = hf_weights::load(&args.checkpoint)?;
-        let cfg = adapter::merge_llama(&mut ck, &args.lora)?;
+        let cfg = adapter::merge_llama(&mut ck, AdapterFiles::read(&args.lora)?)?;
         hf_weights::save(&args.out, &ck.cfg, &ck.table, &ck.params, None)?;
         // The tokenizer travels with the weights.
         let copied: Vec<(String, Vec<u8>)> = LLAMA_COPIED
@@ -69,7 +70,7 @@ pub fn merge(args: &MergeArgs) -> Result<ExitCode> {
         cfg
     } else {
         let mut ck = checkpoint::load(&args.checkpoint)?;
-        let cfg = adapter::merge_gpt(&mut ck, &args.lora)?;
+        let cfg = adapter::merge_gpt(&mut ck, AdapterFiles::read(&args.lora)?)?;
         ck.optimizer = None;
         ck.state = None;
         checkpoint::save(&args.out, &ck)?;

@@ -11,6 +11,7 @@ use shaderformer::infer::llama::LlamaRunner;
 use shaderformer::infer::{self, Engine};
 use shaderformer::io::vocab::Vocab;
 use shaderformer::io::{hf_llama, hf_weights};
+use shaderformer::model::lora::AdapterFiles;
 use shaderformer::train::data::{self, Contents};
 use shaderformer::train::{adapter, checkpoint};
 
@@ -44,7 +45,7 @@ pub fn score(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
     }
     let mut ck = checkpoint::load(&args.checkpoint)?;
     if let Some(dir) = &args.lora {
-        adapter::merge_gpt(&mut ck, dir)?;
+        adapter::merge_gpt(&mut ck, AdapterFiles::read(dir)?)?;
     }
     let vocab = ck.vocab.clone().unwrap_or(Vocab::Ids(ck.cfg.vocab_size));
     let ids = read_ids(args, &vocab, ck.cfg.vocab_size)?;
@@ -77,7 +78,7 @@ pub fn score(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
 fn score_llama(gpu: &GpuArgs, args: &ScoreArgs) -> Result<ExitCode> {
     let mut ck = hf_weights::load(&args.checkpoint)?;
     if let Some(dir) = &args.lora {
-        adapter::merge_llama(&mut ck, dir)?;
+        adapter::merge_llama(&mut ck, AdapterFiles::read(dir)?)?;
     }
     let v = ck.cfg.arch.vocab;
     let vocab = Vocab::load(&args.checkpoint)?.unwrap_or(Vocab::Ids(v));

@@ -14,6 +14,7 @@ use shaderformer::infer::{self, Engine, SampleOptions};
 use shaderformer::io::vocab::Vocab;
 use shaderformer::io::{hf_llama, hf_weights};
 use shaderformer::model::GptConfig;
+use shaderformer::model::lora::AdapterFiles;
 use shaderformer::rng::Rng;
 use shaderformer::train::data::LoaderKind;
 use shaderformer::train::schedule::{LrSchedule, Schedule};
@@ -682,7 +683,7 @@ pub fn sample(gpu: &GpuArgs, args: &SampleArgs) -> Result<ExitCode> {
     }
     let mut ck = checkpoint::load(&args.checkpoint)?;
     if let Some(dir) = &args.lora {
-        train::adapter::merge_gpt(&mut ck, dir)?;
+        train::adapter::merge_gpt(&mut ck, AdapterFiles::read(dir)?)?;
     }
     let (vocab, prompt) = encode_prompt(args, &ck)?;
     check_sample_sizes(args, &ck.cfg)?;
@@ -756,7 +757,7 @@ fn check_sample_sizes(args: &SampleArgs, cfg: &GptConfig) -> Result<()> {
 fn sample_llama(gpu: &GpuArgs, args: &SampleArgs, opts: &SampleOptions) -> Result<ExitCode> {
     let mut ck = hf_weights::load(&args.checkpoint)?;
     if let Some(dir) = &args.lora {
-        train::adapter::merge_llama(&mut ck, dir)?;
+        train::adapter::merge_llama(&mut ck, AdapterFiles::read(dir)?)?;
     }
     let vocab = Vocab::load(&args.checkpoint)?;
     let (vocab, prompt) = encode_for(args, vocab, ck.cfg.arch.context)?;

@@ -437,7 +437,12 @@ pub type ShapedTensor = (Vec<usize>, Vec<f32>);
 /// Reads every tensor of a safetensors file as f32, by name, with its shape.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, ShapedTensor>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    parse_safetensors(path, &bytes)
+}
+
+/// `read_safetensors` of a file's bytes (`path` names it in errors).
+pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<HashMap<String, ShapedTensor>> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| ckpt_err(path, format!("not a valid safetensors file: {e}")))?;
     let mut out = HashMap::new();
     for (name, t) in st.tensors() {

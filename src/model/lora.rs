@@ -190,6 +190,58 @@ impl LoraConfig {
     }
 }
 
+/// A peft adapter as read from its two files: its settings and its tensors (not yet laid on a
+/// model), and where it came from, for messages.
+#[derive(Clone, Debug)]
+pub struct AdapterFiles {
+    pub cfg: LoraConfig,
+    /// adapter_config.json's base_model_name_or_path.
+    pub base: Option<String>,
+    pub tensors: std::collections::HashMap<String, crate::io::hf::ShapedTensor>,
+    /// adapter_model.safetensors's path (or name).
+    pub weights: std::path::PathBuf,
+}
+
+impl AdapterFiles {
+    /// The adapter in directory `dir`.
+    pub fn read(dir: &Path) -> Result<AdapterFiles> {
+        let (cfg, base) = LoraConfig::read(dir)?;
+        let weights = dir.join(WEIGHTS_FILE);
+        let tensors = crate::io::hf::read_safetensors(&weights)?;
+        Ok(AdapterFiles {
+            cfg,
+            base,
+            tensors,
+            weights,
+        })
+    }
+
+    /// The adapter among `files` (name to bytes, as a file picker gives them), if they hold
+    /// adapter_config.json; its weights file must be there too.
+    pub fn from_files(
+        files: &std::collections::HashMap<String, Vec<u8>>,
+    ) -> Result<Option<AdapterFiles>> {
+        let Some(text) = crate::io::hf_weights::text_of(files, CONFIG_FILE)? else {
+            return Ok(None);
+        };
+        let (cfg, base) = LoraConfig::parse(Path::new(CONFIG_FILE), text)?;
+        let weights = std::path::PathBuf::from(WEIGHTS_FILE);
+        let bytes = files.get(WEIGHTS_FILE).ok_or_else(|| {
+            Error::invalid(
+                WEIGHTS_FILE,
+                "is missing: an adapter is adapter_config.json and adapter_model.safetensors",
+            )
+        })?;
+        let tensors = crate::io::hf::parse_safetensors(&weights, bytes)?;
+        Ok(Some(AdapterFiles {
+            cfg,
+            base,
+            tensors,
+            weights,
+        }))
+    }
+}
+
 /// One adapted linear layer: indices into the extended parameter table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Adapted {
@@ -357,6 +409,27 @@ impl LoraPlan {
     pub fn read_values(&self, dir: &Path) -> Result<Vec<Vec<f32>>> {
         let path = dir.join(WEIGHTS_FILE);
         self.values_from(&path, crate::io::hf::read_safetensors(&path)?)
+    }
+
+    /// The adapter's two files (adapter_config.json naming the base `base`, and
+    /// adapter_model.safetensors of the adapter's `values`) as (name, bytes) pairs;
+    /// `fan_in_fan_out`: the base stores its linear weights (in, out), as GPT-2's Conv1D.
+    pub fn files(
+        &self,
+        base: &str,
+        fan_in_fan_out: bool,
+        values: &[Vec<f32>],
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        let config = self.cfg.to_json(base, fan_in_fan_out);
+        let weights =
+            crate::io::hf::safetensors_bytes(Path::new(WEIGHTS_FILE), &self.tensors(values))?;
+        Ok(vec![
+            (
+                CONFIG_FILE.to_string(),
+                serde_json::to_vec_pretty(&config).expect("JSON of an adapter config"),
+            ),
+            (WEIGHTS_FILE.to_string(), weights),
+        ])
     }
 
     /// The base weights with the adapter merged in: W + scale · B·A for every adapted layer

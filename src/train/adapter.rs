@@ -13,8 +13,7 @@ use super::checkpoint::{self, Checkpoint, Moments};
 use super::model::Model;
 use super::{TrainConfig, state};
 use crate::error::{Error, Result};
-use crate::io::hf;
-use crate::model::lora::{self, LoraConfig, LoraPlan};
+use crate::model::lora::{self, AdapterFiles, LoraConfig, LoraPlan};
 use crate::model::params::ParamSpec;
 
 /// `train`'s LoRA flags (`--lora-r`, `--lora-alpha`, `--lora-dropout`, `--lora-targets`,
@@ -77,7 +76,7 @@ pub fn resumed_base(dir: &Path) -> Result<PathBuf> {
 
 /// The config of a new adapter from the flags: peft's defaults where none is given (its
 /// default targets for GPT-2, or for the Llama family).
-fn fresh_config(flags: &LoraFlags, gpt2: bool) -> LoraConfig {
+pub fn fresh_config(flags: &LoraFlags, gpt2: bool) -> LoraConfig {
     let default_targets: &[&str] = if gpt2 {
         &lora::GPT2_TARGETS
     } else {
@@ -220,21 +219,10 @@ impl Adapter {
         state: &state::TrainerState,
     ) -> Result<()> {
         let n = self.plan.base_len;
-        let config = self
-            .plan
-            .cfg
-            .to_json(&self.base.display().to_string(), self.fan_in_fan_out);
-        let weights = hf::safetensors_bytes(
-            Path::new(lora::WEIGHTS_FILE),
-            &self.plan.tensors(&params[n..]),
-        )?;
+        let base = self.base.display().to_string();
+        let mut files = self.plan.files(&base, self.fan_in_fan_out, &params[n..])?;
         let moments = (m[n..].to_vec(), v[n..].to_vec());
-        let files = vec![
-            (
-                lora::CONFIG_FILE.to_string(),
-                serde_json::to_vec_pretty(&config).expect("JSON of an adapter config"),
-            ),
-            (lora::WEIGHTS_FILE.to_string(), weights),
+        files.extend([
             (
                 checkpoint::OPTIMIZER_FILE.to_string(),
                 checkpoint::moments_bytes(&specs_of(self.plan.adapter_specs()), &moments)?,
@@ -243,7 +231,7 @@ impl Adapter {
                 checkpoint::STATE_FILE.to_string(),
                 state.to_json().into_bytes(),
             ),
-        ];
+        ]);
         crate::io::hf_weights::write_atomically(dir, &files)
     }
 }
@@ -261,40 +249,44 @@ pub fn wanted(cfg: &TrainConfig) -> bool {
     cfg.lora.is_some() || cfg.resume.as_deref().is_some_and(is_adapter)
 }
 
-/// Lays the peft adapter in `dir` onto `base` (specs and linear layers of its table) and merges
+/// Lays the peft adapter `adapter` onto a base (specs and linear layers of its table) and merges
 /// it: the values of `params` become W + scale · B·A on every adapted layer. Inference
-/// (`sample`, `score`) and `merge` read an adapter this way: the product is formed once, so
-/// decoding runs at the base model's speed.
+/// (`sample`, `score`, the page) and `merge` read an adapter this way: the product is formed
+/// once, so decoding runs at the base model's speed.
 fn merge_into(
-    dir: &Path,
+    adapter: AdapterFiles,
     specs: &[ParamSpec],
     linear: &[usize],
     params: &mut Vec<Vec<f32>>,
 ) -> Result<LoraConfig> {
-    let (cfg, _) = LoraConfig::read(dir)?;
-    let plan = LoraPlan::new(&cfg, specs, linear).map_err(|e| {
+    let plan = LoraPlan::new(&adapter.cfg, specs, linear).map_err(|e| {
         Error::invalid(
-            dir.join(lora::CONFIG_FILE).display().to_string(),
+            adapter.weights.display().to_string(),
             format!("does not fit this base model: {e}"),
         )
     })?;
     let mut values = std::mem::take(params);
-    values.extend(plan.read_values(dir)?);
+    values.extend(plan.values_from(&adapter.weights, adapter.tensors)?);
     *params = plan.merge(&values);
-    Ok(cfg)
+    Ok(adapter.cfg)
 }
 
 /// `merge_into` for a GPT-2 checkpoint.
-pub fn merge_gpt(ck: &mut Checkpoint, dir: &Path) -> Result<LoraConfig> {
+pub fn merge_gpt(ck: &mut Checkpoint, adapter: AdapterFiles) -> Result<LoraConfig> {
     let table = crate::model::ParamTable::new(&ck.cfg);
-    merge_into(dir, &table.specs, &table.linear_weights(), &mut ck.params)
+    merge_into(
+        adapter,
+        &table.specs,
+        &table.linear_weights(),
+        &mut ck.params,
+    )
 }
 
 /// `merge_into` for a Llama-family checkpoint.
 pub fn merge_llama(
     ck: &mut crate::io::hf_weights::LlamaCheckpoint,
-    dir: &Path,
+    adapter: AdapterFiles,
 ) -> Result<LoraConfig> {
     let linear = ck.table.linear_weights();
-    merge_into(dir, &ck.table.specs, &linear, &mut ck.params)
+    merge_into(adapter, &ck.table.specs, &linear, &mut ck.params)
 }

@@ -19,8 +19,10 @@ use shaderformer::io::vocab::{self, Vocab};
 use shaderformer::io::{hf, hf_llama, hf_weights};
 use shaderformer::kernels::measure;
 use shaderformer::model::gpt::{self, Mode};
-use shaderformer::model::{GptConfig, ParamTable};
+use shaderformer::model::lora::{AdapterFiles, LoraPlan};
+use shaderformer::model::{GptConfig, ParamTable, llama};
 use shaderformer::rng::Rng;
+use shaderformer::train::adapter::{self, LoraFlags};
 use shaderformer::train::data::{Dataset, Loader};
 use shaderformer::train::{self, TrainConfig, addition, checkpoint};
 use wasm_bindgen::prelude::*;
@@ -112,9 +114,9 @@ pub fn defaults(text: bool) -> String {
 }
 
 /// `base_config(text)` with the page's choices in `settings` (JSON: seed, steps, lr, n_layer,
-/// n_head, n_embd, batch_size, block_size, warmup_iters, lr_decay_iters, eval_iters; each
-/// optional), applied as the command line applies its flags. An unknown field is an error
-/// naming it.
+/// n_head, n_embd, batch_size, block_size, warmup_iters, lr_decay_iters, eval_iters, and for a
+/// LoRA run lora_r, lora_alpha, lora_dropout, lora_targets (comma-separated); each optional),
+/// applied as the command line applies its flags. An unknown field is an error naming it.
 fn train_config(settings: &str, text: bool) -> JsResult<TrainConfig> {
     let v: Value = serde_json::from_str(settings)
         .map_err(|e| JsValue::from_str(&format!("settings are not JSON: {e}")))?;
@@ -123,6 +125,7 @@ fn train_config(settings: &str, text: bool) -> JsResult<TrainConfig> {
         .ok_or_else(|| JsValue::from_str("settings must be a JSON object"))?;
     let mut c = base_config(text);
     let mut lr_decay = None;
+    let mut lora = LoraFlags::default();
     for (k, x) in obj {
         let uint = || {
             x.as_u64()
@@ -148,11 +151,21 @@ fn train_config(settings: &str, text: bool) -> JsResult<TrainConfig> {
             "warmup_iters" => c.schedule.warmup_iters = uint()?,
             "lr_decay_iters" => lr_decay = Some(uint()?),
             "eval_iters" => c.eval_iters = uint()? as usize,
+            "lora_r" => lora.r = Some(uint()? as usize),
+            "lora_alpha" => lora.alpha = Some(float()?),
+            "lora_dropout" => lora.dropout = Some(float()?),
+            "lora_targets" => {
+                let names = x.as_str().ok_or_else(|| {
+                    JsValue::from_str(&format!("{k}: {x} is not a comma-separated list"))
+                })?;
+                lora.targets = Some(names.split(',').map(|t| t.trim().to_string()).collect());
+            }
             other => return Err(JsValue::from_str(&format!("unknown setting '{other}'"))),
         }
     }
     // As the command line does: the cosine ends at the last step unless told otherwise.
     c.schedule.lr_decay_iters = lr_decay.unwrap_or(c.max_iters);
+    c.lora = (lora != LoraFlags::default()).then_some(lora);
     Ok(c)
 }
 
@@ -182,13 +195,31 @@ fn results_json(results: &[StepResult]) -> String {
 pub struct Trainer {
     gpu: &'static Gpu,
     cfg: TrainConfig,
-    model: GptConfig,
+    net: TrainNet,
     data: Dataset,
     store: ParamStore,
     exec: Executor<'static>,
     eval: Executor<'static>,
     loader: Loader,
     step: u64,
+}
+
+/// What a page run trains: GPT-2 from scratch, or a LoRA adapter on a checkpoint opened from
+/// files (its base frozen).
+enum TrainNet {
+    Scratch(GptConfig),
+    Lora {
+        base: Base,
+        plan: LoraPlan,
+        /// The base's name, for adapter_config.json.
+        name: String,
+    },
+}
+
+/// The base checkpoint of a LoRA run (its parameters live in the store).
+enum Base {
+    Gpt(GptConfig),
+    Llama(Box<hf_weights::LlamaCheckpoint>),
 }
 
 /// Builds the model, its parameters (initialized from the seed as natively) and the training
@@ -214,39 +245,131 @@ pub async fn trainer(
         bias: cfg.bias,
     };
     model.validate().map_err(err)?;
-    let (b, t) = (cfg.batch_size, cfg.block_size);
-    if b == 0 || cfg.max_iters == 0 {
-        return Err(JsValue::from_str("batch size and steps must be at least 1"));
+    if cfg.lora.is_some() {
+        return Err(JsValue::from_str(
+            "LoRA settings apply to fine-tuning a checkpoint (lora_trainer)",
+        ));
     }
+    check_run(&cfg)?;
     let table = ParamTable::new(&model);
     table.check_fits(gpu).map_err(err)?;
     let init = table.init(&model, cfg.seed);
     let store = ParamStore::new(gpu, &table.store_specs(), &init, true).map_err(err)?;
-    let (exec, eval) = executors(gpu, &cfg, &model, &store)?;
-    let loader = Loader::new(cfg.loader, b, t, cfg.seed);
-    // Errors of pipeline creation arrive from the event loop: let them in before training.
-    gpu.check("building the model").map_err(err)?;
-    Ok(Trainer {
-        gpu,
-        cfg,
-        model,
-        data,
-        store,
-        exec,
-        eval,
-        loader,
-        step: 0,
-    })
+    Trainer::start(gpu, cfg, TrainNet::Scratch(model), data, store)
 }
 
-/// The training and evaluation executors of `model` over `store`.
+/// A run needs a batch and a step.
+fn check_run(cfg: &TrainConfig) -> JsResult<()> {
+    if cfg.batch_size == 0 || cfg.max_iters == 0 {
+        return Err(JsValue::from_str("batch size and steps must be at least 1"));
+    }
+    Ok(())
+}
+
+/// The files a file picker gave, by name.
+fn file_map(names: Vec<String>, contents: Vec<Uint8Array>) -> HashMap<String, Vec<u8>> {
+    names
+        .into_iter()
+        .zip(contents)
+        .map(|(n, c)| (n, c.to_vec()))
+        .collect()
+}
+
+/// A LoRA fine-tuning run on the checkpoint opened from its files (as `open_model` takes them:
+/// GPT-2 or the Llama family, with its tokenizer), named `base_name` in the adapter's config,
+/// on `text` (named `name`) encoded with the checkpoint's tokenizer: the base frozen, the
+/// adapter of the settings' lora_* fields trained, as `shaderformer train --init BASE --lora-r`
+/// trains it (A drawn from the seed, B zero).
+#[wasm_bindgen]
+pub async fn lora_trainer(
+    names: Vec<String>,
+    contents: Vec<Uint8Array>,
+    settings: String,
+    text: String,
+    name: String,
+    base_name: String,
+) -> JsResult<Trainer> {
+    let files = file_map(names, contents);
+    let mut cfg = train_config(&settings, true)?;
+    check_run(&cfg)?;
+    let flags = cfg.lora.clone().unwrap_or_default();
+    let gpu = gpu().await?;
+    let llama = text_of(&files, hf::CONFIG_FILE)?.is_some_and(hf_llama::is_llama_config);
+    let (base, values, vocab, context) = if llama {
+        let mut ck = hf_weights::from_files(&files).map_err(err)?;
+        ck.cfg.arch.dropout = cfg.dropout;
+        let vocab = llama_vocab(&files)?;
+        let values = std::mem::take(&mut ck.params);
+        let context = ck.cfg.arch.context;
+        (Base::Llama(Box::new(ck)), values, vocab, context)
+    } else {
+        let ck = checkpoint::from_files(&files).map_err(err)?;
+        let vocab = ck.vocab.clone().ok_or_else(|| {
+            JsValue::from_str(
+                "the checkpoint has no tokenizer.json or vocab.json to encode the text",
+            )
+        })?;
+        let model = GptConfig {
+            dropout: cfg.dropout,
+            ..ck.cfg.clone()
+        };
+        (Base::Gpt(model), ck.params, vocab, ck.cfg.block_size)
+    };
+    if cfg.block_size > context {
+        return Err(JsValue::from_str(&format!(
+            "context {} is beyond the checkpoint's {context} positions",
+            cfg.block_size
+        )));
+    }
+    let data = Dataset::from_text(&name, &text, Some(&vocab)).map_err(err)?;
+    data.check_fits(&name, cfg.block_size).map_err(err)?;
+    let lora = adapter::fresh_config(&flags, matches!(base, Base::Gpt(_)));
+    let gpt_table;
+    let (specs, linear) = match &base {
+        Base::Gpt(c) => {
+            gpt_table = ParamTable::new(c);
+            (&gpt_table.specs, gpt_table.linear_weights())
+        }
+        Base::Llama(ck) => (&ck.table.specs, ck.table.linear_weights()),
+    };
+    let plan = LoraPlan::new(&lora, specs, &linear).map_err(err)?;
+    for s in &plan.specs {
+        gpu.check_fits(&s.name, s.numel() as u64 * 4).map_err(err)?;
+    }
+    let mut values = values;
+    values.extend(plan.init(cfg.seed));
+    let store_specs: Vec<(String, Vec<usize>)> = plan
+        .specs
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone()))
+        .collect();
+    let store =
+        ParamStore::with_frozen(gpu, &store_specs, &values, &plan.trained()).map_err(err)?;
+    drop(values);
+    cfg.lora = Some(flags);
+    let net = TrainNet::Lora {
+        base,
+        plan,
+        name: base_name,
+    };
+    Trainer::start(gpu, cfg, net, data, store)
+}
+
+/// A Llama-family checkpoint's tokenizer, from its files.
+fn llama_vocab(files: &HashMap<String, Vec<u8>>) -> JsResult<Vocab> {
+    let bytes = files
+        .get(vocab::TOKENIZER_FILE)
+        .ok_or_else(|| JsValue::from_str("the checkpoint has no tokenizer.json to encode text"))?;
+    Vocab::from_file(std::path::Path::new(vocab::TOKENIZER_FILE), bytes).map_err(err)
+}
+
+/// The training and evaluation executors of `net` over `store`.
 fn executors(
     gpu: &'static Gpu,
     cfg: &TrainConfig,
-    model: &GptConfig,
+    net: &TrainNet,
     store: &ParamStore,
 ) -> JsResult<(Executor<'static>, Executor<'static>)> {
-    let table = ParamTable::new(model);
     let (b, t) = (cfg.batch_size, cfg.block_size);
     let opts = ExecOptions {
         reuse: true,
@@ -256,11 +379,101 @@ fn executors(
         // The page is one rank.
         shard: Shard::default(),
     };
-    let g = gpt::build_for(model, &table, b, t, Mode::Train, gpu.max_binding());
+    let max = gpu.max_binding();
+    let graph = |mode| match net {
+        TrainNet::Scratch(model) => Ok(gpt::build_for(
+            model,
+            &ParamTable::new(model),
+            b,
+            t,
+            mode,
+            max,
+        )),
+        TrainNet::Lora { base, plan, .. } => match base {
+            Base::Gpt(c) => Ok(gpt::build_adapted(
+                c,
+                &ParamTable::new(c),
+                Some(plan),
+                (b, t),
+                mode,
+                max,
+            )),
+            Base::Llama(ck) => {
+                llama::build_adapted(&ck.cfg.arch, &ck.table, Some(plan), (b, t), mode, max)
+            }
+        },
+    };
+    let g = graph(Mode::Train).map_err(err)?;
     let exec = Executor::new(gpu, g.graph, store, opts.clone()).map_err(err)?;
-    let g = gpt::build_for(model, &table, b, t, Mode::Eval, gpu.max_binding());
+    let g = graph(Mode::Eval).map_err(err)?;
     let eval = Executor::new(gpu, g.graph, store, opts).map_err(err)?;
     Ok((exec, eval))
+}
+
+impl Trainer {
+    /// The run of `net` over the uploaded `store`, before its first step.
+    fn start(
+        gpu: &'static Gpu,
+        cfg: TrainConfig,
+        net: TrainNet,
+        data: Dataset,
+        store: ParamStore,
+    ) -> JsResult<Trainer> {
+        let (exec, eval) = executors(gpu, &cfg, &net, &store)?;
+        let loader = Loader::new(cfg.loader, cfg.batch_size, cfg.block_size, cfg.seed);
+        // Errors of pipeline creation arrive from the event loop: let them in before training.
+        gpu.check("building the model").map_err(err)?;
+        Ok(Trainer {
+            gpu,
+            cfg,
+            net,
+            data,
+            store,
+            exec,
+            eval,
+            loader,
+            step: 0,
+        })
+    }
+
+    /// The model as it is now, ready to sample: the adapter merged into its base for a LoRA run.
+    async fn model_now(&mut self) -> JsResult<Model> {
+        let params = self.params().await?;
+        let vocab = self.data.vocab.clone();
+        let net = match &self.net {
+            TrainNet::Scratch(cfg) => gpt_net(self.gpu, cfg, &params)?,
+            TrainNet::Lora { base, plan, .. } => {
+                let merged = plan.merge(&params);
+                match base {
+                    Base::Gpt(cfg) => gpt_net(self.gpu, cfg, &merged)?,
+                    Base::Llama(ck) => {
+                        let ck = hf_weights::LlamaCheckpoint {
+                            cfg: ck.cfg.clone(),
+                            table: ck.table.clone(),
+                            params: merged,
+                            eos_token_ids: ck.eos_token_ids.clone(),
+                        };
+                        let runner =
+                            LlamaRunner::with_cache(self.gpu, &ck, DType::F32).map_err(err)?;
+                        Net::Llama {
+                            runner,
+                            template: None,
+                        }
+                    }
+                }
+            }
+        };
+        Ok(Model { net, vocab })
+    }
+}
+
+/// A GPT-2 engine of `cfg` over `params`, for sampling.
+fn gpt_net(gpu: &'static Gpu, cfg: &GptConfig, params: &[Vec<f32>]) -> JsResult<Net> {
+    let engine = Engine::new(gpu, cfg, params, DType::F32, 1).map_err(err)?;
+    Ok(Net::Gpt {
+        engine,
+        cfg: cfg.clone(),
+    })
 }
 
 #[wasm_bindgen]
@@ -275,21 +488,40 @@ impl Trainer {
         }
         let n = tune_kernels().await?;
         if n > 0 {
-            (self.exec, self.eval) = executors(self.gpu, &self.cfg, &self.model, &self.store)?;
+            (self.exec, self.eval) = executors(self.gpu, &self.cfg, &self.net, &self.store)?;
             self.gpu.check("rebuilding the model").map_err(err)?;
         }
         Ok(n)
     }
 
-    /// A one-line description of the data and the model.
+    /// A one-line description of the data and the model: JSON {data, params, vocab,
+    /// tokens_per_step, max_iters, adapter, and for a LoRA run lora: {r, alpha, targets,
+    /// layers, trainable}}.
     pub fn describe(&self) -> String {
+        let n = |s: &[shaderformer::model::params::ParamSpec]| -> usize {
+            s.iter().map(|s| s.numel()).sum()
+        };
+        let (params, lora) = match &self.net {
+            TrainNet::Scratch(m) => (m.num_params(), Value::Null),
+            TrainNet::Lora { plan, .. } => (
+                n(&plan.specs[..plan.base_len]),
+                json!({
+                    "r": plan.cfg.r,
+                    "alpha": plan.cfg.alpha,
+                    "targets": plan.cfg.targets,
+                    "layers": plan.adapted.len(),
+                    "trainable": n(plan.adapter_specs()),
+                }),
+            ),
+        };
         json!({
             "data": self.data.description,
-            "params": self.model.num_params(),
-            "vocab": self.model.vocab_size,
+            "params": params,
+            "vocab": self.data.vocab.size(),
             "tokens_per_step": self.tokens_per_step(),
             "max_iters": self.cfg.max_iters,
             "adapter": self.gpu.adapter_name(),
+            "lora": lora,
         })
         .to_string()
     }
@@ -365,19 +597,26 @@ impl Trainer {
             .map_err(err)
     }
 
-    /// The checkpoint's files (config.json, model.safetensors, vocab.json) as [name, bytes]
-    /// pairs, for the page to offer as downloads.
+    /// The checkpoint's files as [name, bytes] pairs, for the page to offer as downloads:
+    /// config.json, model.safetensors and vocab.json, or for a LoRA run the adapter's
+    /// adapter_config.json and adapter_model.safetensors (peft's).
     pub async fn save(&mut self) -> JsResult<Array> {
         let params = self.params().await?;
-        let files = checkpoint::to_files(&self.model, &params, &self.data.vocab).map_err(err)?;
+        let files = match &self.net {
+            TrainNet::Scratch(model) => checkpoint::to_files(model, &params, &self.data.vocab),
+            TrainNet::Lora { base, plan, name } => {
+                let gpt2 = matches!(base, Base::Gpt(_));
+                plan.files(name, gpt2, &params[plan.base_len..])
+            }
+        }
+        .map_err(err)?;
         Ok(files_to_js(files))
     }
 
     /// Completes `prompt` with the model as it is now: JSON as `Model::generate` returns.
     pub async fn sample(&mut self, prompt: String, options: String) -> JsResult<String> {
-        let params = self.params().await?;
-        let mut engine = Engine::new(self.gpu, &self.model, &params, DType::F32, 1).map_err(err)?;
-        generate(&mut engine, &self.data.vocab, &prompt, &options, None).await
+        let mut model = self.model_now().await?;
+        model.generate(prompt, options, None).await
     }
 }
 
@@ -534,19 +773,20 @@ fn text_of<'f>(files: &'f HashMap<String, Vec<u8>>, name: &str) -> JsResult<Opti
 /// Opens a checkpoint from its files' names and contents: config.json, the weights
 /// (model.safetensors, or for the Llama family the index and its shards), tokenizer.json or
 /// vocab.json, and for the Llama family generation_config.json (its eos ids end generation)
-/// and tokenizer_config.json (its chat template) where given. Fails in words on a file that is
+/// and tokenizer_config.json (its chat template) where given; with a peft adapter's
+/// adapter_config.json and adapter_model.safetensors among them, the adapter merged in. Fails in words on a file that is
 /// not a checkpoint and on a model larger than the adapter's limits.
 #[wasm_bindgen]
 pub async fn open_model(names: Vec<String>, contents: Vec<Uint8Array>) -> JsResult<Model> {
-    let files: HashMap<String, Vec<u8>> = names
-        .into_iter()
-        .zip(contents)
-        .map(|(n, c)| (n, c.to_vec()))
-        .collect();
+    let files = file_map(names, contents);
+    let lora = AdapterFiles::from_files(&files).map_err(err)?;
     if text_of(&files, hf::CONFIG_FILE)?.is_some_and(hf_llama::is_llama_config) {
-        return open_llama(&files).await;
+        return open_llama(&files, lora).await;
     }
-    let ck = checkpoint::from_files(&files).map_err(err)?;
+    let mut ck = checkpoint::from_files(&files).map_err(err)?;
+    if let Some(a) = lora {
+        adapter::merge_gpt(&mut ck, a).map_err(err)?;
+    }
     let vocab = ck.vocab.clone().ok_or_else(|| {
         JsValue::from_str("the checkpoint has no tokenizer.json or vocab.json to encode a prompt")
     })?;
@@ -563,15 +803,17 @@ pub async fn open_model(names: Vec<String>, contents: Vec<Uint8Array>) -> JsResu
     })
 }
 
-/// `open_model` for a Llama-family checkpoint: the weights in f32 and a KV cache of the whole
-/// context, as `shaderformer sample` runs it.
-async fn open_llama(files: &HashMap<String, Vec<u8>>) -> JsResult<Model> {
-    let ck = hf_weights::from_files(files).map_err(err)?;
-    let bytes = files.get(vocab::TOKENIZER_FILE).ok_or_else(|| {
-        JsValue::from_str("the checkpoint has no tokenizer.json to encode a prompt")
-    })?;
-    let vocab =
-        Vocab::from_file(std::path::Path::new(vocab::TOKENIZER_FILE), bytes).map_err(err)?;
+/// `open_model` for a Llama-family checkpoint: the weights in f32 (with the adapter `lora`
+/// merged in, if given) and a KV cache of the whole context, as `shaderformer sample` runs it.
+async fn open_llama(
+    files: &HashMap<String, Vec<u8>>,
+    lora: Option<AdapterFiles>,
+) -> JsResult<Model> {
+    let mut ck = hf_weights::from_files(files).map_err(err)?;
+    if let Some(a) = lora {
+        adapter::merge_llama(&mut ck, a).map_err(err)?;
+    }
+    let vocab = llama_vocab(files)?;
     let template = ChatTemplate::from_texts(
         std::path::Path::new("the checkpoint"),
         text_of(files, chat::TOKENIZER_CONFIG_FILE)?,
