@@ -324,6 +324,11 @@ impl LoraPlan {
         })
     }
 
+    /// (name, shape) of every parameter, base and adapter, for `graph::ParamStore`.
+    pub fn store_specs(&self) -> Vec<(String, Vec<usize>)> {
+        super::params::store_specs(&self.specs)
+    }
+
     /// The adapter's own parameters (A and B of each layer), in order.
     pub fn adapter_specs(&self) -> &[ParamSpec] {
         &self.specs[self.base_len..]
@@ -449,5 +454,154 @@ impl LoraPlan {
             }
         }
         merged
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peft_config() -> String {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/assets/gpt2-tiny-lora/adapter_config.json"
+        );
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    fn spec(name: &str, shape: &[usize]) -> ParamSpec {
+        ParamSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            init: Init::Zeros,
+            decay: shape.len() > 1,
+            hf_transposed: false,
+        }
+    }
+
+    #[test]
+    fn peft_configs_parse_and_ours_round_trip() {
+        let (cfg, base) = LoraConfig::parse(Path::new("a.json"), &peft_config()).unwrap();
+        assert_eq!((cfg.r, cfg.alpha, cfg.dropout), (4, 8.0, 0.0));
+        let mut targets = cfg.targets.clone();
+        targets.sort();
+        assert_eq!(targets, ["c_attn", "c_fc", "c_proj"]);
+        assert_eq!(base.as_deref(), Some("../gpt2-tiny"));
+        assert_eq!(cfg.scale(), 2.0);
+        let ours = cfg.to_json("/models/gpt2", true).to_string();
+        let (again, base) = LoraConfig::parse(Path::new("b.json"), &ours).unwrap();
+        assert_eq!(again, cfg);
+        assert_eq!(base.as_deref(), Some("/models/gpt2"));
+    }
+
+    #[test]
+    fn what_plain_lora_cannot_compute_is_refused_by_field() {
+        let text = peft_config();
+        for (from, to, field) in [
+            ("\"use_dora\": false", "\"use_dora\": true", "use_dora"),
+            (
+                "\"use_rslora\": false",
+                "\"use_rslora\": true",
+                "use_rslora",
+            ),
+            ("\"bias\": \"none\"", "\"bias\": \"all\"", "bias"),
+            (
+                "\"rank_pattern\": {}",
+                "\"rank_pattern\": {\"c_fc\": 8}",
+                "rank_pattern",
+            ),
+            (
+                "\"modules_to_save\": null",
+                "\"modules_to_save\": [\"lm_head\"]",
+                "modules_to_save",
+            ),
+            (
+                "\"peft_type\": \"LORA\"",
+                "\"peft_type\": \"IA3\"",
+                "peft_type",
+            ),
+            ("\"r\": 4", "\"r\": 0", "rank"),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let bad = text.replace(from, to);
+            let e = LoraConfig::parse(Path::new("adapter_config.json"), &bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(field) && e.contains("adapter_config.json"),
+                "{e}"
+            );
+        }
+        let regex = r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ".*proj"}"#;
+        let e = LoraConfig::parse(Path::new("c.json"), regex)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("target_modules") && e.contains("regular expression"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_plan_adapts_the_targets_and_merges_w_plus_scaled_ba() {
+        let base = [
+            spec("h.0.q_proj.weight", &[3, 2]),
+            spec("h.0.norm.weight", &[2]),
+            spec("h.0.o_proj.weight", &[2, 3]),
+        ];
+        let cfg = LoraConfig {
+            r: 1,
+            alpha: 2.0,
+            dropout: 0.0,
+            targets: vec!["q_proj".into()],
+        };
+        let plan = LoraPlan::new(&cfg, &base, &[0, 2]).unwrap();
+        assert_eq!(
+            plan.adapted,
+            [Adapted {
+                weight: 0,
+                a: 3,
+                b: 4
+            }]
+        );
+        let names: Vec<&str> = plan
+            .adapter_specs()
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "base_model.model.h.0.q_proj.lora_A.weight",
+                "base_model.model.h.0.q_proj.lora_B.weight"
+            ]
+        );
+        assert_eq!(plan.trained(), [false, false, false, true, true]);
+        // W (3, 2) + 2 · B (3, 1) · A (1, 2).
+        let values = vec![
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            vec![1.0, 1.0],
+            vec![0.0; 6],
+            vec![0.5, -1.0],
+            vec![1.0, 2.0, 3.0],
+        ];
+        let merged = plan.merge(&values);
+        assert_eq!(merged.len(), 3);
+        assert_eq!(merged[0], [2.0, 0.0, 5.0, 0.0, 8.0, 0.0]);
+        assert_eq!(merged[1..], values[1..3]);
+        let e = LoraPlan::new(
+            &LoraConfig {
+                targets: vec!["k_proj".into()],
+                ..cfg
+            },
+            &base,
+            &[0, 2],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("\"k_proj\"") && e.contains("o_proj, q_proj"),
+            "{e}"
+        );
     }
 }
