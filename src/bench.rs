@@ -61,6 +61,18 @@ pub struct AdapterSummary {
     pub file_bytes: u64,
 }
 
+impl AdapterSummary {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "r": self.cfg.r,
+            "lora_alpha": self.cfg.alpha,
+            "target_modules": self.cfg.targets,
+            "trainable_parameters": self.trainable,
+            "adapter_bytes": self.file_bytes,
+        })
+    }
+}
+
 /// The device memory a training run plans, in bytes: parameters, their gradients, AdamW's two
 /// moments (the store), and the activations and their gradients (the planner's buffers).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -180,16 +192,11 @@ fn adapted_store(
     mut values: Vec<Vec<f32>>,
     plan: Option<&LoraPlan>,
 ) -> Result<ParamStore> {
-    let specs_of = |s: &[ParamSpec]| -> Vec<(String, Vec<usize>)> {
-        s.iter()
-            .map(|s| (s.name.clone(), s.shape.clone()))
-            .collect()
-    };
     match plan {
-        None => ParamStore::new(gpu, &specs_of(base), &values, true),
+        None => ParamStore::new(gpu, &crate::model::params::store_specs(base), &values, true),
         Some(p) => {
             values.extend(p.init(1));
-            ParamStore::with_frozen(gpu, &specs_of(&p.specs), &values, &p.trained())
+            ParamStore::with_frozen(gpu, &p.store_specs(), &values, &p.trained())
         }
     }
 }
@@ -241,6 +248,38 @@ pub fn train(
     r.memory = Memory::of(&store, &exec);
     r.lora = adapter;
     Ok(r)
+}
+
+/// The device memory a training step of `cfg` at batch `b` × `t` plans (with the adapter `lora`
+/// when given), without running it; and the adapter's summary.
+pub fn plan_train(
+    gpu: &Gpu,
+    cfg: &GptConfig,
+    shape: (usize, usize),
+    lora: Option<&LoraConfig>,
+) -> Result<(Memory, Option<AdapterSummary>)> {
+    let (store, exec, plan) = build_training_adapted(gpu, cfg, shape, lora)?;
+    Ok((Memory::of(&store, &exec), adapter_terms(plan.as_ref())?.1))
+}
+
+/// `plan_train` for a Llama-family shape.
+pub fn plan_train_llama(
+    gpu: &Gpu,
+    arch: &Arch,
+    shape: (usize, usize),
+    lora: Option<&LoraConfig>,
+) -> Result<(Memory, Option<AdapterSummary>)> {
+    let (store, exec, plan) = build_training_llama_adapted(gpu, arch, shape, lora)?;
+    Ok((Memory::of(&store, &exec), adapter_terms(plan.as_ref())?.1))
+}
+
+/// The JSON of a planned step: `device_memory_bytes`, its parts, and the adapter.
+pub fn plan_json(memory: &Memory, lora: Option<&AdapterSummary>) -> Value {
+    json!({
+        "device_memory_bytes": memory.total(),
+        "device_memory": memory.to_json(),
+        "lora": lora.map(AdapterSummary::to_json),
+    })
 }
 
 /// `build_training` for a Llama-family shape, on random weights drawn as transformers draws them.
@@ -361,13 +400,7 @@ impl TrainBench {
             "kernel_total_ms": self.kernel_total * 1e3,
             "device_memory_bytes": self.memory.total(),
             "device_memory": self.memory.to_json(),
-            "lora": self.lora.as_ref().map(|a| json!({
-                "r": a.cfg.r,
-                "lora_alpha": a.cfg.alpha,
-                "target_modules": a.cfg.targets,
-                "trainable_parameters": a.trainable,
-                "adapter_bytes": a.file_bytes,
-            })),
+            "lora": self.lora.as_ref().map(AdapterSummary::to_json),
         })
     }
 }

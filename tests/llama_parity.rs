@@ -161,28 +161,8 @@ fn parity(model: &str) {
         c.assert();
     }
 
-    // Ten AdamW steps on the same batch: each step's loss is that of its forward, before its
-    // update; then the weights they leave.
-    let lr = fx.num("lr") as f32;
-    for step in 1..=10u32 {
-        exec.step(std::slice::from_ref(&batch), lr, step).unwrap();
-    }
-    let results = exec.wait_results().unwrap();
-    let losses: Vec<f32> = results.iter().map(|r| r.loss()).collect();
-    let norms: Vec<f32> = results.iter().map(|r| r.grad_norm).collect();
-    eprintln!("{model}: losses {losses:?}\nnorms {norms:?}");
-    let c = compare("grad norms", &norms, &fx.f32("grad_norms"), 1e-4, 1e-3);
-    eprintln!("{model}: {c}");
-    c.assert();
-    let c = compare(
-        "10 AdamW step losses",
-        &losses,
-        &fx.f32("losses"),
-        1e-4,
-        0.0,
-    );
-    eprintln!("{model}: {c}");
-    c.assert();
+    // Ten AdamW steps on the same batch; then the weights they leave.
+    common::fixture::check_adamw_steps(&mut exec, &batch, &fx, model);
     let finals = store.read_params(gpu).unwrap();
     for (i, spec) in table.specs.iter().enumerate() {
         let want = fx.f32(&format!("final.{}", spec.name));

@@ -96,12 +96,8 @@ fn every_node_of_an_adapted_gpt2_matches_its_reference() {
     let plan = LoraPlan::new(&lora, &table.specs, &table.linear_weights()).unwrap();
     let mut values = base.params.clone();
     values.extend(plan.read_values(&assets().join("gpt2-tiny-lora")).unwrap());
-    let specs: Vec<_> = plan
-        .specs
-        .iter()
-        .map(|s| (s.name.clone(), s.shape.clone()))
-        .collect();
-    let store = ParamStore::with_frozen(gpu, &specs, &values, &plan.trained()).unwrap();
+    let store =
+        ParamStore::with_frozen(gpu, &plan.store_specs(), &values, &plan.trained()).unwrap();
     let (b, t) = (2, 13);
     let g = gpt::build_adapted(&cfg, &table, Some(&plan), (b, t), Mode::Train, u64::MAX);
     let lora_ops = g
@@ -155,12 +151,8 @@ fn parity(base: &str, model: Adapted) {
     let tokens = base_fx.u32("tokens");
     let t = base_fx.num("T") as usize;
     let b = tokens.len() / t;
-    let specs: Vec<_> = plan
-        .specs
-        .iter()
-        .map(|s| (s.name.clone(), s.shape.clone()))
-        .collect();
-    let store = ParamStore::with_frozen(gpu, &specs, &values, &plan.trained()).unwrap();
+    let store =
+        ParamStore::with_frozen(gpu, &plan.store_specs(), &values, &plan.trained()).unwrap();
     // The frozen base has no gradients or moments.
     assert!(store.grads[..plan.base_len].iter().all(Vec::is_empty));
     assert!(store.m[plan.base_len..].iter().all(|c| !c.is_empty()));
@@ -183,23 +175,7 @@ fn parity(base: &str, model: Adapted) {
         c.assert();
     }
 
-    let lr = fx.num("lr") as f32;
-    for step in 1..=10u32 {
-        exec.step(std::slice::from_ref(&batch), lr, step).unwrap();
-    }
-    let results = exec.wait_results().unwrap();
-    let losses: Vec<f32> = results.iter().map(|r| r.loss()).collect();
-    let norms: Vec<f32> = results.iter().map(|r| r.grad_norm).collect();
-    eprintln!("losses {losses:?}\nnorms {norms:?}");
-    compare("grad norms", &norms, &fx.f32("grad_norms"), 1e-4, 1e-3).assert();
-    compare(
-        "10 AdamW step losses",
-        &losses,
-        &fx.f32("losses"),
-        1e-4,
-        0.0,
-    )
-    .assert();
+    common::fixture::check_adamw_steps(&mut exec, &batch, &fx, base);
 
     let after = store.read_params(gpu).unwrap();
     for (i, spec) in plan.specs.iter().enumerate() {

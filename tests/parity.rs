@@ -124,22 +124,6 @@ fn gpt2_tiny(chunk_limit: u64, logits_limit: u64) {
         c.assert();
     }
 
-    // Ten AdamW steps on the same batch: each step's loss is that of its forward, before its update.
-    let lr = fx.num("lr") as f32;
-    for step in 1..=10u32 {
-        exec.step(std::slice::from_ref(&batch), lr, step).unwrap();
-    }
-    let results = exec.wait_results().unwrap();
-    let losses: Vec<f32> = results.iter().map(|r| r.loss()).collect();
-    let norms: Vec<f32> = results.iter().map(|r| r.grad_norm).collect();
-    eprintln!("losses {losses:?}\nnorms {norms:?}");
-    compare("grad norms", &norms, &fx.f32("grad_norms"), 1e-4, 1e-3).assert();
-    compare(
-        "10 AdamW step losses",
-        &losses,
-        &fx.f32("losses"),
-        1e-4,
-        0.0,
-    )
-    .assert();
+    // Ten AdamW steps on the same batch.
+    common::fixture::check_adamw_steps(&mut exec, &batch, &fx, "gpt2-tiny");
 }

@@ -313,6 +313,24 @@ async function report(obj) {
   await fetch("/report", { method: "POST", body: JSON.stringify(obj) });
 }
 
+// The named files of a checkpoint directory the test server serves, as bytes.
+async function fetchFiles(dir, names) {
+  const contents = [];
+  for (const n of names) {
+    const r = await fetch(dir + "/" + n);
+    if (!r.ok) throw new Error("cannot fetch " + dir + "/" + n);
+    contents.push(new Uint8Array(await r.arrayBuffer()));
+  }
+  return contents;
+}
+
+// Saved files ([name, bytes] pairs) to the test server, which keeps them for the test.
+async function upload(files) {
+  for (const [name, bytes] of files) {
+    await fetch("/upload/" + name, { method: "POST", body: bytes });
+  }
+}
+
 async function testMode(q) {
   try {
     const adapter = JSON.parse(await sf.adapter());
@@ -325,9 +343,7 @@ async function testMode(q) {
       const tunedNow = await tuneTrainer();
       await run();
       if ($("error").textContent) throw new Error($("error").textContent);
-      for (const [name, bytes] of await trainer.save()) {
-        await fetch("/upload/" + name, { method: "POST", body: bytes });
-      }
+      await upload(await trainer.save());
       const sample = JSON.parse(await trainer.sample(q.get("prompt") || "74+58=",
         JSON.stringify({ greedy: true, max_new_tokens: 4 })));
       await report({
@@ -339,12 +355,7 @@ async function testMode(q) {
       // Fine-tunes the checkpoint with LoRA on the text, as a visitor does, saves the adapter,
       // then opens the checkpoint with the saved adapter and completes a prompt greedily.
       const dir = q.get("checkpoint"), names = q.get("files").split(",");
-      const contents = [];
-      for (const n of names) {
-        const r = await fetch(dir + "/" + n);
-        if (!r.ok) throw new Error("cannot fetch " + dir + "/" + n);
-        contents.push(new Uint8Array(await r.arrayBuffer()));
-      }
+      const contents = await fetchFiles(dir, names);
       modelFiles = { names, contents, base: dir };
       $("text").value = q.get("text");
       textName = "the test's text";
@@ -352,9 +363,7 @@ async function testMode(q) {
       await startFineTuning(q.get("settings"));
       if ($("error").textContent) throw new Error($("error").textContent);
       const saved = await trainer.save();
-      for (const [name, bytes] of saved) {
-        await fetch("/upload/" + name, { method: "POST", body: bytes });
-      }
+      await upload(saved);
       model = await sf.open_model(names.concat(saved.map((p) => p[0])),
         contents.concat(saved.map((p) => p[1])));
       const g = JSON.parse(await model.generate(q.get("prompt"),
@@ -379,12 +388,7 @@ async function testMode(q) {
       await report({ adapter, lost });
     } else if (q.get("test") === "sample") {
       const dir = q.get("checkpoint"), names = q.get("files").split(",");
-      const contents = [];
-      for (const n of names) {
-        const r = await fetch(dir + "/" + n);
-        if (!r.ok) throw new Error("cannot fetch " + dir + "/" + n);
-        contents.push(new Uint8Array(await r.arrayBuffer()));
-      }
+      const contents = await fetchFiles(dir, names);
       model = await sf.open_model(names, contents);
       const opts = JSON.parse(q.get("options"));
       const g = JSON.parse(await model.generate(q.get("prompt"), JSON.stringify(opts), null));

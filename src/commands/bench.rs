@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// c_attn,c_proj for GPT-2; q_proj,k_proj,v_proj,o_proj for the Llama family].
     #[arg(long, value_delimiter = ',')]
     lora_targets: Option<Vec<String>>,
+    /// Build the training step and report the device memory it plans (parameters, gradients,
+    /// AdamW moments, activations) without timing it; with `--tune off` nothing is measured.
+    #[arg(long)]
+    plan_only: bool,
 }
 
 impl BenchArgs {
@@ -354,7 +358,11 @@ fn bench_gpt2(
     }
     let gpu = gpu.open()?;
     let mut out = header(&gpu, describe(cfg), args);
-    if matches!(args.what, What::Train | What::All) {
+    if matches!(args.what, What::Train | What::All) && args.plan_only {
+        let shape = (args.batch_size, block_size);
+        let (memory, lora) = bench::plan_train(&gpu, cfg, shape, args.lora(true)?.as_ref())?;
+        report_plan(&mut out, args, &memory, lora.as_ref());
+    } else if matches!(args.what, What::Train | What::All) {
         let r = bench::train(
             &gpu,
             cfg,
@@ -415,7 +423,12 @@ fn bench_llama(
     shaderformer::memory::check("the model", bytes)?;
     let gpu = gpu.open()?;
     let mut out = header(&gpu, arch.describe(), args);
-    if train {
+    if train && args.plan_only {
+        let shape = (args.batch_size, block_size);
+        let lora = args.lora(false)?;
+        let (memory, lora) = bench::plan_train_llama(&gpu, arch, shape, lora.as_ref())?;
+        report_plan(&mut out, args, &memory, lora.as_ref());
+    } else if train {
         let shape = (args.batch_size, block_size);
         let steps = (args.warmup, args.runs);
         let lora = args.lora(false)?;
@@ -523,7 +536,33 @@ fn print_train(gpu: &Gpu, r: &TrainBench, warmup: usize) {
         r.tflops,
         r.flops_per_step / 1e9
     );
-    let m = &r.memory;
+    print_memory(&r.memory, r.lora.as_ref());
+    print_kernels(
+        &format!(
+            "GPU time per kernel in one step ({}",
+            gpu.timing_method().name()
+        ),
+        &r.kernels,
+        r.kernel_total,
+    );
+}
+
+/// A planned step (`--plan-only`): its memory into the output, and printed.
+fn report_plan(
+    out: &mut serde_json::Map<String, serde_json::Value>,
+    args: &BenchArgs,
+    memory: &bench::Memory,
+    lora: Option<&bench::AdapterSummary>,
+) {
+    out.insert("train".into(), bench::plan_json(memory, lora));
+    if !args.json_to_stdout() {
+        println!("\ntraining step planned (not timed):");
+        print_memory(memory, lora);
+    }
+}
+
+/// The planned device memory of a training step and its adapter, if any.
+fn print_memory(m: &bench::Memory, lora: Option<&bench::AdapterSummary>) {
     let mib = |b: u64| b as f64 / 1048576.0;
     println!(
         "  planned device memory {:.1} MiB: parameters {:.1}, gradients {:.1}, AdamW moments {:.1}, activations {:.1}",
@@ -533,7 +572,7 @@ fn print_train(gpu: &Gpu, r: &TrainBench, warmup: usize) {
         mib(m.moments),
         mib(m.activations)
     );
-    if let Some(a) = &r.lora {
+    if let Some(a) = lora {
         println!(
             "  LoRA r {} alpha {} on {}: {} trainable parameters, adapter file {:.2} MiB",
             a.cfg.r,
@@ -543,14 +582,6 @@ fn print_train(gpu: &Gpu, r: &TrainBench, warmup: usize) {
             mib(a.file_bytes)
         );
     }
-    print_kernels(
-        &format!(
-            "GPU time per kernel in one step ({}",
-            gpu.timing_method().name()
-        ),
-        &r.kernels,
-        r.kernel_total,
-    );
 }
 
 /// A table of kernels' GPU times under `title` (which ends with "; ... in all):").

@@ -160,10 +160,7 @@ impl LlamaParams {
 
     /// (name, shape) of every parameter, for `graph::ParamStore`.
     pub fn store_specs(&self) -> Vec<(String, Vec<usize>)> {
-        self.specs
-            .iter()
-            .map(|s| (s.name.clone(), s.shape.clone()))
-            .collect()
+        super::params::store_specs(&self.specs)
     }
 
     /// The linear layers' weights (out, in), block by block: the layers an adapter may target

@@ -33,6 +33,14 @@ impl ParamSpec {
     }
 }
 
+/// (name, shape) of each of `specs`: what a `graph::ParamStore` lays out.
+pub fn store_specs(specs: &[ParamSpec]) -> Vec<(String, Vec<usize>)> {
+    specs
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone()))
+        .collect()
+}
+
 /// Indices into the parameter table for one transformer block.
 #[derive(Clone, Copy, Debug)]
 pub struct BlockParams {
@@ -188,10 +196,7 @@ impl ParamTable {
 
     /// (name, shape) of every parameter, for `graph::ParamStore`.
     pub fn store_specs(&self) -> Vec<(String, Vec<usize>)> {
-        self.specs
-            .iter()
-            .map(|s| (s.name.clone(), s.shape.clone()))
-            .collect()
+        store_specs(&self.specs)
     }
 
     /// The linear layers' weights (out, in), block by block: the layers an adapter may target

@@ -158,7 +158,7 @@ impl Adapter {
                 }
                 Some(checkpoint::read_moments(
                     &path,
-                    &specs_of(plan.adapter_specs()),
+                    &crate::model::params::store_specs(plan.adapter_specs()),
                 )?)
             }
             None => None,
@@ -225,7 +225,10 @@ impl Adapter {
         files.extend([
             (
                 checkpoint::OPTIMIZER_FILE.to_string(),
-                checkpoint::moments_bytes(&specs_of(self.plan.adapter_specs()), &moments)?,
+                checkpoint::moments_bytes(
+                    &crate::model::params::store_specs(self.plan.adapter_specs()),
+                    &moments,
+                )?,
             ),
             (
                 checkpoint::STATE_FILE.to_string(),
@@ -234,14 +237,6 @@ impl Adapter {
         ]);
         crate::io::hf_weights::write_atomically(dir, &files)
     }
-}
-
-/// (name, shape) of each of `specs`.
-fn specs_of(specs: &[ParamSpec]) -> Vec<(String, Vec<usize>)> {
-    specs
-        .iter()
-        .map(|s| (s.name.clone(), s.shape.clone()))
-        .collect()
 }
 
 /// Whether `cfg` trains an adapter: a LoRA flag, or `--resume` of a LoRA run.

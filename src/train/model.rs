@@ -610,12 +610,7 @@ pub(super) fn upload_params(
         Some(ad) => {
             let mut values = init_params;
             values.append(&mut ad.values);
-            let specs: Vec<(String, Vec<usize>)> = ad
-                .plan
-                .specs
-                .iter()
-                .map(|s| (s.name.clone(), s.shape.clone()))
-                .collect();
+            let specs = ad.plan.store_specs();
             let store = ParamStore::with_frozen(gpu, &specs, &values, &ad.plan.trained())?;
             (store, ad.take_moments())
         }

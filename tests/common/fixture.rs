@@ -45,3 +45,36 @@ impl Fixture {
         self.meta[key].parse().unwrap()
     }
 }
+
+/// Runs the fixture's ten AdamW steps on `batch` through `exec` (each step's loss is that of its
+/// forward, before its update) and compares their losses and gradient norms with the fixture's;
+/// `tag` names the model in the log.
+pub fn check_adamw_steps(
+    exec: &mut shaderformer::graph::Executor,
+    batch: &shaderformer::graph::MicroBatch,
+    fx: &Fixture,
+    tag: &str,
+) {
+    use shaderformer::reference::compare;
+    let lr = fx.num("lr") as f32;
+    for step in 1..=10u32 {
+        exec.step(std::slice::from_ref(batch), lr, step).unwrap();
+    }
+    let results = exec.wait_results().unwrap();
+    let losses: Vec<f32> = results.iter().map(|r| r.loss()).collect();
+    let norms: Vec<f32> = results.iter().map(|r| r.grad_norm).collect();
+    eprintln!("{tag}: losses {losses:?}\nnorms {norms:?}");
+    for c in [
+        compare("grad norms", &norms, &fx.f32("grad_norms"), 1e-4, 1e-3),
+        compare(
+            "10 AdamW step losses",
+            &losses,
+            &fx.f32("losses"),
+            1e-4,
+            0.0,
+        ),
+    ] {
+        eprintln!("{tag}: {c}");
+        c.assert();
+    }
+}

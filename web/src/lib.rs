@@ -338,11 +338,7 @@ pub async fn lora_trainer(
     }
     let mut values = values;
     values.extend(plan.init(cfg.seed));
-    let store_specs: Vec<(String, Vec<usize>)> = plan
-        .specs
-        .iter()
-        .map(|s| (s.name.clone(), s.shape.clone()))
-        .collect();
+    let store_specs = plan.store_specs();
     let store =
         ParamStore::with_frozen(gpu, &store_specs, &values, &plan.trained()).map_err(err)?;
     drop(values);
