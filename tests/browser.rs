@@ -444,6 +444,15 @@ fn page_vals(report: &Value) -> Vec<(u64, f32)> {
         .collect()
 }
 
+/// Trains natively with `flags` (the page's kernels, in `dir`) and asserts the page's losses
+/// (`page`) and its evaluations are native's, step by step.
+fn assert_page_trains_as_native(report: &Value, page: &[(u64, f32)], flags: &[&str], dir: &Path) {
+    let (native, native_vals) = native_losses(flags, &report["kernels"], dir);
+    let adapter = &report["adapter"]["name"];
+    assert_same_losses(page, &native, adapter);
+    assert_same_losses(&page_vals(report), &native_vals, adapter);
+}
+
 /// Asserts the page's losses are the native ones within LOSS_TOLERANCE, step by step.
 fn assert_same_losses(page: &[(u64, f32)], native: &[(u64, f32)], adapter: &Value) {
     assert!(!page.is_empty());
@@ -499,7 +508,9 @@ fn page_trains_like_the_native_engine_and_saves_a_checkpoint_it_loads() {
     let shown = report["tuned_shown"].as_str().unwrap_or_default();
     assert!(shown.ends_with(" tuned"), "the page shows {shown:?}");
     let dir = scratch("native-train");
-    let (native, native_vals) = native_losses(
+    assert_page_trains_as_native(
+        &report,
+        &page,
         &[
             "--eval-interval",
             "10",
@@ -520,15 +531,7 @@ fn page_trains_like_the_native_engine_and_saves_a_checkpoint_it_loads() {
             "--eval-iters",
             "1",
         ],
-        &report["kernels"],
         &dir,
-    );
-    assert_same_losses(&page, &native, &report["adapter"]["name"]);
-    // The page's evaluations (its training loop evaluates as a visitor's run does) are native's.
-    assert_same_losses(
-        &page_vals(&report),
-        &native_vals,
-        &report["adapter"]["name"],
     );
     let samples = report["samples"].as_str().unwrap();
     assert!(
@@ -598,7 +601,9 @@ fn page_trains_on_a_text_like_train_with_data() {
     let dir = scratch("native-text");
     let data = dir.join("text.txt");
     std::fs::write(&data, &text).unwrap();
-    let (native, native_vals) = native_losses(
+    assert_page_trains_as_native(
+        &report,
+        &page,
         &[
             "--eval-interval",
             "5",
@@ -621,14 +626,7 @@ fn page_trains_on_a_text_like_train_with_data() {
             "--eval-iters",
             "1",
         ],
-        &report["kernels"],
         &dir,
-    );
-    assert_same_losses(&page, &native, &report["adapter"]["name"]);
-    assert_same_losses(
-        &page_vals(&report),
-        &native_vals,
-        &report["adapter"]["name"],
     );
     // A sample of the text's characters, after the page's evaluation.
     let samples = report["samples"].as_str().unwrap();
@@ -684,7 +682,9 @@ fn page_fine_tunes_a_checkpoint_with_lora_like_train() {
     let data = dir.join("text.txt");
     std::fs::write(&data, &text).unwrap();
     let base = Path::new(ROOT).join("assets/qwen2-tiny");
-    let (native, native_vals) = native_losses(
+    assert_page_trains_as_native(
+        &report,
+        &page,
         &[
             "--init",
             base.to_str().unwrap(),
@@ -713,14 +713,7 @@ fn page_fine_tunes_a_checkpoint_with_lora_like_train() {
             "--lora-targets",
             "q_proj,v_proj,down_proj",
         ],
-        &report["kernels"],
         &dir,
-    );
-    assert_same_losses(&page, &native, &report["adapter"]["name"]);
-    assert_same_losses(
-        &page_vals(&report),
-        &native_vals,
-        &report["adapter"]["name"],
     );
     // The page's adapter: peft's two files, which sample --lora takes.
     let adapter = dir.join("page-adapter");

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shaderformer::io::hf_weights;
+use shaderformer::io::{hf, hf_weights};
 use shaderformer::train::checkpoint;
 
 mod common;
@@ -162,6 +162,39 @@ fn two_ranks_of_a_llama_model_match_one_rank_with_twice_the_accumulation() {
     let llama = ["--arch", "llama", "--n-kv-head", "1"];
     two_ranks_against_one("equal-llama", &llama, |out| {
         hf_weights::load(out).unwrap().params.concat()
+    });
+}
+
+/// The same for a LoRA adapter on a GPT-2 checkpoint (gpt2-bpe, its BPE tokenizer), dropout on
+/// the adapter's input: the ranks sum the adapter's gradients alone, and its weights agree.
+#[test]
+fn two_ranks_of_a_lora_run_match_one_rank_with_twice_the_accumulation() {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/gpt2-bpe");
+    let lora = [
+        "--init",
+        base.to_str().unwrap(),
+        "--n-head",
+        "4",
+        "--n-embd",
+        "40",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "32",
+        "--lora-dropout",
+        "0.1",
+        "--lora-targets",
+        "c_attn,c_fc",
+        "--lr",
+        "1e-2",
+    ];
+    two_ranks_against_one("equal-lora", &lora, |out| {
+        let mut t: Vec<_> = hf::read_safetensors(&out.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t.into_iter().flat_map(|(_, (_, v))| v).collect()
     });
 }
 

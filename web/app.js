@@ -169,7 +169,8 @@ async function run() {
   $("continue").disabled = trainer.steps() >= total;
 }
 
-async function startTraining() {
+// Starts a run: the trainer `make` returns (after freeing the last), tuned, then trained.
+async function startRun(make) {
   showError("");
   curve = { train: [], val: [] };
   losses = []; stepMs = [];
@@ -177,10 +178,7 @@ async function startTraining() {
   try {
     if (trainer) trainer.free();
     trainer = null;
-    trainerText = onText() ? $("text").value : null;
-    if (trainerText === "") throw new Error("There is no text to train on: paste one or open a file.");
-    trainer = await sf.trainer(JSON.stringify(settings()), trainerText ?? undefined, textName);
-    $("data-info").textContent = JSON.parse(trainer.describe()).data;
+    trainer = await make();
     await tuneTrainer();
   } catch (e) {
     trainer = null;
@@ -188,6 +186,16 @@ async function startTraining() {
     return;
   }
   await run();
+}
+
+function startTraining() {
+  return startRun(async () => {
+    trainerText = onText() ? $("text").value : null;
+    if (trainerText === "") throw new Error("There is no text to train on: paste one or open a file.");
+    const t = await sf.trainer(JSON.stringify(settings()), trainerText ?? undefined, textName);
+    $("data-info").textContent = JSON.parse(t.describe()).data;
+    return t;
+  });
 }
 
 function download(name, bytes) {
@@ -214,29 +222,19 @@ function loraSettings() {
 }
 
 // Fine-tunes the opened checkpoint with LoRA on the Train section's text.
-async function startFineTuning(settingsJson = JSON.stringify(loraSettings())) {
-  showError("");
-  curve = { train: [], val: [] };
-  losses = []; stepMs = [];
-  try {
-    if (trainer) trainer.free();
-    trainer = null;
+function startFineTuning(settingsJson = JSON.stringify(loraSettings())) {
+  return startRun(async () => {
     trainerText = $("text").value;
     if (trainerText === "") throw new Error("There is no text to fine-tune on: paste one or open a file in the Train section.");
-    trainer = await sf.lora_trainer(modelFiles.names, modelFiles.contents, settingsJson, trainerText,
+    const t = await sf.lora_trainer(modelFiles.names, modelFiles.contents, settingsJson, trainerText,
       textName, modelFiles.base);
     fineTuning = true;
-    const d = JSON.parse(trainer.describe());
+    const d = JSON.parse(t.describe());
     $("data-info").textContent = d.data;
     $("lora-info").textContent = `${d.lora.layers} layers adapted (r ${d.lora.r}, alpha ${d.lora.alpha}): ` +
       `${d.lora.trainable} trainable parameters, ${(d.params / 1e6).toFixed(2)}M frozen`;
-    await tuneTrainer();
-  } catch (e) {
-    trainer = null;
-    showError(explain(e));
-    return;
-  }
-  await run();
+    return t;
+  });
 }
 
 let model = null;

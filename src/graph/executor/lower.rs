@@ -696,35 +696,18 @@ impl<'s> Lowering<'s> {
     fn lora(self, (m, k, r, n): (usize, usize, usize, usize), scale: f32) -> Result<Vec<Dispatch>> {
         let (gpu, i, o) = (self.gpu(), |j| self.i(j), |j| self.o(j));
         let op = gemm::Operand::new;
-        let tiled = gemm::Variant::Tiled;
         let down = gemm::Matmul {
             trans_b: true,
             ..gemm::Matmul::new(m, r, k)
         };
-        let mut out = gemm::matmul(
-            gpu,
-            &down,
-            op(o(1), r),
-            op(i(0), k),
-            op(i(1), k),
-            None,
-            tiled,
-        )?;
+        let mut out = tuned(gpu, &down, (op(o(1), r), op(i(0), k), op(i(1), k)))?;
         let up = gemm::Matmul {
             trans_b: true,
             alpha: scale,
             epilogue: gemm::Epilogue::Residual { res: i(3) },
             ..gemm::Matmul::new(m, n, r)
         };
-        out.extend(gemm::matmul(
-            gpu,
-            &up,
-            op(o(0), n),
-            op(o(1), r),
-            op(i(2), r),
-            None,
-            tiled,
-        )?);
+        out.extend(tuned(gpu, &up, (op(o(0), n), op(o(1), r), op(i(2), r)))?);
         Ok(out)
     }
 
@@ -746,48 +729,41 @@ impl<'s> Lowering<'s> {
             op(i(3), r),
             op(i(4), r),
         );
-        let tiled = gemm::Variant::Tiled;
+        let du = || op(o(3), r);
         let db_mm = gemm::Matmul {
             trans_a: true,
             alpha: scale,
             accumulate: true,
             ..gemm::Matmul::new(n, r, m)
         };
-        let mut out = gemm::matmul(gpu, &db_mm, op(o(2), r), dy, u, None, tiled)?;
+        let mut out = tuned(gpu, &db_mm, (op(o(2), r), dy, u))?;
         let du_mm = gemm::Matmul {
             alpha: scale,
             ..gemm::Matmul::new(m, r, n)
         };
-        out.extend(gemm::matmul(gpu, &du_mm, op(o(3), r), dy, b, None, tiled)?);
+        out.extend(tuned(gpu, &du_mm, (du(), dy, b))?);
         let da_mm = gemm::Matmul {
             trans_a: true,
             accumulate: true,
             ..gemm::Matmul::new(r, k, m)
         };
-        out.extend(gemm::matmul(
-            gpu,
-            &da_mm,
-            op(o(1), k),
-            op(o(3), r),
-            x,
-            None,
-            tiled,
-        )?);
+        out.extend(tuned(gpu, &da_mm, (op(o(1), k), du(), x))?);
         let dx_mm = gemm::Matmul {
             accumulate: acc,
             ..gemm::Matmul::new(m, k, r)
         };
-        out.extend(gemm::matmul(
-            gpu,
-            &dx_mm,
-            op(o(0), k),
-            op(o(3), r),
-            a,
-            None,
-            tiled,
-        )?);
+        out.extend(tuned(gpu, &dx_mm, (op(o(0), k), du(), a))?);
         Ok(out)
     }
+}
+
+/// c = a · b as `mm` describes (no bias), with the variant the tuner chose for the problem.
+fn tuned(
+    gpu: &Gpu,
+    mm: &gemm::Matmul,
+    (c, a, b): (gemm::Operand, gemm::Operand, gemm::Operand),
+) -> Result<Vec<Dispatch>> {
+    gemm::matmul(gpu, mm, c, a, b, None, gemm::Variant::Tiled)
 }
 
 /// The attention shape of a decoding op: Tq new tokens, NH query and NKV key/value heads.
