@@ -12,6 +12,11 @@ For each base checkpoint (assets/gpt2-tiny, assets/llama-tiny), it writes a dire
     assets/<base>-lora/adapter_config.json, adapter_model.safetensors
         a peft adapter saved with save_pretrained: A as peft initializes it, B random and non-zero
         (so that every gradient is exercised), scale lora_alpha / r = 2, no dropout
+    assets/<base>-lora/continue.bin, continue.safetensors
+        the adapter above continued (loaded with PeftModel.from_pretrained) for STEPS AdamW steps
+        on batches read from continue.bin (random u16 token ids, headerless) as `shaderformer
+        train --loader sequential` reads them from its training split: losses (STEPS) and
+        final.<key>, for `train --init <base> --lora <base>-lora`.
     assets/<base>-lora/fixture.safetensors
         loss (1): the mean cross-entropy of the base fixture's tokens and targets with the adapter;
         grad.<key>: the gradient of every adapter tensor (peft's key, adapter name dropped);
@@ -25,7 +30,7 @@ import json
 import os
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -135,8 +140,64 @@ def make(base_name, seed):
     print(f"{base_name}-lora: loss {tensors['loss'].item():.6f}, {STEPS} losses {losses}")
 
 
+# The continued run: tokens in continue.bin, micro-batches of B x T.
+CONTINUE_TOKENS, CONTINUE_B, CONTINUE_T = 1000, 2, 16
+
+
+def sequential_batch(train, i, b, t):
+    """Batch i as shaderformer's sequential loader draws it from the training split."""
+    span = b * t
+    start = (i * span) % (len(train) - span - 1)
+    buf = train[start : start + span + 1]
+    return buf[:-1].view(b, t), buf[1:].view(b, t)
+
+
+def make_continue(base_name, seed):
+    base_dir = os.path.join(ROOT, base_name)
+    out = os.path.join(ROOT, base_name + "-lora")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (CONTINUE_TOKENS,), generator=g)
+    ids.to(torch.int16).numpy().astype("<u2").tofile(os.path.join(out, "continue.bin"))
+    # shaderformer's split: the last tenth is validation.
+    train = ids[: CONTINUE_TOKENS - CONTINUE_TOKENS // 10]
+    model = PeftModel.from_pretrained(model, out, is_trainable=True)
+    model.train()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable]
+    opt = torch.optim.AdamW(
+        params,
+        lr=HYPER["lr"],
+        betas=(HYPER["beta1"], HYPER["beta2"]),
+        eps=HYPER["eps"],
+        weight_decay=HYPER["weight_decay"],
+        foreach=False,
+    )
+    losses = []
+    for i in range(STEPS):
+        tokens, targets = sequential_batch(train, i, CONTINUE_B, CONTINUE_T)
+        opt.zero_grad(set_to_none=True)
+        logits = model(tokens).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, HYPER["grad_clip"])
+        opt.step()
+        losses.append(loss.item())
+    tensors = {"losses": torch.tensor(losses, dtype=torch.float32)}
+    for n, p in trainable:
+        tensors["final." + n.replace(".default", "")] = p.detach().clone().contiguous()
+    meta = {k: json.dumps(v) for k, v in HYPER.items()}
+    meta.update(steps=str(STEPS), batch_size=str(CONTINUE_B), block_size=str(CONTINUE_T))
+    save_file(tensors, os.path.join(out, "continue.safetensors"), metadata=meta)
+    print(f"{base_name}-lora continued: {STEPS} losses {losses}")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     make("gpt2-tiny", 11)
     make("llama-tiny", 12)
+    make_continue("gpt2-tiny", 21)
+    make_continue("llama-tiny", 22)

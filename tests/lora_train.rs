@@ -10,7 +10,7 @@ use common::fixture::Fixture;
 use common::{bin, scratch, text};
 use shaderformer::gpu::test_gpu;
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
-use shaderformer::io::hf_weights;
+use shaderformer::io::{hf, hf_weights};
 use shaderformer::model::ParamTable;
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::model::llama;
@@ -18,6 +18,8 @@ use shaderformer::model::lora::AdapterFiles;
 use shaderformer::model::lora::LoraConfig;
 use shaderformer::reference::compare;
 use shaderformer::train::adapter::{self, LoraFlags};
+use shaderformer::train::data::LoaderKind;
+use shaderformer::train::schedule::Schedule;
 use shaderformer::train::{self, TrainConfig, checkpoint};
 
 fn asset(name: &str) -> PathBuf {
@@ -117,6 +119,73 @@ fn a_lora_run_resumes_bit_for_bit_and_never_writes_its_base() {
         files_of(&asset("gpt2-bpe")) == base_before,
         "the base's files changed"
     );
+}
+
+/// `train --init BASE --lora DIR` continues a peft-made adapter as PyTorch + peft continue it
+/// (scripts/fixtures_lora.py: the same batches, read from continue.bin as the sequential loader
+/// reads them): each step's loss and the adapter written at the end within 1e-4.
+#[test]
+fn a_peft_adapter_continues_as_peft_continues_it() {
+    let Some(gpu) = test_gpu() else { return };
+    for base in ["gpt2-tiny", "llama-tiny"] {
+        let lora = asset(&format!("{base}-lora"));
+        let fx = Fixture::load(&lora.join("continue.safetensors"));
+        let dir = scratch("lora-train", &format!("continue-{base}"));
+        let steps = fx.num("steps") as u64;
+        let mut cfg = TrainConfig {
+            data: Some(lora.join("continue.bin")),
+            out: dir.join("out"),
+            init: Some(asset(base)),
+            batch_size: fx.num("batch_size") as usize,
+            block_size: fx.num("block_size") as usize,
+            dropout: 0.0,
+            max_iters: steps,
+            eval_interval: steps,
+            eval_iters: 1,
+            log_interval: 1,
+            loader: LoaderKind::Sequential,
+            metrics: Some(dir.join("metrics.jsonl")),
+            weight_decay: fx.num("weight_decay") as f32,
+            beta1: fx.num("beta1") as f32,
+            beta2: fx.num("beta2") as f32,
+            eps: fx.num("eps") as f32,
+            grad_clip: fx.num("grad_clip") as f32,
+            verbose: false,
+            lora: Some(LoraFlags {
+                from: Some(lora.clone()),
+                ..LoraFlags::default()
+            }),
+            ..TrainConfig::default()
+        };
+        cfg.schedule.kind = Schedule::Constant;
+        cfg.schedule.lr = fx.num("lr") as f32;
+        train::train(gpu, &cfg).unwrap();
+        let losses: Vec<f32> = common::losses(&dir.join("metrics.jsonl"))
+            .into_iter()
+            .map(|(_, l)| l as f32)
+            .collect();
+        let c = compare(
+            &format!("{base} losses"),
+            &losses,
+            &fx.f32("losses"),
+            1e-4,
+            0.0,
+        );
+        eprintln!("{c}");
+        c.assert();
+        let written = hf::read_safetensors(&dir.join("out/adapter_model.safetensors")).unwrap();
+        let finals = fx.names("final.");
+        assert_eq!(written.len(), finals.len(), "{base}: adapter tensors");
+        for name in finals {
+            let key = &name["final.".len()..];
+            let got = &written
+                .get(key)
+                .unwrap_or_else(|| panic!("{key} not written"))
+                .1;
+            let c = compare(&format!("{base} {key}"), got, &fx.f32(name), 1e-4, 0.0);
+            c.assert();
+        }
+    }
 }
 
 /// The merged weights are peft's model: the fixture's loss from the base with the adapter merged

@@ -40,6 +40,19 @@ impl Fixture {
         v.into_iter().map(|x| x as u32).collect()
     }
 
+    /// The names of its tensors that start with `prefix`.
+    #[allow(dead_code)]
+    pub fn names(&self, prefix: &str) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .tensors
+            .keys()
+            .map(String::as_str)
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// The metadata number `key`.
     pub fn num(&self, key: &str) -> f64 {
         self.meta[key].parse().unwrap()
