@@ -48,6 +48,18 @@ BASES = {
 }
 
 
+def adamw(params):
+    """PyTorch's AdamW with the fixtures' hyperparameters (decay on every adapter tensor)."""
+    return torch.optim.AdamW(
+        params,
+        lr=HYPER["lr"],
+        betas=(HYPER["beta1"], HYPER["beta2"]),
+        eps=HYPER["eps"],
+        weight_decay=HYPER["weight_decay"],
+        foreach=False,
+    )
+
+
 def make(base_name, seed):
     base_dir = os.path.join(ROOT, base_name)
     out = os.path.join(ROOT, base_name + "-lora")
@@ -103,14 +115,7 @@ def make(base_name, seed):
         tensors["grad." + key_of[n]] = p.grad.detach().clone().contiguous()
 
     params = [p for _, p in trainable]
-    opt = torch.optim.AdamW(
-        params,
-        lr=HYPER["lr"],
-        betas=(HYPER["beta1"], HYPER["beta2"]),
-        eps=HYPER["eps"],
-        weight_decay=HYPER["weight_decay"],
-        foreach=False,
-    )
+    opt = adamw(params)
     losses, norms = [], []
     for _ in range(STEPS):
         opt.zero_grad(set_to_none=True)
@@ -165,14 +170,7 @@ def make_continue(base_name, seed):
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
-    opt = torch.optim.AdamW(
-        params,
-        lr=HYPER["lr"],
-        betas=(HYPER["beta1"], HYPER["beta2"]),
-        eps=HYPER["eps"],
-        weight_decay=HYPER["weight_decay"],
-        foreach=False,
-    )
+    opt = adamw(params)
     losses = []
     for i in range(STEPS):
         tokens, targets = sequential_batch(train, i, CONTINUE_B, CONTINUE_T)
