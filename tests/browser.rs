@@ -835,6 +835,45 @@ fn page_says_in_words_that_the_device_was_lost() {
     );
 }
 
+/// The mean of a page's step times (`step_ms`) after the first `skip` (warm-up).
+fn mean_after(step_ms: &Value, skip: usize) -> f64 {
+    let ms: Vec<f64> = step_ms
+        .as_array()
+        .expect("step_ms")
+        .iter()
+        .skip(skip)
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    ms.iter().sum::<f64>() / ms.len() as f64
+}
+
+/// `train` natively with `flags` (kernel tuning off) into `dir`: its mean wall time per step
+/// after the first `skip` steps (warm-up).
+fn native_ms_per_step(flags: &[&str], dir: &Path, skip: usize) -> f64 {
+    let metrics = dir.join("metrics.jsonl");
+    let mut args = vec!["--tune", "off", "train"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&[
+        "--log-interval",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--metrics",
+        metrics.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    native(&args);
+    let ms: Vec<f64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| v.get("ms").and_then(Value::as_f64))
+        .skip(skip)
+        .collect();
+    ms.iter().sum::<f64>() / ms.len() as f64
+}
+
 /// BENCHMARKS.md's browser rows: training steps/s of the addition model (the page's defaults)
 /// and greedy decoding tokens/s of assets/gpt2-bpe, in the page and natively on this machine.
 /// Run by hand: `cargo test --test browser -- --ignored --nocapture speed`.
@@ -854,41 +893,12 @@ fn speed_in_the_page_and_natively() {
         "speed-train",
     );
     let dir = scratch("speed");
-    let metrics = dir.join("metrics.jsonl");
-    native(&[
-        "--tune",
-        "off",
-        "train",
-        "--seed",
-        "1337",
-        "--max-iters",
-        &steps.to_string(),
-        "--log-interval",
-        "1",
-        "--sample-tokens",
-        "0",
-        "--metrics",
-        metrics.to_str().unwrap(),
-        "--out",
-        dir.join("out").to_str().unwrap(),
-    ]);
-    // Wall time per step after the first 10 (warm-up), in both.
-    let ms: Vec<f64> = std::fs::read_to_string(&metrics)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter_map(|v| v.get("ms").and_then(Value::as_f64))
-        .skip(10)
-        .collect();
-    let native_ms = ms.iter().sum::<f64>() / ms.len() as f64;
-    let page: Vec<f64> = report["step_ms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .skip(10)
-        .map(|x| x.as_f64().unwrap())
-        .collect();
-    let page_ms = page.iter().sum::<f64>() / page.len() as f64;
+    let native_ms = native_ms_per_step(
+        &["--seed", "1337", "--max-iters", &steps.to_string()],
+        &dir.join("train"),
+        10,
+    );
+    let page_ms = mean_after(&report["step_ms"], 10);
     println!(
         "train (addition defaults, {} tokens/step): page {:.1} ms/step ({:.2} steps/s) on {}; native {:.1} ms/step ({:.2} steps/s)",
         report["tokens_per_step"],
@@ -897,6 +907,57 @@ fn speed_in_the_page_and_natively() {
         report["adapter"]["name"],
         native_ms,
         1e3 / native_ms
+    );
+
+    // LoRA fine-tuning of gpt2-bpe (r 8 on every linear layer) on a text, page and native.
+    let steps = 30;
+    let text = some_text();
+    let settings = serde_json::json!({
+        "seed": 5, "steps": steps, "batch_size": 4, "block_size": 32, "eval_iters": 1,
+        "lora_r": 8, "lora_alpha": 16, "lora_targets": "c_attn,c_proj,c_fc",
+    });
+    let (report, _) = run_page(
+        &format!(
+            "test=lora&eval_every={steps}&checkpoint=/assets/gpt2-bpe&files=config.json,generation_config.json,model.safetensors,tokenizer.json,tokenizer_config.json&settings={}&text={}&prompt={}",
+            query_escape(&settings.to_string()),
+            query_escape(&text),
+            query_escape("The river")
+        ),
+        "speed-lora",
+    );
+    let data = dir.join("text.txt");
+    std::fs::write(&data, &text).unwrap();
+    let base = Path::new(ROOT).join("assets/gpt2-bpe");
+    let native_ms = native_ms_per_step(
+        &[
+            "--init",
+            base.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--seed",
+            "5",
+            "--max-iters",
+            &steps.to_string(),
+            "--batch-size",
+            "4",
+            "--block-size",
+            "32",
+            "--eval-iters",
+            "1",
+            "--lora-r",
+            "8",
+            "--lora-alpha",
+            "16",
+            "--lora-targets",
+            "c_attn,c_proj,c_fc",
+        ],
+        &dir.join("lora"),
+        10,
+    );
+    let page_ms = mean_after(&report["step_ms"], 10);
+    println!(
+        "LoRA fine-tuning (gpt2-bpe, r 8 on every linear layer, 4 x 32 tokens/step): page {page_ms:.1} ms/step on {}; native {native_ms:.1} ms/step",
+        report["adapter"]["name"],
     );
 
     let n = 48;

@@ -367,7 +367,7 @@ async function testMode(q) {
       const g = JSON.parse(await model.generate(q.get("prompt"),
         JSON.stringify({ greedy: true, max_new_tokens: 8 }), null));
       await report({
-        adapter, losses, val: curve.val, describe: JSON.parse(trainer.describe()), generation: g,
+        adapter, losses, step_ms: stepMs, val: curve.val, describe: JSON.parse(trainer.describe()), generation: g,
         kernels: JSON.parse(await sf.kernels()),
       });
     } else if (q.get("test") === "lose") {
