@@ -37,6 +37,26 @@ pub const ENV_BACKEND: &str = "SHADERFORMER_BACKEND";
 pub const ENV_ADAPTER: &str = "SHADERFORMER_ADAPTER";
 /// When set to 1, a missing adapter fails tests instead of skipping them.
 pub const ENV_REQUIRE_GPU: &str = "SHADERFORMER_REQUIRE_GPU";
+/// Bytes: lowers the storage-binding size the engine plans for below the adapter's, so that a
+/// small model's tensors are split into row chunks as a large model's are (for tests).
+pub const ENV_MAX_BINDING: &str = "SHADERFORMER_MAX_BINDING";
+
+/// The adapter's limits as the engine plans with them: `ENV_MAX_BINDING`, when set, lowers the
+/// storage-binding size.
+fn planned_limits(mut limits: wgpu::Limits) -> Result<wgpu::Limits> {
+    if let Ok(v) = std::env::var(ENV_MAX_BINDING)
+        && !v.trim().is_empty()
+    {
+        let cap: u64 = v.trim().parse().ok().filter(|&c| c >= 256).ok_or_else(|| {
+            Error::invalid(
+                ENV_MAX_BINDING,
+                format!("{v:?} is not a number of bytes of at least 256"),
+            )
+        })?;
+        limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
+    }
+    Ok(limits)
+}
 
 /// How to pick and configure the device.
 #[derive(Clone, Debug, Default)]
@@ -290,7 +310,7 @@ impl Gpu {
             device,
             queue,
             info,
-            limits,
+            limits: planned_limits(limits)?,
             features,
             shaders,
             tuner,

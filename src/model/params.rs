@@ -186,14 +186,6 @@ impl ParamTable {
         }
     }
 
-    /// Fails early, naming the tensor, when a parameter cannot be one storage binding on `gpu`.
-    pub fn check_fits(&self, gpu: &crate::gpu::Gpu) -> crate::Result<()> {
-        for s in &self.specs {
-            gpu.check_fits(&s.name, s.numel() as u64 * 4)?;
-        }
-        Ok(())
-    }
-
     /// (name, shape) of every parameter, for `graph::ParamStore`.
     pub fn store_specs(&self) -> Vec<(String, Vec<usize>)> {
         store_specs(&self.specs)

@@ -576,7 +576,9 @@ impl<'a> Trainer<'a> {
             model::load_checked_data(cfg, comm, &mut model, ckpt.as_ref(), adapter.as_ref())?;
         // Everything is checked that can be without the GPU.
         let out = claim_out(cfg, comm, &model, adapter.is_some())?;
-        model.check_fits(gpu)?;
+        // A parameter past a storage binding (GPT-2's token embedding on many adapters) is held
+        // in row chunks; an op that cannot take one split is refused, naming the tensor, when
+        // the executors are built, before any step.
         let store =
             model::upload_params(gpu, cfg, comm, (&mut model, &mut ckpt), adapter.as_mut())?;
         let (mut exec, eval_exec) =

@@ -280,18 +280,6 @@ impl Model {
         }
     }
 
-    /// Fails early, naming the tensor, when a parameter cannot be one binding on `gpu`.
-    pub fn check_fits(&self, gpu: &Gpu) -> Result<()> {
-        match self {
-            Model::Gpt(c) => ParamTable::new(c).check_fits(gpu),
-            Model::Llama(l) => l
-                .table
-                .specs
-                .iter()
-                .try_for_each(|s| gpu.check_fits(&s.name, s.numel() as u64 * 4)),
-        }
-    }
-
     /// The graph for batches of `b` sequences of `t` tokens, with the adapter `lora` if any.
     pub fn graph(
         &self,

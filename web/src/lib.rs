@@ -252,7 +252,6 @@ pub async fn trainer(
     }
     check_run(&cfg)?;
     let table = ParamTable::new(&model);
-    table.check_fits(gpu).map_err(err)?;
     let init = table.init(&model, cfg.seed);
     let store = ParamStore::new(gpu, &table.store_specs(), &init, true).map_err(err)?;
     Trainer::start(gpu, cfg, TrainNet::Scratch(model), data, store)
@@ -787,7 +786,6 @@ pub async fn open_model(names: Vec<String>, contents: Vec<Uint8Array>) -> JsResu
         JsValue::from_str("the checkpoint has no tokenizer.json or vocab.json to encode a prompt")
     })?;
     let gpu = gpu().await?;
-    ParamTable::new(&ck.cfg).check_fits(gpu).map_err(err)?;
     let engine = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 1).map_err(err)?;
     gpu.check("uploading the model").map_err(err)?;
     Ok(Model {
