@@ -256,13 +256,9 @@ fn run_page(query: &str, tag: &str) -> (Value, HashMap<String, Vec<u8>>) {
 
 mod common;
 
-fn native(args: &[&str]) -> Output {
-    native_with(args, &[])
-}
-
 use shaderformer::gpu::tuning_cache::ENV_CACHE_DIR;
 
-/// `native` with environment variables set.
+/// `shaderformer` with `args` and the environment variables `env`, which must succeed.
 fn native_with(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Output {
     let o = common::bin()
         .args(args)
@@ -402,11 +398,35 @@ fn page_kernels_cache(kernels: &Value, dir: &Path) {
 /// the page's kernel variant (`kernels`, see `page_kernels_cache`), and returns its losses and
 /// its validation losses.
 fn native_losses(flags: &[&str], kernels: &Value, dir: &Path) -> (Losses, Losses) {
-    let metrics = dir.join("metrics.jsonl");
-    let out = dir.join("out");
     let cache = dir.join("kernels");
     page_kernels_cache(kernels, &cache);
-    let mut args = vec!["--tune", "cached", "train"];
+    let lines = native_metrics(
+        &["--tune", "cached"],
+        flags,
+        &dir.join("out"),
+        &[(ENV_CACHE_DIR, cache.as_os_str())],
+    );
+    let pick = |key: &str| -> Losses {
+        lines
+            .iter()
+            .filter(|v| v.get(key).is_some())
+            .map(|v| (v["step"].as_u64().unwrap(), v[key].as_f64().unwrap() as f32))
+            .collect()
+    };
+    (pick("loss"), pick("val_loss"))
+}
+
+/// `shaderformer <global> train <flags>` into `out` with the environment `env`, logging every
+/// step without samples: the lines of its metrics file.
+fn native_metrics(
+    global: &[&str],
+    flags: &[&str],
+    out: &Path,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Vec<Value> {
+    let metrics = out.join("metrics.jsonl");
+    let mut args = global.to_vec();
+    args.push("train");
     args.extend_from_slice(flags);
     args.extend_from_slice(&[
         "--log-interval",
@@ -418,20 +438,12 @@ fn native_losses(flags: &[&str], kernels: &Value, dir: &Path) -> (Losses, Losses
         "--out",
         out.to_str().unwrap(),
     ]);
-    native_with(&args, &[(ENV_CACHE_DIR, cache.as_os_str())]);
-    let lines: Vec<Value> = std::fs::read_to_string(&metrics)
+    native_with(&args, env);
+    std::fs::read_to_string(&metrics)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .collect();
-    let pick = |key: &str| -> Losses {
-        lines
-            .iter()
-            .filter(|v| v.get(key).is_some())
-            .map(|v| (v["step"].as_u64().unwrap(), v[key].as_f64().unwrap() as f32))
-            .collect()
-    };
-    (pick("loss"), pick("val_loss"))
+        .collect()
 }
 
 /// The page's evaluations: (step, validation loss) pairs.
@@ -850,24 +862,8 @@ fn mean_after(step_ms: &Value, skip: usize) -> f64 {
 /// `train` natively with `flags` (kernel tuning off) into `dir`: its mean wall time per step
 /// after the first `skip` steps (warm-up).
 fn native_ms_per_step(flags: &[&str], dir: &Path, skip: usize) -> f64 {
-    let metrics = dir.join("metrics.jsonl");
-    let mut args = vec!["--tune", "off", "train"];
-    args.extend_from_slice(flags);
-    args.extend_from_slice(&[
-        "--log-interval",
-        "1",
-        "--sample-tokens",
-        "0",
-        "--metrics",
-        metrics.to_str().unwrap(),
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
-    native(&args);
-    let ms: Vec<f64> = std::fs::read_to_string(&metrics)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    let ms: Vec<f64> = native_metrics(&["--tune", "off"], flags, dir, &[])
+        .iter()
         .filter_map(|v| v.get("ms").and_then(Value::as_f64))
         .skip(skip)
         .collect();

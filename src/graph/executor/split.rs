@@ -35,10 +35,12 @@ impl Executor<'_> {
                 return Err(Error::invalid(
                     node.op.name(),
                     format!(
-                        "tensor {} is split into {} chunks to fit the device's bindings, which \
-                         this op does not support",
+                        "tensor {} is split into {} chunks to fit the device's storage bindings \
+                         (max_storage_buffer_binding_size {} bytes), which this op does not \
+                         support",
                         self.graph.tensors[t].name,
-                        self.views[t].len()
+                        self.views[t].len(),
+                        self.gpu.max_binding()
                     ),
                 ));
             }
