@@ -396,26 +396,31 @@ fn adapters_and_flags_that_cannot_run_are_refused_by_name() {
     );
 }
 
-/// GPT-2's token embedding past a storage binding (the binding size the engine plans for lowered
-/// with SHADERFORMER_MAX_BINDING, so that gpt2-bpe's embedding, 71,680 bytes, is split into row
-/// chunks as GPT-2 124M's is on most adapters) trains as the whole one does, fully and with
-/// LoRA: the same losses and weights within rounding (not bit for bit: the lm head's input
-/// gradient sums over the vocabulary chunk by chunk). A binding too small for a layer's weight,
-/// which no op takes split, is refused naming the tensor.
+/// The token embedding past a storage binding (the binding size the engine plans for lowered
+/// with SHADERFORMER_MAX_BINDING, so that gpt2-bpe's embedding, 71,680 bytes, and qwen2-tiny's
+/// tied one, 52,032, are split into row chunks as GPT-2 124M's is on most adapters) trains as
+/// the whole one does, fully and with LoRA: the same losses and weights within rounding (not bit
+/// for bit: the lm head's input gradient sums over the vocabulary chunk by chunk). A binding too
+/// small for a layer's weight, which no op takes split, is refused naming the tensor.
 #[test]
 fn a_split_embedding_trains_as_the_whole_one() {
     if test_gpu().is_none() {
         return;
     }
     let dir = scratch("lora-train", "split");
-    let run = |name: &str, cap: &str, lora: bool| {
-        let out = dir.join(name);
+    // (base, a binding that splits its embedding but not its logits, its LoRA targets)
+    let bases = [
+        ("gpt2-bpe", "65536", "c_attn,c_proj,c_fc"),
+        ("qwen2-tiny", "40960", "q_proj,v_proj,down_proj"),
+    ];
+    let run = |base: &str, name: &str, cap: &str, lora: Option<&str>| {
+        let out = dir.join(base).join(name);
         let mut c = bin();
         c.env(shaderformer::gpu::ENV_MAX_BINDING, cap)
             .args(["--tune", "off", "train", "--init"])
-            .arg(asset("gpt2-bpe"))
+            .arg(asset(base))
             .arg("--data")
-            .arg(asset("gpt2-bpe/score.txt"))
+            .arg(asset(base).join("score.txt"))
             .arg("--out")
             .arg(&out)
             .arg("--metrics")
@@ -432,40 +437,48 @@ fn a_split_embedding_trains_as_the_whole_one() {
             // into a step of up to lr, which would measure AdamW rather than the chunks.
             .args(["--lr", "1e-4", "--warmup-iters", "0", "--log-interval", "1"])
             .args(["--eval-iters", "1", "--sample-tokens", "0"]);
-        if lora {
-            c.args(["--lora-r", "4", "--lora-alpha", "16"])
-                .args(["--lora-targets", "c_attn,c_proj,c_fc"]);
+        if let Some(targets) = lora {
+            c.args([
+                "--lora-r",
+                "4",
+                "--lora-alpha",
+                "16",
+                "--lora-targets",
+                targets,
+            ]);
         }
         (c.output().unwrap(), out)
     };
-    for (lora, weights) in [
-        (false, "model.safetensors"),
-        (true, "adapter_model.safetensors"),
-    ] {
-        let (o, whole) = run(&format!("whole-{lora}"), "", lora);
-        assert!(o.status.success(), "{}", text(&o));
-        let (o, split) = run(&format!("split-{lora}"), "65536", lora);
-        assert!(o.status.success(), "{}", text(&o));
-        let losses = |d: &Path| -> Vec<f32> {
-            common::losses(&d.join("metrics.jsonl"))
-                .into_iter()
-                .map(|(_, l)| l as f32)
-                .collect()
-        };
-        let (a, b) = (losses(&whole), losses(&split));
-        assert_eq!(a.len(), 4);
-        compare(&format!("losses, LoRA {lora}"), &b, &a, 1e-5, 0.0).assert();
-        let (a, b) = (
-            hf::read_safetensors(&whole.join(weights)).unwrap(),
-            hf::read_safetensors(&split.join(weights)).unwrap(),
-        );
-        assert_eq!(a.len(), b.len());
-        for (name, (_, w)) in &a {
-            let c = compare(&format!("{name}, LoRA {lora}"), &b[name].1, w, 1e-5, 0.0);
-            c.assert();
+    for (base, cap, targets) in bases {
+        for (lora, weights) in [
+            (None, "model.safetensors"),
+            (Some(targets), "adapter_model.safetensors"),
+        ] {
+            let tag = format!("{base}, LoRA {}", lora.is_some());
+            let (o, whole) = run(base, &format!("whole-{}", lora.is_some()), "", lora);
+            assert!(o.status.success(), "{}", text(&o));
+            let (o, split) = run(base, &format!("split-{}", lora.is_some()), cap, lora);
+            assert!(o.status.success(), "{}", text(&o));
+            let losses = |d: &Path| -> Vec<f32> {
+                common::losses(&d.join("metrics.jsonl"))
+                    .into_iter()
+                    .map(|(_, l)| l as f32)
+                    .collect()
+            };
+            let (a, b) = (losses(&whole), losses(&split));
+            assert_eq!(a.len(), 4);
+            compare(&format!("{tag}: losses"), &b, &a, 1e-5, 0.0).assert();
+            let (a, b) = (
+                hf::read_safetensors(&whole.join(weights)).unwrap(),
+                hf::read_safetensors(&split.join(weights)).unwrap(),
+            );
+            assert_eq!(a.len(), b.len());
+            for (name, (_, w)) in &a {
+                compare(&format!("{tag}: {name}"), &b[name].1, w, 1e-5, 0.0).assert();
+            }
         }
     }
-    let (o, _) = run("too-small", "8192", false);
+    let (o, _) = run("gpt2-bpe", "too-small", "8192", None);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
         text(&o).contains("h.0.attn.c_attn") && text(&o).contains("8192"),
