@@ -208,10 +208,9 @@ fn adapter_terms(plan: Option<&LoraPlan>) -> Result<(f64, Option<AdapterSummary>
     let Some(p) = plan else {
         return Ok((0.0, None));
     };
-    let n = |s: &[ParamSpec]| s.iter().map(ParamSpec::numel).sum::<usize>();
-    let adapter = n(p.adapter_specs());
+    let adapter = p.trainable_numel();
     // The base's weight gradients skipped, the adapter's products added.
-    let saved = 2.0 * n(&p.specs[..p.base_len]) as f64 - 6.0 * adapter as f64;
+    let saved = 2.0 * p.base_numel() as f64 - 6.0 * adapter as f64;
     let zeros: Vec<Vec<f32>> = p
         .adapter_specs()
         .iter()
@@ -240,14 +239,16 @@ pub fn train(
     lora: Option<&LoraConfig>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<TrainBench> {
-    let (store, mut exec, plan) = build_training_adapted(gpu, cfg, (b, t), lora)?;
-    let (saved, adapter) = adapter_terms(plan.as_ref())?;
-    let flops = train_flops(cfg, b, t) - saved * (b * t) as f64;
-    let steps = (warmup, runs);
-    let mut r = time_training(&mut exec, cfg.vocab_size, (b, t), steps, flops, progress)?;
-    r.memory = Memory::of(&store, &exec);
-    r.lora = adapter;
-    Ok(r)
+    let built = build_training_adapted(gpu, cfg, (b, t), lora)?;
+    let flops = train_flops(cfg, b, t);
+    time_built(
+        built,
+        cfg.vocab_size,
+        (b, t),
+        (warmup, runs),
+        flops,
+        progress,
+    )
 }
 
 /// The device memory a training step of `cfg` at batch `b` × `t` plans (with the adapter `lora`
@@ -258,8 +259,7 @@ pub fn plan_train(
     shape: (usize, usize),
     lora: Option<&LoraConfig>,
 ) -> Result<(Memory, Option<AdapterSummary>)> {
-    let (store, exec, plan) = build_training_adapted(gpu, cfg, shape, lora)?;
-    Ok((Memory::of(&store, &exec), adapter_terms(plan.as_ref())?.1))
+    planned(build_training_adapted(gpu, cfg, shape, lora)?)
 }
 
 /// `plan_train` for a Llama-family shape.
@@ -269,7 +269,13 @@ pub fn plan_train_llama(
     shape: (usize, usize),
     lora: Option<&LoraConfig>,
 ) -> Result<(Memory, Option<AdapterSummary>)> {
-    let (store, exec, plan) = build_training_llama_adapted(gpu, arch, shape, lora)?;
+    planned(build_training_llama_adapted(gpu, arch, shape, lora)?)
+}
+
+/// The planned memory of a built training step and its adapter's summary.
+fn planned(
+    (store, exec, plan): (ParamStore, Executor, Option<LoraPlan>),
+) -> Result<(Memory, Option<AdapterSummary>)> {
     Ok((Memory::of(&store, &exec), adapter_terms(plan.as_ref())?.1))
 }
 
@@ -320,11 +326,24 @@ pub fn train_llama(
     lora: Option<&LoraConfig>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<TrainBench> {
-    let (store, mut exec, plan) = build_training_llama_adapted(gpu, arch, (b, t), lora)?;
+    let built = build_training_llama_adapted(gpu, arch, (b, t), lora)?;
+    let flops = llama_train_flops(arch, b, t);
+    time_built(built, arch.vocab, (b, t), (warmup, runs), flops, progress)
+}
+
+/// Times a built training step (`time_training`) whose full training costs `flops`, less what
+/// an adapter, if any, spares; with its planned memory and the adapter's summary.
+fn time_built(
+    (store, mut exec, plan): (ParamStore, Executor, Option<LoraPlan>),
+    vocab: usize,
+    (b, t): (usize, usize),
+    steps: (usize, usize),
+    flops: f64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<TrainBench> {
     let (saved, adapter) = adapter_terms(plan.as_ref())?;
-    let flops = llama_train_flops(arch, b, t) - saved * (b * t) as f64;
-    let steps = (warmup, runs);
-    let mut r = time_training(&mut exec, arch.vocab, (b, t), steps, flops, progress)?;
+    let flops = flops - saved * (b * t) as f64;
+    let mut r = time_training(&mut exec, vocab, (b, t), steps, flops, progress)?;
     r.memory = Memory::of(&store, &exec);
     r.lora = adapter;
     Ok(r)

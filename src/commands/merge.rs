@@ -11,7 +11,7 @@ use shaderformer::error::{Error, Result};
 use shaderformer::io::files;
 use shaderformer::io::{hf_llama, hf_weights};
 use shaderformer::model::lora::AdapterFiles;
-use shaderformer::train::model::LLAMA_COPIED;
+use shaderformer::train::model::read_llama_copied;
 use shaderformer::train::{adapter, checkpoint};
 
 #[derive(Args, Debug)]
@@ -54,18 +54,10 @@ pub fn merge(args: &MergeArgs) -> Result<ExitCode> {
         let cfg = adapter::merge_llama(&mut ck, AdapterFiles::read(&args.lora)?)?;
         hf_weights::save(&args.out, &ck.cfg, &ck.table, &ck.params, None)?;
         // The tokenizer travels with the weights.
-        let copied: Vec<(String, Vec<u8>)> = LLAMA_COPIED
-            .iter()
-            .filter(|n| **n != hf_weights::GENERATION_FILE)
-            .map(|n| (n, args.checkpoint.join(n)))
-            .filter(|(_, p)| p.is_file())
-            .map(|(n, p)| {
-                Ok((
-                    n.to_string(),
-                    std::fs::read(&p).map_err(|e| Error::io(&p, e))?,
-                ))
-            })
-            .collect::<Result<_>>()?;
+        let copied: Vec<(String, Vec<u8>)> = read_llama_copied(&args.checkpoint)?
+            .into_iter()
+            .filter(|(n, _)| n != hf_weights::GENERATION_FILE)
+            .collect();
         hf_weights::write_atomically(&args.out, &copied)?;
         cfg
     } else {

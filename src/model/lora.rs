@@ -334,6 +334,19 @@ impl LoraPlan {
         &self.specs[self.base_len..]
     }
 
+    /// How many values the frozen base holds.
+    pub fn base_numel(&self) -> usize {
+        self.specs[..self.base_len]
+            .iter()
+            .map(ParamSpec::numel)
+            .sum()
+    }
+
+    /// How many values the adapter trains.
+    pub fn trainable_numel(&self) -> usize {
+        self.adapter_specs().iter().map(ParamSpec::numel).sum()
+    }
+
     /// Whether each parameter of `specs` is trained: the adapter's.
     pub fn trained(&self) -> Vec<bool> {
         (0..self.specs.len()).map(|i| i >= self.base_len).collect()

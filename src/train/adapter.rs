@@ -176,9 +176,7 @@ impl Adapter {
     /// One line for the start of a run: the adapter's shape and what it trains.
     pub fn describe(&self) -> String {
         let cfg = &self.plan.cfg;
-        let n = |s: &[ParamSpec]| s.iter().map(ParamSpec::numel).sum::<usize>();
-        let trained = n(self.plan.adapter_specs());
-        let base = n(&self.plan.specs[..self.plan.base_len]);
+        let (trained, base) = (self.plan.trainable_numel(), self.plan.base_numel());
         format!(
             "LoRA: r {}, alpha {}, dropout {} on {} ({} layers): {} trainable parameters, the \
              base's {:.2}M frozen ({})",
@@ -196,9 +194,7 @@ impl Adapter {
     /// Bytes the run needs for parameters, gradients and moments: the base's values alone, the
     /// adapter's with their gradients and two moments.
     pub fn training_bytes(&self) -> u128 {
-        let n = |s: &[ParamSpec]| s.iter().map(|s| s.numel() as u128).sum::<u128>();
-        let base = n(&self.plan.specs[..self.plan.base_len]);
-        base * 4 + n(self.plan.adapter_specs()) * 16
+        self.plan.base_numel() as u128 * 4 + self.plan.trainable_numel() as u128 * 16
     }
 
     /// The moments to upload, one list per parameter (empty for the frozen base).

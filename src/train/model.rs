@@ -38,6 +38,19 @@ pub const LLAMA_COPIED: [&str; 4] = [
     hf_weights::GENERATION_FILE,
 ];
 
+/// The `LLAMA_COPIED` files that `dir` holds, by name, with their bytes.
+pub fn read_llama_copied(dir: &std::path::Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut copied = Vec::new();
+    for name in LLAMA_COPIED {
+        let path = dir.join(name);
+        if path.is_file() {
+            let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            copied.push((name.to_string(), bytes));
+        }
+    }
+    Ok(copied)
+}
+
 /// The standard deviation of a fresh Llama model's weights (transformers' default
 /// `initializer_range`).
 pub const LLAMA_INIT_STD: f64 = 0.02;
@@ -194,15 +207,7 @@ impl LlamaModel {
             Some(v) => v,
             None => Vocab::Ids(ck.cfg.arch.vocab),
         };
-        for name in LLAMA_COPIED {
-            let path = dir.join(name);
-            if path.is_file() {
-                copied.push((
-                    name.to_string(),
-                    std::fs::read(&path).map_err(|e| Error::io(&path, e))?,
-                ));
-            }
-        }
+        copied.extend(read_llama_copied(dir)?);
         let mut cfg = ck.cfg;
         cfg.arch.dropout = dropout;
         Ok(LlamaModel {

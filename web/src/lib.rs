@@ -332,9 +332,6 @@ pub async fn lora_trainer(
         Base::Llama(ck) => (&ck.table.specs, ck.table.linear_weights()),
     };
     let plan = LoraPlan::new(&lora, specs, &linear).map_err(err)?;
-    for s in &plan.specs {
-        gpu.check_fits(&s.name, s.numel() as u64 * 4).map_err(err)?;
-    }
     let mut values = values;
     values.extend(plan.init(cfg.seed));
     let store_specs = plan.store_specs();
@@ -493,19 +490,16 @@ impl Trainer {
     /// tokens_per_step, max_iters, adapter, and for a LoRA run lora: {r, alpha, targets,
     /// layers, trainable}}.
     pub fn describe(&self) -> String {
-        let n = |s: &[shaderformer::model::params::ParamSpec]| -> usize {
-            s.iter().map(|s| s.numel()).sum()
-        };
         let (params, lora) = match &self.net {
             TrainNet::Scratch(m) => (m.num_params(), Value::Null),
             TrainNet::Lora { plan, .. } => (
-                n(&plan.specs[..plan.base_len]),
+                plan.base_numel(),
                 json!({
                     "r": plan.cfg.r,
                     "alpha": plan.cfg.alpha,
                     "targets": plan.cfg.targets,
                     "layers": plan.adapted.len(),
-                    "trainable": n(plan.adapter_specs()),
+                    "trainable": plan.trainable_numel(),
                 }),
             ),
         };
