@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::error::Result;
 use crate::gpu::Gpu;
+use crate::graph::recompute::Recompute;
 use crate::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
 use crate::infer::llama::{LlamaRunner, Model as LlamaModel};
 use crate::kernels::harness::TimeStats;
@@ -50,6 +51,15 @@ pub struct TrainBench {
     pub memory: Memory,
     /// With a LoRA adapter: what it trains.
     pub lora: Option<AdapterSummary>,
+    pub recompute: Recompute,
+}
+
+/// How a benchmarked training step is set up beyond its shape: full training or a LoRA adapter
+/// on the frozen weights, and whether block activations are recomputed in the backward.
+#[derive(Clone, Debug, Default)]
+pub struct StepSetup {
+    pub lora: Option<LoraConfig>,
+    pub recompute: Recompute,
 }
 
 /// A benchmarked adapter: its settings, trainable parameters and adapter_model.safetensors's
@@ -161,25 +171,27 @@ pub fn build_training<'a>(
     b: usize,
     t: usize,
 ) -> Result<(ParamStore, Executor<'a>)> {
-    let (store, exec, _) = build_training_adapted(gpu, cfg, (b, t), None)?;
+    let (store, exec, _) = build_training_adapted(gpu, cfg, (b, t), &StepSetup::default())?;
     Ok((store, exec))
 }
 
-/// `build_training`, with a LoRA adapter `lora` (A random, B zero, as peft starts one) on the
-/// frozen random weights when given; returns the adapter's plan too.
+/// `build_training` as `setup` says: with its LoRA adapter (A random, B zero, as peft starts
+/// one) on the frozen random weights when given, and its recomputation; returns the adapter's
+/// plan too.
 pub fn build_training_adapted<'a>(
     gpu: &'a Gpu,
     cfg: &GptConfig,
     (b, t): (usize, usize),
-    lora: Option<&LoraConfig>,
+    setup: &StepSetup,
 ) -> Result<(ParamStore, Executor<'a>, Option<LoraPlan>)> {
     let table = ParamTable::new(cfg);
-    let plan = lora
+    let plan = (setup.lora.as_ref())
         .map(|l| LoraPlan::new(l, &table.specs, &table.linear_weights()))
         .transpose()?;
     let store = adapted_store(gpu, &table.specs, random_params(cfg, 1), plan.as_ref())?;
     let max = gpu.max_binding();
-    let g = gpt::build_adapted(cfg, &table, plan.as_ref(), (b, t), Mode::Train, max);
+    let mut g = gpt::build_adapted(cfg, &table, plan.as_ref(), (b, t), Mode::Train, max);
+    setup.recompute.apply(&mut g.graph);
     let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
     Ok((store, exec, plan))
 }
@@ -236,19 +248,21 @@ pub fn train(
     cfg: &GptConfig,
     (b, t): (usize, usize),
     (warmup, runs): (usize, usize),
-    lora: Option<&LoraConfig>,
+    setup: &StepSetup,
     progress: &mut dyn FnMut(&str),
 ) -> Result<TrainBench> {
-    let built = build_training_adapted(gpu, cfg, (b, t), lora)?;
+    let built = build_training_adapted(gpu, cfg, (b, t), setup)?;
     let flops = train_flops(cfg, b, t);
-    time_built(
+    let mut r = time_built(
         built,
         cfg.vocab_size,
         (b, t),
         (warmup, runs),
         flops,
         progress,
-    )
+    )?;
+    r.recompute = setup.recompute;
+    Ok(r)
 }
 
 /// The device memory a training step of `cfg` at batch `b` × `t` plans (with the adapter `lora`
@@ -257,9 +271,9 @@ pub fn plan_train(
     gpu: &Gpu,
     cfg: &GptConfig,
     shape: (usize, usize),
-    lora: Option<&LoraConfig>,
+    setup: &StepSetup,
 ) -> Result<(Memory, Option<AdapterSummary>)> {
-    planned(build_training_adapted(gpu, cfg, shape, lora)?)
+    planned(build_training_adapted(gpu, cfg, shape, setup)?)
 }
 
 /// `plan_train` for a Llama-family shape.
@@ -267,9 +281,9 @@ pub fn plan_train_llama(
     gpu: &Gpu,
     arch: &Arch,
     shape: (usize, usize),
-    lora: Option<&LoraConfig>,
+    setup: &StepSetup,
 ) -> Result<(Memory, Option<AdapterSummary>)> {
-    planned(build_training_llama_adapted(gpu, arch, shape, lora)?)
+    planned(build_training_llama_adapted(gpu, arch, shape, setup)?)
 }
 
 /// The planned memory of a built training step and its adapter's summary.
@@ -279,11 +293,13 @@ fn planned(
     Ok((Memory::of(&store, &exec), adapter_terms(plan.as_ref())?.1))
 }
 
-/// The JSON of a planned step: `device_memory_bytes`, its parts, and the adapter.
-pub fn plan_json(memory: &Memory, lora: Option<&AdapterSummary>) -> Value {
+/// The JSON of a planned step: `device_memory_bytes`, its parts, the recomputation and the
+/// adapter.
+pub fn plan_json(memory: &Memory, lora: Option<&AdapterSummary>, recompute: Recompute) -> Value {
     json!({
         "device_memory_bytes": memory.total(),
         "device_memory": memory.to_json(),
+        "recompute": recompute.name(),
         "lora": lora.map(AdapterSummary::to_json),
     })
 }
@@ -294,7 +310,7 @@ pub fn build_training_llama<'a>(
     arch: &Arch,
     (b, t): (usize, usize),
 ) -> Result<(ParamStore, Executor<'a>)> {
-    let (store, exec, _) = build_training_llama_adapted(gpu, arch, (b, t), None)?;
+    let (store, exec, _) = build_training_llama_adapted(gpu, arch, (b, t), &StepSetup::default())?;
     Ok((store, exec))
 }
 
@@ -303,16 +319,17 @@ pub fn build_training_llama_adapted<'a>(
     gpu: &'a Gpu,
     arch: &Arch,
     (b, t): (usize, usize),
-    lora: Option<&LoraConfig>,
+    setup: &StepSetup,
 ) -> Result<(ParamStore, Executor<'a>, Option<LoraPlan>)> {
     let table = LlamaParams::new(arch, 0.02)?;
-    let plan = lora
+    let plan = (setup.lora.as_ref())
         .map(|l| LoraPlan::new(l, &table.specs, &table.linear_weights()))
         .transpose()?;
     let store = adapted_store(gpu, &table.specs, table.init(1), plan.as_ref())?;
     let max = gpu.max_binding();
-    let g =
+    let mut g =
         crate::model::llama::build_adapted(arch, &table, plan.as_ref(), (b, t), Mode::Train, max)?;
+    setup.recompute.apply(&mut g.graph);
     let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
     Ok((store, exec, plan))
 }
@@ -323,12 +340,14 @@ pub fn train_llama(
     arch: &Arch,
     (b, t): (usize, usize),
     (warmup, runs): (usize, usize),
-    lora: Option<&LoraConfig>,
+    setup: &StepSetup,
     progress: &mut dyn FnMut(&str),
 ) -> Result<TrainBench> {
-    let built = build_training_llama_adapted(gpu, arch, (b, t), lora)?;
+    let built = build_training_llama_adapted(gpu, arch, (b, t), setup)?;
     let flops = llama_train_flops(arch, b, t);
-    time_built(built, arch.vocab, (b, t), (warmup, runs), flops, progress)
+    let mut r = time_built(built, arch.vocab, (b, t), (warmup, runs), flops, progress)?;
+    r.recompute = setup.recompute;
+    Ok(r)
 }
 
 /// Times a built training step (`time_training`) whose full training costs `flops`, less what
@@ -403,6 +422,7 @@ fn time_training(
         kernel_total,
         memory: Memory::default(),
         lora: None,
+        recompute: Recompute::None,
     })
 }
 
@@ -418,6 +438,7 @@ impl TrainBench {
             "kernels": self.kernels.iter().map(KernelRow::to_json).collect::<Vec<_>>(),
             "kernel_total_ms": self.kernel_total * 1e3,
             "device_memory_bytes": self.memory.total(),
+            "recompute": self.recompute.name(),
             "device_memory": self.memory.to_json(),
             "lora": self.lora.as_ref().map(AdapterSummary::to_json),
         })

@@ -372,11 +372,28 @@ fn train_section(
     let steps = (plan.warmup, plan.runs);
     let mut step_done = |what: &str| progress(&format!("  {what}"));
     let r = match &case.model {
-        TrainModel::Gpt(cfg) => crate::memory::check("the model", cfg.training_bytes())
-            .and_then(|_| bench::train(gpu, cfg, (case.b, case.t), steps, None, &mut step_done)),
+        TrainModel::Gpt(cfg) => {
+            crate::memory::check("the model", cfg.training_bytes()).and_then(|_| {
+                bench::train(
+                    gpu,
+                    cfg,
+                    (case.b, case.t),
+                    steps,
+                    &Default::default(),
+                    &mut step_done,
+                )
+            })
+        }
         TrainModel::Llama(arch) => {
             crate::memory::check("the model", bench::llama_train_bytes(arch)).and_then(|_| {
-                bench::train_llama(gpu, arch, (case.b, case.t), steps, None, &mut step_done)
+                bench::train_llama(
+                    gpu,
+                    arch,
+                    (case.b, case.t),
+                    steps,
+                    &Default::default(),
+                    &mut step_done,
+                )
             })
         }
     };

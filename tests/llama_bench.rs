@@ -200,8 +200,15 @@ fn a_llama_training_step_is_timed_and_profiled() {
     let (b, t) = (2, 16);
     let mut heard = Vec::new();
     let mut progress = |what: &str| heard.push(what.to_string());
-    let r =
-        shaderformer::bench::train_llama(gpu, &arch, (b, t), (0, 2), None, &mut progress).unwrap();
+    let r = shaderformer::bench::train_llama(
+        gpu,
+        &arch,
+        (b, t),
+        (0, 2),
+        &Default::default(),
+        &mut progress,
+    )
+    .unwrap();
     // Each timed step, then the profiled one, is reported as it ends.
     assert_eq!(heard.len(), 3, "{heard:?}");
     assert!(heard[1].starts_with("timed step 2 of 2: "), "{heard:?}");

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use common::{bin, losses, scratch, text};
 use shaderformer::gpu::test_gpu;
+use shaderformer::graph::recompute::Recompute;
 use shaderformer::graph::{ExecOptions, Executor, ParamStore};
 use shaderformer::io::hf_weights;
 use shaderformer::model::gpt::Mode;
@@ -187,6 +188,30 @@ fn bf16_source_is_trained_and_written_in_f32() {
         trained.params[0].iter().any(|x| x.to_bits() & 0xFFFF != 0),
         "weights still bf16"
     );
+}
+
+/// `--recompute block` on llama-tiny (grouped-query attention, untied head, llama3 RoPE) trains
+/// to the same bits as keeping every activation.
+#[test]
+fn recomputed_llama_blocks_train_to_the_same_bits() {
+    let Some(gpu) = test_gpu() else { return };
+    let dir = scratch("llama-train", "recompute");
+    let data = pattern_bin(&dir, 3000, 83);
+    let kept = config(&data, &dir.join("kept"), 4);
+    let recomputed = TrainConfig {
+        out: dir.join("recomputed"),
+        recompute: Recompute::Block,
+        ..kept.clone()
+    };
+    let (a, b) = (
+        train::train(gpu, &kept).unwrap(),
+        train::train(gpu, &recomputed).unwrap(),
+    );
+    let bits = |l: Option<f32>| l.map(f32::to_bits);
+    assert_eq!(bits(a.final_train_loss), bits(b.final_train_loss));
+    let a = std::fs::read(dir.join("kept/model.safetensors")).unwrap();
+    let b = std::fs::read(dir.join("recomputed/model.safetensors")).unwrap();
+    assert!(a == b, "the weights depend on recomputation");
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use shaderformer::gpu::{DType, test_gpu};
+use shaderformer::graph::recompute::Recompute;
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, NodeCheck, ParamStore, Phase};
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::model::{GptConfig, ParamTable};
@@ -126,8 +127,22 @@ fn executor_for<'a>(
     reuse: bool,
     max_binding: u64,
 ) -> Executor<'a> {
+    executor_with(gpu, cfg, store, (b, t), reuse, max_binding, Recompute::None)
+}
+
+/// `executor_for` with the activation recomputation `recompute`.
+fn executor_with<'a>(
+    gpu: &'a shaderformer::gpu::Gpu,
+    cfg: &GptConfig,
+    store: &ParamStore,
+    (b, t): (usize, usize),
+    reuse: bool,
+    max_binding: u64,
+    recompute: Recompute,
+) -> Executor<'a> {
     let table = ParamTable::new(cfg);
-    let g = gpt::build_for(cfg, &table, b, t, Mode::Train, max_binding);
+    let mut g = gpt::build_for(cfg, &table, b, t, Mode::Train, max_binding);
+    recompute.apply(&mut g.graph);
     let opts = ExecOptions {
         reuse,
         grad_accum: 2,
@@ -265,27 +280,65 @@ fn memory_reuse_changes_nothing_but_memory() {
         } else {
             assert_eq!(exec.plan.planned_bytes, exec.plan.unplanned_bytes);
         }
-        for step in 1..=3 {
-            let micro = [batch(&cfg, 2, 19, step), batch(&cfg, 2, 19, step + 100)];
-            exec.step(&micro, 1e-3, step as u32).unwrap();
-        }
-        let losses: Vec<Vec<u32>> = exec
-            .wait_results()
-            .unwrap()
-            .iter()
-            .map(|r| r.losses.iter().map(|x| x.to_bits()).collect())
-            .collect();
-        let params: Vec<u32> = st
-            .read_params(gpu)
-            .unwrap()
-            .iter()
-            .flatten()
-            .map(|x| x.to_bits())
-            .collect();
-        runs.push((losses, params));
+        runs.push(three_steps(gpu, &cfg, &st, &mut exec));
     }
     assert_eq!(runs[0].0.len(), 3);
     assert_eq!(runs[0], runs[1], "results depend on buffer reuse");
+}
+
+/// The losses of three steps of two micro-batches (B 2, T 19) through `exec`, and the
+/// parameters after them, as bits.
+fn three_steps(
+    gpu: &shaderformer::gpu::Gpu,
+    cfg: &GptConfig,
+    st: &ParamStore,
+    exec: &mut Executor,
+) -> (Vec<Vec<u32>>, Vec<u32>) {
+    for step in 1..=3 {
+        let micro = [batch(cfg, 2, 19, step), batch(cfg, 2, 19, step + 100)];
+        exec.step(&micro, 1e-3, step as u32).unwrap();
+    }
+    let losses: Vec<Vec<u32>> = exec
+        .wait_results()
+        .unwrap()
+        .iter()
+        .map(|r| r.losses.iter().map(|x| x.to_bits()).collect())
+        .collect();
+    let params: Vec<u32> = st
+        .read_params(gpu)
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|x| x.to_bits())
+        .collect();
+    (losses, params)
+}
+
+/// Recomputing each block's activations in the backward (dropout included: the copies draw the
+/// same masks) gives the same bits, in a smaller activation pool.
+#[test]
+fn recomputed_blocks_change_nothing_but_memory() {
+    let Some(gpu) = test_gpu() else { return };
+    let cfg = GptConfig {
+        n_layer: 3,
+        ..small_model()
+    };
+    let mut runs = Vec::new();
+    let mut pools = Vec::new();
+    for recompute in [Recompute::None, Recompute::Block] {
+        let st = store(gpu, &cfg);
+        let mut exec = executor_with(gpu, &cfg, &st, (2, 19), true, u64::MAX, recompute);
+        pools.push(exec.plan.planned_bytes);
+        runs.push(three_steps(gpu, &cfg, &st, &mut exec));
+    }
+    assert_eq!(runs[0].0.len(), 3);
+    assert_eq!(runs[0], runs[1], "results depend on recomputation");
+    assert!(
+        pools[1] < pools[0],
+        "recomputation planned {} activation bytes against {}",
+        pools[1],
+        pools[0]
+    );
 }
 
 fn err_of(cfg: &TrainConfig) -> String {

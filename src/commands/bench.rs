@@ -7,6 +7,7 @@ use clap::Args;
 use shaderformer::bench::{self, InferBench, KernelRow, TrainBench};
 use shaderformer::error::{Error, Result};
 use shaderformer::gpu::{DType, Gpu};
+use shaderformer::graph::recompute::Recompute;
 use shaderformer::model::llama_params::LlamaParams;
 use shaderformer::model::lora::LoraConfig;
 use shaderformer::model::presets::{self, Preset};
@@ -92,9 +93,21 @@ pub struct BenchArgs {
     /// AdamW moments, activations) without timing it; with `--tune off` nothing is measured.
     #[arg(long)]
     plan_only: bool,
+    /// Time (or plan) the training step with block activations recomputed in the backward
+    /// (`block`), as `train --recompute`.
+    #[arg(long, value_enum, default_value = "none")]
+    recompute: Recompute,
 }
 
 impl BenchArgs {
+    /// The training step's setup: `--lora-*` and `--recompute`.
+    fn step_setup(&self, gpt2: bool) -> Result<bench::StepSetup> {
+        Ok(bench::StepSetup {
+            lora: self.lora(gpt2)?,
+            recompute: self.recompute,
+        })
+    }
+
     /// The adapter of `--lora-r`, if given; `gpt2` picks the default targets.
     fn lora(&self, gpt2: bool) -> Result<Option<LoraConfig>> {
         let Some(r) = self.lora_r else {
@@ -360,15 +373,16 @@ fn bench_gpt2(
     let mut out = header(&gpu, describe(cfg), args);
     if matches!(args.what, What::Train | What::All) && args.plan_only {
         let shape = (args.batch_size, block_size);
-        let (memory, lora) = bench::plan_train(&gpu, cfg, shape, args.lora(true)?.as_ref())?;
-        report_plan(&mut out, args, &memory, lora.as_ref());
+        let setup = args.step_setup(true)?;
+        let (memory, lora) = bench::plan_train(&gpu, cfg, shape, &setup)?;
+        report_plan(&mut out, args, &memory, lora.as_ref(), setup.recompute);
     } else if matches!(args.what, What::Train | What::All) {
         let r = bench::train(
             &gpu,
             cfg,
             (args.batch_size, block_size),
             (args.warmup, args.runs),
-            args.lora(true)?.as_ref(),
+            &args.step_setup(true)?,
             &mut step_progress,
         )?;
         out.insert("train".into(), r.to_json());
@@ -425,14 +439,14 @@ fn bench_llama(
     let mut out = header(&gpu, arch.describe(), args);
     if train && args.plan_only {
         let shape = (args.batch_size, block_size);
-        let lora = args.lora(false)?;
-        let (memory, lora) = bench::plan_train_llama(&gpu, arch, shape, lora.as_ref())?;
-        report_plan(&mut out, args, &memory, lora.as_ref());
+        let setup = args.step_setup(false)?;
+        let (memory, lora) = bench::plan_train_llama(&gpu, arch, shape, &setup)?;
+        report_plan(&mut out, args, &memory, lora.as_ref(), setup.recompute);
     } else if train {
         let shape = (args.batch_size, block_size);
         let steps = (args.warmup, args.runs);
-        let lora = args.lora(false)?;
-        let r = bench::train_llama(&gpu, arch, shape, steps, lora.as_ref(), &mut step_progress)?;
+        let setup = args.step_setup(false)?;
+        let r = bench::train_llama(&gpu, arch, shape, steps, &setup, &mut step_progress)?;
         out.insert("train".into(), r.to_json());
         if !args.json_to_stdout() {
             print_train(&gpu, &r, args.warmup);
@@ -553,10 +567,14 @@ fn report_plan(
     args: &BenchArgs,
     memory: &bench::Memory,
     lora: Option<&bench::AdapterSummary>,
+    recompute: Recompute,
 ) {
-    out.insert("train".into(), bench::plan_json(memory, lora));
+    out.insert("train".into(), bench::plan_json(memory, lora, recompute));
     if !args.json_to_stdout() {
-        println!("\ntraining step planned (not timed):");
+        println!(
+            "\ntraining step planned (not timed), recompute {}:",
+            recompute.name()
+        );
         print_memory(memory, lora);
     }
 }

@@ -165,6 +165,11 @@ pub struct TrainArgs {
     /// Debug: give every activation its own buffer (no memory reuse).
     #[arg(long)]
     no_reuse: bool,
+    /// Activation recomputation (gradient checkpointing): `block` keeps only each transformer
+    /// block's input through the forward and recomputes the rest in its backward, trading about
+    /// a third more compute for most of the activation memory; losses are unchanged.
+    #[arg(long, value_enum, default_value = "none")]
+    recompute: shaderformer::graph::recompute::Recompute,
     /// Debug: before training, run the first batch node by node and compare every output with
     /// its CPU reference; stop on a mismatch.
     #[arg(long)]
@@ -277,6 +282,7 @@ impl TrainArgs {
             loader: self.loader.unwrap_or(d.loader),
             metrics: self.metrics.clone(),
             no_reuse: self.no_reuse,
+            recompute: self.recompute,
             validate: self.validate,
             verbose: true,
             llama: (self.arch == Some(ArchKind::Llama)).then(|| FreshLlama {

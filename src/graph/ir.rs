@@ -377,6 +377,9 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     /// The contents of the `TensorKind::Table` tensors.
     pub tables: Vec<Vec<f32>>,
+    /// The forward nodes of each transformer block, by node index, in order: what
+    /// `recompute::blocks` recomputes in the backward.
+    pub blocks: Vec<std::ops::Range<usize>>,
 }
 
 impl Graph {

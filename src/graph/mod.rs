@@ -5,6 +5,7 @@ pub mod autodiff;
 pub mod executor;
 pub mod ir;
 pub mod planner;
+pub mod recompute;
 pub mod store;
 pub mod validate;
 

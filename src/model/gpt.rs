@@ -94,7 +94,9 @@ pub fn build_adapted(
     let (tokens, x) = m.embed(table);
     let mut x = m.dropout(x, "embed".into());
     for (l, bp) in table.blocks.iter().enumerate() {
+        let first = m.g.nodes.len();
         x = m.block(l, bp, x);
+        m.g.blocks.push(first..m.g.nodes.len());
     }
     let lnf = m.layernorm(x, (table.ln_f_w, table.ln_f_b), "ln_f".into());
     // The lm head shares the token embedding (tied weights).

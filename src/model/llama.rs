@@ -83,7 +83,9 @@ pub fn build_adapted(
     let (tokens, x) = m.embed(table.embed);
     let mut x = m.m.dropout(x, "embed".into());
     for (l, bp) in table.blocks.iter().enumerate() {
+        let first = m.m.g.nodes.len();
         x = m.block(l, bp, x);
+        m.m.g.blocks.push(first..m.m.g.nodes.len());
     }
     let xf = m.rmsnorm(x, table.norm, (m.m.bt, m.m.c), "model.norm".into());
     let head = table.lm_head.unwrap_or(table.embed);

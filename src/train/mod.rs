@@ -21,6 +21,7 @@ use serde_json::json;
 use crate::dist::Comm;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::graph::recompute::Recompute;
 use crate::graph::{
     ExecOptions, Executor, GradientSync, MicroBatch, NodeCheck, ParamStore, Shard, StepResult,
 };
@@ -70,6 +71,8 @@ pub struct TrainConfig {
     pub metrics: Option<PathBuf>,
     /// Debug: one buffer per activation instead of the planner's reuse.
     pub no_reuse: bool,
+    /// Recompute each block's activations in its backward instead of keeping them.
+    pub recompute: Recompute,
     /// Debug: check every node of the first micro-step against its CPU reference first.
     pub validate: bool,
     /// Print progress (a bar on a terminal, log lines otherwise).
@@ -131,6 +134,7 @@ impl Default for TrainConfig {
             loader: LoaderKind::Random,
             metrics: None,
             no_reuse: false,
+            recompute: Recompute::None,
             validate: false,
             verbose: true,
             llama: None,
@@ -412,7 +416,8 @@ fn build_executors<'g>(
     };
     let build = || -> Result<(Executor, Executor)> {
         let plan = lora.map(|a| &a.plan);
-        let train_graph = model.graph((b, t), Mode::Train, gpu.max_binding(), plan)?;
+        let mut train_graph = model.graph((b, t), Mode::Train, gpu.max_binding(), plan)?;
+        cfg.recompute.apply(&mut train_graph.graph);
         let exec = Executor::new(gpu, train_graph.graph, store, opts.clone())?;
         let eval_graph = model.graph((b, t), Mode::Eval, gpu.max_binding(), plan)?;
         let eval_exec = Executor::new(gpu, eval_graph.graph, store, opts.clone())?;
@@ -638,8 +643,12 @@ impl<'a> Trainer<'a> {
         if let Some(a) = &self.adapter {
             self.say(a.describe());
         }
+        let recomputed = match cfg.recompute {
+            Recompute::Block => ", blocks recomputed in the backward",
+            Recompute::None => "",
+        };
         self.say(format!(
-            "memory: parameters + gradients + AdamW {:.1} MiB; activations planned {:.1} MiB (without reuse {:.1} MiB)",
+            "memory: parameters + gradients + AdamW {:.1} MiB; activations planned {:.1} MiB (without reuse {:.1} MiB{recomputed})",
             self.store.bytes() as f64 / 1048576.0,
             self.exec.plan.planned_bytes as f64 / 1048576.0,
             self.exec.plan.unplanned_bytes as f64 / 1048576.0
