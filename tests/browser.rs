@@ -661,6 +661,83 @@ fn page_trains_on_a_text_like_train_with_data() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The page trains a Llama model from scratch (grouped-query attention: 2 heads sharing one
+/// key/value head) on a text as `shaderformer train --arch llama --data` does: same losses and
+/// evaluations; the checkpoint it saves is a Llama one that the native engine loads and
+/// completes a prompt with as the page did.
+#[test]
+fn page_trains_a_llama_on_a_text_like_train_arch_llama() {
+    if !ready() {
+        return;
+    }
+    let steps = 5;
+    let text = some_text();
+    let settings = serde_json::json!({
+        "arch": "llama", "n_kv_head": 1, "seed": 3, "steps": steps, "n_layer": 1, "n_head": 2,
+        "n_embd": 32, "batch_size": 4, "block_size": 32, "eval_iters": 1,
+    });
+    let (report, files) = run_page(
+        &format!(
+            "test=train&eval_every=5&settings={}&text={}&prompt=The",
+            query_escape(&settings.to_string()),
+            query_escape(&text)
+        ),
+        "llama",
+    );
+    let page = page_losses(&report, steps);
+    let dir = scratch("native-llama");
+    let data = dir.join("text.txt");
+    std::fs::write(&data, &text).unwrap();
+    let steps_flag = steps.to_string();
+    assert_page_trains_as_native(
+        &report,
+        &page,
+        &[
+            "--arch",
+            "llama",
+            "--n-kv-head",
+            "1",
+            "--eval-interval",
+            "5",
+            "--data",
+            data.to_str().unwrap(),
+            "--seed",
+            "3",
+            "--max-iters",
+            &steps_flag,
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "32",
+            "--batch-size",
+            "4",
+            "--block-size",
+            "32",
+            "--eval-iters",
+            "1",
+        ],
+        &dir,
+    );
+    let saved = scratch("page-llama");
+    for (name, bytes) in &files {
+        std::fs::write(saved.join(name), bytes).unwrap();
+    }
+    let config: Value = serde_json::from_slice(&files["config.json"]).unwrap();
+    assert_eq!(config["model_type"], "llama", "{config}");
+    assert_eq!(config["num_key_value_heads"], 1, "{config}");
+    let sample = &report["sample"];
+    let want = ids(&sample["ids"]);
+    assert_eq!(want.len(), 4, "{sample}");
+    assert_eq!(
+        native_greedy(&saved, "The", want.len(), Some(&dir.join("kernels"))),
+        want
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&saved);
+}
+
 /// The page fine-tunes a Llama-family checkpoint (qwen2-tiny, opened from its files) with LoRA
 /// on a text as `shaderformer train --init qwen2-tiny --lora-r` does: same losses step by step,
 /// same evaluations; the adapter it saves is peft's layout, and the checkpoint opened with that

@@ -54,11 +54,16 @@ function drawCurve() {
 }
 
 function settings() {
-  return {
+  const s = {
     seed: num("seed"), steps: num("steps"), lr: num("lr"),
     n_layer: num("n_layer"), n_head: num("n_head"), n_embd: num("n_embd"),
     batch_size: num("batch_size"), block_size: num("block_size"),
   };
+  if ($("arch").value === "llama") {
+    s.arch = "llama";
+    if ($("n_kv_head").value.trim() !== "") s.n_kv_head = num("n_kv_head");
+  }
+  return s;
 }
 
 // The data: the addition problems, or the text pasted or opened (its name for messages).
@@ -215,7 +220,7 @@ async function save() {
 // The settings of a LoRA run: the Train form's, and the adapter's.
 function loraSettings() {
   const s = settings();
-  delete s.n_layer; delete s.n_head; delete s.n_embd;
+  delete s.n_layer; delete s.n_head; delete s.n_embd; delete s.arch; delete s.n_kv_head;
   s.lora_r = num("lora_r"); s.lora_alpha = num("lora_alpha");
   if ($("lora_targets").value.trim() !== "") s.lora_targets = $("lora_targets").value;
   return s;
@@ -441,6 +446,7 @@ async function main() {
   $("save-adapter").onclick = save;
   $("data-addition").onchange = fillDefaults;
   $("data-text").onchange = fillDefaults;
+  $("arch").onchange = () => { $("n_kv_head").disabled = $("arch").value !== "llama"; };
   $("text").oninput = () => { textName = "pasted text"; };
   $("textfile").onchange = (e) => openText(e.target.files);
   fillDefaults();

@@ -109,6 +109,42 @@ impl FreshLlama {
         }
         Ok(())
     }
+
+    /// The configuration of a fresh model of `cfg`'s shape (layers, heads, width, context,
+    /// dropout) and this one's, over a vocabulary of `vocab` tokens; checked.
+    pub fn config(&self, cfg: &TrainConfig, vocab: usize) -> Result<LlamaConfig> {
+        self.check(cfg)?;
+        let arch = Arch {
+            family: Family::Llama,
+            n_layer: cfg.n_layer,
+            hidden: cfg.n_embd,
+            n_head: cfg.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: cfg.n_embd / cfg.n_head,
+            vocab,
+            context: cfg.block_size,
+            norm: Norm::RmsNorm { eps: 1e-5 },
+            positions: Positions::Rotary(Rope {
+                theta: self.rope_theta,
+                scaling: RopeScaling::None,
+            }),
+            mlp: Mlp::GatedSilu {
+                intermediate: self.intermediate,
+            },
+            biases: Biases::NONE,
+            qk_norm: false,
+            tied_head: true,
+            dropout: cfg.dropout,
+        };
+        arch.validate()?;
+        Ok(LlamaConfig {
+            arch,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+            pad_token_id: None,
+            initializer_range: LLAMA_INIT_STD,
+        })
+    }
 }
 
 /// The model being trained.
@@ -136,44 +172,14 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// A fresh model of `cfg`'s shape and `fresh`'s (its vocabulary from the data, later).
     fn fresh(cfg: &TrainConfig, fresh: &FreshLlama) -> Result<LlamaModel> {
-        fresh.check(cfg)?;
-        let arch = Arch {
-            family: Family::Llama,
-            n_layer: cfg.n_layer,
-            hidden: cfg.n_embd,
-            n_head: cfg.n_head,
-            n_kv_head: fresh.n_kv_head,
-            head_dim: cfg.n_embd / cfg.n_head,
-            vocab: 0, // from the data
-            context: cfg.block_size,
-            norm: Norm::RmsNorm { eps: 1e-5 },
-            positions: Positions::Rotary(Rope {
-                theta: fresh.rope_theta,
-                scaling: RopeScaling::None,
-            }),
-            mlp: Mlp::GatedSilu {
-                intermediate: fresh.intermediate,
-            },
-            biases: Biases::NONE,
-            qk_norm: false,
-            tied_head: true,
-            dropout: cfg.dropout,
-        };
         // The shape is checked now, on a placeholder vocabulary of one token; `take_vocab`
         // builds the real table.
-        let placeholder = Arch {
-            vocab: 1,
-            ..arch.clone()
-        };
+        let mut config = fresh.config(cfg, 1)?;
+        let table = LlamaParams::new(&config.arch, LLAMA_INIT_STD as f32)?;
+        config.arch.vocab = 0; // from the data
         Ok(LlamaModel {
-            table: LlamaParams::new(&placeholder, LLAMA_INIT_STD as f32)?,
-            cfg: LlamaConfig {
-                arch,
-                bos_token_id: None,
-                eos_token_ids: Vec::new(),
-                pad_token_id: None,
-                initializer_range: LLAMA_INIT_STD,
-            },
+            table,
+            cfg: config,
             params: Vec::new(), // drawn at upload, from the run's seed
             vocab: Vocab::Ids(0),
             optimizer: None,
@@ -244,24 +250,7 @@ impl LlamaModel {
         moments: &Moments,
         state: &state::TrainerState,
     ) -> Result<()> {
-        let mut files = hf_weights::weight_files(&self.table, params, None)?;
-        let config = hf_llama::config_json(&self.cfg)?;
-        files.push((
-            crate::io::hf::CONFIG_FILE.to_string(),
-            serde_json::to_vec_pretty(&config).expect("JSON of a config"),
-        ));
-        files.extend(self.copied.iter().cloned());
-        if !self
-            .copied
-            .iter()
-            .any(|f| f.0 == hf_weights::GENERATION_FILE)
-        {
-            let json = hf_weights::GenerationConfig::json_of(&self.cfg);
-            files.push((
-                hf_weights::GENERATION_FILE.to_string(),
-                serde_json::to_vec_pretty(&json).expect("JSON of a generation config"),
-            ));
-        }
+        let mut files = llama_files(&self.cfg, &self.table, params, &self.copied)?;
         files.push((
             checkpoint::OPTIMIZER_FILE.to_string(),
             checkpoint::moments_bytes(&self.table.store_specs(), moments)?,
@@ -274,6 +263,32 @@ impl LlamaModel {
         hf_weights::write_atomically(dir, &files)?;
         hf_weights::remove_stale_weights(dir, &files)
     }
+}
+
+/// A Llama-family model's files as transformers reads them: config.json, the weights
+/// (model.safetensors, f32), the files `copied` from its source or its data (the tokenizer or
+/// our vocab.json) and, unless copied, generation_config.json.
+pub fn llama_files(
+    cfg: &LlamaConfig,
+    table: &LlamaParams,
+    params: &[Vec<f32>],
+    copied: &[(String, Vec<u8>)],
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = hf_weights::weight_files(table, params, None)?;
+    let config = hf_llama::config_json(cfg)?;
+    files.push((
+        crate::io::hf::CONFIG_FILE.to_string(),
+        serde_json::to_vec_pretty(&config).expect("JSON of a config"),
+    ));
+    files.extend(copied.iter().cloned());
+    if !copied.iter().any(|f| f.0 == hf_weights::GENERATION_FILE) {
+        let json = hf_weights::GenerationConfig::json_of(cfg);
+        files.push((
+            hf_weights::GENERATION_FILE.to_string(),
+            serde_json::to_vec_pretty(&json).expect("JSON of a generation config"),
+        ));
+    }
+    Ok(files)
 }
 
 impl Model {

@@ -15,16 +15,18 @@ use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore, Shard, 
 use shaderformer::infer::chat::{self, ChatTemplate};
 use shaderformer::infer::llama::LlamaRunner;
 use shaderformer::infer::{self, Engine, Generation, SampleOptions};
+use shaderformer::io::hf_llama::LlamaConfig;
 use shaderformer::io::vocab::{self, Vocab};
 use shaderformer::io::{hf, hf_llama, hf_weights};
 use shaderformer::kernels::measure;
 use shaderformer::model::gpt::{self, Mode};
+use shaderformer::model::llama_params::LlamaParams;
 use shaderformer::model::lora::{AdapterFiles, LoraPlan};
 use shaderformer::model::{GptConfig, ParamTable, llama};
 use shaderformer::rng::Rng;
 use shaderformer::train::adapter::{self, LoraFlags};
 use shaderformer::train::data::{Dataset, Loader};
-use shaderformer::train::{self, TrainConfig, addition, checkpoint};
+use shaderformer::train::{self, FreshLlama, TrainConfig, addition, checkpoint};
 use wasm_bindgen::prelude::*;
 
 type JsResult<T> = std::result::Result<T, JsValue>;
@@ -114,8 +116,9 @@ pub fn defaults(text: bool) -> String {
 }
 
 /// `base_config(text)` with the page's choices in `settings` (JSON: seed, steps, lr, n_layer,
-/// n_head, n_embd, batch_size, block_size, warmup_iters, lr_decay_iters, eval_iters, and for a
-/// LoRA run lora_r, lora_alpha, lora_dropout, lora_targets (comma-separated); each optional),
+/// n_head, n_embd, batch_size, block_size, warmup_iters, lr_decay_iters, eval_iters; arch
+/// ("gpt2" or "llama") and for a Llama model n_kv_head, intermediate_size, rope_theta; and for
+/// a LoRA run lora_r, lora_alpha, lora_dropout, lora_targets (comma-separated); each optional),
 /// applied as the command line applies its flags. An unknown field is an error naming it.
 fn train_config(settings: &str, text: bool) -> JsResult<TrainConfig> {
     let v: Value = serde_json::from_str(settings)
@@ -126,6 +129,7 @@ fn train_config(settings: &str, text: bool) -> JsResult<TrainConfig> {
     let mut c = base_config(text);
     let mut lr_decay = None;
     let mut lora = LoraFlags::default();
+    let (mut llama, mut n_kv_head, mut intermediate, mut rope_theta) = (false, None, None, None);
     for (k, x) in obj {
         let uint = || {
             x.as_u64()
@@ -151,6 +155,16 @@ fn train_config(settings: &str, text: bool) -> JsResult<TrainConfig> {
             "warmup_iters" => c.schedule.warmup_iters = uint()?,
             "lr_decay_iters" => lr_decay = Some(uint()?),
             "eval_iters" => c.eval_iters = uint()? as usize,
+            "arch" => {
+                llama = match x.as_str() {
+                    Some("gpt2") => false,
+                    Some("llama") => true,
+                    _ => return Err(JsValue::from_str(&format!("{k}: {x} is not gpt2 or llama"))),
+                }
+            }
+            "n_kv_head" => n_kv_head = Some(uint()? as usize),
+            "intermediate_size" => intermediate = Some(uint()? as usize),
+            "rope_theta" => rope_theta = Some(float()? as f64),
             "lora_r" => lora.r = Some(uint()? as usize),
             "lora_alpha" => lora.alpha = Some(float()?),
             "lora_dropout" => lora.dropout = Some(float()?),
@@ -166,6 +180,17 @@ fn train_config(settings: &str, text: bool) -> JsResult<TrainConfig> {
     // As the command line does: the cosine ends at the last step unless told otherwise.
     c.schedule.lr_decay_iters = lr_decay.unwrap_or(c.max_iters);
     c.lora = (lora != LoraFlags::default()).then_some(lora);
+    // The Llama settings default as `train --arch llama`'s flags do.
+    if !llama && (n_kv_head.is_some() || intermediate.is_some() || rope_theta.is_some()) {
+        return Err(JsValue::from_str(
+            "n_kv_head, intermediate_size and rope_theta apply to a Llama model (arch: llama)",
+        ));
+    }
+    c.llama = llama.then(|| FreshLlama {
+        n_kv_head: n_kv_head.unwrap_or(c.n_head),
+        intermediate: intermediate.unwrap_or_else(|| FreshLlama::default_intermediate(c.n_embd)),
+        rope_theta: rope_theta.unwrap_or(10000.0),
+    });
     Ok(c)
 }
 
@@ -204,10 +229,11 @@ pub struct Trainer {
     step: u64,
 }
 
-/// What a page run trains: GPT-2 from scratch, or a LoRA adapter on a checkpoint opened from
-/// files (its base frozen).
+/// What a page run trains: GPT-2 or a Llama model from scratch, or a LoRA adapter on a
+/// checkpoint opened from files (its base frozen).
 enum TrainNet {
     Scratch(GptConfig),
+    ScratchLlama(Box<(LlamaConfig, LlamaParams)>),
     Lora {
         base: Base,
         plan: LoraPlan,
@@ -235,6 +261,22 @@ pub async fn trainer(
     let name = name.unwrap_or_else(|| "the text".to_string());
     let data = dataset(&cfg, text.as_deref().map(|t| (name.as_str(), t)))?;
     let gpu = gpu().await?;
+    if cfg.lora.is_some() {
+        return Err(JsValue::from_str(
+            "LoRA settings apply to fine-tuning a checkpoint (lora_trainer)",
+        ));
+    }
+    check_run(&cfg)?;
+    if let Some(fresh) = &cfg.llama {
+        // As `train --arch llama`: the vocabulary from the data, weights drawn from the seed as
+        // transformers' LlamaPreTrainedModel draws them.
+        let config = fresh.config(&cfg, data.vocab.size()).map_err(err)?;
+        let table = LlamaParams::new(&config.arch, config.initializer_range as f32).map_err(err)?;
+        let init = table.init(cfg.seed);
+        let store = ParamStore::new(gpu, &table.store_specs(), &init, true).map_err(err)?;
+        let net = TrainNet::ScratchLlama(Box::new((config, table)));
+        return Trainer::start(gpu, cfg, net, data, store);
+    }
     let model = GptConfig {
         n_layer: cfg.n_layer,
         n_head: cfg.n_head,
@@ -245,12 +287,6 @@ pub async fn trainer(
         bias: cfg.bias,
     };
     model.validate().map_err(err)?;
-    if cfg.lora.is_some() {
-        return Err(JsValue::from_str(
-            "LoRA settings apply to fine-tuning a checkpoint (lora_trainer)",
-        ));
-    }
-    check_run(&cfg)?;
     let table = ParamTable::new(&model);
     let init = table.init(&model, cfg.seed);
     let store = ParamStore::new(gpu, &table.store_specs(), &init, true).map_err(err)?;
@@ -381,6 +417,7 @@ fn executors(
             mode,
             max,
         )),
+        TrainNet::ScratchLlama(m) => llama::build_for(&m.0.arch, &m.1, (b, t), mode, max),
         TrainNet::Lora { base, plan, .. } => match base {
             Base::Gpt(c) => Ok(gpt::build_adapted(
                 c,
@@ -434,29 +471,40 @@ impl Trainer {
         let vocab = self.data.vocab.clone();
         let net = match &self.net {
             TrainNet::Scratch(cfg) => gpt_net(self.gpu, cfg, &params)?,
+            TrainNet::ScratchLlama(m) => llama_net(self.gpu, (&m.0, &m.1), params, Vec::new())?,
             TrainNet::Lora { base, plan, .. } => {
                 let merged = plan.merge(&params);
                 match base {
                     Base::Gpt(cfg) => gpt_net(self.gpu, cfg, &merged)?,
                     Base::Llama(ck) => {
-                        let ck = hf_weights::LlamaCheckpoint {
-                            cfg: ck.cfg.clone(),
-                            table: ck.table.clone(),
-                            params: merged,
-                            eos_token_ids: ck.eos_token_ids.clone(),
-                        };
-                        let runner =
-                            LlamaRunner::with_cache(self.gpu, &ck, DType::F32).map_err(err)?;
-                        Net::Llama {
-                            runner,
-                            template: None,
-                        }
+                        let eos = ck.eos_token_ids.clone();
+                        llama_net(self.gpu, (&ck.cfg, &ck.table), merged, eos)?
                     }
                 }
             }
         };
         Ok(Model { net, vocab })
     }
+}
+
+/// A Llama-family runner of `cfg` over `params`, for sampling, ending at the ids `eos`.
+fn llama_net(
+    gpu: &'static Gpu,
+    (cfg, table): (&LlamaConfig, &LlamaParams),
+    params: Vec<Vec<f32>>,
+    eos: Vec<u32>,
+) -> JsResult<Net> {
+    let ck = hf_weights::LlamaCheckpoint {
+        cfg: cfg.clone(),
+        table: table.clone(),
+        params,
+        eos_token_ids: eos,
+    };
+    let runner = LlamaRunner::with_cache(gpu, &ck, DType::F32).map_err(err)?;
+    Ok(Net::Llama {
+        runner,
+        template: None,
+    })
 }
 
 /// A GPT-2 engine of `cfg` over `params`, for sampling.
@@ -492,6 +540,7 @@ impl Trainer {
     pub fn describe(&self) -> String {
         let (params, lora) = match &self.net {
             TrainNet::Scratch(m) => (m.num_params(), Value::Null),
+            TrainNet::ScratchLlama(m) => (m.1.specs.iter().map(|s| s.numel()).sum(), Value::Null),
             TrainNet::Lora { plan, .. } => (
                 plan.base_numel(),
                 json!({
@@ -593,6 +642,9 @@ impl Trainer {
         let params = self.params().await?;
         let files = match &self.net {
             TrainNet::Scratch(model) => checkpoint::to_files(model, &params, &self.data.vocab),
+            TrainNet::ScratchLlama(m) => self.data.vocab.to_file().and_then(|(name, bytes)| {
+                train::model::llama_files(&m.0, &m.1, &params, &[(name.to_string(), bytes)])
+            }),
             TrainNet::Lora { base, plan, name } => {
                 let gpt2 = matches!(base, Base::Gpt(_));
                 plan.files(name, gpt2, &params[plan.base_len..])
