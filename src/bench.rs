@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::graph::recompute::Recompute;
+use crate::graph::saved::ActivationDtype;
 use crate::graph::{ExecOptions, Executor, MicroBatch, ParamStore};
 use crate::infer::llama::{LlamaRunner, Model as LlamaModel};
 use crate::kernels::harness::TimeStats;
@@ -52,6 +53,7 @@ pub struct TrainBench {
     /// With a LoRA adapter: what it trains.
     pub lora: Option<AdapterSummary>,
     pub recompute: Recompute,
+    pub activations: ActivationDtype,
 }
 
 /// How a benchmarked training step is set up beyond its shape: full training or a LoRA adapter
@@ -60,6 +62,15 @@ pub struct TrainBench {
 pub struct StepSetup {
     pub lora: Option<LoraConfig>,
     pub recompute: Recompute,
+    pub activations: ActivationDtype,
+}
+
+impl StepSetup {
+    /// Recomputation, then the saved activations' storage, on a training graph.
+    fn apply(&self, g: &mut crate::graph::Graph) {
+        self.recompute.apply(g);
+        self.activations.apply(g);
+    }
 }
 
 /// A benchmarked adapter: its settings, trainable parameters and adapter_model.safetensors's
@@ -191,7 +202,7 @@ pub fn build_training_adapted<'a>(
     let store = adapted_store(gpu, &table.specs, random_params(cfg, 1), plan.as_ref())?;
     let max = gpu.max_binding();
     let mut g = gpt::build_adapted(cfg, &table, plan.as_ref(), (b, t), Mode::Train, max);
-    setup.recompute.apply(&mut g.graph);
+    setup.apply(&mut g.graph);
     let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
     Ok((store, exec, plan))
 }
@@ -262,6 +273,7 @@ pub fn train(
         progress,
     )?;
     r.recompute = setup.recompute;
+    r.activations = setup.activations;
     Ok(r)
 }
 
@@ -293,13 +305,14 @@ fn planned(
     Ok((Memory::of(&store, &exec), adapter_terms(plan.as_ref())?.1))
 }
 
-/// The JSON of a planned step: `device_memory_bytes`, its parts, the recomputation and the
-/// adapter.
-pub fn plan_json(memory: &Memory, lora: Option<&AdapterSummary>, recompute: Recompute) -> Value {
+/// The JSON of a planned step: `device_memory_bytes`, its parts, the recomputation, the saved
+/// activations' storage and the adapter.
+pub fn plan_json(memory: &Memory, lora: Option<&AdapterSummary>, setup: &StepSetup) -> Value {
     json!({
         "device_memory_bytes": memory.total(),
         "device_memory": memory.to_json(),
-        "recompute": recompute.name(),
+        "recompute": setup.recompute.name(),
+        "activation_dtype": setup.activations.name(),
         "lora": lora.map(AdapterSummary::to_json),
     })
 }
@@ -329,7 +342,7 @@ pub fn build_training_llama_adapted<'a>(
     let max = gpu.max_binding();
     let mut g =
         crate::model::llama::build_adapted(arch, &table, plan.as_ref(), (b, t), Mode::Train, max)?;
-    setup.recompute.apply(&mut g.graph);
+    setup.apply(&mut g.graph);
     let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
     Ok((store, exec, plan))
 }
@@ -347,6 +360,7 @@ pub fn train_llama(
     let flops = llama_train_flops(arch, b, t);
     let mut r = time_built(built, arch.vocab, (b, t), (warmup, runs), flops, progress)?;
     r.recompute = setup.recompute;
+    r.activations = setup.activations;
     Ok(r)
 }
 
@@ -423,6 +437,7 @@ fn time_training(
         memory: Memory::default(),
         lora: None,
         recompute: Recompute::None,
+        activations: ActivationDtype::F32,
     })
 }
 
@@ -439,6 +454,7 @@ impl TrainBench {
             "kernel_total_ms": self.kernel_total * 1e3,
             "device_memory_bytes": self.memory.total(),
             "recompute": self.recompute.name(),
+            "activation_dtype": self.activations.name(),
             "device_memory": self.memory.to_json(),
             "lora": self.lora.as_ref().map(AdapterSummary::to_json),
         })

@@ -34,6 +34,7 @@ fn mirrors() -> Vec<(&'static str, &'static str, ParamsLayout)> {
         ("rmsnorm.wgsl", "Params", rmsnorm::params_layout()),
         ("rope.wgsl", "Params", rope::params_layout()),
         ("residual.wgsl", "Params", residual::params_layout()),
+        ("convert.wgsl", "Params", convert::params_layout()),
         ("swiglu.wgsl", "Params", swiglu::params_layout()),
         ("qkv_pack.wgsl", "Params", qkv_pack::params_layout()),
         // The per-step uniform (include/step.wgsl), in every family that includes it.

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use shaderformer::gpu::{DType, test_gpu};
 use shaderformer::graph::recompute::Recompute;
+use shaderformer::graph::saved::ActivationDtype;
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, NodeCheck, ParamStore, Phase};
 use shaderformer::model::gpt::{self, Mode};
 use shaderformer::model::{GptConfig, ParamTable};
@@ -127,10 +128,11 @@ fn executor_for<'a>(
     reuse: bool,
     max_binding: u64,
 ) -> Executor<'a> {
-    executor_with(gpu, cfg, store, (b, t), reuse, max_binding, Recompute::None)
+    let plain = (Recompute::None, ActivationDtype::F32);
+    executor_with(gpu, cfg, store, (b, t), reuse, max_binding, plain)
 }
 
-/// `executor_for` with the activation recomputation `recompute`.
+/// `executor_for` with the activation recomputation and saved activations' storage `rewrite`.
 fn executor_with<'a>(
     gpu: &'a shaderformer::gpu::Gpu,
     cfg: &GptConfig,
@@ -138,11 +140,12 @@ fn executor_with<'a>(
     (b, t): (usize, usize),
     reuse: bool,
     max_binding: u64,
-    recompute: Recompute,
+    (recompute, saved): (Recompute, ActivationDtype),
 ) -> Executor<'a> {
     let table = ParamTable::new(cfg);
     let mut g = gpt::build_for(cfg, &table, b, t, Mode::Train, max_binding);
     recompute.apply(&mut g.graph);
+    saved.apply(&mut g.graph);
     let opts = ExecOptions {
         reuse,
         grad_accum: 2,
@@ -167,6 +170,75 @@ fn every_node_matches_its_cpu_reference() {
         assert!(checks.len() > 60, "only {} checks", checks.len());
         let bad = NodeCheck::mismatches(&checks);
         assert!(bad.is_empty(), "reuse {reuse}:\n{}", bad.join("\n"));
+    }
+}
+
+/// Activations saved in bf16, alone and under recomputation: every node (the conversions
+/// included, to the bit) matches its CPU reference; the first step's losses are f32's bits (the
+/// forward is unchanged) and its gradient norm within bf16's rounding of f32's, the later losses
+/// close to f32's; and the activation pool is smaller. (The weights are not compared: AdamW's
+/// first steps move a weight whose gradient is near zero by about the learning rate in the
+/// direction of that gradient's sign, which rounding may flip.)
+#[test]
+fn activations_saved_in_bf16_match_their_references_and_track_f32() {
+    let Some(gpu) = test_gpu() else { return };
+    let cfg = small_model();
+    let mut runs = Vec::new();
+    let mut pools = Vec::new();
+    for rewrite in [
+        (Recompute::None, ActivationDtype::F32),
+        (Recompute::None, ActivationDtype::Bf16),
+        (Recompute::Block, ActivationDtype::Bf16),
+    ] {
+        let st = store(gpu, &cfg);
+        let mut exec = executor_with(gpu, &cfg, &st, (2, 19), true, u64::MAX, rewrite);
+        if rewrite.1 == ActivationDtype::Bf16 {
+            let checks = exec.validate(&batch(&cfg, 2, 19, 5)).unwrap();
+            let converted = checks.iter().filter(|c| c.op == "to_bf16").count();
+            assert!(
+                converted >= 2 * cfg.n_layer,
+                "{rewrite:?}: {converted} conversions"
+            );
+            let bad = NodeCheck::mismatches(&checks);
+            assert!(bad.is_empty(), "{rewrite:?}:\n{}", bad.join("\n"));
+        }
+        pools.push(exec.plan.planned_bytes);
+        let st = store(gpu, &cfg);
+        let mut exec = executor_with(gpu, &cfg, &st, (2, 19), true, u64::MAX, rewrite);
+        runs.push(three_steps(gpu, &cfg, &st, &mut exec));
+    }
+    assert!(
+        pools[1] < pools[0] && pools[2] < pools[1],
+        "pools {pools:?}"
+    );
+    let f = |bits: &[u32]| -> Vec<f32> { bits.iter().map(|&b| f32::from_bits(b)).collect() };
+    for run in &runs[1..] {
+        // Each step's values: the micro-steps' losses, then the gradient norm.
+        let (first, want) = (&run.0[0], &runs[0].0[0]);
+        let n = first.len() - 1;
+        assert_eq!(first[..n], want[..n], "the first step's losses differ");
+        reference_close(
+            "step 1 gradient norm",
+            &f(&first[n..]),
+            &f(&want[n..]),
+            1e-2,
+        );
+        for (step, (a, b)) in run.0.iter().zip(&runs[0].0).enumerate().skip(1) {
+            reference_close(&format!("step {} losses", step + 1), &f(a), &f(b), 1e-4);
+        }
+    }
+    // The rounding reaches the gradients: the weights are not f32's bits.
+    assert_ne!(runs[1].1, runs[0].1);
+}
+
+/// Asserts |a - b| <= tol · (1 + |b|) elementwise, naming `what`.
+fn reference_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}[{i}]: {x} vs {y}"
+        );
     }
 }
 
@@ -286,8 +358,8 @@ fn memory_reuse_changes_nothing_but_memory() {
     assert_eq!(runs[0], runs[1], "results depend on buffer reuse");
 }
 
-/// The losses of three steps of two micro-batches (B 2, T 19) through `exec`, and the
-/// parameters after them, as bits.
+/// The losses and gradient norms of three steps of two micro-batches (B 2, T 19) through
+/// `exec`, and the parameters after them, as bits.
 fn three_steps(
     gpu: &shaderformer::gpu::Gpu,
     cfg: &GptConfig,
@@ -302,7 +374,10 @@ fn three_steps(
         .wait_results()
         .unwrap()
         .iter()
-        .map(|r| r.losses.iter().map(|x| x.to_bits()).collect())
+        .map(|r| {
+            let norm = r.grad_norm.to_bits();
+            r.losses.iter().map(|x| x.to_bits()).chain([norm]).collect()
+        })
         .collect();
     let params: Vec<u32> = st
         .read_params(gpu)
@@ -327,7 +402,8 @@ fn recomputed_blocks_change_nothing_but_memory() {
     let mut pools = Vec::new();
     for recompute in [Recompute::None, Recompute::Block] {
         let st = store(gpu, &cfg);
-        let mut exec = executor_with(gpu, &cfg, &st, (2, 19), true, u64::MAX, recompute);
+        let rewrite = (recompute, ActivationDtype::F32);
+        let mut exec = executor_with(gpu, &cfg, &st, (2, 19), true, u64::MAX, rewrite);
         pools.push(exec.plan.planned_bytes);
         runs.push(three_steps(gpu, &cfg, &st, &mut exec));
     }

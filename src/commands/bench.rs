@@ -8,6 +8,7 @@ use shaderformer::bench::{self, InferBench, KernelRow, TrainBench};
 use shaderformer::error::{Error, Result};
 use shaderformer::gpu::{DType, Gpu};
 use shaderformer::graph::recompute::Recompute;
+use shaderformer::graph::saved::ActivationDtype;
 use shaderformer::model::llama_params::LlamaParams;
 use shaderformer::model::lora::LoraConfig;
 use shaderformer::model::presets::{self, Preset};
@@ -97,6 +98,10 @@ pub struct BenchArgs {
     /// (`block`), as `train --recompute`.
     #[arg(long, value_enum, default_value = "none")]
     recompute: Recompute,
+    /// Time (or plan) the training step with the activations saved for the backward stored in
+    /// bf16, as `train --activation-dtype`.
+    #[arg(long, value_enum, default_value = "f32")]
+    activation_dtype: ActivationDtype,
 }
 
 impl BenchArgs {
@@ -105,6 +110,7 @@ impl BenchArgs {
         Ok(bench::StepSetup {
             lora: self.lora(gpt2)?,
             recompute: self.recompute,
+            activations: self.activation_dtype,
         })
     }
 
@@ -375,7 +381,7 @@ fn bench_gpt2(
         let shape = (args.batch_size, block_size);
         let setup = args.step_setup(true)?;
         let (memory, lora) = bench::plan_train(&gpu, cfg, shape, &setup)?;
-        report_plan(&mut out, args, &memory, lora.as_ref(), setup.recompute);
+        report_plan(&mut out, args, &memory, lora.as_ref(), &setup);
     } else if matches!(args.what, What::Train | What::All) {
         let r = bench::train(
             &gpu,
@@ -441,7 +447,7 @@ fn bench_llama(
         let shape = (args.batch_size, block_size);
         let setup = args.step_setup(false)?;
         let (memory, lora) = bench::plan_train_llama(&gpu, arch, shape, &setup)?;
-        report_plan(&mut out, args, &memory, lora.as_ref(), setup.recompute);
+        report_plan(&mut out, args, &memory, lora.as_ref(), &setup);
     } else if train {
         let shape = (args.batch_size, block_size);
         let steps = (args.warmup, args.runs);
@@ -567,13 +573,14 @@ fn report_plan(
     args: &BenchArgs,
     memory: &bench::Memory,
     lora: Option<&bench::AdapterSummary>,
-    recompute: Recompute,
+    setup: &bench::StepSetup,
 ) {
-    out.insert("train".into(), bench::plan_json(memory, lora, recompute));
+    out.insert("train".into(), bench::plan_json(memory, lora, setup));
     if !args.json_to_stdout() {
         println!(
-            "\ntraining step planned (not timed), recompute {}:",
-            recompute.name()
+            "\ntraining step planned (not timed), recompute {}, activations saved in {}:",
+            setup.recompute.name(),
+            setup.activations.name()
         );
         print_memory(memory, lora);
     }

@@ -170,6 +170,12 @@ pub struct TrainArgs {
     /// a third more compute for most of the activation memory; losses are unchanged.
     #[arg(long, value_enum, default_value = "none")]
     recompute: shaderformer::graph::recompute::Recompute,
+    /// How activations saved for the backward are stored: `bf16` rounds each to bf16 after the
+    /// forward node that computes it (the forward itself runs on the f32 values) and widens it
+    /// back before the backward reads it, halving what a step holds between the two; every sum
+    /// stays f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    activation_dtype: shaderformer::graph::saved::ActivationDtype,
     /// Debug: before training, run the first batch node by node and compare every output with
     /// its CPU reference; stop on a mismatch.
     #[arg(long)]
@@ -283,6 +289,7 @@ impl TrainArgs {
             metrics: self.metrics.clone(),
             no_reuse: self.no_reuse,
             recompute: self.recompute,
+            activation_dtype: self.activation_dtype,
             validate: self.validate,
             verbose: true,
             llama: (self.arch == Some(ArchKind::Llama)).then(|| FreshLlama {

@@ -8,11 +8,13 @@ use wgpu::util::DeviceExt;
 use super::Gpu;
 use crate::error::{Error, Result};
 
-/// Element types stored in GPU buffers. f16 is stored two to a 32-bit word.
+/// Element types stored in GPU buffers. f16 and bf16 are stored two to a 32-bit word (bf16 as
+/// the upper halves of f32 patterns, read and written through u32 words: convert.wgsl).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F16,
+    BF16,
     U32,
     I32,
 }
@@ -20,7 +22,7 @@ pub enum DType {
 impl DType {
     pub fn size(self) -> u64 {
         match self {
-            DType::F16 => 2,
+            DType::F16 | DType::BF16 => 2,
             _ => 4,
         }
     }
@@ -29,6 +31,7 @@ impl DType {
         match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
+            DType::BF16 => "bf16",
             DType::U32 => "u32",
             DType::I32 => "i32",
         }

@@ -73,6 +73,7 @@ shaders! {
     Embedding => "embedding.wgsl",
     CrossEntropy => "cross_entropy.wgsl",
     Residual => "residual.wgsl",
+    Convert => "convert.wgsl",
     Dropout => "dropout.wgsl",
     Adamw => "adamw.wgsl",
     Reduce => "reduce.wgsl",

@@ -84,8 +84,9 @@ impl Tensor {
         self.shape.iter().product()
     }
 
+    /// Bytes of its buffer: two-byte elements pad an odd count to a whole 32-bit word.
     pub fn bytes(&self) -> u64 {
-        self.numel() as u64 * self.dtype.size()
+        (self.numel() as u64 * self.dtype.size()).div_ceil(4) * 4
     }
 }
 
@@ -308,6 +309,12 @@ pub enum Op {
         acc: bool,
     },
 
+    /// in [x (N) f32] → out [y (N) bf16]: x rounded to nearest even, stored two to a word (an
+    /// activation saved for the backward in bf16; `saved::bf16`).
+    ToBf16 { n: usize },
+    /// in [x (N) bf16] → out [y (N) f32]: x widened (exact).
+    FromBf16 { n: usize },
+
     /// in [] → out [x...] = value (one or many tensors: the parameter gradients at once)
     Fill { value: f32 },
     /// in [grads...] → out [norm (1)] = global L2 norm
@@ -353,6 +360,8 @@ impl Op {
             Op::LmHeadLossBackward { .. } => "lm_head_loss_backward",
             Op::Lora { .. } => "lora",
             Op::LoraBackward { .. } => "lora_backward",
+            Op::ToBf16 { .. } => "to_bf16",
+            Op::FromBf16 { .. } => "from_bf16",
             Op::Fill { .. } => "fill",
             Op::GlobalNorm => "global_norm",
             Op::AdamW { .. } => "adamw",

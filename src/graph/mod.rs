@@ -6,6 +6,7 @@ pub mod executor;
 pub mod ir;
 pub mod planner;
 pub mod recompute;
+pub mod saved;
 pub mod store;
 pub mod validate;
 

@@ -469,7 +469,7 @@ impl ParamStore {
         Ok(out)
     }
 
-    /// Reads one tensor's chunks (f32 or f16) back as one f32 vector.
+    /// Reads one tensor's chunks (f32, f16 or bf16) back as one f32 vector.
     pub fn read_chunks(gpu: &Gpu, chunks: &[View]) -> Result<Vec<f32>> {
         crate::gpu::block_on("reading a tensor", Self::read_chunks_async(gpu, chunks))
     }
@@ -479,10 +479,16 @@ impl ParamStore {
         let mut out = Vec::new();
         for c in chunks {
             match c.dtype {
+                // Two to a word: the padding of an odd length is not a value.
                 DType::F16 => {
                     let h: Vec<half::f16> =
                         bytemuck::pod_collect_to_vec(&gpu.read_bytes_async(c).await?);
-                    out.extend(h.iter().map(|x| x.to_f32()));
+                    out.extend(h[..c.len].iter().map(|x| x.to_f32()));
+                }
+                DType::BF16 => {
+                    let h: Vec<half::bf16> =
+                        bytemuck::pod_collect_to_vec(&gpu.read_bytes_async(c).await?);
+                    out.extend(h[..c.len].iter().map(|x| x.to_f32()));
                 }
                 _ => out.extend(gpu.read_f32_async(c).await?),
             }

@@ -32,6 +32,8 @@ impl Data {
 /// elementwise ops are tight; reductions whose summation order differs get room for rounding.
 pub fn tolerance(op: &Op) -> (f64, f64) {
     match op {
+        // Rounding is defined to the bit.
+        Op::ToBf16 { .. } | Op::FromBf16 { .. } => (0.0, 0.0),
         Op::Add { .. }
         | Op::Accumulate { .. }
         | Op::Fill { .. }
@@ -119,6 +121,9 @@ pub fn reference(node: &Node, ins: &[Data], outs: &[Data], ctx: Context) -> Vec<
         Op::Gelu { .. } => r::gelu::forward(&mut o[0], f(0)),
         Op::SwiGlu { .. } => r::swiglu::forward(&mut o[0], f(0), f(1)),
         Op::Add { .. } => r::residual::forward(&mut o[0], f(0), f(1)),
+        Op::ToBf16 { .. } => o[0] = r::bf16::round_bf16(f(0)),
+        // The input arrives widened already.
+        Op::FromBf16 { .. } => o[0] = f(0).to_vec(),
         Op::Dropout { p, .. } => r::dropout::forward(&mut o[0], f(0), p, seed, step),
         Op::CrossEntropy { n, v, vp } => {
             cross_entropy(&mut o, &x, r::cross_entropy::Dims { n, v, vp })

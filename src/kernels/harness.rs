@@ -51,6 +51,7 @@ pub fn families() -> Vec<&'static Family> {
         &embedding::FAMILY,
         &cross_entropy::FAMILY,
         &residual::FAMILY,
+        &convert::FAMILY,
         &dropout::FAMILY,
         &adamw::FAMILY,
         &reduce::FAMILY,

@@ -10,6 +10,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod baseline;
+pub mod convert;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;

@@ -22,6 +22,7 @@ use crate::dist::Comm;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::graph::recompute::Recompute;
+use crate::graph::saved::ActivationDtype;
 use crate::graph::{
     ExecOptions, Executor, GradientSync, MicroBatch, NodeCheck, ParamStore, Shard, StepResult,
 };
@@ -73,6 +74,8 @@ pub struct TrainConfig {
     pub no_reuse: bool,
     /// Recompute each block's activations in its backward instead of keeping them.
     pub recompute: Recompute,
+    /// How the activations saved for the backward are stored.
+    pub activation_dtype: ActivationDtype,
     /// Debug: check every node of the first micro-step against its CPU reference first.
     pub validate: bool,
     /// Print progress (a bar on a terminal, log lines otherwise).
@@ -135,6 +138,7 @@ impl Default for TrainConfig {
             metrics: None,
             no_reuse: false,
             recompute: Recompute::None,
+            activation_dtype: ActivationDtype::F32,
             validate: false,
             verbose: true,
             llama: None,
@@ -418,6 +422,7 @@ fn build_executors<'g>(
         let plan = lora.map(|a| &a.plan);
         let mut train_graph = model.graph((b, t), Mode::Train, gpu.max_binding(), plan)?;
         cfg.recompute.apply(&mut train_graph.graph);
+        cfg.activation_dtype.apply(&mut train_graph.graph);
         let exec = Executor::new(gpu, train_graph.graph, store, opts.clone())?;
         let eval_graph = model.graph((b, t), Mode::Eval, gpu.max_binding(), plan)?;
         let eval_exec = Executor::new(gpu, eval_graph.graph, store, opts.clone())?;
@@ -646,6 +651,10 @@ impl<'a> Trainer<'a> {
         let recomputed = match cfg.recompute {
             Recompute::Block => ", blocks recomputed in the backward",
             Recompute::None => "",
+        };
+        let recomputed = match cfg.activation_dtype {
+            ActivationDtype::Bf16 => format!("{recomputed}, saved in bf16"),
+            ActivationDtype::F32 => recomputed.to_string(),
         };
         self.say(format!(
             "memory: parameters + gradients + AdamW {:.1} MiB; activations planned {:.1} MiB (without reuse {:.1} MiB{recomputed})",

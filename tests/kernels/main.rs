@@ -3,6 +3,7 @@
 
 mod adamw;
 mod attention;
+mod convert;
 mod cross_entropy;
 mod dropout;
 mod embedding;

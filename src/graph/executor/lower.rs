@@ -7,8 +7,8 @@ use super::split::{SplitLinearBackwardTensors, split_linear_backward, split_line
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, View};
 use crate::kernels::{
-    adamw, attention, cross_entropy, dropout, embedding, gelu, gemm, layernorm, qkv_pack, reduce,
-    residual, rmsnorm, rope, swiglu,
+    adamw, attention, convert, cross_entropy, dropout, embedding, gelu, gemm, layernorm, qkv_pack,
+    reduce, residual, rmsnorm, rope, swiglu,
 };
 
 impl Executor<'_> {
@@ -109,6 +109,8 @@ impl Executor<'_> {
             Op::GeluBackward { n, acc } => one(gelu::backward(gpu, o(0), i(1), i(0), n, acc)),
             Op::SwiGluBackward { n, acc } => x.swiglu_backward(n, acc),
             Op::Accumulate { acc, .. } => one(residual::accumulate(gpu, o(0), i(0), acc)),
+            Op::ToBf16 { .. } => one(convert::to_bf16(gpu, o(0), i(0))),
+            Op::FromBf16 { .. } => one(convert::from_bf16(gpu, o(0), i(0))),
             Op::DropoutBackward { n, p, site, acc } => x.dropout_backward(n, p, site, acc),
             Op::LmHeadLoss { n, c, v, vp, rows } => x.lm_head_loss(n, c, (v, vp), rows),
             Op::LmHeadLossBackward {
