@@ -662,9 +662,10 @@ fn page_trains_on_a_text_like_train_with_data() {
 }
 
 /// The page trains a Llama model from scratch (grouped-query attention: 2 heads sharing one
-/// key/value head) on a text as `shaderformer train --arch llama --data` does: same losses and
-/// evaluations; the checkpoint it saves is a Llama one that the native engine loads and
-/// completes a prompt with as the page did.
+/// key/value head), its blocks recomputed and its saved activations in bf16, on a text as
+/// `shaderformer train --arch llama --data --recompute block --activation-dtype bf16` does: same
+/// losses and evaluations; the checkpoint it saves is a Llama one that the native engine loads
+/// and completes a prompt with as the page did.
 #[test]
 fn page_trains_a_llama_on_a_text_like_train_arch_llama() {
     if !ready() {
@@ -674,7 +675,8 @@ fn page_trains_a_llama_on_a_text_like_train_arch_llama() {
     let text = some_text();
     let settings = serde_json::json!({
         "arch": "llama", "n_kv_head": 1, "seed": 3, "steps": steps, "n_layer": 1, "n_head": 2,
-        "n_embd": 32, "batch_size": 4, "block_size": 32, "eval_iters": 1,
+        "n_embd": 32, "batch_size": 4, "block_size": 32, "eval_iters": 1, "recompute": "block",
+        "activation_dtype": "bf16",
     });
     let (report, files) = run_page(
         &format!(
@@ -697,6 +699,10 @@ fn page_trains_a_llama_on_a_text_like_train_arch_llama() {
             "llama",
             "--n-kv-head",
             "1",
+            "--recompute",
+            "block",
+            "--activation-dtype",
+            "bf16",
             "--eval-interval",
             "5",
             "--data",

@@ -58,6 +58,7 @@ function settings() {
     seed: num("seed"), steps: num("steps"), lr: num("lr"),
     n_layer: num("n_layer"), n_head: num("n_head"), n_embd: num("n_embd"),
     batch_size: num("batch_size"), block_size: num("block_size"),
+    activation_dtype: $("activation_dtype").value, recompute: $("recompute").value,
   };
   if ($("arch").value === "llama") {
     s.arch = "llama";

@@ -11,6 +11,8 @@ use js_sys::{Array, Function, Uint8Array};
 use serde_json::{Value, json};
 use shaderformer::error::Error;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, TuneMode};
+use shaderformer::graph::recompute::Recompute;
+use shaderformer::graph::saved::ActivationDtype;
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore, Shard, StepResult};
 use shaderformer::infer::chat::{self, ChatTemplate};
 use shaderformer::infer::llama::LlamaRunner;
@@ -117,8 +119,9 @@ pub fn defaults(text: bool) -> String {
 
 /// `base_config(text)` with the page's choices in `settings` (JSON: seed, steps, lr, n_layer,
 /// n_head, n_embd, batch_size, block_size, warmup_iters, lr_decay_iters, eval_iters; arch
-/// ("gpt2" or "llama") and for a Llama model n_kv_head, intermediate_size, rope_theta; and for
-/// a LoRA run lora_r, lora_alpha, lora_dropout, lora_targets (comma-separated); each optional),
+/// ("gpt2" or "llama") and for a Llama model n_kv_head, intermediate_size, rope_theta;
+/// recompute ("none" or "block") and activation_dtype ("f32" or "bf16"); and for a LoRA run
+/// lora_r, lora_alpha, lora_dropout, lora_targets (comma-separated); each optional),
 /// applied as the command line applies its flags. An unknown field is an error naming it.
 fn train_config(settings: &str, text: bool) -> JsResult<TrainConfig> {
     let v: Value = serde_json::from_str(settings)
@@ -165,6 +168,20 @@ fn train_config(settings: &str, text: bool) -> JsResult<TrainConfig> {
             "n_kv_head" => n_kv_head = Some(uint()? as usize),
             "intermediate_size" => intermediate = Some(uint()? as usize),
             "rope_theta" => rope_theta = Some(float()? as f64),
+            "recompute" => {
+                c.recompute = match x.as_str() {
+                    Some("none") => Recompute::None,
+                    Some("block") => Recompute::Block,
+                    _ => return Err(JsValue::from_str(&format!("{k}: {x} is not none or block"))),
+                }
+            }
+            "activation_dtype" => {
+                c.activation_dtype = match x.as_str() {
+                    Some("f32") => ActivationDtype::F32,
+                    Some("bf16") => ActivationDtype::Bf16,
+                    _ => return Err(JsValue::from_str(&format!("{k}: {x} is not f32 or bf16"))),
+                }
+            }
             "lora_r" => lora.r = Some(uint()? as usize),
             "lora_alpha" => lora.alpha = Some(float()?),
             "lora_dropout" => lora.dropout = Some(float()?),
@@ -432,7 +449,9 @@ fn executors(
             }
         },
     };
-    let g = graph(Mode::Train).map_err(err)?;
+    let mut g = graph(Mode::Train).map_err(err)?;
+    cfg.recompute.apply(&mut g.graph);
+    cfg.activation_dtype.apply(&mut g.graph);
     let exec = Executor::new(gpu, g.graph, store, opts.clone()).map_err(err)?;
     let g = graph(Mode::Eval).map_err(err)?;
     let eval = Executor::new(gpu, g.graph, store, opts).map_err(err)?;
