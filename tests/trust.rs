@@ -169,9 +169,10 @@ fn a_resume_names_the_kernels_it_could_not_reuse() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The edit: the fixed rule's GEMM kernels (the tiled ones) scale their output by 1.5.
-/// Before it judges any candidate, tuning checks that baseline against the CPU reference and
-/// stops, naming the family, the entry point and the file.
+/// The edit: the fixed rule's GEMM kernels (the tiled ones of a GPU, the register-block
+/// ones of a CPU adapter; both are broken) scale their output by 1.5. Before it judges any
+/// candidate, tuning checks that baseline against the CPU reference and stops, naming the
+/// family, the entry point and the file.
 #[test]
 fn a_baseline_that_disagrees_with_the_reference_stops_the_run() {
     if test_gpu().is_none() {
@@ -182,10 +183,29 @@ fn a_baseline_that_disagrees_with_the_reference_stops_the_run() {
     std::fs::create_dir(&shaders).unwrap();
     let gemm =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/gemm.wgsl")).unwrap();
-    let store = "finish(z, i, j + lane, v[lane]);";
-    assert_eq!(gemm.matches(store).count(), 1, "store_c changed");
-    let broken = gemm.replace(store, "finish(z, i, j + lane, v[lane] * 1.5);");
+    let mut broken = gemm.clone();
+    for (store, scaled) in [
+        (
+            "finish(z, i, j + lane, v[lane]);",
+            "finish(z, i, j + lane, v[lane] * 1.5);",
+        ),
+        (
+            "finish(z, i, jg + lane, racc[r * 4u + g][lane]);",
+            "finish(z, i, jg + lane, racc[r * 4u + g][lane] * 1.5);",
+        ),
+    ] {
+        assert_eq!(gemm.matches(store).count(), 1, "a store changed: {store}");
+        broken = broken.replace(store, scaled);
+    }
     std::fs::write(shaders.join("gemm.wgsl"), broken).unwrap();
+    let gpu = test_gpu().unwrap();
+    let mm = gemm::Matmul::new(64, 64, 64);
+    let rule = gemm::fixed_rule(gpu, &mm).name();
+    let entry = if rule.starts_with("ureg") {
+        "gemm_ureg"
+    } else {
+        "gemm_tiled"
+    };
     let o = run(
         &dir,
         &with(
@@ -199,16 +219,13 @@ fn a_baseline_that_disagrees_with_the_reference_stops_the_run() {
         "the broken baseline went unnoticed:\n{t}"
     );
     let err = t.lines().find(|l| l.starts_with("error:")).unwrap_or("");
-    for part in ["gemm", "gemm_tiled", "gemm.wgsl", "CPU reference"] {
+    for part in ["gemm", entry, "gemm.wgsl", "CPU reference"] {
         assert!(err.contains(part), "error lacks {part:?}:\n{t}");
     }
     assert!(!dir.join("ck/model.safetensors").exists());
 
     // With the real shaders the fixed rule's kernel agrees with the reference, and the verdict
     // is kept.
-    let gpu = test_gpu().unwrap();
-    let mm = gemm::Matmul::new(64, 64, 64);
-    let rule = gemm::fixed_rule(gpu, &mm).name();
     let problem = Problem {
         family: "gemm",
         bucket: "NN m64 n64 k64 vv f32".into(),

@@ -510,7 +510,8 @@ fn widen(x: &[f16]) -> Vec<f64> {
 /// chunk rows [r0, r0 + rows) of wte (V, C) read at an element offset into the f16 view and
 /// written at column offset r0 of logits (ldc = V > N). V = 129 in chunks of 45 gives odd column
 /// offsets; C = 45 (odd K, scalar loads of B at odd offsets) and C = 64 (vec4<f16> loads).
-/// M = 3 takes the matrix-vector kernel (decoding), M = 9 the tiled one (prefill).
+/// M = 3 takes the matrix-vector kernel (decoding), M = 9 the fixed rule's other kernel (prefill:
+/// register blocks on a CPU adapter, tiles on a GPU).
 #[test]
 fn f16_lm_head_chunks_match_reference() {
     let Some(gpu) = test_gpu() else { return };
@@ -544,16 +545,15 @@ fn f16_lm_head_chunks_match_reference() {
             .unwrap();
             // B is read as vec4<f16> exactly when C keeps every row 4-aligned (the
             // matrix-vector kernel of CPU adapters has a vec4 form; the other, none).
-            let want = if m <= gemm::GEMV_MAX_M {
-                match gemm::fixed_rule(gpu, &mm) {
-                    Kernel::Gemvc if c % 4 == 0 => "gemm_f16.gemm_gemvc_vab",
-                    Kernel::Gemvc => "gemm_f16.gemm_gemvc",
-                    _ => "gemm_f16.gemm_gemv",
-                }
-            } else if c % 4 == 0 {
-                "gemm_f16.gemm_tiled_vab"
-            } else {
-                "gemm_f16.gemm_tiled"
+            let vab = if c % 4 == 0 { "_vab" } else { "" };
+            let rule = gemm::fixed_rule(gpu, &mm);
+            let matrix_vector = matches!(rule, Kernel::Gemv | Kernel::Gemvc);
+            assert_eq!(matrix_vector, m <= gemm::GEMV_MAX_M, "M = {m}: {rule:?}");
+            let want = match rule {
+                Kernel::Gemvc => format!("gemm_f16.gemm_gemvc{vab}"),
+                Kernel::Gemv => "gemm_f16.gemm_gemv".to_string(),
+                Kernel::Reg(_) => format!("gemm_f16.gemm_ureg{vab}"),
+                _ => format!("gemm_f16.gemm_tiled{vab}"),
             };
             assert_eq!(d.len(), 1);
             assert_eq!(d[0].name, want);

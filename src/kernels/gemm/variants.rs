@@ -581,17 +581,23 @@ pub fn candidates(gpu: &Gpu, mm: &Matmul, a: &Operand, b: &Operand) -> Vec<Kerne
         .collect()
 }
 
-/// The kernel `matmul` runs for `Variant::Tiled`: a matrix-vector kernel where one applies (on a
-/// CPU adapter the one without barriers, 1.5-1.9x faster than gemm_gemv on lavapipe at
-/// SmolLM2-135M's decoding products), otherwise the tile configuration `Tile::choose` picks for
-/// the adapter's kind.
+/// The register block a CPU adapter's fixed rule takes for products that are not
+/// matrix-vector ones: 16 × 8 outputs per invocation written out in registers, 8 invocations a
+/// workgroup, no workgroup memory or barriers. It won most of the products measured on lavapipe
+/// (the embedded default's; 16 × 16 won at 1024^3 by a few percent), where the workgroup tiles
+/// that GPUs want ran several times slower.
+pub const CPU_RULE: Reg = ureg_block(16, 8, 8);
+
+/// The kernel `matmul` runs for `Variant::Tiled` where nothing was measured: a matrix-vector
+/// kernel where one applies (on a CPU adapter the one without barriers, 1.5-1.9x faster than
+/// gemm_gemv on lavapipe at SmolLM2-135M's decoding products); otherwise, on a CPU adapter,
+/// `CPU_RULE`'s register blocks, and on a GPU the tile configuration `Tile::choose` picks.
 pub fn fixed_rule(gpu: &Gpu, mm: &Matmul) -> Kernel {
+    let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
     if Kernel::gemv_fits(mm) {
-        if gpu.info.device_type == wgpu::DeviceType::Cpu {
-            Kernel::Gemvc
-        } else {
-            Kernel::Gemv
-        }
+        if cpu { Kernel::Gemvc } else { Kernel::Gemv }
+    } else if cpu && unfit(gpu, mm, Kernel::Reg(CPU_RULE)).is_none() {
+        Kernel::Reg(CPU_RULE)
     } else {
         Kernel::Tiled(Tile::choose(mm, fill_workgroups(gpu)))
     }
