@@ -588,6 +588,66 @@ fn some_text() -> String {
     text
 }
 
+/// 5 steps in the page on `text` (seed 3; 1 layer, 2 heads, C 32, B 4, T 32; an evaluation at
+/// the end) with the settings `extra` added, the greedy completion of `prompt` sampled after,
+/// asserted to give the losses of `shaderformer train --data` on the same text with the flags
+/// `flags` added: the page's report, its saved files and the native run's directory.
+fn train_on_text(
+    text: &str,
+    prompt: &str,
+    extra: Value,
+    flags: &[&str],
+    tag: &str,
+) -> (Value, HashMap<String, Vec<u8>>, PathBuf) {
+    let steps = 5;
+    let mut settings = serde_json::json!({
+        "seed": 3, "steps": steps, "n_layer": 1, "n_head": 2, "n_embd": 32, "batch_size": 4,
+        "block_size": 32, "eval_iters": 1,
+    });
+    for (k, v) in extra.as_object().expect("settings") {
+        settings[k] = v.clone();
+    }
+    let (report, files) = run_page(
+        &format!(
+            "test=train&eval_every=5&settings={}&text={}&prompt={}",
+            query_escape(&settings.to_string()),
+            query_escape(text),
+            query_escape(prompt)
+        ),
+        tag,
+    );
+    let page = page_losses(&report, steps);
+    let dir = scratch(&format!("native-{tag}"));
+    let data = dir.join("text.txt");
+    std::fs::write(&data, text).unwrap();
+    let mut args = flags.to_vec();
+    let steps_flag = steps.to_string();
+    args.extend_from_slice(&[
+        "--eval-interval",
+        "5",
+        "--data",
+        data.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--max-iters",
+        &steps_flag,
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--batch-size",
+        "4",
+        "--block-size",
+        "32",
+        "--eval-iters",
+        "1",
+    ]);
+    assert_page_trains_as_native(&report, &page, &args, &dir);
+    (report, files, dir)
+}
+
 /// The page trains on a text (character vocabulary) as `shaderformer train --data` does on the
 /// same text in a file: same vocabulary, batches and losses.
 #[test]
@@ -595,51 +655,8 @@ fn page_trains_on_a_text_like_train_with_data() {
     if !ready() {
         return;
     }
-    let steps = 5;
     let text = some_text();
-    let settings = serde_json::json!({
-        "seed": 3, "steps": steps, "n_layer": 1, "n_head": 2, "n_embd": 32, "batch_size": 4,
-        "block_size": 32, "eval_iters": 1,
-    });
-    let (report, files) = run_page(
-        &format!(
-            "test=train&eval_every=5&settings={}&text={}&prompt=T",
-            query_escape(&settings.to_string()),
-            query_escape(&text)
-        ),
-        "text",
-    );
-    let page = page_losses(&report, steps);
-    let dir = scratch("native-text");
-    let data = dir.join("text.txt");
-    std::fs::write(&data, &text).unwrap();
-    assert_page_trains_as_native(
-        &report,
-        &page,
-        &[
-            "--eval-interval",
-            "5",
-            "--data",
-            data.to_str().unwrap(),
-            "--seed",
-            "3",
-            "--max-iters",
-            &steps.to_string(),
-            "--n-layer",
-            "1",
-            "--n-head",
-            "2",
-            "--n-embd",
-            "32",
-            "--batch-size",
-            "4",
-            "--block-size",
-            "32",
-            "--eval-iters",
-            "1",
-        ],
-        &dir,
-    );
+    let (report, files, dir) = train_on_text(&text, "T", serde_json::json!({}), &[], "text");
     // A sample of the text's characters, after the page's evaluation.
     let samples = report["samples"].as_str().unwrap();
     assert!(
@@ -671,61 +688,21 @@ fn page_trains_a_llama_on_a_text_like_train_arch_llama() {
     if !ready() {
         return;
     }
-    let steps = 5;
-    let text = some_text();
-    let settings = serde_json::json!({
-        "arch": "llama", "n_kv_head": 1, "seed": 3, "steps": steps, "n_layer": 1, "n_head": 2,
-        "n_embd": 32, "batch_size": 4, "block_size": 32, "eval_iters": 1, "recompute": "block",
-        "activation_dtype": "bf16",
+    let extra = serde_json::json!({
+        "arch": "llama", "n_kv_head": 1, "recompute": "block", "activation_dtype": "bf16",
     });
-    let (report, files) = run_page(
-        &format!(
-            "test=train&eval_every=5&settings={}&text={}&prompt=The",
-            query_escape(&settings.to_string()),
-            query_escape(&text)
-        ),
+    let flags = [
+        "--arch",
         "llama",
-    );
-    let page = page_losses(&report, steps);
-    let dir = scratch("native-llama");
-    let data = dir.join("text.txt");
-    std::fs::write(&data, &text).unwrap();
-    let steps_flag = steps.to_string();
-    assert_page_trains_as_native(
-        &report,
-        &page,
-        &[
-            "--arch",
-            "llama",
-            "--n-kv-head",
-            "1",
-            "--recompute",
-            "block",
-            "--activation-dtype",
-            "bf16",
-            "--eval-interval",
-            "5",
-            "--data",
-            data.to_str().unwrap(),
-            "--seed",
-            "3",
-            "--max-iters",
-            &steps_flag,
-            "--n-layer",
-            "1",
-            "--n-head",
-            "2",
-            "--n-embd",
-            "32",
-            "--batch-size",
-            "4",
-            "--block-size",
-            "32",
-            "--eval-iters",
-            "1",
-        ],
-        &dir,
-    );
+        "--n-kv-head",
+        "1",
+        "--recompute",
+        "block",
+        "--activation-dtype",
+        "bf16",
+    ];
+    let text = some_text();
+    let (report, files, dir) = train_on_text(&text, "The", extra, &flags, "llama");
     let saved = scratch("page-llama");
     for (name, bytes) in &files {
         std::fs::write(saved.join(name), bytes).unwrap();
