@@ -65,14 +65,6 @@ pub struct StepSetup {
     pub activations: ActivationDtype,
 }
 
-impl StepSetup {
-    /// Recomputation, then the saved activations' storage, on a training graph.
-    fn apply(&self, g: &mut crate::graph::Graph) {
-        self.recompute.apply(g);
-        self.activations.apply(g);
-    }
-}
-
 /// A benchmarked adapter: its settings, trainable parameters and adapter_model.safetensors's
 /// size in bytes.
 #[derive(Clone, Debug)]
@@ -202,7 +194,7 @@ pub fn build_training_adapted<'a>(
     let store = adapted_store(gpu, &table.specs, random_params(cfg, 1), plan.as_ref())?;
     let max = gpu.max_binding();
     let mut g = gpt::build_adapted(cfg, &table, plan.as_ref(), (b, t), Mode::Train, max);
-    setup.apply(&mut g.graph);
+    crate::graph::save_memory(&mut g.graph, setup.recompute, setup.activations);
     let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
     Ok((store, exec, plan))
 }
@@ -264,17 +256,14 @@ pub fn train(
 ) -> Result<TrainBench> {
     let built = build_training_adapted(gpu, cfg, (b, t), setup)?;
     let flops = train_flops(cfg, b, t);
-    let mut r = time_built(
+    time_built(
         built,
         cfg.vocab_size,
         (b, t),
         (warmup, runs),
-        flops,
+        (flops, setup),
         progress,
-    )?;
-    r.recompute = setup.recompute;
-    r.activations = setup.activations;
-    Ok(r)
+    )
 }
 
 /// The device memory a training step of `cfg` at batch `b` × `t` plans (with the adapter `lora`
@@ -342,7 +331,7 @@ pub fn build_training_llama_adapted<'a>(
     let max = gpu.max_binding();
     let mut g =
         crate::model::llama::build_adapted(arch, &table, plan.as_ref(), (b, t), Mode::Train, max)?;
-    setup.apply(&mut g.graph);
+    crate::graph::save_memory(&mut g.graph, setup.recompute, setup.activations);
     let exec = Executor::new(gpu, g.graph, &store, ExecOptions::default())?;
     Ok((store, exec, plan))
 }
@@ -358,10 +347,8 @@ pub fn train_llama(
 ) -> Result<TrainBench> {
     let built = build_training_llama_adapted(gpu, arch, (b, t), setup)?;
     let flops = llama_train_flops(arch, b, t);
-    let mut r = time_built(built, arch.vocab, (b, t), (warmup, runs), flops, progress)?;
-    r.recompute = setup.recompute;
-    r.activations = setup.activations;
-    Ok(r)
+    let steps = (warmup, runs);
+    time_built(built, arch.vocab, (b, t), steps, (flops, setup), progress)
 }
 
 /// Times a built training step (`time_training`) whose full training costs `flops`, less what
@@ -371,7 +358,7 @@ fn time_built(
     vocab: usize,
     (b, t): (usize, usize),
     steps: (usize, usize),
-    flops: f64,
+    (flops, setup): (f64, &StepSetup),
     progress: &mut dyn FnMut(&str),
 ) -> Result<TrainBench> {
     let (saved, adapter) = adapter_terms(plan.as_ref())?;
@@ -379,6 +366,8 @@ fn time_built(
     let mut r = time_training(&mut exec, vocab, (b, t), steps, flops, progress)?;
     r.memory = Memory::of(&store, &exec);
     r.lora = adapter;
+    r.recompute = setup.recompute;
+    r.activations = setup.activations;
     Ok(r)
 }
 

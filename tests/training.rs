@@ -144,8 +144,7 @@ fn executor_with<'a>(
 ) -> Executor<'a> {
     let table = ParamTable::new(cfg);
     let mut g = gpt::build_for(cfg, &table, b, t, Mode::Train, max_binding);
-    recompute.apply(&mut g.graph);
-    saved.apply(&mut g.graph);
+    shaderformer::graph::save_memory(&mut g.graph, recompute, saved);
     let opts = ExecOptions {
         reuse,
         grad_accum: 2,

@@ -438,6 +438,22 @@ impl Graph {
         self.tensor(name, &[len], DType::F32, kind)
     }
 
+    /// Inserts `before[i]` ahead of node i (`before[nodes.len()]` after the last), keeping the
+    /// order within each list: how a rewrite of a built graph adds nodes. The block ranges
+    /// point at old node indices afterwards, so they are dropped.
+    pub fn insert_before(&mut self, mut before: Vec<Vec<Node>>) {
+        assert_eq!(before.len(), self.nodes.len() + 1, "one list per gap");
+        let added: usize = before.iter().map(Vec::len).sum();
+        let mut nodes = Vec::with_capacity(self.nodes.len() + added);
+        for (i, node) in std::mem::take(&mut self.nodes).into_iter().enumerate() {
+            nodes.append(&mut before[i]);
+            nodes.push(node);
+        }
+        nodes.append(before.last_mut().expect("one list per gap"));
+        self.nodes = nodes;
+        self.blocks.clear();
+    }
+
     /// Finds a tensor by kind.
     pub fn find(&self, kind: TensorKind) -> Option<TensorId> {
         self.tensors.iter().position(|t| t.kind == kind)

@@ -60,8 +60,9 @@ pub fn blocks(g: &mut Graph) {
             readers[t].push(ni);
         }
     }
-    // (insert before this node index, the copies), one entry per block.
-    let mut inserts: Vec<(usize, Vec<Node>)> = Vec::new();
+    let backward: Vec<usize> = g.nodes_in(Phase::Backward).map(|(ni, _)| ni).collect();
+    // The copies to insert before each node.
+    let mut before: Vec<Vec<Node>> = vec![Vec::new(); g.nodes.len() + 1];
     for block in g.blocks.clone() {
         // A block's internal tensors: written inside it and read by no forward node outside
         // (the block's output is read by the next block, or the final norm, and stays).
@@ -74,9 +75,6 @@ pub fn blocks(g: &mut Graph) {
                 }
             }
         }
-        let backward: Vec<usize> = (0..g.nodes.len())
-            .filter(|&ni| g.nodes[ni].phase == Phase::Backward)
-            .collect();
         let wanted: HashSet<TensorId> = backward
             .iter()
             .flat_map(|&ni| g.nodes[ni].inputs.iter().chain(&g.nodes[ni].outputs))
@@ -141,21 +139,9 @@ pub fn blocks(g: &mut Graph) {
                 }
             }
         }
-        inserts.push((at, copies));
+        before[at].extend(copies);
     }
-    inserts.sort_by_key(|&(at, _)| at);
-    let mut nodes = Vec::with_capacity(g.nodes.len());
-    let mut pending = inserts.into_iter().peekable();
-    for (ni, node) in std::mem::take(&mut g.nodes).into_iter().enumerate() {
-        while let Some((_, copies)) = pending.next_if(|(at, _)| *at == ni) {
-            nodes.extend(copies);
-        }
-        nodes.push(node);
-    }
-    g.nodes = nodes;
-    // The ranges now point at the forward nodes only where nothing was inserted before them:
-    // recomputing twice is not a thing, so they are dropped.
-    g.blocks.clear();
+    g.insert_before(before);
 }
 
 #[cfg(test)]

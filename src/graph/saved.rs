@@ -45,7 +45,8 @@ impl ActivationDtype {
     }
 
     /// Applies this setting to a training graph (one with its backward; after any
-    /// recomputation, whose copies then read the widened block inputs).
+    /// recomputation, whose copies then read the widened block inputs: `graph::save_memory`
+    /// applies both in that order).
     pub fn apply(self, g: &mut Graph) {
         if self == ActivationDtype::Bf16 {
             bf16(g);
@@ -64,7 +65,6 @@ fn kept_f32(op: &Op, k: usize) -> bool {
 
 /// Rewrites `g` so that the f32 activations its backward reads are held in bf16 in between.
 pub fn bf16(g: &mut Graph) {
-    let n_nodes = g.nodes.len();
     let mut producer = vec![None; g.tensors.len()];
     let mut first_backward_read = vec![None; g.tensors.len()];
     let mut written_by_backward = vec![false; g.tensors.len()];
@@ -86,8 +86,8 @@ pub fn bf16(g: &mut Graph) {
             _ => {}
         }
     }
-    // Nodes to insert before node i (i = n_nodes: at the end).
-    let mut before: Vec<Vec<Node>> = vec![Vec::new(); n_nodes + 1];
+    // Nodes to insert before each node.
+    let mut before: Vec<Vec<Node>> = vec![Vec::new(); g.nodes.len() + 1];
     let mut widened = vec![None; g.tensors.len()];
     for t in 0..producer.len() {
         let (Some(p), Some(r)) = (producer[t], first_backward_read[t]) else {
@@ -133,15 +133,7 @@ pub fn bf16(g: &mut Graph) {
             }
         }
     }
-    let mut nodes = Vec::with_capacity(n_nodes + before.iter().map(Vec::len).sum::<usize>());
-    for (i, node) in std::mem::take(&mut g.nodes).into_iter().enumerate() {
-        nodes.append(&mut before[i]);
-        nodes.push(node);
-    }
-    nodes.append(&mut before[n_nodes]);
-    g.nodes = nodes;
-    // Node indices moved.
-    g.blocks.clear();
+    g.insert_before(before);
 }
 
 #[cfg(test)]
@@ -163,8 +155,7 @@ mod tests {
             bias: true,
         };
         let mut g = gpt::build(&cfg, &ParamTable::new(&cfg), 2, 16, Mode::Train).graph;
-        rewrite.0.apply(&mut g);
-        rewrite.1.apply(&mut g);
+        crate::graph::save_memory(&mut g, rewrite.0, rewrite.1);
         g
     }
 

@@ -421,8 +421,7 @@ fn build_executors<'g>(
     let build = || -> Result<(Executor, Executor)> {
         let plan = lora.map(|a| &a.plan);
         let mut train_graph = model.graph((b, t), Mode::Train, gpu.max_binding(), plan)?;
-        cfg.recompute.apply(&mut train_graph.graph);
-        cfg.activation_dtype.apply(&mut train_graph.graph);
+        crate::graph::save_memory(&mut train_graph.graph, cfg.recompute, cfg.activation_dtype);
         let exec = Executor::new(gpu, train_graph.graph, store, opts.clone())?;
         let eval_graph = model.graph((b, t), Mode::Eval, gpu.max_binding(), plan)?;
         let eval_exec = Executor::new(gpu, eval_graph.graph, store, opts.clone())?;

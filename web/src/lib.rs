@@ -11,8 +11,6 @@ use js_sys::{Array, Function, Uint8Array};
 use serde_json::{Value, json};
 use shaderformer::error::Error;
 use shaderformer::gpu::{DType, Gpu, GpuOptions, TuneMode};
-use shaderformer::graph::recompute::Recompute;
-use shaderformer::graph::saved::ActivationDtype;
 use shaderformer::graph::{ExecOptions, Executor, MicroBatch, ParamStore, Shard, StepResult};
 use shaderformer::infer::chat::{self, ChatTemplate};
 use shaderformer::infer::llama::LlamaRunner;
@@ -168,19 +166,14 @@ fn train_config(settings: &str, text: bool) -> JsResult<TrainConfig> {
             "n_kv_head" => n_kv_head = Some(uint()? as usize),
             "intermediate_size" => intermediate = Some(uint()? as usize),
             "rope_theta" => rope_theta = Some(float()? as f64),
+            // Named as the command line names them (the enums' lowercase serde names).
             "recompute" => {
-                c.recompute = match x.as_str() {
-                    Some("none") => Recompute::None,
-                    Some("block") => Recompute::Block,
-                    _ => return Err(JsValue::from_str(&format!("{k}: {x} is not none or block"))),
-                }
+                c.recompute = serde_json::from_value(x.clone())
+                    .map_err(|_| JsValue::from_str(&format!("{k}: {x} is not none or block")))?
             }
             "activation_dtype" => {
-                c.activation_dtype = match x.as_str() {
-                    Some("f32") => ActivationDtype::F32,
-                    Some("bf16") => ActivationDtype::Bf16,
-                    _ => return Err(JsValue::from_str(&format!("{k}: {x} is not f32 or bf16"))),
-                }
+                c.activation_dtype = serde_json::from_value(x.clone())
+                    .map_err(|_| JsValue::from_str(&format!("{k}: {x} is not f32 or bf16")))?
             }
             "lora_r" => lora.r = Some(uint()? as usize),
             "lora_alpha" => lora.alpha = Some(float()?),
@@ -450,8 +443,7 @@ fn executors(
         },
     };
     let mut g = graph(Mode::Train).map_err(err)?;
-    cfg.recompute.apply(&mut g.graph);
-    cfg.activation_dtype.apply(&mut g.graph);
+    shaderformer::graph::save_memory(&mut g.graph, cfg.recompute, cfg.activation_dtype);
     let exec = Executor::new(gpu, g.graph, store, opts.clone()).map_err(err)?;
     let g = graph(Mode::Eval).map_err(err)?;
     let eval = Executor::new(gpu, g.graph, store, opts).map_err(err)?;
