@@ -247,28 +247,52 @@ fn ureg_bs4(base: u32, j: u32, k: u32, kend: u32) -> UregB {
     return t;
 }
 
-// racc[at + 4 · r] = row r of s.
-fn ureg_put(at: u32, s: UregSums) {
-    racc[at] = s.r0;
-    racc[at + 4u] = s.r1;
-    racc[at + 8u] = s.r2;
-    racc[at + 12u] = s.r3;
-    racc[at + 16u] = s.r4;
-    racc[at + 20u] = s.r5;
-    racc[at + 24u] = s.r6;
-    racc[at + 28u] = s.r7;
+// Row i of the output from column j (four lanes of v), those inside the matrix. The block is
+// stored from its named sums, never through an array: lavapipe compiled a block passed through
+// gemm_reg's private array (racc) in about 5 s per pipeline against under 2 s this way, for the
+// same speed (docs/benchmarks-log.md, 2026-12-08).
+fn ureg_row(z: u32, i: u32, j: u32, v: vec4<f32>) {
+    if (i < p.m) {
+        for (var lane = 0u; lane < 4u; lane++) {
+            if (j + lane < p.n) {
+                finish(z, i, j + lane, v[lane]);
+            }
+        }
+    }
 }
 
+// The eight rows of s, from row i and column j.
+fn ureg_put(z: u32, i: u32, j: u32, s: UregSums) {
+    ureg_row(z, i, j, s.r0);
+    ureg_row(z, i + 1u, j, s.r1);
+    ureg_row(z, i + 2u, j, s.r2);
+    ureg_row(z, i + 3u, j, s.r3);
+    ureg_row(z, i + 4u, j, s.r4);
+    ureg_row(z, i + 5u, j, s.r5);
+    ureg_row(z, i + 6u, j, s.r6);
+    ureg_row(z, i + 7u, j, s.r7);
+}
+
+// The block from row i0 and column j, as gemm_reg's reg_store lays it out.
 fn ureg_store(z: u32, i0: u32, j: u32, s: UregBlock) {
-    ureg_put(0u, s.s00);
-    ureg_put(1u, s.s01);
-    ureg_put(2u, s.s02);
-    ureg_put(3u, s.s03);
-    ureg_put(32u, s.s10);
-    ureg_put(33u, s.s11);
-    ureg_put(34u, s.s12);
-    ureg_put(35u, s.s13);
-    reg_store(z, i0, j);
+    ureg_put(z, i0, j, s.s00);
+    if (REG_NV >= 2u) {
+        ureg_put(z, i0, reg_col(j, 1u), s.s01);
+    }
+    if (REG_NV == 4u) {
+        ureg_put(z, i0, reg_col(j, 2u), s.s02);
+        ureg_put(z, i0, reg_col(j, 3u), s.s03);
+    }
+    if (REG_M == 16u) {
+        ureg_put(z, i0 + 8u, j, s.s10);
+        if (REG_NV >= 2u) {
+            ureg_put(z, i0 + 8u, reg_col(j, 1u), s.s11);
+        }
+        if (REG_NV == 4u) {
+            ureg_put(z, i0 + 8u, reg_col(j, 2u), s.s12);
+            ureg_put(z, i0 + 8u, reg_col(j, 3u), s.s13);
+        }
+    }
 }
 
 fn ureg_zero() -> UregBlock {
