@@ -84,11 +84,21 @@ fn tune_fills_the_cache_and_a_second_run_measures_nothing() {
     let v: serde_json::Value = serde_json::from_slice(&first).unwrap();
     let n = v["choices"].as_array().unwrap().len();
     assert!(n >= 3, "{n} problems measured:\n{t}");
+    // The winner is the fastest, or the fixed rule where nothing beat it by 10%.
     for c in v["choices"].as_array().unwrap() {
         let winner = c["winner"].as_str().unwrap();
+        let times = c["times"].as_array().unwrap();
+        let time = |name: &str| {
+            times
+                .iter()
+                .find(|t| t[0] == name)
+                .map(|t| t[1].as_f64().unwrap())
+        };
+        let fastest = times[0][0].as_str().unwrap();
+        let kept = winner == c["rule"] && time(fastest).unwrap() > 0.9 * time(winner).unwrap();
         assert!(
-            c["times"].as_array().unwrap()[0][0] == winner,
-            "winner is the fastest: {c}"
+            winner == fastest || kept,
+            "winner is the fastest, or the rule within 10% of it: {c}"
         );
     }
 
