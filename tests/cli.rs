@@ -409,6 +409,25 @@ fn train_out_never_loses_other_files() {
     let _ = std::fs::remove_dir_all(root);
 }
 
+/// The embedded default ends with its held-out additions, decoded side by side: ten examples
+/// and the accuracy over all 100 (a two-step model answers at random; the table is the point).
+#[test]
+fn the_addition_run_ends_with_its_held_out_answers() {
+    if test_gpu().is_none() {
+        return;
+    }
+    let o = tiny_train(&scratch("additions"), &["--sample-tokens", "1"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let table = t
+        .split("greedy answers ---\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{t}"));
+    let examples = table.lines().take_while(|l| l.contains("(prompt ")).count();
+    assert_eq!(examples, 10, "{t}");
+    assert!(table.contains("accuracy on 100 held-out problems: "), "{t}");
+}
+
 /// An --out that cannot be a checkpoint directory is refused at start-up, before any step, and
 /// nothing is renamed or removed: a file, a path under a file, a directory another run holds.
 #[test]

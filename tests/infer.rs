@@ -152,6 +152,44 @@ fn greedy_decoding_matches_transformers_and_full_recompute() {
     }
 }
 
+/// Different prompts decoded side by side give each the tokens it gets alone (and the fixture's
+/// prompt transformers' greedy ids); prompts of unequal lengths are refused.
+#[test]
+fn greedy_rows_decode_side_by_side_as_alone() {
+    let Some(gpu) = test_gpu() else { return };
+    let fx = fixture();
+    let ck = checkpoint::load(&bpe_dir()).unwrap();
+    let prompt = &fx.ids["prompt_ids"];
+    let n = prompt.len();
+    // The prompt, and the prompt rotated by 1 and 2 tokens: other texts of the same length.
+    let prompts: Vec<Vec<u32>> = (0..3)
+        .map(|r| (0..n).map(|i| prompt[(i + r) % n]).collect())
+        .collect();
+    let mut side = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 3).unwrap();
+    let rows = infer::greedy_each(&mut side, &prompts, 12).unwrap();
+    assert_eq!(rows[0].as_slice(), &fx.ids["greedy_ids"][..12]);
+    let greedy = SampleOptions {
+        greedy: true,
+        ..Default::default()
+    };
+    let mut alone = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, 1).unwrap();
+    for (p, row) in prompts.iter().zip(&rows) {
+        let out =
+            infer::generate(&mut alone, p, 12, &greedy, &mut Rng::new(0), |_, _| Ok(())).unwrap();
+        assert_eq!(&out.ids[0], row, "prompt {p:?}");
+    }
+    assert_ne!(rows[1], rows[0], "the rotated prompts continue otherwise");
+    let uneven = vec![
+        prompts[0].clone(),
+        prompts[1][1..].to_vec(),
+        prompts[2].clone(),
+    ];
+    let e = infer::greedy_each(&mut side, &uneven, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3 prompts for a batch of 3"), "{e}");
+}
+
 #[test]
 fn score_matches_transformers() {
     let Some(gpu) = test_gpu() else { return };

@@ -529,8 +529,7 @@ fn train_rank(gpu: &GpuArgs, args: &TrainArgs, comm: &Comm) -> Result<ExitCode> 
         let ck = checkpoint::load(&cfg.out)?;
         let vocab = ck.vocab.clone().unwrap_or(Vocab::Ids(ck.cfg.vocab_size));
         if cfg.data.is_none() && cfg.init.is_none() && cfg.resume.is_none() {
-            let mut engine = Engine::new(&gpu, &ck.cfg, &ck.params, DType::F32, 1)?;
-            show_addition(&mut engine, &vocab)?;
+            show_addition(&gpu, &ck, &vocab)?;
         } else if !matches!(vocab, Vocab::Ids(_)) {
             println!("--- sample ---");
             let prompt = vocab
@@ -586,21 +585,24 @@ fn sample_after_llama_run(gpu: &shaderformer::gpu::Gpu, cfg: &TrainConfig, n: us
     Ok(())
 }
 
-/// Greedy answers to held-out additions: a table of examples and the accuracy.
-fn show_addition(engine: &mut Engine, vocab: &Vocab) -> Result<()> {
+/// Greedy answers to held-out additions, decoded side by side: a table of examples and the
+/// accuracy.
+fn show_addition(
+    gpu: &shaderformer::gpu::Gpu,
+    ck: &checkpoint::Checkpoint,
+    vocab: &Vocab,
+) -> Result<()> {
     let problems = addition::test_problems(100, 7);
-    let greedy = SampleOptions {
-        greedy: true,
-        ..Default::default()
-    };
-    let mut rng = Rng::new(0);
+    let prompts = problems
+        .iter()
+        .map(|&(a, b)| vocab.encode(&addition::prompt(a, b), "prompt"))
+        .collect::<Result<Vec<_>>>()?;
+    let mut engine = Engine::new(gpu, &ck.cfg, &ck.params, DType::F32, problems.len())?;
+    let answers = infer::greedy_each(&mut engine, &prompts, addition::DIGITS + 1)?;
     let mut correct = 0;
     println!("--- held-out additions (never in the training text), greedy answers ---");
-    for (k, &(a, b)) in problems.iter().enumerate() {
-        let prompt = vocab.encode(&addition::prompt(a, b), "prompt")?;
-        let new = addition::DIGITS + 1;
-        let out = infer::generate(engine, &prompt, new, &greedy, &mut rng, |_, _| Ok(()))?;
-        let text = vocab.decode(&out.ids[0]);
+    for (k, (&(a, b), ids)) in problems.iter().zip(&answers).enumerate() {
+        let text = vocab.decode(ids);
         let answer = addition::parse_answer(&text);
         let ok = answer == Some(a + b);
         correct += ok as usize;

@@ -78,6 +78,45 @@ pub async fn generate_async(
     }
 }
 
+/// Greedy continuations of `prompts` (one per sequence of the engine's batch, all of one
+/// length), decoded side by side: one prefill pass over every prompt, then one pass per token
+/// for the whole batch. Each row's tokens are those `generate` would give it alone, but for the
+/// rounding of products over a batch of another size (the same sums, split over other tiles).
+/// Stops early at the context limit.
+pub fn greedy_each(
+    engine: &mut Engine,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let n = prompts.first().map_or(0, Vec::len);
+    if prompts.len() != engine.batch || prompts.iter().any(|p| p.len() != n) || n == 0 {
+        return Err(crate::error::Error::invalid(
+            "prompts",
+            format!(
+                "{} prompts for a batch of {}: one per sequence, all of one non-zero length",
+                prompts.len(),
+                engine.batch
+            ),
+        ));
+    }
+    engine.reset();
+    let mut out = vec![Vec::new(); prompts.len()];
+    if max_new == 0 {
+        return Ok(out);
+    }
+    let mut logits = engine.feed(&prompts.concat(), n)?;
+    loop {
+        let next: Vec<u32> = logits.iter().map(|l| sampling::argmax(l)).collect();
+        for (row, &id) in out.iter_mut().zip(&next) {
+            row.push(id);
+        }
+        if out[0].len() == max_new || engine.pos == engine.tmax {
+            return Ok(out);
+        }
+        logits = engine.feed(&next, 1)?;
+    }
+}
+
 /// What `score` measured.
 #[derive(Clone, Copy, Debug)]
 pub struct Score {
