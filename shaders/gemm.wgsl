@@ -244,58 +244,102 @@ fn gemm_gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     }
 }
 
-// gemm_gemvc: gemm_gemv's problems with one output column per invocation and no workgroup
-// memory or barriers: each invocation streams its column's weight row along K once, keeping one
-// sum per row of a (GEMV_ROWS, the problem's M, fixed when the pipeline is built so that the
-// loops over rows unroll and the sums stay in registers). Meant for CPU adapters, where a
-// workgroup's invocations run as SIMD lanes of one thread and barriers cost more than reads a
-// row apart; on GPUs those reads do not coalesce and gemm_gemv is the one to pick (the tuner
-// measures both). gemm_gemvc_vab reads a and b as vec4 (its operands' offsets and leading
-// dimensions multiples of 4, lanes past K zeroed), summing four interleaved partials; the
-// scalar form sums along K in order, as gemm_naive does.
+// gemm_gemvc: gemm_gemv's problems with GEMVC_COLS adjacent output columns per invocation and
+// no workgroup memory or barriers: each invocation streams its columns' weight rows along K once,
+// side by side, reading each element of a once for all of them, and keeps one sum per row of a
+// and column (GEMV_ROWS, the problem's M, fixed when the pipeline is built so that the loops over
+// rows unroll and the sums stay in registers). Meant for CPU adapters, where a workgroup's
+// invocations run as SIMD lanes of one thread, barriers cost more than reads a row apart, and
+// every read costs a loop over the lanes: four columns per invocation read a's elements a
+// quarter as often as one did. On GPUs those reads do not coalesce and gemm_gemv is the one to
+// pick (the tuner measures both). gemm_gemvc_vab reads a and b as vec4 (its operands' offsets
+// and leading dimensions multiples of 4, lanes past K zeroed), summing four interleaved partials
+// per column; the scalar form sums along K in order, as gemm_naive does.
 override GEMV_ROWS: u32 = 1u;
 const GEMVC_WG: u32 = 64u;
+const GEMVC_COLS: u32 = 4u;
+
+// Column j + q of output row i, if it lies inside the output.
+fn gemvc_put(i: u32, j: u32, q: u32, s: f32) {
+    if (j + q < p.n) {
+        finish(0u, i, j + q, s);
+    }
+}
 
 @compute @workgroup_size(64)
 fn gemm_gemvc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
     let t = workgroup_index(wid, nwg);
-    let j = t * GEMVC_WG + li;
+    let j = (t * GEMVC_WG + li) * GEMVC_COLS;
     if (t >= p.tiles || j >= p.n) {
         return;
     }
+    // The columns' rows of b; columns past N read the last one's and are never stored.
+    let last = p.n - 1u;
+    let cols = vec4<u32>(j, min(j + 1u, last), min(j + 2u, last), min(j + 3u, last));
+    let rows = p.b_off + cols * p.ldb;
 #if VEC_A
-    var s: array<vec4<f32>, GEMV_MAX_M>;
-    let brow = (p.b_off + j * p.ldb) / 4u;
+    var s0: array<vec4<f32>, GEMV_MAX_M>;
+    var s1: array<vec4<f32>, GEMV_MAX_M>;
+    var s2: array<vec4<f32>, GEMV_MAX_M>;
+    var s3: array<vec4<f32>, GEMV_MAX_M>;
+    let b = rows / 4u;
     let full = p.k / 4u;
     for (var kk = 0u; kk < full; kk++) {
-        let w = read_b4(brow + kk);
+        let w0 = read_b4(b.x + kk);
+        let w1 = read_b4(b.y + kk);
+        let w2 = read_b4(b.z + kk);
+        let w3 = read_b4(b.w + kk);
         for (var i = 0u; i < GEMV_ROWS; i++) {
-            s[i] = fma(a4[(p.a_off + i * p.lda) / 4u + kk], w, s[i]);
+            let x = a4[(p.a_off + i * p.lda) / 4u + kk];
+            s0[i] = fma(x, w0, s0[i]);
+            s1[i] = fma(x, w1, s1[i]);
+            s2[i] = fma(x, w2, s2[i]);
+            s3[i] = fma(x, w3, s3[i]);
         }
     }
     if (full * 4u < p.k) {
         let live = vec4<u32>(full * 4u) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.k);
-        let w = select(vec4<f32>(0.0), read_b4(brow + full), live);
+        let zero = vec4<f32>(0.0);
+        let w0 = select(zero, read_b4(b.x + full), live);
+        let w1 = select(zero, read_b4(b.y + full), live);
+        let w2 = select(zero, read_b4(b.z + full), live);
+        let w3 = select(zero, read_b4(b.w + full), live);
         for (var i = 0u; i < GEMV_ROWS; i++) {
-            let x = select(vec4<f32>(0.0), a4[(p.a_off + i * p.lda) / 4u + full], live);
-            s[i] = fma(x, w, s[i]);
+            let x = select(zero, a4[(p.a_off + i * p.lda) / 4u + full], live);
+            s0[i] = fma(x, w0, s0[i]);
+            s1[i] = fma(x, w1, s1[i]);
+            s2[i] = fma(x, w2, s2[i]);
+            s3[i] = fma(x, w3, s3[i]);
         }
     }
     for (var i = 0u; i < GEMV_ROWS; i++) {
-        finish(0u, i, j, (s[i].x + s[i].y) + (s[i].z + s[i].w));
+        gemvc_put(i, j, 0u, (s0[i].x + s0[i].y) + (s0[i].z + s0[i].w));
+        gemvc_put(i, j, 1u, (s1[i].x + s1[i].y) + (s1[i].z + s1[i].w));
+        gemvc_put(i, j, 2u, (s2[i].x + s2[i].y) + (s2[i].z + s2[i].w));
+        gemvc_put(i, j, 3u, (s3[i].x + s3[i].y) + (s3[i].z + s3[i].w));
     }
 #else
-    var s: array<f32, GEMV_MAX_M>;
-    let brow = p.b_off + j * p.ldb;
+    var s0: array<f32, GEMV_MAX_M>;
+    var s1: array<f32, GEMV_MAX_M>;
+    var s2: array<f32, GEMV_MAX_M>;
+    var s3: array<f32, GEMV_MAX_M>;
     for (var kk = 0u; kk < p.k; kk++) {
-        let w = read_b(brow + kk);
+        let w = vec4<f32>(read_b(rows.x + kk), read_b(rows.y + kk), read_b(rows.z + kk),
+                          read_b(rows.w + kk));
         for (var i = 0u; i < GEMV_ROWS; i++) {
-            s[i] = fma(a[p.a_off + i * p.lda + kk], w, s[i]);
+            let x = a[p.a_off + i * p.lda + kk];
+            s0[i] = fma(x, w.x, s0[i]);
+            s1[i] = fma(x, w.y, s1[i]);
+            s2[i] = fma(x, w.z, s2[i]);
+            s3[i] = fma(x, w.w, s3[i]);
         }
     }
     for (var i = 0u; i < GEMV_ROWS; i++) {
-        finish(0u, i, j, s[i]);
+        gemvc_put(i, j, 0u, s0[i]);
+        gemvc_put(i, j, 1u, s1[i]);
+        gemvc_put(i, j, 2u, s2[i]);
+        gemvc_put(i, j, 3u, s3[i]);
     }
 #endif
 }

@@ -94,8 +94,9 @@ pub const GEMV_MAX_M: usize = 8;
 /// levels to combine; 8 columns of 32 invocations were twice as slow on a CPU adapter, where
 /// barriers dominate.
 const GEMV_COLS: usize = 32;
-/// Output columns (invocations) per workgroup of gemm_gemvc (as `gemm.wgsl`'s GEMVC_WG).
-const GEMVC_WG: usize = 64;
+/// Output columns per workgroup of gemm_gemvc: its invocations (`gemm.wgsl`'s GEMVC_WG) times
+/// the columns each owns (GEMVC_COLS).
+const GEMVC_WG: usize = 64 * 4;
 /// Outputs per workgroup of gemm_splitk_reduce.
 const SPLITK_REDUCE_WG: usize = 256;
 /// Outputs per workgroup of gemm_pack_b.
