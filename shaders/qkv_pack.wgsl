@@ -27,6 +27,11 @@ fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid.x;
 }
 
+// Widths of a row's parts: its query heads (x) and its key heads, as its value heads (y).
+fn part_widths() -> vec2<u32> {
+    return vec2<u32>(p.nh, p.nkv) * p.hs;
+}
+
 // Bindings for qkv_pack_forward: 1 = q, 2 = k, 3 = v (read), 4 = qkv (read_write).
 @group(0) @binding(1) var<storage, read> fw_q: array<f32>;
 @group(0) @binding(2) var<storage, read> fw_k: array<f32>;
@@ -40,8 +45,9 @@ fn qkv_pack_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     if (i >= p.n) {
         return;
     }
-    let cq = p.nh * p.hs;
-    let ckv = p.nkv * p.hs;
+    let parts = part_widths();
+    let cq = parts.x;
+    let ckv = parts.y;
     let width = cq + 2u * ckv;
     let row = i / width;
     let e = i % width;
@@ -65,9 +71,9 @@ fn qkv_pack_backward_q(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     if (i >= p.n) {
         return;
     }
-    let cq = p.nh * p.hs;
-    let width = cq + 2u * p.nkv * p.hs;
-    var d = bq_dqkv[i / cq * width + i % cq];
+    let parts = part_widths();
+    let width = parts.x + 2u * parts.y;
+    var d = bq_dqkv[i / parts.x * width + i % parts.x];
     if (p.accumulate != 0u) {
         d += bq_dq[i];
     }
@@ -86,10 +92,10 @@ fn qkv_pack_backward_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
     if (i >= p.n) {
         return;
     }
-    let cq = p.nh * p.hs;
-    let ckv = p.nkv * p.hs;
-    // k's part of the row starts at cq, v's at cq + ckv.
-    let at = i / ckv * (cq + 2u * ckv) + cq + i % ckv;
+    // k's part of the row starts after the query heads (parts.x), v's parts.y later.
+    let parts = part_widths();
+    let ckv = parts.y;
+    let at = i / ckv * (parts.x + 2u * ckv) + parts.x + i % ckv;
     var sk = bkv_dqkv[at];
     var sv = bkv_dqkv[at + ckv];
     if (p.accumulate != 0u) {
