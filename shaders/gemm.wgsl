@@ -176,6 +176,18 @@ fn finish(z: u32, i: u32, j: u32, s: f32) {
     c[idx] = v;
 }
 
+// The four lanes of v as output row i from column j, those inside the matrix: how every
+// kernel that holds its sums as vec4s along N stores them.
+fn store_row(z: u32, i: u32, j: u32, v: vec4<f32>) {
+    if (i < p.m) {
+        for (var lane = 0u; lane < 4u; lane++) {
+            if (j + lane < p.n) {
+                finish(z, i, j + lane, v[lane]);
+            }
+        }
+    }
+}
+
 const NAIVE_WG: u32 = 16u;
 
 @compute @workgroup_size(16, 16)
@@ -503,12 +515,7 @@ fn store_c(z: u32, m0: u32, n0: u32, lid: vec3<u32>) {
             let i = m0 + 4u * (u * WG_M + lid.y) + q;
             for (var g = 0u; g < RN; g++) {
                 let j = n0 + 4u * (g * WG_N + lid.x);
-                let v = acc[(4u * u + q) * 2u + g];
-                for (var lane = 0u; lane < 4u; lane++) {
-                    if (i < p.m && j + lane < p.n) {
-                        finish(z, i, j + lane, v[lane]);
-                    }
-                }
+                store_row(z, i, j, acc[(4u * u + q) * 2u + g]);
             }
         }
     }
@@ -683,14 +690,8 @@ fn reg_fma(q: u32) {
 
 fn reg_store(z: u32, i0: u32, j0: u32) {
     for (var r = 0u; r < REG_M; r++) {
-        let i = i0 + r;
         for (var g = 0u; g < REG_NV; g++) {
-            let jg = reg_col(j0, g);
-            for (var lane = 0u; lane < 4u; lane++) {
-                if (i < p.m && jg + lane < p.n) {
-                    finish(z, i, jg + lane, racc[r * 4u + g][lane]);
-                }
-            }
+            store_row(z, i0 + r, reg_col(j0, g), racc[r * 4u + g]);
         }
     }
 }

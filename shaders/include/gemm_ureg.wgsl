@@ -247,30 +247,19 @@ fn ureg_bs4(base: u32, j: u32, k: u32, kend: u32) -> UregB {
     return t;
 }
 
-// Row i of the output from column j (four lanes of v), those inside the matrix. The block is
-// stored from its named sums, never through an array: lavapipe compiled a block passed through
-// gemm_reg's private array (racc) in about 5 s per pipeline against under 2 s this way, for the
-// same speed (docs/benchmarks-log.md, 2026-12-08).
-fn ureg_row(z: u32, i: u32, j: u32, v: vec4<f32>) {
-    if (i < p.m) {
-        for (var lane = 0u; lane < 4u; lane++) {
-            if (j + lane < p.n) {
-                finish(z, i, j + lane, v[lane]);
-            }
-        }
-    }
-}
-
-// The eight rows of s, from row i and column j.
+// The eight rows of s, from row i and column j. The block is stored from its named sums, never
+// through an array: lavapipe compiled a block passed through gemm_reg's private array (racc) in
+// about 5 s per pipeline against under 2 s this way, for the same speed
+// (docs/benchmarks-log.md, 2026-12-08).
 fn ureg_put(z: u32, i: u32, j: u32, s: UregSums) {
-    ureg_row(z, i, j, s.r0);
-    ureg_row(z, i + 1u, j, s.r1);
-    ureg_row(z, i + 2u, j, s.r2);
-    ureg_row(z, i + 3u, j, s.r3);
-    ureg_row(z, i + 4u, j, s.r4);
-    ureg_row(z, i + 5u, j, s.r5);
-    ureg_row(z, i + 6u, j, s.r6);
-    ureg_row(z, i + 7u, j, s.r7);
+    store_row(z, i, j, s.r0);
+    store_row(z, i + 1u, j, s.r1);
+    store_row(z, i + 2u, j, s.r2);
+    store_row(z, i + 3u, j, s.r3);
+    store_row(z, i + 4u, j, s.r4);
+    store_row(z, i + 5u, j, s.r5);
+    store_row(z, i + 6u, j, s.r6);
+    store_row(z, i + 7u, j, s.r7);
 }
 
 // The block from row i0 and column j, as gemm_reg's reg_store lays it out.
