@@ -45,24 +45,36 @@ pub async fn generate_async(
     max_new: usize,
     opts: &SampleOptions,
     rng: &mut Rng,
+    on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<Generation> {
+    let tokens: Vec<u32> = (0..engine.batch)
+        .flat_map(|_| prompt.iter().copied())
+        .collect();
+    let pick = |l: &[f32]| sampling::sample(l, opts, rng);
+    decode_async(engine, (&tokens, prompt.len()), max_new, pick, on_token).await
+}
+
+/// Up to `max_new` tokens after `tokens` ((batch, n): a prompt per sequence), each chosen from
+/// its sequence's logits by `pick`: one prefill pass, then one decoding pass per token for the
+/// whole batch. `on_token(sequence, id)` sees every token as it is produced.
+async fn decode_async(
+    engine: &mut Engine<'_>,
+    (tokens, n): (&[u32], usize),
+    max_new: usize,
+    mut pick: impl FnMut(&[f32]) -> u32,
     mut on_token: impl FnMut(usize, u32) -> Result<()>,
 ) -> Result<Generation> {
-    let b = engine.batch;
     engine.reset();
     let mut out = Generation {
-        ids: vec![Vec::new(); b],
+        ids: vec![Vec::new(); engine.batch],
         hit_context: false,
     };
     if max_new == 0 {
         return Ok(out);
     }
-    let tokens: Vec<u32> = (0..b).flat_map(|_| prompt.iter().copied()).collect();
-    let mut logits = engine.feed_async(&tokens, prompt.len()).await?;
+    let mut logits = engine.feed_async(tokens, n).await?;
     loop {
-        let next: Vec<u32> = logits
-            .iter()
-            .map(|l| sampling::sample(l, opts, rng))
-            .collect();
+        let next: Vec<u32> = logits.iter().map(|l| pick(l)).collect();
         for (s, &id) in next.iter().enumerate() {
             out.ids[s].push(id);
             on_token(s, id)?;
@@ -99,22 +111,11 @@ pub fn greedy_each(
             ),
         ));
     }
-    engine.reset();
-    let mut out = vec![Vec::new(); prompts.len()];
-    if max_new == 0 {
-        return Ok(out);
-    }
-    let mut logits = engine.feed(&prompts.concat(), n)?;
-    loop {
-        let next: Vec<u32> = logits.iter().map(|l| sampling::argmax(l)).collect();
-        for (row, &id) in out.iter_mut().zip(&next) {
-            row.push(id);
-        }
-        if out[0].len() == max_new || engine.pos == engine.tmax {
-            return Ok(out);
-        }
-        logits = engine.feed(&next, 1)?;
-    }
+    let tokens = prompts.concat();
+    let greedy = decode_async(engine, (&tokens, n), max_new, sampling::argmax, |_, _| {
+        Ok(())
+    });
+    Ok(crate::gpu::block_on("generating", greedy)?.ids)
 }
 
 /// What `score` measured.
